@@ -1,0 +1,67 @@
+//! Journal configuration: every limit named with its unit.
+
+use crate::error::{JournalError, Result};
+use crate::record::OVERHEAD_BYTES;
+use crate::segment::SEGMENT_HEADER_BYTES;
+
+/// How a journal is opened and the limits it enforces.
+#[derive(Clone, Debug)]
+pub struct JournalConfig {
+    /// Largest size of a segment file, header included. A record that does not fit in the rest of
+    /// the current segment starts the next one.
+    pub segment_bytes_max: u64,
+    /// Largest framed record (payload plus 62 bytes of framing). Longer appends are refused, and a
+    /// reader refuses a longer length field before allocating anything for it.
+    pub record_bytes_max: u64,
+    /// Largest number of bytes waiting for the flusher. An appender that would exceed it waits
+    /// until the flusher has taken the queue (back-pressure, never an unbounded buffer).
+    pub queue_bytes_max: u64,
+    /// Longest time the flusher waits, after a batch of several records, for the appenders of that
+    /// batch to queue their next records before it writes (microseconds). The wait is also capped at
+    /// half the duration of the last sync, and skipped after a batch of one record, so a lone
+    /// appender never waits. 0 disables it.
+    pub group_wait_us_max: u64,
+    /// Create the directory when it does not exist (otherwise that is an error).
+    pub create_if_missing: bool,
+    /// Testing aid: the N-th data sync of this process (counted from 1) fails with an I/O error,
+    /// as a failing disk would. `None` in production.
+    pub sync_fault_at: Option<u64>,
+}
+
+impl Default for JournalConfig {
+    fn default() -> Self {
+        JournalConfig {
+            segment_bytes_max: 64 << 20,
+            record_bytes_max: 8 << 20,
+            queue_bytes_max: 32 << 20,
+            group_wait_us_max: 200,
+            create_if_missing: false,
+            sync_fault_at: None,
+        }
+    }
+}
+
+impl JournalConfig {
+    /// Checks that the limits fit together.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(JournalError::InvalidConfig(m));
+        if self.record_bytes_max <= OVERHEAD_BYTES as u64 {
+            return bad(format!(
+                "record_bytes_max must exceed the {OVERHEAD_BYTES}-byte framing"
+            ));
+        }
+        if self.record_bytes_max > u64::from(u32::MAX) {
+            return bad("record_bytes_max must fit in 32 bits".into());
+        }
+        if self.record_bytes_max + SEGMENT_HEADER_BYTES as u64 > self.segment_bytes_max {
+            return bad(format!(
+                "record_bytes_max ({}) plus the {SEGMENT_HEADER_BYTES}-byte segment header must fit in segment_bytes_max ({})",
+                self.record_bytes_max, self.segment_bytes_max
+            ));
+        }
+        if self.queue_bytes_max < self.record_bytes_max {
+            return bad("queue_bytes_max must be at least record_bytes_max".into());
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,835 @@
+//! The journal handle: opening with recovery, group-commit appends, reading, and checkpoints.
+//!
+//! # Group commit
+//!
+//! Appenders never touch the file. [`Journal::append`] frames the record *unsealed* into a shared
+//! queue under a mutex and gets back an [`Appending`]: a handle on the write batch the record
+//! joined plus its index in it. One flusher thread takes the whole queue at once, seals the records
+//! in order (LSN, chain value, crc), writes them with one positional write per segment touched and
+//! syncs once; then it completes the batch, and every appender learns its LSN (first LSN of the
+//! batch plus its index) — only then, because only then is the record durable. While the flusher
+//! syncs, new records gather in the queue and become the next batch, so the number of syncs per
+//! second stays what the disk allows while the records per sync grow with the number of appenders.
+//! After a batch of several records the flusher waits a little (bounded by `group_wait_us_max` and by
+//! half the last sync's duration) for that many records to gather again, so that batches do not
+//! alternate between large and tiny; after a batch of one it never waits, so a lone appender pays
+//! one write and one sync, like a program without group commit.
+//!
+//! [`Appending`] is waited on by a thread ([`Appending::wait`]) or awaited by an async task (it is
+//! a `std::future::Future`; the journal itself has no async runtime). [`Journal::append_nowait`]
+//! queues a record without waiting: it is written with the next batch and durable with the next
+//! sync (a later durable append or closing the journal) — explicit at the call site, for records
+//! whose loss in a crash is harmless (the coordinator's `End`).
+//!
+//! # Durable-write discipline
+//!
+//! The numbered append path, carried out by the flusher for each batch:
+//!
+//! 1. Seal the records in LSN order (each chain value needs the previous one).
+//! 2. If a record does not fit in the current segment: write what fits, sync the segment, create the
+//!    next segment durably (temp file, header, sync, rename, directory sync) and go on there. A
+//!    segment is thus fully durable before any record of the next one is written.
+//! 3. Write the rest with one positional write.
+//! 4. Sync the segment data (`fdatasync`) — once for the whole batch (skipped when every record in
+//!    it was appended with `append_nowait`).
+//! 5. Publish the durable LSN and complete the batch: appenders learn their LSNs.
+//!
+//! A failed write or sync at any step poisons the journal: the batch and everything queued fail with
+//! [`JournalError::Poisoned`], every later call fails, and the flusher stops. A sync is never
+//! retried — after a failed `fsync` the kernel may have dropped the dirty pages, so a retry that
+//! "succeeds" proves nothing. The owner restarts and recovers from what is on disk.
+//!
+//! # Recovery
+//!
+//! [`Journal::open`] takes the directory's `LOCK` (one process at a time), removes leftover
+//! temporary segment files, scans every segment (see `scan` for the torn-tail rule), truncates a
+//! torn tail (logged at WARN with segment, offset and size) and syncs the file, then resumes
+//! appending after the last valid record. Corruption refuses to open.
+//!
+//! # Implementation caveats
+//!
+//! * Opening reads every retained segment. The journal is kept short by checkpoints
+//!   ([`Journal::remove_segments_below`]), so this is bounded by what is retained.
+//! * Segments are not preallocated: each sync also makes the file's new size durable.
+//! * A record read back is read from the file, not from a cache of recent records.
+
+use std::fs::TryLockError;
+use std::fs::{File, OpenOptions};
+use std::future::Future;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, RwLock};
+use std::task::{Context, Poll, Waker};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crate::config::JournalConfig;
+use crate::error::{JournalError, Result};
+use crate::reader::JournalReader;
+use crate::record::{self, framed_len};
+use crate::scan::{self, ScanReport};
+use crate::segment::{self, LOCK_FILE, SegmentFile, SegmentHeader};
+use crate::types::{ChainHash, Epoch, Lsn, RecordKind};
+
+/// An open journal: append, read, checkpoint. Shared between threads by reference or `Arc`.
+///
+/// Dropping it closes it: queued records are written and synced first.
+pub struct Journal {
+    shared: Arc<Shared>,
+    flusher: Option<JoinHandle<()>>,
+}
+
+struct Shared {
+    dir: PathBuf,
+    config: JournalConfig,
+    queue: Mutex<Queue>,
+    /// The flusher waits here for records.
+    work: Condvar,
+    /// Appenders wait here for room in the queue.
+    space: Condvar,
+    segments: RwLock<Vec<SegmentFile>>,
+    durable: AtomicU64,
+    stats: Counters,
+    _lock: File,
+}
+
+#[derive(Default)]
+struct Counters {
+    records: AtomicU64,
+    batches: AtomicU64,
+    syncs: AtomicU64,
+    bytes: AtomicU64,
+}
+
+/// Why the journal no longer accepts appends.
+#[derive(Clone)]
+enum Stop {
+    Closed,
+    Poisoned(Arc<str>),
+}
+
+impl Stop {
+    fn error(&self) -> JournalError {
+        match self {
+            Stop::Closed => JournalError::Closed,
+            Stop::Poisoned(cause) => JournalError::Poisoned {
+                cause: cause.to_string(),
+            },
+        }
+    }
+}
+
+struct Queue {
+    /// Unsealed frames, in the order they will get LSNs.
+    buf: Vec<u8>,
+    count: u32,
+    /// Whether any record in `buf` was appended by a caller waiting for durability.
+    wants_sync: bool,
+    batch: Arc<Batch>,
+    /// The highest epoch accepted.
+    epoch: Epoch,
+    stop: Option<Stop>,
+    flusher_waiting: bool,
+    /// While the flusher gathers a batch: the count at which to wake it (0 otherwise).
+    gather_target: u32,
+    space_waiters: u32,
+}
+
+/// The fate of one write batch, shared by its appenders.
+struct Batch {
+    state: Mutex<BatchState>,
+    done: Condvar,
+}
+
+#[derive(Default)]
+struct BatchState {
+    /// The first LSN of the batch once it is durable, or why it failed.
+    outcome: Option<std::result::Result<Lsn, Stop>>,
+    wakers: Vec<Waker>,
+}
+
+impl Batch {
+    fn new() -> Arc<Batch> {
+        Arc::new(Batch {
+            state: Mutex::new(BatchState::default()),
+            done: Condvar::new(),
+        })
+    }
+
+    fn complete(&self, outcome: std::result::Result<Lsn, Stop>) {
+        let wakers = {
+            let mut state = lock(&self.state);
+            state.outcome = Some(outcome);
+            std::mem::take(&mut state.wakers)
+        };
+        self.done.notify_all();
+        wakers.into_iter().for_each(Waker::wake);
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// A record on its way to disk. Wait for it ([`Appending::wait`]) or `.await` it to learn its LSN,
+/// which is returned only once the record is durable.
+#[must_use = "a record is durable only once `wait` or `.await` has returned its LSN"]
+pub struct Appending {
+    batch: Arc<Batch>,
+    index: u32,
+    waker_slot: Option<usize>,
+}
+
+impl Appending {
+    /// Blocks the calling thread until the record is durable; returns its LSN.
+    pub fn wait(self) -> Result<Lsn> {
+        let mut state = lock(&self.batch.state);
+        loop {
+            if let Some(outcome) = &state.outcome {
+                return resolve(outcome, self.index);
+            }
+            state = self
+                .batch
+                .done
+                .wait(state)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+    }
+}
+
+fn resolve(outcome: &std::result::Result<Lsn, Stop>, index: u32) -> Result<Lsn> {
+    match outcome {
+        Ok(first) => Ok(Lsn(first.0 + u64::from(index))),
+        Err(stop) => Err(stop.error()),
+    }
+}
+
+impl Future for Appending {
+    type Output = Result<Lsn>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = &mut *self;
+        let mut state = lock(&this.batch.state);
+        if let Some(outcome) = &state.outcome {
+            return Poll::Ready(resolve(outcome, this.index));
+        }
+        match this.waker_slot {
+            Some(slot) => state.wakers[slot].clone_from(cx.waker()),
+            None => {
+                this.waker_slot = Some(state.wakers.len());
+                state.wakers.push(cx.waker().clone());
+            }
+        }
+        Poll::Pending
+    }
+}
+
+/// Counters since the journal was opened.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct JournalStats {
+    /// Records written.
+    pub records: u64,
+    /// Write batches written.
+    pub batches: u64,
+    /// Data syncs (`fdatasync`) of segment files.
+    pub syncs: u64,
+    /// Bytes of records written.
+    pub bytes: u64,
+    /// The last durable LSN.
+    pub durable_lsn: Lsn,
+}
+
+impl Journal {
+    /// Opens (and recovers) the journal in `dir`. See the module docs for what recovery does.
+    pub fn open(dir: impl AsRef<Path>, config: JournalConfig) -> Result<Journal> {
+        config.validate()?;
+        let dir = dir.as_ref().to_path_buf();
+        prepare_dir(&dir, config.create_if_missing)?;
+        let lock_file = take_lock(&dir)?;
+        let report = scan::scan_dir(&dir, config.record_bytes_max, |_| {})?;
+        remove_leftovers(&dir, &report)?;
+        truncate_torn_tail(&report)?;
+        let writer = SegmentWriter::resume(&dir, &config, &report)?;
+        let segments = report
+            .segments
+            .iter()
+            .map(|s| SegmentFile {
+                first_lsn: s.first_lsn,
+                path: s.path.clone(),
+            })
+            .chain(writer.created_first.clone())
+            .collect();
+        let shared = Arc::new(Shared {
+            dir,
+            queue: Mutex::new(Queue {
+                buf: Vec::new(),
+                count: 0,
+                wants_sync: false,
+                batch: Batch::new(),
+                epoch: report.last_epoch,
+                stop: None,
+                flusher_waiting: false,
+                gather_target: 0,
+                space_waiters: 0,
+            }),
+            config,
+            work: Condvar::new(),
+            space: Condvar::new(),
+            segments: RwLock::new(segments),
+            durable: AtomicU64::new(report.last_lsn.0),
+            stats: Counters::default(),
+            _lock: lock_file,
+        });
+        let flusher_shared = Arc::clone(&shared);
+        let flusher = std::thread::Builder::new()
+            .name("journal-flusher".into())
+            .spawn(move || Flusher::new(flusher_shared, writer).run())
+            .map_err(|e| JournalError::io("start journal flusher thread", &shared.dir, e))?;
+        Ok(Journal {
+            shared,
+            flusher: Some(flusher),
+        })
+    }
+
+    /// Queues a record and returns the handle that yields its LSN once it is durable.
+    ///
+    /// Fails at once when the record is over `record_bytes_max`, when `epoch` is lower than an
+    /// epoch already accepted, or when the journal is poisoned or closed. Waits while the queue is
+    /// full (`queue_bytes_max`).
+    pub fn append(&self, epoch: Epoch, kind: RecordKind, payload: &[u8]) -> Result<Appending> {
+        let (batch, index) = self.enqueue(epoch, kind, payload, true)?;
+        Ok(Appending {
+            batch,
+            index,
+            waker_slot: None,
+        })
+    }
+
+    /// Queues a record without waiting for it to become durable: it is written with the next batch
+    /// and synced with the next durable append, or when the journal closes. A crash before then
+    /// loses it, so use this only for records whose loss is harmless.
+    pub fn append_nowait(&self, epoch: Epoch, kind: RecordKind, payload: &[u8]) -> Result<()> {
+        self.enqueue(epoch, kind, payload, false).map(|_| ())
+    }
+
+    fn enqueue(
+        &self,
+        epoch: Epoch,
+        kind: RecordKind,
+        payload: &[u8],
+        durable: bool,
+    ) -> Result<(Arc<Batch>, u32)> {
+        let shared = &*self.shared;
+        let bytes = framed_len(payload.len()) as u64;
+        if bytes > shared.config.record_bytes_max {
+            return Err(JournalError::RecordTooLarge {
+                bytes,
+                max: shared.config.record_bytes_max,
+            });
+        }
+        let mut q = lock(&shared.queue);
+        loop {
+            if let Some(stop) = &q.stop {
+                return Err(stop.error());
+            }
+            if q.buf.is_empty() || q.buf.len() as u64 + bytes <= shared.config.queue_bytes_max {
+                break;
+            }
+            q.space_waiters += 1;
+            q = shared.space.wait(q).unwrap_or_else(PoisonError::into_inner);
+            q.space_waiters -= 1;
+        }
+        if epoch < q.epoch {
+            return Err(JournalError::EpochRegressed {
+                offered: epoch,
+                current: q.epoch,
+            });
+        }
+        q.epoch = epoch;
+        record::encode_unsealed(&mut q.buf, epoch, kind, payload);
+        let index = q.count;
+        q.count += 1;
+        q.wants_sync |= durable;
+        let batch = Arc::clone(&q.batch);
+        let wake = q.flusher_waiting && (q.gather_target == 0 || q.count >= q.gather_target);
+        if wake {
+            q.flusher_waiting = false;
+        }
+        drop(q);
+        if wake {
+            shared.work.notify_one();
+        }
+        Ok((batch, index))
+    }
+
+    /// Reads the durable records from `from` on, checking crc and chain. The reader ends at the
+    /// durable LSN as of this call.
+    pub fn read_from(&self, from: Lsn) -> Result<JournalReader> {
+        let segments = self
+            .shared
+            .segments
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        let upto = self.durable_lsn();
+        JournalReader::new(segments, from, upto, self.shared.config.record_bytes_max)
+    }
+
+    /// The last durable LSN (`Lsn::ZERO` when nothing was ever appended).
+    pub fn durable_lsn(&self) -> Lsn {
+        Lsn(self.shared.durable.load(Ordering::Acquire))
+    }
+
+    /// The first LSN still retained (the next LSN to be written when the journal is empty).
+    pub fn oldest_lsn(&self) -> Lsn {
+        let segments = self
+            .shared
+            .segments
+            .read()
+            .unwrap_or_else(PoisonError::into_inner);
+        segments.first().map(|s| s.first_lsn).unwrap_or(Lsn(1))
+    }
+
+    /// Deletes every whole segment whose records all have LSNs below `lsn` (a checkpoint). The
+    /// segment being written is never deleted. Returns how many segments were deleted.
+    pub fn remove_segments_below(&self, lsn: Lsn) -> Result<usize> {
+        let removed: Vec<SegmentFile> = {
+            let mut segments = self
+                .shared
+                .segments
+                .write()
+                .unwrap_or_else(PoisonError::into_inner);
+            let keep_from = segments
+                .windows(2)
+                .take_while(|pair| pair[1].first_lsn <= lsn)
+                .count();
+            segments.drain(..keep_from).collect()
+        };
+        for seg in &removed {
+            std::fs::remove_file(&seg.path)
+                .map_err(|e| JournalError::io("remove journal segment", &seg.path, e))?;
+            tracing::info!(segment = %seg.path.display(), "removed journal segment below checkpoint lsn {lsn}");
+        }
+        if !removed.is_empty() {
+            segment::sync_dir(&self.shared.dir)?;
+        }
+        Ok(removed.len())
+    }
+
+    /// Counters since opening.
+    pub fn stats(&self) -> JournalStats {
+        let c = &self.shared.stats;
+        JournalStats {
+            records: c.records.load(Ordering::Relaxed),
+            batches: c.batches.load(Ordering::Relaxed),
+            syncs: c.syncs.load(Ordering::Relaxed),
+            bytes: c.bytes.load(Ordering::Relaxed),
+            durable_lsn: self.durable_lsn(),
+        }
+    }
+
+    /// The journal directory.
+    pub fn dir(&self) -> &Path {
+        &self.shared.dir
+    }
+
+    /// Closes the journal: queued records are written and synced, then the flusher stops.
+    /// Returns the poisoning error if the journal was poisoned.
+    pub fn close(mut self) -> Result<()> {
+        self.shutdown()
+    }
+
+    fn shutdown(&mut self) -> Result<()> {
+        {
+            let mut q = lock(&self.shared.queue);
+            if q.stop.is_none() {
+                q.stop = Some(Stop::Closed);
+            }
+        }
+        self.shared.work.notify_one();
+        self.shared.space.notify_all();
+        if let Some(flusher) = self.flusher.take() {
+            let _ = flusher.join();
+        }
+        match &lock(&self.shared.queue).stop {
+            Some(Stop::Poisoned(cause)) => Err(JournalError::Poisoned {
+                cause: cause.to_string(),
+            }),
+            _ => Ok(()),
+        }
+    }
+}
+
+impl Drop for Journal {
+    fn drop(&mut self) {
+        if self.flusher.is_some() {
+            let _ = self.shutdown();
+        }
+    }
+}
+
+fn prepare_dir(dir: &Path, create: bool) -> Result<()> {
+    match std::fs::metadata(dir) {
+        Ok(meta) if meta.is_dir() => Ok(()),
+        Ok(_) => Err(JournalError::NotADirectory {
+            path: dir.to_path_buf(),
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && create => {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| JournalError::io("create journal directory", dir, e))?;
+            match dir.parent() {
+                Some(parent) if !parent.as_os_str().is_empty() => segment::sync_dir(parent),
+                _ => Ok(()),
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(JournalError::DirMissing {
+            path: dir.to_path_buf(),
+        }),
+        Err(e) => Err(JournalError::io("inspect journal directory", dir, e)),
+    }
+}
+
+fn take_lock(dir: &Path) -> Result<File> {
+    let path = dir.join(LOCK_FILE);
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(|e| JournalError::io("open journal lock file", &path, e))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(TryLockError::WouldBlock) => Err(JournalError::Locked { path }),
+        Err(TryLockError::Error(e)) => Err(JournalError::io("lock journal", &path, e)),
+    }
+}
+
+fn remove_leftovers(dir: &Path, report: &ScanReport) -> Result<()> {
+    for path in &report.leftovers {
+        std::fs::remove_file(path)
+            .map_err(|e| JournalError::io("remove leftover temp segment", path, e))?;
+        tracing::warn!(file = %path.display(), "removed the temp file of an interrupted segment creation");
+    }
+    if !report.leftovers.is_empty() {
+        segment::sync_dir(dir)?;
+    }
+    Ok(())
+}
+
+fn truncate_torn_tail(report: &ScanReport) -> Result<()> {
+    let Some(tail) = &report.torn_tail else {
+        return Ok(());
+    };
+    let file = OpenOptions::new()
+        .write(true)
+        .open(&tail.segment)
+        .map_err(|e| JournalError::io("open journal segment", &tail.segment, e))?;
+    file.set_len(tail.offset)
+        .map_err(|e| JournalError::io("truncate torn journal tail", &tail.segment, e))?;
+    file.sync_all()
+        .map_err(|e| JournalError::io("sync truncated journal segment", &tail.segment, e))?;
+    tracing::warn!(
+        segment = %tail.segment.display(),
+        offset = tail.offset,
+        bytes = tail.bytes,
+        reason = %tail.reason,
+        "truncated the torn tail of the journal after lsn {}",
+        report.last_lsn
+    );
+    Ok(())
+}
+
+/// The flusher's side of the active segment.
+struct SegmentWriter {
+    dir: PathBuf,
+    file: File,
+    path: PathBuf,
+    /// Where the next record goes.
+    offset: u64,
+    next_lsn: Lsn,
+    chain: ChainHash,
+    /// Records written but not yet synced.
+    unsynced: bool,
+    segment_bytes_max: u64,
+    syncs: u64,
+    sync_fault_at: Option<u64>,
+    /// The segment created by `resume` in an empty directory, for the shared list.
+    created_first: Option<SegmentFile>,
+}
+
+impl SegmentWriter {
+    fn resume(dir: &Path, config: &JournalConfig, report: &ScanReport) -> Result<SegmentWriter> {
+        let (file, path, offset, created_first) = match report.segments.last() {
+            Some(last) => {
+                let file = OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .open(&last.path)
+                    .map_err(|e| JournalError::io("open journal segment", &last.path, e))?;
+                (file, last.path.clone(), last.end_offset, None)
+            }
+            None => {
+                let header = SegmentHeader {
+                    first_lsn: Lsn(1),
+                    prev_chain: ChainHash::GENESIS,
+                };
+                let (file, path) = segment::create_segment(dir, header)?;
+                let created = SegmentFile {
+                    first_lsn: Lsn(1),
+                    path: path.clone(),
+                };
+                (
+                    file,
+                    path,
+                    segment::SEGMENT_HEADER_BYTES as u64,
+                    Some(created),
+                )
+            }
+        };
+        Ok(SegmentWriter {
+            dir: dir.to_path_buf(),
+            file,
+            path,
+            offset,
+            next_lsn: report.last_lsn.next(),
+            chain: report.last_chain,
+            unsynced: false,
+            segment_bytes_max: config.segment_bytes_max,
+            syncs: 0,
+            sync_fault_at: config.sync_fault_at,
+            created_first,
+        })
+    }
+
+    /// Seals and writes one batch of `count` unsealed frames; syncs when `sync`. Returns the first
+    /// LSN of the batch.
+    fn write_batch(
+        &mut self,
+        shared: &Shared,
+        buf: &mut [u8],
+        count: u32,
+        sync: bool,
+    ) -> Result<Lsn> {
+        let first = self.next_lsn;
+        let mut piece = 0;
+        let mut pos = 0;
+        for index in 0..count {
+            let len = record::le_u32(&buf[pos..]) as usize + 4;
+            if self.offset + (pos + len - piece) as u64 > self.segment_bytes_max {
+                self.write(&buf[piece..pos])?;
+                self.sync(shared)?;
+                self.roll(shared)?;
+                piece = pos;
+            }
+            self.chain = record::seal(&mut buf[pos..pos + len], self.next_lsn, index, &self.chain);
+            self.next_lsn = self.next_lsn.next();
+            pos += len;
+        }
+        debug_assert_eq!(
+            pos,
+            buf.len(),
+            "batch frames do not add up to the batch buffer"
+        );
+        self.write(&buf[piece..pos])?;
+        if sync {
+            self.sync(shared)?;
+        }
+        shared
+            .stats
+            .records
+            .fetch_add(u64::from(count), Ordering::Relaxed);
+        shared.stats.batches.fetch_add(1, Ordering::Relaxed);
+        shared
+            .stats
+            .bytes
+            .fetch_add(buf.len() as u64, Ordering::Relaxed);
+        Ok(first)
+    }
+
+    fn write(&mut self, bytes: &[u8]) -> Result<()> {
+        if bytes.is_empty() {
+            return Ok(());
+        }
+        self.file
+            .write_all_at(bytes, self.offset)
+            .map_err(|e| JournalError::io("write journal segment", &self.path, e))?;
+        self.offset += bytes.len() as u64;
+        self.unsynced = true;
+        Ok(())
+    }
+
+    /// Syncs the segment's data and publishes the durable LSN. Never retried by anyone.
+    fn sync(&mut self, shared: &Shared) -> Result<()> {
+        if !self.unsynced {
+            return Ok(());
+        }
+        self.syncs += 1;
+        if self.sync_fault_at == Some(self.syncs) {
+            let injected = std::io::Error::other("injected sync fault (sync_fault_at)");
+            return Err(JournalError::io(
+                "sync journal segment",
+                &self.path,
+                injected,
+            ));
+        }
+        self.file
+            .sync_data()
+            .map_err(|e| JournalError::io("sync journal segment", &self.path, e))?;
+        self.unsynced = false;
+        shared.stats.syncs.fetch_add(1, Ordering::Relaxed);
+        shared
+            .durable
+            .store(self.next_lsn.prev().0, Ordering::Release);
+        Ok(())
+    }
+
+    /// Starts the next segment at `next_lsn`. The current one must already be synced.
+    fn roll(&mut self, shared: &Shared) -> Result<()> {
+        debug_assert!(!self.unsynced, "rolling over an unsynced segment");
+        let header = SegmentHeader {
+            first_lsn: self.next_lsn,
+            prev_chain: self.chain,
+        };
+        let (file, path) = segment::create_segment(&self.dir, header)?;
+        shared
+            .segments
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(SegmentFile {
+                first_lsn: self.next_lsn,
+                path: path.clone(),
+            });
+        tracing::debug!(segment = %path.display(), "started journal segment");
+        self.file = file;
+        self.path = path;
+        self.offset = segment::SEGMENT_HEADER_BYTES as u64;
+        Ok(())
+    }
+}
+
+/// A batch taken from the queue.
+struct Taken {
+    buf: Vec<u8>,
+    count: u32,
+    wants_sync: bool,
+    batch: Arc<Batch>,
+}
+
+struct Flusher {
+    shared: Arc<Shared>,
+    writer: SegmentWriter,
+    spare: Vec<u8>,
+    last_count: u32,
+    last_sync: Duration,
+}
+
+impl Flusher {
+    fn new(shared: Arc<Shared>, writer: SegmentWriter) -> Flusher {
+        Flusher {
+            shared,
+            writer,
+            spare: Vec::new(),
+            last_count: 0,
+            last_sync: Duration::ZERO,
+        }
+    }
+
+    fn run(mut self) {
+        while let Some(mut taken) = self.take() {
+            let started = Instant::now();
+            let shared = Arc::clone(&self.shared);
+            let written =
+                self.writer
+                    .write_batch(&shared, &mut taken.buf, taken.count, taken.wants_sync);
+            match written {
+                Ok(first) => {
+                    if taken.wants_sync {
+                        self.last_sync = started.elapsed();
+                        self.last_count = taken.count;
+                    }
+                    taken.batch.complete(Ok(first));
+                    taken.buf.clear();
+                    self.spare = taken.buf;
+                }
+                Err(e) => return self.poison(e, &taken.batch),
+            }
+        }
+        let shared = Arc::clone(&self.shared);
+        if let Err(e) = self.writer.sync(&shared) {
+            self.poison(e, &Batch::new());
+        }
+    }
+
+    /// Waits for records and takes the whole queue; `None` once the journal is closed and drained.
+    fn take(&mut self) -> Option<Taken> {
+        let shared = Arc::clone(&self.shared);
+        let mut q = lock(&shared.queue);
+        while q.count == 0 {
+            if q.stop.is_some() {
+                return None;
+            }
+            q.flusher_waiting = true;
+            q = shared.work.wait(q).unwrap_or_else(PoisonError::into_inner);
+        }
+        q = self.gather(q);
+        q.flusher_waiting = false;
+        let taken = Taken {
+            buf: std::mem::replace(&mut q.buf, std::mem::take(&mut self.spare)),
+            count: std::mem::take(&mut q.count),
+            wants_sync: std::mem::take(&mut q.wants_sync),
+            batch: std::mem::replace(&mut q.batch, Batch::new()),
+        };
+        let space_waiters = q.space_waiters > 0;
+        drop(q);
+        if space_waiters {
+            shared.space.notify_all();
+        }
+        Some(taken)
+    }
+
+    /// After a batch of several records, waits (bounded) for as many to gather again.
+    fn gather<'a>(&self, mut q: MutexGuard<'a, Queue>) -> MutexGuard<'a, Queue> {
+        let cap =
+            Duration::from_micros(self.shared.config.group_wait_us_max).min(self.last_sync / 2);
+        if self.last_count <= 1 || q.count >= self.last_count || cap.is_zero() || q.stop.is_some() {
+            return q;
+        }
+        let deadline = Instant::now() + cap;
+        q.gather_target = self.last_count;
+        while q.count < self.last_count && q.stop.is_none() {
+            let now = Instant::now();
+            if now >= deadline {
+                break;
+            }
+            q.flusher_waiting = true;
+            q = self
+                .shared
+                .work
+                .wait_timeout(q, deadline - now)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+        q.gather_target = 0;
+        q
+    }
+
+    /// Fails the batch in flight and everything queued, and refuses all later work.
+    fn poison(&self, error: JournalError, in_flight: &Batch) {
+        tracing::error!(error = %error, "journal poisoned; restart the process to recover from the journal");
+        let cause: Arc<str> = error.to_string().into();
+        let stop = Stop::Poisoned(cause);
+        in_flight.complete(Err(stop.clone()));
+        let queued = {
+            let mut q = lock(&self.shared.queue);
+            q.stop = Some(stop.clone());
+            q.buf.clear();
+            q.count = 0;
+            std::mem::replace(&mut q.batch, Batch::new())
+        };
+        queued.complete(Err(stop));
+        self.shared.space.notify_all();
+    }
+}

@@ -1,0 +1,236 @@
+//! Record framing: how one record is laid out in a segment, sealed, and checked.
+//!
+//! ```text
+//! offset  size  field
+//!      0     4  len           bytes after this field (crc .. chain), little-endian
+//!      4     4  crc           crc32 of every byte after this field
+//!      8     8  lsn
+//!     16     8  epoch
+//!     24     4  batch_offset  lsn minus the first lsn of the write batch it was written in
+//!     28     1  kind code
+//!     29     1  payload version
+//!     30     p  payload
+//!   30+p    32  chain         blake3(previous chain ‖ bytes 8 .. 30+p)
+//! ```
+//!
+//! An appender frames its record *unsealed* (LSN, batch offset, chain and crc zero) so the copy
+//! happens outside the flusher; the flusher seals records in LSN order, which is the only order in
+//! which a chain can be computed. A reader checks, in this order, that the length is within the
+//! configured limit (before allocating anything), that the crc matches, that the LSN is the one
+//! expected and that the chain follows from the previous record's.
+//!
+//! `batch_offset` lets recovery tell a torn final batch (whose pages may reach the disk in any
+//! order, so a valid record can follow a damaged one) from damage inside history that was already
+//! durable: see `scan`.
+
+use crate::types::{ChainHash, Epoch, Lsn, Record, RecordKind};
+
+/// Bytes before the payload.
+pub const HEADER_BYTES: usize = 30;
+/// Bytes after the payload (the chain value).
+pub const TRAILER_BYTES: usize = 32;
+/// Framing overhead of one record.
+pub const OVERHEAD_BYTES: usize = HEADER_BYTES + TRAILER_BYTES;
+
+/// Size on disk of a record with a payload of `payload_len` bytes.
+pub fn framed_len(payload_len: usize) -> usize {
+    OVERHEAD_BYTES + payload_len
+}
+
+/// Appends an unsealed record to `buf`.
+pub(crate) fn encode_unsealed(buf: &mut Vec<u8>, epoch: Epoch, kind: RecordKind, payload: &[u8]) {
+    let len = framed_len(payload.len()) - 4;
+    buf.extend_from_slice(&(len as u32).to_le_bytes());
+    buf.extend_from_slice(&[0; 4]); // crc
+    buf.extend_from_slice(&[0; 8]); // lsn
+    buf.extend_from_slice(&epoch.0.to_le_bytes());
+    buf.extend_from_slice(&[0; 4]); // batch offset
+    buf.push(kind.code);
+    buf.push(kind.version);
+    buf.extend_from_slice(payload);
+    buf.extend_from_slice(&[0; TRAILER_BYTES]);
+}
+
+/// Seals one unsealed record in place: sets its LSN and batch offset, computes its chain value
+/// from `prev` and its crc. Returns the new chain value.
+pub(crate) fn seal(frame: &mut [u8], lsn: Lsn, batch_offset: u32, prev: &ChainHash) -> ChainHash {
+    debug_assert!(
+        frame.len() >= OVERHEAD_BYTES,
+        "frame shorter than its overhead"
+    );
+    frame[8..16].copy_from_slice(&lsn.0.to_le_bytes());
+    frame[24..28].copy_from_slice(&batch_offset.to_le_bytes());
+    let body_end = frame.len() - TRAILER_BYTES;
+    let chain = chain_after(prev, &frame[8..body_end]);
+    frame[body_end..].copy_from_slice(&chain.0);
+    let crc = crc32fast::hash(&frame[8..]);
+    frame[4..8].copy_from_slice(&crc.to_le_bytes());
+    chain
+}
+
+fn chain_after(prev: &ChainHash, body: &[u8]) -> ChainHash {
+    let mut hasher = blake3::Hasher::new();
+    hasher.update(&prev.0);
+    hasher.update(body);
+    ChainHash(*hasher.finalize().as_bytes())
+}
+
+/// Why a frame was not accepted.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum FrameError {
+    /// The length field is zero, smaller than the overhead or over the record limit.
+    BadLength(u32),
+    /// Fewer bytes remain than the length field announces.
+    Truncated,
+    /// The crc does not match.
+    BadCrc,
+    /// The crc matches but the LSN is not the expected one.
+    BadLsn { expected: Lsn, found: Lsn },
+    /// The crc matches but the chain does not follow from the previous record.
+    BadChain,
+}
+
+impl std::fmt::Display for FrameError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            FrameError::BadLength(len) => write!(f, "implausible record length {len}"),
+            FrameError::Truncated => f.write_str("record extends past the end of the segment"),
+            FrameError::BadCrc => f.write_str("crc32 mismatch"),
+            FrameError::BadLsn { expected, found } => {
+                write!(f, "lsn {found} where {expected} was expected")
+            }
+            FrameError::BadChain => f.write_str("chain hash does not follow the previous record"),
+        }
+    }
+}
+
+/// Checks a length field against the limit before anything is allocated for the record.
+/// Returns the number of bytes that follow the length field.
+pub(crate) fn check_len(len: u32, record_bytes_max: u64) -> Result<usize, FrameError> {
+    let total = u64::from(len) + 4;
+    if total < OVERHEAD_BYTES as u64 || total > record_bytes_max {
+        return Err(FrameError::BadLength(len));
+    }
+    Ok(len as usize)
+}
+
+/// The fields of a frame whose crc matched.
+pub(crate) struct Checked {
+    pub lsn: Lsn,
+    pub batch_offset: u32,
+}
+
+/// Checks the crc of `rest` (a frame without its 4-byte length field) and returns its LSN.
+pub(crate) fn check_crc(rest: &[u8]) -> Result<Checked, FrameError> {
+    let stored = le_u32(&rest[0..4]);
+    if crc32fast::hash(&rest[4..]) != stored {
+        return Err(FrameError::BadCrc);
+    }
+    Ok(Checked {
+        lsn: Lsn(le_u64(&rest[4..12])),
+        batch_offset: le_u32(&rest[20..24]),
+    })
+}
+
+/// Fully checks `rest` (a frame without its length field, crc not yet checked) as the record
+/// expected at `expected` after chain value `prev`, and decodes it.
+pub(crate) fn decode(rest: &[u8], expected: Lsn, prev: &ChainHash) -> Result<Record, FrameError> {
+    let checked = check_crc(rest)?;
+    if checked.lsn != expected {
+        return Err(FrameError::BadLsn {
+            expected,
+            found: checked.lsn,
+        });
+    }
+    let body_end = rest.len() - TRAILER_BYTES;
+    let chain = chain_after(prev, &rest[4..body_end]);
+    if chain.0[..] != rest[body_end..] {
+        return Err(FrameError::BadChain);
+    }
+    Ok(Record {
+        lsn: checked.lsn,
+        epoch: Epoch(le_u64(&rest[12..20])),
+        kind: RecordKind::new(rest[24], rest[25]),
+        payload: rest[26..body_end].to_vec(),
+        chain,
+    })
+}
+
+pub(crate) fn le_u32(b: &[u8]) -> u32 {
+    let mut a = [0; 4];
+    a.copy_from_slice(&b[..4]);
+    u32::from_le_bytes(a)
+}
+
+pub(crate) fn le_u64(b: &[u8]) -> u64 {
+    let mut a = [0; 8];
+    a.copy_from_slice(&b[..8]);
+    u64::from_le_bytes(a)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sealed(lsn: u64, payload: &[u8], prev: &ChainHash) -> (Vec<u8>, ChainHash) {
+        let mut buf = Vec::new();
+        encode_unsealed(&mut buf, Epoch(3), RecordKind::new(7, 1), payload);
+        let chain = seal(&mut buf, Lsn(lsn), 0, prev);
+        (buf, chain)
+    }
+
+    #[test]
+    fn sealed_record_decodes_to_what_was_written() {
+        let (buf, chain) = sealed(5, b"hello", &ChainHash::GENESIS);
+        assert_eq!(buf.len(), framed_len(5));
+        let len = check_len(le_u32(&buf), 1 << 20).unwrap();
+        assert_eq!(len, buf.len() - 4);
+        let rec = decode(&buf[4..], Lsn(5), &ChainHash::GENESIS).unwrap();
+        assert_eq!(rec.lsn, Lsn(5));
+        assert_eq!(rec.epoch, Epoch(3));
+        assert_eq!(rec.kind, RecordKind::new(7, 1));
+        assert_eq!(rec.payload, b"hello");
+        assert_eq!(rec.chain, chain);
+    }
+
+    #[test]
+    fn every_single_bit_flip_is_detected() {
+        let (buf, _) = sealed(1, b"payload bytes", &ChainHash::GENESIS);
+        for bit in 32..buf.len() * 8 {
+            let mut bad = buf.clone();
+            bad[bit / 8] ^= 1 << (bit % 8);
+            assert!(
+                decode(&bad[4..], Lsn(1), &ChainHash::GENESIS).is_err(),
+                "bit {bit}"
+            );
+        }
+    }
+
+    #[test]
+    fn wrong_lsn_and_wrong_chain_are_refused() {
+        let (buf, _) = sealed(9, b"x", &ChainHash::GENESIS);
+        assert_eq!(
+            decode(&buf[4..], Lsn(8), &ChainHash::GENESIS),
+            Err(FrameError::BadLsn {
+                expected: Lsn(8),
+                found: Lsn(9)
+            })
+        );
+        assert_eq!(
+            decode(&buf[4..], Lsn(9), &ChainHash([1; 32])),
+            Err(FrameError::BadChain)
+        );
+    }
+
+    #[test]
+    fn lengths_outside_the_limits_are_refused_before_allocation() {
+        assert_eq!(check_len(0, 1024), Err(FrameError::BadLength(0)));
+        assert_eq!(check_len(10, 1024), Err(FrameError::BadLength(10)));
+        assert_eq!(
+            check_len(u32::MAX, 1024),
+            Err(FrameError::BadLength(u32::MAX))
+        );
+        assert!(check_len(1020, 1024).is_ok());
+        assert_eq!(check_len(1021, 1024), Err(FrameError::BadLength(1021)));
+    }
+}

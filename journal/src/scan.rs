@@ -1,0 +1,373 @@
+//! Reading segments back: the record stream of one segment, and the whole-directory scan that
+//! opening, `verify` and `inspect` share.
+//!
+//! The scan walks every segment in LSN order and checks that each one continues the previous one
+//! (first LSN and chain value in its header) and that every record passes its checks. When a record
+//! fails, the question is whether it is a **torn tail** — the unfinished last write of a process
+//! that crashed, which is truncated — or **corruption** of history that was already durable, which
+//! stops everything. The rule:
+//!
+//! 1. Damage in any segment but the last is corruption: the flusher syncs a segment before it
+//!    writes the first record of the next one, so everything in a non-last segment was durable.
+//! 2. Damage in the last segment is a torn tail unless a valid record from a *later write batch*
+//!    follows it. A write batch is synced as a whole before the next batch is written, so a valid
+//!    record of a later batch proves that the damaged record had been durable. Valid records of the
+//!    *same* batch may follow a damaged one when the batch was interrupted (the kernel writes the
+//!    pages of one write in any order); that batch was never acknowledged, so the tail from the
+//!    damage on is truncated. Each record carries its offset in its batch for this test.
+//!
+//! The search for later valid records scans every byte offset after the damage in bounded windows,
+//! computing a crc only where the length and LSN fields are plausible.
+
+use std::fs::File;
+use std::io::{self, BufReader, Read};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use crate::error::{JournalError, Result};
+use crate::record::{self, FrameError, HEADER_BYTES, OVERHEAD_BYTES};
+use crate::segment::{self, SEGMENT_HEADER_BYTES, SegmentFile, SegmentHeader};
+use crate::types::{ChainHash, Epoch, Lsn, Record};
+
+/// A record that failed its checks, and where.
+#[derive(Debug)]
+pub(crate) struct Damage {
+    pub offset: u64,
+    pub error: FrameError,
+}
+
+/// Streams the records of one segment, checking each.
+pub(crate) struct SegmentReader {
+    path: PathBuf,
+    reader: BufReader<File>,
+    offset: u64,
+    next_lsn: Lsn,
+    chain: ChainHash,
+    record_bytes_max: u64,
+}
+
+impl SegmentReader {
+    /// Opens a segment and checks its header.
+    pub fn open(path: &Path, record_bytes_max: u64) -> Result<(SegmentReader, SegmentHeader)> {
+        let header = SegmentHeader::read(path)?;
+        let mut file =
+            File::open(path).map_err(|e| JournalError::io("open journal segment", path, e))?;
+        std::io::Seek::seek(&mut file, io::SeekFrom::Start(SEGMENT_HEADER_BYTES as u64))
+            .map_err(|e| JournalError::io("seek journal segment", path, e))?;
+        let reader = SegmentReader {
+            path: path.to_path_buf(),
+            reader: BufReader::with_capacity(256 * 1024, file),
+            offset: SEGMENT_HEADER_BYTES as u64,
+            next_lsn: header.first_lsn,
+            chain: header.prev_chain,
+            record_bytes_max,
+        };
+        Ok((reader, header))
+    }
+
+    /// Byte offset of the next record.
+    pub fn offset(&self) -> u64 {
+        self.offset
+    }
+
+    /// The chain value after the last record read.
+    pub fn chain(&self) -> ChainHash {
+        self.chain
+    }
+
+    /// The LSN the next record must have.
+    pub fn next_lsn(&self) -> Lsn {
+        self.next_lsn
+    }
+
+    /// The next record; `Ok(None)` at a clean end of the segment, `Ok(Some(Err))` at damage.
+    pub fn next_record(&mut self) -> Result<Option<Result<Record, Damage>>> {
+        let at = self.offset;
+        let mut len_bytes = [0u8; 4];
+        let got = self.fill(&mut len_bytes)?;
+        if got == 0 {
+            return Ok(None);
+        }
+        let damage = |error| Ok(Some(Err(Damage { offset: at, error })));
+        if got < 4 {
+            return damage(FrameError::Truncated);
+        }
+        let len = match record::check_len(u32::from_le_bytes(len_bytes), self.record_bytes_max) {
+            Ok(len) => len,
+            Err(e) => return damage(e),
+        };
+        let mut rest = vec![0u8; len];
+        if self.fill(&mut rest)? < len {
+            return damage(FrameError::Truncated);
+        }
+        match record::decode(&rest, self.next_lsn, &self.chain) {
+            Ok(rec) => {
+                self.offset += 4 + len as u64;
+                self.next_lsn = rec.lsn.next();
+                self.chain = rec.chain;
+                Ok(Some(Ok(rec)))
+            }
+            Err(e) => damage(e),
+        }
+    }
+
+    fn fill(&mut self, buf: &mut [u8]) -> Result<usize> {
+        let mut filled = 0;
+        while filled < buf.len() {
+            match self.reader.read(&mut buf[filled..]) {
+                Ok(0) => break,
+                Ok(n) => filled += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(JournalError::io("read journal segment", &self.path, e)),
+            }
+        }
+        Ok(filled)
+    }
+}
+
+/// One segment as found by a scan.
+#[derive(Clone, Debug)]
+pub struct ScannedSegment {
+    /// The file.
+    pub path: PathBuf,
+    /// LSN of its first record (from its header).
+    pub first_lsn: Lsn,
+    /// LSN of its last valid record (`first_lsn - 1` when it holds none).
+    pub last_lsn: Lsn,
+    /// Byte offset where its valid records end.
+    pub end_offset: u64,
+    /// Size of the file.
+    pub file_bytes: u64,
+}
+
+/// The end of the last segment that is not a whole valid record and will be (or was) truncated.
+#[derive(Clone, Debug)]
+pub struct TornTail {
+    /// The segment file.
+    pub segment: PathBuf,
+    /// Where the valid records end.
+    pub offset: u64,
+    /// How many bytes follow that offset.
+    pub bytes: u64,
+    /// What check the first discarded bytes failed.
+    pub reason: String,
+}
+
+/// What a scan of a journal directory found.
+#[derive(Clone, Debug)]
+pub struct ScanReport {
+    /// Every segment in LSN order.
+    pub segments: Vec<ScannedSegment>,
+    /// A torn tail, when there is one.
+    pub torn_tail: Option<TornTail>,
+    /// LSN of the last valid record (`Lsn::ZERO` in an empty journal).
+    pub last_lsn: Lsn,
+    /// Chain value after it.
+    pub last_chain: ChainHash,
+    /// The highest epoch of any record.
+    pub last_epoch: Epoch,
+    /// Leftover temporary files of an interrupted segment creation.
+    pub leftovers: Vec<PathBuf>,
+}
+
+impl ScanReport {
+    /// Number of valid records.
+    pub fn records(&self) -> u64 {
+        self.segments
+            .iter()
+            .map(|s| s.last_lsn.0 + 1 - s.first_lsn.0)
+            .sum()
+    }
+
+    /// LSN of the first retained record (or of the next record, in an empty journal).
+    pub fn first_lsn(&self) -> Lsn {
+        self.segments.first().map(|s| s.first_lsn).unwrap_or(Lsn(1))
+    }
+}
+
+/// Scans a journal directory without changing it, handing each valid record to `visit`.
+///
+/// Returns the report, or [`JournalError::Corrupt`] naming the segment and offset of damage that
+/// is not a torn tail.
+pub fn scan_dir(
+    dir: &Path,
+    record_bytes_max: u64,
+    mut visit: impl FnMut(&Record),
+) -> Result<ScanReport> {
+    let listing = segment::list_dir(dir)?;
+    let mut report = ScanReport {
+        segments: Vec::new(),
+        torn_tail: None,
+        last_lsn: Lsn::ZERO,
+        last_chain: ChainHash::GENESIS,
+        last_epoch: Epoch(0),
+        leftovers: listing.leftovers,
+    };
+    let count = listing.segments.len();
+    for (i, seg) in listing.segments.iter().enumerate() {
+        scan_segment(
+            seg,
+            i + 1 == count,
+            record_bytes_max,
+            &mut report,
+            &mut visit,
+        )?;
+    }
+    Ok(report)
+}
+
+fn scan_segment(
+    seg: &SegmentFile,
+    is_last: bool,
+    record_bytes_max: u64,
+    report: &mut ScanReport,
+    visit: &mut impl FnMut(&Record),
+) -> Result<()> {
+    let (mut reader, header) = SegmentReader::open(&seg.path, record_bytes_max)?;
+    check_continuity(seg, &header, report)?;
+    let file_bytes = std::fs::metadata(&seg.path)
+        .map_err(|e| JournalError::io("stat journal segment", &seg.path, e))?
+        .len();
+    loop {
+        match reader.next_record()? {
+            None => break,
+            Some(Ok(rec)) => {
+                report.last_epoch = report.last_epoch.max(rec.epoch);
+                visit(&rec);
+            }
+            Some(Err(damage)) => {
+                judge_damage(seg, is_last, &reader, &damage, file_bytes, record_bytes_max)?;
+                report.torn_tail = Some(TornTail {
+                    segment: seg.path.clone(),
+                    offset: damage.offset,
+                    bytes: file_bytes - damage.offset,
+                    reason: damage.error.to_string(),
+                });
+                break;
+            }
+        }
+    }
+    report.last_lsn = reader.next_lsn().prev();
+    report.last_chain = reader.chain();
+    report.segments.push(ScannedSegment {
+        path: seg.path.clone(),
+        first_lsn: header.first_lsn,
+        last_lsn: reader.next_lsn().prev(),
+        end_offset: reader.offset(),
+        file_bytes,
+    });
+    Ok(())
+}
+
+fn check_continuity(seg: &SegmentFile, header: &SegmentHeader, report: &ScanReport) -> Result<()> {
+    if header.first_lsn != seg.first_lsn || header.first_lsn == Lsn::ZERO {
+        return Err(JournalError::corrupt(
+            &seg.path,
+            0,
+            format!(
+                "header names first lsn {} but the file name says {}",
+                header.first_lsn, seg.first_lsn
+            ),
+        ));
+    }
+    if report.segments.is_empty() {
+        return Ok(());
+    }
+    if header.first_lsn != report.last_lsn.next() {
+        return Err(JournalError::corrupt(
+            &seg.path,
+            0,
+            format!(
+                "segment starts at lsn {} but the previous segment ends at lsn {} (a segment is missing or damaged)",
+                header.first_lsn, report.last_lsn
+            ),
+        ));
+    }
+    if header.prev_chain != report.last_chain {
+        return Err(JournalError::corrupt(
+            &seg.path,
+            0,
+            "segment does not continue the chain of the previous segment",
+        ));
+    }
+    Ok(())
+}
+
+/// Decides whether damage is a torn tail (returns `Ok`) or corruption (returns the error).
+fn judge_damage(
+    seg: &SegmentFile,
+    is_last: bool,
+    reader: &SegmentReader,
+    damage: &Damage,
+    file_bytes: u64,
+    record_bytes_max: u64,
+) -> Result<()> {
+    let corrupt = |why: String| Err(JournalError::corrupt(&seg.path, damage.offset, why));
+    if !is_last {
+        return corrupt(format!(
+            "{} in a segment that later segments follow",
+            damage.error
+        ));
+    }
+    let file = File::open(&seg.path)
+        .map_err(|e| JournalError::io("open journal segment", &seg.path, e))?;
+    let expected = reader.next_lsn();
+    let later = find_later_batch(&file, damage.offset, file_bytes, expected, record_bytes_max)
+        .map_err(|e| JournalError::io("read journal segment", &seg.path, e))?;
+    match later {
+        Some((offset, lsn)) => corrupt(format!(
+            "{}, yet the valid record {lsn} of a later write batch follows at byte offset {offset}",
+            damage.error
+        )),
+        None => Ok(()),
+    }
+}
+
+/// Bytes of the window the follower search reads at a time.
+const SEARCH_WINDOW_BYTES: usize = 1 << 20;
+
+/// Searches the bytes after `from` for a valid record of a write batch that began after
+/// `expected` (the LSN of the damaged record). Returns its offset and LSN.
+fn find_later_batch(
+    file: &File,
+    from: u64,
+    file_bytes: u64,
+    expected: Lsn,
+    record_bytes_max: u64,
+) -> io::Result<Option<(u64, Lsn)>> {
+    let lsn_max = expected.0 + (file_bytes - from) / OVERHEAD_BYTES as u64 + 1;
+    let mut window = vec![0u8; SEARCH_WINDOW_BYTES + HEADER_BYTES];
+    let mut pos = from + 1;
+    while pos + OVERHEAD_BYTES as u64 <= file_bytes {
+        let n = (window.len() as u64).min(file_bytes - pos) as usize;
+        file.read_exact_at(&mut window[..n], pos)?;
+        let usable = n + 1 - HEADER_BYTES.min(n + 1);
+        for i in 0..usable {
+            let at = pos + i as u64;
+            let h = &window[i..i + HEADER_BYTES];
+            let Ok(len) = record::check_len(record::le_u32(h), record_bytes_max) else {
+                continue;
+            };
+            let lsn = record::le_u64(&h[8..16]);
+            if at + 4 + len as u64 > file_bytes || lsn <= expected.0 || lsn > lsn_max {
+                continue;
+            }
+            let mut rest = vec![0u8; len];
+            file.read_exact_at(&mut rest, at + 4)?;
+            if let Ok(checked) = record::check_crc(&rest) {
+                let batch_start = checked
+                    .lsn
+                    .0
+                    .saturating_sub(u64::from(checked.batch_offset));
+                if batch_start > expected.0 {
+                    return Ok(Some((at, checked.lsn)));
+                }
+            }
+        }
+        if usable == 0 {
+            break;
+        }
+        pos += usable as u64;
+    }
+    Ok(None)
+}
