@@ -1,2 +1,168 @@
-//! The `concord` command.
-fn main() {}
+//! The `concord` command: one binary for the daemons and the operator commands.
+//!
+//! Today it holds the journal tools and the journal benchmark:
+//!
+//! * `concord journal inspect DIR` prints the records of a journal directory ([`inspect`]);
+//! * `concord journal verify DIR` checks every record and says whether the journal is sound, has a
+//!   torn tail that the next open truncates, or is corrupt ([`verify`]);
+//! * `concord bench journal` measures the journal ([`mod@bench`]).
+//!
+//! Both journal tools are read-only: they use [`journal::scan::scan_dir`], which takes no lock and
+//! changes nothing, so they are safe to run beside a live coordinator (they may then see a tail that
+//! is still being written and report it as torn).
+//!
+//! Conventions every command follows:
+//!
+//! * Results go to standard output; logs (`tracing`, filtered by `RUST_LOG`) and progress go to
+//!   standard error. The default log level is `warn` for the journal tools, whose output is the
+//!   product, and `info` for everything else.
+//! * A failure prints exactly one line `error: …` on standard error and exits non-zero, with the
+//!   codes in [`EXIT_CODES`]; it never panics or prints a backtrace.
+//!
+//! # Implementation caveats
+//!
+//! * There is no configuration file yet; the journal limits a reader needs
+//!   (`--record-bytes-max`) are options with the journal's defaults.
+
+mod bench;
+mod inspect;
+mod output;
+mod verify;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use journal::{ErrorClass, JournalError};
+use tracing_subscriber::EnvFilter;
+use tracing_subscriber::filter::LevelFilter;
+
+/// The exit codes, as shown at the end of `concord --help`.
+const EXIT_CODES: &str = "\
+Exit codes:
+  0  success (for `journal verify`: the journal is sound, possibly with a torn tail)
+  1  error: the command could not do its work (missing directory, foreign file, I/O, ...)
+  2  usage error (bad arguments)
+  3  the journal is corrupt (the message names the segment file and byte offset)";
+
+/// Exit code of a failure other than corruption.
+const EXIT_FAILURE: u8 = 1;
+/// Exit code when the journal is corrupt.
+const EXIT_CORRUPT: u8 = 3;
+
+/// concord: an XA-style two-phase-commit coordinator with a durable, replicated journal.
+#[derive(Parser, Debug)]
+#[command(name = "concord", version, after_help = EXIT_CODES)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Read-only tools for a journal directory: inspect its records, verify it.
+    #[command(subcommand)]
+    Journal(JournalCommand),
+    /// Benchmarks that print a ratio against a baseline measured in the same run.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Subcommand, Debug)]
+enum JournalCommand {
+    /// Print the records of a journal, then a summary (read-only: takes no lock, changes nothing).
+    #[command(after_help = inspect::AFTER_HELP)]
+    Inspect(inspect::InspectArgs),
+    /// Check every record and segment of a journal and say whether it is sound (read-only).
+    #[command(after_help = verify::AFTER_HELP)]
+    Verify(verify::VerifyArgs),
+}
+
+#[derive(Subcommand, Debug)]
+enum BenchCommand {
+    /// Benchmark the journal, against a baseline measured in the same run.
+    Journal(bench::JournalBenchArgs),
+}
+
+impl Command {
+    /// The log level when `RUST_LOG` is not set.
+    fn default_log_level(&self) -> LevelFilter {
+        match self {
+            Command::Journal(_) => LevelFilter::WARN,
+            Command::Bench(_) => LevelFilter::INFO,
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.command.default_log_level());
+    match run(cli.command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {}", one_line(&e));
+            ExitCode::from(exit_code(&e))
+        }
+    }
+}
+
+fn run(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Journal(JournalCommand::Inspect(args)) => inspect::run(&args),
+        Command::Journal(JournalCommand::Verify(args)) => verify::run(&args),
+        Command::Bench(BenchCommand::Journal(args)) => bench::journal(args),
+    }
+}
+
+/// Logs to standard error, filtered by `RUST_LOG` (an invalid filter falls back to `default`).
+fn init_logging(default: LevelFilter) {
+    let filter = EnvFilter::builder()
+        .with_default_directive(default.into())
+        .from_env_lossy();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+/// The error and its causes, `: `-separated, on one line.
+fn one_line(e: &anyhow::Error) -> String {
+    format!("{e:#}").replace(['\n', '\r'], " ")
+}
+
+/// [`EXIT_CORRUPT`] when the journal is corrupt, [`EXIT_FAILURE`] otherwise.
+fn exit_code(e: &anyhow::Error) -> u8 {
+    let corrupt = e
+        .chain()
+        .filter_map(|cause| cause.downcast_ref::<JournalError>())
+        .any(|j| j.class() == ErrorClass::Corrupt);
+    if corrupt { EXIT_CORRUPT } else { EXIT_FAILURE }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_command_line_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn corruption_has_its_own_exit_code() {
+        let corrupt = anyhow::Error::from(JournalError::Corrupt {
+            segment: "00000000000000000001.seg".into(),
+            offset: 64,
+            reason: "crc32 mismatch".into(),
+        });
+        assert_eq!(exit_code(&corrupt), EXIT_CORRUPT);
+        let missing = anyhow::Error::from(JournalError::DirMissing { path: "x".into() });
+        assert_eq!(exit_code(&missing), EXIT_FAILURE);
+    }
+
+    #[test]
+    fn errors_print_on_one_line() {
+        let e = anyhow::anyhow!("first\nsecond").context("outer");
+        assert_eq!(one_line(&e), "outer: first second");
+    }
+}

@@ -2,18 +2,20 @@
 //!
 //! # Group commit
 //!
-//! Appenders never touch the file. [`Journal::append`] frames the record *unsealed* into a shared
-//! queue under a mutex and gets back an [`Appending`]: a handle on the write batch the record
-//! joined plus its index in it. One flusher thread takes the whole queue at once, seals the records
-//! in order (LSN, chain value, crc), writes them with one positional write per segment touched and
-//! syncs once; then it completes the batch, and every appender learns its LSN (first LSN of the
-//! batch plus its index) — only then, because only then is the record durable. While the flusher
-//! syncs, new records gather in the queue and become the next batch, so the number of syncs per
-//! second stays what the disk allows while the records per sync grow with the number of appenders.
-//! After a batch of several records the flusher waits a little (bounded by `group_wait_us_max` and by
-//! half the last sync's duration) for that many records to gather again, so that batches do not
-//! alternate between large and tiny; after a batch of one it never waits, so a lone appender pays
-//! one write and one sync, like a program without group commit.
+//! Appenders never touch the file. [`Journal::append`] frames and *seals* the record (LSN, chain
+//! value, crc) at the end of a shared queue under a mutex — the mutex gives the LSN order, and the
+//! hashing happens on the appender's thread while the flusher is busy syncing the previous batch —
+//! and gets back an [`Appending`]: a handle on the write batch the record joined plus its index in
+//! it. One flusher thread takes the whole queue at once, writes it with one positional write per
+//! segment touched and syncs once; then it completes the batch, and every appender learns its LSN
+//! (first LSN of the batch plus its index) — only then, because only then is the record durable.
+//! While the flusher syncs, new records gather in the queue and become the next batch, so the
+//! number of syncs per second stays what the disk allows while the records per sync grow with the
+//! number of appenders. After a batch of several records the flusher waits a little (bounded by
+//! `group_wait_us_max` and by half the last sync's duration) for that many records to gather
+//! again, so that batches do not alternate between large and tiny; after a batch of one it never
+//! waits. An idle flusher spins briefly (`flusher_spin_us_max`) before it sleeps, so a lone
+//! appender pays about one write and one sync per record, like a program without group commit.
 //!
 //! [`Appending`] is waited on by a thread ([`Appending::wait`]) or awaited by an async task (it is
 //! a `std::future::Future`; the journal itself has no async runtime). [`Journal::append_nowait`]
@@ -25,7 +27,8 @@
 //!
 //! The numbered append path, carried out by the flusher for each batch:
 //!
-//! 1. Seal the records in LSN order (each chain value needs the previous one).
+//! 1. (Appenders, under the queue lock.) Seal each record in LSN order: each chain value needs
+//!    the previous one, and its `batch_offset` is its distance from the first record of the batch.
 //! 2. If a record does not fit in the current segment: write what fits, sync the segment, create the
 //!    next segment durably (temp file, header, sync, rename, directory sync) and go on there. A
 //!    segment is thus fully durable before any record of the next one is written.
@@ -59,7 +62,7 @@ use std::future::Future;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, RwLock};
 use std::task::{Context, Poll, Waker};
 use std::thread::JoinHandle;
@@ -78,6 +81,7 @@ use crate::types::{ChainHash, Epoch, Lsn, RecordKind};
 /// Dropping it closes it: queued records are written and synced first.
 pub struct Journal {
     shared: Arc<Shared>,
+    gate: Arc<SpinGate>,
     flusher: Option<JoinHandle<()>>,
 }
 
@@ -91,6 +95,9 @@ struct Shared {
     space: Condvar,
     segments: RwLock<Vec<SegmentFile>>,
     durable: AtomicU64,
+    /// Set by the appender that puts the first record in an empty queue; lets an idle flusher
+    /// notice work while spinning, without a wake-up.
+    has_work: AtomicBool,
     stats: Counters,
     _lock: File,
 }
@@ -100,6 +107,7 @@ struct Counters {
     records: AtomicU64,
     batches: AtomicU64,
     syncs: AtomicU64,
+    sync_micros: AtomicU64,
     bytes: AtomicU64,
 }
 
@@ -122,9 +130,15 @@ impl Stop {
 }
 
 struct Queue {
-    /// Unsealed frames, in the order they will get LSNs.
+    /// Sealed frames of the next write batch, in LSN order.
     buf: Vec<u8>,
     count: u32,
+    /// LSN of the first record in `buf` (meaningful while `count > 0`).
+    batch_first: Lsn,
+    /// LSN the next appended record gets.
+    next_lsn: Lsn,
+    /// Chain value after the last appended record.
+    chain: ChainHash,
     /// Whether any record in `buf` was appended by a caller waiting for durability.
     wants_sync: bool,
     batch: Arc<Batch>,
@@ -141,6 +155,8 @@ struct Queue {
 struct Batch {
     state: Mutex<BatchState>,
     done: Condvar,
+    /// Set once `state.outcome` is; read without the lock by a spinning waiter.
+    finished: AtomicBool,
 }
 
 #[derive(Default)]
@@ -155,6 +171,7 @@ impl Batch {
         Arc::new(Batch {
             state: Mutex::new(BatchState::default()),
             done: Condvar::new(),
+            finished: AtomicBool::new(false),
         })
     }
 
@@ -162,6 +179,7 @@ impl Batch {
         let wakers = {
             let mut state = lock(&self.state);
             state.outcome = Some(outcome);
+            self.finished.store(true, Ordering::Release);
             std::mem::take(&mut state.wakers)
         };
         self.done.notify_all();
@@ -180,11 +198,17 @@ pub struct Appending {
     batch: Arc<Batch>,
     index: u32,
     waker_slot: Option<usize>,
+    gate: Arc<SpinGate>,
 }
 
 impl Appending {
     /// Blocks the calling thread until the record is durable; returns its LSN.
+    ///
+    /// One waiting thread at a time first spins for up to `waiter_spin_us_max` (the usual time of a
+    /// write and a sync), so a lone appender is not charged a thread wake-up on top of its sync;
+    /// the others sleep at once, so many waiters never burn the CPU the flusher and appenders need.
     pub fn wait(self) -> Result<Lsn> {
+        self.spin();
         let mut state = lock(&self.batch.state);
         loop {
             if let Some(outcome) = &state.outcome {
@@ -197,6 +221,26 @@ impl Appending {
                 .unwrap_or_else(PoisonError::into_inner);
         }
     }
+}
+
+impl Appending {
+    fn spin(&self) {
+        let gate = &*self.gate;
+        if gate.spin.is_zero() || gate.spinning.swap(true, Ordering::Acquire) {
+            return;
+        }
+        let deadline = Instant::now() + gate.spin;
+        while !self.batch.finished.load(Ordering::Acquire) && Instant::now() < deadline {
+            std::hint::spin_loop();
+        }
+        gate.spinning.store(false, Ordering::Release);
+    }
+}
+
+/// Lets one blocking waiter at a time spin; see [`Appending::wait`].
+struct SpinGate {
+    spin: Duration,
+    spinning: AtomicBool,
 }
 
 fn resolve(outcome: &std::result::Result<Lsn, Stop>, index: u32) -> Result<Lsn> {
@@ -235,6 +279,8 @@ pub struct JournalStats {
     pub batches: u64,
     /// Data syncs (`fdatasync`) of segment files.
     pub syncs: u64,
+    /// Time spent in those syncs, in microseconds.
+    pub sync_micros: u64,
     /// Bytes of records written.
     pub bytes: u64,
     /// The last durable LSN.
@@ -266,6 +312,9 @@ impl Journal {
             queue: Mutex::new(Queue {
                 buf: Vec::new(),
                 count: 0,
+                batch_first: report.last_lsn.next(),
+                next_lsn: report.last_lsn.next(),
+                chain: report.last_chain,
                 wants_sync: false,
                 batch: Batch::new(),
                 epoch: report.last_epoch,
@@ -279,6 +328,7 @@ impl Journal {
             space: Condvar::new(),
             segments: RwLock::new(segments),
             durable: AtomicU64::new(report.last_lsn.0),
+            has_work: AtomicBool::new(false),
             stats: Counters::default(),
             _lock: lock_file,
         });
@@ -287,8 +337,13 @@ impl Journal {
             .name("journal-flusher".into())
             .spawn(move || Flusher::new(flusher_shared, writer).run())
             .map_err(|e| JournalError::io("start journal flusher thread", &shared.dir, e))?;
+        let gate = Arc::new(SpinGate {
+            spin: Duration::from_micros(shared.config.waiter_spin_us_max),
+            spinning: AtomicBool::new(false),
+        });
         Ok(Journal {
             shared,
+            gate,
             flusher: Some(flusher),
         })
     }
@@ -304,6 +359,7 @@ impl Journal {
             batch,
             index,
             waker_slot: None,
+            gate: Arc::clone(&self.gate),
         })
     }
 
@@ -348,8 +404,12 @@ impl Journal {
             });
         }
         q.epoch = epoch;
-        record::encode_unsealed(&mut q.buf, epoch, kind, payload);
         let index = q.count;
+        if index == 0 {
+            q.batch_first = q.next_lsn;
+            shared.has_work.store(true, Ordering::Release);
+        }
+        seal_into_queue(&mut q, epoch, kind, payload);
         q.count += 1;
         q.wants_sync |= durable;
         let batch = Arc::clone(&q.batch);
@@ -425,6 +485,7 @@ impl Journal {
             records: c.records.load(Ordering::Relaxed),
             batches: c.batches.load(Ordering::Relaxed),
             syncs: c.syncs.load(Ordering::Relaxed),
+            sync_micros: c.sync_micros.load(Ordering::Relaxed),
             bytes: c.bytes.load(Ordering::Relaxed),
             durable_lsn: self.durable_lsn(),
         }
@@ -468,6 +529,19 @@ impl Drop for Journal {
             let _ = self.shutdown();
         }
     }
+}
+
+/// Frames and seals one record at the end of the queue: the LSN, chain value and crc are computed
+/// here, on the appender's thread and in LSN order (the queue lock gives the order), so that the
+/// flusher's work per batch is only the write and the sync.
+fn seal_into_queue(q: &mut Queue, epoch: Epoch, kind: RecordKind, payload: &[u8]) {
+    let start = q.buf.len();
+    record::encode_unsealed(&mut q.buf, epoch, kind, payload);
+    let lsn = q.next_lsn;
+    let batch_offset = (lsn.0 - q.batch_first.0) as u32;
+    let prev = q.chain;
+    q.chain = record::seal(&mut q.buf[start..], lsn, batch_offset, &prev);
+    q.next_lsn = lsn.next();
 }
 
 fn prepare_dir(dir: &Path, create: bool) -> Result<()> {
@@ -604,19 +678,43 @@ impl SegmentWriter {
         })
     }
 
-    /// Seals and writes one batch of `count` unsealed frames; syncs when `sync`. Returns the first
-    /// LSN of the batch.
-    fn write_batch(
-        &mut self,
-        shared: &Shared,
-        buf: &mut [u8],
-        count: u32,
-        sync: bool,
-    ) -> Result<Lsn> {
+    /// Writes one batch of `count` sealed frames; syncs when `sync`. Returns the first LSN of the
+    /// batch.
+    fn write_batch(&mut self, shared: &Shared, buf: &[u8], count: u32, sync: bool) -> Result<Lsn> {
         let first = self.next_lsn;
+        debug_assert_eq!(
+            frame_lsn(buf),
+            first,
+            "batch does not start at the next lsn"
+        );
+        if self.offset + buf.len() as u64 <= self.segment_bytes_max {
+            self.write(buf)?;
+            self.next_lsn = Lsn(first.0 + u64::from(count));
+            self.chain = frame_chain(buf);
+        } else {
+            self.write_across_segments(shared, buf)?;
+        }
+        debug_assert_eq!(
+            self.next_lsn,
+            Lsn(first.0 + u64::from(count)),
+            "batch frame count"
+        );
+        if sync {
+            self.sync(shared)?;
+        }
+        let stats = &shared.stats;
+        stats.records.fetch_add(u64::from(count), Ordering::Relaxed);
+        stats.batches.fetch_add(1, Ordering::Relaxed);
+        stats.bytes.fetch_add(buf.len() as u64, Ordering::Relaxed);
+        Ok(first)
+    }
+
+    /// The slow path of `write_batch`: walks the frames and starts a new segment wherever the next
+    /// frame does not fit (append path steps 2 and 3).
+    fn write_across_segments(&mut self, shared: &Shared, buf: &[u8]) -> Result<()> {
         let mut piece = 0;
         let mut pos = 0;
-        for index in 0..count {
+        while pos < buf.len() {
             let len = record::le_u32(&buf[pos..]) as usize + 4;
             if self.offset + (pos + len - piece) as u64 > self.segment_bytes_max {
                 self.write(&buf[piece..pos])?;
@@ -624,29 +722,11 @@ impl SegmentWriter {
                 self.roll(shared)?;
                 piece = pos;
             }
-            self.chain = record::seal(&mut buf[pos..pos + len], self.next_lsn, index, &self.chain);
+            self.chain = frame_chain(&buf[pos..pos + len]);
             self.next_lsn = self.next_lsn.next();
             pos += len;
         }
-        debug_assert_eq!(
-            pos,
-            buf.len(),
-            "batch frames do not add up to the batch buffer"
-        );
-        self.write(&buf[piece..pos])?;
-        if sync {
-            self.sync(shared)?;
-        }
-        shared
-            .stats
-            .records
-            .fetch_add(u64::from(count), Ordering::Relaxed);
-        shared.stats.batches.fetch_add(1, Ordering::Relaxed);
-        shared
-            .stats
-            .bytes
-            .fetch_add(buf.len() as u64, Ordering::Relaxed);
-        Ok(first)
+        self.write(&buf[piece..pos])
     }
 
     fn write(&mut self, bytes: &[u8]) -> Result<()> {
@@ -675,11 +755,17 @@ impl SegmentWriter {
                 injected,
             ));
         }
+        let started = Instant::now();
         self.file
             .sync_data()
             .map_err(|e| JournalError::io("sync journal segment", &self.path, e))?;
         self.unsynced = false;
         shared.stats.syncs.fetch_add(1, Ordering::Relaxed);
+        let micros = started.elapsed().as_micros() as u64;
+        shared
+            .stats
+            .sync_micros
+            .fetch_add(micros, Ordering::Relaxed);
         shared
             .durable
             .store(self.next_lsn.prev().0, Ordering::Release);
@@ -708,6 +794,18 @@ impl SegmentWriter {
         self.offset = segment::SEGMENT_HEADER_BYTES as u64;
         Ok(())
     }
+}
+
+/// The LSN of the sealed frame at the start of `frames`.
+fn frame_lsn(frames: &[u8]) -> Lsn {
+    Lsn(record::le_u64(&frames[8..16]))
+}
+
+/// The chain value in the trailer of the sealed frame at the end of `frames`.
+fn frame_chain(frames: &[u8]) -> ChainHash {
+    let mut chain = [0u8; 32];
+    chain.copy_from_slice(&frames[frames.len() - 32..]);
+    ChainHash(chain)
 }
 
 /// A batch taken from the queue.
@@ -743,7 +841,7 @@ impl Flusher {
             let shared = Arc::clone(&self.shared);
             let written =
                 self.writer
-                    .write_batch(&shared, &mut taken.buf, taken.count, taken.wants_sync);
+                    .write_batch(&shared, &taken.buf, taken.count, taken.wants_sync);
             match written {
                 Ok(first) => {
                     if taken.wants_sync {
@@ -766,6 +864,7 @@ impl Flusher {
     /// Waits for records and takes the whole queue; `None` once the journal is closed and drained.
     fn take(&mut self) -> Option<Taken> {
         let shared = Arc::clone(&self.shared);
+        self.spin_for_work();
         let mut q = lock(&shared.queue);
         while q.count == 0 {
             if q.stop.is_some() {
@@ -774,6 +873,7 @@ impl Flusher {
             q.flusher_waiting = true;
             q = shared.work.wait(q).unwrap_or_else(PoisonError::into_inner);
         }
+        shared.has_work.store(false, Ordering::Relaxed);
         q = self.gather(q);
         q.flusher_waiting = false;
         let taken = Taken {
@@ -788,6 +888,20 @@ impl Flusher {
             shared.space.notify_all();
         }
         Some(taken)
+    }
+
+    /// Before sleeping on the condition variable, spins for up to `flusher_spin_us_max` waiting for
+    /// a record: a lone appender that re-appends right after its last record became durable then
+    /// finds the flusher awake, and pays no thread wake-up on top of its write and sync.
+    fn spin_for_work(&self) {
+        let spin = Duration::from_micros(self.shared.config.flusher_spin_us_max);
+        if spin.is_zero() || self.shared.has_work.load(Ordering::Acquire) {
+            return;
+        }
+        let deadline = Instant::now() + spin;
+        while !self.shared.has_work.load(Ordering::Acquire) && Instant::now() < deadline {
+            std::hint::spin_loop();
+        }
     }
 
     /// After a batch of several records, waits (bounded) for as many to gather again.

@@ -13,11 +13,11 @@
 //!   30+p    32  chain         blake3(previous chain ‖ bytes 8 .. 30+p)
 //! ```
 //!
-//! An appender frames its record *unsealed* (LSN, batch offset, chain and crc zero) so the copy
-//! happens outside the flusher; the flusher seals records in LSN order, which is the only order in
-//! which a chain can be computed. A reader checks, in this order, that the length is within the
-//! configured limit (before allocating anything), that the crc matches, that the LSN is the one
-//! expected and that the chain follows from the previous record's.
+//! A record is framed *unsealed* (LSN, batch offset, chain and crc zero) and then sealed in place
+//! in LSN order — the only order in which a chain can be computed (the journal does both under its
+//! queue lock). A reader checks, in this order, that the length is within the configured limit
+//! (before allocating anything), that the crc matches, that the LSN is the one expected and that
+//! the chain follows from the previous record's.
 //!
 //! `batch_offset` lets recovery tell a torn final batch (whose pages may reach the disk in any
 //! order, so a valid record can follow a damaged one) from damage inside history that was already

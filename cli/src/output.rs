@@ -1,0 +1,248 @@
+//! What `journal inspect` and `journal verify` share: the directory check, the running tally of
+//! valid records, the human summary of a scan, the JSON shape of a torn tail, the payload preview,
+//! and the progress spinner.
+//!
+//! The human forms are aligned `key: value` lines meant for an operator; the JSON forms are
+//! `serde` structs so that their field names are written down once. Paths are printed as given
+//! on the command line joined with the segment name (lossily, when not UTF-8).
+//!
+//! # Implementation caveats
+//!
+//! * The spinner is drawn only when standard error is a terminal and the caller asks for it; it
+//!   counts records, it does not estimate the time left.
+
+use std::io::{self, IsTerminal, Write};
+use std::path::Path;
+
+use anyhow::{Context, bail};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use journal::scan::{ScanReport, TornTail};
+use journal::{ChainHash, Epoch, Lsn, Record};
+use serde::Serialize;
+
+/// Hex digits of a chain value shown in the human record listing.
+pub const CHAIN_ABBREV_HEX_DIGITS: usize = 12;
+/// Payload bytes shown, escaped, in the human record listing.
+pub const PREVIEW_BYTES_MAX: usize = 32;
+
+/// Fails with a clear message unless `dir` is an existing directory.
+///
+/// The scan would fail too, but with the wording of the journal's own directory listing; this
+/// says what an operator needs to hear.
+pub fn check_dir(dir: &Path) -> anyhow::Result<()> {
+    match std::fs::metadata(dir) {
+        Ok(meta) if meta.is_dir() => Ok(()),
+        Ok(_) => bail!("journal path {} is not a directory", dir.display()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            bail!("journal directory {} does not exist", dir.display())
+        }
+        Err(e) => Err(e).with_context(|| format!("inspect journal directory {}", dir.display())),
+    }
+}
+
+/// The valid records seen so far by a scan: what is known even when the scan then fails.
+#[derive(Debug, Default)]
+pub struct Tally {
+    /// Number of valid records.
+    pub records: u64,
+    /// LSN of the first one.
+    pub first_lsn: Option<Lsn>,
+    /// LSN of the last one.
+    pub last_lsn: Option<Lsn>,
+    /// The highest epoch.
+    pub last_epoch: Epoch,
+    /// The chain value after the last one.
+    pub last_chain: ChainHash,
+}
+
+impl Tally {
+    /// Counts one valid record.
+    pub fn see(&mut self, rec: &Record) {
+        self.records += 1;
+        self.first_lsn.get_or_insert(rec.lsn);
+        self.last_lsn = Some(rec.lsn);
+        self.last_epoch = self.last_epoch.max(rec.epoch);
+        self.last_chain = rec.chain;
+    }
+
+    /// `N[note] (lsn A..B)`, or `0[note]` for none.
+    pub fn records_line(&self, note: &str) -> String {
+        match (self.first_lsn, self.last_lsn) {
+            (Some(first), Some(last)) => format!("{}{note} (lsn {first}..{last})", self.records),
+            _ => format!("{}{note}", self.records),
+        }
+    }
+}
+
+/// The file name of a path, for short listings.
+pub fn file_name(path: &Path) -> String {
+    path.file_name()
+        .unwrap_or(path.as_os_str())
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// Writes the human summary of a successful scan: segments, records, epoch, chain, leftovers and
+/// the torn tail.
+pub fn write_summary(out: &mut impl Write, report: &ScanReport, tally: &Tally) -> io::Result<()> {
+    writeln!(out, "segments:    {}", segments_line(report))?;
+    writeln!(out, "records:     {}", tally.records_line(""))?;
+    writeln!(out, "last epoch:  {}", report.last_epoch)?;
+    writeln!(out, "last chain:  {}", report.last_chain)?;
+    if !report.leftovers.is_empty() {
+        writeln!(
+            out,
+            "temp files:  {} left by an interrupted segment creation (removed at the next open)",
+            report.leftovers.len()
+        )?;
+    }
+    if let Some(tail) = &report.torn_tail {
+        writeln!(out, "torn tail:   {}", torn_tail_line(tail))?;
+    }
+    Ok(())
+}
+
+fn segments_line(report: &ScanReport) -> String {
+    match (report.segments.first(), report.segments.last()) {
+        (Some(first), Some(last)) if report.segments.len() > 1 => format!(
+            "{} ({} .. {})",
+            report.segments.len(),
+            file_name(&first.path),
+            file_name(&last.path)
+        ),
+        (Some(only), _) => format!("1 ({})", file_name(&only.path)),
+        _ => "0 (empty journal)".to_string(),
+    }
+}
+
+/// `SEGMENT at byte offset N, B bytes (REASON); the next open truncates them`.
+pub fn torn_tail_line(tail: &TornTail) -> String {
+    format!(
+        "{} at byte offset {}, {} bytes ({}); the next open truncates them",
+        tail.segment.display(),
+        tail.offset,
+        tail.bytes,
+        tail.reason
+    )
+}
+
+/// A torn tail as JSON.
+#[derive(Debug, Serialize)]
+pub struct TornTailJson {
+    /// The segment file.
+    pub segment: String,
+    /// Where the valid records end.
+    pub offset: u64,
+    /// Bytes after that offset.
+    pub bytes: u64,
+    /// The check the first discarded bytes failed.
+    pub reason: String,
+}
+
+impl From<&TornTail> for TornTailJson {
+    fn from(tail: &TornTail) -> Self {
+        TornTailJson {
+            segment: tail.segment.display().to_string(),
+            offset: tail.offset,
+            bytes: tail.bytes,
+            reason: tail.reason.clone(),
+        }
+    }
+}
+
+/// Lower-case hex of a byte string.
+pub fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        let _ = write!(out, "{b:02x}");
+    }
+    out
+}
+
+/// The first hex digits of a chain value.
+pub fn chain_abbrev(chain: &ChainHash) -> String {
+    let mut hex = chain.to_hex();
+    hex.truncate(CHAIN_ABBREV_HEX_DIGITS);
+    hex
+}
+
+/// The first [`PREVIEW_BYTES_MAX`] bytes of a payload, quoted and escaped as ASCII, with `…` when
+/// there is more.
+pub fn preview(payload: &[u8]) -> String {
+    let shown = &payload[..payload.len().min(PREVIEW_BYTES_MAX)];
+    let escaped: String = shown
+        .iter()
+        .flat_map(|b| std::ascii::escape_default(*b))
+        .map(char::from)
+        .collect();
+    let more = if payload.len() > shown.len() {
+        "…"
+    } else {
+        ""
+    };
+    format!("\"{escaped}\"{more}")
+}
+
+/// A spinner on standard error counting scanned records, or a hidden one when `wanted` is false or
+/// standard error is not a terminal.
+pub fn spinner(wanted: bool) -> ProgressBar {
+    if !wanted || !io::stderr().is_terminal() {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
+    if let Ok(style) = ProgressStyle::with_template("{spinner} {human_pos} records scanned") {
+        bar.set_style(style);
+    }
+    bar
+}
+
+/// Turns a failed write to standard output into the command's result: a closed pipe (`| head`)
+/// ends the command quietly, anything else is an error.
+pub fn stdout_result(result: io::Result<()>) -> anyhow::Result<()> {
+    match result {
+        Err(e) if e.kind() == io::ErrorKind::BrokenPipe => Ok(()),
+        other => other.context("write to standard output"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn preview_escapes_and_marks_truncation() {
+        assert_eq!(preview(b"hi\n\x00\""), r#""hi\n\x00\"""#);
+        assert_eq!(
+            preview(&[b'a'; PREVIEW_BYTES_MAX]),
+            format!("\"{}\"", "a".repeat(32))
+        );
+        assert_eq!(
+            preview(&[b'a'; PREVIEW_BYTES_MAX + 1]),
+            format!("\"{}\"…", "a".repeat(32))
+        );
+    }
+
+    #[test]
+    fn hex_is_lower_case_and_complete() {
+        assert_eq!(hex(&[0x00, 0xab, 0x7f]), "00ab7f");
+        assert_eq!(chain_abbrev(&ChainHash([0xcd; 32])), "cdcdcdcdcdcd");
+    }
+
+    #[test]
+    fn tally_follows_the_records() {
+        let mut tally = Tally::default();
+        assert_eq!(tally.records_line(""), "0");
+        for lsn in 4..=6 {
+            tally.see(&Record {
+                lsn: Lsn(lsn),
+                epoch: Epoch(2),
+                kind: journal::RecordKind::new(1, 1),
+                payload: Vec::new(),
+                chain: ChainHash([lsn as u8; 32]),
+            });
+        }
+        assert_eq!(tally.records_line(" valid"), "3 valid (lsn 4..6)");
+        assert_eq!(tally.last_chain, ChainHash([6; 32]));
+    }
+}
