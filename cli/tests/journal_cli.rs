@@ -397,6 +397,9 @@ fn a_newer_format_is_one_clear_line() {
     let seg = segment_path(dir.path(), 1);
     let mut bytes = fs::read(&seg).unwrap();
     bytes[8..12].copy_from_slice(&2u32.to_le_bytes());
+    // The header's prefix (magic, version) carries its own crc32 at bytes 12..16.
+    let prefix_crc = crc32fast::hash(&bytes[0..12]);
+    bytes[12..16].copy_from_slice(&prefix_crc.to_le_bytes());
     fs::write(&seg, &bytes).unwrap();
     let out = concord(&["journal", "verify", path_arg(dir.path())]);
     assert_one_line_error(&out, 1, &["format version 2", "run a newer concord"]);

@@ -28,7 +28,8 @@
 //! The numbered append path, carried out by the flusher for each batch:
 //!
 //! 1. (Appenders, under the queue lock.) Seal each record in LSN order: each chain value needs
-//!    the previous one, and its `batch_offset` is its distance from the first record of the batch.
+//!    the previous one, and its `batch_offset` is its distance from the first record of its sync
+//!    group (the records appended since the last batch taken with a sync).
 //! 2. If a record does not fit in the current segment: write what fits, sync the segment, create the
 //!    next segment durably (temp file, header, sync, rename, directory sync) and go on there. A
 //!    segment is thus fully durable before any record of the next one is written.
@@ -133,8 +134,11 @@ struct Queue {
     /// Sealed frames of the next write batch, in LSN order.
     buf: Vec<u8>,
     count: u32,
-    /// LSN of the first record in `buf` (meaningful while `count > 0`).
-    batch_first: Lsn,
+    /// LSN of the first record of the current *sync group*: the records appended since the last
+    /// batch the flusher took with a sync (`None` when there are none). A record's batch offset is
+    /// its distance from this LSN; recovery relies on every record below it having been synced
+    /// before the record was written.
+    group_first: Option<Lsn>,
     /// LSN the next appended record gets.
     next_lsn: Lsn,
     /// Chain value after the last appended record.
@@ -312,7 +316,7 @@ impl Journal {
             queue: Mutex::new(Queue {
                 buf: Vec::new(),
                 count: 0,
-                batch_first: report.last_lsn.next(),
+                group_first: None,
                 next_lsn: report.last_lsn.next(),
                 chain: report.last_chain,
                 wants_sync: false,
@@ -406,7 +410,6 @@ impl Journal {
         q.epoch = epoch;
         let index = q.count;
         if index == 0 {
-            q.batch_first = q.next_lsn;
             shared.has_work.store(true, Ordering::Release);
         }
         seal_into_queue(&mut q, epoch, kind, payload);
@@ -538,7 +541,8 @@ fn seal_into_queue(q: &mut Queue, epoch: Epoch, kind: RecordKind, payload: &[u8]
     let start = q.buf.len();
     record::encode_unsealed(&mut q.buf, epoch, kind, payload);
     let lsn = q.next_lsn;
-    let batch_offset = (lsn.0 - q.batch_first.0) as u32;
+    let group_first = *q.group_first.get_or_insert(lsn);
+    let batch_offset = (lsn.0 - group_first.0) as u32;
     let prev = q.chain;
     q.chain = record::seal(&mut q.buf[start..], lsn, batch_offset, &prev);
     q.next_lsn = lsn.next();
@@ -822,6 +826,8 @@ struct Flusher {
     spare: Vec<u8>,
     last_count: u32,
     last_sync: Duration,
+    /// Bytes written since the last sync.
+    unsynced_bytes: u64,
 }
 
 impl Flusher {
@@ -832,6 +838,7 @@ impl Flusher {
             spare: Vec::new(),
             last_count: 0,
             last_sync: Duration::ZERO,
+            unsynced_bytes: 0,
         }
     }
 
@@ -876,10 +883,11 @@ impl Flusher {
         shared.has_work.store(false, Ordering::Relaxed);
         q = self.gather(q);
         q.flusher_waiting = false;
+        let sync = self.decide_sync(&mut q);
         let taken = Taken {
             buf: std::mem::replace(&mut q.buf, std::mem::take(&mut self.spare)),
             count: std::mem::take(&mut q.count),
-            wants_sync: std::mem::take(&mut q.wants_sync),
+            wants_sync: sync,
             batch: std::mem::replace(&mut q.batch, Batch::new()),
         };
         let space_waiters = q.space_waiters > 0;
@@ -888,6 +896,22 @@ impl Flusher {
             shared.space.notify_all();
         }
         Some(taken)
+    }
+
+    /// Whether the batch being taken is synced: when any of its appenders waits for durability, or
+    /// when the bytes written without a sync would pass `queue_bytes_max`. A synced batch closes
+    /// the sync group, so the next record starts a new one.
+    fn decide_sync(&mut self, q: &mut Queue) -> bool {
+        let bytes = q.buf.len() as u64;
+        let sync = std::mem::take(&mut q.wants_sync)
+            || self.unsynced_bytes + bytes > self.shared.config.queue_bytes_max;
+        if sync {
+            q.group_first = None;
+            self.unsynced_bytes = 0;
+        } else {
+            self.unsynced_bytes += bytes;
+        }
+        sync
     }
 
     /// Before sleeping on the condition variable, spins for up to `flusher_spin_us_max` waiting for

@@ -6,7 +6,7 @@
 //!      4     4  crc           crc32 of every byte after this field
 //!      8     8  lsn
 //!     16     8  epoch
-//!     24     4  batch_offset  lsn minus the first lsn of the write batch it was written in
+//!     24     4  batch_offset  lsn minus the first lsn of its sync group (see below)
 //!     28     1  kind code
 //!     29     1  payload version
 //!     30     p  payload
@@ -19,9 +19,11 @@
 //! (before allocating anything), that the crc matches, that the LSN is the one expected and that
 //! the chain follows from the previous record's.
 //!
-//! `batch_offset` lets recovery tell a torn final batch (whose pages may reach the disk in any
-//! order, so a valid record can follow a damaged one) from damage inside history that was already
-//! durable: see `scan`.
+//! `batch_offset` lets recovery tell a torn tail from damage to durable history. A record's *sync
+//! group* is the run of records written since the last sync that preceded its write; every record
+//! before the group was synced before the record was written. The pages of an unfinished group may
+//! reach the disk in any order, so a valid record can follow a damaged one of the same group; a
+//! valid record of a *later* group proves the damaged one had been synced: see `scan`.
 
 use crate::types::{ChainHash, Epoch, Lsn, Record, RecordKind};
 

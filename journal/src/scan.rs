@@ -9,12 +9,13 @@
 //!
 //! 1. Damage in any segment but the last is corruption: the flusher syncs a segment before it
 //!    writes the first record of the next one, so everything in a non-last segment was durable.
-//! 2. Damage in the last segment is a torn tail unless a valid record from a *later write batch*
-//!    follows it. A write batch is synced as a whole before the next batch is written, so a valid
-//!    record of a later batch proves that the damaged record had been durable. Valid records of the
-//!    *same* batch may follow a damaged one when the batch was interrupted (the kernel writes the
-//!    pages of one write in any order); that batch was never acknowledged, so the tail from the
-//!    damage on is truncated. Each record carries its offset in its batch for this test.
+//! 2. Damage in the last segment is a torn tail unless a valid record of a *later sync group*
+//!    follows it. A record's sync group is the run of records written since the last sync before
+//!    its write (its `batch_offset` is its distance from the group's first record), so a valid
+//!    record of a later group proves that the damaged record had been synced. Valid records of
+//!    the *same* group may follow a damaged one when the group's writes were interrupted (the
+//!    kernel writes pages in any order); those records were never synced, so nobody was told they
+//!    were durable, and the tail from the damage on is truncated.
 //!
 //! The search for later valid records scans every byte offset after the damage in bounded windows,
 //! computing a crc only where the length and LSN fields are plausible.
@@ -316,7 +317,7 @@ fn judge_damage(
         .map_err(|e| JournalError::io("read journal segment", &seg.path, e))?;
     match later {
         Some((offset, lsn)) => corrupt(format!(
-            "{}, yet the valid record {lsn} of a later write batch follows at byte offset {offset}",
+            "{}, yet the valid record {lsn} of a later sync group follows at byte offset {offset}",
             damage.error
         )),
         None => Ok(()),
@@ -326,7 +327,7 @@ fn judge_damage(
 /// Bytes of the window the follower search reads at a time.
 const SEARCH_WINDOW_BYTES: usize = 1 << 20;
 
-/// Searches the bytes after `from` for a valid record of a write batch that began after
+/// Searches the bytes after `from` for a valid record of a sync group that began after
 /// `expected` (the LSN of the damaged record). Returns its offset and LSN.
 fn find_later_batch(
     file: &File,

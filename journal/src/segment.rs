@@ -8,11 +8,16 @@
 //! offset size field
 //!      0    8 magic "CNCDJRNL"
 //!      8    4 format version (1)
-//!     12    8 first lsn
-//!     20   32 chain value before the first record
-//!     52    4 crc32 of bytes 0..52
-//!     56    8 reserved, zero
+//!     12    4 crc32 of bytes 0..12        } the prefix: the same in every format version
+//!     16    8 first lsn
+//!     24   32 chain value before the first record
+//!     56    4 crc32 of bytes 0..56
+//!     60    4 reserved, zero
 //! ```
+//!
+//! The 16-byte prefix checks itself, so a damaged version field is reported as corruption, while
+//! an intact prefix with a newer version is reported as a newer format — whatever layout that
+//! version gives the rest of the header.
 //!
 //! The chain value in the header makes every segment verifiable on its own, so deleting the
 //! segments below a checkpoint does not break verification of the rest.
@@ -54,10 +59,12 @@ impl SegmentHeader {
         let mut b = [0u8; SEGMENT_HEADER_BYTES];
         b[0..8].copy_from_slice(MAGIC);
         b[8..12].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
-        b[12..20].copy_from_slice(&self.first_lsn.0.to_le_bytes());
-        b[20..52].copy_from_slice(&self.prev_chain.0);
-        let crc = crc32fast::hash(&b[0..52]);
-        b[52..56].copy_from_slice(&crc.to_le_bytes());
+        let prefix_crc = crc32fast::hash(&b[0..12]);
+        b[12..16].copy_from_slice(&prefix_crc.to_le_bytes());
+        b[16..24].copy_from_slice(&self.first_lsn.0.to_le_bytes());
+        b[24..56].copy_from_slice(&self.prev_chain.0);
+        let crc = crc32fast::hash(&b[0..56]);
+        b[56..60].copy_from_slice(&crc.to_le_bytes());
         b
     }
 
@@ -77,6 +84,13 @@ impl SegmentHeader {
                 "not a concord journal segment (bad magic)",
             ));
         }
+        if crc32fast::hash(&b[0..12]) != le_u32(&b[12..16]) {
+            return Err(JournalError::corrupt(
+                path,
+                0,
+                "segment header prefix crc32 mismatch",
+            ));
+        }
         let version = le_u32(&b[8..12]);
         if version > FORMAT_VERSION {
             return Err(JournalError::UnsupportedFormat {
@@ -85,7 +99,7 @@ impl SegmentHeader {
                 supported: FORMAT_VERSION,
             });
         }
-        if crc32fast::hash(&b[0..52]) != le_u32(&b[52..56]) || version == 0 {
+        if crc32fast::hash(&b[0..56]) != le_u32(&b[56..60]) || version == 0 {
             return Err(JournalError::corrupt(
                 path,
                 0,
@@ -93,9 +107,9 @@ impl SegmentHeader {
             ));
         }
         let mut chain = [0u8; 32];
-        chain.copy_from_slice(&b[20..52]);
+        chain.copy_from_slice(&b[24..56]);
         Ok(SegmentHeader {
-            first_lsn: Lsn(le_u64(&b[12..20])),
+            first_lsn: Lsn(le_u64(&b[16..24])),
             prev_chain: ChainHash(chain),
         })
     }
@@ -222,10 +236,11 @@ mod tests {
         let b = h.encode();
         let p = Path::new("x.seg");
         assert_eq!(SegmentHeader::decode(p, &b).unwrap(), h);
-        for i in 0..56 {
+        for i in 0..60 {
             let mut bad = b;
             bad[i] ^= 0x10;
-            assert!(SegmentHeader::decode(p, &bad).is_err(), "byte {i}");
+            let err = SegmentHeader::decode(p, &bad).unwrap_err();
+            assert!(matches!(err, JournalError::Corrupt { offset: 0, .. }), "byte {i}: {err:?}");
         }
     }
 
@@ -237,6 +252,8 @@ mod tests {
         }
         .encode();
         b[8..12].copy_from_slice(&2u32.to_le_bytes());
+        let prefix_crc = crc32fast::hash(&b[0..12]);
+        b[12..16].copy_from_slice(&prefix_crc.to_le_bytes());
         let err = SegmentHeader::decode(Path::new("x.seg"), &b).unwrap_err();
         assert!(matches!(
             err,
