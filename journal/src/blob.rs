@@ -68,7 +68,7 @@ impl FromStr for BlobId {
 
     fn from_str(s: &str) -> Result<BlobId> {
         let bad = || JournalError::BadBlobId(s.to_string());
-        if s.len() != 64 {
+        if s.len() != 64 || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
             return Err(bad());
         }
         let mut id = [0u8; 32];

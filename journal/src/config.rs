@@ -28,6 +28,9 @@ pub struct JournalConfig {
     /// Longest time one thread blocked in `Appending::wait` spins before it sleeps
     /// (microseconds); only one waiter spins at a time. Async waiters never spin. 0 disables it.
     pub waiter_spin_us_max: u64,
+    /// How long opening tries to take the directory's lock before it reports `Locked`
+    /// (milliseconds).
+    pub lock_wait_ms_max: u64,
     /// Create the directory when it does not exist (otherwise that is an error).
     pub create_if_missing: bool,
     /// Testing aid: the N-th data sync of this process (counted from 1) fails with an I/O error,
@@ -44,6 +47,7 @@ impl Default for JournalConfig {
             group_wait_us_max: 200,
             flusher_spin_us_max: 50,
             waiter_spin_us_max: 1000,
+            lock_wait_ms_max: 200,
             create_if_missing: false,
             sync_fault_at: None,
         }

@@ -96,6 +96,7 @@ struct Shared {
     space: Condvar,
     segments: RwLock<Vec<SegmentFile>>,
     durable: AtomicU64,
+    gate: Arc<SpinGate>,
     /// Set by the appender that puts the first record in an empty queue; lets an idle flusher
     /// notice work while spinning, without a wake-up.
     has_work: AtomicBool,
@@ -230,10 +231,12 @@ impl Appending {
 impl Appending {
     fn spin(&self) {
         let gate = &*self.gate;
-        if gate.spin.is_zero() || gate.spinning.swap(true, Ordering::Acquire) {
+        let expected = Duration::from_micros(2 * gate.last_sync_micros.load(Ordering::Relaxed));
+        let spin = gate.spin.min(expected.max(MIN_WAITER_SPIN));
+        if spin.is_zero() || gate.spinning.swap(true, Ordering::Acquire) {
             return;
         }
-        let deadline = Instant::now() + gate.spin;
+        let deadline = Instant::now() + spin;
         while !self.batch.finished.load(Ordering::Acquire) && Instant::now() < deadline {
             std::hint::spin_loop();
         }
@@ -243,9 +246,16 @@ impl Appending {
 
 /// Lets one blocking waiter at a time spin; see [`Appending::wait`].
 struct SpinGate {
+    /// `waiter_spin_us_max`.
     spin: Duration,
     spinning: AtomicBool,
+    /// Duration of the last sync, in microseconds: a waiter spins for at most twice that, so a
+    /// slow disk does not turn spinning into burnt CPU.
+    last_sync_micros: AtomicU64,
 }
+
+/// The shortest spin of a waiter, before any sync has been timed.
+const MIN_WAITER_SPIN: Duration = Duration::from_micros(50);
 
 fn resolve(outcome: &std::result::Result<Lsn, Stop>, index: u32) -> Result<Lsn> {
     match outcome {
@@ -295,9 +305,12 @@ impl Journal {
     /// Opens (and recovers) the journal in `dir`. See the module docs for what recovery does.
     pub fn open(dir: impl AsRef<Path>, config: JournalConfig) -> Result<Journal> {
         config.validate()?;
+        let waiter_spin = Duration::from_micros(config.waiter_spin_us_max);
         let dir = dir.as_ref().to_path_buf();
         prepare_dir(&dir, config.create_if_missing)?;
-        let lock_file = take_lock(&dir)?;
+        // Refuse a foreign directory before leaving a LOCK file in it.
+        segment::list_dir(&dir)?;
+        let lock_file = take_lock(&dir, Duration::from_millis(config.lock_wait_ms_max))?;
         let report = scan::scan_dir(&dir, config.record_bytes_max, |_| {})?;
         remove_leftovers(&dir, &report)?;
         truncate_torn_tail(&report)?;
@@ -333,6 +346,11 @@ impl Journal {
             segments: RwLock::new(segments),
             durable: AtomicU64::new(report.last_lsn.0),
             has_work: AtomicBool::new(false),
+            gate: Arc::new(SpinGate {
+                spin: waiter_spin,
+                spinning: AtomicBool::new(false),
+                last_sync_micros: AtomicU64::new(0),
+            }),
             stats: Counters::default(),
             _lock: lock_file,
         });
@@ -341,10 +359,7 @@ impl Journal {
             .name("journal-flusher".into())
             .spawn(move || Flusher::new(flusher_shared, writer).run())
             .map_err(|e| JournalError::io("start journal flusher thread", &shared.dir, e))?;
-        let gate = Arc::new(SpinGate {
-            spin: Duration::from_micros(shared.config.waiter_spin_us_max),
-            spinning: AtomicBool::new(false),
-        });
+        let gate = Arc::clone(&shared.gate);
         Ok(Journal {
             shared,
             gate,
@@ -430,13 +445,15 @@ impl Journal {
     /// Reads the durable records from `from` on, checking crc and chain. The reader ends at the
     /// durable LSN as of this call.
     pub fn read_from(&self, from: Lsn) -> Result<JournalReader> {
+        // The durable LSN first: a segment joins the list before any record in it is synced, so
+        // a list taken afterwards holds every record up to that LSN.
+        let upto = self.durable_lsn();
         let segments = self
             .shared
             .segments
             .read()
             .unwrap_or_else(PoisonError::into_inner)
             .clone();
-        let upto = self.durable_lsn();
         JournalReader::new(segments, from, upto, self.shared.config.record_bytes_max)
     }
 
@@ -569,7 +586,10 @@ fn prepare_dir(dir: &Path, create: bool) -> Result<()> {
     }
 }
 
-fn take_lock(dir: &Path) -> Result<File> {
+/// Takes the directory's lock, trying again for up to `wait`: a lock released by a journal closed
+/// in this process can stay held for a moment by a child process forked meanwhile (between its
+/// `fork` and its `exec`), and that must not look like another owner.
+fn take_lock(dir: &Path, wait: Duration) -> Result<File> {
     let path = dir.join(LOCK_FILE);
     let file = OpenOptions::new()
         .read(true)
@@ -578,10 +598,16 @@ fn take_lock(dir: &Path) -> Result<File> {
         .truncate(false)
         .open(&path)
         .map_err(|e| JournalError::io("open journal lock file", &path, e))?;
-    match file.try_lock() {
-        Ok(()) => Ok(file),
-        Err(TryLockError::WouldBlock) => Err(JournalError::Locked { path }),
-        Err(TryLockError::Error(e)) => Err(JournalError::io("lock journal", &path, e)),
+    let deadline = Instant::now() + wait;
+    loop {
+        match file.try_lock() {
+            Ok(()) => return Ok(file),
+            Err(TryLockError::WouldBlock) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(TryLockError::WouldBlock) => return Err(JournalError::Locked { path }),
+            Err(TryLockError::Error(e)) => return Err(JournalError::io("lock journal", &path, e)),
+        }
     }
 }
 
@@ -652,6 +678,7 @@ impl SegmentWriter {
             None => {
                 let header = SegmentHeader {
                     first_lsn: Lsn(1),
+                    epoch: Epoch(0),
                     prev_chain: ChainHash::GENESIS,
                 };
                 let (file, path) = segment::create_segment(dir, header)?;
@@ -723,7 +750,7 @@ impl SegmentWriter {
             if self.offset + (pos + len - piece) as u64 > self.segment_bytes_max {
                 self.write(&buf[piece..pos])?;
                 self.sync(shared)?;
-                self.roll(shared)?;
+                self.roll(shared, frame_epoch(&buf[pos..]))?;
                 piece = pos;
             }
             self.chain = frame_chain(&buf[pos..pos + len]);
@@ -771,16 +798,21 @@ impl SegmentWriter {
             .sync_micros
             .fetch_add(micros, Ordering::Relaxed);
         shared
+            .gate
+            .last_sync_micros
+            .store(micros, Ordering::Relaxed);
+        shared
             .durable
             .store(self.next_lsn.prev().0, Ordering::Release);
         Ok(())
     }
 
     /// Starts the next segment at `next_lsn`. The current one must already be synced.
-    fn roll(&mut self, shared: &Shared) -> Result<()> {
+    fn roll(&mut self, shared: &Shared, epoch: Epoch) -> Result<()> {
         debug_assert!(!self.unsynced, "rolling over an unsynced segment");
         let header = SegmentHeader {
             first_lsn: self.next_lsn,
+            epoch,
             prev_chain: self.chain,
         };
         let (file, path) = segment::create_segment(&self.dir, header)?;
@@ -803,6 +835,11 @@ impl SegmentWriter {
 /// The LSN of the sealed frame at the start of `frames`.
 fn frame_lsn(frames: &[u8]) -> Lsn {
     Lsn(record::le_u64(&frames[8..16]))
+}
+
+/// The epoch of the sealed frame at the start of `frames`.
+fn frame_epoch(frames: &[u8]) -> Epoch {
+    Epoch(record::le_u64(&frames[16..24]))
 }
 
 /// The chain value in the trailer of the sealed frame at the end of `frames`.

@@ -92,11 +92,26 @@ impl JournalReader {
         Ok(true)
     }
 
+    /// The segments ran out: fine when every record up to `upto` was read, damage otherwise.
+    fn ended_early(&self) -> Result<Option<Record>> {
+        match (self.expect, self.segments.last()) {
+            (Some((next, _)), Some(last)) if next <= self.upto => Err(JournalError::corrupt(
+                &last.path,
+                0,
+                format!(
+                    "the journal ends before lsn {next}, but records up to lsn {} were durable",
+                    self.upto
+                ),
+            )),
+            _ => Ok(None),
+        }
+    }
+
     fn step(&mut self) -> Result<Option<Record>> {
         loop {
             let Some(reader) = self.current.as_mut() else {
                 if !self.open_next_segment()? {
-                    return Ok(None);
+                    return self.ended_early();
                 }
                 continue;
             };

@@ -165,7 +165,7 @@ pub struct ScanReport {
     pub last_lsn: Lsn,
     /// Chain value after it.
     pub last_chain: ChainHash,
-    /// The highest epoch of any record.
+    /// The epoch floor: the highest epoch of any record or segment header.
     pub last_epoch: Epoch,
     /// Leftover temporary files of an interrupted segment creation.
     pub leftovers: Vec<PathBuf>,
@@ -226,6 +226,7 @@ fn scan_segment(
 ) -> Result<()> {
     let (mut reader, header) = SegmentReader::open(&seg.path, record_bytes_max)?;
     check_continuity(seg, &header, report)?;
+    report.last_epoch = report.last_epoch.max(header.epoch);
     let file_bytes = std::fs::metadata(&seg.path)
         .map_err(|e| JournalError::io("stat journal segment", &seg.path, e))?
         .len();
@@ -337,7 +338,8 @@ fn find_later_batch(
     record_bytes_max: u64,
 ) -> io::Result<Option<(u64, Lsn)>> {
     let lsn_max = expected.0 + (file_bytes - from) / OVERHEAD_BYTES as u64 + 1;
-    let mut window = vec![0u8; SEARCH_WINDOW_BYTES + HEADER_BYTES];
+    let window_bytes = (file_bytes - from).min((SEARCH_WINDOW_BYTES + HEADER_BYTES) as u64);
+    let mut window = vec![0u8; window_bytes as usize];
     let mut pos = from + 1;
     while pos + OVERHEAD_BYTES as u64 <= file_bytes {
         let n = (window.len() as u64).min(file_bytes - pos) as usize;

@@ -2,7 +2,7 @@
 //!
 //! A journal directory holds `LOCK` and segment files named by the LSN of their first record,
 //! zero-padded so that names sort in LSN order: `00000000000000000001.seg`. Each segment starts with
-//! a 64-byte header:
+//! an 80-byte header:
 //!
 //! ```text
 //! offset size field
@@ -10,9 +10,10 @@
 //!      8    4 format version (1)
 //!     12    4 crc32 of bytes 0..12        } the prefix: the same in every format version
 //!     16    8 first lsn
-//!     24   32 chain value before the first record
-//!     56    4 crc32 of bytes 0..56
-//!     60    4 reserved, zero
+//!     24    8 epoch floor: the epoch of the first record written to it (0 in a new journal)
+//!     32   32 chain value before the first record
+//!     64   12 reserved, zero
+//!     76    4 crc32 of bytes 0..76
 //! ```
 //!
 //! The 16-byte prefix checks itself, so a damaged version field is reported as corruption, while
@@ -20,7 +21,8 @@
 //! version gives the rest of the header.
 //!
 //! The chain value in the header makes every segment verifiable on its own, so deleting the
-//! segments below a checkpoint does not break verification of the rest.
+//! segments below a checkpoint does not break verification of the rest; the epoch keeps the
+//! journal's epoch floor when the records that carried it are deleted (or torn off).
 //!
 //! A segment is created as `NAME.seg.tmp`, its header written and synced, then renamed into place
 //! and the directory synced: a segment file that exists always has a whole header. Leftover
@@ -32,10 +34,10 @@ use std::path::{Path, PathBuf};
 
 use crate::error::{JournalError, Result};
 use crate::record::{le_u32, le_u64};
-use crate::types::{ChainHash, Lsn};
+use crate::types::{ChainHash, Epoch, Lsn};
 
 /// Bytes of the segment header.
-pub const SEGMENT_HEADER_BYTES: usize = 64;
+pub const SEGMENT_HEADER_BYTES: usize = 80;
 /// The newest segment format this program reads and the one it writes.
 pub const FORMAT_VERSION: u32 = 1;
 const MAGIC: &[u8; 8] = b"CNCDJRNL";
@@ -49,6 +51,9 @@ pub const LOCK_FILE: &str = "LOCK";
 pub struct SegmentHeader {
     /// LSN of the first record in the segment.
     pub first_lsn: Lsn,
+    /// The epoch floor: the epoch of the first record written to the segment. No record in it or
+    /// after it has a lower one, even when that record is later torn off or deleted.
+    pub epoch: Epoch,
     /// Chain value before that record.
     pub prev_chain: ChainHash,
 }
@@ -62,9 +67,10 @@ impl SegmentHeader {
         let prefix_crc = crc32fast::hash(&b[0..12]);
         b[12..16].copy_from_slice(&prefix_crc.to_le_bytes());
         b[16..24].copy_from_slice(&self.first_lsn.0.to_le_bytes());
-        b[24..56].copy_from_slice(&self.prev_chain.0);
-        let crc = crc32fast::hash(&b[0..56]);
-        b[56..60].copy_from_slice(&crc.to_le_bytes());
+        b[24..32].copy_from_slice(&self.epoch.0.to_le_bytes());
+        b[32..64].copy_from_slice(&self.prev_chain.0);
+        let crc = crc32fast::hash(&b[0..76]);
+        b[76..80].copy_from_slice(&crc.to_le_bytes());
         b
     }
 
@@ -99,7 +105,7 @@ impl SegmentHeader {
                 supported: FORMAT_VERSION,
             });
         }
-        if crc32fast::hash(&b[0..56]) != le_u32(&b[56..60]) || version == 0 {
+        if crc32fast::hash(&b[0..76]) != le_u32(&b[76..80]) || version == 0 {
             return Err(JournalError::corrupt(
                 path,
                 0,
@@ -107,9 +113,10 @@ impl SegmentHeader {
             ));
         }
         let mut chain = [0u8; 32];
-        chain.copy_from_slice(&b[24..56]);
+        chain.copy_from_slice(&b[32..64]);
         Ok(SegmentHeader {
             first_lsn: Lsn(le_u64(&b[16..24])),
+            epoch: Epoch(le_u64(&b[24..32])),
             prev_chain: ChainHash(chain),
         })
     }
@@ -231,16 +238,20 @@ mod tests {
     fn header_round_trips_and_detects_damage() {
         let h = SegmentHeader {
             first_lsn: Lsn(42),
+            epoch: Epoch(9),
             prev_chain: ChainHash([7; 32]),
         };
         let b = h.encode();
         let p = Path::new("x.seg");
         assert_eq!(SegmentHeader::decode(p, &b).unwrap(), h);
-        for i in 0..60 {
+        for i in 0..80 {
             let mut bad = b;
             bad[i] ^= 0x10;
             let err = SegmentHeader::decode(p, &bad).unwrap_err();
-            assert!(matches!(err, JournalError::Corrupt { offset: 0, .. }), "byte {i}: {err:?}");
+            assert!(
+                matches!(err, JournalError::Corrupt { offset: 0, .. }),
+                "byte {i}: {err:?}"
+            );
         }
     }
 
@@ -248,6 +259,7 @@ mod tests {
     fn newer_format_is_a_clear_error() {
         let mut b = SegmentHeader {
             first_lsn: Lsn(1),
+            epoch: Epoch(0),
             prev_chain: ChainHash::GENESIS,
         }
         .encode();
