@@ -44,6 +44,12 @@ pub struct JournalBenchArgs {
     /// two-thread tokio runtime, or `auto` (a thread when alone, tasks when many).
     #[arg(long, value_enum, default_value_t = AppenderKind::Auto)]
     pub appender: AppenderKind,
+    /// Concurrent appenders to measure, comma-separated.
+    #[arg(long, value_delimiter = ',', default_values_t = APPENDERS)]
+    pub appenders: Vec<usize>,
+    /// Payload sizes to measure in bytes, comma-separated.
+    #[arg(long, value_delimiter = ',', default_values_t = PAYLOAD_BYTES)]
+    pub payload_bytes: Vec<usize>,
     /// Seconds each configuration (and each baseline) runs.
     #[arg(long, default_value_t = 2.0)]
     pub seconds: f64,
@@ -83,6 +89,7 @@ struct Measured {
     records_per_s: f64,
     records_per_fsync: f64,
     sync_busy_pct: f64,
+    write_busy_pct: f64,
 }
 
 /// Concurrent appenders measured.
@@ -104,6 +111,8 @@ struct Row {
     /// Share of the wall-clock window the flusher spent in `fdatasync`, in percent: near 100 the
     /// disk is the limit, well below it the CPU is.
     sync_busy_pct: f64,
+    /// Share of the window the flusher spent writing into the page cache, in percent.
+    write_busy_pct: f64,
     appender: &'static str,
 }
 
@@ -113,14 +122,15 @@ pub fn journal(args: JournalBenchArgs) -> anyhow::Result<()> {
         bail!("--seconds must be above 0 and at most 600");
     }
     let window = Duration::from_secs_f64(args.seconds);
+    check_sizes(&args)?;
     let (root, _temp) = bench_root(&args)?;
     let progress = progress_bar(&args);
     let mut rows = Vec::new();
-    for payload in PAYLOAD_BYTES {
+    for &payload in &args.payload_bytes {
         progress.set_message(format!("baseline, {payload}-byte records"));
         let baseline = baseline_records_per_s(&root, payload, window, args.keep)?;
         progress.inc(1);
-        for appenders in APPENDERS {
+        for &appenders in &args.appenders {
             progress.set_message(format!("{appenders} appenders, {payload}-byte records"));
             let dir = root.join(format!("journal-p{payload}-a{appenders}"));
             let kind = args.appender.resolve(appenders);
@@ -137,6 +147,7 @@ pub fn journal(args: JournalBenchArgs) -> anyhow::Result<()> {
                 baseline_records_per_s: baseline,
                 speedup: measured.records_per_s / baseline,
                 sync_busy_pct: measured.sync_busy_pct,
+                write_busy_pct: measured.write_busy_pct,
                 appender: kind.name(),
             };
             if args.json {
@@ -155,6 +166,26 @@ pub fn journal(args: JournalBenchArgs) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// Refuses appender counts and payload sizes the benchmark cannot run.
+fn check_sizes(args: &JournalBenchArgs) -> anyhow::Result<()> {
+    let record_max = JournalConfig::default().record_bytes_max as usize;
+    let payload_max = record_max - journal::record::OVERHEAD_BYTES;
+    if let Some(&bad) = args.payload_bytes.iter().find(|&&p| p > payload_max) {
+        bail!("--payload-bytes {bad} is over the journal's largest payload, {payload_max} bytes");
+    }
+    if let Some(&bad) = args
+        .appenders
+        .iter()
+        .find(|&&a| a == 0 || a > APPENDERS_MAX)
+    {
+        bail!("--appenders {bad} is outside 1..={APPENDERS_MAX}");
+    }
+    Ok(())
+}
+
+/// Most concurrent appenders the benchmark starts.
+const APPENDERS_MAX: usize = 4096;
 
 /// The directory the benchmark writes in, and the temp dir guard when it made one.
 fn bench_root(args: &JournalBenchArgs) -> anyhow::Result<(PathBuf, Option<tempfile::TempDir>)> {
@@ -181,7 +212,7 @@ fn bench_root(args: &JournalBenchArgs) -> anyhow::Result<(PathBuf, Option<tempfi
 }
 
 fn progress_bar(args: &JournalBenchArgs) -> indicatif::ProgressBar {
-    let steps = (PAYLOAD_BYTES.len() * (APPENDERS.len() + 1)) as u64;
+    let steps = (args.payload_bytes.len() * (args.appenders.len() + 1)) as u64;
     if args.json || !std::io::stderr().is_terminal() {
         return indicatif::ProgressBar::hidden();
     }
@@ -258,6 +289,7 @@ fn measure_journal(
         records_per_s: records / elapsed,
         records_per_fsync: records / syncs,
         sync_busy_pct: 100.0 * sync_seconds / elapsed,
+        write_busy_pct: 100.0 * (after.write_micros - before.write_micros) as f64 / 1e6 / elapsed,
     })
 }
 
@@ -328,7 +360,7 @@ async fn append_loop(
 
 fn print_table(rows: &[Row]) {
     println!(
-        "{:>9} {:>8} {:>9} {:>12} {:>13} {:>15} {:>9} {:>10}",
+        "{:>9} {:>8} {:>9} {:>12} {:>13} {:>15} {:>9} {:>10} {:>11}",
         "appenders",
         "payload",
         "appender",
@@ -336,11 +368,12 @@ fn print_table(rows: &[Row]) {
         "records/sync",
         "baseline rec/s",
         "speedup",
-        "sync busy"
+        "sync busy",
+        "write busy"
     );
     for r in rows {
         println!(
-            "{:>9} {:>8} {:>9} {:>12.0} {:>13.1} {:>15.0} {:>8.2}x {:>9.0}%",
+            "{:>9} {:>8} {:>9} {:>12.0} {:>13.1} {:>15.0} {:>8.2}x {:>9.0}% {:>10.0}%",
             r.appenders,
             r.payload_bytes,
             r.appender,
@@ -348,7 +381,8 @@ fn print_table(rows: &[Row]) {
             r.records_per_fsync,
             r.baseline_records_per_s,
             r.speedup,
-            r.sync_busy_pct
+            r.sync_busy_pct,
+            r.write_busy_pct
         );
     }
 }

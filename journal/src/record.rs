@@ -10,14 +10,23 @@
 //!     28     1  kind code
 //!     29     1  payload version
 //!     30     p  payload
-//!   30+p    32  chain         blake3(previous chain ‖ bytes 8 .. 30+p)
+//!   30+p    32  chain         blake3 keyed by the previous chain, of
+//!                             lsn ‖ epoch ‖ kind ‖ version ‖ blake3(payload)
 //! ```
 //!
-//! A record is framed *unsealed* (LSN, batch offset, chain and crc zero) and then sealed in place
-//! in LSN order — the only order in which a chain can be computed (the journal does both under its
-//! queue lock). A reader checks, in this order, that the length is within the configured limit
-//! (before allocating anything), that the crc matches, that the LSN is the one expected and that
-//! the chain follows from the previous record's.
+//! The chain covers what the record *says* — LSN, epoch, kind, version and payload (through its
+//! hash) — and not where or how it was written (`batch_offset`), so two journals holding the same
+//! history have the same chain values whatever their batching: that is how a standby and a primary
+//! find where they diverge.
+//!
+//! Sealing is split in two so that little happens in LSN order. `Unsealed::new` hashes the
+//! payload on the appender's own thread, concurrently with other appenders; `append_sealed` then,
+//! in LSN order (under the journal's queue lock), writes the frame, computes the chain value (one
+//! blake3 compression: 50 bytes keyed by the previous chain value) and the crc32 of the frame.
+//!
+//! A reader checks, in this order, that the length is within the configured limit (before
+//! allocating anything), that the crc matches, that the LSN is the one expected and that the chain
+//! follows from the previous record's.
 //!
 //! `batch_offset` lets recovery tell a torn tail from damage to durable history. A record's *sync
 //! group* is the run of records written since the last sync that preceded its write; every record
@@ -39,42 +48,74 @@ pub fn framed_len(payload_len: usize) -> usize {
     OVERHEAD_BYTES + payload_len
 }
 
-/// Appends an unsealed record to `buf`.
-pub(crate) fn encode_unsealed(buf: &mut Vec<u8>, epoch: Epoch, kind: RecordKind, payload: &[u8]) {
+/// A record before it has an LSN, with its payload already hashed.
+pub(crate) struct Unsealed<'a> {
+    epoch: Epoch,
+    kind: RecordKind,
+    payload: &'a [u8],
+    payload_hash: [u8; 32],
+}
+
+impl<'a> Unsealed<'a> {
+    /// Hashes `payload` (the expensive part of sealing, done before any lock is taken).
+    pub fn new(epoch: Epoch, kind: RecordKind, payload: &'a [u8]) -> Unsealed<'a> {
+        let payload_hash = *blake3::hash(payload).as_bytes();
+        Unsealed {
+            epoch,
+            kind,
+            payload,
+            payload_hash,
+        }
+    }
+}
+
+/// Appends `record` sealed with `lsn`, `batch_offset` and the chain after `prev` to `buf`;
+/// returns its chain value.
+pub(crate) fn append_sealed(
+    buf: &mut Vec<u8>,
+    record: &Unsealed<'_>,
+    lsn: Lsn,
+    batch_offset: u32,
+    prev: &ChainHash,
+) -> ChainHash {
+    let Unsealed {
+        epoch,
+        kind,
+        payload,
+        ..
+    } = *record;
+    let start = buf.len();
     let len = framed_len(payload.len()) - 4;
     buf.extend_from_slice(&(len as u32).to_le_bytes());
-    buf.extend_from_slice(&[0; 4]); // crc
-    buf.extend_from_slice(&[0; 8]); // lsn
+    buf.extend_from_slice(&[0; 4]); // crc, below
+    buf.extend_from_slice(&lsn.0.to_le_bytes());
     buf.extend_from_slice(&epoch.0.to_le_bytes());
-    buf.extend_from_slice(&[0; 4]); // batch offset
+    buf.extend_from_slice(&batch_offset.to_le_bytes());
     buf.push(kind.code);
     buf.push(kind.version);
     buf.extend_from_slice(payload);
-    buf.extend_from_slice(&[0; TRAILER_BYTES]);
-}
-
-/// Seals one unsealed record in place: sets its LSN and batch offset, computes its chain value
-/// from `prev` and its crc. Returns the new chain value.
-pub(crate) fn seal(frame: &mut [u8], lsn: Lsn, batch_offset: u32, prev: &ChainHash) -> ChainHash {
-    debug_assert!(
-        frame.len() >= OVERHEAD_BYTES,
-        "frame shorter than its overhead"
-    );
-    frame[8..16].copy_from_slice(&lsn.0.to_le_bytes());
-    frame[24..28].copy_from_slice(&batch_offset.to_le_bytes());
-    let body_end = frame.len() - TRAILER_BYTES;
-    let chain = chain_after(prev, &frame[8..body_end]);
-    frame[body_end..].copy_from_slice(&chain.0);
-    let crc = crc32fast::hash(&frame[8..]);
-    frame[4..8].copy_from_slice(&crc.to_le_bytes());
+    let chain = chain_after(prev, lsn, epoch, kind, &record.payload_hash);
+    buf.extend_from_slice(&chain.0);
+    let crc = crc32fast::hash(&buf[start + 8..]);
+    buf[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
     chain
 }
 
-fn chain_after(prev: &ChainHash, body: &[u8]) -> ChainHash {
-    let mut hasher = blake3::Hasher::new();
-    hasher.update(&prev.0);
-    hasher.update(body);
-    ChainHash(*hasher.finalize().as_bytes())
+/// `blake3_keyed(prev, lsn ‖ epoch ‖ kind ‖ version ‖ payload_hash)`: 50 bytes, one compression.
+fn chain_after(
+    prev: &ChainHash,
+    lsn: Lsn,
+    epoch: Epoch,
+    kind: RecordKind,
+    payload_hash: &[u8; 32],
+) -> ChainHash {
+    let mut input = [0u8; 50];
+    input[0..8].copy_from_slice(&lsn.0.to_le_bytes());
+    input[8..16].copy_from_slice(&epoch.0.to_le_bytes());
+    input[16] = kind.code;
+    input[17] = kind.version;
+    input[18..50].copy_from_slice(payload_hash);
+    ChainHash(*blake3::keyed_hash(&prev.0, &input).as_bytes())
 }
 
 /// Why a frame was not accepted.
@@ -145,15 +186,24 @@ pub(crate) fn decode(rest: &[u8], expected: Lsn, prev: &ChainHash) -> Result<Rec
         });
     }
     let body_end = rest.len() - TRAILER_BYTES;
-    let chain = chain_after(prev, &rest[4..body_end]);
+    let epoch = Epoch(le_u64(&rest[12..20]));
+    let kind = RecordKind::new(rest[24], rest[25]);
+    let payload = &rest[26..body_end];
+    let chain = chain_after(
+        prev,
+        checked.lsn,
+        epoch,
+        kind,
+        blake3::hash(payload).as_bytes(),
+    );
     if chain.0[..] != rest[body_end..] {
         return Err(FrameError::BadChain);
     }
     Ok(Record {
         lsn: checked.lsn,
-        epoch: Epoch(le_u64(&rest[12..20])),
-        kind: RecordKind::new(rest[24], rest[25]),
-        payload: rest[26..body_end].to_vec(),
+        epoch,
+        kind,
+        payload: payload.to_vec(),
         chain,
     })
 }
@@ -176,9 +226,28 @@ mod tests {
 
     fn sealed(lsn: u64, payload: &[u8], prev: &ChainHash) -> (Vec<u8>, ChainHash) {
         let mut buf = Vec::new();
-        encode_unsealed(&mut buf, Epoch(3), RecordKind::new(7, 1), payload);
-        let chain = seal(&mut buf, Lsn(lsn), 0, prev);
+        let record = Unsealed::new(Epoch(3), RecordKind::new(7, 1), payload);
+        let chain = append_sealed(&mut buf, &record, Lsn(lsn), 0, prev);
         (buf, chain)
+    }
+
+    #[test]
+    fn the_crc_is_the_crc_of_the_whole_frame() {
+        let (buf, _) = sealed(2, &[9u8; 300], &ChainHash([4; 32]));
+        assert_eq!(le_u32(&buf[4..8]), crc32fast::hash(&buf[8..]));
+    }
+
+    #[test]
+    fn the_chain_ignores_where_and_how_a_record_was_written() {
+        let payload = b"same history";
+        let record = Unsealed::new(Epoch(1), RecordKind::new(1, 1), payload);
+        let mut a = Vec::new();
+        let mut b = Vec::new();
+        let prev = ChainHash::GENESIS;
+        let ca = append_sealed(&mut a, &record, Lsn(1), 0, &prev);
+        let cb = append_sealed(&mut b, &record, Lsn(1), 17, &prev);
+        assert_eq!(ca, cb);
+        assert_ne!(a, b);
     }
 
     #[test]
