@@ -199,6 +199,9 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 /// A record on its way to disk. Wait for it ([`Appending::wait`]) or `.await` it to learn its LSN,
 /// which is returned only once the record is durable.
+///
+/// Dropping it does not withdraw the record: it is already sealed in the queue and will be
+/// written; the caller only gives up learning when.
 #[must_use = "a record is durable only once `wait` or `.await` has returned its LSN"]
 pub struct Appending {
     batch: Arc<Batch>,
