@@ -4,8 +4,9 @@
 //! group commit gets: one writer that appends one record-sized write to a file and `fdatasync`s
 //! it, record after record, on the same disk, in the same run. Against it, the journal is measured
 //! with 1, 8, 64 and 256 concurrent appenders, each appending and waiting for durability in a loop,
-//! for 128-byte and 4 KiB payloads. Every number is a rate over a fixed wall-clock window, so a
-//! noisy machine shows up as noise in both sides of the ratio.
+//! for 128-byte and 4 KiB payloads. Every number is a rate over a fixed wall-clock window. The
+//! baseline is measured again right before each configuration, so each ratio compares two windows
+//! seconds apart on a machine whose disk and CPU speed drift over a minute.
 //!
 //! An appender is an OS thread blocking in `Appending::wait` or an async task awaiting
 //! `Appending` on a two-thread tokio runtime (`--appender`). By default (`auto`) a lone appender is
@@ -127,12 +128,13 @@ pub fn journal(args: JournalBenchArgs) -> anyhow::Result<()> {
     let progress = progress_bar(&args);
     let mut rows = Vec::new();
     for &payload in &args.payload_bytes {
-        progress.set_message(format!("baseline, {payload}-byte records"));
-        let baseline = baseline_records_per_s(&root, payload, window, args.keep)?;
-        progress.inc(1);
         for &appenders in &args.appenders {
+            progress.set_message(format!("baseline, {payload}-byte records"));
+            let name = format!("p{payload}-a{appenders}");
+            let baseline = baseline_records_per_s(&root, &name, payload, window, args.keep)?;
+            progress.inc(1);
             progress.set_message(format!("{appenders} appenders, {payload}-byte records"));
-            let dir = root.join(format!("journal-p{payload}-a{appenders}"));
+            let dir = root.join(format!("journal-{name}"));
             let kind = args.appender.resolve(appenders);
             let measured = measure_journal(&dir, kind, appenders, payload, window)?;
             if !args.keep {
@@ -212,7 +214,7 @@ fn bench_root(args: &JournalBenchArgs) -> anyhow::Result<(PathBuf, Option<tempfi
 }
 
 fn progress_bar(args: &JournalBenchArgs) -> indicatif::ProgressBar {
-    let steps = (args.payload_bytes.len() * (args.appenders.len() + 1)) as u64;
+    let steps = (args.payload_bytes.len() * args.appenders.len() * 2) as u64;
     if args.json || !std::io::stderr().is_terminal() {
         return indicatif::ProgressBar::hidden();
     }
@@ -227,11 +229,12 @@ fn progress_bar(args: &JournalBenchArgs) -> indicatif::ProgressBar {
 /// new file: what an application without group commit gets.
 fn baseline_records_per_s(
     root: &Path,
+    name: &str,
     payload: usize,
     window: Duration,
     keep: bool,
 ) -> anyhow::Result<f64> {
-    let path = root.join(format!("baseline-p{payload}.dat"));
+    let path = root.join(format!("baseline-{name}.dat"));
     let file = OpenOptions::new()
         .write(true)
         .create_new(true)
