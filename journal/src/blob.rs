@@ -14,9 +14,11 @@
 //!
 //! 1. Write the content to a new file under `tmp/`, hashing it.
 //! 2. Sync the file (content and size).
-//! 3. Create the fan-out directory if needed and sync the store directory.
-//! 4. Rename the file to its id (if that id is already stored, drop the copy: same content).
-//! 5. Sync the fan-out directory. Only now is the id returned, and only now may a record name it.
+//! 3. Create the fan-out directory if needed.
+//! 4. Rename the file to its id (over a stored copy of the same content, if any).
+//! 5. Sync the fan-out directory, then the store directory (whose entry for the fan-out directory
+//!    a concurrent put may have just created). Only now is the id returned, and only now may a
+//!    record name it.
 //!
 //! A crash before step 5 leaves at most a temp file (removed at the next open) or a stored blob
 //! no record names yet (harmless; garbage collection is the owner's concern). Reading
@@ -134,6 +136,9 @@ impl BlobStore {
             Err(e) if e.kind() == io::ErrorKind::NotFound && config.create_if_missing => {
                 fs::create_dir_all(&dir)
                     .map_err(|e| JournalError::io("create blob directory", &dir, e))?;
+                if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+                    sync_dir(parent)?;
+                }
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 return Err(JournalError::DirMissing { path: dir });
@@ -214,21 +219,18 @@ impl BlobStore {
     fn install(&self, tmp: &Path, id: &BlobId) -> Result<()> {
         let path = self.path_of(id);
         let fan = path.parent().unwrap_or(&self.dir).to_path_buf();
-        if !fan.exists() {
-            match fs::create_dir(&fan) {
-                Ok(()) => {}
-                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-                Err(e) => return Err(JournalError::io("create blob directory", &fan, e)),
-            }
-            sync_dir(&self.dir)?;
+        match fs::create_dir(&fan) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(JournalError::io("create blob directory", &fan, e)),
         }
-        if path.exists() {
-            fs::remove_file(tmp).map_err(|e| JournalError::io("remove duplicate blob", tmp, e))?;
-        } else {
-            fs::rename(tmp, &path)
-                .map_err(|e| JournalError::io("rename blob into place", &path, e))?;
-        }
-        sync_dir(&fan)
+        // Renaming over a stored copy is safe (same id, same content) and replaces a copy that
+        // may have been damaged since.
+        fs::rename(tmp, &path).map_err(|e| JournalError::io("rename blob into place", &path, e))?;
+        sync_dir(&fan)?;
+        // The fan-out directory may have just been created, by this put or a concurrent one that
+        // has not synced it yet: its entry must be durable before the id is returned.
+        sync_dir(&self.dir)
     }
 
     /// Opens a stored blob for reading; the reader fails at the end if the content does not hash
@@ -239,11 +241,16 @@ impl BlobStore {
             io::ErrorKind::NotFound => JournalError::BlobNotFound { id: id.to_string() },
             _ => JournalError::io("open blob", &path, e),
         })?;
+        let remaining = file
+            .metadata()
+            .map_err(|e| JournalError::io("stat blob", &path, e))?
+            .len();
         Ok(BlobReader {
             file,
             hasher: blake3::Hasher::new(),
             id: *id,
             path,
+            remaining,
             checked: false,
         })
     }
@@ -306,13 +313,16 @@ impl BlobStore {
     }
 }
 
-/// Streams a stored blob, hashing as it goes; the read that reaches the end fails with
-/// `InvalidData` when the content does not hash to the blob's id.
+/// Streams a stored blob, hashing as it goes; the read that reaches the blob's size (as it was
+/// when opened) fails with `InvalidData` when the content does not hash to the blob's id, so a
+/// caller that reads exactly that many bytes is checked too.
 pub struct BlobReader {
     file: File,
     hasher: blake3::Hasher,
     id: BlobId,
     path: PathBuf,
+    /// Bytes left to read of the size the file had when it was opened.
+    remaining: u64,
     checked: bool,
 }
 
@@ -333,24 +343,41 @@ impl BlobReader {
 
 impl Read for BlobReader {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let n = self.file.read(buf)?;
-        if n > 0 {
-            self.hasher.update(&buf[..n]);
-            return Ok(n);
+        if buf.is_empty() || self.checked {
+            return Ok(0);
         }
-        if !buf.is_empty() && !self.checked {
-            if self.hasher.finalize().as_bytes() != &self.id.0 {
-                return Err(io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    format!(
-                        "blob {} at {} does not match its hash",
-                        self.id,
-                        self.path.display()
-                    ),
-                ));
-            }
-            self.checked = true;
+        let want = buf
+            .len()
+            .min(usize::try_from(self.remaining).unwrap_or(usize::MAX));
+        let n = if want == 0 {
+            0
+        } else {
+            self.file.read(&mut buf[..want])?
+        };
+        self.hasher.update(&buf[..n]);
+        self.remaining -= n as u64;
+        if n == 0 || self.remaining == 0 {
+            self.check()?;
         }
-        Ok(0)
+        Ok(n)
+    }
+}
+
+impl BlobReader {
+    /// Compares the hash of everything read with the id; called when the size known at open is
+    /// reached (so a caller that reads exactly that many bytes is checked too) or at an early end.
+    fn check(&mut self) -> io::Result<()> {
+        if self.hasher.finalize().as_bytes() != &self.id.0 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "blob {} at {} does not match its hash",
+                    self.id,
+                    self.path.display()
+                ),
+            ));
+        }
+        self.checked = true;
+        Ok(())
     }
 }

@@ -4,6 +4,9 @@ use crate::error::{JournalError, Result};
 use crate::record::OVERHEAD_BYTES;
 use crate::segment::SEGMENT_HEADER_BYTES;
 
+/// The largest `queue_bytes_max` accepted: 1 GiB.
+pub const QUEUE_BYTES_MAX_LIMIT: u64 = 1 << 30;
+
 /// How a journal is opened and the limits it enforces.
 #[derive(Clone, Debug)]
 pub struct JournalConfig {
@@ -70,6 +73,12 @@ impl JournalConfig {
             return bad(format!(
                 "record_bytes_max ({}) plus the {SEGMENT_HEADER_BYTES}-byte segment header must fit in segment_bytes_max ({})",
                 self.record_bytes_max, self.segment_bytes_max
+            ));
+        }
+        if self.queue_bytes_max > QUEUE_BYTES_MAX_LIMIT {
+            return bad(format!(
+                "queue_bytes_max must be at most {QUEUE_BYTES_MAX_LIMIT} (it bounds a sync group, \
+                 whose records are counted in 32 bits)"
             ));
         }
         if self.queue_bytes_max < self.record_bytes_max {

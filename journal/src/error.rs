@@ -121,6 +121,24 @@ pub enum JournalError {
     /// An id string is not 64 hex digits.
     #[error("{0:?} is not a blob id (64 hex digits)")]
     BadBlobId(String),
+    /// A whole, intact record on disk is larger than the `record_bytes_max` the journal was opened
+    /// with: it was written with a larger limit. Nothing was changed; open it with a limit at least
+    /// as large.
+    #[error(
+        "record in segment {segment} at byte offset {offset} is {bytes} bytes, over \
+         record_bytes_max = {max}; it was written with a larger limit: open the journal with \
+         record_bytes_max of at least {bytes}"
+    )]
+    RecordOverLimit {
+        /// The segment file.
+        segment: PathBuf,
+        /// Byte offset of the record.
+        offset: u64,
+        /// Its framed size.
+        bytes: u64,
+        /// The limit the journal was opened with.
+        max: u64,
+    },
     /// A record or segment on disk failed its checks in the middle of the journal (not a torn
     /// tail). The journal refuses to open; the file and offset say where to look.
     #[error("journal corrupt in segment {segment} at byte offset {offset}: {reason}")]

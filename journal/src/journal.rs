@@ -507,13 +507,13 @@ impl Journal {
                 .count();
             segments.drain(..keep_from).collect()
         };
+        // Oldest first, each removal made durable before the next: a crash in between leaves a
+        // journal that starts later, never one with a hole in the middle.
         for seg in &removed {
             std::fs::remove_file(&seg.path)
                 .map_err(|e| JournalError::io("remove journal segment", &seg.path, e))?;
-            tracing::info!(segment = %seg.path.display(), "removed journal segment below checkpoint lsn {lsn}");
-        }
-        if !removed.is_empty() {
             segment::sync_dir(&self.shared.dir)?;
+            tracing::info!(segment = %seg.path.display(), "removed journal segment below checkpoint lsn {lsn}");
         }
         Ok(removed.len())
     }
@@ -692,6 +692,11 @@ impl SegmentWriter {
                     .write(true)
                     .open(&last.path)
                     .map_err(|e| JournalError::io("open journal segment", &last.path, e))?;
+                // The records found may have been written and never synced by a process that
+                // died: sync them before they are published as durable, and before the first
+                // new record starts a sync group that claims everything before it was synced.
+                file.sync_data()
+                    .map_err(|e| JournalError::io("sync journal segment", &last.path, e))?;
                 (file, last.path.clone(), last.end_offset, None)
             }
             None => {

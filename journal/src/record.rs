@@ -160,7 +160,6 @@ pub(crate) fn check_len(len: u32, record_bytes_max: u64) -> Result<usize, FrameE
 /// The fields of a frame whose crc matched.
 pub(crate) struct Checked {
     pub lsn: Lsn,
-    pub batch_offset: u32,
 }
 
 /// Checks the crc of `rest` (a frame without its 4-byte length field) and returns its LSN.
@@ -171,7 +170,6 @@ pub(crate) fn check_crc(rest: &[u8]) -> Result<Checked, FrameError> {
     }
     Ok(Checked {
         lsn: Lsn(le_u64(&rest[4..12])),
-        batch_offset: le_u32(&rest[20..24]),
     })
 }
 

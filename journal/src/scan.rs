@@ -227,9 +227,7 @@ fn scan_segment(
     let (mut reader, header) = SegmentReader::open(&seg.path, record_bytes_max)?;
     check_continuity(seg, &header, report)?;
     report.last_epoch = report.last_epoch.max(header.epoch);
-    let file_bytes = std::fs::metadata(&seg.path)
-        .map_err(|e| JournalError::io("stat journal segment", &seg.path, e))?
-        .len();
+    let file_bytes = file_len(&seg.path)?;
     loop {
         match reader.next_record()? {
             None => break,
@@ -238,11 +236,14 @@ fn scan_segment(
                 visit(&rec);
             }
             Some(Err(damage)) => {
+                // The file may have grown since it was measured (a live journal being scanned).
+                let file_bytes = file_len(&seg.path)?.max(file_bytes);
+                check_over_limit(&seg.path, &damage, file_bytes, record_bytes_max)?;
                 judge_damage(seg, is_last, &reader, &damage, file_bytes, record_bytes_max)?;
                 report.torn_tail = Some(TornTail {
                     segment: seg.path.clone(),
                     offset: damage.offset,
-                    bytes: file_bytes - damage.offset,
+                    bytes: file_bytes.saturating_sub(damage.offset),
                     reason: damage.error.to_string(),
                 });
                 break;
@@ -261,8 +262,21 @@ fn scan_segment(
     Ok(())
 }
 
+/// The largest LSN a segment may start at: far beyond any real journal, and far enough below
+/// `u64::MAX` that no arithmetic on LSNs read from disk can overflow.
+const LSN_MAX: Lsn = Lsn(1 << 62);
+
+fn file_len(path: &Path) -> Result<u64> {
+    let meta =
+        std::fs::metadata(path).map_err(|e| JournalError::io("stat journal segment", path, e))?;
+    Ok(meta.len())
+}
+
 fn check_continuity(seg: &SegmentFile, header: &SegmentHeader, report: &ScanReport) -> Result<()> {
-    if header.first_lsn != seg.first_lsn || header.first_lsn == Lsn::ZERO {
+    if header.first_lsn != seg.first_lsn
+        || header.first_lsn == Lsn::ZERO
+        || header.first_lsn > LSN_MAX
+    {
         return Err(JournalError::corrupt(
             &seg.path,
             0,
@@ -337,9 +351,13 @@ fn find_later_batch(
     expected: Lsn,
     record_bytes_max: u64,
 ) -> io::Result<Option<(u64, Lsn)>> {
-    let lsn_max = expected.0 + (file_bytes - from) / OVERHEAD_BYTES as u64 + 1;
-    let window_bytes = (file_bytes - from).min((SEARCH_WINDOW_BYTES + HEADER_BYTES) as u64);
+    let remaining = file_bytes.saturating_sub(from);
+    let lsn_max = expected
+        .0
+        .saturating_add(remaining / OVERHEAD_BYTES as u64 + 1);
+    let window_bytes = remaining.min((SEARCH_WINDOW_BYTES + HEADER_BYTES) as u64);
     let mut window = vec![0u8; window_bytes as usize];
+    let mut chunk = Vec::new();
     let mut pos = from + 1;
     while pos + OVERHEAD_BYTES as u64 <= file_bytes {
         let n = (window.len() as u64).min(file_bytes - pos) as usize;
@@ -352,19 +370,13 @@ fn find_later_batch(
                 continue;
             };
             let lsn = record::le_u64(&h[8..16]);
-            if at + 4 + len as u64 > file_bytes || lsn <= expected.0 || lsn > lsn_max {
-                continue;
-            }
-            let mut rest = vec![0u8; len];
-            file.read_exact_at(&mut rest, at + 4)?;
-            if let Ok(checked) = record::check_crc(&rest) {
-                let batch_start = checked
-                    .lsn
-                    .0
-                    .saturating_sub(u64::from(checked.batch_offset));
-                if batch_start > expected.0 {
-                    return Ok(Some((at, checked.lsn)));
-                }
+            let batch_start = lsn.saturating_sub(u64::from(record::le_u32(&h[24..28])));
+            let plausible = at + 4 + len as u64 <= file_bytes
+                && lsn > expected.0
+                && lsn <= lsn_max
+                && batch_start > expected.0;
+            if plausible && frame_crc_matches(file, at, len as u64, &mut chunk)? {
+                return Ok(Some((at, Lsn(lsn))));
             }
         }
         if usable == 0 {
@@ -373,4 +385,55 @@ fn find_later_batch(
         pos += usable as u64;
     }
     Ok(None)
+}
+
+/// Bytes read at a time when a crc is computed straight from the file.
+const CRC_CHUNK_BYTES: u64 = 64 * 1024;
+
+/// Whether the frame at `at`, whose length field says `len`, has a matching crc. Streams the crc
+/// through `chunk` (at most `CRC_CHUNK_BYTES`), so an implausible length costs no allocation.
+fn frame_crc_matches(file: &File, at: u64, len: u64, chunk: &mut Vec<u8>) -> io::Result<bool> {
+    let mut stored = [0u8; 4];
+    file.read_exact_at(&mut stored, at + 4)?;
+    let mut crc = crc32fast::Hasher::new();
+    let mut pos = at + 8;
+    let end = at + 4 + len;
+    while pos < end {
+        let n = (end - pos).min(CRC_CHUNK_BYTES) as usize;
+        chunk.resize(n, 0);
+        file.read_exact_at(chunk, pos)?;
+        crc.update(chunk);
+        pos += n as u64;
+    }
+    Ok(crc.finalize() == u32::from_le_bytes(stored))
+}
+
+/// When the damage is a length over `record_bytes_max` whose record is whole and passes its crc,
+/// the journal was written with a larger limit: that is an error to report, not damage to
+/// truncate (which would delete a durable record).
+fn check_over_limit(
+    seg: &Path,
+    damage: &Damage,
+    file_bytes: u64,
+    record_bytes_max: u64,
+) -> Result<()> {
+    let FrameError::BadLength(len) = damage.error else {
+        return Ok(());
+    };
+    let bytes = u64::from(len) + 4;
+    if bytes <= record_bytes_max || damage.offset + bytes > file_bytes {
+        return Ok(());
+    }
+    let file = File::open(seg).map_err(|e| JournalError::io("open journal segment", seg, e))?;
+    let whole = frame_crc_matches(&file, damage.offset, u64::from(len), &mut Vec::new())
+        .map_err(|e| JournalError::io("read journal segment", seg, e))?;
+    if !whole {
+        return Ok(());
+    }
+    Err(JournalError::RecordOverLimit {
+        segment: seg.to_path_buf(),
+        offset: damage.offset,
+        bytes,
+        max: record_bytes_max,
+    })
 }

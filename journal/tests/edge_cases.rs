@@ -1,0 +1,155 @@
+//! Edge cases found in review: a record written under a larger `record_bytes_max`, a blob read to
+//! exactly its size, a segment name at the end of the LSN range, an oversized queue limit.
+
+#![allow(clippy::unwrap_used)]
+
+use std::fs;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use journal::{
+    BlobConfig, BlobStore, Epoch, Journal, JournalConfig, JournalError, Lsn, RecordKind,
+    segment::{SEGMENT_HEADER_BYTES, SegmentHeader},
+};
+
+const KIND: RecordKind = RecordKind::new(3, 1);
+
+fn config() -> JournalConfig {
+    JournalConfig {
+        create_if_missing: true,
+        ..JournalConfig::default()
+    }
+}
+
+fn segments(dir: &Path) -> Vec<PathBuf> {
+    let mut v: Vec<_> = fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "seg"))
+        .collect();
+    v.sort();
+    v
+}
+
+fn snapshot(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    segments(dir)
+        .into_iter()
+        .map(|p| {
+            let b = fs::read(&p).unwrap();
+            (p, b)
+        })
+        .collect()
+}
+
+#[test]
+fn a_record_over_a_lowered_limit_is_reported_and_never_truncated() {
+    let dir = tempfile::tempdir().unwrap();
+    let journal = Journal::open(dir.path(), config()).unwrap();
+    journal
+        .append(Epoch(1), KIND, b"small")
+        .unwrap()
+        .wait()
+        .unwrap();
+    let big = vec![7u8; 2 << 20];
+    journal
+        .append(Epoch(1), KIND, &big)
+        .unwrap()
+        .wait()
+        .unwrap();
+    journal.close().unwrap();
+    let before = snapshot(dir.path());
+
+    let lowered = JournalConfig {
+        record_bytes_max: 1 << 20,
+        ..config()
+    };
+    for _ in 0..2 {
+        let err = Journal::open(dir.path(), lowered.clone()).err().unwrap();
+        match &err {
+            JournalError::RecordOverLimit {
+                offset, bytes, max, ..
+            } => {
+                assert_eq!(*max, 1 << 20);
+                assert_eq!(*bytes, (2 << 20) + 62);
+                assert!(*offset > SEGMENT_HEADER_BYTES as u64);
+            }
+            other => panic!("expected RecordOverLimit, got {other:?}"),
+        }
+        assert!(
+            err.to_string().contains("record_bytes_max of at least"),
+            "{err}"
+        );
+        let scanned = journal::scan::scan_dir(dir.path(), 1 << 20, |_| {});
+        assert!(matches!(scanned, Err(JournalError::RecordOverLimit { .. })));
+        assert_eq!(snapshot(dir.path()), before, "nothing may be truncated");
+    }
+
+    let journal = Journal::open(dir.path(), config()).unwrap();
+    assert_eq!(journal.durable_lsn(), Lsn(2));
+    let records: Vec<_> = journal
+        .read_from(Lsn(1))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(records[1].payload, big);
+}
+
+#[test]
+fn reading_a_damaged_blob_to_exactly_its_size_still_fails() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = BlobConfig {
+        create_if_missing: true,
+        ..BlobConfig::default()
+    };
+    let store = BlobStore::open(dir.path().join("blobs"), config).unwrap();
+    let content = vec![0x42u8; 10_000];
+    let stored = store.put(&content[..]).unwrap();
+    let path = store.path_of(&stored.id);
+    let mut damaged = fs::read(&path).unwrap();
+    damaged[5_000] ^= 1;
+    fs::write(&path, &damaged).unwrap();
+
+    let mut reader = store.open_blob(&stored.id).unwrap();
+    let mut buf = vec![0u8; stored.bytes as usize];
+    let err = reader.read_exact(&mut buf).unwrap_err();
+    assert_eq!(err.kind(), std::io::ErrorKind::InvalidData, "{err}");
+
+    let intact = store.put(&content[..]).unwrap();
+    assert_eq!(intact.id, stored.id);
+    let mut reader = store.open_blob(&stored.id).unwrap();
+    reader.read_exact(&mut buf).unwrap();
+    assert_eq!(buf, content, "a second put replaces the damaged copy");
+}
+
+#[test]
+fn a_segment_at_the_end_of_the_lsn_range_is_corruption_not_a_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = Lsn(u64::MAX);
+    let name = format!("{:020}.seg", first.0);
+    let header = SegmentHeader {
+        first_lsn: first,
+        epoch: Epoch(0),
+        prev_chain: journal::ChainHash::GENESIS,
+    };
+    let mut bytes = header.encode().to_vec();
+    bytes.extend_from_slice(&[0xff; 100]);
+    fs::write(dir.path().join(&name), &bytes).unwrap();
+    let err = Journal::open(dir.path(), config()).err().unwrap();
+    assert!(
+        matches!(err, JournalError::Corrupt { offset: 0, .. }),
+        "{err:?}"
+    );
+    let scanned = journal::scan::scan_dir(dir.path(), 1 << 20, |_| {});
+    assert!(matches!(scanned, Err(JournalError::Corrupt { .. })));
+}
+
+#[test]
+fn a_queue_limit_beyond_what_a_sync_group_can_count_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let huge = JournalConfig {
+        queue_bytes_max: 1 << 40,
+        ..config()
+    };
+    let err = Journal::open(dir.path(), huge).err().unwrap();
+    assert!(matches!(err, JournalError::InvalidConfig(_)), "{err:?}");
+}
