@@ -36,8 +36,9 @@ pub struct JournalConfig {
     pub lock_wait_ms_max: u64,
     /// Create the directory when it does not exist (otherwise that is an error).
     pub create_if_missing: bool,
-    /// Testing aid: the N-th data sync of this process (counted from 1) fails with an I/O error,
-    /// as a failing disk would. `None` in production.
+    /// Testing aid: the N-th data sync of this journal (counted from 1, including the sync of the
+    /// last segment's records when it opens) fails with an I/O error, as a failing disk would.
+    /// `None` in production.
     pub sync_fault_at: Option<u64>,
 }
 

@@ -692,11 +692,6 @@ impl SegmentWriter {
                     .write(true)
                     .open(&last.path)
                     .map_err(|e| JournalError::io("open journal segment", &last.path, e))?;
-                // The records found may have been written and never synced by a process that
-                // died: sync them before they are published as durable, and before the first
-                // new record starts a sync group that claims everything before it was synced.
-                file.sync_data()
-                    .map_err(|e| JournalError::io("sync journal segment", &last.path, e))?;
                 (file, last.path.clone(), last.end_offset, None)
             }
             None => {
@@ -718,7 +713,7 @@ impl SegmentWriter {
                 )
             }
         };
-        Ok(SegmentWriter {
+        let mut writer = SegmentWriter {
             dir: dir.to_path_buf(),
             file,
             path,
@@ -730,7 +725,18 @@ impl SegmentWriter {
             syncs: 0,
             sync_fault_at: config.sync_fault_at,
             created_first,
-        })
+        };
+        // The records found may have been written and never synced by a process that died:
+        // sync them before they are published as durable, and before the first new record starts
+        // a sync group that claims everything before it was synced.
+        if report
+            .segments
+            .last()
+            .is_some_and(|s| s.last_lsn >= s.first_lsn)
+        {
+            writer.sync_data()?;
+        }
+        Ok(writer)
     }
 
     /// Writes one batch of `count` sealed frames; syncs when `sync`. Returns the first LSN of the
@@ -807,19 +813,8 @@ impl SegmentWriter {
         if !self.unsynced {
             return Ok(());
         }
-        self.syncs += 1;
-        if self.sync_fault_at == Some(self.syncs) {
-            let injected = std::io::Error::other("injected sync fault (sync_fault_at)");
-            return Err(JournalError::io(
-                "sync journal segment",
-                &self.path,
-                injected,
-            ));
-        }
         let started = Instant::now();
-        self.file
-            .sync_data()
-            .map_err(|e| JournalError::io("sync journal segment", &self.path, e))?;
+        self.sync_data()?;
         self.unsynced = false;
         shared.stats.syncs.fetch_add(1, Ordering::Relaxed);
         let micros = started.elapsed().as_micros() as u64;
@@ -835,6 +830,22 @@ impl SegmentWriter {
             .durable
             .store(self.next_lsn.prev().0, Ordering::Release);
         Ok(())
+    }
+
+    /// `fdatasync` of the segment, counted for `sync_fault_at`.
+    fn sync_data(&mut self) -> Result<()> {
+        self.syncs += 1;
+        if self.sync_fault_at == Some(self.syncs) {
+            let injected = std::io::Error::other("injected sync fault (sync_fault_at)");
+            return Err(JournalError::io(
+                "sync journal segment",
+                &self.path,
+                injected,
+            ));
+        }
+        self.file
+            .sync_data()
+            .map_err(|e| JournalError::io("sync journal segment", &self.path, e))
     }
 
     /// Starts the next segment at `next_lsn`. The current one must already be synced.

@@ -1,5 +1,6 @@
-//! Edge cases found in review: a record written under a larger `record_bytes_max`, a blob read to
-//! exactly its size, a segment name at the end of the LSN range, an oversized queue limit.
+//! Edge cases found in review: records a dead process may have left unsynced, a record written
+//! under a larger `record_bytes_max`, a blob read to exactly its size, a segment name at the end
+//! of the LSN range, an oversized queue limit.
 
 #![allow(clippy::unwrap_used)]
 
@@ -152,4 +153,39 @@ fn a_queue_limit_beyond_what_a_sync_group_can_count_is_refused() {
     };
     let err = Journal::open(dir.path(), huge).err().unwrap();
     assert!(matches!(err, JournalError::InvalidConfig(_)), "{err:?}");
+}
+
+#[test]
+fn opening_syncs_the_records_it_finds_before_it_calls_them_durable() {
+    let dir = tempfile::tempdir().unwrap();
+    let journal = Journal::open(dir.path(), config()).unwrap();
+    journal
+        .append(Epoch(1), KIND, b"one")
+        .unwrap()
+        .wait()
+        .unwrap();
+    journal.close().unwrap();
+
+    // The first sync of the next open is the sync of what it found: make it fail, as a disk
+    // would, and the open must fail rather than publish the records as durable.
+    let failing = JournalConfig {
+        sync_fault_at: Some(1),
+        ..config()
+    };
+    let err = Journal::open(dir.path(), failing).err().unwrap();
+    assert!(err.to_string().contains("injected sync fault"), "{err}");
+
+    // An empty journal has nothing to sync at open: its first sync is the first batch's.
+    let empty = tempfile::tempdir().unwrap();
+    let failing = JournalConfig {
+        sync_fault_at: Some(1),
+        ..config()
+    };
+    let journal = Journal::open(empty.path(), failing).unwrap();
+    let err = journal
+        .append(Epoch(1), KIND, b"x")
+        .unwrap()
+        .wait()
+        .unwrap_err();
+    assert!(matches!(err, JournalError::Poisoned { .. }), "{err:?}");
 }
