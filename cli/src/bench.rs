@@ -276,9 +276,16 @@ fn measure_journal(
     let stop = Arc::new(AtomicBool::new(false));
     let before = journal.stats();
     let started = Instant::now();
+    let load = Load {
+        journal: &journal,
+        stop: &stop,
+        appenders,
+        payload,
+        window,
+    };
     match kind {
-        AppenderKind::Tasks => run_tasks(&journal, &stop, appenders, payload, window)?,
-        _ => run_threads(&journal, &stop, appenders, payload, window)?,
+        AppenderKind::Tasks => run_tasks(load)?,
+        _ => run_threads(load)?,
     }
     let elapsed = started.elapsed().as_secs_f64();
     let after = journal.stats();
@@ -296,13 +303,23 @@ fn measure_journal(
     })
 }
 
-fn run_threads(
-    journal: &Arc<Journal>,
-    stop: &Arc<AtomicBool>,
+/// What the appenders of one configuration share.
+struct Load<'a> {
+    journal: &'a Arc<Journal>,
+    stop: &'a Arc<AtomicBool>,
     appenders: usize,
     payload: usize,
     window: Duration,
-) -> anyhow::Result<()> {
+}
+
+fn run_threads(load: Load<'_>) -> anyhow::Result<()> {
+    let Load {
+        journal,
+        stop,
+        appenders,
+        payload,
+        window,
+    } = load;
     let threads: Vec<_> = (0..appenders)
         .map(|_| {
             let (journal, stop) = (Arc::clone(journal), Arc::clone(stop));
@@ -325,13 +342,14 @@ fn run_threads(
     Ok(())
 }
 
-fn run_tasks(
-    journal: &Arc<Journal>,
-    stop: &Arc<AtomicBool>,
-    appenders: usize,
-    payload: usize,
-    window: Duration,
-) -> anyhow::Result<()> {
+fn run_tasks(load: Load<'_>) -> anyhow::Result<()> {
+    let Load {
+        journal,
+        stop,
+        appenders,
+        payload,
+        window,
+    } = load;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
