@@ -233,6 +233,27 @@ impl BlobStore {
         sync_dir(&self.dir)
     }
 
+    /// Stores the file at `path`, whose content hashes to `id` (the caller hashed it while writing
+    /// it and has synced it), by hard-linking it into the store: no copy. The file must be on the
+    /// same file system as the store and must not change afterwards. Durable (directory syncs)
+    /// when this returns. A blob already stored under `id` is kept.
+    pub fn adopt(&self, path: &Path, id: &BlobId) -> Result<()> {
+        let target = self.path_of(id);
+        let fan = target.parent().unwrap_or(&self.dir).to_path_buf();
+        match fs::create_dir(&fan) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(JournalError::io("create blob directory", &fan, e)),
+        }
+        match fs::hard_link(path, &target) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(JournalError::io("link file into blob store", &target, e)),
+        }
+        sync_dir(&fan)?;
+        sync_dir(&self.dir)
+    }
+
     /// Opens a stored blob for reading; the reader fails at the end if the content does not hash
     /// to `id`.
     pub fn open_blob(&self, id: &BlobId) -> Result<BlobReader> {

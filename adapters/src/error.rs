@@ -1,0 +1,112 @@
+//! The resources' one error type, sorted by what the coordinator must do.
+
+use journal::Epoch;
+
+/// What the caller must do about a [`ResourceError`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ErrorClass {
+    /// The resource cannot answer now (it is down, busy, or a lock wait timed out for a reason
+    /// that may pass): try again later. Phase 2 retries these with backoff until they succeed.
+    Retryable,
+    /// The request was refused and nothing changed: bad input, a conflict with another branch, a
+    /// fenced epoch. In phase 1 the transaction rolls back.
+    Rejected,
+    /// The outcome of the operation is unknown (for example the connection broke during a
+    /// commit). Ask again with `recover` or retry the idempotent operation.
+    InDoubt,
+    /// The resource is unusable in this process (a failed fsync, corrupt private state): stop
+    /// using it; a restart recovers.
+    Fatal,
+}
+
+/// An error of a resource, naming the resource.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ResourceError {
+    /// The resource cannot answer now; retry later. See [`ErrorClass::Retryable`].
+    #[error("resource {resource}: {message} (will retry)")]
+    Unavailable {
+        /// The resource name.
+        resource: String,
+        /// What failed.
+        message: String,
+    },
+    /// The request was refused and nothing changed.
+    #[error("resource {resource}: {reason}")]
+    Rejected {
+        /// The resource name.
+        resource: String,
+        /// Why, in words a person can act on.
+        reason: String,
+    },
+    /// Another open branch holds what this branch wants to write; it waited `waited_ms` and gave up.
+    #[error("resource {resource}: {what} is being written by another transaction ({holder}); gave up after {waited_ms} ms")]
+    Conflict {
+        /// The resource name.
+        resource: String,
+        /// The contended item (a path, a key).
+        what: String,
+        /// The transaction holding it.
+        holder: String,
+        /// How long this branch waited.
+        waited_ms: u64,
+    },
+    /// The resource has been fenced at a higher epoch than this branch's.
+    #[error("resource {resource}: epoch {offered} is fenced (the resource is at epoch {current}); this node must stop")]
+    Fenced {
+        /// The resource name.
+        resource: String,
+        /// The branch's epoch.
+        offered: Epoch,
+        /// The resource's fence epoch.
+        current: Epoch,
+    },
+    /// The outcome is unknown.
+    #[error("resource {resource}: outcome unknown: {message}")]
+    InDoubt {
+        /// The resource name.
+        resource: String,
+        /// What happened.
+        message: String,
+    },
+    /// The resource is unusable in this process.
+    #[error("resource {resource}: {message}; restart to recover")]
+    Fatal {
+        /// The resource name.
+        resource: String,
+        /// What failed.
+        message: String,
+    },
+}
+
+impl ResourceError {
+    /// What the caller must do.
+    pub fn class(&self) -> ErrorClass {
+        match self {
+            ResourceError::Unavailable { .. } => ErrorClass::Retryable,
+            ResourceError::Rejected { .. } | ResourceError::Conflict { .. } | ResourceError::Fenced { .. } => {
+                ErrorClass::Rejected
+            }
+            ResourceError::InDoubt { .. } => ErrorClass::InDoubt,
+            ResourceError::Fatal { .. } => ErrorClass::Fatal,
+        }
+    }
+
+    /// A [`ResourceError::Rejected`].
+    pub fn rejected(resource: impl Into<String>, reason: impl Into<String>) -> ResourceError {
+        ResourceError::Rejected { resource: resource.into(), reason: reason.into() }
+    }
+
+    /// An I/O failure, classified: a full disk or a permission problem is `Rejected` (nothing was
+    /// changed by the failed step, the transaction rolls back); anything else is `Unavailable`.
+    pub fn io(resource: &str, action: &str, path: &std::path::Path, e: &std::io::Error) -> ResourceError {
+        let message = format!("{action} {}: {e}", path.display());
+        match e.kind() {
+            std::io::ErrorKind::StorageFull
+            | std::io::ErrorKind::PermissionDenied
+            | std::io::ErrorKind::ReadOnlyFilesystem
+            | std::io::ErrorKind::NotFound
+            | std::io::ErrorKind::InvalidInput => ResourceError::rejected(resource, message),
+            _ => ResourceError::Unavailable { resource: resource.to_string(), message },
+        }
+    }
+}

@@ -1,0 +1,90 @@
+//! The Resource contract: what every store concord coordinates must do, and the resources.
+//!
+//! A unit of work touches several resources; in each, the work is a **branch** of one global
+//! transaction, named by its [`Xid`]. The coordinator drives every branch through two-phase
+//! commit without knowing what kind of store it is: it holds `Arc<dyn Resource>` by name. What a
+//! branch *does* (put a file, insert a row) is resource-specific and reached by the application
+//! through the resource's own handle type (for files: [`files::FilesResource::branch`]); the
+//! contract here is only the protocol:
+//!
+//! * [`Resource::begin`] registers a branch (and refuses an epoch below the fence);
+//! * [`Resource::prepare`] makes the branch durable and undoable, holding its locks, and votes:
+//!   [`Vote::Commit`] with the branch's **redo** — the bytes a standby replays to reproduce its
+//!   effects — or [`Vote::ReadOnly`] when there is nothing to commit;
+//! * [`Resource::commit`] / [`Resource::rollback`] resolve it. Both are idempotent: a second call
+//!   for a resolved or unknown branch succeeds, so the coordinator may repeat them after any crash;
+//! * [`Resource::recover`] lists the branches prepared and not yet resolved, after a restart;
+//! * [`Resource::fence`] raises the resource's epoch: any later branch of a lower epoch is refused;
+//! * [`Resource::replay`] applies a redo on a standby together with its LSN, atomically, and
+//!   [`Resource::applied_lsn`] reports the last one, so replaying the same LSN twice is a no-op.
+//!
+//! Errors are [`ResourceError`]s sorted by what the coordinator must do ([`ErrorClass`]).
+//! [`testing`] holds the conformance suite every resource runs.
+//!
+//! # Implementation caveats
+//!
+//! * The trait is async (through `async-trait`, so that it stays usable as `dyn Resource`);
+//!   resources whose work is blocking file I/O run it on tokio's blocking pool.
+
+pub mod error;
+pub mod xid;
+
+pub use error::{ErrorClass, ResourceError};
+pub use journal::{Epoch, Lsn};
+pub use xid::Xid;
+
+use std::any::Any;
+
+/// A branch's vote at prepare.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Vote {
+    /// Prepared: the branch will commit when told to, and here is its redo.
+    Commit {
+        /// What a standby replays to reproduce the branch's effects (resource-specific bytes).
+        redo: Vec<u8>,
+    },
+    /// The branch changed nothing; it is already finished and takes no part in phase 2.
+    ReadOnly,
+}
+
+/// The contract every resource implements; see the crate docs.
+#[async_trait::async_trait]
+pub trait Resource: Send + Sync + 'static {
+    /// The resource's name in the configuration.
+    fn name(&self) -> &str;
+
+    /// The concrete resource, for the application's typed branch handles.
+    fn as_any(&self) -> &dyn Any;
+
+    /// Registers a branch of `xid`. Refused ([`ResourceError::Fenced`]) when `xid.epoch` is below
+    /// the resource's fence epoch.
+    async fn begin(&self, xid: &Xid) -> Result<(), ResourceError>;
+
+    /// Makes the branch durable and undoable and votes. After `Ok(Vote::Commit)` the branch
+    /// survives a crash of this process and is listed by [`Resource::recover`] until resolved.
+    /// Preparing an already prepared branch returns the same vote.
+    async fn prepare(&self, xid: &Xid) -> Result<Vote, ResourceError>;
+
+    /// Commits a prepared branch. Idempotent: succeeds for a branch already committed.
+    async fn commit(&self, xid: &Xid) -> Result<(), ResourceError>;
+
+    /// Rolls a branch back, prepared or not. Idempotent: succeeds for an unknown branch.
+    async fn rollback(&self, xid: &Xid) -> Result<(), ResourceError>;
+
+    /// The xids of branches prepared and not yet resolved.
+    async fn recover(&self) -> Result<Vec<Xid>, ResourceError>;
+
+    /// Raises the fence epoch: from now on a branch of a lower epoch is refused. A lower `epoch`
+    /// than the current fence leaves it unchanged.
+    async fn fence(&self, epoch: Epoch) -> Result<(), ResourceError>;
+
+    /// The fence epoch.
+    async fn fence_epoch(&self) -> Result<Epoch, ResourceError>;
+
+    /// Applies `redo` (as returned by prepare on the primary) together with `lsn`, atomically.
+    /// A redo whose `lsn` is at or below [`Resource::applied_lsn`] changes nothing.
+    async fn replay(&self, redo: &[u8], lsn: Lsn) -> Result<(), ResourceError>;
+
+    /// The LSN of the last redo applied by [`Resource::replay`] (`Lsn::ZERO` when none).
+    async fn applied_lsn(&self) -> Result<Lsn, ResourceError>;
+}
