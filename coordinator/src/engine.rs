@@ -1,0 +1,894 @@
+//! The two-phase-commit engine of one transaction: events in, commands out.
+//!
+//! [`TxnMachine`] knows the protocol and nothing else: it performs no I/O, reads no clock and
+//! spawns nothing. The runtime feeds it what happened ([`Event`]: the caller asked to commit, a
+//! branch voted, the decision became durable, a phase-2 call failed, a retry is due) and carries
+//! out what it asks ([`Command`]: prepare this branch, append the decision, commit that branch,
+//! retry after so many milliseconds, answer the caller). The whole protocol is therefore testable
+//! as plain function calls, and every interleaving the runtime can produce is an ordering of
+//! events.
+//!
+//! The protocol, with presumed abort:
+//!
+//! 1. `CommitRequested`: prepare every branch concurrently.
+//! 2. A `No` vote (an error) from any branch rolls back every branch — those still preparing as
+//!    their votes arrive — and answers the caller with the failing branch named. Nothing was
+//!    journaled, so a crash anywhere here also ends in rollback (recovery finds prepared branches
+//!    without a decision).
+//! 3. All voted: branches that voted `ReadOnly` are finished. With no writer left the caller is
+//!    answered at once; otherwise the decision, one record holding every writer's redo, is
+//!    appended.
+//! 4. `DecisionDurable`: the transaction is committed — the caller is answered — and phase 2
+//!    commits every writer, retrying failures with capped exponential backoff for as long as it
+//!    takes (the decision is final). When all have acknowledged, an `End` record is appended.
+//! 5. `DecisionFailed` (the journal failed while making it durable): the outcome is in doubt
+//!    until the process restarts and recovery reads what the journal holds; the branches stay
+//!    prepared and the caller is told the outcome is unknown.
+//!
+//! Invariants, checked by [`TxnMachine::validate`] after every step in debug builds: a branch is
+//! never committed before the decision is durable; a transaction that journaled a decision never
+//! rolls a branch back; a rolled-back transaction never asks for a decision.
+//!
+//! # Implementation caveats
+//!
+//! * One-phase commit is not taken: no resource yet carries its redo inside its own transaction,
+//!   and for the files resource the decision record must be durable before a rename makes a file
+//!   visible, which is exactly two-phase commit (DESIGN.md "Ordering").
+
+use adapters::{ErrorClass, Lsn, ResourceError, Vote, Xid};
+
+/// Index of a branch in its transaction.
+pub type BranchId = usize;
+
+/// What happened, fed to [`TxnMachine::on`].
+#[derive(Clone, Debug)]
+pub enum Event {
+    /// The caller asked to commit.
+    CommitRequested,
+    /// The caller (or a timeout, or a dropped handle) asked to roll back.
+    RollbackRequested {
+        /// Why, for the caller and the log.
+        reason: String,
+    },
+    /// A branch answered prepare.
+    Prepared {
+        /// The branch.
+        branch: BranchId,
+        /// Its vote, or why it could not prepare.
+        vote: Result<Vote, ResourceError>,
+    },
+    /// The decision record is durable at this LSN.
+    DecisionDurable {
+        /// Its LSN.
+        lsn: Lsn,
+    },
+    /// The journal failed while making the decision durable.
+    DecisionFailed {
+        /// The journal's error.
+        error: String,
+    },
+    /// A branch answered commit or rollback.
+    Resolved {
+        /// The branch.
+        branch: BranchId,
+        /// Its answer.
+        result: Result<(), ResourceError>,
+    },
+    /// A retry asked for by [`Command::RetryAfter`] is due.
+    RetryDue {
+        /// The branch.
+        branch: BranchId,
+    },
+}
+
+/// What the runtime must do.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Command {
+    /// Call prepare on the branch.
+    Prepare(BranchId),
+    /// Append the decision record with these writers' redo and report `DecisionDurable`.
+    AppendDecision {
+        /// `(branch, redo)` of every branch that voted commit.
+        writers: Vec<(BranchId, Vec<u8>)>,
+    },
+    /// Call commit on the branch.
+    Commit(BranchId),
+    /// Call rollback on the branch.
+    Rollback(BranchId),
+    /// Report `RetryDue` for the branch after this many milliseconds.
+    RetryAfter {
+        /// The branch.
+        branch: BranchId,
+        /// The delay.
+        delay_ms: u64,
+    },
+    /// Append the `End` record (no need to wait for it to be durable).
+    AppendEnd,
+    /// Answer the caller.
+    Reply(Outcome),
+}
+
+/// The answer to the caller.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// Committed; the decision is durable at `lsn` (`None`: every branch was read-only).
+    Committed {
+        /// The decision's LSN.
+        lsn: Option<Lsn>,
+    },
+    /// Rolled back, and why.
+    RolledBack {
+        /// The reason, naming the branch when one failed.
+        reason: String,
+    },
+    /// The journal failed while making the decision durable: committed or not is decided by the
+    /// recovery of the next start.
+    InDoubt {
+        /// The journal's error.
+        error: String,
+    },
+}
+
+/// Backoff of phase-2 retries.
+#[derive(Clone, Copy, Debug)]
+pub struct RetryPolicy {
+    /// Delay of the first retry (milliseconds).
+    pub first_ms: u64,
+    /// Largest delay (milliseconds).
+    pub max_ms: u64,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            first_ms: 10,
+            max_ms: 5_000,
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// The delay before retry number `attempt` (1-based): doubling from `first_ms`, capped.
+    pub fn delay_ms(&self, attempt: u32) -> u64 {
+        let doubling = 1u64
+            .checked_shl(attempt.saturating_sub(1))
+            .unwrap_or(u64::MAX);
+        self.first_ms.saturating_mul(doubling).min(self.max_ms)
+    }
+}
+
+/// Where a branch is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum BranchState {
+    /// Doing work; not asked to prepare yet.
+    Active,
+    /// Prepare sent.
+    Preparing,
+    /// Voted commit with this redo.
+    Prepared(Vec<u8>),
+    /// Voted read-only: finished.
+    ReadOnly,
+    /// Commit sent (or to be retried).
+    Committing,
+    /// Acknowledged commit.
+    Committed,
+    /// Rollback sent (or to be retried).
+    RollingBack,
+    /// Acknowledged rollback (or failed prepare, already undone).
+    RolledBack,
+}
+
+impl BranchState {
+    /// The state in one word, for operators.
+    pub fn name(&self) -> &'static str {
+        match self {
+            BranchState::Active => "active",
+            BranchState::Preparing => "preparing",
+            BranchState::Prepared(_) => "prepared",
+            BranchState::ReadOnly => "read-only",
+            BranchState::Committing => "committing",
+            BranchState::Committed => "committed",
+            BranchState::RollingBack => "rolling back",
+            BranchState::RolledBack => "rolled back",
+        }
+    }
+}
+
+/// Where the transaction is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Phase {
+    /// Open: branches are doing work.
+    Active,
+    /// Prepares sent, votes coming in.
+    Preparing,
+    /// All voted commit; the decision is being made durable.
+    Deciding,
+    /// The decision is durable; phase 2 runs.
+    Committing,
+    /// Rolling back.
+    RollingBack,
+    /// The decision's durability is unknown until restart.
+    InDoubt,
+    /// Everything resolved.
+    Finished,
+}
+
+/// One branch as the engine sees it.
+#[derive(Clone, Debug)]
+pub struct Branch {
+    /// Its state.
+    pub state: BranchState,
+    /// Phase-2 attempts so far.
+    pub attempts: u32,
+    /// The last error of a phase-2 call, for operators.
+    pub last_error: Option<String>,
+}
+
+/// The two-phase-commit state machine of one transaction; see the module docs.
+#[derive(Clone, Debug)]
+pub struct TxnMachine {
+    xid: Xid,
+    phase: Phase,
+    branches: Vec<Branch>,
+    decision: Option<Lsn>,
+    policy: RetryPolicy,
+    replied: bool,
+}
+
+impl TxnMachine {
+    /// A new open transaction with `branches` branches.
+    pub fn new(xid: Xid, branches: usize, policy: RetryPolicy) -> TxnMachine {
+        let branch = Branch {
+            state: BranchState::Active,
+            attempts: 0,
+            last_error: None,
+        };
+        TxnMachine {
+            xid,
+            phase: Phase::Active,
+            branches: vec![branch; branches],
+            decision: None,
+            policy,
+            replied: false,
+        }
+    }
+
+    /// A transaction found by recovery with a durable decision at `lsn` and no `End`: phase 2
+    /// is driven again for its `writers` branches. Returns the machine and its first commands.
+    pub fn recovered_commit(
+        xid: Xid,
+        lsn: Lsn,
+        writers: usize,
+        policy: RetryPolicy,
+    ) -> (TxnMachine, Vec<Command>) {
+        let mut machine = TxnMachine::new(xid, writers, policy);
+        machine.phase = Phase::Committing;
+        machine.decision = Some(lsn);
+        machine.replied = true;
+        let commands = (0..writers).map(|b| machine.send_commit(b)).collect();
+        (machine, commands)
+    }
+
+    /// A prepared branch found by recovery whose xid has no decision: it is rolled back
+    /// (presumed abort). Returns the machine and its first commands.
+    pub fn recovered_orphan(xid: Xid, policy: RetryPolicy) -> (TxnMachine, Vec<Command>) {
+        let mut machine = TxnMachine::new(xid, 1, policy);
+        machine.phase = Phase::RollingBack;
+        machine.replied = true;
+        machine.branches[0].state = BranchState::RollingBack;
+        (machine, vec![Command::Rollback(0)])
+    }
+
+    /// The transaction's xid.
+    pub fn xid(&self) -> Xid {
+        self.xid
+    }
+
+    /// Where the transaction is.
+    pub fn phase(&self) -> &Phase {
+        &self.phase
+    }
+
+    /// The branches.
+    pub fn branches(&self) -> &[Branch] {
+        &self.branches
+    }
+
+    /// The decision's LSN, once durable.
+    pub fn decision(&self) -> Option<Lsn> {
+        self.decision
+    }
+
+    /// Whether nothing more will happen.
+    pub fn is_finished(&self) -> bool {
+        matches!(self.phase, Phase::Finished | Phase::InDoubt)
+    }
+
+    /// Feeds one event; returns what the runtime must do.
+    pub fn on(&mut self, event: Event) -> Vec<Command> {
+        let commands = match event {
+            Event::CommitRequested => self.on_commit_requested(),
+            Event::RollbackRequested { reason } => self.on_rollback_requested(reason),
+            Event::Prepared { branch, vote } => self.on_prepared(branch, vote),
+            Event::DecisionDurable { lsn } => self.on_decision_durable(lsn),
+            Event::DecisionFailed { error } => self.on_decision_failed(error),
+            Event::Resolved { branch, result } => self.on_resolved(branch, result),
+            Event::RetryDue { branch } => self.on_retry_due(branch),
+        };
+        #[cfg(debug_assertions)]
+        self.validate();
+        commands
+    }
+
+    fn on_commit_requested(&mut self) -> Vec<Command> {
+        if self.phase != Phase::Active {
+            return Vec::new();
+        }
+        if self.branches.is_empty() {
+            return self.finish_with(Outcome::Committed { lsn: None });
+        }
+        self.phase = Phase::Preparing;
+        self.branches
+            .iter_mut()
+            .for_each(|b| b.state = BranchState::Preparing);
+        (0..self.branches.len()).map(Command::Prepare).collect()
+    }
+
+    fn on_rollback_requested(&mut self, reason: String) -> Vec<Command> {
+        match self.phase {
+            Phase::Active | Phase::Preparing => self.abort(reason),
+            _ => Vec::new(),
+        }
+    }
+
+    fn on_prepared(&mut self, branch: BranchId, vote: Result<Vote, ResourceError>) -> Vec<Command> {
+        let Some(slot) = self.branches.get_mut(branch) else {
+            return Vec::new();
+        };
+        if slot.state != BranchState::Preparing {
+            return Vec::new();
+        }
+        match (self.phase.clone(), vote) {
+            (Phase::Preparing, Ok(Vote::Commit { redo })) => {
+                slot.state = BranchState::Prepared(redo);
+                self.maybe_decide()
+            }
+            (Phase::Preparing, Ok(Vote::ReadOnly)) => {
+                slot.state = BranchState::ReadOnly;
+                self.maybe_decide()
+            }
+            (Phase::Preparing, Err(e)) => {
+                slot.state = BranchState::RollingBack;
+                let mut commands = self.abort(format!("branch {branch} could not prepare: {e}"));
+                commands.push(Command::Rollback(branch));
+                commands
+            }
+            // Already rolling back: undo what this late vote prepared.
+            (Phase::RollingBack, Ok(Vote::ReadOnly)) => {
+                slot.state = BranchState::RolledBack;
+                self.maybe_finish_rollback()
+            }
+            (Phase::RollingBack, _) => {
+                slot.state = BranchState::RollingBack;
+                vec![Command::Rollback(branch)]
+            }
+            _ => Vec::new(),
+        }
+    }
+
+    fn maybe_decide(&mut self) -> Vec<Command> {
+        if self
+            .branches
+            .iter()
+            .any(|b| b.state == BranchState::Preparing)
+        {
+            return Vec::new();
+        }
+        let writers: Vec<(BranchId, Vec<u8>)> = self
+            .branches
+            .iter()
+            .enumerate()
+            .filter_map(|(i, b)| match &b.state {
+                BranchState::Prepared(redo) => Some((i, redo.clone())),
+                _ => None,
+            })
+            .collect();
+        if writers.is_empty() {
+            return self.finish_with(Outcome::Committed { lsn: None });
+        }
+        self.phase = Phase::Deciding;
+        vec![Command::AppendDecision { writers }]
+    }
+
+    fn on_decision_durable(&mut self, lsn: Lsn) -> Vec<Command> {
+        if self.phase != Phase::Deciding {
+            return Vec::new();
+        }
+        self.phase = Phase::Committing;
+        self.decision = Some(lsn);
+        let mut commands = self.reply(Outcome::Committed { lsn: Some(lsn) });
+        let writers: Vec<BranchId> = (0..self.branches.len())
+            .filter(|&i| matches!(self.branches[i].state, BranchState::Prepared(_)))
+            .collect();
+        commands.extend(writers.into_iter().map(|b| self.send_commit(b)));
+        commands
+    }
+
+    fn on_decision_failed(&mut self, error: String) -> Vec<Command> {
+        if self.phase != Phase::Deciding {
+            return Vec::new();
+        }
+        self.phase = Phase::InDoubt;
+        self.reply(Outcome::InDoubt { error })
+    }
+
+    fn on_resolved(&mut self, branch: BranchId, result: Result<(), ResourceError>) -> Vec<Command> {
+        let Some(slot) = self.branches.get_mut(branch) else {
+            return Vec::new();
+        };
+        let done = match slot.state {
+            BranchState::Committing => BranchState::Committed,
+            BranchState::RollingBack => BranchState::RolledBack,
+            _ => return Vec::new(),
+        };
+        match result {
+            Ok(()) => {
+                slot.state = done;
+                slot.last_error = None;
+                self.maybe_finish()
+            }
+            Err(e) => {
+                slot.attempts += 1;
+                slot.last_error = Some(e.to_string());
+                if e.class() == ErrorClass::Fatal {
+                    tracing::error!(xid = %self.xid, branch, error = %e, "phase 2 failed; retrying");
+                }
+                let delay_ms = self.policy.delay_ms(slot.attempts);
+                vec![Command::RetryAfter { branch, delay_ms }]
+            }
+        }
+    }
+
+    fn on_retry_due(&mut self, branch: BranchId) -> Vec<Command> {
+        match self.branches.get(branch).map(|b| &b.state) {
+            Some(BranchState::Committing) => vec![Command::Commit(branch)],
+            Some(BranchState::RollingBack) => vec![Command::Rollback(branch)],
+            _ => Vec::new(),
+        }
+    }
+
+    fn send_commit(&mut self, branch: BranchId) -> Command {
+        self.branches[branch].state = BranchState::Committing;
+        Command::Commit(branch)
+    }
+
+    /// Rolls back every branch that may hold something; answers the caller.
+    fn abort(&mut self, reason: String) -> Vec<Command> {
+        self.phase = Phase::RollingBack;
+        let mut commands = Vec::new();
+        for (i, b) in self.branches.iter_mut().enumerate() {
+            match b.state {
+                BranchState::Active | BranchState::Prepared(_) => {
+                    b.state = BranchState::RollingBack;
+                    commands.push(Command::Rollback(i));
+                }
+                BranchState::ReadOnly => b.state = BranchState::RolledBack,
+                _ => {}
+            }
+        }
+        commands.extend(self.reply(Outcome::RolledBack { reason }));
+        commands.extend(self.maybe_finish_rollback());
+        commands
+    }
+
+    fn maybe_finish(&mut self) -> Vec<Command> {
+        match self.phase {
+            Phase::Committing => {
+                let done = self
+                    .branches
+                    .iter()
+                    .all(|b| matches!(b.state, BranchState::Committed | BranchState::ReadOnly));
+                if done {
+                    self.phase = Phase::Finished;
+                    return vec![Command::AppendEnd];
+                }
+                Vec::new()
+            }
+            Phase::RollingBack => self.maybe_finish_rollback(),
+            _ => Vec::new(),
+        }
+    }
+
+    fn maybe_finish_rollback(&mut self) -> Vec<Command> {
+        let busy = self
+            .branches
+            .iter()
+            .any(|b| matches!(b.state, BranchState::RollingBack | BranchState::Preparing));
+        if !busy {
+            self.phase = Phase::Finished;
+        }
+        Vec::new()
+    }
+
+    fn finish_with(&mut self, outcome: Outcome) -> Vec<Command> {
+        self.phase = Phase::Finished;
+        self.branches.iter_mut().for_each(|b| {
+            if b.state == BranchState::Active {
+                b.state = BranchState::ReadOnly;
+            }
+        });
+        self.reply(outcome)
+    }
+
+    fn reply(&mut self, outcome: Outcome) -> Vec<Command> {
+        if self.replied {
+            return Vec::new();
+        }
+        self.replied = true;
+        vec![Command::Reply(outcome)]
+    }
+
+    /// Checks the invariants (see the module docs); panics with the machine in the message.
+    pub fn validate(&self) {
+        let committed_any = self
+            .branches
+            .iter()
+            .any(|b| matches!(b.state, BranchState::Committing | BranchState::Committed));
+        assert!(
+            !committed_any || self.decision.is_some(),
+            "a branch is committing before the decision is durable: {self:?}"
+        );
+        let rolling_back = self
+            .branches
+            .iter()
+            .any(|b| matches!(b.state, BranchState::RollingBack | BranchState::RolledBack));
+        assert!(
+            !(rolling_back && self.decision.is_some()),
+            "a branch is rolled back after a durable decision: {self:?}"
+        );
+        assert!(
+            !(self.phase == Phase::RollingBack && self.decision.is_some()),
+            "rolling back a decided transaction: {self:?}"
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use adapters::Epoch;
+
+    fn xid() -> Xid {
+        Xid {
+            node: 1,
+            epoch: Epoch(1),
+            seq: 7,
+        }
+    }
+
+    fn commit_vote(redo: &[u8]) -> Result<Vote, ResourceError> {
+        Ok(Vote::Commit {
+            redo: redo.to_vec(),
+        })
+    }
+
+    fn refused() -> ResourceError {
+        ResourceError::rejected("files", "disk full")
+    }
+
+    #[test]
+    fn two_writers_commit_after_a_durable_decision_and_end() {
+        let mut m = TxnMachine::new(xid(), 2, RetryPolicy::default());
+        assert_eq!(
+            m.on(Event::CommitRequested),
+            vec![Command::Prepare(0), Command::Prepare(1)]
+        );
+        assert!(
+            m.on(Event::Prepared {
+                branch: 1,
+                vote: commit_vote(b"b")
+            })
+            .is_empty()
+        );
+        let decide = m.on(Event::Prepared {
+            branch: 0,
+            vote: commit_vote(b"a"),
+        });
+        assert_eq!(
+            decide,
+            vec![Command::AppendDecision {
+                writers: vec![(0, b"a".to_vec()), (1, b"b".to_vec())]
+            }]
+        );
+        let durable = m.on(Event::DecisionDurable { lsn: Lsn(5) });
+        assert_eq!(
+            durable,
+            vec![
+                Command::Reply(Outcome::Committed { lsn: Some(Lsn(5)) }),
+                Command::Commit(0),
+                Command::Commit(1)
+            ]
+        );
+        assert!(
+            m.on(Event::Resolved {
+                branch: 0,
+                result: Ok(())
+            })
+            .is_empty()
+        );
+        assert_eq!(
+            m.on(Event::Resolved {
+                branch: 1,
+                result: Ok(())
+            }),
+            vec![Command::AppendEnd]
+        );
+        assert!(m.is_finished());
+    }
+
+    #[test]
+    fn a_failed_prepare_rolls_back_every_branch_and_names_it() {
+        let mut m = TxnMachine::new(xid(), 3, RetryPolicy::default());
+        m.on(Event::CommitRequested);
+        m.on(Event::Prepared {
+            branch: 0,
+            vote: commit_vote(b"a"),
+        });
+        let commands = m.on(Event::Prepared {
+            branch: 1,
+            vote: Err(refused()),
+        });
+        assert!(commands.contains(&Command::Rollback(0)));
+        assert!(commands.contains(&Command::Rollback(1)));
+        assert!(commands.iter().any(|c| matches!(c, Command::Reply(Outcome::RolledBack { reason }) if reason.contains("branch 1") && reason.contains("disk full"))));
+        assert!(
+            !commands
+                .iter()
+                .any(|c| matches!(c, Command::AppendDecision { .. }))
+        );
+        // The third branch's late yes vote is undone too.
+        assert_eq!(
+            m.on(Event::Prepared {
+                branch: 2,
+                vote: commit_vote(b"c")
+            }),
+            vec![Command::Rollback(2)]
+        );
+        for b in 0..3 {
+            m.on(Event::Resolved {
+                branch: b,
+                result: Ok(()),
+            });
+        }
+        assert_eq!(m.phase(), &Phase::Finished);
+    }
+
+    #[test]
+    fn read_only_branches_need_no_decision() {
+        let mut m = TxnMachine::new(xid(), 2, RetryPolicy::default());
+        m.on(Event::CommitRequested);
+        m.on(Event::Prepared {
+            branch: 0,
+            vote: Ok(Vote::ReadOnly),
+        });
+        let done = m.on(Event::Prepared {
+            branch: 1,
+            vote: Ok(Vote::ReadOnly),
+        });
+        assert_eq!(done, vec![Command::Reply(Outcome::Committed { lsn: None })]);
+        assert!(m.is_finished());
+    }
+
+    #[test]
+    fn a_read_only_branch_leaves_phase_two_to_the_writer() {
+        let mut m = TxnMachine::new(xid(), 2, RetryPolicy::default());
+        m.on(Event::CommitRequested);
+        m.on(Event::Prepared {
+            branch: 0,
+            vote: Ok(Vote::ReadOnly),
+        });
+        let decide = m.on(Event::Prepared {
+            branch: 1,
+            vote: commit_vote(b"w"),
+        });
+        assert_eq!(
+            decide,
+            vec![Command::AppendDecision {
+                writers: vec![(1, b"w".to_vec())]
+            }]
+        );
+        let durable = m.on(Event::DecisionDurable { lsn: Lsn(1) });
+        assert!(durable.contains(&Command::Commit(1)) && !durable.contains(&Command::Commit(0)));
+    }
+
+    #[test]
+    fn phase_two_failures_retry_with_capped_exponential_backoff() {
+        let policy = RetryPolicy {
+            first_ms: 10,
+            max_ms: 50,
+        };
+        let mut m = TxnMachine::new(xid(), 1, policy);
+        m.on(Event::CommitRequested);
+        m.on(Event::Prepared {
+            branch: 0,
+            vote: commit_vote(b"a"),
+        });
+        m.on(Event::DecisionDurable { lsn: Lsn(1) });
+        let down = || ResourceError::Unavailable {
+            resource: "files".into(),
+            message: "down".into(),
+        };
+        let mut delays = Vec::new();
+        for _ in 0..5 {
+            let retry = m.on(Event::Resolved {
+                branch: 0,
+                result: Err(down()),
+            });
+            let [
+                Command::RetryAfter {
+                    branch: 0,
+                    delay_ms,
+                },
+            ] = retry[..]
+            else {
+                panic!("{retry:?}")
+            };
+            delays.push(delay_ms);
+            assert_eq!(
+                m.on(Event::RetryDue { branch: 0 }),
+                vec![Command::Commit(0)]
+            );
+        }
+        assert_eq!(delays, vec![10, 20, 40, 50, 50]);
+        assert_eq!(
+            m.on(Event::Resolved {
+                branch: 0,
+                result: Ok(())
+            }),
+            vec![Command::AppendEnd]
+        );
+    }
+
+    #[test]
+    fn a_failed_decision_leaves_the_outcome_in_doubt() {
+        let mut m = TxnMachine::new(xid(), 1, RetryPolicy::default());
+        m.on(Event::CommitRequested);
+        m.on(Event::Prepared {
+            branch: 0,
+            vote: commit_vote(b"a"),
+        });
+        let commands = m.on(Event::DecisionFailed {
+            error: "journal poisoned".into(),
+        });
+        assert_eq!(
+            commands,
+            vec![Command::Reply(Outcome::InDoubt {
+                error: "journal poisoned".into()
+            })]
+        );
+        assert_eq!(m.phase(), &Phase::InDoubt);
+    }
+
+    #[test]
+    fn a_rollback_request_after_the_decision_changes_nothing() {
+        let mut m = TxnMachine::new(xid(), 1, RetryPolicy::default());
+        m.on(Event::CommitRequested);
+        m.on(Event::Prepared {
+            branch: 0,
+            vote: commit_vote(b"a"),
+        });
+        assert!(
+            m.on(Event::RollbackRequested {
+                reason: "late".into()
+            })
+            .is_empty()
+        );
+        m.on(Event::DecisionDurable { lsn: Lsn(2) });
+        assert!(
+            m.on(Event::RollbackRequested {
+                reason: "late".into()
+            })
+            .is_empty()
+        );
+    }
+
+    #[test]
+    fn recovery_redrives_commits_and_rolls_back_orphans() {
+        let (mut m, commands) =
+            TxnMachine::recovered_commit(xid(), Lsn(9), 2, RetryPolicy::default());
+        assert_eq!(commands, vec![Command::Commit(0), Command::Commit(1)]);
+        m.on(Event::Resolved {
+            branch: 0,
+            result: Ok(()),
+        });
+        assert_eq!(
+            m.on(Event::Resolved {
+                branch: 1,
+                result: Ok(())
+            }),
+            vec![Command::AppendEnd]
+        );
+        let (mut o, commands) = TxnMachine::recovered_orphan(xid(), RetryPolicy::default());
+        assert_eq!(commands, vec![Command::Rollback(0)]);
+        o.on(Event::Resolved {
+            branch: 0,
+            result: Ok(()),
+        });
+        assert_eq!(o.phase(), &Phase::Finished);
+    }
+
+    /// Drives many machines with results delivered in random orders and random failures: every
+    /// invariant holds after every step (`validate` runs in `on`), a committed outcome always
+    /// ends with every writer committed, a rolled-back one never issues a commit.
+    #[test]
+    fn random_interleavings_keep_the_invariants() {
+        for seed in 0..2_000u64 {
+            let mut rng = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+            let mut next = move || {
+                rng ^= rng << 13;
+                rng ^= rng >> 7;
+                rng ^= rng << 17;
+                rng
+            };
+            let branches = (next() % 4) as usize;
+            let mut m = TxnMachine::new(
+                xid(),
+                branches,
+                RetryPolicy {
+                    first_ms: 1,
+                    max_ms: 4,
+                },
+            );
+            let mut pending = m.on(Event::CommitRequested);
+            let mut outcome = None;
+            let mut commits = 0;
+            let mut steps = 0;
+            while !pending.is_empty() {
+                steps += 1;
+                assert!(steps < 10_000, "seed {seed}: no progress");
+                let command = pending.remove((next() as usize) % pending.len());
+                let fail = next() % 4 == 0;
+                let event = match command {
+                    Command::Prepare(b) => {
+                        let vote = match next() % 3 {
+                            _ if fail => Err(refused()),
+                            0 => Ok(Vote::ReadOnly),
+                            _ => commit_vote(&[b as u8]),
+                        };
+                        Some(Event::Prepared { branch: b, vote })
+                    }
+                    Command::AppendDecision { .. } => Some(Event::DecisionDurable { lsn: Lsn(1) }),
+                    Command::Commit(b) => {
+                        commits += 1;
+                        let result = if fail { Err(refused()) } else { Ok(()) };
+                        Some(Event::Resolved { branch: b, result })
+                    }
+                    Command::Rollback(b) => {
+                        let result = if fail { Err(refused()) } else { Ok(()) };
+                        Some(Event::Resolved { branch: b, result })
+                    }
+                    Command::RetryAfter { branch, .. } => Some(Event::RetryDue { branch }),
+                    Command::AppendEnd => None,
+                    Command::Reply(o) => {
+                        assert!(outcome.is_none(), "seed {seed}: two replies");
+                        outcome = Some(o);
+                        None
+                    }
+                };
+                if let Some(event) = event {
+                    pending.extend(m.on(event));
+                }
+            }
+            assert_eq!(m.phase(), &Phase::Finished, "seed {seed}: {m:?}");
+            match outcome {
+                Some(Outcome::Committed { .. }) => assert!(
+                    m.branches()
+                        .iter()
+                        .all(|b| matches!(b.state, BranchState::Committed | BranchState::ReadOnly))
+                ),
+                Some(Outcome::RolledBack { .. }) => assert_eq!(commits, 0, "seed {seed}"),
+                other => panic!("seed {seed}: outcome {other:?}"),
+            }
+        }
+    }
+}

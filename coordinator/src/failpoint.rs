@@ -1,0 +1,63 @@
+//! Named fail points on the commit path, for crash tests.
+//!
+//! A crash test arms one point by name in the environment (`CONCORD_FAILPOINT=name` or
+//! `name:N` to fire at the N-th hit, counted across the process). When the armed point is hit,
+//! the process prints `FAILPOINT name` on standard error and freezes the calling thread; the test
+//! harness, reading standard error, kills the process there with SIGKILL. Unarmed, a point costs
+//! one relaxed atomic load.
+//!
+//! The points, in commit-path order: `after_prepare` (a branch voted), `decision_appended`
+//! (the decision is queued in the journal, not yet durable), `decision_durable`, `between_commits`
+//! (one branch committed in phase 2, others not yet), `before_end`.
+
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Every fail point, in commit-path order.
+pub const POINTS: [&str; 5] = [
+    "after_prepare",
+    "decision_appended",
+    "decision_durable",
+    "between_commits",
+    "before_end",
+];
+
+struct Armed {
+    name: String,
+    at_hit: u64,
+    hits: AtomicU64,
+}
+
+fn armed() -> Option<&'static Armed> {
+    static ARMED: OnceLock<Option<Armed>> = OnceLock::new();
+    ARMED
+        .get_or_init(|| {
+            let spec = std::env::var("CONCORD_FAILPOINT").ok()?;
+            let (name, at_hit) = match spec.split_once(':') {
+                Some((name, n)) => (name.to_string(), n.parse().ok()?),
+                None => (spec, 1),
+            };
+            Some(Armed {
+                name,
+                at_hit,
+                hits: AtomicU64::new(0),
+            })
+        })
+        .as_ref()
+}
+
+/// Hits the fail point `name`: freezes this thread if it is the armed point's firing hit.
+pub fn hit(name: &str) {
+    let Some(armed) = armed() else { return };
+    if armed.name != name {
+        return;
+    }
+    let n = armed.hits.fetch_add(1, Ordering::Relaxed) + 1;
+    if n != armed.at_hit {
+        return;
+    }
+    eprintln!("FAILPOINT {name}");
+    loop {
+        std::thread::park();
+    }
+}

@@ -1,0 +1,33 @@
+//! The coordinator: two-phase commit across resources, with a durable decision in the journal.
+//!
+//! An application begins a transaction ([`Coordinator::begin`] → an [`adapters::Xid`]), joins
+//! resources to it and does work in each through the resource's own branch handle, then commits
+//! ([`Coordinator::commit`]). The coordinator prepares every branch concurrently; if all vote yes
+//! it appends one `Commit` record holding every writer's redo and, once that record is durable
+//! (group commit), tells the caller "committed" and commits every branch; an `End` record closes
+//! the transaction. Presumed abort: without a `Commit` record a transaction never happened, so a
+//! crash before the decision ends in rollback, and a crash after it in commit.
+//!
+//! The parts:
+//!
+//! * [`engine`] — the protocol as a pure state machine per transaction: events in, commands out,
+//!   no I/O, no clock.
+//! * [`runtime`] — executes the commands with tokio, the journal and the resources; recovery at
+//!   open; the timeout reaper; operator views (`list`, `resolve`).
+//! * [`record`] — the journal records (`Commit`, `End`, `Resolve`) and their versioned encoding.
+//! * [`failpoint`] — named points on the commit path where crash tests kill the process.
+//!
+//! # Implementation caveats
+//!
+//! * Recovery reads the whole retained journal; segments are not yet checkpointed away (the
+//!   `End` records that would allow it are written).
+//! * One task drives each transaction; there is no cap on concurrent transactions yet beyond the
+//!   journal's queue bound.
+
+pub mod engine;
+pub mod failpoint;
+pub mod record;
+pub mod runtime;
+
+pub use engine::{Outcome, RetryPolicy};
+pub use runtime::{CoordError, Coordinator, CoordinatorConfig, RecoveryReport, TxnInfo};

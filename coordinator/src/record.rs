@@ -1,0 +1,300 @@
+//! The coordinator's journal records and their encoding.
+//!
+//! | kind | record | when |
+//! |---:|---|---|
+//! | 1 | `Commit { xid, branches: [(resource, redo)] }` | the decision: durable before the caller hears "committed" |
+//! | 2 | `End { xid }` | every branch acknowledged phase 2 (appended without waiting) |
+//! | 3 | `Resolve { xid, commit, operator, at_ms }` | an operator's decision for an in-doubt or stuck transaction |
+//!
+//! Presumed abort: a transaction with no `Commit` record never committed, so nothing is journaled
+//! for rollbacks. Payload encoding, version 1, little-endian: an xid is its text form with a `u16`
+//! length; a string is a `u32` length and UTF-8 bytes; bytes are a `u32` length and the bytes. A
+//! decoder refuses a payload version above 1 ([`RecordError::NewerVersion`]), a kind it does not
+//! know, and any length that runs past the payload, before allocating.
+
+use adapters::Xid;
+use journal::RecordKind;
+
+/// Kind of the decision record.
+pub const COMMIT: RecordKind = RecordKind::new(1, 1);
+/// Kind of the end record.
+pub const END: RecordKind = RecordKind::new(2, 1);
+/// Kind of an operator's resolution.
+pub const RESOLVE: RecordKind = RecordKind::new(3, 1);
+
+/// A coordinator record.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CoordRecord {
+    /// The commit decision with every writing branch's redo.
+    Commit {
+        /// The transaction.
+        xid: Xid,
+        /// `(resource name, redo)` of each writing branch.
+        branches: Vec<(String, Vec<u8>)>,
+    },
+    /// Phase 2 finished.
+    End {
+        /// The transaction.
+        xid: Xid,
+    },
+    /// An operator decided the outcome by hand.
+    Resolve {
+        /// The transaction.
+        xid: Xid,
+        /// Commit (true) or roll back (false).
+        commit: bool,
+        /// Who decided (user name as given).
+        operator: String,
+        /// When, in milliseconds since the Unix epoch.
+        at_ms: u64,
+    },
+}
+
+/// Why a payload could not be decoded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RecordError {
+    /// The record was written by a newer concord.
+    #[error(
+        "record kind {code} has payload version {version}; this concord reads version 1: run a newer concord"
+    )]
+    NewerVersion {
+        /// Kind code.
+        code: u8,
+        /// Its version.
+        version: u8,
+    },
+    /// The kind is not a coordinator record.
+    #[error("unknown record kind {0}")]
+    UnknownKind(u8),
+    /// The payload is malformed.
+    #[error("malformed {kind} record: {reason}")]
+    Malformed {
+        /// Which record.
+        kind: &'static str,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+impl CoordRecord {
+    /// Its kind.
+    pub fn kind(&self) -> RecordKind {
+        match self {
+            CoordRecord::Commit { .. } => COMMIT,
+            CoordRecord::End { .. } => END,
+            CoordRecord::Resolve { .. } => RESOLVE,
+        }
+    }
+
+    /// The transaction it is about.
+    pub fn xid(&self) -> Xid {
+        match self {
+            CoordRecord::Commit { xid, .. }
+            | CoordRecord::End { xid }
+            | CoordRecord::Resolve { xid, .. } => *xid,
+        }
+    }
+
+    /// The payload bytes.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        put_xid(&mut out, &self.xid());
+        match self {
+            CoordRecord::Commit { branches, .. } => {
+                out.extend_from_slice(&(branches.len() as u32).to_le_bytes());
+                for (resource, redo) in branches {
+                    put_bytes(&mut out, resource.as_bytes());
+                    put_bytes(&mut out, redo);
+                }
+            }
+            CoordRecord::End { .. } => {}
+            CoordRecord::Resolve {
+                commit,
+                operator,
+                at_ms,
+                ..
+            } => {
+                out.push(u8::from(*commit));
+                put_bytes(&mut out, operator.as_bytes());
+                out.extend_from_slice(&at_ms.to_le_bytes());
+            }
+        }
+        out
+    }
+
+    /// Decodes a payload of the given kind.
+    pub fn decode(kind: RecordKind, payload: &[u8]) -> Result<CoordRecord, RecordError> {
+        let name = match kind.code {
+            1 => "Commit",
+            2 => "End",
+            3 => "Resolve",
+            other => return Err(RecordError::UnknownKind(other)),
+        };
+        if kind.version != 1 {
+            return Err(RecordError::NewerVersion {
+                code: kind.code,
+                version: kind.version,
+            });
+        }
+        let mut r = Reader {
+            bytes: payload,
+            kind: name,
+        };
+        let xid = r.xid()?;
+        let record = match kind.code {
+            1 => {
+                let count = r.u32()?;
+                let mut branches = Vec::new();
+                for _ in 0..count {
+                    let resource = r.string()?;
+                    let redo = r.bytes()?.to_vec();
+                    branches.push((resource, redo));
+                }
+                CoordRecord::Commit { xid, branches }
+            }
+            2 => CoordRecord::End { xid },
+            _ => {
+                let commit = r.take(1)?[0] != 0;
+                let operator = r.string()?;
+                let at_ms = u64::from_le_bytes(r.array::<8>()?);
+                CoordRecord::Resolve {
+                    xid,
+                    commit,
+                    operator,
+                    at_ms,
+                }
+            }
+        };
+        if !r.bytes.is_empty() {
+            return Err(r.malformed(format!("{} bytes left over", r.bytes.len())));
+        }
+        Ok(record)
+    }
+}
+
+fn put_xid(out: &mut Vec<u8>, xid: &Xid) {
+    let text = xid.to_string();
+    out.extend_from_slice(&(text.len() as u16).to_le_bytes());
+    out.extend_from_slice(text.as_bytes());
+}
+
+fn put_bytes(out: &mut Vec<u8>, bytes: &[u8]) {
+    out.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
+    out.extend_from_slice(bytes);
+}
+
+struct Reader<'a> {
+    bytes: &'a [u8],
+    kind: &'static str,
+}
+
+impl<'a> Reader<'a> {
+    fn malformed(&self, reason: String) -> RecordError {
+        RecordError::Malformed {
+            kind: self.kind,
+            reason,
+        }
+    }
+
+    fn take(&mut self, n: usize) -> Result<&'a [u8], RecordError> {
+        if n > self.bytes.len() {
+            return Err(self.malformed(format!("needs {n} bytes, {} remain", self.bytes.len())));
+        }
+        let (head, rest) = self.bytes.split_at(n);
+        self.bytes = rest;
+        Ok(head)
+    }
+
+    fn array<const N: usize>(&mut self) -> Result<[u8; N], RecordError> {
+        let mut a = [0u8; N];
+        a.copy_from_slice(self.take(N)?);
+        Ok(a)
+    }
+
+    fn u32(&mut self) -> Result<u32, RecordError> {
+        Ok(u32::from_le_bytes(self.array::<4>()?))
+    }
+
+    fn bytes(&mut self) -> Result<&'a [u8], RecordError> {
+        let len = self.u32()? as usize;
+        self.take(len)
+    }
+
+    fn string(&mut self) -> Result<String, RecordError> {
+        let bytes = self.bytes()?;
+        String::from_utf8(bytes.to_vec()).map_err(|_| self.malformed("a name is not UTF-8".into()))
+    }
+
+    fn xid(&mut self) -> Result<Xid, RecordError> {
+        let len = u16::from_le_bytes(self.array::<2>()?) as usize;
+        let text = self.take(len)?;
+        let text =
+            std::str::from_utf8(text).map_err(|_| self.malformed("xid is not UTF-8".into()))?;
+        text.parse().map_err(|e| self.malformed(format!("{e}")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use journal::Epoch;
+
+    fn xid() -> Xid {
+        Xid {
+            node: 1,
+            epoch: Epoch(2),
+            seq: 3,
+        }
+    }
+
+    #[test]
+    fn records_round_trip() {
+        let records = [
+            CoordRecord::Commit {
+                xid: xid(),
+                branches: vec![("files".into(), vec![1, 2, 3]), ("kv".into(), vec![])],
+            },
+            CoordRecord::End { xid: xid() },
+            CoordRecord::Resolve {
+                xid: xid(),
+                commit: true,
+                operator: "ops".into(),
+                at_ms: 17,
+            },
+        ];
+        for record in records {
+            let decoded = CoordRecord::decode(record.kind(), &record.encode()).unwrap();
+            assert_eq!(decoded, record);
+        }
+    }
+
+    #[test]
+    fn newer_versions_unknown_kinds_and_short_payloads_are_refused() {
+        let commit = CoordRecord::Commit {
+            xid: xid(),
+            branches: vec![("files".into(), vec![9; 40])],
+        };
+        let payload = commit.encode();
+        assert!(matches!(
+            CoordRecord::decode(RecordKind::new(1, 2), &payload),
+            Err(RecordError::NewerVersion {
+                code: 1,
+                version: 2
+            })
+        ));
+        assert!(matches!(
+            CoordRecord::decode(RecordKind::new(9, 1), &payload),
+            Err(RecordError::UnknownKind(9))
+        ));
+        for cut in 0..payload.len() {
+            assert!(
+                CoordRecord::decode(COMMIT, &payload[..cut]).is_err(),
+                "cut at {cut}"
+            );
+        }
+        let mut huge = payload.clone();
+        let at = 2 + xid().to_string().len();
+        huge[at..at + 4].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(CoordRecord::decode(COMMIT, &huge).is_err());
+    }
+}
