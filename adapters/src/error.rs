@@ -39,7 +39,9 @@ pub enum ResourceError {
         reason: String,
     },
     /// Another open branch holds what this branch wants to write; it waited `waited_ms` and gave up.
-    #[error("resource {resource}: {what} is being written by another transaction ({holder}); gave up after {waited_ms} ms")]
+    #[error(
+        "resource {resource}: {what} is being written by another transaction ({holder}); gave up after {waited_ms} ms"
+    )]
     Conflict {
         /// The resource name.
         resource: String,
@@ -51,7 +53,9 @@ pub enum ResourceError {
         waited_ms: u64,
     },
     /// The resource has been fenced at a higher epoch than this branch's.
-    #[error("resource {resource}: epoch {offered} is fenced (the resource is at epoch {current}); this node must stop")]
+    #[error(
+        "resource {resource}: epoch {offered} is fenced (the resource is at epoch {current}); this node must stop"
+    )]
     Fenced {
         /// The resource name.
         resource: String,
@@ -83,9 +87,9 @@ impl ResourceError {
     pub fn class(&self) -> ErrorClass {
         match self {
             ResourceError::Unavailable { .. } => ErrorClass::Retryable,
-            ResourceError::Rejected { .. } | ResourceError::Conflict { .. } | ResourceError::Fenced { .. } => {
-                ErrorClass::Rejected
-            }
+            ResourceError::Rejected { .. }
+            | ResourceError::Conflict { .. }
+            | ResourceError::Fenced { .. } => ErrorClass::Rejected,
             ResourceError::InDoubt { .. } => ErrorClass::InDoubt,
             ResourceError::Fatal { .. } => ErrorClass::Fatal,
         }
@@ -93,12 +97,20 @@ impl ResourceError {
 
     /// A [`ResourceError::Rejected`].
     pub fn rejected(resource: impl Into<String>, reason: impl Into<String>) -> ResourceError {
-        ResourceError::Rejected { resource: resource.into(), reason: reason.into() }
+        ResourceError::Rejected {
+            resource: resource.into(),
+            reason: reason.into(),
+        }
     }
 
     /// An I/O failure, classified: a full disk or a permission problem is `Rejected` (nothing was
     /// changed by the failed step, the transaction rolls back); anything else is `Unavailable`.
-    pub fn io(resource: &str, action: &str, path: &std::path::Path, e: &std::io::Error) -> ResourceError {
+    pub fn io(
+        resource: &str,
+        action: &str,
+        path: &std::path::Path,
+        e: &std::io::Error,
+    ) -> ResourceError {
         let message = format!("{action} {}: {e}", path.display());
         match e.kind() {
             std::io::ErrorKind::StorageFull
@@ -106,7 +118,10 @@ impl ResourceError {
             | std::io::ErrorKind::ReadOnlyFilesystem
             | std::io::ErrorKind::NotFound
             | std::io::ErrorKind::InvalidInput => ResourceError::rejected(resource, message),
-            _ => ResourceError::Unavailable { resource: resource.to_string(), message },
+            _ => ResourceError::Unavailable {
+                resource: resource.to_string(),
+                message,
+            },
         }
     }
 }

@@ -27,6 +27,9 @@
 //!   resources whose work is blocking file I/O run it on tokio's blocking pool.
 
 pub mod error;
+pub mod files;
+pub mod null;
+pub mod testing;
 pub mod xid;
 
 pub use error::{ErrorClass, ResourceError};

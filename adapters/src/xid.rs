@@ -34,7 +34,12 @@ impl FromStr for Xid {
     type Err = ResourceError;
 
     fn from_str(s: &str) -> Result<Xid, ResourceError> {
-        let bad = || ResourceError::rejected("xid", format!("{s:?} is not an xid (n<node>e<epoch>s<seq>)"));
+        let bad = || {
+            ResourceError::rejected(
+                "xid",
+                format!("{s:?} is not an xid (n<node>e<epoch>s<seq>)"),
+            )
+        };
         let rest = s.strip_prefix('n').ok_or_else(bad)?;
         let (node, rest) = rest.split_once('e').ok_or_else(bad)?;
         let (epoch, seq) = rest.split_once('s').ok_or_else(bad)?;
@@ -56,7 +61,11 @@ mod tests {
 
     #[test]
     fn xids_print_and_parse_back() {
-        let xid = Xid { node: 7, epoch: Epoch(3), seq: 1_730_000_000_000_042 };
+        let xid = Xid {
+            node: 7,
+            epoch: Epoch(3),
+            seq: 1_730_000_000_000_042,
+        };
         let text = xid.to_string();
         assert_eq!(text, "n7e3s1730000000000042");
         assert_eq!(text.parse::<Xid>().unwrap(), xid);
@@ -64,7 +73,16 @@ mod tests {
 
     #[test]
     fn malformed_xids_are_refused() {
-        for bad in ["", "n1e2", "n1e2s", "x1e2s3", "n1e2s3x", "n+1e2s3", "n1e2s99999999999999999999", "n1:e2s3"] {
+        for bad in [
+            "",
+            "n1e2",
+            "n1e2s",
+            "x1e2s3",
+            "n1e2s3x",
+            "n+1e2s3",
+            "n1e2s99999999999999999999",
+            "n1:e2s3",
+        ] {
             assert!(bad.parse::<Xid>().is_err(), "{bad}");
         }
     }

@@ -25,8 +25,11 @@
 //!   (`--record-bytes-max`) are options with the journal's defaults.
 
 mod bench;
+mod bench_commit;
+mod demo;
 mod inspect;
 mod output;
+mod txn;
 mod verify;
 
 use std::process::ExitCode;
@@ -59,12 +62,18 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Run transactions across two files resources on embedded defaults, some failing on
+    /// purpose, and check that every one is all-or-nothing.
+    Demo(demo::DemoArgs),
     /// Read-only tools for a journal directory: inspect its records, verify it.
     #[command(subcommand)]
     Journal(JournalCommand),
     /// Benchmarks that print a ratio against a baseline measured in the same run.
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Unfinished and in-doubt transactions: list them, resolve one by an operator's decision.
+    #[command(subcommand)]
+    Txn(TxnCommand),
 }
 
 #[derive(Subcommand, Debug)]
@@ -78,9 +87,19 @@ enum JournalCommand {
 }
 
 #[derive(Subcommand, Debug)]
+enum TxnCommand {
+    /// Show transactions whose phase 2 is unfinished and prepared branches no decision names.
+    List(txn::ListArgs),
+    /// Record an operator's commit or rollback decision for a stuck transaction and carry it out.
+    Resolve(txn::ResolveArgs),
+}
+
+#[derive(Subcommand, Debug)]
 enum BenchCommand {
     /// Benchmark the journal, against a baseline measured in the same run.
     Journal(bench::JournalBenchArgs),
+    /// Benchmark commits through the coordinator, against a baseline measured in the same run.
+    Commit(bench_commit::CommitBenchArgs),
 }
 
 impl Command {
@@ -89,6 +108,8 @@ impl Command {
         match self {
             Command::Journal(_) => LevelFilter::WARN,
             Command::Bench(_) => LevelFilter::INFO,
+            Command::Demo(_) => LevelFilter::WARN,
+            Command::Txn(_) => LevelFilter::WARN,
         }
     }
 }
@@ -110,6 +131,13 @@ fn run(command: Command) -> anyhow::Result<()> {
         Command::Journal(JournalCommand::Inspect(args)) => inspect::run(&args),
         Command::Journal(JournalCommand::Verify(args)) => verify::run(&args),
         Command::Bench(BenchCommand::Journal(args)) => bench::journal(args),
+        Command::Bench(BenchCommand::Commit(args)) => bench_commit::run(args),
+        Command::Txn(TxnCommand::List(args)) => txn::list(args),
+        Command::Txn(TxnCommand::Resolve(args)) => txn::resolve(args),
+        Command::Demo(args) => match demo::run(args)? {
+            true => Ok(()),
+            false => anyhow::bail!("atomicity check failed (see the lines above)"),
+        },
     }
 }
 

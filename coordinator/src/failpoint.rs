@@ -8,7 +8,8 @@
 //!
 //! The points, in commit-path order: `after_prepare` (a branch voted), `decision_appended`
 //! (the decision is queued in the journal, not yet durable), `decision_durable`, `between_commits`
-//! (one branch committed in phase 2, others not yet), `before_end`.
+//! (a branch has just committed in phase 2; the others of its transaction may not have),
+//! `before_end`.
 
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};

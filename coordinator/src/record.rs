@@ -2,7 +2,7 @@
 //!
 //! | kind | record | when |
 //! |---:|---|---|
-//! | 1 | `Commit { xid, branches: [(resource, redo)] }` | the decision: durable before the caller hears "committed" |
+//! | 1 | `Commit { xid, at_ms, branches: [(resource, redo)] }` | the decision: durable before the caller hears "committed" |
 //! | 2 | `End { xid }` | every branch acknowledged phase 2 (appended without waiting) |
 //! | 3 | `Resolve { xid, commit, operator, at_ms }` | an operator's decision for an in-doubt or stuck transaction |
 //!
@@ -29,6 +29,8 @@ pub enum CoordRecord {
     Commit {
         /// The transaction.
         xid: Xid,
+        /// When the decision was made, in milliseconds since the Unix epoch (for operators).
+        at_ms: u64,
         /// `(resource name, redo)` of each writing branch.
         branches: Vec<(String, Vec<u8>)>,
     },
@@ -100,7 +102,10 @@ impl CoordRecord {
         let mut out = Vec::new();
         put_xid(&mut out, &self.xid());
         match self {
-            CoordRecord::Commit { branches, .. } => {
+            CoordRecord::Commit {
+                at_ms, branches, ..
+            } => {
+                out.extend_from_slice(&at_ms.to_le_bytes());
                 out.extend_from_slice(&(branches.len() as u32).to_le_bytes());
                 for (resource, redo) in branches {
                     put_bytes(&mut out, resource.as_bytes());
@@ -143,6 +148,7 @@ impl CoordRecord {
         let xid = r.xid()?;
         let record = match kind.code {
             1 => {
+                let at_ms = u64::from_le_bytes(r.array::<8>()?);
                 let count = r.u32()?;
                 let mut branches = Vec::new();
                 for _ in 0..count {
@@ -150,7 +156,11 @@ impl CoordRecord {
                     let redo = r.bytes()?.to_vec();
                     branches.push((resource, redo));
                 }
-                CoordRecord::Commit { xid, branches }
+                CoordRecord::Commit {
+                    xid,
+                    at_ms,
+                    branches,
+                }
             }
             2 => CoordRecord::End { xid },
             _ => {
@@ -252,6 +262,7 @@ mod tests {
         let records = [
             CoordRecord::Commit {
                 xid: xid(),
+                at_ms: 99,
                 branches: vec![("files".into(), vec![1, 2, 3]), ("kv".into(), vec![])],
             },
             CoordRecord::End { xid: xid() },
@@ -272,6 +283,7 @@ mod tests {
     fn newer_versions_unknown_kinds_and_short_payloads_are_refused() {
         let commit = CoordRecord::Commit {
             xid: xid(),
+            at_ms: 1,
             branches: vec![("files".into(), vec![9; 40])],
         };
         let payload = commit.encode();
@@ -293,7 +305,7 @@ mod tests {
             );
         }
         let mut huge = payload.clone();
-        let at = 2 + xid().to_string().len();
+        let at = 2 + xid().to_string().len() + 8;
         huge[at..at + 4].copy_from_slice(&u32::MAX.to_le_bytes());
         assert!(CoordRecord::decode(COMMIT, &huge).is_err());
     }

@@ -24,9 +24,7 @@ use tokio::sync::{Notify, oneshot, watch};
 use tokio::task::JoinSet;
 use tracing::Instrument;
 
-use crate::engine::{
-    BranchId, BranchState, Command, Event, Outcome, Phase, RetryPolicy, TxnMachine,
-};
+use crate::engine::{BranchId, Command, Event, Outcome, Phase, RetryPolicy, TxnMachine};
 use crate::failpoint;
 use crate::record::{CoordRecord, RecordError};
 
@@ -387,6 +385,19 @@ impl Coordinator {
         answer.await.map_err(|_| CoordError::ShuttingDown)
     }
 
+    /// Rolls back an open transaction whose handle was dropped without commit or rollback, in
+    /// the background (dropping cannot wait). Does nothing to a transaction that is not open.
+    pub fn abandon(&self, xid: &Xid) {
+        let Some(open) = lock(&self.inner.open).remove(xid) else {
+            return;
+        };
+        let machine = TxnMachine::new(*xid, open.branches.len(), self.inner.config.retry);
+        let event = Event::RollbackRequested {
+            reason: "the transaction handle was dropped".into(),
+        };
+        self.drive(machine, open.branches, open.started, vec![], event, None);
+    }
+
     /// Starts the task that drives `machine`: feeds `first` (or runs `initial` commands) and
     /// carries on until the machine is finished.
     fn drive(
@@ -424,6 +435,25 @@ impl Coordinator {
         inner
             .tasks
             .spawn(&stop, driver.run(initial, first).instrument(span));
+    }
+
+    /// Waits (at most `timeout`) until no transaction is being committed, rolled back or
+    /// recovered — phase 2 and recovery run in the background — and returns whether that
+    /// happened. Transactions in doubt do not count: they wait for a restart or an operator.
+    pub async fn wait_settled(&self, timeout: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let busy = lock(&self.inner.running)
+                .values()
+                .any(|r| *r.machine.phase() != Phase::InDoubt);
+            if !busy {
+                return true;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
     }
 
     /// Every open, committing, rolling-back or in-doubt transaction.
@@ -522,10 +552,7 @@ impl Coordinator {
                 "transaction {xid} has a durable commit decision; it cannot be rolled back (some branches may already be committed)"
             )));
         }
-        let at_ms = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0);
+        let at_ms = now_ms();
         let record = CoordRecord::Resolve {
             xid: *xid,
             commit,
@@ -645,6 +672,13 @@ impl Coordinator {
     }
 }
 
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
 fn phase_name(phase: &Phase) -> &'static str {
     match phase {
         Phase::Active => "open",
@@ -748,13 +782,6 @@ impl Driver {
         let xid = self.xid;
         let resource = self.resources.get(branch).cloned().flatten();
         let name = self.names.get(branch).cloned().unwrap_or_default();
-        let committed_before = self
-            .with_machine(|m| {
-                m.branches()
-                    .iter()
-                    .any(|b| b.state == BranchState::Committed)
-            })
-            .unwrap_or(false);
         calls.spawn(async move {
             let Some(resource) = resource else {
                 let e = ResourceError::Unavailable {
@@ -770,13 +797,9 @@ impl Driver {
                     Event::Prepared { branch, vote }
                 }
                 Call::Commit => {
-                    if committed_before {
-                        failpoint::hit("between_commits");
-                    }
-                    Event::Resolved {
-                        branch,
-                        result: resource.commit(&xid).await,
-                    }
+                    let result = resource.commit(&xid).await;
+                    failpoint::hit("between_commits");
+                    Event::Resolved { branch, result }
                 }
                 Call::Rollback => Event::Resolved {
                     branch,
@@ -793,6 +816,7 @@ impl Driver {
             .collect();
         let record = CoordRecord::Commit {
             xid: self.xid,
+            at_ms: now_ms(),
             branches,
         };
         let appended =

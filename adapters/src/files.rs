@@ -1,0 +1,2218 @@
+//! The files resource: a directory tree whose changes commit with the transaction.
+//!
+//! A branch writes files under a **root** directory: it puts content at relative paths and
+//! deletes paths. Nothing it writes is visible in the tree until the branch commits; then all of
+//! it appears, each file by one `rename`. The idea is the classic one of staging plus an atomic
+//! rename, made durable at each step and isolated by a lock per path:
+//!
+//! * **Staging.** [`FilesBranch::put`] streams the content into a private staging file in bounded
+//!   chunks, hashing it with blake3 as it goes, so a file of any size (up to `file_bytes_max`)
+//!   never sits in memory. [`FilesBranch::delete`] only records the intent. The branch reads its
+//!   own writes ([`FilesBranch::read`], [`FilesBranch::open_read`]); other branches see the
+//!   committed tree.
+//! * **Prepare** syncs every staged file, hard-links it into the resource's blob store
+//!   ([`BlobStore::adopt`]: no copy, the blob store and the staging area are on the same file
+//!   system), and then writes the branch's **manifest** durably. The manifest is the prepare: a
+//!   branch with a manifest is prepared, survives a crash and is listed by `recover`; a branch
+//!   without one is presumed aborted when the resource opens. The vote carries the **redo** — the
+//!   list of puts (path, blob id, size) and deletes — which a standby replays from the blobs.
+//! * **Commit** renames every staged file into place (creating parent directories durably) and
+//!   removes every deleted path, syncs each directory it touched, then removes the manifest.
+//!   **Rollback** removes the manifest and the staging directory. Both are idempotent.
+//! * **Locks.** A path a branch writes (put or delete) is locked until the branch is resolved,
+//!   together with an *intent* on each of its ancestor directories, so that one branch writing
+//!   `a` and another writing `a/b` conflict as well. This keeps the journal order the commit
+//!   order (DESIGN.md "Ordering"). A second writer waits at most `lock_wait_ms_max`, then fails
+//!   with [`ResourceError::Conflict`]. The locks of prepared branches are taken again when the
+//!   resource opens, from their manifests, so isolation survives a restart.
+//! * **Confinement.** A path is relative, `/`-separated, UTF-8, without empty, `.` or `..`
+//!   components or NUL bytes, and not under `.concord`; every existing prefix of it is checked on
+//!   disk, and a symlink is followed only when it resolves inside the root and outside the private
+//!   area. Every refusal is a [`ResourceError::Rejected`] naming the path and the reason.
+//! * **Fencing and replay.** [`Resource::fence`] stores the fence epoch durably; a branch of a
+//!   lower epoch is refused at begin, at every write and at prepare (commit and rollback of an
+//!   already prepared branch stay allowed: the new primary resolves those). [`Resource::replay`]
+//!   applies a redo from this resource's blob store together with its LSN.
+//!
+//! [`FilesResource`] is the resource ([`FilesResource::open`], [`FilesConfig`]); a
+//! [`FilesBranch`] is an application's handle on one branch; [`RedoEntry`] with [`encode_redo`]
+//! and [`decode_redo`] is the redo.
+//!
+//! # On disk
+//!
+//! ```text
+//! <root>/…                          the user's files
+//! <root>/.concord/LOCK              held (flock) by the one instance that has the root open
+//! <root>/.concord/staging/<xid>/<n> staged content of a branch, one file per put
+//! <root>/.concord/prepared/<xid>    the manifest of a prepared branch
+//! <root>/.concord/blobs/            a journal::BlobStore: the content of every prepared put
+//! <root>/.concord/fence             the fence epoch
+//! <root>/.concord/applied_lsn       the LSN of the last replayed redo
+//! <root>/.concord/tmp/              temp files of durable writes (cleared at open)
+//! ```
+//!
+//! Every durable small file (manifest, `fence`, `applied_lsn`) is written the same way: a temp
+//! file under `tmp/`, synced, renamed into place, and the directory synced. `fence` and
+//! `applied_lsn` hold a version byte, the value (u64 little-endian) and the first 8 bytes of the
+//! blake3 hash of the two; a damaged one refuses to open ([`ResourceError::Fatal`]).
+//!
+//! # The redo encoding (version 1)
+//!
+//! ```text
+//! version   u8       = 1
+//! count     u32 LE   number of entries (at most BRANCH_PATHS_MAX)
+//! entry*    op       u8: 1 = put, 2 = delete
+//!           path     u16 LE length, then that many bytes of UTF-8 (a confined relative path)
+//!           (put)    blob id: 32 bytes (blake3 of the content), size: u64 LE
+//! ```
+//!
+//! Entries are sorted by path and name distinct paths, none a prefix directory of another, so
+//! their order does not matter when they are applied. The manifest (private, version 1) is
+//! `CCFM`, a version byte and the u32 LE count, then the same entries with each put followed by
+//! the u64 LE number of its staged file, then the blake3 hash of everything before it, so a
+//! damaged manifest is detected (and refused at open as [`ResourceError::Fatal`]).
+//! Decoders refuse an unknown version, an over-limit count or length, and trailing bytes.
+//!
+//! # Crashes
+//!
+//! * **During put or before the manifest is durable**: the branch is not prepared. At open, its
+//!   staging directory is removed (presumed abort); blobs it adopted stay, named by nothing.
+//! * **During commit**: the manifest is still there, so the branch is prepared after the restart
+//!   and the coordinator commits again. An entry whose staged file is gone was already renamed
+//!   into place (locks kept every other branch off the path in between); it is restored from the
+//!   blob store, which holds the same content, so applying it twice gives the same file. Deletes
+//!   are repeated (a missing path is done). The manifest goes only after every directory touched
+//!   is synced.
+//! * **During rollback**: the manifest goes first (synced); a staging directory left behind has
+//!   no manifest and is removed at open.
+//! * **During replay**: `applied_lsn` is written only after every file of the redo is in place
+//!   and its directory synced. A crash before that leaves `applied_lsn` at the previous LSN, so
+//!   the replayer sends the same redo again, and applying it again is harmless: every entry sets
+//!   its path to a fixed final state (this content, or absent) whatever the path held before, the
+//!   entries of one redo touch distinct paths, and no later redo was applied in between (replay is
+//!   sequential and in LSN order). A crash after it makes the same LSN a no-op.
+//!
+//! # Implementation caveats
+//!
+//! * A committed file is a hard link of its blob (the staged file was adopted, then renamed into
+//!   place) until the blob is removed. Writing to such a file in place, outside concord, damages
+//!   the blob (which the blob store detects on read). Replacing it (as every concord put does, by
+//!   rename) is harmless.
+//! * Blobs adopted by branches that roll back, and blobs no retained journal record names, are
+//!   not removed here: that is the garbage collection of the layer that knows the records.
+//! * Reads take no locks: a branch reads the committed tree as it is (no repeatable reads).
+//! * Locks are on the path as written, not on the file a symlink inside the root leads to: two
+//!   names of one file through symlinks do not conflict.
+//! * Confinement is checked when a path is written or read and again at commit and replay, but a
+//!   symlink swapped in by someone else between the check and the use is not detected (there is
+//!   no `openat2(RESOLVE_BENEATH)` here). The tree is assumed to be written only through concord.
+//! * A put of a path that is a symlink (inside the root) replaces the symlink, it does not write
+//!   through it. Deleting and putting directories is not supported: only files.
+//! * A read-only vote is remembered for the last `READ_ONLY_REMEMBERED_MAX` such branches (a
+//!   repeated prepare votes the same); after a restart such a branch is unknown.
+//! * One-phase commit (commit of an unprepared branch) is refused.
+//! * A failed sync poisons the instance: every later call fails with [`ResourceError::Fatal`]
+//!   until the resource is opened again.
+
+use std::any::Any;
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::fmt;
+use std::fs::{self, File, Metadata, OpenOptions};
+use std::io::{self, Read, Write as _};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use journal::{BlobConfig, BlobId, BlobStore, JournalError};
+use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::sync::Notify;
+
+use crate::{Epoch, Lsn, Resource, ResourceError, Vote, Xid};
+
+/// The private directory under the root; no user path may start with it.
+pub const PRIVATE_DIR: &str = ".concord";
+/// Longest path accepted, in bytes.
+pub const PATH_BYTES_MAX: usize = 4096;
+/// Most paths one branch may write (and entries one redo may hold).
+pub const BRANCH_PATHS_MAX: usize = 100_000;
+/// Largest file [`FilesBranch::read`] returns whole; use [`FilesBranch::open_read`] beyond.
+pub const READ_BYTES_MAX: u64 = 16 << 20;
+/// Size of the one buffer a put, a blob copy or a read streams through.
+const CHUNK_BYTES: usize = 1 << 20;
+/// How many read-only branches are remembered, so that preparing one again votes the same.
+const READ_ONLY_REMEMBERED_MAX: usize = 4096;
+
+const REDO_VERSION: u8 = 1;
+const MANIFEST_MAGIC: &[u8; 4] = b"CCFM";
+const MANIFEST_VERSION: u8 = 1;
+const STATE_VERSION: u8 = 1;
+const OP_PUT: u8 = 1;
+const OP_DELETE: u8 = 2;
+
+type Result<T, E = ResourceError> = std::result::Result<T, E>;
+
+/// Limits and options of a files resource.
+#[derive(Clone, Debug)]
+pub struct FilesConfig {
+    /// How long a branch waits for a path another open branch writes before it fails with
+    /// [`ResourceError::Conflict`].
+    pub lock_wait_ms_max: u64,
+    /// Create the root directory when it does not exist.
+    pub create_if_missing: bool,
+    /// Largest file a put accepts; a longer stream is refused and nothing is staged.
+    pub file_bytes_max: u64,
+}
+
+impl Default for FilesConfig {
+    fn default() -> Self {
+        FilesConfig {
+            lock_wait_ms_max: 5000,
+            create_if_missing: false,
+            file_bytes_max: 1 << 40,
+        }
+    }
+}
+
+/// One effect in a files redo.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RedoEntry {
+    /// The file at `path` gets the content of blob `id`, of `bytes` bytes.
+    Put {
+        /// The path, relative to the root.
+        path: String,
+        /// The blob holding the content.
+        id: BlobId,
+        /// The size of the content.
+        bytes: u64,
+    },
+    /// The file at `path` is removed (nothing happens if it does not exist).
+    Delete {
+        /// The path, relative to the root.
+        path: String,
+    },
+}
+
+/// Encodes entries as a redo (see the module docs for the format).
+pub fn encode_redo(entries: &[RedoEntry]) -> Vec<u8> {
+    let mut out = vec![REDO_VERSION];
+    put_u32(&mut out, entries.len());
+    for entry in entries {
+        match entry {
+            RedoEntry::Put { path, id, bytes } => encode_put(&mut out, path, id, *bytes),
+            RedoEntry::Delete { path } => encode_delete(&mut out, path),
+        }
+    }
+    out
+}
+
+/// Decodes a redo; a malformed one is described in the error.
+pub fn decode_redo(redo: &[u8]) -> Result<Vec<RedoEntry>, String> {
+    let mut cursor = Cursor::new(redo);
+    let version = cursor.u8()?;
+    if version != REDO_VERSION {
+        return Err(format!(
+            "redo version {version}: this program reads version {REDO_VERSION}"
+        ));
+    }
+    let count = cursor.count()?;
+    let mut entries = Vec::with_capacity(count.min(redo.len() / 4));
+    for _ in 0..count {
+        entries.push(cursor.entry()?);
+    }
+    cursor.finish()?;
+    Ok(entries)
+}
+
+/// The files resource; see the module docs.
+pub struct FilesResource {
+    inner: Arc<Inner>,
+}
+
+/// An application's handle on one branch of a [`FilesResource`]: what it writes is staged and
+/// appears in the tree when the branch commits.
+pub struct FilesBranch {
+    inner: Arc<Inner>,
+    xid: Xid,
+}
+
+struct Inner {
+    name: String,
+    /// The canonical root.
+    root: PathBuf,
+    area: Area,
+    blobs: BlobStore,
+    config: FilesConfig,
+    state: Mutex<State>,
+    /// Woken whenever a branch releases its locks.
+    released: Notify,
+    /// Serializes replays, so that the LSN check and the apply are one step.
+    replaying: tokio::sync::Mutex<()>,
+    /// Serializes fences, so that the epoch never goes down.
+    fencing: tokio::sync::Mutex<()>,
+    /// Names of staged and temp files.
+    next_file: AtomicU64,
+    /// Holds the root's `LOCK` for the life of the instance.
+    _lock: File,
+}
+
+/// The paths of the private area.
+struct Area {
+    private: PathBuf,
+    staging: PathBuf,
+    prepared: PathBuf,
+    tmp: PathBuf,
+    fence: PathBuf,
+    applied_lsn: PathBuf,
+}
+
+/// What a branch did to one path.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Change {
+    /// Content staged in `staging/<xid>/<staged>`, hashing to `id`.
+    Put {
+        staged: u64,
+        id: BlobId,
+        bytes: u64,
+    },
+    Delete,
+}
+
+/// The changes of a branch by path: what prepare makes durable as the manifest.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Manifest {
+    changes: BTreeMap<String, Change>,
+}
+
+/// Where a branch is in its life. The only transitions: Active → Preparing → (Prepared or back
+/// to Active on failure); Active or Prepared → Resolving → gone (or back on failure).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    /// Writes are staged.
+    Active,
+    /// A prepare is running; no more writes.
+    Preparing,
+    /// The manifest is durable.
+    Prepared,
+    /// A commit or rollback is running.
+    Resolving,
+}
+
+struct Branch {
+    phase: Phase,
+    /// Whether its manifest is on disk (it is prepared, or being resolved after prepare).
+    manifest: bool,
+    changes: BTreeMap<String, Change>,
+    /// Paths locked by this branch (each with an intent on its ancestors).
+    locked: BTreeSet<String>,
+}
+
+struct State {
+    fence: Epoch,
+    applied_lsn: Lsn,
+    branches: HashMap<Xid, Branch>,
+    locks: Locks,
+    read_only: VecDeque<Xid>,
+    /// Set by the first fatal failure; every later call fails.
+    poisoned: Option<String>,
+}
+
+/// Path locks: an exclusive lock on each written path and an intent on each of its ancestors.
+#[derive(Default)]
+struct Locks {
+    exclusive: HashMap<String, Xid>,
+    intents: HashMap<String, HashMap<Xid, u32>>,
+}
+
+enum Refusal {
+    /// Another branch holds a conflicting lock.
+    Held(Xid),
+    /// The branch's own writes make the path impossible.
+    Own(String),
+}
+
+/// What a branch sees at a path.
+enum View {
+    Staged(PathBuf),
+    Deleted,
+    Committed,
+}
+
+/// What a path is confined for.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Use {
+    /// Written: the path may be missing, it must not be a directory.
+    Write,
+    /// Read: the path must be a file.
+    Read,
+}
+
+impl fmt::Display for Phase {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Phase::Active => "active",
+            Phase::Preparing => "being prepared",
+            Phase::Prepared => "prepared",
+            Phase::Resolving => "being resolved",
+        })
+    }
+}
+
+impl FilesResource {
+    /// Opens the resource at `root`: creates the private area if needed, takes the root's lock,
+    /// reads the fence epoch and applied LSN, re-takes the locks of every prepared branch and
+    /// removes the staging of branches that never prepared. Blocking: call it from
+    /// `spawn_blocking` when a runtime must not stall.
+    pub fn open(name: &str, root: &Path, config: FilesConfig) -> Result<Arc<FilesResource>> {
+        let root = open_root(name, root, &config)?;
+        let area = Area::new(&root);
+        for dir in [&area.private, &area.staging, &area.prepared, &area.tmp] {
+            create_dir_durably(name, dir)?;
+        }
+        let lock = lock_root(name, &area.private)?;
+        clear_dir(name, &area.tmp)?;
+        let blobs = open_blobs(name, &area, &config)?;
+        let fence = Epoch(read_state_file(name, &area.fence)?);
+        let applied_lsn = Lsn(read_state_file(name, &area.applied_lsn)?);
+        let (branches, locks) = load_prepared(name, &area)?;
+        remove_abandoned_staging(name, &area, &branches)?;
+        tracing::info!(resource = name, root = %root.display(), prepared = branches.len(), %fence, %applied_lsn, "files resource open");
+        let state = State {
+            fence,
+            applied_lsn,
+            branches,
+            locks,
+            read_only: VecDeque::new(),
+            poisoned: None,
+        };
+        let inner = Inner {
+            name: name.to_string(),
+            root,
+            area,
+            blobs,
+            config,
+            state: Mutex::new(state),
+            released: Notify::new(),
+            replaying: tokio::sync::Mutex::new(()),
+            fencing: tokio::sync::Mutex::new(()),
+            next_file: AtomicU64::new(0),
+            _lock: lock,
+        };
+        Ok(Arc::new(FilesResource {
+            inner: Arc::new(inner),
+        }))
+    }
+
+    /// The handle of the branch of `xid`, which must have been begun ([`Resource::begin`]);
+    /// otherwise its calls are refused.
+    pub fn branch(&self, xid: &Xid) -> FilesBranch {
+        FilesBranch {
+            inner: self.inner.clone(),
+            xid: *xid,
+        }
+    }
+
+    /// The root directory (canonical).
+    pub fn root(&self) -> &Path {
+        &self.inner.root
+    }
+
+    /// The resource's blob store, which a standby's replay reads: replication ships the blobs a
+    /// redo names into it before the redo is replayed.
+    pub fn blob_store(&self) -> &BlobStore {
+        &self.inner.blobs
+    }
+
+    /// The configuration it was opened with.
+    pub fn config(&self) -> &FilesConfig {
+        &self.inner.config
+    }
+}
+
+impl FilesBranch {
+    /// The xid of the branch.
+    pub fn xid(&self) -> &Xid {
+        &self.xid
+    }
+
+    /// Streams `content` into the file at `path`, staged until the branch commits; returns its
+    /// size. Waits for (at most `lock_wait_ms_max`) and locks the path. Refused when the path is
+    /// not confined to the root, the content is over `file_bytes_max`, or the branch is not
+    /// active.
+    pub async fn put(&self, path: &str, mut content: impl AsyncRead + Unpin) -> Result<u64> {
+        let inner = &self.inner;
+        check_path(&inner.name, path)?;
+        inner.lock_path(&self.xid, path).await?;
+        inner.confine_blocking(path, Use::Write).await?;
+        let staged = inner.next_file.fetch_add(1, Ordering::Relaxed);
+        let file = inner.area.staged_file(&self.xid, staged);
+        let written = inner.stream_to(path, &file, &mut content).await;
+        let (id, bytes) = match written {
+            Ok(ok) => ok,
+            Err(e) => return Err(inner.discard(&file, e).await),
+        };
+        inner
+            .record(
+                &self.xid,
+                path,
+                Change::Put { staged, id, bytes },
+                Some(&file),
+            )
+            .await?;
+        Ok(bytes)
+    }
+
+    /// Deletes the file at `path` when the branch commits. Waits for and locks the path like
+    /// [`FilesBranch::put`]. Refused when the branch sees no file there.
+    pub async fn delete(&self, path: &str) -> Result<()> {
+        let inner = &self.inner;
+        check_path(&inner.name, path)?;
+        inner.lock_path(&self.xid, path).await?;
+        let target = inner.confine_blocking(path, Use::Write).await?;
+        match inner.view(&self.xid, path)? {
+            View::Staged(_) => {}
+            View::Deleted => {
+                return Err(not_found(
+                    &inner.name,
+                    path,
+                    "this transaction already deleted it",
+                ));
+            }
+            View::Committed => {
+                let exists = blocking(&inner.name, move || {
+                    Ok(fs::symlink_metadata(&target).is_ok())
+                })
+                .await?;
+                if !exists {
+                    return Err(not_found(&inner.name, path, "there is no such file"));
+                }
+            }
+        }
+        inner.record(&self.xid, path, Change::Delete, None).await
+    }
+
+    /// The whole content of the file at `path` as this branch sees it (its own writes first, then
+    /// the committed tree); refused above [`READ_BYTES_MAX`].
+    pub async fn read(&self, path: &str) -> Result<Vec<u8>> {
+        let mut file = self.open_read(path).await?;
+        let (name, path) = (self.inner.name.clone(), path.to_string());
+        blocking(&self.inner.name, move || {
+            let len = file
+                .metadata()
+                .map_err(|e| ResourceError::io(&name, "inspect", Path::new(&path), &e))?
+                .len();
+            if len > READ_BYTES_MAX {
+                let reason = format!(
+                    "{path} is {len} bytes, over READ_BYTES_MAX = {READ_BYTES_MAX}; use open_read"
+                );
+                return Err(ResourceError::rejected(&name, reason));
+            }
+            let mut content = Vec::with_capacity(usize::try_from(len).unwrap_or(0));
+            file.read_to_end(&mut content)
+                .map_err(|e| ResourceError::io(&name, "read", Path::new(&path), &e))?;
+            Ok(content)
+        })
+        .await
+    }
+
+    /// Opens the file at `path` for reading as this branch sees it: the staged content if this
+    /// branch put it, a not-found refusal if it deleted it, else the committed file.
+    pub async fn open_read(&self, path: &str) -> Result<File> {
+        let inner = &self.inner;
+        check_path(&inner.name, path)?;
+        let name = inner.name.clone();
+        match inner.view(&self.xid, path)? {
+            View::Staged(file) => {
+                let shown = path.to_string();
+                blocking(&inner.name, move || {
+                    File::open(&file).map_err(|e| {
+                        ResourceError::io(&name, "open staged content of", Path::new(&shown), &e)
+                    })
+                })
+                .await
+            }
+            View::Deleted => Err(not_found(&name, path, "this transaction deleted it")),
+            View::Committed => {
+                let target = inner.confine_blocking(path, Use::Read).await?;
+                blocking(&inner.name, move || {
+                    File::open(&target).map_err(|e| ResourceError::io(&name, "open", &target, &e))
+                })
+                .await
+            }
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl Resource for FilesResource {
+    fn name(&self) -> &str {
+        &self.inner.name
+    }
+
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+
+    async fn begin(&self, xid: &Xid) -> Result<()> {
+        let inner = &self.inner;
+        let mut st = inner.state();
+        inner.usable(&st)?;
+        inner.not_fenced(&st, xid)?;
+        match st.branches.get(xid).map(|b| b.phase) {
+            None => {
+                st.read_only.retain(|x| x != xid);
+                st.branches.insert(*xid, Branch::new());
+                Ok(())
+            }
+            Some(Phase::Active) => Ok(()),
+            Some(phase) => {
+                Err(inner.rejected(format!("branch {xid} is {phase}; it cannot begin again")))
+            }
+        }
+    }
+
+    async fn prepare(&self, xid: &Xid) -> Result<Vote> {
+        let inner = &self.inner;
+        match inner.start_prepare(xid)? {
+            Start::ReadOnly => {
+                let (name, dir) = (inner.name.clone(), inner.area.staging_of(xid));
+                blocking(&inner.name, move || remove_tree(&name, &dir)).await?;
+                Ok(Vote::ReadOnly)
+            }
+            Start::Prepared => {
+                let worker = inner.clone();
+                let xid = *xid;
+                let manifest =
+                    inner.check(blocking(&inner.name, move || worker.read_manifest(&xid)).await)?;
+                let manifest = manifest.ok_or_else(|| {
+                    inner.fatal(format!("the manifest of prepared branch {xid} vanished"))
+                });
+                let manifest = inner.check(manifest)?;
+                Ok(Vote::Commit {
+                    redo: manifest.redo(),
+                })
+            }
+            Start::Stage(manifest) => {
+                let (worker, id) = (inner.clone(), *xid);
+                let result =
+                    blocking(&inner.name, move || worker.prepare_files(&id, &manifest)).await;
+                inner.finish_prepare(xid, result)
+            }
+        }
+    }
+
+    async fn commit(&self, xid: &Xid) -> Result<()> {
+        let inner = &self.inner;
+        let Some(previous) = inner.start_resolve(xid, true)? else {
+            return Ok(());
+        };
+        let (worker, id) = (inner.clone(), *xid);
+        let result = blocking(&inner.name, move || worker.commit_files(&id)).await;
+        inner.finish_resolve(xid, previous, result)
+    }
+
+    async fn rollback(&self, xid: &Xid) -> Result<()> {
+        let inner = &self.inner;
+        let Some(previous) = inner.start_resolve(xid, false)? else {
+            return Ok(());
+        };
+        let (worker, id) = (inner.clone(), *xid);
+        let result = blocking(&inner.name, move || worker.rollback_files(&id)).await;
+        inner.finish_resolve(xid, previous, result)
+    }
+
+    async fn recover(&self) -> Result<Vec<Xid>> {
+        let st = self.inner.state();
+        self.inner.usable(&st)?;
+        let mut xids: Vec<Xid> = st
+            .branches
+            .iter()
+            .filter(|(_, b)| b.manifest)
+            .map(|(xid, _)| *xid)
+            .collect();
+        xids.sort();
+        Ok(xids)
+    }
+
+    async fn fence(&self, epoch: Epoch) -> Result<()> {
+        let inner = &self.inner;
+        let _fencing = inner.fencing.lock().await;
+        let current = inner.usable_state(|st| st.fence)?;
+        if epoch <= current {
+            return Ok(());
+        }
+        let worker = inner.clone();
+        let written = blocking(&inner.name, move || {
+            worker.write_state("fence epoch", &worker.area.fence, epoch.0)
+        })
+        .await;
+        inner.check(written)?;
+        inner.state().fence = epoch;
+        tracing::info!(resource = %inner.name, from = %current, to = %epoch, "fence raised");
+        Ok(())
+    }
+
+    async fn fence_epoch(&self) -> Result<Epoch> {
+        self.inner.usable_state(|st| st.fence)
+    }
+
+    async fn replay(&self, redo: &[u8], lsn: Lsn) -> Result<()> {
+        let inner = &self.inner;
+        let _replaying = inner.replaying.lock().await;
+        if lsn <= inner.usable_state(|st| st.applied_lsn)? {
+            return Ok(());
+        }
+        let entries = decode_redo(redo)
+            .map_err(|e| inner.rejected(format!("replay of lsn {lsn}: malformed redo: {e}")))?;
+        let worker = inner.clone();
+        let applied = blocking(&inner.name, move || worker.replay_files(&entries, lsn)).await;
+        inner.check(applied)?;
+        inner.state().applied_lsn = lsn;
+        Ok(())
+    }
+
+    async fn applied_lsn(&self) -> Result<Lsn> {
+        self.inner.usable_state(|st| st.applied_lsn)
+    }
+}
+
+/// What prepare does after looking at the branch.
+enum Start {
+    ReadOnly,
+    Prepared,
+    Stage(Manifest),
+}
+
+// State transitions: each takes the state lock once and does no I/O.
+impl Inner {
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn usable(&self, st: &State) -> Result<()> {
+        match &st.poisoned {
+            None => Ok(()),
+            Some(cause) => Err(self.fatal(format!("unusable after an earlier failure ({cause})"))),
+        }
+    }
+
+    fn usable_state<T>(&self, f: impl FnOnce(&State) -> T) -> Result<T> {
+        let st = self.state();
+        self.usable(&st)?;
+        Ok(f(&st))
+    }
+
+    /// Poisons the instance when `result` is a fatal error.
+    fn check<T>(&self, result: Result<T>) -> Result<T> {
+        if let Err(ResourceError::Fatal { message, .. }) = &result {
+            let mut st = self.state();
+            if st.poisoned.is_none() {
+                tracing::error!(resource = %self.name, %message, "files resource poisoned; restart to recover");
+                st.poisoned = Some(message.clone());
+            }
+        }
+        result
+    }
+
+    fn not_fenced(&self, st: &State, xid: &Xid) -> Result<()> {
+        if xid.epoch < st.fence {
+            return Err(ResourceError::Fenced {
+                resource: self.name.clone(),
+                offered: xid.epoch,
+                current: st.fence,
+            });
+        }
+        Ok(())
+    }
+
+    fn rejected(&self, reason: String) -> ResourceError {
+        ResourceError::rejected(&self.name, reason)
+    }
+
+    fn fatal(&self, message: String) -> ResourceError {
+        ResourceError::Fatal {
+            resource: self.name.clone(),
+            message,
+        }
+    }
+
+    fn unavailable(&self, message: String) -> ResourceError {
+        ResourceError::Unavailable {
+            resource: self.name.clone(),
+            message,
+        }
+    }
+
+    /// One attempt to lock `path` for `xid`: `Ok(None)` when locked, `Ok(Some(holder))` when
+    /// another branch holds it.
+    fn try_lock(&self, xid: &Xid, path: &str) -> Result<Option<Xid>> {
+        let mut guard = self.state();
+        self.usable(&guard)?;
+        self.not_fenced(&guard, xid)?;
+        let State {
+            branches, locks, ..
+        } = &mut *guard;
+        let branch = self.active_branch(branches, xid)?;
+        if branch.locked.len() >= BRANCH_PATHS_MAX && !branch.locked.contains(path) {
+            return Err(self.rejected(format!("branch {xid} already writes BRANCH_PATHS_MAX = {BRANCH_PATHS_MAX} paths; {path} refused")));
+        }
+        match locks.try_take(xid, path) {
+            Ok(()) => {
+                branch.locked.insert(path.to_string());
+                Ok(None)
+            }
+            Err(Refusal::Held(holder)) => Ok(Some(holder)),
+            Err(Refusal::Own(reason)) => {
+                Err(self.rejected(format!("path {path:?} refused: {reason}")))
+            }
+        }
+    }
+
+    fn active_branch<'b>(
+        &self,
+        branches: &'b mut HashMap<Xid, Branch>,
+        xid: &Xid,
+    ) -> Result<&'b mut Branch> {
+        match branches.get_mut(xid) {
+            Some(b) if b.phase == Phase::Active => Ok(b),
+            Some(b) => Err(self.rejected(format!(
+                "branch {xid} is {}; it takes no more writes",
+                b.phase
+            ))),
+            None => Err(self.rejected(format!("branch {xid} is not open here; begin it first"))),
+        }
+    }
+
+    /// Records a staged change once its content is in place; a change that lost a race with
+    /// prepare or rollback is discarded.
+    async fn record(
+        &self,
+        xid: &Xid,
+        path: &str,
+        change: Change,
+        file: Option<&Path>,
+    ) -> Result<()> {
+        let replaced = {
+            let mut st = self.state();
+            match self.active_branch(&mut st.branches, xid) {
+                Ok(branch) => Ok(branch.changes.insert(path.to_string(), change)),
+                Err(e) => Err(e),
+            }
+        };
+        match replaced {
+            Ok(Some(Change::Put { staged, .. })) => {
+                let old = self.area.staged_file(xid, staged);
+                let name = self.name.clone();
+                blocking(&self.name, move || remove_file_if_exists(&name, &old)).await
+            }
+            Ok(_) => Ok(()),
+            Err(e) => match file {
+                Some(file) => Err(self.discard(file, e).await),
+                None => Err(e),
+            },
+        }
+    }
+
+    /// Removes a staged file whose put failed, and returns the failure.
+    async fn discard(&self, file: &Path, e: ResourceError) -> ResourceError {
+        let (name, file) = (self.name.clone(), file.to_path_buf());
+        let _ = blocking(&self.name, move || remove_file_if_exists(&name, &file)).await;
+        e
+    }
+
+    fn view(&self, xid: &Xid, path: &str) -> Result<View> {
+        let st = self.state();
+        self.usable(&st)?;
+        let branch = st.branches.get(xid).ok_or_else(|| {
+            self.rejected(format!("branch {xid} is not open here; begin it first"))
+        })?;
+        Ok(match branch.changes.get(path) {
+            Some(Change::Put { staged, .. }) => View::Staged(self.area.staged_file(xid, *staged)),
+            Some(Change::Delete) => View::Deleted,
+            None => View::Committed,
+        })
+    }
+
+    fn start_prepare(&self, xid: &Xid) -> Result<Start> {
+        let mut st = self.state();
+        self.usable(&st)?;
+        let fence = st.fence;
+        let Some(branch) = st.branches.get_mut(xid) else {
+            if st.read_only.contains(xid) {
+                return Ok(Start::ReadOnly);
+            }
+            return Err(self.rejected(format!(
+                "branch {xid} is unknown: it was never begun here, or its work was lost in a restart before prepare; roll the transaction back"
+            )));
+        };
+        match branch.phase {
+            Phase::Prepared => return Ok(Start::Prepared),
+            Phase::Preparing | Phase::Resolving => {
+                return Err(
+                    self.unavailable(format!("branch {xid} is {}; try again", branch.phase))
+                );
+            }
+            Phase::Active => {}
+        }
+        if xid.epoch < fence {
+            return Err(ResourceError::Fenced {
+                resource: self.name.clone(),
+                offered: xid.epoch,
+                current: fence,
+            });
+        }
+        if !branch.changes.is_empty() {
+            branch.phase = Phase::Preparing;
+            return Ok(Start::Stage(Manifest {
+                changes: branch.changes.clone(),
+            }));
+        }
+        self.release(&mut st, xid);
+        if st.read_only.len() >= READ_ONLY_REMEMBERED_MAX {
+            st.read_only.pop_front();
+        }
+        st.read_only.push_back(*xid);
+        Ok(Start::ReadOnly)
+    }
+
+    fn finish_prepare(&self, xid: &Xid, result: Result<Vote>) -> Result<Vote> {
+        let result = self.check(result);
+        let mut st = self.state();
+        if let Some(branch) = st.branches.get_mut(xid) {
+            branch.phase = if result.is_ok() {
+                Phase::Prepared
+            } else {
+                Phase::Active
+            };
+            branch.manifest = result.is_ok();
+        }
+        if result.is_ok() {
+            tracing::debug!(resource = %self.name, %xid, "prepared");
+        }
+        result
+    }
+
+    /// Marks a branch as being resolved; `None` when there is nothing to resolve.
+    fn start_resolve(&self, xid: &Xid, commit: bool) -> Result<Option<Phase>> {
+        let mut st = self.state();
+        self.usable(&st)?;
+        let Some(branch) = st.branches.get_mut(xid) else {
+            return Ok(None);
+        };
+        match branch.phase {
+            Phase::Active if commit => Err(self.rejected(format!(
+                "branch {xid} is not prepared; prepare it first (one-phase commit is not supported)"
+            ))),
+            Phase::Preparing | Phase::Resolving => {
+                Err(self.unavailable(format!("branch {xid} is {}; try again", branch.phase)))
+            }
+            phase => {
+                branch.phase = Phase::Resolving;
+                Ok(Some(phase))
+            }
+        }
+    }
+
+    fn finish_resolve(&self, xid: &Xid, previous: Phase, result: Result<()>) -> Result<()> {
+        let result = self.check(result);
+        let mut st = self.state();
+        match &result {
+            Ok(()) => self.release(&mut st, xid),
+            Err(_) => {
+                if let Some(branch) = st.branches.get_mut(xid) {
+                    branch.phase = previous;
+                }
+            }
+        }
+        result
+    }
+
+    /// Forgets a branch and releases its locks, waking every waiter.
+    fn release(&self, st: &mut State, xid: &Xid) {
+        if let Some(branch) = st.branches.remove(xid) {
+            for path in &branch.locked {
+                st.locks.release(xid, path);
+            }
+        }
+        self.released.notify_waiters();
+    }
+}
+
+// Async steps that wait or stream.
+impl Inner {
+    /// Locks `path` for `xid`, waiting at most `lock_wait_ms_max` for another branch to release it.
+    async fn lock_path(&self, xid: &Xid, path: &str) -> Result<()> {
+        let wait = Duration::from_millis(self.config.lock_wait_ms_max);
+        let start = tokio::time::Instant::now();
+        loop {
+            // Registered before the attempt, so a release between the attempt and the wait wakes it.
+            let mut notified = std::pin::pin!(self.released.notified());
+            notified.as_mut().enable();
+            let Some(holder) = self.try_lock(xid, path)? else {
+                return Ok(());
+            };
+            let waited = start.elapsed();
+            if waited >= wait {
+                return Err(ResourceError::Conflict {
+                    resource: self.name.clone(),
+                    what: path.to_string(),
+                    holder: holder.to_string(),
+                    waited_ms: u64::try_from(waited.as_millis()).unwrap_or(u64::MAX),
+                });
+            }
+            let _ = tokio::time::timeout(wait - waited, notified).await;
+        }
+    }
+
+    async fn confine_blocking(self: &Arc<Self>, path: &str, use_: Use) -> Result<PathBuf> {
+        let (worker, path) = (self.clone(), path.to_string());
+        blocking(&self.name, move || worker.confine(&path, use_)).await
+    }
+
+    /// Streams `content` into the new file `file` through one buffer, hashing it; the writing and
+    /// hashing run on the blocking pool, one chunk at a time.
+    async fn stream_to(
+        &self,
+        path: &str,
+        file: &Path,
+        content: &mut (impl AsyncRead + Unpin),
+    ) -> Result<(BlobId, u64)> {
+        let (name, target) = (self.name.clone(), file.to_path_buf());
+        let mut out = blocking(&self.name, move || create_staged(&name, &target)).await?;
+        let mut hasher = blake3::Hasher::new();
+        let mut buf = vec![0u8; CHUNK_BYTES];
+        let mut bytes = 0u64;
+        loop {
+            let n = fill(content, &mut buf)
+                .await
+                .map_err(|e| self.rejected(format!("read the content for {path}: {e}")))?;
+            if n == 0 {
+                return Ok((BlobId(*hasher.finalize().as_bytes()), bytes));
+            }
+            bytes += n as u64;
+            if bytes > self.config.file_bytes_max {
+                let max = self.config.file_bytes_max;
+                return Err(self.rejected(format!(
+                    "content for {path} is over file_bytes_max = {max} bytes"
+                )));
+            }
+            let (name, target) = (self.name.clone(), file.to_path_buf());
+            (out, hasher, buf) = blocking(&self.name, move || {
+                hasher.update(&buf[..n]);
+                out.write_all(&buf[..n]).map_err(|e| {
+                    ResourceError::io(&name, "write staged content to", &target, &e)
+                })?;
+                Ok((out, hasher, buf))
+            })
+            .await?;
+        }
+    }
+}
+
+// Blocking file work: run on the blocking pool, no state lock held.
+impl Inner {
+    /// Checks that `path` (lexically valid) stays inside the root on disk: every existing prefix
+    /// is a directory or a symlink resolving inside the root, outside the private area.
+    fn confine(&self, path: &str, use_: Use) -> Result<PathBuf> {
+        let components: Vec<&str> = path.split('/').collect();
+        let mut current = self.root.clone();
+        for (i, component) in components.iter().enumerate() {
+            current.push(component);
+            let prefix = components[..=i].join("/");
+            let meta = match fs::symlink_metadata(&current) {
+                Ok(meta) => meta,
+                Err(e) if e.kind() == io::ErrorKind::NotFound && use_ == Use::Write => break,
+                Err(e) => return Err(ResourceError::io(&self.name, "inspect", &current, &e)),
+            };
+            let meta = if meta.file_type().is_symlink() {
+                self.follow(path, &prefix, &current)?
+            } else {
+                meta
+            };
+            let last = i + 1 == components.len();
+            if !last && !meta.is_dir() {
+                return Err(refused(
+                    &self.name,
+                    path,
+                    &format!("{prefix} is not a directory"),
+                ));
+            }
+            if last && meta.is_dir() {
+                return Err(refused(
+                    &self.name,
+                    path,
+                    "it is a directory; only files are written and read here",
+                ));
+            }
+        }
+        Ok(self.root.join(path))
+    }
+
+    /// Resolves the symlink at `link` (the prefix `prefix` of `path`); refuses it when it leads
+    /// outside the root or into the private area.
+    fn follow(&self, path: &str, prefix: &str, link: &Path) -> Result<Metadata> {
+        let resolved = match fs::canonicalize(link) {
+            Ok(resolved) => resolved,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Err(refused(
+                    &self.name,
+                    path,
+                    &format!("{prefix} is a symlink to nothing; it is not followed"),
+                ));
+            }
+            Err(e) => {
+                return Err(refused(
+                    &self.name,
+                    path,
+                    &format!("{prefix} is a symlink that does not resolve ({e})"),
+                ));
+            }
+        };
+        if !resolved.starts_with(&self.root) {
+            let reason = format!(
+                "{prefix} is a symlink leading outside the root, to {}",
+                resolved.display()
+            );
+            return Err(refused(&self.name, path, &reason));
+        }
+        if resolved.starts_with(&self.area.private) {
+            return Err(refused(
+                &self.name,
+                path,
+                &format!("{prefix} is a symlink leading into the private area {PRIVATE_DIR}"),
+            ));
+        }
+        fs::metadata(&resolved).map_err(|e| ResourceError::io(&self.name, "inspect", &resolved, &e))
+    }
+
+    /// Prepare, after the branch stopped taking writes: sync the staged files and their
+    /// directories, adopt them into the blob store, then write the manifest durably.
+    fn prepare_files(&self, xid: &Xid, manifest: &Manifest) -> Result<Vote> {
+        let staged: Vec<(&String, u64, BlobId, u64)> = manifest
+            .changes
+            .iter()
+            .filter_map(|(path, change)| match change {
+                Change::Put { staged, id, bytes } => Some((path, *staged, *id, *bytes)),
+                Change::Delete => None,
+            })
+            .collect();
+        for (path, n, _, bytes) in &staged {
+            self.sync_staged(path, &self.area.staged_file(xid, *n), *bytes)?;
+        }
+        if !staged.is_empty() {
+            // The staged entries must survive a crash too: commit renames them from there.
+            sync_dir(&self.name, &self.area.staging_of(xid))?;
+            sync_dir(&self.name, &self.area.staging)?;
+        }
+        for (_, n, id, _) in &staged {
+            self.blobs
+                .adopt(&self.area.staged_file(xid, *n), id)
+                .map_err(|e| blob_error(&self.name, e))?;
+        }
+        self.write_durably("manifest", &self.area.manifest_of(xid), &manifest.encode())?;
+        Ok(Vote::Commit {
+            redo: manifest.redo(),
+        })
+    }
+
+    fn sync_staged(&self, path: &str, file: &Path, bytes: u64) -> Result<()> {
+        let opened = match File::open(file) {
+            Ok(opened) => opened,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                let reason = format!(
+                    "the staged content of {path} ({}) is missing: the staging area was changed by hand; roll the transaction back",
+                    file.display()
+                );
+                return Err(self.rejected(reason));
+            }
+            Err(e) => {
+                return Err(ResourceError::io(
+                    &self.name,
+                    "open staged content",
+                    file,
+                    &e,
+                ));
+            }
+        };
+        let len = opened
+            .metadata()
+            .map_err(|e| ResourceError::io(&self.name, "inspect staged content", file, &e))?
+            .len();
+        if len != bytes {
+            let reason = format!(
+                "the staged content of {path} ({}) is {len} bytes, {bytes} were written: it was changed by hand; roll the transaction back",
+                file.display()
+            );
+            return Err(self.rejected(reason));
+        }
+        sync_file(&self.name, &opened, file)
+    }
+
+    /// Commit: apply every change of the manifest, sync every directory touched, then remove the
+    /// manifest and the staging. A missing manifest means a previous attempt finished.
+    fn commit_files(&self, xid: &Xid) -> Result<()> {
+        if let Some(manifest) = self.read_manifest(xid)? {
+            let mut touched = BTreeSet::new();
+            for (path, change) in &manifest.changes {
+                self.commit_change(xid, path, change, &mut touched)?;
+            }
+            for dir in &touched {
+                sync_dir(&self.name, dir)?;
+            }
+            self.remove_manifest(xid)?;
+        }
+        self.remove_staging(xid)?;
+        tracing::debug!(resource = %self.name, %xid, "committed");
+        Ok(())
+    }
+
+    fn commit_change(
+        &self,
+        xid: &Xid,
+        path: &str,
+        change: &Change,
+        touched: &mut BTreeSet<PathBuf>,
+    ) -> Result<()> {
+        let target = self.confine(path, Use::Write)?;
+        match change {
+            Change::Delete => self.remove_target(&target, touched),
+            Change::Put { staged, id, bytes } => {
+                self.make_parents(path, touched)?;
+                let source = self.area.staged_file(xid, *staged);
+                match fs::rename(&source, &target) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                        self.restore_from_blob(path, &target, id, *bytes)?
+                    }
+                    Err(e) => {
+                        return Err(ResourceError::io(
+                            &self.name,
+                            "rename staged content to",
+                            &target,
+                            &e,
+                        ));
+                    }
+                }
+                touched.insert(parent_of(&target));
+                Ok(())
+            }
+        }
+    }
+
+    /// The staged file of a put is gone: a previous commit attempt renamed it into place before
+    /// a crash. Put the same content there again from the blob store (a link, like the rename).
+    fn restore_from_blob(&self, path: &str, target: &Path, id: &BlobId, bytes: u64) -> Result<()> {
+        if !self.blobs.contains(id) {
+            if fs::metadata(target).is_ok_and(|m| m.len() == bytes) {
+                return Ok(());
+            }
+            return Err(self.fatal(format!(
+                "the staged content of {path} and its blob {id} are both gone"
+            )));
+        }
+        tracing::warn!(resource = %self.name, path, blob = %id, "staged file already moved; restoring the content from the blob store");
+        let tmp = self.tmp_file();
+        let blob = self.blobs.path_of(id);
+        fs::hard_link(&blob, &tmp)
+            .map_err(|e| ResourceError::io(&self.name, "link blob to", &tmp, &e))?;
+        fs::rename(&tmp, target).map_err(|e| {
+            let _ = fs::remove_file(&tmp);
+            ResourceError::io(&self.name, "rename blob to", target, &e)
+        })
+    }
+
+    /// Creates the missing parent directories of `path`; each new directory's parent goes into
+    /// `touched`, to be synced.
+    fn make_parents(&self, path: &str, touched: &mut BTreeSet<PathBuf>) -> Result<()> {
+        let Some((parents, _)) = path.rsplit_once('/') else {
+            return Ok(());
+        };
+        let mut current = self.root.clone();
+        for component in parents.split('/') {
+            current.push(component);
+            match fs::create_dir(&current) {
+                Ok(()) => {
+                    touched.insert(parent_of(&current));
+                }
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists && current.is_dir() => {}
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                    return Err(refused(
+                        &self.name,
+                        path,
+                        &format!("{} is not a directory", current.display()),
+                    ));
+                }
+                Err(e) => {
+                    return Err(ResourceError::io(
+                        &self.name,
+                        "create directory",
+                        &current,
+                        &e,
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn remove_target(&self, target: &Path, touched: &mut BTreeSet<PathBuf>) -> Result<()> {
+        match fs::remove_file(target) {
+            Ok(()) => {
+                touched.insert(parent_of(target));
+                Ok(())
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(ResourceError::io(&self.name, "remove", target, &e)),
+        }
+    }
+
+    fn rollback_files(&self, xid: &Xid) -> Result<()> {
+        self.remove_manifest(xid)?;
+        self.remove_staging(xid)?;
+        tracing::debug!(resource = %self.name, %xid, "rolled back");
+        Ok(())
+    }
+
+    fn remove_manifest(&self, xid: &Xid) -> Result<()> {
+        let manifest = self.area.manifest_of(xid);
+        match fs::remove_file(&manifest) {
+            Ok(()) => sync_dir(&self.name, &self.area.prepared),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(ResourceError::io(
+                &self.name,
+                "remove manifest",
+                &manifest,
+                &e,
+            )),
+        }
+    }
+
+    fn remove_staging(&self, xid: &Xid) -> Result<()> {
+        remove_tree(&self.name, &self.area.staging_of(xid))
+    }
+
+    /// The manifest of `xid` as it is on disk; `None` when there is none.
+    fn read_manifest(&self, xid: &Xid) -> Result<Option<Manifest>> {
+        read_manifest(&self.name, &self.area.manifest_of(xid))
+    }
+
+    /// Replay: put every entry in place from the blob store, sync the directories touched, then
+    /// store `lsn` as applied (see "Crashes" in the module docs).
+    fn replay_files(&self, entries: &[RedoEntry], lsn: Lsn) -> Result<()> {
+        let mut touched = BTreeSet::new();
+        for entry in entries {
+            match entry {
+                RedoEntry::Put { path, id, bytes } => {
+                    self.replay_put(path, id, *bytes, &mut touched)?
+                }
+                RedoEntry::Delete { path } => {
+                    check_path(&self.name, path)?;
+                    let target = self.confine(path, Use::Write)?;
+                    self.remove_target(&target, &mut touched)?;
+                }
+            }
+        }
+        for dir in &touched {
+            sync_dir(&self.name, dir)?;
+        }
+        self.write_state("applied lsn", &self.area.applied_lsn, lsn.0)
+    }
+
+    fn replay_put(
+        &self,
+        path: &str,
+        id: &BlobId,
+        bytes: u64,
+        touched: &mut BTreeSet<PathBuf>,
+    ) -> Result<()> {
+        check_path(&self.name, path)?;
+        let target = self.confine(path, Use::Write)?;
+        self.make_parents(path, touched)?;
+        let tmp = self.copy_blob(path, id, bytes)?;
+        fs::rename(&tmp, &target).map_err(|e| {
+            let _ = fs::remove_file(&tmp);
+            ResourceError::io(&self.name, "rename replayed content to", &target, &e)
+        })?;
+        touched.insert(parent_of(&target));
+        Ok(())
+    }
+
+    /// Copies blob `id` to a new synced temp file, checking its hash and size.
+    fn copy_blob(&self, path: &str, id: &BlobId, bytes: u64) -> Result<PathBuf> {
+        let tmp = self.tmp_file();
+        let copied = self.copy_blob_to(id, &tmp);
+        match copied {
+            Ok(n) if n == bytes => Ok(tmp),
+            Ok(n) => {
+                let _ = fs::remove_file(&tmp);
+                Err(self.fatal(format!(
+                    "blob {id} for {path} is {n} bytes, the redo says {bytes}"
+                )))
+            }
+            Err(e) => {
+                let _ = fs::remove_file(&tmp);
+                Err(e)
+            }
+        }
+    }
+
+    fn copy_blob_to(&self, id: &BlobId, tmp: &Path) -> Result<u64> {
+        let mut reader = self
+            .blobs
+            .open_blob(id)
+            .map_err(|e| blob_error(&self.name, e))?;
+        let mut out = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(tmp)
+            .map_err(|e| ResourceError::io(&self.name, "create", tmp, &e))?;
+        let mut buf = vec![0u8; CHUNK_BYTES];
+        let mut copied = 0u64;
+        loop {
+            let n = match reader.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(blob_error(&self.name, reader.into_error(e))),
+            };
+            out.write_all(&buf[..n])
+                .map_err(|e| ResourceError::io(&self.name, "write", tmp, &e))?;
+            copied += n as u64;
+        }
+        sync_file(&self.name, &out, tmp)?;
+        Ok(copied)
+    }
+
+    fn write_state(&self, what: &str, file: &Path, value: u64) -> Result<()> {
+        self.write_durably(what, file, &encode_state(value))
+    }
+
+    /// Temp file under `tmp/`, synced, renamed to `dest`, `dest`'s directory synced; `what` names
+    /// the content in errors.
+    fn write_durably(&self, what: &str, dest: &Path, content: &[u8]) -> Result<()> {
+        let tmp = self.tmp_file();
+        let written = write_synced(&self.name, what, &tmp, content).and_then(|()| {
+            fs::rename(&tmp, dest).map_err(|e| {
+                ResourceError::io(
+                    &self.name,
+                    &format!("rename {what} into place at"),
+                    dest,
+                    &e,
+                )
+            })?;
+            sync_dir(&self.name, &parent_of(dest))
+        });
+        if written.is_err() {
+            let _ = fs::remove_file(&tmp);
+        }
+        written
+    }
+
+    fn tmp_file(&self) -> PathBuf {
+        let n = self.next_file.fetch_add(1, Ordering::Relaxed);
+        self.area.tmp.join(format!("{n}.tmp"))
+    }
+}
+
+impl Area {
+    fn new(root: &Path) -> Area {
+        let private = root.join(PRIVATE_DIR);
+        Area {
+            staging: private.join("staging"),
+            prepared: private.join("prepared"),
+            tmp: private.join("tmp"),
+            fence: private.join("fence"),
+            applied_lsn: private.join("applied_lsn"),
+            private,
+        }
+    }
+
+    fn staging_of(&self, xid: &Xid) -> PathBuf {
+        self.staging.join(xid.to_string())
+    }
+
+    fn staged_file(&self, xid: &Xid, n: u64) -> PathBuf {
+        self.staging_of(xid).join(n.to_string())
+    }
+
+    fn manifest_of(&self, xid: &Xid) -> PathBuf {
+        self.prepared.join(xid.to_string())
+    }
+}
+
+impl Branch {
+    fn new() -> Branch {
+        Branch {
+            phase: Phase::Active,
+            manifest: false,
+            changes: BTreeMap::new(),
+            locked: BTreeSet::new(),
+        }
+    }
+}
+
+impl Locks {
+    /// Locks `path` for `xid` with an intent on each ancestor, unless another branch holds a
+    /// conflicting lock or `xid`'s own locks make the path impossible (a file and a path below it).
+    fn try_take(&mut self, xid: &Xid, path: &str) -> Result<(), Refusal> {
+        if let Some(holder) = self.exclusive.get(path) {
+            return if holder == xid {
+                Ok(())
+            } else {
+                Err(Refusal::Held(*holder))
+            };
+        }
+        for ancestor in ancestors(path) {
+            match self.exclusive.get(ancestor) {
+                Some(holder) if holder == xid => {
+                    return Err(Refusal::Own(format!(
+                        "this transaction writes the file {ancestor}, so it cannot write below it"
+                    )));
+                }
+                Some(holder) => return Err(Refusal::Held(*holder)),
+                None => {}
+            }
+        }
+        if let Some(holders) = self.intents.get(path) {
+            if let Some(other) = holders.keys().find(|h| *h != xid) {
+                return Err(Refusal::Held(*other));
+            }
+            if holders.contains_key(xid) {
+                return Err(Refusal::Own(
+                    "this transaction writes below it, so it cannot write it as a file".to_string(),
+                ));
+            }
+        }
+        self.take(xid, path);
+        Ok(())
+    }
+
+    /// Locks `path` for `xid` without checking (for prepared branches at open).
+    fn take(&mut self, xid: &Xid, path: &str) {
+        self.exclusive.insert(path.to_string(), *xid);
+        for ancestor in ancestors(path) {
+            *self
+                .intents
+                .entry(ancestor.to_string())
+                .or_default()
+                .entry(*xid)
+                .or_default() += 1;
+        }
+    }
+
+    fn release(&mut self, xid: &Xid, path: &str) {
+        if self.exclusive.get(path) == Some(xid) {
+            self.exclusive.remove(path);
+        }
+        for ancestor in ancestors(path) {
+            let Some(holders) = self.intents.get_mut(ancestor) else {
+                continue;
+            };
+            if let Some(count) = holders.get_mut(xid) {
+                *count -= 1;
+                if *count == 0 {
+                    holders.remove(xid);
+                }
+            }
+            if holders.is_empty() {
+                self.intents.remove(ancestor);
+            }
+        }
+    }
+}
+
+/// The proper ancestors of a relative path: `a/b/c` → `a`, `a/b`.
+fn ancestors(path: &str) -> impl Iterator<Item = &str> {
+    path.match_indices('/').map(move |(i, _)| &path[..i])
+}
+
+impl Manifest {
+    fn redo(&self) -> Vec<u8> {
+        let entries: Vec<RedoEntry> = self
+            .changes
+            .iter()
+            .map(|(path, change)| match change {
+                Change::Put { id, bytes, .. } => RedoEntry::Put {
+                    path: path.clone(),
+                    id: *id,
+                    bytes: *bytes,
+                },
+                Change::Delete => RedoEntry::Delete { path: path.clone() },
+            })
+            .collect();
+        encode_redo(&entries)
+    }
+
+    fn encode(&self) -> Vec<u8> {
+        let mut out = MANIFEST_MAGIC.to_vec();
+        out.push(MANIFEST_VERSION);
+        put_u32(&mut out, self.changes.len());
+        for (path, change) in &self.changes {
+            match change {
+                Change::Put { staged, id, bytes } => {
+                    encode_put(&mut out, path, id, *bytes);
+                    out.extend_from_slice(&staged.to_le_bytes());
+                }
+                Change::Delete => encode_delete(&mut out, path),
+            }
+        }
+        let hash = blake3::hash(&out);
+        out.extend_from_slice(hash.as_bytes());
+        out
+    }
+
+    fn decode(bytes: &[u8]) -> Result<Manifest, String> {
+        let Some(body_len) = bytes.len().checked_sub(32) else {
+            return Err("shorter than its checksum".to_string());
+        };
+        let (body, hash) = bytes.split_at(body_len);
+        if blake3::hash(body).as_bytes() != hash {
+            return Err("checksum mismatch".to_string());
+        }
+        let mut cursor = Cursor::new(body);
+        if cursor.take(4)? != MANIFEST_MAGIC {
+            return Err("not a manifest (bad magic)".to_string());
+        }
+        let version = cursor.u8()?;
+        if version != MANIFEST_VERSION {
+            return Err(format!(
+                "manifest version {version}: this program reads version {MANIFEST_VERSION}"
+            ));
+        }
+        let mut changes = BTreeMap::new();
+        for _ in 0..cursor.count()? {
+            let (entry, change) = match cursor.entry()? {
+                RedoEntry::Put { path, id, bytes } => (
+                    path,
+                    Change::Put {
+                        staged: cursor.u64()?,
+                        id,
+                        bytes,
+                    },
+                ),
+                RedoEntry::Delete { path } => (path, Change::Delete),
+            };
+            check_path("manifest", &entry).map_err(|e| e.to_string())?;
+            if changes.insert(entry.clone(), change).is_some() {
+                return Err(format!("path {entry} appears twice"));
+            }
+        }
+        cursor.finish()?;
+        Ok(Manifest { changes })
+    }
+}
+
+fn encode_put(out: &mut Vec<u8>, path: &str, id: &BlobId, bytes: u64) {
+    out.push(OP_PUT);
+    encode_path(out, path);
+    out.extend_from_slice(&id.0);
+    out.extend_from_slice(&bytes.to_le_bytes());
+}
+
+fn encode_delete(out: &mut Vec<u8>, path: &str) {
+    out.push(OP_DELETE);
+    encode_path(out, path);
+}
+
+/// Paths are at most `PATH_BYTES_MAX` (checked on every write), so the length fits a u16.
+fn encode_path(out: &mut Vec<u8>, path: &str) {
+    debug_assert!(
+        path.len() <= PATH_BYTES_MAX,
+        "path over PATH_BYTES_MAX reached the encoder"
+    );
+    out.extend_from_slice(&u16::try_from(path.len()).unwrap_or(u16::MAX).to_le_bytes());
+    out.extend_from_slice(path.as_bytes());
+}
+
+/// Counts are at most `BRANCH_PATHS_MAX` (checked on every write), so they fit a u32.
+fn put_u32(out: &mut Vec<u8>, n: usize) {
+    out.extend_from_slice(&u32::try_from(n).unwrap_or(u32::MAX).to_le_bytes());
+}
+
+/// Reads the encodings, refusing short input, over-limit lengths and trailing bytes.
+struct Cursor<'a> {
+    bytes: &'a [u8],
+}
+
+impl<'a> Cursor<'a> {
+    fn new(bytes: &'a [u8]) -> Cursor<'a> {
+        Cursor { bytes }
+    }
+
+    fn take(&mut self, n: usize) -> Result<&'a [u8], String> {
+        if self.bytes.len() < n {
+            return Err(format!(
+                "truncated: {n} more bytes expected, {} left",
+                self.bytes.len()
+            ));
+        }
+        let (head, rest) = self.bytes.split_at(n);
+        self.bytes = rest;
+        Ok(head)
+    }
+
+    fn array<const N: usize>(&mut self) -> Result<[u8; N], String> {
+        let mut out = [0u8; N];
+        out.copy_from_slice(self.take(N)?);
+        Ok(out)
+    }
+
+    fn u8(&mut self) -> Result<u8, String> {
+        Ok(self.array::<1>()?[0])
+    }
+
+    fn u64(&mut self) -> Result<u64, String> {
+        Ok(u64::from_le_bytes(self.array()?))
+    }
+
+    fn count(&mut self) -> Result<usize, String> {
+        let count = u32::from_le_bytes(self.array()?) as usize;
+        if count > BRANCH_PATHS_MAX {
+            return Err(format!(
+                "{count} entries, over BRANCH_PATHS_MAX = {BRANCH_PATHS_MAX}"
+            ));
+        }
+        Ok(count)
+    }
+
+    /// One entry (of a redo or a manifest).
+    fn entry(&mut self) -> Result<RedoEntry, String> {
+        let op = self.u8()?;
+        let len = usize::from(u16::from_le_bytes(self.array()?));
+        if len > PATH_BYTES_MAX {
+            return Err(format!(
+                "path of {len} bytes, over PATH_BYTES_MAX = {PATH_BYTES_MAX}"
+            ));
+        }
+        let path = String::from_utf8(self.take(len)?.to_vec())
+            .map_err(|_| "path is not UTF-8".to_string())?;
+        let entry = match op {
+            OP_PUT => RedoEntry::Put {
+                path,
+                id: BlobId(self.array()?),
+                bytes: self.u64()?,
+            },
+            OP_DELETE => RedoEntry::Delete { path },
+            other => return Err(format!("unknown op {other}")),
+        };
+        Ok(entry)
+    }
+
+    fn finish(&self) -> Result<(), String> {
+        if self.bytes.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("{} trailing bytes", self.bytes.len()))
+        }
+    }
+}
+
+fn encode_state(value: u64) -> Vec<u8> {
+    let mut out = vec![STATE_VERSION];
+    out.extend_from_slice(&value.to_le_bytes());
+    let hash = blake3::hash(&out);
+    out.extend_from_slice(&hash.as_bytes()[..8]);
+    out
+}
+
+fn decode_state(bytes: &[u8]) -> Result<u64, String> {
+    if bytes.len() != 17 {
+        return Err(format!("{} bytes, 17 expected", bytes.len()));
+    }
+    if bytes[0] != STATE_VERSION {
+        return Err(format!(
+            "version {}: this program reads version {STATE_VERSION}",
+            bytes[0]
+        ));
+    }
+    if blake3::hash(&bytes[..9]).as_bytes()[..8] != bytes[9..] {
+        return Err("checksum mismatch".to_string());
+    }
+    let mut value = [0u8; 8];
+    value.copy_from_slice(&bytes[1..9]);
+    Ok(u64::from_le_bytes(value))
+}
+
+/// Checks a path lexically: relative, `/`-separated, no empty, `.` or `..` component, no NUL,
+/// not in the private area, at most `PATH_BYTES_MAX` bytes.
+fn check_path(name: &str, path: &str) -> Result<()> {
+    let reason = if path.is_empty() {
+        Some("it is empty")
+    } else if path.len() > PATH_BYTES_MAX {
+        Some("it is longer than PATH_BYTES_MAX bytes")
+    } else if path.contains('\0') {
+        Some("it contains a NUL byte")
+    } else if path.starts_with('/') {
+        Some("it is absolute; paths are relative to the root")
+    } else if path.split('/').any(|c| c.is_empty()) {
+        Some("it has an empty component")
+    } else if path.split('/').any(|c| c == "..") {
+        Some("it has a `..` component")
+    } else if path.split('/').any(|c| c == ".") {
+        Some("it has a `.` component")
+    } else if path.split('/').next() == Some(PRIVATE_DIR) {
+        Some("it is in the private area .concord")
+    } else {
+        None
+    };
+    match reason {
+        Some(reason) => Err(refused(name, path, reason)),
+        None => Ok(()),
+    }
+}
+
+fn refused(name: &str, path: &str, reason: &str) -> ResourceError {
+    ResourceError::rejected(name, format!("path {path:?} refused: {reason}"))
+}
+
+fn not_found(name: &str, path: &str, why: &str) -> ResourceError {
+    ResourceError::rejected(name, format!("{path} not found: {why}"))
+}
+
+/// Runs blocking file work on tokio's blocking pool.
+async fn blocking<T, F>(name: &str, f: F) -> Result<T>
+where
+    T: Send + 'static,
+    F: FnOnce() -> Result<T> + Send + 'static,
+{
+    match tokio::task::spawn_blocking(f).await {
+        Ok(result) => result,
+        Err(e) => Err(ResourceError::Fatal {
+            resource: name.to_string(),
+            message: format!("file task failed: {e}"),
+        }),
+    }
+}
+
+/// Reads until `buf` is full or the content ends; returns the bytes read.
+async fn fill(content: &mut (impl AsyncRead + Unpin), buf: &mut [u8]) -> io::Result<usize> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match content.read(&mut buf[filled..]).await {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(filled)
+}
+
+fn create_staged(name: &str, file: &Path) -> Result<File> {
+    let dir = parent_of(file);
+    match fs::create_dir(&dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+        Err(e) => {
+            return Err(ResourceError::io(
+                name,
+                "create staging directory",
+                &dir,
+                &e,
+            ));
+        }
+    }
+    OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(file)
+        .map_err(|e| ResourceError::io(name, "create staged file", file, &e))
+}
+
+fn parent_of(path: &Path) -> PathBuf {
+    path.parent()
+        .map_or_else(|| PathBuf::from("."), Path::to_path_buf)
+}
+
+/// A failed sync is fatal: what the file holds on disk is unknown (DESIGN.md).
+fn sync_file(name: &str, file: &File, path: &Path) -> Result<()> {
+    file.sync_all().map_err(|e| ResourceError::Fatal {
+        resource: name.to_string(),
+        message: format!("sync {}: {e}", path.display()),
+    })
+}
+
+fn sync_dir(name: &str, dir: &Path) -> Result<()> {
+    let opened = File::open(dir).map_err(|e| ResourceError::io(name, "open directory", dir, &e))?;
+    sync_file(name, &opened, dir)
+}
+
+fn write_synced(name: &str, what: &str, path: &Path, content: &[u8]) -> Result<()> {
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(path)
+        .map_err(|e| ResourceError::io(name, &format!("create {what} temp file"), path, &e))?;
+    file.write_all(content)
+        .map_err(|e| ResourceError::io(name, &format!("write {what} to"), path, &e))?;
+    sync_file(name, &file, path)
+}
+
+fn remove_file_if_exists(name: &str, file: &Path) -> Result<()> {
+    match fs::remove_file(file) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(ResourceError::io(name, "remove", file, &e)),
+    }
+}
+
+/// Removes a directory tree (if present) and syncs its parent.
+fn remove_tree(name: &str, dir: &Path) -> Result<()> {
+    match fs::remove_dir_all(dir) {
+        Ok(()) => sync_dir(name, &parent_of(dir)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(ResourceError::io(name, "remove", dir, &e)),
+    }
+}
+
+/// Checks (or creates) the root and returns its canonical path.
+fn open_root(name: &str, root: &Path, config: &FilesConfig) -> Result<PathBuf> {
+    match fs::metadata(root) {
+        Ok(meta) if meta.is_dir() => {}
+        Ok(_) => {
+            return Err(ResourceError::rejected(
+                name,
+                format!("root {} is not a directory", root.display()),
+            ));
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound && config.create_if_missing => {
+            fs::create_dir_all(root)
+                .map_err(|e| ResourceError::io(name, "create root directory", root, &e))?;
+            if let Some(parent) = root.parent().filter(|p| !p.as_os_str().is_empty()) {
+                sync_dir(name, parent)?;
+            }
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            let reason = format!(
+                "root directory {} does not exist; create it or set create_if_missing",
+                root.display()
+            );
+            return Err(ResourceError::rejected(name, reason));
+        }
+        Err(e) => return Err(ResourceError::io(name, "inspect root directory", root, &e)),
+    }
+    fs::canonicalize(root).map_err(|e| ResourceError::io(name, "resolve root directory", root, &e))
+}
+
+fn create_dir_durably(name: &str, dir: &Path) -> Result<()> {
+    match fs::create_dir(dir) {
+        Ok(()) => sync_dir(name, &parent_of(dir)),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists && dir.is_dir() => Ok(()),
+        Err(e) => Err(ResourceError::io(name, "create directory", dir, &e)),
+    }
+}
+
+/// Takes the root's `LOCK` (an advisory flock), so that one instance at a time owns the root.
+fn lock_root(name: &str, private: &Path) -> Result<File> {
+    let path = private.join("LOCK");
+    let file = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(|e| ResourceError::io(name, "open", &path, &e))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(fs::TryLockError::WouldBlock) => Err(ResourceError::rejected(
+            name,
+            format!(
+                "{} is locked: another instance has this root open; stop it first",
+                path.display()
+            ),
+        )),
+        Err(fs::TryLockError::Error(e)) => Err(ResourceError::io(name, "lock", &path, &e)),
+    }
+}
+
+/// Empties a directory (temp files of interrupted writes).
+fn clear_dir(name: &str, dir: &Path) -> Result<()> {
+    for entry in fs::read_dir(dir).map_err(|e| ResourceError::io(name, "list", dir, &e))? {
+        let path = entry
+            .map_err(|e| ResourceError::io(name, "list", dir, &e))?
+            .path();
+        let removed = if path.is_dir() {
+            fs::remove_dir_all(&path)
+        } else {
+            fs::remove_file(&path)
+        };
+        removed.map_err(|e| ResourceError::io(name, "remove", &path, &e))?;
+    }
+    Ok(())
+}
+
+fn open_blobs(name: &str, area: &Area, config: &FilesConfig) -> Result<BlobStore> {
+    let blob_config = BlobConfig {
+        blob_bytes_max: config.file_bytes_max,
+        chunk_bytes: CHUNK_BYTES,
+        create_if_missing: true,
+    };
+    BlobStore::open(area.private.join("blobs"), blob_config).map_err(|e| blob_error(name, e))
+}
+
+fn read_state_file(name: &str, path: &Path) -> Result<u64> {
+    let bytes = match fs::read(path) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(ResourceError::io(name, "read", path, &e)),
+    };
+    decode_state(&bytes).map_err(|e| ResourceError::Fatal {
+        resource: name.to_string(),
+        message: format!("{} is damaged: {e}", path.display()),
+    })
+}
+
+fn read_manifest(name: &str, path: &Path) -> Result<Option<Manifest>> {
+    let bytes = match fs::read(path) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(ResourceError::io(name, "read manifest", path, &e)),
+    };
+    let manifest = Manifest::decode(&bytes).map_err(|e| ResourceError::Fatal {
+        resource: name.to_string(),
+        message: format!("manifest {} is damaged: {e}", path.display()),
+    })?;
+    Ok(Some(manifest))
+}
+
+/// The prepared branches (from their manifests), with their locks taken.
+fn load_prepared(name: &str, area: &Area) -> Result<(HashMap<Xid, Branch>, Locks)> {
+    let (mut branches, mut locks) = (HashMap::new(), Locks::default());
+    for entry in fs::read_dir(&area.prepared)
+        .map_err(|e| ResourceError::io(name, "list", &area.prepared, &e))?
+    {
+        let path = entry
+            .map_err(|e| ResourceError::io(name, "list", &area.prepared, &e))?
+            .path();
+        let Some(xid) = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.parse::<Xid>().ok())
+        else {
+            let message = format!(
+                "foreign file {} in the private area; move it away",
+                path.display()
+            );
+            return Err(ResourceError::Fatal {
+                resource: name.to_string(),
+                message,
+            });
+        };
+        let Some(manifest) = read_manifest(name, &path)? else {
+            continue;
+        };
+        let mut branch = Branch {
+            phase: Phase::Prepared,
+            manifest: true,
+            changes: manifest.changes,
+            locked: BTreeSet::new(),
+        };
+        for path in branch.changes.keys() {
+            locks.take(&xid, path);
+            branch.locked.insert(path.clone());
+        }
+        branches.insert(xid, branch);
+    }
+    Ok((branches, locks))
+}
+
+/// Removes the staging of every branch without a manifest: it never prepared (presumed abort).
+fn remove_abandoned_staging(
+    name: &str,
+    area: &Area,
+    branches: &HashMap<Xid, Branch>,
+) -> Result<()> {
+    for entry in fs::read_dir(&area.staging)
+        .map_err(|e| ResourceError::io(name, "list", &area.staging, &e))?
+    {
+        let path = entry
+            .map_err(|e| ResourceError::io(name, "list", &area.staging, &e))?
+            .path();
+        let xid = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.parse::<Xid>().ok());
+        if xid.is_some_and(|xid| branches.contains_key(&xid)) {
+            continue;
+        }
+        tracing::warn!(resource = name, staging = %path.display(), "removing the staging of a branch that never prepared");
+        let removed = if path.is_dir() {
+            fs::remove_dir_all(&path)
+        } else {
+            fs::remove_file(&path)
+        };
+        removed.map_err(|e| ResourceError::io(name, "remove", &path, &e))?;
+        sync_dir(name, &area.staging)?;
+    }
+    Ok(())
+}
+
+/// A blob store error as a resource error: a full disk or a refused permission is `Rejected`
+/// (through [`ResourceError::io`]), a failed sync or damage is `Fatal`, a missing blob is
+/// `Unavailable` (replication has not shipped it yet).
+fn blob_error(name: &str, e: JournalError) -> ResourceError {
+    match e {
+        JournalError::DiskFull { path } => ResourceError::io(
+            name,
+            "store blob",
+            &path,
+            &io::Error::from(io::ErrorKind::StorageFull),
+        ),
+        JournalError::PermissionDenied { path, source } => {
+            ResourceError::io(name, "store blob", &path, &source)
+        }
+        JournalError::Io {
+            action,
+            path,
+            source,
+        } if action.starts_with("sync") => ResourceError::Fatal {
+            resource: name.to_string(),
+            message: format!("{action} {}: {source}", path.display()),
+        },
+        JournalError::Io {
+            action,
+            path,
+            source,
+        } => ResourceError::io(name, action, &path, &source),
+        JournalError::BlobNotFound { id } => ResourceError::Unavailable {
+            resource: name.to_string(),
+            message: format!(
+                "blob {id} is not in this resource's blob store (yet): replication ships it before replay"
+            ),
+        },
+        other => ResourceError::Fatal {
+            resource: name.to_string(),
+            message: other.to_string(),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Vec<RedoEntry> {
+        vec![
+            RedoEntry::Put {
+                path: "a/b.txt".into(),
+                id: BlobId::of(b"hello"),
+                bytes: 5,
+            },
+            RedoEntry::Delete { path: "c".into() },
+        ]
+    }
+
+    #[test]
+    fn redo_round_trips() {
+        let redo = encode_redo(&sample());
+        assert_eq!(redo[0], REDO_VERSION);
+        assert_eq!(decode_redo(&redo).unwrap(), sample());
+        assert_eq!(decode_redo(&encode_redo(&[])).unwrap(), vec![]);
+    }
+
+    #[test]
+    fn malformed_redo_is_refused() {
+        let redo = encode_redo(&sample());
+        for cut in 0..redo.len() {
+            assert!(decode_redo(&redo[..cut]).is_err(), "truncated at {cut}");
+        }
+        let mut trailing = redo.clone();
+        trailing.push(0);
+        assert!(decode_redo(&trailing).unwrap_err().contains("trailing"));
+        let mut newer = redo.clone();
+        newer[0] = 2;
+        assert!(decode_redo(&newer).unwrap_err().contains("version 2"));
+        let mut huge = vec![REDO_VERSION];
+        huge.extend_from_slice(&u32::MAX.to_le_bytes());
+        assert!(decode_redo(&huge).unwrap_err().contains("BRANCH_PATHS_MAX"));
+        let mut bad_op = redo.clone();
+        bad_op[5] = 9;
+        assert!(decode_redo(&bad_op).unwrap_err().contains("unknown op"));
+    }
+
+    #[test]
+    fn manifest_round_trips_and_detects_damage() {
+        let mut changes = BTreeMap::new();
+        changes.insert(
+            "x/y".to_string(),
+            Change::Put {
+                staged: 7,
+                id: BlobId::of(b"x"),
+                bytes: 1,
+            },
+        );
+        changes.insert("z".to_string(), Change::Delete);
+        let manifest = Manifest { changes };
+        let bytes = manifest.encode();
+        assert_eq!(Manifest::decode(&bytes).unwrap(), manifest);
+        for i in 0..bytes.len() {
+            let mut damaged = bytes.clone();
+            damaged[i] ^= 1;
+            assert!(Manifest::decode(&damaged).is_err(), "flip at {i}");
+        }
+    }
+
+    #[test]
+    fn state_files_round_trip_and_detect_damage() {
+        let bytes = encode_state(42);
+        assert_eq!(decode_state(&bytes).unwrap(), 42);
+        let mut damaged = bytes.clone();
+        damaged[3] ^= 1;
+        assert!(decode_state(&damaged).is_err());
+        assert!(decode_state(&bytes[..16]).is_err());
+    }
+
+    #[test]
+    fn locks_conflict_on_paths_and_their_ancestors() {
+        let (a, b) = (
+            Xid {
+                node: 1,
+                epoch: Epoch(1),
+                seq: 1,
+            },
+            Xid {
+                node: 1,
+                epoch: Epoch(1),
+                seq: 2,
+            },
+        );
+        let mut locks = Locks::default();
+        assert!(locks.try_take(&a, "d/f").is_ok());
+        assert!(locks.try_take(&a, "d/f").is_ok(), "re-locking is a no-op");
+        assert!(matches!(locks.try_take(&b, "d/f"), Err(Refusal::Held(h)) if h == a));
+        assert!(matches!(locks.try_take(&b, "d"), Err(Refusal::Held(h)) if h == a));
+        assert!(matches!(locks.try_take(&b, "d/f/g"), Err(Refusal::Held(h)) if h == a));
+        assert!(matches!(locks.try_take(&a, "d"), Err(Refusal::Own(_))));
+        assert!(matches!(locks.try_take(&a, "d/f/g"), Err(Refusal::Own(_))));
+        assert!(
+            locks.try_take(&b, "d/other").is_ok(),
+            "siblings do not conflict"
+        );
+        locks.release(&a, "d/f");
+        assert!(locks.try_take(&b, "d/f").is_ok());
+        locks.release(&b, "d/f");
+        locks.release(&b, "d/other");
+        assert!(locks.exclusive.is_empty() && locks.intents.is_empty());
+    }
+
+    #[test]
+    fn paths_are_checked_lexically() {
+        for good in ["a", "a/b", "a.b/c..d", "x/.concord", ".concordx"] {
+            assert!(check_path("f", good).is_ok(), "{good}");
+        }
+        for bad in [
+            "",
+            "/a",
+            "a//b",
+            "a/",
+            "../a",
+            "a/../b",
+            "./a",
+            "a\0b",
+            ".concord",
+            ".concord/x",
+        ] {
+            assert!(check_path("f", bad).is_err(), "{bad:?}");
+        }
+        assert!(check_path("f", &"a".repeat(PATH_BYTES_MAX + 1)).is_err());
+    }
+}

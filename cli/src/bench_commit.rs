@@ -1,0 +1,301 @@
+//! `concord bench commit`: transactions per second and latency through the coordinator, against a
+//! baseline measured in the same run.
+//!
+//! * `--resource files`: every transaction writes one 1 KiB file in each of two files resources
+//!   (two branches, so a two-phase decision). Baseline: the same number of clients writing the
+//!   same two files with `fsync` each, straight into place, with no coordination — what an
+//!   application gets that does not need atomicity.
+//! * `--resource null`: two branches of the null resource (a benchmark-only resource whose
+//!   branches do no work and keep no durable state), so what is measured is the coordinator's own
+//!   cost per two-phase decision. Baseline: the same number of clients appending one
+//!   decision-sized record each to the journal and waiting for it (group commit), which is the
+//!   floor under any decision.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::bail;
+use coordinator::{Coordinator, CoordinatorConfig, Outcome};
+use journal::{Epoch, Journal, JournalConfig};
+use participant::{Concord, Config, ResourceConfig};
+use serde::Serialize;
+
+/// Which resource the transactions use.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BenchResource {
+    /// Two files resources.
+    Files,
+    /// Two null resources (benchmark-only: no work, no durability).
+    Null,
+}
+
+/// Options of `concord bench commit`.
+#[derive(clap::Args, Debug)]
+pub struct CommitBenchArgs {
+    /// The resource the two branches of every transaction use.
+    #[arg(long, value_enum)]
+    pub resource: BenchResource,
+    /// Concurrent clients to measure, comma-separated (default: 1,8,32,128 for files; 1,32,256
+    /// for null).
+    #[arg(long, value_delimiter = ',')]
+    pub clients: Vec<usize>,
+    /// Seconds each configuration (and each baseline) runs.
+    #[arg(long, default_value_t = 2.0)]
+    pub seconds: f64,
+    /// One JSON object per configuration.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Serialize, Debug)]
+struct Row {
+    clients: usize,
+    tx_per_s: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    baseline_tx_per_s: f64,
+    ratio: f64,
+}
+
+/// Runs `concord bench commit`.
+pub fn run(args: CommitBenchArgs) -> anyhow::Result<()> {
+    if !(args.seconds > 0.0 && args.seconds <= 600.0) {
+        bail!("--seconds must be above 0 and at most 600");
+    }
+    let clients = match (args.clients.is_empty(), args.resource) {
+        (false, _) => args.clients.clone(),
+        (true, BenchResource::Files) => vec![1, 8, 32, 128],
+        (true, BenchResource::Null) => vec![1, 32, 256],
+    };
+    if clients.iter().any(|&c| c == 0 || c > 4096) {
+        bail!("--clients must be between 1 and 4096");
+    }
+    let window = Duration::from_secs_f64(args.seconds);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let mut rows = Vec::new();
+    for &n in &clients {
+        let temp = tempfile::Builder::new()
+            .prefix("concord-bench-commit-")
+            .tempdir()?;
+        let (baseline, measured) = runtime.block_on(async {
+            match args.resource {
+                BenchResource::Files => {
+                    let baseline = files_baseline(&temp.path().join("baseline"), n, window).await?;
+                    let measured = files_concord(&temp.path().join("concord"), n, window).await?;
+                    Ok::<_, anyhow::Error>((baseline, measured))
+                }
+                BenchResource::Null => {
+                    let baseline =
+                        journal_baseline(&temp.path().join("baseline"), n, window).await?;
+                    let measured = null_concord(&temp.path().join("concord"), n, window).await?;
+                    Ok((baseline, measured))
+                }
+            }
+        })?;
+        let row = Row {
+            clients: n,
+            tx_per_s: measured.tx_per_s(),
+            p50_ms: measured.percentile_ms(0.50),
+            p99_ms: measured.percentile_ms(0.99),
+            baseline_tx_per_s: baseline.tx_per_s(),
+            ratio: measured.tx_per_s() / baseline.tx_per_s().max(f64::MIN_POSITIVE),
+        };
+        if args.json {
+            println!("{}", serde_json::to_string(&row)?);
+        }
+        rows.push(row);
+    }
+    if !args.json {
+        println!(
+            "{:>8} {:>10} {:>9} {:>9} {:>14} {:>8}",
+            "clients", "tx/s", "p50 ms", "p99 ms", "baseline tx/s", "ratio"
+        );
+        for r in &rows {
+            println!(
+                "{:>8} {:>10.0} {:>9.2} {:>9.2} {:>14.0} {:>7.2}x",
+                r.clients, r.tx_per_s, r.p50_ms, r.p99_ms, r.baseline_tx_per_s, r.ratio
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Latencies of one run.
+struct Measured {
+    elapsed: Duration,
+    latencies_us: Vec<u64>,
+}
+
+impl Measured {
+    fn tx_per_s(&self) -> f64 {
+        self.latencies_us.len() as f64 / self.elapsed.as_secs_f64()
+    }
+
+    fn percentile_ms(&self, q: f64) -> f64 {
+        let mut sorted = self.latencies_us.clone();
+        sorted.sort_unstable();
+        if sorted.is_empty() {
+            return 0.0;
+        }
+        let i = ((sorted.len() as f64 - 1.0) * q).round() as usize;
+        sorted[i.min(sorted.len() - 1)] as f64 / 1000.0
+    }
+}
+
+/// Runs `clients` copies of `one` (given the client number and a counter) for `window`.
+async fn load<F, Fut>(clients: usize, window: Duration, one: F) -> anyhow::Result<Measured>
+where
+    F: Fn(usize, u64) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = anyhow::Result<()>> + Send,
+{
+    let one = Arc::new(one);
+    let stop = Arc::new(AtomicBool::new(false));
+    let started = Instant::now();
+    let mut set = tokio::task::JoinSet::new();
+    for client in 0..clients {
+        let (one, stop) = (Arc::clone(&one), Arc::clone(&stop));
+        set.spawn(async move {
+            let mut latencies = Vec::new();
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let t0 = Instant::now();
+                one(client, n).await?;
+                latencies.push(t0.elapsed().as_micros() as u64);
+                n += 1;
+            }
+            Ok::<_, anyhow::Error>(latencies)
+        });
+    }
+    tokio::time::sleep(window).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut latencies_us = Vec::new();
+    while let Some(joined) = set.join_next().await {
+        latencies_us.extend(joined??);
+    }
+    Ok(Measured {
+        elapsed: started.elapsed(),
+        latencies_us,
+    })
+}
+
+const FILE_BYTES: usize = 1024;
+
+async fn files_baseline(dir: &Path, clients: usize, window: Duration) -> anyhow::Result<Measured> {
+    for side in ["a", "b"] {
+        std::fs::create_dir_all(dir.join(side))?;
+    }
+    let dir = dir.to_path_buf();
+    load(clients, window, move |client, n| {
+        let dir = dir.clone();
+        async move {
+            tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+                for side in ["a", "b"] {
+                    let path = dir.join(side).join(format!("c{client}-{n}"));
+                    let mut file = std::fs::File::create(&path)?;
+                    std::io::Write::write_all(&mut file, &[7u8; FILE_BYTES])?;
+                    file.sync_all()?;
+                }
+                Ok(())
+            })
+            .await?
+        }
+    })
+    .await
+}
+
+async fn files_concord(dir: &Path, clients: usize, window: Duration) -> anyhow::Result<Measured> {
+    let mut config = Config::embedded(dir);
+    config.resources.clear();
+    for side in ["a", "b"] {
+        let root = dir.join(side);
+        config.resources.insert(
+            side.into(),
+            ResourceConfig::Files {
+                root,
+                create: true,
+                lock_wait_ms: 5_000,
+            },
+        );
+    }
+    let concord = Concord::open(config).await?;
+    let c = concord.clone();
+    let measured = load(clients, window, move |client, n| {
+        let concord = c.clone();
+        async move {
+            let mut tx = concord.begin();
+            for side in ["a", "b"] {
+                let files = tx.files(side).await?;
+                files
+                    .put(&format!("c{client}-{n}"), &[7u8; FILE_BYTES][..])
+                    .await?;
+            }
+            match tx.commit().await? {
+                Outcome::Committed { .. } => Ok(()),
+                other => bail!("transaction did not commit: {other:?}"),
+            }
+        }
+    })
+    .await?;
+    concord.close(Duration::from_secs(30)).await;
+    Ok(measured)
+}
+
+async fn journal_baseline(
+    dir: &Path,
+    clients: usize,
+    window: Duration,
+) -> anyhow::Result<Measured> {
+    let config = JournalConfig {
+        create_if_missing: true,
+        ..JournalConfig::default()
+    };
+    let journal = Arc::new(Journal::open(dir, config)?);
+    let j = Arc::clone(&journal);
+    let measured = load(clients, window, move |_, _| {
+        let journal = Arc::clone(&j);
+        async move {
+            journal
+                .append(Epoch(1), journal::RecordKind::new(1, 1), &[0u8; 64])?
+                .await?;
+            Ok(())
+        }
+    })
+    .await?;
+    drop(journal);
+    Ok(measured)
+}
+
+async fn null_concord(dir: &Path, clients: usize, window: Duration) -> anyhow::Result<Measured> {
+    let config = JournalConfig {
+        create_if_missing: true,
+        ..JournalConfig::default()
+    };
+    let journal = Journal::open(dir, config)?;
+    let resources: Vec<Arc<dyn adapters::Resource>> = vec![
+        Arc::new(adapters::null::NullResource::new("a")),
+        Arc::new(adapters::null::NullResource::new("b")),
+    ];
+    let (coordinator, _) =
+        Coordinator::open(CoordinatorConfig::default(), journal, resources).await?;
+    let c = coordinator.clone();
+    let measured = load(clients, window, move |_, _| {
+        let coordinator = c.clone();
+        async move {
+            let xid = coordinator.begin();
+            coordinator.join(&xid, "a").await?;
+            coordinator.join(&xid, "b").await?;
+            match coordinator.commit(&xid).await? {
+                Outcome::Committed { .. } => Ok(()),
+                other => bail!("transaction did not commit: {other:?}"),
+            }
+        }
+    })
+    .await?;
+    coordinator.shutdown(Duration::from_secs(30)).await;
+    Ok(measured)
+}

@@ -1,0 +1,348 @@
+//! `concord demo`: the main job on embedded defaults — transactions across two files resources,
+//! some made to fail, then an independent check that each is all-or-nothing.
+//!
+//! Every transaction `i` of a run writes three files: `tx/<run>/<i>/a` and `tx/<run>/<i>/b` in
+//! the `uploads` resource and `tx/<run>/<i>/t` in `thumbnails` — two branches, so two-phase
+//! commit decides. Their content is a function of run, `i` and the file name, so the check needs
+//! no record of what was written. One transaction in `--fail-every` writes its files and then
+//! asks for a path outside the resource's root, which the resource refuses; the demo rolls it
+//! back. A transaction the coordinator acknowledged as committed is recorded, before it is
+//! counted, as an empty file `acks/<run>/<i>`.
+//!
+//! The check reads the resources directly (not through concord): for every transaction of every
+//! run found in the data directory, the three files are either all present with their exact
+//! content or all absent; every acknowledged one is present; no deliberately failed one is;
+//! nothing is left in the resources' staging areas, and no branch is left prepared. Run with
+//! `--data DIR` on the directory of a demo that was killed (SIGKILL at any moment), the demo
+//! first recovers, and the check covers the killed run too.
+
+use std::collections::BTreeMap;
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, bail};
+use coordinator::Outcome;
+use participant::{Concord, Config};
+use serde::Serialize;
+
+/// Options of `concord demo`.
+#[derive(clap::Args, Debug)]
+pub struct DemoArgs {
+    /// Data directory (default: a new temp directory, removed afterwards). A directory left by an
+    /// earlier demo, even one that was killed, is recovered and checked too.
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// Transactions to run.
+    #[arg(long, default_value_t = 10_000)]
+    pub transactions: u64,
+    /// Concurrent clients.
+    #[arg(long, default_value_t = 32)]
+    pub concurrency: usize,
+    /// One transaction in this many deliberately fails in a branch and must roll back (0: none).
+    #[arg(long, default_value_t = 10)]
+    pub fail_every: u64,
+    /// Print the summary as one JSON object.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// The summary `--json` prints.
+#[derive(Serialize, Debug)]
+struct Summary {
+    committed: u64,
+    rolled_back: u64,
+    atomicity_verified: bool,
+    tx_per_s: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    /// Transactions of earlier (possibly killed) runs found in the data directory and checked.
+    earlier_transactions_checked: u64,
+    recovered_redriven: usize,
+    recovered_rolled_back: usize,
+}
+
+const FILES: [(&str, &str); 3] = [("uploads", "a"), ("uploads", "b"), ("thumbnails", "t")];
+
+/// Runs `concord demo`.
+pub fn run(args: DemoArgs) -> anyhow::Result<bool> {
+    if args.concurrency == 0 || args.concurrency > 4096 {
+        bail!("--concurrency must be between 1 and 4096");
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let (data, _temp) = match &args.data {
+        Some(dir) => (dir.clone(), None),
+        None => {
+            let temp = tempfile::Builder::new().prefix("concord-demo-").tempdir()?;
+            (temp.path().to_path_buf(), Some(temp))
+        }
+    };
+    let summary = runtime.block_on(demo(&args, &data))?;
+    if args.json {
+        println!("{}", serde_json::to_string(&summary)?);
+    } else {
+        print_summary(&summary, &data, args.data.is_some());
+    }
+    Ok(summary.atomicity_verified)
+}
+
+async fn demo(args: &DemoArgs, data: &Path) -> anyhow::Result<Summary> {
+    std::fs::create_dir_all(data).with_context(|| format!("create {}", data.display()))?;
+    let concord = Concord::open(Config::embedded(data)).await?;
+    let recovery = concord.recovery().clone();
+    if !concord.wait_idle(Duration::from_secs(60)).await {
+        bail!(
+            "recovery did not finish within 60 s: {:?}",
+            concord.coordinator().list()
+        );
+    }
+    let run_id = SystemTime::now()
+        .duration_since(UNIX_EPOCH)?
+        .as_micros()
+        .to_string();
+    // The run is recorded before its first transaction, so a check after a kill covers it.
+    std::fs::create_dir_all(data.join("acks").join(&run_id))?;
+    std::fs::create_dir_all(data.join("runs"))?;
+    let run = format!("{} {}\n", args.transactions, args.fail_every);
+    std::fs::write(data.join("runs").join(&run_id), run)?;
+
+    let started = Instant::now();
+    let stats = run_clients(args, &concord, data, &run_id).await?;
+    let elapsed = started.elapsed().as_secs_f64();
+    if !concord.wait_idle(Duration::from_secs(60)).await {
+        bail!("phase 2 did not finish within 60 s");
+    }
+    let check = check(data)?;
+    let clean = concord.coordinator().list().is_empty();
+    concord.close(Duration::from_secs(10)).await;
+    for problem in check.problems.iter().take(20) {
+        eprintln!("atomicity: {problem}");
+    }
+    let mut latencies = stats.latencies_us;
+    latencies.sort_unstable();
+    Ok(Summary {
+        committed: stats.committed,
+        rolled_back: stats.rolled_back,
+        atomicity_verified: check.problems.is_empty() && clean,
+        tx_per_s: args.transactions as f64 / elapsed,
+        p50_ms: percentile(&latencies, 0.50),
+        p99_ms: percentile(&latencies, 0.99),
+        earlier_transactions_checked: check.transactions.saturating_sub(args.transactions),
+        recovered_redriven: recovery.redriven.len(),
+        recovered_rolled_back: recovery.rolled_back.len(),
+    })
+}
+
+struct ClientStats {
+    committed: u64,
+    rolled_back: u64,
+    latencies_us: Vec<u64>,
+}
+
+async fn run_clients(
+    args: &DemoArgs,
+    concord: &Concord,
+    data: &Path,
+    run_id: &str,
+) -> anyhow::Result<ClientStats> {
+    let next = Arc::new(AtomicU64::new(0));
+    let progress = progress_bar(args);
+    let mut clients = tokio::task::JoinSet::new();
+    for _ in 0..args.concurrency {
+        let (concord, next, progress) = (concord.clone(), Arc::clone(&next), progress.clone());
+        let acks = data.join("acks").join(run_id);
+        let (run_id, total, fail_every) = (run_id.to_string(), args.transactions, args.fail_every);
+        clients.spawn(async move {
+            let mut stats = ClientStats {
+                committed: 0,
+                rolled_back: 0,
+                latencies_us: Vec::new(),
+            };
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= total {
+                    return Ok::<_, anyhow::Error>(stats);
+                }
+                let fail = fail_every > 0 && i % fail_every == fail_every - 1;
+                let t0 = Instant::now();
+                let outcome = one_transaction(&concord, &run_id, i, fail).await?;
+                match outcome {
+                    Outcome::Committed { .. } => {
+                        std::fs::write(acks.join(i.to_string()), b"")?;
+                        stats.committed += 1;
+                    }
+                    _ => stats.rolled_back += 1,
+                }
+                stats.latencies_us.push(t0.elapsed().as_micros() as u64);
+                progress.inc(1);
+            }
+        });
+    }
+    let mut total = ClientStats {
+        committed: 0,
+        rolled_back: 0,
+        latencies_us: Vec::new(),
+    };
+    while let Some(joined) = clients.join_next().await {
+        let stats = joined??;
+        total.committed += stats.committed;
+        total.rolled_back += stats.rolled_back;
+        total.latencies_us.extend(stats.latencies_us);
+    }
+    progress.finish_and_clear();
+    Ok(total)
+}
+
+async fn one_transaction(
+    concord: &Concord,
+    run_id: &str,
+    i: u64,
+    fail: bool,
+) -> anyhow::Result<Outcome> {
+    let mut tx = concord.begin();
+    for (resource, name) in FILES {
+        let files = tx.files(resource).await?;
+        let path = format!("tx/{run_id}/{i}/{name}");
+        files
+            .put(&path, content(run_id, i, name).as_slice())
+            .await?;
+    }
+    if fail {
+        let uploads = tx.files("uploads").await?;
+        if uploads
+            .put("../outside-the-root", &b"refused"[..])
+            .await
+            .is_ok()
+        {
+            bail!("the files resource accepted a path outside its root");
+        }
+        return Ok(tx.rollback().await?);
+    }
+    Ok(tx.commit().await?)
+}
+
+fn content(run_id: &str, i: u64, name: &str) -> Vec<u8> {
+    format!("concord demo run {run_id} transaction {i} file {name}\n").into_bytes()
+}
+
+struct Check {
+    transactions: u64,
+    problems: Vec<String>,
+}
+
+/// The check: reads the resources' directories directly. Each run is recorded in `runs/<run>` as
+/// `<transactions> <fail-every>`.
+fn check(data: &Path) -> anyhow::Result<Check> {
+    let mut problems = Vec::new();
+    let mut transactions = 0;
+    let runs = data.join("runs");
+    let mut run_ids: BTreeMap<String, (u64, u64)> = BTreeMap::new();
+    for entry in std::fs::read_dir(&runs).with_context(|| format!("list {}", runs.display()))? {
+        let entry = entry?;
+        let name = entry.file_name().to_string_lossy().to_string();
+        let text = std::fs::read_to_string(entry.path())?;
+        let mut fields = text.split_whitespace().map(str::parse::<u64>);
+        match (fields.next(), fields.next()) {
+            (Some(Ok(n)), Some(Ok(fail_every))) => {
+                run_ids.insert(name, (n, fail_every));
+            }
+            _ => problems.push(format!("{}: not a run record", entry.path().display())),
+        }
+    }
+    for (run_id, &(total, fail_every)) in &run_ids {
+        let acks = data.join("acks").join(run_id);
+        for i in 0..total {
+            transactions += 1;
+            let present: Vec<bool> = FILES
+                .iter()
+                .map(|(resource, name)| {
+                    let path = data.join(resource).join(format!("tx/{run_id}/{i}/{name}"));
+                    std::fs::read(&path)
+                        .map(|c| c == content(run_id, i, name))
+                        .unwrap_or(false)
+                })
+                .collect();
+            let all = present.iter().all(|p| *p);
+            let none = present.iter().all(|p| !*p);
+            let acked = acks.join(i.to_string()).exists();
+            let failed = fail_every > 0 && i % fail_every == fail_every - 1;
+            if !all && !none {
+                problems.push(format!(
+                    "run {run_id} transaction {i}: partly present {present:?}"
+                ));
+            }
+            if acked && !all {
+                problems.push(format!(
+                    "run {run_id} transaction {i}: acknowledged but not present"
+                ));
+            }
+            if failed && !none {
+                problems.push(format!(
+                    "run {run_id} transaction {i}: failed on purpose but present"
+                ));
+            }
+        }
+    }
+    for (resource, _) in FILES {
+        let staging = data.join(resource).join(".concord").join("staging");
+        if let Ok(entries) = std::fs::read_dir(&staging)
+            && entries.count() > 0
+        {
+            problems.push(format!("{}: staging is not empty", staging.display()));
+        }
+        let prepared = data.join(resource).join(".concord").join("prepared");
+        if let Ok(entries) = std::fs::read_dir(&prepared)
+            && entries.count() > 0
+        {
+            problems.push(format!("{}: branches left prepared", prepared.display()));
+        }
+    }
+    Ok(Check {
+        transactions,
+        problems,
+    })
+}
+
+fn percentile(sorted_us: &[u64], q: f64) -> f64 {
+    if sorted_us.is_empty() {
+        return 0.0;
+    }
+    let index = ((sorted_us.len() as f64 - 1.0) * q).round() as usize;
+    sorted_us[index.min(sorted_us.len() - 1)] as f64 / 1000.0
+}
+
+fn progress_bar(args: &DemoArgs) -> indicatif::ProgressBar {
+    if args.json || !std::io::stderr().is_terminal() {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new(args.transactions);
+    let style =
+        indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} transactions {per_sec}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
+    bar.set_style(style);
+    bar
+}
+
+fn print_summary(s: &Summary, data: &Path, kept: bool) {
+    println!("committed:           {}", s.committed);
+    println!("rolled back:         {}", s.rolled_back);
+    println!("atomicity verified:  {}", s.atomicity_verified);
+    println!("throughput:          {:.0} tx/s", s.tx_per_s);
+    println!(
+        "latency:             p50 {:.2} ms, p99 {:.2} ms",
+        s.p50_ms, s.p99_ms
+    );
+    if s.earlier_transactions_checked > 0 || s.recovered_redriven + s.recovered_rolled_back > 0 {
+        println!(
+            "earlier runs:        {} transactions checked; recovery re-drove {} and rolled back {} branches",
+            s.earlier_transactions_checked, s.recovered_redriven, s.recovered_rolled_back
+        );
+    }
+    if kept {
+        println!("data:                {}", data.display());
+    }
+}

@@ -1,0 +1,321 @@
+//! The coordinator's runtime against an in-memory resource whose failures the test controls:
+//! what is journaled, what each branch is told, retries, timeouts and recovery.
+
+#![allow(clippy::unwrap_used)]
+
+use std::any::Any;
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use adapters::{Epoch, Lsn, Resource, ResourceError, Vote, Xid};
+use coordinator::record::CoordRecord;
+use coordinator::{CoordError, Coordinator, CoordinatorConfig, Outcome, RetryPolicy};
+use journal::{Journal, JournalConfig};
+
+/// A resource that remembers what it was told and fails when asked to.
+#[derive(Default)]
+struct Mem {
+    name: String,
+    prepared: Mutex<HashSet<Xid>>,
+    committed: Mutex<Vec<Xid>>,
+    rolled_back: Mutex<Vec<Xid>>,
+    fail_prepare: AtomicBool,
+    read_only: AtomicBool,
+    commit_failures: AtomicU32,
+}
+
+impl Mem {
+    fn new(name: &str) -> Arc<Mem> {
+        Arc::new(Mem {
+            name: name.into(),
+            ..Mem::default()
+        })
+    }
+    fn committed(&self) -> Vec<Xid> {
+        self.committed.lock().unwrap().clone()
+    }
+    fn rolled_back(&self) -> Vec<Xid> {
+        self.rolled_back.lock().unwrap().clone()
+    }
+}
+
+#[async_trait::async_trait]
+impl Resource for Mem {
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+    async fn begin(&self, _xid: &Xid) -> Result<(), ResourceError> {
+        Ok(())
+    }
+    async fn prepare(&self, xid: &Xid) -> Result<Vote, ResourceError> {
+        if self.fail_prepare.load(Ordering::Relaxed) {
+            return Err(ResourceError::rejected(&self.name, "disk full"));
+        }
+        if self.read_only.load(Ordering::Relaxed) {
+            return Ok(Vote::ReadOnly);
+        }
+        self.prepared.lock().unwrap().insert(*xid);
+        Ok(Vote::Commit {
+            redo: format!("redo of {}", self.name).into_bytes(),
+        })
+    }
+    async fn commit(&self, xid: &Xid) -> Result<(), ResourceError> {
+        let left = self.commit_failures.load(Ordering::Relaxed);
+        if left > 0 {
+            self.commit_failures.store(left - 1, Ordering::Relaxed);
+            return Err(ResourceError::Unavailable {
+                resource: self.name.clone(),
+                message: "down".into(),
+            });
+        }
+        self.prepared.lock().unwrap().remove(xid);
+        self.committed.lock().unwrap().push(*xid);
+        Ok(())
+    }
+    async fn rollback(&self, xid: &Xid) -> Result<(), ResourceError> {
+        self.prepared.lock().unwrap().remove(xid);
+        self.rolled_back.lock().unwrap().push(*xid);
+        Ok(())
+    }
+    async fn recover(&self) -> Result<Vec<Xid>, ResourceError> {
+        Ok(self.prepared.lock().unwrap().iter().copied().collect())
+    }
+    async fn fence(&self, _epoch: Epoch) -> Result<(), ResourceError> {
+        Ok(())
+    }
+    async fn fence_epoch(&self) -> Result<Epoch, ResourceError> {
+        Ok(Epoch(0))
+    }
+    async fn replay(&self, _redo: &[u8], _lsn: Lsn) -> Result<(), ResourceError> {
+        Ok(())
+    }
+    async fn applied_lsn(&self) -> Result<Lsn, ResourceError> {
+        Ok(Lsn::ZERO)
+    }
+}
+
+fn config() -> CoordinatorConfig {
+    CoordinatorConfig {
+        retry: RetryPolicy {
+            first_ms: 1,
+            max_ms: 8,
+        },
+        ..CoordinatorConfig::default()
+    }
+}
+
+fn journal(dir: &std::path::Path) -> Journal {
+    Journal::open(
+        dir,
+        JournalConfig {
+            create_if_missing: true,
+            ..JournalConfig::default()
+        },
+    )
+    .unwrap()
+}
+
+fn records(journal: &Journal) -> Vec<CoordRecord> {
+    journal
+        .read_from(Lsn(1))
+        .unwrap()
+        .map(|r| {
+            let r = r.unwrap();
+            CoordRecord::decode(r.kind, &r.payload).unwrap()
+        })
+        .collect()
+}
+
+async fn open(
+    dir: &std::path::Path,
+    resources: &[Arc<Mem>],
+    config: CoordinatorConfig,
+) -> Coordinator {
+    let resources = resources
+        .iter()
+        .map(|r| Arc::clone(r) as Arc<dyn Resource>)
+        .collect();
+    Coordinator::open(config, journal(dir), resources)
+        .await
+        .unwrap()
+        .0
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_branches_commit_after_one_durable_decision_and_an_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (Mem::new("a"), Mem::new("b"));
+    let c = open(dir.path(), &[a.clone(), b.clone()], config()).await;
+    let xid = c.begin();
+    c.join(&xid, "a").await.unwrap();
+    c.join(&xid, "b").await.unwrap();
+    let outcome = c.commit(&xid).await.unwrap();
+    assert!(
+        matches!(outcome, Outcome::Committed { lsn: Some(_) }),
+        "{outcome:?}"
+    );
+    assert!(c.wait_settled(Duration::from_secs(5)).await);
+    assert_eq!(a.committed(), vec![xid]);
+    assert_eq!(b.committed(), vec![xid]);
+    c.shutdown(Duration::from_secs(5)).await;
+    // The End record is appended without waiting; reopening the journal syncs and shows it.
+    let recs = records(&journal(dir.path()));
+    assert_eq!(recs.len(), 2, "{recs:?}");
+    assert!(
+        matches!(&recs[0], CoordRecord::Commit { xid: x, branches, .. } if *x == xid && branches.len() == 2)
+    );
+    assert!(matches!(&recs[1], CoordRecord::End { xid: x } if *x == xid));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_branch_that_cannot_prepare_rolls_everything_back_and_nothing_is_journaled() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (Mem::new("a"), Mem::new("b"));
+    b.fail_prepare.store(true, Ordering::Relaxed);
+    let c = open(dir.path(), &[a.clone(), b.clone()], config()).await;
+    let xid = c.begin();
+    c.join(&xid, "a").await.unwrap();
+    c.join(&xid, "b").await.unwrap();
+    let outcome = c.commit(&xid).await.unwrap();
+    let Outcome::RolledBack { reason } = outcome else {
+        panic!("{outcome:?}")
+    };
+    assert!(
+        reason.contains("resource b") && reason.contains("disk full"),
+        "{reason}"
+    );
+    assert!(c.wait_settled(Duration::from_secs(5)).await);
+    assert_eq!(a.rolled_back(), vec![xid]);
+    assert!(a.committed().is_empty() && b.committed().is_empty());
+    assert!(records(c.journal()).is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_only_branches_commit_without_a_decision() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = Mem::new("a");
+    a.read_only.store(true, Ordering::Relaxed);
+    let c = open(dir.path(), std::slice::from_ref(&a), config()).await;
+    let xid = c.begin();
+    c.join(&xid, "a").await.unwrap();
+    assert_eq!(
+        c.commit(&xid).await.unwrap(),
+        Outcome::Committed { lsn: None }
+    );
+    assert!(records(c.journal()).is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn phase_two_keeps_retrying_until_the_branch_answers() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = Mem::new("a");
+    a.commit_failures.store(5, Ordering::Relaxed);
+    let c = open(dir.path(), std::slice::from_ref(&a), config()).await;
+    let xid = c.begin();
+    c.join(&xid, "a").await.unwrap();
+    assert!(matches!(
+        c.commit(&xid).await.unwrap(),
+        Outcome::Committed { .. }
+    ));
+    assert!(c.wait_settled(Duration::from_secs(5)).await);
+    assert_eq!(a.committed(), vec![xid]);
+    assert_eq!(a.commit_failures.load(Ordering::Relaxed), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_open_too_long_is_rolled_back_with_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = Mem::new("a");
+    let c = open(
+        dir.path(),
+        std::slice::from_ref(&a),
+        CoordinatorConfig {
+            txn_timeout_ms: 50,
+            ..config()
+        },
+    )
+    .await;
+    let xid = c.begin();
+    c.join(&xid, "a").await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while a.rolled_back().is_empty() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the timed-out branch was not rolled back"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let err = c.commit(&xid).await.unwrap_err();
+    assert!(
+        matches!(err, CoordError::TimedOut { timeout_ms: 50, .. }),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("rolled back"));
+    assert!(a.committed().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_resources_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = open(dir.path(), &[Mem::new("a")], config()).await;
+    let xid = c.begin();
+    let err = c.join(&xid, "nope").await.err().unwrap();
+    assert!(
+        err.to_string().contains("\"nope\"") && err.to_string().contains("a"),
+        "{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recovery_commits_decided_branches_and_rolls_back_undecided_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let decided = Xid {
+        node: 1,
+        epoch: Epoch(1),
+        seq: 10,
+    };
+    let undecided = Xid {
+        node: 1,
+        epoch: Epoch(1),
+        seq: 11,
+    };
+    {
+        let j = journal(dir.path());
+        let record = CoordRecord::Commit {
+            xid: decided,
+            at_ms: 0,
+            branches: vec![("a".into(), b"r".to_vec())],
+        };
+        j.append(Epoch(1), record.kind(), &record.encode())
+            .unwrap()
+            .wait()
+            .unwrap();
+    }
+    let a = Mem::new("a");
+    a.prepared.lock().unwrap().extend([decided, undecided]);
+    let (c, report) = Coordinator::open(
+        config(),
+        journal(dir.path()),
+        vec![a.clone() as Arc<dyn Resource>],
+    )
+    .await
+    .unwrap();
+    assert_eq!(report.redriven, vec![decided]);
+    assert_eq!(report.rolled_back, vec![("a".to_string(), undecided)]);
+    assert!(c.wait_settled(Duration::from_secs(5)).await);
+    assert_eq!(a.committed(), vec![decided]);
+    assert_eq!(a.rolled_back(), vec![undecided]);
+    let next = c.begin();
+    assert!(next.seq > decided.seq, "xids keep growing across restarts");
+    c.shutdown(Duration::from_secs(5)).await;
+    let recs = records(&journal(dir.path()));
+    assert!(
+        matches!(recs.last(), Some(CoordRecord::End { xid }) if *xid == decided),
+        "{recs:?}"
+    );
+}

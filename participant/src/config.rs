@@ -1,0 +1,209 @@
+//! `concord.toml`: the node, the data directory and the resources by name.
+//!
+//! ```toml
+//! node = 1                  # this coordinator's node id, part of every xid
+//! data_dir = "data"         # the journal lives in data_dir/journal
+//! txn_timeout_ms = 30000    # optional: an open transaction is rolled back after this long
+//!
+//! [resources.uploads]       # a resource, by the name the application uses
+//! kind = "files"
+//! root = "data/uploads"     # relative paths are relative to this file's directory
+//! create = true             # optional: create the root when missing
+//! lock_wait_ms = 5000       # optional: how long a writer waits for a path another branch holds
+//! ```
+//!
+//! Unknown fields are refused (a misspelt option must not be ignored silently); every error names
+//! the file and the field.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// The configuration of an embedded concord.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// This node's id.
+    pub node: u32,
+    /// Where the journal (and later other state) lives.
+    pub data_dir: PathBuf,
+    /// The epoch this node serves in (1 until failover exists).
+    #[serde(default = "default_epoch")]
+    pub epoch: u64,
+    /// An open transaction is rolled back after this long (milliseconds).
+    #[serde(default = "default_timeout_ms")]
+    pub txn_timeout_ms: u64,
+    /// The resources, by name.
+    #[serde(default)]
+    pub resources: BTreeMap<String, ResourceConfig>,
+}
+
+/// One resource.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
+pub enum ResourceConfig {
+    /// A directory tree (the files resource).
+    Files {
+        /// The root directory.
+        root: PathBuf,
+        /// Create the root when missing.
+        #[serde(default)]
+        create: bool,
+        /// How long a writer waits for a path held by another branch (milliseconds).
+        #[serde(default = "default_lock_wait_ms")]
+        lock_wait_ms: u64,
+    },
+}
+
+fn default_epoch() -> u64 {
+    1
+}
+
+fn default_timeout_ms() -> u64 {
+    30_000
+}
+
+fn default_lock_wait_ms() -> u64 {
+    5_000
+}
+
+/// A configuration that cannot be used.
+#[derive(Debug, thiserror::Error)]
+#[error("configuration {path}: {message}")]
+pub struct ConfigError {
+    /// The file (or `<built-in>`).
+    pub path: PathBuf,
+    /// What is wrong, naming the field.
+    pub message: String,
+}
+
+impl Config {
+    /// Reads and checks `path`; relative paths in it are made relative to its directory.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let err = |message: String| ConfigError {
+            path: path.to_path_buf(),
+            message,
+        };
+        let text =
+            std::fs::read_to_string(path).map_err(|e| err(format!("cannot read it: {e}")))?;
+        let mut config: Config =
+            toml::from_str(&text).map_err(|e| err(e.to_string().trim().replace('\n', " ")))?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        config.resolve_paths(base);
+        config.validate().map_err(err)?;
+        Ok(config)
+    }
+
+    /// The embedded defaults of `concord demo`: node 1 and two files resources, `uploads` and
+    /// `thumbnails`, all under `data_dir`.
+    pub fn embedded(data_dir: &Path) -> Config {
+        let mut resources = BTreeMap::new();
+        for name in ["uploads", "thumbnails"] {
+            let root = data_dir.join(name);
+            let files = ResourceConfig::Files {
+                root,
+                create: true,
+                lock_wait_ms: default_lock_wait_ms(),
+            };
+            resources.insert(name.to_string(), files);
+        }
+        Config {
+            node: 1,
+            data_dir: data_dir.to_path_buf(),
+            epoch: default_epoch(),
+            txn_timeout_ms: default_timeout_ms(),
+            resources,
+        }
+    }
+
+    fn resolve_paths(&mut self, base: &Path) {
+        self.data_dir = base.join(&self.data_dir);
+        for resource in self.resources.values_mut() {
+            match resource {
+                ResourceConfig::Files { root, .. } => *root = base.join(&*root),
+            }
+        }
+    }
+
+    /// Checks what the types cannot.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.node == 0 {
+            return Err("field `node` must be at least 1".into());
+        }
+        if self.epoch == 0 {
+            return Err("field `epoch` must be at least 1".into());
+        }
+        if self.txn_timeout_ms == 0 {
+            return Err("field `txn_timeout_ms` must be positive".into());
+        }
+        for name in self.resources.keys() {
+            let ok = !name.is_empty()
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+            if !ok {
+                return Err(format!(
+                    "resource name {name:?} in [resources] must be letters, digits, '_' or '-'"
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(text: &str) -> Result<Config, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("concord.toml");
+        std::fs::write(&path, text).unwrap();
+        Config::load(&path)
+    }
+
+    #[test]
+    fn a_full_configuration_loads_with_paths_relative_to_the_file() {
+        let config = load(
+            "node = 2\ndata_dir = \"d\"\n[resources.uploads]\nkind = \"files\"\nroot = \"u\"\ncreate = true\n",
+        )
+        .unwrap();
+        assert_eq!(config.node, 2);
+        assert!(config.data_dir.ends_with("d") && config.data_dir.is_absolute());
+        let Some(ResourceConfig::Files {
+            root,
+            create,
+            lock_wait_ms,
+        }) = config.resources.get("uploads")
+        else {
+            panic!("no uploads")
+        };
+        assert!(root.ends_with("u") && *create && *lock_wait_ms == 5_000);
+    }
+
+    #[test]
+    fn errors_name_the_file_and_the_field() {
+        let missing = load("data_dir = \"d\"\n").unwrap_err().to_string();
+        assert!(
+            missing.contains("concord.toml") && missing.contains("node"),
+            "{missing}"
+        );
+        let invalid = load("node = \"one\"\ndata_dir = \"d\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(invalid.contains("node"), "{invalid}");
+        let unknown = load("node = 1\ndata_dir = \"d\"\nnodes = 2\n")
+            .unwrap_err()
+            .to_string();
+        assert!(unknown.contains("nodes"), "{unknown}");
+        let kind =
+            load("node = 1\ndata_dir = \"d\"\n[resources.x]\nkind = \"tape\"\nroot = \"r\"\n")
+                .unwrap_err();
+        assert!(kind.to_string().contains("tape"), "{kind}");
+        let zero = load("node = 0\ndata_dir = \"d\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(zero.contains("`node`"), "{zero}");
+    }
+}
