@@ -329,17 +329,16 @@ fn progress_bar(args: &DemoArgs) -> indicatif::ProgressBar {
 
 fn print_summary(s: &Summary, data: &Path, kept: bool) {
     println!("committed:           {}", s.committed);
-    println!("rolled back:         {}", s.rolled_back);
-    println!("atomicity verified:  {}", s.atomicity_verified);
-    println!("throughput:          {:.0} tx/s", s.tx_per_s);
-    println!(
-        "latency:             p50 {:.2} ms, p99 {:.2} ms",
-        s.p50_ms, s.p99_ms
-    );
+    println!("rolled_back:         {}", s.rolled_back);
+    println!("atomicity_verified:  {}", s.atomicity_verified);
+    println!("tx_per_s:            {:.0}", s.tx_per_s);
+    println!("p50_ms:              {:.2}", s.p50_ms);
+    println!("p99_ms:              {:.2}", s.p99_ms);
     if s.earlier_transactions_checked > 0 || s.recovered_redriven + s.recovered_rolled_back > 0 {
+        println!("earlier_checked:     {}", s.earlier_transactions_checked);
         println!(
-            "earlier runs:        {} transactions checked; recovery re-drove {} and rolled back {} branches",
-            s.earlier_transactions_checked, s.recovered_redriven, s.recovered_rolled_back
+            "recovered:           {} re-driven, {} rolled back",
+            s.recovered_redriven, s.recovered_rolled_back
         );
     }
     if kept {

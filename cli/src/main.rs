@@ -14,8 +14,8 @@
 //! Conventions every command follows:
 //!
 //! * Results go to standard output; logs (`tracing`, filtered by `RUST_LOG`) and progress go to
-//!   standard error. The default log level is `warn` for the journal tools, whose output is the
-//!   product, and `info` for everything else.
+//!   standard error. The default log level is `warn`: every command's output is its product, and
+//!   `RUST_LOG=info` shows state changes (resources opened, recovery, truncated tails).
 //! * A failure prints exactly one line `error: …` on standard error and exits non-zero, with the
 //!   codes in [`EXIT_CODES`]; it never panics or prints a backtrace.
 //!
@@ -105,12 +105,7 @@ enum BenchCommand {
 impl Command {
     /// The log level when `RUST_LOG` is not set.
     fn default_log_level(&self) -> LevelFilter {
-        match self {
-            Command::Journal(_) => LevelFilter::WARN,
-            Command::Bench(_) => LevelFilter::INFO,
-            Command::Demo(_) => LevelFilter::WARN,
-            Command::Txn(_) => LevelFilter::WARN,
-        }
+        LevelFilter::WARN
     }
 }
 

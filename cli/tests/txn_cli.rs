@@ -1,0 +1,136 @@
+//! `concord txn list` and `concord txn resolve` on a data directory with a transaction stuck in
+//! phase 2 because its resource is gone for good.
+
+#![allow(clippy::unwrap_used)]
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use adapters::Xid;
+use coordinator::record::CoordRecord;
+use journal::{Epoch, Journal, JournalConfig};
+
+fn concord(args: &[&str], data: &Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_concord"))
+        .args(args)
+        .arg("--data")
+        .arg(data)
+        .output()
+        .unwrap()
+}
+
+fn listed(data: &Path) -> Vec<serde_json::Value> {
+    let out = concord(&["txn", "list", "--json"], data);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[test]
+fn a_stuck_transaction_is_listed_and_resolved_by_an_operator() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let out = concord(
+        &[
+            "demo",
+            "--transactions",
+            "20",
+            "--concurrency",
+            "2",
+            "--json",
+        ],
+        &data,
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        listed(&data).is_empty(),
+        "a clean demo leaves nothing unfinished"
+    );
+
+    // A decision naming a resource that no longer exists: phase 2 can never finish by itself.
+    let stuck = Xid {
+        node: 1,
+        epoch: Epoch(1),
+        seq: 42,
+    };
+    {
+        let config = JournalConfig::default();
+        let journal = Journal::open(data.join("journal"), config).unwrap();
+        let record = CoordRecord::Commit {
+            xid: stuck,
+            at_ms: 1,
+            branches: vec![("tape".into(), vec![])],
+        };
+        journal
+            .append(Epoch(1), record.kind(), &record.encode())
+            .unwrap()
+            .wait()
+            .unwrap();
+    }
+    let rows = listed(&data);
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert_eq!(rows[0]["xid"], stuck.to_string());
+    assert_eq!(rows[0]["state"], "committed, phase 2 unfinished");
+    assert_eq!(rows[0]["branches"], serde_json::json!(["tape"]));
+    let human = concord(&["txn", "list"], &data);
+    assert!(String::from_utf8_lossy(&human.stdout).contains(&stuck.to_string()));
+
+    let refused = concord(&["txn", "resolve", &stuck.to_string(), "--rollback"], &data);
+    assert!(!refused.status.success());
+    let message = String::from_utf8_lossy(&refused.stderr);
+    assert!(message.contains("cannot be rolled back"), "{message}");
+
+    let out = concord(
+        &[
+            "txn",
+            "resolve",
+            &stuck.to_string(),
+            "--commit",
+            "--operator",
+            "ops",
+            "--json",
+        ],
+        &data,
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let answer: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(answer["decision"], "commit");
+    assert_eq!(answer["operator"], "ops");
+    assert!(
+        listed(&data).is_empty(),
+        "resolved transactions are no longer listed"
+    );
+
+    let journal = Journal::open(data.join("journal"), JournalConfig::default()).unwrap();
+    let resolved = journal.read_from(journal.oldest_lsn()).unwrap().any(|r| {
+        let r = r.unwrap();
+        matches!(CoordRecord::decode(r.kind, &r.payload), Ok(CoordRecord::Resolve { xid, commit: true, ref operator, .. }) if xid == stuck && operator == "ops")
+    });
+    assert!(
+        resolved,
+        "the operator's decision is in the journal with who made it"
+    );
+}
+
+#[test]
+fn a_malformed_xid_is_one_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = concord(&["txn", "resolve", "not-an-xid", "--commit"], dir.path());
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is not an xid"));
+}
