@@ -14,14 +14,17 @@
 //! and reported without holding up the others or the start.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use adapters::{Epoch, Lsn, Resource, ResourceError, Xid};
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
 use journal::{Journal, JournalError};
 use tokio::sync::{Notify, oneshot, watch};
-use tokio::task::JoinSet;
 use tracing::Instrument;
 
 use crate::engine::{BranchId, Command, Event, Outcome, Phase, RetryPolicy, TxnMachine};
@@ -180,7 +183,8 @@ struct Open {
 struct Running {
     started: Instant,
     names: Vec<String>,
-    machine: TxnMachine,
+    /// Stepped by the transaction's driver only; read by `list` and `wait_settled`.
+    machine: Mutex<TxnMachine>,
 }
 
 struct Inner {
@@ -189,7 +193,7 @@ struct Inner {
     resources: BTreeMap<String, Arc<dyn Resource>>,
     seq: AtomicU64,
     open: Mutex<HashMap<Xid, Open>>,
-    running: Mutex<HashMap<Xid, Running>>,
+    running: Mutex<HashMap<Xid, Arc<Running>>>,
     tasks: Arc<Tasks>,
     stop: watch::Sender<bool>,
 }
@@ -354,7 +358,7 @@ impl Coordinator {
             open.branches,
             open.started,
             vec![],
-            Event::CommitRequested,
+            Some(Event::CommitRequested),
             Some(reply),
         );
         answer.await.map_err(|_| CoordError::ShuttingDown)
@@ -379,7 +383,7 @@ impl Coordinator {
             open.branches,
             open.started,
             vec![],
-            event,
+            Some(event),
             Some(reply),
         );
         answer.await.map_err(|_| CoordError::ShuttingDown)
@@ -395,18 +399,25 @@ impl Coordinator {
         let event = Event::RollbackRequested {
             reason: "the transaction handle was dropped".into(),
         };
-        self.drive(machine, open.branches, open.started, vec![], event, None);
+        self.drive(
+            machine,
+            open.branches,
+            open.started,
+            vec![],
+            Some(event),
+            None,
+        );
     }
 
-    /// Starts the task that drives `machine`: feeds `first` (or runs `initial` commands) and
-    /// carries on until the machine is finished.
+    /// Starts the task that drives `machine`: runs `initial` and the commands `first` yields,
+    /// and carries on until the machine is finished.
     fn drive(
         &self,
         machine: TxnMachine,
         names: Vec<String>,
         started: Instant,
         initial: Vec<Command>,
-        first: Event,
+        first: Option<Event>,
         reply: Option<oneshot::Sender<Outcome>>,
     ) {
         let xid = machine.xid();
@@ -414,25 +425,26 @@ impl Coordinator {
             .iter()
             .map(|n| self.inner.resources.get(n).cloned())
             .collect();
-        lock(&self.inner.running).insert(
-            xid,
-            Running {
-                started,
-                names: names.clone(),
-                machine,
-            },
-        );
-        let inner = Arc::clone(&self.inner);
-        let span = tracing::info_span!("txn", xid = %xid);
-        let driver = Driver {
-            inner: Arc::clone(&inner),
-            xid,
+        let running = Arc::new(Running {
+            started,
             names,
+            machine: Mutex::new(machine),
+        });
+        lock(&self.inner.running).insert(xid, Arc::clone(&running));
+        let span = if reply.is_some() {
+            tracing::info_span!("txn", xid = %xid)
+        } else {
+            tracing::info_span!("recover", xid = %xid)
+        };
+        let driver = Driver {
+            inner: Arc::clone(&self.inner),
+            xid,
+            running,
             resources,
             reply,
         };
-        let stop = inner.stop.subscribe();
-        inner
+        let stop = self.inner.stop.subscribe();
+        self.inner
             .tasks
             .spawn(&stop, driver.run(initial, first).instrument(span));
     }
@@ -445,7 +457,7 @@ impl Coordinator {
         loop {
             let busy = lock(&self.inner.running)
                 .values()
-                .any(|r| *r.machine.phase() != Phase::InDoubt);
+                .any(|r| *lock(&r.machine).phase() != Phase::InDoubt);
             if !busy {
                 return true;
             }
@@ -474,13 +486,14 @@ impl Coordinator {
             });
         }
         for (xid, r) in lock(&self.inner.running).iter() {
+            let machine = lock(&r.machine);
             let branches = r
                 .names
                 .iter()
-                .zip(r.machine.branches())
+                .zip(machine.branches())
                 .map(|(n, b)| (n.clone(), b.state.name().to_string(), b.last_error.clone()))
                 .collect();
-            let state = phase_name(r.machine.phase());
+            let state = phase_name(machine.phase());
             out.push(TxnInfo {
                 xid: *xid,
                 state: state.into(),
@@ -643,32 +656,7 @@ impl Coordinator {
     }
 
     fn drive_recovered(&self, machine: TxnMachine, names: Vec<String>, commands: Vec<Command>) {
-        let xid = machine.xid();
-        let resources: Vec<Option<Arc<dyn Resource>>> = names
-            .iter()
-            .map(|n| self.inner.resources.get(n).cloned())
-            .collect();
-        lock(&self.inner.running).insert(
-            xid,
-            Running {
-                started: Instant::now(),
-                names: names.clone(),
-                machine,
-            },
-        );
-        let inner = Arc::clone(&self.inner);
-        let span = tracing::info_span!("recover", xid = %xid);
-        let driver = Driver {
-            inner: Arc::clone(&inner),
-            xid,
-            names,
-            resources,
-            reply: None,
-        };
-        let stop = inner.stop.subscribe();
-        inner
-            .tasks
-            .spawn(&stop, driver.run_commands(commands).instrument(span));
+        self.drive(machine, names, Instant::now(), commands, None, None);
     }
 }
 
@@ -695,67 +683,57 @@ fn phase_name(phase: &Phase) -> &'static str {
 struct Driver {
     inner: Arc<Inner>,
     xid: Xid,
-    names: Vec<String>,
+    running: Arc<Running>,
     resources: Vec<Option<Arc<dyn Resource>>>,
     reply: Option<oneshot::Sender<Outcome>>,
 }
 
-impl Driver {
-    async fn run(self, initial: Vec<Command>, first: Event) {
-        let commands = self.step(first);
-        let mut all = initial;
-        all.extend(commands);
-        self.run_commands(all).await;
-    }
+/// A command in progress: it yields the event that reports its result.
+type Call = Pin<Box<dyn Future<Output = Event> + Send>>;
 
-    async fn run_commands(mut self, mut commands: Vec<Command>) {
-        // Every call, retry timer and append runs in this set, owned by this task: when the task
-        // stops (shutdown), they stop with it.
-        let mut calls: JoinSet<Event> = JoinSet::new();
+impl Driver {
+    async fn run(mut self, initial: Vec<Command>, first: Option<Event>) {
+        let mut commands = initial;
+        if let Some(first) = first {
+            commands.extend(self.step(first));
+        }
+        // Every call, retry timer and append is a future polled by this task: when the task stops
+        // (shutdown), they stop with it, and no command costs a task of its own.
+        let mut calls: FuturesUnordered<Call> = FuturesUnordered::new();
         loop {
             for command in commands.drain(..) {
                 self.execute(command, &mut calls);
             }
-            let Some(joined) = calls.join_next().await else {
+            let Some(event) = calls.next().await else {
                 break;
             };
-            commands = match joined {
-                Ok(event) => self.step(event),
-                Err(e) => {
-                    tracing::error!(error = %e, "a resource call panicked; the transaction stalls until restart");
-                    Vec::new()
-                }
-            };
+            commands = self.step(event);
         }
-        let finished = self
-            .with_machine(|m| *m.phase() == Phase::Finished)
-            .unwrap_or(true);
+        let finished = *self.machine().phase() == Phase::Finished;
         if finished {
             lock(&self.inner.running).remove(&self.xid);
         }
     }
 
-    fn step(&self, event: Event) -> Vec<Command> {
-        self.with_machine(|m| m.on(event)).unwrap_or_default()
+    fn machine(&self) -> std::sync::MutexGuard<'_, TxnMachine> {
+        lock(&self.running.machine)
     }
 
-    fn with_machine<T>(&self, f: impl FnOnce(&mut TxnMachine) -> T) -> Option<T> {
-        lock(&self.inner.running)
-            .get_mut(&self.xid)
-            .map(|r| f(&mut r.machine))
+    fn step(&self, event: Event) -> Vec<Command> {
+        self.machine().on(event)
     }
 
     /// Starts one command in `calls` (or carries it out at once).
-    fn execute(&mut self, command: Command, calls: &mut JoinSet<Event>) {
+    fn execute(&mut self, command: Command, calls: &mut FuturesUnordered<Call>) {
         match command {
-            Command::Prepare(b) => self.call(b, calls, Call::Prepare),
-            Command::Commit(b) => self.call(b, calls, Call::Commit),
-            Command::Rollback(b) => self.call(b, calls, Call::Rollback),
+            Command::Prepare(b) => self.call(b, calls, BranchCall::Prepare),
+            Command::Commit(b) => self.call(b, calls, BranchCall::Commit),
+            Command::Rollback(b) => self.call(b, calls, BranchCall::Rollback),
             Command::RetryAfter { branch, delay_ms } => {
-                calls.spawn(async move {
+                calls.push(Box::pin(async move {
                     tokio::time::sleep(Duration::from_millis(delay_ms)).await;
                     Event::RetryDue { branch }
-                });
+                }));
             }
             Command::AppendDecision { writers } => self.append_decision(writers, calls),
             Command::AppendEnd => {
@@ -778,11 +756,11 @@ impl Driver {
         }
     }
 
-    fn call(&self, branch: BranchId, calls: &mut JoinSet<Event>, call: Call) {
+    fn call(&self, branch: BranchId, calls: &mut FuturesUnordered<Call>, call: BranchCall) {
         let xid = self.xid;
         let resource = self.resources.get(branch).cloned().flatten();
-        let name = self.names.get(branch).cloned().unwrap_or_default();
-        calls.spawn(async move {
+        let name = self.running.names.get(branch).cloned().unwrap_or_default();
+        calls.push(Box::pin(async move {
             let Some(resource) = resource else {
                 let e = ResourceError::Unavailable {
                     resource: name,
@@ -791,28 +769,32 @@ impl Driver {
                 return call.event(branch, Err(e));
             };
             match call {
-                Call::Prepare => {
+                BranchCall::Prepare => {
                     let vote = resource.prepare(&xid).await;
                     failpoint::hit("after_prepare");
                     Event::Prepared { branch, vote }
                 }
-                Call::Commit => {
+                BranchCall::Commit => {
                     let result = resource.commit(&xid).await;
                     failpoint::hit("between_commits");
                     Event::Resolved { branch, result }
                 }
-                Call::Rollback => Event::Resolved {
+                BranchCall::Rollback => Event::Resolved {
                     branch,
                     result: resource.rollback(&xid).await,
                 },
             }
-        });
+        }));
     }
 
-    fn append_decision(&self, writers: Vec<(BranchId, Vec<u8>)>, calls: &mut JoinSet<Event>) {
+    fn append_decision(
+        &self,
+        writers: Vec<(BranchId, Vec<u8>)>,
+        calls: &mut FuturesUnordered<Call>,
+    ) {
         let branches = writers
             .into_iter()
-            .map(|(b, redo)| (self.names.get(b).cloned().unwrap_or_default(), redo))
+            .map(|(b, redo)| (self.running.names.get(b).cloned().unwrap_or_default(), redo))
             .collect();
         let record = CoordRecord::Commit {
             xid: self.xid,
@@ -823,7 +805,7 @@ impl Driver {
             self.inner
                 .journal
                 .append(self.inner.config.epoch, record.kind(), &record.encode());
-        calls.spawn(async move {
+        calls.push(Box::pin(async move {
             match appended {
                 Ok(appending) => {
                     failpoint::hit("decision_appended");
@@ -841,25 +823,25 @@ impl Driver {
                     error: e.to_string(),
                 },
             }
-        });
+        }));
     }
 }
 
 #[derive(Clone, Copy)]
-enum Call {
+enum BranchCall {
     Prepare,
     Commit,
     Rollback,
 }
 
-impl Call {
+impl BranchCall {
     fn event(self, branch: BranchId, result: Result<(), ResourceError>) -> Event {
         match (self, result) {
-            (Call::Prepare, Err(e)) => Event::Prepared {
+            (BranchCall::Prepare, Err(e)) => Event::Prepared {
                 branch,
                 vote: Err(e),
             },
-            (Call::Prepare, Ok(())) => Event::Prepared {
+            (BranchCall::Prepare, Ok(())) => Event::Prepared {
                 branch,
                 vote: Ok(adapters::Vote::ReadOnly),
             },
