@@ -373,8 +373,19 @@ impl Coordinator {
                 state: "not open".into(),
             });
         };
-        let machine = TxnMachine::new(*xid, open.branches.len(), self.inner.config.retry);
         let (reply, answer) = oneshot::channel();
+        self.start_rollback(xid, open, reason, Some(reply));
+        answer.await.map_err(|_| CoordError::ShuttingDown)
+    }
+
+    fn start_rollback(
+        &self,
+        xid: &Xid,
+        open: Open,
+        reason: &str,
+        reply: Option<oneshot::Sender<Outcome>>,
+    ) {
+        let machine = TxnMachine::new(*xid, open.branches.len(), self.inner.config.retry);
         let event = Event::RollbackRequested {
             reason: reason.to_string(),
         };
@@ -384,9 +395,8 @@ impl Coordinator {
             open.started,
             vec![],
             Some(event),
-            Some(reply),
+            reply,
         );
-        answer.await.map_err(|_| CoordError::ShuttingDown)
     }
 
     /// Rolls back an open transaction whose handle was dropped without commit or rollback, in
@@ -395,18 +405,7 @@ impl Coordinator {
         let Some(open) = lock(&self.inner.open).remove(xid) else {
             return;
         };
-        let machine = TxnMachine::new(*xid, open.branches.len(), self.inner.config.retry);
-        let event = Event::RollbackRequested {
-            reason: "the transaction handle was dropped".into(),
-        };
-        self.drive(
-            machine,
-            open.branches,
-            open.started,
-            vec![],
-            Some(event),
-            None,
-        );
+        self.start_rollback(xid, open, "the transaction handle was dropped", None);
     }
 
     /// Starts the task that drives `machine`: runs `initial` and the commands `first` yields,
