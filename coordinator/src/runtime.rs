@@ -305,6 +305,14 @@ impl Coordinator {
             }
             return Err(e.into());
         }
+        // The transaction may have timed out (and its branches been rolled back) while `begin`
+        // ran: roll back the branch just begun too, so it holds nothing.
+        if first && let Err(ended) = self.check_open(xid) {
+            if let Err(e) = r.rollback(xid).await {
+                tracing::warn!(xid = %xid, resource, error = %e, "rollback of a branch begun after its timeout");
+            }
+            return Err(ended);
+        }
         Ok(r)
     }
 
@@ -336,7 +344,16 @@ impl Coordinator {
     /// the transaction rolled back). Phase 2 goes on in the background.
     pub async fn commit(&self, xid: &Xid) -> Result<Outcome, CoordError> {
         let open = lock(&self.inner.open).remove(xid);
+        let timeout = Duration::from_millis(self.inner.config.txn_timeout_ms);
         let open = match open {
+            Some(o) if !o.timed_out && o.started.elapsed() > timeout => {
+                // Past its deadline though the reaper has not run yet: the same as timed out.
+                self.start_rollback(xid, o, "the transaction timed out", None);
+                return Err(CoordError::TimedOut {
+                    xid: *xid,
+                    timeout_ms: self.inner.config.txn_timeout_ms,
+                });
+            }
             Some(o) if o.timed_out => {
                 return Err(CoordError::TimedOut {
                     xid: *xid,

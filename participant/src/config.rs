@@ -35,23 +35,61 @@ pub struct Config {
     #[serde(default = "default_timeout_ms")]
     pub txn_timeout_ms: u64,
     /// The resources, by name.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "resources_from_toml")]
     pub resources: BTreeMap<String, ResourceConfig>,
 }
 
+/// A resource table as written. Flat rather than a serde-tagged enum, so that a bad value is
+/// reported with its key and line (a tagged enum buffers the table and loses both).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ResourceToml {
+    kind: ResourceKind,
+    root: PathBuf,
+    #[serde(default)]
+    create: bool,
+    #[serde(default = "default_lock_wait_ms")]
+    lock_wait_ms: u64,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum ResourceKind {
+    Files,
+}
+
+fn resources_from_toml<'de, D>(
+    deserializer: D,
+) -> Result<BTreeMap<String, ResourceConfig>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    let tables = BTreeMap::<String, ResourceToml>::deserialize(deserializer)?;
+    Ok(tables
+        .into_iter()
+        .map(|(name, t)| {
+            let config = match t.kind {
+                ResourceKind::Files => ResourceConfig::Files {
+                    root: t.root,
+                    create: t.create,
+                    lock_wait_ms: t.lock_wait_ms,
+                },
+            };
+            (name, config)
+        })
+        .collect())
+}
+
 /// One resource.
-#[derive(Clone, Debug, Deserialize)]
-#[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
+#[derive(Clone, Debug)]
 pub enum ResourceConfig {
     /// A directory tree (the files resource).
     Files {
         /// The root directory.
         root: PathBuf,
         /// Create the root when missing.
-        #[serde(default)]
         create: bool,
         /// How long a writer waits for a path held by another branch (milliseconds).
-        #[serde(default = "default_lock_wait_ms")]
         lock_wait_ms: u64,
     },
 }

@@ -269,18 +269,30 @@ impl FilesHandle {
         content: impl tokio::io::AsyncRead + Unpin + Send,
     ) -> Result<u64, ConcordError> {
         self.coordinator.check_open(&self.xid)?;
-        Ok(self.branch.put(path, content).await?)
+        let put = self.branch.put(path, content).await;
+        self.explain(put)
     }
 
     /// Deletes `path` when the transaction commits.
     pub async fn delete(&self, path: &str) -> Result<(), ConcordError> {
         self.coordinator.check_open(&self.xid)?;
-        Ok(self.branch.delete(path).await?)
+        let deleted = self.branch.delete(path).await;
+        self.explain(deleted)
     }
 
     /// Reads `path` as this transaction sees it (its own writes included).
     pub async fn read(&self, path: &str) -> Result<Vec<u8>, ConcordError> {
         self.coordinator.check_open(&self.xid)?;
-        Ok(self.branch.read(path).await?)
+        let read = self.branch.read(path).await;
+        self.explain(read)
+    }
+
+    /// A branch call that failed because the transaction timed out (or ended) meanwhile reports
+    /// that, not the resource's view of it.
+    fn explain<T>(&self, result: Result<T, adapters::ResourceError>) -> Result<T, ConcordError> {
+        result.map_err(|e| match self.coordinator.check_open(&self.xid) {
+            Err(ended) => ended.into(),
+            Ok(()) => e.into(),
+        })
     }
 }

@@ -1,0 +1,160 @@
+//! `concord.toml` through `Concord::open_file`: a written file opens and commits, and every
+//! unusable file is refused with an error naming the file and the field.
+
+#![allow(clippy::unwrap_used)]
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use coordinator::Outcome;
+use participant::{Concord, ConcordError};
+
+/// Bound on every step that waits (open, commit, close).
+const STEP_DEADLINE: Duration = Duration::from_secs(10);
+
+/// The header every refused file shares; each case adds or breaks one line.
+const HEADER: &str = "node = 1\ndata_dir = \"data\"\n";
+
+/// Writes `text` as `concord.toml` in `dir`; returns its path.
+fn write_config(dir: &Path, text: &str) -> PathBuf {
+    let path = dir.join("concord.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// Opens `text` as a config file and returns the error's message, which must name the file.
+async fn refusal(text: &str) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(dir.path(), text);
+    let Ok(opened) = tokio::time::timeout(STEP_DEADLINE, Concord::open_file(&path)).await else {
+        panic!("open_file did not answer within {STEP_DEADLINE:?}")
+    };
+    let Err(error) = opened else {
+        panic!("{text:?} was accepted")
+    };
+    assert!(
+        matches!(error, ConcordError::Config(_)),
+        "not a configuration error: {error:?}"
+    );
+    let message = error.to_string();
+    assert!(
+        message.contains(&path.display().to_string()),
+        "the error does not name the file {}: {message}",
+        path.display()
+    );
+    assert!(
+        !dir.path().join("data").exists(),
+        "a refused configuration created the data directory"
+    );
+    message
+}
+
+fn assert_names(message: &str, field: &str) {
+    assert!(
+        message.contains(&format!("`{field}`")) || message.contains(&format!("{field} =")),
+        "the error does not name the field `{field}`: {message}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_written_file_opens_with_paths_relative_to_it_and_commits() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = format!(
+        "{HEADER}txn_timeout_ms = 20000\n\n[resources.uploads]\nkind = \"files\"\nroot = \"files/uploads\"\ncreate = true\nlock_wait_ms = 1000\n"
+    );
+    let path = write_config(dir.path(), &text);
+    let concord = tokio::time::timeout(STEP_DEADLINE, Concord::open_file(&path))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        dir.path().join("data").join("journal").is_dir(),
+        "the journal is not under data_dir relative to the file"
+    );
+
+    let mut tx = concord.begin();
+    let uploads = tx.files("uploads").await.unwrap();
+    uploads
+        .put("a/b.txt", &b"through the file"[..])
+        .await
+        .unwrap();
+    drop(uploads);
+    let outcome = tokio::time::timeout(STEP_DEADLINE, tx.commit())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        matches!(outcome, Outcome::Committed { lsn: Some(_) }),
+        "{outcome:?}"
+    );
+    assert!(concord.wait_idle(STEP_DEADLINE).await);
+    let file = dir.path().join("files/uploads/a/b.txt");
+    assert_eq!(std::fs::read(&file).unwrap(), b"through the file");
+    drop(tx);
+    assert!(concord.close(STEP_DEADLINE).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_file_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("absent.toml");
+    let error = Concord::open_file(&path).await.err().unwrap().to_string();
+    assert!(
+        error.contains(&path.display().to_string()) && error.contains("cannot read"),
+        "{error}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_field_is_named() {
+    assert_names(&refusal("data_dir = \"data\"\n").await, "node");
+    assert_names(&refusal("node = 1\n").await, "data_dir");
+    let no_root = format!("{HEADER}[resources.uploads]\nkind = \"files\"\n");
+    assert_names(&refusal(&no_root).await, "root");
+    let no_kind = format!("{HEADER}[resources.uploads]\nroot = \"u\"\n");
+    assert_names(&refusal(&no_kind).await, "kind");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unknown_field_is_named() {
+    assert_names(&refusal(&format!("{HEADER}nodes = 2\n")).await, "nodes");
+    let in_resource =
+        format!("{HEADER}[resources.uploads]\nkind = \"files\"\nroot = \"u\"\nlock_wait = 10\n");
+    assert_names(&refusal(&in_resource).await, "lock_wait");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_kind_is_named() {
+    let tape = format!("{HEADER}[resources.backup]\nkind = \"tape\"\nroot = \"b\"\n");
+    let message = refusal(&tape).await;
+    assert_names(&message, "kind");
+    assert!(
+        message.contains("tape") && message.contains("files"),
+        "{message}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_value_is_named() {
+    assert_names(&refusal("node = 0\ndata_dir = \"data\"\n").await, "node");
+    let timeout = format!("{HEADER}txn_timeout_ms = \"soon\"\n");
+    assert_names(&refusal(&timeout).await, "txn_timeout_ms");
+    let name = format!("{HEADER}[resources.\"up loads\"]\nkind = \"files\"\nroot = \"u\"\n");
+    assert!(refusal(&name).await.contains("up loads"));
+}
+
+/// BUG (participant/src/config.rs, `ResourceConfig` with `#[serde(tag = "kind")]`): a value of the
+/// wrong type inside a resource table is reported as `invalid type: string "soon", expected u64`
+/// at the table's header line, without the field's name, although the module docs promise that
+/// every error names the field. An internally tagged enum is deserialized from serde's buffered
+/// content, which has lost the keys' names and spans.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_value_inside_a_resource_is_named() {
+    let wait = format!(
+        "{HEADER}[resources.uploads]\nkind = \"files\"\nroot = \"u\"\nlock_wait_ms = \"soon\"\n"
+    );
+    assert_names(&refusal(&wait).await, "lock_wait_ms");
+    let create =
+        format!("{HEADER}[resources.uploads]\nkind = \"files\"\nroot = \"u\"\ncreate = \"yes\"\n");
+    assert_names(&refusal(&create).await, "create");
+}
