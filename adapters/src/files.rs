@@ -132,6 +132,31 @@ use crate::{Epoch, Lsn, Resource, ResourceError, Vote, Xid};
 
 /// The private directory under the root; no user path may start with it.
 pub const PRIVATE_DIR: &str = ".concord";
+
+/// The xids whose manifests are in `root`'s private area: the branches a files resource at
+/// `root` holds prepared. Reads the directory only — no lock, no clean-up — so an operator's
+/// view can run beside the process that owns the resource.
+pub fn prepared_on_disk(root: &Path) -> std::result::Result<Vec<Xid>, ResourceError> {
+    let dir = root.join(PRIVATE_DIR).join("prepared");
+    let entries = match fs::read_dir(&dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(ResourceError::io("files", "list", &dir, &e)),
+    };
+    let mut xids = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(|e| ResourceError::io("files", "list", &dir, &e))?;
+        if let Some(xid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<Xid>().ok())
+        {
+            xids.push(xid);
+        }
+    }
+    xids.sort();
+    Ok(xids)
+}
 /// Longest path accepted, in bytes.
 pub const PATH_BYTES_MAX: usize = 4096;
 /// Most paths one branch may write (and entries one redo may hold).
@@ -1230,10 +1255,12 @@ impl Inner {
         let mut current = self.root.clone();
         for component in parents.split('/') {
             current.push(component);
+            // The parent is synced whether this call created the directory or found it: a
+            // concurrent branch (or an attempt that crashed) may have created it without syncing
+            // its entry yet, and this branch's commit must not be acknowledged before it is.
+            touched.insert(parent_of(&current));
             match fs::create_dir(&current) {
-                Ok(()) => {
-                    touched.insert(parent_of(&current));
-                }
+                Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists && current.is_dir() => {}
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
                     return Err(refused(
@@ -1256,11 +1283,11 @@ impl Inner {
     }
 
     fn remove_target(&self, target: &Path, touched: &mut BTreeSet<PathBuf>) -> Result<()> {
+        // Synced even when the file is already gone: an earlier attempt may have removed it and
+        // crashed before syncing the directory.
+        touched.insert(parent_of(target));
         match fs::remove_file(target) {
-            Ok(()) => {
-                touched.insert(parent_of(target));
-                Ok(())
-            }
+            Ok(()) => Ok(()),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
             Err(e) => Err(ResourceError::io(&self.name, "remove", target, &e)),
         }

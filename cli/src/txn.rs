@@ -118,10 +118,7 @@ pub fn list(args: ListArgs) -> anyhow::Result<()> {
             branches: branches.clone(),
         })
         .collect();
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    let prepared = runtime.block_on(prepared_branches(&config))?;
+    let prepared = prepared_branches(&config)?;
     for (xid, resources) in prepared {
         if open.contains_key(&xid) {
             continue;
@@ -158,20 +155,14 @@ pub fn list(args: ListArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn prepared_branches(config: &Config) -> anyhow::Result<BTreeMap<Xid, Vec<String>>> {
+/// The prepared branches of every configured resource, read without opening the resources.
+fn prepared_branches(config: &Config) -> anyhow::Result<BTreeMap<Xid, Vec<String>>> {
     let mut out: BTreeMap<Xid, Vec<String>> = BTreeMap::new();
     for (name, resource) in &config.resources {
         let participant::ResourceConfig::Files { root, .. } = resource;
-        if !root.exists() {
-            continue;
-        }
-        let files = adapters::files::FilesResource::open(
-            name,
-            root,
-            adapters::files::FilesConfig::default(),
-        )
-        .with_context(|| format!("open resource {name}"))?;
-        for xid in adapters::Resource::recover(&*files).await? {
+        let prepared = adapters::files::prepared_on_disk(root)
+            .with_context(|| format!("read resource {name}"))?;
+        for xid in prepared {
             out.entry(xid).or_default().push(name.clone());
         }
     }
@@ -192,6 +183,9 @@ pub fn resolve(args: ResolveArgs) -> anyhow::Result<()> {
         .build()?;
     runtime.block_on(async {
         let concord = Concord::open(config).await?;
+        // Let recovery finish what it can first (it rolls back undecided branches); a
+        // transaction stuck on a lost resource keeps it busy, so the wait is bounded.
+        concord.wait_idle(Duration::from_secs(10)).await;
         let result = concord.coordinator().resolve(&xid, args.commit, &operator).await;
         concord.close(Duration::from_secs(5)).await;
         result?;

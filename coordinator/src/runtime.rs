@@ -99,8 +99,11 @@ pub enum CoordError {
     /// The operator's request cannot be carried out as asked.
     #[error("{0}")]
     Refused(String),
-    /// The coordinator is shutting down.
-    #[error("coordinator is shutting down")]
+    /// The coordinator shut down before the outcome was known: recovery at the next start decides
+    /// it (committed if its decision became durable, rolled back otherwise).
+    #[error(
+        "coordinator shut down before the outcome was known; recovery at the next start decides it"
+    )]
     ShuttingDown,
 }
 
@@ -137,15 +140,21 @@ pub struct Tasks {
 }
 
 impl Tasks {
-    fn spawn<F>(self: &Arc<Self>, stop: &watch::Receiver<bool>, future: F)
-    where
+    /// Spawns `future` on `handle` (the coordinator's runtime, so that a caller on a thread of
+    /// its own — a `Drop` outside any runtime — can start work too).
+    fn spawn<F>(
+        self: &Arc<Self>,
+        handle: &tokio::runtime::Handle,
+        stop: &watch::Receiver<bool>,
+        future: F,
+    ) where
         F: std::future::Future<Output = ()> + Send + 'static,
     {
         self.running.fetch_add(1, Ordering::AcqRel);
         let tasks = Arc::clone(self);
         let mut stop = stop.clone();
         // Owned: counted here, awaited by `Coordinator::shutdown`, stopped by its signal.
-        tokio::spawn(async move {
+        handle.spawn(async move {
             tokio::select! {
                 () = future => {}
                 _ = stop.wait_for(|s| *s) => {}
@@ -181,8 +190,11 @@ struct Open {
 
 /// A transaction whose machine runs (phase 1 or 2, or recovery).
 struct Running {
+    xid: Xid,
     started: Instant,
     names: Vec<String>,
+    /// Set by an operator's `resolve`: the driver stops at its next step.
+    cancelled: std::sync::atomic::AtomicBool,
     /// Stepped by the transaction's driver only; read by `list` and `wait_settled`.
     machine: Mutex<TxnMachine>,
 }
@@ -193,9 +205,13 @@ struct Inner {
     resources: BTreeMap<String, Arc<dyn Resource>>,
     seq: AtomicU64,
     open: Mutex<HashMap<Xid, Open>>,
-    running: Mutex<HashMap<Xid, Arc<Running>>>,
+    /// Every running machine, by a number of its own: recovery may run several machines for one
+    /// xid (one per resource that holds a branch of it).
+    running: Mutex<HashMap<u64, Arc<Running>>>,
+    next_run: AtomicU64,
     tasks: Arc<Tasks>,
     stop: watch::Sender<bool>,
+    handle: tokio::runtime::Handle,
 }
 
 /// The coordinator: begins transactions, commits them by two-phase commit, recovers at open.
@@ -233,6 +249,8 @@ impl Coordinator {
             resources,
             open: Mutex::new(HashMap::new()),
             running: Mutex::new(HashMap::new()),
+            next_run: AtomicU64::new(0),
+            handle: tokio::runtime::Handle::current(),
             tasks: Arc::new(Tasks::default()),
             stop,
         });
@@ -308,9 +326,17 @@ impl Coordinator {
         // The transaction may have timed out (and its branches been rolled back) while `begin`
         // ran: roll back the branch just begun too, so it holds nothing.
         if first && let Err(ended) = self.check_open(xid) {
-            if let Err(e) = r.rollback(xid).await {
-                tracing::warn!(xid = %xid, resource, error = %e, "rollback of a branch begun after its timeout");
-            }
+            let open = Open {
+                started: Instant::now(),
+                branches: vec![resource.to_string()],
+                timed_out: true,
+            };
+            self.start_rollback(
+                xid,
+                open,
+                "the branch began after its transaction timed out",
+                None,
+            );
             return Err(ended);
         }
         Ok(r)
@@ -422,7 +448,9 @@ impl Coordinator {
         let Some(open) = lock(&self.inner.open).remove(xid) else {
             return;
         };
-        self.start_rollback(xid, open, "the transaction handle was dropped", None);
+        if !open.timed_out {
+            self.start_rollback(xid, open, "the transaction handle was dropped", None);
+        }
     }
 
     /// Starts the task that drives `machine`: runs `initial` and the commands `first` yields,
@@ -441,12 +469,15 @@ impl Coordinator {
             .iter()
             .map(|n| self.inner.resources.get(n).cloned())
             .collect();
+        let run = self.inner.next_run.fetch_add(1, Ordering::Relaxed);
         let running = Arc::new(Running {
+            xid,
+            cancelled: std::sync::atomic::AtomicBool::new(false),
             started,
             names,
             machine: Mutex::new(machine),
         });
-        lock(&self.inner.running).insert(xid, Arc::clone(&running));
+        lock(&self.inner.running).insert(run, Arc::clone(&running));
         let span = if reply.is_some() {
             tracing::info_span!("txn", xid = %xid)
         } else {
@@ -454,15 +485,18 @@ impl Coordinator {
         };
         let driver = Driver {
             inner: Arc::clone(&self.inner),
-            xid,
+            run,
             running,
             resources,
             reply,
         };
         let stop = self.inner.stop.subscribe();
-        self.inner
-            .tasks
-            .spawn(&stop, driver.run(initial, first).instrument(span));
+        let inner = &self.inner;
+        inner.tasks.spawn(
+            &inner.handle,
+            &stop,
+            driver.run(initial, first).instrument(span),
+        );
     }
 
     /// Waits (at most `timeout`) until no transaction is being committed, rolled back or
@@ -501,7 +535,8 @@ impl Coordinator {
                 branches,
             });
         }
-        for (xid, r) in lock(&self.inner.running).iter() {
+        for r in lock(&self.inner.running).values() {
+            let xid = &r.xid;
             let machine = lock(&r.machine);
             let branches = r
                 .names
@@ -531,36 +566,40 @@ impl Coordinator {
         let weak = Arc::downgrade(&self.inner);
         let stop = self.inner.stop.subscribe();
         let tick = Duration::from_millis((self.inner.config.txn_timeout_ms / 4).clamp(10, 1_000));
-        self.inner.tasks.spawn(&stop, async move {
-            loop {
-                tokio::time::sleep(tick).await;
-                let Some(inner) = weak.upgrade() else { return };
-                Coordinator { inner }.reap_timed_out().await;
-            }
-        });
+        self.inner
+            .tasks
+            .spawn(&self.inner.handle, &stop, async move {
+                loop {
+                    tokio::time::sleep(tick).await;
+                    let Some(inner) = weak.upgrade() else { return };
+                    Coordinator { inner }.reap_timed_out().await;
+                }
+            });
     }
 
+    /// Rolls back every transaction open longer than its timeout, through a rollback machine
+    /// (which retries until every branch answers). The transaction stays listed as timed out,
+    /// with no branches, until its caller hears of it.
     async fn reap_timed_out(&self) {
         let limit = Duration::from_millis(self.inner.config.txn_timeout_ms);
-        let expired: Vec<(Xid, Vec<String>)> = {
+        let expired: Vec<(Xid, Instant, Vec<String>)> = {
             let mut open = lock(&self.inner.open);
             open.iter_mut()
                 .filter(|(_, o)| !o.timed_out && o.started.elapsed() > limit)
                 .map(|(xid, o)| {
                     o.timed_out = true;
-                    (*xid, o.branches.clone())
+                    (*xid, o.started, std::mem::take(&mut o.branches))
                 })
                 .collect()
         };
-        for (xid, branches) in expired {
+        for (xid, started, branches) in expired {
             tracing::warn!(xid = %xid, "transaction open longer than {} ms; rolling back", limit.as_millis());
-            for name in branches {
-                if let Some(r) = self.inner.resources.get(&name)
-                    && let Err(e) = r.rollback(&xid).await
-                {
-                    tracing::warn!(xid = %xid, resource = %name, error = %e, "rollback of a timed-out branch failed; recovery will retry");
-                }
-            }
+            let open = Open {
+                started,
+                branches,
+                timed_out: true,
+            };
+            self.start_rollback(&xid, open, "the transaction timed out", None);
         }
     }
 
@@ -569,24 +608,37 @@ impl Coordinator {
         lock(&self.inner.open).remove(xid);
     }
 
-    /// Records an operator's decision for a transaction that is in doubt or stuck, and carries it
-    /// out: `commit` commits every branch still prepared, otherwise they are rolled back. A
-    /// transaction with a durable decision cannot be rolled back.
+    /// Records an operator's decision for a transaction that cannot finish by itself (a
+    /// resource lost for good) and carries it out as far as the resources allow.
+    ///
+    /// Only what presumed abort leaves open can be decided: a transaction with a durable `Commit`
+    /// can only be resolved as committed (its branches still prepared are committed, and phase 2
+    /// stops retrying the rest); one without can only be resolved as rolled back. A transaction
+    /// this coordinator is still running phase 1 for is refused.
     pub async fn resolve(&self, xid: &Xid, commit: bool, operator: &str) -> Result<(), CoordError> {
+        if lock(&self.inner.open).contains_key(xid) || self.deciding(xid) {
+            return Err(CoordError::Refused(format!(
+                "transaction {xid} is still being prepared or decided by this coordinator; wait for its outcome"
+            )));
+        }
         let decided = scan_journal(&self.inner.journal, self.inner.config.node)?
-            .open_commits
-            .contains_key(xid);
+            .decided
+            .contains(xid);
         if decided && !commit {
             return Err(CoordError::Refused(format!(
                 "transaction {xid} has a durable commit decision; it cannot be rolled back (some branches may already be committed)"
             )));
         }
-        let at_ms = now_ms();
+        if !decided && commit {
+            return Err(CoordError::Refused(format!(
+                "transaction {xid} has no commit decision in the journal, so it never committed (presumed abort): resolve it with --rollback"
+            )));
+        }
         let record = CoordRecord::Resolve {
             xid: *xid,
             commit,
             operator: operator.to_string(),
-            at_ms,
+            at_ms: now_ms(),
         };
         let epoch = self.inner.config.epoch;
         self.inner
@@ -594,6 +646,9 @@ impl Coordinator {
             .append(epoch, record.kind(), &record.encode())?
             .await?;
         tracing::info!(xid = %xid, commit, operator, "operator resolved transaction");
+        for r in lock(&self.inner.running).values().filter(|r| r.xid == *xid) {
+            r.cancelled.store(true, Ordering::Release);
+        }
         for (name, r) in &self.inner.resources {
             let prepared = r.recover().await?;
             if !prepared.contains(xid) {
@@ -614,6 +669,19 @@ impl Coordinator {
                 .await?;
         }
         Ok(())
+    }
+
+    /// Whether a machine of `xid` is preparing or deciding.
+    fn deciding(&self, xid: &Xid) -> bool {
+        lock(&self.inner.running)
+            .values()
+            .filter(|r| r.xid == *xid)
+            .any(|r| {
+                matches!(
+                    lock(&r.machine).phase(),
+                    Phase::Active | Phase::Preparing | Phase::Deciding
+                )
+            })
     }
 
     async fn recover(&self, scan: JournalScan) -> RecoveryReport {
@@ -698,7 +766,8 @@ fn phase_name(phase: &Phase) -> &'static str {
 /// Runs one transaction's machine; see the module docs.
 struct Driver {
     inner: Arc<Inner>,
-    xid: Xid,
+    /// This machine's key in the running map.
+    run: u64,
     running: Arc<Running>,
     resources: Vec<Option<Arc<dyn Resource>>>,
     reply: Option<oneshot::Sender<Outcome>>,
@@ -723,11 +792,15 @@ impl Driver {
             let Some(event) = calls.next().await else {
                 break;
             };
+            if self.running.cancelled.load(Ordering::Acquire) {
+                tracing::info!(xid = %self.running.xid, "stopped driving: an operator resolved the transaction");
+                break;
+            }
             commands = self.step(event);
         }
         let finished = *self.machine().phase() == Phase::Finished;
-        if finished {
-            lock(&self.inner.running).remove(&self.xid);
+        if finished || self.running.cancelled.load(Ordering::Acquire) {
+            lock(&self.inner.running).remove(&self.run);
         }
     }
 
@@ -754,7 +827,9 @@ impl Driver {
             Command::AppendDecision { writers } => self.append_decision(writers, calls),
             Command::AppendEnd => {
                 failpoint::hit("before_end");
-                let end = CoordRecord::End { xid: self.xid };
+                let end = CoordRecord::End {
+                    xid: self.running.xid,
+                };
                 let epoch = self.inner.config.epoch;
                 if let Err(e) = self
                     .inner
@@ -773,7 +848,7 @@ impl Driver {
     }
 
     fn call(&self, branch: BranchId, calls: &mut FuturesUnordered<Call>, call: BranchCall) {
-        let xid = self.xid;
+        let xid = self.running.xid;
         let resource = self.resources.get(branch).cloned().flatten();
         let name = self.running.names.get(branch).cloned().unwrap_or_default();
         calls.push(Box::pin(async move {
@@ -813,7 +888,7 @@ impl Driver {
             .map(|(b, redo)| (self.running.names.get(b).cloned().unwrap_or_default(), redo))
             .collect();
         let record = CoordRecord::Commit {
-            xid: self.xid,
+            xid: self.running.xid,
             at_ms: now_ms(),
             branches,
         };

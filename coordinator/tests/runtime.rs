@@ -24,6 +24,8 @@ struct Mem {
     fail_prepare: AtomicBool,
     read_only: AtomicBool,
     commit_failures: AtomicU32,
+    rollback_failures: AtomicU32,
+    rollback_delay_ms: AtomicU32,
 }
 
 impl Mem {
@@ -78,6 +80,18 @@ impl Resource for Mem {
         Ok(())
     }
     async fn rollback(&self, xid: &Xid) -> Result<(), ResourceError> {
+        let delay = self.rollback_delay_ms.load(Ordering::Relaxed);
+        if delay > 0 {
+            tokio::time::sleep(Duration::from_millis(u64::from(delay))).await;
+        }
+        let left = self.rollback_failures.load(Ordering::Relaxed);
+        if left > 0 {
+            self.rollback_failures.store(left - 1, Ordering::Relaxed);
+            return Err(ResourceError::Unavailable {
+                resource: self.name.clone(),
+                message: "down".into(),
+            });
+        }
         self.prepared.lock().unwrap().remove(xid);
         self.rolled_back.lock().unwrap().push(*xid);
         Ok(())
@@ -318,4 +332,101 @@ async fn recovery_commits_decided_branches_and_rolls_back_undecided_ones() {
         matches!(recs.last(), Some(CoordRecord::End { xid }) if *xid == decided),
         "{recs:?}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_timed_out_transaction_whose_rollback_fails_is_retried_until_it_succeeds() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = Mem::new("a");
+    a.rollback_failures.store(3, Ordering::Relaxed);
+    let c = open(
+        dir.path(),
+        std::slice::from_ref(&a),
+        CoordinatorConfig {
+            txn_timeout_ms: 40,
+            ..config()
+        },
+    )
+    .await;
+    let xid = c.begin();
+    c.join(&xid, "a").await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while a.rolled_back().is_empty() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the timed-out branch was never rolled back"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        a.rollback_failures.load(Ordering::Relaxed),
+        0,
+        "every failure was retried"
+    );
+    assert!(matches!(
+        c.commit(&xid).await,
+        Err(CoordError::TimedOut { .. })
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recovery_of_one_xid_in_two_resources_is_settled_only_when_both_are() {
+    let dir = tempfile::tempdir().unwrap();
+    let undecided = Xid {
+        node: 1,
+        epoch: Epoch(1),
+        seq: 5,
+    };
+    let (a, b) = (Mem::new("a"), Mem::new("b"));
+    a.prepared.lock().unwrap().insert(undecided);
+    b.prepared.lock().unwrap().insert(undecided);
+    b.rollback_delay_ms.store(300, Ordering::Relaxed);
+    let c = open(dir.path(), &[a.clone(), b.clone()], config()).await;
+    assert!(c.wait_settled(Duration::from_secs(5)).await);
+    assert_eq!(a.rolled_back(), vec![undecided]);
+    assert_eq!(
+        b.rolled_back(),
+        vec![undecided],
+        "settled before the slow rollback finished"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_cannot_commit_what_never_had_a_decision() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = Mem::new("a");
+    let undecided = Xid {
+        node: 1,
+        epoch: Epoch(1),
+        seq: 5,
+    };
+    a.prepared.lock().unwrap().insert(undecided);
+    a.rollback_delay_ms.store(200, Ordering::Relaxed);
+    let c = open(dir.path(), std::slice::from_ref(&a), config()).await;
+    let err = c.resolve(&undecided, true, "ops").await.unwrap_err();
+    assert!(err.to_string().contains("presumed abort"), "{err}");
+    assert!(a.committed().is_empty());
+    assert!(c.wait_settled(Duration::from_secs(5)).await);
+    assert_eq!(a.rolled_back(), vec![undecided]);
+}
+
+#[test]
+fn dropping_a_transaction_outside_the_runtime_rolls_it_back() {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let a = Mem::new("a");
+    let c = runtime.block_on(open(dir.path(), std::slice::from_ref(&a), config()));
+    let xid = c.begin();
+    runtime.block_on(c.join(&xid, "a")).unwrap();
+    // A thread with no runtime abandons the transaction, as a Drop there would.
+    let abandoner = c.clone();
+    std::thread::spawn(move || abandoner.abandon(&xid))
+        .join()
+        .unwrap();
+    assert!(runtime.block_on(c.wait_settled(Duration::from_secs(5))));
+    assert_eq!(a.rolled_back(), vec![xid]);
 }
