@@ -11,7 +11,9 @@
 //!
 //! The check reads the resources directly (not through concord): for every transaction of every
 //! run found in the data directory, the three files are either all present with their exact
-//! content or all absent; every acknowledged one is present; no deliberately failed one is;
+//! content or all absent; every acknowledged one is present; every one the journal holds a
+//! commit decision for is present (acknowledged to its client or not); no deliberately failed
+//! one is;
 //! nothing is left in the resources' staging areas, and no branch is left prepared. Run with
 //! `--data DIR` on the directory of a demo that was killed (SIGKILL at any moment), the demo
 //! first recovers, and the check covers the killed run too.
@@ -25,6 +27,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, bail};
 use coordinator::Outcome;
+use coordinator::record::CoordRecord;
 use participant::{Concord, Config};
 use serde::Serialize;
 
@@ -116,9 +119,10 @@ async fn demo(args: &DemoArgs, data: &Path) -> anyhow::Result<Summary> {
     if !concord.wait_idle(Duration::from_secs(60)).await {
         bail!("phase 2 did not finish within 60 s");
     }
-    let check = check(data)?;
     let clean = concord.coordinator().list().is_empty();
     concord.close(Duration::from_secs(10)).await;
+    let mut check = check(data)?;
+    check.problems.extend(check_decisions(data)?);
     for problem in check.problems.iter().take(20) {
         eprintln!("atomicity: {problem}");
     }
@@ -305,6 +309,38 @@ fn check(data: &Path) -> anyhow::Result<Check> {
         transactions,
         problems,
     })
+}
+
+/// Every file a durable `Commit` record names — decided transactions, acknowledged to their
+/// client or not — must be present: recovery may never roll back a decision.
+fn check_decisions(data: &Path) -> anyhow::Result<Vec<String>> {
+    let mut problems = Vec::new();
+    let journal_dir = data.join("journal");
+    let record_bytes_max = journal::JournalConfig::default().record_bytes_max;
+    journal::scan::scan_dir(&journal_dir, record_bytes_max, |rec| {
+        let Ok(CoordRecord::Commit { xid, branches, .. }) =
+            CoordRecord::decode(rec.kind, &rec.payload)
+        else {
+            return;
+        };
+        for (resource, redo) in branches {
+            if !FILES.iter().any(|(r, _)| *r == resource) {
+                continue;
+            }
+            let Ok(entries) = adapters::files::decode_redo(&redo) else {
+                problems.push(format!("{xid}: the redo of {resource} does not decode"));
+                continue;
+            };
+            for entry in entries {
+                if let adapters::files::RedoEntry::Put { path, .. } = entry
+                    && !data.join(&resource).join(&path).is_file()
+                {
+                    problems.push(format!("{xid}: decided, but {resource}/{path} is missing"));
+                }
+            }
+        }
+    })?;
+    Ok(problems)
 }
 
 fn percentile(sorted_us: &[u64], q: f64) -> f64 {

@@ -185,7 +185,7 @@ pub fn resolve(args: ResolveArgs) -> anyhow::Result<()> {
         let concord = Concord::open(config).await?;
         // Let recovery finish what it can first (it rolls back undecided branches); a
         // transaction stuck on a lost resource keeps it busy, so the wait is bounded.
-        concord.wait_idle(Duration::from_secs(10)).await;
+        concord.wait_idle(Duration::from_secs(3)).await;
         let result = concord.coordinator().resolve(&xid, args.commit, &operator).await;
         concord.close(Duration::from_secs(5)).await;
         result?;
