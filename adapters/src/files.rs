@@ -56,6 +56,21 @@
 //! `applied_lsn` hold a version byte, the value (u64 little-endian) and the first 8 bytes of the
 //! blake3 hash of the two; a damaged one refuses to open ([`ResourceError::Fatal`]).
 //!
+//! **Directory syncs are shared.** Concurrent branches change the same directories
+//! (`prepared/`, `staging/`, the target directories of their files), so every directory sync
+//! here — after a create, a rename into it or a removal from it — goes through one coalescer per
+//! instance (`dirsync::DirSync`): a caller takes a ticket after its change, and returns only
+//! once an `fsync` of that directory that *started after its ticket was taken* has succeeded;
+//! callers that queue behind a running `fsync` share the next one. This is as durable as one
+//! `fsync` per caller, because a directory `fsync` makes durable every change made to the
+//! directory before it started, and no caller is acknowledged on an `fsync` that started before
+//! its change. A failed `fsync` is returned as [`ResourceError::Fatal`] to every caller it was
+//! to cover and fails every later directory sync of the instance at once (never retried as if
+//! fine), and the `Fatal` poisons the instance. Syncs of files (staged content, temp files) stay
+//! one per file, and the blob store syncs its own directories in [`BlobStore::adopt`]. The
+//! coalescer blocks waiting callers, so it runs only on the blocking pool (or in `open`, before
+//! the instance is shared); it holds an entry only for a directory being synced right now.
+//!
 //! # The redo encoding (version 1)
 //!
 //! ```text
@@ -128,6 +143,7 @@ use journal::{BlobConfig, BlobId, BlobStore, JournalError};
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::sync::Notify;
 
+use crate::dirsync::DirSync;
 use crate::{Epoch, Lsn, Resource, ResourceError, Vote, Xid};
 
 /// The private directory under the root; no user path may start with it.
@@ -267,6 +283,8 @@ struct Inner {
     root: PathBuf,
     area: Area,
     blobs: BlobStore,
+    /// Coalesces the syncs of directories that concurrent branches change.
+    dirs: DirSync,
     config: FilesConfig,
     state: Mutex<State>,
     /// Woken whenever a branch releases its locks.
@@ -389,10 +407,12 @@ impl FilesResource {
     /// removes the staging of branches that never prepared. Blocking: call it from
     /// `spawn_blocking` when a runtime must not stall.
     pub fn open(name: &str, root: &Path, config: FilesConfig) -> Result<Arc<FilesResource>> {
-        let root = open_root(name, root, &config)?;
+        // Not shared until `open` returns: no sync here waits on another thread.
+        let dirs = DirSync::new(name);
+        let root = open_root(name, &dirs, root, &config)?;
         let area = Area::new(&root);
         for dir in [&area.private, &area.staging, &area.prepared, &area.tmp] {
-            create_dir_durably(name, dir)?;
+            create_dir_durably(name, &dirs, dir)?;
         }
         let lock = lock_root(name, &area.private)?;
         clear_dir(name, &area.tmp)?;
@@ -400,7 +420,7 @@ impl FilesResource {
         let fence = Epoch(read_state_file(name, &area.fence)?);
         let applied_lsn = Lsn(read_state_file(name, &area.applied_lsn)?);
         let (branches, locks) = load_prepared(name, &area)?;
-        remove_abandoned_staging(name, &area, &branches)?;
+        remove_abandoned_staging(name, &dirs, &area, &branches)?;
         tracing::info!(resource = name, root = %root.display(), prepared = branches.len(), %fence, %applied_lsn, "files resource open");
         let state = State {
             fence,
@@ -415,6 +435,7 @@ impl FilesResource {
             root,
             area,
             blobs,
+            dirs,
             config,
             state: Mutex::new(state),
             released: Notify::new(),
@@ -600,8 +621,8 @@ impl Resource for FilesResource {
         let inner = &self.inner;
         match inner.start_prepare(xid)? {
             Start::ReadOnly => {
-                let (name, dir) = (inner.name.clone(), inner.area.staging_of(xid));
-                blocking(&inner.name, move || remove_tree(&name, &dir)).await?;
+                let (worker, dir) = (inner.clone(), inner.area.staging_of(xid));
+                inner.check(blocking(&inner.name, move || worker.remove_tree(&dir)).await)?;
                 Ok(Vote::ReadOnly)
             }
             Start::Prepared => {
@@ -1126,8 +1147,8 @@ impl Inner {
         }
         if !staged.is_empty() {
             // The staged entries must survive a crash too: commit renames them from there.
-            sync_dir(&self.name, &self.area.staging_of(xid))?;
-            sync_dir(&self.name, &self.area.staging)?;
+            self.dirs.sync(&self.area.staging_of(xid))?;
+            self.dirs.sync(&self.area.staging)?;
         }
         for (_, n, id, _) in &staged {
             self.blobs
@@ -1182,7 +1203,7 @@ impl Inner {
                 self.commit_change(xid, path, change, &mut touched)?;
             }
             for dir in &touched {
-                sync_dir(&self.name, dir)?;
+                self.dirs.sync(dir)?;
             }
             self.remove_manifest(xid)?;
         }
@@ -1303,7 +1324,7 @@ impl Inner {
     fn remove_manifest(&self, xid: &Xid) -> Result<()> {
         let manifest = self.area.manifest_of(xid);
         match fs::remove_file(&manifest) {
-            Ok(()) => sync_dir(&self.name, &self.area.prepared),
+            Ok(()) => self.dirs.sync(&self.area.prepared),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
             Err(e) => Err(ResourceError::io(
                 &self.name,
@@ -1315,7 +1336,7 @@ impl Inner {
     }
 
     fn remove_staging(&self, xid: &Xid) -> Result<()> {
-        remove_tree(&self.name, &self.area.staging_of(xid))
+        self.remove_tree(&self.area.staging_of(xid))
     }
 
     /// The manifest of `xid` as it is on disk; `None` when there is none.
@@ -1340,7 +1361,7 @@ impl Inner {
             }
         }
         for dir in &touched {
-            sync_dir(&self.name, dir)?;
+            self.dirs.sync(dir)?;
         }
         self.write_state("applied lsn", &self.area.applied_lsn, lsn.0)
     }
@@ -1427,12 +1448,21 @@ impl Inner {
                     &e,
                 )
             })?;
-            sync_dir(&self.name, &parent_of(dest))
+            self.dirs.sync(&parent_of(dest))
         });
         if written.is_err() {
             let _ = fs::remove_file(&tmp);
         }
         written
+    }
+
+    /// Removes a directory tree (if present) and syncs its parent.
+    fn remove_tree(&self, dir: &Path) -> Result<()> {
+        match fs::remove_dir_all(dir) {
+            Ok(()) => self.dirs.sync(&parent_of(dir)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(ResourceError::io(&self.name, "remove", dir, &e)),
+        }
     }
 
     fn tmp_file(&self) -> PathBuf {
@@ -1859,11 +1889,6 @@ fn sync_file(name: &str, file: &File, path: &Path) -> Result<()> {
     })
 }
 
-fn sync_dir(name: &str, dir: &Path) -> Result<()> {
-    let opened = File::open(dir).map_err(|e| ResourceError::io(name, "open directory", dir, &e))?;
-    sync_file(name, &opened, dir)
-}
-
 fn write_synced(name: &str, what: &str, path: &Path, content: &[u8]) -> Result<()> {
     let mut file = OpenOptions::new()
         .write(true)
@@ -1883,17 +1908,8 @@ fn remove_file_if_exists(name: &str, file: &Path) -> Result<()> {
     }
 }
 
-/// Removes a directory tree (if present) and syncs its parent.
-fn remove_tree(name: &str, dir: &Path) -> Result<()> {
-    match fs::remove_dir_all(dir) {
-        Ok(()) => sync_dir(name, &parent_of(dir)),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(ResourceError::io(name, "remove", dir, &e)),
-    }
-}
-
 /// Checks (or creates) the root and returns its canonical path.
-fn open_root(name: &str, root: &Path, config: &FilesConfig) -> Result<PathBuf> {
+fn open_root(name: &str, dirs: &DirSync, root: &Path, config: &FilesConfig) -> Result<PathBuf> {
     match fs::metadata(root) {
         Ok(meta) if meta.is_dir() => {}
         Ok(_) => {
@@ -1906,7 +1922,7 @@ fn open_root(name: &str, root: &Path, config: &FilesConfig) -> Result<PathBuf> {
             fs::create_dir_all(root)
                 .map_err(|e| ResourceError::io(name, "create root directory", root, &e))?;
             if let Some(parent) = root.parent().filter(|p| !p.as_os_str().is_empty()) {
-                sync_dir(name, parent)?;
+                dirs.sync(parent)?;
             }
         }
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
@@ -1921,9 +1937,9 @@ fn open_root(name: &str, root: &Path, config: &FilesConfig) -> Result<PathBuf> {
     fs::canonicalize(root).map_err(|e| ResourceError::io(name, "resolve root directory", root, &e))
 }
 
-fn create_dir_durably(name: &str, dir: &Path) -> Result<()> {
+fn create_dir_durably(name: &str, dirs: &DirSync, dir: &Path) -> Result<()> {
     match fs::create_dir(dir) {
-        Ok(()) => sync_dir(name, &parent_of(dir)),
+        Ok(()) => dirs.sync(&parent_of(dir)),
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists && dir.is_dir() => Ok(()),
         Err(e) => Err(ResourceError::io(name, "create directory", dir, &e)),
     }
@@ -2045,6 +2061,7 @@ fn load_prepared(name: &str, area: &Area) -> Result<(HashMap<Xid, Branch>, Locks
 /// Removes the staging of every branch without a manifest: it never prepared (presumed abort).
 fn remove_abandoned_staging(
     name: &str,
+    dirs: &DirSync,
     area: &Area,
     branches: &HashMap<Xid, Branch>,
 ) -> Result<()> {
@@ -2068,7 +2085,7 @@ fn remove_abandoned_staging(
             fs::remove_file(&path)
         };
         removed.map_err(|e| ResourceError::io(name, "remove", &path, &e))?;
-        sync_dir(name, &area.staging)?;
+        dirs.sync(&area.staging)?;
     }
     Ok(())
 }

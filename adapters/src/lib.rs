@@ -26,6 +26,7 @@
 //! * The trait is async (through `async-trait`, so that it stays usable as `dyn Resource`);
 //!   resources whose work is blocking file I/O run it on tokio's blocking pool.
 
+mod dirsync;
 pub mod error;
 pub mod files;
 pub mod null;
