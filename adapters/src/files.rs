@@ -94,10 +94,13 @@
 //!   staging directory is removed (presumed abort); blobs it adopted stay, named by nothing.
 //! * **During commit**: the manifest is still there, so the branch is prepared after the restart
 //!   and the coordinator commits again. An entry whose staged file is gone was already renamed
-//!   into place (locks kept every other branch off the path in between); it is restored from the
-//!   blob store, which holds the same content, so applying it twice gives the same file. Deletes
-//!   are repeated (a missing path is done). The manifest goes only after every directory touched
-//!   is synced.
+//!   into place (locks kept every other branch off the path in between), or its staged name was
+//!   lost with the unsynced staging directory (prepare syncs the staged data and the blob links,
+//!   not the staging directories); either way it is put in place from the blob store, which holds
+//!   the same content, so applying it twice gives the same file. Deletes are repeated (a missing
+//!   path is done). The manifest goes only after every directory touched is synced; the staging
+//!   directory goes after it without a sync (one that comes back belongs to no manifest and is
+//!   removed at open).
 //! * **During rollback**: the manifest goes first (synced); a staging directory left behind has
 //!   no manifest and is removed at open.
 //! * **During replay**: `applied_lsn` is written only after every file of the redo is in place
@@ -1145,11 +1148,10 @@ impl Inner {
         for (path, n, _, bytes) in &staged {
             self.sync_staged(path, &self.area.staged_file(xid, *n), *bytes)?;
         }
-        if !staged.is_empty() {
-            // The staged entries must survive a crash too: commit renames them from there.
-            self.dirs.sync(&self.area.staging_of(xid))?;
-            self.dirs.sync(&self.area.staging)?;
-        }
+        // The staging directories are not synced: the staged files' data is synced above and
+        // each file is linked into the blob store, whose directories `adopt` syncs. If a crash
+        // loses a staged name, commit puts the content in place from its blob instead
+        // (`restore_from_blob`).
         for (_, n, id, _) in &staged {
             self.blobs
                 .adopt(&self.area.staged_file(xid, *n), id)
@@ -1335,8 +1337,16 @@ impl Inner {
         }
     }
 
+    /// Removes a branch's staging without syncing: a staging directory that comes back after a
+    /// crash belongs to no manifest (the manifest was removed, durably, first), and open removes
+    /// such abandoned staging.
     fn remove_staging(&self, xid: &Xid) -> Result<()> {
-        self.remove_tree(&self.area.staging_of(xid))
+        let dir = self.area.staging_of(xid);
+        match fs::remove_dir_all(&dir) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(ResourceError::io(&self.name, "remove", &dir, &e)),
+        }
     }
 
     /// The manifest of `xid` as it is on disk; `None` when there is none.

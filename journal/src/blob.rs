@@ -17,8 +17,9 @@
 //! 3. Create the fan-out directory if needed.
 //! 4. Rename the file to its id (over a stored copy of the same content, if any).
 //! 5. Sync the fan-out directory, then the store directory (whose entry for the fan-out directory
-//!    a concurrent put may have just created). Only now is the id returned, and only now may a
-//!    record name it.
+//!    a concurrent put may have just created) — the latter only until this process has once
+//!    synced it after the fan-out directory existed (fan-out directories are never removed).
+//!    Only now is the id returned, and only now may a record name it.
 //!
 //! A crash before step 5 leaves at most a temp file (removed at the next open) or a stored blob
 //! no record names yet (harmless; garbage collection is the owner's concern). Reading
@@ -108,6 +109,9 @@ pub struct BlobStore {
     dir: PathBuf,
     config: BlobConfig,
     next_tmp: AtomicU64,
+    /// Fan-out directories whose entry in the store directory this process has synced: their
+    /// entry is durable, so adding a blob to them needs only a sync of the fan-out directory.
+    durable_fans: std::sync::Mutex<std::collections::HashSet<PathBuf>>,
 }
 
 /// A stored blob.
@@ -157,6 +161,7 @@ impl BlobStore {
             dir,
             config,
             next_tmp: AtomicU64::new(0),
+            durable_fans: std::sync::Mutex::new(std::collections::HashSet::new()),
         })
     }
 
@@ -228,9 +233,28 @@ impl BlobStore {
         // may have been damaged since.
         fs::rename(tmp, &path).map_err(|e| JournalError::io("rename blob into place", &path, e))?;
         sync_dir(&fan)?;
-        // The fan-out directory may have just been created, by this put or a concurrent one that
-        // has not synced it yet: its entry must be durable before the id is returned.
-        sync_dir(&self.dir)
+        self.sync_fan_entry(&fan)
+    }
+
+    /// Makes the fan-out directory's own entry durable, unless this process already did. It may
+    /// have just been created, by this call or a concurrent one that has not synced it yet; once
+    /// a sync of the store directory that started after it existed has succeeded, its entry is
+    /// durable for good (fan-out directories are never removed).
+    fn sync_fan_entry(&self, fan: &Path) -> Result<()> {
+        let known = self
+            .durable_fans
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .contains(fan);
+        if known {
+            return Ok(());
+        }
+        sync_dir(&self.dir)?;
+        self.durable_fans
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(fan.to_path_buf());
+        Ok(())
     }
 
     /// Stores the file at `path`, whose content hashes to `id` (the caller hashed it while writing
@@ -251,7 +275,7 @@ impl BlobStore {
             Err(e) => return Err(JournalError::io("link file into blob store", &target, e)),
         }
         sync_dir(&fan)?;
-        sync_dir(&self.dir)
+        self.sync_fan_entry(&fan)
     }
 
     /// Opens a stored blob for reading; the reader fails at the end if the content does not hash
