@@ -5,8 +5,14 @@
 //! transaction's [`TxnMachine`], carries out each [`Command`] concurrently (prepares and phase-2
 //! calls run side by side), and turns each result into the next [`Event`]. The caller is
 //! answered from inside that task as soon as the machine says so (the decision is durable); the
-//! task goes on with phase 2 on its own. Every task is tracked ([`Tasks`]), so shutdown waits for
-//! them or stops them; none is detached.
+//! task goes on with phase 2 on its own. The calls, retry timers and the decision append are
+//! futures that task polls itself, so a command costs no task of its own. Every task is tracked
+//! ([`Tasks`]) and spawned on the coordinator's runtime, so shutdown waits for them or stops
+//! them, and none is detached.
+//!
+//! The implementation caveats: recovery runs one machine per (resource, xid) for undecided
+//! branches, so `list` may show one xid more than once while recovery runs; phase 2 of a
+//! decided transaction retries for as long as it takes, until an operator resolves it.
 //!
 //! Recovery at open reads the journal: every `Commit` without `End` is driven through phase 2
 //! again; every branch a resource reports prepared whose xid has no `Commit` is rolled back
