@@ -268,11 +268,7 @@ fn measure_journal(
     payload: usize,
     window: Duration,
 ) -> anyhow::Result<Measured> {
-    let config = JournalConfig {
-        create_if_missing: true,
-        ..JournalConfig::default()
-    };
-    let journal = Arc::new(Journal::open(dir, config)?);
+    let journal = Arc::new(open_journal(dir)?);
     let stop = Arc::new(AtomicBool::new(false));
     let before = journal.stats();
     let started = Instant::now();
@@ -303,6 +299,15 @@ fn measure_journal(
     })
 }
 
+/// A new journal in `dir` with the default limits, as the benchmarks use it.
+pub(crate) fn open_journal(dir: &Path) -> anyhow::Result<Journal> {
+    let config = JournalConfig {
+        create_if_missing: true,
+        ..JournalConfig::default()
+    };
+    Ok(Journal::open(dir, config)?)
+}
+
 /// What the appenders of one configuration share.
 struct Load<'a> {
     journal: &'a Arc<Journal>,
@@ -313,16 +318,13 @@ struct Load<'a> {
 }
 
 fn run_threads(load: Load<'_>) -> anyhow::Result<()> {
-    let Load {
-        journal,
-        stop,
-        appenders,
-        payload,
-        window,
-    } = load;
-    let threads: Vec<_> = (0..appenders)
+    let threads: Vec<_> = (0..load.appenders)
         .map(|_| {
-            let (journal, stop) = (Arc::clone(journal), Arc::clone(stop));
+            let (journal, stop, payload) = (
+                Arc::clone(load.journal),
+                Arc::clone(load.stop),
+                load.payload,
+            );
             std::thread::spawn(move || -> anyhow::Result<()> {
                 let bytes = vec![0x5au8; payload];
                 while !stop.load(Ordering::Relaxed) {
@@ -332,8 +334,8 @@ fn run_threads(load: Load<'_>) -> anyhow::Result<()> {
             })
         })
         .collect();
-    std::thread::sleep(window);
-    stop.store(true, Ordering::Relaxed);
+    std::thread::sleep(load.window);
+    load.stop.store(true, Ordering::Relaxed);
     for thread in threads {
         thread
             .join()
@@ -343,23 +345,22 @@ fn run_threads(load: Load<'_>) -> anyhow::Result<()> {
 }
 
 fn run_tasks(load: Load<'_>) -> anyhow::Result<()> {
-    let Load {
-        journal,
-        stop,
-        appenders,
-        payload,
-        window,
-    } = load;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()?;
     runtime.block_on(async {
-        let tasks: Vec<_> = (0..appenders)
-            .map(|_| tokio::spawn(append_loop(Arc::clone(journal), Arc::clone(stop), payload)))
+        let tasks: Vec<_> = (0..load.appenders)
+            .map(|_| {
+                tokio::spawn(append_loop(
+                    Arc::clone(load.journal),
+                    Arc::clone(load.stop),
+                    load.payload,
+                ))
+            })
             .collect();
-        tokio::time::sleep(window).await;
-        stop.store(true, Ordering::Relaxed);
+        tokio::time::sleep(load.window).await;
+        load.stop.store(true, Ordering::Relaxed);
         for task in tasks {
             task.await??;
         }

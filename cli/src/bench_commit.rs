@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::bail;
 use coordinator::{Coordinator, CoordinatorConfig, Outcome};
-use journal::{Epoch, Journal, JournalConfig};
+use journal::Epoch;
 use participant::{Concord, Config, ResourceConfig};
 use serde::Serialize;
 
@@ -250,11 +250,7 @@ async fn journal_baseline(
     clients: usize,
     window: Duration,
 ) -> anyhow::Result<Measured> {
-    let config = JournalConfig {
-        create_if_missing: true,
-        ..JournalConfig::default()
-    };
-    let journal = Arc::new(Journal::open(dir, config)?);
+    let journal = Arc::new(crate::bench::open_journal(dir)?);
     let j = Arc::clone(&journal);
     let measured = load(clients, window, move |_, _| {
         let journal = Arc::clone(&j);
@@ -271,11 +267,7 @@ async fn journal_baseline(
 }
 
 async fn null_concord(dir: &Path, clients: usize, window: Duration) -> anyhow::Result<Measured> {
-    let config = JournalConfig {
-        create_if_missing: true,
-        ..JournalConfig::default()
-    };
-    let journal = Journal::open(dir, config)?;
+    let journal = crate::bench::open_journal(dir)?;
     let resources: Vec<Arc<dyn adapters::Resource>> = vec![
         Arc::new(adapters::null::NullResource::new("a")),
         Arc::new(adapters::null::NullResource::new("b")),
