@@ -10,6 +10,7 @@ use std::any::Any;
 use std::collections::HashSet;
 use std::sync::{Mutex, PoisonError};
 
+use crate::xid::XidBuildHasher;
 use crate::{Epoch, Lsn, Resource, ResourceError, Vote, Xid};
 
 /// A resource whose branches do nothing; see the module docs.
@@ -20,7 +21,7 @@ pub struct NullResource {
 
 #[derive(Default)]
 struct NullState {
-    prepared: HashSet<Xid>,
+    prepared: HashSet<Xid, XidBuildHasher>,
     fence: Epoch,
     applied: Lsn,
 }

@@ -164,7 +164,8 @@ pub enum BranchState {
     Active,
     /// Prepare sent.
     Preparing,
-    /// Voted commit with this redo.
+    /// Voted commit with this redo (moved into [`Command::AppendDecision`] once every branch has
+    /// voted).
     Prepared(Vec<u8>),
     /// Voted read-only: finished.
     ReadOnly,
@@ -306,136 +307,153 @@ impl TxnMachine {
 
     /// Feeds one event; returns what the runtime must do.
     pub fn on(&mut self, event: Event) -> Vec<Command> {
-        let commands = match event {
-            Event::CommitRequested => self.on_commit_requested(),
-            Event::RollbackRequested { reason } => self.on_rollback_requested(reason),
-            Event::Prepared { branch, vote } => self.on_prepared(branch, vote),
-            Event::DecisionDurable { lsn } => self.on_decision_durable(lsn),
-            Event::DecisionFailed { error } => self.on_decision_failed(error),
-            Event::Resolved { branch, result } => self.on_resolved(branch, result),
-            Event::RetryDue { branch } => self.on_retry_due(branch),
-        };
-        #[cfg(debug_assertions)]
-        self.validate();
+        let mut commands = Vec::new();
+        self.on_into(event, &mut commands);
         commands
     }
 
-    fn on_commit_requested(&mut self) -> Vec<Command> {
+    /// Feeds one event and appends what the runtime must do to `commands` (so that a runtime can
+    /// reuse one vector for every step).
+    pub fn on_into(&mut self, event: Event, commands: &mut Vec<Command>) {
+        match event {
+            Event::CommitRequested => self.on_commit_requested(commands),
+            Event::RollbackRequested { reason } => self.on_rollback_requested(reason, commands),
+            Event::Prepared { branch, vote } => self.on_prepared(branch, vote, commands),
+            Event::DecisionDurable { lsn } => self.on_decision_durable(lsn, commands),
+            Event::DecisionFailed { error } => self.on_decision_failed(error, commands),
+            Event::Resolved { branch, result } => self.on_resolved(branch, result, commands),
+            Event::RetryDue { branch } => self.on_retry_due(branch, commands),
+        }
+        #[cfg(debug_assertions)]
+        self.validate();
+    }
+
+    fn on_commit_requested(&mut self, out: &mut Vec<Command>) {
         if self.phase != Phase::Active {
-            return Vec::new();
+            return;
         }
         if self.branches.is_empty() {
-            return self.finish_with(Outcome::Committed { lsn: None });
+            return self.finish_with(Outcome::Committed { lsn: None }, out);
         }
         self.phase = Phase::Preparing;
         self.branches
             .iter_mut()
             .for_each(|b| b.state = BranchState::Preparing);
-        (0..self.branches.len()).map(Command::Prepare).collect()
+        out.extend((0..self.branches.len()).map(Command::Prepare));
     }
 
-    fn on_rollback_requested(&mut self, reason: String) -> Vec<Command> {
-        match self.phase {
-            Phase::Active | Phase::Preparing => self.abort(reason),
-            _ => Vec::new(),
+    fn on_rollback_requested(&mut self, reason: String, out: &mut Vec<Command>) {
+        if let Phase::Active | Phase::Preparing = self.phase {
+            self.abort(reason, out);
         }
     }
 
-    fn on_prepared(&mut self, branch: BranchId, vote: Result<Vote, ResourceError>) -> Vec<Command> {
+    fn on_prepared(
+        &mut self,
+        branch: BranchId,
+        vote: Result<Vote, ResourceError>,
+        out: &mut Vec<Command>,
+    ) {
         let Some(slot) = self.branches.get_mut(branch) else {
-            return Vec::new();
+            return;
         };
         if slot.state != BranchState::Preparing {
-            return Vec::new();
+            return;
         }
         match (self.phase.clone(), vote) {
             (Phase::Preparing, Ok(Vote::Commit { redo })) => {
                 slot.state = BranchState::Prepared(redo);
-                self.maybe_decide()
+                self.maybe_decide(out);
             }
             (Phase::Preparing, Ok(Vote::ReadOnly)) => {
                 slot.state = BranchState::ReadOnly;
-                self.maybe_decide()
+                self.maybe_decide(out);
             }
             (Phase::Preparing, Err(e)) => {
                 slot.state = BranchState::RollingBack;
-                let mut commands = self.abort(format!("branch {branch} could not prepare: {e}"));
-                commands.push(Command::Rollback(branch));
-                commands
+                self.abort(format!("branch {branch} could not prepare: {e}"), out);
+                out.push(Command::Rollback(branch));
             }
             // Already rolling back: undo what this late vote prepared.
             (Phase::RollingBack, Ok(Vote::ReadOnly)) => {
                 slot.state = BranchState::RolledBack;
-                self.maybe_finish_rollback()
+                self.maybe_finish_rollback();
             }
             (Phase::RollingBack, _) => {
                 slot.state = BranchState::RollingBack;
-                vec![Command::Rollback(branch)]
+                out.push(Command::Rollback(branch));
             }
-            _ => Vec::new(),
+            _ => {}
         }
     }
 
-    fn maybe_decide(&mut self) -> Vec<Command> {
+    fn maybe_decide(&mut self, out: &mut Vec<Command>) {
         if self
             .branches
             .iter()
             .any(|b| b.state == BranchState::Preparing)
         {
-            return Vec::new();
+            return;
         }
+        // The redo moves into the decision; the branch stays `Prepared` (its redo is needed
+        // nowhere else).
         let writers: Vec<(BranchId, Vec<u8>)> = self
             .branches
-            .iter()
+            .iter_mut()
             .enumerate()
-            .filter_map(|(i, b)| match &b.state {
-                BranchState::Prepared(redo) => Some((i, redo.clone())),
+            .filter_map(|(i, b)| match &mut b.state {
+                BranchState::Prepared(redo) => Some((i, std::mem::take(redo))),
                 _ => None,
             })
             .collect();
         if writers.is_empty() {
-            return self.finish_with(Outcome::Committed { lsn: None });
+            return self.finish_with(Outcome::Committed { lsn: None }, out);
         }
         self.phase = Phase::Deciding;
-        vec![Command::AppendDecision { writers }]
+        out.push(Command::AppendDecision { writers });
     }
 
-    fn on_decision_durable(&mut self, lsn: Lsn) -> Vec<Command> {
+    fn on_decision_durable(&mut self, lsn: Lsn, out: &mut Vec<Command>) {
         if self.phase != Phase::Deciding {
-            return Vec::new();
+            return;
         }
         self.phase = Phase::Committing;
         self.decision = Some(lsn);
-        let mut commands = self.reply(Outcome::Committed { lsn: Some(lsn) });
-        let writers: Vec<BranchId> = (0..self.branches.len())
-            .filter(|&i| matches!(self.branches[i].state, BranchState::Prepared(_)))
-            .collect();
-        commands.extend(writers.into_iter().map(|b| self.send_commit(b)));
-        commands
+        self.reply(Outcome::Committed { lsn: Some(lsn) }, out);
+        for b in 0..self.branches.len() {
+            if matches!(self.branches[b].state, BranchState::Prepared(_)) {
+                out.push(self.send_commit(b));
+            }
+        }
     }
 
-    fn on_decision_failed(&mut self, error: String) -> Vec<Command> {
+    fn on_decision_failed(&mut self, error: String, out: &mut Vec<Command>) {
         if self.phase != Phase::Deciding {
-            return Vec::new();
+            return;
         }
         self.phase = Phase::InDoubt;
-        self.reply(Outcome::InDoubt { error })
+        self.reply(Outcome::InDoubt { error }, out);
     }
 
-    fn on_resolved(&mut self, branch: BranchId, result: Result<(), ResourceError>) -> Vec<Command> {
+    fn on_resolved(
+        &mut self,
+        branch: BranchId,
+        result: Result<(), ResourceError>,
+        out: &mut Vec<Command>,
+    ) {
         let Some(slot) = self.branches.get_mut(branch) else {
-            return Vec::new();
+            return;
         };
         let done = match slot.state {
             BranchState::Committing => BranchState::Committed,
             BranchState::RollingBack => BranchState::RolledBack,
-            _ => return Vec::new(),
+            _ => return,
         };
         match result {
             Ok(()) => {
                 slot.state = done;
                 slot.last_error = None;
-                self.maybe_finish()
+                self.maybe_finish(out);
             }
             Err(e) => {
                 slot.attempts += 1;
@@ -444,16 +462,16 @@ impl TxnMachine {
                     tracing::error!(xid = %self.xid, branch, error = %e, "phase 2 failed; retrying");
                 }
                 let delay_ms = self.policy.delay_ms(slot.attempts);
-                vec![Command::RetryAfter { branch, delay_ms }]
+                out.push(Command::RetryAfter { branch, delay_ms });
             }
         }
     }
 
-    fn on_retry_due(&mut self, branch: BranchId) -> Vec<Command> {
+    fn on_retry_due(&mut self, branch: BranchId, out: &mut Vec<Command>) {
         match self.branches.get(branch).map(|b| &b.state) {
-            Some(BranchState::Committing) => vec![Command::Commit(branch)],
-            Some(BranchState::RollingBack) => vec![Command::Rollback(branch)],
-            _ => Vec::new(),
+            Some(BranchState::Committing) => out.push(Command::Commit(branch)),
+            Some(BranchState::RollingBack) => out.push(Command::Rollback(branch)),
+            _ => {}
         }
     }
 
@@ -463,25 +481,23 @@ impl TxnMachine {
     }
 
     /// Rolls back every branch that may hold something; answers the caller.
-    fn abort(&mut self, reason: String) -> Vec<Command> {
+    fn abort(&mut self, reason: String, out: &mut Vec<Command>) {
         self.phase = Phase::RollingBack;
-        let mut commands = Vec::new();
         for (i, b) in self.branches.iter_mut().enumerate() {
             match b.state {
                 BranchState::Active | BranchState::Prepared(_) => {
                     b.state = BranchState::RollingBack;
-                    commands.push(Command::Rollback(i));
+                    out.push(Command::Rollback(i));
                 }
                 BranchState::ReadOnly => b.state = BranchState::RolledBack,
                 _ => {}
             }
         }
-        commands.extend(self.reply(Outcome::RolledBack { reason }));
-        commands.extend(self.maybe_finish_rollback());
-        commands
+        self.reply(Outcome::RolledBack { reason }, out);
+        self.maybe_finish_rollback();
     }
 
-    fn maybe_finish(&mut self) -> Vec<Command> {
+    fn maybe_finish(&mut self, out: &mut Vec<Command>) {
         match self.phase {
             Phase::Committing => {
                 let done = self
@@ -490,16 +506,15 @@ impl TxnMachine {
                     .all(|b| matches!(b.state, BranchState::Committed | BranchState::ReadOnly));
                 if done {
                     self.phase = Phase::Finished;
-                    return vec![Command::AppendEnd];
+                    out.push(Command::AppendEnd);
                 }
-                Vec::new()
             }
             Phase::RollingBack => self.maybe_finish_rollback(),
-            _ => Vec::new(),
+            _ => {}
         }
     }
 
-    fn maybe_finish_rollback(&mut self) -> Vec<Command> {
+    fn maybe_finish_rollback(&mut self) {
         let busy = self
             .branches
             .iter()
@@ -507,25 +522,24 @@ impl TxnMachine {
         if !busy {
             self.phase = Phase::Finished;
         }
-        Vec::new()
     }
 
-    fn finish_with(&mut self, outcome: Outcome) -> Vec<Command> {
+    fn finish_with(&mut self, outcome: Outcome, out: &mut Vec<Command>) {
         self.phase = Phase::Finished;
         self.branches.iter_mut().for_each(|b| {
             if b.state == BranchState::Active {
                 b.state = BranchState::ReadOnly;
             }
         });
-        self.reply(outcome)
+        self.reply(outcome, out);
     }
 
-    fn reply(&mut self, outcome: Outcome) -> Vec<Command> {
+    fn reply(&mut self, outcome: Outcome, out: &mut Vec<Command>) {
         if self.replied {
-            return Vec::new();
+            return;
         }
         self.replied = true;
-        vec![Command::Reply(outcome)]
+        out.push(Command::Reply(outcome));
     }
 
     /// Checks the invariants (see the module docs); panics with the machine in the message.

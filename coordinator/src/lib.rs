@@ -21,8 +21,9 @@
 //!
 //! * Recovery reads the whole retained journal; segments are not yet checkpointed away (the
 //!   `End` records that would allow it are written).
-//! * One task drives each transaction; there is no cap on concurrent transactions yet beyond the
-//!   journal's queue bound.
+//! * The caller's own task drives each transaction until its outcome is known, and a task of its
+//!   own takes over only what still waits after that (see [`runtime`]); there is no cap on
+//!   concurrent transactions yet beyond the journal's queue bound.
 
 pub mod engine;
 pub mod failpoint;

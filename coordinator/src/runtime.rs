@@ -1,14 +1,27 @@
 //! The coordinator's runtime: it executes the engine's commands with real resources, the real
 //! journal and tokio, and feeds the results back as events.
 //!
-//! One task drives each transaction from the caller's `commit` to its `End` record: it owns the
-//! transaction's [`TxnMachine`], carries out each [`Command`] concurrently (prepares and phase-2
-//! calls run side by side), and turns each result into the next [`Event`]. The caller is
-//! answered from inside that task as soon as the machine says so (the decision is durable); the
-//! task goes on with phase 2 on its own. The calls, retry timers and the decision append are
-//! futures that task polls itself, so a command costs no task of its own. Every task is tracked
-//! ([`Tasks`]) and spawned on the coordinator's runtime, so shutdown waits for them or stops
+//! A `Driver` runs one transaction's [`TxnMachine`] from the caller's `commit` to its `End`
+//! record: it carries out each [`Command`] concurrently (prepares and phase-2 calls run side by
+//! side) and turns each result into the next [`Event`]. The calls, retry timers and the decision
+//! append are futures the driver polls itself, so a command costs no task of its own; a call is
+//! polled once as soon as it starts, and only one that is not finished then joins the set of
+//! calls being waited on.
+//!
+//! `commit` and `rollback` drive the machine in the caller's own task until the outcome is known
+//! (for a commit: the decision is durable), so the journal's flusher wakes the caller directly.
+//! Then phase-2 calls that finish at their first poll are carried out before the answer is
+//! returned, and whatever still waits (a slower branch, a retry) goes on in a task of its own;
+//! if the caller stops waiting before the outcome, a task takes over the same way, so a dropped
+//! `commit` future never leaves a transaction half driven. Rollbacks nobody waits for (a timeout,
+//! a dropped handle) and recovery run in tasks from the start. Every task, and every caller
+//! driving a machine, is tracked ([`Tasks`]); tasks are spawned on the coordinator's runtime, so
+//! shutdown stops them (and the callers, who hear [`CoordError::ShuttingDown`]) and waits for
 //! them, and none is detached.
+//!
+//! Open transactions and running machines are kept in maps split into shards (by sequence
+//! number and run number), hashed with [`XidBuildHasher`], so concurrent callers rarely meet on
+//! a lock.
 //!
 //! The implementation caveats: recovery runs one machine per (resource, xid) for undecided
 //! branches, so `list` may show one xid more than once while recovery runs; phase 2 of a
@@ -19,23 +32,25 @@
 //! (presumed abort). Each runs in its own task, so a branch that cannot be resolved is retried
 //! and reported without holding up the others or the start.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
-use std::future::Future;
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::future::{Future, poll_fn};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use adapters::xid::{XidBuildHasher, XidText};
 use adapters::{Epoch, Lsn, Resource, ResourceError, Xid};
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
-use journal::{Journal, JournalError};
-use tokio::sync::{Notify, oneshot, watch};
+use journal::{Appending, Journal, JournalError};
+use tokio::sync::{Notify, watch};
 use tracing::Instrument;
 
 use crate::engine::{BranchId, Command, Event, Outcome, Phase, RetryPolicy, TxnMachine};
 use crate::failpoint;
-use crate::record::{CoordRecord, RecordError};
+use crate::record::{self, CoordRecord, RecordError};
 
 /// How a coordinator runs.
 #[derive(Clone, Debug)]
@@ -138,36 +153,49 @@ pub struct TxnInfo {
     pub branches: Vec<(String, String, Option<String>)>,
 }
 
-/// Tracks the tasks the coordinator spawned, so that shutdown can stop and await them.
+/// Tracks the tasks the coordinator spawned and the callers driving a machine, so that shutdown
+/// can stop and await them.
 #[derive(Default)]
 pub struct Tasks {
     running: AtomicUsize,
     idle: Notify,
 }
 
+/// One tracked task or caller, counted from creation until drop.
+struct Counted(Arc<Tasks>);
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        if self.0.running.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.idle.notify_waiters();
+        }
+    }
+}
+
 impl Tasks {
+    fn count(self: &Arc<Self>) -> Counted {
+        self.running.fetch_add(1, Ordering::AcqRel);
+        Counted(Arc::clone(self))
+    }
+
     /// Spawns `future` on `handle` (the coordinator's runtime, so that a caller on a thread of
     /// its own — a `Drop` outside any runtime — can start work too).
     fn spawn<F>(
         self: &Arc<Self>,
         handle: &tokio::runtime::Handle,
-        stop: &watch::Receiver<bool>,
+        mut stop: watch::Receiver<bool>,
         future: F,
     ) where
         F: std::future::Future<Output = ()> + Send + 'static,
     {
-        self.running.fetch_add(1, Ordering::AcqRel);
-        let tasks = Arc::clone(self);
-        let mut stop = stop.clone();
+        let counted = self.count();
         // Owned: counted here, awaited by `Coordinator::shutdown`, stopped by its signal.
         handle.spawn(async move {
             tokio::select! {
                 () = future => {}
                 _ = stop.wait_for(|s| *s) => {}
             }
-            if tasks.running.fetch_sub(1, Ordering::AcqRel) == 1 {
-                tasks.idle.notify_waiters();
-            }
+            drop(counted);
         });
     }
 
@@ -186,38 +214,108 @@ impl Tasks {
     }
 }
 
+/// A configured resource.
+struct Configured {
+    /// Its name, shared by every branch in it.
+    name: Arc<str>,
+    resource: Arc<dyn Resource>,
+}
+
+impl Configured {
+    fn branch(&self) -> BranchRef {
+        BranchRef {
+            name: Arc::clone(&self.name),
+            resource: Some(Arc::clone(&self.resource)),
+        }
+    }
+}
+
+/// A branch of a transaction: its resource's name and the resource (`None`: not configured,
+/// which only recovery meets).
+#[derive(Clone)]
+struct BranchRef {
+    name: Arc<str>,
+    resource: Option<Arc<dyn Resource>>,
+}
+
 /// An open transaction, before its commit starts.
 struct Open {
     started: Instant,
     /// Resources joined, in join order (the branch ids of the machine).
-    branches: Vec<String>,
+    branches: Vec<BranchRef>,
     timed_out: bool,
 }
 
 /// A transaction whose machine runs (phase 1 or 2, or recovery).
 struct Running {
     xid: Xid,
+    /// The xid's text, for both of its records.
+    text: XidText,
     started: Instant,
-    names: Vec<String>,
+    branches: Vec<BranchRef>,
     /// Set by an operator's `resolve`: the driver stops at its next step.
-    cancelled: std::sync::atomic::AtomicBool,
+    cancelled: AtomicBool,
     /// Stepped by the transaction's driver only; read by `list` and `wait_settled`.
     machine: Mutex<TxnMachine>,
 }
 
+/// How many ways the maps of open and running transactions are split.
+const SHARDS: usize = 16;
+
+type OpenMap = HashMap<Xid, Open, XidBuildHasher>;
+type RunningMap = HashMap<u64, Arc<Running>, XidBuildHasher>;
+
 struct Inner {
     config: CoordinatorConfig,
     journal: Journal,
-    resources: BTreeMap<String, Arc<dyn Resource>>,
+    resources: BTreeMap<String, Configured>,
     seq: AtomicU64,
-    open: Mutex<HashMap<Xid, Open>>,
-    /// Every running machine, by a number of its own: recovery may run several machines for one
-    /// xid (one per resource that holds a branch of it).
-    running: Mutex<HashMap<u64, Arc<Running>>>,
+    /// Open transactions, sharded by sequence number.
+    open: Box<[Mutex<OpenMap>]>,
+    /// Every running machine, by a number of its own (sharded by it): recovery may run several
+    /// machines for one xid (one per resource that holds a branch of it).
+    running: Box<[Mutex<RunningMap>]>,
     next_run: AtomicU64,
     tasks: Arc<Tasks>,
+    /// Set by shutdown: every task stops.
     stop: watch::Sender<bool>,
+    /// Set by shutdown, then every waiter of `stop_waiters` is woken: the callers driving a
+    /// machine stop (a lighter signal than `stop`, which costs each of them more to wait on).
+    stopping: AtomicBool,
+    stop_waiters: Box<[Notify]>,
     handle: tokio::runtime::Handle,
+}
+
+impl Inner {
+    fn open_shard(&self, xid: &Xid) -> MutexGuard<'_, OpenMap> {
+        lock(&self.open[(xid.seq % SHARDS as u64) as usize])
+    }
+
+    fn running_shard(&self, run: u64) -> MutexGuard<'_, RunningMap> {
+        lock(&self.running[(run % SHARDS as u64) as usize])
+    }
+
+    fn running(&self) -> Vec<Arc<Running>> {
+        self.running
+            .iter()
+            .flat_map(|shard| lock(shard).values().cloned().collect::<Vec<_>>())
+            .collect()
+    }
+
+    /// The branch of `name`, configured or not.
+    fn branch(&self, name: &str) -> BranchRef {
+        match self.resources.get(name) {
+            Some(configured) => configured.branch(),
+            None => BranchRef {
+                name: Arc::from(name),
+                resource: None,
+            },
+        }
+    }
+}
+
+fn shards<M: Default>() -> Box<[Mutex<M>]> {
+    (0..SHARDS).map(|_| Mutex::new(M::default())).collect()
 }
 
 /// The coordinator: begins transactions, commits them by two-phase commit, recovers at open.
@@ -226,7 +324,7 @@ pub struct Coordinator {
     inner: Arc<Inner>,
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
@@ -238,9 +336,16 @@ impl Coordinator {
         journal: Journal,
         resources: Vec<Arc<dyn Resource>>,
     ) -> Result<(Coordinator, RecoveryReport), CoordError> {
-        let resources: BTreeMap<String, Arc<dyn Resource>> = resources
+        let resources: BTreeMap<String, Configured> = resources
             .into_iter()
-            .map(|r| (r.name().to_string(), r))
+            .map(|resource| {
+                let name = resource.name().to_string();
+                let configured = Configured {
+                    name: Arc::from(name.as_str()),
+                    resource,
+                };
+                (name, configured)
+            })
             .collect();
         let scan = scan_journal(&journal, config.node)?;
         let now_micros = SystemTime::now()
@@ -253,12 +358,14 @@ impl Coordinator {
             config,
             journal,
             resources,
-            open: Mutex::new(HashMap::new()),
-            running: Mutex::new(HashMap::new()),
+            open: shards(),
+            running: shards(),
             next_run: AtomicU64::new(0),
             handle: tokio::runtime::Handle::current(),
             tasks: Arc::new(Tasks::default()),
             stop,
+            stopping: AtomicBool::new(false),
+            stop_waiters: (0..SHARDS).map(|_| Notify::new()).collect(),
         });
         let coordinator = Coordinator { inner };
         let report = coordinator.recover(scan).await;
@@ -278,6 +385,10 @@ impl Coordinator {
 
     /// The configured resource of that name.
     pub fn resource(&self, name: &str) -> Result<&Arc<dyn Resource>, CoordError> {
+        self.configured(name).map(|c| &c.resource)
+    }
+
+    fn configured(&self, name: &str) -> Result<&Configured, CoordError> {
         self.inner
             .resources
             .get(name)
@@ -306,26 +417,25 @@ impl Coordinator {
             branches: Vec::new(),
             timed_out: false,
         };
-        lock(&self.inner.open).insert(xid, open);
+        self.inner.open_shard(&xid).insert(xid, open);
         xid
     }
 
     /// Joins `resource` to the transaction (once; later calls return the same resource).
     pub async fn join(&self, xid: &Xid, resource: &str) -> Result<Arc<dyn Resource>, CoordError> {
-        let r = Arc::clone(self.resource(resource)?);
+        let configured = self.configured(resource)?;
         let first = {
-            let mut open = lock(&self.inner.open);
+            let mut open = self.inner.open_shard(xid);
             let txn = self.open_txn(&mut open, xid)?;
-            let first = !txn.branches.iter().any(|b| b == resource);
+            let first = !txn.branches.iter().any(|b| *b.name == *resource);
             if first {
-                txn.branches.push(resource.to_string());
+                txn.branches.push(configured.branch());
             }
             first
         };
-        if first && let Err(e) = r.begin(xid).await {
-            let mut open = lock(&self.inner.open);
-            if let Some(txn) = open.get_mut(xid) {
-                txn.branches.retain(|b| b != resource);
+        if first && let Err(e) = configured.resource.begin(xid).await {
+            if let Some(txn) = self.inner.open_shard(xid).get_mut(xid) {
+                txn.branches.retain(|b| *b.name != *resource);
             }
             return Err(e.into());
         }
@@ -334,31 +444,26 @@ impl Coordinator {
         if first && let Err(ended) = self.check_open(xid) {
             let open = Open {
                 started: Instant::now(),
-                branches: vec![resource.to_string()],
+                branches: vec![configured.branch()],
                 timed_out: true,
             };
             self.start_rollback(
                 xid,
                 open,
                 "the branch began after its transaction timed out",
-                None,
             );
             return Err(ended);
         }
-        Ok(r)
+        Ok(Arc::clone(&configured.resource))
     }
 
     /// Checks that the transaction is open (not timed out); for branch handles before each use.
     pub fn check_open(&self, xid: &Xid) -> Result<(), CoordError> {
-        let mut open = lock(&self.inner.open);
+        let mut open = self.inner.open_shard(xid);
         self.open_txn(&mut open, xid).map(|_| ())
     }
 
-    fn open_txn<'a>(
-        &self,
-        open: &'a mut HashMap<Xid, Open>,
-        xid: &Xid,
-    ) -> Result<&'a mut Open, CoordError> {
+    fn open_txn<'a>(&self, open: &'a mut OpenMap, xid: &Xid) -> Result<&'a mut Open, CoordError> {
         match open.get_mut(xid) {
             Some(txn) if txn.timed_out => Err(CoordError::TimedOut {
                 xid: *xid,
@@ -375,134 +480,144 @@ impl Coordinator {
     /// Commits the transaction: returns once the outcome is known (the decision is durable, or
     /// the transaction rolled back). Phase 2 goes on in the background.
     pub async fn commit(&self, xid: &Xid) -> Result<Outcome, CoordError> {
-        let open = lock(&self.inner.open).remove(xid);
         let timeout = Duration::from_millis(self.inner.config.txn_timeout_ms);
-        let open = match open {
-            Some(o) if !o.timed_out && o.started.elapsed() > timeout => {
-                // Past its deadline though the reaper has not run yet: the same as timed out.
-                self.start_rollback(xid, o, "the transaction timed out", None);
-                return Err(CoordError::TimedOut {
-                    xid: *xid,
-                    timeout_ms: self.inner.config.txn_timeout_ms,
-                });
-            }
-            Some(o) if o.timed_out => {
-                return Err(CoordError::TimedOut {
-                    xid: *xid,
-                    timeout_ms: self.inner.config.txn_timeout_ms,
-                });
-            }
-            Some(o) => o,
-            None => {
-                return Err(CoordError::NotActive {
-                    xid: *xid,
-                    state: "not open".into(),
-                });
+        let driver = {
+            let mut open = self.inner.open_shard(xid);
+            match open.remove(xid) {
+                Some(o) if !o.timed_out && o.started.elapsed() > timeout => {
+                    drop(open);
+                    // Past its deadline though the reaper has not run yet: the same as timed out.
+                    self.start_rollback(xid, o, "the transaction timed out");
+                    return Err(CoordError::TimedOut {
+                        xid: *xid,
+                        timeout_ms: self.inner.config.txn_timeout_ms,
+                    });
+                }
+                Some(o) if o.timed_out => {
+                    return Err(CoordError::TimedOut {
+                        xid: *xid,
+                        timeout_ms: self.inner.config.txn_timeout_ms,
+                    });
+                }
+                // Registered as running before the open entry's lock is released, so that
+                // `resolve` finds the transaction in one map or the other at every moment.
+                Some(o) => self.register(*xid, o.branches, o.started),
+                None => {
+                    return Err(CoordError::NotActive {
+                        xid: *xid,
+                        state: "not open".into(),
+                    });
+                }
             }
         };
-        let machine = TxnMachine::new(*xid, open.branches.len(), self.inner.config.retry);
-        let (reply, answer) = oneshot::channel();
-        self.drive(
-            machine,
-            open.branches,
-            open.started,
-            vec![],
-            Some(Event::CommitRequested),
-            Some(reply),
-        );
-        answer.await.map_err(|_| CoordError::ShuttingDown)
+        let span = tracing::info_span!("txn", xid = %xid);
+        self.run_inline(driver, Event::CommitRequested)
+            .instrument(span)
+            .await
     }
 
     /// Rolls the transaction back (an open one; a transaction already committing is not touched).
     pub async fn rollback(&self, xid: &Xid, reason: &str) -> Result<Outcome, CoordError> {
-        let open = lock(&self.inner.open).remove(xid);
-        let Some(open) = open else {
-            return Err(CoordError::NotActive {
-                xid: *xid,
-                state: "not open".into(),
-            });
+        let driver = {
+            let mut open = self.inner.open_shard(xid);
+            let Some(o) = open.remove(xid) else {
+                return Err(CoordError::NotActive {
+                    xid: *xid,
+                    state: "not open".into(),
+                });
+            };
+            self.register(*xid, o.branches, o.started)
         };
-        let (reply, answer) = oneshot::channel();
-        self.start_rollback(xid, open, reason, Some(reply));
-        answer.await.map_err(|_| CoordError::ShuttingDown)
-    }
-
-    fn start_rollback(
-        &self,
-        xid: &Xid,
-        open: Open,
-        reason: &str,
-        reply: Option<oneshot::Sender<Outcome>>,
-    ) {
-        let machine = TxnMachine::new(*xid, open.branches.len(), self.inner.config.retry);
         let event = Event::RollbackRequested {
             reason: reason.to_string(),
         };
-        self.drive(
-            machine,
-            open.branches,
-            open.started,
-            vec![],
-            Some(event),
-            reply,
-        );
+        let span = tracing::info_span!("txn", xid = %xid);
+        self.run_inline(driver, event).instrument(span).await
+    }
+
+    /// Rolls back `open` in a task of its own (nobody waits for the outcome).
+    fn start_rollback(&self, xid: &Xid, open: Open, reason: &str) {
+        let mut driver = self.register(*xid, open.branches, open.started);
+        driver.step(Event::RollbackRequested {
+            reason: reason.to_string(),
+        });
+        driver.spawn(tracing::info_span!("txn", xid = %xid));
     }
 
     /// Rolls back an open transaction whose handle was dropped without commit or rollback, in
     /// the background (dropping cannot wait). Does nothing to a transaction that is not open.
     pub fn abandon(&self, xid: &Xid) {
-        let Some(open) = lock(&self.inner.open).remove(xid) else {
+        let Some(open) = self.inner.open_shard(xid).remove(xid) else {
             return;
         };
         if !open.timed_out {
-            self.start_rollback(xid, open, "the transaction handle was dropped", None);
+            self.start_rollback(xid, open, "the transaction handle was dropped");
         }
     }
 
-    /// Starts the task that drives `machine`: runs `initial` and the commands `first` yields,
-    /// and carries on until the machine is finished.
-    fn drive(
+    /// A new machine for `xid` with `branches`, listed as running; see [`Coordinator::register_machine`].
+    fn register(&self, xid: Xid, branches: Vec<BranchRef>, started: Instant) -> Driver {
+        let machine = TxnMachine::new(xid, branches.len(), self.inner.config.retry);
+        self.register_machine(machine, branches, started)
+    }
+
+    /// Lists `machine` as running and returns its driver, which nothing polls yet.
+    fn register_machine(
         &self,
         machine: TxnMachine,
-        names: Vec<String>,
+        branches: Vec<BranchRef>,
         started: Instant,
-        initial: Vec<Command>,
-        first: Option<Event>,
-        reply: Option<oneshot::Sender<Outcome>>,
-    ) {
-        let xid = machine.xid();
-        let resources: Vec<Option<Arc<dyn Resource>>> = names
-            .iter()
-            .map(|n| self.inner.resources.get(n).cloned())
-            .collect();
+    ) -> Driver {
         let run = self.inner.next_run.fetch_add(1, Ordering::Relaxed);
+        let xid = machine.xid();
         let running = Arc::new(Running {
             xid,
-            cancelled: std::sync::atomic::AtomicBool::new(false),
+            text: xid.text(),
+            cancelled: AtomicBool::new(false),
             started,
-            names,
+            branches,
             machine: Mutex::new(machine),
         });
-        lock(&self.inner.running).insert(run, Arc::clone(&running));
-        let span = if reply.is_some() {
-            tracing::info_span!("txn", xid = %xid)
-        } else {
-            tracing::info_span!("recover", xid = %xid)
-        };
-        let driver = Driver {
+        self.inner
+            .running_shard(run)
+            .insert(run, Arc::clone(&running));
+        Driver {
             inner: Arc::clone(&self.inner),
             run,
             running,
-            resources,
-            reply,
+            fresh: VecDeque::new(),
+            calls: None,
+            decision: None,
+            ready: VecDeque::new(),
+            commands: Vec::new(),
+            outcome: None,
+        }
+    }
+
+    /// Feeds `first` to the driver's machine and drives it in the caller's task until the outcome
+    /// is known; then phase-2 calls that finish at once are done, and the rest goes on in a task
+    /// (see the module docs).
+    async fn run_inline(&self, mut driver: Driver, first: Event) -> Result<Outcome, CoordError> {
+        // Made before the flag is read: a shutdown after that wakes it.
+        let stopped = self.inner.stop_waiters[(driver.run % SHARDS as u64) as usize].notified();
+        driver.step(first);
+        let mut inline = Inline {
+            driver: Some(driver),
+            _counted: self.inner.tasks.count(),
         };
-        let stop = self.inner.stop.subscribe();
-        let inner = &self.inner;
-        inner.tasks.spawn(
-            &inner.handle,
-            &stop,
-            driver.run(initial, first).instrument(span),
-        );
+        let result = if self.inner.stopping.load(Ordering::SeqCst) {
+            Err(CoordError::ShuttingDown)
+        } else {
+            tokio::select! {
+                biased;
+                result = poll_fn(|cx| inline.poll_outcome(cx)) => result,
+                () = stopped => Err(CoordError::ShuttingDown),
+            }
+        };
+        if result.is_ok() {
+            inline.settle();
+        }
+        result
     }
 
     /// Waits (at most `timeout`) until no transaction is being committed, rolled back or
@@ -511,9 +626,11 @@ impl Coordinator {
     pub async fn wait_settled(&self, timeout: Duration) -> bool {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
-            let busy = lock(&self.inner.running)
-                .values()
-                .any(|r| *lock(&r.machine).phase() != Phase::InDoubt);
+            let busy = self.inner.running.iter().any(|shard| {
+                lock(shard)
+                    .values()
+                    .any(|r| *lock(&r.machine).phase() != Phase::InDoubt)
+            });
             if !busy {
                 return true;
             }
@@ -527,32 +644,39 @@ impl Coordinator {
     /// Every open, committing, rolling-back or in-doubt transaction.
     pub fn list(&self) -> Vec<TxnInfo> {
         let mut out = Vec::new();
-        for (xid, o) in lock(&self.inner.open).iter() {
-            let state = if o.timed_out { "timed out" } else { "open" };
-            let branches = o
-                .branches
-                .iter()
-                .map(|b| (b.clone(), "active".to_string(), None))
-                .collect();
-            out.push(TxnInfo {
-                xid: *xid,
-                state: state.into(),
-                age: o.started.elapsed(),
-                branches,
-            });
+        for shard in self.inner.open.iter() {
+            for (xid, o) in lock(shard).iter() {
+                let state = if o.timed_out { "timed out" } else { "open" };
+                let branches = o
+                    .branches
+                    .iter()
+                    .map(|b| (b.name.to_string(), "active".to_string(), None))
+                    .collect();
+                out.push(TxnInfo {
+                    xid: *xid,
+                    state: state.into(),
+                    age: o.started.elapsed(),
+                    branches,
+                });
+            }
         }
-        for r in lock(&self.inner.running).values() {
-            let xid = &r.xid;
+        for r in self.inner.running() {
             let machine = lock(&r.machine);
             let branches = r
-                .names
+                .branches
                 .iter()
                 .zip(machine.branches())
-                .map(|(n, b)| (n.clone(), b.state.name().to_string(), b.last_error.clone()))
+                .map(|(n, b)| {
+                    (
+                        n.name.to_string(),
+                        b.state.name().to_string(),
+                        b.last_error.clone(),
+                    )
+                })
                 .collect();
             let state = phase_name(machine.phase());
             out.push(TxnInfo {
-                xid: *xid,
+                xid: r.xid,
                 state: state.into(),
                 age: r.started.elapsed(),
                 branches,
@@ -565,22 +689,27 @@ impl Coordinator {
     /// Stops every task (phase 2 and recovery resume at the next open) and closes the journal.
     pub async fn shutdown(self, timeout: Duration) -> bool {
         let _ = self.inner.stop.send(true);
+        self.inner.stopping.store(true, Ordering::SeqCst);
+        for waiters in self.inner.stop_waiters.iter() {
+            waiters.notify_waiters();
+        }
         self.inner.tasks.wait_idle(timeout).await
     }
 
     fn start_reaper(&self) {
         let weak = Arc::downgrade(&self.inner);
-        let stop = self.inner.stop.subscribe();
         let tick = Duration::from_millis((self.inner.config.txn_timeout_ms / 4).clamp(10, 1_000));
-        self.inner
-            .tasks
-            .spawn(&self.inner.handle, &stop, async move {
+        self.inner.tasks.spawn(
+            &self.inner.handle,
+            self.inner.stop.subscribe(),
+            async move {
                 loop {
                     tokio::time::sleep(tick).await;
                     let Some(inner) = weak.upgrade() else { return };
                     Coordinator { inner }.reap_timed_out().await;
                 }
-            });
+            },
+        );
     }
 
     /// Rolls back every transaction open longer than its timeout, through a rollback machine
@@ -588,16 +717,18 @@ impl Coordinator {
     /// with no branches, until its caller hears of it.
     async fn reap_timed_out(&self) {
         let limit = Duration::from_millis(self.inner.config.txn_timeout_ms);
-        let expired: Vec<(Xid, Instant, Vec<String>)> = {
-            let mut open = lock(&self.inner.open);
-            open.iter_mut()
-                .filter(|(_, o)| !o.timed_out && o.started.elapsed() > limit)
-                .map(|(xid, o)| {
-                    o.timed_out = true;
-                    (*xid, o.started, std::mem::take(&mut o.branches))
-                })
-                .collect()
-        };
+        let mut expired: Vec<(Xid, Instant, Vec<BranchRef>)> = Vec::new();
+        for shard in self.inner.open.iter() {
+            let mut open = lock(shard);
+            expired.extend(
+                open.iter_mut()
+                    .filter(|(_, o)| !o.timed_out && o.started.elapsed() > limit)
+                    .map(|(xid, o)| {
+                        o.timed_out = true;
+                        (*xid, o.started, std::mem::take(&mut o.branches))
+                    }),
+            );
+        }
         for (xid, started, branches) in expired {
             tracing::warn!(xid = %xid, "transaction open longer than {} ms; rolling back", limit.as_millis());
             let open = Open {
@@ -605,13 +736,13 @@ impl Coordinator {
                 branches,
                 timed_out: true,
             };
-            self.start_rollback(&xid, open, "the transaction timed out", None);
+            self.start_rollback(&xid, open, "the transaction timed out");
         }
     }
 
     /// Drops a timed-out transaction's record once its caller has been told (commit or rollback).
     pub fn forget(&self, xid: &Xid) {
-        lock(&self.inner.open).remove(xid);
+        self.inner.open_shard(xid).remove(xid);
     }
 
     /// Records an operator's decision for a transaction that cannot finish by itself (a
@@ -622,7 +753,7 @@ impl Coordinator {
     /// stops retrying the rest); one without can only be resolved as rolled back. A transaction
     /// this coordinator is still running phase 1 for is refused.
     pub async fn resolve(&self, xid: &Xid, commit: bool, operator: &str) -> Result<(), CoordError> {
-        if lock(&self.inner.open).contains_key(xid) || self.deciding(xid) {
+        if self.inner.open_shard(xid).contains_key(xid) || self.deciding(xid) {
             return Err(CoordError::Refused(format!(
                 "transaction {xid} is still being prepared or decided by this coordinator; wait for its outcome"
             )));
@@ -652,10 +783,11 @@ impl Coordinator {
             .append(epoch, record.kind(), &record.encode())?
             .await?;
         tracing::info!(xid = %xid, commit, operator, "operator resolved transaction");
-        for r in lock(&self.inner.running).values().filter(|r| r.xid == *xid) {
+        for r in self.inner.running().iter().filter(|r| r.xid == *xid) {
             r.cancelled.store(true, Ordering::Release);
         }
-        for (name, r) in &self.inner.resources {
+        for (name, c) in &self.inner.resources {
+            let r = &c.resource;
             let prepared = r.recover().await?;
             if !prepared.contains(xid) {
                 continue;
@@ -679,8 +811,9 @@ impl Coordinator {
 
     /// Whether a machine of `xid` is preparing or deciding.
     fn deciding(&self, xid: &Xid) -> bool {
-        lock(&self.inner.running)
-            .values()
+        self.inner
+            .running()
+            .iter()
             .filter(|r| r.xid == *xid)
             .any(|r| {
                 matches!(
@@ -693,8 +826,8 @@ impl Coordinator {
     async fn recover(&self, scan: JournalScan) -> RecoveryReport {
         let mut report = RecoveryReport::default();
         let mut prepared: BTreeMap<String, Vec<Xid>> = BTreeMap::new();
-        for (name, r) in &self.inner.resources {
-            match r.recover().await {
+        for (name, c) in &self.inner.resources {
+            match c.resource.recover().await {
                 Ok(xids) => {
                     prepared.insert(name.clone(), xids);
                 }
@@ -714,7 +847,7 @@ impl Coordinator {
             }
             let (machine, commands) =
                 TxnMachine::recovered_commit(*xid, *lsn, names.len(), self.inner.config.retry);
-            self.drive_recovered(machine, names.clone(), commands);
+            self.drive_recovered(machine, names, commands);
             report.redriven.push(*xid);
         }
         for (name, xids) in prepared {
@@ -728,7 +861,7 @@ impl Coordinator {
                     }
                     _ => TxnMachine::recovered_orphan(xid, self.inner.config.retry),
                 };
-                self.drive_recovered(machine, vec![name.clone()], commands);
+                self.drive_recovered(machine, std::slice::from_ref(&name), commands);
                 report.rolled_back.push((name.clone(), xid));
             }
         }
@@ -745,8 +878,12 @@ impl Coordinator {
         report
     }
 
-    fn drive_recovered(&self, machine: TxnMachine, names: Vec<String>, commands: Vec<Command>) {
-        self.drive(machine, names, Instant::now(), commands, None, None);
+    fn drive_recovered(&self, machine: TxnMachine, names: &[String], commands: Vec<Command>) {
+        let xid = machine.xid();
+        let branches = names.iter().map(|n| self.inner.branch(n)).collect();
+        let mut driver = self.register_machine(machine, branches, Instant::now());
+        driver.commands = commands;
+        driver.spawn(tracing::info_span!("recover", xid = %xid));
     }
 }
 
@@ -775,152 +912,258 @@ struct Driver {
     /// This machine's key in the running map.
     run: u64,
     running: Arc<Running>,
-    resources: Vec<Option<Arc<dyn Resource>>>,
-    reply: Option<oneshot::Sender<Outcome>>,
+    /// Commands the machine asked for, not yet carried out.
+    commands: Vec<Command>,
+    /// Calls started and not yet polled.
+    fresh: VecDeque<Call>,
+    /// Calls polled and not finished (created when the first one is needed).
+    calls: Option<FuturesUnordered<Call>>,
+    /// The decision record, once queued in the journal, until it is durable.
+    decision: Option<Appending>,
+    /// Events known without waiting: calls finished at their first poll, a branch of a resource
+    /// not configured, a decision the journal refused to queue.
+    ready: VecDeque<Event>,
+    /// The answer for the caller, once the machine gave it.
+    outcome: Option<Outcome>,
 }
 
 /// A command in progress: it yields the event that reports its result.
 type Call = Pin<Box<dyn Future<Output = Event> + Send>>;
 
+/// How far [`Driver::drive`] got.
+enum Progress {
+    /// The machine answered the caller ([`Driver::outcome`]); the driver stopped there.
+    Answered,
+    /// Every command is carried out and no event is ready: it waits for a call, a timer or the
+    /// decision (the context's waker is registered with each).
+    Waiting,
+    /// Nothing is left to wait for (the machine is finished or in doubt, or an operator
+    /// cancelled it); the driver must not be polled again.
+    Done,
+}
+
 impl Driver {
-    async fn run(mut self, initial: Vec<Command>, first: Option<Event>) {
-        let mut commands = initial;
-        if let Some(first) = first {
-            commands.extend(self.step(first));
-        }
-        // Every call, retry timer and append is a future polled by this task: when the task stops
-        // (shutdown), they stop with it, and no command costs a task of its own.
-        let mut calls: FuturesUnordered<Call> = FuturesUnordered::new();
+    fn step(&mut self, event: Event) {
+        lock(&self.running.machine).on_into(event, &mut self.commands);
+    }
+
+    /// Carries out the machine's commands and feeds it every event that is ready, until none
+    /// is; with `stop_at_answer`, stops as soon as the machine has answered the caller.
+    fn drive(&mut self, cx: &mut Context<'_>, stop_at_answer: bool) -> Progress {
         loop {
+            let mut commands = std::mem::take(&mut self.commands);
             for command in commands.drain(..) {
-                self.execute(command, &mut calls);
+                self.execute(command);
             }
-            let Some(event) = calls.next().await else {
-                break;
+            self.commands = commands;
+            if stop_at_answer && self.outcome.is_some() {
+                return Progress::Answered;
+            }
+            let event = match self.poll_event(cx) {
+                Poll::Ready(Some(event)) => event,
+                Poll::Ready(None) => return Progress::Done,
+                Poll::Pending => return Progress::Waiting,
             };
             if self.running.cancelled.load(Ordering::Acquire) {
                 tracing::info!(xid = %self.running.xid, "stopped driving: an operator resolved the transaction");
-                break;
+                return Progress::Done;
             }
-            commands = self.step(event);
-        }
-        let finished = *self.machine().phase() == Phase::Finished;
-        if finished || self.running.cancelled.load(Ordering::Acquire) {
-            lock(&self.inner.running).remove(&self.run);
+            self.step(event);
         }
     }
 
-    fn machine(&self) -> std::sync::MutexGuard<'_, TxnMachine> {
-        lock(&self.running.machine)
-    }
-
-    fn step(&self, event: Event) -> Vec<Command> {
-        self.machine().on(event)
-    }
-
-    /// Starts one command in `calls` (or carries it out at once).
-    fn execute(&mut self, command: Command, calls: &mut FuturesUnordered<Call>) {
-        match command {
-            Command::Prepare(b) => self.call(b, calls, BranchCall::Prepare),
-            Command::Commit(b) => self.call(b, calls, BranchCall::Commit),
-            Command::Rollback(b) => self.call(b, calls, BranchCall::Rollback),
-            Command::RetryAfter { branch, delay_ms } => {
-                calls.push(Box::pin(async move {
-                    tokio::time::sleep(Duration::from_millis(delay_ms)).await;
-                    Event::RetryDue { branch }
-                }));
-            }
-            Command::AppendDecision { writers } => self.append_decision(writers, calls),
-            Command::AppendEnd => {
-                failpoint::hit("before_end");
-                let end = CoordRecord::End {
-                    xid: self.running.xid,
-                };
-                let epoch = self.inner.config.epoch;
-                if let Err(e) = self
-                    .inner
-                    .journal
-                    .append_nowait(epoch, end.kind(), &end.encode())
-                {
-                    tracing::error!(error = %e, "append End record");
-                }
-            }
-            Command::Reply(outcome) => {
-                if let Some(reply) = self.reply.take() {
-                    let _ = reply.send(outcome);
-                }
+    /// The next event: of a call that finished at its first poll, of the decision, of a call
+    /// that was waited for. `None` when nothing is left to wait for.
+    fn poll_event(&mut self, cx: &mut Context<'_>) -> Poll<Option<Event>> {
+        if let Some(event) = self.ready.pop_front() {
+            return Poll::Ready(Some(event));
+        }
+        while let Some(mut call) = self.fresh.pop_front() {
+            match call.as_mut().poll(cx) {
+                Poll::Ready(event) => return Poll::Ready(Some(event)),
+                Poll::Pending => self
+                    .calls
+                    .get_or_insert_with(FuturesUnordered::new)
+                    .push(call),
             }
         }
-    }
-
-    fn call(&self, branch: BranchId, calls: &mut FuturesUnordered<Call>, call: BranchCall) {
-        let xid = self.running.xid;
-        let resource = self.resources.get(branch).cloned().flatten();
-        let name = self.running.names.get(branch).cloned().unwrap_or_default();
-        calls.push(Box::pin(async move {
-            let Some(resource) = resource else {
-                let e = ResourceError::Unavailable {
-                    resource: name,
-                    message: "not configured".into(),
-                };
-                return call.event(branch, Err(e));
-            };
-            match call {
-                BranchCall::Prepare => {
-                    let vote = resource.prepare(&xid).await;
-                    failpoint::hit("after_prepare");
-                    Event::Prepared { branch, vote }
-                }
-                BranchCall::Commit => {
-                    let result = resource.commit(&xid).await;
-                    failpoint::hit("between_commits");
-                    Event::Resolved { branch, result }
-                }
-                BranchCall::Rollback => Event::Resolved {
-                    branch,
-                    result: resource.rollback(&xid).await,
-                },
-            }
-        }));
-    }
-
-    fn append_decision(
-        &self,
-        writers: Vec<(BranchId, Vec<u8>)>,
-        calls: &mut FuturesUnordered<Call>,
-    ) {
-        let branches = writers
-            .into_iter()
-            .map(|(b, redo)| (self.running.names.get(b).cloned().unwrap_or_default(), redo))
-            .collect();
-        let record = CoordRecord::Commit {
-            xid: self.running.xid,
-            at_ms: now_ms(),
-            branches,
-        };
-        let appended =
-            self.inner
-                .journal
-                .append(self.inner.config.epoch, record.kind(), &record.encode());
-        calls.push(Box::pin(async move {
-            match appended {
-                Ok(appending) => {
-                    failpoint::hit("decision_appended");
-                    match appending.await {
-                        Ok(lsn) => {
-                            failpoint::hit("decision_durable");
-                            Event::DecisionDurable { lsn }
-                        }
-                        Err(e) => Event::DecisionFailed {
-                            error: e.to_string(),
-                        },
-                    }
+        if let Some(appending) = &mut self.decision
+            && let Poll::Ready(result) = Pin::new(appending).poll(cx)
+        {
+            self.decision = None;
+            return Poll::Ready(Some(match result {
+                Ok(lsn) => {
+                    failpoint::hit("decision_durable");
+                    Event::DecisionDurable { lsn }
                 }
                 Err(e) => Event::DecisionFailed {
                     error: e.to_string(),
                 },
+            }));
+        }
+        let waited = match &mut self.calls {
+            Some(calls) => calls.poll_next_unpin(cx),
+            None => Poll::Ready(None),
+        };
+        match waited {
+            Poll::Ready(Some(event)) => Poll::Ready(Some(event)),
+            Poll::Ready(None) if self.decision.is_none() => Poll::Ready(None),
+            _ => Poll::Pending,
+        }
+    }
+
+    /// Once the driver is done: a finished or cancelled machine leaves the running map.
+    fn finish(&self) {
+        let finished = *lock(&self.running.machine).phase() == Phase::Finished;
+        if finished || self.running.cancelled.load(Ordering::Acquire) {
+            self.inner.running_shard(self.run).remove(&self.run);
+        }
+    }
+
+    /// Drives the machine in a task of its own until it is done.
+    fn spawn(mut self, span: tracing::Span) {
+        let inner = Arc::clone(&self.inner);
+        let run = async move {
+            poll_fn(|cx| match self.drive(cx, false) {
+                Progress::Waiting => Poll::Pending,
+                Progress::Answered | Progress::Done => Poll::Ready(()),
+            })
+            .await;
+            self.finish();
+        };
+        inner
+            .tasks
+            .spawn(&inner.handle, inner.stop.subscribe(), run.instrument(span));
+    }
+
+    /// Starts one command (or carries it out at once).
+    fn execute(&mut self, command: Command) {
+        match command {
+            Command::Prepare(b) => self.call(b, BranchCall::Prepare),
+            Command::Commit(b) => self.call(b, BranchCall::Commit),
+            Command::Rollback(b) => self.call(b, BranchCall::Rollback),
+            Command::RetryAfter { branch, delay_ms } => {
+                self.fresh.push_back(Box::pin(async move {
+                    tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+                    Event::RetryDue { branch }
+                }));
             }
-        }));
+            Command::AppendDecision { writers } => self.append_decision(&writers),
+            Command::AppendEnd => {
+                failpoint::hit("before_end");
+                let end = record::encode_end(&self.running.text);
+                let epoch = self.inner.config.epoch;
+                if let Err(e) = self.inner.journal.append_nowait(epoch, record::END, &end) {
+                    tracing::error!(error = %e, "append End record");
+                }
+            }
+            Command::Reply(outcome) => self.outcome = Some(outcome),
+        }
+    }
+
+    fn call(&mut self, branch: BranchId, call: BranchCall) {
+        let xid = self.running.xid;
+        let target = self.running.branches.get(branch);
+        let Some(resource) = target.and_then(|b| b.resource.clone()) else {
+            let e = ResourceError::Unavailable {
+                resource: target.map(|b| b.name.to_string()).unwrap_or_default(),
+                message: "not configured".into(),
+            };
+            self.ready.push_back(call.event(branch, Err(e)));
+            return;
+        };
+        self.fresh.push_back(match call {
+            BranchCall::Prepare => Box::pin(async move {
+                let vote = resource.prepare(&xid).await;
+                failpoint::hit("after_prepare");
+                Event::Prepared { branch, vote }
+            }),
+            BranchCall::Commit => Box::pin(async move {
+                let result = resource.commit(&xid).await;
+                failpoint::hit("between_commits");
+                Event::Resolved { branch, result }
+            }),
+            BranchCall::Rollback => Box::pin(async move {
+                Event::Resolved {
+                    branch,
+                    result: resource.rollback(&xid).await,
+                }
+            }),
+        });
+    }
+
+    fn append_decision(&mut self, writers: &[(BranchId, Vec<u8>)]) {
+        let branches = &self.running.branches;
+        let payload = record::encode_commit(
+            &self.running.text,
+            now_ms(),
+            writers.iter().map(|(b, redo)| {
+                let name = branches.get(*b).map_or("", |r| &*r.name);
+                (name, redo.as_slice())
+            }),
+        );
+        let epoch = self.inner.config.epoch;
+        match self.inner.journal.append(epoch, record::COMMIT, &payload) {
+            Ok(appending) => {
+                failpoint::hit("decision_appended");
+                self.decision = Some(appending);
+            }
+            Err(e) => self.ready.push_back(Event::DecisionFailed {
+                error: e.to_string(),
+            }),
+        }
+    }
+}
+
+/// A machine driven by its caller's task (`commit`, `rollback`); see the module docs. When it is
+/// dropped with the machine not done, a task takes the driver over.
+struct Inline {
+    driver: Option<Driver>,
+    _counted: Counted,
+}
+
+impl Inline {
+    /// Drives until the machine answers the caller.
+    fn poll_outcome(&mut self, cx: &mut Context<'_>) -> Poll<Result<Outcome, CoordError>> {
+        let Some(driver) = &mut self.driver else {
+            return Poll::Ready(Err(CoordError::ShuttingDown));
+        };
+        match driver.drive(cx, true) {
+            Progress::Waiting => Poll::Pending,
+            Progress::Answered => match driver.outcome.take() {
+                Some(outcome) => Poll::Ready(Ok(outcome)),
+                None => Poll::Ready(Err(CoordError::ShuttingDown)),
+            },
+            Progress::Done => {
+                driver.finish();
+                let outcome = driver.outcome.take();
+                self.driver = None;
+                // Done without an answer: an operator took the transaction over.
+                Poll::Ready(outcome.ok_or(CoordError::ShuttingDown))
+            }
+        }
+    }
+
+    /// After the answer: carries out what is ready without waiting (phase-2 calls that finish at
+    /// their first poll, the `End` record); what still waits is left to the task of `drop`.
+    fn settle(&mut self) {
+        let Some(driver) = &mut self.driver else {
+            return;
+        };
+        let mut cx = Context::from_waker(Waker::noop());
+        if let Progress::Done = driver.drive(&mut cx, false) {
+            driver.finish();
+            self.driver = None;
+        }
+    }
+}
+
+impl Drop for Inline {
+    fn drop(&mut self) {
+        if let Some(driver) = self.driver.take() {
+            let span = tracing::info_span!("txn", xid = %driver.running.xid);
+            driver.spawn(span);
+        }
     }
 }
 

@@ -1,5 +1,6 @@
 //! The coordinator's runtime against an in-memory resource whose failures the test controls:
-//! what is journaled, what each branch is told, retries, timeouts and recovery.
+//! what is journaled, what each branch is told, retries, timeouts, recovery, and callers that
+//! stop waiting or a shutdown while a branch is slow.
 
 #![allow(clippy::unwrap_used)]
 
@@ -26,6 +27,17 @@ struct Mem {
     commit_failures: AtomicU32,
     rollback_failures: AtomicU32,
     rollback_delay_ms: AtomicU32,
+    /// While set, prepare waits.
+    hold_prepares: AtomicBool,
+    /// While set, commit waits.
+    hold_commits: AtomicBool,
+}
+
+/// Waits while `hold` is set.
+async fn held(hold: &AtomicBool) {
+    while hold.load(Ordering::SeqCst) {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
 }
 
 impl Mem {
@@ -55,6 +67,7 @@ impl Resource for Mem {
         Ok(())
     }
     async fn prepare(&self, xid: &Xid) -> Result<Vote, ResourceError> {
+        held(&self.hold_prepares).await;
         if self.fail_prepare.load(Ordering::Relaxed) {
             return Err(ResourceError::rejected(&self.name, "disk full"));
         }
@@ -67,6 +80,7 @@ impl Resource for Mem {
         })
     }
     async fn commit(&self, xid: &Xid) -> Result<(), ResourceError> {
+        held(&self.hold_commits).await;
         let left = self.commit_failures.load(Ordering::Relaxed);
         if left > 0 {
             self.commit_failures.store(left - 1, Ordering::Relaxed);
@@ -429,4 +443,87 @@ fn dropping_a_transaction_outside_the_runtime_rolls_it_back() {
         .unwrap();
     assert!(runtime.block_on(c.wait_settled(Duration::from_secs(5))));
     assert_eq!(a.rolled_back(), vec![xid]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_phase_two_goes_on_after_the_caller_is_answered() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (Mem::new("a"), Mem::new("b"));
+    b.hold_commits.store(true, Ordering::SeqCst);
+    let c = open(dir.path(), &[a.clone(), b.clone()], config()).await;
+    let xid = c.begin();
+    c.join(&xid, "a").await.unwrap();
+    c.join(&xid, "b").await.unwrap();
+    let outcome = c.commit(&xid).await.unwrap();
+    assert!(matches!(outcome, Outcome::Committed { lsn: Some(_) }));
+    // The branch that answers at once is committed before the answer; the held one is not.
+    assert_eq!(a.committed(), vec![xid]);
+    assert!(b.committed().is_empty());
+    let listed = c.list();
+    assert!(
+        listed
+            .iter()
+            .any(|t| t.xid == xid && t.state == "committing"),
+        "{listed:?}"
+    );
+    b.hold_commits.store(false, Ordering::SeqCst);
+    assert!(c.wait_settled(Duration::from_secs(5)).await);
+    assert_eq!(b.committed(), vec![xid]);
+    assert!(c.list().is_empty());
+    c.shutdown(Duration::from_secs(5)).await;
+    let recs = records(&journal(dir.path()));
+    assert!(
+        matches!(recs.last(), Some(CoordRecord::End { xid: x }) if *x == xid),
+        "{recs:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_whose_caller_stops_waiting_is_finished_anyway() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (Mem::new("a"), Mem::new("b"));
+    a.hold_prepares.store(true, Ordering::SeqCst);
+    let c = open(dir.path(), &[a.clone(), b.clone()], config()).await;
+    let xid = c.begin();
+    c.join(&xid, "a").await.unwrap();
+    c.join(&xid, "b").await.unwrap();
+    // The caller gives up while branch a is still preparing: its commit future is dropped.
+    let gave_up = tokio::time::timeout(Duration::from_millis(20), c.commit(&xid)).await;
+    assert!(gave_up.is_err());
+    assert!(a.committed().is_empty() && b.committed().is_empty());
+    a.hold_prepares.store(false, Ordering::SeqCst);
+    assert!(c.wait_settled(Duration::from_secs(5)).await);
+    assert_eq!(a.committed(), vec![xid]);
+    assert_eq!(b.committed(), vec![xid]);
+    c.shutdown(Duration::from_secs(5)).await;
+    let recs = records(&journal(dir.path()));
+    assert_eq!(recs.len(), 2, "{recs:?}");
+    assert!(matches!(&recs[0], CoordRecord::Commit { xid: x, .. } if *x == xid));
+    assert!(matches!(&recs[1], CoordRecord::End { xid: x } if *x == xid));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_answers_a_caller_whose_branch_never_prepares() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = Mem::new("a");
+    a.hold_prepares.store(true, Ordering::SeqCst);
+    let c = open(dir.path(), std::slice::from_ref(&a), config()).await;
+    let xid = c.begin();
+    c.join(&xid, "a").await.unwrap();
+    let caller = {
+        let c = c.clone();
+        tokio::spawn(async move { c.commit(&xid).await })
+    };
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert!(c.clone().shutdown(Duration::from_secs(5)).await);
+    let answer = tokio::time::timeout(Duration::from_secs(5), caller)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        matches!(answer, Err(CoordError::ShuttingDown)),
+        "{answer:?}"
+    );
+    assert!(a.committed().is_empty());
+    assert!(records(c.journal()).is_empty());
 }
