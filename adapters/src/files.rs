@@ -142,39 +142,24 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-use journal::{BlobConfig, BlobId, BlobStore, JournalError};
+use journal::{BlobConfig, BlobId, BlobStore, Journal, JournalError};
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::sync::Notify;
 
 use crate::dirsync::DirSync;
 use crate::{Epoch, Lsn, Resource, ResourceError, Vote, Xid};
 
+mod log;
+
 /// The private directory under the root; no user path may start with it.
 pub const PRIVATE_DIR: &str = ".concord";
 
-/// The xids whose manifests are in `root`'s private area: the branches a files resource at
-/// `root` holds prepared. Reads the directory only — no lock, no clean-up — so an operator's
-/// view can run beside the process that owns the resource.
+/// The xids a files resource at `root` holds prepared, from its branch log. Reads the log only —
+/// no lock, no clean-up — so an operator's view can run beside the process that owns the
+/// resource.
 pub fn prepared_on_disk(root: &Path) -> std::result::Result<Vec<Xid>, ResourceError> {
-    let dir = root.join(PRIVATE_DIR).join("prepared");
-    let entries = match fs::read_dir(&dir) {
-        Ok(entries) => entries,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(ResourceError::io("files", "list", &dir, &e)),
-    };
-    let mut xids = Vec::new();
-    for entry in entries {
-        let entry = entry.map_err(|e| ResourceError::io("files", "list", &dir, &e))?;
-        if let Some(xid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|n| n.parse::<Xid>().ok())
-        {
-            xids.push(xid);
-        }
-    }
-    xids.sort();
-    Ok(xids)
+    let dir = root.join(PRIVATE_DIR).join("log");
+    log::live_on_disk(&dir).map_err(|e| log_open_error("files", &dir, e))
 }
 /// Longest path accepted, in bytes.
 pub const PATH_BYTES_MAX: usize = 4096;
@@ -184,15 +169,25 @@ pub const BRANCH_PATHS_MAX: usize = 100_000;
 pub const READ_BYTES_MAX: u64 = 16 << 20;
 /// Size of the one buffer a put, a blob copy or a read streams through.
 const CHUNK_BYTES: usize = 1 << 20;
+/// A checkpoint of the branch log runs at most this long after the last one, while commits
+/// happen.
+const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(1);
 /// How many read-only branches are remembered, so that preparing one again votes the same.
 const READ_ONLY_REMEMBERED_MAX: usize = 4096;
 
-const REDO_VERSION: u8 = 1;
-const MANIFEST_MAGIC: &[u8; 4] = b"CCFM";
-const MANIFEST_VERSION: u8 = 1;
+/// Content of at most this many bytes is carried inline, in the prepare record and the redo.
+pub const INLINE_FILE_BYTES_MAX: u64 = 64 << 10;
+/// At most this much inline content per branch; further puts go through the blob store.
+pub const INLINE_BRANCH_BYTES_MAX: u64 = 1 << 20;
+/// Free space a prepare wants on the file system before it appends its record (besides the
+/// record itself), so that a full disk refuses the prepare instead of failing the log's write.
+const LOG_SPACE_MARGIN_BYTES: u64 = 64 << 10;
+
+const REDO_VERSION: u8 = 2;
 const STATE_VERSION: u8 = 1;
 const OP_PUT: u8 = 1;
 const OP_DELETE: u8 = 2;
+const OP_PUT_INLINE: u8 = 3;
 
 type Result<T, E = ResourceError> = std::result::Result<T, E>;
 
@@ -230,11 +225,30 @@ pub enum RedoEntry {
         /// The size of the content.
         bytes: u64,
     },
+    /// The file at `path` gets `content` (at most [`INLINE_FILE_BYTES_MAX`] bytes), carried in
+    /// the redo itself.
+    PutInline {
+        /// The path, relative to the root.
+        path: String,
+        /// The whole content.
+        content: Vec<u8>,
+    },
     /// The file at `path` is removed (nothing happens if it does not exist).
     Delete {
         /// The path, relative to the root.
         path: String,
     },
+}
+
+impl RedoEntry {
+    /// The path the entry changes.
+    pub fn path(&self) -> &str {
+        match self {
+            RedoEntry::Put { path, .. }
+            | RedoEntry::PutInline { path, .. }
+            | RedoEntry::Delete { path } => path,
+        }
+    }
 }
 
 /// Encodes entries as a redo (see the module docs for the format).
@@ -244,6 +258,12 @@ pub fn encode_redo(entries: &[RedoEntry]) -> Vec<u8> {
     for entry in entries {
         match entry {
             RedoEntry::Put { path, id, bytes } => encode_put(&mut out, path, id, *bytes),
+            RedoEntry::PutInline { path, content } => {
+                out.push(OP_PUT_INLINE);
+                encode_path(&mut out, path);
+                put_u32(&mut out, content.len());
+                out.extend_from_slice(content);
+            }
             RedoEntry::Delete { path } => encode_delete(&mut out, path),
         }
     }
@@ -254,15 +274,15 @@ pub fn encode_redo(entries: &[RedoEntry]) -> Vec<u8> {
 pub fn decode_redo(redo: &[u8]) -> Result<Vec<RedoEntry>, String> {
     let mut cursor = Cursor::new(redo);
     let version = cursor.u8()?;
-    if version != REDO_VERSION {
+    if version == 0 || version > REDO_VERSION {
         return Err(format!(
-            "redo version {version}: this program reads version {REDO_VERSION}"
+            "redo version {version}: this program reads versions 1 to {REDO_VERSION}"
         ));
     }
     let count = cursor.count()?;
     let mut entries = Vec::with_capacity(count.min(redo.len() / 4));
     for _ in 0..count {
-        entries.push(cursor.entry()?);
+        entries.push(cursor.entry(version)?);
     }
     cursor.finish()?;
     Ok(entries)
@@ -288,6 +308,13 @@ struct Inner {
     blobs: BlobStore,
     /// Coalesces the syncs of directories that concurrent branches change.
     dirs: DirSync,
+    /// The branch log: the prepare records and resolutions (see the `log` module).
+    log: Journal,
+    /// Checkpoints of the log: one at a time, and where the last one was.
+    checkpoints: Mutex<Checkpoints>,
+    /// The root, opened once at open: every checkpoint's `syncfs` goes through it, so that a
+    /// write-back error of the file system since the open is reported.
+    fs: File,
     config: FilesConfig,
     state: Mutex<State>,
     /// Woken whenever a branch releases its locks.
@@ -302,32 +329,49 @@ struct Inner {
     _lock: File,
 }
 
+/// Where the last checkpoint of the branch log left off.
+struct Checkpoints {
+    /// A checkpoint is running.
+    running: bool,
+    /// Bytes appended to the log (since open) when the last checkpoint started.
+    at_bytes: u64,
+    /// The log's durable LSN when the last checkpoint started: a branch prepared below it and
+    /// still prepared is carried forward by the next one.
+    at_lsn: Lsn,
+    /// When the last checkpoint started.
+    at: std::time::Instant,
+}
+
 /// The paths of the private area.
 struct Area {
     private: PathBuf,
     staging: PathBuf,
-    prepared: PathBuf,
+    log: PathBuf,
     tmp: PathBuf,
     fence: PathBuf,
     applied_lsn: PathBuf,
 }
 
 /// What a branch did to one path.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 enum Change {
-    /// Content staged in `staging/<xid>/<staged>`, hashing to `id`.
+    /// Content staged (`staged`), hashing to `id`.
     Put {
-        staged: u64,
+        staged: Staged,
         id: BlobId,
         bytes: u64,
     },
     Delete,
 }
 
-/// The changes of a branch by path: what prepare makes durable as the manifest.
+/// Where a put's content waits for the commit.
 #[derive(Clone, Debug, PartialEq, Eq)]
-struct Manifest {
-    changes: BTreeMap<String, Change>,
+enum Staged {
+    /// In memory: small content (at most [`INLINE_FILE_BYTES_MAX`], within the branch's
+    /// [`INLINE_BRANCH_BYTES_MAX`]), which prepare puts in the log.
+    Memory(Arc<[u8]>),
+    /// In the file `staging/<xid>.<n>`.
+    File(u64),
 }
 
 /// Where a branch is in its life. The only transitions: Active → Preparing → (Prepared or back
@@ -338,7 +382,7 @@ enum Phase {
     Active,
     /// A prepare is running; no more writes.
     Preparing,
-    /// The manifest is durable.
+    /// The prepare record is durable.
     Prepared,
     /// A commit or rollback is running.
     Resolving,
@@ -346,9 +390,16 @@ enum Phase {
 
 struct Branch {
     phase: Phase,
-    /// Whether its manifest is on disk (it is prepared, or being resolved after prepare).
-    manifest: bool,
+    /// What its durable prepare record holds (it is prepared, or being resolved after
+    /// prepare); `None` before.
+    prepared: Option<Arc<Vec<RedoEntry>>>,
+    /// The lowest LSN of the branch log this branch may need: its prepare record's, or, while
+    /// that is being appended, one at or below it. The log is never trimmed above it.
+    log_floor: Option<Lsn>,
+    /// Its staged changes (empty for a branch recovered from the log: its staging is gone).
     changes: BTreeMap<String, Change>,
+    /// Bytes of its puts staged in memory.
+    memory_bytes: u64,
     /// Paths locked by this branch (each with an intent on its ancestors).
     locked: BTreeSet<String>,
 }
@@ -379,6 +430,7 @@ enum Refusal {
 
 /// What a branch sees at a path.
 enum View {
+    Memory(Arc<[u8]>),
     Staged(PathBuf),
     Deleted,
     Committed,
@@ -414,16 +466,22 @@ impl FilesResource {
         let dirs = DirSync::new(name);
         let root = open_root(name, &dirs, root, &config)?;
         let area = Area::new(&root);
-        for dir in [&area.private, &area.staging, &area.prepared, &area.tmp] {
+        for dir in [&area.private, &area.staging, &area.tmp] {
             create_dir_durably(name, &dirs, dir)?;
         }
         let lock = lock_root(name, &area.private)?;
+        let fs = File::open(&root).map_err(|e| ResourceError::io(name, "open", &root, &e))?;
         clear_dir(name, &area.tmp)?;
         let blobs = open_blobs(name, &area, &config)?;
         let fence = Epoch(read_state_file(name, &area.fence)?);
         let applied_lsn = Lsn(read_state_file(name, &area.applied_lsn)?);
-        let (branches, locks) = load_prepared(name, &area)?;
-        remove_abandoned_staging(name, &dirs, &area, &branches)?;
+        let (log, live) = log::open(&area.log).map_err(|e| log_open_error(name, &area.log, e))?;
+        let log::Live {
+            branches,
+            committed,
+        } = live;
+        let (branches, locks) = load_prepared(name, branches)?;
+        clear_staging(name, &dirs, &area)?;
         tracing::info!(resource = name, root = %root.display(), prepared = branches.len(), %fence, %applied_lsn, "files resource open");
         let state = State {
             fence,
@@ -439,6 +497,14 @@ impl FilesResource {
             area,
             blobs,
             dirs,
+            log,
+            checkpoints: Mutex::new(Checkpoints {
+                running: false,
+                at_bytes: 0,
+                at_lsn: Lsn::ZERO,
+                at: std::time::Instant::now(),
+            }),
+            fs,
             config,
             state: Mutex::new(state),
             released: Notify::new(),
@@ -447,9 +513,9 @@ impl FilesResource {
             next_file: AtomicU64::new(0),
             _lock: lock,
         };
-        Ok(Arc::new(FilesResource {
-            inner: Arc::new(inner),
-        }))
+        let inner = Arc::new(inner);
+        inner.redo_committed(committed)?;
+        Ok(Arc::new(FilesResource { inner }))
     }
 
     /// The handle of the branch of `xid`, which must have been begun ([`Resource::begin`]);
@@ -492,22 +558,34 @@ impl FilesBranch {
         let inner = &self.inner;
         check_path(&inner.name, path)?;
         inner.lock_path(&self.xid, path).await?;
-        inner.confine_blocking(path, Use::Write).await?;
+        // A few `lstat`s of directories just looked up: cheaper here than a trip to the
+        // blocking pool.
+        inner.confine(path, Use::Write)?;
+        // Small content stays in memory (prepare puts it in the log); the rest goes to a
+        // staged file, starting with what was read so far.
+        let keep = inner.memory_room(&self.xid)?;
+        let mut head = vec![0u8; usize::try_from(keep).unwrap_or(0).saturating_add(1)];
+        let n = fill(&mut content, &mut head)
+            .await
+            .map_err(|e| inner.rejected(format!("read the content for {path}: {e}")))?;
+        head.truncate(n);
+        if n as u64 <= keep {
+            let (id, bytes) = (BlobId::of(&head), n as u64);
+            let staged = Staged::Memory(Arc::from(head));
+            let change = Change::Put { staged, id, bytes };
+            inner.record(&self.xid, path, change, None).await?;
+            return Ok(bytes);
+        }
         let staged = inner.next_file.fetch_add(1, Ordering::Relaxed);
         let file = inner.area.staged_file(&self.xid, staged);
-        let written = inner.stream_to(path, &file, &mut content).await;
+        let written = inner.stream_to(path, &file, head, &mut content).await;
         let (id, bytes) = match written {
             Ok(ok) => ok,
             Err(e) => return Err(inner.discard(&file, e).await),
         };
-        inner
-            .record(
-                &self.xid,
-                path,
-                Change::Put { staged, id, bytes },
-                Some(&file),
-            )
-            .await?;
+        let staged = Staged::File(staged);
+        let change = Change::Put { staged, id, bytes };
+        inner.record(&self.xid, path, change, Some(&file)).await?;
         Ok(bytes)
     }
 
@@ -519,7 +597,7 @@ impl FilesBranch {
         inner.lock_path(&self.xid, path).await?;
         let target = inner.confine_blocking(path, Use::Write).await?;
         match inner.view(&self.xid, path)? {
-            View::Staged(_) => {}
+            View::Memory(_) | View::Staged(_) => {}
             View::Deleted => {
                 return Err(not_found(
                     &inner.name,
@@ -543,6 +621,10 @@ impl FilesBranch {
     /// The whole content of the file at `path` as this branch sees it (its own writes first, then
     /// the committed tree); refused above [`READ_BYTES_MAX`].
     pub async fn read(&self, path: &str) -> Result<Vec<u8>> {
+        check_path(&self.inner.name, path)?;
+        if let View::Memory(content) = self.inner.view(&self.xid, path)? {
+            return Ok(content.to_vec());
+        }
         let mut file = self.open_read(path).await?;
         let (name, path) = (self.inner.name.clone(), path.to_string());
         blocking(&self.inner.name, move || {
@@ -571,6 +653,10 @@ impl FilesBranch {
         check_path(&inner.name, path)?;
         let name = inner.name.clone();
         match inner.view(&self.xid, path)? {
+            View::Memory(content) => {
+                let worker = inner.clone();
+                blocking(&inner.name, move || worker.anonymous_file(&content)).await
+            }
             View::Staged(file) => {
                 let shown = path.to_string();
                 blocking(&inner.name, move || {
@@ -623,28 +709,13 @@ impl Resource for FilesResource {
     async fn prepare(&self, xid: &Xid) -> Result<Vote> {
         let inner = &self.inner;
         match inner.start_prepare(xid)? {
-            Start::ReadOnly => {
-                let (worker, dir) = (inner.clone(), inner.area.staging_of(xid));
-                inner.check(blocking(&inner.name, move || worker.remove_tree(&dir)).await)?;
-                Ok(Vote::ReadOnly)
-            }
-            Start::Prepared => {
-                let worker = inner.clone();
-                let xid = *xid;
-                let manifest =
-                    inner.check(blocking(&inner.name, move || worker.read_manifest(&xid)).await)?;
-                let manifest = manifest.ok_or_else(|| {
-                    inner.fatal(format!("the manifest of prepared branch {xid} vanished"))
-                });
-                let manifest = inner.check(manifest)?;
-                Ok(Vote::Commit {
-                    redo: manifest.redo(),
-                })
-            }
-            Start::Stage(manifest) => {
-                let (worker, id) = (inner.clone(), *xid);
-                let result =
-                    blocking(&inner.name, move || worker.prepare_files(&id, &manifest)).await;
+            // Nothing is staged: a branch without changes never staged a file, or removed it.
+            Start::ReadOnly => Ok(Vote::ReadOnly),
+            Start::Prepared(entries) => Ok(Vote::Commit {
+                redo: encode_redo(&entries),
+            }),
+            Start::Stage(changes) => {
+                let result = inner.prepare_branch(xid, changes).await;
                 inner.finish_prepare(xid, result)
             }
         }
@@ -652,22 +723,32 @@ impl Resource for FilesResource {
 
     async fn commit(&self, xid: &Xid) -> Result<()> {
         let inner = &self.inner;
-        let Some(previous) = inner.start_resolve(xid, true)? else {
+        let Some(resolving) = inner.start_resolve(xid, true)? else {
             return Ok(());
         };
-        let (worker, id) = (inner.clone(), *xid);
-        let result = blocking(&inner.name, move || worker.commit_files(&id)).await;
-        inner.finish_resolve(xid, previous, result)
+        let (worker, id, entries) = (inner.clone(), *xid, resolving.entries.clone());
+        let result = blocking(&inner.name, move || {
+            worker.commit_files(&id, entries.as_deref(), &resolving.changes)
+        })
+        .await;
+        let appending = inner.finish_resolve(xid, resolving.previous, true, result)?;
+        inner.resolution_durable(appending).await?;
+        inner.maybe_checkpoint().await
     }
 
     async fn rollback(&self, xid: &Xid) -> Result<()> {
         let inner = &self.inner;
-        let Some(previous) = inner.start_resolve(xid, false)? else {
+        let Some(resolving) = inner.start_resolve(xid, false)? else {
             return Ok(());
         };
         let (worker, id) = (inner.clone(), *xid);
-        let result = blocking(&inner.name, move || worker.rollback_files(&id)).await;
-        inner.finish_resolve(xid, previous, result)
+        let result = blocking(&inner.name, move || {
+            worker.remove_staging(&id, &resolving.changes)
+        })
+        .await;
+        let appending = inner.finish_resolve(xid, resolving.previous, false, result)?;
+        inner.resolution_durable(appending).await?;
+        inner.maybe_checkpoint().await
     }
 
     async fn recover(&self) -> Result<Vec<Xid>> {
@@ -676,7 +757,7 @@ impl Resource for FilesResource {
         let mut xids: Vec<Xid> = st
             .branches
             .iter()
-            .filter(|(_, b)| b.manifest)
+            .filter(|(_, b)| b.prepared.is_some())
             .map(|(xid, _)| *xid)
             .collect();
         xids.sort();
@@ -728,8 +809,19 @@ impl Resource for FilesResource {
 /// What prepare does after looking at the branch.
 enum Start {
     ReadOnly,
-    Prepared,
-    Stage(Manifest),
+    /// Already prepared: vote again with what the record holds.
+    Prepared(Arc<Vec<RedoEntry>>),
+    /// Prepare these staged changes.
+    Stage(BTreeMap<String, Change>),
+}
+
+/// A branch being resolved: where it was, and what it holds.
+struct Resolving {
+    previous: Phase,
+    /// Its prepare record's entries (`None`: never prepared).
+    entries: Option<Arc<Vec<RedoEntry>>>,
+    /// Its staged changes (their staged files, while this process has them).
+    changes: BTreeMap<String, Change>,
 }
 
 // State transitions: each takes the state lock once and does no I/O.
@@ -844,12 +936,34 @@ impl Inner {
         let replaced = {
             let mut st = self.state();
             match self.active_branch(&mut st.branches, xid) {
-                Ok(branch) => Ok(branch.changes.insert(path.to_string(), change)),
+                Ok(branch) => {
+                    if let Change::Put {
+                        staged: Staged::Memory(_),
+                        bytes,
+                        ..
+                    } = &change
+                    {
+                        branch.memory_bytes += bytes;
+                    }
+                    let replaced = branch.changes.insert(path.to_string(), change);
+                    if let Some(Change::Put {
+                        staged: Staged::Memory(_),
+                        bytes,
+                        ..
+                    }) = &replaced
+                    {
+                        branch.memory_bytes -= bytes;
+                    }
+                    Ok(replaced)
+                }
                 Err(e) => Err(e),
             }
         };
         match replaced {
-            Ok(Some(Change::Put { staged, .. })) => {
+            Ok(Some(Change::Put {
+                staged: Staged::File(staged),
+                ..
+            })) => {
                 let old = self.area.staged_file(xid, staged);
                 let name = self.name.clone();
                 blocking(&self.name, move || remove_file_if_exists(&name, &old)).await
@@ -876,10 +990,26 @@ impl Inner {
             self.rejected(format!("branch {xid} is not open here; begin it first"))
         })?;
         Ok(match branch.changes.get(path) {
-            Some(Change::Put { staged, .. }) => View::Staged(self.area.staged_file(xid, *staged)),
+            Some(Change::Put {
+                staged: Staged::Memory(content),
+                ..
+            }) => View::Memory(content.clone()),
+            Some(Change::Put {
+                staged: Staged::File(n),
+                ..
+            }) => View::Staged(self.area.staged_file(xid, *n)),
             Some(Change::Delete) => View::Deleted,
             None => View::Committed,
         })
+    }
+
+    /// How many bytes a put of `xid` may keep in memory.
+    fn memory_room(&self, xid: &Xid) -> Result<u64> {
+        let mut st = self.state();
+        self.usable(&st)?;
+        let branch = self.active_branch(&mut st.branches, xid)?;
+        let left = INLINE_BRANCH_BYTES_MAX.saturating_sub(branch.memory_bytes);
+        Ok(left.min(INLINE_FILE_BYTES_MAX))
     }
 
     fn start_prepare(&self, xid: &Xid) -> Result<Start> {
@@ -895,7 +1025,10 @@ impl Inner {
             )));
         };
         match branch.phase {
-            Phase::Prepared => return Ok(Start::Prepared),
+            Phase::Prepared => {
+                let entries = branch.prepared.clone().unwrap_or_default();
+                return Ok(Start::Prepared(entries));
+            }
             Phase::Preparing | Phase::Resolving => {
                 return Err(
                     self.unavailable(format!("branch {xid} is {}; try again", branch.phase))
@@ -912,9 +1045,7 @@ impl Inner {
         }
         if !branch.changes.is_empty() {
             branch.phase = Phase::Preparing;
-            return Ok(Start::Stage(Manifest {
-                changes: branch.changes.clone(),
-            }));
+            return Ok(Start::Stage(branch.changes.clone()));
         }
         self.release(&mut st, xid);
         if st.read_only.len() >= READ_ONLY_REMEMBERED_MAX {
@@ -924,25 +1055,37 @@ impl Inner {
         Ok(Start::ReadOnly)
     }
 
-    fn finish_prepare(&self, xid: &Xid, result: Result<Vote>) -> Result<Vote> {
+    /// Ends a prepare: on success the branch is prepared with `entries`, whose record is durable
+    /// at `lsn`; on failure it is active again (and pins no log).
+    fn finish_prepare(
+        &self,
+        xid: &Xid,
+        result: Result<(Arc<Vec<RedoEntry>>, Lsn)>,
+    ) -> Result<Vote> {
         let result = self.check(result);
         let mut st = self.state();
-        if let Some(branch) = st.branches.get_mut(xid) {
-            branch.phase = if result.is_ok() {
-                Phase::Prepared
-            } else {
-                Phase::Active
-            };
-            branch.manifest = result.is_ok();
+        let Some(branch) = st.branches.get_mut(xid) else {
+            return Err(self.fatal(format!("branch {xid} vanished while it was prepared")));
+        };
+        match result {
+            Ok((entries, lsn)) => {
+                branch.phase = Phase::Prepared;
+                branch.log_floor = Some(lsn);
+                let redo = encode_redo(&entries);
+                branch.prepared = Some(entries);
+                tracing::debug!(resource = %self.name, %xid, %lsn, "prepared");
+                Ok(Vote::Commit { redo })
+            }
+            Err(e) => {
+                branch.phase = Phase::Active;
+                branch.log_floor = None;
+                Err(e)
+            }
         }
-        if result.is_ok() {
-            tracing::debug!(resource = %self.name, %xid, "prepared");
-        }
-        result
     }
 
     /// Marks a branch as being resolved; `None` when there is nothing to resolve.
-    fn start_resolve(&self, xid: &Xid, commit: bool) -> Result<Option<Phase>> {
+    fn start_resolve(&self, xid: &Xid, commit: bool) -> Result<Option<Resolving>> {
         let mut st = self.state();
         self.usable(&st)?;
         let Some(branch) = st.branches.get_mut(xid) else {
@@ -955,25 +1098,71 @@ impl Inner {
             Phase::Preparing | Phase::Resolving => {
                 Err(self.unavailable(format!("branch {xid} is {}; try again", branch.phase)))
             }
-            phase => {
+            previous => {
                 branch.phase = Phase::Resolving;
-                Ok(Some(phase))
+                Ok(Some(Resolving {
+                    previous,
+                    entries: branch.prepared.clone(),
+                    changes: branch.changes.clone(),
+                }))
             }
         }
     }
 
-    fn finish_resolve(&self, xid: &Xid, previous: Phase, result: Result<()>) -> Result<()> {
+    /// Ends a resolution. On success a prepared branch's resolution is appended to the log —
+    /// under the state lock, so that it follows any copy of the branch's prepare record that a
+    /// trim carries forward — and the branch is forgotten, its locks released; the returned
+    /// append is waited for after that (the locks need not wait for it: see "Crashes").
+    fn finish_resolve(
+        &self,
+        xid: &Xid,
+        previous: Phase,
+        commit: bool,
+        result: Result<()>,
+    ) -> Result<Option<journal::Appending>> {
         let result = self.check(result);
         let mut st = self.state();
-        match &result {
-            Ok(()) => self.release(&mut st, xid),
-            Err(_) => {
-                if let Some(branch) = st.branches.get_mut(xid) {
-                    branch.phase = previous;
+        if let Err(e) = result {
+            if let Some(branch) = st.branches.get_mut(xid) {
+                branch.phase = previous;
+            }
+            return Err(e);
+        }
+        let mut appending = None;
+        if st.branches.get(xid).is_some_and(|b| b.prepared.is_some()) {
+            let kind = if commit {
+                log::COMMITTED
+            } else {
+                log::ROLLED_BACK
+            };
+            match self
+                .log
+                .append(log::LOG_EPOCH, kind, &log::resolved_payload(xid))
+            {
+                Ok(a) => appending = Some(a),
+                Err(e) => {
+                    if let Some(branch) = st.branches.get_mut(xid) {
+                        branch.phase = previous;
+                    }
+                    drop(st);
+                    return self.check(Err(self.log_error("append a resolution", e)));
                 }
             }
         }
-        result
+        self.release(&mut st, xid);
+        Ok(appending)
+    }
+
+    /// Waits for a resolution record to be durable.
+    async fn resolution_durable(&self, appending: Option<journal::Appending>) -> Result<()> {
+        if let Some(appending) = appending {
+            let durable = appending
+                .await
+                .map(drop)
+                .map_err(|e| self.log_error("append a resolution", e));
+            self.check(durable)?;
+        }
+        Ok(())
     }
 
     /// Forgets a branch and releases its locks, waking every waiter.
@@ -1013,6 +1202,79 @@ impl Inner {
         }
     }
 
+    /// Prepares a branch: its entries (content inline, or synced and adopted into the blob
+    /// store) on the blocking pool, then its record appended to the log and waited for.
+    async fn prepare_branch(
+        self: &Arc<Self>,
+        xid: &Xid,
+        changes: BTreeMap<String, Change>,
+    ) -> Result<(Arc<Vec<RedoEntry>>, Lsn)> {
+        // A branch whose content is all in memory (and within its inline budget) needs no file
+        // work here: no trip to the blocking pool.
+        let mut memory = 0u64;
+        let in_memory = changes.values().all(|change| match change {
+            Change::Put {
+                staged: Staged::Memory(_),
+                bytes,
+                ..
+            } => {
+                memory += bytes;
+                true
+            }
+            Change::Put { .. } => false,
+            Change::Delete => true,
+        }) && memory <= INLINE_BRANCH_BYTES_MAX;
+        let entries = if in_memory {
+            self.prepare_entries(xid, &changes)?
+        } else {
+            let (worker, id) = (self.clone(), *xid);
+            blocking(&self.name, move || worker.prepare_entries(&id, &changes)).await?
+        };
+        let payload = log::prepared_payload(xid, &encode_redo(&entries));
+        // `statvfs` reads no disk: called here, not on the blocking pool.
+        self.check_log_space(payload.len() as u64)?;
+        let appending = {
+            let mut st = self.state();
+            // Set before the append, so that a trim running meanwhile keeps the record.
+            let floor = self.log.durable_lsn().next();
+            if let Some(branch) = st.branches.get_mut(xid) {
+                branch.log_floor = Some(floor);
+            }
+            drop(st);
+            self.log.append(log::LOG_EPOCH, log::PREPARED, &payload)
+        };
+        let lsn = match appending {
+            Ok(appending) => appending.await,
+            Err(e) => Err(e),
+        }
+        .map_err(|e| self.log_error("append the prepare record", e))?;
+        Ok((Arc::new(entries), lsn))
+    }
+
+    /// Runs a checkpoint (see the `log` module) when the last one is a second old or about half
+    /// a segment was appended since; one at a time.
+    async fn maybe_checkpoint(self: &Arc<Self>) -> Result<()> {
+        let appended = self.log.stats().bytes;
+        let since = {
+            let mut last = lock(&self.checkpoints);
+            let due = appended.saturating_sub(last.at_bytes) >= log::SEGMENT_BYTES_MAX / 2
+                || last.at.elapsed() >= CHECKPOINT_INTERVAL;
+            if last.running || !due {
+                return Ok(());
+            }
+            last.running = true;
+            let since = last.at_lsn;
+            last.at_bytes = appended;
+            last.at_lsn = self.log.durable_lsn();
+            last.at = std::time::Instant::now();
+            since
+        };
+        let worker = self.clone();
+        let result = blocking(&self.name, move || worker.checkpoint(since)).await;
+        lock(&self.checkpoints).running = false;
+        self.check(result)
+    }
+
     async fn confine_blocking(self: &Arc<Self>, path: &str, use_: Use) -> Result<PathBuf> {
         let (worker, path) = (self.clone(), path.to_string());
         blocking(&self.name, move || worker.confine(&path, use_)).await
@@ -1024,13 +1286,22 @@ impl Inner {
         &self,
         path: &str,
         file: &Path,
+        head: Vec<u8>,
         content: &mut (impl AsyncRead + Unpin),
     ) -> Result<(BlobId, u64)> {
         let (name, target) = (self.name.clone(), file.to_path_buf());
-        let mut out = blocking(&self.name, move || create_staged(&name, &target)).await?;
-        let mut hasher = blake3::Hasher::new();
-        let mut buf = vec![0u8; CHUNK_BYTES];
-        let mut bytes = 0u64;
+        let (mut out, hasher, mut buf) = blocking(&self.name, move || {
+            let mut out = create_staged(&name, &target)?;
+            let mut hasher = blake3::Hasher::new();
+            hasher.update(&head);
+            out.write_all(&head)
+                .map_err(|e| ResourceError::io(&name, "write staged content to", &target, &e))?;
+            Ok((out, hasher, head))
+        })
+        .await?;
+        let mut hasher = hasher;
+        let mut bytes = buf.len() as u64;
+        buf.resize(CHUNK_BYTES, 0);
         loop {
             let n = fill(content, &mut buf)
                 .await
@@ -1134,44 +1405,235 @@ impl Inner {
         fs::metadata(&resolved).map_err(|e| ResourceError::io(&self.name, "inspect", &resolved, &e))
     }
 
-    /// Prepare, after the branch stopped taking writes: sync the staged files and their
-    /// directories, adopt them into the blob store, then write the manifest durably.
-    fn prepare_files(&self, xid: &Xid, manifest: &Manifest) -> Result<Vote> {
-        let staged: Vec<(&String, u64, BlobId, u64)> = manifest
-            .changes
-            .iter()
-            .filter_map(|(path, change)| match change {
-                Change::Put { staged, id, bytes } => Some((path, *staged, *id, *bytes)),
-                Change::Delete => None,
-            })
-            .collect();
-        for (path, n, _, bytes) in &staged {
-            self.sync_staged(path, &self.area.staged_file(xid, *n), *bytes)?;
-        }
-        // The staging directories are not synced: the staged files' data is synced above and
-        // each file is linked into the blob store, whose directories `adopt` syncs. If a crash
-        // loses a staged name, commit puts the content in place from its blob instead
-        // (`restore_from_blob`).
-        for (_, n, id, _) in &staged {
+    /// The entries of a branch's prepare record, after it stopped taking writes: a small put's
+    /// content is read back from its staged file (and checked against its hash) to go inline;
+    /// a larger one's staged file is synced and adopted into the blob store, which makes it
+    /// durable under its content's name.
+    fn prepare_entries(
+        &self,
+        xid: &Xid,
+        changes: &BTreeMap<String, Change>,
+    ) -> Result<Vec<RedoEntry>> {
+        let mut inline_bytes = 0u64;
+        let mut entries = Vec::with_capacity(changes.len());
+        for (path, change) in changes {
+            let (staged, id, bytes) = match change {
+                Change::Delete => {
+                    entries.push(RedoEntry::Delete { path: path.clone() });
+                    continue;
+                }
+                Change::Put { staged, id, bytes } => (staged, *id, *bytes),
+            };
+            let inline =
+                bytes <= INLINE_FILE_BYTES_MAX && inline_bytes + bytes <= INLINE_BRANCH_BYTES_MAX;
+            if inline {
+                inline_bytes += bytes;
+            }
+            let file = match (staged, inline) {
+                (Staged::Memory(content), true) => {
+                    entries.push(RedoEntry::PutInline {
+                        path: path.clone(),
+                        content: content.to_vec(),
+                    });
+                    continue;
+                }
+                (Staged::File(n), true) => {
+                    let file = self.area.staged_file(xid, *n);
+                    let content = self.read_staged(path, &file, &id, bytes)?;
+                    entries.push(RedoEntry::PutInline {
+                        path: path.clone(),
+                        content,
+                    });
+                    continue;
+                }
+                (Staged::File(n), false) => (self.area.staged_file(xid, *n), false),
+                // Over the branch's inline budget after all (concurrent puts): through a staged
+                // file of its own, removed once adopted (the commit links the blob).
+                (Staged::Memory(content), false) => {
+                    let n = self.next_file.fetch_add(1, Ordering::Relaxed);
+                    let file = self.area.staged_file(xid, n);
+                    create_written(&self.name, "staged content", &file, content)?;
+                    (file, true)
+                }
+            };
+            let (file, temporary) = file;
+            self.sync_staged(path, &file, bytes)?;
             self.blobs
-                .adopt(&self.area.staged_file(xid, *n), id)
+                .adopt(&file, &id)
                 .map_err(|e| blob_error(&self.name, e))?;
+            if temporary {
+                remove_file_if_exists(&self.name, &file)?;
+            }
+            entries.push(RedoEntry::Put {
+                path: path.clone(),
+                id,
+                bytes,
+            });
         }
-        self.write_durably("manifest", &self.area.manifest_of(xid), &manifest.encode())?;
-        Ok(Vote::Commit {
-            redo: manifest.redo(),
-        })
+        Ok(entries)
+    }
+
+    /// A file holding `content` that has no name (created under `tmp/` and unlinked at once),
+    /// for reading content staged in memory through a `File`.
+    fn anonymous_file(&self, content: &[u8]) -> Result<File> {
+        let tmp = self.tmp_file();
+        create_written(&self.name, "staged content", &tmp, content)?;
+        let file = File::open(&tmp);
+        let _ = fs::remove_file(&tmp);
+        file.map_err(|e| ResourceError::io(&self.name, "open", &tmp, &e))
+    }
+
+    /// The content of a small staged file, checked against the size and hash it was written
+    /// with.
+    fn read_staged(&self, path: &str, file: &Path, id: &BlobId, bytes: u64) -> Result<Vec<u8>> {
+        let content = match fs::read(file) {
+            Ok(content) => content,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Err(self.rejected(staged_missing(path, file)));
+            }
+            Err(e) => {
+                return Err(ResourceError::io(
+                    &self.name,
+                    "read staged content",
+                    file,
+                    &e,
+                ));
+            }
+        };
+        if content.len() as u64 != bytes || BlobId::of(&content) != *id {
+            let reason = format!(
+                "the staged content of {path} ({}) is not what was written: it was changed by hand; roll the transaction back",
+                file.display()
+            );
+            return Err(self.rejected(reason));
+        }
+        Ok(content)
+    }
+
+    /// Refuses a prepare when the log's file system has less free space than the record and a
+    /// margin: a write the log fails half-way poisons it, a refused prepare only rolls back.
+    fn check_log_space(&self, record_bytes: u64) -> Result<()> {
+        let stat = rustix::fs::statvfs(&self.area.log).map_err(|e| {
+            ResourceError::io(
+                &self.name,
+                "inspect the file system of",
+                &self.area.log,
+                &e.into(),
+            )
+        })?;
+        let free = stat.f_bavail.saturating_mul(stat.f_frsize);
+        if free < record_bytes.saturating_add(LOG_SPACE_MARGIN_BYTES) {
+            return Err(ResourceError::io(
+                &self.name,
+                &format!(
+                    "append a prepare record of {record_bytes} bytes ({free} bytes free) to the branch log at"
+                ),
+                &self.area.log,
+                &rustix::io::Errno::NOSPC.into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// A branch log error: a record over the log's limit is refused (the branch is too large);
+    /// anything else means the log is poisoned or failed, which is fatal.
+    fn log_error(&self, action: &str, e: JournalError) -> ResourceError {
+        match e {
+            JournalError::RecordTooLarge { bytes, max } => self.rejected(format!(
+                "{action}: the branch needs a record of {bytes} bytes, over the log's limit of {max}; write fewer paths per transaction"
+            )),
+            other => self.fatal(format!("{action} to the branch log: {other}")),
+        }
+    }
+
+    /// One checkpoint (see the `log` module): `syncfs`, then `CHECKPOINT(upto)`, then the
+    /// trim. `since` is the durable LSN at the previous checkpoint: a branch prepared below it
+    /// and still prepared has its prepare record carried forward.
+    fn checkpoint(&self, since: Lsn) -> Result<()> {
+        // Every `COMMITTED` below `upto` was appended after its files were in place, so the
+        // `syncfs` below, which starts later, makes them durable. Commits racing it have their
+        // record at or above `upto` and are redone after a crash.
+        let (upto, needed, carried) = {
+            let st = self.state();
+            let upto = self.log.durable_lsn().next();
+            let mut needed = HashMap::new();
+            let mut carried = Vec::new();
+            for (xid, branch) in &st.branches {
+                let Some(floor) = branch.log_floor else {
+                    continue;
+                };
+                needed.insert(*xid, floor);
+                let Some(entries) = &branch.prepared else {
+                    continue;
+                };
+                if floor <= since && branch.phase == Phase::Prepared {
+                    let payload = log::prepared_payload(xid, &encode_redo(entries));
+                    let appending = self
+                        .log
+                        .append(log::LOG_EPOCH, log::PREPARED, &payload)
+                        .map_err(|e| self.log_error("carry a prepare record forward", e))?;
+                    carried.push((*xid, appending));
+                }
+            }
+            (upto, needed, carried)
+        };
+        rustix::fs::syncfs(&self.fs)
+            .map_err(|e| self.fatal(format!("syncfs {}: {e}", self.root.display())))?;
+        let mut needed = needed;
+        for (xid, appending) in carried {
+            let lsn = appending
+                .wait()
+                .map_err(|e| self.log_error("carry a prepare record forward", e))?;
+            needed.insert(xid, lsn);
+            if let Some(branch) = self.state().branches.get_mut(&xid) {
+                branch.log_floor = Some(lsn);
+            }
+        }
+        self.log
+            .append(
+                log::LOG_EPOCH,
+                log::CHECKPOINT,
+                &log::checkpoint_payload(upto),
+            )
+            .and_then(journal::Appending::wait)
+            .map_err(|e| self.log_error("append a checkpoint", e))?;
+        // Kept: every branch that was open when the checkpoint started (one that committed
+        // since may be redone from its prepare record), and everything from `upto` on.
+        let floor = needed.into_values().fold(upto, Lsn::min);
+        let removed = self
+            .log
+            .remove_segments_below(floor)
+            .map_err(|e| self.log_error("remove old segments", e))?;
+        tracing::debug!(resource = %self.name, %upto, %floor, removed, "branch log checkpoint");
+        Ok(())
+    }
+
+    /// At open: applies again every commit the log holds at or after its last checkpoint (their
+    /// files' content may not have reached the disk), in commit order, then checkpoints.
+    fn redo_committed(&self, committed: Vec<(Lsn, Xid, Vec<u8>)>) -> Result<()> {
+        if committed.is_empty() {
+            return Ok(());
+        }
+        let mut touched = BTreeSet::new();
+        for (lsn, xid, redo) in &committed {
+            let entries = decode_redo(redo).map_err(|e| {
+                self.fatal(format!(
+                    "the branch log's prepare record of {xid} (committed at lsn {lsn}) does not decode: {e}"
+                ))
+            })?;
+            for entry in &entries {
+                self.apply_entry(xid, entry, None, &mut touched)?;
+            }
+        }
+        tracing::info!(resource = %self.name, commits = committed.len(), "applied again the commits since the last checkpoint");
+        self.checkpoint(Lsn::ZERO)
     }
 
     fn sync_staged(&self, path: &str, file: &Path, bytes: u64) -> Result<()> {
         let opened = match File::open(file) {
             Ok(opened) => opened,
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                let reason = format!(
-                    "the staged content of {path} ({}) is missing: the staging area was changed by hand; roll the transaction back",
-                    file.display()
-                );
-                return Err(self.rejected(reason));
+                return Err(self.rejected(staged_missing(path, file)));
             }
             Err(e) => {
                 return Err(ResourceError::io(
@@ -1196,59 +1658,139 @@ impl Inner {
         sync_file(&self.name, &opened, file)
     }
 
-    /// Commit: apply every change of the manifest, sync every directory touched, then remove the
-    /// manifest and the staging. A missing manifest means a previous attempt finished.
-    fn commit_files(&self, xid: &Xid) -> Result<()> {
-        if let Some(manifest) = self.read_manifest(xid)? {
-            let mut touched = BTreeSet::new();
-            for (path, change) in &manifest.changes {
-                self.commit_change(xid, path, change, &mut touched)?;
-            }
-            for dir in &touched {
-                self.dirs.sync(dir)?;
-            }
-            self.remove_manifest(xid)?;
+    /// Commit: puts every entry of the prepare record in place, syncs each directory touched,
+    /// then removes the staging. `entries` is `None` for a branch that never prepared (refused
+    /// before this). A small file's content is not synced here: the log holds it, and a commit
+    /// is applied again at open until a checkpoint has synced its files (see the `log` module).
+    /// Applying the same entries again gives the same tree, so a commit interrupted by a crash
+    /// is simply done again.
+    fn commit_files(
+        &self,
+        xid: &Xid,
+        entries: Option<&Vec<RedoEntry>>,
+        changes: &BTreeMap<String, Change>,
+    ) -> Result<()> {
+        let mut touched = BTreeSet::new();
+        for entry in entries.map(Vec::as_slice).unwrap_or_default() {
+            let staged = match changes.get(entry.path()) {
+                Some(Change::Put {
+                    staged: Staged::File(n),
+                    ..
+                }) => Some(*n),
+                _ => None,
+            };
+            self.apply_entry(xid, entry, staged, &mut touched)?;
         }
-        self.remove_staging(xid)?;
+        for dir in &touched {
+            self.dirs.sync(dir)?;
+        }
+        self.remove_staging(xid, changes)?;
         tracing::debug!(resource = %self.name, %xid, "committed");
         Ok(())
     }
 
-    fn commit_change(
+    /// Puts one entry of a prepared branch in place (not synced); `staged` is the number of
+    /// its staged file while this process has it. The parent directories of what changed go
+    /// into `touched`.
+    fn apply_entry(
         &self,
         xid: &Xid,
-        path: &str,
-        change: &Change,
+        entry: &RedoEntry,
+        staged: Option<u64>,
         touched: &mut BTreeSet<PathBuf>,
     ) -> Result<()> {
-        let target = self.confine(path, Use::Write)?;
-        match change {
-            Change::Delete => self.remove_target(&target, touched),
-            Change::Put { staged, id, bytes } => {
+        match entry {
+            RedoEntry::PutInline { path, content } => {
+                let target = self.confine(path, Use::Write)?;
                 self.make_parents(path, touched)?;
-                let source = self.area.staged_file(xid, *staged);
-                match fs::rename(&source, &target) {
+                // The staged file holds the same content (prepare read it and checked its hash),
+                // so while this process has it, it is moved into place; otherwise the content
+                // is written from the record.
+                let renamed = match staged {
+                    Some(n) => fs::rename(self.area.staged_file(xid, n), &target),
+                    None => Err(io::Error::from(io::ErrorKind::NotFound)),
+                };
+                match renamed {
                     Ok(()) => {}
                     Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                        self.restore_from_blob(path, &target, id, *bytes)?
+                        self.put_content(path, &target, content)?;
                     }
                     Err(e) => {
-                        return Err(ResourceError::io(
-                            &self.name,
-                            "rename staged content to",
-                            &target,
-                            &e,
-                        ));
+                        let action = format!("rename the staged content of {path} to");
+                        return Err(ResourceError::io(&self.name, &action, &target, &e));
                     }
                 }
                 touched.insert(parent_of(&target));
                 Ok(())
             }
+            RedoEntry::Put { path, id, bytes } => {
+                self.commit_blob_put(xid, path, staged, id, *bytes, touched)
+            }
+            RedoEntry::Delete { path } => {
+                let target = self.confine(path, Use::Write)?;
+                self.remove_target(&target, touched)
+            }
         }
     }
 
-    /// The staged file of a put is gone: a previous commit attempt renamed it into place before
-    /// a crash. Put the same content there again from the blob store (a link, like the rename).
+    /// Writes `content` to a new temp file and renames it to `target`; returns the open file
+    /// (for a caller that syncs it).
+    fn put_content(&self, path: &str, target: &Path, content: &[u8]) -> Result<(File, PathBuf)> {
+        let tmp = self.tmp_file();
+        let created = create_written(&self.name, "content", &tmp, content).and_then(|file| {
+            fs::rename(&tmp, target).map_err(|e| {
+                let action = format!("rename the content of {path} to");
+                ResourceError::io(&self.name, &action, target, &e)
+            })?;
+            Ok(file)
+        });
+        match created {
+            Ok(file) => Ok((file, target.to_path_buf())),
+            Err(e) => {
+                let _ = fs::remove_file(&tmp);
+                Err(e)
+            }
+        }
+    }
+
+    /// Puts a large file's content in place: its staged file, synced at prepare, by rename; or,
+    /// when that is gone (an earlier attempt moved it, or a restart cleared the staging), its
+    /// blob, by link.
+    fn commit_blob_put(
+        &self,
+        xid: &Xid,
+        path: &str,
+        staged: Option<u64>,
+        id: &BlobId,
+        bytes: u64,
+        touched: &mut BTreeSet<PathBuf>,
+    ) -> Result<()> {
+        let target = self.confine(path, Use::Write)?;
+        self.make_parents(path, touched)?;
+        let renamed = match staged {
+            Some(n) => fs::rename(self.area.staged_file(xid, n), &target),
+            None => Err(io::Error::from(io::ErrorKind::NotFound)),
+        };
+        match renamed {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                self.restore_from_blob(path, &target, id, bytes)?
+            }
+            Err(e) => {
+                return Err(ResourceError::io(
+                    &self.name,
+                    "rename staged content to",
+                    &target,
+                    &e,
+                ));
+            }
+        }
+        touched.insert(parent_of(&target));
+        Ok(())
+    }
+
+    /// The staged file of a large put is gone: put the same content in place from the blob store
+    /// (a link, like the rename).
     fn restore_from_blob(&self, path: &str, target: &Path, id: &BlobId, bytes: u64) -> Result<()> {
         if !self.blobs.contains(id) {
             if fs::metadata(target).is_ok_and(|m| m.len() == bytes) {
@@ -1316,59 +1858,48 @@ impl Inner {
         }
     }
 
-    fn rollback_files(&self, xid: &Xid) -> Result<()> {
-        self.remove_manifest(xid)?;
-        self.remove_staging(xid)?;
-        tracing::debug!(resource = %self.name, %xid, "rolled back");
+    /// Removes a branch's staged files that are still there (a commit moved the others into
+    /// place), without syncing: staging that comes back after a crash is removed at open (no
+    /// branch uses its staging after a restart).
+    fn remove_staging(&self, xid: &Xid, changes: &BTreeMap<String, Change>) -> Result<()> {
+        for change in changes.values() {
+            if let Change::Put {
+                staged: Staged::File(n),
+                ..
+            } = change
+            {
+                remove_file_if_exists(&self.name, &self.area.staged_file(xid, *n))?;
+            }
+        }
         Ok(())
     }
 
-    fn remove_manifest(&self, xid: &Xid) -> Result<()> {
-        let manifest = self.area.manifest_of(xid);
-        match fs::remove_file(&manifest) {
-            Ok(()) => self.dirs.sync(&self.area.prepared),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(ResourceError::io(
-                &self.name,
-                "remove manifest",
-                &manifest,
-                &e,
-            )),
-        }
-    }
-
-    /// Removes a branch's staging without syncing: a staging directory that comes back after a
-    /// crash belongs to no manifest (the manifest was removed, durably, first), and open removes
-    /// such abandoned staging.
-    fn remove_staging(&self, xid: &Xid) -> Result<()> {
-        let dir = self.area.staging_of(xid);
-        match fs::remove_dir_all(&dir) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(ResourceError::io(&self.name, "remove", &dir, &e)),
-        }
-    }
-
-    /// The manifest of `xid` as it is on disk; `None` when there is none.
-    fn read_manifest(&self, xid: &Xid) -> Result<Option<Manifest>> {
-        read_manifest(&self.name, &self.area.manifest_of(xid))
-    }
-
-    /// Replay: put every entry in place from the blob store, sync the directories touched, then
-    /// store `lsn` as applied (see "Crashes" in the module docs).
+    /// Replay: put every entry in place (inline content from the redo, the rest from the blob
+    /// store), sync the files written and the directories touched, then store `lsn` as applied
+    /// (see "Crashes" in the module docs).
     fn replay_files(&self, entries: &[RedoEntry], lsn: Lsn) -> Result<()> {
         let mut touched = BTreeSet::new();
+        let mut written = Vec::new();
         for entry in entries {
+            check_path(&self.name, entry.path())?;
             match entry {
                 RedoEntry::Put { path, id, bytes } => {
                     self.replay_put(path, id, *bytes, &mut touched)?
                 }
+                RedoEntry::PutInline { path, content } => {
+                    let target = self.confine(path, Use::Write)?;
+                    self.make_parents(path, &mut touched)?;
+                    written.push(self.put_content(path, &target, content)?);
+                    touched.insert(parent_of(&target));
+                }
                 RedoEntry::Delete { path } => {
-                    check_path(&self.name, path)?;
                     let target = self.confine(path, Use::Write)?;
                     self.remove_target(&target, &mut touched)?;
                 }
             }
+        }
+        for (file, path) in &written {
+            sync_file(&self.name, file, path)?;
         }
         for dir in &touched {
             self.dirs.sync(dir)?;
@@ -1466,15 +1997,6 @@ impl Inner {
         written
     }
 
-    /// Removes a directory tree (if present) and syncs its parent.
-    fn remove_tree(&self, dir: &Path) -> Result<()> {
-        match fs::remove_dir_all(dir) {
-            Ok(()) => self.dirs.sync(&parent_of(dir)),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(ResourceError::io(&self.name, "remove", dir, &e)),
-        }
-    }
-
     fn tmp_file(&self) -> PathBuf {
         let n = self.next_file.fetch_add(1, Ordering::Relaxed);
         self.area.tmp.join(format!("{n}.tmp"))
@@ -1486,7 +2008,7 @@ impl Area {
         let private = root.join(PRIVATE_DIR);
         Area {
             staging: private.join("staging"),
-            prepared: private.join("prepared"),
+            log: private.join("log"),
             tmp: private.join("tmp"),
             fence: private.join("fence"),
             applied_lsn: private.join("applied_lsn"),
@@ -1494,16 +2016,8 @@ impl Area {
         }
     }
 
-    fn staging_of(&self, xid: &Xid) -> PathBuf {
-        self.staging.join(xid.to_string())
-    }
-
     fn staged_file(&self, xid: &Xid, n: u64) -> PathBuf {
-        self.staging_of(xid).join(n.to_string())
-    }
-
-    fn manifest_of(&self, xid: &Xid) -> PathBuf {
-        self.prepared.join(xid.to_string())
+        self.staging.join(format!("{xid}.{n}"))
     }
 }
 
@@ -1511,7 +2025,9 @@ impl Branch {
     fn new() -> Branch {
         Branch {
             phase: Phase::Active,
-            manifest: false,
+            prepared: None,
+            log_floor: None,
+            memory_bytes: 0,
             changes: BTreeMap::new(),
             locked: BTreeSet::new(),
         }
@@ -1593,82 +2109,6 @@ fn ancestors(path: &str) -> impl Iterator<Item = &str> {
     path.match_indices('/').map(move |(i, _)| &path[..i])
 }
 
-impl Manifest {
-    fn redo(&self) -> Vec<u8> {
-        let entries: Vec<RedoEntry> = self
-            .changes
-            .iter()
-            .map(|(path, change)| match change {
-                Change::Put { id, bytes, .. } => RedoEntry::Put {
-                    path: path.clone(),
-                    id: *id,
-                    bytes: *bytes,
-                },
-                Change::Delete => RedoEntry::Delete { path: path.clone() },
-            })
-            .collect();
-        encode_redo(&entries)
-    }
-
-    fn encode(&self) -> Vec<u8> {
-        let mut out = MANIFEST_MAGIC.to_vec();
-        out.push(MANIFEST_VERSION);
-        put_u32(&mut out, self.changes.len());
-        for (path, change) in &self.changes {
-            match change {
-                Change::Put { staged, id, bytes } => {
-                    encode_put(&mut out, path, id, *bytes);
-                    out.extend_from_slice(&staged.to_le_bytes());
-                }
-                Change::Delete => encode_delete(&mut out, path),
-            }
-        }
-        let hash = blake3::hash(&out);
-        out.extend_from_slice(hash.as_bytes());
-        out
-    }
-
-    fn decode(bytes: &[u8]) -> Result<Manifest, String> {
-        let Some(body_len) = bytes.len().checked_sub(32) else {
-            return Err("shorter than its checksum".to_string());
-        };
-        let (body, hash) = bytes.split_at(body_len);
-        if blake3::hash(body).as_bytes() != hash {
-            return Err("checksum mismatch".to_string());
-        }
-        let mut cursor = Cursor::new(body);
-        if cursor.take(4)? != MANIFEST_MAGIC {
-            return Err("not a manifest (bad magic)".to_string());
-        }
-        let version = cursor.u8()?;
-        if version != MANIFEST_VERSION {
-            return Err(format!(
-                "manifest version {version}: this program reads version {MANIFEST_VERSION}"
-            ));
-        }
-        let mut changes = BTreeMap::new();
-        for _ in 0..cursor.count()? {
-            let (entry, change) = match cursor.entry()? {
-                RedoEntry::Put { path, id, bytes } => (
-                    path,
-                    Change::Put {
-                        staged: cursor.u64()?,
-                        id,
-                        bytes,
-                    },
-                ),
-                RedoEntry::Delete { path } => (path, Change::Delete),
-            };
-            check_path("manifest", &entry).map_err(|e| e.to_string())?;
-            if changes.insert(entry.clone(), change).is_some() {
-                return Err(format!("path {entry} appears twice"));
-            }
-        }
-        cursor.finish()?;
-        Ok(Manifest { changes })
-    }
-}
-
 fn encode_put(out: &mut Vec<u8>, path: &str, id: &BlobId, bytes: u64) {
     out.push(OP_PUT);
     encode_path(out, path);
@@ -1742,8 +2182,8 @@ impl<'a> Cursor<'a> {
         Ok(count)
     }
 
-    /// One entry (of a redo or a manifest).
-    fn entry(&mut self) -> Result<RedoEntry, String> {
+    /// One entry of a redo of `version`.
+    fn entry(&mut self, version: u8) -> Result<RedoEntry, String> {
         let op = self.u8()?;
         let len = usize::from(u16::from_le_bytes(self.array()?));
         if len > PATH_BYTES_MAX {
@@ -1759,6 +2199,16 @@ impl<'a> Cursor<'a> {
                 id: BlobId(self.array()?),
                 bytes: self.u64()?,
             },
+            OP_PUT_INLINE if version >= 2 => {
+                let len = u32::from_le_bytes(self.array()?) as u64;
+                if len > INLINE_FILE_BYTES_MAX {
+                    return Err(format!(
+                        "inline content of {len} bytes, over INLINE_FILE_BYTES_MAX = {INLINE_FILE_BYTES_MAX}"
+                    ));
+                }
+                let content = self.take(len as usize)?.to_vec();
+                RedoEntry::PutInline { path, content }
+            }
             OP_DELETE => RedoEntry::Delete { path },
             other => return Err(format!("unknown op {other}")),
         };
@@ -1866,19 +2316,6 @@ async fn fill(content: &mut (impl AsyncRead + Unpin), buf: &mut [u8]) -> io::Res
 }
 
 fn create_staged(name: &str, file: &Path) -> Result<File> {
-    let dir = parent_of(file);
-    match fs::create_dir(&dir) {
-        Ok(()) => {}
-        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-        Err(e) => {
-            return Err(ResourceError::io(
-                name,
-                "create staging directory",
-                &dir,
-                &e,
-            ));
-        }
-    }
     OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -1900,6 +2337,12 @@ fn sync_file(name: &str, file: &File, path: &Path) -> Result<()> {
 }
 
 fn write_synced(name: &str, what: &str, path: &Path, content: &[u8]) -> Result<()> {
+    let file = create_written(name, what, path, content)?;
+    sync_file(name, &file, path)
+}
+
+/// Creates the new file `path` with `content`, not synced.
+fn create_written(name: &str, what: &str, path: &Path, content: &[u8]) -> Result<File> {
     let mut file = OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -1907,7 +2350,19 @@ fn write_synced(name: &str, what: &str, path: &Path, content: &[u8]) -> Result<(
         .map_err(|e| ResourceError::io(name, &format!("create {what} temp file"), path, &e))?;
     file.write_all(content)
         .map_err(|e| ResourceError::io(name, &format!("write {what} to"), path, &e))?;
-    sync_file(name, &file, path)
+    Ok(file)
+}
+
+/// Why a prepare cannot find a staged file.
+fn staged_missing(path: &str, file: &Path) -> String {
+    format!(
+        "the staged content of {path} ({}) is missing: the staging area was changed by hand; roll the transaction back",
+        file.display()
+    )
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 fn remove_file_if_exists(name: &str, file: &Path) -> Result<()> {
@@ -2014,90 +2469,74 @@ fn read_state_file(name: &str, path: &Path) -> Result<u64> {
     })
 }
 
-fn read_manifest(name: &str, path: &Path) -> Result<Option<Manifest>> {
-    let bytes = match fs::read(path) {
-        Ok(bytes) => bytes,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(ResourceError::io(name, "read manifest", path, &e)),
-    };
-    let manifest = Manifest::decode(&bytes).map_err(|e| ResourceError::Fatal {
-        resource: name.to_string(),
-        message: format!("manifest {} is damaged: {e}", path.display()),
-    })?;
-    Ok(Some(manifest))
-}
-
-/// The prepared branches (from their manifests), with their locks taken.
-fn load_prepared(name: &str, area: &Area) -> Result<(HashMap<Xid, Branch>, Locks)> {
+/// The prepared branches (from the live records of the branch log), with their locks taken.
+fn load_prepared(
+    name: &str,
+    live: HashMap<Xid, (Lsn, Vec<u8>)>,
+) -> Result<(HashMap<Xid, Branch>, Locks)> {
     let (mut branches, mut locks) = (HashMap::new(), Locks::default());
-    for entry in fs::read_dir(&area.prepared)
-        .map_err(|e| ResourceError::io(name, "list", &area.prepared, &e))?
-    {
-        let path = entry
-            .map_err(|e| ResourceError::io(name, "list", &area.prepared, &e))?
-            .path();
-        let Some(xid) = path
-            .file_name()
-            .and_then(|n| n.to_str())
-            .and_then(|n| n.parse::<Xid>().ok())
-        else {
-            let message = format!(
-                "foreign file {} in the private area; move it away",
-                path.display()
-            );
-            return Err(ResourceError::Fatal {
-                resource: name.to_string(),
-                message,
-            });
-        };
-        let Some(manifest) = read_manifest(name, &path)? else {
-            continue;
-        };
-        let mut branch = Branch {
-            phase: Phase::Prepared,
-            manifest: true,
-            changes: manifest.changes,
-            locked: BTreeSet::new(),
-        };
-        for path in branch.changes.keys() {
+    for (xid, (lsn, redo)) in live {
+        let entries = decode_redo(&redo).map_err(|e| ResourceError::Fatal {
+            resource: name.to_string(),
+            message: format!(
+                "the branch log's prepare record of {xid} (lsn {lsn}) does not decode: {e}"
+            ),
+        })?;
+        let mut branch = Branch::new();
+        branch.phase = Phase::Prepared;
+        branch.log_floor = Some(lsn);
+        for entry in &entries {
+            let path = entry.path();
+            check_path(name, path)?;
             locks.take(&xid, path);
-            branch.locked.insert(path.clone());
+            branch.locked.insert(path.to_string());
         }
+        branch.prepared = Some(Arc::new(entries));
         branches.insert(xid, branch);
     }
     Ok((branches, locks))
 }
 
-/// Removes the staging of every branch without a manifest: it never prepared (presumed abort).
-fn remove_abandoned_staging(
-    name: &str,
-    dirs: &DirSync,
-    area: &Area,
-    branches: &HashMap<Xid, Branch>,
-) -> Result<()> {
+/// Removes everything staged: no branch uses its staging after a restart (a prepared branch
+/// has its content in the log or the blob store; any other is presumed aborted).
+fn clear_staging(name: &str, dirs: &DirSync, area: &Area) -> Result<()> {
+    let mut removed = 0usize;
     for entry in fs::read_dir(&area.staging)
         .map_err(|e| ResourceError::io(name, "list", &area.staging, &e))?
     {
         let path = entry
             .map_err(|e| ResourceError::io(name, "list", &area.staging, &e))?
             .path();
-        let xid = path
-            .file_name()
-            .and_then(|n| n.to_str())
-            .and_then(|n| n.parse::<Xid>().ok());
-        if xid.is_some_and(|xid| branches.contains_key(&xid)) {
-            continue;
-        }
-        tracing::warn!(resource = name, staging = %path.display(), "removing the staging of a branch that never prepared");
-        let removed = if path.is_dir() {
+        let gone = if path.is_dir() {
             fs::remove_dir_all(&path)
         } else {
             fs::remove_file(&path)
         };
-        removed.map_err(|e| ResourceError::io(name, "remove", &path, &e))?;
+        gone.map_err(|e| ResourceError::io(name, "remove", &path, &e))?;
+        removed += 1;
+    }
+    if removed > 0 {
+        tracing::info!(
+            resource = name,
+            removed,
+            "removed the staging left by the previous run"
+        );
         dirs.sync(&area.staging)?;
     }
     Ok(())
+}
+
+/// The branch log could not be opened or read: damage and foreign content are fatal (an
+/// operator must look), anything else is reported as the journal says.
+fn log_open_error(name: &str, dir: &Path, e: log::OpenError) -> ResourceError {
+    let message = match e {
+        log::OpenError::Journal(e) => format!("branch log {}: {e}", dir.display()),
+        log::OpenError::Malformed(e) => format!("branch log {}: {e}", dir.display()),
+    };
+    ResourceError::Fatal {
+        resource: name.to_string(),
+        message,
+    }
 }
 
 /// A blob store error as a resource error: a full disk or a refused permission is `Rejected`
@@ -2151,6 +2590,10 @@ mod tests {
                 id: BlobId::of(b"hello"),
                 bytes: 5,
             },
+            RedoEntry::PutInline {
+                path: "d".into(),
+                content: b"inline".to_vec(),
+            },
             RedoEntry::Delete { path: "c".into() },
         ]
     }
@@ -2173,36 +2616,24 @@ mod tests {
         trailing.push(0);
         assert!(decode_redo(&trailing).unwrap_err().contains("trailing"));
         let mut newer = redo.clone();
-        newer[0] = 2;
-        assert!(decode_redo(&newer).unwrap_err().contains("version 2"));
+        newer[0] = 3;
+        assert!(decode_redo(&newer).unwrap_err().contains("version 3"));
+        let mut v1 = redo.clone();
+        v1[0] = 1;
+        assert!(
+            decode_redo(&v1).unwrap_err().contains("unknown op 3"),
+            "inline content is refused in a version 1 redo"
+        );
+        let v1_only = encode_redo(&sample()[..1]);
+        let mut v1_only = v1_only.clone();
+        v1_only[0] = 1;
+        assert_eq!(decode_redo(&v1_only).unwrap(), sample()[..1].to_vec());
         let mut huge = vec![REDO_VERSION];
         huge.extend_from_slice(&u32::MAX.to_le_bytes());
         assert!(decode_redo(&huge).unwrap_err().contains("BRANCH_PATHS_MAX"));
         let mut bad_op = redo.clone();
         bad_op[5] = 9;
         assert!(decode_redo(&bad_op).unwrap_err().contains("unknown op"));
-    }
-
-    #[test]
-    fn manifest_round_trips_and_detects_damage() {
-        let mut changes = BTreeMap::new();
-        changes.insert(
-            "x/y".to_string(),
-            Change::Put {
-                staged: 7,
-                id: BlobId::of(b"x"),
-                bytes: 1,
-            },
-        );
-        changes.insert("z".to_string(), Change::Delete);
-        let manifest = Manifest { changes };
-        let bytes = manifest.encode();
-        assert_eq!(Manifest::decode(&bytes).unwrap(), manifest);
-        for i in 0..bytes.len() {
-            let mut damaged = bytes.clone();
-            damaged[i] ^= 1;
-            assert!(Manifest::decode(&damaged).is_err(), "flip at {i}");
-        }
     }
 
     #[test]

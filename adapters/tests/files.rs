@@ -15,8 +15,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use adapters::files::{
-    FilesBranch, FilesConfig, FilesResource, PATH_BYTES_MAX, PRIVATE_DIR, RedoEntry, decode_redo,
-    encode_redo,
+    FilesBranch, FilesConfig, FilesResource, INLINE_FILE_BYTES_MAX, PATH_BYTES_MAX, PRIVATE_DIR,
+    RedoEntry, decode_redo, encode_redo, prepared_on_disk,
 };
 use adapters::testing::{self, Subject};
 use adapters::{Epoch, ErrorClass, Lsn, Resource, ResourceError, Vote, Xid};
@@ -96,6 +96,19 @@ fn files(r: &Arc<dyn Resource>) -> &FilesResource {
 
 fn private(r: &FilesResource) -> PathBuf {
     r.root().join(PRIVATE_DIR)
+}
+
+/// The staged files of `xid` (content over `INLINE_FILE_BYTES_MAX` is staged in a file).
+fn staged_files(r: &FilesResource, xid: &Xid) -> Vec<PathBuf> {
+    let prefix = format!("{xid}.");
+    entries(&private(r).join("staging"))
+        .into_iter()
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with(&prefix))
+        })
+        .collect()
 }
 
 fn entries(dir: &Path) -> Vec<PathBuf> {
@@ -491,10 +504,9 @@ async fn a_branch_reads_its_own_writes_and_others_read_the_committed_tree() {
         decode_redo(&redo).unwrap(),
         vec![
             RedoEntry::Delete { path: "doc".into() },
-            RedoEntry::Put {
+            RedoEntry::PutInline {
                 path: "new".into(),
-                id: BlobId::of(b"new"),
-                bytes: 3
+                content: b"new".to_vec(),
             },
         ]
     );
@@ -522,8 +534,7 @@ async fn content_over_file_bytes_max_is_refused_and_nothing_is_staged() {
     let content = vec![1u8; FILE_BYTES_MAX as usize + 1];
     let message = rejected(a.put("big", &content[..]).await);
     assert!(message.contains("file_bytes_max"), "{message}");
-    let staging = private(&r).join("staging").join(xid.to_string());
-    assert!(!staging.exists() || entries(&staging).is_empty());
+    assert!(staged_files(&r, &xid).is_empty());
     assert_eq!(
         a.put("big", &content[..FILE_BYTES_MAX as usize])
             .await
@@ -565,8 +576,11 @@ async fn a_staging_area_deleted_by_hand_fails_prepare_clearly() {
     let dir = tempfile::tempdir().unwrap();
     let r = open(dir.path());
     let (xid, a) = begun(&r).await;
-    a.put("x", &b"x"[..]).await.unwrap();
-    fs::remove_dir_all(private(&r).join("staging").join(xid.to_string())).unwrap();
+    let large = vec![5u8; INLINE_FILE_BYTES_MAX as usize + 1];
+    a.put("x", &large[..]).await.unwrap();
+    let staged = staged_files(&r, &xid);
+    assert_eq!(staged.len(), 1);
+    fs::remove_file(&staged[0]).unwrap();
     let message = rejected(r.prepare(&xid).await);
     assert!(
         message.contains("is missing") && message.contains("changed by hand"),
@@ -587,15 +601,10 @@ async fn a_commit_interrupted_half_way_finishes_after_a_restart() {
     a.put("m/two", &b"two"[..]).await.unwrap();
     a.delete("gone").await.unwrap();
     r.prepare(&xid).await.unwrap();
-    // Play the first half of a commit by hand: one staged file renamed into place, one delete
-    // done; then crash.
-    let staging = private(&r).join("staging").join(xid.to_string());
-    let one = entries(&staging)
-        .into_iter()
-        .find(|p| fs::read(p).unwrap() == b"one")
-        .unwrap();
+    // Play the first half of a commit by hand: one file put in place, one delete done; then
+    // crash.
     fs::create_dir(r.root().join("m")).unwrap();
-    fs::rename(one, r.root().join("m/one")).unwrap();
+    fs::write(r.root().join("m/one"), b"one").unwrap();
     fs::remove_file(r.root().join("gone")).unwrap();
     drop((a, r));
 
@@ -605,8 +614,8 @@ async fn a_commit_interrupted_half_way_finishes_after_a_restart() {
     assert_eq!(fs::read(r.root().join("m/one")).unwrap(), b"one");
     assert_eq!(fs::read(r.root().join("m/two")).unwrap(), b"two");
     assert!(!r.root().join("gone").exists());
-    assert!(!staging.exists());
-    assert!(entries(&private(&r).join("prepared")).is_empty());
+    assert!(staged_files(&r, &xid).is_empty());
+    assert!(prepared_on_disk(r.root()).unwrap().is_empty());
     assert!(r.recover().await.unwrap().is_empty());
 }
 
@@ -706,14 +715,14 @@ async fn a_full_disk_during_prepare_is_refused_and_leaves_the_branch_rollbackabl
     let error = r.prepare(&xid).await.unwrap_err();
     assert_eq!(error.class(), ErrorClass::Rejected, "{error}");
     assert!(
-        error.to_string().contains("manifest") && error.to_string().contains("No space"),
+        error.to_string().contains("prepare record") && error.to_string().contains("No space"),
         "{error}"
     );
     assert!(r.recover().await.unwrap().is_empty());
-    assert!(entries(&private(&r).join("prepared")).is_empty());
+    assert!(prepared_on_disk(r.root()).unwrap().is_empty());
     assert!(entries(&private(&r).join("tmp")).is_empty());
     r.rollback(&xid).await.unwrap();
-    assert!(!private(&r).join("staging").join(xid.to_string()).exists());
+    assert!(staged_files(&r, &xid).is_empty());
 
     fs::remove_file(mount.join("filler")).unwrap();
     commit_file(&r, "upload", b"fits now").await;

@@ -298,11 +298,14 @@ fn check(data: &Path) -> anyhow::Result<Check> {
         {
             problems.push(format!("{}: staging is not empty", staging.display()));
         }
-        let prepared = data.join(resource).join(".concord").join("prepared");
-        if let Ok(entries) = std::fs::read_dir(&prepared)
-            && entries.count() > 0
-        {
-            problems.push(format!("{}: branches left prepared", prepared.display()));
+        let root = data.join(resource);
+        let prepared = adapters::files::prepared_on_disk(&root)?;
+        if !prepared.is_empty() {
+            problems.push(format!(
+                "{}: {} branches left prepared",
+                root.display(),
+                prepared.len()
+            ));
         }
     }
     Ok(Check {
@@ -332,7 +335,8 @@ fn check_decisions(data: &Path) -> anyhow::Result<Vec<String>> {
                 continue;
             };
             for entry in entries {
-                if let adapters::files::RedoEntry::Put { path, .. } = entry
+                if let adapters::files::RedoEntry::Put { path, .. }
+                | adapters::files::RedoEntry::PutInline { path, .. } = entry
                     && !data.join(&resource).join(&path).is_file()
                 {
                     problems.push(format!("{xid}: decided, but {resource}/{path} is missing"));

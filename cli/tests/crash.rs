@@ -115,11 +115,14 @@ fn check(data: &Path) -> u64 {
         }
     }
     for (resource, _) in FILES {
-        for private in ["staging", "prepared"] {
-            let dir = data.join(resource).join(".concord").join(private);
-            let left = std::fs::read_dir(&dir).map(|d| d.count()).unwrap_or(0);
-            assert_eq!(left, 0, "{} is not empty after recovery", dir.display());
-        }
+        let staging = data.join(resource).join(".concord").join("staging");
+        let left = std::fs::read_dir(&staging).map(|d| d.count()).unwrap_or(0);
+        assert_eq!(left, 0, "{} is not empty after recovery", staging.display());
+        let prepared = adapters::files::prepared_on_disk(&data.join(resource)).unwrap();
+        assert!(
+            prepared.is_empty(),
+            "{resource}: branches left prepared after recovery: {prepared:?}"
+        );
     }
     checked
 }

@@ -131,8 +131,21 @@ fn commits_of(data_dir: &Path, xid: Xid) -> Vec<(Lsn, Vec<String>)> {
         .collect()
 }
 
-fn staging_of(root: &Path, xid: Xid) -> PathBuf {
-    root.join(".concord").join("staging").join(xid.to_string())
+/// The staged files of `xid` under `root` (content over `INLINE_FILE_BYTES_MAX` is staged in a
+/// file; smaller content in memory).
+fn staged_of(root: &Path, xid: Xid) -> Vec<PathBuf> {
+    let prefix = format!("{xid}.");
+    let Ok(entries) = fs::read_dir(root.join(".concord").join("staging")) else {
+        return Vec::new();
+    };
+    entries
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with(&prefix))
+        })
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -325,8 +338,8 @@ async fn dropping_an_open_transaction_rolls_it_back_and_frees_its_paths() {
     let thumbnail = fs::read(dir.path().join("thumbnails/report.png")).unwrap();
     assert_eq!(thumbnail, b"final thumbnail");
     assert!(commits_of(dir.path(), dropped).is_empty());
-    assert!(!staging_of(&dir.path().join("uploads"), dropped).exists());
-    assert!(!staging_of(&dir.path().join("thumbnails"), dropped).exists());
+    assert!(staged_of(&dir.path().join("uploads"), dropped).is_empty());
+    assert!(staged_of(&dir.path().join("thumbnails"), dropped).is_empty());
     drop((uploads, later));
     close(concord).await;
 }
@@ -359,7 +372,7 @@ async fn rollback_makes_nothing_visible() {
             !root.join("a").exists(),
             "a directory of {path} was created"
         );
-        assert!(!staging_of(&root, tx.xid()).exists());
+        assert!(staged_of(&root, tx.xid()).is_empty());
     }
     assert!(commits_of(dir.path(), tx.xid()).is_empty());
     drop(tx);
@@ -371,11 +384,15 @@ async fn a_failed_prepare_rolls_back_every_branch_and_names_the_resource() {
     let dir = tempfile::tempdir().unwrap();
     let concord = open(config(dir.path())).await;
     let mut tx = concord.begin();
-    put(&tx, "uploads", "photo.jpg", b"JPEG photo").await;
+    // Large enough to be staged in a file.
+    let photo = vec![0xFFu8; adapters::files::INLINE_FILE_BYTES_MAX as usize + 1];
+    put(&tx, "uploads", "photo.jpg", &photo).await;
     put(&tx, "thumbnails", "photo.png", b"PNG thumbnail").await;
     // Damage the uploads branch by hand: its staged content vanishes, so prepare must fail.
     let uploads_root = dir.path().join("uploads");
-    fs::remove_dir_all(staging_of(&uploads_root, tx.xid())).unwrap();
+    let staged = staged_of(&uploads_root, tx.xid());
+    assert_eq!(staged.len(), 1);
+    fs::remove_file(&staged[0]).unwrap();
 
     let outcome = commit(&mut tx).await;
     let reason = rolled_back_reason(&outcome);
@@ -386,10 +403,10 @@ async fn a_failed_prepare_rolls_back_every_branch_and_names_the_resource() {
     assert!(concord.wait_idle(STEP_DEADLINE).await);
     assert!(!dir.path().join("thumbnails/photo.png").exists());
     assert!(!dir.path().join("uploads/photo.jpg").exists());
-    assert!(!staging_of(&dir.path().join("thumbnails"), tx.xid()).exists());
+    assert!(staged_of(&dir.path().join("thumbnails"), tx.xid()).is_empty());
     assert!(commits_of(dir.path(), tx.xid()).is_empty());
-    let prepared = dir.path().join("thumbnails/.concord/prepared");
-    assert_eq!(fs::read_dir(prepared).unwrap().count(), 0);
+    let prepared = adapters::files::prepared_on_disk(&dir.path().join("thumbnails")).unwrap();
+    assert!(prepared.is_empty(), "left prepared: {prepared:?}");
 
     // Both paths are free again.
     let mut again = concord.begin();
@@ -422,7 +439,7 @@ async fn a_transaction_that_writes_nothing_commits_without_a_decision() {
     assert!(concord.wait_idle(STEP_DEADLINE).await);
     assert!(commits_of(dir.path(), empty.xid()).is_empty());
     assert!(commits_of(dir.path(), reader.xid()).is_empty());
-    assert!(!staging_of(&dir.path().join("uploads"), reader.xid()).exists());
+    assert!(staged_of(&dir.path().join("uploads"), reader.xid()).is_empty());
     drop((setup, empty, uploads, reader));
     close(concord).await;
 }
@@ -609,7 +626,7 @@ async fn a_full_disk_during_prepare_rolls_back_and_keeps_the_journal_sound() {
     assert!(concord.wait_idle(STEP_DEADLINE).await);
     assert!(!uploads_root.join("video.bin").exists());
     assert!(!thumbnails_root.join("video.png").exists());
-    assert!(!staging_of(&thumbnails_root, tx.xid()).exists());
+    assert!(staged_of(&thumbnails_root, tx.xid()).is_empty());
     // `commits` fails the test when the journal does not scan cleanly.
     assert!(commits_of(&data_dir, tx.xid()).is_empty());
 
@@ -674,7 +691,7 @@ async fn a_transaction_open_past_its_timeout_is_refused_at_commit() {
     assert!(concord.wait_idle(STEP_DEADLINE).await);
     assert!(!dir.path().join("uploads/slow.txt").exists());
     assert!(!dir.path().join("uploads/later.txt").exists());
-    assert!(!staging_of(&dir.path().join("uploads"), tx.xid()).exists());
+    assert!(staged_of(&dir.path().join("uploads"), tx.xid()).is_empty());
     assert!(commits_of(dir.path(), tx.xid()).is_empty());
 
     // The timed-out branch released its path: a new transaction (well inside the timeout) writes it.

@@ -1,0 +1,288 @@
+//! The branch log of a files resource: which branches are prepared, and with what.
+//!
+//! A prepare must survive a crash on its own (the coordinator may have decided to commit), and
+//! concurrent branches prepare at the same moment. Giving each branch a manifest file of its own
+//! costs each one a file sync and a sync of one shared directory, one after the other; appending
+//! one record per branch to a log that is group-committed (the [`journal`] crate's [`Journal`])
+//! makes many prepares durable with one `fdatasync`. So the log is the prepare:
+//!
+//! * `PREPARED(xid, redo)` — appended by prepare and waited for: the branch is prepared once it
+//!   is durable. The redo is the branch's entries in the redo encoding of the files module
+//!   (content inline for small files, blob ids for the others, deletes).
+//! * `COMMITTED(xid)` and `ROLLED_BACK(xid)` — appended when a branch is resolved, after its
+//!   changes are durable, without waiting: they are made durable by the next prepare (or close).
+//!   A lost one is harmless: the branch comes back prepared after a restart and is resolved
+//!   again the same way (see "Crashes" in the files module docs for why committing it again
+//!   cannot overwrite a later branch's write).
+//!
+//! * `CHECKPOINT(upto)` — appended after a `syncfs` of the root's file system: every commit whose
+//!   `COMMITTED` record is below `upto` has its files durable in the tree.
+//!
+//! The live branches are those with a `PREPARED` and no resolution after it. A commit puts its
+//! files in place and syncs their directories, but leaves their *content* to the log: a small
+//! file's content is in the `PREPARED` record, and the commits at or after the last checkpoint
+//! are applied again when the resource opens (in commit order, so the last writer of a path
+//! wins, as it did). A checkpoint runs about once a second while commits happen; it also
+//! trims the log: a branch still prepared from before the previous checkpoint gets its
+//! `PREPARED` appended again (carried forward), then every segment below the oldest record
+//! still needed — by a prepared branch, by a commit that may still be redone, or the
+//! checkpoint's own `upto` — is removed. A carried record is appended under the resource's
+//! state lock, like every resolution, so a resolution always follows the copy it resolves.
+//!
+//! Record payloads (kind codes below, version 1): the xid as node u32 LE, epoch u64 LE and
+//! seq u64 LE (20 bytes), then for `PREPARED` the redo; for `CHECKPOINT`, `upto` as u64 LE. Records are written in epoch 0: the log
+//! is private to the resource, and fencing is the resource's own state.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use journal::{Epoch, Journal, JournalConfig, JournalError, Lsn, RecordKind};
+
+use crate::Xid;
+
+/// A branch is prepared with these entries (a redo).
+pub(super) const PREPARED: RecordKind = RecordKind::new(1, 1);
+/// The branch committed.
+pub(super) const COMMITTED: RecordKind = RecordKind::new(2, 1);
+/// The branch rolled back.
+pub(super) const ROLLED_BACK: RecordKind = RecordKind::new(3, 1);
+/// Every commit whose `COMMITTED` record is below an LSN has its files durable in the tree.
+pub(super) const CHECKPOINT: RecordKind = RecordKind::new(4, 1);
+
+/// The epoch of every record of the log.
+pub(super) const LOG_EPOCH: Epoch = Epoch(0);
+/// Segment size of the log; it is trimmed each time about this much was appended.
+pub(super) const SEGMENT_BYTES_MAX: u64 = 16 << 20;
+/// Largest record of the log (a prepare of a branch with many paths); the same as the
+/// coordinator journal's default, whose decision record carries the same redo.
+pub(super) const RECORD_BYTES_MAX: u64 = 8 << 20;
+
+const XID_BYTES: usize = 20;
+
+/// The log's configuration.
+pub(super) fn config() -> JournalConfig {
+    JournalConfig {
+        segment_bytes_max: SEGMENT_BYTES_MAX,
+        record_bytes_max: RECORD_BYTES_MAX,
+        create_if_missing: true,
+        ..JournalConfig::default()
+    }
+}
+
+/// The payload of a `PREPARED` record.
+pub(super) fn prepared_payload(xid: &Xid, redo: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(XID_BYTES + redo.len());
+    put_xid(&mut out, xid);
+    out.extend_from_slice(redo);
+    out
+}
+
+/// The payload of a `COMMITTED` or `ROLLED_BACK` record.
+pub(super) fn resolved_payload(xid: &Xid) -> Vec<u8> {
+    let mut out = Vec::with_capacity(XID_BYTES);
+    put_xid(&mut out, xid);
+    out
+}
+
+fn put_xid(out: &mut Vec<u8>, xid: &Xid) {
+    out.extend_from_slice(&xid.node.to_le_bytes());
+    out.extend_from_slice(&xid.epoch.0.to_le_bytes());
+    out.extend_from_slice(&xid.seq.to_le_bytes());
+}
+
+/// Splits a payload into its xid and the rest.
+fn take_xid(payload: &[u8]) -> Result<(Xid, &[u8]), String> {
+    if payload.len() < XID_BYTES {
+        return Err(format!(
+            "payload of {} bytes is shorter than an xid",
+            payload.len()
+        ));
+    }
+    let (head, rest) = payload.split_at(XID_BYTES);
+    let mut node = [0u8; 4];
+    let mut epoch = [0u8; 8];
+    let mut seq = [0u8; 8];
+    node.copy_from_slice(&head[..4]);
+    epoch.copy_from_slice(&head[4..12]);
+    seq.copy_from_slice(&head[12..]);
+    let xid = Xid {
+        node: u32::from_le_bytes(node),
+        epoch: Epoch(u64::from_le_bytes(epoch)),
+        seq: u64::from_le_bytes(seq),
+    };
+    Ok((xid, rest))
+}
+
+/// The payload of a `CHECKPOINT` record.
+pub(super) fn checkpoint_payload(upto: Lsn) -> Vec<u8> {
+    upto.0.to_le_bytes().to_vec()
+}
+
+/// What a log says, built record by record in LSN order.
+#[derive(Default)]
+pub(super) struct Live {
+    /// The prepared branches: xid → (LSN of its latest `PREPARED`, its redo).
+    pub(super) branches: HashMap<Xid, (Lsn, Vec<u8>)>,
+    /// The commits whose files may not be durable yet — those at or after the last checkpoint —
+    /// in commit order: (LSN of the `COMMITTED` record, xid, redo).
+    pub(super) committed: Vec<(Lsn, Xid, Vec<u8>)>,
+}
+
+impl Live {
+    /// Applies one record; a malformed one is described in the error.
+    pub(super) fn apply(
+        &mut self,
+        lsn: Lsn,
+        kind: RecordKind,
+        payload: &[u8],
+    ) -> Result<(), String> {
+        if kind == CHECKPOINT {
+            let upto: [u8; 8] = payload.try_into().map_err(|_| {
+                format!(
+                    "record {lsn}: checkpoint of {} bytes, 8 expected",
+                    payload.len()
+                )
+            })?;
+            let upto = Lsn(u64::from_le_bytes(upto));
+            self.committed.retain(|(at, _, _)| *at >= upto);
+            return Ok(());
+        }
+        let (xid, rest) = take_xid(payload).map_err(|e| format!("record {lsn}: {e}"))?;
+        match kind {
+            PREPARED => {
+                self.branches.insert(xid, (lsn, rest.to_vec()));
+            }
+            COMMITTED | ROLLED_BACK => {
+                if !rest.is_empty() {
+                    return Err(format!("record {lsn}: {} trailing bytes", rest.len()));
+                }
+                // A resolution whose prepare record was trimmed away needs nothing: the trim
+                // came after a checkpoint that covered it.
+                if let Some((_, redo)) = self.branches.remove(&xid)
+                    && kind == COMMITTED
+                {
+                    self.committed.push((lsn, xid, redo));
+                }
+            }
+            other => return Err(format!("record {lsn}: unknown kind {other}")),
+        }
+        Ok(())
+    }
+}
+
+/// Opens the log in `dir` (created if missing) and reads its live branches.
+pub(super) fn open(dir: &Path) -> Result<(Journal, Live), OpenError> {
+    let journal = Journal::open(dir, config()).map_err(OpenError::Journal)?;
+    let mut live = Live::default();
+    let reader = journal
+        .read_from(journal.oldest_lsn())
+        .map_err(OpenError::Journal)?;
+    for record in reader {
+        let record = record.map_err(OpenError::Journal)?;
+        live.apply(record.lsn, record.kind, &record.payload)
+            .map_err(OpenError::Malformed)?;
+    }
+    Ok((journal, live))
+}
+
+/// The xids live in the log in `dir`, read without opening it (no lock, nothing changed), so
+/// that an operator's view can run beside the process that owns the resource. A missing log
+/// has none.
+pub(super) fn live_on_disk(dir: &Path) -> Result<Vec<Xid>, OpenError> {
+    if !dir.exists() {
+        return Ok(Vec::new());
+    }
+    let mut live = Live::default();
+    let mut malformed = None;
+    journal::scan::scan_dir(dir, RECORD_BYTES_MAX, |record| {
+        if malformed.is_none()
+            && let Err(e) = live.apply(record.lsn, record.kind, &record.payload)
+        {
+            malformed = Some(e);
+        }
+    })
+    .map_err(OpenError::Journal)?;
+    if let Some(e) = malformed {
+        return Err(OpenError::Malformed(e));
+    }
+    let mut xids: Vec<Xid> = live.branches.into_keys().collect();
+    xids.sort();
+    Ok(xids)
+}
+
+/// Why the log could not be opened or read.
+#[derive(Debug)]
+pub(super) enum OpenError {
+    /// The journal refused (damage, a lock, an I/O error).
+    Journal(JournalError),
+    /// A record's payload does not decode.
+    Malformed(String),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn xid(seq: u64) -> Xid {
+        Xid {
+            node: 7,
+            epoch: Epoch(3),
+            seq,
+        }
+    }
+
+    #[test]
+    fn payloads_round_trip_and_resolutions_end_a_branch() {
+        let mut live = Live::default();
+        live.apply(Lsn(1), PREPARED, &prepared_payload(&xid(1), b"redo-1"))
+            .unwrap();
+        live.apply(Lsn(2), PREPARED, &prepared_payload(&xid(2), b"redo-2"))
+            .unwrap();
+        live.apply(Lsn(3), COMMITTED, &resolved_payload(&xid(1)))
+            .unwrap();
+        live.apply(Lsn(4), PREPARED, &prepared_payload(&xid(2), b"redo-2"))
+            .unwrap();
+        assert_eq!(live.branches.len(), 1);
+        assert_eq!(live.branches[&xid(2)], (Lsn(4), b"redo-2".to_vec()));
+        live.apply(Lsn(5), ROLLED_BACK, &resolved_payload(&xid(2)))
+            .unwrap();
+        assert!(live.branches.is_empty());
+        assert_eq!(live.committed, vec![(Lsn(3), xid(1), b"redo-1".to_vec())]);
+    }
+
+    #[test]
+    fn a_checkpoint_ends_the_redo_of_the_commits_below_it() {
+        let mut live = Live::default();
+        for seq in 1..=3 {
+            let payload = prepared_payload(&xid(seq), format!("redo-{seq}").as_bytes());
+            live.apply(Lsn(seq), PREPARED, &payload).unwrap();
+        }
+        live.apply(Lsn(4), COMMITTED, &resolved_payload(&xid(1)))
+            .unwrap();
+        live.apply(Lsn(5), COMMITTED, &resolved_payload(&xid(2)))
+            .unwrap();
+        // Started when 4 was the last durable record: the commit at 5 may have raced it.
+        live.apply(Lsn(6), CHECKPOINT, &checkpoint_payload(Lsn(5)))
+            .unwrap();
+        live.apply(Lsn(7), COMMITTED, &resolved_payload(&xid(3)))
+            .unwrap();
+        let redone: Vec<Lsn> = live.committed.iter().map(|(lsn, _, _)| *lsn).collect();
+        assert_eq!(redone, vec![Lsn(5), Lsn(7)]);
+        assert!(live.apply(Lsn(8), CHECKPOINT, b"short").is_err());
+    }
+
+    #[test]
+    fn malformed_records_are_refused() {
+        let mut live = Live::default();
+        assert!(live.apply(Lsn(1), PREPARED, b"short").is_err());
+        let mut resolved = resolved_payload(&xid(1));
+        resolved.push(0);
+        assert!(live.apply(Lsn(2), COMMITTED, &resolved).is_err());
+        let unknown = RecordKind::new(9, 1);
+        assert!(
+            live.apply(Lsn(3), unknown, &resolved_payload(&xid(1)))
+                .unwrap_err()
+                .contains("unknown kind")
+        );
+    }
+}
