@@ -1,8 +1,7 @@
 //! Coalesced directory syncs, for the files resource.
 //!
-//! Concurrent branches change the same few directories (the private area's `prepared/` and
-//! `staging/`, the target directories of their files) and each must sync the directory before it
-//! acknowledges. One `fsync` of a directory makes durable every change made to it before the
+//! Concurrent branches change the same few directories (the target directories of their files,
+//! the private area's `staging/`) and each must sync the directory before it acknowledges. One `fsync` of a directory makes durable every change made to it before the
 //! `fsync` started, so callers that change the same directory at about the same time can share
 //! one: [`DirSync::sync`] is a classic sync coalescer, one slot per directory path.
 //!

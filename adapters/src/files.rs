@@ -3,28 +3,37 @@
 //! A branch writes files under a **root** directory: it puts content at relative paths and
 //! deletes paths. Nothing it writes is visible in the tree until the branch commits; then all of
 //! it appears, each file by one `rename`. The idea is the classic one of staging plus an atomic
-//! rename, made durable at each step and isolated by a lock per path:
+//! rename, with a write-ahead log for durability and a lock per path for isolation:
 //!
-//! * **Staging.** [`FilesBranch::put`] streams the content into a private staging file in bounded
-//!   chunks, hashing it with blake3 as it goes, so a file of any size (up to `file_bytes_max`)
-//!   never sits in memory. [`FilesBranch::delete`] only records the intent. The branch reads its
-//!   own writes ([`FilesBranch::read`], [`FilesBranch::open_read`]); other branches see the
-//!   committed tree.
-//! * **Prepare** syncs every staged file, hard-links it into the resource's blob store
-//!   ([`BlobStore::adopt`]: no copy, the blob store and the staging area are on the same file
-//!   system), and then writes the branch's **manifest** durably. The manifest is the prepare: a
-//!   branch with a manifest is prepared, survives a crash and is listed by `recover`; a branch
-//!   without one is presumed aborted when the resource opens. The vote carries the **redo** — the
-//!   list of puts (path, blob id, size) and deletes — which a standby replays from the blobs.
-//! * **Commit** renames every staged file into place (creating parent directories durably) and
-//!   removes every deleted path, syncs each directory it touched, then removes the manifest.
-//!   **Rollback** removes the manifest and the staging directory. Both are idempotent.
+//! * **Staging.** [`FilesBranch::put`] reads the content from an async reader in bounded chunks.
+//!   Small content (at most [`INLINE_FILE_BYTES_MAX`], and at most [`INLINE_BRANCH_BYTES_MAX`]
+//!   per branch) is kept in memory; larger content streams into a private staging file,
+//!   hashed with blake3 as it goes, so a file of any size (up to `file_bytes_max`) never sits in
+//!   memory. [`FilesBranch::delete`] only records the intent. The branch reads its own writes
+//!   ([`FilesBranch::read`], [`FilesBranch::open_read`]); other branches see the committed tree.
+//! * **Prepare** appends one `PREPARED` record to the resource's **branch log** (a
+//!   [`journal::Journal`] of its own, group-committed: concurrent prepares share one
+//!   `fdatasync`) and waits until it is durable. The record holds the branch's **redo**: small
+//!   content inline, larger content by blob id (the staged file is synced and hard-linked into
+//!   the resource's blob store by [`BlobStore::adopt`] first: no copy), and the deletes. A branch
+//!   with a durable `PREPARED` and no resolution after it is prepared: it survives a crash and
+//!   is listed by `recover`; any other branch is presumed aborted when the resource opens. The
+//!   vote carries the same redo, which a standby replays.
+//! * **Commit** puts every file in place by `rename` (a small file's content is written to a
+//!   temp file first, unless its staged file is at hand), removes every deleted path, syncs each
+//!   directory it touched, then appends `COMMITTED` and waits for it. The content of a small
+//!   file is *not* synced here: the log holds it, and every commit the log records after its
+//!   last **checkpoint** is applied again when the resource opens, so a file whose content a
+//!   power failure lost is written again before anything reads it through concord. A
+//!   checkpoint — a `syncfs` of the root's file system, then a `CHECKPOINT` record — runs about
+//!   once a second while commits happen, and trims the log (see the `log` module). **Rollback**
+//!   removes the staged files and appends `ROLLED_BACK`. Both are idempotent.
 //! * **Locks.** A path a branch writes (put or delete) is locked until the branch is resolved,
 //!   together with an *intent* on each of its ancestor directories, so that one branch writing
 //!   `a` and another writing `a/b` conflict as well. This keeps the journal order the commit
 //!   order (DESIGN.md "Ordering"). A second writer waits at most `lock_wait_ms_max`, then fails
 //!   with [`ResourceError::Conflict`]. The locks of prepared branches are taken again when the
-//!   resource opens, from their manifests, so isolation survives a restart.
+//!   resource opens, from their prepare records, so isolation survives a restart.
 //! * **Confinement.** A path is relative, `/`-separated, UTF-8, without empty, `.` or `..`
 //!   components or NUL bytes, and not under `.concord`; every existing prefix of it is checked on
 //!   disk, and a symlink is followed only when it resolves inside the root and outside the private
@@ -32,7 +41,8 @@
 //! * **Fencing and replay.** [`Resource::fence`] stores the fence epoch durably; a branch of a
 //!   lower epoch is refused at begin, at every write and at prepare (commit and rollback of an
 //!   already prepared branch stay allowed: the new primary resolves those). [`Resource::replay`]
-//!   applies a redo from this resource's blob store together with its LSN.
+//!   applies a redo (inline content, or content from this resource's blob store) together with
+//!   its LSN, syncing every file it writes.
 //!
 //! [`FilesResource`] is the resource ([`FilesResource::open`], [`FilesConfig`]); a
 //! [`FilesBranch`] is an application's handle on one branch; [`RedoEntry`] with [`encode_redo`]
@@ -43,79 +53,85 @@
 //! ```text
 //! <root>/…                          the user's files
 //! <root>/.concord/LOCK              held (flock) by the one instance that has the root open
-//! <root>/.concord/staging/<xid>/<n> staged content of a branch, one file per put
-//! <root>/.concord/prepared/<xid>    the manifest of a prepared branch
-//! <root>/.concord/blobs/            a journal::BlobStore: the content of every prepared put
+//! <root>/.concord/log/              the branch log (a journal: segments and its own LOCK)
+//! <root>/.concord/staging/<xid>.<n> the staged content of a large put (cleared at open)
+//! <root>/.concord/blobs/            a journal::BlobStore: the content of every prepared large put
 //! <root>/.concord/fence             the fence epoch
 //! <root>/.concord/applied_lsn       the LSN of the last replayed redo
-//! <root>/.concord/tmp/              temp files of durable writes (cleared at open)
+//! <root>/.concord/tmp/              temp files of writes in progress (cleared at open)
 //! ```
 //!
-//! Every durable small file (manifest, `fence`, `applied_lsn`) is written the same way: a temp
-//! file under `tmp/`, synced, renamed into place, and the directory synced. `fence` and
-//! `applied_lsn` hold a version byte, the value (u64 little-endian) and the first 8 bytes of the
-//! blake3 hash of the two; a damaged one refuses to open ([`ResourceError::Fatal`]).
+//! `fence` and `applied_lsn` are written the same way: a temp file under `tmp/`, synced,
+//! renamed into place, and the directory synced. They hold a version byte, the value (u64
+//! little-endian) and the first 8 bytes of the blake3 hash of the two; a damaged one refuses to
+//! open ([`ResourceError::Fatal`]). The branch log's records are described in the `log` module.
 //!
-//! **Directory syncs are shared.** Concurrent branches change the same directories
-//! (`prepared/`, `staging/`, the target directories of their files), so every directory sync
-//! here — after a create, a rename into it or a removal from it — goes through one coalescer per
-//! instance (`dirsync::DirSync`): a caller takes a ticket after its change, and returns only
-//! once an `fsync` of that directory that *started after its ticket was taken* has succeeded;
-//! callers that queue behind a running `fsync` share the next one. This is as durable as one
-//! `fsync` per caller, because a directory `fsync` makes durable every change made to the
-//! directory before it started, and no caller is acknowledged on an `fsync` that started before
-//! its change. A failed `fsync` is returned as [`ResourceError::Fatal`] to every caller it was
-//! to cover and fails every later directory sync of the instance at once (never retried as if
-//! fine), and the `Fatal` poisons the instance. Syncs of files (staged content, temp files) stay
-//! one per file, and the blob store syncs its own directories in [`BlobStore::adopt`]. The
-//! coalescer blocks waiting callers, so it runs only on the blocking pool (or in `open`, before
-//! the instance is shared); it holds an entry only for a directory being synced right now.
+//! **Directory syncs are shared.** Concurrent branches commit into the same directories, so
+//! every directory sync here — after a create, a rename into it or a removal from it — goes
+//! through one coalescer per instance (`dirsync::DirSync`): a caller takes a ticket after its
+//! change, and returns only once an `fsync` of that directory that *started after its ticket was
+//! taken* has succeeded; callers that queue behind a running `fsync` share the next one. This is
+//! as durable as one `fsync` per caller, because a directory `fsync` makes durable every change
+//! made to the directory before it started, and no caller is acknowledged on an `fsync` that
+//! started before its change. A failed `fsync` is returned as [`ResourceError::Fatal`] to every
+//! caller it was to cover and fails every later directory sync of the instance at once (never
+//! retried as if fine), and the `Fatal` poisons the instance. The coalescer blocks waiting
+//! callers, so it runs only on the blocking pool (or in `open`, before the instance is shared);
+//! it holds an entry only for a directory being synced right now.
 //!
-//! # The redo encoding (version 1)
+//! # The redo encoding (version 2)
 //!
 //! ```text
-//! version   u8       = 1
+//! version   u8       = 2 (version 1, without op 3, is read too)
 //! count     u32 LE   number of entries (at most BRANCH_PATHS_MAX)
-//! entry*    op       u8: 1 = put, 2 = delete
+//! entry*    op       u8: 1 = put from a blob, 2 = delete, 3 = put inline
 //!           path     u16 LE length, then that many bytes of UTF-8 (a confined relative path)
-//!           (put)    blob id: 32 bytes (blake3 of the content), size: u64 LE
+//!           (op 1)   blob id: 32 bytes (blake3 of the content), size: u64 LE
+//!           (op 3)   size: u32 LE (at most INLINE_FILE_BYTES_MAX), then the content
 //! ```
 //!
 //! Entries are sorted by path and name distinct paths, none a prefix directory of another, so
-//! their order does not matter when they are applied. The manifest (private, version 1) is
-//! `CCFM`, a version byte and the u32 LE count, then the same entries with each put followed by
-//! the u64 LE number of its staged file, then the blake3 hash of everything before it, so a
-//! damaged manifest is detected (and refused at open as [`ResourceError::Fatal`]).
-//! Decoders refuse an unknown version, an over-limit count or length, and trailing bytes.
+//! their order does not matter when they are applied. Decoders refuse an unknown version, an
+//! over-limit count or length, and trailing bytes.
 //!
 //! # Crashes
 //!
-//! * **During put or before the manifest is durable**: the branch is not prepared. At open, its
-//!   staging directory is removed (presumed abort); blobs it adopted stay, named by nothing.
-//! * **During commit**: the manifest is still there, so the branch is prepared after the restart
-//!   and the coordinator commits again. An entry whose staged file is gone was already renamed
-//!   into place (locks kept every other branch off the path in between), or its staged name was
-//!   lost with the unsynced staging directory (prepare syncs the staged data and the blob links,
-//!   not the staging directories); either way it is put in place from the blob store, which holds
-//!   the same content, so applying it twice gives the same file. Deletes are repeated (a missing
-//!   path is done). The manifest goes only after every directory touched is synced; the staging
-//!   directory goes after it without a sync (one that comes back belongs to no manifest and is
-//!   removed at open).
-//! * **During rollback**: the manifest goes first (synced); a staging directory left behind has
-//!   no manifest and is removed at open.
+//! * **During put or prepare, before the `PREPARED` record is durable**: the branch is not
+//!   prepared; at open, the staging is cleared (presumed abort); blobs it adopted stay, named by
+//!   nothing.
+//! * **During commit, before `COMMITTED` is durable**: the branch is prepared after the restart
+//!   and the coordinator commits it again, from the record: inline content is written again, a
+//!   large put is linked again from its blob, deletes are repeated. Applying it twice gives the
+//!   same files, and no other branch can have written its paths in between: their locks were
+//!   held until `COMMITTED` was appended.
+//! * **After `COMMITTED` is durable, before a checkpoint covers it** (a power failure may have
+//!   lost the content of its small files): at open, every such commit is applied again, in the
+//!   order of the log, from its prepare record — the last writer of a path writes last, as it
+//!   did. The log keeps those prepare records until a checkpoint covers their commits.
+//! * **A resolution lost with the log's tail**: a later branch on the same path appends its
+//!   `PREPARED` after the resolution (it took the lock afterwards), and the log is durable in
+//!   order, so a resolution is lost only together with every later write of its paths. Its
+//!   branch comes back prepared and is resolved again the same way.
 //! * **During replay**: `applied_lsn` is written only after every file of the redo is in place
-//!   and its directory synced. A crash before that leaves `applied_lsn` at the previous LSN, so
-//!   the replayer sends the same redo again, and applying it again is harmless: every entry sets
-//!   its path to a fixed final state (this content, or absent) whatever the path held before, the
-//!   entries of one redo touch distinct paths, and no later redo was applied in between (replay is
-//!   sequential and in LSN order). A crash after it makes the same LSN a no-op.
+//!   and synced with its directory. A crash before that leaves `applied_lsn` at the previous LSN,
+//!   so the replayer sends the same redo again, and applying it again is harmless: every entry
+//!   sets its path to a fixed final state (this content, or absent) whatever the path held
+//!   before, the entries of one redo touch distinct paths, and no later redo was applied in
+//!   between (replay is sequential and in LSN order). A crash after it makes the same LSN a no-op.
 //!
 //! # Implementation caveats
 //!
-//! * A committed file is a hard link of its blob (the staged file was adopted, then renamed into
-//!   place) until the blob is removed. Writing to such a file in place, outside concord, damages
-//!   the blob (which the blob store detects on read). Replacing it (as every concord put does, by
-//!   rename) is harmless.
+//! * After a power failure, a small file committed since the last checkpoint may hold other
+//!   bytes until the resource is opened again (its recovery writes it again). Programs that read
+//!   the tree directly, without concord running, see the tree as the file system kept it.
+//! * A checkpoint's `syncfs` flushes every dirty page of the root's file system, other programs'
+//!   too: give the root a file system of its own when other writers are heavy. It covers that
+//!   one file system only: a small file committed under another file system mounted inside the
+//!   root is not made durable by it (keep the tree on one file system).
+//! * A committed large file is a hard link of its blob (the staged file was adopted, then
+//!   renamed into place) until the blob is removed. Writing to such a file in place, outside
+//!   concord, damages the blob (which the blob store detects on read). Replacing it (as every
+//!   concord put does, by rename) is harmless.
 //! * Blobs adopted by branches that roll back, and blobs no retained journal record names, are
 //!   not removed here: that is the garbage collection of the layer that knows the records.
 //! * Reads take no locks: a branch reads the committed tree as it is (no repeatable reads).
@@ -129,6 +145,9 @@
 //! * A read-only vote is remembered for the last `READ_ONLY_REMEMBERED_MAX` such branches (a
 //!   repeated prepare votes the same); after a restart such a branch is unknown.
 //! * One-phase commit (commit of an unprepared branch) is refused.
+//! * A prepare is refused when the log's file system has less free space than the record and a
+//!   margin (a full disk refuses the prepare instead of failing the log's write, which would
+//!   poison it); a disk that fills up in between still poisons the log.
 //! * A failed sync poisons the instance: every later call fails with [`ResourceError::Fatal`]
 //!   until the resource is opened again.
 
@@ -310,8 +329,10 @@ struct Inner {
     dirs: DirSync,
     /// The branch log: the prepare records and resolutions (see the `log` module).
     log: Journal,
-    /// Checkpoints of the log: one at a time, and where the last one was.
+    /// Where the last checkpoint of the log was.
     checkpoints: Mutex<Checkpoints>,
+    /// Held while a checkpoint runs: one at a time.
+    checkpointing: tokio::sync::Mutex<()>,
     /// The root, opened once at open: every checkpoint's `syncfs` goes through it, so that a
     /// write-back error of the file system since the open is reported.
     fs: File,
@@ -331,8 +352,6 @@ struct Inner {
 
 /// Where the last checkpoint of the branch log left off.
 struct Checkpoints {
-    /// A checkpoint is running.
-    running: bool,
     /// Bytes appended to the log (since open) when the last checkpoint started.
     at_bytes: u64,
     /// The log's durable LSN when the last checkpoint started: a branch prepared below it and
@@ -340,6 +359,10 @@ struct Checkpoints {
     at_lsn: Lsn,
     /// When the last checkpoint started.
     at: std::time::Instant,
+    /// The `upto` of the last checkpoint that completed: commits below it are durable.
+    covered: Lsn,
+    /// The LSN of the last `COMMITTED` record known durable.
+    last_commit: Lsn,
 }
 
 /// The paths of the private area.
@@ -499,11 +522,13 @@ impl FilesResource {
             dirs,
             log,
             checkpoints: Mutex::new(Checkpoints {
-                running: false,
                 at_bytes: 0,
                 at_lsn: Lsn::ZERO,
                 at: std::time::Instant::now(),
+                covered: Lsn::ZERO,
+                last_commit: Lsn::ZERO,
             }),
+            checkpointing: tokio::sync::Mutex::new(()),
             fs,
             config,
             state: Mutex::new(state),
@@ -732,7 +757,7 @@ impl Resource for FilesResource {
         })
         .await;
         let appending = inner.finish_resolve(xid, resolving.previous, true, result)?;
-        inner.resolution_durable(appending).await?;
+        inner.resolution_durable(appending, true).await?;
         inner.maybe_checkpoint().await
     }
 
@@ -747,7 +772,7 @@ impl Resource for FilesResource {
         })
         .await;
         let appending = inner.finish_resolve(xid, resolving.previous, false, result)?;
-        inner.resolution_durable(appending).await?;
+        inner.resolution_durable(appending, false).await?;
         inner.maybe_checkpoint().await
     }
 
@@ -794,6 +819,7 @@ impl Resource for FilesResource {
         }
         let entries = decode_redo(redo)
             .map_err(|e| inner.rejected(format!("replay of lsn {lsn}: malformed redo: {e}")))?;
+        inner.checkpoint_commits().await?;
         let worker = inner.clone();
         let applied = blocking(&inner.name, move || worker.replay_files(&entries, lsn)).await;
         inner.check(applied)?;
@@ -1154,13 +1180,20 @@ impl Inner {
     }
 
     /// Waits for a resolution record to be durable.
-    async fn resolution_durable(&self, appending: Option<journal::Appending>) -> Result<()> {
+    async fn resolution_durable(
+        &self,
+        appending: Option<journal::Appending>,
+        commit: bool,
+    ) -> Result<()> {
         if let Some(appending) = appending {
             let durable = appending
                 .await
-                .map(drop)
                 .map_err(|e| self.log_error("append a resolution", e));
-            self.check(durable)?;
+            let lsn = self.check(durable)?;
+            if commit {
+                let mut last = lock(&self.checkpoints);
+                last.last_commit = last.last_commit.max(lsn);
+            }
         }
         Ok(())
     }
@@ -1254,24 +1287,46 @@ impl Inner {
     /// Runs a checkpoint (see the `log` module) when the last one is a second old or about half
     /// a segment was appended since; one at a time.
     async fn maybe_checkpoint(self: &Arc<Self>) -> Result<()> {
+        let Ok(_running) = self.checkpointing.try_lock() else {
+            return Ok(());
+        };
         let appended = self.log.stats().bytes;
-        let since = {
-            let mut last = lock(&self.checkpoints);
+        {
+            let last = lock(&self.checkpoints);
             let due = appended.saturating_sub(last.at_bytes) >= log::SEGMENT_BYTES_MAX / 2
                 || last.at.elapsed() >= CHECKPOINT_INTERVAL;
-            if last.running || !due {
+            if !due {
                 return Ok(());
             }
-            last.running = true;
+        }
+        self.run_checkpoint().await
+    }
+
+    /// Runs a checkpoint now when a commit is not covered by one yet (before a replay: a commit
+    /// the log would apply again at open must not undo what a replay writes after it).
+    async fn checkpoint_commits(self: &Arc<Self>) -> Result<()> {
+        let _running = self.checkpointing.lock().await;
+        {
+            let last = lock(&self.checkpoints);
+            if last.last_commit == Lsn::ZERO || last.last_commit < last.covered {
+                return Ok(());
+            }
+        }
+        self.run_checkpoint().await
+    }
+
+    /// One checkpoint on the blocking pool; the caller holds `checkpointing`.
+    async fn run_checkpoint(self: &Arc<Self>) -> Result<()> {
+        let since = {
+            let mut last = lock(&self.checkpoints);
             let since = last.at_lsn;
-            last.at_bytes = appended;
+            last.at_bytes = self.log.stats().bytes;
             last.at_lsn = self.log.durable_lsn();
             last.at = std::time::Instant::now();
             since
         };
         let worker = self.clone();
         let result = blocking(&self.name, move || worker.checkpoint(since)).await;
-        lock(&self.checkpoints).running = false;
         self.check(result)
     }
 
@@ -1457,12 +1512,17 @@ impl Inner {
                 }
             };
             let (file, temporary) = file;
-            self.sync_staged(path, &file, bytes)?;
-            self.blobs
-                .adopt(&file, &id)
-                .map_err(|e| blob_error(&self.name, e))?;
+            let adopted = self.sync_staged(path, &file, bytes).and_then(|()| {
+                self.blobs
+                    .adopt(&file, &id)
+                    .map_err(|e| blob_error(&self.name, e))
+            });
             if temporary {
-                remove_file_if_exists(&self.name, &file)?;
+                let removed = remove_file_if_exists(&self.name, &file);
+                adopted?;
+                removed?;
+            } else {
+                adopted?;
             }
             entries.push(RedoEntry::Put {
                 path: path.clone(),
@@ -1600,6 +1660,10 @@ impl Inner {
         // Kept: every branch that was open when the checkpoint started (one that committed
         // since may be redone from its prepare record), and everything from `upto` on.
         let floor = needed.into_values().fold(upto, Lsn::min);
+        {
+            let mut last = lock(&self.checkpoints);
+            last.covered = last.covered.max(upto);
+        }
         let removed = self
             .log
             .remove_segments_below(floor)
@@ -1614,16 +1678,23 @@ impl Inner {
         if committed.is_empty() {
             return Ok(());
         }
-        let mut touched = BTreeSet::new();
+        let mut all = Vec::new();
         for (lsn, xid, redo) in &committed {
             let entries = decode_redo(redo).map_err(|e| {
                 self.fatal(format!(
                     "the branch log's prepare record of {xid} (committed at lsn {lsn}) does not decode: {e}"
                 ))
             })?;
-            for entry in &entries {
-                self.apply_entry(xid, entry, None, &mut touched)?;
-            }
+            all.extend(entries.into_iter().map(|entry| (*xid, entry)));
+        }
+        let mut touched = BTreeSet::new();
+        let live = not_superseded(&all);
+        for (xid, entry) in all
+            .iter()
+            .zip(live)
+            .filter_map(|(e, live)| live.then_some(e))
+        {
+            self.apply_entry(xid, entry, None, &mut touched)?;
         }
         tracing::info!(resource = %self.name, commits = committed.len(), "applied again the commits since the last checkpoint");
         self.checkpoint(Lsn::ZERO)
@@ -1800,7 +1871,7 @@ impl Inner {
                 "the staged content of {path} and its blob {id} are both gone"
             )));
         }
-        tracing::warn!(resource = %self.name, path, blob = %id, "staged file already moved; restoring the content from the blob store");
+        tracing::debug!(resource = %self.name, path, blob = %id, "putting the content in place from the blob store");
         let tmp = self.tmp_file();
         let blob = self.blobs.path_of(id);
         fs::hard_link(&blob, &tmp)
@@ -2353,6 +2424,35 @@ fn create_written(name: &str, what: &str, path: &Path, content: &[u8]) -> Result
     Ok(file)
 }
 
+/// Which of `entries` (in commit order) still decide their path's final state: an entry is
+/// superseded by a later one on the same path, on an ancestor of it (the ancestor became a file
+/// or went away) or on a path below it (it became a directory). Applying only the others, in
+/// order, gives the same tree as applying all of them did — and never tries to put a file where
+/// a later commit made a directory, which would fail.
+fn not_superseded(entries: &[(Xid, RedoEntry)]) -> Vec<bool> {
+    // The last position of an entry on each path, and of any entry on a path below each path.
+    let mut last_at: HashMap<&str, usize> = HashMap::new();
+    let mut last_below: HashMap<&str, usize> = HashMap::new();
+    for (i, (_, entry)) in entries.iter().enumerate() {
+        let path = entry.path();
+        last_at.insert(path, i);
+        for ancestor in ancestors(path) {
+            last_below.insert(ancestor, i);
+        }
+    }
+    entries
+        .iter()
+        .enumerate()
+        .map(|(i, (_, entry))| {
+            let path = entry.path();
+            let later = |at: Option<&usize>| at.is_some_and(|&j| j > i);
+            !(later(last_at.get(path))
+                || later(last_below.get(path))
+                || ancestors(path).any(|a| later(last_at.get(a))))
+        })
+        .collect()
+}
+
 /// Why a prepare cannot find a staged file.
 fn staged_missing(path: &str, file: &Path) -> String {
     format!(
@@ -2634,6 +2734,40 @@ mod tests {
         let mut bad_op = redo.clone();
         bad_op[5] = 9;
         assert!(decode_redo(&bad_op).unwrap_err().contains("unknown op"));
+    }
+
+    #[test]
+    fn superseded_entries_are_those_a_later_entry_decides() {
+        let x = Xid {
+            node: 1,
+            epoch: Epoch(1),
+            seq: 1,
+        };
+        let put = |path: &str| {
+            (
+                x,
+                RedoEntry::PutInline {
+                    path: path.into(),
+                    content: vec![],
+                },
+            )
+        };
+        let delete = |path: &str| (x, RedoEntry::Delete { path: path.into() });
+        let entries = vec![
+            put("a"),      // superseded: a/b below it comes later
+            delete("a"),   // superseded: a/b below it comes later
+            put("a/b"),    // decides a/b
+            put("c/d"),    // superseded: c becomes a file later
+            put("c"),      // superseded: c is put again later
+            put("c"),      // decides c
+            put("e"),      // decides e: nothing later touches it
+            delete("f/g"), // decides f/g
+            put("f/h"),    // decides f/h: a sibling does not supersede
+        ];
+        assert_eq!(
+            not_superseded(&entries),
+            vec![false, false, true, false, false, true, true, true, true]
+        );
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! The files resource: the conformance suite, path confinement (one test per refusal), locking
 //! (conflicts, waiting, locks across a restart), reading one's own writes, limits, damage by hand,
-//! a commit interrupted half-way, replay edge cases, and a full disk during prepare (on a 1 MiB
-//! tmpfs, which needs root).
+//! a commit interrupted half-way, replay edge cases, the branch log (commits applied again at
+//! open, checkpoints, trimming with carry-forward, inline content and its budget), and a full
+//! disk during prepare (on a 1 MiB tmpfs, which needs root).
 
 // A test fails by panicking, helpers included.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -15,8 +16,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use adapters::files::{
-    FilesBranch, FilesConfig, FilesResource, INLINE_FILE_BYTES_MAX, PATH_BYTES_MAX, PRIVATE_DIR,
-    RedoEntry, decode_redo, encode_redo, prepared_on_disk,
+    FilesBranch, FilesConfig, FilesResource, INLINE_BRANCH_BYTES_MAX, INLINE_FILE_BYTES_MAX,
+    PATH_BYTES_MAX, PRIVATE_DIR, RedoEntry, decode_redo, encode_redo, prepared_on_disk,
 };
 use adapters::testing::{self, Subject};
 use adapters::{Epoch, ErrorClass, Lsn, Resource, ResourceError, Vote, Xid};
@@ -656,6 +657,660 @@ async fn replay_refuses_a_malformed_redo_and_an_escaping_path() {
     assert_eq!(r.applied_lsn().await.unwrap(), Lsn::ZERO);
 }
 
+// The branch log: commits applied again at open, checkpoints, trimming.
+
+/// Kind codes of the branch log's records (`files/log.rs`).
+const LOG_PREPARED: u8 = 1;
+const LOG_COMMITTED: u8 = 2;
+const LOG_ROLLED_BACK: u8 = 3;
+const LOG_CHECKPOINT: u8 = 4;
+/// Largest record of the branch log (`files/log.rs`).
+const LOG_RECORD_BYTES_MAX: u64 = 8 << 20;
+/// First LSN of a log segment: the log's segments are `<first lsn, 20 digits>.seg`.
+const LOG_FIRST_SEGMENT: &str = "00000000000000000001.seg";
+/// Longer than the checkpoint interval of the branch log (1 s): a commit after this long
+/// runs a checkpoint before it returns.
+const PAST_CHECKPOINT_INTERVAL: Duration = Duration::from_millis(1100);
+
+/// One record of a branch log, as the tests look at it.
+#[derive(Debug)]
+struct LogRecord {
+    lsn: Lsn,
+    code: u8,
+    /// The xid of a prepare or a resolution.
+    xid: Option<Xid>,
+    /// The redo of a prepare; the `upto` of a checkpoint (8 bytes LE).
+    rest: Vec<u8>,
+}
+
+fn log_dir(root: &Path) -> PathBuf {
+    root.join(PRIVATE_DIR).join("log")
+}
+
+/// Every record of the branch log of the resource at `root`, read without opening it.
+fn log_records(root: &Path) -> Vec<LogRecord> {
+    let mut records = Vec::new();
+    journal::scan::scan_dir(&log_dir(root), LOG_RECORD_BYTES_MAX, |record| {
+        let code = record.kind.code;
+        let (xid, rest) = if code == LOG_CHECKPOINT {
+            (None, record.payload.clone())
+        } else {
+            let p = &record.payload;
+            let xid = Xid {
+                node: u32::from_le_bytes(p[..4].try_into().unwrap()),
+                epoch: Epoch(u64::from_le_bytes(p[4..12].try_into().unwrap())),
+                seq: u64::from_le_bytes(p[12..20].try_into().unwrap()),
+            };
+            (Some(xid), p[20..].to_vec())
+        };
+        records.push(LogRecord {
+            lsn: record.lsn,
+            code,
+            xid,
+            rest,
+        });
+    })
+    .unwrap();
+    records
+}
+
+/// The `upto` of every checkpoint record in the branch log.
+fn checkpoints(root: &Path) -> Vec<Lsn> {
+    log_records(root)
+        .into_iter()
+        .filter(|r| r.code == LOG_CHECKPOINT)
+        .map(|r| Lsn(u64::from_le_bytes(r.rest[..].try_into().unwrap())))
+        .collect()
+}
+
+/// The LSNs of the records of `code` for `xid` in the branch log.
+fn logged(root: &Path, code: u8, xid: &Xid) -> Vec<Lsn> {
+    log_records(root)
+        .into_iter()
+        .filter(|r| r.code == code && r.xid.as_ref() == Some(xid))
+        .map(|r| r.lsn)
+        .collect()
+}
+
+/// The LSN of the one `COMMITTED` record of `xid`.
+#[track_caller]
+fn committed_at(root: &Path, xid: &Xid) -> Lsn {
+    let lsns = logged(root, LOG_COMMITTED, xid);
+    assert_eq!(lsns.len(), 1, "COMMITTED records of {xid}: {lsns:?}");
+    lsns[0]
+}
+
+/// The segment files of the branch log, with their sizes.
+fn log_segments(root: &Path) -> Vec<(String, u64)> {
+    entries(&log_dir(root))
+        .into_iter()
+        .filter(|p| p.extension().is_some_and(|e| e == "seg"))
+        .map(|p| {
+            let size = fs::metadata(&p).unwrap().len();
+            (p.file_name().unwrap().to_str().unwrap().to_string(), size)
+        })
+        .collect()
+}
+
+/// The redo entries a branch log holds as prepared for `xid` (its latest `PREPARED`).
+fn logged_redo(root: &Path, xid: &Xid) -> Vec<RedoEntry> {
+    let record = log_records(root)
+        .into_iter()
+        .rfind(|r| r.code == LOG_PREPARED && r.xid.as_ref() == Some(xid))
+        .unwrap();
+    decode_redo(&record.rest).unwrap()
+}
+
+/// Asserts that no checkpoint ran: every commit so far is applied again at the next open.
+/// (A checkpoint runs from a commit a second after the last one, or the open; each test here
+/// commits within milliseconds of opening.)
+#[track_caller]
+fn assert_no_checkpoint(root: &Path) {
+    let upto = checkpoints(root);
+    assert!(
+        upto.is_empty(),
+        "a checkpoint ran (upto {upto:?}): the test took over a second to commit"
+    );
+}
+
+/// Prepares and commits a branch of `puts` (path, content) and `deletes`; returns its xid.
+async fn commit_branch(r: &FilesResource, puts: &[(&str, &[u8])], deletes: &[&str]) -> Xid {
+    let (xid, branch) = begun(r).await;
+    for (path, content) in puts {
+        branch.put(path, *content).await.unwrap();
+    }
+    for path in deletes {
+        branch.delete(path).await.unwrap();
+    }
+    assert!(matches!(
+        r.prepare(&xid).await.unwrap(),
+        Vote::Commit { .. }
+    ));
+    r.commit(&xid).await.unwrap();
+    xid
+}
+
+/// Replaces the file at `path` with `content` by hand, as a power failure may leave a file whose
+/// content was never synced. A new file is renamed over the old one, so that a committed file
+/// that is a link of a blob leaves the blob intact.
+fn damage(root: &Path, path: &str, content: &[u8]) {
+    let target = root.join(path);
+    let by_hand = target.with_file_name("by-hand.tmp");
+    fs::write(&by_hand, content).unwrap();
+    fs::rename(&by_hand, &target).unwrap();
+}
+
+/// The vote's redo entries of a prepare.
+async fn prepare_entries(r: &FilesResource, xid: &Xid) -> Vec<RedoEntry> {
+    match r.prepare(xid).await.unwrap() {
+        Vote::Commit { redo } => decode_redo(&redo).unwrap(),
+        other => panic!("expected a commit vote, got {other:?}"),
+    }
+}
+
+/// `count` bytes of content distinct per `seed`.
+fn content_of(seed: u32, count: usize) -> Vec<u8> {
+    (0..count)
+        .map(|i| {
+            (i as u32)
+                .wrapping_mul(31)
+                .wrapping_add(seed.wrapping_mul(131)) as u8
+        })
+        .collect()
+}
+
+/// A small committed file whose content was lost (it is not synced at commit; the branch log
+/// holds it) comes back when the resource opens: its commit is at or after the last checkpoint,
+/// so it is applied again from the log.
+#[tokio::test]
+async fn a_small_committed_file_lost_in_a_power_failure_is_applied_again_at_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = open(dir.path());
+    let root = r.root().to_path_buf();
+    commit_branch(&r, &[("d/small", b"committed"), ("top", b"top")], &[]).await;
+    assert_no_checkpoint(&root);
+    damage(&root, "d/small", b"garbage after a power failure");
+    fs::remove_file(root.join("top")).unwrap();
+    drop(r);
+
+    let r = open(dir.path());
+    assert_eq!(fs::read(root.join("d/small")).unwrap(), b"committed");
+    assert_eq!(fs::read(root.join("top")).unwrap(), b"top");
+    assert!(r.recover().await.unwrap().is_empty());
+    assert!(
+        !checkpoints(&root).is_empty(),
+        "the open checkpoints after applying the commits again"
+    );
+}
+
+/// A committed delete is applied again at open: a file that came back (here recreated by hand)
+/// is removed again.
+#[tokio::test]
+async fn a_committed_delete_is_applied_again_at_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = open(dir.path());
+    let root = r.root().to_path_buf();
+    commit_branch(
+        &r,
+        &[("d/gone", b"to be deleted"), ("d/kept", b"kept")],
+        &[],
+    )
+    .await;
+    commit_branch(&r, &[], &["d/gone"]).await;
+    assert!(!root.join("d/gone").exists());
+    assert_no_checkpoint(&root);
+    fs::write(root.join("d/gone"), b"came back").unwrap();
+    drop(r);
+
+    let r = open(dir.path());
+    assert!(!root.join("d/gone").exists());
+    assert_eq!(fs::read(root.join("d/kept")).unwrap(), b"kept");
+    // The path is free: a new branch can write it.
+    commit_file(&r, "d/gone", b"again").await;
+    assert_eq!(fs::read(root.join("d/gone")).unwrap(), b"again");
+}
+
+/// Commits are applied again at open in commit order: of two branches that wrote the same path
+/// one after the other, the later one's content is what the path holds afterwards; a path put
+/// and then deleted stays deleted.
+#[tokio::test]
+async fn commits_are_applied_again_in_commit_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = open(dir.path());
+    let root = r.root().to_path_buf();
+    let first = commit_branch(&r, &[("same", b"first"), ("flip", b"put")], &[]).await;
+    let second = commit_branch(&r, &[("same", b"second")], &["flip"]).await;
+    let third = commit_branch(&r, &[("flip", b"put again")], &[]).await;
+    assert!(committed_at(&root, &first) < committed_at(&root, &second));
+    assert!(committed_at(&root, &second) < committed_at(&root, &third));
+    assert_no_checkpoint(&root);
+    damage(&root, "same", b"damaged");
+    damage(&root, "flip", b"damaged");
+    drop(r);
+
+    let r = open(dir.path());
+    assert_eq!(fs::read(root.join("same")).unwrap(), b"second");
+    assert_eq!(fs::read(root.join("flip")).unwrap(), b"put again");
+    drop(r);
+    // The open checkpointed: nothing is applied again at the next one.
+    damage(&root, "same", b"by hand, after the checkpoint");
+    let _r = open(dir.path());
+    assert_eq!(
+        fs::read(root.join("same")).unwrap(),
+        b"by hand, after the checkpoint"
+    );
+}
+
+/// A commit whose `COMMITTED` record is below a checkpoint's `upto` is not applied again at open
+/// (its files were made durable by the checkpoint's `syncfs`), while a commit after the
+/// checkpoint is. The checkpoint is made to run by a commit more than a second after the open.
+#[tokio::test]
+async fn commits_below_a_checkpoint_are_not_applied_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = open(dir.path());
+    let root = r.root().to_path_buf();
+    let old = commit_branch(&r, &[("old", b"old committed")], &[]).await;
+    tokio::time::sleep(PAST_CHECKPOINT_INTERVAL).await;
+    // This commit runs a checkpoint before it returns.
+    let trigger = commit_branch(&r, &[("trigger", b"trigger")], &[]).await;
+    let upto = *checkpoints(&root)
+        .last()
+        .expect("a commit more than a second after the open runs a checkpoint");
+    assert!(committed_at(&root, &old) < upto);
+    assert!(committed_at(&root, &trigger) < upto);
+    let new = commit_branch(&r, &[("new", b"new committed")], &[]).await;
+    assert!(committed_at(&root, &new) >= upto);
+    assert_eq!(
+        checkpoints(&root).len(),
+        1,
+        "no second checkpoint within the second after the first"
+    );
+    damage(&root, "old", b"by hand");
+    damage(&root, "new", b"lost");
+    drop(r);
+
+    let r = open(dir.path());
+    assert_eq!(
+        fs::read(root.join("old")).unwrap(),
+        b"by hand",
+        "a commit below the checkpoint is not applied again"
+    );
+    assert_eq!(fs::read(root.join("new")).unwrap(), b"new committed");
+    assert_eq!(fs::read(root.join("trigger")).unwrap(), b"trigger");
+    assert!(r.recover().await.unwrap().is_empty());
+    assert!(prepared_on_disk(&root).unwrap().is_empty());
+    // The state is consistent: the paths are free and commit as usual.
+    commit_file(&r, "old", b"old again").await;
+    assert_eq!(fs::read(root.join("old")).unwrap(), b"old again");
+}
+
+/// Checkpoints trim the branch log: a branch prepared before many others committed (more than
+/// three segments' worth) has its prepare record carried forward, and the old segments are
+/// removed; branches prepared along the way (some just before a segment fills, some just after a
+/// checkpoint) keep their prepare records too. After a restart every one of them is still
+/// prepared and commits with its content.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trim_carries_prepared_branches_forward_and_removes_old_segments() {
+    /// Files per bulk branch, each of `INLINE_FILE_BYTES_MAX`: the whole inline budget.
+    const FILES: u32 = 16;
+    /// Bulk branches: 56 MiB of prepare records, over three 16 MiB segments.
+    const BRANCHES: u32 = 56;
+    /// A branch is prepared and left so every this many bulk branches.
+    const HELD_EVERY: u32 = 3;
+    let dir = tempfile::tempdir().unwrap();
+    let r = open(dir.path());
+    let root = r.root().to_path_buf();
+    let mut held = Vec::new();
+    let hold = async |r: &FilesResource, n: u32| {
+        let (xid, branch) = begun(r).await;
+        let (path, content) = (format!("held/{n}"), format!("held content {n}"));
+        branch.put(&path, content.as_bytes()).await.unwrap();
+        r.prepare(&xid).await.unwrap();
+        (xid, path, content)
+    };
+    held.push(hold(&r, 0).await);
+    let first = held[0].0;
+    assert_eq!(logged(&root, LOG_PREPARED, &first), vec![Lsn(1)]);
+
+    let file_bytes = INLINE_FILE_BYTES_MAX as usize;
+    assert_eq!(
+        u64::from(FILES) * INLINE_FILE_BYTES_MAX,
+        INLINE_BRANCH_BYTES_MAX
+    );
+    for i in 0..BRANCHES {
+        let (xid, b) = begun(&r).await;
+        for f in 0..FILES {
+            let content = content_of(i * FILES + f, file_bytes);
+            b.put(&format!("bulk/{f}"), &content[..]).await.unwrap();
+        }
+        let entries = prepare_entries(&r, &xid).await;
+        assert!(
+            entries
+                .iter()
+                .all(|e| matches!(e, RedoEntry::PutInline { .. })),
+            "the whole branch is within the inline budget"
+        );
+        r.commit(&xid).await.unwrap();
+        if i % HELD_EVERY == HELD_EVERY - 1 {
+            held.push(hold(&r, i + 1).await);
+        }
+        // At every moment the log on disk holds every prepared branch: a crash here loses none.
+        let mut expected: Vec<Xid> = held.iter().map(|(xid, _, _)| *xid).collect();
+        expected.sort();
+        assert_eq!(
+            prepared_on_disk(&root).unwrap(),
+            expected,
+            "after bulk branch {i}"
+        );
+    }
+    let mut held_xids: Vec<Xid> = held.iter().map(|(xid, _, _)| *xid).collect();
+    held_xids.sort();
+
+    let appended = u64::from(BRANCHES) * INLINE_BRANCH_BYTES_MAX;
+    let segments = log_segments(&root);
+    let kept: u64 = segments.iter().map(|(_, size)| size).sum();
+    assert!(
+        segments.iter().all(|(name, _)| name != LOG_FIRST_SEGMENT),
+        "the first segment, holding the first branch's first prepare record, is removed: {segments:?}"
+    );
+    assert!(
+        segments.len() <= 2 && kept < appended / 2,
+        "{appended} bytes appended, {segments:?} kept"
+    );
+    let carried = logged(&root, LOG_PREPARED, &first);
+    assert!(
+        !carried.is_empty() && carried.iter().all(|lsn| *lsn > Lsn(1)),
+        "the prepare record is carried forward: {carried:?}"
+    );
+    assert_eq!(prepared_on_disk(&root).unwrap(), held_xids);
+    drop(r);
+
+    let r = open(dir.path());
+    assert_eq!(r.recover().await.unwrap(), held_xids);
+    assert_eq!(prepared_on_disk(&root).unwrap(), held_xids);
+    for (xid, path, content) in &held {
+        assert!(!root.join(path).exists());
+        r.commit(xid).await.unwrap();
+        assert_eq!(fs::read_to_string(root.join(path)).unwrap(), *content);
+    }
+    assert!(r.recover().await.unwrap().is_empty());
+    assert!(prepared_on_disk(&root).unwrap().is_empty());
+    let last = BRANCHES - 1;
+    for f in 0..FILES {
+        let content = fs::read(root.join(format!("bulk/{f}"))).unwrap();
+        assert!(
+            content == content_of(last * FILES + f, file_bytes),
+            "bulk/{f} holds the last branch's content"
+        );
+    }
+}
+
+/// Asserts that the open resource and a read of its log on disk both list `expected` as
+/// prepared.
+async fn assert_prepared(r: &FilesResource, expected: &[Xid]) {
+    let mut expected = expected.to_vec();
+    expected.sort();
+    assert_eq!(r.recover().await.unwrap(), expected, "recover");
+    assert_eq!(
+        prepared_on_disk(r.root()).unwrap(),
+        expected,
+        "prepared_on_disk"
+    );
+}
+
+/// `prepared_on_disk`, which reads the branch log without opening it, lists the same branches as
+/// `recover` of the open resource: none while branches are active or vote read-only, the
+/// prepared ones after prepare, none once they are committed or rolled back, and the same again
+/// after a restart.
+#[tokio::test]
+async fn prepared_on_disk_agrees_with_recover() {
+    let dir = tempfile::tempdir().unwrap();
+    assert!(
+        prepared_on_disk(&dir.path().join("never opened"))
+            .unwrap()
+            .is_empty()
+    );
+    let r = open(dir.path());
+    assert_prepared(&r, &[]).await;
+    let (a, branch_a) = begun(&r).await;
+    let (b, branch_b) = begun(&r).await;
+    let (c, branch_c) = begun(&r).await;
+    let (read_only, _) = begun(&r).await;
+    branch_a.put("a", &b"a"[..]).await.unwrap();
+    branch_b
+        .put("b", &vec![2u8; INLINE_FILE_BYTES_MAX as usize + 1][..])
+        .await
+        .unwrap();
+    branch_c.put("c", &b"c"[..]).await.unwrap();
+    assert_prepared(&r, &[]).await;
+    assert_eq!(r.prepare(&read_only).await.unwrap(), Vote::ReadOnly);
+    for xid in [a, b, c] {
+        r.prepare(&xid).await.unwrap();
+    }
+    assert_prepared(&r, &[a, b, c]).await;
+    r.commit(&a).await.unwrap();
+    assert_prepared(&r, &[b, c]).await;
+    r.rollback(&b).await.unwrap();
+    assert_prepared(&r, &[c]).await;
+    assert_eq!(logged(r.root(), LOG_ROLLED_BACK, &b).len(), 1);
+    assert_eq!(logged(r.root(), LOG_COMMITTED, &a).len(), 1);
+    drop((branch_a, branch_b, branch_c, r));
+
+    let r = open(dir.path());
+    assert_prepared(&r, &[c]).await;
+    r.commit(&c).await.unwrap();
+    assert_prepared(&r, &[]).await;
+    assert_eq!(fs::read(r.root().join("a")).unwrap(), b"a");
+    assert!(!r.root().join("b").exists());
+    assert_eq!(fs::read(r.root().join("c")).unwrap(), b"c");
+}
+
+/// One branch with a large put (over `INLINE_FILE_BYTES_MAX`) and two small ones: the large
+/// content goes through a staged file into the blob store (a `Put` naming the blob), the small
+/// ones inline (`PutInline`), in the vote and in the prepare record alike; all three commit and
+/// are in place after a restart, even when lost by hand (the large one from its blob).
+#[tokio::test]
+async fn large_and_small_puts_in_one_branch_commit_and_survive_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = open(dir.path());
+    let root = r.root().to_path_buf();
+    let large = content_of(1, INLINE_FILE_BYTES_MAX as usize + 1);
+    let (xid, branch) = begun(&r).await;
+    branch.put("mix/large", &large[..]).await.unwrap();
+    branch.put("mix/small-1", &b"small one"[..]).await.unwrap();
+    branch.put("small-2", &b"small two"[..]).await.unwrap();
+    assert_eq!(
+        staged_files(&r, &xid).len(),
+        1,
+        "only the large content is staged in a file"
+    );
+    let expected = vec![
+        RedoEntry::Put {
+            path: "mix/large".into(),
+            id: BlobId::of(&large),
+            bytes: large.len() as u64,
+        },
+        RedoEntry::PutInline {
+            path: "mix/small-1".into(),
+            content: b"small one".to_vec(),
+        },
+        RedoEntry::PutInline {
+            path: "small-2".into(),
+            content: b"small two".to_vec(),
+        },
+    ];
+    assert_eq!(prepare_entries(&r, &xid).await, expected);
+    assert_eq!(logged_redo(&root, &xid), expected);
+    assert!(r.blob_store().contains(&BlobId::of(&large)));
+    r.commit(&xid).await.unwrap();
+    assert!(staged_files(&r, &xid).is_empty());
+    assert_eq!(fs::read(root.join("mix/large")).unwrap(), large);
+    assert_no_checkpoint(&root);
+    drop((branch, r));
+
+    let r = open(dir.path());
+    assert_eq!(fs::read(root.join("mix/large")).unwrap(), large);
+    assert_eq!(fs::read(root.join("mix/small-1")).unwrap(), b"small one");
+    assert_eq!(fs::read(root.join("small-2")).unwrap(), b"small two");
+    drop(r);
+
+    // Lost by hand before an open that applies the commit again: each file is put back.
+    let dir = tempfile::tempdir().unwrap();
+    let r = open(dir.path());
+    let root = r.root().to_path_buf();
+    commit_branch(
+        &r,
+        &[
+            ("mix/large", &large),
+            ("mix/small-1", b"small one"),
+            ("small-2", b"small two"),
+        ],
+        &[],
+    )
+    .await;
+    assert_no_checkpoint(&root);
+    for path in ["mix/large", "mix/small-1", "small-2"] {
+        damage(&root, path, b"lost");
+    }
+    drop(r);
+    let r = open(dir.path());
+    assert_eq!(fs::read(root.join("mix/large")).unwrap(), large);
+    assert_eq!(fs::read(root.join("mix/small-1")).unwrap(), b"small one");
+    assert_eq!(fs::read(root.join("small-2")).unwrap(), b"small two");
+    assert!(r.blob_store().contains(&BlobId::of(&large)));
+}
+
+/// Commits a branch of `count` files of `INLINE_FILE_BYTES_MAX` bytes, put in `order`, and
+/// checks its redo: at most `INLINE_BRANCH_BYTES_MAX` inline (the first files in path order), the
+/// rest as blobs; returns the contents by path.
+async fn commit_over_the_inline_budget(
+    r: &FilesResource,
+    count: u32,
+    order: impl Iterator<Item = u32>,
+) -> Vec<(String, Vec<u8>)> {
+    let file_bytes = INLINE_FILE_BYTES_MAX as usize;
+    let inline_files = (INLINE_BRANCH_BYTES_MAX / INLINE_FILE_BYTES_MAX) as usize;
+    let files: Vec<(String, Vec<u8>)> = (0..count)
+        .map(|i| (format!("budget/{i:02}"), content_of(1000 + i, file_bytes)))
+        .collect();
+    let (xid, branch) = begun(r).await;
+    for i in order {
+        let (path, content) = &files[i as usize];
+        branch.put(path, &content[..]).await.unwrap();
+    }
+    assert_eq!(
+        staged_files(r, &xid).len(),
+        count as usize - inline_files,
+        "the puts over the budget are staged in files"
+    );
+    let entries = prepare_entries(r, &xid).await;
+    assert_eq!(entries, logged_redo(r.root(), &xid));
+    let inline: u64 = entries
+        .iter()
+        .map(|e| match e {
+            RedoEntry::PutInline { content, .. } => content.len() as u64,
+            _ => 0,
+        })
+        .sum();
+    assert_eq!(inline, INLINE_BRANCH_BYTES_MAX, "the budget is used up");
+    for (i, (entry, (path, content))) in entries.iter().zip(&files).enumerate() {
+        if i < inline_files {
+            assert_eq!(
+                entry,
+                &RedoEntry::PutInline {
+                    path: path.clone(),
+                    content: content.clone(),
+                }
+            );
+        } else {
+            assert_eq!(
+                entry,
+                &RedoEntry::Put {
+                    path: path.clone(),
+                    id: BlobId::of(content),
+                    bytes: content.len() as u64,
+                }
+            );
+            assert!(r.blob_store().contains(&BlobId::of(content)));
+        }
+    }
+    r.commit(&xid).await.unwrap();
+    assert!(staged_files(r, &xid).is_empty());
+    for (path, content) in &files {
+        assert!(
+            fs::read(r.root().join(path)).unwrap() == *content,
+            "{path} holds its content"
+        );
+    }
+    files
+}
+
+/// A branch putting 20 files of 64 KiB (1.25 MiB) carries at most `INLINE_BRANCH_BYTES_MAX`
+/// inline; the rest goes through staged files and the blob store. Put in path order, the first
+/// 16 stay in memory and the last 4 are staged in files; put in reverse order, the same 16 paths
+/// are inline (read back from their staged files) and the other 4 are written out from memory
+/// at prepare. Either way the contents are right, also after a restart.
+#[tokio::test]
+async fn the_inline_budget_of_a_branch_sends_the_rest_through_blobs() {
+    const COUNT: u32 = 20;
+    let dir = tempfile::tempdir().unwrap();
+    let r = open(dir.path());
+    commit_over_the_inline_budget(&r, COUNT, 0..COUNT).await;
+    let files = commit_over_the_inline_budget(&r, COUNT, (0..COUNT).rev()).await;
+    assert!(entries(&private(&r).join("staging")).is_empty());
+    drop(r);
+
+    let r = open(dir.path());
+    for (path, content) in &files {
+        assert!(
+            fs::read(r.root().join(path)).unwrap() == *content,
+            "{path} holds its content after a restart"
+        );
+    }
+}
+
+/// A branch reads its own writes whether they are staged in memory (up to
+/// `INLINE_FILE_BYTES_MAX` bytes) or in a staged file (one byte more), through `read` and
+/// `open_read`; reading from memory leaves no temp file behind; other branches see none of it.
+#[tokio::test]
+async fn a_branch_reads_content_staged_in_memory_and_in_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = open(dir.path());
+    let small = content_of(7, INLINE_FILE_BYTES_MAX as usize);
+    let large = content_of(8, INLINE_FILE_BYTES_MAX as usize + 1);
+    let (xid, a) = begun(&r).await;
+    a.put("small", &small[..]).await.unwrap();
+    assert!(
+        staged_files(&r, &xid).is_empty(),
+        "small content is staged in memory"
+    );
+    a.put("large", &large[..]).await.unwrap();
+    assert_eq!(staged_files(&r, &xid).len(), 1);
+
+    assert_eq!(a.read("small").await.unwrap(), small);
+    assert_eq!(a.read("large").await.unwrap(), large);
+    for (path, content) in [("small", &small), ("large", &large)] {
+        let mut read = Vec::new();
+        io::Read::read_to_end(&mut a.open_read(path).await.unwrap(), &mut read).unwrap();
+        assert!(read == *content, "open_read of {path}");
+    }
+    assert!(
+        entries(&private(&r).join("tmp")).is_empty(),
+        "the file of content read from memory has no name"
+    );
+    // Replaced in memory: the latest content is read.
+    a.put("small", &b"replaced"[..]).await.unwrap();
+    assert_eq!(a.read("small").await.unwrap(), b"replaced");
+
+    let (_, b) = begun(&r).await;
+    for path in ["small", "large"] {
+        assert!(rejected(b.read(path).await).contains("No such file"));
+    }
+    r.rollback(&xid).await.unwrap();
+    assert!(staged_files(&r, &xid).is_empty());
+    assert!(!r.root().join("small").exists() && !r.root().join("large").exists());
+}
+
 // A full disk.
 
 /// A tmpfs mounted on a directory for the life of the guard.
@@ -728,4 +1383,71 @@ async fn a_full_disk_during_prepare_is_refused_and_leaves_the_branch_rollbackabl
     commit_file(&r, "upload", b"fits now").await;
     assert_eq!(fs::read(r.root().join("upload")).unwrap(), b"fits now");
     drop((a, r));
+}
+
+// Known bugs of the redo at open: ignored until `files.rs` is fixed; run with `--ignored`.
+
+/// BUG: a path committed as a file, deleted, then used as a directory (`a`, then `a/b`), all
+/// after the last checkpoint, makes the resource refuse to open: the redo at open puts `a`
+/// again through the confinement check, which refuses it ("it is a directory"), and `open`
+/// fails with `Rejected` every time — no checkpoint can run to get past it.
+#[tokio::test]
+
+async fn a_file_deleted_and_then_used_as_a_directory_does_not_block_the_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = open(dir.path());
+    let root = r.root().to_path_buf();
+    commit_branch(&r, &[("a", b"a file")], &[]).await;
+    commit_branch(&r, &[], &["a"]).await;
+    commit_branch(&r, &[("a/b", b"below")], &[]).await;
+    assert_no_checkpoint(&root);
+    drop(r);
+
+    let r = FilesResource::open("files", dir.path(), config()).unwrap();
+    assert_eq!(fs::read(r.root().join("a/b")).unwrap(), b"below");
+}
+
+/// BUG: the same with the file put below a checkpoint: the redo of the delete of `a` refuses
+/// it ("it is a directory") and `open` fails.
+#[tokio::test]
+
+async fn a_delete_of_a_path_later_used_as_a_directory_does_not_block_the_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = open(dir.path());
+    let root = r.root().to_path_buf();
+    commit_branch(&r, &[("a", b"a file")], &[]).await;
+    tokio::time::sleep(PAST_CHECKPOINT_INTERVAL).await;
+    commit_branch(&r, &[("trigger", b"checkpoint")], &[]).await;
+    assert_eq!(checkpoints(&root).len(), 1);
+    commit_branch(&r, &[], &["a"]).await;
+    commit_branch(&r, &[("a/b", b"below")], &[]).await;
+    assert_eq!(checkpoints(&root).len(), 1);
+    drop(r);
+
+    let r = FilesResource::open("files", dir.path(), config()).unwrap();
+    assert_eq!(fs::read(r.root().join("a/b")).unwrap(), b"below");
+}
+
+/// BUG (for when one root both commits and replays, as a demoted primary rejoining as a
+/// standby will): the redo at open applies local commits after the last checkpoint again,
+/// over content a later replay wrote; `applied_lsn` says the replay is done, so nothing
+/// repairs it.
+#[tokio::test]
+
+async fn a_replay_after_local_commits_is_not_undone_at_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = open(dir.path());
+    let root = r.root().to_path_buf();
+    commit_branch(&r, &[("p", b"local commit")], &[]).await;
+    let redo = encode_redo(&[RedoEntry::PutInline {
+        path: "p".into(),
+        content: b"replayed later".to_vec(),
+    }]);
+    r.replay(&redo, Lsn(1)).await.unwrap();
+    assert_eq!(fs::read(root.join("p")).unwrap(), b"replayed later");
+    drop(r);
+
+    let r = open(dir.path());
+    assert_eq!(r.applied_lsn().await.unwrap(), Lsn(1));
+    assert_eq!(fs::read(root.join("p")).unwrap(), b"replayed later");
 }

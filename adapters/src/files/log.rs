@@ -10,11 +10,9 @@
 //!   is durable. The redo is the branch's entries in the redo encoding of the files module
 //!   (content inline for small files, blob ids for the others, deletes).
 //! * `COMMITTED(xid)` and `ROLLED_BACK(xid)` — appended when a branch is resolved, after its
-//!   changes are durable, without waiting: they are made durable by the next prepare (or close).
-//!   A lost one is harmless: the branch comes back prepared after a restart and is resolved
-//!   again the same way (see "Crashes" in the files module docs for why committing it again
-//!   cannot overwrite a later branch's write).
-//!
+//!   files are in place, and waited for before the resolution returns (the coordinator may
+//!   forget the transaction afterwards). Appended under the resource's state lock, before the
+//!   branch's locks are released.
 //! * `CHECKPOINT(upto)` — appended after a `syncfs` of the root's file system: every commit whose
 //!   `COMMITTED` record is below `upto` has its files durable in the tree.
 //!
@@ -30,8 +28,9 @@
 //! state lock, like every resolution, so a resolution always follows the copy it resolves.
 //!
 //! Record payloads (kind codes below, version 1): the xid as node u32 LE, epoch u64 LE and
-//! seq u64 LE (20 bytes), then for `PREPARED` the redo; for `CHECKPOINT`, `upto` as u64 LE. Records are written in epoch 0: the log
-//! is private to the resource, and fencing is the resource's own state.
+//! seq u64 LE (20 bytes), then for `PREPARED` the redo; for `CHECKPOINT`, `upto` as u64 LE.
+//! Records are written in epoch 0: the log is private to the resource, and fencing is the
+//! resource's own state.
 
 use std::collections::HashMap;
 use std::path::Path;
