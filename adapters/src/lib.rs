@@ -19,7 +19,8 @@
 //!   [`Resource::applied_lsn`] reports the last one, so replaying the same LSN twice is a no-op.
 //!
 //! Errors are [`ResourceError`]s sorted by what the coordinator must do ([`ErrorClass`]).
-//! [`testing`] holds the conformance suite every resource runs.
+//! [`testing`] holds the conformance suite every resource runs; [`pgtest`] starts the throwaway
+//! PostgreSQL cluster that tests, the demo and the benchmark use.
 //!
 //! # Implementation caveats
 //!
@@ -30,6 +31,8 @@ mod dirsync;
 pub mod error;
 pub mod files;
 pub mod null;
+pub mod pgtest;
+pub mod postgres;
 pub mod testing;
 pub mod xid;
 

@@ -1,0 +1,1025 @@
+//! The PostgreSQL resource: a branch is a transaction in a real PostgreSQL database, prepared
+//! with `PREPARE TRANSACTION` and resolved with `COMMIT PREPARED` / `ROLLBACK PREPARED`.
+//!
+//! * **A branch** ([`PgBranch`], reached with [`PostgresResource::branch`]) is one connection
+//!   from the resource's pool with an open transaction, on which the application runs its own
+//!   statements. Begin opens it (and refuses a fenced epoch at once).
+//! * **Prepare** sends, in one round trip: `concord.check_fence(epoch)` (reads the fence epoch
+//!   `FOR SHARE`, fails when the branch's epoch is below it), the read-and-delete of the rows the
+//!   capture trigger wrote in this transaction (the **redo**), the branch's marker row, and
+//!   `PREPARE TRANSACTION 'concord:<xid>:<resource>'`. The connection then goes back to the pool:
+//!   a prepared transaction belongs to the server, not to the session. A branch that wrote
+//!   nothing (no transaction id was ever assigned) votes read-only and is simply ended.
+//! * **Commit / rollback** run `COMMIT PREPARED` / `ROLLBACK PREPARED` on any pooled connection.
+//!   When the prepared transaction no longer exists, its marker tells what happened to it: a
+//!   commit that finds the marker, or a rollback that finds none, already happened and succeeds;
+//!   the opposite is reported in doubt, never guessed.
+//! * **Recover** lists `pg_prepared_xacts` entries of this database whose gid carries this
+//!   resource's name and an xid of this node.
+//! * **Fence** raises `concord.fence.epoch`, with a lock timeout: a prepared branch of an older
+//!   epoch holds its share lock on the fence row until it is resolved, so the fence waits for
+//!   those — and when they are not resolved within the timeout, it fails naming them instead of
+//!   hanging. An old branch can therefore never be prepared, nor still be unresolved, once a
+//!   fence has succeeded (`docs/postgres.md`).
+//! * **Replay** applies a redo's row images by primary key (`concord.apply_row`) in one
+//!   transaction, with `concord.replaying` on (the capture trigger stays quiet), together with
+//!   the LSN in `concord.applied`; an LSN at or below the applied one changes nothing.
+//!
+//! The redo (version 1) is JSON: `{"v":1,"rows":[[table, op, pk, row], …]}`, where `table` is
+//! the quoted `schema.table`, `op` is `"U"` (the row now has this image) or `"D"` (the row with
+//! this key is gone), `pk` an object of the primary key's columns and `row` the whole row
+//! (`to_jsonb`), `null` for a delete.
+//!
+//! [`install`] and [`replicate`] set up a database (`concord pg install|replicate`);
+//! [`PostgresResource::open`] checks it: the schema version, and `max_prepared_transactions`
+//! above 0 (reported with the fix otherwise).
+
+pub mod schema;
+
+use std::any::Any;
+use std::collections::HashMap;
+use std::str::FromStr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime};
+use tokio_postgres::error::SqlState;
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{Client, NoTls, Row, SimpleQueryMessage};
+
+use crate::{Epoch, Lsn, Resource, ResourceError, Vote, Xid};
+
+type Result<T, E = ResourceError> = std::result::Result<T, E>;
+
+/// The redo version written and read here.
+const REDO_VERSION: u64 = 1;
+/// Markers older than this are pruned (a branch resolved so long ago is never asked about).
+const MARKER_RETENTION: &str = "7 days";
+/// How many read-only branches are remembered, so that preparing one again votes the same.
+const READ_ONLY_REMEMBERED_MAX: usize = 4096;
+/// Markers are pruned after every this many commits.
+const PRUNE_EVERY: u64 = 1000;
+
+/// How a PostgreSQL resource connects and behaves.
+#[derive(Clone, Debug)]
+pub struct PostgresConfig {
+    /// A libpq-style connection string (`host=… port=… user=… dbname=…`) or URL.
+    pub url: String,
+    /// This coordinator node (its xids are the ones `recover` lists).
+    pub node: u32,
+    /// Most connections: open branches plus the coordinator's own calls.
+    pub pool_size: usize,
+    /// How long a branch waits for a free connection before it fails (milliseconds).
+    pub pool_wait_ms: u64,
+    /// How long `fence` waits for prepared branches of older epochs (milliseconds).
+    pub fence_wait_ms: u64,
+}
+
+impl PostgresConfig {
+    /// Defaults for `url` and `node`.
+    pub fn new(url: impl Into<String>, node: u32) -> PostgresConfig {
+        PostgresConfig {
+            url: url.into(),
+            node,
+            pool_size: 64,
+            pool_wait_ms: 5_000,
+            fence_wait_ms: 2_000,
+        }
+    }
+}
+
+/// The PostgreSQL resource; see the module docs.
+pub struct PostgresResource {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    name: String,
+    config: PostgresConfig,
+    /// Where the server is, for errors (never the password).
+    target: String,
+    pool: Pool,
+    /// Open (not yet prepared) branches: their connection, inside a transaction.
+    branches: Mutex<HashMap<Xid, Arc<tokio::sync::Mutex<Option<Object>>>>>,
+    /// The redo of every branch this instance prepared and has not resolved yet, so that a
+    /// repeated prepare votes the same (the captured rows are invisible outside the prepared
+    /// transaction, so they cannot be read again).
+    votes: Mutex<HashMap<Xid, Vec<u8>>>,
+    /// The last branches that voted read-only (at most `READ_ONLY_REMEMBERED_MAX`), so that a
+    /// repeated prepare votes the same.
+    read_only: Mutex<std::collections::VecDeque<Xid>>,
+    commits: AtomicU64,
+}
+
+/// An application's handle on one branch: its statements run in the branch's transaction.
+pub struct PgBranch {
+    inner: Arc<Inner>,
+    xid: Xid,
+    conn: Arc<tokio::sync::Mutex<Option<Object>>>,
+}
+
+/// Sets up (or upgrades) the `concord` schema in the database at `url`; idempotent.
+pub async fn install(name: &str, url: &str) -> Result<schema::Installed> {
+    let (mut client, target) = connect(name, url).await?;
+    schema::install(&mut client)
+        .await
+        .map_err(|e| schema_error(name, &target, e))
+}
+
+/// Installs the capture trigger on each of `tables` (`schema.table` or `table`), so that their
+/// changed rows travel in the redo; a table without a primary key is refused. Idempotent.
+pub async fn replicate(name: &str, url: &str, tables: &[String]) -> Result<Vec<String>> {
+    let (mut client, target) = connect(name, url).await?;
+    schema::check(&client, name)
+        .await
+        .map_err(|e| schema_error(name, &target, e))?;
+    let tx = client
+        .transaction()
+        .await
+        .map_err(|e| db_error(name, &target, "begin", &e))?;
+    let mut done = Vec::new();
+    for table in tables {
+        let found = tx
+            .query_opt(
+                "SELECT c.oid::regclass::text, format('%I.%I', n.nspname, c.relname)
+                 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                 WHERE c.oid = to_regclass($1) AND c.relkind IN ('r', 'p')",
+                &[table],
+            )
+            .await
+            .map_err(|e| db_error(name, &target, &format!("look up table {table:?}"), &e))?;
+        let Some(found) = found else {
+            return Err(ResourceError::rejected(
+                name,
+                format!("table {table:?} does not exist (or is not a table) in {target}"),
+            ));
+        };
+        let (regclass, qualified): (String, String) = (found.get(0), found.get(1));
+        let pk: Vec<String> = tx
+            .query(
+                "SELECT a.attname::text FROM pg_index i
+                 JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey)
+                 WHERE i.indrelid = $1::text::regclass AND i.indisprimary
+                 ORDER BY array_position(i.indkey::int2[], a.attnum)",
+                &[&regclass],
+            )
+            .await
+            .map_err(|e| {
+                db_error(
+                    name,
+                    &target,
+                    &format!("read the primary key of {qualified}"),
+                    &e,
+                )
+            })?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        if pk.is_empty() {
+            return Err(ResourceError::rejected(
+                name,
+                format!(
+                    "table {qualified} has no primary key: concord replays rows by primary key; add one (ALTER TABLE {qualified} ADD PRIMARY KEY (…)) and run replicate again"
+                ),
+            ));
+        }
+        let args = pk
+            .iter()
+            .map(|c| quote_literal(c))
+            .collect::<Vec<_>>()
+            .join(", ");
+        tx.batch_execute(&format!(
+            "CREATE OR REPLACE TRIGGER concord_capture AFTER INSERT OR UPDATE OR DELETE ON {qualified}
+             FOR EACH ROW EXECUTE FUNCTION concord.capture_row({args})"
+        ))
+        .await
+        .map_err(|e| {
+            db_error(name, &target, &format!("install the capture trigger on {qualified}"), &e)
+        })?;
+        tx.execute(
+            "INSERT INTO concord.replicated (tbl, pk_cols) VALUES ($1, $2)
+             ON CONFLICT (tbl) DO UPDATE SET pk_cols = excluded.pk_cols, at = now()",
+            &[&qualified, &pk],
+        )
+        .await
+        .map_err(|e| {
+            db_error(
+                name,
+                &target,
+                &format!("record {qualified} as replicated"),
+                &e,
+            )
+        })?;
+        done.push(qualified);
+    }
+    tx.commit()
+        .await
+        .map_err(|e| db_error(name, &target, "commit", &e))?;
+    Ok(done)
+}
+
+impl PostgresResource {
+    /// Connects (a pool of `pool_size`), checks `max_prepared_transactions` and the schema.
+    pub async fn open(name: &str, config: PostgresConfig) -> Result<Arc<PostgresResource>> {
+        check_name(name)?;
+        let pg: tokio_postgres::Config =
+            tokio_postgres::Config::from_str(&config.url).map_err(|e| {
+                ResourceError::rejected(name, format!("the connection string is invalid: {e}"))
+            })?;
+        let target = target_of(&pg);
+        let manager = Manager::from_config(
+            pg,
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let wait = Duration::from_millis(config.pool_wait_ms);
+        let pool = Pool::builder(manager)
+            .max_size(config.pool_size.max(2))
+            .runtime(Runtime::Tokio1)
+            .wait_timeout(Some(wait))
+            .create_timeout(Some(wait))
+            .build()
+            .map_err(|e| ResourceError::rejected(name, format!("connection pool: {e}")))?;
+        let inner = Arc::new(Inner {
+            name: name.to_string(),
+            config,
+            target,
+            pool,
+            branches: Mutex::new(HashMap::new()),
+            votes: Mutex::new(HashMap::new()),
+            read_only: Mutex::new(std::collections::VecDeque::new()),
+            commits: AtomicU64::new(0),
+        });
+        let conn = inner.conn().await?;
+        let max: String = conn
+            .query_one("SHOW max_prepared_transactions", &[])
+            .await
+            .map_err(|e| inner.db("read max_prepared_transactions", &e))?
+            .get(0);
+        if max.trim() == "0" {
+            return Err(ResourceError::rejected(
+                name,
+                format!(
+                    "{} has max_prepared_transactions = 0, so it cannot prepare transactions: set max_prepared_transactions (at least the number of concurrent transactions, e.g. 100) in postgresql.conf and restart the server",
+                    inner.target
+                ),
+            ));
+        }
+        schema::check(&conn, name)
+            .await
+            .map_err(|e| schema_error(name, &inner.target, e))?;
+        drop(conn);
+        tracing::info!(resource = name, server = %inner.target, "postgres resource open");
+        Ok(Arc::new(PostgresResource { inner }))
+    }
+
+    /// The handle of the branch of `xid`, which must have been begun ([`Resource::begin`]).
+    pub fn branch(&self, xid: &Xid) -> Result<PgBranch> {
+        let conn = self.inner.slots().get(xid).cloned().ok_or_else(|| {
+            self.inner
+                .rejected(format!("branch {xid} is not open here"))
+        })?;
+        Ok(PgBranch {
+            inner: self.inner.clone(),
+            xid: *xid,
+            conn,
+        })
+    }
+
+    /// The gid of the branch of `xid`: `concord:<xid>:<resource>`.
+    pub fn gid(&self, xid: &Xid) -> String {
+        self.inner.gid(xid)
+    }
+
+    /// The prepared `concord:` transactions of this resource and node, with their gid and the
+    /// time they were prepared (for `concord txn list` and the orphan sweeper).
+    pub async fn prepared(&self) -> Result<Vec<PreparedBranch>> {
+        self.inner.prepared().await
+    }
+}
+
+/// A prepared branch as PostgreSQL lists it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PreparedBranch {
+    /// The branch's transaction.
+    pub xid: Xid,
+    /// Its gid.
+    pub gid: String,
+    /// Seconds since it was prepared.
+    pub age_s: f64,
+}
+
+impl PgBranch {
+    /// The branch's transaction.
+    pub fn xid(&self) -> &Xid {
+        &self.xid
+    }
+
+    /// Runs a statement in the branch; returns the number of rows it changed.
+    pub async fn execute(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<u64> {
+        let guard = self.conn.lock().await;
+        let conn = self.open(&guard)?;
+        conn.execute(sql, params)
+            .await
+            .map_err(|e| self.inner.statement(&self.xid, &e))
+    }
+
+    /// Runs a query in the branch.
+    pub async fn query(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Vec<Row>> {
+        let guard = self.conn.lock().await;
+        let conn = self.open(&guard)?;
+        conn.query(sql, params)
+            .await
+            .map_err(|e| self.inner.statement(&self.xid, &e))
+    }
+
+    /// Runs a query that returns exactly one row.
+    pub async fn query_one(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Row> {
+        let guard = self.conn.lock().await;
+        let conn = self.open(&guard)?;
+        conn.query_one(sql, params)
+            .await
+            .map_err(|e| self.inner.statement(&self.xid, &e))
+    }
+
+    /// Runs several statements (no parameters, no results).
+    pub async fn batch_execute(&self, sql: &str) -> Result<()> {
+        let guard = self.conn.lock().await;
+        let conn = self.open(&guard)?;
+        conn.batch_execute(sql)
+            .await
+            .map_err(|e| self.inner.statement(&self.xid, &e))
+    }
+
+    fn open<'g>(&self, guard: &'g Option<Object>) -> Result<&'g Object> {
+        guard.as_ref().ok_or_else(|| {
+            self.inner.rejected(format!(
+                "branch {} is being prepared or resolved; it takes no more statements",
+                self.xid
+            ))
+        })
+    }
+}
+
+#[async_trait::async_trait]
+impl Resource for PostgresResource {
+    fn name(&self) -> &str {
+        &self.inner.name
+    }
+
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+
+    async fn begin(&self, xid: &Xid) -> Result<()> {
+        let inner = &self.inner;
+        if inner.slots().contains_key(xid) {
+            return Ok(());
+        }
+        let conn = inner.conn().await?;
+        let rows = conn
+            .simple_query("BEGIN; SELECT epoch FROM concord.fence WHERE id = 1")
+            .await
+            .map_err(|e| inner.db("begin", &e))?;
+        let fence = first_value(&rows)
+            .and_then(|v| v.parse::<u64>().ok())
+            .ok_or_else(|| inner.fatal("concord.fence has no row: reinstall the schema".into()))?;
+        if xid.epoch.0 < fence {
+            let _ = conn.batch_execute("ROLLBACK").await;
+            return Err(ResourceError::Fenced {
+                resource: inner.name.clone(),
+                offered: xid.epoch,
+                current: Epoch(fence),
+            });
+        }
+        inner
+            .slots()
+            .insert(*xid, Arc::new(tokio::sync::Mutex::new(Some(conn))));
+        Ok(())
+    }
+
+    async fn prepare(&self, xid: &Xid) -> Result<Vote> {
+        let inner = &self.inner;
+        let Some(slot) = inner.slots().get(xid).cloned() else {
+            // Prepared before (the slot is gone once prepared): vote again from the database.
+            return inner.vote_again(xid).await;
+        };
+        let mut guard = slot.lock().await;
+        let Some(conn) = guard.take() else {
+            return Err(inner.unavailable(format!("branch {xid} is being prepared; try again")));
+        };
+        let result = inner.prepare_on(&conn, xid).await;
+        inner.slots().remove(xid);
+        match result {
+            Ok(vote) => {
+                match &vote {
+                    Vote::Commit { redo } => {
+                        lock(&inner.votes).insert(*xid, redo.clone());
+                    }
+                    Vote::ReadOnly => {
+                        let mut read_only = lock(&inner.read_only);
+                        if read_only.len() >= READ_ONLY_REMEMBERED_MAX {
+                            read_only.pop_front();
+                        }
+                        read_only.push_back(*xid);
+                    }
+                }
+                Ok(vote)
+            }
+            Err(e) => {
+                // The transaction failed: end it; the branch is gone.
+                let _ = conn.batch_execute("ROLLBACK").await;
+                drop(conn);
+                match e {
+                    ResourceError::Fenced {
+                        resource, offered, ..
+                    } => Err(ResourceError::Fenced {
+                        resource,
+                        offered,
+                        current: self.fence_epoch().await.unwrap_or(offered),
+                    }),
+                    other => Err(other),
+                }
+            }
+        }
+    }
+
+    async fn commit(&self, xid: &Xid) -> Result<()> {
+        let inner = &self.inner;
+        if inner.slots().contains_key(xid) {
+            return Err(inner.rejected(format!(
+                "branch {xid} is not prepared; prepare it first (one-phase commit is not offered here)"
+            )));
+        }
+        inner.resolve(xid, true).await
+    }
+
+    async fn rollback(&self, xid: &Xid) -> Result<()> {
+        let inner = &self.inner;
+        let slot = inner.slots().remove(xid);
+        if let Some(slot) = slot {
+            if let Some(conn) = slot.lock().await.take() {
+                conn.batch_execute("ROLLBACK")
+                    .await
+                    .map_err(|e| inner.db("roll back", &e))?;
+            }
+            return Ok(());
+        }
+        inner.resolve(xid, false).await
+    }
+
+    async fn recover(&self) -> Result<Vec<Xid>> {
+        let mut xids: Vec<Xid> = self
+            .inner
+            .prepared()
+            .await?
+            .into_iter()
+            .map(|p| p.xid)
+            .collect();
+        xids.sort();
+        Ok(xids)
+    }
+
+    async fn fence(&self, epoch: Epoch) -> Result<()> {
+        self.inner.fence(epoch).await
+    }
+
+    async fn fence_epoch(&self) -> Result<Epoch> {
+        let inner = &self.inner;
+        let conn = inner.conn().await?;
+        let epoch: i64 = conn
+            .query_one("SELECT epoch FROM concord.fence WHERE id = 1", &[])
+            .await
+            .map_err(|e| inner.db("read the fence epoch", &e))?
+            .get(0);
+        Ok(Epoch(u64::try_from(epoch).unwrap_or(0)))
+    }
+
+    async fn replay(&self, redo: &[u8], lsn: Lsn) -> Result<()> {
+        self.inner.replay(redo, lsn).await
+    }
+
+    async fn applied_lsn(&self) -> Result<Lsn> {
+        let inner = &self.inner;
+        let conn = inner.conn().await?;
+        let row = conn
+            .query_opt(
+                "SELECT lsn FROM concord.applied WHERE resource = $1",
+                &[&inner.name],
+            )
+            .await
+            .map_err(|e| inner.db("read the applied lsn", &e))?;
+        Ok(Lsn(row
+            .map(|r| r.get::<_, i64>(0))
+            .and_then(|l| u64::try_from(l).ok())
+            .unwrap_or(0)))
+    }
+}
+
+impl Inner {
+    fn slots(&self) -> MutexGuard<'_, HashMap<Xid, Arc<tokio::sync::Mutex<Option<Object>>>>> {
+        lock(&self.branches)
+    }
+
+    fn gid(&self, xid: &Xid) -> String {
+        format!("concord:{xid}:{}", self.name)
+    }
+
+    /// A pooled connection; a server that cannot be reached is retryable.
+    async fn conn(&self) -> Result<Object> {
+        self.pool.get().await.map_err(|e| {
+            self.unavailable(format!(
+                "cannot get a connection to {}: {}",
+                self.target,
+                pool_error_text(&e)
+            ))
+        })
+    }
+
+    /// Fence check, redo, marker and `PREPARE TRANSACTION`, in one round trip.
+    async fn prepare_on(&self, conn: &Client, xid: &Xid) -> Result<Vote> {
+        let assigned = conn
+            .simple_query("SELECT pg_current_xact_id_if_assigned() IS NOT NULL")
+            .await
+            .map_err(|e| self.statement(xid, &e))?;
+        if first_value(&assigned) != Some("t") {
+            conn.batch_execute("COMMIT")
+                .await
+                .map_err(|e| self.statement(xid, &e))?;
+            return Ok(Vote::ReadOnly);
+        }
+        let gid = self.gid(xid);
+        let sql = format!(
+            "SELECT concord.check_fence({epoch});
+             WITH d AS (DELETE FROM concord.capture WHERE txid = pg_current_xact_id()
+                        RETURNING id, tbl, op, pk, row_image)
+             SELECT json_build_array(tbl, op::text, pk, row_image)::text FROM d ORDER BY id;
+             INSERT INTO concord.markers (gid, xid, node) VALUES ({gid_lit}, {xid_lit}, {node});
+             PREPARE TRANSACTION {gid_lit}",
+            epoch = xid.epoch.0,
+            gid_lit = quote_literal(&gid),
+            xid_lit = quote_literal(&xid.to_string()),
+            node = xid.node,
+        );
+        let messages = conn.simple_query(&sql).await.map_err(|e| {
+            if e.code().is_some_and(|c| c.code() == "CF001") {
+                ResourceError::Fenced {
+                    resource: self.name.clone(),
+                    offered: xid.epoch,
+                    current: Epoch(0),
+                }
+            } else {
+                self.statement(xid, &e)
+            }
+        })?;
+        // The first row is the fence epoch; the rows after it are the captured images.
+        let mut rows = Vec::new();
+        let mut seen_fence = false;
+        for message in &messages {
+            if let SimpleQueryMessage::Row(row) = message {
+                if !seen_fence {
+                    seen_fence = true;
+                    continue;
+                }
+                rows.push(row.get(0).unwrap_or("null").to_string());
+            }
+        }
+        Ok(Vote::Commit {
+            redo: encode_redo(&rows),
+        })
+    }
+
+    /// A second prepare of a branch already prepared: the same vote, from memory. After a
+    /// restart the redo is gone (the captured rows are visible only inside the prepared
+    /// transaction); recovery never prepares again, it commits or rolls back.
+    async fn vote_again(&self, xid: &Xid) -> Result<Vote> {
+        if let Some(redo) = lock(&self.votes).get(xid) {
+            return Ok(Vote::Commit { redo: redo.clone() });
+        }
+        if lock(&self.read_only).contains(xid) {
+            return Ok(Vote::ReadOnly);
+        }
+        if self.prepared().await?.iter().any(|p| p.xid == *xid) {
+            return Err(self.rejected(format!(
+                "branch {xid} is prepared, but by an earlier run of this process: its redo is not known any more; commit or roll it back"
+            )));
+        }
+        Err(self.rejected(format!(
+            "branch {xid} is unknown: it was never begun here, or its work was lost when the connection or the process ended before prepare; roll the transaction back"
+        )))
+    }
+
+    async fn resolve(&self, xid: &Xid, commit: bool) -> Result<()> {
+        let result = self.resolve_prepared(xid, commit).await;
+        if result.is_ok() {
+            lock(&self.votes).remove(xid);
+        }
+        result
+    }
+
+    async fn resolve_prepared(&self, xid: &Xid, commit: bool) -> Result<()> {
+        let gid = self.gid(xid);
+        let conn = self.conn().await?;
+        let verb = if commit { "COMMIT" } else { "ROLLBACK" };
+        match conn
+            .batch_execute(&format!("{verb} PREPARED {}", quote_literal(&gid)))
+            .await
+        {
+            Ok(()) => {
+                if commit {
+                    self.prune_markers(&conn).await;
+                }
+                Ok(())
+            }
+            Err(e) if e.code() == Some(&SqlState::UNDEFINED_OBJECT) => {
+                let marked = conn
+                    .query_opt("SELECT 1 FROM concord.markers WHERE gid = $1", &[&gid])
+                    .await
+                    .map_err(|e| self.db("read the marker of", &e))?
+                    .is_some();
+                match (commit, marked) {
+                    (true, true) | (false, false) => Ok(()),
+                    // Never prepared, rolled back, or committed so long ago that its marker
+                    // was pruned: nothing is left to commit, and nothing to tell them apart by.
+                    (true, false) => {
+                        tracing::warn!(resource = %self.name, %gid, "commit of a branch that is neither prepared nor marked committed: nothing to do");
+                        Ok(())
+                    }
+                    (false, true) => Err(ResourceError::InDoubt {
+                        resource: self.name.clone(),
+                        message: format!(
+                            "cannot roll back {gid}: it already committed (its marker exists)"
+                        ),
+                    }),
+                }
+            }
+            Err(e) => Err(self.db(&format!("{verb} PREPARED {gid}"), &e)),
+        }
+    }
+
+    async fn prune_markers(&self, conn: &Client) {
+        if self.commits.fetch_add(1, Ordering::Relaxed) % PRUNE_EVERY != PRUNE_EVERY - 1 {
+            return;
+        }
+        let sql =
+            format!("DELETE FROM concord.markers WHERE at < now() - interval '{MARKER_RETENTION}'");
+        if let Err(e) = conn.batch_execute(&sql).await {
+            tracing::warn!(resource = %self.name, error = %e, "pruning old markers failed");
+        }
+    }
+
+    async fn prepared(&self) -> Result<Vec<PreparedBranch>> {
+        let conn = self.conn().await?;
+        let rows = conn
+            .query(
+                "SELECT gid, extract(epoch FROM now() - prepared)::float8 FROM pg_prepared_xacts
+                 WHERE database = current_database() AND gid LIKE 'concord:%'",
+                &[],
+            )
+            .await
+            .map_err(|e| self.db("list prepared transactions", &e))?;
+        let suffix = format!(":{}", self.name);
+        let mut out = Vec::new();
+        for row in rows {
+            let gid: String = row.get(0);
+            let Some(xid) = gid
+                .strip_prefix("concord:")
+                .and_then(|rest| rest.strip_suffix(&suffix))
+                .and_then(|x| x.parse::<Xid>().ok())
+            else {
+                continue;
+            };
+            if xid.node != self.config.node {
+                continue;
+            }
+            out.push(PreparedBranch {
+                xid,
+                gid,
+                age_s: row.get(1),
+            });
+        }
+        Ok(out)
+    }
+
+    async fn fence(&self, epoch: Epoch) -> Result<()> {
+        let mut conn = self.conn().await?;
+        let new = i64::try_from(epoch.0)
+            .map_err(|_| self.rejected(format!("epoch {epoch} is out of range")))?;
+        let tx = conn.transaction().await.map_err(|e| self.db("begin", &e))?;
+        tx.batch_execute(&format!(
+            "SET LOCAL lock_timeout = {}",
+            self.config.fence_wait_ms.max(1)
+        ))
+        .await
+        .map_err(|e| self.db("set the lock timeout", &e))?;
+        match tx
+            .execute(
+                "UPDATE concord.fence SET epoch = $1 WHERE id = 1 AND epoch < $1",
+                &[&new],
+            )
+            .await
+        {
+            Ok(_) => tx
+                .commit()
+                .await
+                .map_err(|e| self.db("commit the fence", &e)),
+            Err(e) if e.code() == Some(&SqlState::LOCK_NOT_AVAILABLE) => {
+                drop(tx);
+                let waiting: Vec<String> =
+                    self.prepared_gids_below(epoch).await.unwrap_or_default();
+                Err(self.unavailable(format!(
+                    "fence to epoch {epoch} waited {} ms for prepared branches of older epochs to be resolved: {}; resolve them (recovery commits or rolls them back, or `concord txn resolve`) and fence again",
+                    self.config.fence_wait_ms,
+                    if waiting.is_empty() {
+                        "a transaction holding the fence row".to_string()
+                    } else {
+                        waiting.join(", ")
+                    }
+                )))
+            }
+            Err(e) => Err(self.db("raise the fence epoch", &e)),
+        }
+    }
+
+    /// Every prepared `concord:` gid (of any node and resource) of an epoch below `epoch`.
+    async fn prepared_gids_below(&self, epoch: Epoch) -> Result<Vec<String>> {
+        let conn = self.conn().await?;
+        let rows = conn
+            .query(
+                "SELECT gid FROM pg_prepared_xacts
+                 WHERE database = current_database() AND gid LIKE 'concord:%' ORDER BY gid",
+                &[],
+            )
+            .await
+            .map_err(|e| self.db("list prepared transactions", &e))?;
+        Ok(rows
+            .iter()
+            .map(|r| r.get::<_, String>(0))
+            .filter(|gid| {
+                gid.split(':')
+                    .nth(1)
+                    .and_then(|x| x.parse::<Xid>().ok())
+                    .is_some_and(|x| x.epoch < epoch)
+            })
+            .collect())
+    }
+
+    async fn replay(&self, redo: &[u8], lsn: Lsn) -> Result<()> {
+        let rows = decode_redo(redo)
+            .map_err(|e| self.rejected(format!("replay of lsn {lsn}: malformed redo: {e}")))?;
+        let lsn_value = i64::try_from(lsn.0)
+            .map_err(|_| self.rejected(format!("lsn {lsn} is out of range")))?;
+        let mut conn = self.conn().await?;
+        let tx = conn.transaction().await.map_err(|e| self.db("begin", &e))?;
+        tx.batch_execute("SET LOCAL concord.replaying = 'on'")
+            .await
+            .map_err(|e| self.db("begin the replay", &e))?;
+        tx.execute(
+            "INSERT INTO concord.applied VALUES ($1, 0) ON CONFLICT (resource) DO NOTHING",
+            &[&self.name],
+        )
+        .await
+        .map_err(|e| self.db("replay", &e))?;
+        let applied: i64 = tx
+            .query_one(
+                "SELECT lsn FROM concord.applied WHERE resource = $1 FOR UPDATE",
+                &[&self.name],
+            )
+            .await
+            .map_err(|e| self.db("read the applied lsn", &e))?
+            .get(0);
+        if applied >= lsn_value {
+            return Ok(());
+        }
+        for (table, op, pk, row) in &rows {
+            tx.execute(
+                "SELECT concord.apply_row($1, $2::text::\"char\", $3, $4)",
+                &[table, op, pk, row],
+            )
+            .await
+            .map_err(|e| {
+                self.rejected(format!(
+                    "replay of lsn {lsn}: applying a row of {table} failed: {}",
+                    db_text(&e)
+                ))
+            })?;
+        }
+        tx.execute(
+            "UPDATE concord.applied SET lsn = $2 WHERE resource = $1",
+            &[&self.name, &lsn_value],
+        )
+        .await
+        .map_err(|e| self.db("store the applied lsn", &e))?;
+        tx.commit()
+            .await
+            .map_err(|e| self.db("commit the replay", &e))
+    }
+
+    fn rejected(&self, reason: String) -> ResourceError {
+        ResourceError::rejected(&self.name, reason)
+    }
+
+    fn unavailable(&self, message: String) -> ResourceError {
+        ResourceError::Unavailable {
+            resource: self.name.clone(),
+            message,
+        }
+    }
+
+    fn fatal(&self, message: String) -> ResourceError {
+        ResourceError::Fatal {
+            resource: self.name.clone(),
+            message,
+        }
+    }
+
+    /// A database error outside a branch's own statements.
+    fn db(&self, action: &str, e: &tokio_postgres::Error) -> ResourceError {
+        db_error(&self.name, &self.target, action, e)
+    }
+
+    /// An error of a statement in branch `xid`: PostgreSQL's message with the branch's name. A
+    /// serialization failure or a deadlock is retryable (run the transaction again); a broken
+    /// connection leaves the branch lost (it rolls back); anything else is refused.
+    fn statement(&self, xid: &Xid, e: &tokio_postgres::Error) -> ResourceError {
+        let text = db_text(e);
+        match e.code() {
+            Some(c)
+                if *c == SqlState::T_R_SERIALIZATION_FAILURE
+                    || *c == SqlState::T_R_DEADLOCK_DETECTED =>
+            {
+                self.unavailable(format!("branch {xid}: {text}; run the transaction again"))
+            }
+            Some(_) => self.rejected(format!("branch {xid}: {text}")),
+            None => self.unavailable(format!(
+                "branch {xid}: the connection to {} failed: {text}",
+                self.target
+            )),
+        }
+    }
+}
+
+/// Opens one connection outside a pool (for install and replicate).
+async fn connect(name: &str, url: &str) -> Result<(Client, String)> {
+    let pg = tokio_postgres::Config::from_str(url).map_err(|e| {
+        ResourceError::rejected(name, format!("the connection string is invalid: {e}"))
+    })?;
+    let target = target_of(&pg);
+    let (client, connection) = pg
+        .connect(NoTls)
+        .await
+        .map_err(|e| ResourceError::Unavailable {
+            resource: name.to_string(),
+            message: format!("cannot connect to {target}: {}", db_text(&e)),
+        })?;
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    Ok((client, target))
+}
+
+/// `host:port/dbname as user` — never the password.
+fn target_of(pg: &tokio_postgres::Config) -> String {
+    let host = pg
+        .get_hosts()
+        .first()
+        .map(|h| match h {
+            tokio_postgres::config::Host::Tcp(h) => h.clone(),
+            tokio_postgres::config::Host::Unix(p) => p.display().to_string(),
+        })
+        .unwrap_or_else(|| "localhost".into());
+    let port = pg.get_ports().first().copied().unwrap_or(5432);
+    format!(
+        "postgres {host}:{port}/{} as {}",
+        pg.get_dbname().unwrap_or("(default database)"),
+        pg.get_user().unwrap_or("(default user)")
+    )
+}
+
+fn db_error(name: &str, target: &str, action: &str, e: &tokio_postgres::Error) -> ResourceError {
+    let text = db_text(e);
+    match e.code() {
+        Some(_) => ResourceError::rejected(name, format!("{action} on {target}: {text}")),
+        None => ResourceError::Unavailable {
+            resource: name.to_string(),
+            message: format!("{action} on {target}: {text}"),
+        },
+    }
+}
+
+fn schema_error(name: &str, target: &str, e: schema::SchemaError) -> ResourceError {
+    match e {
+        schema::SchemaError::Db(e) => db_error(name, target, "check the concord schema", &e),
+        other => ResourceError::rejected(name, format!("{target}: {other}")),
+    }
+}
+
+/// PostgreSQL's own message (severity, text, detail) when there is one, else the client's.
+fn db_text(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => {
+            let mut text = format!("{}: {}", db.severity(), db.message());
+            if let Some(detail) = db.detail() {
+                text.push_str(&format!(" ({detail})"));
+            }
+            text
+        }
+        None => e.to_string(),
+    }
+}
+
+fn pool_error_text(e: &deadpool_postgres::PoolError) -> String {
+    match e {
+        deadpool_postgres::PoolError::Backend(e) => db_text(e),
+        other => other.to_string(),
+    }
+}
+
+fn first_value(messages: &[SimpleQueryMessage]) -> Option<&str> {
+    messages.iter().find_map(|m| match m {
+        SimpleQueryMessage::Row(row) => row.get(0),
+        _ => None,
+    })
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// A SQL string literal.
+fn quote_literal(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
+}
+
+/// Resource names go into gids and SQL literals: keep them plain.
+fn check_name(name: &str) -> Result<()> {
+    if name.is_empty()
+        || name.len() > 64
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+    {
+        return Err(ResourceError::rejected(
+            name,
+            "a PostgreSQL resource name must be 1 to 64 of A-Z, a-z, 0-9, _ and - (it is part of every gid)",
+        ));
+    }
+    Ok(())
+}
+
+/// Encodes captured rows (each the JSON text of `[table, op, pk, row]`) as a redo.
+fn encode_redo(rows: &[String]) -> Vec<u8> {
+    let mut out = format!("{{\"v\":{REDO_VERSION},\"rows\":[");
+    for (i, row) in rows.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push_str(row);
+    }
+    out.push_str("]}");
+    out.into_bytes()
+}
+
+/// One row image of a redo: table, op, primary key, row.
+type RowImage = (String, String, serde_json::Value, serde_json::Value);
+
+/// Decodes a redo; a malformed one is described in the error.
+pub fn decode_redo(redo: &[u8]) -> Result<Vec<RowImage>, String> {
+    let value: serde_json::Value =
+        serde_json::from_slice(redo).map_err(|e| format!("not JSON: {e}"))?;
+    let version = value.get("v").and_then(|v| v.as_u64());
+    if version != Some(REDO_VERSION) {
+        return Err(format!(
+            "redo version {version:?}: this program reads version {REDO_VERSION}"
+        ));
+    }
+    let rows = value
+        .get("rows")
+        .and_then(|r| r.as_array())
+        .ok_or("no rows array")?;
+    let mut out = Vec::with_capacity(rows.len());
+    for row in rows {
+        let parts = row
+            .as_array()
+            .filter(|p| p.len() == 4)
+            .ok_or("a row is not [table, op, pk, row]")?;
+        let table = parts[0].as_str().ok_or("a table name is not a string")?;
+        let op = parts[1]
+            .as_str()
+            .filter(|o| *o == "U" || *o == "D")
+            .ok_or("an op is not U or D")?;
+        if !parts[2].is_object() {
+            return Err("a primary key is not an object".into());
+        }
+        out.push((
+            table.to_string(),
+            op.to_string(),
+            parts[2].clone(),
+            parts[3].clone(),
+        ));
+    }
+    Ok(out)
+}

@@ -1,0 +1,246 @@
+//! The `concord` schema in a PostgreSQL database: what `concord pg install` creates and what the
+//! resource checks when it opens.
+//!
+//! Versioned: `concord.meta` holds `schema_version`. [`install`] creates a missing schema and
+//! upgrades an older one step by step, in one transaction, under an advisory lock (two installs
+//! at once do not race); it is idempotent. [`check`] refuses a missing, older or newer schema
+//! with the command that fixes it.
+//!
+//! Objects (version 1):
+//!
+//! * `concord.meta(key, value)` — `schema_version`.
+//! * `concord.fence(id = 1, epoch)` — the fence epoch. Every branch reads it `FOR SHARE` at
+//!   prepare, so its share lock is held by the prepared transaction until it is resolved, and
+//!   `fence()` (an `UPDATE`, which needs the row exclusively) waits for every such branch; see
+//!   `docs/postgres.md`.
+//! * `concord.markers(gid, xid, node, at)` — one row per branch, written inside the branch: it
+//!   commits with the branch and vanishes with it on rollback, so after the fact a branch whose
+//!   prepared transaction is gone is known committed exactly when its marker exists.
+//! * `concord.applied(resource, lsn)` — the LSN of the last redo replayed into this database.
+//! * `concord.capture(id, txid, tbl, op, pk, row)` — row images written by the capture trigger
+//!   in the changing transaction, read and deleted by that same transaction at prepare (so no
+//!   other transaction ever sees them).
+//! * `concord.replicated(tbl, pk_cols, at)` — the tables `concord pg replicate` set up.
+//! * `concord.check_fence(epoch)`, `concord.capture_row()` (the trigger function; it does
+//!   nothing while `concord.replaying` is `on`, so replay is not captured again) and
+//!   `concord.apply_row(tbl, op, pk, row)` (replay of one row image by primary key).
+
+use tokio_postgres::Client;
+
+/// The schema version this program installs and reads.
+pub const SCHEMA_VERSION: i32 = 1;
+
+/// Every step, in order: step `n` takes the schema from version `n` to `n + 1`.
+const STEPS: &[&str] = &[V1];
+
+const V1: &str = r#"
+CREATE TABLE concord.fence (
+    id integer PRIMARY KEY CHECK (id = 1),
+    epoch bigint NOT NULL CHECK (epoch >= 0)
+);
+INSERT INTO concord.fence VALUES (1, 0);
+
+CREATE TABLE concord.markers (
+    gid text PRIMARY KEY,
+    xid text NOT NULL,
+    node integer NOT NULL,
+    at timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX markers_at ON concord.markers (at);
+
+CREATE TABLE concord.applied (
+    resource text PRIMARY KEY,
+    lsn bigint NOT NULL
+);
+
+CREATE TABLE concord.capture (
+    id bigserial PRIMARY KEY,
+    txid xid8 NOT NULL DEFAULT pg_current_xact_id(),
+    tbl text NOT NULL,
+    op "char" NOT NULL,
+    pk jsonb NOT NULL,
+    row_image jsonb
+);
+CREATE INDEX capture_txid ON concord.capture (txid);
+
+CREATE TABLE concord.replicated (
+    tbl text PRIMARY KEY,
+    pk_cols text[] NOT NULL,
+    at timestamptz NOT NULL DEFAULT now()
+);
+
+CREATE FUNCTION concord.check_fence(branch_epoch bigint) RETURNS bigint
+LANGUAGE plpgsql AS $$
+DECLARE
+    current bigint;
+BEGIN
+    SELECT epoch INTO current FROM concord.fence WHERE id = 1 FOR SHARE;
+    IF current > branch_epoch THEN
+        RAISE EXCEPTION 'concord: epoch % is fenced (the database is at epoch %)', branch_epoch, current
+            USING ERRCODE = 'CF001';
+    END IF;
+    RETURN current;
+END $$;
+
+CREATE FUNCTION concord.capture_row() RETURNS trigger
+LANGUAGE plpgsql AS $$
+DECLARE
+    tbl text := format('%I.%I', TG_TABLE_SCHEMA, TG_TABLE_NAME);
+    new_image jsonb;
+    old_image jsonb;
+    new_pk jsonb;
+    old_pk jsonb;
+BEGIN
+    IF current_setting('concord.replaying', true) = 'on' THEN
+        RETURN NULL;
+    END IF;
+    IF TG_OP <> 'INSERT' THEN
+        old_image := to_jsonb(OLD);
+        SELECT jsonb_object_agg(k, old_image -> k) INTO old_pk FROM unnest(TG_ARGV) AS k;
+    END IF;
+    IF TG_OP <> 'DELETE' THEN
+        new_image := to_jsonb(NEW);
+        SELECT jsonb_object_agg(k, new_image -> k) INTO new_pk FROM unnest(TG_ARGV) AS k;
+    END IF;
+    IF TG_OP = 'DELETE' OR (TG_OP = 'UPDATE' AND old_pk IS DISTINCT FROM new_pk) THEN
+        INSERT INTO concord.capture (tbl, op, pk, row_image) VALUES (tbl, 'D', old_pk, NULL);
+    END IF;
+    IF TG_OP <> 'DELETE' THEN
+        INSERT INTO concord.capture (tbl, op, pk, row_image) VALUES (tbl, 'U', new_pk, new_image);
+    END IF;
+    RETURN NULL;
+END $$;
+
+CREATE FUNCTION concord.apply_row(tbl text, op "char", pk jsonb, row_image jsonb) RETURNS void
+LANGUAGE plpgsql AS $$
+DECLARE
+    cond text;
+BEGIN
+    SELECT string_agg(format('%I = (jsonb_populate_record(NULL::%s, $1)).%I', k, tbl, k), ' AND ')
+        INTO cond FROM jsonb_object_keys(pk) AS k;
+    EXECUTE format('DELETE FROM %s WHERE %s', tbl, cond) USING pk;
+    IF op <> 'D' THEN
+        EXECUTE format('INSERT INTO %s SELECT * FROM jsonb_populate_record(NULL::%s, $1)', tbl, tbl)
+            USING row_image;
+    END IF;
+END $$;
+"#;
+
+/// What [`install`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Installed {
+    /// The version found (0: no schema).
+    pub from: i32,
+    /// The version now.
+    pub to: i32,
+}
+
+/// Why the schema is not usable.
+#[derive(Debug, thiserror::Error)]
+pub enum SchemaError {
+    /// No `concord` schema.
+    #[error(
+        "the concord schema is not installed in this database; run `concord pg install --resource {resource}`"
+    )]
+    Missing {
+        /// The resource name, for the command.
+        resource: String,
+    },
+    /// An older schema.
+    #[error(
+        "the concord schema is at version {found}, this program needs {SCHEMA_VERSION}; run `concord pg install --resource {resource}` to upgrade it"
+    )]
+    Older {
+        /// The version found.
+        found: i32,
+        /// The resource name, for the command.
+        resource: String,
+    },
+    /// A newer schema.
+    #[error(
+        "the concord schema is at version {found}, newer than this program's {SCHEMA_VERSION}; upgrade concord"
+    )]
+    Newer {
+        /// The version found.
+        found: i32,
+    },
+    /// The database refused.
+    #[error("{0}")]
+    Db(#[from] tokio_postgres::Error),
+}
+
+/// The installed version (0 when there is no schema).
+pub async fn version(client: &Client) -> Result<i32, tokio_postgres::Error> {
+    let exists: bool = client
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_tables WHERE schemaname = 'concord' AND tablename = 'meta')",
+            &[],
+        )
+        .await?
+        .get(0);
+    if !exists {
+        return Ok(0);
+    }
+    let row = client
+        .query_opt(
+            "SELECT value FROM concord.meta WHERE key = 'schema_version'",
+            &[],
+        )
+        .await?;
+    Ok(row
+        .and_then(|r| r.get::<_, String>(0).parse().ok())
+        .unwrap_or(0))
+}
+
+/// Refuses a schema this program cannot use.
+pub async fn check(client: &Client, resource: &str) -> Result<(), SchemaError> {
+    match version(client).await? {
+        0 => Err(SchemaError::Missing {
+            resource: resource.to_string(),
+        }),
+        v if v < SCHEMA_VERSION => Err(SchemaError::Older {
+            found: v,
+            resource: resource.to_string(),
+        }),
+        v if v > SCHEMA_VERSION => Err(SchemaError::Newer { found: v }),
+        _ => Ok(()),
+    }
+}
+
+/// Installs or upgrades the schema; see the module docs.
+pub async fn install(client: &mut Client) -> Result<Installed, SchemaError> {
+    let tx = client.transaction().await?;
+    // One install at a time in this database.
+    tx.execute("SELECT pg_advisory_xact_lock(7314823)", &[])
+        .await?;
+    tx.batch_execute(
+        "CREATE SCHEMA IF NOT EXISTS concord;
+         CREATE TABLE IF NOT EXISTS concord.meta (key text PRIMARY KEY, value text NOT NULL)",
+    )
+    .await?;
+    let from = tx
+        .query_opt(
+            "SELECT value FROM concord.meta WHERE key = 'schema_version'",
+            &[],
+        )
+        .await?
+        .and_then(|r| r.get::<_, String>(0).parse::<i32>().ok())
+        .unwrap_or(0);
+    if from > SCHEMA_VERSION {
+        return Err(SchemaError::Newer { found: from });
+    }
+    for step in STEPS.iter().skip(usize::try_from(from).unwrap_or(0)) {
+        tx.batch_execute(step).await?;
+    }
+    tx.execute(
+        "INSERT INTO concord.meta VALUES ('schema_version', $1)
+         ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+        &[&SCHEMA_VERSION.to_string()],
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(Installed {
+        from,
+        to: SCHEMA_VERSION,
+    })
+}

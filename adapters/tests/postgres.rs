@@ -1,0 +1,313 @@
+//! The PostgreSQL resource against a real PostgreSQL 15 server (the throwaway cluster of
+//! `adapters::pgtest`, one per test binary, a database per test): the conformance suite, the
+//! schema's install and upgrade, row capture and replay, fencing against prepared branches, and
+//! the errors a person sees.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use adapters::pgtest::PgCluster;
+use adapters::postgres::{self, PostgresConfig, PostgresResource};
+use adapters::testing::{self, Subject};
+use adapters::{Epoch, ErrorClass, Lsn, Resource, ResourceError, Vote, Xid};
+
+/// The node of the conformance suite's xids.
+const SUITE_NODE: u32 = 9;
+
+static NEXT_DB: AtomicU32 = AtomicU32::new(0);
+
+/// A new database with the concord schema and an `effects` table under capture.
+async fn database(prefix: &str) -> String {
+    let cluster = PgCluster::shared();
+    let name = format!("{prefix}_{}", NEXT_DB.fetch_add(1, Ordering::Relaxed));
+    let url = cluster.database(&name).unwrap();
+    postgres::install("pg", &url).await.unwrap();
+    cluster
+        .psql(
+            &name,
+            "CREATE TABLE effects (tag integer PRIMARY KEY, note text NOT NULL)",
+        )
+        .unwrap();
+    postgres::replicate("pg", &url, &["effects".to_string()])
+        .await
+        .unwrap();
+    url
+}
+
+async fn open(url: &str, node: u32) -> Arc<PostgresResource> {
+    PostgresResource::open("pg", PostgresConfig::new(url, node))
+        .await
+        .unwrap()
+}
+
+fn pg(resource: &Arc<dyn Resource>) -> &PostgresResource {
+    resource
+        .as_any()
+        .downcast_ref::<PostgresResource>()
+        .expect("a postgres resource")
+}
+
+/// A fresh xid of node 1 (gids are unique in the whole cluster, across databases and tests);
+/// `n` only tells a test's xids apart when read.
+fn xid(n: u64, epoch: u64) -> Xid {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    Xid {
+        node: 1,
+        epoch: Epoch(epoch),
+        seq: NEXT.fetch_add(1, Ordering::Relaxed) * 1000 + n,
+    }
+}
+
+struct PgSubject {
+    primary: String,
+    standby: String,
+}
+
+#[async_trait::async_trait]
+impl Subject for PgSubject {
+    async fn open(&self) -> Arc<dyn Resource> {
+        open(&self.primary, SUITE_NODE).await
+    }
+
+    async fn open_standby(&self) -> Arc<dyn Resource> {
+        open(&self.standby, SUITE_NODE).await
+    }
+
+    async fn write(&self, resource: &Arc<dyn Resource>, xid: &Xid, tag: u32) {
+        let branch = pg(resource).branch(xid).unwrap();
+        let tag = i32::try_from(tag).unwrap();
+        branch
+            .execute(
+                "INSERT INTO effects VALUES ($1, $2)",
+                &[&tag, &format!("effect {tag}")],
+            )
+            .await
+            .unwrap();
+    }
+
+    async fn visible(&self, resource: &Arc<dyn Resource>, tag: u32) -> bool {
+        visible_in(resource, tag).await
+    }
+}
+
+/// Whether the committed row of `tag` exists, read through a fresh branch of `resource`.
+async fn visible_in(resource: &Arc<dyn Resource>, tag: u32) -> bool {
+    let reader = Xid {
+        node: SUITE_NODE,
+        epoch: resource.fence_epoch().await.unwrap(),
+        seq: 1_000_000_000 + u64::from(tag),
+    };
+    resource.begin(&reader).await.unwrap();
+    let branch = pg(resource).branch(&reader).unwrap();
+    let tag = i32::try_from(tag).unwrap();
+    let n: i64 = branch
+        .query_one("SELECT count(*) FROM effects WHERE tag = $1", &[&tag])
+        .await
+        .unwrap()
+        .get(0);
+    resource.rollback(&reader).await.unwrap();
+    n == 1
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_resource_passes_the_conformance_suite() {
+    let subject = PgSubject {
+        primary: database("suite_primary").await,
+        standby: database("suite_standby").await,
+    };
+    testing::run_all(&subject).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn install_is_idempotent_and_an_older_schema_is_refused_until_upgraded() {
+    let cluster = PgCluster::shared();
+    let name = format!("install_{}", NEXT_DB.fetch_add(1, Ordering::Relaxed));
+    let url = cluster.database(&name).unwrap();
+    let missing = PostgresResource::open("pg", PostgresConfig::new(&url, 1))
+        .await
+        .err()
+        .unwrap();
+    assert!(
+        missing
+            .to_string()
+            .contains("concord pg install --resource pg"),
+        "{missing}"
+    );
+    let first = postgres::install("pg", &url).await.unwrap();
+    assert_eq!(
+        (first.from, first.to),
+        (0, postgres::schema::SCHEMA_VERSION)
+    );
+    let again = postgres::install("pg", &url).await.unwrap();
+    assert_eq!(again.from, postgres::schema::SCHEMA_VERSION);
+    cluster
+        .psql(
+            &name,
+            "UPDATE concord.meta SET value = '99' WHERE key = 'schema_version'",
+        )
+        .unwrap();
+    let newer = PostgresResource::open("pg", PostgresConfig::new(&url, 1))
+        .await
+        .err()
+        .unwrap();
+    assert!(newer.to_string().contains("newer"), "{newer}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_table_without_a_primary_key_is_refused_by_replicate() {
+    let cluster = PgCluster::shared();
+    let url = database("nopk").await;
+    let db = url.rsplit('=').next().unwrap().to_string();
+    cluster
+        .psql(&db, "CREATE TABLE logbook (line text)")
+        .unwrap();
+    let error = postgres::replicate("pg", &url, &["logbook".to_string()])
+        .await
+        .unwrap_err();
+    assert_eq!(error.class(), ErrorClass::Rejected);
+    assert!(error.to_string().contains("no primary key"), "{error}");
+    let missing = postgres::replicate("pg", &url, &["nowhere".to_string()])
+        .await
+        .unwrap_err();
+    assert!(missing.to_string().contains("does not exist"), "{missing}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn captured_rows_travel_in_the_redo_and_replay_reproduces_them() {
+    let primary_url = database("capture_primary").await;
+    let standby_url = database("capture_standby").await;
+    let primary = open(&primary_url, 1).await;
+    let standby = open(&standby_url, 1).await;
+
+    let x = xid(1, 0);
+    primary.begin(&x).await.unwrap();
+    let branch = primary.branch(&x).unwrap();
+    branch
+        .batch_execute(
+            "INSERT INTO effects VALUES (1, 'one'), (2, 'two'), (3, 'three');
+             UPDATE effects SET note = 'TWO' WHERE tag = 2;
+             UPDATE effects SET tag = 30 WHERE tag = 3;
+             DELETE FROM effects WHERE tag = 1;",
+        )
+        .await
+        .unwrap();
+    let Vote::Commit { redo } = primary.prepare(&x).await.unwrap() else {
+        panic!("voted read-only")
+    };
+    primary.commit(&x).await.unwrap();
+    standby.replay(&redo, Lsn(5)).await.unwrap();
+    let read = |url: String| async move {
+        let r = open(&url, 1).await;
+        let reader = xid(99, 0);
+        r.begin(&reader).await.unwrap();
+        let rows: Vec<(i32, String)> = r
+            .branch(&reader)
+            .unwrap()
+            .query("SELECT tag, note FROM effects ORDER BY tag", &[])
+            .await
+            .unwrap()
+            .iter()
+            .map(|row| (row.get(0), row.get(1)))
+            .collect();
+        r.rollback(&reader).await.unwrap();
+        rows
+    };
+    let expected = vec![(2, "TWO".to_string()), (30, "three".to_string())];
+    assert_eq!(read(primary_url.clone()).await, expected);
+    assert_eq!(read(standby_url.clone()).await, expected);
+    assert_eq!(standby.applied_lsn().await.unwrap(), Lsn(5));
+    // Replay captured nothing on the standby, and the primary's capture table is empty.
+    let cluster = PgCluster::shared();
+    for url in [&primary_url, &standby_url] {
+        let db = url.rsplit('=').next().unwrap();
+        assert_eq!(
+            cluster
+                .psql(db, "SELECT count(*) FROM concord.capture")
+                .unwrap(),
+            "0"
+        );
+    }
+    // Replaying the same LSN again changes nothing.
+    standby
+        .replay(b"{\"v\":1,\"rows\":[]}", Lsn(5))
+        .await
+        .unwrap();
+    assert_eq!(read(standby_url).await, expected);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fence_waits_for_prepared_branches_of_older_epochs_then_fails_naming_them() {
+    let url = database("fence").await;
+    let mut config = PostgresConfig::new(&url, 1);
+    config.fence_wait_ms = 300;
+    let r = PostgresResource::open("pg", config).await.unwrap();
+    let old = xid(1, 0);
+    r.begin(&old).await.unwrap();
+    r.branch(&old)
+        .unwrap()
+        .execute("INSERT INTO effects VALUES (7, 'old epoch')", &[])
+        .await
+        .unwrap();
+    r.prepare(&old).await.unwrap();
+
+    let started = std::time::Instant::now();
+    let error = r.fence(Epoch(1)).await.unwrap_err();
+    assert!(started.elapsed() < std::time::Duration::from_secs(10));
+    assert_eq!(error.class(), ErrorClass::Retryable, "{error}");
+    assert!(error.to_string().contains(&r.gid(&old)), "{error}");
+    assert_eq!(r.fence_epoch().await.unwrap(), Epoch(0));
+
+    // Once the old branch is resolved, the fence goes through, and old epochs are refused.
+    r.rollback(&old).await.unwrap();
+    r.fence(Epoch(1)).await.unwrap();
+    let refused = r.begin(&xid(2, 0)).await.unwrap_err();
+    assert!(matches!(refused, ResourceError::Fenced { .. }), "{refused}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_statement_names_the_branch_and_carries_postgres_message() {
+    let url = database("badsql").await;
+    let r = open(&url, 1).await;
+    let x = xid(1, 0);
+    r.begin(&x).await.unwrap();
+    let error = r
+        .branch(&x)
+        .unwrap()
+        .execute("INSERT INTO nowhere VALUES (1)", &[])
+        .await
+        .unwrap_err();
+    let text = error.to_string();
+    assert!(text.contains("resource pg"), "{text}");
+    assert!(text.contains(&x.to_string()), "{text}");
+    assert!(
+        text.contains("relation \"nowhere\" does not exist"),
+        "{text}"
+    );
+    // The transaction is aborted in PostgreSQL: prepare fails, rollback ends it.
+    assert!(r.prepare(&x).await.is_err());
+    r.rollback(&x).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_address_or_password_is_named_without_the_password() {
+    let cluster = PgCluster::shared();
+    let port = cluster.port();
+    let closed = PostgresConfig::new(
+        "host=127.0.0.1 port=1 user=postgres dbname=x password=s3cret",
+        1,
+    );
+    let error = PostgresResource::open("pg", closed).await.err().unwrap();
+    let text = error.to_string();
+    assert!(text.contains("127.0.0.1:1"), "{text}");
+    assert!(!text.contains("s3cret"), "{text}");
+    let nodb = PostgresConfig::new(
+        format!("host=127.0.0.1 port={port} user=postgres dbname=no_such_db password=s3cret"),
+        1,
+    );
+    let error = PostgresResource::open("pg", nodb).await.err().unwrap();
+    let text = error.to_string();
+    assert!(text.contains("no_such_db"), "{text}");
+    assert!(!text.contains("s3cret"), "{text}");
+}
