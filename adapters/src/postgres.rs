@@ -219,6 +219,48 @@ pub async fn replicate(name: &str, url: &str, tables: &[String]) -> Result<Vec<S
     Ok(done)
 }
 
+/// The prepared branches of resource `name` and node `node` in the database at `url`, read over
+/// one connection without opening the resource (for `concord txn list`, beside the running
+/// application).
+pub async fn prepared_in(name: &str, url: &str, node: u32) -> Result<Vec<PreparedBranch>> {
+    let (client, target) = connect(name, url).await?;
+    let rows = client
+        .query(PREPARED_SQL, &[])
+        .await
+        .map_err(|e| db_error(name, &target, "list prepared transactions", &e))?;
+    Ok(prepared_of(name, node, &rows))
+}
+
+const PREPARED_SQL: &str =
+    "SELECT gid, extract(epoch FROM now() - prepared)::float8 FROM pg_prepared_xacts
+     WHERE database = current_database() AND gid LIKE 'concord:%'";
+
+/// The rows of [`PREPARED_SQL`] that are branches of resource `name` and node `node`.
+fn prepared_of(name: &str, node: u32, rows: &[Row]) -> Vec<PreparedBranch> {
+    let suffix = format!(":{name}");
+    let mut out = Vec::new();
+    for row in rows {
+        let gid: String = row.get(0);
+        let Some(xid) = gid
+            .strip_prefix("concord:")
+            .and_then(|rest| rest.strip_suffix(&suffix))
+            .and_then(|x| x.parse::<Xid>().ok())
+        else {
+            continue;
+        };
+        if xid.node != node {
+            continue;
+        }
+        out.push(PreparedBranch {
+            xid,
+            gid,
+            age_s: row.get(1),
+        });
+    }
+    out.sort_by(|a, b| a.xid.cmp(&b.xid));
+    out
+}
+
 impl PostgresResource {
     /// Connects (a pool of `pool_size`), checks `max_prepared_transactions` and the schema.
     pub async fn open(name: &str, config: PostgresConfig) -> Result<Arc<PostgresResource>> {
@@ -674,34 +716,10 @@ impl Inner {
     async fn prepared(&self) -> Result<Vec<PreparedBranch>> {
         let conn = self.conn().await?;
         let rows = conn
-            .query(
-                "SELECT gid, extract(epoch FROM now() - prepared)::float8 FROM pg_prepared_xacts
-                 WHERE database = current_database() AND gid LIKE 'concord:%'",
-                &[],
-            )
+            .query(PREPARED_SQL, &[])
             .await
             .map_err(|e| self.db("list prepared transactions", &e))?;
-        let suffix = format!(":{}", self.name);
-        let mut out = Vec::new();
-        for row in rows {
-            let gid: String = row.get(0);
-            let Some(xid) = gid
-                .strip_prefix("concord:")
-                .and_then(|rest| rest.strip_suffix(&suffix))
-                .and_then(|x| x.parse::<Xid>().ok())
-            else {
-                continue;
-            };
-            if xid.node != self.config.node {
-                continue;
-            }
-            out.push(PreparedBranch {
-                xid,
-                gid,
-                age_s: row.get(1),
-            });
-        }
-        Ok(out)
+        Ok(prepared_of(&self.name, self.config.node, &rows))
     }
 
     async fn fence(&self, epoch: Epoch) -> Result<()> {

@@ -158,12 +158,36 @@ pub fn list(args: ListArgs) -> anyhow::Result<()> {
 /// The prepared branches of every configured resource, read without opening the resources.
 fn prepared_branches(config: &Config) -> anyhow::Result<BTreeMap<Xid, Vec<String>>> {
     let mut out: BTreeMap<Xid, Vec<String>> = BTreeMap::new();
+    let mut runtime = None;
     for (name, resource) in &config.resources {
-        let participant::ResourceConfig::Files { root, .. } = resource;
-        let prepared = adapters::files::prepared_on_disk(root)
-            .with_context(|| format!("read resource {name}"))?;
-        for xid in prepared {
-            out.entry(xid).or_default().push(name.clone());
+        match resource {
+            participant::ResourceConfig::Files { root, .. } => {
+                let prepared = adapters::files::prepared_on_disk(root)
+                    .with_context(|| format!("read resource {name}"))?;
+                for xid in prepared {
+                    out.entry(xid).or_default().push(name.clone());
+                }
+            }
+            participant::ResourceConfig::Postgres { url, .. } => {
+                if runtime.is_none() {
+                    runtime = Some(
+                        tokio::runtime::Builder::new_current_thread()
+                            .enable_all()
+                            .build()?,
+                    );
+                }
+                let Some(rt) = runtime.as_ref() else {
+                    continue;
+                };
+                let prepared = rt
+                    .block_on(adapters::postgres::prepared_in(name, url, config.node))
+                    .with_context(|| format!("read resource {name}"))?;
+                for branch in prepared {
+                    out.entry(branch.xid)
+                        .or_default()
+                        .push(format!("{name} (gid {})", branch.gid));
+                }
+            }
         }
     }
     Ok(out)

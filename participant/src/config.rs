@@ -10,6 +10,12 @@
 //! root = "data/uploads"     # relative paths are relative to this file's directory
 //! create = true             # optional: create the root when missing
 //! lock_wait_ms = 5000       # optional: how long a writer waits for a path another branch holds
+//!
+//! [resources.orders]        # a PostgreSQL database (set up with `concord pg install`)
+//! kind = "postgres"
+//! url = "host=127.0.0.1 port=5432 user=app dbname=shop"
+//! pool_size = 64            # optional: connections (open branches plus phase-2 calls)
+//! fence_wait_ms = 2000      # optional: how long a fence waits for prepared branches of old epochs
 //! ```
 //!
 //! Unknown fields are refused (a misspelt option must not be ignored silently); every error names
@@ -45,17 +51,19 @@ pub struct Config {
 #[serde(deny_unknown_fields)]
 struct ResourceToml {
     kind: ResourceKind,
-    root: PathBuf,
-    #[serde(default)]
-    create: bool,
-    #[serde(default = "default_lock_wait_ms")]
-    lock_wait_ms: u64,
+    root: Option<PathBuf>,
+    create: Option<bool>,
+    lock_wait_ms: Option<u64>,
+    url: Option<String>,
+    pool_size: Option<usize>,
+    fence_wait_ms: Option<u64>,
 }
 
 #[derive(Deserialize)]
 #[serde(rename_all = "lowercase")]
 enum ResourceKind {
     Files,
+    Postgres,
 }
 
 fn resources_from_toml<'de, D>(
@@ -64,20 +72,64 @@ fn resources_from_toml<'de, D>(
 where
     D: serde::Deserializer<'de>,
 {
+    use serde::de::Error;
     let tables = BTreeMap::<String, ResourceToml>::deserialize(deserializer)?;
-    Ok(tables
-        .into_iter()
-        .map(|(name, t)| {
-            let config = match t.kind {
-                ResourceKind::Files => ResourceConfig::Files {
-                    root: t.root,
-                    create: t.create,
-                    lock_wait_ms: t.lock_wait_ms,
-                },
-            };
-            (name, config)
-        })
-        .collect())
+    let mut out = BTreeMap::new();
+    for (name, t) in tables {
+        let refuse = |field: &str, kind: &str| {
+            D::Error::custom(format!(
+                "[resources.{name}]: field `{field}` does not apply to kind = \"{kind}\""
+            ))
+        };
+        let config = match t.kind {
+            ResourceKind::Files => {
+                for (field, set) in [
+                    ("url", t.url.is_some()),
+                    ("pool_size", t.pool_size.is_some()),
+                    ("fence_wait_ms", t.fence_wait_ms.is_some()),
+                ] {
+                    if set {
+                        return Err(refuse(field, "files"));
+                    }
+                }
+                let root = t.root.ok_or_else(|| {
+                    D::Error::custom(format!("[resources.{name}]: missing field `root`"))
+                })?;
+                ResourceConfig::Files {
+                    root,
+                    create: t.create.unwrap_or(false),
+                    lock_wait_ms: t.lock_wait_ms.unwrap_or_else(default_lock_wait_ms),
+                }
+            }
+            ResourceKind::Postgres => {
+                for (field, set) in [
+                    ("root", t.root.is_some()),
+                    ("create", t.create.is_some()),
+                    ("lock_wait_ms", t.lock_wait_ms.is_some()),
+                ] {
+                    if set {
+                        return Err(refuse(field, "postgres"));
+                    }
+                }
+                let url = t.url.ok_or_else(|| {
+                    D::Error::custom(format!("[resources.{name}]: missing field `url`"))
+                })?;
+                let pool_size = t.pool_size.unwrap_or(64);
+                if pool_size < 2 {
+                    return Err(D::Error::custom(format!(
+                        "[resources.{name}]: field `pool_size` must be at least 2"
+                    )));
+                }
+                ResourceConfig::Postgres {
+                    url,
+                    pool_size,
+                    fence_wait_ms: t.fence_wait_ms.unwrap_or(2_000),
+                }
+            }
+        };
+        out.insert(name, config);
+    }
+    Ok(out)
 }
 
 /// One resource.
@@ -91,6 +143,15 @@ pub enum ResourceConfig {
         create: bool,
         /// How long a writer waits for a path held by another branch (milliseconds).
         lock_wait_ms: u64,
+    },
+    /// A PostgreSQL database (the postgres resource).
+    Postgres {
+        /// Its connection string (libpq style or URL); never printed with its password.
+        url: String,
+        /// Most connections.
+        pool_size: usize,
+        /// How long a fence waits for prepared branches of older epochs (milliseconds).
+        fence_wait_ms: u64,
     },
 }
 
@@ -160,6 +221,7 @@ impl Config {
         for resource in self.resources.values_mut() {
             match resource {
                 ResourceConfig::Files { root, .. } => *root = base.join(&*root),
+                ResourceConfig::Postgres { .. } => {}
             }
         }
     }
@@ -221,6 +283,24 @@ mod tests {
     }
 
     #[test]
+    fn a_postgres_resource_loads_with_defaults() {
+        let config = load(
+            "node = 1\ndata_dir = \"d\"\n[resources.orders]\nkind = \"postgres\"\nurl = \"host=127.0.0.1 dbname=shop\"\n",
+        )
+        .unwrap();
+        let Some(ResourceConfig::Postgres {
+            url,
+            pool_size,
+            fence_wait_ms,
+        }) = config.resources.get("orders")
+        else {
+            panic!("no orders")
+        };
+        assert_eq!(url, "host=127.0.0.1 dbname=shop");
+        assert_eq!((*pool_size, *fence_wait_ms), (64, 2_000));
+    }
+
+    #[test]
     fn errors_name_the_file_and_the_field() {
         let missing = load("data_dir = \"d\"\n").unwrap_err().to_string();
         assert!(
@@ -239,6 +319,16 @@ mod tests {
             load("node = 1\ndata_dir = \"d\"\n[resources.x]\nkind = \"tape\"\nroot = \"r\"\n")
                 .unwrap_err();
         assert!(kind.to_string().contains("tape"), "{kind}");
+        let no_url = load("node = 1\ndata_dir = \"d\"\n[resources.db]\nkind = \"postgres\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(no_url.contains("`url`"), "{no_url}");
+        let root_for_pg = load(
+            "node = 1\ndata_dir = \"d\"\n[resources.db]\nkind = \"postgres\"\nurl = \"host=h\"\nroot = \"r\"\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(root_for_pg.contains("`root`"), "{root_for_pg}");
         let zero = load("node = 0\ndata_dir = \"d\"\n")
             .unwrap_err()
             .to_string();

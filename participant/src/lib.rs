@@ -29,6 +29,7 @@ use std::time::Duration;
 
 use adapters::Xid;
 use adapters::files::{FilesBranch, FilesConfig, FilesResource};
+use adapters::postgres::{PgBranch, PostgresConfig, PostgresResource};
 use coordinator::{
     CoordError, Coordinator, CoordinatorConfig, Outcome, RecoveryReport, RetryPolicy,
 };
@@ -106,6 +107,16 @@ impl Concord {
                         ..FilesConfig::default()
                     };
                     resources.push(FilesResource::open(name, root, files_config)?);
+                }
+                ResourceConfig::Postgres {
+                    url,
+                    pool_size,
+                    fence_wait_ms,
+                } => {
+                    let mut pg_config = PostgresConfig::new(url, config.node);
+                    pg_config.pool_size = *pool_size;
+                    pg_config.fence_wait_ms = *fence_wait_ms;
+                    resources.push(PostgresResource::open(name, pg_config).await?);
                 }
             }
         }
@@ -186,6 +197,26 @@ impl Transaction {
         };
         let branch = files_resource.branch(&self.xid);
         Ok(FilesHandle {
+            coordinator: self.coordinator.clone(),
+            xid: self.xid,
+            branch,
+            _resource: resource,
+        })
+    }
+
+    /// The branch handle of the PostgreSQL resource `name`, joining it to the transaction: its
+    /// statements run in the branch's own database transaction.
+    pub async fn postgres(&self, name: &str) -> Result<PostgresHandle, ConcordError> {
+        self.check_not_ended()?;
+        let resource = self.coordinator.join(&self.xid, name).await?;
+        let Some(pg) = resource.as_any().downcast_ref::<PostgresResource>() else {
+            return Err(ConcordError::WrongKind {
+                name: name.to_string(),
+                expected: "postgres",
+            });
+        };
+        let branch = pg.branch(&self.xid)?;
+        Ok(PostgresHandle {
             coordinator: self.coordinator.clone(),
             xid: self.xid,
             branch,
@@ -289,6 +320,64 @@ impl FilesHandle {
 
     /// A branch call that failed because the transaction timed out (or ended) meanwhile reports
     /// that, not the resource's view of it.
+    fn explain<T>(&self, result: Result<T, adapters::ResourceError>) -> Result<T, ConcordError> {
+        result.map_err(|e| match self.coordinator.check_open(&self.xid) {
+            Err(ended) => ended.into(),
+            Ok(()) => e.into(),
+        })
+    }
+}
+
+/// A transaction's branch in a PostgreSQL resource: statements run in the branch's database
+/// transaction, which commits (prepared, then committed) with the transaction.
+pub struct PostgresHandle {
+    coordinator: Coordinator,
+    xid: Xid,
+    branch: PgBranch,
+    _resource: Arc<dyn adapters::Resource>,
+}
+
+impl PostgresHandle {
+    /// Runs a statement; returns the number of rows it changed.
+    pub async fn execute(
+        &self,
+        sql: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> Result<u64, ConcordError> {
+        self.coordinator.check_open(&self.xid)?;
+        let done = self.branch.execute(sql, params).await;
+        self.explain(done)
+    }
+
+    /// Runs a query.
+    pub async fn query(
+        &self,
+        sql: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> Result<Vec<tokio_postgres::Row>, ConcordError> {
+        self.coordinator.check_open(&self.xid)?;
+        let rows = self.branch.query(sql, params).await;
+        self.explain(rows)
+    }
+
+    /// Runs a query that returns exactly one row.
+    pub async fn query_one(
+        &self,
+        sql: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> Result<tokio_postgres::Row, ConcordError> {
+        self.coordinator.check_open(&self.xid)?;
+        let row = self.branch.query_one(sql, params).await;
+        self.explain(row)
+    }
+
+    /// Runs several statements (no parameters, no results).
+    pub async fn batch_execute(&self, sql: &str) -> Result<(), ConcordError> {
+        self.coordinator.check_open(&self.xid)?;
+        let done = self.branch.batch_execute(sql).await;
+        self.explain(done)
+    }
+
     fn explain<T>(&self, result: Result<T, adapters::ResourceError>) -> Result<T, ConcordError> {
         result.map_err(|e| match self.coordinator.check_open(&self.xid) {
             Err(ended) => ended.into(),

@@ -355,8 +355,9 @@ fn config(dir: &Path) -> Config {
     let mut config = Config::embedded(dir);
     config.resources.retain(|name, _| name == RESOURCE);
     for resource in config.resources.values_mut() {
-        let ResourceConfig::Files { lock_wait_ms, .. } = resource;
-        *lock_wait_ms = LOCK_WAIT_MS;
+        if let ResourceConfig::Files { lock_wait_ms, .. } = resource {
+            *lock_wait_ms = LOCK_WAIT_MS;
+        }
     }
     config
 }

@@ -48,8 +48,9 @@ async fn within<F: Future>(what: &str, future: F) -> F::Output {
 fn config(dir: &Path) -> Config {
     let mut config = Config::embedded(dir);
     for resource in config.resources.values_mut() {
-        let ResourceConfig::Files { lock_wait_ms, .. } = resource;
-        *lock_wait_ms = LOCK_WAIT_MS;
+        if let ResourceConfig::Files { lock_wait_ms, .. } = resource {
+            *lock_wait_ms = LOCK_WAIT_MS;
+        }
     }
     config
 }
@@ -450,8 +451,9 @@ async fn a_writer_waiting_past_the_lock_wait_gets_a_conflict_naming_the_path_and
     let dir = tempfile::tempdir().unwrap();
     let mut config = config(dir.path());
     for resource in config.resources.values_mut() {
-        let ResourceConfig::Files { lock_wait_ms, .. } = resource;
-        *lock_wait_ms = SHORT_WAIT_MS;
+        if let ResourceConfig::Files { lock_wait_ms, .. } = resource {
+            *lock_wait_ms = SHORT_WAIT_MS;
+        }
     }
     let concord = open(config).await;
     let mut holder = concord.begin();
@@ -512,8 +514,9 @@ async fn a_put_waiting_for_a_path_when_its_transaction_times_out_reports_the_tim
     let mut config = config(dir.path());
     config.txn_timeout_ms = TIMEOUT_MS;
     for resource in config.resources.values_mut() {
-        let ResourceConfig::Files { lock_wait_ms, .. } = resource;
-        *lock_wait_ms = 4 * TIMEOUT_MS;
+        if let ResourceConfig::Files { lock_wait_ms, .. } = resource {
+            *lock_wait_ms = 4 * TIMEOUT_MS;
+        }
     }
     let concord = open(config).await;
     let waiter = concord.begin();
