@@ -257,7 +257,7 @@ fn prepared_of(name: &str, node: u32, rows: &[Row]) -> Vec<PreparedBranch> {
             age_s: row.get(1),
         });
     }
-    out.sort_by(|a, b| a.xid.cmp(&b.xid));
+    out.sort_by_key(|b| b.xid);
     out
 }
 
