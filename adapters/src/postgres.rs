@@ -184,6 +184,21 @@ pub async fn replicate(name: &str, url: &str, tables: &[String]) -> Result<Vec<S
                 ),
             ));
         }
+        // Already set up with this key: no DDL (which would wait for every transaction that
+        // holds a lock on the table, prepared ones included).
+        let current = tx
+            .query_opt(
+                "SELECT r.pk_cols FROM concord.replicated r
+                 WHERE r.tbl = $1 AND EXISTS (SELECT 1 FROM pg_trigger t
+                     WHERE t.tgrelid = $2::text::regclass AND t.tgname = 'concord_capture')",
+                &[&qualified, &regclass],
+            )
+            .await
+            .map_err(|e| db_error(name, &target, &format!("look up {qualified}"), &e))?;
+        if current.is_some_and(|r| r.get::<_, Vec<String>>(0) == pk) {
+            done.push(qualified);
+            continue;
+        }
         let args = pk
             .iter()
             .map(|c| quote_literal(c))

@@ -128,7 +128,7 @@ pub fn run(args: CommitBenchArgs) -> anyhow::Result<()> {
 
 /// Latencies of one run (or of several, added up).
 #[derive(Default)]
-struct Measured {
+pub(crate) struct Measured {
     elapsed: Duration,
     latencies_us: Vec<u64>,
 }
@@ -139,11 +139,11 @@ impl Measured {
         self.latencies_us.extend(other.latencies_us);
     }
 
-    fn tx_per_s(&self) -> f64 {
+    pub(crate) fn tx_per_s(&self) -> f64 {
         self.latencies_us.len() as f64 / self.elapsed.as_secs_f64()
     }
 
-    fn percentile_ms(&self, q: f64) -> f64 {
+    pub(crate) fn percentile_ms(&self, q: f64) -> f64 {
         let mut sorted = self.latencies_us.clone();
         sorted.sort_unstable();
         if sorted.is_empty() {
@@ -155,7 +155,11 @@ impl Measured {
 }
 
 /// Runs `clients` copies of `one` (given the client number and a counter) for `window`.
-async fn load<F, Fut>(clients: usize, window: Duration, one: F) -> anyhow::Result<Measured>
+pub(crate) async fn load<F, Fut>(
+    clients: usize,
+    window: Duration,
+    one: F,
+) -> anyhow::Result<Measured>
 where
     F: Fn(usize, u64) -> Fut + Send + Sync + 'static,
     Fut: std::future::Future<Output = anyhow::Result<()>> + Send,

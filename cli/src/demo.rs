@@ -17,6 +17,12 @@
 //! nothing is left in the resources' staging areas, and no branch is left prepared. Run with
 //! `--data DIR` on the directory of a demo that was killed (SIGKILL at any moment), the demo
 //! first recovers, and the check covers the killed run too.
+//!
+//! With `--postgres URL`, every transaction also inserts an order row `(run, i)` into the table
+//! `concord_demo_orders` of that database (a third branch, with row capture on; the demo installs
+//! the `concord` schema and the table when missing), and the check counts the row as one more
+//! part of the transaction: all of it present or none, for every run recorded with `postgres`.
+//! No `concord:` transaction of the demo may be left prepared there either.
 
 use std::collections::BTreeMap;
 use std::io::IsTerminal;
@@ -50,7 +56,14 @@ pub struct DemoArgs {
     /// Print the summary as one JSON object.
     #[arg(long)]
     pub json: bool,
+    /// Add a PostgreSQL branch (an order row) to every transaction, in the database at this URL.
+    #[arg(long)]
+    pub postgres: Option<String>,
 }
+
+/// The demo's PostgreSQL resource and table.
+const PG_RESOURCE: &str = "orders";
+const PG_TABLE: &str = "concord_demo_orders";
 
 /// The summary `--json` prints.
 #[derive(Serialize, Debug)]
@@ -95,7 +108,19 @@ pub fn run(args: DemoArgs) -> anyhow::Result<bool> {
 
 async fn demo(args: &DemoArgs, data: &Path) -> anyhow::Result<Summary> {
     std::fs::create_dir_all(data).with_context(|| format!("create {}", data.display()))?;
-    let concord = Concord::open(Config::embedded(data)).await?;
+    let mut config = Config::embedded(data);
+    if let Some(url) = &args.postgres {
+        setup_postgres(url).await?;
+        config.resources.insert(
+            PG_RESOURCE.to_string(),
+            participant::ResourceConfig::Postgres {
+                url: url.clone(),
+                pool_size: args.concurrency + 8,
+                fence_wait_ms: 2_000,
+            },
+        );
+    }
+    let concord = Concord::open(config).await?;
     let recovery = concord.recovery().clone();
     if !concord.wait_idle(Duration::from_secs(60)).await {
         bail!(
@@ -110,7 +135,12 @@ async fn demo(args: &DemoArgs, data: &Path) -> anyhow::Result<Summary> {
     // The run is recorded before its first transaction, so a check after a kill covers it.
     std::fs::create_dir_all(data.join("acks").join(&run_id))?;
     std::fs::create_dir_all(data.join("runs"))?;
-    let run = format!("{} {}\n", args.transactions, args.fail_every);
+    let pg_flag = if args.postgres.is_some() {
+        " postgres"
+    } else {
+        ""
+    };
+    let run = format!("{} {}{pg_flag}\n", args.transactions, args.fail_every);
     std::fs::write(data.join("runs").join(&run_id), run)?;
 
     let started = Instant::now();
@@ -121,8 +151,14 @@ async fn demo(args: &DemoArgs, data: &Path) -> anyhow::Result<Summary> {
     }
     let clean = concord.coordinator().list().is_empty();
     concord.close(Duration::from_secs(10)).await;
-    let mut check = check(data)?;
-    check.problems.extend(check_decisions(data)?);
+    let orders = match &args.postgres {
+        Some(url) => Some(read_orders(url).await?),
+        None => None,
+    };
+    let mut check = check(data, orders.as_ref())?;
+    check
+        .problems
+        .extend(check_decisions(data, orders.as_ref())?);
     for problem in check.problems.iter().take(20) {
         eprintln!("atomicity: {problem}");
     }
@@ -160,6 +196,7 @@ async fn run_clients(
         let (concord, next, progress) = (concord.clone(), Arc::clone(&next), progress.clone());
         let acks = data.join("acks").join(run_id);
         let (run_id, total, fail_every) = (run_id.to_string(), args.transactions, args.fail_every);
+        let postgres = args.postgres.is_some();
         clients.spawn(async move {
             let mut stats = ClientStats {
                 committed: 0,
@@ -173,7 +210,7 @@ async fn run_clients(
                 }
                 let fail = fail_every > 0 && i % fail_every == fail_every - 1;
                 let t0 = Instant::now();
-                let outcome = one_transaction(&concord, &run_id, i, fail).await?;
+                let outcome = one_transaction(&concord, &run_id, i, fail, postgres).await?;
                 match outcome {
                     Outcome::Committed { .. } => {
                         std::fs::write(acks.join(i.to_string()), b"")?;
@@ -206,8 +243,19 @@ async fn one_transaction(
     run_id: &str,
     i: u64,
     fail: bool,
+    postgres: bool,
 ) -> anyhow::Result<Outcome> {
     let mut tx = concord.begin();
+    if postgres {
+        let orders = tx.postgres(PG_RESOURCE).await?;
+        let n = i64::try_from(i)?;
+        orders
+            .execute(
+                &format!("INSERT INTO {PG_TABLE} VALUES ($1, $2, $3)"),
+                &[&run_id, &n, &format!("order {i}")],
+            )
+            .await?;
+    }
     for (resource, name) in FILES {
         let files = tx.files(resource).await?;
         let path = format!("tx/{run_id}/{i}/{name}");
@@ -238,30 +286,87 @@ struct Check {
     problems: Vec<String>,
 }
 
-/// The check: reads the resources' directories directly. Each run is recorded in `runs/<run>` as
-/// `<transactions> <fail-every>`.
-fn check(data: &Path) -> anyhow::Result<Check> {
+/// The demo's schema and table in the database at `url` (idempotent).
+async fn setup_postgres(url: &str) -> anyhow::Result<()> {
+    adapters::postgres::install(PG_RESOURCE, url).await?;
+    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .context("connect to the --postgres database")?;
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    client
+        .batch_execute(&format!(
+            "CREATE TABLE IF NOT EXISTS {PG_TABLE} (run text, i bigint, item text NOT NULL, PRIMARY KEY (run, i))"
+        ))
+        .await?;
+    adapters::postgres::replicate(PG_RESOURCE, url, &[PG_TABLE.to_string()]).await?;
+    Ok(())
+}
+
+/// What the check knows of the PostgreSQL branch: the order rows present, and the demo's
+/// branches still prepared there.
+struct Orders {
+    rows: std::collections::HashSet<(String, u64)>,
+    prepared: usize,
+}
+
+/// Reads the orders table and the prepared branches, directly (not through concord).
+async fn read_orders(url: &str) -> anyhow::Result<Orders> {
+    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .context("connect to the --postgres database")?;
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    let rows = client
+        .query(&format!("SELECT run, i FROM {PG_TABLE}"), &[])
+        .await?
+        .iter()
+        .map(|r| {
+            (
+                r.get::<_, String>(0),
+                u64::try_from(r.get::<_, i64>(1)).unwrap_or(u64::MAX),
+            )
+        })
+        .collect();
+    let prepared = adapters::postgres::prepared_in(PG_RESOURCE, url, 1)
+        .await?
+        .len();
+    Ok(Orders { rows, prepared })
+}
+
+/// The check: reads the resources' directories (and the orders table) directly. Each run is
+/// recorded in `runs/<run>` as `<transactions> <fail-every> [postgres]`.
+fn check(data: &Path, orders: Option<&Orders>) -> anyhow::Result<Check> {
     let mut problems = Vec::new();
     let mut transactions = 0;
     let runs = data.join("runs");
-    let mut run_ids: BTreeMap<String, (u64, u64)> = BTreeMap::new();
+    let mut run_ids: BTreeMap<String, (u64, u64, bool)> = BTreeMap::new();
     for entry in std::fs::read_dir(&runs).with_context(|| format!("list {}", runs.display()))? {
         let entry = entry?;
         let name = entry.file_name().to_string_lossy().to_string();
         let text = std::fs::read_to_string(entry.path())?;
-        let mut fields = text.split_whitespace().map(str::parse::<u64>);
-        match (fields.next(), fields.next()) {
+        let mut fields = text.split_whitespace();
+        let mut number = || fields.next().map(str::parse::<u64>);
+        match (number(), number()) {
             (Some(Ok(n)), Some(Ok(fail_every))) => {
-                run_ids.insert(name, (n, fail_every));
+                let postgres = text.split_whitespace().nth(2) == Some("postgres");
+                run_ids.insert(name, (n, fail_every, postgres));
             }
             _ => problems.push(format!("{}: not a run record", entry.path().display())),
         }
     }
-    for (run_id, &(total, fail_every)) in &run_ids {
+    for (run_id, &(total, fail_every, postgres)) in &run_ids {
+        if postgres && orders.is_none() {
+            problems.push(format!(
+                "run {run_id} had a PostgreSQL branch: check it with --postgres URL"
+            ));
+        }
         let acks = data.join("acks").join(run_id);
         for i in 0..total {
             transactions += 1;
-            let present: Vec<bool> = FILES
+            let mut present: Vec<bool> = FILES
                 .iter()
                 .map(|(resource, name)| {
                     let path = data.join(resource).join(format!("tx/{run_id}/{i}/{name}"));
@@ -270,6 +375,9 @@ fn check(data: &Path) -> anyhow::Result<Check> {
                         .unwrap_or(false)
                 })
                 .collect();
+            if let (true, Some(orders)) = (postgres, orders) {
+                present.push(orders.rows.contains(&(run_id.clone(), i)));
+            }
             let all = present.iter().all(|p| *p);
             let none = present.iter().all(|p| !*p);
             let acked = acks.join(i.to_string()).exists();
@@ -308,6 +416,14 @@ fn check(data: &Path) -> anyhow::Result<Check> {
             ));
         }
     }
+    if let Some(orders) = orders
+        && orders.prepared > 0
+    {
+        problems.push(format!(
+            "{} branches of the {PG_RESOURCE} resource left prepared in PostgreSQL",
+            orders.prepared
+        ));
+    }
     Ok(Check {
         transactions,
         problems,
@@ -316,7 +432,7 @@ fn check(data: &Path) -> anyhow::Result<Check> {
 
 /// Every file a durable `Commit` record names — decided transactions, acknowledged to their
 /// client or not — must be present: recovery may never roll back a decision.
-fn check_decisions(data: &Path) -> anyhow::Result<Vec<String>> {
+fn check_decisions(data: &Path, orders: Option<&Orders>) -> anyhow::Result<Vec<String>> {
     let mut problems = Vec::new();
     let journal_dir = data.join("journal");
     let record_bytes_max = journal::JournalConfig::default().record_bytes_max;
@@ -327,6 +443,10 @@ fn check_decisions(data: &Path) -> anyhow::Result<Vec<String>> {
             return;
         };
         for (resource, redo) in branches {
+            if resource == PG_RESOURCE {
+                check_order_redo(&xid, &redo, orders, &mut problems);
+                continue;
+            }
             if !FILES.iter().any(|(r, _)| *r == resource) {
                 continue;
             }
@@ -345,6 +465,37 @@ fn check_decisions(data: &Path) -> anyhow::Result<Vec<String>> {
         }
     })?;
     Ok(problems)
+}
+
+/// Every order row a decided transaction's PostgreSQL redo names must be present.
+fn check_order_redo(
+    xid: &adapters::Xid,
+    redo: &[u8],
+    orders: Option<&Orders>,
+    problems: &mut Vec<String>,
+) {
+    let Some(orders) = orders else {
+        problems.push(format!(
+            "{xid}: decided with a PostgreSQL branch: check it with --postgres URL"
+        ));
+        return;
+    };
+    let rows = match adapters::postgres::decode_redo(redo) {
+        Ok(rows) => rows,
+        Err(e) => {
+            problems.push(format!(
+                "{xid}: the redo of {PG_RESOURCE} does not decode: {e}"
+            ));
+            return;
+        }
+    };
+    for (_, op, pk, _) in rows {
+        let run = pk.get("run").and_then(|v| v.as_str()).unwrap_or_default();
+        let i = pk.get("i").and_then(|v| v.as_u64()).unwrap_or(u64::MAX);
+        if op == "U" && !orders.rows.contains(&(run.to_string(), i)) {
+            problems.push(format!("{xid}: decided, but order ({run}, {i}) is missing"));
+        }
+    }
 }
 
 fn percentile(sorted_us: &[u64], q: f64) -> f64 {

@@ -5,7 +5,8 @@
 //! * `concord journal inspect DIR` prints the records of a journal directory ([`inspect`]);
 //! * `concord journal verify DIR` checks every record and says whether the journal is sound, has a
 //!   torn tail that the next open truncates, or is corrupt ([`verify`]);
-//! * `concord bench journal` measures the journal ([`mod@bench`]).
+//! * `concord bench journal` measures the journal ([`mod@bench`]);
+//! * `concord pg install|replicate` set up the database of a postgres resource ([`pg`]).
 //!
 //! Both journal tools are read-only: they use [`journal::scan::scan_dir`], which takes no lock and
 //! changes nothing, so they are safe to run beside a live coordinator (they may then see a tail that
@@ -26,9 +27,11 @@
 
 mod bench;
 mod bench_commit;
+mod bench_pg;
 mod demo;
 mod inspect;
 mod output;
+mod pg;
 mod txn;
 mod verify;
 
@@ -74,6 +77,9 @@ enum Command {
     /// Unfinished and in-doubt transactions: list them, resolve one by an operator's decision.
     #[command(subcommand)]
     Txn(TxnCommand),
+    /// Set up the database of a postgres resource: the concord schema, row capture.
+    #[command(subcommand)]
+    Pg(PgCommand),
 }
 
 #[derive(Subcommand, Debug)]
@@ -95,11 +101,24 @@ enum TxnCommand {
 }
 
 #[derive(Subcommand, Debug)]
+enum PgCommand {
+    /// Install the concord schema in the resource's database, or upgrade it (idempotent).
+    #[command(after_help = pg::AFTER_HELP)]
+    Install(pg::InstallArgs),
+    /// Capture the changed rows of tables, so that their changes travel in the redo to a standby.
+    #[command(after_help = pg::AFTER_HELP)]
+    Replicate(pg::ReplicateArgs),
+}
+
+#[derive(Subcommand, Debug)]
 enum BenchCommand {
     /// Benchmark the journal, against a baseline measured in the same run.
     Journal(bench::JournalBenchArgs),
     /// Benchmark commits through the coordinator, against a baseline measured in the same run.
     Commit(bench_commit::CommitBenchArgs),
+    /// Benchmark transactions with a PostgreSQL branch, against plain and hand-written 2PC
+    /// transactions on the same server in the same run.
+    Postgres(bench_pg::PgBenchArgs),
 }
 
 impl Command {
@@ -127,8 +146,11 @@ fn run(command: Command) -> anyhow::Result<()> {
         Command::Journal(JournalCommand::Verify(args)) => verify::run(&args),
         Command::Bench(BenchCommand::Journal(args)) => bench::journal(args),
         Command::Bench(BenchCommand::Commit(args)) => bench_commit::run(args),
+        Command::Bench(BenchCommand::Postgres(args)) => bench_pg::run(args),
         Command::Txn(TxnCommand::List(args)) => txn::list(args),
         Command::Txn(TxnCommand::Resolve(args)) => txn::resolve(args),
+        Command::Pg(PgCommand::Install(args)) => pg::install(args),
+        Command::Pg(PgCommand::Replicate(args)) => pg::replicate(args),
         Command::Demo(args) => match demo::run(args)? {
             true => Ok(()),
             false => anyhow::bail!("atomicity check failed (see the lines above)"),

@@ -13,7 +13,9 @@
 //! * [`engine`] — the protocol as a pure state machine per transaction: events in, commands out,
 //!   no I/O, no clock.
 //! * [`runtime`] — executes the commands with tokio, the journal and the resources; recovery at
-//!   open; the timeout reaper; operator views (`list`, `resolve`).
+//!   open; the timeout reaper; the orphan sweeper (prepared branches of this node that no
+//!   transaction owns and the journal has no decision for are rolled back after
+//!   `orphan_sweep_ms`); operator views (`list`, `resolve`).
 //! * [`record`] — the journal records (`Commit`, `End`, `Resolve`) and their versioned encoding.
 //! * [`failpoint`] — named points on the commit path where crash tests kill the process.
 //!

@@ -25,12 +25,28 @@
 //!
 //! The implementation caveats: recovery runs one machine per (resource, xid) for undecided
 //! branches, so `list` may show one xid more than once while recovery runs; phase 2 of a
-//! decided transaction retries for as long as it takes, until an operator resolves it.
+//! decided transaction retries for as long as it takes, until an operator resolves it. The
+//! orphan sweeper reads the whole retained journal, on the runtime's thread, in a sweep that
+//! found something to roll back (rare, but not free on a long journal); it assumes that no
+//! other process prepares branches with this node's id (two coordinators sharing a node id are
+//! not supported anyway: their xids could collide); a branch it finds decided but not driven
+//! (after an operator's `resolve --commit` whose branch commit failed) is reported at every
+//! sweep, never committed by the sweeper.
 //!
 //! Recovery at open reads the journal: every `Commit` without `End` is driven through phase 2
 //! again; every branch a resource reports prepared whose xid has no `Commit` is rolled back
 //! (presumed abort). Each runs in its own task, so a branch that cannot be resolved is retried
 //! and reported without holding up the others or the start.
+//!
+//! The **orphan sweeper** finds what recovery at open cannot: a branch prepared while this
+//! coordinator runs that no transaction of it owns — a prepare that reached the server after
+//! its transaction had already rolled back (a client-side timeout, a broken connection), or a
+//! branch prepared behind the coordinator's back. Every `orphan_sweep_ms` it asks every resource
+//! for its prepared branches (`recover`); a branch of this node that is neither open nor running
+//! here in two sweeps in a row, and whose xid has no commit decision in the journal, is rolled
+//! back by a machine of its own (so it is retried, listed, and stopped by shutdown like any
+//! other), reported with a warning and counted ([`Coordinator::orphans_rolled_back`]). The
+//! argument that this never touches a transaction that may commit is on `sweep_orphans`.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::future::{Future, poll_fn};
@@ -63,6 +79,11 @@ pub struct CoordinatorConfig {
     pub txn_timeout_ms: u64,
     /// Backoff of phase-2 retries.
     pub retry: RetryPolicy,
+    /// How often the orphan sweeper asks every resource for its prepared branches
+    /// (milliseconds); 0 turns the sweeper off. A prepared branch of this node that no
+    /// transaction of this coordinator owns in two sweeps in a row — so for at least this long —
+    /// and that has no commit decision is rolled back (see [`Coordinator::orphans_rolled_back`]).
+    pub orphan_sweep_ms: u64,
 }
 
 impl Default for CoordinatorConfig {
@@ -72,6 +93,7 @@ impl Default for CoordinatorConfig {
             epoch: Epoch(1),
             txn_timeout_ms: 30_000,
             retry: RetryPolicy::default(),
+            orphan_sweep_ms: 60_000,
         }
     }
 }
@@ -264,6 +286,8 @@ const SHARDS: usize = 16;
 
 type OpenMap = HashMap<Xid, Open, XidBuildHasher>;
 type RunningMap = HashMap<u64, Arc<Running>, XidBuildHasher>;
+/// Prepared branches the orphan sweeper found unowned: (resource name, xid).
+type Suspects = HashSet<(Arc<str>, Xid)>;
 
 struct Inner {
     config: CoordinatorConfig,
@@ -284,6 +308,8 @@ struct Inner {
     stopping: AtomicBool,
     stop_waiters: Box<[Notify]>,
     handle: tokio::runtime::Handle,
+    /// Prepared branches the orphan sweeper has handed to a rollback since open.
+    orphans_rolled_back: AtomicU64,
 }
 
 impl Inner {
@@ -366,10 +392,12 @@ impl Coordinator {
             stop,
             stopping: AtomicBool::new(false),
             stop_waiters: (0..SHARDS).map(|_| Notify::new()).collect(),
+            orphans_rolled_back: AtomicU64::new(0),
         });
         let coordinator = Coordinator { inner };
         let report = coordinator.recover(scan).await;
         coordinator.start_reaper();
+        coordinator.start_sweeper();
         Ok((coordinator, report))
     }
 
@@ -738,6 +766,126 @@ impl Coordinator {
             };
             self.start_rollback(&xid, open, "the transaction timed out");
         }
+    }
+
+    /// How many prepared branches the orphan sweeper has found and handed to a rollback since
+    /// open (each is also reported with a warning naming its resource and xid).
+    pub fn orphans_rolled_back(&self) -> u64 {
+        self.inner.orphans_rolled_back.load(Ordering::Relaxed)
+    }
+
+    /// Starts the orphan sweeper (unless `orphan_sweep_ms` is 0): a tracked task that runs
+    /// [`Coordinator::sweep_orphans`] every `orphan_sweep_ms`, carrying the branches found
+    /// unowned from one sweep to the next. Shutdown stops it.
+    fn start_sweeper(&self) {
+        let interval_ms = self.inner.config.orphan_sweep_ms;
+        if interval_ms == 0 {
+            return;
+        }
+        let weak = Arc::downgrade(&self.inner);
+        let tick = Duration::from_millis(interval_ms);
+        self.inner.tasks.spawn(
+            &self.inner.handle,
+            self.inner.stop.subscribe(),
+            async move {
+                let mut suspects = Suspects::new();
+                loop {
+                    tokio::time::sleep(tick).await;
+                    let Some(inner) = weak.upgrade() else { return };
+                    suspects = Coordinator { inner }.sweep_orphans(&suspects).await;
+                }
+            },
+        );
+    }
+
+    /// One sweep: lists every resource's prepared branches, rolls back those of this node that
+    /// were unowned in the previous sweep (`suspects`) and still are, and returns the branches
+    /// unowned now (the next sweep's suspects).
+    ///
+    /// Why a branch rolled back here never belongs to a transaction that may commit:
+    ///
+    /// 1. A branch is prepared only by a machine in the running map: `commit` moves the
+    ///    transaction from the open map to the running map under the open shard's lock, and
+    ///    prepares after that. A machine leaves the running map when it is finished (every
+    ///    branch acknowledged commit or rollback, so none of its branches is still prepared) or
+    ///    when an operator's `resolve` cancels it.
+    /// 2. A decided transaction (durable `Commit`) keeps its machine in the running map until
+    ///    it is finished, through every phase-2 retry and while in doubt; recovery at open puts
+    ///    one there for every `Commit` without `End`. So a branch listed as prepared whose
+    ///    machine is not running belongs to no transaction with a decision — except after an
+    ///    operator's `resolve --commit` whose branch commit failed (the machine was cancelled,
+    ///    the branch stays prepared). Step 4 covers that case.
+    /// 3. Ownership is checked after `recover` answered: a transaction that finished between
+    ///    the two looks unowned in this sweep, but its branch is resolved, so the next sweep's
+    ///    `recover` does not list it again (xids never repeat), and only a branch unowned in two
+    ///    sweeps in a row is rolled back.
+    /// 4. Before rolling back, the journal is read (only when there is something to roll
+    ///    back): a branch whose xid has a `Commit` record, or an operator's commit, is left
+    ///    alone and reported instead. No new decision can appear for an unowned xid, since only
+    ///    a running machine appends one.
+    async fn sweep_orphans(&self, suspects: &Suspects) -> Suspects {
+        let unowned = self.unowned_prepared().await;
+        let due: Vec<(Arc<str>, Xid)> = unowned
+            .iter()
+            .filter(|branch| suspects.contains(*branch))
+            .cloned()
+            .collect();
+        if due.is_empty() {
+            return unowned;
+        }
+        let scan = match scan_journal(&self.inner.journal, self.inner.config.node) {
+            Ok(scan) => scan,
+            Err(e) => {
+                tracing::error!(error = %e, "orphan sweep: read the journal; nothing rolled back");
+                return unowned;
+            }
+        };
+        let mut next = unowned;
+        for (name, xid) in due {
+            if scan.decided.contains(&xid) || scan.resolved.get(&xid) == Some(&true) {
+                tracing::error!(resource = %name, xid = %xid, "prepared branch has a commit decision but no transaction drives it; commit it with `concord txn resolve --commit` (recovery at the next start does too)");
+                continue;
+            }
+            tracing::warn!(resource = %name, xid = %xid, "rolling back an orphan: a prepared branch of this node that no transaction owns and the journal has no decision for");
+            self.inner
+                .orphans_rolled_back
+                .fetch_add(1, Ordering::Relaxed);
+            next.remove(&(Arc::clone(&name), xid));
+            let (machine, commands) = TxnMachine::recovered_orphan(xid, self.inner.config.retry);
+            let mut driver =
+                self.register_machine(machine, vec![self.inner.branch(&name)], Instant::now());
+            driver.commands = commands;
+            driver.spawn(tracing::info_span!("orphan", xid = %xid, resource = %name));
+        }
+        next
+    }
+
+    /// The prepared branches of this node that no open or running transaction owns, read from
+    /// every resource's `recover`. A resource whose `recover` fails is skipped (its branches
+    /// must then be found unowned twice again).
+    async fn unowned_prepared(&self) -> Suspects {
+        let node = self.inner.config.node;
+        let mut found = Suspects::new();
+        for (name, configured) in &self.inner.resources {
+            match configured.resource.recover().await {
+                Ok(xids) => found.extend(
+                    xids.into_iter()
+                        .filter(|xid| xid.node == node)
+                        .map(|xid| (Arc::clone(&configured.name), xid)),
+                ),
+                Err(e) => {
+                    tracing::warn!(resource = %name, error = %e, "orphan sweep: list prepared branches");
+                }
+            }
+        }
+        if found.is_empty() {
+            return found;
+        }
+        let running: HashSet<Xid> = self.inner.running().iter().map(|r| r.xid).collect();
+        found.retain(|(_, xid)| {
+            !self.inner.open_shard(xid).contains_key(xid) && !running.contains(xid)
+        });
+        found
     }
 
     /// Drops a timed-out transaction's record once its caller has been told (commit or rollback).

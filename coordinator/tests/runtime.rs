@@ -527,3 +527,93 @@ async fn shutdown_answers_a_caller_whose_branch_never_prepares() {
     assert!(a.committed().is_empty());
     assert!(records(c.journal()).is_empty());
 }
+
+/// Waits up to `deadline` for `check` to hold, polling every 5 ms.
+async fn eventually(deadline: Duration, check: impl Fn() -> bool) -> bool {
+    let end = tokio::time::Instant::now() + deadline;
+    while !check() {
+        if tokio::time::Instant::now() >= end {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    true
+}
+
+/// The orphan sweeper rolls back a prepared branch of this node that no transaction owns and
+/// the journal has no decision for; it leaves alone a branch whose transaction is in phase 2, a
+/// branch of another node, and a decided branch that no machine drives any more (an operator's
+/// `resolve --commit` whose branch commit failed: the journal check, not the running map, is
+/// what protects that one).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_orphan_sweeper_rolls_back_only_undecided_unowned_branches_of_this_node() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = Mem::new("a");
+    let sweeping = CoordinatorConfig {
+        orphan_sweep_ms: 20,
+        ..config()
+    };
+    let c = open(dir.path(), std::slice::from_ref(&a), sweeping).await;
+    // A decided transaction whose branch commit keeps failing: phase 2 retries it.
+    a.commit_failures.store(u32::MAX, Ordering::Relaxed);
+    let decided = c.begin();
+    c.join(&decided, "a").await.unwrap();
+    let outcome = c.commit(&decided).await.unwrap();
+    assert!(matches!(outcome, Outcome::Committed { lsn: Some(_) }));
+    // Branches prepared behind the coordinator's back, after recovery at open.
+    let orphan = Xid {
+        node: 1,
+        epoch: Epoch(1),
+        seq: u64::MAX / 2,
+    };
+    let foreign = Xid {
+        node: 2,
+        epoch: Epoch(1),
+        seq: 7,
+    };
+    a.prepared.lock().unwrap().extend([orphan, foreign]);
+
+    assert!(
+        eventually(Duration::from_secs(5), || a.rolled_back().contains(&orphan)).await,
+        "the orphan was not rolled back"
+    );
+    assert_eq!(c.orphans_rolled_back(), 1);
+    // The operator takes the decided transaction over; its branch commit fails again.
+    let resolved = c.resolve(&decided, true, "ops").await;
+    assert!(resolved.is_err(), "{resolved:?}");
+    assert!(
+        eventually(Duration::from_secs(5), || c.list().is_empty()).await,
+        "{:?}",
+        c.list()
+    );
+    // Ten sweeps later, neither the decided branch nor the other node's was touched.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(a.rolled_back(), vec![orphan]);
+    assert!(a.prepared.lock().unwrap().contains(&decided));
+    assert!(a.prepared.lock().unwrap().contains(&foreign));
+    assert_eq!(c.orphans_rolled_back(), 1);
+    assert!(c.shutdown(Duration::from_secs(5)).await);
+}
+
+/// With `orphan_sweep_ms = 0` there is no sweeper: an unowned prepared branch stays prepared
+/// (until the next open's recovery).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_orphan_sweep_interval_of_zero_turns_the_sweeper_off() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = Mem::new("a");
+    let off = CoordinatorConfig {
+        orphan_sweep_ms: 0,
+        ..config()
+    };
+    let c = open(dir.path(), std::slice::from_ref(&a), off).await;
+    let orphan = Xid {
+        node: 1,
+        epoch: Epoch(1),
+        seq: u64::MAX / 2,
+    };
+    a.prepared.lock().unwrap().insert(orphan);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(a.rolled_back().is_empty());
+    assert_eq!(c.orphans_rolled_back(), 0);
+    assert!(c.shutdown(Duration::from_secs(5)).await);
+}
