@@ -23,7 +23,7 @@ pub enum ErrorClass {
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum ResourceError {
     /// The resource cannot answer now; retry later. See [`ErrorClass::Retryable`].
-    #[error("resource {resource}: {message} (will retry)")]
+    #[error("resource {resource}: {message} (retryable)")]
     Unavailable {
         /// The resource name.
         resource: String,

@@ -4,10 +4,10 @@
 //! * **A branch** ([`PgBranch`], reached with [`PostgresResource::branch`]) is one connection
 //!   from the resource's pool with an open transaction, on which the application runs its own
 //!   statements. Begin opens it (and refuses a fenced epoch at once).
-//! * **Prepare** sends, in one round trip: `concord.check_fence(epoch)` (reads the fence epoch
-//!   `FOR SHARE`, fails when the branch's epoch is below it), the read-and-delete of the rows the
-//!   capture trigger wrote in this transaction (the **redo**), the branch's marker row, and
-//!   `PREPARE TRANSACTION 'concord:<xid>:<resource>'`. The connection then goes back to the pool:
+//! * **Prepare** sends, in one round trip, `concord.prepare_branch` — the fence check (a shared
+//!   advisory lock, then the fence epoch; fails when the branch's epoch is below it), the
+//!   read-and-delete of the rows the capture trigger wrote in this transaction (the **redo**),
+//!   the branch's marker row — and `PREPARE TRANSACTION 'concord:<xid>:<resource>'`. The connection then goes back to the pool:
 //!   a prepared transaction belongs to the server, not to the session. A branch that wrote
 //!   nothing (no transaction id was ever assigned) votes read-only and is simply ended.
 //! * **Commit / rollback** run `COMMIT PREPARED` / `ROLLBACK PREPARED` on any pooled connection.
@@ -16,9 +16,9 @@
 //!   the opposite is reported in doubt, never guessed.
 //! * **Recover** lists `pg_prepared_xacts` entries of this database whose gid carries this
 //!   resource's name and an xid of this node.
-//! * **Fence** raises `concord.fence.epoch`, with a lock timeout: a prepared branch of an older
-//!   epoch holds its share lock on the fence row until it is resolved, so the fence waits for
-//!   those — and when they are not resolved within the timeout, it fails naming them instead of
+//! * **Fence** raises `concord.fence.epoch` after taking the fence's advisory lock exclusively,
+//!   with a lock timeout: a prepared branch of an older epoch holds that lock shared until it is
+//!   resolved, so the fence waits for those — and when they are not resolved within the timeout, it fails naming them instead of
 //!   hanging. An old branch can therefore never be prepared, nor still be unresolved, once a
 //!   fence has succeeded (`docs/postgres.md`).
 //! * **Replay** applies a redo's row images by primary key (`concord.apply_row`) in one
@@ -437,8 +437,11 @@ impl Resource for PostgresResource {
             return Ok(());
         }
         let conn = inner.conn().await?;
+        // The epoch is read in a transaction of its own (the COMMIT ends the implicit one a
+        // multi-statement query runs in), so that the application's first
+        // statement may still choose its isolation level (prepare checks the epoch again).
         let rows = conn
-            .simple_query("BEGIN; SELECT epoch FROM concord.fence WHERE id = 1")
+            .simple_query("SELECT epoch FROM concord.fence WHERE id = 1; COMMIT; BEGIN")
             .await
             .map_err(|e| inner.db("begin", &e))?;
         let fence = first_value(&rows)
@@ -596,57 +599,40 @@ impl Inner {
         })
     }
 
-    /// Fence check, redo, marker and `PREPARE TRANSACTION`, in one round trip.
+    /// Fence check, redo, marker and `PREPARE TRANSACTION`, in one round trip
+    /// (`concord.prepare_branch`, then the prepare itself, which runs only if the first
+    /// succeeded).
     async fn prepare_on(&self, conn: &Client, xid: &Xid) -> Result<Vote> {
-        let assigned = conn
-            .simple_query("SELECT pg_current_xact_id_if_assigned() IS NOT NULL")
-            .await
-            .map_err(|e| self.statement(xid, &e))?;
-        if first_value(&assigned) != Some("t") {
-            conn.batch_execute("COMMIT")
-                .await
-                .map_err(|e| self.statement(xid, &e))?;
-            return Ok(Vote::ReadOnly);
-        }
         let gid = self.gid(xid);
         let sql = format!(
-            "SELECT concord.check_fence({epoch});
-             WITH d AS (DELETE FROM concord.capture WHERE txid = pg_current_xact_id()
-                        RETURNING id, tbl, op, pk, row_image)
-             SELECT json_build_array(tbl, op::text, pk, row_image)::text FROM d ORDER BY id;
-             INSERT INTO concord.markers (gid, xid, node) VALUES ({gid_lit}, {xid_lit}, {node});
+            "SELECT concord.prepare_branch({epoch}, {gid_lit}, {xid_lit}, {node});
              PREPARE TRANSACTION {gid_lit}",
             epoch = xid.epoch.0,
             gid_lit = quote_literal(&gid),
             xid_lit = quote_literal(&xid.to_string()),
             node = xid.node,
         );
-        let messages = conn.simple_query(&sql).await.map_err(|e| {
-            if e.code().is_some_and(|c| c.code() == "CF001") {
-                ResourceError::Fenced {
-                    resource: self.name.clone(),
-                    offered: xid.epoch,
-                    current: Epoch(0),
-                }
-            } else {
-                self.statement(xid, &e)
+        match conn.simple_query(&sql).await {
+            Ok(messages) => {
+                let rows = first_value(&messages).unwrap_or("[]");
+                Ok(Vote::Commit {
+                    redo: encode_redo_array(rows),
+                })
             }
-        })?;
-        // The first row is the fence epoch; the rows after it are the captured images.
-        let mut rows = Vec::new();
-        let mut seen_fence = false;
-        for message in &messages {
-            if let SimpleQueryMessage::Row(row) = message {
-                if !seen_fence {
-                    seen_fence = true;
-                    continue;
-                }
-                rows.push(row.get(0).unwrap_or("null").to_string());
+            Err(e) if e.code().is_some_and(|c| c.code() == "CF002") => {
+                // Nothing written: end the transaction, nothing to commit.
+                conn.batch_execute("ROLLBACK")
+                    .await
+                    .map_err(|e| self.statement(xid, &e))?;
+                Ok(Vote::ReadOnly)
             }
+            Err(e) if e.code().is_some_and(|c| c.code() == "CF001") => Err(ResourceError::Fenced {
+                resource: self.name.clone(),
+                offered: xid.epoch,
+                current: Epoch(0),
+            }),
+            Err(e) => Err(self.statement(xid, &e)),
         }
-        Ok(Vote::Commit {
-            redo: encode_redo(&rows),
-        })
     }
 
     /// A second prepare of a branch already prepared: the same vote, from memory. After a
@@ -748,13 +734,16 @@ impl Inner {
         ))
         .await
         .map_err(|e| self.db("set the lock timeout", &e))?;
-        match tx
-            .execute(
+        let raised = async {
+            tx.execute("SELECT pg_advisory_xact_lock(1668247139, 1717923427)", &[])
+                .await?;
+            tx.execute(
                 "UPDATE concord.fence SET epoch = $1 WHERE id = 1 AND epoch < $1",
                 &[&new],
             )
             .await
-        {
+        };
+        match raised.await {
             Ok(_) => tx
                 .commit()
                 .await
@@ -960,7 +949,16 @@ fn db_text(e: &tokio_postgres::Error) -> String {
             }
             text
         }
-        None => e.to_string(),
+        None => {
+            // The client's own error ("error connecting to server") hides its cause.
+            let mut text = e.to_string();
+            let mut source = std::error::Error::source(e);
+            while let Some(cause) = source {
+                text.push_str(&format!(": {cause}"));
+                source = cause.source();
+            }
+            text
+        }
     }
 }
 
@@ -1003,17 +1001,10 @@ fn check_name(name: &str) -> Result<()> {
     Ok(())
 }
 
-/// Encodes captured rows (each the JSON text of `[table, op, pk, row]`) as a redo.
-fn encode_redo(rows: &[String]) -> Vec<u8> {
-    let mut out = format!("{{\"v\":{REDO_VERSION},\"rows\":[");
-    for (i, row) in rows.iter().enumerate() {
-        if i > 0 {
-            out.push(',');
-        }
-        out.push_str(row);
-    }
-    out.push_str("]}");
-    out.into_bytes()
+/// Encodes captured rows, given as the JSON text of an array of `[table, op, pk, row]`, as a
+/// redo.
+fn encode_redo_array(rows: &str) -> Vec<u8> {
+    format!("{{\"v\":{REDO_VERSION},\"rows\":{rows}}}").into_bytes()
 }
 
 /// One row image of a redo: table, op, primary key, row.

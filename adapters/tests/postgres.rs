@@ -311,3 +311,71 @@ async fn a_wrong_address_or_password_is_named_without_the_password() {
     assert!(text.contains("no_such_db"), "{text}");
     assert!(!text.contains("s3cret"), "{text}");
 }
+
+/// Replay updates a row in place: a row other tables reference keeps its children (no delete
+/// and insert), an identity column takes the primary's value, and a generated column is
+/// computed again on the standby.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_upserts_rows_that_others_reference() {
+    let cluster = PgCluster::shared();
+    let mut urls = Vec::new();
+    for side in ["upsert_primary", "upsert_standby"] {
+        let url = database(side).await;
+        let db = url.rsplit('=').next().unwrap().to_string();
+        cluster
+            .psql(
+                &db,
+                "CREATE TABLE customers (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+                                         name text NOT NULL,
+                                         shout text GENERATED ALWAYS AS (upper(name)) STORED);
+                 CREATE TABLE invoices (id int PRIMARY KEY,
+                                        customer bigint NOT NULL REFERENCES customers ON DELETE CASCADE)",
+            )
+            .unwrap();
+        postgres::replicate("pg", &url, &["customers".to_string()])
+            .await
+            .unwrap();
+        urls.push((url, db));
+    }
+    let (primary, standby) = (open(&urls[0].0, 1).await, open(&urls[1].0, 1).await);
+    let mut lsn = 0;
+    for sql in [
+        "INSERT INTO customers (name) VALUES ('ada')",
+        "UPDATE customers SET name = 'ada lovelace'",
+    ] {
+        let x = xid(1, 0);
+        primary.begin(&x).await.unwrap();
+        primary
+            .branch(&x)
+            .unwrap()
+            .batch_execute(sql)
+            .await
+            .unwrap();
+        let Vote::Commit { redo } = primary.prepare(&x).await.unwrap() else {
+            panic!("voted read-only")
+        };
+        primary.commit(&x).await.unwrap();
+        lsn += 1;
+        standby.replay(&redo, Lsn(lsn)).await.unwrap();
+        if lsn == 1 {
+            // A child row on the standby, which the update must not cascade away.
+            cluster
+                .psql(
+                    &urls[1].1,
+                    "INSERT INTO invoices SELECT 1, id FROM customers",
+                )
+                .unwrap();
+        }
+    }
+    let read = "SELECT id || ' ' || name || ' ' || shout FROM customers";
+    assert_eq!(
+        cluster.psql(&urls[1].1, read).unwrap(),
+        cluster.psql(&urls[0].1, read).unwrap()
+    );
+    assert_eq!(
+        cluster
+            .psql(&urls[1].1, "SELECT count(*) FROM invoices")
+            .unwrap(),
+        "1"
+    );
+}

@@ -209,12 +209,13 @@ async fn plain(
         connections.push(Arc::new(tokio::sync::Mutex::new(connect(url).await?)));
     }
     let connections = Arc::new(connections);
-    let base = if two_phase { 1_000_000_000_000i64 } else { 0 };
+    let base =
+        if two_phase { 1_000_000_000_000i64 } else { 0 } + i64::try_from(clients)? * 10_000_000_000;
     load(clients, window, move |client, n| {
         let connections = Arc::clone(&connections);
         async move {
             let mut conn = connections[client].lock().await;
-            let id = base + i64::try_from(client)? * 1_000_000_000 + i64::try_from(n)?;
+            let id = base + i64::try_from(client)? * 10_000_000 + i64::try_from(n)?;
             let tx = conn.transaction().await?;
             tx.execute(
                 &format!("INSERT INTO {PLAIN_TABLE} VALUES ($1, $2, 'item')"),
@@ -275,7 +276,7 @@ async fn concord(
     let measured = load(clients, window, move |client, n| {
         let (coordinator, pg) = (c.clone(), pg.clone());
         async move {
-            let id = id_base + i64::try_from(client)? * 1_000_000 + i64::try_from(n)?;
+            let id = id_base + i64::try_from(client)? * 10_000_000 + i64::try_from(n)?;
             let xid = coordinator.begin();
             coordinator.join(&xid, RESOURCE).await?;
             pg.branch(&xid)?

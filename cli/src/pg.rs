@@ -201,7 +201,7 @@ fn block_on<T>(
 }
 
 /// The resource's error for a command that runs once: a retryable failure is not retried here,
-/// so it must not say "will retry".
+/// so it must not say it is retryable without saying how.
 fn one_shot(e: ResourceError) -> anyhow::Error {
     match e {
         ResourceError::Unavailable { resource, message } => {
@@ -267,6 +267,6 @@ mod tests {
             resource: "orders".into(),
             message: "cannot connect".into(),
         });
-        assert!(!e.to_string().contains("will retry"), "{e}");
+        assert!(!e.to_string().contains("(retryable)"), "{e}");
     }
 }

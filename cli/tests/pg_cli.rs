@@ -273,7 +273,7 @@ fn a_wrong_port_is_named_without_the_password() {
         let out = concord(args, &config);
         let message = out.failed(1);
         assert!(message.contains(&format!("127.0.0.1:{port}")), "{message}");
-        assert!(!message.contains("will retry"), "{message}");
+        assert!(!message.contains("(retryable)"), "{message}");
     }
 }
 

@@ -568,10 +568,8 @@ async fn the_journal_order_of_two_conflicting_writers_is_their_commit_order() {
 /// message says to run the transaction again; its commit rolls back, and running it again
 /// succeeds.
 ///
-/// The database's default isolation is set to SERIALIZABLE: the resource's `begin` already runs
-/// a query in the branch's transaction (it reads the fence epoch), so a `SET TRANSACTION
-/// ISOLATION LEVEL` as the branch's first statement comes too late — this test also checks that
-/// PostgreSQL refuses it, so that the day `begin` changes, the workaround is noticed.
+/// Each branch chooses its isolation with `SET TRANSACTION ISOLATION LEVEL SERIALIZABLE` as its
+/// first statement (the resource's `begin` runs no query inside the branch's transaction).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_serialization_failure_is_retryable_and_says_to_run_again() {
     let cluster = PgCluster::shared();
@@ -582,34 +580,17 @@ async fn a_serialization_failure_is_retryable_and_says_to_run_again() {
     let dir = tempfile::tempdir().unwrap();
     let concord = open(pg_config(dir.path(), 15, &url)).await;
 
-    let mut late = concord.begin();
-    let err = execute(&late, "SET TRANSACTION ISOLATION LEVEL SERIALIZABLE")
-        .await
-        .unwrap_err();
-    assert!(
-        err.to_string()
-            .contains("SET TRANSACTION ISOLATION LEVEL must be called before any query"),
-        "{err}"
-    );
-    rolled_back_reason(&commit(&mut late).await);
-
-    cluster
-        .psql(
-            "serial",
-            "ALTER DATABASE serial SET default_transaction_isolation = 'serializable'",
-        )
-        .unwrap();
-    // Connections made from now on start serializable transactions; the pool's old ones are
-    // not, so a new concord (a new pool) is opened.
-    drop(late);
-    close(concord).await;
-    let concord = open(pg_config(dir.path(), 15, &url)).await;
-
     let read = "SELECT item FROM orders WHERE id = 5";
     let mut one = concord.begin();
     let mut two = concord.begin();
     for tx in [&one, &two] {
         let orders = within("join", tx.postgres("orders")).await.unwrap();
+        within(
+            "isolation",
+            orders.batch_execute("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE"),
+        )
+        .await
+        .unwrap();
         let level = within(
             "isolation",
             orders.query_one("SHOW transaction_isolation", &[]),

@@ -9,10 +9,12 @@
 //! Objects (version 1):
 //!
 //! * `concord.meta(key, value)` — `schema_version`.
-//! * `concord.fence(id = 1, epoch)` — the fence epoch. Every branch reads it `FOR SHARE` at
-//!   prepare, so its share lock is held by the prepared transaction until it is resolved, and
-//!   `fence()` (an `UPDATE`, which needs the row exclusively) waits for every such branch; see
-//!   `docs/postgres.md`.
+//! * `concord.fence(id = 1, epoch)` — the fence epoch. Every branch takes a transaction-level
+//!   advisory lock (the pair 1668247139, 1717923427) in *shared* mode before it reads the epoch at
+//!   prepare, so the lock is held by the prepared transaction until it is resolved, and
+//!   `fence()` takes the same lock *exclusively* before raising the epoch, so it waits for every
+//!   such branch; see `docs/postgres.md`. (An advisory lock rather than `FOR SHARE` on the row:
+//!   many concurrent share locks on one row make PostgreSQL create a multixact per prepare.)
 //! * `concord.markers(gid, xid, node, at)` — one row per branch, written inside the branch: it
 //!   commits with the branch and vanishes with it on rollback, so after the fact a branch whose
 //!   prepared transaction is gone is known committed exactly when its marker exists.
@@ -21,9 +23,13 @@
 //!   in the changing transaction, read and deleted by that same transaction at prepare (so no
 //!   other transaction ever sees them).
 //! * `concord.replicated(tbl, pk_cols, at)` — the tables `concord pg replicate` set up.
-//! * `concord.check_fence(epoch)`, `concord.capture_row()` (the trigger function; it does
-//!   nothing while `concord.replaying` is `on`, so replay is not captured again) and
-//!   `concord.apply_row(tbl, op, pk, row)` (replay of one row image by primary key).
+//! * `concord.check_fence(epoch)`; `concord.prepare_branch(epoch, gid, xid, node)` — all of a
+//!   prepare but the `PREPARE TRANSACTION` itself: refuses a branch that wrote nothing (SQLSTATE
+//!   `CF002`, so the caller votes read-only) or a fenced epoch (`CF001`), reads and deletes the
+//!   captured rows and returns them as a JSON array, and writes the marker;
+//!   `concord.capture_row()` (the trigger function; it does nothing while `concord.replaying`
+//!   is `on`, so replay is not captured again) and `concord.apply_row(tbl, op, pk, row)` (replay
+//!   of one row image by primary key).
 
 use tokio_postgres::Client;
 
@@ -74,12 +80,39 @@ LANGUAGE plpgsql AS $$
 DECLARE
     current bigint;
 BEGIN
-    SELECT epoch INTO current FROM concord.fence WHERE id = 1 FOR SHARE;
+    -- Shared, held until the (prepared) transaction ends; fence() takes it exclusively.
+    PERFORM pg_advisory_xact_lock_shared(1668247139, 1717923427);
+    IF current_setting('transaction_isolation') = 'read committed' THEN
+        -- A new snapshot, taken after the lock: it sees every fence that committed before.
+        SELECT epoch INTO current FROM concord.fence WHERE id = 1;
+    ELSE
+        -- The transaction's snapshot may predate a fence: a locking read of a row updated
+        -- since fails to serialize instead of reading the old epoch.
+        SELECT epoch INTO current FROM concord.fence WHERE id = 1 FOR SHARE;
+    END IF;
     IF current > branch_epoch THEN
         RAISE EXCEPTION 'concord: epoch % is fenced (the database is at epoch %)', branch_epoch, current
             USING ERRCODE = 'CF001';
     END IF;
     RETURN current;
+END $$;
+
+CREATE FUNCTION concord.prepare_branch(branch_epoch bigint, branch_gid text, branch_xid text,
+                                       branch_node integer) RETURNS text
+LANGUAGE plpgsql AS $$
+DECLARE
+    redo text;
+BEGIN
+    IF pg_current_xact_id_if_assigned() IS NULL THEN
+        RAISE EXCEPTION 'concord: the branch wrote nothing' USING ERRCODE = 'CF002';
+    END IF;
+    PERFORM concord.check_fence(branch_epoch);
+    WITH d AS (DELETE FROM concord.capture WHERE txid = pg_current_xact_id()
+               RETURNING id, tbl, op, pk, row_image)
+    SELECT coalesce(json_agg(json_build_array(tbl, op::text, pk, row_image) ORDER BY id)::text, '[]')
+        INTO redo FROM d;
+    INSERT INTO concord.markers (gid, xid, node) VALUES (branch_gid, branch_xid, branch_node);
+    RETURN redo;
 END $$;
 
 CREATE FUNCTION concord.capture_row() RETURNS trigger
@@ -115,14 +148,30 @@ CREATE FUNCTION concord.apply_row(tbl text, op "char", pk jsonb, row_image jsonb
 LANGUAGE plpgsql AS $$
 DECLARE
     cond text;
+    cols text;
+    keys text;
+    sets text;
 BEGIN
-    SELECT string_agg(format('%I = (jsonb_populate_record(NULL::%s, $1)).%I', k, tbl, k), ' AND ')
-        INTO cond FROM jsonb_object_keys(pk) AS k;
-    EXECUTE format('DELETE FROM %s WHERE %s', tbl, cond) USING pk;
-    IF op <> 'D' THEN
-        EXECUTE format('INSERT INTO %s SELECT * FROM jsonb_populate_record(NULL::%s, $1)', tbl, tbl)
-            USING row_image;
+    IF op = 'D' THEN
+        SELECT string_agg(format('%I = (jsonb_populate_record(NULL::%s, $1)).%I', k, tbl, k), ' AND ')
+            INTO cond FROM jsonb_object_keys(pk) AS k;
+        EXECUTE format('DELETE FROM %s WHERE %s', tbl, cond) USING pk;
+        RETURN;
     END IF;
+    -- An upsert, not a delete and insert: rows that reference this one stay, and identity
+    -- columns take the primary's values; generated columns are computed again.
+    SELECT string_agg(quote_ident(a.attname), ', ' ORDER BY a.attnum),
+           string_agg(format('%1$I = excluded.%1$I', a.attname), ', ' ORDER BY a.attnum)
+               FILTER (WHERE NOT pk ? a.attname AND a.attidentity <> 'a')
+        INTO cols, sets
+        FROM pg_attribute a
+        WHERE a.attrelid = tbl::regclass AND a.attnum > 0 AND NOT a.attisdropped
+          AND a.attgenerated = '';
+    SELECT string_agg(quote_ident(k), ', ') INTO keys FROM jsonb_object_keys(pk) AS k;
+    EXECUTE format(
+        'INSERT INTO %s (%s) OVERRIDING SYSTEM VALUE SELECT %s FROM jsonb_populate_record(NULL::%s, $1) ON CONFLICT (%s) DO %s',
+        tbl, cols, cols, tbl, keys,
+        CASE WHEN sets IS NULL THEN 'NOTHING' ELSE 'UPDATE SET ' || sets END) USING row_image;
 END $$;
 "#;
 
