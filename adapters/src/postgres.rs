@@ -110,6 +110,9 @@ struct Inner {
     /// repeated prepare votes the same.
     read_only: Mutex<std::collections::VecDeque<Xid>>,
     commits: AtomicU64,
+    /// The highest fence epoch this instance has seen (read at open, raised by `fence`, by
+    /// `fence_epoch` and by a fenced prepare).
+    fence_seen: AtomicU64,
 }
 
 /// An application's handle on one branch: its statements run in the branch's transaction.
@@ -309,6 +312,7 @@ impl PostgresResource {
             votes: Mutex::new(HashMap::new()),
             read_only: Mutex::new(std::collections::VecDeque::new()),
             commits: AtomicU64::new(0),
+            fence_seen: AtomicU64::new(0),
         });
         let conn = inner.conn().await?;
         let max: String = conn
@@ -329,6 +333,9 @@ impl PostgresResource {
             .await
             .map_err(|e| schema_error(name, &inner.target, e))?;
         drop(conn);
+        let resource = PostgresResource { inner };
+        resource.fence_epoch().await?;
+        let inner = resource.inner;
         tracing::info!(resource = name, server = %inner.target, "postgres resource open");
         Ok(Arc::new(PostgresResource { inner }))
     }
@@ -436,25 +443,20 @@ impl Resource for PostgresResource {
         if inner.slots().contains_key(xid) {
             return Ok(());
         }
-        let conn = inner.conn().await?;
-        // The epoch is read in a transaction of its own (the COMMIT ends the implicit one a
-        // multi-statement query runs in), so that the application's first
-        // statement may still choose its isolation level (prepare checks the epoch again).
-        let rows = conn
-            .simple_query("SELECT epoch FROM concord.fence WHERE id = 1; COMMIT; BEGIN")
-            .await
-            .map_err(|e| inner.db("begin", &e))?;
-        let fence = first_value(&rows)
-            .and_then(|v| v.parse::<u64>().ok())
-            .ok_or_else(|| inner.fatal("concord.fence has no row: reinstall the schema".into()))?;
+        // Refused at once below the highest fence this instance has seen; a fence raised by
+        // another instance since is caught by prepare, which checks the stored epoch.
+        let fence = inner.fence_seen.load(Ordering::Acquire);
         if xid.epoch.0 < fence {
-            let _ = conn.batch_execute("ROLLBACK").await;
             return Err(ResourceError::Fenced {
                 resource: inner.name.clone(),
                 offered: xid.epoch,
                 current: Epoch(fence),
             });
         }
+        let conn = inner.conn().await?;
+        conn.batch_execute("BEGIN")
+            .await
+            .map_err(|e| inner.db("begin", &e))?;
         inner
             .slots()
             .insert(*xid, Arc::new(tokio::sync::Mutex::new(Some(conn))));
@@ -555,7 +557,9 @@ impl Resource for PostgresResource {
             .await
             .map_err(|e| inner.db("read the fence epoch", &e))?
             .get(0);
-        Ok(Epoch(u64::try_from(epoch).unwrap_or(0)))
+        let epoch = u64::try_from(epoch).unwrap_or(0);
+        inner.fence_seen.fetch_max(epoch, Ordering::AcqRel);
+        Ok(Epoch(epoch))
     }
 
     async fn replay(&self, redo: &[u8], lsn: Lsn) -> Result<()> {
@@ -744,10 +748,13 @@ impl Inner {
             .await
         };
         match raised.await {
-            Ok(_) => tx
-                .commit()
-                .await
-                .map_err(|e| self.db("commit the fence", &e)),
+            Ok(_) => {
+                tx.commit()
+                    .await
+                    .map_err(|e| self.db("commit the fence", &e))?;
+                self.fence_seen.fetch_max(epoch.0, Ordering::AcqRel);
+                Ok(())
+            }
             Err(e) if e.code() == Some(&SqlState::LOCK_NOT_AVAILABLE) => {
                 drop(tx);
                 let waiting: Vec<String> =
@@ -846,13 +853,6 @@ impl Inner {
 
     fn unavailable(&self, message: String) -> ResourceError {
         ResourceError::Unavailable {
-            resource: self.name.clone(),
-            message,
-        }
-    }
-
-    fn fatal(&self, message: String) -> ResourceError {
-        ResourceError::Fatal {
             resource: self.name.clone(),
             message,
         }
