@@ -1546,20 +1546,10 @@ impl Inner {
     /// The content of a small staged file, checked against the size and hash it was written
     /// with.
     fn read_staged(&self, path: &str, file: &Path, id: &BlobId, bytes: u64) -> Result<Vec<u8>> {
-        let content = match fs::read(file) {
-            Ok(content) => content,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                return Err(self.rejected(staged_missing(path, file)));
-            }
-            Err(e) => {
-                return Err(ResourceError::io(
-                    &self.name,
-                    "read staged content",
-                    file,
-                    &e,
-                ));
-            }
-        };
+        let mut content = Vec::new();
+        self.open_staged(path, file)?
+            .read_to_end(&mut content)
+            .map_err(|e| ResourceError::io(&self.name, "read staged content", file, &e))?;
         if content.len() as u64 != bytes || BlobId::of(&content) != *id {
             let reason = format!(
                 "the staged content of {path} ({}) is not what was written: it was changed by hand; roll the transaction back",
@@ -1700,21 +1690,16 @@ impl Inner {
         self.checkpoint(Lsn::ZERO)
     }
 
+    /// Opens the staged file of `path`; a missing one was removed by hand.
+    fn open_staged(&self, path: &str, file: &Path) -> Result<File> {
+        File::open(file).map_err(|e| match e.kind() {
+            io::ErrorKind::NotFound => self.rejected(staged_missing(path, file)),
+            _ => ResourceError::io(&self.name, "open staged content", file, &e),
+        })
+    }
+
     fn sync_staged(&self, path: &str, file: &Path, bytes: u64) -> Result<()> {
-        let opened = match File::open(file) {
-            Ok(opened) => opened,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                return Err(self.rejected(staged_missing(path, file)));
-            }
-            Err(e) => {
-                return Err(ResourceError::io(
-                    &self.name,
-                    "open staged content",
-                    file,
-                    &e,
-                ));
-            }
-        };
+        let opened = self.open_staged(path, file)?;
         let len = opened
             .metadata()
             .map_err(|e| ResourceError::io(&self.name, "inspect staged content", file, &e))?
