@@ -379,3 +379,53 @@ async fn replay_upserts_rows_that_others_reference() {
         "1"
     );
 }
+
+/// A table dropped after `replicate`: its trigger went with it, branches writing other tables
+/// still prepare and commit, and replaying a redo that names the dropped table fails with a
+/// clear error naming it, changing nothing (the applied LSN stays).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_table_dropped_after_replicate_is_named_by_replay() {
+    let cluster = PgCluster::shared();
+    let primary_url = database("dropped_primary").await;
+    let standby_url = database("dropped_standby").await;
+    let primary = open(&primary_url, 1).await;
+    let x = xid(1, 0);
+    primary.begin(&x).await.unwrap();
+    primary
+        .branch(&x)
+        .unwrap()
+        .execute("INSERT INTO effects VALUES (1, 'before the drop')", &[])
+        .await
+        .unwrap();
+    let Vote::Commit { redo } = primary.prepare(&x).await.unwrap() else {
+        panic!("voted read-only")
+    };
+    primary.commit(&x).await.unwrap();
+
+    let standby_db = standby_url.rsplit('=').next().unwrap();
+    cluster.psql(standby_db, "DROP TABLE effects").unwrap();
+    let standby = open(&standby_url, 1).await;
+    let error = standby.replay(&redo, Lsn(1)).await.unwrap_err();
+    assert_eq!(error.class(), ErrorClass::Rejected, "{error}");
+    assert!(error.to_string().contains("effects"), "{error}");
+    assert_eq!(standby.applied_lsn().await.unwrap(), Lsn(0));
+
+    let primary_db = primary_url.rsplit('=').next().unwrap();
+    cluster.psql(primary_db, "DROP TABLE effects").unwrap();
+    cluster
+        .psql(primary_db, "CREATE TABLE other (id int PRIMARY KEY)")
+        .unwrap();
+    let y = xid(2, 0);
+    primary.begin(&y).await.unwrap();
+    primary
+        .branch(&y)
+        .unwrap()
+        .execute("INSERT INTO other VALUES (1)", &[])
+        .await
+        .unwrap();
+    let Vote::Commit { redo } = primary.prepare(&y).await.unwrap() else {
+        panic!("voted read-only")
+    };
+    assert_eq!(postgres::decode_redo(&redo).unwrap(), vec![]);
+    primary.commit(&y).await.unwrap();
+}
