@@ -4,6 +4,7 @@
 //! node = 1                  # this coordinator's node id, part of every xid
 //! data_dir = "data"         # the journal lives in data_dir/journal
 //! txn_timeout_ms = 30000    # optional: an open transaction is rolled back after this long
+//! orphan_sweep_ms = 60000   # optional: how often to look for prepared branches nobody owns
 //!
 //! [resources.uploads]       # a resource, by the name the application uses
 //! kind = "files"
@@ -40,6 +41,10 @@ pub struct Config {
     /// An open transaction is rolled back after this long (milliseconds).
     #[serde(default = "default_timeout_ms")]
     pub txn_timeout_ms: u64,
+    /// How often the coordinator looks for prepared branches nobody owns (milliseconds; 0: never).
+    /// One is rolled back when two sweeps in a row found it so, so this is also its least age.
+    #[serde(default = "default_orphan_sweep_ms")]
+    pub orphan_sweep_ms: u64,
     /// The resources, by name.
     #[serde(default, deserialize_with = "resources_from_toml")]
     pub resources: BTreeMap<String, ResourceConfig>,
@@ -163,6 +168,10 @@ fn default_timeout_ms() -> u64 {
     30_000
 }
 
+fn default_orphan_sweep_ms() -> u64 {
+    60_000
+}
+
 fn default_lock_wait_ms() -> u64 {
     5_000
 }
@@ -212,6 +221,7 @@ impl Config {
             data_dir: data_dir.to_path_buf(),
             epoch: default_epoch(),
             txn_timeout_ms: default_timeout_ms(),
+            orphan_sweep_ms: default_orphan_sweep_ms(),
             resources,
         }
     }
@@ -298,6 +308,9 @@ mod tests {
         };
         assert_eq!(url, "host=127.0.0.1 dbname=shop");
         assert_eq!((*pool_size, *fence_wait_ms), (64, 2_000));
+        assert_eq!(config.orphan_sweep_ms, 60_000);
+        let swept = load("node = 1\ndata_dir = \"d\"\norphan_sweep_ms = 500\n").unwrap();
+        assert_eq!(swept.orphan_sweep_ms, 500);
     }
 
     #[test]

@@ -125,7 +125,7 @@ impl Concord {
             epoch: Epoch(config.epoch),
             txn_timeout_ms: config.txn_timeout_ms,
             retry: RetryPolicy::default(),
-            orphan_sweep_ms: CoordinatorConfig::default().orphan_sweep_ms,
+            orphan_sweep_ms: config.orphan_sweep_ms,
         };
         let (coordinator, recovery) =
             Coordinator::open(coordinator_config, journal, resources).await?;
