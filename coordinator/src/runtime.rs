@@ -84,6 +84,11 @@ pub struct CoordinatorConfig {
     /// transaction of this coordinator owns in two sweeps in a row — so for at least this long —
     /// and that has no commit decision is rolled back (see [`Coordinator::orphans_rolled_back`]).
     pub orphan_sweep_ms: u64,
+    /// Most transactions between their commit request and the end of their phase 2. A commit
+    /// beyond waits — at most `txn_timeout_ms` — for one of them to finish, so that a resource
+    /// slower at phase 2 than the callers are at deciding holds the callers back instead of
+    /// piling up unfinished transactions.
+    pub max_unfinished: usize,
 }
 
 impl Default for CoordinatorConfig {
@@ -94,6 +99,7 @@ impl Default for CoordinatorConfig {
             txn_timeout_ms: 30_000,
             retry: RetryPolicy::default(),
             orphan_sweep_ms: 60_000,
+            max_unfinished: 4096,
         }
     }
 }
@@ -310,6 +316,9 @@ struct Inner {
     handle: tokio::runtime::Handle,
     /// Prepared branches the orphan sweeper has handed to a rollback since open.
     orphans_rolled_back: AtomicU64,
+    /// One permit per transaction between its commit request and the end of its phase 2
+    /// (`max_unfinished`).
+    unfinished: Arc<tokio::sync::Semaphore>,
 }
 
 impl Inner {
@@ -379,6 +388,7 @@ impl Coordinator {
             .map(|d| d.as_micros() as u64)
             .unwrap_or(0);
         let (stop, _) = watch::channel(false);
+        let unfinished_max = config.max_unfinished.max(1);
         let inner = Arc::new(Inner {
             seq: AtomicU64::new(now_micros.max(scan.max_seq + 1)),
             config,
@@ -393,6 +403,7 @@ impl Coordinator {
             stopping: AtomicBool::new(false),
             stop_waiters: (0..SHARDS).map(|_| Notify::new()).collect(),
             orphans_rolled_back: AtomicU64::new(0),
+            unfinished: Arc::new(tokio::sync::Semaphore::new(unfinished_max)),
         });
         let coordinator = Coordinator { inner };
         let report = coordinator.recover(scan).await;
@@ -509,7 +520,28 @@ impl Coordinator {
     /// the transaction rolled back). Phase 2 goes on in the background.
     pub async fn commit(&self, xid: &Xid) -> Result<Outcome, CoordError> {
         let timeout = Duration::from_millis(self.inner.config.txn_timeout_ms);
-        let driver = {
+        let permit = match Arc::clone(&self.inner.unfinished).try_acquire_owned() {
+            Ok(permit) => permit,
+            Err(_) => {
+                let waited = tokio::time::timeout(
+                    timeout,
+                    Arc::clone(&self.inner.unfinished).acquire_owned(),
+                )
+                .await;
+                match waited {
+                    Ok(Ok(permit)) => permit,
+                    Ok(Err(_)) => return Err(CoordError::ShuttingDown),
+                    Err(_) => {
+                        return Err(CoordError::Refused(format!(
+                            "{} transactions are still in phase 2 (max_unfinished) and none finished within {} ms: a resource is slow or down (see `concord txn list`)",
+                            self.inner.config.max_unfinished.max(1),
+                            self.inner.config.txn_timeout_ms
+                        )));
+                    }
+                }
+            }
+        };
+        let mut driver = {
             let mut open = self.inner.open_shard(xid);
             match open.remove(xid) {
                 Some(o) if !o.timed_out && o.started.elapsed() > timeout => {
@@ -538,6 +570,7 @@ impl Coordinator {
                 }
             }
         };
+        driver.permit = Some(permit);
         let span = tracing::info_span!("txn", xid = %xid);
         self.run_inline(driver, Event::CommitRequested)
             .instrument(span)
@@ -616,6 +649,7 @@ impl Coordinator {
             fresh: VecDeque::new(),
             calls: None,
             decision: None,
+            permit: None,
             ready: VecDeque::new(),
             commands: Vec::new(),
             outcome: None,
@@ -1068,6 +1102,9 @@ struct Driver {
     calls: Option<FuturesUnordered<Call>>,
     /// The decision record, once queued in the journal, until it is durable.
     decision: Option<Appending>,
+    /// The commit's place among the unfinished transactions, given back when the driver is
+    /// dropped (the machine finished, or shutdown stopped it).
+    permit: Option<tokio::sync::OwnedSemaphorePermit>,
     /// Events known without waiting: calls finished at their first poll, a branch of a resource
     /// not configured, a decision the journal refused to queue.
     ready: VecDeque<Event>,

@@ -617,3 +617,62 @@ async fn an_orphan_sweep_interval_of_zero_turns_the_sweeper_off() {
     assert_eq!(c.orphans_rolled_back(), 0);
     assert!(c.shutdown(Duration::from_secs(5)).await);
 }
+
+/// Backpressure: with `max_unfinished = 1`, a second commit waits while the first one's phase 2
+/// is held, and goes on as soon as it finishes; past `txn_timeout_ms` of waiting it is refused
+/// with a message that says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commits_wait_while_max_unfinished_transactions_are_in_phase_two() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (Mem::new("a"), Mem::new("b"));
+    b.hold_commits.store(true, Ordering::SeqCst);
+    let c = open(
+        dir.path(),
+        &[a.clone(), b.clone()],
+        CoordinatorConfig {
+            max_unfinished: 1,
+            txn_timeout_ms: 2_000,
+            ..config()
+        },
+    )
+    .await;
+    let first = c.begin();
+    c.join(&first, "a").await.unwrap();
+    c.join(&first, "b").await.unwrap();
+    assert!(matches!(
+        c.commit(&first).await.unwrap(),
+        Outcome::Committed { .. }
+    ));
+
+    let second = c.begin();
+    c.join(&second, "a").await.unwrap();
+    c.join(&second, "b").await.unwrap();
+    let waiting = {
+        let c = c.clone();
+        tokio::spawn(async move { c.commit(&second).await })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!waiting.is_finished(), "the second commit did not wait");
+    b.hold_commits.store(false, Ordering::SeqCst);
+    let outcome = tokio::time::timeout(Duration::from_secs(5), waiting)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(matches!(outcome, Outcome::Committed { .. }));
+    assert!(c.wait_settled(Duration::from_secs(5)).await);
+
+    // Held again: a commit that cannot get a place within txn_timeout_ms is refused.
+    b.hold_commits.store(true, Ordering::SeqCst);
+    let third = c.begin();
+    c.join(&third, "a").await.unwrap();
+    c.join(&third, "b").await.unwrap();
+    c.commit(&third).await.unwrap();
+    let fourth = c.begin();
+    c.join(&fourth, "a").await.unwrap();
+    let refused = c.commit(&fourth).await.unwrap_err();
+    assert!(refused.to_string().contains("max_unfinished"), "{refused}");
+    b.hold_commits.store(false, Ordering::SeqCst);
+    assert!(c.wait_settled(Duration::from_secs(5)).await);
+    c.shutdown(Duration::from_secs(5)).await;
+}
