@@ -731,6 +731,17 @@ impl Inner {
         let mut conn = self.conn().await?;
         let new = i64::try_from(epoch.0)
             .map_err(|_| self.rejected(format!("epoch {epoch} is out of range")))?;
+        // Already there: nothing to wait for (the fence that raised it did the waiting).
+        let current: i64 = conn
+            .query_one("SELECT epoch FROM concord.fence WHERE id = 1", &[])
+            .await
+            .map_err(|e| self.db("read the fence epoch", &e))?
+            .get(0);
+        if current >= new {
+            self.fence_seen
+                .fetch_max(u64::try_from(current).unwrap_or(0), Ordering::AcqRel);
+            return Ok(());
+        }
         let tx = conn.transaction().await.map_err(|e| self.db("begin", &e))?;
         tx.batch_execute(&format!(
             "SET LOCAL lock_timeout = {}",

@@ -262,6 +262,20 @@ async fn fence_waits_for_prepared_branches_of_older_epochs_then_fails_naming_the
     // Once the old branch is resolved, the fence goes through, and old epochs are refused.
     r.rollback(&old).await.unwrap();
     r.fence(Epoch(1)).await.unwrap();
+    // A branch of the new epoch prepared: fencing again to the same epoch does not wait for it.
+    let current = xid(3, 1);
+    r.begin(&current).await.unwrap();
+    r.branch(&current)
+        .unwrap()
+        .execute("INSERT INTO effects VALUES (8, 'new epoch')", &[])
+        .await
+        .unwrap();
+    r.prepare(&current).await.unwrap();
+    let started = std::time::Instant::now();
+    r.fence(Epoch(1)).await.unwrap();
+    r.fence(Epoch(0)).await.unwrap();
+    assert!(started.elapsed() < std::time::Duration::from_millis(300));
+    r.commit(&current).await.unwrap();
     let refused = r.begin(&xid(2, 0)).await.unwrap_err();
     assert!(matches!(refused, ResourceError::Fenced { .. }), "{refused}");
 }
