@@ -15,6 +15,10 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
+use common::{STEP_DEADLINE, within};
+
 use std::any::Any;
 use std::collections::BTreeMap;
 use std::fs;
@@ -36,8 +40,6 @@ const ROUNDS: u64 = 50;
 const PATH: &str = "shared/doc.txt";
 /// The resource they write.
 const RESOURCE: &str = "uploads";
-/// Bound on every step that waits (a put, a commit, phase 2, a round, close).
-const STEP_DEADLINE: Duration = Duration::from_secs(10);
 /// How long the second writer may wait for the path: well above a commit, below the deadline.
 const LOCK_WAIT_MS: u64 = 5_000;
 /// Longest delay [`Slow`] puts before a phase-2 commit, in microseconds.
@@ -108,14 +110,6 @@ struct Written {
     lsn: Lsn,
     put_started: Instant,
     commit_returned: Instant,
-}
-
-/// Awaits `future`, failing the test when it takes longer than [`STEP_DEADLINE`].
-async fn within<F: Future>(what: &str, future: F) -> F::Output {
-    match tokio::time::timeout(STEP_DEADLINE, future).await {
-        Ok(output) => output,
-        Err(_) => panic!("{what} did not finish within {STEP_DEADLINE:?}"),
-    }
 }
 
 async fn pause_us(us: u64) {

@@ -11,8 +11,14 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
+use common::{
+    STEP_DEADLINE, close, commit, commits, committed_lsn, open, rolled_back_reason, within,
+};
+
 use std::any::Any;
-use std::collections::BTreeMap;
+
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
@@ -21,13 +27,11 @@ use std::time::Duration;
 use adapters::pgtest::{PgCluster, wait_until};
 use adapters::postgres::{self, PostgresConfig, PostgresResource};
 use adapters::{Epoch, ErrorClass, Lsn, Resource, ResourceError, Vote, Xid};
-use coordinator::record::CoordRecord;
-use coordinator::{CoordError, Coordinator, CoordinatorConfig, Outcome, RetryPolicy};
-use journal::{Journal, JournalConfig};
-use participant::{Concord, ConcordError, Config, ResourceConfig, Transaction};
 
-/// Bound on every step that waits (open, a statement, a commit, phase 2, close).
-const STEP_DEADLINE: Duration = Duration::from_secs(20);
+use coordinator::{CoordError, Coordinator, CoordinatorConfig, RetryPolicy};
+use journal::{Journal, JournalConfig};
+use participant::{ConcordError, Config, ResourceConfig, Transaction};
+
 /// Bound on phase 2 across a server outage.
 const SETTLE_DEADLINE: Duration = Duration::from_secs(30);
 /// Phase-2 retries of the tests that build their coordinator: quick, capped low.
@@ -35,14 +39,6 @@ const QUICK_RETRY: RetryPolicy = RetryPolicy {
     first_ms: 20,
     max_ms: 250,
 };
-
-/// Awaits `future`, failing the test when it takes longer than [`STEP_DEADLINE`].
-async fn within<F: Future>(what: &str, future: F) -> F::Output {
-    match tokio::time::timeout(STEP_DEADLINE, future).await {
-        Ok(output) => output,
-        Err(_) => panic!("{what} did not finish within {STEP_DEADLINE:?}"),
-    }
-}
 
 /// Creates database `db` in `cluster` with the concord schema and an `orders` table under
 /// capture; returns its connection string.
@@ -74,48 +70,12 @@ fn pg_config(dir: &Path, node: u32, url: &str) -> Config {
     config
 }
 
-async fn open(config: Config) -> Concord {
-    within("open", Concord::open(config)).await.unwrap()
-}
-
-/// Waits for phase 2 to finish, then closes.
-async fn close(concord: Concord) {
-    assert!(
-        concord.wait_idle(STEP_DEADLINE).await,
-        "phase 2 did not settle"
-    );
-    assert!(
-        concord.close(STEP_DEADLINE).await,
-        "close did not stop every task"
-    );
-}
-
 /// Runs `sql` in the `orders` branch of `tx`.
 async fn execute(tx: &Transaction, sql: &str) -> Result<u64, ConcordError> {
     let orders = within("join orders", tx.postgres("orders")).await?;
     within(sql, orders.execute(sql, &[])).await
 }
 
-async fn commit(tx: &mut Transaction) -> Outcome {
-    within("commit", tx.commit()).await.unwrap()
-}
-
-fn committed_lsn(outcome: &Outcome) -> Lsn {
-    match outcome {
-        Outcome::Committed { lsn: Some(lsn) } => *lsn,
-        other => panic!("expected a committed outcome with a decision, got {other:?}"),
-    }
-}
-
-fn rolled_back_reason(outcome: &Outcome) -> &str {
-    match outcome {
-        Outcome::RolledBack { reason } => reason,
-        other => panic!("expected a rolled-back outcome, got {other:?}"),
-    }
-}
-
-/// The resource's error inside a participant error (a branch statement's own, or one met when
-/// joining).
 fn resource_error(e: &ConcordError) -> Option<&ResourceError> {
     match e {
         ConcordError::Resource(r) | ConcordError::Coordinator(CoordError::Resource(r)) => Some(r),
@@ -145,25 +105,6 @@ fn prepared_gids(cluster: &PgCluster, db: &str) -> Vec<String> {
         .lines()
         .map(str::to_string)
         .collect()
-}
-
-/// `(resource, redo)` of each writing branch of a `Commit` record.
-type Writers = Vec<(String, Vec<u8>)>;
-
-/// The `Commit` records of the journal in `data_dir`: LSN → (xid, `(resource, redo)` of each
-/// writer).
-fn commits(data_dir: &Path) -> BTreeMap<Lsn, (Xid, Writers)> {
-    let mut found = BTreeMap::new();
-    let record_bytes_max = JournalConfig::default().record_bytes_max;
-    journal::scan::scan_dir(&data_dir.join("journal"), record_bytes_max, |record| {
-        if let Ok(CoordRecord::Commit { xid, branches, .. }) =
-            CoordRecord::decode(record.kind, &record.payload)
-        {
-            found.insert(record.lsn, (xid, branches));
-        }
-    })
-    .unwrap();
-    found
 }
 
 /// The real PostgreSQL resource behind a test hook on `commit`: it counts the calls and, before

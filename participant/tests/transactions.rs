@@ -4,6 +4,12 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
+use common::{
+    STEP_DEADLINE, close, commit, commits, committed_lsn, open, rolled_back_reason, within,
+};
+
 use std::collections::BTreeMap;
 use std::fs;
 use std::io::{self, Write as _};
@@ -13,13 +19,12 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use adapters::{Lsn, Xid};
-use coordinator::record::CoordRecord;
+
 use coordinator::{CoordError, Outcome};
-use journal::JournalConfig;
-use participant::{Concord, ConcordError, Config, ResourceConfig, Transaction};
+
+use participant::{ConcordError, Config, ResourceConfig, Transaction};
 
 /// Bound on every step that waits (open, a put, a commit, phase 2, close).
-const STEP_DEADLINE: Duration = Duration::from_secs(10);
 /// How long a writer waits for a path another branch holds, in these tests.
 const LOCK_WAIT_MS: u64 = 2_000;
 
@@ -34,14 +39,6 @@ static SPAWN: Mutex<()> = Mutex::new(());
 
 fn spawn_guard() -> MutexGuard<'static, ()> {
     SPAWN.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
-/// Awaits `future`, failing the test when it takes longer than [`STEP_DEADLINE`].
-async fn within<F: Future>(what: &str, future: F) -> F::Output {
-    match tokio::time::timeout(STEP_DEADLINE, future).await {
-        Ok(output) => output,
-        Err(_) => panic!("{what} did not finish within {STEP_DEADLINE:?}"),
-    }
 }
 
 /// The embedded configuration (`uploads` and `thumbnails` under `dir`) with a short lock wait.
@@ -63,72 +60,18 @@ fn files_resource(root: PathBuf) -> ResourceConfig {
     }
 }
 
-async fn open(config: Config) -> Concord {
-    within("open", Concord::open(config)).await.unwrap()
-}
-
-/// Waits for phase 2 to finish, then closes.
-async fn close(concord: Concord) {
-    assert!(
-        concord.wait_idle(STEP_DEADLINE).await,
-        "phase 2 did not settle"
-    );
-    assert!(
-        concord.close(STEP_DEADLINE).await,
-        "close did not stop every task"
-    );
-}
-
 /// Puts `content` at `path` of resource `name` within `tx`.
 async fn put(tx: &Transaction, name: &str, path: &str, content: &[u8]) {
     let files = within("join", tx.files(name)).await.unwrap();
     within("put", files.put(path, content)).await.unwrap();
 }
 
-async fn commit(tx: &mut Transaction) -> Outcome {
-    within("commit", tx.commit()).await.unwrap()
-}
-
-fn committed_lsn(outcome: &Outcome) -> Lsn {
-    match outcome {
-        Outcome::Committed { lsn: Some(lsn) } => *lsn,
-        other => panic!("expected a committed outcome with a decision, got {other:?}"),
-    }
-}
-
-fn rolled_back_reason(outcome: &Outcome) -> &str {
-    match outcome {
-        Outcome::RolledBack { reason } => reason,
-        other => panic!("expected a rolled-back outcome, got {other:?}"),
-    }
-}
-
-/// The `Commit` records of the journal in `data_dir`: LSN → (xid, resource names of the writers).
-/// Also checks that the journal scans cleanly and that every record decodes.
-fn commits(data_dir: &Path) -> BTreeMap<Lsn, (Xid, Vec<String>)> {
-    let mut found = BTreeMap::new();
-    let mut undecodable = Vec::new();
-    let record_bytes_max = JournalConfig::default().record_bytes_max;
-    journal::scan::scan_dir(&data_dir.join("journal"), record_bytes_max, |record| {
-        match CoordRecord::decode(record.kind, &record.payload) {
-            Ok(CoordRecord::Commit { xid, branches, .. }) => {
-                let names = branches.into_iter().map(|(name, _)| name).collect();
-                found.insert(record.lsn, (xid, names));
-            }
-            Ok(_) => {}
-            Err(e) => undecodable.push(format!("lsn {}: {e}", record.lsn)),
-        }
-    })
-    .unwrap();
-    assert!(undecodable.is_empty(), "{undecodable:?}");
-    found
-}
-
+/// The `Commit` records of `xid`: (LSN, resource names of the writers).
 fn commits_of(data_dir: &Path, xid: Xid) -> Vec<(Lsn, Vec<String>)> {
     commits(data_dir)
         .into_iter()
         .filter(|(_, (x, _))| *x == xid)
-        .map(|(lsn, (_, names))| (lsn, names))
+        .map(|(lsn, (_, writers))| (lsn, writers.into_iter().map(|(name, _)| name).collect()))
         .collect()
 }
 

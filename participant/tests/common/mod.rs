@@ -1,0 +1,83 @@
+//! Helpers the participant's integration tests share: a deadline on every step that waits,
+//! opening and closing a `Concord`, the outcomes of a commit, and the `Commit` records of a
+//! journal as an independent reader sees them.
+
+#![allow(dead_code, clippy::unwrap_used)]
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+use adapters::{Lsn, Xid};
+use coordinator::Outcome;
+use coordinator::record::CoordRecord;
+use journal::JournalConfig;
+use participant::{Concord, Config, Transaction};
+
+/// Bound on every step that waits (open, a put or statement, a commit, phase 2, close).
+pub const STEP_DEADLINE: Duration = Duration::from_secs(20);
+
+/// Awaits `future`, failing the test when it takes longer than [`STEP_DEADLINE`].
+pub async fn within<F: Future>(what: &str, future: F) -> F::Output {
+    match tokio::time::timeout(STEP_DEADLINE, future).await {
+        Ok(output) => output,
+        Err(_) => panic!("{what} did not finish within {STEP_DEADLINE:?}"),
+    }
+}
+
+pub async fn open(config: Config) -> Concord {
+    within("open", Concord::open(config)).await.unwrap()
+}
+
+/// Waits for phase 2 to finish, then closes.
+pub async fn close(concord: Concord) {
+    assert!(
+        concord.wait_idle(STEP_DEADLINE).await,
+        "phase 2 did not settle"
+    );
+    assert!(
+        concord.close(STEP_DEADLINE).await,
+        "close did not stop every task"
+    );
+}
+
+pub async fn commit(tx: &mut Transaction) -> Outcome {
+    within("commit", tx.commit()).await.unwrap()
+}
+
+pub fn committed_lsn(outcome: &Outcome) -> Lsn {
+    match outcome {
+        Outcome::Committed { lsn: Some(lsn) } => *lsn,
+        other => panic!("expected a committed outcome with a decision, got {other:?}"),
+    }
+}
+
+pub fn rolled_back_reason(outcome: &Outcome) -> &str {
+    match outcome {
+        Outcome::RolledBack { reason } => reason,
+        other => panic!("expected a rolled-back outcome, got {other:?}"),
+    }
+}
+
+/// `(resource, redo)` of each writing branch of a `Commit` record.
+pub type Writers = Vec<(String, Vec<u8>)>;
+
+/// The `Commit` records of the journal in `data_dir`: LSN → (xid, `(resource, redo)` of each
+/// writer). Also checks that the journal scans cleanly and that every record decodes.
+pub fn commits(data_dir: &Path) -> BTreeMap<Lsn, (Xid, Writers)> {
+    let mut found = BTreeMap::new();
+    let mut undecodable = Vec::new();
+    let record_bytes_max = JournalConfig::default().record_bytes_max;
+    journal::scan::scan_dir(&data_dir.join("journal"), record_bytes_max, |record| {
+        match CoordRecord::decode(record.kind, &record.payload) {
+            Ok(CoordRecord::Commit { xid, branches, .. }) => {
+                found.insert(record.lsn, (xid, branches));
+            }
+            Ok(_) => {}
+            Err(e) => undecodable.push(format!("lsn {}: {e}", record.lsn)),
+        }
+    })
+    .unwrap();
+    assert!(undecodable.is_empty(), "{undecodable:?}");
+    found
+}
