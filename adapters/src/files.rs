@@ -1086,7 +1086,7 @@ impl Inner {
     fn finish_prepare(
         &self,
         xid: &Xid,
-        result: Result<(Arc<Vec<RedoEntry>>, Lsn)>,
+        result: Result<(Arc<Vec<RedoEntry>>, Vec<u8>, Lsn)>,
     ) -> Result<Vote> {
         let result = self.check(result);
         let mut st = self.state();
@@ -1094,10 +1094,9 @@ impl Inner {
             return Err(self.fatal(format!("branch {xid} vanished while it was prepared")));
         };
         match result {
-            Ok((entries, lsn)) => {
+            Ok((entries, redo, lsn)) => {
                 branch.phase = Phase::Prepared;
                 branch.log_floor = Some(lsn);
-                let redo = encode_redo(&entries);
                 branch.prepared = Some(entries);
                 tracing::debug!(resource = %self.name, %xid, %lsn, "prepared");
                 Ok(Vote::Commit { redo })
@@ -1241,7 +1240,7 @@ impl Inner {
         self: &Arc<Self>,
         xid: &Xid,
         changes: BTreeMap<String, Change>,
-    ) -> Result<(Arc<Vec<RedoEntry>>, Lsn)> {
+    ) -> Result<(Arc<Vec<RedoEntry>>, Vec<u8>, Lsn)> {
         // A branch whose content is all in memory (and within its inline budget) needs no file
         // work here: no trip to the blocking pool.
         let mut memory = 0u64;
@@ -1263,7 +1262,8 @@ impl Inner {
             let (worker, id) = (self.clone(), *xid);
             blocking(&self.name, move || worker.prepare_entries(&id, &changes)).await?
         };
-        let payload = log::prepared_payload(xid, &encode_redo(&entries));
+        let redo = encode_redo(&entries);
+        let payload = log::prepared_payload(xid, &redo);
         // `statvfs` reads no disk: called here, not on the blocking pool.
         self.check_log_space(payload.len() as u64)?;
         let appending = {
@@ -1281,7 +1281,7 @@ impl Inner {
             Err(e) => Err(e),
         }
         .map_err(|e| self.log_error("append the prepare record", e))?;
-        Ok((Arc::new(entries), lsn))
+        Ok((Arc::new(entries), redo, lsn))
     }
 
     /// Runs a checkpoint (see the `log` module) when the last one is a second old or about half
@@ -1755,32 +1755,20 @@ impl Inner {
         staged: Option<u64>,
         touched: &mut BTreeSet<PathBuf>,
     ) -> Result<()> {
+        let staged = staged.map(|n| self.area.staged_file(xid, n));
         match entry {
+            // The staged file holds the same content (prepare read it and checked its hash), so
+            // while this process has it, it is moved into place; otherwise the content is
+            // written from the record.
             RedoEntry::PutInline { path, content } => {
-                let target = self.confine(path, Use::Write)?;
-                self.make_parents(path, touched)?;
-                // The staged file holds the same content (prepare read it and checked its hash),
-                // so while this process has it, it is moved into place; otherwise the content
-                // is written from the record.
-                let renamed = match staged {
-                    Some(n) => fs::rename(self.area.staged_file(xid, n), &target),
-                    None => Err(io::Error::from(io::ErrorKind::NotFound)),
-                };
-                match renamed {
-                    Ok(()) => {}
-                    Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                        self.put_content(path, &target, content)?;
-                    }
-                    Err(e) => {
-                        let action = format!("rename the staged content of {path} to");
-                        return Err(ResourceError::io(&self.name, &action, &target, &e));
-                    }
-                }
-                touched.insert(parent_of(&target));
-                Ok(())
+                self.put_in_place(path, staged, touched, |target| {
+                    self.put_content(path, target, content).map(drop)
+                })
             }
             RedoEntry::Put { path, id, bytes } => {
-                self.commit_blob_put(xid, path, staged, id, *bytes, touched)
+                self.put_in_place(path, staged, touched, |target| {
+                    self.restore_from_blob(path, target, id, *bytes)
+                })
             }
             RedoEntry::Delete { path } => {
                 let target = self.confine(path, Use::Write)?;
@@ -1809,36 +1797,28 @@ impl Inner {
         }
     }
 
-    /// Puts a large file's content in place: its staged file, synced at prepare, by rename; or,
-    /// when that is gone (an earlier attempt moved it, or a restart cleared the staging), its
-    /// blob, by link.
-    fn commit_blob_put(
+    /// Puts a file's content in place: its staged file (`staged`, while this process has it)
+    /// by rename; or, when there is none or it is gone (an earlier attempt moved it, or a
+    /// restart cleared the staging), by `fallback`, given the target.
+    fn put_in_place(
         &self,
-        xid: &Xid,
         path: &str,
-        staged: Option<u64>,
-        id: &BlobId,
-        bytes: u64,
+        staged: Option<PathBuf>,
         touched: &mut BTreeSet<PathBuf>,
+        fallback: impl FnOnce(&Path) -> Result<()>,
     ) -> Result<()> {
         let target = self.confine(path, Use::Write)?;
         self.make_parents(path, touched)?;
         let renamed = match staged {
-            Some(n) => fs::rename(self.area.staged_file(xid, n), &target),
+            Some(file) => fs::rename(file, &target),
             None => Err(io::Error::from(io::ErrorKind::NotFound)),
         };
         match renamed {
             Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                self.restore_from_blob(path, &target, id, bytes)?
-            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => fallback(&target)?,
             Err(e) => {
-                return Err(ResourceError::io(
-                    &self.name,
-                    "rename staged content to",
-                    &target,
-                    &e,
-                ));
+                let action = format!("rename the staged content of {path} to");
+                return Err(ResourceError::io(&self.name, &action, &target, &e));
             }
         }
         touched.insert(parent_of(&target));
@@ -1943,10 +1923,10 @@ impl Inner {
                     self.replay_put(path, id, *bytes, &mut touched)?
                 }
                 RedoEntry::PutInline { path, content } => {
-                    let target = self.confine(path, Use::Write)?;
-                    self.make_parents(path, &mut touched)?;
-                    written.push(self.put_content(path, &target, content)?);
-                    touched.insert(parent_of(&target));
+                    self.put_in_place(path, None, &mut touched, |target| {
+                        written.push(self.put_content(path, target, content)?);
+                        Ok(())
+                    })?
                 }
                 RedoEntry::Delete { path } => {
                     let target = self.confine(path, Use::Write)?;
@@ -1970,7 +1950,6 @@ impl Inner {
         bytes: u64,
         touched: &mut BTreeSet<PathBuf>,
     ) -> Result<()> {
-        check_path(&self.name, path)?;
         let target = self.confine(path, Use::Write)?;
         self.make_parents(path, touched)?;
         let tmp = self.copy_blob(path, id, bytes)?;
