@@ -17,7 +17,7 @@
 
 mod common;
 
-use common::{STEP_DEADLINE, within};
+use common::{STEP_DEADLINE, commits, within};
 
 use std::any::Any;
 use std::collections::BTreeMap;
@@ -28,7 +28,6 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use adapters::files::{FilesConfig, FilesResource, RedoEntry, decode_redo};
 use adapters::{Epoch, Lsn, Resource, ResourceError, Vote, Xid};
-use coordinator::record::CoordRecord;
 use coordinator::{Coordinator, CoordinatorConfig, Outcome};
 use journal::{Journal, JournalConfig};
 use participant::{Concord, Config, ResourceConfig};
@@ -266,28 +265,6 @@ impl Resource for Slow {
     }
 }
 
-/// The `(resource, redo)` pairs of a `Commit` record.
-type Branches = Vec<(String, Vec<u8>)>;
-
-/// Every `Commit` record of the journal in `data_dir`: LSN → (xid, branches).
-fn commit_records(data_dir: &Path) -> BTreeMap<Lsn, (Xid, Branches)> {
-    let mut found = BTreeMap::new();
-    let mut undecodable = Vec::new();
-    let record_bytes_max = JournalConfig::default().record_bytes_max;
-    journal::scan::scan_dir(&data_dir.join("journal"), record_bytes_max, |record| {
-        match CoordRecord::decode(record.kind, &record.payload) {
-            Ok(CoordRecord::Commit { xid, branches, .. }) => {
-                found.insert(record.lsn, (xid, branches));
-            }
-            Ok(_) => {}
-            Err(e) => undecodable.push(format!("lsn {}: {e}", record.lsn)),
-        }
-    })
-    .unwrap();
-    assert!(undecodable.is_empty(), "{undecodable:?}");
-    found
-}
-
 fn files(resource: &Arc<dyn Resource>) -> &FilesResource {
     resource.as_any().downcast_ref::<FilesResource>().unwrap()
 }
@@ -313,7 +290,7 @@ fn ship_blobs(primary: &FilesResource, standby: &FilesResource, redo: &[u8]) {
 async fn replay_new(data_dir: &Path, primary: &FilesResource, standby: &FilesResource) -> usize {
     let applied = standby.applied_lsn().await.unwrap();
     let mut replayed = 0;
-    for (lsn, (_, branches)) in commit_records(data_dir).range(applied.next()..) {
+    for (lsn, (_, branches)) in commits(data_dir).range(applied.next()..) {
         for (name, redo) in branches {
             assert_eq!(name, RESOURCE, "a Commit record names another resource");
             ship_blobs(primary, standby, redo);
@@ -391,7 +368,7 @@ async fn run_rounds(
             "round {round}: phase 2 did not settle"
         );
 
-        let records = commit_records(data_dir);
+        let records = commits(data_dir);
         let lsn_of = |w: &Written| {
             let found: Vec<Lsn> = records
                 .iter()
@@ -441,7 +418,7 @@ async fn run_rounds(
     assert_eq!(tree(primary.root()), tree(standby.root()));
     assert_eq!(
         standby.applied_lsn().await.unwrap(),
-        *commit_records(data_dir).keys().last().unwrap()
+        *commits(data_dir).keys().last().unwrap()
     );
     seen
 }
@@ -487,7 +464,7 @@ async fn the_later_commit_record_holds_the_content_on_the_primary_and_after_repl
     // Replayed again from the closed journal, from scratch, onto a second standby: the same tree.
     let again = open_standby(&dir.path().join("standby-again"));
     let mut replayed = 0;
-    for (lsn, (_, branches)) in commit_records(&data_dir) {
+    for (lsn, (_, branches)) in commits(&data_dir) {
         for (_, redo) in branches {
             ship_blobs(&standby, &again, &redo);
             within("replay", again.replay(&redo, lsn)).await.unwrap();
