@@ -18,6 +18,14 @@
 //! * [`Resource::replay`] applies a redo on a standby together with its LSN, atomically, and
 //!   [`Resource::applied_lsn`] reports the last one, so replaying the same LSN twice is a no-op.
 //!
+//! A resource may also offer **one-phase commit** for a transaction whose only branch it holds
+//! ([`Resource::supports_one_phase`]): [`Resource::prepare_one_phase`] ends the branch's work —
+//! the fence check, the redo — *without* making it durable, still holding its locks;
+//! [`Resource::commit_one_phase`] commits it; and when that answer is lost,
+//! [`Resource::one_phase_outcome`] finds out, from the redo the coordinator journaled, what
+//! became of it once it can no longer change. Why this keeps the journal's order exact is in the
+//! coordinator's engine docs and `docs/postgres.md`.
+//!
 //! Errors are [`ResourceError`]s sorted by what the coordinator must do ([`ErrorClass`]).
 //! [`testing`] holds the conformance suite every resource runs; [`pgtest`] starts the throwaway
 //! PostgreSQL cluster that tests, the demo and the benchmark use.
@@ -52,6 +60,18 @@ pub enum Vote {
     },
     /// The branch changed nothing; it is already finished and takes no part in phase 2.
     ReadOnly,
+}
+
+/// What became of a branch committed in one phase.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum OnePhaseOutcome {
+    /// It committed.
+    Committed,
+    /// It did not commit (the resource refused at commit, or it was lost), and why.
+    RolledBack {
+        /// Why, naming the resource.
+        reason: String,
+    },
 }
 
 /// The contract every resource implements; see the crate docs.
@@ -94,4 +114,47 @@ pub trait Resource: Send + Sync + 'static {
 
     /// The LSN of the last redo applied by [`Resource::replay`] (`Lsn::ZERO` when none).
     async fn applied_lsn(&self) -> Result<Lsn, ResourceError>;
+
+    /// Whether a transaction whose only branch is here may commit it in one phase
+    /// ([`Resource::prepare_one_phase`], then [`Resource::commit_one_phase`]).
+    fn supports_one_phase(&self) -> bool {
+        false
+    }
+
+    /// Ends the branch's work without making it durable: checks the fence, collects the redo,
+    /// and keeps every lock the branch holds. `Vote::Commit` with an empty redo means there is
+    /// nothing a standby needs; `Vote::ReadOnly` ends the branch. A crash from here until
+    /// [`Resource::commit_one_phase`] answers loses the branch (it rolls back).
+    async fn prepare_one_phase(&self, xid: &Xid) -> Result<Vote, ResourceError> {
+        Err(ResourceError::rejected(
+            self.name(),
+            format!("{xid}: this resource does not commit in one phase"),
+        ))
+    }
+
+    /// Commits a branch readied by [`Resource::prepare_one_phase`]. `Ok(RolledBack)` when the
+    /// resource refused the commit (nothing of the branch remains); an error when the outcome is
+    /// unknown (ask [`Resource::one_phase_outcome`]).
+    async fn commit_one_phase(&self, xid: &Xid) -> Result<OnePhaseOutcome, ResourceError> {
+        Err(ResourceError::rejected(
+            self.name(),
+            format!("{xid}: this resource does not commit in one phase"),
+        ))
+    }
+
+    /// What became of a one-phase commit whose answer was lost (the connection broke, or this
+    /// process crashed), given the non-empty `redo` that [`Resource::prepare_one_phase`] returned
+    /// and the coordinator journaled. Makes sure first that the branch can no longer commit
+    /// (waiting a bounded time, ending it if need be); an error means "ask again later".
+    async fn one_phase_outcome(
+        &self,
+        xid: &Xid,
+        redo: &[u8],
+    ) -> Result<OnePhaseOutcome, ResourceError> {
+        let _ = redo;
+        Err(ResourceError::rejected(
+            self.name(),
+            format!("{xid}: this resource does not commit in one phase"),
+        ))
+    }
 }

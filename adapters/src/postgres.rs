@@ -21,11 +21,22 @@
 //!   resolved, so the fence waits for those — and when they are not resolved within the timeout, it fails naming them instead of
 //!   hanging. An old branch can therefore never be prepared, nor still be unresolved, once a
 //!   fence has succeeded (`docs/postgres.md`).
+//! * **One phase** (a transaction whose only branch is here): `concord.finish_branch` does what
+//!   `prepare_branch` does but leaves the transaction open — no `PREPARE`, so no two-phase
+//!   state file and no second commit record in PostgreSQL's WAL. A branch that captured nothing
+//!   is committed at once (nothing is journaled for it). A branch with redo is committed with a
+//!   plain `COMMIT` on its own connection only after the coordinator made its redo durable,
+//!   while the branch still holds its locks. An error *from the server* to that `COMMIT` means
+//!   it rolled back; a broken connection means nobody knows, and
+//!   [`Resource::one_phase_outcome`] finds out: it ends the branch's backend if it still runs
+//!   that transaction (its pid and transaction id travel in the redo), waits until it is gone,
+//!   and then the marker — written inside the branch — tells committed from not.
 //! * **Replay** applies a redo's row images by primary key (`concord.apply_row`) in one
 //!   transaction, with `concord.replaying` on (the capture trigger stays quiet), together with
 //!   the LSN in `concord.applied`; an LSN at or below the applied one changes nothing.
 //!
-//! The redo (version 1) is JSON: `{"v":1,"rows":[[table, op, pk, row], …]}`, where `table` is
+//! The redo (version 1) is JSON: `{"v":1,"rows":[[table, op, pk, row], …]}` (one-phase redo
+//! adds `"txid"` and `"pid"`, which replay ignores), where `table` is
 //! the quoted `schema.table`, `op` is `"U"` (the row now has this image) or `"D"` (the row with
 //! this key is gone), `pk` an object of the primary key's columns and `row` the whole row
 //! (`to_jsonb`), `null` for a delete.
@@ -48,7 +59,7 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, NoTls, Row, SimpleQueryMessage};
 
-use crate::{Epoch, Lsn, Resource, ResourceError, Vote, Xid};
+use crate::{Epoch, Lsn, OnePhaseOutcome, Resource, ResourceError, Vote, Xid};
 
 type Result<T, E = ResourceError> = std::result::Result<T, E>;
 
@@ -109,6 +120,8 @@ struct Inner {
     /// The last branches that voted read-only (at most `READ_ONLY_REMEMBERED_MAX`), so that a
     /// repeated prepare votes the same.
     read_only: Mutex<std::collections::VecDeque<Xid>>,
+    /// Branches readied for a one-phase commit: their connection, inside the transaction.
+    ready: Mutex<HashMap<Xid, Object>>,
     commits: AtomicU64,
     /// The highest fence epoch this instance has seen (read at open, raised by `fence`, by
     /// `fence_epoch` and by a fenced prepare).
@@ -311,6 +324,7 @@ impl PostgresResource {
             branches: Mutex::new(HashMap::new()),
             votes: Mutex::new(HashMap::new()),
             read_only: Mutex::new(std::collections::VecDeque::new()),
+            ready: Mutex::new(HashMap::new()),
             commits: AtomicU64::new(0),
             fence_seen: AtomicU64::new(0),
         });
@@ -513,7 +527,7 @@ impl Resource for PostgresResource {
         let inner = &self.inner;
         if inner.slots().contains_key(xid) {
             return Err(inner.rejected(format!(
-                "branch {xid} is not prepared; prepare it first (one-phase commit is not offered here)"
+                "branch {xid} is not prepared; prepare it first (a one-phase commit goes through prepare_one_phase)"
             )));
         }
         inner.resolve(xid, true).await
@@ -521,6 +535,13 @@ impl Resource for PostgresResource {
 
     async fn rollback(&self, xid: &Xid) -> Result<()> {
         let inner = &self.inner;
+        let ready = lock(&inner.ready).remove(xid);
+        if let Some(conn) = ready {
+            return conn
+                .batch_execute("ROLLBACK")
+                .await
+                .map_err(|e| inner.db("roll back", &e));
+        }
         let slot = inner.slots().remove(xid);
         if let Some(slot) = slot {
             if let Some(conn) = slot.lock().await.take() {
@@ -564,6 +585,73 @@ impl Resource for PostgresResource {
 
     async fn replay(&self, redo: &[u8], lsn: Lsn) -> Result<()> {
         self.inner.replay(redo, lsn).await
+    }
+
+    fn supports_one_phase(&self) -> bool {
+        true
+    }
+
+    async fn prepare_one_phase(&self, xid: &Xid) -> Result<Vote> {
+        let inner = &self.inner;
+        let Some(slot) = inner.slots().remove(xid) else {
+            return Err(inner.rejected(format!(
+                "branch {xid} is not open here: it was never begun, or it was already prepared or ended"
+            )));
+        };
+        let Some(conn) = slot.lock().await.take() else {
+            return Err(inner.rejected(format!("branch {xid} is already being prepared")));
+        };
+        match inner.finish_on(&conn, xid).await {
+            Ok(Some(redo)) => {
+                lock(&inner.ready).insert(*xid, conn);
+                Ok(Vote::Commit { redo })
+            }
+            Ok(None) => Ok(Vote::ReadOnly),
+            Err(e) => {
+                let _ = conn.batch_execute("ROLLBACK").await;
+                match e {
+                    ResourceError::Fenced {
+                        resource, offered, ..
+                    } => Err(ResourceError::Fenced {
+                        resource,
+                        offered,
+                        current: self.fence_epoch().await.unwrap_or(offered),
+                    }),
+                    other => Err(other),
+                }
+            }
+        }
+    }
+
+    async fn commit_one_phase(&self, xid: &Xid) -> Result<OnePhaseOutcome> {
+        let inner = &self.inner;
+        let Some(conn) = lock(&inner.ready).remove(xid) else {
+            return Err(inner.rejected(format!(
+                "branch {xid} is not ready for a one-phase commit here"
+            )));
+        };
+        match conn.batch_execute("COMMIT").await {
+            Ok(()) => {
+                inner.prune_markers(&conn).await;
+                Ok(OnePhaseOutcome::Committed)
+            }
+            // The server answered with an error: the transaction rolled back.
+            Err(e) if e.as_db_error().is_some() => Ok(OnePhaseOutcome::RolledBack {
+                reason: inner.statement(xid, &e).to_string(),
+            }),
+            Err(e) => Err(ResourceError::InDoubt {
+                resource: inner.name.clone(),
+                message: format!(
+                    "the connection to {} broke during the one-phase COMMIT of {xid}: {}",
+                    inner.target,
+                    db_text(&e)
+                ),
+            }),
+        }
+    }
+
+    async fn one_phase_outcome(&self, xid: &Xid, redo: &[u8]) -> Result<OnePhaseOutcome> {
+        self.inner.one_phase_outcome(xid, redo).await
     }
 
     async fn applied_lsn(&self) -> Result<Lsn> {
@@ -636,6 +724,103 @@ impl Inner {
                 current: Epoch(0),
             }),
             Err(e) => Err(self.statement(xid, &e)),
+        }
+    }
+
+    /// `concord.finish_branch`: the fence check, the redo and (with redo) the marker, leaving the
+    /// transaction open. `Some(redo)` (empty when nothing was captured), or `None` when the
+    /// branch wrote nothing (its transaction is then ended).
+    async fn finish_on(&self, conn: &Client, xid: &Xid) -> Result<Option<Vec<u8>>> {
+        let sql = format!(
+            "SELECT concord.finish_branch({epoch}, {gid}, {xid_lit}, {node})",
+            epoch = xid.epoch.0,
+            gid = quote_literal(&self.gid(xid)),
+            xid_lit = quote_literal(&xid.to_string()),
+            node = xid.node,
+        );
+        match conn.simple_query(&sql).await {
+            Ok(messages) => Ok(Some(
+                first_value(&messages).unwrap_or("").as_bytes().to_vec(),
+            )),
+            Err(e) if e.code().is_some_and(|c| c.code() == "CF002") => {
+                conn.batch_execute("ROLLBACK")
+                    .await
+                    .map_err(|e| self.statement(xid, &e))?;
+                Ok(None)
+            }
+            Err(e) if e.code().is_some_and(|c| c.code() == "CF001") => Err(ResourceError::Fenced {
+                resource: self.name.clone(),
+                offered: xid.epoch,
+                current: Epoch(0),
+            }),
+            Err(e) => Err(self.statement(xid, &e)),
+        }
+    }
+
+    /// What became of a one-phase branch whose answer was lost; see the module docs. The
+    /// backend named in the redo is ended if it still runs the branch's transaction, and then
+    /// the marker decides; without the marker, the transaction's status must confirm the
+    /// rollback (a marker pruned after [`MARKER_RETENTION`] leaves the answer open).
+    async fn one_phase_outcome(&self, xid: &Xid, redo: &[u8]) -> Result<OnePhaseOutcome> {
+        let (txid, pid) = one_phase_ids(redo).map_err(|e| {
+            self.rejected(format!(
+                "the journaled redo of {xid} does not name its transaction: {e}"
+            ))
+        })?;
+        let conn = self.conn().await?;
+        let xid32 = (txid & 0xFFFF_FFFF).to_string();
+        let deadline = tokio::time::Instant::now()
+            + Duration::from_millis(self.config.fence_wait_ms.max(1_000));
+        loop {
+            let running = conn
+                .query(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+                      WHERE pid = $1 AND backend_xid::text = $2",
+                    &[&pid, &xid32],
+                )
+                .await
+                .map_err(|e| self.db("look for the session of a one-phase branch", &e))?;
+            if running.is_empty() {
+                break;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(self.unavailable(format!(
+                    "the one-phase branch {xid} still runs in backend {pid} after it was told to end; asking again later"
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let gid = self.gid(xid);
+        let marked = conn
+            .query_opt("SELECT 1 FROM concord.markers WHERE gid = $1", &[&gid])
+            .await
+            .map_err(|e| self.db("read the marker of", &e))?
+            .is_some();
+        if marked {
+            return Ok(OnePhaseOutcome::Committed);
+        }
+        let status: Option<String> = conn
+            .query_one(
+                "SELECT pg_xact_status($1::text::xid8)",
+                &[&txid.to_string()],
+            )
+            .await
+            .map_err(|e| self.db("read the status of the transaction of", &e))?
+            .get(0);
+        match status.as_deref() {
+            Some("aborted") => Ok(OnePhaseOutcome::RolledBack {
+                reason: format!(
+                    "resource {}: the one-phase commit of {gid} did not happen (the transaction {txid} aborted; the session ended before its COMMIT took effect)",
+                    self.name
+                ),
+            }),
+            other => Err(ResourceError::InDoubt {
+                resource: self.name.clone(),
+                message: format!(
+                    "the one-phase branch {gid} has no marker, yet its transaction {txid} reads {}: its marker may have been pruned (after {MARKER_RETENTION}); check the data by hand",
+                    other.unwrap_or("as too old to know")
+                ),
+            }),
         }
     }
 
@@ -1016,6 +1201,23 @@ fn check_name(name: &str) -> Result<()> {
 /// redo.
 fn encode_redo_array(rows: &str) -> Vec<u8> {
     format!("{{\"v\":{REDO_VERSION},\"rows\":{rows}}}").into_bytes()
+}
+
+/// The transaction id and backend pid a one-phase redo carries.
+fn one_phase_ids(redo: &[u8]) -> Result<(u64, i32), String> {
+    let value: serde_json::Value =
+        serde_json::from_slice(redo).map_err(|e| format!("not JSON: {e}"))?;
+    let txid = value
+        .get("txid")
+        .and_then(|t| t.as_str())
+        .and_then(|t| t.parse::<u64>().ok())
+        .ok_or("no txid")?;
+    let pid = value
+        .get("pid")
+        .and_then(|p| p.as_i64())
+        .and_then(|p| i32::try_from(p).ok())
+        .ok_or("no pid")?;
+    Ok((txid, pid))
 }
 
 /// One row image of a redo: table, op, primary key, row.

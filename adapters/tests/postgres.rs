@@ -142,6 +142,26 @@ async fn install_is_idempotent_and_an_older_schema_is_refused_until_upgraded() {
     );
     let again = postgres::install("pg", &url).await.unwrap();
     assert_eq!(again.from, postgres::schema::SCHEMA_VERSION);
+    // A version-1 schema (no one-phase function) is refused with the fix, and upgraded by it.
+    cluster
+        .psql(
+            &name,
+            "DROP FUNCTION concord.finish_branch; UPDATE concord.meta SET value = '1' WHERE key = 'schema_version'",
+        )
+        .unwrap();
+    let older = PostgresResource::open("pg", PostgresConfig::new(&url, 1))
+        .await
+        .err()
+        .unwrap();
+    assert!(
+        older.to_string().contains("version 1") && older.to_string().contains("pg install"),
+        "{older}"
+    );
+    let upgraded = postgres::install("pg", &url).await.unwrap();
+    assert_eq!((upgraded.from, upgraded.to), (1, 2));
+    PostgresResource::open("pg", PostgresConfig::new(&url, 1))
+        .await
+        .unwrap();
     cluster
         .psql(
             &name,
@@ -442,4 +462,236 @@ async fn a_table_dropped_after_replicate_is_named_by_replay() {
     };
     assert_eq!(postgres::decode_redo(&redo).unwrap(), vec![]);
     primary.commit(&y).await.unwrap();
+}
+
+fn db_of(url: &str) -> String {
+    url.rsplit('=').next().unwrap().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_phase_carries_the_redo_and_marks_only_branches_with_redo() {
+    let url = database("one_phase").await;
+    let standby_url = database("one_phase_standby").await;
+    let cluster = PgCluster::shared();
+    let db = db_of(&url);
+    cluster
+        .psql(&db, "CREATE TABLE scratch (id integer PRIMARY KEY)")
+        .unwrap();
+    let primary = open(&url, 1).await;
+    assert!(primary.supports_one_phase());
+
+    // Captured rows: the redo names the transaction and its session, the marker is written.
+    let x = xid(1, 0);
+    primary.begin(&x).await.unwrap();
+    primary
+        .branch(&x)
+        .unwrap()
+        .execute("INSERT INTO effects VALUES (1, 'one')", &[])
+        .await
+        .unwrap();
+    let Vote::Commit { redo } = primary.prepare_one_phase(&x).await.unwrap() else {
+        panic!("voted read-only")
+    };
+    let value: serde_json::Value = serde_json::from_slice(&redo).unwrap();
+    assert!(
+        value["txid"].as_str().unwrap().parse::<u64>().is_ok(),
+        "{value}"
+    );
+    assert!(value["pid"].as_i64().unwrap() > 0, "{value}");
+    assert_eq!(postgres::decode_redo(&redo).unwrap().len(), 1);
+    // Not visible, nothing prepared: the branch is an open transaction holding its locks.
+    assert_eq!(
+        cluster.psql(&db, "SELECT count(*) FROM effects").unwrap(),
+        "0"
+    );
+    assert!(primary.recover().await.unwrap().is_empty());
+    assert_eq!(
+        primary.commit_one_phase(&x).await.unwrap(),
+        adapters::OnePhaseOutcome::Committed
+    );
+    assert_eq!(
+        cluster.psql(&db, "SELECT note FROM effects").unwrap(),
+        "one"
+    );
+    let gid = primary.gid(&x);
+    assert_eq!(
+        cluster
+            .psql(
+                &db,
+                &format!("SELECT count(*) FROM concord.markers WHERE gid = '{gid}'")
+            )
+            .unwrap(),
+        "1"
+    );
+    assert_eq!(
+        primary.one_phase_outcome(&x, &redo).await.unwrap(),
+        adapters::OnePhaseOutcome::Committed
+    );
+    let standby = open(&standby_url, 1).await;
+    standby.replay(&redo, Lsn(3)).await.unwrap();
+    assert_eq!(
+        cluster
+            .psql(&db_of(&standby_url), "SELECT note FROM effects")
+            .unwrap(),
+        "one"
+    );
+
+    // Nothing captured: an empty redo and no marker.
+    let y = xid(2, 0);
+    primary.begin(&y).await.unwrap();
+    primary
+        .branch(&y)
+        .unwrap()
+        .execute("INSERT INTO scratch VALUES (1)", &[])
+        .await
+        .unwrap();
+    assert_eq!(
+        primary.prepare_one_phase(&y).await.unwrap(),
+        Vote::Commit { redo: Vec::new() }
+    );
+    primary.commit_one_phase(&y).await.unwrap();
+    assert_eq!(
+        cluster.psql(&db, "SELECT count(*) FROM scratch").unwrap(),
+        "1"
+    );
+    let gid = primary.gid(&y);
+    assert_eq!(
+        cluster
+            .psql(
+                &db,
+                &format!("SELECT count(*) FROM concord.markers WHERE gid = '{gid}'")
+            )
+            .unwrap(),
+        "0"
+    );
+
+    // Nothing written: read-only, and the branch is gone.
+    let z = xid(3, 0);
+    primary.begin(&z).await.unwrap();
+    assert_eq!(primary.prepare_one_phase(&z).await.unwrap(), Vote::ReadOnly);
+    assert!(primary.commit_one_phase(&z).await.is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_one_phase_branch_is_ended_and_reported_rolled_back() {
+    let url = database("one_phase_lost").await;
+    let cluster = PgCluster::shared();
+    let db = db_of(&url);
+    let primary = open(&url, 1).await;
+    let x = xid(1, 0);
+    primary.begin(&x).await.unwrap();
+    primary
+        .branch(&x)
+        .unwrap()
+        .execute("INSERT INTO effects VALUES (7, 'lost')", &[])
+        .await
+        .unwrap();
+    let Vote::Commit { redo } = primary.prepare_one_phase(&x).await.unwrap() else {
+        panic!("voted read-only")
+    };
+    // The answer to COMMIT is lost before it was sent: a second instance (as after a crash)
+    // asks. The branch's session still runs the transaction and holds the row's lock; the
+    // question ends it, and then the missing marker tells.
+    let other = open(&url, 1).await;
+    let outcome = other.one_phase_outcome(&x, &redo).await.unwrap();
+    assert!(
+        matches!(&outcome, adapters::OnePhaseOutcome::RolledBack { reason } if reason.contains("did not happen")),
+        "{outcome:?}"
+    );
+    assert_eq!(
+        cluster.psql(&db, "SELECT count(*) FROM effects").unwrap(),
+        "0"
+    );
+    // The first instance's COMMIT now finds its connection gone: the outcome is unknown to it,
+    // and asking again gives the same answer.
+    let lost = primary.commit_one_phase(&x).await;
+    assert!(
+        matches!(&lost, Err(e) if e.class() == ErrorClass::InDoubt)
+            || matches!(&lost, Ok(adapters::OnePhaseOutcome::RolledBack { .. })),
+        "{lost:?}"
+    );
+    assert_eq!(other.one_phase_outcome(&x, &redo).await.unwrap(), outcome);
+    // The row's lock is free again.
+    cluster
+        .psql(&db, "INSERT INTO effects VALUES (7, 'free')")
+        .unwrap();
+    // A redo that names no transaction is refused with the reason.
+    let bad = other
+        .one_phase_outcome(&x, b"{\"v\":1,\"rows\":[]}")
+        .await
+        .unwrap_err();
+    assert!(bad.to_string().contains("no txid"), "{bad}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_one_phase_commit_the_server_refuses_is_rolled_back_with_its_message() {
+    let url = database("one_phase_refused").await;
+    let cluster = PgCluster::shared();
+    let db = db_of(&url);
+    cluster
+        .psql(
+            &db,
+            "CREATE TABLE uniq (id integer PRIMARY KEY, v integer,
+                                CONSTRAINT v_once UNIQUE (v) DEFERRABLE INITIALLY DEFERRED);
+             INSERT INTO uniq VALUES (1, 10)",
+        )
+        .unwrap();
+    postgres::replicate("pg", &url, &["uniq".to_string()])
+        .await
+        .unwrap();
+    let primary = open(&url, 1).await;
+    let x = xid(1, 0);
+    primary.begin(&x).await.unwrap();
+    primary
+        .branch(&x)
+        .unwrap()
+        .execute("INSERT INTO uniq VALUES (2, 10)", &[])
+        .await
+        .unwrap();
+    let Vote::Commit { redo } = primary.prepare_one_phase(&x).await.unwrap() else {
+        panic!("voted read-only")
+    };
+    let outcome = primary.commit_one_phase(&x).await.unwrap();
+    assert!(
+        matches!(&outcome, adapters::OnePhaseOutcome::RolledBack { reason } if reason.contains("v_once")),
+        "{outcome:?}"
+    );
+    assert_eq!(cluster.psql(&db, "SELECT count(*) FROM uniq").unwrap(), "1");
+    assert!(matches!(
+        primary.one_phase_outcome(&x, &redo).await.unwrap(),
+        adapters::OnePhaseOutcome::RolledBack { .. }
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fenced_one_phase_branch_is_refused_and_rolled_back() {
+    let url = database("one_phase_fenced").await;
+    let cluster = PgCluster::shared();
+    let db = db_of(&url);
+    let primary = open(&url, 1).await;
+    let x = xid(1, 1);
+    primary.begin(&x).await.unwrap();
+    primary
+        .branch(&x)
+        .unwrap()
+        .execute("INSERT INTO effects VALUES (1, 'old')", &[])
+        .await
+        .unwrap();
+    // Another instance (a promoted standby) fences while the branch is open.
+    open(&url, 2).await.fence(Epoch(5)).await.unwrap();
+    let refused = primary.prepare_one_phase(&x).await.unwrap_err();
+    assert!(
+        matches!(
+            refused,
+            ResourceError::Fenced {
+                current: Epoch(5),
+                ..
+            }
+        ),
+        "{refused}"
+    );
+    assert_eq!(
+        cluster.psql(&db, "SELECT count(*) FROM effects").unwrap(),
+        "0"
+    );
 }

@@ -83,7 +83,7 @@ struct Listed {
 pub fn list(args: ListArgs) -> anyhow::Result<()> {
     let config = args.target.load()?;
     let journal_dir = config.data_dir.join("journal");
-    let mut open: BTreeMap<Xid, (u64, Vec<String>)> = BTreeMap::new();
+    let mut open: BTreeMap<Xid, (u64, Vec<String>, &'static str)> = BTreeMap::new();
     let mut bad = None;
     if journal_dir.exists() {
         journal::scan::scan_dir(
@@ -95,9 +95,19 @@ pub fn list(args: ListArgs) -> anyhow::Result<()> {
                     at_ms,
                     branches,
                 }) => {
-                    open.insert(xid, (at_ms, branches.into_iter().map(|(n, _)| n).collect()));
+                    let names = branches.into_iter().map(|(n, _)| n).collect();
+                    open.insert(xid, (at_ms, names, "committed, phase 2 unfinished"));
                 }
-                Ok(CoordRecord::End { xid }) => {
+                Ok(CoordRecord::OnePhase {
+                    xid,
+                    at_ms,
+                    resource,
+                    ..
+                }) => {
+                    let state = "one-phase commit, outcome not yet journaled";
+                    open.insert(xid, (at_ms, vec![resource], state));
+                }
+                Ok(CoordRecord::End { xid } | CoordRecord::Abort { xid, .. }) => {
                     open.remove(&xid);
                 }
                 Ok(CoordRecord::Resolve { .. }) => {}
@@ -111,9 +121,9 @@ pub fn list(args: ListArgs) -> anyhow::Result<()> {
     let now_ms = SystemTime::now().duration_since(UNIX_EPOCH)?.as_millis() as u64;
     let mut rows: Vec<Listed> = open
         .iter()
-        .map(|(xid, (at_ms, branches))| Listed {
+        .map(|(xid, (at_ms, branches, state))| Listed {
             xid: xid.to_string(),
-            state: "committed, phase 2 unfinished",
+            state,
             age_s: Some(now_ms.saturating_sub(*at_ms) as f64 / 1000.0),
             branches: branches.clone(),
         })

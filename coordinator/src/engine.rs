@@ -25,17 +25,30 @@
 //!    until the process restarts and recovery reads what the journal holds; the branches stay
 //!    prepared and the caller is told the outcome is unknown.
 //!
+//! **One phase.** A transaction whose only branch is in a resource that offers it
+//! ([`TxnMachine::new_one_phase`]) skips the prepare:
+//!
+//! 1. `CommitRequested`: the branch ends its work without becoming durable
+//!    ([`Command::PrepareOnePhase`]: fence check, redo; its locks stay held).
+//! 2. An empty redo (nothing a standby needs) is committed at once ([`Command::CommitOnePhase`])
+//!    and nothing is journaled: the order of the journal cannot be wrong about a transaction it
+//!    does not hold. A non-empty redo goes first into a `OnePhase` record
+//!    ([`Command::AppendOnePhase`]), made durable while the branch still holds its locks — so a
+//!    conflicting transaction, which must wait for those locks, gets the later record, exactly as
+//!    with a two-phase decision (DESIGN.md "Ordering") — and only then is the branch committed.
+//! 3. The resource's answer is the outcome: committed (the caller hears it, an `End` record
+//!    follows), or refused at commit (the caller hears it, an `Abort` record follows, so that a
+//!    standby discards the `OnePhase` record). When the answer is lost (the connection broke),
+//!    the machine asks the resource what became of the branch ([`Command::AskOnePhase`]) until
+//!    it knows, and journals that. Recovery does the same for a `OnePhase` record with neither
+//!    `End` nor `Abort`.
+//!
 //! Invariants, checked by [`TxnMachine::validate`] after every step in debug builds: a branch is
-//! never committed before the decision is durable; a transaction that journaled a decision never
-//! rolls a branch back; a rolled-back transaction never asks for a decision.
-//!
-//! # Implementation caveats
-//!
-//! * One-phase commit is not taken: no resource yet carries its redo inside its own transaction,
-//!   and for the files resource the decision record must be durable before a rename makes a file
-//!   visible, which is exactly two-phase commit (DESIGN.md "Ordering").
+//! never committed before the decision is durable (a one-phase branch with an empty redo needs
+//! no decision); a transaction that journaled a decision never rolls a branch back; a
+//! rolled-back transaction never asks for a decision.
 
-use adapters::{ErrorClass, Lsn, ResourceError, Vote, Xid};
+use adapters::{ErrorClass, Lsn, OnePhaseOutcome, ResourceError, Vote, Xid};
 
 /// Index of a branch in its transaction.
 pub type BranchId = usize;
@@ -79,6 +92,14 @@ pub enum Event {
         /// The branch.
         branch: BranchId,
     },
+    /// A one-phase branch answered [`Command::CommitOnePhase`] or [`Command::AskOnePhase`]; an
+    /// error means the outcome is still unknown.
+    OnePhaseAnswered {
+        /// The branch.
+        branch: BranchId,
+        /// What became of it.
+        result: Result<OnePhaseOutcome, ResourceError>,
+    },
 }
 
 /// What the runtime must do.
@@ -104,6 +125,32 @@ pub enum Command {
     },
     /// Append the `End` record (no need to wait for it to be durable).
     AppendEnd,
+    /// End the lone branch's work for a one-phase commit and report its vote as `Prepared`.
+    PrepareOnePhase(BranchId),
+    /// Append the `OnePhase` record with the branch's redo and report `DecisionDurable` (or
+    /// `DecisionFailed`).
+    AppendOnePhase {
+        /// The branch.
+        branch: BranchId,
+        /// Its redo.
+        redo: Vec<u8>,
+    },
+    /// Commit the one-phase branch and report `OnePhaseAnswered`.
+    CommitOnePhase(BranchId),
+    /// Ask the resource what became of the one-phase branch whose journaled redo is `redo`, and
+    /// report `OnePhaseAnswered`.
+    AskOnePhase {
+        /// The branch.
+        branch: BranchId,
+        /// Its redo, as journaled.
+        redo: Vec<u8>,
+    },
+    /// Append the `Abort` record: the one-phase branch of a `OnePhase` record did not commit
+    /// (no need to wait for it to be durable).
+    AppendAbort {
+        /// Why, for operators.
+        reason: String,
+    },
     /// Answer the caller.
     Reply(Outcome),
 }
@@ -121,10 +168,11 @@ pub enum Outcome {
         /// The reason, naming the branch when one failed.
         reason: String,
     },
-    /// The journal failed while making the decision durable: committed or not is decided by the
-    /// recovery of the next start.
+    /// Whether it committed is not known: the journal failed while making the decision durable
+    /// (the recovery of the next start decides), or the answer of a one-phase commit was lost
+    /// (the message says whether concord goes on finding out).
     InDoubt {
-        /// The journal's error.
+        /// What happened.
         error: String,
     },
 }
@@ -177,6 +225,10 @@ pub enum BranchState {
     RollingBack,
     /// Acknowledged rollback (or failed prepare, already undone).
     RolledBack,
+    /// One phase: ready to commit, not durable; its redo is being journaled.
+    Ready,
+    /// One phase: the answer to its commit was lost; the resource is being asked.
+    InDoubt,
 }
 
 impl BranchState {
@@ -191,6 +243,8 @@ impl BranchState {
             BranchState::Committed => "committed",
             BranchState::RollingBack => "rolling back",
             BranchState::RolledBack => "rolled back",
+            BranchState::Ready => "ready (one phase)",
+            BranchState::InDoubt => "in doubt (one phase)",
         }
     }
 }
@@ -206,6 +260,8 @@ pub enum Phase {
     Deciding,
     /// The decision is durable; phase 2 runs.
     Committing,
+    /// The lone branch is committing in one phase; its answer is the outcome.
+    OnePhase,
     /// Rolling back.
     RollingBack,
     /// The decision's durability is unknown until restart.
@@ -234,6 +290,11 @@ pub struct TxnMachine {
     decision: Option<Lsn>,
     policy: RetryPolicy,
     replied: bool,
+    /// Committing in one phase.
+    one_phase: bool,
+    /// One phase: the branch's redo, kept to ask the resource about it (empty: nothing
+    /// journaled).
+    redo: Vec<u8>,
 }
 
 impl TxnMachine {
@@ -251,7 +312,33 @@ impl TxnMachine {
             decision: None,
             policy,
             replied: false,
+            one_phase: false,
+            redo: Vec::new(),
         }
+    }
+
+    /// A new open transaction with one branch, which commits in one phase (see the module docs).
+    pub fn new_one_phase(xid: Xid, policy: RetryPolicy) -> TxnMachine {
+        let mut machine = TxnMachine::new(xid, 1, policy);
+        machine.one_phase = true;
+        machine
+    }
+
+    /// A `OnePhase` record found by recovery at `lsn` with neither `End` nor `Abort`: the
+    /// resource is asked what became of the branch. Returns the machine and its first commands.
+    pub fn recovered_one_phase(
+        xid: Xid,
+        lsn: Lsn,
+        redo: Vec<u8>,
+        policy: RetryPolicy,
+    ) -> (TxnMachine, Vec<Command>) {
+        let mut machine = TxnMachine::new_one_phase(xid, policy);
+        machine.phase = Phase::OnePhase;
+        machine.decision = Some(lsn);
+        machine.replied = true;
+        machine.branches[0].state = BranchState::InDoubt;
+        machine.redo = redo.clone();
+        (machine, vec![Command::AskOnePhase { branch: 0, redo }])
     }
 
     /// A transaction found by recovery with a durable decision at `lsn` and no `End`: phase 2
@@ -323,6 +410,9 @@ impl TxnMachine {
             Event::DecisionFailed { error } => self.on_decision_failed(error, commands),
             Event::Resolved { branch, result } => self.on_resolved(branch, result, commands),
             Event::RetryDue { branch } => self.on_retry_due(branch, commands),
+            Event::OnePhaseAnswered { branch, result } => {
+                self.on_one_phase_answered(branch, result, commands)
+            }
         }
         #[cfg(debug_assertions)]
         self.validate();
@@ -339,7 +429,11 @@ impl TxnMachine {
         self.branches
             .iter_mut()
             .for_each(|b| b.state = BranchState::Preparing);
-        out.extend((0..self.branches.len()).map(Command::Prepare));
+        if self.one_phase {
+            out.push(Command::PrepareOnePhase(0));
+        } else {
+            out.extend((0..self.branches.len()).map(Command::Prepare));
+        }
     }
 
     fn on_rollback_requested(&mut self, reason: String, out: &mut Vec<Command>) {
@@ -361,6 +455,18 @@ impl TxnMachine {
             return;
         }
         match (self.phase.clone(), vote) {
+            (Phase::Preparing, Ok(Vote::Commit { redo })) if self.one_phase => {
+                if redo.is_empty() {
+                    slot.state = BranchState::Committing;
+                    self.phase = Phase::OnePhase;
+                    out.push(Command::CommitOnePhase(branch));
+                } else {
+                    slot.state = BranchState::Ready;
+                    self.phase = Phase::Deciding;
+                    self.redo = redo.clone();
+                    out.push(Command::AppendOnePhase { branch, redo });
+                }
+            }
             (Phase::Preparing, Ok(Vote::Commit { redo })) => {
                 slot.state = BranchState::Prepared(redo);
                 self.maybe_decide(out);
@@ -417,8 +523,15 @@ impl TxnMachine {
         if self.phase != Phase::Deciding {
             return;
         }
-        self.phase = Phase::Committing;
         self.decision = Some(lsn);
+        if self.one_phase {
+            // Durable while the branch holds its locks: now it may commit.
+            self.phase = Phase::OnePhase;
+            self.branches[0].state = BranchState::Committing;
+            out.push(Command::CommitOnePhase(0));
+            return;
+        }
+        self.phase = Phase::Committing;
         self.reply(Outcome::Committed { lsn: Some(lsn) }, out);
         for b in 0..self.branches.len() {
             if matches!(self.branches[b].state, BranchState::Prepared(_)) {
@@ -430,6 +543,15 @@ impl TxnMachine {
     fn on_decision_failed(&mut self, error: String, out: &mut Vec<Command>) {
         if self.phase != Phase::Deciding {
             return;
+        }
+        if self.one_phase {
+            // The branch never committed: roll it back. Should the record have reached the
+            // disk after all, recovery asks the resource, learns that, and journals an `Abort`.
+            self.branches[0].state = BranchState::Ready;
+            return self.abort(
+                format!("the journal failed before the one-phase commit: {error}"),
+                out,
+            );
         }
         self.phase = Phase::InDoubt;
         self.reply(Outcome::InDoubt { error }, out);
@@ -469,9 +591,92 @@ impl TxnMachine {
 
     fn on_retry_due(&mut self, branch: BranchId, out: &mut Vec<Command>) {
         match self.branches.get(branch).map(|b| &b.state) {
-            Some(BranchState::Committing) => out.push(Command::Commit(branch)),
+            Some(BranchState::Committing) if !self.one_phase => out.push(Command::Commit(branch)),
             Some(BranchState::RollingBack) => out.push(Command::Rollback(branch)),
+            Some(BranchState::InDoubt) => out.push(Command::AskOnePhase {
+                branch,
+                redo: self.redo.clone(),
+            }),
             _ => {}
+        }
+    }
+
+    fn on_one_phase_answered(
+        &mut self,
+        branch: BranchId,
+        result: Result<OnePhaseOutcome, ResourceError>,
+        out: &mut Vec<Command>,
+    ) {
+        if self.phase != Phase::OnePhase {
+            return;
+        }
+        let Some(slot) = self.branches.get_mut(branch) else {
+            return;
+        };
+        let asked = match slot.state {
+            BranchState::Committing => false,
+            BranchState::InDoubt => true,
+            _ => return,
+        };
+        let journaled = self.decision.is_some();
+        match result {
+            Ok(OnePhaseOutcome::Committed) => {
+                slot.state = BranchState::Committed;
+                slot.last_error = None;
+                self.phase = Phase::Finished;
+                self.reply(Outcome::Committed { lsn: self.decision }, out);
+                if journaled {
+                    out.push(Command::AppendEnd);
+                }
+            }
+            Ok(OnePhaseOutcome::RolledBack { reason }) => {
+                slot.state = BranchState::RolledBack;
+                slot.last_error = None;
+                self.phase = Phase::Finished;
+                if journaled {
+                    out.push(Command::AppendAbort {
+                        reason: reason.clone(),
+                    });
+                }
+                self.reply(Outcome::RolledBack { reason }, out);
+            }
+            Err(e) if !journaled => {
+                // Nothing journaled (nothing to replicate) and nothing to ask by: the caller
+                // learns what a plain client learns when COMMIT loses its answer.
+                slot.state = BranchState::InDoubt;
+                slot.last_error = Some(e.to_string());
+                self.phase = Phase::Finished;
+                self.reply(
+                    Outcome::InDoubt {
+                        error: format!(
+                            "the answer to the one-phase commit was lost ({e}); the branch had nothing to replicate, so nothing was journaled and concord cannot find out"
+                        ),
+                    },
+                    out,
+                );
+            }
+            Err(e) => {
+                slot.state = BranchState::InDoubt;
+                slot.attempts += 1;
+                slot.last_error = Some(e.to_string());
+                if asked {
+                    let delay_ms = self.policy.delay_ms(slot.attempts);
+                    self.reply(
+                        Outcome::InDoubt {
+                            error: format!(
+                                "the answer to the one-phase commit was lost and the resource cannot tell yet ({e}); concord keeps asking and journals the outcome"
+                            ),
+                        },
+                        out,
+                    );
+                    out.push(Command::RetryAfter { branch, delay_ms });
+                } else {
+                    out.push(Command::AskOnePhase {
+                        branch,
+                        redo: self.redo.clone(),
+                    });
+                }
+            }
         }
     }
 
@@ -485,7 +690,7 @@ impl TxnMachine {
         self.phase = Phase::RollingBack;
         for (i, b) in self.branches.iter_mut().enumerate() {
             match b.state {
-                BranchState::Active | BranchState::Prepared(_) => {
+                BranchState::Active | BranchState::Prepared(_) | BranchState::Ready => {
                     b.state = BranchState::RollingBack;
                     out.push(Command::Rollback(i));
                 }
@@ -548,14 +753,17 @@ impl TxnMachine {
             .branches
             .iter()
             .any(|b| matches!(b.state, BranchState::Committing | BranchState::Committed));
+        let needs_decision = !self.one_phase || !self.redo.is_empty();
         assert!(
-            !committed_any || self.decision.is_some(),
+            !committed_any || self.decision.is_some() || !needs_decision,
             "a branch is committing before the decision is durable: {self:?}"
         );
-        let rolling_back = self
-            .branches
-            .iter()
-            .any(|b| matches!(b.state, BranchState::RollingBack | BranchState::RolledBack));
+        // A one-phase branch may end rolled back after its record: the resource said so.
+        let rolling_back = self.branches.iter().any(|b| match b.state {
+            BranchState::RollingBack => true,
+            BranchState::RolledBack => !self.one_phase,
+            _ => false,
+        });
         assert!(
             !(rolling_back && self.decision.is_some()),
             "a branch is rolled back after a durable decision: {self:?}"
@@ -588,6 +796,205 @@ mod tests {
 
     fn refused() -> ResourceError {
         ResourceError::rejected("files", "disk full")
+    }
+
+    fn lost() -> ResourceError {
+        ResourceError::InDoubt {
+            resource: "orders".into(),
+            message: "connection closed during COMMIT".into(),
+        }
+    }
+
+    #[test]
+    fn one_phase_journals_a_redo_before_the_commit_and_ends_after_it() {
+        let mut m = TxnMachine::new_one_phase(xid(), RetryPolicy::default());
+        assert_eq!(
+            m.on(Event::CommitRequested),
+            vec![Command::PrepareOnePhase(0)]
+        );
+        assert_eq!(
+            m.on(Event::Prepared {
+                branch: 0,
+                vote: commit_vote(b"rows")
+            }),
+            vec![Command::AppendOnePhase {
+                branch: 0,
+                redo: b"rows".to_vec()
+            }]
+        );
+        assert_eq!(
+            m.on(Event::DecisionDurable { lsn: Lsn(4) }),
+            vec![Command::CommitOnePhase(0)]
+        );
+        assert_eq!(
+            m.on(Event::OnePhaseAnswered {
+                branch: 0,
+                result: Ok(OnePhaseOutcome::Committed)
+            }),
+            vec![
+                Command::Reply(Outcome::Committed { lsn: Some(Lsn(4)) }),
+                Command::AppendEnd
+            ]
+        );
+        assert!(m.is_finished());
+    }
+
+    #[test]
+    fn one_phase_without_redo_commits_without_a_record() {
+        let mut m = TxnMachine::new_one_phase(xid(), RetryPolicy::default());
+        m.on(Event::CommitRequested);
+        assert_eq!(
+            m.on(Event::Prepared {
+                branch: 0,
+                vote: commit_vote(b"")
+            }),
+            vec![Command::CommitOnePhase(0)]
+        );
+        assert_eq!(
+            m.on(Event::OnePhaseAnswered {
+                branch: 0,
+                result: Ok(OnePhaseOutcome::Committed)
+            }),
+            vec![Command::Reply(Outcome::Committed { lsn: None })]
+        );
+        // Its answer lost: nothing to ask by, the caller hears it is unknown.
+        let mut m = TxnMachine::new_one_phase(xid(), RetryPolicy::default());
+        m.on(Event::CommitRequested);
+        m.on(Event::Prepared {
+            branch: 0,
+            vote: commit_vote(b""),
+        });
+        let lost = m.on(Event::OnePhaseAnswered {
+            branch: 0,
+            result: Err(lost()),
+        });
+        assert!(
+            matches!(&lost[..], [Command::Reply(Outcome::InDoubt { error })] if error.contains("nothing was journaled"))
+        );
+        assert!(m.is_finished());
+    }
+
+    #[test]
+    fn one_phase_refused_at_commit_journals_an_abort() {
+        let mut m = TxnMachine::new_one_phase(xid(), RetryPolicy::default());
+        m.on(Event::CommitRequested);
+        m.on(Event::Prepared {
+            branch: 0,
+            vote: commit_vote(b"rows"),
+        });
+        m.on(Event::DecisionDurable { lsn: Lsn(4) });
+        let refused = m.on(Event::OnePhaseAnswered {
+            branch: 0,
+            result: Ok(OnePhaseOutcome::RolledBack {
+                reason: "could not serialize".into(),
+            }),
+        });
+        assert_eq!(
+            refused,
+            vec![
+                Command::AppendAbort {
+                    reason: "could not serialize".into()
+                },
+                Command::Reply(Outcome::RolledBack {
+                    reason: "could not serialize".into()
+                })
+            ]
+        );
+        assert!(m.is_finished());
+    }
+
+    #[test]
+    fn one_phase_with_a_lost_answer_asks_until_the_resource_knows() {
+        let mut m = TxnMachine::new_one_phase(xid(), RetryPolicy::default());
+        m.on(Event::CommitRequested);
+        m.on(Event::Prepared {
+            branch: 0,
+            vote: commit_vote(b"rows"),
+        });
+        m.on(Event::DecisionDurable { lsn: Lsn(4) });
+        let ask = Command::AskOnePhase {
+            branch: 0,
+            redo: b"rows".to_vec(),
+        };
+        assert_eq!(
+            m.on(Event::OnePhaseAnswered {
+                branch: 0,
+                result: Err(lost())
+            }),
+            vec![ask.clone()]
+        );
+        // The resource cannot tell yet: the caller hears "in doubt", the asking goes on.
+        let again = m.on(Event::OnePhaseAnswered {
+            branch: 0,
+            result: Err(lost()),
+        });
+        assert!(matches!(
+            &again[..],
+            [
+                Command::Reply(Outcome::InDoubt { .. }),
+                Command::RetryAfter { branch: 0, .. }
+            ]
+        ));
+        assert_eq!(m.on(Event::RetryDue { branch: 0 }), vec![ask]);
+        assert_eq!(
+            m.on(Event::OnePhaseAnswered {
+                branch: 0,
+                result: Ok(OnePhaseOutcome::Committed)
+            }),
+            vec![Command::AppendEnd]
+        );
+        assert!(m.is_finished());
+    }
+
+    #[test]
+    fn one_phase_rolls_back_when_its_record_fails() {
+        let mut m = TxnMachine::new_one_phase(xid(), RetryPolicy::default());
+        m.on(Event::CommitRequested);
+        m.on(Event::Prepared {
+            branch: 0,
+            vote: commit_vote(b"rows"),
+        });
+        let failed = m.on(Event::DecisionFailed {
+            error: "fsync failed".into(),
+        });
+        assert_eq!(failed[0], Command::Rollback(0));
+        assert!(
+            matches!(&failed[1], Command::Reply(Outcome::RolledBack { reason }) if reason.contains("fsync failed"))
+        );
+        m.on(Event::Resolved {
+            branch: 0,
+            result: Ok(()),
+        });
+        assert_eq!(m.phase(), &Phase::Finished);
+    }
+
+    #[test]
+    fn recovery_asks_about_an_unfinished_one_phase_record() {
+        let (mut m, commands) = TxnMachine::recovered_one_phase(
+            xid(),
+            Lsn(8),
+            b"rows".to_vec(),
+            RetryPolicy::default(),
+        );
+        assert_eq!(
+            commands,
+            vec![Command::AskOnePhase {
+                branch: 0,
+                redo: b"rows".to_vec()
+            }]
+        );
+        assert_eq!(
+            m.on(Event::OnePhaseAnswered {
+                branch: 0,
+                result: Ok(OnePhaseOutcome::RolledBack {
+                    reason: "lost".into()
+                })
+            }),
+            vec![Command::AppendAbort {
+                reason: "lost".into()
+            }]
+        );
+        assert!(m.is_finished());
     }
 
     #[test]
@@ -845,14 +1252,16 @@ mod tests {
                 rng
             };
             let branches = (next() % 4) as usize;
-            let mut m = TxnMachine::new(
-                xid(),
-                branches,
-                RetryPolicy {
-                    first_ms: 1,
-                    max_ms: 4,
-                },
-            );
+            let policy = RetryPolicy {
+                first_ms: 1,
+                max_ms: 4,
+            };
+            let one_phase = branches == 1 && next() % 2 == 0;
+            let mut m = if one_phase {
+                TxnMachine::new_one_phase(xid(), policy)
+            } else {
+                TxnMachine::new(xid(), branches, policy)
+            };
             let mut pending = m.on(Event::CommitRequested);
             let mut outcome = None;
             let mut commits = 0;
@@ -863,14 +1272,33 @@ mod tests {
                 let command = pending.remove((next() as usize) % pending.len());
                 let fail = next() % 4 == 0;
                 let event = match command {
-                    Command::Prepare(b) => {
-                        let vote = match next() % 3 {
+                    Command::Prepare(b) | Command::PrepareOnePhase(b) => {
+                        let vote = match next() % 4 {
                             _ if fail => Err(refused()),
                             0 => Ok(Vote::ReadOnly),
+                            1 => commit_vote(&[]),
                             _ => commit_vote(&[b as u8]),
                         };
                         Some(Event::Prepared { branch: b, vote })
                     }
+                    Command::AppendOnePhase { .. } if fail => Some(Event::DecisionFailed {
+                        error: "poisoned".into(),
+                    }),
+                    Command::AppendOnePhase { .. } => Some(Event::DecisionDurable { lsn: Lsn(1) }),
+                    Command::CommitOnePhase(branch) | Command::AskOnePhase { branch, .. } => {
+                        if matches!(command, Command::CommitOnePhase(_)) {
+                            commits += 1;
+                        }
+                        let result = match next() % 3 {
+                            _ if fail => Err(lost()),
+                            0 => Ok(OnePhaseOutcome::RolledBack {
+                                reason: "refused".into(),
+                            }),
+                            _ => Ok(OnePhaseOutcome::Committed),
+                        };
+                        Some(Event::OnePhaseAnswered { branch, result })
+                    }
+                    Command::AppendAbort { .. } => None,
                     Command::AppendDecision { .. } => Some(Event::DecisionDurable { lsn: Lsn(1) }),
                     Command::Commit(b) => {
                         commits += 1;
@@ -900,7 +1328,15 @@ mod tests {
                         .iter()
                         .all(|b| matches!(b.state, BranchState::Committed | BranchState::ReadOnly))
                 ),
+                Some(Outcome::RolledBack { .. }) if one_phase => assert!(
+                    m.branches()
+                        .iter()
+                        .all(|b| matches!(b.state, BranchState::RolledBack)),
+                    "seed {seed}: {m:?}"
+                ),
                 Some(Outcome::RolledBack { .. }) => assert_eq!(commits, 0, "seed {seed}"),
+                // A one-phase commit whose answer was lost.
+                Some(Outcome::InDoubt { .. }) if one_phase => {}
                 other => panic!("seed {seed}: outcome {other:?}"),
             }
         }

@@ -9,18 +9,22 @@
 //! The points, in commit-path order: `after_prepare` (a branch voted), `decision_appended`
 //! (the decision is queued in the journal, not yet durable), `decision_durable`, `between_commits`
 //! (a branch has just committed in phase 2; the others of its transaction may not have),
-//! `before_end`.
+//! `before_end`. A one-phase commit passes `after_prepare` (its branch is ready, not durable),
+//! `decision_appended` and `decision_durable` (its `OnePhase` record, before the branch's
+//! commit), then `one_phase_committed` (the branch answered its commit; `End` or `Abort` not yet
+//! appended).
 
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Every fail point, in commit-path order.
-pub const POINTS: [&str; 5] = [
+pub const POINTS: [&str; 6] = [
     "after_prepare",
     "decision_appended",
     "decision_durable",
     "between_commits",
     "before_end",
+    "one_phase_committed",
 ];
 
 struct Armed {

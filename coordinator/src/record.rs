@@ -5,9 +5,13 @@
 //! | 1 | `Commit { xid, at_ms, branches: [(resource, redo)] }` | the decision: durable before the caller hears "committed" |
 //! | 2 | `End { xid }` | every branch acknowledged phase 2 (appended without waiting) |
 //! | 3 | `Resolve { xid, commit, operator, at_ms }` | an operator's decision for an in-doubt or stuck transaction |
+//! | 4 | `OnePhase { xid, at_ms, resource, redo }` | a lone branch is about to commit in one phase: durable before its commit, while it holds its locks |
+//! | 5 | `Abort { xid, reason }` | the branch of a `OnePhase` record did not commit (appended without waiting) |
 //!
 //! Presumed abort: a transaction with no `Commit` record never committed, so nothing is journaled
-//! for rollbacks. Payload encoding, version 1, little-endian: an xid is its text form with a `u16`
+//! for rollbacks. A `OnePhase` record is the exception: its outcome is the resource's, so it is
+//! followed by `End` (committed) or `Abort` (not), and until one of them is read the transaction
+//! counts as undecided (recovery asks the resource; a standby waits before applying it). Payload encoding, version 1, little-endian: an xid is its text form with a `u16`
 //! length; a string is a `u32` length and UTF-8 bytes; bytes are a `u32` length and the bytes. A
 //! decoder refuses a payload version above 1 ([`RecordError::NewerVersion`]), a kind it does not
 //! know, and any length that runs past the payload, before allocating. [`encode_commit`] and
@@ -24,6 +28,10 @@ pub const COMMIT: RecordKind = RecordKind::new(1, 1);
 pub const END: RecordKind = RecordKind::new(2, 1);
 /// Kind of an operator's resolution.
 pub const RESOLVE: RecordKind = RecordKind::new(3, 1);
+/// Kind of a one-phase commit's record.
+pub const ONE_PHASE: RecordKind = RecordKind::new(4, 1);
+/// Kind of the record of a one-phase commit that did not happen.
+pub const ABORT: RecordKind = RecordKind::new(5, 1);
 
 /// A coordinator record.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -52,6 +60,25 @@ pub enum CoordRecord {
         operator: String,
         /// When, in milliseconds since the Unix epoch.
         at_ms: u64,
+    },
+    /// A lone branch commits in one phase after this record is durable; `End` or `Abort` tells
+    /// whether it did.
+    OnePhase {
+        /// The transaction.
+        xid: Xid,
+        /// When the record was made, in milliseconds since the Unix epoch (for operators).
+        at_ms: u64,
+        /// The branch's resource.
+        resource: String,
+        /// Its redo (never empty: a branch with nothing to replicate is not journaled).
+        redo: Vec<u8>,
+    },
+    /// The branch of a `OnePhase` record did not commit.
+    Abort {
+        /// The transaction.
+        xid: Xid,
+        /// Why, for operators.
+        reason: String,
     },
 }
 
@@ -88,6 +115,8 @@ impl CoordRecord {
             CoordRecord::Commit { .. } => COMMIT,
             CoordRecord::End { .. } => END,
             CoordRecord::Resolve { .. } => RESOLVE,
+            CoordRecord::OnePhase { .. } => ONE_PHASE,
+            CoordRecord::Abort { .. } => ABORT,
         }
     }
 
@@ -96,7 +125,9 @@ impl CoordRecord {
         match self {
             CoordRecord::Commit { xid, .. }
             | CoordRecord::End { xid }
-            | CoordRecord::Resolve { xid, .. } => *xid,
+            | CoordRecord::Resolve { xid, .. }
+            | CoordRecord::OnePhase { xid, .. }
+            | CoordRecord::Abort { xid, .. } => *xid,
         }
     }
 
@@ -130,6 +161,13 @@ impl CoordRecord {
                 out.extend_from_slice(&at_ms.to_le_bytes());
                 out
             }
+            CoordRecord::OnePhase {
+                xid,
+                at_ms,
+                resource,
+                redo,
+            } => encode_one_phase(&xid.text(), *at_ms, resource, redo),
+            CoordRecord::Abort { xid, reason } => encode_abort(&xid.text(), reason),
         }
     }
 
@@ -139,6 +177,8 @@ impl CoordRecord {
             1 => "Commit",
             2 => "End",
             3 => "Resolve",
+            4 => "OnePhase",
+            5 => "Abort",
             other => return Err(RecordError::UnknownKind(other)),
         };
         if kind.version != 1 {
@@ -169,6 +209,21 @@ impl CoordRecord {
                 }
             }
             2 => CoordRecord::End { xid },
+            4 => {
+                let at_ms = u64::from_le_bytes(r.array::<8>()?);
+                let resource = r.string()?;
+                let redo = r.bytes()?.to_vec();
+                CoordRecord::OnePhase {
+                    xid,
+                    at_ms,
+                    resource,
+                    redo,
+                }
+            }
+            5 => {
+                let reason = r.string()?;
+                CoordRecord::Abort { xid, reason }
+            }
             _ => {
                 let commit = r.take(1)?[0] != 0;
                 let operator = r.string()?;
@@ -221,6 +276,26 @@ pub fn encode_end(text: &XidText) -> Vec<u8> {
     out
 }
 
+/// The payload of `OnePhase { xid, at_ms, resource, redo }` from borrowed parts, the same bytes
+/// as [`CoordRecord::encode`] gives.
+pub fn encode_one_phase(text: &XidText, at_ms: u64, resource: &str, redo: &[u8]) -> Vec<u8> {
+    let mut out =
+        Vec::with_capacity(2 + text.as_bytes().len() + 8 + 4 + resource.len() + 4 + redo.len());
+    put_xid(&mut out, text.as_bytes());
+    out.extend_from_slice(&at_ms.to_le_bytes());
+    put_bytes(&mut out, resource.as_bytes());
+    put_bytes(&mut out, redo);
+    out
+}
+
+/// The payload of `Abort { xid, reason }`, the same bytes as [`CoordRecord::encode`] gives.
+pub fn encode_abort(text: &XidText, reason: &str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(2 + text.as_bytes().len() + 4 + reason.len());
+    put_xid(&mut out, text.as_bytes());
+    put_bytes(&mut out, reason.as_bytes());
+    out
+}
+
 fn put_xid(out: &mut Vec<u8>, text: &[u8]) {
     out.extend_from_slice(&(text.len() as u16).to_le_bytes());
     out.extend_from_slice(text);
@@ -270,7 +345,8 @@ impl<'a> Reader<'a> {
 
     fn string(&mut self) -> Result<String, RecordError> {
         let bytes = self.bytes()?;
-        String::from_utf8(bytes.to_vec()).map_err(|_| self.malformed("a name is not UTF-8".into()))
+        String::from_utf8(bytes.to_vec())
+            .map_err(|_| self.malformed("a text field is not UTF-8".into()))
     }
 
     fn xid(&mut self) -> Result<Xid, RecordError> {
@@ -309,6 +385,16 @@ mod tests {
                 commit: true,
                 operator: "ops".into(),
                 at_ms: 17,
+            },
+            CoordRecord::OnePhase {
+                xid: xid(),
+                at_ms: 5,
+                resource: "orders".into(),
+                redo: b"{\"v\":1}".to_vec(),
+            },
+            CoordRecord::Abort {
+                xid: xid(),
+                reason: "serialization failure".into(),
             },
         ];
         for record in records {

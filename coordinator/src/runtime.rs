@@ -89,6 +89,9 @@ pub struct CoordinatorConfig {
     /// slower at phase 2 than the callers are at deciding holds the callers back instead of
     /// piling up unfinished transactions.
     pub max_unfinished: usize,
+    /// Whether a transaction whose only branch is in a resource that offers it commits in one
+    /// phase (see the engine docs); off, every transaction takes two.
+    pub one_phase: bool,
 }
 
 impl Default for CoordinatorConfig {
@@ -100,6 +103,7 @@ impl Default for CoordinatorConfig {
             retry: RetryPolicy::default(),
             orphan_sweep_ms: 60_000,
             max_unfinished: 4096,
+            one_phase: true,
         }
     }
 }
@@ -163,6 +167,9 @@ pub struct RecoveryReport {
     pub redriven: Vec<Xid>,
     /// Prepared branches without a decision, rolled back: `(resource, xid)`.
     pub rolled_back: Vec<(String, Xid)>,
+    /// One-phase commits journaled with neither `End` nor `Abort`: their resource is asked what
+    /// became of them, and the answer journaled.
+    pub asked: Vec<Xid>,
     /// Problems that need a person: a resource named by a decision that is not configured, a
     /// resource whose `recover` failed.
     pub problems: Vec<String>,
@@ -617,8 +624,21 @@ impl Coordinator {
     }
 
     /// A new machine for `xid` with `branches`, listed as running; see [`Coordinator::register_machine`].
+    /// A lone branch of a resource that offers it commits in one phase.
     fn register(&self, xid: Xid, branches: Vec<BranchRef>, started: Instant) -> Driver {
-        let machine = TxnMachine::new(xid, branches.len(), self.inner.config.retry);
+        let policy = self.inner.config.retry;
+        let machine = match branches.as_slice() {
+            [only]
+                if self.inner.config.one_phase
+                    && only
+                        .resource
+                        .as_ref()
+                        .is_some_and(|r| r.supports_one_phase()) =>
+            {
+                TxnMachine::new_one_phase(xid, policy)
+            }
+            _ => TxnMachine::new(xid, branches.len(), policy),
+        };
         self.register_machine(machine, branches, started)
     }
 
@@ -940,9 +960,13 @@ impl Coordinator {
                 "transaction {xid} is still being prepared or decided by this coordinator; wait for its outcome"
             )));
         }
-        let decided = scan_journal(&self.inner.journal, self.inner.config.node)?
-            .decided
-            .contains(xid);
+        let scan = scan_journal(&self.inner.journal, self.inner.config.node)?;
+        if scan.open_one_phase.contains_key(xid) {
+            return Err(CoordError::Refused(format!(
+                "transaction {xid} commits in one phase: its outcome is its resource's, and concord asks the resource until it answers (see `concord txn list`); there is nothing to decide by hand"
+            )));
+        }
+        let decided = scan.decided.contains(xid);
         if decided && !commit {
             return Err(CoordError::Refused(format!(
                 "transaction {xid} has a durable commit decision; it cannot be rolled back (some branches may already be committed)"
@@ -1032,6 +1056,18 @@ impl Coordinator {
             self.drive_recovered(machine, names, commands);
             report.redriven.push(*xid);
         }
+        for (xid, (lsn, name, redo)) in &scan.open_one_phase {
+            if !self.inner.resources.contains_key(name) {
+                report.problems.push(format!(
+                    "transaction {xid} committed in one phase in resource {name:?}, which is not configured; configure it so that concord can learn the outcome"
+                ));
+                continue;
+            }
+            let (machine, commands) =
+                TxnMachine::recovered_one_phase(*xid, *lsn, redo.clone(), self.inner.config.retry);
+            self.drive_recovered(machine, std::slice::from_ref(name), commands);
+            report.asked.push(*xid);
+        }
         for (name, xids) in prepared {
             for xid in xids {
                 if scan.open_commits.contains_key(&xid) {
@@ -1047,11 +1083,13 @@ impl Coordinator {
                 report.rolled_back.push((name.clone(), xid));
             }
         }
-        if !report.redriven.is_empty() || !report.rolled_back.is_empty() {
+        if !report.redriven.is_empty() || !report.rolled_back.is_empty() || !report.asked.is_empty()
+        {
             tracing::info!(
                 redriven = report.redriven.len(),
                 rolled_back = report.rolled_back.len(),
-                "recovery started phase 2 of decided transactions and rollback of undecided branches"
+                asked = report.asked.len(),
+                "recovery started phase 2 of decided transactions, rollback of undecided branches and the questions about one-phase commits"
             );
         }
         for problem in &report.problems {
@@ -1082,6 +1120,7 @@ fn phase_name(phase: &Phase) -> &'static str {
         Phase::Preparing => "preparing",
         Phase::Deciding => "deciding",
         Phase::Committing => "committing",
+        Phase::OnePhase => "committing (one phase)",
         Phase::RollingBack => "rolling back",
         Phase::InDoubt => "in doubt",
         Phase::Finished => "finished",
@@ -1234,6 +1273,21 @@ impl Driver {
                 }));
             }
             Command::AppendDecision { writers } => self.append_decision(&writers),
+            Command::PrepareOnePhase(b) => self.call(b, BranchCall::PrepareOnePhase),
+            Command::AppendOnePhase { branch, redo } => self.append_one_phase(branch, &redo),
+            Command::CommitOnePhase(b) => self.call(b, BranchCall::CommitOnePhase),
+            Command::AskOnePhase { branch, redo } => self.call(branch, BranchCall::Ask(redo)),
+            Command::AppendAbort { reason } => {
+                let abort = record::encode_abort(&self.running.text, &reason);
+                let epoch = self.inner.config.epoch;
+                if let Err(e) = self
+                    .inner
+                    .journal
+                    .append_nowait(epoch, record::ABORT, &abort)
+                {
+                    tracing::error!(error = %e, "append Abort record");
+                }
+            }
             Command::AppendEnd => {
                 failpoint::hit("before_end");
                 let end = record::encode_end(&self.running.text);
@@ -1274,7 +1328,41 @@ impl Driver {
                     result: resource.rollback(&xid).await,
                 }
             }),
+            BranchCall::PrepareOnePhase => Box::pin(async move {
+                let vote = resource.prepare_one_phase(&xid).await;
+                failpoint::hit("after_prepare");
+                Event::Prepared { branch, vote }
+            }),
+            BranchCall::CommitOnePhase => Box::pin(async move {
+                let result = resource.commit_one_phase(&xid).await;
+                failpoint::hit("one_phase_committed");
+                Event::OnePhaseAnswered { branch, result }
+            }),
+            BranchCall::Ask(redo) => Box::pin(async move {
+                let result = resource.one_phase_outcome(&xid, &redo).await;
+                Event::OnePhaseAnswered { branch, result }
+            }),
         });
+    }
+
+    /// Queues the `OnePhase` record; its durability is reported like a decision's.
+    fn append_one_phase(&mut self, branch: BranchId, redo: &[u8]) {
+        let name = self.running.branches.get(branch).map_or("", |r| &*r.name);
+        let payload = record::encode_one_phase(&self.running.text, now_ms(), name, redo);
+        let epoch = self.inner.config.epoch;
+        match self
+            .inner
+            .journal
+            .append(epoch, record::ONE_PHASE, &payload)
+        {
+            Ok(appending) => {
+                failpoint::hit("decision_appended");
+                self.decision = Some(appending);
+            }
+            Err(e) => self.ready.push_back(Event::DecisionFailed {
+                error: e.to_string(),
+            }),
+        }
     }
 
     fn append_decision(&mut self, writers: &[(BranchId, Vec<u8>)]) {
@@ -1352,23 +1440,31 @@ impl Drop for Inline {
     }
 }
 
-#[derive(Clone, Copy)]
 enum BranchCall {
     Prepare,
     Commit,
     Rollback,
+    PrepareOnePhase,
+    CommitOnePhase,
+    /// Ask what became of a one-phase branch with this journaled redo.
+    Ask(Vec<u8>),
 }
 
 impl BranchCall {
+    /// The event of a call that could not be made (`result` is then an error).
     fn event(self, branch: BranchId, result: Result<(), ResourceError>) -> Event {
         match (self, result) {
-            (BranchCall::Prepare, Err(e)) => Event::Prepared {
+            (BranchCall::Prepare | BranchCall::PrepareOnePhase, Err(e)) => Event::Prepared {
                 branch,
                 vote: Err(e),
             },
-            (BranchCall::Prepare, Ok(())) => Event::Prepared {
+            (BranchCall::Prepare | BranchCall::PrepareOnePhase, Ok(())) => Event::Prepared {
                 branch,
                 vote: Ok(adapters::Vote::ReadOnly),
+            },
+            (BranchCall::CommitOnePhase | BranchCall::Ask(_), result) => Event::OnePhaseAnswered {
+                branch,
+                result: result.map(|()| adapters::OnePhaseOutcome::Committed),
             },
             (_, result) => Event::Resolved { branch, result },
         }
@@ -1380,6 +1476,8 @@ impl BranchCall {
 pub struct JournalScan {
     /// Decided and not ended: xid → (decision LSN, resource names of its writers).
     pub open_commits: BTreeMap<Xid, (Lsn, Vec<String>)>,
+    /// One-phase records with neither `End` nor `Abort`: xid → (LSN, resource, redo).
+    pub open_one_phase: BTreeMap<Xid, (Lsn, String, Vec<u8>)>,
     /// Operators' decisions.
     pub resolved: HashMap<Xid, bool>,
     /// The highest sequence number of this node's xids.
@@ -1413,9 +1511,17 @@ pub fn scan_journal(journal: &Journal, node: u32) -> Result<JournalScan, CoordEr
             }
             CoordRecord::End { .. } => {
                 scan.open_commits.remove(&xid);
+                scan.open_one_phase.remove(&xid);
             }
             CoordRecord::Resolve { commit, .. } => {
                 scan.resolved.insert(xid, commit);
+            }
+            CoordRecord::OnePhase { resource, redo, .. } => {
+                scan.open_one_phase
+                    .insert(xid, (record.lsn, resource, redo));
+            }
+            CoordRecord::Abort { .. } => {
+                scan.open_one_phase.remove(&xid);
             }
         }
     }

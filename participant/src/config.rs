@@ -5,6 +5,7 @@
 //! data_dir = "data"         # the journal lives in data_dir/journal
 //! txn_timeout_ms = 30000    # optional: an open transaction is rolled back after this long
 //! orphan_sweep_ms = 60000   # optional: how often to look for prepared branches nobody owns
+//! one_phase = true          # optional: a transaction with one branch (PostgreSQL) skips the prepare
 //!
 //! [resources.uploads]       # a resource, by the name the application uses
 //! kind = "files"
@@ -45,6 +46,10 @@ pub struct Config {
     /// One is rolled back when two sweeps in a row found it so, so this is also its least age.
     #[serde(default = "default_orphan_sweep_ms")]
     pub orphan_sweep_ms: u64,
+    /// Whether a transaction whose only branch is in a resource that offers it (PostgreSQL)
+    /// commits in one phase; `false` makes every transaction take two.
+    #[serde(default = "default_one_phase")]
+    pub one_phase: bool,
     /// The resources, by name.
     #[serde(default, deserialize_with = "resources_from_toml")]
     pub resources: BTreeMap<String, ResourceConfig>,
@@ -172,6 +177,10 @@ fn default_orphan_sweep_ms() -> u64 {
     60_000
 }
 
+fn default_one_phase() -> bool {
+    true
+}
+
 fn default_lock_wait_ms() -> u64 {
     5_000
 }
@@ -222,6 +231,7 @@ impl Config {
             epoch: default_epoch(),
             txn_timeout_ms: default_timeout_ms(),
             orphan_sweep_ms: default_orphan_sweep_ms(),
+            one_phase: default_one_phase(),
             resources,
         }
     }

@@ -126,6 +126,7 @@ impl Concord {
             txn_timeout_ms: config.txn_timeout_ms,
             retry: RetryPolicy::default(),
             orphan_sweep_ms: config.orphan_sweep_ms,
+            one_phase: config.one_phase,
             ..CoordinatorConfig::default()
         };
         let (coordinator, recovery) =

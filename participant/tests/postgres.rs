@@ -14,7 +14,8 @@
 mod common;
 
 use common::{
-    STEP_DEADLINE, close, commit, commits, committed_lsn, open, rolled_back_reason, within,
+    STEP_DEADLINE, close, commit, commits, committed_lsn, open, record_kinds, rolled_back_reason,
+    within,
 };
 
 use std::any::Any;
@@ -433,17 +434,32 @@ async fn a_branch_prepared_before_a_coordinator_crash_is_rolled_back_at_open() {
     assert_eq!(item(cluster, "crash", 3).as_deref(), Some("after recovery"));
 }
 
-/// Two conflicting writers: the second transaction's update of a row waits on PostgreSQL's row
-/// lock until the first has committed; both commit, the first's `Commit` record comes first in
-/// the journal, and replaying every `Commit` record's redo in LSN order into a standby database
-/// reproduces the primary's final row (DESIGN.md "Ordering").
+/// Two conflicting writers, each the only branch of its transaction, committed in one phase:
+/// see [`conflicting_writers`].
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_phase_journal_order_of_two_conflicting_writers_is_their_commit_order() {
+    conflicting_writers("ordering1", 16, true).await;
+}
+
+/// The same with one-phase commit turned off: both take two phases.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_journal_order_of_two_conflicting_writers_is_their_commit_order() {
+    conflicting_writers("ordering2", 14, false).await;
+}
+
+/// Two conflicting writers: the second transaction's update of a row waits on PostgreSQL's row
+/// lock until the first has committed; both commit, the first's record comes first in the
+/// journal, and replaying every committed record's redo in LSN order into a standby database
+/// reproduces the primary's final row (DESIGN.md "Ordering").
+async fn conflicting_writers(db: &str, node: u32, one_phase: bool) {
     let cluster = PgCluster::shared();
-    let url = orders_db(cluster, "ordering").await;
-    let standby_url = orders_db(cluster, "ordering_standby").await;
+    let url = orders_db(cluster, db).await;
+    let standby_db = format!("{db}_standby");
+    let standby_url = orders_db(cluster, &standby_db).await;
     let dir = tempfile::tempdir().unwrap();
-    let concord = open(pg_config(dir.path(), 14, &url)).await;
+    let mut config = pg_config(dir.path(), node, &url);
+    config.one_phase = one_phase;
+    let concord = open(config).await;
 
     let mut setup = concord.begin();
     execute(&setup, "INSERT INTO orders VALUES (4, 'initial')")
@@ -471,8 +487,8 @@ async fn the_journal_order_of_two_conflicting_writers_is_their_commit_order() {
     let waiting = wait_until(STEP_DEADLINE, || {
         cluster
             .psql(
-                "ordering",
-                "SELECT count(*) FROM pg_stat_activity WHERE datname = 'ordering' AND wait_event_type = 'Lock'",
+                db,
+                &format!("SELECT count(*) FROM pg_stat_activity WHERE datname = '{db}' AND wait_event_type = 'Lock'"),
             )
             .unwrap()
             == "1"
@@ -481,16 +497,24 @@ async fn the_journal_order_of_two_conflicting_writers_is_their_commit_order() {
     let first_lsn = committed_lsn(&commit(&mut first).await);
     let second_lsn = within("the second writer", writer).await.unwrap();
     assert!(first_lsn < second_lsn, "{first_lsn} !< {second_lsn}");
-    let final_item = item(cluster, "ordering", 4);
+    let final_item = item(cluster, db, 4);
     assert_eq!(final_item.as_deref(), Some("first then second"));
     close(concord).await;
 
+    let expected = if one_phase { "OnePhase" } else { "Commit" };
+    let kinds = record_kinds(dir.path());
+    assert!(
+        kinds
+            .iter()
+            .any(|(k, x)| *k == expected && *x == second_xid),
+        "{kinds:?}"
+    );
     let records = commits(dir.path());
     assert_eq!(
         records.get(&second_lsn).map(|(xid, _)| *xid),
         Some(second_xid)
     );
-    let standby = open_orders(&standby_url, 14).await;
+    let standby = open_orders(&standby_url, node).await;
     for (lsn, (_, branches)) in &records {
         for (name, redo) in branches {
             assert_eq!(name, "orders");
@@ -501,7 +525,7 @@ async fn the_journal_order_of_two_conflicting_writers_is_their_commit_order() {
         within("applied lsn", standby.applied_lsn()).await.unwrap(),
         second_lsn
     );
-    assert_eq!(item(cluster, "ordering_standby", 4), final_item);
+    assert_eq!(item(cluster, &standby_db, 4), final_item);
 }
 
 /// A serialization failure: two SERIALIZABLE transactions read the same row, the first updates
@@ -714,4 +738,141 @@ async fn the_orphan_sweeper_rolls_back_a_prepared_branch_nobody_owns() {
     assert_eq!(item(cluster, "orphans", 3), None);
     assert!(prepared_gids(cluster, "orphans").is_empty());
     assert!(coordinator.shutdown(STEP_DEADLINE).await);
+}
+
+/// The child process of the one-phase crash tests: commits one order in one phase with the
+/// fail point of `CONCORD_FAILPOINT` armed, and is killed there by its parent. Run as a test of
+/// its own it does nothing (the parent passes its database in the environment).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_child_commits_one_order_in_one_phase() {
+    let (Ok(url), Ok(dir), Ok(node)) = (
+        std::env::var("CONCORD_CHILD_URL"),
+        std::env::var("CONCORD_CHILD_DIR"),
+        std::env::var("CONCORD_CHILD_NODE"),
+    ) else {
+        return;
+    };
+    let concord = open(pg_config(Path::new(&dir), node.parse().unwrap(), &url)).await;
+    let mut tx = concord.begin();
+    execute(&tx, "INSERT INTO orders VALUES (9, 'one phase')")
+        .await
+        .unwrap();
+    let outcome = commit(&mut tx).await;
+    panic!("the fail point did not stop the commit: {outcome:?}");
+}
+
+/// Runs [`crash_child_commits_one_order_in_one_phase`] in a process of its own with the fail
+/// point `point` armed, kills it with SIGKILL when it gets there, and returns the xid of the
+/// `OnePhase` record it left in the journal under `dir`.
+fn one_phase_child_killed_at(point: &str, url: &str, dir: &Path, node: u32) -> Xid {
+    use std::io::{BufRead, BufReader};
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "crash_child_commits_one_order_in_one_phase",
+            "--nocapture",
+            "--test-threads",
+            "1",
+        ])
+        .env("CONCORD_FAILPOINT", point)
+        .env("CONCORD_CHILD_URL", url)
+        .env("CONCORD_CHILD_DIR", dir)
+        .env("CONCORD_CHILD_NODE", node.to_string())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let wanted = format!("FAILPOINT {point}");
+    let deadline = std::time::Instant::now() + STEP_DEADLINE;
+    let mut seen = Vec::new();
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(line) if line.contains(&wanted) => break,
+            Ok(line) => seen.push(line),
+            Err(_) => {
+                let _ = child.kill();
+                panic!("the child never reached {point}: {seen:#?}");
+            }
+        }
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let kinds = record_kinds(dir);
+    match kinds.as_slice() {
+        [("OnePhase", xid)] => *xid,
+        other => panic!("expected one OnePhase record, found {other:?}"),
+    }
+}
+
+/// Killed after the `OnePhase` record is durable and before the branch's COMMIT: the branch
+/// never committed. Recovery asks PostgreSQL, learns that from the missing marker once the
+/// branch's session is gone, journals `Abort`; the row is absent and its lock free; a standby
+/// applies nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_before_the_one_phase_commit_is_journaled_as_aborted() {
+    let cluster = PgCluster::shared();
+    let url = orders_db(cluster, "one_phase_crash1").await;
+    let dir = tempfile::tempdir().unwrap();
+    let xid = one_phase_child_killed_at("decision_durable", &url, dir.path(), 17);
+    let concord = open(pg_config(dir.path(), 17, &url)).await;
+    assert_eq!(concord.recovery().asked, vec![xid]);
+    assert!(concord.wait_idle(STEP_DEADLINE).await);
+    assert_eq!(
+        record_kinds(dir.path()),
+        vec![("OnePhase", xid), ("Abort", xid)]
+    );
+    assert!(commits(dir.path()).is_empty());
+    assert_eq!(item(cluster, "one_phase_crash1", 9), None);
+    let mut tx = concord.begin();
+    execute(&tx, "SET LOCAL lock_timeout = '2s'").await.unwrap();
+    execute(&tx, "INSERT INTO orders VALUES (9, 'after recovery')")
+        .await
+        .unwrap();
+    committed_lsn(&commit(&mut tx).await);
+    close(concord).await;
+    assert_eq!(
+        item(cluster, "one_phase_crash1", 9).as_deref(),
+        Some("after recovery")
+    );
+}
+
+/// Killed after the branch's COMMIT answered and before `End`: recovery asks PostgreSQL, finds
+/// the marker, journals `End`; the row is there and a standby applies it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_after_the_one_phase_commit_is_journaled_as_committed() {
+    let cluster = PgCluster::shared();
+    let url = orders_db(cluster, "one_phase_crash2").await;
+    let standby_url = orders_db(cluster, "one_phase_crash2_standby").await;
+    let dir = tempfile::tempdir().unwrap();
+    let xid = one_phase_child_killed_at("one_phase_committed", &url, dir.path(), 18);
+    let concord = open(pg_config(dir.path(), 18, &url)).await;
+    assert_eq!(concord.recovery().asked, vec![xid]);
+    assert!(concord.wait_idle(STEP_DEADLINE).await);
+    close(concord).await;
+    assert_eq!(
+        record_kinds(dir.path()),
+        vec![("OnePhase", xid), ("End", xid)]
+    );
+    assert_eq!(
+        item(cluster, "one_phase_crash2", 9).as_deref(),
+        Some("one phase")
+    );
+    let standby = open_orders(&standby_url, 18).await;
+    for (lsn, (_, branches)) in commits(dir.path()) {
+        for (_, redo) in branches {
+            within("replay", standby.replay(&redo, lsn)).await.unwrap();
+        }
+    }
+    assert_eq!(
+        item(cluster, "one_phase_crash2_standby", 9).as_deref(),
+        Some("one phase")
+    );
 }

@@ -30,14 +30,20 @@
 //!   `concord.capture_row()` (the trigger function; it does nothing while `concord.replaying`
 //!   is `on`, so replay is not captured again) and `concord.apply_row(tbl, op, pk, row)` (replay
 //!   of one row image by primary key).
+//!
+//! Version 2 adds `concord.finish_branch(epoch, gid, xid, node)`, the same work for a branch
+//! that commits in one phase, without the `PREPARE`: it returns `''` when the branch captured
+//! nothing (no marker is written then: nothing will be journaled to ask about it), and otherwise
+//! writes the marker and returns the whole redo, carrying the transaction id and backend pid
+//! that let a later question find out whether the branch is still running.
 
 use tokio_postgres::Client;
 
 /// The schema version this program installs and reads.
-pub const SCHEMA_VERSION: i32 = 1;
+pub const SCHEMA_VERSION: i32 = 2;
 
 /// Every step, in order: step `n` takes the schema from version `n` to `n + 1`.
-const STEPS: &[&str] = &[V1];
+const STEPS: &[&str] = &[V1, V2];
 
 const V1: &str = r#"
 CREATE TABLE concord.fence (
@@ -172,6 +178,30 @@ BEGIN
         'INSERT INTO %s (%s) OVERRIDING SYSTEM VALUE SELECT %s FROM jsonb_populate_record(NULL::%s, $1) ON CONFLICT (%s) DO %s',
         tbl, cols, cols, tbl, keys,
         CASE WHEN sets IS NULL THEN 'NOTHING' ELSE 'UPDATE SET ' || sets END) USING row_image;
+END $$;
+"#;
+
+const V2: &str = r#"
+CREATE FUNCTION concord.finish_branch(branch_epoch bigint, branch_gid text, branch_xid text,
+                                      branch_node integer) RETURNS text
+LANGUAGE plpgsql AS $$
+DECLARE
+    rows text;
+BEGIN
+    IF pg_current_xact_id_if_assigned() IS NULL THEN
+        RAISE EXCEPTION 'concord: the branch wrote nothing' USING ERRCODE = 'CF002';
+    END IF;
+    PERFORM concord.check_fence(branch_epoch);
+    WITH d AS (DELETE FROM concord.capture WHERE txid = pg_current_xact_id()
+               RETURNING id, tbl, op, pk, row_image)
+    SELECT json_agg(json_build_array(tbl, op::text, pk, row_image) ORDER BY id)::text
+        INTO rows FROM d;
+    IF rows IS NULL THEN
+        RETURN '';
+    END IF;
+    INSERT INTO concord.markers (gid, xid, node) VALUES (branch_gid, branch_xid, branch_node);
+    RETURN format('{"v":1,"txid":"%s","pid":%s,"rows":%s}',
+                  pg_current_xact_id(), pg_backend_pid(), rows);
 END $$;
 "#;
 

@@ -62,10 +62,13 @@ pub fn rolled_back_reason(outcome: &Outcome) -> &str {
 /// `(resource, redo)` of each writing branch of a `Commit` record.
 pub type Writers = Vec<(String, Vec<u8>)>;
 
-/// The `Commit` records of the journal in `data_dir`: LSN → (xid, `(resource, redo)` of each
-/// writer). Also checks that the journal scans cleanly and that every record decodes.
+/// The committed transactions of the journal in `data_dir`, as a standby applies them: LSN →
+/// (xid, `(resource, redo)` of each writer), from every `Commit` record and every `OnePhase`
+/// record followed by its `End` (one followed by `Abort`, or by nothing yet, is left out). Also
+/// checks that the journal scans cleanly and that every record decodes.
 pub fn commits(data_dir: &Path) -> BTreeMap<Lsn, (Xid, Writers)> {
     let mut found = BTreeMap::new();
+    let mut one_phase: BTreeMap<Xid, (Lsn, Writers)> = BTreeMap::new();
     let mut undecodable = Vec::new();
     let record_bytes_max = JournalConfig::default().record_bytes_max;
     journal::scan::scan_dir(&data_dir.join("journal"), record_bytes_max, |record| {
@@ -73,11 +76,47 @@ pub fn commits(data_dir: &Path) -> BTreeMap<Lsn, (Xid, Writers)> {
             Ok(CoordRecord::Commit { xid, branches, .. }) => {
                 found.insert(record.lsn, (xid, branches));
             }
-            Ok(_) => {}
+            Ok(CoordRecord::OnePhase {
+                xid,
+                resource,
+                redo,
+                ..
+            }) => {
+                one_phase.insert(xid, (record.lsn, vec![(resource, redo)]));
+            }
+            Ok(CoordRecord::End { xid }) => {
+                if let Some((lsn, writers)) = one_phase.remove(&xid) {
+                    found.insert(lsn, (xid, writers));
+                }
+            }
+            Ok(CoordRecord::Abort { xid, .. }) => {
+                one_phase.remove(&xid);
+            }
+            Ok(CoordRecord::Resolve { .. }) => {}
             Err(e) => undecodable.push(format!("lsn {}: {e}", record.lsn)),
         }
     })
     .unwrap();
     assert!(undecodable.is_empty(), "{undecodable:?}");
     found
+}
+
+/// The kinds of the records in the journal of `data_dir`, in LSN order (`"Commit"`,
+/// `"OnePhase"`, `"End"`, `"Abort"`, `"Resolve"`), with their xids.
+pub fn record_kinds(data_dir: &Path) -> Vec<(&'static str, Xid)> {
+    let mut kinds = Vec::new();
+    let record_bytes_max = JournalConfig::default().record_bytes_max;
+    journal::scan::scan_dir(&data_dir.join("journal"), record_bytes_max, |record| {
+        let decoded = CoordRecord::decode(record.kind, &record.payload).unwrap();
+        let kind = match decoded {
+            CoordRecord::Commit { .. } => "Commit",
+            CoordRecord::OnePhase { .. } => "OnePhase",
+            CoordRecord::End { .. } => "End",
+            CoordRecord::Abort { .. } => "Abort",
+            CoordRecord::Resolve { .. } => "Resolve",
+        };
+        kinds.push((kind, decoded.xid()));
+    })
+    .unwrap();
+    kinds
 }
