@@ -122,9 +122,12 @@ pub trait Resource: Send + Sync + 'static {
     }
 
     /// Ends the branch's work without making it durable: checks the fence, collects the redo,
-    /// and keeps every lock the branch holds. `Vote::Commit` with an empty redo means there is
-    /// nothing a standby needs; `Vote::ReadOnly` ends the branch. A crash from here until
-    /// [`Resource::commit_one_phase`] answers loses the branch (it rolls back).
+    /// and keeps every lock the branch holds; `Vote::Commit` with its redo (empty when there is
+    /// nothing a standby needs), and a crash from here until [`Resource::commit_one_phase`]
+    /// answers loses the branch (it rolls back). `Vote::ReadOnly` means the branch is finished
+    /// and nothing is to be journaled: it wrote nothing, or it had nothing a standby needs and
+    /// the resource committed it already. An error of class [`ErrorClass::InDoubt`] means such
+    /// a commit lost its answer.
     async fn prepare_one_phase(&self, xid: &Xid) -> Result<Vote, ResourceError> {
         Err(ResourceError::rejected(
             self.name(),

@@ -50,7 +50,7 @@ pub mod schema;
 use std::any::Any;
 use std::collections::HashMap;
 use std::str::FromStr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
@@ -59,7 +59,7 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, NoTls, Row, SimpleQueryMessage};
 
-use crate::{Epoch, Lsn, OnePhaseOutcome, Resource, ResourceError, Vote, Xid};
+use crate::{Epoch, ErrorClass, Lsn, OnePhaseOutcome, Resource, ResourceError, Vote, Xid};
 
 type Result<T, E = ResourceError> = std::result::Result<T, E>;
 
@@ -112,7 +112,7 @@ struct Inner {
     target: String,
     pool: Pool,
     /// Open (not yet prepared) branches: their connection, inside a transaction.
-    branches: Mutex<HashMap<Xid, Arc<tokio::sync::Mutex<Option<Object>>>>>,
+    branches: Mutex<HashMap<Xid, Slot>>,
     /// The redo of every branch this instance prepared and has not resolved yet, so that a
     /// repeated prepare votes the same (the captured rows are invisible outside the prepared
     /// transaction, so they cannot be read again).
@@ -122,6 +122,10 @@ struct Inner {
     read_only: Mutex<std::collections::VecDeque<Xid>>,
     /// Branches readied for a one-phase commit: their connection, inside the transaction.
     ready: Mutex<HashMap<Xid, Object>>,
+    /// Whether the last one-phase branch had redo: then the next one is finished in its own
+    /// round trip rather than tried with the fence check and `COMMIT` in one (see
+    /// [`Inner::finish_quick`]).
+    expect_redo: AtomicBool,
     commits: AtomicU64,
     /// The highest fence epoch this instance has seen (read at open, raised by `fence`, by
     /// `fence_epoch` and by a fenced prepare).
@@ -132,7 +136,18 @@ struct Inner {
 pub struct PgBranch {
     inner: Arc<Inner>,
     xid: Xid,
-    conn: Arc<tokio::sync::Mutex<Option<Object>>>,
+    conn: Slot,
+}
+
+/// An open branch's connection (`None` once prepare or rollback took it).
+type Slot = Arc<tokio::sync::Mutex<Option<BranchConn>>>;
+
+/// A branch's pooled connection and whether its `BEGIN` has been sent: it goes out with the
+/// branch's first statement, in the same round trip, so a branch that never runs one costs
+/// nothing on the server.
+struct BranchConn {
+    conn: Object,
+    begun: bool,
 }
 
 /// Sets up (or upgrades) the `concord` schema in the database at `url`; idempotent.
@@ -293,6 +308,24 @@ fn prepared_of(name: &str, node: u32, rows: &[Row]) -> Vec<PreparedBranch> {
 }
 
 impl PostgresResource {
+    /// Ends the transaction of a branch whose finish failed; a fenced error gets the current
+    /// fence epoch.
+    async fn failed_finish(&self, conn: &Client, e: ResourceError) -> ResourceError {
+        if e.class() != ErrorClass::InDoubt {
+            let _ = conn.batch_execute("ROLLBACK").await;
+        }
+        match e {
+            ResourceError::Fenced {
+                resource, offered, ..
+            } => ResourceError::Fenced {
+                resource,
+                offered,
+                current: self.fence_epoch().await.unwrap_or(offered),
+            },
+            other => other,
+        }
+    }
+
     /// Connects (a pool of `pool_size`), checks `max_prepared_transactions` and the schema.
     pub async fn open(name: &str, config: PostgresConfig) -> Result<Arc<PostgresResource>> {
         check_name(name)?;
@@ -325,6 +358,7 @@ impl PostgresResource {
             votes: Mutex::new(HashMap::new()),
             read_only: Mutex::new(std::collections::VecDeque::new()),
             ready: Mutex::new(HashMap::new()),
+            expect_redo: AtomicBool::new(false),
             commits: AtomicU64::new(0),
             fence_seen: AtomicU64::new(0),
         });
@@ -398,47 +432,47 @@ impl PgBranch {
 
     /// Runs a statement in the branch; returns the number of rows it changed.
     pub async fn execute(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<u64> {
-        let guard = self.conn.lock().await;
-        let conn = self.open(&guard)?;
-        conn.execute(sql, params)
-            .await
-            .map_err(|e| self.inner.statement(&self.xid, &e))
+        self.run(async |c| c.execute(sql, params).await).await
     }
 
     /// Runs a query in the branch.
     pub async fn query(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Vec<Row>> {
-        let guard = self.conn.lock().await;
-        let conn = self.open(&guard)?;
-        conn.query(sql, params)
-            .await
-            .map_err(|e| self.inner.statement(&self.xid, &e))
+        self.run(async |c| c.query(sql, params).await).await
     }
 
     /// Runs a query that returns exactly one row.
     pub async fn query_one(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Row> {
-        let guard = self.conn.lock().await;
-        let conn = self.open(&guard)?;
-        conn.query_one(sql, params)
-            .await
-            .map_err(|e| self.inner.statement(&self.xid, &e))
+        self.run(async |c| c.query_one(sql, params).await).await
     }
 
     /// Runs several statements (no parameters, no results).
     pub async fn batch_execute(&self, sql: &str) -> Result<()> {
-        let guard = self.conn.lock().await;
-        let conn = self.open(&guard)?;
-        conn.batch_execute(sql)
-            .await
-            .map_err(|e| self.inner.statement(&self.xid, &e))
+        self.run(async |c| c.batch_execute(sql).await).await
     }
 
-    fn open<'g>(&self, guard: &'g Option<Object>) -> Result<&'g Object> {
-        guard.as_ref().ok_or_else(|| {
-            self.inner.rejected(format!(
+    /// Runs `statement` on the branch's connection; the first one goes out pipelined behind the
+    /// branch's `BEGIN`, in the same round trip.
+    async fn run<T>(
+        &self,
+        statement: impl AsyncFnOnce(&Client) -> Result<T, tokio_postgres::Error>,
+    ) -> Result<T> {
+        let mut guard = self.conn.lock().await;
+        let Some(branch) = guard.as_mut() else {
+            return Err(self.inner.rejected(format!(
                 "branch {} is being prepared or resolved; it takes no more statements",
                 self.xid
-            ))
-        })
+            )));
+        };
+        if branch.begun {
+            return statement(&branch.conn)
+                .await
+                .map_err(|e| self.inner.statement(&self.xid, &e));
+        }
+        let client: &Client = &branch.conn;
+        let (begin, result) = tokio::join!(client.batch_execute("BEGIN"), statement(client));
+        begin.map_err(|e| self.inner.db("begin", &e))?;
+        branch.begun = true;
+        result.map_err(|e| self.inner.statement(&self.xid, &e))
     }
 }
 
@@ -467,13 +501,12 @@ impl Resource for PostgresResource {
                 current: Epoch(fence),
             });
         }
+        // The BEGIN goes out with the branch's first statement.
         let conn = inner.conn().await?;
-        conn.batch_execute("BEGIN")
-            .await
-            .map_err(|e| inner.db("begin", &e))?;
+        let branch = BranchConn { conn, begun: false };
         inner
             .slots()
-            .insert(*xid, Arc::new(tokio::sync::Mutex::new(Some(conn))));
+            .insert(*xid, Arc::new(tokio::sync::Mutex::new(Some(branch))));
         Ok(())
     }
 
@@ -484,10 +517,15 @@ impl Resource for PostgresResource {
             return inner.vote_again(xid).await;
         };
         let mut guard = slot.lock().await;
-        let Some(conn) = guard.take() else {
+        let Some(BranchConn { conn, begun }) = guard.take() else {
             return Err(inner.unavailable(format!("branch {xid} is being prepared; try again")));
         };
-        let result = inner.prepare_on(&conn, xid).await;
+        let result = if begun {
+            inner.prepare_on(&conn, xid).await
+        } else {
+            // Not a statement ran: nothing on the server to prepare.
+            Ok(Vote::ReadOnly)
+        };
         inner.slots().remove(xid);
         match result {
             Ok(vote) => {
@@ -544,7 +582,7 @@ impl Resource for PostgresResource {
         }
         let slot = inner.slots().remove(xid);
         if let Some(slot) = slot {
-            if let Some(conn) = slot.lock().await.take() {
+            if let Some(BranchConn { conn, begun: true }) = slot.lock().await.take() {
                 conn.batch_execute("ROLLBACK")
                     .await
                     .map_err(|e| inner.db("roll back", &e))?;
@@ -598,28 +636,36 @@ impl Resource for PostgresResource {
                 "branch {xid} is not open here: it was never begun, or it was already prepared or ended"
             )));
         };
-        let Some(conn) = slot.lock().await.take() else {
+        let Some(BranchConn { conn, begun }) = slot.lock().await.take() else {
             return Err(inner.rejected(format!("branch {xid} is already being prepared")));
         };
+        if !begun {
+            return Ok(Vote::ReadOnly);
+        }
+        if conn.is_closed() {
+            // No COMMIT can have gone out on it: the server ended the transaction.
+            return Err(inner.unavailable(format!(
+                "branch {xid}: the connection to {} closed before the commit (the server restarted or dropped it), so the branch's work is lost; run the transaction again",
+                inner.target
+            )));
+        }
+        // Expected to have nothing to replicate: fence check and COMMIT in one round trip.
+        if !inner.expect_redo.load(Ordering::Relaxed) {
+            match inner.finish_quick(&conn, xid).await {
+                Ok(Quick::Committed) => return Ok(Vote::ReadOnly),
+                Ok(Quick::HasRedo) => inner.expect_redo.store(true, Ordering::Relaxed),
+                Err(e) => return Err(self.failed_finish(&conn, e).await),
+            }
+        }
         match inner.finish_on(&conn, xid).await {
-            Ok(Some(redo)) => {
+            Ok(redo) => {
+                if redo.is_empty() {
+                    inner.expect_redo.store(false, Ordering::Relaxed);
+                }
                 lock(&inner.ready).insert(*xid, conn);
                 Ok(Vote::Commit { redo })
             }
-            Ok(None) => Ok(Vote::ReadOnly),
-            Err(e) => {
-                let _ = conn.batch_execute("ROLLBACK").await;
-                match e {
-                    ResourceError::Fenced {
-                        resource, offered, ..
-                    } => Err(ResourceError::Fenced {
-                        resource,
-                        offered,
-                        current: self.fence_epoch().await.unwrap_or(offered),
-                    }),
-                    other => Err(other),
-                }
-            }
+            Err(e) => Err(self.failed_finish(&conn, e).await),
         }
     }
 
@@ -639,14 +685,7 @@ impl Resource for PostgresResource {
             Err(e) if e.as_db_error().is_some() => Ok(OnePhaseOutcome::RolledBack {
                 reason: inner.statement(xid, &e).to_string(),
             }),
-            Err(e) => Err(ResourceError::InDoubt {
-                resource: inner.name.clone(),
-                message: format!(
-                    "the connection to {} broke during the one-phase COMMIT of {xid}: {}",
-                    inner.target,
-                    db_text(&e)
-                ),
-            }),
+            Err(e) => Err(inner.lost_commit(xid, &e)),
         }
     }
 
@@ -672,7 +711,7 @@ impl Resource for PostgresResource {
 }
 
 impl Inner {
-    fn slots(&self) -> MutexGuard<'_, HashMap<Xid, Arc<tokio::sync::Mutex<Option<Object>>>>> {
+    fn slots(&self) -> MutexGuard<'_, HashMap<Xid, Slot>> {
         lock(&self.branches)
     }
 
@@ -728,9 +767,8 @@ impl Inner {
     }
 
     /// `concord.finish_branch`: the fence check, the redo and (with redo) the marker, leaving the
-    /// transaction open. `Some(redo)` (empty when nothing was captured), or `None` when the
-    /// branch wrote nothing (its transaction is then ended).
-    async fn finish_on(&self, conn: &Client, xid: &Xid) -> Result<Option<Vec<u8>>> {
+    /// transaction open. The redo is empty when nothing was captured.
+    async fn finish_on(&self, conn: &Client, xid: &Xid) -> Result<Vec<u8>> {
         let sql = format!(
             "SELECT concord.finish_branch({epoch}, {gid}, {xid_lit}, {node})",
             epoch = xid.epoch.0,
@@ -739,21 +777,52 @@ impl Inner {
             node = xid.node,
         );
         match conn.simple_query(&sql).await {
-            Ok(messages) => Ok(Some(
-                first_value(&messages).unwrap_or("").as_bytes().to_vec(),
-            )),
-            Err(e) if e.code().is_some_and(|c| c.code() == "CF002") => {
-                conn.batch_execute("ROLLBACK")
+            Ok(messages) => Ok(first_value(&messages).unwrap_or("").as_bytes().to_vec()),
+            Err(e) => Err(self.finish_error(xid, &e)),
+        }
+    }
+
+    /// The fence check and `COMMIT` in one round trip, behind a savepoint: `HasRedo` when the
+    /// branch captured rows after all (`concord.finish_quick` refused, so the `COMMIT` did not
+    /// run; the branch is back at the savepoint, as it was).
+    async fn finish_quick(&self, conn: &Client, xid: &Xid) -> Result<Quick> {
+        let sql = format!(
+            "SAVEPOINT concord_finish; SELECT concord.finish_quick({}); COMMIT",
+            xid.epoch.0
+        );
+        match conn.batch_execute(&sql).await {
+            Ok(()) => Ok(Quick::Committed),
+            Err(e) if e.code().is_some_and(|c| c.code() == "CF003") => {
+                conn.batch_execute("ROLLBACK TO SAVEPOINT concord_finish")
                     .await
                     .map_err(|e| self.statement(xid, &e))?;
-                Ok(None)
+                Ok(Quick::HasRedo)
             }
-            Err(e) if e.code().is_some_and(|c| c.code() == "CF001") => Err(ResourceError::Fenced {
+            Err(e) if e.as_db_error().is_none() => Err(self.lost_commit(xid, &e)),
+            Err(e) => Err(self.finish_error(xid, &e)),
+        }
+    }
+
+    fn finish_error(&self, xid: &Xid, e: &tokio_postgres::Error) -> ResourceError {
+        if e.code().is_some_and(|c| c.code() == "CF001") {
+            return ResourceError::Fenced {
                 resource: self.name.clone(),
                 offered: xid.epoch,
                 current: Epoch(0),
-            }),
-            Err(e) => Err(self.statement(xid, &e)),
+            };
+        }
+        self.statement(xid, e)
+    }
+
+    /// The error of a `COMMIT` whose answer was lost with the connection.
+    fn lost_commit(&self, xid: &Xid, e: &tokio_postgres::Error) -> ResourceError {
+        ResourceError::InDoubt {
+            resource: self.name.clone(),
+            message: format!(
+                "the connection to {} broke during the one-phase COMMIT of {xid}: {}",
+                self.target,
+                db_text(e)
+            ),
         }
     }
 
@@ -1201,6 +1270,14 @@ fn check_name(name: &str) -> Result<()> {
 /// redo.
 fn encode_redo_array(rows: &str) -> Vec<u8> {
     format!("{{\"v\":{REDO_VERSION},\"rows\":{rows}}}").into_bytes()
+}
+
+/// How [`Inner::finish_quick`] ended.
+enum Quick {
+    /// Committed: the branch had nothing to replicate.
+    Committed,
+    /// The branch has redo: it must be finished and journaled first.
+    HasRedo,
 }
 
 /// The transaction id and backend pid a one-phase redo carries.

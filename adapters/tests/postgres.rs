@@ -536,7 +536,8 @@ async fn one_phase_carries_the_redo_and_marks_only_branches_with_redo() {
         "one"
     );
 
-    // Nothing captured: an empty redo and no marker.
+    // Nothing captured, after a branch that had redo: finished in a round trip of its own, an
+    // empty redo and no marker.
     let y = xid(2, 0);
     primary.begin(&y).await.unwrap();
     primary
@@ -549,27 +550,137 @@ async fn one_phase_carries_the_redo_and_marks_only_branches_with_redo() {
         primary.prepare_one_phase(&y).await.unwrap(),
         Vote::Commit { redo: Vec::new() }
     );
+    assert_eq!(
+        cluster.psql(&db, "SELECT count(*) FROM scratch").unwrap(),
+        "0"
+    );
     primary.commit_one_phase(&y).await.unwrap();
     assert_eq!(
         cluster.psql(&db, "SELECT count(*) FROM scratch").unwrap(),
         "1"
     );
-    let gid = primary.gid(&y);
-    assert_eq!(
+    let marked = |xid: &Xid| {
+        let gid = primary.gid(xid);
         cluster
             .psql(
                 &db,
-                &format!("SELECT count(*) FROM concord.markers WHERE gid = '{gid}'")
+                &format!("SELECT count(*) FROM concord.markers WHERE gid = '{gid}'"),
             )
-            .unwrap(),
-        "0"
-    );
+            .unwrap()
+            == "1"
+    };
+    assert!(!marked(&y));
 
-    // Nothing written: read-only, and the branch is gone.
-    let z = xid(3, 0);
+    // Nothing captured again: the fence check and the COMMIT go in one round trip, and the
+    // branch is finished (read-only to the coordinator: nothing to journal).
+    let w = xid(3, 0);
+    primary.begin(&w).await.unwrap();
+    primary
+        .branch(&w)
+        .unwrap()
+        .execute("INSERT INTO scratch VALUES (2)", &[])
+        .await
+        .unwrap();
+    assert_eq!(primary.prepare_one_phase(&w).await.unwrap(), Vote::ReadOnly);
+    assert_eq!(
+        cluster.psql(&db, "SELECT count(*) FROM scratch").unwrap(),
+        "2"
+    );
+    assert!(!marked(&w));
+
+    // Captured rows after that: the quick attempt is refused before its COMMIT, the branch
+    // returns to its savepoint with every row and image, and finishes with the redo.
+    let v = xid(4, 0);
+    primary.begin(&v).await.unwrap();
+    let branch = primary.branch(&v).unwrap();
+    branch
+        .execute("INSERT INTO effects VALUES (2, 'two')", &[])
+        .await
+        .unwrap();
+    branch
+        .execute("INSERT INTO scratch VALUES (3)", &[])
+        .await
+        .unwrap();
+    let Vote::Commit { redo } = primary.prepare_one_phase(&v).await.unwrap() else {
+        panic!("voted read-only")
+    };
+    let rows = postgres::decode_redo(&redo).unwrap();
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert_eq!(rows[0].3["note"], "two");
+    assert_eq!(
+        cluster.psql(&db, "SELECT count(*) FROM scratch").unwrap(),
+        "2"
+    );
+    primary.commit_one_phase(&v).await.unwrap();
+    assert_eq!(
+        cluster.psql(&db, "SELECT count(*) FROM scratch").unwrap(),
+        "3"
+    );
+    assert!(marked(&v));
+
+    // No statement at all: read-only without a word to the server.
+    let z = xid(5, 0);
     primary.begin(&z).await.unwrap();
     assert_eq!(primary.prepare_one_phase(&z).await.unwrap(), Vote::ReadOnly);
     assert!(primary.commit_one_phase(&z).await.is_err());
+}
+
+/// Row images beyond the 64 KiB the transaction-local setting holds go to the capture table,
+/// and the redo has them all, in order, for both commit paths.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_capture_spills_to_the_table_and_keeps_its_order() {
+    let url = database("spill").await;
+    let cluster = PgCluster::shared();
+    let db = db_of(&url);
+    let primary = open(&url, 1).await;
+    for (n, one_phase) in [(1u64, false), (2, true)] {
+        let x = xid(n, 0);
+        primary.begin(&x).await.unwrap();
+        let branch = primary.branch(&x).unwrap();
+        let base = i32::try_from(n).unwrap() * 10_000;
+        branch
+            .execute(
+                "INSERT INTO effects SELECT $1 + g, repeat('x', 200) || g FROM generate_series(1, 1000) g",
+                &[&base],
+            )
+            .await
+            .unwrap();
+        branch
+            .execute(
+                "UPDATE effects SET note = 'last' WHERE tag = $1 + 1",
+                &[&base],
+            )
+            .await
+            .unwrap();
+        let vote = if one_phase {
+            primary.prepare_one_phase(&x).await.unwrap()
+        } else {
+            primary.prepare(&x).await.unwrap()
+        };
+        let Vote::Commit { redo } = vote else {
+            panic!("voted read-only")
+        };
+        let rows = postgres::decode_redo(&redo).unwrap();
+        assert_eq!(rows.len(), 1001);
+        assert_eq!(rows[0].2["tag"], base + 1);
+        assert_eq!(rows[999].2["tag"], base + 1000);
+        assert_eq!(rows[1000].3["note"], "last");
+        if one_phase {
+            primary.commit_one_phase(&x).await.unwrap();
+        } else {
+            primary.commit(&x).await.unwrap();
+        }
+    }
+    assert_eq!(
+        cluster
+            .psql(&db, "SELECT count(*) FROM concord.capture")
+            .unwrap(),
+        "0"
+    );
+    assert_eq!(
+        cluster.psql(&db, "SELECT count(*) FROM effects").unwrap(),
+        "2000"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

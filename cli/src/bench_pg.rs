@@ -10,10 +10,10 @@
 //! * `concord_one_phase` — the same on a table with row capture on, as in production;
 //! * `concord_pg_files` — a PostgreSQL branch (capture on) and a files branch (1 KiB).
 //!
-//! The two `concord_one_phase` variants measure what concord does with a single writing branch.
-//! Today that is two-phase commit (prepare, a group-committed decision, `COMMIT PREPARED`): no
-//! one-phase path is taken yet (see `docs/postgres.md`), so they are named for the path they are
-//! meant to measure.
+//! The two `concord_one_phase` variants are transactions with a single branch, which concord
+//! commits in one phase: without capture nothing is journaled (there is nothing to replicate);
+//! with capture the redo is made durable in a `OnePhase` record before the branch's `COMMIT`
+//! (see `docs/postgres.md`).
 //!
 //! Without `--url`, a throwaway PostgreSQL 15 cluster is started for the run (`adapters::pgtest`,
 //! default server settings). With `--url`, the database there gets the `concord` schema and

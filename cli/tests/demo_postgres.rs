@@ -114,6 +114,20 @@ fn a_demo_killed_after_a_prepare_leaves_no_prepared_transaction_after_recovery()
         "the kill left no prepared branch: nothing to recover"
     );
 
+    // A PREPARE the killed process had sent may still be running in its session; recovery
+    // lists what is prepared once, so it starts after those sessions ended (a prepare that
+    // finished later would be left to the orphan sweeper).
+    let gone = adapters::pgtest::wait_until(Duration::from_secs(20), || {
+        cluster
+            .psql(
+                db,
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND backend_type = 'client backend' AND pid <> pg_backend_pid()",
+            )
+            .unwrap()
+            == "0"
+    });
+    assert!(gone, "the killed demo's sessions did not end");
+
     // The next run recovers, then checks the killed run too.
     let summary = demo_json(&data, &url, 100);
     assert_eq!(summary["atomicity_verified"], true, "{summary}");

@@ -29,7 +29,9 @@
 //! ([`TxnMachine::new_one_phase`]) skips the prepare:
 //!
 //! 1. `CommitRequested`: the branch ends its work without becoming durable
-//!    ([`Command::PrepareOnePhase`]: fence check, redo; its locks stay held).
+//!    ([`Command::PrepareOnePhase`]: fence check, redo; its locks stay held). A branch with
+//!    nothing to replicate may commit right there and vote `ReadOnly` (finished, nothing to
+//!    journal); a rollback request is therefore too late once this started.
 //! 2. An empty redo (nothing a standby needs) is committed at once ([`Command::CommitOnePhase`])
 //!    and nothing is journaled: the order of the journal cannot be wrong about a transaction it
 //!    does not hold. A non-empty redo goes first into a `OnePhase` record
@@ -437,8 +439,12 @@ impl TxnMachine {
     }
 
     fn on_rollback_requested(&mut self, reason: String, out: &mut Vec<Command>) {
-        if let Phase::Active | Phase::Preparing = self.phase {
-            self.abort(reason, out);
+        // A one-phase branch may commit while it is being finished (when it has nothing to
+        // replicate), so once that started it is too late, as for a decision.
+        match self.phase {
+            Phase::Active => self.abort(reason, out),
+            Phase::Preparing if !self.one_phase => self.abort(reason, out),
+            _ => {}
         }
     }
 
@@ -455,6 +461,21 @@ impl TxnMachine {
             return;
         }
         match (self.phase.clone(), vote) {
+            (Phase::Preparing, Err(e)) if self.one_phase && e.class() == ErrorClass::InDoubt => {
+                // Its commit went out with the fence check and the answer was lost; nothing
+                // was journaled, so nothing can be asked.
+                slot.state = BranchState::InDoubt;
+                slot.last_error = Some(e.to_string());
+                self.phase = Phase::Finished;
+                self.reply(
+                    Outcome::InDoubt {
+                        error: format!(
+                            "the answer to the one-phase commit was lost ({e}); the branch had nothing to replicate, so nothing was journaled and concord cannot find out"
+                        ),
+                    },
+                    out,
+                );
+            }
             (Phase::Preparing, Ok(Vote::Commit { redo })) if self.one_phase => {
                 if redo.is_empty() {
                     slot.state = BranchState::Committing;

@@ -31,11 +31,21 @@
 //!   is `on`, so replay is not captured again) and `concord.apply_row(tbl, op, pk, row)` (replay
 //!   of one row image by primary key).
 //!
-//! Version 2 adds `concord.finish_branch(epoch, gid, xid, node)`, the same work for a branch
-//! that commits in one phase, without the `PREPARE`: it returns `''` when the branch captured
-//! nothing (no marker is written then: nothing will be journaled to ask about it), and otherwise
-//! writes the marker and returns the whole redo, carrying the transaction id and backend pid
-//! that let a later question find out whether the branch is still running.
+//! Version 2 makes capture cheap and adds one-phase commit:
+//!
+//! * `concord.capture_row()` collects each row image (as the JSON text `[table, op, pk, row]`)
+//!   in the transaction-local setting `concord.redo` — no table write, no WAL, nothing to vacuum
+//!   — until that holds 64 KiB; further images go to `concord.capture`, and
+//!   `concord.spilled = on` says so. A rolled-back savepoint takes its images with it either way.
+//! * `concord.take_rows()` takes both out, in capture order; `prepare_branch` uses it.
+//! * `concord.finish_branch(epoch, gid, xid, node)` is a prepare without the `PREPARE`, for a
+//!   branch that commits in one phase: `''` when it captured nothing (and no marker: nothing
+//!   will be journaled to ask about it), otherwise it writes the marker and returns the whole
+//!   redo, naming the transaction id and backend pid by which a later question can tell whether
+//!   the branch still runs.
+//! * `concord.finish_quick(epoch)` is the fence check sent in one round trip with the `COMMIT`
+//!   of a branch expected to have nothing to replicate; it fails with `CF003` (so the `COMMIT`
+//!   does not run) when the branch captured rows after all.
 
 use tokio_postgres::Client;
 
@@ -182,8 +192,89 @@ END $$;
 "#;
 
 const V2: &str = r#"
-CREATE FUNCTION concord.finish_branch(branch_epoch bigint, branch_gid text, branch_xid text,
-                                      branch_node integer) RETURNS text
+-- Row images collect in a transaction-local setting (no table write, no WAL, nothing to vacuum)
+-- until it holds 64 KiB; beyond, in concord.capture, which concord.spilled says.
+CREATE OR REPLACE FUNCTION concord.capture_row() RETURNS trigger
+LANGUAGE plpgsql AS $$
+DECLARE
+    tbl text := format('%I.%I', TG_TABLE_SCHEMA, TG_TABLE_NAME);
+    new_image jsonb;
+    old_image jsonb;
+    new_pk jsonb := '{}';
+    old_pk jsonb := '{}';
+    k text;
+    ops "char"[] := '{}';
+    pks jsonb[] := '{}';
+    images jsonb[] := '{}';
+    acc text;
+BEGIN
+    IF current_setting('concord.replaying', true) = 'on' THEN
+        RETURN NULL;
+    END IF;
+    IF TG_OP <> 'INSERT' THEN
+        old_image := to_jsonb(OLD);
+        FOREACH k IN ARRAY TG_ARGV LOOP
+            old_pk := old_pk || jsonb_build_object(k, old_image -> k);
+        END LOOP;
+    END IF;
+    IF TG_OP <> 'DELETE' THEN
+        new_image := to_jsonb(NEW);
+        FOREACH k IN ARRAY TG_ARGV LOOP
+            new_pk := new_pk || jsonb_build_object(k, new_image -> k);
+        END LOOP;
+    END IF;
+    IF TG_OP = 'DELETE' OR (TG_OP = 'UPDATE' AND old_pk IS DISTINCT FROM new_pk) THEN
+        ops := ops || 'D'::"char";
+        pks := pks || old_pk;
+        images := images || NULL::jsonb;
+    END IF;
+    IF TG_OP <> 'DELETE' THEN
+        ops := ops || 'U'::"char";
+        pks := pks || new_pk;
+        images := images || new_image;
+    END IF;
+    FOR i IN 1 .. array_length(ops, 1) LOOP
+        acc := current_setting('concord.redo', true);
+        IF current_setting('concord.spilled', true) = 'on' OR length(acc) > 65536 THEN
+            PERFORM set_config('concord.spilled', 'on', true);
+            INSERT INTO concord.capture (tbl, op, pk, row_image)
+                VALUES (tbl, ops[i], pks[i], images[i]);
+        ELSIF acc IS NULL OR acc = '' THEN
+            PERFORM set_config('concord.redo',
+                jsonb_build_array(tbl, ops[i]::text, pks[i], images[i])::text, true);
+        ELSE
+            PERFORM set_config('concord.redo',
+                acc || ',' || jsonb_build_array(tbl, ops[i]::text, pks[i], images[i])::text, true);
+        END IF;
+    END LOOP;
+    RETURN NULL;
+END $$;
+
+-- The branch's row images as the JSON text of an array's elements ('' when none), taken out
+-- of the setting and the capture table.
+CREATE OR REPLACE FUNCTION concord.take_rows() RETURNS text
+LANGUAGE plpgsql AS $$
+DECLARE
+    rows text := coalesce(current_setting('concord.redo', true), '');
+    spilled text;
+BEGIN
+    IF current_setting('concord.spilled', true) = 'on' THEN
+        WITH d AS (DELETE FROM concord.capture WHERE txid = pg_current_xact_id()
+                   RETURNING id, tbl, op, pk, row_image)
+        SELECT string_agg(json_build_array(tbl, op::text, pk, row_image)::text, ',' ORDER BY id)
+            INTO spilled FROM d;
+        IF spilled IS NOT NULL THEN
+            rows := CASE WHEN rows = '' THEN spilled ELSE rows || ',' || spilled END;
+        END IF;
+        PERFORM set_config('concord.spilled', '', true);
+    END IF;
+    PERFORM set_config('concord.redo', '', true);
+    RETURN rows;
+END $$;
+
+CREATE OR REPLACE FUNCTION concord.prepare_branch(branch_epoch bigint, branch_gid text,
+                                                  branch_xid text, branch_node integer)
+    RETURNS text
 LANGUAGE plpgsql AS $$
 DECLARE
     rows text;
@@ -192,16 +283,52 @@ BEGIN
         RAISE EXCEPTION 'concord: the branch wrote nothing' USING ERRCODE = 'CF002';
     END IF;
     PERFORM concord.check_fence(branch_epoch);
-    WITH d AS (DELETE FROM concord.capture WHERE txid = pg_current_xact_id()
-               RETURNING id, tbl, op, pk, row_image)
-    SELECT json_agg(json_build_array(tbl, op::text, pk, row_image) ORDER BY id)::text
-        INTO rows FROM d;
-    IF rows IS NULL THEN
+    rows := concord.take_rows();
+    INSERT INTO concord.markers (gid, xid, node) VALUES (branch_gid, branch_xid, branch_node);
+    RETURN '[' || rows || ']';
+END $$;
+
+-- A one-phase branch's end: the fence check and the redo, the transaction left open. '' when
+-- nothing was captured (no marker then); otherwise the marker is written and the whole redo
+-- returned, naming the transaction and the backend.
+CREATE OR REPLACE FUNCTION concord.finish_branch(branch_epoch bigint, branch_gid text, branch_xid text,
+                                      branch_node integer) RETURNS text
+LANGUAGE plpgsql AS $$
+DECLARE
+    rows text;
+BEGIN
+    PERFORM concord.check_fence(branch_epoch);
+    rows := concord.take_rows();
+    IF rows = '' THEN
         RETURN '';
     END IF;
     INSERT INTO concord.markers (gid, xid, node) VALUES (branch_gid, branch_xid, branch_node);
-    RETURN format('{"v":1,"txid":"%s","pid":%s,"rows":%s}',
+    RETURN format('{"v":1,"txid":"%s","pid":%s,"rows":[%s]}',
                   pg_current_xact_id(), pg_backend_pid(), rows);
+END $$;
+
+-- The fence check of a one-phase branch sent together with its COMMIT: fails with CF003, and
+-- so keeps the COMMIT from running, when the branch captured rows (they must be journaled
+-- first); the caller then rolls back to the savepoint sent before it and finishes the branch.
+CREATE OR REPLACE FUNCTION concord.finish_quick(branch_epoch bigint) RETURNS void
+LANGUAGE plpgsql AS $$
+DECLARE
+    current bigint;
+BEGIN
+    IF coalesce(current_setting('concord.redo', true), '') <> ''
+       OR current_setting('concord.spilled', true) = 'on' THEN
+        RAISE EXCEPTION 'concord: the branch has redo to journal' USING ERRCODE = 'CF003';
+    END IF;
+    PERFORM pg_advisory_xact_lock_shared(1668247139, 1717923427);
+    IF current_setting('transaction_isolation') = 'read committed' THEN
+        SELECT epoch INTO current FROM concord.fence WHERE id = 1;
+    ELSE
+        SELECT epoch INTO current FROM concord.fence WHERE id = 1 FOR SHARE;
+    END IF;
+    IF current > branch_epoch THEN
+        RAISE EXCEPTION 'concord: epoch % is fenced (the database is at epoch %)', branch_epoch, current
+            USING ERRCODE = 'CF001';
+    END IF;
 END $$;
 "#;
 
