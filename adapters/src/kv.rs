@@ -128,6 +128,9 @@
 //!   branches run one at a time through it (each is short: the fsyncs happen after it).
 //! * The directory is sled's: other programs cannot read it while concord has it open (sled's
 //!   lock), and must not write the private trees when it is closed.
+//! * sled 0.34 has no close: its background writes may hold the directory's lock for a moment
+//!   after the last handle is dropped. `open` therefore waits up to `open_wait_ms_max` for the
+//!   lock, and a directory held by another process is reported only after that wait.
 
 use std::any::Any;
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -185,6 +188,10 @@ pub struct KvConfig {
     pub create_if_missing: bool,
     /// sled's page cache, in bytes.
     pub cache_bytes: u64,
+    /// How long [`KvResource::open`] waits for the sled directory's lock before it reports the
+    /// directory held by another process. An instance of this process dropped a moment before
+    /// may hold it for a little while: sled's background writes end after its last handle.
+    pub open_wait_ms_max: u64,
 }
 
 impl Default for KvConfig {
@@ -195,6 +202,7 @@ impl Default for KvConfig {
             batch_bytes_max: 4 << 20,
             create_if_missing: false,
             cache_bytes: 64 << 20,
+            open_wait_ms_max: 2000,
         }
     }
 }

@@ -19,6 +19,7 @@ use std::fs::{self, File};
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
 
@@ -34,6 +35,8 @@ const FENCE_KEY: &[u8] = b"fence";
 const APPLIED_KEY: &[u8] = b"applied_lsn";
 /// Version byte of a meta value (a version byte, then a u64 LE).
 const META_VERSION: u8 = 1;
+/// How often `open` tries the sled directory's lock again while it waits for it.
+const OPEN_RETRY_INTERVAL: Duration = Duration::from_millis(10);
 
 /// An open sled directory and its trees.
 pub(super) struct Store {
@@ -76,11 +79,7 @@ impl Store {
     /// opening created.
     pub(super) fn open(name: &str, dir: &Path, config: &KvConfig) -> Result<Store> {
         let created = check_dir(name, dir, config)?;
-        let db = sled::Config::new()
-            .path(dir)
-            .cache_capacity(config.cache_bytes)
-            .open()
-            .map_err(|e| open_error(name, dir, e))?;
+        let db = open_db(name, dir, config)?;
         let tree = |tree: &str| {
             db.open_tree(tree)
                 .map_err(|e| sled_error(name, &format!("open tree {tree} in"), dir, e))
@@ -405,20 +404,34 @@ fn sync_dir(name: &str, dir: &Path) -> Result<()> {
         })
 }
 
-/// An error of `sled::Config::open`: the directory's lock held by another process is named as
-/// such; the rest as [`sled_error`] says.
-fn open_error(name: &str, dir: &Path, e: sled::Error) -> ResourceError {
-    match &e {
-        sled::Error::Io(io) if io.to_string().contains("could not acquire lock") => {
-            ResourceError::rejected(
-                name,
-                format!(
-                    "sled directory {} is locked: another process has it open ({io}); stop that process first",
-                    dir.display()
-                ),
-            )
+/// Opens the sled database, waiting up to `open_wait_ms_max` for its lock: an instance this
+/// process dropped a moment ago may still hold it (sled's background tasks finish writing after
+/// the last handle is gone). A lock held longer is another process's.
+fn open_db(name: &str, dir: &Path, config: &KvConfig) -> Result<sled::Db> {
+    let wait = Duration::from_millis(config.open_wait_ms_max);
+    let start = Instant::now();
+    loop {
+        let opened = sled::Config::new()
+            .path(dir)
+            .cache_capacity(config.cache_bytes)
+            .open();
+        match opened {
+            Ok(db) => return Ok(db),
+            Err(sled::Error::Io(io)) if io.to_string().contains("could not acquire lock") => {
+                if start.elapsed() >= wait {
+                    return Err(ResourceError::rejected(
+                        name,
+                        format!(
+                            "sled directory {} is locked: another process has it open ({io}; waited {} ms); stop that process first",
+                            dir.display(),
+                            start.elapsed().as_millis()
+                        ),
+                    ));
+                }
+                std::thread::sleep(OPEN_RETRY_INTERVAL);
+            }
+            Err(e) => return Err(sled_error(name, "open sled directory", dir, e)),
         }
-        _ => sled_error(name, "open sled directory", dir, e),
     }
 }
 
