@@ -38,6 +38,7 @@
 mod dirsync;
 pub mod error;
 pub mod files;
+pub mod kv;
 pub mod null;
 pub mod pgtest;
 pub mod postgres;

@@ -1,0 +1,969 @@
+//! The kv resource: a sled key-value store whose writes commit with the transaction.
+//!
+//! A branch inserts and removes keys of one sled tree, the **data tree**. Nothing it writes is
+//! visible there until the branch commits; then all of it appears at once. The idea is a write
+//! batch kept aside until the decision, made durable at prepare in a private tree, and moved
+//! into the data tree by one sled transaction at commit:
+//!
+//! * **Writes.** [`KvBranch::insert`] and [`KvBranch::remove`] record the write in the branch's
+//!   pending batch, in memory, after locking the key. [`KvBranch::get`] reads the branch's own
+//!   writes first (a pending insert or remove shadows the store), then the committed data tree;
+//!   other branches and [`KvResource::get`] see the committed data tree only.
+//! * **Prepare** encodes the pending writes as a **batch** (see "The batch" below) and stores it
+//!   in the **prepared tree** under the xid, in one sled transaction with a check of the fence
+//!   epoch stored in the **meta tree**, then syncs (see "Durability"). The vote carries the same
+//!   bytes as the redo. A branch without writes votes [`Vote::ReadOnly`] and is forgotten; a
+//!   branch prepared already votes again with its stored batch.
+//! * **Commit** reads the batch from the prepared tree, applies it to the data tree and removes
+//!   it from the prepared tree in **one sled transaction across both trees**, then syncs. So the
+//!   effects and the end of the branch become durable together: there is no state in which the
+//!   data tree holds the writes and the branch is still prepared, or the branch is gone and the
+//!   writes are not there. **Rollback** removes the prepared entry (for a branch that never
+//!   prepared there is nothing on disk) and syncs. Both are idempotent: an xid without an entry
+//!   counts as resolved.
+//! * **Recover** lists the prepared tree; at open every entry is decoded and checked, and its
+//!   branch comes back prepared, with its keys locked again.
+//! * **Locks.** Each key a branch writes is locked from its first write until the branch is
+//!   resolved, so that the journal order is the commit order (DESIGN.md "Ordering": a
+//!   conflicting branch cannot prepare before the first one committed, which is after its
+//!   decision record). A second writer waits at most `lock_wait_ms_max`, then fails with
+//!   [`ResourceError::Conflict`] naming the key and the holder's xid. Locks live in memory; the
+//!   prepared tree is what rebuilds them after a restart.
+//! * **Fencing and replay.** [`Resource::fence`] raises the fence epoch in the meta tree
+//!   (durably). A branch of a lower epoch is refused at begin and at every write (against the
+//!   epoch in memory) and at prepare (against the stored epoch, inside the transaction that
+//!   stores the batch: sled transactions are serializable, so a fence either commits before the
+//!   prepare and refuses it, or after it, and then the branch was prepared at a time it was
+//!   allowed to). [`Resource::replay`] applies a batch and stores its LSN as the **applied LSN**
+//!   in one transaction on the data and meta trees; a batch at or below the applied LSN changes
+//!   nothing.
+//!
+//! [`KvResource`] is the resource ([`KvResource::open`], [`KvConfig`]); a [`KvBranch`] is an
+//! application's handle on one branch; [`KvWrite`] with [`encode_batch`] and [`decode_batch`] is
+//! the batch (and redo). The sled side — trees, transactions, the sync — is the `store`
+//! submodule; the batch encoding is the `batch` submodule.
+//!
+//! # On disk
+//!
+//! ```text
+//! <dir>/                  a sled 0.34 directory (db, conf, blobs/, snapshots), flock-ed by sled
+//!   tree "data"           the user's keys and values (DATA_TREE)
+//!   tree "concord.prepared"  xid text (n<node>e<epoch>s<seq>) → the branch's batch (PREPARED_TREE)
+//!   tree "concord.meta"   "fence" → epoch, "applied_lsn" → lsn (META_TREE); each value a
+//!                         version byte (1) and a u64 LE; absent means 0
+//! ```
+//!
+//! # The batch (version 1)
+//!
+//! ```text
+//! version   u8       = 1
+//! count     u32 LE   number of writes (at most BATCH_WRITES_MAX)
+//! write*    op       u8: 1 = insert, 2 = remove
+//!           key      u32 LE length (at most KEY_BYTES_MAX), then the key
+//!           (op 1)   value: u32 LE length (at most VALUE_BYTES_LIMIT), then the value
+//! ```
+//!
+//! Writes are sorted by key, each key once (one encoding per batch). The decoder refuses an
+//! unknown version or op, over-limit counts and lengths, keys out of order or repeated, a
+//! truncated write and trailing bytes, without panicking and without allocating for a length it
+//! has not checked. A prepared entry that does not decode is damage: the resource refuses to
+//! open ([`ResourceError::Fatal`], naming the xid and the directory), as it does for a prepared
+//! key that is not an xid and a meta value of the wrong size or version.
+//!
+//! # Durability
+//!
+//! sled's own flush (0.34, Linux) ends in `sync_file_range`, which neither empties the
+//! device's write cache nor makes a grown file's size durable, and it never syncs the separate
+//! files in which it keeps large values. So every step acknowledged here ends in a **sync**:
+//! sled's flush, then `fdatasync` of sled's `db` file, then `fsync` of each blob file not synced
+//! before and of the `blobs/` directory. A failed sync is fatal: the instance is poisoned (every
+//! later call fails with [`ResourceError::Fatal`]) and the process must restart and recover.
+//!
+//! # Crashes
+//!
+//! * **Before prepare's transaction is durable**: the branch is not prepared; after the restart
+//!   it is unknown (presumed abort): `recover` does not list it, a prepare of it is refused, a
+//!   rollback succeeds.
+//! * **After prepare's sync**: the entry is in the prepared tree; the branch comes back prepared
+//!   with its locks, and the coordinator commits or rolls it back.
+//! * **During commit, before its transaction is durable**: sled recovers transactions whole
+//!   (its log seals a transaction's writes as one batch), so the restart finds the entry still
+//!   prepared and the data tree without its writes, and the coordinator commits again. No other
+//!   branch wrote those keys in between: the locks were held until the commit's sync, and are
+//!   taken again at open.
+//! * **After commit's sync**: the entry is gone and the writes are there; a repeated commit finds
+//!   no entry and succeeds.
+//! * **During replay**: the writes and the applied LSN are one transaction: either both are
+//!   there after the restart (the same LSN is then a no-op) or neither (the replayer sends it
+//!   again).
+//!
+//! # Limits
+//!
+//! * A key is at most [`KEY_BYTES_MAX`] (64 KiB). sled 0.34 has no limit of its own, but every
+//!   key may be copied into index nodes as a separator, and its unbounded reverse iteration uses
+//!   a 1 MiB key of `0xff` bytes as the upper bound; 64 KiB keeps keys well clear of both.
+//! * A value is at most `value_bytes_max` (default 1 MiB, configurable up to
+//!   [`VALUE_BYTES_LIMIT`]); a branch's encoded batch at most `batch_bytes_max` (default 4 MiB,
+//!   configurable up to [`BATCH_BYTES_LIMIT`]) and [`BATCH_WRITES_MAX`] writes. The batch is
+//!   kept in memory until it commits, stored as one sled value, and carried as the redo in the
+//!   coordinator's `Commit` record, whose journal refuses records over its `record_bytes_max`
+//!   (8 MiB by default): keep `batch_bytes_max` well below that. A write over a limit is
+//!   refused ([`ResourceError::Rejected`], naming the sizes and the limit) and changes nothing.
+//!
+//! # Implementation caveats
+//!
+//! * Reads take no locks: a branch reads the committed data tree as it is at each read (no
+//!   repeatable reads, no protection against write skew). Only writes are isolated.
+//! * Locks are per key, not per range: two branches inserting different keys never conflict,
+//!   whatever a scan would have seen. There is no scan or range read on a branch.
+//! * Replay ignores locks: a standby runs no branches of its own.
+//! * One-phase commit (commit of an unprepared branch) is refused.
+//! * A read-only vote is remembered for the last `READ_ONLY_REMEMBERED_MAX` such branches (a
+//!   repeated prepare votes the same); after a restart such a branch is unknown.
+//! * sled writes a large value's blob file before the log record naming it, and its background
+//!   flusher may make that record durable before our sync reaches the blob; a power failure in
+//!   that window can leave sled unable to open (a sled 0.34 limitation). Process crashes are not
+//!   affected: the page cache keeps the blob.
+//! * sled's transactions take a process-wide write lock: prepares, commits and replays of all
+//!   branches run one at a time through it (each is short: the fsyncs happen after it).
+//! * The directory is sled's: other programs cannot read it while concord has it open (sled's
+//!   lock), and must not write the private trees when it is closed.
+//! * sled 0.34 has no close: its background writes may hold the directory's lock for a moment
+//!   after the last handle is dropped. `open` therefore waits up to `open_wait_ms_max` for the
+//!   lock, and a directory held by another process is reported only after that wait.
+
+use std::any::Any;
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use tokio::sync::Notify;
+
+use crate::xid::XidBuildHasher;
+use crate::{Epoch, Lsn, Resource, ResourceError, Vote, Xid};
+
+mod batch;
+mod store;
+
+pub use batch::{KvWrite, decode_batch, encode_batch};
+use store::{Prepared, Store};
+
+/// The sled tree holding the user's keys and values.
+pub const DATA_TREE: &str = "data";
+/// The private sled tree holding each prepared branch's batch, keyed by xid text.
+pub const PREPARED_TREE: &str = "concord.prepared";
+/// The private sled tree holding the fence epoch and the applied LSN.
+pub const META_TREE: &str = "concord.meta";
+
+/// Longest key accepted, in bytes.
+pub const KEY_BYTES_MAX: usize = 64 << 10;
+/// The highest `value_bytes_max` a configuration may set (and the longest value a batch may
+/// hold).
+pub const VALUE_BYTES_LIMIT: u64 = 64 << 20;
+/// The highest `batch_bytes_max` a configuration may set.
+pub const BATCH_BYTES_LIMIT: u64 = 256 << 20;
+/// Most writes (distinct keys) one branch may make, and one batch may hold.
+pub const BATCH_WRITES_MAX: usize = 1 << 20;
+/// How many read-only branches are remembered, so that preparing one again votes the same.
+const READ_ONLY_REMEMBERED_MAX: usize = 4096;
+/// Keys are shown in messages up to this many bytes.
+const KEY_SHOWN_BYTES_MAX: usize = 64;
+
+type Result<T, E = ResourceError> = std::result::Result<T, E>;
+
+/// Limits and options of a kv resource.
+#[derive(Clone, Debug)]
+pub struct KvConfig {
+    /// How long a branch waits for a key another open branch writes before it fails with
+    /// [`ResourceError::Conflict`].
+    pub lock_wait_ms_max: u64,
+    /// Longest value an insert accepts, in bytes (at most [`VALUE_BYTES_LIMIT`]).
+    pub value_bytes_max: u64,
+    /// Largest encoded batch (the redo) of one branch, in bytes (at most
+    /// [`BATCH_BYTES_LIMIT`]); a write that would make it larger is refused.
+    pub batch_bytes_max: u64,
+    /// Create the sled directory when it does not exist.
+    pub create_if_missing: bool,
+    /// sled's page cache, in bytes.
+    pub cache_bytes: u64,
+    /// How long [`KvResource::open`] waits for the sled directory's lock before it reports the
+    /// directory held by another process. An instance of this process dropped a moment before
+    /// may hold it for a little while: sled's background writes end after its last handle.
+    pub open_wait_ms_max: u64,
+}
+
+impl Default for KvConfig {
+    fn default() -> Self {
+        KvConfig {
+            lock_wait_ms_max: 5000,
+            value_bytes_max: 1 << 20,
+            batch_bytes_max: 4 << 20,
+            create_if_missing: false,
+            cache_bytes: 64 << 20,
+            open_wait_ms_max: 2000,
+        }
+    }
+}
+
+/// The kv resource; see the module docs.
+pub struct KvResource {
+    inner: Arc<Inner>,
+}
+
+/// An application's handle on one branch of a [`KvResource`]: what it writes is pending and
+/// appears in the data tree when the branch commits.
+pub struct KvBranch {
+    inner: Arc<Inner>,
+    xid: Xid,
+}
+
+struct Inner {
+    name: String,
+    dir: PathBuf,
+    config: KvConfig,
+    store: Store,
+    state: Mutex<State>,
+    /// Woken whenever a branch releases its locks.
+    released: Notify,
+    /// Serializes replays, so that the LSN check and the apply are one step.
+    replaying: tokio::sync::Mutex<()>,
+    /// Serializes fences, so that the epoch never goes down.
+    fencing: tokio::sync::Mutex<()>,
+}
+
+/// Where a branch is in its life. The only transitions: Active → Preparing → (Prepared, or back
+/// to Active on failure); Active or Prepared → Resolving → gone (or back on failure).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    /// Writes are pending.
+    Active,
+    /// A prepare is running; no more writes.
+    Preparing,
+    /// Its batch is durable in the prepared tree.
+    Prepared,
+    /// A commit or rollback is running.
+    Resolving,
+}
+
+/// A pending write: the value of an insert, `None` for a remove.
+type Pending = Option<Arc<[u8]>>;
+/// The open branches by xid.
+type Branches = HashMap<Xid, Branch, XidBuildHasher>;
+/// The holder of each locked key.
+type Locks = HashMap<Vec<u8>, Xid>;
+
+struct Branch {
+    phase: Phase,
+    /// Its writes by key; each key is locked by this branch.
+    writes: BTreeMap<Vec<u8>, Pending>,
+    /// Bytes of `writes` as a batch.
+    batch_bytes: u64,
+    /// Its stored batch once prepared (the redo of its vote).
+    prepared: Option<Arc<Vec<u8>>>,
+}
+
+/// Invariant: a key is in `locks` under an xid exactly when that xid's branch has a write of it.
+struct State {
+    fence: Epoch,
+    applied_lsn: Lsn,
+    branches: Branches,
+    locks: Locks,
+    read_only: VecDeque<Xid>,
+    /// Set by the first fatal failure; every later call fails.
+    poisoned: Option<String>,
+}
+
+/// The outcome of one attempt to record a write.
+enum Attempt {
+    Recorded,
+    /// Another branch holds the key.
+    Held(Xid),
+}
+
+/// What prepare does after looking at the branch.
+enum Start {
+    ReadOnly,
+    /// Already prepared: vote again with the stored batch.
+    Prepared(Arc<Vec<u8>>),
+    /// Store this batch.
+    Store(Vec<u8>),
+}
+
+impl fmt::Display for Phase {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Phase::Active => "active",
+            Phase::Preparing => "being prepared",
+            Phase::Prepared => "prepared",
+            Phase::Resolving => "being resolved",
+        })
+    }
+}
+
+impl KvResource {
+    /// Opens the sled directory `dir` (creating it when `create_if_missing`): opens its trees,
+    /// reads the fence epoch and applied LSN, and brings back every prepared branch with its
+    /// keys locked. Refused when another process has the directory open. Blocking: call it from
+    /// `spawn_blocking` when a runtime must not stall.
+    pub fn open(name: &str, dir: &Path, config: KvConfig) -> Result<Arc<KvResource>> {
+        check_config(name, &config)?;
+        let store = Store::open(name, dir, &config)?;
+        let (fence, applied_lsn) = store.meta()?;
+        let (branches, locks) = load_prepared(name, dir, store.prepared_entries()?)?;
+        tracing::info!(resource = name, dir = %dir.display(), prepared = branches.len(), %fence, %applied_lsn, "kv resource open");
+        let state = State {
+            fence,
+            applied_lsn,
+            branches,
+            locks,
+            read_only: VecDeque::new(),
+            poisoned: None,
+        };
+        let inner = Inner {
+            name: name.to_string(),
+            dir: dir.to_path_buf(),
+            config,
+            store,
+            state: Mutex::new(state),
+            released: Notify::new(),
+            replaying: tokio::sync::Mutex::new(()),
+            fencing: tokio::sync::Mutex::new(()),
+        };
+        Ok(Arc::new(KvResource {
+            inner: Arc::new(inner),
+        }))
+    }
+
+    /// The handle of the branch of `xid`, which must have been begun ([`Resource::begin`]);
+    /// otherwise its calls are refused.
+    pub fn branch(&self, xid: &Xid) -> KvBranch {
+        KvBranch {
+            inner: self.inner.clone(),
+            xid: *xid,
+        }
+    }
+
+    /// The committed value of `key` in the data tree.
+    pub async fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        self.inner.check_key(key)?;
+        self.inner.committed(key).await
+    }
+
+    /// The sled directory, as given to [`KvResource::open`].
+    pub fn dir(&self) -> &Path {
+        &self.inner.dir
+    }
+
+    /// The configuration it was opened with.
+    pub fn config(&self) -> &KvConfig {
+        &self.inner.config
+    }
+}
+
+impl KvBranch {
+    /// The xid of the branch.
+    pub fn xid(&self) -> &Xid {
+        &self.xid
+    }
+
+    /// Sets `key` to `value` when the branch commits. Waits for (at most `lock_wait_ms_max`) and
+    /// locks the key. Refused when the key or value is over its limit, the batch would grow over
+    /// `batch_bytes_max`, the branch is not active, or its epoch is fenced.
+    pub async fn insert(&self, key: &[u8], value: &[u8]) -> Result<()> {
+        let inner = &self.inner;
+        inner.check_key(key)?;
+        if value.len() as u64 > inner.config.value_bytes_max {
+            return Err(inner.rejected(format!(
+                "the value for {} is {} bytes, over value_bytes_max = {} bytes",
+                show_key(key),
+                value.len(),
+                inner.config.value_bytes_max
+            )));
+        }
+        inner.write(&self.xid, key, Some(Arc::from(value))).await
+    }
+
+    /// Removes `key` when the branch commits (nothing happens then if it is absent). Waits for
+    /// and locks the key like [`KvBranch::insert`].
+    pub async fn remove(&self, key: &[u8]) -> Result<()> {
+        self.inner.check_key(key)?;
+        self.inner.write(&self.xid, key, None).await
+    }
+
+    /// The value of `key` as this branch sees it: its own pending insert or remove first, then
+    /// the committed data tree.
+    pub async fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        let inner = &self.inner;
+        inner.check_key(key)?;
+        match inner.pending(&self.xid, key)? {
+            Some(pending) => Ok(pending.map(|value| value.to_vec())),
+            None => inner.committed(key).await,
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl Resource for KvResource {
+    fn name(&self) -> &str {
+        &self.inner.name
+    }
+
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+
+    async fn begin(&self, xid: &Xid) -> Result<()> {
+        let inner = &self.inner;
+        let mut st = inner.state();
+        inner.usable(&st)?;
+        inner.not_fenced(&st, xid)?;
+        match st.branches.get(xid).map(|b| b.phase) {
+            None => {
+                st.read_only.retain(|x| x != xid);
+                st.branches.insert(*xid, Branch::new());
+                Ok(())
+            }
+            Some(Phase::Active) => Ok(()),
+            Some(phase) => {
+                Err(inner.rejected(format!("branch {xid} is {phase}; it cannot begin again")))
+            }
+        }
+    }
+
+    async fn prepare(&self, xid: &Xid) -> Result<Vote> {
+        let inner = &self.inner;
+        let batch = match inner.start_prepare(xid)? {
+            Start::ReadOnly => return Ok(Vote::ReadOnly),
+            Start::Prepared(batch) => {
+                return Ok(Vote::Commit {
+                    redo: batch.to_vec(),
+                });
+            }
+            Start::Store(batch) => Arc::new(batch),
+        };
+        let (worker, id, stored) = (inner.clone(), *xid, batch.clone());
+        let result = blocking(&inner.name, move || worker.store.prepare(&id, &stored)).await;
+        inner.finish_prepare(xid, batch, result)
+    }
+
+    async fn commit(&self, xid: &Xid) -> Result<()> {
+        let inner = &self.inner;
+        let Some(previous) = inner.start_resolve(xid, true)? else {
+            return Ok(());
+        };
+        let result = match previous {
+            Phase::Prepared => {
+                let (worker, id) = (inner.clone(), *xid);
+                blocking(&inner.name, move || worker.store.commit(&id))
+                    .await
+                    .and_then(|found| inner.found_prepared(xid, found))
+            }
+            _ => Ok(()),
+        };
+        inner.finish_resolve(xid, previous, result)
+    }
+
+    async fn rollback(&self, xid: &Xid) -> Result<()> {
+        let inner = &self.inner;
+        let Some(previous) = inner.start_resolve(xid, false)? else {
+            return Ok(());
+        };
+        let result = match previous {
+            Phase::Prepared => {
+                let (worker, id) = (inner.clone(), *xid);
+                blocking(&inner.name, move || worker.store.rollback(&id)).await
+            }
+            _ => Ok(()),
+        };
+        inner.finish_resolve(xid, previous, result)
+    }
+
+    async fn recover(&self) -> Result<Vec<Xid>> {
+        let st = self.inner.state();
+        self.inner.usable(&st)?;
+        let mut xids: Vec<Xid> = st
+            .branches
+            .iter()
+            .filter(|(_, b)| b.prepared.is_some())
+            .map(|(xid, _)| *xid)
+            .collect();
+        xids.sort();
+        Ok(xids)
+    }
+
+    async fn fence(&self, epoch: Epoch) -> Result<()> {
+        let inner = &self.inner;
+        let _fencing = inner.fencing.lock().await;
+        let current = inner.usable_state(|st| st.fence)?;
+        if epoch <= current {
+            return Ok(());
+        }
+        let worker = inner.clone();
+        let stored = blocking(&inner.name, move || worker.store.fence(epoch)).await;
+        let stored = inner.check(stored)?;
+        let mut st = inner.state();
+        st.fence = st.fence.max(stored);
+        tracing::info!(resource = %inner.name, from = %current, to = %st.fence, "fence raised");
+        Ok(())
+    }
+
+    async fn fence_epoch(&self) -> Result<Epoch> {
+        self.inner.usable_state(|st| st.fence)
+    }
+
+    async fn replay(&self, redo: &[u8], lsn: Lsn) -> Result<()> {
+        let inner = &self.inner;
+        let _replaying = inner.replaying.lock().await;
+        if lsn <= inner.usable_state(|st| st.applied_lsn)? {
+            return Ok(());
+        }
+        let writes = decode_batch(redo)
+            .map_err(|e| inner.rejected(format!("replay of lsn {lsn}: malformed redo: {e}")))?;
+        let worker = inner.clone();
+        let applied = blocking(&inner.name, move || worker.store.replay(&writes, lsn)).await;
+        inner.check(applied)?;
+        let mut st = inner.state();
+        st.applied_lsn = st.applied_lsn.max(lsn);
+        Ok(())
+    }
+
+    async fn applied_lsn(&self) -> Result<Lsn> {
+        self.inner.usable_state(|st| st.applied_lsn)
+    }
+}
+
+impl Branch {
+    fn new() -> Branch {
+        Branch {
+            phase: Phase::Active,
+            writes: BTreeMap::new(),
+            batch_bytes: batch::HEADER_BYTES,
+            prepared: None,
+        }
+    }
+
+    /// The pending writes as a batch.
+    fn encode(&self) -> Vec<u8> {
+        let writes = self
+            .writes
+            .iter()
+            .map(|(key, value)| (key.as_slice(), value.as_deref()));
+        batch::encode(self.writes.len(), writes)
+    }
+}
+
+// State transitions: each takes the state lock once and does no I/O.
+impl Inner {
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn usable(&self, st: &State) -> Result<()> {
+        match &st.poisoned {
+            None => Ok(()),
+            Some(cause) => Err(self.fatal(format!("unusable after an earlier failure ({cause})"))),
+        }
+    }
+
+    fn usable_state<T>(&self, f: impl FnOnce(&State) -> T) -> Result<T> {
+        let st = self.state();
+        self.usable(&st)?;
+        Ok(f(&st))
+    }
+
+    /// Poisons the instance when `result` is a fatal error.
+    fn check<T>(&self, result: Result<T>) -> Result<T> {
+        if let Err(ResourceError::Fatal { message, .. }) = &result {
+            let mut st = self.state();
+            if st.poisoned.is_none() {
+                tracing::error!(resource = %self.name, %message, "kv resource poisoned; restart to recover");
+                st.poisoned = Some(message.clone());
+            }
+        }
+        result
+    }
+
+    fn not_fenced(&self, st: &State, xid: &Xid) -> Result<()> {
+        if xid.epoch < st.fence {
+            return Err(self.fenced(xid, st.fence));
+        }
+        Ok(())
+    }
+
+    fn fenced(&self, xid: &Xid, fence: Epoch) -> ResourceError {
+        ResourceError::Fenced {
+            resource: self.name.clone(),
+            offered: xid.epoch,
+            current: fence,
+        }
+    }
+
+    fn rejected(&self, reason: String) -> ResourceError {
+        ResourceError::rejected(&self.name, reason)
+    }
+
+    fn fatal(&self, message: String) -> ResourceError {
+        ResourceError::Fatal {
+            resource: self.name.clone(),
+            message,
+        }
+    }
+
+    fn unavailable(&self, message: String) -> ResourceError {
+        ResourceError::Unavailable {
+            resource: self.name.clone(),
+            message,
+        }
+    }
+
+    fn check_key(&self, key: &[u8]) -> Result<()> {
+        if key.len() > KEY_BYTES_MAX {
+            return Err(self.rejected(format!(
+                "{} is {} bytes long, over KEY_BYTES_MAX = {KEY_BYTES_MAX} bytes",
+                show_key(key),
+                key.len()
+            )));
+        }
+        Ok(())
+    }
+
+    /// One attempt to record a write of `key` by `xid`: locks the key, unless another branch
+    /// holds it, and records the write, unless the batch would grow over its limits.
+    fn try_write(&self, xid: &Xid, key: &[u8], value: &Pending) -> Result<Attempt> {
+        let mut guard = self.state();
+        self.usable(&guard)?;
+        self.not_fenced(&guard, xid)?;
+        let State {
+            branches, locks, ..
+        } = &mut *guard;
+        let branch = self.active_branch(branches, xid)?;
+        if let Some(holder) = locks.get(key).filter(|holder| *holder != xid) {
+            return Ok(Attempt::Held(*holder));
+        }
+        let before = branch.writes.get(key);
+        let replaced = before.map_or(0, |v| batch::write_bytes(key, v.as_deref()));
+        let bytes = branch.batch_bytes - replaced + batch::write_bytes(key, value.as_deref());
+        if bytes > self.config.batch_bytes_max {
+            return Err(self.rejected(format!(
+                "with this write of {}, the batch of branch {xid} would be {bytes} bytes, over batch_bytes_max = {} bytes; split the transaction",
+                show_key(key),
+                self.config.batch_bytes_max
+            )));
+        }
+        if before.is_none() && branch.writes.len() >= BATCH_WRITES_MAX {
+            return Err(self.rejected(format!(
+                "branch {xid} already writes BATCH_WRITES_MAX = {BATCH_WRITES_MAX} keys; {} refused",
+                show_key(key)
+            )));
+        }
+        locks.insert(key.to_vec(), *xid);
+        branch.writes.insert(key.to_vec(), value.clone());
+        branch.batch_bytes = bytes;
+        Ok(Attempt::Recorded)
+    }
+
+    fn active_branch<'b>(&self, branches: &'b mut Branches, xid: &Xid) -> Result<&'b mut Branch> {
+        match branches.get_mut(xid) {
+            Some(b) if b.phase == Phase::Active => Ok(b),
+            Some(b) => Err(self.rejected(format!(
+                "branch {xid} is {}; it takes no more writes",
+                b.phase
+            ))),
+            None => Err(self.rejected(format!("branch {xid} is not open here; begin it first"))),
+        }
+    }
+
+    /// The branch's pending write of `key`: `None` when it has none (read the data tree).
+    fn pending(&self, xid: &Xid, key: &[u8]) -> Result<Option<Pending>> {
+        let st = self.state();
+        self.usable(&st)?;
+        let branch = st.branches.get(xid).ok_or_else(|| {
+            self.rejected(format!("branch {xid} is not open here; begin it first"))
+        })?;
+        Ok(branch.writes.get(key).cloned())
+    }
+
+    fn start_prepare(&self, xid: &Xid) -> Result<Start> {
+        let mut st = self.state();
+        self.usable(&st)?;
+        let fence = st.fence;
+        let Some(branch) = st.branches.get_mut(xid) else {
+            if st.read_only.contains(xid) {
+                return Ok(Start::ReadOnly);
+            }
+            return Err(self.rejected(format!(
+                "branch {xid} is unknown: it was never begun here, or its work was lost in a restart before prepare; roll the transaction back"
+            )));
+        };
+        match branch.phase {
+            Phase::Prepared => {
+                let batch = branch.prepared.clone().unwrap_or_default();
+                return Ok(Start::Prepared(batch));
+            }
+            Phase::Preparing | Phase::Resolving => {
+                return Err(
+                    self.unavailable(format!("branch {xid} is {}; try again", branch.phase))
+                );
+            }
+            Phase::Active => {}
+        }
+        if xid.epoch < fence {
+            return Err(self.fenced(xid, fence));
+        }
+        if !branch.writes.is_empty() {
+            branch.phase = Phase::Preparing;
+            return Ok(Start::Store(branch.encode()));
+        }
+        self.release(&mut st, xid);
+        if st.read_only.len() >= READ_ONLY_REMEMBERED_MAX {
+            st.read_only.pop_front();
+        }
+        st.read_only.push_back(*xid);
+        Ok(Start::ReadOnly)
+    }
+
+    /// Ends a prepare: once stored, the branch is prepared with `batch`; refused or failed, it
+    /// is active again.
+    fn finish_prepare(
+        &self,
+        xid: &Xid,
+        batch: Arc<Vec<u8>>,
+        result: Result<Prepared>,
+    ) -> Result<Vote> {
+        let result = self.check(result);
+        let mut st = self.state();
+        let Some(branch) = st.branches.get_mut(xid) else {
+            return Err(self.fatal(format!("branch {xid} vanished while it was prepared")));
+        };
+        match result {
+            Ok(Prepared::Stored) => {
+                branch.phase = Phase::Prepared;
+                branch.prepared = Some(batch.clone());
+                tracing::debug!(resource = %self.name, %xid, bytes = batch.len(), "prepared");
+                Ok(Vote::Commit {
+                    redo: batch.to_vec(),
+                })
+            }
+            Ok(Prepared::Fenced(fence)) => {
+                branch.phase = Phase::Active;
+                st.fence = st.fence.max(fence);
+                Err(self.fenced(xid, fence))
+            }
+            Err(e) => {
+                branch.phase = Phase::Active;
+                Err(e)
+            }
+        }
+    }
+
+    /// Marks a branch as being resolved and returns its phase before; `None` when there is
+    /// nothing to resolve.
+    fn start_resolve(&self, xid: &Xid, commit: bool) -> Result<Option<Phase>> {
+        let mut st = self.state();
+        self.usable(&st)?;
+        let Some(branch) = st.branches.get_mut(xid) else {
+            return Ok(None);
+        };
+        match branch.phase {
+            Phase::Active if commit => Err(self.rejected(format!(
+                "branch {xid} is not prepared; prepare it first (one-phase commit is not supported)"
+            ))),
+            Phase::Preparing | Phase::Resolving => {
+                Err(self.unavailable(format!("branch {xid} is {}; try again", branch.phase)))
+            }
+            previous => {
+                branch.phase = Phase::Resolving;
+                Ok(Some(previous))
+            }
+        }
+    }
+
+    /// A commit of a branch this instance holds prepared must find its entry: one missing was
+    /// removed by something other than concord.
+    fn found_prepared(&self, xid: &Xid, found: bool) -> Result<()> {
+        if found {
+            return Ok(());
+        }
+        Err(self.fatal(format!(
+            "the prepared tree of {} has no entry for the prepared branch {xid}: it was removed outside concord, and the branch's writes are lost",
+            self.dir.display()
+        )))
+    }
+
+    /// Ends a resolution: on success the branch is forgotten and its locks released; on failure
+    /// it goes back to `previous`.
+    fn finish_resolve(&self, xid: &Xid, previous: Phase, result: Result<()>) -> Result<()> {
+        let result = self.check(result);
+        let mut st = self.state();
+        match result {
+            Ok(()) => {
+                self.release(&mut st, xid);
+                tracing::debug!(resource = %self.name, %xid, "resolved");
+                Ok(())
+            }
+            Err(e) => {
+                if let Some(branch) = st.branches.get_mut(xid) {
+                    branch.phase = previous;
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Forgets a branch and releases its locks, waking every waiter.
+    fn release(&self, st: &mut State, xid: &Xid) {
+        if let Some(branch) = st.branches.remove(xid) {
+            for key in branch.writes.keys() {
+                if st.locks.get(key) == Some(xid) {
+                    st.locks.remove(key);
+                }
+            }
+        }
+        self.released.notify_waiters();
+    }
+}
+
+// Async steps that wait or read.
+impl Inner {
+    /// Records a write of `key`, waiting at most `lock_wait_ms_max` for another branch to
+    /// release it.
+    async fn write(&self, xid: &Xid, key: &[u8], value: Pending) -> Result<()> {
+        let wait = Duration::from_millis(self.config.lock_wait_ms_max);
+        let start = tokio::time::Instant::now();
+        loop {
+            // Registered before the attempt, so a release between the attempt and the wait wakes it.
+            let mut notified = std::pin::pin!(self.released.notified());
+            notified.as_mut().enable();
+            let Attempt::Held(holder) = self.try_write(xid, key, &value)? else {
+                return Ok(());
+            };
+            let waited = start.elapsed();
+            if waited >= wait {
+                return Err(ResourceError::Conflict {
+                    resource: self.name.clone(),
+                    what: show_key(key),
+                    holder: holder.to_string(),
+                    waited_ms: u64::try_from(waited.as_millis()).unwrap_or(u64::MAX),
+                });
+            }
+            let _ = tokio::time::timeout(wait - waited, notified).await;
+        }
+    }
+
+    /// The committed value of `key`, read on the blocking pool (sled may read a page from disk).
+    async fn committed(self: &Arc<Self>, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        self.usable_state(|_| ())?;
+        let (worker, key) = (self.clone(), key.to_vec());
+        blocking(&self.name, move || worker.store.get(&key)).await
+    }
+}
+
+/// The configuration's limits, checked against their ceilings.
+fn check_config(name: &str, config: &KvConfig) -> Result<()> {
+    if config.value_bytes_max > VALUE_BYTES_LIMIT {
+        return Err(ResourceError::rejected(
+            name,
+            format!(
+                "value_bytes_max = {} is over VALUE_BYTES_LIMIT = {VALUE_BYTES_LIMIT}",
+                config.value_bytes_max
+            ),
+        ));
+    }
+    if config.batch_bytes_max > BATCH_BYTES_LIMIT {
+        return Err(ResourceError::rejected(
+            name,
+            format!(
+                "batch_bytes_max = {} is over BATCH_BYTES_LIMIT = {BATCH_BYTES_LIMIT}",
+                config.batch_bytes_max
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// The prepared branches, from the prepared tree's entries, with their keys locked. Two entries
+/// writing one key cannot both have been prepared here (the lock): that is damage.
+fn load_prepared(name: &str, dir: &Path, entries: Vec<store::Entry>) -> Result<(Branches, Locks)> {
+    let mut branches = Branches::default();
+    let mut locks = Locks::new();
+    for entry in entries {
+        let mut branch = Branch::new();
+        for write in entry.writes {
+            let (key, value) = match write {
+                KvWrite::Insert { key, value } => (key, Some(Arc::from(value))),
+                KvWrite::Remove { key } => (key, None),
+            };
+            if let Some(other) = locks.insert(key.clone(), entry.xid) {
+                return Err(ResourceError::Fatal {
+                    resource: name.to_string(),
+                    message: format!(
+                        "the prepared branches {other} and {} of {} both write {}: the prepared tree was changed outside concord; repair it with sled, then restart",
+                        entry.xid,
+                        dir.display(),
+                        show_key(&key)
+                    ),
+                });
+            }
+            branch.writes.insert(key, value);
+        }
+        branch.phase = Phase::Prepared;
+        branch.batch_bytes = entry.batch.len() as u64;
+        branch.prepared = Some(Arc::new(entry.batch));
+        branches.insert(entry.xid, branch);
+    }
+    Ok((branches, locks))
+}
+
+/// A key for a message: `key "…"`, escaped, the first `KEY_SHOWN_BYTES_MAX` bytes of a long one.
+fn show_key(key: &[u8]) -> String {
+    if key.len() <= KEY_SHOWN_BYTES_MAX {
+        return format!("key \"{}\"", key.escape_ascii());
+    }
+    let head = &key[..KEY_SHOWN_BYTES_MAX];
+    format!("key \"{}…\" ({} bytes)", head.escape_ascii(), key.len())
+}
+
+/// Runs blocking sled work on tokio's blocking pool.
+async fn blocking<T, F>(name: &str, f: F) -> Result<T>
+where
+    T: Send + 'static,
+    F: FnOnce() -> Result<T> + Send + 'static,
+{
+    match tokio::task::spawn_blocking(f).await {
+        Ok(result) => result,
+        Err(e) => Err(ResourceError::Fatal {
+            resource: name.to_string(),
+            message: format!("kv task failed: {e}"),
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_are_shown_escaped_and_cut() {
+        assert_eq!(show_key(b"a\"b\xff"), "key \"a\\\"b\\xff\"");
+        let long = vec![b'k'; 100];
+        let shown = show_key(&long);
+        assert!(shown.ends_with("…\" (100 bytes)"), "{shown}");
+    }
+
+    #[test]
+    fn limits_over_their_ceilings_are_refused() {
+        let config = KvConfig {
+            value_bytes_max: VALUE_BYTES_LIMIT + 1,
+            ..KvConfig::default()
+        };
+        assert!(check_config("kv", &config).is_err());
+        let config = KvConfig {
+            batch_bytes_max: BATCH_BYTES_LIMIT + 1,
+            ..KvConfig::default()
+        };
+        assert!(check_config("kv", &config).is_err());
+        assert!(check_config("kv", &KvConfig::default()).is_ok());
+    }
+}
