@@ -430,19 +430,24 @@ impl PgBranch {
         &self.xid
     }
 
-    /// Runs a statement in the branch; returns the number of rows it changed.
+    /// Runs a statement in the branch; returns the number of rows it changed. The statement is
+    /// prepared once per pooled connection and cached (as for [`PgBranch::query`] and
+    /// [`PgBranch::query_one`]); see `docs/postgres.md` on what that means after DDL.
     pub async fn execute(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<u64> {
-        self.run(async |c| c.execute(sql, params).await).await
+        self.run(async |c| c.execute(&c.prepare_cached(sql).await?, params).await)
+            .await
     }
 
     /// Runs a query in the branch.
     pub async fn query(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Vec<Row>> {
-        self.run(async |c| c.query(sql, params).await).await
+        self.run(async |c| c.query(&c.prepare_cached(sql).await?, params).await)
+            .await
     }
 
     /// Runs a query that returns exactly one row.
     pub async fn query_one(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Row> {
-        self.run(async |c| c.query_one(sql, params).await).await
+        self.run(async |c| c.query_one(&c.prepare_cached(sql).await?, params).await)
+            .await
     }
 
     /// Runs several statements (no parameters, no results).
@@ -454,7 +459,7 @@ impl PgBranch {
     /// branch's `BEGIN`, in the same round trip.
     async fn run<T>(
         &self,
-        statement: impl AsyncFnOnce(&Client) -> Result<T, tokio_postgres::Error>,
+        statement: impl AsyncFnOnce(&Object) -> Result<T, tokio_postgres::Error>,
     ) -> Result<T> {
         let mut guard = self.conn.lock().await;
         let Some(branch) = guard.as_mut() else {
@@ -468,7 +473,7 @@ impl PgBranch {
                 .await
                 .map_err(|e| self.inner.statement(&self.xid, &e));
         }
-        let client: &Client = &branch.conn;
+        let client: &Object = &branch.conn;
         let (begin, result) = tokio::join!(client.batch_execute("BEGIN"), statement(client));
         begin.map_err(|e| self.inner.db("begin", &e))?;
         branch.begun = true;

@@ -3,7 +3,8 @@
 //!
 //! Each client inserts one row per transaction. For every client count, one after the other:
 //!
-//! * `plain` — `BEGIN; INSERT; COMMIT` on a table without capture, one connection per client;
+//! * `plain` — `BEGIN; INSERT; COMMIT` on a table without capture, one connection per client,
+//!   the insert prepared once per connection (as concord's branch handle caches it);
 //! * `manual_2pc` — the same with a hand-written `PREPARE TRANSACTION` and `COMMIT PREPARED`;
 //! * `concord_one_phase_no_capture` — concord with one PostgreSQL branch, on the table without
 //!   capture;
@@ -204,9 +205,15 @@ async fn plain(
     window: Duration,
     two_phase: bool,
 ) -> anyhow::Result<Measured> {
+    // Each connection prepares the insert once, as concord's branch handle does (it caches
+    // prepared statements per pooled connection): the same statement handling on both sides.
     let mut connections = Vec::new();
     for _ in 0..clients {
-        connections.push(Arc::new(tokio::sync::Mutex::new(connect(url).await?)));
+        let conn = connect(url).await?;
+        let insert = conn
+            .prepare(&format!("INSERT INTO {PLAIN_TABLE} VALUES ($1, $2, 'item')"))
+            .await?;
+        connections.push(Arc::new(tokio::sync::Mutex::new((conn, insert))));
     }
     let connections = Arc::new(connections);
     let base =
@@ -214,14 +221,11 @@ async fn plain(
     load(clients, window, move |client, n| {
         let connections = Arc::clone(&connections);
         async move {
-            let mut conn = connections[client].lock().await;
+            let mut guard = connections[client].lock().await;
+            let (conn, insert) = &mut *guard;
             let id = base + i64::try_from(client)? * 10_000_000 + i64::try_from(n)?;
             let tx = conn.transaction().await?;
-            tx.execute(
-                &format!("INSERT INTO {PLAIN_TABLE} VALUES ($1, $2, 'item')"),
-                &[&id, &i32::try_from(client)?],
-            )
-            .await?;
+            tx.execute(&*insert, &[&id, &i32::try_from(client)?]).await?;
             if two_phase {
                 let gid = format!("concord-bench:{id}");
                 tx.batch_execute(&format!("PREPARE TRANSACTION '{gid}'"))
