@@ -30,6 +30,7 @@
 mod dirsync;
 pub mod error;
 pub mod files;
+pub mod mail;
 pub mod null;
 pub mod pgtest;
 pub mod postgres;
