@@ -429,11 +429,9 @@ impl MailBranch {
     /// `max_message_bytes`, or the branch is not active; nothing of a refused message stays.
     pub async fn enqueue(&self, mut message: impl AsyncRead + Unpin) -> Result<Enqueued> {
         let inner = &self.inner;
-        let (pos, name, keep) = inner.reserve(&self.xid)?;
-        let staged = inner
-            .stage(&self.xid, pos, name, keep, &mut message)
-            .await?;
-        inner.record(&self.xid, pos, staged).await
+        let (at, name, keep) = inner.reserve(&self.xid)?;
+        let staged = inner.stage(at, name, keep, &mut message).await?;
+        inner.record(at, staged).await
     }
 
     /// Builds the message of `builder` and enqueues it; refused like [`MailBranch::enqueue`],
@@ -579,6 +577,13 @@ enum Start {
     Stage(Vec<Staged>),
 }
 
+/// A message of a branch: its xid and position (what a refusal names).
+#[derive(Clone, Copy)]
+struct At {
+    xid: Xid,
+    pos: u32,
+}
+
 /// A branch being resolved: where it was, and the names of its messages.
 struct Resolving {
     previous: Phase,
@@ -663,7 +668,7 @@ impl Inner {
 
     /// Gives the next message of `xid` its position and name, and says how many bytes of it may
     /// stay in memory.
-    fn reserve(&self, xid: &Xid) -> Result<(u32, String, u64)> {
+    fn reserve(&self, xid: &Xid) -> Result<(At, String, u64)> {
         let mut st = self.state();
         self.usable(&st)?;
         self.not_fenced(&st, xid)?;
@@ -677,12 +682,16 @@ impl Inner {
         branch.next_pos += 1;
         let name = name::message_name(branch.time, xid, pos, &self.host);
         let room = INLINE_BRANCH_BYTES_MAX.saturating_sub(branch.memory_bytes);
-        Ok((pos, name, room.min(INLINE_MESSAGE_BYTES_MAX)))
+        Ok((
+            At { xid: *xid, pos },
+            name,
+            room.min(INLINE_MESSAGE_BYTES_MAX),
+        ))
     }
 
     /// Adds a staged message to its branch; a message that lost a race with prepare or rollback
     /// is discarded.
-    async fn record(&self, xid: &Xid, pos: u32, staged: Staged) -> Result<Enqueued> {
+    async fn record(&self, at: At, staged: Staged) -> Result<Enqueued> {
         let bytes = match &staged.content {
             Content::Memory(content) => content.len() as u64,
             Content::File { bytes, .. } => *bytes,
@@ -693,12 +702,12 @@ impl Inner {
         };
         let refused = {
             let mut st = self.state();
-            match self.active_branch(&mut st.branches, xid) {
+            match self.active_branch(&mut st.branches, &at.xid) {
                 Ok(branch) => {
                     if let Content::Memory(_) = staged.content {
                         branch.memory_bytes += bytes;
                     }
-                    branch.messages.insert(pos, staged);
+                    branch.messages.insert(at.pos, staged);
                     None
                 }
                 Err(e) => Some((e, staged)),
@@ -881,8 +890,7 @@ impl Inner {
     /// its file `tmp/<name>`, streamed. Nothing stays behind on failure.
     async fn stage(
         &self,
-        xid: &Xid,
-        pos: u32,
+        at: At,
         name: String,
         keep: u64,
         message: &mut (impl AsyncRead + Unpin),
@@ -893,23 +901,22 @@ impl Inner {
         loop {
             let n = fill(message, &mut input)
                 .await
-                .map_err(|e| self.refused(xid, pos, &MessageError::Read(e.to_string())))?;
+                .map_err(|e| self.refused(at, &MessageError::Read(e.to_string())))?;
             if n == 0 {
-                checker.finish().map_err(|e| self.refused(xid, pos, &e))?;
+                checker.finish().map_err(|e| self.refused(at, &e))?;
                 let content = Content::Memory(Arc::from(head));
                 return Ok(Staged { name, content });
             }
             checker
                 .push(&input[..n], &mut head)
-                .map_err(|e| self.refused(xid, pos, &e))?;
+                .map_err(|e| self.refused(at, &e))?;
             if head.len() as u64 > keep {
                 break;
             }
         }
+        drop(input);
         let file = self.area.tmp.join(&name);
-        let streamed = self
-            .stream_to(xid, pos, &file, checker, head, input, message)
-            .await;
+        let streamed = self.stream_to(at, &file, checker, head, message).await;
         match streamed {
             Ok((id, bytes)) => Ok(Staged {
                 name,
@@ -922,15 +929,12 @@ impl Inner {
     /// Streams the rest of a message into the new file `file`, starting with `head` (already
     /// checked): one chunk at a time, each checked, hashed and written on the blocking pool.
     /// Returns the content's blob id and size.
-    #[allow(clippy::too_many_arguments)]
     async fn stream_to(
         &self,
-        xid: &Xid,
-        pos: u32,
+        at: At,
         file: &Path,
         mut checker: Checker,
         head: Vec<u8>,
-        mut input: Vec<u8>,
         message: &mut (impl AsyncRead + Unpin),
     ) -> Result<(BlobId, u64)> {
         let (name, target) = (self.name.clone(), file.to_path_buf());
@@ -943,21 +947,21 @@ impl Inner {
             Ok((out, hasher))
         })
         .await?;
-        input.resize(CHUNK_BYTES, 0);
+        let mut input = vec![0u8; CHUNK_BYTES];
         let mut normalised = Vec::new();
         loop {
             let n = fill(message, &mut input)
                 .await
-                .map_err(|e| self.refused(xid, pos, &MessageError::Read(e.to_string())))?;
+                .map_err(|e| self.refused(at, &MessageError::Read(e.to_string())))?;
             if n == 0 {
                 break;
             }
-            let (name, target, xid) = (self.name.clone(), file.to_path_buf(), *xid);
+            let (name, target) = (self.name.clone(), file.to_path_buf());
             (checker, hasher, out, input, normalised) = blocking(&self.name, move || {
                 normalised.clear();
                 checker
                     .push(&input[..n], &mut normalised)
-                    .map_err(|e| refused(&name, &xid, pos, &e))?;
+                    .map_err(|e| refused(&name, at, &e))?;
                 hasher.update(&normalised);
                 out.write_all(&normalised)
                     .map_err(|e| ResourceError::io(&name, "write message to", &target, &e))?;
@@ -965,7 +969,7 @@ impl Inner {
             })
             .await?;
         }
-        let bytes = checker.finish().map_err(|e| self.refused(xid, pos, &e))?;
+        let bytes = checker.finish().map_err(|e| self.refused(at, &e))?;
         Ok((BlobId(*hasher.finalize().as_bytes()), bytes))
     }
 
@@ -976,8 +980,8 @@ impl Inner {
         e
     }
 
-    fn refused(&self, xid: &Xid, pos: u32, e: &MessageError) -> ResourceError {
-        refused(&self.name, xid, pos, e)
+    fn refused(&self, at: At, e: &MessageError) -> ResourceError {
+        refused(&self.name, at, e)
     }
 
     /// Prepares a branch: its messages written and synced in `tmp/` on the blocking pool, then
@@ -1358,7 +1362,8 @@ impl Branch {
 }
 
 /// A refused message: names the resource, the branch and the message's position.
-fn refused(resource: &str, xid: &Xid, pos: u32, e: &MessageError) -> ResourceError {
+fn refused(resource: &str, at: At, e: &MessageError) -> ResourceError {
+    let At { xid, pos } = at;
     ResourceError::rejected(
         resource,
         format!("message {pos} of branch {xid} refused: {e}"),
