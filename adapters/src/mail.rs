@@ -98,6 +98,11 @@
 //!   and unlink, which is harmless.
 //! * Blobs adopted by branches that roll back, and blobs no retained journal record names, are
 //!   not removed here: that is the garbage collection of the layer that knows the records.
+//! * Some Maildir readers delete files in `tmp/` untouched for 36 hours (the convention for
+//!   abandoned deliveries; Dovecot does). A branch left prepared longer than that in a Maildir
+//!   such a reader opens may lose its messages: its commit cannot tell a message gone from `tmp/`
+//!   from one delivered and since removed, so it logs a warning and does not deliver it (never
+//!   twice, at worst not at all). Resolve in-doubt branches well within that time.
 //! * A commit after a restart, and every replay, list `cur/` once to find messages a reader has
 //!   moved there; a `cur/` of very many messages makes those slower.
 //! * A message that a reader removed from a standby's `new/` before the standby stored the

@@ -624,6 +624,8 @@ async fn a_header_line_over_998_bytes_is_refused() {
 async fn a_bare_cr_is_refused() {
     assert_refused(format!("{HEAD}\r\nbody\rmore\r\n").as_bytes(), "bare CR").await;
     assert_refused(format!("{HEAD}Subject: a\rb\r\n\r\n").as_bytes(), "bare CR").await;
+    let lf = format!("{HEAD}\r\nbody\rmore\r\n").replace("\r\n", "\n");
+    assert_refused(lf.as_bytes(), "line 4: a CR not followed by LF").await;
 }
 
 #[tokio::test]
@@ -1026,47 +1028,20 @@ fn peak_resident_bytes() -> u64 {
 #[test]
 fn a_64_mib_message_streams_through_in_bounded_memory() {
     let exe = std::env::current_exe().unwrap();
-    let mut child = Command::new(exe)
-        .args([
-            "--exact",
-            "streamed_message_child",
-            "--ignored",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let started = Instant::now();
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if started.elapsed() > CHILD_DEADLINE {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("the streaming child ran over {CHILD_DEADLINE:?}; killed");
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
-    let mut stdout = String::new();
-    let mut stderr = String::new();
-    child
-        .stdout
-        .take()
-        .unwrap()
-        .read_to_string(&mut stdout)
-        .unwrap();
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut stderr)
-        .unwrap();
+    let mut command = Command::new(exe);
+    command.args([
+        "--exact",
+        "streamed_message_child",
+        "--ignored",
+        "--nocapture",
+        "--test-threads=1",
+    ]);
+    let output = output_within(command, CHILD_DEADLINE, "the streaming child").unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(
-        status.success(),
-        "the streaming child failed:\n{stdout}\n{stderr}"
+        output.status.success(),
+        "the streaming child failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
     );
     let peak: u64 = stdout
         .lines()
@@ -1168,16 +1143,67 @@ print(json.dumps({
 }))
 "#;
 
-/// Runs python3 (`CONCORD_PYTHON3`, else `python3` on the PATH) with `script` and `args`;
-/// panics with how to install it when it is missing.
-fn run_python(script: &str, args: &[&Path]) -> String {
-    let python = std::env::var("CONCORD_PYTHON3").unwrap_or_else(|_| "python3".to_string());
-    let output = match Command::new(&python)
-        .arg("-c")
-        .arg(script)
-        .args(args)
-        .output()
-    {
+/// How long python3 may take to read the queue.
+const PYTHON_DEADLINE: Duration = Duration::from_secs(60);
+
+/// Runs `command` to its end, reading its output as it goes; kills it and panics naming `what`
+/// after `deadline`. A command that cannot start is the `Err`.
+fn output_within(
+    mut command: Command,
+    deadline: Duration,
+    what: &str,
+) -> io::Result<std::process::Output> {
+    let mut child = command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let drain = |pipe: Option<Box<dyn Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut bytes = Vec::new();
+            if let Some(mut pipe) = pipe {
+                pipe.read_to_end(&mut bytes).unwrap();
+            }
+            bytes
+        })
+    };
+    let stdout = drain(
+        child
+            .stdout
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+    );
+    let stderr = drain(
+        child
+            .stderr
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+    );
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        if started.elapsed() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{what} ran over {deadline:?}; killed");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    Ok(std::process::Output {
+        status,
+        stdout: stdout.join().unwrap(),
+        stderr: stderr.join().unwrap(),
+    })
+}
+
+/// Runs `python` with `script` and `args`; panics with how to install python3 when `python`
+/// cannot be found.
+fn run_python_at(python: &str, script: &str, args: &[&Path]) -> String {
+    let mut command = Command::new(python);
+    command.arg("-c").arg(script).args(args);
+    let output = match output_within(command, PYTHON_DEADLINE, python) {
         Ok(output) => output,
         Err(e) if e.kind() == io::ErrorKind::NotFound => panic!(
             "this test needs python3 (its standard library's mailbox.Maildir reads the queue) and \
@@ -1192,6 +1218,19 @@ fn run_python(script: &str, args: &[&Path]) -> String {
         String::from_utf8_lossy(&output.stderr)
     );
     String::from_utf8(output.stdout).unwrap()
+}
+
+/// Runs python3 (`CONCORD_PYTHON3`, else `python3` on the PATH) with `script` and `args`.
+fn run_python(script: &str, args: &[&Path]) -> String {
+    let python = std::env::var("CONCORD_PYTHON3").unwrap_or_else(|_| "python3".to_string());
+    run_python_at(&python, script, args)
+}
+
+/// Without python3 the interoperability test fails, saying how to install it (never skips).
+#[test]
+#[should_panic(expected = "install it (Debian/Ubuntu: apt-get install python3)")]
+fn a_missing_python3_fails_saying_how_to_install_it() {
+    run_python_at("/nonexistent/python3", "print(1)", &[]);
 }
 
 /// Committed messages — raw CRLF, raw LF (stored as CRLF), built with a UTF-8 subject, large

@@ -303,9 +303,7 @@ impl Checker {
                 }
             }
             match byte {
-                b'\r' if self.ending == Some(Ending::Lf) => {
-                    return Err(self.mixed(Ending::Crlf));
-                }
+                // Its LF (or the lack of one) decides: CRLF, or a bare CR.
                 b'\r' => self.pending_cr = true,
                 b'\n' => self.end_line(Ending::Lf, out)?,
                 0 => return Err(MessageError::Nul { line: self.line }),
@@ -863,6 +861,8 @@ mod tests {
         assert_eq!(check(bare_cr), Err(MessageError::BareCr { line: 4 }));
         let trailing_cr = b"Date: x\r\nFrom: a@b\r\n\r\nbody\r";
         assert_eq!(check(trailing_cr), Err(MessageError::BareCr { line: 4 }));
+        let bare_cr_in_lf = b"Date: x\nFrom: a@b\n\nbo\rdy\n";
+        assert_eq!(check(bare_cr_in_lf), Err(MessageError::BareCr { line: 4 }));
         let lf_then_crlf = b"Date: x\nFrom: a@b\r\n\nbody\n";
         assert!(matches!(
             check(lf_then_crlf),
