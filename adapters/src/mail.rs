@@ -694,42 +694,6 @@ impl Inner {
         ))
     }
 
-    /// Adds a staged message to its branch; a message that lost a race with prepare or rollback
-    /// is discarded.
-    async fn record(&self, at: At, staged: Staged) -> Result<Enqueued> {
-        let bytes = match &staged.content {
-            Content::Memory(content) => content.len() as u64,
-            Content::File { bytes, .. } => *bytes,
-        };
-        let enqueued = Enqueued {
-            name: staged.name.clone(),
-            bytes,
-        };
-        let refused = {
-            let mut st = self.state();
-            match self.active_branch(&mut st.branches, &at.xid) {
-                Ok(branch) => {
-                    if let Content::Memory(_) = staged.content {
-                        branch.memory_bytes += bytes;
-                    }
-                    branch.messages.insert(at.pos, staged);
-                    None
-                }
-                Err(e) => Some((e, staged)),
-            }
-        };
-        match refused {
-            None => Ok(enqueued),
-            Some((e, staged)) => {
-                if let Content::File { .. } = staged.content {
-                    let file = self.area.tmp.join(&staged.name);
-                    return Err(self.discard(&file, e).await);
-                }
-                Err(e)
-            }
-        }
-    }
-
     fn start_prepare(&self, xid: &Xid) -> Result<Start> {
         let mut st = self.state();
         self.usable(&st)?;
@@ -976,6 +940,42 @@ impl Inner {
         }
         let bytes = checker.finish().map_err(|e| self.refused(at, &e))?;
         Ok((BlobId(*hasher.finalize().as_bytes()), bytes))
+    }
+
+    /// Adds a staged message to its branch; a message that lost a race with prepare or rollback
+    /// is discarded.
+    async fn record(&self, at: At, staged: Staged) -> Result<Enqueued> {
+        let bytes = match &staged.content {
+            Content::Memory(content) => content.len() as u64,
+            Content::File { bytes, .. } => *bytes,
+        };
+        let enqueued = Enqueued {
+            name: staged.name.clone(),
+            bytes,
+        };
+        let refused = {
+            let mut st = self.state();
+            match self.active_branch(&mut st.branches, &at.xid) {
+                Ok(branch) => {
+                    if let Content::Memory(_) = staged.content {
+                        branch.memory_bytes += bytes;
+                    }
+                    branch.messages.insert(at.pos, staged);
+                    None
+                }
+                Err(e) => Some((e, staged)),
+            }
+        };
+        match refused {
+            None => Ok(enqueued),
+            Some((e, staged)) => {
+                if let Content::File { .. } = staged.content {
+                    let file = self.area.tmp.join(&staged.name);
+                    return Err(self.discard(&file, e).await);
+                }
+                Err(e)
+            }
+        }
     }
 
     /// Removes the file of a message whose enqueue failed, and returns the failure.
