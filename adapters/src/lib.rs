@@ -39,6 +39,7 @@ mod dirsync;
 pub mod error;
 pub mod files;
 pub mod kv;
+pub mod mail;
 pub mod null;
 pub mod pgtest;
 pub mod postgres;
