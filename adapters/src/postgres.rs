@@ -1,45 +1,62 @@
 //! The PostgreSQL resource: a branch is a transaction in a real PostgreSQL database, prepared
-//! with `PREPARE TRANSACTION` and resolved with `COMMIT PREPARED` / `ROLLBACK PREPARED`.
+//! with `PREPARE TRANSACTION` and resolved with `COMMIT PREPARED` / `ROLLBACK PREPARED` — or,
+//! when it is its transaction's only branch, committed in one phase.
 //!
 //! * **A branch** ([`PgBranch`], reached with [`PostgresResource::branch`]) is one connection
 //!   from the resource's pool with an open transaction, on which the application runs its own
-//!   statements. Begin opens it (and refuses a fenced epoch at once).
-//! * **Prepare** sends, in one round trip, `concord.prepare_branch` — the fence check (a shared
-//!   advisory lock, then the fence epoch; fails when the branch's epoch is below it), the
-//!   read-and-delete of the rows the capture trigger wrote in this transaction (the **redo**),
-//!   the branch's marker row — and `PREPARE TRANSACTION 'concord:<xid>:<resource>'`. The connection then goes back to the pool:
-//!   a prepared transaction belongs to the server, not to the session. A branch that wrote
-//!   nothing (no transaction id was ever assigned) votes read-only and is simply ended.
+//!   statements. Begin takes the connection (and refuses a fenced epoch at once); the `BEGIN`
+//!   goes out with the branch's first statement, in the same round trip. Statements are
+//!   prepared once per connection and cached.
+//! * **Sessions and the fence.** Every pooled session takes the *session lock* (an advisory
+//!   lock) shared when it is created and holds it for as long as it lives, then reads the fence
+//!   epoch. [`Resource::fence`] ends every session holding that lock (their open branches roll
+//!   back), takes it exclusively, and only then raises the epoch. So while a session lives, the
+//!   fence is what it read: a branch of an older epoch is refused at begin, and a branch that
+//!   began cannot be passed by a fence while it runs.
+//! * **Prepare** sends, in one round trip, `concord.prepare_branch` — the fence check under the
+//!   *fence lock* (a second advisory lock, taken shared by the transaction, so held by the
+//!   prepared transaction until it is resolved), the branch's captured row images (the
+//!   **redo**), the branch's marker row — and `PREPARE TRANSACTION 'concord:<xid>:<resource>'`.
+//!   The connection then goes back to the pool: a prepared transaction belongs to the server,
+//!   not to the session. A branch that wrote nothing votes read-only.
 //! * **Commit / rollback** run `COMMIT PREPARED` / `ROLLBACK PREPARED` on any pooled connection.
 //!   When the prepared transaction no longer exists, its marker tells what happened to it: a
 //!   commit that finds the marker, or a rollback that finds none, already happened and succeeds;
 //!   the opposite is reported in doubt, never guessed.
 //! * **Recover** lists `pg_prepared_xacts` entries of this database whose gid carries this
 //!   resource's name and an xid of this node.
-//! * **Fence** raises `concord.fence.epoch` after taking the fence's advisory lock exclusively,
-//!   with a lock timeout: a prepared branch of an older epoch holds that lock shared until it is
-//!   resolved, so the fence waits for those — and when they are not resolved within the timeout, it fails naming them instead of
-//!   hanging. An old branch can therefore never be prepared, nor still be unresolved, once a
-//!   fence has succeeded (`docs/postgres.md`).
-//! * **One phase** (a transaction whose only branch is here): `concord.finish_branch` does what
-//!   `prepare_branch` does but leaves the transaction open — no `PREPARE`, so no two-phase
-//!   state file and no second commit record in PostgreSQL's WAL. A branch that captured nothing
-//!   is committed at once (nothing is journaled for it). A branch with redo is committed with a
-//!   plain `COMMIT` on its own connection only after the coordinator made its redo durable,
-//!   while the branch still holds its locks. An error *from the server* to that `COMMIT` means
-//!   it rolled back; a broken connection means nobody knows, and
-//!   [`Resource::one_phase_outcome`] finds out: it ends the branch's backend if it still runs
-//!   that transaction (its pid and transaction id travel in the redo), waits until it is gone,
-//!   and then the marker — written inside the branch — tells committed from not.
+//! * **Fence**, after ending the sessions, takes the fence lock exclusively with a lock timeout:
+//!   a prepared branch of an older epoch holds it shared until it is resolved, so the fence
+//!   waits for those, and when they are not resolved within the timeout it fails naming them
+//!   instead of hanging. An old branch can therefore never be prepared, nor still be
+//!   unresolved, nor commit in one phase, once a fence has succeeded (`docs/postgres.md`).
+//! * **One phase** (a transaction whose only branch is here). A branch expected to have
+//!   nothing to replicate (the previous one had none) is finished with `SAVEPOINT;
+//!   concord.quick_check(); COMMIT` in one round trip: nothing is journaled for it, and the
+//!   coordinator sees a read-only vote. Should it have captured rows after all, the check fails
+//!   before the `COMMIT` runs and the branch returns to the savepoint, intact. A branch with
+//!   redo is finished by `concord.finish_branch` (the redo and the marker, no `PREPARE`: no
+//!   two-phase state file, no second commit record in PostgreSQL's WAL), and committed with a
+//!   plain `COMMIT` on its own connection once the coordinator has made the redo durable, while
+//!   the branch still holds its locks. An error *from the server* to that `COMMIT` means it
+//!   rolled back; a broken connection means nobody knows, and [`Resource::one_phase_outcome`]
+//!   finds out: it ends the branch's backend if it still runs that transaction (its pid and
+//!   transaction id travel in the redo), waits until it is gone, and then the marker — written
+//!   inside the branch — tells committed from not.
+//! * **Capture.** The trigger `concord pg replicate` installs collects each changed row's image
+//!   in a transaction-local setting (spilling to the `concord.capture` table past 64 KiB), so
+//!   capture writes nothing until the branch's end.
 //! * **Replay** applies a redo's row images by primary key (`concord.apply_row`) in one
 //!   transaction, with `concord.replaying` on (the capture trigger stays quiet), together with
 //!   the LSN in `concord.applied`; an LSN at or below the applied one changes nothing.
 //!
 //! The redo (version 1) is JSON: `{"v":1,"rows":[[table, op, pk, row], …]}` (one-phase redo
-//! adds `"txid"` and `"pid"`, which replay ignores), where `table` is
-//! the quoted `schema.table`, `op` is `"U"` (the row now has this image) or `"D"` (the row with
-//! this key is gone), `pk` an object of the primary key's columns and `row` the whole row
-//! (`to_jsonb`), `null` for a delete.
+//! adds `"txid"` and `"pid"`, which replay ignores), where `table` is the quoted
+//! `schema.table`, `op` is `"U"` (the row now has this image) or `"D"` (the row with this key
+//! is gone), `pk` an object of the primary key's columns and `row` the whole row (`to_jsonb`),
+//! `null` for a delete. Since schema version 2 the capture leaves `pk` to the reader (`null`)
+//! and `row` is the old row for a delete: the row image holds the key, and replay takes it from
+//! the table's primary key.
 //!
 //! [`install`] and [`replicate`] set up a database (`concord pg install|replicate`);
 //! [`PostgresResource::open`] checks it: the schema version, and `max_prepared_transactions`
@@ -54,7 +71,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime};
+use deadpool_postgres::{
+    ClientWrapper, Hook, HookError, Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime,
+};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, NoTls, Row, SimpleQueryMessage};
@@ -123,14 +142,17 @@ struct Inner {
     /// Branches readied for a one-phase commit: their connection, inside the transaction.
     ready: Mutex<HashMap<Xid, Object>>,
     /// Whether the last one-phase branch had redo: then the next one is finished in its own
-    /// round trip rather than tried with the fence check and `COMMIT` in one (see
-    /// [`Inner::finish_quick`]).
+    /// round trip rather than tried with its `COMMIT` in one (see [`Inner::finish_quick`]).
     expect_redo: AtomicBool,
     commits: AtomicU64,
     /// The highest fence epoch this instance has seen (read at open, raised by `fence`, by
     /// `fence_epoch` and by a fenced prepare).
-    fence_seen: AtomicU64,
+    fence_seen: Arc<AtomicU64>,
 }
+
+/// The advisory lock every pooled session holds shared for as long as it lives (see the module
+/// docs); `fence` takes it exclusively.
+const SESSION_LOCK: &str = "1668247139, 1717923428";
 
 /// An application's handle on one branch: its statements run in the branch's transaction.
 pub struct PgBranch {
@@ -342,7 +364,36 @@ impl PostgresResource {
             },
         );
         let wait = Duration::from_millis(config.pool_wait_ms);
+        let fence_seen = Arc::new(AtomicU64::new(0));
+        let seen = Arc::clone(&fence_seen);
+        // Every session holds the session lock shared, then reads the fence epoch: a fence
+        // raised later must end this session first.
+        let wait_ms = config.pool_wait_ms.max(1);
+        let hold_session_lock = Hook::async_fn(move |client: &mut ClientWrapper, _| {
+            let seen = Arc::clone(&seen);
+            Box::pin(async move {
+                // Bounded: a fence holds the lock exclusively only while it raises the epoch.
+                client
+                    .batch_execute(&format!(
+                        "SET lock_timeout = {wait_ms};
+                         SELECT pg_advisory_lock_shared({SESSION_LOCK});
+                         RESET lock_timeout"
+                    ))
+                    .await
+                    .map_err(HookError::Backend)?;
+                // Missing before `concord pg install`: `open` reports that.
+                if let Ok(row) = client
+                    .query_one("SELECT epoch FROM concord.fence WHERE id = 1", &[])
+                    .await
+                {
+                    let epoch: i64 = row.get(0);
+                    seen.fetch_max(u64::try_from(epoch).unwrap_or(0), Ordering::AcqRel);
+                }
+                Ok(())
+            })
+        });
         let pool = Pool::builder(manager)
+            .post_create(hold_session_lock)
             .max_size(config.pool_size.max(2))
             .runtime(Runtime::Tokio1)
             .wait_timeout(Some(wait))
@@ -360,7 +411,7 @@ impl PostgresResource {
             ready: Mutex::new(HashMap::new()),
             expect_redo: AtomicBool::new(false),
             commits: AtomicU64::new(0),
-            fence_seen: AtomicU64::new(0),
+            fence_seen,
         });
         let conn = inner.conn().await?;
         let max: String = conn
@@ -508,6 +559,16 @@ impl Resource for PostgresResource {
         }
         // The BEGIN goes out with the branch's first statement.
         let conn = inner.conn().await?;
+        // A new session read the fence when it was created; an older one still lives, so no
+        // fence was raised since it read it.
+        let fence = inner.fence_seen.load(Ordering::Acquire);
+        if xid.epoch.0 < fence {
+            return Err(ResourceError::Fenced {
+                resource: inner.name.clone(),
+                offered: xid.epoch,
+                current: Epoch(fence),
+            });
+        }
         let branch = BranchConn { conn, begun: false };
         inner
             .slots()
@@ -648,13 +709,22 @@ impl Resource for PostgresResource {
             return Ok(Vote::ReadOnly);
         }
         if conn.is_closed() {
-            // No COMMIT can have gone out on it: the server ended the transaction.
+            // No COMMIT can have gone out on it: the server ended the transaction — a fence
+            // does that to the sessions of older epochs.
+            let fence = self.fence_epoch().await.unwrap_or(Epoch(0));
+            if fence > xid.epoch {
+                return Err(ResourceError::Fenced {
+                    resource: inner.name.clone(),
+                    offered: xid.epoch,
+                    current: fence,
+                });
+            }
             return Err(inner.unavailable(format!(
                 "branch {xid}: the connection to {} closed before the commit (the server restarted or dropped it), so the branch's work is lost; run the transaction again",
                 inner.target
             )));
         }
-        // Expected to have nothing to replicate: fence check and COMMIT in one round trip.
+        // Expected to have nothing to replicate: the check and the COMMIT in one round trip.
         if !inner.expect_redo.load(Ordering::Relaxed) {
             match inner.finish_quick(&conn, xid).await {
                 Ok(Quick::Committed) => return Ok(Vote::ReadOnly),
@@ -771,12 +841,11 @@ impl Inner {
         }
     }
 
-    /// `concord.finish_branch`: the fence check, the redo and (with redo) the marker, leaving the
-    /// transaction open. The redo is empty when nothing was captured.
+    /// `concord.finish_branch`: the redo and (with redo) the marker, leaving the transaction
+    /// open. The redo is empty when nothing was captured.
     async fn finish_on(&self, conn: &Client, xid: &Xid) -> Result<Vec<u8>> {
         let sql = format!(
-            "SELECT concord.finish_branch({epoch}, {gid}, {xid_lit}, {node})",
-            epoch = xid.epoch.0,
+            "SELECT concord.finish_branch({gid}, {xid_lit}, {node})",
             gid = quote_literal(&self.gid(xid)),
             xid_lit = quote_literal(&xid.to_string()),
             node = xid.node,
@@ -787,15 +856,12 @@ impl Inner {
         }
     }
 
-    /// The fence check and `COMMIT` in one round trip, behind a savepoint: `HasRedo` when the
-    /// branch captured rows after all (`concord.finish_quick` refused, so the `COMMIT` did not
-    /// run; the branch is back at the savepoint, as it was).
+    /// `concord.quick_check` and `COMMIT` in one round trip, behind a savepoint: `HasRedo` when
+    /// the branch captured rows after all (the check refused, so the `COMMIT` did not run; the
+    /// branch is back at the savepoint, as it was).
     async fn finish_quick(&self, conn: &Client, xid: &Xid) -> Result<Quick> {
-        let sql = format!(
-            "SAVEPOINT concord_finish; SELECT concord.finish_quick({}); COMMIT",
-            xid.epoch.0
-        );
-        match conn.batch_execute(&sql).await {
+        let sql = "SAVEPOINT concord_finish; SELECT concord.quick_check(); COMMIT";
+        match conn.batch_execute(sql).await {
             Ok(()) => Ok(Quick::Committed),
             Err(e) if e.code().is_some_and(|c| c.code() == "CF003") => {
                 conn.batch_execute("ROLLBACK TO SAVEPOINT concord_finish")
@@ -987,7 +1053,7 @@ impl Inner {
     }
 
     async fn fence(&self, epoch: Epoch) -> Result<()> {
-        let mut conn = self.conn().await?;
+        let conn = self.conn().await?;
         let new = i64::try_from(epoch.0)
             .map_err(|_| self.rejected(format!("epoch {epoch} is out of range")))?;
         // Already there: nothing to wait for (the fence that raised it did the waiting).
@@ -1001,13 +1067,38 @@ impl Inner {
                 .fetch_max(u64::try_from(current).unwrap_or(0), Ordering::AcqRel);
             return Ok(());
         }
-        let tx = conn.transaction().await.map_err(|e| self.db("begin", &e))?;
-        tx.batch_execute(&format!(
-            "SET LOCAL lock_timeout = {}",
-            self.config.fence_wait_ms.max(1)
-        ))
-        .await
-        .map_err(|e| self.db("set the lock timeout", &e))?;
+        drop(conn);
+        let started = tokio::time::Instant::now();
+        let wait = Duration::from_millis(self.config.fence_wait_ms.max(1));
+        // A connection of its own, outside the pool: it must not hold the session lock shared.
+        let (mut client, _) = connect(&self.name, &self.config.url).await?;
+        self.end_sessions(&client, started + wait).await?;
+        let left = wait.saturating_sub(started.elapsed()).as_millis().max(1);
+        let result = self.raise_fence(&mut client, epoch, new, left).await;
+        // Ending the fence's session releases the session lock; this instance's own pooled
+        // sessions were ended too, so the idle ones go.
+        drop(client);
+        self.pool.retain(|_, _| false);
+        result
+    }
+
+    /// Raises the stored epoch to `new` once no prepared branch holds the fence lock, waiting at
+    /// most `left_ms`.
+    async fn raise_fence(
+        &self,
+        client: &mut Client,
+        epoch: Epoch,
+        new: i64,
+        left_ms: u128,
+    ) -> Result<()> {
+        let left = left_ms;
+        let tx = client
+            .transaction()
+            .await
+            .map_err(|e| self.db("begin", &e))?;
+        tx.batch_execute(&format!("SET LOCAL lock_timeout = {left}"))
+            .await
+            .map_err(|e| self.db("set the lock timeout", &e))?;
         let raised = async {
             tx.execute("SELECT pg_advisory_xact_lock(1668247139, 1717923427)", &[])
                 .await?;
@@ -1027,8 +1118,11 @@ impl Inner {
             }
             Err(e) if e.code() == Some(&SqlState::LOCK_NOT_AVAILABLE) => {
                 drop(tx);
-                let waiting: Vec<String> =
-                    self.prepared_gids_below(epoch).await.unwrap_or_default();
+                // On this connection: a pooled one would wait for the session lock it holds.
+                let waiting: Vec<String> = self
+                    .prepared_gids_below(client, epoch)
+                    .await
+                    .unwrap_or_default();
                 Err(self.unavailable(format!(
                     "fence to epoch {epoch} waited {} ms for prepared branches of older epochs to be resolved: {}; resolve them (recovery commits or rolls them back, or `concord txn resolve`) and fence again",
                     self.config.fence_wait_ms,
@@ -1043,9 +1137,60 @@ impl Inner {
         }
     }
 
+    /// Ends every session holding the session lock shared — the pooled sessions of every
+    /// instance, whose branches are thereby rolled back — and takes it exclusively, so that no
+    /// session of an older epoch can still commit a one-phase branch. Sessions that come back in
+    /// the meantime are ended again, until `deadline`.
+    async fn end_sessions(&self, client: &Client, deadline: tokio::time::Instant) -> Result<()> {
+        client
+            .batch_execute("SET lock_timeout = 100")
+            .await
+            .map_err(|e| self.db("set the lock timeout", &e))?;
+        let (classid, objid) = (1_668_247_139i64, 1_717_923_428i64);
+        loop {
+            let ended = client
+                .query(
+                    "SELECT pid, pg_terminate_backend(pid) FROM pg_locks
+                      WHERE locktype = 'advisory' AND classid::bigint = $1 AND objid::bigint = $2
+                        AND objsubid = 2 AND granted AND pid <> pg_backend_pid()
+                        AND database = (SELECT oid FROM pg_database
+                                         WHERE datname = current_database())",
+                    &[&classid, &objid],
+                )
+                .await
+                .map_err(|e| {
+                    self.db(
+                        "end the sessions of older epochs (the fence needs the right to: the same role, or pg_signal_backend)",
+                        &e,
+                    )
+                })?;
+            if !ended.is_empty() {
+                tracing::info!(resource = %self.name, sessions = ended.len(), "fence ended sessions holding the session lock");
+            }
+            match client
+                .batch_execute(&format!("SELECT pg_advisory_lock({SESSION_LOCK})"))
+                .await
+            {
+                Ok(()) => return Ok(()),
+                Err(e)
+                    if e.code() == Some(&SqlState::LOCK_NOT_AVAILABLE)
+                        && tokio::time::Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                Err(e) if e.code() == Some(&SqlState::LOCK_NOT_AVAILABLE) => {
+                    return Err(self.unavailable(format!(
+                        "fence could not end the sessions holding the session lock within {} ms (they keep coming back); stop the old primary and fence again",
+                        self.config.fence_wait_ms
+                    )));
+                }
+                Err(e) => return Err(self.db("take the session lock", &e)),
+            }
+        }
+    }
+
     /// Every prepared `concord:` gid (of any node and resource) of an epoch below `epoch`.
-    async fn prepared_gids_below(&self, epoch: Epoch) -> Result<Vec<String>> {
-        let conn = self.conn().await?;
+    async fn prepared_gids_below(&self, conn: &Client, epoch: Epoch) -> Result<Vec<String>> {
         let rows = conn
             .query(
                 "SELECT gid FROM pg_prepared_xacts
@@ -1330,8 +1475,8 @@ pub fn decode_redo(redo: &[u8]) -> Result<Vec<RowImage>, String> {
             .as_str()
             .filter(|o| *o == "U" || *o == "D")
             .ok_or("an op is not U or D")?;
-        if !parts[2].is_object() {
-            return Err("a primary key is not an object".into());
+        if !(parts[2].is_object() || parts[2].is_null() && parts[3].is_object()) {
+            return Err("a primary key is neither an object nor left to a row image".into());
         }
         out.push((
             table.to_string(),

@@ -662,8 +662,8 @@ async fn a_large_capture_spills_to_the_table_and_keeps_its_order() {
         };
         let rows = postgres::decode_redo(&redo).unwrap();
         assert_eq!(rows.len(), 1001);
-        assert_eq!(rows[0].2["tag"], base + 1);
-        assert_eq!(rows[999].2["tag"], base + 1000);
+        assert_eq!(rows[0].3["tag"], base + 1);
+        assert_eq!(rows[999].3["tag"], base + 1000);
         assert_eq!(rows[1000].3["note"], "last");
         if one_phase {
             primary.commit_one_phase(&x).await.unwrap();
@@ -804,5 +804,18 @@ async fn a_fenced_one_phase_branch_is_refused_and_rolled_back() {
     assert_eq!(
         cluster.psql(&db, "SELECT count(*) FROM effects").unwrap(),
         "0"
+    );
+    // The fence ended the old instance's pooled sessions: its next branch of the old epoch is
+    // refused at begin, by the session that replaced them.
+    let later = primary.begin(&xid(2, 1)).await.unwrap_err();
+    assert!(
+        matches!(
+            later,
+            ResourceError::Fenced {
+                current: Epoch(5),
+                ..
+            }
+        ),
+        "{later}"
     );
 }

@@ -489,9 +489,11 @@ fn check_order_redo(
             return;
         }
     };
-    for (_, op, pk, _) in rows {
-        let run = pk.get("run").and_then(|v| v.as_str()).unwrap_or_default();
-        let i = pk.get("i").and_then(|v| v.as_u64()).unwrap_or(u64::MAX);
+    for (_, op, pk, row) in rows {
+        // The key, or the row image that holds it.
+        let key = if pk.is_object() { pk } else { row };
+        let run = key.get("run").and_then(|v| v.as_str()).unwrap_or_default();
+        let i = key.get("i").and_then(|v| v.as_u64()).unwrap_or(u64::MAX);
         if op == "U" && !orders.rows.contains(&(run.to_string(), i)) {
             problems.push(format!("{xid}: decided, but order ({run}, {i}) is missing"));
         }

@@ -38,14 +38,17 @@
 //!   — until that holds 64 KiB; further images go to `concord.capture`, and
 //!   `concord.spilled = on` says so. A rolled-back savepoint takes its images with it either way.
 //! * `concord.take_rows()` takes both out, in capture order; `prepare_branch` uses it.
-//! * `concord.finish_branch(epoch, gid, xid, node)` is a prepare without the `PREPARE`, for a
-//!   branch that commits in one phase: `''` when it captured nothing (and no marker: nothing
-//!   will be journaled to ask about it), otherwise it writes the marker and returns the whole
-//!   redo, naming the transaction id and backend pid by which a later question can tell whether
-//!   the branch still runs.
-//! * `concord.finish_quick(epoch)` is the fence check sent in one round trip with the `COMMIT`
-//!   of a branch expected to have nothing to replicate; it fails with `CF003` (so the `COMMIT`
-//!   does not run) when the branch captured rows after all.
+//! * `concord.finish_branch(gid, xid, node)` is a prepare without the `PREPARE`, for a branch
+//!   that commits in one phase: `''` when it captured nothing (and no marker: nothing will be
+//!   journaled to ask about it), otherwise it writes the marker and returns the whole redo,
+//!   naming the transaction id and backend pid by which a later question can tell whether the
+//!   branch still runs. It checks no fence: every pooled session holds the *session lock*
+//!   (advisory, 1668247139, 1717923428) shared from its start, and reads the fence epoch after
+//!   taking it, so a fence — which ends those sessions and takes the lock exclusively before it
+//!   raises the epoch — cannot pass a live session of an older epoch.
+//! * `concord.quick_check()` is sent in one round trip with the `COMMIT` of a branch expected
+//!   to have nothing to replicate; it fails with `CF003` (so the `COMMIT` does not run) when the
+//!   branch captured rows after all.
 
 use tokio_postgres::Client;
 
@@ -193,61 +196,96 @@ END $$;
 
 const V2: &str = r#"
 -- Row images collect in a transaction-local setting (no table write, no WAL, nothing to vacuum)
--- until it holds 64 KiB; beyond, in concord.capture, which concord.spilled says.
+-- until it holds 64 KiB; beyond, in concord.capture (column entry), which concord.spilled says.
+-- The primary key is left to the reader (null): the row image holds it, and for a delete the
+-- image is the old row. Only an update has to look at the key, to see whether it changed.
+ALTER TABLE concord.capture ALTER COLUMN pk DROP NOT NULL;
+ALTER TABLE concord.capture ADD COLUMN IF NOT EXISTS entry text;
+
 CREATE OR REPLACE FUNCTION concord.capture_row() RETURNS trigger
 LANGUAGE plpgsql AS $$
 DECLARE
-    tbl text := format('%I.%I', TG_TABLE_SCHEMA, TG_TABLE_NAME);
-    new_image jsonb;
+    tbl text;
+    entry text;
     old_image jsonb;
-    new_pk jsonb := '{}';
-    old_pk jsonb := '{}';
+    new_image jsonb;
+    moved boolean := false;
     k text;
-    ops "char"[] := '{}';
-    pks jsonb[] := '{}';
-    images jsonb[] := '{}';
     acc text;
 BEGIN
     IF current_setting('concord.replaying', true) = 'on' THEN
         RETURN NULL;
     END IF;
-    IF TG_OP <> 'INSERT' THEN
+    tbl := quote_ident(TG_TABLE_SCHEMA) || '.' || quote_ident(TG_TABLE_NAME);
+    IF TG_OP = 'INSERT' THEN
+        entry := json_build_array(tbl, 'U', NULL, to_json(NEW))::text;
+    ELSIF TG_OP = 'DELETE' THEN
+        entry := json_build_array(tbl, 'D', NULL, to_json(OLD))::text;
+    ELSE
         old_image := to_jsonb(OLD);
-        FOREACH k IN ARRAY TG_ARGV LOOP
-            old_pk := old_pk || jsonb_build_object(k, old_image -> k);
-        END LOOP;
-    END IF;
-    IF TG_OP <> 'DELETE' THEN
         new_image := to_jsonb(NEW);
         FOREACH k IN ARRAY TG_ARGV LOOP
-            new_pk := new_pk || jsonb_build_object(k, new_image -> k);
+            IF old_image -> k IS DISTINCT FROM new_image -> k THEN
+                moved := true;
+            END IF;
         END LOOP;
-    END IF;
-    IF TG_OP = 'DELETE' OR (TG_OP = 'UPDATE' AND old_pk IS DISTINCT FROM new_pk) THEN
-        ops := ops || 'D'::"char";
-        pks := pks || old_pk;
-        images := images || NULL::jsonb;
-    END IF;
-    IF TG_OP <> 'DELETE' THEN
-        ops := ops || 'U'::"char";
-        pks := pks || new_pk;
-        images := images || new_image;
-    END IF;
-    FOR i IN 1 .. array_length(ops, 1) LOOP
-        acc := current_setting('concord.redo', true);
-        IF current_setting('concord.spilled', true) = 'on' OR length(acc) > 65536 THEN
-            PERFORM set_config('concord.spilled', 'on', true);
-            INSERT INTO concord.capture (tbl, op, pk, row_image)
-                VALUES (tbl, ops[i], pks[i], images[i]);
-        ELSIF acc IS NULL OR acc = '' THEN
-            PERFORM set_config('concord.redo',
-                jsonb_build_array(tbl, ops[i]::text, pks[i], images[i])::text, true);
-        ELSE
-            PERFORM set_config('concord.redo',
-                acc || ',' || jsonb_build_array(tbl, ops[i]::text, pks[i], images[i])::text, true);
+        entry := json_build_array(tbl, 'U', NULL, new_image)::text;
+        IF moved THEN
+            entry := json_build_array(tbl, 'D', NULL, old_image)::text || ',' || entry;
         END IF;
-    END LOOP;
+    END IF;
+    acc := current_setting('concord.redo', true);
+    IF acc IS NULL OR acc = '' THEN
+        PERFORM set_config('concord.redo', entry, true);
+    ELSIF octet_length(acc) <= 65536 THEN
+        PERFORM set_config('concord.redo', acc || ',' || entry, true);
+    ELSE
+        -- Once spilled, always spilled (the setting stays full): the order holds.
+        PERFORM set_config('concord.spilled', 'on', true);
+        INSERT INTO concord.capture (tbl, op, entry) VALUES (tbl, 'E', entry);
+    END IF;
     RETURN NULL;
+END $$;
+
+-- Replay of an image whose key the capture left to the reader.
+CREATE OR REPLACE FUNCTION concord.apply_row(tbl text, op "char", pk jsonb, row_image jsonb) RETURNS void
+LANGUAGE plpgsql AS $$
+DECLARE
+    cond text;
+    cols text;
+    keys text;
+    sets text;
+BEGIN
+    IF pk IS NULL OR jsonb_typeof(pk) = 'null' THEN
+        -- Left to the reader by the capture: the key's columns of the image.
+        SELECT jsonb_object_agg(a.attname, row_image -> a.attname) INTO pk
+            FROM pg_index i
+            JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey)
+            WHERE i.indrelid = tbl::regclass AND i.indisprimary;
+        IF pk IS NULL THEN
+            RAISE EXCEPTION 'concord: table % has no primary key to replay by', tbl;
+        END IF;
+    END IF;
+    IF op = 'D' THEN
+        SELECT string_agg(format('%I = (jsonb_populate_record(NULL::%s, $1)).%I', k, tbl, k), ' AND ')
+            INTO cond FROM jsonb_object_keys(pk) AS k;
+        EXECUTE format('DELETE FROM %s WHERE %s', tbl, cond) USING pk;
+        RETURN;
+    END IF;
+    -- An upsert, not a delete and insert: rows that reference this one stay, and identity
+    -- columns take the primary's values; generated columns are computed again.
+    SELECT string_agg(quote_ident(a.attname), ', ' ORDER BY a.attnum),
+           string_agg(format('%1$I = excluded.%1$I', a.attname), ', ' ORDER BY a.attnum)
+               FILTER (WHERE NOT pk ? a.attname AND a.attidentity <> 'a')
+        INTO cols, sets
+        FROM pg_attribute a
+        WHERE a.attrelid = tbl::regclass AND a.attnum > 0 AND NOT a.attisdropped
+          AND a.attgenerated = '';
+    SELECT string_agg(quote_ident(k), ', ') INTO keys FROM jsonb_object_keys(pk) AS k;
+    EXECUTE format(
+        'INSERT INTO %s (%s) OVERRIDING SYSTEM VALUE SELECT %s FROM jsonb_populate_record(NULL::%s, $1) ON CONFLICT (%s) DO %s',
+        tbl, cols, cols, tbl, keys,
+        CASE WHEN sets IS NULL THEN 'NOTHING' ELSE 'UPDATE SET ' || sets END) USING row_image;
 END $$;
 
 -- The branch's row images as the JSON text of an array's elements ('' when none), taken out
@@ -260,8 +298,9 @@ DECLARE
 BEGIN
     IF current_setting('concord.spilled', true) = 'on' THEN
         WITH d AS (DELETE FROM concord.capture WHERE txid = pg_current_xact_id()
-                   RETURNING id, tbl, op, pk, row_image)
-        SELECT string_agg(json_build_array(tbl, op::text, pk, row_image)::text, ',' ORDER BY id)
+                   RETURNING id, tbl, op, pk, row_image, entry)
+        SELECT string_agg(coalesce(entry, json_build_array(tbl, op::text, pk, row_image)::text),
+                          ',' ORDER BY id)
             INTO spilled FROM d;
         IF spilled IS NOT NULL THEN
             rows := CASE WHEN rows = '' THEN spilled ELSE rows || ',' || spilled END;
@@ -288,17 +327,16 @@ BEGIN
     RETURN '[' || rows || ']';
 END $$;
 
--- A one-phase branch's end: the fence check and the redo, the transaction left open. '' when
--- nothing was captured (no marker then); otherwise the marker is written and the whole redo
--- returned, naming the transaction and the backend.
-CREATE OR REPLACE FUNCTION concord.finish_branch(branch_epoch bigint, branch_gid text, branch_xid text,
-                                      branch_node integer) RETURNS text
+-- A one-phase branch's end: the redo, the transaction left open. '' when nothing was captured
+-- (no marker then); otherwise the marker is written and the whole redo returned, naming the
+-- transaction and the backend. No fence check: the branch's session holds the session lock
+-- (1668247139, 1717923428) shared, which a fence must take exclusively after ending it.
+CREATE OR REPLACE FUNCTION concord.finish_branch(branch_gid text, branch_xid text,
+                                                 branch_node integer) RETURNS text
 LANGUAGE plpgsql AS $$
 DECLARE
-    rows text;
+    rows text := concord.take_rows();
 BEGIN
-    PERFORM concord.check_fence(branch_epoch);
-    rows := concord.take_rows();
     IF rows = '' THEN
         RETURN '';
     END IF;
@@ -307,29 +345,24 @@ BEGIN
                   pg_current_xact_id(), pg_backend_pid(), rows);
 END $$;
 
--- The fence check of a one-phase branch sent together with its COMMIT: fails with CF003, and
--- so keeps the COMMIT from running, when the branch captured rows (they must be journaled
--- first); the caller then rolls back to the savepoint sent before it and finishes the branch.
-CREATE OR REPLACE FUNCTION concord.finish_quick(branch_epoch bigint) RETURNS void
+-- Refuses, with CF003, to let a COMMIT sent behind it run: the branch captured rows, which must
+-- be journaled first. Called only then (see concord.quick_check).
+CREATE OR REPLACE FUNCTION concord.has_redo() RETURNS void
 LANGUAGE plpgsql AS $$
-DECLARE
-    current bigint;
 BEGIN
-    IF coalesce(current_setting('concord.redo', true), '') <> ''
-       OR current_setting('concord.spilled', true) = 'on' THEN
-        RAISE EXCEPTION 'concord: the branch has redo to journal' USING ERRCODE = 'CF003';
-    END IF;
-    PERFORM pg_advisory_xact_lock_shared(1668247139, 1717923427);
-    IF current_setting('transaction_isolation') = 'read committed' THEN
-        SELECT epoch INTO current FROM concord.fence WHERE id = 1;
-    ELSE
-        SELECT epoch INTO current FROM concord.fence WHERE id = 1 FOR SHARE;
-    END IF;
-    IF current > branch_epoch THEN
-        RAISE EXCEPTION 'concord: epoch % is fenced (the database is at epoch %)', branch_epoch, current
-            USING ERRCODE = 'CF001';
-    END IF;
+    RAISE EXCEPTION 'concord: the branch has redo to journal' USING ERRCODE = 'CF003';
 END $$;
+
+-- Sent with the COMMIT of a branch expected to have nothing to replicate: plain SQL, inlined,
+-- so that the usual case costs no PL/pgSQL call.
+CREATE OR REPLACE FUNCTION concord.quick_check() RETURNS void
+LANGUAGE sql AS $$
+    SELECT CASE
+        WHEN coalesce(current_setting('concord.redo', true), '') <> ''
+          OR coalesce(current_setting('concord.spilled', true), '') = 'on'
+        THEN concord.has_redo()
+    END
+$$;
 "#;
 
 /// What [`install`] did.
