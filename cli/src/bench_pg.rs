@@ -211,7 +211,9 @@ async fn plain(
     for _ in 0..clients {
         let conn = connect(url).await?;
         let insert = conn
-            .prepare(&format!("INSERT INTO {PLAIN_TABLE} VALUES ($1, $2, 'item')"))
+            .prepare(&format!(
+                "INSERT INTO {PLAIN_TABLE} VALUES ($1, $2, 'item')"
+            ))
             .await?;
         connections.push(Arc::new(tokio::sync::Mutex::new((conn, insert))));
     }
@@ -225,7 +227,8 @@ async fn plain(
             let (conn, insert) = &mut *guard;
             let id = base + i64::try_from(client)? * 10_000_000 + i64::try_from(n)?;
             let tx = conn.transaction().await?;
-            tx.execute(&*insert, &[&id, &i32::try_from(client)?]).await?;
+            tx.execute(&*insert, &[&id, &i32::try_from(client)?])
+                .await?;
             if two_phase {
                 let gid = format!("concord-bench:{id}");
                 tx.batch_execute(&format!("PREPARE TRANSACTION '{gid}'"))
