@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use adapters::{Epoch, Lsn, Resource, ResourceError, Vote, Xid};
+use adapters::{Epoch, Lsn, OnePhaseOutcome, Resource, ResourceError, Vote, Xid};
 use coordinator::record::CoordRecord;
 use coordinator::{CoordError, Coordinator, CoordinatorConfig, Outcome, RetryPolicy};
 use journal::{Journal, JournalConfig};
@@ -31,6 +31,15 @@ struct Mem {
     hold_prepares: AtomicBool,
     /// While set, commit waits.
     hold_commits: AtomicBool,
+    /// Offers one-phase commit.
+    one_phase: AtomicBool,
+    /// One phase: the branches readied, and the ones whose commit took effect.
+    ready: Mutex<HashSet<Xid>>,
+    /// One phase: the next commits lose their answer (they take effect, the caller gets an
+    /// error), this many times.
+    lose_answers: AtomicU32,
+    /// One phase: the next answers to "what became of it" fail, this many times.
+    outcome_failures: AtomicU32,
 }
 
 /// Waits while `hold` is set.
@@ -124,6 +133,50 @@ impl Resource for Mem {
     }
     async fn applied_lsn(&self) -> Result<Lsn, ResourceError> {
         Ok(Lsn::ZERO)
+    }
+    fn supports_one_phase(&self) -> bool {
+        self.one_phase.load(Ordering::Relaxed)
+    }
+    async fn prepare_one_phase(&self, xid: &Xid) -> Result<Vote, ResourceError> {
+        self.ready.lock().unwrap().insert(*xid);
+        Ok(Vote::Commit {
+            redo: format!("redo of {}", self.name).into_bytes(),
+        })
+    }
+    async fn commit_one_phase(&self, xid: &Xid) -> Result<OnePhaseOutcome, ResourceError> {
+        self.ready.lock().unwrap().remove(xid);
+        self.committed.lock().unwrap().push(*xid);
+        let left = self.lose_answers.load(Ordering::Relaxed);
+        if left > 0 {
+            self.lose_answers.store(left - 1, Ordering::Relaxed);
+            return Err(ResourceError::InDoubt {
+                resource: self.name.clone(),
+                message: "connection closed during COMMIT".into(),
+            });
+        }
+        Ok(OnePhaseOutcome::Committed)
+    }
+    async fn one_phase_outcome(
+        &self,
+        xid: &Xid,
+        _redo: &[u8],
+    ) -> Result<OnePhaseOutcome, ResourceError> {
+        let left = self.outcome_failures.load(Ordering::Relaxed);
+        if left > 0 {
+            self.outcome_failures.store(left - 1, Ordering::Relaxed);
+            return Err(ResourceError::Unavailable {
+                resource: self.name.clone(),
+                message: "down".into(),
+            });
+        }
+        self.ready.lock().unwrap().remove(xid);
+        if self.committed().contains(xid) {
+            Ok(OnePhaseOutcome::Committed)
+        } else {
+            Ok(OnePhaseOutcome::RolledBack {
+                reason: "it never committed".into(),
+            })
+        }
     }
 }
 
@@ -675,4 +728,142 @@ async fn commits_wait_while_max_unfinished_transactions_are_in_phase_two() {
     b.hold_commits.store(false, Ordering::SeqCst);
     assert!(c.wait_settled(Duration::from_secs(5)).await);
     c.shutdown(Duration::from_secs(5)).await;
+}
+
+fn one_phase(name: &str) -> Arc<Mem> {
+    let r = Mem::new(name);
+    r.one_phase.store(true, Ordering::Relaxed);
+    r
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lone_branch_commits_in_one_phase_after_its_record_and_ends() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = one_phase("a");
+    let c = open(dir.path(), std::slice::from_ref(&a), config()).await;
+    let xid = c.begin();
+    c.join(&xid, "a").await.unwrap();
+    let outcome = c.commit(&xid).await.unwrap();
+    assert!(
+        matches!(outcome, Outcome::Committed { lsn: Some(_) }),
+        "{outcome:?}"
+    );
+    assert_eq!(a.committed(), vec![xid]);
+    assert!(
+        a.prepared.lock().unwrap().is_empty(),
+        "nothing was prepared"
+    );
+    assert!(c.wait_settled(Duration::from_secs(5)).await);
+    // With one-phase commit off, the same resource takes two phases.
+    let dir_two = tempfile::tempdir().unwrap();
+    let two = open(
+        dir_two.path(),
+        std::slice::from_ref(&a),
+        CoordinatorConfig {
+            one_phase: false,
+            ..config()
+        },
+    )
+    .await;
+    let other = two.begin();
+    two.join(&other, "a").await.unwrap();
+    two.commit(&other).await.unwrap();
+    assert!(two.wait_settled(Duration::from_secs(5)).await);
+    two.shutdown(Duration::from_secs(5)).await;
+    c.shutdown(Duration::from_secs(5)).await;
+    let recs = records(&journal(dir.path()));
+    assert!(
+        matches!(&recs[..], [CoordRecord::OnePhase { xid: x, resource, .. }, CoordRecord::End { xid: y }] if *x == xid && *y == xid && resource == "a"),
+        "{recs:?}"
+    );
+    let recs = records(&journal(dir_two.path()));
+    assert!(
+        matches!(
+            &recs[..],
+            [CoordRecord::Commit { .. }, CoordRecord::End { .. }]
+        ),
+        "{recs:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_one_phase_answer_is_asked_for_until_the_resource_tells() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = one_phase("a");
+    a.lose_answers.store(1, Ordering::Relaxed);
+    a.outcome_failures.store(2, Ordering::Relaxed);
+    let c = open(dir.path(), std::slice::from_ref(&a), config()).await;
+    let xid = c.begin();
+    c.join(&xid, "a").await.unwrap();
+    // The first question fails too: the caller hears "in doubt"; the asking goes on.
+    let outcome = c.commit(&xid).await.unwrap();
+    assert!(
+        matches!(&outcome, Outcome::InDoubt { error } if error.contains("keeps asking")),
+        "{outcome:?}"
+    );
+    assert!(c.wait_settled(Duration::from_secs(5)).await);
+    c.shutdown(Duration::from_secs(5)).await;
+    let recs = records(&journal(dir.path()));
+    assert!(
+        matches!(&recs[..], [CoordRecord::OnePhase { .. }, CoordRecord::End { xid: y }] if *y == xid),
+        "{recs:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recovery_asks_about_one_phase_records_and_operators_cannot_decide_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let xid = |seq| Xid {
+        node: 1,
+        epoch: Epoch(1),
+        seq,
+    };
+    {
+        let j = journal(dir.path());
+        for (seq, resource) in [(20, "a"), (21, "a"), (22, "gone")] {
+            let record = CoordRecord::OnePhase {
+                xid: xid(seq),
+                at_ms: 0,
+                resource: resource.into(),
+                redo: b"r".to_vec(),
+            };
+            j.append(Epoch(1), record.kind(), &record.encode())
+                .unwrap()
+                .wait()
+                .unwrap();
+        }
+    }
+    let a = one_phase("a");
+    a.committed.lock().unwrap().push(xid(20));
+    let (c, report) = Coordinator::open(
+        config(),
+        journal(dir.path()),
+        vec![a.clone() as Arc<dyn Resource>],
+    )
+    .await
+    .unwrap();
+    assert_eq!(report.asked, vec![xid(20), xid(21)]);
+    assert!(
+        report
+            .problems
+            .iter()
+            .any(|p| p.contains("gone") && p.contains(&xid(22).to_string())),
+        "{:?}",
+        report.problems
+    );
+    assert!(c.wait_settled(Duration::from_secs(5)).await);
+    let refused = c.resolve(&xid(22), false, "ops").await.unwrap_err();
+    assert!(refused.to_string().contains("one phase"), "{refused}");
+    c.shutdown(Duration::from_secs(5)).await;
+    let recs = records(&journal(dir.path()));
+    assert!(
+        recs.iter()
+            .any(|r| matches!(r, CoordRecord::End { xid: x } if *x == xid(20))),
+        "{recs:?}"
+    );
+    assert!(
+        recs.iter()
+            .any(|r| matches!(r, CoordRecord::Abort { xid: x, .. } if *x == xid(21))),
+        "{recs:?}"
+    );
 }
