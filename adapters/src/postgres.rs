@@ -843,17 +843,20 @@ impl Inner {
 
     /// `concord.finish_branch`: the redo and (with redo) the marker, leaving the transaction
     /// open. The redo is empty when nothing was captured.
-    async fn finish_on(&self, conn: &Client, xid: &Xid) -> Result<Vec<u8>> {
-        let sql = format!(
-            "SELECT concord.finish_branch({gid}, {xid_lit}, {node})",
-            gid = quote_literal(&self.gid(xid)),
-            xid_lit = quote_literal(&xid.to_string()),
-            node = xid.node,
-        );
-        match conn.simple_query(&sql).await {
-            Ok(messages) => Ok(first_value(&messages).unwrap_or("").as_bytes().to_vec()),
-            Err(e) => Err(self.finish_error(xid, &e)),
-        }
+    async fn finish_on(&self, conn: &Object, xid: &Xid) -> Result<Vec<u8>> {
+        // Prepared once per connection: the server parses and plans it once.
+        let statement = conn
+            .prepare_cached("SELECT concord.finish_branch($1, $2, $3)")
+            .await
+            .map_err(|e| self.finish_error(xid, &e))?;
+        let node = i32::try_from(xid.node)
+            .map_err(|_| self.rejected(format!("node {} is out of range", xid.node)))?;
+        let row = conn
+            .query_one(&statement, &[&self.gid(xid), &xid.to_string(), &node])
+            .await
+            .map_err(|e| self.finish_error(xid, &e))?;
+        let redo: Option<String> = row.get(0);
+        Ok(redo.unwrap_or_default().into_bytes())
     }
 
     /// `concord.quick_check` and `COMMIT` in one round trip, behind a savepoint: `HasRedo` when
