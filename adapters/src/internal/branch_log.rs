@@ -205,22 +205,19 @@ pub(crate) fn log_open_error(name: &str, dir: &Path, e: OpenError) -> ResourceEr
 mod tests {
     use super::*;
 
-    fn xid(seq: u64) -> Xid {
-        Xid {
-            node: 7,
-            epoch: Epoch(3),
-            seq,
-        }
-    }
-
     #[test]
     fn malformed_records_are_refused() {
+        let one = Xid {
+            node: 7,
+            epoch: Epoch(3),
+            seq: 1,
+        };
         assert!(decode(Lsn(1), PREPARED, b"short").is_err());
-        let mut resolved = resolved_payload(&xid(1));
+        let mut resolved = resolved_payload(&one);
         resolved.push(0);
         assert!(decode(Lsn(2), COMMITTED, &resolved).is_err());
         let unknown = RecordKind::new(9, 1);
-        let err = decode(Lsn(3), unknown, &resolved_payload(&xid(1))).err();
+        let err = decode(Lsn(3), unknown, &resolved_payload(&one)).err();
         assert!(err.is_some_and(|e| e.contains("unknown kind")));
     }
 }
