@@ -158,14 +158,22 @@ use std::fs::{self, File, Metadata, OpenOptions};
 use std::io::{self, Read, Write as _};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use journal::{BlobConfig, BlobId, BlobStore, Journal, JournalError};
-use tokio::io::{AsyncRead, AsyncReadExt};
+use journal::{BlobConfig, BlobId, BlobStore, Journal};
+use tokio::io::AsyncRead;
 use tokio::sync::Notify;
 
 use crate::dirsync::DirSync;
+use crate::internal::instance::{Instance, InstanceState, lock};
+use crate::internal::io::{
+    blob_error, blocking, check_log_space, create_dir_durably, fill, lock_private, log_error,
+    parent_of, remove_file_if_exists, sync_file,
+};
+use crate::internal::locks::wait_for_lock;
+use crate::internal::reader::{Reader, put_u32};
+use crate::internal::state_file::{encode_state, read_state_file};
 use crate::{Epoch, Lsn, Resource, ResourceError, Vote, Xid};
 
 mod log;
@@ -178,7 +186,7 @@ pub const PRIVATE_DIR: &str = ".concord";
 /// resource.
 pub fn prepared_on_disk(root: &Path) -> std::result::Result<Vec<Xid>, ResourceError> {
     let dir = root.join(PRIVATE_DIR).join("log");
-    log::live_on_disk(&dir).map_err(|e| log_open_error("files", &dir, e))
+    log::live_on_disk(&dir).map_err(|e| log::log_open_error("files", &dir, e))
 }
 /// Longest path accepted, in bytes.
 pub const PATH_BYTES_MAX: usize = 4096;
@@ -198,15 +206,15 @@ const READ_ONLY_REMEMBERED_MAX: usize = 4096;
 pub const INLINE_FILE_BYTES_MAX: u64 = 64 << 10;
 /// At most this much inline content per branch; further puts go through the blob store.
 pub const INLINE_BRANCH_BYTES_MAX: u64 = 1 << 20;
-/// Free space a prepare wants on the file system before it appends its record (besides the
-/// record itself), so that a full disk refuses the prepare instead of failing the log's write.
-const LOG_SPACE_MARGIN_BYTES: u64 = 64 << 10;
-
 const REDO_VERSION: u8 = 2;
-const STATE_VERSION: u8 = 1;
 const OP_PUT: u8 = 1;
 const OP_DELETE: u8 = 2;
 const OP_PUT_INLINE: u8 = 3;
+
+/// What a panicked blocking task was, in its error.
+const TASK: &str = "file";
+/// What to do about a branch too large for one log record.
+const FEWER: &str = "write fewer paths";
 
 type Result<T, E = ResourceError> = std::result::Result<T, E>;
 
@@ -291,19 +299,19 @@ pub fn encode_redo(entries: &[RedoEntry]) -> Vec<u8> {
 
 /// Decodes a redo; a malformed one is described in the error.
 pub fn decode_redo(redo: &[u8]) -> Result<Vec<RedoEntry>, String> {
-    let mut cursor = Cursor::new(redo);
-    let version = cursor.u8()?;
+    let mut reader = Reader::new(redo);
+    let version = reader.u8()?;
     if version == 0 || version > REDO_VERSION {
         return Err(format!(
             "redo version {version}: this program reads versions 1 to {REDO_VERSION}"
         ));
     }
-    let count = cursor.count()?;
+    let count = read_count(&mut reader)?;
     let mut entries = Vec::with_capacity(count.min(redo.len() / 4));
     for _ in 0..count {
-        entries.push(cursor.entry(version)?);
+        entries.push(read_entry(&mut reader, version)?);
     }
-    cursor.finish()?;
+    reader.finish()?;
     Ok(entries)
 }
 
@@ -492,13 +500,14 @@ impl FilesResource {
         for dir in [&area.private, &area.staging, &area.tmp] {
             create_dir_durably(name, &dirs, dir)?;
         }
-        let lock = lock_root(name, &area.private)?;
+        let lock = lock_private(name, &area.private, "root")?;
         let fs = File::open(&root).map_err(|e| ResourceError::io(name, "open", &root, &e))?;
         clear_dir(name, &area.tmp)?;
         let blobs = open_blobs(name, &area, &config)?;
         let fence = Epoch(read_state_file(name, &area.fence)?);
         let applied_lsn = Lsn(read_state_file(name, &area.applied_lsn)?);
-        let (log, live) = log::open(&area.log).map_err(|e| log_open_error(name, &area.log, e))?;
+        let (log, live) =
+            log::open(&area.log).map_err(|e| log::log_open_error(name, &area.log, e))?;
         let log::Live {
             branches,
             committed,
@@ -631,7 +640,7 @@ impl FilesBranch {
                 ));
             }
             View::Committed => {
-                let exists = blocking(&inner.name, move || {
+                let exists = blocking(&inner.name, TASK, move || {
                     Ok(fs::symlink_metadata(&target).is_ok())
                 })
                 .await?;
@@ -652,7 +661,7 @@ impl FilesBranch {
         }
         let mut file = self.open_read(path).await?;
         let (name, path) = (self.inner.name.clone(), path.to_string());
-        blocking(&self.inner.name, move || {
+        blocking(&self.inner.name, TASK, move || {
             let len = file
                 .metadata()
                 .map_err(|e| ResourceError::io(&name, "inspect", Path::new(&path), &e))?
@@ -680,11 +689,11 @@ impl FilesBranch {
         match inner.view(&self.xid, path)? {
             View::Memory(content) => {
                 let worker = inner.clone();
-                blocking(&inner.name, move || worker.anonymous_file(&content)).await
+                blocking(&inner.name, TASK, move || worker.anonymous_file(&content)).await
             }
             View::Staged(file) => {
                 let shown = path.to_string();
-                blocking(&inner.name, move || {
+                blocking(&inner.name, TASK, move || {
                     File::open(&file).map_err(|e| {
                         ResourceError::io(&name, "open staged content of", Path::new(&shown), &e)
                     })
@@ -694,7 +703,7 @@ impl FilesBranch {
             View::Deleted => Err(not_found(&name, path, "this transaction deleted it")),
             View::Committed => {
                 let target = inner.confine_blocking(path, Use::Read).await?;
-                blocking(&inner.name, move || {
+                blocking(&inner.name, TASK, move || {
                     File::open(&target).map_err(|e| ResourceError::io(&name, "open", &target, &e))
                 })
                 .await
@@ -752,7 +761,7 @@ impl Resource for FilesResource {
             return Ok(());
         };
         let (worker, id, entries) = (inner.clone(), *xid, resolving.entries.clone());
-        let result = blocking(&inner.name, move || {
+        let result = blocking(&inner.name, TASK, move || {
             worker.commit_files(&id, entries.as_deref(), &resolving.changes)
         })
         .await;
@@ -767,7 +776,7 @@ impl Resource for FilesResource {
             return Ok(());
         };
         let (worker, id) = (inner.clone(), *xid);
-        let result = blocking(&inner.name, move || {
+        let result = blocking(&inner.name, TASK, move || {
             worker.remove_staging(&id, &resolving.changes)
         })
         .await;
@@ -797,7 +806,7 @@ impl Resource for FilesResource {
             return Ok(());
         }
         let worker = inner.clone();
-        let written = blocking(&inner.name, move || {
+        let written = blocking(&inner.name, TASK, move || {
             worker.write_state("fence epoch", &worker.area.fence, epoch.0)
         })
         .await;
@@ -821,7 +830,10 @@ impl Resource for FilesResource {
             .map_err(|e| inner.rejected(format!("replay of lsn {lsn}: malformed redo: {e}")))?;
         inner.checkpoint_commits().await?;
         let worker = inner.clone();
-        let applied = blocking(&inner.name, move || worker.replay_files(&entries, lsn)).await;
+        let applied = blocking(&inner.name, TASK, move || {
+            worker.replay_files(&entries, lsn)
+        })
+        .await;
         inner.check(applied)?;
         inner.state().applied_lsn = lsn;
         Ok(())
@@ -850,66 +862,35 @@ struct Resolving {
     changes: BTreeMap<String, Change>,
 }
 
+impl Instance for Inner {
+    type State = State;
+    const KIND: &'static str = "files";
+
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn state_mutex(&self) -> &Mutex<State> {
+        &self.state
+    }
+}
+
+impl InstanceState for State {
+    fn poisoned(&mut self) -> &mut Option<String> {
+        &mut self.poisoned
+    }
+
+    fn poison(&self) -> Option<&str> {
+        self.poisoned.as_deref()
+    }
+
+    fn fence(&self) -> Epoch {
+        self.fence
+    }
+}
+
 // State transitions: each takes the state lock once and does no I/O.
 impl Inner {
-    fn state(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    fn usable(&self, st: &State) -> Result<()> {
-        match &st.poisoned {
-            None => Ok(()),
-            Some(cause) => Err(self.fatal(format!("unusable after an earlier failure ({cause})"))),
-        }
-    }
-
-    fn usable_state<T>(&self, f: impl FnOnce(&State) -> T) -> Result<T> {
-        let st = self.state();
-        self.usable(&st)?;
-        Ok(f(&st))
-    }
-
-    /// Poisons the instance when `result` is a fatal error.
-    fn check<T>(&self, result: Result<T>) -> Result<T> {
-        if let Err(ResourceError::Fatal { message, .. }) = &result {
-            let mut st = self.state();
-            if st.poisoned.is_none() {
-                tracing::error!(resource = %self.name, %message, "files resource poisoned; restart to recover");
-                st.poisoned = Some(message.clone());
-            }
-        }
-        result
-    }
-
-    fn not_fenced(&self, st: &State, xid: &Xid) -> Result<()> {
-        if xid.epoch < st.fence {
-            return Err(ResourceError::Fenced {
-                resource: self.name.clone(),
-                offered: xid.epoch,
-                current: st.fence,
-            });
-        }
-        Ok(())
-    }
-
-    fn rejected(&self, reason: String) -> ResourceError {
-        ResourceError::rejected(&self.name, reason)
-    }
-
-    fn fatal(&self, message: String) -> ResourceError {
-        ResourceError::Fatal {
-            resource: self.name.clone(),
-            message,
-        }
-    }
-
-    fn unavailable(&self, message: String) -> ResourceError {
-        ResourceError::Unavailable {
-            resource: self.name.clone(),
-            message,
-        }
-    }
-
     /// One attempt to lock `path` for `xid`: `Ok(None)` when locked, `Ok(Some(holder))` when
     /// another branch holds it.
     fn try_lock(&self, xid: &Xid, path: &str) -> Result<Option<Xid>> {
@@ -992,7 +973,7 @@ impl Inner {
             })) => {
                 let old = self.area.staged_file(xid, staged);
                 let name = self.name.clone();
-                blocking(&self.name, move || remove_file_if_exists(&name, &old)).await
+                blocking(&self.name, TASK, move || remove_file_if_exists(&name, &old)).await
             }
             Ok(_) => Ok(()),
             Err(e) => match file {
@@ -1005,7 +986,10 @@ impl Inner {
     /// Removes a staged file whose put failed, and returns the failure.
     async fn discard(&self, file: &Path, e: ResourceError) -> ResourceError {
         let (name, file) = (self.name.clone(), file.to_path_buf());
-        let _ = blocking(&self.name, move || remove_file_if_exists(&name, &file)).await;
+        let _ = blocking(&self.name, TASK, move || {
+            remove_file_if_exists(&name, &file)
+        })
+        .await;
         e
     }
 
@@ -1170,7 +1154,7 @@ impl Inner {
                         branch.phase = previous;
                     }
                     drop(st);
-                    return self.check(Err(self.log_error("append a resolution", e)));
+                    return self.check(Err(log_error(&self.name, FEWER, "append a resolution", e)));
                 }
             }
         }
@@ -1187,7 +1171,7 @@ impl Inner {
         if let Some(appending) = appending {
             let durable = appending
                 .await
-                .map_err(|e| self.log_error("append a resolution", e));
+                .map_err(|e| log_error(&self.name, FEWER, "append a resolution", e));
             let lsn = self.check(durable)?;
             if commit {
                 let mut last = lock(&self.checkpoints);
@@ -1212,26 +1196,12 @@ impl Inner {
 impl Inner {
     /// Locks `path` for `xid`, waiting at most `lock_wait_ms_max` for another branch to release it.
     async fn lock_path(&self, xid: &Xid, path: &str) -> Result<()> {
-        let wait = Duration::from_millis(self.config.lock_wait_ms_max);
-        let start = tokio::time::Instant::now();
-        loop {
-            // Registered before the attempt, so a release between the attempt and the wait wakes it.
-            let mut notified = std::pin::pin!(self.released.notified());
-            notified.as_mut().enable();
-            let Some(holder) = self.try_lock(xid, path)? else {
-                return Ok(());
-            };
-            let waited = start.elapsed();
-            if waited >= wait {
-                return Err(ResourceError::Conflict {
-                    resource: self.name.clone(),
-                    what: path.to_string(),
-                    holder: holder.to_string(),
-                    waited_ms: u64::try_from(waited.as_millis()).unwrap_or(u64::MAX),
-                });
-            }
-            let _ = tokio::time::timeout(wait - waited, notified).await;
-        }
+        let wait_ms_max = self.config.lock_wait_ms_max;
+        let what = || path.to_string();
+        wait_for_lock(&self.name, &self.released, wait_ms_max, what, || {
+            self.try_lock(xid, path)
+        })
+        .await
     }
 
     /// Prepares a branch: its entries (content inline, or synced and adopted into the blob
@@ -1260,12 +1230,15 @@ impl Inner {
             self.prepare_entries(xid, &changes)?
         } else {
             let (worker, id) = (self.clone(), *xid);
-            blocking(&self.name, move || worker.prepare_entries(&id, &changes)).await?
+            blocking(&self.name, TASK, move || {
+                worker.prepare_entries(&id, &changes)
+            })
+            .await?
         };
         let redo = encode_redo(&entries);
         let payload = log::prepared_payload(xid, &redo);
         // `statvfs` reads no disk: called here, not on the blocking pool.
-        self.check_log_space(payload.len() as u64)?;
+        check_log_space(&self.name, &self.area.log, payload.len() as u64)?;
         let appending = {
             let mut st = self.state();
             // Set before the append, so that a trim running meanwhile keeps the record.
@@ -1280,7 +1253,7 @@ impl Inner {
             Ok(appending) => appending.await,
             Err(e) => Err(e),
         }
-        .map_err(|e| self.log_error("append the prepare record", e))?;
+        .map_err(|e| log_error(&self.name, FEWER, "append the prepare record", e))?;
         Ok((Arc::new(entries), redo, lsn))
     }
 
@@ -1326,13 +1299,13 @@ impl Inner {
             since
         };
         let worker = self.clone();
-        let result = blocking(&self.name, move || worker.checkpoint(since)).await;
+        let result = blocking(&self.name, TASK, move || worker.checkpoint(since)).await;
         self.check(result)
     }
 
     async fn confine_blocking(self: &Arc<Self>, path: &str, use_: Use) -> Result<PathBuf> {
         let (worker, path) = (self.clone(), path.to_string());
-        blocking(&self.name, move || worker.confine(&path, use_)).await
+        blocking(&self.name, TASK, move || worker.confine(&path, use_)).await
     }
 
     /// Streams `content` into the new file `file` through one buffer, hashing it; the writing and
@@ -1345,7 +1318,7 @@ impl Inner {
         content: &mut (impl AsyncRead + Unpin),
     ) -> Result<(BlobId, u64)> {
         let (name, target) = (self.name.clone(), file.to_path_buf());
-        let (mut out, hasher, mut buf) = blocking(&self.name, move || {
+        let (mut out, hasher, mut buf) = blocking(&self.name, TASK, move || {
             let mut out = create_staged(&name, &target)?;
             let mut hasher = blake3::Hasher::new();
             hasher.update(&head);
@@ -1372,7 +1345,7 @@ impl Inner {
                 )));
             }
             let (name, target) = (self.name.clone(), file.to_path_buf());
-            (out, hasher, buf) = blocking(&self.name, move || {
+            (out, hasher, buf) = blocking(&self.name, TASK, move || {
                 hasher.update(&buf[..n]);
                 out.write_all(&buf[..n]).map_err(|e| {
                     ResourceError::io(&name, "write staged content to", &target, &e)
@@ -1560,42 +1533,6 @@ impl Inner {
         Ok(content)
     }
 
-    /// Refuses a prepare when the log's file system has less free space than the record and a
-    /// margin: a write the log fails half-way poisons it, a refused prepare only rolls back.
-    fn check_log_space(&self, record_bytes: u64) -> Result<()> {
-        let stat = rustix::fs::statvfs(&self.area.log).map_err(|e| {
-            ResourceError::io(
-                &self.name,
-                "inspect the file system of",
-                &self.area.log,
-                &e.into(),
-            )
-        })?;
-        let free = stat.f_bavail.saturating_mul(stat.f_frsize);
-        if free < record_bytes.saturating_add(LOG_SPACE_MARGIN_BYTES) {
-            return Err(ResourceError::io(
-                &self.name,
-                &format!(
-                    "append a prepare record of {record_bytes} bytes ({free} bytes free) to the branch log at"
-                ),
-                &self.area.log,
-                &rustix::io::Errno::NOSPC.into(),
-            ));
-        }
-        Ok(())
-    }
-
-    /// A branch log error: a record over the log's limit is refused (the branch is too large);
-    /// anything else means the log is poisoned or failed, which is fatal.
-    fn log_error(&self, action: &str, e: JournalError) -> ResourceError {
-        match e {
-            JournalError::RecordTooLarge { bytes, max } => self.rejected(format!(
-                "{action}: the branch needs a record of {bytes} bytes, over the log's limit of {max}; write fewer paths per transaction"
-            )),
-            other => self.fatal(format!("{action} to the branch log: {other}")),
-        }
-    }
-
     /// One checkpoint (see the `log` module): `syncfs`, then `CHECKPOINT(upto)`, then the
     /// trim. `since` is the durable LSN at the previous checkpoint: a branch prepared below it
     /// and still prepared has its prepare record carried forward.
@@ -1621,7 +1558,9 @@ impl Inner {
                     let appending = self
                         .log
                         .append(log::LOG_EPOCH, log::PREPARED, &payload)
-                        .map_err(|e| self.log_error("carry a prepare record forward", e))?;
+                        .map_err(|e| {
+                            log_error(&self.name, FEWER, "carry a prepare record forward", e)
+                        })?;
                     carried.push((*xid, appending));
                 }
             }
@@ -1633,7 +1572,7 @@ impl Inner {
         for (xid, appending) in carried {
             let lsn = appending
                 .wait()
-                .map_err(|e| self.log_error("carry a prepare record forward", e))?;
+                .map_err(|e| log_error(&self.name, FEWER, "carry a prepare record forward", e))?;
             needed.insert(xid, lsn);
             if let Some(branch) = self.state().branches.get_mut(&xid) {
                 branch.log_floor = Some(lsn);
@@ -1646,7 +1585,7 @@ impl Inner {
                 &log::checkpoint_payload(upto),
             )
             .and_then(journal::Appending::wait)
-            .map_err(|e| self.log_error("append a checkpoint", e))?;
+            .map_err(|e| log_error(&self.name, FEWER, "append a checkpoint", e))?;
         // Kept: every branch that was open when the checkpoint started (one that committed
         // since may be redone from its prepare record), and everything from `upto` on.
         let floor = needed.into_values().fold(upto, Lsn::min);
@@ -1657,7 +1596,7 @@ impl Inner {
         let removed = self
             .log
             .remove_segments_below(floor)
-            .map_err(|e| self.log_error("remove old segments", e))?;
+            .map_err(|e| log_error(&self.name, FEWER, "remove old segments", e))?;
         tracing::debug!(resource = %self.name, %upto, %floor, removed, "branch log checkpoint");
         Ok(())
     }
@@ -2166,123 +2105,48 @@ fn encode_path(out: &mut Vec<u8>, path: &str) {
     out.extend_from_slice(path.as_bytes());
 }
 
-/// Counts are at most `BRANCH_PATHS_MAX` (checked on every write), so they fit a u32.
-fn put_u32(out: &mut Vec<u8>, n: usize) {
-    out.extend_from_slice(&u32::try_from(n).unwrap_or(u32::MAX).to_le_bytes());
-}
-
-/// Reads the encodings, refusing short input, over-limit lengths and trailing bytes.
-struct Cursor<'a> {
-    bytes: &'a [u8],
-}
-
-impl<'a> Cursor<'a> {
-    fn new(bytes: &'a [u8]) -> Cursor<'a> {
-        Cursor { bytes }
-    }
-
-    fn take(&mut self, n: usize) -> Result<&'a [u8], String> {
-        if self.bytes.len() < n {
-            return Err(format!(
-                "truncated: {n} more bytes expected, {} left",
-                self.bytes.len()
-            ));
-        }
-        let (head, rest) = self.bytes.split_at(n);
-        self.bytes = rest;
-        Ok(head)
-    }
-
-    fn array<const N: usize>(&mut self) -> Result<[u8; N], String> {
-        let mut out = [0u8; N];
-        out.copy_from_slice(self.take(N)?);
-        Ok(out)
-    }
-
-    fn u8(&mut self) -> Result<u8, String> {
-        Ok(self.array::<1>()?[0])
-    }
-
-    fn u64(&mut self) -> Result<u64, String> {
-        Ok(u64::from_le_bytes(self.array()?))
-    }
-
-    fn count(&mut self) -> Result<usize, String> {
-        let count = u32::from_le_bytes(self.array()?) as usize;
-        if count > BRANCH_PATHS_MAX {
-            return Err(format!(
-                "{count} entries, over BRANCH_PATHS_MAX = {BRANCH_PATHS_MAX}"
-            ));
-        }
-        Ok(count)
-    }
-
-    /// One entry of a redo of `version`.
-    fn entry(&mut self, version: u8) -> Result<RedoEntry, String> {
-        let op = self.u8()?;
-        let len = usize::from(u16::from_le_bytes(self.array()?));
-        if len > PATH_BYTES_MAX {
-            return Err(format!(
-                "path of {len} bytes, over PATH_BYTES_MAX = {PATH_BYTES_MAX}"
-            ));
-        }
-        let path = String::from_utf8(self.take(len)?.to_vec())
-            .map_err(|_| "path is not UTF-8".to_string())?;
-        let entry = match op {
-            OP_PUT => RedoEntry::Put {
-                path,
-                id: BlobId(self.array()?),
-                bytes: self.u64()?,
-            },
-            OP_PUT_INLINE if version >= 2 => {
-                let len = u32::from_le_bytes(self.array()?) as u64;
-                if len > INLINE_FILE_BYTES_MAX {
-                    return Err(format!(
-                        "inline content of {len} bytes, over INLINE_FILE_BYTES_MAX = {INLINE_FILE_BYTES_MAX}"
-                    ));
-                }
-                let content = self.take(len as usize)?.to_vec();
-                RedoEntry::PutInline { path, content }
-            }
-            OP_DELETE => RedoEntry::Delete { path },
-            other => return Err(format!("unknown op {other}")),
-        };
-        Ok(entry)
-    }
-
-    fn finish(&self) -> Result<(), String> {
-        if self.bytes.is_empty() {
-            Ok(())
-        } else {
-            Err(format!("{} trailing bytes", self.bytes.len()))
-        }
-    }
-}
-
-fn encode_state(value: u64) -> Vec<u8> {
-    let mut out = vec![STATE_VERSION];
-    out.extend_from_slice(&value.to_le_bytes());
-    let hash = blake3::hash(&out);
-    out.extend_from_slice(&hash.as_bytes()[..8]);
-    out
-}
-
-fn decode_state(bytes: &[u8]) -> Result<u64, String> {
-    if bytes.len() != 17 {
-        return Err(format!("{} bytes, 17 expected", bytes.len()));
-    }
-    if bytes[0] != STATE_VERSION {
+/// Reads the count of a redo.
+fn read_count(reader: &mut Reader<'_>) -> Result<usize, String> {
+    let count = reader.u32()? as usize;
+    if count > BRANCH_PATHS_MAX {
         return Err(format!(
-            "version {}: this program reads version {STATE_VERSION}",
-            bytes[0]
+            "{count} entries, over BRANCH_PATHS_MAX = {BRANCH_PATHS_MAX}"
         ));
     }
-    if blake3::hash(&bytes[..9]).as_bytes()[..8] != bytes[9..] {
-        return Err("checksum mismatch".to_string());
+    Ok(count)
+}
+
+/// Reads one entry of a redo of `version`.
+fn read_entry(reader: &mut Reader<'_>, version: u8) -> Result<RedoEntry, String> {
+    let op = reader.u8()?;
+    let len = usize::from(reader.u16()?);
+    if len > PATH_BYTES_MAX {
+        return Err(format!(
+            "path of {len} bytes, over PATH_BYTES_MAX = {PATH_BYTES_MAX}"
+        ));
     }
-    let mut value = [0u8; 8];
-    value.copy_from_slice(&bytes[1..9]);
-    Ok(u64::from_le_bytes(value))
+    let path = String::from_utf8(reader.take(len)?.to_vec())
+        .map_err(|_| "path is not UTF-8".to_string())?;
+    let entry = match op {
+        OP_PUT => RedoEntry::Put {
+            path,
+            id: BlobId(reader.array()?),
+            bytes: reader.u64()?,
+        },
+        OP_PUT_INLINE if version >= 2 => {
+            let len = u64::from(reader.u32()?);
+            if len > INLINE_FILE_BYTES_MAX {
+                return Err(format!(
+                    "inline content of {len} bytes, over INLINE_FILE_BYTES_MAX = {INLINE_FILE_BYTES_MAX}"
+                ));
+            }
+            let content = reader.take(len as usize)?.to_vec();
+            RedoEntry::PutInline { path, content }
+        }
+        OP_DELETE => RedoEntry::Delete { path },
+        other => return Err(format!("unknown op {other}")),
+    };
+    Ok(entry)
 }
 
 /// Checks a path lexically: relative, `/`-separated, no empty, `.` or `..` component, no NUL,
@@ -2321,54 +2185,12 @@ fn not_found(name: &str, path: &str, why: &str) -> ResourceError {
     ResourceError::rejected(name, format!("{path} not found: {why}"))
 }
 
-/// Runs blocking file work on tokio's blocking pool.
-async fn blocking<T, F>(name: &str, f: F) -> Result<T>
-where
-    T: Send + 'static,
-    F: FnOnce() -> Result<T> + Send + 'static,
-{
-    match tokio::task::spawn_blocking(f).await {
-        Ok(result) => result,
-        Err(e) => Err(ResourceError::Fatal {
-            resource: name.to_string(),
-            message: format!("file task failed: {e}"),
-        }),
-    }
-}
-
-/// Reads until `buf` is full or the content ends; returns the bytes read.
-async fn fill(content: &mut (impl AsyncRead + Unpin), buf: &mut [u8]) -> io::Result<usize> {
-    let mut filled = 0;
-    while filled < buf.len() {
-        match content.read(&mut buf[filled..]).await {
-            Ok(0) => break,
-            Ok(n) => filled += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(filled)
-}
-
 fn create_staged(name: &str, file: &Path) -> Result<File> {
     OpenOptions::new()
         .write(true)
         .create_new(true)
         .open(file)
         .map_err(|e| ResourceError::io(name, "create staged file", file, &e))
-}
-
-fn parent_of(path: &Path) -> PathBuf {
-    path.parent()
-        .map_or_else(|| PathBuf::from("."), Path::to_path_buf)
-}
-
-/// A failed sync is fatal: what the file holds on disk is unknown (DESIGN.md).
-fn sync_file(name: &str, file: &File, path: &Path) -> Result<()> {
-    file.sync_all().map_err(|e| ResourceError::Fatal {
-        resource: name.to_string(),
-        message: format!("sync {}: {e}", path.display()),
-    })
 }
 
 fn write_synced(name: &str, what: &str, path: &Path, content: &[u8]) -> Result<()> {
@@ -2425,18 +2247,6 @@ fn staged_missing(path: &str, file: &Path) -> String {
     )
 }
 
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
-fn remove_file_if_exists(name: &str, file: &Path) -> Result<()> {
-    match fs::remove_file(file) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(ResourceError::io(name, "remove", file, &e)),
-    }
-}
-
 /// Checks (or creates) the root and returns its canonical path.
 fn open_root(name: &str, dirs: &DirSync, root: &Path, config: &FilesConfig) -> Result<PathBuf> {
     match fs::metadata(root) {
@@ -2466,36 +2276,6 @@ fn open_root(name: &str, dirs: &DirSync, root: &Path, config: &FilesConfig) -> R
     fs::canonicalize(root).map_err(|e| ResourceError::io(name, "resolve root directory", root, &e))
 }
 
-fn create_dir_durably(name: &str, dirs: &DirSync, dir: &Path) -> Result<()> {
-    match fs::create_dir(dir) {
-        Ok(()) => dirs.sync(&parent_of(dir)),
-        Err(e) if e.kind() == io::ErrorKind::AlreadyExists && dir.is_dir() => Ok(()),
-        Err(e) => Err(ResourceError::io(name, "create directory", dir, &e)),
-    }
-}
-
-/// Takes the root's `LOCK` (an advisory flock), so that one instance at a time owns the root.
-fn lock_root(name: &str, private: &Path) -> Result<File> {
-    let path = private.join("LOCK");
-    let file = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(&path)
-        .map_err(|e| ResourceError::io(name, "open", &path, &e))?;
-    match file.try_lock() {
-        Ok(()) => Ok(file),
-        Err(fs::TryLockError::WouldBlock) => Err(ResourceError::rejected(
-            name,
-            format!(
-                "{} is locked: another instance has this root open; stop it first",
-                path.display()
-            ),
-        )),
-        Err(fs::TryLockError::Error(e)) => Err(ResourceError::io(name, "lock", &path, &e)),
-    }
-}
-
 /// Empties a directory (temp files of interrupted writes).
 fn clear_dir(name: &str, dir: &Path) -> Result<()> {
     for entry in fs::read_dir(dir).map_err(|e| ResourceError::io(name, "list", dir, &e))? {
@@ -2519,18 +2299,6 @@ fn open_blobs(name: &str, area: &Area, config: &FilesConfig) -> Result<BlobStore
         create_if_missing: true,
     };
     BlobStore::open(area.private.join("blobs"), blob_config).map_err(|e| blob_error(name, e))
-}
-
-fn read_state_file(name: &str, path: &Path) -> Result<u64> {
-    let bytes = match fs::read(path) {
-        Ok(bytes) => bytes,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
-        Err(e) => return Err(ResourceError::io(name, "read", path, &e)),
-    };
-    decode_state(&bytes).map_err(|e| ResourceError::Fatal {
-        resource: name.to_string(),
-        message: format!("{} is damaged: {e}", path.display()),
-    })
 }
 
 /// The prepared branches (from the live records of the branch log), with their locks taken.
@@ -2588,59 +2356,6 @@ fn clear_staging(name: &str, dirs: &DirSync, area: &Area) -> Result<()> {
         dirs.sync(&area.staging)?;
     }
     Ok(())
-}
-
-/// The branch log could not be opened or read: damage and foreign content are fatal (an
-/// operator must look), anything else is reported as the journal says.
-fn log_open_error(name: &str, dir: &Path, e: log::OpenError) -> ResourceError {
-    let message = match e {
-        log::OpenError::Journal(e) => format!("branch log {}: {e}", dir.display()),
-        log::OpenError::Malformed(e) => format!("branch log {}: {e}", dir.display()),
-    };
-    ResourceError::Fatal {
-        resource: name.to_string(),
-        message,
-    }
-}
-
-/// A blob store error as a resource error: a full disk or a refused permission is `Rejected`
-/// (through [`ResourceError::io`]), a failed sync or damage is `Fatal`, a missing blob is
-/// `Unavailable` (replication has not shipped it yet).
-fn blob_error(name: &str, e: JournalError) -> ResourceError {
-    match e {
-        JournalError::DiskFull { path } => ResourceError::io(
-            name,
-            "store blob",
-            &path,
-            &io::Error::from(io::ErrorKind::StorageFull),
-        ),
-        JournalError::PermissionDenied { path, source } => {
-            ResourceError::io(name, "store blob", &path, &source)
-        }
-        JournalError::Io {
-            action,
-            path,
-            source,
-        } if action.starts_with("sync") => ResourceError::Fatal {
-            resource: name.to_string(),
-            message: format!("{action} {}: {source}", path.display()),
-        },
-        JournalError::Io {
-            action,
-            path,
-            source,
-        } => ResourceError::io(name, action, &path, &source),
-        JournalError::BlobNotFound { id } => ResourceError::Unavailable {
-            resource: name.to_string(),
-            message: format!(
-                "blob {id} is not in this resource's blob store (yet): replication ships it before replay"
-            ),
-        },
-        other => ResourceError::Fatal {
-            resource: name.to_string(),
-            message: other.to_string(),
-        },
-    }
 }
 
 #[cfg(test)]
@@ -2732,16 +2447,6 @@ mod tests {
             not_superseded(&entries),
             vec![false, false, true, false, false, true, true, true, true]
         );
-    }
-
-    #[test]
-    fn state_files_round_trip_and_detect_damage() {
-        let bytes = encode_state(42);
-        assert_eq!(decode_state(&bytes).unwrap(), 42);
-        let mut damaged = bytes.clone();
-        damaged[3] ^= 1;
-        assert!(decode_state(&damaged).is_err());
-        assert!(decode_state(&bytes[..16]).is_err());
     }
 
     #[test]

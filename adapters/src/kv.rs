@@ -136,11 +136,13 @@ use std::any::Any;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
 
 use tokio::sync::Notify;
 
+use crate::internal::instance::{Instance, InstanceState};
+use crate::internal::io::blocking;
+use crate::internal::locks::wait_for_lock;
 use crate::xid::XidBuildHasher;
 use crate::{Epoch, Lsn, Resource, ResourceError, Vote, Xid};
 
@@ -170,6 +172,9 @@ pub const BATCH_WRITES_MAX: usize = 1 << 20;
 const READ_ONLY_REMEMBERED_MAX: usize = 4096;
 /// Keys are shown in messages up to this many bytes.
 const KEY_SHOWN_BYTES_MAX: usize = 64;
+
+/// What a panicked blocking task was, in its error.
+const TASK: &str = "kv";
 
 type Result<T, E = ResourceError> = std::result::Result<T, E>;
 
@@ -444,7 +449,10 @@ impl Resource for KvResource {
             Start::Store(batch) => Arc::new(batch),
         };
         let (worker, id, stored) = (inner.clone(), *xid, batch.clone());
-        let result = blocking(&inner.name, move || worker.store.prepare(&id, &stored)).await;
+        let result = blocking(&inner.name, TASK, move || {
+            worker.store.prepare(&id, &stored)
+        })
+        .await;
         inner.finish_prepare(xid, batch, result)
     }
 
@@ -456,7 +464,7 @@ impl Resource for KvResource {
         let result = match previous {
             Phase::Prepared => {
                 let (worker, id) = (inner.clone(), *xid);
-                blocking(&inner.name, move || worker.store.commit(&id))
+                blocking(&inner.name, TASK, move || worker.store.commit(&id))
                     .await
                     .and_then(|found| inner.found_prepared(xid, found))
             }
@@ -473,7 +481,7 @@ impl Resource for KvResource {
         let result = match previous {
             Phase::Prepared => {
                 let (worker, id) = (inner.clone(), *xid);
-                blocking(&inner.name, move || worker.store.rollback(&id)).await
+                blocking(&inner.name, TASK, move || worker.store.rollback(&id)).await
             }
             _ => Ok(()),
         };
@@ -501,7 +509,7 @@ impl Resource for KvResource {
             return Ok(());
         }
         let worker = inner.clone();
-        let stored = blocking(&inner.name, move || worker.store.fence(epoch)).await;
+        let stored = blocking(&inner.name, TASK, move || worker.store.fence(epoch)).await;
         let stored = inner.check(stored)?;
         let mut st = inner.state();
         st.fence = st.fence.max(stored);
@@ -522,7 +530,7 @@ impl Resource for KvResource {
         let writes = decode_batch(redo)
             .map_err(|e| inner.rejected(format!("replay of lsn {lsn}: malformed redo: {e}")))?;
         let worker = inner.clone();
-        let applied = blocking(&inner.name, move || worker.store.replay(&writes, lsn)).await;
+        let applied = blocking(&inner.name, TASK, move || worker.store.replay(&writes, lsn)).await;
         inner.check(applied)?;
         let mut st = inner.state();
         st.applied_lsn = st.applied_lsn.max(lsn);
@@ -554,70 +562,35 @@ impl Branch {
     }
 }
 
+impl Instance for Inner {
+    type State = State;
+    const KIND: &'static str = "kv";
+
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn state_mutex(&self) -> &Mutex<State> {
+        &self.state
+    }
+}
+
+impl InstanceState for State {
+    fn poisoned(&mut self) -> &mut Option<String> {
+        &mut self.poisoned
+    }
+
+    fn poison(&self) -> Option<&str> {
+        self.poisoned.as_deref()
+    }
+
+    fn fence(&self) -> Epoch {
+        self.fence
+    }
+}
+
 // State transitions: each takes the state lock once and does no I/O.
 impl Inner {
-    fn state(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    fn usable(&self, st: &State) -> Result<()> {
-        match &st.poisoned {
-            None => Ok(()),
-            Some(cause) => Err(self.fatal(format!("unusable after an earlier failure ({cause})"))),
-        }
-    }
-
-    fn usable_state<T>(&self, f: impl FnOnce(&State) -> T) -> Result<T> {
-        let st = self.state();
-        self.usable(&st)?;
-        Ok(f(&st))
-    }
-
-    /// Poisons the instance when `result` is a fatal error.
-    fn check<T>(&self, result: Result<T>) -> Result<T> {
-        if let Err(ResourceError::Fatal { message, .. }) = &result {
-            let mut st = self.state();
-            if st.poisoned.is_none() {
-                tracing::error!(resource = %self.name, %message, "kv resource poisoned; restart to recover");
-                st.poisoned = Some(message.clone());
-            }
-        }
-        result
-    }
-
-    fn not_fenced(&self, st: &State, xid: &Xid) -> Result<()> {
-        if xid.epoch < st.fence {
-            return Err(self.fenced(xid, st.fence));
-        }
-        Ok(())
-    }
-
-    fn fenced(&self, xid: &Xid, fence: Epoch) -> ResourceError {
-        ResourceError::Fenced {
-            resource: self.name.clone(),
-            offered: xid.epoch,
-            current: fence,
-        }
-    }
-
-    fn rejected(&self, reason: String) -> ResourceError {
-        ResourceError::rejected(&self.name, reason)
-    }
-
-    fn fatal(&self, message: String) -> ResourceError {
-        ResourceError::Fatal {
-            resource: self.name.clone(),
-            message,
-        }
-    }
-
-    fn unavailable(&self, message: String) -> ResourceError {
-        ResourceError::Unavailable {
-            resource: self.name.clone(),
-            message,
-        }
-    }
-
     fn check_key(&self, key: &[u8]) -> Result<()> {
         if key.len() > KEY_BYTES_MAX {
             return Err(self.rejected(format!(
@@ -830,33 +803,22 @@ impl Inner {
     /// Records a write of `key`, waiting at most `lock_wait_ms_max` for another branch to
     /// release it.
     async fn write(&self, xid: &Xid, key: &[u8], value: Pending) -> Result<()> {
-        let wait = Duration::from_millis(self.config.lock_wait_ms_max);
-        let start = tokio::time::Instant::now();
-        loop {
-            // Registered before the attempt, so a release between the attempt and the wait wakes it.
-            let mut notified = std::pin::pin!(self.released.notified());
-            notified.as_mut().enable();
-            let Attempt::Held(holder) = self.try_write(xid, key, &value)? else {
-                return Ok(());
-            };
-            let waited = start.elapsed();
-            if waited >= wait {
-                return Err(ResourceError::Conflict {
-                    resource: self.name.clone(),
-                    what: show_key(key),
-                    holder: holder.to_string(),
-                    waited_ms: u64::try_from(waited.as_millis()).unwrap_or(u64::MAX),
-                });
-            }
-            let _ = tokio::time::timeout(wait - waited, notified).await;
-        }
+        let wait_ms_max = self.config.lock_wait_ms_max;
+        let what = || show_key(key);
+        wait_for_lock(&self.name, &self.released, wait_ms_max, what, || {
+            Ok(match self.try_write(xid, key, &value)? {
+                Attempt::Recorded => None,
+                Attempt::Held(holder) => Some(holder),
+            })
+        })
+        .await
     }
 
     /// The committed value of `key`, read on the blocking pool (sled may read a page from disk).
     async fn committed(self: &Arc<Self>, key: &[u8]) -> Result<Option<Vec<u8>>> {
         self.usable_state(|_| ())?;
         let (worker, key) = (self.clone(), key.to_vec());
-        blocking(&self.name, move || worker.store.get(&key)).await
+        blocking(&self.name, TASK, move || worker.store.get(&key)).await
     }
 }
 
@@ -923,21 +885,6 @@ fn show_key(key: &[u8]) -> String {
     }
     let head = &key[..KEY_SHOWN_BYTES_MAX];
     format!("key \"{}…\" ({} bytes)", head.escape_ascii(), key.len())
-}
-
-/// Runs blocking sled work on tokio's blocking pool.
-async fn blocking<T, F>(name: &str, f: F) -> Result<T>
-where
-    T: Send + 'static,
-    F: FnOnce() -> Result<T> + Send + 'static,
-{
-    match tokio::task::spawn_blocking(f).await {
-        Ok(result) => result,
-        Err(e) => Err(ResourceError::Fatal {
-            resource: name.to_string(),
-            message: format!("kv task failed: {e}"),
-        }),
-    }
 }
 
 #[cfg(test)]

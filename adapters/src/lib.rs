@@ -38,6 +38,7 @@
 mod dirsync;
 pub mod error;
 pub mod files;
+mod internal;
 pub mod kv;
 pub mod mail;
 pub mod null;

@@ -125,13 +125,19 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write as _};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use journal::{BlobConfig, BlobId, BlobStore, Journal, JournalError};
-use tokio::io::{AsyncRead, AsyncReadExt};
+use journal::{BlobConfig, BlobId, BlobStore, Journal};
+use tokio::io::AsyncRead;
 
 use crate::dirsync::DirSync;
+use crate::internal::instance::{Instance, InstanceState, lock};
+use crate::internal::io::{
+    blob_error, blocking, check_log_space, create_dir_durably, fill, lock_private, log_error,
+    remove_file_if_exists, sync_file,
+};
+use crate::internal::state_file::{encode_state, read_state_file};
 use crate::{Epoch, Lsn, Resource, ResourceError, Vote, Xid};
 
 mod log;
@@ -161,10 +167,10 @@ const CHUNK_BYTES: usize = 1 << 20;
 const HEAD_CHUNK_BYTES: usize = 64 << 10;
 /// How many read-only branches are remembered, so that preparing one again votes the same.
 const READ_ONLY_REMEMBERED_MAX: usize = 4096;
-/// Free space a prepare wants on the file system besides its record (see the caveats).
-const LOG_SPACE_MARGIN_BYTES: u64 = 64 << 10;
-
-const STATE_VERSION: u8 = 1;
+/// What a panicked blocking task was, in its error.
+const TASK: &str = "file";
+/// What to do about a branch too large for one log record.
+const FEWER: &str = "send fewer messages";
 
 type Result<T, E = ResourceError> = std::result::Result<T, E>;
 
@@ -173,7 +179,7 @@ type Result<T, E = ResourceError> = std::result::Result<T, E>;
 /// resource.
 pub fn prepared_on_disk(maildir: &Path) -> Result<Vec<Xid>> {
     let dir = maildir.join(PRIVATE_DIR).join("log");
-    log::live_on_disk(&dir).map_err(|e| log_open_error("mail", &dir, e))
+    log::live_on_disk(&dir).map_err(|e| log::log_open_error("mail", &dir, e))
 }
 
 /// Options and limits of a mail resource.
@@ -355,12 +361,13 @@ impl MailResource {
         for dir in [&area.private, &area.scratch] {
             create_dir_durably(name, &dirs, dir)?;
         }
-        let lock = lock_maildir(name, &area.private)?;
+        let lock = lock_private(name, &area.private, "Maildir")?;
         clear_dir(name, &area.scratch)?;
         let blobs = open_blobs(name, &area, &config)?;
         let fence = Epoch(read_state_file(name, &area.fence)?);
         let applied_lsn = Lsn(read_state_file(name, &area.applied_lsn)?);
-        let (log, live) = log::open(&area.log).map_err(|e| log_open_error(name, &area.log, e))?;
+        let (log, live) =
+            log::open(&area.log).map_err(|e| log::log_open_error(name, &area.log, e))?;
         let branches = load_prepared(name, live)?;
         remove_orphans(name, &area, &branches)?;
         tracing::info!(resource = name, maildir = %maildir.display(), prepared = branches.len(), %fence, %applied_lsn, "mail resource open");
@@ -500,7 +507,10 @@ impl Resource for MailResource {
         };
         let (worker, id, names) = (inner.clone(), *xid, resolving.names.clone());
         let recovered = resolving.recovered;
-        let result = blocking(&inner.name, move || worker.deliver(&id, &names, recovered)).await;
+        let result = blocking(&inner.name, TASK, move || {
+            worker.deliver(&id, &names, recovered)
+        })
+        .await;
         let appending = inner.finish_resolve(xid, resolving, true, result)?;
         inner.resolution_durable(appending).await?;
         inner.maybe_trim().await
@@ -512,7 +522,7 @@ impl Resource for MailResource {
             return Ok(());
         };
         let (worker, names) = (inner.clone(), resolving.names.clone());
-        let result = blocking(&inner.name, move || worker.unlink_staged(&names)).await;
+        let result = blocking(&inner.name, TASK, move || worker.unlink_staged(&names)).await;
         let appending = inner.finish_resolve(xid, resolving, false, result)?;
         inner.resolution_durable(appending).await?;
         inner.maybe_trim().await
@@ -539,7 +549,7 @@ impl Resource for MailResource {
             return Ok(());
         }
         let worker = inner.clone();
-        let written = blocking(&inner.name, move || {
+        let written = blocking(&inner.name, TASK, move || {
             worker.write_state("fence epoch", &worker.area.fence, epoch.0)
         })
         .await;
@@ -562,7 +572,10 @@ impl Resource for MailResource {
         let entries = decode_redo(redo)
             .map_err(|e| inner.rejected(format!("replay of lsn {lsn}: malformed redo: {e}")))?;
         let worker = inner.clone();
-        let applied = blocking(&inner.name, move || worker.replay_messages(&entries, lsn)).await;
+        let applied = blocking(&inner.name, TASK, move || {
+            worker.replay_messages(&entries, lsn)
+        })
+        .await;
         inner.check(applied)?;
         inner.state().applied_lsn = lsn;
         Ok(())
@@ -596,66 +609,35 @@ struct Resolving {
     recovered: bool,
 }
 
+impl Instance for Inner {
+    type State = State;
+    const KIND: &'static str = "mail";
+
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn state_mutex(&self) -> &Mutex<State> {
+        &self.state
+    }
+}
+
+impl InstanceState for State {
+    fn poisoned(&mut self) -> &mut Option<String> {
+        &mut self.poisoned
+    }
+
+    fn poison(&self) -> Option<&str> {
+        self.poisoned.as_deref()
+    }
+
+    fn fence(&self) -> Epoch {
+        self.fence
+    }
+}
+
 // State transitions: each takes the state lock once and does no I/O.
 impl Inner {
-    fn state(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    fn usable(&self, st: &State) -> Result<()> {
-        match &st.poisoned {
-            None => Ok(()),
-            Some(cause) => Err(self.fatal(format!("unusable after an earlier failure ({cause})"))),
-        }
-    }
-
-    fn usable_state<T>(&self, f: impl FnOnce(&State) -> T) -> Result<T> {
-        let st = self.state();
-        self.usable(&st)?;
-        Ok(f(&st))
-    }
-
-    /// Poisons the instance when `result` is a fatal error.
-    fn check<T>(&self, result: Result<T>) -> Result<T> {
-        if let Err(ResourceError::Fatal { message, .. }) = &result {
-            let mut st = self.state();
-            if st.poisoned.is_none() {
-                tracing::error!(resource = %self.name, %message, "mail resource poisoned; restart to recover");
-                st.poisoned = Some(message.clone());
-            }
-        }
-        result
-    }
-
-    fn not_fenced(&self, st: &State, xid: &Xid) -> Result<()> {
-        if xid.epoch < st.fence {
-            return Err(ResourceError::Fenced {
-                resource: self.name.clone(),
-                offered: xid.epoch,
-                current: st.fence,
-            });
-        }
-        Ok(())
-    }
-
-    fn rejected(&self, reason: String) -> ResourceError {
-        ResourceError::rejected(&self.name, reason)
-    }
-
-    fn fatal(&self, message: String) -> ResourceError {
-        ResourceError::Fatal {
-            resource: self.name.clone(),
-            message,
-        }
-    }
-
-    fn unavailable(&self, message: String) -> ResourceError {
-        ResourceError::Unavailable {
-            resource: self.name.clone(),
-            message,
-        }
-    }
-
     fn active_branch<'b>(
         &self,
         branches: &'b mut HashMap<Xid, Branch>,
@@ -830,7 +812,7 @@ impl Inner {
                 Err(e) => {
                     restore(&mut st);
                     drop(st);
-                    return self.check(Err(self.log_error("append a resolution", e)));
+                    return self.check(Err(log_error(&self.name, FEWER, "append a resolution", e)));
                 }
             }
         }
@@ -846,7 +828,7 @@ impl Inner {
         if let Some(appending) = appending {
             let durable = appending
                 .await
-                .map_err(|e| self.log_error("append a resolution", e));
+                .map_err(|e| log_error(&self.name, FEWER, "append a resolution", e));
             self.check(durable)?;
         }
         Ok(())
@@ -907,7 +889,7 @@ impl Inner {
         message: &mut (impl AsyncRead + Unpin),
     ) -> Result<(BlobId, u64)> {
         let (name, target) = (self.name.clone(), file.to_path_buf());
-        let (mut out, mut hasher) = blocking(&self.name, move || {
+        let (mut out, mut hasher) = blocking(&self.name, TASK, move || {
             let mut out = create_new(&name, "message file", &target)?;
             let mut hasher = blake3::Hasher::new();
             hasher.update(&head);
@@ -926,7 +908,7 @@ impl Inner {
                 break;
             }
             let (name, target) = (self.name.clone(), file.to_path_buf());
-            (checker, hasher, out, input, normalised) = blocking(&self.name, move || {
+            (checker, hasher, out, input, normalised) = blocking(&self.name, TASK, move || {
                 normalised.clear();
                 checker
                     .push(&input[..n], &mut normalised)
@@ -981,7 +963,10 @@ impl Inner {
     /// Removes the file of a message whose enqueue failed, and returns the failure.
     async fn discard(&self, file: &Path, e: ResourceError) -> ResourceError {
         let (name, file) = (self.name.clone(), file.to_path_buf());
-        let _ = blocking(&self.name, move || remove_file_if_exists(&name, &file)).await;
+        let _ = blocking(&self.name, TASK, move || {
+            remove_file_if_exists(&name, &file)
+        })
+        .await;
         e
     }
 
@@ -997,12 +982,15 @@ impl Inner {
         messages: Vec<Staged>,
     ) -> Result<(Arc<Prepared>, Lsn)> {
         let (worker, id) = (self.clone(), *xid);
-        let entries = blocking(&self.name, move || worker.write_prepared(&id, &messages)).await?;
+        let entries = blocking(&self.name, TASK, move || {
+            worker.write_prepared(&id, &messages)
+        })
+        .await?;
         let redo = encode_redo(&entries);
         let names = entries.iter().map(|e| e.name().to_string()).collect();
         let payload = log::prepared_payload(xid, &redo);
         // `statvfs` reads no disk: called here, not on the blocking pool.
-        self.check_log_space(payload.len() as u64)?;
+        check_log_space(&self.name, &self.area.log, payload.len() as u64)?;
         let appending = {
             let mut st = self.state();
             // Set before the append, so that a trim running meanwhile keeps the record.
@@ -1017,7 +1005,7 @@ impl Inner {
             Ok(appending) => appending.await,
             Err(e) => Err(e),
         }
-        .map_err(|e| self.log_error("append the prepare record", e))?;
+        .map_err(|e| log_error(&self.name, FEWER, "append the prepare record", e))?;
         Ok((Arc::new(Prepared { names, redo }), lsn))
     }
 
@@ -1039,7 +1027,7 @@ impl Inner {
             since
         };
         let worker = self.clone();
-        let result = blocking(&self.name, move || worker.trim(since)).await;
+        let result = blocking(&self.name, TASK, move || worker.trim(since)).await;
         self.check(result)
     }
 }
@@ -1228,42 +1216,6 @@ impl Inner {
         sync_file(&self.name, &out, dest)
     }
 
-    /// Refuses a prepare when the log's file system has less free space than the record and a
-    /// margin: a write the log fails half-way poisons it, a refused prepare only rolls back.
-    fn check_log_space(&self, record_bytes: u64) -> Result<()> {
-        let stat = rustix::fs::statvfs(&self.area.log).map_err(|e| {
-            ResourceError::io(
-                &self.name,
-                "inspect the file system of",
-                &self.area.log,
-                &e.into(),
-            )
-        })?;
-        let free = stat.f_bavail.saturating_mul(stat.f_frsize);
-        if free < record_bytes.saturating_add(LOG_SPACE_MARGIN_BYTES) {
-            return Err(ResourceError::io(
-                &self.name,
-                &format!(
-                    "append a prepare record of {record_bytes} bytes ({free} bytes free) to the branch log at"
-                ),
-                &self.area.log,
-                &rustix::io::Errno::NOSPC.into(),
-            ));
-        }
-        Ok(())
-    }
-
-    /// A branch log error: a record over the log's limit is refused (the branch is too large);
-    /// anything else means the log is poisoned or failed, which is fatal.
-    fn log_error(&self, action: &str, e: JournalError) -> ResourceError {
-        match e {
-            JournalError::RecordTooLarge { bytes, max } => self.rejected(format!(
-                "{action}: the branch needs a record of {bytes} bytes, over the log's limit of {max}; send fewer messages per transaction"
-            )),
-            other => self.fatal(format!("{action} to the branch log: {other}")),
-        }
-    }
-
     /// One trim (see the `log` module): branches prepared below `since` (the durable LSN when
     /// the previous trim started) and still prepared get their record appended again, then the
     /// segments below the oldest record still needed are removed.
@@ -1285,7 +1237,9 @@ impl Inner {
                     let appending = self
                         .log
                         .append(log::LOG_EPOCH, log::PREPARED, &payload)
-                        .map_err(|e| self.log_error("carry a prepare record forward", e))?;
+                        .map_err(|e| {
+                            log_error(&self.name, FEWER, "carry a prepare record forward", e)
+                        })?;
                     carried.push((*xid, appending));
                 }
             }
@@ -1294,7 +1248,7 @@ impl Inner {
         for (xid, appending) in carried {
             let lsn = appending
                 .wait()
-                .map_err(|e| self.log_error("carry a prepare record forward", e))?;
+                .map_err(|e| log_error(&self.name, FEWER, "carry a prepare record forward", e))?;
             needed.insert(xid, lsn);
             if let Some(branch) = self.state().branches.get_mut(&xid) {
                 branch.log_floor = Some(lsn);
@@ -1304,7 +1258,7 @@ impl Inner {
         let removed = self
             .log
             .remove_segments_below(floor)
-            .map_err(|e| self.log_error("remove old segments", e))?;
+            .map_err(|e| log_error(&self.name, FEWER, "remove old segments", e))?;
         tracing::debug!(resource = %self.name, %floor, removed, "branch log trimmed");
         Ok(())
     }
@@ -1381,10 +1335,6 @@ fn now_secs() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
 /// Checks that `path` is a Maildir (a directory with `tmp/`, `new/` and `cur/`), creating what
 /// is missing when `config.create` says so; returns its canonical path.
 fn open_maildir(name: &str, dirs: &DirSync, path: &Path, config: &MailConfig) -> Result<PathBuf> {
@@ -1440,37 +1390,8 @@ fn open_maildir(name: &str, dirs: &DirSync, path: &Path, config: &MailConfig) ->
     fs::canonicalize(path).map_err(|e| ResourceError::io(name, "resolve Maildir", path, &e))
 }
 
-fn create_dir_durably(name: &str, dirs: &DirSync, dir: &Path) -> Result<()> {
-    match fs::create_dir(dir) {
-        Ok(()) => dirs.sync(&parent_of(dir)),
-        Err(e) if e.kind() == io::ErrorKind::AlreadyExists && dir.is_dir() => Ok(()),
-        Err(e) => Err(ResourceError::io(name, "create directory", dir, &e)),
-    }
-}
-
-/// Takes the Maildir's `LOCK` (an advisory flock), so that one instance at a time owns it.
-fn lock_maildir(name: &str, private: &Path) -> Result<File> {
-    let path = private.join("LOCK");
-    let file = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(&path)
-        .map_err(|e| ResourceError::io(name, "open", &path, &e))?;
-    match file.try_lock() {
-        Ok(()) => Ok(file),
-        Err(fs::TryLockError::WouldBlock) => Err(ResourceError::rejected(
-            name,
-            format!(
-                "{} is locked: another instance has this Maildir open; stop it first",
-                path.display()
-            ),
-        )),
-        Err(fs::TryLockError::Error(e)) => Err(ResourceError::io(name, "lock", &path, &e)),
-    }
-}
-
-/// Empties a directory of files (temp files of interrupted writes).
+/// Empties a directory of files (temp files of interrupted writes). Not shared with the files
+/// resource's: that one also removes directories (staging), which the private area here never holds.
 fn clear_dir(name: &str, dir: &Path) -> Result<()> {
     for entry in fs::read_dir(dir).map_err(|e| ResourceError::io(name, "list", dir, &e))? {
         let path = entry
@@ -1500,18 +1421,6 @@ fn open_blobs(name: &str, area: &Area, config: &MailConfig) -> Result<BlobStore>
         create_if_missing: true,
     };
     BlobStore::open(&area.blobs, blob_config).map_err(|e| blob_error(name, e))
-}
-
-fn read_state_file(name: &str, path: &Path) -> Result<u64> {
-    let bytes = match fs::read(path) {
-        Ok(bytes) => bytes,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
-        Err(e) => return Err(ResourceError::io(name, "read", path, &e)),
-    };
-    decode_state(&bytes).map_err(|e| ResourceError::Fatal {
-        resource: name.to_string(),
-        message: format!("{} is damaged: {e}", path.display()),
-    })
 }
 
 /// The prepared branches, from the live records of the branch log.
@@ -1559,122 +1468,6 @@ fn remove_orphans(name: &str, area: &Area, branches: &HashMap<Xid, Branch>) -> R
     Ok(())
 }
 
-/// The branch log could not be opened or read: fatal (an operator must look).
-fn log_open_error(name: &str, dir: &Path, e: log::OpenError) -> ResourceError {
-    ResourceError::Fatal {
-        resource: name.to_string(),
-        message: format!("branch log {}: {e}", dir.display()),
-    }
-}
-
-/// A blob store error as a resource error: a full disk or a refused permission is `Rejected`
-/// (through [`ResourceError::io`]), a failed sync or damage is `Fatal`, a missing blob is
-/// `Unavailable` (replication has not shipped it yet).
-fn blob_error(name: &str, e: JournalError) -> ResourceError {
-    match e {
-        JournalError::DiskFull { path } => ResourceError::io(
-            name,
-            "store blob",
-            &path,
-            &io::Error::from(io::ErrorKind::StorageFull),
-        ),
-        JournalError::PermissionDenied { path, source } => {
-            ResourceError::io(name, "store blob", &path, &source)
-        }
-        JournalError::Io {
-            action,
-            path,
-            source,
-        } if action.starts_with("sync") => ResourceError::Fatal {
-            resource: name.to_string(),
-            message: format!("{action} {}: {source}", path.display()),
-        },
-        JournalError::Io {
-            action,
-            path,
-            source,
-        } => ResourceError::io(name, action, &path, &source),
-        JournalError::BlobNotFound { id } => ResourceError::Unavailable {
-            resource: name.to_string(),
-            message: format!(
-                "blob {id} is not in this resource's blob store (yet): replication ships it before replay"
-            ),
-        },
-        other => ResourceError::Fatal {
-            resource: name.to_string(),
-            message: other.to_string(),
-        },
-    }
-}
-
-fn encode_state(value: u64) -> Vec<u8> {
-    let mut out = vec![STATE_VERSION];
-    out.extend_from_slice(&value.to_le_bytes());
-    let hash = blake3::hash(&out);
-    out.extend_from_slice(&hash.as_bytes()[..8]);
-    out
-}
-
-fn decode_state(bytes: &[u8]) -> Result<u64, String> {
-    if bytes.len() != 17 {
-        return Err(format!("{} bytes, 17 expected", bytes.len()));
-    }
-    if bytes[0] != STATE_VERSION {
-        return Err(format!(
-            "version {}: this program reads version {STATE_VERSION}",
-            bytes[0]
-        ));
-    }
-    if blake3::hash(&bytes[..9]).as_bytes()[..8] != bytes[9..] {
-        return Err("checksum mismatch".to_string());
-    }
-    let mut value = [0u8; 8];
-    value.copy_from_slice(&bytes[1..9]);
-    Ok(u64::from_le_bytes(value))
-}
-
-/// Runs blocking file work on tokio's blocking pool.
-async fn blocking<T, F>(name: &str, f: F) -> Result<T>
-where
-    T: Send + 'static,
-    F: FnOnce() -> Result<T> + Send + 'static,
-{
-    match tokio::task::spawn_blocking(f).await {
-        Ok(result) => result,
-        Err(e) => Err(ResourceError::Fatal {
-            resource: name.to_string(),
-            message: format!("file task failed: {e}"),
-        }),
-    }
-}
-
-/// Reads until `buf` is full or the content ends; returns the bytes read.
-async fn fill(content: &mut (impl AsyncRead + Unpin), buf: &mut [u8]) -> io::Result<usize> {
-    let mut filled = 0;
-    while filled < buf.len() {
-        match content.read(&mut buf[filled..]).await {
-            Ok(0) => break,
-            Ok(n) => filled += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(filled)
-}
-
-fn remove_file_if_exists(name: &str, file: &Path) -> Result<()> {
-    match fs::remove_file(file) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(ResourceError::io(name, "remove", file, &e)),
-    }
-}
-
-fn parent_of(path: &Path) -> PathBuf {
-    path.parent()
-        .map_or_else(|| PathBuf::from("."), Path::to_path_buf)
-}
-
 fn create_new(name: &str, what: &str, path: &Path) -> Result<File> {
     OpenOptions::new()
         .write(true)
@@ -1683,15 +1476,8 @@ fn create_new(name: &str, what: &str, path: &Path) -> Result<File> {
         .map_err(|e| ResourceError::io(name, &format!("create {what}"), path, &e))
 }
 
-/// A failed sync is fatal: what the file holds on disk is unknown (DESIGN.md).
-fn sync_file(name: &str, file: &File, path: &Path) -> Result<()> {
-    file.sync_all().map_err(|e| ResourceError::Fatal {
-        resource: name.to_string(),
-        message: format!("sync {}: {e}", path.display()),
-    })
-}
-
-/// Writes `content` to `path` (created, or truncated) and syncs it.
+/// Writes `content` to `path` (created, or truncated) and syncs it. Not shared with the files
+/// resource's, which creates its temp file anew (`create_new`) and names it so in errors.
 fn write_synced(name: &str, what: &str, path: &Path, content: &[u8]) -> Result<()> {
     let mut file = OpenOptions::new()
         .write(true)
@@ -1702,19 +1488,4 @@ fn write_synced(name: &str, what: &str, path: &Path, content: &[u8]) -> Result<(
     file.write_all(content)
         .map_err(|e| ResourceError::io(name, &format!("write {what} to"), path, &e))?;
     sync_file(name, &file, path)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn state_files_round_trip_and_detect_damage() {
-        let bytes = encode_state(42);
-        assert_eq!(decode_state(&bytes).unwrap(), 42);
-        let mut damaged = bytes.clone();
-        damaged[3] ^= 1;
-        assert!(decode_state(&damaged).is_err());
-        assert!(decode_state(&bytes[..16]).is_err());
-    }
 }

@@ -7,12 +7,13 @@
 // A test fails by panicking, helpers included.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::fs;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use adapters::files::{
@@ -21,6 +22,7 @@ use adapters::files::{
 };
 use adapters::testing::{self, Subject};
 use adapters::{Epoch, ErrorClass, Lsn, Resource, ResourceError, Vote, Xid};
+use common::{rejected, xid_at};
 use journal::BlobId;
 
 /// Lock wait of every resource here: small, so that conflicts are quick to provoke.
@@ -40,16 +42,6 @@ fn open(root: &Path) -> Arc<FilesResource> {
     FilesResource::open("files", root, config()).unwrap()
 }
 
-static NEXT_SEQ: AtomicU64 = AtomicU64::new(1);
-
-fn xid_at(epoch: u64) -> Xid {
-    Xid {
-        node: 1,
-        epoch: Epoch(epoch),
-        seq: NEXT_SEQ.fetch_add(1, Ordering::Relaxed),
-    }
-}
-
 /// A begun branch and its handle.
 async fn begun(r: &FilesResource) -> (Xid, FilesBranch) {
     let xid = xid_at(0);
@@ -66,18 +58,6 @@ async fn commit_file(r: &FilesResource, path: &str, content: &[u8]) {
         Vote::Commit { .. }
     ));
     r.commit(&xid).await.unwrap();
-}
-
-/// The reason of a `Rejected` error; panics on any other result.
-#[track_caller]
-fn rejected<T: std::fmt::Debug>(result: Result<T, ResourceError>) -> String {
-    match result {
-        Err(e @ ResourceError::Rejected { .. }) => {
-            assert_eq!(e.class(), ErrorClass::Rejected);
-            e.to_string()
-        }
-        other => panic!("expected a Rejected error, got {other:?}"),
-    }
 }
 
 /// Asserts that a put at `path` is refused with a message naming the path and `reason`.

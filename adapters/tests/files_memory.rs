@@ -6,12 +6,15 @@
 // A test fails by panicking, helpers included.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::io::{self, Read};
+mod common;
+
+use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use adapters::files::{FilesConfig, FilesResource, RedoEntry, decode_redo};
 use adapters::{Epoch, Resource, Vote, Xid};
+use common::{hash_all, peak_resident_bytes};
 use journal::BlobId;
 use tokio::io::{AsyncRead, ReadBuf};
 
@@ -85,22 +88,6 @@ impl AsyncRead for Generator {
     }
 }
 
-/// The blake3 hash and size of everything `r` yields.
-fn hash_all(mut r: impl Read) -> (BlobId, u64) {
-    let mut hasher = blake3::Hasher::new();
-    let mut buf = vec![0u8; BUF_BYTES];
-    let mut total = 0u64;
-    loop {
-        match r.read(&mut buf).unwrap() {
-            0 => return (BlobId(*hasher.finalize().as_bytes()), total),
-            n => {
-                hasher.update(&buf[..n]);
-                total += n as u64;
-            }
-        }
-    }
-}
-
 /// The hash of the generator's stream, computed without the resource.
 fn expected_hash() -> BlobId {
     let mut generator = Generator::new(42, FILE_BYTES);
@@ -114,23 +101,6 @@ fn expected_hash() -> BlobId {
             }
         }
     }
-}
-
-/// Peak resident set size of this process, from `/proc/self/status`.
-fn peak_resident_bytes() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
-    let line = status
-        .lines()
-        .find(|l| l.starts_with("VmHWM:"))
-        .expect("/proc/self/status has no VmHWM line");
-    let kib: u64 = line
-        .trim_start_matches("VmHWM:")
-        .trim()
-        .trim_end_matches("kB")
-        .trim()
-        .parse()
-        .unwrap();
-    kib * 1024
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

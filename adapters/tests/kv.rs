@@ -10,13 +10,14 @@
 // A test fails by panicking, helpers included.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
@@ -24,7 +25,8 @@ use adapters::kv::{
     self, KEY_BYTES_MAX, KvBranch, KvConfig, KvResource, KvWrite, decode_batch, encode_batch,
 };
 use adapters::testing::{self, Subject};
-use adapters::{Epoch, ErrorClass, Lsn, Resource, ResourceError, Vote, Xid};
+use adapters::{Epoch, Lsn, Resource, ResourceError, Vote, Xid};
+use common::{rejected, xid_at};
 
 /// Lock wait of every resource here: small, so that conflicts are quick to provoke.
 const LOCK_WAIT_MS: u64 = 200;
@@ -48,16 +50,6 @@ fn open(dir: &Path) -> Arc<KvResource> {
     KvResource::open("kv", dir, config()).unwrap()
 }
 
-static NEXT_SEQ: AtomicU64 = AtomicU64::new(1);
-
-fn xid_at(epoch: u64) -> Xid {
-    Xid {
-        node: 1,
-        epoch: Epoch(epoch),
-        seq: NEXT_SEQ.fetch_add(1, Ordering::Relaxed),
-    }
-}
-
 /// A begun branch and its handle.
 async fn begun(r: &KvResource) -> (Xid, KvBranch) {
     let xid = xid_at(r.fence_epoch().await.unwrap().0);
@@ -79,18 +71,6 @@ async fn commit_insert(r: &KvResource, key: &[u8], value: &[u8]) {
     branch.insert(key, value).await.unwrap();
     prepared(r, &xid).await;
     r.commit(&xid).await.unwrap();
-}
-
-/// The message of a `Rejected` error; panics on any other result.
-#[track_caller]
-fn rejected<T: std::fmt::Debug>(result: Result<T, ResourceError>) -> String {
-    match result {
-        Err(e @ ResourceError::Rejected { .. }) => {
-            assert_eq!(e.class(), ErrorClass::Rejected);
-            e.to_string()
-        }
-        other => panic!("expected a Rejected error, got {other:?}"),
-    }
 }
 
 /// The message of a `Fatal` error; panics on any other result.

@@ -8,6 +8,8 @@
 // A test fails by panicking, helpers included.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::fs;
 use std::io::{self, Read};
@@ -15,7 +17,6 @@ use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant, UNIX_EPOCH};
 
@@ -25,6 +26,7 @@ use adapters::mail::{
 };
 use adapters::testing::{self, Subject};
 use adapters::{Epoch, ErrorClass, Lsn, Resource, ResourceError, Vote, Xid};
+use common::{hash_all, peak_resident_bytes, rejected, xid_at};
 use journal::BlobId;
 use tokio::io::{AsyncRead, ReadBuf};
 
@@ -42,16 +44,6 @@ fn config() -> MailConfig {
 
 fn open(maildir: &Path) -> Arc<MailResource> {
     MailResource::open("mail", maildir, config()).unwrap()
-}
-
-static NEXT_SEQ: AtomicU64 = AtomicU64::new(1);
-
-fn xid_at(epoch: u64) -> Xid {
-    Xid {
-        node: 1,
-        epoch: Epoch(epoch),
-        seq: NEXT_SEQ.fetch_add(1, Ordering::Relaxed),
-    }
 }
 
 /// A begun branch and its handle.
@@ -109,18 +101,6 @@ async fn commit_messages(r: &MailResource, messages: &[&[u8]]) -> (Xid, Vec<Stri
     let redo = prepare_vote(r, &xid).await;
     r.commit(&xid).await.unwrap();
     (xid, names, redo)
-}
-
-/// The reason of a `Rejected` error; panics on any other result.
-#[track_caller]
-fn rejected<T: std::fmt::Debug>(result: Result<T, ResourceError>) -> String {
-    match result {
-        Err(e @ ResourceError::Rejected { .. }) => {
-            assert_eq!(e.class(), ErrorClass::Rejected);
-            e.to_string()
-        }
-        other => panic!("expected a Rejected error, got {other:?}"),
-    }
 }
 
 /// The names in a directory, sorted.
@@ -971,22 +951,6 @@ impl AsyncRead for Generator {
     }
 }
 
-/// The blake3 hash and size of everything `r` yields, through one buffer.
-fn hash_all(mut r: impl Read) -> (BlobId, u64) {
-    let mut hasher = blake3::Hasher::new();
-    let mut buf = vec![0u8; 1 << 20];
-    let mut total = 0u64;
-    loop {
-        match r.read(&mut buf).unwrap() {
-            0 => return (BlobId(*hasher.finalize().as_bytes()), total),
-            n => {
-                hasher.update(&buf[..n]);
-                total += n as u64;
-            }
-        }
-    }
-}
-
 /// What the streamed message must be stored as: the CRLF form of the generator's LF message.
 fn expected_stream() -> (BlobId, u64) {
     let mut generator = Generator::new(true, STREAMED_LINES);
@@ -1002,23 +966,6 @@ fn expected_stream() -> (BlobId, u64) {
             }
         }
     }
-}
-
-/// Peak resident set size of this process, from `/proc/self/status`.
-fn peak_resident_bytes() -> u64 {
-    let status = fs::read_to_string("/proc/self/status").unwrap();
-    let line = status
-        .lines()
-        .find(|l| l.starts_with("VmHWM:"))
-        .expect("/proc/self/status has no VmHWM line");
-    let kib: u64 = line
-        .trim_start_matches("VmHWM:")
-        .trim()
-        .trim_end_matches("kB")
-        .trim()
-        .parse()
-        .unwrap();
-    kib * 1024
 }
 
 /// Runs `streamed_message_child` alone in a child process (this test binary again), so that its

@@ -16,6 +16,7 @@
 //! length only once that many bytes are known to be there.
 
 use super::{BATCH_WRITES_MAX, KEY_BYTES_MAX, VALUE_BYTES_LIMIT};
+use crate::internal::reader::{Reader, put_u32};
 
 const VERSION: u8 = 1;
 const OP_INSERT: u8 = 1;
@@ -64,17 +65,17 @@ pub(super) fn encode<'a>(
     writes: impl Iterator<Item = (&'a [u8], Option<&'a [u8]>)>,
 ) -> Vec<u8> {
     let mut out = vec![VERSION];
-    put_len(&mut out, count);
+    put_u32(&mut out, count);
     for (key, value) in writes {
         out.push(if value.is_some() {
             OP_INSERT
         } else {
             OP_REMOVE
         });
-        put_len(&mut out, key.len());
+        put_u32(&mut out, key.len());
         out.extend_from_slice(key);
         if let Some(value) = value {
-            put_len(&mut out, value.len());
+            put_u32(&mut out, value.len());
             out.extend_from_slice(value);
         }
     }
@@ -110,14 +111,14 @@ pub fn encode_batch(writes: &[KvWrite]) -> Result<Vec<u8>, String> {
 
 /// Decodes a batch; a malformed one is described in the error.
 pub fn decode_batch(batch: &[u8]) -> Result<Vec<KvWrite>, String> {
-    let mut cursor = Cursor { bytes: batch };
-    let version = cursor.u8()?;
+    let mut reader = Reader::new(batch);
+    let version = reader.u8()?;
     if version != VERSION {
         return Err(format!(
             "batch version {version}: this program reads version {VERSION}"
         ));
     }
-    let count = cursor.len()?;
+    let count = reader.u32()? as usize;
     if count > BATCH_WRITES_MAX {
         return Err(format!(
             "{count} writes, over BATCH_WRITES_MAX = {BATCH_WRITES_MAX}"
@@ -126,7 +127,7 @@ pub fn decode_batch(batch: &[u8]) -> Result<Vec<KvWrite>, String> {
     // Every write takes at least 5 bytes: never reserve more than the input can hold.
     let mut writes: Vec<KvWrite> = Vec::with_capacity(count.min(batch.len() / 5));
     for i in 0..count {
-        let write = cursor.write().map_err(|e| format!("write {i}: {e}"))?;
+        let write = read_write(&mut reader).map_err(|e| format!("write {i}: {e}"))?;
         if writes.last().is_some_and(|last| last.key() >= write.key()) {
             return Err(format!(
                 "write {i}: keys are not in ascending order (or repeated)"
@@ -134,10 +135,11 @@ pub fn decode_batch(batch: &[u8]) -> Result<Vec<KvWrite>, String> {
         }
         writes.push(write);
     }
-    if !cursor.bytes.is_empty() {
+    // Not `Reader::finish`: this message also names the count of writes.
+    if reader.remaining() != 0 {
         return Err(format!(
             "{} trailing bytes after {count} writes",
-            cursor.bytes.len()
+            reader.remaining()
         ));
     }
     Ok(writes)
@@ -161,55 +163,22 @@ fn check_value_len(len: u64) -> Result<(), String> {
     Ok(())
 }
 
-/// Appends a length as u32 LE. Every length written here was checked against a limit far
-/// below `u32::MAX` (keys, values, counts).
-fn put_len(out: &mut Vec<u8>, len: usize) {
-    out.extend_from_slice(&u32::try_from(len).unwrap_or(u32::MAX).to_le_bytes());
-}
-
-struct Cursor<'a> {
-    bytes: &'a [u8],
-}
-
-impl<'a> Cursor<'a> {
-    fn take(&mut self, n: usize) -> Result<&'a [u8], String> {
-        if self.bytes.len() < n {
-            return Err(format!(
-                "truncated: {n} more bytes expected, {} left",
-                self.bytes.len()
-            ));
-        }
-        let (head, rest) = self.bytes.split_at(n);
-        self.bytes = rest;
-        Ok(head)
+/// Reads one write of a batch.
+fn read_write(reader: &mut Reader<'_>) -> Result<KvWrite, String> {
+    let op = reader.u8()?;
+    if op != OP_INSERT && op != OP_REMOVE {
+        return Err(format!("unknown op {op}"));
     }
-
-    fn u8(&mut self) -> Result<u8, String> {
-        Ok(self.take(1)?[0])
+    let len = reader.u32()? as usize;
+    check_key_len(len)?;
+    let key = reader.take(len)?.to_vec();
+    if op == OP_REMOVE {
+        return Ok(KvWrite::Remove { key });
     }
-
-    fn len(&mut self) -> Result<usize, String> {
-        let mut le = [0u8; 4];
-        le.copy_from_slice(self.take(4)?);
-        Ok(u32::from_le_bytes(le) as usize)
-    }
-
-    fn write(&mut self) -> Result<KvWrite, String> {
-        let op = self.u8()?;
-        if op != OP_INSERT && op != OP_REMOVE {
-            return Err(format!("unknown op {op}"));
-        }
-        let len = self.len()?;
-        check_key_len(len)?;
-        let key = self.take(len)?.to_vec();
-        if op == OP_REMOVE {
-            return Ok(KvWrite::Remove { key });
-        }
-        let len = self.len()?;
-        check_value_len(len as u64)?;
-        let value = self.take(len)?.to_vec();
-        Ok(KvWrite::Insert { key, value })
-    }
+    let len = reader.u32()? as usize;
+    check_value_len(len as u64)?;
+    let value = reader.take(len)?.to_vec();
+    Ok(KvWrite::Insert { key, value })
 }
 
 #[cfg(test)]

@@ -18,87 +18,20 @@
 //! lock, so a resolution always follows the copy it resolves), then every segment below the
 //! oldest record a branch still needs is removed.
 //!
-//! Record payloads (version 1): the xid as node u32 LE, epoch u64 LE and seq u64 LE (20 bytes),
-//! then for `PREPARED` the redo. Records are written in epoch 0: the log is private to the
-//! resource, and fencing is the resource's own state.
+//! The records, their payloads and how a log is opened and scanned are shared with the files
+//! resource (`internal::branch_log`); what is the mail resource's own is `Live`.
 
 use std::collections::HashMap;
 use std::path::Path;
 
-use journal::{Epoch, Journal, JournalConfig, JournalError, Lsn, RecordKind};
+use journal::{Journal, Lsn, RecordKind};
 
 use crate::Xid;
-
-/// A branch is prepared with these messages (a redo).
-pub(super) const PREPARED: RecordKind = RecordKind::new(1, 1);
-/// The branch committed.
-pub(super) const COMMITTED: RecordKind = RecordKind::new(2, 1);
-/// The branch rolled back.
-pub(super) const ROLLED_BACK: RecordKind = RecordKind::new(3, 1);
-
-/// The epoch of every record of the log.
-pub(super) const LOG_EPOCH: Epoch = Epoch(0);
-/// Segment size of the log; it is trimmed each time about half this much was appended.
-pub(super) const SEGMENT_BYTES_MAX: u64 = 16 << 20;
-/// Largest record of the log; the same as the coordinator journal's default, whose decision
-/// record carries the same redo.
-pub(super) const RECORD_BYTES_MAX: u64 = 8 << 20;
-
-const XID_BYTES: usize = 20;
-
-/// The log's configuration.
-pub(super) fn config() -> JournalConfig {
-    JournalConfig {
-        segment_bytes_max: SEGMENT_BYTES_MAX,
-        record_bytes_max: RECORD_BYTES_MAX,
-        create_if_missing: true,
-        ..JournalConfig::default()
-    }
-}
-
-/// The payload of a `PREPARED` record.
-pub(super) fn prepared_payload(xid: &Xid, redo: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(XID_BYTES + redo.len());
-    put_xid(&mut out, xid);
-    out.extend_from_slice(redo);
-    out
-}
-
-/// The payload of a `COMMITTED` or `ROLLED_BACK` record.
-pub(super) fn resolved_payload(xid: &Xid) -> Vec<u8> {
-    let mut out = Vec::with_capacity(XID_BYTES);
-    put_xid(&mut out, xid);
-    out
-}
-
-fn put_xid(out: &mut Vec<u8>, xid: &Xid) {
-    out.extend_from_slice(&xid.node.to_le_bytes());
-    out.extend_from_slice(&xid.epoch.0.to_le_bytes());
-    out.extend_from_slice(&xid.seq.to_le_bytes());
-}
-
-/// Splits a payload into its xid and the rest.
-fn take_xid(payload: &[u8]) -> Result<(Xid, &[u8]), String> {
-    if payload.len() < XID_BYTES {
-        return Err(format!(
-            "payload of {} bytes is shorter than an xid",
-            payload.len()
-        ));
-    }
-    let (head, rest) = payload.split_at(XID_BYTES);
-    let mut node = [0u8; 4];
-    let mut epoch = [0u8; 8];
-    let mut seq = [0u8; 8];
-    node.copy_from_slice(&head[..4]);
-    epoch.copy_from_slice(&head[4..12]);
-    seq.copy_from_slice(&head[12..]);
-    let xid = Xid {
-        node: u32::from_le_bytes(node),
-        epoch: Epoch(u64::from_le_bytes(epoch)),
-        seq: u64::from_le_bytes(seq),
-    };
-    Ok((xid, rest))
-}
+use crate::internal::branch_log::{self, Record, Replayed};
+pub(super) use crate::internal::branch_log::{
+    COMMITTED, LOG_EPOCH, OpenError, PREPARED, ROLLED_BACK, SEGMENT_BYTES_MAX, log_open_error,
+    prepared_payload, resolved_payload,
+};
 
 /// The prepared branches a log holds, built record by record in LSN order: xid → (LSN of its
 /// latest `PREPARED`, its redo).
@@ -107,93 +40,39 @@ pub(super) struct Live {
     pub(super) branches: HashMap<Xid, (Lsn, Vec<u8>)>,
 }
 
-impl Live {
-    /// Applies one record; a malformed one is described in the error.
-    pub(super) fn apply(
-        &mut self,
-        lsn: Lsn,
-        kind: RecordKind,
-        payload: &[u8],
-    ) -> Result<(), String> {
-        let (xid, rest) = take_xid(payload).map_err(|e| format!("record {lsn}: {e}"))?;
-        match kind {
-            PREPARED => {
-                self.branches.insert(xid, (lsn, rest.to_vec()));
+impl Replayed for Live {
+    fn apply(&mut self, lsn: Lsn, kind: RecordKind, payload: &[u8]) -> Result<(), String> {
+        match branch_log::decode(lsn, kind, payload)? {
+            Record::Prepared(xid, redo) => {
+                self.branches.insert(xid, (lsn, redo.to_vec()));
             }
-            COMMITTED | ROLLED_BACK => {
-                if !rest.is_empty() {
-                    return Err(format!("record {lsn}: {} trailing bytes", rest.len()));
-                }
-                // A resolution whose prepare record was trimmed away ends nothing.
+            // A resolution whose prepare record was trimmed away ends nothing.
+            Record::Resolved { xid, .. } => {
                 self.branches.remove(&xid);
             }
-            other => return Err(format!("record {lsn}: unknown kind {other}")),
         }
         Ok(())
+    }
+
+    fn branches(self) -> HashMap<Xid, (Lsn, Vec<u8>)> {
+        self.branches
     }
 }
 
 /// Opens the log in `dir` (created if missing) and reads its live branches.
 pub(super) fn open(dir: &Path) -> Result<(Journal, Live), OpenError> {
-    let journal = Journal::open(dir, config()).map_err(OpenError::Journal)?;
-    let mut live = Live::default();
-    let reader = journal
-        .read_from(journal.oldest_lsn())
-        .map_err(OpenError::Journal)?;
-    for record in reader {
-        let record = record.map_err(OpenError::Journal)?;
-        live.apply(record.lsn, record.kind, &record.payload)
-            .map_err(OpenError::Malformed)?;
-    }
-    Ok((journal, live))
+    branch_log::open(dir)
 }
 
-/// The xids live in the log in `dir`, read without opening it (no lock, nothing changed), so
-/// that an operator's view can run beside the process that owns the resource. A missing log
-/// has none.
+/// The xids live in the log in `dir`, read without opening it (see `internal::branch_log`).
 pub(super) fn live_on_disk(dir: &Path) -> Result<Vec<Xid>, OpenError> {
-    if !dir.exists() {
-        return Ok(Vec::new());
-    }
-    let mut live = Live::default();
-    let mut malformed = None;
-    journal::scan::scan_dir(dir, RECORD_BYTES_MAX, |record| {
-        if malformed.is_none()
-            && let Err(e) = live.apply(record.lsn, record.kind, &record.payload)
-        {
-            malformed = Some(e);
-        }
-    })
-    .map_err(OpenError::Journal)?;
-    if let Some(e) = malformed {
-        return Err(OpenError::Malformed(e));
-    }
-    let mut xids: Vec<Xid> = live.branches.into_keys().collect();
-    xids.sort();
-    Ok(xids)
-}
-
-/// Why the log could not be opened or read.
-#[derive(Debug)]
-pub(super) enum OpenError {
-    /// The journal refused (damage, a lock, an I/O error).
-    Journal(JournalError),
-    /// A record's payload does not decode.
-    Malformed(String),
-}
-
-impl std::fmt::Display for OpenError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            OpenError::Journal(e) => write!(f, "{e}"),
-            OpenError::Malformed(e) => f.write_str(e),
-        }
-    }
+    branch_log::live_on_disk::<Live>(dir)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use journal::Epoch;
 
     fn xid(seq: u64) -> Xid {
         Xid {

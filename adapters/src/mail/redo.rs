@@ -18,6 +18,7 @@ use journal::BlobId;
 
 use super::name::check_name;
 use super::{BRANCH_MESSAGES_MAX, INLINE_MESSAGE_BYTES_MAX};
+use crate::internal::reader::{Reader, put_u32};
 
 const REDO_VERSION: u8 = 1;
 const OP_INLINE: u8 = 1;
@@ -59,21 +60,13 @@ impl RedoEntry {
 pub fn encode_redo(entries: &[RedoEntry]) -> Vec<u8> {
     let mut out = vec![REDO_VERSION];
     // At most BRANCH_MESSAGES_MAX entries (checked at every enqueue).
-    out.extend_from_slice(
-        &u32::try_from(entries.len())
-            .unwrap_or(u32::MAX)
-            .to_le_bytes(),
-    );
+    put_u32(&mut out, entries.len());
     for entry in entries {
         match entry {
             RedoEntry::Inline { name, content } => {
                 out.push(OP_INLINE);
                 encode_name(&mut out, name);
-                out.extend_from_slice(
-                    &u32::try_from(content.len())
-                        .unwrap_or(u32::MAX)
-                        .to_le_bytes(),
-                );
+                put_u32(&mut out, content.len());
                 out.extend_from_slice(content);
             }
             RedoEntry::Blob { name, id, bytes } => {
@@ -97,14 +90,14 @@ fn encode_name(out: &mut Vec<u8>, name: &str) {
 
 /// Decodes a redo; a malformed one is described in the error.
 pub fn decode_redo(redo: &[u8]) -> Result<Vec<RedoEntry>, String> {
-    let mut cursor = Cursor { bytes: redo };
-    let version = cursor.u8()?;
+    let mut reader = Reader::new(redo);
+    let version = reader.u8()?;
     if version != REDO_VERSION {
         return Err(format!(
             "redo version {version}: this program reads version {REDO_VERSION}"
         ));
     }
-    let count = u32::from_le_bytes(cursor.array()?) as usize;
+    let count = reader.u32()? as usize;
     if count > BRANCH_MESSAGES_MAX {
         return Err(format!(
             "{count} entries, over BRANCH_MESSAGES_MAX = {BRANCH_MESSAGES_MAX}"
@@ -112,66 +105,36 @@ pub fn decode_redo(redo: &[u8]) -> Result<Vec<RedoEntry>, String> {
     }
     let mut entries = Vec::with_capacity(count.min(redo.len() / 8));
     for _ in 0..count {
-        entries.push(cursor.entry()?);
+        entries.push(read_entry(&mut reader)?);
     }
-    if !cursor.bytes.is_empty() {
-        return Err(format!("{} trailing bytes", cursor.bytes.len()));
-    }
+    reader.finish()?;
     Ok(entries)
 }
 
-/// Reads the encoding, refusing short input and over-limit lengths.
-struct Cursor<'a> {
-    bytes: &'a [u8],
-}
-
-impl<'a> Cursor<'a> {
-    fn take(&mut self, n: usize) -> Result<&'a [u8], String> {
-        if self.bytes.len() < n {
-            return Err(format!(
-                "truncated: {n} more bytes expected, {} left",
-                self.bytes.len()
-            ));
-        }
-        let (head, rest) = self.bytes.split_at(n);
-        self.bytes = rest;
-        Ok(head)
-    }
-
-    fn array<const N: usize>(&mut self) -> Result<[u8; N], String> {
-        let mut out = [0u8; N];
-        out.copy_from_slice(self.take(N)?);
-        Ok(out)
-    }
-
-    fn u8(&mut self) -> Result<u8, String> {
-        Ok(self.array::<1>()?[0])
-    }
-
-    fn entry(&mut self) -> Result<RedoEntry, String> {
-        let op = self.u8()?;
-        let len = usize::from(self.u8()?);
-        let name = String::from_utf8(self.take(len)?.to_vec())
-            .map_err(|_| "message name is not UTF-8".to_string())?;
-        check_name(&name)?;
-        match op {
-            OP_INLINE => {
-                let len = u64::from(u32::from_le_bytes(self.array()?));
-                if len > INLINE_MESSAGE_BYTES_MAX {
-                    return Err(format!(
-                        "inline message of {len} bytes, over INLINE_MESSAGE_BYTES_MAX = {INLINE_MESSAGE_BYTES_MAX}"
-                    ));
-                }
-                let content = self.take(len as usize)?.to_vec();
-                Ok(RedoEntry::Inline { name, content })
+/// Reads one entry of a redo.
+fn read_entry(reader: &mut Reader<'_>) -> Result<RedoEntry, String> {
+    let op = reader.u8()?;
+    let len = usize::from(reader.u8()?);
+    let name = String::from_utf8(reader.take(len)?.to_vec())
+        .map_err(|_| "message name is not UTF-8".to_string())?;
+    check_name(&name)?;
+    match op {
+        OP_INLINE => {
+            let len = u64::from(reader.u32()?);
+            if len > INLINE_MESSAGE_BYTES_MAX {
+                return Err(format!(
+                    "inline message of {len} bytes, over INLINE_MESSAGE_BYTES_MAX = {INLINE_MESSAGE_BYTES_MAX}"
+                ));
             }
-            OP_BLOB => Ok(RedoEntry::Blob {
-                name,
-                id: BlobId(self.array()?),
-                bytes: u64::from_le_bytes(self.array()?),
-            }),
-            other => Err(format!("unknown op {other}")),
+            let content = reader.take(len as usize)?.to_vec();
+            Ok(RedoEntry::Inline { name, content })
         }
+        OP_BLOB => Ok(RedoEntry::Blob {
+            name,
+            id: BlobId(reader.array()?),
+            bytes: reader.u64()?,
+        }),
+        other => Err(format!("unknown op {other}")),
     }
 }
 

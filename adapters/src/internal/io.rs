@@ -1,0 +1,196 @@
+//! Blocking work, streams, files and directories, and the errors of the journal crate's
+//! stores, as the resources use them.
+//!
+//! The files and mail resources do blocking file I/O, the kv resource blocking sled calls:
+//! each runs it on tokio's blocking pool through [`blocking`], a panic there being fatal. The
+//! durable-write helpers keep the discipline of DESIGN.md: a failed sync is fatal (what the
+//! file holds on disk is unknown), a directory is synced after a create in it. The branch log
+//! and the blob store are the journal crate's, and their errors are sorted here into the
+//! classes of [`ResourceError`] the same way for every resource.
+//!
+//! # Implementation caveats
+//!
+//! * Where the resources differ on purpose, they keep their own helper: the files resource's
+//!   `clear_dir` also removes directories (staging), the mail resource's does not; their
+//!   `write_synced` create their temp files differently (`create_new` vs truncating).
+
+use std::fs::{self, File, OpenOptions};
+use std::io;
+use std::path::{Path, PathBuf};
+
+use journal::JournalError;
+use tokio::io::{AsyncRead, AsyncReadExt};
+
+use crate::ResourceError;
+use crate::dirsync::DirSync;
+
+type Result<T, E = ResourceError> = std::result::Result<T, E>;
+
+/// Free space a prepare wants on the branch log's file system besides its record.
+const LOG_SPACE_MARGIN_BYTES: u64 = 64 << 10;
+
+/// Runs blocking work of the resource `name` on tokio's blocking pool; a task that panicked is
+/// fatal, reported as a failed `task` task ("file", "kv").
+pub(crate) async fn blocking<T, F>(name: &str, task: &str, f: F) -> Result<T>
+where
+    T: Send + 'static,
+    F: FnOnce() -> Result<T> + Send + 'static,
+{
+    match tokio::task::spawn_blocking(f).await {
+        Ok(result) => result,
+        Err(e) => Err(ResourceError::Fatal {
+            resource: name.to_string(),
+            message: format!("{task} task failed: {e}"),
+        }),
+    }
+}
+
+/// Reads until `buf` is full or the content ends; returns the bytes read.
+pub(crate) async fn fill(
+    content: &mut (impl AsyncRead + Unpin),
+    buf: &mut [u8],
+) -> io::Result<usize> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match content.read(&mut buf[filled..]).await {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(filled)
+}
+
+/// The directory `path` is in (`.` for a bare name).
+pub(crate) fn parent_of(path: &Path) -> PathBuf {
+    path.parent()
+        .map_or_else(|| PathBuf::from("."), Path::to_path_buf)
+}
+
+/// A failed sync is fatal: what the file holds on disk is unknown (DESIGN.md).
+pub(crate) fn sync_file(name: &str, file: &File, path: &Path) -> Result<()> {
+    file.sync_all().map_err(|e| ResourceError::Fatal {
+        resource: name.to_string(),
+        message: format!("sync {}: {e}", path.display()),
+    })
+}
+
+/// Removes `file`; a missing one is fine.
+pub(crate) fn remove_file_if_exists(name: &str, file: &Path) -> Result<()> {
+    match fs::remove_file(file) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(ResourceError::io(name, "remove", file, &e)),
+    }
+}
+
+/// Creates the directory `dir` and syncs its parent; an existing directory is fine.
+pub(crate) fn create_dir_durably(name: &str, dirs: &DirSync, dir: &Path) -> Result<()> {
+    match fs::create_dir(dir) {
+        Ok(()) => dirs.sync(&parent_of(dir)),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists && dir.is_dir() => Ok(()),
+        Err(e) => Err(ResourceError::io(name, "create directory", dir, &e)),
+    }
+}
+
+/// Takes the private area's `LOCK` (an advisory flock), so that one instance at a time owns
+/// the `owned` directory ("root", "Maildir").
+pub(crate) fn lock_private(name: &str, private: &Path, owned: &str) -> Result<File> {
+    let path = private.join("LOCK");
+    let file = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(|e| ResourceError::io(name, "open", &path, &e))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(fs::TryLockError::WouldBlock) => Err(ResourceError::rejected(
+            name,
+            format!(
+                "{} is locked: another instance has this {owned} open; stop it first",
+                path.display()
+            ),
+        )),
+        Err(fs::TryLockError::Error(e)) => Err(ResourceError::io(name, "lock", &path, &e)),
+    }
+}
+
+/// Refuses a prepare when the branch log's file system (at `log`) has less free space than the
+/// record and a margin: a write the log fails half-way poisons it, a refused prepare only rolls
+/// back.
+pub(crate) fn check_log_space(name: &str, log: &Path, record_bytes: u64) -> Result<()> {
+    let stat = rustix::fs::statvfs(log)
+        .map_err(|e| ResourceError::io(name, "inspect the file system of", log, &e.into()))?;
+    let free = stat.f_bavail.saturating_mul(stat.f_frsize);
+    if free < record_bytes.saturating_add(LOG_SPACE_MARGIN_BYTES) {
+        return Err(ResourceError::io(
+            name,
+            &format!(
+                "append a prepare record of {record_bytes} bytes ({free} bytes free) to the branch log at"
+            ),
+            log,
+            &rustix::io::Errno::NOSPC.into(),
+        ));
+    }
+    Ok(())
+}
+
+/// A branch log error: a record over the log's limit is refused (the branch is too large; `fewer`
+/// says what to do, "write fewer paths"); anything else means the log is poisoned or failed,
+/// which is fatal.
+pub(crate) fn log_error(name: &str, action: &str, fewer: &str, e: JournalError) -> ResourceError {
+    match e {
+        JournalError::RecordTooLarge { bytes, max } => ResourceError::rejected(
+            name,
+            format!(
+                "{action}: the branch needs a record of {bytes} bytes, over the log's limit of {max}; {fewer} per transaction"
+            ),
+        ),
+        other => ResourceError::Fatal {
+            resource: name.to_string(),
+            message: format!("{action} to the branch log: {other}"),
+        },
+    }
+}
+
+/// A blob store error as a resource error: a full disk or a refused permission is `Rejected`
+/// (through [`ResourceError::io`]), a failed sync or damage is `Fatal`, a missing blob is
+/// `Unavailable` (replication has not shipped it yet).
+pub(crate) fn blob_error(name: &str, e: JournalError) -> ResourceError {
+    match e {
+        JournalError::DiskFull { path } => ResourceError::io(
+            name,
+            "store blob",
+            &path,
+            &io::Error::from(io::ErrorKind::StorageFull),
+        ),
+        JournalError::PermissionDenied { path, source } => {
+            ResourceError::io(name, "store blob", &path, &source)
+        }
+        JournalError::Io {
+            action,
+            path,
+            source,
+        } if action.starts_with("sync") => ResourceError::Fatal {
+            resource: name.to_string(),
+            message: format!("{action} {}: {source}", path.display()),
+        },
+        JournalError::Io {
+            action,
+            path,
+            source,
+        } => ResourceError::io(name, action, &path, &source),
+        JournalError::BlobNotFound { id } => ResourceError::Unavailable {
+            resource: name.to_string(),
+            message: format!(
+                "blob {id} is not in this resource's blob store (yet): replication ships it before replay"
+            ),
+        },
+        other => ResourceError::Fatal {
+            resource: name.to_string(),
+            message: other.to_string(),
+        },
+    }
+}

@@ -1,0 +1,30 @@
+//! Machinery the files, mail and kv resources share, written once.
+//!
+//! The three resources were written side by side and follow one shape: an `Inner` holding a
+//! name and a state behind a mutex, poisoned by the first fatal failure and checked against a
+//! fence epoch on every call; blocking work run on tokio's blocking pool; small durable state
+//! files with a checksum; locks that a second writer waits on for a bounded time; and (files
+//! and mail) a branch log over a [`journal::Journal`] and redo encodings read with a bounds-
+//! checked reader. What is the same logic in each lives here; what only looks alike stays with
+//! its resource, with a line saying why.
+//!
+//! * [`instance`] — the poison and fence checks and the error constructors of an `Inner`
+//!   (the [`instance::Instance`] trait).
+//! * [`io`] — blocking-pool work, reading a stream into a buffer, file and directory helpers,
+//!   the private area's `LOCK`, and the classification of blob store and branch log errors.
+//! * [`state_file`] — the checksummed one-value files (`fence`, `applied_lsn`).
+//! * [`locks`] — waiting for a lock another branch holds, up to a bound, then a conflict.
+//! * [`branch_log`] — the branch log's record kinds, payloads and open/scan.
+//! * [`reader`] — the bounds-checked reader of the byte encodings (redo, batch).
+//!
+//! # Implementation caveats
+//!
+//! * Everything here is crate-private; no public API or on-disk format is defined here that
+//!   the resources' own docs do not already describe.
+
+pub(crate) mod branch_log;
+pub(crate) mod instance;
+pub(crate) mod io;
+pub(crate) mod locks;
+pub(crate) mod reader;
+pub(crate) mod state_file;
