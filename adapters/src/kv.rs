@@ -173,6 +173,14 @@ const KEY_SHOWN_BYTES_MAX: usize = 64;
 
 type Result<T, E = ResourceError> = std::result::Result<T, E>;
 
+/// The xids a kv resource at `dir` holds prepared, read from its prepared tree: `None` when a
+/// running instance holds the sled directory (sled lets one process at a time open it), an empty
+/// list when `dir` holds no sled database. Opens the directory with sled for the read (which
+/// runs sled's own recovery of its log), so it is for operator views of a stopped application.
+pub fn prepared_on_disk(dir: &Path) -> Result<Option<Vec<Xid>>> {
+    store::prepared_on_disk("kv", dir)
+}
+
 /// Limits and options of a kv resource.
 #[derive(Clone, Debug)]
 pub struct KvConfig {

@@ -435,6 +435,50 @@ fn open_db(name: &str, dir: &Path, config: &KvConfig) -> Result<sled::Db> {
     }
 }
 
+/// The xids in the prepared tree of the sled directory `dir`, which is opened for this read
+/// only: `None` when another instance holds sled's lock (a running application), an empty list
+/// when there is no sled database in `dir`.
+pub(super) fn prepared_on_disk(name: &str, dir: &Path) -> Result<Option<Vec<Xid>>> {
+    if !dir.join("db").is_file() {
+        return Ok(Some(Vec::new()));
+    }
+    let db = match sled::Config::new().path(dir).open() {
+        Ok(db) => db,
+        Err(sled::Error::Io(io)) if io.to_string().contains("could not acquire lock") => {
+            return Ok(None);
+        }
+        Err(e) => return Err(sled_error(name, "open sled directory", dir, e)),
+    };
+    let has_tree = db
+        .tree_names()
+        .iter()
+        .any(|tree| tree.as_ref() == PREPARED_TREE.as_bytes());
+    if !has_tree {
+        return Ok(Some(Vec::new()));
+    }
+    let tree = db
+        .open_tree(PREPARED_TREE)
+        .map_err(|e| sled_error(name, "open the prepared tree of", dir, e))?;
+    let mut xids = Vec::new();
+    for key in tree.iter().keys() {
+        let key = key.map_err(|e| sled_error(name, "read the prepared tree of", dir, e))?;
+        let xid = std::str::from_utf8(&key)
+            .ok()
+            .and_then(|text| text.parse::<Xid>().ok())
+            .ok_or_else(|| ResourceError::Fatal {
+                resource: name.to_string(),
+                message: format!(
+                    "the prepared tree of {} has a key {:?} that is not an xid",
+                    dir.display(),
+                    key.escape_ascii().to_string()
+                ),
+            })?;
+        xids.push(xid);
+    }
+    xids.sort();
+    Ok(Some(xids))
+}
+
 /// A sled error as a resource error: I/O as [`ResourceError::io`] classifies it, an unsupported
 /// configuration is refused, damage and sled's own bugs are fatal.
 fn sled_error(name: &str, action: &str, dir: &Path, e: sled::Error) -> ResourceError {
