@@ -76,8 +76,10 @@
 //! device's write cache nor makes a grown file's size durable, and it never syncs the separate
 //! files in which it keeps large values. So every step acknowledged here ends in a **sync**:
 //! sled's flush, then `fdatasync` of sled's `db` file, then `fsync` of each blob file not synced
-//! before and of the `blobs/` directory. A failed sync is fatal: the instance is poisoned (every
-//! later call fails with [`ResourceError::Fatal`]) and the process must restart and recover.
+//! before and of the `blobs/` directory. Concurrent steps share one sync (a group sync: a step
+//! returns after a sync that started after its write; the `store` module). A failed sync is
+//! fatal: the instance is poisoned (every later call fails with [`ResourceError::Fatal`]) and
+//! the process must restart and recover.
 //!
 //! # Crashes
 //!
