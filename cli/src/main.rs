@@ -27,6 +27,7 @@
 
 mod bench;
 mod bench_commit;
+mod bench_mixed;
 mod bench_pg;
 mod demo;
 mod inspect;
