@@ -491,4 +491,141 @@ mod tests {
             .to_string();
         assert!(zero.contains("`node`"), "{zero}");
     }
+
+    #[test]
+    fn mail_and_kv_resources_load_with_defaults_and_paths_relative_to_the_file() {
+        let config = load(
+            "node = 1\ndata_dir = \"d\"\n\
+             [resources.outbox]\nkind = \"mail\"\nmaildir = \"m\"\n\
+             [resources.index]\nkind = \"kv\"\ndir = \"k\"\n",
+        )
+        .unwrap();
+        let Some(ResourceConfig::Mail {
+            maildir,
+            create,
+            max_message_bytes,
+        }) = config.resources.get("outbox")
+        else {
+            panic!("no outbox")
+        };
+        assert!(maildir.ends_with("m") && maildir.is_absolute());
+        assert!(!*create);
+        assert_eq!(*max_message_bytes, 256 << 20);
+        let Some(ResourceConfig::Kv {
+            dir,
+            create,
+            lock_wait_ms,
+            value_bytes_max,
+        }) = config.resources.get("index")
+        else {
+            panic!("no index")
+        };
+        assert!(dir.ends_with("k") && dir.is_absolute());
+        assert!(!*create);
+        assert_eq!((*lock_wait_ms, *value_bytes_max), (5_000, 1 << 20));
+    }
+
+    #[test]
+    fn mail_and_kv_options_are_read() {
+        let config = load(
+            "node = 1\ndata_dir = \"d\"\n\
+             [resources.outbox]\nkind = \"mail\"\nmaildir = \"m\"\ncreate = true\nmax_message_bytes = 1000\n\
+             [resources.index]\nkind = \"kv\"\ndir = \"k\"\ncreate = true\nlock_wait_ms = 7\nvalue_bytes_max = 4096\n",
+        )
+        .unwrap();
+        assert!(matches!(
+            config.resources.get("outbox"),
+            Some(ResourceConfig::Mail {
+                create: true,
+                max_message_bytes: 1000,
+                ..
+            })
+        ));
+        assert!(matches!(
+            config.resources.get("index"),
+            Some(ResourceConfig::Kv {
+                create: true,
+                lock_wait_ms: 7,
+                value_bytes_max: 4096,
+                ..
+            })
+        ));
+    }
+
+    /// Each kind refuses the fields of the others, and a missing required field, by name.
+    #[test]
+    fn mail_and_kv_errors_name_the_field() {
+        let refused = |table: &str, field: &str| {
+            let text = format!("node = 1\ndata_dir = \"d\"\n[resources.r]\n{table}");
+            let message = load(&text).unwrap_err().to_string();
+            assert!(
+                message.contains(&format!("`{field}`")) && message.contains("[resources.r]"),
+                "{table:?}: {message}"
+            );
+        };
+        refused("kind = \"mail\"\n", "maildir");
+        refused("kind = \"kv\"\n", "dir");
+        refused("kind = \"mail\"\nmaildir = \"m\"\nroot = \"r\"\n", "root");
+        refused(
+            "kind = \"mail\"\nmaildir = \"m\"\nlock_wait_ms = 1\n",
+            "lock_wait_ms",
+        );
+        refused(
+            "kind = \"mail\"\nmaildir = \"m\"\nvalue_bytes_max = 1\n",
+            "value_bytes_max",
+        );
+        refused("kind = \"kv\"\ndir = \"k\"\nmaildir = \"m\"\n", "maildir");
+        refused(
+            "kind = \"kv\"\ndir = \"k\"\nmax_message_bytes = 1\n",
+            "max_message_bytes",
+        );
+        refused("kind = \"kv\"\ndir = \"k\"\nurl = \"u\"\n", "url");
+        refused("kind = \"files\"\nroot = \"r\"\ndir = \"k\"\n", "dir");
+        refused(
+            "kind = \"postgres\"\nurl = \"u\"\nmaildir = \"m\"\n",
+            "maildir",
+        );
+        refused(
+            "kind = \"mail\"\nmaildir = \"m\"\nmax_message_bytes = 0\n",
+            "max_message_bytes",
+        );
+        refused(
+            "kind = \"kv\"\ndir = \"k\"\nvalue_bytes_max = 0\n",
+            "value_bytes_max",
+        );
+        refused(
+            "kind = \"kv\"\ndir = \"k\"\nvalue_bytes_max = 4194305\n",
+            "value_bytes_max",
+        );
+        // A value of the wrong type is reported by the TOML parser, with the line that has it.
+        for (table, field) in [
+            (
+                "kind = \"kv\"\ndir = \"k\"\nvalue_bytes_max = \"big\"\n",
+                "value_bytes_max",
+            ),
+            (
+                "kind = \"mail\"\nmaildir = \"m\"\ncreate = \"yes\"\n",
+                "create",
+            ),
+        ] {
+            let text = format!("node = 1\ndata_dir = \"d\"\n[resources.r]\n{table}");
+            let message = load(&text).unwrap_err().to_string();
+            assert!(message.contains(&format!("{field} =")), "{message}");
+        }
+    }
+
+    #[test]
+    fn the_embedded_defaults_have_files_mail_and_kv_under_the_data_dir() {
+        let config = Config::embedded(Path::new("/srv/demo"));
+        let names: Vec<&str> = config.resources.keys().map(String::as_str).collect();
+        assert_eq!(names, ["index", "mail", "thumbnails", "uploads"]);
+        assert!(matches!(
+            config.resources.get(EMBEDDED_MAIL),
+            Some(ResourceConfig::Mail { maildir, create: true, .. }) if maildir == Path::new("/srv/demo/mail")
+        ));
+        assert!(matches!(
+            config.resources.get(EMBEDDED_KV),
+            Some(ResourceConfig::Kv { dir, create: true, .. }) if dir == Path::new("/srv/demo/index")
+        ));
+    }
 }
