@@ -463,7 +463,7 @@ fn check_dir(name: &str, dir: &Path, config: &KvConfig) -> Result<bool> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => Err(ResourceError::rejected(
             name,
             format!(
-                "sled directory {} does not exist; create it or set create_if_missing",
+                "sled directory {} does not exist; create it, or set create_if_missing (create = true in concord.toml)",
                 dir.display()
             ),
         )),
