@@ -1,8 +1,9 @@
 //! The demo's independent check: it reads every store directly — the files resources' trees,
 //! the Maildir's `new/` and `cur/`, the sled directory's trees and the PostgreSQL table — and
 //! never asks concord what happened. What a transaction must have left is a function of its run
-//! and number ([`Expected`]), so the check needs no record of what was written beyond the run
-//! records and the acknowledgements.
+//! and number (`content`, `message_id`, `key_value` and the others in the parent module), so
+//! the check needs no record of what was written beyond the run records and the
+//! acknowledgements.
 //!
 //! For every transaction of every run found in the data directory, each of its parts (the three
 //! files, the mail, the key, the order row — those its run had) is present with its exact
