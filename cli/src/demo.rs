@@ -410,6 +410,7 @@ fn progress_bar(args: &DemoArgs) -> indicatif::ProgressBar {
 }
 
 fn print_summary(s: &Summary, data: &Path, kept: bool) {
+    println!("resources:           {}", s.resources.join(", "));
     println!("committed:           {}", s.committed);
     println!("rolled_back:         {}", s.rolled_back);
     println!("atomicity_verified:  {}", s.atomicity_verified);
