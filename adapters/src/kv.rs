@@ -76,8 +76,10 @@
 //! device's write cache nor makes a grown file's size durable, and it never syncs the separate
 //! files in which it keeps large values. So every step acknowledged here ends in a **sync**:
 //! sled's flush, then `fdatasync` of sled's `db` file, then `fsync` of each blob file not synced
-//! before and of the `blobs/` directory. A failed sync is fatal: the instance is poisoned (every
-//! later call fails with [`ResourceError::Fatal`]) and the process must restart and recover.
+//! before and of the `blobs/` directory. Concurrent steps share one sync (a group sync: a step
+//! returns after a sync that started after its write; the `store` module). A failed sync is
+//! fatal: the instance is poisoned (every later call fails with [`ResourceError::Fatal`]) and
+//! the process must restart and recover.
 //!
 //! # Crashes
 //!
@@ -177,6 +179,14 @@ const KEY_SHOWN_BYTES_MAX: usize = 64;
 const TASK: &str = "kv";
 
 type Result<T, E = ResourceError> = std::result::Result<T, E>;
+
+/// The xids a kv resource at `dir` holds prepared, read from its prepared tree: `None` when a
+/// running instance holds the sled directory (sled lets one process at a time open it), an empty
+/// list when `dir` holds no sled database. Opens the directory with sled for the read (which
+/// runs sled's own recovery of its log), so it is for operator views of a stopped application.
+pub fn prepared_on_disk(dir: &Path) -> Result<Option<Vec<Xid>>> {
+    store::prepared_on_disk("kv", dir)
+}
 
 /// Limits and options of a kv resource.
 #[derive(Clone, Debug)]

@@ -1,7 +1,7 @@
 //! The kv resource: the conformance suite, reading one's own writes, key locking (conflicts,
 //! waiting, locks across a restart), commit atomicity (the trees seen directly with sled, and a
 //! child process killed with SIGKILL while it commits), fencing, replay, the directory held by
-//! another process, limits, and damage to the private trees by hand.
+//! another process, `prepared_on_disk`, limits, and damage to the private trees by hand.
 //!
 //! Two tests run a child: this test binary re-executed to run only one of the `child_…` tests
 //! with an environment variable set; without it those tests return at once, so a normal run
@@ -505,6 +505,36 @@ async fn locks_of_prepared_branches_survive_a_restart() {
     r.commit(&second).await.unwrap();
     assert_eq!(r.get(b"p").await.unwrap(), Some(b"second".to_vec()));
     assert_eq!(r.get(b"q").await.unwrap(), Some(b"second".to_vec()));
+}
+
+/// `prepared_on_disk` lists the prepared branches of a stopped resource from its prepared tree,
+/// says `None` while an instance holds the directory, and finds nothing where there is no
+/// database.
+#[tokio::test]
+async fn prepared_on_disk_lists_prepared_branches_when_no_instance_holds_the_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    assert_eq!(
+        kv::prepared_on_disk(&dir.path().join("absent")).unwrap(),
+        Some(vec![])
+    );
+    let r = open(dir.path());
+    let (held, a) = begun(&r).await;
+    a.insert(b"p", b"prepared").await.unwrap();
+    prepared(&r, &held).await;
+    let (_, c) = begun(&r).await;
+    c.insert(b"q", b"never prepared").await.unwrap();
+    assert_eq!(kv::prepared_on_disk(dir.path()).unwrap(), None, "held by r");
+    drop((a, c, r));
+    // A dropped instance's background writes may hold the lock for a moment.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let listed = loop {
+        if let Some(listed) = kv::prepared_on_disk(dir.path()).unwrap() {
+            break listed;
+        }
+        assert!(Instant::now() < deadline, "the directory stayed locked");
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert_eq!(listed, vec![held]);
 }
 
 // Commit atomicity.

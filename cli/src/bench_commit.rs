@@ -10,6 +10,17 @@
 //!   cost per two-phase decision. Baseline: the same number of clients appending one
 //!   decision-sized record each to the journal and waiting for it (group commit), which is the
 //!   floor under any decision.
+//! * `--resource files,mail,kv`: every transaction writes one 1 KiB file in a files resource,
+//!   enqueues one 1 KiB mail in a mail queue (a Maildir) and inserts one key with a 1 KiB value
+//!   in a kv resource (sled): three branches. Baseline: the same clients making the same three
+//!   writes, one after the other, to the same kinds of stores without coordination, each as
+//!   durable as that store makes it by itself — the file written and `fsync`ed in place; the
+//!   mail delivered as a plain MTA delivers to a Maildir (written to `tmp/`, `fsync`ed, renamed
+//!   into `new/`, as qmail and Postfix do: no `fsync` of `new/`); the key inserted into a sled
+//!   database and sled's own `flush` called.
+//!
+//! `files` and `files,mail,kv` alternate baseline and concord windows over several rounds
+//! ([`ROUNDS`]), and concord's time includes waiting for its phase 2 after each window.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -22,23 +33,63 @@ use journal::Epoch;
 use participant::{Concord, Config, ResourceConfig};
 use serde::Serialize;
 
-/// Which resource the transactions use.
-#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+/// A kind of resource the transactions use.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum BenchResource {
-    /// Two files resources.
+    /// Files resources.
     Files,
-    /// Two null resources (benchmark-only: no work, no durability).
+    /// Null resources (benchmark-only: no work, no durability).
     Null,
+    /// A mail queue (Maildir).
+    Mail,
+    /// A kv resource (sled).
+    Kv,
+}
+
+/// What every transaction of the benchmark does, from `--resource`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Workload {
+    /// Two files branches.
+    Files,
+    /// Two null branches.
+    Null,
+    /// A files, a mail and a kv branch.
+    FilesMailKv,
+}
+
+impl Workload {
+    fn from_resources(resources: &[BenchResource]) -> anyhow::Result<Workload> {
+        let mut kinds = resources.to_vec();
+        kinds.sort();
+        kinds.dedup();
+        match kinds[..] {
+            [BenchResource::Files] => Ok(Workload::Files),
+            [BenchResource::Null] => Ok(Workload::Null),
+            [BenchResource::Files, BenchResource::Mail, BenchResource::Kv] => {
+                Ok(Workload::FilesMailKv)
+            }
+            _ => bail!("--resource takes files, null or files,mail,kv"),
+        }
+    }
+
+    fn default_clients(self) -> Vec<usize> {
+        match self {
+            Workload::Files | Workload::FilesMailKv => vec![1, 8, 32, 128],
+            Workload::Null => vec![1, 32, 256],
+        }
+    }
 }
 
 /// Options of `concord bench commit`.
 #[derive(clap::Args, Debug)]
 pub struct CommitBenchArgs {
-    /// The resource the two branches of every transaction use.
-    #[arg(long, value_enum)]
-    pub resource: BenchResource,
-    /// Concurrent clients to measure, comma-separated (default: 1,8,32,128 for files; 1,32,256
-    /// for null).
+    /// What every transaction writes: `files` (a file in each of two files resources), `null`
+    /// (two branches that do nothing) or `files,mail,kv` (a file, a mail and a key: three
+    /// branches).
+    #[arg(long, value_enum, value_delimiter = ',', required = true)]
+    pub resource: Vec<BenchResource>,
+    /// Concurrent clients to measure, comma-separated (default: 1,8,32,128 for files and
+    /// files,mail,kv; 1,32,256 for null).
     #[arg(long, value_delimiter = ',')]
     pub clients: Vec<usize>,
     /// Seconds each configuration (and each baseline) runs.
@@ -64,10 +115,10 @@ pub fn run(args: CommitBenchArgs) -> anyhow::Result<()> {
     if !(args.seconds > 0.0 && args.seconds <= 600.0) {
         bail!("--seconds must be above 0 and at most 600");
     }
-    let clients = match (args.clients.is_empty(), args.resource) {
-        (false, _) => args.clients.clone(),
-        (true, BenchResource::Files) => vec![1, 8, 32, 128],
-        (true, BenchResource::Null) => vec![1, 32, 256],
+    let workload = Workload::from_resources(&args.resource)?;
+    let clients = match args.clients.is_empty() {
+        false => args.clients.clone(),
+        true => workload.default_clients(),
     };
     if clients.iter().any(|&c| c == 0 || c > 4096) {
         bail!("--clients must be between 1 and 4096");
@@ -87,9 +138,10 @@ pub fn run(args: CommitBenchArgs) -> anyhow::Result<()> {
             .prefix("concord-bench-commit-")
             .tempdir()?;
         let (baseline, measured) = runtime.block_on(async {
-            match args.resource {
-                BenchResource::Files => files_rounds(temp.path(), n, window).await,
-                BenchResource::Null => {
+            match workload {
+                Workload::Files => files_rounds(temp.path(), n, window).await,
+                Workload::FilesMailKv => crate::bench_mixed::rounds(temp.path(), n, window).await,
+                Workload::Null => {
                     let baseline =
                         journal_baseline(&temp.path().join("baseline"), n, window).await?;
                     let measured = null_concord(&temp.path().join("concord"), n, window).await?;
@@ -129,12 +181,12 @@ pub fn run(args: CommitBenchArgs) -> anyhow::Result<()> {
 /// Latencies of one run (or of several, added up).
 #[derive(Default)]
 pub(crate) struct Measured {
-    elapsed: Duration,
+    pub(crate) elapsed: Duration,
     latencies_us: Vec<u64>,
 }
 
 impl Measured {
-    fn add(&mut self, other: Measured) {
+    pub(crate) fn add(&mut self, other: Measured) {
         self.elapsed += other.elapsed;
         self.latencies_us.extend(other.latencies_us);
     }
@@ -194,13 +246,14 @@ where
     })
 }
 
-const FILE_BYTES: usize = 1024;
+/// Size of every file, mail and value the benchmarks write.
+pub(crate) const FILE_BYTES: usize = 1024;
 
-/// Rounds of the files benchmark: the baseline and concord take turns, so that both meet the
+/// Rounds of the files benchmarks: the baseline and concord take turns, so that both meet the
 /// same conditions (the file system's state drifts as files pile up).
-const FILES_ROUNDS: u32 = 4;
+pub(crate) const ROUNDS: u32 = 4;
 
-/// The files benchmark at `clients`: [`FILES_ROUNDS`] rounds of a baseline window then a
+/// The files benchmark at `clients`: [`ROUNDS`] rounds of a baseline window then a
 /// concord window. Each concord window is followed by a wait until its phase 2 is done, and
 /// that wait counts as concord's time: what is measured is the rate concord sustains, not only
 /// how fast it decides.
@@ -209,7 +262,7 @@ async fn files_rounds(
     clients: usize,
     window: Duration,
 ) -> anyhow::Result<(Measured, Measured)> {
-    let window = window / FILES_ROUNDS;
+    let window = window / ROUNDS;
     let baseline_dir = dir.join("baseline");
     for side in ["a", "b"] {
         std::fs::create_dir_all(baseline_dir.join(side))?;
@@ -217,7 +270,7 @@ async fn files_rounds(
     let concord = open_files_concord(&dir.join("concord")).await?;
     let mut baseline = Measured::default();
     let mut measured = Measured::default();
-    for round in 0..FILES_ROUNDS {
+    for round in 0..ROUNDS {
         baseline.add(files_baseline(&baseline_dir, round, clients, window).await?);
         let started = Instant::now();
         let mut run = files_concord(&concord, round, clients, window).await?;

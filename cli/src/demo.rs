@@ -1,30 +1,41 @@
-//! `concord demo`: the main job on embedded defaults — transactions across two files resources,
-//! some made to fail, then an independent check that each is all-or-nothing.
+//! `concord demo`: the main job on embedded defaults — transactions across every kind of
+//! resource concord has, some made to fail, then an independent check that each is
+//! all-or-nothing.
 //!
-//! Every transaction `i` of a run writes three files: `tx/<run>/<i>/a` and `tx/<run>/<i>/b` in
-//! the `uploads` resource and `tx/<run>/<i>/t` in `thumbnails` — two branches, so two-phase
-//! commit decides. Their content is a function of run, `i` and the file name, so the check needs
-//! no record of what was written. One transaction in `--fail-every` writes its files and then
-//! asks for a path outside the resource's root, which the resource refuses; the demo rolls it
-//! back. A transaction the coordinator acknowledged as committed is recorded, before it is
-//! counted, as an empty file `acks/<run>/<i>`.
+//! Every transaction `i` of a run spans four branches of [`Config::embedded`], so two-phase
+//! commit decides:
 //!
-//! The check reads the resources directly (not through concord): for every transaction of every
-//! run found in the data directory, the three files are either all present with their exact
-//! content or all absent; every acknowledged one is present; every one the journal holds a
-//! commit decision for is present (acknowledged to its client or not); no deliberately failed
-//! one is;
-//! nothing is left in the resources' staging areas, and no branch is left prepared. Run with
-//! `--data DIR` on the directory of a demo that was killed (SIGKILL at any moment), the demo
-//! first recovers, and the check covers the killed run too.
+//! * three files — `tx/<run>/<i>/a` and `tx/<run>/<i>/b` in the `uploads` resource and
+//!   `tx/<run>/<i>/t` in `thumbnails`;
+//! * one mail in the mail queue `mail` (a Maildir under the data directory), built with
+//!   [`MessageBuilder`]: Message-ID `<run.i@demo.concord.invalid>`, a subject and a body naming
+//!   run and `i`;
+//! * one key `tx/<run>/<i>` in the kv resource `index` (a sled directory), its value naming run
+//!   and `i`.
+//!
+//! What a transaction writes is a function of run and `i`, so the check needs no record of what
+//! was written. One transaction in `--fail-every` writes everything and then asks for a path
+//! outside the files resource's root, which the resource refuses; the demo rolls it back. A
+//! transaction the coordinator acknowledged as committed is recorded, before it is counted, as
+//! an empty file `acks/<run>/<i>`.
+//!
+//! The check (the `check` module) reads the stores directly, not through concord — the files,
+//! the Maildir's `new/` and `cur/`, the sled trees (with sled, after the demo's concord is
+//! closed) — and finds, for every transaction of every run in the data directory, all of its
+//! parts present with their exact content or none; every acknowledged one present; every one
+//! the journal holds a commit decision for present (acknowledged to its client or not); no
+//! deliberately failed one present; no mail delivered twice; nothing left staged or prepared in
+//! any resource. Run with `--data DIR` on the directory of a demo that was killed (SIGKILL at any
+//! moment), the demo first recovers, and the check covers the killed run too.
 //!
 //! With `--postgres URL`, every transaction also inserts an order row `(run, i)` into the table
-//! `concord_demo_orders` of that database (a third branch, with row capture on; the demo installs
-//! the `concord` schema and the table when missing), and the check counts the row as one more
-//! part of the transaction: all of it present or none, for every run recorded with `postgres`.
-//! No `concord:` transaction of the demo may be left prepared there either.
+//! `concord_demo_orders` of that database (a fifth branch, with row capture on; the demo
+//! installs the `concord` schema and the table when missing), and the check counts the row as
+//! one more part of the transaction. No `concord:` transaction of the demo may be left prepared
+//! there either.
 
-use std::collections::BTreeMap;
+mod check;
+
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -33,9 +44,11 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, bail};
 use coordinator::Outcome;
-use coordinator::record::CoordRecord;
-use participant::{Concord, Config};
+use participant::config::{EMBEDDED_KV, EMBEDDED_MAIL};
+use participant::{Concord, Config, MessageBuilder};
 use serde::Serialize;
+
+use check::{Orders, Run};
 
 /// Options of `concord demo`.
 #[derive(clap::Args, Debug)]
@@ -68,6 +81,8 @@ const PG_TABLE: &str = "concord_demo_orders";
 /// The summary `--json` prints.
 #[derive(Serialize, Debug)]
 struct Summary {
+    /// The resources every transaction of this run spans.
+    resources: Vec<String>,
     committed: u64,
     rolled_back: u64,
     atomicity_verified: bool,
@@ -80,7 +95,12 @@ struct Summary {
     recovered_rolled_back: usize,
 }
 
+/// The files of a transaction: (resource, file name).
 const FILES: [(&str, &str); 3] = [("uploads", "a"), ("uploads", "b"), ("thumbnails", "t")];
+/// The demo's mail queue.
+const MAIL: &str = EMBEDDED_MAIL;
+/// The demo's kv resource.
+const INDEX: &str = EMBEDDED_KV;
 
 /// Runs `concord demo`.
 pub fn run(args: DemoArgs) -> anyhow::Result<bool> {
@@ -135,13 +155,14 @@ async fn demo(args: &DemoArgs, data: &Path) -> anyhow::Result<Summary> {
     // The run is recorded before its first transaction, so a check after a kill covers it.
     std::fs::create_dir_all(data.join("acks").join(&run_id))?;
     std::fs::create_dir_all(data.join("runs"))?;
-    let pg_flag = if args.postgres.is_some() {
-        " postgres"
-    } else {
-        ""
+    let run = Run {
+        transactions: args.transactions,
+        fail_every: args.fail_every,
+        mail: true,
+        kv: true,
+        postgres: args.postgres.is_some(),
     };
-    let run = format!("{} {}{pg_flag}\n", args.transactions, args.fail_every);
-    std::fs::write(data.join("runs").join(&run_id), run)?;
+    std::fs::write(data.join("runs").join(&run_id), run.record())?;
 
     let started = Instant::now();
     let stats = run_clients(args, &concord, data, &run_id).await?;
@@ -155,16 +176,23 @@ async fn demo(args: &DemoArgs, data: &Path) -> anyhow::Result<Summary> {
         Some(url) => Some(read_orders(url).await?),
         None => None,
     };
-    let mut check = check(data, orders.as_ref())?;
-    check
-        .problems
-        .extend(check_decisions(data, orders.as_ref())?);
+    let check = check::check(data, orders.as_ref())?;
     for problem in check.problems.iter().take(20) {
         eprintln!("atomicity: {problem}");
     }
+    if check.problems.len() > 20 {
+        eprintln!("atomicity: … and {} more", check.problems.len() - 20);
+    }
     let mut latencies = stats.latencies_us;
     latencies.sort_unstable();
+    let mut resources: Vec<String> = ["uploads", "thumbnails", MAIL, INDEX]
+        .map(String::from)
+        .to_vec();
+    if args.postgres.is_some() {
+        resources.push(PG_RESOURCE.to_string());
+    }
     Ok(Summary {
+        resources,
         committed: stats.committed,
         rolled_back: stats.rolled_back,
         atomicity_verified: check.problems.is_empty() && clean,
@@ -263,6 +291,12 @@ async fn one_transaction(
             .put(&path, content(run_id, i, name).as_slice())
             .await?;
     }
+    let mail = tx.mail(MAIL).await?;
+    mail.enqueue_built(&demo_message(run_id, i)).await?;
+    let index = tx.kv(INDEX).await?;
+    index
+        .insert(key(run_id, i).as_bytes(), &key_value(run_id, i))
+        .await?;
     if fail {
         let uploads = tx.files("uploads").await?;
         if uploads
@@ -281,9 +315,35 @@ fn content(run_id: &str, i: u64, name: &str) -> Vec<u8> {
     format!("concord demo run {run_id} transaction {i} file {name}\n").into_bytes()
 }
 
-struct Check {
-    transactions: u64,
-    problems: Vec<String>,
+/// The mail of transaction `i`.
+fn demo_message(run_id: &str, i: u64) -> MessageBuilder {
+    MessageBuilder::new()
+        .from("concord demo <demo@concord.invalid>")
+        .to("orders@concord.invalid")
+        .subject(mail_subject(run_id, i))
+        .message_id(message_id(run_id, i))
+        .body(mail_body(run_id, i))
+}
+
+fn message_id(run_id: &str, i: u64) -> String {
+    format!("<{run_id}.{i}@demo.concord.invalid>")
+}
+
+fn mail_subject(run_id: &str, i: u64) -> String {
+    format!("concord demo run {run_id} transaction {i}")
+}
+
+fn mail_body(run_id: &str, i: u64) -> String {
+    format!("concord demo run {run_id} transaction {i} mail\n")
+}
+
+/// The kv key of transaction `i`.
+fn key(run_id: &str, i: u64) -> String {
+    format!("tx/{run_id}/{i}")
+}
+
+fn key_value(run_id: &str, i: u64) -> Vec<u8> {
+    format!("concord demo run {run_id} transaction {i} key\n").into_bytes()
 }
 
 /// The demo's schema and table in the database at `url` (idempotent).
@@ -302,13 +362,6 @@ async fn setup_postgres(url: &str) -> anyhow::Result<()> {
         .await?;
     adapters::postgres::replicate(PG_RESOURCE, url, &[PG_TABLE.to_string()]).await?;
     Ok(())
-}
-
-/// What the check knows of the PostgreSQL branch: the order rows present, and the demo's
-/// branches still prepared there.
-struct Orders {
-    rows: std::collections::HashSet<(String, u64)>,
-    prepared: usize,
 }
 
 /// Reads the orders table and the prepared branches, directly (not through concord).
@@ -336,170 +389,6 @@ async fn read_orders(url: &str) -> anyhow::Result<Orders> {
     Ok(Orders { rows, prepared })
 }
 
-/// The check: reads the resources' directories (and the orders table) directly. Each run is
-/// recorded in `runs/<run>` as `<transactions> <fail-every> [postgres]`.
-fn check(data: &Path, orders: Option<&Orders>) -> anyhow::Result<Check> {
-    let mut problems = Vec::new();
-    let mut transactions = 0;
-    let runs = data.join("runs");
-    let mut run_ids: BTreeMap<String, (u64, u64, bool)> = BTreeMap::new();
-    for entry in std::fs::read_dir(&runs).with_context(|| format!("list {}", runs.display()))? {
-        let entry = entry?;
-        let name = entry.file_name().to_string_lossy().to_string();
-        let text = std::fs::read_to_string(entry.path())?;
-        let mut fields = text.split_whitespace();
-        let mut number = || fields.next().map(str::parse::<u64>);
-        match (number(), number()) {
-            (Some(Ok(n)), Some(Ok(fail_every))) => {
-                let postgres = text.split_whitespace().nth(2) == Some("postgres");
-                run_ids.insert(name, (n, fail_every, postgres));
-            }
-            _ => problems.push(format!("{}: not a run record", entry.path().display())),
-        }
-    }
-    for (run_id, &(total, fail_every, postgres)) in &run_ids {
-        if postgres && orders.is_none() {
-            problems.push(format!(
-                "run {run_id} had a PostgreSQL branch: check it with --postgres URL"
-            ));
-        }
-        let acks = data.join("acks").join(run_id);
-        for i in 0..total {
-            transactions += 1;
-            let mut present: Vec<bool> = FILES
-                .iter()
-                .map(|(resource, name)| {
-                    let path = data.join(resource).join(format!("tx/{run_id}/{i}/{name}"));
-                    std::fs::read(&path)
-                        .map(|c| c == content(run_id, i, name))
-                        .unwrap_or(false)
-                })
-                .collect();
-            if let (true, Some(orders)) = (postgres, orders) {
-                present.push(orders.rows.contains(&(run_id.clone(), i)));
-            }
-            let all = present.iter().all(|p| *p);
-            let none = present.iter().all(|p| !*p);
-            let acked = acks.join(i.to_string()).exists();
-            let failed = fail_every > 0 && i % fail_every == fail_every - 1;
-            if !all && !none {
-                problems.push(format!(
-                    "run {run_id} transaction {i}: partly present {present:?}"
-                ));
-            }
-            if acked && !all {
-                problems.push(format!(
-                    "run {run_id} transaction {i}: acknowledged but not present"
-                ));
-            }
-            if failed && !none {
-                problems.push(format!(
-                    "run {run_id} transaction {i}: failed on purpose but present"
-                ));
-            }
-        }
-    }
-    for (resource, _) in FILES {
-        let staging = data.join(resource).join(".concord").join("staging");
-        if let Ok(entries) = std::fs::read_dir(&staging)
-            && entries.count() > 0
-        {
-            problems.push(format!("{}: staging is not empty", staging.display()));
-        }
-        let root = data.join(resource);
-        let prepared = adapters::files::prepared_on_disk(&root)?;
-        if !prepared.is_empty() {
-            problems.push(format!(
-                "{}: {} branches left prepared",
-                root.display(),
-                prepared.len()
-            ));
-        }
-    }
-    if let Some(orders) = orders
-        && orders.prepared > 0
-    {
-        problems.push(format!(
-            "{} branches of the {PG_RESOURCE} resource left prepared in PostgreSQL",
-            orders.prepared
-        ));
-    }
-    Ok(Check {
-        transactions,
-        problems,
-    })
-}
-
-/// Every file a durable `Commit` record names — decided transactions, acknowledged to their
-/// client or not — must be present: recovery may never roll back a decision.
-fn check_decisions(data: &Path, orders: Option<&Orders>) -> anyhow::Result<Vec<String>> {
-    let mut problems = Vec::new();
-    let journal_dir = data.join("journal");
-    let record_bytes_max = journal::JournalConfig::default().record_bytes_max;
-    journal::scan::scan_dir(&journal_dir, record_bytes_max, |rec| {
-        let Ok(CoordRecord::Commit { xid, branches, .. }) =
-            CoordRecord::decode(rec.kind, &rec.payload)
-        else {
-            return;
-        };
-        for (resource, redo) in branches {
-            if resource == PG_RESOURCE {
-                check_order_redo(&xid, &redo, orders, &mut problems);
-                continue;
-            }
-            if !FILES.iter().any(|(r, _)| *r == resource) {
-                continue;
-            }
-            let Ok(entries) = adapters::files::decode_redo(&redo) else {
-                problems.push(format!("{xid}: the redo of {resource} does not decode"));
-                continue;
-            };
-            for entry in entries {
-                if let adapters::files::RedoEntry::Put { path, .. }
-                | adapters::files::RedoEntry::PutInline { path, .. } = entry
-                    && !data.join(&resource).join(&path).is_file()
-                {
-                    problems.push(format!("{xid}: decided, but {resource}/{path} is missing"));
-                }
-            }
-        }
-    })?;
-    Ok(problems)
-}
-
-/// Every order row a decided transaction's PostgreSQL redo names must be present.
-fn check_order_redo(
-    xid: &adapters::Xid,
-    redo: &[u8],
-    orders: Option<&Orders>,
-    problems: &mut Vec<String>,
-) {
-    let Some(orders) = orders else {
-        problems.push(format!(
-            "{xid}: decided with a PostgreSQL branch: check it with --postgres URL"
-        ));
-        return;
-    };
-    let rows = match adapters::postgres::decode_redo(redo) {
-        Ok(rows) => rows,
-        Err(e) => {
-            problems.push(format!(
-                "{xid}: the redo of {PG_RESOURCE} does not decode: {e}"
-            ));
-            return;
-        }
-    };
-    for (_, op, pk, row) in rows {
-        // The key, or the row image that holds it.
-        let key = if pk.is_object() { pk } else { row };
-        let run = key.get("run").and_then(|v| v.as_str()).unwrap_or_default();
-        let i = key.get("i").and_then(|v| v.as_u64()).unwrap_or(u64::MAX);
-        if op == "U" && !orders.rows.contains(&(run.to_string(), i)) {
-            problems.push(format!("{xid}: decided, but order ({run}, {i}) is missing"));
-        }
-    }
-}
-
 fn percentile(sorted_us: &[u64], q: f64) -> f64 {
     if sorted_us.is_empty() {
         return 0.0;
@@ -521,6 +410,7 @@ fn progress_bar(args: &DemoArgs) -> indicatif::ProgressBar {
 }
 
 fn print_summary(s: &Summary, data: &Path, kept: bool) {
+    println!("resources:           {}", s.resources.join(", "));
     println!("committed:           {}", s.committed);
     println!("rolled_back:         {}", s.rolled_back);
     println!("atomicity_verified:  {}", s.atomicity_verified);

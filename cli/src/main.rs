@@ -1,7 +1,12 @@
 //! The `concord` command: one binary for the daemons and the operator commands.
 //!
-//! Today it holds the journal tools and the journal benchmark:
+//! Today it holds the demo, the journal tools, the operator's transaction tools and the
+//! benchmarks:
 //!
+//! * `concord demo` runs transactions across files, a mail queue and a key-value store (and
+//!   PostgreSQL) and checks each is all-or-nothing ([`demo`]);
+//! * `concord txn list|resolve` show and resolve unfinished transactions ([`txn`]);
+//! * `concord bench commit` measures commits through the coordinator ([`bench_commit`]);
 //! * `concord journal inspect DIR` prints the records of a journal directory ([`inspect`]);
 //! * `concord journal verify DIR` checks every record and says whether the journal is sound, has a
 //!   torn tail that the next open truncates, or is corrupt ([`verify`]);
@@ -27,6 +32,7 @@
 
 mod bench;
 mod bench_commit;
+mod bench_mixed;
 mod bench_pg;
 mod demo;
 mod inspect;
@@ -65,8 +71,9 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Run transactions across two files resources on embedded defaults, some failing on
-    /// purpose, and check that every one is all-or-nothing.
+    /// Run transactions across files, a mail queue and a key-value store on embedded defaults
+    /// (and PostgreSQL with --postgres), some failing on purpose, and check that every one is
+    /// all-or-nothing.
     Demo(demo::DemoArgs),
     /// Read-only tools for a journal directory: inspect its records, verify it.
     #[command(subcommand)]

@@ -157,6 +157,8 @@ fn postgres_url<'c>(config: &'c Config, name: &str, target: &Target) -> anyhow::
     let kind = match config.resources.get(name) {
         Some(ResourceConfig::Postgres { url, .. }) => return Ok(url),
         Some(ResourceConfig::Files { .. }) => "is a files resource, not a postgres one",
+        Some(ResourceConfig::Mail { .. }) => "is a mail resource, not a postgres one",
+        Some(ResourceConfig::Kv { .. }) => "is a kv resource, not a postgres one",
         None => "is not in the configuration",
     };
     let postgres: Vec<&str> = config

@@ -1,7 +1,10 @@
 //! `concord txn list` and `concord txn resolve`: the operator's view of unfinished transactions.
 //!
 //! `list` changes nothing: it reads the journal with the read-only scan (no lock, so it works
-//! beside a running application) and asks each resource which branches it holds prepared. It shows
+//! beside a running application) and asks each resource which branches it holds prepared (the
+//! branch logs of files and mail resources, PostgreSQL's `pg_prepared_xacts`; a kv resource's
+//! prepared tree only when no running process holds its sled directory — otherwise it says so
+//! on standard error and lists the others). It shows
 //! transactions whose decision is durable but whose phase 2 has not finished (no `End` yet), and
 //! prepared branches that no decision names (in doubt until the coordinator's next recovery rolls
 //! them back). `resolve` records an operator's decision in the journal and carries it out, for a
@@ -174,6 +177,27 @@ fn prepared_branches(config: &Config) -> anyhow::Result<BTreeMap<Xid, Vec<String
             participant::ResourceConfig::Files { root, .. } => {
                 let prepared = adapters::files::prepared_on_disk(root)
                     .with_context(|| format!("read resource {name}"))?;
+                for xid in prepared {
+                    out.entry(xid).or_default().push(name.clone());
+                }
+            }
+            participant::ResourceConfig::Mail { maildir, .. } => {
+                let prepared = adapters::mail::prepared_on_disk(maildir)
+                    .with_context(|| format!("read resource {name}"))?;
+                for xid in prepared {
+                    out.entry(xid).or_default().push(name.clone());
+                }
+            }
+            participant::ResourceConfig::Kv { dir, .. } => {
+                let prepared = adapters::kv::prepared_on_disk(dir)
+                    .with_context(|| format!("read resource {name}"))?;
+                let Some(prepared) = prepared else {
+                    eprintln!(
+                        "note: resource {name}: the sled directory {} is open in a running process; its prepared branches are not listed (sled lets one process read it at a time)",
+                        dir.display()
+                    );
+                    continue;
+                };
                 for xid in prepared {
                     out.entry(xid).or_default().push(name.clone());
                 }

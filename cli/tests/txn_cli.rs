@@ -1,5 +1,6 @@
 //! `concord txn list` and `concord txn resolve` on a data directory with a transaction stuck in
-//! phase 2 because its resource is gone for good.
+//! phase 2 because its resource is gone for good, and `txn list` finding branches prepared in the
+//! mail queue and the kv store of the embedded defaults.
 
 #![allow(clippy::unwrap_used)]
 
@@ -133,4 +134,72 @@ fn a_malformed_xid_is_one_clear_error() {
     let out = concord(&["txn", "resolve", "not-an-xid", "--commit"], dir.path());
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("is not an xid"));
+}
+
+/// A branch left prepared in the Maildir and one in the sled store (no decision names them) are
+/// both listed as in doubt under their xid.
+#[test]
+fn branches_prepared_in_the_mail_queue_and_the_kv_store_are_listed() {
+    use adapters::Resource;
+    use adapters::kv::{KvConfig, KvResource};
+    use adapters::mail::{MailConfig, MailResource, MessageBuilder};
+
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let xid = Xid {
+        node: 1,
+        epoch: Epoch(1),
+        seq: 7,
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let mail_config = MailConfig {
+            create: true,
+            ..MailConfig::default()
+        };
+        let mail = MailResource::open("mail", &data.join("mail"), mail_config).unwrap();
+        mail.begin(&xid).await.unwrap();
+        let message = MessageBuilder::new()
+            .from("a@example.org")
+            .to("b@example.org")
+            .body("in doubt\n");
+        mail.branch(&xid).enqueue_built(&message).await.unwrap();
+        mail.prepare(&xid).await.unwrap();
+        let kv_config = KvConfig {
+            create_if_missing: true,
+            ..KvConfig::default()
+        };
+        let kv = KvResource::open("index", &data.join("index"), kv_config).unwrap();
+        kv.begin(&xid).await.unwrap();
+        kv.branch(&xid).insert(b"k", b"v").await.unwrap();
+        kv.prepare(&xid).await.unwrap();
+    });
+    drop(runtime);
+    // The kv instance just dropped may hold sled's lock for a moment; `list` then says so.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let rows = loop {
+        let out = concord(&["txn", "list", "--json"], &data);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let note = String::from_utf8_lossy(&out.stderr).contains("is open in a running process");
+        if !note {
+            break String::from_utf8(out.stdout)
+                .unwrap()
+                .lines()
+                .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+                .collect::<Vec<_>>();
+        }
+        assert!(std::time::Instant::now() < deadline, "sled stayed locked");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert_eq!(rows[0]["xid"], xid.to_string());
+    assert_eq!(rows[0]["state"], "prepared, no decision (in doubt)");
+    assert_eq!(rows[0]["branches"], serde_json::json!(["index", "mail"]));
 }

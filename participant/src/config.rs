@@ -18,7 +18,24 @@
 //! url = "host=127.0.0.1 port=5432 user=app dbname=shop"
 //! pool_size = 64            # optional: connections (open branches plus phase-2 calls)
 //! fence_wait_ms = 2000      # optional: how long a fence waits for prepared branches of old epochs
+//!
+//! [resources.outbox]        # a mail queue: a Maildir (tmp/, new/, cur/)
+//! kind = "mail"
+//! maildir = "data/outbox"   # relative to this file's directory
+//! create = true             # optional: create the Maildir and its tmp/, new/, cur/ when missing
+//! max_message_bytes = 268435456  # optional: largest message, counted with CRLF line endings
+//!
+//! [resources.index]         # a sled key-value store
+//! kind = "kv"
+//! dir = "data/index"        # the sled directory, relative to this file's directory
+//! create = true             # optional: create the directory when missing
+//! lock_wait_ms = 5000       # optional: how long a writer waits for a key another branch holds
+//! value_bytes_max = 1048576 # optional: longest value (at most 4 MiB: a branch's whole batch is)
 //! ```
+//!
+//! Each kind takes only its own fields: `root` for files; `url`, `pool_size` and
+//! `fence_wait_ms` for postgres; `maildir` and `max_message_bytes` for mail; `dir` and
+//! `value_bytes_max` for kv; `create` for files, mail and kv; `lock_wait_ms` for files and kv.
 //!
 //! Unknown fields are refused (a misspelt option must not be ignored silently); every error names
 //! the file and the field.
@@ -27,6 +44,11 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
+
+/// The name (and directory under `data_dir`) of the mail queue of [`Config::embedded`].
+pub const EMBEDDED_MAIL: &str = "mail";
+/// The name (and directory under `data_dir`) of the kv resource of [`Config::embedded`].
+pub const EMBEDDED_KV: &str = "index";
 
 /// The configuration of an embedded concord.
 #[derive(Clone, Debug, Deserialize)]
@@ -62,18 +84,130 @@ pub struct Config {
 struct ResourceToml {
     kind: ResourceKind,
     root: Option<PathBuf>,
+    maildir: Option<PathBuf>,
+    dir: Option<PathBuf>,
     create: Option<bool>,
     lock_wait_ms: Option<u64>,
+    max_message_bytes: Option<u64>,
+    value_bytes_max: Option<u64>,
     url: Option<String>,
     pool_size: Option<usize>,
     fence_wait_ms: Option<u64>,
 }
 
-#[derive(Deserialize)]
+#[derive(Clone, Copy, Deserialize)]
 #[serde(rename_all = "lowercase")]
 enum ResourceKind {
     Files,
     Postgres,
+    Mail,
+    Kv,
+}
+
+impl ResourceKind {
+    fn name(self) -> &'static str {
+        match self {
+            ResourceKind::Files => "files",
+            ResourceKind::Postgres => "postgres",
+            ResourceKind::Mail => "mail",
+            ResourceKind::Kv => "kv",
+        }
+    }
+
+    /// The optional and required fields this kind takes, besides `kind`.
+    fn fields(self) -> &'static [&'static str] {
+        match self {
+            ResourceKind::Files => &["root", "create", "lock_wait_ms"],
+            ResourceKind::Postgres => &["url", "pool_size", "fence_wait_ms"],
+            ResourceKind::Mail => &["maildir", "create", "max_message_bytes"],
+            ResourceKind::Kv => &["dir", "create", "lock_wait_ms", "value_bytes_max"],
+        }
+    }
+}
+
+impl ResourceToml {
+    /// The fields set in the table, by name.
+    fn set_fields(&self) -> [(&'static str, bool); 10] {
+        [
+            ("root", self.root.is_some()),
+            ("maildir", self.maildir.is_some()),
+            ("dir", self.dir.is_some()),
+            ("create", self.create.is_some()),
+            ("lock_wait_ms", self.lock_wait_ms.is_some()),
+            ("max_message_bytes", self.max_message_bytes.is_some()),
+            ("value_bytes_max", self.value_bytes_max.is_some()),
+            ("url", self.url.is_some()),
+            ("pool_size", self.pool_size.is_some()),
+            ("fence_wait_ms", self.fence_wait_ms.is_some()),
+        ]
+    }
+
+    /// The first field set that does not apply to the table's kind.
+    fn foreign_field(&self) -> Option<&'static str> {
+        let allowed = self.kind.fields();
+        self.set_fields()
+            .into_iter()
+            .find(|(field, set)| *set && !allowed.contains(field))
+            .map(|(field, _)| field)
+    }
+
+    /// The resource, or what is wrong with the table (naming the field).
+    fn into_config(self) -> Result<ResourceConfig, String> {
+        if let Some(field) = self.foreign_field() {
+            let kind = self.kind.name();
+            return Err(format!(
+                "field `{field}` does not apply to kind = \"{kind}\""
+            ));
+        }
+        let missing = |field: &str| format!("missing field `{field}`");
+        match self.kind {
+            ResourceKind::Files => Ok(ResourceConfig::Files {
+                root: self.root.ok_or_else(|| missing("root"))?,
+                create: self.create.unwrap_or(false),
+                lock_wait_ms: self.lock_wait_ms.unwrap_or_else(default_lock_wait_ms),
+            }),
+            ResourceKind::Postgres => {
+                let url = self.url.ok_or_else(|| missing("url"))?;
+                let pool_size = self.pool_size.unwrap_or(64);
+                if pool_size < 2 {
+                    return Err("field `pool_size` must be at least 2".into());
+                }
+                Ok(ResourceConfig::Postgres {
+                    url,
+                    pool_size,
+                    fence_wait_ms: self.fence_wait_ms.unwrap_or(2_000),
+                })
+            }
+            ResourceKind::Mail => {
+                let max_message_bytes = self
+                    .max_message_bytes
+                    .unwrap_or_else(default_max_message_bytes);
+                if max_message_bytes == 0 {
+                    return Err("field `max_message_bytes` must be positive".into());
+                }
+                Ok(ResourceConfig::Mail {
+                    maildir: self.maildir.ok_or_else(|| missing("maildir"))?,
+                    create: self.create.unwrap_or(false),
+                    max_message_bytes,
+                })
+            }
+            ResourceKind::Kv => {
+                let value_bytes_max = self.value_bytes_max.unwrap_or_else(default_value_bytes_max);
+                if !(1..=KV_VALUE_BYTES_MAX_LIMIT).contains(&value_bytes_max) {
+                    return Err(format!(
+                        "field `value_bytes_max` must be between 1 and {KV_VALUE_BYTES_MAX_LIMIT} \
+                         (a branch's whole batch, which travels in one journal record, is at most that)"
+                    ));
+                }
+                Ok(ResourceConfig::Kv {
+                    dir: self.dir.ok_or_else(|| missing("dir"))?,
+                    create: self.create.unwrap_or(false),
+                    lock_wait_ms: self.lock_wait_ms.unwrap_or_else(default_lock_wait_ms),
+                    value_bytes_max,
+                })
+            }
+        }
+    }
 }
 
 fn resources_from_toml<'de, D>(
@@ -85,58 +219,10 @@ where
     use serde::de::Error;
     let tables = BTreeMap::<String, ResourceToml>::deserialize(deserializer)?;
     let mut out = BTreeMap::new();
-    for (name, t) in tables {
-        let refuse = |field: &str, kind: &str| {
-            D::Error::custom(format!(
-                "[resources.{name}]: field `{field}` does not apply to kind = \"{kind}\""
-            ))
-        };
-        let config = match t.kind {
-            ResourceKind::Files => {
-                for (field, set) in [
-                    ("url", t.url.is_some()),
-                    ("pool_size", t.pool_size.is_some()),
-                    ("fence_wait_ms", t.fence_wait_ms.is_some()),
-                ] {
-                    if set {
-                        return Err(refuse(field, "files"));
-                    }
-                }
-                let root = t.root.ok_or_else(|| {
-                    D::Error::custom(format!("[resources.{name}]: missing field `root`"))
-                })?;
-                ResourceConfig::Files {
-                    root,
-                    create: t.create.unwrap_or(false),
-                    lock_wait_ms: t.lock_wait_ms.unwrap_or_else(default_lock_wait_ms),
-                }
-            }
-            ResourceKind::Postgres => {
-                for (field, set) in [
-                    ("root", t.root.is_some()),
-                    ("create", t.create.is_some()),
-                    ("lock_wait_ms", t.lock_wait_ms.is_some()),
-                ] {
-                    if set {
-                        return Err(refuse(field, "postgres"));
-                    }
-                }
-                let url = t.url.ok_or_else(|| {
-                    D::Error::custom(format!("[resources.{name}]: missing field `url`"))
-                })?;
-                let pool_size = t.pool_size.unwrap_or(64);
-                if pool_size < 2 {
-                    return Err(D::Error::custom(format!(
-                        "[resources.{name}]: field `pool_size` must be at least 2"
-                    )));
-                }
-                ResourceConfig::Postgres {
-                    url,
-                    pool_size,
-                    fence_wait_ms: t.fence_wait_ms.unwrap_or(2_000),
-                }
-            }
-        };
+    for (name, table) in tables {
+        let config = table
+            .into_config()
+            .map_err(|e| D::Error::custom(format!("[resources.{name}]: {e}")))?;
         out.insert(name, config);
     }
     Ok(out)
@@ -163,7 +249,31 @@ pub enum ResourceConfig {
         /// How long a fence waits for prepared branches of older epochs (milliseconds).
         fence_wait_ms: u64,
     },
+    /// A Maildir (the mail queue resource, `adapters::mail`).
+    Mail {
+        /// The Maildir: the directory holding `tmp/`, `new/` and `cur/`.
+        maildir: PathBuf,
+        /// Create the Maildir and whichever of its subdirectories is missing.
+        create: bool,
+        /// Largest message accepted, in bytes, counted with CRLF line endings.
+        max_message_bytes: u64,
+    },
+    /// A sled directory (the kv resource, `adapters::kv`).
+    Kv {
+        /// The sled directory.
+        dir: PathBuf,
+        /// Create the directory when missing.
+        create: bool,
+        /// How long a writer waits for a key held by another branch (milliseconds).
+        lock_wait_ms: u64,
+        /// Longest value an insert accepts, in bytes.
+        value_bytes_max: u64,
+    },
 }
+
+/// The highest `value_bytes_max` of a kv resource: the default limit of a branch's batch, which
+/// travels as the redo in one journal record.
+pub const KV_VALUE_BYTES_MAX_LIMIT: u64 = 4 << 20;
 
 fn default_epoch() -> u64 {
     1
@@ -183,6 +293,14 @@ fn default_one_phase() -> bool {
 
 fn default_lock_wait_ms() -> u64 {
     5_000
+}
+
+fn default_max_message_bytes() -> u64 {
+    adapters::mail::MailConfig::default().max_message_bytes
+}
+
+fn default_value_bytes_max() -> u64 {
+    adapters::kv::KvConfig::default().value_bytes_max
 }
 
 /// A configuration that cannot be used.
@@ -212,8 +330,9 @@ impl Config {
         Ok(config)
     }
 
-    /// The embedded defaults of `concord demo`: node 1 and two files resources, `uploads` and
-    /// `thumbnails`, all under `data_dir`.
+    /// The embedded defaults of `concord demo`: node 1, two files resources `uploads` and
+    /// `thumbnails`, the mail queue `mail` (a Maildir) and the kv resource `index` (a sled
+    /// directory), each in the directory of its name under `data_dir` and created when missing.
     pub fn embedded(data_dir: &Path) -> Config {
         let mut resources = BTreeMap::new();
         for name in ["uploads", "thumbnails"] {
@@ -225,6 +344,19 @@ impl Config {
             };
             resources.insert(name.to_string(), files);
         }
+        let mail = ResourceConfig::Mail {
+            maildir: data_dir.join(EMBEDDED_MAIL),
+            create: true,
+            max_message_bytes: default_max_message_bytes(),
+        };
+        resources.insert(EMBEDDED_MAIL.to_string(), mail);
+        let kv = ResourceConfig::Kv {
+            dir: data_dir.join(EMBEDDED_KV),
+            create: true,
+            lock_wait_ms: default_lock_wait_ms(),
+            value_bytes_max: default_value_bytes_max(),
+        };
+        resources.insert(EMBEDDED_KV.to_string(), kv);
         Config {
             node: 1,
             data_dir: data_dir.to_path_buf(),
@@ -241,6 +373,8 @@ impl Config {
         for resource in self.resources.values_mut() {
             match resource {
                 ResourceConfig::Files { root, .. } => *root = base.join(&*root),
+                ResourceConfig::Mail { maildir, .. } => *maildir = base.join(&*maildir),
+                ResourceConfig::Kv { dir, .. } => *dir = base.join(&*dir),
                 ResourceConfig::Postgres { .. } => {}
             }
         }
@@ -356,5 +490,142 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(zero.contains("`node`"), "{zero}");
+    }
+
+    #[test]
+    fn mail_and_kv_resources_load_with_defaults_and_paths_relative_to_the_file() {
+        let config = load(
+            "node = 1\ndata_dir = \"d\"\n\
+             [resources.outbox]\nkind = \"mail\"\nmaildir = \"m\"\n\
+             [resources.index]\nkind = \"kv\"\ndir = \"k\"\n",
+        )
+        .unwrap();
+        let Some(ResourceConfig::Mail {
+            maildir,
+            create,
+            max_message_bytes,
+        }) = config.resources.get("outbox")
+        else {
+            panic!("no outbox")
+        };
+        assert!(maildir.ends_with("m") && maildir.is_absolute());
+        assert!(!*create);
+        assert_eq!(*max_message_bytes, 256 << 20);
+        let Some(ResourceConfig::Kv {
+            dir,
+            create,
+            lock_wait_ms,
+            value_bytes_max,
+        }) = config.resources.get("index")
+        else {
+            panic!("no index")
+        };
+        assert!(dir.ends_with("k") && dir.is_absolute());
+        assert!(!*create);
+        assert_eq!((*lock_wait_ms, *value_bytes_max), (5_000, 1 << 20));
+    }
+
+    #[test]
+    fn mail_and_kv_options_are_read() {
+        let config = load(
+            "node = 1\ndata_dir = \"d\"\n\
+             [resources.outbox]\nkind = \"mail\"\nmaildir = \"m\"\ncreate = true\nmax_message_bytes = 1000\n\
+             [resources.index]\nkind = \"kv\"\ndir = \"k\"\ncreate = true\nlock_wait_ms = 7\nvalue_bytes_max = 4096\n",
+        )
+        .unwrap();
+        assert!(matches!(
+            config.resources.get("outbox"),
+            Some(ResourceConfig::Mail {
+                create: true,
+                max_message_bytes: 1000,
+                ..
+            })
+        ));
+        assert!(matches!(
+            config.resources.get("index"),
+            Some(ResourceConfig::Kv {
+                create: true,
+                lock_wait_ms: 7,
+                value_bytes_max: 4096,
+                ..
+            })
+        ));
+    }
+
+    /// Each kind refuses the fields of the others, and a missing required field, by name.
+    #[test]
+    fn mail_and_kv_errors_name_the_field() {
+        let refused = |table: &str, field: &str| {
+            let text = format!("node = 1\ndata_dir = \"d\"\n[resources.r]\n{table}");
+            let message = load(&text).unwrap_err().to_string();
+            assert!(
+                message.contains(&format!("`{field}`")) && message.contains("[resources.r]"),
+                "{table:?}: {message}"
+            );
+        };
+        refused("kind = \"mail\"\n", "maildir");
+        refused("kind = \"kv\"\n", "dir");
+        refused("kind = \"mail\"\nmaildir = \"m\"\nroot = \"r\"\n", "root");
+        refused(
+            "kind = \"mail\"\nmaildir = \"m\"\nlock_wait_ms = 1\n",
+            "lock_wait_ms",
+        );
+        refused(
+            "kind = \"mail\"\nmaildir = \"m\"\nvalue_bytes_max = 1\n",
+            "value_bytes_max",
+        );
+        refused("kind = \"kv\"\ndir = \"k\"\nmaildir = \"m\"\n", "maildir");
+        refused(
+            "kind = \"kv\"\ndir = \"k\"\nmax_message_bytes = 1\n",
+            "max_message_bytes",
+        );
+        refused("kind = \"kv\"\ndir = \"k\"\nurl = \"u\"\n", "url");
+        refused("kind = \"files\"\nroot = \"r\"\ndir = \"k\"\n", "dir");
+        refused(
+            "kind = \"postgres\"\nurl = \"u\"\nmaildir = \"m\"\n",
+            "maildir",
+        );
+        refused(
+            "kind = \"mail\"\nmaildir = \"m\"\nmax_message_bytes = 0\n",
+            "max_message_bytes",
+        );
+        refused(
+            "kind = \"kv\"\ndir = \"k\"\nvalue_bytes_max = 0\n",
+            "value_bytes_max",
+        );
+        refused(
+            "kind = \"kv\"\ndir = \"k\"\nvalue_bytes_max = 4194305\n",
+            "value_bytes_max",
+        );
+        // A value of the wrong type is reported by the TOML parser, with the line that has it.
+        for (table, field) in [
+            (
+                "kind = \"kv\"\ndir = \"k\"\nvalue_bytes_max = \"big\"\n",
+                "value_bytes_max",
+            ),
+            (
+                "kind = \"mail\"\nmaildir = \"m\"\ncreate = \"yes\"\n",
+                "create",
+            ),
+        ] {
+            let text = format!("node = 1\ndata_dir = \"d\"\n[resources.r]\n{table}");
+            let message = load(&text).unwrap_err().to_string();
+            assert!(message.contains(&format!("{field} =")), "{message}");
+        }
+    }
+
+    #[test]
+    fn the_embedded_defaults_have_files_mail_and_kv_under_the_data_dir() {
+        let config = Config::embedded(Path::new("/srv/demo"));
+        let names: Vec<&str> = config.resources.keys().map(String::as_str).collect();
+        assert_eq!(names, ["index", "mail", "thumbnails", "uploads"]);
+        assert!(matches!(
+            config.resources.get(EMBEDDED_MAIL),
+            Some(ResourceConfig::Mail { maildir, create: true, .. }) if maildir == Path::new("/srv/demo/mail")
+        ));
+        assert!(matches!(
+            config.resources.get(EMBEDDED_KV),
+            Some(ResourceConfig::Kv { dir, create: true, .. }) if dir == Path::new("/srv/demo/index")
+        ));
     }
 }

@@ -7,6 +7,15 @@
 //! let mut tx = concord.begin();
 //! let uploads = tx.files("uploads").await?;
 //! uploads.put("invoices/42.pdf", &b"%PDF-1.7 ..."[..]).await?;
+//! let outbox = tx.mail("outbox").await?;
+//! let confirmation = participant::MessageBuilder::new()
+//!     .from("Shop <shop@example.org>")
+//!     .to("alice@example.org")
+//!     .subject("Your order 42")
+//!     .body("Thank you.\n");
+//! outbox.enqueue_built(&confirmation).await?;
+//! let index = tx.kv("index").await?;
+//! index.insert(b"order/42", b"invoices/42.pdf").await?;
 //! tx.commit().await?; // every branch, or none
 //! # Ok(()) }
 //! ```
@@ -17,9 +26,16 @@
 //! application asks for its handle; committing runs two-phase commit over every joined resource;
 //! dropping a transaction that was neither committed nor rolled back rolls it back.
 //!
+//! Each kind of resource in `concord.toml` ([`config`]) has its typed branch handle:
+//! [`Transaction::files`] ([`FilesHandle`]), [`Transaction::postgres`] ([`PostgresHandle`]),
+//! [`Transaction::mail`] ([`MailHandle`]) and [`Transaction::kv`] ([`KvHandle`]). Asking for a
+//! name the configuration does not have is a coordinator error naming it; asking for a name of
+//! another kind is [`ConcordError::WrongKind`].
+//!
 //! # Implementation caveats
 //!
-//! * Only the files resource is wired to a typed handle so far.
+//! * Resources open one after the other, in name order; a kv resource whose sled directory an
+//!   instance dropped a moment before in this process waits for it (`open_wait_ms_max`).
 
 pub mod config;
 
@@ -29,12 +45,15 @@ use std::time::Duration;
 
 use adapters::Xid;
 use adapters::files::{FilesBranch, FilesConfig, FilesResource};
+use adapters::kv::{KvBranch, KvConfig, KvResource};
+use adapters::mail::{MailBranch, MailConfig, MailResource};
 use adapters::postgres::{PgBranch, PostgresConfig, PostgresResource};
 use coordinator::{
     CoordError, Coordinator, CoordinatorConfig, Outcome, RecoveryReport, RetryPolicy,
 };
 use journal::{Epoch, Journal, JournalConfig};
 
+pub use adapters::mail::{Enqueued, MessageBuilder};
 pub use config::{Config, ConfigError, ResourceConfig};
 
 /// Errors of the participant API.
@@ -95,30 +114,7 @@ impl Concord {
         .map_err(|e| CoordError::Refused(format!("open journal: {e}")))??;
         let mut resources: Vec<Arc<dyn adapters::Resource>> = Vec::new();
         for (name, resource) in &config.resources {
-            match resource {
-                ResourceConfig::Files {
-                    root,
-                    create,
-                    lock_wait_ms,
-                } => {
-                    let files_config = FilesConfig {
-                        lock_wait_ms_max: *lock_wait_ms,
-                        create_if_missing: *create,
-                        ..FilesConfig::default()
-                    };
-                    resources.push(FilesResource::open(name, root, files_config)?);
-                }
-                ResourceConfig::Postgres {
-                    url,
-                    pool_size,
-                    fence_wait_ms,
-                } => {
-                    let mut pg_config = PostgresConfig::new(url, config.node);
-                    pg_config.pool_size = *pool_size;
-                    pg_config.fence_wait_ms = *fence_wait_ms;
-                    resources.push(PostgresResource::open(name, pg_config).await?);
-                }
-            }
+            resources.push(open_resource(name, resource, config.node).await?);
         }
         let coordinator_config = CoordinatorConfig {
             node: config.node,
@@ -173,6 +169,73 @@ impl Concord {
     }
 }
 
+/// Opens one configured resource. Mail and kv open blocking (directory checks, sled's
+/// recovery and lock wait), so they run on the blocking pool.
+async fn open_resource(
+    name: &str,
+    resource: &ResourceConfig,
+    node: u32,
+) -> Result<Arc<dyn adapters::Resource>, ConcordError> {
+    let blocking =
+        |e: tokio::task::JoinError| CoordError::Refused(format!("open resource {name}: {e}"));
+    let opened: Arc<dyn adapters::Resource> = match resource {
+        ResourceConfig::Files {
+            root,
+            create,
+            lock_wait_ms,
+        } => {
+            let files_config = FilesConfig {
+                lock_wait_ms_max: *lock_wait_ms,
+                create_if_missing: *create,
+                ..FilesConfig::default()
+            };
+            FilesResource::open(name, root, files_config)?
+        }
+        ResourceConfig::Postgres {
+            url,
+            pool_size,
+            fence_wait_ms,
+        } => {
+            let mut pg_config = PostgresConfig::new(url, node);
+            pg_config.pool_size = *pool_size;
+            pg_config.fence_wait_ms = *fence_wait_ms;
+            PostgresResource::open(name, pg_config).await?
+        }
+        ResourceConfig::Mail {
+            maildir,
+            create,
+            max_message_bytes,
+        } => {
+            let mail_config = MailConfig {
+                create: *create,
+                max_message_bytes: *max_message_bytes,
+            };
+            let (name, maildir) = (name.to_string(), maildir.clone());
+            tokio::task::spawn_blocking(move || MailResource::open(&name, &maildir, mail_config))
+                .await
+                .map_err(blocking)??
+        }
+        ResourceConfig::Kv {
+            dir,
+            create,
+            lock_wait_ms,
+            value_bytes_max,
+        } => {
+            let kv_config = KvConfig {
+                lock_wait_ms_max: *lock_wait_ms,
+                value_bytes_max: *value_bytes_max,
+                create_if_missing: *create,
+                ..KvConfig::default()
+            };
+            let (name, dir) = (name.to_string(), dir.clone());
+            tokio::task::spawn_blocking(move || KvResource::open(&name, &dir, kv_config))
+                .await
+                .map_err(blocking)??
+        }
+    };
+    Ok(opened)
+}
+
 /// One transaction; see the crate docs.
 pub struct Transaction {
     coordinator: Coordinator,
@@ -189,16 +252,11 @@ impl Transaction {
 
     /// The branch handle of the files resource `name`, joining it to the transaction.
     pub async fn files(&self, name: &str) -> Result<FilesHandle, ConcordError> {
-        self.check_not_ended()?;
-        let resource = self.coordinator.join(&self.xid, name).await?;
-        let files = Arc::clone(&resource);
-        let Some(files_resource) = files.as_any().downcast_ref::<FilesResource>() else {
-            return Err(ConcordError::WrongKind {
-                name: name.to_string(),
-                expected: "files",
-            });
-        };
-        let branch = files_resource.branch(&self.xid);
+        let (branch, resource) = self
+            .join_as(name, "files", |files: &FilesResource| {
+                Ok(files.branch(&self.xid))
+            })
+            .await?;
         Ok(FilesHandle {
             coordinator: self.coordinator.clone(),
             xid: self.xid,
@@ -210,21 +268,67 @@ impl Transaction {
     /// The branch handle of the PostgreSQL resource `name`, joining it to the transaction: its
     /// statements run in the branch's own database transaction.
     pub async fn postgres(&self, name: &str) -> Result<PostgresHandle, ConcordError> {
-        self.check_not_ended()?;
-        let resource = self.coordinator.join(&self.xid, name).await?;
-        let Some(pg) = resource.as_any().downcast_ref::<PostgresResource>() else {
-            return Err(ConcordError::WrongKind {
-                name: name.to_string(),
-                expected: "postgres",
-            });
-        };
-        let branch = pg.branch(&self.xid)?;
+        let (branch, resource) = self
+            .join_as(name, "postgres", |pg: &PostgresResource| {
+                Ok(pg.branch(&self.xid)?)
+            })
+            .await?;
         Ok(PostgresHandle {
             coordinator: self.coordinator.clone(),
             xid: self.xid,
             branch,
             _resource: resource,
         })
+    }
+
+    /// The branch handle of the mail queue `name`, joining it to the transaction: the messages
+    /// it enqueues are delivered (into the Maildir's `new/`) when the transaction commits.
+    pub async fn mail(&self, name: &str) -> Result<MailHandle, ConcordError> {
+        let (branch, resource) = self
+            .join_as(name, "mail", |mail: &MailResource| {
+                Ok(mail.branch(&self.xid))
+            })
+            .await?;
+        Ok(MailHandle {
+            coordinator: self.coordinator.clone(),
+            xid: self.xid,
+            branch,
+            _resource: resource,
+        })
+    }
+
+    /// The branch handle of the kv resource `name`, joining it to the transaction: its inserts
+    /// and removes appear in the store when the transaction commits.
+    pub async fn kv(&self, name: &str) -> Result<KvHandle, ConcordError> {
+        let (branch, resource) = self
+            .join_as(name, "kv", |kv: &KvResource| Ok(kv.branch(&self.xid)))
+            .await?;
+        Ok(KvHandle {
+            coordinator: self.coordinator.clone(),
+            xid: self.xid,
+            branch,
+            _resource: resource,
+        })
+    }
+
+    /// Joins resource `name` to the transaction and makes a branch handle of it with `make`,
+    /// when it is an `R`; otherwise [`ConcordError::WrongKind`] naming `expected`.
+    async fn join_as<R: 'static, B>(
+        &self,
+        name: &str,
+        expected: &'static str,
+        make: impl FnOnce(&R) -> Result<B, ConcordError>,
+    ) -> Result<(B, Arc<dyn adapters::Resource>), ConcordError> {
+        self.check_not_ended()?;
+        let resource = self.coordinator.join(&self.xid, name).await?;
+        let Some(typed) = resource.as_any().downcast_ref::<R>() else {
+            return Err(ConcordError::WrongKind {
+                name: name.to_string(),
+                expected,
+            });
+        };
+        let branch = make(typed)?;
+        Ok((branch, resource))
     }
 
     /// Commits: returns the outcome once it is known. Committing again returns the first
@@ -379,6 +483,85 @@ impl PostgresHandle {
         self.coordinator.check_open(&self.xid)?;
         let done = self.branch.batch_execute(sql).await;
         self.explain(done)
+    }
+
+    fn explain<T>(&self, result: Result<T, adapters::ResourceError>) -> Result<T, ConcordError> {
+        result.map_err(|e| match self.coordinator.check_open(&self.xid) {
+            Err(ended) => ended.into(),
+            Ok(()) => e.into(),
+        })
+    }
+}
+
+/// A transaction's branch in a mail queue: enqueue messages, delivered when the transaction
+/// commits (each exactly once, whatever crashes and retries happen on the way).
+pub struct MailHandle {
+    coordinator: Coordinator,
+    xid: Xid,
+    branch: MailBranch,
+    _resource: Arc<dyn adapters::Resource>,
+}
+
+impl MailHandle {
+    /// Streams an RFC 5322 message (raw bytes, a file, any reader) into the branch; refused,
+    /// with nothing left behind, when it is not a valid message or is over `max_message_bytes`
+    /// (see `adapters::mail`). Returns the Maildir file name it will be delivered under.
+    pub async fn enqueue(
+        &self,
+        message: impl tokio::io::AsyncRead + Unpin,
+    ) -> Result<Enqueued, ConcordError> {
+        self.coordinator.check_open(&self.xid)?;
+        let enqueued = self.branch.enqueue(message).await;
+        self.explain(enqueued)
+    }
+
+    /// Builds the message of `builder` and enqueues it; refused like [`MailHandle::enqueue`],
+    /// and when the builder's fields cannot make a message (a newline in a field, no recipient).
+    pub async fn enqueue_built(&self, builder: &MessageBuilder) -> Result<Enqueued, ConcordError> {
+        self.coordinator.check_open(&self.xid)?;
+        let enqueued = self.branch.enqueue_built(builder).await;
+        self.explain(enqueued)
+    }
+
+    fn explain<T>(&self, result: Result<T, adapters::ResourceError>) -> Result<T, ConcordError> {
+        result.map_err(|e| match self.coordinator.check_open(&self.xid) {
+            Err(ended) => ended.into(),
+            Ok(()) => e.into(),
+        })
+    }
+}
+
+/// A transaction's branch in a kv resource: insert, remove and read keys inside the transaction.
+/// Each key written stays locked against other transactions until this one ends.
+pub struct KvHandle {
+    coordinator: Coordinator,
+    xid: Xid,
+    branch: KvBranch,
+    _resource: Arc<dyn adapters::Resource>,
+}
+
+impl KvHandle {
+    /// Sets `key` to `value` when the transaction commits; waits (at most the resource's
+    /// `lock_wait_ms`) for a key another transaction writes. Refused when the key or value is
+    /// over its limit.
+    pub async fn insert(&self, key: &[u8], value: &[u8]) -> Result<(), ConcordError> {
+        self.coordinator.check_open(&self.xid)?;
+        let inserted = self.branch.insert(key, value).await;
+        self.explain(inserted)
+    }
+
+    /// Removes `key` when the transaction commits.
+    pub async fn remove(&self, key: &[u8]) -> Result<(), ConcordError> {
+        self.coordinator.check_open(&self.xid)?;
+        let removed = self.branch.remove(key).await;
+        self.explain(removed)
+    }
+
+    /// The value of `key` as this transaction sees it (its own writes first).
+    pub async fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, ConcordError> {
+        self.coordinator.check_open(&self.xid)?;
+        let value = self.branch.get(key).await;
+        self.explain(value)
     }
 
     fn explain<T>(&self, result: Result<T, adapters::ResourceError>) -> Result<T, ConcordError> {

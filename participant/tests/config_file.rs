@@ -1,5 +1,6 @@
-//! `concord.toml` through `Concord::open_file`: a written file opens and commits, and every
-//! unusable file is refused with an error naming the file and the field.
+//! `concord.toml` through `Concord::open_file`: a written file opens and commits (files, mail and
+//! kv resources), every unusable file is refused with an error naming the file and the field,
+//! and a resource that cannot open (a directory that is not a Maildir) is named.
 
 #![allow(clippy::unwrap_used)]
 
@@ -157,4 +158,98 @@ async fn a_bad_value_inside_a_resource_is_named() {
     let create =
         format!("{HEADER}[resources.uploads]\nkind = \"files\"\nroot = \"u\"\ncreate = \"yes\"\n");
     assert_names(&refusal(&create).await, "create");
+}
+
+/// A file with a files, a mail and a kv resource, at paths relative to it, opens and commits
+/// across the three; the message is in the Maildir's `new/` and the key in the store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_with_mail_and_kv_resources_opens_and_commits_across_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = format!(
+        "{HEADER}\n[resources.uploads]\nkind = \"files\"\nroot = \"files/uploads\"\ncreate = true\n\n\
+         [resources.outbox]\nkind = \"mail\"\nmaildir = \"spool/outbox\"\ncreate = true\nmax_message_bytes = 65536\n\n\
+         [resources.index]\nkind = \"kv\"\ndir = \"db/index\"\ncreate = true\nlock_wait_ms = 1000\nvalue_bytes_max = 1024\n"
+    );
+    let path = write_config(dir.path(), &text);
+    let concord = tokio::time::timeout(STEP_DEADLINE, Concord::open_file(&path))
+        .await
+        .unwrap()
+        .unwrap();
+    for sub in ["tmp", "new", "cur"] {
+        assert!(dir.path().join("spool/outbox").join(sub).is_dir(), "{sub}");
+    }
+    assert!(dir.path().join("db/index/db").is_file(), "no sled database");
+
+    let mut tx = concord.begin();
+    let uploads = tx.files("uploads").await.unwrap();
+    uploads.put("invoice.pdf", &b"%PDF"[..]).await.unwrap();
+    let outbox = tx.mail("outbox").await.unwrap();
+    let message = b"Date: Thu, 1 Jan 2026 00:00:00 +0000\r\nFrom: a@example.org\r\n\r\nhello\r\n";
+    let enqueued = outbox.enqueue(&message[..]).await.unwrap();
+    let index = tx.kv("index").await.unwrap();
+    index.insert(b"order/1", b"invoice.pdf").await.unwrap();
+    let too_long = index.insert(b"order/2", &[0u8; 1025]).await.unwrap_err();
+    assert!(
+        too_long.to_string().contains("value_bytes_max"),
+        "{too_long}"
+    );
+    let outcome = tokio::time::timeout(STEP_DEADLINE, tx.commit())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        matches!(outcome, Outcome::Committed { lsn: Some(_) }),
+        "{outcome:?}"
+    );
+    assert!(concord.wait_idle(STEP_DEADLINE).await);
+    let delivered = dir.path().join("spool/outbox/new").join(&enqueued.name);
+    assert_eq!(std::fs::read(&delivered).unwrap(), message);
+
+    let reader = concord.begin();
+    let index = reader.kv("index").await.unwrap();
+    assert_eq!(
+        index.get(b"order/1").await.unwrap().as_deref(),
+        Some(&b"invoice.pdf"[..])
+    );
+    drop((index, reader, tx));
+    assert!(concord.close(STEP_DEADLINE).await);
+}
+
+/// A mail resource whose directory is not a Maildir, without `create`, refuses to open, naming
+/// the resource and what is missing; nothing is created in it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_directory_that_is_not_a_maildir_is_refused_naming_the_resource() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("plain")).unwrap();
+    let text = format!("{HEADER}[resources.outbox]\nkind = \"mail\"\nmaildir = \"plain\"\n");
+    let path = write_config(dir.path(), &text);
+    let Ok(opened) = tokio::time::timeout(STEP_DEADLINE, Concord::open_file(&path)).await else {
+        panic!("open_file did not answer within {STEP_DEADLINE:?}")
+    };
+    let error = opened.err().unwrap();
+    assert!(matches!(error, ConcordError::Resource(_)), "{error:?}");
+    let message = error.to_string();
+    assert!(
+        message.contains("outbox") && message.contains("tmp"),
+        "{message}"
+    );
+    assert!(!dir.path().join("plain/tmp").exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_field_of_another_kind_is_named() {
+    let root_in_mail =
+        format!("{HEADER}[resources.outbox]\nkind = \"mail\"\nmaildir = \"m\"\nroot = \"r\"\n");
+    assert_names(&refusal(&root_in_mail).await, "root");
+    let no_dir = format!("{HEADER}[resources.index]\nkind = \"kv\"\n");
+    assert_names(&refusal(&no_dir).await, "dir");
+    let wait_in_mail =
+        format!("{HEADER}[resources.outbox]\nkind = \"mail\"\nmaildir = \"m\"\nlock_wait_ms = 1\n");
+    assert_names(&refusal(&wait_in_mail).await, "lock_wait_ms");
+    let tape = format!("{HEADER}[resources.backup]\nkind = \"tape\"\n");
+    let message = refusal(&tape).await;
+    assert!(
+        message.contains("mail") && message.contains("kv"),
+        "the error does not list the kinds: {message}"
+    );
 }

@@ -12,13 +12,26 @@
 //! flush, [`Store::sync`] calls `fdatasync` on the `db` file, `fsync` on every blob file it has
 //! not synced before, and then on the `blobs/` directory when it found a new one. Only then is a
 //! prepare, commit, rollback, fence or replay acknowledged.
+//!
+//! # Group sync
+//!
+//! One flush and `fdatasync` make durable everything sled had written before they started, so
+//! concurrent branches share them ([`Store::sync`] is a sync coalescer, as the files resource's
+//! `DirSync` is for directories): a caller that has just written takes a ticket; if no sync is
+//! running it becomes the syncer, notes the last ticket handed out, syncs without the lock and
+//! marks every ticket up to the noted one covered; otherwise it waits for the running sync and,
+//! if that one started before its ticket, becomes the next syncer, whose one sync covers every
+//! caller that queued meanwhile. A caller returns `Ok` only after a sync that started after its
+//! ticket (so after its write) succeeded. A failed sync fails every caller it was meant to
+//! cover and every later one: it is never retried as if it were fine. Waiting blocks the thread,
+//! which is always one of tokio's blocking pool (or `open`'s).
 
 use std::collections::HashSet;
 use std::ffi::OsString;
 use std::fs::{self, File};
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Condvar, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
@@ -50,6 +63,25 @@ pub(super) struct Store {
     db_file: File,
     /// Blob files already synced (sled never rewrites one: each is named by its LSN).
     synced_blobs: Mutex<HashSet<OsString>>,
+    /// The group sync's tickets (see the module docs).
+    syncs: Mutex<Syncs>,
+    /// Notified when a sync ends.
+    sync_done: Condvar,
+}
+
+/// The state of the group sync.
+#[derive(Default)]
+struct Syncs {
+    /// The last ticket handed out.
+    requested: u64,
+    /// Every ticket up to this one is covered by a sync that succeeded.
+    completed: u64,
+    /// Whether a caller is running a sync now.
+    running: bool,
+    /// Real syncs run so far (for tests).
+    done: u64,
+    /// The first failed sync: every later call fails with it.
+    failed: Option<String>,
 }
 
 /// Why a transaction gave up; it changed nothing.
@@ -97,6 +129,8 @@ impl Store {
             meta,
             db_file,
             synced_blobs: Mutex::new(HashSet::new()),
+            syncs: Mutex::new(Syncs::default()),
+            sync_done: Condvar::new(),
         };
         // The directory's entries (conf, db, blobs/, snapshots) and, when it was just made, the
         // directory itself in its parent.
@@ -254,8 +288,50 @@ impl Store {
         Ok(applied)
     }
 
-    /// Makes everything written so far durable (see the module docs); a failure is fatal.
+    /// Makes everything written so far durable, sharing the sync with concurrent callers (see
+    /// "Group sync" in the module docs); a failure is fatal. Blocks.
     pub(super) fn sync(&self) -> Result<()> {
+        let mut syncs = self.syncs();
+        syncs.requested += 1;
+        let ticket = syncs.requested;
+        loop {
+            if let Some(cause) = &syncs.failed {
+                return Err(self.fatal(format!("sync refused: an earlier sync failed ({cause})")));
+            }
+            if syncs.completed >= ticket {
+                return Ok(());
+            }
+            if syncs.running {
+                syncs = self
+                    .sync_done
+                    .wait(syncs)
+                    .unwrap_or_else(PoisonError::into_inner);
+                continue;
+            }
+            syncs.running = true;
+            let target = syncs.requested;
+            drop(syncs);
+            let outcome = self.sync_now();
+            syncs = self.syncs();
+            syncs.running = false;
+            syncs.done += 1;
+            self.sync_done.notify_all();
+            match outcome {
+                Ok(()) => syncs.completed = syncs.completed.max(target),
+                Err(e) => {
+                    syncs.failed.get_or_insert_with(|| e.to_string());
+                    return Err(e);
+                }
+            }
+        }
+    }
+
+    fn syncs(&self) -> std::sync::MutexGuard<'_, Syncs> {
+        self.syncs.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// One real sync: sled's flush, `fdatasync` of `db`, the new blob files.
+    fn sync_now(&self) -> Result<()> {
         self.db
             .flush()
             .map_err(|e| self.fatal(format!("flush {}: {e}", self.dir.display())))?;
@@ -387,7 +463,7 @@ fn check_dir(name: &str, dir: &Path, config: &KvConfig) -> Result<bool> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => Err(ResourceError::rejected(
             name,
             format!(
-                "sled directory {} does not exist; create it or set create_if_missing",
+                "sled directory {} does not exist; create it, or set create_if_missing (create = true in concord.toml)",
                 dir.display()
             ),
         )),
@@ -435,6 +511,50 @@ fn open_db(name: &str, dir: &Path, config: &KvConfig) -> Result<sled::Db> {
     }
 }
 
+/// The xids in the prepared tree of the sled directory `dir`, which is opened for this read
+/// only: `None` when another instance holds sled's lock (a running application), an empty list
+/// when there is no sled database in `dir`.
+pub(super) fn prepared_on_disk(name: &str, dir: &Path) -> Result<Option<Vec<Xid>>> {
+    if !dir.join("db").is_file() {
+        return Ok(Some(Vec::new()));
+    }
+    let db = match sled::Config::new().path(dir).open() {
+        Ok(db) => db,
+        Err(sled::Error::Io(io)) if io.to_string().contains("could not acquire lock") => {
+            return Ok(None);
+        }
+        Err(e) => return Err(sled_error(name, "open sled directory", dir, e)),
+    };
+    let has_tree = db
+        .tree_names()
+        .iter()
+        .any(|tree| tree.as_ref() == PREPARED_TREE.as_bytes());
+    if !has_tree {
+        return Ok(Some(Vec::new()));
+    }
+    let tree = db
+        .open_tree(PREPARED_TREE)
+        .map_err(|e| sled_error(name, "open the prepared tree of", dir, e))?;
+    let mut xids = Vec::new();
+    for key in tree.iter().keys() {
+        let key = key.map_err(|e| sled_error(name, "read the prepared tree of", dir, e))?;
+        let xid = std::str::from_utf8(&key)
+            .ok()
+            .and_then(|text| text.parse::<Xid>().ok())
+            .ok_or_else(|| ResourceError::Fatal {
+                resource: name.to_string(),
+                message: format!(
+                    "the prepared tree of {} has a key {:?} that is not an xid",
+                    dir.display(),
+                    key.escape_ascii().to_string()
+                ),
+            })?;
+        xids.push(xid);
+    }
+    xids.sort();
+    Ok(Some(xids))
+}
+
 /// A sled error as a resource error: I/O as [`ResourceError::io`] classifies it, an unsupported
 /// configuration is refused, damage and sled's own bugs are fatal.
 fn sled_error(name: &str, action: &str, dir: &Path, e: sled::Error) -> ResourceError {
@@ -476,5 +596,42 @@ mod tests {
                 .unwrap_err()
                 .contains("version 2")
         );
+    }
+
+    /// Callers that queue behind a running sync share the next one: eight callers waiting while
+    /// a sync runs are all covered by one more.
+    #[test]
+    fn callers_behind_a_running_sync_share_the_next_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = KvConfig {
+            create_if_missing: true,
+            ..KvConfig::default()
+        };
+        let store =
+            std::sync::Arc::new(Store::open("kv", &dir.path().join("sled"), &config).unwrap());
+        let before = store.syncs().done;
+        store.syncs().running = true; // as if a sync were running
+        let callers: Vec<_> = (0..8)
+            .map(|_| {
+                let store = std::sync::Arc::clone(&store);
+                std::thread::spawn(move || store.sync())
+            })
+            .collect();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while store.syncs().requested < 8 {
+            assert!(Instant::now() < deadline, "the callers did not queue");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        {
+            let mut syncs = store.syncs();
+            syncs.running = false;
+            store.sync_done.notify_all();
+        }
+        for caller in callers {
+            caller.join().unwrap().unwrap();
+        }
+        assert_eq!(store.syncs().done - before, 1, "one sync covers all eight");
+        store.sync().unwrap();
+        assert_eq!(store.syncs().done - before, 2, "a later caller syncs again");
     }
 }
