@@ -547,28 +547,13 @@ impl Resource for PostgresResource {
         if inner.slots().contains_key(xid) {
             return Ok(());
         }
-        // Refused at once below the highest fence this instance has seen; a fence raised by
-        // another instance since is caught by prepare, which checks the stored epoch.
-        let fence = inner.fence_seen.load(Ordering::Acquire);
-        if xid.epoch.0 < fence {
-            return Err(ResourceError::Fenced {
-                resource: inner.name.clone(),
-                offered: xid.epoch,
-                current: Epoch(fence),
-            });
-        }
+        // Refused at once below the highest fence this instance has seen, and again once the
+        // branch has its session: a new session read the fence when it was created, and an
+        // older one still lives, so no fence was raised since it read it.
+        inner.not_fenced(xid)?;
         // The BEGIN goes out with the branch's first statement.
         let conn = inner.conn().await?;
-        // A new session read the fence when it was created; an older one still lives, so no
-        // fence was raised since it read it.
-        let fence = inner.fence_seen.load(Ordering::Acquire);
-        if xid.epoch.0 < fence {
-            return Err(ResourceError::Fenced {
-                resource: inner.name.clone(),
-                offered: xid.epoch,
-                current: Epoch(fence),
-            });
-        }
+        inner.not_fenced(xid)?;
         let branch = BranchConn { conn, begun: false };
         inner
             .slots()
@@ -786,6 +771,19 @@ impl Resource for PostgresResource {
 }
 
 impl Inner {
+    /// Refuses `xid` below the highest fence epoch this instance has seen.
+    fn not_fenced(&self, xid: &Xid) -> Result<()> {
+        let fence = self.fence_seen.load(Ordering::Acquire);
+        if xid.epoch.0 < fence {
+            return Err(ResourceError::Fenced {
+                resource: self.name.clone(),
+                offered: xid.epoch,
+                current: Epoch(fence),
+            });
+        }
+        Ok(())
+    }
+
     fn slots(&self) -> MutexGuard<'_, HashMap<Xid, Slot>> {
         lock(&self.branches)
     }

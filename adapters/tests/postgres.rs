@@ -424,13 +424,12 @@ async fn a_table_dropped_after_replicate_is_named_by_replay() {
     let standby_url = database("dropped_standby").await;
     let primary = open(&primary_url, 1).await;
     let x = xid(1, 0);
-    primary.begin(&x).await.unwrap();
-    primary
-        .branch(&x)
-        .unwrap()
-        .execute("INSERT INTO effects VALUES (1, 'before the drop')", &[])
-        .await
-        .unwrap();
+    begin_and_run(
+        &primary,
+        &x,
+        "INSERT INTO effects VALUES (1, 'before the drop')",
+    )
+    .await;
     let Vote::Commit { redo } = primary.prepare(&x).await.unwrap() else {
         panic!("voted read-only")
     };
@@ -450,18 +449,23 @@ async fn a_table_dropped_after_replicate_is_named_by_replay() {
         .psql(primary_db, "CREATE TABLE other (id int PRIMARY KEY)")
         .unwrap();
     let y = xid(2, 0);
-    primary.begin(&y).await.unwrap();
-    primary
-        .branch(&y)
-        .unwrap()
-        .execute("INSERT INTO other VALUES (1)", &[])
-        .await
-        .unwrap();
+    begin_and_run(&primary, &y, "INSERT INTO other VALUES (1)").await;
     let Vote::Commit { redo } = primary.prepare(&y).await.unwrap() else {
         panic!("voted read-only")
     };
     assert_eq!(postgres::decode_redo(&redo).unwrap(), vec![]);
     primary.commit(&y).await.unwrap();
+}
+
+/// Begins the branch of `xid` and runs `sql` in it.
+async fn begin_and_run(resource: &PostgresResource, xid: &Xid, sql: &str) {
+    resource.begin(xid).await.unwrap();
+    resource
+        .branch(xid)
+        .unwrap()
+        .execute(sql, &[])
+        .await
+        .unwrap();
 }
 
 fn db_of(url: &str) -> String {
@@ -482,13 +486,7 @@ async fn one_phase_carries_the_redo_and_marks_only_branches_with_redo() {
 
     // Captured rows: the redo names the transaction and its session, the marker is written.
     let x = xid(1, 0);
-    primary.begin(&x).await.unwrap();
-    primary
-        .branch(&x)
-        .unwrap()
-        .execute("INSERT INTO effects VALUES (1, 'one')", &[])
-        .await
-        .unwrap();
+    begin_and_run(&primary, &x, "INSERT INTO effects VALUES (1, 'one')").await;
     let Vote::Commit { redo } = primary.prepare_one_phase(&x).await.unwrap() else {
         panic!("voted read-only")
     };
@@ -539,13 +537,7 @@ async fn one_phase_carries_the_redo_and_marks_only_branches_with_redo() {
     // Nothing captured, after a branch that had redo: finished in a round trip of its own, an
     // empty redo and no marker.
     let y = xid(2, 0);
-    primary.begin(&y).await.unwrap();
-    primary
-        .branch(&y)
-        .unwrap()
-        .execute("INSERT INTO scratch VALUES (1)", &[])
-        .await
-        .unwrap();
+    begin_and_run(&primary, &y, "INSERT INTO scratch VALUES (1)").await;
     assert_eq!(
         primary.prepare_one_phase(&y).await.unwrap(),
         Vote::Commit { redo: Vec::new() }
@@ -574,13 +566,7 @@ async fn one_phase_carries_the_redo_and_marks_only_branches_with_redo() {
     // Nothing captured again: the fence check and the COMMIT go in one round trip, and the
     // branch is finished (read-only to the coordinator: nothing to journal).
     let w = xid(3, 0);
-    primary.begin(&w).await.unwrap();
-    primary
-        .branch(&w)
-        .unwrap()
-        .execute("INSERT INTO scratch VALUES (2)", &[])
-        .await
-        .unwrap();
+    begin_and_run(&primary, &w, "INSERT INTO scratch VALUES (2)").await;
     assert_eq!(primary.prepare_one_phase(&w).await.unwrap(), Vote::ReadOnly);
     assert_eq!(
         cluster.psql(&db, "SELECT count(*) FROM scratch").unwrap(),
@@ -690,13 +676,7 @@ async fn a_lost_one_phase_branch_is_ended_and_reported_rolled_back() {
     let db = db_of(&url);
     let primary = open(&url, 1).await;
     let x = xid(1, 0);
-    primary.begin(&x).await.unwrap();
-    primary
-        .branch(&x)
-        .unwrap()
-        .execute("INSERT INTO effects VALUES (7, 'lost')", &[])
-        .await
-        .unwrap();
+    begin_and_run(&primary, &x, "INSERT INTO effects VALUES (7, 'lost')").await;
     let Vote::Commit { redo } = primary.prepare_one_phase(&x).await.unwrap() else {
         panic!("voted read-only")
     };
@@ -752,13 +732,7 @@ async fn a_one_phase_commit_the_server_refuses_is_rolled_back_with_its_message()
         .unwrap();
     let primary = open(&url, 1).await;
     let x = xid(1, 0);
-    primary.begin(&x).await.unwrap();
-    primary
-        .branch(&x)
-        .unwrap()
-        .execute("INSERT INTO uniq VALUES (2, 10)", &[])
-        .await
-        .unwrap();
+    begin_and_run(&primary, &x, "INSERT INTO uniq VALUES (2, 10)").await;
     let Vote::Commit { redo } = primary.prepare_one_phase(&x).await.unwrap() else {
         panic!("voted read-only")
     };
@@ -781,13 +755,7 @@ async fn a_fenced_one_phase_branch_is_refused_and_rolled_back() {
     let db = db_of(&url);
     let primary = open(&url, 1).await;
     let x = xid(1, 1);
-    primary.begin(&x).await.unwrap();
-    primary
-        .branch(&x)
-        .unwrap()
-        .execute("INSERT INTO effects VALUES (1, 'old')", &[])
-        .await
-        .unwrap();
+    begin_and_run(&primary, &x, "INSERT INTO effects VALUES (1, 'old')").await;
     // Another instance (a promoted standby) fences while the branch is open.
     open(&url, 2).await.fence(Epoch(5)).await.unwrap();
     let refused = primary.prepare_one_phase(&x).await.unwrap_err();
