@@ -166,7 +166,7 @@ use tokio::io::AsyncRead;
 use tokio::sync::Notify;
 
 use crate::dirsync::DirSync;
-use crate::internal::instance::{Instance, InstanceState, lock};
+use crate::internal::instance::{Instance, InstanceState, lock, raise_fence};
 use crate::internal::io::{
     blob_error, blocking, check_log_space, create_dir_durably, fill, lock_private, log_error,
     parent_of, remove_file_if_exists, sync_file,
@@ -800,20 +800,10 @@ impl Resource for FilesResource {
 
     async fn fence(&self, epoch: Epoch) -> Result<()> {
         let inner = &self.inner;
-        let _fencing = inner.fencing.lock().await;
-        let current = inner.usable_state(|st| st.fence)?;
-        if epoch <= current {
-            return Ok(());
-        }
-        let worker = inner.clone();
-        let written = blocking(&inner.name, TASK, move || {
-            worker.write_state("fence epoch", &worker.area.fence, epoch.0)
+        raise_fence(inner, &inner.fencing, TASK, epoch, |inner, epoch| {
+            inner.write_state("fence epoch", &inner.area.fence, epoch.0)
         })
-        .await;
-        inner.check(written)?;
-        inner.state().fence = epoch;
-        tracing::info!(resource = %inner.name, from = %current, to = %epoch, "fence raised");
-        Ok(())
+        .await
     }
 
     async fn fence_epoch(&self) -> Result<Epoch> {
@@ -886,6 +876,10 @@ impl InstanceState for State {
 
     fn fence(&self) -> Epoch {
         self.fence
+    }
+
+    fn set_fence(&mut self, epoch: Epoch) {
+        self.fence = epoch;
     }
 }
 

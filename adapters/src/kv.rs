@@ -597,6 +597,10 @@ impl InstanceState for State {
     fn fence(&self) -> Epoch {
         self.fence
     }
+
+    fn set_fence(&mut self, epoch: Epoch) {
+        self.fence = epoch;
+    }
 }
 
 // State transitions: each takes the state lock once and does no I/O.

@@ -819,6 +819,17 @@ mod tests {
         ResourceError::rejected("files", "disk full")
     }
 
+    /// A one-phase machine whose branch has voted commit with `redo`.
+    fn one_phase_voted(redo: &[u8]) -> TxnMachine {
+        let mut m = TxnMachine::new_one_phase(xid(), RetryPolicy::default());
+        m.on(Event::CommitRequested);
+        m.on(Event::Prepared {
+            branch: 0,
+            vote: commit_vote(redo),
+        });
+        m
+    }
+
     fn lost() -> ResourceError {
         ResourceError::InDoubt {
             resource: "orders".into(),
@@ -879,12 +890,7 @@ mod tests {
             vec![Command::Reply(Outcome::Committed { lsn: None })]
         );
         // Its answer lost: nothing to ask by, the caller hears it is unknown.
-        let mut m = TxnMachine::new_one_phase(xid(), RetryPolicy::default());
-        m.on(Event::CommitRequested);
-        m.on(Event::Prepared {
-            branch: 0,
-            vote: commit_vote(b""),
-        });
+        let mut m = one_phase_voted(b"");
         let lost = m.on(Event::OnePhaseAnswered {
             branch: 0,
             result: Err(lost()),
@@ -897,12 +903,7 @@ mod tests {
 
     #[test]
     fn one_phase_refused_at_commit_journals_an_abort() {
-        let mut m = TxnMachine::new_one_phase(xid(), RetryPolicy::default());
-        m.on(Event::CommitRequested);
-        m.on(Event::Prepared {
-            branch: 0,
-            vote: commit_vote(b"rows"),
-        });
+        let mut m = one_phase_voted(b"rows");
         m.on(Event::DecisionDurable { lsn: Lsn(4) });
         let refused = m.on(Event::OnePhaseAnswered {
             branch: 0,
@@ -926,12 +927,7 @@ mod tests {
 
     #[test]
     fn one_phase_with_a_lost_answer_asks_until_the_resource_knows() {
-        let mut m = TxnMachine::new_one_phase(xid(), RetryPolicy::default());
-        m.on(Event::CommitRequested);
-        m.on(Event::Prepared {
-            branch: 0,
-            vote: commit_vote(b"rows"),
-        });
+        let mut m = one_phase_voted(b"rows");
         m.on(Event::DecisionDurable { lsn: Lsn(4) });
         let ask = Command::AskOnePhase {
             branch: 0,
@@ -969,12 +965,7 @@ mod tests {
 
     #[test]
     fn one_phase_rolls_back_when_its_record_fails() {
-        let mut m = TxnMachine::new_one_phase(xid(), RetryPolicy::default());
-        m.on(Event::CommitRequested);
-        m.on(Event::Prepared {
-            branch: 0,
-            vote: commit_vote(b"rows"),
-        });
+        let mut m = one_phase_voted(b"rows");
         let failed = m.on(Event::DecisionFailed {
             error: "fsync failed".into(),
         });

@@ -14,8 +14,9 @@
 //! * A poisoned `std::sync::Mutex` (a panic while it was held) is taken over as it is: the
 //!   state transitions under it are short and do no I/O, and a panic is a bug either way.
 
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
+use crate::internal::io::blocking;
 use crate::{Epoch, ResourceError, Xid};
 
 type Result<T, E = ResourceError> = std::result::Result<T, E>;
@@ -28,6 +29,8 @@ pub(crate) trait InstanceState {
     fn poison(&self) -> Option<&str>;
     /// The fence epoch: a branch of a lower epoch is refused.
     fn fence(&self) -> Epoch;
+    /// Records a raised fence epoch (after it is durable).
+    fn set_fence(&mut self, epoch: Epoch);
 }
 
 /// A resource instance: its name and its state; the checks are the default methods.
@@ -116,6 +119,32 @@ pub(crate) trait Instance {
 }
 
 /// Locks `mutex`, taking over a poisoned one (see the caveats).
+/// `Resource::fence` of a resource that keeps its fence epoch in a file: one fence at a time
+/// (`fencing`), never lowered, the file written by `write` on the blocking pool (a failure
+/// poisons the instance) before the state takes the new epoch.
+pub(crate) async fn raise_fence<I>(
+    inner: &Arc<I>,
+    fencing: &tokio::sync::Mutex<()>,
+    task: &'static str,
+    epoch: Epoch,
+    write: fn(&I, Epoch) -> Result<()>,
+) -> Result<()>
+where
+    I: Instance + Send + Sync + 'static,
+{
+    let _fencing = fencing.lock().await;
+    let current = inner.usable_state(|st| st.fence())?;
+    if epoch <= current {
+        return Ok(());
+    }
+    let worker = Arc::clone(inner);
+    let written = blocking(inner.name(), task, move || write(&worker, epoch)).await;
+    inner.check(written)?;
+    inner.state().set_fence(epoch);
+    tracing::info!(resource = %inner.name(), from = %current, to = %epoch, "fence raised");
+    Ok(())
+}
+
 pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
