@@ -20,14 +20,15 @@
 //!   is listed by `recover`; any other branch is presumed aborted when the resource opens. The
 //!   vote carries the same redo, which a standby replays.
 //! * **Commit** puts every file in place by `rename` (a small file's content is written to a
-//!   temp file first, unless its staged file is at hand), removes every deleted path, syncs each
-//!   directory it touched, then appends `COMMITTED` and waits for it. The content of a small
-//!   file is *not* synced here: the log holds it, and every commit the log records after its
-//!   last **checkpoint** is applied again when the resource opens, so a file whose content a
-//!   power failure lost is written again before anything reads it through concord. A
-//!   checkpoint — a `syncfs` of the root's file system, then a `CHECKPOINT` record — runs about
-//!   once a second while commits happen, and trims the log (see the `log` module). **Rollback**
-//!   removes the staged files and appends `ROLLED_BACK`. Both are idempotent.
+//!   temp file first, unless its staged file is at hand), removes every deleted path, then
+//!   appends `COMMITTED` and waits for it. Neither the content of a file nor the directories it
+//!   changed are synced here: the log holds the whole redo (small content inline, large content
+//!   by blob, deletes), and every commit the log records after its last **checkpoint** is
+//!   applied again when the resource opens, so a name or a content that a power failure lost is
+//!   put back before anything reads it through concord. A checkpoint — a `syncfs` of the root's
+//!   file system, which writes out directories as well as contents, then a `CHECKPOINT` record
+//!   — runs about once a second while commits happen, and trims the log (see the `log` module).
+//!   **Rollback** removes the staged files and appends `ROLLED_BACK`. Both are idempotent.
 //! * **Locks.** A path a branch writes (put or delete) is locked until the branch is resolved,
 //!   together with an *intent* on each of its ancestor directories, so that one branch writing
 //!   `a` and another writing `a/b` conflict as well. This keeps the journal order the commit
@@ -105,7 +106,7 @@
 //!   same files, and no other branch can have written its paths in between: their locks were
 //!   held until `COMMITTED` was appended.
 //! * **After `COMMITTED` is durable, before a checkpoint covers it** (a power failure may have
-//!   lost the content of its small files): at open, every such commit is applied again, in the
+//!   lost the content of its small files, the names it put in place or its deletes): at open, every such commit is applied again, in the
 //!   order of the log, from its prepare record — the last writer of a path writes last, as it
 //!   did. The log keeps those prepare records until a checkpoint covers their commits.
 //! * **A resolution lost with the log's tail**: a later branch on the same path appends its
@@ -121,9 +122,10 @@
 //!
 //! # Implementation caveats
 //!
-//! * After a power failure, a small file committed since the last checkpoint may hold other
-//!   bytes until the resource is opened again (its recovery writes it again). Programs that read
-//!   the tree directly, without concord running, see the tree as the file system kept it.
+//! * After a power failure, a file committed since the last checkpoint may be missing or hold
+//!   other bytes (and a file deleted since may be back) until the resource is opened again (its
+//!   recovery applies those commits again). Programs that read the tree directly, without
+//!   concord running, see the tree as the file system kept it.
 //! * A checkpoint's `syncfs` flushes every dirty page of the root's file system, other programs'
 //!   too: give the root a file system of its own when other writers are heavy. It covers that
 //!   one file system only: a small file committed under another file system mounted inside the
@@ -1647,10 +1649,11 @@ impl Inner {
         sync_file(&self.name, &opened, file)
     }
 
-    /// Commit: puts every entry of the prepare record in place, syncs each directory touched,
-    /// then removes the staging. `entries` is `None` for a branch that never prepared (refused
-    /// before this). A small file's content is not synced here: the log holds it, and a commit
-    /// is applied again at open until a checkpoint has synced its files (see the `log` module).
+    /// Commit: puts every entry of the prepare record in place, then removes the staging.
+    /// `entries` is `None` for a branch that never prepared (refused before this). Nothing is
+    /// synced here, neither content nor directories: the log holds the redo, and a commit is
+    /// applied again at open until a checkpoint's `syncfs` (which starts after the commit's
+    /// `COMMITTED` is appended, see [`Inner::checkpoint`]) has made its files and names durable.
     /// Applying the same entries again gives the same tree, so a commit interrupted by a crash
     /// is simply done again.
     fn commit_files(
@@ -1669,9 +1672,6 @@ impl Inner {
                 _ => None,
             };
             self.apply_entry(xid, entry, staged, &mut touched)?;
-        }
-        for dir in &touched {
-            self.dirs.sync(dir)?;
         }
         self.remove_staging(xid, changes)?;
         tracing::debug!(resource = %self.name, %xid, "committed");

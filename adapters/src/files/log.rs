@@ -17,8 +17,8 @@
 //!   `COMMITTED` record is below `upto` has its files durable in the tree.
 //!
 //! The live branches are those with a `PREPARED` and no resolution after it. A commit puts its
-//! files in place and syncs their directories, but leaves their *content* to the log: a small
-//! file's content is in the `PREPARED` record, and the commits at or after the last checkpoint
+//! files in place and syncs nothing, leaving their durability — names and contents — to the
+//! log: the `PREPARED` record holds the whole redo, and the commits at or after the last checkpoint
 //! are applied again when the resource opens (in commit order, so the last writer of a path
 //! wins, as it did). A checkpoint runs about once a second while commits happen; it also
 //! trims the log: a branch still prepared from before the previous checkpoint gets its
