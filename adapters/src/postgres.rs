@@ -30,13 +30,12 @@
 //!   waits for those, and when they are not resolved within the timeout it fails naming them
 //!   instead of hanging. An old branch can therefore never be prepared, nor still be
 //!   unresolved, nor commit in one phase, once a fence has succeeded (`docs/postgres.md`).
-//! * **One phase** (a transaction whose only branch is here). A branch expected to have
-//!   nothing to replicate (the previous one had none) is finished with `SAVEPOINT;
-//!   concord.quick_check(); COMMIT` in one round trip: nothing is journaled for it, and the
-//!   coordinator sees a read-only vote. Should it have captured rows after all, the check fails
-//!   before the `COMMIT` runs and the branch returns to the savepoint, intact. A branch with
-//!   redo is finished by `concord.finish_branch` (the redo and the marker, no `PREPARE`: no
-//!   two-phase state file, no second commit record in PostgreSQL's WAL), and committed with a
+//! * **One phase** (a transaction whose only branch is here). The capture trigger tells the
+//!   branch's session when it captures a row image (a notice; see the `session` module), so a
+//!   branch that captured nothing is committed by its own `COMMIT`, in one round trip, with
+//!   nothing journaled: the coordinator sees a read-only vote. A branch with redo is finished
+//!   by `concord.finish_branch` (the redo and the marker, no `PREPARE`: no two-phase state
+//!   file, no second commit record in PostgreSQL's WAL), and committed with a
 //!   plain `COMMIT` on its own connection once the coordinator has made the redo durable, while
 //!   the branch still holds its locks. An error *from the server* to that `COMMIT` means it
 //!   rolled back; a broken connection means nobody knows, and [`Resource::one_phase_outcome`]
@@ -63,11 +62,12 @@
 //! above 0 (reported with the fix otherwise).
 
 pub mod schema;
+mod session;
 
 use std::any::Any;
 use std::collections::HashMap;
 use std::str::FromStr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
@@ -79,6 +79,7 @@ use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, NoTls, Row, SimpleQueryMessage};
 
 use crate::{Epoch, ErrorClass, Lsn, OnePhaseOutcome, Resource, ResourceError, Vote, Xid};
+use session::{NoticeConnect, Session, Sessions};
 
 type Result<T, E = ResourceError> = std::result::Result<T, E>;
 
@@ -141,13 +142,12 @@ struct Inner {
     read_only: Mutex<std::collections::VecDeque<Xid>>,
     /// Branches readied for a one-phase commit: their connection, inside the transaction.
     ready: Mutex<HashMap<Xid, Object>>,
-    /// Whether the last one-phase branch had redo: then the next one is finished in its own
-    /// round trip rather than tried with its `COMMIT` in one (see [`Inner::finish_quick`]).
-    expect_redo: AtomicBool,
     commits: AtomicU64,
     /// The highest fence epoch this instance has seen (read at open, raised by `fence`, by
     /// `fence_epoch` and by a fenced prepare).
     fence_seen: Arc<AtomicU64>,
+    /// The pooled sessions, which count capture notices.
+    sessions: Arc<Sessions>,
 }
 
 /// The advisory lock every pooled session holds shared for as long as it lives (see the module
@@ -170,6 +170,22 @@ type Slot = Arc<tokio::sync::Mutex<Option<BranchConn>>>;
 struct BranchConn {
     conn: Object,
     begun: bool,
+    /// The session's capture notices when the branch began, if the session is known (see the
+    /// `session` module): more of them when it ends means the branch captured rows.
+    captured_at: Option<(Arc<Session>, u64)>,
+    /// Whether a statement of the branch failed: its transaction may be aborted, which a bare
+    /// `COMMIT` would not reveal (PostgreSQL answers it with a rollback, without an error).
+    failed: bool,
+}
+
+impl BranchConn {
+    /// Whether the branch captured row images: `None` when its session is not known, so the
+    /// server must be asked.
+    fn captured(&self) -> Option<bool> {
+        self.captured_at
+            .as_ref()
+            .map(|(session, at)| session.captured() != *at)
+    }
 }
 
 /// Sets up (or upgrades) the `concord` schema in the database at `url`; idempotent.
@@ -356,13 +372,17 @@ impl PostgresResource {
                 ResourceError::rejected(name, format!("the connection string is invalid: {e}"))
             })?;
         let target = target_of(&pg);
-        let manager = Manager::from_config(
+        let sessions = Arc::new(Sessions::default());
+        let manager = Manager::from_connect(
             pg,
-            NoTls,
+            NoticeConnect {
+                sessions: Arc::downgrade(&sessions),
+            },
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
             },
         );
+        let filing = Arc::clone(&sessions);
         let wait = Duration::from_millis(config.pool_wait_ms);
         let fence_seen = Arc::new(AtomicU64::new(0));
         let seen = Arc::clone(&fence_seen);
@@ -371,6 +391,8 @@ impl PostgresResource {
         let wait_ms = config.pool_wait_ms.max(1);
         let hold_session_lock = Hook::async_fn(move |client: &mut ClientWrapper, _| {
             let seen = Arc::clone(&seen);
+            // Before any await: the session the connect left in this task is this client's.
+            filing.file_created(client);
             Box::pin(async move {
                 // Bounded: a fence holds the lock exclusively only while it raises the epoch.
                 client
@@ -409,9 +431,9 @@ impl PostgresResource {
             votes: Mutex::new(HashMap::new()),
             read_only: Mutex::new(std::collections::VecDeque::new()),
             ready: Mutex::new(HashMap::new()),
-            expect_redo: AtomicBool::new(false),
             commits: AtomicU64::new(0),
             fence_seen,
+            sessions,
         });
         let conn = inner.conn().await?;
         let max: String = conn
@@ -520,12 +542,13 @@ impl PgBranch {
             )));
         };
         if branch.begun {
-            return statement(&branch.conn)
-                .await
-                .map_err(|e| self.inner.statement(&self.xid, &e));
+            let result = statement(&branch.conn).await;
+            branch.failed |= result.is_err();
+            return result.map_err(|e| self.inner.statement(&self.xid, &e));
         }
         let client: &Object = &branch.conn;
         let (begin, result) = tokio::join!(client.batch_execute("BEGIN"), statement(client));
+        branch.failed |= begin.is_err() || result.is_err();
         begin.map_err(|e| self.inner.db("begin", &e))?;
         branch.begun = true;
         result.map_err(|e| self.inner.statement(&self.xid, &e))
@@ -554,7 +577,16 @@ impl Resource for PostgresResource {
         // The BEGIN goes out with the branch's first statement.
         let conn = inner.conn().await?;
         inner.not_fenced(xid)?;
-        let branch = BranchConn { conn, begun: false };
+        let captured_at = inner.sessions.of(&conn).map(|session| {
+            let at = session.captured();
+            (session, at)
+        });
+        let branch = BranchConn {
+            conn,
+            begun: false,
+            captured_at,
+            failed: false,
+        };
         inner
             .slots()
             .insert(*xid, Arc::new(tokio::sync::Mutex::new(Some(branch))));
@@ -568,7 +600,7 @@ impl Resource for PostgresResource {
             return inner.vote_again(xid).await;
         };
         let mut guard = slot.lock().await;
-        let Some(BranchConn { conn, begun }) = guard.take() else {
+        let Some(BranchConn { conn, begun, .. }) = guard.take() else {
             return Err(inner.unavailable(format!("branch {xid} is being prepared; try again")));
         };
         let result = if begun {
@@ -633,7 +665,10 @@ impl Resource for PostgresResource {
         }
         let slot = inner.slots().remove(xid);
         if let Some(slot) = slot {
-            if let Some(BranchConn { conn, begun: true }) = slot.lock().await.take() {
+            if let Some(BranchConn {
+                conn, begun: true, ..
+            }) = slot.lock().await.take()
+            {
                 conn.batch_execute("ROLLBACK")
                     .await
                     .map_err(|e| inner.db("roll back", &e))?;
@@ -687,9 +722,16 @@ impl Resource for PostgresResource {
                 "branch {xid} is not open here: it was never begun, or it was already prepared or ended"
             )));
         };
-        let Some(BranchConn { conn, begun }) = slot.lock().await.take() else {
+        let Some(branch) = slot.lock().await.take() else {
             return Err(inner.rejected(format!("branch {xid} is already being prepared")));
         };
+        // Committed by its own COMMIT when the session heard no capture notice and no statement
+        // failed; otherwise (or when the session is not known) the server is asked.
+        let plain = match (&branch.captured_at, branch.captured(), branch.failed) {
+            (Some((session, _)), Some(false), false) => Some(Arc::clone(session)),
+            _ => None,
+        };
+        let BranchConn { conn, begun, .. } = branch;
         if !begun {
             return Ok(Vote::ReadOnly);
         }
@@ -709,19 +751,16 @@ impl Resource for PostgresResource {
                 inner.target
             )));
         }
-        // Expected to have nothing to replicate: the check and the COMMIT in one round trip.
-        if !inner.expect_redo.load(Ordering::Relaxed) {
-            match inner.finish_quick(&conn, xid).await {
-                Ok(Quick::Committed) => return Ok(Vote::ReadOnly),
-                Ok(Quick::HasRedo) => inner.expect_redo.store(true, Ordering::Relaxed),
-                Err(e) => return Err(self.failed_finish(&conn, e).await),
-            }
+        // Nothing to replicate: the branch's own COMMIT ends it, with nothing journaled.
+        // Otherwise the server gives the redo, empty if a savepoint took the rows back.
+        if let Some(session) = plain {
+            return match inner.commit_plain(&conn, &session, xid).await {
+                Ok(()) => Ok(Vote::ReadOnly),
+                Err(e) => Err(self.failed_finish(&conn, e).await),
+            };
         }
         match inner.finish_on(&conn, xid).await {
             Ok(redo) => {
-                if redo.is_empty() {
-                    inner.expect_redo.store(false, Ordering::Relaxed);
-                }
                 lock(&inner.ready).insert(*xid, conn);
                 Ok(Vote::Commit { redo })
             }
@@ -794,7 +833,7 @@ impl Inner {
 
     /// A pooled connection; a server that cannot be reached is retryable.
     async fn conn(&self) -> Result<Object> {
-        self.pool.get().await.map_err(|e| {
+        self.sessions.scope(self.pool.get()).await.map_err(|e| {
             self.unavailable(format!(
                 "cannot get a connection to {}: {}",
                 self.target,
@@ -857,19 +896,17 @@ impl Inner {
         Ok(redo.unwrap_or_default().into_bytes())
     }
 
-    /// `concord.quick_check` and `COMMIT` in one round trip, behind a savepoint: `HasRedo` when
-    /// the branch captured rows after all (the check refused, so the `COMMIT` did not run; the
-    /// branch is back at the savepoint, as it was).
-    async fn finish_quick(&self, conn: &Client, xid: &Xid) -> Result<Quick> {
-        let sql = "SAVEPOINT concord_finish; SELECT concord.quick_check(); COMMIT";
-        match conn.batch_execute(sql).await {
-            Ok(()) => Ok(Quick::Committed),
-            Err(e) if e.code().is_some_and(|c| c.code() == "CF003") => {
-                conn.batch_execute("ROLLBACK TO SAVEPOINT concord_finish")
-                    .await
-                    .map_err(|e| self.statement(xid, &e))?;
-                Ok(Quick::HasRedo)
-            }
+    /// The `COMMIT` of a one-phase branch whose session heard no capture notice.
+    async fn commit_plain(&self, conn: &Client, session: &Session, xid: &Xid) -> Result<()> {
+        let warned = session.no_transaction();
+        match conn.batch_execute("COMMIT").await {
+            Ok(()) if session.no_transaction() != warned => Err(ResourceError::InDoubt {
+                resource: self.name.clone(),
+                message: format!(
+                    "branch {xid}: its transaction had already been ended by a COMMIT or ROLLBACK the application sent through the branch, so concord cannot tell what became of its work; leave ending the transaction to concord"
+                ),
+            }),
+            Ok(()) => Ok(()),
             Err(e) if e.as_db_error().is_none() => Err(self.lost_commit(xid, &e)),
             Err(e) => Err(self.finish_error(xid, &e)),
         }
@@ -1421,14 +1458,6 @@ fn check_name(name: &str) -> Result<()> {
 /// redo.
 fn encode_redo_array(rows: &str) -> Vec<u8> {
     format!("{{\"v\":{REDO_VERSION},\"rows\":{rows}}}").into_bytes()
-}
-
-/// How [`Inner::finish_quick`] ended.
-enum Quick {
-    /// Committed: the branch had nothing to replicate.
-    Committed,
-    /// The branch has redo: it must be finished and journaled first.
-    HasRedo,
 }
 
 /// The transaction id and backend pid a one-phase redo carries.

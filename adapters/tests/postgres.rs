@@ -158,7 +158,10 @@ async fn install_is_idempotent_and_an_older_schema_is_refused_until_upgraded() {
         "{older}"
     );
     let upgraded = postgres::install("pg", &url).await.unwrap();
-    assert_eq!((upgraded.from, upgraded.to), (1, 2));
+    assert_eq!(
+        (upgraded.from, upgraded.to),
+        (1, postgres::schema::SCHEMA_VERSION)
+    );
     PostgresResource::open("pg", PostgresConfig::new(&url, 1))
         .await
         .unwrap();
@@ -534,23 +537,6 @@ async fn one_phase_carries_the_redo_and_marks_only_branches_with_redo() {
         "one"
     );
 
-    // Nothing captured, after a branch that had redo: finished in a round trip of its own, an
-    // empty redo and no marker.
-    let y = xid(2, 0);
-    begin_and_run(&primary, &y, "INSERT INTO scratch VALUES (1)").await;
-    assert_eq!(
-        primary.prepare_one_phase(&y).await.unwrap(),
-        Vote::Commit { redo: Vec::new() }
-    );
-    assert_eq!(
-        cluster.psql(&db, "SELECT count(*) FROM scratch").unwrap(),
-        "0"
-    );
-    primary.commit_one_phase(&y).await.unwrap();
-    assert_eq!(
-        cluster.psql(&db, "SELECT count(*) FROM scratch").unwrap(),
-        "1"
-    );
     let marked = |xid: &Xid| {
         let gid = primary.gid(xid);
         cluster
@@ -561,21 +547,18 @@ async fn one_phase_carries_the_redo_and_marks_only_branches_with_redo() {
             .unwrap()
             == "1"
     };
+    let scratch = || cluster.psql(&db, "SELECT count(*) FROM scratch").unwrap();
+
+    // Nothing captured: the session heard no capture notice, so the branch's own COMMIT ends
+    // it (read-only to the coordinator: nothing to journal), and it has no marker.
+    let y = xid(2, 0);
+    begin_and_run(&primary, &y, "INSERT INTO scratch VALUES (1)").await;
+    assert_eq!(primary.prepare_one_phase(&y).await.unwrap(), Vote::ReadOnly);
+    assert_eq!(scratch(), "1");
     assert!(!marked(&y));
 
-    // Nothing captured again: the fence check and the COMMIT go in one round trip, and the
-    // branch is finished (read-only to the coordinator: nothing to journal).
-    let w = xid(3, 0);
-    begin_and_run(&primary, &w, "INSERT INTO scratch VALUES (2)").await;
-    assert_eq!(primary.prepare_one_phase(&w).await.unwrap(), Vote::ReadOnly);
-    assert_eq!(
-        cluster.psql(&db, "SELECT count(*) FROM scratch").unwrap(),
-        "2"
-    );
-    assert!(!marked(&w));
-
-    // Captured rows after that: the quick attempt is refused before its COMMIT, the branch
-    // returns to its savepoint with every row and image, and finishes with the redo.
+    // Captured rows beside others: the redo holds the captured ones, and the branch commits
+    // once it is journaled.
     let v = xid(4, 0);
     primary.begin(&v).await.unwrap();
     let branch = primary.branch(&v).unwrap();
@@ -593,16 +576,99 @@ async fn one_phase_carries_the_redo_and_marks_only_branches_with_redo() {
     let rows = postgres::decode_redo(&redo).unwrap();
     assert_eq!(rows.len(), 1, "{rows:?}");
     assert_eq!(rows[0].3["note"], "two");
-    assert_eq!(
-        cluster.psql(&db, "SELECT count(*) FROM scratch").unwrap(),
-        "2"
-    );
+    assert_eq!(scratch(), "1");
     primary.commit_one_phase(&v).await.unwrap();
-    assert_eq!(
-        cluster.psql(&db, "SELECT count(*) FROM scratch").unwrap(),
-        "3"
-    );
+    assert_eq!(scratch(), "2");
     assert!(marked(&v));
+
+    // An application that silences notices does not silence the capture's: the trigger lowers
+    // client_min_messages for the transaction before it raises its notice.
+    let quiet = xid(6, 0);
+    primary.begin(&quiet).await.unwrap();
+    let branch = primary.branch(&quiet).unwrap();
+    branch
+        .batch_execute("SET LOCAL client_min_messages = error")
+        .await
+        .unwrap();
+    branch
+        .execute("INSERT INTO effects VALUES (3, 'three')", &[])
+        .await
+        .unwrap();
+    let Vote::Commit { redo } = primary.prepare_one_phase(&quiet).await.unwrap() else {
+        panic!("a captured row went unheard: voted read-only")
+    };
+    assert_eq!(postgres::decode_redo(&redo).unwrap().len(), 1);
+    primary.commit_one_phase(&quiet).await.unwrap();
+
+    // Rows captured and taken back by a rolled-back savepoint: the notice came, so the server
+    // is asked; it has no redo, and the branch commits what remains, without a record.
+    let back = xid(7, 0);
+    primary.begin(&back).await.unwrap();
+    let branch = primary.branch(&back).unwrap();
+    branch
+        .batch_execute(
+            "SAVEPOINT s; INSERT INTO effects VALUES (4, 'four'); ROLLBACK TO SAVEPOINT s;
+             INSERT INTO scratch VALUES (4)",
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        primary.prepare_one_phase(&back).await.unwrap(),
+        Vote::Commit { redo: Vec::new() }
+    );
+    primary.commit_one_phase(&back).await.unwrap();
+    assert_eq!(scratch(), "3");
+    assert!(!marked(&back));
+    assert_eq!(
+        cluster
+            .psql(&db, "SELECT count(*) FROM effects WHERE tag = 4")
+            .unwrap(),
+        "0"
+    );
+
+    // The next branch of that session, which captures nothing, commits by itself again.
+    let after = xid(8, 0);
+    begin_and_run(&primary, &after, "INSERT INTO scratch VALUES (5)").await;
+    assert_eq!(
+        primary.prepare_one_phase(&after).await.unwrap(),
+        Vote::ReadOnly
+    );
+    assert_eq!(scratch(), "4");
+
+    // A failed statement leaves the transaction aborted, which a bare COMMIT would answer with
+    // a silent rollback: such a branch is finished by asking the server, which refuses it.
+    let broken = xid(9, 0);
+    begin_and_run(&primary, &broken, "INSERT INTO scratch VALUES (6)").await;
+    let duplicate = primary
+        .branch(&broken)
+        .unwrap()
+        .execute("INSERT INTO scratch VALUES (6)", &[])
+        .await
+        .unwrap_err();
+    assert!(
+        duplicate.to_string().contains("duplicate key"),
+        "{duplicate}"
+    );
+    let refused = primary.prepare_one_phase(&broken).await.unwrap_err();
+    assert!(refused.to_string().contains("aborted"), "{refused}");
+    assert_eq!(scratch(), "4");
+
+    // The application ended the transaction itself: concord cannot know what became of it.
+    let ended = xid(10, 0);
+    begin_and_run(&primary, &ended, "INSERT INTO scratch VALUES (7)").await;
+    primary
+        .branch(&ended)
+        .unwrap()
+        .batch_execute("ROLLBACK")
+        .await
+        .unwrap();
+    let unknown = primary.prepare_one_phase(&ended).await.unwrap_err();
+    assert_eq!(unknown.class(), ErrorClass::InDoubt, "{unknown}");
+    assert!(
+        unknown.to_string().contains("already been ended"),
+        "{unknown}"
+    );
+    assert_eq!(scratch(), "4");
 
     // No statement at all: read-only without a word to the server.
     let z = xid(5, 0);

@@ -49,14 +49,25 @@
 //! * `concord.quick_check()` is sent in one round trip with the `COMMIT` of a branch expected
 //!   to have nothing to replicate; it fails with `CF003` (so the `COMMIT` does not run) when the
 //!   branch captured rows after all.
+//!
+//! Version 3 lets the client know without asking:
+//!
+//! * `concord.capture_row()` raises a notice with SQLSTATE `CF004` when a transaction captures
+//!   its first row image (once per transaction, again after a rolled-back savepoint took the
+//!   images back), lowering `client_min_messages` to `notice` for the rest of the transaction
+//!   first if it was set higher, so that the notice is sent. The resource counts these notices
+//!   per pooled session and commits a one-phase branch that raised none with a bare `COMMIT`
+//!   (the adapter's `session` module). A session outside concord sees the notice too: its changes
+//!   to a replicated table are captured and thrown away at its commit, and reach no standby.
+//! * `concord.quick_check()` and `concord.has_redo()` are dropped.
 
 use tokio_postgres::Client;
 
 /// The schema version this program installs and reads.
-pub const SCHEMA_VERSION: i32 = 2;
+pub const SCHEMA_VERSION: i32 = 3;
 
 /// Every step, in order: step `n` takes the schema from version `n` to `n + 1`.
-const STEPS: &[&str] = &[V1, V2];
+const STEPS: &[&str] = &[V1, V2, V3];
 
 const V1: &str = r#"
 CREATE TABLE concord.fence (
@@ -363,6 +374,65 @@ LANGUAGE sql AS $$
         THEN concord.has_redo()
     END
 $$;
+"#;
+
+const V3: &str = r#"
+-- As in version 2, and the first image of a transaction raises a notice (SQLSTATE CF004), so
+-- that the client knows the branch has redo without asking; client_min_messages is lowered for
+-- the transaction if it would suppress the notice. The check sent with a COMMIT (quick_check)
+-- is no longer needed.
+DROP FUNCTION IF EXISTS concord.quick_check();
+DROP FUNCTION IF EXISTS concord.has_redo();
+
+CREATE OR REPLACE FUNCTION concord.capture_row() RETURNS trigger
+LANGUAGE plpgsql AS $$
+DECLARE
+    tbl text;
+    entry text;
+    old_image jsonb;
+    new_image jsonb;
+    moved boolean := false;
+    k text;
+    acc text;
+BEGIN
+    IF current_setting('concord.replaying', true) = 'on' THEN
+        RETURN NULL;
+    END IF;
+    tbl := quote_ident(TG_TABLE_SCHEMA) || '.' || quote_ident(TG_TABLE_NAME);
+    IF TG_OP = 'INSERT' THEN
+        entry := json_build_array(tbl, 'U', NULL, to_json(NEW))::text;
+    ELSIF TG_OP = 'DELETE' THEN
+        entry := json_build_array(tbl, 'D', NULL, to_json(OLD))::text;
+    ELSE
+        old_image := to_jsonb(OLD);
+        new_image := to_jsonb(NEW);
+        FOREACH k IN ARRAY TG_ARGV LOOP
+            IF old_image -> k IS DISTINCT FROM new_image -> k THEN
+                moved := true;
+            END IF;
+        END LOOP;
+        entry := json_build_array(tbl, 'U', NULL, new_image)::text;
+        IF moved THEN
+            entry := json_build_array(tbl, 'D', NULL, old_image)::text || ',' || entry;
+        END IF;
+    END IF;
+    acc := current_setting('concord.redo', true);
+    IF acc IS NULL OR acc = '' THEN
+        IF current_setting('client_min_messages') IN ('warning', 'error') THEN
+            PERFORM set_config('client_min_messages', 'notice', true);
+        END IF;
+        RAISE NOTICE 'concord: row images captured (changes to replicated tables reach a standby only through a concord branch)'
+            USING ERRCODE = 'CF004';
+        PERFORM set_config('concord.redo', entry, true);
+    ELSIF octet_length(acc) <= 65536 THEN
+        PERFORM set_config('concord.redo', acc || ',' || entry, true);
+    ELSE
+        -- Once spilled, always spilled (the setting stays full): the order holds.
+        PERFORM set_config('concord.spilled', 'on', true);
+        INSERT INTO concord.capture (tbl, op, entry) VALUES (tbl, 'E', entry);
+    END IF;
+    RETURN NULL;
+END $$;
 "#;
 
 /// What [`install`] did.
