@@ -635,6 +635,38 @@ async fn one_phase_carries_the_redo_and_marks_only_branches_with_redo() {
     );
     assert_eq!(scratch(), "4");
 
+    // Branches side by side, each on a session of its own (created now, not at open): each
+    // session is known, and a capture on one is not heard on another.
+    let (one, two, three) = (xid(11, 0), xid(12, 0), xid(13, 0));
+    for x in [&one, &two, &three] {
+        primary.begin(x).await.unwrap();
+    }
+    let (b1, b2, b3) = (
+        primary.branch(&one).unwrap(),
+        primary.branch(&two).unwrap(),
+        primary.branch(&three).unwrap(),
+    );
+    let (a, b, c) = tokio::join!(
+        b1.execute("INSERT INTO scratch VALUES (11)", &[]),
+        b2.execute("INSERT INTO effects VALUES (12, 'twelve')", &[]),
+        b3.execute("INSERT INTO scratch VALUES (13)", &[]),
+    );
+    (a.unwrap(), b.unwrap(), c.unwrap());
+    assert_eq!(
+        primary.prepare_one_phase(&one).await.unwrap(),
+        Vote::ReadOnly
+    );
+    assert_eq!(
+        primary.prepare_one_phase(&three).await.unwrap(),
+        Vote::ReadOnly
+    );
+    let Vote::Commit { redo } = primary.prepare_one_phase(&two).await.unwrap() else {
+        panic!("a captured row went unheard: voted read-only")
+    };
+    assert_eq!(postgres::decode_redo(&redo).unwrap().len(), 1);
+    primary.commit_one_phase(&two).await.unwrap();
+    assert_eq!(scratch(), "6");
+
     // A failed statement leaves the transaction aborted, which a bare COMMIT would answer with
     // a silent rollback: such a branch is finished by asking the server, which refuses it.
     let broken = xid(9, 0);
@@ -651,7 +683,7 @@ async fn one_phase_carries_the_redo_and_marks_only_branches_with_redo() {
     );
     let refused = primary.prepare_one_phase(&broken).await.unwrap_err();
     assert!(refused.to_string().contains("aborted"), "{refused}");
-    assert_eq!(scratch(), "4");
+    assert_eq!(scratch(), "6");
 
     // The application ended the transaction itself: concord cannot know what became of it.
     let ended = xid(10, 0);
@@ -668,7 +700,7 @@ async fn one_phase_carries_the_redo_and_marks_only_branches_with_redo() {
         unknown.to_string().contains("already been ended"),
         "{unknown}"
     );
-    assert_eq!(scratch(), "4");
+    assert_eq!(scratch(), "6");
 
     // No statement at all: read-only without a word to the server.
     let z = xid(5, 0);
