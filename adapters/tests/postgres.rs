@@ -651,7 +651,9 @@ async fn one_phase_carries_the_redo_and_marks_only_branches_with_redo() {
         b2.execute("INSERT INTO effects VALUES (12, 'twelve')", &[]),
         b3.execute("INSERT INTO scratch VALUES (13)", &[]),
     );
-    (a.unwrap(), b.unwrap(), c.unwrap());
+    for result in [a, b, c] {
+        result.unwrap();
+    }
     assert_eq!(
         primary.prepare_one_phase(&one).await.unwrap(),
         Vote::ReadOnly
