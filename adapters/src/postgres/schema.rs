@@ -46,9 +46,11 @@
 //!   (advisory, 1668247139, 1717923428) shared from its start, and reads the fence epoch after
 //!   taking it, so a fence — which ends those sessions and takes the lock exclusively before it
 //!   raises the epoch — cannot pass a live session of an older epoch.
-//! * `concord.quick_check()` is sent in one round trip with the `COMMIT` of a branch expected
-//!   to have nothing to replicate; it fails with `CF003` (so the `COMMIT` does not run) when the
-//!   branch captured rows after all.
+//! * `concord.quick_check()` was sent in one round trip with the `COMMIT` of a branch expected
+//!   to have nothing to replicate; it failed with `CF003` (so the `COMMIT` did not run) when the
+//!   branch captured rows after all. Version 3 drops it; the step of version 2 no longer creates
+//!   it, nor the version 2 body of `concord.capture_row()`, which version 3 replaces (install
+//!   always runs the steps up to the newest version).
 //!
 //! Version 3 lets the client know without asking:
 //!
@@ -213,50 +215,8 @@ const V2: &str = r#"
 ALTER TABLE concord.capture ALTER COLUMN pk DROP NOT NULL;
 ALTER TABLE concord.capture ADD COLUMN IF NOT EXISTS entry text;
 
-CREATE OR REPLACE FUNCTION concord.capture_row() RETURNS trigger
-LANGUAGE plpgsql AS $$
-DECLARE
-    tbl text;
-    entry text;
-    old_image jsonb;
-    new_image jsonb;
-    moved boolean := false;
-    k text;
-    acc text;
-BEGIN
-    IF current_setting('concord.replaying', true) = 'on' THEN
-        RETURN NULL;
-    END IF;
-    tbl := quote_ident(TG_TABLE_SCHEMA) || '.' || quote_ident(TG_TABLE_NAME);
-    IF TG_OP = 'INSERT' THEN
-        entry := json_build_array(tbl, 'U', NULL, to_json(NEW))::text;
-    ELSIF TG_OP = 'DELETE' THEN
-        entry := json_build_array(tbl, 'D', NULL, to_json(OLD))::text;
-    ELSE
-        old_image := to_jsonb(OLD);
-        new_image := to_jsonb(NEW);
-        FOREACH k IN ARRAY TG_ARGV LOOP
-            IF old_image -> k IS DISTINCT FROM new_image -> k THEN
-                moved := true;
-            END IF;
-        END LOOP;
-        entry := json_build_array(tbl, 'U', NULL, new_image)::text;
-        IF moved THEN
-            entry := json_build_array(tbl, 'D', NULL, old_image)::text || ',' || entry;
-        END IF;
-    END IF;
-    acc := current_setting('concord.redo', true);
-    IF acc IS NULL OR acc = '' THEN
-        PERFORM set_config('concord.redo', entry, true);
-    ELSIF octet_length(acc) <= 65536 THEN
-        PERFORM set_config('concord.redo', acc || ',' || entry, true);
-    ELSE
-        -- Once spilled, always spilled (the setting stays full): the order holds.
-        PERFORM set_config('concord.spilled', 'on', true);
-        INSERT INTO concord.capture (tbl, op, entry) VALUES (tbl, 'E', entry);
-    END IF;
-    RETURN NULL;
-END $$;
+-- concord.capture_row() collects each image in the setting concord.redo: its body is
+-- version 3's (steps always run up to the newest version, which replaces it).
 
 -- Replay of an image whose key the capture left to the reader.
 CREATE OR REPLACE FUNCTION concord.apply_row(tbl text, op "char", pk jsonb, row_image jsonb) RETURNS void
@@ -356,31 +316,14 @@ BEGIN
                   pg_current_xact_id(), pg_backend_pid(), rows);
 END $$;
 
--- Refuses, with CF003, to let a COMMIT sent behind it run: the branch captured rows, which must
--- be journaled first. Called only then (see concord.quick_check).
-CREATE OR REPLACE FUNCTION concord.has_redo() RETURNS void
-LANGUAGE plpgsql AS $$
-BEGIN
-    RAISE EXCEPTION 'concord: the branch has redo to journal' USING ERRCODE = 'CF003';
-END $$;
-
--- Sent with the COMMIT of a branch expected to have nothing to replicate: plain SQL, inlined,
--- so that the usual case costs no PL/pgSQL call.
-CREATE OR REPLACE FUNCTION concord.quick_check() RETURNS void
-LANGUAGE sql AS $$
-    SELECT CASE
-        WHEN coalesce(current_setting('concord.redo', true), '') <> ''
-          OR coalesce(current_setting('concord.spilled', true), '') = 'on'
-        THEN concord.has_redo()
-    END
-$$;
 "#;
 
 const V3: &str = r#"
--- As in version 2, and the first image of a transaction raises a notice (SQLSTATE CF004), so
--- that the client knows the branch has redo without asking; client_min_messages is lowered for
--- the transaction if it would suppress the notice. The check sent with a COMMIT (quick_check)
--- is no longer needed.
+-- Each row image collects in the transaction-local setting concord.redo until it holds 64 KiB,
+-- then in concord.capture (see version 2). The first image of a transaction raises a notice
+-- (SQLSTATE CF004), so that the client knows the branch has redo without asking;
+-- client_min_messages is lowered for the transaction if it would suppress the notice. The check
+-- version 2 sent with a one-phase COMMIT (quick_check, has_redo) is no longer needed.
 DROP FUNCTION IF EXISTS concord.quick_check();
 DROP FUNCTION IF EXISTS concord.has_redo();
 
