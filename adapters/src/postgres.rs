@@ -34,14 +34,14 @@
 //!   branch's session when it captures a row image (a notice; see the `session` module), so a
 //!   branch that captured nothing is committed by its own `COMMIT`, in one round trip, with
 //!   nothing journaled: the coordinator sees a read-only vote. A branch with redo is finished
-//!   by `concord.finish_branch` (the redo and the marker, no `PREPARE`: no two-phase state
-//!   file, no second commit record in PostgreSQL's WAL), and committed with a
-//!   plain `COMMIT` on its own connection once the coordinator has made the redo durable, while
-//!   the branch still holds its locks. An error *from the server* to that `COMMIT` means it
-//!   rolled back; a broken connection means nobody knows, and [`Resource::one_phase_outcome`]
-//!   finds out: it ends the branch's backend if it still runs that transaction (its pid and
-//!   transaction id travel in the redo), waits until it is gone, and then the marker — written
-//!   inside the branch — tells committed from not.
+//!   by `concord.finish_branch` (the redo, no marker, no `PREPARE`: no two-phase state file,
+//!   no second commit record in PostgreSQL's WAL), and committed with a plain `COMMIT` on its
+//!   own connection once the coordinator has made the redo durable, while the branch still
+//!   holds its locks. An error *from the server* to that `COMMIT` means it rolled back; a
+//!   broken connection means nobody knows, and [`Resource::one_phase_outcome`] finds out: it
+//!   ends the branch's backend if it still runs that transaction (its pid and transaction id
+//!   travel in the redo), waits until it is gone, and then the transaction's status
+//!   (`pg_xact_status`) tells committed from not.
 //! * **Capture.** The trigger `concord pg replicate` installs collects each changed row's image
 //!   in a transaction-local setting (spilling to the `concord.capture` table past 64 KiB), so
 //!   capture writes nothing until the branch's end.
@@ -878,18 +878,16 @@ impl Inner {
         }
     }
 
-    /// `concord.finish_branch`: the redo and (with redo) the marker, leaving the transaction
-    /// open. The redo is empty when nothing was captured.
+    /// `concord.finish_branch`: the redo, naming the transaction and its backend, leaving the
+    /// transaction open. The redo is empty when nothing was captured.
     async fn finish_on(&self, conn: &Object, xid: &Xid) -> Result<Vec<u8>> {
         // Prepared once per connection: the server parses and plans it once.
         let statement = conn
-            .prepare_cached("SELECT concord.finish_branch($1, $2, $3)")
+            .prepare_cached("SELECT concord.finish_branch()")
             .await
             .map_err(|e| self.finish_error(xid, &e))?;
-        let node = i32::try_from(xid.node)
-            .map_err(|_| self.rejected(format!("node {} is out of range", xid.node)))?;
         let row = conn
-            .query_one(&statement, &[&self.gid(xid), &xid.to_string(), &node])
+            .query_one(&statement, &[])
             .await
             .map_err(|e| self.finish_error(xid, &e))?;
         let redo: Option<String> = row.get(0);
@@ -937,8 +935,8 @@ impl Inner {
 
     /// What became of a one-phase branch whose answer was lost; see the module docs. The
     /// backend named in the redo is ended if it still runs the branch's transaction, and then
-    /// the marker decides; without the marker, the transaction's status must confirm the
-    /// rollback (a marker pruned after [`MARKER_RETENTION`] leaves the answer open).
+    /// the transaction's status decides (`pg_xact_status`, which knows every transaction the
+    /// server has not yet truncated from its commit log).
     async fn one_phase_outcome(&self, xid: &Xid, redo: &[u8]) -> Result<OnePhaseOutcome> {
         let (txid, pid) = one_phase_ids(redo).map_err(|e| {
             self.rejected(format!(
@@ -969,14 +967,6 @@ impl Inner {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let gid = self.gid(xid);
-        let marked = conn
-            .query_opt("SELECT 1 FROM concord.markers WHERE gid = $1", &[&gid])
-            .await
-            .map_err(|e| self.db("read the marker of", &e))?
-            .is_some();
-        if marked {
-            return Ok(OnePhaseOutcome::Committed);
-        }
         let status: Option<String> = conn
             .query_one(
                 "SELECT pg_xact_status($1::text::xid8)",
@@ -986,17 +976,20 @@ impl Inner {
             .map_err(|e| self.db("read the status of the transaction of", &e))?
             .get(0);
         match status.as_deref() {
+            Some("committed") => Ok(OnePhaseOutcome::Committed),
             Some("aborted") => Ok(OnePhaseOutcome::RolledBack {
                 reason: format!(
                     "resource {}: the one-phase commit of {gid} did not happen (the transaction {txid} aborted; the session ended before its COMMIT took effect)",
                     self.name
                 ),
             }),
-            other => Err(ResourceError::InDoubt {
+            Some(other) => Err(self.unavailable(format!(
+                "the one-phase branch {gid}: its transaction {txid} reads {other} although its session ended; asking again later"
+            ))),
+            None => Err(ResourceError::InDoubt {
                 resource: self.name.clone(),
                 message: format!(
-                    "the one-phase branch {gid} has no marker, yet its transaction {txid} reads {}: its marker may have been pruned (after {MARKER_RETENTION}); check the data by hand",
-                    other.unwrap_or("as too old to know")
+                    "the one-phase branch {gid}: its transaction {txid} is too old for the server to know its outcome (its commit log was truncated); check the data by hand"
                 ),
             }),
         }

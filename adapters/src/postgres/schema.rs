@@ -62,6 +62,9 @@
 //!   (the adapter's `session` module). A session outside concord sees the notice too: its changes
 //!   to a replicated table are captured and thrown away at its commit, and reach no standby.
 //! * `concord.quick_check()` and `concord.has_redo()` are dropped.
+//! * `concord.finish_branch()` takes no arguments and writes no marker: the transaction id the
+//!   redo carries tells a lost `COMMIT`'s outcome (`pg_xact_status`), so markers are written for
+//!   prepared branches only.
 
 use tokio_postgres::Client;
 
@@ -326,6 +329,22 @@ const V3: &str = r#"
 -- version 2 sent with a one-phase COMMIT (quick_check, has_redo) is no longer needed.
 DROP FUNCTION IF EXISTS concord.quick_check();
 DROP FUNCTION IF EXISTS concord.has_redo();
+
+-- A one-phase branch's end writes no marker: the transaction id its redo carries answers a lost
+-- COMMIT (pg_xact_status), and a marker row per one-phase branch cost the server a third of
+-- such a transaction.
+DROP FUNCTION IF EXISTS concord.finish_branch(text, text, integer);
+CREATE OR REPLACE FUNCTION concord.finish_branch() RETURNS text
+LANGUAGE plpgsql AS $$
+DECLARE
+    rows text := concord.take_rows();
+BEGIN
+    IF rows = '' THEN
+        RETURN '';
+    END IF;
+    RETURN format('{"v":1,"txid":"%s","pid":%s,"rows":[%s]}',
+                  pg_current_xact_id(), pg_backend_pid(), rows);
+END $$;
 
 CREATE OR REPLACE FUNCTION concord.capture_row() RETURNS trigger
 LANGUAGE plpgsql AS $$
