@@ -34,14 +34,14 @@
 //!   branch's session when it captures a row image (a notice; see the `session` module), so a
 //!   branch that captured nothing is committed by its own `COMMIT`, in one round trip, with
 //!   nothing journaled: the coordinator sees a read-only vote. A branch with redo is finished
-//!   by `concord.finish_branch` (the redo, no marker, no `PREPARE`: no two-phase state file,
-//!   no second commit record in PostgreSQL's WAL), and committed with a plain `COMMIT` on its
-//!   own connection once the coordinator has made the redo durable, while the branch still
-//!   holds its locks. An error *from the server* to that `COMMIT` means it rolled back; a
-//!   broken connection means nobody knows, and [`Resource::one_phase_outcome`] finds out: it
-//!   ends the branch's backend if it still runs that transaction (its pid and transaction id
-//!   travel in the redo), waits until it is gone, and then the transaction's status
-//!   (`pg_xact_status`) tells committed from not.
+//!   by `concord.finish_branch` (the redo and the marker, no `PREPARE`: no two-phase state
+//!   file, no second commit record in PostgreSQL's WAL), and committed with a
+//!   plain `COMMIT` on its own connection once the coordinator has made the redo durable, while
+//!   the branch still holds its locks. An error *from the server* to that `COMMIT` means it
+//!   rolled back; a broken connection means nobody knows, and [`Resource::one_phase_outcome`]
+//!   finds out: it ends the branch's backend if it still runs that transaction (its pid and
+//!   transaction id travel in the redo), waits until it is gone, and then the marker — written
+//!   inside the branch — tells committed from not.
 //! * **Capture.** The trigger `concord pg replicate` installs collects each changed row's image
 //!   in a transaction-local setting (spilling to the `concord.capture` table past 64 KiB), so
 //!   capture writes nothing until the branch's end.
@@ -150,6 +150,22 @@ struct Inner {
     sessions: Arc<Sessions>,
 }
 
+/// A session's counts around a `COMMIT`.
+#[derive(Clone, Copy)]
+struct Counts {
+    captured: u64,
+    no_transaction: u64,
+}
+
+impl Counts {
+    fn of(session: &Session) -> Counts {
+        Counts {
+            captured: session.captured(),
+            no_transaction: session.no_transaction(),
+        }
+    }
+}
+
 /// The advisory lock every pooled session holds shared for as long as it lives (see the module
 /// docs); `fence` takes it exclusively.
 const SESSION_LOCK: &str = "1668247139, 1717923428";
@@ -169,22 +185,40 @@ type Slot = Arc<tokio::sync::Mutex<Option<BranchConn>>>;
 /// nothing on the server.
 struct BranchConn {
     conn: Object,
+    /// Whether `BEGIN` went out (set before it is sent: a caller that gives up on its first
+    /// statement does not take it back).
     begun: bool,
-    /// The session's capture notices when the branch began, if the session is known (see the
-    /// `session` module): more of them when it ends means the branch captured rows.
-    captured_at: Option<(Arc<Session>, u64)>,
-    /// Whether a statement of the branch failed: its transaction may be aborted, which a bare
-    /// `COMMIT` would not reveal (PostgreSQL answers it with a rollback, without an error).
+    /// What the session had heard when the branch began, if the session is known (see the
+    /// `session` module).
+    heard: Option<Heard>,
+    /// Whether a statement of the branch failed, or went out and was never answered (its
+    /// caller gave up on it): the transaction may be aborted, which a bare `COMMIT` would not
+    /// reveal (PostgreSQL answers it with a rollback, without an error).
     failed: bool,
 }
 
+/// A session's counts when a branch began on it.
+struct Heard {
+    session: Arc<Session>,
+    captured: u64,
+    in_transaction: u64,
+}
+
 impl BranchConn {
-    /// Whether the branch captured row images: `None` when its session is not known, so the
-    /// server must be asked.
-    fn captured(&self) -> Option<bool> {
-        self.captured_at
+    /// The session, when the branch may be committed by its `COMMIT` alone: the session is
+    /// known, heard no capture notice since the branch began, and no statement failed or went
+    /// unanswered.
+    fn plain(&self) -> Option<Arc<Session>> {
+        let heard = self.heard.as_ref()?;
+        (!self.failed && heard.session.captured() == heard.captured)
+            .then(|| Arc::clone(&heard.session))
+    }
+
+    /// Whether a `BEGIN` on the branch's connection found a transaction open.
+    fn began_inside_another(&self) -> bool {
+        self.heard
             .as_ref()
-            .map(|(session, at)| session.captured() != *at)
+            .is_some_and(|h| h.session.in_transaction() != h.in_transaction)
     }
 }
 
@@ -541,16 +575,20 @@ impl PgBranch {
                 self.xid
             )));
         };
+        // Failed until answered: should the caller drop this future after the statement went
+        // out, the branch's end must not trust a bare COMMIT.
+        let failed = branch.failed;
+        branch.failed = true;
         if branch.begun {
             let result = statement(&branch.conn).await;
-            branch.failed |= result.is_err();
+            branch.failed = failed || result.is_err();
             return result.map_err(|e| self.inner.statement(&self.xid, &e));
         }
+        branch.begun = true;
         let client: &Object = &branch.conn;
         let (begin, result) = tokio::join!(client.batch_execute("BEGIN"), statement(client));
-        branch.failed |= begin.is_err() || result.is_err();
+        branch.failed = failed || begin.is_err() || result.is_err();
         begin.map_err(|e| self.inner.db("begin", &e))?;
-        branch.begun = true;
         result.map_err(|e| self.inner.statement(&self.xid, &e))
     }
 }
@@ -577,14 +615,15 @@ impl Resource for PostgresResource {
         // The BEGIN goes out with the branch's first statement.
         let conn = inner.conn().await?;
         inner.not_fenced(xid)?;
-        let captured_at = inner.sessions.of(&conn).map(|session| {
-            let at = session.captured();
-            (session, at)
+        let heard = inner.sessions.of(&conn).map(|session| Heard {
+            captured: session.captured(),
+            in_transaction: session.in_transaction(),
+            session,
         });
         let branch = BranchConn {
             conn,
             begun: false,
-            captured_at,
+            heard,
             failed: false,
         };
         inner
@@ -600,10 +639,14 @@ impl Resource for PostgresResource {
             return inner.vote_again(xid).await;
         };
         let mut guard = slot.lock().await;
-        let Some(BranchConn { conn, begun, .. }) = guard.take() else {
+        let Some(branch) = guard.take() else {
             return Err(inner.unavailable(format!("branch {xid} is being prepared; try again")));
         };
-        let result = if begun {
+        let nested = branch.began_inside_another();
+        let BranchConn { conn, begun, .. } = branch;
+        let result = if nested {
+            Err(inner.began_inside_another(xid))
+        } else if begun {
             inner.prepare_on(&conn, xid).await
         } else {
             // Not a statement ran: nothing on the server to prepare.
@@ -727,13 +770,16 @@ impl Resource for PostgresResource {
         };
         // Committed by its own COMMIT when the session heard no capture notice and no statement
         // failed; otherwise (or when the session is not known) the server is asked.
-        let plain = match (&branch.captured_at, branch.captured(), branch.failed) {
-            (Some((session, _)), Some(false), false) => Some(Arc::clone(session)),
-            _ => None,
-        };
+        let plain = branch.plain();
+        let nested = branch.began_inside_another();
         let BranchConn { conn, begun, .. } = branch;
         if !begun {
             return Ok(Vote::ReadOnly);
+        }
+        if nested {
+            return Err(self
+                .failed_finish(&conn, inner.began_inside_another(xid))
+                .await);
         }
         if conn.is_closed() {
             // No COMMIT can have gone out on it: the server ended the transaction — a fence
@@ -775,8 +821,13 @@ impl Resource for PostgresResource {
                 "branch {xid} is not ready for a one-phase commit here"
             )));
         };
+        let session = inner.sessions.of(&conn);
+        let before = session.as_deref().map(Counts::of);
         match conn.batch_execute("COMMIT").await {
             Ok(()) => {
+                if let (Some(session), Some(before)) = (&session, before) {
+                    inner.after_commit(xid, session, before)?;
+                }
                 inner.prune_markers(&conn).await;
                 Ok(OnePhaseOutcome::Committed)
             }
@@ -878,36 +929,67 @@ impl Inner {
         }
     }
 
-    /// `concord.finish_branch`: the redo, naming the transaction and its backend, leaving the
-    /// transaction open. The redo is empty when nothing was captured.
+    /// `concord.finish_branch`: the redo and (with redo) the marker, leaving the transaction
+    /// open. The redo is empty when nothing was captured.
     async fn finish_on(&self, conn: &Object, xid: &Xid) -> Result<Vec<u8>> {
         // Prepared once per connection: the server parses and plans it once.
         let statement = conn
-            .prepare_cached("SELECT concord.finish_branch()")
+            .prepare_cached("SELECT concord.finish_branch($1, $2, $3)")
             .await
             .map_err(|e| self.finish_error(xid, &e))?;
+        let node = i32::try_from(xid.node)
+            .map_err(|_| self.rejected(format!("node {} is out of range", xid.node)))?;
         let row = conn
-            .query_one(&statement, &[])
+            .query_one(&statement, &[&self.gid(xid), &xid.to_string(), &node])
             .await
             .map_err(|e| self.finish_error(xid, &e))?;
         let redo: Option<String> = row.get(0);
         Ok(redo.unwrap_or_default().into_bytes())
     }
 
+    /// A `BEGIN` on the branch's connection found a transaction open: the connection came
+    /// back to the pool inside an earlier one, or the application sent a `BEGIN` through the
+    /// branch. Either way the branch's work cannot be told apart, and it is refused.
+    fn began_inside_another(&self, xid: &Xid) -> ResourceError {
+        self.rejected(format!(
+            "branch {xid}: a BEGIN on its connection to {} found a transaction already open (the connection was left inside an earlier transaction, or a BEGIN was sent through the branch), so its work cannot be told apart; it is rolled back, run the transaction again",
+            self.target
+        ))
+    }
+
     /// The `COMMIT` of a one-phase branch whose session heard no capture notice.
     async fn commit_plain(&self, conn: &Client, session: &Session, xid: &Xid) -> Result<()> {
-        let warned = session.no_transaction();
+        let before = Counts::of(session);
         match conn.batch_execute("COMMIT").await {
-            Ok(()) if session.no_transaction() != warned => Err(ResourceError::InDoubt {
+            Ok(()) => self.after_commit(xid, session, before),
+            Err(e) if e.as_db_error().is_none() => Err(self.lost_commit(xid, &e)),
+            Err(e) => Err(self.finish_error(xid, &e)),
+        }
+    }
+
+    /// What a one-phase branch's `COMMIT` made the session hear. "No transaction in progress":
+    /// the application had ended the transaction itself, and what became of its work is not
+    /// known. A capture notice: a trigger that runs at commit (a deferred constraint trigger)
+    /// wrote a replicated table after the redo was taken, so those rows are committed but not
+    /// in the redo — reported, since it cannot be undone.
+    fn after_commit(&self, xid: &Xid, session: &Session, before: Counts) -> Result<()> {
+        let after = Counts::of(session);
+        if after.no_transaction != before.no_transaction {
+            return Err(ResourceError::InDoubt {
                 resource: self.name.clone(),
                 message: format!(
                     "branch {xid}: its transaction had already been ended by a COMMIT or ROLLBACK the application sent through the branch, so concord cannot tell what became of its work; leave ending the transaction to concord"
                 ),
-            }),
-            Ok(()) => Ok(()),
-            Err(e) if e.as_db_error().is_none() => Err(self.lost_commit(xid, &e)),
-            Err(e) => Err(self.finish_error(xid, &e)),
+            });
         }
+        if after.captured != before.captured {
+            tracing::error!(
+                resource = %self.name,
+                %xid,
+                "rows of a replicated table were written while the branch committed (by a trigger that runs at commit, such as a deferred constraint trigger): they are committed but not in the branch's redo, so a standby will not have them"
+            );
+        }
+        Ok(())
     }
 
     fn finish_error(&self, xid: &Xid, e: &tokio_postgres::Error) -> ResourceError {
@@ -935,8 +1017,8 @@ impl Inner {
 
     /// What became of a one-phase branch whose answer was lost; see the module docs. The
     /// backend named in the redo is ended if it still runs the branch's transaction, and then
-    /// the transaction's status decides (`pg_xact_status`, which knows every transaction the
-    /// server has not yet truncated from its commit log).
+    /// the marker decides; without the marker, the transaction's status must confirm the
+    /// rollback (a marker pruned after [`MARKER_RETENTION`] leaves the answer open).
     async fn one_phase_outcome(&self, xid: &Xid, redo: &[u8]) -> Result<OnePhaseOutcome> {
         let (txid, pid) = one_phase_ids(redo).map_err(|e| {
             self.rejected(format!(
@@ -967,6 +1049,14 @@ impl Inner {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let gid = self.gid(xid);
+        let marked = conn
+            .query_opt("SELECT 1 FROM concord.markers WHERE gid = $1", &[&gid])
+            .await
+            .map_err(|e| self.db("read the marker of", &e))?
+            .is_some();
+        if marked {
+            return Ok(OnePhaseOutcome::Committed);
+        }
         let status: Option<String> = conn
             .query_one(
                 "SELECT pg_xact_status($1::text::xid8)",
@@ -976,20 +1066,17 @@ impl Inner {
             .map_err(|e| self.db("read the status of the transaction of", &e))?
             .get(0);
         match status.as_deref() {
-            Some("committed") => Ok(OnePhaseOutcome::Committed),
             Some("aborted") => Ok(OnePhaseOutcome::RolledBack {
                 reason: format!(
                     "resource {}: the one-phase commit of {gid} did not happen (the transaction {txid} aborted; the session ended before its COMMIT took effect)",
                     self.name
                 ),
             }),
-            Some(other) => Err(self.unavailable(format!(
-                "the one-phase branch {gid}: its transaction {txid} reads {other} although its session ended; asking again later"
-            ))),
-            None => Err(ResourceError::InDoubt {
+            other => Err(ResourceError::InDoubt {
                 resource: self.name.clone(),
                 message: format!(
-                    "the one-phase branch {gid}: its transaction {txid} is too old for the server to know its outcome (its commit log was truncated); check the data by hand"
+                    "the one-phase branch {gid} has no marker, yet its transaction {txid} reads {}: its marker may have been pruned (after {MARKER_RETENTION}); check the data by hand",
+                    other.unwrap_or("as too old to know")
                 ),
             }),
         }

@@ -487,8 +487,7 @@ async fn one_phase_carries_the_redo_and_marks_only_branches_with_redo() {
     let primary = open(&url, 1).await;
     assert!(primary.supports_one_phase());
 
-    // Captured rows: the redo names the transaction and its session; no marker is written
-    // (the transaction's status answers a lost COMMIT).
+    // Captured rows: the redo names the transaction and its session, the marker is written.
     let x = xid(1, 0);
     begin_and_run(&primary, &x, "INSERT INTO effects VALUES (1, 'one')").await;
     let Vote::Commit { redo } = primary.prepare_one_phase(&x).await.unwrap() else {
@@ -515,11 +514,15 @@ async fn one_phase_carries_the_redo_and_marks_only_branches_with_redo() {
         cluster.psql(&db, "SELECT note FROM effects").unwrap(),
         "one"
     );
+    let gid = primary.gid(&x);
     assert_eq!(
         cluster
-            .psql(&db, "SELECT count(*) FROM concord.markers")
+            .psql(
+                &db,
+                &format!("SELECT count(*) FROM concord.markers WHERE gid = '{gid}'")
+            )
             .unwrap(),
-        "0"
+        "1"
     );
     assert_eq!(
         primary.one_phase_outcome(&x, &redo).await.unwrap(),
@@ -576,7 +579,7 @@ async fn one_phase_carries_the_redo_and_marks_only_branches_with_redo() {
     assert_eq!(scratch(), "1");
     primary.commit_one_phase(&v).await.unwrap();
     assert_eq!(scratch(), "2");
-    assert!(!marked(&v));
+    assert!(marked(&v));
 
     // An application that silences notices does not silence the capture's: the trigger lowers
     // client_min_messages for the transaction before it raises its notice.
@@ -684,6 +687,50 @@ async fn one_phase_carries_the_redo_and_marks_only_branches_with_redo() {
     assert!(refused.to_string().contains("aborted"), "{refused}");
     assert_eq!(scratch(), "6");
 
+    // A statement whose caller gave up on it after it went out still runs on the server: the
+    // branch's end must not trust a bare COMMIT then, whether it was the first statement (its
+    // BEGIN went out with it) or a later one.
+    for first in [true, false] {
+        let gave_up = xid(14, 0);
+        primary.begin(&gave_up).await.unwrap();
+        let branch = primary.branch(&gave_up).unwrap();
+        if !first {
+            branch
+                .execute("INSERT INTO scratch VALUES (20)", &[])
+                .await
+                .unwrap();
+        }
+        let tag = if first { 21 } else { 22 };
+        let slow = format!("SELECT pg_sleep(0.3); INSERT INTO effects VALUES ({tag}, 'late')");
+        let dropped = tokio::time::timeout(
+            std::time::Duration::from_millis(50),
+            branch.batch_execute(&slow),
+        )
+        .await;
+        assert!(dropped.is_err(), "the statement answered within 50 ms");
+        let Vote::Commit { redo } = primary.prepare_one_phase(&gave_up).await.unwrap() else {
+            panic!("a statement given up on was trusted: voted read-only")
+        };
+        let rows = postgres::decode_redo(&redo).unwrap();
+        assert_eq!(rows.len(), 1, "{rows:?}");
+        assert_eq!(rows[0].3["tag"], tag);
+        primary.commit_one_phase(&gave_up).await.unwrap();
+    }
+    assert_eq!(scratch(), "7");
+
+    // A BEGIN sent through the branch finds the transaction open: the branch is refused.
+    let nested = xid(15, 0);
+    begin_and_run(&primary, &nested, "INSERT INTO scratch VALUES (30)").await;
+    primary
+        .branch(&nested)
+        .unwrap()
+        .batch_execute("BEGIN")
+        .await
+        .unwrap();
+    let refused = primary.prepare_one_phase(&nested).await.unwrap_err();
+    assert!(refused.to_string().contains("already open"), "{refused}");
+    assert_eq!(scratch(), "7");
+
     // The application ended the transaction itself: concord cannot know what became of it.
     let ended = xid(10, 0);
     begin_and_run(&primary, &ended, "INSERT INTO scratch VALUES (7)").await;
@@ -699,7 +746,7 @@ async fn one_phase_carries_the_redo_and_marks_only_branches_with_redo() {
         unknown.to_string().contains("already been ended"),
         "{unknown}"
     );
-    assert_eq!(scratch(), "6");
+    assert_eq!(scratch(), "7");
 
     // No statement at all: read-only without a word to the server.
     let z = xid(5, 0);
@@ -779,7 +826,7 @@ async fn a_lost_one_phase_branch_is_ended_and_reported_rolled_back() {
     };
     // The answer to COMMIT is lost before it was sent: a second instance (as after a crash)
     // asks. The branch's session still runs the transaction and holds the row's lock; the
-    // question ends it, and then the transaction's status tells.
+    // question ends it, and then the missing marker tells.
     let other = open(&url, 1).await;
     let outcome = other.one_phase_outcome(&x, &redo).await.unwrap();
     assert!(

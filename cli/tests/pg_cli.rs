@@ -121,15 +121,15 @@ fn psql(db: &str, sql: &str) -> String {
 fn install_twice_says_already_at_the_current_version() {
     let (_dir, config) = database("install_twice");
     let first = concord(&["pg", "install", "--resource", "orders"], &config);
-    assert_eq!(first.ok(), "orders: concord schema installed (version 4)\n");
+    assert_eq!(first.ok(), "orders: concord schema installed (version 3)\n");
     let second = concord(&["pg", "install", "--resource", "orders"], &config);
-    assert_eq!(second.ok(), "orders: concord schema already at version 4\n");
+    assert_eq!(second.ok(), "orders: concord schema already at version 3\n");
     assert_eq!(
         psql(
             "install_twice",
             "SELECT value FROM concord.meta WHERE key = 'schema_version'"
         ),
-        "4"
+        "3"
     );
 }
 
@@ -140,12 +140,12 @@ fn install_prints_one_json_object() {
     let first: serde_json::Value = serde_json::from_str(concord(&args, &config).ok()).unwrap();
     assert_eq!(
         first,
-        serde_json::json!({"resource": "orders", "from": 0, "to": 4})
+        serde_json::json!({"resource": "orders", "from": 0, "to": 3})
     );
     let second: serde_json::Value = serde_json::from_str(concord(&args, &config).ok()).unwrap();
     assert_eq!(
         second,
-        serde_json::json!({"resource": "orders", "from": 4, "to": 4})
+        serde_json::json!({"resource": "orders", "from": 3, "to": 3})
     );
 }
 

@@ -813,8 +813,8 @@ fn one_phase_child_killed_at(point: &str, url: &str, dir: &Path, node: u32) -> X
 }
 
 /// Killed after the `OnePhase` record is durable and before the branch's COMMIT: the branch
-/// never committed. Recovery asks PostgreSQL, learns that from the transaction's status once
-/// the branch's session is gone, journals `Abort`; the row is absent and its lock free; a standby
+/// never committed. Recovery asks PostgreSQL, learns that from the missing marker once the
+/// branch's session is gone, journals `Abort`; the row is absent and its lock free; a standby
 /// applies nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_crash_before_the_one_phase_commit_is_journaled_as_aborted() {
@@ -845,7 +845,7 @@ async fn a_crash_before_the_one_phase_commit_is_journaled_as_aborted() {
 }
 
 /// Killed after the branch's COMMIT answered and before `End`: recovery asks PostgreSQL, finds
-/// the transaction committed, journals `End`; the row is there and a standby applies it.
+/// the marker, journals `End`; the row is there and a standby applies it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_crash_after_the_one_phase_commit_is_journaled_as_committed() {
     let cluster = PgCluster::shared();

@@ -62,20 +62,14 @@
 //!   (the adapter's `session` module). A session outside concord sees the notice too: its changes
 //!   to a replicated table are captured and thrown away at its commit, and reach no standby.
 //! * `concord.quick_check()` and `concord.has_redo()` are dropped.
-//!
-//! Version 4:
-//!
-//! * `concord.finish_branch()` takes no arguments and writes no marker: the transaction id the
-//!   redo carries tells a lost `COMMIT`'s outcome (`pg_xact_status`), so markers are written for
-//!   prepared branches only.
 
 use tokio_postgres::Client;
 
 /// The schema version this program installs and reads.
-pub const SCHEMA_VERSION: i32 = 4;
+pub const SCHEMA_VERSION: i32 = 3;
 
 /// Every step, in order: step `n` takes the schema from version `n` to `n + 1`.
-const STEPS: &[&str] = &[V1, V2, V3, V4];
+const STEPS: &[&str] = &[V1, V2, V3];
 
 const V1: &str = r#"
 CREATE TABLE concord.fence (
@@ -381,24 +375,6 @@ BEGIN
         INSERT INTO concord.capture (tbl, op, entry) VALUES (tbl, 'E', entry);
     END IF;
     RETURN NULL;
-END $$;
-"#;
-
-const V4: &str = r#"
--- A one-phase branch's end writes no marker: the transaction id its redo carries answers a lost
--- COMMIT (pg_xact_status). The markers of one-phase branches cost an insert each and, kept
--- seven days, grew the table by a row per transaction.
-DROP FUNCTION IF EXISTS concord.finish_branch(text, text, integer);
-CREATE OR REPLACE FUNCTION concord.finish_branch() RETURNS text
-LANGUAGE plpgsql AS $$
-DECLARE
-    rows text := concord.take_rows();
-BEGIN
-    IF rows = '' THEN
-        RETURN '';
-    END IF;
-    RETURN format('{"v":1,"txid":"%s","pid":%s,"rows":[%s]}',
-                  pg_current_xact_id(), pg_backend_pid(), rows);
 END $$;
 "#;
 

@@ -17,9 +17,12 @@
 //! * the trigger makes sure the notice is sent: should the session's `client_min_messages` be
 //!   above `notice`, it lowers it for the rest of the transaction first;
 //! * a `COMMIT` alone cannot tell an aborted transaction from a good one (PostgreSQL answers it
-//!   with a rollback, not an error), so a branch one of whose statements failed is finished by
-//!   asking the server, which refuses an aborted transaction; and a `COMMIT` that finds no
-//!   transaction (the application ended it itself) gets a warning, counted here too;
+//!   with a rollback, not an error), so a branch one of whose statements failed — or went out
+//!   and was never answered, its caller having given up on it — is finished by asking the
+//!   server, which runs the question after that statement and refuses an aborted transaction;
+//!   a `COMMIT` that finds no transaction (the application ended it itself) gets a warning,
+//!   counted here too, and so does a `BEGIN` that finds one (the connection came back to the
+//!   pool inside a transaction: the branch is refused);
 //! * every failure is on the safe side: a notice counted for rows a rolled-back savepoint took
 //!   back, or one an application raised with the same SQLSTATE, only sends the branch down the
 //!   path that asks the server (`concord.finish_branch`), which finds the truth.
@@ -51,6 +54,8 @@ type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 pub(super) const CAPTURED: &str = "CF004";
 /// The SQLSTATE of the warning a `COMMIT` gets outside a transaction block.
 const NO_ACTIVE_TRANSACTION: &str = "25P01";
+/// The SQLSTATE of the warning a `BEGIN` gets inside a transaction block.
+const ACTIVE_TRANSACTION: &str = "25001";
 
 /// What the resource knows of one pooled session.
 #[derive(Debug, Default)]
@@ -59,6 +64,8 @@ pub(super) struct Session {
     captured: AtomicU64,
     /// "There is no transaction in progress" warnings received so far.
     no_transaction: AtomicU64,
+    /// "There is already a transaction in progress" warnings received so far.
+    in_transaction: AtomicU64,
     /// The identity it is filed under (0 until filed).
     key: AtomicUsize,
 }
@@ -74,6 +81,12 @@ impl Session {
     /// the application ended the transaction itself gets one).
     pub(super) fn no_transaction(&self) -> u64 {
         self.no_transaction.load(Ordering::Acquire)
+    }
+
+    /// "There is already a transaction in progress" warnings received so far (a branch's
+    /// `BEGIN` gets one if its connection came back to the pool inside a transaction).
+    pub(super) fn in_transaction(&self) -> u64 {
+        self.in_transaction.load(Ordering::Acquire)
     }
 }
 
@@ -182,6 +195,8 @@ async fn drive(
                         forget.session.captured.fetch_add(1, Ordering::Release);
                     } else if code == NO_ACTIVE_TRANSACTION {
                         forget.session.no_transaction.fetch_add(1, Ordering::Release);
+                    } else if code == ACTIVE_TRANSACTION {
+                        forget.session.in_transaction.fetch_add(1, Ordering::Release);
                     } else {
                         tracing::info!(target: "concord::postgres", "{}: {}", notice.severity(), notice.message());
                     }
