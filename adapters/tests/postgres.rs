@@ -718,35 +718,25 @@ async fn one_phase_carries_the_redo_and_marks_only_branches_with_redo() {
     }
     assert_eq!(scratch(), "7");
 
-    // A BEGIN sent through the branch finds the transaction open: the branch is refused.
-    let nested = xid(15, 0);
-    begin_and_run(&primary, &nested, "INSERT INTO scratch VALUES (30)").await;
-    primary
-        .branch(&nested)
-        .unwrap()
-        .batch_execute("BEGIN")
-        .await
-        .unwrap();
-    let refused = primary.prepare_one_phase(&nested).await.unwrap_err();
-    assert!(refused.to_string().contains("already open"), "{refused}");
-    assert_eq!(scratch(), "7");
-
-    // The application ended the transaction itself: concord cannot know what became of it.
-    let ended = xid(10, 0);
-    begin_and_run(&primary, &ended, "INSERT INTO scratch VALUES (7)").await;
-    primary
-        .branch(&ended)
-        .unwrap()
-        .batch_execute("ROLLBACK")
-        .await
-        .unwrap();
-    let unknown = primary.prepare_one_phase(&ended).await.unwrap_err();
-    assert_eq!(unknown.class(), ErrorClass::InDoubt, "{unknown}");
-    assert!(
-        unknown.to_string().contains("already been ended"),
-        "{unknown}"
-    );
-    assert_eq!(scratch(), "7");
+    // A BEGIN sent through the branch finds the transaction open: the branch is refused. A
+    // ROLLBACK sent through it ends the transaction: concord cannot know what became of it.
+    for (n, sent, class, says) in [
+        (15, "BEGIN", ErrorClass::Rejected, "already open"),
+        (10, "ROLLBACK", ErrorClass::InDoubt, "already been ended"),
+    ] {
+        let x = xid(n, 0);
+        begin_and_run(&primary, &x, "INSERT INTO scratch VALUES (30)").await;
+        primary
+            .branch(&x)
+            .unwrap()
+            .batch_execute(sent)
+            .await
+            .unwrap();
+        let refused = primary.prepare_one_phase(&x).await.unwrap_err();
+        assert_eq!(refused.class(), class, "{refused}");
+        assert!(refused.to_string().contains(says), "{refused}");
+        assert_eq!(scratch(), "7");
+    }
 
     // No statement at all: read-only without a word to the server.
     let z = xid(5, 0);
