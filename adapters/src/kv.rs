@@ -142,7 +142,7 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::Notify;
 
-use crate::internal::instance::{Instance, InstanceState};
+use crate::internal::instance::{Instance, InstanceState, Shared};
 use crate::internal::io::blocking;
 use crate::internal::locks::wait_for_lock;
 use crate::xid::XidBuildHasher;
@@ -281,13 +281,11 @@ struct Branch {
 
 /// Invariant: a key is in `locks` under an xid exactly when that xid's branch has a write of it.
 struct State {
-    fence: Epoch,
-    applied_lsn: Lsn,
+    /// The fence, the applied LSN and the poison, as every resource has them.
+    shared: Shared,
     branches: Branches,
     locks: Locks,
     read_only: VecDeque<Xid>,
-    /// Set by the first fatal failure; every later call fails.
-    poisoned: Option<String>,
 }
 
 /// The outcome of one attempt to record a write.
@@ -329,12 +327,14 @@ impl KvResource {
         let (branches, locks) = load_prepared(name, dir, store.prepared_entries()?)?;
         tracing::info!(resource = name, dir = %dir.display(), prepared = branches.len(), %fence, %applied_lsn, "kv resource open");
         let state = State {
-            fence,
-            applied_lsn,
+            shared: Shared {
+                fence,
+                applied_lsn,
+                poisoned: None,
+            },
             branches,
             locks,
             read_only: VecDeque::new(),
-            poisoned: None,
         };
         let inner = Inner {
             name: name.to_string(),
@@ -499,22 +499,13 @@ impl Resource for KvResource {
     }
 
     async fn recover(&self) -> Result<Vec<Xid>> {
-        let st = self.inner.state();
-        self.inner.usable(&st)?;
-        let mut xids: Vec<Xid> = st
-            .branches
-            .iter()
-            .filter(|(_, b)| b.prepared.is_some())
-            .map(|(xid, _)| *xid)
-            .collect();
-        xids.sort();
-        Ok(xids)
+        self.inner.prepared_xids()
     }
 
     async fn fence(&self, epoch: Epoch) -> Result<()> {
         let inner = &self.inner;
         let _fencing = inner.fencing.lock().await;
-        let current = inner.usable_state(|st| st.fence)?;
+        let current = Instance::fence_epoch(&**inner)?;
         if epoch <= current {
             return Ok(());
         }
@@ -522,19 +513,19 @@ impl Resource for KvResource {
         let stored = blocking(&inner.name, TASK, move || worker.store.fence(epoch)).await;
         let stored = inner.check(stored)?;
         let mut st = inner.state();
-        st.fence = st.fence.max(stored);
-        tracing::info!(resource = %inner.name, from = %current, to = %st.fence, "fence raised");
+        st.shared.fence = st.shared.fence.max(stored);
+        tracing::info!(resource = %inner.name, from = %current, to = %st.shared.fence, "fence raised");
         Ok(())
     }
 
     async fn fence_epoch(&self) -> Result<Epoch> {
-        self.inner.usable_state(|st| st.fence)
+        Instance::fence_epoch(&*self.inner)
     }
 
     async fn replay(&self, redo: &[u8], lsn: Lsn) -> Result<()> {
         let inner = &self.inner;
         let _replaying = inner.replaying.lock().await;
-        if lsn <= inner.usable_state(|st| st.applied_lsn)? {
+        if lsn <= Instance::applied_lsn(&**inner)? {
             return Ok(());
         }
         let writes = decode_batch(redo)
@@ -543,12 +534,12 @@ impl Resource for KvResource {
         let applied = blocking(&inner.name, TASK, move || worker.store.replay(&writes, lsn)).await;
         inner.check(applied)?;
         let mut st = inner.state();
-        st.applied_lsn = st.applied_lsn.max(lsn);
+        st.shared.applied_lsn = st.shared.applied_lsn.max(lsn);
         Ok(())
     }
 
     async fn applied_lsn(&self) -> Result<Lsn> {
-        self.inner.usable_state(|st| st.applied_lsn)
+        Instance::applied_lsn(&*self.inner)
     }
 }
 
@@ -586,20 +577,20 @@ impl Instance for Inner {
 }
 
 impl InstanceState for State {
-    fn poisoned(&mut self) -> &mut Option<String> {
-        &mut self.poisoned
+    fn shared(&self) -> &Shared {
+        &self.shared
     }
 
-    fn poison(&self) -> Option<&str> {
-        self.poisoned.as_deref()
+    fn shared_mut(&mut self) -> &mut Shared {
+        &mut self.shared
     }
 
-    fn fence(&self) -> Epoch {
-        self.fence
-    }
-
-    fn set_fence(&mut self, epoch: Epoch) {
-        self.fence = epoch;
+    fn prepared(&self) -> Vec<Xid> {
+        self.branches
+            .iter()
+            .filter(|(_, b)| b.prepared.is_some())
+            .map(|(xid, _)| *xid)
+            .collect()
     }
 }
 
@@ -675,7 +666,7 @@ impl Inner {
     fn start_prepare(&self, xid: &Xid) -> Result<Start> {
         let mut st = self.state();
         self.usable(&st)?;
-        let fence = st.fence;
+        let fence = st.shared.fence;
         let Some(branch) = st.branches.get_mut(xid) else {
             if st.read_only.contains(xid) {
                 return Ok(Start::ReadOnly);
@@ -735,7 +726,7 @@ impl Inner {
             }
             Ok(Prepared::Fenced(fence)) => {
                 branch.phase = Phase::Active;
-                st.fence = st.fence.max(fence);
+                st.shared.fence = st.shared.fence.max(fence);
                 Err(self.fenced(xid, fence))
             }
             Err(e) => {

@@ -132,7 +132,7 @@ use journal::{BlobConfig, BlobId, BlobStore, Journal};
 use tokio::io::AsyncRead;
 
 use crate::dirsync::DirSync;
-use crate::internal::instance::{Instance, InstanceState, lock, raise_fence};
+use crate::internal::instance::{Instance, InstanceState, Shared, lock, raise_fence};
 use crate::internal::io::{
     blob_error, blocking, check_log_space, create_dir_durably, fill, lock_private, log_error,
     remove_file_if_exists, sync_file,
@@ -328,12 +328,10 @@ enum Content {
 }
 
 struct State {
-    fence: Epoch,
-    applied_lsn: Lsn,
+    /// The fence, the applied LSN and the poison, as every resource has them.
+    shared: Shared,
     branches: HashMap<Xid, Branch>,
     read_only: VecDeque<Xid>,
-    /// Set by the first fatal failure; every later call fails.
-    poisoned: Option<String>,
 }
 
 impl std::fmt::Display for Phase {
@@ -372,11 +370,13 @@ impl MailResource {
         remove_orphans(name, &area, &branches)?;
         tracing::info!(resource = name, maildir = %maildir.display(), prepared = branches.len(), %fence, %applied_lsn, "mail resource open");
         let state = State {
-            fence,
-            applied_lsn,
+            shared: Shared {
+                fence,
+                applied_lsn,
+                poisoned: None,
+            },
             branches,
             read_only: VecDeque::new(),
-            poisoned: None,
         };
         let inner = Inner {
             name: name.to_string(),
@@ -529,16 +529,7 @@ impl Resource for MailResource {
     }
 
     async fn recover(&self) -> Result<Vec<Xid>> {
-        let st = self.inner.state();
-        self.inner.usable(&st)?;
-        let mut xids: Vec<Xid> = st
-            .branches
-            .iter()
-            .filter(|(_, b)| b.prepared.is_some())
-            .map(|(xid, _)| *xid)
-            .collect();
-        xids.sort();
-        Ok(xids)
+        self.inner.prepared_xids()
     }
 
     async fn fence(&self, epoch: Epoch) -> Result<()> {
@@ -550,13 +541,13 @@ impl Resource for MailResource {
     }
 
     async fn fence_epoch(&self) -> Result<Epoch> {
-        self.inner.usable_state(|st| st.fence)
+        Instance::fence_epoch(&*self.inner)
     }
 
     async fn replay(&self, redo: &[u8], lsn: Lsn) -> Result<()> {
         let inner = &self.inner;
         let _replaying = inner.replaying.lock().await;
-        if lsn <= inner.usable_state(|st| st.applied_lsn)? {
+        if lsn <= Instance::applied_lsn(&**inner)? {
             return Ok(());
         }
         let entries = decode_redo(redo)
@@ -567,12 +558,12 @@ impl Resource for MailResource {
         })
         .await;
         inner.check(applied)?;
-        inner.state().applied_lsn = lsn;
+        inner.state().shared.applied_lsn = lsn;
         Ok(())
     }
 
     async fn applied_lsn(&self) -> Result<Lsn> {
-        self.inner.usable_state(|st| st.applied_lsn)
+        Instance::applied_lsn(&*self.inner)
     }
 }
 
@@ -613,20 +604,20 @@ impl Instance for Inner {
 }
 
 impl InstanceState for State {
-    fn poisoned(&mut self) -> &mut Option<String> {
-        &mut self.poisoned
+    fn shared(&self) -> &Shared {
+        &self.shared
     }
 
-    fn poison(&self) -> Option<&str> {
-        self.poisoned.as_deref()
+    fn shared_mut(&mut self) -> &mut Shared {
+        &mut self.shared
     }
 
-    fn fence(&self) -> Epoch {
-        self.fence
-    }
-
-    fn set_fence(&mut self, epoch: Epoch) {
-        self.fence = epoch;
+    fn prepared(&self) -> Vec<Xid> {
+        self.branches
+            .iter()
+            .filter(|(_, b)| b.prepared.is_some())
+            .map(|(xid, _)| *xid)
+            .collect()
     }
 }
 
@@ -673,7 +664,7 @@ impl Inner {
     fn start_prepare(&self, xid: &Xid) -> Result<Start> {
         let mut st = self.state();
         self.usable(&st)?;
-        let fence = st.fence;
+        let fence = st.shared.fence;
         let Some(branch) = st.branches.get_mut(xid) else {
             if st.read_only.contains(xid) {
                 return Ok(Start::ReadOnly);

@@ -7,7 +7,9 @@
 //! epoch is below its fence epoch. Both checks, and the error constructors that name the
 //! resource, are the same for every resource, so they are the default methods of
 //! [`Instance`], which a resource's `Inner` implements by saying where its name and state
-//! are; its state says where its poison and fence are through [`InstanceState`].
+//! are. Every state holds the same [`Shared`] part — fence epoch, applied LSN, poison — and
+//! says which branches are prepared ([`InstanceState`]), so `recover`, `fence_epoch` and
+//! `applied_lsn` are answered here too.
 //!
 //! # Implementation caveats
 //!
@@ -17,20 +19,29 @@
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use crate::internal::io::blocking;
-use crate::{Epoch, ResourceError, Xid};
+use crate::{Epoch, Lsn, ResourceError, Xid};
 
 type Result<T, E = ResourceError> = std::result::Result<T, E>;
 
-/// The part of a resource's state the shared checks read.
-pub(crate) trait InstanceState {
-    /// The cause of the first fatal failure, once there was one.
-    fn poisoned(&mut self) -> &mut Option<String>;
-    /// The cause of the first fatal failure, read-only.
-    fn poison(&self) -> Option<&str>;
+/// What every resource's state holds, and the shared checks and answers read.
+#[derive(Debug, Default)]
+pub(crate) struct Shared {
     /// The fence epoch: a branch of a lower epoch is refused.
-    fn fence(&self) -> Epoch;
-    /// Records a raised fence epoch (after it is durable).
-    fn set_fence(&mut self, epoch: Epoch);
+    pub(crate) fence: Epoch,
+    /// The LSN of the last redo replayed.
+    pub(crate) applied_lsn: Lsn,
+    /// The cause of the first fatal failure, once there was one: every later call fails.
+    pub(crate) poisoned: Option<String>,
+}
+
+/// A resource's state, as the shared checks see it.
+pub(crate) trait InstanceState {
+    /// Its [`Shared`] part.
+    fn shared(&self) -> &Shared;
+    /// Its [`Shared`] part, to change.
+    fn shared_mut(&mut self) -> &mut Shared;
+    /// The branches with a durable prepare and no resolution yet, in any order.
+    fn prepared(&self) -> Vec<Xid>;
 }
 
 /// A resource instance: its name and its state; the checks are the default methods.
@@ -53,7 +64,7 @@ pub(crate) trait Instance {
 
     /// Fails once the instance is poisoned.
     fn usable(&self, st: &Self::State) -> Result<()> {
-        match st.poison() {
+        match st.shared().poisoned.as_deref() {
             None => Ok(()),
             Some(cause) => Err(self.fatal(format!("unusable after an earlier failure ({cause})"))),
         }
@@ -70,7 +81,7 @@ pub(crate) trait Instance {
     fn check<T>(&self, result: Result<T>) -> Result<T> {
         if let Err(ResourceError::Fatal { message, .. }) = &result {
             let mut st = self.state();
-            let poisoned = st.poisoned();
+            let poisoned = &mut st.shared_mut().poisoned;
             if poisoned.is_none() {
                 tracing::error!(resource = %self.name(), %message, "{} resource poisoned; restart to recover", Self::KIND);
                 *poisoned = Some(message.clone());
@@ -81,10 +92,28 @@ pub(crate) trait Instance {
 
     /// Refuses `xid` when its epoch is below the fence.
     fn not_fenced(&self, st: &Self::State, xid: &Xid) -> Result<()> {
-        if xid.epoch < st.fence() {
-            return Err(self.fenced(xid, st.fence()));
+        let fence = st.shared().fence;
+        if xid.epoch < fence {
+            return Err(self.fenced(xid, fence));
         }
         Ok(())
+    }
+
+    /// `Resource::recover`: the prepared branches, sorted, unless the instance is poisoned.
+    fn prepared_xids(&self) -> Result<Vec<Xid>> {
+        let mut xids = self.usable_state(InstanceState::prepared)?;
+        xids.sort();
+        Ok(xids)
+    }
+
+    /// `Resource::fence_epoch`.
+    fn fence_epoch(&self) -> Result<Epoch> {
+        self.usable_state(|st| st.shared().fence)
+    }
+
+    /// `Resource::applied_lsn`.
+    fn applied_lsn(&self) -> Result<Lsn> {
+        self.usable_state(|st| st.shared().applied_lsn)
     }
 
     /// A [`ResourceError::Fenced`] of `xid` by `fence`.
@@ -133,14 +162,14 @@ where
     I: Instance + Send + Sync + 'static,
 {
     let _fencing = fencing.lock().await;
-    let current = inner.usable_state(|st| st.fence())?;
+    let current = inner.fence_epoch()?;
     if epoch <= current {
         return Ok(());
     }
     let worker = Arc::clone(inner);
     let written = blocking(inner.name(), task, move || write(&worker, epoch)).await;
     inner.check(written)?;
-    inner.state().set_fence(epoch);
+    inner.state().shared_mut().fence = epoch;
     tracing::info!(resource = %inner.name(), from = %current, to = %epoch, "fence raised");
     Ok(())
 }
