@@ -14,12 +14,14 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Read};
+use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::mpsc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 const POINTS: [&str; 5] = [
     "after_prepare",
@@ -74,39 +76,6 @@ fn run_and_kill(data: &Path, point: &str, hit: u32) {
         hit_in_time.is_ok(),
         "fail point {point} was not hit within {FAILPOINT_DEADLINE:?} (demo exited with {status})"
     );
-}
-
-/// Waits for `child` at most `deadline`, killing it when it takes longer; returns its output.
-fn output_within(mut child: Child, deadline: Duration, what: &str) -> Output {
-    let mut stdout = child.stdout.take().unwrap();
-    let mut stderr = child.stderr.take().unwrap();
-    let out_reader = std::thread::spawn(move || {
-        let mut buf = Vec::new();
-        let _ = stdout.read_to_end(&mut buf);
-        buf
-    });
-    let err_reader = std::thread::spawn(move || {
-        let mut buf = Vec::new();
-        let _ = stderr.read_to_end(&mut buf);
-        buf
-    });
-    let started = Instant::now();
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if started.elapsed() > deadline {
-            child.kill().unwrap();
-            child.wait().unwrap();
-            panic!("{what} did not finish within {deadline:?}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    Output {
-        status,
-        stdout: out_reader.join().unwrap(),
-        stderr: err_reader.join().unwrap(),
-    }
 }
 
 /// What this checker reads from the mail queue and the kv store.
@@ -315,7 +284,7 @@ fn crash_at(point: &str) {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let out = output_within(child, RECOVERY_DEADLINE, "the recovery run");
+    let out = common::output_within(child, RECOVERY_DEADLINE, "the recovery run");
     assert!(
         out.status.success(),
         "recovery run failed: {}",

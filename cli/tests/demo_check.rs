@@ -5,17 +5,18 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::io::Read;
+mod common;
+
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// How long one demo run may take.
 const DEMO_DEADLINE: Duration = Duration::from_secs(60);
 
 /// Runs `concord demo ARGS --data DATA` to its end, killing it past [`DEMO_DEADLINE`].
 fn demo(data: &Path, args: &[&str]) -> Output {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_concord"))
+    let child = Command::new(env!("CARGO_BIN_EXE_concord"))
         .arg("demo")
         .args(args)
         .arg("--data")
@@ -25,35 +26,7 @@ fn demo(data: &Path, args: &[&str]) -> Output {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut stdout = child.stdout.take().unwrap();
-    let mut stderr = child.stderr.take().unwrap();
-    let out = std::thread::spawn(move || {
-        let mut buf = Vec::new();
-        let _ = stdout.read_to_end(&mut buf);
-        buf
-    });
-    let err = std::thread::spawn(move || {
-        let mut buf = Vec::new();
-        let _ = stderr.read_to_end(&mut buf);
-        buf
-    });
-    let started = Instant::now();
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if started.elapsed() > DEMO_DEADLINE {
-            child.kill().unwrap();
-            child.wait().unwrap();
-            panic!("the demo did not finish within {DEMO_DEADLINE:?}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    Output {
-        status,
-        stdout: out.join().unwrap(),
-        stderr: err.join().unwrap(),
-    }
+    common::output_within(child, DEMO_DEADLINE, "the demo")
 }
 
 #[test]

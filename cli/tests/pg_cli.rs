@@ -4,10 +4,11 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::io::Read;
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use adapters::pgtest::PgCluster;
 
@@ -52,7 +53,7 @@ impl Run {
 
 /// Runs `concord ARGS --config CONFIG`, killed after [`RUN_DEADLINE_S`].
 fn concord(args: &[&str], config: &Path) -> Run {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_concord"))
+    let child = Command::new(env!("CARGO_BIN_EXE_concord"))
         .args(args)
         .arg("--config")
         .arg(config)
@@ -62,36 +63,12 @@ fn concord(args: &[&str], config: &Path) -> Run {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let start = Instant::now();
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if start.elapsed() > Duration::from_secs(RUN_DEADLINE_S) {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("concord {args:?} ran longer than {RUN_DEADLINE_S} s");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let mut stdout = String::new();
-    let mut stderr = String::new();
-    child
-        .stdout
-        .take()
-        .unwrap()
-        .read_to_string(&mut stdout)
-        .unwrap();
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut stderr)
-        .unwrap();
+    let what = format!("concord {args:?}");
+    let out = common::output_within(child, Duration::from_secs(RUN_DEADLINE_S), &what);
     Run {
-        code: status.code(),
-        stdout,
-        stderr,
+        code: out.status.code(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
     }
 }
 
