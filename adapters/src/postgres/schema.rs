@@ -31,6 +31,10 @@
 //!   is `on`, so replay is not captured again) and `concord.apply_row(tbl, op, pk, row)` (replay
 //!   of one row image by primary key).
 //!
+//! A function a later version replaces is written out only in the newest step that defines it
+//! (the step of version 1 holds the tables and `check_fence`): [`install`] always runs the
+//! steps up to [`SCHEMA_VERSION`], so an earlier body would be replaced in the same transaction.
+//!
 //! Version 2 makes capture cheap and adds one-phase commit:
 //!
 //! * `concord.capture_row()` collects each row image (as the JSON text `[table, op, pk, row]`)
@@ -129,82 +133,8 @@ BEGIN
     RETURN current;
 END $$;
 
-CREATE FUNCTION concord.prepare_branch(branch_epoch bigint, branch_gid text, branch_xid text,
-                                       branch_node integer) RETURNS text
-LANGUAGE plpgsql AS $$
-DECLARE
-    redo text;
-BEGIN
-    IF pg_current_xact_id_if_assigned() IS NULL THEN
-        RAISE EXCEPTION 'concord: the branch wrote nothing' USING ERRCODE = 'CF002';
-    END IF;
-    PERFORM concord.check_fence(branch_epoch);
-    WITH d AS (DELETE FROM concord.capture WHERE txid = pg_current_xact_id()
-               RETURNING id, tbl, op, pk, row_image)
-    SELECT coalesce(json_agg(json_build_array(tbl, op::text, pk, row_image) ORDER BY id)::text, '[]')
-        INTO redo FROM d;
-    INSERT INTO concord.markers (gid, xid, node) VALUES (branch_gid, branch_xid, branch_node);
-    RETURN redo;
-END $$;
-
-CREATE FUNCTION concord.capture_row() RETURNS trigger
-LANGUAGE plpgsql AS $$
-DECLARE
-    tbl text := format('%I.%I', TG_TABLE_SCHEMA, TG_TABLE_NAME);
-    new_image jsonb;
-    old_image jsonb;
-    new_pk jsonb;
-    old_pk jsonb;
-BEGIN
-    IF current_setting('concord.replaying', true) = 'on' THEN
-        RETURN NULL;
-    END IF;
-    IF TG_OP <> 'INSERT' THEN
-        old_image := to_jsonb(OLD);
-        SELECT jsonb_object_agg(k, old_image -> k) INTO old_pk FROM unnest(TG_ARGV) AS k;
-    END IF;
-    IF TG_OP <> 'DELETE' THEN
-        new_image := to_jsonb(NEW);
-        SELECT jsonb_object_agg(k, new_image -> k) INTO new_pk FROM unnest(TG_ARGV) AS k;
-    END IF;
-    IF TG_OP = 'DELETE' OR (TG_OP = 'UPDATE' AND old_pk IS DISTINCT FROM new_pk) THEN
-        INSERT INTO concord.capture (tbl, op, pk, row_image) VALUES (tbl, 'D', old_pk, NULL);
-    END IF;
-    IF TG_OP <> 'DELETE' THEN
-        INSERT INTO concord.capture (tbl, op, pk, row_image) VALUES (tbl, 'U', new_pk, new_image);
-    END IF;
-    RETURN NULL;
-END $$;
-
-CREATE FUNCTION concord.apply_row(tbl text, op "char", pk jsonb, row_image jsonb) RETURNS void
-LANGUAGE plpgsql AS $$
-DECLARE
-    cond text;
-    cols text;
-    keys text;
-    sets text;
-BEGIN
-    IF op = 'D' THEN
-        SELECT string_agg(format('%I = (jsonb_populate_record(NULL::%s, $1)).%I', k, tbl, k), ' AND ')
-            INTO cond FROM jsonb_object_keys(pk) AS k;
-        EXECUTE format('DELETE FROM %s WHERE %s', tbl, cond) USING pk;
-        RETURN;
-    END IF;
-    -- An upsert, not a delete and insert: rows that reference this one stay, and identity
-    -- columns take the primary's values; generated columns are computed again.
-    SELECT string_agg(quote_ident(a.attname), ', ' ORDER BY a.attnum),
-           string_agg(format('%1$I = excluded.%1$I', a.attname), ', ' ORDER BY a.attnum)
-               FILTER (WHERE NOT pk ? a.attname AND a.attidentity <> 'a')
-        INTO cols, sets
-        FROM pg_attribute a
-        WHERE a.attrelid = tbl::regclass AND a.attnum > 0 AND NOT a.attisdropped
-          AND a.attgenerated = '';
-    SELECT string_agg(quote_ident(k), ', ') INTO keys FROM jsonb_object_keys(pk) AS k;
-    EXECUTE format(
-        'INSERT INTO %s (%s) OVERRIDING SYSTEM VALUE SELECT %s FROM jsonb_populate_record(NULL::%s, $1) ON CONFLICT (%s) DO %s',
-        tbl, cols, cols, tbl, keys,
-        CASE WHEN sets IS NULL THEN 'NOTHING' ELSE 'UPDATE SET ' || sets END) USING row_image;
-END $$;
+-- concord.prepare_branch(), concord.capture_row() and concord.apply_row(): their bodies
+-- are those of later steps (steps always run up to the newest version, which replaces them).
 "#;
 
 const V2: &str = r#"
