@@ -609,8 +609,12 @@ mod tests {
         };
         let store =
             std::sync::Arc::new(Store::open("kv", &dir.path().join("sled"), &config).unwrap());
-        let before = store.syncs().done;
-        store.syncs().running = true; // as if a sync were running
+        let (before, queued) = {
+            let mut syncs = store.syncs();
+            syncs.running = true; // as if a sync were running
+            // Opening synced once already: tickets start after its own.
+            (syncs.done, syncs.requested + 8)
+        };
         let callers: Vec<_> = (0..8)
             .map(|_| {
                 let store = std::sync::Arc::clone(&store);
@@ -618,7 +622,7 @@ mod tests {
             })
             .collect();
         let deadline = Instant::now() + Duration::from_secs(10);
-        while store.syncs().requested < 8 {
+        while store.syncs().requested < queued {
             assert!(Instant::now() < deadline, "the callers did not queue");
             std::thread::sleep(Duration::from_millis(5));
         }
