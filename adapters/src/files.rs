@@ -154,8 +154,8 @@
 //!   until the resource is opened again.
 
 use std::any::Any;
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
-use std::fmt;
+use std::borrow::Cow;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs::{self, File, Metadata, OpenOptions};
 use std::io::{self, Read, Write as _};
 use std::path::{Path, PathBuf};
@@ -168,6 +168,7 @@ use tokio::io::AsyncRead;
 use tokio::sync::Notify;
 
 use crate::dirsync::DirSync;
+use crate::internal::branches::{Branches, Phase, Starting};
 use crate::internal::instance::{Instance, InstanceState, Shared, lock, raise_fence};
 use crate::internal::io::{
     blob_error, blocking, check_log_space, create_dir_durably, fill, lock_private, log_error,
@@ -201,8 +202,6 @@ const CHUNK_BYTES: usize = 1 << 20;
 /// A checkpoint of the branch log runs at most this long after the last one, while commits
 /// happen.
 const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(1);
-/// How many read-only branches are remembered, so that preparing one again votes the same.
-const READ_ONLY_REMEMBERED_MAX: usize = 4096;
 
 /// Content of at most this many bytes is carried inline, in the prepare record and the redo.
 pub const INLINE_FILE_BYTES_MAX: u64 = 64 << 10;
@@ -407,22 +406,8 @@ enum Staged {
     File(u64),
 }
 
-/// Where a branch is in its life. The only transitions: Active → Preparing → (Prepared or back
-/// to Active on failure); Active or Prepared → Resolving → gone (or back on failure).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Phase {
-    /// Writes are staged.
-    Active,
-    /// A prepare is running; no more writes.
-    Preparing,
-    /// The prepare record is durable.
-    Prepared,
-    /// A commit or rollback is running.
-    Resolving,
-}
-
+/// A branch; its phase is in the table of branches (prepared: its prepare record is durable).
 struct Branch {
-    phase: Phase,
     /// What its durable prepare record holds (it is prepared, or being resolved after
     /// prepare); `None` before.
     prepared: Option<Arc<Vec<RedoEntry>>>,
@@ -440,9 +425,8 @@ struct Branch {
 struct State {
     /// The fence, the applied LSN and the poison, as every resource has them.
     shared: Shared,
-    branches: HashMap<Xid, Branch>,
+    branches: Branches<Branch>,
     locks: Locks,
-    read_only: VecDeque<Xid>,
 }
 
 /// Path locks: an exclusive lock on each written path and an intent on each of its ancestors.
@@ -474,17 +458,6 @@ enum Use {
     Write,
     /// Read: the path must be a file.
     Read,
-}
-
-impl fmt::Display for Phase {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Phase::Active => "active",
-            Phase::Preparing => "being prepared",
-            Phase::Prepared => "prepared",
-            Phase::Resolving => "being resolved",
-        })
-    }
 }
 
 impl FilesResource {
@@ -523,7 +496,6 @@ impl FilesResource {
             },
             branches,
             locks,
-            read_only: VecDeque::new(),
         };
         let inner = Inner {
             name: name.to_string(),
@@ -729,17 +701,7 @@ impl Resource for FilesResource {
         let mut st = inner.state();
         inner.usable(&st)?;
         inner.not_fenced(&st, xid)?;
-        match st.branches.get(xid).map(|b| b.phase) {
-            None => {
-                st.read_only.retain(|x| x != xid);
-                st.branches.insert(*xid, Branch::new());
-                Ok(())
-            }
-            Some(Phase::Active) => Ok(()),
-            Some(phase) => {
-                Err(inner.rejected(format!("branch {xid} is {phase}; it cannot begin again")))
-            }
-        }
+        st.branches.begin(&**inner, xid, Branch::new)
     }
 
     async fn prepare(&self, xid: &Xid) -> Result<Vote> {
@@ -868,11 +830,18 @@ impl InstanceState for State {
     }
 
     fn prepared(&self) -> Vec<Xid> {
-        self.branches
-            .iter()
-            .filter(|(_, b)| b.prepared.is_some())
-            .map(|(xid, _)| *xid)
-            .collect()
+        self.branches.prepared()
+    }
+}
+
+impl log::Logged for Branch {
+    fn log_floor(&self) -> Option<Lsn> {
+        self.log_floor
+    }
+
+    fn prepared_redo(&self) -> Option<Cow<'_, [u8]>> {
+        let entries = self.prepared.as_ref()?;
+        Some(Cow::Owned(encode_redo(entries)))
     }
 }
 
@@ -887,7 +856,7 @@ impl Inner {
         let State {
             branches, locks, ..
         } = &mut *guard;
-        let branch = self.active_branch(branches, xid)?;
+        let branch = branches.active(self, xid, "writes")?;
         if branch.locked.len() >= BRANCH_PATHS_MAX && !branch.locked.contains(path) {
             return Err(self.rejected(format!("branch {xid} already writes BRANCH_PATHS_MAX = {BRANCH_PATHS_MAX} paths; {path} refused")));
         }
@@ -903,21 +872,6 @@ impl Inner {
         }
     }
 
-    fn active_branch<'b>(
-        &self,
-        branches: &'b mut HashMap<Xid, Branch>,
-        xid: &Xid,
-    ) -> Result<&'b mut Branch> {
-        match branches.get_mut(xid) {
-            Some(b) if b.phase == Phase::Active => Ok(b),
-            Some(b) => Err(self.rejected(format!(
-                "branch {xid} is {}; it takes no more writes",
-                b.phase
-            ))),
-            None => Err(self.rejected(format!("branch {xid} is not open here; begin it first"))),
-        }
-    }
-
     /// Records a staged change once its content is in place; a change that lost a race with
     /// prepare or rollback is discarded.
     async fn record(
@@ -929,7 +883,7 @@ impl Inner {
     ) -> Result<()> {
         let replaced = {
             let mut st = self.state();
-            match self.active_branch(&mut st.branches, xid) {
+            match st.branches.active(self, xid, "writes") {
                 Ok(branch) => {
                     if let Change::Put {
                         staged: Staged::Memory(_),
@@ -983,9 +937,7 @@ impl Inner {
     fn view(&self, xid: &Xid, path: &str) -> Result<View> {
         let st = self.state();
         self.usable(&st)?;
-        let branch = st.branches.get(xid).ok_or_else(|| {
-            self.rejected(format!("branch {xid} is not open here; begin it first"))
-        })?;
+        let branch = st.branches.open(self, xid)?;
         Ok(match branch.changes.get(path) {
             Some(Change::Put {
                 staged: Staged::Memory(content),
@@ -1004,7 +956,7 @@ impl Inner {
     fn memory_room(&self, xid: &Xid) -> Result<u64> {
         let mut st = self.state();
         self.usable(&st)?;
-        let branch = self.active_branch(&mut st.branches, xid)?;
+        let branch = st.branches.active(self, xid, "writes")?;
         let left = INLINE_BRANCH_BYTES_MAX.saturating_sub(branch.memory_bytes);
         Ok(left.min(INLINE_FILE_BYTES_MAX))
     }
@@ -1013,43 +965,21 @@ impl Inner {
         let mut st = self.state();
         self.usable(&st)?;
         let fence = st.shared.fence;
-        let Some(branch) = st.branches.get_mut(xid) else {
-            if st.read_only.contains(xid) {
-                return Ok(Start::ReadOnly);
+        match st
+            .branches
+            .start_prepare(self, xid, fence, |b| !b.changes.is_empty())?
+        {
+            Starting::ReadOnly => Ok(Start::ReadOnly),
+            Starting::Again(branch) => {
+                Ok(Start::Prepared(branch.prepared.clone().unwrap_or_default()))
             }
-            return Err(self.rejected(format!(
-                "branch {xid} is unknown: it was never begun here, or its work was lost in a restart before prepare; roll the transaction back"
-            )));
-        };
-        match branch.phase {
-            Phase::Prepared => {
-                let entries = branch.prepared.clone().unwrap_or_default();
-                return Ok(Start::Prepared(entries));
+            Starting::Prepare(branch) => Ok(Start::Stage(branch.changes.clone())),
+            Starting::Empty => {
+                self.release(&mut st, xid);
+                st.branches.voted_read_only(xid);
+                Ok(Start::ReadOnly)
             }
-            Phase::Preparing | Phase::Resolving => {
-                return Err(
-                    self.unavailable(format!("branch {xid} is {}; try again", branch.phase))
-                );
-            }
-            Phase::Active => {}
         }
-        if xid.epoch < fence {
-            return Err(ResourceError::Fenced {
-                resource: self.name.clone(),
-                offered: xid.epoch,
-                current: fence,
-            });
-        }
-        if !branch.changes.is_empty() {
-            branch.phase = Phase::Preparing;
-            return Ok(Start::Stage(branch.changes.clone()));
-        }
-        self.release(&mut st, xid);
-        if st.read_only.len() >= READ_ONLY_REMEMBERED_MAX {
-            st.read_only.pop_front();
-        }
-        st.read_only.push_back(*xid);
-        Ok(Start::ReadOnly)
     }
 
     /// Ends a prepare: on success the branch is prepared with `entries`, whose record is durable
@@ -1061,19 +991,15 @@ impl Inner {
     ) -> Result<Vote> {
         let result = self.check(result);
         let mut st = self.state();
-        let Some(branch) = st.branches.get_mut(xid) else {
-            return Err(self.fatal(format!("branch {xid} vanished while it was prepared")));
-        };
+        let branch = st.branches.finish_prepare(self, xid, result.is_ok())?;
         match result {
             Ok((entries, redo, lsn)) => {
-                branch.phase = Phase::Prepared;
                 branch.log_floor = Some(lsn);
                 branch.prepared = Some(entries);
                 tracing::debug!(resource = %self.name, %xid, %lsn, "prepared");
                 Ok(Vote::Commit { redo })
             }
             Err(e) => {
-                branch.phase = Phase::Active;
                 branch.log_floor = None;
                 Err(e)
             }
@@ -1084,25 +1010,14 @@ impl Inner {
     fn start_resolve(&self, xid: &Xid, commit: bool) -> Result<Option<Resolving>> {
         let mut st = self.state();
         self.usable(&st)?;
-        let Some(branch) = st.branches.get_mut(xid) else {
+        let Some((previous, branch)) = st.branches.start_resolve(self, xid, commit)? else {
             return Ok(None);
         };
-        match branch.phase {
-            Phase::Active if commit => Err(self.rejected(format!(
-                "branch {xid} is not prepared; prepare it first (one-phase commit is not supported)"
-            ))),
-            Phase::Preparing | Phase::Resolving => {
-                Err(self.unavailable(format!("branch {xid} is {}; try again", branch.phase)))
-            }
-            previous => {
-                branch.phase = Phase::Resolving;
-                Ok(Some(Resolving {
-                    previous,
-                    entries: branch.prepared.clone(),
-                    changes: branch.changes.clone(),
-                }))
-            }
-        }
+        Ok(Some(Resolving {
+            previous,
+            entries: branch.prepared.clone(),
+            changes: branch.changes.clone(),
+        }))
     }
 
     /// Ends a resolution. On success a prepared branch's resolution is appended to the log —
@@ -1119,27 +1034,15 @@ impl Inner {
         let result = self.check(result);
         let mut st = self.state();
         if let Err(e) = result {
-            if let Some(branch) = st.branches.get_mut(xid) {
-                branch.phase = previous;
-            }
+            st.branches.resolution_failed(xid, previous);
             return Err(e);
         }
         let mut appending = None;
-        if st.branches.get(xid).is_some_and(|b| b.prepared.is_some()) {
-            let kind = if commit {
-                log::COMMITTED
-            } else {
-                log::ROLLED_BACK
-            };
-            match self
-                .log
-                .append(log::LOG_EPOCH, kind, &log::resolved_payload(xid))
-            {
+        if st.branches.is_prepared(xid) {
+            match log::append_resolution(&self.log, xid, commit) {
                 Ok(a) => appending = Some(a),
                 Err(e) => {
-                    if let Some(branch) = st.branches.get_mut(xid) {
-                        branch.phase = previous;
-                    }
+                    st.branches.resolution_failed(xid, previous);
                     drop(st);
                     return self.check(Err(log_error(&self.name, FEWER, "append a resolution", e)));
                 }
@@ -1527,44 +1430,21 @@ impl Inner {
         // Every `COMMITTED` below `upto` was appended after its files were in place, so the
         // `syncfs` below, which starts later, makes them durable. Commits racing it have their
         // record at or above `upto` and are redone after a crash.
-        let (upto, needed, carried) = {
-            let st = self.state();
-            let upto = self.log.durable_lsn().next();
-            let mut needed = HashMap::new();
-            let mut carried = Vec::new();
-            for (xid, branch) in &st.branches {
-                let Some(floor) = branch.log_floor else {
-                    continue;
-                };
-                needed.insert(*xid, floor);
-                let Some(entries) = &branch.prepared else {
-                    continue;
-                };
-                if floor <= since && branch.phase == Phase::Prepared {
-                    let payload = log::prepared_payload(xid, &encode_redo(entries));
-                    let appending = self
-                        .log
-                        .append(log::LOG_EPOCH, log::PREPARED, &payload)
-                        .map_err(|e| {
-                            log_error(&self.name, FEWER, "carry a prepare record forward", e)
-                        })?;
-                    carried.push((*xid, appending));
-                }
-            }
-            (upto, needed, carried)
-        };
+        let carry_error = |e| log_error(&self.name, FEWER, "carry a prepare record forward", e);
+        let trim =
+            log::start_trim(&self.log, &self.state().branches, since).map_err(carry_error)?;
+        let upto = trim.upto;
         rustix::fs::syncfs(&self.fs)
             .map_err(|e| self.fatal(format!("syncfs {}: {e}", self.root.display())))?;
-        let mut needed = needed;
-        for (xid, appending) in carried {
-            let lsn = appending
-                .wait()
-                .map_err(|e| log_error(&self.name, FEWER, "carry a prepare record forward", e))?;
-            needed.insert(xid, lsn);
-            if let Some(branch) = self.state().branches.get_mut(&xid) {
-                branch.log_floor = Some(lsn);
-            }
-        }
+        // Kept: every branch that was open when the checkpoint started (one that committed
+        // since may be redone from its prepare record), and everything from `upto` on.
+        let floor = trim
+            .carried(|xid, lsn| {
+                if let Some(branch) = self.state().branches.get_mut(xid) {
+                    branch.log_floor = Some(lsn);
+                }
+            })
+            .map_err(carry_error)?;
         self.log
             .append(
                 log::LOG_EPOCH,
@@ -1573,9 +1453,6 @@ impl Inner {
             )
             .and_then(journal::Appending::wait)
             .map_err(|e| log_error(&self.name, FEWER, "append a checkpoint", e))?;
-        // Kept: every branch that was open when the checkpoint started (one that committed
-        // since may be redone from its prepare record), and everything from `upto` on.
-        let floor = needed.into_values().fold(upto, Lsn::min);
         {
             let mut last = lock(&self.checkpoints);
             last.covered = last.covered.max(upto);
@@ -1983,7 +1860,6 @@ impl Area {
 impl Branch {
     fn new() -> Branch {
         Branch {
-            phase: Phase::Active,
             prepared: None,
             log_floor: None,
             memory_bytes: 0,
@@ -2290,7 +2166,7 @@ fn open_blobs(name: &str, area: &Area, config: &FilesConfig) -> Result<BlobStore
 fn load_prepared(
     name: &str,
     live: HashMap<Xid, (Lsn, Vec<u8>)>,
-) -> Result<(HashMap<Xid, Branch>, Locks)> {
+) -> Result<(Branches<Branch>, Locks)> {
     let (mut branches, mut locks) = (HashMap::new(), Locks::default());
     for (xid, (lsn, redo)) in live {
         let entries = decode_redo(&redo).map_err(|e| ResourceError::Fatal {
@@ -2300,7 +2176,6 @@ fn load_prepared(
             ),
         })?;
         let mut branch = Branch::new();
-        branch.phase = Phase::Prepared;
         branch.log_floor = Some(lsn);
         for entry in &entries {
             let path = entry.path();
@@ -2311,7 +2186,7 @@ fn load_prepared(
         branch.prepared = Some(Arc::new(entries));
         branches.insert(xid, branch);
     }
-    Ok((branches, locks))
+    Ok((Branches::recovered(branches), locks))
 }
 
 /// Removes everything staged: no branch uses its staging after a restart (a prepared branch

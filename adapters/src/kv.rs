@@ -135,17 +135,16 @@
 //!   lock, and a directory held by another process is reported only after that wait.
 
 use std::any::Any;
-use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::fmt;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::Notify;
 
+use crate::internal::branches::{Branches, Phase, Starting};
 use crate::internal::instance::{Instance, InstanceState, Shared};
 use crate::internal::io::blocking;
 use crate::internal::locks::wait_for_lock;
-use crate::xid::XidBuildHasher;
 use crate::{Epoch, Lsn, Resource, ResourceError, Vote, Xid};
 
 mod batch;
@@ -170,8 +169,6 @@ pub const VALUE_BYTES_LIMIT: u64 = 64 << 20;
 pub const BATCH_BYTES_LIMIT: u64 = 256 << 20;
 /// Most writes (distinct keys) one branch may make, and one batch may hold.
 pub const BATCH_WRITES_MAX: usize = 1 << 20;
-/// How many read-only branches are remembered, so that preparing one again votes the same.
-const READ_ONLY_REMEMBERED_MAX: usize = 4096;
 /// Keys are shown in messages up to this many bytes.
 const KEY_SHOWN_BYTES_MAX: usize = 64;
 
@@ -248,29 +245,14 @@ struct Inner {
     fencing: tokio::sync::Mutex<()>,
 }
 
-/// Where a branch is in its life. The only transitions: Active → Preparing → (Prepared, or back
-/// to Active on failure); Active or Prepared → Resolving → gone (or back on failure).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Phase {
-    /// Writes are pending.
-    Active,
-    /// A prepare is running; no more writes.
-    Preparing,
-    /// Its batch is durable in the prepared tree.
-    Prepared,
-    /// A commit or rollback is running.
-    Resolving,
-}
-
 /// A pending write: the value of an insert, `None` for a remove.
 type Pending = Option<Arc<[u8]>>;
-/// The open branches by xid.
-type Branches = HashMap<Xid, Branch, XidBuildHasher>;
 /// The holder of each locked key.
 type Locks = HashMap<Vec<u8>, Xid>;
 
+/// A branch; its phase is in the table of branches (prepared: its batch is durable in the
+/// prepared tree).
 struct Branch {
-    phase: Phase,
     /// Its writes by key; each key is locked by this branch.
     writes: BTreeMap<Vec<u8>, Pending>,
     /// Bytes of `writes` as a batch.
@@ -283,9 +265,8 @@ struct Branch {
 struct State {
     /// The fence, the applied LSN and the poison, as every resource has them.
     shared: Shared,
-    branches: Branches,
+    branches: Branches<Branch>,
     locks: Locks,
-    read_only: VecDeque<Xid>,
 }
 
 /// The outcome of one attempt to record a write.
@@ -302,17 +283,6 @@ enum Start {
     Prepared(Arc<Vec<u8>>),
     /// Store this batch.
     Store(Vec<u8>),
-}
-
-impl fmt::Display for Phase {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Phase::Active => "active",
-            Phase::Preparing => "being prepared",
-            Phase::Prepared => "prepared",
-            Phase::Resolving => "being resolved",
-        })
-    }
 }
 
 impl KvResource {
@@ -334,7 +304,6 @@ impl KvResource {
             },
             branches,
             locks,
-            read_only: VecDeque::new(),
         };
         let inner = Inner {
             name: name.to_string(),
@@ -434,17 +403,7 @@ impl Resource for KvResource {
         let mut st = inner.state();
         inner.usable(&st)?;
         inner.not_fenced(&st, xid)?;
-        match st.branches.get(xid).map(|b| b.phase) {
-            None => {
-                st.read_only.retain(|x| x != xid);
-                st.branches.insert(*xid, Branch::new());
-                Ok(())
-            }
-            Some(Phase::Active) => Ok(()),
-            Some(phase) => {
-                Err(inner.rejected(format!("branch {xid} is {phase}; it cannot begin again")))
-            }
-        }
+        st.branches.begin(&**inner, xid, Branch::new)
     }
 
     async fn prepare(&self, xid: &Xid) -> Result<Vote> {
@@ -546,7 +505,6 @@ impl Resource for KvResource {
 impl Branch {
     fn new() -> Branch {
         Branch {
-            phase: Phase::Active,
             writes: BTreeMap::new(),
             batch_bytes: batch::HEADER_BYTES,
             prepared: None,
@@ -586,11 +544,7 @@ impl InstanceState for State {
     }
 
     fn prepared(&self) -> Vec<Xid> {
-        self.branches
-            .iter()
-            .filter(|(_, b)| b.prepared.is_some())
-            .map(|(xid, _)| *xid)
-            .collect()
+        self.branches.prepared()
     }
 }
 
@@ -616,7 +570,7 @@ impl Inner {
         let State {
             branches, locks, ..
         } = &mut *guard;
-        let branch = self.active_branch(branches, xid)?;
+        let branch = branches.active(self, xid, "writes")?;
         if let Some(holder) = locks.get(key).filter(|holder| *holder != xid) {
             return Ok(Attempt::Held(*holder));
         }
@@ -642,24 +596,11 @@ impl Inner {
         Ok(Attempt::Recorded)
     }
 
-    fn active_branch<'b>(&self, branches: &'b mut Branches, xid: &Xid) -> Result<&'b mut Branch> {
-        match branches.get_mut(xid) {
-            Some(b) if b.phase == Phase::Active => Ok(b),
-            Some(b) => Err(self.rejected(format!(
-                "branch {xid} is {}; it takes no more writes",
-                b.phase
-            ))),
-            None => Err(self.rejected(format!("branch {xid} is not open here; begin it first"))),
-        }
-    }
-
     /// The branch's pending write of `key`: `None` when it has none (read the data tree).
     fn pending(&self, xid: &Xid, key: &[u8]) -> Result<Option<Pending>> {
         let st = self.state();
         self.usable(&st)?;
-        let branch = st.branches.get(xid).ok_or_else(|| {
-            self.rejected(format!("branch {xid} is not open here; begin it first"))
-        })?;
+        let branch = st.branches.open(self, xid)?;
         Ok(branch.writes.get(key).cloned())
     }
 
@@ -667,39 +608,21 @@ impl Inner {
         let mut st = self.state();
         self.usable(&st)?;
         let fence = st.shared.fence;
-        let Some(branch) = st.branches.get_mut(xid) else {
-            if st.read_only.contains(xid) {
-                return Ok(Start::ReadOnly);
+        match st
+            .branches
+            .start_prepare(self, xid, fence, |b| !b.writes.is_empty())?
+        {
+            Starting::ReadOnly => Ok(Start::ReadOnly),
+            Starting::Again(branch) => {
+                Ok(Start::Prepared(branch.prepared.clone().unwrap_or_default()))
             }
-            return Err(self.rejected(format!(
-                "branch {xid} is unknown: it was never begun here, or its work was lost in a restart before prepare; roll the transaction back"
-            )));
-        };
-        match branch.phase {
-            Phase::Prepared => {
-                let batch = branch.prepared.clone().unwrap_or_default();
-                return Ok(Start::Prepared(batch));
+            Starting::Prepare(branch) => Ok(Start::Store(branch.encode())),
+            Starting::Empty => {
+                self.release(&mut st, xid);
+                st.branches.voted_read_only(xid);
+                Ok(Start::ReadOnly)
             }
-            Phase::Preparing | Phase::Resolving => {
-                return Err(
-                    self.unavailable(format!("branch {xid} is {}; try again", branch.phase))
-                );
-            }
-            Phase::Active => {}
         }
-        if xid.epoch < fence {
-            return Err(self.fenced(xid, fence));
-        }
-        if !branch.writes.is_empty() {
-            branch.phase = Phase::Preparing;
-            return Ok(Start::Store(branch.encode()));
-        }
-        self.release(&mut st, xid);
-        if st.read_only.len() >= READ_ONLY_REMEMBERED_MAX {
-            st.read_only.pop_front();
-        }
-        st.read_only.push_back(*xid);
-        Ok(Start::ReadOnly)
     }
 
     /// Ends a prepare: once stored, the branch is prepared with `batch`; refused or failed, it
@@ -712,12 +635,10 @@ impl Inner {
     ) -> Result<Vote> {
         let result = self.check(result);
         let mut st = self.state();
-        let Some(branch) = st.branches.get_mut(xid) else {
-            return Err(self.fatal(format!("branch {xid} vanished while it was prepared")));
-        };
+        let stored = matches!(result, Ok(Prepared::Stored));
+        let branch = st.branches.finish_prepare(self, xid, stored)?;
         match result {
             Ok(Prepared::Stored) => {
-                branch.phase = Phase::Prepared;
                 branch.prepared = Some(batch.clone());
                 tracing::debug!(resource = %self.name, %xid, bytes = batch.len(), "prepared");
                 Ok(Vote::Commit {
@@ -725,14 +646,10 @@ impl Inner {
                 })
             }
             Ok(Prepared::Fenced(fence)) => {
-                branch.phase = Phase::Active;
                 st.shared.fence = st.shared.fence.max(fence);
                 Err(self.fenced(xid, fence))
             }
-            Err(e) => {
-                branch.phase = Phase::Active;
-                Err(e)
-            }
+            Err(e) => Err(e),
         }
     }
 
@@ -741,21 +658,8 @@ impl Inner {
     fn start_resolve(&self, xid: &Xid, commit: bool) -> Result<Option<Phase>> {
         let mut st = self.state();
         self.usable(&st)?;
-        let Some(branch) = st.branches.get_mut(xid) else {
-            return Ok(None);
-        };
-        match branch.phase {
-            Phase::Active if commit => Err(self.rejected(format!(
-                "branch {xid} is not prepared; prepare it first (one-phase commit is not supported)"
-            ))),
-            Phase::Preparing | Phase::Resolving => {
-                Err(self.unavailable(format!("branch {xid} is {}; try again", branch.phase)))
-            }
-            previous => {
-                branch.phase = Phase::Resolving;
-                Ok(Some(previous))
-            }
-        }
+        let started = st.branches.start_resolve(self, xid, commit)?;
+        Ok(started.map(|(previous, _)| previous))
     }
 
     /// A commit of a branch this instance holds prepared must find its entry: one missing was
@@ -782,9 +686,7 @@ impl Inner {
                 Ok(())
             }
             Err(e) => {
-                if let Some(branch) = st.branches.get_mut(xid) {
-                    branch.phase = previous;
-                }
+                st.branches.resolution_failed(xid, previous);
                 Err(e)
             }
         }
@@ -852,8 +754,12 @@ fn check_config(name: &str, config: &KvConfig) -> Result<()> {
 
 /// The prepared branches, from the prepared tree's entries, with their keys locked. Two entries
 /// writing one key cannot both have been prepared here (the lock): that is damage.
-fn load_prepared(name: &str, dir: &Path, entries: Vec<store::Entry>) -> Result<(Branches, Locks)> {
-    let mut branches = Branches::default();
+fn load_prepared(
+    name: &str,
+    dir: &Path,
+    entries: Vec<store::Entry>,
+) -> Result<(Branches<Branch>, Locks)> {
+    let mut branches = HashMap::new();
     let mut locks = Locks::new();
     for entry in entries {
         let mut branch = Branch::new();
@@ -875,12 +781,11 @@ fn load_prepared(name: &str, dir: &Path, entries: Vec<store::Entry>) -> Result<(
             }
             branch.writes.insert(key, value);
         }
-        branch.phase = Phase::Prepared;
         branch.batch_bytes = entry.batch.len() as u64;
         branch.prepared = Some(Arc::new(entry.batch));
         branches.insert(entry.xid, branch);
     }
-    Ok((branches, locks))
+    Ok((Branches::recovered(branches), locks))
 }
 
 /// A key for a message: `key "…"`, escaped, the first `KEY_SHOWN_BYTES_MAX` bytes of a long one.

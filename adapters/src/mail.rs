@@ -120,7 +120,8 @@
 //!   until the resource is opened again.
 
 use std::any::Any;
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::borrow::Cow;
+use std::collections::{BTreeMap, HashMap};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write as _};
 use std::path::{Path, PathBuf};
@@ -132,6 +133,7 @@ use journal::{BlobConfig, BlobId, BlobStore, Journal};
 use tokio::io::AsyncRead;
 
 use crate::dirsync::DirSync;
+use crate::internal::branches::{Branches, Phase, Starting};
 use crate::internal::instance::{Instance, InstanceState, Shared, lock, raise_fence};
 use crate::internal::io::{
     blob_error, blocking, check_log_space, create_dir_durably, fill, lock_private, log_error,
@@ -165,8 +167,6 @@ pub const BRANCH_MESSAGES_MAX: usize = 10_000;
 const CHUNK_BYTES: usize = 1 << 20;
 /// Size of the input buffer while a message may still fit in memory.
 const HEAD_CHUNK_BYTES: usize = 64 << 10;
-/// How many read-only branches are remembered, so that preparing one again votes the same.
-const READ_ONLY_REMEMBERED_MAX: usize = 4096;
 /// What a panicked blocking task was, in its error.
 const TASK: &str = "file";
 /// What to do about a branch too large for one log record.
@@ -272,22 +272,8 @@ struct Trims {
     at_lsn: Lsn,
 }
 
-/// Where a branch is in its life. The only transitions: Active → Preparing → (Prepared or back
-/// to Active on failure); Active or Prepared → Resolving → gone (or back on failure).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Phase {
-    /// Messages are enqueued.
-    Active,
-    /// A prepare is running; no more messages.
-    Preparing,
-    /// The prepare record is durable.
-    Prepared,
-    /// A commit or rollback is running.
-    Resolving,
-}
-
+/// A branch; its phase is in the table of branches (prepared: its prepare record is durable).
 struct Branch {
-    phase: Phase,
     /// When it began (seconds since the epoch): the time part of its messages' names.
     time: u64,
     /// The position of its next message.
@@ -330,19 +316,7 @@ enum Content {
 struct State {
     /// The fence, the applied LSN and the poison, as every resource has them.
     shared: Shared,
-    branches: HashMap<Xid, Branch>,
-    read_only: VecDeque<Xid>,
-}
-
-impl std::fmt::Display for Phase {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Phase::Active => "active",
-            Phase::Preparing => "being prepared",
-            Phase::Prepared => "prepared",
-            Phase::Resolving => "being resolved",
-        })
-    }
+    branches: Branches<Branch>,
 }
 
 impl MailResource {
@@ -376,7 +350,6 @@ impl MailResource {
                 poisoned: None,
             },
             branches,
-            read_only: VecDeque::new(),
         };
         let inner = Inner {
             name: name.to_string(),
@@ -473,17 +446,7 @@ impl Resource for MailResource {
         let mut st = inner.state();
         inner.usable(&st)?;
         inner.not_fenced(&st, xid)?;
-        match st.branches.get(xid).map(|b| b.phase) {
-            None => {
-                st.read_only.retain(|x| x != xid);
-                st.branches.insert(*xid, Branch::new(now_secs()));
-                Ok(())
-            }
-            Some(Phase::Active) => Ok(()),
-            Some(phase) => {
-                Err(inner.rejected(format!("branch {xid} is {phase}; it cannot begin again")))
-            }
-        }
+        st.branches.begin(&**inner, xid, || Branch::new(now_secs()))
     }
 
     async fn prepare(&self, xid: &Xid) -> Result<Vote> {
@@ -613,11 +576,18 @@ impl InstanceState for State {
     }
 
     fn prepared(&self) -> Vec<Xid> {
-        self.branches
-            .iter()
-            .filter(|(_, b)| b.prepared.is_some())
-            .map(|(xid, _)| *xid)
-            .collect()
+        self.branches.prepared()
+    }
+}
+
+impl log::Logged for Branch {
+    fn log_floor(&self) -> Option<Lsn> {
+        self.log_floor
+    }
+
+    fn prepared_redo(&self) -> Option<Cow<'_, [u8]>> {
+        let prepared = self.prepared.as_ref()?;
+        Some(Cow::Borrowed(&prepared.redo))
     }
 }
 
@@ -625,17 +595,10 @@ impl InstanceState for State {
 impl Inner {
     fn active_branch<'b>(
         &self,
-        branches: &'b mut HashMap<Xid, Branch>,
+        branches: &'b mut Branches<Branch>,
         xid: &Xid,
     ) -> Result<&'b mut Branch> {
-        match branches.get_mut(xid) {
-            Some(b) if b.phase == Phase::Active => Ok(b),
-            Some(b) => Err(self.rejected(format!(
-                "branch {xid} is {}; it takes no more messages",
-                b.phase
-            ))),
-            None => Err(self.rejected(format!("branch {xid} is not open here; begin it first"))),
-        }
+        branches.active(self, xid, "messages")
     }
 
     /// Gives the next message of `xid` its position and name, and says how many bytes of it may
@@ -665,45 +628,24 @@ impl Inner {
         let mut st = self.state();
         self.usable(&st)?;
         let fence = st.shared.fence;
-        let Some(branch) = st.branches.get_mut(xid) else {
-            if st.read_only.contains(xid) {
-                return Ok(Start::ReadOnly);
+        match st
+            .branches
+            .start_prepare(self, xid, fence, |b| !b.messages.is_empty())?
+        {
+            Starting::ReadOnly => Ok(Start::ReadOnly),
+            Starting::Again(branch) => match &branch.prepared {
+                Some(prepared) => Ok(Start::Prepared(prepared.clone())),
+                None => Err(self.fatal(format!("branch {xid} is prepared without a record"))),
+            },
+            Starting::Prepare(branch) => {
+                Ok(Start::Stage(branch.messages.values().cloned().collect()))
             }
-            return Err(self.rejected(format!(
-                "branch {xid} is unknown: it was never begun here, or its messages were lost in a restart before prepare; roll the transaction back"
-            )));
-        };
-        match branch.phase {
-            Phase::Prepared => {
-                if let Some(prepared) = &branch.prepared {
-                    return Ok(Start::Prepared(prepared.clone()));
-                }
-                return Err(self.fatal(format!("branch {xid} is prepared without a record")));
+            Starting::Empty => {
+                st.branches.remove(xid);
+                st.branches.voted_read_only(xid);
+                Ok(Start::ReadOnly)
             }
-            Phase::Preparing | Phase::Resolving => {
-                return Err(
-                    self.unavailable(format!("branch {xid} is {}; try again", branch.phase))
-                );
-            }
-            Phase::Active => {}
         }
-        if xid.epoch < fence {
-            return Err(ResourceError::Fenced {
-                resource: self.name.clone(),
-                offered: xid.epoch,
-                current: fence,
-            });
-        }
-        if !branch.messages.is_empty() {
-            branch.phase = Phase::Preparing;
-            return Ok(Start::Stage(branch.messages.values().cloned().collect()));
-        }
-        st.branches.remove(xid);
-        if st.read_only.len() >= READ_ONLY_REMEMBERED_MAX {
-            st.read_only.pop_front();
-        }
-        st.read_only.push_back(*xid);
-        Ok(Start::ReadOnly)
     }
 
     /// Ends a prepare: on success the branch is prepared with the record durable at `lsn`; on
@@ -711,12 +653,9 @@ impl Inner {
     fn finish_prepare(&self, xid: &Xid, result: Result<(Arc<Prepared>, Lsn)>) -> Result<Vote> {
         let result = self.check(result);
         let mut st = self.state();
-        let Some(branch) = st.branches.get_mut(xid) else {
-            return Err(self.fatal(format!("branch {xid} vanished while it was prepared")));
-        };
+        let branch = st.branches.finish_prepare(self, xid, result.is_ok())?;
         match result {
             Ok((prepared, lsn)) => {
-                branch.phase = Phase::Prepared;
                 branch.log_floor = Some(lsn);
                 let redo = prepared.redo.clone();
                 branch.prepared = Some(prepared);
@@ -724,7 +663,6 @@ impl Inner {
                 Ok(Vote::Commit { redo })
             }
             Err(e) => {
-                branch.phase = Phase::Active;
                 branch.log_floor = None;
                 Err(e)
             }
@@ -735,29 +673,18 @@ impl Inner {
     fn start_resolve(&self, xid: &Xid, commit: bool) -> Result<Option<Resolving>> {
         let mut st = self.state();
         self.usable(&st)?;
-        let Some(branch) = st.branches.get_mut(xid) else {
+        let Some((previous, branch)) = st.branches.start_resolve(self, xid, commit)? else {
             return Ok(None);
         };
-        match branch.phase {
-            Phase::Active if commit => Err(self.rejected(format!(
-                "branch {xid} is not prepared; prepare it first (one-phase commit is not supported)"
-            ))),
-            Phase::Preparing | Phase::Resolving => {
-                Err(self.unavailable(format!("branch {xid} is {}; try again", branch.phase)))
-            }
-            previous => {
-                branch.phase = Phase::Resolving;
-                let names = match &branch.prepared {
-                    Some(prepared) => prepared.names.clone(),
-                    None => branch.messages.values().map(|m| m.name.clone()).collect(),
-                };
-                Ok(Some(Resolving {
-                    previous,
-                    names,
-                    recovered: branch.recovered,
-                }))
-            }
-        }
+        let names = match &branch.prepared {
+            Some(prepared) => prepared.names.clone(),
+            None => branch.messages.values().map(|m| m.name.clone()).collect(),
+        };
+        Ok(Some(Resolving {
+            previous,
+            names,
+            recovered: branch.recovered,
+        }))
     }
 
     /// Ends a resolution. On success a prepared branch's resolution is appended to the log —
@@ -773,26 +700,14 @@ impl Inner {
     ) -> Result<Option<journal::Appending>> {
         let result = self.check(result);
         let mut st = self.state();
-        let restore = |st: &mut State| {
-            if let Some(branch) = st.branches.get_mut(xid) {
-                branch.phase = resolving.previous;
-            }
-        };
+        let restore = |st: &mut State| st.branches.resolution_failed(xid, resolving.previous);
         if let Err(e) = result {
             restore(&mut st);
             return Err(e);
         }
         let mut appending = None;
-        if st.branches.get(xid).is_some_and(|b| b.prepared.is_some()) {
-            let kind = if commit {
-                log::COMMITTED
-            } else {
-                log::ROLLED_BACK
-            };
-            match self
-                .log
-                .append(log::LOG_EPOCH, kind, &log::resolved_payload(xid))
-            {
+        if st.branches.is_prepared(xid) {
+            match log::append_resolution(&self.log, xid, commit) {
                 Ok(a) => appending = Some(a),
                 Err(e) => {
                     restore(&mut st);
@@ -1205,41 +1120,16 @@ impl Inner {
     /// the previous trim started) and still prepared get their record appended again, then the
     /// segments below the oldest record still needed are removed.
     fn trim(&self, since: Lsn) -> Result<()> {
-        let (upto, mut needed, carried) = {
-            let st = self.state();
-            let upto = self.log.durable_lsn().next();
-            let mut needed = HashMap::new();
-            let mut carried = Vec::new();
-            for (xid, branch) in &st.branches {
-                let Some(floor) = branch.log_floor else {
-                    continue;
-                };
-                needed.insert(*xid, floor);
-                if let (Some(prepared), Phase::Prepared) = (&branch.prepared, branch.phase)
-                    && floor <= since
-                {
-                    let payload = log::prepared_payload(xid, &prepared.redo);
-                    let appending = self
-                        .log
-                        .append(log::LOG_EPOCH, log::PREPARED, &payload)
-                        .map_err(|e| {
-                            log_error(&self.name, FEWER, "carry a prepare record forward", e)
-                        })?;
-                    carried.push((*xid, appending));
+        let carry_error = |e| log_error(&self.name, FEWER, "carry a prepare record forward", e);
+        let trim =
+            log::start_trim(&self.log, &self.state().branches, since).map_err(carry_error)?;
+        let floor = trim
+            .carried(|xid, lsn| {
+                if let Some(branch) = self.state().branches.get_mut(xid) {
+                    branch.log_floor = Some(lsn);
                 }
-            }
-            (upto, needed, carried)
-        };
-        for (xid, appending) in carried {
-            let lsn = appending
-                .wait()
-                .map_err(|e| log_error(&self.name, FEWER, "carry a prepare record forward", e))?;
-            needed.insert(xid, lsn);
-            if let Some(branch) = self.state().branches.get_mut(&xid) {
-                branch.log_floor = Some(lsn);
-            }
-        }
-        let floor = needed.into_values().fold(upto, Lsn::min);
+            })
+            .map_err(carry_error)?;
         let removed = self
             .log
             .remove_segments_below(floor)
@@ -1293,7 +1183,6 @@ impl Area {
 impl Branch {
     fn new(time: u64) -> Branch {
         Branch {
-            phase: Phase::Active,
             time,
             next_pos: 0,
             messages: BTreeMap::new(),
@@ -1409,7 +1298,7 @@ fn open_blobs(name: &str, area: &Area, config: &MailConfig) -> Result<BlobStore>
 }
 
 /// The prepared branches, from the live records of the branch log.
-fn load_prepared(name: &str, live: log::Live) -> Result<HashMap<Xid, Branch>> {
+fn load_prepared(name: &str, live: log::Live) -> Result<Branches<Branch>> {
     let mut branches = HashMap::new();
     for (xid, (lsn, redo)) in live.branches {
         let entries = decode_redo(&redo).map_err(|e| ResourceError::Fatal {
@@ -1420,24 +1309,23 @@ fn load_prepared(name: &str, live: log::Live) -> Result<HashMap<Xid, Branch>> {
         })?;
         let names = entries.iter().map(|e| e.name().to_string()).collect();
         let mut branch = Branch::new(0);
-        branch.phase = Phase::Prepared;
         branch.log_floor = Some(lsn);
         branch.recovered = true;
         branch.prepared = Some(Arc::new(Prepared { names, redo }));
         branches.insert(xid, branch);
     }
-    Ok(branches)
+    Ok(Branches::recovered(branches))
 }
 
 /// Removes from `tmp/` every message this resource named for a branch that is not prepared
 /// (presumed abort, or a copy left by a finished commit or a replay); other files are left.
-fn remove_orphans(name: &str, area: &Area, branches: &HashMap<Xid, Branch>) -> Result<()> {
+fn remove_orphans(name: &str, area: &Area, branches: &Branches<Branch>) -> Result<()> {
     let mut removed = 0usize;
     for file_name in list_names(name, &area.tmp)? {
         let Some((xid, _)) = name::parse_name(&file_name) else {
             continue;
         };
-        if branches.contains_key(&xid) {
+        if branches.contains(&xid) {
             continue;
         }
         remove_file_if_exists(name, &area.tmp.join(&file_name))?;

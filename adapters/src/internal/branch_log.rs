@@ -15,15 +15,22 @@
 //! [`Replayed`] type; [`decode`] reads the shared kinds for it, and [`open`] and
 //! [`live_on_disk`] read a whole log into it.
 //!
+//! A log is trimmed from time to time (files: at each checkpoint): the prepare record of every
+//! branch still prepared since before the previous trim is appended again (carried forward),
+//! and the segments below the oldest record still needed are removed ([`start_trim`],
+//! [`Trim::carried`]).
+//!
 //! # Implementation caveats
 //!
 //! * A record of an unknown kind is malformed: the log refuses to open (an operator must look).
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::path::Path;
 
 use journal::{Epoch, Journal, JournalConfig, JournalError, Lsn, RecordKind};
 
+use crate::internal::branches::{Branches, Phase};
 use crate::{ResourceError, Xid};
 
 /// A branch is prepared with this redo.
@@ -67,6 +74,16 @@ pub(crate) fn resolved_payload(xid: &Xid) -> Vec<u8> {
     let mut out = Vec::with_capacity(XID_BYTES);
     put_xid(&mut out, xid);
     out
+}
+
+/// Appends the resolution of `xid` to `log`: `COMMITTED` when `commit`, `ROLLED_BACK` otherwise.
+pub(crate) fn append_resolution(
+    log: &Journal,
+    xid: &Xid,
+    commit: bool,
+) -> Result<journal::Appending, JournalError> {
+    let kind = if commit { COMMITTED } else { ROLLED_BACK };
+    log.append(LOG_EPOCH, kind, &resolved_payload(xid))
 }
 
 fn put_xid(out: &mut Vec<u8>, xid: &Xid) {
@@ -198,6 +215,69 @@ pub(crate) fn log_open_error(name: &str, dir: &Path, e: OpenError) -> ResourceEr
     ResourceError::Fatal {
         resource: name.to_string(),
         message: format!("branch log {}: {e}", dir.display()),
+    }
+}
+
+/// A branch as trimming its log sees it.
+pub(crate) trait Logged {
+    /// The lowest LSN of the log it may need: its prepare record's, or, while that is being
+    /// appended, one at or below it; `None` before its prepare.
+    fn log_floor(&self) -> Option<Lsn>;
+    /// The redo its durable prepare record holds; `None` before its prepare.
+    fn prepared_redo(&self) -> Option<Cow<'_, [u8]>>;
+}
+
+/// A trim of a log (files: a checkpoint) under way: the prepare records it carries forward,
+/// and what the open branches still need.
+pub(crate) struct Trim {
+    /// The LSN the log is durable below when the trim started.
+    pub(crate) upto: Lsn,
+    needed: HashMap<Xid, Lsn>,
+    carried: Vec<(Xid, journal::Appending)>,
+}
+
+/// Starts a trim, under the resource's state lock (so that every resolution follows the copy
+/// it resolves): the prepare record of every branch still prepared whose record is at or below
+/// `since` (the previous trim's start) is appended again, and every branch's floor is noted.
+pub(crate) fn start_trim<B: Logged>(
+    log: &Journal,
+    branches: &Branches<B>,
+    since: Lsn,
+) -> Result<Trim, JournalError> {
+    let upto = log.durable_lsn().next();
+    let mut needed = HashMap::new();
+    let mut carried = Vec::new();
+    for (xid, phase, branch) in branches.iter() {
+        let Some(floor) = branch.log_floor() else {
+            continue;
+        };
+        needed.insert(*xid, floor);
+        if floor > since || phase != Phase::Prepared {
+            continue;
+        }
+        if let Some(redo) = branch.prepared_redo() {
+            let appending = log.append(LOG_EPOCH, PREPARED, &prepared_payload(xid, &redo))?;
+            carried.push((*xid, appending));
+        }
+    }
+    Ok(Trim {
+        upto,
+        needed,
+        carried,
+    })
+}
+
+impl Trim {
+    /// Waits for the carried records, telling `moved` where each now is (to set the branch's
+    /// floor, if it is still open), and returns the LSN below which no segment is needed: the
+    /// lowest of `upto` and every floor.
+    pub(crate) fn carried(mut self, mut moved: impl FnMut(&Xid, Lsn)) -> Result<Lsn, JournalError> {
+        for (xid, appending) in self.carried {
+            let lsn = appending.wait()?;
+            self.needed.insert(xid, lsn);
+            moved(&xid, lsn);
+        }
+        Ok(self.needed.into_values().fold(self.upto, Lsn::min))
     }
 }
 

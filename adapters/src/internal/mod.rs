@@ -8,6 +8,8 @@
 //! checked reader. What is the same logic in each lives here; what only looks alike stays with
 //! its resource, with a line saying why.
 //!
+//! * [`branches`] — the table of branches and the phases every branch goes through (active,
+//!   being prepared, prepared, being resolved), with their refusals and the read-only votes.
 //! * [`instance`] — the poison and fence checks and the error constructors of an `Inner`
 //!   (the [`instance::Instance`] trait).
 //! * [`io`] — blocking-pool work, reading a stream into a buffer, file and directory helpers,
@@ -23,6 +25,7 @@
 //!   the resources' own docs do not already describe.
 
 pub(crate) mod branch_log;
+pub(crate) mod branches;
 pub(crate) mod instance;
 pub(crate) mod io;
 pub(crate) mod locks;
