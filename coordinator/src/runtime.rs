@@ -768,14 +768,30 @@ impl Coordinator {
         out
     }
 
-    /// Stops every task (phase 2 and recovery resume at the next open) and closes the journal.
+    /// Stops every task (phase 2 and recovery resume at the next open) and closes the journal,
+    /// whatever other handles on this coordinator (a caller's transaction) still live: every
+    /// record appended so far is durable when it returns, and a later commit fails. Returns
+    /// whether the tasks stopped within `timeout` and the journal closed cleanly.
     pub async fn shutdown(self, timeout: Duration) -> bool {
         let _ = self.inner.stop.send(true);
         self.inner.stopping.store(true, Ordering::SeqCst);
         for waiters in self.inner.stop_waiters.iter() {
             waiters.notify_waiters();
         }
-        self.inner.tasks.wait_idle(timeout).await
+        let idle = self.inner.tasks.wait_idle(timeout).await;
+        // Closing joins the journal's flusher, which writes and syncs: not on a runtime thread.
+        let inner = Arc::clone(&self.inner);
+        match tokio::task::spawn_blocking(move || inner.journal.close()).await {
+            Ok(Ok(())) => idle,
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "the journal did not close cleanly");
+                false
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "closing the journal failed");
+                false
+            }
+        }
     }
 
     fn start_reaper(&self) {

@@ -45,7 +45,8 @@
 //!
 //! # Recovery
 //!
-//! [`Journal::open`] takes the directory's `LOCK` (one process at a time), removes leftover
+//! [`Journal::open`] takes the directory's `LOCK` (one process at a time; [`Journal::close`]
+//! lets it go once the queue is written and synced), removes leftover
 //! temporary segment files, scans every segment (see `scan` for the torn-tail rule), truncates a
 //! torn tail (logged at WARN with segment, offset and size) and syncs the file, then resumes
 //! appending after the last valid record. Corruption refuses to open.
@@ -79,11 +80,12 @@ use crate::types::{ChainHash, Epoch, Lsn, RecordKind};
 
 /// An open journal: append, read, checkpoint. Shared between threads by reference or `Arc`.
 ///
-/// Dropping it closes it: queued records are written and synced first.
+/// Closing it ([`Journal::close`], or dropping it) writes and syncs the queued records first.
 pub struct Journal {
     shared: Arc<Shared>,
     gate: Arc<SpinGate>,
-    flusher: Option<JoinHandle<()>>,
+    /// The flusher thread, until the journal closes.
+    flusher: Mutex<Option<JoinHandle<()>>>,
 }
 
 struct Shared {
@@ -101,7 +103,8 @@ struct Shared {
     /// notice work while spinning, without a wake-up.
     has_work: AtomicBool,
     stats: Counters,
-    _lock: File,
+    /// The directory's `LOCK`, held from open until the journal closes (`None` after).
+    lock: Mutex<Option<File>>,
 }
 
 #[derive(Default)]
@@ -371,7 +374,7 @@ impl Journal {
                 last_sync_micros: AtomicU64::new(0),
             }),
             stats: Counters::default(),
-            _lock: lock_file,
+            lock: Mutex::new(Some(lock_file)),
         });
         let flusher_shared = Arc::clone(&shared);
         let flusher = std::thread::Builder::new()
@@ -382,7 +385,7 @@ impl Journal {
         Ok(Journal {
             shared,
             gate,
-            flusher: Some(flusher),
+            flusher: Mutex::new(Some(flusher)),
         })
     }
 
@@ -495,6 +498,11 @@ impl Journal {
     /// Deletes every whole segment whose records all have LSNs below `lsn` (a checkpoint). The
     /// segment being written is never deleted. Returns how many segments were deleted.
     pub fn remove_segments_below(&self, lsn: Lsn) -> Result<usize> {
+        // Held while removing: the directory stays this journal's until the last removal.
+        let held = lock(&self.shared.lock);
+        if held.is_none() {
+            return Err(JournalError::Closed);
+        }
         let removed: Vec<SegmentFile> = {
             let mut segments = self
                 .shared
@@ -515,6 +523,7 @@ impl Journal {
             segment::sync_dir(&self.shared.dir)?;
             tracing::info!(segment = %seg.path.display(), "removed journal segment below checkpoint lsn {lsn}");
         }
+        drop(held);
         Ok(removed.len())
     }
 
@@ -537,13 +546,10 @@ impl Journal {
         &self.shared.dir
     }
 
-    /// Closes the journal: queued records are written and synced, then the flusher stops.
-    /// Returns the poisoning error if the journal was poisoned.
-    pub fn close(mut self) -> Result<()> {
-        self.shutdown()
-    }
-
-    fn shutdown(&mut self) -> Result<()> {
+    /// Closes the journal: queued records are written and synced, then the flusher stops; every
+    /// later append fails with [`JournalError::Closed`]. Returns the poisoning error if the
+    /// journal was poisoned. Closing a closed journal does nothing more.
+    pub fn close(&self) -> Result<()> {
         {
             let mut q = lock(&self.shared.queue);
             if q.stop.is_none() {
@@ -552,9 +558,12 @@ impl Journal {
         }
         self.shared.work.notify_one();
         self.shared.space.notify_all();
-        if let Some(flusher) = self.flusher.take() {
+        let flusher = lock(&self.flusher).take();
+        if let Some(flusher) = flusher {
             let _ = flusher.join();
         }
+        // Nothing writes the directory any more: another process may take it.
+        drop(lock(&self.shared.lock).take());
         match &lock(&self.shared.queue).stop {
             Some(Stop::Poisoned(cause)) => Err(JournalError::Poisoned {
                 cause: cause.to_string(),
@@ -566,9 +575,7 @@ impl Journal {
 
 impl Drop for Journal {
     fn drop(&mut self) {
-        if self.flusher.is_some() {
-            let _ = self.shutdown();
-        }
+        let _ = self.close();
     }
 }
 

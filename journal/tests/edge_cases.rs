@@ -1,6 +1,6 @@
 //! Edge cases found in review: records a dead process may have left unsynced, a record written
 //! under a larger `record_bytes_max`, a blob read to exactly its size, a segment name at the end
-//! of the LSN range, an oversized queue limit.
+//! of the LSN range, an oversized queue limit, a journal closed through a shared reference.
 
 #![allow(clippy::unwrap_used)]
 
@@ -188,4 +188,41 @@ fn opening_syncs_the_records_it_finds_before_it_calls_them_durable() {
         .wait()
         .unwrap_err();
     assert!(matches!(err, JournalError::Poisoned { .. }), "{err:?}");
+}
+
+/// `close` through a shared reference (other holders of the journal still live): what was queued
+/// is durable, the directory is free for another open, and every later append or segment removal
+/// is refused; closing again does nothing.
+#[test]
+fn a_journal_closed_while_shared_writes_its_queue_and_lets_the_directory_go() {
+    let dir = tempfile::tempdir().unwrap();
+    let journal = std::sync::Arc::new(Journal::open(dir.path(), config()).unwrap());
+    let other_holder = std::sync::Arc::clone(&journal);
+    journal
+        .append(Epoch(1), KIND, b"synced")
+        .unwrap()
+        .wait()
+        .unwrap();
+    journal.append_nowait(Epoch(1), KIND, b"queued").unwrap();
+    journal.close().unwrap();
+    journal.close().unwrap();
+
+    assert!(matches!(
+        other_holder.append(Epoch(1), KIND, b"late"),
+        Err(JournalError::Closed)
+    ));
+    assert!(matches!(
+        other_holder.remove_segments_below(Lsn(2)),
+        Err(JournalError::Closed)
+    ));
+    let reopened = Journal::open(dir.path(), config()).unwrap();
+    let payloads: Vec<Vec<u8>> = reopened
+        .read_from(Lsn(1))
+        .unwrap()
+        .map(|r| r.unwrap().payload)
+        .collect();
+    assert_eq!(payloads, vec![b"synced".to_vec(), b"queued".to_vec()]);
+    drop(other_holder);
+    drop(journal);
+    reopened.close().unwrap();
 }

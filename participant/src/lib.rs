@@ -163,7 +163,10 @@ impl Concord {
         self.coordinator.wait_settled(timeout).await
     }
 
-    /// Stops background work (it resumes at the next open) and closes the journal.
+    /// Stops background work (it resumes at the next open) and closes the journal: every record
+    /// appended so far is durable and the data directory is free for another process when it
+    /// returns, even while [`Transaction`]s of this handle live (their commits fail from then
+    /// on). Returns whether both happened within `timeout`.
     pub async fn close(self, timeout: Duration) -> bool {
         self.coordinator.shutdown(timeout).await
     }

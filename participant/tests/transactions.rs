@@ -7,7 +7,8 @@
 mod common;
 
 use common::{
-    STEP_DEADLINE, close, commit, commits, committed_lsn, open, rolled_back_reason, within,
+    STEP_DEADLINE, close, commit, commits, committed_lsn, open, record_kinds, rolled_back_reason,
+    within,
 };
 
 use std::collections::BTreeMap;
@@ -733,4 +734,36 @@ async fn committed_files_survive_a_restart_with_nothing_to_recover() {
     }
     drop(tx);
     close(reopened).await;
+}
+
+/// Closing makes every record appended so far durable and lets the journal go, even while a
+/// transaction handle lives: another process (here: a journal opened afresh) can take it at
+/// once, and the live transaction's commit fails instead of waiting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn close_closes_the_journal_while_a_transaction_handle_lives() {
+    let dir = tempfile::tempdir().unwrap();
+    let concord = open(config(dir.path())).await;
+    let mut done = concord.begin();
+    put(&done, "uploads", "done.txt", b"done").await;
+    committed_lsn(&commit(&mut done).await);
+    let mut live = concord.begin();
+    put(&live, "uploads", "live.txt", b"live").await;
+    close(concord).await;
+
+    // The `End` of the committed transaction is appended without waiting for it: close wrote it.
+    assert_eq!(
+        record_kinds(dir.path()),
+        vec![("Commit", done.xid()), ("End", done.xid())]
+    );
+    let journal = journal::Journal::open(
+        dir.path().join("journal"),
+        journal::JournalConfig::default(),
+    )
+    .expect("the journal is free once close returned");
+    drop(journal);
+
+    let refused = within("a commit after close", live.commit()).await;
+    assert!(refused.is_err(), "{refused:?}");
+    assert!(!dir.path().join("uploads/live.txt").exists());
+    drop((done, live));
 }
