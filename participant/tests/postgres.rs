@@ -466,6 +466,9 @@ async fn conflicting_writers(db: &str, node: u32, one_phase: bool) {
         .await
         .unwrap();
     committed_lsn(&commit(&mut setup).await);
+    // In two phases the row is committed by phase 2, after the answer; until then the writers'
+    // updates would not see it (and take no lock).
+    assert!(concord.wait_idle(STEP_DEADLINE).await);
 
     let mut first = concord.begin();
     execute(&first, "UPDATE orders SET item = 'first' WHERE id = 4")
@@ -497,6 +500,7 @@ async fn conflicting_writers(db: &str, node: u32, one_phase: bool) {
     let first_lsn = committed_lsn(&commit(&mut first).await);
     let second_lsn = within("the second writer", writer).await.unwrap();
     assert!(first_lsn < second_lsn, "{first_lsn} !< {second_lsn}");
+    assert!(concord.wait_idle(STEP_DEADLINE).await);
     let final_item = item(cluster, db, 4);
     assert_eq!(final_item.as_deref(), Some("first then second"));
     // A one-phase commit's `End` record is appended without waiting for it, and the journal is
