@@ -577,7 +577,16 @@ async fn shutdown_answers_a_caller_whose_branch_never_prepares() {
         let c = c.clone();
         tokio::spawn(async move { c.commit(&xid).await })
     };
-    tokio::time::sleep(Duration::from_millis(20)).await;
+    // Shut down once the caller drives its commit (branch a is being prepared).
+    assert!(
+        eventually(Duration::from_secs(5), || c
+            .list()
+            .iter()
+            .any(|t| t.xid == xid && t.state == "preparing"))
+        .await,
+        "{:?}",
+        c.list()
+    );
     assert!(c.clone().shutdown(Duration::from_secs(5)).await);
     let answer = tokio::time::timeout(Duration::from_secs(5), caller)
         .await
