@@ -180,6 +180,10 @@ impl Resource for Mem {
     }
 }
 
+/// A transaction timeout for the tests that let one run out: short, yet far above the moment
+/// between `begin` and `join`, which a loaded machine may stretch by tens of milliseconds.
+const SHORT_TIMEOUT_MS: u64 = 500;
+
 fn config() -> CoordinatorConfig {
     CoordinatorConfig {
         retry: RetryPolicy {
@@ -316,7 +320,7 @@ async fn a_transaction_open_too_long_is_rolled_back_with_a_clear_error() {
         dir.path(),
         std::slice::from_ref(&a),
         CoordinatorConfig {
-            txn_timeout_ms: 50,
+            txn_timeout_ms: SHORT_TIMEOUT_MS,
             ..config()
         },
     )
@@ -333,7 +337,13 @@ async fn a_transaction_open_too_long_is_rolled_back_with_a_clear_error() {
     }
     let err = c.commit(&xid).await.unwrap_err();
     assert!(
-        matches!(err, CoordError::TimedOut { timeout_ms: 50, .. }),
+        matches!(
+            err,
+            CoordError::TimedOut {
+                timeout_ms: SHORT_TIMEOUT_MS,
+                ..
+            }
+        ),
         "{err:?}"
     );
     assert!(err.to_string().contains("rolled back"));
@@ -410,7 +420,7 @@ async fn a_timed_out_transaction_whose_rollback_fails_is_retried_until_it_succee
         dir.path(),
         std::slice::from_ref(&a),
         CoordinatorConfig {
-            txn_timeout_ms: 40,
+            txn_timeout_ms: SHORT_TIMEOUT_MS,
             ..config()
         },
     )
@@ -567,7 +577,16 @@ async fn shutdown_answers_a_caller_whose_branch_never_prepares() {
         let c = c.clone();
         tokio::spawn(async move { c.commit(&xid).await })
     };
-    tokio::time::sleep(Duration::from_millis(20)).await;
+    // Shut down once the caller drives its commit (branch a is being prepared).
+    assert!(
+        eventually(Duration::from_secs(5), || c
+            .list()
+            .iter()
+            .any(|t| t.xid == xid && t.state == "preparing"))
+        .await,
+        "{:?}",
+        c.list()
+    );
     assert!(c.clone().shutdown(Duration::from_secs(5)).await);
     let answer = tokio::time::timeout(Duration::from_secs(5), caller)
         .await

@@ -110,8 +110,10 @@ fn prepared_gids(cluster: &PgCluster, db: &str) -> Vec<String> {
 
 /// The real PostgreSQL resource behind a test hook on `commit`: it counts the calls and, before
 /// passing the first one on, can stop the server (and start it again from a thread of its own
-/// after [`OUTAGE`]); while `hold_commits` is set, commits wait. Everything else is delegated,
-/// and `as_any` is the inner resource's, so branch handles still find the PostgreSQL resource.
+/// after [`OUTAGE`]); while `hold_commits` is set, commits wait, and while `hold_recovers` is
+/// set, so do the listings of prepared branches (the orphan sweeper's). Everything else is
+/// delegated, and `as_any` is the inner resource's, so branch handles still find the PostgreSQL
+/// resource.
 struct Hooked {
     inner: Arc<dyn Resource>,
     /// Stop this cluster at the first commit.
@@ -120,6 +122,7 @@ struct Hooked {
     /// The thread that starts the cluster again.
     restarter: Mutex<Option<std::thread::JoinHandle<()>>>,
     hold_commits: AtomicBool,
+    hold_recovers: AtomicBool,
     commit_calls: AtomicU32,
 }
 
@@ -134,6 +137,7 @@ impl Hooked {
             crashed: AtomicBool::new(false),
             restarter: Mutex::new(None),
             hold_commits: AtomicBool::new(false),
+            hold_recovers: AtomicBool::new(false),
             commit_calls: AtomicU32::new(0),
         })
     }
@@ -191,6 +195,9 @@ impl Resource for Hooked {
         self.inner.rollback(xid).await
     }
     async fn recover(&self) -> Result<Vec<Xid>, ResourceError> {
+        while self.hold_recovers.load(Ordering::SeqCst) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         self.inner.recover().await
     }
     async fn fence(&self, epoch: Epoch) -> Result<(), ResourceError> {
@@ -466,6 +473,9 @@ async fn conflicting_writers(db: &str, node: u32, one_phase: bool) {
         .await
         .unwrap();
     committed_lsn(&commit(&mut setup).await);
+    // In two phases the row is committed by phase 2, after the answer; until then the writers'
+    // updates would not see it (and take no lock).
+    assert!(concord.wait_idle(STEP_DEADLINE).await);
 
     let mut first = concord.begin();
     execute(&first, "UPDATE orders SET item = 'first' WHERE id = 4")
@@ -497,8 +507,13 @@ async fn conflicting_writers(db: &str, node: u32, one_phase: bool) {
     let first_lsn = committed_lsn(&commit(&mut first).await);
     let second_lsn = within("the second writer", writer).await.unwrap();
     assert!(first_lsn < second_lsn, "{first_lsn} !< {second_lsn}");
+    assert!(concord.wait_idle(STEP_DEADLINE).await);
     let final_item = item(cluster, db, 4);
     assert_eq!(final_item.as_deref(), Some("first then second"));
+    // A one-phase commit's `End` record is appended without waiting for it, and the journal is
+    // flushed and closed only once every handle on the coordinator is gone: the transactions'
+    // first, then the one `close` consumes.
+    drop((setup, first));
     close(concord).await;
 
     let expected = if one_phase { "OnePhase" } else { "Commit" };
@@ -681,7 +696,10 @@ async fn the_orphan_sweeper_rolls_back_a_prepared_branch_nobody_owns() {
     )
     .await
     .unwrap();
-    // The orphan.
+    // The orphan. A branch is rolled back at the second sweep that finds it unowned, which
+    // may come within `SWEEP_MS` of its prepare: the sweeps wait until both branches are seen
+    // prepared.
+    hooked.hold_recovers.store(true, Ordering::SeqCst);
     let orphan = Xid {
         node: NODE,
         epoch: Epoch(1),
@@ -703,6 +721,7 @@ async fn the_orphan_sweeper_rolls_back_a_prepared_branch_nobody_owns() {
         prepared_gids(cluster, "orphans"),
         vec![held_gid.clone(), orphan_gid.clone()]
     );
+    hooked.hold_recovers.store(false, Ordering::SeqCst);
 
     let swept = wait_until(Duration::from_secs(10), || {
         !prepared_gids(cluster, "orphans").contains(&orphan_gid)
@@ -832,7 +851,10 @@ async fn a_crash_before_the_one_phase_commit_is_journaled_as_aborted() {
         .await
         .unwrap();
     let after = committed_lsn(&commit(&mut tx).await);
-    // The `Abort` record is appended without waiting for it; closing flushes the journal.
+    // The `Abort` record, and the `End` record of the commit after it, are appended without
+    // waiting for them; the journal is flushed and closed only once every handle on the
+    // coordinator is gone: the transaction's first, then the one `close` consumes.
+    drop(tx);
     close(concord).await;
     let kinds = record_kinds(dir.path());
     assert_eq!(&kinds[..2], &[("OnePhase", xid), ("Abort", xid)]);
