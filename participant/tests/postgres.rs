@@ -510,10 +510,8 @@ async fn conflicting_writers(db: &str, node: u32, one_phase: bool) {
     assert!(concord.wait_idle(STEP_DEADLINE).await);
     let final_item = item(cluster, db, 4);
     assert_eq!(final_item.as_deref(), Some("first then second"));
-    // A one-phase commit's `End` record is appended without waiting for it, and the journal is
-    // flushed and closed only once every handle on the coordinator is gone: the transactions'
-    // first, then the one `close` consumes.
-    drop((setup, first));
+    // A one-phase commit's `End` record is appended without waiting for it: `close` writes it,
+    // with the transactions' handles still alive.
     close(concord).await;
 
     let expected = if one_phase { "OnePhase" } else { "Commit" };
@@ -852,9 +850,7 @@ async fn a_crash_before_the_one_phase_commit_is_journaled_as_aborted() {
         .unwrap();
     let after = committed_lsn(&commit(&mut tx).await);
     // The `Abort` record, and the `End` record of the commit after it, are appended without
-    // waiting for them; the journal is flushed and closed only once every handle on the
-    // coordinator is gone: the transaction's first, then the one `close` consumes.
-    drop(tx);
+    // waiting for them: `close` writes them, with the transaction's handle still alive.
     close(concord).await;
     let kinds = record_kinds(dir.path());
     assert_eq!(&kinds[..2], &[("OnePhase", xid), ("Abort", xid)]);
