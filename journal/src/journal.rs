@@ -379,7 +379,10 @@ impl Journal {
         let flusher_shared = Arc::clone(&shared);
         let flusher = std::thread::Builder::new()
             .name("journal-flusher".into())
-            .spawn(move || Flusher::new(flusher_shared, writer).run())
+            .spawn(move || {
+                let _poison_on_panic = PoisonOnPanic(Arc::clone(&flusher_shared));
+                Flusher::new(flusher_shared, writer).run();
+            })
             .map_err(|e| JournalError::io("start journal flusher thread", &shared.dir, e))?;
         let gate = Arc::clone(&shared.gate);
         Ok(Journal {
@@ -558,12 +561,15 @@ impl Journal {
         }
         self.shared.work.notify_one();
         self.shared.space.notify_all();
-        let flusher = lock(&self.flusher).take();
-        if let Some(flusher) = flusher {
-            let _ = flusher.join();
+        // Held until the directory is let go: a second close waits for the first one's flusher.
+        let mut flusher = lock(&self.flusher);
+        if let Some(running) = flusher.take() {
+            // A panic of the flusher poisoned the journal as it unwound (`InFlight`).
+            let _ = running.join();
         }
         // Nothing writes the directory any more: another process may take it.
         drop(lock(&self.shared.lock).take());
+        drop(flusher);
         match &lock(&self.shared.queue).stop {
             Some(Stop::Poisoned(cause)) => Err(JournalError::Poisoned {
                 cause: cause.to_string(),
@@ -931,6 +937,7 @@ impl Flusher {
         while let Some(mut taken) = self.take() {
             let started = Instant::now();
             let shared = Arc::clone(&self.shared);
+            let _in_flight = InFlight(&taken.batch);
             let written =
                 self.writer
                     .write_batch(&shared, &taken.buf, taken.count, taken.wants_sync);
@@ -1041,17 +1048,49 @@ impl Flusher {
     /// Fails the batch in flight and everything queued, and refuses all later work.
     fn poison(&self, error: JournalError, in_flight: &Batch) {
         tracing::error!(error = %error, "journal poisoned; restart the process to recover from the journal");
-        let cause: Arc<str> = error.to_string().into();
-        let stop = Stop::Poisoned(cause);
+        let stop = Stop::Poisoned(error.to_string().into());
         in_flight.complete(Err(stop.clone()));
-        let queued = {
-            let mut q = lock(&self.shared.queue);
-            q.stop = Some(stop.clone());
-            q.buf.clear();
-            q.count = 0;
-            std::mem::replace(&mut q.batch, Batch::new())
-        };
-        queued.complete(Err(stop));
-        self.shared.space.notify_all();
+        fail_queued(&self.shared, stop);
+    }
+}
+
+/// Stops the journal with `stop` (a poisoning) and fails everything queued.
+fn fail_queued(shared: &Shared, stop: Stop) {
+    let queued = {
+        let mut q = lock(&shared.queue);
+        q.stop = Some(stop.clone());
+        q.buf.clear();
+        q.count = 0;
+        std::mem::replace(&mut q.batch, Batch::new())
+    };
+    queued.complete(Err(stop));
+    shared.space.notify_all();
+}
+
+/// Why the journal stopped when its flusher thread panicked (a bug).
+const FLUSHER_PANICKED: &str = "the journal's flusher thread panicked";
+
+/// The flusher thread's guard: should the flusher panic, unwinding poisons the journal and fails
+/// everything queued, so that no appender waits forever and `close` reports the poisoning.
+struct PoisonOnPanic(Arc<Shared>);
+
+impl Drop for PoisonOnPanic {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            tracing::error!("journal poisoned: {FLUSHER_PANICKED}");
+            fail_queued(&self.0, Stop::Poisoned(Arc::from(FLUSHER_PANICKED)));
+        }
+    }
+}
+
+/// The batch the flusher is writing: unwinding from a panic fails it (see [`PoisonOnPanic`]).
+struct InFlight<'a>(&'a Batch);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() && !self.0.finished.load(Ordering::Acquire) {
+            self.0
+                .complete(Err(Stop::Poisoned(Arc::from(FLUSHER_PANICKED))));
+        }
     }
 }

@@ -226,3 +226,25 @@ fn a_journal_closed_while_shared_writes_its_queue_and_lets_the_directory_go() {
     drop(journal);
     reopened.close().unwrap();
 }
+
+/// Two closes at once: neither returns before everything queued is durable (the second waits
+/// for the first one's flusher instead of letting the directory go under it).
+#[test]
+fn a_second_close_waits_for_the_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let journal = std::sync::Arc::new(Journal::open(dir.path(), config()).unwrap());
+    let record = vec![5u8; 64 << 10];
+    for _ in 0..512 {
+        journal.append_nowait(Epoch(1), KIND, &record).unwrap();
+    }
+    let last = Lsn(512);
+    let other = std::sync::Arc::clone(&journal);
+    let closing = std::thread::spawn(move || {
+        other.close().unwrap();
+        other.durable_lsn()
+    });
+    journal.close().unwrap();
+    let here = journal.durable_lsn();
+    let there = closing.join().unwrap();
+    assert_eq!((here, there), (last, last));
+}
