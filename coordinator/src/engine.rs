@@ -23,7 +23,9 @@
 //!    takes (the decision is final). When all have acknowledged, an `End` record is appended.
 //! 5. `DecisionFailed` (the journal failed while making it durable): the outcome is in doubt
 //!    until the process restarts and recovery reads what the journal holds; the branches stay
-//!    prepared and the caller is told the outcome is unknown.
+//!    prepared and the caller is told the outcome is unknown. `DecisionRefused` (the journal
+//!    refused the record before queueing it: closed, poisoned already, too large) decides
+//!    nothing: the transaction rolls back.
 //!
 //! **One phase.** A transaction whose only branch is in a resource that offers it
 //! ([`TxnMachine::new_one_phase`]) skips the prepare:
@@ -79,6 +81,12 @@ pub enum Event {
     },
     /// The journal failed while making the decision durable.
     DecisionFailed {
+        /// The journal's error.
+        error: String,
+    },
+    /// The journal refused the decision record outright (closed, poisoned already, over its
+    /// size limit): it was never queued, so nothing was decided.
+    DecisionRefused {
         /// The journal's error.
         error: String,
     },
@@ -410,6 +418,7 @@ impl TxnMachine {
             Event::Prepared { branch, vote } => self.on_prepared(branch, vote, commands),
             Event::DecisionDurable { lsn } => self.on_decision_durable(lsn, commands),
             Event::DecisionFailed { error } => self.on_decision_failed(error, commands),
+            Event::DecisionRefused { error } => self.on_decision_refused(error, commands),
             Event::Resolved { branch, result } => self.on_resolved(branch, result, commands),
             Event::RetryDue { branch } => self.on_retry_due(branch, commands),
             Event::OnePhaseAnswered { branch, result } => {
@@ -576,6 +585,21 @@ impl TxnMachine {
         }
         self.phase = Phase::InDoubt;
         self.reply(Outcome::InDoubt { error }, out);
+    }
+
+    /// The decision record never entered the journal: no record can surface later, so the
+    /// transaction rolls back (one phase: the branch never committed either).
+    fn on_decision_refused(&mut self, error: String, out: &mut Vec<Command>) {
+        if self.phase != Phase::Deciding {
+            return;
+        }
+        if self.one_phase {
+            self.branches[0].state = BranchState::Ready;
+        }
+        self.abort(
+            format!("the journal refused the decision record, so nothing was decided: {error}"),
+            out,
+        );
     }
 
     fn on_resolved(
@@ -1200,6 +1224,40 @@ mod tests {
             })]
         );
         assert_eq!(m.phase(), &Phase::InDoubt);
+    }
+
+    #[test]
+    fn a_refused_decision_rolls_every_prepared_branch_back() {
+        let mut m = TxnMachine::new(xid(), 2, RetryPolicy::default());
+        m.on(Event::CommitRequested);
+        m.on(Event::Prepared {
+            branch: 0,
+            vote: commit_vote(b"a"),
+        });
+        m.on(Event::Prepared {
+            branch: 1,
+            vote: commit_vote(b"b"),
+        });
+        let commands = m.on(Event::DecisionRefused {
+            error: "the journal is closed".into(),
+        });
+        assert_eq!(
+            &commands[..2],
+            &[Command::Rollback(0), Command::Rollback(1)]
+        );
+        assert!(
+            matches!(&commands[2..], [Command::Reply(Outcome::RolledBack { reason })] if reason.contains("the journal is closed")),
+            "{commands:?}"
+        );
+        m.on(Event::Resolved {
+            branch: 0,
+            result: Ok(()),
+        });
+        m.on(Event::Resolved {
+            branch: 1,
+            result: Ok(()),
+        });
+        assert!(m.is_finished());
     }
 
     #[test]

@@ -164,9 +164,11 @@ impl Concord {
     }
 
     /// Stops background work (it resumes at the next open) and closes the journal: every record
-    /// appended so far is durable and the data directory is free for another process when it
-    /// returns, even while [`Transaction`]s of this handle live (their commits fail from then
-    /// on). Returns whether both happened within `timeout`.
+    /// appended so far is durable, and the journal's directory free for another process, when it
+    /// returns `true`, even while [`Transaction`]s of this handle live (their commits fail from
+    /// then on). The resources (their files and locks) are let go when the last handle — this
+    /// one's clones and every transaction's — is dropped. Returns whether it all happened within
+    /// `timeout`.
     pub async fn close(self, timeout: Duration) -> bool {
         self.coordinator.shutdown(timeout).await
     }

@@ -738,7 +738,8 @@ async fn committed_files_survive_a_restart_with_nothing_to_recover() {
 
 /// Closing makes every record appended so far durable and lets the journal go, even while a
 /// transaction handle lives: another process (here: a journal opened afresh) can take it at
-/// once, and the live transaction's commit fails instead of waiting.
+/// once, and the live transaction's commit fails instead of waiting. (The resources are let go
+/// with the last handle.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn close_closes_the_journal_while_a_transaction_handle_lives() {
     let dir = tempfile::tempdir().unwrap();
