@@ -593,21 +593,13 @@ impl log::Logged for Branch {
 
 // State transitions: each takes the state lock once and does no I/O.
 impl Inner {
-    fn active_branch<'b>(
-        &self,
-        branches: &'b mut Branches<Branch>,
-        xid: &Xid,
-    ) -> Result<&'b mut Branch> {
-        branches.active(self, xid, "messages")
-    }
-
     /// Gives the next message of `xid` its position and name, and says how many bytes of it may
     /// stay in memory.
     fn reserve(&self, xid: &Xid) -> Result<(At, String, u64)> {
         let mut st = self.state();
         self.usable(&st)?;
         self.not_fenced(&st, xid)?;
-        let branch = self.active_branch(&mut st.branches, xid)?;
+        let branch = st.branches.active(self, xid, "messages")?;
         if branch.next_pos as usize >= BRANCH_MESSAGES_MAX {
             return Err(self.rejected(format!(
                 "branch {xid} already has BRANCH_MESSAGES_MAX = {BRANCH_MESSAGES_MAX} messages; send the rest in another transaction"
@@ -837,7 +829,7 @@ impl Inner {
         };
         let refused = {
             let mut st = self.state();
-            match self.active_branch(&mut st.branches, &at.xid) {
+            match st.branches.active(self, &at.xid, "messages") {
                 Ok(branch) => {
                     if let Content::Memory(_) = staged.content {
                         branch.memory_bytes += bytes;

@@ -108,6 +108,7 @@ impl<B> Branches<B> {
         self.open.contains_key(xid)
     }
 
+    /// The branch `xid`, whatever its phase, to change what it holds.
     pub(crate) fn get_mut(&mut self, xid: &Xid) -> Option<&mut B> {
         self.open.get_mut(xid).map(|slot| &mut slot.branch)
     }
@@ -119,9 +120,16 @@ impl<B> Branches<B> {
             .map(|(xid, slot)| (xid, slot.phase, &slot.branch))
     }
 
-    /// Forgets `xid` and returns its branch, for the caller to release what it holds.
+    /// Forgets `xid` — active with nothing to prepare, or resolved — and returns its branch, for
+    /// the caller to release what it holds.
     pub(crate) fn remove(&mut self, xid: &Xid) -> Option<B> {
-        self.open.remove(xid).map(|slot| slot.branch)
+        let slot = self.open.remove(xid)?;
+        debug_assert!(
+            matches!(slot.phase, Phase::Active | Phase::Resolving),
+            "branch {xid} forgotten while {}",
+            slot.phase
+        );
+        Some(slot.branch)
     }
 
     /// Whether the prepare of `xid` is durable (it is open and prepared, or being resolved after
@@ -239,6 +247,7 @@ impl<B> Branches<B> {
         let Some(slot) = self.open.get_mut(xid) else {
             return Err(at.fatal(format!("branch {xid} vanished while it was prepared")));
         };
+        debug_assert_eq!(slot.phase, Phase::Preparing, "branch {xid}");
         slot.phase = if durable {
             Phase::Prepared
         } else {
@@ -277,6 +286,7 @@ impl<B> Branches<B> {
     /// A resolution of `xid` failed: it goes back to `previous`, to be resolved again.
     pub(crate) fn resolution_failed(&mut self, xid: &Xid, previous: Phase) {
         if let Some(slot) = self.open.get_mut(xid) {
+            debug_assert_eq!(slot.phase, Phase::Resolving, "branch {xid}");
             slot.phase = previous;
         }
     }
@@ -390,13 +400,31 @@ mod tests {
             Ok(Starting::Again(b)) if b == &vec![7]
         ));
 
-        // A failed resolution goes back; a second one is refused while one runs.
+        // A prepared branch votes again even below a fence raised since.
+        assert!(matches!(
+            table.start_prepare(&at, &one, Epoch(9), has_work),
+            Ok(Starting::Again(_))
+        ));
+
+        // A failed resolution goes back; a second one is refused while one runs, and so are a
+        // prepare and a begin; being resolved, it is still listed as prepared (for `recover`).
         let (previous, _) = table.start_resolve(&at, &one, true).unwrap().unwrap();
         assert_eq!(previous, Phase::Prepared);
         assert_eq!(
             class(table.start_resolve(&at, &one, false)),
             ErrorClass::Retryable
         );
+        assert_eq!(
+            class(table.start_prepare(&at, &one, Epoch(2), has_work)),
+            ErrorClass::Retryable
+        );
+        assert_eq!(
+            class(table.begin(&at, &one, Vec::new)),
+            ErrorClass::Rejected
+        );
+        let mut prepared = table.prepared();
+        prepared.sort();
+        assert_eq!(prepared, vec![xid(1, 1), one]);
         table.resolution_failed(&one, previous);
         assert!(table.start_resolve(&at, &one, true).unwrap().is_some());
         assert_eq!(table.remove(&one), Some(vec![7]));

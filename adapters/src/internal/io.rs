@@ -137,10 +137,10 @@ pub(crate) fn check_log_space(name: &str, log: &Path, record_bytes: u64) -> Resu
     Ok(())
 }
 
-/// A branch log error: a record over the log's limit is refused (the branch is too large; `fewer`
-/// says what to do, "write fewer paths"); anything else means the log is poisoned or failed,
-/// which is fatal.
-pub(crate) fn log_error(name: &str, action: &str, fewer: &str, e: JournalError) -> ResourceError {
+/// A branch log error while doing `action` ("append a resolution"): a record over the log's
+/// limit is refused (the branch is too large; `fewer` says what to do, "write fewer paths");
+/// anything else means the log is poisoned or failed, which is fatal.
+pub(crate) fn log_error(name: &str, fewer: &str, action: &str, e: JournalError) -> ResourceError {
     match e {
         JournalError::RecordTooLarge { bytes, max } => ResourceError::rejected(
             name,
