@@ -549,9 +549,11 @@ impl Journal {
         &self.shared.dir
     }
 
-    /// Closes the journal: queued records are written and synced, then the flusher stops; every
-    /// later append fails with [`JournalError::Closed`]. Returns the poisoning error if the
-    /// journal was poisoned. Closing a closed journal does nothing more.
+    /// Closes the journal: queued records are written and synced, then the flusher stops and the
+    /// directory's `LOCK` is let go; every later append or segment removal fails with
+    /// [`JournalError::Closed`]. Reads still work, up to the last LSN this journal made durable,
+    /// though another process may own the directory by then. Returns the poisoning error if the
+    /// journal was poisoned. A close while another runs waits for it; a later one does nothing.
     pub fn close(&self) -> Result<()> {
         {
             let mut q = lock(&self.shared.queue);
