@@ -17,6 +17,10 @@ pub enum ErrorClass {
     /// The resource is unusable in this process (a failed fsync, corrupt private state): stop
     /// using it; a restart recovers.
     Fatal,
+    /// The branch's outcome contradicts the decision or cannot be established (for example a
+    /// commit finds neither the prepared branch nor its commit marker); retrying will not help
+    /// and a person must look. The coordinator ends the branch and reports it.
+    Hazard,
 }
 
 /// An error of a resource, naming the resource.
@@ -80,6 +84,14 @@ pub enum ResourceError {
         /// What failed.
         message: String,
     },
+    /// A heuristic hazard: see [`ErrorClass::Hazard`].
+    #[error("resource {resource}: heuristic hazard: {message}")]
+    HeuristicHazard {
+        /// The resource name.
+        resource: String,
+        /// What contradicts the decision, and what to check.
+        message: String,
+    },
 }
 
 impl ResourceError {
@@ -92,6 +104,7 @@ impl ResourceError {
             | ResourceError::Fenced { .. } => ErrorClass::Rejected,
             ResourceError::InDoubt { .. } => ErrorClass::InDoubt,
             ResourceError::Fatal { .. } => ErrorClass::Fatal,
+            ResourceError::HeuristicHazard { .. } => ErrorClass::Hazard,
         }
     }
 

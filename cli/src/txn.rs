@@ -17,7 +17,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use adapters::Xid;
 use anyhow::Context;
-use coordinator::record::CoordRecord;
+use coordinator::ledger::Ledger;
+use coordinator::resolve::{BranchOutcome, ResolveRequest};
 use participant::{Concord, Config};
 use serde::Serialize;
 
@@ -67,6 +68,14 @@ pub struct ResolveArgs {
     /// Who decides (recorded in the journal; default: $USER).
     #[arg(long)]
     operator: Option<String>,
+    /// End the branch in this resource without its answer, because the resource is lost for
+    /// good (recorded with the operator and `--reason`, reported as a heuristic hazard); may be
+    /// repeated.
+    #[arg(long, value_name = "RESOURCE", requires = "reason")]
+    forget: Vec<String>,
+    /// Why the branches of `--forget` are forgotten (recorded in the journal).
+    #[arg(long)]
+    reason: Option<String>,
     #[command(flatten)]
     target: Target,
     /// Print the result as JSON.
@@ -86,40 +95,33 @@ struct Listed {
 pub fn list(args: ListArgs) -> anyhow::Result<()> {
     let config = args.target.load()?;
     let journal_dir = config.data_dir.join("journal");
-    let mut open: BTreeMap<Xid, (u64, Vec<String>, &'static str)> = BTreeMap::new();
+    let mut ledger = Ledger::new();
     let mut bad = None;
     if journal_dir.exists() {
         journal::scan::scan_dir(
             &journal_dir,
             journal::JournalConfig::default().record_bytes_max,
-            |rec| match CoordRecord::decode(rec.kind, &rec.payload) {
-                Ok(CoordRecord::Commit {
-                    xid,
-                    at_ms,
-                    branches,
-                }) => {
-                    let names = branches.into_iter().map(|(n, _)| n).collect();
-                    open.insert(xid, (at_ms, names, "committed, phase 2 unfinished"));
+            |rec| {
+                if bad.is_none()
+                    && let Err(e) = ledger.apply_raw(rec.lsn, rec.kind, &rec.payload)
+                {
+                    bad = Some(e);
                 }
-                Ok(CoordRecord::OnePhase {
-                    xid,
-                    at_ms,
-                    resource,
-                    ..
-                }) => {
-                    let state = "one-phase commit, outcome not yet journaled";
-                    open.insert(xid, (at_ms, vec![resource], state));
-                }
-                Ok(CoordRecord::End { xid } | CoordRecord::Abort { xid, .. }) => {
-                    open.remove(&xid);
-                }
-                Ok(CoordRecord::Resolve { .. }) => {}
-                Err(e) => bad = Some(format!("record {}: {e}", rec.lsn)),
             },
         )?;
     }
     if let Some(bad) = bad {
         anyhow::bail!("{bad}");
+    }
+    let mut open: BTreeMap<Xid, (u64, Vec<String>, &'static str)> = BTreeMap::new();
+    for (xid, _, names) in ledger.open_commits() {
+        let at_ms = decided_at(&ledger, &xid);
+        open.insert(xid, (at_ms, names, "committed, phase 2 unfinished"));
+    }
+    for (xid, _, resource, _) in ledger.open_one_phase() {
+        let at_ms = decided_at(&ledger, &xid);
+        let state = "one-phase commit, outcome not yet journaled";
+        open.insert(xid, (at_ms, vec![resource.to_string()], state));
     }
     let now_ms = SystemTime::now().duration_since(UNIX_EPOCH)?.as_millis() as u64;
     let mut rows: Vec<Listed> = open
@@ -136,9 +138,14 @@ pub fn list(args: ListArgs) -> anyhow::Result<()> {
         if open.contains_key(&xid) {
             continue;
         }
+        let state = if ledger.must_commit(&xid) {
+            "prepared, but decided committed (heuristic hazard)"
+        } else {
+            "prepared, no decision (in doubt)"
+        };
         rows.push(Listed {
             xid: xid.to_string(),
-            state: "prepared, no decision (in doubt)",
+            state,
             age_s: None,
             branches: resources,
         });
@@ -166,6 +173,14 @@ pub fn list(args: ListArgs) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// When the decision of `xid` was made (milliseconds since the Unix epoch; 0 if unknown).
+fn decided_at(ledger: &Ledger, xid: &Xid) -> u64 {
+    ledger
+        .entry(xid)
+        .and_then(|e| e.decision.as_ref())
+        .map_or(0, |d| d.at_ms())
 }
 
 /// The prepared branches of every configured resource, read without opening the resources.
@@ -244,15 +259,68 @@ pub fn resolve(args: ResolveArgs) -> anyhow::Result<()> {
         // Let recovery finish what it can first (it rolls back undecided branches); a
         // transaction stuck on a lost resource keeps it busy, so the wait is bounded.
         concord.wait_idle(Duration::from_secs(3)).await;
-        let result = concord.coordinator().resolve(&xid, args.commit, &operator).await;
+        let request = ResolveRequest {
+            xid,
+            commit: args.commit,
+            operator: operator.clone(),
+            forget: args.forget.clone(),
+            reason: args.reason.clone().unwrap_or_default(),
+        };
+        let result = concord.coordinator().resolve(&request).await;
         concord.close(Duration::from_secs(5)).await;
-        result?;
+        let report = result?;
         let decision = if args.commit { "commit" } else { "rollback" };
         if args.json {
-            println!("{}", serde_json::json!({ "xid": xid.to_string(), "decision": decision, "operator": operator }));
+            let branches: Vec<_> = report
+                .branches
+                .iter()
+                .map(|(resource, outcome)| branch_json(resource, outcome))
+                .collect();
+            println!(
+                "{}",
+                serde_json::json!({
+                    "xid": xid.to_string(),
+                    "decision": decision,
+                    "operator": operator,
+                    "finished": report.finished,
+                    "branches": branches,
+                })
+            );
         } else {
-            println!("{xid}: {decision} recorded by {operator} and carried out");
+            println!("{xid}: {decision} recorded by {operator}");
+            for (resource, outcome) in &report.branches {
+                println!("  {resource}: {}", describe(outcome));
+            }
+            if report.finished {
+                println!("{xid}: finished");
+            } else {
+                println!("{xid}: still open for the branches not reached; run resolve again once they are reachable, or --forget them if lost for good");
+            }
+        }
+        if !report.finished {
+            anyhow::bail!("transaction {xid} is not finished: some branches were not reached");
         }
         Ok(())
     })
+}
+
+fn describe(outcome: &BranchOutcome) -> String {
+    match outcome {
+        BranchOutcome::Finished => "carried out".into(),
+        BranchOutcome::Hazard(why) => format!("carried out, with a heuristic hazard: {why}"),
+        BranchOutcome::Unreached(why) => format!("NOT reached, still open: {why}"),
+        BranchOutcome::Forgotten => {
+            "forgotten (heuristic hazard: its outcome there is unknown)".into()
+        }
+    }
+}
+
+fn branch_json(resource: &str, outcome: &BranchOutcome) -> serde_json::Value {
+    let (state, detail) = match outcome {
+        BranchOutcome::Finished => ("finished", None),
+        BranchOutcome::Hazard(why) => ("hazard", Some(why.clone())),
+        BranchOutcome::Unreached(why) => ("unreached", Some(why.clone())),
+        BranchOutcome::Forgotten => ("forgotten", None),
+    };
+    serde_json::json!({ "resource": resource, "state": state, "detail": detail })
 }

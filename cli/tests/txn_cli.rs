@@ -92,26 +92,49 @@ fn a_stuck_transaction_is_listed_and_resolved_by_an_operator() {
     let message = String::from_utf8_lossy(&refused.stderr);
     assert!(message.contains("cannot be rolled back"), "{message}");
 
-    let out = concord(
-        &[
+    // The branch's resource is not configured: nothing can be carried out there, the command
+    // says so, exits non-zero, and the transaction stays listed.
+    let resolve = |extra: &[&str]| {
+        let xid = stuck.to_string();
+        let mut args = vec![
             "txn",
             "resolve",
-            &stuck.to_string(),
+            &xid,
             "--commit",
             "--operator",
             "ops",
             "--json",
-        ],
-        &data,
-    );
+        ];
+        args.extend_from_slice(extra);
+        concord(&args, &data)
+    };
+    let out = resolve(&[]);
+    assert!(!out.status.success());
+    let answer: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(answer["decision"], "commit");
+    assert_eq!(answer["finished"], false);
+    assert_eq!(answer["branches"][0]["resource"], "tape");
+    assert_eq!(answer["branches"][0]["state"], "unreached");
+    assert_eq!(listed(&data).len(), 1, "the transaction stays open");
+
+    // Forgetting needs a reason; with one, the transaction ends for good.
+    let out = resolve(&["--forget", "tape"]);
+    assert!(!out.status.success());
+    let out = resolve(&[
+        "--forget",
+        "tape",
+        "--reason",
+        "the tape library was retired",
+    ]);
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
     let answer: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(answer["decision"], "commit");
     assert_eq!(answer["operator"], "ops");
+    assert_eq!(answer["finished"], true);
+    assert_eq!(answer["branches"][0]["state"], "forgotten");
     assert!(
         listed(&data).is_empty(),
         "resolved transactions are no longer listed"

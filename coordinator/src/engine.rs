@@ -102,6 +102,12 @@ pub enum Event {
         /// The branch.
         branch: BranchId,
     },
+    /// The `End` or `Abort` record of a one-phase commit is durable (`Ok`), or the journal
+    /// failed to make it so (`Err`, the journal's error).
+    OutcomeDurable {
+        /// What the journal said.
+        result: Result<(), String>,
+    },
     /// A one-phase branch answered [`Command::CommitOnePhase`] or [`Command::AskOnePhase`]; an
     /// error means the outcome is still unknown.
     OnePhaseAnswered {
@@ -155,8 +161,12 @@ pub enum Command {
         /// Its redo, as journaled.
         redo: Vec<u8>,
     },
-    /// Append the `Abort` record: the one-phase branch of a `OnePhase` record did not commit
-    /// (no need to wait for it to be durable).
+    /// Append the `End` record of a one-phase commit and report `OutcomeDurable`: the caller
+    /// is answered only once it is durable, so that no site holding the journal must guess the
+    /// outcome of an acknowledged one-phase commit.
+    AppendOnePhaseEnd,
+    /// Append the `Abort` record (the one-phase branch of a `OnePhase` record did not commit)
+    /// and report `OutcomeDurable`.
     AppendAbort {
         /// Why, for operators.
         reason: String,
@@ -305,6 +315,11 @@ pub struct TxnMachine {
     /// One phase: the branch's redo, kept to ask the resource about it (empty: nothing
     /// journaled).
     redo: Vec<u8>,
+    /// One phase: the outcome to answer once its `End` or `Abort` record is durable.
+    awaiting: Option<Outcome>,
+    /// Whether finishing phase 2 appends the `End` record (not for a branch recovery commits
+    /// beside the machine that owns the transaction's `End`).
+    ends: bool,
 }
 
 impl TxnMachine {
@@ -324,6 +339,8 @@ impl TxnMachine {
             replied: false,
             one_phase: false,
             redo: Vec::new(),
+            awaiting: None,
+            ends: true,
         }
     }
 
@@ -364,6 +381,21 @@ impl TxnMachine {
         machine.decision = Some(lsn);
         machine.replied = true;
         let commands = (0..writers).map(|b| machine.send_commit(b)).collect();
+        (machine, commands)
+    }
+
+    /// A prepared branch found by recovery whose transaction the journal says committed but
+    /// which no machine drives (its transaction ended, or the branch's resource is not among
+    /// the writers still driven): it is committed, and the `End` is left to whoever owns it
+    /// (an extra `End` after one already written says nothing new, so an ended transaction
+    /// gets none). Returns the machine and its first commands.
+    pub fn recovered_branch_commit(
+        xid: Xid,
+        lsn: Lsn,
+        policy: RetryPolicy,
+    ) -> (TxnMachine, Vec<Command>) {
+        let (mut machine, commands) = TxnMachine::recovered_commit(xid, lsn, 1, policy);
+        machine.ends = false;
         (machine, commands)
     }
 
@@ -424,6 +456,7 @@ impl TxnMachine {
             Event::OnePhaseAnswered { branch, result } => {
                 self.on_one_phase_answered(branch, result, commands)
             }
+            Event::OutcomeDurable { result } => self.on_outcome_durable(result, commands),
         }
         #[cfg(debug_assertions)]
         self.validate();
@@ -622,6 +655,14 @@ impl TxnMachine {
                 slot.last_error = None;
                 self.maybe_finish(out);
             }
+            Err(e) if e.class() == ErrorClass::Hazard => {
+                // Retrying cannot help: the branch is over as far as concord can tell, and a
+                // person must look.
+                tracing::error!(xid = %self.xid, branch, error = %e, "phase 2 met a heuristic hazard; the branch is ended and reported");
+                slot.state = done;
+                slot.last_error = Some(e.to_string());
+                self.maybe_finish(out);
+            }
             Err(e) => {
                 slot.attempts += 1;
                 slot.last_error = Some(e.to_string());
@@ -668,22 +709,28 @@ impl TxnMachine {
             Ok(OnePhaseOutcome::Committed) => {
                 slot.state = BranchState::Committed;
                 slot.last_error = None;
-                self.phase = Phase::Finished;
-                self.reply(Outcome::Committed { lsn: self.decision }, out);
+                let outcome = Outcome::Committed { lsn: self.decision };
                 if journaled {
-                    out.push(Command::AppendEnd);
+                    self.awaiting = Some(outcome);
+                    out.push(Command::AppendOnePhaseEnd);
+                } else {
+                    self.phase = Phase::Finished;
+                    self.reply(outcome, out);
                 }
             }
             Ok(OnePhaseOutcome::RolledBack { reason }) => {
                 slot.state = BranchState::RolledBack;
                 slot.last_error = None;
-                self.phase = Phase::Finished;
+                let outcome = Outcome::RolledBack {
+                    reason: reason.clone(),
+                };
                 if journaled {
-                    out.push(Command::AppendAbort {
-                        reason: reason.clone(),
-                    });
+                    self.awaiting = Some(outcome);
+                    out.push(Command::AppendAbort { reason });
+                } else {
+                    self.phase = Phase::Finished;
+                    self.reply(outcome, out);
                 }
-                self.reply(Outcome::RolledBack { reason }, out);
             }
             Err(e) if !journaled => {
                 // Nothing journaled (nothing to replicate) and nothing to ask by: the caller
@@ -725,6 +772,26 @@ impl TxnMachine {
         }
     }
 
+    /// A one-phase outcome's record is durable: now the caller hears it. When the journal
+    /// failed instead, a commit is answered in doubt (the resource committed, but a site holding
+    /// the journal cannot know it until recovery asks the resource again); a rollback is
+    /// answered as it is, since no site applies a `OnePhase` record without its `End`.
+    fn on_outcome_durable(&mut self, result: Result<(), String>, out: &mut Vec<Command>) {
+        let Some(outcome) = self.awaiting.take() else {
+            return;
+        };
+        self.phase = Phase::Finished;
+        let outcome = match (result, outcome) {
+            (Err(e), Outcome::Committed { .. }) => Outcome::InDoubt {
+                error: format!(
+                    "the branch committed in its resource, but the journal failed to record that ({e}); recovery at the next start asks the resource again and journals the outcome"
+                ),
+            },
+            (_, outcome) => outcome,
+        };
+        self.reply(outcome, out);
+    }
+
     fn send_commit(&mut self, branch: BranchId) -> Command {
         self.branches[branch].state = BranchState::Committing;
         Command::Commit(branch)
@@ -756,7 +823,9 @@ impl TxnMachine {
                     .all(|b| matches!(b.state, BranchState::Committed | BranchState::ReadOnly));
                 if done {
                     self.phase = Phase::Finished;
-                    out.push(Command::AppendEnd);
+                    if self.ends {
+                        out.push(Command::AppendEnd);
+                    }
                 }
             }
             Phase::RollingBack => self.maybe_finish_rollback(),
@@ -887,10 +956,31 @@ mod tests {
                 branch: 0,
                 result: Ok(OnePhaseOutcome::Committed)
             }),
-            vec![
-                Command::Reply(Outcome::Committed { lsn: Some(Lsn(4)) }),
-                Command::AppendEnd
-            ]
+            vec![Command::AppendOnePhaseEnd],
+            "the caller is answered only once the End is durable"
+        );
+        assert!(!m.is_finished());
+        assert_eq!(
+            m.on(Event::OutcomeDurable { result: Ok(()) }),
+            vec![Command::Reply(Outcome::Committed { lsn: Some(Lsn(4)) })]
+        );
+        assert!(m.is_finished());
+    }
+
+    #[test]
+    fn one_phase_whose_end_fails_is_answered_in_doubt() {
+        let mut m = one_phase_voted(b"rows");
+        m.on(Event::DecisionDurable { lsn: Lsn(4) });
+        m.on(Event::OnePhaseAnswered {
+            branch: 0,
+            result: Ok(OnePhaseOutcome::Committed),
+        });
+        let answer = m.on(Event::OutcomeDurable {
+            result: Err("fsync failed".into()),
+        });
+        assert!(
+            matches!(&answer[..], [Command::Reply(Outcome::InDoubt { error })] if error.contains("fsync failed")),
+            "{answer:?}"
         );
         assert!(m.is_finished());
     }
@@ -937,14 +1027,16 @@ mod tests {
         });
         assert_eq!(
             refused,
-            vec![
-                Command::AppendAbort {
-                    reason: "could not serialize".into()
-                },
-                Command::Reply(Outcome::RolledBack {
-                    reason: "could not serialize".into()
-                })
-            ]
+            vec![Command::AppendAbort {
+                reason: "could not serialize".into()
+            }]
+        );
+        assert!(!m.is_finished());
+        assert_eq!(
+            m.on(Event::OutcomeDurable { result: Ok(()) }),
+            vec![Command::Reply(Outcome::RolledBack {
+                reason: "could not serialize".into()
+            })]
         );
         assert!(m.is_finished());
     }
@@ -982,8 +1074,9 @@ mod tests {
                 branch: 0,
                 result: Ok(OnePhaseOutcome::Committed)
             }),
-            vec![Command::AppendEnd]
+            vec![Command::AppendOnePhaseEnd]
         );
+        assert_eq!(m.on(Event::OutcomeDurable { result: Ok(()) }), vec![]);
         assert!(m.is_finished());
     }
 
@@ -1030,6 +1123,7 @@ mod tests {
                 reason: "lost".into()
             }]
         );
+        assert_eq!(m.on(Event::OutcomeDurable { result: Ok(()) }), vec![]);
         assert!(m.is_finished());
     }
 
@@ -1368,7 +1462,10 @@ mod tests {
                         };
                         Some(Event::OnePhaseAnswered { branch, result })
                     }
-                    Command::AppendAbort { .. } => None,
+                    Command::AppendAbort { .. } | Command::AppendOnePhaseEnd => {
+                        let result = if fail { Err("poisoned".into()) } else { Ok(()) };
+                        Some(Event::OutcomeDurable { result })
+                    }
                     Command::AppendDecision { .. } => Some(Event::DecisionDurable { lsn: Lsn(1) }),
                     Command::Commit(b) => {
                         commits += 1;

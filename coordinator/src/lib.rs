@@ -16,7 +16,10 @@
 //!   open; the timeout reaper; the orphan sweeper (prepared branches of this node that no
 //!   transaction owns and the journal has no decision for are rolled back after
 //!   `orphan_sweep_ms`); operator views (`list`, `resolve`).
-//! * [`record`] — the journal records (`Commit`, `End`, `Resolve`) and their versioned encoding.
+//! * [`record`] — the journal records (`Commit`, `End`, `Resolve`, `OnePhase`, `Abort`,
+//!   `Forget`) and their versioned encoding.
+//! * [`ledger`] — what those records mean together, folded in one pure place (decided, open,
+//!   in doubt), used by recovery, the sweeper, the operator commands and the standby.
 //! * [`failpoint`] — named points on the commit path where crash tests kill the process.
 //!
 //! # Implementation caveats
@@ -29,7 +32,9 @@
 
 pub mod engine;
 pub mod failpoint;
+pub mod ledger;
 pub mod record;
+pub mod resolve;
 pub mod runtime;
 
 pub use engine::{Outcome, RetryPolicy};

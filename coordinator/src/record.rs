@@ -6,7 +6,8 @@
 //! | 2 | `End { xid }` | every branch acknowledged phase 2 (appended without waiting) |
 //! | 3 | `Resolve { xid, commit, operator, at_ms }` | an operator's decision for an in-doubt or stuck transaction |
 //! | 4 | `OnePhase { xid, at_ms, resource, redo }` | a lone branch is about to commit in one phase: durable before its commit, while it holds its locks |
-//! | 5 | `Abort { xid, reason }` | the branch of a `OnePhase` record did not commit (appended without waiting) |
+//! | 5 | `Abort { xid, reason }` | the branch of a `OnePhase` record did not commit (durable before the caller hears it) |
+//! | 6 | `Forget { xid, resource, operator, reason, at_ms }` | an operator ended a branch whose resource is lost for good (a heuristic hazard: its outcome there is unknown) |
 //!
 //! Presumed abort: a transaction with no `Commit` record never committed, so nothing is journaled
 //! for rollbacks. A `OnePhase` record is the exception: its outcome is the resource's, so it is
@@ -32,6 +33,8 @@ pub const RESOLVE: RecordKind = RecordKind::new(3, 1);
 pub const ONE_PHASE: RecordKind = RecordKind::new(4, 1);
 /// Kind of the record of a one-phase commit that did not happen.
 pub const ABORT: RecordKind = RecordKind::new(5, 1);
+/// Kind of an operator's forgetting of a branch whose resource is lost for good.
+pub const FORGET: RecordKind = RecordKind::new(6, 1);
 
 /// A coordinator record.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -80,6 +83,21 @@ pub enum CoordRecord {
         /// Why, for operators.
         reason: String,
     },
+    /// An operator ended the transaction's branch in `resource` without its resource's answer:
+    /// the resource is lost for good, so what became of the branch there is unknown (a
+    /// heuristic hazard). The transaction no longer waits for that branch.
+    Forget {
+        /// The transaction.
+        xid: Xid,
+        /// The branch's resource.
+        resource: String,
+        /// Who decided.
+        operator: String,
+        /// Why, as the operator gave it.
+        reason: String,
+        /// When, in milliseconds since the Unix epoch.
+        at_ms: u64,
+    },
 }
 
 /// Why a payload could not be decoded.
@@ -117,6 +135,7 @@ impl CoordRecord {
             CoordRecord::Resolve { .. } => RESOLVE,
             CoordRecord::OnePhase { .. } => ONE_PHASE,
             CoordRecord::Abort { .. } => ABORT,
+            CoordRecord::Forget { .. } => FORGET,
         }
     }
 
@@ -127,7 +146,8 @@ impl CoordRecord {
             | CoordRecord::End { xid }
             | CoordRecord::Resolve { xid, .. }
             | CoordRecord::OnePhase { xid, .. }
-            | CoordRecord::Abort { xid, .. } => *xid,
+            | CoordRecord::Abort { xid, .. }
+            | CoordRecord::Forget { xid, .. } => *xid,
         }
     }
 
@@ -168,6 +188,29 @@ impl CoordRecord {
                 redo,
             } => encode_one_phase(&xid.text(), *at_ms, resource, redo),
             CoordRecord::Abort { xid, reason } => encode_abort(&xid.text(), reason),
+            CoordRecord::Forget {
+                xid,
+                resource,
+                operator,
+                reason,
+                at_ms,
+            } => {
+                let text = xid.text();
+                let mut out = Vec::with_capacity(
+                    2 + text.as_bytes().len()
+                        + 12
+                        + resource.len()
+                        + operator.len()
+                        + reason.len()
+                        + 8,
+                );
+                put_xid(&mut out, text.as_bytes());
+                put_bytes(&mut out, resource.as_bytes());
+                put_bytes(&mut out, operator.as_bytes());
+                put_bytes(&mut out, reason.as_bytes());
+                out.extend_from_slice(&at_ms.to_le_bytes());
+                out
+            }
         }
     }
 
@@ -179,6 +222,7 @@ impl CoordRecord {
             3 => "Resolve",
             4 => "OnePhase",
             5 => "Abort",
+            6 => "Forget",
             other => return Err(RecordError::UnknownKind(other)),
         };
         if kind.version != 1 {
@@ -223,6 +267,19 @@ impl CoordRecord {
             5 => {
                 let reason = r.string()?;
                 CoordRecord::Abort { xid, reason }
+            }
+            6 => {
+                let resource = r.string()?;
+                let operator = r.string()?;
+                let reason = r.string()?;
+                let at_ms = u64::from_le_bytes(r.array::<8>()?);
+                CoordRecord::Forget {
+                    xid,
+                    resource,
+                    operator,
+                    reason,
+                    at_ms,
+                }
             }
             _ => {
                 let commit = r.take(1)?[0] != 0;
@@ -395,6 +452,13 @@ mod tests {
             CoordRecord::Abort {
                 xid: xid(),
                 reason: "serialization failure".into(),
+            },
+            CoordRecord::Forget {
+                xid: xid(),
+                resource: "orders".into(),
+                operator: "ops".into(),
+                reason: "database lost".into(),
+                at_ms: 21,
             },
         ];
         for record in records {

@@ -66,7 +66,9 @@ use tracing::Instrument;
 
 use crate::engine::{BranchId, Command, Event, Outcome, Phase, RetryPolicy, TxnMachine};
 use crate::failpoint;
-use crate::record::{self, CoordRecord, RecordError};
+use crate::ledger::{Ledger, Verdict};
+use crate::record::{self, RecordError};
+use crate::resolve::{ResolveReport, ResolveRequest};
 
 /// How a coordinator runs.
 #[derive(Clone, Debug)]
@@ -170,6 +172,12 @@ pub struct RecoveryReport {
     /// One-phase commits journaled with neither `End` nor `Abort`: their resource is asked what
     /// became of them, and the answer journaled.
     pub asked: Vec<Xid>,
+    /// Prepared branches of transactions the journal says committed, committed (again):
+    /// `(resource, xid)`. Those whose transaction had already ended are also in `hazards`.
+    pub recommitted: Vec<(String, Xid)>,
+    /// Heuristic hazards (logged at error): a branch found prepared although its transaction
+    /// had ended committed, so its commit was lost once (a resource restored from a backup).
+    pub hazards: Vec<String>,
     /// Problems that need a person: a resource named by a decision that is not configured, a
     /// resource whose `recover` failed.
     pub problems: Vec<String>,
@@ -389,7 +397,7 @@ impl Coordinator {
                 (name, configured)
             })
             .collect();
-        let scan = scan_journal(&journal, config.node)?;
+        let ledger = read_ledger(&journal)?;
         let now_micros = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_micros() as u64)
@@ -397,7 +405,7 @@ impl Coordinator {
         let (stop, _) = watch::channel(false);
         let unfinished_max = config.max_unfinished.max(1);
         let inner = Arc::new(Inner {
-            seq: AtomicU64::new(now_micros.max(scan.max_seq + 1)),
+            seq: AtomicU64::new(now_micros.max(ledger.max_seq(config.node) + 1)),
             config,
             journal,
             resources,
@@ -413,7 +421,7 @@ impl Coordinator {
             unfinished: Arc::new(tokio::sync::Semaphore::new(unfinished_max)),
         });
         let coordinator = Coordinator { inner };
-        let report = coordinator.recover(scan).await;
+        let report = coordinator.recover(&ledger).await;
         coordinator.start_reaper();
         coordinator.start_sweeper();
         Ok((coordinator, report))
@@ -915,8 +923,8 @@ impl Coordinator {
         if due.is_empty() {
             return unowned;
         }
-        let scan = match scan_journal(&self.inner.journal, self.inner.config.node) {
-            Ok(scan) => scan,
+        let ledger = match read_ledger(&self.inner.journal) {
+            Ok(ledger) => ledger,
             Err(e) => {
                 tracing::error!(error = %e, "orphan sweep: read the journal; nothing rolled back");
                 return unowned;
@@ -924,7 +932,7 @@ impl Coordinator {
         };
         let mut next = unowned;
         for (name, xid) in due {
-            if scan.decided.contains(&xid) || scan.resolved.get(&xid) == Some(&true) {
+            if ledger.must_commit(&xid) || ledger.verdict(&xid) == Verdict::OnePhaseOpen {
                 tracing::error!(resource = %name, xid = %xid, "prepared branch has a commit decision but no transaction drives it; commit it with `concord txn resolve --commit` (recovery at the next start does too)");
                 continue;
             }
@@ -976,71 +984,30 @@ impl Coordinator {
     }
 
     /// Records an operator's decision for a transaction that cannot finish by itself (a
-    /// resource lost for good) and carries it out as far as the resources allow.
-    ///
-    /// Only what presumed abort leaves open can be decided: a transaction with a durable `Commit`
-    /// can only be resolved as committed (its branches still prepared are committed, and phase 2
-    /// stops retrying the rest); one without can only be resolved as rolled back. A transaction
-    /// this coordinator is still running phase 1 for is refused.
-    pub async fn resolve(&self, xid: &Xid, commit: bool, operator: &str) -> Result<(), CoordError> {
+    /// resource lost for good) and carries it out as far as the resources allow; see
+    /// [`crate::resolve`] for the rules and what the report says. A transaction this
+    /// coordinator is still running phase 1 for is refused; a machine driving its phase 2 is
+    /// stopped first (the resolution takes over; a branch it cannot reach is driven again at
+    /// the next start).
+    pub async fn resolve(&self, request: &ResolveRequest) -> Result<ResolveReport, CoordError> {
+        let xid = &request.xid;
         if self.inner.open_shard(xid).contains_key(xid) || self.deciding(xid) {
             return Err(CoordError::Refused(format!(
                 "transaction {xid} is still being prepared or decided by this coordinator; wait for its outcome"
             )));
         }
-        let scan = scan_journal(&self.inner.journal, self.inner.config.node)?;
-        if scan.open_one_phase.contains_key(xid) {
-            return Err(CoordError::Refused(format!(
-                "transaction {xid} commits in one phase: its outcome is its resource's, and concord asks the resource until it answers (see `concord txn list`); there is nothing to decide by hand"
-            )));
-        }
-        let decided = scan.decided.contains(xid);
-        if decided && !commit {
-            return Err(CoordError::Refused(format!(
-                "transaction {xid} has a durable commit decision; it cannot be rolled back (some branches may already be committed)"
-            )));
-        }
-        if !decided && commit {
-            return Err(CoordError::Refused(format!(
-                "transaction {xid} has no commit decision in the journal, so it never committed (presumed abort): resolve it with --rollback"
-            )));
-        }
-        let record = CoordRecord::Resolve {
-            xid: *xid,
-            commit,
-            operator: operator.to_string(),
-            at_ms: now_ms(),
-        };
-        let epoch = self.inner.config.epoch;
-        self.inner
-            .journal
-            .append(epoch, record.kind(), &record.encode())?
-            .await?;
-        tracing::info!(xid = %xid, commit, operator, "operator resolved transaction");
+        crate::resolve::check(&self.inner.journal, request)?;
         for r in self.inner.running().iter().filter(|r| r.xid == *xid) {
             r.cancelled.store(true, Ordering::Release);
         }
-        for (name, c) in &self.inner.resources {
-            let r = &c.resource;
-            let prepared = r.recover().await?;
-            if !prepared.contains(xid) {
-                continue;
-            }
-            if commit {
-                r.commit(xid).await?
-            } else {
-                r.rollback(xid).await?
-            }
-            tracing::info!(xid = %xid, resource = %name, commit, "resolved branch");
-        }
-        if commit {
-            let end = CoordRecord::End { xid: *xid };
-            self.inner
-                .journal
-                .append(epoch, end.kind(), &end.encode())?
-                .await?;
-        }
-        Ok(())
+        let resources: BTreeMap<String, Arc<dyn Resource>> = self
+            .inner
+            .resources
+            .iter()
+            .map(|(name, c)| (name.clone(), Arc::clone(&c.resource)))
+            .collect();
+        let epoch = self.inner.config.epoch;
+        crate::resolve::resolve(&self.inner.journal, epoch, &resources, request).await
     }
 
     /// Whether a machine of `xid` is preparing or deciding.
@@ -1057,58 +1024,22 @@ impl Coordinator {
             })
     }
 
-    async fn recover(&self, scan: JournalScan) -> RecoveryReport {
+    async fn recover(&self, ledger: &Ledger) -> RecoveryReport {
         let mut report = RecoveryReport::default();
-        let mut prepared: BTreeMap<String, Vec<Xid>> = BTreeMap::new();
-        for (name, c) in &self.inner.resources {
-            match c.resource.recover().await {
-                Ok(xids) => {
-                    prepared.insert(name.clone(), xids);
-                }
-                Err(e) => report
-                    .problems
-                    .push(format!("resource {name}: recover failed: {e}")),
-            }
+        let prepared = self.prepared_everywhere(&mut report).await;
+        let mut driven: HashSet<(String, Xid)> = HashSet::new();
+        for (xid, lsn, names) in ledger.open_commits() {
+            self.recover_commit(xid, lsn, &names, &mut report);
+            driven.extend(names.into_iter().map(|n| (n, xid)));
         }
-        for (xid, (lsn, names)) in &scan.open_commits {
-            if let Some(missing) = names
-                .iter()
-                .find(|n| !self.inner.resources.contains_key(*n))
-            {
-                report.problems.push(format!(
-                    "transaction {xid} committed with a branch in resource {missing:?}, which is not configured; resolve it with `concord txn resolve`"
-                ));
-            }
-            let (machine, commands) =
-                TxnMachine::recovered_commit(*xid, *lsn, names.len(), self.inner.config.retry);
-            self.drive_recovered(machine, names, commands);
-            report.redriven.push(*xid);
-        }
-        for (xid, (lsn, name, redo)) in &scan.open_one_phase {
-            if !self.inner.resources.contains_key(name) {
-                report.problems.push(format!(
-                    "transaction {xid} committed in one phase in resource {name:?}, which is not configured; configure it so that concord can learn the outcome"
-                ));
-                continue;
-            }
-            let (machine, commands) =
-                TxnMachine::recovered_one_phase(*xid, *lsn, redo.clone(), self.inner.config.retry);
-            self.drive_recovered(machine, std::slice::from_ref(name), commands);
-            report.asked.push(*xid);
+        for (xid, lsn, name, redo) in ledger.open_one_phase() {
+            self.recover_one_phase(xid, lsn, name, redo, &mut report);
         }
         for (name, xids) in prepared {
             for xid in xids {
-                if scan.open_commits.contains_key(&xid) {
-                    continue;
+                if !driven.contains(&(name.clone(), xid)) {
+                    self.recover_prepared(ledger, &name, xid, &mut report);
                 }
-                let (machine, commands) = match scan.resolved.get(&xid) {
-                    Some(true) => {
-                        TxnMachine::recovered_commit(xid, Lsn::ZERO, 1, self.inner.config.retry)
-                    }
-                    _ => TxnMachine::recovered_orphan(xid, self.inner.config.retry),
-                };
-                self.drive_recovered(machine, std::slice::from_ref(&name), commands);
-                report.rolled_back.push((name.clone(), xid));
             }
         }
         if !report.redriven.is_empty() || !report.rolled_back.is_empty() || !report.asked.is_empty()
@@ -1124,6 +1055,110 @@ impl Coordinator {
             tracing::error!("{problem}");
         }
         report
+    }
+
+    /// Every configured resource's prepared branches; a resource whose `recover` fails is a
+    /// problem of the report (its branches are found by the sweeper or the next start).
+    async fn prepared_everywhere(&self, report: &mut RecoveryReport) -> BTreeMap<String, Vec<Xid>> {
+        let mut prepared = BTreeMap::new();
+        for (name, c) in &self.inner.resources {
+            match c.resource.recover().await {
+                Ok(xids) => {
+                    prepared.insert(name.clone(), xids);
+                }
+                Err(e) => report
+                    .problems
+                    .push(format!("resource {name}: recover failed: {e}")),
+            }
+        }
+        prepared
+    }
+
+    /// A `Commit` without `End`: phase 2 again for the writers no operator forgot; with none
+    /// left, the `End` the operator's last `Forget` allowed.
+    fn recover_commit(&self, xid: Xid, lsn: Lsn, names: &[String], report: &mut RecoveryReport) {
+        if names.is_empty() {
+            self.append_end_nowait(&xid);
+            return;
+        }
+        if let Some(missing) = names
+            .iter()
+            .find(|n| !self.inner.resources.contains_key(*n))
+        {
+            report.problems.push(format!(
+                "transaction {xid} committed with a branch in resource {missing:?}, which is not configured; configure it, or end the branch with `concord txn resolve {xid} --commit --forget {missing}` if it is lost for good"
+            ));
+        }
+        let (machine, commands) =
+            TxnMachine::recovered_commit(xid, lsn, names.len(), self.inner.config.retry);
+        self.drive_recovered(machine, names, commands);
+        report.redriven.push(xid);
+    }
+
+    /// A `OnePhase` record with neither `End` nor `Abort`: its resource is asked.
+    fn recover_one_phase(
+        &self,
+        xid: Xid,
+        lsn: Lsn,
+        name: &str,
+        redo: &[u8],
+        report: &mut RecoveryReport,
+    ) {
+        if !self.inner.resources.contains_key(name) {
+            report.problems.push(format!(
+                "transaction {xid} committed in one phase in resource {name:?}, which is not configured; configure it so that concord can learn the outcome"
+            ));
+            return;
+        }
+        let (machine, commands) =
+            TxnMachine::recovered_one_phase(xid, lsn, redo.to_vec(), self.inner.config.retry);
+        self.drive_recovered(machine, &[name.to_string()], commands);
+        report.asked.push(xid);
+    }
+
+    /// A prepared branch no open decision drives. It is rolled back only when its xid has no
+    /// durable commit and no operator's commit (presumed abort). A branch of a transaction the
+    /// journal says committed — ended, or decided without this resource among its writers — is
+    /// committed again and reported as a heuristic hazard: something (a database restored from
+    /// a backup, failed over to an asynchronous replica) brought back a branch whose commit was
+    /// already carried out once.
+    fn recover_prepared(&self, ledger: &Ledger, name: &str, xid: Xid, report: &mut RecoveryReport) {
+        let verdict = ledger.verdict(&xid);
+        if verdict == Verdict::OnePhaseOpen {
+            return;
+        }
+        let names = [name.to_string()];
+        if ledger.must_commit(&xid) {
+            if verdict.is_commit() {
+                let hazard = format!(
+                    "heuristic hazard: resource {name} holds a prepared branch of transaction {xid}, which the journal says is {}; committing it again (was the resource restored from a backup or failed over?)",
+                    verdict.describe()
+                );
+                tracing::error!(resource = %name, xid = %xid, "{hazard}");
+                report.hazards.push(hazard);
+            }
+            let lsn = ledger
+                .entry(&xid)
+                .and_then(|e| e.decision.as_ref())
+                .map_or(Lsn::ZERO, |d| d.lsn());
+            let (machine, commands) =
+                TxnMachine::recovered_branch_commit(xid, lsn, self.inner.config.retry);
+            self.drive_recovered(machine, &names, commands);
+            report.recommitted.push((name.to_string(), xid));
+            return;
+        }
+        let (machine, commands) = TxnMachine::recovered_orphan(xid, self.inner.config.retry);
+        self.drive_recovered(machine, &names, commands);
+        report.rolled_back.push((name.to_string(), xid));
+    }
+
+    /// Appends an `End` without waiting for it.
+    fn append_end_nowait(&self, xid: &Xid) {
+        let end = record::encode_end(&xid.text());
+        let epoch = self.inner.config.epoch;
+        if let Err(e) = self.inner.journal.append_nowait(epoch, record::END, &end) {
+            log_unwritten(&e, "End");
+        }
     }
 
     fn drive_recovered(&self, machine: TxnMachine, names: &[String], commands: Vec<Command>) {
@@ -1307,14 +1342,12 @@ impl Driver {
             Command::AskOnePhase { branch, redo } => self.call(branch, BranchCall::Ask(redo)),
             Command::AppendAbort { reason } => {
                 let abort = record::encode_abort(&self.running.text, &reason);
-                let epoch = self.inner.config.epoch;
-                if let Err(e) = self
-                    .inner
-                    .journal
-                    .append_nowait(epoch, record::ABORT, &abort)
-                {
-                    log_unwritten(&e, "Abort");
-                }
+                self.append_outcome(record::ABORT, &abort);
+            }
+            Command::AppendOnePhaseEnd => {
+                failpoint::hit("before_end");
+                let end = record::encode_end(&self.running.text);
+                self.append_outcome(record::END, &end);
             }
             Command::AppendEnd => {
                 failpoint::hit("before_end");
@@ -1371,6 +1404,24 @@ impl Driver {
                 Event::OnePhaseAnswered { branch, result }
             }),
         });
+    }
+
+    /// Queues a one-phase commit's `End` or `Abort` record; its durability is reported as
+    /// `OutcomeDurable` (the record shares its sync with its neighbours: group commit).
+    fn append_outcome(&mut self, kind: journal::RecordKind, payload: &[u8]) {
+        let epoch = self.inner.config.epoch;
+        match self.inner.journal.append(epoch, kind, payload) {
+            Ok(appending) => self.fresh.push_back(Box::pin(async move {
+                let result = appending.await.map(|_| ()).map_err(|e| e.to_string());
+                Event::OutcomeDurable { result }
+            })),
+            Err(e) => {
+                log_unwritten(&e, "one-phase outcome");
+                self.ready.push_back(Event::OutcomeDurable {
+                    result: Err(e.to_string()),
+                });
+            }
+        }
     }
 
     /// Queues the `OnePhase` record; its durability is reported like a decision's.
@@ -1509,59 +1560,17 @@ impl BranchCall {
     }
 }
 
-/// What the journal says about transactions.
-#[derive(Debug, Default)]
-pub struct JournalScan {
-    /// Decided and not ended: xid → (decision LSN, resource names of its writers).
-    pub open_commits: BTreeMap<Xid, (Lsn, Vec<String>)>,
-    /// One-phase records with neither `End` nor `Abort`: xid → (LSN, resource, redo).
-    pub open_one_phase: BTreeMap<Xid, (Lsn, String, Vec<u8>)>,
-    /// Operators' decisions.
-    pub resolved: HashMap<Xid, bool>,
-    /// The highest sequence number of this node's xids.
-    pub max_seq: u64,
-    /// Every xid that has a decision (ended or not).
-    pub decided: HashSet<Xid>,
-}
-
-/// Reads the whole retained journal.
-pub fn scan_journal(journal: &Journal, node: u32) -> Result<JournalScan, CoordError> {
-    let mut scan = JournalScan::default();
+/// Reads the whole retained journal into a [`Ledger`].
+pub fn read_ledger(journal: &Journal) -> Result<Ledger, CoordError> {
+    let mut ledger = Ledger::new();
     for record in journal.read_from(journal.oldest_lsn())? {
         let record = record?;
-        let decoded = CoordRecord::decode(record.kind, &record.payload).map_err(|error| {
-            CoordError::Record {
-                lsn: record.lsn,
-                error,
-            }
-        })?;
-        let xid = decoded.xid();
-        if xid.node == node {
-            scan.max_seq = scan.max_seq.max(xid.seq);
-        }
-        match decoded {
-            CoordRecord::Commit { branches, .. } => {
-                scan.decided.insert(xid);
-                scan.open_commits.insert(
-                    xid,
-                    (record.lsn, branches.into_iter().map(|(n, _)| n).collect()),
-                );
-            }
-            CoordRecord::End { .. } => {
-                scan.open_commits.remove(&xid);
-                scan.open_one_phase.remove(&xid);
-            }
-            CoordRecord::Resolve { commit, .. } => {
-                scan.resolved.insert(xid, commit);
-            }
-            CoordRecord::OnePhase { resource, redo, .. } => {
-                scan.open_one_phase
-                    .insert(xid, (record.lsn, resource, redo));
-            }
-            CoordRecord::Abort { .. } => {
-                scan.open_one_phase.remove(&xid);
-            }
-        }
+        ledger
+            .apply_raw(record.lsn, record.kind, &record.payload)
+            .map_err(|e| CoordError::Record {
+                lsn: e.lsn,
+                error: e.error,
+            })?;
     }
-    Ok(scan)
+    Ok(ledger)
 }

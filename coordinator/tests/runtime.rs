@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use adapters::{Epoch, Lsn, OnePhaseOutcome, Resource, ResourceError, Vote, Xid};
 use coordinator::record::CoordRecord;
+use coordinator::resolve::{BranchOutcome, ResolveRequest};
 use coordinator::{CoordError, Coordinator, CoordinatorConfig, Outcome, RetryPolicy};
 use journal::{Journal, JournalConfig};
 
@@ -40,6 +41,17 @@ struct Mem {
     lose_answers: AtomicU32,
     /// One phase: the next answers to "what became of it" fail, this many times.
     outcome_failures: AtomicU32,
+}
+
+/// An operator's resolution of `xid` by "ops", forgetting nothing.
+fn by_ops(xid: Xid, commit: bool) -> ResolveRequest {
+    ResolveRequest {
+        xid,
+        commit,
+        operator: "ops".into(),
+        forget: Vec::new(),
+        reason: String::new(),
+    }
 }
 
 /// Waits while `hold` is set.
@@ -480,7 +492,7 @@ async fn an_operator_cannot_commit_what_never_had_a_decision() {
     a.prepared.lock().unwrap().insert(undecided);
     a.rollback_delay_ms.store(200, Ordering::Relaxed);
     let c = open(dir.path(), std::slice::from_ref(&a), config()).await;
-    let err = c.resolve(&undecided, true, "ops").await.unwrap_err();
+    let err = c.resolve(&by_ops(undecided, true)).await.unwrap_err();
     assert!(err.to_string().contains("presumed abort"), "{err}");
     assert!(a.committed().is_empty());
     assert!(c.wait_settled(Duration::from_secs(5)).await);
@@ -651,8 +663,12 @@ async fn the_orphan_sweeper_rolls_back_only_undecided_unowned_branches_of_this_n
     );
     assert_eq!(c.orphans_rolled_back(), 1);
     // The operator takes the decided transaction over; its branch commit fails again.
-    let resolved = c.resolve(&decided, true, "ops").await;
-    assert!(resolved.is_err(), "{resolved:?}");
+    let resolved = c.resolve(&by_ops(decided, true)).await.unwrap();
+    assert!(!resolved.finished, "{resolved:?}");
+    assert!(
+        matches!(&resolved.branches[..], [(name, BranchOutcome::Unreached(_))] if name == "a"),
+        "{resolved:?}"
+    );
     assert!(
         eventually(Duration::from_secs(5), || c.list().is_empty()).await,
         "{:?}",
@@ -871,7 +887,7 @@ async fn recovery_asks_about_one_phase_records_and_operators_cannot_decide_them(
         report.problems
     );
     assert!(c.wait_settled(Duration::from_secs(5)).await);
-    let refused = c.resolve(&xid(22), false, "ops").await.unwrap_err();
+    let refused = c.resolve(&by_ops(xid(22), false)).await.unwrap_err();
     assert!(refused.to_string().contains("one phase"), "{refused}");
     c.shutdown(Duration::from_secs(5)).await;
     let recs = records(&journal(dir.path()));
@@ -885,4 +901,184 @@ async fn recovery_asks_about_one_phase_records_and_operators_cannot_decide_them(
             .any(|r| matches!(r, CoordRecord::Abort { xid: x, .. } if *x == xid(21))),
         "{recs:?}"
     );
+}
+
+/// Appends `record` to the journal in `dir` and waits for it.
+fn append(dir: &std::path::Path, record: &CoordRecord) {
+    let j = journal(dir);
+    j.append(Epoch(1), record.kind(), &record.encode())
+        .unwrap()
+        .wait()
+        .unwrap();
+}
+
+fn seq(seq: u64) -> Xid {
+    Xid {
+        node: 1,
+        epoch: Epoch(1),
+        seq,
+    }
+}
+
+/// A prepared branch of a transaction whose `Commit` and `End` are both journaled (its commit
+/// was lost by a resource restored from a backup) is committed again and reported as a
+/// heuristic hazard — never rolled back while the other branches stay committed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recovery_commits_again_a_branch_of_an_ended_commit_and_reports_a_hazard() {
+    let dir = tempfile::tempdir().unwrap();
+    let ended = seq(40);
+    append(
+        dir.path(),
+        &CoordRecord::Commit {
+            xid: ended,
+            at_ms: 0,
+            branches: vec![("a".into(), b"r".to_vec()), ("b".into(), b"r".to_vec())],
+        },
+    );
+    append(dir.path(), &CoordRecord::End { xid: ended });
+    let a = Mem::new("a");
+    a.prepared.lock().unwrap().insert(ended);
+    let (c, report) = Coordinator::open(
+        config(),
+        journal(dir.path()),
+        vec![Arc::clone(&a) as Arc<dyn Resource>],
+    )
+    .await
+    .unwrap();
+    assert!(c.wait_settled(Duration::from_secs(5)).await);
+    assert_eq!(a.committed(), vec![ended]);
+    assert!(a.rolled_back().is_empty(), "{:?}", a.rolled_back());
+    assert_eq!(report.recommitted, vec![("a".to_string(), ended)]);
+    assert!(
+        report
+            .hazards
+            .iter()
+            .any(|h| h.contains(&ended.to_string())),
+        "{report:?}"
+    );
+    assert!(report.rolled_back.is_empty(), "{report:?}");
+    c.shutdown(Duration::from_secs(5)).await;
+}
+
+/// A one-phase commit is answered only once its `End` is durable: the journal holds it the
+/// moment the caller hears "committed".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_one_phase_commit_is_answered_only_once_its_end_is_durable() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = one_phase("a");
+    let c = open(dir.path(), std::slice::from_ref(&a), config()).await;
+    for _ in 0..20 {
+        let xid = c.begin();
+        c.join(&xid, "a").await.unwrap();
+        let outcome = c.commit(&xid).await.unwrap();
+        assert!(matches!(outcome, Outcome::Committed { lsn: Some(_) }));
+        let recs = records(c.journal());
+        assert!(
+            recs.iter()
+                .any(|r| matches!(r, CoordRecord::End { xid: x } if *x == xid)),
+            "{xid} answered before its End was durable: {recs:?}"
+        );
+    }
+    c.shutdown(Duration::from_secs(5)).await;
+}
+
+/// `resolve --commit` of a transaction whose branch lives in a resource that is gone reports
+/// that branch unreached and leaves the transaction open (no `End`, driven again at the next
+/// start); forgetting the branch, with a reason, ends it for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resolve_reports_unreached_branches_and_forget_ends_the_transaction_for_good() {
+    let dir = tempfile::tempdir().unwrap();
+    let stuck = seq(50);
+    append(
+        dir.path(),
+        &CoordRecord::Commit {
+            xid: stuck,
+            at_ms: 0,
+            branches: vec![("a".into(), b"r".to_vec()), ("gone".into(), b"r".to_vec())],
+        },
+    );
+    let a = Mem::new("a");
+    a.prepared.lock().unwrap().insert(stuck);
+    a.hold_commits.store(true, Ordering::SeqCst);
+    let c = open(dir.path(), std::slice::from_ref(&a), config()).await;
+    a.hold_commits.store(false, Ordering::SeqCst);
+    let report = c.resolve(&by_ops(stuck, true)).await.unwrap();
+    assert!(!report.finished, "{report:?}");
+    let outcomes: Vec<_> = report
+        .branches
+        .iter()
+        .map(|(n, o)| (n.as_str(), o))
+        .collect();
+    assert!(
+        matches!(
+            &outcomes[..],
+            [
+                ("a", BranchOutcome::Finished),
+                ("gone", BranchOutcome::Unreached(_))
+            ]
+        ),
+        "{report:?}"
+    );
+    let refused = c
+        .resolve(&ResolveRequest {
+            forget: vec!["gone".into()],
+            ..by_ops(stuck, true)
+        })
+        .await
+        .unwrap_err();
+    assert!(refused.to_string().contains("reason"), "{refused}");
+    let report = c
+        .resolve(&ResolveRequest {
+            forget: vec!["gone".into()],
+            reason: "the disk array is lost".into(),
+            ..by_ops(stuck, true)
+        })
+        .await
+        .unwrap();
+    assert!(report.finished, "{report:?}");
+    assert!(
+        report
+            .branches
+            .iter()
+            .any(|(n, o)| n == "gone" && *o == BranchOutcome::Forgotten)
+    );
+    c.shutdown(Duration::from_secs(5)).await;
+    let recs = records(&journal(dir.path()));
+    assert!(
+        recs.iter().any(|r| matches!(r, CoordRecord::Forget { xid, resource, operator, .. } if *xid == stuck && resource == "gone" && operator == "ops")),
+        "{recs:?}"
+    );
+    assert!(
+        matches!(recs.last(), Some(CoordRecord::End { xid }) if *xid == stuck),
+        "{recs:?}"
+    );
+    // The next start drives nothing: the transaction stays ended.
+    let (c, report) = Coordinator::open(
+        config(),
+        journal(dir.path()),
+        vec![Arc::clone(&a) as Arc<dyn Resource>],
+    )
+    .await
+    .unwrap();
+    assert!(report.redriven.is_empty(), "{report:?}");
+    assert!(report.problems.is_empty(), "{report:?}");
+    c.shutdown(Duration::from_secs(5)).await;
+}
+
+/// An xid that neither the journal nor any resource knows is refused by name, and nothing is
+/// journaled for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resolving_an_unknown_xid_is_refused_and_records_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = Mem::new("a");
+    let c = open(dir.path(), std::slice::from_ref(&a), config()).await;
+    let unknown = seq(77);
+    let refused = c.resolve(&by_ops(unknown, false)).await.unwrap_err();
+    assert!(refused.to_string().contains("unknown"), "{refused}");
+    assert!(
+        refused.to_string().contains(&unknown.to_string()),
+        "{refused}"
+    );
+    c.shutdown(Duration::from_secs(5)).await;
+    assert!(records(&journal(dir.path())).is_empty());
 }

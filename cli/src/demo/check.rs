@@ -22,7 +22,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use coordinator::record::CoordRecord;
+use coordinator::ledger::Ledger;
 
 use super::{
     FILES, INDEX, MAIL, PG_RESOURCE, content, key, key_value, mail_body, mail_subject, message_id,
@@ -369,7 +369,8 @@ fn check_leftovers(
     Ok(())
 }
 
-/// Every part a durable `Commit` record names — decided transactions, acknowledged to their
+/// Every part a committed transaction names (a `Commit` record, or a `OnePhase` record with its
+/// `End`, as the ledger reports them) — decided transactions, acknowledged to their
 /// client or not — must be present: recovery may never roll back a decision.
 fn check_decisions(
     data: &Path,
@@ -379,13 +380,19 @@ fn check_decisions(
 ) -> anyhow::Result<()> {
     let journal_dir = data.join("journal");
     let record_bytes_max = journal::JournalConfig::default().record_bytes_max;
+    let mut ledger = Ledger::new();
+    let mut unreadable = None;
     journal::scan::scan_dir(&journal_dir, record_bytes_max, |rec| {
-        let Ok(CoordRecord::Commit { xid, branches, .. }) =
-            CoordRecord::decode(rec.kind, &rec.payload)
-        else {
-            return;
+        let committed = match ledger.apply_raw(rec.lsn, rec.kind, &rec.payload) {
+            Ok(Some(committed)) => committed,
+            Ok(None) => return,
+            Err(e) => {
+                unreadable.get_or_insert(e);
+                return;
+            }
         };
-        for (resource, redo) in branches {
+        let xid = committed.xid;
+        for (resource, redo) in committed.writers {
             let missing = match resource.as_str() {
                 PG_RESOURCE => missing_orders(&redo, orders),
                 MAIL => missing_mails(&redo, stores),
@@ -400,6 +407,11 @@ fn check_decisions(
             );
         }
     })?;
+    if let Some(e) = unreadable {
+        problems.push(format!(
+            "the journal holds a record the check cannot read: {e}"
+        ));
+    }
     Ok(())
 }
 

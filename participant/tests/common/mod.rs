@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use adapters::{Lsn, Xid};
 use coordinator::Outcome;
+use coordinator::ledger::Ledger;
 use coordinator::record::CoordRecord;
 use journal::JournalConfig;
 use participant::{Concord, Config, Transaction};
@@ -68,34 +69,20 @@ pub type Writers = Vec<(String, Vec<u8>)>;
 /// checks that the journal scans cleanly and that every record decodes.
 pub fn commits(data_dir: &Path) -> BTreeMap<Lsn, (Xid, Writers)> {
     let mut found = BTreeMap::new();
-    let mut one_phase: BTreeMap<Xid, (Lsn, Writers)> = BTreeMap::new();
+    let mut ledger = Ledger::new();
     let mut undecodable = Vec::new();
     let record_bytes_max = JournalConfig::default().record_bytes_max;
-    journal::scan::scan_dir(&data_dir.join("journal"), record_bytes_max, |record| {
-        match CoordRecord::decode(record.kind, &record.payload) {
-            Ok(CoordRecord::Commit { xid, branches, .. }) => {
-                found.insert(record.lsn, (xid, branches));
+    journal::scan::scan_dir(
+        &data_dir.join("journal"),
+        record_bytes_max,
+        |record| match ledger.apply_raw(record.lsn, record.kind, &record.payload) {
+            Ok(Some(committed)) => {
+                found.insert(committed.lsn, (committed.xid, committed.writers));
             }
-            Ok(CoordRecord::OnePhase {
-                xid,
-                resource,
-                redo,
-                ..
-            }) => {
-                one_phase.insert(xid, (record.lsn, vec![(resource, redo)]));
-            }
-            Ok(CoordRecord::End { xid }) => {
-                if let Some((lsn, writers)) = one_phase.remove(&xid) {
-                    found.insert(lsn, (xid, writers));
-                }
-            }
-            Ok(CoordRecord::Abort { xid, .. }) => {
-                one_phase.remove(&xid);
-            }
-            Ok(CoordRecord::Resolve { .. }) => {}
-            Err(e) => undecodable.push(format!("lsn {}: {e}", record.lsn)),
-        }
-    })
+            Ok(None) => {}
+            Err(e) => undecodable.push(e.to_string()),
+        },
+    )
     .unwrap();
     assert!(undecodable.is_empty(), "{undecodable:?}");
     found
@@ -114,6 +101,7 @@ pub fn record_kinds(data_dir: &Path) -> Vec<(&'static str, Xid)> {
             CoordRecord::End { .. } => "End",
             CoordRecord::Abort { .. } => "Abort",
             CoordRecord::Resolve { .. } => "Resolve",
+            CoordRecord::Forget { .. } => "Forget",
         };
         kinds.push((kind, decoded.xid()));
     })
