@@ -35,6 +35,7 @@
 //! * The trait is async (through `async-trait`, so that it stays usable as `dyn Resource`);
 //!   resources whose work is blocking file I/O run it on tokio's blocking pool.
 
+pub mod config;
 mod dirsync;
 pub mod error;
 pub mod files;

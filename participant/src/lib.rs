@@ -37,17 +37,17 @@
 //! * Resources open one after the other, in name order; a kv resource whose sled directory an
 //!   instance dropped a moment before in this process waits for it (`open_wait_ms_max`).
 
-pub mod config;
+pub use adapters::config;
 
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use adapters::Xid;
-use adapters::files::{FilesBranch, FilesConfig, FilesResource};
-use adapters::kv::{KvBranch, KvConfig, KvResource};
-use adapters::mail::{MailBranch, MailConfig, MailResource};
-use adapters::postgres::{PgBranch, PostgresConfig, PostgresResource};
+use adapters::files::{FilesBranch, FilesResource};
+use adapters::kv::{KvBranch, KvResource};
+use adapters::mail::{MailBranch, MailResource};
+use adapters::postgres::{PgBranch, PostgresResource};
 use coordinator::{
     CoordError, Coordinator, CoordinatorConfig, Outcome, RecoveryReport, RetryPolicy,
 };
@@ -112,10 +112,7 @@ impl Concord {
         })
         .await
         .map_err(|e| CoordError::Refused(format!("open journal: {e}")))??;
-        let mut resources: Vec<Arc<dyn adapters::Resource>> = Vec::new();
-        for (name, resource) in &config.resources {
-            resources.push(open_resource(name, resource, config.node).await?);
-        }
+        let resources = config::open_all(&config).await.map_err(opening_failed)?;
         let coordinator_config = CoordinatorConfig {
             node: config.node,
             epoch: Epoch(config.epoch),
@@ -174,71 +171,13 @@ impl Concord {
     }
 }
 
-/// Opens one configured resource. Mail and kv open blocking (directory checks, sled's
-/// recovery and lock wait), so they run on the blocking pool.
-async fn open_resource(
-    name: &str,
-    resource: &ResourceConfig,
-    node: u32,
-) -> Result<Arc<dyn adapters::Resource>, ConcordError> {
-    let blocking =
-        |e: tokio::task::JoinError| CoordError::Refused(format!("open resource {name}: {e}"));
-    let opened: Arc<dyn adapters::Resource> = match resource {
-        ResourceConfig::Files {
-            root,
-            create,
-            lock_wait_ms,
-        } => {
-            let files_config = FilesConfig {
-                lock_wait_ms_max: *lock_wait_ms,
-                create_if_missing: *create,
-                ..FilesConfig::default()
-            };
-            FilesResource::open(name, root, files_config)?
-        }
-        ResourceConfig::Postgres {
-            url,
-            pool_size,
-            fence_wait_ms,
-        } => {
-            let mut pg_config = PostgresConfig::new(url, node);
-            pg_config.pool_size = *pool_size;
-            pg_config.fence_wait_ms = *fence_wait_ms;
-            PostgresResource::open(name, pg_config).await?
-        }
-        ResourceConfig::Mail {
-            maildir,
-            create,
-            max_message_bytes,
-        } => {
-            let mail_config = MailConfig {
-                create: *create,
-                max_message_bytes: *max_message_bytes,
-            };
-            let (name, maildir) = (name.to_string(), maildir.clone());
-            tokio::task::spawn_blocking(move || MailResource::open(&name, &maildir, mail_config))
-                .await
-                .map_err(blocking)??
-        }
-        ResourceConfig::Kv {
-            dir,
-            create,
-            lock_wait_ms,
-            value_bytes_max,
-        } => {
-            let kv_config = KvConfig {
-                lock_wait_ms_max: *lock_wait_ms,
-                value_bytes_max: *value_bytes_max,
-                create_if_missing: *create,
-                ..KvConfig::default()
-            };
-            let (name, dir) = (name.to_string(), dir.clone());
-            tokio::task::spawn_blocking(move || KvResource::open(&name, &dir, kv_config))
-                .await
-                .map_err(blocking)??
-        }
-    };
-    Ok(opened)
+/// An [`OpenError`](config::OpenError) as the participant has always reported it: a resource's
+/// own refusal as [`ConcordError::Resource`], anything else as the coordinator refusing to start.
+fn opening_failed(error: config::OpenError) -> ConcordError {
+    match error {
+        config::OpenError::Resource { source, .. } => ConcordError::Resource(source),
+        other => CoordError::Refused(other.to_string()).into(),
+    }
 }
 
 /// One transaction; see the crate docs.

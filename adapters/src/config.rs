@@ -1,4 +1,13 @@
-//! `concord.toml`: the node, the data directory and the resources by name.
+//! `concord.toml` — the node, the data directory and the resources by name — and opening the
+//! resources it names.
+//!
+//! Several programs open the same resources from the same file: the participant library
+//! (embedded mode opens every resource for its coordinator), the operator commands (which open
+//! only the resources one xid involves) and the standby's replay daemon (which opens its own
+//! copies to replay redo into them). The replicator must never depend on the participant
+//! library, and every one of them already depends on this crate, so the configuration and the
+//! code that turns a [`ResourceConfig`] into an `Arc<dyn Resource>` live here, next to the
+//! resources. `participant` re-exports this module unchanged (`participant::config`).
 //!
 //! ```toml
 //! node = 1                  # this coordinator's node id, part of every xid
@@ -33,48 +42,89 @@
 //! value_bytes_max = 1048576 # optional: longest value (at most 4 MiB: a branch's whole batch is)
 //! ```
 //!
-//! Each kind takes only its own fields: `root` for files; `url`, `pool_size` and
-//! `fence_wait_ms` for postgres; `maildir` and `max_message_bytes` for mail; `dir` and
-//! `value_bytes_max` for kv; `create` for files, mail and kv; `lock_wait_ms` for files and kv.
+//! The kinds are [`KINDS`]. Each kind takes only its own fields: `root` for files; `url`,
+//! `pool_size` and `fence_wait_ms` for postgres; `maildir` and `max_message_bytes` for mail;
+//! `dir` and `value_bytes_max` for kv; `create` for files, mail and kv; `lock_wait_ms` for files
+//! and kv.
 //!
 //! Unknown fields are refused (a misspelt option must not be ignored silently); every error names
-//! the file and the field.
+//! the file and the field, and a kind that does not exist names the resource and the kinds that
+//! do ([`ConfigProblem::UnknownKind`]). Loading only reads the file: a refused configuration has
+//! created nothing.
+//!
+//! Opening: [`open_all`] opens every configured resource, [`open_named`] only those named (every
+//! name is checked against the configuration before any resource opens, and the others are not
+//! touched: no connection, no directory created), [`open_resource`] one. Mail and kv open on
+//! tokio's blocking pool (directory checks, sled's recovery and lock wait).
+//!
+//! # Implementation caveats
+//!
+//! * Resources open one after the other, in name order; when one fails, those opened before it
+//!   are dropped (closed), but what their opening created (a root with `create = true`) stays.
+//! * A semantic error (a field of another kind, a value out of range, an unknown kind) names the
+//!   resource table and the field, not the line; errors of TOML syntax, of a value's type and of
+//!   an unknown field come from the TOML parser, with the line.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use serde::Deserialize;
+
+use crate::files::{FilesConfig, FilesResource};
+use crate::kv::{KvConfig, KvResource};
+use crate::mail::{MailConfig, MailResource};
+use crate::postgres::{PostgresConfig, PostgresResource};
+use crate::{Resource, ResourceError};
 
 /// The name (and directory under `data_dir`) of the mail queue of [`Config::embedded`].
 pub const EMBEDDED_MAIL: &str = "mail";
 /// The name (and directory under `data_dir`) of the kv resource of [`Config::embedded`].
 pub const EMBEDDED_KV: &str = "index";
 
-/// The configuration of an embedded concord.
+/// The kinds of resource a `[resources.NAME]` table can name, as written in `kind = "…"`.
+pub const KINDS: [&str; 4] = ["files", "postgres", "mail", "kv"];
+
+/// The configuration of a concord node: its identity, its data directory and its resources.
 #[derive(Clone, Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(try_from = "ConfigToml")]
 pub struct Config {
     /// This node's id.
     pub node: u32,
     /// Where the journal (and later other state) lives.
     pub data_dir: PathBuf,
     /// The epoch this node serves in (1 until failover exists).
-    #[serde(default = "default_epoch")]
     pub epoch: u64,
     /// An open transaction is rolled back after this long (milliseconds).
-    #[serde(default = "default_timeout_ms")]
     pub txn_timeout_ms: u64,
     /// How often the coordinator looks for prepared branches nobody owns (milliseconds; 0: never).
     /// One is rolled back when two sweeps in a row found it so, so this is also its least age.
-    #[serde(default = "default_orphan_sweep_ms")]
     pub orphan_sweep_ms: u64,
     /// Whether a transaction whose only branch is in a resource that offers it (PostgreSQL)
     /// commits in one phase; `false` makes every transaction take two.
-    #[serde(default = "default_one_phase")]
     pub one_phase: bool,
     /// The resources, by name.
-    #[serde(default, deserialize_with = "resources_from_toml")]
     pub resources: BTreeMap<String, ResourceConfig>,
+}
+
+/// The file as written: the resource tables are checked against their kind after parsing, so
+/// that a semantic error is typed ([`ConfigProblem`]) rather than a parser message.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConfigToml {
+    node: u32,
+    data_dir: PathBuf,
+    #[serde(default = "default_epoch")]
+    epoch: u64,
+    #[serde(default = "default_timeout_ms")]
+    txn_timeout_ms: u64,
+    #[serde(default = "default_orphan_sweep_ms")]
+    orphan_sweep_ms: u64,
+    #[serde(default = "default_one_phase")]
+    one_phase: bool,
+    #[serde(default)]
+    resources: BTreeMap<String, ResourceToml>,
 }
 
 /// A resource table as written. Flat rather than a serde-tagged enum, so that a bad value is
@@ -82,7 +132,7 @@ pub struct Config {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct ResourceToml {
-    kind: ResourceKind,
+    kind: String,
     root: Option<PathBuf>,
     maildir: Option<PathBuf>,
     dir: Option<PathBuf>,
@@ -95,8 +145,7 @@ struct ResourceToml {
     fence_wait_ms: Option<u64>,
 }
 
-#[derive(Clone, Copy, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Clone, Copy)]
 enum ResourceKind {
     Files,
     Postgres,
@@ -105,6 +154,17 @@ enum ResourceKind {
 }
 
 impl ResourceKind {
+    /// The kind written `kind`, if it exists.
+    fn parse(kind: &str) -> Option<ResourceKind> {
+        match kind {
+            "files" => Some(ResourceKind::Files),
+            "postgres" => Some(ResourceKind::Postgres),
+            "mail" => Some(ResourceKind::Mail),
+            "kv" => Some(ResourceKind::Kv),
+            _ => None,
+        }
+    }
+
     fn name(self) -> &'static str {
         match self {
             ResourceKind::Files => "files",
@@ -125,6 +185,50 @@ impl ResourceKind {
     }
 }
 
+/// What is wrong with a configuration, for callers that act on it; the error's message says it
+/// in words.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ConfigProblem {
+    /// The file cannot be read.
+    Unreadable,
+    /// The TOML parser refused it: bad syntax, a value of the wrong type, a missing or unknown
+    /// field.
+    Malformed,
+    /// A resource table names a kind that does not exist (the kinds are [`KINDS`]).
+    UnknownKind {
+        /// The resource (the `NAME` of `[resources.NAME]`).
+        resource: String,
+        /// The kind it names.
+        kind: String,
+    },
+    /// A value the types allow but concord cannot use: a field of another kind, a value out of
+    /// range, a bad resource name.
+    Invalid,
+}
+
+/// A refusal of one part of the file, before the file's path is attached.
+#[derive(Debug)]
+struct Refusal {
+    problem: ConfigProblem,
+    message: String,
+}
+
+impl Refusal {
+    fn invalid(message: impl Into<String>) -> Refusal {
+        Refusal {
+            problem: ConfigProblem::Invalid,
+            message: message.into(),
+        }
+    }
+}
+
+impl fmt::Display for Refusal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
 impl ResourceToml {
     /// The fields set in the table, by name.
     fn set_fields(&self) -> [(&'static str, bool); 10] {
@@ -142,25 +246,45 @@ impl ResourceToml {
         ]
     }
 
-    /// The first field set that does not apply to the table's kind.
-    fn foreign_field(&self) -> Option<&'static str> {
-        let allowed = self.kind.fields();
+    /// The first field set that does not apply to `kind`.
+    fn foreign_field(&self, kind: ResourceKind) -> Option<&'static str> {
+        let allowed = kind.fields();
         self.set_fields()
             .into_iter()
             .find(|(field, set)| *set && !allowed.contains(field))
             .map(|(field, _)| field)
     }
 
-    /// The resource, or what is wrong with the table (naming the field).
-    fn into_config(self) -> Result<ResourceConfig, String> {
-        if let Some(field) = self.foreign_field() {
-            let kind = self.kind.name();
+    /// The resource `name`, or what is wrong with its table (naming the table and the field).
+    fn into_config(self, name: &str) -> Result<ResourceConfig, Refusal> {
+        let Some(kind) = ResourceKind::parse(&self.kind) else {
+            return Err(Refusal {
+                message: format!(
+                    "[resources.{name}]: field `kind` names the kind {:?}, which does not exist; \
+                     the kinds are {}",
+                    self.kind,
+                    KINDS.join(", ")
+                ),
+                problem: ConfigProblem::UnknownKind {
+                    resource: name.to_string(),
+                    kind: self.kind,
+                },
+            });
+        };
+        self.into_kind(kind)
+            .map_err(|e| Refusal::invalid(format!("[resources.{name}]: {e}")))
+    }
+
+    /// The resource of `kind`, or what is wrong with the table (naming the field).
+    fn into_kind(self, kind: ResourceKind) -> Result<ResourceConfig, String> {
+        if let Some(field) = self.foreign_field(kind) {
+            let kind = kind.name();
             return Err(format!(
                 "field `{field}` does not apply to kind = \"{kind}\""
             ));
         }
         let missing = |field: &str| format!("missing field `{field}`");
-        match self.kind {
+        match kind {
             ResourceKind::Files => Ok(ResourceConfig::Files {
                 root: self.root.ok_or_else(|| missing("root"))?,
                 create: self.create.unwrap_or(false),
@@ -210,22 +334,25 @@ impl ResourceToml {
     }
 }
 
-fn resources_from_toml<'de, D>(
-    deserializer: D,
-) -> Result<BTreeMap<String, ResourceConfig>, D::Error>
-where
-    D: serde::Deserializer<'de>,
-{
-    use serde::de::Error;
-    let tables = BTreeMap::<String, ResourceToml>::deserialize(deserializer)?;
-    let mut out = BTreeMap::new();
-    for (name, table) in tables {
-        let config = table
-            .into_config()
-            .map_err(|e| D::Error::custom(format!("[resources.{name}]: {e}")))?;
-        out.insert(name, config);
+impl TryFrom<ConfigToml> for Config {
+    type Error = Refusal;
+
+    fn try_from(raw: ConfigToml) -> Result<Config, Refusal> {
+        let mut resources = BTreeMap::new();
+        for (name, table) in raw.resources {
+            let resource = table.into_config(&name)?;
+            resources.insert(name, resource);
+        }
+        Ok(Config {
+            node: raw.node,
+            data_dir: raw.data_dir,
+            epoch: raw.epoch,
+            txn_timeout_ms: raw.txn_timeout_ms,
+            orphan_sweep_ms: raw.orphan_sweep_ms,
+            one_phase: raw.one_phase,
+            resources,
+        })
     }
-    Ok(out)
 }
 
 /// One resource.
@@ -249,7 +376,7 @@ pub enum ResourceConfig {
         /// How long a fence waits for prepared branches of older epochs (milliseconds).
         fence_wait_ms: u64,
     },
-    /// A Maildir (the mail queue resource, `adapters::mail`).
+    /// A Maildir (the mail queue resource, [`crate::mail`]).
     Mail {
         /// The Maildir: the directory holding `tmp/`, `new/` and `cur/`.
         maildir: PathBuf,
@@ -258,7 +385,7 @@ pub enum ResourceConfig {
         /// Largest message accepted, in bytes, counted with CRLF line endings.
         max_message_bytes: u64,
     },
-    /// A sled directory (the kv resource, `adapters::kv`).
+    /// A sled directory (the kv resource, [`crate::kv`]).
     Kv {
         /// The sled directory.
         dir: PathBuf,
@@ -269,6 +396,18 @@ pub enum ResourceConfig {
         /// Longest value an insert accepts, in bytes.
         value_bytes_max: u64,
     },
+}
+
+impl ResourceConfig {
+    /// Its kind as written in `kind = "…"` (one of [`KINDS`]).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ResourceConfig::Files { .. } => "files",
+            ResourceConfig::Postgres { .. } => "postgres",
+            ResourceConfig::Mail { .. } => "mail",
+            ResourceConfig::Kv { .. } => "kv",
+        }
+    }
 }
 
 /// The highest `value_bytes_max` of a kv resource: the default limit of a branch's batch, which
@@ -296,14 +435,15 @@ fn default_lock_wait_ms() -> u64 {
 }
 
 fn default_max_message_bytes() -> u64 {
-    adapters::mail::MailConfig::default().max_message_bytes
+    MailConfig::default().max_message_bytes
 }
 
 fn default_value_bytes_max() -> u64 {
-    adapters::kv::KvConfig::default().value_bytes_max
+    KvConfig::default().value_bytes_max
 }
 
-/// A configuration that cannot be used.
+/// A configuration that cannot be used: fix the file (the message names it and the field) and
+/// start again.
 #[derive(Debug, thiserror::Error)]
 #[error("configuration {path}: {message}")]
 pub struct ConfigError {
@@ -311,22 +451,35 @@ pub struct ConfigError {
     pub path: PathBuf,
     /// What is wrong, naming the field.
     pub message: String,
+    /// What is wrong, for a caller that acts on it.
+    pub problem: ConfigProblem,
 }
 
 impl Config {
     /// Reads and checks `path`; relative paths in it are made relative to its directory.
+    /// Creates nothing.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let err = |message: String| ConfigError {
+        let err = |refusal: Refusal| ConfigError {
             path: path.to_path_buf(),
-            message,
+            message: refusal.message,
+            problem: refusal.problem,
         };
-        let text =
-            std::fs::read_to_string(path).map_err(|e| err(format!("cannot read it: {e}")))?;
-        let mut config: Config =
-            toml::from_str(&text).map_err(|e| err(e.to_string().trim().replace('\n', " ")))?;
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            err(Refusal {
+                problem: ConfigProblem::Unreadable,
+                message: format!("cannot read it: {e}"),
+            })
+        })?;
+        let raw: ConfigToml = toml::from_str(&text).map_err(|e| {
+            err(Refusal {
+                problem: ConfigProblem::Malformed,
+                message: e.to_string().trim().replace('\n', " "),
+            })
+        })?;
+        let mut config = Config::try_from(raw).map_err(err)?;
         let base = path.parent().unwrap_or(Path::new("."));
         config.resolve_paths(base);
-        config.validate().map_err(err)?;
+        config.validate().map_err(|e| err(Refusal::invalid(e)))?;
         Ok(config)
     }
 
@@ -404,6 +557,168 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// A resource that could not be opened, naming it.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    /// The name is not a resource of the configuration; nothing was opened.
+    #[error(
+        "resource {name:?} is not in the configuration (it has: {}); check the name, or add a \
+         [resources.{name}] table",
+        known.join(", ")
+    )]
+    NotConfigured {
+        /// The name asked for.
+        name: String,
+        /// The resources the configuration has.
+        known: Vec<String>,
+    },
+    /// The resource refused or failed to open; its error (which names it too) says what to do.
+    #[error("{source}")]
+    Resource {
+        /// The resource.
+        name: String,
+        /// Why it did not open.
+        source: ResourceError,
+    },
+    /// The task opening it on the blocking pool did not finish: it panicked, or the runtime is
+    /// shutting down.
+    #[error("open resource {name}: the opening task failed ({message}); restart the process")]
+    Task {
+        /// The resource.
+        name: String,
+        /// What the runtime said.
+        message: String,
+    },
+}
+
+impl OpenError {
+    /// The resource the error is about.
+    pub fn resource(&self) -> &str {
+        match self {
+            OpenError::NotConfigured { name, .. }
+            | OpenError::Resource { name, .. }
+            | OpenError::Task { name, .. } => name,
+        }
+    }
+}
+
+/// Opens every resource of `config`, in name order (see [`open_resource`]).
+pub async fn open_all(config: &Config) -> Result<Vec<Arc<dyn Resource>>, OpenError> {
+    let mut opened = Vec::with_capacity(config.resources.len());
+    for (name, resource) in &config.resources {
+        opened.push(open_resource(name, resource, config.node).await?);
+    }
+    Ok(opened)
+}
+
+/// Opens only the resources `names` of `config`, in name order, each once however often it is
+/// named. Every name is checked before any resource opens: a name the configuration lacks is
+/// [`OpenError::NotConfigured`] with nothing opened. The other resources are not touched.
+pub async fn open_named<S: AsRef<str>>(
+    config: &Config,
+    names: &[S],
+) -> Result<Vec<Arc<dyn Resource>>, OpenError> {
+    let wanted: BTreeSet<&str> = names.iter().map(AsRef::as_ref).collect();
+    let mut chosen = Vec::with_capacity(wanted.len());
+    for name in wanted {
+        let Some(resource) = config.resources.get(name) else {
+            return Err(OpenError::NotConfigured {
+                name: name.to_string(),
+                known: config.resources.keys().cloned().collect(),
+            });
+        };
+        chosen.push((name, resource));
+    }
+    let mut opened = Vec::with_capacity(chosen.len());
+    for (name, resource) in chosen {
+        opened.push(open_resource(name, resource, config.node).await?);
+    }
+    Ok(opened)
+}
+
+/// Opens the resource `name` described by `resource` for node `node` (PostgreSQL's prepared
+/// transactions are named by it). Mail and kv open blocking (directory checks, sled's recovery
+/// and lock wait), so they run on tokio's blocking pool. Must be called inside a tokio runtime.
+pub async fn open_resource(
+    name: &str,
+    resource: &ResourceConfig,
+    node: u32,
+) -> Result<Arc<dyn Resource>, OpenError> {
+    let refused = |source: ResourceError| OpenError::Resource {
+        name: name.to_string(),
+        source,
+    };
+    let opened: Arc<dyn Resource> = match resource {
+        ResourceConfig::Files {
+            root,
+            create,
+            lock_wait_ms,
+        } => {
+            let files_config = FilesConfig {
+                lock_wait_ms_max: *lock_wait_ms,
+                create_if_missing: *create,
+                ..FilesConfig::default()
+            };
+            FilesResource::open(name, root, files_config).map_err(refused)?
+        }
+        ResourceConfig::Postgres {
+            url,
+            pool_size,
+            fence_wait_ms,
+        } => {
+            let mut pg_config = PostgresConfig::new(url, node);
+            pg_config.pool_size = *pool_size;
+            pg_config.fence_wait_ms = *fence_wait_ms;
+            PostgresResource::open(name, pg_config)
+                .await
+                .map_err(refused)?
+        }
+        ResourceConfig::Mail {
+            maildir,
+            create,
+            max_message_bytes,
+        } => {
+            let mail_config = MailConfig {
+                create: *create,
+                max_message_bytes: *max_message_bytes,
+            };
+            let (owned, maildir) = (name.to_string(), maildir.clone());
+            let opening = move || MailResource::open(&owned, &maildir, mail_config);
+            on_blocking_pool(name, opening).await?.map_err(refused)?
+        }
+        ResourceConfig::Kv {
+            dir,
+            create,
+            lock_wait_ms,
+            value_bytes_max,
+        } => {
+            let kv_config = KvConfig {
+                lock_wait_ms_max: *lock_wait_ms,
+                value_bytes_max: *value_bytes_max,
+                create_if_missing: *create,
+                ..KvConfig::default()
+            };
+            let (owned, dir) = (name.to_string(), dir.clone());
+            let opening = move || KvResource::open(&owned, &dir, kv_config);
+            on_blocking_pool(name, opening).await?.map_err(refused)?
+        }
+    };
+    Ok(opened)
+}
+
+/// Runs `opening` on the blocking pool; a task that did not finish is [`OpenError::Task`].
+async fn on_blocking_pool<T: Send + 'static>(
+    name: &str,
+    opening: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, OpenError> {
+    tokio::task::spawn_blocking(opening)
+        .await
+        .map_err(|e| OpenError::Task {
+            name: name.to_string(),
+            message: e.to_string(),
+        })
 }
 
 #[cfg(test)]
