@@ -7,19 +7,25 @@
 //! on standard error and lists the others). It shows
 //! transactions whose decision is durable but whose phase 2 has not finished (no `End` yet), and
 //! prepared branches that no decision names (in doubt until the coordinator's next recovery rolls
-//! them back). `resolve` records an operator's decision in the journal and carries it out, for a
-//! transaction stuck because a resource is lost for good; it opens the journal, so the
-//! application must be stopped first (embedded mode holds the journal's lock).
+//! them back), and prepared branches of transactions the journal says committed (a heuristic
+//! hazard: the next recovery commits them again). `resolve` records an operator's decision in the
+//! journal and carries it out ([`coordinator::resolve`]), for a transaction stuck because a
+//! resource is unreachable or lost for good. It opens the journal (so the application must be
+//! stopped first: embedded mode holds the journal's lock), creates nothing where there is no
+//! journal, runs no recovery, and opens only the resources the xid involves — the decision's
+//! writers for a commit, the resources that hold a branch of it prepared for a rollback — so an
+//! unreachable database that the xid does not involve does not stand in the way. It prints
+//! what became of each branch and exits non-zero while any branch was not reached.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use adapters::Xid;
 use anyhow::Context;
 use coordinator::ledger::Ledger;
 use coordinator::resolve::{BranchOutcome, ResolveRequest};
-use participant::{Concord, Config};
+use participant::Config;
 use serde::Serialize;
 
 /// Where the configuration comes from.
@@ -254,20 +260,42 @@ pub fn resolve(args: ResolveArgs) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
+    let journal_dir = config.data_dir.join("journal");
+    if !journal_dir.is_dir() {
+        anyhow::bail!(
+            "no concord journal at {}: this is not the data directory of a concord configuration (check --data or --config); nothing was changed",
+            journal_dir.display()
+        );
+    }
+    let journal = journal::Journal::open(&journal_dir, journal::JournalConfig::default())
+        .with_context(|| format!("open the journal {}", journal_dir.display()))?;
+    let ledger = coordinator::runtime::read_ledger(&journal)?;
+    let epoch = adapters::Epoch(config.epoch);
     runtime.block_on(async {
-        let concord = Concord::open(config).await?;
-        // Let recovery finish what it can first (it rolls back undecided branches); a
-        // transaction stuck on a lost resource keeps it busy, so the wait is bounded.
-        concord.wait_idle(Duration::from_secs(3)).await;
+        let (names, mut unopened) = involved(&config, &ledger, &xid, args.commit).await;
+        let mut resources = BTreeMap::new();
+        for name in names {
+            let Some(resource_config) = config.resources.get(&name) else {
+                continue;
+            };
+            match adapters::config::open_resource(&name, resource_config, config.node).await {
+                Ok(resource) => {
+                    resources.insert(name, resource);
+                }
+                Err(e) => unopened.push((name, e.to_string())),
+            }
+        }
         let request = ResolveRequest {
             xid,
             commit: args.commit,
             operator: operator.clone(),
             forget: args.forget.clone(),
             reason: args.reason.clone().unwrap_or_default(),
+            unopened,
         };
-        let result = concord.coordinator().resolve(&request).await;
-        concord.close(Duration::from_secs(5)).await;
+        let result = coordinator::resolve::resolve(&journal, epoch, &resources, &request).await;
+        drop(resources);
+        journal.close()?;
         let report = result?;
         let decision = if args.commit { "commit" } else { "rollback" };
         if args.json {
@@ -301,6 +329,66 @@ pub fn resolve(args: ResolveArgs) -> anyhow::Result<()> {
             anyhow::bail!("transaction {xid} is not finished: some branches were not reached");
         }
         Ok(())
+    })
+}
+
+/// The resources `xid` involves, to be opened: for a commit, the decision's writers still to be
+/// driven; for a rollback, the resources that hold a branch of it prepared, asked without
+/// opening them. A resource that cannot be asked is returned with why, in the second list.
+async fn involved(
+    config: &Config,
+    ledger: &Ledger,
+    xid: &Xid,
+    commit: bool,
+) -> (Vec<String>, Vec<(String, String)>) {
+    if commit {
+        let writers = ledger
+            .open_commits()
+            .find(|(x, _, _)| x == xid)
+            .map(|(_, _, names)| names)
+            .unwrap_or_default();
+        return (writers, Vec::new());
+    }
+    let mut holders = Vec::new();
+    let mut unasked = Vec::new();
+    for (name, resource) in &config.resources {
+        match holds_prepared(config, resource, name, xid).await {
+            Ok(true) => holders.push(name.clone()),
+            Ok(false) => {}
+            Err(e) => unasked.push((name.clone(), format!("{e:#}"))),
+        }
+    }
+    (holders, unasked)
+}
+
+/// Whether `resource` holds a branch of `xid` prepared, read without opening it.
+async fn holds_prepared(
+    config: &Config,
+    resource: &participant::ResourceConfig,
+    name: &str,
+    xid: &Xid,
+) -> anyhow::Result<bool> {
+    use participant::ResourceConfig;
+    Ok(match resource {
+        ResourceConfig::Files { root, .. } => {
+            adapters::files::prepared_on_disk(root)?.contains(xid)
+        }
+        ResourceConfig::Mail { maildir, .. } => {
+            adapters::mail::prepared_on_disk(maildir)?.contains(xid)
+        }
+        ResourceConfig::Kv { dir, .. } => match adapters::kv::prepared_on_disk(dir)? {
+            Some(prepared) => prepared.contains(xid),
+            None => anyhow::bail!(
+                "the sled directory {} is open in a running process; stop it first",
+                dir.display()
+            ),
+        },
+        ResourceConfig::Postgres { url, .. } => {
+            adapters::postgres::prepared_in(name, url, config.node)
+                .await?
+                .iter()
+                .any(|b| b.xid == *xid)
+        }
     })
 }
 

@@ -226,3 +226,76 @@ fn branches_prepared_in_the_mail_queue_and_the_kv_store_are_listed() {
     assert_eq!(rows[0]["state"], "prepared, no decision (in doubt)");
     assert_eq!(rows[0]["branches"], serde_json::json!(["index", "mail"]));
 }
+
+/// `resolve` opens only the resources the xid involves: a configuration whose PostgreSQL is
+/// unreachable still resolves a transaction of its files resource, and a directory with no
+/// journal is refused with nothing created.
+#[test]
+fn resolve_opens_only_the_resources_the_xid_involves() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    // Nothing of concord here: refused, nothing created.
+    let empty = dir.path().join("empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    let out = concord(&["txn", "resolve", "n1e1s5", "--rollback"], &empty);
+    assert!(!out.status.success());
+    let message = String::from_utf8_lossy(&out.stderr);
+    assert!(message.contains("no concord journal"), "{message}");
+    assert_eq!(
+        std::fs::read_dir(&empty).unwrap().count(),
+        0,
+        "nothing created"
+    );
+
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = closed.local_addr().unwrap().port();
+    drop(closed);
+    let config = dir.path().join("concord.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "node = 1\ndata_dir = {data:?}\n\n[resources.uploads]\nkind = \"files\"\nroot = {root:?}\ncreate = true\n\n[resources.orders]\nkind = \"postgres\"\nurl = \"host=127.0.0.1 port={port} user=nobody dbname=nowhere connect_timeout=1\"\n",
+            data = data.display().to_string(),
+            root = data.join("uploads").display().to_string(),
+        ),
+    )
+    .unwrap();
+    let stuck = Xid {
+        node: 1,
+        epoch: Epoch(1),
+        seq: 43,
+    };
+    {
+        let config = JournalConfig {
+            create_if_missing: true,
+            ..JournalConfig::default()
+        };
+        let journal = Journal::open(data.join("journal"), config).unwrap();
+        let record = CoordRecord::Commit {
+            xid: stuck,
+            at_ms: 1,
+            branches: vec![("uploads".into(), vec![])],
+        };
+        journal
+            .append(Epoch(1), record.kind(), &record.encode())
+            .unwrap()
+            .wait()
+            .unwrap();
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_concord"))
+        .args(["txn", "resolve", &stuck.to_string(), "--commit", "--json"])
+        .arg("--config")
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let answer: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(answer["finished"], true);
+    assert_eq!(answer["branches"].as_array().unwrap().len(), 1, "{answer}");
+    assert_eq!(answer["branches"][0]["resource"], "uploads");
+}

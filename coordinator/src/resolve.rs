@@ -54,6 +54,9 @@ pub struct ResolveRequest {
     pub forget: Vec<String>,
     /// Why those branches are forgotten (recorded; required with `forget`).
     pub reason: String,
+    /// Resources that may hold a branch of the transaction but that the caller could not open
+    /// or ask, with why: each is reported unreached (unless forgotten).
+    pub unopened: Vec<(String, String)>,
 }
 
 /// What became of one branch.
@@ -197,6 +200,11 @@ async fn involved(
                 );
             }
         }
+    }
+    for (name, why) in &request.unopened {
+        involved
+            .entry(name.clone())
+            .or_insert_with(|| Reach::Unreachable(why.clone()));
     }
     for name in &request.forget {
         involved

@@ -51,6 +51,7 @@ fn by_ops(xid: Xid, commit: bool) -> ResolveRequest {
         operator: "ops".into(),
         forget: Vec::new(),
         reason: String::new(),
+        unopened: Vec::new(),
     }
 }
 
