@@ -14,6 +14,7 @@
 //! data_dir = "data"         # the journal lives in data_dir/journal
 //! txn_timeout_ms = 30000    # optional: an open transaction is rolled back after this long
 //! orphan_sweep_ms = 60000   # optional: how often to look for prepared branches nobody owns
+//! call_timeout_ms = 30000   # optional: deadline of every call to a resource (prepare, commit, …)
 //! one_phase = true          # optional: a transaction with one branch (PostgreSQL) skips the prepare
 //!
 //! [resources.uploads]       # a resource, by the name the application uses
@@ -104,6 +105,9 @@ pub struct Config {
     /// Whether a transaction whose only branch is in a resource that offers it (PostgreSQL)
     /// commits in one phase; `false` makes every transaction take two.
     pub one_phase: bool,
+    /// Deadline of every call the coordinator makes to a resource (milliseconds): a prepare
+    /// past it votes no, a phase-2 call past it is retried.
+    pub call_timeout_ms: u64,
     /// The resources, by name.
     pub resources: BTreeMap<String, ResourceConfig>,
 }
@@ -123,6 +127,8 @@ struct ConfigToml {
     orphan_sweep_ms: u64,
     #[serde(default = "default_one_phase")]
     one_phase: bool,
+    #[serde(default = "default_call_timeout_ms")]
+    call_timeout_ms: u64,
     #[serde(default)]
     resources: BTreeMap<String, ResourceToml>,
 }
@@ -350,6 +356,7 @@ impl TryFrom<ConfigToml> for Config {
             txn_timeout_ms: raw.txn_timeout_ms,
             orphan_sweep_ms: raw.orphan_sweep_ms,
             one_phase: raw.one_phase,
+            call_timeout_ms: raw.call_timeout_ms,
             resources,
         })
     }
@@ -424,6 +431,10 @@ fn default_timeout_ms() -> u64 {
 
 fn default_orphan_sweep_ms() -> u64 {
     60_000
+}
+
+fn default_call_timeout_ms() -> u64 {
+    30_000
 }
 
 fn default_one_phase() -> bool {
@@ -517,6 +528,7 @@ impl Config {
             txn_timeout_ms: default_timeout_ms(),
             orphan_sweep_ms: default_orphan_sweep_ms(),
             one_phase: default_one_phase(),
+            call_timeout_ms: default_call_timeout_ms(),
             resources,
         }
     }
@@ -543,6 +555,9 @@ impl Config {
         }
         if self.txn_timeout_ms == 0 {
             return Err("field `txn_timeout_ms` must be positive".into());
+        }
+        if self.call_timeout_ms == 0 {
+            return Err("field `call_timeout_ms` must be positive".into());
         }
         for name in self.resources.keys() {
             let ok = !name.is_empty()

@@ -293,7 +293,9 @@ pub fn resolve(args: ResolveArgs) -> anyhow::Result<()> {
             reason: args.reason.clone().unwrap_or_default(),
             unopened,
         };
-        let result = coordinator::resolve::resolve(&journal, epoch, &resources, &request).await;
+        let deadline = std::time::Duration::from_millis(config.call_timeout_ms);
+        let result =
+            coordinator::resolve::resolve(&journal, epoch, &resources, &request, deadline).await;
         drop(resources);
         journal.close()?;
         let report = result?;

@@ -32,14 +32,14 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use adapters::{Epoch, ErrorClass, Resource, Xid};
 use journal::Journal;
 
 use crate::ledger::{Ledger, Verdict};
 use crate::record::CoordRecord;
-use crate::runtime::{CoordError, read_ledger};
+use crate::runtime::{CoordError, read_ledger, within_deadline};
 
 /// What an operator asks.
 #[derive(Clone, Debug)]
@@ -99,11 +99,12 @@ pub async fn resolve(
     epoch: Epoch,
     resources: &BTreeMap<String, Arc<dyn Resource>>,
     request: &ResolveRequest,
+    call_timeout: Duration,
 ) -> Result<ResolveReport, CoordError> {
     let xid = request.xid;
     let ledger = read_ledger(journal)?;
     check_decision(&ledger, request)?;
-    let involved = involved(&ledger, resources, request).await;
+    let involved = involved(&ledger, resources, request, call_timeout).await;
     check_known(&ledger, &involved, request)?;
     check_forget(request)?;
     append_resolution(journal, epoch, &ledger, request).await?;
@@ -114,7 +115,7 @@ pub async fn resolve(
             tracing::error!(xid = %xid, resource = %name, operator = %request.operator, reason = %request.reason, "heuristic hazard: branch forgotten by an operator; its outcome in the resource is unknown");
             BranchOutcome::Forgotten
         } else {
-            finish_branch(resources, &name, reach, request).await
+            finish_branch(resources, &name, reach, request, call_timeout).await
         };
         branches.push((name, outcome));
     }
@@ -167,6 +168,7 @@ async fn involved(
     ledger: &Ledger,
     resources: &BTreeMap<String, Arc<dyn Resource>>,
     request: &ResolveRequest,
+    call_timeout: Duration,
 ) -> BTreeMap<String, Reach> {
     let xid = request.xid;
     let mut involved = BTreeMap::new();
@@ -188,7 +190,8 @@ async fn involved(
         if involved.contains_key(name) {
             continue;
         }
-        match resource.recover().await {
+        let within = (call_timeout, name.clone(), "recover");
+        match within_deadline(within, resource.recover()).await {
             Ok(prepared) if prepared.contains(&xid) => {
                 involved.insert(name.clone(), Reach::Open);
             }
@@ -304,6 +307,7 @@ async fn finish_branch(
     name: &str,
     reach: Reach,
     request: &ResolveRequest,
+    call_timeout: Duration,
 ) -> BranchOutcome {
     let xid = request.xid;
     let resource = match (reach, resources.get(name)) {
@@ -312,9 +316,11 @@ async fn finish_branch(
         (Reach::Open, None) => return BranchOutcome::Unreached("not configured here".into()),
     };
     let result = if request.commit {
-        resource.commit(&xid).await
+        let within = (call_timeout, name.to_string(), "commit");
+        within_deadline(within, resource.commit(&xid)).await
     } else {
-        resource.rollback(&xid).await
+        let within = (call_timeout, name.to_string(), "rollback");
+        within_deadline(within, resource.rollback(&xid)).await
     };
     match result {
         Ok(()) => {

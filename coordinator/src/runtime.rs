@@ -94,6 +94,12 @@ pub struct CoordinatorConfig {
     /// Whether a transaction whose only branch is in a resource that offers it commits in one
     /// phase (see the engine docs); off, every transaction takes two.
     pub one_phase: bool,
+    /// Deadline of every call to a resource (milliseconds). A call past it counts as an
+    /// unavailable resource: a prepare votes no (the transaction rolls back), a phase-2 call is
+    /// retried with backoff, a one-phase commit's resource is asked what became of it, and a
+    /// `recover` at open or in a sweep is reported and skipped. The call itself is dropped;
+    /// a resource whose operation went on regardless is idempotent about the retry.
+    pub call_timeout_ms: u64,
 }
 
 impl Default for CoordinatorConfig {
@@ -106,6 +112,7 @@ impl Default for CoordinatorConfig {
             orphan_sweep_ms: 60_000,
             max_unfinished: 4096,
             one_phase: true,
+            call_timeout_ms: 30_000,
         }
     }
 }
@@ -957,7 +964,10 @@ impl Coordinator {
         let node = self.inner.config.node;
         let mut found = Suspects::new();
         for (name, configured) in &self.inner.resources {
-            match configured.resource.recover().await {
+            match self
+                .recover_within_deadline(name, &configured.resource)
+                .await
+            {
                 Ok(xids) => found.extend(
                     xids.into_iter()
                         .filter(|xid| xid.node == node)
@@ -1007,7 +1017,8 @@ impl Coordinator {
             .map(|(name, c)| (name.clone(), Arc::clone(&c.resource)))
             .collect();
         let epoch = self.inner.config.epoch;
-        crate::resolve::resolve(&self.inner.journal, epoch, &resources, request).await
+        let deadline = Duration::from_millis(self.inner.config.call_timeout_ms);
+        crate::resolve::resolve(&self.inner.journal, epoch, &resources, request, deadline).await
     }
 
     /// Whether a machine of `xid` is preparing or deciding.
@@ -1062,7 +1073,7 @@ impl Coordinator {
     async fn prepared_everywhere(&self, report: &mut RecoveryReport) -> BTreeMap<String, Vec<Xid>> {
         let mut prepared = BTreeMap::new();
         for (name, c) in &self.inner.resources {
-            match c.resource.recover().await {
+            match self.recover_within_deadline(name, &c.resource).await {
                 Ok(xids) => {
                     prepared.insert(name.clone(), xids);
                 }
@@ -1072,6 +1083,16 @@ impl Coordinator {
             }
         }
         prepared
+    }
+
+    /// A resource's prepared branches, asked within `call_timeout_ms`.
+    async fn recover_within_deadline(
+        &self,
+        name: &str,
+        resource: &Arc<dyn Resource>,
+    ) -> Result<Vec<Xid>, ResourceError> {
+        let deadline = Duration::from_millis(self.inner.config.call_timeout_ms);
+        within_deadline((deadline, name.to_string(), "recover"), resource.recover()).await
     }
 
     /// A `Commit` without `End`: phase 2 again for the writers no operator forgot; with none
@@ -1372,35 +1393,48 @@ impl Driver {
             self.ready.push_back(call.event(branch, Err(e)));
             return;
         };
+        let deadline = Duration::from_millis(self.inner.config.call_timeout_ms);
+        let name = target.map(|b| b.name.to_string()).unwrap_or_default();
+        let within = move |action: &'static str| (deadline, name.clone(), action);
         self.fresh.push_back(match call {
             BranchCall::Prepare => Box::pin(async move {
-                let vote = resource.prepare(&xid).await;
+                let vote = within_deadline(within("prepare"), resource.prepare(&xid)).await;
                 failpoint::hit("after_prepare");
                 Event::Prepared { branch, vote }
             }),
             BranchCall::Commit => Box::pin(async move {
-                let result = resource.commit(&xid).await;
+                let result = within_deadline(within("commit"), resource.commit(&xid)).await;
                 failpoint::hit("between_commits");
                 Event::Resolved { branch, result }
             }),
             BranchCall::Rollback => Box::pin(async move {
-                Event::Resolved {
-                    branch,
-                    result: resource.rollback(&xid).await,
-                }
+                let result = within_deadline(within("rollback"), resource.rollback(&xid)).await;
+                Event::Resolved { branch, result }
             }),
             BranchCall::PrepareOnePhase => Box::pin(async move {
-                let vote = resource.prepare_one_phase(&xid).await;
+                let vote = within_deadline(
+                    within("prepare (one phase)"),
+                    resource.prepare_one_phase(&xid),
+                )
+                .await;
                 failpoint::hit("after_prepare");
                 Event::Prepared { branch, vote }
             }),
             BranchCall::CommitOnePhase => Box::pin(async move {
-                let result = resource.commit_one_phase(&xid).await;
+                let result = within_deadline(
+                    within("commit (one phase)"),
+                    resource.commit_one_phase(&xid),
+                )
+                .await;
                 failpoint::hit("one_phase_committed");
                 Event::OnePhaseAnswered { branch, result }
             }),
             BranchCall::Ask(redo) => Box::pin(async move {
-                let result = resource.one_phase_outcome(&xid, &redo).await;
+                let result = within_deadline(
+                    within("find the one-phase outcome"),
+                    resource.one_phase_outcome(&xid, &redo),
+                )
+                .await;
                 Event::OnePhaseAnswered { branch, result }
             }),
         });
@@ -1463,6 +1497,27 @@ impl Driver {
             Err(e) => self.ready.push_back(Event::DecisionRefused {
                 error: e.to_string(),
             }),
+        }
+    }
+}
+
+/// Awaits a resource call for at most its deadline; past it, the resource counts as
+/// unavailable (retryable), named with the action and the deadline.
+pub(crate) async fn within_deadline<T>(
+    (deadline, resource, action): (Duration, String, &'static str),
+    call: impl Future<Output = Result<T, ResourceError>>,
+) -> Result<T, ResourceError> {
+    match tokio::time::timeout(deadline, call).await {
+        Ok(result) => result,
+        Err(_) => {
+            tracing::warn!(resource = %resource, action, deadline_ms = deadline.as_millis() as u64, "resource call past its deadline");
+            Err(ResourceError::Unavailable {
+                message: format!(
+                    "{action} did not answer within {} ms (call_timeout_ms)",
+                    deadline.as_millis()
+                ),
+                resource,
+            })
         }
     }
 }

@@ -1083,3 +1083,51 @@ async fn resolving_an_unknown_xid_is_refused_and_records_nothing() {
     c.shutdown(Duration::from_secs(5)).await;
     assert!(records(&journal(dir.path())).is_empty());
 }
+
+/// Every resource call has a deadline: a prepare that does not answer within `call_timeout_ms`
+/// votes no (the transaction rolls back, naming the deadline); a phase-2 commit past it is
+/// retried until the resource answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resource_calls_past_their_deadline_vote_no_or_are_retried() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = Mem::new("a");
+    let quick = CoordinatorConfig {
+        call_timeout_ms: 200,
+        ..config()
+    };
+    let c = open(dir.path(), std::slice::from_ref(&a), quick).await;
+    a.hold_prepares.store(true, Ordering::SeqCst);
+    let xid = c.begin();
+    c.join(&xid, "a").await.unwrap();
+    let outcome = tokio::time::timeout(Duration::from_secs(10), c.commit(&xid))
+        .await
+        .expect("a hung prepare must not hang the commit")
+        .unwrap();
+    assert!(
+        matches!(&outcome, Outcome::RolledBack { reason } if reason.contains("200 ms")),
+        "{outcome:?}"
+    );
+    a.hold_prepares.store(false, Ordering::SeqCst);
+    assert!(c.wait_settled(Duration::from_secs(5)).await);
+
+    a.hold_commits.store(true, Ordering::SeqCst);
+    let decided = c.begin();
+    c.join(&decided, "a").await.unwrap();
+    let outcome = c.commit(&decided).await.unwrap();
+    assert!(matches!(outcome, Outcome::Committed { lsn: Some(_) }));
+    let listed = c.list();
+    let retrying = eventually(Duration::from_secs(5), || {
+        c.list().iter().any(|t| {
+            t.xid == decided
+                && t.branches
+                    .iter()
+                    .any(|(_, _, e)| e.as_deref().is_some_and(|e| e.contains("200 ms")))
+        })
+    })
+    .await;
+    assert!(retrying, "{listed:?}");
+    a.hold_commits.store(false, Ordering::SeqCst);
+    assert!(c.wait_settled(Duration::from_secs(5)).await);
+    assert!(a.committed().contains(&decided));
+    c.shutdown(Duration::from_secs(5)).await;
+}

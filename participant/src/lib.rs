@@ -120,6 +120,7 @@ impl Concord {
             retry: RetryPolicy::default(),
             orphan_sweep_ms: config.orphan_sweep_ms,
             one_phase: config.one_phase,
+            call_timeout_ms: config.call_timeout_ms,
             ..CoordinatorConfig::default()
         };
         let (coordinator, recovery) =
