@@ -20,12 +20,16 @@
 //!   `Forget`) and their versioned encoding.
 //! * [`ledger`] — what those records mean together, folded in one pure place (decided, open,
 //!   in doubt), used by recovery, the sweeper, the operator commands and the standby.
+//! * [`resolve`] — an operator's resolution of a stuck transaction, shared by the running
+//!   coordinator and `concord txn resolve`.
+//! * [`retention`] — which journal segments are still needed (unfinished transactions, the
+//!   retention floor a standby holds) and the checkpoint that removes the others.
 //! * [`failpoint`] — named points on the commit path where crash tests kill the process.
 //!
 //! # Implementation caveats
 //!
-//! * Recovery reads the whole retained journal; segments are not yet checkpointed away (the
-//!   `End` records that would allow it are written).
+//! * Recovery reads the whole retained journal: since the checkpoint removes every segment
+//!   nothing needs ([`retention`]), that is the records from the oldest unfinished transaction on.
 //! * The caller's own task drives each transaction until its outcome is known, and a task of its
 //!   own takes over only what still waits after that (see [`runtime`]); there is no cap on
 //!   concurrent transactions yet beyond the journal's queue bound.
@@ -35,6 +39,7 @@ pub mod failpoint;
 pub mod ledger;
 pub mod record;
 pub mod resolve;
+pub mod retention;
 pub mod runtime;
 
 pub use engine::{Outcome, RetryPolicy};

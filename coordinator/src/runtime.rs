@@ -69,6 +69,7 @@ use crate::failpoint;
 use crate::ledger::{Ledger, Verdict};
 use crate::record::{self, RecordError};
 use crate::resolve::{ResolveReport, ResolveRequest};
+use crate::retention::Retention;
 
 /// How a coordinator runs.
 #[derive(Clone, Debug)]
@@ -100,6 +101,9 @@ pub struct CoordinatorConfig {
     /// `recover` at open or in a sweep is reported and skipped. The call itself is dropped;
     /// a resource whose operation went on regardless is idempotent about the retry.
     pub call_timeout_ms: u64,
+    /// How often journal segments nothing needs any more are removed (milliseconds; 0: only at
+    /// shutdown); see [`crate::retention`].
+    pub checkpoint_ms: u64,
 }
 
 impl Default for CoordinatorConfig {
@@ -113,6 +117,7 @@ impl Default for CoordinatorConfig {
             max_unfinished: 4096,
             one_phase: true,
             call_timeout_ms: 30_000,
+            checkpoint_ms: 1_000,
         }
     }
 }
@@ -341,6 +346,8 @@ struct Inner {
     /// One permit per transaction between its commit request and the end of its phase 2
     /// (`max_unfinished`).
     unfinished: Arc<tokio::sync::Semaphore>,
+    /// What bounds the removal of journal segments.
+    retention: Retention,
 }
 
 impl Inner {
@@ -426,12 +433,19 @@ impl Coordinator {
             stop_waiters: (0..SHARDS).map(|_| Notify::new()).collect(),
             orphans_rolled_back: AtomicU64::new(0),
             unfinished: Arc::new(tokio::sync::Semaphore::new(unfinished_max)),
+            retention: Retention::default(),
         });
         let coordinator = Coordinator { inner };
         let report = coordinator.recover(&ledger).await;
         coordinator.start_reaper();
         coordinator.start_sweeper();
+        coordinator.start_checkpointer();
         Ok((coordinator, report))
+    }
+
+    /// What bounds the removal of journal segments: a standby holds its retention floor here.
+    pub fn retention(&self) -> &Retention {
+        &self.inner.retention
     }
 
     /// The journal.
@@ -684,6 +698,7 @@ impl Coordinator {
             fresh: VecDeque::new(),
             calls: None,
             decision: None,
+            pinned: false,
             permit: None,
             ready: VecDeque::new(),
             commands: Vec::new(),
@@ -799,7 +814,12 @@ impl Coordinator {
         let idle = self.inner.tasks.wait_idle(timeout).await;
         // Closing joins the journal's flusher, which writes and syncs: not on a runtime thread.
         let inner = Arc::clone(&self.inner);
-        let closing = tokio::task::spawn_blocking(move || inner.journal.close());
+        let closing = tokio::task::spawn_blocking(move || {
+            if let Err(e) = inner.retention.checkpoint(&inner.journal) {
+                tracing::warn!(error = %e, "checkpoint the journal at shutdown");
+            }
+            inner.journal.close()
+        });
         match tokio::time::timeout_at(deadline, closing).await {
             Ok(Ok(Ok(()))) => idle,
             Ok(Ok(Err(e))) => {
@@ -819,6 +839,36 @@ impl Coordinator {
                 false
             }
         }
+    }
+
+    /// Starts the checkpointer (unless `checkpoint_ms` is 0): a tracked task that removes the
+    /// journal segments nothing needs any more (see [`crate::retention`]) every `checkpoint_ms`,
+    /// on the blocking pool. Shutdown stops it (and checkpoints once more).
+    fn start_checkpointer(&self) {
+        let interval_ms = self.inner.config.checkpoint_ms;
+        if interval_ms == 0 {
+            return;
+        }
+        let weak = Arc::downgrade(&self.inner);
+        let tick = Duration::from_millis(interval_ms);
+        self.inner.tasks.spawn(
+            &self.inner.handle,
+            self.inner.stop.subscribe(),
+            async move {
+                loop {
+                    tokio::time::sleep(tick).await;
+                    let Some(inner) = weak.upgrade() else { return };
+                    let checkpoint = tokio::task::spawn_blocking(move || {
+                        inner.retention.checkpoint(&inner.journal)
+                    });
+                    match checkpoint.await {
+                        Ok(Ok(_)) => {}
+                        Ok(Err(JournalError::Closed)) | Err(_) => return,
+                        Ok(Err(e)) => tracing::error!(error = %e, "checkpoint the journal"),
+                    }
+                }
+            },
+        );
     }
 
     fn start_reaper(&self) {
@@ -1018,7 +1068,13 @@ impl Coordinator {
             .collect();
         let epoch = self.inner.config.epoch;
         let deadline = Duration::from_millis(self.inner.config.call_timeout_ms);
-        crate::resolve::resolve(&self.inner.journal, epoch, &resources, request, deadline).await
+        let report =
+            crate::resolve::resolve(&self.inner.journal, epoch, &resources, request, deadline)
+                .await?;
+        if report.finished {
+            self.inner.retention.pins.unpin(xid);
+        }
+        Ok(report)
     }
 
     /// Whether a machine of `xid` is preparing or deciding.
@@ -1112,7 +1168,7 @@ impl Coordinator {
         }
         let (machine, commands) =
             TxnMachine::recovered_commit(xid, lsn, names.len(), self.inner.config.retry);
-        self.drive_recovered(machine, names, commands);
+        self.drive_recovered(machine, names, commands, Some(lsn));
         report.redriven.push(xid);
     }
 
@@ -1133,7 +1189,7 @@ impl Coordinator {
         }
         let (machine, commands) =
             TxnMachine::recovered_one_phase(xid, lsn, redo.to_vec(), self.inner.config.retry);
-        self.drive_recovered(machine, &[name.to_string()], commands);
+        self.drive_recovered(machine, &[name.to_string()], commands, Some(lsn));
         report.asked.push(xid);
     }
 
@@ -1164,12 +1220,12 @@ impl Coordinator {
                 .map_or(Lsn::ZERO, |d| d.lsn());
             let (machine, commands) =
                 TxnMachine::recovered_branch_commit(xid, lsn, self.inner.config.retry);
-            self.drive_recovered(machine, &names, commands);
+            self.drive_recovered(machine, &names, commands, None);
             report.recommitted.push((name.to_string(), xid));
             return;
         }
         let (machine, commands) = TxnMachine::recovered_orphan(xid, self.inner.config.retry);
-        self.drive_recovered(machine, &names, commands);
+        self.drive_recovered(machine, &names, commands, None);
         report.rolled_back.push((name.to_string(), xid));
     }
 
@@ -1182,11 +1238,22 @@ impl Coordinator {
         }
     }
 
-    fn drive_recovered(&self, machine: TxnMachine, names: &[String], commands: Vec<Command>) {
+    /// Drives a machine recovery made; `pin`: the decision record it pins until finished.
+    fn drive_recovered(
+        &self,
+        machine: TxnMachine,
+        names: &[String],
+        commands: Vec<Command>,
+        pin: Option<Lsn>,
+    ) {
         let xid = machine.xid();
         let branches = names.iter().map(|n| self.inner.branch(n)).collect();
         let mut driver = self.register_machine(machine, branches, Instant::now());
         driver.commands = commands;
+        if let Some(lsn) = pin {
+            self.inner.retention.pins.pin(xid, lsn);
+            driver.pinned = true;
+        }
         driver.spawn(tracing::info_span!("recover", xid = %xid));
     }
 }
@@ -1233,6 +1300,9 @@ struct Driver {
     ready: VecDeque<Event>,
     /// The answer for the caller, once the machine gave it.
     outcome: Option<Outcome>,
+    /// Whether this driver pins its transaction's decision record (see [`crate::retention`]):
+    /// from the decision's append (or recovery) until the machine is finished.
+    pinned: bool,
 }
 
 /// A command in progress: it yields the event that reports its result.
@@ -1302,6 +1372,7 @@ impl Driver {
             return Poll::Ready(Some(match result {
                 Ok(lsn) => {
                     failpoint::hit("decision_durable");
+                    self.inner.retention.pins.pin(self.running.xid, lsn);
                     Event::DecisionDurable { lsn }
                 }
                 Err(e) => Event::DecisionFailed {
@@ -1323,6 +1394,9 @@ impl Driver {
     /// Once the driver is done: a finished or cancelled machine leaves the running map.
     fn finish(&self) {
         let finished = *lock(&self.running.machine).phase() == Phase::Finished;
+        if finished && self.pinned {
+            self.inner.retention.pins.unpin(&self.running.xid);
+        }
         if finished || self.running.cancelled.load(Ordering::Acquire) {
             self.inner.running_shard(self.run).remove(&self.run);
         }
@@ -1440,6 +1514,14 @@ impl Driver {
         });
     }
 
+    /// Pins the transaction from the lowest LSN its decision record can get, before it is
+    /// queued (narrowed to the record's LSN once durable).
+    fn pin_before_append(&mut self) {
+        let bound = self.inner.journal.durable_lsn().next();
+        self.inner.retention.pins.pin(self.running.xid, bound);
+        self.pinned = true;
+    }
+
     /// Queues a one-phase commit's `End` or `Abort` record; its durability is reported as
     /// `OutcomeDurable` (the record shares its sync with its neighbours: group commit).
     fn append_outcome(&mut self, kind: journal::RecordKind, payload: &[u8]) {
@@ -1463,6 +1545,7 @@ impl Driver {
         let name = self.running.branches.get(branch).map_or("", |r| &*r.name);
         let payload = record::encode_one_phase(&self.running.text, now_ms(), name, redo);
         let epoch = self.inner.config.epoch;
+        self.pin_before_append();
         match self
             .inner
             .journal
@@ -1489,6 +1572,7 @@ impl Driver {
             }),
         );
         let epoch = self.inner.config.epoch;
+        self.pin_before_append();
         match self.inner.journal.append(epoch, record::COMMIT, &payload) {
             Ok(appending) => {
                 failpoint::hit("decision_appended");

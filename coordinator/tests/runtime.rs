@@ -1131,3 +1131,117 @@ async fn resource_calls_past_their_deadline_vote_no_or_are_retried() {
     assert!(a.committed().contains(&decided));
     c.shutdown(Duration::from_secs(5)).await;
 }
+
+fn small_segments(dir: &std::path::Path) -> Journal {
+    Journal::open(
+        dir,
+        JournalConfig {
+            create_if_missing: true,
+            segment_bytes_max: 64 << 10,
+            record_bytes_max: 16 << 10,
+            ..JournalConfig::default()
+        },
+    )
+    .unwrap()
+}
+
+fn segment_count(dir: &std::path::Path) -> usize {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .filter(|e| {
+            let name = e.as_ref().unwrap().file_name();
+            name.to_string_lossy().ends_with(".seg")
+        })
+        .count()
+}
+
+/// The checkpoint removes every segment that only finished transactions use, but keeps the
+/// segment of a transaction still in phase 2 (and everything after it), and what a retention
+/// floor holds; recovery then reads from there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_checkpoint_removes_segments_only_finished_transactions_use() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = Mem::new("a");
+    let b = Mem::new("b");
+    let quick = CoordinatorConfig {
+        checkpoint_ms: 20,
+        ..config()
+    };
+    let resources = vec![
+        Arc::clone(&a) as Arc<dyn Resource>,
+        Arc::clone(&b) as Arc<dyn Resource>,
+    ];
+    let (c, _) = Coordinator::open(quick.clone(), small_segments(dir.path()), resources)
+        .await
+        .unwrap();
+    let commit_many = |n: usize| {
+        let c = &c;
+        async move {
+            for _ in 0..n {
+                let xid = c.begin();
+                c.join(&xid, "a").await.unwrap();
+                c.join(&xid, "b").await.unwrap();
+                assert!(matches!(
+                    c.commit(&xid).await.unwrap(),
+                    Outcome::Committed { .. }
+                ));
+            }
+        }
+    };
+    commit_many(2_000).await;
+    assert!(c.wait_settled(Duration::from_secs(5)).await);
+    let oldest = |c: &Coordinator| c.journal().oldest_lsn();
+    assert!(
+        eventually(Duration::from_secs(5), || oldest(&c) > Lsn(1)).await,
+        "the first segment was never removed"
+    );
+    assert!(
+        eventually(Duration::from_secs(5), || segment_count(dir.path()) <= 2).await,
+        "{} segments remain",
+        segment_count(dir.path())
+    );
+    // A transaction stuck in phase 2 pins its decision's segment and everything after it.
+    b.commit_failures.store(u32::MAX, Ordering::Relaxed);
+    let stuck = c.begin();
+    c.join(&stuck, "a").await.unwrap();
+    c.join(&stuck, "b").await.unwrap();
+    let Outcome::Committed { lsn: Some(decided) } = c.commit(&stuck).await.unwrap() else {
+        panic!("not committed");
+    };
+    commit_many_until_segments(&c, dir.path(), 4).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(
+        oldest(&c) <= decided,
+        "the stuck transaction's decision was removed"
+    );
+    // A retention floor holds records too, whatever else finished.
+    c.retention().hold_floor(Some(decided));
+    b.commit_failures.store(0, Ordering::Relaxed);
+    assert!(c.wait_settled(Duration::from_secs(5)).await);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(oldest(&c) <= decided, "the floor was not held");
+    c.retention().hold_floor(None);
+    assert!(
+        eventually(Duration::from_secs(5), || oldest(&c) > decided).await,
+        "nothing was removed once the floor went"
+    );
+    assert!(c.shutdown(Duration::from_secs(5)).await);
+    let (c, report) = Coordinator::open(quick, small_segments(dir.path()), vec![a as _, b as _])
+        .await
+        .unwrap();
+    assert!(report.redriven.is_empty(), "{report:?}");
+    c.shutdown(Duration::from_secs(5)).await;
+}
+
+/// Commits through resource "a" alone until the journal in `dir` has at least `segments` segments.
+async fn commit_many_until_segments(c: &Coordinator, dir: &std::path::Path, segments: usize) {
+    for _ in 0..20_000 {
+        if segment_count(dir) >= segments {
+            return;
+        }
+        let xid = c.begin();
+        c.join(&xid, "a").await.unwrap();
+        c.commit(&xid).await.unwrap();
+    }
+    panic!("the journal never reached {segments} segments");
+}

@@ -1,0 +1,165 @@
+//! Retention: which journal segments the coordinator still needs, and removing the others.
+//!
+//! The journal grows with every decision; without removal, the start after a long run re-reads
+//! all of history. A segment can go once nothing needs its records:
+//!
+//! * **Unfinished transactions** pin their decision record: a `Commit` until phase 2 has ended
+//!   (every branch acknowledged), a `OnePhase` record until its `End` or `Abort` is durable.
+//!   Recovery at the next start needs exactly those records and nothing older. A transaction
+//!   pins from the moment its decision is queued: before the journal assigns the record its
+//!   LSN, the pin is the lowest LSN it can get (the durable LSN plus one, read before the
+//!   append), and it is narrowed to the record's own LSN once that is durable ([`Pins`]).
+//! * **The retention floor** holds everything from an LSN on for other parts of concord: a
+//!   standby holds it at the LSN it has acknowledged, so that records (and the blobs they name)
+//!   stay until it has them ([`Retention::hold_floor`]).
+//! * Records not yet durable are never below the bound (it is at most the durable LSN plus one).
+//!
+//! Every `checkpoint_ms` the coordinator removes the whole segments below the lowest of these
+//! ([`journal::Journal::remove_segments_below`], oldest first, each removal synced; the segment
+//! being written is never removed), and once more at shutdown. The `End` record of a two-phase
+//! transaction needs no durability before its pin goes: it is appended after every branch
+//! acknowledged, so if a crash loses it together with an already removed `Commit`, the
+//! transaction is over in every resource and nothing is left for recovery to do.
+//!
+//! # Implementation caveats
+//!
+//! * A transaction that stays unfinished (a resource down for days) pins every segment from its
+//!   decision on; `concord txn list` shows it, and `txn resolve` (with `--forget` for a resource
+//!   lost for good) ends it.
+//! * Presumed abort has a horizon: once a committed transaction's records are removed, a
+//!   prepared branch of it brought back later by a resource restored from an old backup looks
+//!   undecided and is rolled back (`docs/failure-model.md`).
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use adapters::{Lsn, Xid};
+use journal::{Journal, JournalError};
+
+/// The decision records unfinished transactions pin, by xid.
+#[derive(Debug, Default)]
+pub(crate) struct Pins {
+    by_xid: Mutex<HashMap<Xid, Lsn>>,
+}
+
+impl Pins {
+    /// Pins `xid` from `lsn` (replacing a pin it had: a lower bound narrowed to the record).
+    pub(crate) fn pin(&self, xid: Xid, lsn: Lsn) {
+        self.lock().insert(xid, lsn);
+    }
+
+    /// `xid` no longer needs its records.
+    pub(crate) fn unpin(&self, xid: &Xid) {
+        self.lock().remove(xid);
+    }
+
+    /// The lowest LSN pinned.
+    pub(crate) fn oldest(&self) -> Option<Lsn> {
+        self.lock().values().min().copied()
+    }
+
+    /// How many transactions pin.
+    pub(crate) fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Xid, Lsn>> {
+        self.by_xid
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// What bounds the removal of journal segments; see the module docs.
+#[derive(Debug)]
+pub struct Retention {
+    pub(crate) pins: Pins,
+    /// The retention floor (`u64::MAX`: none held).
+    floor: AtomicU64,
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        Retention {
+            pins: Pins::default(),
+            floor: AtomicU64::new(u64::MAX),
+        }
+    }
+}
+
+impl Retention {
+    /// Holds every record from `lsn` on (a standby's acknowledged LSN plus one); `None` lets
+    /// the floor go.
+    pub fn hold_floor(&self, lsn: Option<Lsn>) {
+        self.floor
+            .store(lsn.map_or(u64::MAX, |l| l.0), Ordering::Release);
+    }
+
+    /// The retention floor held, if any.
+    pub fn floor(&self) -> Option<Lsn> {
+        match self.floor.load(Ordering::Acquire) {
+            u64::MAX => None,
+            lsn => Some(Lsn(lsn)),
+        }
+    }
+
+    /// The lowest LSN the journal must keep, given its durable LSN.
+    pub fn keep_from(&self, durable: Lsn) -> Lsn {
+        let mut keep = durable.next();
+        if let Some(pinned) = self.pins.oldest() {
+            keep = keep.min(pinned);
+        }
+        if let Some(floor) = self.floor() {
+            keep = keep.min(floor);
+        }
+        keep
+    }
+
+    /// Removes the journal's whole segments below [`Retention::keep_from`]; returns how many.
+    /// Blocking (file removals and directory syncs): not on a runtime thread.
+    pub fn checkpoint(&self, journal: &Journal) -> Result<usize, JournalError> {
+        let keep_from = self.keep_from(journal.durable_lsn());
+        let removed = journal.remove_segments_below(keep_from)?;
+        if removed > 0 {
+            tracing::debug!(
+                removed,
+                keep_from = keep_from.0,
+                pinned = self.pins.len(),
+                "checkpoint removed journal segments"
+            );
+        }
+        Ok(removed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use adapters::Epoch;
+
+    fn xid(seq: u64) -> Xid {
+        Xid {
+            node: 1,
+            epoch: Epoch(1),
+            seq,
+        }
+    }
+
+    #[test]
+    fn the_bound_is_the_lowest_of_pins_floor_and_what_is_durable() {
+        let r = Retention::default();
+        assert_eq!(r.keep_from(Lsn(10)), Lsn(11));
+        r.pins.pin(xid(1), Lsn(4));
+        r.pins.pin(xid(2), Lsn(7));
+        assert_eq!(r.keep_from(Lsn(10)), Lsn(4));
+        r.pins.pin(xid(1), Lsn(5));
+        assert_eq!(r.keep_from(Lsn(10)), Lsn(5), "a pin narrowed to its record");
+        r.hold_floor(Some(Lsn(2)));
+        assert_eq!(r.keep_from(Lsn(10)), Lsn(2));
+        r.hold_floor(None);
+        r.pins.unpin(&xid(1));
+        r.pins.unpin(&xid(2));
+        assert_eq!(r.keep_from(Lsn(10)), Lsn(11));
+    }
+}
