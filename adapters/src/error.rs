@@ -17,6 +17,9 @@ pub enum ErrorClass {
     /// The resource is unusable in this process (a failed fsync, corrupt private state): stop
     /// using it; a restart recovers.
     Fatal,
+    /// The branch's outcome contradicts the decision or cannot be established; retrying will
+    /// not help; a person must look; the coordinator ends the branch and reports it.
+    Hazard,
 }
 
 /// An error of a resource, naming the resource.
@@ -80,6 +83,17 @@ pub enum ResourceError {
         /// What failed.
         message: String,
     },
+    /// A heuristic hazard: the branch's outcome contradicts the decision or cannot be
+    /// established (a commit that finds neither the prepared transaction nor the mark of its
+    /// commit). Retrying will not help; a person must look at the data. See
+    /// [`ErrorClass::Hazard`].
+    #[error("resource {resource}: heuristic hazard: {message}; a person must check the data")]
+    HeuristicHazard {
+        /// The resource name.
+        resource: String,
+        /// What was found, and what it contradicts.
+        message: String,
+    },
 }
 
 impl ResourceError {
@@ -92,6 +106,7 @@ impl ResourceError {
             | ResourceError::Fenced { .. } => ErrorClass::Rejected,
             ResourceError::InDoubt { .. } => ErrorClass::InDoubt,
             ResourceError::Fatal { .. } => ErrorClass::Fatal,
+            ResourceError::HeuristicHazard { .. } => ErrorClass::Hazard,
         }
     }
 
