@@ -256,7 +256,8 @@ pub async fn install(name: &str, url: &str) -> Result<schema::Installed> {
 }
 
 /// Installs the capture trigger on each of `tables` (`schema.table` or `table`), so that their
-/// changed rows travel in the redo; a table without a primary key is refused. Idempotent.
+/// changed rows travel in the redo, and the trigger that refuses a `TRUNCATE` of them (which
+/// has no row images to replay); a table without a primary key is refused. Idempotent.
 pub async fn replicate(name: &str, url: &str, tables: &[String]) -> Result<Vec<String>> {
     let (mut client, target) = connect(name, url).await?;
     schema::check(&client, name)
@@ -317,8 +318,9 @@ pub async fn replicate(name: &str, url: &str, tables: &[String]) -> Result<Vec<S
         let current = tx
             .query_opt(
                 "SELECT r.pk_cols FROM concord.replicated r
-                 WHERE r.tbl = $1 AND EXISTS (SELECT 1 FROM pg_trigger t
-                     WHERE t.tgrelid = $2::text::regclass AND t.tgname = 'concord_capture')",
+                 WHERE r.tbl = $1 AND 2 = (SELECT count(*) FROM pg_trigger t
+                     WHERE t.tgrelid = $2::text::regclass
+                       AND t.tgname IN ('concord_capture', 'concord_truncate'))",
                 &[&qualified, &regclass],
             )
             .await
@@ -334,7 +336,9 @@ pub async fn replicate(name: &str, url: &str, tables: &[String]) -> Result<Vec<S
             .join(", ");
         tx.batch_execute(&format!(
             "CREATE OR REPLACE TRIGGER concord_capture AFTER INSERT OR UPDATE OR DELETE ON {qualified}
-             FOR EACH ROW EXECUTE FUNCTION concord.capture_row({args})"
+             FOR EACH ROW EXECUTE FUNCTION concord.capture_row({args});
+             CREATE OR REPLACE TRIGGER concord_truncate BEFORE TRUNCATE ON {qualified}
+             FOR EACH STATEMENT EXECUTE FUNCTION concord.refuse_truncate()"
         ))
         .await
         .map_err(|e| {
