@@ -61,6 +61,27 @@
 //! [`install`] and [`replicate`] set up a database (`concord pg install|replicate`);
 //! [`PostgresResource::open`] checks it: the schema version, and `max_prepared_transactions`
 //! above 0 (reported with the fix otherwise).
+//!
+//! # Safety rules
+//!
+//! * **Durability.** A one-phase branch with redo commits with `SET LOCAL synchronous_commit =
+//!   on`, whatever the role, database or application set: the journal holds it as committed
+//!   once its `COMMIT` answers. `PREPARE TRANSACTION` and `COMMIT PREPARED` are flushed by
+//!   PostgreSQL whatever the setting (`docs/postgres.md`, "Durability").
+//! * **Fail closed.** A new pooled session that cannot read the fence epoch is refused, and
+//!   the branch that asked for it with it ([`ResourceError::Rejected`]).
+//! * **Deadlines.** Connections use TCP keepalives and a `tcp_user_timeout` unless the
+//!   connection string sets them, and a connect timeout; each of concord's own round trips
+//!   waits at most [`PostgresConfig::call_timeout_ms`], after which its connection is closed,
+//!   never reused. The application's own statements are not bounded here.
+//!
+//! # Implementation caveats
+//!
+//! * Whether a connection string sets a TCP option is read from the string itself (a
+//!   `key=value` or URL query parameter of that name); a value quoted to contain such a name
+//!   would be mistaken for it, and the default not applied.
+//! * A prepare past its deadline may still reach the server later; the branch is then
+//!   prepared without a decision, and recovery rolls it back.
 
 pub mod schema;
 mod session;
