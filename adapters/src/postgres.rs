@@ -1876,3 +1876,62 @@ pub fn decode_redo(redo: &[u8]) -> Result<Vec<RowImage>, String> {
     }
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    #[test]
+    fn tcp_defaults_apply_unless_the_connection_string_sets_them() {
+        let pg = pg_config("pg", "host=h user=u dbname=d", 7_000).unwrap();
+        assert!(pg.get_keepalives());
+        assert_eq!(
+            pg.get_keepalives_idle(),
+            Duration::from_secs(KEEPALIVES_IDLE_S)
+        );
+        assert_eq!(
+            pg.get_keepalives_interval(),
+            Some(Duration::from_secs(KEEPALIVES_INTERVAL_S))
+        );
+        assert_eq!(pg.get_keepalives_retries(), Some(KEEPALIVES_RETRIES));
+        assert_eq!(
+            pg.get_tcp_user_timeout(),
+            Some(&Duration::from_millis(TCP_USER_TIMEOUT_MS))
+        );
+        assert_eq!(pg.get_connect_timeout(), Some(&Duration::from_secs(7)));
+
+        let set = "host=h keepalives_idle=60 keepalives_retries = 9 connect_timeout=2";
+        let pg = pg_config("pg", set, 7_000).unwrap();
+        assert_eq!(pg.get_keepalives_idle(), Duration::from_secs(60));
+        assert_eq!(pg.get_keepalives_retries(), Some(9));
+        assert_eq!(pg.get_connect_timeout(), Some(&Duration::from_secs(2)));
+        assert_eq!(
+            pg.get_keepalives_interval(),
+            Some(Duration::from_secs(KEEPALIVES_INTERVAL_S))
+        );
+
+        // The driver reads `tcp_user_timeout` in seconds (libpq: milliseconds).
+        let url = "postgresql://u@h/d?keepalives=0&tcp_user_timeout=5";
+        let pg = pg_config("pg", url, 7_000).unwrap();
+        assert!(!pg.get_keepalives());
+        assert_eq!(pg.get_tcp_user_timeout(), Some(&Duration::from_secs(5)));
+        assert_eq!(pg.get_connect_timeout(), Some(&Duration::from_secs(7)));
+    }
+
+    #[test]
+    fn url_sets_reads_keys_not_values() {
+        assert!(url_sets("host=h keepalives=1", "keepalives"));
+        assert!(!url_sets("host=h keepalives_idle=1", "keepalives"));
+        assert!(!url_sets("host=keepalives", "keepalives"));
+        assert!(url_sets(
+            "postgres://h/d?a=1&keepalives_idle=3",
+            "keepalives_idle"
+        ));
+        assert!(!url_sets(
+            "postgres://keepalives_idle@h/d",
+            "keepalives_idle"
+        ));
+    }
+}
