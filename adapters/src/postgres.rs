@@ -1751,13 +1751,16 @@ fn schema_error(name: &str, target: &str, e: schema::SchemaError) -> ResourceErr
     }
 }
 
-/// PostgreSQL's own message (severity, text, detail) when there is one, else the client's.
+/// PostgreSQL's own message (severity, text, detail, hint) when there is one, else the client's.
 fn db_text(e: &tokio_postgres::Error) -> String {
     match e.as_db_error() {
         Some(db) => {
             let mut text = format!("{}: {}", db.severity(), db.message());
             if let Some(detail) = db.detail() {
                 text.push_str(&format!(" ({detail})"));
+            }
+            if let Some(hint) = db.hint() {
+                text.push_str(&format!("; hint: {hint}"));
             }
             text
         }

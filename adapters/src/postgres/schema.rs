@@ -329,8 +329,9 @@ BEGIN
          WHERE a.attrelid = tbl::regclass AND a.attnum > 0 AND NOT a.attisdropped
            AND a.attidentity <> ''
     LOOP
+        -- A sequence feeds numbers; a column it feeds that holds something else is left alone.
+        CONTINUE WHEN jsonb_typeof(row_image -> fed.col) IS DISTINCT FROM 'number';
         written := (row_image ->> fed.col)::numeric;
-        CONTINUE WHEN written IS NULL;
         EXECUTE format('SELECT CASE WHEN is_called THEN last_value ELSE last_value - 1 END FROM %s',
                        fed.seq) INTO issued;
         IF written > issued THEN
