@@ -84,12 +84,15 @@ pub enum ResourceError {
         /// What failed.
         message: String,
     },
-    /// A heuristic hazard: see [`ErrorClass::Hazard`].
-    #[error("resource {resource}: heuristic hazard: {message}")]
+    /// A heuristic hazard: the branch's outcome contradicts the decision or cannot be
+    /// established (a commit that finds neither the prepared transaction nor the mark of its
+    /// commit). Retrying will not help; a person must look at the data. See
+    /// [`ErrorClass::Hazard`].
+    #[error("resource {resource}: heuristic hazard: {message}; a person must check the data")]
     HeuristicHazard {
         /// The resource name.
         resource: String,
-        /// What contradicts the decision, and what to check.
+        /// What was found, and what it contradicts.
         message: String,
     },
 }

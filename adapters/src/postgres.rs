@@ -22,7 +22,8 @@
 //! * **Commit / rollback** run `COMMIT PREPARED` / `ROLLBACK PREPARED` on any pooled connection.
 //!   When the prepared transaction no longer exists, its marker tells what happened to it: a
 //!   commit that finds the marker, or a rollback that finds none, already happened and succeeds;
-//!   the opposite is reported in doubt, never guessed.
+//!   a rollback that finds the marker is reported in doubt, and a commit that finds none is a
+//!   heuristic hazard ([`ResourceError::HeuristicHazard`]): never guessed.
 //! * **Recover** lists `pg_prepared_xacts` entries of this database whose gid carries this
 //!   resource's name and an xid of this node.
 //! * **Fence**, after ending the sessions, takes the fence lock exclusively with a lock timeout:
@@ -60,6 +61,27 @@
 //! [`install`] and [`replicate`] set up a database (`concord pg install|replicate`);
 //! [`PostgresResource::open`] checks it: the schema version, and `max_prepared_transactions`
 //! above 0 (reported with the fix otherwise).
+//!
+//! # Safety rules
+//!
+//! * **Durability.** A one-phase branch with redo commits with `SET LOCAL synchronous_commit =
+//!   on`, whatever the role, database or application set: the journal holds it as committed
+//!   once its `COMMIT` answers. `PREPARE TRANSACTION` and `COMMIT PREPARED` are flushed by
+//!   PostgreSQL whatever the setting (`docs/postgres.md`, "Durability").
+//! * **Fail closed.** A new pooled session that cannot read the fence epoch is refused, and
+//!   the branch that asked for it with it ([`ResourceError::Rejected`]).
+//! * **Deadlines.** Connections use TCP keepalives and a `tcp_user_timeout` unless the
+//!   connection string sets them, and a connect timeout; each of concord's own round trips
+//!   waits at most [`PostgresConfig::call_timeout_ms`], after which its connection is closed,
+//!   never reused. The application's own statements are not bounded here.
+//!
+//! # Implementation caveats
+//!
+//! * Whether a connection string sets a TCP option is read from the string itself (a
+//!   `key=value` or URL query parameter of that name); a value quoted to contain such a name
+//!   would be mistaken for it, and the default not applied.
+//! * A prepare past its deadline may still reach the server later; the branch is then
+//!   prepared without a decision, and recovery rolls it back.
 
 pub mod schema;
 mod session;
@@ -91,6 +113,19 @@ const MARKER_RETENTION: &str = "7 days";
 const READ_ONLY_REMEMBERED_MAX: usize = 4096;
 /// Markers are pruned after every this many commits.
 const PRUNE_EVERY: u64 = 1000;
+/// TCP keepalives, unless the connection string sets them: a peer silent this long is probed
+/// (`keepalives_idle`) …
+const KEEPALIVES_IDLE_S: u64 = 10;
+/// … every this many seconds (`keepalives_interval`) …
+const KEEPALIVES_INTERVAL_S: u64 = 5;
+/// … and given up after this many unanswered probes (`keepalives_retries`).
+const KEEPALIVES_RETRIES: u32 = 3;
+/// How long sent data may stay unacknowledged before the kernel closes the connection
+/// (`tcp_user_timeout`), unless the connection string sets it.
+const TCP_USER_TIMEOUT_MS: u64 = 30_000;
+/// The `COMMIT` of a one-phase branch whose redo is journaled: flushed before it answers, in
+/// the same round trip.
+const SYNCHRONOUS_COMMIT: &str = "SET LOCAL synchronous_commit = on; COMMIT";
 
 /// How a PostgreSQL resource connects and behaves.
 #[derive(Clone, Debug)]
@@ -105,6 +140,15 @@ pub struct PostgresConfig {
     pub pool_wait_ms: u64,
     /// How long `fence` waits for prepared branches of older epochs (milliseconds).
     pub fence_wait_ms: u64,
+    /// How long one of concord's own round trips (prepare, commit, rollback, recover, replay,
+    /// reading the fence) may wait for the server's answer (milliseconds). Past it the call
+    /// fails and its connection is closed, never reused: a prepare votes no, a commit is tried
+    /// again, a one-phase commit is in doubt until its outcome is established. Statements the
+    /// application runs in a branch are not bounded by it.
+    pub call_timeout_ms: u64,
+    /// How long opening a connection may take (milliseconds), unless the connection string
+    /// sets `connect_timeout`.
+    pub connect_timeout_ms: u64,
 }
 
 impl PostgresConfig {
@@ -116,6 +160,8 @@ impl PostgresConfig {
             pool_size: 64,
             pool_wait_ms: 5_000,
             fence_wait_ms: 2_000,
+            call_timeout_ms: 30_000,
+            connect_timeout_ms: 10_000,
         }
     }
 }
@@ -231,7 +277,8 @@ pub async fn install(name: &str, url: &str) -> Result<schema::Installed> {
 }
 
 /// Installs the capture trigger on each of `tables` (`schema.table` or `table`), so that their
-/// changed rows travel in the redo; a table without a primary key is refused. Idempotent.
+/// changed rows travel in the redo, and the trigger that refuses a `TRUNCATE` of them (which
+/// has no row images to replay); a table without a primary key is refused. Idempotent.
 pub async fn replicate(name: &str, url: &str, tables: &[String]) -> Result<Vec<String>> {
     let (mut client, target) = connect(name, url).await?;
     schema::check(&client, name)
@@ -292,8 +339,9 @@ pub async fn replicate(name: &str, url: &str, tables: &[String]) -> Result<Vec<S
         let current = tx
             .query_opt(
                 "SELECT r.pk_cols FROM concord.replicated r
-                 WHERE r.tbl = $1 AND EXISTS (SELECT 1 FROM pg_trigger t
-                     WHERE t.tgrelid = $2::text::regclass AND t.tgname = 'concord_capture')",
+                 WHERE r.tbl = $1 AND 2 = (SELECT count(*) FROM pg_trigger t
+                     WHERE t.tgrelid = $2::text::regclass
+                       AND t.tgname IN ('concord_capture', 'concord_truncate'))",
                 &[&qualified, &regclass],
             )
             .await
@@ -309,7 +357,9 @@ pub async fn replicate(name: &str, url: &str, tables: &[String]) -> Result<Vec<S
             .join(", ");
         tx.batch_execute(&format!(
             "CREATE OR REPLACE TRIGGER concord_capture AFTER INSERT OR UPDATE OR DELETE ON {qualified}
-             FOR EACH ROW EXECUTE FUNCTION concord.capture_row({args})"
+             FOR EACH ROW EXECUTE FUNCTION concord.capture_row({args});
+             CREATE OR REPLACE TRIGGER concord_truncate BEFORE TRUNCATE ON {qualified}
+             FOR EACH STATEMENT EXECUTE FUNCTION concord.refuse_truncate()"
         ))
         .await
         .map_err(|e| {
@@ -382,9 +432,12 @@ fn prepared_of(name: &str, node: u32, rows: &[Row]) -> Vec<PreparedBranch> {
 impl PostgresResource {
     /// Ends the transaction of a branch whose finish failed; a fenced error gets the current
     /// fence epoch.
-    async fn failed_finish(&self, conn: &Client, e: ResourceError) -> ResourceError {
+    async fn failed_finish(&self, conn: &ClientWrapper, e: ResourceError) -> ResourceError {
         if e.class() != ErrorClass::InDoubt {
-            let _ = conn.batch_execute("ROLLBACK").await;
+            let _ = self
+                .inner
+                .timed(conn, "roll back", conn.batch_execute("ROLLBACK"))
+                .await;
         }
         match e {
             ResourceError::Fenced {
@@ -401,11 +454,9 @@ impl PostgresResource {
     /// Connects (a pool of `pool_size`), checks `max_prepared_transactions` and the schema.
     pub async fn open(name: &str, config: PostgresConfig) -> Result<Arc<PostgresResource>> {
         check_name(name)?;
-        let pg: tokio_postgres::Config =
-            tokio_postgres::Config::from_str(&config.url).map_err(|e| {
-                ResourceError::rejected(name, format!("the connection string is invalid: {e}"))
-            })?;
+        let pg = pg_config(name, &config.url, config.connect_timeout_ms)?;
         let target = target_of(&pg);
+        check_server(name, &pg, &target).await?;
         let sessions = Arc::new(Sessions::default());
         let manager = Manager::from_connect(
             pg,
@@ -437,14 +488,14 @@ impl PostgresResource {
                     ))
                     .await
                     .map_err(HookError::Backend)?;
-                // Missing before `concord pg install`: `open` reports that.
-                if let Ok(row) = client
+                // Fail closed: a session that cannot read the fence would let a branch of a
+                // fenced epoch through (a one-phase branch checks no fence of its own).
+                let row = client
                     .query_one("SELECT epoch FROM concord.fence WHERE id = 1", &[])
                     .await
-                {
-                    let epoch: i64 = row.get(0);
-                    seen.fetch_max(u64::try_from(epoch).unwrap_or(0), Ordering::AcqRel);
-                }
+                    .map_err(unreadable_fence)?;
+                let epoch: i64 = row.get(0);
+                seen.fetch_max(u64::try_from(epoch).unwrap_or(0), Ordering::AcqRel);
                 Ok(())
             })
         });
@@ -469,25 +520,6 @@ impl PostgresResource {
             fence_seen,
             sessions,
         });
-        let conn = inner.conn().await?;
-        let max: String = conn
-            .query_one("SHOW max_prepared_transactions", &[])
-            .await
-            .map_err(|e| inner.db("read max_prepared_transactions", &e))?
-            .get(0);
-        if max.trim() == "0" {
-            return Err(ResourceError::rejected(
-                name,
-                format!(
-                    "{} has max_prepared_transactions = 0, so it cannot prepare transactions: set max_prepared_transactions (at least the number of concurrent transactions, e.g. 100) in postgresql.conf and restart the server",
-                    inner.target
-                ),
-            ));
-        }
-        schema::check(&conn, name)
-            .await
-            .map_err(|e| schema_error(name, &inner.target, e))?;
-        drop(conn);
         let resource = PostgresResource { inner };
         resource.fence_epoch().await?;
         let inner = resource.inner;
@@ -671,7 +703,9 @@ impl Resource for PostgresResource {
             }
             Err(e) => {
                 // The transaction failed: end it; the branch is gone.
-                let _ = conn.batch_execute("ROLLBACK").await;
+                let _ = inner
+                    .timed(&conn, "roll back", conn.batch_execute("ROLLBACK"))
+                    .await;
                 drop(conn);
                 match e {
                     ResourceError::Fenced {
@@ -701,9 +735,9 @@ impl Resource for PostgresResource {
         let inner = &self.inner;
         let ready = lock(&inner.ready).remove(xid);
         if let Some(conn) = ready {
-            return conn
-                .batch_execute("ROLLBACK")
-                .await
+            return inner
+                .timed(&conn, "roll back", conn.batch_execute("ROLLBACK"))
+                .await?
                 .map_err(|e| inner.db("roll back", &e));
         }
         let slot = inner.slots().remove(xid);
@@ -712,8 +746,9 @@ impl Resource for PostgresResource {
                 conn, begun: true, ..
             }) = slot.lock().await.take()
             {
-                conn.batch_execute("ROLLBACK")
-                    .await
+                inner
+                    .timed(&conn, "roll back", conn.batch_execute("ROLLBACK"))
+                    .await?
                     .map_err(|e| inner.db("roll back", &e))?;
             }
             return Ok(());
@@ -740,9 +775,13 @@ impl Resource for PostgresResource {
     async fn fence_epoch(&self) -> Result<Epoch> {
         let inner = &self.inner;
         let conn = inner.conn().await?;
-        let epoch: i64 = conn
-            .query_one("SELECT epoch FROM concord.fence WHERE id = 1", &[])
-            .await
+        let epoch: i64 = inner
+            .timed(
+                &conn,
+                "read the fence epoch",
+                conn.query_one("SELECT epoch FROM concord.fence WHERE id = 1", &[]),
+            )
+            .await?
             .map_err(|e| inner.db("read the fence epoch", &e))?
             .get(0);
         let epoch = u64::try_from(epoch).unwrap_or(0);
@@ -823,7 +862,17 @@ impl Resource for PostgresResource {
         };
         let session = inner.sessions.of(&conn);
         let before = session.as_deref().map(Counts::of);
-        match conn.batch_execute("COMMIT").await {
+        // The journal holds this branch's redo as committed once the coordinator hears back:
+        // the COMMIT must be flushed before it answers, whatever the role, the database or the
+        // application set (`docs/postgres.md`, "Durability").
+        let answer =
+            tokio::time::timeout(inner.call_timeout(), conn.batch_execute(SYNCHRONOUS_COMMIT));
+        let Ok(answer) = answer.await else {
+            // The COMMIT may or may not have taken effect: `one_phase_outcome` finds out.
+            inner.close(&conn);
+            return Err(inner.in_doubt_past_deadline(xid));
+        };
+        match answer {
             Ok(()) => {
                 if let (Some(session), Some(before)) = (&session, before) {
                     inner.after_commit(xid, session, before)?;
@@ -831,10 +880,16 @@ impl Resource for PostgresResource {
                 inner.prune_markers(&conn).await;
                 Ok(OnePhaseOutcome::Committed)
             }
-            // The server answered with an error: the transaction rolled back.
-            Err(e) if e.as_db_error().is_some() => Ok(OnePhaseOutcome::RolledBack {
-                reason: inner.statement(xid, &e).to_string(),
-            }),
+            // The server answered with an error: the transaction rolled back (or, had the SET
+            // failed, is aborted: ended here, before the connection goes back to the pool).
+            Err(e) if e.as_db_error().is_some() => {
+                let _ = inner
+                    .timed(&conn, "roll back", conn.batch_execute("ROLLBACK"))
+                    .await;
+                Ok(OnePhaseOutcome::RolledBack {
+                    reason: inner.statement(xid, &e).to_string(),
+                })
+            }
             Err(e) => Err(inner.lost_commit(xid, &e)),
         }
     }
@@ -846,12 +901,16 @@ impl Resource for PostgresResource {
     async fn applied_lsn(&self) -> Result<Lsn> {
         let inner = &self.inner;
         let conn = inner.conn().await?;
-        let row = conn
-            .query_opt(
-                "SELECT lsn FROM concord.applied WHERE resource = $1",
-                &[&inner.name],
+        let row = inner
+            .timed(
+                &conn,
+                "read the applied lsn",
+                conn.query_opt(
+                    "SELECT lsn FROM concord.applied WHERE resource = $1",
+                    &[&inner.name],
+                ),
             )
-            .await
+            .await?
             .map_err(|e| inner.db("read the applied lsn", &e))?;
         Ok(Lsn(row
             .map(|r| r.get::<_, i64>(0))
@@ -882,21 +941,90 @@ impl Inner {
         format!("concord:{xid}:{}", self.name)
     }
 
-    /// A pooled connection; a server that cannot be reached is retryable.
+    /// A pooled connection; a server that cannot be reached is retryable, a session that
+    /// cannot read the fence epoch is refused.
     async fn conn(&self) -> Result<Object> {
-        self.sessions.scope(self.pool.get()).await.map_err(|e| {
-            self.unavailable(format!(
-                "cannot get a connection to {}: {}",
-                self.target,
-                pool_error_text(&e)
-            ))
-        })
+        self.sessions
+            .scope(self.pool.get())
+            .await
+            .map_err(|e| match e {
+                deadpool_postgres::PoolError::PostCreateHook(HookError::Message(message)) => {
+                    self.rejected(format!("{}: {message}", self.target))
+                }
+                other => self.unavailable(format!(
+                    "cannot get a connection to {}: {}",
+                    self.target,
+                    pool_error_text(&other)
+                )),
+            })
+    }
+
+    /// How long one of concord's own round trips may take.
+    fn call_timeout(&self) -> Duration {
+        Duration::from_millis(self.config.call_timeout_ms.max(1))
+    }
+
+    /// Runs `call`, one of concord's own round trips on pooled connection `conn`, within
+    /// `call_timeout_ms`. Past it the connection is closed (the server or the network stopped
+    /// answering, though the socket may look open: it is never handed out again) and the call
+    /// fails, retryable.
+    async fn timed<T>(
+        &self,
+        conn: &ClientWrapper,
+        what: &str,
+        call: impl Future<Output = T>,
+    ) -> Result<T> {
+        let session = self.sessions.of(conn);
+        self.timed_in(session.as_deref(), what, call).await
+    }
+
+    /// [`Inner::timed`] for a call whose connection is borrowed by a transaction: closes
+    /// `session` past the deadline.
+    async fn timed_in<T>(
+        &self,
+        session: Option<&Session>,
+        what: &str,
+        call: impl Future<Output = T>,
+    ) -> Result<T> {
+        match tokio::time::timeout(self.call_timeout(), call).await {
+            Ok(answer) => Ok(answer),
+            Err(_) => {
+                if let Some(session) = session {
+                    session.close();
+                }
+                Err(self.unavailable(format!(
+                    "{what} on {}: no answer within {} ms (call_timeout_ms): the server or the network stopped answering; the connection is closed and not used again",
+                    self.target, self.config.call_timeout_ms
+                )))
+            }
+        }
+    }
+
+    /// Closes pooled connection `conn` (see [`Session::close`]).
+    fn close(&self, conn: &ClientWrapper) {
+        match self.sessions.of(conn) {
+            Some(session) => session.close(),
+            None => {
+                tracing::warn!(resource = %self.name, "a pooled connection past its deadline is not known, so it cannot be closed")
+            }
+        }
+    }
+
+    /// The error of a one-phase `COMMIT` that got no answer within the deadline.
+    fn in_doubt_past_deadline(&self, xid: &Xid) -> ResourceError {
+        ResourceError::InDoubt {
+            resource: self.name.clone(),
+            message: format!(
+                "the one-phase COMMIT of {xid} got no answer from {} within {} ms (call_timeout_ms); the connection is closed",
+                self.target, self.config.call_timeout_ms
+            ),
+        }
     }
 
     /// Fence check, redo, marker and `PREPARE TRANSACTION`, in one round trip
     /// (`concord.prepare_branch`, then the prepare itself, which runs only if the first
     /// succeeded).
-    async fn prepare_on(&self, conn: &Client, xid: &Xid) -> Result<Vote> {
+    async fn prepare_on(&self, conn: &ClientWrapper, xid: &Xid) -> Result<Vote> {
         let gid = self.gid(xid);
         let sql = format!(
             "SELECT concord.prepare_branch({epoch}, {gid_lit}, {xid_lit}, {node});
@@ -906,7 +1034,7 @@ impl Inner {
             xid_lit = quote_literal(&xid.to_string()),
             node = xid.node,
         );
-        match conn.simple_query(&sql).await {
+        match self.timed(conn, "prepare", conn.simple_query(&sql)).await? {
             Ok(messages) => {
                 let rows = first_value(&messages).unwrap_or("[]");
                 Ok(Vote::Commit {
@@ -915,8 +1043,8 @@ impl Inner {
             }
             Err(e) if e.code().is_some_and(|c| c.code() == "CF002") => {
                 // Nothing written: end the transaction, nothing to commit.
-                conn.batch_execute("ROLLBACK")
-                    .await
+                self.timed(conn, "roll back", conn.batch_execute("ROLLBACK"))
+                    .await?
                     .map_err(|e| self.statement(xid, &e))?;
                 Ok(Vote::ReadOnly)
             }
@@ -933,15 +1061,25 @@ impl Inner {
     /// open. The redo is empty when nothing was captured.
     async fn finish_on(&self, conn: &Object, xid: &Xid) -> Result<Vec<u8>> {
         // Prepared once per connection: the server parses and plans it once.
-        let statement = conn
-            .prepare_cached("SELECT concord.finish_branch($1, $2, $3)")
-            .await
+        let statement = self
+            .timed(
+                conn,
+                "finish the branch",
+                conn.prepare_cached("SELECT concord.finish_branch($1, $2, $3)"),
+            )
+            .await?
             .map_err(|e| self.finish_error(xid, &e))?;
         let node = i32::try_from(xid.node)
             .map_err(|_| self.rejected(format!("node {} is out of range", xid.node)))?;
-        let row = conn
-            .query_one(&statement, &[&self.gid(xid), &xid.to_string(), &node])
-            .await
+        let gid = self.gid(xid);
+        let xid_text = xid.to_string();
+        let row = self
+            .timed(
+                conn,
+                "finish the branch",
+                conn.query_one(&statement, &[&gid, &xid_text, &node]),
+            )
+            .await?
             .map_err(|e| self.finish_error(xid, &e))?;
         let redo: Option<String> = row.get(0);
         Ok(redo.unwrap_or_default().into_bytes())
@@ -960,7 +1098,12 @@ impl Inner {
     /// The `COMMIT` of a one-phase branch whose session heard no capture notice.
     async fn commit_plain(&self, conn: &Client, session: &Session, xid: &Xid) -> Result<()> {
         let before = Counts::of(session);
-        match conn.batch_execute("COMMIT").await {
+        let answer = tokio::time::timeout(self.call_timeout(), conn.batch_execute("COMMIT"));
+        let Ok(answer) = answer.await else {
+            session.close();
+            return Err(self.in_doubt_past_deadline(xid));
+        };
+        match answer {
             Ok(()) => self.after_commit(xid, session, before),
             Err(e) if e.as_db_error().is_none() => Err(self.lost_commit(xid, &e)),
             Err(e) => Err(self.finish_error(xid, &e)),
@@ -1029,14 +1172,16 @@ impl Inner {
         let xid32 = (txid & 0xFFFF_FFFF).to_string();
         let deadline = tokio::time::Instant::now()
             + Duration::from_millis(self.config.fence_wait_ms.max(1_000));
+        let terminate = "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+                          WHERE pid = $1 AND backend_xid::text = $2";
         loop {
-            let running = conn
-                .query(
-                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
-                      WHERE pid = $1 AND backend_xid::text = $2",
-                    &[&pid, &xid32],
+            let running = self
+                .timed(
+                    &conn,
+                    "end the session of a one-phase branch",
+                    conn.query(terminate, &[&pid, &xid32]),
                 )
-                .await
+                .await?
                 .map_err(|e| self.db("look for the session of a one-phase branch", &e))?;
             if running.is_empty() {
                 break;
@@ -1049,20 +1194,24 @@ impl Inner {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let gid = self.gid(xid);
-        let marked = conn
-            .query_opt("SELECT 1 FROM concord.markers WHERE gid = $1", &[&gid])
-            .await
+        let marker = "SELECT 1 FROM concord.markers WHERE gid = $1";
+        let marked = self
+            .timed(&conn, "read the marker", conn.query_opt(marker, &[&gid]))
+            .await?
             .map_err(|e| self.db("read the marker of", &e))?
             .is_some();
         if marked {
             return Ok(OnePhaseOutcome::Committed);
         }
-        let status: Option<String> = conn
-            .query_one(
-                "SELECT pg_xact_status($1::text::xid8)",
-                &[&txid.to_string()],
+        let txid_text = txid.to_string();
+        let status = "SELECT pg_xact_status($1::text::xid8)";
+        let status: Option<String> = self
+            .timed(
+                &conn,
+                "read the status of a transaction",
+                conn.query_one(status, &[&txid_text]),
             )
-            .await
+            .await?
             .map_err(|e| self.db("read the status of the transaction of", &e))?
             .get(0);
         match status.as_deref() {
@@ -1103,6 +1252,10 @@ impl Inner {
     }
 
     async fn resolve(&self, xid: &Xid, commit: bool) -> Result<()> {
+        if lock(&self.read_only).contains(xid) {
+            // It voted read-only: there was nothing to prepare, and nothing to resolve.
+            return Ok(());
+        }
         let result = self.resolve_prepared(xid, commit).await;
         if result.is_ok() {
             lock(&self.votes).remove(xid);
@@ -1114,9 +1267,10 @@ impl Inner {
         let gid = self.gid(xid);
         let conn = self.conn().await?;
         let verb = if commit { "COMMIT" } else { "ROLLBACK" };
-        match conn
-            .batch_execute(&format!("{verb} PREPARED {}", quote_literal(&gid)))
-            .await
+        let sql = format!("{verb} PREPARED {}", quote_literal(&gid));
+        match self
+            .timed(&conn, &format!("{verb} PREPARED"), conn.batch_execute(&sql))
+            .await?
         {
             Ok(()) => {
                 if commit {
@@ -1125,19 +1279,17 @@ impl Inner {
                 Ok(())
             }
             Err(e) if e.code() == Some(&SqlState::UNDEFINED_OBJECT) => {
-                let marked = conn
-                    .query_opt("SELECT 1 FROM concord.markers WHERE gid = $1", &[&gid])
-                    .await
+                let marker = "SELECT 1 FROM concord.markers WHERE gid = $1";
+                let marked = self
+                    .timed(&conn, "read the marker", conn.query_opt(marker, &[&gid]))
+                    .await?
                     .map_err(|e| self.db("read the marker of", &e))?
                     .is_some();
                 match (commit, marked) {
                     (true, true) | (false, false) => Ok(()),
                     // Never prepared, rolled back, or committed so long ago that its marker
                     // was pruned: nothing is left to commit, and nothing to tell them apart by.
-                    (true, false) => {
-                        tracing::warn!(resource = %self.name, %gid, "commit of a branch that is neither prepared nor marked committed: nothing to do");
-                        Ok(())
-                    }
+                    (true, false) => Err(self.neither_prepared_nor_marked(&gid)),
                     (false, true) => Err(ResourceError::InDoubt {
                         resource: self.name.clone(),
                         message: format!(
@@ -1150,22 +1302,43 @@ impl Inner {
         }
     }
 
-    async fn prune_markers(&self, conn: &Client) {
+    /// The hazard of a commit that finds neither the prepared transaction nor its marker: the
+    /// branch was never prepared here, was rolled back (by hand, or by another node's
+    /// recovery), or committed more than [`MARKER_RETENTION`] ago. Nothing tells these apart,
+    /// and the first two contradict a decision to commit.
+    fn neither_prepared_nor_marked(&self, gid: &str) -> ResourceError {
+        ResourceError::HeuristicHazard {
+            resource: self.name.clone(),
+            message: format!(
+                "commit of {gid} found neither the prepared transaction nor the marker of its commit in {}: it was never prepared there, was rolled back (by hand or by another node's recovery), or committed more than {MARKER_RETENTION} ago (its marker since pruned)",
+                self.target
+            ),
+        }
+    }
+
+    async fn prune_markers(&self, conn: &ClientWrapper) {
         if self.commits.fetch_add(1, Ordering::Relaxed) % PRUNE_EVERY != PRUNE_EVERY - 1 {
             return;
         }
         let sql =
             format!("DELETE FROM concord.markers WHERE at < now() - interval '{MARKER_RETENTION}'");
-        if let Err(e) = conn.batch_execute(&sql).await {
+        if let Ok(Err(e)) = self
+            .timed(conn, "prune markers", conn.batch_execute(&sql))
+            .await
+        {
             tracing::warn!(resource = %self.name, error = %e, "pruning old markers failed");
         }
     }
 
     async fn prepared(&self) -> Result<Vec<PreparedBranch>> {
         let conn = self.conn().await?;
-        let rows = conn
-            .query(PREPARED_SQL, &[])
-            .await
+        let rows = self
+            .timed(
+                &conn,
+                "list prepared transactions",
+                conn.query(PREPARED_SQL, &[]),
+            )
+            .await?
             .map_err(|e| self.db("list prepared transactions", &e))?;
         Ok(prepared_of(&self.name, self.config.node, &rows))
     }
@@ -1175,9 +1348,10 @@ impl Inner {
         let new = i64::try_from(epoch.0)
             .map_err(|_| self.rejected(format!("epoch {epoch} is out of range")))?;
         // Already there: nothing to wait for (the fence that raised it did the waiting).
-        let current: i64 = conn
-            .query_one("SELECT epoch FROM concord.fence WHERE id = 1", &[])
-            .await
+        let read = conn.query_one("SELECT epoch FROM concord.fence WHERE id = 1", &[]);
+        let current: i64 = self
+            .timed(&conn, "read the fence epoch", read)
+            .await?
             .map_err(|e| self.db("read the fence epoch", &e))?
             .get(0);
         if current >= new {
@@ -1189,10 +1363,24 @@ impl Inner {
         let started = tokio::time::Instant::now();
         let wait = Duration::from_millis(self.config.fence_wait_ms.max(1));
         // A connection of its own, outside the pool: it must not hold the session lock shared.
-        let (mut client, _) = connect(&self.name, &self.config.url).await?;
-        self.end_sessions(&client, started + wait).await?;
-        let left = wait.saturating_sub(started.elapsed()).as_millis().max(1);
-        let result = self.raise_fence(&mut client, epoch, new, left).await;
+        // Its statements wait for locks at most `wait`, and each answer at most the call
+        // timeout: the whole is bounded by their sum (a half-open connection is dropped).
+        let pg = pg_config(&self.name, &self.config.url, self.config.connect_timeout_ms)?;
+        let mut client = connect_to(&self.name, &pg, &self.target).await?;
+        let fenced = async {
+            self.end_sessions(&client, started + wait).await?;
+            let left = wait.saturating_sub(started.elapsed()).as_millis().max(1);
+            self.raise_fence(&mut client, epoch, new, left).await
+        };
+        let result = tokio::time::timeout(wait + self.call_timeout(), fenced)
+            .await
+            .unwrap_or_else(|_| {
+                Err(self.unavailable(format!(
+                    "fence to epoch {epoch}: no answer from {} within {} ms (fence_wait_ms and call_timeout_ms); fence again",
+                    self.target,
+                    (wait + self.call_timeout()).as_millis()
+                )))
+            });
         // Ending the fence's session releases the session lock; this instance's own pooled
         // sessions were ended too, so the idle ones go.
         drop(client);
@@ -1335,33 +1523,42 @@ impl Inner {
         let lsn_value = i64::try_from(lsn.0)
             .map_err(|_| self.rejected(format!("lsn {lsn} is out of range")))?;
         let mut conn = self.conn().await?;
-        let tx = conn.transaction().await.map_err(|e| self.db("begin", &e))?;
-        tx.batch_execute("SET LOCAL concord.replaying = 'on'")
-            .await
+        let session = self.sessions.of(&conn);
+        let session = session.as_deref();
+        let tx = self
+            .timed_in(session, "begin the replay", conn.transaction())
+            .await?
+            .map_err(|e| self.db("begin", &e))?;
+        let begin = "SET LOCAL concord.replaying = 'on'";
+        self.timed_in(session, "begin the replay", tx.batch_execute(begin))
+            .await?
             .map_err(|e| self.db("begin the replay", &e))?;
-        tx.execute(
-            "INSERT INTO concord.applied VALUES ($1, 0) ON CONFLICT (resource) DO NOTHING",
-            &[&self.name],
-        )
-        .await
-        .map_err(|e| self.db("replay", &e))?;
-        let applied: i64 = tx
-            .query_one(
-                "SELECT lsn FROM concord.applied WHERE resource = $1 FOR UPDATE",
-                &[&self.name],
+        let applied =
+            "INSERT INTO concord.applied VALUES ($1, 0) ON CONFLICT (resource) DO NOTHING";
+        self.timed_in(session, "replay", tx.execute(applied, &[&self.name]))
+            .await?
+            .map_err(|e| self.db("replay", &e))?;
+        let read = "SELECT lsn FROM concord.applied WHERE resource = $1 FOR UPDATE";
+        let applied: i64 = self
+            .timed_in(
+                session,
+                "read the applied lsn",
+                tx.query_one(read, &[&self.name]),
             )
-            .await
+            .await?
             .map_err(|e| self.db("read the applied lsn", &e))?
             .get(0);
         if applied >= lsn_value {
             return Ok(());
         }
         for (table, op, pk, row) in &rows {
-            tx.execute(
-                "SELECT concord.apply_row($1, $2::text::\"char\", $3, $4)",
-                &[table, op, pk, row],
+            let apply = "SELECT concord.apply_row($1, $2::text::\"char\", $3, $4)";
+            self.timed_in(
+                session,
+                "replay a row",
+                tx.execute(apply, &[table, op, pk, row]),
             )
-            .await
+            .await?
             .map_err(|e| {
                 self.rejected(format!(
                     "replay of lsn {lsn}: applying a row of {table} failed: {}",
@@ -1369,14 +1566,16 @@ impl Inner {
                 ))
             })?;
         }
-        tx.execute(
-            "UPDATE concord.applied SET lsn = $2 WHERE resource = $1",
-            &[&self.name, &lsn_value],
+        let store = "UPDATE concord.applied SET lsn = $2 WHERE resource = $1";
+        self.timed_in(
+            session,
+            "store the applied lsn",
+            tx.execute(store, &[&self.name, &lsn_value]),
         )
-        .await
+        .await?
         .map_err(|e| self.db("store the applied lsn", &e))?;
-        tx.commit()
-            .await
+        self.timed_in(session, "commit the replay", tx.commit())
+            .await?
             .map_err(|e| self.db("commit the replay", &e))
     }
 
@@ -1417,12 +1616,14 @@ impl Inner {
     }
 }
 
-/// Opens one connection outside a pool (for install and replicate).
+/// Opens one connection outside a pool (for install, replicate and fence).
 async fn connect(name: &str, url: &str) -> Result<(Client, String)> {
-    let pg = tokio_postgres::Config::from_str(url).map_err(|e| {
-        ResourceError::rejected(name, format!("the connection string is invalid: {e}"))
-    })?;
+    let pg = pg_config(name, url, PostgresConfig::new(url, 0).connect_timeout_ms)?;
     let target = target_of(&pg);
+    Ok((connect_to(name, &pg, &target).await?, target))
+}
+
+async fn connect_to(name: &str, pg: &tokio_postgres::Config, target: &str) -> Result<Client> {
     let (client, connection) = pg
         .connect(NoTls)
         .await
@@ -1433,7 +1634,85 @@ async fn connect(name: &str, url: &str) -> Result<(Client, String)> {
     tokio::spawn(async move {
         let _ = connection.await;
     });
-    Ok((client, target))
+    Ok(client)
+}
+
+/// Before the pool opens, on a connection of its own: `max_prepared_transactions` above 0 and
+/// the schema at this program's version, each refused with its fix.
+async fn check_server(name: &str, pg: &tokio_postgres::Config, target: &str) -> Result<()> {
+    let client = connect_to(name, pg, target).await?;
+    let max: String = client
+        .query_one("SHOW max_prepared_transactions", &[])
+        .await
+        .map_err(|e| db_error(name, target, "read max_prepared_transactions", &e))?
+        .get(0);
+    if max.trim() == "0" {
+        return Err(ResourceError::rejected(
+            name,
+            format!(
+                "{target} has max_prepared_transactions = 0, so it cannot prepare transactions: set max_prepared_transactions (at least the number of concurrent transactions, e.g. 100) in postgresql.conf and restart the server"
+            ),
+        ));
+    }
+    schema::check(&client, name)
+        .await
+        .map_err(|e| schema_error(name, target, e))
+}
+
+/// The connection settings of `url`, with concord's defaults for what it leaves unset: TCP
+/// keepalives ([`KEEPALIVES_IDLE_S`] and the next two), [`TCP_USER_TIMEOUT_MS`] and a connect
+/// timeout of `connect_timeout_ms`, so that a dead server or network is noticed.
+fn pg_config(name: &str, url: &str, connect_timeout_ms: u64) -> Result<tokio_postgres::Config> {
+    let mut pg = tokio_postgres::Config::from_str(url).map_err(|e| {
+        ResourceError::rejected(name, format!("the connection string is invalid: {e}"))
+    })?;
+    if !url_sets(url, "keepalives") {
+        pg.keepalives(true);
+    }
+    if !url_sets(url, "keepalives_idle") {
+        pg.keepalives_idle(Duration::from_secs(KEEPALIVES_IDLE_S));
+    }
+    if !url_sets(url, "keepalives_interval") {
+        pg.keepalives_interval(Duration::from_secs(KEEPALIVES_INTERVAL_S));
+    }
+    if !url_sets(url, "keepalives_retries") {
+        pg.keepalives_retries(KEEPALIVES_RETRIES);
+    }
+    if !url_sets(url, "tcp_user_timeout") {
+        pg.tcp_user_timeout(Duration::from_millis(TCP_USER_TIMEOUT_MS));
+    }
+    if !url_sets(url, "connect_timeout") {
+        pg.connect_timeout(Duration::from_millis(connect_timeout_ms.max(1)));
+    }
+    Ok(pg)
+}
+
+/// Whether the connection string `url` (`key=value …` or a `postgres://…?key=value&…` URL)
+/// sets `key`.
+fn url_sets(url: &str, key: &str) -> bool {
+    let params = match url.split_once("://") {
+        Some((_, rest)) => rest.split_once('?').map_or("", |(_, query)| query),
+        None => url,
+    };
+    params
+        .split(|c: char| c == '&' || c.is_whitespace())
+        .any(|param| param.split('=').next().map(str::trim) == Some(key))
+}
+
+/// The error of a new pooled session that could not read the fence epoch: the session is
+/// refused, and so is the branch that wanted it.
+fn unreadable_fence(e: tokio_postgres::Error) -> HookError {
+    if e.as_db_error().is_none() {
+        // The connection failed: retryable, like any other.
+        return HookError::Backend(e);
+    }
+    HookError::Message(
+        format!(
+            "a new session could not read the fence epoch ({}), so it is refused: no branch runs unfenced; check that `concord pg install` ran in this database and that the role may read concord.fence",
+            db_text(&e)
+        )
+        .into(),
+    )
 }
 
 /// `host:port/dbname as user` — never the password.
@@ -1472,13 +1751,16 @@ fn schema_error(name: &str, target: &str, e: schema::SchemaError) -> ResourceErr
     }
 }
 
-/// PostgreSQL's own message (severity, text, detail) when there is one, else the client's.
+/// PostgreSQL's own message (severity, text, detail, hint) when there is one, else the client's.
 fn db_text(e: &tokio_postgres::Error) -> String {
     match e.as_db_error() {
         Some(db) => {
             let mut text = format!("{}: {}", db.severity(), db.message());
             if let Some(detail) = db.detail() {
                 text.push_str(&format!(" ({detail})"));
+            }
+            if let Some(hint) = db.hint() {
+                text.push_str(&format!("; hint: {hint}"));
             }
             text
         }
@@ -1596,4 +1878,63 @@ pub fn decode_redo(redo: &[u8]) -> Result<Vec<RowImage>, String> {
         ));
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    #[test]
+    fn tcp_defaults_apply_unless_the_connection_string_sets_them() {
+        let pg = pg_config("pg", "host=h user=u dbname=d", 7_000).unwrap();
+        assert!(pg.get_keepalives());
+        assert_eq!(
+            pg.get_keepalives_idle(),
+            Duration::from_secs(KEEPALIVES_IDLE_S)
+        );
+        assert_eq!(
+            pg.get_keepalives_interval(),
+            Some(Duration::from_secs(KEEPALIVES_INTERVAL_S))
+        );
+        assert_eq!(pg.get_keepalives_retries(), Some(KEEPALIVES_RETRIES));
+        assert_eq!(
+            pg.get_tcp_user_timeout(),
+            Some(&Duration::from_millis(TCP_USER_TIMEOUT_MS))
+        );
+        assert_eq!(pg.get_connect_timeout(), Some(&Duration::from_secs(7)));
+
+        let set = "host=h keepalives_idle=60 keepalives_retries = 9 connect_timeout=2";
+        let pg = pg_config("pg", set, 7_000).unwrap();
+        assert_eq!(pg.get_keepalives_idle(), Duration::from_secs(60));
+        assert_eq!(pg.get_keepalives_retries(), Some(9));
+        assert_eq!(pg.get_connect_timeout(), Some(&Duration::from_secs(2)));
+        assert_eq!(
+            pg.get_keepalives_interval(),
+            Some(Duration::from_secs(KEEPALIVES_INTERVAL_S))
+        );
+
+        // The driver reads `tcp_user_timeout` in seconds (libpq: milliseconds).
+        let url = "postgresql://u@h/d?keepalives=0&tcp_user_timeout=5";
+        let pg = pg_config("pg", url, 7_000).unwrap();
+        assert!(!pg.get_keepalives());
+        assert_eq!(pg.get_tcp_user_timeout(), Some(&Duration::from_secs(5)));
+        assert_eq!(pg.get_connect_timeout(), Some(&Duration::from_secs(7)));
+    }
+
+    #[test]
+    fn url_sets_reads_keys_not_values() {
+        assert!(url_sets("host=h keepalives=1", "keepalives"));
+        assert!(!url_sets("host=h keepalives_idle=1", "keepalives"));
+        assert!(!url_sets("host=keepalives", "keepalives"));
+        assert!(url_sets(
+            "postgres://h/d?a=1&keepalives_idle=3",
+            "keepalives_idle"
+        ));
+        assert!(!url_sets(
+            "postgres://keepalives_idle@h/d",
+            "keepalives_idle"
+        ));
+    }
 }

@@ -11,6 +11,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use adapters::pgtest::PgCluster;
+use adapters::postgres::schema::SCHEMA_VERSION;
 
 /// The password every configured url carries.
 const PASSWORD: &str = "s3cret";
@@ -98,15 +99,22 @@ fn psql(db: &str, sql: &str) -> String {
 fn install_twice_says_already_at_the_current_version() {
     let (_dir, config) = database("install_twice");
     let first = concord(&["pg", "install", "--resource", "orders"], &config);
-    assert_eq!(first.ok(), "orders: concord schema installed (version 3)\n");
+    let v = SCHEMA_VERSION;
+    assert_eq!(
+        first.ok(),
+        format!("orders: concord schema installed (version {v})\n")
+    );
     let second = concord(&["pg", "install", "--resource", "orders"], &config);
-    assert_eq!(second.ok(), "orders: concord schema already at version 3\n");
+    assert_eq!(
+        second.ok(),
+        format!("orders: concord schema already at version {v}\n")
+    );
     assert_eq!(
         psql(
             "install_twice",
             "SELECT value FROM concord.meta WHERE key = 'schema_version'"
         ),
-        "3"
+        v.to_string()
     );
 }
 
@@ -117,12 +125,12 @@ fn install_prints_one_json_object() {
     let first: serde_json::Value = serde_json::from_str(concord(&args, &config).ok()).unwrap();
     assert_eq!(
         first,
-        serde_json::json!({"resource": "orders", "from": 0, "to": 3})
+        serde_json::json!({"resource": "orders", "from": 0, "to": SCHEMA_VERSION})
     );
     let second: serde_json::Value = serde_json::from_str(concord(&args, &config).ok()).unwrap();
     assert_eq!(
         second,
-        serde_json::json!({"resource": "orders", "from": 3, "to": 3})
+        serde_json::json!({"resource": "orders", "from": SCHEMA_VERSION, "to": SCHEMA_VERSION})
     );
 }
 

@@ -66,14 +66,28 @@
 //!   (the adapter's `session` module). A session outside concord sees the notice too: its changes
 //!   to a replicated table are captured and thrown away at its commit, and reach no standby.
 //! * `concord.quick_check()` and `concord.has_redo()` are dropped.
+//!
+//! Version 4 closes three gaps of replay:
+//!
+//! * `concord.refuse_truncate()`, run by the statement trigger `concord_truncate` that
+//!   `concord pg replicate` installs (and this step installs on every table already in
+//!   `concord.replicated`), refuses a `TRUNCATE` of a replicated table (SQLSTATE `CF006`): a
+//!   `TRUNCATE` fires no row trigger, so its effect would never reach a standby.
+//! * `concord.apply_row()` refuses a row image whose columns are not the table's — a column
+//!   the table lacks, or a column (not generated) the image lacks — naming the table and the
+//!   column (SQLSTATE `CF005`), instead of writing a partial row.
+//! * `concord.advance_sequences(tbl, row_image)`, called by `apply_row` after an upsert,
+//!   advances every sequence that feeds a column of the table (a `nextval` default, `serial`,
+//!   an identity column) past the value the image holds, so that a promoted standby does not
+//!   hand out keys replay already wrote.
 
 use tokio_postgres::Client;
 
 /// The schema version this program installs and reads.
-pub const SCHEMA_VERSION: i32 = 3;
+pub const SCHEMA_VERSION: i32 = 4;
 
 /// Every step, in order: step `n` takes the schema from version `n` to `n + 1`.
-const STEPS: &[&str] = &[V1, V2, V3];
+const STEPS: &[&str] = &[V1, V2, V3, V4];
 
 const V1: &str = r#"
 CREATE TABLE concord.fence (
@@ -148,46 +162,8 @@ ALTER TABLE concord.capture ADD COLUMN IF NOT EXISTS entry text;
 -- concord.capture_row() collects each image in the setting concord.redo: its body is
 -- version 3's (steps always run up to the newest version, which replaces it).
 
--- Replay of an image whose key the capture left to the reader.
-CREATE OR REPLACE FUNCTION concord.apply_row(tbl text, op "char", pk jsonb, row_image jsonb) RETURNS void
-LANGUAGE plpgsql AS $$
-DECLARE
-    cond text;
-    cols text;
-    keys text;
-    sets text;
-BEGIN
-    IF pk IS NULL OR jsonb_typeof(pk) = 'null' THEN
-        -- Left to the reader by the capture: the key's columns of the image.
-        SELECT jsonb_object_agg(a.attname, row_image -> a.attname) INTO pk
-            FROM pg_index i
-            JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey)
-            WHERE i.indrelid = tbl::regclass AND i.indisprimary;
-        IF pk IS NULL THEN
-            RAISE EXCEPTION 'concord: table % has no primary key to replay by', tbl;
-        END IF;
-    END IF;
-    IF op = 'D' THEN
-        SELECT string_agg(format('%I = (jsonb_populate_record(NULL::%s, $1)).%I', k, tbl, k), ' AND ')
-            INTO cond FROM jsonb_object_keys(pk) AS k;
-        EXECUTE format('DELETE FROM %s WHERE %s', tbl, cond) USING pk;
-        RETURN;
-    END IF;
-    -- An upsert, not a delete and insert: rows that reference this one stay, and identity
-    -- columns take the primary's values; generated columns are computed again.
-    SELECT string_agg(quote_ident(a.attname), ', ' ORDER BY a.attnum),
-           string_agg(format('%1$I = excluded.%1$I', a.attname), ', ' ORDER BY a.attnum)
-               FILTER (WHERE NOT pk ? a.attname AND a.attidentity <> 'a')
-        INTO cols, sets
-        FROM pg_attribute a
-        WHERE a.attrelid = tbl::regclass AND a.attnum > 0 AND NOT a.attisdropped
-          AND a.attgenerated = '';
-    SELECT string_agg(quote_ident(k), ', ') INTO keys FROM jsonb_object_keys(pk) AS k;
-    EXECUTE format(
-        'INSERT INTO %s (%s) OVERRIDING SYSTEM VALUE SELECT %s FROM jsonb_populate_record(NULL::%s, $1) ON CONFLICT (%s) DO %s',
-        tbl, cols, cols, tbl, keys,
-        CASE WHEN sets IS NULL THEN 'NOTHING' ELSE 'UPDATE SET ' || sets END) USING row_image;
-END $$;
+-- concord.apply_row(), replay of an image whose key the capture left to the reader: its body
+-- is version 4's (steps always run up to the newest version, which replaces it).
 
 -- The branch's row images as the JSON text of an array's elements ('' when none), taken out
 -- of the setting and the capture table.
@@ -305,6 +281,127 @@ BEGIN
         INSERT INTO concord.capture (tbl, op, entry) VALUES (tbl, 'E', entry);
     END IF;
     RETURN NULL;
+END $$;
+"#;
+
+const V4: &str = r#"
+-- A TRUNCATE has no row images, so a standby would never see it: refused on a replicated table.
+CREATE OR REPLACE FUNCTION concord.refuse_truncate() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    RAISE EXCEPTION 'concord: TRUNCATE of the replicated table %.% is refused: a standby replays row images, and a TRUNCATE has none', TG_TABLE_SCHEMA, TG_TABLE_NAME
+        USING ERRCODE = 'CF006',
+              HINT = 'delete the rows instead (DELETE FROM the table), or, for a table that no longer needs a standby, drop its triggers concord_capture and concord_truncate';
+END $$;
+
+DO $$
+DECLARE
+    t text;
+BEGIN
+    FOR t IN SELECT tbl FROM concord.replicated WHERE to_regclass(tbl) IS NOT NULL LOOP
+        EXECUTE format('CREATE OR REPLACE TRIGGER concord_truncate BEFORE TRUNCATE ON %s
+                        FOR EACH STATEMENT EXECUTE FUNCTION concord.refuse_truncate()', t);
+    END LOOP;
+END $$;
+
+-- Advances each sequence that feeds a column of tbl (a default of nextval, serial, identity)
+-- past the value row_image holds in that column, so that a promoted standby does not hand out
+-- a key replay already wrote. setval is not transactional: a replay rolled back may leave a
+-- sequence further on, never behind.
+CREATE OR REPLACE FUNCTION concord.advance_sequences(tbl text, row_image jsonb) RETURNS void
+LANGUAGE plpgsql AS $$
+DECLARE
+    fed record;
+    written numeric;
+    issued numeric;
+BEGIN
+    FOR fed IN
+        SELECT a.attname AS col, d.refobjid::regclass::text AS seq
+          FROM pg_attribute a
+          JOIN pg_attrdef ad ON ad.adrelid = a.attrelid AND ad.adnum = a.attnum
+          JOIN pg_depend d ON d.classid = 'pg_attrdef'::regclass AND d.objid = ad.oid
+                          AND d.refclassid = 'pg_class'::regclass
+          JOIN pg_class s ON s.oid = d.refobjid AND s.relkind = 'S'
+         WHERE a.attrelid = tbl::regclass AND a.attnum > 0 AND NOT a.attisdropped
+        UNION
+        SELECT a.attname, pg_get_serial_sequence(tbl, a.attname)
+          FROM pg_attribute a
+         WHERE a.attrelid = tbl::regclass AND a.attnum > 0 AND NOT a.attisdropped
+           AND a.attidentity <> ''
+    LOOP
+        -- A sequence feeds numbers; a column it feeds that holds something else is left alone.
+        CONTINUE WHEN jsonb_typeof(row_image -> fed.col) IS DISTINCT FROM 'number';
+        written := (row_image ->> fed.col)::numeric;
+        EXECUTE format('SELECT CASE WHEN is_called THEN last_value ELSE last_value - 1 END FROM %s',
+                       fed.seq) INTO issued;
+        IF written > issued THEN
+            PERFORM setval(fed.seq, written::bigint);
+        END IF;
+    END LOOP;
+END $$;
+
+-- Replay of one row image by primary key. The image's columns must be the table's: a column the
+-- table lacks, or a column (not generated) the image lacks, stops replay naming both (SQLSTATE
+-- CF005) instead of writing a partial row.
+CREATE OR REPLACE FUNCTION concord.apply_row(tbl text, op "char", pk jsonb, row_image jsonb) RETURNS void
+LANGUAGE plpgsql AS $$
+DECLARE
+    cond text;
+    cols text;
+    keys text;
+    sets text;
+    odd text;
+BEGIN
+    IF jsonb_typeof(row_image) = 'object' THEN
+        SELECT k INTO odd FROM jsonb_object_keys(row_image) AS k
+         WHERE NOT EXISTS (SELECT 1 FROM pg_attribute a
+                            WHERE a.attrelid = tbl::regclass AND a.attnum > 0
+                              AND NOT a.attisdropped AND a.attname = k)
+         LIMIT 1;
+        IF odd IS NOT NULL THEN
+            RAISE EXCEPTION 'concord: the row image of % has a column %, which the table here does not have', tbl, odd
+                USING ERRCODE = 'CF005';
+        END IF;
+        SELECT a.attname INTO odd FROM pg_attribute a
+         WHERE a.attrelid = tbl::regclass AND a.attnum > 0 AND NOT a.attisdropped
+           AND a.attgenerated = '' AND NOT row_image ? a.attname
+         ORDER BY a.attnum LIMIT 1;
+        IF odd IS NOT NULL THEN
+            RAISE EXCEPTION 'concord: the row image of % has no column %, which the table here has', tbl, odd
+                USING ERRCODE = 'CF005';
+        END IF;
+    END IF;
+    IF pk IS NULL OR jsonb_typeof(pk) = 'null' THEN
+        -- Left to the reader by the capture: the key's columns of the image.
+        SELECT jsonb_object_agg(a.attname, row_image -> a.attname) INTO pk
+            FROM pg_index i
+            JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey)
+            WHERE i.indrelid = tbl::regclass AND i.indisprimary;
+        IF pk IS NULL THEN
+            RAISE EXCEPTION 'concord: table % has no primary key to replay by', tbl;
+        END IF;
+    END IF;
+    IF op = 'D' THEN
+        SELECT string_agg(format('%I = (jsonb_populate_record(NULL::%s, $1)).%I', k, tbl, k), ' AND ')
+            INTO cond FROM jsonb_object_keys(pk) AS k;
+        EXECUTE format('DELETE FROM %s WHERE %s', tbl, cond) USING pk;
+        RETURN;
+    END IF;
+    -- An upsert, not a delete and insert: rows that reference this one stay, and identity
+    -- columns take the primary's values; generated columns are computed again.
+    SELECT string_agg(quote_ident(a.attname), ', ' ORDER BY a.attnum),
+           string_agg(format('%1$I = excluded.%1$I', a.attname), ', ' ORDER BY a.attnum)
+               FILTER (WHERE NOT pk ? a.attname AND a.attidentity <> 'a')
+        INTO cols, sets
+        FROM pg_attribute a
+        WHERE a.attrelid = tbl::regclass AND a.attnum > 0 AND NOT a.attisdropped
+          AND a.attgenerated = '';
+    SELECT string_agg(quote_ident(k), ', ') INTO keys FROM jsonb_object_keys(pk) AS k;
+    EXECUTE format(
+        'INSERT INTO %s (%s) OVERRIDING SYSTEM VALUE SELECT %s FROM jsonb_populate_record(NULL::%s, $1) ON CONFLICT (%s) DO %s',
+        tbl, cols, cols, tbl, keys,
+        CASE WHEN sets IS NULL THEN 'NOTHING' ELSE 'UPDATE SET ' || sets END) USING row_image;
+    PERFORM concord.advance_sequences(tbl, row_image);
 END $$;
 "#;
 

@@ -33,6 +33,10 @@
 //! just created, files it under the connection's identity (the address of its statement cache,
 //! which lives exactly as long as the connection). A connection not found there — which should
 //! not happen — is finished the old way, by asking the server.
+//!
+//! Owning the driver also lets the resource close a connection on which a call passed its
+//! deadline ([`Session::close`]): the driver ends, the connection with it, and the pool drops
+//! it, so a half-open connection is never handed out again.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -68,6 +72,9 @@ pub(super) struct Session {
     in_transaction: AtomicU64,
     /// The identity it is filed under (0 until filed).
     key: AtomicUsize,
+    /// Told when a call on the connection passed its deadline: the driver then ends, closing
+    /// the connection, so that the pool never hands it out again ([`Session::close`]).
+    close: tokio::sync::Notify,
 }
 
 impl Session {
@@ -87,6 +94,14 @@ impl Session {
     /// `BEGIN` gets one if its connection came back to the pool inside a transaction).
     pub(super) fn in_transaction(&self) -> u64 {
         self.in_transaction.load(Ordering::Acquire)
+    }
+
+    /// Closes the connection: its driver ends, every call still waiting on it fails at once,
+    /// and the pool, which finds it closed, drops it instead of handing it out again. For a
+    /// connection on which a call passed its deadline (the server or the network may be gone
+    /// while the socket looks open).
+    pub(super) fn close(&self) {
+        self.close.notify_one();
     }
 }
 
@@ -186,7 +201,7 @@ async fn drive(
     sessions: Weak<Sessions>,
 ) {
     let forget = Forget { session, sessions };
-    let ended = poll_fn(|cx| {
+    let messages = poll_fn(|cx| {
         loop {
             match connection.poll_message(cx) {
                 Poll::Ready(Some(Ok(AsyncMessage::Notice(notice)))) => {
@@ -194,9 +209,15 @@ async fn drive(
                     if code == CAPTURED {
                         forget.session.captured.fetch_add(1, Ordering::Release);
                     } else if code == NO_ACTIVE_TRANSACTION {
-                        forget.session.no_transaction.fetch_add(1, Ordering::Release);
+                        forget
+                            .session
+                            .no_transaction
+                            .fetch_add(1, Ordering::Release);
                     } else if code == ACTIVE_TRANSACTION {
-                        forget.session.in_transaction.fetch_add(1, Ordering::Release);
+                        forget
+                            .session
+                            .in_transaction
+                            .fetch_add(1, Ordering::Release);
                     } else {
                         tracing::info!(target: "concord::postgres", "{}: {}", notice.severity(), notice.message());
                     }
@@ -207,8 +228,14 @@ async fn drive(
                 Poll::Pending => return Poll::Pending,
             }
         }
-    })
-    .await;
+    });
+    let ended = tokio::select! {
+        ended = messages => ended,
+        () = forget.session.close.notified() => {
+            tracing::warn!(target: "concord::postgres", "connection closed: a call on it passed its deadline");
+            Ok(())
+        }
+    };
     if let Err(e) = ended {
         tracing::warn!(target: "concord::postgres", "connection error: {e}");
     }
