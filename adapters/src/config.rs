@@ -28,6 +28,8 @@
 //! url = "host=127.0.0.1 port=5432 user=app dbname=shop"
 //! pool_size = 64            # optional: connections (open branches plus phase-2 calls)
 //! fence_wait_ms = 2000      # optional: how long a fence waits for prepared branches of old epochs
+//! call_timeout_ms = 30000   # optional: deadline of each of concord's own round trips
+//! connect_timeout_ms = 10000 # optional: deadline of opening a connection
 //!
 //! [resources.outbox]        # a mail queue: a Maildir (tmp/, new/, cur/)
 //! kind = "mail"
@@ -149,6 +151,8 @@ struct ResourceToml {
     url: Option<String>,
     pool_size: Option<usize>,
     fence_wait_ms: Option<u64>,
+    call_timeout_ms: Option<u64>,
+    connect_timeout_ms: Option<u64>,
 }
 
 #[derive(Clone, Copy)]
@@ -184,7 +188,13 @@ impl ResourceKind {
     fn fields(self) -> &'static [&'static str] {
         match self {
             ResourceKind::Files => &["root", "create", "lock_wait_ms"],
-            ResourceKind::Postgres => &["url", "pool_size", "fence_wait_ms"],
+            ResourceKind::Postgres => &[
+                "url",
+                "pool_size",
+                "fence_wait_ms",
+                "call_timeout_ms",
+                "connect_timeout_ms",
+            ],
             ResourceKind::Mail => &["maildir", "create", "max_message_bytes"],
             ResourceKind::Kv => &["dir", "create", "lock_wait_ms", "value_bytes_max"],
         }
@@ -237,7 +247,7 @@ impl fmt::Display for Refusal {
 
 impl ResourceToml {
     /// The fields set in the table, by name.
-    fn set_fields(&self) -> [(&'static str, bool); 10] {
+    fn set_fields(&self) -> [(&'static str, bool); 12] {
         [
             ("root", self.root.is_some()),
             ("maildir", self.maildir.is_some()),
@@ -249,6 +259,8 @@ impl ResourceToml {
             ("url", self.url.is_some()),
             ("pool_size", self.pool_size.is_some()),
             ("fence_wait_ms", self.fence_wait_ms.is_some()),
+            ("call_timeout_ms", self.call_timeout_ms.is_some()),
+            ("connect_timeout_ms", self.connect_timeout_ms.is_some()),
         ]
     }
 
@@ -302,10 +314,19 @@ impl ResourceToml {
                 if pool_size < 2 {
                     return Err("field `pool_size` must be at least 2".into());
                 }
+                let call_timeout_ms = self.call_timeout_ms.unwrap_or(30_000);
+                let connect_timeout_ms = self.connect_timeout_ms.unwrap_or(10_000);
+                if call_timeout_ms == 0 || connect_timeout_ms == 0 {
+                    return Err(
+                        "fields `call_timeout_ms` and `connect_timeout_ms` must be positive".into(),
+                    );
+                }
                 Ok(ResourceConfig::Postgres {
                     url,
                     pool_size,
                     fence_wait_ms: self.fence_wait_ms.unwrap_or(2_000),
+                    call_timeout_ms,
+                    connect_timeout_ms,
                 })
             }
             ResourceKind::Mail => {
@@ -382,6 +403,11 @@ pub enum ResourceConfig {
         pool_size: usize,
         /// How long a fence waits for prepared branches of older epochs (milliseconds).
         fence_wait_ms: u64,
+        /// Deadline of each of concord's own round trips to the server (milliseconds); past
+        /// it the connection is dropped from the pool.
+        call_timeout_ms: u64,
+        /// Deadline of opening a connection (milliseconds), unless the URL sets one.
+        connect_timeout_ms: u64,
     },
     /// A Maildir (the mail queue resource, [`crate::mail`]).
     Mail {
@@ -682,10 +708,14 @@ pub async fn open_resource(
             url,
             pool_size,
             fence_wait_ms,
+            call_timeout_ms,
+            connect_timeout_ms,
         } => {
             let mut pg_config = PostgresConfig::new(url, node);
             pg_config.pool_size = *pool_size;
             pg_config.fence_wait_ms = *fence_wait_ms;
+            pg_config.call_timeout_ms = *call_timeout_ms;
+            pg_config.connect_timeout_ms = *connect_timeout_ms;
             PostgresResource::open(name, pg_config)
                 .await
                 .map_err(refused)?
@@ -776,12 +806,15 @@ mod tests {
             url,
             pool_size,
             fence_wait_ms,
+            call_timeout_ms,
+            ..
         }) = config.resources.get("orders")
         else {
             panic!("no orders")
         };
         assert_eq!(url, "host=127.0.0.1 dbname=shop");
         assert_eq!((*pool_size, *fence_wait_ms), (64, 2_000));
+        assert_eq!(*call_timeout_ms, 30_000);
         assert_eq!(config.orphan_sweep_ms, 60_000);
         let swept = load("node = 1\ndata_dir = \"d\"\norphan_sweep_ms = 500\n").unwrap();
         assert_eq!(swept.orphan_sweep_ms, 500);

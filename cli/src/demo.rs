@@ -137,6 +137,8 @@ async fn demo(args: &DemoArgs, data: &Path) -> anyhow::Result<Summary> {
                 url: url.clone(),
                 pool_size: args.concurrency + 8,
                 fence_wait_ms: 2_000,
+                call_timeout_ms: 30_000,
+                connect_timeout_ms: 10_000,
             },
         );
     }

@@ -229,6 +229,8 @@ mod tests {
                 url: "host=h password=s3cret".into(),
                 pool_size: 2,
                 fence_wait_ms: 1,
+                call_timeout_ms: 30_000,
+                connect_timeout_ms: 10_000,
             },
         );
         resources.append(&mut config.resources);

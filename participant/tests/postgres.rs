@@ -66,6 +66,8 @@ fn pg_config(dir: &Path, node: u32, url: &str) -> Config {
             url: url.into(),
             pool_size: 16,
             fence_wait_ms: 2000,
+            call_timeout_ms: 30_000,
+            connect_timeout_ms: 10_000,
         },
     );
     config
