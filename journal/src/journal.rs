@@ -70,6 +70,7 @@ use std::task::{Context, Poll, Waker};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use crate::clean::{self, CleanMark};
 use crate::config::JournalConfig;
 use crate::error::{JournalError, Result};
 use crate::reader::JournalReader;
@@ -649,7 +650,7 @@ fn remove_leftovers(dir: &Path, report: &ScanReport) -> Result<()> {
     for path in &report.leftovers {
         std::fs::remove_file(path)
             .map_err(|e| JournalError::io("remove leftover temp segment", path, e))?;
-        tracing::warn!(file = %path.display(), "removed the temp file of an interrupted segment creation");
+        tracing::warn!(file = %path.display(), "removed the temp file of an interrupted segment creation or close");
     }
     if !report.leftovers.is_empty() {
         segment::sync_dir(dir)?;
@@ -696,6 +697,8 @@ struct SegmentWriter {
     sync_fault_at: Option<u64>,
     /// The segment created by `resume` in an empty directory, for the shared list.
     created_first: Option<SegmentFile>,
+    /// A clean-close mark is on disk: it is removed (durably) before anything is written.
+    marked_clean: bool,
 }
 
 impl SegmentWriter {
@@ -740,6 +743,7 @@ impl SegmentWriter {
             syncs: 0,
             sync_fault_at: config.sync_fault_at,
             created_first,
+            marked_clean: report.clean_close.is_some(),
         };
         // The records found may have been written and never synced by a process that died:
         // sync them before they are published as durable, and before the first new record starts
@@ -757,6 +761,7 @@ impl SegmentWriter {
     /// Writes one batch of `count` sealed frames; syncs when `sync`. Returns the first LSN of the
     /// batch.
     fn write_batch(&mut self, shared: &Shared, buf: &[u8], count: u32, sync: bool) -> Result<Lsn> {
+        self.clear_clean_mark()?;
         let first = self.next_lsn;
         debug_assert_eq!(
             frame_lsn(buf),
@@ -783,6 +788,32 @@ impl SegmentWriter {
         stats.batches.fetch_add(1, Ordering::Relaxed);
         stats.bytes.fetch_add(buf.len() as u64, Ordering::Relaxed);
         Ok(first)
+    }
+
+    /// Removes the clean-close mark, durably, before the first write of this process: from now on
+    /// the journal may end in a torn tail again.
+    fn clear_clean_mark(&mut self) -> Result<()> {
+        if self.marked_clean {
+            clean::clear(&self.dir)?;
+            self.marked_clean = false;
+        }
+        Ok(())
+    }
+
+    /// Marks a clean close (see [`crate::clean`]): every record is written and synced. Nothing to
+    /// do when the mark of the last close is still there (nothing was written since).
+    fn mark_clean(&mut self) -> Result<()> {
+        debug_assert!(!self.unsynced, "marking an unsynced journal clean");
+        if self.marked_clean {
+            return Ok(());
+        }
+        let mark = CleanMark {
+            last_lsn: self.next_lsn.prev(),
+            last_chain: self.chain,
+        };
+        clean::write(&self.dir, &mark)?;
+        self.marked_clean = true;
+        Ok(())
     }
 
     /// The slow path of `write_batch`: walks the frames and starts a new segment wherever the next
@@ -958,6 +989,10 @@ impl Flusher {
         }
         let shared = Arc::clone(&self.shared);
         if let Err(e) = self.writer.sync(&shared) {
+            return self.poison(e, &Batch::new());
+        }
+        let closed = matches!(lock(&shared.queue).stop, Some(Stop::Closed));
+        if closed && let Err(e) = self.writer.mark_clean() {
             self.poison(e, &Batch::new());
         }
     }

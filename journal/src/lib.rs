@@ -36,6 +36,7 @@
 //!   standby) is not supported yet.
 
 pub mod blob;
+pub mod clean;
 mod config;
 mod error;
 mod journal;
