@@ -47,8 +47,8 @@ pub mod segment;
 mod types;
 
 pub use blob::{BlobConfig, BlobId, BlobReader, BlobStore, StoredBlob};
-pub use config::JournalConfig;
+pub use config::{JournalConfig, StartPosition};
 pub use error::{ErrorClass, JournalError, Result};
-pub use journal::{Appending, Journal, JournalStats};
+pub use journal::{Appending, Journal, JournalStats, WaitDurable};
 pub use reader::JournalReader;
 pub use types::{ChainHash, Epoch, Lsn, Record, RecordKind};
