@@ -17,7 +17,7 @@
 //! 3. **Cleared before the first write after open**: the flusher removes `CLEAN` and syncs the
 //!    directory before it writes the first record (or creates a segment) — so no record of the
 //!    new session can reach the disk while a mark still claims the journal ends earlier.
-//!    Truncating the journal (`Journal::truncate_after`) clears it first too, and writes
+//!    Truncating the journal ([`crate::Journal::truncate_after`]) clears it first too, and writes
 //!    a new one for the new end when it has finished.
 //!
 //! Crash analysis:

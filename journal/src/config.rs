@@ -51,6 +51,11 @@ pub struct JournalConfig {
     /// Testing aid: while the flag is set, the flusher takes nothing from the queue, as if the
     /// disk had stalled (the test must clear it, or closing waits for ever). `None` in production.
     pub hold_flusher: Option<Arc<AtomicBool>>,
+    /// Testing aid: [`crate::Journal::truncate_after`] stops with an injected I/O error before
+    /// its N-th durable step (counted from 1: clearing the clean-close mark, each segment
+    /// removal, the cut, the new mark), leaving the directory as a crash there would. `None` in
+    /// production.
+    pub truncate_fault_at: Option<u32>,
     /// Where a *new* journal starts: when the directory holds no segment yet, its first segment
     /// begins right after this position, so the first record appended (verbatim, by a re-seeded
     /// standby) must carry LSN `lsn + 1` and continue `chain`. Ignored when the directory already
@@ -83,6 +88,7 @@ impl Default for JournalConfig {
             create_if_missing: false,
             sync_fault_at: None,
             hold_flusher: None,
+            truncate_fault_at: None,
             start_after: None,
         }
     }

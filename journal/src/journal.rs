@@ -831,6 +831,93 @@ impl Journal {
         Ok(removed.len())
     }
 
+    /// Removes every record after `lsn` from the journal in `dir`, which no process may hold
+    /// open (it takes the directory's `LOCK` for the duration): what an old primary does to
+    /// rejoin as a standby after its history diverged. Open the journal afterwards; it resumes
+    /// after `lsn`, with the chain value after `lsn` and a durable LSN of `lsn`.
+    ///
+    /// A function on a closed directory rather than a method on an open journal, because
+    /// nothing may observe the journal going backwards: no append in flight, no reader holding a
+    /// segment list, no `Appending` or `WaitDurable` expecting an LSN that disappears, and
+    /// `durable_lsn` of an open journal never decreases.
+    ///
+    /// The steps, each durable before the next: remove the clean-close mark (directory synced);
+    /// remove leftover temp files; remove the segments that start after `lsn`, the highest first,
+    /// syncing the directory after each; cut the segment holding `lsn` just after its record
+    /// (`set_len`, synced); write a clean-close mark for the new end. A crash between any two
+    /// steps leaves a journal that opens to a prefix of the original ending at or after `lsn`
+    /// (segments are only ever removed from the top, so no hole appears; without the mark a
+    /// half-done cut is at worst a torn tail); running the truncation again finishes it.
+    /// Truncating after the last LSN only cuts a torn tail and marks the journal clean.
+    ///
+    /// Refused, with nothing changed: `lsn` past the end ([`JournalError::TruncateBeyondEnd`]),
+    /// `lsn` below the retained records ([`JournalError::LsnNotRetained`]; the journal must be
+    /// re-seeded), a journal that is corrupt or locked by another process.
+    pub fn truncate_after(
+        dir: impl AsRef<Path>,
+        config: &JournalConfig,
+        lsn: Lsn,
+    ) -> Result<Truncated> {
+        config.validate()?;
+        let dir = dir.as_ref();
+        prepare_dir(dir, false)?;
+        segment::list_dir(dir)?;
+        let _lock = take_lock(dir, Duration::from_millis(config.lock_wait_ms_max))?;
+        let report = scan::scan_dir(dir, config.record_bytes_max, |_| {})?;
+        let oldest = report.first_lsn();
+        if lsn < oldest.prev() {
+            return Err(JournalError::LsnNotRetained {
+                requested: lsn,
+                oldest,
+            });
+        }
+        if lsn > report.last_lsn {
+            return Err(JournalError::TruncateBeyondEnd {
+                requested: lsn,
+                last: report.last_lsn,
+            });
+        }
+        let keep = report
+            .segments
+            .iter()
+            .rposition(|s| s.first_lsn <= lsn)
+            .unwrap_or(0);
+        let cut = &report.segments[keep];
+        let (offset, chain) = end_of_record(&cut.path, lsn, config.record_bytes_max)?;
+        let mut steps = FaultSteps::new(config.truncate_fault_at, dir);
+        steps.next()?;
+        clean::clear(dir)?;
+        remove_leftovers(dir, &report)?;
+        let later = &report.segments[keep + 1..];
+        for seg in later.iter().rev() {
+            steps.next()?;
+            std::fs::remove_file(&seg.path)
+                .map_err(|e| JournalError::io("remove journal segment", &seg.path, e))?;
+            segment::sync_dir(dir)?;
+        }
+        steps.next()?;
+        cut_segment(&cut.path, offset)?;
+        steps.next()?;
+        let mark = CleanMark {
+            last_lsn: lsn,
+            last_chain: chain,
+        };
+        clean::write(dir, &mark)?;
+        let removed = report.last_lsn.0 - lsn.0;
+        tracing::warn!(
+            dir = %dir.display(),
+            segments_removed = later.len(),
+            records_removed = removed,
+            "truncated the journal after lsn {lsn}"
+        );
+        Ok(Truncated {
+            last_lsn: lsn,
+            last_chain: chain,
+            records_removed: removed,
+            segments_removed: later.len(),
+        })
+    }
+
     /// Counters since opening.
     pub fn stats(&self) -> JournalStats {
         let c = &self.shared.stats;
@@ -884,6 +971,84 @@ impl Journal {
 impl Drop for Journal {
     fn drop(&mut self) {
         let _ = self.close();
+    }
+}
+
+/// What [`Journal::truncate_after`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Truncated {
+    /// The journal's last LSN now.
+    pub last_lsn: Lsn,
+    /// The chain value after it.
+    pub last_chain: ChainHash,
+    /// Valid records removed (a torn tail is not counted).
+    pub records_removed: u64,
+    /// Whole segment files removed.
+    pub segments_removed: usize,
+}
+
+/// Where the record at `lsn` ends in the segment at `path`, and the chain value after it (the
+/// segment's header when `lsn` comes before its first record).
+fn end_of_record(path: &Path, lsn: Lsn, record_bytes_max: u64) -> Result<(u64, ChainHash)> {
+    let (mut reader, _) = scan::SegmentReader::open(path, record_bytes_max)?;
+    while reader.next_lsn() <= lsn {
+        match reader.next_record()? {
+            Some(Ok(_)) => {}
+            Some(Err(damage)) => {
+                return Err(JournalError::corrupt(
+                    path,
+                    damage.offset,
+                    damage.error.to_string(),
+                ));
+            }
+            None => {
+                return Err(JournalError::corrupt(
+                    path,
+                    reader.offset(),
+                    format!("the segment ends before lsn {lsn}"),
+                ));
+            }
+        }
+    }
+    Ok((reader.offset(), reader.chain()))
+}
+
+/// Cuts a segment file at `offset` and syncs it.
+fn cut_segment(path: &Path, offset: u64) -> Result<()> {
+    let file = OpenOptions::new()
+        .write(true)
+        .open(path)
+        .map_err(|e| JournalError::io("open journal segment", path, e))?;
+    file.set_len(offset)
+        .map_err(|e| JournalError::io("truncate journal segment", path, e))?;
+    file.sync_all()
+        .map_err(|e| JournalError::io("sync truncated journal segment", path, e))
+}
+
+/// Counts the durable steps of a truncation, for the `truncate_fault_at` testing aid.
+struct FaultSteps<'a> {
+    fault_at: Option<u32>,
+    done: u32,
+    dir: &'a Path,
+}
+
+impl<'a> FaultSteps<'a> {
+    fn new(fault_at: Option<u32>, dir: &'a Path) -> FaultSteps<'a> {
+        FaultSteps {
+            fault_at,
+            done: 0,
+            dir,
+        }
+    }
+
+    /// Before the next step: fails when the testing aid says so.
+    fn next(&mut self) -> Result<()> {
+        self.done += 1;
+        if self.fault_at == Some(self.done) {
+            let injected = std::io::Error::other("injected fault (truncate_fault_at)");
+            return Err(JournalError::io("truncate journal", self.dir, injected));
+        }
+        Ok(())
     }
 }
 

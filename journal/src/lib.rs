@@ -49,6 +49,6 @@ mod types;
 pub use blob::{BlobConfig, BlobId, BlobReader, BlobStore, StoredBlob};
 pub use config::{JournalConfig, StartPosition};
 pub use error::{ErrorClass, JournalError, Result};
-pub use journal::{Appending, Journal, JournalStats, WaitDurable};
+pub use journal::{Appending, Journal, JournalStats, Truncated, WaitDurable};
 pub use reader::JournalReader;
 pub use types::{ChainHash, Epoch, Lsn, Record, RecordKind};
