@@ -28,7 +28,11 @@
 //!
 //! # Implementation caveats
 //!
-//! * Deleting blobs no retained record names is left to the layer that knows the records.
+//! * Deleting blobs no retained record names is left to the layer that knows the records
+//!   ([`BlobStore::remove`], [`BlobStore::list`]).
+//! * A standby stores a blob shipped from its primary with [`BlobStore::put_verified`], which
+//!   refuses content that does not hash to the id it was sent under. An interrupted transfer is
+//!   not resumed: it restarts from the beginning (its temp file is removed).
 //! * Hashing is single-threaded (about 1 GB/s here), which is below disk write speed on most disks
 //!   but not on all.
 
@@ -179,6 +183,40 @@ impl BlobStore {
             .join(TMP_DIR)
             .join(format!("{}-{n}.tmp", std::process::id()));
         let written = self.write_tmp(&mut content, &tmp);
+        let (id, bytes) = match written {
+            Ok(ok) => ok,
+            Err(e) => {
+                let _ = fs::remove_file(&tmp);
+                return Err(e);
+            }
+        };
+        self.install(&tmp, &id)?;
+        Ok(StoredBlob { id, bytes })
+    }
+
+    /// Streams content received from elsewhere (a primary's store, for this standby) that must be
+    /// the blob `expected`, and stores it once it is durable — only if it hashes to `expected`.
+    /// Otherwise [`JournalError::BlobMismatch`] and nothing is left behind (the temp file is
+    /// removed; a blob already stored under `expected` is untouched).
+    ///
+    /// Memory stays at one `chunk_bytes` buffer. A transfer interrupted halfway (an error from
+    /// `content`, or the process dying) is not resumable: its temp file is removed at once or at
+    /// the next open, and the transfer starts again from the beginning.
+    pub fn put_verified(&self, expected: &BlobId, mut content: impl Read) -> Result<StoredBlob> {
+        let n = self.next_tmp.fetch_add(1, Ordering::Relaxed);
+        let tmp = self
+            .dir
+            .join(TMP_DIR)
+            .join(format!("{}-{n}.tmp", std::process::id()));
+        let written =
+            self.write_tmp(&mut content, &tmp)
+                .and_then(|(id, bytes)| match id == *expected {
+                    true => Ok((id, bytes)),
+                    false => Err(JournalError::BlobMismatch {
+                        expected: expected.to_string(),
+                        actual: id.to_string(),
+                    }),
+                });
         let (id, bytes) = match written {
             Ok(ok) => ok,
             Err(e) => {

@@ -1,8 +1,16 @@
 //! Journal configuration: every limit named with its unit.
 
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+
 use crate::error::{JournalError, Result};
 use crate::record::OVERHEAD_BYTES;
 use crate::segment::SEGMENT_HEADER_BYTES;
+use crate::types::{ChainHash, Epoch, Lsn};
+
+/// Bound on `start_after.lsn`: far below where LSN arithmetic could overflow (a reader refuses
+/// a segment that starts beyond 2^62).
+const START_LSN_LIMIT: u64 = 1 << 61;
 
 /// The largest `queue_bytes_max` accepted: 1 GiB.
 pub const QUEUE_BYTES_MAX_LIMIT: u64 = 1 << 30;
@@ -40,6 +48,31 @@ pub struct JournalConfig {
     /// last segment's records when it opens) fails with an I/O error, as a failing disk would.
     /// `None` in production.
     pub sync_fault_at: Option<u64>,
+    /// Testing aid: while the flag is set, the flusher takes nothing from the queue, as if the
+    /// disk had stalled (the test must clear it, or closing waits for ever). `None` in production.
+    pub hold_flusher: Option<Arc<AtomicBool>>,
+    /// Testing aid: [`crate::Journal::truncate_after`] stops with an injected I/O error before
+    /// its N-th durable step (counted from 1: clearing the clean-close mark, each segment
+    /// removal, the cut, the new mark), leaving the directory as a crash there would. `None` in
+    /// production.
+    pub truncate_fault_at: Option<u32>,
+    /// Where a *new* journal starts: when the directory holds no segment yet, its first segment
+    /// begins right after this position, so the first record appended (verbatim, by a re-seeded
+    /// standby) must carry LSN `lsn + 1` and continue `chain`. Ignored when the directory already
+    /// holds a journal (its segments say where it is). `None`: LSN 1 after the genesis chain.
+    pub start_after: Option<StartPosition>,
+}
+
+/// A position in a journal's history: the LSN of a record, the chain value after it, and the
+/// epoch it was written in (the epoch floor of a journal that starts there).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StartPosition {
+    /// The last LSN before the new journal's first record.
+    pub lsn: Lsn,
+    /// The chain value after that record.
+    pub chain: ChainHash,
+    /// Its epoch: the new journal accepts no lower one.
+    pub epoch: Epoch,
 }
 
 impl Default for JournalConfig {
@@ -54,6 +87,9 @@ impl Default for JournalConfig {
             lock_wait_ms_max: 200,
             create_if_missing: false,
             sync_fault_at: None,
+            hold_flusher: None,
+            truncate_fault_at: None,
+            start_after: None,
         }
     }
 }
@@ -80,6 +116,14 @@ impl JournalConfig {
             return bad(format!(
                 "queue_bytes_max must be at most {QUEUE_BYTES_MAX_LIMIT} (it bounds a sync group, \
                  whose records are counted in 32 bits)"
+            ));
+        }
+        if let Some(start) = self.start_after
+            && start.lsn.0 >= START_LSN_LIMIT
+        {
+            return bad(format!(
+                "start_after lsn {} is beyond the largest supported lsn",
+                start.lsn
             ));
         }
         if self.queue_bytes_max < self.record_bytes_max {

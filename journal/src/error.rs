@@ -10,7 +10,7 @@
 use std::io;
 use std::path::PathBuf;
 
-use crate::types::{Epoch, Lsn};
+use crate::types::{ChainHash, Epoch, Lsn};
 
 /// What the caller must do about a [`JournalError`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -44,6 +44,57 @@ pub enum JournalError {
         offered: Epoch,
         /// The highest epoch accepted so far.
         current: Epoch,
+    },
+    /// A verbatim record does not carry the next LSN of this journal: records were skipped or
+    /// repeated. Nothing was appended; ship from the expected LSN.
+    #[error(
+        "verbatim record has lsn {got}, but this journal's next lsn is {expected}; ship records \
+         from lsn {expected}"
+    )]
+    LsnGap {
+        /// The LSN this journal appends next.
+        expected: Lsn,
+        /// The LSN the record carries.
+        got: Lsn,
+    },
+    /// A verbatim record's chain value is not the one this journal computes from its own last
+    /// chain value and the record: the two journals hold different histories. Nothing was
+    /// appended; find where they diverged (the last LSN whose chain values agree) and truncate
+    /// this journal there.
+    #[error(
+        "verbatim record {lsn} does not continue this journal's chain (this journal computes \
+         {expected}, the record carries {got}): the journals diverged at or before lsn {lsn}; \
+         find the divergence point and truncate after it"
+    )]
+    ChainMismatch {
+        /// The LSN of the refused record.
+        lsn: Lsn,
+        /// The chain value this journal computes for it.
+        expected: ChainHash,
+        /// The chain value it carries.
+        got: ChainHash,
+    },
+    /// A truncation asked to keep records this journal does not hold.
+    #[error(
+        "cannot truncate after lsn {requested}: the journal ends at lsn {last} (nothing was \
+         changed)"
+    )]
+    TruncateBeyondEnd {
+        /// The LSN asked for.
+        requested: Lsn,
+        /// The last LSN in the journal.
+        last: Lsn,
+    },
+    /// Content received for a blob does not hash to the id it was sent under. Nothing was stored;
+    /// fetch it again from its source.
+    #[error(
+        "blob content sent as {expected} hashes to {actual}; nothing was stored, fetch it again"
+    )]
+    BlobMismatch {
+        /// The id it was sent under.
+        expected: String,
+        /// What the content hashes to.
+        actual: String,
     },
     /// The configuration is inconsistent (for example a record limit larger than a segment).
     #[error("invalid journal configuration: {0}")]

@@ -18,7 +18,11 @@
 //! appender pays about one write and one sync per record, like a program without group commit.
 //!
 //! [`Appending`] is waited on by a thread ([`Appending::wait`]) or awaited by an async task (it is
-//! a `std::future::Future`; the journal itself has no async runtime). [`Journal::append_nowait`]
+//! a `std::future::Future`; the journal itself has no async runtime). Appending never blocks the
+//! caller: when the queue is full (`queue_bytes_max`) the record still gets its LSN and chain
+//! value at once, in call order, and waits for room outside the queue with a copy of its payload;
+//! the flusher moves such records into the queue, in LSN order, each time it takes a batch, and
+//! their `Appending`s resolve through the durable-LSN watch ([`Journal::wait_durable`]). [`Journal::append_nowait`]
 //! queues a record without waiting: it is written with the next batch and durable with the next
 //! sync (a later durable append or closing the journal) — explicit at the call site, for records
 //! whose loss in a crash is harmless (the coordinator's `End`).
@@ -58,6 +62,7 @@
 //! * Segments are not preallocated: each sync also makes the file's new size durable.
 //! * A record read back is read from the file, not from a cache of recent records.
 
+use std::collections::VecDeque;
 use std::fs::TryLockError;
 use std::fs::{File, OpenOptions};
 use std::future::Future;
@@ -70,13 +75,14 @@ use std::task::{Context, Poll, Waker};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use crate::clean::{self, CleanMark};
 use crate::config::JournalConfig;
 use crate::error::{JournalError, Result};
 use crate::reader::JournalReader;
-use crate::record::{self, Unsealed, framed_len};
+use crate::record::{self, Unsealed};
 use crate::scan::{self, ScanReport};
 use crate::segment::{self, LOCK_FILE, SegmentFile, SegmentHeader};
-use crate::types::{ChainHash, Epoch, Lsn, RecordKind};
+use crate::types::{ChainHash, Epoch, Lsn, Record, RecordKind};
 
 /// An open journal: append, read, checkpoint. Shared between threads by reference or `Arc`.
 ///
@@ -94,10 +100,11 @@ struct Shared {
     queue: Mutex<Queue>,
     /// The flusher waits here for records.
     work: Condvar,
-    /// Appenders wait here for room in the queue.
-    space: Condvar,
     segments: RwLock<Vec<SegmentFile>>,
+    /// The last durable LSN. Stored and read `SeqCst` where it pairs with `watch.waiting`.
     durable: AtomicU64,
+    /// Waiters for the durable LSN to pass a value.
+    watch: DurableWatch,
     gate: Arc<SpinGate>,
     /// Set by the appender that puts the first record in an empty queue; lets an idle flusher
     /// notice work while spinning, without a wake-up.
@@ -144,9 +151,9 @@ struct Queue {
     /// its distance from this LSN; recovery relies on every record below it having been synced
     /// before the record was written.
     group_first: Option<Lsn>,
-    /// LSN the next appended record gets.
+    /// LSN the next accepted record gets (records waiting for room included).
     next_lsn: Lsn,
-    /// Chain value after the last appended record.
+    /// Chain value after the last accepted record.
     chain: ChainHash,
     /// Whether any record in `buf` was appended by a caller waiting for durability.
     wants_sync: bool,
@@ -157,7 +164,18 @@ struct Queue {
     flusher_waiting: bool,
     /// While the flusher gathers a batch: the count at which to wake it (0 otherwise).
     gather_target: u32,
-    space_waiters: u32,
+    /// Records accepted (LSN and chain value given) while the queue was full, in LSN order: the
+    /// flusher moves them into the queue as it takes each batch. Non-empty only while the queue
+    /// is, so the flusher always has work while a record waits here.
+    waiting: VecDeque<WaitingRecord>,
+}
+
+/// A record accepted while the queue was full, holding a copy of its payload.
+struct WaitingRecord {
+    record: Unsealed<'static>,
+    lsn: Lsn,
+    chain: ChainHash,
+    durable: bool,
 }
 
 /// The fate of one write batch, shared by its appenders.
@@ -203,10 +221,27 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 /// A record on its way to disk. Wait for it ([`Appending::wait`]) or `.await` it to learn its LSN,
 /// which is returned only once the record is durable.
 ///
-/// Dropping it does not withdraw the record: it is already sealed in the queue and will be
+/// Dropping it does not withdraw the record: it is already accepted (its LSN is fixed) and will be
 /// written; the caller only gives up learning when.
 #[must_use = "a record is durable only once `wait` or `.await` has returned its LSN"]
 pub struct Appending {
+    state: AppendState,
+}
+
+enum AppendState {
+    /// In the queue: learns its fate from its write batch.
+    Queued(QueuedAppend),
+    /// Accepted while the queue was full: durable once the durable LSN reaches it.
+    Waiting { lsn: Lsn, durable: WaitDurable },
+}
+
+/// What `accept` did with a record.
+enum Accepted {
+    Queued { batch: Arc<Batch>, index: u32 },
+    Waiting(Lsn),
+}
+
+struct QueuedAppend {
     batch: Arc<Batch>,
     index: u32,
     waker_slot: Option<usize>,
@@ -220,6 +255,15 @@ impl Appending {
     /// write and a sync), so a lone appender is not charged a thread wake-up on top of its sync;
     /// the others sleep at once, so many waiters never burn the CPU the flusher and appenders need.
     pub fn wait(self) -> Result<Lsn> {
+        match self.state {
+            AppendState::Queued(queued) => queued.wait(),
+            AppendState::Waiting { lsn, durable } => durable.wait().map(|_| lsn),
+        }
+    }
+}
+
+impl QueuedAppend {
+    fn wait(self) -> Result<Lsn> {
         self.spin();
         let mut state = lock(&self.batch.state);
         loop {
@@ -233,9 +277,7 @@ impl Appending {
                 .unwrap_or_else(PoisonError::into_inner);
         }
     }
-}
 
-impl Appending {
     fn spin(&self) {
         let gate = &*self.gate;
         let expected = Duration::from_micros(2 * gate.last_sync_micros.load(Ordering::Relaxed));
@@ -245,6 +287,21 @@ impl Appending {
         }
         spin_until(&self.batch.finished, spin);
         gate.spinning.store(false, Ordering::Release);
+    }
+
+    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Result<Lsn>> {
+        let mut state = lock(&self.batch.state);
+        if let Some(outcome) = &state.outcome {
+            return Poll::Ready(resolve(outcome, self.index));
+        }
+        match self.waker_slot {
+            Some(slot) => state.wakers[slot].clone_from(cx.waker()),
+            None => {
+                self.waker_slot = Some(state.wakers.len());
+                state.wakers.push(cx.waker().clone());
+            }
+        }
+        Poll::Pending
     }
 }
 
@@ -288,19 +345,186 @@ impl Future for Appending {
     type Output = Result<Lsn>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = &mut *self;
-        let mut state = lock(&this.batch.state);
-        if let Some(outcome) = &state.outcome {
-            return Poll::Ready(resolve(outcome, this.index));
-        }
-        match this.waker_slot {
-            Some(slot) => state.wakers[slot].clone_from(cx.waker()),
-            None => {
-                this.waker_slot = Some(state.wakers.len());
-                state.wakers.push(cx.waker().clone());
+        match &mut self.state {
+            AppendState::Queued(queued) => queued.poll(cx),
+            AppendState::Waiting { lsn, durable } => {
+                let lsn = *lsn;
+                Pin::new(durable).poll(cx).map(|r| r.map(|_| lsn))
             }
         }
-        Poll::Pending
+    }
+}
+
+/// Who waits for the durable LSN to pass a value: async waiters by waker, threads on a condition
+/// variable. The flusher publishes each new durable LSN; it takes the lock only when someone
+/// waits (`waiting`, paired `SeqCst` with the durable LSN so that no wake-up is lost).
+#[derive(Default)]
+struct DurableWatch {
+    state: Mutex<WatchState>,
+    woken: Condvar,
+    /// Registered wakers plus sleeping threads.
+    waiting: AtomicU64,
+}
+
+#[derive(Default)]
+struct WatchState {
+    /// Slot id, LSN waited for, waker.
+    wakers: Vec<(u64, Lsn, Waker)>,
+    sleepers: u64,
+    next_slot: u64,
+    /// Why the flusher stopped, once it has: no durable LSN will be published any more.
+    ended: Option<Stop>,
+}
+
+impl DurableWatch {
+    fn count(&self, state: &WatchState) {
+        self.waiting
+            .store(state.wakers.len() as u64 + state.sleepers, Ordering::SeqCst);
+    }
+
+    /// Wakes whoever waits for an LSN up to `durable` (already stored in `Shared::durable`).
+    fn publish(&self, durable: Lsn) {
+        if self.waiting.load(Ordering::SeqCst) == 0 {
+            return;
+        }
+        let mut wake = Vec::new();
+        let mut state = lock(&self.state);
+        state.wakers.retain(|(_, lsn, waker)| {
+            let done = *lsn <= durable;
+            if done {
+                wake.push(waker.clone());
+            }
+            !done
+        });
+        self.count(&state);
+        let sleepers = state.sleepers > 0;
+        drop(state);
+        if sleepers {
+            self.woken.notify_all();
+        }
+        wake.into_iter().for_each(Waker::wake);
+    }
+
+    /// The flusher has stopped for `stop`: wakes everyone, for good.
+    fn end(&self, stop: Stop) {
+        let mut state = lock(&self.state);
+        state.ended = Some(stop);
+        let wake: Vec<_> = state.wakers.drain(..).map(|(_, _, w)| w).collect();
+        self.count(&state);
+        drop(state);
+        self.woken.notify_all();
+        wake.into_iter().for_each(Waker::wake);
+    }
+}
+
+/// A wait for the durable LSN to reach a value; see [`Journal::wait_durable`]. Await it, or
+/// block a thread on it with [`WaitDurable::wait`].
+#[must_use = "a WaitDurable does nothing unless awaited or waited for"]
+pub struct WaitDurable {
+    shared: Arc<Shared>,
+    lsn: Lsn,
+    /// Its waker's slot in the watch, once registered.
+    slot: Option<u64>,
+}
+
+impl WaitDurable {
+    /// The LSN waited for.
+    pub fn lsn(&self) -> Lsn {
+        self.lsn
+    }
+
+    /// Blocks the calling thread until the durable LSN is at least the one waited for; returns
+    /// the durable LSN, or why the journal stopped short of it.
+    pub fn wait(self) -> Result<Lsn> {
+        let watch = &self.shared.watch;
+        let mut state = lock(&watch.state);
+        state.sleepers += 1;
+        watch.count(&state);
+        let outcome = loop {
+            if let Some(outcome) = self.outcome(&state) {
+                break outcome;
+            }
+            state = watch
+                .woken
+                .wait(state)
+                .unwrap_or_else(PoisonError::into_inner);
+        };
+        state.sleepers -= 1;
+        watch.count(&state);
+        outcome
+    }
+
+    /// The outcome, once there is one.
+    fn outcome(&self, state: &WatchState) -> Option<Result<Lsn>> {
+        let durable = Lsn(self.shared.durable.load(Ordering::SeqCst));
+        if durable >= self.lsn {
+            return Some(Ok(durable));
+        }
+        state.ended.as_ref().map(|stop| Err(stop.error()))
+    }
+
+    fn unregister(&mut self, state: &mut WatchState) {
+        if let Some(slot) = self.slot.take() {
+            state.wakers.retain(|(s, _, _)| *s != slot);
+            self.shared.watch.count(state);
+        }
+    }
+}
+
+impl Future for WaitDurable {
+    type Output = Result<Lsn>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = &mut *self;
+        let durable = Lsn(this.shared.durable.load(Ordering::SeqCst));
+        if durable >= this.lsn {
+            return Poll::Ready(Ok(durable));
+        }
+        let shared = Arc::clone(&this.shared);
+        let mut state = lock(&shared.watch.state);
+        match this.slot {
+            Some(slot) => {
+                if let Some(entry) = state.wakers.iter_mut().find(|(s, _, _)| *s == slot) {
+                    entry.2.clone_from(cx.waker());
+                }
+            }
+            None => {
+                let slot = state.next_slot;
+                state.next_slot += 1;
+                state.wakers.push((slot, this.lsn, cx.waker().clone()));
+                this.slot = Some(slot);
+            }
+        }
+        shared.watch.count(&state);
+        // Checked after registering: a durable LSN published before `count` is seen here.
+        match this.outcome(&state) {
+            Some(outcome) => {
+                this.unregister(&mut state);
+                Poll::Ready(outcome)
+            }
+            None => Poll::Pending,
+        }
+    }
+}
+
+impl Drop for WaitDurable {
+    fn drop(&mut self) {
+        if self.slot.is_some() {
+            let shared = Arc::clone(&self.shared);
+            let mut state = lock(&shared.watch.state);
+            self.unregister(&mut state);
+        }
+    }
+}
+
+/// The flusher thread's last guard: when the thread ends (closed, poisoned or panicked), every
+/// waiter for the durable LSN learns that it will move no further.
+struct EndWatch(Arc<Shared>);
+
+impl Drop for EndWatch {
+    fn drop(&mut self) {
+        let stop = lock(&self.0.queue).stop.clone().unwrap_or(Stop::Closed);
+        self.0.watch.end(stop);
     }
 }
 
@@ -333,7 +557,13 @@ impl Journal {
         // Refuse a foreign directory before leaving a LOCK file in it.
         segment::list_dir(&dir)?;
         let lock_file = take_lock(&dir, Duration::from_millis(config.lock_wait_ms_max))?;
-        let report = scan::scan_dir(&dir, config.record_bytes_max, |_| {})?;
+        let mut report = scan::scan_dir(&dir, config.record_bytes_max, |_| {})?;
+        if let Some(start) = config.start_after.filter(|_| report.segments.is_empty()) {
+            // A new journal seeded at a position of another one's history.
+            report.last_lsn = start.lsn;
+            report.last_chain = start.chain;
+            report.last_epoch = start.epoch;
+        }
         remove_leftovers(&dir, &report)?;
         truncate_torn_tail(&report)?;
         let writer = SegmentWriter::resume(&dir, &config, &report)?;
@@ -360,11 +590,11 @@ impl Journal {
                 stop: None,
                 flusher_waiting: false,
                 gather_target: 0,
-                space_waiters: 0,
+                waiting: VecDeque::new(),
             }),
             config,
             work: Condvar::new(),
-            space: Condvar::new(),
+            watch: DurableWatch::default(),
             segments: RwLock::new(segments),
             durable: AtomicU64::new(report.last_lsn.0),
             has_work: AtomicBool::new(false),
@@ -380,6 +610,8 @@ impl Journal {
         let flusher = std::thread::Builder::new()
             .name("journal-flusher".into())
             .spawn(move || {
+                // Dropped last: waiters learn the journal's end after a panic has poisoned it.
+                let _end_watch = EndWatch(Arc::clone(&flusher_shared));
                 let _poison_on_panic = PoisonOnPanic(Arc::clone(&flusher_shared));
                 Flusher::new(flusher_shared, writer).run();
             })
@@ -395,65 +627,134 @@ impl Journal {
     /// Queues a record and returns the handle that yields its LSN once it is durable.
     ///
     /// Fails at once when the record is over `record_bytes_max`, when `epoch` is lower than an
-    /// epoch already accepted, or when the journal is poisoned or closed. Waits while the queue is
-    /// full (`queue_bytes_max`).
+    /// epoch already accepted, or when the journal is poisoned or closed. Never waits: when the
+    /// queue is full (`queue_bytes_max`) the record is accepted all the same — it gets its LSN
+    /// and chain value now, in call order — and waits for room outside the queue, holding a copy
+    /// of its payload; the wait for room is part of waiting for the returned [`Appending`].
     pub fn append(&self, epoch: Epoch, kind: RecordKind, payload: &[u8]) -> Result<Appending> {
-        let (batch, index) = self.enqueue(epoch, kind, payload, true)?;
-        Ok(Appending {
-            batch,
-            index,
-            waker_slot: None,
-            gate: Arc::clone(&self.gate),
-        })
+        let accepted = self.accept(Unsealed::new(epoch, kind, payload), None, true)?;
+        Ok(self.appending(accepted))
     }
 
     /// Queues a record without waiting for it to become durable: it is written with the next batch
     /// and synced with the next durable append, or when the journal closes. A crash before then
     /// loses it, so use this only for records whose loss is harmless.
+    ///
+    /// Never waits. When the queue is full the record is accepted as [`Journal::append`] accepts
+    /// it — its LSN is fixed now, after every record accepted before it — and waits for room
+    /// outside the queue with a copy of its payload; the flusher moves it into a batch when it
+    /// takes the queue. Memory beyond `queue_bytes_max` is therefore bounded by what callers
+    /// append without waiting for anything.
     pub fn append_nowait(&self, epoch: Epoch, kind: RecordKind, payload: &[u8]) -> Result<()> {
-        self.enqueue(epoch, kind, payload, false).map(|_| ())
+        self.accept(Unsealed::new(epoch, kind, payload), None, false)
+            .map(|_| ())
     }
 
-    fn enqueue(
+    /// Appends a record received from another journal (a primary, for this standby) as it is:
+    /// same LSN, epoch, kind, payload and chain value. Returns, like [`Journal::append`], the
+    /// handle that yields its LSN once it is durable.
+    ///
+    /// Refused, with nothing queued, when its LSN is not exactly this journal's next one
+    /// ([`JournalError::LsnGap`]), when its epoch is below one already accepted
+    /// ([`JournalError::EpochRegressed`]), when its chain value is not the one this journal
+    /// computes from its own last chain value and the record ([`JournalError::ChainMismatch`]:
+    /// the journals diverged), or for the reasons [`Journal::append`] refuses a record. An empty
+    /// journal takes LSN 1 after the genesis chain value; a standby re-seeded at a later position
+    /// opens its empty directory with [`JournalConfig::start_after`].
+    pub fn append_verbatim(&self, record: &Record) -> Result<Appending> {
+        let unsealed = Unsealed::new(record.epoch, record.kind, &record.payload);
+        let accepted = self.accept(unsealed, Some((record.lsn, record.chain)), true)?;
+        Ok(self.appending(accepted))
+    }
+
+    /// A future that resolves, with the durable LSN, once the durable LSN is at least `lsn` — or
+    /// with [`JournalError::Poisoned`] or [`JournalError::Closed`] once the journal has stopped
+    /// short of it. It needs no particular async runtime; [`WaitDurable::wait`] blocks a thread
+    /// instead.
+    pub fn wait_durable(&self, lsn: Lsn) -> WaitDurable {
+        WaitDurable {
+            shared: Arc::clone(&self.shared),
+            lsn,
+            slot: None,
+        }
+    }
+
+    fn appending(&self, accepted: Accepted) -> Appending {
+        let state = match accepted {
+            Accepted::Queued { batch, index } => AppendState::Queued(QueuedAppend {
+                batch,
+                index,
+                waker_slot: None,
+                gate: Arc::clone(&self.gate),
+            }),
+            Accepted::Waiting(lsn) => AppendState::Waiting {
+                lsn,
+                durable: self.wait_durable(lsn),
+            },
+        };
+        Appending { state }
+    }
+
+    /// Gives the record its LSN and chain value (checking those of a verbatim record) and puts
+    /// it at the end of the queue, or of the records waiting for room. Never waits for room.
+    fn accept(
         &self,
-        epoch: Epoch,
-        kind: RecordKind,
-        payload: &[u8],
+        record: Unsealed<'_>,
+        verbatim: Option<(Lsn, ChainHash)>,
         durable: bool,
-    ) -> Result<(Arc<Batch>, u32)> {
+    ) -> Result<Accepted> {
         let shared = &*self.shared;
-        let bytes = framed_len(payload.len()) as u64;
+        let bytes = record.framed_len() as u64;
         if bytes > shared.config.record_bytes_max {
             return Err(JournalError::RecordTooLarge {
                 bytes,
                 max: shared.config.record_bytes_max,
             });
         }
-        let record = Unsealed::new(epoch, kind, payload);
         let mut q = lock(&shared.queue);
-        loop {
-            if let Some(stop) = &q.stop {
-                return Err(stop.error());
-            }
-            if q.buf.is_empty() || q.buf.len() as u64 + bytes <= shared.config.queue_bytes_max {
-                break;
-            }
-            q.space_waiters += 1;
-            q = shared.space.wait(q).unwrap_or_else(PoisonError::into_inner);
-            q.space_waiters -= 1;
+        if let Some(stop) = &q.stop {
+            return Err(stop.error());
         }
-        if epoch < q.epoch {
+        let lsn = q.next_lsn;
+        if let Some((got, _)) = verbatim
+            && got != lsn
+        {
+            return Err(JournalError::LsnGap { expected: lsn, got });
+        }
+        if record.epoch() < q.epoch {
             return Err(JournalError::EpochRegressed {
-                offered: epoch,
+                offered: record.epoch(),
                 current: q.epoch,
             });
         }
-        q.epoch = epoch;
+        let chain = record.chain_after(&q.chain, lsn);
+        if let Some((_, got)) = verbatim
+            && got != chain
+        {
+            return Err(JournalError::ChainMismatch {
+                lsn,
+                expected: chain,
+                got,
+            });
+        }
+        q.epoch = record.epoch();
+        q.next_lsn = lsn.next();
+        q.chain = chain;
+        let fits = q.buf.is_empty() || q.buf.len() as u64 + bytes <= shared.config.queue_bytes_max;
+        if !q.waiting.is_empty() || !fits {
+            q.waiting.push_back(WaitingRecord {
+                record: record.into_owned(),
+                lsn,
+                chain,
+                durable,
+            });
+            return Ok(Accepted::Waiting(lsn));
+        }
         let index = q.count;
         if index == 0 {
             shared.has_work.store(true, Ordering::Release);
         }
-        seal_into_queue(&mut q, &record);
+        seal_into_queue(&mut q, &record, lsn, &chain);
         q.count += 1;
         q.wants_sync |= durable;
         let batch = Arc::clone(&q.batch);
@@ -465,7 +766,7 @@ impl Journal {
         if wake {
             shared.work.notify_one();
         }
-        Ok((batch, index))
+        Ok(Accepted::Queued { batch, index })
     }
 
     /// Reads the durable records from `from` on, checking crc and chain. The reader ends at the
@@ -530,6 +831,93 @@ impl Journal {
         Ok(removed.len())
     }
 
+    /// Removes every record after `lsn` from the journal in `dir`, which no process may hold
+    /// open (it takes the directory's `LOCK` for the duration): what an old primary does to
+    /// rejoin as a standby after its history diverged. Open the journal afterwards; it resumes
+    /// after `lsn`, with the chain value after `lsn` and a durable LSN of `lsn`.
+    ///
+    /// A function on a closed directory rather than a method on an open journal, because
+    /// nothing may observe the journal going backwards: no append in flight, no reader holding a
+    /// segment list, no `Appending` or `WaitDurable` expecting an LSN that disappears, and
+    /// `durable_lsn` of an open journal never decreases.
+    ///
+    /// The steps, each durable before the next: remove the clean-close mark (directory synced);
+    /// remove leftover temp files; remove the segments that start after `lsn`, the highest first,
+    /// syncing the directory after each; cut the segment holding `lsn` just after its record
+    /// (`set_len`, synced); write a clean-close mark for the new end. A crash between any two
+    /// steps leaves a journal that opens to a prefix of the original ending at or after `lsn`
+    /// (segments are only ever removed from the top, so no hole appears; without the mark a
+    /// half-done cut is at worst a torn tail); running the truncation again finishes it.
+    /// Truncating after the last LSN only cuts a torn tail and marks the journal clean.
+    ///
+    /// Refused, with nothing changed: `lsn` past the end ([`JournalError::TruncateBeyondEnd`]),
+    /// `lsn` below the retained records ([`JournalError::LsnNotRetained`]; the journal must be
+    /// re-seeded), a journal that is corrupt or locked by another process.
+    pub fn truncate_after(
+        dir: impl AsRef<Path>,
+        config: &JournalConfig,
+        lsn: Lsn,
+    ) -> Result<Truncated> {
+        config.validate()?;
+        let dir = dir.as_ref();
+        prepare_dir(dir, false)?;
+        segment::list_dir(dir)?;
+        let _lock = take_lock(dir, Duration::from_millis(config.lock_wait_ms_max))?;
+        let report = scan::scan_dir(dir, config.record_bytes_max, |_| {})?;
+        let oldest = report.first_lsn();
+        if lsn < oldest.prev() {
+            return Err(JournalError::LsnNotRetained {
+                requested: lsn,
+                oldest,
+            });
+        }
+        if lsn > report.last_lsn {
+            return Err(JournalError::TruncateBeyondEnd {
+                requested: lsn,
+                last: report.last_lsn,
+            });
+        }
+        let keep = report
+            .segments
+            .iter()
+            .rposition(|s| s.first_lsn <= lsn)
+            .unwrap_or(0);
+        let cut = &report.segments[keep];
+        let (offset, chain) = end_of_record(&cut.path, lsn, config.record_bytes_max)?;
+        let mut steps = FaultSteps::new(config.truncate_fault_at, dir);
+        steps.next()?;
+        clean::clear(dir)?;
+        remove_leftovers(dir, &report)?;
+        let later = &report.segments[keep + 1..];
+        for seg in later.iter().rev() {
+            steps.next()?;
+            std::fs::remove_file(&seg.path)
+                .map_err(|e| JournalError::io("remove journal segment", &seg.path, e))?;
+            segment::sync_dir(dir)?;
+        }
+        steps.next()?;
+        cut_segment(&cut.path, offset)?;
+        steps.next()?;
+        let mark = CleanMark {
+            last_lsn: lsn,
+            last_chain: chain,
+        };
+        clean::write(dir, &mark)?;
+        let removed = report.last_lsn.0 - lsn.0;
+        tracing::warn!(
+            dir = %dir.display(),
+            segments_removed = later.len(),
+            records_removed = removed,
+            "truncated the journal after lsn {lsn}"
+        );
+        Ok(Truncated {
+            last_lsn: lsn,
+            last_chain: chain,
+            records_removed: removed,
+            segments_removed: later.len(),
+        })
+    }
+
     /// Counters since opening.
     pub fn stats(&self) -> JournalStats {
         let c = &self.shared.stats;
@@ -562,7 +950,6 @@ impl Journal {
             }
         }
         self.shared.work.notify_one();
-        self.shared.space.notify_all();
         // Held until the directory is let go: a second close waits for the first one's flusher.
         let mut flusher = lock(&self.flusher);
         if let Some(running) = flusher.take() {
@@ -587,16 +974,109 @@ impl Drop for Journal {
     }
 }
 
+/// What [`Journal::truncate_after`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Truncated {
+    /// The journal's last LSN now.
+    pub last_lsn: Lsn,
+    /// The chain value after it.
+    pub last_chain: ChainHash,
+    /// Valid records removed (a torn tail is not counted).
+    pub records_removed: u64,
+    /// Whole segment files removed.
+    pub segments_removed: usize,
+}
+
+/// Where the record at `lsn` ends in the segment at `path`, and the chain value after it (the
+/// segment's header when `lsn` comes before its first record).
+fn end_of_record(path: &Path, lsn: Lsn, record_bytes_max: u64) -> Result<(u64, ChainHash)> {
+    let (mut reader, _) = scan::SegmentReader::open(path, record_bytes_max)?;
+    while reader.next_lsn() <= lsn {
+        match reader.next_record()? {
+            Some(Ok(_)) => {}
+            Some(Err(damage)) => {
+                return Err(JournalError::corrupt(
+                    path,
+                    damage.offset,
+                    damage.error.to_string(),
+                ));
+            }
+            None => {
+                return Err(JournalError::corrupt(
+                    path,
+                    reader.offset(),
+                    format!("the segment ends before lsn {lsn}"),
+                ));
+            }
+        }
+    }
+    Ok((reader.offset(), reader.chain()))
+}
+
+/// Cuts a segment file at `offset` and syncs it.
+fn cut_segment(path: &Path, offset: u64) -> Result<()> {
+    let file = OpenOptions::new()
+        .write(true)
+        .open(path)
+        .map_err(|e| JournalError::io("open journal segment", path, e))?;
+    file.set_len(offset)
+        .map_err(|e| JournalError::io("truncate journal segment", path, e))?;
+    file.sync_all()
+        .map_err(|e| JournalError::io("sync truncated journal segment", path, e))
+}
+
+/// Counts the durable steps of a truncation, for the `truncate_fault_at` testing aid.
+struct FaultSteps<'a> {
+    fault_at: Option<u32>,
+    done: u32,
+    dir: &'a Path,
+}
+
+impl<'a> FaultSteps<'a> {
+    fn new(fault_at: Option<u32>, dir: &'a Path) -> FaultSteps<'a> {
+        FaultSteps {
+            fault_at,
+            done: 0,
+            dir,
+        }
+    }
+
+    /// Before the next step: fails when the testing aid says so.
+    fn next(&mut self) -> Result<()> {
+        self.done += 1;
+        if self.fault_at == Some(self.done) {
+            let injected = std::io::Error::other("injected fault (truncate_fault_at)");
+            return Err(JournalError::io("truncate journal", self.dir, injected));
+        }
+        Ok(())
+    }
+}
+
 /// Frames and seals one record at the end of the queue, in LSN order (the queue lock gives the
 /// order). Only the chain value (over 82 bytes) and the crc combination happen here; the payload
 /// was hashed before the lock was taken.
-fn seal_into_queue(q: &mut Queue, record: &Unsealed<'_>) {
-    let lsn = q.next_lsn;
+fn seal_into_queue(q: &mut Queue, record: &Unsealed<'_>, lsn: Lsn, chain: &ChainHash) {
     let group_first = *q.group_first.get_or_insert(lsn);
     let batch_offset = (lsn.0 - group_first.0) as u32;
-    let prev = q.chain;
-    q.chain = record::append_sealed(&mut q.buf, record, lsn, batch_offset, &prev);
-    q.next_lsn = lsn.next();
+    record::append_frame(&mut q.buf, record, lsn, batch_offset, chain);
+}
+
+/// Moves the records waiting for room into the (just emptied) queue, in LSN order, while they
+/// fit; the first always does.
+fn admit_waiting(shared: &Shared, q: &mut Queue) {
+    while let Some(next) = q.waiting.front() {
+        let bytes = next.record.framed_len() as u64;
+        if !q.buf.is_empty() && q.buf.len() as u64 + bytes > shared.config.queue_bytes_max {
+            break;
+        }
+        let Some(w) = q.waiting.pop_front() else {
+            break;
+        };
+        seal_into_queue(q, &w.record, w.lsn, &w.chain);
+        q.count += 1;
+        q.wants_sync |= w.durable;
+        shared.has_work.store(true, Ordering::Release);
+    }
 }
 
 fn prepare_dir(dir: &Path, create: bool) -> Result<()> {
@@ -649,7 +1129,7 @@ fn remove_leftovers(dir: &Path, report: &ScanReport) -> Result<()> {
     for path in &report.leftovers {
         std::fs::remove_file(path)
             .map_err(|e| JournalError::io("remove leftover temp segment", path, e))?;
-        tracing::warn!(file = %path.display(), "removed the temp file of an interrupted segment creation");
+        tracing::warn!(file = %path.display(), "removed the temp file of an interrupted segment creation or close");
     }
     if !report.leftovers.is_empty() {
         segment::sync_dir(dir)?;
@@ -696,6 +1176,8 @@ struct SegmentWriter {
     sync_fault_at: Option<u64>,
     /// The segment created by `resume` in an empty directory, for the shared list.
     created_first: Option<SegmentFile>,
+    /// A clean-close mark is on disk: it is removed (durably) before anything is written.
+    marked_clean: bool,
 }
 
 impl SegmentWriter {
@@ -710,14 +1192,15 @@ impl SegmentWriter {
                 (file, last.path.clone(), last.end_offset, None)
             }
             None => {
+                // A new journal: at LSN 1 after the genesis chain, or where `start_after` says.
                 let header = SegmentHeader {
-                    first_lsn: Lsn(1),
-                    epoch: Epoch(0),
-                    prev_chain: ChainHash::GENESIS,
+                    first_lsn: report.last_lsn.next(),
+                    epoch: report.last_epoch,
+                    prev_chain: report.last_chain,
                 };
                 let (file, path) = segment::create_segment(dir, header)?;
                 let created = SegmentFile {
-                    first_lsn: Lsn(1),
+                    first_lsn: header.first_lsn,
                     path: path.clone(),
                 };
                 (
@@ -740,6 +1223,7 @@ impl SegmentWriter {
             syncs: 0,
             sync_fault_at: config.sync_fault_at,
             created_first,
+            marked_clean: report.clean_close.is_some(),
         };
         // The records found may have been written and never synced by a process that died:
         // sync them before they are published as durable, and before the first new record starts
@@ -757,6 +1241,7 @@ impl SegmentWriter {
     /// Writes one batch of `count` sealed frames; syncs when `sync`. Returns the first LSN of the
     /// batch.
     fn write_batch(&mut self, shared: &Shared, buf: &[u8], count: u32, sync: bool) -> Result<Lsn> {
+        self.clear_clean_mark()?;
         let first = self.next_lsn;
         debug_assert_eq!(
             frame_lsn(buf),
@@ -783,6 +1268,32 @@ impl SegmentWriter {
         stats.batches.fetch_add(1, Ordering::Relaxed);
         stats.bytes.fetch_add(buf.len() as u64, Ordering::Relaxed);
         Ok(first)
+    }
+
+    /// Removes the clean-close mark, durably, before the first write of this process: from now on
+    /// the journal may end in a torn tail again.
+    fn clear_clean_mark(&mut self) -> Result<()> {
+        if self.marked_clean {
+            clean::clear(&self.dir)?;
+            self.marked_clean = false;
+        }
+        Ok(())
+    }
+
+    /// Marks a clean close (see [`crate::clean`]): every record is written and synced. Nothing to
+    /// do when the mark of the last close is still there (nothing was written since).
+    fn mark_clean(&mut self) -> Result<()> {
+        debug_assert!(!self.unsynced, "marking an unsynced journal clean");
+        if self.marked_clean {
+            return Ok(());
+        }
+        let mark = CleanMark {
+            last_lsn: self.next_lsn.prev(),
+            last_chain: self.chain,
+        };
+        clean::write(&self.dir, &mark)?;
+        self.marked_clean = true;
+        Ok(())
     }
 
     /// The slow path of `write_batch`: walks the frames and starts a new segment wherever the next
@@ -841,9 +1352,9 @@ impl SegmentWriter {
             .gate
             .last_sync_micros
             .store(micros, Ordering::Relaxed);
-        shared
-            .durable
-            .store(self.next_lsn.prev().0, Ordering::Release);
+        let durable = self.next_lsn.prev();
+        shared.durable.store(durable.0, Ordering::SeqCst);
+        shared.watch.publish(durable);
         Ok(())
     }
 
@@ -958,6 +1469,10 @@ impl Flusher {
         }
         let shared = Arc::clone(&self.shared);
         if let Err(e) = self.writer.sync(&shared) {
+            return self.poison(e, &Batch::new());
+        }
+        let closed = matches!(lock(&shared.queue).stop, Some(Stop::Closed));
+        if closed && let Err(e) = self.writer.mark_clean() {
             self.poison(e, &Batch::new());
         }
     }
@@ -966,6 +1481,11 @@ impl Flusher {
     fn take(&mut self) -> Option<Taken> {
         let shared = Arc::clone(&self.shared);
         self.spin_for_work();
+        if let Some(hold) = &shared.config.hold_flusher {
+            while hold.load(Ordering::Acquire) {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
         let mut q = lock(&shared.queue);
         while q.count == 0 {
             if q.stop.is_some() {
@@ -984,11 +1504,8 @@ impl Flusher {
             wants_sync: sync,
             batch: std::mem::replace(&mut q.batch, Batch::new()),
         };
-        let space_waiters = q.space_waiters > 0;
+        admit_waiting(&shared, &mut q);
         drop(q);
-        if space_waiters {
-            shared.space.notify_all();
-        }
         Some(taken)
     }
 
@@ -1063,10 +1580,10 @@ fn fail_queued(shared: &Shared, stop: Stop) {
         q.stop = Some(stop.clone());
         q.buf.clear();
         q.count = 0;
+        q.waiting.clear();
         std::mem::replace(&mut q.batch, Batch::new())
     };
     queued.complete(Err(stop));
-    shared.space.notify_all();
 }
 
 /// Why the journal stopped when its flusher thread panicked (a bug).

@@ -32,10 +32,14 @@
 //!
 //! * One process owns a journal directory at a time (`LOCK`, an advisory `flock`); reading with
 //!   [`scan::scan_dir`] takes no lock and may see a tail that is still being written.
-//! * A journal starts at LSN 1 with the genesis chain; starting a journal elsewhere (a re-seeded
-//!   standby) is not supported yet.
+//! * A journal starts at LSN 1 with the genesis chain, unless a new one is seeded at a position
+//!   of another journal's history ([`JournalConfig::start_after`], for a re-seeded standby).
+//! * A standby copies shipped records with [`Journal::append_verbatim`] and waits with
+//!   [`Journal::wait_durable`]; an old primary cuts its diverged history with
+//!   [`Journal::truncate_after`] on the closed directory.
 
 pub mod blob;
+pub mod clean;
 mod config;
 mod error;
 mod journal;
@@ -46,8 +50,8 @@ pub mod segment;
 mod types;
 
 pub use blob::{BlobConfig, BlobId, BlobReader, BlobStore, StoredBlob};
-pub use config::JournalConfig;
+pub use config::{JournalConfig, StartPosition};
 pub use error::{ErrorClass, JournalError, Result};
-pub use journal::{Appending, Journal, JournalStats};
+pub use journal::{Appending, Journal, JournalStats, Truncated, WaitDurable};
 pub use reader::JournalReader;
 pub use types::{ChainHash, Epoch, Lsn, Record, RecordKind};

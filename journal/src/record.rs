@@ -19,10 +19,12 @@
 //! history have the same chain values whatever their batching: that is how a standby and a primary
 //! find where they diverge.
 //!
-//! Sealing is split in two so that little happens in LSN order. `Unsealed::new` hashes the
-//! payload on the appender's own thread, concurrently with other appenders; `append_sealed` then,
-//! in LSN order (under the journal's queue lock), writes the frame, computes the chain value (one
-//! blake3 compression: 50 bytes keyed by the previous chain value) and the crc32 of the frame.
+//! Sealing is split so that little happens in LSN order. `Unsealed::new` hashes the payload on
+//! the appender's own thread, concurrently with other appenders. In LSN order (under the
+//! journal's queue lock) `Unsealed::chain_after` computes the chain value (one blake3
+//! compression: 50 bytes keyed by the previous chain value) when the record is accepted, and
+//! `append_frame` writes the frame and its crc32 when it enters a write batch — at once, or later
+//! for a record that waited for room in the queue (its batch offset is known only then).
 //!
 //! A reader checks, in this order, that the length is within the configured limit (before
 //! allocating anything), that the crc matches, that the LSN is the one expected and that the chain
@@ -33,6 +35,8 @@
 //! before the group was synced before the record was written. The pages of an unfinished group may
 //! reach the disk in any order, so a valid record can follow a damaged one of the same group; a
 //! valid record of a *later* group proves the damaged one had been synced: see `scan`.
+
+use std::borrow::Cow;
 
 use crate::types::{ChainHash, Epoch, Lsn, Record, RecordKind};
 
@@ -48,11 +52,12 @@ pub fn framed_len(payload_len: usize) -> usize {
     OVERHEAD_BYTES + payload_len
 }
 
-/// A record before it has an LSN, with its payload already hashed.
+/// A record before it has an LSN, with its payload already hashed. The payload is borrowed from
+/// the appender, or owned while the record waits for room in the queue.
 pub(crate) struct Unsealed<'a> {
     epoch: Epoch,
     kind: RecordKind,
-    payload: &'a [u8],
+    payload: Cow<'a, [u8]>,
     payload_hash: [u8; 32],
 }
 
@@ -63,14 +68,40 @@ impl<'a> Unsealed<'a> {
         Unsealed {
             epoch,
             kind,
-            payload,
+            payload: Cow::Borrowed(payload),
             payload_hash,
         }
+    }
+
+    /// The same record owning a copy of its payload.
+    pub fn into_owned(self) -> Unsealed<'static> {
+        Unsealed {
+            epoch: self.epoch,
+            kind: self.kind,
+            payload: Cow::Owned(self.payload.into_owned()),
+            payload_hash: self.payload_hash,
+        }
+    }
+
+    /// Its epoch.
+    pub fn epoch(&self) -> Epoch {
+        self.epoch
+    }
+
+    /// Size of its frame.
+    pub fn framed_len(&self) -> usize {
+        framed_len(self.payload.len())
+    }
+
+    /// The chain value of this record at `lsn` after `prev`.
+    pub fn chain_after(&self, prev: &ChainHash, lsn: Lsn) -> ChainHash {
+        chain_after(prev, lsn, self.epoch, self.kind, &self.payload_hash)
     }
 }
 
 /// Appends `record` sealed with `lsn`, `batch_offset` and the chain after `prev` to `buf`;
 /// returns its chain value.
+#[cfg(test)]
 pub(crate) fn append_sealed(
     buf: &mut Vec<u8>,
     record: &Unsealed<'_>,
@@ -78,27 +109,34 @@ pub(crate) fn append_sealed(
     batch_offset: u32,
     prev: &ChainHash,
 ) -> ChainHash {
-    let Unsealed {
-        epoch,
-        kind,
-        payload,
-        ..
-    } = *record;
+    let chain = record.chain_after(prev, lsn);
+    append_frame(buf, record, lsn, batch_offset, &chain);
+    chain
+}
+
+/// Appends the frame of `record` at `lsn` with `batch_offset` and its (already computed) chain
+/// value to `buf`: everything but the chain value is computed here, the crc last.
+pub(crate) fn append_frame(
+    buf: &mut Vec<u8>,
+    record: &Unsealed<'_>,
+    lsn: Lsn,
+    batch_offset: u32,
+    chain: &ChainHash,
+) {
     let start = buf.len();
+    let payload: &[u8] = &record.payload;
     let len = framed_len(payload.len()) - 4;
     buf.extend_from_slice(&(len as u32).to_le_bytes());
     buf.extend_from_slice(&[0; 4]); // crc, below
     buf.extend_from_slice(&lsn.0.to_le_bytes());
-    buf.extend_from_slice(&epoch.0.to_le_bytes());
+    buf.extend_from_slice(&record.epoch.0.to_le_bytes());
     buf.extend_from_slice(&batch_offset.to_le_bytes());
-    buf.push(kind.code);
-    buf.push(kind.version);
+    buf.push(record.kind.code);
+    buf.push(record.kind.version);
     buf.extend_from_slice(payload);
-    let chain = chain_after(prev, lsn, epoch, kind, &record.payload_hash);
     buf.extend_from_slice(&chain.0);
     let crc = crc32fast::hash(&buf[start + 8..]);
     buf[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
-    chain
 }
 
 /// `blake3_keyed(prev, lsn ‖ epoch ‖ kind ‖ version ‖ payload_hash)`: 50 bytes, one compression.

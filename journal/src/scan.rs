@@ -25,6 +25,7 @@ use std::io::{self, BufReader, Read};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
+use crate::clean::{self, CleanMark};
 use crate::error::{JournalError, Result};
 use crate::record::{self, FrameError, HEADER_BYTES, OVERHEAD_BYTES};
 use crate::segment::{self, SEGMENT_HEADER_BYTES, SegmentFile, SegmentHeader};
@@ -167,8 +168,10 @@ pub struct ScanReport {
     pub last_chain: ChainHash,
     /// The epoch floor: the highest epoch of any record or segment header.
     pub last_epoch: Epoch,
-    /// Leftover temporary files of an interrupted segment creation.
+    /// Leftover temporary files of an interrupted segment creation or close.
     pub leftovers: Vec<PathBuf>,
+    /// The clean-close mark the journal was held to, when it had one (see [`crate::clean`]).
+    pub clean_close: Option<CleanMark>,
 }
 
 impl ScanReport {
@@ -190,12 +193,19 @@ impl ScanReport {
 ///
 /// Returns the report, or [`JournalError::Corrupt`] naming the segment and offset of damage that
 /// is not a torn tail.
+///
+/// With a clean-close mark ([`crate::clean`]) in the directory, the journal must end exactly at
+/// the marked LSN and chain value, with no damage at all: a torn tail after a clean close is
+/// reported as [`JournalError::Corrupt`] too. (A live journal removes its mark before it writes
+/// anything; a scan that finds the mark gone by the time it decides treats the journal as
+/// unmarked.)
 pub fn scan_dir(
     dir: &Path,
     record_bytes_max: u64,
     mut visit: impl FnMut(&Record),
 ) -> Result<ScanReport> {
     let listing = segment::list_dir(dir)?;
+    let mark = clean::read(dir)?;
     let mut report = ScanReport {
         segments: Vec::new(),
         torn_tail: None,
@@ -203,36 +213,125 @@ pub fn scan_dir(
         last_chain: ChainHash::GENESIS,
         last_epoch: Epoch(0),
         leftovers: listing.leftovers,
+        clean_close: mark,
+    };
+    if mark.is_some() && listing.segments.is_empty() && clean::read(dir)?.is_some() {
+        return Err(JournalError::corrupt(
+            clean::mark_path(dir),
+            0,
+            "the journal was closed cleanly, yet it holds no segment (segments were removed)",
+        ));
+    }
+    let mut scan = Scan {
+        dir,
+        record_bytes_max,
+        mark_end: None,
     };
     let count = listing.segments.len();
     for (i, seg) in listing.segments.iter().enumerate() {
-        scan_segment(
-            seg,
-            i + 1 == count,
-            record_bytes_max,
-            &mut report,
-            &mut visit,
-        )?;
+        scan.segment(seg, i + 1 == count, &mut report, &mut visit)?;
     }
+    scan.check_clean_end(&mut report)?;
     Ok(report)
 }
 
+/// What a directory scan carries from one segment to the next.
+struct Scan<'a> {
+    dir: &'a Path,
+    record_bytes_max: u64,
+    /// Where the record at the marked LSN ends (segment and offset), once it has been read.
+    mark_end: Option<(PathBuf, u64)>,
+}
+
+impl Scan<'_> {
+    fn segment(
+        &mut self,
+        seg: &SegmentFile,
+        is_last: bool,
+        report: &mut ScanReport,
+        visit: &mut impl FnMut(&Record),
+    ) -> Result<()> {
+        scan_segment(self, seg, is_last, report, visit)
+    }
+
+    /// Whether the journal is still held to its clean-close mark: it has one, and it is still on
+    /// disk (a live journal clears it before writing; then the scan judges it as unmarked).
+    fn still_marked(&self, report: &mut ScanReport) -> Result<bool> {
+        if report.clean_close.is_none() {
+            return Ok(false);
+        }
+        if clean::read(self.dir)?.is_none() {
+            report.clean_close = None;
+            return Ok(false);
+        }
+        Ok(true)
+    }
+
+    /// After a clean close the journal must end exactly at the marked LSN and chain value.
+    fn check_clean_end(&self, report: &mut ScanReport) -> Result<()> {
+        let Some(mark) = report.clean_close else {
+            return Ok(());
+        };
+        if report.last_lsn == mark.last_lsn && report.last_chain == mark.last_chain {
+            return Ok(());
+        }
+        if !self.still_marked(report)? {
+            return Ok(());
+        }
+        let Some(last) = report.segments.last() else {
+            return Ok(());
+        };
+        let (segment, offset, why) = match &self.mark_end {
+            Some((path, offset)) if report.last_lsn > mark.last_lsn => (
+                path.clone(),
+                *offset,
+                format!(
+                    "records up to lsn {} follow lsn {}, where the journal was closed cleanly",
+                    report.last_lsn, mark.last_lsn
+                ),
+            ),
+            _ if report.last_lsn != mark.last_lsn => (
+                last.path.clone(),
+                last.end_offset,
+                format!(
+                    "the journal ends at lsn {}, but it was closed cleanly at lsn {}",
+                    report.last_lsn, mark.last_lsn
+                ),
+            ),
+            _ => (
+                last.path.clone(),
+                last.end_offset,
+                format!(
+                    "the chain value after lsn {} is not the one recorded at the clean close",
+                    mark.last_lsn
+                ),
+            ),
+        };
+        Err(JournalError::corrupt(segment, offset, why))
+    }
+}
+
 fn scan_segment(
+    scan: &mut Scan<'_>,
     seg: &SegmentFile,
     is_last: bool,
-    record_bytes_max: u64,
     report: &mut ScanReport,
     visit: &mut impl FnMut(&Record),
 ) -> Result<()> {
+    let record_bytes_max = scan.record_bytes_max;
     let (mut reader, header) = SegmentReader::open(&seg.path, record_bytes_max)?;
     check_continuity(seg, &header, report)?;
     report.last_epoch = report.last_epoch.max(header.epoch);
     let file_bytes = file_len(&seg.path)?;
+    let marked_lsn = report.clean_close.map(|m| m.last_lsn);
     loop {
         match reader.next_record()? {
             None => break,
             Some(Ok(rec)) => {
                 report.last_epoch = report.last_epoch.max(rec.epoch);
+                if Some(rec.lsn) == marked_lsn {
+                    scan.mark_end = Some((seg.path.clone(), reader.offset()));
+                }
                 visit(&rec);
             }
             Some(Err(damage)) => {
@@ -240,6 +339,18 @@ fn scan_segment(
                 let file_bytes = file_len(&seg.path)?.max(file_bytes);
                 check_over_limit(&seg.path, &damage, file_bytes, record_bytes_max)?;
                 judge_damage(seg, is_last, &reader, &damage, file_bytes, record_bytes_max)?;
+                if scan.still_marked(report)? {
+                    let lsn = report.clean_close.map_or(Lsn::ZERO, |m| m.last_lsn);
+                    return Err(JournalError::corrupt(
+                        &seg.path,
+                        damage.offset,
+                        format!(
+                            "{} at the end of a journal closed cleanly at lsn {lsn} (a clean \
+                             close leaves no torn tail)",
+                            damage.error
+                        ),
+                    ));
+                }
                 report.torn_tail = Some(TornTail {
                     segment: seg.path.clone(),
                     offset: damage.offset,

@@ -158,7 +158,8 @@ pub struct SegmentFile {
 pub struct DirListing {
     /// Segment files in LSN order.
     pub segments: Vec<SegmentFile>,
-    /// Leftover `.seg.tmp` files of an interrupted segment creation.
+    /// Leftover temp files: `.seg.tmp` of an interrupted segment creation, `CLEAN.tmp` of an
+    /// interrupted close.
     pub leftovers: Vec<PathBuf>,
 }
 
@@ -175,11 +176,11 @@ pub fn list_dir(dir: &Path) -> Result<DirListing> {
             return Err(JournalError::ForeignFile { path });
         };
         let is_file = entry.file_type().map(|t| t.is_file()).unwrap_or(false);
-        if name == LOCK_FILE && is_file {
+        if (name == LOCK_FILE || name == crate::clean::CLEAN_FILE) && is_file {
             continue;
         }
-        if let Some(lsn) = parse_name(name, TMP_SUFFIX).filter(|_| is_file) {
-            let _ = lsn;
+        let tmp_segment = parse_name(name, TMP_SUFFIX).is_some();
+        if is_file && (tmp_segment || name == crate::clean::CLEAN_TMP_FILE) {
             listing.leftovers.push(path);
         } else if let Some(lsn) = parse_name(name, SUFFIX).filter(|_| is_file) {
             listing.segments.push(SegmentFile {

@@ -628,7 +628,9 @@ fn the_epoch_survives_a_crash_that_leaves_only_an_empty_segment() {
     assert!(newest.ends_with(journal::segment::segment_name(newest_first)));
     assert_eq!(journal.remove_segments_below(newest_first).unwrap(), 2);
     journal.close().unwrap();
-    // The crash: the newest segment's only record never fully reached the disk.
+    // The crash: the newest segment's only record never fully reached the disk (and a crash
+    // leaves no clean-close mark).
+    fs::remove_file(dir.path().join(journal::clean::CLEAN_FILE)).unwrap();
     let file = fs::OpenOptions::new().write(true).open(&newest).unwrap();
     file.set_len(HEADER as u64 + 100).unwrap();
     drop(file);

@@ -296,3 +296,66 @@ fn opening_a_missing_store_without_create_is_dir_missing() {
     assert!(matches!(err, JournalError::DirMissing { .. }), "{err:?}");
     assert!(!path.exists());
 }
+
+/// A blob shipped from elsewhere is stored only when its content hashes to the id it was sent
+/// under; a mismatch is a typed error and leaves nothing behind, a stored copy included.
+#[test]
+fn put_verified_stores_matching_content_and_refuses_the_rest_leaving_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = BlobConfig {
+        chunk_bytes: 4096,
+        create_if_missing: true,
+        ..BlobConfig::default()
+    };
+    let store = BlobStore::open(dir.path(), config).unwrap();
+    let content: Vec<u8> = (0..100_000u32).map(|i| (i % 253) as u8).collect();
+    let id = BlobId::of(&content);
+    let stored = store.put_verified(&id, &content[..]).unwrap();
+    assert_eq!((stored.id, stored.bytes), (id, content.len() as u64));
+    assert_eq!(store.verify(&id).unwrap(), content.len() as u64);
+
+    let other = BlobId::of(b"something else");
+    let mut wrong = content.clone();
+    wrong[50_000] ^= 1;
+    match store.put_verified(&other, &wrong[..]) {
+        Err(JournalError::BlobMismatch { expected, actual }) => {
+            assert_eq!(expected, other.to_string());
+            assert_eq!(actual, BlobId::of(&wrong).to_string());
+        }
+        r => panic!("a mismatching blob was accepted: {r:?}"),
+    }
+    // Damaged content sent under the id of a stored blob leaves the stored copy as it was.
+    assert!(matches!(
+        store.put_verified(&id, &wrong[..]),
+        Err(JournalError::BlobMismatch { .. })
+    ));
+    assert_eq!(store.list().unwrap(), vec![id]);
+    assert_eq!(store.verify(&id).unwrap(), content.len() as u64);
+    assert_eq!(fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
+
+    // A transfer that fails halfway leaves nothing either; the next one starts over.
+    struct FailsHalfway<'a>(&'a [u8], usize);
+    impl std::io::Read for FailsHalfway<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            if self.1 >= self.0.len() / 2 {
+                return Err(std::io::Error::other("connection reset"));
+            }
+            let n = buf.len().min(self.0.len() - self.1);
+            buf[..n].copy_from_slice(&self.0[self.1..self.1 + n]);
+            self.1 += n;
+            Ok(n)
+        }
+    }
+    let second: Vec<u8> = content.iter().map(|b| b.wrapping_add(1)).collect();
+    let second_id = BlobId::of(&second);
+    assert!(
+        store
+            .put_verified(&second_id, FailsHalfway(&second, 0))
+            .is_err()
+    );
+    assert!(!store.contains(&second_id));
+    assert_eq!(fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
+    store.put_verified(&second_id, &second[..]).unwrap();
+    assert!(store.remove(&second_id).unwrap());
+    assert_eq!(store.list().unwrap(), vec![id]);
+}
