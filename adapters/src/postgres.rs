@@ -1623,14 +1623,27 @@ async fn connect(name: &str, url: &str) -> Result<(Client, String)> {
     Ok((connect_to(name, &pg, &target).await?, target))
 }
 
+/// Connects, the whole handshake bounded by the connect timeout: tokio-postgres bounds only the
+/// TCP connect with it, and a server that accepts but never answers the startup would otherwise
+/// hold the caller for good.
 async fn connect_to(name: &str, pg: &tokio_postgres::Config, target: &str) -> Result<Client> {
-    let (client, connection) = pg
-        .connect(NoTls)
+    let deadline = pg
+        .get_connect_timeout()
+        .copied()
+        .unwrap_or(Duration::from_secs(10));
+    let connecting = tokio::time::timeout(deadline, pg.connect(NoTls))
         .await
-        .map_err(|e| ResourceError::Unavailable {
+        .map_err(|_| ResourceError::Unavailable {
             resource: name.to_string(),
-            message: format!("cannot connect to {target}: {}", db_text(&e)),
+            message: format!(
+                "cannot connect to {target}: no answer to the connection handshake within {} ms",
+                deadline.as_millis()
+            ),
         })?;
+    let (client, connection) = connecting.map_err(|e| ResourceError::Unavailable {
+        resource: name.to_string(),
+        message: format!("cannot connect to {target}: {}", db_text(&e)),
+    })?;
     tokio::spawn(async move {
         let _ = connection.await;
     });

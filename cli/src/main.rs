@@ -7,6 +7,8 @@
 //!   PostgreSQL) and checks each is all-or-nothing ([`demo`]);
 //! * `concord txn list|resolve` show and resolve unfinished transactions ([`txn`]);
 //! * `concord bench commit` measures commits through the coordinator ([`bench_commit`]);
+//! * `concord bench recovery` measures the coordinator's start after a short and a long history
+//!   ([`bench_recovery`]);
 //! * `concord journal inspect DIR` prints the records of a journal directory ([`inspect`]);
 //! * `concord journal verify DIR` checks every record and says whether the journal is sound, has a
 //!   torn tail that the next open truncates, or is corrupt ([`verify`]);
@@ -34,6 +36,7 @@ mod bench;
 mod bench_commit;
 mod bench_mixed;
 mod bench_pg;
+mod bench_recovery;
 mod demo;
 mod inspect;
 mod output;
@@ -126,6 +129,9 @@ enum BenchCommand {
     /// Benchmark transactions with a PostgreSQL branch, against plain and hand-written 2PC
     /// transactions on the same server in the same run.
     Postgres(bench_pg::PgBenchArgs),
+    /// Benchmark the coordinator's start after a short and a long history (open_ratio) and on
+    /// a journal whose records are all retained.
+    Recovery(bench_recovery::RecoveryBenchArgs),
 }
 
 impl Command {
@@ -154,6 +160,7 @@ fn run(command: Command) -> anyhow::Result<()> {
         Command::Bench(BenchCommand::Journal(args)) => bench::journal(args),
         Command::Bench(BenchCommand::Commit(args)) => bench_commit::run(args),
         Command::Bench(BenchCommand::Postgres(args)) => bench_pg::run(args),
+        Command::Bench(BenchCommand::Recovery(args)) => bench_recovery::run(args),
         Command::Txn(TxnCommand::List(args)) => txn::list(args),
         Command::Txn(TxnCommand::Resolve(args)) => txn::resolve(args),
         Command::Pg(PgCommand::Install(args)) => pg::install(args),

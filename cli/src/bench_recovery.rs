@@ -1,0 +1,297 @@
+//! `concord bench recovery`: how long the coordinator takes to start, after a short history and
+//! after a long one, and on a journal whose records are all retained.
+//!
+//! The checkpoint ([`coordinator::retention`]) removes every journal segment that only finished
+//! transactions use, so a start should cost about the same after 10,000 transactions as after
+//! 200,000: recovery reads from the oldest unfinished transaction on, not from the beginning.
+//!
+//! * **History**: for each of `--small` and `--large` transactions, a fresh coordinator commits
+//!   that many transactions of four branches — named like the demo's (`uploads`, `thumbnails`,
+//!   `mail`, `index`), in the benchmark-only null resource, so that what grows is the journal,
+//!   not the stores — from `--clients` concurrent clients, and shuts down. Then it is opened
+//!   again `--runs` times (journal open, the read of the retained journal, recovery, and a
+//!   shutdown that waits for nothing): the median open time is the figure. The baseline is the
+//!   short history; `open_ratio` is the larger median over the smaller (goal: at most 1.5).
+//! * **Retained**: a journal holding `--retained-mib` of `Commit` + `End` records that nothing
+//!   removed (as when a standby holds the retention floor), opened the same way: `retained_open_ms`
+//!   (goal: at most 2,000 ms for 1 GiB on the development machine).
+//!
+//! Open times are taken with the page cache warm (the files were just written): the figure is
+//! concord's own cost of reading and checking, not the disk's.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use adapters::Resource;
+use anyhow::bail;
+use coordinator::record::CoordRecord;
+use coordinator::{Coordinator, CoordinatorConfig, Outcome};
+use journal::{Epoch, Journal, JournalConfig};
+use serde::Serialize;
+
+/// The demo's branch names.
+const BRANCHES: [&str; 4] = ["uploads", "thumbnails", "mail", "index"];
+
+/// Bytes of redo per branch in the retained journal's `Commit` records (about a demo
+/// transaction's record).
+const RETAINED_REDO_BYTES: usize = 200;
+
+/// Options of `concord bench recovery`.
+#[derive(clap::Args, Debug)]
+pub struct RecoveryBenchArgs {
+    /// Transactions of the short history (the baseline).
+    #[arg(long, default_value_t = 10_000)]
+    pub small: usize,
+    /// Transactions of the long history.
+    #[arg(long, default_value_t = 200_000)]
+    pub large: usize,
+    /// Concurrent clients committing the histories.
+    #[arg(long, default_value_t = 64)]
+    pub clients: usize,
+    /// Opens measured after each history (the median counts).
+    #[arg(long, default_value_t = 5)]
+    pub runs: usize,
+    /// Size of the retained journal, in MiB (0: skip that part).
+    #[arg(long, default_value_t = 1024)]
+    pub retained_mib: u64,
+    /// One JSON object.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Serialize, Debug)]
+struct Report {
+    small_transactions: usize,
+    small_open_ms: f64,
+    small_journal_bytes: u64,
+    large_transactions: usize,
+    large_open_ms: f64,
+    large_journal_bytes: u64,
+    open_ratio: f64,
+    retained_bytes: u64,
+    retained_open_ms: Option<f64>,
+}
+
+/// Runs `concord bench recovery`.
+pub fn run(args: RecoveryBenchArgs) -> anyhow::Result<()> {
+    if args.small == 0 || args.large == 0 || args.small > 10_000_000 || args.large > 10_000_000 {
+        bail!("--small and --large must be between 1 and 10,000,000");
+    }
+    if args.clients == 0 || args.clients > 4096 {
+        bail!("--clients must be between 1 and 4096");
+    }
+    if args.runs == 0 || args.runs > 100 {
+        bail!("--runs must be between 1 and 100");
+    }
+    if args.retained_mib > 64 << 10 {
+        bail!("--retained-mib must be at most 65536");
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let (small_open_ms, small_journal_bytes) = history(&args, args.small).await?;
+        let (large_open_ms, large_journal_bytes) = history(&args, args.large).await?;
+        let (retained_bytes, retained_open_ms) = match args.retained_mib {
+            0 => (0, None),
+            mib => {
+                let (bytes, ms) = retained(mib << 20, args.runs).await?;
+                (bytes, Some(ms))
+            }
+        };
+        let open_ratio = small_open_ms.max(large_open_ms) / small_open_ms.min(large_open_ms);
+        let report = Report {
+            small_transactions: args.small,
+            small_open_ms,
+            small_journal_bytes,
+            large_transactions: args.large,
+            large_open_ms,
+            large_journal_bytes,
+            open_ratio,
+            retained_bytes,
+            retained_open_ms,
+        };
+        print(&report, args.json)
+    })
+}
+
+fn print(report: &Report, json: bool) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string(report)?);
+        return Ok(());
+    }
+    println!(
+        "after {:>9} transactions: open {:>8.1} ms (journal {} bytes)",
+        report.small_transactions, report.small_open_ms, report.small_journal_bytes
+    );
+    println!(
+        "after {:>9} transactions: open {:>8.1} ms (journal {} bytes)",
+        report.large_transactions, report.large_open_ms, report.large_journal_bytes
+    );
+    println!("open_ratio: {:.2} (goal: at most 1.5)", report.open_ratio);
+    if let Some(ms) = report.retained_open_ms {
+        println!(
+            "retained journal of {} bytes: open {ms:.1} ms (goal for 1 GiB: at most 2000 ms)",
+            report.retained_bytes
+        );
+    }
+    Ok(())
+}
+
+fn null_resources() -> Vec<Arc<dyn Resource>> {
+    BRANCHES
+        .iter()
+        .map(|name| Arc::new(adapters::null::NullResource::new(name)) as Arc<dyn Resource>)
+        .collect()
+}
+
+fn journal_config() -> JournalConfig {
+    JournalConfig {
+        create_if_missing: true,
+        ..JournalConfig::default()
+    }
+}
+
+/// Commits `transactions` in a fresh directory, shuts down, and measures the opens after it:
+/// (median open in ms, journal bytes left).
+async fn history(args: &RecoveryBenchArgs, transactions: usize) -> anyhow::Result<(f64, u64)> {
+    let temp = tempfile::Builder::new()
+        .prefix("concord-bench-recovery-")
+        .tempdir()?;
+    let dir = temp.path().join("journal");
+    let journal = Journal::open(&dir, journal_config())?;
+    let (coordinator, _) =
+        Coordinator::open(CoordinatorConfig::default(), journal, null_resources()).await?;
+    commit_many(&coordinator, transactions, args.clients).await?;
+    if !coordinator.shutdown(Duration::from_secs(60)).await {
+        bail!("the coordinator did not shut down within 60 s");
+    }
+    let median = median_open_ms(&dir, args.runs).await?;
+    Ok((median, dir_bytes(&dir)?))
+}
+
+/// `transactions` commits of the four branches from `clients` tasks.
+async fn commit_many(
+    coordinator: &Coordinator,
+    transactions: usize,
+    clients: usize,
+) -> anyhow::Result<()> {
+    let mut tasks = tokio::task::JoinSet::new();
+    for client in 0..clients {
+        let c = coordinator.clone();
+        let share = transactions / clients + usize::from(client < transactions % clients);
+        tasks.spawn(async move {
+            for _ in 0..share {
+                let xid = c.begin();
+                for name in BRANCHES {
+                    c.join(&xid, name).await?;
+                }
+                match c.commit(&xid).await? {
+                    Outcome::Committed { .. } => {}
+                    other => bail!("transaction did not commit: {other:?}"),
+                }
+            }
+            Ok(())
+        });
+    }
+    while let Some(done) = tasks.join_next().await {
+        done??;
+    }
+    Ok(())
+}
+
+/// Opens the coordinator on `dir` `runs` times and returns the median time to open, in ms.
+async fn median_open_ms(dir: &Path, runs: usize) -> anyhow::Result<f64> {
+    let mut times = Vec::with_capacity(runs);
+    for _ in 0..runs {
+        let started = Instant::now();
+        let journal = Journal::open(dir, journal_config())?;
+        let (coordinator, report) =
+            Coordinator::open(CoordinatorConfig::default(), journal, null_resources()).await?;
+        times.push(started.elapsed().as_secs_f64() * 1000.0);
+        if !report.problems.is_empty() {
+            bail!("recovery reported problems: {:?}", report.problems);
+        }
+        coordinator.shutdown(Duration::from_secs(60)).await;
+    }
+    times.sort_by(f64::total_cmp);
+    Ok(times[times.len() / 2])
+}
+
+/// Writes `bytes` of `Commit` + `End` records straight into a journal (nothing removes them:
+/// the records of a lagging standby) and measures the opens: (journal bytes, median ms).
+async fn retained(bytes: u64, runs: usize) -> anyhow::Result<(u64, f64)> {
+    let temp = tempfile::Builder::new()
+        .prefix("concord-bench-retained-")
+        .tempdir()?;
+    let dir = temp.path().join("journal");
+    let journal = Journal::open(&dir, journal_config())?;
+    let redo = vec![7u8; RETAINED_REDO_BYTES];
+    let mut written = 0u64;
+    let mut seq = 1u64;
+    let mut last = None;
+    while written < bytes {
+        let xid = adapters::Xid {
+            node: 1,
+            epoch: Epoch(1),
+            seq,
+        };
+        seq += 1;
+        let commit = CoordRecord::Commit {
+            xid,
+            at_ms: 0,
+            branches: BRANCHES
+                .iter()
+                .map(|name| (name.to_string(), redo.clone()))
+                .collect(),
+        };
+        let end = CoordRecord::End { xid };
+        for record in [commit, end] {
+            let payload = record.encode();
+            written += payload.len() as u64;
+            last = Some(journal.append(Epoch(1), record.kind(), &payload)?);
+        }
+        if seq % 4096 == 0
+            && let Some(appending) = last.take()
+        {
+            appending.await?;
+        }
+    }
+    if let Some(appending) = last {
+        appending.await?;
+    }
+    journal.close()?;
+    drop(journal);
+    let median = median_open_ms_retained(&dir, runs).await?;
+    Ok((dir_bytes(&dir)?, median))
+}
+
+/// Like [`median_open_ms`], but the opened coordinator holds a retention floor at the first
+/// record, so its shutdown's checkpoint keeps everything for the next open.
+async fn median_open_ms_retained(dir: &Path, runs: usize) -> anyhow::Result<f64> {
+    let mut times = Vec::with_capacity(runs);
+    for _ in 0..runs {
+        let started = Instant::now();
+        let journal = Journal::open(dir, journal_config())?;
+        let config = CoordinatorConfig {
+            checkpoint_ms: 0,
+            ..CoordinatorConfig::default()
+        };
+        let (coordinator, _) = Coordinator::open(config, journal, null_resources()).await?;
+        times.push(started.elapsed().as_secs_f64() * 1000.0);
+        coordinator.retention().hold_floor(Some(journal::Lsn(1)));
+        coordinator.shutdown(Duration::from_secs(60)).await;
+    }
+    times.sort_by(f64::total_cmp);
+    Ok(times[times.len() / 2])
+}
+
+fn dir_bytes(dir: &Path) -> anyhow::Result<u64> {
+    let mut total = 0;
+    for entry in std::fs::read_dir(dir)? {
+        total += entry?.metadata()?.len();
+    }
+    Ok(total)
+}
