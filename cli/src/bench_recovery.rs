@@ -253,7 +253,7 @@ async fn retained(bytes: u64, runs: usize) -> anyhow::Result<(u64, f64)> {
             written += payload.len() as u64;
             last = Some(journal.append(Epoch(1), record.kind(), &payload)?);
         }
-        if seq % 4096 == 0
+        if seq.is_multiple_of(4096)
             && let Some(appending) = last.take()
         {
             appending.await?;
