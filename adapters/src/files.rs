@@ -40,8 +40,10 @@
 //!   disk, and a symlink is followed only when it resolves inside the root and outside the private
 //!   area. Every refusal is a [`ResourceError::Rejected`] naming the path and the reason.
 //! * **Fencing and replay.** [`Resource::fence`] stores the fence epoch durably; a branch of a
-//!   lower epoch is refused at begin, at every write and at prepare (commit and rollback of an
-//!   already prepared branch stay allowed: the new primary resolves those). [`Resource::replay`]
+//!   lower epoch is refused at begin, at every write and at prepare. A fence waits for the
+//!   prepares, commits and rollbacks in flight, and then the fenced instance refuses to resolve
+//!   the prepared branches it began below the new epoch; an instance opened afterwards (their
+//!   new owner) resolves them (`internal::branches`, "Fences and owners"). [`Resource::replay`]
 //!   applies a redo (inline content, or content from this resource's blob store) together with
 //!   its LSN, syncing every file it writes.
 //!
@@ -169,12 +171,13 @@ use tokio::sync::Notify;
 
 use crate::dirsync::DirSync;
 use crate::internal::branches::{Branches, Phase, Starting};
-use crate::internal::instance::{Instance, InstanceState, Shared, lock, raise_fence};
+use crate::internal::instance::{Gate, Instance, InstanceState, Shared, lock, raise_fence};
 use crate::internal::io::{
     blob_error, blocking, check_log_space, create_dir_durably, fill, lock_private, log_error,
     parent_of, remove_file_if_exists, sync_file,
 };
 use crate::internal::locks::wait_for_lock;
+use crate::internal::pauses::Pauses;
 use crate::internal::reader::{Reader, put_u32};
 use crate::internal::state_file::{encode_state, read_state_file};
 use crate::{Epoch, Lsn, Resource, ResourceError, Vote, Xid};
@@ -351,8 +354,11 @@ struct Inner {
     released: Notify,
     /// Serializes replays, so that the LSN check and the apply are one step.
     replaying: tokio::sync::Mutex<()>,
-    /// Serializes fences, so that the epoch never goes down.
-    fencing: tokio::sync::Mutex<()>,
+    /// The fence gate: prepares, commits and rollbacks hold it shared, a fence exclusively
+    /// (see `Gate`).
+    gate: Gate,
+    /// Pauses tests arm inside operations.
+    pauses: Pauses,
     /// Names of staged and temp files.
     next_file: AtomicU64,
     /// Holds the root's `LOCK` for the life of the instance.
@@ -517,7 +523,8 @@ impl FilesResource {
             state: Mutex::new(state),
             released: Notify::new(),
             replaying: tokio::sync::Mutex::new(()),
-            fencing: tokio::sync::Mutex::new(()),
+            gate: Gate::default(),
+            pauses: Pauses::default(),
             next_file: AtomicU64::new(0),
             _lock: lock,
         };
@@ -538,6 +545,13 @@ impl FilesResource {
     /// The root directory (canonical).
     pub fn root(&self) -> &Path {
         &self.inner.root
+    }
+
+    /// For tests: the next prepare of `xid` stops once past its fence check, before anything
+    /// of it is durable, until the returned pause is released (the conformance suite's
+    /// `fence_covers_a_prepare_in_flight`).
+    pub fn pause_prepare(&self, xid: &Xid) -> crate::testing::Pause {
+        self.inner.pauses.arm_prepare(xid)
     }
 
     /// The resource's blob store, which a standby's replay reads: replication ships the blobs a
@@ -706,6 +720,7 @@ impl Resource for FilesResource {
 
     async fn prepare(&self, xid: &Xid) -> Result<Vote> {
         let inner = &self.inner;
+        let _gate = inner.gate.read().await;
         match inner.start_prepare(xid)? {
             // Nothing is staged: a branch without changes never staged a file, or removed it.
             Start::ReadOnly => Ok(Vote::ReadOnly),
@@ -713,6 +728,7 @@ impl Resource for FilesResource {
                 redo: encode_redo(&entries),
             }),
             Start::Stage(changes) => {
+                inner.pauses.at_prepare(xid).await;
                 let result = inner.prepare_branch(xid, changes).await;
                 inner.finish_prepare(xid, result)
             }
@@ -721,6 +737,7 @@ impl Resource for FilesResource {
 
     async fn commit(&self, xid: &Xid) -> Result<()> {
         let inner = &self.inner;
+        let _gate = inner.gate.read().await;
         let Some(resolving) = inner.start_resolve(xid, true)? else {
             return Ok(());
         };
@@ -736,6 +753,7 @@ impl Resource for FilesResource {
 
     async fn rollback(&self, xid: &Xid) -> Result<()> {
         let inner = &self.inner;
+        let _gate = inner.gate.read().await;
         let Some(resolving) = inner.start_resolve(xid, false)? else {
             return Ok(());
         };
@@ -755,7 +773,7 @@ impl Resource for FilesResource {
 
     async fn fence(&self, epoch: Epoch) -> Result<()> {
         let inner = &self.inner;
-        raise_fence(inner, &inner.fencing, TASK, epoch, |inner, epoch| {
+        raise_fence(inner, &inner.gate, TASK, epoch, |inner, epoch| {
             inner.write_state("fence epoch", &inner.area.fence, epoch.0)
         })
         .await
@@ -1010,7 +1028,8 @@ impl Inner {
     fn start_resolve(&self, xid: &Xid, commit: bool) -> Result<Option<Resolving>> {
         let mut st = self.state();
         self.usable(&st)?;
-        let Some((previous, branch)) = st.branches.start_resolve(self, xid, commit)? else {
+        let fence = st.shared.fence;
+        let Some((previous, branch)) = st.branches.start_resolve(self, xid, commit, fence)? else {
             return Ok(None);
         };
         Ok(Some(Resolving {

@@ -14,7 +14,8 @@
 //! * [`Resource::commit`] / [`Resource::rollback`] resolve it. Both are idempotent: a second call
 //!   for a resolved or unknown branch succeeds, so the coordinator may repeat them after any crash;
 //! * [`Resource::recover`] lists the branches prepared and not yet resolved, after a restart;
-//! * [`Resource::fence`] raises the resource's epoch: any later branch of a lower epoch is refused;
+//! * [`Resource::fence`] raises the resource's epoch: any later branch of a lower epoch is refused,
+//!   and once it returns no operation of a lower epoch changes the resource (see below);
 //! * [`Resource::replay`] applies a redo on a standby together with its LSN, atomically, and
 //!   [`Resource::applied_lsn`] reports the last one, so replaying the same LSN twice is a no-op.
 //!
@@ -25,6 +26,19 @@
 //! [`Resource::one_phase_outcome`] finds out, from the redo the coordinator journaled, what
 //! became of it once it can no longer change. Why this keeps the journal's order exact is in the
 //! coordinator's engine docs and `docs/postgres.md`.
+//!
+//! **Fences and owners.** Commit and rollback carry no epoch, so the contract says who owns a
+//! branch by how the caller reaches it. After [`Resource::fence`]`(E)` returns: a prepare that
+//! had passed its fence check has either finished (it waited for it) or is refused; the
+//! instance that was fenced refuses ([`ResourceError::Fenced`]) to commit or roll back a prepared
+//! branch that was begun through it at an epoch below E — it stands for the coordinator at the
+//! old epoch, e.g. an old primary resumed after a pause; and the branch's new owner resolves it,
+//! through an instance opened after the fence (files, mail, kv: it recovers the branch from
+//! disk) or — where the fence cannot hand a branch over (PostgreSQL) — the fence itself is
+//! refused, retryable, until the older prepared branches are resolved. A coordinator that
+//! restarts at an old epoch must learn the current epoch (the quorum store) before it recovers:
+//! a resource cannot tell it apart from the new owner. The conformance suite checks both
+//! halves (`testing::fence_stops_the_old_owner`, `testing::fence_covers_a_prepare_in_flight`).
 //!
 //! Errors are [`ResourceError`]s sorted by what the coordinator must do ([`ErrorClass`]).
 //! [`testing`] holds the conformance suite every resource runs; [`pgtest`] starts the throwaway
@@ -105,7 +119,8 @@ pub trait Resource: Send + Sync + 'static {
     async fn recover(&self) -> Result<Vec<Xid>, ResourceError>;
 
     /// Raises the fence epoch: from now on a branch of a lower epoch is refused. A lower `epoch`
-    /// than the current fence leaves it unchanged.
+    /// than the current fence leaves it unchanged. Once it returns, no operation of a lower
+    /// epoch changes the resource (see "Fences and owners" in the crate docs).
     async fn fence(&self, epoch: Epoch) -> Result<(), ResourceError>;
 
     /// The fence epoch.

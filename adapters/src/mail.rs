@@ -34,7 +34,11 @@
 //! * **Isolation** needs no locks: every message has a name of its own, and nothing in `tmp/` is
 //!   a delivery (DESIGN.md "Ordering").
 //! * **Fencing and replay.** [`Resource::fence`] stores the fence epoch durably in the private
-//!   area; a branch of a lower epoch is refused at begin, at every enqueue and at prepare.
+//!   area; a branch of a lower epoch is refused at begin, at every enqueue and at prepare. A
+//!   fence waits for the prepares, commits and rollbacks in flight, and then the fenced
+//!   instance refuses to resolve the prepared branches it began below the new epoch; an instance
+//!   opened afterwards (their new owner) resolves them (`internal::branches`, "Fences and
+//!   owners").
 //!   [`Resource::replay`] delivers a redo's messages (inline content, or copied from this
 //!   resource's blob store, checked against the blob's hash) under their names, skipping any
 //!   already in `new/` or `cur/`, then stores its LSN.
@@ -134,11 +138,12 @@ use tokio::io::AsyncRead;
 
 use crate::dirsync::DirSync;
 use crate::internal::branches::{Branches, Phase, Starting};
-use crate::internal::instance::{Instance, InstanceState, Shared, lock, raise_fence};
+use crate::internal::instance::{Gate, Instance, InstanceState, Shared, lock, raise_fence};
 use crate::internal::io::{
     blob_error, blocking, check_log_space, create_dir_durably, fill, lock_private, log_error,
     remove_file_if_exists, sync_file,
 };
+use crate::internal::pauses::Pauses;
 use crate::internal::state_file::{encode_state, read_state_file};
 use crate::{Epoch, Lsn, Resource, ResourceError, Vote, Xid};
 
@@ -243,8 +248,11 @@ struct Inner {
     trimming: tokio::sync::Mutex<()>,
     /// Serializes replays, so that the LSN check and the delivery are one step.
     replaying: tokio::sync::Mutex<()>,
-    /// Serializes fences, so that the epoch never goes down.
-    fencing: tokio::sync::Mutex<()>,
+    /// The fence gate: prepares, commits and rollbacks hold it shared, a fence exclusively
+    /// (see `Gate`).
+    gate: Gate,
+    /// Pauses tests arm inside operations.
+    pauses: Pauses,
     /// Names of temp files in the private area.
     next_tmp: AtomicU64,
     /// Holds `.concord/LOCK` for the life of the instance.
@@ -367,7 +375,8 @@ impl MailResource {
             }),
             trimming: tokio::sync::Mutex::new(()),
             replaying: tokio::sync::Mutex::new(()),
-            fencing: tokio::sync::Mutex::new(()),
+            gate: Gate::default(),
+            pauses: Pauses::default(),
             next_tmp: AtomicU64::new(0),
             _lock: lock,
         };
@@ -388,6 +397,13 @@ impl MailResource {
     /// The Maildir (canonical).
     pub fn maildir(&self) -> &Path {
         &self.inner.maildir
+    }
+
+    /// For tests: the next prepare of `xid` stops once past its fence check, before anything
+    /// of it is durable, until the returned pause is released (the conformance suite's
+    /// `fence_covers_a_prepare_in_flight`).
+    pub fn pause_prepare(&self, xid: &Xid) -> crate::testing::Pause {
+        self.inner.pauses.arm_prepare(xid)
     }
 
     /// The resource's blob store, which a standby's replay reads: replication ships the blobs a
@@ -451,12 +467,14 @@ impl Resource for MailResource {
 
     async fn prepare(&self, xid: &Xid) -> Result<Vote> {
         let inner = &self.inner;
+        let _gate = inner.gate.read().await;
         match inner.start_prepare(xid)? {
             Start::ReadOnly => Ok(Vote::ReadOnly),
             Start::Prepared(prepared) => Ok(Vote::Commit {
                 redo: prepared.redo.clone(),
             }),
             Start::Stage(messages) => {
+                inner.pauses.at_prepare(xid).await;
                 let result = inner.prepare_branch(xid, messages).await;
                 inner.finish_prepare(xid, result)
             }
@@ -465,6 +483,7 @@ impl Resource for MailResource {
 
     async fn commit(&self, xid: &Xid) -> Result<()> {
         let inner = &self.inner;
+        let _gate = inner.gate.read().await;
         let Some(resolving) = inner.start_resolve(xid, true)? else {
             return Ok(());
         };
@@ -481,6 +500,7 @@ impl Resource for MailResource {
 
     async fn rollback(&self, xid: &Xid) -> Result<()> {
         let inner = &self.inner;
+        let _gate = inner.gate.read().await;
         let Some(resolving) = inner.start_resolve(xid, false)? else {
             return Ok(());
         };
@@ -497,7 +517,7 @@ impl Resource for MailResource {
 
     async fn fence(&self, epoch: Epoch) -> Result<()> {
         let inner = &self.inner;
-        raise_fence(inner, &inner.fencing, TASK, epoch, |inner, epoch| {
+        raise_fence(inner, &inner.gate, TASK, epoch, |inner, epoch| {
             inner.write_state("fence epoch", &inner.area.fence, epoch.0)
         })
         .await
@@ -665,7 +685,8 @@ impl Inner {
     fn start_resolve(&self, xid: &Xid, commit: bool) -> Result<Option<Resolving>> {
         let mut st = self.state();
         self.usable(&st)?;
-        let Some((previous, branch)) = st.branches.start_resolve(self, xid, commit)? else {
+        let fence = st.shared.fence;
+        let Some((previous, branch)) = st.branches.start_resolve(self, xid, commit, fence)? else {
             return Ok(None);
         };
         let names = match &branch.prepared {

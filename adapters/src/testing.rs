@@ -24,15 +24,17 @@
 //! * The suite only sees the resource through the [`Resource`] trait and the subject; it cannot
 //!   check that an effect is invisible to *other* readers before commit (isolation is
 //!   resource-specific and tested by each resource).
-//! * Concurrency (two branches racing) is not exercised here, for the same reason.
+//! * Concurrency (two branches racing) is not exercised here, for the same reason; the one
+//!   race the suite does run — a fence against a prepare in flight — is made deterministic by
+//!   pausing the prepare where the subject says ([`Subject::pause_prepare`]), never by timing.
 //! * Checks panic (they are test code run by tests) rather than return errors.
 
 use std::fmt::Display;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use crate::{Epoch, Lsn, Resource, ResourceError, Vote, Xid};
+use crate::{Epoch, ErrorClass, Lsn, Resource, ResourceError, Vote, Xid};
 
 /// What the suite needs to know about a resource under test.
 #[async_trait::async_trait]
@@ -53,6 +55,73 @@ pub trait Subject: Send + Sync {
 
     /// Whether the committed effect of `tag` is visible in `resource`.
     async fn visible(&self, resource: &Arc<dyn Resource>, tag: u32) -> bool;
+
+    /// Arranges that the next prepare of `xid` (begun, and written by [`Subject::write`]) stops
+    /// *after* its fence check and *before* anything of it is durable, until the returned pause
+    /// is released. The files, mail and kv resources have a hook for it
+    /// (`pause_prepare(xid)`, returning a [`Pause`]); a subject may equally stall the prepare
+    /// from outside (PostgreSQL's waits on a lock the test holds).
+    async fn pause_prepare(&self, resource: &Arc<dyn Resource>, xid: &Xid) -> Box<dyn Paused>;
+}
+
+/// An operation stopped at a pause ([`Subject::pause_prepare`]).
+#[async_trait::async_trait]
+pub trait Paused: Send + Sync {
+    /// Waits until the operation stands at the pause; `false` when it did not within `within`.
+    async fn reached(&self, within: Duration) -> bool;
+
+    /// Lets the operation go on.
+    async fn release(&self);
+}
+
+/// How long an operation waits at a [`Pause`] nobody releases before it goes on by itself, so
+/// that a test that fails half-way never leaves a resource stuck.
+pub const PAUSE_MS_MAX: u64 = 60_000;
+
+/// A point where a resource's operation waits until a test lets it go: the resource calls
+/// [`Pause::wait_here`]; the test waits for [`Paused::reached`], does what it races against
+/// the operation, then [`Paused::release`]s it. Cloned, it is the same pause.
+#[derive(Clone, Debug)]
+pub struct Pause {
+    /// 0: armed; 1: reached; 2: released.
+    state: Arc<tokio::sync::watch::Sender<u8>>,
+}
+
+impl Default for Pause {
+    fn default() -> Self {
+        Pause::new()
+    }
+}
+
+impl Pause {
+    /// An armed pause.
+    pub fn new() -> Pause {
+        Pause {
+            state: Arc::new(tokio::sync::watch::Sender::new(0)),
+        }
+    }
+
+    /// Called by the operation: says it is here, then waits until released (at most
+    /// [`PAUSE_MS_MAX`]).
+    pub async fn wait_here(&self) {
+        self.state.send_modify(|s| *s = (*s).max(1));
+        let mut rx = self.state.subscribe();
+        let released = rx.wait_for(|s| *s >= 2);
+        let _ = tokio::time::timeout(Duration::from_millis(PAUSE_MS_MAX), released).await;
+    }
+}
+
+#[async_trait::async_trait]
+impl Paused for Pause {
+    async fn reached(&self, within: Duration) -> bool {
+        let mut rx = self.state.subscribe();
+        let reached = rx.wait_for(|s| *s >= 1);
+        matches!(tokio::time::timeout(within, reached).await, Ok(Ok(_)))
+    }
+
+    async fn release(&self) {
+        self.state.send_modify(|s| *s = 2);
+    }
 }
 
 /// Runs every check, in order; panics naming the first check that fails.
@@ -67,6 +136,8 @@ pub async fn run_all(subject: &dyn Subject) {
     prepare_twice_returns_same_vote(subject).await;
     branch_without_writes_votes_read_only(subject).await;
     fence_refuses_lower_epochs(subject).await;
+    fence_stops_the_old_owner(subject).await;
+    fence_covers_a_prepare_in_flight(subject).await;
     replay_applies_once(subject).await;
     applied_lsn_survives_restart(subject).await;
 }
@@ -312,6 +383,129 @@ pub async fn fence_refuses_lower_epochs(subject: &dyn Subject) {
     c.ensure_fenced(&r, epoch).await;
 }
 
+/// What the fence checks below allow a fence to do when a branch of an older epoch is
+/// prepared: hand the branch to the new owner (the instance that was fenced refuses to resolve
+/// it; an instance opened afterwards resolves it), or refuse the fence, retryable, without
+/// raising the epoch, until the branch is resolved (PostgreSQL waits for such branches).
+enum Fenced {
+    /// The fence was raised.
+    Raised,
+    /// The fence was refused (retryable) and the epoch is unchanged.
+    Refused,
+}
+
+/// A branch of epoch e is prepared, then the resource is fenced at e + 1 through the same
+/// instance (the old owner, e.g. a paused primary that resumes). Either the fence is refused
+/// (retryable, epoch unchanged) until the branch is resolved, or it is raised and then the old
+/// owner can neither commit nor roll the branch back (refused, [`ErrorClass::Rejected`]); an
+/// instance opened afterwards (the new owner) lists it and commits it.
+pub async fn fence_stops_the_old_owner(subject: &dyn Subject) {
+    let c = Check("fence_stops_the_old_owner");
+    let r = subject.open().await;
+    let (xid, tag) = (c.xid(&r).await, next_tag());
+    c.prepare_writing(subject, &r, &xid, tag).await;
+    let epoch = Epoch(xid.epoch.0 + 1);
+    match c.fence_over_prepared(&r, epoch, r.fence(epoch).await).await {
+        Fenced::Refused => {
+            c.ok(
+                "rollback by the owner the fence refused to stop",
+                r.rollback(&xid).await,
+            );
+            c.ok("fence once the branch is resolved", r.fence(epoch).await);
+            return;
+        }
+        Fenced::Raised => {}
+    }
+    c.ensure_refused("commit by the fenced owner", &xid, r.commit(&xid).await);
+    c.ensure_refused("rollback by the fenced owner", &xid, r.rollback(&xid).await);
+    c.ensure(
+        !subject.visible(&r, tag).await,
+        format!("effect {tag} of a branch the fenced owner could not commit is visible"),
+    );
+    drop(r);
+    c.new_owner_commits(subject, &xid, tag).await;
+}
+
+/// A prepare passes its fence check and is paused there ([`Subject::pause_prepare`]) while a
+/// fence runs through the same instance. After the fence returns, no operation of the older
+/// epoch may change the resource: if the fence returned while the prepare was still paused,
+/// the prepare must be refused; if the prepare succeeded, it must have finished before the
+/// fence returned, and (the fence raised) the old owner cannot commit it while a new owner
+/// can. The fence gets a bounded time to return while the prepare stands still; what that
+/// decides is only which of the two allowed orders the check sees, never its verdict.
+pub async fn fence_covers_a_prepare_in_flight(subject: &dyn Subject) {
+    let c = Check("fence_covers_a_prepare_in_flight");
+    let r = subject.open().await;
+    let (xid, tag) = (c.xid(&r).await, next_tag());
+    c.ok("begin", r.begin(&xid).await);
+    subject.write(&r, &xid, tag).await;
+    let pause = subject.pause_prepare(&r, &xid).await;
+    let mut preparing = tokio::spawn({
+        let r = r.clone();
+        async move { r.prepare(&xid).await }
+    });
+    if !pause.reached(Duration::from_millis(STEP_MS_MAX)).await {
+        preparing.abort();
+        c.fail(format!("the prepare of {xid} never reached its pause"));
+    }
+    let epoch = Epoch(xid.epoch.0 + 1);
+    let mut fencing = tokio::spawn({
+        let r = r.clone();
+        async move { r.fence(epoch).await }
+    });
+    let alone = Duration::from_millis(FENCE_ALONE_MS);
+    let fenced_while_paused = tokio::time::timeout(alone, &mut fencing).await.ok();
+    let fence_returned_while_paused = fenced_while_paused.is_some();
+    pause.release().await;
+    let prepared = c.joined("prepare", &mut preparing).await;
+    let fenced = match fenced_while_paused {
+        Some(joined) => c.join_result("fence", joined),
+        None => c.joined("fence", &mut fencing).await,
+    };
+    let Ok(vote) = prepared else {
+        // Refused: nothing of the branch may remain, and the fence must have gone through.
+        c.ok("fence beside a refused prepare", fenced);
+        drop(r);
+        let r = subject.open().await;
+        c.ensure(
+            !c.recover(&r).await.contains(&xid),
+            format!("the refused prepare of {xid} is listed as prepared"),
+        );
+        c.ok("rollback of the refused branch", r.rollback(&xid).await);
+        c.ensure(
+            !subject.visible(&r, tag).await,
+            format!("effect {tag} of a refused prepare is visible"),
+        );
+        return;
+    };
+    if vote == Vote::ReadOnly {
+        c.fail(format!(
+            "branch {xid} wrote effect {tag} but voted ReadOnly"
+        ));
+    }
+    if fence_returned_while_paused && fenced.is_ok() {
+        c.fail(format!(
+            "fence to {epoch} returned while the prepare of {xid} was paused past its fence check, and the prepare then succeeded: the fence did not cover the prepare in flight"
+        ));
+    }
+    match c.fence_over_prepared(&r, epoch, fenced).await {
+        Fenced::Refused => {
+            c.ok("rollback after the refused fence", r.rollback(&xid).await);
+            c.ok("fence once the branch is resolved", r.fence(epoch).await);
+        }
+        Fenced::Raised => {
+            c.ensure_refused("commit by the fenced owner", &xid, r.commit(&xid).await);
+            drop(r);
+            c.new_owner_commits(subject, &xid, tag).await;
+        }
+    }
+}
+
+/// How long a fence running beside a paused prepare gets to return by itself.
+const FENCE_ALONE_MS: u64 = 1_000;
+/// How long the suite waits for any one step (a prepare, a fence) before it calls it stuck.
+const STEP_MS_MAX: u64 = 30_000;
+
 /// Replay on the standby makes the effect visible and sets `applied_lsn`; the same LSN again,
 /// or a lower one, changes nothing (not even with a different redo).
 pub async fn replay_applies_once(subject: &dyn Subject) {
@@ -477,6 +671,87 @@ impl Check {
             Err(ResourceError::Fenced { offered, current, .. }) if offered == old.epoch && current == fence => {}
             Err(other) => self.fail(format!("begin of {old} below fence {fence} failed with {other:?}, not Fenced {{ offered: {}, current: {fence} }}", old.epoch)),
             Ok(()) => self.fail(format!("begin of {old} at epoch {} succeeded below fence {fence}", old.epoch)),
+        }
+    }
+
+    /// The verdict of a fence to `epoch` while an older branch is prepared; see [`Fenced`].
+    async fn fence_over_prepared(
+        &self,
+        r: &Arc<dyn Resource>,
+        epoch: Epoch,
+        fenced: Result<(), ResourceError>,
+    ) -> Fenced {
+        match fenced {
+            Ok(()) => {
+                let now = self.ok("fence_epoch", r.fence_epoch().await);
+                self.ensure(
+                    now >= epoch,
+                    format!("fence to {epoch} returned, the epoch is {now}"),
+                );
+                Fenced::Raised
+            }
+            Err(e) if e.class() == ErrorClass::Retryable => {
+                let now = self.ok("fence_epoch", r.fence_epoch().await);
+                self.ensure(
+                    now < epoch,
+                    format!("a fence to {epoch} that failed ({e}) raised the epoch to {now}"),
+                );
+                Fenced::Refused
+            }
+            Err(e) => self.fail(format!("fence to {epoch}: {e}")),
+        }
+    }
+
+    /// A resolution by a fenced owner must be refused (class Rejected, nothing changed).
+    #[track_caller]
+    fn ensure_refused(&self, step: &str, xid: &Xid, result: Result<(), ResourceError>) {
+        match result {
+            Err(e) if e.class() == ErrorClass::Rejected => {}
+            Err(e) => self.fail(format!("{step} of {xid} failed with {e:?}, not a refusal")),
+            Ok(()) => self.fail(format!(
+                "{step} of {xid} succeeded: an owner fenced out of epoch {} changed the resource",
+                xid.epoch
+            )),
+        }
+    }
+
+    /// A new instance (the new owner) lists the prepared `xid` and commits it.
+    async fn new_owner_commits(&self, subject: &dyn Subject, xid: &Xid, tag: u32) {
+        let r = subject.open().await;
+        self.ensure(
+            self.recover(&r).await.contains(xid),
+            format!("a new instance does not list the prepared branch {xid} of the fenced owner"),
+        );
+        self.ok("commit by the new owner", r.commit(xid).await);
+        self.ensure(
+            subject.visible(&r, tag).await,
+            format!("effect {tag} is not visible after the new owner committed it"),
+        );
+    }
+
+    /// The result of a spawned step, waited for at most [`STEP_MS_MAX`].
+    async fn joined<T>(
+        &self,
+        step: &str,
+        handle: &mut tokio::task::JoinHandle<Result<T, ResourceError>>,
+    ) -> Result<T, ResourceError> {
+        match tokio::time::timeout(Duration::from_millis(STEP_MS_MAX), &mut *handle).await {
+            Ok(joined) => self.join_result(step, joined),
+            Err(_) => {
+                handle.abort();
+                self.fail(format!("{step} did not return within {STEP_MS_MAX} ms"))
+            }
+        }
+    }
+
+    fn join_result<T>(
+        &self,
+        step: &str,
+        joined: Result<Result<T, ResourceError>, tokio::task::JoinError>,
+    ) -> Result<T, ResourceError> {
+        match joined {
+            Ok(result) => result,
+            Err(e) => self.fail(format!("{step} panicked: {e}")),
         }
     }
 

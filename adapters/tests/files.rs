@@ -20,7 +20,7 @@ use adapters::files::{
     FilesBranch, FilesConfig, FilesResource, INLINE_BRANCH_BYTES_MAX, INLINE_FILE_BYTES_MAX,
     PATH_BYTES_MAX, PRIVATE_DIR, RedoEntry, decode_redo, encode_redo, prepared_on_disk,
 };
-use adapters::testing::{self, Subject};
+use adapters::testing::{self, Paused, Subject};
 use adapters::{Epoch, ErrorClass, Lsn, Resource, ResourceError, Vote, Xid};
 use common::{rejected, xid_at};
 use journal::BlobId;
@@ -160,6 +160,10 @@ impl Subject for FilesSubject {
     async fn visible(&self, resource: &Arc<dyn Resource>, tag: u32) -> bool {
         let path = files(resource).root().join(tag_path(tag));
         fs::read(path).is_ok_and(|c| c == tag_content(tag).as_bytes())
+    }
+
+    async fn pause_prepare(&self, resource: &Arc<dyn Resource>, xid: &Xid) -> Box<dyn Paused> {
+        Box::new(files(resource).pause_prepare(xid))
     }
 }
 

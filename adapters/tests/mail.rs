@@ -24,7 +24,7 @@ use adapters::mail::{
     BRANCH_MESSAGES_MAX, INLINE_MESSAGE_BYTES_MAX, MailBranch, MailConfig, MailResource,
     MessageBuilder, PRIVATE_DIR, RedoEntry, decode_redo, encode_redo, prepared_on_disk,
 };
-use adapters::testing::{self, Subject};
+use adapters::testing::{self, Paused, Subject};
 use adapters::{Epoch, ErrorClass, Lsn, Resource, ResourceError, Vote, Xid};
 use common::{hash_all, peak_resident_bytes, rejected, xid_at};
 use journal::BlobId;
@@ -199,6 +199,10 @@ impl Subject for MailSubject {
         delivered(mail(resource).maildir())
             .values()
             .any(|content| *content == expected)
+    }
+
+    async fn pause_prepare(&self, resource: &Arc<dyn Resource>, xid: &Xid) -> Box<dyn Paused> {
+        Box::new(mail(resource).pause_prepare(xid))
     }
 }
 

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 use adapters::pgtest::PgCluster;
 use adapters::postgres::{self, PostgresConfig, PostgresResource};
-use adapters::testing::{self, Subject};
+use adapters::testing::{self, Paused, Subject};
 use adapters::{Epoch, ErrorClass, Lsn, Resource, ResourceError, Vote, Xid};
 
 /// The node of the conformance suite's xids.
@@ -89,6 +89,80 @@ impl Subject for PgSubject {
 
     async fn visible(&self, resource: &Arc<dyn Resource>, tag: u32) -> bool {
         visible_in(resource, tag).await
+    }
+
+    /// The branch inserts a row whose deferred constraint trigger, run by `PREPARE
+    /// TRANSACTION` (after the fence check of `concord.prepare_branch`), waits for an advisory
+    /// lock that a connection of the test holds until released.
+    async fn pause_prepare(&self, resource: &Arc<dyn Resource>, xid: &Xid) -> Box<dyn Paused> {
+        let (client, connection) = tokio_postgres::connect(&self.primary, tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(connection);
+        client
+            .batch_execute(
+                "CREATE TABLE IF NOT EXISTS pause_marks (k integer NOT NULL);
+                 CREATE OR REPLACE FUNCTION pause_at_prepare() RETURNS trigger LANGUAGE plpgsql
+                   AS $$ BEGIN PERFORM pg_advisory_xact_lock(7041, NEW.k); RETURN NULL; END $$;
+                 DROP TRIGGER IF EXISTS pause_at_prepare ON pause_marks;
+                 CREATE CONSTRAINT TRIGGER pause_at_prepare AFTER INSERT ON pause_marks
+                   DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION pause_at_prepare();",
+            )
+            .await
+            .unwrap();
+        let key = i32::try_from(xid.seq % 1_000_000_007).unwrap();
+        client
+            .execute("SELECT pg_advisory_lock(7041, $1)", &[&key])
+            .await
+            .unwrap();
+        pg(resource)
+            .branch(xid)
+            .unwrap()
+            .execute("INSERT INTO pause_marks VALUES ($1)", &[&key])
+            .await
+            .unwrap();
+        Box::new(PgPause { client, key })
+    }
+}
+
+/// A prepare waiting in a deferred trigger for the advisory lock `(7041, key)` that `client`
+/// holds.
+struct PgPause {
+    client: tokio_postgres::Client,
+    key: i32,
+}
+
+#[async_trait::async_trait]
+impl Paused for PgPause {
+    async fn reached(&self, within: std::time::Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let waiting: i64 = self
+                .client
+                .query_one(
+                    "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted
+                       AND classid::bigint = 7041 AND objid::bigint = $1 AND objsubid = 2
+                       AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+                    &[&i64::from(self.key)],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            if waiting > 0 {
+                return true;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    }
+
+    async fn release(&self) {
+        self.client
+            .execute("SELECT pg_advisory_unlock(7041, $1)", &[&self.key])
+            .await
+            .unwrap();
     }
 }
 

@@ -17,6 +17,7 @@
 //! * [`state_file`] — the checksummed one-value files (`fence`, `applied_lsn`).
 //! * [`locks`] — waiting for a lock another branch holds, up to a bound, then a conflict.
 //! * [`branch_log`] — the branch log's record kinds, payloads and open/scan.
+//! * [`pauses`] — pauses a test arms inside an operation, to run a race deterministically.
 //! * [`reader`] — the bounds-checked reader of the byte encodings (redo, batch).
 //!
 //! # Implementation caveats
@@ -29,5 +30,6 @@ pub(crate) mod branches;
 pub(crate) mod instance;
 pub(crate) mod io;
 pub(crate) mod locks;
+pub(crate) mod pauses;
 pub(crate) mod reader;
 pub(crate) mod state_file;
