@@ -80,6 +80,24 @@ pub enum ResourceError {
         /// What failed.
         message: String,
     },
+    /// Committed content that a commit (or the recovery at open) must put in place is nowhere:
+    /// its staged file and its blob are gone, and the file at its path does not hold it. A
+    /// restart does not help; an operator must bring the content back.
+    #[error(
+        "resource {resource}: the content of {path} (blake3 {blob}, {bytes} bytes) is lost: its staged file and its blob are gone and the file at the path {found}; put a file with exactly that content at the path (or the blob into the resource's blob store), from a backup or the standby, then retry"
+    )]
+    ContentLost {
+        /// The resource name.
+        resource: String,
+        /// The path (relative to the resource's root) whose content is lost.
+        path: String,
+        /// The blake3 hash the content must have.
+        blob: journal::BlobId,
+        /// Its size in bytes.
+        bytes: u64,
+        /// What is at the path instead (missing, or another content).
+        found: String,
+    },
 }
 
 impl ResourceError {
@@ -91,7 +109,7 @@ impl ResourceError {
             | ResourceError::Conflict { .. }
             | ResourceError::Fenced { .. } => ErrorClass::Rejected,
             ResourceError::InDoubt { .. } => ErrorClass::InDoubt,
-            ResourceError::Fatal { .. } => ErrorClass::Fatal,
+            ResourceError::Fatal { .. } | ResourceError::ContentLost { .. } => ErrorClass::Fatal,
         }
     }
 

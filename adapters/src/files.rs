@@ -107,6 +107,10 @@
 //!   large put is linked again from its blob, deletes are repeated. Applying it twice gives the
 //!   same files, and no other branch can have written its paths in between: their locks were
 //!   held until `COMMITTED` was appended.
+//!   When a large put's blob is gone too (removed by hand), the file at its path is accepted
+//!   only if it holds exactly the content the record names (its blake3 hash is checked, not its
+//!   length); otherwise the commit, or the open that applies commits again, is refused with
+//!   [`ResourceError::ContentLost`], naming the path and the hash to bring back.
 //! * **After `COMMITTED` is durable, before a checkpoint covers it** (a power failure may have
 //!   lost the content of its small files, the names it put in place or its deletes): at open, every such commit is applied again, in the
 //!   order of the log, from its prepare record — the last writer of a path writes last, as it
@@ -1647,14 +1651,26 @@ impl Inner {
 
     /// The staged file of a large put is gone: put the same content in place from the blob store
     /// (a link, like the rename).
+    /// With the blob gone too, the file at `target` is accepted only when it holds exactly that
+    /// content (an earlier attempt put it there): its blake3 hash is checked, not only its
+    /// length; anything else is [`ResourceError::ContentLost`].
     fn restore_from_blob(&self, path: &str, target: &Path, id: &BlobId, bytes: u64) -> Result<()> {
         if !self.blobs.contains(id) {
-            if fs::metadata(target).is_ok_and(|m| m.len() == bytes) {
-                return Ok(());
-            }
-            return Err(self.fatal(format!(
-                "the staged content of {path} and its blob {id} are both gone"
-            )));
+            return match self.content_at(target)? {
+                Some((found, len)) if found == *id && len == bytes => Ok(()),
+                found => Err(ResourceError::ContentLost {
+                    resource: self.name.clone(),
+                    path: path.to_string(),
+                    blob: *id,
+                    bytes,
+                    found: match found {
+                        None => "is missing".to_string(),
+                        Some((other, len)) => {
+                            format!("holds other content (blake3 {other}, {len} bytes)")
+                        }
+                    },
+                }),
+            };
         }
         tracing::debug!(resource = %self.name, path, blob = %id, "putting the content in place from the blob store");
         let tmp = self.tmp_file();
@@ -1665,6 +1681,38 @@ impl Inner {
             let _ = fs::remove_file(&tmp);
             ResourceError::io(&self.name, "rename blob to", target, &e)
         })
+    }
+
+    /// The blake3 hash and size of the file at `target` (read through one `CHUNK_BYTES`
+    /// buffer); `None` when there is no file there.
+    fn content_at(&self, target: &Path) -> Result<Option<(BlobId, u64)>> {
+        let mut file = match File::open(target) {
+            Ok(file) => file,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(ResourceError::io(&self.name, "open", target, &e)),
+        };
+        if !file
+            .metadata()
+            .map_err(|e| ResourceError::io(&self.name, "inspect", target, &e))?
+            .is_file()
+        {
+            return Ok(None);
+        }
+        let mut hasher = blake3::Hasher::new();
+        let mut buf = vec![0u8; CHUNK_BYTES];
+        let mut len = 0u64;
+        loop {
+            match file.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => {
+                    hasher.update(&buf[..n]);
+                    len += n as u64;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(ResourceError::io(&self.name, "read", target, &e)),
+            }
+        }
+        Ok(Some((BlobId(*hasher.finalize().as_bytes()), len)))
     }
 
     /// Creates the missing parent directories of `path`; each new directory's parent goes into

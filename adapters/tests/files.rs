@@ -1172,6 +1172,70 @@ async fn large_and_small_puts_in_one_branch_commit_and_survive_a_restart() {
     assert!(r.blob_store().contains(&BlobId::of(&large)));
 }
 
+/// A committed large file whose staged file and blob are both gone is put back (at open, or by
+/// a commit after a restart) only when the file at its path has the content the redo names —
+/// its blake3 hash, not only its length; otherwise the step is refused with `ContentLost`
+/// naming the path and the hash, and succeeds once the right content is back.
+#[tokio::test]
+async fn without_its_blob_a_file_is_accepted_only_with_the_right_content() {
+    let lost = |result: Result<(), ResourceError>, path: &str, id: BlobId| match result {
+        Err(e @ ResourceError::ContentLost { .. }) => {
+            assert_eq!(e.class(), ErrorClass::Fatal);
+            let message = e.to_string();
+            assert!(
+                message.contains(path) && message.contains(&id.to_string()),
+                "{message}"
+            );
+        }
+        other => panic!("expected ContentLost for {path}, got {other:?}"),
+    };
+    let same_length_other = |content: &[u8]| {
+        let mut other = content.to_vec();
+        other[0] ^= 0xff;
+        other
+    };
+
+    // At open, applying again a commit the last checkpoint does not cover.
+    let dir = tempfile::tempdir().unwrap();
+    let r = open(dir.path());
+    let root = r.root().to_path_buf();
+    let large = content_of(7, INLINE_FILE_BYTES_MAX as usize + 1);
+    let id = BlobId::of(&large);
+    commit_branch(&r, &[("big", &large)], &[]).await;
+    assert_no_checkpoint(&root);
+    let blob = r.blob_store().path_of(&id);
+    drop(r);
+    fs::remove_file(&blob).unwrap();
+    damage(&root, "big", &same_length_other(&large));
+    lost(
+        FilesResource::open("files", &root, config()).map(drop),
+        "big",
+        id,
+    );
+    damage(&root, "big", &large);
+    let r = open(&root);
+    assert_eq!(fs::read(root.join("big")).unwrap(), large);
+    drop(r);
+
+    // A prepared branch committed after a restart.
+    let r = open(&root);
+    let other = content_of(8, INLINE_FILE_BYTES_MAX as usize + 1);
+    let other_id = BlobId::of(&other);
+    commit_file(&r, "next", &same_length_other(&other)).await;
+    let (xid, branch) = begun(&r).await;
+    branch.put("next", &other[..]).await.unwrap();
+    r.prepare(&xid).await.unwrap();
+    let blob = r.blob_store().path_of(&other_id);
+    drop((branch, r));
+    fs::remove_file(&blob).unwrap();
+    let r = open(&root);
+    lost(r.commit(&xid).await, "next", other_id);
+    assert_eq!(r.recover().await.unwrap(), vec![xid]);
+    damage(&root, "next", &other);
+    r.commit(&xid).await.unwrap();
+    assert_eq!(fs::read(root.join("next")).unwrap(), other);
+}
+
 /// Commits a branch of `count` files of `INLINE_FILE_BYTES_MAX` bytes, put in `order`, and
 /// checks its redo: at most `INLINE_BRANCH_BYTES_MAX` inline (the first files in path order), the
 /// rest as blobs; returns the contents by path.
