@@ -98,6 +98,21 @@ pub enum ResourceError {
         /// What is at the path instead (missing, or another content).
         found: String,
     },
+    /// A shipped blob's content does not hash to the id it was shipped as
+    /// (`Resource::put_blob`); nothing of it was kept.
+    #[error(
+        "resource {resource}: the blob shipped as {expected} hashes to {actual} ({bytes} bytes): it was damaged on the way or read from the wrong place; nothing was stored, ship it again from the primary"
+    )]
+    BlobMismatch {
+        /// The resource name.
+        resource: String,
+        /// The id it was shipped as.
+        expected: journal::BlobId,
+        /// What its content hashes to.
+        actual: journal::BlobId,
+        /// Its size in bytes.
+        bytes: u64,
+    },
 }
 
 impl ResourceError {
@@ -107,7 +122,8 @@ impl ResourceError {
             ResourceError::Unavailable { .. } => ErrorClass::Retryable,
             ResourceError::Rejected { .. }
             | ResourceError::Conflict { .. }
-            | ResourceError::Fenced { .. } => ErrorClass::Rejected,
+            | ResourceError::Fenced { .. }
+            | ResourceError::BlobMismatch { .. } => ErrorClass::Rejected,
             ResourceError::InDoubt { .. } => ErrorClass::InDoubt,
             ResourceError::Fatal { .. } | ResourceError::ContentLost { .. } => ErrorClass::Fatal,
         }

@@ -358,6 +358,12 @@ impl KvResource {
     pub fn pause_prepare(&self, xid: &Xid) -> crate::testing::Pause {
         self.inner.pauses.arm_prepare(xid)
     }
+
+    /// For tests: the next replay fails before its transaction, as if the process died there
+    /// (a replay is one sled transaction: nothing of it can be half applied).
+    pub fn fail_next_replay(&self) {
+        self.inner.pauses.arm_replay_failure();
+    }
 }
 
 impl KvBranch {
@@ -507,6 +513,11 @@ impl Resource for KvResource {
         }
         let writes = decode_batch(redo)
             .map_err(|e| inner.rejected(format!("replay of lsn {lsn}: malformed redo: {e}")))?;
+        if inner.pauses.replay_fails_here() {
+            return Err(inner.unavailable(format!(
+                "replay of lsn {lsn} stopped by its fail point before its transaction"
+            )));
+        }
         let worker = inner.clone();
         let applied = blocking(&inner.name, TASK, move || worker.store.replay(&writes, lsn)).await;
         inner.check(applied)?;

@@ -27,6 +27,14 @@
 //! became of it once it can no longer change. Why this keeps the journal's order exact is in the
 //! coordinator's engine docs and `docs/postgres.md`.
 //!
+//! **What a standby needs.** A redo may name content by hash instead of carrying it (the files
+//! and mail resources put large content in a blob store). [`Resource::redo_blobs`] lists the
+//! blobs a redo needs, so that replication ships them before the record;
+//! [`Resource::open_blob`] reads one from this instance's store, and
+//! [`Resource::put_blob`] puts one into another instance's store, streamed and checked against
+//! its id. A resource whose redo carries everything (PostgreSQL's row images, kv batches) keeps
+//! the defaults: no blobs, and a blob store that refuses.
+//!
 //! **Fences and owners.** Commit and rollback carry no epoch, so the contract says who owns a
 //! branch by how the caller reaches it. After [`Resource::fence`]`(E)` returns: a prepare that
 //! had passed its fence check has either finished (it waited for it) or is refused; the
@@ -62,10 +70,15 @@ pub mod testing;
 pub mod xid;
 
 pub use error::{ErrorClass, ResourceError};
-pub use journal::{Epoch, Lsn};
+pub use journal::{BlobId, Epoch, Lsn};
 pub use xid::Xid;
 
 use std::any::Any;
+use std::io::Read;
+
+/// A blocking reader of a blob's content ([`Resource::open_blob`], [`Resource::put_blob`]):
+/// read it on the blocking pool.
+pub type BlobContent = Box<dyn Read + Send + 'static>;
 
 /// A branch's vote at prepare.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -132,6 +145,37 @@ pub trait Resource: Send + Sync + 'static {
 
     /// The LSN of the last redo applied by [`Resource::replay`] (`Lsn::ZERO` when none).
     async fn applied_lsn(&self) -> Result<Lsn, ResourceError>;
+
+    /// The blobs `redo` (as returned by prepare) names by content hash, each once: a standby
+    /// must hold them before it replays the redo, so replication ships them first
+    /// ([`Resource::open_blob`] here, [`Resource::put_blob`] there). A malformed redo is
+    /// refused. The default names none: the redo carries everything.
+    fn redo_blobs(&self, redo: &[u8]) -> Result<Vec<BlobId>, ResourceError> {
+        let _ = redo;
+        Ok(Vec::new())
+    }
+
+    /// Opens blob `id` of this instance's store, to ship it. The reader blocks (read it on the
+    /// blocking pool) and fails at its end when the content does not hash to `id`. A blob that
+    /// is not stored is refused. The default refuses: no blob store.
+    async fn open_blob(&self, id: &BlobId) -> Result<BlobContent, ResourceError> {
+        Err(ResourceError::rejected(
+            self.name(),
+            format!("blob {id}: this resource keeps no blobs"),
+        ))
+    }
+
+    /// Puts a shipped blob into this instance's store: streams `content` (on the blocking pool,
+    /// through one bounded buffer) and checks it against `id`; content that hashes otherwise is
+    /// refused ([`ResourceError::BlobMismatch`]) and nothing of it is kept. Durable when it
+    /// returns; putting a blob already stored is harmless. The default refuses: no blob store.
+    async fn put_blob(&self, id: &BlobId, content: BlobContent) -> Result<(), ResourceError> {
+        drop(content);
+        Err(ResourceError::rejected(
+            self.name(),
+            format!("blob {id}: this resource keeps no blobs"),
+        ))
+    }
 
     /// Whether a transaction whose only branch is here may commit it in one phase
     /// ([`Resource::prepare_one_phase`], then [`Resource::commit_one_phase`]).

@@ -144,8 +144,9 @@ use crate::internal::io::{
     remove_file_if_exists, sync_file,
 };
 use crate::internal::pauses::Pauses;
+use crate::internal::shipping;
 use crate::internal::state_file::{encode_state, read_state_file};
-use crate::{Epoch, Lsn, Resource, ResourceError, Vote, Xid};
+use crate::{BlobContent, Epoch, Lsn, Resource, ResourceError, Vote, Xid};
 
 mod log;
 mod message;
@@ -406,6 +407,13 @@ impl MailResource {
         self.inner.pauses.arm_prepare(xid)
     }
 
+    /// For tests: the next replay applies part of its redo (its first entry) and then fails,
+    /// as if the process died there (the conformance suite's
+    /// `replay_on_an_empty_instance_gives_the_same_state`).
+    pub fn fail_next_replay(&self) {
+        self.inner.pauses.arm_replay_failure();
+    }
+
     /// The resource's blob store, which a standby's replay reads: replication ships the blobs a
     /// redo names into it before the redo is replayed.
     pub fn blob_store(&self) -> &BlobStore {
@@ -547,6 +555,47 @@ impl Resource for MailResource {
 
     async fn applied_lsn(&self) -> Result<Lsn> {
         Instance::applied_lsn(&*self.inner)
+    }
+
+    fn redo_blobs(&self, redo: &[u8]) -> Result<Vec<BlobId>> {
+        let entries =
+            decode_redo(redo).map_err(|e| self.inner.rejected(format!("malformed redo: {e}")))?;
+        let mut ids: Vec<BlobId> = entries
+            .iter()
+            .filter_map(|entry| match entry {
+                RedoEntry::Blob { id, .. } => Some(*id),
+                _ => None,
+            })
+            .collect();
+        ids.sort();
+        ids.dedup();
+        Ok(ids)
+    }
+
+    async fn open_blob(&self, id: &BlobId) -> Result<BlobContent> {
+        let (worker, id) = (self.inner.clone(), *id);
+        blocking(&self.inner.name, TASK, move || {
+            shipping::open_blob(&worker.name, &worker.blobs, &id)
+        })
+        .await
+    }
+
+    async fn put_blob(&self, id: &BlobId, mut content: BlobContent) -> Result<()> {
+        let (worker, id) = (self.inner.clone(), *id);
+        let put = blocking(&self.inner.name, TASK, move || {
+            let tmp = worker.scratch_file();
+            let bytes_max = worker.config.max_message_bytes;
+            shipping::put_blob(
+                &worker.name,
+                &worker.blobs,
+                &tmp,
+                &id,
+                &mut content,
+                bytes_max,
+            )
+        })
+        .await;
+        self.inner.check(put)
     }
 }
 
@@ -1069,7 +1118,12 @@ impl Inner {
     /// then renamed into `new/`), syncs `new/`, then stores `lsn` as applied (see "Crashes").
     fn replay_messages(&self, entries: &[RedoEntry], lsn: Lsn) -> Result<()> {
         let mut cur = None;
-        for entry in entries {
+        for (n, entry) in entries.iter().enumerate() {
+            if n == 1 && self.pauses.replay_fails_here() {
+                return Err(self.unavailable(format!(
+                    "replay of lsn {lsn} stopped by its fail point after its first message"
+                )));
+            }
             let name = entry.name();
             if self.delivered(name, &mut cur)? {
                 continue;

@@ -34,7 +34,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use crate::{Epoch, ErrorClass, Lsn, Resource, ResourceError, Vote, Xid};
+use crate::{BlobId, Epoch, ErrorClass, Lsn, Resource, ResourceError, Vote, Xid};
 
 /// What the suite needs to know about a resource under test.
 #[async_trait::async_trait]
@@ -43,11 +43,25 @@ pub trait Subject: Send + Sync {
     /// without resolving anything). Always the same storage.
     async fn open(&self) -> Arc<dyn Resource>;
 
-    /// Opens a second, independent instance playing a standby (for replay); it may share what
-    /// the subject needs (e.g. a blob store). The suite calls it only after the branches whose
-    /// redo it will replay have been prepared on the primary, so a subject may copy what replay
-    /// needs (blobs) at this point. Called again, it reopens the same standby storage.
+    /// Opens a second, independent instance playing a standby (for replay), with storage of
+    /// its own (its own root, Maildir, sled directory, database): nothing is shared with the
+    /// primary, and the suite ships the blobs a redo needs itself ([`Resource::redo_blobs`],
+    /// [`Resource::open_blob`], [`Resource::put_blob`]). Called again, it reopens the same
+    /// standby storage.
     async fn open_standby(&self) -> Arc<dyn Resource>;
+
+    /// Opens replica `n` (1, 2, 3): one more instance of the same kind with storage of its own,
+    /// distinct from the primary's, the standby's and every other replica's, and empty the first
+    /// time; called again (after the previous instance of it was dropped), it reopens the same
+    /// storage.
+    async fn open_replica(&self, n: u32) -> Arc<dyn Resource>;
+
+    /// Arranges that the next replay on `resource` stops with an error half-way — after
+    /// applying part of its redo where the resource applies a redo in parts — as if the
+    /// process died there. The files, mail and kv resources have a hook for it
+    /// (`fail_next_replay()`); a subject may equally make the resource's own store fail the
+    /// replay (PostgreSQL's, with a trigger).
+    async fn fail_next_replay(&self, resource: &Arc<dyn Resource>);
 
     /// Makes the branch of `xid` (already begun) write the effect named `tag`, so that it votes
     /// Commit.
@@ -140,6 +154,8 @@ pub async fn run_all(subject: &dyn Subject) {
     fence_covers_a_prepare_in_flight(subject).await;
     replay_applies_once(subject).await;
     applied_lsn_survives_restart(subject).await;
+    put_blob_keeps_only_matching_content(subject).await;
+    replay_on_an_empty_instance_gives_the_same_state(subject).await;
 }
 
 /// Prepare, crash, reopen: `recover` lists the branch, and commit after the restart makes the
@@ -514,8 +530,10 @@ pub async fn replay_applies_once(subject: &dyn Subject) {
     let (first_tag, second_tag) = (next_tag(), next_tag());
     let first = c.committed_redo(subject, &r, first_tag).await;
     let second = c.committed_redo(subject, &r, second_tag).await;
-    drop(r);
     let standby = subject.open_standby().await;
+    c.ship(&r, &standby, &first).await;
+    c.ship(&r, &standby, &second).await;
+    drop(r);
     let lsn = Lsn(c.ok("applied_lsn", standby.applied_lsn().await).0 + 10);
     c.ok("replay", standby.replay(&first, lsn).await);
     c.ensure(
@@ -557,8 +575,9 @@ pub async fn applied_lsn_survives_restart(subject: &dyn Subject) {
     let r = subject.open().await;
     let tag = next_tag();
     let redo = c.committed_redo(subject, &r, tag).await;
-    drop(r);
     let standby = subject.open_standby().await;
+    c.ship(&r, &standby, &redo).await;
+    drop(r);
     let lsn = Lsn(c.ok("applied_lsn", standby.applied_lsn().await).0 + 10);
     c.ok("replay", standby.replay(&redo, lsn).await);
     drop(standby);
@@ -568,6 +587,131 @@ pub async fn applied_lsn_survives_restart(subject: &dyn Subject) {
         subject.visible(&standby, tag).await,
         format!("effect {tag} replayed before the restart is not visible after it"),
     );
+}
+
+/// A blob shipped with content that does not hash to its id is refused (class Rejected) and
+/// nothing of it is kept, under either hash. A resource that keeps blobs stores a matching
+/// one, and gives the same bytes back from `open_blob`; one that keeps none refuses both.
+pub async fn put_blob_keeps_only_matching_content(subject: &dyn Subject) {
+    let c = Check("put_blob_keeps_only_matching_content");
+    let r = subject.open().await;
+    let seq = next_seq();
+    let good = format!("the content of a shipped blob {seq}").into_bytes();
+    let bad = format!("other content, shipped under the wrong id {seq}").into_bytes();
+    let (id, bad_id) = (BlobId::of(&good), BlobId::of(&bad));
+    match r.put_blob(&id, Box::new(std::io::Cursor::new(bad))).await {
+        Err(e) if e.class() == ErrorClass::Rejected => {}
+        Err(e) => c.fail(format!(
+            "put_blob of mismatching content failed with {e:?}, not a refusal"
+        )),
+        Ok(()) => c.fail(format!(
+            "put_blob of content hashing to {bad_id} as {id} succeeded"
+        )),
+    }
+    for shown in [id, bad_id] {
+        c.ensure(
+            r.open_blob(&shown).await.is_err(),
+            format!("blob {shown} is stored after a refused put_blob"),
+        );
+    }
+    match r
+        .put_blob(&id, Box::new(std::io::Cursor::new(good.clone())))
+        .await
+    {
+        Ok(()) => {
+            let back = c.ok("open_blob", r.open_blob(&id).await);
+            let back = c.ok("read the blob", c.read_all(back).await);
+            c.ensure(
+                back == good,
+                format!("blob {id} read back differs from what was put"),
+            );
+        }
+        Err(e) if e.class() == ErrorClass::Rejected => {
+            c.ensure(
+                r.open_blob(&id).await.is_err(),
+                format!("a resource that refused put_blob of {id} serves it"),
+            );
+        }
+        Err(e) => c.fail(format!("put_blob of matching content: {e}")),
+    }
+}
+
+/// Committed redo replayed in order on replicas — empty instances of the same kind, with
+/// storage of their own, the blobs each redo needs shipped from the primary — gives the
+/// primary's effects: replica 1 replays once; replica 2 replays the same redo twice (again at
+/// later LSNs: a redo re-applied sets the same state); replica 3 is stopped half-way through a
+/// replay by its fail point ([`Subject::fail_next_replay`]), dropped, reopened, and replays from
+/// its applied LSN on. Every replica then shows exactly the effects of the replayed
+/// transactions, and not those of a transaction that was not replayed.
+pub async fn replay_on_an_empty_instance_gives_the_same_state(subject: &dyn Subject) {
+    let c = Check("replay_on_an_empty_instance_gives_the_same_state");
+    let r = subject.open().await;
+    let tags = [next_tag(), next_tag(), next_tag()];
+    let mut redos = Vec::new();
+    for tag in tags {
+        redos.push(c.committed_redo(subject, &r, tag).await);
+    }
+    let not_replayed = next_tag();
+    c.committed_redo(subject, &r, not_replayed).await;
+    for tag in tags {
+        c.ensure(
+            subject.visible(&r, tag).await,
+            format!("effect {tag} is not visible on the primary"),
+        );
+    }
+
+    let once = subject.open_replica(1).await;
+    let base = c.ok("applied_lsn", once.applied_lsn().await);
+    c.replay_all(&r, &once, &redos, base).await;
+    c.ensure_effects(
+        subject,
+        &once,
+        "replica 1 (replayed once)",
+        &tags,
+        not_replayed,
+    )
+    .await;
+
+    let twice = subject.open_replica(2).await;
+    let base = c.ok("applied_lsn", twice.applied_lsn().await);
+    c.replay_all(&r, &twice, &redos, base).await;
+    let again = Lsn(base.0 + redos.len() as u64);
+    c.replay_all(&r, &twice, &redos, again).await;
+    c.ensure_effects(
+        subject,
+        &twice,
+        "replica 2 (replayed twice)",
+        &tags,
+        not_replayed,
+    )
+    .await;
+
+    let killed = subject.open_replica(3).await;
+    let base = c.ok("applied_lsn", killed.applied_lsn().await);
+    c.replay_all(&r, &killed, &redos[..1], base).await;
+    for redo in &redos[1..] {
+        c.ship(&r, &killed, redo).await;
+    }
+    subject.fail_next_replay(&killed).await;
+    let stopped = Lsn(base.0 + 2);
+    if killed.replay(&redos[1], stopped).await.is_ok() {
+        c.fail(format!(
+            "the replay of lsn {stopped} went through its fail point"
+        ));
+    }
+    c.ensure_applied(&killed, base.next()).await;
+    drop(killed);
+    let killed = subject.open_replica(3).await;
+    c.ensure_applied(&killed, base.next()).await;
+    c.replay_all(&r, &killed, &redos[1..], base.next()).await;
+    c.ensure_effects(
+        subject,
+        &killed,
+        "replica 3 (stopped half-way, reopened, replayed again)",
+        &tags,
+        not_replayed,
+    )
+    .await;
 }
 
 /// The node of every xid the suite makes.
@@ -671,6 +815,66 @@ impl Check {
             Err(ResourceError::Fenced { offered, current, .. }) if offered == old.epoch && current == fence => {}
             Err(other) => self.fail(format!("begin of {old} below fence {fence} failed with {other:?}, not Fenced {{ offered: {}, current: {fence} }}", old.epoch)),
             Ok(()) => self.fail(format!("begin of {old} at epoch {} succeeded below fence {fence}", old.epoch)),
+        }
+    }
+
+    /// Ships the blobs `redo` needs from `from` to `to`.
+    async fn ship(&self, from: &Arc<dyn Resource>, to: &Arc<dyn Resource>, redo: &[u8]) {
+        for id in self.ok("redo_blobs", from.redo_blobs(redo)) {
+            let content = self.ok("open_blob", from.open_blob(&id).await);
+            self.ok("put_blob", to.put_blob(&id, content).await);
+        }
+    }
+
+    /// Ships and replays `redos` on `to` at the LSNs after `base`, in order.
+    async fn replay_all(
+        &self,
+        from: &Arc<dyn Resource>,
+        to: &Arc<dyn Resource>,
+        redos: &[Vec<u8>],
+        base: Lsn,
+    ) {
+        let mut lsn = base;
+        for redo in redos {
+            lsn = lsn.next();
+            self.ship(from, to, redo).await;
+            self.ok("replay", to.replay(redo, lsn).await);
+        }
+        self.ensure_applied(to, lsn).await;
+    }
+
+    /// Every effect of `tags` is visible on `r`, and that of `absent` is not.
+    async fn ensure_effects(
+        &self,
+        subject: &dyn Subject,
+        r: &Arc<dyn Resource>,
+        what: &str,
+        tags: &[u32],
+        absent: u32,
+    ) {
+        for tag in tags {
+            self.ensure(
+                subject.visible(r, *tag).await,
+                format!("{what}: effect {tag} is not visible"),
+            );
+        }
+        self.ensure(
+            !subject.visible(r, absent).await,
+            format!("{what}: effect {absent}, never replayed, is visible"),
+        );
+    }
+
+    /// Everything `content` yields, read on the blocking pool.
+    async fn read_all(&self, mut content: crate::BlobContent) -> Result<Vec<u8>, ResourceError> {
+        let read = tokio::task::spawn_blocking(move || {
+            let mut out = Vec::new();
+            std::io::Read::read_to_end(&mut content, &mut out).map(|_| out)
+        })
+        .await;
+        match read {
+            Ok(Ok(bytes)) => Ok(bytes),
+            Ok(Err(e)) => self.fail(format!("reading a blob: {e}")),
+            Err(e) => self.fail(format!("reading a blob panicked: {e}")),
         }
     }
 

@@ -126,26 +126,32 @@ fn tag_content(tag: u32) -> String {
     format!("effect {tag}\n")
 }
 
+/// Each effect also puts a file over `INLINE_FILE_BYTES_MAX`, which goes through the blob store,
+/// so that the suite's replays ship blobs.
+fn tag_large_path(tag: u32) -> String {
+    format!("effects/{tag}.bin")
+}
+
+fn tag_large_content(tag: u32) -> Vec<u8> {
+    content_of(tag, INLINE_FILE_BYTES_MAX as usize + 1 + (tag as usize % 7))
+}
+
 #[async_trait::async_trait]
 impl Subject for FilesSubject {
     async fn open(&self) -> Arc<dyn Resource> {
         open(&self.primary())
     }
 
-    /// Opens the standby and ships it every blob of the primary, as replication will.
     async fn open_standby(&self) -> Arc<dyn Resource> {
-        let standby = open(&self.standby());
-        let blobs = self.primary().join(PRIVATE_DIR).join("blobs");
-        for fan in entries(&blobs).into_iter().filter(|p| !p.ends_with("tmp")) {
-            for blob in entries(&fan) {
-                let id: BlobId = blob.file_name().unwrap().to_str().unwrap().parse().unwrap();
-                if !standby.blob_store().contains(&id) {
-                    let stored = standby.blob_store().put(fs::File::open(&blob).unwrap());
-                    assert_eq!(stored.unwrap().id, id);
-                }
-            }
-        }
-        standby
+        open(&self.standby())
+    }
+
+    async fn open_replica(&self, n: u32) -> Arc<dyn Resource> {
+        open(&self.dir.path().join(format!("replica-{n}")))
+    }
+
+    async fn fail_next_replay(&self, resource: &Arc<dyn Resource>) {
+        files(resource).fail_next_replay();
     }
 
     async fn write(&self, resource: &Arc<dyn Resource>, xid: &Xid, tag: u32) {
@@ -155,11 +161,16 @@ impl Subject for FilesSubject {
             .put(&tag_path(tag), content.as_bytes())
             .await
             .unwrap();
+        branch
+            .put(&tag_large_path(tag), &tag_large_content(tag)[..])
+            .await
+            .unwrap();
     }
 
     async fn visible(&self, resource: &Arc<dyn Resource>, tag: u32) -> bool {
-        let path = files(resource).root().join(tag_path(tag));
-        fs::read(path).is_ok_and(|c| c == tag_content(tag).as_bytes())
+        let root = files(resource).root();
+        fs::read(root.join(tag_path(tag))).is_ok_and(|c| c == tag_content(tag).as_bytes())
+            && fs::read(root.join(tag_large_path(tag))).is_ok_and(|c| c == tag_large_content(tag))
     }
 
     async fn pause_prepare(&self, resource: &Arc<dyn Resource>, xid: &Xid) -> Box<dyn Paused> {
@@ -1506,4 +1517,48 @@ async fn a_replay_after_local_commits_is_not_undone_at_open() {
     let r = open(dir.path());
     assert_eq!(r.applied_lsn().await.unwrap(), Lsn(1));
     assert_eq!(fs::read(root.join("p")).unwrap(), b"replayed later");
+}
+
+// Blobs shipped to a standby.
+
+/// `redo_blobs` names the blob of each large put once; `put_blob` of content that does not hash
+/// to its id is refused with `BlobMismatch` and leaves nothing (no blob, no temp file); a
+/// matching one is stored and reads back through `open_blob`.
+#[tokio::test]
+async fn shipped_blobs_are_named_by_the_redo_and_checked_when_put() {
+    let dir = tempfile::tempdir().unwrap();
+    let primary = open(&dir.path().join("primary"));
+    let standby = open(&dir.path().join("standby"));
+    let large = content_of(3, INLINE_FILE_BYTES_MAX as usize + 10);
+    let (xid, branch) = begun(&primary).await;
+    branch.put("a/large", &large[..]).await.unwrap();
+    branch.put("b/large", &large[..]).await.unwrap();
+    branch.put("small", &b"inline"[..]).await.unwrap();
+    let Vote::Commit { redo } = primary.prepare(&xid).await.unwrap() else {
+        panic!("voted read-only");
+    };
+    let id = BlobId::of(&large);
+    assert_eq!(primary.redo_blobs(&redo).unwrap(), vec![id]);
+    assert!(rejected(primary.redo_blobs(b"\x09junk")).contains("malformed redo"));
+
+    let wrong = content_of(4, large.len());
+    match standby
+        .put_blob(&id, Box::new(io::Cursor::new(wrong.clone())))
+        .await
+    {
+        Err(ResourceError::BlobMismatch {
+            expected, actual, ..
+        }) => assert_eq!((expected, actual), (id, BlobId::of(&wrong))),
+        other => panic!("expected BlobMismatch, got {other:?}"),
+    }
+    assert!(standby.blob_store().list().unwrap().is_empty());
+    assert!(entries(&private(&standby).join("tmp")).is_empty());
+
+    let shipped = primary.open_blob(&id).await.unwrap();
+    standby.put_blob(&id, shipped).await.unwrap();
+    assert_eq!(standby.blob_store().list().unwrap(), vec![id]);
+    assert!(entries(&private(&standby).join("tmp")).is_empty());
+    standby.replay(&redo, Lsn(1)).await.unwrap();
+    assert_eq!(fs::read(standby.root().join("b/large")).unwrap(), large);
+    primary.rollback(&xid).await.unwrap();
 }

@@ -133,6 +133,14 @@ impl Subject for KvSubject {
         open(&self.dir.path().join("standby"))
     }
 
+    async fn open_replica(&self, n: u32) -> Arc<dyn Resource> {
+        open(&self.dir.path().join(format!("replica-{n}")))
+    }
+
+    async fn fail_next_replay(&self, resource: &Arc<dyn Resource>) {
+        kv(resource).fail_next_replay();
+    }
+
     async fn write(&self, resource: &Arc<dyn Resource>, xid: &Xid, tag: u32) {
         let branch = kv(resource).branch(xid);
         branch.insert(&tag_key(tag), &tag_value(tag)).await.unwrap();

@@ -161,6 +161,15 @@ fn tag_message(tag: u32) -> Vec<u8> {
     message(&format!("effect-{tag}"))
 }
 
+/// Each effect also enqueues a message over `INLINE_MESSAGE_BYTES_MAX`, which goes through the
+/// blob store, so that the suite's replays ship blobs.
+fn tag_large_message(tag: u32) -> Vec<u8> {
+    large_message(
+        &format!("large-effect-{tag}"),
+        INLINE_MESSAGE_BYTES_MAX as usize * 2,
+    )
+}
+
 /// Ships every blob of the resource at `from` into `to`'s blob store, as replication will.
 fn ship_blobs(from: &Path, to: &MailResource) {
     let blobs = from.join(PRIVATE_DIR).join("blobs");
@@ -184,21 +193,27 @@ impl Subject for MailSubject {
     }
 
     async fn open_standby(&self) -> Arc<dyn Resource> {
-        let standby = open(&self.dir.path().join("standby"));
-        ship_blobs(&self.primary(), &standby);
-        standby
+        open(&self.dir.path().join("standby"))
+    }
+
+    async fn open_replica(&self, n: u32) -> Arc<dyn Resource> {
+        open(&self.dir.path().join(format!("replica-{n}")))
+    }
+
+    async fn fail_next_replay(&self, resource: &Arc<dyn Resource>) {
+        mail(resource).fail_next_replay();
     }
 
     async fn write(&self, resource: &Arc<dyn Resource>, xid: &Xid, tag: u32) {
         let branch = mail(resource).branch(xid);
         branch.enqueue(&tag_message(tag)[..]).await.unwrap();
+        branch.enqueue(&tag_large_message(tag)[..]).await.unwrap();
     }
 
     async fn visible(&self, resource: &Arc<dyn Resource>, tag: u32) -> bool {
-        let expected = tag_message(tag);
-        delivered(mail(resource).maildir())
-            .values()
-            .any(|content| *content == expected)
+        let delivered = delivered(mail(resource).maildir());
+        let has = |expected: Vec<u8>| delivered.values().any(|content| *content == expected);
+        has(tag_message(tag)) && has(tag_large_message(tag))
     }
 
     async fn pause_prepare(&self, resource: &Arc<dyn Resource>, xid: &Xid) -> Box<dyn Paused> {

@@ -63,6 +63,29 @@ fn xid(n: u64, epoch: u64) -> Xid {
 struct PgSubject {
     primary: String,
     standby: String,
+    /// The database of each replica, made at its first open.
+    replicas: std::sync::Mutex<std::collections::HashMap<u32, String>>,
+}
+
+/// Makes the next replay into a database with this trigger fail at its first row, once armed
+/// (`setval('replay_fail', 1, false)`; a sequence, so arming survives the failed transaction).
+const REPLAY_FAIL_POINT: &str = "CREATE SEQUENCE replay_fail START 2;
+    CREATE FUNCTION replay_fail() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+      IF current_setting('concord.replaying', true) = 'on' AND nextval('replay_fail') = 1 THEN
+        RAISE EXCEPTION 'fail point: replay stopped half-way';
+      END IF;
+      RETURN NULL;
+    END $$;
+    CREATE TRIGGER replay_fail AFTER INSERT OR UPDATE ON effects
+      FOR EACH ROW EXECUTE FUNCTION replay_fail();";
+
+async fn connect(url: &str) -> tokio_postgres::Client {
+    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    client
 }
 
 #[async_trait::async_trait]
@@ -73,6 +96,42 @@ impl Subject for PgSubject {
 
     async fn open_standby(&self) -> Arc<dyn Resource> {
         open(&self.standby, SUITE_NODE).await
+    }
+
+    async fn open_replica(&self, n: u32) -> Arc<dyn Resource> {
+        let known = self.replicas.lock().unwrap().get(&n).cloned();
+        let url = match known {
+            Some(url) => url,
+            None => {
+                let url = database(&format!("suite_replica{n}")).await;
+                connect(&url)
+                    .await
+                    .batch_execute(REPLAY_FAIL_POINT)
+                    .await
+                    .unwrap();
+                self.replicas.lock().unwrap().insert(n, url.clone());
+                url
+            }
+        };
+        open(&url, SUITE_NODE).await
+    }
+
+    /// Arms the replica's trigger (a replica's database has one), through a branch rolled back
+    /// afterwards: `setval` is not transactional.
+    async fn fail_next_replay(&self, resource: &Arc<dyn Resource>) {
+        let arming = Xid {
+            node: SUITE_NODE,
+            epoch: resource.fence_epoch().await.unwrap(),
+            seq: 2_000_000_000,
+        };
+        resource.begin(&arming).await.unwrap();
+        pg(resource)
+            .branch(&arming)
+            .unwrap()
+            .batch_execute("SELECT setval('replay_fail', 1, false)")
+            .await
+            .unwrap();
+        resource.rollback(&arming).await.unwrap();
     }
 
     async fn write(&self, resource: &Arc<dyn Resource>, xid: &Xid, tag: u32) {
@@ -95,10 +154,7 @@ impl Subject for PgSubject {
     /// TRANSACTION` (after the fence check of `concord.prepare_branch`), waits for an advisory
     /// lock that a connection of the test holds until released.
     async fn pause_prepare(&self, resource: &Arc<dyn Resource>, xid: &Xid) -> Box<dyn Paused> {
-        let (client, connection) = tokio_postgres::connect(&self.primary, tokio_postgres::NoTls)
-            .await
-            .unwrap();
-        tokio::spawn(connection);
+        let client = connect(&self.primary).await;
         client
             .batch_execute(
                 "CREATE TABLE IF NOT EXISTS pause_marks (k integer NOT NULL);
@@ -190,6 +246,7 @@ async fn postgres_resource_passes_the_conformance_suite() {
     let subject = PgSubject {
         primary: database("suite_primary").await,
         standby: database("suite_standby").await,
+        replicas: std::sync::Mutex::default(),
     };
     testing::run_all(&subject).await;
 }

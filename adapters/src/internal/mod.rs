@@ -18,6 +18,7 @@
 //! * [`locks`] — waiting for a lock another branch holds, up to a bound, then a conflict.
 //! * [`branch_log`] — the branch log's record kinds, payloads and open/scan.
 //! * [`pauses`] — pauses a test arms inside an operation, to run a race deterministically.
+//! * [`shipping`] — blobs shipped from one instance's store into another's.
 //! * [`reader`] — the bounds-checked reader of the byte encodings (redo, batch).
 //!
 //! # Implementation caveats
@@ -32,4 +33,5 @@ pub(crate) mod io;
 pub(crate) mod locks;
 pub(crate) mod pauses;
 pub(crate) mod reader;
+pub(crate) mod shipping;
 pub(crate) mod state_file;

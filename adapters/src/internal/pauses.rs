@@ -6,11 +6,16 @@
 //! [`crate::testing::PAUSE_MS_MAX`] passes). The conformance suite races a fence against a
 //! prepare this way ([`crate::testing::fence_covers_a_prepare_in_flight`]).
 //!
+//! A test may also arm a **fail point** in the next replay ([`Pauses::arm_replay_failure`]):
+//! the replay applies part of its redo and then stops with an error, as a process killed there
+//! would, leaving what it applied in place and the applied LSN where it was.
+//!
 //! # Implementation caveats
 //!
 //! * Unarmed, a pause point costs one uncontended mutex lock per prepare.
 
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::Xid;
 use crate::internal::instance::lock;
@@ -20,6 +25,7 @@ use crate::testing::Pause;
 #[derive(Default)]
 pub(crate) struct Pauses {
     prepare: Mutex<Vec<(Xid, Pause)>>,
+    replay_fails: AtomicBool,
 }
 
 impl Pauses {
@@ -40,5 +46,15 @@ impl Pauses {
         if let Some(pause) = armed {
             pause.wait_here().await;
         }
+    }
+
+    /// Arms the fail point of the next replay.
+    pub(crate) fn arm_replay_failure(&self) {
+        self.replay_fails.store(true, Ordering::Release);
+    }
+
+    /// Whether the replay calling this (midway) must stop here: once per arming.
+    pub(crate) fn replay_fails_here(&self) -> bool {
+        self.replay_fails.swap(false, Ordering::AcqRel)
     }
 }
