@@ -140,8 +140,11 @@
 //!   renamed into place) until the blob is removed. Writing to such a file in place, outside
 //!   concord, damages the blob (which the blob store detects on read). Replacing it (as every
 //!   concord put does, by rename) is harmless.
-//! * Blobs adopted by branches that roll back, and blobs no retained journal record names, are
-//!   not removed here: that is the garbage collection of the layer that knows the records.
+//! * Blobs are removed only by [`Resource::collect_blobs`], which the coordinator calls with the
+//!   blobs its retained records name: it removes those of rolled-back branches and of commits
+//!   no retained record names, and never one a branch still needs; the order of its steps and
+//!   why no race loses a blob are in `docs/journal-format.md`, "Collection in a resource's blob
+//!   store".
 //! * Reads take no locks: a branch reads the committed tree as it is (no repeatable reads).
 //! * Locks are on the path as written, not on the file a symlink inside the root leads to: two
 //!   names of one file through symlinks do not conflict.
@@ -161,7 +164,7 @@
 
 use std::any::Any;
 use std::borrow::Cow;
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fs::{self, File, Metadata, OpenOptions};
 use std::io::{self, Read, Write as _};
 use std::path::{Path, PathBuf};
@@ -185,7 +188,9 @@ use crate::internal::pauses::Pauses;
 use crate::internal::reader::{Reader, put_u32};
 use crate::internal::shipping;
 use crate::internal::state_file::{encode_state, read_state_file};
-use crate::{BlobContent, Epoch, Lsn, Resource, ResourceError, Vote, Xid};
+use crate::{
+    BlobContent, BlobsCollected, Epoch, Lsn, Resource, ResourceError, RetainedBlobs, Vote, Xid,
+};
 
 mod log;
 
@@ -364,6 +369,14 @@ struct Inner {
     gate: Gate,
     /// Pauses tests arm inside operations.
     pauses: Pauses,
+    /// The adoption lock: held shared from a prepare's first adoption into the blob store until
+    /// its entries are in the state (and by `put_blob`), exclusively by a blob collection while
+    /// it snapshots and while it deletes.
+    adopting: tokio::sync::RwLock<()>,
+    /// While a collection runs: every blob adopted (or found already stored) since it started.
+    adopted_since: Mutex<Option<HashSet<BlobId>>>,
+    /// Held while a blob collection runs: one at a time.
+    collecting: tokio::sync::Mutex<()>,
     /// Names of staged and temp files.
     next_file: AtomicU64,
     /// Holds the root's `LOCK` for the life of the instance.
@@ -530,6 +543,9 @@ impl FilesResource {
             replaying: tokio::sync::Mutex::new(()),
             gate: Gate::default(),
             pauses: Pauses::default(),
+            adopting: tokio::sync::RwLock::new(()),
+            adopted_since: Mutex::new(None),
+            collecting: tokio::sync::Mutex::new(()),
             next_file: AtomicU64::new(0),
             _lock: lock,
         };
@@ -741,6 +757,7 @@ impl Resource for FilesResource {
             }),
             Start::Stage(changes) => {
                 inner.pauses.at_prepare(xid).await;
+                let _adopting = inner.adopting.read().await;
                 let result = inner.prepare_branch(xid, changes).await;
                 inner.finish_prepare(xid, result)
             }
@@ -842,6 +859,7 @@ impl Resource for FilesResource {
     }
 
     async fn put_blob(&self, id: &BlobId, mut content: BlobContent) -> Result<()> {
+        let _adopting = self.inner.adopting.read().await;
         let (worker, id) = (self.inner.clone(), *id);
         let put = blocking(&self.inner.name, TASK, move || {
             let tmp = worker.tmp_file();
@@ -853,10 +871,21 @@ impl Resource for FilesResource {
                 &id,
                 &mut content,
                 bytes_max,
-            )
+            )?;
+            worker.note_adopted(&id);
+            Ok(())
         })
         .await;
         self.inner.check(put)
+    }
+
+    async fn collect_blobs(&self, retained: &dyn RetainedBlobs) -> Result<BlobsCollected> {
+        let inner = &self.inner;
+        let _one = inner.collecting.lock().await;
+        *lock(&inner.adopted_since) = Some(HashSet::new());
+        let collected = inner.collect(retained).await;
+        *lock(&inner.adopted_since) = None;
+        collected
     }
 }
 
@@ -1250,6 +1279,63 @@ impl Inner {
         self.run_checkpoint().await
     }
 
+    /// A blob collection (see "Collection" in `docs/journal-format.md`); the caller holds
+    /// `collecting` and has started `adopted_since`.
+    async fn collect(self: &Arc<Self>, retained: &dyn RetainedBlobs) -> Result<BlobsCollected> {
+        // 1. The snapshot, with no adoption in flight (each holds `adopting` until its entries
+        //    are in the state): every blob a branch needs is named by an open branch's entries,
+        //    or is adopted after this and lands in `adopted_since`.
+        let (existing, in_use) = {
+            let _quiet = self.adopting.write().await;
+            let in_use = self.blobs_in_use()?;
+            let worker = self.clone();
+            let existing = blocking(&self.name, TASK, move || {
+                worker.blobs.list().map_err(|e| blob_error(&worker.name, e))
+            })
+            .await?;
+            (existing, in_use)
+        };
+        // 2. Then the coordinator's set: a branch resolved before the snapshot had its decision
+        //    record durable before that, so while the record is retained its blobs are named.
+        let retained = retained.retained_blobs().await?;
+        // 3. The branch log: a commit before the snapshot is applied again at open, from its
+        //    prepare record and blob, until a checkpoint covers its `COMMITTED`. The first
+        //    checkpoint's own record makes every record appended before it durable, so the
+        //    second covers every commit appended before the snapshot.
+        {
+            let _running = self.checkpointing.lock().await;
+            self.run_checkpoint().await?;
+            self.run_checkpoint().await?;
+        }
+        // 4. Delete with no adoption running, leaving out what was adopted since step 1.
+        let _quiet = self.adopting.write().await;
+        let since = lock(&self.adopted_since).take().unwrap_or_default();
+        let doomed: Vec<BlobId> = existing
+            .iter()
+            .filter(|id| !in_use.contains(id) && !retained.contains(id) && !since.contains(id))
+            .copied()
+            .collect();
+        let worker = self.clone();
+        let removed = blocking(&self.name, TASK, move || {
+            let mut removed = 0u64;
+            for id in &doomed {
+                if worker
+                    .blobs
+                    .remove(id)
+                    .map_err(|e| blob_error(&worker.name, e))?
+                {
+                    removed += 1;
+                }
+            }
+            Ok(removed)
+        })
+        .await;
+        let removed = self.check(removed)?;
+        let kept = existing.len() as u64 - removed;
+        tracing::info!(resource = %self.name, removed, kept, "blobs collected");
+        Ok(BlobsCollected { removed, kept })
+    }
+
     /// One checkpoint on the blocking pool; the caller holds `checkpointing`.
     async fn run_checkpoint(self: &Arc<Self>) -> Result<()> {
         let since = {
@@ -1452,6 +1538,9 @@ impl Inner {
                     .adopt(&file, &id)
                     .map_err(|e| blob_error(&self.name, e))
             });
+            if adopted.is_ok() {
+                self.note_adopted(&id);
+            }
             if temporary {
                 let removed = remove_file_if_exists(&self.name, &file);
                 adopted?;
@@ -1466,6 +1555,29 @@ impl Inner {
             });
         }
         Ok(entries)
+    }
+
+    /// Remembers, for a collection running now, that blob `id` is in use by an adoption that
+    /// its snapshot did not see.
+    fn note_adopted(&self, id: &BlobId) {
+        if let Some(since) = lock(&self.adopted_since).as_mut() {
+            since.insert(*id);
+        }
+    }
+
+    /// The blobs the open branches' prepare records name.
+    fn blobs_in_use(&self) -> Result<HashSet<BlobId>> {
+        self.usable_state(|st| {
+            st.branches
+                .iter()
+                .filter_map(|(_, _, branch)| branch.prepared.as_ref())
+                .flat_map(|entries| entries.iter())
+                .filter_map(|entry| match entry {
+                    RedoEntry::Put { id, .. } => Some(*id),
+                    _ => None,
+                })
+                .collect()
+        })
     }
 
     /// A file holding `content` that has no name (created under `tmp/` and unlinked at once),

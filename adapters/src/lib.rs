@@ -76,6 +76,26 @@ pub use xid::Xid;
 use std::any::Any;
 use std::io::Read;
 
+/// What a blob collection did ([`Resource::collect_blobs`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BlobsCollected {
+    /// Blobs removed.
+    pub removed: u64,
+    /// Blobs kept: named by a retained record, or still needed by a branch.
+    pub kept: u64,
+}
+
+/// The coordinator's side of a blob collection: the blobs its retained journal records name.
+/// [`Resource::collect_blobs`] calls it once, *after* it has taken its own snapshot (see
+/// there for why that order matters).
+#[async_trait::async_trait]
+pub trait RetainedBlobs: Send + Sync {
+    /// The ids of every blob that a retained coordinator journal record names, computed when
+    /// called (a record the retention floor still holds counts as retained, so that a standby
+    /// can still fetch its blobs).
+    async fn retained_blobs(&self) -> Result<std::collections::HashSet<BlobId>, ResourceError>;
+}
+
 /// A blocking reader of a blob's content ([`Resource::open_blob`], [`Resource::put_blob`]):
 /// read it on the blocking pool.
 pub type BlobContent = Box<dyn Read + Send + 'static>;
@@ -175,6 +195,23 @@ pub trait Resource: Send + Sync + 'static {
             self.name(),
             format!("blob {id}: this resource keeps no blobs"),
         ))
+    }
+
+    /// Removes every blob of this resource's store that no retained coordinator record names
+    /// (`retained`) and that no branch of this resource still needs (active, prepared, or named
+    /// by a record of its own branch log that recovery would read); a rolled-back branch's
+    /// blobs go too. The resource first snapshots the blobs it holds and those its branches
+    /// need, *then* asks `retained`, and deletes holding its adoption lock, leaving out every
+    /// blob a prepare or a `put_blob` adopted since the snapshot; so neither a prepare adopting
+    /// an existing blob nor a branch committed while the coordinator computes its set can lose
+    /// a blob it needs (the analysis: `docs/journal-format.md`, "Collection"). The default has
+    /// nothing to collect.
+    async fn collect_blobs(
+        &self,
+        retained: &dyn RetainedBlobs,
+    ) -> Result<BlobsCollected, ResourceError> {
+        let _ = retained;
+        Ok(BlobsCollected::default())
     }
 
     /// Whether a transaction whose only branch is here may commit it in one phase

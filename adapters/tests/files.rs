@@ -9,9 +9,12 @@
 
 mod common;
 
+use std::collections::{BTreeSet, HashSet};
 use std::fs;
+use std::future::Future;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -21,7 +24,7 @@ use adapters::files::{
     PATH_BYTES_MAX, PRIVATE_DIR, RedoEntry, decode_redo, encode_redo, prepared_on_disk,
 };
 use adapters::testing::{self, Paused, Subject};
-use adapters::{Epoch, ErrorClass, Lsn, Resource, ResourceError, Vote, Xid};
+use adapters::{Epoch, ErrorClass, Lsn, Resource, ResourceError, RetainedBlobs, Vote, Xid};
 use common::{rejected, xid_at};
 use journal::BlobId;
 
@@ -1561,4 +1564,114 @@ async fn shipped_blobs_are_named_by_the_redo_and_checked_when_put() {
     standby.replay(&redo, Lsn(1)).await.unwrap();
     assert_eq!(fs::read(standby.root().join("b/large")).unwrap(), large);
     primary.rollback(&xid).await.unwrap();
+}
+
+// Blob collection.
+
+/// The coordinator's side of a collection in a test: the set it names, after running `work`
+/// (what happens while the coordinator computes its set).
+struct Retained {
+    set: HashSet<BlobId>,
+    work: tokio::sync::Mutex<Option<Pin<Box<dyn Future<Output = ()> + Send>>>>,
+}
+
+#[async_trait::async_trait]
+impl RetainedBlobs for Retained {
+    async fn retained_blobs(&self) -> Result<HashSet<BlobId>, ResourceError> {
+        let work = self.work.lock().await.take();
+        if let Some(work) = work {
+            work.await;
+        }
+        Ok(self.set.clone())
+    }
+}
+
+fn stored(r: &FilesResource) -> BTreeSet<BlobId> {
+    r.blob_store().list().unwrap().into_iter().collect()
+}
+
+/// Begins a branch putting `content` at `path` and prepares it.
+async fn prepared_put(r: &FilesResource, path: &str, content: &[u8]) -> Xid {
+    let (xid, branch) = begun(r).await;
+    branch.put(path, content).await.unwrap();
+    assert!(matches!(
+        r.prepare(&xid).await.unwrap(),
+        Vote::Commit { .. }
+    ));
+    xid
+}
+
+/// A collection removes the blobs of committed branches no retained record names and of a
+/// rolled-back branch; it keeps those a retained record names, those of a prepared branch
+/// (also one committed while the coordinator computes its set), and one that a prepare adopts
+/// — already stored, so the adoption links nothing new — while the coordinator computes its
+/// set. Committed files stay (they are links of their own), also across a reopen.
+#[tokio::test]
+async fn blob_collection_removes_only_what_nothing_needs() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = open(dir.path());
+    let large = |seed: u32| content_of(seed, INLINE_FILE_BYTES_MAX as usize + 1);
+    let id = |seed: u32| BlobId::of(&large(seed));
+
+    commit_file(&r, "committed", &large(1)).await;
+    let rolled_back = prepared_put(&r, "rolled-back", &large(2)).await;
+    r.rollback(&rolled_back).await.unwrap();
+    let prepared = prepared_put(&r, "prepared", &large(3)).await;
+    commit_file(&r, "retained", &large(4)).await;
+    commit_file(&r, "unnamed", &large(5)).await;
+    let committed_meanwhile = prepared_put(&r, "committed-meanwhile", &large(6)).await;
+    assert_eq!(stored(&r), (1..=6).map(id).collect());
+
+    // While the coordinator computes its set: a prepare adopts blob 1 again (it is stored
+    // already), and the branch of blob 6 commits.
+    let adopting = {
+        let r = r.clone();
+        async move {
+            let again = prepared_put(&r, "again", &large(1)).await;
+            r.commit(&committed_meanwhile).await.unwrap();
+            r.commit(&again).await.unwrap();
+        }
+    };
+    let retained = Retained {
+        set: [id(4)].into_iter().collect(),
+        work: tokio::sync::Mutex::new(Some(Box::pin(adopting))),
+    };
+    let collected = r.collect_blobs(&retained).await.unwrap();
+    assert_eq!(collected.removed, 2, "{collected:?}");
+    assert_eq!(stored(&r), [1, 3, 4, 6].into_iter().map(id).collect());
+
+    r.commit(&prepared).await.unwrap();
+    for (path, seed) in [
+        ("committed", 1),
+        ("retained", 4),
+        ("unnamed", 5),
+        ("again", 1),
+    ] {
+        assert_eq!(
+            fs::read(r.root().join(path)).unwrap(),
+            large(seed),
+            "{path}"
+        );
+    }
+    // Nothing open and nothing retained: every blob goes; the tree stays, across a reopen.
+    let none = Retained {
+        set: HashSet::new(),
+        work: tokio::sync::Mutex::new(None),
+    };
+    r.collect_blobs(&none).await.unwrap();
+    assert!(stored(&r).is_empty());
+    drop(r);
+    let r = open(dir.path());
+    for (path, seed) in [
+        ("committed", 1),
+        ("prepared", 3),
+        ("committed-meanwhile", 6),
+    ] {
+        assert_eq!(
+            fs::read(r.root().join(path)).unwrap(),
+            large(seed),
+            "{path}"
+        );
+    }
+    assert!(!r.root().join("rolled-back").exists());
 }
