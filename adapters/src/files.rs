@@ -178,6 +178,7 @@ use tokio::sync::Notify;
 
 use crate::dirsync::DirSync;
 use crate::internal::branches::{Branches, Phase, Starting};
+use crate::internal::collect::{Adoptions, remove_blobs};
 use crate::internal::instance::{Gate, Instance, InstanceState, Shared, lock, raise_fence};
 use crate::internal::io::{
     blob_error, blocking, check_log_space, create_dir_durably, fill, lock_private, log_error,
@@ -369,14 +370,8 @@ struct Inner {
     gate: Gate,
     /// Pauses tests arm inside operations.
     pauses: Pauses,
-    /// The adoption lock: held shared from a prepare's first adoption into the blob store until
-    /// its entries are in the state (and by `put_blob`), exclusively by a blob collection while
-    /// it snapshots and while it deletes.
-    adopting: tokio::sync::RwLock<()>,
-    /// While a collection runs: every blob adopted (or found already stored) since it started.
-    adopted_since: Mutex<Option<HashSet<BlobId>>>,
-    /// Held while a blob collection runs: one at a time.
-    collecting: tokio::sync::Mutex<()>,
+    /// The adoption lock and the blobs adopted while a collection runs.
+    adoptions: Adoptions,
     /// Names of staged and temp files.
     next_file: AtomicU64,
     /// Holds the root's `LOCK` for the life of the instance.
@@ -543,9 +538,7 @@ impl FilesResource {
             replaying: tokio::sync::Mutex::new(()),
             gate: Gate::default(),
             pauses: Pauses::default(),
-            adopting: tokio::sync::RwLock::new(()),
-            adopted_since: Mutex::new(None),
-            collecting: tokio::sync::Mutex::new(()),
+            adoptions: Adoptions::default(),
             next_file: AtomicU64::new(0),
             _lock: lock,
         };
@@ -757,7 +750,7 @@ impl Resource for FilesResource {
             }),
             Start::Stage(changes) => {
                 inner.pauses.at_prepare(xid).await;
-                let _adopting = inner.adopting.read().await;
+                let _adopting = inner.adoptions.adopting().await;
                 let result = inner.prepare_branch(xid, changes).await;
                 inner.finish_prepare(xid, result)
             }
@@ -859,7 +852,7 @@ impl Resource for FilesResource {
     }
 
     async fn put_blob(&self, id: &BlobId, mut content: BlobContent) -> Result<()> {
-        let _adopting = self.inner.adopting.read().await;
+        let _adopting = self.inner.adoptions.adopting().await;
         let (worker, id) = (self.inner.clone(), *id);
         let put = blocking(&self.inner.name, TASK, move || {
             let tmp = worker.tmp_file();
@@ -880,12 +873,7 @@ impl Resource for FilesResource {
     }
 
     async fn collect_blobs(&self, retained: &dyn RetainedBlobs) -> Result<BlobsCollected> {
-        let inner = &self.inner;
-        let _one = inner.collecting.lock().await;
-        *lock(&inner.adopted_since) = Some(HashSet::new());
-        let collected = inner.collect(retained).await;
-        *lock(&inner.adopted_since) = None;
-        collected
+        self.inner.collect(retained).await
     }
 }
 
@@ -1279,61 +1267,40 @@ impl Inner {
         self.run_checkpoint().await
     }
 
-    /// A blob collection (see "Collection" in `docs/journal-format.md`); the caller holds
-    /// `collecting` and has started `adopted_since`.
+    /// A blob collection (`internal::collect`): the snapshot is the stored blobs and those the
+    /// open branches' prepare records name; settling checkpoints the branch log twice — the
+    /// first checkpoint's own record makes every record appended before it durable, so the
+    /// second covers every commit appended before the snapshot, which is then no longer applied
+    /// again at open and needs no blob.
     async fn collect(self: &Arc<Self>, retained: &dyn RetainedBlobs) -> Result<BlobsCollected> {
-        // 1. The snapshot, with no adoption in flight (each holds `adopting` until its entries
-        //    are in the state): every blob a branch needs is named by an open branch's entries,
-        //    or is adopted after this and lands in `adopted_since`.
-        let (existing, in_use) = {
-            let _quiet = self.adopting.write().await;
+        let snapshot = async {
             let in_use = self.blobs_in_use()?;
             let worker = self.clone();
-            let existing = blocking(&self.name, TASK, move || {
+            let stored = blocking(&self.name, TASK, move || {
                 worker.blobs.list().map_err(|e| blob_error(&worker.name, e))
             })
             .await?;
-            (existing, in_use)
+            Ok((stored, in_use))
         };
-        // 2. Then the coordinator's set: a branch resolved before the snapshot had its decision
-        //    record durable before that, so while the record is retained its blobs are named.
-        let retained = retained.retained_blobs().await?;
-        // 3. The branch log: a commit before the snapshot is applied again at open, from its
-        //    prepare record and blob, until a checkpoint covers its `COMMITTED`. The first
-        //    checkpoint's own record makes every record appended before it durable, so the
-        //    second covers every commit appended before the snapshot.
-        {
+        let settle = async {
             let _running = self.checkpointing.lock().await;
             self.run_checkpoint().await?;
-            self.run_checkpoint().await?;
-        }
-        // 4. Delete with no adoption running, leaving out what was adopted since step 1.
-        let _quiet = self.adopting.write().await;
-        let since = lock(&self.adopted_since).take().unwrap_or_default();
-        let doomed: Vec<BlobId> = existing
-            .iter()
-            .filter(|id| !in_use.contains(id) && !retained.contains(id) && !since.contains(id))
-            .copied()
-            .collect();
-        let worker = self.clone();
-        let removed = blocking(&self.name, TASK, move || {
-            let mut removed = 0u64;
-            for id in &doomed {
-                if worker
-                    .blobs
-                    .remove(id)
-                    .map_err(|e| blob_error(&worker.name, e))?
-                {
-                    removed += 1;
-                }
-            }
-            Ok(removed)
-        })
-        .await;
-        let removed = self.check(removed)?;
-        let kept = existing.len() as u64 - removed;
-        tracing::info!(resource = %self.name, removed, kept, "blobs collected");
-        Ok(BlobsCollected { removed, kept })
+            self.run_checkpoint().await
+        };
+        let remove = |doomed: Vec<BlobId>| async move {
+            let worker = self.clone();
+            let removed = blocking(&self.name, TASK, move || {
+                remove_blobs(&worker.name, &worker.blobs, &doomed)
+            })
+            .await;
+            self.check(removed)
+        };
+        let collected = self
+            .adoptions
+            .collect(retained, snapshot, settle, remove)
+            .await?;
+        tracing::info!(resource = %self.name, removed = collected.removed, kept = collected.kept, "blobs collected");
+        Ok(collected)
     }
 
     /// One checkpoint on the blocking pool; the caller holds `checkpointing`.
@@ -1560,9 +1527,7 @@ impl Inner {
     /// Remembers, for a collection running now, that blob `id` is in use by an adoption that
     /// its snapshot did not see.
     fn note_adopted(&self, id: &BlobId) {
-        if let Some(since) = lock(&self.adopted_since).as_mut() {
-            since.insert(*id);
-        }
+        self.adoptions.note(id);
     }
 
     /// The blobs the open branches' prepare records name.

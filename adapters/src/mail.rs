@@ -125,7 +125,7 @@
 
 use std::any::Any;
 use std::borrow::Cow;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write as _};
 use std::path::{Path, PathBuf};
@@ -138,6 +138,7 @@ use tokio::io::AsyncRead;
 
 use crate::dirsync::DirSync;
 use crate::internal::branches::{Branches, Phase, Starting};
+use crate::internal::collect::{Adoptions, remove_blobs};
 use crate::internal::instance::{Gate, Instance, InstanceState, Shared, lock, raise_fence};
 use crate::internal::io::{
     blob_error, blocking, check_log_space, create_dir_durably, fill, lock_private, log_error,
@@ -146,7 +147,9 @@ use crate::internal::io::{
 use crate::internal::pauses::Pauses;
 use crate::internal::shipping;
 use crate::internal::state_file::{encode_state, read_state_file};
-use crate::{BlobContent, Epoch, Lsn, Resource, ResourceError, Vote, Xid};
+use crate::{
+    BlobContent, BlobsCollected, Epoch, Lsn, Resource, ResourceError, RetainedBlobs, Vote, Xid,
+};
 
 mod log;
 mod message;
@@ -254,6 +257,8 @@ struct Inner {
     gate: Gate,
     /// Pauses tests arm inside operations.
     pauses: Pauses,
+    /// The adoption lock and the blobs adopted while a collection runs.
+    adoptions: Adoptions,
     /// Names of temp files in the private area.
     next_tmp: AtomicU64,
     /// Holds `.concord/LOCK` for the life of the instance.
@@ -378,6 +383,7 @@ impl MailResource {
             replaying: tokio::sync::Mutex::new(()),
             gate: Gate::default(),
             pauses: Pauses::default(),
+            adoptions: Adoptions::default(),
             next_tmp: AtomicU64::new(0),
             _lock: lock,
         };
@@ -483,6 +489,7 @@ impl Resource for MailResource {
             }),
             Start::Stage(messages) => {
                 inner.pauses.at_prepare(xid).await;
+                let _adopting = inner.adoptions.adopting().await;
                 let result = inner.prepare_branch(xid, messages).await;
                 inner.finish_prepare(xid, result)
             }
@@ -581,6 +588,7 @@ impl Resource for MailResource {
     }
 
     async fn put_blob(&self, id: &BlobId, mut content: BlobContent) -> Result<()> {
+        let _adopting = self.inner.adoptions.adopting().await;
         let (worker, id) = (self.inner.clone(), *id);
         let put = blocking(&self.inner.name, TASK, move || {
             let tmp = worker.scratch_file();
@@ -592,10 +600,42 @@ impl Resource for MailResource {
                 &id,
                 &mut content,
                 bytes_max,
-            )
+            )?;
+            worker.adoptions.note(&id);
+            Ok(())
         })
         .await;
         self.inner.check(put)
+    }
+
+    /// Collection (`internal::collect`): a delivered message is durable in `new/` before its
+    /// `COMMITTED` (the commit syncs `new/`), so only the open branches need their blobs here,
+    /// and there is nothing to settle.
+    async fn collect_blobs(&self, retained: &dyn RetainedBlobs) -> Result<BlobsCollected> {
+        let inner = &self.inner;
+        let snapshot = async {
+            let in_use = inner.blobs_in_use()?;
+            let worker = inner.clone();
+            let stored = blocking(&inner.name, TASK, move || {
+                worker.blobs.list().map_err(|e| blob_error(&worker.name, e))
+            })
+            .await?;
+            Ok((stored, in_use))
+        };
+        let remove = |doomed: Vec<BlobId>| async move {
+            let worker = inner.clone();
+            let removed = blocking(&inner.name, TASK, move || {
+                remove_blobs(&worker.name, &worker.blobs, &doomed)
+            })
+            .await;
+            inner.check(removed)
+        };
+        let collected = inner
+            .adoptions
+            .collect(retained, snapshot, async { Ok(()) }, remove)
+            .await?;
+        tracing::info!(resource = %inner.name, removed = collected.removed, kept = collected.kept, "blobs collected");
+        Ok(collected)
     }
 }
 
@@ -1037,7 +1077,30 @@ impl Inner {
     fn adopt(&self, file: &Path, id: &BlobId) -> Result<()> {
         self.blobs
             .adopt(file, id)
-            .map_err(|e| blob_error(&self.name, e))
+            .map_err(|e| blob_error(&self.name, e))?;
+        self.adoptions.note(id);
+        Ok(())
+    }
+
+    /// The blobs the open branches' prepare records name.
+    fn blobs_in_use(&self) -> Result<HashSet<BlobId>> {
+        let redos: Vec<Arc<Prepared>> = self.usable_state(|st| {
+            st.branches
+                .iter()
+                .filter_map(|(_, _, branch)| branch.prepared.clone())
+                .collect()
+        })?;
+        let mut in_use = HashSet::new();
+        for prepared in redos {
+            let entries = decode_redo(&prepared.redo).map_err(|e| {
+                self.fatal(format!("a prepared branch's redo does not decode: {e}"))
+            })?;
+            in_use.extend(entries.iter().filter_map(|entry| match entry {
+                RedoEntry::Blob { id, .. } => Some(*id),
+                RedoEntry::Inline { .. } => None,
+            }));
+        }
+        Ok(in_use)
     }
 
     /// Syncs a message streamed into `tmp/` at enqueue, after checking it is still the size it

@@ -10,6 +10,7 @@
 //!
 //! * [`branches`] — the table of branches and the phases every branch goes through (active,
 //!   being prepared, prepared, being resolved), with their refusals and the read-only votes.
+//! * [`collect`] — blob collection: the adoption lock, the blobs adopted meanwhile, the steps.
 //! * [`instance`] — the poison and fence checks and the error constructors of an `Inner`
 //!   (the [`instance::Instance`] trait).
 //! * [`io`] — blocking-pool work, reading a stream into a buffer, file and directory helpers,
@@ -28,6 +29,7 @@
 
 pub(crate) mod branch_log;
 pub(crate) mod branches;
+pub(crate) mod collect;
 pub(crate) mod instance;
 pub(crate) mod io;
 pub(crate) mod locks;
