@@ -95,6 +95,39 @@ pub enum ResourceError {
         /// What was found, and what it contradicts.
         message: String,
     },
+    /// Committed content that a commit (or the recovery at open) must put in place is nowhere:
+    /// its staged file and its blob are gone, and the file at its path does not hold it. A
+    /// restart does not help; an operator must bring the content back.
+    #[error(
+        "resource {resource}: the content of {path} (blake3 {blob}, {bytes} bytes) is lost: its staged file and its blob are gone and the file at the path {found}; put a file with exactly that content at the path (or the blob into the resource's blob store), from a backup or the standby, then retry"
+    )]
+    ContentLost {
+        /// The resource name.
+        resource: String,
+        /// The path (relative to the resource's root) whose content is lost.
+        path: String,
+        /// The blake3 hash the content must have.
+        blob: journal::BlobId,
+        /// Its size in bytes.
+        bytes: u64,
+        /// What is at the path instead (missing, or another content).
+        found: String,
+    },
+    /// A shipped blob's content does not hash to the id it was shipped as
+    /// (`Resource::put_blob`); nothing of it was kept.
+    #[error(
+        "resource {resource}: the blob shipped as {expected} hashes to {actual} ({bytes} bytes): it was damaged on the way or read from the wrong place; nothing was stored, ship it again from the primary"
+    )]
+    BlobMismatch {
+        /// The resource name.
+        resource: String,
+        /// The id it was shipped as.
+        expected: journal::BlobId,
+        /// What its content hashes to.
+        actual: journal::BlobId,
+        /// Its size in bytes.
+        bytes: u64,
+    },
 }
 
 impl ResourceError {
@@ -104,9 +137,10 @@ impl ResourceError {
             ResourceError::Unavailable { .. } => ErrorClass::Retryable,
             ResourceError::Rejected { .. }
             | ResourceError::Conflict { .. }
-            | ResourceError::Fenced { .. } => ErrorClass::Rejected,
+            | ResourceError::Fenced { .. }
+            | ResourceError::BlobMismatch { .. } => ErrorClass::Rejected,
             ResourceError::InDoubt { .. } => ErrorClass::InDoubt,
-            ResourceError::Fatal { .. } => ErrorClass::Fatal,
+            ResourceError::Fatal { .. } | ResourceError::ContentLost { .. } => ErrorClass::Fatal,
             ResourceError::HeuristicHazard { .. } => ErrorClass::Hazard,
         }
     }

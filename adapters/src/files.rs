@@ -40,8 +40,10 @@
 //!   disk, and a symlink is followed only when it resolves inside the root and outside the private
 //!   area. Every refusal is a [`ResourceError::Rejected`] naming the path and the reason.
 //! * **Fencing and replay.** [`Resource::fence`] stores the fence epoch durably; a branch of a
-//!   lower epoch is refused at begin, at every write and at prepare (commit and rollback of an
-//!   already prepared branch stay allowed: the new primary resolves those). [`Resource::replay`]
+//!   lower epoch is refused at begin, at every write and at prepare. A fence waits for the
+//!   prepares, commits and rollbacks in flight, and then the fenced instance refuses to resolve
+//!   the prepared branches it began below the new epoch; an instance opened afterwards (their
+//!   new owner) resolves them (`internal::branches`, "Fences and owners"). [`Resource::replay`]
 //!   applies a redo (inline content, or content from this resource's blob store) together with
 //!   its LSN, syncing every file it writes.
 //!
@@ -105,6 +107,10 @@
 //!   large put is linked again from its blob, deletes are repeated. Applying it twice gives the
 //!   same files, and no other branch can have written its paths in between: their locks were
 //!   held until `COMMITTED` was appended.
+//!   When a large put's blob is gone too (removed by hand), the file at its path is accepted
+//!   only if it holds exactly the content the record names (its blake3 hash is checked, not its
+//!   length); otherwise the commit, or the open that applies commits again, is refused with
+//!   [`ResourceError::ContentLost`], naming the path and the hash to bring back.
 //! * **After `COMMITTED` is durable, before a checkpoint covers it** (a power failure may have
 //!   lost the content of its small files, the names it put in place or its deletes): at open, every such commit is applied again, in the
 //!   order of the log, from its prepare record — the last writer of a path writes last, as it
@@ -134,8 +140,11 @@
 //!   renamed into place) until the blob is removed. Writing to such a file in place, outside
 //!   concord, damages the blob (which the blob store detects on read). Replacing it (as every
 //!   concord put does, by rename) is harmless.
-//! * Blobs adopted by branches that roll back, and blobs no retained journal record names, are
-//!   not removed here: that is the garbage collection of the layer that knows the records.
+//! * Blobs are removed only by [`Resource::collect_blobs`], which the coordinator calls with the
+//!   blobs its retained records name: it removes those of rolled-back branches and of commits
+//!   no retained record names, and never one a branch still needs; the order of its steps and
+//!   why no race loses a blob are in `docs/journal-format.md`, "Collection in a resource's blob
+//!   store".
 //! * Reads take no locks: a branch reads the committed tree as it is (no repeatable reads).
 //! * Locks are on the path as written, not on the file a symlink inside the root leads to: two
 //!   names of one file through symlinks do not conflict.
@@ -155,7 +164,7 @@
 
 use std::any::Any;
 use std::borrow::Cow;
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fs::{self, File, Metadata, OpenOptions};
 use std::io::{self, Read, Write as _};
 use std::path::{Path, PathBuf};
@@ -169,15 +178,20 @@ use tokio::sync::Notify;
 
 use crate::dirsync::DirSync;
 use crate::internal::branches::{Branches, Phase, Starting};
-use crate::internal::instance::{Instance, InstanceState, Shared, lock, raise_fence};
+use crate::internal::collect::{Adoptions, remove_blobs};
+use crate::internal::instance::{Gate, Instance, InstanceState, Shared, lock, raise_fence};
 use crate::internal::io::{
     blob_error, blocking, check_log_space, create_dir_durably, fill, lock_private, log_error,
     parent_of, remove_file_if_exists, sync_file,
 };
 use crate::internal::locks::wait_for_lock;
+use crate::internal::pauses::Pauses;
 use crate::internal::reader::{Reader, put_u32};
+use crate::internal::shipping;
 use crate::internal::state_file::{encode_state, read_state_file};
-use crate::{Epoch, Lsn, Resource, ResourceError, Vote, Xid};
+use crate::{
+    BlobContent, BlobsCollected, Epoch, Lsn, Resource, ResourceError, RetainedBlobs, Vote, Xid,
+};
 
 mod log;
 
@@ -351,8 +365,13 @@ struct Inner {
     released: Notify,
     /// Serializes replays, so that the LSN check and the apply are one step.
     replaying: tokio::sync::Mutex<()>,
-    /// Serializes fences, so that the epoch never goes down.
-    fencing: tokio::sync::Mutex<()>,
+    /// The fence gate: prepares, commits and rollbacks hold it shared, a fence exclusively
+    /// (see `Gate`).
+    gate: Gate,
+    /// Pauses tests arm inside operations.
+    pauses: Pauses,
+    /// The adoption lock and the blobs adopted while a collection runs.
+    adoptions: Adoptions,
     /// Names of staged and temp files.
     next_file: AtomicU64,
     /// Holds the root's `LOCK` for the life of the instance.
@@ -517,7 +536,9 @@ impl FilesResource {
             state: Mutex::new(state),
             released: Notify::new(),
             replaying: tokio::sync::Mutex::new(()),
-            fencing: tokio::sync::Mutex::new(()),
+            gate: Gate::default(),
+            pauses: Pauses::default(),
+            adoptions: Adoptions::default(),
             next_file: AtomicU64::new(0),
             _lock: lock,
         };
@@ -538,6 +559,20 @@ impl FilesResource {
     /// The root directory (canonical).
     pub fn root(&self) -> &Path {
         &self.inner.root
+    }
+
+    /// For tests: the next prepare of `xid` stops once past its fence check, before anything
+    /// of it is durable, until the returned pause is released (the conformance suite's
+    /// `fence_covers_a_prepare_in_flight`).
+    pub fn pause_prepare(&self, xid: &Xid) -> crate::testing::Pause {
+        self.inner.pauses.arm_prepare(xid)
+    }
+
+    /// For tests: the next replay applies part of its redo (its first entry) and then fails,
+    /// as if the process died there (the conformance suite's
+    /// `replay_on_an_empty_instance_gives_the_same_state`).
+    pub fn fail_next_replay(&self) {
+        self.inner.pauses.arm_replay_failure();
     }
 
     /// The resource's blob store, which a standby's replay reads: replication ships the blobs a
@@ -706,6 +741,7 @@ impl Resource for FilesResource {
 
     async fn prepare(&self, xid: &Xid) -> Result<Vote> {
         let inner = &self.inner;
+        let _gate = inner.gate.read().await;
         match inner.start_prepare(xid)? {
             // Nothing is staged: a branch without changes never staged a file, or removed it.
             Start::ReadOnly => Ok(Vote::ReadOnly),
@@ -713,6 +749,8 @@ impl Resource for FilesResource {
                 redo: encode_redo(&entries),
             }),
             Start::Stage(changes) => {
+                inner.pauses.at_prepare(xid).await;
+                let _adopting = inner.adoptions.adopting().await;
                 let result = inner.prepare_branch(xid, changes).await;
                 inner.finish_prepare(xid, result)
             }
@@ -721,6 +759,7 @@ impl Resource for FilesResource {
 
     async fn commit(&self, xid: &Xid) -> Result<()> {
         let inner = &self.inner;
+        let _gate = inner.gate.read().await;
         let Some(resolving) = inner.start_resolve(xid, true)? else {
             return Ok(());
         };
@@ -736,6 +775,7 @@ impl Resource for FilesResource {
 
     async fn rollback(&self, xid: &Xid) -> Result<()> {
         let inner = &self.inner;
+        let _gate = inner.gate.read().await;
         let Some(resolving) = inner.start_resolve(xid, false)? else {
             return Ok(());
         };
@@ -755,7 +795,7 @@ impl Resource for FilesResource {
 
     async fn fence(&self, epoch: Epoch) -> Result<()> {
         let inner = &self.inner;
-        raise_fence(inner, &inner.fencing, TASK, epoch, |inner, epoch| {
+        raise_fence(inner, &inner.gate, TASK, epoch, |inner, epoch| {
             inner.write_state("fence epoch", &inner.area.fence, epoch.0)
         })
         .await
@@ -786,6 +826,54 @@ impl Resource for FilesResource {
 
     async fn applied_lsn(&self) -> Result<Lsn> {
         Instance::applied_lsn(&*self.inner)
+    }
+
+    fn redo_blobs(&self, redo: &[u8]) -> Result<Vec<BlobId>> {
+        let entries =
+            decode_redo(redo).map_err(|e| self.inner.rejected(format!("malformed redo: {e}")))?;
+        let mut ids: Vec<BlobId> = entries
+            .iter()
+            .filter_map(|entry| match entry {
+                RedoEntry::Put { id, .. } => Some(*id),
+                _ => None,
+            })
+            .collect();
+        ids.sort();
+        ids.dedup();
+        Ok(ids)
+    }
+
+    async fn open_blob(&self, id: &BlobId) -> Result<BlobContent> {
+        let (worker, id) = (self.inner.clone(), *id);
+        blocking(&self.inner.name, TASK, move || {
+            shipping::open_blob(&worker.name, &worker.blobs, &id)
+        })
+        .await
+    }
+
+    async fn put_blob(&self, id: &BlobId, mut content: BlobContent) -> Result<()> {
+        let _adopting = self.inner.adoptions.adopting().await;
+        let (worker, id) = (self.inner.clone(), *id);
+        let put = blocking(&self.inner.name, TASK, move || {
+            let tmp = worker.tmp_file();
+            let bytes_max = worker.config.file_bytes_max;
+            shipping::put_blob(
+                &worker.name,
+                &worker.blobs,
+                &tmp,
+                &id,
+                &mut content,
+                bytes_max,
+            )?;
+            worker.note_adopted(&id);
+            Ok(())
+        })
+        .await;
+        self.inner.check(put)
+    }
+
+    async fn collect_blobs(&self, retained: &dyn RetainedBlobs) -> Result<BlobsCollected> {
+        self.inner.collect(retained).await
     }
 }
 
@@ -1010,7 +1098,8 @@ impl Inner {
     fn start_resolve(&self, xid: &Xid, commit: bool) -> Result<Option<Resolving>> {
         let mut st = self.state();
         self.usable(&st)?;
-        let Some((previous, branch)) = st.branches.start_resolve(self, xid, commit)? else {
+        let fence = st.shared.fence;
+        let Some((previous, branch)) = st.branches.start_resolve(self, xid, commit, fence)? else {
             return Ok(None);
         };
         Ok(Some(Resolving {
@@ -1176,6 +1265,42 @@ impl Inner {
             }
         }
         self.run_checkpoint().await
+    }
+
+    /// A blob collection (`internal::collect`): the snapshot is the stored blobs and those the
+    /// open branches' prepare records name; settling checkpoints the branch log twice — the
+    /// first checkpoint's own record makes every record appended before it durable, so the
+    /// second covers every commit appended before the snapshot, which is then no longer applied
+    /// again at open and needs no blob.
+    async fn collect(self: &Arc<Self>, retained: &dyn RetainedBlobs) -> Result<BlobsCollected> {
+        let snapshot = async {
+            let in_use = self.blobs_in_use()?;
+            let worker = self.clone();
+            let stored = blocking(&self.name, TASK, move || {
+                worker.blobs.list().map_err(|e| blob_error(&worker.name, e))
+            })
+            .await?;
+            Ok((stored, in_use))
+        };
+        let settle = async {
+            let _running = self.checkpointing.lock().await;
+            self.run_checkpoint().await?;
+            self.run_checkpoint().await
+        };
+        let remove = |doomed: Vec<BlobId>| async move {
+            let worker = self.clone();
+            let removed = blocking(&self.name, TASK, move || {
+                remove_blobs(&worker.name, &worker.blobs, &doomed)
+            })
+            .await;
+            self.check(removed)
+        };
+        let collected = self
+            .adoptions
+            .collect(retained, snapshot, settle, remove)
+            .await?;
+        tracing::info!(resource = %self.name, removed = collected.removed, kept = collected.kept, "blobs collected");
+        Ok(collected)
     }
 
     /// One checkpoint on the blocking pool; the caller holds `checkpointing`.
@@ -1380,6 +1505,9 @@ impl Inner {
                     .adopt(&file, &id)
                     .map_err(|e| blob_error(&self.name, e))
             });
+            if adopted.is_ok() {
+                self.note_adopted(&id);
+            }
             if temporary {
                 let removed = remove_file_if_exists(&self.name, &file);
                 adopted?;
@@ -1394,6 +1522,27 @@ impl Inner {
             });
         }
         Ok(entries)
+    }
+
+    /// Remembers, for a collection running now, that blob `id` is in use by an adoption that
+    /// its snapshot did not see.
+    fn note_adopted(&self, id: &BlobId) {
+        self.adoptions.note(id);
+    }
+
+    /// The blobs the open branches' prepare records name.
+    fn blobs_in_use(&self) -> Result<HashSet<BlobId>> {
+        self.usable_state(|st| {
+            st.branches
+                .iter()
+                .filter_map(|(_, _, branch)| branch.prepared.as_ref())
+                .flat_map(|entries| entries.iter())
+                .filter_map(|entry| match entry {
+                    RedoEntry::Put { id, .. } => Some(*id),
+                    _ => None,
+                })
+                .collect()
+        })
     }
 
     /// A file holding `content` that has no name (created under `tmp/` and unlinked at once),
@@ -1628,14 +1777,26 @@ impl Inner {
 
     /// The staged file of a large put is gone: put the same content in place from the blob store
     /// (a link, like the rename).
+    /// With the blob gone too, the file at `target` is accepted only when it holds exactly that
+    /// content (an earlier attempt put it there): its blake3 hash is checked, not only its
+    /// length; anything else is [`ResourceError::ContentLost`].
     fn restore_from_blob(&self, path: &str, target: &Path, id: &BlobId, bytes: u64) -> Result<()> {
         if !self.blobs.contains(id) {
-            if fs::metadata(target).is_ok_and(|m| m.len() == bytes) {
-                return Ok(());
-            }
-            return Err(self.fatal(format!(
-                "the staged content of {path} and its blob {id} are both gone"
-            )));
+            return match self.content_at(target)? {
+                Some((found, len)) if found == *id && len == bytes => Ok(()),
+                found => Err(ResourceError::ContentLost {
+                    resource: self.name.clone(),
+                    path: path.to_string(),
+                    blob: *id,
+                    bytes,
+                    found: match found {
+                        None => "is missing".to_string(),
+                        Some((other, len)) => {
+                            format!("holds other content (blake3 {other}, {len} bytes)")
+                        }
+                    },
+                }),
+            };
         }
         tracing::debug!(resource = %self.name, path, blob = %id, "putting the content in place from the blob store");
         let tmp = self.tmp_file();
@@ -1646,6 +1807,38 @@ impl Inner {
             let _ = fs::remove_file(&tmp);
             ResourceError::io(&self.name, "rename blob to", target, &e)
         })
+    }
+
+    /// The blake3 hash and size of the file at `target` (read through one `CHUNK_BYTES`
+    /// buffer); `None` when there is no file there.
+    fn content_at(&self, target: &Path) -> Result<Option<(BlobId, u64)>> {
+        let mut file = match File::open(target) {
+            Ok(file) => file,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(ResourceError::io(&self.name, "open", target, &e)),
+        };
+        if !file
+            .metadata()
+            .map_err(|e| ResourceError::io(&self.name, "inspect", target, &e))?
+            .is_file()
+        {
+            return Ok(None);
+        }
+        let mut hasher = blake3::Hasher::new();
+        let mut buf = vec![0u8; CHUNK_BYTES];
+        let mut len = 0u64;
+        loop {
+            match file.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => {
+                    hasher.update(&buf[..n]);
+                    len += n as u64;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(ResourceError::io(&self.name, "read", target, &e)),
+            }
+        }
+        Ok(Some((BlobId(*hasher.finalize().as_bytes()), len)))
     }
 
     /// Creates the missing parent directories of `path`; each new directory's parent goes into
@@ -1717,7 +1910,12 @@ impl Inner {
     fn replay_files(&self, entries: &[RedoEntry], lsn: Lsn) -> Result<()> {
         let mut touched = BTreeSet::new();
         let mut written = Vec::new();
-        for entry in entries {
+        for (n, entry) in entries.iter().enumerate() {
+            if n == 1 && self.pauses.replay_fails_here() {
+                return Err(self.unavailable(format!(
+                    "replay of lsn {lsn} stopped by its fail point after its first entry"
+                )));
+            }
             check_path(&self.name, entry.path())?;
             match entry {
                 RedoEntry::Put { path, id, bytes } => {

@@ -34,7 +34,9 @@
 //!   epoch in memory) and at prepare (against the stored epoch, inside the transaction that
 //!   stores the batch: sled transactions are serializable, so a fence either commits before the
 //!   prepare and refuses it, or after it, and then the branch was prepared at a time it was
-//!   allowed to). [`Resource::replay`] applies a batch and stores its LSN as the **applied LSN**
+//!   allowed to). A fence also waits for the prepares, commits and rollbacks in flight, and then
+//!   the fenced instance refuses to resolve the prepared branches it began below the new epoch;
+//!   an instance opened afterwards (their new owner) resolves them. [`Resource::replay`] applies a batch and stores its LSN as the **applied LSN**
 //!   in one transaction on the data and meta trees; a batch at or below the applied LSN changes
 //!   nothing.
 //!
@@ -142,9 +144,10 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::Notify;
 
 use crate::internal::branches::{Branches, Phase, Starting};
-use crate::internal::instance::{Instance, InstanceState, Shared};
+use crate::internal::instance::{Gate, Instance, InstanceState, Shared};
 use crate::internal::io::blocking;
 use crate::internal::locks::wait_for_lock;
+use crate::internal::pauses::Pauses;
 use crate::{Epoch, Lsn, Resource, ResourceError, Vote, Xid};
 
 mod batch;
@@ -241,8 +244,11 @@ struct Inner {
     released: Notify,
     /// Serializes replays, so that the LSN check and the apply are one step.
     replaying: tokio::sync::Mutex<()>,
-    /// Serializes fences, so that the epoch never goes down.
-    fencing: tokio::sync::Mutex<()>,
+    /// The fence gate: prepares, commits and rollbacks hold it shared, a fence exclusively
+    /// (see `Gate`).
+    gate: Gate,
+    /// Pauses tests arm inside operations.
+    pauses: Pauses,
 }
 
 /// A pending write: the value of an insert, `None` for a remove.
@@ -313,7 +319,8 @@ impl KvResource {
             state: Mutex::new(state),
             released: Notify::new(),
             replaying: tokio::sync::Mutex::new(()),
-            fencing: tokio::sync::Mutex::new(()),
+            gate: Gate::default(),
+            pauses: Pauses::default(),
         };
         Ok(Arc::new(KvResource {
             inner: Arc::new(inner),
@@ -343,6 +350,19 @@ impl KvResource {
     /// The configuration it was opened with.
     pub fn config(&self) -> &KvConfig {
         &self.inner.config
+    }
+
+    /// For tests: the next prepare of `xid` stops once past its fence check, before anything
+    /// of it is durable, until the returned pause is released (the conformance suite's
+    /// `fence_covers_a_prepare_in_flight`).
+    pub fn pause_prepare(&self, xid: &Xid) -> crate::testing::Pause {
+        self.inner.pauses.arm_prepare(xid)
+    }
+
+    /// For tests: the next replay fails before its transaction, as if the process died there
+    /// (a replay is one sled transaction: nothing of it can be half applied).
+    pub fn fail_next_replay(&self) {
+        self.inner.pauses.arm_replay_failure();
     }
 }
 
@@ -408,6 +428,7 @@ impl Resource for KvResource {
 
     async fn prepare(&self, xid: &Xid) -> Result<Vote> {
         let inner = &self.inner;
+        let _gate = inner.gate.read().await;
         let batch = match inner.start_prepare(xid)? {
             Start::ReadOnly => return Ok(Vote::ReadOnly),
             Start::Prepared(batch) => {
@@ -417,6 +438,7 @@ impl Resource for KvResource {
             }
             Start::Store(batch) => Arc::new(batch),
         };
+        inner.pauses.at_prepare(xid).await;
         let (worker, id, stored) = (inner.clone(), *xid, batch.clone());
         let result = blocking(&inner.name, TASK, move || {
             worker.store.prepare(&id, &stored)
@@ -427,6 +449,7 @@ impl Resource for KvResource {
 
     async fn commit(&self, xid: &Xid) -> Result<()> {
         let inner = &self.inner;
+        let _gate = inner.gate.read().await;
         let Some(previous) = inner.start_resolve(xid, true)? else {
             return Ok(());
         };
@@ -444,6 +467,7 @@ impl Resource for KvResource {
 
     async fn rollback(&self, xid: &Xid) -> Result<()> {
         let inner = &self.inner;
+        let _gate = inner.gate.read().await;
         let Some(previous) = inner.start_resolve(xid, false)? else {
             return Ok(());
         };
@@ -463,7 +487,7 @@ impl Resource for KvResource {
 
     async fn fence(&self, epoch: Epoch) -> Result<()> {
         let inner = &self.inner;
-        let _fencing = inner.fencing.lock().await;
+        let _fencing = inner.gate.write().await;
         let current = Instance::fence_epoch(&**inner)?;
         if epoch <= current {
             return Ok(());
@@ -489,6 +513,11 @@ impl Resource for KvResource {
         }
         let writes = decode_batch(redo)
             .map_err(|e| inner.rejected(format!("replay of lsn {lsn}: malformed redo: {e}")))?;
+        if inner.pauses.replay_fails_here() {
+            return Err(inner.unavailable(format!(
+                "replay of lsn {lsn} stopped by its fail point before its transaction"
+            )));
+        }
         let worker = inner.clone();
         let applied = blocking(&inner.name, TASK, move || worker.store.replay(&writes, lsn)).await;
         inner.check(applied)?;
@@ -658,7 +687,8 @@ impl Inner {
     fn start_resolve(&self, xid: &Xid, commit: bool) -> Result<Option<Phase>> {
         let mut st = self.state();
         self.usable(&st)?;
-        let started = st.branches.start_resolve(self, xid, commit)?;
+        let fence = st.shared.fence;
+        let started = st.branches.start_resolve(self, xid, commit, fence)?;
         Ok(started.map(|(previous, _)| previous))
     }
 

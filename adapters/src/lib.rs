@@ -14,7 +14,8 @@
 //! * [`Resource::commit`] / [`Resource::rollback`] resolve it. Both are idempotent: a second call
 //!   for a resolved or unknown branch succeeds, so the coordinator may repeat them after any crash;
 //! * [`Resource::recover`] lists the branches prepared and not yet resolved, after a restart;
-//! * [`Resource::fence`] raises the resource's epoch: any later branch of a lower epoch is refused;
+//! * [`Resource::fence`] raises the resource's epoch: any later branch of a lower epoch is refused,
+//!   and once it returns no operation of a lower epoch changes the resource (see below);
 //! * [`Resource::replay`] applies a redo on a standby together with its LSN, atomically, and
 //!   [`Resource::applied_lsn`] reports the last one, so replaying the same LSN twice is a no-op.
 //!
@@ -25,6 +26,27 @@
 //! [`Resource::one_phase_outcome`] finds out, from the redo the coordinator journaled, what
 //! became of it once it can no longer change. Why this keeps the journal's order exact is in the
 //! coordinator's engine docs and `docs/postgres.md`.
+//!
+//! **What a standby needs.** A redo may name content by hash instead of carrying it (the files
+//! and mail resources put large content in a blob store). [`Resource::redo_blobs`] lists the
+//! blobs a redo needs, so that replication ships them before the record;
+//! [`Resource::open_blob`] reads one from this instance's store, and
+//! [`Resource::put_blob`] puts one into another instance's store, streamed and checked against
+//! its id. A resource whose redo carries everything (PostgreSQL's row images, kv batches) keeps
+//! the defaults: no blobs, and a blob store that refuses.
+//!
+//! **Fences and owners.** Commit and rollback carry no epoch, so the contract says who owns a
+//! branch by how the caller reaches it. After [`Resource::fence`]`(E)` returns: a prepare that
+//! had passed its fence check has either finished (it waited for it) or is refused; the
+//! instance that was fenced refuses ([`ResourceError::Fenced`]) to commit or roll back a prepared
+//! branch that was begun through it at an epoch below E — it stands for the coordinator at the
+//! old epoch, e.g. an old primary resumed after a pause; and the branch's new owner resolves it,
+//! through an instance opened after the fence (files, mail, kv: it recovers the branch from
+//! disk) or — where the fence cannot hand a branch over (PostgreSQL) — the fence itself is
+//! refused, retryable, until the older prepared branches are resolved. A coordinator that
+//! restarts at an old epoch must learn the current epoch (the quorum store) before it recovers:
+//! a resource cannot tell it apart from the new owner. The conformance suite checks both
+//! halves (`testing::fence_stops_the_old_owner`, `testing::fence_covers_a_prepare_in_flight`).
 //!
 //! Errors are [`ResourceError`]s sorted by what the coordinator must do ([`ErrorClass`]).
 //! [`testing`] holds the conformance suite every resource runs; [`pgtest`] starts the throwaway
@@ -49,10 +71,35 @@ pub mod testing;
 pub mod xid;
 
 pub use error::{ErrorClass, ResourceError};
-pub use journal::{Epoch, Lsn};
+pub use journal::{BlobId, Epoch, Lsn};
 pub use xid::Xid;
 
 use std::any::Any;
+use std::io::Read;
+
+/// What a blob collection did ([`Resource::collect_blobs`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BlobsCollected {
+    /// Blobs removed.
+    pub removed: u64,
+    /// Blobs kept: named by a retained record, or still needed by a branch.
+    pub kept: u64,
+}
+
+/// The coordinator's side of a blob collection: the blobs its retained journal records name.
+/// [`Resource::collect_blobs`] calls it once, *after* it has taken its own snapshot (see
+/// there for why that order matters).
+#[async_trait::async_trait]
+pub trait RetainedBlobs: Send + Sync {
+    /// The ids of every blob that a retained coordinator journal record names, computed when
+    /// called (a record the retention floor still holds counts as retained, so that a standby
+    /// can still fetch its blobs).
+    async fn retained_blobs(&self) -> Result<std::collections::HashSet<BlobId>, ResourceError>;
+}
+
+/// A blocking reader of a blob's content ([`Resource::open_blob`], [`Resource::put_blob`]):
+/// read it on the blocking pool.
+pub type BlobContent = Box<dyn Read + Send + 'static>;
 
 /// A branch's vote at prepare.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -106,7 +153,8 @@ pub trait Resource: Send + Sync + 'static {
     async fn recover(&self) -> Result<Vec<Xid>, ResourceError>;
 
     /// Raises the fence epoch: from now on a branch of a lower epoch is refused. A lower `epoch`
-    /// than the current fence leaves it unchanged.
+    /// than the current fence leaves it unchanged. Once it returns, no operation of a lower
+    /// epoch changes the resource (see "Fences and owners" in the crate docs).
     async fn fence(&self, epoch: Epoch) -> Result<(), ResourceError>;
 
     /// The fence epoch.
@@ -118,6 +166,54 @@ pub trait Resource: Send + Sync + 'static {
 
     /// The LSN of the last redo applied by [`Resource::replay`] (`Lsn::ZERO` when none).
     async fn applied_lsn(&self) -> Result<Lsn, ResourceError>;
+
+    /// The blobs `redo` (as returned by prepare) names by content hash, each once: a standby
+    /// must hold them before it replays the redo, so replication ships them first
+    /// ([`Resource::open_blob`] here, [`Resource::put_blob`] there). A malformed redo is
+    /// refused. The default names none: the redo carries everything.
+    fn redo_blobs(&self, redo: &[u8]) -> Result<Vec<BlobId>, ResourceError> {
+        let _ = redo;
+        Ok(Vec::new())
+    }
+
+    /// Opens blob `id` of this instance's store, to ship it. The reader blocks (read it on the
+    /// blocking pool) and fails at its end when the content does not hash to `id`. A blob that
+    /// is not stored is refused. The default refuses: no blob store.
+    async fn open_blob(&self, id: &BlobId) -> Result<BlobContent, ResourceError> {
+        Err(ResourceError::rejected(
+            self.name(),
+            format!("blob {id}: this resource keeps no blobs"),
+        ))
+    }
+
+    /// Puts a shipped blob into this instance's store: streams `content` (on the blocking pool,
+    /// through one bounded buffer) and checks it against `id`; content that hashes otherwise is
+    /// refused ([`ResourceError::BlobMismatch`]) and nothing of it is kept. Durable when it
+    /// returns; putting a blob already stored is harmless. The default refuses: no blob store.
+    async fn put_blob(&self, id: &BlobId, content: BlobContent) -> Result<(), ResourceError> {
+        drop(content);
+        Err(ResourceError::rejected(
+            self.name(),
+            format!("blob {id}: this resource keeps no blobs"),
+        ))
+    }
+
+    /// Removes every blob of this resource's store that no retained coordinator record names
+    /// (`retained`) and that no branch of this resource still needs (active, prepared, or named
+    /// by a record of its own branch log that recovery would read); a rolled-back branch's
+    /// blobs go too. The resource first snapshots the blobs it holds and those its branches
+    /// need, *then* asks `retained`, and deletes holding its adoption lock, leaving out every
+    /// blob a prepare or a `put_blob` adopted since the snapshot; so neither a prepare adopting
+    /// an existing blob nor a branch committed while the coordinator computes its set can lose
+    /// a blob it needs (the analysis: `docs/journal-format.md`, "Collection"). The default has
+    /// nothing to collect.
+    async fn collect_blobs(
+        &self,
+        retained: &dyn RetainedBlobs,
+    ) -> Result<BlobsCollected, ResourceError> {
+        let _ = retained;
+        Ok(BlobsCollected::default())
+    }
 
     /// Whether a transaction whose only branch is here may commit it in one phase
     /// ([`Resource::prepare_one_phase`], then [`Resource::commit_one_phase`]).

@@ -34,7 +34,11 @@
 //! * **Isolation** needs no locks: every message has a name of its own, and nothing in `tmp/` is
 //!   a delivery (DESIGN.md "Ordering").
 //! * **Fencing and replay.** [`Resource::fence`] stores the fence epoch durably in the private
-//!   area; a branch of a lower epoch is refused at begin, at every enqueue and at prepare.
+//!   area; a branch of a lower epoch is refused at begin, at every enqueue and at prepare. A
+//!   fence waits for the prepares, commits and rollbacks in flight, and then the fenced
+//!   instance refuses to resolve the prepared branches it began below the new epoch; an instance
+//!   opened afterwards (their new owner) resolves them (`internal::branches`, "Fences and
+//!   owners").
 //!   [`Resource::replay`] delivers a redo's messages (inline content, or copied from this
 //!   resource's blob store, checked against the blob's hash) under their names, skipping any
 //!   already in `new/` or `cur/`, then stores its LSN.
@@ -121,7 +125,7 @@
 
 use std::any::Any;
 use std::borrow::Cow;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write as _};
 use std::path::{Path, PathBuf};
@@ -134,13 +138,18 @@ use tokio::io::AsyncRead;
 
 use crate::dirsync::DirSync;
 use crate::internal::branches::{Branches, Phase, Starting};
-use crate::internal::instance::{Instance, InstanceState, Shared, lock, raise_fence};
+use crate::internal::collect::{Adoptions, remove_blobs};
+use crate::internal::instance::{Gate, Instance, InstanceState, Shared, lock, raise_fence};
 use crate::internal::io::{
     blob_error, blocking, check_log_space, create_dir_durably, fill, lock_private, log_error,
     remove_file_if_exists, sync_file,
 };
+use crate::internal::pauses::Pauses;
+use crate::internal::shipping;
 use crate::internal::state_file::{encode_state, read_state_file};
-use crate::{Epoch, Lsn, Resource, ResourceError, Vote, Xid};
+use crate::{
+    BlobContent, BlobsCollected, Epoch, Lsn, Resource, ResourceError, RetainedBlobs, Vote, Xid,
+};
 
 mod log;
 mod message;
@@ -243,8 +252,13 @@ struct Inner {
     trimming: tokio::sync::Mutex<()>,
     /// Serializes replays, so that the LSN check and the delivery are one step.
     replaying: tokio::sync::Mutex<()>,
-    /// Serializes fences, so that the epoch never goes down.
-    fencing: tokio::sync::Mutex<()>,
+    /// The fence gate: prepares, commits and rollbacks hold it shared, a fence exclusively
+    /// (see `Gate`).
+    gate: Gate,
+    /// Pauses tests arm inside operations.
+    pauses: Pauses,
+    /// The adoption lock and the blobs adopted while a collection runs.
+    adoptions: Adoptions,
     /// Names of temp files in the private area.
     next_tmp: AtomicU64,
     /// Holds `.concord/LOCK` for the life of the instance.
@@ -367,7 +381,9 @@ impl MailResource {
             }),
             trimming: tokio::sync::Mutex::new(()),
             replaying: tokio::sync::Mutex::new(()),
-            fencing: tokio::sync::Mutex::new(()),
+            gate: Gate::default(),
+            pauses: Pauses::default(),
+            adoptions: Adoptions::default(),
             next_tmp: AtomicU64::new(0),
             _lock: lock,
         };
@@ -388,6 +404,20 @@ impl MailResource {
     /// The Maildir (canonical).
     pub fn maildir(&self) -> &Path {
         &self.inner.maildir
+    }
+
+    /// For tests: the next prepare of `xid` stops once past its fence check, before anything
+    /// of it is durable, until the returned pause is released (the conformance suite's
+    /// `fence_covers_a_prepare_in_flight`).
+    pub fn pause_prepare(&self, xid: &Xid) -> crate::testing::Pause {
+        self.inner.pauses.arm_prepare(xid)
+    }
+
+    /// For tests: the next replay applies part of its redo (its first entry) and then fails,
+    /// as if the process died there (the conformance suite's
+    /// `replay_on_an_empty_instance_gives_the_same_state`).
+    pub fn fail_next_replay(&self) {
+        self.inner.pauses.arm_replay_failure();
     }
 
     /// The resource's blob store, which a standby's replay reads: replication ships the blobs a
@@ -451,12 +481,15 @@ impl Resource for MailResource {
 
     async fn prepare(&self, xid: &Xid) -> Result<Vote> {
         let inner = &self.inner;
+        let _gate = inner.gate.read().await;
         match inner.start_prepare(xid)? {
             Start::ReadOnly => Ok(Vote::ReadOnly),
             Start::Prepared(prepared) => Ok(Vote::Commit {
                 redo: prepared.redo.clone(),
             }),
             Start::Stage(messages) => {
+                inner.pauses.at_prepare(xid).await;
+                let _adopting = inner.adoptions.adopting().await;
                 let result = inner.prepare_branch(xid, messages).await;
                 inner.finish_prepare(xid, result)
             }
@@ -465,6 +498,7 @@ impl Resource for MailResource {
 
     async fn commit(&self, xid: &Xid) -> Result<()> {
         let inner = &self.inner;
+        let _gate = inner.gate.read().await;
         let Some(resolving) = inner.start_resolve(xid, true)? else {
             return Ok(());
         };
@@ -481,6 +515,7 @@ impl Resource for MailResource {
 
     async fn rollback(&self, xid: &Xid) -> Result<()> {
         let inner = &self.inner;
+        let _gate = inner.gate.read().await;
         let Some(resolving) = inner.start_resolve(xid, false)? else {
             return Ok(());
         };
@@ -497,7 +532,7 @@ impl Resource for MailResource {
 
     async fn fence(&self, epoch: Epoch) -> Result<()> {
         let inner = &self.inner;
-        raise_fence(inner, &inner.fencing, TASK, epoch, |inner, epoch| {
+        raise_fence(inner, &inner.gate, TASK, epoch, |inner, epoch| {
             inner.write_state("fence epoch", &inner.area.fence, epoch.0)
         })
         .await
@@ -527,6 +562,80 @@ impl Resource for MailResource {
 
     async fn applied_lsn(&self) -> Result<Lsn> {
         Instance::applied_lsn(&*self.inner)
+    }
+
+    fn redo_blobs(&self, redo: &[u8]) -> Result<Vec<BlobId>> {
+        let entries =
+            decode_redo(redo).map_err(|e| self.inner.rejected(format!("malformed redo: {e}")))?;
+        let mut ids: Vec<BlobId> = entries
+            .iter()
+            .filter_map(|entry| match entry {
+                RedoEntry::Blob { id, .. } => Some(*id),
+                _ => None,
+            })
+            .collect();
+        ids.sort();
+        ids.dedup();
+        Ok(ids)
+    }
+
+    async fn open_blob(&self, id: &BlobId) -> Result<BlobContent> {
+        let (worker, id) = (self.inner.clone(), *id);
+        blocking(&self.inner.name, TASK, move || {
+            shipping::open_blob(&worker.name, &worker.blobs, &id)
+        })
+        .await
+    }
+
+    async fn put_blob(&self, id: &BlobId, mut content: BlobContent) -> Result<()> {
+        let _adopting = self.inner.adoptions.adopting().await;
+        let (worker, id) = (self.inner.clone(), *id);
+        let put = blocking(&self.inner.name, TASK, move || {
+            let tmp = worker.scratch_file();
+            let bytes_max = worker.config.max_message_bytes;
+            shipping::put_blob(
+                &worker.name,
+                &worker.blobs,
+                &tmp,
+                &id,
+                &mut content,
+                bytes_max,
+            )?;
+            worker.adoptions.note(&id);
+            Ok(())
+        })
+        .await;
+        self.inner.check(put)
+    }
+
+    /// Collection (`internal::collect`): a delivered message is durable in `new/` before its
+    /// `COMMITTED` (the commit syncs `new/`), so only the open branches need their blobs here,
+    /// and there is nothing to settle.
+    async fn collect_blobs(&self, retained: &dyn RetainedBlobs) -> Result<BlobsCollected> {
+        let inner = &self.inner;
+        let snapshot = async {
+            let in_use = inner.blobs_in_use()?;
+            let worker = inner.clone();
+            let stored = blocking(&inner.name, TASK, move || {
+                worker.blobs.list().map_err(|e| blob_error(&worker.name, e))
+            })
+            .await?;
+            Ok((stored, in_use))
+        };
+        let remove = |doomed: Vec<BlobId>| async move {
+            let worker = inner.clone();
+            let removed = blocking(&inner.name, TASK, move || {
+                remove_blobs(&worker.name, &worker.blobs, &doomed)
+            })
+            .await;
+            inner.check(removed)
+        };
+        let collected = inner
+            .adoptions
+            .collect(retained, snapshot, async { Ok(()) }, remove)
+            .await?;
+        tracing::info!(resource = %inner.name, removed = collected.removed, kept = collected.kept, "blobs collected");
+        Ok(collected)
     }
 }
 
@@ -665,7 +774,8 @@ impl Inner {
     fn start_resolve(&self, xid: &Xid, commit: bool) -> Result<Option<Resolving>> {
         let mut st = self.state();
         self.usable(&st)?;
-        let Some((previous, branch)) = st.branches.start_resolve(self, xid, commit)? else {
+        let fence = st.shared.fence;
+        let Some((previous, branch)) = st.branches.start_resolve(self, xid, commit, fence)? else {
             return Ok(None);
         };
         let names = match &branch.prepared {
@@ -967,7 +1077,30 @@ impl Inner {
     fn adopt(&self, file: &Path, id: &BlobId) -> Result<()> {
         self.blobs
             .adopt(file, id)
-            .map_err(|e| blob_error(&self.name, e))
+            .map_err(|e| blob_error(&self.name, e))?;
+        self.adoptions.note(id);
+        Ok(())
+    }
+
+    /// The blobs the open branches' prepare records name.
+    fn blobs_in_use(&self) -> Result<HashSet<BlobId>> {
+        let redos: Vec<Arc<Prepared>> = self.usable_state(|st| {
+            st.branches
+                .iter()
+                .filter_map(|(_, _, branch)| branch.prepared.clone())
+                .collect()
+        })?;
+        let mut in_use = HashSet::new();
+        for prepared in redos {
+            let entries = decode_redo(&prepared.redo).map_err(|e| {
+                self.fatal(format!("a prepared branch's redo does not decode: {e}"))
+            })?;
+            in_use.extend(entries.iter().filter_map(|entry| match entry {
+                RedoEntry::Blob { id, .. } => Some(*id),
+                RedoEntry::Inline { .. } => None,
+            }));
+        }
+        Ok(in_use)
     }
 
     /// Syncs a message streamed into `tmp/` at enqueue, after checking it is still the size it
@@ -1048,7 +1181,12 @@ impl Inner {
     /// then renamed into `new/`), syncs `new/`, then stores `lsn` as applied (see "Crashes").
     fn replay_messages(&self, entries: &[RedoEntry], lsn: Lsn) -> Result<()> {
         let mut cur = None;
-        for entry in entries {
+        for (n, entry) in entries.iter().enumerate() {
+            if n == 1 && self.pauses.replay_fails_here() {
+                return Err(self.unavailable(format!(
+                    "replay of lsn {lsn} stopped by its fail point after its first message"
+                )));
+            }
             let name = entry.name();
             if self.delivered(name, &mut cur)? {
                 continue;

@@ -24,15 +24,17 @@
 //! * The suite only sees the resource through the [`Resource`] trait and the subject; it cannot
 //!   check that an effect is invisible to *other* readers before commit (isolation is
 //!   resource-specific and tested by each resource).
-//! * Concurrency (two branches racing) is not exercised here, for the same reason.
+//! * Concurrency (two branches racing) is not exercised here, for the same reason; the one
+//!   race the suite does run — a fence against a prepare in flight — is made deterministic by
+//!   pausing the prepare where the subject says ([`Subject::pause_prepare`]), never by timing.
 //! * Checks panic (they are test code run by tests) rather than return errors.
 
 use std::fmt::Display;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use crate::{Epoch, Lsn, Resource, ResourceError, Vote, Xid};
+use crate::{BlobId, Epoch, ErrorClass, Lsn, Resource, ResourceError, Vote, Xid};
 
 /// What the suite needs to know about a resource under test.
 #[async_trait::async_trait]
@@ -41,11 +43,25 @@ pub trait Subject: Send + Sync {
     /// without resolving anything). Always the same storage.
     async fn open(&self) -> Arc<dyn Resource>;
 
-    /// Opens a second, independent instance playing a standby (for replay); it may share what
-    /// the subject needs (e.g. a blob store). The suite calls it only after the branches whose
-    /// redo it will replay have been prepared on the primary, so a subject may copy what replay
-    /// needs (blobs) at this point. Called again, it reopens the same standby storage.
+    /// Opens a second, independent instance playing a standby (for replay), with storage of
+    /// its own (its own root, Maildir, sled directory, database): nothing is shared with the
+    /// primary, and the suite ships the blobs a redo needs itself ([`Resource::redo_blobs`],
+    /// [`Resource::open_blob`], [`Resource::put_blob`]). Called again, it reopens the same
+    /// standby storage.
     async fn open_standby(&self) -> Arc<dyn Resource>;
+
+    /// Opens replica `n` (1, 2, 3): one more instance of the same kind with storage of its own,
+    /// distinct from the primary's, the standby's and every other replica's, and empty the first
+    /// time; called again (after the previous instance of it was dropped), it reopens the same
+    /// storage.
+    async fn open_replica(&self, n: u32) -> Arc<dyn Resource>;
+
+    /// Arranges that the next replay on `resource` stops with an error half-way — after
+    /// applying part of its redo where the resource applies a redo in parts — as if the
+    /// process died there. The files, mail and kv resources have a hook for it
+    /// (`fail_next_replay()`); a subject may equally make the resource's own store fail the
+    /// replay (PostgreSQL's, with a trigger).
+    async fn fail_next_replay(&self, resource: &Arc<dyn Resource>);
 
     /// Makes the branch of `xid` (already begun) write the effect named `tag`, so that it votes
     /// Commit.
@@ -53,6 +69,73 @@ pub trait Subject: Send + Sync {
 
     /// Whether the committed effect of `tag` is visible in `resource`.
     async fn visible(&self, resource: &Arc<dyn Resource>, tag: u32) -> bool;
+
+    /// Arranges that the next prepare of `xid` (begun, and written by [`Subject::write`]) stops
+    /// *after* its fence check and *before* anything of it is durable, until the returned pause
+    /// is released. The files, mail and kv resources have a hook for it
+    /// (`pause_prepare(xid)`, returning a [`Pause`]); a subject may equally stall the prepare
+    /// from outside (PostgreSQL's waits on a lock the test holds).
+    async fn pause_prepare(&self, resource: &Arc<dyn Resource>, xid: &Xid) -> Box<dyn Paused>;
+}
+
+/// An operation stopped at a pause ([`Subject::pause_prepare`]).
+#[async_trait::async_trait]
+pub trait Paused: Send + Sync {
+    /// Waits until the operation stands at the pause; `false` when it did not within `within`.
+    async fn reached(&self, within: Duration) -> bool;
+
+    /// Lets the operation go on.
+    async fn release(&self);
+}
+
+/// How long an operation waits at a [`Pause`] nobody releases before it goes on by itself, so
+/// that a test that fails half-way never leaves a resource stuck.
+pub const PAUSE_MS_MAX: u64 = 60_000;
+
+/// A point where a resource's operation waits until a test lets it go: the resource calls
+/// [`Pause::wait_here`]; the test waits for [`Paused::reached`], does what it races against
+/// the operation, then [`Paused::release`]s it. Cloned, it is the same pause.
+#[derive(Clone, Debug)]
+pub struct Pause {
+    /// 0: armed; 1: reached; 2: released.
+    state: Arc<tokio::sync::watch::Sender<u8>>,
+}
+
+impl Default for Pause {
+    fn default() -> Self {
+        Pause::new()
+    }
+}
+
+impl Pause {
+    /// An armed pause.
+    pub fn new() -> Pause {
+        Pause {
+            state: Arc::new(tokio::sync::watch::Sender::new(0)),
+        }
+    }
+
+    /// Called by the operation: says it is here, then waits until released (at most
+    /// [`PAUSE_MS_MAX`]).
+    pub async fn wait_here(&self) {
+        self.state.send_modify(|s| *s = (*s).max(1));
+        let mut rx = self.state.subscribe();
+        let released = rx.wait_for(|s| *s >= 2);
+        let _ = tokio::time::timeout(Duration::from_millis(PAUSE_MS_MAX), released).await;
+    }
+}
+
+#[async_trait::async_trait]
+impl Paused for Pause {
+    async fn reached(&self, within: Duration) -> bool {
+        let mut rx = self.state.subscribe();
+        let reached = rx.wait_for(|s| *s >= 1);
+        matches!(tokio::time::timeout(within, reached).await, Ok(Ok(_)))
+    }
+
+    async fn release(&self) {
+        self.state.send_modify(|s| *s = 2);
+    }
 }
 
 /// Runs every check, in order; panics naming the first check that fails.
@@ -63,12 +146,16 @@ pub async fn run_all(subject: &dyn Subject) {
     commit_is_idempotent(subject).await;
     rollback_is_idempotent(subject).await;
     rollback_of_unknown_xid_succeeds(subject).await;
-    commit_of_unknown_xid_succeeds(subject).await;
+    commit_of_unknown_xid_is_quiet_or_a_hazard(subject).await;
     prepare_twice_returns_same_vote(subject).await;
     branch_without_writes_votes_read_only(subject).await;
     fence_refuses_lower_epochs(subject).await;
+    fence_stops_the_old_owner(subject).await;
+    fence_covers_a_prepare_in_flight(subject).await;
     replay_applies_once(subject).await;
     applied_lsn_survives_restart(subject).await;
+    put_blob_keeps_only_matching_content(subject).await;
+    replay_on_an_empty_instance_gives_the_same_state(subject).await;
 }
 
 /// Prepare, crash, reopen: `recover` lists the branch, and commit after the restart makes the
@@ -233,12 +320,19 @@ pub async fn rollback_of_unknown_xid_succeeds(subject: &dyn Subject) {
     c.ok("rollback of an unknown xid", r.rollback(&xid).await);
 }
 
-/// Commit of an xid the resource never saw succeeds: it counts as already resolved.
-pub async fn commit_of_unknown_xid_succeeds(subject: &dyn Subject) {
-    let c = Check("commit_of_unknown_xid_succeeds");
+/// Committing an xid the resource never saw is quiet — or, for a resource that can tell a
+/// commit it lost from one it never had (PostgreSQL's marker), a heuristic hazard
+/// ([`crate::ErrorClass::Hazard`]); never a retryable or in-doubt error, which would make the
+/// coordinator retry phase 2 forever.
+pub async fn commit_of_unknown_xid_is_quiet_or_a_hazard(subject: &dyn Subject) {
+    let c = Check("commit_of_unknown_xid_is_quiet_or_a_hazard");
     let r = subject.open().await;
     let xid = c.xid(&r).await;
-    c.ok("commit of an unknown xid", r.commit(&xid).await);
+    match r.commit(&xid).await {
+        Ok(()) => {}
+        Err(e) if e.class() == crate::ErrorClass::Hazard => {}
+        Err(e) => c.fail(format_args!("commit of an unknown xid: {e}")),
+    }
 }
 
 /// Preparing a prepared branch again returns the same vote, with the same redo.
@@ -312,6 +406,129 @@ pub async fn fence_refuses_lower_epochs(subject: &dyn Subject) {
     c.ensure_fenced(&r, epoch).await;
 }
 
+/// What the fence checks below allow a fence to do when a branch of an older epoch is
+/// prepared: hand the branch to the new owner (the instance that was fenced refuses to resolve
+/// it; an instance opened afterwards resolves it), or refuse the fence, retryable, without
+/// raising the epoch, until the branch is resolved (PostgreSQL waits for such branches).
+enum Fenced {
+    /// The fence was raised.
+    Raised,
+    /// The fence was refused (retryable) and the epoch is unchanged.
+    Refused,
+}
+
+/// A branch of epoch e is prepared, then the resource is fenced at e + 1 through the same
+/// instance (the old owner, e.g. a paused primary that resumes). Either the fence is refused
+/// (retryable, epoch unchanged) until the branch is resolved, or it is raised and then the old
+/// owner can neither commit nor roll the branch back (refused, [`ErrorClass::Rejected`]); an
+/// instance opened afterwards (the new owner) lists it and commits it.
+pub async fn fence_stops_the_old_owner(subject: &dyn Subject) {
+    let c = Check("fence_stops_the_old_owner");
+    let r = subject.open().await;
+    let (xid, tag) = (c.xid(&r).await, next_tag());
+    c.prepare_writing(subject, &r, &xid, tag).await;
+    let epoch = Epoch(xid.epoch.0 + 1);
+    match c.fence_over_prepared(&r, epoch, r.fence(epoch).await).await {
+        Fenced::Refused => {
+            c.ok(
+                "rollback by the owner the fence refused to stop",
+                r.rollback(&xid).await,
+            );
+            c.ok("fence once the branch is resolved", r.fence(epoch).await);
+            return;
+        }
+        Fenced::Raised => {}
+    }
+    c.ensure_refused("commit by the fenced owner", &xid, r.commit(&xid).await);
+    c.ensure_refused("rollback by the fenced owner", &xid, r.rollback(&xid).await);
+    c.ensure(
+        !subject.visible(&r, tag).await,
+        format!("effect {tag} of a branch the fenced owner could not commit is visible"),
+    );
+    drop(r);
+    c.new_owner_commits(subject, &xid, tag).await;
+}
+
+/// A prepare passes its fence check and is paused there ([`Subject::pause_prepare`]) while a
+/// fence runs through the same instance. After the fence returns, no operation of the older
+/// epoch may change the resource: if the fence returned while the prepare was still paused,
+/// the prepare must be refused; if the prepare succeeded, it must have finished before the
+/// fence returned, and (the fence raised) the old owner cannot commit it while a new owner
+/// can. The fence gets a bounded time to return while the prepare stands still; what that
+/// decides is only which of the two allowed orders the check sees, never its verdict.
+pub async fn fence_covers_a_prepare_in_flight(subject: &dyn Subject) {
+    let c = Check("fence_covers_a_prepare_in_flight");
+    let r = subject.open().await;
+    let (xid, tag) = (c.xid(&r).await, next_tag());
+    c.ok("begin", r.begin(&xid).await);
+    subject.write(&r, &xid, tag).await;
+    let pause = subject.pause_prepare(&r, &xid).await;
+    let mut preparing = tokio::spawn({
+        let r = r.clone();
+        async move { r.prepare(&xid).await }
+    });
+    if !pause.reached(Duration::from_millis(STEP_MS_MAX)).await {
+        preparing.abort();
+        c.fail(format!("the prepare of {xid} never reached its pause"));
+    }
+    let epoch = Epoch(xid.epoch.0 + 1);
+    let mut fencing = tokio::spawn({
+        let r = r.clone();
+        async move { r.fence(epoch).await }
+    });
+    let alone = Duration::from_millis(FENCE_ALONE_MS);
+    let fenced_while_paused = tokio::time::timeout(alone, &mut fencing).await.ok();
+    let fence_returned_while_paused = fenced_while_paused.is_some();
+    pause.release().await;
+    let prepared = c.joined("prepare", &mut preparing).await;
+    let fenced = match fenced_while_paused {
+        Some(joined) => c.join_result("fence", joined),
+        None => c.joined("fence", &mut fencing).await,
+    };
+    let Ok(vote) = prepared else {
+        // Refused: nothing of the branch may remain, and the fence must have gone through.
+        c.ok("fence beside a refused prepare", fenced);
+        drop(r);
+        let r = subject.open().await;
+        c.ensure(
+            !c.recover(&r).await.contains(&xid),
+            format!("the refused prepare of {xid} is listed as prepared"),
+        );
+        c.ok("rollback of the refused branch", r.rollback(&xid).await);
+        c.ensure(
+            !subject.visible(&r, tag).await,
+            format!("effect {tag} of a refused prepare is visible"),
+        );
+        return;
+    };
+    if vote == Vote::ReadOnly {
+        c.fail(format!(
+            "branch {xid} wrote effect {tag} but voted ReadOnly"
+        ));
+    }
+    if fence_returned_while_paused && fenced.is_ok() {
+        c.fail(format!(
+            "fence to {epoch} returned while the prepare of {xid} was paused past its fence check, and the prepare then succeeded: the fence did not cover the prepare in flight"
+        ));
+    }
+    match c.fence_over_prepared(&r, epoch, fenced).await {
+        Fenced::Refused => {
+            c.ok("rollback after the refused fence", r.rollback(&xid).await);
+            c.ok("fence once the branch is resolved", r.fence(epoch).await);
+        }
+        Fenced::Raised => {
+            c.ensure_refused("commit by the fenced owner", &xid, r.commit(&xid).await);
+            drop(r);
+            c.new_owner_commits(subject, &xid, tag).await;
+        }
+    }
+}
+
+/// How long a fence running beside a paused prepare gets to return by itself.
+const FENCE_ALONE_MS: u64 = 1_000;
+/// How long the suite waits for any one step (a prepare, a fence) before it calls it stuck.
+const STEP_MS_MAX: u64 = 30_000;
+
 /// Replay on the standby makes the effect visible and sets `applied_lsn`; the same LSN again,
 /// or a lower one, changes nothing (not even with a different redo).
 pub async fn replay_applies_once(subject: &dyn Subject) {
@@ -320,8 +537,10 @@ pub async fn replay_applies_once(subject: &dyn Subject) {
     let (first_tag, second_tag) = (next_tag(), next_tag());
     let first = c.committed_redo(subject, &r, first_tag).await;
     let second = c.committed_redo(subject, &r, second_tag).await;
-    drop(r);
     let standby = subject.open_standby().await;
+    c.ship(&r, &standby, &first).await;
+    c.ship(&r, &standby, &second).await;
+    drop(r);
     let lsn = Lsn(c.ok("applied_lsn", standby.applied_lsn().await).0 + 10);
     c.ok("replay", standby.replay(&first, lsn).await);
     c.ensure(
@@ -363,8 +582,9 @@ pub async fn applied_lsn_survives_restart(subject: &dyn Subject) {
     let r = subject.open().await;
     let tag = next_tag();
     let redo = c.committed_redo(subject, &r, tag).await;
-    drop(r);
     let standby = subject.open_standby().await;
+    c.ship(&r, &standby, &redo).await;
+    drop(r);
     let lsn = Lsn(c.ok("applied_lsn", standby.applied_lsn().await).0 + 10);
     c.ok("replay", standby.replay(&redo, lsn).await);
     drop(standby);
@@ -374,6 +594,131 @@ pub async fn applied_lsn_survives_restart(subject: &dyn Subject) {
         subject.visible(&standby, tag).await,
         format!("effect {tag} replayed before the restart is not visible after it"),
     );
+}
+
+/// A blob shipped with content that does not hash to its id is refused (class Rejected) and
+/// nothing of it is kept, under either hash. A resource that keeps blobs stores a matching
+/// one, and gives the same bytes back from `open_blob`; one that keeps none refuses both.
+pub async fn put_blob_keeps_only_matching_content(subject: &dyn Subject) {
+    let c = Check("put_blob_keeps_only_matching_content");
+    let r = subject.open().await;
+    let seq = next_seq();
+    let good = format!("the content of a shipped blob {seq}").into_bytes();
+    let bad = format!("other content, shipped under the wrong id {seq}").into_bytes();
+    let (id, bad_id) = (BlobId::of(&good), BlobId::of(&bad));
+    match r.put_blob(&id, Box::new(std::io::Cursor::new(bad))).await {
+        Err(e) if e.class() == ErrorClass::Rejected => {}
+        Err(e) => c.fail(format!(
+            "put_blob of mismatching content failed with {e:?}, not a refusal"
+        )),
+        Ok(()) => c.fail(format!(
+            "put_blob of content hashing to {bad_id} as {id} succeeded"
+        )),
+    }
+    for shown in [id, bad_id] {
+        c.ensure(
+            r.open_blob(&shown).await.is_err(),
+            format!("blob {shown} is stored after a refused put_blob"),
+        );
+    }
+    match r
+        .put_blob(&id, Box::new(std::io::Cursor::new(good.clone())))
+        .await
+    {
+        Ok(()) => {
+            let back = c.ok("open_blob", r.open_blob(&id).await);
+            let back = c.ok("read the blob", c.read_all(back).await);
+            c.ensure(
+                back == good,
+                format!("blob {id} read back differs from what was put"),
+            );
+        }
+        Err(e) if e.class() == ErrorClass::Rejected => {
+            c.ensure(
+                r.open_blob(&id).await.is_err(),
+                format!("a resource that refused put_blob of {id} serves it"),
+            );
+        }
+        Err(e) => c.fail(format!("put_blob of matching content: {e}")),
+    }
+}
+
+/// Committed redo replayed in order on replicas — empty instances of the same kind, with
+/// storage of their own, the blobs each redo needs shipped from the primary — gives the
+/// primary's effects: replica 1 replays once; replica 2 replays the same redo twice (again at
+/// later LSNs: a redo re-applied sets the same state); replica 3 is stopped half-way through a
+/// replay by its fail point ([`Subject::fail_next_replay`]), dropped, reopened, and replays from
+/// its applied LSN on. Every replica then shows exactly the effects of the replayed
+/// transactions, and not those of a transaction that was not replayed.
+pub async fn replay_on_an_empty_instance_gives_the_same_state(subject: &dyn Subject) {
+    let c = Check("replay_on_an_empty_instance_gives_the_same_state");
+    let r = subject.open().await;
+    let tags = [next_tag(), next_tag(), next_tag()];
+    let mut redos = Vec::new();
+    for tag in tags {
+        redos.push(c.committed_redo(subject, &r, tag).await);
+    }
+    let not_replayed = next_tag();
+    c.committed_redo(subject, &r, not_replayed).await;
+    for tag in tags {
+        c.ensure(
+            subject.visible(&r, tag).await,
+            format!("effect {tag} is not visible on the primary"),
+        );
+    }
+
+    let once = subject.open_replica(1).await;
+    let base = c.ok("applied_lsn", once.applied_lsn().await);
+    c.replay_all(&r, &once, &redos, base).await;
+    c.ensure_effects(
+        subject,
+        &once,
+        "replica 1 (replayed once)",
+        &tags,
+        not_replayed,
+    )
+    .await;
+
+    let twice = subject.open_replica(2).await;
+    let base = c.ok("applied_lsn", twice.applied_lsn().await);
+    c.replay_all(&r, &twice, &redos, base).await;
+    let again = Lsn(base.0 + redos.len() as u64);
+    c.replay_all(&r, &twice, &redos, again).await;
+    c.ensure_effects(
+        subject,
+        &twice,
+        "replica 2 (replayed twice)",
+        &tags,
+        not_replayed,
+    )
+    .await;
+
+    let killed = subject.open_replica(3).await;
+    let base = c.ok("applied_lsn", killed.applied_lsn().await);
+    c.replay_all(&r, &killed, &redos[..1], base).await;
+    for redo in &redos[1..] {
+        c.ship(&r, &killed, redo).await;
+    }
+    subject.fail_next_replay(&killed).await;
+    let stopped = Lsn(base.0 + 2);
+    if killed.replay(&redos[1], stopped).await.is_ok() {
+        c.fail(format!(
+            "the replay of lsn {stopped} went through its fail point"
+        ));
+    }
+    c.ensure_applied(&killed, base.next()).await;
+    drop(killed);
+    let killed = subject.open_replica(3).await;
+    c.ensure_applied(&killed, base.next()).await;
+    c.replay_all(&r, &killed, &redos[1..], base.next()).await;
+    c.ensure_effects(
+        subject,
+        &killed,
+        "replica 3 (stopped half-way, reopened, replayed again)",
+        &tags,
+        not_replayed,
+    )
+    .await;
 }
 
 /// The node of every xid the suite makes.
@@ -477,6 +822,147 @@ impl Check {
             Err(ResourceError::Fenced { offered, current, .. }) if offered == old.epoch && current == fence => {}
             Err(other) => self.fail(format!("begin of {old} below fence {fence} failed with {other:?}, not Fenced {{ offered: {}, current: {fence} }}", old.epoch)),
             Ok(()) => self.fail(format!("begin of {old} at epoch {} succeeded below fence {fence}", old.epoch)),
+        }
+    }
+
+    /// Ships the blobs `redo` needs from `from` to `to`.
+    async fn ship(&self, from: &Arc<dyn Resource>, to: &Arc<dyn Resource>, redo: &[u8]) {
+        for id in self.ok("redo_blobs", from.redo_blobs(redo)) {
+            let content = self.ok("open_blob", from.open_blob(&id).await);
+            self.ok("put_blob", to.put_blob(&id, content).await);
+        }
+    }
+
+    /// Ships and replays `redos` on `to` at the LSNs after `base`, in order.
+    async fn replay_all(
+        &self,
+        from: &Arc<dyn Resource>,
+        to: &Arc<dyn Resource>,
+        redos: &[Vec<u8>],
+        base: Lsn,
+    ) {
+        let mut lsn = base;
+        for redo in redos {
+            lsn = lsn.next();
+            self.ship(from, to, redo).await;
+            self.ok("replay", to.replay(redo, lsn).await);
+        }
+        self.ensure_applied(to, lsn).await;
+    }
+
+    /// Every effect of `tags` is visible on `r`, and that of `absent` is not.
+    async fn ensure_effects(
+        &self,
+        subject: &dyn Subject,
+        r: &Arc<dyn Resource>,
+        what: &str,
+        tags: &[u32],
+        absent: u32,
+    ) {
+        for tag in tags {
+            self.ensure(
+                subject.visible(r, *tag).await,
+                format!("{what}: effect {tag} is not visible"),
+            );
+        }
+        self.ensure(
+            !subject.visible(r, absent).await,
+            format!("{what}: effect {absent}, never replayed, is visible"),
+        );
+    }
+
+    /// Everything `content` yields, read on the blocking pool.
+    async fn read_all(&self, mut content: crate::BlobContent) -> Result<Vec<u8>, ResourceError> {
+        let read = tokio::task::spawn_blocking(move || {
+            let mut out = Vec::new();
+            std::io::Read::read_to_end(&mut content, &mut out).map(|_| out)
+        })
+        .await;
+        match read {
+            Ok(Ok(bytes)) => Ok(bytes),
+            Ok(Err(e)) => self.fail(format!("reading a blob: {e}")),
+            Err(e) => self.fail(format!("reading a blob panicked: {e}")),
+        }
+    }
+
+    /// The verdict of a fence to `epoch` while an older branch is prepared; see [`Fenced`].
+    async fn fence_over_prepared(
+        &self,
+        r: &Arc<dyn Resource>,
+        epoch: Epoch,
+        fenced: Result<(), ResourceError>,
+    ) -> Fenced {
+        match fenced {
+            Ok(()) => {
+                let now = self.ok("fence_epoch", r.fence_epoch().await);
+                self.ensure(
+                    now >= epoch,
+                    format!("fence to {epoch} returned, the epoch is {now}"),
+                );
+                Fenced::Raised
+            }
+            Err(e) if e.class() == ErrorClass::Retryable => {
+                let now = self.ok("fence_epoch", r.fence_epoch().await);
+                self.ensure(
+                    now < epoch,
+                    format!("a fence to {epoch} that failed ({e}) raised the epoch to {now}"),
+                );
+                Fenced::Refused
+            }
+            Err(e) => self.fail(format!("fence to {epoch}: {e}")),
+        }
+    }
+
+    /// A resolution by a fenced owner must be refused (class Rejected, nothing changed).
+    #[track_caller]
+    fn ensure_refused(&self, step: &str, xid: &Xid, result: Result<(), ResourceError>) {
+        match result {
+            Err(e) if e.class() == ErrorClass::Rejected => {}
+            Err(e) => self.fail(format!("{step} of {xid} failed with {e:?}, not a refusal")),
+            Ok(()) => self.fail(format!(
+                "{step} of {xid} succeeded: an owner fenced out of epoch {} changed the resource",
+                xid.epoch
+            )),
+        }
+    }
+
+    /// A new instance (the new owner) lists the prepared `xid` and commits it.
+    async fn new_owner_commits(&self, subject: &dyn Subject, xid: &Xid, tag: u32) {
+        let r = subject.open().await;
+        self.ensure(
+            self.recover(&r).await.contains(xid),
+            format!("a new instance does not list the prepared branch {xid} of the fenced owner"),
+        );
+        self.ok("commit by the new owner", r.commit(xid).await);
+        self.ensure(
+            subject.visible(&r, tag).await,
+            format!("effect {tag} is not visible after the new owner committed it"),
+        );
+    }
+
+    /// The result of a spawned step, waited for at most [`STEP_MS_MAX`].
+    async fn joined<T>(
+        &self,
+        step: &str,
+        handle: &mut tokio::task::JoinHandle<Result<T, ResourceError>>,
+    ) -> Result<T, ResourceError> {
+        match tokio::time::timeout(Duration::from_millis(STEP_MS_MAX), &mut *handle).await {
+            Ok(joined) => self.join_result(step, joined),
+            Err(_) => {
+                handle.abort();
+                self.fail(format!("{step} did not return within {STEP_MS_MAX} ms"))
+            }
+        }
+    }
+
+    fn join_result<T>(
+        &self,
+        step: &str,
+        joined: Result<Result<T, ResourceError>, tokio::task::JoinError>,
+    ) -> Result<T, ResourceError> {
+        match joined {
+            Ok(result) => result,
+            Err(e) => self.fail(format!("{step} panicked: {e}")),
         }
     }
 

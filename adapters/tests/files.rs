@@ -9,9 +9,12 @@
 
 mod common;
 
+use std::collections::{BTreeSet, HashSet};
 use std::fs;
+use std::future::Future;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -20,8 +23,8 @@ use adapters::files::{
     FilesBranch, FilesConfig, FilesResource, INLINE_BRANCH_BYTES_MAX, INLINE_FILE_BYTES_MAX,
     PATH_BYTES_MAX, PRIVATE_DIR, RedoEntry, decode_redo, encode_redo, prepared_on_disk,
 };
-use adapters::testing::{self, Subject};
-use adapters::{Epoch, ErrorClass, Lsn, Resource, ResourceError, Vote, Xid};
+use adapters::testing::{self, Paused, Subject};
+use adapters::{Epoch, ErrorClass, Lsn, Resource, ResourceError, RetainedBlobs, Vote, Xid};
 use common::{rejected, xid_at};
 use journal::BlobId;
 
@@ -126,26 +129,32 @@ fn tag_content(tag: u32) -> String {
     format!("effect {tag}\n")
 }
 
+/// Each effect also puts a file over `INLINE_FILE_BYTES_MAX`, which goes through the blob store,
+/// so that the suite's replays ship blobs.
+fn tag_large_path(tag: u32) -> String {
+    format!("effects/{tag}.bin")
+}
+
+fn tag_large_content(tag: u32) -> Vec<u8> {
+    content_of(tag, INLINE_FILE_BYTES_MAX as usize + 1 + (tag as usize % 7))
+}
+
 #[async_trait::async_trait]
 impl Subject for FilesSubject {
     async fn open(&self) -> Arc<dyn Resource> {
         open(&self.primary())
     }
 
-    /// Opens the standby and ships it every blob of the primary, as replication will.
     async fn open_standby(&self) -> Arc<dyn Resource> {
-        let standby = open(&self.standby());
-        let blobs = self.primary().join(PRIVATE_DIR).join("blobs");
-        for fan in entries(&blobs).into_iter().filter(|p| !p.ends_with("tmp")) {
-            for blob in entries(&fan) {
-                let id: BlobId = blob.file_name().unwrap().to_str().unwrap().parse().unwrap();
-                if !standby.blob_store().contains(&id) {
-                    let stored = standby.blob_store().put(fs::File::open(&blob).unwrap());
-                    assert_eq!(stored.unwrap().id, id);
-                }
-            }
-        }
-        standby
+        open(&self.standby())
+    }
+
+    async fn open_replica(&self, n: u32) -> Arc<dyn Resource> {
+        open(&self.dir.path().join(format!("replica-{n}")))
+    }
+
+    async fn fail_next_replay(&self, resource: &Arc<dyn Resource>) {
+        files(resource).fail_next_replay();
     }
 
     async fn write(&self, resource: &Arc<dyn Resource>, xid: &Xid, tag: u32) {
@@ -155,11 +164,20 @@ impl Subject for FilesSubject {
             .put(&tag_path(tag), content.as_bytes())
             .await
             .unwrap();
+        branch
+            .put(&tag_large_path(tag), &tag_large_content(tag)[..])
+            .await
+            .unwrap();
     }
 
     async fn visible(&self, resource: &Arc<dyn Resource>, tag: u32) -> bool {
-        let path = files(resource).root().join(tag_path(tag));
-        fs::read(path).is_ok_and(|c| c == tag_content(tag).as_bytes())
+        let root = files(resource).root();
+        fs::read(root.join(tag_path(tag))).is_ok_and(|c| c == tag_content(tag).as_bytes())
+            && fs::read(root.join(tag_large_path(tag))).is_ok_and(|c| c == tag_large_content(tag))
+    }
+
+    async fn pause_prepare(&self, resource: &Arc<dyn Resource>, xid: &Xid) -> Box<dyn Paused> {
+        Box::new(files(resource).pause_prepare(xid))
     }
 }
 
@@ -1168,6 +1186,70 @@ async fn large_and_small_puts_in_one_branch_commit_and_survive_a_restart() {
     assert!(r.blob_store().contains(&BlobId::of(&large)));
 }
 
+/// A committed large file whose staged file and blob are both gone is put back (at open, or by
+/// a commit after a restart) only when the file at its path has the content the redo names —
+/// its blake3 hash, not only its length; otherwise the step is refused with `ContentLost`
+/// naming the path and the hash, and succeeds once the right content is back.
+#[tokio::test]
+async fn without_its_blob_a_file_is_accepted_only_with_the_right_content() {
+    let lost = |result: Result<(), ResourceError>, path: &str, id: BlobId| match result {
+        Err(e @ ResourceError::ContentLost { .. }) => {
+            assert_eq!(e.class(), ErrorClass::Fatal);
+            let message = e.to_string();
+            assert!(
+                message.contains(path) && message.contains(&id.to_string()),
+                "{message}"
+            );
+        }
+        other => panic!("expected ContentLost for {path}, got {other:?}"),
+    };
+    let same_length_other = |content: &[u8]| {
+        let mut other = content.to_vec();
+        other[0] ^= 0xff;
+        other
+    };
+
+    // At open, applying again a commit the last checkpoint does not cover.
+    let dir = tempfile::tempdir().unwrap();
+    let r = open(dir.path());
+    let root = r.root().to_path_buf();
+    let large = content_of(7, INLINE_FILE_BYTES_MAX as usize + 1);
+    let id = BlobId::of(&large);
+    commit_branch(&r, &[("big", &large)], &[]).await;
+    assert_no_checkpoint(&root);
+    let blob = r.blob_store().path_of(&id);
+    drop(r);
+    fs::remove_file(&blob).unwrap();
+    damage(&root, "big", &same_length_other(&large));
+    lost(
+        FilesResource::open("files", &root, config()).map(drop),
+        "big",
+        id,
+    );
+    damage(&root, "big", &large);
+    let r = open(&root);
+    assert_eq!(fs::read(root.join("big")).unwrap(), large);
+    drop(r);
+
+    // A prepared branch committed after a restart.
+    let r = open(&root);
+    let other = content_of(8, INLINE_FILE_BYTES_MAX as usize + 1);
+    let other_id = BlobId::of(&other);
+    commit_file(&r, "next", &same_length_other(&other)).await;
+    let (xid, branch) = begun(&r).await;
+    branch.put("next", &other[..]).await.unwrap();
+    r.prepare(&xid).await.unwrap();
+    let blob = r.blob_store().path_of(&other_id);
+    drop((branch, r));
+    fs::remove_file(&blob).unwrap();
+    let r = open(&root);
+    lost(r.commit(&xid).await, "next", other_id);
+    assert_eq!(r.recover().await.unwrap(), vec![xid]);
+    damage(&root, "next", &other);
+    r.commit(&xid).await.unwrap();
+    assert_eq!(fs::read(root.join("next")).unwrap(), other);
+}
+
 /// Commits a branch of `count` files of `INLINE_FILE_BYTES_MAX` bytes, put in `order`, and
 /// checks its redo: at most `INLINE_BRANCH_BYTES_MAX` inline (the first files in path order), the
 /// rest as blobs; returns the contents by path.
@@ -1438,4 +1520,158 @@ async fn a_replay_after_local_commits_is_not_undone_at_open() {
     let r = open(dir.path());
     assert_eq!(r.applied_lsn().await.unwrap(), Lsn(1));
     assert_eq!(fs::read(root.join("p")).unwrap(), b"replayed later");
+}
+
+// Blobs shipped to a standby.
+
+/// `redo_blobs` names the blob of each large put once; `put_blob` of content that does not hash
+/// to its id is refused with `BlobMismatch` and leaves nothing (no blob, no temp file); a
+/// matching one is stored and reads back through `open_blob`.
+#[tokio::test]
+async fn shipped_blobs_are_named_by_the_redo_and_checked_when_put() {
+    let dir = tempfile::tempdir().unwrap();
+    let primary = open(&dir.path().join("primary"));
+    let standby = open(&dir.path().join("standby"));
+    let large = content_of(3, INLINE_FILE_BYTES_MAX as usize + 10);
+    let (xid, branch) = begun(&primary).await;
+    branch.put("a/large", &large[..]).await.unwrap();
+    branch.put("b/large", &large[..]).await.unwrap();
+    branch.put("small", &b"inline"[..]).await.unwrap();
+    let Vote::Commit { redo } = primary.prepare(&xid).await.unwrap() else {
+        panic!("voted read-only");
+    };
+    let id = BlobId::of(&large);
+    assert_eq!(primary.redo_blobs(&redo).unwrap(), vec![id]);
+    assert!(rejected(primary.redo_blobs(b"\x09junk")).contains("malformed redo"));
+
+    let wrong = content_of(4, large.len());
+    match standby
+        .put_blob(&id, Box::new(io::Cursor::new(wrong.clone())))
+        .await
+    {
+        Err(ResourceError::BlobMismatch {
+            expected, actual, ..
+        }) => assert_eq!((expected, actual), (id, BlobId::of(&wrong))),
+        other => panic!("expected BlobMismatch, got {other:?}"),
+    }
+    assert!(standby.blob_store().list().unwrap().is_empty());
+    assert!(entries(&private(&standby).join("tmp")).is_empty());
+
+    let shipped = primary.open_blob(&id).await.unwrap();
+    standby.put_blob(&id, shipped).await.unwrap();
+    assert_eq!(standby.blob_store().list().unwrap(), vec![id]);
+    assert!(entries(&private(&standby).join("tmp")).is_empty());
+    standby.replay(&redo, Lsn(1)).await.unwrap();
+    assert_eq!(fs::read(standby.root().join("b/large")).unwrap(), large);
+    primary.rollback(&xid).await.unwrap();
+}
+
+// Blob collection.
+
+/// The coordinator's side of a collection in a test: the set it names, after running `work`
+/// (what happens while the coordinator computes its set).
+struct Retained {
+    set: HashSet<BlobId>,
+    work: tokio::sync::Mutex<Option<Pin<Box<dyn Future<Output = ()> + Send>>>>,
+}
+
+#[async_trait::async_trait]
+impl RetainedBlobs for Retained {
+    async fn retained_blobs(&self) -> Result<HashSet<BlobId>, ResourceError> {
+        let work = self.work.lock().await.take();
+        if let Some(work) = work {
+            work.await;
+        }
+        Ok(self.set.clone())
+    }
+}
+
+fn stored(r: &FilesResource) -> BTreeSet<BlobId> {
+    r.blob_store().list().unwrap().into_iter().collect()
+}
+
+/// Begins a branch putting `content` at `path` and prepares it.
+async fn prepared_put(r: &FilesResource, path: &str, content: &[u8]) -> Xid {
+    let (xid, branch) = begun(r).await;
+    branch.put(path, content).await.unwrap();
+    assert!(matches!(
+        r.prepare(&xid).await.unwrap(),
+        Vote::Commit { .. }
+    ));
+    xid
+}
+
+/// A collection removes the blobs of committed branches no retained record names and of a
+/// rolled-back branch; it keeps those a retained record names, those of a prepared branch
+/// (also one committed while the coordinator computes its set), and one that a prepare adopts
+/// — already stored, so the adoption links nothing new — while the coordinator computes its
+/// set. Committed files stay (they are links of their own), also across a reopen.
+#[tokio::test]
+async fn blob_collection_removes_only_what_nothing_needs() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = open(dir.path());
+    let large = |seed: u32| content_of(seed, INLINE_FILE_BYTES_MAX as usize + 1);
+    let id = |seed: u32| BlobId::of(&large(seed));
+
+    commit_file(&r, "committed", &large(1)).await;
+    let rolled_back = prepared_put(&r, "rolled-back", &large(2)).await;
+    r.rollback(&rolled_back).await.unwrap();
+    let prepared = prepared_put(&r, "prepared", &large(3)).await;
+    commit_file(&r, "retained", &large(4)).await;
+    commit_file(&r, "unnamed", &large(5)).await;
+    let committed_meanwhile = prepared_put(&r, "committed-meanwhile", &large(6)).await;
+    assert_eq!(stored(&r), (1..=6).map(id).collect());
+
+    // While the coordinator computes its set: a prepare adopts blob 1 again (it is stored
+    // already), and the branch of blob 6 commits.
+    let adopting = {
+        let r = r.clone();
+        async move {
+            let again = prepared_put(&r, "again", &large(1)).await;
+            r.commit(&committed_meanwhile).await.unwrap();
+            r.commit(&again).await.unwrap();
+        }
+    };
+    let retained = Retained {
+        set: [id(4)].into_iter().collect(),
+        work: tokio::sync::Mutex::new(Some(Box::pin(adopting))),
+    };
+    let collected = r.collect_blobs(&retained).await.unwrap();
+    assert_eq!(collected.removed, 2, "{collected:?}");
+    assert_eq!(stored(&r), [1, 3, 4, 6].into_iter().map(id).collect());
+
+    r.commit(&prepared).await.unwrap();
+    for (path, seed) in [
+        ("committed", 1),
+        ("retained", 4),
+        ("unnamed", 5),
+        ("again", 1),
+    ] {
+        assert_eq!(
+            fs::read(r.root().join(path)).unwrap(),
+            large(seed),
+            "{path}"
+        );
+    }
+    // Nothing open and nothing retained: every blob goes; the tree stays, across a reopen.
+    let none = Retained {
+        set: HashSet::new(),
+        work: tokio::sync::Mutex::new(None),
+    };
+    r.collect_blobs(&none).await.unwrap();
+    assert!(stored(&r).is_empty());
+    drop(r);
+    let r = open(dir.path());
+    for (path, seed) in [
+        ("committed", 1),
+        ("prepared", 3),
+        ("committed-meanwhile", 6),
+    ] {
+        assert_eq!(
+            fs::read(r.root().join(path)).unwrap(),
+            large(seed),
+            "{path}"
+        );
+    }
+    assert!(!r.root().join("rolled-back").exists());
 }

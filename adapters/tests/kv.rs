@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use adapters::kv::{
     self, KEY_BYTES_MAX, KvBranch, KvConfig, KvResource, KvWrite, decode_batch, encode_batch,
 };
-use adapters::testing::{self, Subject};
+use adapters::testing::{self, Paused, Subject};
 use adapters::{Epoch, Lsn, Resource, ResourceError, Vote, Xid};
 use common::{rejected, xid_at};
 
@@ -133,6 +133,14 @@ impl Subject for KvSubject {
         open(&self.dir.path().join("standby"))
     }
 
+    async fn open_replica(&self, n: u32) -> Arc<dyn Resource> {
+        open(&self.dir.path().join(format!("replica-{n}")))
+    }
+
+    async fn fail_next_replay(&self, resource: &Arc<dyn Resource>) {
+        kv(resource).fail_next_replay();
+    }
+
     async fn write(&self, resource: &Arc<dyn Resource>, xid: &Xid, tag: u32) {
         let branch = kv(resource).branch(xid);
         branch.insert(&tag_key(tag), &tag_value(tag)).await.unwrap();
@@ -140,6 +148,10 @@ impl Subject for KvSubject {
 
     async fn visible(&self, resource: &Arc<dyn Resource>, tag: u32) -> bool {
         kv(resource).get(&tag_key(tag)).await.unwrap() == Some(tag_value(tag))
+    }
+
+    async fn pause_prepare(&self, resource: &Arc<dyn Resource>, xid: &Xid) -> Box<dyn Paused> {
+        Box::new(kv(resource).pause_prepare(xid))
     }
 }
 
@@ -818,14 +830,26 @@ async fn a_fence_raised_after_begin_refuses_writes_and_the_prepare() {
     assert_eq!(tree_keys(&db, kv::PREPARED_TREE), Vec::<Vec<u8>>::new());
 }
 
+/// The fenced instance (the old owner) can no longer resolve a branch it prepared before the
+/// fence; an instance opened afterwards (the new owner) resolves it.
 #[tokio::test]
-async fn a_branch_prepared_before_the_fence_still_resolves() {
+async fn a_branch_prepared_before_the_fence_is_resolved_by_the_next_owner() {
     let dir = tempfile::tempdir().unwrap();
     let r = open(dir.path());
     let (xid, a) = begun(&r).await;
     a.insert(b"k", b"v").await.unwrap();
     prepared(&r, &xid).await;
     r.fence(Epoch(xid.epoch.0 + 5)).await.unwrap();
+    for result in [r.commit(&xid).await, r.rollback(&xid).await] {
+        assert!(
+            matches!(result, Err(ResourceError::Fenced { .. })),
+            "{result:?}"
+        );
+    }
+    assert_eq!(r.get(b"k").await.unwrap(), None);
+    drop((a, r));
+    let r = open(dir.path());
+    assert_eq!(r.recover().await.unwrap(), vec![xid]);
     r.commit(&xid).await.unwrap();
     assert_eq!(r.get(b"k").await.unwrap(), Some(b"v".to_vec()));
 }

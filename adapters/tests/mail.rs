@@ -24,8 +24,8 @@ use adapters::mail::{
     BRANCH_MESSAGES_MAX, INLINE_MESSAGE_BYTES_MAX, MailBranch, MailConfig, MailResource,
     MessageBuilder, PRIVATE_DIR, RedoEntry, decode_redo, encode_redo, prepared_on_disk,
 };
-use adapters::testing::{self, Subject};
-use adapters::{Epoch, ErrorClass, Lsn, Resource, ResourceError, Vote, Xid};
+use adapters::testing::{self, Paused, Subject};
+use adapters::{Epoch, ErrorClass, Lsn, Resource, ResourceError, RetainedBlobs, Vote, Xid};
 use common::{hash_all, peak_resident_bytes, rejected, xid_at};
 use journal::BlobId;
 use tokio::io::{AsyncRead, ReadBuf};
@@ -161,6 +161,15 @@ fn tag_message(tag: u32) -> Vec<u8> {
     message(&format!("effect-{tag}"))
 }
 
+/// Each effect also enqueues a message over `INLINE_MESSAGE_BYTES_MAX`, which goes through the
+/// blob store, so that the suite's replays ship blobs.
+fn tag_large_message(tag: u32) -> Vec<u8> {
+    large_message(
+        &format!("large-effect-{tag}"),
+        INLINE_MESSAGE_BYTES_MAX as usize * 2,
+    )
+}
+
 /// Ships every blob of the resource at `from` into `to`'s blob store, as replication will.
 fn ship_blobs(from: &Path, to: &MailResource) {
     let blobs = from.join(PRIVATE_DIR).join("blobs");
@@ -184,21 +193,31 @@ impl Subject for MailSubject {
     }
 
     async fn open_standby(&self) -> Arc<dyn Resource> {
-        let standby = open(&self.dir.path().join("standby"));
-        ship_blobs(&self.primary(), &standby);
-        standby
+        open(&self.dir.path().join("standby"))
+    }
+
+    async fn open_replica(&self, n: u32) -> Arc<dyn Resource> {
+        open(&self.dir.path().join(format!("replica-{n}")))
+    }
+
+    async fn fail_next_replay(&self, resource: &Arc<dyn Resource>) {
+        mail(resource).fail_next_replay();
     }
 
     async fn write(&self, resource: &Arc<dyn Resource>, xid: &Xid, tag: u32) {
         let branch = mail(resource).branch(xid);
         branch.enqueue(&tag_message(tag)[..]).await.unwrap();
+        branch.enqueue(&tag_large_message(tag)[..]).await.unwrap();
     }
 
     async fn visible(&self, resource: &Arc<dyn Resource>, tag: u32) -> bool {
-        let expected = tag_message(tag);
-        delivered(mail(resource).maildir())
-            .values()
-            .any(|content| *content == expected)
+        let delivered = delivered(mail(resource).maildir());
+        let has = |expected: Vec<u8>| delivered.values().any(|content| *content == expected);
+        has(tag_message(tag)) && has(tag_large_message(tag))
+    }
+
+    async fn pause_prepare(&self, resource: &Arc<dyn Resource>, xid: &Xid) -> Box<dyn Paused> {
+        Box::new(mail(resource).pause_prepare(xid))
     }
 }
 
@@ -1267,4 +1286,89 @@ async fn python_mailbox_finds_exactly_the_committed_messages() {
     assert_eq!(decoded["date"].as_f64(), Some(DATE_SECS as f64));
     assert_eq!(by_subject("message crlf")["subdir"], "cur");
     assert_eq!(by_subject("message lf")["subdir"], "new");
+}
+
+// Blob collection.
+
+/// The coordinator's side of a collection in a test: the set it names, after running `work`.
+struct Retained {
+    set: std::collections::HashSet<BlobId>,
+    work: tokio::sync::Mutex<Option<Pin<Box<dyn std::future::Future<Output = ()> + Send>>>>,
+}
+
+#[async_trait::async_trait]
+impl RetainedBlobs for Retained {
+    async fn retained_blobs(&self) -> Result<std::collections::HashSet<BlobId>, ResourceError> {
+        let work = self.work.lock().await.take();
+        if let Some(work) = work {
+            work.await;
+        }
+        Ok(self.set.clone())
+    }
+}
+
+fn collected_message(n: u32) -> Vec<u8> {
+    large_message(&format!("m{n}"), INLINE_MESSAGE_BYTES_MAX as usize * 2)
+}
+
+/// A branch enqueueing `collected_message(n)`, prepared.
+async fn prepared_message(r: Arc<MailResource>, n: u32) -> Xid {
+    let (xid, branch) = begun(&r).await;
+    branch.enqueue(&collected_message(n)[..]).await.unwrap();
+    prepare_vote(&r, &xid).await;
+    xid
+}
+
+/// A collection removes the blobs of delivered and rolled-back messages no retained record
+/// names, and keeps those a retained record names, those of a prepared branch, and one that a
+/// prepare adopts (already stored) while the coordinator computes its set; delivered messages
+/// stay in `new/`.
+#[tokio::test]
+async fn blob_collection_removes_only_what_nothing_needs() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = open(dir.path());
+    let large = collected_message;
+    let id = |n: u32| BlobId::of(&large(n));
+    let prepared_one = |n: u32| prepared_message(r.clone(), n);
+    let delivered_one = prepared_one(1).await;
+    r.commit(&delivered_one).await.unwrap();
+    let rolled_back = prepared_one(2).await;
+    r.rollback(&rolled_back).await.unwrap();
+    let prepared = prepared_one(3).await;
+    let retained_one = prepared_one(4).await;
+    r.commit(&retained_one).await.unwrap();
+    let stored = |r: &MailResource| -> Vec<BlobId> { r.blob_store().list().unwrap() };
+    let mut all: Vec<BlobId> = (1..=4).map(id).collect();
+    all.sort();
+    assert_eq!(stored(&r), all);
+
+    let again = {
+        let r = r.clone();
+        async move {
+            prepared_message(r, 1).await;
+        }
+    };
+    let retained = Retained {
+        set: [id(4)].into_iter().collect(),
+        work: tokio::sync::Mutex::new(Some(Box::pin(again))),
+    };
+    let collected = r.collect_blobs(&retained).await.unwrap();
+    assert_eq!(collected.removed, 1, "{collected:?}");
+    let mut kept: Vec<BlobId> = [1, 3, 4].into_iter().map(id).collect();
+    kept.sort();
+    assert_eq!(stored(&r), kept);
+    r.commit(&prepared).await.unwrap();
+    let contents: Vec<Vec<u8>> = delivered(r.maildir()).into_values().collect();
+    for n in [1, 3, 4] {
+        assert!(contents.contains(&large(n)), "message {n} is not delivered");
+    }
+    // Nothing retained: only the blob of the branch the callback prepared (still open) stays.
+    let none = Retained {
+        set: std::collections::HashSet::new(),
+        work: tokio::sync::Mutex::new(None),
+    };
+    let collected = r.collect_blobs(&none).await.unwrap();
+    assert_eq!((collected.removed, collected.kept), (2, 1));
+    assert_eq!(stored(&r), vec![id(1)]);
+    assert_eq!(delivered(r.maildir()).len(), 3);
 }

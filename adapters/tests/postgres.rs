@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 use adapters::pgtest::PgCluster;
 use adapters::postgres::{self, PostgresConfig, PostgresResource};
-use adapters::testing::{self, Subject};
+use adapters::testing::{self, Paused, Subject};
 use adapters::{Epoch, ErrorClass, Lsn, Resource, ResourceError, Vote, Xid};
 
 /// The node of the conformance suite's xids.
@@ -63,6 +63,29 @@ fn xid(n: u64, epoch: u64) -> Xid {
 struct PgSubject {
     primary: String,
     standby: String,
+    /// The database of each replica, made at its first open.
+    replicas: std::sync::Mutex<std::collections::HashMap<u32, String>>,
+}
+
+/// Makes the next replay into a database with this trigger fail at its first row, once armed
+/// (`setval('replay_fail', 1, false)`; a sequence, so arming survives the failed transaction).
+const REPLAY_FAIL_POINT: &str = "CREATE SEQUENCE replay_fail START 2;
+    CREATE FUNCTION replay_fail() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+      IF current_setting('concord.replaying', true) = 'on' AND nextval('replay_fail') = 1 THEN
+        RAISE EXCEPTION 'fail point: replay stopped half-way';
+      END IF;
+      RETURN NULL;
+    END $$;
+    CREATE TRIGGER replay_fail AFTER INSERT OR UPDATE ON effects
+      FOR EACH ROW EXECUTE FUNCTION replay_fail();";
+
+async fn connect(url: &str) -> tokio_postgres::Client {
+    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    client
 }
 
 #[async_trait::async_trait]
@@ -73,6 +96,42 @@ impl Subject for PgSubject {
 
     async fn open_standby(&self) -> Arc<dyn Resource> {
         open(&self.standby, SUITE_NODE).await
+    }
+
+    async fn open_replica(&self, n: u32) -> Arc<dyn Resource> {
+        let known = self.replicas.lock().unwrap().get(&n).cloned();
+        let url = match known {
+            Some(url) => url,
+            None => {
+                let url = database(&format!("suite_replica{n}")).await;
+                connect(&url)
+                    .await
+                    .batch_execute(REPLAY_FAIL_POINT)
+                    .await
+                    .unwrap();
+                self.replicas.lock().unwrap().insert(n, url.clone());
+                url
+            }
+        };
+        open(&url, SUITE_NODE).await
+    }
+
+    /// Arms the replica's trigger (a replica's database has one), through a branch rolled back
+    /// afterwards: `setval` is not transactional.
+    async fn fail_next_replay(&self, resource: &Arc<dyn Resource>) {
+        let arming = Xid {
+            node: SUITE_NODE,
+            epoch: resource.fence_epoch().await.unwrap(),
+            seq: 2_000_000_000,
+        };
+        resource.begin(&arming).await.unwrap();
+        pg(resource)
+            .branch(&arming)
+            .unwrap()
+            .batch_execute("SELECT setval('replay_fail', 1, false)")
+            .await
+            .unwrap();
+        resource.rollback(&arming).await.unwrap();
     }
 
     async fn write(&self, resource: &Arc<dyn Resource>, xid: &Xid, tag: u32) {
@@ -89,6 +148,77 @@ impl Subject for PgSubject {
 
     async fn visible(&self, resource: &Arc<dyn Resource>, tag: u32) -> bool {
         visible_in(resource, tag).await
+    }
+
+    /// The branch inserts a row whose deferred constraint trigger, run by `PREPARE
+    /// TRANSACTION` (after the fence check of `concord.prepare_branch`), waits for an advisory
+    /// lock that a connection of the test holds until released.
+    async fn pause_prepare(&self, resource: &Arc<dyn Resource>, xid: &Xid) -> Box<dyn Paused> {
+        let client = connect(&self.primary).await;
+        client
+            .batch_execute(
+                "CREATE TABLE IF NOT EXISTS pause_marks (k integer NOT NULL);
+                 CREATE OR REPLACE FUNCTION pause_at_prepare() RETURNS trigger LANGUAGE plpgsql
+                   AS $$ BEGIN PERFORM pg_advisory_xact_lock(7041, NEW.k); RETURN NULL; END $$;
+                 DROP TRIGGER IF EXISTS pause_at_prepare ON pause_marks;
+                 CREATE CONSTRAINT TRIGGER pause_at_prepare AFTER INSERT ON pause_marks
+                   DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION pause_at_prepare();",
+            )
+            .await
+            .unwrap();
+        let key = i32::try_from(xid.seq % 1_000_000_007).unwrap();
+        client
+            .execute("SELECT pg_advisory_lock(7041, $1)", &[&key])
+            .await
+            .unwrap();
+        pg(resource)
+            .branch(xid)
+            .unwrap()
+            .execute("INSERT INTO pause_marks VALUES ($1)", &[&key])
+            .await
+            .unwrap();
+        Box::new(PgPause { client, key })
+    }
+}
+
+/// A prepare waiting in a deferred trigger for the advisory lock `(7041, key)` that `client`
+/// holds.
+struct PgPause {
+    client: tokio_postgres::Client,
+    key: i32,
+}
+
+#[async_trait::async_trait]
+impl Paused for PgPause {
+    async fn reached(&self, within: std::time::Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let waiting: i64 = self
+                .client
+                .query_one(
+                    "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted
+                       AND classid::bigint = 7041 AND objid::bigint = $1 AND objsubid = 2
+                       AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+                    &[&i64::from(self.key)],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            if waiting > 0 {
+                return true;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    }
+
+    async fn release(&self) {
+        self.client
+            .execute("SELECT pg_advisory_unlock(7041, $1)", &[&self.key])
+            .await
+            .unwrap();
     }
 }
 
@@ -116,21 +246,9 @@ async fn postgres_resource_passes_the_conformance_suite() {
     let subject = PgSubject {
         primary: database("suite_primary").await,
         standby: database("suite_standby").await,
+        replicas: std::sync::Mutex::default(),
     };
-    // Every check of `testing::run_all` but `commit_of_unknown_xid_succeeds`: here a commit
-    // that finds neither the prepared transaction nor its marker is a heuristic hazard, never
-    // a quiet success (`postgres_safety.rs` tests it).
-    testing::prepared_branch_survives_restart(&subject).await;
-    testing::rollback_after_restart(&subject).await;
-    testing::unprepared_branch_is_gone_after_restart(&subject).await;
-    testing::commit_is_idempotent(&subject).await;
-    testing::rollback_is_idempotent(&subject).await;
-    testing::rollback_of_unknown_xid_succeeds(&subject).await;
-    testing::prepare_twice_returns_same_vote(&subject).await;
-    testing::branch_without_writes_votes_read_only(&subject).await;
-    testing::fence_refuses_lower_epochs(&subject).await;
-    testing::replay_applies_once(&subject).await;
-    testing::applied_lsn_survives_restart(&subject).await;
+    testing::run_all(&subject).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -10,6 +10,15 @@
 //! Active or Prepared → Resolving → gone  (back to where it was when the resolution fails)
 //! ```
 //!
+//! **Fences and owners.** Commit and rollback carry no epoch, so the owner of a branch is told
+//! by where it came from. A branch *begun* through this instance belongs to the coordinator
+//! that began it, at the branch's epoch; once the fence is above that epoch, that owner is
+//! fenced out, and this instance refuses to resolve the branch once it is prepared (a
+//! [`ResourceError::Fenced`]: an old primary resumed after a pause must change nothing). A
+//! branch *recovered* from disk at open belongs to whoever opened the storage — after a fence,
+//! the new owner, which resolves the in-doubt branches it inherits. Rolling back a branch that
+//! is still active (nothing of it durable) stays allowed: it changes nothing but memory.
+//!
 //! A branch with nothing to prepare votes read-only and is forgotten at once; the table
 //! remembers the last [`READ_ONLY_REMEMBERED_MAX`] such votes, so that a second prepare (a
 //! coordinator retrying) gets the same answer instead of "unknown branch".
@@ -70,6 +79,9 @@ pub(crate) enum Starting<'a, B> {
 /// A branch in the table: what the resource keeps of it, and where it is.
 struct Slot<B> {
     phase: Phase,
+    /// It was recovered from disk at open (its owner is whoever opened the storage), not begun
+    /// through this instance.
+    recovered: bool,
     /// Its prepare is durable (it is prepared, or being resolved after a prepare).
     prepared: bool,
     branch: B,
@@ -86,6 +98,7 @@ impl<B> Branches<B> {
     pub(crate) fn recovered(branches: impl IntoIterator<Item = (Xid, B)>) -> Branches<B> {
         let prepared = |branch| Slot {
             phase: Phase::Prepared,
+            recovered: true,
             prepared: true,
             branch,
         };
@@ -160,6 +173,7 @@ impl<B> Branches<B> {
                 self.read_only.retain(|x| x != xid);
                 let slot = Slot {
                     phase: Phase::Active,
+                    recovered: false,
                     prepared: false,
                     branch: new(),
                 };
@@ -259,16 +273,22 @@ impl<B> Branches<B> {
 
     /// Starts a commit (`commit`) or rollback of `xid`: returns its phase before and the branch,
     /// now being resolved; `None` when it is not open (resolved already, or never prepared
-    /// here and forgotten). An active branch can be rolled back, not committed.
+    /// here and forgotten). An active branch can be rolled back, not committed. A prepared
+    /// branch begun through this instance at an epoch below `fence` is refused: its owner is
+    /// fenced out (see the module docs).
     pub(crate) fn start_resolve(
         &mut self,
         at: &impl Instance,
         xid: &Xid,
         commit: bool,
+        fence: Epoch,
     ) -> Result<Option<(Phase, &mut B)>> {
         let Some(slot) = self.open.get_mut(xid) else {
             return Ok(None);
         };
+        if slot.prepared && !slot.recovered && xid.epoch < fence {
+            return Err(at.fenced(xid, fence));
+        }
         match slot.phase {
             Phase::Active if commit => Err(at.rejected(format!(
                 "branch {xid} is not prepared; prepare it first (one-phase commit is not supported)"
@@ -383,7 +403,7 @@ mod tests {
             ErrorClass::Retryable
         );
         assert_eq!(
-            class(table.start_resolve(&at, &one, true)),
+            class(table.start_resolve(&at, &one, true, Epoch(2))),
             ErrorClass::Retryable
         );
         // A failed prepare leaves it active and not prepared; a durable one, prepared.
@@ -408,10 +428,13 @@ mod tests {
 
         // A failed resolution goes back; a second one is refused while one runs, and so are a
         // prepare and a begin; being resolved, it is still listed as prepared (for `recover`).
-        let (previous, _) = table.start_resolve(&at, &one, true).unwrap().unwrap();
+        let (previous, _) = table
+            .start_resolve(&at, &one, true, Epoch(2))
+            .unwrap()
+            .unwrap();
         assert_eq!(previous, Phase::Prepared);
         assert_eq!(
-            class(table.start_resolve(&at, &one, false)),
+            class(table.start_resolve(&at, &one, false, Epoch(2))),
             ErrorClass::Retryable
         );
         assert_eq!(
@@ -426,9 +449,19 @@ mod tests {
         prepared.sort();
         assert_eq!(prepared, vec![xid(1, 1), one]);
         table.resolution_failed(&one, previous);
-        assert!(table.start_resolve(&at, &one, true).unwrap().is_some());
+        assert!(
+            table
+                .start_resolve(&at, &one, true, Epoch(2))
+                .unwrap()
+                .is_some()
+        );
         assert_eq!(table.remove(&one), Some(vec![7]));
-        assert!(table.start_resolve(&at, &one, true).unwrap().is_none());
+        assert!(
+            table
+                .start_resolve(&at, &one, true, Epoch(2))
+                .unwrap()
+                .is_none()
+        );
         assert_eq!(class(table.open(&at, &one)), ErrorClass::Rejected);
         assert_eq!(table.len(), 1);
 
@@ -436,10 +469,55 @@ mod tests {
         let two = xid(2, 3);
         table.begin(&at, &two, Vec::new).unwrap();
         assert_eq!(
-            class(table.start_resolve(&at, &two, true)),
+            class(table.start_resolve(&at, &two, true, Epoch(2))),
             ErrorClass::Rejected
         );
-        assert!(table.start_resolve(&at, &two, false).unwrap().is_some());
+        assert!(
+            table
+                .start_resolve(&at, &two, false, Epoch(2))
+                .unwrap()
+                .is_some()
+        );
+    }
+
+    #[test]
+    fn a_fenced_owner_cannot_resolve_its_prepared_branches_an_heir_can() {
+        let at = At(Mutex::new(Table {
+            shared: Shared::default(),
+        }));
+        let inherited = xid(1, 1);
+        let mut table: Branches<Vec<u8>> = Branches::recovered([(inherited, Vec::new())]);
+        let (prepared, active) = (xid(1, 2), xid(1, 3));
+        for x in [prepared, active] {
+            table.begin(&at, &x, || vec![1]).unwrap();
+        }
+        let has_work = |b: &Vec<u8>| !b.is_empty();
+        assert!(matches!(
+            table.start_prepare(&at, &prepared, Epoch(1), has_work),
+            Ok(Starting::Prepare(_))
+        ));
+        table.finish_prepare(&at, &prepared, true).unwrap();
+        // The fence is now 2: the owner at epoch 1 is fenced out.
+        for commit in [true, false] {
+            assert!(matches!(
+                table.start_resolve(&at, &prepared, commit, Epoch(2)),
+                Err(ResourceError::Fenced { .. })
+            ));
+        }
+        assert!(table.is_prepared(&prepared));
+        // A branch recovered at open is the opener's to resolve; an active one may go.
+        assert!(
+            table
+                .start_resolve(&at, &inherited, true, Epoch(2))
+                .unwrap()
+                .is_some()
+        );
+        assert!(
+            table
+                .start_resolve(&at, &active, false, Epoch(2))
+                .unwrap()
+                .is_some()
+        );
     }
 
     #[test]

@@ -147,13 +147,22 @@ pub(crate) trait Instance {
     }
 }
 
-/// Locks `mutex`, taking over a poisoned one (see the caveats).
-/// `Resource::fence` of a resource that keeps its fence epoch in a file: one fence at a time
-/// (`fencing`), never lowered, the file written by `write` on the blocking pool (a failure
-/// poisons the instance) before the state takes the new epoch.
+/// The **fence gate** of an instance. Every operation that changes the resource on behalf of a
+/// branch — prepare, commit, rollback — holds it shared from *before* its fence check until it
+/// is done; a fence holds it exclusively while it raises the epoch. So an operation that passed
+/// its fence check either finishes before a fence returns, or starts after it and is checked
+/// against the new epoch: after `fence(E)` returns, nothing of an epoch below E changes the
+/// resource. tokio's lock is fair: operations that arrive while a fence waits queue behind it.
+/// A fence waits for the longest operation in flight (a prepare syncing a large staged file).
+pub(crate) type Gate = tokio::sync::RwLock<()>;
+
+/// `Resource::fence` of a resource that keeps its fence epoch in a file: one fence at a time,
+/// never lowered, the file written by `write` on the blocking pool (a failure poisons the
+/// instance) before the state takes the new epoch. It holds the instance's `gate` exclusively
+/// (see [`Gate`]), so it waits for every prepare, commit and rollback in flight.
 pub(crate) async fn raise_fence<I>(
     inner: &Arc<I>,
-    fencing: &tokio::sync::Mutex<()>,
+    gate: &Gate,
     task: &'static str,
     epoch: Epoch,
     write: fn(&I, Epoch) -> Result<()>,
@@ -161,7 +170,7 @@ pub(crate) async fn raise_fence<I>(
 where
     I: Instance + Send + Sync + 'static,
 {
-    let _fencing = fencing.lock().await;
+    let _fencing = gate.write().await;
     let current = inner.fence_epoch()?;
     if epoch <= current {
         return Ok(());
@@ -174,6 +183,7 @@ where
     Ok(())
 }
 
+/// Locks `mutex`, taking over a poisoned one (see the caveats).
 pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }

@@ -10,6 +10,7 @@
 //!
 //! * [`branches`] — the table of branches and the phases every branch goes through (active,
 //!   being prepared, prepared, being resolved), with their refusals and the read-only votes.
+//! * [`collect`] — blob collection: the adoption lock, the blobs adopted meanwhile, the steps.
 //! * [`instance`] — the poison and fence checks and the error constructors of an `Inner`
 //!   (the [`instance::Instance`] trait).
 //! * [`io`] — blocking-pool work, reading a stream into a buffer, file and directory helpers,
@@ -17,6 +18,8 @@
 //! * [`state_file`] — the checksummed one-value files (`fence`, `applied_lsn`).
 //! * [`locks`] — waiting for a lock another branch holds, up to a bound, then a conflict.
 //! * [`branch_log`] — the branch log's record kinds, payloads and open/scan.
+//! * [`pauses`] — pauses a test arms inside an operation, to run a race deterministically.
+//! * [`shipping`] — blobs shipped from one instance's store into another's.
 //! * [`reader`] — the bounds-checked reader of the byte encodings (redo, batch).
 //!
 //! # Implementation caveats
@@ -26,8 +29,11 @@
 
 pub(crate) mod branch_log;
 pub(crate) mod branches;
+pub(crate) mod collect;
 pub(crate) mod instance;
 pub(crate) mod io;
 pub(crate) mod locks;
+pub(crate) mod pauses;
 pub(crate) mod reader;
+pub(crate) mod shipping;
 pub(crate) mod state_file;

@@ -487,6 +487,7 @@ fn open_db(name: &str, dir: &Path, config: &KvConfig) -> Result<sled::Db> {
     let wait = Duration::from_millis(config.open_wait_ms_max);
     let start = Instant::now();
     loop {
+        remove_half_written_snapshots(name, dir)?;
         let opened = sled::Config::new()
             .path(dir)
             .cache_capacity(config.cache_bytes)
@@ -511,6 +512,67 @@ fn open_db(name: &str, dir: &Path, config: &KvConfig) -> Result<sled::Db> {
     }
 }
 
+/// The suffix of a snapshot sled 0.34 is still writing.
+const SNAPSHOT_GENERATING_SUFFIX: &str = ".generating";
+
+/// Removes the snapshots a start of sled left half-written, which sled would otherwise read as
+/// corruption at every later open ("Read corrupted data"), so that a store whose disk filled
+/// up during a start opens again once there is room.
+///
+/// What sled 0.34.7 does (its `pagecache/snapshot.rs` and `config.rs`):
+///
+/// * It writes a snapshot only at start: `PageCache::start` → `read_snapshot_or_default` →
+///   `advance_snapshot`, which reads the last snapshot, scans the log from that snapshot's
+///   stable LSN, and, when the log went further, calls `write_snapshot` (its only caller). That
+///   writes `snap.<lsn>.generating`, syncs it, renames it to `snap.<lsn>`, and only then removes
+///   the older `snap.*` files. A failure (a full disk) returns the error from the start, and the
+///   database never serves.
+/// * `read_snapshot` takes the last name, sorted, of every `snap.*` file except `*.in___motion`
+///   (`RunningConfig::get_snapshot_files`) — a `.generating` one included, which sorts after the
+///   complete snapshot of its own and every lower LSN — and calls one of 12 bytes or fewer, or
+///   with a wrong crc, corruption.
+///
+/// A `.generating` file is therefore never needed: the start that wrote it ended before its
+/// rename, so the previous complete snapshot is still there (or there never was one, and sled
+/// scans its whole log), and everything the half-written one summed up is still in the log,
+/// which nothing wrote to since (the database never served after that start). Removing it
+/// gives sled back the state it opened from before. The removal happens only while this
+/// holds the exclusive `flock` sled itself takes on `db` (`Config::open_file`, fs2's
+/// `try_lock_exclusive`), so never under a sled starting in another process; when sled's lock
+/// is held, nothing is removed (and sled's own open reports the directory locked).
+fn remove_half_written_snapshots(name: &str, dir: &Path) -> Result<()> {
+    let db_path = dir.join("db");
+    let db = match File::open(&db_path) {
+        Ok(db) => db,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(ResourceError::io(name, "open", &db_path, &e)),
+    };
+    match db.try_lock() {
+        Ok(()) => {}
+        Err(fs::TryLockError::WouldBlock) => return Ok(()),
+        Err(fs::TryLockError::Error(e)) => {
+            return Err(ResourceError::io(name, "lock", &db_path, &e));
+        }
+    }
+    let entries = fs::read_dir(dir).map_err(|e| ResourceError::io(name, "list", dir, &e))?;
+    let mut removed = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(|e| ResourceError::io(name, "list", dir, &e))?;
+        let file_name = entry.file_name();
+        let text = file_name.to_string_lossy();
+        if text.starts_with("snap.") && text.ends_with(SNAPSHOT_GENERATING_SUFFIX) {
+            let path = entry.path();
+            fs::remove_file(&path).map_err(|e| ResourceError::io(name, "remove", &path, &e))?;
+            removed.push(text.into_owned());
+        }
+    }
+    if !removed.is_empty() {
+        sync_dir(name, dir)?;
+        tracing::warn!(resource = name, dir = %dir.display(), ?removed, "removed snapshots an earlier start of sled left half-written (a full disk or a crash during that start)");
+    }
+    Ok(())
+}
+
 /// The xids in the prepared tree of the sled directory `dir`, which is opened for this read
 /// only: `None` when another instance holds sled's lock (a running application), an empty list
 /// when there is no sled database in `dir`.
@@ -518,6 +580,7 @@ pub(super) fn prepared_on_disk(name: &str, dir: &Path) -> Result<Option<Vec<Xid>
     if !dir.join("db").is_file() {
         return Ok(Some(Vec::new()));
     }
+    remove_half_written_snapshots(name, dir)?;
     let db = match sled::Config::new().path(dir).open() {
         Ok(db) => db,
         Err(sled::Error::Io(io)) if io.to_string().contains("could not acquire lock") => {
