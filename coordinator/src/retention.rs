@@ -21,6 +21,16 @@
 //! acknowledged, so if a crash loses it together with an already removed `Commit`, the
 //! transaction is over in every resource and nothing is left for recovery to do.
 //!
+//! **Blobs.** A resource's redo may name blobs (large file content, large messages) kept in the
+//! resource's blob store so that a standby can fetch them with the record. A blob can go once no
+//! retained record names it and no branch of the resource still needs it. The resource decides
+//! the second part and removes (`Resource::collect_blobs`, whose docs give the race analysis);
+//! the coordinator answers the first ([`JournalBlobs`]: every blob the retained journal's
+//! `Commit` and `OnePhase` records name for that resource, read when the resource asks, after
+//! its own snapshot). Every record still in the journal counts, so what the retention floor
+//! holds for a standby keeps its blobs too. The checkpointer asks every resource to collect
+//! every `blob_collect_ms`.
+//!
 //! # Implementation caveats
 //!
 //! * A transaction that stays unfinished (a resource down for days) pins every segment from its
@@ -30,12 +40,14 @@
 //!   prepared branch of it brought back later by a resource restored from an old backup looks
 //!   undecided and is rolled back (`docs/failure-model.md`).
 
-use std::collections::HashMap;
-use std::sync::Mutex;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
-use adapters::{Lsn, Xid};
+use adapters::{BlobId, Lsn, Resource, ResourceError, RetainedBlobs, Xid};
 use journal::{Journal, JournalError};
+
+use crate::record::CoordRecord;
 
 /// The decision records unfinished transactions pin, by xid.
 #[derive(Debug, Default)]
@@ -131,6 +143,74 @@ impl Retention {
         }
         Ok(removed)
     }
+}
+
+/// The blobs a resource's records in the retained journal name: what [`Resource::collect_blobs`]
+/// must keep for the coordinator's sake. Read when asked, on the blocking pool.
+pub struct JournalBlobs {
+    journal: Arc<dyn JournalSource>,
+    resource: Arc<dyn Resource>,
+}
+
+/// Where [`JournalBlobs`] reads the journal (the coordinator's, shared with its runtime).
+pub(crate) trait JournalSource: Send + Sync {
+    fn journal(&self) -> &Journal;
+}
+
+impl JournalBlobs {
+    pub(crate) fn new(journal: Arc<dyn JournalSource>, resource: Arc<dyn Resource>) -> Self {
+        JournalBlobs { journal, resource }
+    }
+}
+
+#[async_trait::async_trait]
+impl RetainedBlobs for JournalBlobs {
+    async fn retained_blobs(&self) -> Result<HashSet<BlobId>, ResourceError> {
+        let journal = Arc::clone(&self.journal);
+        let resource = Arc::clone(&self.resource);
+        let name = resource.name().to_string();
+        tokio::task::spawn_blocking(move || named_blobs(journal.journal(), &*resource))
+            .await
+            .map_err(|e| ResourceError::Unavailable {
+                resource: name,
+                message: format!("read the journal for the blobs it names: {e}"),
+            })?
+    }
+}
+
+/// Every blob that `resource`'s redo in the retained journal names.
+fn named_blobs(
+    journal: &Journal,
+    resource: &dyn Resource,
+) -> Result<HashSet<BlobId>, ResourceError> {
+    let name = resource.name();
+    let unreadable = |e: &dyn std::fmt::Display| ResourceError::Unavailable {
+        resource: name.to_string(),
+        message: format!("read the journal for the blobs it names: {e}"),
+    };
+    let mut named = HashSet::new();
+    for record in journal
+        .read_from(journal.oldest_lsn())
+        .map_err(|e| unreadable(&e))?
+    {
+        let record = record.map_err(|e| unreadable(&e))?;
+        let redo =
+            match CoordRecord::decode(record.kind, &record.payload).map_err(|e| unreadable(&e))? {
+                CoordRecord::Commit { branches, .. } => branches
+                    .into_iter()
+                    .filter(|(resource, _)| resource == name)
+                    .map(|(_, redo)| redo)
+                    .collect(),
+                CoordRecord::OnePhase {
+                    resource: r, redo, ..
+                } if r == name => vec![redo],
+                _ => Vec::new(),
+            };
+        for redo in redo {
+            named.extend(resource.redo_blobs(&redo)?);
+        }
+    }
+    Ok(named)
 }
 
 #[cfg(test)]

@@ -69,7 +69,7 @@ use crate::failpoint;
 use crate::ledger::{Ledger, Verdict};
 use crate::record::{self, RecordError};
 use crate::resolve::{ResolveReport, ResolveRequest};
-use crate::retention::Retention;
+use crate::retention::{JournalBlobs, JournalSource, Retention};
 
 /// How a coordinator runs.
 #[derive(Clone, Debug)]
@@ -104,6 +104,10 @@ pub struct CoordinatorConfig {
     /// How often journal segments nothing needs any more are removed (milliseconds; 0: only at
     /// shutdown); see [`crate::retention`].
     pub checkpoint_ms: u64,
+    /// How often every resource is asked to remove the blobs that neither a retained journal
+    /// record nor a branch of its own still names (milliseconds; 0: never); see
+    /// [`crate::retention`].
+    pub blob_collect_ms: u64,
 }
 
 impl Default for CoordinatorConfig {
@@ -118,6 +122,7 @@ impl Default for CoordinatorConfig {
             one_phase: true,
             call_timeout_ms: 30_000,
             checkpoint_ms: 1_000,
+            blob_collect_ms: 60_000,
         }
     }
 }
@@ -348,6 +353,12 @@ struct Inner {
     unfinished: Arc<tokio::sync::Semaphore>,
     /// What bounds the removal of journal segments.
     retention: Retention,
+}
+
+impl JournalSource for Inner {
+    fn journal(&self) -> &Journal {
+        &self.journal
+    }
 }
 
 impl Inner {
@@ -851,24 +862,55 @@ impl Coordinator {
         }
         let weak = Arc::downgrade(&self.inner);
         let tick = Duration::from_millis(interval_ms);
+        let collect_every = match self.inner.config.blob_collect_ms {
+            0 => None,
+            ms => Some(Duration::from_millis(ms)),
+        };
         self.inner.tasks.spawn(
             &self.inner.handle,
             self.inner.stop.subscribe(),
             async move {
+                let mut collected = tokio::time::Instant::now();
                 loop {
                     tokio::time::sleep(tick).await;
                     let Some(inner) = weak.upgrade() else { return };
+                    let journal_side = Arc::clone(&inner);
                     let checkpoint = tokio::task::spawn_blocking(move || {
-                        inner.retention.checkpoint(&inner.journal)
+                        journal_side.retention.checkpoint(&journal_side.journal)
                     });
                     match checkpoint.await {
                         Ok(Ok(_)) => {}
                         Ok(Err(JournalError::Closed)) | Err(_) => return,
                         Ok(Err(e)) => tracing::error!(error = %e, "checkpoint the journal"),
                     }
+                    if collect_every.is_some_and(|every| collected.elapsed() >= every) {
+                        collected = tokio::time::Instant::now();
+                        Coordinator { inner }.collect_blobs().await;
+                    }
                 }
             },
         );
+    }
+
+    /// Asks every resource to remove the blobs nothing needs any more (see
+    /// [`crate::retention`]); returns how many each removed. A resource that fails is logged
+    /// and skipped (its blobs stay until the next round).
+    pub async fn collect_blobs(&self) -> BTreeMap<String, u64> {
+        let mut removed = BTreeMap::new();
+        for (name, c) in &self.inner.resources {
+            let source: Arc<dyn JournalSource> = Arc::clone(&self.inner) as _;
+            let retained = JournalBlobs::new(source, Arc::clone(&c.resource));
+            match c.resource.collect_blobs(&retained).await {
+                Ok(done) => {
+                    if done.removed > 0 {
+                        tracing::debug!(resource = %name, removed = done.removed, kept = done.kept, "collected blobs");
+                    }
+                    removed.insert(name.clone(), done.removed);
+                }
+                Err(e) => tracing::warn!(resource = %name, error = %e, "collect blobs"),
+            }
+        }
+        removed
     }
 
     fn start_reaper(&self) {
