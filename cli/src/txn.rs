@@ -294,8 +294,15 @@ pub fn resolve(args: ResolveArgs) -> anyhow::Result<()> {
             unopened,
         };
         let deadline = std::time::Duration::from_millis(config.call_timeout_ms);
-        let result =
-            coordinator::resolve::resolve(&journal, epoch, &resources, &request, deadline).await;
+        let result = coordinator::resolve::resolve(
+            &journal,
+            epoch,
+            &resources,
+            &request,
+            deadline,
+            &|| {},
+        )
+        .await;
         drop(resources);
         journal.close()?;
         let report = result?;
@@ -321,7 +328,9 @@ pub fn resolve(args: ResolveArgs) -> anyhow::Result<()> {
             for (resource, outcome) in &report.branches {
                 println!("  {resource}: {}", describe(outcome));
             }
-            if report.finished {
+            if report.branches.is_empty() {
+                println!("{xid}: no resource holds a branch of it: nothing to do");
+            } else if report.finished {
                 println!("{xid}: finished");
             } else {
                 println!("{xid}: still open for the branches not reached; run resolve again once they are reachable, or --forget them if lost for good");
@@ -334,21 +343,17 @@ pub fn resolve(args: ResolveArgs) -> anyhow::Result<()> {
     })
 }
 
-/// The resources `xid` involves, to be opened: for a commit, the decision's writers still to be
-/// driven; for a rollback, the resources that hold a branch of it prepared, asked without
-/// opening them. A resource that cannot be asked is returned with why, in the second list.
+/// The resources `xid` involves, to be opened: for a commit of a transaction in phase 2, the
+/// decision's writers still to be driven; otherwise (a rollback, or a commit of a transaction
+/// that already ended — a branch brought back by a restored resource) the resources that hold a
+/// branch of it prepared, asked without opening them. A resource that cannot be asked is returned with why, in the second list.
 async fn involved(
     config: &Config,
     ledger: &Ledger,
     xid: &Xid,
     commit: bool,
 ) -> (Vec<String>, Vec<(String, String)>) {
-    if commit {
-        let writers = ledger
-            .open_commits()
-            .find(|(x, _, _)| x == xid)
-            .map(|(_, _, names)| names)
-            .unwrap_or_default();
+    if commit && let Some((_, _, writers)) = ledger.open_commits().find(|(x, _, _)| x == xid) {
         return (writers, Vec::new());
     }
     let mut holders = Vec::new();
@@ -397,6 +402,9 @@ async fn holds_prepared(
 fn describe(outcome: &BranchOutcome) -> String {
     match outcome {
         BranchOutcome::Finished => "carried out".into(),
+        BranchOutcome::NotPrepared => {
+            "nothing prepared there: already resolved, or this is not the store that held it".into()
+        }
         BranchOutcome::Hazard(why) => format!("carried out, with a heuristic hazard: {why}"),
         BranchOutcome::Unreached(why) => format!("NOT reached, still open: {why}"),
         BranchOutcome::Forgotten => {
@@ -408,6 +416,7 @@ fn describe(outcome: &BranchOutcome) -> String {
 fn branch_json(resource: &str, outcome: &BranchOutcome) -> serde_json::Value {
     let (state, detail) = match outcome {
         BranchOutcome::Finished => ("finished", None),
+        BranchOutcome::NotPrepared => ("not_prepared", None),
         BranchOutcome::Hazard(why) => ("hazard", Some(why.clone())),
         BranchOutcome::Unreached(why) => ("unreached", Some(why.clone())),
         BranchOutcome::Forgotten => ("forgotten", None),

@@ -780,7 +780,12 @@ impl TxnMachine {
         let Some(outcome) = self.awaiting.take() else {
             return;
         };
-        self.phase = Phase::Finished;
+        // Without its `End` or `Abort` the `OnePhase` record is still needed (by recovery,
+        // by a standby), so the machine is not finished: it stays in doubt until the restart.
+        self.phase = match result {
+            Ok(()) => Phase::Finished,
+            Err(_) => Phase::InDoubt,
+        };
         let outcome = match (result, outcome) {
             (Err(e), Outcome::Committed { .. }) => Outcome::InDoubt {
                 error: format!(
@@ -1430,6 +1435,7 @@ mod tests {
             let mut outcome = None;
             let mut commits = 0;
             let mut steps = 0;
+            let mut outcome_unrecorded = false;
             while !pending.is_empty() {
                 steps += 1;
                 assert!(steps < 10_000, "seed {seed}: no progress");
@@ -1463,6 +1469,7 @@ mod tests {
                         Some(Event::OnePhaseAnswered { branch, result })
                     }
                     Command::AppendAbort { .. } | Command::AppendOnePhaseEnd => {
+                        outcome_unrecorded |= fail;
                         let result = if fail { Err("poisoned".into()) } else { Ok(()) };
                         Some(Event::OutcomeDurable { result })
                     }
@@ -1488,7 +1495,14 @@ mod tests {
                     pending.extend(m.on(event));
                 }
             }
-            assert_eq!(m.phase(), &Phase::Finished, "seed {seed}: {m:?}");
+            // A one-phase outcome the journal failed to record leaves the machine in doubt
+            // (its record is still needed); everything else finishes.
+            let expected = if outcome_unrecorded {
+                Phase::InDoubt
+            } else {
+                Phase::Finished
+            };
+            assert_eq!(m.phase(), &expected, "seed {seed}: {m:?}");
             match outcome {
                 Some(Outcome::Committed { .. }) => assert!(
                     m.branches()

@@ -62,8 +62,12 @@ pub struct ResolveRequest {
 /// What became of one branch.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum BranchOutcome {
-    /// Committed or rolled back as decided (or already was).
+    /// Committed or rolled back as decided.
     Finished,
+    /// Nothing of it was prepared in the resource, and the resource accepted the commit or
+    /// rollback as a no-op: the branch was already resolved there — or the resource configured
+    /// under that name is not the store that held it. Counts as done.
+    NotPrepared,
     /// Finished, but its resource reported a heuristic hazard (for instance neither the
     /// prepared branch nor its commit marker exists): a person should look.
     Hazard(String),
@@ -76,6 +80,7 @@ pub enum BranchOutcome {
 impl BranchOutcome {
     /// Whether the branch no longer holds the transaction open.
     pub fn is_done(&self) -> bool {
+        // `NotPrepared` counts: nothing is left there to resolve.
         !matches!(self, BranchOutcome::Unreached(_))
     }
 }
@@ -91,6 +96,8 @@ pub struct ResolveReport {
     pub branches: Vec<(String, BranchOutcome)>,
     /// Whether the transaction is finished (no branch left to reach).
     pub finished: bool,
+    /// The LSN of its decision record, if it has one.
+    pub decision_lsn: Option<adapters::Lsn>,
 }
 
 /// Carries out `request` on `journal` and `resources`; see the module docs.
@@ -100,13 +107,30 @@ pub async fn resolve(
     resources: &BTreeMap<String, Arc<dyn Resource>>,
     request: &ResolveRequest,
     call_timeout: Duration,
+    before_acting: &(dyn Fn() + Sync),
 ) -> Result<ResolveReport, CoordError> {
     let xid = request.xid;
     let ledger = read_ledger(journal)?;
-    check_decision(&ledger, request)?;
+    check_forget(request)?;
+    check_decision(&ledger, journal, request)?;
     let involved = involved(&ledger, resources, request, call_timeout).await;
     check_known(&ledger, &involved, request)?;
-    check_forget(request)?;
+    let decision_lsn = ledger
+        .entry(&xid)
+        .and_then(|e| e.decision.as_ref())
+        .map(|d| d.lsn());
+    if involved.is_empty() {
+        // Nothing holds a branch of it any more (an ended transaction, all resources asked):
+        // nothing to record and nothing to do.
+        return Ok(ResolveReport {
+            xid,
+            commit: request.commit,
+            branches: Vec::new(),
+            finished: true,
+            decision_lsn,
+        });
+    }
+    before_acting();
     append_resolution(journal, epoch, &ledger, request).await?;
     let mut branches = Vec::new();
     for (name, reach) in involved {
@@ -129,12 +153,18 @@ pub async fn resolve(
         commit: request.commit,
         branches,
         finished,
+        decision_lsn,
     })
 }
 
 /// The decision must agree with what the journal holds.
-fn check_decision(ledger: &Ledger, request: &ResolveRequest) -> Result<(), CoordError> {
+fn check_decision(
+    ledger: &Ledger,
+    journal: &Journal,
+    request: &ResolveRequest,
+) -> Result<(), CoordError> {
     let xid = request.xid;
+    let trimmed = journal.oldest_lsn() > adapters::Lsn(1) && ledger.entry(&xid).is_none();
     match ledger.verdict(&xid) {
         Verdict::OnePhaseOpen => Err(CoordError::Refused(format!(
             "transaction {xid} commits in one phase: its outcome is its resource's, and concord asks the resource until it answers (see `concord txn list`); there is nothing to decide by hand"
@@ -144,6 +174,10 @@ fn check_decision(ledger: &Ledger, request: &ResolveRequest) -> Result<(), Coord
                 "transaction {xid} has a durable commit decision; it cannot be rolled back (some branches may already be committed): resolve it with --commit"
             )))
         }
+        Verdict::NoDecision if request.commit && trimmed => Err(CoordError::Refused(format!(
+            "transaction {xid} has no record in the retained journal (it starts at LSN {}; older records were checkpointed away): if it is older than that, concord cannot tell whether it committed. Check the other branches' stores; presumed abort says --rollback",
+            journal.oldest_lsn()
+        ))),
         Verdict::NoDecision | Verdict::Aborted if request.commit => {
             Err(CoordError::Refused(format!(
                 "transaction {xid} has no commit decision in the journal, so it never committed (presumed abort): resolve it with --rollback"
@@ -252,7 +286,7 @@ fn check_forget(request: &ResolveRequest) -> Result<(), CoordError> {
 /// a caller that must know before it stops anything.
 pub fn check(journal: &Journal, request: &ResolveRequest) -> Result<(), CoordError> {
     check_forget(request)?;
-    check_decision(&read_ledger(journal)?, request)
+    check_decision(&read_ledger(journal)?, journal, request)
 }
 
 /// Appends the `Resolve` record, durably, unless the same resolution is there already.
@@ -315,6 +349,16 @@ async fn finish_branch(
         (Reach::Unreachable(why), _) => return BranchOutcome::Unreached(why),
         (Reach::Open, None) => return BranchOutcome::Unreached("not configured here".into()),
     };
+    let listed = within_deadline(
+        (call_timeout, name.to_string(), "recover"),
+        resource.recover(),
+    )
+    .await
+    .map(|prepared| prepared.contains(&xid));
+    let prepared = match listed {
+        Ok(prepared) => prepared,
+        Err(e) => return BranchOutcome::Unreached(e.to_string()),
+    };
     let result = if request.commit {
         let within = (call_timeout, name.to_string(), "commit");
         within_deadline(within, resource.commit(&xid)).await
@@ -323,6 +367,7 @@ async fn finish_branch(
         within_deadline(within, resource.rollback(&xid)).await
     };
     match result {
+        Ok(()) if !prepared => BranchOutcome::NotPrepared,
         Ok(()) => {
             tracing::info!(xid = %xid, resource = %name, commit = request.commit, "resolved branch");
             BranchOutcome::Finished

@@ -5,7 +5,11 @@
 //!
 //! * **Unfinished transactions** pin their decision record: a `Commit` until phase 2 has ended
 //!   (every branch acknowledged), a `OnePhase` record until its `End` or `Abort` is durable.
-//!   Recovery at the next start needs exactly those records and nothing older. A transaction
+//!   Recovery at the next start needs exactly those records and nothing older. At open,
+//!   recovery pins every transaction the ledger calls unfinished — also one it cannot drive (a
+//!   resource not configured) — and every decided transaction of which a resource still holds
+//!   a prepared branch (committed again, as a heuristic hazard, while the pin holds its
+//!   decision); the orphan sweeper pins a decided branch it finds undriven. A transaction
 //!   pins from the moment its decision is queued: before the journal assigns the record its
 //!   LSN, the pin is the lowest LSN it can get (the durable LSN plus one, read before the
 //!   append), and it is narrowed to the record's own LSN once that is durable ([`Pins`]).
@@ -49,35 +53,64 @@ use journal::{Journal, JournalError};
 
 use crate::record::CoordRecord;
 
-/// The decision records unfinished transactions pin, by xid.
+/// The decision records unfinished transactions pin. Each pin has an owner — a machine driving
+/// the transaction, recovery for a transaction nothing can drive yet, the orphan sweeper for a
+/// decided branch it reports — and one transaction may have several (recovery may drive one
+/// xid with more than one machine), so a pin is taken and let go by its [`PinId`].
 #[derive(Debug, Default)]
 pub(crate) struct Pins {
-    by_xid: Mutex<HashMap<Xid, Lsn>>,
+    inner: Mutex<PinTable>,
 }
 
+#[derive(Debug, Default)]
+struct PinTable {
+    next: u64,
+    by_id: HashMap<u64, (Xid, Lsn)>,
+}
+
+/// One pin, to narrow or let go.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(crate) struct PinId(u64);
+
 impl Pins {
-    /// Pins `xid` from `lsn` (replacing a pin it had: a lower bound narrowed to the record).
-    pub(crate) fn pin(&self, xid: Xid, lsn: Lsn) {
-        self.lock().insert(xid, lsn);
+    /// Pins `xid`'s records from `lsn` on.
+    pub(crate) fn pin(&self, xid: Xid, lsn: Lsn) -> PinId {
+        let mut table = self.lock();
+        table.next += 1;
+        let id = table.next;
+        table.by_id.insert(id, (xid, lsn));
+        PinId(id)
     }
 
-    /// `xid` no longer needs its records.
-    pub(crate) fn unpin(&self, xid: &Xid) {
-        self.lock().remove(xid);
+    /// Moves a pin to `lsn` (a lower bound narrowed to its record's LSN).
+    pub(crate) fn narrow(&self, pin: PinId, lsn: Lsn) {
+        if let Some(entry) = self.lock().by_id.get_mut(&pin.0) {
+            entry.1 = lsn;
+        }
+    }
+
+    /// Lets one pin go.
+    pub(crate) fn unpin(&self, pin: PinId) {
+        self.lock().by_id.remove(&pin.0);
+    }
+
+    /// Lets every pin of `xid` go (an operator ended the transaction).
+    pub(crate) fn unpin_xid(&self, xid: &Xid) {
+        self.lock().by_id.retain(|_, (x, _)| x != xid);
     }
 
     /// The lowest LSN pinned.
     pub(crate) fn oldest(&self) -> Option<Lsn> {
-        self.lock().values().min().copied()
+        self.lock().by_id.values().map(|(_, lsn)| *lsn).min()
     }
 
-    /// How many transactions pin.
+    /// How many pins there are.
     pub(crate) fn len(&self) -> usize {
-        self.lock().len()
+        self.lock().by_id.len()
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Xid, Lsn>> {
-        self.by_xid
+    fn lock(&self) -> std::sync::MutexGuard<'_, PinTable> {
+        self.inner
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
@@ -230,16 +263,21 @@ mod tests {
     fn the_bound_is_the_lowest_of_pins_floor_and_what_is_durable() {
         let r = Retention::default();
         assert_eq!(r.keep_from(Lsn(10)), Lsn(11));
-        r.pins.pin(xid(1), Lsn(4));
-        r.pins.pin(xid(2), Lsn(7));
+        let one = r.pins.pin(xid(1), Lsn(4));
+        let two = r.pins.pin(xid(2), Lsn(7));
         assert_eq!(r.keep_from(Lsn(10)), Lsn(4));
-        r.pins.pin(xid(1), Lsn(5));
+        r.pins.narrow(one, Lsn(5));
         assert_eq!(r.keep_from(Lsn(10)), Lsn(5), "a pin narrowed to its record");
+        // A second owner of the same xid keeps it pinned when the first lets go.
+        let again = r.pins.pin(xid(1), Lsn(5));
+        r.pins.unpin(one);
+        assert_eq!(r.keep_from(Lsn(10)), Lsn(5));
         r.hold_floor(Some(Lsn(2)));
         assert_eq!(r.keep_from(Lsn(10)), Lsn(2));
         r.hold_floor(None);
-        r.pins.unpin(&xid(1));
-        r.pins.unpin(&xid(2));
+        r.pins.unpin_xid(&xid(1));
+        r.pins.unpin(two);
         assert_eq!(r.keep_from(Lsn(10)), Lsn(11));
+        let _ = again;
     }
 }

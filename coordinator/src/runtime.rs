@@ -69,7 +69,7 @@ use crate::failpoint;
 use crate::ledger::{Ledger, Verdict};
 use crate::record::{self, RecordError};
 use crate::resolve::{ResolveReport, ResolveRequest};
-use crate::retention::{JournalBlobs, JournalSource, Retention};
+use crate::retention::{JournalBlobs, JournalSource, PinId, Retention};
 
 /// How a coordinator runs.
 #[derive(Clone, Debug)]
@@ -353,6 +353,12 @@ struct Inner {
     unfinished: Arc<tokio::sync::Semaphore>,
     /// What bounds the removal of journal segments.
     retention: Retention,
+    /// Held from open until every resource has answered `recover` (see
+    /// [`Coordinator::sweep_orphans`]): recovery could not see the prepared branches of a
+    /// resource it could not ask, so nothing it read may be removed yet.
+    startup_pin: Mutex<Option<PinId>>,
+    /// The resources that have not answered `recover` since open.
+    unanswered: Mutex<HashSet<String>>,
 }
 
 impl JournalSource for Inner {
@@ -445,6 +451,8 @@ impl Coordinator {
             orphans_rolled_back: AtomicU64::new(0),
             unfinished: Arc::new(tokio::sync::Semaphore::new(unfinished_max)),
             retention: Retention::default(),
+            startup_pin: Mutex::new(None),
+            unanswered: Mutex::new(HashSet::new()),
         });
         let coordinator = Coordinator { inner };
         let report = coordinator.recover(&ledger).await;
@@ -709,7 +717,7 @@ impl Coordinator {
             fresh: VecDeque::new(),
             calls: None,
             decision: None,
-            pinned: false,
+            pin: None,
             permit: None,
             ready: VecDeque::new(),
             commands: Vec::new(),
@@ -987,9 +995,10 @@ impl Coordinator {
         );
     }
 
-    /// One sweep: lists every resource's prepared branches, rolls back those of this node that
-    /// were unowned in the previous sweep (`suspects`) and still are, and returns the branches
-    /// unowned now (the next sweep's suspects).
+    /// One sweep: lists every resource's prepared branches, commits those of this node whose
+    /// transaction the journal says committed (no machine drives them), rolls back those that
+    /// were unowned in the previous sweep (`suspects`), still are and have no decision, and
+    /// returns the branches unowned now without a decision (the next sweep's suspects).
     ///
     /// Why a branch rolled back here never belongs to a transaction that may commit:
     ///
@@ -1001,25 +1010,25 @@ impl Coordinator {
     /// 2. A decided transaction (durable `Commit`) keeps its machine in the running map until
     ///    it is finished, through every phase-2 retry and while in doubt; recovery at open puts
     ///    one there for every `Commit` without `End`. So a branch listed as prepared whose
-    ///    machine is not running belongs to no transaction with a decision — except after an
-    ///    operator's `resolve --commit` whose branch commit failed (the machine was cancelled,
-    ///    the branch stays prepared). Step 4 covers that case.
+    ///    machine is not running belongs to no transaction with a decision — except when a
+    ///    resource brought one back (restored from a backup) or an operator's `resolve` could
+    ///    not reach it. Step 4 covers those.
     /// 3. Ownership is checked after `recover` answered: a transaction that finished between
     ///    the two looks unowned in this sweep, but its branch is resolved, so the next sweep's
     ///    `recover` does not list it again (xids never repeat), and only a branch unowned in two
     ///    sweeps in a row is rolled back.
-    /// 4. Before rolling back, the journal is read (only when there is something to roll
-    ///    back): a branch whose xid has a `Commit` record, or an operator's commit, is left
-    ///    alone and reported instead. No new decision can appear for an unowned xid, since only
-    ///    a running machine appends one.
+    /// 4. Whenever a branch is unowned, the journal is read: a branch whose xid has a decided
+    ///    commit, or an operator's commit, is committed by a machine of its own that pins the
+    ///    decision until it is done (a heuristic hazard when the transaction had ended), never
+    ///    rolled back. No new decision can appear for an unowned xid, since only a running
+    ///    machine appends one.
+    ///
+    /// When every resource has answered `recover` since open (at open or in a sweep), the
+    /// startup pin goes: what recovery could not ask a resource at open, a sweep has handled.
     async fn sweep_orphans(&self, suspects: &Suspects) -> Suspects {
-        let unowned = self.unowned_prepared().await;
-        let due: Vec<(Arc<str>, Xid)> = unowned
-            .iter()
-            .filter(|branch| suspects.contains(*branch))
-            .cloned()
-            .collect();
-        if due.is_empty() {
+        let (unowned, all_answered) = self.unowned_prepared().await;
+        if unowned.is_empty() {
+            self.release_startup_pin(all_answered);
             return unowned;
         }
         let ledger = match read_ledger(&self.inner.journal) {
@@ -1029,30 +1038,72 @@ impl Coordinator {
                 return unowned;
             }
         };
-        let mut next = unowned;
-        for (name, xid) in due {
-            if ledger.must_commit(&xid) || ledger.verdict(&xid) == Verdict::OnePhaseOpen {
-                tracing::error!(resource = %name, xid = %xid, "prepared branch has a commit decision but no transaction drives it; commit it with `concord txn resolve --commit` (recovery at the next start does too)");
+        let mut next = Suspects::new();
+        for (name, xid) in unowned {
+            if ledger.verdict(&xid) == Verdict::OnePhaseOpen {
                 continue;
             }
-            tracing::warn!(resource = %name, xid = %xid, "rolling back an orphan: a prepared branch of this node that no transaction owns and the journal has no decision for");
-            self.inner
-                .orphans_rolled_back
-                .fetch_add(1, Ordering::Relaxed);
-            next.remove(&(Arc::clone(&name), xid));
-            let (machine, commands) = TxnMachine::recovered_orphan(xid, self.inner.config.retry);
-            let mut driver =
-                self.register_machine(machine, vec![self.inner.branch(&name)], Instant::now());
-            driver.commands = commands;
-            driver.spawn(tracing::info_span!("orphan", xid = %xid, resource = %name));
+            if ledger.must_commit(&xid) {
+                self.commit_undriven(&ledger, &name, xid);
+                continue;
+            }
+            if suspects.contains(&(Arc::clone(&name), xid)) {
+                self.roll_back_orphan(&name, xid);
+            } else {
+                next.insert((name, xid));
+            }
         }
+        self.release_startup_pin(all_answered);
         next
     }
 
+    /// A prepared branch of a decided transaction that nothing drives: committed by a machine
+    /// that pins the decision.
+    fn commit_undriven(&self, ledger: &Ledger, name: &str, xid: Xid) {
+        let verdict = ledger.verdict(&xid);
+        if verdict == Verdict::Committed {
+            tracing::error!(resource = %name, xid = %xid, "heuristic hazard: a prepared branch of a transaction that ended committed; committing it again (was the resource restored from a backup?)");
+        } else {
+            tracing::warn!(resource = %name, xid = %xid, "a prepared branch of a committed transaction that no machine drives; committing it");
+        }
+        let pin = ledger.entry(&xid).map(|e| e.first_lsn);
+        let lsn = pin.unwrap_or(Lsn::ZERO);
+        let (machine, commands) =
+            TxnMachine::recovered_branch_commit(xid, lsn, self.inner.config.retry);
+        self.drive_recovered(machine, &[name.to_string()], commands, pin);
+    }
+
+    /// Rolls back an orphan (see [`Coordinator::sweep_orphans`]) by a machine of its own.
+    fn roll_back_orphan(&self, name: &Arc<str>, xid: Xid) {
+        tracing::warn!(resource = %name, xid = %xid, "rolling back an orphan: a prepared branch of this node that no transaction owns and the journal has no decision for");
+        self.inner
+            .orphans_rolled_back
+            .fetch_add(1, Ordering::Relaxed);
+        let (machine, commands) = TxnMachine::recovered_orphan(xid, self.inner.config.retry);
+        let mut driver =
+            self.register_machine(machine, vec![self.inner.branch(name)], Instant::now());
+        driver.commands = commands;
+        driver.spawn(tracing::info_span!("orphan", xid = %xid, resource = %name));
+    }
+
+    /// Lets the startup pin go once every resource has answered `recover` since open.
+    fn release_startup_pin(&self, all_answered: bool) {
+        if !all_answered {
+            return;
+        }
+        if let Some(pin) = lock(&self.inner.startup_pin).take() {
+            self.inner.retention.pins.unpin(pin);
+            tracing::info!(
+                "every resource has listed its prepared branches since open; the journal may be checkpointed past what recovery read"
+            );
+        }
+    }
+
     /// The prepared branches of this node that no open or running transaction owns, read from
-    /// every resource's `recover`. A resource whose `recover` fails is skipped (its branches
-    /// must then be found unowned twice again).
-    async fn unowned_prepared(&self) -> Suspects {
+    /// every resource's `recover`, and whether every resource has answered since open. A
+    /// resource whose `recover` fails is skipped (its branches must then be found unowned twice
+    /// again).
+    async fn unowned_prepared(&self) -> (Suspects, bool) {
         let node = self.inner.config.node;
         let mut found = Suspects::new();
         for (name, configured) in &self.inner.resources {
@@ -1060,24 +1111,28 @@ impl Coordinator {
                 .recover_within_deadline(name, &configured.resource)
                 .await
             {
-                Ok(xids) => found.extend(
-                    xids.into_iter()
-                        .filter(|xid| xid.node == node)
-                        .map(|xid| (Arc::clone(&configured.name), xid)),
-                ),
+                Ok(xids) => {
+                    lock(&self.inner.unanswered).remove(name);
+                    found.extend(
+                        xids.into_iter()
+                            .filter(|xid| xid.node == node)
+                            .map(|xid| (Arc::clone(&configured.name), xid)),
+                    )
+                }
                 Err(e) => {
                     tracing::warn!(resource = %name, error = %e, "orphan sweep: list prepared branches");
                 }
             }
         }
+        let all_answered = lock(&self.inner.unanswered).is_empty();
         if found.is_empty() {
-            return found;
+            return (found, all_answered);
         }
         let running: HashSet<Xid> = self.inner.running().iter().map(|r| r.xid).collect();
         found.retain(|(_, xid)| {
             !self.inner.open_shard(xid).contains_key(xid) && !running.contains(xid)
         });
-        found
+        (found, all_answered)
     }
 
     /// Drops a timed-out transaction's record once its caller has been told (commit or rollback).
@@ -1099,9 +1154,11 @@ impl Coordinator {
             )));
         }
         crate::resolve::check(&self.inner.journal, request)?;
-        for r in self.inner.running().iter().filter(|r| r.xid == *xid) {
-            r.cancelled.store(true, Ordering::Release);
-        }
+        let cancel = || {
+            for r in self.inner.running().iter().filter(|r| r.xid == *xid) {
+                r.cancelled.store(true, Ordering::Release);
+            }
+        };
         let resources: BTreeMap<String, Arc<dyn Resource>> = self
             .inner
             .resources
@@ -1110,13 +1167,53 @@ impl Coordinator {
             .collect();
         let epoch = self.inner.config.epoch;
         let deadline = Duration::from_millis(self.inner.config.call_timeout_ms);
-        let report =
-            crate::resolve::resolve(&self.inner.journal, epoch, &resources, request, deadline)
-                .await?;
+        let report = crate::resolve::resolve(
+            &self.inner.journal,
+            epoch,
+            &resources,
+            request,
+            deadline,
+            &cancel,
+        )
+        .await?;
         if report.finished {
-            self.inner.retention.pins.unpin(xid);
+            self.inner.retention.pins.unpin_xid(xid);
+        } else if request.commit {
+            self.drive_unreached(&report);
         }
         Ok(report)
+    }
+
+    /// After a resolution that could not reach every branch of a committed transaction: the
+    /// configured ones are driven again, as recovery would (an unconfigured one waits for a
+    /// start that has it, or for `--forget`). One machine with the `End` when every unreached
+    /// branch is configured; otherwise one per branch, without it.
+    fn drive_unreached(&self, report: &ResolveReport) {
+        let Some(lsn) = report.decision_lsn else {
+            return;
+        };
+        let unreached: Vec<&String> = report
+            .branches
+            .iter()
+            .filter(|(_, o)| !o.is_done())
+            .map(|(n, _)| n)
+            .collect();
+        let configured: Vec<String> = unreached
+            .iter()
+            .filter(|n| self.inner.resources.contains_key(n.as_str()))
+            .map(|n| n.to_string())
+            .collect();
+        let retry = self.inner.config.retry;
+        if configured.len() == unreached.len() {
+            let (machine, commands) =
+                TxnMachine::recovered_commit(report.xid, lsn, configured.len(), retry);
+            self.drive_recovered(machine, &configured, commands, Some(lsn));
+            return;
+        }
+        for name in configured {
+            let (machine, commands) = TxnMachine::recovered_branch_commit(report.xid, lsn, retry);
+            self.drive_recovered(machine, &[name], commands, Some(lsn));
+        }
     }
 
     /// Whether a machine of `xid` is preparing or deciding.
@@ -1128,7 +1225,7 @@ impl Coordinator {
             .any(|r| {
                 matches!(
                     lock(&r.machine).phase(),
-                    Phase::Active | Phase::Preparing | Phase::Deciding
+                    Phase::Active | Phase::Preparing | Phase::Deciding | Phase::OnePhase
                 )
             })
     }
@@ -1175,10 +1272,24 @@ impl Coordinator {
                 Ok(xids) => {
                     prepared.insert(name.clone(), xids);
                 }
-                Err(e) => report
-                    .problems
-                    .push(format!("resource {name}: recover failed: {e}")),
+                Err(e) => {
+                    lock(&self.inner.unanswered).insert(name.clone());
+                    report.problems.push(format!(
+                        "resource {name}: recover failed: {e}; the journal is kept from LSN {} on until it answers (the orphan sweeper asks again)",
+                        self.inner.journal.oldest_lsn()
+                    ));
+                }
             }
+        }
+        if !lock(&self.inner.unanswered).is_empty() {
+            let oldest = self.inner.journal.oldest_lsn();
+            let nobody = Xid {
+                node: 0,
+                epoch: Epoch(0),
+                seq: 0,
+            };
+            let pin = self.inner.retention.pins.pin(nobody, oldest);
+            *lock(&self.inner.startup_pin) = Some(pin);
         }
         prepared
     }
@@ -1227,6 +1338,8 @@ impl Coordinator {
             report.problems.push(format!(
                 "transaction {xid} committed in one phase in resource {name:?}, which is not configured; configure it so that concord can learn the outcome"
             ));
+            // Nothing drives it in this process: its record stays until a start that can.
+            self.inner.retention.pins.pin(xid, lsn);
             return;
         }
         let (machine, commands) =
@@ -1256,13 +1369,14 @@ impl Coordinator {
                 tracing::error!(resource = %name, xid = %xid, "{hazard}");
                 report.hazards.push(hazard);
             }
-            let lsn = ledger
-                .entry(&xid)
+            let entry = ledger.entry(&xid);
+            let lsn = entry
                 .and_then(|e| e.decision.as_ref())
                 .map_or(Lsn::ZERO, |d| d.lsn());
+            let pin = entry.map(|e| e.first_lsn);
             let (machine, commands) =
                 TxnMachine::recovered_branch_commit(xid, lsn, self.inner.config.retry);
-            self.drive_recovered(machine, &names, commands, None);
+            self.drive_recovered(machine, &names, commands, pin);
             report.recommitted.push((name.to_string(), xid));
             return;
         }
@@ -1292,10 +1406,7 @@ impl Coordinator {
         let branches = names.iter().map(|n| self.inner.branch(n)).collect();
         let mut driver = self.register_machine(machine, branches, Instant::now());
         driver.commands = commands;
-        if let Some(lsn) = pin {
-            self.inner.retention.pins.pin(xid, lsn);
-            driver.pinned = true;
-        }
+        driver.pin = pin.map(|lsn| self.inner.retention.pins.pin(xid, lsn));
         driver.spawn(tracing::info_span!("recover", xid = %xid));
     }
 }
@@ -1342,9 +1453,9 @@ struct Driver {
     ready: VecDeque<Event>,
     /// The answer for the caller, once the machine gave it.
     outcome: Option<Outcome>,
-    /// Whether this driver pins its transaction's decision record (see [`crate::retention`]):
+    /// This driver's pin of its transaction's decision record (see [`crate::retention`]):
     /// from the decision's append (or recovery) until the machine is finished.
-    pinned: bool,
+    pin: Option<PinId>,
 }
 
 /// A command in progress: it yields the event that reports its result.
@@ -1414,7 +1525,9 @@ impl Driver {
             return Poll::Ready(Some(match result {
                 Ok(lsn) => {
                     failpoint::hit("decision_durable");
-                    self.inner.retention.pins.pin(self.running.xid, lsn);
+                    if let Some(pin) = self.pin {
+                        self.inner.retention.pins.narrow(pin, lsn);
+                    }
                     Event::DecisionDurable { lsn }
                 }
                 Err(e) => Event::DecisionFailed {
@@ -1436,8 +1549,8 @@ impl Driver {
     /// Once the driver is done: a finished or cancelled machine leaves the running map.
     fn finish(&self) {
         let finished = *lock(&self.running.machine).phase() == Phase::Finished;
-        if finished && self.pinned {
-            self.inner.retention.pins.unpin(&self.running.xid);
+        if finished && let Some(pin) = self.pin {
+            self.inner.retention.pins.unpin(pin);
         }
         if finished || self.running.cancelled.load(Ordering::Acquire) {
             self.inner.running_shard(self.run).remove(&self.run);
@@ -1560,8 +1673,10 @@ impl Driver {
     /// queued (narrowed to the record's LSN once durable).
     fn pin_before_append(&mut self) {
         let bound = self.inner.journal.durable_lsn().next();
-        self.inner.retention.pins.pin(self.running.xid, bound);
-        self.pinned = true;
+        match self.pin {
+            Some(pin) => self.inner.retention.pins.narrow(pin, bound),
+            None => self.pin = Some(self.inner.retention.pins.pin(self.running.xid, bound)),
+        }
     }
 
     /// Queues a one-phase commit's `End` or `Abort` record; its durability is reported as
@@ -1742,7 +1857,25 @@ impl BranchCall {
 }
 
 /// Reads the whole retained journal into a [`Ledger`].
+///
+/// A checkpoint may remove the oldest segment while it is read; the read then starts again
+/// from the new oldest record (a few times at most).
 pub fn read_ledger(journal: &Journal) -> Result<Ledger, CoordError> {
+    const ATTEMPTS_MAX: usize = 4;
+    let mut attempt = 1;
+    loop {
+        match read_ledger_once(journal) {
+            Err(CoordError::Journal(JournalError::LsnNotRetained { .. }))
+                if attempt < ATTEMPTS_MAX =>
+            {
+                attempt += 1;
+            }
+            other => return other,
+        }
+    }
+}
+
+fn read_ledger_once(journal: &Journal) -> Result<Ledger, CoordError> {
     let mut ledger = Ledger::new();
     for record in journal.read_from(journal.oldest_lsn())? {
         let record = record?;

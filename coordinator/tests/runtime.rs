@@ -41,6 +41,8 @@ struct Mem {
     lose_answers: AtomicU32,
     /// One phase: the next answers to "what became of it" fail, this many times.
     outcome_failures: AtomicU32,
+    /// While set, `recover` fails.
+    fail_recover: AtomicBool,
 }
 
 /// An operator's resolution of `xid` by "ops", forgetting nothing.
@@ -133,6 +135,12 @@ impl Resource for Mem {
         Ok(())
     }
     async fn recover(&self) -> Result<Vec<Xid>, ResourceError> {
+        if self.fail_recover.load(Ordering::SeqCst) {
+            return Err(ResourceError::Unavailable {
+                resource: self.name.clone(),
+                message: "recover refused by the test".into(),
+            });
+        }
         Ok(self.prepared.lock().unwrap().iter().copied().collect())
     }
     async fn fence(&self, _epoch: Epoch) -> Result<(), ResourceError> {
@@ -670,17 +678,26 @@ async fn the_orphan_sweeper_rolls_back_only_undecided_unowned_branches_of_this_n
         matches!(&resolved.branches[..], [(name, BranchOutcome::Unreached(_))] if name == "a"),
         "{resolved:?}"
     );
+    // The branch it could not reach is driven again, as recovery would.
     assert!(
-        eventually(Duration::from_secs(5), || c.list().is_empty()).await,
+        eventually(Duration::from_secs(5), || c
+            .list()
+            .iter()
+            .any(|t| t.xid == decided && t.state == "committing"))
+        .await,
         "{:?}",
         c.list()
     );
-    // Ten sweeps later, neither the decided branch nor the other node's was touched.
+    // Ten sweeps later, neither the decided branch nor the other node's was rolled back.
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(a.rolled_back(), vec![orphan]);
     assert!(a.prepared.lock().unwrap().contains(&decided));
     assert!(a.prepared.lock().unwrap().contains(&foreign));
     assert_eq!(c.orphans_rolled_back(), 1);
+    // Once the resource takes commits again, the transaction finishes.
+    a.commit_failures.store(0, Ordering::Relaxed);
+    assert!(c.wait_settled(Duration::from_secs(5)).await);
+    assert!(!a.prepared.lock().unwrap().contains(&decided));
     assert!(c.shutdown(Duration::from_secs(5)).await);
 }
 
@@ -1241,6 +1258,130 @@ async fn commit_many_until_segments(c: &Coordinator, dir: &std::path::Path, segm
         }
         let xid = c.begin();
         c.join(&xid, "a").await.unwrap();
+        c.commit(&xid).await.unwrap();
+    }
+    panic!("the journal never reached {segments} segments");
+}
+
+/// Appends `records` to the small-segment journal in `dir`.
+fn append_small(dir: &std::path::Path, records: &[CoordRecord]) {
+    let j = small_segments(dir);
+    for record in records {
+        j.append(Epoch(1), record.kind(), &record.encode())
+            .unwrap()
+            .wait()
+            .unwrap();
+    }
+}
+
+fn checkpointing() -> CoordinatorConfig {
+    CoordinatorConfig {
+        checkpoint_ms: 20,
+        orphan_sweep_ms: 50,
+        ..config()
+    }
+}
+
+/// While a resource could not list its prepared branches, the checkpoint removes nothing
+/// recovery read; and the decision of a transaction that ended committed stays while a
+/// resource holds a branch of it that cannot be committed yet.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_checkpoint_keeps_the_decision_of_a_branch_committed_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let ended = seq(60);
+    append_small(
+        dir.path(),
+        &[
+            CoordRecord::Commit {
+                xid: ended,
+                at_ms: 0,
+                branches: vec![("a".into(), b"r".to_vec())],
+            },
+            CoordRecord::End { xid: ended },
+        ],
+    );
+    let a = Mem::new("a");
+    let b = Mem::new("b");
+    a.prepared.lock().unwrap().insert(ended);
+    a.commit_failures.store(u32::MAX, Ordering::Relaxed);
+    b.fail_recover.store(true, Ordering::SeqCst);
+    let resources = vec![
+        Arc::clone(&a) as Arc<dyn Resource>,
+        Arc::clone(&b) as Arc<dyn Resource>,
+    ];
+    let (c, report) = Coordinator::open(checkpointing(), small_segments(dir.path()), resources)
+        .await
+        .unwrap();
+    assert_eq!(report.recommitted, vec![("a".to_string(), ended)]);
+    commit_many_until_segments_on(&c, dir.path(), 4, "b").await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        c.journal().oldest_lsn(),
+        Lsn(1),
+        "removed while b never answered"
+    );
+    // b answers: the startup pin goes, but the ended transaction's decision stays.
+    b.fail_recover.store(false, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        c.journal().oldest_lsn(),
+        Lsn(1),
+        "a needed decision was removed"
+    );
+    // The branch commits at last: nothing pins the first segment any more.
+    a.commit_failures.store(0, Ordering::Relaxed);
+    assert!(
+        eventually(Duration::from_secs(5), || c.journal().oldest_lsn() > Lsn(1)).await,
+        "nothing was removed once the branch committed"
+    );
+    assert!(a.committed().contains(&ended));
+    c.shutdown(Duration::from_secs(5)).await;
+}
+
+/// A `OnePhase` record whose resource is not configured stays: a start that has the resource
+/// must still learn its outcome.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_checkpoint_keeps_a_one_phase_record_nothing_can_ask_about() {
+    let dir = tempfile::tempdir().unwrap();
+    let lone = seq(61);
+    append_small(
+        dir.path(),
+        &[CoordRecord::OnePhase {
+            xid: lone,
+            at_ms: 0,
+            resource: "gone".into(),
+            redo: b"r".to_vec(),
+        }],
+    );
+    let b = Mem::new("b");
+    let resources = vec![Arc::clone(&b) as Arc<dyn Resource>];
+    let (c, _) = Coordinator::open(checkpointing(), small_segments(dir.path()), resources)
+        .await
+        .unwrap();
+    commit_many_until_segments_on(&c, dir.path(), 4, "b").await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        c.journal().oldest_lsn(),
+        Lsn(1),
+        "the one-phase record was removed"
+    );
+    c.shutdown(Duration::from_secs(5)).await;
+}
+
+/// Commits through resource `name` alone until the journal in `dir` has at least `segments`
+/// segments.
+async fn commit_many_until_segments_on(
+    c: &Coordinator,
+    dir: &std::path::Path,
+    segments: usize,
+    name: &str,
+) {
+    for _ in 0..20_000 {
+        if segment_count(dir) >= segments {
+            return;
+        }
+        let xid = c.begin();
+        c.join(&xid, name).await.unwrap();
         c.commit(&xid).await.unwrap();
     }
     panic!("the journal never reached {segments} segments");
