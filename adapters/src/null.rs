@@ -16,6 +16,8 @@ use crate::{Epoch, Lsn, Resource, ResourceError, Vote, Xid};
 /// A resource whose branches do nothing; see the module docs.
 pub struct NullResource {
     name: String,
+    /// Bytes of redo each branch votes with (zeros; nothing replays it).
+    redo_bytes: usize,
     state: Mutex<NullState>,
 }
 
@@ -29,8 +31,15 @@ struct NullState {
 impl NullResource {
     /// A null resource named `name`.
     pub fn new(name: &str) -> NullResource {
+        NullResource::with_redo_bytes(name, 0)
+    }
+
+    /// A null resource whose branches vote with `redo_bytes` of redo, so that the journal's
+    /// records are the size a real resource's would be.
+    pub fn with_redo_bytes(name: &str, redo_bytes: usize) -> NullResource {
         NullResource {
             name: name.to_string(),
+            redo_bytes,
             state: Mutex::new(NullState::default()),
         }
     }
@@ -64,7 +73,9 @@ impl Resource for NullResource {
 
     async fn prepare(&self, xid: &Xid) -> Result<Vote, ResourceError> {
         self.state().prepared.insert(*xid);
-        Ok(Vote::Commit { redo: Vec::new() })
+        Ok(Vote::Commit {
+            redo: vec![0; self.redo_bytes],
+        })
     }
 
     async fn commit(&self, xid: &Xid) -> Result<(), ResourceError> {

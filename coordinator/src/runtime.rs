@@ -417,6 +417,18 @@ impl Coordinator {
         journal: Journal,
         resources: Vec<Arc<dyn Resource>>,
     ) -> Result<(Coordinator, RecoveryReport), CoordError> {
+        let ledger = read_ledger(&journal)?;
+        Coordinator::open_recovered(config, journal, ledger, resources).await
+    }
+
+    /// [`Coordinator::open`] with the ledger already read — by [`open_journal`], in the same
+    /// pass that opened the journal. `ledger` must hold every record of `journal`.
+    pub async fn open_recovered(
+        config: CoordinatorConfig,
+        journal: Journal,
+        ledger: Ledger,
+        resources: Vec<Arc<dyn Resource>>,
+    ) -> Result<(Coordinator, RecoveryReport), CoordError> {
         let resources: BTreeMap<String, Configured> = resources
             .into_iter()
             .map(|resource| {
@@ -428,7 +440,6 @@ impl Coordinator {
                 (name, configured)
             })
             .collect();
-        let ledger = read_ledger(&journal)?;
         let now_micros = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_micros() as u64)
@@ -1853,6 +1864,46 @@ impl BranchCall {
             },
             (_, result) => Event::Resolved { branch, result },
         }
+    }
+}
+
+/// The coordinator journal's segment size: a checkpoint removes whole segments, so what a start
+/// reads after a long history is at most about one segment more than what unfinished
+/// transactions pin; 16 MiB keeps that small while holding the largest record
+/// (`record_bytes_max`, 8 MiB).
+pub const SEGMENT_BYTES_MAX: u64 = 16 << 20;
+
+/// The configuration of a coordinator's journal in `dir` (created when missing).
+pub fn journal_config() -> journal::JournalConfig {
+    journal::JournalConfig {
+        create_if_missing: true,
+        segment_bytes_max: SEGMENT_BYTES_MAX,
+        ..journal::JournalConfig::default()
+    }
+}
+
+/// Opens the coordinator's journal in `dir` and reads its ledger in the same pass (each record
+/// read and checked once). Blocking: run it on the blocking pool.
+pub fn open_journal(
+    dir: &std::path::Path,
+    config: journal::JournalConfig,
+) -> Result<(Journal, Ledger), CoordError> {
+    let mut ledger = Ledger::new();
+    let mut unreadable = None;
+    let journal = Journal::open_visiting(dir, config, |record| {
+        if unreadable.is_some() {
+            return;
+        }
+        if let Err(e) = ledger.apply_raw(record.lsn, record.kind, &record.payload) {
+            unreadable = Some(e);
+        }
+    })?;
+    match unreadable {
+        Some(e) => Err(CoordError::Record {
+            lsn: e.lsn,
+            error: e.error,
+        }),
+        None => Ok((journal, ledger)),
     }
 }
 

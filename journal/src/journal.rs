@@ -550,6 +550,19 @@ pub struct JournalStats {
 impl Journal {
     /// Opens (and recovers) the journal in `dir`. See the module docs for what recovery does.
     pub fn open(dir: impl AsRef<Path>, config: JournalConfig) -> Result<Journal> {
+        Journal::open_visiting(dir, config, |_| {})
+    }
+
+    /// [`Journal::open`], showing `visit` every retained record in LSN order as the opening scan
+    /// checks it — so that a caller that needs to read the whole journal at start (the
+    /// coordinator's ledger) reads and checks it once. `visit` sees exactly the records the
+    /// opened journal holds (a torn tail is not shown); if opening fails, what it saw counts
+    /// for nothing.
+    pub fn open_visiting(
+        dir: impl AsRef<Path>,
+        config: JournalConfig,
+        visit: impl FnMut(&Record),
+    ) -> Result<Journal> {
         config.validate()?;
         let waiter_spin = Duration::from_micros(config.waiter_spin_us_max);
         let dir = dir.as_ref().to_path_buf();
@@ -557,7 +570,7 @@ impl Journal {
         // Refuse a foreign directory before leaving a LOCK file in it.
         segment::list_dir(&dir)?;
         let lock_file = take_lock(&dir, Duration::from_millis(config.lock_wait_ms_max))?;
-        let mut report = scan::scan_dir(&dir, config.record_bytes_max, |_| {})?;
+        let mut report = scan::scan_dir(&dir, config.record_bytes_max, visit)?;
         if let Some(start) = config.start_after.filter(|_| report.segments.is_empty()) {
             // A new journal seeded at a position of another one's history.
             report.last_lsn = start.lsn;

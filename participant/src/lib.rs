@@ -51,7 +51,7 @@ use adapters::postgres::{PgBranch, PostgresResource};
 use coordinator::{
     CoordError, Coordinator, CoordinatorConfig, Outcome, RecoveryReport, RetryPolicy,
 };
-use journal::{Epoch, Journal, JournalConfig};
+use journal::Epoch;
 
 pub use adapters::mail::{Enqueued, MessageBuilder};
 pub use config::{Config, ConfigError, ResourceConfig};
@@ -101,14 +101,8 @@ impl Concord {
     /// [`coordinator::runtime`]). Must be called inside a tokio runtime.
     pub async fn open(config: Config) -> Result<Concord, ConcordError> {
         let journal_dir = config.data_dir.join("journal");
-        let journal = tokio::task::spawn_blocking(move || {
-            Journal::open(
-                &journal_dir,
-                JournalConfig {
-                    create_if_missing: true,
-                    ..JournalConfig::default()
-                },
-            )
+        let (journal, ledger) = tokio::task::spawn_blocking(move || {
+            coordinator::runtime::open_journal(&journal_dir, coordinator::runtime::journal_config())
         })
         .await
         .map_err(|e| CoordError::Refused(format!("open journal: {e}")))??;
@@ -124,7 +118,7 @@ impl Concord {
             ..CoordinatorConfig::default()
         };
         let (coordinator, recovery) =
-            Coordinator::open(coordinator_config, journal, resources).await?;
+            Coordinator::open_recovered(coordinator_config, journal, ledger, resources).await?;
         Ok(Concord {
             coordinator,
             recovery: Arc::new(recovery),
