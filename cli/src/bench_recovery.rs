@@ -268,6 +268,8 @@ async fn retained(bytes: u64, runs: usize) -> anyhow::Result<(u64, f64, f64)> {
             && let Some(appending) = last.take()
         {
             appending.await?;
+            // Count what is on disk (records with their framing), not payloads.
+            written = dir_bytes(&dir)?;
         }
     }
     if let Some(appending) = last {
