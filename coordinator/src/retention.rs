@@ -12,7 +12,7 @@
 //!   decision); the orphan sweeper pins a decided branch it finds undriven. A transaction
 //!   pins from the moment its decision is queued: before the journal assigns the record its
 //!   LSN, the pin is the lowest LSN it can get (the durable LSN plus one, read before the
-//!   append), and it is narrowed to the record's own LSN once that is durable ([`Pins`]).
+//!   append), and it is narrowed to the record's own LSN once that is durable (`Pins`).
 //! * **The retention floor** holds everything from an LSN on for other parts of concord: a
 //!   standby holds it at the LSN it has acknowledged, so that records (and the blobs they name)
 //!   stay until it has them ([`Retention::hold_floor`]).
@@ -20,7 +20,10 @@
 //!
 //! Every `checkpoint_ms` the coordinator removes the whole segments below the lowest of these
 //! ([`journal::Journal::remove_segments_below`], oldest first, each removal synced; the segment
-//! being written is never removed), and once more at shutdown. The `End` record of a two-phase
+//! being written is never removed), and once more at shutdown. Each checkpoint also asks the
+//! journal to start a new segment with the next record once the current one holds
+//! [`ROLL_BYTES_MIN`], so that finished records do not wait in a filling segment: a start reads
+//! about what was written since the last checkpoint, whatever the history before it. The `End` record of a two-phase
 //! transaction needs no durability before its pin goes: it is appended after every branch
 //! acknowledged, so if a crash loses it together with an already removed `Commit`, the
 //! transaction is over in every resource and nothing is left for recovery to do.
@@ -52,6 +55,11 @@ use adapters::{BlobId, Lsn, Resource, ResourceError, RetainedBlobs, Xid};
 use journal::{Journal, JournalError};
 
 use crate::record::CoordRecord;
+
+/// The least a segment holds before a checkpoint has the journal start the next one: what a
+/// start reads of finished transactions is about what was written since the last checkpoint,
+/// or this, whichever is more — not a whole 16 MiB segment.
+pub const ROLL_BYTES_MIN: u64 = 1 << 20;
 
 /// The decision records unfinished transactions pin. Each pin has an owner — a machine driving
 /// the transaction, recovery for a transaction nothing can drive yet, the orphan sweeper for a
@@ -166,6 +174,10 @@ impl Retention {
     pub fn checkpoint(&self, journal: &Journal) -> Result<usize, JournalError> {
         let keep_from = self.keep_from(journal.durable_lsn());
         let removed = journal.remove_segments_below(keep_from)?;
+        // Whole segments only: so that what finished since does not wait in the segment being
+        // written until it fills, the next record starts a new one once this one holds
+        // `ROLL_BYTES_MIN`.
+        journal.request_roll(ROLL_BYTES_MIN);
         if removed > 0 {
             tracing::debug!(
                 removed,

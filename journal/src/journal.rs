@@ -105,6 +105,9 @@ struct Shared {
     durable: AtomicU64,
     /// Waiters for the durable LSN to pass a value.
     watch: DurableWatch,
+    /// A requested rollover ([`Journal::request_roll`]): the next write starts a new segment
+    /// once the current one holds at least this many bytes (0: none requested).
+    roll_at_bytes: AtomicU64,
     gate: Arc<SpinGate>,
     /// Set by the appender that puts the first record in an empty queue; lets an idle flusher
     /// notice work while spinning, without a wake-up.
@@ -622,6 +625,7 @@ impl Journal {
             config,
             work: Condvar::new(),
             watch: DurableWatch::default(),
+            roll_at_bytes: AtomicU64::new(0),
             segments: RwLock::new(segments),
             durable: AtomicU64::new(report.last_lsn.0),
             has_work: AtomicBool::new(false),
@@ -809,6 +813,16 @@ impl Journal {
             .unwrap_or_else(PoisonError::into_inner)
             .clone();
         JournalReader::new(segments, from, upto, self.shared.config.record_bytes_max)
+    }
+
+    /// Asks for the next record to start a new segment if the one being written then holds at
+    /// least `min_bytes` (headers included; at least one record). A checkpoint that can only
+    /// remove whole segments uses it, so that the records it no longer needs do not stay in
+    /// the segment being written. Ignored when a later request replaces it.
+    pub fn request_roll(&self, min_bytes: u64) {
+        self.shared
+            .roll_at_bytes
+            .store(min_bytes.max(1), Ordering::Release);
     }
 
     /// The last durable LSN (`Lsn::ZERO` when nothing was ever appended).
@@ -1269,6 +1283,7 @@ impl SegmentWriter {
     /// batch.
     fn write_batch(&mut self, shared: &Shared, buf: &[u8], count: u32, sync: bool) -> Result<Lsn> {
         self.clear_clean_mark()?;
+        self.roll_if_requested(shared, frame_epoch(buf))?;
         let first = self.next_lsn;
         debug_assert_eq!(
             frame_lsn(buf),
@@ -1295,6 +1310,20 @@ impl SegmentWriter {
         stats.batches.fetch_add(1, Ordering::Relaxed);
         stats.bytes.fetch_add(buf.len() as u64, Ordering::Relaxed);
         Ok(first)
+    }
+
+    /// Starts a new segment before this write when one was requested and the current segment
+    /// holds at least the bytes asked for: the current one is synced first (whole segments
+    /// before new ones), exactly as at a rollover for size.
+    fn roll_if_requested(&mut self, shared: &Shared, epoch: Epoch) -> Result<()> {
+        let at = shared.roll_at_bytes.load(Ordering::Acquire);
+        let holds_records = self.offset > segment::SEGMENT_HEADER_BYTES as u64;
+        if at == 0 || !holds_records || self.offset < at {
+            return Ok(());
+        }
+        shared.roll_at_bytes.store(0, Ordering::Release);
+        self.sync(shared)?;
+        self.roll(shared, epoch)
     }
 
     /// Removes the clean-close mark, durably, before the first write of this process: from now on
