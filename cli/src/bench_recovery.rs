@@ -52,7 +52,7 @@ pub struct RecoveryBenchArgs {
     #[arg(long, default_value_t = 64)]
     pub clients: usize,
     /// Opens measured after each history (the median counts).
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = 21)]
     pub runs: usize,
     /// Size of the retained journal, in MiB (0: skip that part).
     #[arg(long, default_value_t = 1024)]
@@ -95,8 +95,11 @@ pub fn run(args: RecoveryBenchArgs) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     runtime.block_on(async {
-        let (small_open_ms, small_journal_bytes) = history(&args, args.small).await?;
-        let (large_open_ms, large_journal_bytes) = history(&args, args.large).await?;
+        let small = history(&args, args.small).await?;
+        let large = history(&args, args.large).await?;
+        let small_journal_bytes = dir_bytes(&small.1)?;
+        let large_journal_bytes = dir_bytes(&large.1)?;
+        let (small_open_ms, large_open_ms) = median_opens(&small.1, &large.1, args.runs).await?;
         let (retained_bytes, retained_journal_open_ms, retained_open_ms) = match args.retained_mib {
             0 => (0, None, None),
             mib => {
@@ -160,9 +163,12 @@ fn journal_config() -> JournalConfig {
     coordinator::runtime::journal_config()
 }
 
-/// Commits `transactions` in a fresh directory, shuts down, and measures the opens after it:
-/// (median open in ms, journal bytes left).
-async fn history(args: &RecoveryBenchArgs, transactions: usize) -> anyhow::Result<(f64, u64)> {
+/// Commits `transactions` in a fresh directory and shuts down: the directory (removed on drop)
+/// and the journal's path in it.
+async fn history(
+    args: &RecoveryBenchArgs,
+    transactions: usize,
+) -> anyhow::Result<(tempfile::TempDir, std::path::PathBuf)> {
     let temp = tempfile::Builder::new()
         .prefix("concord-bench-recovery-")
         .tempdir()?;
@@ -174,8 +180,23 @@ async fn history(args: &RecoveryBenchArgs, transactions: usize) -> anyhow::Resul
     if !coordinator.shutdown(Duration::from_secs(60)).await {
         bail!("the coordinator did not shut down within 60 s");
     }
-    let median = median_open_ms(&dir, args.runs).await?;
-    Ok((median, dir_bytes(&dir)?))
+    Ok((temp, dir))
+}
+
+/// Opens the coordinator on `small` and on `large` by turns, `runs` times each (so that the
+/// machine's drift weighs on both alike): the median open of each, in ms.
+async fn median_opens(small: &Path, large: &Path, runs: usize) -> anyhow::Result<(f64, f64)> {
+    let mut times = (Vec::with_capacity(runs), Vec::with_capacity(runs));
+    for _ in 0..runs {
+        times.0.push(open_once_ms(small).await?);
+        times.1.push(open_once_ms(large).await?);
+    }
+    Ok((median(times.0), median(times.1)))
+}
+
+fn median(mut times: Vec<f64>) -> f64 {
+    times.sort_by(f64::total_cmp);
+    times[times.len() / 2]
 }
 
 /// `transactions` commits of the four branches from `clients` tasks.
@@ -208,27 +229,24 @@ async fn commit_many(
     Ok(())
 }
 
-/// Opens the coordinator on `dir` `runs` times and returns the median time to open, in ms.
-async fn median_open_ms(dir: &Path, runs: usize) -> anyhow::Result<f64> {
-    let mut times = Vec::with_capacity(runs);
-    for _ in 0..runs {
-        let started = Instant::now();
-        let (journal, ledger) = open_journal_blocking(dir).await?;
-        let (coordinator, report) = Coordinator::open_recovered(
-            CoordinatorConfig::default(),
-            journal,
-            ledger,
-            null_resources(),
-        )
-        .await?;
-        times.push(started.elapsed().as_secs_f64() * 1000.0);
-        if !report.problems.is_empty() {
-            bail!("recovery reported problems: {:?}", report.problems);
-        }
-        coordinator.shutdown(Duration::from_secs(60)).await;
+/// Opens the coordinator on `dir` the way `Concord::open` does and shuts it down: the time to
+/// open, in ms.
+async fn open_once_ms(dir: &Path) -> anyhow::Result<f64> {
+    let started = Instant::now();
+    let (journal, ledger) = open_journal_blocking(dir).await?;
+    let (coordinator, report) = Coordinator::open_recovered(
+        CoordinatorConfig::default(),
+        journal,
+        ledger,
+        null_resources(),
+    )
+    .await?;
+    let ms = started.elapsed().as_secs_f64() * 1000.0;
+    if !report.problems.is_empty() {
+        bail!("recovery reported problems: {:?}", report.problems);
     }
-    times.sort_by(f64::total_cmp);
-    Ok(times[times.len() / 2])
+    coordinator.shutdown(Duration::from_secs(60)).await;
+    Ok(ms)
 }
 
 /// Writes `bytes` of `Commit` + `End` records straight into a journal (nothing removes them:

@@ -235,7 +235,10 @@ impl Ledger {
             "records out of LSN order"
         );
         self.last_lsn = Some(lsn);
-        let xid = record.xid();
+        let Some(xid) = record.xid() else {
+            // A `Checkpoint`: about no transaction.
+            return None;
+        };
         let seq = self.max_seq.entry(xid.node).or_default();
         *seq = (*seq).max(xid.seq);
         let entry = self.entries.entry(xid).or_insert_with(|| Entry {
@@ -307,6 +310,7 @@ impl Ledger {
                 });
                 None
             }
+            CoordRecord::Checkpoint { .. } => None,
         }
     }
 

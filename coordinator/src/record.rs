@@ -8,6 +8,7 @@
 //! | 4 | `OnePhase { xid, at_ms, resource, redo }` | a lone branch is about to commit in one phase: durable before its commit, while it holds its locks |
 //! | 5 | `Abort { xid, reason }` | the branch of a `OnePhase` record did not commit (durable before the caller hears it) |
 //! | 6 | `Forget { xid, resource, operator, reason, at_ms }` | an operator ended a branch whose resource is lost for good (a heuristic hazard: its outcome there is unknown) |
+//! | 7 | `Checkpoint { at_ms }` | a shutdown's last record, written after asking the journal for a new segment, so that the checkpoint can remove every finished record before it; about no transaction |
 //!
 //! Presumed abort: a transaction with no `Commit` record never committed, so nothing is journaled
 //! for rollbacks. A `OnePhase` record is the exception: its outcome is the resource's, so it is
@@ -35,6 +36,8 @@ pub const ONE_PHASE: RecordKind = RecordKind::new(4, 1);
 pub const ABORT: RecordKind = RecordKind::new(5, 1);
 /// Kind of an operator's forgetting of a branch whose resource is lost for good.
 pub const FORGET: RecordKind = RecordKind::new(6, 1);
+/// Kind of the checkpoint marker a shutdown writes last.
+pub const CHECKPOINT: RecordKind = RecordKind::new(7, 1);
 
 /// A coordinator record.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -98,6 +101,13 @@ pub enum CoordRecord {
         /// When, in milliseconds since the Unix epoch.
         at_ms: u64,
     },
+    /// Written last by a shutdown, after asking the journal to start a new segment once the
+    /// current one holds enough: the finished records before it can then all be removed, and the
+    /// next start reads little. About no transaction; the ledger passes over it.
+    Checkpoint {
+        /// When, in milliseconds since the Unix epoch (for operators).
+        at_ms: u64,
+    },
 }
 
 /// Why a payload could not be decoded.
@@ -136,18 +146,20 @@ impl CoordRecord {
             CoordRecord::OnePhase { .. } => ONE_PHASE,
             CoordRecord::Abort { .. } => ABORT,
             CoordRecord::Forget { .. } => FORGET,
+            CoordRecord::Checkpoint { .. } => CHECKPOINT,
         }
     }
 
-    /// The transaction it is about.
-    pub fn xid(&self) -> Xid {
+    /// The transaction it is about (`None`: a `Checkpoint`).
+    pub fn xid(&self) -> Option<Xid> {
         match self {
             CoordRecord::Commit { xid, .. }
             | CoordRecord::End { xid }
             | CoordRecord::Resolve { xid, .. }
             | CoordRecord::OnePhase { xid, .. }
             | CoordRecord::Abort { xid, .. }
-            | CoordRecord::Forget { xid, .. } => *xid,
+            | CoordRecord::Forget { xid, .. } => Some(*xid),
+            CoordRecord::Checkpoint { .. } => None,
         }
     }
 
@@ -211,6 +223,7 @@ impl CoordRecord {
                 out.extend_from_slice(&at_ms.to_le_bytes());
                 out
             }
+            CoordRecord::Checkpoint { at_ms } => at_ms.to_le_bytes().to_vec(),
         }
     }
 
@@ -223,6 +236,7 @@ impl CoordRecord {
             4 => "OnePhase",
             5 => "Abort",
             6 => "Forget",
+            7 => "Checkpoint",
             other => return Err(RecordError::UnknownKind(other)),
         };
         if kind.version != 1 {
@@ -235,6 +249,13 @@ impl CoordRecord {
             bytes: payload,
             kind: name,
         };
+        if kind.code == 7 {
+            let at_ms = u64::from_le_bytes(r.array::<8>()?);
+            return match r.bytes.len() {
+                0 => Ok(CoordRecord::Checkpoint { at_ms }),
+                n => Err(r.malformed(format!("{n} bytes left over"))),
+            };
+        }
         let xid = r.xid()?;
         let record = match kind.code {
             1 => {
@@ -460,6 +481,7 @@ mod tests {
                 reason: "database lost".into(),
                 at_ms: 21,
             },
+            CoordRecord::Checkpoint { at_ms: 22 },
         ];
         for record in records {
             let payload = record.encode();

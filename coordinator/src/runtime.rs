@@ -67,7 +67,7 @@ use tracing::Instrument;
 use crate::engine::{BranchId, Command, Event, Outcome, Phase, RetryPolicy, TxnMachine};
 use crate::failpoint;
 use crate::ledger::{Ledger, Verdict};
-use crate::record::{self, RecordError};
+use crate::record::{self, CoordRecord, RecordError};
 use crate::resolve::{ResolveReport, ResolveRequest};
 use crate::retention::{JournalBlobs, JournalSource, PinId, Retention};
 
@@ -359,6 +359,25 @@ struct Inner {
     startup_pin: Mutex<Option<PinId>>,
     /// The resources that have not answered `recover` since open.
     unanswered: Mutex<HashSet<String>>,
+    /// The durable LSN at open: a shutdown writes its `Checkpoint` only after new records.
+    opened_at: Lsn,
+}
+
+impl Inner {
+    /// A shutdown's checkpoint: when anything was written since open, the journal is asked for
+    /// a new segment and a `Checkpoint` record is made durable (so the finished records before
+    /// it leave the segment being written), then the segments nothing needs are removed. The
+    /// next start then reads about what was unfinished, whatever the history. Blocking.
+    fn last_checkpoint(&self) -> Result<usize, JournalError> {
+        if self.journal.durable_lsn() > self.opened_at {
+            self.journal.request_roll(crate::retention::ROLL_BYTES_MIN);
+            let marker = CoordRecord::Checkpoint { at_ms: now_ms() };
+            self.journal
+                .append(self.config.epoch, marker.kind(), &marker.encode())?
+                .wait()?;
+        }
+        self.retention.checkpoint(&self.journal)
+    }
 }
 
 impl JournalSource for Inner {
@@ -445,6 +464,7 @@ impl Coordinator {
             .map(|d| d.as_micros() as u64)
             .unwrap_or(0);
         let (stop, _) = watch::channel(false);
+        let journal_durable = journal.durable_lsn();
         let unfinished_max = config.max_unfinished.max(1);
         let inner = Arc::new(Inner {
             seq: AtomicU64::new(now_micros.max(ledger.max_seq(config.node) + 1)),
@@ -464,6 +484,7 @@ impl Coordinator {
             retention: Retention::default(),
             startup_pin: Mutex::new(None),
             unanswered: Mutex::new(HashSet::new()),
+            opened_at: journal_durable,
         });
         let coordinator = Coordinator { inner };
         let report = coordinator.recover(&ledger).await;
@@ -845,7 +866,7 @@ impl Coordinator {
         // Closing joins the journal's flusher, which writes and syncs: not on a runtime thread.
         let inner = Arc::clone(&self.inner);
         let closing = tokio::task::spawn_blocking(move || {
-            if let Err(e) = inner.retention.checkpoint(&inner.journal) {
+            if let Err(e) = inner.last_checkpoint() {
                 tracing::warn!(error = %e, "checkpoint the journal at shutdown");
             }
             inner.journal.close()

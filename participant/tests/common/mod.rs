@@ -89,7 +89,8 @@ pub fn commits(data_dir: &Path) -> BTreeMap<Lsn, (Xid, Writers)> {
 }
 
 /// The kinds of the records in the journal of `data_dir`, in LSN order (`"Commit"`,
-/// `"OnePhase"`, `"End"`, `"Abort"`, `"Resolve"`), with their xids.
+/// `"OnePhase"`, `"End"`, `"Abort"`, `"Resolve"`, `"Forget"`), with their xids; a shutdown's
+/// `Checkpoint` marker, about no transaction, is left out.
 pub fn record_kinds(data_dir: &Path) -> Vec<(&'static str, Xid)> {
     let mut kinds = Vec::new();
     let record_bytes_max = JournalConfig::default().record_bytes_max;
@@ -102,8 +103,11 @@ pub fn record_kinds(data_dir: &Path) -> Vec<(&'static str, Xid)> {
             CoordRecord::Abort { .. } => "Abort",
             CoordRecord::Resolve { .. } => "Resolve",
             CoordRecord::Forget { .. } => "Forget",
+            CoordRecord::Checkpoint { .. } => return,
         };
-        kinds.push((kind, decoded.xid()));
+        if let Some(xid) = decoded.xid() {
+            kinds.push((kind, xid));
+        }
     })
     .unwrap();
     kinds
