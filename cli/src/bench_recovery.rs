@@ -9,11 +9,12 @@
 //!   that many transactions of four branches — named like the demo's (`uploads`, `thumbnails`,
 //!   `mail`, `index`), in the benchmark-only null resource voting with as much redo as a demo
 //!   branch journals (so the records are a demo transaction's size, while what grows is the
-//!   journal, not the stores) — from `--clients` concurrent clients, and shuts down. Then it is
-//!   opened again `--runs` times the way `Concord::open` does it (the journal opened and its
-//!   ledger read in one pass, recovery, and a shutdown that waits for nothing): the median open
-//!   time is the figure. The baseline is the short history; `open_ratio` is the larger median
-//!   over the smaller (goal: at most 1.5).
+//!   journal, not the stores) — from `--clients` concurrent clients, and shuts down. Then both
+//!   are opened `--runs` times, by turns (so that the machine's drift weighs on both alike),
+//!   the way `Concord::open` does it (the journal opened and its ledger read in one pass,
+//!   recovery, and a shutdown that waits for nothing): the median open time is the figure. The
+//!   baseline is the short history; `open_ratio` is the larger median over the smaller (goal:
+//!   at most 1.5).
 //! * **Retained**: a journal holding `--retained-mib` of `Commit` + `End` records that nothing
 //!   removed (as when a standby holds the retention floor): `retained_journal_open_ms` is the
 //!   median time `Journal::open` takes on it (goal: at most 2,000 ms for 1 GiB on the
