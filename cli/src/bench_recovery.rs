@@ -329,8 +329,9 @@ async fn open_journal_blocking(
     .await??)
 }
 
-/// Like [`median_open_ms`], but the opened coordinator holds a retention floor at the first
-/// record, so its shutdown's checkpoint keeps everything for the next open.
+/// Opens the coordinator on `dir` `runs` times (as [`open_once_ms`] does), each holding a
+/// retention floor at the first record so that its shutdown's checkpoint keeps everything for
+/// the next open: the median time to open, in ms.
 async fn median_open_ms_retained(dir: &Path, runs: usize) -> anyhow::Result<f64> {
     let mut times = Vec::with_capacity(runs);
     for _ in 0..runs {
