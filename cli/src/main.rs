@@ -57,12 +57,15 @@ Exit codes:
   0  success (for `journal verify`: the journal is sound, possibly with a torn tail)
   1  error: the command could not do its work (missing directory, foreign file, I/O, ...)
   2  usage error (bad arguments)
-  3  the journal is corrupt (the message names the segment file and byte offset)";
+  3  the journal is corrupt (the message names the segment file and byte offset)
+  4  `txn list`: the list is partial, some resource could not be read (each is named)";
 
 /// Exit code of a failure other than corruption.
 const EXIT_FAILURE: u8 = 1;
 /// Exit code when the journal is corrupt.
 const EXIT_CORRUPT: u8 = 3;
+/// Exit code of a `txn list` that could not read every resource.
+const EXIT_PARTIAL: u8 = 4;
 
 /// concord: an XA-style two-phase-commit coordinator with a durable, replicated journal.
 #[derive(Parser, Debug)]
@@ -190,6 +193,9 @@ fn one_line(e: &anyhow::Error) -> String {
 
 /// [`EXIT_CORRUPT`] when the journal is corrupt, [`EXIT_FAILURE`] otherwise.
 fn exit_code(e: &anyhow::Error) -> u8 {
+    if e.downcast_ref::<txn::Partial>().is_some() {
+        return EXIT_PARTIAL;
+    }
     let corrupt = e
         .chain()
         .filter_map(|cause| cause.downcast_ref::<JournalError>())

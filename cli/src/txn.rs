@@ -101,21 +101,25 @@ struct Listed {
 pub fn list(args: ListArgs) -> anyhow::Result<()> {
     let config = args.target.load()?;
     let journal_dir = config.data_dir.join("journal");
+    if !journal_dir.is_dir() {
+        anyhow::bail!(
+            "no concord journal at {}: this is not the data directory of a concord configuration (check --data or --config)",
+            journal_dir.display()
+        );
+    }
     let mut ledger = Ledger::new();
     let mut bad = None;
-    if journal_dir.exists() {
-        journal::scan::scan_dir(
-            &journal_dir,
-            journal::JournalConfig::default().record_bytes_max,
-            |rec| {
-                if bad.is_none()
-                    && let Err(e) = ledger.apply_raw(rec.lsn, rec.kind, &rec.payload)
-                {
-                    bad = Some(e);
-                }
-            },
-        )?;
-    }
+    journal::scan::scan_dir(
+        &journal_dir,
+        journal::JournalConfig::default().record_bytes_max,
+        |rec| {
+            if bad.is_none()
+                && let Err(e) = ledger.apply_raw(rec.lsn, rec.kind, &rec.payload)
+            {
+                bad = Some(e);
+            }
+        },
+    )?;
     if let Some(bad) = bad {
         anyhow::bail!("{bad}");
     }
@@ -139,7 +143,7 @@ pub fn list(args: ListArgs) -> anyhow::Result<()> {
             branches: branches.clone(),
         })
         .collect();
-    let prepared = prepared_branches(&config)?;
+    let (prepared, unreadable) = prepared_branches(&config)?;
     for (xid, resources) in prepared {
         if open.contains_key(&xid) {
             continue;
@@ -157,28 +161,63 @@ pub fn list(args: ListArgs) -> anyhow::Result<()> {
         });
     }
     if args.json {
-        for row in &rows {
-            println!("{}", serde_json::to_string(row)?);
-        }
+        println!("{}", serde_json::to_string(&rows)?);
+    } else {
+        print_rows(&rows);
+    }
+    if unreadable.is_empty() {
         return Ok(());
     }
+    for (name, why) in &unreadable {
+        eprintln!(
+            "note: resource {name} could not be read, so its prepared branches are not listed: {why}"
+        );
+    }
+    Err(Partial {
+        resources: unreadable.into_iter().map(|(name, _)| name).collect(),
+    }
+    .into())
+}
+
+/// `txn list` could not read every resource: what it printed is what the journal and the
+/// reachable resources know. Exit code 4.
+#[derive(Debug)]
+pub struct Partial {
+    /// The resources not read.
+    pub resources: Vec<String>,
+}
+
+impl std::fmt::Display for Partial {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "the list is partial: resources {} could not be read (see the notes above)",
+            self.resources.join(", ")
+        )
+    }
+}
+
+impl std::error::Error for Partial {}
+
+fn print_rows(rows: &[Listed]) {
     if rows.is_empty() {
         println!("no unfinished transactions");
+        return;
     }
+    println!("{:<28} {:<48} {:>9}  BRANCHES", "XID", "STATE", "AGE");
     for row in rows {
         let age = row
             .age_s
             .map(|a| format!("{a:.1}s"))
             .unwrap_or_else(|| "-".into());
         println!(
-            "{:<28} {:<34} {:>9}  {}",
+            "{:<28} {:<48} {:>9}  {}",
             row.xid,
             row.state,
             age,
             row.branches.join(",")
         );
     }
-    Ok(())
 }
 
 /// When the decision of `xid` was made (milliseconds since the Unix epoch; 0 if unknown).
@@ -189,63 +228,66 @@ fn decided_at(ledger: &Ledger, xid: &Xid) -> u64 {
         .map_or(0, |d| d.at_ms())
 }
 
-/// The prepared branches of every configured resource, read without opening the resources.
-fn prepared_branches(config: &Config) -> anyhow::Result<BTreeMap<Xid, Vec<String>>> {
+/// The resources whose prepared branches could not be read, with why.
+type Unreadable = Vec<(String, String)>;
+
+/// The prepared branches of every configured resource, read without opening the resources, and
+/// the resources that could not be read (down, or held by a running process).
+fn prepared_branches(config: &Config) -> anyhow::Result<(BTreeMap<Xid, Vec<String>>, Unreadable)> {
     let mut out: BTreeMap<Xid, Vec<String>> = BTreeMap::new();
-    let mut runtime = None;
+    let mut unreadable = Vec::new();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     for (name, resource) in &config.resources {
-        match resource {
-            participant::ResourceConfig::Files { root, .. } => {
-                let prepared = adapters::files::prepared_on_disk(root)
-                    .with_context(|| format!("read resource {name}"))?;
-                for xid in prepared {
-                    out.entry(xid).or_default().push(name.clone());
-                }
+        if let Err(e) = read_prepared(config, &runtime, name, resource, &mut out) {
+            unreadable.push((name.clone(), format!("{e:#}")));
+        }
+    }
+    Ok((out, unreadable))
+}
+
+/// Adds `resource`'s prepared branches to `out`.
+fn read_prepared(
+    config: &Config,
+    runtime: &tokio::runtime::Runtime,
+    name: &str,
+    resource: &participant::ResourceConfig,
+    out: &mut BTreeMap<Xid, Vec<String>>,
+) -> anyhow::Result<()> {
+    use participant::ResourceConfig;
+    let mut add = |xid: Xid, label: String| out.entry(xid).or_default().push(label);
+    match resource {
+        ResourceConfig::Files { root, .. } => {
+            for xid in adapters::files::prepared_on_disk(root)? {
+                add(xid, name.to_string());
             }
-            participant::ResourceConfig::Mail { maildir, .. } => {
-                let prepared = adapters::mail::prepared_on_disk(maildir)
-                    .with_context(|| format!("read resource {name}"))?;
-                for xid in prepared {
-                    out.entry(xid).or_default().push(name.clone());
-                }
+        }
+        ResourceConfig::Mail { maildir, .. } => {
+            for xid in adapters::mail::prepared_on_disk(maildir)? {
+                add(xid, name.to_string());
             }
-            participant::ResourceConfig::Kv { dir, .. } => {
-                let prepared = adapters::kv::prepared_on_disk(dir)
-                    .with_context(|| format!("read resource {name}"))?;
-                let Some(prepared) = prepared else {
-                    eprintln!(
-                        "note: resource {name}: the sled directory {} is open in a running process; its prepared branches are not listed (sled lets one process read it at a time)",
-                        dir.display()
-                    );
-                    continue;
-                };
-                for xid in prepared {
-                    out.entry(xid).or_default().push(name.clone());
-                }
+        }
+        ResourceConfig::Kv { dir, .. } => {
+            let Some(prepared) = adapters::kv::prepared_on_disk(dir)? else {
+                anyhow::bail!(
+                    "the sled directory {} is open in a running process (sled lets one process read it at a time)",
+                    dir.display()
+                );
+            };
+            for xid in prepared {
+                add(xid, name.to_string());
             }
-            participant::ResourceConfig::Postgres { url, .. } => {
-                if runtime.is_none() {
-                    runtime = Some(
-                        tokio::runtime::Builder::new_current_thread()
-                            .enable_all()
-                            .build()?,
-                    );
-                }
-                let Some(rt) = runtime.as_ref() else {
-                    continue;
-                };
-                let prepared = rt
-                    .block_on(adapters::postgres::prepared_in(name, url, config.node))
-                    .with_context(|| format!("read resource {name}"))?;
-                for branch in prepared {
-                    out.entry(branch.xid)
-                        .or_default()
-                        .push(format!("{name} (gid {})", branch.gid));
-                }
+        }
+        ResourceConfig::Postgres { url, .. } => {
+            let prepared =
+                runtime.block_on(adapters::postgres::prepared_in(name, url, config.node))?;
+            for branch in prepared {
+                add(branch.xid, format!("{name} (gid {})", branch.gid));
             }
         }
     }
-    Ok(out)
+    Ok(())
 }
 
 /// Runs `concord txn resolve`.
