@@ -58,7 +58,8 @@ Exit codes:
   1  error: the command could not do its work (missing directory, foreign file, I/O, ...)
   2  usage error (bad arguments)
   3  the journal is corrupt (the message names the segment file and byte offset)
-  4  `txn list`: the list is partial, some resource could not be read (each is named)";
+  4  `txn list`: the list is partial, some resource could not be read (each is named)
+  141 standard output was closed early (`| head`): the command stops quietly";
 
 /// Exit code of a failure other than corruption.
 const EXIT_FAILURE: u8 = 1;
@@ -66,6 +67,9 @@ const EXIT_FAILURE: u8 = 1;
 const EXIT_CORRUPT: u8 = 3;
 /// Exit code of a `txn list` that could not read every resource.
 const EXIT_PARTIAL: u8 = 4;
+/// Exit code when standard output was closed by the reader (as a process killed by `SIGPIPE`
+/// reports to a shell).
+const EXIT_CLOSED_STDOUT: i32 = 141;
 
 /// concord: an XA-style two-phase-commit coordinator with a durable, replicated journal.
 #[derive(Parser, Debug)]
@@ -73,6 +77,22 @@ const EXIT_PARTIAL: u8 = 4;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Log level (error, warn, info, debug, trace); `RUST_LOG` takes precedence when set.
+    #[arg(long, global = true, value_name = "LEVEL")]
+    log_level: Option<LevelFilter>,
+    /// Log format on standard error: `text` (colours only on a terminal) or `json` (one object
+    /// per line, for machines).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+}
+
+/// How logs are written.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum LogFormat {
+    /// Lines for people.
+    Text,
+    /// One JSON object per line.
+    Json,
 }
 
 #[derive(Subcommand, Debug)]
@@ -145,8 +165,12 @@ impl Command {
 }
 
 fn main() -> ExitCode {
+    std::panic::set_hook(Box::new(on_panic));
     let cli = Cli::parse();
-    init_logging(cli.command.default_log_level());
+    let level = cli
+        .log_level
+        .unwrap_or_else(|| cli.command.default_log_level());
+    init_logging(level, cli.log_format);
     match run(cli.command) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -175,15 +199,46 @@ fn run(command: Command) -> anyhow::Result<()> {
     }
 }
 
-/// Logs to standard error, filtered by `RUST_LOG` (an invalid filter falls back to `default`).
-fn init_logging(default: LevelFilter) {
+/// Logs to standard error, filtered by `RUST_LOG` (an invalid filter falls back to `default`),
+/// with colours only when standard error is a terminal.
+fn init_logging(default: LevelFilter, format: LogFormat) {
+    use std::io::IsTerminal;
     let filter = EnvFilter::builder()
         .with_default_directive(default.into())
         .from_env_lossy();
-    tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .init();
+        .with_ansi(std::io::stderr().is_terminal());
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+/// What a panic shows an operator: never a backtrace. Standard output closed by its reader
+/// (`| head`) ends the command quietly; standard output that cannot be written (a full disk)
+/// is one `error:` line; anything else is a bug, said as such in one line.
+fn on_panic(info: &std::panic::PanicHookInfo<'_>) {
+    let message = info
+        .payload()
+        .downcast_ref::<String>()
+        .map(String::as_str)
+        .or_else(|| info.payload().downcast_ref::<&str>().copied())
+        .unwrap_or("(no message)");
+    if message.contains("failed printing to stdout") {
+        if message.contains("Broken pipe") {
+            std::process::exit(EXIT_CLOSED_STDOUT);
+        }
+        let cause = message.rsplit(": ").next().unwrap_or(message);
+        eprintln!("error: write standard output: {cause}");
+        std::process::exit(i32::from(EXIT_FAILURE));
+    }
+    let place = info
+        .location()
+        .map(|l| format!(" at {}:{}", l.file(), l.line()))
+        .unwrap_or_default();
+    eprintln!("error: internal error (a bug in concord; please report it): {message}{place}");
 }
 
 /// The error and its causes, `: `-separated, on one line.

@@ -384,3 +384,85 @@ fn txn_list_says_what_it_could_not_read() {
     let rows: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(rows[0]["xid"], stuck.to_string(), "{rows}");
 }
+
+/// Standard output closed by its reader (`| head`) ends a command quietly; standard output on a
+/// full disk is one `error:` line; neither shows a panic or a backtrace.
+#[test]
+fn a_closed_or_full_stdout_is_no_panic() {
+    use std::process::Stdio;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let config = JournalConfig {
+        create_if_missing: true,
+        ..JournalConfig::default()
+    };
+    drop(Journal::open(data.join("journal"), config).unwrap());
+    let mut child = Command::new(env!("CARGO_BIN_EXE_concord"))
+        .args(["txn", "list", "--data"])
+        .arg(&data)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .env("RUST_BACKTRACE", "1")
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(!stderr.contains("backtrace"), "{stderr}");
+    assert!(
+        matches!(out.status.code(), Some(0 | 141)),
+        "{:?} {stderr}",
+        out.status
+    );
+
+    let full = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/full")
+        .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_concord"))
+        .args(["txn", "list", "--data"])
+        .arg(&data)
+        .stdout(full)
+        .env("RUST_BACKTRACE", "1")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.starts_with("error: write standard output"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+/// Logs carry no colour codes when standard error is not a terminal.
+#[test]
+fn logs_are_plain_when_redirected() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_concord"))
+        .args([
+            "demo",
+            "--transactions",
+            "5",
+            "--concurrency",
+            "1",
+            "--log-level",
+            "info",
+            "--data",
+        ])
+        .arg(dir.path().join("data"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!out.stderr.is_empty(), "no logs at info");
+    assert!(
+        !out.stderr.contains(&0x1b),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
