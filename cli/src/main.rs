@@ -21,11 +21,14 @@
 //!
 //! Conventions every command follows:
 //!
-//! * Results go to standard output; logs (`tracing`, filtered by `RUST_LOG`) and progress go to
-//!   standard error. The default log level is `warn`: every command's output is its product, and
-//!   `RUST_LOG=info` shows state changes (resources opened, recovery, truncated tails).
+//! * Results go to standard output; logs (`tracing`) and progress go to standard error. The
+//!   default log level is `warn`: every command's output is its product, and `--log-level info`
+//!   (or `RUST_LOG=info`, which takes precedence) shows state changes (resources opened,
+//!   recovery, truncated tails). Logs carry colours only when standard error is a terminal;
+//!   `--log-format json` writes one JSON object per line.
 //! * A failure prints exactly one line `error: …` on standard error and exits non-zero, with the
-//!   codes in [`EXIT_CODES`]; it never panics or prints a backtrace.
+//!   codes in [`EXIT_CODES`]; it never prints a backtrace (a panic hook turns a closed standard
+//!   output into a quiet exit 141, a full one into one error line, and a bug into one line).
 //!
 //! # Implementation caveats
 //!
