@@ -246,7 +246,19 @@ fn on_panic(info: &std::panic::PanicHookInfo<'_>) {
 
 /// The error and its causes, `: `-separated, on one line.
 fn one_line(e: &anyhow::Error) -> String {
-    format!("{e:#}").replace(['\n', '\r'], " ")
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string().replace(['\n', '\r'], " ");
+        // Say each thing once: a context that already quotes its cause.
+        if out.contains(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
 }
 
 /// [`EXIT_CORRUPT`] when the journal is corrupt, [`EXIT_FAILURE`] otherwise.
@@ -265,6 +277,18 @@ fn exit_code(e: &anyhow::Error) -> u8 {
 mod tests {
     use super::*;
     use clap::CommandFactory;
+
+    #[test]
+    fn an_error_says_each_thing_once() {
+        let cause = anyhow::anyhow!("/d is locked by another process; stop it first");
+        let e = cause.context("open /d: /d is locked by another process; stop it first");
+        assert_eq!(
+            one_line(&e),
+            "open /d: /d is locked by another process; stop it first"
+        );
+        let e = anyhow::anyhow!("disk full").context("write x");
+        assert_eq!(one_line(&e), "write x: disk full");
+    }
 
     #[test]
     fn the_command_line_definition_is_consistent() {

@@ -71,7 +71,8 @@ pub struct ResolveArgs {
     /// Roll back every branch still prepared (refused once a commit decision is durable).
     #[arg(long)]
     rollback: bool,
-    /// Who decides (recorded in the journal; default: $USER).
+    /// Who decides (recorded in the journal; default: the user this process runs as, by its
+    /// uid — not `$USER`, which anyone can set).
     #[arg(long)]
     operator: Option<String>,
     /// End the branch in this resource without its answer, because the resource is lost for
@@ -294,11 +295,7 @@ fn read_prepared(
 pub fn resolve(args: ResolveArgs) -> anyhow::Result<()> {
     let xid: Xid = args.xid.parse()?;
     let config = args.target.load()?;
-    let operator = args
-        .operator
-        .clone()
-        .or_else(|| std::env::var("USER").ok())
-        .unwrap_or_else(|| "unknown".into());
+    let operator = args.operator.clone().unwrap_or_else(os_user);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -439,6 +436,26 @@ async fn holds_prepared(
                 .any(|b| b.xid == *xid)
         }
     })
+}
+
+/// The name of the user this process runs as: its uid (the owner of `/proc/self`) looked up in
+/// `/etc/passwd`; `uid N` when the name cannot be found.
+fn os_user() -> String {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(uid) = std::fs::metadata("/proc/self").map(|m| m.uid()) else {
+        return "unknown (uid not readable)".into();
+    };
+    let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
+    passwd
+        .lines()
+        .filter_map(|line| {
+            let mut fields = line.split(':');
+            let name = fields.next()?;
+            let id = fields.nth(1)?.parse::<u32>().ok()?;
+            (id == uid).then(|| name.to_string())
+        })
+        .next()
+        .unwrap_or_else(|| format!("uid {uid}"))
 }
 
 fn describe(outcome: &BranchOutcome) -> String {

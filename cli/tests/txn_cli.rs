@@ -466,3 +466,49 @@ fn logs_are_plain_when_redirected() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// Without `--operator`, the operator recorded is the user the command runs as, whatever
+/// `$USER` says.
+#[test]
+fn the_operator_is_the_os_user_not_the_environment() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let stuck = Xid {
+        node: 1,
+        epoch: Epoch(1),
+        seq: 45,
+    };
+    {
+        let config = JournalConfig {
+            create_if_missing: true,
+            ..JournalConfig::default()
+        };
+        let journal = Journal::open(data.join("journal"), config).unwrap();
+        let record = CoordRecord::Commit {
+            xid: stuck,
+            at_ms: 1,
+            branches: vec![("tape".into(), vec![])],
+        };
+        journal
+            .append(Epoch(1), record.kind(), &record.encode())
+            .unwrap()
+            .wait()
+            .unwrap();
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_concord"))
+        .args(["txn", "resolve", &stuck.to_string(), "--commit", "--json"])
+        .args(["--forget", "tape", "--reason", "retired", "--data"])
+        .arg(&data)
+        .env("USER", "mallory")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let answer: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let operator = answer["operator"].as_str().unwrap();
+    assert_ne!(operator, "mallory");
+    assert!(!operator.is_empty());
+}
