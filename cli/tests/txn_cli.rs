@@ -20,6 +20,63 @@ fn concord(args: &[&str], data: &Path) -> Output {
         .unwrap()
 }
 
+/// An xid of node 1 at epoch 1.
+fn xid(seq: u64) -> Xid {
+    Xid {
+        node: 1,
+        epoch: Epoch(1),
+        seq,
+    }
+}
+
+/// An empty journal in `data` (created with its directories).
+fn empty_journal(data: &Path) {
+    let config = JournalConfig {
+        create_if_missing: true,
+        ..JournalConfig::default()
+    };
+    drop(Journal::open(data.join("journal"), config).unwrap());
+}
+
+/// Appends a `Commit` of `xid` with one branch in `resource` to the journal in `data`
+/// (created when missing), and waits for it.
+fn append_commit(data: &Path, xid: Xid, resource: &str) {
+    let config = JournalConfig {
+        create_if_missing: true,
+        ..JournalConfig::default()
+    };
+    let journal = Journal::open(data.join("journal"), config).unwrap();
+    let record = CoordRecord::Commit {
+        xid,
+        at_ms: 1,
+        branches: vec![(resource.into(), vec![])],
+    };
+    journal
+        .append(Epoch(1), record.kind(), &record.encode())
+        .unwrap()
+        .wait()
+        .unwrap();
+}
+
+/// A `concord.toml` in `dir`: a files resource `uploads` under `data`, and a PostgreSQL
+/// resource `orders` on a loopback port nothing listens on.
+fn unreachable_postgres_config(dir: &Path, data: &Path) -> std::path::PathBuf {
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = closed.local_addr().unwrap().port();
+    drop(closed);
+    let config = dir.join("concord.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "node = 1\ndata_dir = {data:?}\n\n[resources.uploads]\nkind = \"files\"\nroot = {root:?}\ncreate = true\n\n[resources.orders]\nkind = \"postgres\"\nurl = \"host=127.0.0.1 port={port} user=nobody dbname=nowhere connect_timeout=1\"\n",
+            data = data.display().to_string(),
+            root = data.join("uploads").display().to_string(),
+        ),
+    )
+    .unwrap();
+    config
+}
+
 fn listed(data: &Path) -> Vec<serde_json::Value> {
     let out = concord(&["txn", "list", "--json"], data);
     assert!(
@@ -57,25 +114,8 @@ fn a_stuck_transaction_is_listed_and_resolved_by_an_operator() {
     );
 
     // A decision naming a resource that no longer exists: phase 2 can never finish by itself.
-    let stuck = Xid {
-        node: 1,
-        epoch: Epoch(1),
-        seq: 42,
-    };
-    {
-        let config = JournalConfig::default();
-        let journal = Journal::open(data.join("journal"), config).unwrap();
-        let record = CoordRecord::Commit {
-            xid: stuck,
-            at_ms: 1,
-            branches: vec![("tape".into(), vec![])],
-        };
-        journal
-            .append(Epoch(1), record.kind(), &record.encode())
-            .unwrap()
-            .wait()
-            .unwrap();
-    }
+    let stuck = xid(42);
+    append_commit(&data, stuck, "tape");
     let rows = listed(&data);
     assert_eq!(rows.len(), 1, "{rows:?}");
     assert_eq!(rows[0]["xid"], stuck.to_string());
@@ -166,16 +206,8 @@ fn branches_prepared_in_the_mail_queue_and_the_kv_store_are_listed() {
 
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    let config = JournalConfig {
-        create_if_missing: true,
-        ..JournalConfig::default()
-    };
-    drop(Journal::open(data.join("journal"), config).unwrap());
-    let xid = Xid {
-        node: 1,
-        epoch: Epoch(1),
-        seq: 7,
-    };
+    empty_journal(&data);
+    let xid = xid(7);
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -250,41 +282,9 @@ fn resolve_opens_only_the_resources_the_xid_involves() {
         "nothing created"
     );
 
-    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = closed.local_addr().unwrap().port();
-    drop(closed);
-    let config = dir.path().join("concord.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "node = 1\ndata_dir = {data:?}\n\n[resources.uploads]\nkind = \"files\"\nroot = {root:?}\ncreate = true\n\n[resources.orders]\nkind = \"postgres\"\nurl = \"host=127.0.0.1 port={port} user=nobody dbname=nowhere connect_timeout=1\"\n",
-            data = data.display().to_string(),
-            root = data.join("uploads").display().to_string(),
-        ),
-    )
-    .unwrap();
-    let stuck = Xid {
-        node: 1,
-        epoch: Epoch(1),
-        seq: 43,
-    };
-    {
-        let config = JournalConfig {
-            create_if_missing: true,
-            ..JournalConfig::default()
-        };
-        let journal = Journal::open(data.join("journal"), config).unwrap();
-        let record = CoordRecord::Commit {
-            xid: stuck,
-            at_ms: 1,
-            branches: vec![("uploads".into(), vec![])],
-        };
-        journal
-            .append(Epoch(1), record.kind(), &record.encode())
-            .unwrap()
-            .wait()
-            .unwrap();
-    }
+    let config = unreachable_postgres_config(dir.path(), &data);
+    let stuck = xid(43);
+    append_commit(&data, stuck, "uploads");
     let out = Command::new(env!("CARGO_BIN_EXE_concord"))
         .args(["txn", "resolve", &stuck.to_string(), "--commit", "--json"])
         .arg("--config")
@@ -314,35 +314,12 @@ fn txn_list_says_what_it_could_not_read() {
     assert!(message.contains("no concord journal"), "{message}");
 
     let data = dir.path().join("data");
-    let stuck = Xid {
-        node: 1,
-        epoch: Epoch(1),
-        seq: 44,
-    };
-    {
-        let config = JournalConfig {
-            create_if_missing: true,
-            ..JournalConfig::default()
-        };
-        let journal = Journal::open(data.join("journal"), config).unwrap();
-        drop(journal);
-    }
+    let stuck = xid(44);
+    empty_journal(&data);
     let empty = concord(&["txn", "list", "--json"], &data);
     assert!(empty.status.success());
     assert_eq!(String::from_utf8_lossy(&empty.stdout).trim(), "[]");
-    {
-        let journal = Journal::open(data.join("journal"), JournalConfig::default()).unwrap();
-        let record = CoordRecord::Commit {
-            xid: stuck,
-            at_ms: 1,
-            branches: vec![("uploads".into(), vec![])],
-        };
-        journal
-            .append(Epoch(1), record.kind(), &record.encode())
-            .unwrap()
-            .wait()
-            .unwrap();
-    }
+    append_commit(&data, stuck, "uploads");
     let text = concord(&["txn", "list"], &data);
     let text = String::from_utf8_lossy(&text.stdout);
     let mut lines = text.lines();
@@ -352,19 +329,7 @@ fn txn_list_says_what_it_could_not_read() {
         "{text}"
     );
 
-    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = closed.local_addr().unwrap().port();
-    drop(closed);
-    let config = dir.path().join("concord.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "node = 1\ndata_dir = {data:?}\n\n[resources.uploads]\nkind = \"files\"\nroot = {root:?}\ncreate = true\n\n[resources.orders]\nkind = \"postgres\"\nurl = \"host=127.0.0.1 port={port} user=nobody dbname=nowhere connect_timeout=1\"\n",
-            data = data.display().to_string(),
-            root = data.join("uploads").display().to_string(),
-        ),
-    )
-    .unwrap();
+    let config = unreachable_postgres_config(dir.path(), &data);
     let out = Command::new(env!("CARGO_BIN_EXE_concord"))
         .args(["txn", "list", "--json", "--config"])
         .arg(&config)
@@ -392,11 +357,7 @@ fn a_closed_or_full_stdout_is_no_panic() {
     use std::process::Stdio;
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    let config = JournalConfig {
-        create_if_missing: true,
-        ..JournalConfig::default()
-    };
-    drop(Journal::open(data.join("journal"), config).unwrap());
+    empty_journal(&data);
     let mut child = Command::new(env!("CARGO_BIN_EXE_concord"))
         .args(["txn", "list", "--data"])
         .arg(&data)
@@ -473,28 +434,8 @@ fn logs_are_plain_when_redirected() {
 fn the_operator_is_the_os_user_not_the_environment() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    let stuck = Xid {
-        node: 1,
-        epoch: Epoch(1),
-        seq: 45,
-    };
-    {
-        let config = JournalConfig {
-            create_if_missing: true,
-            ..JournalConfig::default()
-        };
-        let journal = Journal::open(data.join("journal"), config).unwrap();
-        let record = CoordRecord::Commit {
-            xid: stuck,
-            at_ms: 1,
-            branches: vec![("tape".into(), vec![])],
-        };
-        journal
-            .append(Epoch(1), record.kind(), &record.encode())
-            .unwrap()
-            .wait()
-            .unwrap();
-    }
+    let stuck = xid(45);
+    append_commit(&data, stuck, "tape");
     let out = Command::new(env!("CARGO_BIN_EXE_concord"))
         .args(["txn", "resolve", &stuck.to_string(), "--commit", "--json"])
         .args(["--forget", "tape", "--reason", "retired", "--data"])
