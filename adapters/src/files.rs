@@ -831,16 +831,12 @@ impl Resource for FilesResource {
     fn redo_blobs(&self, redo: &[u8]) -> Result<Vec<BlobId>> {
         let entries =
             decode_redo(redo).map_err(|e| self.inner.rejected(format!("malformed redo: {e}")))?;
-        let mut ids: Vec<BlobId> = entries
-            .iter()
-            .filter_map(|entry| match entry {
+        Ok(shipping::distinct(entries.iter().filter_map(
+            |entry| match entry {
                 RedoEntry::Put { id, .. } => Some(*id),
                 _ => None,
-            })
-            .collect();
-        ids.sort();
-        ids.dedup();
-        Ok(ids)
+            },
+        )))
     }
 
     async fn open_blob(&self, id: &BlobId) -> Result<BlobContent> {

@@ -1228,7 +1228,7 @@ async fn the_checkpoint_removes_segments_only_finished_transactions_use() {
     let Outcome::Committed { lsn: Some(decided) } = c.commit(&stuck).await.unwrap() else {
         panic!("not committed");
     };
-    commit_many_until_segments(&c, dir.path(), 4).await;
+    commit_many_until_segments_on(&c, dir.path(), 4, "a").await;
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert!(
         oldest(&c) <= decided,
@@ -1251,19 +1251,6 @@ async fn the_checkpoint_removes_segments_only_finished_transactions_use() {
         .unwrap();
     assert!(report.redriven.is_empty(), "{report:?}");
     c.shutdown(Duration::from_secs(5)).await;
-}
-
-/// Commits through resource "a" alone until the journal in `dir` has at least `segments` segments.
-async fn commit_many_until_segments(c: &Coordinator, dir: &std::path::Path, segments: usize) {
-    for _ in 0..20_000 {
-        if segment_count(dir) >= segments {
-            return;
-        }
-        let xid = c.begin();
-        c.join(&xid, "a").await.unwrap();
-        c.commit(&xid).await.unwrap();
-    }
-    panic!("the journal never reached {segments} segments");
 }
 
 /// Appends `records` to the small-segment journal in `dir`.

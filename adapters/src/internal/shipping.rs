@@ -27,6 +27,14 @@ type Result<T, E = ResourceError> = std::result::Result<T, E>;
 /// Size of the one buffer a put streams through.
 const CHUNK_BYTES: usize = 1 << 20;
 
+/// The blob ids a redo names, each once, in order: what `Resource::redo_blobs` answers.
+pub(crate) fn distinct(ids: impl IntoIterator<Item = BlobId>) -> Vec<BlobId> {
+    let mut ids: Vec<BlobId> = ids.into_iter().collect();
+    ids.sort();
+    ids.dedup();
+    ids
+}
+
 /// Opens blob `id` of `blobs` for shipping; one that is not stored is refused.
 pub(crate) fn open_blob(name: &str, blobs: &BlobStore, id: &BlobId) -> Result<BlobContent> {
     match blobs.open_blob(id) {
