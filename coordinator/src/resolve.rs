@@ -32,14 +32,14 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use adapters::{Epoch, ErrorClass, Resource, Xid};
 use journal::Journal;
 
 use crate::ledger::{Ledger, Verdict};
 use crate::record::CoordRecord;
-use crate::runtime::{CoordError, read_ledger, within_deadline};
+use crate::runtime::{CoordError, now_ms, read_ledger, within_deadline};
 
 /// What an operator asks.
 #[derive(Clone, Debug)]
@@ -378,11 +378,4 @@ async fn finish_branch(
         }
         Err(e) => BranchOutcome::Unreached(e.to_string()),
     }
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
