@@ -32,6 +32,87 @@
 //! name the configuration does not have is a coordinator error naming it; asking for a name of
 //! another kind is [`ConcordError::WrongKind`].
 //!
+//! # Outcomes and errors
+//!
+//! [`Transaction::commit`] answers `Ok(`[`Committed`]`)` only when the transaction committed:
+//! its decision is durable, and every branch will be committed (phase 2 runs in the background,
+//! retried until each resource answers, across restarts). Anything else is an `Err`:
+//!
+//! * [`ConcordError::RolledBack`] — nothing of the transaction happened, in any resource. Its
+//!   [`RollbackCause`] says why: a branch could not prepare (the coordinator's reason names the
+//!   resource), the transaction outlived `txn_timeout_ms`, or the application rolled it back.
+//! * [`ConcordError::InDoubt`] — whether it committed is not known (the journal failed while
+//!   making the decision durable, the answer of a one-phase commit was lost, the coordinator shut
+//!   down in the middle). **Do not run it again**: it may have committed, and a second run would
+//!   do it twice. concord finishes it by itself — phase 2, or recovery at the next start, which
+//!   decides from the journal and asks the resources — and `concord txn list` shows it until
+//!   then (`concord txn resolve` is for an operator, when a resource is lost for good). Keep the
+//!   xid, so that the application's own records can be matched with the outcome later.
+//! * Any other variant refuses one call: fix the configuration or the code.
+//!
+//! [`ConcordError::is_retryable`] says whether running the whole transaction again can succeed:
+//! true for a conflict with another transaction's write, a resource that cannot answer now (a
+//! PostgreSQL serialization failure or deadlock, a broken connection), a timeout; false for a
+//! transaction in doubt, for a rollback the application asked for, and for every error that a
+//! second run meets again. "Again" means from the first step, in a new [`Transaction`]: the
+//! failed one is over. A retry loop, bounded:
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! use participant::{Committed, Concord, ConcordError};
+//!
+//! /// One order: the invoice file and the index entry, both or neither.
+//! async fn place_order(concord: &Concord, order: u64) -> Result<Committed, ConcordError> {
+//!     let mut tx = concord.begin();
+//!     let uploads = tx.files("uploads").await?;
+//!     let path = format!("invoices/{order}.pdf");
+//!     uploads.put(&path, &b"%PDF-1.7 ..."[..]).await?;
+//!     let index = tx.kv("index").await?;
+//!     index.insert(format!("order/{order}").as_bytes(), path.as_bytes()).await?;
+//!     tx.commit().await
+//! }
+//!
+//! const ATTEMPTS_MAX: u32 = 5;
+//!
+//! async fn place_order_retrying(concord: &Concord, order: u64) -> Result<(), ConcordError> {
+//!     let mut attempt = 1;
+//!     loop {
+//!         match place_order(concord, order).await {
+//!             Ok(committed) => {
+//!                 println!("order {order} committed ({})", committed.xid);
+//!                 return Ok(());
+//!             }
+//!             Err(e) if e.is_retryable() && attempt < ATTEMPTS_MAX => {
+//!                 eprintln!("order {order}, attempt {attempt}: {e}; trying again");
+//!                 tokio::time::sleep(Duration::from_millis(20 << attempt)).await;
+//!                 attempt += 1;
+//!             }
+//!             Err(ConcordError::InDoubt { xid, cause }) => {
+//!                 // Not retried: it may have committed. concord finishes it; the xid is what
+//!                 // `concord txn list` shows until then.
+//!                 eprintln!("order {order} is in doubt as {xid}: {cause}");
+//!                 return Err(ConcordError::InDoubt { xid, cause });
+//!             }
+//!             Err(e) => return Err(e),
+//!         }
+//!     }
+//! }
+//! ```
+//!
+//! [`Transaction::rollback`] answers `Ok(`[`RolledBack`]`)`, also for a transaction that had
+//! rolled back already; committing or rolling back a second time answers as the first time did.
+//! [`Transaction`] and the branch handles are `#[must_use]`: a transaction that is dropped
+//! rolls back.
+//!
+//! # Examples
+//!
+//! `participant/examples/` holds one runnable program per kind of resource — `files.rs`,
+//! `postgres.rs`, `mail.rs`, `kv.rs` — and `all_four.rs`, one transaction over all four. Each
+//! writes its own `concord.toml` into the data directory it is given, runs a few transactions
+//! (one of them rolled back) and prints what it did, e.g.
+//! `cargo run -p concord-participant --example kv -- /tmp/concord-kv`. `participant/tests/examples.rs`
+//! runs every one of them (the PostgreSQL ones against a throwaway cluster).
+//!
 //! # Implementation caveats
 //!
 //! * Resources open one after the other, in name order; a kv resource whose sled directory an
