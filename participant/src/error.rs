@@ -30,8 +30,9 @@ use coordinator::CoordError;
 
 use crate::config::ConfigError;
 
-/// Errors of the participant API.
+/// Errors of the participant API. More variants may come (remote mode); match with a catch-all.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum ConcordError {
     /// The configuration is unusable.
     #[error(transparent)]
@@ -90,6 +91,7 @@ pub enum ConcordError {
 
 /// Why a transaction rolled back (see [`ConcordError::RolledBack`]).
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum RollbackCause {
     /// The application rolled it back ([`Transaction::rollback`](crate::Transaction::rollback)).
     #[error("{reason}")]
