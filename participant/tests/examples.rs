@@ -63,6 +63,7 @@ struct Ran {
 impl Ran {
     /// Fails the test unless the run exited 0 and printed every one of `lines`.
     fn assert_printed(&self, name: &str, lines: &[&str]) {
+        println!("{name} printed:\n{}", self.stdout);
         assert!(
             self.status.success(),
             "{name} exited with {}:\n{}\n{}",
