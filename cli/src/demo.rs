@@ -43,9 +43,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, bail};
-use coordinator::Outcome;
 use participant::config::{EMBEDDED_KV, EMBEDDED_MAIL};
-use participant::{Concord, Config, MessageBuilder};
+use participant::{Concord, ConcordError, Config, MessageBuilder};
 use serde::Serialize;
 
 use check::{Orders, Run};
@@ -240,13 +239,12 @@ async fn run_clients(
                 }
                 let fail = fail_every > 0 && i % fail_every == fail_every - 1;
                 let t0 = Instant::now();
-                let outcome = one_transaction(&concord, &run_id, i, fail, postgres).await?;
-                match outcome {
-                    Outcome::Committed { .. } => {
-                        std::fs::write(acks.join(i.to_string()), b"")?;
-                        stats.committed += 1;
-                    }
-                    _ => stats.rolled_back += 1,
+                let committed = one_transaction(&concord, &run_id, i, fail, postgres).await?;
+                if committed {
+                    std::fs::write(acks.join(i.to_string()), b"")?;
+                    stats.committed += 1;
+                } else {
+                    stats.rolled_back += 1;
                 }
                 stats.latencies_us.push(t0.elapsed().as_micros() as u64);
                 progress.inc(1);
@@ -268,13 +266,14 @@ async fn run_clients(
     Ok(total)
 }
 
+/// Runs transaction `i` (rolled back on purpose when `fail`); returns whether it committed.
 async fn one_transaction(
     concord: &Concord,
     run_id: &str,
     i: u64,
     fail: bool,
     postgres: bool,
-) -> anyhow::Result<Outcome> {
+) -> anyhow::Result<bool> {
     let mut tx = concord.begin();
     if postgres {
         let orders = tx.postgres(PG_RESOURCE).await?;
@@ -308,9 +307,15 @@ async fn one_transaction(
         {
             bail!("the files resource accepted a path outside its root");
         }
-        return Ok(tx.rollback().await?);
+        tx.rollback().await?;
+        return Ok(false);
     }
-    Ok(tx.commit().await?)
+    // Not committed (rolled back, or in doubt) counts as not committed, like a rollback.
+    match tx.commit().await {
+        Ok(_) => Ok(true),
+        Err(ConcordError::RolledBack { .. } | ConcordError::InDoubt { .. }) => Ok(false),
+        Err(e) => Err(e.into()),
+    }
 }
 
 fn content(run_id: &str, i: u64, name: &str) -> Vec<u8> {

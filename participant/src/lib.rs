@@ -32,10 +32,95 @@
 //! name the configuration does not have is a coordinator error naming it; asking for a name of
 //! another kind is [`ConcordError::WrongKind`].
 //!
+//! # Outcomes and errors
+//!
+//! [`Transaction::commit`] answers `Ok(`[`Committed`]`)` only when the transaction committed:
+//! its decision is durable, and every branch will be committed (phase 2 runs in the background,
+//! retried until each resource answers, across restarts). Anything else is an `Err`:
+//!
+//! * [`ConcordError::RolledBack`] — nothing of the transaction happened, in any resource. Its
+//!   [`RollbackCause`] says why: a branch could not prepare (the coordinator's reason names the
+//!   resource), the transaction outlived `txn_timeout_ms`, or the application rolled it back.
+//! * [`ConcordError::InDoubt`] — whether it committed is not known (the journal failed while
+//!   making the decision durable, the answer of a one-phase commit was lost, the coordinator shut
+//!   down in the middle). **Do not run it again**: it may have committed, and a second run would
+//!   do it twice. concord finishes it by itself — phase 2, or recovery at the next start, which
+//!   decides from the journal and asks the resources — and `concord txn list` shows it until
+//!   then (`concord txn resolve` is for an operator, when a resource is lost for good). Keep the
+//!   xid, so that the application's own records can be matched with the outcome later.
+//! * Any other variant refuses one call: fix the configuration or the code.
+//!
+//! [`ConcordError::is_retryable`] says whether running the whole transaction again can succeed:
+//! true for a conflict with another transaction's write, a resource that cannot answer now (a
+//! PostgreSQL serialization failure or deadlock, a broken connection), a timeout; false for a
+//! transaction in doubt, for a rollback the application asked for, and for every error that a
+//! second run meets again. "Again" means from the first step, in a new [`Transaction`]: the
+//! failed one is over. A retry loop, bounded:
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! use participant::{Committed, Concord, ConcordError};
+//!
+//! /// One order: the invoice file and the index entry, both or neither.
+//! async fn place_order(concord: &Concord, order: u64) -> Result<Committed, ConcordError> {
+//!     let mut tx = concord.begin();
+//!     let uploads = tx.files("uploads").await?;
+//!     let path = format!("invoices/{order}.pdf");
+//!     uploads.put(&path, &b"%PDF-1.7 ..."[..]).await?;
+//!     let index = tx.kv("index").await?;
+//!     index.insert(format!("order/{order}").as_bytes(), path.as_bytes()).await?;
+//!     tx.commit().await
+//! }
+//!
+//! const ATTEMPTS_MAX: u32 = 5;
+//!
+//! async fn place_order_retrying(concord: &Concord, order: u64) -> Result<(), ConcordError> {
+//!     let mut attempt = 1;
+//!     loop {
+//!         match place_order(concord, order).await {
+//!             Ok(committed) => {
+//!                 println!("order {order} committed ({})", committed.xid);
+//!                 return Ok(());
+//!             }
+//!             Err(e) if e.is_retryable() && attempt < ATTEMPTS_MAX => {
+//!                 eprintln!("order {order}, attempt {attempt}: {e}; trying again");
+//!                 tokio::time::sleep(Duration::from_millis(20 << attempt)).await;
+//!                 attempt += 1;
+//!             }
+//!             Err(ConcordError::InDoubt { xid, cause }) => {
+//!                 // Not retried: it may have committed. concord finishes it; the xid is what
+//!                 // `concord txn list` shows until then.
+//!                 eprintln!("order {order} is in doubt as {xid}: {cause}");
+//!                 return Err(ConcordError::InDoubt { xid, cause });
+//!             }
+//!             Err(e) => return Err(e),
+//!         }
+//!     }
+//! }
+//! ```
+//!
+//! [`Transaction::rollback`] answers `Ok(`[`RolledBack`]`)`, also for a transaction that had
+//! rolled back already; committing or rolling back a second time answers as the first time did.
+//! [`Transaction`] and the branch handles are `#[must_use]`: a transaction that is dropped
+//! rolls back.
+//!
+//! # Examples
+//!
+//! `participant/examples/` holds one runnable program per kind of resource — `files.rs`,
+//! `postgres.rs`, `mail.rs`, `kv.rs` — and `all_four.rs`, one transaction over all four. Each
+//! writes its own `concord.toml` into the data directory it is given, runs a few transactions
+//! (one of them rolled back) and prints what it did, e.g.
+//! `cargo run -p concord-participant --example kv -- /tmp/concord-kv`. `participant/tests/examples.rs`
+//! runs every one of them (the PostgreSQL ones against a throwaway cluster).
+//!
 //! # Implementation caveats
 //!
 //! * Resources open one after the other, in name order; a kv resource whose sled directory an
 //!   instance dropped a moment before in this process waits for it (`open_wait_ms_max`).
+
+mod error;
+mod handles;
+mod transaction;
 
 pub use adapters::config;
 
@@ -43,51 +128,16 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use adapters::Xid;
-use adapters::files::{FilesBranch, FilesResource};
-use adapters::kv::{KvBranch, KvResource};
-use adapters::mail::{MailBranch, MailResource};
-use adapters::postgres::{PgBranch, PostgresResource};
-use coordinator::{
-    CoordError, Coordinator, CoordinatorConfig, Outcome, RecoveryReport, RetryPolicy,
-};
+use coordinator::{Coordinator, CoordinatorConfig, RecoveryReport, RetryPolicy};
 use journal::Epoch;
 
 pub use adapters::mail::{Enqueued, MessageBuilder};
+pub use adapters::{ErrorClass, Lsn, ResourceError, Xid};
 pub use config::{Config, ConfigError, ResourceConfig};
-
-/// Errors of the participant API.
-#[derive(Debug, thiserror::Error)]
-pub enum ConcordError {
-    /// The configuration is unusable.
-    #[error(transparent)]
-    Config(#[from] ConfigError),
-    /// The coordinator refused or failed.
-    #[error(transparent)]
-    Coordinator(#[from] CoordError),
-    /// A resource refused or failed.
-    #[error(transparent)]
-    Resource(#[from] adapters::ResourceError),
-    /// The journal could not be opened.
-    #[error("open journal: {0}")]
-    Journal(#[from] journal::JournalError),
-    /// The resource exists but is of another kind than the handle asked for.
-    #[error("resource {name:?} is not a {expected} resource")]
-    WrongKind {
-        /// The resource.
-        name: String,
-        /// The kind the handle needs.
-        expected: &'static str,
-    },
-    /// The transaction was already committed or rolled back.
-    #[error("transaction {xid} is already {state}; it accepts no more work")]
-    Finished {
-        /// The transaction.
-        xid: Xid,
-        /// How it ended.
-        state: &'static str,
-    },
-}
+pub use coordinator::CoordError;
+pub use error::{ConcordError, RollbackCause};
+pub use handles::{FilesHandle, KvHandle, MailHandle, PostgresHandle};
+pub use transaction::{Committed, RolledBack, Transaction};
 
 /// An embedded concord: the coordinator, its journal and the configured resources.
 #[derive(Clone)]
@@ -142,15 +192,12 @@ impl Concord {
 
     /// Begins a transaction.
     pub fn begin(&self) -> Transaction {
-        Transaction {
-            coordinator: self.coordinator.clone(),
-            xid: self.coordinator.begin(),
-            ended: None,
-        }
+        Transaction::begin(self.coordinator.clone())
     }
 
     /// Waits (at most `timeout`) for phase 2 and recovery work in the background to finish;
     /// returns whether it did.
+    #[must_use = "false means phase 2 or recovery work is still running"]
     pub async fn wait_idle(&self, timeout: Duration) -> bool {
         self.coordinator.wait_settled(timeout).await
     }
@@ -172,341 +219,5 @@ fn opening_failed(error: config::OpenError) -> ConcordError {
     match error {
         config::OpenError::Resource { source, .. } => ConcordError::Resource(source),
         other => CoordError::Refused(other.to_string()).into(),
-    }
-}
-
-/// One transaction; see the crate docs.
-pub struct Transaction {
-    coordinator: Coordinator,
-    xid: Xid,
-    /// The outcome once committed or rolled back.
-    ended: Option<Result<Outcome, String>>,
-}
-
-impl Transaction {
-    /// Its xid.
-    pub fn xid(&self) -> Xid {
-        self.xid
-    }
-
-    /// The branch handle of the files resource `name`, joining it to the transaction.
-    pub async fn files(&self, name: &str) -> Result<FilesHandle, ConcordError> {
-        let (branch, resource) = self
-            .join_as(name, "files", |files: &FilesResource| {
-                Ok(files.branch(&self.xid))
-            })
-            .await?;
-        Ok(FilesHandle {
-            coordinator: self.coordinator.clone(),
-            xid: self.xid,
-            branch,
-            _resource: resource,
-        })
-    }
-
-    /// The branch handle of the PostgreSQL resource `name`, joining it to the transaction: its
-    /// statements run in the branch's own database transaction.
-    pub async fn postgres(&self, name: &str) -> Result<PostgresHandle, ConcordError> {
-        let (branch, resource) = self
-            .join_as(name, "postgres", |pg: &PostgresResource| {
-                Ok(pg.branch(&self.xid)?)
-            })
-            .await?;
-        Ok(PostgresHandle {
-            coordinator: self.coordinator.clone(),
-            xid: self.xid,
-            branch,
-            _resource: resource,
-        })
-    }
-
-    /// The branch handle of the mail queue `name`, joining it to the transaction: the messages
-    /// it enqueues are delivered (into the Maildir's `new/`) when the transaction commits.
-    pub async fn mail(&self, name: &str) -> Result<MailHandle, ConcordError> {
-        let (branch, resource) = self
-            .join_as(name, "mail", |mail: &MailResource| {
-                Ok(mail.branch(&self.xid))
-            })
-            .await?;
-        Ok(MailHandle {
-            coordinator: self.coordinator.clone(),
-            xid: self.xid,
-            branch,
-            _resource: resource,
-        })
-    }
-
-    /// The branch handle of the kv resource `name`, joining it to the transaction: its inserts
-    /// and removes appear in the store when the transaction commits.
-    pub async fn kv(&self, name: &str) -> Result<KvHandle, ConcordError> {
-        let (branch, resource) = self
-            .join_as(name, "kv", |kv: &KvResource| Ok(kv.branch(&self.xid)))
-            .await?;
-        Ok(KvHandle {
-            coordinator: self.coordinator.clone(),
-            xid: self.xid,
-            branch,
-            _resource: resource,
-        })
-    }
-
-    /// Joins resource `name` to the transaction and makes a branch handle of it with `make`,
-    /// when it is an `R`; otherwise [`ConcordError::WrongKind`] naming `expected`.
-    async fn join_as<R: 'static, B>(
-        &self,
-        name: &str,
-        expected: &'static str,
-        make: impl FnOnce(&R) -> Result<B, ConcordError>,
-    ) -> Result<(B, Arc<dyn adapters::Resource>), ConcordError> {
-        self.check_not_ended()?;
-        let resource = self.coordinator.join(&self.xid, name).await?;
-        let Some(typed) = resource.as_any().downcast_ref::<R>() else {
-            return Err(ConcordError::WrongKind {
-                name: name.to_string(),
-                expected,
-            });
-        };
-        let branch = make(typed)?;
-        Ok((branch, resource))
-    }
-
-    /// Commits: returns the outcome once it is known. Committing again returns the first
-    /// outcome.
-    pub async fn commit(&mut self) -> Result<Outcome, ConcordError> {
-        if let Some(ended) = &self.ended {
-            return ended.clone().map_err(|e| CoordError::Refused(e).into());
-        }
-        let result = self.coordinator.commit(&self.xid).await;
-        self.record(result)
-    }
-
-    /// Rolls back. Rolling back a finished transaction returns its outcome.
-    pub async fn rollback(&mut self) -> Result<Outcome, ConcordError> {
-        if let Some(ended) = &self.ended {
-            return ended.clone().map_err(|e| CoordError::Refused(e).into());
-        }
-        let result = self
-            .coordinator
-            .rollback(&self.xid, "rolled back by the application")
-            .await;
-        self.record(result)
-    }
-
-    fn record(&mut self, result: Result<Outcome, CoordError>) -> Result<Outcome, ConcordError> {
-        match result {
-            Ok(outcome) => {
-                self.ended = Some(Ok(outcome.clone()));
-                Ok(outcome)
-            }
-            Err(e) => {
-                self.ended = Some(Err(e.to_string()));
-                self.coordinator.forget(&self.xid);
-                Err(e.into())
-            }
-        }
-    }
-
-    fn check_not_ended(&self) -> Result<(), ConcordError> {
-        match &self.ended {
-            None => Ok(()),
-            Some(Ok(Outcome::Committed { .. })) => Err(ConcordError::Finished {
-                xid: self.xid,
-                state: "committed",
-            }),
-            Some(_) => Err(ConcordError::Finished {
-                xid: self.xid,
-                state: "finished",
-            }),
-        }
-    }
-}
-
-impl Drop for Transaction {
-    fn drop(&mut self) {
-        if self.ended.is_none() {
-            self.coordinator.abandon(&self.xid);
-        }
-    }
-}
-
-/// A transaction's branch in a files resource: put, delete and read files inside the transaction.
-pub struct FilesHandle {
-    coordinator: Coordinator,
-    xid: Xid,
-    branch: FilesBranch,
-    _resource: Arc<dyn adapters::Resource>,
-}
-
-impl FilesHandle {
-    /// Writes `path` from `content`, streamed (a file of any size never sits in memory). Visible
-    /// to others only when the transaction commits.
-    pub async fn put(
-        &self,
-        path: &str,
-        content: impl tokio::io::AsyncRead + Unpin + Send,
-    ) -> Result<u64, ConcordError> {
-        self.coordinator.check_open(&self.xid)?;
-        let put = self.branch.put(path, content).await;
-        self.explain(put)
-    }
-
-    /// Deletes `path` when the transaction commits.
-    pub async fn delete(&self, path: &str) -> Result<(), ConcordError> {
-        self.coordinator.check_open(&self.xid)?;
-        let deleted = self.branch.delete(path).await;
-        self.explain(deleted)
-    }
-
-    /// Reads `path` as this transaction sees it (its own writes included).
-    pub async fn read(&self, path: &str) -> Result<Vec<u8>, ConcordError> {
-        self.coordinator.check_open(&self.xid)?;
-        let read = self.branch.read(path).await;
-        self.explain(read)
-    }
-
-    /// A branch call that failed because the transaction timed out (or ended) meanwhile reports
-    /// that, not the resource's view of it.
-    fn explain<T>(&self, result: Result<T, adapters::ResourceError>) -> Result<T, ConcordError> {
-        result.map_err(|e| match self.coordinator.check_open(&self.xid) {
-            Err(ended) => ended.into(),
-            Ok(()) => e.into(),
-        })
-    }
-}
-
-/// A transaction's branch in a PostgreSQL resource: statements run in the branch's database
-/// transaction, which commits (prepared, then committed) with the transaction.
-pub struct PostgresHandle {
-    coordinator: Coordinator,
-    xid: Xid,
-    branch: PgBranch,
-    _resource: Arc<dyn adapters::Resource>,
-}
-
-impl PostgresHandle {
-    /// Runs a statement; returns the number of rows it changed.
-    pub async fn execute(
-        &self,
-        sql: &str,
-        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
-    ) -> Result<u64, ConcordError> {
-        self.coordinator.check_open(&self.xid)?;
-        let done = self.branch.execute(sql, params).await;
-        self.explain(done)
-    }
-
-    /// Runs a query.
-    pub async fn query(
-        &self,
-        sql: &str,
-        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
-    ) -> Result<Vec<tokio_postgres::Row>, ConcordError> {
-        self.coordinator.check_open(&self.xid)?;
-        let rows = self.branch.query(sql, params).await;
-        self.explain(rows)
-    }
-
-    /// Runs a query that returns exactly one row.
-    pub async fn query_one(
-        &self,
-        sql: &str,
-        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
-    ) -> Result<tokio_postgres::Row, ConcordError> {
-        self.coordinator.check_open(&self.xid)?;
-        let row = self.branch.query_one(sql, params).await;
-        self.explain(row)
-    }
-
-    /// Runs several statements (no parameters, no results).
-    pub async fn batch_execute(&self, sql: &str) -> Result<(), ConcordError> {
-        self.coordinator.check_open(&self.xid)?;
-        let done = self.branch.batch_execute(sql).await;
-        self.explain(done)
-    }
-
-    fn explain<T>(&self, result: Result<T, adapters::ResourceError>) -> Result<T, ConcordError> {
-        result.map_err(|e| match self.coordinator.check_open(&self.xid) {
-            Err(ended) => ended.into(),
-            Ok(()) => e.into(),
-        })
-    }
-}
-
-/// A transaction's branch in a mail queue: enqueue messages, delivered when the transaction
-/// commits (each exactly once, whatever crashes and retries happen on the way).
-pub struct MailHandle {
-    coordinator: Coordinator,
-    xid: Xid,
-    branch: MailBranch,
-    _resource: Arc<dyn adapters::Resource>,
-}
-
-impl MailHandle {
-    /// Streams an RFC 5322 message (raw bytes, a file, any reader) into the branch; refused,
-    /// with nothing left behind, when it is not a valid message or is over `max_message_bytes`
-    /// (see `adapters::mail`). Returns the Maildir file name it will be delivered under.
-    pub async fn enqueue(
-        &self,
-        message: impl tokio::io::AsyncRead + Unpin,
-    ) -> Result<Enqueued, ConcordError> {
-        self.coordinator.check_open(&self.xid)?;
-        let enqueued = self.branch.enqueue(message).await;
-        self.explain(enqueued)
-    }
-
-    /// Builds the message of `builder` and enqueues it; refused like [`MailHandle::enqueue`],
-    /// and when the builder's fields cannot make a message (a newline in a field, no recipient).
-    pub async fn enqueue_built(&self, builder: &MessageBuilder) -> Result<Enqueued, ConcordError> {
-        self.coordinator.check_open(&self.xid)?;
-        let enqueued = self.branch.enqueue_built(builder).await;
-        self.explain(enqueued)
-    }
-
-    fn explain<T>(&self, result: Result<T, adapters::ResourceError>) -> Result<T, ConcordError> {
-        result.map_err(|e| match self.coordinator.check_open(&self.xid) {
-            Err(ended) => ended.into(),
-            Ok(()) => e.into(),
-        })
-    }
-}
-
-/// A transaction's branch in a kv resource: insert, remove and read keys inside the transaction.
-/// Each key written stays locked against other transactions until this one ends.
-pub struct KvHandle {
-    coordinator: Coordinator,
-    xid: Xid,
-    branch: KvBranch,
-    _resource: Arc<dyn adapters::Resource>,
-}
-
-impl KvHandle {
-    /// Sets `key` to `value` when the transaction commits; waits (at most the resource's
-    /// `lock_wait_ms`) for a key another transaction writes. Refused when the key or value is
-    /// over its limit.
-    pub async fn insert(&self, key: &[u8], value: &[u8]) -> Result<(), ConcordError> {
-        self.coordinator.check_open(&self.xid)?;
-        let inserted = self.branch.insert(key, value).await;
-        self.explain(inserted)
-    }
-
-    /// Removes `key` when the transaction commits.
-    pub async fn remove(&self, key: &[u8]) -> Result<(), ConcordError> {
-        self.coordinator.check_open(&self.xid)?;
-        let removed = self.branch.remove(key).await;
-        self.explain(removed)
-    }
-
-    /// The value of `key` as this transaction sees it (its own writes first).
-    pub async fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, ConcordError> {
-        self.coordinator.check_open(&self.xid)?;
-        let value = self.branch.get(key).await;
-        self.explain(value)
-    }
-
-    fn explain<T>(&self, result: Result<T, adapters::ResourceError>) -> Result<T, ConcordError> {
-        result.map_err(|e| match self.coordinator.check_open(&self.xid) {
-            Err(ended) => ended.into(),
-            Ok(()) => e.into(),
-        })
     }
 }

@@ -12,8 +12,8 @@ use common::{STEP_DEADLINE, close, commit, committed_lsn, open, within};
 
 use std::path::Path;
 
-use coordinator::{CoordError, Outcome};
-use participant::{ConcordError, Config, MessageBuilder, ResourceConfig};
+use coordinator::CoordError;
+use participant::{ConcordError, Config, MessageBuilder, ResourceConfig, RollbackCause};
 
 /// How long a kv writer waits for a key another branch holds, in these tests.
 const LOCK_WAIT_MS: u64 = 300;
@@ -119,8 +119,11 @@ async fn a_rolled_back_transaction_leaves_no_file_mail_or_key() {
         .unwrap();
     let index = within("join", tx.kv("index")).await.unwrap();
     within("insert", index.insert(b"k", b"v")).await.unwrap();
-    let outcome = within("rollback", tx.rollback()).await.unwrap();
-    assert!(matches!(outcome, Outcome::RolledBack { .. }), "{outcome:?}");
+    let rolled_back = within("rollback", tx.rollback()).await.unwrap();
+    assert!(
+        matches!(rolled_back.cause, RollbackCause::Requested { .. }),
+        "{rolled_back:?}"
+    );
     assert!(concord.wait_idle(STEP_DEADLINE).await);
 
     let after = within("enqueue", mail.enqueue_built(&message("late")))
@@ -230,10 +233,7 @@ async fn bad_messages_and_values_are_refused_naming_the_resource_and_change_noth
     );
     // Nothing was taken: the transaction writes nothing and commits without a decision.
     let outcome = commit(&mut tx).await;
-    assert!(
-        matches!(outcome, Outcome::Committed { lsn: None }),
-        "{outcome:?}"
-    );
+    assert_eq!(outcome.lsn, None, "{outcome:?}");
     assert!(names_in(&dir.path().join("mail/tmp")).is_empty());
     drop((index, mail, tx));
     close(concord).await;

@@ -138,7 +138,8 @@ impl Front {
                 let put_started = paced_start(pace, &start).await;
                 within("put", files.put(PATH, &content[..])).await.unwrap();
                 pause_us(pace.sleep_before_commit_us).await;
-                let outcome = within("commit", tx.commit()).await.unwrap();
+                let committed = within("commit", tx.commit()).await.unwrap();
+                let outcome = Outcome::Committed { lsn: committed.lsn };
                 written(round, xid, content, put_started, outcome)
             }
             Front::Coordinator(coordinator) => {

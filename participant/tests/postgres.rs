@@ -14,8 +14,8 @@
 mod common;
 
 use common::{
-    STEP_DEADLINE, close, commit, commits, committed_lsn, open, record_kinds, rolled_back_reason,
-    within,
+    STEP_DEADLINE, close, commit, commit_rolled_back, commits, committed_lsn, decided_lsn, open,
+    record_kinds, within,
 };
 
 use std::any::Any;
@@ -312,8 +312,7 @@ async fn a_mixed_transaction_commits_both_branches_or_neither() {
         resource_error(&err).map(ResourceError::class),
         Some(ErrorClass::Rejected)
     );
-    let outcome = commit(&mut tx).await;
-    let reason = rolled_back_reason(&outcome);
+    let reason = commit_rolled_back(&mut tx).await;
     assert!(reason.contains("resource orders"), "{reason}");
 
     // A statement whose failure shows at prepare (the deferred unique constraint).
@@ -325,8 +324,7 @@ async fn a_mixed_transaction_commits_both_branches_or_neither() {
     execute(&tx, "INSERT INTO orders VALUES (3, 'book')")
         .await
         .unwrap();
-    let outcome = commit(&mut tx).await;
-    let reason = rolled_back_reason(&outcome);
+    let reason = commit_rolled_back(&mut tx).await;
     assert!(
         reason.contains("resource orders")
             && reason
@@ -372,7 +370,7 @@ async fn phase_two_survives_the_server_going_away() {
     .await
     .unwrap();
     let outcome = within("commit", coordinator.commit(&xid)).await.unwrap();
-    committed_lsn(&outcome);
+    decided_lsn(&outcome);
 
     assert!(
         coordinator.wait_settled(SETTLE_DEADLINE).await,
@@ -597,7 +595,8 @@ async fn a_serialization_failure_is_retryable_and_says_to_run_again() {
         text.contains("could not serialize access") && text.contains("run the transaction again"),
         "{text}"
     );
-    rolled_back_reason(&commit(&mut two).await);
+    assert!(err.is_retryable(), "{err}");
+    commit_rolled_back(&mut two).await;
 
     let mut again = concord.begin();
     execute(
@@ -631,8 +630,7 @@ async fn a_server_restart_in_the_middle_of_a_transaction_rolls_it_back() {
         .unwrap();
     cluster.stop_immediate().unwrap();
     cluster.restart().unwrap();
-    let outcome = commit(&mut tx).await;
-    let reason = rolled_back_reason(&outcome);
+    let reason = commit_rolled_back(&mut tx).await;
     assert!(
         reason.contains("resource orders") && reason.contains(&tx.xid().to_string()),
         "{reason}"
@@ -683,7 +681,7 @@ async fn the_orphan_sweeper_rolls_back_a_prepared_branch_nobody_owns() {
     )
     .await
     .unwrap();
-    committed_lsn(&within("commit", coordinator.commit(&held)).await.unwrap());
+    decided_lsn(&within("commit", coordinator.commit(&held)).await.unwrap());
     // Open, with a row written.
     let open_xid = coordinator.begin();
     within("join", coordinator.join(&open_xid, "orders"))
@@ -741,7 +739,7 @@ async fn the_orphan_sweeper_rolls_back_a_prepared_branch_nobody_owns() {
     )
     .await
     .unwrap();
-    committed_lsn(
+    decided_lsn(
         &within("commit", coordinator.commit(&open_xid))
             .await
             .unwrap(),

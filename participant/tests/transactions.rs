@@ -21,9 +21,9 @@ use std::time::{Duration, Instant};
 
 use adapters::{Lsn, Xid};
 
-use coordinator::{CoordError, Outcome};
+use coordinator::CoordError;
 
-use participant::{ConcordError, Config, ResourceConfig, Transaction};
+use participant::{ConcordError, Config, ResourceConfig, RollbackCause, Transaction};
 
 /// Bound on every step that waits (open, a put, a commit, phase 2, close).
 /// How long a writer waits for a path another branch holds, in these tests.
@@ -132,11 +132,19 @@ async fn committing_twice_returns_the_first_outcome() {
     let first = commit(&mut tx).await;
     let second = commit(&mut tx).await;
     assert_eq!(first, second);
-    let after_rollback = within("rollback", tx.rollback()).await.unwrap();
-    assert_eq!(
-        after_rollback, first,
-        "rolling back a committed transaction returns its outcome"
+    assert_eq!(first.xid, tx.xid());
+    let after_rollback = within("rollback", tx.rollback()).await.unwrap_err();
+    assert!(
+        matches!(
+            after_rollback,
+            ConcordError::Finished {
+                state: "committed",
+                ..
+            }
+        ),
+        "rolling back a committed transaction is refused: {after_rollback:?}"
     );
+    assert_eq!(commit(&mut tx).await, first, "and leaves it committed");
     assert!(concord.wait_idle(STEP_DEADLINE).await);
     assert_eq!(
         commits_of(dir.path(), tx.xid()).len(),
@@ -296,17 +304,24 @@ async fn rollback_makes_nothing_visible() {
     let mut tx = concord.begin();
     put(&tx, "uploads", "a/never.txt", b"never").await;
     put(&tx, "thumbnails", "a/never.png", b"never").await;
-    let outcome = within("rollback", tx.rollback()).await.unwrap();
-    let reason = rolled_back_reason(&outcome);
+    let rolled_back = within("rollback", tx.rollback()).await.unwrap();
+    assert_eq!(rolled_back.xid, tx.xid());
     assert!(
-        reason.contains("rolled back by the application"),
-        "{reason}"
+        matches!(&rolled_back.cause, RollbackCause::Requested { reason } if reason.contains("rolled back by the application")),
+        "{rolled_back:?}"
     );
-    assert_eq!(within("rollback", tx.rollback()).await.unwrap(), outcome);
     assert_eq!(
-        commit(&mut tx).await,
-        outcome,
-        "committing a rolled-back transaction returns its outcome"
+        within("rollback", tx.rollback()).await.unwrap(),
+        rolled_back
+    );
+    let committed = within("commit", tx.commit()).await;
+    assert!(
+        matches!(
+            &committed,
+            Err(error @ ConcordError::RolledBack { xid, branch: None, cause })
+                if *xid == tx.xid() && *cause == rolled_back.cause && !error.is_retryable()
+        ),
+        "committing a rolled-back transaction answers that it rolled back: {committed:?}"
     );
     assert!(concord.wait_idle(STEP_DEADLINE).await);
 
@@ -339,8 +354,18 @@ async fn a_failed_prepare_rolls_back_every_branch_and_names_the_resource() {
     assert_eq!(staged.len(), 1);
     fs::remove_file(&staged[0]).unwrap();
 
-    let outcome = commit(&mut tx).await;
-    let reason = rolled_back_reason(&outcome);
+    let answer = within("commit", tx.commit()).await;
+    assert!(
+        matches!(
+            &answer,
+            Err(ConcordError::RolledBack {
+                cause: RollbackCause::Coordinator { .. },
+                ..
+            })
+        ),
+        "{answer:?}"
+    );
+    let reason = rolled_back_reason(&answer);
     assert!(
         reason.contains("uploads") && reason.contains("staged content"),
         "the reason does not name the failing resource: {reason}"
@@ -375,12 +400,13 @@ async fn a_transaction_that_writes_nothing_commits_without_a_decision() {
     assert!(concord.wait_idle(STEP_DEADLINE).await);
 
     let mut empty = concord.begin();
-    assert_eq!(commit(&mut empty).await, Outcome::Committed { lsn: None });
+    let nothing = commit(&mut empty).await;
+    assert_eq!((nothing.xid, nothing.lsn), (empty.xid(), None));
     let mut reader = concord.begin();
     let uploads = within("join", reader.files("uploads")).await.unwrap();
     let read = within("read", uploads.read("seen.txt")).await.unwrap();
     assert_eq!(read, b"seen");
-    assert_eq!(commit(&mut reader).await, Outcome::Committed { lsn: None });
+    assert_eq!(commit(&mut reader).await.lsn, None);
     assert!(concord.wait_idle(STEP_DEADLINE).await);
     assert!(commits_of(dir.path(), empty.xid()).is_empty());
     assert!(commits_of(dir.path(), reader.xid()).is_empty());
@@ -416,6 +442,10 @@ async fn a_writer_waiting_past_the_lock_wait_gets_a_conflict_naming_the_path_and
             ConcordError::Resource(adapters::ResourceError::Conflict { .. })
         ),
         "{error:?}"
+    );
+    assert!(
+        error.is_retryable(),
+        "a conflict may pass: the transaction can be run again"
     );
     let message = error.to_string();
     assert!(
@@ -567,11 +597,12 @@ async fn a_full_disk_during_prepare_rolls_back_and_keeps_the_journal_sound() {
     fill_up(&small.join("filler"));
     let committed = within("commit", tx.commit()).await;
     match &committed {
-        Ok(outcome) => {
-            let reason = rolled_back_reason(outcome);
+        Err(ConcordError::RolledBack { .. }) => {
+            let reason = rolled_back_reason(&committed);
             assert!(reason.contains("uploads"), "{reason}");
         }
         Err(e) => assert!(e.to_string().contains("uploads"), "{e}"),
+        Ok(committed) => panic!("committed on a full disk: {committed:?}"),
     }
     assert!(concord.wait_idle(STEP_DEADLINE).await);
     assert!(!uploads_root.join("video.bin").exists());
@@ -627,9 +658,19 @@ async fn a_transaction_open_past_its_timeout_is_refused_at_commit() {
     assert!(
         matches!(
             error,
-            ConcordError::Coordinator(CoordError::TimedOut { .. })
+            ConcordError::RolledBack {
+                branch: None,
+                cause: RollbackCause::TimedOut {
+                    timeout_ms: TIMEOUT_MS
+                },
+                ..
+            }
         ),
         "{error:?}"
+    );
+    assert!(
+        error.is_retryable(),
+        "a timed-out transaction may be run again"
     );
     let message = error.to_string();
     assert!(
@@ -765,7 +806,10 @@ async fn close_closes_the_journal_while_a_transaction_handle_lives() {
     drop(journal);
 
     let refused = within("a commit after close", live.commit()).await;
-    assert!(refused.is_err(), "{refused:?}");
+    assert!(
+        matches!(&refused, Err(e @ ConcordError::InDoubt { xid, .. }) if *xid == live.xid() && !e.is_retryable()),
+        "a commit the coordinator stopped before its outcome was known is in doubt: {refused:?}"
+    );
     assert!(!dir.path().join("uploads/live.txt").exists());
     drop((done, live));
 }

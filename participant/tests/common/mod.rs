@@ -13,7 +13,7 @@ use coordinator::Outcome;
 use coordinator::ledger::Ledger;
 use coordinator::record::CoordRecord;
 use journal::JournalConfig;
-use participant::{Concord, Config, Transaction};
+use participant::{Committed, Concord, ConcordError, Config, Transaction};
 
 /// Bound on every step that waits (open, a put or statement, a commit, phase 2, close).
 pub const STEP_DEADLINE: Duration = Duration::from_secs(20);
@@ -42,22 +42,37 @@ pub async fn close(concord: Concord) {
     );
 }
 
-pub async fn commit(tx: &mut Transaction) -> Outcome {
+/// Commits, failing the test unless the transaction committed.
+pub async fn commit(tx: &mut Transaction) -> Committed {
     within("commit", tx.commit()).await.unwrap()
 }
 
-pub fn committed_lsn(outcome: &Outcome) -> Lsn {
+pub fn committed_lsn(committed: &Committed) -> Lsn {
+    match committed.lsn {
+        Some(lsn) => lsn,
+        None => panic!("expected a committed outcome with a decision, got {committed:?}"),
+    }
+}
+
+/// The LSN of the decision of a commit through the coordinator itself.
+pub fn decided_lsn(outcome: &Outcome) -> Lsn {
     match outcome {
         Outcome::Committed { lsn: Some(lsn) } => *lsn,
         other => panic!("expected a committed outcome with a decision, got {other:?}"),
     }
 }
 
-pub fn rolled_back_reason(outcome: &Outcome) -> &str {
-    match outcome {
-        Outcome::RolledBack { reason } => reason,
-        other => panic!("expected a rolled-back outcome, got {other:?}"),
+/// The cause of a commit that answered [`ConcordError::RolledBack`], in words.
+pub fn rolled_back_reason(answer: &Result<Committed, ConcordError>) -> String {
+    match answer {
+        Err(ConcordError::RolledBack { cause, .. }) => cause.to_string(),
+        other => panic!("expected a rolled-back transaction, got {other:?}"),
     }
+}
+
+/// Commits, failing the test unless the transaction rolled back; returns the cause in words.
+pub async fn commit_rolled_back(tx: &mut Transaction) -> String {
+    rolled_back_reason(&within("commit", tx.commit()).await)
 }
 
 /// `(resource, redo)` of each writing branch of a `Commit` record.

@@ -1,0 +1,313 @@
+//! The participant's errors, and which of them a retry of the whole transaction can cure.
+//!
+//! Every call of the library returns [`ConcordError`]. Two variants end a transaction that
+//! asked to commit: [`ConcordError::RolledBack`] (nothing of it happened) and
+//! [`ConcordError::InDoubt`] (it may have happened; concord finishes it). The others are a
+//! refusal of one call (a resource's, the coordinator's, the configuration's).
+//!
+//! [`ConcordError::is_retryable`] says whether running the *whole* transaction again — a new
+//! [`Transaction`](crate::Transaction), every step from the start — can succeed: a conflict with
+//! another transaction, a resource that cannot answer now, a transaction that ran past its
+//! timeout. It is false for everything a retry repeats (bad input, configuration, a wrong
+//! handle, a finished transaction, a fatal resource) and, above all, for a transaction in doubt:
+//! it may have committed, and running it again could do it twice.
+//!
+//! # Caveats
+//!
+//! * When a branch fails to prepare, the coordinator reports the rollback as text
+//!   ([`coordinator::Outcome::RolledBack`]'s reason, which names the resource and the branch's
+//!   position), not as the resource's typed error. Such a rollback is
+//!   [`RollbackCause::Coordinator`], its `branch` is `None`, and it counts as not retryable,
+//!   even when the resource's error was (a PostgreSQL serialization failure met at `PREPARE`,
+//!   say). A serialization failure or conflict met by a statement or a write — where they are
+//!   usually met — reaches the application typed, as [`ConcordError::Resource`], and is
+//!   retryable.
+//! * A fenced resource ([`adapters::ResourceError::Fenced`]) is not retryable: this node's
+//!   epoch is over and it never commits again; the application must go to the promoted site.
+
+use adapters::{ErrorClass, ResourceError, Xid};
+use coordinator::CoordError;
+
+use crate::config::ConfigError;
+
+/// Errors of the participant API. More variants may come (remote mode); match with a catch-all.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConcordError {
+    /// The configuration is unusable.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The coordinator refused or failed.
+    #[error(transparent)]
+    Coordinator(#[from] CoordError),
+    /// A resource refused or failed.
+    #[error(transparent)]
+    Resource(#[from] ResourceError),
+    /// The journal could not be opened.
+    #[error("open journal: {0}")]
+    Journal(#[from] journal::JournalError),
+    /// The resource exists but is of another kind than the handle asked for.
+    #[error("resource {name:?} is not a {expected} resource")]
+    WrongKind {
+        /// The resource.
+        name: String,
+        /// The kind the handle needs.
+        expected: &'static str,
+    },
+    /// The transaction was already committed or rolled back.
+    #[error("transaction {xid} is already {state}; it accepts no more work")]
+    Finished {
+        /// The transaction.
+        xid: Xid,
+        /// How it ended.
+        state: &'static str,
+    },
+    /// The transaction rolled back instead of committing: none of its work happened, in any
+    /// resource. [`ConcordError::is_retryable`] says whether running it again can succeed.
+    #[error("transaction {xid} rolled back{}: {cause}", on_branch(.branch.as_deref()))]
+    RolledBack {
+        /// The transaction.
+        xid: Xid,
+        /// The resource whose branch failed, when the coordinator names it in structured form
+        /// (see the module's caveats: today it names it only inside `cause`).
+        branch: Option<String>,
+        /// Why.
+        cause: RollbackCause,
+    },
+    /// Whether the transaction committed is not known. Do not run it again: it may have
+    /// committed. The coordinator finishes it (phase 2 or recovery at the next start; an
+    /// operator with `concord txn resolve` when a resource is lost for good); `concord txn
+    /// list` shows it until then.
+    #[error(
+        "transaction {xid} is in doubt: {cause}; do not run it again (it may have committed): concord finishes it, and `concord txn list` shows it until then"
+    )]
+    InDoubt {
+        /// The transaction.
+        xid: Xid,
+        /// What happened, and what concord does about it.
+        cause: String,
+    },
+}
+
+/// Why a transaction rolled back (see [`ConcordError::RolledBack`]).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum RollbackCause {
+    /// The application rolled it back ([`Transaction::rollback`](crate::Transaction::rollback)).
+    #[error("{reason}")]
+    Requested {
+        /// The reason given to the coordinator.
+        reason: String,
+    },
+    /// It was open longer than the configured `txn_timeout_ms` and the coordinator rolled it
+    /// back.
+    #[error("it was open longer than {timeout_ms} ms")]
+    TimedOut {
+        /// The timeout (milliseconds).
+        timeout_ms: u64,
+    },
+    /// The coordinator rolled it back for the reason given: a branch that could not prepare
+    /// (the reason names its resource), or the journal refusing the decision.
+    #[error("{reason}")]
+    Coordinator {
+        /// The coordinator's words.
+        reason: String,
+    },
+}
+
+impl RollbackCause {
+    /// Whether running the transaction again can succeed; see [`ConcordError::is_retryable`].
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            RollbackCause::TimedOut { .. } => true,
+            RollbackCause::Requested { .. } | RollbackCause::Coordinator { .. } => false,
+        }
+    }
+}
+
+impl ConcordError {
+    /// Whether running the whole transaction again (a new one, from its first step) can
+    /// succeed: true for a rollback caused by a timeout, a conflict with another transaction's
+    /// write, a resource that cannot answer now (down, busy, a PostgreSQL serialization failure
+    /// or deadlock). False for a transaction in doubt (it may have committed: running it again
+    /// could do it twice), a rollback the application asked for, configuration and usage
+    /// errors, a finished transaction, a fenced, fatal or refusing resource. See the module
+    /// docs for what is not classified yet.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            ConcordError::RolledBack { cause, .. } => cause.is_retryable(),
+            ConcordError::Resource(e) => resource_retryable(e),
+            ConcordError::Coordinator(e) => coordinator_retryable(e),
+            ConcordError::InDoubt { .. }
+            | ConcordError::Config(_)
+            | ConcordError::Journal(_)
+            | ConcordError::WrongKind { .. }
+            | ConcordError::Finished { .. } => false,
+        }
+    }
+}
+
+/// A resource's error: retryable when it cannot answer now, or when another transaction held
+/// what this one wanted to write.
+fn resource_retryable(e: &ResourceError) -> bool {
+    e.class() == ErrorClass::Retryable || matches!(e, ResourceError::Conflict { .. })
+}
+
+/// A coordinator's error: retryable when the transaction timed out (and rolled back), or when a
+/// resource's error underneath is.
+fn coordinator_retryable(e: &CoordError) -> bool {
+    match e {
+        CoordError::TimedOut { .. } => true,
+        CoordError::Resource(e) => resource_retryable(e),
+        _ => false,
+    }
+}
+
+/// `" (branch NAME)"`, or nothing.
+fn on_branch(branch: Option<&str>) -> String {
+    branch.map_or_else(String::new, |b| format!(" (branch {b:?})"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use journal::Epoch;
+
+    fn xid() -> Xid {
+        Xid {
+            node: 1,
+            epoch: Epoch(1),
+            seq: 7,
+        }
+    }
+
+    fn unavailable() -> ResourceError {
+        ResourceError::Unavailable {
+            resource: "orders".into(),
+            message: "connection refused".into(),
+        }
+    }
+
+    fn conflict() -> ResourceError {
+        ResourceError::Conflict {
+            resource: "index".into(),
+            what: "key order/1".into(),
+            holder: "another".into(),
+            waited_ms: 100,
+        }
+    }
+
+    fn rolled_back(cause: RollbackCause) -> ConcordError {
+        ConcordError::RolledBack {
+            xid: xid(),
+            branch: None,
+            cause,
+        }
+    }
+
+    #[test]
+    fn retryable_are_timeouts_conflicts_and_unavailable_resources() {
+        let retryable = [
+            rolled_back(RollbackCause::TimedOut { timeout_ms: 300 }),
+            ConcordError::Resource(unavailable()),
+            ConcordError::Resource(conflict()),
+            ConcordError::Coordinator(CoordError::TimedOut {
+                xid: xid(),
+                timeout_ms: 300,
+            }),
+            ConcordError::Coordinator(CoordError::Resource(conflict())),
+            ConcordError::Coordinator(CoordError::Resource(unavailable())),
+        ];
+        for e in retryable {
+            assert!(e.is_retryable(), "{e:?}");
+        }
+    }
+
+    #[test]
+    fn in_doubt_is_never_retryable() {
+        let e = ConcordError::InDoubt {
+            xid: xid(),
+            cause: "the journal's sync failed".into(),
+        };
+        assert!(!e.is_retryable());
+        let message = e.to_string();
+        assert!(
+            message.contains("do not run it again") && message.contains("concord txn list"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn usage_configuration_and_lasting_resource_errors_are_not_retryable() {
+        let resource = |e: ResourceError| ConcordError::Resource(e);
+        let not_retryable = [
+            rolled_back(RollbackCause::Requested {
+                reason: "rolled back by the application".into(),
+            }),
+            rolled_back(RollbackCause::Coordinator {
+                reason: "branch 0 could not prepare: resource uploads: disk full".into(),
+            }),
+            ConcordError::WrongKind {
+                name: "uploads".into(),
+                expected: "kv",
+            },
+            ConcordError::Finished {
+                xid: xid(),
+                state: "committed",
+            },
+            ConcordError::Config(
+                crate::Config::load("/nonexistent/concord.toml".as_ref()).unwrap_err(),
+            ),
+            ConcordError::Coordinator(CoordError::UnknownResource {
+                name: "nope".into(),
+                configured: "uploads".into(),
+            }),
+            ConcordError::Coordinator(CoordError::NotActive {
+                xid: xid(),
+                state: "not open".into(),
+            }),
+            ConcordError::Coordinator(CoordError::ShuttingDown),
+            resource(ResourceError::rejected("uploads", "path escapes the root")),
+            resource(ResourceError::Fenced {
+                resource: "orders".into(),
+                offered: Epoch(1),
+                current: Epoch(2),
+            }),
+            resource(ResourceError::InDoubt {
+                resource: "orders".into(),
+                message: "connection lost during COMMIT".into(),
+            }),
+            resource(ResourceError::Fatal {
+                resource: "uploads".into(),
+                message: "fsync failed".into(),
+            }),
+            resource(ResourceError::HeuristicHazard {
+                resource: "orders".into(),
+                message: "no marker".into(),
+            }),
+        ];
+        for e in not_retryable {
+            assert!(!e.is_retryable(), "{e:?}");
+        }
+    }
+
+    #[test]
+    fn a_rollback_names_its_branch_when_known() {
+        let named = ConcordError::RolledBack {
+            xid: xid(),
+            branch: Some("orders".into()),
+            cause: RollbackCause::TimedOut { timeout_ms: 300 },
+        };
+        let message = named.to_string();
+        assert!(
+            message.contains(&xid().to_string())
+                && message.contains("(branch \"orders\")")
+                && message.contains("open longer than 300 ms"),
+            "{message}"
+        );
+        let unnamed = rolled_back(RollbackCause::Coordinator {
+            reason: "branch 1 could not prepare".into(),
+        });
+        assert!(!unnamed.to_string().contains("(branch"), "{unnamed}");
+    }
+}
