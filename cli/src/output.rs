@@ -25,19 +25,37 @@ pub const CHAIN_ABBREV_HEX_DIGITS: usize = 12;
 /// Payload bytes shown, escaped, in the human record listing.
 pub const PREVIEW_BYTES_MAX: usize = 32;
 
-/// Fails with a clear message unless `dir` is an existing directory.
+/// Fails with a clear message unless `dir` is an existing directory that is not a data
+/// directory.
 ///
-/// The scan would fail too, but with the wording of the journal's own directory listing; this
-/// says what an operator needs to hear.
+/// The scan would fail too, but with the wording of the journal's own directory listing (a data
+/// directory's `journal/` would read as a foreign file to move away); this says what an operator
+/// needs to hear.
 pub fn check_dir(dir: &Path) -> anyhow::Result<()> {
     match std::fs::metadata(dir) {
-        Ok(meta) if meta.is_dir() => Ok(()),
+        Ok(meta) if meta.is_dir() => check_not_data_dir(dir),
         Ok(_) => bail!("journal path {} is not a directory", dir.display()),
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
             bail!("journal directory {} does not exist", dir.display())
         }
         Err(e) => Err(e).with_context(|| format!("inspect journal directory {}", dir.display())),
     }
+}
+
+/// Fails when `dir` is a data directory, naming the journal directory inside it.
+///
+/// A data directory holds `journal/` beside the resources' directories; a journal directory
+/// holds only segment files (and its lock and clean-close mark), never a `journal/`.
+fn check_not_data_dir(dir: &Path) -> anyhow::Result<()> {
+    let inner = dir.join("journal");
+    if inner.is_dir() {
+        bail!(
+            "{} is a data directory, not a journal directory; its journal is {}: give that path",
+            dir.display(),
+            inner.display()
+        );
+    }
+    Ok(())
 }
 
 /// The valid records seen so far by a scan: what is known even when the scan then fails.

@@ -437,3 +437,27 @@ fn help_says_what_concord_is_and_lists_every_command() {
         assert!(out.status.success(), "{args:?}: {}", stderr(&out));
     }
 }
+
+#[test]
+fn a_data_directory_is_named_as_such_with_its_journal() {
+    let data = tempfile::tempdir().unwrap();
+    let journal_dir = data.path().join("journal");
+    write_journal(&journal_dir, &fixed_payloads(3));
+    fs::create_dir(data.path().join("uploads")).unwrap();
+    let before = snapshot(&journal_dir);
+    for cmd in ["inspect", "verify"] {
+        for json in [false, true] {
+            let mut args = vec!["journal", cmd, path_arg(data.path())];
+            if json {
+                args.push("--json");
+            }
+            let out = concord(&args);
+            assert_one_line_error(&out, 1, &["data directory", path_arg(&journal_dir)]);
+            let err = stderr(&out);
+            assert!(!err.contains("move"), "never advise moving a journal: {err}");
+            assert!(!err.contains("corrupt"), "{err}");
+            assert_eq!(stdout(&out), "");
+        }
+    }
+    assert_eq!(snapshot(&journal_dir), before);
+}
