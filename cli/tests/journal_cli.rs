@@ -454,7 +454,10 @@ fn a_data_directory_is_named_as_such_with_its_journal() {
             let out = concord(&args);
             assert_one_line_error(&out, 1, &["data directory", path_arg(&journal_dir)]);
             let err = stderr(&out);
-            assert!(!err.contains("move"), "never advise moving a journal: {err}");
+            assert!(
+                !err.contains("move"),
+                "never advise moving a journal: {err}"
+            );
             assert!(!err.contains("corrupt"), "{err}");
             assert_eq!(stdout(&out), "");
         }
