@@ -41,6 +41,11 @@ fn empty_journal(data: &Path) {
 /// Appends a `Commit` of `xid` with one branch in `resource` to the journal in `data`
 /// (created when missing), and waits for it.
 fn append_commit(data: &Path, xid: Xid, resource: &str) {
+    append_commit_at(data, xid, resource, 1);
+}
+
+/// [`append_commit`] of a decision made at `at_ms` (milliseconds since the Unix epoch).
+fn append_commit_at(data: &Path, xid: Xid, resource: &str, at_ms: u64) {
     let config = JournalConfig {
         create_if_missing: true,
         ..JournalConfig::default()
@@ -48,7 +53,7 @@ fn append_commit(data: &Path, xid: Xid, resource: &str) {
     let journal = Journal::open(data.join("journal"), config).unwrap();
     let record = CoordRecord::Commit {
         xid,
-        at_ms: 1,
+        at_ms,
         branches: vec![(resource.into(), vec![])],
     };
     journal
@@ -519,4 +524,63 @@ fn every_other_error_stays_on_one_line() {
     let err = txn_list_config_error(&config);
     assert_eq!(err.lines().count(), 1, "{err}");
     assert!(err.contains("tape"), "{err}");
+}
+
+fn now_ms() -> u64 {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
+    now.unwrap().as_millis() as u64
+}
+
+#[test]
+fn min_age_keeps_the_older_transactions_and_each_row_says_in_flight_or_in_doubt() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    // The embedded defaults' transaction timeout is 30 s: one decision 10 minutes old (in
+    // doubt), one just made (in flight).
+    let (old, young) = (xid(7), xid(8));
+    append_commit_at(&data, old, "tape", now_ms() - 10 * 60 * 1000);
+    append_commit_at(&data, young, "tape", now_ms());
+
+    let rows = listed(&data);
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    let row = |x: Xid| rows.iter().find(|r| r["xid"] == x.to_string()).unwrap();
+    assert_eq!(row(old)["standing"], "in_doubt");
+    assert!(row(old)["age_ms"].as_u64().unwrap() >= 10 * 60 * 1000);
+    assert_eq!(row(young)["standing"], "in_flight");
+    assert!(row(young)["age_ms"].as_u64().unwrap() < 30_000);
+
+    let out = concord(&["txn", "list", "--json", "--min-age", "5m"], &data);
+    assert!(out.status.success());
+    let rows: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let xids: Vec<&str> = rows
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["xid"].as_str().unwrap())
+        .collect();
+    assert_eq!(xids, [old.to_string()]);
+
+    let out = concord(&["txn", "list", "--min-age", "5m"], &data);
+    let text = String::from_utf8(out.stdout).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 2, "{text}");
+    assert!(
+        lines[0].starts_with("XID") && lines[0].contains("STANDING"),
+        "{text}"
+    );
+    assert!(lines[1].starts_with(&old.to_string()), "{text}");
+    assert!(lines[1].contains("in doubt"), "{text}");
+
+    let out = concord(&["txn", "list", "--json", "--min-age", "1h"], &data);
+    assert!(out.status.success());
+    assert_eq!(String::from_utf8(out.stdout).unwrap().trim(), "[]");
+
+    let out = concord(&["txn", "list", "--min-age", "5"], &data);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "a duration without a unit is a usage error"
+    );
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(err.contains("a number and a unit"), "{err}");
 }
