@@ -32,7 +32,7 @@ use coordinator::{Coordinator, CoordinatorConfig, Outcome};
 use serde::Serialize;
 use tokio_postgres::NoTls;
 
-use crate::bench_commit::{Measured, load};
+use crate::bench_load::{Measured, load};
 
 /// Options of `concord bench postgres`.
 #[derive(clap::Args, Debug)]

@@ -39,6 +39,7 @@
 
 mod bench;
 mod bench_commit;
+mod bench_load;
 mod bench_mixed;
 mod bench_pg;
 mod bench_recovery;
