@@ -153,8 +153,8 @@ pub fn run(args: CommitBenchArgs) -> anyhow::Result<()> {
         let row = Row {
             clients: n,
             tx_per_s: measured.tx_per_s(),
-            p50_ms: measured.percentile_ms(0.50),
-            p99_ms: measured.percentile_ms(0.99),
+            p50_ms: measured.percentile_ms(0.50)?,
+            p99_ms: measured.percentile_ms(0.99)?,
             baseline_tx_per_s: baseline.tx_per_s(),
             ratio: measured.tx_per_s() / baseline.tx_per_s().max(f64::MIN_POSITIVE),
         };

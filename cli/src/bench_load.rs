@@ -15,6 +15,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use crate::latency::Latencies;
+
 /// Latencies of one run (or of several, added up).
 #[derive(Default)]
 pub(crate) struct Measured {
@@ -32,14 +34,9 @@ impl Measured {
         self.latencies_us.len() as f64 / self.elapsed.as_secs_f64()
     }
 
-    pub(crate) fn percentile_ms(&self, q: f64) -> f64 {
-        let mut sorted = self.latencies_us.clone();
-        sorted.sort_unstable();
-        if sorted.is_empty() {
-            return 0.0;
-        }
-        let i = ((sorted.len() as f64 - 1.0) * q).round() as usize;
-        sorted[i.min(sorted.len() - 1)] as f64 / 1000.0
+    /// The latency at quantile `q` of every transaction measured, in milliseconds.
+    pub(crate) fn percentile_ms(&self, q: f64) -> anyhow::Result<f64> {
+        Ok(Latencies::from_us(&self.latencies_us)?.percentile_ms(q))
     }
 }
 

@@ -51,6 +51,8 @@ use serde::Serialize;
 
 use check::{Orders, Run};
 
+use crate::latency::Latencies;
+
 /// Options of `concord demo`.
 #[derive(clap::Args, Debug)]
 pub struct DemoArgs {
@@ -190,8 +192,7 @@ async fn demo(args: &DemoArgs, data: &Path) -> anyhow::Result<Summary> {
     if check.problems.len() > 20 {
         eprintln!("atomicity: … and {} more", check.problems.len() - 20);
     }
-    let mut latencies = stats.latencies_us;
-    latencies.sort_unstable();
+    let latencies = Latencies::from_us(&stats.latencies_us)?;
     let mut resources: Vec<String> = ["uploads", "thumbnails", MAIL, INDEX]
         .map(String::from)
         .to_vec();
@@ -204,8 +205,8 @@ async fn demo(args: &DemoArgs, data: &Path) -> anyhow::Result<Summary> {
         rolled_back: stats.rolled_back,
         atomicity_verified: check.problems.is_empty() && clean,
         tx_per_s: args.transactions as f64 / elapsed,
-        p50_ms: percentile(&latencies, 0.50),
-        p99_ms: percentile(&latencies, 0.99),
+        p50_ms: latencies.percentile_ms(0.50),
+        p99_ms: latencies.percentile_ms(0.99),
         earlier_transactions_checked: check
             .ran
             .iter()
@@ -404,14 +405,6 @@ async fn read_orders(url: &str) -> anyhow::Result<Orders> {
         .await?
         .len();
     Ok(Orders { rows, prepared })
-}
-
-fn percentile(sorted_us: &[u64], q: f64) -> f64 {
-    if sorted_us.is_empty() {
-        return 0.0;
-    }
-    let index = ((sorted_us.len() as f64 - 1.0) * q).round() as usize;
-    sorted_us[index.min(sorted_us.len() - 1)] as f64 / 1000.0
 }
 
 fn progress_bar(args: &DemoArgs) -> indicatif::ProgressBar {

@@ -45,6 +45,7 @@ mod bench_pg;
 mod bench_recovery;
 mod demo;
 mod inspect;
+mod latency;
 mod output;
 mod pg;
 mod txn;
