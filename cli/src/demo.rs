@@ -174,8 +174,6 @@ async fn demo(args: &DemoArgs, data: &Path) -> anyhow::Result<Summary> {
     let started = Instant::now();
     let stats = run_clients(args, &concord, data, &run_id).await?;
     let elapsed = started.elapsed().as_secs_f64();
-    // Every transaction of the run returned: a later check counts all of them as run.
-    std::fs::write(data.join("acks").join(&run_id).join(check::FINISHED), b"")?;
     if !concord.wait_idle(Duration::from_secs(60)).await {
         bail!("phase 2 did not finish within 60 s");
     }
@@ -276,6 +274,8 @@ async fn run_clients(
         total.latencies_us.extend(stats.latencies_us);
     }
     progress.finish_and_clear();
+    // Every transaction of the run returned: a later check counts all of them as run.
+    std::fs::write(data.join("acks").join(run_id).join(check::FINISHED), b"")?;
     Ok(total)
 }
 
