@@ -162,8 +162,12 @@ pub fn journal(args: JournalBenchArgs) -> anyhow::Result<()> {
     progress.finish_and_clear();
     if !args.json {
         print_table(&rows);
-        if args.keep {
-            println!("journals kept under {}", root.display());
+    }
+    if args.keep {
+        // On standard error with --json, so that standard output stays NDJSON.
+        match args.json {
+            true => eprintln!("journals kept under {}", root.display()),
+            false => println!("journals kept under {}", root.display()),
         }
     }
     Ok(())

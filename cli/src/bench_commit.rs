@@ -24,7 +24,6 @@
 
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::bail;
@@ -32,6 +31,8 @@ use coordinator::{Coordinator, CoordinatorConfig, Outcome};
 use journal::Epoch;
 use participant::{Concord, Config, ResourceConfig};
 use serde::Serialize;
+
+use crate::bench_load::{FILE_BYTES, Measured, ROUNDS, load};
 
 /// A kind of resource the transactions use.
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -152,8 +153,8 @@ pub fn run(args: CommitBenchArgs) -> anyhow::Result<()> {
         let row = Row {
             clients: n,
             tx_per_s: measured.tx_per_s(),
-            p50_ms: measured.percentile_ms(0.50),
-            p99_ms: measured.percentile_ms(0.99),
+            p50_ms: measured.percentile_ms(0.50)?,
+            p99_ms: measured.percentile_ms(0.99)?,
             baseline_tx_per_s: baseline.tx_per_s(),
             ratio: measured.tx_per_s() / baseline.tx_per_s().max(f64::MIN_POSITIVE),
         };
@@ -177,81 +178,6 @@ pub fn run(args: CommitBenchArgs) -> anyhow::Result<()> {
     }
     Ok(())
 }
-
-/// Latencies of one run (or of several, added up).
-#[derive(Default)]
-pub(crate) struct Measured {
-    pub(crate) elapsed: Duration,
-    latencies_us: Vec<u64>,
-}
-
-impl Measured {
-    pub(crate) fn add(&mut self, other: Measured) {
-        self.elapsed += other.elapsed;
-        self.latencies_us.extend(other.latencies_us);
-    }
-
-    pub(crate) fn tx_per_s(&self) -> f64 {
-        self.latencies_us.len() as f64 / self.elapsed.as_secs_f64()
-    }
-
-    pub(crate) fn percentile_ms(&self, q: f64) -> f64 {
-        let mut sorted = self.latencies_us.clone();
-        sorted.sort_unstable();
-        if sorted.is_empty() {
-            return 0.0;
-        }
-        let i = ((sorted.len() as f64 - 1.0) * q).round() as usize;
-        sorted[i.min(sorted.len() - 1)] as f64 / 1000.0
-    }
-}
-
-/// Runs `clients` copies of `one` (given the client number and a counter) for `window`.
-pub(crate) async fn load<F, Fut>(
-    clients: usize,
-    window: Duration,
-    one: F,
-) -> anyhow::Result<Measured>
-where
-    F: Fn(usize, u64) -> Fut + Send + Sync + 'static,
-    Fut: std::future::Future<Output = anyhow::Result<()>> + Send,
-{
-    let one = Arc::new(one);
-    let stop = Arc::new(AtomicBool::new(false));
-    let started = Instant::now();
-    let mut set = tokio::task::JoinSet::new();
-    for client in 0..clients {
-        let (one, stop) = (Arc::clone(&one), Arc::clone(&stop));
-        set.spawn(async move {
-            let mut latencies = Vec::new();
-            let mut n = 0u64;
-            while !stop.load(Ordering::Relaxed) {
-                let t0 = Instant::now();
-                one(client, n).await?;
-                latencies.push(t0.elapsed().as_micros() as u64);
-                n += 1;
-            }
-            Ok::<_, anyhow::Error>(latencies)
-        });
-    }
-    tokio::time::sleep(window).await;
-    stop.store(true, Ordering::Relaxed);
-    let mut latencies_us = Vec::new();
-    while let Some(joined) = set.join_next().await {
-        latencies_us.extend(joined??);
-    }
-    Ok(Measured {
-        elapsed: started.elapsed(),
-        latencies_us,
-    })
-}
-
-/// Size of every file, mail and value the benchmarks write.
-pub(crate) const FILE_BYTES: usize = 1024;
-
-/// Rounds of the files benchmarks: the baseline and concord take turns, so that both meet the
-/// same conditions (the file system's state drifts as files pile up).
-pub(crate) const ROUNDS: u32 = 4;
 
 /// The files benchmark at `clients`: [`ROUNDS`] rounds of a baseline window then a
 /// concord window. Each concord window is followed by a wait until its phase 2 is done, and

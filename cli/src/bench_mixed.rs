@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use participant::{Concord, Config, MessageBuilder, ResourceConfig};
 
-use crate::bench_commit::{FILE_BYTES, Measured, ROUNDS, load};
+use crate::bench_load::{FILE_BYTES, Measured, ROUNDS, load};
 
 /// The benchmark's files resource, mail queue and kv resource.
 const FILES: &str = "files";

@@ -32,7 +32,7 @@ use coordinator::{Coordinator, CoordinatorConfig, Outcome};
 use serde::Serialize;
 use tokio_postgres::NoTls;
 
-use crate::bench_commit::{Measured, load};
+use crate::bench_load::{Measured, load};
 
 /// Options of `concord bench postgres`.
 #[derive(clap::Args, Debug)]
@@ -111,19 +111,21 @@ pub fn run(args: PgBenchArgs) -> anyhow::Result<()> {
                 concord(&url, &dir.join("a"), n, window, CONCORD_PLAIN_TABLE, false).await?;
             let capture = concord(&url, &dir.join("b"), n, window, CAPTURE_TABLE, false).await?;
             let with_files = concord(&url, &dir.join("c"), n, window, CAPTURE_TABLE, true).await?;
-            let v = |m: &Measured| Variant {
-                tx_per_s: m.tx_per_s(),
-                p99_ms: m.percentile_ms(0.99),
+            let v = |m: &Measured| -> anyhow::Result<Variant> {
+                Ok(Variant {
+                    tx_per_s: m.tx_per_s(),
+                    p99_ms: m.percentile_ms(0.99)?,
+                })
             };
             let ratio =
                 |a: &Measured, b: &Measured| a.tx_per_s() / b.tx_per_s().max(f64::MIN_POSITIVE);
             let row = Row {
                 clients: n,
-                plain: v(&plain_run),
-                manual_2pc: v(&manual),
-                concord_one_phase_no_capture: v(&no_capture),
-                concord_one_phase: v(&capture),
-                concord_pg_files: v(&with_files),
+                plain: v(&plain_run)?,
+                manual_2pc: v(&manual)?,
+                concord_one_phase_no_capture: v(&no_capture)?,
+                concord_one_phase: v(&capture)?,
+                concord_pg_files: v(&with_files)?,
                 one_phase_no_capture_vs_plain: ratio(&no_capture, &plain_run),
                 one_phase_vs_plain: ratio(&capture, &plain_run),
                 pg_files_vs_manual_2pc: ratio(&with_files, &manual),

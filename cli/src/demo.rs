@@ -17,7 +17,8 @@
 //! was written. One transaction in `--fail-every` writes everything and then asks for a path
 //! outside the files resource's root, which the resource refuses; the demo rolls it back. A
 //! transaction the coordinator acknowledged as committed is recorded, before it is counted, as
-//! an empty file `acks/<run>/<i>`.
+//! an empty file `acks/<run>/<i>`; a run whose every transaction returned is marked by
+//! `acks/<run>/finished`.
 //!
 //! The check (the `check` module) reads the stores directly, not through concord — the files,
 //! the Maildir's `new/` and `cur/`, the sled trees (with sled, after the demo's concord is
@@ -48,6 +49,8 @@ use participant::{Concord, ConcordError, Config, MessageBuilder};
 use serde::Serialize;
 
 use check::{Orders, Run};
+
+use crate::latency::Latencies;
 
 /// Options of `concord demo`.
 #[derive(clap::Args, Debug)]
@@ -88,7 +91,9 @@ struct Summary {
     tx_per_s: f64,
     p50_ms: f64,
     p99_ms: f64,
-    /// Transactions of earlier (possibly killed) runs found in the data directory and checked.
+    /// Transactions of earlier runs in the data directory that ran (committed or rolled back)
+    /// and were checked: all of a run that finished; of a run killed midway, those up to its
+    /// highest committed one — never the number a killed run had planned.
     earlier_transactions_checked: u64,
     recovered_redriven: usize,
     recovered_rolled_back: usize,
@@ -184,8 +189,7 @@ async fn demo(args: &DemoArgs, data: &Path) -> anyhow::Result<Summary> {
     if check.problems.len() > 20 {
         eprintln!("atomicity: … and {} more", check.problems.len() - 20);
     }
-    let mut latencies = stats.latencies_us;
-    latencies.sort_unstable();
+    let latencies = Latencies::from_us(&stats.latencies_us)?;
     let mut resources: Vec<String> = ["uploads", "thumbnails", MAIL, INDEX]
         .map(String::from)
         .to_vec();
@@ -198,9 +202,14 @@ async fn demo(args: &DemoArgs, data: &Path) -> anyhow::Result<Summary> {
         rolled_back: stats.rolled_back,
         atomicity_verified: check.problems.is_empty() && clean,
         tx_per_s: args.transactions as f64 / elapsed,
-        p50_ms: percentile(&latencies, 0.50),
-        p99_ms: percentile(&latencies, 0.99),
-        earlier_transactions_checked: check.transactions.saturating_sub(args.transactions),
+        p50_ms: latencies.percentile_ms(0.50),
+        p99_ms: latencies.percentile_ms(0.99),
+        earlier_transactions_checked: check
+            .ran
+            .iter()
+            .filter(|(run, _)| **run != run_id)
+            .map(|(_, ran)| ran)
+            .sum(),
         recovered_redriven: recovery.redriven.len(),
         recovered_rolled_back: recovery.rolled_back.len(),
     })
@@ -263,6 +272,8 @@ async fn run_clients(
         total.latencies_us.extend(stats.latencies_us);
     }
     progress.finish_and_clear();
+    // Every transaction of the run returned: a later check counts all of them as run.
+    std::fs::write(data.join("acks").join(run_id).join(check::FINISHED), b"")?;
     Ok(total)
 }
 
@@ -346,7 +357,12 @@ fn mail_body(run_id: &str, i: u64) -> String {
 
 /// The kv key of transaction `i`.
 fn key(run_id: &str, i: u64) -> String {
-    format!("tx/{run_id}/{i}")
+    format!("{}{i}", key_prefix(run_id))
+}
+
+/// What every kv key of a run starts with.
+fn key_prefix(run_id: &str) -> String {
+    format!("tx/{run_id}/")
 }
 
 fn key_value(run_id: &str, i: u64) -> Vec<u8> {
@@ -394,14 +410,6 @@ async fn read_orders(url: &str) -> anyhow::Result<Orders> {
         .await?
         .len();
     Ok(Orders { rows, prepared })
-}
-
-fn percentile(sorted_us: &[u64], q: f64) -> f64 {
-    if sorted_us.is_empty() {
-        return 0.0;
-    }
-    let index = ((sorted_us.len() as f64 - 1.0) * q).round() as usize;
-    sorted_us[index.min(sorted_us.len() - 1)] as f64 / 1000.0
 }
 
 fn progress_bar(args: &DemoArgs) -> indicatif::ProgressBar {

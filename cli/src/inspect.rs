@@ -5,12 +5,21 @@
 //! runs, but read-only: it takes no lock and truncates nothing. Each record is written as the scan
 //! hands it over, so memory stays bounded by one record whatever the size of the journal.
 //!
+//! Each record is decoded as a coordinator record ([`decoded`]): its kind by name, xid,
+//! decision, time, operator and reason, and for a decision its branches with the size of each
+//! redo. The redo itself — the content of the files, mails and kv values a transaction wrote —
+//! is never printed unless `--payload` is given: a journal listing goes into tickets and chats.
+//! A record that does not decode is shown as undecodable with the decoder's error.
+//!
 //! * Human form: one line per record — lsn, epoch, kind as `code/vversion`, payload bytes, the
-//!   chain value abbreviated, an escaped preview of the payload — then the summary that
-//!   `journal verify` prints too (segments, records, first/last lsn, the torn tail if any).
+//!   chain value abbreviated, the decoded record (or `undecodable: ERROR`) — then the summary
+//!   that `journal verify` prints too (segments, records, first/last lsn, the torn tail if any).
+//!   With `--payload`, each redo (or an undecodable record's payload) follows on its own
+//!   indented line, escaped as ASCII.
 //! * `--json`: one object per line. Records are `{"type":"record", lsn, epoch, kind, version,
-//!   payload_bytes, payload_hex, chain}`; a torn tail is one final object
-//!   `{"type":"torn_tail", segment, offset, bytes, reason}`. Nothing else is printed.
+//!   payload_bytes, chain, record, decode_error}` (`record` null when it does not decode), and
+//!   with `--payload` also `payload_hex` and each branch's `redo_hex`; a torn tail is one final
+//!   object `{"type":"torn_tail", segment, offset, bytes, reason}`. Nothing else is printed.
 //!
 //! Corruption stops the listing after the last valid record, with the error line naming segment
 //! and byte offset and exit code 3.
@@ -31,13 +40,23 @@ use serde::Serialize;
 
 use crate::output::{self, Tally, TornTailJson};
 
+mod decoded;
+
+use decoded::Decoded;
+
 /// The output formats, shown at the end of `concord journal inspect --help`.
 pub const AFTER_HELP: &str = "\
 Output:
   Human form: one line per record (lsn, epoch, kind as code/vversion, payload bytes, chain hash
-  abbreviated, escaped payload preview), then a summary with the torn tail if there is one.
+  abbreviated, the decoded record: commit, end, resolve, one_phase, abort, forget or checkpoint
+  with its xid, decision, at_ms, redo_bytes per branch, operator, reason; or
+  `undecodable: ERROR`), then a summary with the torn tail if there is one. With --payload, each
+  redo (file, mail and kv contents) follows on an indented line, escaped; never without it.
   --json: one JSON object per line. Records: {\"type\":\"record\",\"lsn\",\"epoch\",\"kind\",
-  \"version\",\"payload_bytes\",\"payload_hex\",\"chain\"}. A torn tail is one final object
+  \"version\",\"payload_bytes\",\"chain\",\"record\",\"decode_error\"}; record is null or
+  {\"name\",\"xid\",\"decision\",\"at_ms\",\"branches\":[{\"resource\",\"redo_bytes\"}],
+  \"resource\",\"operator\",\"reason\"} with the fields its kind has. With --payload also
+  \"payload_hex\" and each branch's \"redo_hex\". A torn tail is one final object
   {\"type\":\"torn_tail\",\"segment\",\"offset\",\"bytes\",\"reason\"}.
   A corrupt journal lists the records before the damage, then exits 3 with the error on stderr.";
 
@@ -52,6 +71,10 @@ pub struct InspectArgs {
     /// One JSON object per line instead of the human form (see below).
     #[arg(long)]
     pub json: bool,
+    /// Also print the redo of each branch — the content of files, mails and kv values — and the
+    /// payload of records that do not decode.
+    #[arg(long)]
+    pub payload: bool,
     /// The journal's record size limit; a longer record reads as damage.
     #[arg(long, value_name = "BYTES", default_value_t = JournalConfig::default().record_bytes_max)]
     pub record_bytes_max: u64,
@@ -65,6 +88,7 @@ pub fn run(args: &InspectArgs) -> anyhow::Result<()> {
     let mut printer = Printer {
         out: BufWriter::new(stdout.lock()),
         json: args.json,
+        payload: args.payload,
         from: Lsn(args.from.unwrap_or(1)),
         header_done: false,
         tally: Tally::default(),
@@ -90,6 +114,7 @@ pub fn run(args: &InspectArgs) -> anyhow::Result<()> {
 struct Printer<W: Write> {
     out: W,
     json: bool,
+    payload: bool,
     from: Lsn,
     header_done: bool,
     tally: Tally,
@@ -105,8 +130,11 @@ struct RecordJson {
     kind: u8,
     version: u8,
     payload_bytes: usize,
-    payload_hex: String,
     chain: String,
+    record: Option<Decoded>,
+    decode_error: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    payload_hex: Option<String>,
 }
 
 /// The torn tail as the final JSON line.
@@ -134,6 +162,10 @@ impl<W: Write> Printer<W> {
     }
 
     fn write_json(&mut self, rec: &Record) -> io::Result<()> {
+        let (record, decode_error) = match decoded::decode(rec.kind, &rec.payload, self.payload) {
+            Ok(decoded) => (Some(decoded), None),
+            Err(e) => (None, Some(e.to_string())),
+        };
         let line = RecordJson {
             r#type: "record",
             lsn: rec.lsn.0,
@@ -141,8 +173,10 @@ impl<W: Write> Printer<W> {
             kind: rec.kind.code,
             version: rec.kind.version,
             payload_bytes: rec.payload.len(),
-            payload_hex: output::hex(&rec.payload),
             chain: rec.chain.to_hex(),
+            record,
+            decode_error,
+            payload_hex: self.payload.then(|| hex::encode(&rec.payload)),
         };
         serde_json::to_writer(&mut self.out, &line)?;
         self.out.write_all(b"\n")
@@ -153,10 +187,15 @@ impl<W: Write> Printer<W> {
             self.header_done = true;
             writeln!(
                 self.out,
-                "{:>10} {:>6} {:<7} {:>8}  {:<12}  PAYLOAD",
+                "{:>10} {:>6} {:<7} {:>8}  {:<12}  RECORD",
                 "LSN", "EPOCH", "KIND", "BYTES", "CHAIN"
             )?;
         }
+        let decoded = decoded::decode(rec.kind, &rec.payload, false);
+        let description = match &decoded {
+            Ok(decoded) => decoded.describe(),
+            Err(e) => format!("undecodable: {e}"),
+        };
         writeln!(
             self.out,
             "{:>10} {:>6} {:<7} {:>8}  {:<12}  {}",
@@ -165,8 +204,36 @@ impl<W: Write> Printer<W> {
             rec.kind.to_string(),
             rec.payload.len(),
             output::chain_abbrev(&rec.chain),
-            output::preview(&rec.payload)
-        )
+            description
+        )?;
+        if self.payload {
+            self.write_human_payload(rec)?;
+        }
+        Ok(())
+    }
+
+    /// The redo of each branch, or the whole payload of a record that does not decode, each on
+    /// an indented line.
+    fn write_human_payload(&mut self, rec: &Record) -> io::Result<()> {
+        match coordinator::record::CoordRecord::decode(rec.kind, &rec.payload) {
+            Ok(record) => {
+                for (resource, redo) in output::redo_of(&record) {
+                    writeln!(
+                        self.out,
+                        "{:>12}redo {resource}: {}",
+                        "",
+                        output::escaped(redo)
+                    )?;
+                }
+                Ok(())
+            }
+            Err(_) => writeln!(
+                self.out,
+                "{:>12}payload: {}",
+                "",
+                output::escaped(&rec.payload)
+            ),
+        }
     }
 
     /// Writes what follows the records and flushes.

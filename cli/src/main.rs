@@ -26,8 +26,10 @@
 //!   (or `RUST_LOG=info`, which takes precedence) shows state changes (resources opened,
 //!   recovery, truncated tails). Logs carry colours only when standard error is a terminal;
 //!   `--log-format json` writes one JSON object per line.
-//! * A failure prints exactly one line `error: …` on standard error and exits non-zero, with the
-//!   codes in [`EXIT_CODES`]; it never prints a backtrace (a panic hook turns a closed standard
+//! * A failure prints exactly one line `error: …` on standard error, saying each cause once, and
+//!   exits non-zero, with the codes in [`EXIT_CODES`] (the one exception to "one line" is a
+//!   configuration the TOML parser refused: its snippet — line, column, caret — follows on the
+//!   lines below, as the parser wrote it); it never prints a backtrace (a panic hook turns a closed standard
 //!   output into a quiet exit 141, a full one into one error line, and a bug into one line).
 //!
 //! # Implementation caveats
@@ -37,11 +39,13 @@
 
 mod bench;
 mod bench_commit;
+mod bench_load;
 mod bench_mixed;
 mod bench_pg;
 mod bench_recovery;
 mod demo;
 mod inspect;
+mod latency;
 mod output;
 mod pg;
 mod txn;
@@ -49,6 +53,7 @@ mod verify;
 
 use std::process::ExitCode;
 
+use adapters::config::{ConfigError, ConfigProblem};
 use clap::{Parser, Subcommand};
 use journal::{ErrorClass, JournalError};
 use tracing_subscriber::EnvFilter;
@@ -244,21 +249,46 @@ fn on_panic(info: &std::panic::PanicHookInfo<'_>) {
     eprintln!("error: internal error (a bug in concord; please report it): {message}{place}");
 }
 
-/// The error and its causes, `: `-separated, on one line.
+/// The error and its causes, `: `-separated, each said once, on one line — except the snippet
+/// of a configuration the TOML parser refused (line, column, caret), whose lines are kept as the
+/// parser wrote them.
 fn one_line(e: &anyhow::Error) -> String {
     let mut out = String::new();
+    let mut said = String::new();
     for cause in e.chain() {
-        let text = cause.to_string().replace(['\n', '\r'], " ");
+        let flat = flatten(&cause.to_string());
         // Say each thing once: a context that already quotes its cause.
-        if out.contains(&text) {
+        if said.contains(&flat) {
             continue;
         }
         if !out.is_empty() {
             out.push_str(": ");
+            said.push_str(": ");
         }
-        out.push_str(&text);
+        out.push_str(&cause_text(cause).unwrap_or_else(|| flat.clone()));
+        said.push_str(&flat);
     }
     out
+}
+
+/// The text with its line breaks turned into spaces.
+fn flatten(text: &str) -> String {
+    text.replace(['\n', '\r'], " ")
+}
+
+/// The multi-line text of a configuration syntax error (`configuration PATH:` and the parser's
+/// snippet on the lines below), or `None` for any other cause.
+fn cause_text(cause: &(dyn std::error::Error + 'static)) -> Option<String> {
+    let config = cause.downcast_ref::<ConfigError>()?;
+    let snippet =
+        matches!(config.problem, ConfigProblem::Malformed) && config.message.contains('\n');
+    snippet.then(|| {
+        format!(
+            "configuration {}:\n{}",
+            config.path.display(),
+            config.message.trim_end()
+        )
+    })
 }
 
 /// [`EXIT_CORRUPT`] when the journal is corrupt, [`EXIT_FAILURE`] otherwise.
@@ -305,6 +335,33 @@ mod tests {
         assert_eq!(exit_code(&corrupt), EXIT_CORRUPT);
         let missing = anyhow::Error::from(JournalError::DirMissing { path: "x".into() });
         assert_eq!(exit_code(&missing), EXIT_FAILURE);
+    }
+
+    #[test]
+    fn a_configuration_syntax_error_keeps_its_snippet_lines() {
+        let snippet = "TOML parse error at line 3, column 13\n  |\n3 | [resources.x\n  |             ^\nunclosed table, expected `]`\n";
+        let config = ConfigError {
+            path: "/etc/concord.toml".into(),
+            message: snippet.to_string(),
+            problem: ConfigProblem::Malformed,
+        };
+        let e = anyhow::Error::from(config).context("open the configuration");
+        assert_eq!(
+            one_line(&e),
+            format!(
+                "open the configuration: configuration /etc/concord.toml:\n{}",
+                snippet.trim_end()
+            )
+        );
+        let invalid = ConfigError {
+            path: "/c.toml".into(),
+            message: "field x\nis bad".to_string(),
+            problem: ConfigProblem::Invalid,
+        };
+        assert_eq!(
+            one_line(&anyhow::Error::from(invalid)),
+            "configuration /c.toml: field x is bad"
+        );
     }
 
     #[test]

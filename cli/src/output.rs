@@ -1,6 +1,6 @@
 //! What `journal inspect` and `journal verify` share: the directory check, the running tally of
-//! valid records, the human summary of a scan, the JSON shape of a torn tail, the payload preview,
-//! and the progress spinner.
+//! valid records, the human summary of a scan, the JSON shape of a torn tail, the escaped form of
+//! payload bytes, and the progress spinner.
 //!
 //! The human forms are aligned `key: value` lines meant for an operator; the JSON forms are
 //! `serde` structs so that their field names are written down once. Paths are printed as given
@@ -15,6 +15,7 @@ use std::io::{self, IsTerminal, Write};
 use std::path::Path;
 
 use anyhow::{Context, bail};
+use coordinator::record::CoordRecord;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use journal::scan::{ScanReport, TornTail};
 use journal::{ChainHash, Epoch, Lsn, Record};
@@ -22,22 +23,38 @@ use serde::Serialize;
 
 /// Hex digits of a chain value shown in the human record listing.
 pub const CHAIN_ABBREV_HEX_DIGITS: usize = 12;
-/// Payload bytes shown, escaped, in the human record listing.
-pub const PREVIEW_BYTES_MAX: usize = 32;
 
-/// Fails with a clear message unless `dir` is an existing directory.
+/// Fails with a clear message unless `dir` is an existing directory that is not a data
+/// directory.
 ///
-/// The scan would fail too, but with the wording of the journal's own directory listing; this
-/// says what an operator needs to hear.
+/// The scan would fail too, but with the wording of the journal's own directory listing (a data
+/// directory's `journal/` would read as a foreign file to move away); this says what an operator
+/// needs to hear.
 pub fn check_dir(dir: &Path) -> anyhow::Result<()> {
     match std::fs::metadata(dir) {
-        Ok(meta) if meta.is_dir() => Ok(()),
+        Ok(meta) if meta.is_dir() => check_not_data_dir(dir),
         Ok(_) => bail!("journal path {} is not a directory", dir.display()),
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
             bail!("journal directory {} does not exist", dir.display())
         }
         Err(e) => Err(e).with_context(|| format!("inspect journal directory {}", dir.display())),
     }
+}
+
+/// Fails when `dir` is a data directory, naming the journal directory inside it.
+///
+/// A data directory holds `journal/` beside the resources' directories; a journal directory
+/// holds only segment files (and its lock and clean-close mark), never a `journal/`.
+fn check_not_data_dir(dir: &Path) -> anyhow::Result<()> {
+    let inner = dir.join("journal");
+    if inner.is_dir() {
+        bail!(
+            "{} is a data directory, not a journal directory; its journal is {}: give that path",
+            dir.display(),
+            inner.display()
+        );
+    }
+    Ok(())
 }
 
 /// The valid records seen so far by a scan: what is known even when the scan then fails.
@@ -150,16 +167,6 @@ impl From<&TornTail> for TornTailJson {
     }
 }
 
-/// Lower-case hex of a byte string.
-pub fn hex(bytes: &[u8]) -> String {
-    use std::fmt::Write as _;
-    let mut out = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        let _ = write!(out, "{b:02x}");
-    }
-    out
-}
-
 /// The first hex digits of a chain value.
 pub fn chain_abbrev(chain: &ChainHash) -> String {
     let mut hex = chain.to_hex();
@@ -167,21 +174,21 @@ pub fn chain_abbrev(chain: &ChainHash) -> String {
     hex
 }
 
-/// The first [`PREVIEW_BYTES_MAX`] bytes of a payload, quoted and escaped as ASCII, with `…` when
-/// there is more.
-pub fn preview(payload: &[u8]) -> String {
-    let shown = &payload[..payload.len().min(PREVIEW_BYTES_MAX)];
-    let escaped: String = shown
-        .iter()
-        .flat_map(|b| std::ascii::escape_default(*b))
-        .map(char::from)
-        .collect();
-    let more = if payload.len() > shown.len() {
-        "…"
-    } else {
-        ""
-    };
-    format!("\"{escaped}\"{more}")
+/// Bytes quoted and escaped as ASCII, whole.
+pub fn escaped(bytes: &[u8]) -> String {
+    format!("\"{}\"", bytes.escape_ascii())
+}
+
+/// The redo a coordinator record carries, per branch: `(resource, redo)`.
+pub fn redo_of(record: &CoordRecord) -> Vec<(&str, &[u8])> {
+    match record {
+        CoordRecord::Commit { branches, .. } => branches
+            .iter()
+            .map(|(resource, redo)| (resource.as_str(), redo.as_slice()))
+            .collect(),
+        CoordRecord::OnePhase { resource, redo, .. } => vec![(resource.as_str(), redo.as_slice())],
+        _ => Vec::new(),
+    }
 }
 
 /// A spinner on standard error counting scanned records, or a hidden one when `wanted` is false or
@@ -211,21 +218,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn preview_escapes_and_marks_truncation() {
-        assert_eq!(preview(b"hi\n\x00\""), r#""hi\n\x00\"""#);
-        assert_eq!(
-            preview(&[b'a'; PREVIEW_BYTES_MAX]),
-            format!("\"{}\"", "a".repeat(32))
-        );
-        assert_eq!(
-            preview(&[b'a'; PREVIEW_BYTES_MAX + 1]),
-            format!("\"{}\"…", "a".repeat(32))
-        );
+    fn escaped_quotes_every_byte_as_ascii() {
+        assert_eq!(escaped(b"hi\n\x00\""), r#""hi\n\x00\"""#);
+        assert_eq!(escaped(&[b'a'; 40]), format!("\"{}\"", "a".repeat(40)));
     }
 
     #[test]
-    fn hex_is_lower_case_and_complete() {
-        assert_eq!(hex(&[0x00, 0xab, 0x7f]), "00ab7f");
+    fn the_chain_abbreviation_is_its_first_hex_digits() {
         assert_eq!(chain_abbrev(&ChainHash([0xcd; 32])), "cdcdcdcdcdcd");
     }
 

@@ -16,6 +16,12 @@
 //! writers for a commit, the resources that hold a branch of it prepared for a rollback — so an
 //! unreachable database that the xid does not involve does not stand in the way. It prints
 //! what became of each branch and exits non-zero while any branch was not reached.
+//!
+//! Each row of `list` says whether the work is **in flight** (journaled less than the
+//! configuration's `txn_timeout_ms` ago: the coordinator is most likely still driving it) or
+//! **in doubt** (older: it waits for a resource or an operator); `--min-age DURATION` keeps only
+//! the older ones. A prepared branch that no decision names has no known age — the resources'
+//! branch logs do not say when they prepared — so it is shown as `unknown` and always listed.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -54,9 +60,39 @@ impl Target {
 pub struct ListArgs {
     #[command(flatten)]
     target: Target,
-    /// One JSON object per transaction.
+    /// One JSON array of objects, one per transaction (`[]` when there is none).
     #[arg(long)]
     json: bool,
+    /// List only transactions at least this old (a number and a unit: `500ms`, `30s`, `5m`,
+    /// `2h`, `1d`); rows whose age is unknown (prepared branches no decision names) are kept.
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration_ms)]
+    min_age: Option<u64>,
+}
+
+/// The milliseconds of a duration written as a number and a unit (`ms`, `s`, `m`, `h`, `d`).
+fn parse_duration_ms(text: &str) -> Result<u64, String> {
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let unit_ms: u64 = match unit {
+        "ms" => 1,
+        "s" => 1_000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        "d" => 86_400_000,
+        _ => {
+            return Err(format!(
+                "{text:?} is not a duration: write a number and a unit (ms, s, m, h, d), e.g. 30s or 5m"
+            ));
+        }
+    };
+    let number: u64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration: it has no number before its unit"))?;
+    number
+        .checked_mul(unit_ms)
+        .ok_or_else(|| format!("{text:?} is too long a duration"))
 }
 
 /// Options of `concord txn resolve`.
@@ -90,12 +126,50 @@ pub struct ResolveArgs {
     json: bool,
 }
 
+/// One row of `txn list`, as `--json` prints it.
 #[derive(Serialize)]
 struct Listed {
     xid: String,
+    /// What is unfinished, in words.
     state: &'static str,
-    age_s: Option<f64>,
+    /// Whether the work may still be moving by itself (see [`Standing`]).
+    standing: Standing,
+    /// Milliseconds since the decision was journaled; `None` when unknown (a prepared branch
+    /// that no decision names).
+    age_ms: Option<u64>,
     branches: Vec<String>,
+}
+
+/// In flight or in doubt, by age against the configuration's `txn_timeout_ms`.
+#[derive(Serialize, Clone, Copy, PartialEq, Eq, Debug)]
+#[serde(rename_all = "snake_case")]
+enum Standing {
+    /// Younger than the transaction timeout: the coordinator is probably still driving it.
+    InFlight,
+    /// At least the transaction timeout old: stuck until a resource comes back or an operator
+    /// resolves it.
+    InDoubt,
+    /// The age is not known (a prepared branch that no decision names): it may be a prepare
+    /// still waiting for its decision or a branch the next recovery rolls back.
+    Unknown,
+}
+
+impl Standing {
+    fn of(age_ms: Option<u64>, txn_timeout_ms: u64) -> Standing {
+        match age_ms {
+            Some(age) if age < txn_timeout_ms => Standing::InFlight,
+            Some(_) => Standing::InDoubt,
+            None => Standing::Unknown,
+        }
+    }
+
+    fn word(self) -> &'static str {
+        match self {
+            Standing::InFlight => "in flight",
+            Standing::InDoubt => "in doubt",
+            Standing::Unknown => "unknown",
+        }
+    }
 }
 
 /// Runs `concord txn list`.
@@ -135,13 +209,18 @@ pub fn list(args: ListArgs) -> anyhow::Result<()> {
         open.insert(xid, (at_ms, vec![resource.to_string()], state));
     }
     let now_ms = SystemTime::now().duration_since(UNIX_EPOCH)?.as_millis() as u64;
+    let timeout_ms = config.txn_timeout_ms;
     let mut rows: Vec<Listed> = open
         .iter()
-        .map(|(xid, (at_ms, branches, state))| Listed {
-            xid: xid.to_string(),
-            state,
-            age_s: Some(now_ms.saturating_sub(*at_ms) as f64 / 1000.0),
-            branches: branches.clone(),
+        .map(|(xid, (at_ms, branches, state))| {
+            let age_ms = Some(now_ms.saturating_sub(*at_ms));
+            Listed {
+                xid: xid.to_string(),
+                state,
+                standing: Standing::of(age_ms, timeout_ms),
+                age_ms,
+                branches: branches.clone(),
+            }
         })
         .collect();
     let (prepared, unreadable) = prepared_branches(&config)?;
@@ -157,9 +236,13 @@ pub fn list(args: ListArgs) -> anyhow::Result<()> {
         rows.push(Listed {
             xid: xid.to_string(),
             state,
-            age_s: None,
+            standing: Standing::Unknown,
+            age_ms: None,
             branches: resources,
         });
+    }
+    if let Some(min_age_ms) = args.min_age {
+        rows.retain(|row| row.age_ms.is_none_or(|age| age >= min_age_ms));
     }
     if args.json {
         println!("{}", serde_json::to_string(&rows)?);
@@ -205,17 +288,21 @@ fn print_rows(rows: &[Listed]) {
         println!("no unfinished transactions");
         return;
     }
-    println!("{:<28} {:<48} {:>9}  BRANCHES", "XID", "STATE", "AGE");
+    println!(
+        "{:<28} {:<9} {:>9}  {:<48} BRANCHES",
+        "XID", "STANDING", "AGE", "STATE"
+    );
     for row in rows {
         let age = row
-            .age_s
-            .map(|a| format!("{a:.1}s"))
+            .age_ms
+            .map(|a| format!("{:.1}s", a as f64 / 1000.0))
             .unwrap_or_else(|| "-".into());
         println!(
-            "{:<28} {:<48} {:>9}  {}",
+            "{:<28} {:<9} {:>9}  {:<48} {}",
             row.xid,
-            row.state,
+            row.standing.word(),
             age,
+            row.state,
             row.branches.join(",")
         );
     }
@@ -481,4 +568,36 @@ fn branch_json(resource: &str, outcome: &BranchOutcome) -> serde_json::Value {
         BranchOutcome::Forgotten => ("forgotten", None),
     };
     serde_json::json!({ "resource": resource, "state": state, "detail": detail })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_need_a_number_and_a_unit() {
+        assert_eq!(parse_duration_ms("500ms"), Ok(500));
+        assert_eq!(parse_duration_ms("30s"), Ok(30_000));
+        assert_eq!(parse_duration_ms("5m"), Ok(300_000));
+        assert_eq!(parse_duration_ms("2h"), Ok(7_200_000));
+        assert_eq!(parse_duration_ms("1d"), Ok(86_400_000));
+        for bad in [
+            "30",
+            "s",
+            "5 m",
+            "-1s",
+            "1.5s",
+            "5x",
+            "99999999999999999999d",
+        ] {
+            assert!(parse_duration_ms(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn the_transaction_timeout_separates_in_flight_from_in_doubt() {
+        assert_eq!(Standing::of(Some(29_999), 30_000), Standing::InFlight);
+        assert_eq!(Standing::of(Some(30_000), 30_000), Standing::InDoubt);
+        assert_eq!(Standing::of(None, 30_000), Standing::Unknown);
+    }
 }

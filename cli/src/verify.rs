@@ -12,8 +12,9 @@
 //!   `error:` line names segment file and byte offset, and the summary counts the valid records
 //!   before the damage.
 //!
-//! Anything that stops the check itself (a missing directory, a foreign file, a newer format,
-//! an I/O error) is an `error:` line and exit 1.
+//! Anything that stops the check itself (a missing directory, a data directory given instead of
+//! its `journal/`, a foreign file, a newer format, an I/O error) is an `error:` line and exit 1;
+//! for a data directory the line names the journal directory inside it.
 //!
 //! # Implementation caveats
 //!
@@ -38,7 +39,8 @@ Verdicts:
              next open truncates (segment file, byte offset, bytes)
   corrupt    damage in durable history; the error names segment      exit 3
              file and byte offset, and the journal will not open
-  Errors that stop the check (missing directory, foreign file, newer format, I/O) exit 1.
+  Errors that stop the check (missing directory, a data directory instead of its journal/
+  (the error names the journal directory), foreign file, newer format, I/O) exit 1.
 
 --json:
   One object on stdout: {\"status\":\"ok\"|\"torn_tail\"|\"corrupt\", \"dir\", \"segments\",

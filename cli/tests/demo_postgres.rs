@@ -106,7 +106,7 @@ fn a_demo_killed_after_a_prepare_leaves_no_prepared_transaction_after_recovery()
     let prepared = cluster
         .psql(
             db,
-            "SELECT count(*) FROM pg_prepared_xacts WHERE gid LIKE 'concord:%'",
+            "SELECT count(*) FROM pg_prepared_xacts WHERE gid LIKE 'concord:%' AND database = current_database()",
         )
         .unwrap();
     assert_ne!(
@@ -139,7 +139,7 @@ fn a_demo_killed_after_a_prepare_leaves_no_prepared_transaction_after_recovery()
         cluster
             .psql(
                 db,
-                "SELECT count(*) FROM pg_prepared_xacts WHERE gid LIKE 'concord:%'"
+                "SELECT count(*) FROM pg_prepared_xacts WHERE gid LIKE 'concord:%' AND database = current_database()"
             )
             .unwrap(),
         "0"

@@ -98,15 +98,9 @@ impl fmt::Display for ChainHash {
     }
 }
 
-/// Lower-case hex of a byte string.
+/// Lower-case hex of a byte string (the crate's one name for [`hex::encode`]).
 pub(crate) fn hex(bytes: &[u8]) -> String {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut out = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        out.push(DIGITS[usize::from(b >> 4)] as char);
-        out.push(DIGITS[usize::from(b & 0x0f)] as char);
-    }
-    out
+    hex::encode(bytes)
 }
 
 /// A record as read back from the journal, verified (crc and chain).
@@ -122,4 +116,15 @@ pub struct Record {
     pub payload: Vec<u8>,
     /// The chain value after this record.
     pub chain: ChainHash,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hex_is_lower_case_two_digits_a_byte() {
+        assert_eq!(hex(&[0x00, 0xab, 0x7f]), "00ab7f");
+        assert_eq!(ChainHash([0xcd; 32]).to_hex(), "cd".repeat(32));
+    }
 }

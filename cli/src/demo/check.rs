@@ -25,7 +25,8 @@ use anyhow::{Context, bail};
 use coordinator::ledger::Ledger;
 
 use super::{
-    FILES, INDEX, MAIL, PG_RESOURCE, content, key, key_value, mail_body, mail_subject, message_id,
+    FILES, INDEX, MAIL, PG_RESOURCE, content, key, key_prefix, key_value, mail_body, mail_subject,
+    message_id,
 };
 
 /// How long the check waits for the sled directory's lock after the demo's concord closed.
@@ -105,35 +106,96 @@ struct Stores {
     keys: HashMap<Vec<u8>, Vec<u8>>,
 }
 
-/// The outcome: transactions checked and every problem found.
+/// The outcome: the transactions that ran, per run, and every problem found.
 pub(super) struct Report {
-    pub(super) transactions: u64,
+    /// For each run, the transactions that ran (see [`ran`]).
+    pub(super) ran: BTreeMap<String, u64>,
     pub(super) problems: Vec<String>,
 }
+
+/// The name of the file in `acks/<run>/` that marks a run whose every transaction returned.
+pub(super) const FINISHED: &str = "finished";
 
 /// Runs the whole check on the data directory `data` (the demo's concord must be closed).
 pub(super) fn check(data: &Path, orders: Option<&Orders>) -> anyhow::Result<Report> {
     let mut problems = Vec::new();
     let stores = read_stores(data, &mut problems)?;
     let runs = read_runs(data, &mut problems)?;
-    let mut transactions = 0;
+    let mut report = Report {
+        ran: BTreeMap::new(),
+        problems: Vec::new(),
+    };
     for (run_id, run) in &runs {
         if run.postgres && orders.is_none() {
             problems.push(format!(
                 "run {run_id} had a PostgreSQL branch: check it with --postgres URL"
             ));
         }
-        for i in 0..run.transactions {
-            transactions += 1;
-            check_transaction(data, run_id, run, i, &stores, orders, &mut problems);
+        let finished = data.join("acks").join(run_id).join(FINISHED).exists();
+        let started = match finished {
+            true => run.transactions,
+            false => started_at_most(data, run_id, &stores, orders).min(run.transactions),
+        };
+        let mut committed_below = 0;
+        for i in 0..started {
+            if check_transaction(data, run_id, run, i, &stores, orders, &mut problems) {
+                committed_below = i + 1;
+            }
         }
+        report
+            .ran
+            .insert(run_id.clone(), ran(finished, run, committed_below));
     }
     check_leftovers(data, orders, &mut problems)?;
     check_decisions(data, &stores, orders, &mut problems)?;
-    Ok(Report {
-        transactions,
-        problems,
-    })
+    report.problems = problems;
+    Ok(report)
+}
+
+/// The transactions of a run that ran (committed or rolled back): every one of a run that
+/// finished; of a run killed midway, every one up to its highest committed one
+/// (`committed_below` is that number plus one). Clients take transaction numbers in order, so
+/// each of those started, and each committed or was rolled back; what a killed run started
+/// after its highest committed transaction left nothing in the data and is not counted.
+fn ran(finished: bool, run: &Run, committed_below: u64) -> u64 {
+    match finished {
+        true => run.transactions,
+        false => committed_below,
+    }
+}
+
+/// One more than the highest transaction number of `run_id` with any part in the stores: no
+/// transaction of a killed run above it left anything to check.
+fn started_at_most(data: &Path, run_id: &str, stores: &Stores, orders: Option<&Orders>) -> u64 {
+    let files = FILES.iter().flat_map(|(resource, _)| {
+        let dir = data.join(resource).join("tx").join(run_id);
+        std::fs::read_dir(dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse::<u64>().ok())
+    });
+    let mails = stores
+        .mails
+        .keys()
+        .filter(|(run, _)| run == run_id)
+        .map(|(_, i)| *i);
+    let prefix = key_prefix(run_id);
+    let keys = stores.keys.keys().filter_map(|k| {
+        let i = k.strip_prefix(prefix.as_bytes())?;
+        std::str::from_utf8(i).ok()?.parse().ok()
+    });
+    let rows = orders
+        .into_iter()
+        .flat_map(|o| o.rows.iter())
+        .filter(|(run, _)| run == run_id)
+        .map(|(_, i)| *i);
+    files
+        .chain(mails)
+        .chain(keys)
+        .chain(rows)
+        .max()
+        .map_or(0, |i| i.saturating_add(1))
 }
 
 fn read_runs(data: &Path, problems: &mut Vec<String>) -> anyhow::Result<BTreeMap<String, Run>> {
@@ -153,7 +215,7 @@ fn read_runs(data: &Path, problems: &mut Vec<String>) -> anyhow::Result<BTreeMap
 }
 
 /// One transaction: all of its parts or none, acknowledged ones present, failed ones absent, its
-/// mail at most once.
+/// mail at most once. True when all of its parts are present (it committed).
 fn check_transaction(
     data: &Path,
     run_id: &str,
@@ -162,7 +224,7 @@ fn check_transaction(
     stores: &Stores,
     orders: Option<&Orders>,
     problems: &mut Vec<String>,
-) {
+) -> bool {
     let mut present: Vec<(&str, bool)> = FILES
         .iter()
         .map(|(resource, name)| {
@@ -211,6 +273,7 @@ fn check_transaction(
             "run {run_id} transaction {i}: failed on purpose but present {present:?}"
         ));
     }
+    all
 }
 
 /// Reads the Maildir and the sled data tree (a store that does not exist reads as empty).
