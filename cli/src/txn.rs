@@ -241,11 +241,16 @@ pub fn list(args: ListArgs) -> anyhow::Result<()> {
             branches: resources,
         });
     }
+    let before_cut = rows.len();
     if let Some(min_age_ms) = args.min_age {
         rows.retain(|row| row.age_ms.is_none_or(|age| age >= min_age_ms));
     }
     if args.json {
         println!("{}", serde_json::to_string(&rows)?);
+    } else if rows.is_empty() && before_cut > 0 {
+        println!(
+            "no unfinished transactions older than --min-age ({before_cut} younger not shown)"
+        );
     } else {
         print_rows(&rows);
     }

@@ -574,6 +574,13 @@ fn min_age_keeps_the_older_transactions_and_each_row_says_in_flight_or_in_doubt(
     let out = concord(&["txn", "list", "--json", "--min-age", "1h"], &data);
     assert!(out.status.success());
     assert_eq!(String::from_utf8(out.stdout).unwrap().trim(), "[]");
+    let out = concord(&["txn", "list", "--min-age", "1h"], &data);
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        text.contains("older than --min-age (2 younger not shown)"),
+        "the rows cut by the age are counted, not hidden: {text}"
+    );
 
     let out = concord(&["txn", "list", "--min-age", "5"], &data);
     assert_eq!(
