@@ -299,6 +299,22 @@ pub struct Branch {
     pub attempts: u32,
     /// The last error of a phase-2 call, for operators.
     pub last_error: Option<String>,
+    /// The class of that error (a fatal one is logged louder by the runtime).
+    pub last_class: Option<ErrorClass>,
+}
+
+impl Branch {
+    /// Records a failed call's error, for operators and the runtime's retry log.
+    fn failed(&mut self, e: &ResourceError) {
+        self.last_error = Some(e.to_string());
+        self.last_class = Some(e.class());
+    }
+
+    /// Forgets the last error: the branch answered.
+    fn answered(&mut self) {
+        self.last_error = None;
+        self.last_class = None;
+    }
 }
 
 /// The two-phase-commit state machine of one transaction; see the module docs.
@@ -329,6 +345,7 @@ impl TxnMachine {
             state: BranchState::Active,
             attempts: 0,
             last_error: None,
+            last_class: None,
         };
         TxnMachine {
             xid,
@@ -507,7 +524,7 @@ impl TxnMachine {
                 // Its commit went out with the fence check and the answer was lost; nothing
                 // was journaled, so nothing can be asked.
                 slot.state = BranchState::InDoubt;
-                slot.last_error = Some(e.to_string());
+                slot.failed(&e);
                 self.phase = Phase::Finished;
                 self.reply(
                     Outcome::InDoubt {
@@ -652,7 +669,7 @@ impl TxnMachine {
         match result {
             Ok(()) => {
                 slot.state = done;
-                slot.last_error = None;
+                slot.answered();
                 self.maybe_finish(out);
             }
             Err(e) if e.class() == ErrorClass::Hazard => {
@@ -660,15 +677,13 @@ impl TxnMachine {
                 // person must look.
                 tracing::error!(xid = %self.xid, branch, error = %e, "phase 2 met a heuristic hazard; the branch is ended and reported");
                 slot.state = done;
-                slot.last_error = Some(e.to_string());
+                slot.failed(&e);
                 self.maybe_finish(out);
             }
             Err(e) => {
                 slot.attempts += 1;
-                slot.last_error = Some(e.to_string());
-                if e.class() == ErrorClass::Fatal {
-                    tracing::error!(xid = %self.xid, branch, error = %e, "phase 2 failed; retrying");
-                }
+                // The runtime logs the retry ("…; retrying in N ms") with this error.
+                slot.failed(&e);
                 let delay_ms = self.policy.delay_ms(slot.attempts);
                 out.push(Command::RetryAfter { branch, delay_ms });
             }
@@ -708,7 +723,7 @@ impl TxnMachine {
         match result {
             Ok(OnePhaseOutcome::Committed) => {
                 slot.state = BranchState::Committed;
-                slot.last_error = None;
+                slot.answered();
                 let outcome = Outcome::Committed { lsn: self.decision };
                 if journaled {
                     self.awaiting = Some(outcome);
@@ -720,7 +735,7 @@ impl TxnMachine {
             }
             Ok(OnePhaseOutcome::RolledBack { reason }) => {
                 slot.state = BranchState::RolledBack;
-                slot.last_error = None;
+                slot.answered();
                 let outcome = Outcome::RolledBack {
                     reason: reason.clone(),
                 };
@@ -736,7 +751,7 @@ impl TxnMachine {
                 // Nothing journaled (nothing to replicate) and nothing to ask by: the caller
                 // learns what a plain client learns when COMMIT loses its answer.
                 slot.state = BranchState::InDoubt;
-                slot.last_error = Some(e.to_string());
+                slot.failed(&e);
                 self.phase = Phase::Finished;
                 self.reply(
                     Outcome::InDoubt {
@@ -750,7 +765,7 @@ impl TxnMachine {
             Err(e) => {
                 slot.state = BranchState::InDoubt;
                 slot.attempts += 1;
-                slot.last_error = Some(e.to_string());
+                slot.failed(&e);
                 if asked {
                     let delay_ms = self.policy.delay_ms(slot.attempts);
                     self.reply(

@@ -57,14 +57,16 @@ use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use adapters::xid::{XidBuildHasher, XidText};
-use adapters::{Epoch, Lsn, Resource, ResourceError, Xid};
+use adapters::{Epoch, ErrorClass, Lsn, Resource, ResourceError, Xid};
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
 use journal::{Appending, Journal, JournalError};
 use tokio::sync::{Notify, watch};
 use tracing::Instrument;
 
-use crate::engine::{BranchId, Command, Event, Outcome, Phase, RetryPolicy, TxnMachine};
+use crate::engine::{
+    BranchId, BranchState, Command, Event, Outcome, Phase, RetryPolicy, TxnMachine,
+};
 use crate::failpoint;
 use crate::ledger::{Ledger, Verdict};
 use crate::record::{self, CoordRecord, RecordError};
@@ -198,6 +200,40 @@ pub struct RecoveryReport {
     /// Problems that need a person: a resource named by a decision that is not configured, a
     /// resource whose `recover` failed.
     pub problems: Vec<String>,
+    /// Resources the journal names that the configuration lacks, each with the transactions
+    /// whose branches there wait for it (a `Commit` without `End`, a `OnePhase` without its
+    /// outcome). Nothing can finish those branches until the resource is configured; see
+    /// [`RecoveryReport::unconfigured_message`].
+    pub unconfigured: BTreeMap<String, Vec<Xid>>,
+}
+
+impl RecoveryReport {
+    /// One line for an operator when the journal names resources the configuration lacks
+    /// (`None` when it names none): which resources, which transactions, and what to do.
+    pub fn unconfigured_message(&self) -> Option<String> {
+        if self.unconfigured.is_empty() {
+            return None;
+        }
+        let each: Vec<String> = self
+            .unconfigured
+            .iter()
+            .map(|(name, xids)| {
+                let xids: Vec<String> = xids.iter().map(Xid::to_string).collect();
+                format!("{name} (transaction {})", xids.join(", "))
+            })
+            .collect();
+        Some(format!(
+            "the journal holds committed transactions with branches in resources that are not configured: {}; add those resources to the configuration and start again (or, for a resource lost for good, end its branches with `concord txn resolve XID --commit --forget NAME`)",
+            each.join("; ")
+        ))
+    }
+
+    fn unconfigured(&mut self, name: &str, xid: Xid) {
+        self.unconfigured
+            .entry(name.to_string())
+            .or_default()
+            .push(xid);
+    }
 }
 
 /// What `txn list` shows of one transaction.
@@ -211,6 +247,61 @@ pub struct TxnInfo {
     pub age: Duration,
     /// Its branches: resource name, state in words, last error.
     pub branches: Vec<(String, String, Option<String>)>,
+}
+
+/// Branch states in which a branch has nothing left to do.
+const BRANCH_DONE: [&str; 3] = ["committed", "rolled back", "read-only"];
+
+impl TxnInfo {
+    /// What was decided, in words: `commit`, `rollback`, `none yet`, or `unknown` (in doubt).
+    pub fn decision(&self) -> &'static str {
+        match self.state.as_str() {
+            "committing" | "committing (one phase)" => "commit",
+            "rolling back" | "timed out" => "rollback",
+            "in doubt" => "unknown",
+            "finished" => "done",
+            _ => "none yet",
+        }
+    }
+
+    /// The branches not finished yet: `(resource, state, last error)`.
+    pub fn pending(&self) -> impl Iterator<Item = &(String, String, Option<String>)> {
+        self.branches
+            .iter()
+            .filter(|(_, state, _)| !BRANCH_DONE.contains(&state.as_str()))
+    }
+}
+
+/// One line for an operator: the xid, its phase and decision, and each branch it waits for with
+/// that branch's last error (retried by the coordinator), e.g. `n1e1s42 committing (decision:
+/// commit) for 61 s; waiting for resource uploads (committing): resource uploads: write …: No
+/// space left on device (os error 28); retrying`.
+impl std::fmt::Display for TxnInfo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} {} (decision: {}) for {} s",
+            self.xid,
+            self.state,
+            self.decision(),
+            self.age.as_secs()
+        )?;
+        let mut pending = self.pending().peekable();
+        if pending.peek().is_none() {
+            return Ok(());
+        }
+        f.write_str("; waiting for ")?;
+        for (i, (name, state, error)) in pending.enumerate() {
+            if i > 0 {
+                f.write_str(", ")?;
+            }
+            write!(f, "resource {name} ({state})")?;
+            if let Some(error) = error {
+                write!(f, ": {error}; retrying")?;
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Tracks the tasks the coordinator spawned and the callers driving a machine, so that shutdown
@@ -317,6 +408,30 @@ struct Running {
     cancelled: AtomicBool,
     /// Stepped by the transaction's driver only; read by `list` and `wait_settled`.
     machine: Mutex<TxnMachine>,
+}
+
+impl Running {
+    /// Whether its machine still works towards an end: not in doubt (that waits for a restart
+    /// or an operator), and not waiting only for branches whose resource the configuration
+    /// lacks (they wait for a start that has it; recovery reported them).
+    fn is_busy(&self) -> bool {
+        let machine = lock(&self.machine);
+        if *machine.phase() == Phase::InDoubt {
+            return false;
+        }
+        let mut pending = self
+            .branches
+            .iter()
+            .zip(machine.branches())
+            .filter(|(_, b)| {
+                !matches!(
+                    b.state,
+                    BranchState::Committed | BranchState::RolledBack | BranchState::ReadOnly
+                )
+            })
+            .peekable();
+        pending.peek().is_none() || pending.any(|(r, _)| r.resource.is_some())
+    }
 }
 
 /// How many ways the maps of open and running transactions are split.
@@ -789,11 +904,11 @@ impl Coordinator {
     pub async fn wait_settled(&self, timeout: Duration) -> bool {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
-            let busy = self.inner.running.iter().any(|shard| {
-                lock(shard)
-                    .values()
-                    .any(|r| *lock(&r.machine).phase() != Phase::InDoubt)
-            });
+            let busy = self
+                .inner
+                .running
+                .iter()
+                .any(|shard| lock(shard).values().any(|r| r.is_busy()));
             if !busy {
                 return true;
             }
@@ -802,6 +917,12 @@ impl Coordinator {
             }
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
+    }
+
+    /// The transactions that have not finished, one readable line each ([`TxnInfo`]'s
+    /// `Display`), for a caller that gives up waiting: what each waits for, and why.
+    pub fn pending_lines(&self) -> Vec<String> {
+        self.list().iter().map(TxnInfo::to_string).collect()
     }
 
     /// Every open, committing, rolling-back or in-doubt transaction.
@@ -1343,13 +1464,14 @@ impl Coordinator {
             self.append_end_nowait(&xid);
             return;
         }
-        if let Some(missing) = names
+        for missing in names
             .iter()
-            .find(|n| !self.inner.resources.contains_key(*n))
+            .filter(|n| !self.inner.resources.contains_key(*n))
         {
             report.problems.push(format!(
                 "transaction {xid} committed with a branch in resource {missing:?}, which is not configured; configure it, or end the branch with `concord txn resolve {xid} --commit --forget {missing}` if it is lost for good"
             ));
+            report.unconfigured(missing, xid);
         }
         let (machine, commands) =
             TxnMachine::recovered_commit(xid, lsn, names.len(), self.inner.config.retry);
@@ -1370,6 +1492,7 @@ impl Coordinator {
             report.problems.push(format!(
                 "transaction {xid} committed in one phase in resource {name:?}, which is not configured; configure it so that concord can learn the outcome"
             ));
+            report.unconfigured(name, xid);
             // Nothing drives it in this process: its record stays until a start that can.
             self.inner.retention.pins.pin(xid, lsn);
             return;
@@ -1442,6 +1565,10 @@ impl Coordinator {
         driver.spawn(tracing::info_span!("recover", xid = %xid));
     }
 }
+
+/// The error of a call to a branch whose resource the configuration lacks (only recovery meets
+/// one).
+const NOT_CONFIGURED: &str = "not in the configuration; add it (concord.toml) and start again so that this branch can finish";
 
 /// Milliseconds since the Unix epoch (0 before it), for the records' `at_ms`.
 pub(crate) fn now_ms() -> u64 {
@@ -1613,6 +1740,7 @@ impl Driver {
             Command::Commit(b) => self.call(b, BranchCall::Commit),
             Command::Rollback(b) => self.call(b, BranchCall::Rollback),
             Command::RetryAfter { branch, delay_ms } => {
+                self.log_retry(branch, delay_ms);
                 self.fresh.push_back(Box::pin(async move {
                     tokio::time::sleep(Duration::from_millis(delay_ms)).await;
                     Event::RetryDue { branch }
@@ -1644,13 +1772,42 @@ impl Driver {
         }
     }
 
+    /// Says that a branch's call failed and will be made again, with the error and the delay:
+    /// at the first failures and then at every power-of-two attempt, so that a resource down
+    /// for an hour costs a few dozen lines, not thousands. A fatal error is logged at error
+    /// level (a person must restart the resource's process), the others at warn.
+    fn log_retry(&self, branch: BranchId, delay_ms: u64) {
+        let machine = lock(&self.running.machine);
+        let Some(b) = machine.branches().get(branch) else {
+            return;
+        };
+        if !b.attempts.is_power_of_two() {
+            return;
+        }
+        let action = match b.state {
+            BranchState::Committing => "commit",
+            BranchState::RollingBack => "rollback",
+            BranchState::InDoubt => "asking about the one-phase commit",
+            _ => "call",
+        };
+        let resource = self.running.branches.get(branch).map_or("", |r| &*r.name);
+        let error = b.last_error.as_deref().unwrap_or("no answer");
+        let xid = self.running.xid;
+        let attempt = b.attempts;
+        if b.last_class == Some(ErrorClass::Fatal) {
+            tracing::error!(xid = %xid, resource, attempt, "{action} failed: {error}; retrying in {delay_ms} ms");
+        } else {
+            tracing::warn!(xid = %xid, resource, attempt, "{action} failed: {error}; retrying in {delay_ms} ms");
+        }
+    }
+
     fn call(&mut self, branch: BranchId, call: BranchCall) {
         let xid = self.running.xid;
         let target = self.running.branches.get(branch);
         let Some(resource) = target.and_then(|b| b.resource.clone()) else {
             let e = ResourceError::Unavailable {
                 resource: target.map(|b| b.name.to_string()).unwrap_or_default(),
-                message: "not configured".into(),
+                message: NOT_CONFIGURED.into(),
             };
             self.ready.push_back(call.event(branch, Err(e)));
             return;
