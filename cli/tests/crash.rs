@@ -324,7 +324,7 @@ fn crash_at(point: &str) {
 #[test]
 fn the_binary_under_test_has_fail_points() {
     assert!(
-        coordinator::failpoint::ENABLED,
+        coordinator::failpoint::enabled(),
         "concord-coordinator was built without its feature `failpoints`: the dev-dependency of concord-cli must enable it"
     );
 }

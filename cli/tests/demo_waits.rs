@@ -22,11 +22,9 @@ fn decided_in(data: &Path, resource: &str) -> Xid {
         epoch: Epoch(1),
         seq: 77,
     };
-    let journal = journal::Journal::open(
-        &data.join("journal"),
-        coordinator::runtime::journal_config(),
-    )
-    .unwrap();
+    let journal =
+        journal::Journal::open(data.join("journal"), coordinator::runtime::journal_config())
+            .unwrap();
     let record = CoordRecord::Commit {
         xid,
         at_ms: 0,

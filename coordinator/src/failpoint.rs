@@ -19,7 +19,7 @@
 //!
 //! Without the feature `failpoints` of `concord-coordinator`, [`hit`] is an empty inline
 //! function and `CONCORD_FAILPOINT` is never read: a production build (`cargo build --release
-//! -p concord-cli`) ignores the variable entirely. [`ENABLED`] says which kind of build this is.
+//! -p concord-cli`) ignores the variable entirely. [`enabled`] says which kind of build this is.
 //! The crash tests get the feature without anyone asking: `concord-cli` and
 //! `concord-participant` name the coordinator as a dev-dependency with `failpoints` on, and
 //! cargo (resolver 3) unifies a dev-dependency's features into every target it builds for
@@ -44,7 +44,9 @@ pub const POINTS: [&str; 6] = [
 
 /// Whether this build has fail points (the feature `failpoints`): when `false`, [`hit`] does
 /// nothing and `CONCORD_FAILPOINT` is ignored.
-pub const ENABLED: bool = cfg!(feature = "failpoints");
+pub fn enabled() -> bool {
+    cfg!(feature = "failpoints")
+}
 
 /// Hits the fail point `name`: freezes this thread if it is the armed point's firing hit.
 #[cfg(feature = "failpoints")]

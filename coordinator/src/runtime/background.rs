@@ -305,7 +305,8 @@ impl Coordinator {
                     )
                 }
                 Err(e) => {
-                    tracing::warn!(resource = %name, error = %e, "orphan sweep: list prepared branches");
+                    let next_ms = self.inner.config.orphan_sweep_ms;
+                    tracing::warn!(resource = %name, "orphan sweep: list prepared branches: {e}; retrying in {next_ms} ms");
                 }
             }
         }
