@@ -298,7 +298,7 @@ struct Inner {
     /// What bounds the removal of journal segments.
     retention: Retention,
     /// Held from open until every resource has answered `recover` (see
-    /// [`Coordinator::sweep_orphans`]): recovery could not see the prepared branches of a
+    /// `Coordinator::sweep_orphans`): recovery could not see the prepared branches of a
     /// resource it could not ask, so nothing it read may be removed yet.
     startup_pin: Mutex<Option<PinId>>,
     /// The resources that have not answered `recover` since open.
@@ -373,7 +373,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Coordinator {
-    /// Opens the coordinator on `journal` with `resources`, runs recovery (see the module docs)
+    /// Opens the coordinator on `journal` with `resources`, runs recovery (see [`RecoveryReport`])
     /// and starts the timeout reaper. Must be called inside a tokio runtime.
     pub async fn open(
         config: CoordinatorConfig,
