@@ -26,8 +26,11 @@ pub enum ErrorClass {
 /// An error of a resource, naming the resource.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum ResourceError {
-    /// The resource cannot answer now; retry later. See [`ErrorClass::Retryable`].
-    #[error("resource {resource}: {message} (retryable)")]
+    /// The resource cannot answer now; retry later. See [`ErrorClass::Retryable`]. Its message
+    /// does not promise a retry: the caller that retries says so itself (phase 2, recovery and
+    /// the orphan sweeper log "…; retrying in N ms"), one that does not (an operator command)
+    /// says what to do.
+    #[error("resource {resource}: {message}")]
     Unavailable {
         /// The resource name.
         resource: String,
@@ -145,6 +148,11 @@ impl ResourceError {
         }
     }
 
+    /// Whether trying the same call again later can succeed ([`ErrorClass::Retryable`]).
+    pub fn is_retryable(&self) -> bool {
+        self.class() == ErrorClass::Retryable
+    }
+
     /// A [`ResourceError::Rejected`].
     pub fn rejected(resource: impl Into<String>, reason: impl Into<String>) -> ResourceError {
         ResourceError::Rejected {
@@ -173,5 +181,26 @@ impl ResourceError {
                 message,
             },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Only a caller that retries may say so ("…; retrying in N ms"): the error itself names
+    /// what failed and keeps its class.
+    #[test]
+    fn an_unavailable_resource_is_retryable_without_saying_so() {
+        let e = ResourceError::Unavailable {
+            resource: "orders".into(),
+            message: "cannot connect to 127.0.0.1:5432".into(),
+        };
+        assert_eq!(e.class(), ErrorClass::Retryable);
+        assert!(e.is_retryable());
+        assert_eq!(
+            e.to_string(),
+            "resource orders: cannot connect to 127.0.0.1:5432"
+        );
     }
 }

@@ -148,11 +148,17 @@ async fn demo(args: &DemoArgs, data: &Path) -> anyhow::Result<Summary> {
     }
     let concord = Concord::open(config).await?;
     let recovery = concord.recovery().clone();
-    if !concord.wait_idle(Duration::from_secs(60)).await {
-        bail!(
-            "recovery did not finish within 60 s: {:?}",
-            concord.coordinator().list()
-        );
+    if let Some(message) = recovery.unconfigured_message() {
+        concord.close(Duration::from_secs(10)).await;
+        let hint = if recovery.unconfigured.contains_key(PG_RESOURCE) {
+            " (the demo's PostgreSQL resource: run with --postgres URL)"
+        } else {
+            ""
+        };
+        bail!("{message}{hint}");
+    }
+    if !concord.wait_idle(WAIT).await {
+        bail!(gave_up("recovery", &concord));
     }
     let run_id = SystemTime::now()
         .duration_since(UNIX_EPOCH)?
@@ -173,8 +179,8 @@ async fn demo(args: &DemoArgs, data: &Path) -> anyhow::Result<Summary> {
     let started = Instant::now();
     let stats = run_clients(args, &concord, data, &run_id).await?;
     let elapsed = started.elapsed().as_secs_f64();
-    if !concord.wait_idle(Duration::from_secs(60)).await {
-        bail!("phase 2 did not finish within 60 s");
+    if !concord.wait_idle(WAIT).await {
+        bail!(gave_up("phase 2", &concord));
     }
     let clean = concord.coordinator().list().is_empty();
     concord.close(Duration::from_secs(10)).await;
@@ -213,6 +219,23 @@ async fn demo(args: &DemoArgs, data: &Path) -> anyhow::Result<Summary> {
         recovered_redriven: recovery.redriven.len(),
         recovered_rolled_back: recovery.rolled_back.len(),
     })
+}
+
+/// How long the demo waits for recovery, and for phase 2 after its last transaction.
+const WAIT: Duration = Duration::from_secs(60);
+
+/// A wait given up: prints one line per transaction still pending on standard error (its
+/// decision, the resources it waits for and their last errors) and returns the error's message.
+fn gave_up(what: &str, concord: &Concord) -> String {
+    let pending = concord.coordinator().pending_lines();
+    for line in &pending {
+        eprintln!("pending: {line}");
+    }
+    format!(
+        "{what} did not finish within {} s; {} transaction(s) still pending (listed above)",
+        WAIT.as_secs(),
+        pending.len()
+    )
 }
 
 struct ClientStats {

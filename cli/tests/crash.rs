@@ -318,6 +318,17 @@ fn crash_at(point: &str) {
     assert!(checked >= 3050, "checked {checked} transactions");
 }
 
+/// The crash tests need fail points in the `concord` binary they run: `cargo test` builds it with
+/// the coordinator's feature `failpoints`, turned on by this crate's dev-dependency (a release
+/// build has none and ignores `CONCORD_FAILPOINT`; see `coordinator::failpoint`).
+#[test]
+fn the_binary_under_test_has_fail_points() {
+    assert!(
+        coordinator::failpoint::enabled(),
+        "concord-coordinator was built without its feature `failpoints`: the dev-dependency of concord-cli must enable it"
+    );
+}
+
 #[test]
 fn every_fail_point_of_a_transaction_of_several_branches_is_covered() {
     for point in coordinator::failpoint::POINTS {

@@ -47,6 +47,12 @@
 //!    it knows, and journals that. Recovery does the same for a `OnePhase` record with neither
 //!    `End` nor `Abort`.
 //!
+//! Which of the two paths a machine takes is fixed when it is made and held as a private enum
+//! (`CommitPath`) carrying what only that path has: the one-phase redo and the outcome waiting
+//! for its record, or whether phase 2 ends with the transaction's `End`. A two-phase machine
+//! therefore has no one-phase redo to ask about, and a one-phase machine always journals its
+//! own outcome.
+//!
 //! Invariants, checked by [`TxnMachine::validate`] after every step in debug builds: a branch is
 //! never committed before the decision is durable (a one-phase branch with an empty redo needs
 //! no decision); a transaction that journaled a decision never rolls a branch back; a
@@ -299,6 +305,22 @@ pub struct Branch {
     pub attempts: u32,
     /// The last error of a phase-2 call, for operators.
     pub last_error: Option<String>,
+    /// The class of that error (a fatal one is logged louder by the runtime).
+    pub last_class: Option<ErrorClass>,
+}
+
+impl Branch {
+    /// Records a failed call's error, for operators and the runtime's retry log.
+    fn failed(&mut self, e: &ResourceError) {
+        self.last_error = Some(e.to_string());
+        self.last_class = Some(e.class());
+    }
+
+    /// Forgets the last error: the branch answered.
+    fn answered(&mut self) {
+        self.last_error = None;
+        self.last_class = None;
+    }
 }
 
 /// The two-phase-commit state machine of one transaction; see the module docs.
@@ -310,16 +332,27 @@ pub struct TxnMachine {
     decision: Option<Lsn>,
     policy: RetryPolicy,
     replied: bool,
-    /// Committing in one phase.
-    one_phase: bool,
-    /// One phase: the branch's redo, kept to ask the resource about it (empty: nothing
-    /// journaled).
-    redo: Vec<u8>,
-    /// One phase: the outcome to answer once its `End` or `Abort` record is durable.
-    awaiting: Option<Outcome>,
-    /// Whether finishing phase 2 appends the `End` record (not for a branch recovery commits
-    /// beside the machine that owns the transaction's `End`).
-    ends: bool,
+    /// Two phases or one, with what only that path has.
+    path: CommitPath,
+}
+
+/// How a transaction commits, with the state only that path has: a two-phase machine has no
+/// one-phase redo or awaited outcome, and a one-phase machine always journals its own outcome.
+#[derive(Clone, Debug)]
+enum CommitPath {
+    /// Prepare every branch, journal one decision, commit each (phase 2).
+    TwoPhase {
+        /// Whether finishing phase 2 appends the `End` record (not for a branch recovery
+        /// commits beside the machine that owns the transaction's `End`).
+        ends: bool,
+    },
+    /// The lone branch commits in one phase (see the module docs).
+    OnePhase {
+        /// The branch's redo, kept to ask the resource about it (empty: nothing journaled).
+        redo: Vec<u8>,
+        /// The outcome to answer once its `End` or `Abort` record is durable.
+        awaiting: Option<Outcome>,
+    },
 }
 
 impl TxnMachine {
@@ -329,6 +362,7 @@ impl TxnMachine {
             state: BranchState::Active,
             attempts: 0,
             last_error: None,
+            last_class: None,
         };
         TxnMachine {
             xid,
@@ -337,17 +371,17 @@ impl TxnMachine {
             decision: None,
             policy,
             replied: false,
-            one_phase: false,
-            redo: Vec::new(),
-            awaiting: None,
-            ends: true,
+            path: CommitPath::TwoPhase { ends: true },
         }
     }
 
     /// A new open transaction with one branch, which commits in one phase (see the module docs).
     pub fn new_one_phase(xid: Xid, policy: RetryPolicy) -> TxnMachine {
         let mut machine = TxnMachine::new(xid, 1, policy);
-        machine.one_phase = true;
+        machine.path = CommitPath::OnePhase {
+            redo: Vec::new(),
+            awaiting: None,
+        };
         machine
     }
 
@@ -364,7 +398,10 @@ impl TxnMachine {
         machine.decision = Some(lsn);
         machine.replied = true;
         machine.branches[0].state = BranchState::InDoubt;
-        machine.redo = redo.clone();
+        machine.path = CommitPath::OnePhase {
+            redo: redo.clone(),
+            awaiting: None,
+        };
         (machine, vec![Command::AskOnePhase { branch: 0, redo }])
     }
 
@@ -395,7 +432,7 @@ impl TxnMachine {
         policy: RetryPolicy,
     ) -> (TxnMachine, Vec<Command>) {
         let (mut machine, commands) = TxnMachine::recovered_commit(xid, lsn, 1, policy);
-        machine.ends = false;
+        machine.path = CommitPath::TwoPhase { ends: false };
         (machine, commands)
     }
 
@@ -473,7 +510,7 @@ impl TxnMachine {
         self.branches
             .iter_mut()
             .for_each(|b| b.state = BranchState::Preparing);
-        if self.one_phase {
+        if self.is_one_phase() {
             out.push(Command::PrepareOnePhase(0));
         } else {
             out.extend((0..self.branches.len()).map(Command::Prepare));
@@ -485,7 +522,7 @@ impl TxnMachine {
         // replicate), so once that started it is too late, as for a decision.
         match self.phase {
             Phase::Active => self.abort(reason, out),
-            Phase::Preparing if !self.one_phase => self.abort(reason, out),
+            Phase::Preparing if !self.is_one_phase() => self.abort(reason, out),
             _ => {}
         }
     }
@@ -502,12 +539,13 @@ impl TxnMachine {
         if slot.state != BranchState::Preparing {
             return;
         }
+        let one_phase = matches!(self.path, CommitPath::OnePhase { .. });
         match (self.phase.clone(), vote) {
-            (Phase::Preparing, Err(e)) if self.one_phase && e.class() == ErrorClass::InDoubt => {
+            (Phase::Preparing, Err(e)) if one_phase && e.class() == ErrorClass::InDoubt => {
                 // Its commit went out with the fence check and the answer was lost; nothing
                 // was journaled, so nothing can be asked.
                 slot.state = BranchState::InDoubt;
-                slot.last_error = Some(e.to_string());
+                slot.failed(&e);
                 self.phase = Phase::Finished;
                 self.reply(
                     Outcome::InDoubt {
@@ -518,7 +556,7 @@ impl TxnMachine {
                     out,
                 );
             }
-            (Phase::Preparing, Ok(Vote::Commit { redo })) if self.one_phase => {
+            (Phase::Preparing, Ok(Vote::Commit { redo })) if one_phase => {
                 if redo.is_empty() {
                     slot.state = BranchState::Committing;
                     self.phase = Phase::OnePhase;
@@ -526,7 +564,10 @@ impl TxnMachine {
                 } else {
                     slot.state = BranchState::Ready;
                     self.phase = Phase::Deciding;
-                    self.redo = redo.clone();
+                    self.path = CommitPath::OnePhase {
+                        redo: redo.clone(),
+                        awaiting: None,
+                    };
                     out.push(Command::AppendOnePhase { branch, redo });
                 }
             }
@@ -587,7 +628,7 @@ impl TxnMachine {
             return;
         }
         self.decision = Some(lsn);
-        if self.one_phase {
+        if self.is_one_phase() {
             // Durable while the branch holds its locks: now it may commit.
             self.phase = Phase::OnePhase;
             self.branches[0].state = BranchState::Committing;
@@ -607,7 +648,7 @@ impl TxnMachine {
         if self.phase != Phase::Deciding {
             return;
         }
-        if self.one_phase {
+        if self.is_one_phase() {
             // The branch never committed: roll it back. Should the record have reached the
             // disk after all, recovery asks the resource, learns that, and journals an `Abort`.
             self.branches[0].state = BranchState::Ready;
@@ -626,7 +667,7 @@ impl TxnMachine {
         if self.phase != Phase::Deciding {
             return;
         }
-        if self.one_phase {
+        if self.is_one_phase() {
             self.branches[0].state = BranchState::Ready;
         }
         self.abort(
@@ -652,7 +693,7 @@ impl TxnMachine {
         match result {
             Ok(()) => {
                 slot.state = done;
-                slot.last_error = None;
+                slot.answered();
                 self.maybe_finish(out);
             }
             Err(e) if e.class() == ErrorClass::Hazard => {
@@ -660,15 +701,13 @@ impl TxnMachine {
                 // person must look.
                 tracing::error!(xid = %self.xid, branch, error = %e, "phase 2 met a heuristic hazard; the branch is ended and reported");
                 slot.state = done;
-                slot.last_error = Some(e.to_string());
+                slot.failed(&e);
                 self.maybe_finish(out);
             }
             Err(e) => {
                 slot.attempts += 1;
-                slot.last_error = Some(e.to_string());
-                if e.class() == ErrorClass::Fatal {
-                    tracing::error!(xid = %self.xid, branch, error = %e, "phase 2 failed; retrying");
-                }
+                // The runtime logs the retry ("…; retrying in N ms") with this error.
+                slot.failed(&e);
                 let delay_ms = self.policy.delay_ms(slot.attempts);
                 out.push(Command::RetryAfter { branch, delay_ms });
             }
@@ -677,11 +716,13 @@ impl TxnMachine {
 
     fn on_retry_due(&mut self, branch: BranchId, out: &mut Vec<Command>) {
         match self.branches.get(branch).map(|b| &b.state) {
-            Some(BranchState::Committing) if !self.one_phase => out.push(Command::Commit(branch)),
+            Some(BranchState::Committing) if !self.is_one_phase() => {
+                out.push(Command::Commit(branch))
+            }
             Some(BranchState::RollingBack) => out.push(Command::Rollback(branch)),
             Some(BranchState::InDoubt) => out.push(Command::AskOnePhase {
                 branch,
-                redo: self.redo.clone(),
+                redo: self.one_phase_redo(),
             }),
             _ => {}
         }
@@ -708,10 +749,10 @@ impl TxnMachine {
         match result {
             Ok(OnePhaseOutcome::Committed) => {
                 slot.state = BranchState::Committed;
-                slot.last_error = None;
+                slot.answered();
                 let outcome = Outcome::Committed { lsn: self.decision };
                 if journaled {
-                    self.awaiting = Some(outcome);
+                    self.await_outcome(outcome);
                     out.push(Command::AppendOnePhaseEnd);
                 } else {
                     self.phase = Phase::Finished;
@@ -720,12 +761,12 @@ impl TxnMachine {
             }
             Ok(OnePhaseOutcome::RolledBack { reason }) => {
                 slot.state = BranchState::RolledBack;
-                slot.last_error = None;
+                slot.answered();
                 let outcome = Outcome::RolledBack {
                     reason: reason.clone(),
                 };
                 if journaled {
-                    self.awaiting = Some(outcome);
+                    self.await_outcome(outcome);
                     out.push(Command::AppendAbort { reason });
                 } else {
                     self.phase = Phase::Finished;
@@ -736,7 +777,7 @@ impl TxnMachine {
                 // Nothing journaled (nothing to replicate) and nothing to ask by: the caller
                 // learns what a plain client learns when COMMIT loses its answer.
                 slot.state = BranchState::InDoubt;
-                slot.last_error = Some(e.to_string());
+                slot.failed(&e);
                 self.phase = Phase::Finished;
                 self.reply(
                     Outcome::InDoubt {
@@ -750,7 +791,7 @@ impl TxnMachine {
             Err(e) => {
                 slot.state = BranchState::InDoubt;
                 slot.attempts += 1;
-                slot.last_error = Some(e.to_string());
+                slot.failed(&e);
                 if asked {
                     let delay_ms = self.policy.delay_ms(slot.attempts);
                     self.reply(
@@ -765,7 +806,7 @@ impl TxnMachine {
                 } else {
                     out.push(Command::AskOnePhase {
                         branch,
-                        redo: self.redo.clone(),
+                        redo: self.one_phase_redo(),
                     });
                 }
             }
@@ -777,7 +818,11 @@ impl TxnMachine {
     /// the journal cannot know it until recovery asks the resource again); a rollback is
     /// answered as it is, since no site applies a `OnePhase` record without its `End`.
     fn on_outcome_durable(&mut self, result: Result<(), String>, out: &mut Vec<Command>) {
-        let Some(outcome) = self.awaiting.take() else {
+        let awaiting = match &mut self.path {
+            CommitPath::OnePhase { awaiting, .. } => awaiting.take(),
+            CommitPath::TwoPhase { .. } => None,
+        };
+        let Some(outcome) = awaiting else {
             return;
         };
         // Without its `End` or `Abort` the `OnePhase` record is still needed (by recovery,
@@ -795,6 +840,25 @@ impl TxnMachine {
             (_, outcome) => outcome,
         };
         self.reply(outcome, out);
+    }
+
+    fn is_one_phase(&self) -> bool {
+        matches!(self.path, CommitPath::OnePhase { .. })
+    }
+
+    /// The one-phase branch's journaled redo, to ask its resource with (empty on two phases).
+    fn one_phase_redo(&self) -> Vec<u8> {
+        match &self.path {
+            CommitPath::OnePhase { redo, .. } => redo.clone(),
+            CommitPath::TwoPhase { .. } => Vec::new(),
+        }
+    }
+
+    /// Keeps a one-phase outcome until its record is durable.
+    fn await_outcome(&mut self, outcome: Outcome) {
+        if let CommitPath::OnePhase { awaiting, .. } = &mut self.path {
+            *awaiting = Some(outcome);
+        }
     }
 
     fn send_commit(&mut self, branch: BranchId) -> Command {
@@ -828,7 +892,7 @@ impl TxnMachine {
                     .all(|b| matches!(b.state, BranchState::Committed | BranchState::ReadOnly));
                 if done {
                     self.phase = Phase::Finished;
-                    if self.ends {
+                    if matches!(self.path, CommitPath::TwoPhase { ends: true }) {
                         out.push(Command::AppendEnd);
                     }
                 }
@@ -872,7 +936,10 @@ impl TxnMachine {
             .branches
             .iter()
             .any(|b| matches!(b.state, BranchState::Committing | BranchState::Committed));
-        let needs_decision = !self.one_phase || !self.redo.is_empty();
+        let needs_decision = match &self.path {
+            CommitPath::TwoPhase { .. } => true,
+            CommitPath::OnePhase { redo, .. } => !redo.is_empty(),
+        };
         assert!(
             !committed_any || self.decision.is_some() || !needs_decision,
             "a branch is committing before the decision is durable: {self:?}"
@@ -880,7 +947,7 @@ impl TxnMachine {
         // A one-phase branch may end rolled back after its record: the resource said so.
         let rolling_back = self.branches.iter().any(|b| match b.state {
             BranchState::RollingBack => true,
-            BranchState::RolledBack => !self.one_phase,
+            BranchState::RolledBack => !self.is_one_phase(),
             _ => false,
         });
         assert!(

@@ -12,10 +12,11 @@
 //!
 //! * [`engine`] — the protocol as a pure state machine per transaction: events in, commands out,
 //!   no I/O, no clock.
-//! * [`runtime`] — executes the commands with tokio, the journal and the resources; recovery at
-//!   open; the timeout reaper; the orphan sweeper (prepared branches of this node that no
-//!   transaction owns and the journal has no decision for are rolled back after
-//!   `orphan_sweep_ms`); operator views (`list`, `resolve`).
+//! * [`runtime`] — the [`Coordinator`] façade and, one module per seam, what it runs with
+//!   tokio, the journal and the resources: the per-transaction driver; recovery at open; the
+//!   background tasks (the timeout reaper, the orphan sweeper, which rolls back prepared branches
+//!   of this node that no transaction owns and the journal has no decision for after
+//!   `orphan_sweep_ms`, the checkpointer); operator views (`list`, `resolve`).
 //! * [`record`] — the journal records (`Commit`, `End`, `Resolve`, `OnePhase`, `Abort`,
 //!   `Forget`) and their versioned encoding.
 //! * [`ledger`] — what those records mean together, folded in one pure place (decided, open,
@@ -24,7 +25,8 @@
 //!   coordinator and `concord txn resolve`.
 //! * [`retention`] — which journal segments are still needed (unfinished transactions, the
 //!   retention floor a standby holds) and the checkpoint that removes the others.
-//! * [`failpoint`] — named points on the commit path where crash tests kill the process.
+//! * [`failpoint`] — named points on the commit path where crash tests kill the process;
+//!   compiled only with the feature `failpoints` (a release build ignores `CONCORD_FAILPOINT`).
 //!
 //! # Implementation caveats
 //!

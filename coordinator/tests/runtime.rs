@@ -1376,3 +1376,82 @@ async fn commit_many_until_segments_on(
     }
     panic!("the journal never reached {segments} segments");
 }
+
+/// A waiter that gives up hears, per transaction, what it waits for and why: the decision, the
+/// branch not finished and the last error of its retried commit — not the branches done.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiter_that_gives_up_hears_which_branch_phase_two_waits_for_and_why() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (Mem::new("a"), Mem::new("b"));
+    b.commit_failures.store(u32::MAX, Ordering::SeqCst);
+    let c = open(dir.path(), &[Arc::clone(&a), Arc::clone(&b)], config()).await;
+    let xid = c.begin();
+    c.join(&xid, "a").await.unwrap();
+    c.join(&xid, "b").await.unwrap();
+    assert!(matches!(
+        c.commit(&xid).await.unwrap(),
+        Outcome::Committed { .. }
+    ));
+    assert!(eventually(Duration::from_secs(5), || a.committed() == vec![xid]).await);
+    assert!(!c.wait_settled(Duration::from_millis(100)).await);
+    let lines = c.pending_lines();
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    let line = &lines[0];
+    for wanted in [
+        &xid.to_string()[..],
+        "decision: commit",
+        "waiting for resource b (committing): resource b: down; retrying",
+    ] {
+        assert!(line.contains(wanted), "{wanted:?} not in {line:?}");
+    }
+    assert!(!line.contains("resource a"), "{line}");
+    assert!(!line.contains("TxnInfo"), "{line}");
+    b.commit_failures.store(0, Ordering::SeqCst);
+    assert!(c.wait_settled(Duration::from_secs(5)).await);
+    assert!(c.pending_lines().is_empty());
+    c.shutdown(Duration::from_secs(5)).await;
+}
+
+/// A journal whose decided transaction has a branch in a resource the configuration lacks is
+/// reported at open, naming the resource and the xid and saying to configure it; the configured
+/// branches finish, and a waiter is not held up by the branch nothing can finish.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_journal_naming_an_unconfigured_resource_is_reported_at_open_not_waited_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let stuck = seq(60);
+    append(
+        dir.path(),
+        &CoordRecord::Commit {
+            xid: stuck,
+            at_ms: 0,
+            branches: vec![("a".into(), b"r".to_vec()), ("pg".into(), b"r".to_vec())],
+        },
+    );
+    let a = Mem::new("a");
+    a.prepared.lock().unwrap().insert(stuck);
+    let (c, report) = Coordinator::open(
+        config(),
+        journal(dir.path()),
+        vec![Arc::clone(&a) as Arc<dyn Resource>],
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        report.unconfigured.get("pg").map(Vec::as_slice),
+        Some(&[stuck][..]),
+        "{report:?}"
+    );
+    assert_eq!(report.unconfigured.len(), 1, "{report:?}");
+    let message = report.unconfigured_message().unwrap();
+    for wanted in [&stuck.to_string()[..], "pg", "add those resources"] {
+        assert!(message.contains(wanted), "{wanted:?} not in {message:?}");
+    }
+    assert!(c.wait_settled(Duration::from_secs(5)).await);
+    assert_eq!(a.committed(), vec![stuck]);
+    let lines = c.pending_lines();
+    assert!(
+        matches!(&lines[..], [line] if line.contains("resource pg") && line.contains("not in the configuration")),
+        "{lines:?}"
+    );
+    c.shutdown(Duration::from_secs(5)).await;
+}
