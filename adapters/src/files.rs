@@ -2010,7 +2010,7 @@ impl Inner {
     /// the content in errors.
     fn write_durably(&self, what: &str, dest: &Path, content: &[u8]) -> Result<()> {
         let tmp = self.tmp_file();
-        let written = write_synced(&self.name, what, &tmp, content).and_then(|()| {
+        let written = create_synced(&self.name, what, &tmp, content).and_then(|()| {
             fs::rename(&tmp, dest).map_err(|e| {
                 ResourceError::io(
                     &self.name,
@@ -2248,7 +2248,9 @@ fn create_staged(name: &str, file: &Path) -> Result<File> {
         .map_err(|e| ResourceError::io(name, "create staged file", file, &e))
 }
 
-fn write_synced(name: &str, what: &str, path: &Path, content: &[u8]) -> Result<()> {
+/// Creates the new file `path` (an existing file is an error: temp names are never reused)
+/// with `content`, and syncs it.
+fn create_synced(name: &str, what: &str, path: &Path, content: &[u8]) -> Result<()> {
     let file = create_written(name, what, path, content)?;
     sync_file(name, &file, path)
 }

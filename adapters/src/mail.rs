@@ -1044,7 +1044,7 @@ impl Inner {
             let entry = match &staged.content {
                 Content::Memory(content) => {
                     // A prepare that failed earlier may have written the file: written again.
-                    write_synced(&self.name, "message", &file, content)?;
+                    overwrite_synced(&self.name, "message", &file, content)?;
                     let bytes = content.len() as u64;
                     if bytes <= inline_left && bytes <= INLINE_MESSAGE_BYTES_MAX {
                         inline_left -= bytes;
@@ -1190,7 +1190,7 @@ impl Inner {
             let staged = self.area.tmp.join(name);
             let written = match entry {
                 RedoEntry::Inline { content, .. } => {
-                    write_synced(&self.name, "replayed message", &staged, content)
+                    overwrite_synced(&self.name, "replayed message", &staged, content)
                 }
                 RedoEntry::Blob { id, bytes, .. } => self.copy_blob(name, id, *bytes, &staged),
             };
@@ -1266,17 +1266,18 @@ impl Inner {
 
     fn write_state(&self, what: &str, file: &Path, value: u64) -> Result<()> {
         let tmp = self.scratch_file();
-        let written = write_synced(&self.name, what, &tmp, &encode_state(value)).and_then(|()| {
-            fs::rename(&tmp, file).map_err(|e| {
-                ResourceError::io(
-                    &self.name,
-                    &format!("rename {what} into place at"),
-                    file,
-                    &e,
-                )
-            })?;
-            self.dirs.sync(&self.area.private)
-        });
+        let written =
+            overwrite_synced(&self.name, what, &tmp, &encode_state(value)).and_then(|()| {
+                fs::rename(&tmp, file).map_err(|e| {
+                    ResourceError::io(
+                        &self.name,
+                        &format!("rename {what} into place at"),
+                        file,
+                        &e,
+                    )
+                })?;
+                self.dirs.sync(&self.area.private)
+            });
         if written.is_err() {
             let _ = fs::remove_file(&tmp);
         }
@@ -1475,9 +1476,10 @@ fn create_new(name: &str, what: &str, path: &Path) -> Result<File> {
         .map_err(|e| ResourceError::io(name, &format!("create {what}"), path, &e))
 }
 
-/// Writes `content` to `path` (created, or truncated) and syncs it. Not shared with the files
-/// resource's, which creates its temp file anew (`create_new`) and names it so in errors.
-fn write_synced(name: &str, what: &str, path: &Path, content: &[u8]) -> Result<()> {
+/// Writes `content` to `path`, created or truncated (a file an earlier attempt left there is
+/// written again), and syncs it. The files resource's `create_synced` differs: it refuses an
+/// existing file.
+fn overwrite_synced(name: &str, what: &str, path: &Path, content: &[u8]) -> Result<()> {
     let mut file = OpenOptions::new()
         .write(true)
         .create(true)

@@ -11,8 +11,9 @@
 //! # Implementation caveats
 //!
 //! * Where the resources differ on purpose, they keep their own helper: the files resource's
-//!   `clear_dir` also removes directories (staging), the mail resource's does not; their
-//!   `write_synced` create their temp files differently (`create_new` vs truncating).
+//!   `clear_dir` also removes directories (staging), the mail resource's does not; the files
+//!   resource writes a new synced file with `create_synced` (an existing one is an error), the
+//!   mail resource with `overwrite_synced` (an existing one is truncated and written again).
 
 use std::fs::{self, File, OpenOptions};
 use std::io;
