@@ -733,7 +733,7 @@ const LATEST_DATE_SECS: i64 = 253_402_300_799;
 const LATEST_DATE: &str = "Fri, 31 Dec 9999 23:59:59 +0000";
 
 /// `secs` since the Unix epoch as an RFC 5322 date in UTC: `Thu, 13 Feb 1989 23:32:00 +0000`.
-/// A moment after the year 9999 is written as its last second ([`LATEST_DATE_SECS`]).
+/// A moment after the year 9999 is written as its last second.
 pub fn rfc5322_date(secs: u64) -> String {
     let secs = i64::try_from(secs).map_or(LATEST_DATE_SECS, |s| s.min(LATEST_DATE_SECS));
     OffsetDateTime::from_unix_timestamp(secs)
