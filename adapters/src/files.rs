@@ -91,6 +91,8 @@
 //! * `apply` — commit, the commits applied again at open, and replay.
 //! * `checkpoint` — the branch log's checkpoints and trims, and blob collection.
 //! * `log` — the branch log's records.
+//! * `steps` — the files resource's hooks of the branch lifecycle every resource shares
+//!   (`internal::lifecycle`: begin, prepare, resolve, fence, replay).
 //!
 //! # Crashes
 //!
@@ -170,12 +172,13 @@ use journal::{BlobConfig, BlobId, BlobStore, Journal};
 use tokio::sync::Notify;
 
 use crate::dirsync::DirSync;
-use crate::internal::branches::{Branches, Phase, Starting};
+use crate::internal::branches::Branches;
 use crate::internal::collect::Adoptions;
-use crate::internal::instance::{Gate, Instance, InstanceState, Shared, lock, raise_fence};
+use crate::internal::instance::{Gate, Instance, InstanceState, Shared};
 use crate::internal::io::{
-    blob_error, blocking, create_dir_durably, lock_private, log_error, parent_of, sync_file,
+    blob_error, blocking, create_dir_durably, lock_private, parent_of, sync_file,
 };
+use crate::internal::lifecycle;
 use crate::internal::pauses::Pauses;
 use crate::internal::shipping;
 use crate::internal::state_file::{encode_state, read_state_file};
@@ -190,6 +193,7 @@ mod locks;
 mod log;
 mod redo;
 mod staging;
+mod steps;
 
 pub use redo::{RedoEntry, decode_redo, encode_redo};
 
@@ -451,61 +455,19 @@ impl Resource for FilesResource {
     }
 
     async fn begin(&self, xid: &Xid) -> Result<()> {
-        let inner = &self.inner;
-        let mut st = inner.state();
-        inner.usable(&st)?;
-        inner.not_fenced(&st, xid)?;
-        st.branches.begin(&**inner, xid, Branch::new)
+        lifecycle::begin(&*self.inner, xid)
     }
 
     async fn prepare(&self, xid: &Xid) -> Result<Vote> {
-        let inner = &self.inner;
-        let _gate = inner.gate.read().await;
-        match inner.start_prepare(xid)? {
-            // Nothing is staged: a branch without changes never staged a file, or removed it.
-            Start::ReadOnly => Ok(Vote::ReadOnly),
-            Start::Prepared(entries) => Ok(Vote::Commit {
-                redo: encode_redo(&entries),
-            }),
-            Start::Stage(changes) => {
-                inner.pauses.at_prepare(xid).await;
-                let _adopting = inner.adoptions.adopting().await;
-                let result = inner.prepare_branch(xid, changes).await;
-                inner.finish_prepare(xid, result)
-            }
-        }
+        lifecycle::prepare(&self.inner, xid).await
     }
 
     async fn commit(&self, xid: &Xid) -> Result<()> {
-        let inner = &self.inner;
-        let _gate = inner.gate.read().await;
-        let Some(resolving) = inner.start_resolve(xid, true)? else {
-            return Ok(());
-        };
-        let (worker, id, entries) = (inner.clone(), *xid, resolving.entries.clone());
-        let result = blocking(&inner.name, TASK, move || {
-            worker.commit_files(&id, entries.as_deref(), &resolving.changes)
-        })
-        .await;
-        let appending = inner.finish_resolve(xid, resolving.previous, true, result)?;
-        inner.resolution_durable(appending, true).await?;
-        inner.maybe_checkpoint().await
+        lifecycle::resolve(&self.inner, xid, true).await
     }
 
     async fn rollback(&self, xid: &Xid) -> Result<()> {
-        let inner = &self.inner;
-        let _gate = inner.gate.read().await;
-        let Some(resolving) = inner.start_resolve(xid, false)? else {
-            return Ok(());
-        };
-        let (worker, id) = (inner.clone(), *xid);
-        let result = blocking(&inner.name, TASK, move || {
-            worker.remove_staging(&id, &resolving.changes)
-        })
-        .await;
-        let appending = inner.finish_resolve(xid, resolving.previous, false, result)?;
-        inner.resolution_durable(appending, false).await?;
-        inner.maybe_checkpoint().await
+        lifecycle::resolve(&self.inner, xid, false).await
     }
 
     async fn recover(&self) -> Result<Vec<Xid>> {
@@ -513,11 +475,7 @@ impl Resource for FilesResource {
     }
 
     async fn fence(&self, epoch: Epoch) -> Result<()> {
-        let inner = &self.inner;
-        raise_fence(inner, &inner.gate, TASK, epoch, |inner, epoch| {
-            inner.write_state("fence epoch", &inner.area.fence, epoch.0)
-        })
-        .await
+        lifecycle::fence(&self.inner, epoch).await
     }
 
     async fn fence_epoch(&self) -> Result<Epoch> {
@@ -525,22 +483,7 @@ impl Resource for FilesResource {
     }
 
     async fn replay(&self, redo: &[u8], lsn: Lsn) -> Result<()> {
-        let inner = &self.inner;
-        let _replaying = inner.replaying.lock().await;
-        if lsn <= Instance::applied_lsn(&**inner)? {
-            return Ok(());
-        }
-        let entries = decode_redo(redo)
-            .map_err(|e| inner.rejected(format!("replay of lsn {lsn}: malformed redo: {e}")))?;
-        inner.checkpoint_commits().await?;
-        let worker = inner.clone();
-        let applied = blocking(&inner.name, TASK, move || {
-            worker.replay_files(&entries, lsn)
-        })
-        .await;
-        inner.check(applied)?;
-        inner.state().shared.applied_lsn = lsn;
-        Ok(())
+        lifecycle::replay(&self.inner, redo, lsn).await
     }
 
     async fn applied_lsn(&self) -> Result<Lsn> {
@@ -592,24 +535,6 @@ impl Resource for FilesResource {
     }
 }
 
-/// What prepare does after looking at the branch.
-enum Start {
-    ReadOnly,
-    /// Already prepared: vote again with what the record holds.
-    Prepared(Arc<Vec<RedoEntry>>),
-    /// Prepare these staged changes.
-    Stage(BTreeMap<String, Change>),
-}
-
-/// A branch being resolved: where it was, and what it holds.
-struct Resolving {
-    previous: Phase,
-    /// Its prepare record's entries (`None`: never prepared).
-    entries: Option<Arc<Vec<RedoEntry>>>,
-    /// Its staged changes (their staged files, while this process has them).
-    changes: BTreeMap<String, Change>,
-}
-
 impl Instance for Inner {
     type State = State;
     const KIND: &'static str = "files";
@@ -645,120 +570,6 @@ impl log::Logged for Branch {
     fn prepared_redo(&self) -> Option<Cow<'_, [u8]>> {
         let entries = self.prepared.as_ref()?;
         Some(Cow::Owned(encode_redo(entries)))
-    }
-}
-
-// State transitions: each takes the state lock once and does no I/O.
-impl Inner {
-    fn start_prepare(&self, xid: &Xid) -> Result<Start> {
-        let mut st = self.state();
-        self.usable(&st)?;
-        let fence = st.shared.fence;
-        match st
-            .branches
-            .start_prepare(self, xid, fence, |b| !b.changes.is_empty())?
-        {
-            Starting::ReadOnly => Ok(Start::ReadOnly),
-            Starting::Again(branch) => {
-                Ok(Start::Prepared(branch.prepared.clone().unwrap_or_default()))
-            }
-            Starting::Prepare(branch) => Ok(Start::Stage(branch.changes.clone())),
-            Starting::Empty => {
-                self.release(&mut st, xid);
-                st.branches.voted_read_only(xid);
-                Ok(Start::ReadOnly)
-            }
-        }
-    }
-
-    /// Ends a prepare: on success the branch is prepared with `entries`, whose record is durable
-    /// at `lsn`; on failure it is active again (and pins no log).
-    fn finish_prepare(
-        &self,
-        xid: &Xid,
-        result: Result<(Arc<Vec<RedoEntry>>, Vec<u8>, Lsn)>,
-    ) -> Result<Vote> {
-        let result = self.check(result);
-        let mut st = self.state();
-        let branch = st.branches.finish_prepare(self, xid, result.is_ok())?;
-        match result {
-            Ok((entries, redo, lsn)) => {
-                branch.log_floor = Some(lsn);
-                branch.prepared = Some(entries);
-                tracing::debug!(resource = %self.name, %xid, %lsn, "prepared");
-                Ok(Vote::Commit { redo })
-            }
-            Err(e) => {
-                branch.log_floor = None;
-                Err(e)
-            }
-        }
-    }
-
-    /// Marks a branch as being resolved; `None` when there is nothing to resolve.
-    fn start_resolve(&self, xid: &Xid, commit: bool) -> Result<Option<Resolving>> {
-        let mut st = self.state();
-        self.usable(&st)?;
-        let fence = st.shared.fence;
-        let Some((previous, branch)) = st.branches.start_resolve(self, xid, commit, fence)? else {
-            return Ok(None);
-        };
-        Ok(Some(Resolving {
-            previous,
-            entries: branch.prepared.clone(),
-            changes: branch.changes.clone(),
-        }))
-    }
-
-    /// Ends a resolution. On success a prepared branch's resolution is appended to the log —
-    /// under the state lock, so that it follows any copy of the branch's prepare record that a
-    /// trim carries forward — and the branch is forgotten, its locks released; the returned
-    /// append is waited for after that (the locks need not wait for it: see "Crashes").
-    fn finish_resolve(
-        &self,
-        xid: &Xid,
-        previous: Phase,
-        commit: bool,
-        result: Result<()>,
-    ) -> Result<Option<journal::Appending>> {
-        let result = self.check(result);
-        let mut st = self.state();
-        if let Err(e) = result {
-            st.branches.resolution_failed(xid, previous);
-            return Err(e);
-        }
-        let mut appending = None;
-        if st.branches.is_prepared(xid) {
-            match log::append_resolution(&self.log, xid, commit) {
-                Ok(a) => appending = Some(a),
-                Err(e) => {
-                    st.branches.resolution_failed(xid, previous);
-                    drop(st);
-                    return self.check(Err(log_error(&self.name, FEWER, "append a resolution", e)));
-                }
-            }
-        }
-        self.release(&mut st, xid);
-        Ok(appending)
-    }
-
-    /// Waits for a resolution record to be durable.
-    async fn resolution_durable(
-        &self,
-        appending: Option<journal::Appending>,
-        commit: bool,
-    ) -> Result<()> {
-        if let Some(appending) = appending {
-            let durable = appending
-                .await
-                .map_err(|e| log_error(&self.name, FEWER, "append a resolution", e));
-            let lsn = self.check(durable)?;
-            if commit {
-                let mut last = lock(&self.checkpoints);
-                last.last_commit = last.last_commit.max(lsn);
-            }
-        }
-        Ok(())
     }
 }
 

@@ -150,7 +150,7 @@ impl Inner {
     }
 
     /// Forgets a branch and releases its locks, waking every waiter.
-    pub(super) fn release(&self, st: &mut State, xid: &Xid) {
+    pub(super) fn release_locks(&self, st: &mut State, xid: &Xid) {
         if let Some(branch) = st.branches.remove(xid) {
             for path in &branch.locked {
                 st.locks.release(xid, path);

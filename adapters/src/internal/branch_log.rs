@@ -31,6 +31,8 @@ use std::path::Path;
 use journal::{Epoch, Journal, JournalConfig, JournalError, Lsn, RecordKind};
 
 use crate::internal::branches::{Branches, Phase};
+use crate::internal::instance::Instance;
+use crate::internal::io::log_error;
 use crate::{ResourceError, Xid};
 
 /// A branch is prepared with this redo.
@@ -84,6 +86,22 @@ pub(crate) fn append_resolution(
 ) -> Result<journal::Appending, JournalError> {
     let kind = if commit { COMMITTED } else { ROLLED_BACK };
     log.append(LOG_EPOCH, kind, &resolved_payload(xid))
+}
+
+/// Waits for a resolution record, when one was appended, to be durable (a failure poisons
+/// `inner`); its LSN. `fewer` says what to do about a branch too large for a record.
+pub(crate) async fn resolution_durable<I: Instance>(
+    inner: &I,
+    fewer: &str,
+    appending: Option<journal::Appending>,
+) -> Result<Option<Lsn>, ResourceError> {
+    let Some(appending) = appending else {
+        return Ok(None);
+    };
+    let durable = appending
+        .await
+        .map_err(|e| log_error(inner.name(), fewer, "append a resolution", e));
+    inner.check(durable).map(Some)
 }
 
 fn put_xid(out: &mut Vec<u8>, xid: &Xid) {
