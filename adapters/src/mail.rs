@@ -45,7 +45,9 @@
 //!
 //! [`MailResource`] is the resource ([`MailResource::open`], [`MailConfig`]); a [`MailBranch`]
 //! is an application's handle on one branch; [`RedoEntry`] with [`encode_redo`] and
-//! [`decode_redo`] is the redo (format in the `redo` module).
+//! [`decode_redo`] is the redo (format in the `redo` module). Begin, prepare, commit, rollback,
+//! fence and replay run the branch lifecycle the resources share (`internal::lifecycle`); the
+//! `steps` module holds the mail resource's own part of each.
 //!
 //! # On disk
 //!
@@ -137,13 +139,14 @@ use journal::{BlobConfig, BlobId, BlobStore, Journal};
 use tokio::io::AsyncRead;
 
 use crate::dirsync::DirSync;
-use crate::internal::branches::{Branches, Phase, Starting};
+use crate::internal::branches::Branches;
 use crate::internal::collect::{Adoptions, remove_blobs};
-use crate::internal::instance::{Gate, Instance, InstanceState, Shared, lock, raise_fence};
+use crate::internal::instance::{Gate, Instance, InstanceState, Shared, lock};
 use crate::internal::io::{
     blob_error, blocking, check_log_space, create_dir_durably, fill, lock_private, log_error,
     remove_file_if_exists, sync_file,
 };
+use crate::internal::lifecycle;
 use crate::internal::pauses::Pauses;
 use crate::internal::shipping;
 use crate::internal::state_file::{encode_state, read_state_file};
@@ -155,6 +158,7 @@ mod log;
 mod message;
 mod name;
 mod redo;
+mod steps;
 
 pub use message::{
     Checker, HEADER_LINE_BYTES_MAX, MessageBuilder, MessageError, check_message, rfc5322_date,
@@ -472,58 +476,19 @@ impl Resource for MailResource {
     }
 
     async fn begin(&self, xid: &Xid) -> Result<()> {
-        let inner = &self.inner;
-        let mut st = inner.state();
-        inner.usable(&st)?;
-        inner.not_fenced(&st, xid)?;
-        st.branches.begin(&**inner, xid, || Branch::new(now_secs()))
+        lifecycle::begin(&*self.inner, xid)
     }
 
     async fn prepare(&self, xid: &Xid) -> Result<Vote> {
-        let inner = &self.inner;
-        let _gate = inner.gate.read().await;
-        match inner.start_prepare(xid)? {
-            Start::ReadOnly => Ok(Vote::ReadOnly),
-            Start::Prepared(prepared) => Ok(Vote::Commit {
-                redo: prepared.redo.clone(),
-            }),
-            Start::Stage(messages) => {
-                inner.pauses.at_prepare(xid).await;
-                let _adopting = inner.adoptions.adopting().await;
-                let result = inner.prepare_branch(xid, messages).await;
-                inner.finish_prepare(xid, result)
-            }
-        }
+        lifecycle::prepare(&self.inner, xid).await
     }
 
     async fn commit(&self, xid: &Xid) -> Result<()> {
-        let inner = &self.inner;
-        let _gate = inner.gate.read().await;
-        let Some(resolving) = inner.start_resolve(xid, true)? else {
-            return Ok(());
-        };
-        let (worker, id, names) = (inner.clone(), *xid, resolving.names.clone());
-        let recovered = resolving.recovered;
-        let result = blocking(&inner.name, TASK, move || {
-            worker.deliver(&id, &names, recovered)
-        })
-        .await;
-        let appending = inner.finish_resolve(xid, resolving, true, result)?;
-        inner.resolution_durable(appending).await?;
-        inner.maybe_trim().await
+        lifecycle::resolve(&self.inner, xid, true).await
     }
 
     async fn rollback(&self, xid: &Xid) -> Result<()> {
-        let inner = &self.inner;
-        let _gate = inner.gate.read().await;
-        let Some(resolving) = inner.start_resolve(xid, false)? else {
-            return Ok(());
-        };
-        let (worker, names) = (inner.clone(), resolving.names.clone());
-        let result = blocking(&inner.name, TASK, move || worker.unlink_staged(&names)).await;
-        let appending = inner.finish_resolve(xid, resolving, false, result)?;
-        inner.resolution_durable(appending).await?;
-        inner.maybe_trim().await
+        lifecycle::resolve(&self.inner, xid, false).await
     }
 
     async fn recover(&self) -> Result<Vec<Xid>> {
@@ -531,11 +496,7 @@ impl Resource for MailResource {
     }
 
     async fn fence(&self, epoch: Epoch) -> Result<()> {
-        let inner = &self.inner;
-        raise_fence(inner, &inner.gate, TASK, epoch, |inner, epoch| {
-            inner.write_state("fence epoch", &inner.area.fence, epoch.0)
-        })
-        .await
+        lifecycle::fence(&self.inner, epoch).await
     }
 
     async fn fence_epoch(&self) -> Result<Epoch> {
@@ -543,21 +504,7 @@ impl Resource for MailResource {
     }
 
     async fn replay(&self, redo: &[u8], lsn: Lsn) -> Result<()> {
-        let inner = &self.inner;
-        let _replaying = inner.replaying.lock().await;
-        if lsn <= Instance::applied_lsn(&**inner)? {
-            return Ok(());
-        }
-        let entries = decode_redo(redo)
-            .map_err(|e| inner.rejected(format!("replay of lsn {lsn}: malformed redo: {e}")))?;
-        let worker = inner.clone();
-        let applied = blocking(&inner.name, TASK, move || {
-            worker.replay_messages(&entries, lsn)
-        })
-        .await;
-        inner.check(applied)?;
-        inner.state().shared.applied_lsn = lsn;
-        Ok(())
+        lifecycle::replay(&self.inner, redo, lsn).await
     }
 
     async fn applied_lsn(&self) -> Result<Lsn> {
@@ -635,27 +582,11 @@ impl Resource for MailResource {
     }
 }
 
-/// What prepare does after looking at the branch.
-enum Start {
-    ReadOnly,
-    /// Already prepared: vote again with what the record holds.
-    Prepared(Arc<Prepared>),
-    /// Prepare these messages.
-    Stage(Vec<Staged>),
-}
-
 /// A message of a branch: its xid and position (what a refusal names).
 #[derive(Clone, Copy)]
 struct At {
     xid: Xid,
     pos: u32,
-}
-
-/// A branch being resolved: where it was, and the names of its messages.
-struct Resolving {
-    previous: Phase,
-    names: Vec<String>,
-    recovered: bool,
 }
 
 impl Instance for Inner {
@@ -719,117 +650,6 @@ impl Inner {
             name,
             room.min(INLINE_MESSAGE_BYTES_MAX),
         ))
-    }
-
-    fn start_prepare(&self, xid: &Xid) -> Result<Start> {
-        let mut st = self.state();
-        self.usable(&st)?;
-        let fence = st.shared.fence;
-        match st
-            .branches
-            .start_prepare(self, xid, fence, |b| !b.messages.is_empty())?
-        {
-            Starting::ReadOnly => Ok(Start::ReadOnly),
-            Starting::Again(branch) => match &branch.prepared {
-                Some(prepared) => Ok(Start::Prepared(prepared.clone())),
-                None => Err(self.fatal(format!("branch {xid} is prepared without a record"))),
-            },
-            Starting::Prepare(branch) => {
-                Ok(Start::Stage(branch.messages.values().cloned().collect()))
-            }
-            Starting::Empty => {
-                st.branches.remove(xid);
-                st.branches.voted_read_only(xid);
-                Ok(Start::ReadOnly)
-            }
-        }
-    }
-
-    /// Ends a prepare: on success the branch is prepared with the record durable at `lsn`; on
-    /// failure it is active again (and pins no log).
-    fn finish_prepare(&self, xid: &Xid, result: Result<(Arc<Prepared>, Lsn)>) -> Result<Vote> {
-        let result = self.check(result);
-        let mut st = self.state();
-        let branch = st.branches.finish_prepare(self, xid, result.is_ok())?;
-        match result {
-            Ok((prepared, lsn)) => {
-                branch.log_floor = Some(lsn);
-                let redo = prepared.redo.clone();
-                branch.prepared = Some(prepared);
-                tracing::debug!(resource = %self.name, %xid, %lsn, "prepared");
-                Ok(Vote::Commit { redo })
-            }
-            Err(e) => {
-                branch.log_floor = None;
-                Err(e)
-            }
-        }
-    }
-
-    /// Marks a branch as being resolved; `None` when there is nothing to resolve.
-    fn start_resolve(&self, xid: &Xid, commit: bool) -> Result<Option<Resolving>> {
-        let mut st = self.state();
-        self.usable(&st)?;
-        let fence = st.shared.fence;
-        let Some((previous, branch)) = st.branches.start_resolve(self, xid, commit, fence)? else {
-            return Ok(None);
-        };
-        let names = match &branch.prepared {
-            Some(prepared) => prepared.names.clone(),
-            None => branch.messages.values().map(|m| m.name.clone()).collect(),
-        };
-        Ok(Some(Resolving {
-            previous,
-            names,
-            recovered: branch.recovered,
-        }))
-    }
-
-    /// Ends a resolution. On success a prepared branch's resolution is appended to the log —
-    /// under the state lock, so that it follows any copy of the branch's prepare record that a
-    /// trim carries forward — and the branch is forgotten; the returned append is waited for
-    /// after that.
-    fn finish_resolve(
-        &self,
-        xid: &Xid,
-        resolving: Resolving,
-        commit: bool,
-        result: Result<()>,
-    ) -> Result<Option<journal::Appending>> {
-        let result = self.check(result);
-        let mut st = self.state();
-        let restore = |st: &mut State| st.branches.resolution_failed(xid, resolving.previous);
-        if let Err(e) = result {
-            restore(&mut st);
-            return Err(e);
-        }
-        let mut appending = None;
-        if st.branches.is_prepared(xid) {
-            match log::append_resolution(&self.log, xid, commit) {
-                Ok(a) => appending = Some(a),
-                Err(e) => {
-                    restore(&mut st);
-                    drop(st);
-                    return self.check(Err(log_error(&self.name, FEWER, "append a resolution", e)));
-                }
-            }
-        }
-        st.branches.remove(xid);
-        if commit {
-            tracing::debug!(resource = %self.name, %xid, "committed");
-        }
-        Ok(appending)
-    }
-
-    /// Waits for a resolution record to be durable.
-    async fn resolution_durable(&self, appending: Option<journal::Appending>) -> Result<()> {
-        if let Some(appending) = appending {
-            let durable = appending
-                .await
-                .map_err(|e| log_error(&self.name, FEWER, "append a resolution", e));
-            self.check(durable)?;
-        }
-        Ok(())
     }
 }
 

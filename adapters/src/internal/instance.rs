@@ -22,9 +22,8 @@
 //! * A poisoned `std::sync::Mutex` (a panic while it was held) is taken over as it is: the
 //!   state transitions under it are short and do no I/O, and a panic is a bug either way.
 
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Mutex, MutexGuard, PoisonError};
 
-use crate::internal::io::blocking;
 use crate::{Epoch, Lsn, ResourceError, Xid};
 
 type Result<T, E = ResourceError> = std::result::Result<T, E>;
@@ -164,33 +163,6 @@ pub(crate) trait Instance {
 /// resource. tokio's lock is fair: operations that arrive while a fence waits queue behind it.
 /// A fence waits for the longest operation in flight (a prepare syncing a large staged file).
 pub(crate) type Gate = tokio::sync::RwLock<()>;
-
-/// `Resource::fence` of a resource that keeps its fence epoch in a file: one fence at a time,
-/// never lowered, the file written by `write` on the blocking pool (a failure poisons the
-/// instance) before the state takes the new epoch. It holds the instance's `gate` exclusively
-/// (see [`Gate`]), so it waits for every prepare, commit and rollback in flight.
-pub(crate) async fn raise_fence<I>(
-    inner: &Arc<I>,
-    gate: &Gate,
-    task: &'static str,
-    epoch: Epoch,
-    write: fn(&I, Epoch) -> Result<()>,
-) -> Result<()>
-where
-    I: Instance + Send + Sync + 'static,
-{
-    let _fencing = gate.write().await;
-    let current = inner.fence_epoch()?;
-    if epoch <= current {
-        return Ok(());
-    }
-    let worker = Arc::clone(inner);
-    let written = blocking(inner.name(), task, move || write(&worker, epoch)).await;
-    inner.check(written)?;
-    inner.state().shared_mut().fence = epoch;
-    tracing::info!(resource = %inner.name(), from = %current, to = %epoch, "fence raised");
-    Ok(())
-}
 
 /// Locks `mutex`, taking over a poisoned one (see the caveats).
 pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
