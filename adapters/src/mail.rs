@@ -139,12 +139,13 @@ use journal::{BlobConfig, BlobId, BlobStore, Journal};
 use tokio::io::AsyncRead;
 
 use crate::dirsync::DirSync;
+use crate::internal::branch_log;
 use crate::internal::branches::Branches;
 use crate::internal::collect::{Adoptions, remove_blobs};
 use crate::internal::instance::{Gate, Instance, InstanceState, Shared, lock};
 use crate::internal::io::{
-    blob_error, blocking, check_log_space, create_dir_durably, fill, lock_private, log_error,
-    remove_file_if_exists, sync_file,
+    blob_error, blocking, create_dir_durably, fill, lock_private, log_error, remove_file_if_exists,
+    sync_file,
 };
 use crate::internal::lifecycle;
 use crate::internal::pauses::Pauses;
@@ -806,24 +807,9 @@ impl Inner {
         .await?;
         let redo = encode_redo(&entries);
         let names = entries.iter().map(|e| e.name().to_string()).collect();
-        let payload = log::prepared_payload(xid, &redo);
-        // `statvfs` reads no disk: called here, not on the blocking pool.
-        check_log_space(&self.name, &self.area.log, payload.len() as u64)?;
-        let appending = {
-            let mut st = self.state();
-            // Set before the append, so that a trim running meanwhile keeps the record.
-            let floor = self.log.durable_lsn().next();
-            if let Some(branch) = st.branches.get_mut(xid) {
-                branch.log_floor = Some(floor);
-            }
-            drop(st);
-            self.log.append(log::LOG_EPOCH, log::PREPARED, &payload)
-        };
-        let lsn = match appending {
-            Ok(appending) => appending.await,
-            Err(e) => Err(e),
-        }
-        .map_err(|e| log_error(&self.name, FEWER, "append the prepare record", e))?;
+        let set_floor = |floor| self.set_log_floor(xid, floor);
+        let (name, log, dir) = (&self.name, &self.log, &self.area.log);
+        let lsn = branch_log::append_prepared(name, FEWER, log, dir, xid, &redo, set_floor).await?;
         Ok((Arc::new(Prepared { names, redo }), lsn))
     }
 
@@ -1070,11 +1056,7 @@ impl Inner {
         let trim =
             log::start_trim(&self.log, &self.state().branches, since).map_err(carry_error)?;
         let floor = trim
-            .carried(|xid, lsn| {
-                if let Some(branch) = self.state().branches.get_mut(xid) {
-                    branch.log_floor = Some(lsn);
-                }
-            })
+            .carried(|xid, lsn| self.set_log_floor(xid, lsn))
             .map_err(carry_error)?;
         let removed = self
             .log

@@ -113,11 +113,7 @@ impl Inner {
         // Kept: every branch that was open when the checkpoint started (one that committed
         // since may be redone from its prepare record), and everything from `upto` on.
         let floor = trim
-            .carried(|xid, lsn| {
-                if let Some(branch) = self.state().branches.get_mut(xid) {
-                    branch.log_floor = Some(lsn);
-                }
-            })
+            .carried(|xid, lsn| self.set_log_floor(xid, lsn))
             .map_err(carry_error)?;
         self.log
             .append(

@@ -33,13 +33,12 @@ use tokio::io::AsyncRead;
 use super::confine::{Use, check_path};
 use super::{
     Area, CHUNK_BYTES, FEWER, FilesBranch, INLINE_BRANCH_BYTES_MAX, INLINE_FILE_BYTES_MAX, Inner,
-    READ_BYTES_MAX, RedoEntry, TASK, encode_redo, log,
+    READ_BYTES_MAX, RedoEntry, TASK, encode_redo,
 };
 use crate::dirsync::DirSync;
+use crate::internal::branch_log;
 use crate::internal::instance::Instance;
-use crate::internal::io::{
-    blob_error, blocking, check_log_space, fill, log_error, remove_file_if_exists, sync_file,
-};
+use crate::internal::io::{blob_error, blocking, fill, remove_file_if_exists, sync_file};
 use crate::{ResourceError, Xid};
 
 type Result<T, E = ResourceError> = std::result::Result<T, E>;
@@ -378,24 +377,9 @@ impl Inner {
             .await?
         };
         let redo = encode_redo(&entries);
-        let payload = log::prepared_payload(xid, &redo);
-        // `statvfs` reads no disk: called here, not on the blocking pool.
-        check_log_space(&self.name, &self.area.log, payload.len() as u64)?;
-        let appending = {
-            let mut st = self.state();
-            // Set before the append, so that a trim running meanwhile keeps the record.
-            let floor = self.log.durable_lsn().next();
-            if let Some(branch) = st.branches.get_mut(xid) {
-                branch.log_floor = Some(floor);
-            }
-            drop(st);
-            self.log.append(log::LOG_EPOCH, log::PREPARED, &payload)
-        };
-        let lsn = match appending {
-            Ok(appending) => appending.await,
-            Err(e) => Err(e),
-        }
-        .map_err(|e| log_error(&self.name, FEWER, "append the prepare record", e))?;
+        let set_floor = |floor| self.set_log_floor(xid, floor);
+        let (name, log, dir) = (&self.name, &self.log, &self.area.log);
+        let lsn = branch_log::append_prepared(name, FEWER, log, dir, xid, &redo, set_floor).await?;
         Ok((Arc::new(entries), redo, lsn))
     }
 

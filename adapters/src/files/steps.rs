@@ -22,8 +22,7 @@ use super::staging::Change;
 use super::{Branch, FEWER, Inner, RedoEntry, State, TASK, decode_redo, encode_redo, log};
 use crate::internal::branch_log;
 use crate::internal::branches::{Branches, Phase};
-use crate::internal::instance::Gate;
-use crate::internal::instance::lock;
+use crate::internal::instance::{Gate, Instance, lock};
 use crate::internal::io::{blocking, log_error};
 use crate::internal::lifecycle::Lifecycle;
 use crate::internal::pauses::Pauses;
@@ -37,6 +36,16 @@ pub(super) struct Resolving {
     entries: Option<Arc<Vec<RedoEntry>>>,
     /// Its staged changes (their staged files, while this process has them).
     changes: BTreeMap<String, Change>,
+}
+
+impl Inner {
+    /// Pins the branch log at `floor` for the branch `xid`, if it is still open (a prepare
+    /// record being appended, or carried forward by a trim).
+    pub(super) fn set_log_floor(&self, xid: &Xid, floor: Lsn) {
+        if let Some(branch) = self.state().branches.get_mut(xid) {
+            branch.log_floor = Some(floor);
+        }
+    }
 }
 
 impl Lifecycle for Inner {

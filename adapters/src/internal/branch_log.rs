@@ -32,7 +32,7 @@ use journal::{Epoch, Journal, JournalConfig, JournalError, Lsn, RecordKind};
 
 use crate::internal::branches::{Branches, Phase};
 use crate::internal::instance::Instance;
-use crate::internal::io::log_error;
+use crate::internal::io::{check_log_space, log_error};
 use crate::{ResourceError, Xid};
 
 /// A branch is prepared with this redo.
@@ -86,6 +86,30 @@ pub(crate) fn append_resolution(
 ) -> Result<journal::Appending, JournalError> {
     let kind = if commit { COMMITTED } else { ROLLED_BACK };
     log.append(LOG_EPOCH, kind, &resolved_payload(xid))
+}
+
+/// Appends the `PREPARED` record of `xid` with `redo` to `log` (in the directory `dir`) and
+/// waits until it is durable; its LSN. Refused first when `dir`'s file system lacks room for
+/// it (`check_log_space`). Before the append, `set_floor` gets an LSN at or below the record's,
+/// for the branch to pin: a trim running meanwhile then keeps the record.
+pub(crate) async fn append_prepared(
+    name: &str,
+    fewer: &str,
+    log: &Journal,
+    dir: &Path,
+    xid: &Xid,
+    redo: &[u8],
+    set_floor: impl FnOnce(Lsn),
+) -> Result<Lsn, ResourceError> {
+    let payload = prepared_payload(xid, redo);
+    // `statvfs` reads no disk: called here, not on the blocking pool.
+    check_log_space(name, dir, payload.len() as u64)?;
+    set_floor(log.durable_lsn().next());
+    let appended = match log.append(LOG_EPOCH, PREPARED, &payload) {
+        Ok(appending) => appending.await,
+        Err(e) => Err(e),
+    };
+    appended.map_err(|e| log_error(name, fewer, "append the prepare record", e))
 }
 
 /// Waits for a resolution record, when one was appended, to be durable (a failure poisons

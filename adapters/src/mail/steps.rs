@@ -36,6 +36,16 @@ pub(super) struct Resolving {
     recovered: bool,
 }
 
+impl Inner {
+    /// Pins the branch log at `floor` for the branch `xid`, if it is still open (a prepare
+    /// record being appended, or carried forward by a trim).
+    pub(super) fn set_log_floor(&self, xid: &Xid, floor: Lsn) {
+        if let Some(branch) = self.state().branches.get_mut(xid) {
+            branch.log_floor = Some(floor);
+        }
+    }
+}
+
 impl Lifecycle for Inner {
     type Branch = Branch;
     type Work = Vec<Staged>;
