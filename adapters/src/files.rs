@@ -161,7 +161,7 @@
 
 use std::any::Any;
 use std::borrow::Cow;
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fs::{self, File};
 use std::io;
 use std::path::{Path, PathBuf};
@@ -175,9 +175,7 @@ use crate::dirsync::DirSync;
 use crate::internal::branches::Branches;
 use crate::internal::collect::Adoptions;
 use crate::internal::instance::{Gate, Instance, InstanceState, Shared};
-use crate::internal::io::{
-    blob_error, blocking, create_dir_durably, lock_private, parent_of, sync_file,
-};
+use crate::internal::io::{blob_error, create_dir_durably, lock_private, parent_of, sync_file};
 use crate::internal::lifecycle;
 use crate::internal::pauses::Pauses;
 use crate::internal::shipping;
@@ -502,32 +500,11 @@ impl Resource for FilesResource {
     }
 
     async fn open_blob(&self, id: &BlobId) -> Result<BlobContent> {
-        let (worker, id) = (self.inner.clone(), *id);
-        blocking(&self.inner.name, TASK, move || {
-            shipping::open_blob(&worker.name, &worker.blobs, &id)
-        })
-        .await
+        shipping::open_shipped(&self.inner, id).await
     }
 
-    async fn put_blob(&self, id: &BlobId, mut content: BlobContent) -> Result<()> {
-        let _adopting = self.inner.adoptions.adopting().await;
-        let (worker, id) = (self.inner.clone(), *id);
-        let put = blocking(&self.inner.name, TASK, move || {
-            let tmp = worker.tmp_file();
-            let bytes_max = worker.config.file_bytes_max;
-            shipping::put_blob(
-                &worker.name,
-                &worker.blobs,
-                &tmp,
-                &id,
-                &mut content,
-                bytes_max,
-            )?;
-            worker.note_adopted(&id);
-            Ok(())
-        })
-        .await;
-        self.inner.check(put)
+    async fn put_blob(&self, id: &BlobId, content: BlobContent) -> Result<()> {
+        shipping::put_shipped(&self.inner, id, content).await
     }
 
     async fn collect_blobs(&self, retained: &dyn RetainedBlobs) -> Result<BlobsCollected> {
@@ -545,6 +522,30 @@ impl Instance for Inner {
 
     fn state_mutex(&self) -> &Mutex<State> {
         &self.state
+    }
+}
+
+impl shipping::BlobHolder for Inner {
+    const BLOB_TASK: &'static str = TASK;
+
+    fn blob_store(&self) -> &BlobStore {
+        &self.blobs
+    }
+
+    fn adoptions(&self) -> &Adoptions {
+        &self.adoptions
+    }
+
+    fn temp_file(&self) -> PathBuf {
+        self.tmp_file()
+    }
+
+    fn blob_bytes_max(&self) -> u64 {
+        self.config.file_bytes_max
+    }
+
+    fn blobs_in_use(&self) -> Result<HashSet<BlobId>> {
+        Inner::blobs_in_use(self)
     }
 }
 

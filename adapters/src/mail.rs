@@ -141,7 +141,7 @@ use tokio::io::AsyncRead;
 use crate::dirsync::DirSync;
 use crate::internal::branch_log;
 use crate::internal::branches::Branches;
-use crate::internal::collect::{Adoptions, remove_blobs};
+use crate::internal::collect::{Adoptions, collect_blobs};
 use crate::internal::instance::{Gate, Instance, InstanceState, Shared, lock};
 use crate::internal::io::{
     blob_error, blocking, create_dir_durably, fill, lock_private, log_error, remove_file_if_exists,
@@ -524,62 +524,18 @@ impl Resource for MailResource {
     }
 
     async fn open_blob(&self, id: &BlobId) -> Result<BlobContent> {
-        let (worker, id) = (self.inner.clone(), *id);
-        blocking(&self.inner.name, TASK, move || {
-            shipping::open_blob(&worker.name, &worker.blobs, &id)
-        })
-        .await
+        shipping::open_shipped(&self.inner, id).await
     }
 
-    async fn put_blob(&self, id: &BlobId, mut content: BlobContent) -> Result<()> {
-        let _adopting = self.inner.adoptions.adopting().await;
-        let (worker, id) = (self.inner.clone(), *id);
-        let put = blocking(&self.inner.name, TASK, move || {
-            let tmp = worker.scratch_file();
-            let bytes_max = worker.config.max_message_bytes;
-            shipping::put_blob(
-                &worker.name,
-                &worker.blobs,
-                &tmp,
-                &id,
-                &mut content,
-                bytes_max,
-            )?;
-            worker.adoptions.note(&id);
-            Ok(())
-        })
-        .await;
-        self.inner.check(put)
+    async fn put_blob(&self, id: &BlobId, content: BlobContent) -> Result<()> {
+        shipping::put_shipped(&self.inner, id, content).await
     }
 
     /// Collection (`internal::collect`): a delivered message is durable in `new/` before its
     /// `COMMITTED` (the commit syncs `new/`), so only the open branches need their blobs here,
     /// and there is nothing to settle.
     async fn collect_blobs(&self, retained: &dyn RetainedBlobs) -> Result<BlobsCollected> {
-        let inner = &self.inner;
-        let snapshot = async {
-            let in_use = inner.blobs_in_use()?;
-            let worker = inner.clone();
-            let stored = blocking(&inner.name, TASK, move || {
-                worker.blobs.list().map_err(|e| blob_error(&worker.name, e))
-            })
-            .await?;
-            Ok((stored, in_use))
-        };
-        let remove = |doomed: Vec<BlobId>| async move {
-            let worker = inner.clone();
-            let removed = blocking(&inner.name, TASK, move || {
-                remove_blobs(&worker.name, &worker.blobs, &doomed)
-            })
-            .await;
-            inner.check(removed)
-        };
-        let collected = inner
-            .adoptions
-            .collect(retained, snapshot, async { Ok(()) }, remove)
-            .await?;
-        tracing::info!(resource = %inner.name, removed = collected.removed, kept = collected.kept, "blobs collected");
-        Ok(collected)
+        collect_blobs(&self.inner, retained, async { Ok(()) }).await
     }
 }
 
@@ -588,6 +544,30 @@ impl Resource for MailResource {
 struct At {
     xid: Xid,
     pos: u32,
+}
+
+impl shipping::BlobHolder for Inner {
+    const BLOB_TASK: &'static str = TASK;
+
+    fn blob_store(&self) -> &BlobStore {
+        &self.blobs
+    }
+
+    fn adoptions(&self) -> &Adoptions {
+        &self.adoptions
+    }
+
+    fn temp_file(&self) -> PathBuf {
+        self.scratch_file()
+    }
+
+    fn blob_bytes_max(&self) -> u64 {
+        self.config.max_message_bytes
+    }
+
+    fn blobs_in_use(&self) -> Result<HashSet<BlobId>> {
+        Inner::blobs_in_use(self)
+    }
 }
 
 impl Instance for Inner {

@@ -24,9 +24,9 @@ use std::time::Duration;
 use journal::{BlobId, Lsn};
 
 use super::{FEWER, Inner, RedoEntry, TASK, log};
-use crate::internal::collect::remove_blobs;
+use crate::internal::collect::collect_blobs;
 use crate::internal::instance::{Instance, lock};
-use crate::internal::io::{blob_error, blocking, log_error};
+use crate::internal::io::{blocking, log_error};
 use crate::{BlobsCollected, ResourceError, RetainedBlobs};
 
 type Result<T, E = ResourceError> = std::result::Result<T, E>;
@@ -135,43 +135,20 @@ impl Inner {
         Ok(())
     }
 
-    /// A blob collection (`internal::collect`): the snapshot is the stored blobs and those the
-    /// open branches' prepare records name; settling checkpoints the branch log twice — the
-    /// first checkpoint's own record makes every record appended before it durable, so the
+    /// A blob collection (`internal::collect`): settling checkpoints the branch log twice —
+    /// the first checkpoint's own record makes every record appended before it durable, so the
     /// second covers every commit appended before the snapshot, which is then no longer applied
     /// again at open and needs no blob.
     pub(super) async fn collect(
         self: &Arc<Self>,
         retained: &dyn RetainedBlobs,
     ) -> Result<BlobsCollected> {
-        let snapshot = async {
-            let in_use = self.blobs_in_use()?;
-            let worker = self.clone();
-            let stored = blocking(&self.name, TASK, move || {
-                worker.blobs.list().map_err(|e| blob_error(&worker.name, e))
-            })
-            .await?;
-            Ok((stored, in_use))
-        };
         let settle = async {
             let _running = self.checkpointing.lock().await;
             self.run_checkpoint().await?;
             self.run_checkpoint().await
         };
-        let remove = |doomed: Vec<BlobId>| async move {
-            let worker = self.clone();
-            let removed = blocking(&self.name, TASK, move || {
-                remove_blobs(&worker.name, &worker.blobs, &doomed)
-            })
-            .await;
-            self.check(removed)
-        };
-        let collected = self
-            .adoptions
-            .collect(retained, snapshot, settle, remove)
-            .await?;
-        tracing::info!(resource = %self.name, removed = collected.removed, kept = collected.kept, "blobs collected");
-        Ok(collected)
+        collect_blobs(self, retained, settle).await
     }
 
     /// Remembers, for a collection running now, that blob `id` is in use by an adoption that
