@@ -43,7 +43,9 @@
 //! [`KvResource`] is the resource ([`KvResource::open`], [`KvConfig`]); a [`KvBranch`] is an
 //! application's handle on one branch; [`KvWrite`] with [`encode_batch`] and [`decode_batch`] is
 //! the batch (and redo). The sled side — trees, transactions, the sync — is the `store`
-//! submodule; the batch encoding is the `batch` submodule.
+//! submodule; the batch encoding is the `batch` submodule. Begin, prepare, commit, rollback,
+//! fence and replay run the branch lifecycle the resources share (`internal::lifecycle`); the
+//! `steps` submodule holds the kv resource's own part of each.
 //!
 //! # On disk
 //!
@@ -143,18 +145,20 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::Notify;
 
-use crate::internal::branches::{Branches, Phase, Starting};
+use crate::internal::branches::Branches;
 use crate::internal::instance::{Gate, Instance, InstanceState, Shared};
 use crate::internal::io::blocking;
+use crate::internal::lifecycle;
 use crate::internal::locks::wait_for_lock;
 use crate::internal::pauses::Pauses;
 use crate::{Epoch, Lsn, Resource, ResourceError, Vote, Xid};
 
 mod batch;
+mod steps;
 mod store;
 
 pub use batch::{KvWrite, decode_batch, encode_batch};
-use store::{Prepared, Store};
+use store::Store;
 
 /// The sled tree holding the user's keys and values.
 pub const DATA_TREE: &str = "data";
@@ -280,15 +284,6 @@ enum Attempt {
     Recorded,
     /// Another branch holds the key.
     Held(Xid),
-}
-
-/// What prepare does after looking at the branch.
-enum Start {
-    ReadOnly,
-    /// Already prepared: vote again with the stored batch.
-    Prepared(Arc<Vec<u8>>),
-    /// Store this batch.
-    Store(Vec<u8>),
 }
 
 impl KvResource {
@@ -419,66 +414,19 @@ impl Resource for KvResource {
     }
 
     async fn begin(&self, xid: &Xid) -> Result<()> {
-        let inner = &self.inner;
-        let mut st = inner.state();
-        inner.usable(&st)?;
-        inner.not_fenced(&st, xid)?;
-        st.branches.begin(&**inner, xid, Branch::new)
+        lifecycle::begin(&*self.inner, xid)
     }
 
     async fn prepare(&self, xid: &Xid) -> Result<Vote> {
-        let inner = &self.inner;
-        let _gate = inner.gate.read().await;
-        let batch = match inner.start_prepare(xid)? {
-            Start::ReadOnly => return Ok(Vote::ReadOnly),
-            Start::Prepared(batch) => {
-                return Ok(Vote::Commit {
-                    redo: batch.to_vec(),
-                });
-            }
-            Start::Store(batch) => Arc::new(batch),
-        };
-        inner.pauses.at_prepare(xid).await;
-        let (worker, id, stored) = (inner.clone(), *xid, batch.clone());
-        let result = blocking(&inner.name, TASK, move || {
-            worker.store.prepare(&id, &stored)
-        })
-        .await;
-        inner.finish_prepare(xid, batch, result)
+        lifecycle::prepare(&self.inner, xid).await
     }
 
     async fn commit(&self, xid: &Xid) -> Result<()> {
-        let inner = &self.inner;
-        let _gate = inner.gate.read().await;
-        let Some(previous) = inner.start_resolve(xid, true)? else {
-            return Ok(());
-        };
-        let result = match previous {
-            Phase::Prepared => {
-                let (worker, id) = (inner.clone(), *xid);
-                blocking(&inner.name, TASK, move || worker.store.commit(&id))
-                    .await
-                    .and_then(|found| inner.found_prepared(xid, found))
-            }
-            _ => Ok(()),
-        };
-        inner.finish_resolve(xid, previous, result)
+        lifecycle::resolve(&self.inner, xid, true).await
     }
 
     async fn rollback(&self, xid: &Xid) -> Result<()> {
-        let inner = &self.inner;
-        let _gate = inner.gate.read().await;
-        let Some(previous) = inner.start_resolve(xid, false)? else {
-            return Ok(());
-        };
-        let result = match previous {
-            Phase::Prepared => {
-                let (worker, id) = (inner.clone(), *xid);
-                blocking(&inner.name, TASK, move || worker.store.rollback(&id)).await
-            }
-            _ => Ok(()),
-        };
-        inner.finish_resolve(xid, previous, result)
+        lifecycle::resolve(&self.inner, xid, false).await
     }
 
     async fn recover(&self) -> Result<Vec<Xid>> {
@@ -486,19 +434,7 @@ impl Resource for KvResource {
     }
 
     async fn fence(&self, epoch: Epoch) -> Result<()> {
-        let inner = &self.inner;
-        let _fencing = inner.gate.write().await;
-        let current = Instance::fence_epoch(&**inner)?;
-        if epoch <= current {
-            return Ok(());
-        }
-        let worker = inner.clone();
-        let stored = blocking(&inner.name, TASK, move || worker.store.fence(epoch)).await;
-        let stored = inner.check(stored)?;
-        let mut st = inner.state();
-        st.shared.fence = st.shared.fence.max(stored);
-        tracing::info!(resource = %inner.name, from = %current, to = %st.shared.fence, "fence raised");
-        Ok(())
+        lifecycle::fence(&self.inner, epoch).await
     }
 
     async fn fence_epoch(&self) -> Result<Epoch> {
@@ -506,24 +442,7 @@ impl Resource for KvResource {
     }
 
     async fn replay(&self, redo: &[u8], lsn: Lsn) -> Result<()> {
-        let inner = &self.inner;
-        let _replaying = inner.replaying.lock().await;
-        if lsn <= Instance::applied_lsn(&**inner)? {
-            return Ok(());
-        }
-        let writes = decode_batch(redo)
-            .map_err(|e| inner.rejected(format!("replay of lsn {lsn}: malformed redo: {e}")))?;
-        if inner.pauses.replay_fails_here() {
-            return Err(inner.unavailable(format!(
-                "replay of lsn {lsn} stopped by its fail point before its transaction"
-            )));
-        }
-        let worker = inner.clone();
-        let applied = blocking(&inner.name, TASK, move || worker.store.replay(&writes, lsn)).await;
-        inner.check(applied)?;
-        let mut st = inner.state();
-        st.shared.applied_lsn = st.shared.applied_lsn.max(lsn);
-        Ok(())
+        lifecycle::replay(&self.inner, redo, lsn).await
     }
 
     async fn applied_lsn(&self) -> Result<Lsn> {
@@ -633,65 +552,6 @@ impl Inner {
         Ok(branch.writes.get(key).cloned())
     }
 
-    fn start_prepare(&self, xid: &Xid) -> Result<Start> {
-        let mut st = self.state();
-        self.usable(&st)?;
-        let fence = st.shared.fence;
-        match st
-            .branches
-            .start_prepare(self, xid, fence, |b| !b.writes.is_empty())?
-        {
-            Starting::ReadOnly => Ok(Start::ReadOnly),
-            Starting::Again(branch) => {
-                Ok(Start::Prepared(branch.prepared.clone().unwrap_or_default()))
-            }
-            Starting::Prepare(branch) => Ok(Start::Store(branch.encode())),
-            Starting::Empty => {
-                self.release(&mut st, xid);
-                st.branches.voted_read_only(xid);
-                Ok(Start::ReadOnly)
-            }
-        }
-    }
-
-    /// Ends a prepare: once stored, the branch is prepared with `batch`; refused or failed, it
-    /// is active again.
-    fn finish_prepare(
-        &self,
-        xid: &Xid,
-        batch: Arc<Vec<u8>>,
-        result: Result<Prepared>,
-    ) -> Result<Vote> {
-        let result = self.check(result);
-        let mut st = self.state();
-        let stored = matches!(result, Ok(Prepared::Stored));
-        let branch = st.branches.finish_prepare(self, xid, stored)?;
-        match result {
-            Ok(Prepared::Stored) => {
-                branch.prepared = Some(batch.clone());
-                tracing::debug!(resource = %self.name, %xid, bytes = batch.len(), "prepared");
-                Ok(Vote::Commit {
-                    redo: batch.to_vec(),
-                })
-            }
-            Ok(Prepared::Fenced(fence)) => {
-                st.shared.fence = st.shared.fence.max(fence);
-                Err(self.fenced(xid, fence))
-            }
-            Err(e) => Err(e),
-        }
-    }
-
-    /// Marks a branch as being resolved and returns its phase before; `None` when there is
-    /// nothing to resolve.
-    fn start_resolve(&self, xid: &Xid, commit: bool) -> Result<Option<Phase>> {
-        let mut st = self.state();
-        self.usable(&st)?;
-        let fence = st.shared.fence;
-        let started = st.branches.start_resolve(self, xid, commit, fence)?;
-        Ok(started.map(|(previous, _)| previous))
-    }
-
     /// A commit of a branch this instance holds prepared must find its entry: one missing was
     /// removed by something other than concord.
     fn found_prepared(&self, xid: &Xid, found: bool) -> Result<()> {
@@ -704,26 +564,8 @@ impl Inner {
         )))
     }
 
-    /// Ends a resolution: on success the branch is forgotten and its locks released; on failure
-    /// it goes back to `previous`.
-    fn finish_resolve(&self, xid: &Xid, previous: Phase, result: Result<()>) -> Result<()> {
-        let result = self.check(result);
-        let mut st = self.state();
-        match result {
-            Ok(()) => {
-                self.release(&mut st, xid);
-                tracing::debug!(resource = %self.name, %xid, "resolved");
-                Ok(())
-            }
-            Err(e) => {
-                st.branches.resolution_failed(xid, previous);
-                Err(e)
-            }
-        }
-    }
-
     /// Forgets a branch and releases its locks, waking every waiter.
-    fn release(&self, st: &mut State, xid: &Xid) {
+    fn release_locks(&self, st: &mut State, xid: &Xid) {
         if let Some(branch) = st.branches.remove(xid) {
             for key in branch.writes.keys() {
                 if st.locks.get(key) == Some(xid) {

@@ -45,7 +45,12 @@
 //!
 //! [`MailResource`] is the resource ([`MailResource::open`], [`MailConfig`]); a [`MailBranch`]
 //! is an application's handle on one branch; [`RedoEntry`] with [`encode_redo`] and
-//! [`decode_redo`] is the redo (format in the `redo` module).
+//! [`decode_redo`] is the redo (format in the `redo` module). Begin, prepare, commit, rollback,
+//! fence and replay run the branch lifecycle the resources share (`internal::lifecycle`); the
+//! `steps` module holds the mail resource's own part of each. The rest is cut along its seams:
+//! `open` (the Maildir, the private area, the prepared branches), `enqueue` (messages into a
+//! branch, and prepare), `deliver` (commit, rollback and replay), `message` (the check and the
+//! builder), `name`, `redo` and `log`.
 //!
 //! # On disk
 //!
@@ -125,42 +130,44 @@
 
 use std::any::Any;
 use std::borrow::Cow;
-use std::collections::{BTreeMap, HashMap, HashSet};
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read, Write as _};
+use std::collections::{BTreeMap, HashSet};
+use std::fs::{self, File};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use journal::{BlobConfig, BlobId, BlobStore, Journal};
-use tokio::io::AsyncRead;
+use journal::{BlobId, BlobStore, Journal};
 
 use crate::dirsync::DirSync;
-use crate::internal::branches::{Branches, Phase, Starting};
-use crate::internal::collect::{Adoptions, remove_blobs};
-use crate::internal::instance::{Gate, Instance, InstanceState, Shared, lock, raise_fence};
-use crate::internal::io::{
-    blob_error, blocking, check_log_space, create_dir_durably, fill, lock_private, log_error,
-    remove_file_if_exists, sync_file,
-};
+use crate::internal::branches::Branches;
+use crate::internal::collect::{Adoptions, collect_blobs};
+use crate::internal::instance::{Gate, Instance, InstanceState, Shared, lock};
+use crate::internal::io::{blocking, log_error};
+use crate::internal::lifecycle;
 use crate::internal::pauses::Pauses;
 use crate::internal::shipping;
-use crate::internal::state_file::{encode_state, read_state_file};
+use crate::internal::state_file::encode_state;
 use crate::{
     BlobContent, BlobsCollected, Epoch, Lsn, Resource, ResourceError, RetainedBlobs, Vote, Xid,
 };
 
+mod deliver;
+mod enqueue;
 mod log;
 mod message;
 mod name;
+mod open;
 mod redo;
+mod steps;
 
 pub use message::{
     Checker, HEADER_LINE_BYTES_MAX, MessageBuilder, MessageError, check_message, rfc5322_date,
 };
 pub use name::NAME_BYTES_MAX;
 pub use redo::{RedoEntry, decode_redo, encode_redo};
+
+use enqueue::overwrite_synced;
 
 /// The private directory in the Maildir.
 pub const PRIVATE_DIR: &str = ".concord";
@@ -334,64 +341,6 @@ struct State {
 }
 
 impl MailResource {
-    /// Opens the resource on the Maildir at `maildir`: checks it is one (or creates what is
-    /// missing, when `config.create` says so), creates the private area if needed, takes its
-    /// lock, reads the fence epoch and applied LSN and the prepared branches, and removes from
-    /// `tmp/` the messages of branches that never prepared. Blocking: call it from
-    /// `spawn_blocking` when a runtime must not stall.
-    pub fn open(name: &str, maildir: &Path, config: MailConfig) -> Result<Arc<MailResource>> {
-        // Not shared until `open` returns: no sync here waits on another thread.
-        let dirs = DirSync::new(name);
-        let maildir = open_maildir(name, &dirs, maildir, &config)?;
-        let area = Area::new(&maildir);
-        for dir in [&area.private, &area.scratch] {
-            create_dir_durably(name, &dirs, dir)?;
-        }
-        let lock = lock_private(name, &area.private, "Maildir")?;
-        clear_dir(name, &area.scratch)?;
-        let blobs = open_blobs(name, &area, &config)?;
-        let fence = Epoch(read_state_file(name, &area.fence)?);
-        let applied_lsn = Lsn(read_state_file(name, &area.applied_lsn)?);
-        let (log, live) =
-            log::open(&area.log).map_err(|e| log::log_open_error(name, &area.log, e))?;
-        let branches = load_prepared(name, live)?;
-        remove_orphans(name, &area, &branches)?;
-        tracing::info!(resource = name, maildir = %maildir.display(), prepared = branches.len(), %fence, %applied_lsn, "mail resource open");
-        let state = State {
-            shared: Shared {
-                fence,
-                applied_lsn,
-                poisoned: None,
-            },
-            branches,
-        };
-        let inner = Inner {
-            name: name.to_string(),
-            maildir,
-            area,
-            host: message::host_name(),
-            blobs,
-            dirs,
-            log,
-            config,
-            state: Mutex::new(state),
-            trims: Mutex::new(Trims {
-                at_bytes: 0,
-                at_lsn: Lsn::ZERO,
-            }),
-            trimming: tokio::sync::Mutex::new(()),
-            replaying: tokio::sync::Mutex::new(()),
-            gate: Gate::default(),
-            pauses: Pauses::default(),
-            adoptions: Adoptions::default(),
-            next_tmp: AtomicU64::new(0),
-            _lock: lock,
-        };
-        Ok(Arc::new(MailResource {
-            inner: Arc::new(inner),
-        }))
-    }
-
     /// The handle of the branch of `xid`, which must have been begun ([`Resource::begin`]);
     /// otherwise its calls are refused.
     pub fn branch(&self, xid: &Xid) -> MailBranch {
@@ -432,35 +381,6 @@ impl MailResource {
     }
 }
 
-impl MailBranch {
-    /// The xid of the branch.
-    pub fn xid(&self) -> &Xid {
-        &self.xid
-    }
-
-    /// Streams an RFC 5322 message into the branch; it is delivered when the branch commits.
-    /// Refused ([`ResourceError::Rejected`], naming the resource, the branch, the message's
-    /// position and the [`MessageError`]) when it is not a valid message, is over
-    /// `max_message_bytes`, or the branch is not active; nothing of a refused message stays.
-    pub async fn enqueue(&self, mut message: impl AsyncRead + Unpin) -> Result<Enqueued> {
-        let inner = &self.inner;
-        let (at, name, keep) = inner.reserve(&self.xid)?;
-        let staged = inner.stage(at, name, keep, &mut message).await?;
-        inner.record(at, staged).await
-    }
-
-    /// Builds the message of `builder` and enqueues it; refused like [`MailBranch::enqueue`],
-    /// and when the builder's fields cannot make a message (a CR or LF in a field, no
-    /// recipient, …).
-    pub async fn enqueue_built(&self, builder: &MessageBuilder) -> Result<Enqueued> {
-        let message = builder.build().map_err(|e| {
-            self.inner
-                .rejected(format!("message for branch {} refused: {e}", self.xid))
-        })?;
-        self.enqueue(&message[..]).await
-    }
-}
-
 #[async_trait::async_trait]
 impl Resource for MailResource {
     fn name(&self) -> &str {
@@ -472,58 +392,19 @@ impl Resource for MailResource {
     }
 
     async fn begin(&self, xid: &Xid) -> Result<()> {
-        let inner = &self.inner;
-        let mut st = inner.state();
-        inner.usable(&st)?;
-        inner.not_fenced(&st, xid)?;
-        st.branches.begin(&**inner, xid, || Branch::new(now_secs()))
+        lifecycle::begin(&*self.inner, xid)
     }
 
     async fn prepare(&self, xid: &Xid) -> Result<Vote> {
-        let inner = &self.inner;
-        let _gate = inner.gate.read().await;
-        match inner.start_prepare(xid)? {
-            Start::ReadOnly => Ok(Vote::ReadOnly),
-            Start::Prepared(prepared) => Ok(Vote::Commit {
-                redo: prepared.redo.clone(),
-            }),
-            Start::Stage(messages) => {
-                inner.pauses.at_prepare(xid).await;
-                let _adopting = inner.adoptions.adopting().await;
-                let result = inner.prepare_branch(xid, messages).await;
-                inner.finish_prepare(xid, result)
-            }
-        }
+        lifecycle::prepare(&self.inner, xid).await
     }
 
     async fn commit(&self, xid: &Xid) -> Result<()> {
-        let inner = &self.inner;
-        let _gate = inner.gate.read().await;
-        let Some(resolving) = inner.start_resolve(xid, true)? else {
-            return Ok(());
-        };
-        let (worker, id, names) = (inner.clone(), *xid, resolving.names.clone());
-        let recovered = resolving.recovered;
-        let result = blocking(&inner.name, TASK, move || {
-            worker.deliver(&id, &names, recovered)
-        })
-        .await;
-        let appending = inner.finish_resolve(xid, resolving, true, result)?;
-        inner.resolution_durable(appending).await?;
-        inner.maybe_trim().await
+        lifecycle::resolve(&self.inner, xid, true).await
     }
 
     async fn rollback(&self, xid: &Xid) -> Result<()> {
-        let inner = &self.inner;
-        let _gate = inner.gate.read().await;
-        let Some(resolving) = inner.start_resolve(xid, false)? else {
-            return Ok(());
-        };
-        let (worker, names) = (inner.clone(), resolving.names.clone());
-        let result = blocking(&inner.name, TASK, move || worker.unlink_staged(&names)).await;
-        let appending = inner.finish_resolve(xid, resolving, false, result)?;
-        inner.resolution_durable(appending).await?;
-        inner.maybe_trim().await
+        lifecycle::resolve(&self.inner, xid, false).await
     }
 
     async fn recover(&self) -> Result<Vec<Xid>> {
@@ -531,11 +412,7 @@ impl Resource for MailResource {
     }
 
     async fn fence(&self, epoch: Epoch) -> Result<()> {
-        let inner = &self.inner;
-        raise_fence(inner, &inner.gate, TASK, epoch, |inner, epoch| {
-            inner.write_state("fence epoch", &inner.area.fence, epoch.0)
-        })
-        .await
+        lifecycle::fence(&self.inner, epoch).await
     }
 
     async fn fence_epoch(&self) -> Result<Epoch> {
@@ -543,21 +420,7 @@ impl Resource for MailResource {
     }
 
     async fn replay(&self, redo: &[u8], lsn: Lsn) -> Result<()> {
-        let inner = &self.inner;
-        let _replaying = inner.replaying.lock().await;
-        if lsn <= Instance::applied_lsn(&**inner)? {
-            return Ok(());
-        }
-        let entries = decode_redo(redo)
-            .map_err(|e| inner.rejected(format!("replay of lsn {lsn}: malformed redo: {e}")))?;
-        let worker = inner.clone();
-        let applied = blocking(&inner.name, TASK, move || {
-            worker.replay_messages(&entries, lsn)
-        })
-        .await;
-        inner.check(applied)?;
-        inner.state().shared.applied_lsn = lsn;
-        Ok(())
+        lifecycle::replay(&self.inner, redo, lsn).await
     }
 
     async fn applied_lsn(&self) -> Result<Lsn> {
@@ -576,72 +439,19 @@ impl Resource for MailResource {
     }
 
     async fn open_blob(&self, id: &BlobId) -> Result<BlobContent> {
-        let (worker, id) = (self.inner.clone(), *id);
-        blocking(&self.inner.name, TASK, move || {
-            shipping::open_blob(&worker.name, &worker.blobs, &id)
-        })
-        .await
+        shipping::open_shipped(&self.inner, id).await
     }
 
-    async fn put_blob(&self, id: &BlobId, mut content: BlobContent) -> Result<()> {
-        let _adopting = self.inner.adoptions.adopting().await;
-        let (worker, id) = (self.inner.clone(), *id);
-        let put = blocking(&self.inner.name, TASK, move || {
-            let tmp = worker.scratch_file();
-            let bytes_max = worker.config.max_message_bytes;
-            shipping::put_blob(
-                &worker.name,
-                &worker.blobs,
-                &tmp,
-                &id,
-                &mut content,
-                bytes_max,
-            )?;
-            worker.adoptions.note(&id);
-            Ok(())
-        })
-        .await;
-        self.inner.check(put)
+    async fn put_blob(&self, id: &BlobId, content: BlobContent) -> Result<()> {
+        shipping::put_shipped(&self.inner, id, content).await
     }
 
     /// Collection (`internal::collect`): a delivered message is durable in `new/` before its
     /// `COMMITTED` (the commit syncs `new/`), so only the open branches need their blobs here,
     /// and there is nothing to settle.
     async fn collect_blobs(&self, retained: &dyn RetainedBlobs) -> Result<BlobsCollected> {
-        let inner = &self.inner;
-        let snapshot = async {
-            let in_use = inner.blobs_in_use()?;
-            let worker = inner.clone();
-            let stored = blocking(&inner.name, TASK, move || {
-                worker.blobs.list().map_err(|e| blob_error(&worker.name, e))
-            })
-            .await?;
-            Ok((stored, in_use))
-        };
-        let remove = |doomed: Vec<BlobId>| async move {
-            let worker = inner.clone();
-            let removed = blocking(&inner.name, TASK, move || {
-                remove_blobs(&worker.name, &worker.blobs, &doomed)
-            })
-            .await;
-            inner.check(removed)
-        };
-        let collected = inner
-            .adoptions
-            .collect(retained, snapshot, async { Ok(()) }, remove)
-            .await?;
-        tracing::info!(resource = %inner.name, removed = collected.removed, kept = collected.kept, "blobs collected");
-        Ok(collected)
+        collect_blobs(&self.inner, retained, async { Ok(()) }).await
     }
-}
-
-/// What prepare does after looking at the branch.
-enum Start {
-    ReadOnly,
-    /// Already prepared: vote again with what the record holds.
-    Prepared(Arc<Prepared>),
-    /// Prepare these messages.
-    Stage(Vec<Staged>),
 }
 
 /// A message of a branch: its xid and position (what a refusal names).
@@ -651,11 +461,28 @@ struct At {
     pos: u32,
 }
 
-/// A branch being resolved: where it was, and the names of its messages.
-struct Resolving {
-    previous: Phase,
-    names: Vec<String>,
-    recovered: bool,
+impl shipping::BlobHolder for Inner {
+    const BLOB_TASK: &'static str = TASK;
+
+    fn blob_store(&self) -> &BlobStore {
+        &self.blobs
+    }
+
+    fn adoptions(&self) -> &Adoptions {
+        &self.adoptions
+    }
+
+    fn temp_file(&self) -> PathBuf {
+        self.scratch_file()
+    }
+
+    fn blob_bytes_max(&self) -> u64 {
+        self.config.max_message_bytes
+    }
+
+    fn blobs_in_use(&self) -> Result<HashSet<BlobId>> {
+        Inner::blobs_in_use(self)
+    }
 }
 
 impl Instance for Inner {
@@ -697,316 +524,10 @@ impl log::Logged for Branch {
 }
 
 // State transitions: each takes the state lock once and does no I/O.
-impl Inner {
-    /// Gives the next message of `xid` its position and name, and says how many bytes of it may
-    /// stay in memory.
-    fn reserve(&self, xid: &Xid) -> Result<(At, String, u64)> {
-        let mut st = self.state();
-        self.usable(&st)?;
-        self.not_fenced(&st, xid)?;
-        let branch = st.branches.active(self, xid, "messages")?;
-        if branch.next_pos as usize >= BRANCH_MESSAGES_MAX {
-            return Err(self.rejected(format!(
-                "branch {xid} already has BRANCH_MESSAGES_MAX = {BRANCH_MESSAGES_MAX} messages; send the rest in another transaction"
-            )));
-        }
-        let pos = branch.next_pos;
-        branch.next_pos += 1;
-        let name = name::message_name(branch.time, xid, pos, &self.host);
-        let room = INLINE_BRANCH_BYTES_MAX.saturating_sub(branch.memory_bytes);
-        Ok((
-            At { xid: *xid, pos },
-            name,
-            room.min(INLINE_MESSAGE_BYTES_MAX),
-        ))
-    }
-
-    fn start_prepare(&self, xid: &Xid) -> Result<Start> {
-        let mut st = self.state();
-        self.usable(&st)?;
-        let fence = st.shared.fence;
-        match st
-            .branches
-            .start_prepare(self, xid, fence, |b| !b.messages.is_empty())?
-        {
-            Starting::ReadOnly => Ok(Start::ReadOnly),
-            Starting::Again(branch) => match &branch.prepared {
-                Some(prepared) => Ok(Start::Prepared(prepared.clone())),
-                None => Err(self.fatal(format!("branch {xid} is prepared without a record"))),
-            },
-            Starting::Prepare(branch) => {
-                Ok(Start::Stage(branch.messages.values().cloned().collect()))
-            }
-            Starting::Empty => {
-                st.branches.remove(xid);
-                st.branches.voted_read_only(xid);
-                Ok(Start::ReadOnly)
-            }
-        }
-    }
-
-    /// Ends a prepare: on success the branch is prepared with the record durable at `lsn`; on
-    /// failure it is active again (and pins no log).
-    fn finish_prepare(&self, xid: &Xid, result: Result<(Arc<Prepared>, Lsn)>) -> Result<Vote> {
-        let result = self.check(result);
-        let mut st = self.state();
-        let branch = st.branches.finish_prepare(self, xid, result.is_ok())?;
-        match result {
-            Ok((prepared, lsn)) => {
-                branch.log_floor = Some(lsn);
-                let redo = prepared.redo.clone();
-                branch.prepared = Some(prepared);
-                tracing::debug!(resource = %self.name, %xid, %lsn, "prepared");
-                Ok(Vote::Commit { redo })
-            }
-            Err(e) => {
-                branch.log_floor = None;
-                Err(e)
-            }
-        }
-    }
-
-    /// Marks a branch as being resolved; `None` when there is nothing to resolve.
-    fn start_resolve(&self, xid: &Xid, commit: bool) -> Result<Option<Resolving>> {
-        let mut st = self.state();
-        self.usable(&st)?;
-        let fence = st.shared.fence;
-        let Some((previous, branch)) = st.branches.start_resolve(self, xid, commit, fence)? else {
-            return Ok(None);
-        };
-        let names = match &branch.prepared {
-            Some(prepared) => prepared.names.clone(),
-            None => branch.messages.values().map(|m| m.name.clone()).collect(),
-        };
-        Ok(Some(Resolving {
-            previous,
-            names,
-            recovered: branch.recovered,
-        }))
-    }
-
-    /// Ends a resolution. On success a prepared branch's resolution is appended to the log —
-    /// under the state lock, so that it follows any copy of the branch's prepare record that a
-    /// trim carries forward — and the branch is forgotten; the returned append is waited for
-    /// after that.
-    fn finish_resolve(
-        &self,
-        xid: &Xid,
-        resolving: Resolving,
-        commit: bool,
-        result: Result<()>,
-    ) -> Result<Option<journal::Appending>> {
-        let result = self.check(result);
-        let mut st = self.state();
-        let restore = |st: &mut State| st.branches.resolution_failed(xid, resolving.previous);
-        if let Err(e) = result {
-            restore(&mut st);
-            return Err(e);
-        }
-        let mut appending = None;
-        if st.branches.is_prepared(xid) {
-            match log::append_resolution(&self.log, xid, commit) {
-                Ok(a) => appending = Some(a),
-                Err(e) => {
-                    restore(&mut st);
-                    drop(st);
-                    return self.check(Err(log_error(&self.name, FEWER, "append a resolution", e)));
-                }
-            }
-        }
-        st.branches.remove(xid);
-        if commit {
-            tracing::debug!(resource = %self.name, %xid, "committed");
-        }
-        Ok(appending)
-    }
-
-    /// Waits for a resolution record to be durable.
-    async fn resolution_durable(&self, appending: Option<journal::Appending>) -> Result<()> {
-        if let Some(appending) = appending {
-            let durable = appending
-                .await
-                .map_err(|e| log_error(&self.name, FEWER, "append a resolution", e));
-            self.check(durable)?;
-        }
-        Ok(())
-    }
-}
+impl Inner {}
 
 // Async steps that wait or stream.
 impl Inner {
-    /// Reads, checks and stages one message: in memory while it fits in `keep` bytes, else in
-    /// its file `tmp/<name>`, streamed. Nothing stays behind on failure.
-    async fn stage(
-        &self,
-        at: At,
-        name: String,
-        keep: u64,
-        message: &mut (impl AsyncRead + Unpin),
-    ) -> Result<Staged> {
-        let mut checker = Checker::new(self.config.max_message_bytes);
-        let mut input = vec![0u8; HEAD_CHUNK_BYTES];
-        let mut head = Vec::new();
-        loop {
-            let n = fill(message, &mut input)
-                .await
-                .map_err(|e| self.refused(at, &MessageError::Read(e.to_string())))?;
-            if n == 0 {
-                checker.finish().map_err(|e| self.refused(at, &e))?;
-                let content = Content::Memory(Arc::from(head));
-                return Ok(Staged { name, content });
-            }
-            checker
-                .push(&input[..n], &mut head)
-                .map_err(|e| self.refused(at, &e))?;
-            if head.len() as u64 > keep {
-                break;
-            }
-        }
-        drop(input);
-        let file = self.area.tmp.join(&name);
-        let streamed = self.stream_to(at, &file, checker, head, message).await;
-        match streamed {
-            Ok((id, bytes)) => Ok(Staged {
-                name,
-                content: Content::File { id, bytes },
-            }),
-            Err(e) => Err(self.discard(&file, e).await),
-        }
-    }
-
-    /// Streams the rest of a message into the new file `file`, starting with `head` (already
-    /// checked): one chunk at a time, each checked, hashed and written on the blocking pool.
-    /// Returns the content's blob id and size.
-    async fn stream_to(
-        &self,
-        at: At,
-        file: &Path,
-        mut checker: Checker,
-        head: Vec<u8>,
-        message: &mut (impl AsyncRead + Unpin),
-    ) -> Result<(BlobId, u64)> {
-        let (name, target) = (self.name.clone(), file.to_path_buf());
-        let (mut out, mut hasher) = blocking(&self.name, TASK, move || {
-            let mut out = create_new(&name, "message file", &target)?;
-            let mut hasher = blake3::Hasher::new();
-            hasher.update(&head);
-            out.write_all(&head)
-                .map_err(|e| ResourceError::io(&name, "write message to", &target, &e))?;
-            Ok((out, hasher))
-        })
-        .await?;
-        let mut input = vec![0u8; CHUNK_BYTES];
-        let mut normalised = Vec::new();
-        loop {
-            let n = fill(message, &mut input)
-                .await
-                .map_err(|e| self.refused(at, &MessageError::Read(e.to_string())))?;
-            if n == 0 {
-                break;
-            }
-            let (name, target) = (self.name.clone(), file.to_path_buf());
-            (checker, hasher, out, input, normalised) = blocking(&self.name, TASK, move || {
-                normalised.clear();
-                checker
-                    .push(&input[..n], &mut normalised)
-                    .map_err(|e| refused(&name, at, &e))?;
-                hasher.update(&normalised);
-                out.write_all(&normalised)
-                    .map_err(|e| ResourceError::io(&name, "write message to", &target, &e))?;
-                Ok((checker, hasher, out, input, normalised))
-            })
-            .await?;
-        }
-        let bytes = checker.finish().map_err(|e| self.refused(at, &e))?;
-        Ok((BlobId(*hasher.finalize().as_bytes()), bytes))
-    }
-
-    /// Adds a staged message to its branch; a message that lost a race with prepare or rollback
-    /// is discarded.
-    async fn record(&self, at: At, staged: Staged) -> Result<Enqueued> {
-        let bytes = match &staged.content {
-            Content::Memory(content) => content.len() as u64,
-            Content::File { bytes, .. } => *bytes,
-        };
-        let enqueued = Enqueued {
-            name: staged.name.clone(),
-            bytes,
-        };
-        let refused = {
-            let mut st = self.state();
-            match st.branches.active(self, &at.xid, "messages") {
-                Ok(branch) => {
-                    if let Content::Memory(_) = staged.content {
-                        branch.memory_bytes += bytes;
-                    }
-                    branch.messages.insert(at.pos, staged);
-                    None
-                }
-                Err(e) => Some((e, staged)),
-            }
-        };
-        match refused {
-            None => Ok(enqueued),
-            Some((e, staged)) => {
-                if let Content::File { .. } = staged.content {
-                    let file = self.area.tmp.join(&staged.name);
-                    return Err(self.discard(&file, e).await);
-                }
-                Err(e)
-            }
-        }
-    }
-
-    /// Removes the file of a message whose enqueue failed, and returns the failure.
-    async fn discard(&self, file: &Path, e: ResourceError) -> ResourceError {
-        let (name, file) = (self.name.clone(), file.to_path_buf());
-        let _ = blocking(&self.name, TASK, move || {
-            remove_file_if_exists(&name, &file)
-        })
-        .await;
-        e
-    }
-
-    fn refused(&self, at: At, e: &MessageError) -> ResourceError {
-        refused(&self.name, at, e)
-    }
-
-    /// Prepares a branch: its messages written and synced in `tmp/` on the blocking pool, then
-    /// its record appended to the log and waited for.
-    async fn prepare_branch(
-        self: &Arc<Self>,
-        xid: &Xid,
-        messages: Vec<Staged>,
-    ) -> Result<(Arc<Prepared>, Lsn)> {
-        let (worker, id) = (self.clone(), *xid);
-        let entries = blocking(&self.name, TASK, move || {
-            worker.write_prepared(&id, &messages)
-        })
-        .await?;
-        let redo = encode_redo(&entries);
-        let names = entries.iter().map(|e| e.name().to_string()).collect();
-        let payload = log::prepared_payload(xid, &redo);
-        // `statvfs` reads no disk: called here, not on the blocking pool.
-        check_log_space(&self.name, &self.area.log, payload.len() as u64)?;
-        let appending = {
-            let mut st = self.state();
-            // Set before the append, so that a trim running meanwhile keeps the record.
-            let floor = self.log.durable_lsn().next();
-            if let Some(branch) = st.branches.get_mut(xid) {
-                branch.log_floor = Some(floor);
-            }
-            drop(st);
-            self.log.append(log::LOG_EPOCH, log::PREPARED, &payload)
-        };
-        let lsn = match appending {
-            Ok(appending) => appending.await,
-            Err(e) => Err(e),
-        }
-        .map_err(|e| log_error(&self.name, FEWER, "append the prepare record", e))?;
-        Ok((Arc::new(Prepared { names, redo }), lsn))
-    }
-
     /// Trims the log (see the `log` module) when about half a segment was appended since the
     /// last trim; one at a time.
     async fn maybe_trim(self: &Arc<Self>) -> Result<()> {
@@ -1032,52 +553,6 @@ impl Inner {
 
 // Blocking file work: run on the blocking pool, no state lock held.
 impl Inner {
-    /// The entries of a branch's prepare record, once it takes no more messages: each message is
-    /// in its file in `tmp/` and synced (a message in memory is written there first), `tmp/` is
-    /// synced; a message over the inline limits is adopted into the blob store.
-    fn write_prepared(&self, xid: &Xid, messages: &[Staged]) -> Result<Vec<RedoEntry>> {
-        let mut inline_left = INLINE_BRANCH_BYTES_MAX;
-        let mut entries = Vec::with_capacity(messages.len());
-        for staged in messages {
-            let name = staged.name.clone();
-            let file = self.area.tmp.join(&name);
-            let entry = match &staged.content {
-                Content::Memory(content) => {
-                    // A prepare that failed earlier may have written the file: written again.
-                    write_synced(&self.name, "message", &file, content)?;
-                    let bytes = content.len() as u64;
-                    if bytes <= inline_left && bytes <= INLINE_MESSAGE_BYTES_MAX {
-                        inline_left -= bytes;
-                        let content = content.to_vec();
-                        RedoEntry::Inline { name, content }
-                    } else {
-                        // Over the branch's inline budget after all (concurrent enqueues).
-                        let id = BlobId::of(content);
-                        self.adopt(&file, &id)?;
-                        RedoEntry::Blob { name, id, bytes }
-                    }
-                }
-                Content::File { id, bytes } => {
-                    self.sync_staged(xid, &file, *bytes)?;
-                    self.adopt(&file, id)?;
-                    let (id, bytes) = (*id, *bytes);
-                    RedoEntry::Blob { name, id, bytes }
-                }
-            };
-            entries.push(entry);
-        }
-        self.dirs.sync(&self.area.tmp)?;
-        Ok(entries)
-    }
-
-    fn adopt(&self, file: &Path, id: &BlobId) -> Result<()> {
-        self.blobs
-            .adopt(file, id)
-            .map_err(|e| blob_error(&self.name, e))?;
-        self.adoptions.note(id);
-        Ok(())
-    }
-
     /// The blobs the open branches' prepare records name.
     fn blobs_in_use(&self) -> Result<HashSet<BlobId>> {
         let redos: Vec<Arc<Prepared>> = self.usable_state(|st| {
@@ -1099,149 +574,6 @@ impl Inner {
         Ok(in_use)
     }
 
-    /// Syncs a message streamed into `tmp/` at enqueue, after checking it is still the size it
-    /// was written with.
-    fn sync_staged(&self, xid: &Xid, file: &Path, bytes: u64) -> Result<()> {
-        let opened = File::open(file).map_err(|e| match e.kind() {
-            io::ErrorKind::NotFound => self.rejected(format!(
-                "the staged message {} of branch {xid} is missing: tmp/ was changed by hand; roll the transaction back",
-                file.display()
-            )),
-            _ => ResourceError::io(&self.name, "open staged message", file, &e),
-        })?;
-        let len = opened
-            .metadata()
-            .map_err(|e| ResourceError::io(&self.name, "inspect staged message", file, &e))?
-            .len();
-        if len != bytes {
-            return Err(self.rejected(format!(
-                "the staged message {} of branch {xid} is {len} bytes, {bytes} were written: it was changed by hand; roll the transaction back",
-                file.display()
-            )));
-        }
-        sync_file(&self.name, &opened, file)
-    }
-
-    /// Commit: renames each message from `tmp/` into `new/`, then syncs `new/`. A message not in
-    /// `tmp/` was delivered by an earlier attempt. For a branch recovered at open, a message
-    /// already in `new/` or `cur/` is not renamed again (a copy of it in `tmp/` is unlinked):
-    /// see "Crashes" in the module docs.
-    fn deliver(&self, xid: &Xid, names: &[String], recovered: bool) -> Result<()> {
-        let mut cur = None;
-        for name in names {
-            let staged = self.area.tmp.join(name);
-            if recovered && self.delivered(name, &mut cur)? {
-                remove_file_if_exists(&self.name, &staged)?;
-                continue;
-            }
-            match fs::rename(&staged, self.area.new.join(name)) {
-                Ok(()) => {}
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                    if !self.delivered(name, &mut cur)? {
-                        tracing::warn!(resource = %self.name, %xid, message = %name, "message is neither in tmp/ nor delivered (removed by a reader, or by hand); not delivered again");
-                    }
-                }
-                Err(e) => {
-                    let action = format!("deliver message {name} of {xid} (rename into new/) from");
-                    return Err(ResourceError::io(&self.name, &action, &staged, &e));
-                }
-            }
-        }
-        self.dirs.sync(&self.area.new)
-    }
-
-    /// Whether message `name` is in `new/` or `cur/` (under its name with a reader's suffix).
-    /// `cur` caches the listing of `cur/`, read at the first call that needs it.
-    fn delivered(&self, name: &str, cur: &mut Option<Vec<String>>) -> Result<bool> {
-        if fs::symlink_metadata(self.area.new.join(name)).is_ok() {
-            return Ok(true);
-        }
-        if cur.is_none() {
-            *cur = Some(list_names(&self.name, &self.area.cur)?);
-        }
-        Ok(cur
-            .as_ref()
-            .is_some_and(|entries| entries.iter().any(|e| name::is_entry_of(e, name))))
-    }
-
-    /// Rollback: unlinks the branch's messages from `tmp/`, without syncing (a file that comes
-    /// back after a crash belongs to a branch that is not prepared, and `open` removes it).
-    fn unlink_staged(&self, names: &[String]) -> Result<()> {
-        for name in names {
-            remove_file_if_exists(&self.name, &self.area.tmp.join(name))?;
-        }
-        Ok(())
-    }
-
-    /// Replay: delivers every message not in `new/` or `cur/` yet (written to `tmp/` and synced,
-    /// then renamed into `new/`), syncs `new/`, then stores `lsn` as applied (see "Crashes").
-    fn replay_messages(&self, entries: &[RedoEntry], lsn: Lsn) -> Result<()> {
-        let mut cur = None;
-        for (n, entry) in entries.iter().enumerate() {
-            if n == 1 && self.pauses.replay_fails_here() {
-                return Err(self.unavailable(format!(
-                    "replay of lsn {lsn} stopped by its fail point after its first message"
-                )));
-            }
-            let name = entry.name();
-            if self.delivered(name, &mut cur)? {
-                continue;
-            }
-            let staged = self.area.tmp.join(name);
-            let written = match entry {
-                RedoEntry::Inline { content, .. } => {
-                    write_synced(&self.name, "replayed message", &staged, content)
-                }
-                RedoEntry::Blob { id, bytes, .. } => self.copy_blob(name, id, *bytes, &staged),
-            };
-            let delivered = written.and_then(|()| {
-                fs::rename(&staged, self.area.new.join(name)).map_err(|e| {
-                    ResourceError::io(&self.name, "rename replayed message from", &staged, &e)
-                })
-            });
-            if delivered.is_err() {
-                let _ = fs::remove_file(&staged);
-            }
-            delivered?;
-        }
-        self.dirs.sync(&self.area.new)?;
-        self.write_state("applied lsn", &self.area.applied_lsn, lsn.0)
-    }
-
-    /// Copies blob `id` (of `bytes` bytes, the message `name`) to the new file `dest`, synced;
-    /// the blob store checks the content against its hash as it is read.
-    fn copy_blob(&self, name: &str, id: &BlobId, bytes: u64, dest: &Path) -> Result<()> {
-        let mut reader = self
-            .blobs
-            .open_blob(id)
-            .map_err(|e| blob_error(&self.name, e))?;
-        let mut out = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(dest)
-            .map_err(|e| ResourceError::io(&self.name, "create", dest, &e))?;
-        let mut buf = vec![0u8; CHUNK_BYTES];
-        let mut copied = 0u64;
-        loop {
-            let n = match reader.read(&mut buf) {
-                Ok(0) => break,
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(blob_error(&self.name, reader.into_error(e))),
-            };
-            out.write_all(&buf[..n])
-                .map_err(|e| ResourceError::io(&self.name, "write", dest, &e))?;
-            copied += n as u64;
-        }
-        if copied != bytes {
-            return Err(self.fatal(format!(
-                "blob {id} of message {name} is {copied} bytes, the redo says {bytes}"
-            )));
-        }
-        sync_file(&self.name, &out, dest)
-    }
-
     /// One trim (see the `log` module): branches prepared below `since` (the durable LSN when
     /// the previous trim started) and still prepared get their record appended again, then the
     /// segments below the oldest record still needed are removed.
@@ -1250,11 +582,7 @@ impl Inner {
         let trim =
             log::start_trim(&self.log, &self.state().branches, since).map_err(carry_error)?;
         let floor = trim
-            .carried(|xid, lsn| {
-                if let Some(branch) = self.state().branches.get_mut(xid) {
-                    branch.log_floor = Some(lsn);
-                }
-            })
+            .carried(|xid, lsn| self.set_log_floor(xid, lsn))
             .map_err(carry_error)?;
         let removed = self
             .log
@@ -1266,17 +594,18 @@ impl Inner {
 
     fn write_state(&self, what: &str, file: &Path, value: u64) -> Result<()> {
         let tmp = self.scratch_file();
-        let written = write_synced(&self.name, what, &tmp, &encode_state(value)).and_then(|()| {
-            fs::rename(&tmp, file).map_err(|e| {
-                ResourceError::io(
-                    &self.name,
-                    &format!("rename {what} into place at"),
-                    file,
-                    &e,
-                )
-            })?;
-            self.dirs.sync(&self.area.private)
-        });
+        let written =
+            overwrite_synced(&self.name, what, &tmp, &encode_state(value)).and_then(|()| {
+                fs::rename(&tmp, file).map_err(|e| {
+                    ResourceError::io(
+                        &self.name,
+                        &format!("rename {what} into place at"),
+                        file,
+                        &e,
+                    )
+                })?;
+                self.dirs.sync(&self.area.private)
+            });
         if written.is_err() {
             let _ = fs::remove_file(&tmp);
         }
@@ -1320,86 +649,10 @@ impl Branch {
     }
 }
 
-/// A refused message: names the resource, the branch and the message's position.
-fn refused(resource: &str, at: At, e: &MessageError) -> ResourceError {
-    let At { xid, pos } = at;
-    ResourceError::rejected(
-        resource,
-        format!("message {pos} of branch {xid} refused: {e}"),
-    )
-}
-
 fn now_secs() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
-}
-
-/// Checks that `path` is a Maildir (a directory with `tmp/`, `new/` and `cur/`), creating what
-/// is missing when `config.create` says so; returns its canonical path.
-fn open_maildir(name: &str, dirs: &DirSync, path: &Path, config: &MailConfig) -> Result<PathBuf> {
-    match fs::metadata(path) {
-        Ok(meta) if meta.is_dir() => {}
-        Ok(_) => {
-            return Err(ResourceError::rejected(
-                name,
-                format!("{} is not a directory, so not a Maildir", path.display()),
-            ));
-        }
-        Err(e) if e.kind() == io::ErrorKind::NotFound && config.create => {
-            fs::create_dir_all(path)
-                .map_err(|e| ResourceError::io(name, "create Maildir", path, &e))?;
-            if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-                dirs.sync(parent)?;
-            }
-        }
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            let reason = format!(
-                "Maildir {} does not exist; create it (with tmp/, new/ and cur/) or set create = true",
-                path.display()
-            );
-            return Err(ResourceError::rejected(name, reason));
-        }
-        Err(e) => return Err(ResourceError::io(name, "inspect Maildir", path, &e)),
-    }
-    for sub in ["tmp", "new", "cur"] {
-        let dir = path.join(sub);
-        match fs::metadata(&dir) {
-            Ok(meta) if meta.is_dir() => {}
-            Ok(_) => {
-                let reason = format!(
-                    "{} is not a Maildir: its {sub} ({}) is not a directory",
-                    path.display(),
-                    dir.display()
-                );
-                return Err(ResourceError::rejected(name, reason));
-            }
-            Err(e) if e.kind() == io::ErrorKind::NotFound && config.create => {
-                create_dir_durably(name, dirs, &dir)?;
-            }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                let reason = format!(
-                    "{} is not a Maildir: its subdirectory {sub}/ is missing (a Maildir has tmp/, new/ and cur/); create it, or set create = true to let concord create what is missing",
-                    path.display()
-                );
-                return Err(ResourceError::rejected(name, reason));
-            }
-            Err(e) => return Err(ResourceError::io(name, "inspect", &dir, &e)),
-        }
-    }
-    fs::canonicalize(path).map_err(|e| ResourceError::io(name, "resolve Maildir", path, &e))
-}
-
-/// Empties a directory of files (temp files of interrupted writes). Not shared with the files
-/// resource's: that one also removes directories (staging), which the private area here never holds.
-fn clear_dir(name: &str, dir: &Path) -> Result<()> {
-    for entry in fs::read_dir(dir).map_err(|e| ResourceError::io(name, "list", dir, &e))? {
-        let path = entry
-            .map_err(|e| ResourceError::io(name, "list", dir, &e))?
-            .path();
-        fs::remove_file(&path).map_err(|e| ResourceError::io(name, "remove", &path, &e))?;
-    }
-    Ok(())
 }
 
 /// The names in a directory (those that are UTF-8: every name this resource makes is).
@@ -1412,79 +665,4 @@ fn list_names(name: &str, dir: &Path) -> Result<Vec<String>> {
         }
     }
     Ok(names)
-}
-
-fn open_blobs(name: &str, area: &Area, config: &MailConfig) -> Result<BlobStore> {
-    let blob_config = BlobConfig {
-        blob_bytes_max: config.max_message_bytes,
-        chunk_bytes: CHUNK_BYTES,
-        create_if_missing: true,
-    };
-    BlobStore::open(&area.blobs, blob_config).map_err(|e| blob_error(name, e))
-}
-
-/// The prepared branches, from the live records of the branch log.
-fn load_prepared(name: &str, live: log::Live) -> Result<Branches<Branch>> {
-    let mut branches = HashMap::new();
-    for (xid, (lsn, redo)) in live.branches {
-        let entries = decode_redo(&redo).map_err(|e| ResourceError::Fatal {
-            resource: name.to_string(),
-            message: format!(
-                "the branch log's prepare record of {xid} (lsn {lsn}) does not decode: {e}"
-            ),
-        })?;
-        let names = entries.iter().map(|e| e.name().to_string()).collect();
-        let mut branch = Branch::new(0);
-        branch.log_floor = Some(lsn);
-        branch.recovered = true;
-        branch.prepared = Some(Arc::new(Prepared { names, redo }));
-        branches.insert(xid, branch);
-    }
-    Ok(Branches::recovered(branches))
-}
-
-/// Removes from `tmp/` every message this resource named for a branch that is not prepared
-/// (presumed abort, or a copy left by a finished commit or a replay); other files are left.
-fn remove_orphans(name: &str, area: &Area, branches: &Branches<Branch>) -> Result<()> {
-    let mut removed = 0usize;
-    for file_name in list_names(name, &area.tmp)? {
-        let Some((xid, _)) = name::parse_name(&file_name) else {
-            continue;
-        };
-        if branches.contains(&xid) {
-            continue;
-        }
-        remove_file_if_exists(name, &area.tmp.join(&file_name))?;
-        removed += 1;
-    }
-    if removed > 0 {
-        tracing::info!(
-            resource = name,
-            removed,
-            "removed from tmp/ the messages of branches that are not prepared"
-        );
-    }
-    Ok(())
-}
-
-fn create_new(name: &str, what: &str, path: &Path) -> Result<File> {
-    OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(path)
-        .map_err(|e| ResourceError::io(name, &format!("create {what}"), path, &e))
-}
-
-/// Writes `content` to `path` (created, or truncated) and syncs it. Not shared with the files
-/// resource's, which creates its temp file anew (`create_new`) and names it so in errors.
-fn write_synced(name: &str, what: &str, path: &Path, content: &[u8]) -> Result<()> {
-    let mut file = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(path)
-        .map_err(|e| ResourceError::io(name, &format!("create {what} file"), path, &e))?;
-    file.write_all(content)
-        .map_err(|e| ResourceError::io(name, &format!("write {what} to"), path, &e))?;
-    sync_file(name, &file, path)
 }

@@ -1,8 +1,9 @@
 //! The files resource: the conformance suite, path confinement (one test per refusal), locking
 //! (conflicts, waiting, locks across a restart), reading one's own writes, limits, damage by hand,
 //! a commit interrupted half-way, replay edge cases, the branch log (commits applied again at
-//! open, checkpoints, trimming with carry-forward, inline content and its budget), and a full
-//! disk during prepare (on a 1 MiB tmpfs, which needs root).
+//! open, checkpoints, trimming with carry-forward, inline content and its budget), a full disk
+//! during prepare (on a 1 MiB tmpfs, which needs root), and a runtime shutting down under a
+//! commit (no poisoning).
 
 // A test fails by panicking, helpers included.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -1674,4 +1675,61 @@ async fn blob_collection_removes_only_what_nothing_needs() {
         );
     }
     assert!(!r.root().join("rolled-back").exists());
+}
+
+/// Polls a future with another runtime's context entered, so that the blocking work it starts
+/// goes to that runtime's blocking pool.
+struct InRuntime<F> {
+    handle: tokio::runtime::Handle,
+    future: Pin<Box<F>>,
+}
+
+impl<F: Future> Future for InRuntime<F> {
+    type Output = F::Output;
+
+    fn poll(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<F::Output> {
+        let _entered = self.handle.clone().enter();
+        self.future.as_mut().poll(cx)
+    }
+}
+
+/// A blocking task cancelled because its runtime is shutting down (as when another resource
+/// failed and the process stops) is no failure of this resource: the commit is retryable, the
+/// resource is not poisoned, and the same commit succeeds on a running runtime.
+#[test]
+fn a_task_cancelled_by_a_runtime_shutting_down_does_not_poison_the_resource() {
+    let running = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    let r = open(&root);
+    let xid = running.block_on(async {
+        let (xid, branch) = begun(&r).await;
+        branch.put("a", &b"one"[..]).await.unwrap();
+        r.prepare(&xid).await.unwrap();
+        xid
+    });
+    let stopping = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .build()
+        .unwrap();
+    let handle = stopping.handle().clone();
+    stopping.shutdown_background();
+    let cancelled = running.block_on(InRuntime {
+        handle,
+        future: Box::pin(r.commit(&xid)),
+    });
+    let e = cancelled.expect_err("the commit's blocking task was cancelled");
+    assert_eq!(e.class(), ErrorClass::Retryable, "{e}");
+    running.block_on(async {
+        assert_eq!(r.recover().await.unwrap(), vec![xid], "not poisoned");
+        r.commit(&xid).await.unwrap();
+    });
+    assert_eq!(fs::read(root.join("a")).unwrap(), b"one");
 }

@@ -31,6 +31,8 @@ use std::path::Path;
 use journal::{Epoch, Journal, JournalConfig, JournalError, Lsn, RecordKind};
 
 use crate::internal::branches::{Branches, Phase};
+use crate::internal::instance::Instance;
+use crate::internal::io::{check_log_space, log_error};
 use crate::{ResourceError, Xid};
 
 /// A branch is prepared with this redo.
@@ -84,6 +86,46 @@ pub(crate) fn append_resolution(
 ) -> Result<journal::Appending, JournalError> {
     let kind = if commit { COMMITTED } else { ROLLED_BACK };
     log.append(LOG_EPOCH, kind, &resolved_payload(xid))
+}
+
+/// Appends the `PREPARED` record of `xid` with `redo` to `log` (in the directory `dir`) and
+/// waits until it is durable; its LSN. Refused first when `dir`'s file system lacks room for
+/// it (`check_log_space`). Before the append, `set_floor` gets an LSN at or below the record's,
+/// for the branch to pin: a trim running meanwhile then keeps the record.
+pub(crate) async fn append_prepared(
+    name: &str,
+    fewer: &str,
+    log: &Journal,
+    dir: &Path,
+    xid: &Xid,
+    redo: &[u8],
+    set_floor: impl FnOnce(Lsn),
+) -> Result<Lsn, ResourceError> {
+    let payload = prepared_payload(xid, redo);
+    // `statvfs` reads no disk: called here, not on the blocking pool.
+    check_log_space(name, dir, payload.len() as u64)?;
+    set_floor(log.durable_lsn().next());
+    let appended = match log.append(LOG_EPOCH, PREPARED, &payload) {
+        Ok(appending) => appending.await,
+        Err(e) => Err(e),
+    };
+    appended.map_err(|e| log_error(name, fewer, "append the prepare record", e))
+}
+
+/// Waits for a resolution record, when one was appended, to be durable (a failure poisons
+/// `inner`); its LSN. `fewer` says what to do about a branch too large for a record.
+pub(crate) async fn resolution_durable<I: Instance>(
+    inner: &I,
+    fewer: &str,
+    appending: Option<journal::Appending>,
+) -> Result<Option<Lsn>, ResourceError> {
+    let Some(appending) = appending else {
+        return Ok(None);
+    };
+    let durable = appending
+        .await
+        .map_err(|e| log_error(inner.name(), fewer, "append a resolution", e));
+    inner.check(durable).map(Some)
 }
 
 fn put_xid(out: &mut Vec<u8>, xid: &Xid) {

@@ -21,12 +21,14 @@
 
 use std::collections::HashSet;
 use std::future::Future;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use journal::BlobId;
 use tokio::sync::RwLockReadGuard;
 
 use crate::internal::instance::lock;
+use crate::internal::io::{blob_error, blocking};
+use crate::internal::shipping::BlobHolder;
 use crate::{BlobsCollected, ResourceError, RetainedBlobs};
 
 type Result<T, E = ResourceError> = std::result::Result<T, E>;
@@ -113,6 +115,41 @@ impl Adoptions {
             kept: stored.len() as u64 - removed,
         })
     }
+}
+
+/// `Resource::collect_blobs` of a resource with a blob store: the snapshot is the stored blobs
+/// and those the open branches' prepare records name; `settle` is the resource's step 3.
+pub(crate) async fn collect_blobs<I: BlobHolder>(
+    inner: &Arc<I>,
+    retained: &dyn RetainedBlobs,
+    settle: impl Future<Output = Result<()>>,
+) -> Result<BlobsCollected> {
+    let snapshot = async {
+        let in_use = inner.blobs_in_use()?;
+        let worker = Arc::clone(inner);
+        let stored = blocking(inner.name(), I::BLOB_TASK, move || {
+            worker
+                .blob_store()
+                .list()
+                .map_err(|e| blob_error(worker.name(), e))
+        })
+        .await?;
+        Ok((stored, in_use))
+    };
+    let remove = |doomed: Vec<BlobId>| async move {
+        let worker = Arc::clone(inner);
+        let removed = blocking(inner.name(), I::BLOB_TASK, move || {
+            remove_blobs(worker.name(), worker.blob_store(), &doomed)
+        })
+        .await;
+        inner.check(removed)
+    };
+    let collected = inner
+        .adoptions()
+        .collect(retained, snapshot, settle, remove)
+        .await?;
+    tracing::info!(resource = %inner.name(), removed = collected.removed, kept = collected.kept, "blobs collected");
+    Ok(collected)
 }
 
 /// Removes `doomed` from `blobs` (blocking); how many were there.

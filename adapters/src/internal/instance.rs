@@ -11,14 +11,19 @@
 //! says which branches are prepared ([`InstanceState`]), so `recover`, `fence_epoch` and
 //! `applied_lsn` are answered here too.
 //!
+//! Poisoning is for an instance's **own** failure: [`Instance::check`] poisons only on a
+//! [`ResourceError::Fatal`] that names this instance. A blocking task that tokio cancelled
+//! because the runtime is shutting down (another resource failed and the process stops) never
+//! ran, and is reported as [`ResourceError::Unavailable`] (`internal::io::blocking`): a healthy
+//! resource does not call itself poisoned when the process goes down around it.
+//!
 //! # Implementation caveats
 //!
 //! * A poisoned `std::sync::Mutex` (a panic while it was held) is taken over as it is: the
 //!   state transitions under it are short and do no I/O, and a panic is a bug either way.
 
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Mutex, MutexGuard, PoisonError};
 
-use crate::internal::io::blocking;
 use crate::{Epoch, Lsn, ResourceError, Xid};
 
 type Result<T, E = ResourceError> = std::result::Result<T, E>;
@@ -77,9 +82,12 @@ pub(crate) trait Instance {
         Ok(f(&st))
     }
 
-    /// Poisons the instance when `result` is a fatal error.
+    /// Poisons the instance when `result` is a fatal error of its own (one naming another
+    /// resource passes through: an instance poisons itself only for its own failure).
     fn check<T>(&self, result: Result<T>) -> Result<T> {
-        if let Err(ResourceError::Fatal { message, .. }) = &result {
+        if let Err(ResourceError::Fatal { resource, message }) = &result
+            && resource == self.name()
+        {
             let mut st = self.state();
             let poisoned = &mut st.shared_mut().poisoned;
             if poisoned.is_none() {
@@ -156,34 +164,67 @@ pub(crate) trait Instance {
 /// A fence waits for the longest operation in flight (a prepare syncing a large staged file).
 pub(crate) type Gate = tokio::sync::RwLock<()>;
 
-/// `Resource::fence` of a resource that keeps its fence epoch in a file: one fence at a time,
-/// never lowered, the file written by `write` on the blocking pool (a failure poisons the
-/// instance) before the state takes the new epoch. It holds the instance's `gate` exclusively
-/// (see [`Gate`]), so it waits for every prepare, commit and rollback in flight.
-pub(crate) async fn raise_fence<I>(
-    inner: &Arc<I>,
-    gate: &Gate,
-    task: &'static str,
-    epoch: Epoch,
-    write: fn(&I, Epoch) -> Result<()>,
-) -> Result<()>
-where
-    I: Instance + Send + Sync + 'static,
-{
-    let _fencing = gate.write().await;
-    let current = inner.fence_epoch()?;
-    if epoch <= current {
-        return Ok(());
-    }
-    let worker = Arc::clone(inner);
-    let written = blocking(inner.name(), task, move || write(&worker, epoch)).await;
-    inner.check(written)?;
-    inner.state().shared_mut().fence = epoch;
-    tracing::info!(resource = %inner.name(), from = %current, to = %epoch, "fence raised");
-    Ok(())
-}
-
 /// Locks `mutex`, taking over a poisoned one (see the caveats).
 pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Default)]
+    struct Table {
+        shared: Shared,
+    }
+
+    impl InstanceState for Table {
+        fn shared(&self) -> &Shared {
+            &self.shared
+        }
+
+        fn shared_mut(&mut self) -> &mut Shared {
+            &mut self.shared
+        }
+
+        fn prepared(&self) -> Vec<Xid> {
+            Vec::new()
+        }
+    }
+
+    struct At(Mutex<Table>);
+
+    impl Instance for At {
+        type State = Table;
+        const KIND: &'static str = "test";
+
+        fn name(&self) -> &str {
+            "mine"
+        }
+
+        fn state_mutex(&self) -> &Mutex<Table> {
+            &self.0
+        }
+    }
+
+    fn fatal(resource: &str) -> Result<()> {
+        Err(ResourceError::Fatal {
+            resource: resource.to_string(),
+            message: "sync failed".to_string(),
+        })
+    }
+
+    #[test]
+    fn an_instance_is_poisoned_by_its_own_fatal_errors_only() {
+        let at = At(Mutex::default());
+        assert!(at.check(fatal("other")).is_err());
+        let unavailable = Err::<(), _>(at.unavailable("later".to_string()));
+        assert!(at.check(unavailable).is_err());
+        assert!(
+            at.fence_epoch().is_ok(),
+            "not poisoned by another's failure"
+        );
+        assert!(at.check(fatal("mine")).is_err());
+        assert!(matches!(at.fence_epoch(), Err(ResourceError::Fatal { .. })));
+    }
 }

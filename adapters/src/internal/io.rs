@@ -11,8 +11,9 @@
 //! # Implementation caveats
 //!
 //! * Where the resources differ on purpose, they keep their own helper: the files resource's
-//!   `clear_dir` also removes directories (staging), the mail resource's does not; their
-//!   `write_synced` create their temp files differently (`create_new` vs truncating).
+//!   `clear_dir` also removes directories (staging), the mail resource's does not; the files
+//!   resource writes a new synced file with `create_synced` (an existing one is an error), the
+//!   mail resource with `overwrite_synced` (an existing one is truncated and written again).
 
 use std::fs::{self, File, OpenOptions};
 use std::io;
@@ -29,8 +30,11 @@ type Result<T, E = ResourceError> = std::result::Result<T, E>;
 /// Free space a prepare wants on the branch log's file system besides its record.
 const LOG_SPACE_MARGIN_BYTES: u64 = 64 << 10;
 
-/// Runs blocking work of the resource `name` on tokio's blocking pool; a task that panicked is
-/// fatal, reported as a failed `task` task ("file", "kv").
+/// Runs blocking work of the resource `name` on tokio's blocking pool. A task that panicked is
+/// fatal, reported as a failed `task` task ("file", "kv"): what it left on disk is unknown. A
+/// task the runtime cancelled never ran (tokio cancels only blocking tasks that have not
+/// started, when the runtime shuts down — after another part of the process failed, say), so
+/// nothing changed: [`ResourceError::Unavailable`], which poisons nothing.
 pub(crate) async fn blocking<T, F>(name: &str, task: &str, f: F) -> Result<T>
 where
     T: Send + 'static,
@@ -38,6 +42,10 @@ where
 {
     match tokio::task::spawn_blocking(f).await {
         Ok(result) => result,
+        Err(e) if e.is_cancelled() => Err(ResourceError::Unavailable {
+            resource: name.to_string(),
+            message: format!("{task} task not run: the runtime is shutting down"),
+        }),
         Err(e) => Err(ResourceError::Fatal {
             resource: name.to_string(),
             message: format!("{task} task failed: {e}"),

@@ -17,7 +17,10 @@
 //!   the private area's `LOCK`, and the classification of blob store and branch log errors.
 //! * [`state_file`] — the checksummed one-value files (`fence`, `applied_lsn`).
 //! * [`locks`] — waiting for a lock another branch holds, up to a bound, then a conflict.
-//! * [`branch_log`] — the branch log's record kinds, payloads and open/scan.
+//! * [`lifecycle`] — the branch lifecycle (begin, prepare, resolve, fence, replay) with the
+//!   per-resource hooks of its [`lifecycle::Lifecycle`] trait.
+//! * [`branch_log`] — the branch log's record kinds, payloads and open/scan, and waiting for a
+//!   resolution record.
 //! * [`pauses`] — pauses a test arms inside an operation, to run a race deterministically.
 //! * [`shipping`] — blobs shipped from one instance's store into another's.
 //! * [`reader`] — the bounds-checked reader of the byte encodings (redo, batch).
@@ -32,6 +35,7 @@ pub(crate) mod branches;
 pub(crate) mod collect;
 pub(crate) mod instance;
 pub(crate) mod io;
+pub(crate) mod lifecycle;
 pub(crate) mod locks;
 pub(crate) mod pauses;
 pub(crate) mod reader;

@@ -8,24 +8,88 @@
 //! blob is ever under an id; a match hard-links the file into the store
 //! ([`BlobStore::adopt`], which syncs the directories) and removes the temp name.
 //!
+//! A resource with such a store says where its store, its adoption lock and its temp files are
+//! ([`BlobHolder`]); [`open_shipped`] and [`put_shipped`] are then its `open_blob` and
+//! `put_blob`, run on the blocking pool, and `internal::collect::collect_blobs` its
+//! `collect_blobs`.
+//!
 //! # Implementation caveats
 //!
-//! * Blocking: run both on the blocking pool.
+//! * [`open_blob`] and [`put_blob`] block: run them on the blocking pool.
 //! * A blob already stored is not read again: putting it is a no-op (reading it checks it).
 
+use std::collections::HashSet;
 use std::fs::{self, OpenOptions};
 use std::io::{self, Read, Write};
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use journal::{BlobId, BlobStore};
 
-use crate::internal::io::{blob_error, sync_file};
+use crate::internal::collect::Adoptions;
+use crate::internal::instance::Instance;
+use crate::internal::io::{blob_error, blocking, sync_file};
 use crate::{BlobContent, ResourceError};
 
 type Result<T, E = ResourceError> = std::result::Result<T, E>;
 
 /// Size of the one buffer a put streams through.
 const CHUNK_BYTES: usize = 1 << 20;
+
+/// A resource instance with a blob store of its own (files, mail).
+pub(crate) trait BlobHolder: Instance + Send + Sync + 'static {
+    /// What a panicked blocking task was, in its error ("file").
+    const BLOB_TASK: &'static str;
+    /// The blob store.
+    fn blob_store(&self) -> &BlobStore;
+    /// The adoption lock and the blobs adopted while a collection runs.
+    fn adoptions(&self) -> &Adoptions;
+    /// A new temp file name on the store's file system.
+    fn temp_file(&self) -> PathBuf;
+    /// The largest blob accepted, in bytes.
+    fn blob_bytes_max(&self) -> u64;
+    /// The blobs the open branches' prepare records name.
+    fn blobs_in_use(&self) -> Result<HashSet<BlobId>>;
+}
+
+/// `Resource::open_blob`.
+pub(crate) async fn open_shipped<I: BlobHolder>(
+    inner: &Arc<I>,
+    id: &BlobId,
+) -> Result<BlobContent> {
+    let (worker, id) = (Arc::clone(inner), *id);
+    blocking(inner.name(), I::BLOB_TASK, move || {
+        open_blob(worker.name(), worker.blob_store(), &id)
+    })
+    .await
+}
+
+/// `Resource::put_blob`: under the adoption lock, noted as adopted for a collection running
+/// meanwhile; a failure poisons the instance only when it is fatal.
+pub(crate) async fn put_shipped<I: BlobHolder>(
+    inner: &Arc<I>,
+    id: &BlobId,
+    mut content: BlobContent,
+) -> Result<()> {
+    let _adopting = inner.adoptions().adopting().await;
+    let (worker, id) = (Arc::clone(inner), *id);
+    let put = blocking(inner.name(), I::BLOB_TASK, move || {
+        let tmp = worker.temp_file();
+        let bytes_max = worker.blob_bytes_max();
+        put_blob(
+            worker.name(),
+            worker.blob_store(),
+            &tmp,
+            &id,
+            &mut content,
+            bytes_max,
+        )?;
+        worker.adoptions().note(&id);
+        Ok(())
+    })
+    .await;
+    inner.check(put)
+}
 
 /// The blob ids a redo names, each once, in order: what `Resource::redo_blobs` answers.
 pub(crate) fn distinct(ids: impl IntoIterator<Item = BlobId>) -> Vec<BlobId> {

@@ -29,8 +29,7 @@ use journal::{Journal, Lsn, RecordKind};
 use crate::Xid;
 use crate::internal::branch_log::{self, Record, Replayed};
 pub(super) use crate::internal::branch_log::{
-    LOG_EPOCH, Logged, OpenError, PREPARED, SEGMENT_BYTES_MAX, append_resolution, log_open_error,
-    prepared_payload, start_trim,
+    Logged, OpenError, SEGMENT_BYTES_MAX, append_resolution, log_open_error, start_trim,
 };
 
 /// The prepared branches a log holds, built record by record in LSN order: xid → (LSN of its
@@ -72,7 +71,9 @@ pub(super) fn live_on_disk(dir: &Path) -> Result<Vec<Xid>, OpenError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::internal::branch_log::{COMMITTED, ROLLED_BACK, resolved_payload};
+    use crate::internal::branch_log::{
+        COMMITTED, PREPARED, ROLLED_BACK, prepared_payload, resolved_payload,
+    };
     use journal::Epoch;
 
     fn xid(seq: u64) -> Xid {

@@ -49,12 +49,20 @@
 //! * The builder writes `8bit` bodies, so it refuses body lines over 998 bytes (RFC 2045) instead
 //!   of switching to quoted-printable; raw messages are not held to that.
 //! * UTF-8 in header values of raw messages is not validated.
+//! * The builder's `Date` is written by the `time` crate's RFC 2822 format (the same syntax
+//!   RFC 5322 keeps), in UTC; a date after the year 9999 is written as its last second.
+//!   Encoded words use the `base64` crate's standard alphabet with padding.
 
 use std::collections::hash_map::RandomState;
 use std::fmt::Write as _;
 use std::hash::{BuildHasher, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD;
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc2822;
 
 /// Longest line of the header section, without its line ending (RFC 5322 §2.1.1).
 pub const HEADER_LINE_BYTES_MAX: usize = 998;
@@ -711,67 +719,27 @@ fn encode_unstructured(value: &str) -> String {
         }
         words.push(format!(
             "=?UTF-8?B?{}?=",
-            base64(&value.as_bytes()[start..end])
+            STANDARD.encode(&value.as_bytes()[start..end])
         ));
         start = end;
     }
     words.join(" ")
 }
 
-/// Standard base64 with padding (RFC 4648 §4).
-fn base64(bytes: &[u8]) -> String {
-    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
-    for chunk in bytes.chunks(3) {
-        let b = [
-            chunk[0],
-            chunk.get(1).copied().unwrap_or(0),
-            chunk.get(2).copied().unwrap_or(0),
-        ];
-        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-        for i in 0..4 {
-            if i <= chunk.len() {
-                out.push(char::from(ALPHABET[((n >> (18 - 6 * i)) & 63) as usize]));
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
-}
+/// The latest moment [`rfc5322_date`] writes: the last second of year 9999, the last a
+/// four-digit year shows.
+const LATEST_DATE_SECS: i64 = 253_402_300_799;
+/// That moment, written.
+const LATEST_DATE: &str = "Fri, 31 Dec 9999 23:59:59 +0000";
 
 /// `secs` since the Unix epoch as an RFC 5322 date in UTC: `Thu, 13 Feb 1989 23:32:00 +0000`.
+/// A moment after the year 9999 is written as its last second.
 pub fn rfc5322_date(secs: u64) -> String {
-    const DAYS: [&str; 7] = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"];
-    const MONTHS: [&str; 12] = [
-        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
-    ];
-    let days = secs / 86_400;
-    let rest = secs % 86_400;
-    let (year, month, day) = civil_from_days(days);
-    format!(
-        "{}, {day:02} {} {year} {:02}:{:02}:{:02} +0000",
-        DAYS[(days % 7) as usize],
-        MONTHS[(month - 1) as usize],
-        rest / 3600,
-        rest % 3600 / 60,
-        rest % 60
-    )
-}
-
-/// The proleptic Gregorian date (year, month 1–12, day 1–31) of a day count since 1970-01-01
-/// (Howard Hinnant's `civil_from_days`, for days on or after the epoch).
-fn civil_from_days(days: u64) -> (u64, u64, u64) {
-    let z = days + 719_468;
-    let era = z / 146_097;
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + u64::from(month <= 2);
-    (year, month, day)
+    let secs = i64::try_from(secs).map_or(LATEST_DATE_SECS, |s| s.min(LATEST_DATE_SECS));
+    OffsetDateTime::from_unix_timestamp(secs)
+        .ok()
+        .and_then(|date| date.format(&Rfc2822).ok())
+        .unwrap_or_else(|| LATEST_DATE.to_string())
 }
 
 /// Counts the Message-IDs this process made.
@@ -958,18 +926,17 @@ mod tests {
     }
 
     #[test]
-    fn base64_matches_rfc4648() {
-        for (input, output) in [
-            ("", ""),
-            ("f", "Zg=="),
-            ("fo", "Zm8="),
-            ("foo", "Zm9v"),
-            ("foob", "Zm9vYg=="),
-            ("fooba", "Zm9vYmE="),
-            ("foobar", "Zm9vYmFy"),
-        ] {
-            assert_eq!(base64(input.as_bytes()), output);
-        }
+    fn dates_after_the_year_9999_are_its_last_second() {
+        assert_eq!(rfc5322_date(253_402_300_799), LATEST_DATE);
+        assert_eq!(rfc5322_date(253_402_300_800), LATEST_DATE);
+        assert_eq!(rfc5322_date(u64::MAX), LATEST_DATE);
+    }
+
+    #[test]
+    fn unstructured_values_are_ascii_or_base64_encoded_words() {
+        assert_eq!(encode_unstructured("plain"), "plain");
+        assert_eq!(encode_unstructured("é"), "=?UTF-8?B?w6k=?=");
+        assert_eq!(encode_unstructured("Köln"), "=?UTF-8?B?S8O2bG4=?=");
     }
 
     fn builder() -> MessageBuilder {

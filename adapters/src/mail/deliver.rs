@@ -1,0 +1,152 @@
+//! Deliveries: commit, rollback and replay move messages between `tmp/` and `new/`.
+//!
+//! The Maildir delivery protocol itself: a message is written and synced under its unique name
+//! in `tmp/` (at prepare), then renamed into `new/`, and `new/` is synced. A commit
+//! (`Inner::deliver`) renames each message of the branch; one not in `tmp/` any more was
+//! delivered by an earlier attempt. A branch recovered at open first looks for each message in
+//! `new/` and `cur/` (a reader may already have it, under its name with a reader's suffix) and
+//! delivers only the others, so a commit repeated after a crash never delivers twice. A
+//! rollback unlinks the branch's messages from `tmp/`. A replay writes each message not yet in
+//! `new/` or `cur/` to `tmp/` (inline content, or a copy of its blob), syncs it, renames it into
+//! `new/`, syncs `new/`, and only then stores the applied LSN.
+//!
+//! # Implementation caveats
+//!
+//! * A message that is neither in `tmp/` nor delivered (removed by a reader or by hand) is not
+//!   delivered again; the commit logs a warning and goes on.
+
+use std::fs::{self, OpenOptions};
+use std::io::{self, Read, Write as _};
+use std::path::Path;
+
+use journal::{BlobId, Lsn};
+
+use super::enqueue::overwrite_synced;
+use super::{CHUNK_BYTES, Inner, RedoEntry, list_names, name};
+use crate::internal::instance::Instance;
+use crate::internal::io::{blob_error, remove_file_if_exists, sync_file};
+use crate::{ResourceError, Xid};
+
+type Result<T, E = ResourceError> = std::result::Result<T, E>;
+
+impl Inner {
+    /// Commit: renames each message from `tmp/` into `new/`, then syncs `new/`. A message not in
+    /// `tmp/` was delivered by an earlier attempt. For a branch recovered at open, a message
+    /// already in `new/` or `cur/` is not renamed again (a copy of it in `tmp/` is unlinked):
+    /// see "Crashes" in the module docs.
+    pub(super) fn deliver(&self, xid: &Xid, names: &[String], recovered: bool) -> Result<()> {
+        let mut cur = None;
+        for name in names {
+            let staged = self.area.tmp.join(name);
+            if recovered && self.delivered(name, &mut cur)? {
+                remove_file_if_exists(&self.name, &staged)?;
+                continue;
+            }
+            match fs::rename(&staged, self.area.new.join(name)) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    if !self.delivered(name, &mut cur)? {
+                        tracing::warn!(resource = %self.name, %xid, message = %name, "message is neither in tmp/ nor delivered (removed by a reader, or by hand); not delivered again");
+                    }
+                }
+                Err(e) => {
+                    let action = format!("deliver message {name} of {xid} (rename into new/) from");
+                    return Err(ResourceError::io(&self.name, &action, &staged, &e));
+                }
+            }
+        }
+        self.dirs.sync(&self.area.new)
+    }
+
+    /// Whether message `name` is in `new/` or `cur/` (under its name with a reader's suffix).
+    /// `cur` caches the listing of `cur/`, read at the first call that needs it.
+    pub(super) fn delivered(&self, name: &str, cur: &mut Option<Vec<String>>) -> Result<bool> {
+        if fs::symlink_metadata(self.area.new.join(name)).is_ok() {
+            return Ok(true);
+        }
+        if cur.is_none() {
+            *cur = Some(list_names(&self.name, &self.area.cur)?);
+        }
+        Ok(cur
+            .as_ref()
+            .is_some_and(|entries| entries.iter().any(|e| name::is_entry_of(e, name))))
+    }
+
+    /// Rollback: unlinks the branch's messages from `tmp/`, without syncing (a file that comes
+    /// back after a crash belongs to a branch that is not prepared, and `open` removes it).
+    pub(super) fn unlink_staged(&self, names: &[String]) -> Result<()> {
+        for name in names {
+            remove_file_if_exists(&self.name, &self.area.tmp.join(name))?;
+        }
+        Ok(())
+    }
+
+    /// Replay: delivers every message not in `new/` or `cur/` yet (written to `tmp/` and synced,
+    /// then renamed into `new/`), syncs `new/`, then stores `lsn` as applied (see "Crashes").
+    pub(super) fn replay_messages(&self, entries: &[RedoEntry], lsn: Lsn) -> Result<()> {
+        let mut cur = None;
+        for (n, entry) in entries.iter().enumerate() {
+            if n == 1 && self.pauses.replay_fails_here() {
+                return Err(self.unavailable(format!(
+                    "replay of lsn {lsn} stopped by its fail point after its first message"
+                )));
+            }
+            let name = entry.name();
+            if self.delivered(name, &mut cur)? {
+                continue;
+            }
+            let staged = self.area.tmp.join(name);
+            let written = match entry {
+                RedoEntry::Inline { content, .. } => {
+                    overwrite_synced(&self.name, "replayed message", &staged, content)
+                }
+                RedoEntry::Blob { id, bytes, .. } => self.copy_blob(name, id, *bytes, &staged),
+            };
+            let delivered = written.and_then(|()| {
+                fs::rename(&staged, self.area.new.join(name)).map_err(|e| {
+                    ResourceError::io(&self.name, "rename replayed message from", &staged, &e)
+                })
+            });
+            if delivered.is_err() {
+                let _ = fs::remove_file(&staged);
+            }
+            delivered?;
+        }
+        self.dirs.sync(&self.area.new)?;
+        self.write_state("applied lsn", &self.area.applied_lsn, lsn.0)
+    }
+
+    /// Copies blob `id` (of `bytes` bytes, the message `name`) to the new file `dest`, synced;
+    /// the blob store checks the content against its hash as it is read.
+    pub(super) fn copy_blob(&self, name: &str, id: &BlobId, bytes: u64, dest: &Path) -> Result<()> {
+        let mut reader = self
+            .blobs
+            .open_blob(id)
+            .map_err(|e| blob_error(&self.name, e))?;
+        let mut out = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(dest)
+            .map_err(|e| ResourceError::io(&self.name, "create", dest, &e))?;
+        let mut buf = vec![0u8; CHUNK_BYTES];
+        let mut copied = 0u64;
+        loop {
+            let n = match reader.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(blob_error(&self.name, reader.into_error(e))),
+            };
+            out.write_all(&buf[..n])
+                .map_err(|e| ResourceError::io(&self.name, "write", dest, &e))?;
+            copied += n as u64;
+        }
+        if copied != bytes {
+            return Err(self.fatal(format!(
+                "blob {id} of message {name} is {copied} bytes, the redo says {bytes}"
+            )));
+        }
+        sync_file(&self.name, &out, dest)
+    }
+}
