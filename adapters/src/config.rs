@@ -55,6 +55,14 @@
 //! do ([`ConfigProblem::UnknownKind`]). Loading only reads the file: a refused configuration has
 //! created nothing.
 //!
+//! Every directory belongs to one owner: two resources may not share a directory or nest one
+//! inside the other, and no resource's directory may be, lie inside or hold the journal's
+//! (`data_dir/journal`). [`Config::check_overlaps`] compares the paths absolute and normalised
+//! ([`normalised`]: `.` and `..` resolved, the existing part through symbolic links) without
+//! requiring them to exist; [`Config::load`] refuses an overlap as [`ConfigProblem::Overlap`]
+//! naming both owners and both paths, and [`open_all`] / [`open_named`] refuse it
+//! ([`OpenError::Overlap`]) before opening anything, for a configuration built in code.
+//!
 //! Opening: [`open_all`] opens every configured resource, [`open_named`] only those named (every
 //! name is checked against the configuration before any resource opens, and the others are not
 //! touched: no connection, no directory created), [`open_resource`] one. Mail and kv open on
@@ -221,6 +229,64 @@ pub enum ConfigProblem {
     /// A value the types allow but concord cannot use: a field of another kind, a value out of
     /// range, a bad resource name.
     Invalid,
+    /// A resource's directory is the directory of another resource or of the journal, or lies
+    /// inside it or holds it ([`Config::check_overlaps`]).
+    Overlap(Box<Overlap>),
+}
+
+/// Two directories of one configuration that overlap: the same directory, or one inside the
+/// other. Each resource writes its own state in its directory (the files resource its
+/// `.concord/`, the mail queue `tmp/`, `new/` and `cur/`, sled its files) and so does the
+/// journal in `data_dir/journal`; sharing a directory mixes them.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "[resources.{resource}] directory {} overlaps {other} directory {} ({}): every resource \
+     needs a directory of its own, apart from the others and from the journal in \
+     data_dir/journal; give each its own directory",
+    path.display(),
+    other_path.display(),
+    self.relation()
+)]
+pub struct Overlap {
+    /// The resource (the `NAME` of `[resources.NAME]`).
+    pub resource: String,
+    /// Its directory, absolute and normalised.
+    pub path: PathBuf,
+    /// What it overlaps.
+    pub other: Occupant,
+    /// The directory of `other`, absolute and normalised.
+    pub other_path: PathBuf,
+}
+
+impl Overlap {
+    /// How the two directories overlap, in words.
+    fn relation(&self) -> &'static str {
+        if self.path == self.other_path {
+            "the same directory"
+        } else if self.path.starts_with(&self.other_path) {
+            "it lies inside it"
+        } else {
+            "it holds it"
+        }
+    }
+}
+
+/// What occupies a directory of the configuration.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Occupant {
+    /// The resource of this name.
+    Resource(String),
+    /// The journal (`data_dir/journal`).
+    Journal,
+}
+
+impl fmt::Display for Occupant {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Occupant::Resource(name) => write!(f, "[resources.{name}]"),
+            Occupant::Journal => f.write_str("the journal's"),
+        }
+    }
 }
 
 /// A refusal of one part of the file, before the file's path is attached.
@@ -432,6 +498,16 @@ pub enum ResourceConfig {
 }
 
 impl ResourceConfig {
+    /// The directory it keeps its data in (`root`, `maildir` or `dir`); `None` for PostgreSQL.
+    pub fn directory(&self) -> Option<&Path> {
+        match self {
+            ResourceConfig::Files { root, .. } => Some(root),
+            ResourceConfig::Mail { maildir, .. } => Some(maildir),
+            ResourceConfig::Kv { dir, .. } => Some(dir),
+            ResourceConfig::Postgres { .. } => None,
+        }
+    }
+
     /// Its kind as written in `kind = "…"` (one of [`KINDS`]).
     pub fn kind(&self) -> &'static str {
         match self {
@@ -517,7 +593,54 @@ impl Config {
         let base = path.parent().unwrap_or(Path::new("."));
         config.resolve_paths(base);
         config.validate().map_err(|e| err(Refusal::invalid(e)))?;
+        config.check_overlaps().map_err(|overlap| {
+            err(Refusal {
+                message: overlap.to_string(),
+                problem: ConfigProblem::Overlap(Box::new(overlap)),
+            })
+        })?;
         Ok(config)
+    }
+
+    /// The directory of each resource that has one (files, mail, kv), by name, and the journal's
+    /// (`data_dir/journal`), each absolute and normalised ([`normalised`]).
+    fn directories(&self) -> Vec<(Occupant, PathBuf)> {
+        let mut dirs = vec![(
+            Occupant::Journal,
+            normalised(&self.data_dir.join("journal")),
+        )];
+        for (name, resource) in &self.resources {
+            if let Some(dir) = resource.directory() {
+                dirs.push((Occupant::Resource(name.clone()), normalised(dir)));
+            }
+        }
+        dirs
+    }
+
+    /// Refuses directories that overlap: two resources in one directory or one inside the
+    /// other, or a resource's directory that is the journal's (`data_dir/journal`), lies inside
+    /// it or holds it. Paths are compared absolute and normalised, without requiring them to
+    /// exist; nothing is created. [`Config::load`] and [`open_all`] / [`open_named`] check it.
+    pub fn check_overlaps(&self) -> Result<(), Overlap> {
+        let dirs = self.directories();
+        for (i, (first, first_path)) in dirs.iter().enumerate() {
+            for (second, second_path) in &dirs[i + 1..] {
+                if !overlapping(first_path, second_path) {
+                    continue;
+                }
+                // The journal comes first, so `second` is always a resource.
+                let Occupant::Resource(resource) = second else {
+                    continue;
+                };
+                return Err(Overlap {
+                    resource: resource.clone(),
+                    path: second_path.clone(),
+                    other: first.clone(),
+                    other_path: first_path.clone(),
+                });
+            }
+        }
+        Ok(())
     }
 
     /// The embedded defaults of `concord demo`: node 1, two files resources `uploads` and
@@ -600,6 +723,49 @@ impl Config {
     }
 }
 
+/// Whether `a` and `b` are the same directory or one lies inside the other.
+fn overlapping(a: &Path, b: &Path) -> bool {
+    a.starts_with(b) || b.starts_with(a)
+}
+
+/// `path` absolute (against the current directory), with `.` and `..` resolved by name, and
+/// its longest existing ancestor resolved through symbolic links (`fs::canonicalize`), so that
+/// two spellings of one directory compare equal whether or not it exists yet.
+pub fn normalised(path: &Path) -> PathBuf {
+    use std::path::Component;
+    let absolute = match std::env::current_dir() {
+        Ok(current) if path.is_relative() => current.join(path),
+        _ => path.to_path_buf(),
+    };
+    let mut lexical = PathBuf::new();
+    for component in absolute.components() {
+        match component {
+            Component::CurDir => {}
+            Component::ParentDir => {
+                lexical.pop();
+            }
+            other => lexical.push(other),
+        }
+    }
+    let mut missing = Vec::new();
+    let mut existing = lexical.as_path();
+    loop {
+        if let Ok(real) = std::fs::canonicalize(existing) {
+            return missing
+                .iter()
+                .rev()
+                .fold(real, |path, part| path.join(part));
+        }
+        match (existing.parent(), existing.file_name()) {
+            (Some(parent), Some(name)) => {
+                missing.push(name.to_os_string());
+                existing = parent;
+            }
+            _ => return lexical,
+        }
+    }
+}
+
 /// A resource that could not be opened, naming it.
 #[derive(Debug, thiserror::Error)]
 pub enum OpenError {
@@ -623,6 +789,10 @@ pub enum OpenError {
         /// Why it did not open.
         source: ResourceError,
     },
+    /// Two directories of the configuration overlap ([`Config::check_overlaps`]); nothing was
+    /// opened or created. Give each resource its own directory.
+    #[error("{0}")]
+    Overlap(Box<Overlap>),
     /// The task opening it on the blocking pool did not finish: it panicked, or the runtime is
     /// shutting down.
     #[error("open resource {name}: the opening task failed ({message}); restart the process")]
@@ -641,12 +811,16 @@ impl OpenError {
             OpenError::NotConfigured { name, .. }
             | OpenError::Resource { name, .. }
             | OpenError::Task { name, .. } => name,
+            OpenError::Overlap(overlap) => &overlap.resource,
         }
     }
 }
 
 /// Opens every resource of `config`, in name order (see [`open_resource`]).
 pub async fn open_all(config: &Config) -> Result<Vec<Arc<dyn Resource>>, OpenError> {
+    config
+        .check_overlaps()
+        .map_err(|overlap| OpenError::Overlap(Box::new(overlap)))?;
     let mut opened = Vec::with_capacity(config.resources.len());
     for (name, resource) in &config.resources {
         opened.push(open_resource(name, resource, config.node).await?);
@@ -661,6 +835,9 @@ pub async fn open_named<S: AsRef<str>>(
     config: &Config,
     names: &[S],
 ) -> Result<Vec<Arc<dyn Resource>>, OpenError> {
+    config
+        .check_overlaps()
+        .map_err(|overlap| OpenError::Overlap(Box::new(overlap)))?;
     let wanted: BTreeSet<&str> = names.iter().map(AsRef::as_ref).collect();
     let mut chosen = Vec::with_capacity(wanted.len());
     for name in wanted {
