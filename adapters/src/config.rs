@@ -723,6 +723,111 @@ impl Config {
     }
 }
 
+impl Config {
+    /// Whether the journal's directory (`data_dir/journal`) exists and is writable, or can be
+    /// created ([`usable_directory`]); creates nothing.
+    pub fn check_journal_directory(&self) -> Result<String, String> {
+        usable_directory(&self.data_dir.join("journal"), true)
+    }
+}
+
+impl ResourceConfig {
+    /// Whether the directory of a files, mail or kv resource can be used as configured, creating
+    /// nothing ([`usable_directory`]; a Maildir without `create` must also hold `tmp/`, `new/`
+    /// and `cur/`). `Ok` says what was found, `Err` what is wrong and what to do; `None` for
+    /// PostgreSQL, which has no directory.
+    pub fn check_directory(&self) -> Option<Result<String, String>> {
+        let checked = match self {
+            ResourceConfig::Files { root, create, .. } => usable_directory(root, *create),
+            ResourceConfig::Kv { dir, create, .. } => usable_directory(dir, *create),
+            ResourceConfig::Mail {
+                maildir, create, ..
+            } => usable_directory(maildir, *create).and_then(|found| {
+                maildir_complete(maildir, *create)?;
+                Ok(found)
+            }),
+            ResourceConfig::Postgres { .. } => return None,
+        };
+        Some(checked)
+    }
+}
+
+/// A Maildir opened without `create` must hold `tmp/`, `new/` and `cur/`.
+fn maildir_complete(maildir: &Path, create: bool) -> Result<(), String> {
+    if create || !maildir.is_dir() {
+        return Ok(());
+    }
+    let missing: Vec<&str> = ["tmp", "new", "cur"]
+        .into_iter()
+        .filter(|sub| !maildir.join(sub).is_dir())
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    Err(format!(
+        "{} is not a Maildir: it lacks {}; set create = true, or point maildir at a Maildir",
+        maildir.display(),
+        missing.join(", ")
+    ))
+}
+
+/// Whether `dir` is a directory this process may write in, or — when `create` — may be
+/// created: its nearest existing ancestor is a directory this process may write in. Uses
+/// access checks (`access(2)`, as the real user) and creates nothing.
+pub fn usable_directory(dir: &Path, create: bool) -> Result<String, String> {
+    match std::fs::metadata(dir) {
+        Ok(meta) if meta.is_dir() => {
+            writable(dir).map(|()| format!("{} is writable", dir.display()))
+        }
+        Ok(_) => Err(format!("{} exists and is not a directory", dir.display())),
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            Err(format!("cannot read {}: {e}", dir.display()))
+        }
+        Err(_) if !create => Err(format!(
+            "{} does not exist (and create = false): create it, or set create = true",
+            dir.display()
+        )),
+        Err(_) => {
+            let ancestor = nearest_existing(dir);
+            if !ancestor.is_dir() {
+                return Err(format!(
+                    "{} cannot be created: {} is not a directory",
+                    dir.display(),
+                    ancestor.display()
+                ));
+            }
+            writable(&ancestor).map(|()| {
+                format!(
+                    "{} does not exist yet; it will be created in {}, which is writable",
+                    dir.display(),
+                    ancestor.display()
+                )
+            })
+        }
+    }
+}
+
+/// The longest ancestor of `path` (or `path` itself) that exists.
+fn nearest_existing(path: &Path) -> PathBuf {
+    path.ancestors()
+        .find(|p| p.as_os_str().is_empty() || std::fs::symlink_metadata(p).is_ok())
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
+        .to_path_buf()
+}
+
+/// Whether this process may create and remove entries in the directory `dir`.
+fn writable(dir: &Path) -> Result<(), String> {
+    use rustix::fs::{Access, access};
+    access(dir, Access::WRITE_OK | Access::EXEC_OK).map_err(|e| {
+        format!(
+            "{} is not writable by this user ({}): fix its owner or permissions",
+            dir.display(),
+            std::io::Error::from(e)
+        )
+    })
+}
+
 /// Whether `a` and `b` are the same directory or one lies inside the other.
 fn overlapping(a: &Path, b: &Path) -> bool {
     a.starts_with(b) || b.starts_with(a)

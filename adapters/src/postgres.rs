@@ -1650,6 +1650,19 @@ async fn connect_to(name: &str, pg: &tokio_postgres::Config, target: &str) -> Re
     Ok(client)
 }
 
+/// Whether the database of resource `name` at `url` can be used, changing nothing: connects
+/// once (bounded by `connect_timeout_ms` unless the connection string sets `connect_timeout`)
+/// and checks what [`PostgresResource::open`] checks — `max_prepared_transactions` above 0 and
+/// the concord schema at this program's version — without installing anything (for `concord
+/// config check`). Returns where the server is (never the password).
+pub async fn check_reachable(name: &str, url: &str, connect_timeout_ms: u64) -> Result<String> {
+    check_name(name)?;
+    let pg = pg_config(name, url, connect_timeout_ms)?;
+    let target = target_of(&pg);
+    check_server(name, &pg, &target).await?;
+    Ok(target)
+}
+
 /// Before the pool opens, on a connection of its own: `max_prepared_transactions` above 0 and
 /// the schema at this program's version, each refused with its fix.
 async fn check_server(name: &str, pg: &tokio_postgres::Config, target: &str) -> Result<()> {
