@@ -26,6 +26,8 @@
 //! [resources.orders]        # a PostgreSQL database (set up with `concord pg install`)
 //! kind = "postgres"
 //! url = "host=127.0.0.1 port=5432 user=app dbname=shop"
+//! password_file = "secrets/shop"  # optional: the password, from this file (relative to this one)
+//! # password_env = "SHOP_PASSWORD" # … or from this environment variable; at most one source
 //! pool_size = 64            # optional: connections (open branches plus phase-2 calls)
 //! fence_wait_ms = 2000      # optional: how long a fence waits for prepared branches of old epochs
 //! call_timeout_ms = 30000   # optional: deadline of each of concord's own round trips
@@ -46,7 +48,8 @@
 //! ```
 //!
 //! The kinds are [`KINDS`]. Each kind takes only its own fields: `root` for files; `url`,
-//! `pool_size` and `fence_wait_ms` for postgres; `maildir` and `max_message_bytes` for mail;
+//! `password_file`, `password_env`, `pool_size`, `fence_wait_ms`, `call_timeout_ms` and
+//! `connect_timeout_ms` for postgres; `maildir` and `max_message_bytes` for mail;
 //! `dir` and `value_bytes_max` for kv; `create` for files, mail and kv; `lock_wait_ms` for files
 //! and kv.
 //!
@@ -54,6 +57,14 @@
 //! the file and the field, and a kind that does not exist names the resource and the kinds that
 //! do ([`ConfigProblem::UnknownKind`]). Loading only reads the file: a refused configuration has
 //! created nothing.
+//!
+//! A PostgreSQL password need not be in the file: `password_file` names a file holding it (one
+//! trailing line end is not part of it), `password_env` an environment variable; loading reads
+//! it and adds it to `url` ([`postgres::with_password`]). At most one of `url`, `password_file`
+//! and `password_env` may give a password; a conflict, an unreadable or empty file and an unset
+//! variable are [`ConfigProblem::Password`], naming the resource and the field. The `Debug` of
+//! every configuration type shows a connection string without its password
+//! ([`postgres::redact_url`]).
 //!
 //! Every directory belongs to one owner: two resources may not share a directory or nest one
 //! inside the other, and no resource's directory may be, lie inside or hold the journal's
@@ -86,7 +97,7 @@ use serde::Deserialize;
 use crate::files::{FilesConfig, FilesResource};
 use crate::kv::{KvConfig, KvResource};
 use crate::mail::{MailConfig, MailResource};
-use crate::postgres::{PostgresConfig, PostgresResource};
+use crate::postgres::{self, PostgresConfig, PostgresResource};
 use crate::{Resource, ResourceError};
 
 /// The name (and directory under `data_dir`) of the mail queue of [`Config::embedded`].
@@ -157,6 +168,8 @@ struct ResourceToml {
     max_message_bytes: Option<u64>,
     value_bytes_max: Option<u64>,
     url: Option<String>,
+    password_file: Option<PathBuf>,
+    password_env: Option<String>,
     pool_size: Option<usize>,
     fence_wait_ms: Option<u64>,
     call_timeout_ms: Option<u64>,
@@ -198,6 +211,8 @@ impl ResourceKind {
             ResourceKind::Files => &["root", "create", "lock_wait_ms"],
             ResourceKind::Postgres => &[
                 "url",
+                "password_file",
+                "password_env",
                 "pool_size",
                 "fence_wait_ms",
                 "call_timeout_ms",
@@ -229,6 +244,15 @@ pub enum ConfigProblem {
     /// A value the types allow but concord cannot use: a field of another kind, a value out of
     /// range, a bad resource name.
     Invalid,
+    /// A postgres resource's `password_file` or `password_env` cannot give its password: the
+    /// file cannot be read or is empty, the variable is not set, or two sources give one
+    /// (`url`, `password_file`, `password_env`: at most one).
+    Password {
+        /// The resource (the `NAME` of `[resources.NAME]`).
+        resource: String,
+        /// The field at fault.
+        field: &'static str,
+    },
     /// A resource's directory is the directory of another resource or of the journal, or lies
     /// inside it or holds it ([`Config::check_overlaps`]).
     Overlap(Box<Overlap>),
@@ -313,7 +337,7 @@ impl fmt::Display for Refusal {
 
 impl ResourceToml {
     /// The fields set in the table, by name.
-    fn set_fields(&self) -> [(&'static str, bool); 12] {
+    fn set_fields(&self) -> [(&'static str, bool); 14] {
         [
             ("root", self.root.is_some()),
             ("maildir", self.maildir.is_some()),
@@ -323,6 +347,8 @@ impl ResourceToml {
             ("max_message_bytes", self.max_message_bytes.is_some()),
             ("value_bytes_max", self.value_bytes_max.is_some()),
             ("url", self.url.is_some()),
+            ("password_file", self.password_file.is_some()),
+            ("password_env", self.password_env.is_some()),
             ("pool_size", self.pool_size.is_some()),
             ("fence_wait_ms", self.fence_wait_ms.is_some()),
             ("call_timeout_ms", self.call_timeout_ms.is_some()),
@@ -355,8 +381,58 @@ impl ResourceToml {
                 },
             });
         };
-        self.into_kind(kind)
+        let table = match kind {
+            ResourceKind::Postgres => self.with_password(name)?,
+            _ => self,
+        };
+        table
+            .into_kind(kind)
             .map_err(|e| Refusal::invalid(format!("[resources.{name}]: {e}")))
+    }
+
+    /// The table with the password of `password_file` or `password_env`, if either is set,
+    /// added to `url` ([`postgres::with_password`]); at most one of the two and the url may give
+    /// one.
+    fn with_password(mut self, name: &str) -> Result<ResourceToml, Refusal> {
+        let refused = |field: &'static str, message: String| Refusal {
+            message: format!("[resources.{name}]: field `{field}`: {message}"),
+            problem: ConfigProblem::Password {
+                resource: name.to_string(),
+                field,
+            },
+        };
+        let password = match (self.password_file.take(), self.password_env.take()) {
+            (None, None) => return Ok(self),
+            (Some(_), Some(_)) => {
+                return Err(refused(
+                    "password_env",
+                    "`password_file` gives the password too; keep one of the two".into(),
+                ));
+            }
+            (Some(file), None) => {
+                password_from_file(&file).map_err(|e| refused("password_file", e))?
+            }
+            (None, Some(var)) => password_from_env(&var).map_err(|e| refused("password_env", e))?,
+        };
+        let field = if password.from_file {
+            "password_file"
+        } else {
+            "password_env"
+        };
+        let Some(url) = self.url.take() else {
+            // `into_kind` names the missing url.
+            return Ok(self);
+        };
+        if url_has_password(&url) {
+            return Err(refused(
+                field,
+                "`url` gives a password too; keep one of the two (better this one, so that the \
+                 password is not in the file)"
+                    .into(),
+            ));
+        }
+        self.url = Some(postgres::with_password(&url, &password.text));
+        Ok(self)
     }
 
     /// The resource of `kind`, or what is wrong with the table (naming the field).
@@ -449,8 +525,9 @@ impl TryFrom<ConfigToml> for Config {
     }
 }
 
-/// One resource.
-#[derive(Clone, Debug)]
+/// One resource. Its `Debug` shows a PostgreSQL connection string without its password
+/// ([`postgres::redact_url`]).
+#[derive(Clone)]
 pub enum ResourceConfig {
     /// A directory tree (the files resource).
     Files {
@@ -463,7 +540,8 @@ pub enum ResourceConfig {
     },
     /// A PostgreSQL database (the postgres resource).
     Postgres {
-        /// Its connection string (libpq style or URL); never printed with its password.
+        /// Its connection string (libpq style or URL), with the password of `password_file` or
+        /// `password_env` added when the file gave one; never printed with its password.
         url: String,
         /// Most connections.
         pool_size: usize,
@@ -497,6 +575,59 @@ pub enum ResourceConfig {
     },
 }
 
+impl fmt::Debug for ResourceConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ResourceConfig::Files {
+                root,
+                create,
+                lock_wait_ms,
+            } => f
+                .debug_struct("Files")
+                .field("root", root)
+                .field("create", create)
+                .field("lock_wait_ms", lock_wait_ms)
+                .finish(),
+            ResourceConfig::Postgres {
+                url,
+                pool_size,
+                fence_wait_ms,
+                call_timeout_ms,
+                connect_timeout_ms,
+            } => f
+                .debug_struct("Postgres")
+                .field("url", &postgres::redact_url(url))
+                .field("pool_size", pool_size)
+                .field("fence_wait_ms", fence_wait_ms)
+                .field("call_timeout_ms", call_timeout_ms)
+                .field("connect_timeout_ms", connect_timeout_ms)
+                .finish(),
+            ResourceConfig::Mail {
+                maildir,
+                create,
+                max_message_bytes,
+            } => f
+                .debug_struct("Mail")
+                .field("maildir", maildir)
+                .field("create", create)
+                .field("max_message_bytes", max_message_bytes)
+                .finish(),
+            ResourceConfig::Kv {
+                dir,
+                create,
+                lock_wait_ms,
+                value_bytes_max,
+            } => f
+                .debug_struct("Kv")
+                .field("dir", dir)
+                .field("create", create)
+                .field("lock_wait_ms", lock_wait_ms)
+                .field("value_bytes_max", value_bytes_max)
+                .finish(),
+        }
+    }
+}
+
 impl ResourceConfig {
     /// The directory it keeps its data in (`root`, `maildir` or `dir`); `None` for PostgreSQL.
     pub fn directory(&self) -> Option<&Path> {
@@ -517,6 +648,64 @@ impl ResourceConfig {
             ResourceConfig::Kv { .. } => "kv",
         }
     }
+}
+
+/// A password read from `password_file` or `password_env`.
+struct Password {
+    text: String,
+    from_file: bool,
+}
+
+/// The password in `file`: its whole content but one trailing line end.
+fn password_from_file(file: &Path) -> Result<Password, String> {
+    let text = std::fs::read_to_string(file).map_err(|e| {
+        format!(
+            "cannot read the password file {}: {e}; check the path and that this user may read it",
+            file.display()
+        )
+    })?;
+    let text = text
+        .strip_suffix('\n')
+        .map(|t| t.strip_suffix('\r').unwrap_or(t))
+        .unwrap_or(&text)
+        .to_string();
+    if text.is_empty() {
+        return Err(format!(
+            "the password file {} is empty; write the password in it",
+            file.display()
+        ));
+    }
+    Ok(Password {
+        text,
+        from_file: true,
+    })
+}
+
+/// The password in the environment variable `var`.
+fn password_from_env(var: &str) -> Result<Password, String> {
+    match std::env::var(var) {
+        Ok(text) if !text.is_empty() => Ok(Password {
+            text,
+            from_file: false,
+        }),
+        Ok(_) => Err(format!(
+            "the environment variable {var} is empty; set it to the password"
+        )),
+        Err(std::env::VarError::NotPresent) => Err(format!(
+            "the environment variable {var} is not set; set it in the environment of every \
+             program that reads this file"
+        )),
+        Err(std::env::VarError::NotUnicode(_)) => {
+            Err(format!("the environment variable {var} is not valid UTF-8"))
+        }
+    }
+}
+
+/// Whether the connection string sets a password itself (one that cannot be parsed is left to
+/// the resource's open, which names what is wrong with it).
+fn url_has_password(url: &str) -> bool {
+    <tokio_postgres::Config as std::str::FromStr>::from_str(url)
+        .is_ok_and(|pg| pg.get_password().is_some())
 }
 
 /// The highest `value_bytes_max` of a kv resource: the default limit of a branch's batch, which
@@ -589,8 +778,14 @@ impl Config {
                 message: e.to_string().trim().replace('\n', " "),
             })
         })?;
-        let mut config = Config::try_from(raw).map_err(err)?;
         let base = path.parent().unwrap_or(Path::new("."));
+        let mut raw = raw;
+        for table in raw.resources.values_mut() {
+            if let Some(file) = &mut table.password_file {
+                *file = base.join(&*file);
+            }
+        }
+        let mut config = Config::try_from(raw).map_err(err)?;
         config.resolve_paths(base);
         config.validate().map_err(|e| err(Refusal::invalid(e)))?;
         config.check_overlaps().map_err(|overlap| {

@@ -84,7 +84,10 @@
 //!   prepared without a decision, and recovery rolls it back.
 
 pub mod schema;
+mod secret;
 mod session;
+
+pub use secret::{redact_url, with_password};
 
 use std::any::Any;
 use std::collections::HashMap;
@@ -127,8 +130,9 @@ const TCP_USER_TIMEOUT_MS: u64 = 30_000;
 /// the same round trip.
 const SYNCHRONOUS_COMMIT: &str = "SET LOCAL synchronous_commit = on; COMMIT";
 
-/// How a PostgreSQL resource connects and behaves.
-#[derive(Clone, Debug)]
+/// How a PostgreSQL resource connects and behaves. Its `Debug` shows the connection string
+/// without its password ([`redact_url`]).
+#[derive(Clone)]
 pub struct PostgresConfig {
     /// A libpq-style connection string (`host=… port=… user=… dbname=…`) or URL.
     pub url: String,
@@ -149,6 +153,20 @@ pub struct PostgresConfig {
     /// How long opening a connection may take (milliseconds), unless the connection string
     /// sets `connect_timeout`.
     pub connect_timeout_ms: u64,
+}
+
+impl std::fmt::Debug for PostgresConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PostgresConfig")
+            .field("url", &redact_url(&self.url))
+            .field("node", &self.node)
+            .field("pool_size", &self.pool_size)
+            .field("pool_wait_ms", &self.pool_wait_ms)
+            .field("fence_wait_ms", &self.fence_wait_ms)
+            .field("call_timeout_ms", &self.call_timeout_ms)
+            .field("connect_timeout_ms", &self.connect_timeout_ms)
+            .finish()
+    }
 }
 
 impl PostgresConfig {
@@ -1690,7 +1708,14 @@ async fn check_server(name: &str, pg: &tokio_postgres::Config, target: &str) -> 
 /// timeout of `connect_timeout_ms`, so that a dead server or network is noticed.
 fn pg_config(name: &str, url: &str, connect_timeout_ms: u64) -> Result<tokio_postgres::Config> {
     let mut pg = tokio_postgres::Config::from_str(url).map_err(|e| {
-        ResourceError::rejected(name, format!("the connection string is invalid: {e}"))
+        ResourceError::rejected(
+            name,
+            format!(
+                "the connection string {} is invalid: {}; fix it in the configuration",
+                redact_url(url),
+                parse_error_text(&e)
+            ),
+        )
     })?;
     if !url_sets(url, "keepalives") {
         pg.keepalives(true);
@@ -1711,6 +1736,16 @@ fn pg_config(name: &str, url: &str, connect_timeout_ms: u64) -> Result<tokio_pos
         pg.connect_timeout(Duration::from_millis(connect_timeout_ms.max(1)));
     }
     Ok(pg)
+}
+
+/// The parser's complaint about a connection string, without the character it quotes (which
+/// may be one of a password's): its option names and byte offsets only.
+fn parse_error_text(e: &tokio_postgres::Error) -> String {
+    let text = db_text(e);
+    match text.find(" but got ") {
+        Some(at) => text[..at].to_string(),
+        None => text,
+    }
 }
 
 /// Whether the connection string `url` (`key=value …` or a `postgres://…?key=value&…` URL)

@@ -87,7 +87,8 @@ struct Report {
 /// A problem of the file itself.
 #[derive(Debug, Serialize)]
 struct Problem {
-    /// `unreadable`, `malformed`, `unknown_kind`, `invalid`, `overlap` or `journal`.
+    /// `unreadable`, `malformed`, `unknown_kind`, `invalid`, `password`, `overlap` or
+    /// `journal`.
     kind: &'static str,
     message: String,
 }
@@ -130,6 +131,7 @@ fn refused(args: &CheckArgs, e: &ConfigError) -> Report {
         ConfigProblem::Malformed => "malformed",
         ConfigProblem::UnknownKind { .. } => "unknown_kind",
         ConfigProblem::Overlap(_) => "overlap",
+        ConfigProblem::Password { .. } => "password",
         _ => "invalid",
     };
     Report {

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use adapters::pgtest::PgCluster;
+use adapters::pgtest::{PASSWORD_ROLE_PASSWORD, PgCluster};
 
 /// Longest a `concord` run may take before the test kills it and fails.
 const RUN_DEADLINE_S: u64 = 60;
@@ -39,10 +39,16 @@ impl Run {
 
 /// Runs `concord config check --config CONFIG [EXTRA]`, killed after [`RUN_DEADLINE_S`].
 fn check(config: &Path, extra: &[&str]) -> Run {
+    check_with_env(config, extra, &[])
+}
+
+/// [`check`] with the environment variables `vars` set.
+fn check_with_env(config: &Path, extra: &[&str], vars: &[(&str, &str)]) -> Run {
     let child = Command::new(env!("CARGO_BIN_EXE_concord"))
         .args(["config", "check", "--config"])
         .arg(config)
         .args(extra)
+        .envs(vars.iter().copied())
         .env_remove("RUST_LOG")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -278,4 +284,44 @@ fn a_missing_directory_without_create_is_not_reachable() {
         "{uploads}"
     );
     assert_eq!(tree(dir.path()), [path], "the check created something");
+}
+
+/// `password_env` gives the password of a role that must authenticate with it (the cluster
+/// refuses it without): the right one reaches the database, a wrong one is refused by the
+/// server, an unset variable is a problem of the file naming the resource and the field; no
+/// password is ever printed.
+#[test]
+fn password_env_gives_the_password_and_is_never_printed() {
+    installed_database("config_check_env");
+    let url = PgCluster::shared()
+        .password_url("config_check_env")
+        .unwrap();
+    let var = "CONCORD_TEST_PG_PASSWORD";
+    let text = format!(
+        "node = 1\ndata_dir = \"data\"\n[resources.orders]\nkind = \"postgres\"\nurl = \"{url}\"\npassword_env = \"{var}\"\n"
+    );
+    let (_dir, path) = write_config(&text);
+    let good = check_with_env(&path, &["--json"], &[(var, PASSWORD_ROLE_PASSWORD)]);
+    assert_eq!(good.code, Some(0), "{}{}", good.stdout, good.stderr);
+    assert!(
+        !good.stdout.contains(PASSWORD_ROLE_PASSWORD),
+        "{}",
+        good.stdout
+    );
+
+    let wrong = check_with_env(&path, &["--json"], &[(var, PASSWORD)]);
+    assert_eq!(wrong.code, Some(EXIT_CONFIG_UNUSABLE), "{}", wrong.stderr);
+    let detail = wrong.json()["resources"][0]["detail"].to_string();
+    assert!(
+        detail.contains("password authentication failed"),
+        "{detail}"
+    );
+
+    let unset = check(&path, &["--json"]);
+    assert_eq!(unset.code, Some(EXIT_CONFIG_UNUSABLE), "{}", unset.stderr);
+    let message = unset.json()["problems"][0]["message"].to_string();
+    assert!(
+        message.contains("[resources.orders]") && message.contains("`password_env`"),
+        "{message}"
+    );
 }
