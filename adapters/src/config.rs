@@ -650,6 +650,20 @@ impl ResourceConfig {
     }
 }
 
+/// The TOML parser's `message` with every line of the file `text` that may hold a password (it
+/// names `password` or a URL's user info) shown through [`postgres::redact_url`]: the parser
+/// quotes the line it refuses.
+fn without_passwords(message: &str, text: &str) -> String {
+    let mut message = message.to_string();
+    for line in text.lines() {
+        let line = line.trim();
+        if !line.is_empty() && (line.contains("password") || line.contains("://")) {
+            message = message.replace(line, &postgres::redact_url(line));
+        }
+    }
+    message
+}
+
 /// A password read from `password_file` or `password_env`.
 struct Password {
     text: String,
@@ -775,7 +789,7 @@ impl Config {
         let raw: ConfigToml = toml::from_str(&text).map_err(|e| {
             err(Refusal {
                 problem: ConfigProblem::Malformed,
-                message: e.to_string().trim().replace('\n', " "),
+                message: without_passwords(e.to_string().trim(), &text).replace('\n', " "),
             })
         })?;
         let base = path.parent().unwrap_or(Path::new("."));

@@ -171,3 +171,20 @@ async fn a_password_file_opens_the_resource_against_the_real_server() {
     assert!(text.contains("password authentication failed"), "{text}");
     assert!(!text.contains(SECRET), "{text}");
 }
+
+/// The TOML parser quotes the line it refuses; a password on it is not shown.
+#[test]
+fn a_toml_error_on_the_line_of_a_password_does_not_show_it() {
+    let dir = tempfile::tempdir().unwrap();
+    for table in [
+        format!("url = \"host=h password={SECRET}\n"),
+        format!("url = postgres://u:{SECRET}@h/d\n"),
+        format!("url = \"host=h\" password={SECRET}\n"),
+    ] {
+        let e = load(dir.path(), &table).unwrap_err();
+        assert_eq!(e.problem, ConfigProblem::Malformed, "{e}");
+        let text = format!("{e} {e:?}");
+        assert!(!text.contains(SECRET), "{text}");
+        assert!(text.contains("line 5"), "{text}");
+    }
+}
