@@ -935,7 +935,7 @@ impl Config {
 impl Config {
     /// Whether the journal's directory (`data_dir/journal`) exists and is writable, or can be
     /// created ([`usable_directory`]); creates nothing.
-    pub fn check_journal_directory(&self) -> Result<String, String> {
+    pub fn check_journal_directory(&self) -> Result<String, DirectoryProblem> {
         usable_directory(&self.data_dir.join("journal"), true)
     }
 }
@@ -943,9 +943,8 @@ impl Config {
 impl ResourceConfig {
     /// Whether the directory of a files, mail or kv resource can be used as configured, creating
     /// nothing ([`usable_directory`]; a Maildir without `create` must also hold `tmp/`, `new/`
-    /// and `cur/`). `Ok` says what was found, `Err` what is wrong and what to do; `None` for
-    /// PostgreSQL, which has no directory.
-    pub fn check_directory(&self) -> Option<Result<String, String>> {
+    /// and `cur/`). `Ok` says what was found; `None` for PostgreSQL, which has no directory.
+    pub fn check_directory(&self) -> Option<Result<String, DirectoryProblem>> {
         let checked = match self {
             ResourceConfig::Files { root, create, .. } => usable_directory(root, *create),
             ResourceConfig::Kv { dir, create, .. } => usable_directory(dir, *create),
@@ -961,49 +960,99 @@ impl ResourceConfig {
     }
 }
 
+/// Why a resource's directory cannot be used as configured ([`usable_directory`],
+/// [`ResourceConfig::check_directory`]); each says what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum DirectoryProblem {
+    /// Something other than a directory is at the path.
+    #[error("{} exists and is not a directory: remove it, or configure another path", path.display())]
+    NotADirectory {
+        /// The configured directory.
+        path: PathBuf,
+    },
+    /// The path cannot be looked at (permissions of a parent, an I/O error).
+    #[error("cannot read {}: {source}; check the permissions of its parents", path.display())]
+    Unreadable {
+        /// The configured directory.
+        path: PathBuf,
+        /// What the file system said.
+        source: std::io::Error,
+    },
+    /// The directory does not exist and the resource does not create it.
+    #[error("{} does not exist (and create = false): create it, or set create = true", path.display())]
+    Missing {
+        /// The configured directory.
+        path: PathBuf,
+    },
+    /// The directory does not exist, and what would hold it is not a directory.
+    #[error("{} cannot be created: {} is not a directory", path.display(), ancestor.display())]
+    AncestorNotADirectory {
+        /// The configured directory.
+        path: PathBuf,
+        /// Its nearest existing ancestor.
+        ancestor: PathBuf,
+    },
+    /// This user may not create entries in the directory (or in its nearest existing ancestor,
+    /// which would hold it).
+    #[error("{} is not writable by this user ({source}): fix its owner or permissions", path.display())]
+    NotWritable {
+        /// The directory that must be writable.
+        path: PathBuf,
+        /// What `access(2)` said.
+        source: std::io::Error,
+    },
+    /// A Maildir opened without `create` lacks some of `tmp/`, `new/` and `cur/`.
+    #[error("{} is not a Maildir: it lacks {}; set create = true, or point maildir at a Maildir", path.display(), missing.join(", "))]
+    NotAMaildir {
+        /// The configured Maildir.
+        path: PathBuf,
+        /// The subdirectories it lacks.
+        missing: Vec<&'static str>,
+    },
+}
+
 /// A Maildir opened without `create` must hold `tmp/`, `new/` and `cur/`.
-fn maildir_complete(maildir: &Path, create: bool) -> Result<(), String> {
+fn maildir_complete(maildir: &Path, create: bool) -> Result<(), DirectoryProblem> {
     if create || !maildir.is_dir() {
         return Ok(());
     }
-    let missing: Vec<&str> = ["tmp", "new", "cur"]
+    let missing: Vec<&'static str> = ["tmp", "new", "cur"]
         .into_iter()
         .filter(|sub| !maildir.join(sub).is_dir())
         .collect();
     if missing.is_empty() {
         return Ok(());
     }
-    Err(format!(
-        "{} is not a Maildir: it lacks {}; set create = true, or point maildir at a Maildir",
-        maildir.display(),
-        missing.join(", ")
-    ))
+    Err(DirectoryProblem::NotAMaildir {
+        path: maildir.to_path_buf(),
+        missing,
+    })
 }
 
 /// Whether `dir` is a directory this process may write in, or — when `create` — may be
 /// created: its nearest existing ancestor is a directory this process may write in. Uses
-/// access checks (`access(2)`, as the real user) and creates nothing.
-pub fn usable_directory(dir: &Path, create: bool) -> Result<String, String> {
+/// access checks (`access(2)`, as the real user) and creates nothing. `Ok` says what was found.
+pub fn usable_directory(dir: &Path, create: bool) -> Result<String, DirectoryProblem> {
+    let path = || dir.to_path_buf();
     match std::fs::metadata(dir) {
         Ok(meta) if meta.is_dir() => {
             writable(dir).map(|()| format!("{} is writable", dir.display()))
         }
-        Ok(_) => Err(format!("{} exists and is not a directory", dir.display())),
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-            Err(format!("cannot read {}: {e}", dir.display()))
+        Ok(_) => Err(DirectoryProblem::NotADirectory { path: path() }),
+        Err(source) if source.kind() != std::io::ErrorKind::NotFound => {
+            Err(DirectoryProblem::Unreadable {
+                path: path(),
+                source,
+            })
         }
-        Err(_) if !create => Err(format!(
-            "{} does not exist (and create = false): create it, or set create = true",
-            dir.display()
-        )),
+        Err(_) if !create => Err(DirectoryProblem::Missing { path: path() }),
         Err(_) => {
             let ancestor = nearest_existing(dir);
             if !ancestor.is_dir() {
-                return Err(format!(
-                    "{} cannot be created: {} is not a directory",
-                    dir.display(),
-                    ancestor.display()
-                ));
+                return Err(DirectoryProblem::AncestorNotADirectory {
+                    path: path(),
+                    ancestor,
+                });
             }
             writable(&ancestor).map(|()| {
                 format!(
@@ -1026,14 +1075,11 @@ fn nearest_existing(path: &Path) -> PathBuf {
 }
 
 /// Whether this process may create and remove entries in the directory `dir`.
-fn writable(dir: &Path) -> Result<(), String> {
+fn writable(dir: &Path) -> Result<(), DirectoryProblem> {
     use rustix::fs::{Access, access};
-    access(dir, Access::WRITE_OK | Access::EXEC_OK).map_err(|e| {
-        format!(
-            "{} is not writable by this user ({}): fix its owner or permissions",
-            dir.display(),
-            std::io::Error::from(e)
-        )
+    access(dir, Access::WRITE_OK | Access::EXEC_OK).map_err(|e| DirectoryProblem::NotWritable {
+        path: dir.to_path_buf(),
+        source: e.into(),
     })
 }
 

@@ -148,10 +148,10 @@ fn refused(args: &CheckArgs, e: &ConfigError) -> Report {
 /// The report of a file that loaded: the journal's directory and every resource.
 fn checked(args: &CheckArgs, config: &Config) -> anyhow::Result<Report> {
     let mut problems = Vec::new();
-    if let Err(message) = config.check_journal_directory() {
+    if let Err(problem) = config.check_journal_directory() {
         problems.push(Problem {
             kind: "journal",
-            message,
+            message: problem.to_string(),
         });
     }
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -178,7 +178,7 @@ fn reachability(
     resource: &ResourceConfig,
 ) -> Reachability {
     let checked = match resource.check_directory() {
-        Some(checked) => checked,
+        Some(checked) => checked.map_err(|problem| problem.to_string()),
         None => runtime.block_on(postgres_reachable(name, resource)),
     };
     let (ok, detail) = match checked {
