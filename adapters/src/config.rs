@@ -1514,6 +1514,59 @@ mod tests {
         }
     }
 
+    /// Two spellings of one directory — through `..`, through a symbolic link, existing or
+    /// not yet — overlap; neighbours and the embedded layout do not.
+    #[test]
+    fn overlaps_are_found_through_dots_and_symbolic_links() {
+        let dir = tempfile::tempdir().unwrap();
+        let real = dir.path().join("real");
+        std::fs::create_dir(&real).unwrap();
+        std::os::unix::fs::symlink(&real, dir.path().join("link")).unwrap();
+        assert_eq!(
+            normalised(&dir.path().join("link/x/../y")),
+            normalised(&real.join("y"))
+        );
+        // Elsewhere, without the symbolic link, the same names are neighbours.
+        let neighbours = load(
+            "node = 1\ndata_dir = \"d\"\n\
+             [resources.a]\nkind = \"files\"\nroot = \"real/a\"\n\
+             [resources.b]\nkind = \"kv\"\ndir = \"link/a/../a/b\"\n",
+        );
+        // `load` writes into a directory of its own: spell the paths through the link here.
+        let text = format!(
+            "node = 1\ndata_dir = \"d\"\n\
+             [resources.a]\nkind = \"files\"\nroot = \"{}\"\n\
+             [resources.b]\nkind = \"kv\"\ndir = \"{}\"\n",
+            real.join("a").display(),
+            dir.path().join("link/a/../a/b").display()
+        );
+        let e = load(&text).unwrap_err();
+        let ConfigProblem::Overlap(overlap) = &e.problem else {
+            panic!("not an overlap: {e}")
+        };
+        assert_eq!(
+            (overlap.resource.as_str(), &overlap.other),
+            ("b", &Occupant::Resource("a".into()))
+        );
+        assert!(
+            neighbours.is_ok(),
+            "neighbours refused: {:?}",
+            neighbours.err()
+        );
+        let mut embedded = Config::embedded(dir.path());
+        assert!(embedded.check_overlaps().is_ok());
+        embedded.resources.insert(
+            "journal_files".into(),
+            ResourceConfig::Files {
+                root: dir.path().join("./journal"),
+                create: true,
+                lock_wait_ms: 1,
+            },
+        );
+        let overlap = embedded.check_overlaps().unwrap_err();
+        assert_eq!(overlap.other, Occupant::Journal);
+    }
+
     #[test]
     fn the_embedded_defaults_have_files_mail_and_kv_under_the_data_dir() {
         let config = Config::embedded(Path::new("/srv/demo"));
