@@ -26,6 +26,8 @@
 //! [resources.orders]        # a PostgreSQL database (set up with `concord pg install`)
 //! kind = "postgres"
 //! url = "host=127.0.0.1 port=5432 user=app dbname=shop"
+//! password_file = "secrets/shop"  # optional: the password, from this file (relative to this one)
+//! # password_env = "SHOP_PASSWORD" # … or from this environment variable; at most one source
 //! pool_size = 64            # optional: connections (open branches plus phase-2 calls)
 //! fence_wait_ms = 2000      # optional: how long a fence waits for prepared branches of old epochs
 //! call_timeout_ms = 30000   # optional: deadline of each of concord's own round trips
@@ -46,7 +48,8 @@
 //! ```
 //!
 //! The kinds are [`KINDS`]. Each kind takes only its own fields: `root` for files; `url`,
-//! `pool_size` and `fence_wait_ms` for postgres; `maildir` and `max_message_bytes` for mail;
+//! `password_file`, `password_env`, `pool_size`, `fence_wait_ms`, `call_timeout_ms` and
+//! `connect_timeout_ms` for postgres; `maildir` and `max_message_bytes` for mail;
 //! `dir` and `value_bytes_max` for kv; `create` for files, mail and kv; `lock_wait_ms` for files
 //! and kv.
 //!
@@ -54,6 +57,22 @@
 //! the file and the field, and a kind that does not exist names the resource and the kinds that
 //! do ([`ConfigProblem::UnknownKind`]). Loading only reads the file: a refused configuration has
 //! created nothing.
+//!
+//! A PostgreSQL password need not be in the file: `password_file` names a file holding it (one
+//! trailing line end is not part of it), `password_env` an environment variable; loading reads
+//! it and adds it to `url` ([`postgres::with_password`]). At most one of `url`, `password_file`
+//! and `password_env` may give a password; a conflict, an unreadable or empty file and an unset
+//! variable are [`ConfigProblem::Password`], naming the resource and the field. The `Debug` of
+//! every configuration type shows a connection string without its password
+//! ([`postgres::redact_url`]).
+//!
+//! Every directory belongs to one owner: two resources may not share a directory or nest one
+//! inside the other, and no resource's directory may be, lie inside or hold the journal's
+//! (`data_dir/journal`). [`Config::check_overlaps`] compares the paths absolute and normalised
+//! ([`normalised`]: `.` and `..` resolved, the existing part through symbolic links) without
+//! requiring them to exist; [`Config::load`] refuses an overlap as [`ConfigProblem::Overlap`]
+//! naming both owners and both paths, and [`open_all`] / [`open_named`] refuse it
+//! ([`OpenError::Overlap`]) before opening anything, for a configuration built in code.
 //!
 //! Opening: [`open_all`] opens every configured resource, [`open_named`] only those named (every
 //! name is checked against the configuration before any resource opens, and the others are not
@@ -78,7 +97,7 @@ use serde::Deserialize;
 use crate::files::{FilesConfig, FilesResource};
 use crate::kv::{KvConfig, KvResource};
 use crate::mail::{MailConfig, MailResource};
-use crate::postgres::{PostgresConfig, PostgresResource};
+use crate::postgres::{self, PostgresConfig, PostgresResource};
 use crate::{Resource, ResourceError};
 
 /// The name (and directory under `data_dir`) of the mail queue of [`Config::embedded`].
@@ -149,6 +168,8 @@ struct ResourceToml {
     max_message_bytes: Option<u64>,
     value_bytes_max: Option<u64>,
     url: Option<String>,
+    password_file: Option<PathBuf>,
+    password_env: Option<String>,
     pool_size: Option<usize>,
     fence_wait_ms: Option<u64>,
     call_timeout_ms: Option<u64>,
@@ -190,6 +211,8 @@ impl ResourceKind {
             ResourceKind::Files => &["root", "create", "lock_wait_ms"],
             ResourceKind::Postgres => &[
                 "url",
+                "password_file",
+                "password_env",
                 "pool_size",
                 "fence_wait_ms",
                 "call_timeout_ms",
@@ -221,6 +244,73 @@ pub enum ConfigProblem {
     /// A value the types allow but concord cannot use: a field of another kind, a value out of
     /// range, a bad resource name.
     Invalid,
+    /// A postgres resource's `password_file` or `password_env` cannot give its password: the
+    /// file cannot be read or is empty, the variable is not set, or two sources give one
+    /// (`url`, `password_file`, `password_env`: at most one).
+    Password {
+        /// The resource (the `NAME` of `[resources.NAME]`).
+        resource: String,
+        /// The field at fault.
+        field: &'static str,
+    },
+    /// A resource's directory is the directory of another resource or of the journal, or lies
+    /// inside it or holds it ([`Config::check_overlaps`]).
+    Overlap(Box<Overlap>),
+}
+
+/// Two directories of one configuration that overlap: the same directory, or one inside the
+/// other. Each resource writes its own state in its directory (the files resource its
+/// `.concord/`, the mail queue `tmp/`, `new/` and `cur/`, sled its files) and so does the
+/// journal in `data_dir/journal`; sharing a directory mixes them.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "[resources.{resource}] directory {} overlaps {other} directory {} ({}): every resource \
+     needs a directory of its own, apart from the others and from the journal in \
+     data_dir/journal; give each its own directory",
+    path.display(),
+    other_path.display(),
+    self.relation()
+)]
+pub struct Overlap {
+    /// The resource (the `NAME` of `[resources.NAME]`).
+    pub resource: String,
+    /// Its directory, absolute and normalised.
+    pub path: PathBuf,
+    /// What it overlaps.
+    pub other: Occupant,
+    /// The directory of `other`, absolute and normalised.
+    pub other_path: PathBuf,
+}
+
+impl Overlap {
+    /// How the two directories overlap, in words.
+    fn relation(&self) -> &'static str {
+        if self.path == self.other_path {
+            "the same directory"
+        } else if self.path.starts_with(&self.other_path) {
+            "it lies inside it"
+        } else {
+            "it holds it"
+        }
+    }
+}
+
+/// What occupies a directory of the configuration.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Occupant {
+    /// The resource of this name.
+    Resource(String),
+    /// The journal (`data_dir/journal`).
+    Journal,
+}
+
+impl fmt::Display for Occupant {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Occupant::Resource(name) => write!(f, "[resources.{name}]"),
+            Occupant::Journal => f.write_str("the journal's"),
+        }
+    }
 }
 
 /// A refusal of one part of the file, before the file's path is attached.
@@ -247,7 +337,7 @@ impl fmt::Display for Refusal {
 
 impl ResourceToml {
     /// The fields set in the table, by name.
-    fn set_fields(&self) -> [(&'static str, bool); 12] {
+    fn set_fields(&self) -> [(&'static str, bool); 14] {
         [
             ("root", self.root.is_some()),
             ("maildir", self.maildir.is_some()),
@@ -257,6 +347,8 @@ impl ResourceToml {
             ("max_message_bytes", self.max_message_bytes.is_some()),
             ("value_bytes_max", self.value_bytes_max.is_some()),
             ("url", self.url.is_some()),
+            ("password_file", self.password_file.is_some()),
+            ("password_env", self.password_env.is_some()),
             ("pool_size", self.pool_size.is_some()),
             ("fence_wait_ms", self.fence_wait_ms.is_some()),
             ("call_timeout_ms", self.call_timeout_ms.is_some()),
@@ -289,8 +381,58 @@ impl ResourceToml {
                 },
             });
         };
-        self.into_kind(kind)
+        let table = match kind {
+            ResourceKind::Postgres => self.with_password(name)?,
+            _ => self,
+        };
+        table
+            .into_kind(kind)
             .map_err(|e| Refusal::invalid(format!("[resources.{name}]: {e}")))
+    }
+
+    /// The table with the password of `password_file` or `password_env`, if either is set,
+    /// added to `url` ([`postgres::with_password`]); at most one of the two and the url may give
+    /// one.
+    fn with_password(mut self, name: &str) -> Result<ResourceToml, Refusal> {
+        let refused = |field: &'static str, message: String| Refusal {
+            message: format!("[resources.{name}]: field `{field}`: {message}"),
+            problem: ConfigProblem::Password {
+                resource: name.to_string(),
+                field,
+            },
+        };
+        let password = match (self.password_file.take(), self.password_env.take()) {
+            (None, None) => return Ok(self),
+            (Some(_), Some(_)) => {
+                return Err(refused(
+                    "password_env",
+                    "`password_file` gives the password too; keep one of the two".into(),
+                ));
+            }
+            (Some(file), None) => {
+                password_from_file(&file).map_err(|e| refused("password_file", e))?
+            }
+            (None, Some(var)) => password_from_env(&var).map_err(|e| refused("password_env", e))?,
+        };
+        let field = if password.from_file {
+            "password_file"
+        } else {
+            "password_env"
+        };
+        let Some(url) = self.url.take() else {
+            // `into_kind` names the missing url.
+            return Ok(self);
+        };
+        if url_has_password(&url) {
+            return Err(refused(
+                field,
+                "`url` gives a password too; keep one of the two (better this one, so that the \
+                 password is not in the file)"
+                    .into(),
+            ));
+        }
+        self.url = Some(postgres::with_password(&url, &password.text));
+        Ok(self)
     }
 
     /// The resource of `kind`, or what is wrong with the table (naming the field).
@@ -383,8 +525,9 @@ impl TryFrom<ConfigToml> for Config {
     }
 }
 
-/// One resource.
-#[derive(Clone, Debug)]
+/// One resource. Its `Debug` shows a PostgreSQL connection string without its password
+/// ([`postgres::redact_url`]).
+#[derive(Clone)]
 pub enum ResourceConfig {
     /// A directory tree (the files resource).
     Files {
@@ -397,7 +540,8 @@ pub enum ResourceConfig {
     },
     /// A PostgreSQL database (the postgres resource).
     Postgres {
-        /// Its connection string (libpq style or URL); never printed with its password.
+        /// Its connection string (libpq style or URL), with the password of `password_file` or
+        /// `password_env` added when the file gave one; never printed with its password.
         url: String,
         /// Most connections.
         pool_size: usize,
@@ -431,7 +575,70 @@ pub enum ResourceConfig {
     },
 }
 
+impl fmt::Debug for ResourceConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ResourceConfig::Files {
+                root,
+                create,
+                lock_wait_ms,
+            } => f
+                .debug_struct("Files")
+                .field("root", root)
+                .field("create", create)
+                .field("lock_wait_ms", lock_wait_ms)
+                .finish(),
+            ResourceConfig::Postgres {
+                url,
+                pool_size,
+                fence_wait_ms,
+                call_timeout_ms,
+                connect_timeout_ms,
+            } => f
+                .debug_struct("Postgres")
+                .field("url", &postgres::redact_url(url))
+                .field("pool_size", pool_size)
+                .field("fence_wait_ms", fence_wait_ms)
+                .field("call_timeout_ms", call_timeout_ms)
+                .field("connect_timeout_ms", connect_timeout_ms)
+                .finish(),
+            ResourceConfig::Mail {
+                maildir,
+                create,
+                max_message_bytes,
+            } => f
+                .debug_struct("Mail")
+                .field("maildir", maildir)
+                .field("create", create)
+                .field("max_message_bytes", max_message_bytes)
+                .finish(),
+            ResourceConfig::Kv {
+                dir,
+                create,
+                lock_wait_ms,
+                value_bytes_max,
+            } => f
+                .debug_struct("Kv")
+                .field("dir", dir)
+                .field("create", create)
+                .field("lock_wait_ms", lock_wait_ms)
+                .field("value_bytes_max", value_bytes_max)
+                .finish(),
+        }
+    }
+}
+
 impl ResourceConfig {
+    /// The directory it keeps its data in (`root`, `maildir` or `dir`); `None` for PostgreSQL.
+    pub fn directory(&self) -> Option<&Path> {
+        match self {
+            ResourceConfig::Files { root, .. } => Some(root),
+            ResourceConfig::Mail { maildir, .. } => Some(maildir),
+            ResourceConfig::Kv { dir, .. } => Some(dir),
+            ResourceConfig::Postgres { .. } => None,
+        }
+    }
+
     /// Its kind as written in `kind = "…"` (one of [`KINDS`]).
     pub fn kind(&self) -> &'static str {
         match self {
@@ -441,6 +648,78 @@ impl ResourceConfig {
             ResourceConfig::Kv { .. } => "kv",
         }
     }
+}
+
+/// The TOML parser's `message` with every line of the file `text` that may hold a password (it
+/// names `password` or a URL's user info) shown through [`postgres::redact_url`]: the parser
+/// quotes the line it refuses.
+fn without_passwords(message: &str, text: &str) -> String {
+    let mut message = message.to_string();
+    for line in text.lines() {
+        let line = line.trim();
+        if !line.is_empty() && (line.contains("password") || line.contains("://")) {
+            message = message.replace(line, &postgres::redact_url(line));
+        }
+    }
+    message
+}
+
+/// A password read from `password_file` or `password_env`.
+struct Password {
+    text: String,
+    from_file: bool,
+}
+
+/// The password in `file`: its whole content but one trailing line end.
+fn password_from_file(file: &Path) -> Result<Password, String> {
+    let text = std::fs::read_to_string(file).map_err(|e| {
+        format!(
+            "cannot read the password file {}: {e}; check the path and that this user may read it",
+            file.display()
+        )
+    })?;
+    let text = text
+        .strip_suffix('\n')
+        .map(|t| t.strip_suffix('\r').unwrap_or(t))
+        .unwrap_or(&text)
+        .to_string();
+    if text.is_empty() {
+        return Err(format!(
+            "the password file {} is empty; write the password in it",
+            file.display()
+        ));
+    }
+    Ok(Password {
+        text,
+        from_file: true,
+    })
+}
+
+/// The password in the environment variable `var`.
+fn password_from_env(var: &str) -> Result<Password, String> {
+    match std::env::var(var) {
+        Ok(text) if !text.is_empty() => Ok(Password {
+            text,
+            from_file: false,
+        }),
+        Ok(_) => Err(format!(
+            "the environment variable {var} is empty; set it to the password"
+        )),
+        Err(std::env::VarError::NotPresent) => Err(format!(
+            "the environment variable {var} is not set; set it in the environment of every \
+             program that reads this file"
+        )),
+        Err(std::env::VarError::NotUnicode(_)) => {
+            Err(format!("the environment variable {var} is not valid UTF-8"))
+        }
+    }
+}
+
+/// Whether the connection string sets a password itself (one that cannot be parsed is left to
+/// the resource's open, which names what is wrong with it).
+fn url_has_password(url: &str) -> bool {
+    <tokio_postgres::Config as std::str::FromStr>::from_str(url)
+        .is_ok_and(|pg| pg.get_password().is_some())
 }
 
 /// The highest `value_bytes_max` of a kv resource: the default limit of a branch's batch, which
@@ -510,14 +789,67 @@ impl Config {
         let raw: ConfigToml = toml::from_str(&text).map_err(|e| {
             err(Refusal {
                 problem: ConfigProblem::Malformed,
-                message: e.to_string().trim().replace('\n', " "),
+                message: without_passwords(e.to_string().trim(), &text).replace('\n', " "),
             })
         })?;
-        let mut config = Config::try_from(raw).map_err(err)?;
         let base = path.parent().unwrap_or(Path::new("."));
+        let mut raw = raw;
+        for table in raw.resources.values_mut() {
+            if let Some(file) = &mut table.password_file {
+                *file = base.join(&*file);
+            }
+        }
+        let mut config = Config::try_from(raw).map_err(err)?;
         config.resolve_paths(base);
         config.validate().map_err(|e| err(Refusal::invalid(e)))?;
+        config.check_overlaps().map_err(|overlap| {
+            err(Refusal {
+                message: overlap.to_string(),
+                problem: ConfigProblem::Overlap(Box::new(overlap)),
+            })
+        })?;
         Ok(config)
+    }
+
+    /// The directory of each resource that has one (files, mail, kv), by name, and the journal's
+    /// (`data_dir/journal`), each absolute and normalised ([`normalised`]).
+    fn directories(&self) -> Vec<(Occupant, PathBuf)> {
+        let mut dirs = vec![(
+            Occupant::Journal,
+            normalised(&self.data_dir.join("journal")),
+        )];
+        for (name, resource) in &self.resources {
+            if let Some(dir) = resource.directory() {
+                dirs.push((Occupant::Resource(name.clone()), normalised(dir)));
+            }
+        }
+        dirs
+    }
+
+    /// Refuses directories that overlap: two resources in one directory or one inside the
+    /// other, or a resource's directory that is the journal's (`data_dir/journal`), lies inside
+    /// it or holds it. Paths are compared absolute and normalised, without requiring them to
+    /// exist; nothing is created. [`Config::load`] and [`open_all`] / [`open_named`] check it.
+    pub fn check_overlaps(&self) -> Result<(), Overlap> {
+        let dirs = self.directories();
+        for (i, (first, first_path)) in dirs.iter().enumerate() {
+            for (second, second_path) in &dirs[i + 1..] {
+                if !overlapping(first_path, second_path) {
+                    continue;
+                }
+                // The journal comes first, so `second` is always a resource.
+                let Occupant::Resource(resource) = second else {
+                    continue;
+                };
+                return Err(Overlap {
+                    resource: resource.clone(),
+                    path: second_path.clone(),
+                    other: first.clone(),
+                    other_path: first_path.clone(),
+                });
+            }
+        }
+        Ok(())
     }
 
     /// The embedded defaults of `concord demo`: node 1, two files resources `uploads` and
@@ -600,6 +932,200 @@ impl Config {
     }
 }
 
+impl Config {
+    /// Whether the journal's directory (`data_dir/journal`) exists and is writable, or can be
+    /// created ([`usable_directory`]); creates nothing.
+    pub fn check_journal_directory(&self) -> Result<String, DirectoryProblem> {
+        usable_directory(&self.data_dir.join("journal"), true)
+    }
+}
+
+impl ResourceConfig {
+    /// Whether the directory of a files, mail or kv resource can be used as configured, creating
+    /// nothing ([`usable_directory`]; a Maildir without `create` must also hold `tmp/`, `new/`
+    /// and `cur/`). `Ok` says what was found; `None` for PostgreSQL, which has no directory.
+    pub fn check_directory(&self) -> Option<Result<String, DirectoryProblem>> {
+        let checked = match self {
+            ResourceConfig::Files { root, create, .. } => usable_directory(root, *create),
+            ResourceConfig::Kv { dir, create, .. } => usable_directory(dir, *create),
+            ResourceConfig::Mail {
+                maildir, create, ..
+            } => usable_directory(maildir, *create).and_then(|found| {
+                maildir_complete(maildir, *create)?;
+                Ok(found)
+            }),
+            ResourceConfig::Postgres { .. } => return None,
+        };
+        Some(checked)
+    }
+}
+
+/// Why a resource's directory cannot be used as configured ([`usable_directory`],
+/// [`ResourceConfig::check_directory`]); each says what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum DirectoryProblem {
+    /// Something other than a directory is at the path.
+    #[error("{} exists and is not a directory: remove it, or configure another path", path.display())]
+    NotADirectory {
+        /// The configured directory.
+        path: PathBuf,
+    },
+    /// The path cannot be looked at (permissions of a parent, an I/O error).
+    #[error("cannot read {}: {source}; check the permissions of its parents", path.display())]
+    Unreadable {
+        /// The configured directory.
+        path: PathBuf,
+        /// What the file system said.
+        source: std::io::Error,
+    },
+    /// The directory does not exist and the resource does not create it.
+    #[error("{} does not exist (and create = false): create it, or set create = true", path.display())]
+    Missing {
+        /// The configured directory.
+        path: PathBuf,
+    },
+    /// The directory does not exist, and what would hold it is not a directory.
+    #[error("{} cannot be created: {} is not a directory", path.display(), ancestor.display())]
+    AncestorNotADirectory {
+        /// The configured directory.
+        path: PathBuf,
+        /// Its nearest existing ancestor.
+        ancestor: PathBuf,
+    },
+    /// This user may not create entries in the directory (or in its nearest existing ancestor,
+    /// which would hold it).
+    #[error("{} is not writable by this user ({source}): fix its owner or permissions", path.display())]
+    NotWritable {
+        /// The directory that must be writable.
+        path: PathBuf,
+        /// What `access(2)` said.
+        source: std::io::Error,
+    },
+    /// A Maildir opened without `create` lacks some of `tmp/`, `new/` and `cur/`.
+    #[error("{} is not a Maildir: it lacks {}; set create = true, or point maildir at a Maildir", path.display(), missing.join(", "))]
+    NotAMaildir {
+        /// The configured Maildir.
+        path: PathBuf,
+        /// The subdirectories it lacks.
+        missing: Vec<&'static str>,
+    },
+}
+
+/// A Maildir opened without `create` must hold `tmp/`, `new/` and `cur/`.
+fn maildir_complete(maildir: &Path, create: bool) -> Result<(), DirectoryProblem> {
+    if create || !maildir.is_dir() {
+        return Ok(());
+    }
+    let missing: Vec<&'static str> = ["tmp", "new", "cur"]
+        .into_iter()
+        .filter(|sub| !maildir.join(sub).is_dir())
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    Err(DirectoryProblem::NotAMaildir {
+        path: maildir.to_path_buf(),
+        missing,
+    })
+}
+
+/// Whether `dir` is a directory this process may write in, or — when `create` — may be
+/// created: its nearest existing ancestor is a directory this process may write in. Uses
+/// access checks (`access(2)`, as the real user) and creates nothing. `Ok` says what was found.
+pub fn usable_directory(dir: &Path, create: bool) -> Result<String, DirectoryProblem> {
+    let path = || dir.to_path_buf();
+    match std::fs::metadata(dir) {
+        Ok(meta) if meta.is_dir() => {
+            writable(dir).map(|()| format!("{} is writable", dir.display()))
+        }
+        Ok(_) => Err(DirectoryProblem::NotADirectory { path: path() }),
+        Err(source) if source.kind() != std::io::ErrorKind::NotFound => {
+            Err(DirectoryProblem::Unreadable {
+                path: path(),
+                source,
+            })
+        }
+        Err(_) if !create => Err(DirectoryProblem::Missing { path: path() }),
+        Err(_) => {
+            let ancestor = nearest_existing(dir);
+            if !ancestor.is_dir() {
+                return Err(DirectoryProblem::AncestorNotADirectory {
+                    path: path(),
+                    ancestor,
+                });
+            }
+            writable(&ancestor).map(|()| {
+                format!(
+                    "{} does not exist yet; it will be created in {}, which is writable",
+                    dir.display(),
+                    ancestor.display()
+                )
+            })
+        }
+    }
+}
+
+/// The longest ancestor of `path` (or `path` itself) that exists.
+fn nearest_existing(path: &Path) -> PathBuf {
+    path.ancestors()
+        .find(|p| p.as_os_str().is_empty() || std::fs::symlink_metadata(p).is_ok())
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
+        .to_path_buf()
+}
+
+/// Whether this process may create and remove entries in the directory `dir`.
+fn writable(dir: &Path) -> Result<(), DirectoryProblem> {
+    use rustix::fs::{Access, access};
+    access(dir, Access::WRITE_OK | Access::EXEC_OK).map_err(|e| DirectoryProblem::NotWritable {
+        path: dir.to_path_buf(),
+        source: e.into(),
+    })
+}
+
+/// Whether `a` and `b` are the same directory or one lies inside the other.
+fn overlapping(a: &Path, b: &Path) -> bool {
+    a.starts_with(b) || b.starts_with(a)
+}
+
+/// `path` absolute (against the current directory), with `.` and `..` resolved by name, and
+/// its longest existing ancestor resolved through symbolic links (`fs::canonicalize`), so that
+/// two spellings of one directory compare equal whether or not it exists yet.
+pub fn normalised(path: &Path) -> PathBuf {
+    use std::path::Component;
+    let absolute = match std::env::current_dir() {
+        Ok(current) if path.is_relative() => current.join(path),
+        _ => path.to_path_buf(),
+    };
+    let mut lexical = PathBuf::new();
+    for component in absolute.components() {
+        match component {
+            Component::CurDir => {}
+            Component::ParentDir => {
+                lexical.pop();
+            }
+            other => lexical.push(other),
+        }
+    }
+    let mut missing = Vec::new();
+    let mut existing = lexical.as_path();
+    loop {
+        if let Ok(real) = std::fs::canonicalize(existing) {
+            return missing
+                .iter()
+                .rev()
+                .fold(real, |path, part| path.join(part));
+        }
+        match (existing.parent(), existing.file_name()) {
+            (Some(parent), Some(name)) => {
+                missing.push(name.to_os_string());
+                existing = parent;
+            }
+            _ => return lexical,
+        }
+    }
+}
+
 /// A resource that could not be opened, naming it.
 #[derive(Debug, thiserror::Error)]
 pub enum OpenError {
@@ -623,6 +1149,10 @@ pub enum OpenError {
         /// Why it did not open.
         source: ResourceError,
     },
+    /// Two directories of the configuration overlap ([`Config::check_overlaps`]); nothing was
+    /// opened or created. Give each resource its own directory.
+    #[error("{0}")]
+    Overlap(Box<Overlap>),
     /// The task opening it on the blocking pool did not finish: it panicked, or the runtime is
     /// shutting down.
     #[error("open resource {name}: the opening task failed ({message}); restart the process")]
@@ -641,12 +1171,16 @@ impl OpenError {
             OpenError::NotConfigured { name, .. }
             | OpenError::Resource { name, .. }
             | OpenError::Task { name, .. } => name,
+            OpenError::Overlap(overlap) => &overlap.resource,
         }
     }
 }
 
 /// Opens every resource of `config`, in name order (see [`open_resource`]).
 pub async fn open_all(config: &Config) -> Result<Vec<Arc<dyn Resource>>, OpenError> {
+    config
+        .check_overlaps()
+        .map_err(|overlap| OpenError::Overlap(Box::new(overlap)))?;
     let mut opened = Vec::with_capacity(config.resources.len());
     for (name, resource) in &config.resources {
         opened.push(open_resource(name, resource, config.node).await?);
@@ -661,6 +1195,9 @@ pub async fn open_named<S: AsRef<str>>(
     config: &Config,
     names: &[S],
 ) -> Result<Vec<Arc<dyn Resource>>, OpenError> {
+    config
+        .check_overlaps()
+        .map_err(|overlap| OpenError::Overlap(Box::new(overlap)))?;
     let wanted: BTreeSet<&str> = names.iter().map(AsRef::as_ref).collect();
     let mut chosen = Vec::with_capacity(wanted.len());
     for name in wanted {
@@ -975,6 +1512,59 @@ mod tests {
             let message = load(&text).unwrap_err().to_string();
             assert!(message.contains(&format!("{field} =")), "{message}");
         }
+    }
+
+    /// Two spellings of one directory — through `..`, through a symbolic link, existing or
+    /// not yet — overlap; neighbours and the embedded layout do not.
+    #[test]
+    fn overlaps_are_found_through_dots_and_symbolic_links() {
+        let dir = tempfile::tempdir().unwrap();
+        let real = dir.path().join("real");
+        std::fs::create_dir(&real).unwrap();
+        std::os::unix::fs::symlink(&real, dir.path().join("link")).unwrap();
+        assert_eq!(
+            normalised(&dir.path().join("link/x/../y")),
+            normalised(&real.join("y"))
+        );
+        // Elsewhere, without the symbolic link, the same names are neighbours.
+        let neighbours = load(
+            "node = 1\ndata_dir = \"d\"\n\
+             [resources.a]\nkind = \"files\"\nroot = \"real/a\"\n\
+             [resources.b]\nkind = \"kv\"\ndir = \"link/a/../a/b\"\n",
+        );
+        // `load` writes into a directory of its own: spell the paths through the link here.
+        let text = format!(
+            "node = 1\ndata_dir = \"d\"\n\
+             [resources.a]\nkind = \"files\"\nroot = \"{}\"\n\
+             [resources.b]\nkind = \"kv\"\ndir = \"{}\"\n",
+            real.join("a").display(),
+            dir.path().join("link/a/../a/b").display()
+        );
+        let e = load(&text).unwrap_err();
+        let ConfigProblem::Overlap(overlap) = &e.problem else {
+            panic!("not an overlap: {e}")
+        };
+        assert_eq!(
+            (overlap.resource.as_str(), &overlap.other),
+            ("b", &Occupant::Resource("a".into()))
+        );
+        assert!(
+            neighbours.is_ok(),
+            "neighbours refused: {:?}",
+            neighbours.err()
+        );
+        let mut embedded = Config::embedded(dir.path());
+        assert!(embedded.check_overlaps().is_ok());
+        embedded.resources.insert(
+            "journal_files".into(),
+            ResourceConfig::Files {
+                root: dir.path().join("./journal"),
+                create: true,
+                lock_wait_ms: 1,
+            },
+        );
+        let overlap = embedded.check_overlaps().unwrap_err();
+        assert_eq!(overlap.other, Occupant::Journal);
     }
 
     #[test]

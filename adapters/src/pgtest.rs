@@ -2,7 +2,9 @@
 //!
 //! [`PgCluster::start`] runs Debian's `initdb` and `pg_ctl` (from [`PG_BIN`], or `$CONCORD_PG_BIN`)
 //! in a new temporary directory, on a free loopback port, with `max_prepared_transactions` set
-//! and trust authentication for local connections — never anything beyond 127.0.0.1. When the
+//! and trust authentication for local connections — never anything beyond 127.0.0.1 — except
+//! for the role [`PASSWORD_ROLE`], which must give its password ([`PgCluster::password_url`]),
+//! so that a password's way into a connection can be tested. When the
 //! process runs as root (as CI does), the cluster runs as the `postgres` user, since `initdb`
 //! refuses root. [`PgCluster::shared`] starts one cluster per process, lazily, for every test
 //! of a test binary; [`PgCluster::database`] gives each test a database of its own.
@@ -27,6 +29,13 @@ pub const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
 
 /// `max_prepared_transactions` of the clusters started here.
 pub const MAX_PREPARED_TRANSACTIONS: u32 = 200;
+
+/// The role that must authenticate with a password (`scram-sha-256`); every other role is
+/// trusted. A superuser, created by [`PgCluster::password_url`].
+pub const PASSWORD_ROLE: &str = "concord_password";
+
+/// The password of [`PASSWORD_ROLE`].
+pub const PASSWORD_ROLE_PASSWORD: &str = "pw of 'the' test\\role";
 
 /// Why a cluster could not be started.
 #[derive(Debug, thiserror::Error)]
@@ -104,6 +113,7 @@ impl PgCluster {
                 "--locale=C",
             ],
         )?;
+        cluster.require_password()?;
         let mut last = None;
         for _ in 0..3 {
             cluster.port = free_port()?;
@@ -139,6 +149,39 @@ impl PgCluster {
             "host=127.0.0.1 port={} user=postgres dbname={db}",
             self.port
         )
+    }
+
+    /// A connection string for database `db` as [`PASSWORD_ROLE`], without its password (which
+    /// is [`PASSWORD_ROLE_PASSWORD`]); creates the role when missing.
+    pub fn password_url(&self, db: &str) -> Result<String, PgTestError> {
+        let password = PASSWORD_ROLE_PASSWORD.replace('\'', "''");
+        self.psql(
+            "postgres",
+            &format!(
+                "DO $$ BEGIN CREATE ROLE {PASSWORD_ROLE} LOGIN SUPERUSER PASSWORD '{password}'; \
+                 EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL; END $$"
+            ),
+        )?;
+        Ok(format!(
+            "host=127.0.0.1 port={} user={PASSWORD_ROLE} dbname={db}",
+            self.port
+        ))
+    }
+
+    /// Makes [`PASSWORD_ROLE`] authenticate with its password: a first line in `pg_hba.conf`.
+    fn require_password(&self) -> Result<(), PgTestError> {
+        let hba = self.data.join("pg_hba.conf");
+        let io = |action| {
+            let path = hba.clone();
+            move |source| PgTestError::Io {
+                action,
+                path,
+                source,
+            }
+        };
+        let rules = std::fs::read_to_string(&hba).map_err(io("read"))?;
+        let line = format!("host all {PASSWORD_ROLE} 127.0.0.1/32 scram-sha-256\n");
+        std::fs::write(&hba, format!("{line}{rules}")).map_err(io("write"))
     }
 
     /// Creates a new, empty database named `name` and returns its connection string.

@@ -13,7 +13,9 @@
 //! * `concord journal verify DIR` checks every record and says whether the journal is sound, has a
 //!   torn tail that the next open truncates, or is corrupt ([`verify`]);
 //! * `concord bench journal` measures the journal ([`mod@bench`]);
-//! * `concord pg install|replicate` set up the database of a postgres resource ([`pg`]).
+//! * `concord pg install|replicate` set up the database of a postgres resource ([`pg`]);
+//! * `concord config check` says whether a configuration is valid and every resource reachable,
+//!   changing nothing ([`config_cmd`]).
 //!
 //! Both journal tools are read-only: they use [`journal::scan::scan_dir`], which takes no lock and
 //! changes nothing, so they are safe to run beside a live coordinator (they may then see a tail that
@@ -43,6 +45,7 @@ mod bench_load;
 mod bench_mixed;
 mod bench_pg;
 mod bench_recovery;
+mod config_cmd;
 mod demo;
 mod inspect;
 mod latency;
@@ -67,6 +70,7 @@ Exit codes:
   2  usage error (bad arguments)
   3  the journal is corrupt (the message names the segment file and byte offset)
   4  `txn list`: the list is partial, some resource could not be read (each is named)
+  5  `config check`: the configuration is invalid or a resource is not reachable
   141 standard output was closed early (`| head`): the command stops quietly";
 
 /// Exit code of a failure other than corruption.
@@ -75,6 +79,8 @@ const EXIT_FAILURE: u8 = 1;
 const EXIT_CORRUPT: u8 = 3;
 /// Exit code of a `txn list` that could not read every resource.
 const EXIT_PARTIAL: u8 = 4;
+/// Exit code of a `config check` that found the configuration unusable.
+const EXIT_CONFIG_UNUSABLE: u8 = 5;
 /// Exit code when standard output was closed by the reader (as a process killed by `SIGPIPE`
 /// reports to a shell).
 const EXIT_CLOSED_STDOUT: i32 = 141;
@@ -121,6 +127,16 @@ enum Command {
     /// Set up the database of a postgres resource: the concord schema, row capture.
     #[command(subcommand)]
     Pg(PgCommand),
+    /// Check a configuration file: its fields, and whether every resource is reachable.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+}
+
+#[derive(Subcommand, Debug)]
+enum ConfigCommand {
+    /// Validate a configuration and reach every resource, changing nothing.
+    #[command(after_help = config_cmd::AFTER_HELP)]
+    Check(config_cmd::CheckArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -200,6 +216,7 @@ fn run(command: Command) -> anyhow::Result<()> {
         Command::Txn(TxnCommand::Resolve(args)) => txn::resolve(args),
         Command::Pg(PgCommand::Install(args)) => pg::install(args),
         Command::Pg(PgCommand::Replicate(args)) => pg::replicate(args),
+        Command::Config(ConfigCommand::Check(args)) => config_cmd::check(args),
         Command::Demo(args) => match demo::run(args)? {
             true => Ok(()),
             false => anyhow::bail!("atomicity check failed (see the lines above)"),
@@ -295,6 +312,9 @@ fn cause_text(cause: &(dyn std::error::Error + 'static)) -> Option<String> {
 fn exit_code(e: &anyhow::Error) -> u8 {
     if e.downcast_ref::<txn::Partial>().is_some() {
         return EXIT_PARTIAL;
+    }
+    if e.downcast_ref::<config_cmd::CheckFailed>().is_some() {
+        return EXIT_CONFIG_UNUSABLE;
     }
     let corrupt = e
         .chain()

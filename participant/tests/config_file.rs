@@ -262,3 +262,83 @@ async fn a_field_of_another_kind_is_named() {
         "the error does not list the kinds: {message}"
     );
 }
+
+/// Opens `text` as a config file, which must be refused for overlapping directories naming both
+/// `first` and `second`; nothing but the file itself may exist afterwards (no data directory, no
+/// journal, no resource directory). Returns the message.
+async fn overlap_refusal(text: &str, first: &str, second: &str) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(dir.path(), text);
+    let Ok(opened) = tokio::time::timeout(STEP_DEADLINE, Concord::open_file(&path)).await else {
+        panic!("open_file did not answer within {STEP_DEADLINE:?}")
+    };
+    let Err(error) = opened else {
+        panic!("{text:?} was accepted")
+    };
+    let ConcordError::Config(config_error) = &error else {
+        panic!("not a configuration error: {error:?}")
+    };
+    assert!(
+        matches!(
+            config_error.problem,
+            participant::config::ConfigProblem::Overlap(_)
+        ),
+        "not an overlap: {config_error:?}"
+    );
+    let message = error.to_string();
+    for name in [first, second] {
+        assert!(message.contains(name), "{name} is not named: {message}");
+    }
+    let left: Vec<PathBuf> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|entry| entry.unwrap().path())
+        .filter(|p| p != &path)
+        .collect();
+    assert!(left.is_empty(), "a refused configuration created {left:?}");
+    message
+}
+
+/// A files root that is the journal's directory (`data_dir/journal`), however spelt, is refused
+/// before anything is created (it once wrote `.concord/` into the journal's directory).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_files_root_in_the_journal_is_refused_before_anything_is_created() {
+    for root in [
+        "data/journal",
+        "./data/x/../journal",
+        "data/journal/uploads",
+        "data",
+    ] {
+        let text = format!(
+            "{HEADER}[resources.uploads]\nkind = \"files\"\nroot = \"{root}\"\ncreate = true\n"
+        );
+        let message = overlap_refusal(&text, "[resources.uploads]", "journal").await;
+        assert!(message.contains("data/journal"), "{message}");
+    }
+}
+
+/// A mail queue and a kv store in one directory are refused before either is created.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mail_and_kv_in_one_directory_are_refused_before_anything_is_created() {
+    let text = format!(
+        "{HEADER}[resources.outbox]\nkind = \"mail\"\nmaildir = \"spool\"\ncreate = true\n\
+         [resources.index]\nkind = \"kv\"\ndir = \"spool/\"\ncreate = true\n"
+    );
+    overlap_refusal(&text, "[resources.outbox]", "[resources.index]").await;
+    let nested = format!(
+        "{HEADER}[resources.outbox]\nkind = \"mail\"\nmaildir = \"spool\"\ncreate = true\n\
+         [resources.index]\nkind = \"kv\"\ndir = \"spool/index\"\ncreate = true\n"
+    );
+    overlap_refusal(&nested, "[resources.outbox]", "[resources.index]").await;
+}
+
+/// Two files resources on one root are refused as an overlap naming both (they once failed
+/// with a misleading "another instance has this root open").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_files_resources_on_one_root_are_refused_before_anything_is_created() {
+    let text = format!(
+        "{HEADER}[resources.uploads]\nkind = \"files\"\nroot = \"shared\"\ncreate = true\n\
+         [resources.thumbnails]\nkind = \"files\"\nroot = \"shared\"\ncreate = true\n"
+    );
+    let message = overlap_refusal(&text, "[resources.uploads]", "[resources.thumbnails]").await;
+    assert!(!message.contains("another instance"), "{message}");
+}
