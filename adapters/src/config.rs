@@ -789,7 +789,7 @@ impl Config {
         let raw: ConfigToml = toml::from_str(&text).map_err(|e| {
             err(Refusal {
                 problem: ConfigProblem::Malformed,
-                message: without_passwords(e.to_string().trim(), &text).replace('\n', " "),
+                message: without_passwords(e.to_string().trim(), &text),
             })
         })?;
         let base = path.parent().unwrap_or(Path::new("."));

@@ -227,7 +227,9 @@ async fn postgres_reachable(name: &str, resource: &ResourceConfig) -> Result<Str
 fn print_text(report: &Report) {
     println!("configuration {}", report.config);
     for problem in &report.problems {
-        println!("  problem ({}): {}", problem.kind, problem.message);
+        // A parser's snippet (line, column, caret) keeps its lines, indented under the problem.
+        let message = problem.message.replace('\n', "\n      ");
+        println!("  problem ({}): {message}", problem.kind);
     }
     for r in &report.resources {
         let state = if r.ok { "ok" } else { "NOT REACHABLE" };

@@ -499,8 +499,6 @@ fn a_configuration_syntax_error_names_the_file_line_and_column() {
 }
 
 #[test]
-#[ignore = "needs adapters::config::Config::load to keep the TOML parser's line breaks in \
-            ConfigError::message (it joins them with spaces today); the CLI prints them as is"]
 fn a_configuration_syntax_error_keeps_the_parsers_snippet_lines() {
     let dir = tempfile::tempdir().unwrap();
     let err = txn_list_config_error(&bad_syntax_config(dir.path()));
