@@ -150,6 +150,11 @@ impl Concord {
     /// Opens the journal and the resources of `config` and recovers (see
     /// [`coordinator::runtime`]). Must be called inside a tokio runtime.
     pub async fn open(config: Config) -> Result<Concord, ConcordError> {
+        // Before anything is created: a configuration built in code has not been through
+        // `Config::load`'s check, and the journal directory is created next.
+        config
+            .check_overlaps()
+            .map_err(|overlap| opening_failed(config::OpenError::Overlap(Box::new(overlap))))?;
         let journal_dir = config.data_dir.join("journal");
         let (journal, ledger) = tokio::task::spawn_blocking(move || {
             coordinator::runtime::open_journal(&journal_dir, coordinator::runtime::journal_config())

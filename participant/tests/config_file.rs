@@ -342,3 +342,32 @@ async fn two_files_resources_on_one_root_are_refused_before_anything_is_created(
     let message = overlap_refusal(&text, "[resources.uploads]", "[resources.thumbnails]").await;
     assert!(!message.contains("another instance"), "{message}");
 }
+
+/// A configuration built in code has not been through `Config::load`: `Concord::open` refuses
+/// its overlap itself, before the journal's directory is created.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_overlap_in_a_configuration_built_in_code_is_refused_before_the_journal_is_created() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let mut config = participant::Config::embedded(&data);
+    config.resources.insert(
+        "uploads".into(),
+        participant::ResourceConfig::Files {
+            root: data.join("journal"),
+            create: true,
+            lock_wait_ms: 100,
+        },
+    );
+    let Ok(opened) = tokio::time::timeout(STEP_DEADLINE, Concord::open(config)).await else {
+        panic!("open did not answer within {STEP_DEADLINE:?}")
+    };
+    let Err(error) = opened else {
+        panic!("an overlap built in code was accepted")
+    };
+    let message = error.to_string();
+    assert!(
+        message.contains("uploads") && message.contains("journal"),
+        "{message}"
+    );
+    assert!(!data.exists(), "a refused configuration created {data:?}");
+}
