@@ -24,7 +24,7 @@ pub enum ErrorClass {
 }
 
 /// An error of a resource, naming the resource.
-#[derive(Debug, Clone, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ResourceError {
     /// The resource cannot answer now; retry later. See [`ErrorClass::Retryable`]. Its message
     /// does not promise a retry: the caller that retries says so itself (phase 2, recovery and
@@ -145,6 +145,21 @@ impl ResourceError {
             ResourceError::InDoubt { .. } => ErrorClass::InDoubt,
             ResourceError::Fatal { .. } | ResourceError::ContentLost { .. } => ErrorClass::Fatal,
             ResourceError::HeuristicHazard { .. } => ErrorClass::Hazard,
+        }
+    }
+
+    /// The name of the resource that answered with this error.
+    pub fn resource(&self) -> &str {
+        match self {
+            ResourceError::Unavailable { resource, .. }
+            | ResourceError::Rejected { resource, .. }
+            | ResourceError::Conflict { resource, .. }
+            | ResourceError::Fenced { resource, .. }
+            | ResourceError::InDoubt { resource, .. }
+            | ResourceError::Fatal { resource, .. }
+            | ResourceError::HeuristicHazard { resource, .. }
+            | ResourceError::ContentLost { resource, .. }
+            | ResourceError::BlobMismatch { resource, .. } => resource,
         }
     }
 

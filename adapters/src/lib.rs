@@ -120,8 +120,9 @@ pub enum OnePhaseOutcome {
     Committed,
     /// It did not commit (the resource refused at commit, or it was lost), and why.
     RolledBack {
-        /// Why, naming the resource.
-        reason: String,
+        /// Why, naming the resource; its class says whether running the transaction again can
+        /// succeed (a serialization failure is retryable, a constraint violation is not).
+        error: ResourceError,
     },
 }
 

@@ -958,7 +958,7 @@ async fn a_lost_one_phase_branch_is_ended_and_reported_rolled_back() {
     let other = open(&url, 1).await;
     let outcome = other.one_phase_outcome(&x, &redo).await.unwrap();
     assert!(
-        matches!(&outcome, adapters::OnePhaseOutcome::RolledBack { reason } if reason.contains("did not happen")),
+        matches!(&outcome, adapters::OnePhaseOutcome::RolledBack { error } if error.to_string().contains("did not happen")),
         "{outcome:?}"
     );
     assert_eq!(
@@ -1010,7 +1010,7 @@ async fn a_one_phase_commit_the_server_refuses_is_rolled_back_with_its_message()
     };
     let outcome = primary.commit_one_phase(&x).await.unwrap();
     assert!(
-        matches!(&outcome, adapters::OnePhaseOutcome::RolledBack { reason } if reason.contains("v_once")),
+        matches!(&outcome, adapters::OnePhaseOutcome::RolledBack { error } if error.to_string().contains("v_once")),
         "{outcome:?}"
     );
     assert_eq!(cluster.psql(&db, "SELECT count(*) FROM uniq").unwrap(), "1");

@@ -193,6 +193,10 @@ pub enum Outcome {
     RolledBack {
         /// The reason, naming the branch when one failed.
         reason: String,
+        /// The error of the branch that made the transaction roll back, when one did (a
+        /// failed prepare, or a one-phase commit the resource refused): its resource names the
+        /// branch, its class says whether running the transaction again can succeed.
+        failed: Option<ResourceError>,
     },
     /// Whether it committed is not known: the journal failed while making the decision durable
     /// (the recovery of the next start decides), or the answer of a one-phase commit was lost
@@ -521,8 +525,8 @@ impl TxnMachine {
         // A one-phase branch may commit while it is being finished (when it has nothing to
         // replicate), so once that started it is too late, as for a decision.
         match self.phase {
-            Phase::Active => self.abort(reason, out),
-            Phase::Preparing if !self.is_one_phase() => self.abort(reason, out),
+            Phase::Active => self.abort(reason, None, out),
+            Phase::Preparing if !self.is_one_phase() => self.abort(reason, None, out),
             _ => {}
         }
     }
@@ -581,7 +585,11 @@ impl TxnMachine {
             }
             (Phase::Preparing, Err(e)) => {
                 slot.state = BranchState::RollingBack;
-                self.abort(format!("branch {branch} could not prepare: {e}"), out);
+                self.abort(
+                    format!("branch {branch} could not prepare: {e}"),
+                    Some(e),
+                    out,
+                );
                 out.push(Command::Rollback(branch));
             }
             // Already rolling back: undo what this late vote prepared.
@@ -654,6 +662,7 @@ impl TxnMachine {
             self.branches[0].state = BranchState::Ready;
             return self.abort(
                 format!("the journal failed before the one-phase commit: {error}"),
+                None,
                 out,
             );
         }
@@ -672,6 +681,7 @@ impl TxnMachine {
         }
         self.abort(
             format!("the journal refused the decision record, so nothing was decided: {error}"),
+            None,
             out,
         );
     }
@@ -759,11 +769,13 @@ impl TxnMachine {
                     self.reply(outcome, out);
                 }
             }
-            Ok(OnePhaseOutcome::RolledBack { reason }) => {
+            Ok(OnePhaseOutcome::RolledBack { error }) => {
                 slot.state = BranchState::RolledBack;
                 slot.answered();
+                let reason = error.to_string();
                 let outcome = Outcome::RolledBack {
                     reason: reason.clone(),
+                    failed: Some(error),
                 };
                 if journaled {
                     self.await_outcome(outcome);
@@ -867,7 +879,7 @@ impl TxnMachine {
     }
 
     /// Rolls back every branch that may hold something; answers the caller.
-    fn abort(&mut self, reason: String, out: &mut Vec<Command>) {
+    fn abort(&mut self, reason: String, failed: Option<ResourceError>, out: &mut Vec<Command>) {
         self.phase = Phase::RollingBack;
         for (i, b) in self.branches.iter_mut().enumerate() {
             match b.state {
@@ -879,7 +891,7 @@ impl TxnMachine {
                 _ => {}
             }
         }
-        self.reply(Outcome::RolledBack { reason }, out);
+        self.reply(Outcome::RolledBack { reason, failed }, out);
         self.maybe_finish_rollback();
     }
 
@@ -1087,6 +1099,13 @@ mod tests {
         assert!(m.is_finished());
     }
 
+    fn serialization_failure() -> ResourceError {
+        ResourceError::Unavailable {
+            resource: "orders".into(),
+            message: "could not serialize".into(),
+        }
+    }
+
     #[test]
     fn one_phase_refused_at_commit_journals_an_abort() {
         let mut m = one_phase_voted(b"rows");
@@ -1094,20 +1113,22 @@ mod tests {
         let refused = m.on(Event::OnePhaseAnswered {
             branch: 0,
             result: Ok(OnePhaseOutcome::RolledBack {
-                reason: "could not serialize".into(),
+                error: serialization_failure(),
             }),
         });
+        let reason = serialization_failure().to_string();
         assert_eq!(
             refused,
             vec![Command::AppendAbort {
-                reason: "could not serialize".into()
+                reason: reason.clone()
             }]
         );
         assert!(!m.is_finished());
         assert_eq!(
             m.on(Event::OutcomeDurable { result: Ok(()) }),
             vec![Command::Reply(Outcome::RolledBack {
-                reason: "could not serialize".into()
+                reason,
+                failed: Some(serialization_failure()),
             })]
         );
         assert!(m.is_finished());
@@ -1160,7 +1181,7 @@ mod tests {
         });
         assert_eq!(failed[0], Command::Rollback(0));
         assert!(
-            matches!(&failed[1], Command::Reply(Outcome::RolledBack { reason }) if reason.contains("fsync failed"))
+            matches!(&failed[1], Command::Reply(Outcome::RolledBack { reason, .. }) if reason.contains("fsync failed"))
         );
         m.on(Event::Resolved {
             branch: 0,
@@ -1188,11 +1209,11 @@ mod tests {
             m.on(Event::OnePhaseAnswered {
                 branch: 0,
                 result: Ok(OnePhaseOutcome::RolledBack {
-                    reason: "lost".into()
+                    error: ResourceError::rejected("orders", "lost")
                 })
             }),
             vec![Command::AppendAbort {
-                reason: "lost".into()
+                reason: "resource orders: lost".into()
             }]
         );
         assert_eq!(m.on(Event::OutcomeDurable { result: Ok(()) }), vec![]);
@@ -1263,7 +1284,7 @@ mod tests {
         });
         assert!(commands.contains(&Command::Rollback(0)));
         assert!(commands.contains(&Command::Rollback(1)));
-        assert!(commands.iter().any(|c| matches!(c, Command::Reply(Outcome::RolledBack { reason }) if reason.contains("branch 1") && reason.contains("disk full"))));
+        assert!(commands.iter().any(|c| matches!(c, Command::Reply(Outcome::RolledBack { reason, failed: Some(failed) }) if reason.contains("branch 1") && reason.contains("disk full") && *failed == refused())));
         assert!(
             !commands
                 .iter()
@@ -1412,7 +1433,7 @@ mod tests {
             &[Command::Rollback(0), Command::Rollback(1)]
         );
         assert!(
-            matches!(&commands[2..], [Command::Reply(Outcome::RolledBack { reason })] if reason.contains("the journal is closed")),
+            matches!(&commands[2..], [Command::Reply(Outcome::RolledBack { reason, .. })] if reason.contains("the journal is closed")),
             "{commands:?}"
         );
         m.on(Event::Resolved {
@@ -1529,7 +1550,7 @@ mod tests {
                         let result = match next() % 3 {
                             _ if fail => Err(lost()),
                             0 => Ok(OnePhaseOutcome::RolledBack {
-                                reason: "refused".into(),
+                                error: ResourceError::rejected("r", "refused"),
                             }),
                             _ => Ok(OnePhaseOutcome::Committed),
                         };

@@ -195,7 +195,7 @@ impl Resource for Mem {
             Ok(OnePhaseOutcome::Committed)
         } else {
             Ok(OnePhaseOutcome::RolledBack {
-                reason: "it never committed".into(),
+                error: ResourceError::rejected(&self.name, "it never committed"),
             })
         }
     }
@@ -290,7 +290,7 @@ async fn a_branch_that_cannot_prepare_rolls_everything_back_and_nothing_is_journ
     c.join(&xid, "a").await.unwrap();
     c.join(&xid, "b").await.unwrap();
     let outcome = c.commit(&xid).await.unwrap();
-    let Outcome::RolledBack { reason } = outcome else {
+    let Outcome::RolledBack { reason, .. } = outcome else {
         panic!("{outcome:?}")
     };
     assert!(
@@ -1124,7 +1124,7 @@ async fn resource_calls_past_their_deadline_vote_no_or_are_retried() {
         .expect("a hung prepare must not hang the commit")
         .unwrap();
     assert!(
-        matches!(&outcome, Outcome::RolledBack { reason } if reason.contains("200 ms")),
+        matches!(&outcome, Outcome::RolledBack { reason, .. } if reason.contains("200 ms")),
         "{outcome:?}"
     );
     a.hold_prepares.store(false, Ordering::SeqCst);

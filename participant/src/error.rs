@@ -14,14 +14,12 @@
 //!
 //! # Caveats
 //!
-//! * When a branch fails to prepare, the coordinator reports the rollback as text
-//!   ([`coordinator::Outcome::RolledBack`]'s reason, which names the resource and the branch's
-//!   position), not as the resource's typed error. Such a rollback is
-//!   [`RollbackCause::Coordinator`], its `branch` is `None`, and it counts as not retryable,
-//!   even when the resource's error was (a PostgreSQL serialization failure met at `PREPARE`,
-//!   say). A serialization failure or conflict met by a statement or a write — where they are
-//!   usually met — reaches the application typed, as [`ConcordError::Resource`], and is
-//!   retryable.
+//! * A rollback caused by a branch (a failed prepare, a one-phase commit the resource refused)
+//!   is [`RollbackCause::Branch`] with the resource's typed error; it is retryable when that
+//!   error is (a PostgreSQL serialization failure or deadlock met at `PREPARE` or `COMMIT`, a
+//!   resource that could not answer). A serialization failure or conflict met by a statement or
+//!   a write — where they are usually met — reaches the application typed, as
+//!   [`ConcordError::Resource`], and is retryable too.
 //! * A fenced resource ([`adapters::ResourceError::Fenced`]) is not retryable: this node's
 //!   epoch is over and it never commits again; the application must go to the promoted site.
 
@@ -68,8 +66,9 @@ pub enum ConcordError {
     RolledBack {
         /// The transaction.
         xid: Xid,
-        /// The resource whose branch failed, when the coordinator names it in structured form
-        /// (see the module's caveats: today it names it only inside `cause`).
+        /// The resource whose branch made it roll back (a failed prepare, a refused one-phase
+        /// commit); `None` when no branch did (a timeout, the application's rollback, the
+        /// journal refusing the decision).
         branch: Option<String>,
         /// Why.
         cause: RollbackCause,
@@ -106,8 +105,17 @@ pub enum RollbackCause {
         /// The timeout (milliseconds).
         timeout_ms: u64,
     },
-    /// The coordinator rolled it back for the reason given: a branch that could not prepare
-    /// (the reason names its resource), or the journal refusing the decision.
+    /// A branch could not prepare, or its resource refused a one-phase commit.
+    #[error("{reason}")]
+    Branch {
+        /// The coordinator's words (which branch, what it was doing).
+        reason: String,
+        /// The resource's error; its class says whether running the transaction again can
+        /// succeed.
+        error: Box<ResourceError>,
+    },
+    /// The coordinator rolled it back for the reason given, without a branch's error: the
+    /// journal refusing the decision, say.
     #[error("{reason}")]
     Coordinator {
         /// The coordinator's words.
@@ -120,6 +128,7 @@ impl RollbackCause {
     pub fn is_retryable(&self) -> bool {
         match self {
             RollbackCause::TimedOut { .. } => true,
+            RollbackCause::Branch { error, .. } => resource_retryable(error),
             RollbackCause::Requested { .. } | RollbackCause::Coordinator { .. } => false,
         }
     }
@@ -217,6 +226,10 @@ mod tests {
             }),
             ConcordError::Coordinator(CoordError::Resource(conflict())),
             ConcordError::Coordinator(CoordError::Resource(unavailable())),
+            rolled_back(RollbackCause::Branch {
+                reason: "branch 0 could not prepare: resource index: busy".into(),
+                error: Box::new(unavailable()),
+            }),
         ];
         for e in retryable {
             assert!(e.is_retryable(), "{e:?}");
@@ -245,7 +258,11 @@ mod tests {
                 reason: "rolled back by the application".into(),
             }),
             rolled_back(RollbackCause::Coordinator {
+                reason: "the journal refused the decision record".into(),
+            }),
+            rolled_back(RollbackCause::Branch {
                 reason: "branch 0 could not prepare: resource uploads: disk full".into(),
+                error: Box::new(ResourceError::rejected("uploads", "disk full")),
             }),
             ConcordError::WrongKind {
                 name: "uploads".into(),

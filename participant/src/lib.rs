@@ -39,8 +39,9 @@
 //! retried until each resource answers, across restarts). Anything else is an `Err`:
 //!
 //! * [`ConcordError::RolledBack`] — nothing of the transaction happened, in any resource. Its
-//!   [`RollbackCause`] says why: a branch could not prepare (the coordinator's reason names the
-//!   resource), the transaction outlived `txn_timeout_ms`, or the application rolled it back.
+//!   [`RollbackCause`] says why: a branch could not prepare or its resource refused to commit
+//!   ([`RollbackCause::Branch`], with the resource's error; `branch` names the resource), the
+//!   transaction outlived `txn_timeout_ms`, or the application rolled it back.
 //! * [`ConcordError::InDoubt`] — whether it committed is not known (the journal failed while
 //!   making the decision durable, the answer of a one-phase commit was lost, the coordinator shut
 //!   down in the middle). **Do not run it again**: it may have committed, and a second run would

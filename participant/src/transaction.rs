@@ -201,11 +201,24 @@ impl Transaction {
     fn ended_by(&self, outcome: Outcome, requested: bool) -> Ended {
         match outcome {
             Outcome::Committed { lsn } => Ended::Committed(Committed { xid: self.xid, lsn }),
-            Outcome::RolledBack { reason } if requested => Ended::RolledBack {
+            Outcome::RolledBack { reason, .. } if requested => Ended::RolledBack {
                 branch: None,
                 cause: RollbackCause::Requested { reason },
             },
-            Outcome::RolledBack { reason } => Ended::RolledBack {
+            Outcome::RolledBack {
+                reason,
+                failed: Some(error),
+            } => Ended::RolledBack {
+                branch: Some(error.resource().to_string()),
+                cause: RollbackCause::Branch {
+                    reason,
+                    error: Box::new(error),
+                },
+            },
+            Outcome::RolledBack {
+                reason,
+                failed: None,
+            } => Ended::RolledBack {
                 branch: None,
                 cause: RollbackCause::Coordinator { reason },
             },

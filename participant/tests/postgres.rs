@@ -15,7 +15,7 @@ mod common;
 
 use common::{
     STEP_DEADLINE, close, commit, commit_rolled_back, commits, committed_lsn, decided_lsn, open,
-    record_kinds, within,
+    record_kinds, rolled_back_reason, within,
 };
 
 use std::any::Any;
@@ -630,7 +630,16 @@ async fn a_server_restart_in_the_middle_of_a_transaction_rolls_it_back() {
         .unwrap();
     cluster.stop_immediate().unwrap();
     cluster.restart().unwrap();
-    let reason = commit_rolled_back(&mut tx).await;
+    let answer = within("commit", tx.commit()).await;
+    assert!(
+        matches!(&answer, Err(participant::ConcordError::RolledBack { branch: Some(b), .. }) if b == "orders"),
+        "the error does not name the branch: {answer:?}"
+    );
+    assert!(
+        answer.as_ref().is_err_and(|e| e.is_retryable()),
+        "a transaction lost to a server restart can be run again: {answer:?}"
+    );
+    let reason = rolled_back_reason(&answer);
     assert!(
         reason.contains("resource orders") && reason.contains(&tx.xid().to_string()),
         "{reason}"

@@ -359,11 +359,16 @@ async fn a_failed_prepare_rolls_back_every_branch_and_names_the_resource() {
         matches!(
             &answer,
             Err(ConcordError::RolledBack {
-                cause: RollbackCause::Coordinator { .. },
+                branch: Some(branch),
+                cause: RollbackCause::Branch { error, .. },
                 ..
-            })
+            }) if branch == "uploads" && error.resource() == "uploads"
         ),
-        "{answer:?}"
+        "the error does not carry the failing branch: {answer:?}"
+    );
+    assert!(
+        !answer.as_ref().unwrap_err().is_retryable(),
+        "lost staged content is not cured by a retry"
     );
     let reason = rolled_back_reason(&answer);
     assert!(

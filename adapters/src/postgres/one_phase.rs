@@ -159,7 +159,7 @@ impl PostgresResource {
                     .timed(&conn, "roll back", conn.batch_execute("ROLLBACK"))
                     .await;
                 Ok(OnePhaseOutcome::RolledBack {
-                    reason: inner.statement(xid, &e).to_string(),
+                    error: inner.statement(xid, &e),
                 })
             }
             Err(e) => Err(inner.lost_commit(xid, &e)),
@@ -336,10 +336,12 @@ impl Inner {
             .get(0);
         match status.as_deref() {
             Some("aborted") => Ok(OnePhaseOutcome::RolledBack {
-                reason: format!(
-                    "resource {}: the one-phase commit of {gid} did not happen (the transaction {txid} aborted; the session ended before its COMMIT took effect)",
-                    self.name
-                ),
+                error: ResourceError::Unavailable {
+                    resource: self.name.clone(),
+                    message: format!(
+                        "the one-phase commit of {gid} did not happen (the transaction {txid} aborted; the session ended before its COMMIT took effect)"
+                    ),
+                },
             }),
             other => Err(ResourceError::InDoubt {
                 resource: self.name.clone(),
