@@ -780,6 +780,16 @@ async fn commits_wait_while_max_unfinished_transactions_are_in_phase_two() {
     c.join(&fourth, "a").await.unwrap();
     let refused = c.commit(&fourth).await.unwrap_err();
     assert!(refused.to_string().contains("max_unfinished"), "{refused}");
+    // The refused transaction is rolled back at once, not left open to whoever forgets it.
+    assert!(
+        eventually(Duration::from_secs(5), || a.rolled_back().contains(&fourth)).await,
+        "the refused transaction's branch was not rolled back"
+    );
+    let again = c.commit(&fourth).await;
+    assert!(
+        matches!(again, Err(CoordError::NotActive { .. })),
+        "a refused transaction is over: {again:?}"
+    );
     b.hold_commits.store(false, Ordering::SeqCst);
     assert!(c.wait_settled(Duration::from_secs(5)).await);
     c.shutdown(Duration::from_secs(5)).await;

@@ -551,6 +551,13 @@ impl Coordinator {
     /// the transaction rolled back). Phase 2 goes on in the background.
     pub async fn commit(&self, xid: &Xid) -> Result<Outcome, CoordError> {
         let timeout = Duration::from_millis(self.inner.config.txn_timeout_ms);
+        // A transaction that is not open is answered at once, not after waiting for a place.
+        if !self.inner.open_shard(xid).contains_key(xid) {
+            return Err(CoordError::NotActive {
+                xid: *xid,
+                state: "not open".into(),
+            });
+        }
         let permit = match Arc::clone(&self.inner.unfinished).try_acquire_owned() {
             Ok(permit) => permit,
             Err(_) => {
@@ -563,11 +570,18 @@ impl Coordinator {
                     Ok(Ok(permit)) => permit,
                     Ok(Err(_)) => return Err(CoordError::ShuttingDown),
                     Err(_) => {
-                        return Err(CoordError::Refused(format!(
+                        let why = format!(
                             "{} transactions are still in phase 2 (max_unfinished) and none finished within {} ms: a resource is slow or down (see `concord txn list`)",
                             self.inner.config.max_unfinished.max(1),
                             self.inner.config.txn_timeout_ms
-                        )));
+                        );
+                        // Nothing was decided: the transaction rolls back now, rather than
+                        // waiting open for the reaper (or for a caller who forgets it).
+                        let open = self.inner.open_shard(xid).remove(xid);
+                        if let Some(open) = open.filter(|o| !o.timed_out) {
+                            self.start_rollback(xid, open, &why);
+                        }
+                        return Err(CoordError::Refused(format!("{why}; it was rolled back")));
                     }
                 }
             }
