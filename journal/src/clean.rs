@@ -11,7 +11,10 @@
 //! The mark's life:
 //!
 //! 1. **Written at close**, after the flusher's last sync: `CLEAN.tmp` is written and synced,
-//!    renamed to `CLEAN`, and the directory is synced.
+//!    renamed to `CLEAN`, and the directory is synced. Should that fail (a disk that filled up
+//!    after the last record), the close still succeeds, with a warning: every record is
+//!    durable, and the state left behind is one of the crash rows below. It is not a poisoning,
+//!    and it is not retried.
 //! 2. **Kept while nothing is written**: opening reads it and changes nothing; a journal opened
 //!    and closed again without an append still ends where the mark says.
 //! 3. **Cleared before the first write after open**: the flusher removes `CLEAN` and syncs the

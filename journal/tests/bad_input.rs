@@ -11,6 +11,7 @@
 use std::collections::BTreeMap;
 use std::fs;
 use std::future::Future;
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::process::Command;
@@ -884,4 +885,36 @@ fn an_appending_is_a_future_that_a_std_only_executor_can_await() {
         "{:?}",
         results[0]
     );
+}
+
+/// A journal whose disk filled up only after its last record was synced closes without error:
+/// the clean-close mark is an optimisation of the next open, and failing to write it loses
+/// nothing (every record is durable; the next open checks the tail as after a crash). Nothing is
+/// poisoned, so a resource closing on a full disk that never failed a write does not report
+/// itself as poisoned.
+#[test]
+fn a_clean_close_mark_that_does_not_fit_on_a_full_disk_is_not_a_poisoning() {
+    let base = tempfile::tempdir().unwrap();
+    let mnt = base.path().join("full");
+    let _mount = Mount::tmpfs(&mnt, "size=256k");
+    let dir = mnt.join("journal");
+    let journal = open(&dir, config()).unwrap();
+    for i in 1..=5u64 {
+        let lsn = journal.append(Epoch(1), KIND, &payload(i, 100));
+        assert_eq!(lsn.and_then(|a| a.wait()).unwrap(), Lsn(i));
+    }
+    // Fill what is left of the file system.
+    let filler = mnt.join("filler");
+    {
+        let mut file = fs::File::create(&filler).unwrap();
+        let block = vec![0u8; 4096];
+        while file.write_all(&block).is_ok() {}
+    }
+    journal.close().unwrap();
+    assert!(
+        !dir.join(journal::clean::CLEAN_FILE).exists(),
+        "no room for a mark, yet one is there"
+    );
+    fs::remove_file(&filler).unwrap();
+    reopen_and_check(&dir, config(), 5, 100);
 }
