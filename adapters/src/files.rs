@@ -32,7 +32,7 @@
 //! * **Locks.** A path a branch writes (put or delete) is locked until the branch is resolved,
 //!   together with an *intent* on each of its ancestor directories, so that one branch writing
 //!   `a` and another writing `a/b` conflict as well. This keeps the journal order the commit
-//!   order (DESIGN.md "Ordering"). A second writer waits at most `lock_wait_ms_max`, then fails
+//!   order (docs/design.md "Ordering"). A second writer waits at most `lock_wait_ms_max`, then fails
 //!   with [`ResourceError::Conflict`]. The locks of prepared branches are taken again when the
 //!   resource opens, from their prepare records, so isolation survives a restart.
 //! * **Confinement.** A path is relative, `/`-separated, UTF-8, without empty, `.` or `..`

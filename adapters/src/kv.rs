@@ -24,7 +24,7 @@
 //! * **Recover** lists the prepared tree; at open every entry is decoded and checked, and its
 //!   branch comes back prepared, with its keys locked again.
 //! * **Locks.** Each key a branch writes is locked from its first write until the branch is
-//!   resolved, so that the journal order is the commit order (DESIGN.md "Ordering": a
+//!   resolved, so that the journal order is the commit order (docs/design.md "Ordering": a
 //!   conflicting branch cannot prepare before the first one committed, which is after its
 //!   decision record). A second writer waits at most `lock_wait_ms_max`, then fails with
 //!   [`ResourceError::Conflict`] naming the key and the holder's xid. Locks live in memory; the

@@ -32,7 +32,7 @@
 //!   attempt: nothing is done for it. **Rollback** unlinks the branch's files in `tmp/` and
 //!   appends `ROLLED_BACK`. Both are idempotent.
 //! * **Isolation** needs no locks: every message has a name of its own, and nothing in `tmp/` is
-//!   a delivery (DESIGN.md "Ordering").
+//!   a delivery (docs/design.md "Ordering").
 //! * **Fencing and replay.** [`Resource::fence`] stores the fence epoch durably in the private
 //!   area; a branch of a lower epoch is refused at begin, at every enqueue and at prepare. A
 //!   fence waits for the prepares, commits and rollbacks in flight, and then the fenced

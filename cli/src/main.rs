@@ -31,12 +31,15 @@
 //! * A failure prints exactly one line `error: …` on standard error, saying each cause once, and
 //!   exits non-zero, with the codes in [`EXIT_CODES`] (the one exception to "one line" is a
 //!   configuration the TOML parser refused: its snippet — line, column, caret — follows on the
-//!   lines below, as the parser wrote it); it never prints a backtrace (a panic hook turns a closed standard
-//!   output into a quiet exit 141, a full one into one error line, and a bug into one line).
+//!   lines below, as the parser wrote it); it never prints a backtrace (a panic hook turns a
+//!   closed standard output into a quiet exit 141, a full one into one error line, and a bug
+//!   into one line).
+//! * `--json` prints one JSON document (or documented NDJSON) with stable field names; they
+//!   are listed in `docs/operations.md`, "JSON outputs".
 //!
 //! # Implementation caveats
 //!
-//! * There is no configuration file yet; the journal limits a reader needs
+//! * The journal tools take a directory, not a configuration: the journal limits a reader needs
 //!   (`--record-bytes-max`) are options with the journal's defaults.
 
 mod bench;

@@ -39,7 +39,7 @@
 //!    does not hold. A non-empty redo goes first into a `OnePhase` record
 //!    ([`Command::AppendOnePhase`]), made durable while the branch still holds its locks — so a
 //!    conflicting transaction, which must wait for those locks, gets the later record, exactly as
-//!    with a two-phase decision (DESIGN.md "Ordering") — and only then is the branch committed.
+//!    with a two-phase decision (docs/design.md "Ordering") — and only then is the branch committed.
 //! 3. The resource's answer is the outcome: committed (the caller hears it, an `End` record
 //!    follows), or refused at commit (the caller hears it, an `Abort` record follows, so that a
 //!    standby discards the `OnePhase` record). When the answer is lost (the connection broke),

@@ -1,4 +1,4 @@
-//! The journal order is the commit order (DESIGN.md "Ordering"): round after round, two
+//! The journal order is the commit order (docs/design.md "Ordering"): round after round, two
 //! transactions write the same path of a files resource concurrently (the second waits on the
 //! first's path lock); the content left on the primary is that of the transaction whose `Commit`
 //! record has the higher LSN, and a standby replaying every `Commit` record in LSN order ends with

@@ -457,7 +457,7 @@ async fn the_journal_order_of_two_conflicting_writers_is_their_commit_order() {
 /// Two conflicting writers: the second transaction's update of a row waits on PostgreSQL's row
 /// lock until the first has committed; both commit, the first's record comes first in the
 /// journal, and replaying every committed record's redo in LSN order into a standby database
-/// reproduces the primary's final row (DESIGN.md "Ordering").
+/// reproduces the primary's final row (docs/design.md "Ordering").
 async fn conflicting_writers(db: &str, node: u32, one_phase: bool) {
     let cluster = PgCluster::shared();
     let url = orders_db(cluster, db).await;

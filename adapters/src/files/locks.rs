@@ -2,7 +2,7 @@
 //!
 //! A path a branch writes (put or delete) is locked exclusively until the branch is resolved,
 //! together with an *intent* on each of its ancestor directories, so that one branch writing
-//! `a` and another writing `a/b` conflict as well (DESIGN.md "Ordering"). A branch's own locks
+//! `a` and another writing `a/b` conflict as well (docs/design.md "Ordering"). A branch's own locks
 //! can make a path impossible for it (a file and a path below it): that is a refusal, not a
 //! wait. A second writer waits for a release (`internal::locks::wait_for_lock`) at most
 //! `lock_wait_ms_max`, then fails with [`ResourceError::Conflict`]. The locks of prepared

@@ -3,8 +3,9 @@
 //!
 //! The files and mail resources do blocking file I/O, the kv resource blocking sled calls:
 //! each runs it on tokio's blocking pool through [`blocking`], a panic there being fatal. The
-//! durable-write helpers keep the discipline of DESIGN.md: a failed sync is fatal (what the
-//! file holds on disk is unknown), a directory is synced after a create in it. The branch log
+//! durable-write helpers keep the discipline of `docs/design.md` ("Rules taken from production
+//! systems"): a failed sync is fatal (what the file holds on disk is unknown), a directory is
+//! synced after a create in it. The branch log
 //! and the blob store are the journal crate's, and their errors are sorted here into the
 //! classes of [`ResourceError`] the same way for every resource.
 //!
@@ -76,7 +77,7 @@ pub(crate) fn parent_of(path: &Path) -> PathBuf {
         .map_or_else(|| PathBuf::from("."), Path::to_path_buf)
 }
 
-/// A failed sync is fatal: what the file holds on disk is unknown (DESIGN.md).
+/// A failed sync is fatal: what the file holds on disk is unknown (docs/design.md, docs/failure-model.md).
 pub(crate) fn sync_file(name: &str, file: &File, path: &Path) -> Result<()> {
     file.sync_all().map_err(|e| ResourceError::Fatal {
         resource: name.to_string(),

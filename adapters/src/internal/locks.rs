@@ -2,7 +2,7 @@
 //!
 //! A branch locks what it writes (a path and an intent on its ancestors in the files resource,
 //! a key in the kv resource) until it is resolved, so that the journal order is the commit
-//! order (DESIGN.md "Ordering"). What a lock covers is each resource's; how a second writer
+//! order (docs/design.md "Ordering"). What a lock covers is each resource's; how a second writer
 //! waits is the same: it tries, and while another branch holds the lock it waits for a
 //! release (the resource's `released` [`Notify`], woken whenever a branch releases its locks)
 //! and tries again, for at most `lock_wait_ms_max`, then fails with
