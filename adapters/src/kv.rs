@@ -298,11 +298,7 @@ impl KvResource {
         let (branches, locks) = load_prepared(name, dir, store.prepared_entries()?)?;
         tracing::info!(resource = name, dir = %dir.display(), prepared = branches.len(), %fence, %applied_lsn, "kv resource open");
         let state = State {
-            shared: Shared {
-                fence,
-                applied_lsn,
-                poisoned: None,
-            },
+            shared: Shared::opened(fence, applied_lsn),
             branches,
             locks,
         };

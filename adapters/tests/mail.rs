@@ -778,7 +778,7 @@ async fn a_directory_missing_a_subdirectory_is_not_a_maildir() {
     fs::write(&file, b"x").unwrap();
     let reason = rejected(MailResource::open("mail", &file, config()).map(|_| ()));
     assert!(
-        reason.contains("not a directory, so not a Maildir"),
+        reason.contains(&format!("Maildir {} is not a directory", file.display())),
         "{reason}"
     );
 }

@@ -13,7 +13,6 @@
 
 use std::collections::HashMap;
 use std::fs::{self, File};
-use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
@@ -32,7 +31,7 @@ use crate::dirsync::DirSync;
 use crate::internal::branches::Branches;
 use crate::internal::collect::Adoptions;
 use crate::internal::instance::{Gate, Shared};
-use crate::internal::io::{blob_error, create_dir_durably, lock_private};
+use crate::internal::io::{OwnDir, blob_error, create_dir_durably, lock_private, open_own_dir};
 use crate::internal::pauses::Pauses;
 use crate::internal::state_file::read_state_file;
 use crate::{Epoch, ResourceError, Xid};
@@ -68,11 +67,7 @@ impl FilesResource {
         clear_staging(name, &dirs, &area)?;
         tracing::info!(resource = name, root = %root.display(), prepared = branches.len(), %fence, %applied_lsn, "files resource open");
         let state = State {
-            shared: Shared {
-                fence,
-                applied_lsn,
-                poisoned: None,
-            },
+            shared: Shared::opened(fence, applied_lsn),
             branches,
             locks,
         };
@@ -110,30 +105,11 @@ impl FilesResource {
 
 /// Checks (or creates) the root and returns its canonical path.
 fn open_root(name: &str, dirs: &DirSync, root: &Path, config: &FilesConfig) -> Result<PathBuf> {
-    match fs::metadata(root) {
-        Ok(meta) if meta.is_dir() => {}
-        Ok(_) => {
-            return Err(ResourceError::rejected(
-                name,
-                format!("root {} is not a directory", root.display()),
-            ));
-        }
-        Err(e) if e.kind() == io::ErrorKind::NotFound && config.create_if_missing => {
-            fs::create_dir_all(root)
-                .map_err(|e| ResourceError::io(name, "create root directory", root, &e))?;
-            if let Some(parent) = root.parent().filter(|p| !p.as_os_str().is_empty()) {
-                dirs.sync(parent)?;
-            }
-        }
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            let reason = format!(
-                "root directory {} does not exist; create it or set create_if_missing",
-                root.display()
-            );
-            return Err(ResourceError::rejected(name, reason));
-        }
-        Err(e) => return Err(ResourceError::io(name, "inspect root directory", root, &e)),
-    }
+    let own = OwnDir {
+        what: "root directory",
+        when_missing: "create it or set create_if_missing",
+    };
+    open_own_dir(name, dirs, root, config.create_if_missing, own)?;
     fs::canonicalize(root).map_err(|e| ResourceError::io(name, "resolve root directory", root, &e))
 }
 

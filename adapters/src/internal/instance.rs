@@ -39,6 +39,18 @@ pub(crate) struct Shared {
     pub(crate) poisoned: Option<String>,
 }
 
+impl Shared {
+    /// The shared part of a resource just opened: its fence epoch and applied LSN as read from
+    /// disk, not poisoned.
+    pub(crate) fn opened(fence: Epoch, applied_lsn: Lsn) -> Shared {
+        Shared {
+            fence,
+            applied_lsn,
+            poisoned: None,
+        }
+    }
+}
+
 /// A resource's state, as the shared checks see it.
 pub(crate) trait InstanceState {
     /// Its [`Shared`] part.

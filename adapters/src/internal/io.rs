@@ -103,6 +103,56 @@ pub(crate) fn create_dir_durably(name: &str, dirs: &DirSync, dir: &Path) -> Resu
     }
 }
 
+/// What a resource's own directory is called in its errors ("root", "Maildir"), and what to do
+/// when it is missing and may not be created.
+pub(crate) struct OwnDir<'a> {
+    /// The name of the directory in messages.
+    pub(crate) what: &'a str,
+    /// What to do about a missing one, named with the resource's configuration field.
+    pub(crate) when_missing: &'a str,
+}
+
+/// Checks that `path`, a resource's own directory, is a directory, creating it (all of its
+/// missing ancestors, the parent synced) when `create` says so.
+pub(crate) fn open_own_dir(
+    name: &str,
+    dirs: &DirSync,
+    path: &Path,
+    create: bool,
+    own: OwnDir<'_>,
+) -> Result<()> {
+    let what = own.what;
+    match fs::metadata(path) {
+        Ok(meta) if meta.is_dir() => Ok(()),
+        Ok(_) => Err(ResourceError::rejected(
+            name,
+            format!("{what} {} is not a directory", path.display()),
+        )),
+        Err(e) if e.kind() == io::ErrorKind::NotFound && create => {
+            fs::create_dir_all(path)
+                .map_err(|e| ResourceError::io(name, &format!("create {what}"), path, &e))?;
+            match path.parent().filter(|p| !p.as_os_str().is_empty()) {
+                Some(parent) => dirs.sync(parent),
+                None => Ok(()),
+            }
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Err(ResourceError::rejected(
+            name,
+            format!(
+                "{what} {} does not exist; {}",
+                path.display(),
+                own.when_missing
+            ),
+        )),
+        Err(e) => Err(ResourceError::io(
+            name,
+            &format!("inspect {what}"),
+            path,
+            &e,
+        )),
+    }
+}
+
 /// Takes the private area's `LOCK` (an advisory flock), so that one instance at a time owns
 /// the `owned` directory ("root", "Maildir").
 pub(crate) fn lock_private(name: &str, private: &Path, owned: &str) -> Result<File> {

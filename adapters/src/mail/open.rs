@@ -29,7 +29,9 @@ use crate::dirsync::DirSync;
 use crate::internal::branches::Branches;
 use crate::internal::collect::Adoptions;
 use crate::internal::instance::{Gate, Shared};
-use crate::internal::io::{blob_error, create_dir_durably, lock_private, remove_file_if_exists};
+use crate::internal::io::{
+    OwnDir, blob_error, create_dir_durably, lock_private, open_own_dir, remove_file_if_exists,
+};
 use crate::internal::pauses::Pauses;
 use crate::internal::state_file::read_state_file;
 use crate::{Epoch, ResourceError};
@@ -61,11 +63,7 @@ impl MailResource {
         remove_orphans(name, &area, &branches)?;
         tracing::info!(resource = name, maildir = %maildir.display(), prepared = branches.len(), %fence, %applied_lsn, "mail resource open");
         let state = State {
-            shared: Shared {
-                fence,
-                applied_lsn,
-                poisoned: None,
-            },
+            shared: Shared::opened(fence, applied_lsn),
             branches,
         };
         let inner = Inner {
@@ -104,30 +102,11 @@ pub(super) fn open_maildir(
     path: &Path,
     config: &MailConfig,
 ) -> Result<PathBuf> {
-    match fs::metadata(path) {
-        Ok(meta) if meta.is_dir() => {}
-        Ok(_) => {
-            return Err(ResourceError::rejected(
-                name,
-                format!("{} is not a directory, so not a Maildir", path.display()),
-            ));
-        }
-        Err(e) if e.kind() == io::ErrorKind::NotFound && config.create => {
-            fs::create_dir_all(path)
-                .map_err(|e| ResourceError::io(name, "create Maildir", path, &e))?;
-            if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-                dirs.sync(parent)?;
-            }
-        }
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            let reason = format!(
-                "Maildir {} does not exist; create it (with tmp/, new/ and cur/) or set create = true",
-                path.display()
-            );
-            return Err(ResourceError::rejected(name, reason));
-        }
-        Err(e) => return Err(ResourceError::io(name, "inspect Maildir", path, &e)),
-    }
+    let own = OwnDir {
+        what: "Maildir",
+        when_missing: "create it (with tmp/, new/ and cur/) or set create = true",
+    };
+    open_own_dir(name, dirs, path, config.create, own)?;
     for sub in ["tmp", "new", "cur"] {
         let dir = path.join(sub);
         match fs::metadata(&dir) {
