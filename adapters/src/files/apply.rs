@@ -21,7 +21,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read, Write as _};
+use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 
 use journal::{BlobId, Lsn};
@@ -31,7 +31,7 @@ use super::locks::ancestors;
 use super::staging::{Change, Staged, create_written};
 use super::{CHUNK_BYTES, Inner, RedoEntry, decode_redo};
 use crate::internal::instance::Instance;
-use crate::internal::io::{blob_error, parent_of, sync_file};
+use crate::internal::io::{copy_blob_synced, parent_of, sync_file};
 use crate::{ResourceError, Xid};
 
 type Result<T, E = ResourceError> = std::result::Result<T, E>;
@@ -407,30 +407,12 @@ impl Inner {
     }
 
     pub(super) fn copy_blob_to(&self, id: &BlobId, tmp: &Path) -> Result<u64> {
-        let mut reader = self
-            .blobs
-            .open_blob(id)
-            .map_err(|e| blob_error(&self.name, e))?;
         let mut out = OpenOptions::new()
             .write(true)
             .create_new(true)
             .open(tmp)
             .map_err(|e| ResourceError::io(&self.name, "create", tmp, &e))?;
-        let mut buf = vec![0u8; CHUNK_BYTES];
-        let mut copied = 0u64;
-        loop {
-            let n = match reader.read(&mut buf) {
-                Ok(0) => break,
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(blob_error(&self.name, reader.into_error(e))),
-            };
-            out.write_all(&buf[..n])
-                .map_err(|e| ResourceError::io(&self.name, "write", tmp, &e))?;
-            copied += n as u64;
-        }
-        sync_file(&self.name, &out, tmp)?;
-        Ok(copied)
+        copy_blob_synced(&self.name, &self.blobs, id, &mut out, tmp, CHUNK_BYTES)
     }
 }
 

@@ -17,10 +17,10 @@
 //!   mail resource with `overwrite_synced` (an existing one is truncated and written again).
 
 use std::fs::{self, File, OpenOptions};
-use std::io;
+use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 
-use journal::JournalError;
+use journal::{BlobId, BlobStore, JournalError};
 use tokio::io::{AsyncRead, AsyncReadExt};
 
 use crate::ResourceError;
@@ -252,4 +252,33 @@ pub(crate) fn blob_error(name: &str, e: JournalError) -> ResourceError {
             message: other.to_string(),
         },
     }
+}
+
+/// Copies blob `id` into `out` (the file at `path`, opened by the caller) in chunks of
+/// `chunk_bytes`, then syncs it; returns the bytes copied. The blob store checks the content
+/// against its id as it is read, so a damaged blob is an error, never a silently wrong file.
+pub(crate) fn copy_blob_synced(
+    name: &str,
+    blobs: &BlobStore,
+    id: &BlobId,
+    out: &mut File,
+    path: &Path,
+    chunk_bytes: usize,
+) -> Result<u64> {
+    let mut reader = blobs.open_blob(id).map_err(|e| blob_error(name, e))?;
+    let mut buf = vec![0u8; chunk_bytes];
+    let mut copied = 0u64;
+    loop {
+        let n = match reader.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(blob_error(name, reader.into_error(e))),
+        };
+        out.write_all(&buf[..n])
+            .map_err(|e| ResourceError::io(name, "write", path, &e))?;
+        copied += n as u64;
+    }
+    sync_file(name, out, path)?;
+    Ok(copied)
 }

@@ -16,7 +16,7 @@
 //!   delivered again; the commit logs a warning and goes on.
 
 use std::fs::{self, OpenOptions};
-use std::io::{self, Read, Write as _};
+use std::io;
 use std::path::Path;
 
 use journal::{BlobId, Lsn};
@@ -24,7 +24,7 @@ use journal::{BlobId, Lsn};
 use super::enqueue::overwrite_synced;
 use super::{CHUNK_BYTES, Inner, RedoEntry, list_names, name};
 use crate::internal::instance::Instance;
-use crate::internal::io::{blob_error, remove_file_if_exists, sync_file};
+use crate::internal::io::{copy_blob_synced, remove_file_if_exists};
 use crate::{ResourceError, Xid};
 
 type Result<T, E = ResourceError> = std::result::Result<T, E>;
@@ -119,34 +119,18 @@ impl Inner {
     /// Copies blob `id` (of `bytes` bytes, the message `name`) to the new file `dest`, synced;
     /// the blob store checks the content against its hash as it is read.
     pub(super) fn copy_blob(&self, name: &str, id: &BlobId, bytes: u64, dest: &Path) -> Result<()> {
-        let mut reader = self
-            .blobs
-            .open_blob(id)
-            .map_err(|e| blob_error(&self.name, e))?;
         let mut out = OpenOptions::new()
             .write(true)
             .create(true)
             .truncate(true)
             .open(dest)
             .map_err(|e| ResourceError::io(&self.name, "create", dest, &e))?;
-        let mut buf = vec![0u8; CHUNK_BYTES];
-        let mut copied = 0u64;
-        loop {
-            let n = match reader.read(&mut buf) {
-                Ok(0) => break,
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(blob_error(&self.name, reader.into_error(e))),
-            };
-            out.write_all(&buf[..n])
-                .map_err(|e| ResourceError::io(&self.name, "write", dest, &e))?;
-            copied += n as u64;
-        }
+        let copied = copy_blob_synced(&self.name, &self.blobs, id, &mut out, dest, CHUNK_BYTES)?;
         if copied != bytes {
             return Err(self.fatal(format!(
                 "blob {id} of message {name} is {copied} bytes, the redo says {bytes}"
             )));
         }
-        sync_file(&self.name, &out, dest)
+        Ok(())
     }
 }
