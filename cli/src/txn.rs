@@ -438,6 +438,8 @@ pub fn resolve(args: ResolveArgs) -> anyhow::Result<()> {
         journal.close()?;
         let report = result?;
         let decision = if args.commit { "commit" } else { "rollback" };
+        // With no branch left anywhere, `resolve` returns before it appends anything.
+        let recorded = !report.branches.is_empty();
         if args.json {
             let branches: Vec<_> = report
                 .branches
@@ -449,19 +451,22 @@ pub fn resolve(args: ResolveArgs) -> anyhow::Result<()> {
                 serde_json::json!({
                     "xid": xid.to_string(),
                     "decision": decision,
+                    "recorded": recorded,
                     "operator": operator,
                     "finished": report.finished,
                     "branches": branches,
                 })
+            );
+        } else if !recorded {
+            println!(
+                "{xid}: nothing recorded: no resource holds a branch of it and the journal has nothing open for it; nothing to do"
             );
         } else {
             println!("{xid}: {decision} recorded by {operator}");
             for (resource, outcome) in &report.branches {
                 println!("  {resource}: {}", describe(outcome));
             }
-            if report.branches.is_empty() {
-                println!("{xid}: no resource holds a branch of it: nothing to do");
-            } else if report.finished {
+            if report.finished {
                 println!("{xid}: finished");
             } else {
                 println!("{xid}: still open for the branches not reached; run resolve again once they are reachable, or --forget them if lost for good");

@@ -589,3 +589,58 @@ fn min_age_keeps_the_older_transactions_and_each_row_says_in_flight_or_in_doubt(
     let err = String::from_utf8(out.stderr).unwrap();
     assert!(err.contains("a number and a unit"), "{err}");
 }
+
+/// Resolving a transaction that the journal knows but that holds nothing open any more (it
+/// ended) records nothing, and the command says so rather than "recorded by".
+#[test]
+fn a_resolve_with_nothing_to_do_does_not_claim_it_recorded_a_decision() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let ended = xid(7);
+    append_commit(&data, ended, "tape");
+    let end = CoordRecord::End { xid: ended };
+    let journal = Journal::open(data.join("journal"), JournalConfig::default()).unwrap();
+    journal
+        .append(Epoch(1), end.kind(), &end.encode())
+        .unwrap()
+        .wait()
+        .unwrap();
+    journal.close().unwrap();
+    let records_before = journal_records(&data);
+
+    let out = concord(&["txn", "resolve", &ended.to_string(), "--commit"], &data);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!stdout.contains("recorded by"), "{stdout}");
+    assert!(stdout.contains("nothing recorded"), "{stdout}");
+    assert_eq!(
+        journal_records(&data),
+        records_before,
+        "nothing was appended"
+    );
+
+    let out = concord(
+        &["txn", "resolve", &ended.to_string(), "--commit", "--json"],
+        &data,
+    );
+    let answer: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(answer["recorded"], false, "{answer}");
+    assert_eq!(answer["finished"], true, "{answer}");
+    assert_eq!(
+        journal_records(&data),
+        records_before,
+        "nothing was appended"
+    );
+}
+
+/// The number of records in the journal of `data`.
+fn journal_records(data: &Path) -> usize {
+    let journal = Journal::open(data.join("journal"), JournalConfig::default()).unwrap();
+    let count = journal.read_from(journal.oldest_lsn()).unwrap().count();
+    journal.close().unwrap();
+    count
+}
