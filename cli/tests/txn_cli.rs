@@ -644,3 +644,38 @@ fn journal_records(data: &Path) -> usize {
     journal.close().unwrap();
     count
 }
+
+/// The command a refused start suggests for a resource lost for good is one the binary
+/// accepts: run as written (its placeholders filled in), it ends the transaction.
+#[test]
+fn the_suggested_forget_command_runs_as_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let stuck = xid(9);
+    append_commit(&data, stuck, "tape");
+    let out = concord(&["demo", "--transactions", "1"], &data);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let suggested = stderr
+        .split('`')
+        .find(|part| part.starts_with("concord txn resolve XID"))
+        .unwrap_or_else(|| panic!("no suggested command in {stderr}"));
+    let args: Vec<String> = suggested
+        .split_whitespace()
+        .skip(1)
+        .map(|word| match word {
+            "XID" => stuck.to_string(),
+            "NAME" => "tape".into(),
+            "WHY" => "the tape library was retired".into(),
+            other => other.into(),
+        })
+        .collect();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = concord(&args, &data);
+    assert!(
+        out.status.success(),
+        "`{suggested}` failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(listed(&data).is_empty(), "the transaction ended");
+}
