@@ -86,7 +86,7 @@ const EXIT_PARTIAL: u8 = 4;
 const EXIT_CONFIG_UNUSABLE: u8 = 5;
 /// Exit code when standard output was closed by the reader (as a process killed by `SIGPIPE`
 /// reports to a shell).
-const EXIT_CLOSED_STDOUT: i32 = 141;
+const EXIT_CLOSED_STDOUT: u8 = 141;
 
 /// concord: an XA-style two-phase-commit coordinator with a durable, replicated journal.
 #[derive(Parser, Debug)]
@@ -200,6 +200,9 @@ fn main() -> ExitCode {
     init_logging(level, cli.log_format);
     match run(cli.command) {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.downcast_ref::<output::ClosedStdout>().is_some() => {
+            ExitCode::from(EXIT_CLOSED_STDOUT)
+        }
         Err(e) => {
             eprintln!("error: {}", one_line(&e));
             ExitCode::from(exit_code(&e))
@@ -256,7 +259,7 @@ fn on_panic(info: &std::panic::PanicHookInfo<'_>) {
         .unwrap_or("(no message)");
     if message.contains("failed printing to stdout") {
         if message.contains("Broken pipe") {
-            std::process::exit(EXIT_CLOSED_STDOUT);
+            std::process::exit(i32::from(EXIT_CLOSED_STDOUT));
         }
         let cause = message.rsplit(": ").next().unwrap_or(message);
         eprintln!("error: write standard output: {cause}");

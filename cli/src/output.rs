@@ -204,11 +204,25 @@ pub fn spinner(wanted: bool) -> ProgressBar {
     bar
 }
 
+/// Standard output was closed by its reader (`| head`): the command stops, prints nothing more
+/// and exits 141, as a process killed by `SIGPIPE` reports to a shell — not 0, which would say
+/// the whole output was read.
+#[derive(Debug)]
+pub struct ClosedStdout;
+
+impl std::fmt::Display for ClosedStdout {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("standard output was closed by its reader")
+    }
+}
+
+impl std::error::Error for ClosedStdout {}
+
 /// Turns a failed write to standard output into the command's result: a closed pipe (`| head`)
-/// ends the command quietly, anything else is an error.
+/// is [`ClosedStdout`] (a quiet exit 141), anything else is an error.
 pub fn stdout_result(result: io::Result<()>) -> anyhow::Result<()> {
     match result {
-        Err(e) if e.kind() == io::ErrorKind::BrokenPipe => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::BrokenPipe => Err(ClosedStdout.into()),
         other => other.context("write to standard output"),
     }
 }

@@ -101,8 +101,11 @@ pub fn run(args: &VerifyArgs) -> anyhow::Result<()> {
     match scanned {
         Ok(report) => output::stdout_result(print_sound(args, &report, &tally)),
         Err(e) if e.class() == journal::ErrorClass::Corrupt => {
-            output::stdout_result(print_corrupt(args, &e, &tally))?;
-            Err(e.into())
+            // A corrupt journal's exit code 3 matters more than a reader that stopped reading.
+            match output::stdout_result(print_corrupt(args, &e, &tally)) {
+                Err(w) if w.downcast_ref::<output::ClosedStdout>().is_none() => Err(w),
+                _ => Err(e.into()),
+            }
         }
         Err(e) => Err(e.into()),
     }

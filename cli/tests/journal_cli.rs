@@ -635,3 +635,43 @@ fn a_coordinator_record_that_does_not_decode_is_shown_as_such() {
         );
     }
 }
+
+/// Standard output closed by its reader (`| head`) ends `inspect` quietly with the documented
+/// exit code 141, not with 0 as though the whole listing had been read.
+#[test]
+fn inspect_into_a_closed_pipe_exits_141_quietly() {
+    use std::io::Read;
+    let dir = tempfile::tempdir().unwrap();
+    let config = JournalConfig {
+        create_if_missing: true,
+        ..JournalConfig::default()
+    };
+    let journal = Journal::open(dir.path(), config).unwrap();
+    // Far more listing than a pipe buffers, so the writer meets the closed pipe.
+    let mut last = None;
+    for payload in fixed_payloads(3000) {
+        last = Some(journal.append(EPOCH, KIND, &payload).unwrap());
+    }
+    last.unwrap().wait().unwrap();
+    journal.close().unwrap();
+    for json in [false, true] {
+        let mut args = vec!["journal", "inspect", path_arg(dir.path())];
+        if json {
+            args.push("--json");
+        }
+        let mut child = Command::new(env!("CARGO_BIN_EXE_concord"))
+            .args(&args)
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut first = [0u8; 16];
+        child.stdout.take().unwrap().read_exact(&mut first).unwrap();
+        let out = child.wait_with_output().unwrap();
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(141), "{args:?}: {err}");
+        assert!(err.is_empty(), "{args:?}: {err}");
+    }
+}
