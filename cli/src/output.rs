@@ -32,7 +32,10 @@ pub const CHAIN_ABBREV_HEX_DIGITS: usize = 12;
 /// needs to hear.
 pub fn check_dir(dir: &Path) -> anyhow::Result<()> {
     match std::fs::metadata(dir) {
-        Ok(meta) if meta.is_dir() => check_not_data_dir(dir),
+        Ok(meta) if meta.is_dir() => {
+            check_not_data_dir(dir)?;
+            check_holds_a_journal(dir)
+        }
         Ok(_) => bail!("journal path {} is not a directory", dir.display()),
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
             bail!("journal directory {} does not exist", dir.display())
@@ -52,6 +55,35 @@ fn check_not_data_dir(dir: &Path) -> anyhow::Result<()> {
             "{} is a data directory, not a journal directory; its journal is {}: give that path",
             dir.display(),
             inner.display()
+        );
+    }
+    Ok(())
+}
+
+/// Fails when `dir` holds no segment file but something a journal never holds (a resource's
+/// directory, say), so that it is not taken for a journal with a foreign file to move away.
+///
+/// An empty directory, or one with only the journal's own lock, clean-close mark and temp
+/// files, passes: the scan reports it as an empty journal. A directory that cannot be listed
+/// passes too, and the scan says why.
+fn check_holds_a_journal(dir: &Path) -> anyhow::Result<()> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Ok(());
+    };
+    let mut names: Vec<String> = entries
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    if names.iter().any(|n| n.ends_with(".seg")) {
+        return Ok(());
+    }
+    names.sort();
+    let journals_own =
+        |n: &str| matches!(n, "LOCK" | "CLEAN" | "CLEAN.tmp") || n.ends_with(".seg.tmp");
+    if let Some(other) = names.iter().find(|n| !journals_own(n)) {
+        bail!(
+            "{} is not a journal directory: it holds no segment file (NNNNNNNNNNNNNNNNNNNN.seg) and holds {other}, which a journal never holds; give the journal directory (`journal/` inside the data directory)",
+            dir.display()
         );
     }
     Ok(())

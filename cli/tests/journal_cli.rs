@@ -675,3 +675,38 @@ fn inspect_into_a_closed_pipe_exits_141_quietly() {
         assert!(err.is_empty(), "{args:?}: {err}");
     }
 }
+
+/// A directory that holds no segment file but other things (a resource's directory, a
+/// configuration directory) is said not to be a journal directory; the tools never advise
+/// moving its files away.
+#[test]
+fn a_directory_without_segments_is_not_a_journal_and_nothing_is_to_be_moved() {
+    let root = tempfile::tempdir().unwrap();
+    // What a files resource's root holds: its private `.concord/` and the application's files.
+    fs::create_dir_all(root.path().join(".concord/log")).unwrap();
+    fs::write(root.path().join("invoice.pdf"), b"%PDF").unwrap();
+    let names = |dir: &Path| -> Vec<String> {
+        let mut names: Vec<String> = fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    };
+    let before = (names(root.path()), names(&root.path().join(".concord")));
+    for cmd in ["inspect", "verify"] {
+        for json in [false, true] {
+            let mut args = vec!["journal", cmd, path_arg(root.path())];
+            if json {
+                args.push("--json");
+            }
+            let out = concord(&args);
+            assert_one_line_error(&out, 1, &["not a journal directory", "journal/"]);
+            let err = stderr(&out);
+            assert!(!err.contains("move"), "never advise moving it: {err}");
+            assert_eq!(stdout(&out), "");
+        }
+    }
+    let after = (names(root.path()), names(&root.path().join(".concord")));
+    assert_eq!(after, before, "nothing was created or removed");
+}
