@@ -13,8 +13,9 @@
 //!   before the damage.
 //!
 //! Anything that stops the check itself (a missing directory, a data directory given instead of
-//! its `journal/`, a directory without segments that holds other things, a foreign file, a newer format, an I/O error) is an `error:` line and exit 1;
-//! for a data directory the line names the journal directory inside it.
+//! its `journal/`, a directory without segments that holds other things, a foreign file, a
+//! newer format, an I/O error) is an `error:` line and exit 1; for a data directory the line
+//! names the journal directory inside it.
 //!
 //! # Implementation caveats
 //!
