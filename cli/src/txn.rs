@@ -392,9 +392,9 @@ pub fn resolve(args: ResolveArgs) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     let journal_dir = config.data_dir.join("journal");
-    if !journal_dir.is_dir() {
+    if !holds_segments(&journal_dir) {
         anyhow::bail!(
-            "no concord journal at {}: this is not the data directory of a concord configuration (check --data or --config); nothing was changed",
+            "no concord journal at {} (no such directory, or no segment file in it): this is not the data directory of a concord configuration (check --data or --config); nothing was changed",
             journal_dir.display()
         );
     }
@@ -476,6 +476,16 @@ pub fn resolve(args: ResolveArgs) -> anyhow::Result<()> {
             anyhow::bail!("transaction {xid} is not finished: some branches were not reached");
         }
         Ok(())
+    })
+}
+
+/// Whether `dir` is a directory holding at least one journal segment file: opening anything
+/// less for writing would create a journal where there was none.
+fn holds_segments(dir: &std::path::Path) -> bool {
+    std::fs::read_dir(dir).is_ok_and(|entries| {
+        entries
+            .filter_map(|e| e.ok())
+            .any(|e| e.file_name().to_string_lossy().ends_with(".seg"))
     })
 }
 

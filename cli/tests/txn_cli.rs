@@ -679,3 +679,28 @@ fn the_suggested_forget_command_runs_as_written() {
     );
     assert!(listed(&data).is_empty(), "the transaction ended");
 }
+
+/// A data directory whose `journal/` is empty holds no concord data: `resolve` refuses, and
+/// creates no segment, lock or mark in it.
+#[test]
+fn resolve_on_an_empty_journal_directory_creates_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(data.join("journal")).unwrap();
+    for decision in ["--rollback", "--commit"] {
+        let out = concord(&["txn", "resolve", "n1e1s5", decision], &data);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        assert!(stderr.contains("no concord journal"), "{stderr}");
+        let created: Vec<_> = std::fs::read_dir(data.join("journal"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert!(created.is_empty(), "{created:?}");
+        let entries: Vec<_> = std::fs::read_dir(&data)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(entries, vec![std::ffi::OsString::from("journal")]);
+    }
+}
