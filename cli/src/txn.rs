@@ -278,9 +278,14 @@ pub struct Partial {
 
 impl std::fmt::Display for Partial {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let noun = if self.resources.len() == 1 {
+            "resource"
+        } else {
+            "resources"
+        };
         write!(
             f,
-            "the list is partial: resources {} could not be read (see the notes above)",
+            "the list is partial: {noun} {} could not be read (see the notes above)",
             self.resources.join(", ")
         )
     }
@@ -334,7 +339,7 @@ fn prepared_branches(config: &Config) -> anyhow::Result<(BTreeMap<Xid, Vec<Strin
         .build()?;
     for (name, resource) in &config.resources {
         if let Err(e) = read_prepared(config, &runtime, name, resource, &mut out) {
-            unreadable.push((name.clone(), format!("{e:#}")));
+            unreadable.push((name.clone(), unnamed(name, format!("{e:#}"))));
         }
     }
     Ok((out, unreadable))
@@ -413,7 +418,10 @@ pub fn resolve(args: ResolveArgs) -> anyhow::Result<()> {
                 Ok(resource) => {
                     resources.insert(name, resource);
                 }
-                Err(e) => unopened.push((name, e.to_string())),
+                Err(e) => {
+                    let why = unnamed(&name, e.to_string());
+                    unopened.push((name, why));
+                }
             }
         }
         let request = ResolveRequest {
@@ -479,6 +487,14 @@ pub fn resolve(args: ResolveArgs) -> anyhow::Result<()> {
     })
 }
 
+/// `why` without a leading `resource NAME: `, for a line that names the resource already.
+fn unnamed(name: &str, why: String) -> String {
+    match why.strip_prefix(&format!("resource {name}: ")) {
+        Some(rest) => rest.to_string(),
+        None => why,
+    }
+}
+
 /// Whether `dir` is a directory holding at least one journal segment file: opening anything
 /// less for writing would create a journal where there was none.
 fn holds_segments(dir: &std::path::Path) -> bool {
@@ -508,7 +524,7 @@ async fn involved(
         match holds_prepared(config, resource, name, xid).await {
             Ok(true) => holders.push(name.clone()),
             Ok(false) => {}
-            Err(e) => unasked.push((name.clone(), format!("{e:#}"))),
+            Err(e) => unasked.push((name.clone(), unnamed(name, format!("{e:#}")))),
         }
     }
     (holders, unasked)

@@ -351,6 +351,14 @@ fn txn_list_says_what_it_could_not_read() {
         notes.contains("resource orders could not be read"),
         "{notes}"
     );
+    // Each line says each thing once.
+    for line in notes.lines() {
+        assert!(
+            line.matches("resource orders").count() <= 1,
+            "the resource is named twice: {line}"
+        );
+        assert!(!line.contains("resources orders"), "{line}");
+    }
     let rows: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(rows[0]["xid"], stuck.to_string(), "{rows}");
 }
