@@ -95,12 +95,20 @@ fn parse_duration_ms(text: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("{text:?} is too long a duration"))
 }
 
+/// An xid as `txn list` prints it; anything else is a usage error.
+fn parse_xid(text: &str) -> Result<Xid, String> {
+    text.parse().map_err(|_| {
+        format!("{text:?} is not an xid (n<node>e<epoch>s<seq>, as `concord txn list` shows it)")
+    })
+}
+
 /// Options of `concord txn resolve`.
 #[derive(clap::Args, Debug)]
 #[command(group(clap::ArgGroup::new("decision").required(true).args(["commit", "rollback"])))]
 pub struct ResolveArgs {
-    /// The transaction.
-    xid: String,
+    /// The transaction (`n<node>e<epoch>s<seq>`, as `concord txn list` shows it).
+    #[arg(value_parser = parse_xid)]
+    xid: Xid,
     /// Commit every branch still prepared, and close the transaction.
     #[arg(long)]
     commit: bool,
@@ -390,7 +398,7 @@ fn read_prepared(
 
 /// Runs `concord txn resolve`.
 pub fn resolve(args: ResolveArgs) -> anyhow::Result<()> {
-    let xid: Xid = args.xid.parse()?;
+    let xid = args.xid;
     let config = args.target.load()?;
     let operator = args.operator.clone().unwrap_or_else(os_user);
     let runtime = tokio::runtime::Builder::new_multi_thread()

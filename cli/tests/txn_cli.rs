@@ -197,8 +197,11 @@ fn a_stuck_transaction_is_listed_and_resolved_by_an_operator() {
 fn a_malformed_xid_is_one_clear_error() {
     let dir = tempfile::tempdir().unwrap();
     let out = concord(&["txn", "resolve", "not-an-xid", "--commit"], dir.path());
-    assert_eq!(out.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("is not an xid"));
+    // A bad argument is a usage error (exit 2), and no resource is called "xid".
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("is not an xid"), "{stderr}");
+    assert!(!stderr.contains("resource xid"), "{stderr}");
 }
 
 /// A branch left prepared in the Maildir and one in the sled store (no decision names them) are
