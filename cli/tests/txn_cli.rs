@@ -715,3 +715,28 @@ fn resolve_on_an_empty_journal_directory_creates_nothing() {
         assert_eq!(entries, vec![std::ffi::OsString::from("journal")]);
     }
 }
+
+/// An xid that neither the journal nor any resource that answered knows is refused even while
+/// another resource cannot be asked: nothing is recorded for a transaction that may never have
+/// existed, and the message names the resource that could not be asked.
+#[test]
+fn an_unknown_xid_is_refused_while_a_resource_cannot_be_asked() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let config = unreachable_postgres_config(dir.path(), &data);
+    append_commit(&data, xid(1), "uploads");
+    let records_before = journal_records(&data);
+    let unknown = xid(777);
+    let out = Command::new(env!("CARGO_BIN_EXE_concord"))
+        .args(["txn", "resolve", &unknown.to_string(), "--rollback"])
+        .arg("--config")
+        .arg(&config)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains(&unknown.to_string()), "{stderr}");
+    assert!(stderr.contains("unknown"), "{stderr}");
+    assert!(stderr.contains("orders"), "{stderr}");
+    assert_eq!(journal_records(&data), records_before, "nothing recorded");
+}
