@@ -193,7 +193,10 @@ impl Command {
 
 fn main() -> ExitCode {
     std::panic::set_hook(Box::new(on_panic));
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return parse_failed(&e),
+    };
     let level = cli
         .log_level
         .unwrap_or_else(|| cli.command.default_log_level());
@@ -206,6 +209,27 @@ fn main() -> ExitCode {
         Err(e) => {
             eprintln!("error: {}", one_line(&e));
             ExitCode::from(exit_code(&e))
+        }
+    }
+}
+
+/// What a command line that does not run a command ends with: a usage error (exit 2) on
+/// standard error as clap writes it; help or version text on standard output — checked, so
+/// that a full standard output is one `error:` line and exit 1 and a closed one a quiet 141,
+/// as for every other output (clap would report success either way).
+fn parse_failed(e: &clap::Error) -> ExitCode {
+    use std::io::{IsTerminal, Write};
+    if e.use_stderr() || std::io::stdout().is_terminal() {
+        // On a terminal clap keeps its colours; a terminal is never full.
+        e.exit();
+    }
+    let mut out = std::io::stdout().lock();
+    match write!(out, "{}", e.render()).and_then(|()| out.flush()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(w) if w.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::from(EXIT_CLOSED_STDOUT),
+        Err(w) => {
+            eprintln!("error: write standard output: {w}");
+            ExitCode::from(EXIT_FAILURE)
         }
     }
 }

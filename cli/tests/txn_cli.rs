@@ -740,3 +740,27 @@ fn an_unknown_xid_is_refused_while_a_resource_cannot_be_asked() {
     assert!(stderr.contains("orders"), "{stderr}");
     assert_eq!(journal_records(&data), records_before, "nothing recorded");
 }
+
+/// Help and version text on a full standard output is one `error:` line and exit 1, like every
+/// other output, not a silent success.
+#[test]
+fn help_on_a_full_stdout_is_an_error() {
+    for args in [&["--help"][..], &["--version"], &["txn", "list", "--help"]] {
+        let full = std::fs::OpenOptions::new()
+            .write(true)
+            .open("/dev/full")
+            .unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_concord"))
+            .args(args)
+            .stdout(full)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
+        assert!(
+            stderr.starts_with("error: write standard output"),
+            "{args:?}: {stderr}"
+        );
+        assert_eq!(stderr.lines().count(), 1, "{args:?}: {stderr}");
+    }
+}
