@@ -764,3 +764,20 @@ fn help_on_a_full_stdout_is_an_error() {
         assert_eq!(stderr.lines().count(), 1, "{args:?}: {stderr}");
     }
 }
+
+/// `--commit` of an xid nobody knows is refused as unknown, as `--rollback` is — not with
+/// advice to run `--rollback`, which would then refuse it as unknown.
+#[test]
+fn commit_of_an_unknown_xid_is_refused_as_unknown_not_sent_to_rollback() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    append_commit(&data, xid(1), "tape");
+    let unknown = xid(777).to_string();
+    for decision in ["--commit", "--rollback"] {
+        let out = concord(&["txn", "resolve", &unknown, decision], &data);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{decision}: {stderr}");
+        assert!(stderr.contains("is unknown"), "{decision}: {stderr}");
+        assert!(!stderr.contains("resolve it with"), "{decision}: {stderr}");
+    }
+}

@@ -113,8 +113,21 @@ pub async fn resolve(
     let xid = request.xid;
     let ledger = read_ledger(journal)?;
     check_forget(request)?;
+    // An xid the journal does not know is refused as unknown before anything else, whatever
+    // was asked: advice to decide the other way would only be refused in turn.
+    let asked = match ledger.entry(&xid) {
+        None => {
+            let asked = involved(&ledger, resources, request, call_timeout).await;
+            check_known(&ledger, &asked, request)?;
+            Some(asked)
+        }
+        Some(_) => None,
+    };
     check_decision(&ledger, journal, request)?;
-    let involved = involved(&ledger, resources, request, call_timeout).await;
+    let involved = match asked {
+        Some(asked) => asked,
+        None => involved(&ledger, resources, request, call_timeout).await,
+    };
     check_known(&ledger, &involved, request)?;
     let decision_lsn = ledger
         .entry(&xid)
