@@ -213,7 +213,7 @@ async fn postgres_reachable(name: &str, resource: &ResourceConfig) -> Result<Str
         )),
         // Nothing retries here: say the message, not the class.
         Ok(Err(adapters::ResourceError::Unavailable { message, .. })) => Err(format!(
-            "{message}; check that the server is up and reachable at that address"
+            "{message}; check that the server is up and reachable at that address, and the url's user, password and database"
         )),
         Ok(Err(e)) => Err(e.to_string()),
         Err(_) => Err(format!(

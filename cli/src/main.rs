@@ -86,7 +86,7 @@ const EXIT_PARTIAL: u8 = 4;
 const EXIT_CONFIG_UNUSABLE: u8 = 5;
 /// Exit code when standard output was closed by the reader (as a process killed by `SIGPIPE`
 /// reports to a shell).
-const EXIT_CLOSED_STDOUT: i32 = 141;
+const EXIT_CLOSED_STDOUT: u8 = 141;
 
 /// concord: an XA-style two-phase-commit coordinator with a durable, replicated journal.
 #[derive(Parser, Debug)]
@@ -193,16 +193,43 @@ impl Command {
 
 fn main() -> ExitCode {
     std::panic::set_hook(Box::new(on_panic));
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return parse_failed(&e),
+    };
     let level = cli
         .log_level
         .unwrap_or_else(|| cli.command.default_log_level());
     init_logging(level, cli.log_format);
     match run(cli.command) {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.downcast_ref::<output::ClosedStdout>().is_some() => {
+            ExitCode::from(EXIT_CLOSED_STDOUT)
+        }
         Err(e) => {
             eprintln!("error: {}", one_line(&e));
             ExitCode::from(exit_code(&e))
+        }
+    }
+}
+
+/// What a command line that does not run a command ends with: a usage error (exit 2) on
+/// standard error as clap writes it; help or version text on standard output — checked, so
+/// that a full standard output is one `error:` line and exit 1 and a closed one a quiet 141,
+/// as for every other output (clap would report success either way).
+fn parse_failed(e: &clap::Error) -> ExitCode {
+    use std::io::{IsTerminal, Write};
+    if e.use_stderr() || std::io::stdout().is_terminal() {
+        // On a terminal clap keeps its colours; a terminal is never full.
+        e.exit();
+    }
+    let mut out = std::io::stdout().lock();
+    match write!(out, "{}", e.render()).and_then(|()| out.flush()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(w) if w.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::from(EXIT_CLOSED_STDOUT),
+        Err(w) => {
+            eprintln!("error: write standard output: {w}");
+            ExitCode::from(EXIT_FAILURE)
         }
     }
 }
@@ -256,7 +283,7 @@ fn on_panic(info: &std::panic::PanicHookInfo<'_>) {
         .unwrap_or("(no message)");
     if message.contains("failed printing to stdout") {
         if message.contains("Broken pipe") {
-            std::process::exit(EXIT_CLOSED_STDOUT);
+            std::process::exit(i32::from(EXIT_CLOSED_STDOUT));
         }
         let cause = message.rsplit(": ").next().unwrap_or(message);
         eprintln!("error: write standard output: {cause}");

@@ -32,7 +32,10 @@ pub const CHAIN_ABBREV_HEX_DIGITS: usize = 12;
 /// needs to hear.
 pub fn check_dir(dir: &Path) -> anyhow::Result<()> {
     match std::fs::metadata(dir) {
-        Ok(meta) if meta.is_dir() => check_not_data_dir(dir),
+        Ok(meta) if meta.is_dir() => {
+            check_not_data_dir(dir)?;
+            check_holds_a_journal(dir)
+        }
         Ok(_) => bail!("journal path {} is not a directory", dir.display()),
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
             bail!("journal directory {} does not exist", dir.display())
@@ -52,6 +55,35 @@ fn check_not_data_dir(dir: &Path) -> anyhow::Result<()> {
             "{} is a data directory, not a journal directory; its journal is {}: give that path",
             dir.display(),
             inner.display()
+        );
+    }
+    Ok(())
+}
+
+/// Fails when `dir` holds no segment file but something a journal never holds (a resource's
+/// directory, say), so that it is not taken for a journal with a foreign file to move away.
+///
+/// An empty directory, or one with only the journal's own lock, clean-close mark and temp
+/// files, passes: the scan reports it as an empty journal. A directory that cannot be listed
+/// passes too, and the scan says why.
+fn check_holds_a_journal(dir: &Path) -> anyhow::Result<()> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Ok(());
+    };
+    let mut names: Vec<String> = entries
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    if names.iter().any(|n| n.ends_with(".seg")) {
+        return Ok(());
+    }
+    names.sort();
+    let journals_own =
+        |n: &str| matches!(n, "LOCK" | "CLEAN" | "CLEAN.tmp") || n.ends_with(".seg.tmp");
+    if let Some(other) = names.iter().find(|n| !journals_own(n)) {
+        bail!(
+            "{} is not a journal directory: it holds no segment file (NNNNNNNNNNNNNNNNNNNN.seg) and holds {other}, which a journal never holds; give the journal directory (`journal/` inside the data directory)",
+            dir.display()
         );
     }
     Ok(())
@@ -204,11 +236,25 @@ pub fn spinner(wanted: bool) -> ProgressBar {
     bar
 }
 
+/// Standard output was closed by its reader (`| head`): the command stops, prints nothing more
+/// and exits 141, as a process killed by `SIGPIPE` reports to a shell — not 0, which would say
+/// the whole output was read.
+#[derive(Debug)]
+pub struct ClosedStdout;
+
+impl std::fmt::Display for ClosedStdout {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("standard output was closed by its reader")
+    }
+}
+
+impl std::error::Error for ClosedStdout {}
+
 /// Turns a failed write to standard output into the command's result: a closed pipe (`| head`)
-/// ends the command quietly, anything else is an error.
+/// is [`ClosedStdout`] (a quiet exit 141), anything else is an error.
 pub fn stdout_result(result: io::Result<()>) -> anyhow::Result<()> {
     match result {
-        Err(e) if e.kind() == io::ErrorKind::BrokenPipe => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::BrokenPipe => Err(ClosedStdout.into()),
         other => other.context("write to standard output"),
     }
 }

@@ -208,7 +208,7 @@ fn one_shot(e: ResourceError) -> anyhow::Error {
     match e {
         ResourceError::Unavailable { resource, message } => {
             anyhow::anyhow!(
-                "resource {resource}: {message}; check that the server is up and reachable at that address, then run the command again (it is idempotent)"
+                "resource {resource}: {message}; check that the server is up and reachable at that address, and the url's user, password and database, then run the command again (it is idempotent)"
             )
         }
         other => other.into(),

@@ -95,12 +95,20 @@ fn parse_duration_ms(text: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("{text:?} is too long a duration"))
 }
 
+/// An xid as `txn list` prints it; anything else is a usage error.
+fn parse_xid(text: &str) -> Result<Xid, String> {
+    text.parse().map_err(|_| {
+        format!("{text:?} is not an xid (n<node>e<epoch>s<seq>, as `concord txn list` shows it)")
+    })
+}
+
 /// Options of `concord txn resolve`.
 #[derive(clap::Args, Debug)]
 #[command(group(clap::ArgGroup::new("decision").required(true).args(["commit", "rollback"])))]
 pub struct ResolveArgs {
-    /// The transaction.
-    xid: String,
+    /// The transaction (`n<node>e<epoch>s<seq>`, as `concord txn list` shows it).
+    #[arg(value_parser = parse_xid)]
+    xid: Xid,
     /// Commit every branch still prepared, and close the transaction.
     #[arg(long)]
     commit: bool,
@@ -278,9 +286,14 @@ pub struct Partial {
 
 impl std::fmt::Display for Partial {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let noun = if self.resources.len() == 1 {
+            "resource"
+        } else {
+            "resources"
+        };
         write!(
             f,
-            "the list is partial: resources {} could not be read (see the notes above)",
+            "the list is partial: {noun} {} could not be read (see the notes above)",
             self.resources.join(", ")
         )
     }
@@ -334,7 +347,7 @@ fn prepared_branches(config: &Config) -> anyhow::Result<(BTreeMap<Xid, Vec<Strin
         .build()?;
     for (name, resource) in &config.resources {
         if let Err(e) = read_prepared(config, &runtime, name, resource, &mut out) {
-            unreadable.push((name.clone(), format!("{e:#}")));
+            unreadable.push((name.clone(), unnamed(name, format!("{e:#}"))));
         }
     }
     Ok((out, unreadable))
@@ -385,16 +398,16 @@ fn read_prepared(
 
 /// Runs `concord txn resolve`.
 pub fn resolve(args: ResolveArgs) -> anyhow::Result<()> {
-    let xid: Xid = args.xid.parse()?;
+    let xid = args.xid;
     let config = args.target.load()?;
     let operator = args.operator.clone().unwrap_or_else(os_user);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
     let journal_dir = config.data_dir.join("journal");
-    if !journal_dir.is_dir() {
+    if !holds_segments(&journal_dir) {
         anyhow::bail!(
-            "no concord journal at {}: this is not the data directory of a concord configuration (check --data or --config); nothing was changed",
+            "no concord journal at {} (no such directory, or no segment file in it): this is not the data directory of a concord configuration (check --data or --config); nothing was changed",
             journal_dir.display()
         );
     }
@@ -413,7 +426,10 @@ pub fn resolve(args: ResolveArgs) -> anyhow::Result<()> {
                 Ok(resource) => {
                     resources.insert(name, resource);
                 }
-                Err(e) => unopened.push((name, e.to_string())),
+                Err(e) => {
+                    let why = unnamed(&name, e.to_string());
+                    unopened.push((name, why));
+                }
             }
         }
         let request = ResolveRequest {
@@ -438,6 +454,8 @@ pub fn resolve(args: ResolveArgs) -> anyhow::Result<()> {
         journal.close()?;
         let report = result?;
         let decision = if args.commit { "commit" } else { "rollback" };
+        // With no branch left anywhere, `resolve` returns before it appends anything.
+        let recorded = !report.branches.is_empty();
         if args.json {
             let branches: Vec<_> = report
                 .branches
@@ -449,19 +467,22 @@ pub fn resolve(args: ResolveArgs) -> anyhow::Result<()> {
                 serde_json::json!({
                     "xid": xid.to_string(),
                     "decision": decision,
+                    "recorded": recorded,
                     "operator": operator,
                     "finished": report.finished,
                     "branches": branches,
                 })
+            );
+        } else if !recorded {
+            println!(
+                "{xid}: nothing recorded: no resource holds a branch of it and the journal has nothing open for it; nothing to do"
             );
         } else {
             println!("{xid}: {decision} recorded by {operator}");
             for (resource, outcome) in &report.branches {
                 println!("  {resource}: {}", describe(outcome));
             }
-            if report.branches.is_empty() {
-                println!("{xid}: no resource holds a branch of it: nothing to do");
-            } else if report.finished {
+            if report.finished {
                 println!("{xid}: finished");
             } else {
                 println!("{xid}: still open for the branches not reached; run resolve again once they are reachable, or --forget them if lost for good");
@@ -471,6 +492,24 @@ pub fn resolve(args: ResolveArgs) -> anyhow::Result<()> {
             anyhow::bail!("transaction {xid} is not finished: some branches were not reached");
         }
         Ok(())
+    })
+}
+
+/// `why` without a leading `resource NAME: `, for a line that names the resource already.
+fn unnamed(name: &str, why: String) -> String {
+    match why.strip_prefix(&format!("resource {name}: ")) {
+        Some(rest) => rest.to_string(),
+        None => why,
+    }
+}
+
+/// Whether `dir` is a directory holding at least one journal segment file: opening anything
+/// less for writing would create a journal where there was none.
+fn holds_segments(dir: &std::path::Path) -> bool {
+    std::fs::read_dir(dir).is_ok_and(|entries| {
+        entries
+            .filter_map(|e| e.ok())
+            .any(|e| e.file_name().to_string_lossy().ends_with(".seg"))
     })
 }
 
@@ -493,7 +532,7 @@ async fn involved(
         match holds_prepared(config, resource, name, xid).await {
             Ok(true) => holders.push(name.clone()),
             Ok(false) => {}
-            Err(e) => unasked.push((name.clone(), format!("{e:#}"))),
+            Err(e) => unasked.push((name.clone(), unnamed(name, format!("{e:#}")))),
         }
     }
     (holders, unasked)

@@ -13,8 +13,9 @@
 //!   before the damage.
 //!
 //! Anything that stops the check itself (a missing directory, a data directory given instead of
-//! its `journal/`, a foreign file, a newer format, an I/O error) is an `error:` line and exit 1;
-//! for a data directory the line names the journal directory inside it.
+//! its `journal/`, a directory without segments that holds other things, a foreign file, a
+//! newer format, an I/O error) is an `error:` line and exit 1; for a data directory the line
+//! names the journal directory inside it.
 //!
 //! # Implementation caveats
 //!
@@ -101,8 +102,11 @@ pub fn run(args: &VerifyArgs) -> anyhow::Result<()> {
     match scanned {
         Ok(report) => output::stdout_result(print_sound(args, &report, &tally)),
         Err(e) if e.class() == journal::ErrorClass::Corrupt => {
-            output::stdout_result(print_corrupt(args, &e, &tally))?;
-            Err(e.into())
+            // A corrupt journal's exit code 3 matters more than a reader that stopped reading.
+            match output::stdout_result(print_corrupt(args, &e, &tally)) {
+                Err(w) if w.downcast_ref::<output::ClosedStdout>().is_none() => Err(w),
+                _ => Err(e.into()),
+            }
         }
         Err(e) => Err(e.into()),
     }

@@ -325,3 +325,27 @@ fn password_env_gives_the_password_and_is_never_printed() {
         "{message}"
     );
 }
+
+/// A server that is up but refuses the url's role is not reported as perhaps down: the detail
+/// points at the credentials too.
+#[test]
+fn a_role_the_server_refuses_points_at_the_credentials() {
+    let cluster = PgCluster::shared();
+    cluster.database("config_check_role").unwrap();
+    let text = format!(
+        "node = 1\ndata_dir = \"data\"\n[resources.orders]\nkind = \"postgres\"\nurl = \"host=127.0.0.1 port={} user=no_such_role dbname=config_check_role\"\n",
+        cluster.port()
+    );
+    let (_dir, path) = write_config(&text);
+    let run = check(&path, &["--json"]);
+    assert_eq!(run.code, Some(EXIT_CONFIG_UNUSABLE), "{}", run.stderr);
+    let detail = run.json()["resources"][0]["detail"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(detail.contains("no_such_role"), "{detail}");
+    assert!(
+        detail.contains("user, password and database"),
+        "the server answered: the url's credentials may be wrong: {detail}"
+    );
+}

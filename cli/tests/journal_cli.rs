@@ -635,3 +635,78 @@ fn a_coordinator_record_that_does_not_decode_is_shown_as_such() {
         );
     }
 }
+
+/// Standard output closed by its reader (`| head`) ends `inspect` quietly with the documented
+/// exit code 141, not with 0 as though the whole listing had been read.
+#[test]
+fn inspect_into_a_closed_pipe_exits_141_quietly() {
+    use std::io::Read;
+    let dir = tempfile::tempdir().unwrap();
+    let config = JournalConfig {
+        create_if_missing: true,
+        ..JournalConfig::default()
+    };
+    let journal = Journal::open(dir.path(), config).unwrap();
+    // Far more listing than a pipe buffers, so the writer meets the closed pipe.
+    let mut last = None;
+    for payload in fixed_payloads(3000) {
+        last = Some(journal.append(EPOCH, KIND, &payload).unwrap());
+    }
+    last.unwrap().wait().unwrap();
+    journal.close().unwrap();
+    for json in [false, true] {
+        let mut args = vec!["journal", "inspect", path_arg(dir.path())];
+        if json {
+            args.push("--json");
+        }
+        let mut child = Command::new(env!("CARGO_BIN_EXE_concord"))
+            .args(&args)
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut first = [0u8; 16];
+        child.stdout.take().unwrap().read_exact(&mut first).unwrap();
+        let out = child.wait_with_output().unwrap();
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(141), "{args:?}: {err}");
+        assert!(err.is_empty(), "{args:?}: {err}");
+    }
+}
+
+/// A directory that holds no segment file but other things (a resource's directory, a
+/// configuration directory) is said not to be a journal directory; the tools never advise
+/// moving its files away.
+#[test]
+fn a_directory_without_segments_is_not_a_journal_and_nothing_is_to_be_moved() {
+    let root = tempfile::tempdir().unwrap();
+    // What a files resource's root holds: its private `.concord/` and the application's files.
+    fs::create_dir_all(root.path().join(".concord/log")).unwrap();
+    fs::write(root.path().join("invoice.pdf"), b"%PDF").unwrap();
+    let names = |dir: &Path| -> Vec<String> {
+        let mut names: Vec<String> = fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    };
+    let before = (names(root.path()), names(&root.path().join(".concord")));
+    for cmd in ["inspect", "verify"] {
+        for json in [false, true] {
+            let mut args = vec!["journal", cmd, path_arg(root.path())];
+            if json {
+                args.push("--json");
+            }
+            let out = concord(&args);
+            assert_one_line_error(&out, 1, &["not a journal directory", "journal/"]);
+            let err = stderr(&out);
+            assert!(!err.contains("move"), "never advise moving it: {err}");
+            assert_eq!(stdout(&out), "");
+        }
+    }
+    let after = (names(root.path()), names(&root.path().join(".concord")));
+    assert_eq!(after, before, "nothing was created or removed");
+}

@@ -213,7 +213,9 @@ fn demo_journal_and_txn_commands_print_the_documented_json() {
     let resolved = one_document(&concord(&args));
     assert_fields(
         &resolved,
-        &["xid", "decision", "operator", "finished", "branches"],
+        &[
+            "xid", "decision", "recorded", "operator", "finished", "branches",
+        ],
     );
     for branch in resolved["branches"].as_array().unwrap() {
         assert_fields(branch, &["resource", "state", "detail"]);

@@ -197,8 +197,11 @@ fn a_stuck_transaction_is_listed_and_resolved_by_an_operator() {
 fn a_malformed_xid_is_one_clear_error() {
     let dir = tempfile::tempdir().unwrap();
     let out = concord(&["txn", "resolve", "not-an-xid", "--commit"], dir.path());
-    assert_eq!(out.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("is not an xid"));
+    // A bad argument is a usage error (exit 2), and no resource is called "xid".
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("is not an xid"), "{stderr}");
+    assert!(!stderr.contains("resource xid"), "{stderr}");
 }
 
 /// A branch left prepared in the Maildir and one in the sled store (no decision names them) are
@@ -351,6 +354,14 @@ fn txn_list_says_what_it_could_not_read() {
         notes.contains("resource orders could not be read"),
         "{notes}"
     );
+    // Each line says each thing once.
+    for line in notes.lines() {
+        assert!(
+            line.matches("resource orders").count() <= 1,
+            "the resource is named twice: {line}"
+        );
+        assert!(!line.contains("resources orders"), "{line}");
+    }
     let rows: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(rows[0]["xid"], stuck.to_string(), "{rows}");
 }
@@ -588,4 +599,185 @@ fn min_age_keeps_the_older_transactions_and_each_row_says_in_flight_or_in_doubt(
     );
     let err = String::from_utf8(out.stderr).unwrap();
     assert!(err.contains("a number and a unit"), "{err}");
+}
+
+/// Resolving a transaction that the journal knows but that holds nothing open any more (it
+/// ended) records nothing, and the command says so rather than "recorded by".
+#[test]
+fn a_resolve_with_nothing_to_do_does_not_claim_it_recorded_a_decision() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let ended = xid(7);
+    append_commit(&data, ended, "tape");
+    let end = CoordRecord::End { xid: ended };
+    let journal = Journal::open(data.join("journal"), JournalConfig::default()).unwrap();
+    journal
+        .append(Epoch(1), end.kind(), &end.encode())
+        .unwrap()
+        .wait()
+        .unwrap();
+    journal.close().unwrap();
+    let records_before = journal_records(&data);
+
+    let out = concord(&["txn", "resolve", &ended.to_string(), "--commit"], &data);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!stdout.contains("recorded by"), "{stdout}");
+    assert!(stdout.contains("nothing recorded"), "{stdout}");
+    assert_eq!(
+        journal_records(&data),
+        records_before,
+        "nothing was appended"
+    );
+
+    let out = concord(
+        &["txn", "resolve", &ended.to_string(), "--commit", "--json"],
+        &data,
+    );
+    let answer: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(answer["recorded"], false, "{answer}");
+    assert_eq!(answer["finished"], true, "{answer}");
+    assert_eq!(
+        journal_records(&data),
+        records_before,
+        "nothing was appended"
+    );
+}
+
+/// The number of records in the journal of `data`.
+fn journal_records(data: &Path) -> usize {
+    let journal = Journal::open(data.join("journal"), JournalConfig::default()).unwrap();
+    let count = journal.read_from(journal.oldest_lsn()).unwrap().count();
+    journal.close().unwrap();
+    count
+}
+
+/// The command a refused start suggests for a resource lost for good is one the binary
+/// accepts: run as written (its placeholders filled in), it ends the transaction.
+#[test]
+fn the_suggested_forget_command_runs_as_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let stuck = xid(9);
+    append_commit(&data, stuck, "tape");
+    let out = concord(&["demo", "--transactions", "1"], &data);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let suggested = stderr
+        .split('`')
+        .find(|part| part.starts_with("concord txn resolve XID"))
+        .unwrap_or_else(|| panic!("no suggested command in {stderr}"));
+    let args: Vec<String> = suggested
+        .split_whitespace()
+        .skip(1)
+        .map(|word| match word {
+            "XID" => stuck.to_string(),
+            "NAME" => "tape".into(),
+            "WHY" => "the tape library was retired".into(),
+            other => other.into(),
+        })
+        .collect();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = concord(&args, &data);
+    assert!(
+        out.status.success(),
+        "`{suggested}` failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(listed(&data).is_empty(), "the transaction ended");
+}
+
+/// A data directory whose `journal/` is empty holds no concord data: `resolve` refuses, and
+/// creates no segment, lock or mark in it.
+#[test]
+fn resolve_on_an_empty_journal_directory_creates_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(data.join("journal")).unwrap();
+    for decision in ["--rollback", "--commit"] {
+        let out = concord(&["txn", "resolve", "n1e1s5", decision], &data);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        assert!(stderr.contains("no concord journal"), "{stderr}");
+        let created: Vec<_> = std::fs::read_dir(data.join("journal"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert!(created.is_empty(), "{created:?}");
+        let entries: Vec<_> = std::fs::read_dir(&data)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(entries, vec![std::ffi::OsString::from("journal")]);
+    }
+}
+
+/// An xid that neither the journal nor any resource that answered knows is refused even while
+/// another resource cannot be asked: nothing is recorded for a transaction that may never have
+/// existed, and the message names the resource that could not be asked.
+#[test]
+fn an_unknown_xid_is_refused_while_a_resource_cannot_be_asked() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let config = unreachable_postgres_config(dir.path(), &data);
+    append_commit(&data, xid(1), "uploads");
+    let records_before = journal_records(&data);
+    let unknown = xid(777);
+    let out = Command::new(env!("CARGO_BIN_EXE_concord"))
+        .args(["txn", "resolve", &unknown.to_string(), "--rollback"])
+        .arg("--config")
+        .arg(&config)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains(&unknown.to_string()), "{stderr}");
+    assert!(stderr.contains("unknown"), "{stderr}");
+    assert!(stderr.contains("orders"), "{stderr}");
+    assert_eq!(journal_records(&data), records_before, "nothing recorded");
+}
+
+/// Help and version text on a full standard output is one `error:` line and exit 1, like every
+/// other output, not a silent success.
+#[test]
+fn help_on_a_full_stdout_is_an_error() {
+    for args in [&["--help"][..], &["--version"], &["txn", "list", "--help"]] {
+        let full = std::fs::OpenOptions::new()
+            .write(true)
+            .open("/dev/full")
+            .unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_concord"))
+            .args(args)
+            .stdout(full)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
+        assert!(
+            stderr.starts_with("error: write standard output"),
+            "{args:?}: {stderr}"
+        );
+        assert_eq!(stderr.lines().count(), 1, "{args:?}: {stderr}");
+    }
+}
+
+/// `--commit` of an xid nobody knows is refused as unknown, as `--rollback` is — not with
+/// advice to run `--rollback`, which would then refuse it as unknown.
+#[test]
+fn commit_of_an_unknown_xid_is_refused_as_unknown_not_sent_to_rollback() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    append_commit(&data, xid(1), "tape");
+    let unknown = xid(777).to_string();
+    for decision in ["--commit", "--rollback"] {
+        let out = concord(&["txn", "resolve", &unknown, decision], &data);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{decision}: {stderr}");
+        assert!(stderr.contains("is unknown"), "{decision}: {stderr}");
+        assert!(!stderr.contains("resolve it with"), "{decision}: {stderr}");
+    }
 }

@@ -7,7 +7,8 @@
 //! 1. The decision must agree with the journal ([`crate::ledger`]): a transaction with a
 //!    durable commit can only be committed, one without can only be rolled back (presumed
 //!    abort), a one-phase commit is its resource's to decide, and an xid that neither the
-//!    journal nor any consulted resource knows is refused by name.
+//!    journal nor any consulted resource knows is refused by name (also while a resource
+//!    cannot be asked: nothing is recorded for an xid that may never have existed).
 //! 2. A `Resolve` record makes the decision durable (once: repeating the same resolution
 //!    appends nothing).
 //! 3. Each branch involved — the decision's writers, or the resources that list the xid
@@ -112,8 +113,21 @@ pub async fn resolve(
     let xid = request.xid;
     let ledger = read_ledger(journal)?;
     check_forget(request)?;
+    // An xid the journal does not know is refused as unknown before anything else, whatever
+    // was asked: advice to decide the other way would only be refused in turn.
+    let asked = match ledger.entry(&xid) {
+        None => {
+            let asked = involved(&ledger, resources, request, call_timeout).await;
+            check_known(&ledger, &asked, request)?;
+            Some(asked)
+        }
+        Some(_) => None,
+    };
     check_decision(&ledger, journal, request)?;
-    let involved = involved(&ledger, resources, request, call_timeout).await;
+    let involved = match asked {
+        Some(asked) => asked,
+        None => involved(&ledger, resources, request, call_timeout).await,
+    };
     check_known(&ledger, &involved, request)?;
     let decision_lsn = ledger
         .entry(&xid)
@@ -251,7 +265,10 @@ async fn involved(
     involved
 }
 
-/// An xid that neither the journal nor any consulted resource knows is refused by name.
+/// An xid that neither the journal nor any consulted resource knows is refused by name — also
+/// while some resource could not be asked: recording a decision for an xid that may never have
+/// existed helps nothing (a prepared branch that no decision names is rolled back by recovery
+/// anyway), and the xid may be a mistyped one.
 fn check_known(
     ledger: &Ledger,
     involved: &BTreeMap<String, Reach>,
@@ -259,15 +276,27 @@ fn check_known(
 ) -> Result<(), CoordError> {
     let known =
         ledger.entry(&request.xid).is_some() || involved.values().any(|r| matches!(r, Reach::Open));
-    let unsure = involved
-        .iter()
-        .any(|(n, r)| matches!(r, Reach::Unreachable(_)) && !request.forget.contains(n));
-    if known || unsure {
+    if known {
         return Ok(());
     }
+    let unasked: Vec<String> = involved
+        .iter()
+        .filter(|(n, _)| !request.forget.contains(*n))
+        .filter_map(|(n, r)| match r {
+            Reach::Unreachable(why) => Some(format!("{n} ({why})")),
+            Reach::Open => None,
+        })
+        .collect();
+    if unasked.is_empty() {
+        return Err(CoordError::Refused(format!(
+            "transaction {} is unknown: the journal has no record of it and no resource consulted holds a branch of it prepared; check the xid (`concord txn list`)",
+            request.xid
+        )));
+    }
     Err(CoordError::Refused(format!(
-        "transaction {} is unknown: the journal has no record of it and no resource consulted holds a branch of it prepared; check the xid (`concord txn list`)",
-        request.xid
+        "transaction {} is unknown: the journal has no record of it and no resource that answered holds a branch of it prepared; nothing was recorded. Not asked: {}; check the xid (`concord txn list`), and run the command again once those resources are reachable",
+        request.xid,
+        unasked.join(", ")
     )))
 }
 

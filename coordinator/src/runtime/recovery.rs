@@ -77,7 +77,7 @@ impl RecoveryReport {
             })
             .collect();
         Some(format!(
-            "the journal holds committed transactions with branches in resources that are not configured: {}; add those resources to the configuration and start again (or, for a resource lost for good, end its branches with `concord txn resolve XID --commit --forget NAME`)",
+            "the journal holds committed transactions with branches in resources that are not configured: {}; add those resources to the configuration and start again (or, for a resource lost for good, end its branches with `concord txn resolve XID --commit --forget NAME --reason WHY`)",
             each.join("; ")
         ))
     }
@@ -186,7 +186,7 @@ impl Coordinator {
             .filter(|n| !self.inner.resources.contains_key(*n))
         {
             report.problems.push(format!(
-                "transaction {xid} committed with a branch in resource {missing:?}, which is not configured; configure it, or end the branch with `concord txn resolve {xid} --commit --forget {missing}` if it is lost for good"
+                "transaction {xid} committed with a branch in resource {missing:?}, which is not configured; configure it, or end the branch with `concord txn resolve {xid} --commit --forget {missing} --reason WHY` if it is lost for good"
             ));
             report.unconfigured(missing, xid);
         }
