@@ -158,7 +158,9 @@ async fn demo(args: &DemoArgs, data: &Path) -> anyhow::Result<Summary> {
         bail!("{message}{hint}");
     }
     if !concord.wait_idle(WAIT).await {
-        bail!(gave_up("recovery", &concord));
+        let message = gave_up("recovery", &concord);
+        concord.close(Duration::from_secs(10)).await;
+        bail!(message);
     }
     let run_id = SystemTime::now()
         .duration_since(UNIX_EPOCH)?
@@ -177,10 +179,19 @@ async fn demo(args: &DemoArgs, data: &Path) -> anyhow::Result<Summary> {
     std::fs::write(data.join("runs").join(&run_id), run.record())?;
 
     let started = Instant::now();
-    let stats = run_clients(args, &concord, data, &run_id).await?;
+    let stats = match run_clients(args, &concord, data, &run_id).await {
+        Ok(stats) => stats,
+        Err(e) => {
+            // Stopped before the process ends, so that nothing it was retrying says it retries.
+            concord.close(Duration::from_secs(10)).await;
+            return Err(e);
+        }
+    };
     let elapsed = started.elapsed().as_secs_f64();
     if !concord.wait_idle(WAIT).await {
-        bail!(gave_up("phase 2", &concord));
+        let message = gave_up("phase 2", &concord);
+        concord.close(Duration::from_secs(10)).await;
+        bail!(message);
     }
     let clean = concord.coordinator().list().is_empty();
     concord.close(Duration::from_secs(10)).await;

@@ -23,7 +23,7 @@
 //! the older ones. A prepared branch that no decision names has no known age — the resources'
 //! branch logs do not say when they prepared — so it is shown as `unknown` and always listed.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -231,7 +231,19 @@ pub fn list(args: ListArgs) -> anyhow::Result<()> {
             }
         })
         .collect();
-    let (prepared, unreadable) = prepared_branches(&config)?;
+    let (prepared, mut unreadable) = prepared_branches(&config)?;
+    // A resource the journal names but the configuration lacks cannot be asked at all.
+    let unconfigured: BTreeSet<&String> = open
+        .values()
+        .flat_map(|(_, names, _)| names)
+        .filter(|name| !config.resources.contains_key(*name))
+        .collect();
+    for name in unconfigured {
+        unreadable.push((
+            name.clone(),
+            "the journal names it, but the configuration has no resource of that name (add it to read its prepared branches)".to_string(),
+        ));
+    }
     for (xid, resources) in prepared {
         if open.contains_key(&xid) {
             continue;

@@ -204,6 +204,10 @@ pub enum Outcome {
     InDoubt {
         /// What happened.
         error: String,
+        /// The resource whose branch's outcome is unknown: the one-phase branch whose answer
+        /// was lost (named by the runtime, which knows the branches' resources; the machine
+        /// leaves it `None`). `None` when the journal failed: every branch is then in doubt.
+        branch: Option<String>,
     },
 }
 
@@ -556,6 +560,7 @@ impl TxnMachine {
                         error: format!(
                             "the answer to the one-phase commit was lost ({e}); the branch had nothing to replicate, so nothing was journaled and concord cannot find out"
                         ),
+                        branch: None,
                     },
                     out,
                 );
@@ -667,7 +672,13 @@ impl TxnMachine {
             );
         }
         self.phase = Phase::InDoubt;
-        self.reply(Outcome::InDoubt { error }, out);
+        self.reply(
+            Outcome::InDoubt {
+                error,
+                branch: None,
+            },
+            out,
+        );
     }
 
     /// The decision record never entered the journal: no record can surface later, so the
@@ -796,6 +807,7 @@ impl TxnMachine {
                         error: format!(
                             "the answer to the one-phase commit was lost ({e}); the branch had nothing to replicate, so nothing was journaled and concord cannot find out"
                         ),
+                        branch: None,
                     },
                     out,
                 );
@@ -811,6 +823,7 @@ impl TxnMachine {
                             error: format!(
                                 "the answer to the one-phase commit was lost and the resource cannot tell yet ({e}); concord keeps asking and journals the outcome"
                             ),
+                            branch: None,
                         },
                         out,
                     );
@@ -848,10 +861,16 @@ impl TxnMachine {
                 error: format!(
                     "the branch committed in its resource, but the journal failed to record that ({e}); recovery at the next start asks the resource again and journals the outcome"
                 ),
+                branch: None,
             },
             (_, outcome) => outcome,
         };
         self.reply(outcome, out);
+    }
+
+    /// The branch that commits in one phase, when the transaction does (one branch: 0).
+    pub fn one_phase_branch(&self) -> Option<BranchId> {
+        self.is_one_phase().then_some(0)
     }
 
     fn is_one_phase(&self) -> bool {
@@ -1063,7 +1082,7 @@ mod tests {
             result: Err("fsync failed".into()),
         });
         assert!(
-            matches!(&answer[..], [Command::Reply(Outcome::InDoubt { error })] if error.contains("fsync failed")),
+            matches!(&answer[..], [Command::Reply(Outcome::InDoubt { error, .. })] if error.contains("fsync failed")),
             "{answer:?}"
         );
         assert!(m.is_finished());
@@ -1094,7 +1113,7 @@ mod tests {
             result: Err(lost()),
         });
         assert!(
-            matches!(&lost[..], [Command::Reply(Outcome::InDoubt { error })] if error.contains("nothing was journaled"))
+            matches!(&lost[..], [Command::Reply(Outcome::InDoubt { error, .. })] if error.contains("nothing was journaled"))
         );
         assert!(m.is_finished());
     }
@@ -1407,7 +1426,8 @@ mod tests {
         assert_eq!(
             commands,
             vec![Command::Reply(Outcome::InDoubt {
-                error: "journal poisoned".into()
+                error: "journal poisoned".into(),
+                branch: None,
             })]
         );
         assert_eq!(m.phase(), &Phase::InDoubt);

@@ -779,6 +779,10 @@ async fn commits_wait_while_max_unfinished_transactions_are_in_phase_two() {
     let fourth = c.begin();
     c.join(&fourth, "a").await.unwrap();
     let refused = c.commit(&fourth).await.unwrap_err();
+    assert!(
+        matches!(&refused, CoordError::Busy { xid, max_unfinished: 1, .. } if *xid == fourth),
+        "{refused:?}"
+    );
     assert!(refused.to_string().contains("max_unfinished"), "{refused}");
     // The refused transaction is rolled back at once, not left open to whoever forgets it.
     assert!(
@@ -863,8 +867,8 @@ async fn a_lost_one_phase_answer_is_asked_for_until_the_resource_tells() {
     // The first question fails too: the caller hears "in doubt"; the asking goes on.
     let outcome = c.commit(&xid).await.unwrap();
     assert!(
-        matches!(&outcome, Outcome::InDoubt { error } if error.contains("keeps asking")),
-        "{outcome:?}"
+        matches!(&outcome, Outcome::InDoubt { error, branch: Some(b) } if error.contains("keeps asking") && b == "a"),
+        "the outcome does not name the branch in doubt: {outcome:?}"
     );
     assert!(c.wait_settled(Duration::from_secs(5)).await);
     c.shutdown(Duration::from_secs(5)).await;

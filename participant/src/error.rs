@@ -78,11 +78,16 @@ pub enum ConcordError {
     /// operator with `concord txn resolve` when a resource is lost for good); `concord txn
     /// list` shows it until then.
     #[error(
-        "transaction {xid} is in doubt: {cause}; do not run it again (it may have committed): concord finishes it, and `concord txn list` shows it until then"
+        "transaction {xid} is in doubt{}: {cause}; do not run it again (it may have committed): concord finishes it, and `concord txn list` shows it until then",
+        on_branch(.branch.as_deref())
     )]
     InDoubt {
         /// The transaction.
         xid: Xid,
+        /// The resource whose branch's outcome is unknown (a one-phase commit whose answer was
+        /// lost); `None` when every branch is (the journal failed while making the decision
+        /// durable, the coordinator shut down in the middle).
+        branch: Option<String>,
         /// What happened, and what concord does about it.
         cause: String,
     },
@@ -114,6 +119,13 @@ pub enum RollbackCause {
         /// succeed.
         error: Box<ResourceError>,
     },
+    /// Too many transactions were still in phase 2 (`max_unfinished`) for this one to get a
+    /// place within `txn_timeout_ms`: a resource is slow or down. Retryable, later.
+    #[error("{reason}")]
+    Busy {
+        /// The coordinator's words.
+        reason: String,
+    },
     /// The coordinator rolled it back for the reason given, without a branch's error: the
     /// journal refusing the decision, say.
     #[error("{reason}")]
@@ -127,7 +139,7 @@ impl RollbackCause {
     /// Whether running the transaction again can succeed; see [`ConcordError::is_retryable`].
     pub fn is_retryable(&self) -> bool {
         match self {
-            RollbackCause::TimedOut { .. } => true,
+            RollbackCause::TimedOut { .. } | RollbackCause::Busy { .. } => true,
             RollbackCause::Branch { error, .. } => resource_retryable(error),
             RollbackCause::Requested { .. } | RollbackCause::Coordinator { .. } => false,
         }
@@ -166,7 +178,7 @@ fn resource_retryable(e: &ResourceError) -> bool {
 /// resource's error underneath is.
 fn coordinator_retryable(e: &CoordError) -> bool {
     match e {
-        CoordError::TimedOut { .. } => true,
+        CoordError::TimedOut { .. } | CoordError::Busy { .. } => true,
         CoordError::Resource(e) => resource_retryable(e),
         _ => false,
     }
@@ -230,6 +242,14 @@ mod tests {
                 reason: "branch 0 could not prepare: resource index: busy".into(),
                 error: Box::new(unavailable()),
             }),
+            rolled_back(RollbackCause::Busy {
+                reason: "4096 transactions are still in phase 2 (max_unfinished)".into(),
+            }),
+            ConcordError::Coordinator(CoordError::Busy {
+                xid: xid(),
+                max_unfinished: 4096,
+                waited_ms: 30_000,
+            }),
         ];
         for e in retryable {
             assert!(e.is_retryable(), "{e:?}");
@@ -240,6 +260,7 @@ mod tests {
     fn in_doubt_is_never_retryable() {
         let e = ConcordError::InDoubt {
             xid: xid(),
+            branch: None,
             cause: "the journal's sync failed".into(),
         };
         assert!(!e.is_retryable());

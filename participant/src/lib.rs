@@ -88,11 +88,11 @@
 //!                 tokio::time::sleep(Duration::from_millis(20 << attempt)).await;
 //!                 attempt += 1;
 //!             }
-//!             Err(ConcordError::InDoubt { xid, cause }) => {
+//!             Err(e @ ConcordError::InDoubt { .. }) => {
 //!                 // Not retried: it may have committed. concord finishes it; the xid is what
 //!                 // `concord txn list` shows until then.
-//!                 eprintln!("order {order} is in doubt as {xid}: {cause}");
-//!                 return Err(ConcordError::InDoubt { xid, cause });
+//!                 eprintln!("order {order}: {e}");
+//!                 return Err(e);
 //!             }
 //!             Err(e) => return Err(e),
 //!         }

@@ -48,6 +48,7 @@ enum Ended {
         cause: RollbackCause,
     },
     InDoubt {
+        branch: Option<String>,
         cause: String,
     },
     /// The commit or rollback call failed otherwise (the coordinator's words).
@@ -222,7 +223,10 @@ impl Transaction {
                 branch: None,
                 cause: RollbackCause::Coordinator { reason },
             },
-            Outcome::InDoubt { error } => Ended::InDoubt { cause: error },
+            Outcome::InDoubt { error, branch } => Ended::InDoubt {
+                branch,
+                cause: error,
+            },
         }
     }
 
@@ -237,7 +241,14 @@ impl Transaction {
                 branch: None,
                 cause: RollbackCause::TimedOut { timeout_ms },
             }),
+            busy @ CoordError::Busy { .. } => Ok(Ended::RolledBack {
+                branch: None,
+                cause: RollbackCause::Busy {
+                    reason: busy.to_string(),
+                },
+            }),
             CoordError::ShuttingDown => Ok(Ended::InDoubt {
+                branch: None,
                 cause: CoordError::ShuttingDown.to_string(),
             }),
             other => Err(other),
@@ -256,8 +267,9 @@ impl Transaction {
                 branch,
                 cause,
             },
-            Ended::InDoubt { cause } => ConcordError::InDoubt {
+            Ended::InDoubt { branch, cause } => ConcordError::InDoubt {
                 xid: self.xid,
+                branch,
                 cause,
             },
             Ended::Failed(message) => CoordError::Refused(message).into(),

@@ -313,7 +313,25 @@ impl Driver {
                     log_unwritten(&e, "End");
                 }
             }
-            Command::Reply(outcome) => self.outcome = Some(outcome),
+            Command::Reply(outcome) => self.outcome = Some(self.named(outcome)),
+        }
+    }
+
+    /// Names the resource of a one-phase branch whose outcome is in doubt (the machine knows
+    /// branches by position only).
+    fn named(&self, outcome: Outcome) -> Outcome {
+        match outcome {
+            Outcome::InDoubt {
+                error,
+                branch: None,
+            } => {
+                let one_phase = lock(&self.running.machine).one_phase_branch();
+                let branch = one_phase
+                    .and_then(|b| self.running.branches.get(b))
+                    .map(|r| r.name.to_string());
+                Outcome::InDoubt { error, branch }
+            }
+            other => other,
         }
     }
 
@@ -326,6 +344,11 @@ impl Driver {
         let Some(b) = machine.branches().get(branch) else {
             return;
         };
+        if self.inner.stopping.load(Ordering::SeqCst) {
+            // Nothing retries in this process any more: the next start does.
+            tracing::debug!(xid = %self.running.xid, branch, "call failed while stopping; the next start retries it");
+            return;
+        }
         if !b.attempts.is_power_of_two() {
             return;
         }

@@ -152,6 +152,20 @@ pub enum CoordError {
     /// The operator's request cannot be carried out as asked.
     #[error("{0}")]
     Refused(String),
+    /// The commit found `max_unfinished` transactions still in phase 2 and none finished
+    /// within `txn_timeout_ms`: nothing was decided, and the transaction was rolled back.
+    /// Running it again later can succeed, once the slow or unreachable resource answers.
+    #[error(
+        "{max_unfinished} transactions are still in phase 2 (max_unfinished) and none finished within {waited_ms} ms: a resource is slow or down (see `concord txn list`); transaction {xid} was rolled back"
+    )]
+    Busy {
+        /// The transaction, rolled back.
+        xid: Xid,
+        /// The configured bound on transactions in phase 2.
+        max_unfinished: usize,
+        /// How long the commit waited for a place (milliseconds).
+        waited_ms: u64,
+    },
     /// The coordinator shut down before the outcome was known: recovery at the next start decides
     /// it (committed if its decision became durable, rolled back otherwise).
     #[error(
@@ -570,18 +584,18 @@ impl Coordinator {
                     Ok(Ok(permit)) => permit,
                     Ok(Err(_)) => return Err(CoordError::ShuttingDown),
                     Err(_) => {
-                        let why = format!(
-                            "{} transactions are still in phase 2 (max_unfinished) and none finished within {} ms: a resource is slow or down (see `concord txn list`)",
-                            self.inner.config.max_unfinished.max(1),
-                            self.inner.config.txn_timeout_ms
-                        );
+                        let busy = CoordError::Busy {
+                            xid: *xid,
+                            max_unfinished: self.inner.config.max_unfinished.max(1),
+                            waited_ms: self.inner.config.txn_timeout_ms,
+                        };
                         // Nothing was decided: the transaction rolls back now, rather than
                         // waiting open for the reaper (or for a caller who forgets it).
                         let open = self.inner.open_shard(xid).remove(xid);
                         if let Some(open) = open.filter(|o| !o.timed_out) {
-                            self.start_rollback(xid, open, &why);
+                            self.start_rollback(xid, open, &busy.to_string());
                         }
-                        return Err(CoordError::Refused(format!("{why}; it was rolled back")));
+                        return Err(busy);
                     }
                 }
             }
