@@ -466,8 +466,13 @@ pub fn resolve(args: ResolveArgs) -> anyhow::Result<()> {
         journal.close()?;
         let report = result?;
         let decision = if args.commit { "commit" } else { "rollback" };
-        // With no branch left anywhere, `resolve` returns before it appends anything.
-        let recorded = !report.branches.is_empty();
+        // With no branch left anywhere, `resolve` returns before it appends anything; a
+        // resolution recorded earlier is not recorded again.
+        let recorded = report.appended;
+        let decided_by = report
+            .resolution
+            .as_ref()
+            .map_or(operator.as_str(), |r| r.operator.as_str());
         if args.json {
             let branches: Vec<_> = report
                 .branches
@@ -480,17 +485,23 @@ pub fn resolve(args: ResolveArgs) -> anyhow::Result<()> {
                     "xid": xid.to_string(),
                     "decision": decision,
                     "recorded": recorded,
-                    "operator": operator,
+                    "operator": decided_by,
                     "finished": report.finished,
                     "branches": branches,
                 })
             );
-        } else if !recorded {
+        } else if report.resolution.is_none() {
             println!(
                 "{xid}: nothing recorded: no resource holds a branch of it and the journal has nothing open for it; nothing to do"
             );
         } else {
-            println!("{xid}: {decision} recorded by {operator}");
+            if recorded {
+                println!("{xid}: {decision} recorded by {decided_by}");
+            } else {
+                println!(
+                    "{xid}: {decision} already recorded by {decided_by}; carried out again"
+                );
+            }
             for (resource, outcome) in &report.branches {
                 println!("  {resource}: {}", describe(outcome));
             }

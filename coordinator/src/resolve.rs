@@ -38,7 +38,7 @@ use std::time::Duration;
 use adapters::{Epoch, ErrorClass, Resource, Xid};
 use journal::Journal;
 
-use crate::ledger::{Ledger, Verdict};
+use crate::ledger::{Ledger, Resolution, Verdict};
 use crate::record::CoordRecord;
 use crate::runtime::{CoordError, now_ms, read_ledger, within_deadline};
 
@@ -99,6 +99,12 @@ pub struct ResolveReport {
     pub finished: bool,
     /// The LSN of its decision record, if it has one.
     pub decision_lsn: Option<adapters::Lsn>,
+    /// The operator's decision that holds: the one recorded by this call, or the same one
+    /// recorded earlier (`None`: nothing was left to resolve, so nothing was recorded).
+    pub resolution: Option<Resolution>,
+    /// Whether this call appended the `Resolve` record (false when the same resolution was
+    /// already in the journal, or nothing was left to resolve).
+    pub appended: bool,
 }
 
 /// Carries out `request` on `journal` and `resources`; see the module docs.
@@ -142,10 +148,12 @@ pub async fn resolve(
             branches: Vec::new(),
             finished: true,
             decision_lsn,
+            resolution: None,
+            appended: false,
         });
     }
     before_acting();
-    append_resolution(journal, epoch, &ledger, request).await?;
+    let (resolution, appended) = append_resolution(journal, epoch, &ledger, request).await?;
     let mut branches = Vec::new();
     for (name, reach) in involved {
         let outcome = if request.forget.contains(&name) {
@@ -168,6 +176,8 @@ pub async fn resolve(
         branches,
         finished,
         decision_lsn,
+        resolution: Some(resolution),
+        appended,
     })
 }
 
@@ -318,31 +328,38 @@ pub fn check(journal: &Journal, request: &ResolveRequest) -> Result<(), CoordErr
     check_decision(&read_ledger(journal)?, journal, request)
 }
 
-/// Appends the `Resolve` record, durably, unless the same resolution is there already.
+/// Appends the `Resolve` record, durably, unless the same resolution is there already;
+/// returns the resolution that holds and whether it was appended now.
 async fn append_resolution(
     journal: &Journal,
     epoch: Epoch,
     ledger: &Ledger,
     request: &ResolveRequest,
-) -> Result<(), CoordError> {
+) -> Result<(Resolution, bool), CoordError> {
     let same = ledger
         .entry(&request.xid)
         .and_then(|e| e.resolution.as_ref())
-        .is_some_and(|r| r.commit == request.commit);
-    if same {
-        return Ok(());
+        .filter(|r| r.commit == request.commit);
+    if let Some(same) = same {
+        return Ok((same.clone(), false));
     }
+    let at_ms = now_ms();
     let record = CoordRecord::Resolve {
         xid: request.xid,
         commit: request.commit,
         operator: request.operator.clone(),
-        at_ms: now_ms(),
+        at_ms,
     };
     journal
         .append(epoch, record.kind(), &record.encode())?
         .await?;
     tracing::info!(xid = %request.xid, commit = request.commit, operator = %request.operator, "operator resolved transaction");
-    Ok(())
+    let resolution = Resolution {
+        commit: request.commit,
+        operator: request.operator.clone(),
+        at_ms,
+    };
+    Ok((resolution, true))
 }
 
 async fn append_forget(
