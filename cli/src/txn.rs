@@ -139,7 +139,7 @@ pub struct ResolveArgs {
 struct Listed {
     xid: String,
     /// What is unfinished, in words.
-    state: &'static str,
+    state: String,
     /// Whether the work may still be moving by itself (see [`Standing`]).
     standing: Standing,
     /// Milliseconds since the decision was journaled; `None` when unknown (a prepared branch
@@ -224,7 +224,7 @@ pub fn list(args: ListArgs) -> anyhow::Result<()> {
             let age_ms = Some(now_ms.saturating_sub(*at_ms));
             Listed {
                 xid: xid.to_string(),
-                state,
+                state: state.to_string(),
                 standing: Standing::of(age_ms, timeout_ms),
                 age_ms,
                 branches: branches.clone(),
@@ -248,10 +248,18 @@ pub fn list(args: ListArgs) -> anyhow::Result<()> {
         if open.contains_key(&xid) {
             continue;
         }
-        let state = if ledger.must_commit(&xid) {
-            "prepared, but decided committed (heuristic hazard)"
-        } else {
-            "prepared, no decision (in doubt)"
+        let resolution = ledger.entry(&xid).and_then(|e| e.resolution.as_ref());
+        let state = match resolution {
+            // An operator's decision that could not be carried out in this resource yet.
+            Some(r) => format!(
+                "prepared; {} resolved it {}, not yet carried out here",
+                r.operator,
+                if r.commit { "commit" } else { "rollback" }
+            ),
+            None if ledger.must_commit(&xid) => {
+                "prepared, but decided committed (heuristic hazard)".to_string()
+            }
+            None => "prepared, no decision (in doubt)".to_string(),
         };
         rows.push(Listed {
             xid: xid.to_string(),

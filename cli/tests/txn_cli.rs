@@ -281,6 +281,28 @@ fn branches_prepared_in_the_mail_queue_and_the_kv_store_are_listed() {
     assert_eq!(rows[0]["xid"], xid.to_string());
     assert_eq!(rows[0]["state"], "prepared, no decision (in doubt)");
     assert_eq!(rows[0]["branches"], serde_json::json!(["index", "mail"]));
+
+    // An operator's rollback that could not reach the resources (they were unreachable then):
+    // the row says whose decision waits, not "no decision".
+    let resolve = CoordRecord::Resolve {
+        xid,
+        commit: false,
+        operator: "carol".into(),
+        at_ms: 1,
+    };
+    let journal = Journal::open(data.join("journal"), JournalConfig::default()).unwrap();
+    journal
+        .append(Epoch(1), resolve.kind(), &resolve.encode())
+        .unwrap()
+        .wait()
+        .unwrap();
+    journal.close().unwrap();
+    let rows = listed(&data);
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert_eq!(
+        rows[0]["state"],
+        "prepared; carol resolved it rollback, not yet carried out here"
+    );
 }
 
 /// `resolve` opens only the resources the xid involves: a configuration whose PostgreSQL is
@@ -573,7 +595,11 @@ fn min_age_keeps_the_older_transactions_and_each_row_says_in_flight_or_in_doubt(
     assert!(row(young)["age_ms"].as_u64().unwrap() < 30_000);
 
     let out = concord(&["txn", "list", "--json", "--min-age", "5m"], &data);
-    assert_eq!(out.status.code(), Some(4), "partial: no configuration has tape");
+    assert_eq!(
+        out.status.code(),
+        Some(4),
+        "partial: no configuration has tape"
+    );
     let rows: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let xids: Vec<&str> = rows
         .as_array()
@@ -595,10 +621,18 @@ fn min_age_keeps_the_older_transactions_and_each_row_says_in_flight_or_in_doubt(
     assert!(lines[1].contains("in doubt"), "{text}");
 
     let out = concord(&["txn", "list", "--json", "--min-age", "1h"], &data);
-    assert_eq!(out.status.code(), Some(4), "partial: no configuration has tape");
+    assert_eq!(
+        out.status.code(),
+        Some(4),
+        "partial: no configuration has tape"
+    );
     assert_eq!(String::from_utf8(out.stdout).unwrap().trim(), "[]");
     let out = concord(&["txn", "list", "--min-age", "1h"], &data);
-    assert_eq!(out.status.code(), Some(4), "partial: no configuration has tape");
+    assert_eq!(
+        out.status.code(),
+        Some(4),
+        "partial: no configuration has tape"
+    );
     let text = String::from_utf8(out.stdout).unwrap();
     assert!(
         text.contains("older than --min-age (2 younger not shown)"),

@@ -131,7 +131,7 @@ pub enum JournalError {
         path: PathBuf,
     },
     /// Another process holds the journal open.
-    #[error("journal {path} is locked by another process; stop it first")]
+    #[error("{path} is locked by another process, which has the journal open; stop it first")]
     Locked {
         /// The lock file.
         path: PathBuf,

@@ -1532,7 +1532,7 @@ impl Flusher {
             // Every record is synced: without a mark, the next open checks the tail as after a
             // crash, and a half-written `CLEAN.tmp` is removed there. Nothing is lost, so the
             // close is not a poisoning (see `crate::clean`).
-            tracing::warn!(error = %e, "the journal's clean close could not be marked; every record is synced, and the next open checks the tail as after a crash");
+            tracing::warn!(error = %e, dir = %self.writer.dir.display(), "a clean close could not be marked; every record is synced, and the next open checks the tail as after a crash");
         }
     }
 
