@@ -175,10 +175,10 @@ use tokio::sync::Notify;
 use crate::dirsync::DirSync;
 use crate::internal::branches::Branches;
 use crate::internal::collect::Adoptions;
-use crate::internal::instance::{Gate, Instance, InstanceState, Shared};
+use crate::internal::instance::{Instance, InstanceState, Shared};
 use crate::internal::io::{parent_of, sync_file};
 use crate::internal::lifecycle;
-use crate::internal::pauses::Pauses;
+use crate::internal::lifecycle::Shell;
 use crate::internal::shipping;
 use crate::internal::state_file::encode_state;
 use crate::{
@@ -287,13 +287,8 @@ struct Inner {
     state: Mutex<State>,
     /// Woken whenever a branch releases its locks.
     released: Notify,
-    /// Serializes replays, so that the LSN check and the apply are one step.
-    replaying: tokio::sync::Mutex<()>,
-    /// The fence gate: prepares, commits and rollbacks hold it shared, a fence exclusively
-    /// (see `Gate`).
-    gate: Gate,
-    /// Pauses tests arm inside operations.
-    pauses: Pauses,
+    /// The fence gate, the test pauses and the replay lock.
+    shell: Shell,
     /// The adoption lock and the blobs adopted while a collection runs.
     adoptions: Adoptions,
     /// Names of staged and temp files.
@@ -354,14 +349,14 @@ impl FilesResource {
     /// of it is durable, until the returned pause is released (the conformance suite's
     /// `fence_covers_a_prepare_in_flight`).
     pub fn pause_prepare(&self, xid: &Xid) -> crate::testing::Pause {
-        self.inner.pauses.arm_prepare(xid)
+        self.inner.shell.pauses.arm_prepare(xid)
     }
 
     /// For tests: the next replay applies part of its redo (its first entry) and then fails,
     /// as if the process died there (the conformance suite's
     /// `replay_on_an_empty_instance_gives_the_same_state`).
     pub fn fail_next_replay(&self) {
-        self.inner.pauses.arm_replay_failure();
+        self.inner.shell.pauses.arm_replay_failure();
     }
 
     /// The resource's blob store, which a standby's replay reads: replication ships the blobs a

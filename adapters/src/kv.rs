@@ -146,11 +146,11 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::Notify;
 
 use crate::internal::branches::Branches;
-use crate::internal::instance::{Gate, Instance, InstanceState, Shared};
+use crate::internal::instance::{Instance, InstanceState, Shared};
 use crate::internal::io::blocking;
 use crate::internal::lifecycle;
+use crate::internal::lifecycle::Shell;
 use crate::internal::locks::wait_for_lock;
-use crate::internal::pauses::Pauses;
 use crate::{Epoch, Lsn, Resource, ResourceError, Vote, Xid};
 
 mod batch;
@@ -246,13 +246,8 @@ struct Inner {
     state: Mutex<State>,
     /// Woken whenever a branch releases its locks.
     released: Notify,
-    /// Serializes replays, so that the LSN check and the apply are one step.
-    replaying: tokio::sync::Mutex<()>,
-    /// The fence gate: prepares, commits and rollbacks hold it shared, a fence exclusively
-    /// (see `Gate`).
-    gate: Gate,
-    /// Pauses tests arm inside operations.
-    pauses: Pauses,
+    /// The fence gate, the test pauses and the replay lock.
+    shell: Shell,
 }
 
 /// A pending write: the value of an insert, `None` for a remove.
@@ -309,9 +304,7 @@ impl KvResource {
             store,
             state: Mutex::new(state),
             released: Notify::new(),
-            replaying: tokio::sync::Mutex::new(()),
-            gate: Gate::default(),
-            pauses: Pauses::default(),
+            shell: Shell::default(),
         };
         Ok(Arc::new(KvResource {
             inner: Arc::new(inner),
@@ -347,13 +340,13 @@ impl KvResource {
     /// of it is durable, until the returned pause is released (the conformance suite's
     /// `fence_covers_a_prepare_in_flight`).
     pub fn pause_prepare(&self, xid: &Xid) -> crate::testing::Pause {
-        self.inner.pauses.arm_prepare(xid)
+        self.inner.shell.pauses.arm_prepare(xid)
     }
 
     /// For tests: the next replay fails before its transaction, as if the process died there
     /// (a replay is one sled transaction: nothing of it can be half applied).
     pub fn fail_next_replay(&self) {
-        self.inner.pauses.arm_replay_failure();
+        self.inner.shell.pauses.arm_replay_failure();
     }
 }
 

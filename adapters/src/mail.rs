@@ -142,10 +142,10 @@ use journal::{BlobId, BlobStore, Journal};
 use crate::dirsync::DirSync;
 use crate::internal::branches::Branches;
 use crate::internal::collect::{Adoptions, collect_blobs};
-use crate::internal::instance::{Gate, Instance, InstanceState, Shared, lock};
+use crate::internal::instance::{Instance, InstanceState, Shared, lock};
 use crate::internal::io::{blocking, log_error};
 use crate::internal::lifecycle;
-use crate::internal::pauses::Pauses;
+use crate::internal::lifecycle::Shell;
 use crate::internal::shipping;
 use crate::internal::state_file::encode_state;
 use crate::{
@@ -257,13 +257,8 @@ struct Inner {
     trims: Mutex<Trims>,
     /// Held while a trim runs: one at a time.
     trimming: tokio::sync::Mutex<()>,
-    /// Serializes replays, so that the LSN check and the delivery are one step.
-    replaying: tokio::sync::Mutex<()>,
-    /// The fence gate: prepares, commits and rollbacks hold it shared, a fence exclusively
-    /// (see `Gate`).
-    gate: Gate,
-    /// Pauses tests arm inside operations.
-    pauses: Pauses,
+    /// The fence gate, the test pauses and the replay lock.
+    shell: Shell,
     /// The adoption lock and the blobs adopted while a collection runs.
     adoptions: Adoptions,
     /// Names of temp files in the private area.
@@ -359,14 +354,14 @@ impl MailResource {
     /// of it is durable, until the returned pause is released (the conformance suite's
     /// `fence_covers_a_prepare_in_flight`).
     pub fn pause_prepare(&self, xid: &Xid) -> crate::testing::Pause {
-        self.inner.pauses.arm_prepare(xid)
+        self.inner.shell.pauses.arm_prepare(xid)
     }
 
     /// For tests: the next replay applies part of its redo (its first entry) and then fails,
     /// as if the process died there (the conformance suite's
     /// `replay_on_an_empty_instance_gives_the_same_state`).
     pub fn fail_next_replay(&self) {
-        self.inner.pauses.arm_replay_failure();
+        self.inner.shell.pauses.arm_replay_failure();
     }
 
     /// The resource's blob store, which a standby's replay reads: replication ships the blobs a

@@ -338,7 +338,7 @@ impl Inner {
         let mut touched = BTreeSet::new();
         let mut written = Vec::new();
         for (n, entry) in entries.iter().enumerate() {
-            if n == 1 && self.pauses.replay_fails_here() {
+            if n == 1 && self.shell.pauses.replay_fails_here() {
                 return Err(self.unavailable(format!(
                     "replay of lsn {lsn} stopped by its fail point after its first entry"
                 )));

@@ -30,9 +30,9 @@ use super::{
 use crate::dirsync::DirSync;
 use crate::internal::branches::Branches;
 use crate::internal::collect::Adoptions;
-use crate::internal::instance::{Gate, Shared};
+use crate::internal::instance::Shared;
 use crate::internal::io::{OwnDir, blob_error, create_dir_durably, lock_private, open_own_dir};
-use crate::internal::pauses::Pauses;
+use crate::internal::lifecycle::Shell;
 use crate::internal::state_file::read_state_file;
 use crate::{Epoch, ResourceError, Xid};
 
@@ -90,9 +90,7 @@ impl FilesResource {
             config,
             state: Mutex::new(state),
             released: Notify::new(),
-            replaying: tokio::sync::Mutex::new(()),
-            gate: Gate::default(),
-            pauses: Pauses::default(),
+            shell: Shell::default(),
             adoptions: Adoptions::default(),
             next_file: AtomicU64::new(0),
             _lock: lock,

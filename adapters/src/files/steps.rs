@@ -22,10 +22,10 @@ use super::staging::Change;
 use super::{Branch, FEWER, Inner, RedoEntry, State, TASK, decode_redo, encode_redo, log};
 use crate::internal::branch_log;
 use crate::internal::branches::{Branches, Phase};
-use crate::internal::instance::{Gate, Instance, lock};
+use crate::internal::instance::{Instance, lock};
 use crate::internal::io::{blocking, log_error};
 use crate::internal::lifecycle::Lifecycle;
-use crate::internal::pauses::Pauses;
+use crate::internal::lifecycle::Shell;
 use crate::{Epoch, ResourceError, Vote, Xid};
 
 type Result<T, E = ResourceError> = std::result::Result<T, E>;
@@ -57,16 +57,8 @@ impl Lifecycle for Inner {
     type Redo = Vec<RedoEntry>;
     const TASK: &'static str = TASK;
 
-    fn gate(&self) -> &Gate {
-        &self.gate
-    }
-
-    fn pauses(&self) -> &Pauses {
-        &self.pauses
-    }
-
-    fn replaying(&self) -> &tokio::sync::Mutex<()> {
-        &self.replaying
+    fn shell(&self) -> &Shell {
+        &self.shell
     }
 
     fn branches(st: &mut State) -> &mut Branches<Branch> {

@@ -52,6 +52,18 @@ use crate::{Epoch, Lsn, ResourceError, Vote, Xid};
 
 type Result<T, E = ResourceError> = std::result::Result<T, E>;
 
+/// What the shared lifecycle keeps in every resource that runs on it.
+#[derive(Default)]
+pub(crate) struct Shell {
+    /// The fence gate: prepares, commits and rollbacks hold it shared, a fence exclusively
+    /// (see `Gate`).
+    pub(crate) gate: Gate,
+    /// Pauses tests arm inside operations.
+    pub(crate) pauses: Pauses,
+    /// Serializes replays, so that the LSN check and the apply are one step.
+    pub(crate) replaying: tokio::sync::Mutex<()>,
+}
+
 /// The steps of a resource's branch lifecycle that are its own; see the module docs.
 pub(crate) trait Lifecycle: Instance + Send + Sync + Sized + 'static {
     /// What the resource keeps of a branch.
@@ -67,12 +79,8 @@ pub(crate) trait Lifecycle: Instance + Send + Sync + Sized + 'static {
     /// What a panicked blocking task was, in its error ("file", "kv").
     const TASK: &'static str;
 
-    /// The fence gate.
-    fn gate(&self) -> &Gate;
-    /// The pauses tests arm.
-    fn pauses(&self) -> &Pauses;
-    /// Held while a replay runs: one at a time.
-    fn replaying(&self) -> &tokio::sync::Mutex<()>;
+    /// The fence gate, the test pauses and the replay lock.
+    fn shell(&self) -> &Shell;
     /// The table of branches in the state.
     fn branches(st: &mut Self::State) -> &mut Branches<Self::Branch>;
 
@@ -142,12 +150,12 @@ pub(crate) fn begin<I: Lifecycle>(inner: &I, xid: &Xid) -> Result<()> {
 
 /// `Resource::prepare`.
 pub(crate) async fn prepare<I: Lifecycle>(inner: &Arc<I>, xid: &Xid) -> Result<Vote> {
-    let _gate = inner.gate().read().await;
+    let _gate = inner.shell().gate.read().await;
     let work = match start_prepare(&**inner, xid)? {
         Ok(vote) => return Ok(vote),
         Err(work) => work,
     };
-    inner.pauses().at_prepare(xid).await;
+    inner.shell().pauses.at_prepare(xid).await;
     let result = inner.prepare_work(xid, work).await;
     finish_prepare(&**inner, xid, result)
 }
@@ -185,7 +193,7 @@ fn finish_prepare<I: Lifecycle>(inner: &I, xid: &Xid, result: Result<I::Prepared
 
 /// `Resource::commit` (`commit`) and `Resource::rollback`.
 pub(crate) async fn resolve<I: Lifecycle>(inner: &Arc<I>, xid: &Xid, commit: bool) -> Result<()> {
-    let _gate = inner.gate().read().await;
+    let _gate = inner.shell().gate.read().await;
     let Some((previous, resolving)) = start_resolve(&**inner, xid, commit)? else {
         return Ok(());
     };
@@ -243,7 +251,7 @@ fn finish_resolve<I: Lifecycle>(
 /// poisons the instance) before the state takes it. It holds the fence gate exclusively (see
 /// [`Gate`]), so it waits for every prepare, commit and rollback in flight.
 pub(crate) async fn fence<I: Lifecycle>(inner: &Arc<I>, epoch: Epoch) -> Result<()> {
-    let _fencing = inner.gate().write().await;
+    let _fencing = inner.shell().gate.write().await;
     let current = inner.fence_epoch()?;
     if epoch <= current {
         return Ok(());
@@ -260,7 +268,7 @@ pub(crate) async fn fence<I: Lifecycle>(inner: &Arc<I>, epoch: Epoch) -> Result<
 
 /// `Resource::replay`.
 pub(crate) async fn replay<I: Lifecycle>(inner: &Arc<I>, redo: &[u8], lsn: Lsn) -> Result<()> {
-    let _replaying = inner.replaying().lock().await;
+    let _replaying = inner.shell().replaying.lock().await;
     if lsn <= inner.applied_lsn()? {
         return Ok(());
     }

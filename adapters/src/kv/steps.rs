@@ -19,10 +19,10 @@ use journal::{Appending, Lsn};
 use super::store::Prepared;
 use super::{Branch, Inner, KvWrite, State, TASK, decode_batch};
 use crate::internal::branches::{Branches, Phase};
-use crate::internal::instance::{Gate, Instance, InstanceState};
+use crate::internal::instance::{Instance, InstanceState};
 use crate::internal::io::blocking;
 use crate::internal::lifecycle::Lifecycle;
-use crate::internal::pauses::Pauses;
+use crate::internal::lifecycle::Shell;
 use crate::{Epoch, ResourceError, Vote, Xid};
 
 type Result<T, E = ResourceError> = std::result::Result<T, E>;
@@ -38,16 +38,8 @@ impl Lifecycle for Inner {
     type Redo = Vec<KvWrite>;
     const TASK: &'static str = TASK;
 
-    fn gate(&self) -> &Gate {
-        &self.gate
-    }
-
-    fn pauses(&self) -> &Pauses {
-        &self.pauses
-    }
-
-    fn replaying(&self) -> &tokio::sync::Mutex<()> {
-        &self.replaying
+    fn shell(&self) -> &Shell {
+        &self.shell
     }
 
     fn branches(st: &mut State) -> &mut Branches<Branch> {
@@ -144,7 +136,7 @@ impl Lifecycle for Inner {
     }
 
     async fn replay_work(self: &Arc<Self>, writes: Vec<KvWrite>, lsn: Lsn) -> Result<()> {
-        if self.pauses.replay_fails_here() {
+        if self.shell.pauses.replay_fails_here() {
             return Err(self.unavailable(format!(
                 "replay of lsn {lsn} stopped by its fail point before its transaction"
             )));

@@ -86,7 +86,7 @@ impl Inner {
     pub(super) fn replay_messages(&self, entries: &[RedoEntry], lsn: Lsn) -> Result<()> {
         let mut cur = None;
         for (n, entry) in entries.iter().enumerate() {
-            if n == 1 && self.pauses.replay_fails_here() {
+            if n == 1 && self.shell.pauses.replay_fails_here() {
                 return Err(self.unavailable(format!(
                     "replay of lsn {lsn} stopped by its fail point after its first message"
                 )));

@@ -28,11 +28,11 @@ use super::{
 use crate::dirsync::DirSync;
 use crate::internal::branches::Branches;
 use crate::internal::collect::Adoptions;
-use crate::internal::instance::{Gate, Shared};
+use crate::internal::instance::Shared;
 use crate::internal::io::{
     OwnDir, blob_error, create_dir_durably, lock_private, open_own_dir, remove_file_if_exists,
 };
-use crate::internal::pauses::Pauses;
+use crate::internal::lifecycle::Shell;
 use crate::internal::state_file::read_state_file;
 use crate::{Epoch, ResourceError};
 
@@ -81,9 +81,7 @@ impl MailResource {
                 at_lsn: Lsn::ZERO,
             }),
             trimming: tokio::sync::Mutex::new(()),
-            replaying: tokio::sync::Mutex::new(()),
-            gate: Gate::default(),
-            pauses: Pauses::default(),
+            shell: Shell::default(),
             adoptions: Adoptions::default(),
             next_tmp: AtomicU64::new(0),
             _lock: lock,

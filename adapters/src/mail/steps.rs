@@ -21,10 +21,10 @@ use super::{
 };
 use crate::internal::branch_log;
 use crate::internal::branches::{Branches, Phase};
-use crate::internal::instance::{Gate, Instance};
+use crate::internal::instance::Instance;
 use crate::internal::io::{blocking, log_error};
 use crate::internal::lifecycle::Lifecycle;
-use crate::internal::pauses::Pauses;
+use crate::internal::lifecycle::Shell;
 use crate::{Epoch, ResourceError, Vote, Xid};
 
 type Result<T, E = ResourceError> = std::result::Result<T, E>;
@@ -55,16 +55,8 @@ impl Lifecycle for Inner {
     type Redo = Vec<RedoEntry>;
     const TASK: &'static str = TASK;
 
-    fn gate(&self) -> &Gate {
-        &self.gate
-    }
-
-    fn pauses(&self) -> &Pauses {
-        &self.pauses
-    }
-
-    fn replaying(&self) -> &tokio::sync::Mutex<()> {
-        &self.replaying
+    fn shell(&self) -> &Shell {
+        &self.shell
     }
 
     fn branches(st: &mut State) -> &mut Branches<Branch> {
