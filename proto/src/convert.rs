@@ -997,3 +997,6 @@ impl HeaderOnly for v1::StatusRequest {
         check_header("StatusRequest.header", self.header.as_ref())
     }
 }
+
+#[cfg(test)]
+mod tests;
