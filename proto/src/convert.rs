@@ -2,7 +2,7 @@
 //! place.
 //!
 //! The daemon turns each request into the domain values it acts on with [`TryFrom`] (a
-//! [`BranchTarget`], [`FilePut`], [`KvWrite`], …, or the coordinator's own
+//! [`BranchTarget`], [`FilePut`], [`KvCall`], …, or the coordinator's own
 //! [`ResolveRequest`](coordinator::resolve::ResolveRequest)); the answers go the other way with
 //! [`From`]. A client decodes the answers back with [`TryFrom`] too. Every refusal is a
 //! [`WireError`] naming the field (`message.field`): an xid that does not parse, an enum value
