@@ -98,3 +98,49 @@ pub fn error_detail(status: &tonic::Status) -> Result<Option<v1::ErrorDetail>, W
         })?;
     Ok(Some(detail))
 }
+
+#[cfg(test)]
+mod tests {
+    use prost::Message;
+
+    use super::*;
+
+    #[test]
+    fn the_descriptor_set_describes_the_service() {
+        let set = prost_types::FileDescriptorSet::decode(FILE_DESCRIPTOR_SET).expect("decodes");
+        let file = set
+            .file
+            .iter()
+            .find(|f| f.name() == "concord/v1/coordinator.proto")
+            .expect("the schema file is in the set");
+        assert_eq!(file.package(), "concord.v1");
+        let service = file
+            .service
+            .iter()
+            .find(|s| s.name() == "Coordinator")
+            .expect("the service");
+        let methods: Vec<_> = service.method.iter().map(|m| m.name()).collect();
+        assert_eq!(
+            methods,
+            [
+                "Begin",
+                "FilesPut",
+                "FilesDelete",
+                "FilesRead",
+                "MailEnqueue",
+                "KvInsert",
+                "KvRemove",
+                "KvGet",
+                "EnlistPrepared",
+                "Commit",
+                "Rollback",
+                "Outcome",
+                "ListInDoubt",
+                "Resolve",
+                "Health",
+                "Status",
+            ]
+        );
+        assert_eq!(SCHEMA_VERSION, 1);
+    }
+}
