@@ -370,14 +370,15 @@ fn branch_error_retryable(e: &adapters::ResourceError) -> bool {
 
 impl ErrorDetail {
     /// The detail of a resource's error (`ErrorCode::Resource`), for the transaction `xid`
-    /// when there is one.
+    /// when there is one; `retryable` when the resource could not answer or met another
+    /// transaction's write.
     pub fn resource(xid: Option<Xid>, e: &adapters::ResourceError) -> ErrorDetail {
         ErrorDetail {
             code: ErrorCode::Resource as i32,
             xid: xid.map(xid_text).unwrap_or_default(),
             resource: e.resource().to_string(),
             error_class: ErrorClass::from(e.class()) as i32,
-            retryable: e.is_retryable(),
+            retryable: branch_error_retryable(e),
             resource_error: Some(e.into()),
             ..ErrorDetail::default()
         }
@@ -407,6 +408,13 @@ impl ErrorDetail {
         }
     }
 
+    /// Whether a resource's error behind this detail is a conflict with another transaction.
+    fn is_conflict(&self) -> bool {
+        self.resource_error
+            .as_ref()
+            .is_some_and(|e| matches!(e.kind, Some(resource_error::Kind::Conflict(_))))
+    }
+
     /// The gRPC code this detail travels with (the table in the .proto's header).
     pub fn grpc_code(&self) -> tonic::Code {
         use tonic::Code;
@@ -425,9 +433,10 @@ impl ErrorDetail {
             ErrorCode::PermissionDenied => Code::PermissionDenied,
             ErrorCode::LimitExceeded => Code::ResourceExhausted,
             ErrorCode::RolledBack if self.retryable => Code::Aborted,
-            ErrorCode::RolledBack => Code::Internal,
+            ErrorCode::RolledBack => Code::FailedPrecondition,
             ErrorCode::Resource => match class {
                 ErrorClass::Retryable => Code::Unavailable,
+                ErrorClass::Rejected if self.is_conflict() => Code::Aborted,
                 ErrorClass::Rejected => Code::FailedPrecondition,
                 _ => Code::Internal,
             },

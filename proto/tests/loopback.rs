@@ -23,6 +23,13 @@ const KNOWN: Xid = Xid {
 
 struct StandIn;
 
+fn committed() -> XidOutcome {
+    XidOutcome {
+        xid: KNOWN,
+        state: XidState::Ended(Outcome::Committed { lsn: Some(Lsn(5)) }),
+    }
+}
+
 type Answer<T> = Result<Response<T>, Status>;
 
 fn unimplemented<T>() -> Answer<T> {
@@ -113,15 +120,7 @@ impl Coordinator for StandIn {
         unimplemented()
     }
 
-    async fn commit(&self, _: Request<v1::CommitRequest>) -> Answer<v1::CommitResponse> {
-        unimplemented()
-    }
-
-    async fn rollback(&self, _: Request<v1::RollbackRequest>) -> Answer<v1::RollbackResponse> {
-        unimplemented()
-    }
-
-    async fn outcome(&self, request: Request<v1::OutcomeRequest>) -> Answer<v1::OutcomeResponse> {
+    async fn commit(&self, request: Request<v1::CommitRequest>) -> Answer<v1::CommitResponse> {
         let call = XidCall::try_from(request.into_inner())?;
         if call.xid != KNOWN {
             let detail = ErrorDetail {
@@ -134,9 +133,24 @@ impl Coordinator for StandIn {
                 &detail,
             ));
         }
-        let outcome = XidOutcome {
-            xid: KNOWN,
-            state: XidState::Ended(Outcome::Committed { lsn: Some(Lsn(5)) }),
+        Ok(Response::new(v1::CommitResponse {
+            outcome: Some((&committed()).into()),
+        }))
+    }
+
+    async fn rollback(&self, _: Request<v1::RollbackRequest>) -> Answer<v1::RollbackResponse> {
+        unimplemented()
+    }
+
+    async fn outcome(&self, request: Request<v1::OutcomeRequest>) -> Answer<v1::OutcomeResponse> {
+        let call = XidCall::try_from(request.into_inner())?;
+        let outcome = if call.xid == KNOWN {
+            committed()
+        } else {
+            XidOutcome {
+                xid: call.xid,
+                state: XidState::Unknown,
+            }
         };
         Ok(Response::new(v1::OutcomeResponse {
             outcome: Some((&outcome).into()),
@@ -205,9 +219,20 @@ async fn generated_client_and_server_talk_over_loopback() {
             XidState::Ended(Outcome::Committed { lsn: Some(Lsn(5)) })
         );
 
-        // An unknown xid: NOT_FOUND, with its typed detail from the trailer.
-        let status = client
+        // The outcome of an unknown xid is an answer; its commit is NOT_FOUND, with its typed
+        // detail from the trailer.
+        let answer = client
             .outcome(outcome_request("n9e9s9"))
+            .await
+            .expect("answers")
+            .into_inner();
+        let outcome = XidOutcome::try_from(answer.outcome.expect("set")).expect("converts");
+        assert_eq!(outcome.state, XidState::Unknown);
+        let status = client
+            .commit(v1::CommitRequest {
+                header: header(),
+                xid: "n9e9s9".into(),
+            })
             .await
             .expect_err("unknown");
         assert_eq!(status.code(), tonic::Code::NotFound);

@@ -168,10 +168,12 @@ fn a_resource_error_becomes_a_detail_and_a_status_a_client_decodes() {
         assert_eq!(detail.xid, "n7e3s1730000000000042");
         assert_eq!(detail.resource, e.resource());
         assert_eq!(detail.error_class(), ErrorClass::from(e.class()));
-        assert_eq!(detail.retryable, e.is_retryable());
+        let conflict = matches!(e, E::Conflict { .. });
+        assert_eq!(detail.retryable, e.is_retryable() || conflict);
         let status = error_status(e.to_string(), &detail);
         let expected = match e.class() {
             adapters::ErrorClass::Retryable => tonic::Code::Unavailable,
+            adapters::ErrorClass::Rejected if conflict => tonic::Code::Aborted,
             adapters::ErrorClass::Rejected => tonic::Code::FailedPrecondition,
             _ => tonic::Code::Internal,
         };
@@ -218,7 +220,7 @@ fn status_codes_follow_the_documented_table() {
         Code::PermissionDenied
     );
     assert_eq!(code(ErrorCode::RolledBack, true), Code::Aborted);
-    assert_eq!(code(ErrorCode::RolledBack, false), Code::Internal);
+    assert_eq!(code(ErrorCode::RolledBack, false), Code::FailedPrecondition);
     assert_eq!(code(ErrorCode::Draining, false), Code::Unavailable);
     assert_eq!(code(ErrorCode::NotPrimary, false), Code::Unavailable);
     assert_eq!(code(ErrorCode::Journal, false), Code::Internal);
