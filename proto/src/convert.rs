@@ -163,10 +163,22 @@ pub fn parse_enum<E: TryFrom<i32>>(field: &'static str, value: i32) -> Result<E,
     E::try_from(value).map_err(|_| WireError::BadEnum { field, value })
 }
 
-/// Checks a request's header: present, with a schema revision this end serves. Returns the
-/// client's revision.
+/// The longest `RequestHeader.client_name` (bytes).
+pub const CLIENT_NAME_BYTES_MAX: usize = 128;
+
+/// Checks a request's header: present, with a schema revision this end serves and a client name
+/// of at most [`CLIENT_NAME_BYTES_MAX`]. Returns the client's revision.
 pub fn check_header(field: &'static str, header: Option<&RequestHeader>) -> Result<u32, WireError> {
     let header = header.ok_or(WireError::Missing { field })?;
+    if header.client_name.len() > CLIENT_NAME_BYTES_MAX {
+        return Err(WireError::Invalid {
+            field: "RequestHeader.client_name",
+            reason: format!(
+                "{} bytes; at most {CLIENT_NAME_BYTES_MAX}",
+                header.client_name.len()
+            ),
+        });
+    }
     match header.schema_version {
         0 => Err(WireError::Missing {
             field: "RequestHeader.schema_version",

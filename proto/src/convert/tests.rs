@@ -486,6 +486,34 @@ fn headers_are_required_and_a_newer_schema_is_refused() {
 }
 
 #[test]
+fn long_client_names_are_refused() {
+    let named = |len: usize| v1::HealthRequest {
+        header: Some(RequestHeader::current("c".repeat(len))),
+    };
+    assert_eq!(named(CLIENT_NAME_BYTES_MAX).check(), Ok(SCHEMA_VERSION));
+    refused(
+        named(CLIENT_NAME_BYTES_MAX + 1).check(),
+        "RequestHeader.client_name",
+    );
+}
+
+#[test]
+fn huge_declared_lengths_are_refused_before_allocating() {
+    // Field 2 (a chunk, or an xid), length-delimited, declaring 2^62 bytes that never come.
+    let mut bytes = vec![0x12];
+    let mut len: u64 = 1 << 62;
+    while len >= 0x80 {
+        bytes.push((len as u8) | 0x80);
+        len >>= 7;
+    }
+    bytes.push(len as u8);
+    bytes.extend_from_slice(b"short");
+    assert!(v1::FilesPutRequest::decode(bytes.as_slice()).is_err());
+    assert!(v1::CommitRequest::decode(bytes.as_slice()).is_err());
+    decode_everything(&bytes);
+}
+
+#[test]
 fn requests_become_the_calls_the_daemon_acts_on() {
     let target = BranchTarget {
         xid: xid(),
