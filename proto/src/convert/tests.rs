@@ -730,7 +730,82 @@ fn decode_everything(bytes: &[u8]) {
     let _ = error_detail(&status);
 }
 
+/// Any resource error, with any text and numbers.
+fn any_resource_error() -> impl Strategy<Value = E> {
+    let name = "[a-z][a-z0-9_]{0,15}";
+    let text = any::<String>();
+    let blob = any::<[u8; 32]>().prop_map(BlobId);
+    prop_oneof![
+        (name, text).prop_map(|(resource, message)| E::Unavailable { resource, message }),
+        (name, text).prop_map(|(resource, reason)| E::Rejected { resource, reason }),
+        (name, text, text, any::<u64>()).prop_map(|(resource, what, holder, waited_ms)| {
+            E::Conflict {
+                resource,
+                what,
+                holder,
+                waited_ms,
+            }
+        }),
+        (name, any::<u64>(), any::<u64>()).prop_map(|(resource, offered, current)| E::Fenced {
+            resource,
+            offered: Epoch(offered),
+            current: Epoch(current)
+        }),
+        (name, text).prop_map(|(resource, message)| E::InDoubt { resource, message }),
+        (name, text).prop_map(|(resource, message)| E::Fatal { resource, message }),
+        (name, text).prop_map(|(resource, message)| E::HeuristicHazard { resource, message }),
+        (name, text, blob.clone(), any::<u64>(), text).prop_map(
+            |(resource, path, blob, bytes, found)| E::ContentLost {
+                resource,
+                path,
+                blob,
+                bytes,
+                found
+            }
+        ),
+        (name, blob.clone(), blob, any::<u64>()).prop_map(|(resource, expected, actual, bytes)| {
+            E::BlobMismatch {
+                resource,
+                expected,
+                actual,
+                bytes,
+            }
+        }),
+    ]
+}
+
 proptest! {
+    #[test]
+    fn any_resource_error_round_trips(e in any_resource_error()) {
+        let wire = over_the_wire(&v1::ResourceError::from(&e));
+        prop_assert_eq!(E::try_from(wire), Ok(e.clone()));
+        let detail = over_the_wire(&ErrorDetail::resource(None, &e));
+        let back = detail.resource_error.map(E::try_from);
+        prop_assert_eq!(back, Some(Ok(e)));
+    }
+
+    #[test]
+    fn any_outcome_round_trips(
+        xid in (any::<u32>(), any::<u64>(), any::<u64>()),
+        lsn in proptest::option::of(1..u64::MAX),
+        reason in any::<String>(),
+        failed in proptest::option::of(any_resource_error()),
+        branch in proptest::option::of("[a-z]{1,8}"),
+        pick in 0..5u8,
+    ) {
+        let xid = Xid { node: xid.0, epoch: Epoch(xid.1), seq: xid.2 };
+        let state = match pick {
+            0 => XidState::Ended(Outcome::Committed { lsn: lsn.map(Lsn) }),
+            1 => XidState::Ended(Outcome::RolledBack { reason, failed }),
+            2 => XidState::Ended(Outcome::InDoubt { error: reason, branch }),
+            3 => XidState::Open,
+            _ => XidState::Unknown,
+        };
+        let outcome = XidOutcome { xid, state };
+        let wire = over_the_wire(&TxnOutcome::from(&outcome));
+        prop_assert_eq!(XidOutcome::try_from(wire), Ok(outcome));
+    }
+
     #[test]
     fn random_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
         decode_everything(&bytes);
