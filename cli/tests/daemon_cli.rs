@@ -426,3 +426,142 @@ fn a_non_loopback_listen_address_is_refused() {
     assert!(stderr.contains("--listen-any"), "{stderr}");
     assert!(out.stdout.is_empty(), "it never listened");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_and_refused_calls_name_what_is_wrong_and_the_daemon_keeps_serving() {
+    use v1::files_put_request::Part;
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(dir.path());
+    let mut client = daemon.client().await;
+
+    let health = client
+        .health(v1::HealthRequest { header: header() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(health.serving, v1::Serving::Serving as i32);
+    let status = client
+        .status(v1::StatusRequest { header: header() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(status.role, v1::Role::Primary as i32);
+    assert_eq!(status.node, 1);
+    assert_eq!(status.schema_version, proto::SCHEMA_VERSION);
+    let mut kinds: Vec<_> = status.resources.iter().map(|r| r.kind.as_str()).collect();
+    kinds.sort_unstable();
+    assert_eq!(kinds, ["files", "files", "kv", "mail"]);
+
+    // A client of a newer schema revision.
+    let newer = client
+        .begin(v1::BeginRequest {
+            header: Some(RequestHeader {
+                schema_version: proto::SCHEMA_VERSION + 1,
+                client_name: "future".into(),
+            }),
+            timeout_ms: None,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(newer.code(), Code::FailedPrecondition);
+    assert_eq!(code_of(&newer), ErrorCode::IncompatibleSchema);
+
+    let xid = begin(&mut client).await.xid;
+    // A chunk before the start message.
+    let chunk_first = vec![v1::FilesPutRequest {
+        part: Some(Part::Chunk(b"x".to_vec())),
+    }];
+    let refused = client
+        .files_put(tonic::codegen::tokio_stream::iter(chunk_first))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::InvalidArgument);
+    assert_eq!(
+        proto::error_detail(&refused).unwrap().unwrap().field,
+        "FilesPutRequest.part"
+    );
+    // Content longer than declared: refused, and nothing of it is in the branch.
+    let longer = vec![
+        v1::FilesPutRequest {
+            part: Some(Part::Start(v1::FilesPutStart {
+                target: target(&xid, "uploads"),
+                path: "short.bin".into(),
+                size_bytes: Some(3),
+            })),
+        },
+        v1::FilesPutRequest {
+            part: Some(Part::Chunk(b"four".to_vec())),
+        },
+    ];
+    let refused = client
+        .files_put(tonic::codegen::tokio_stream::iter(longer))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
+    assert_eq!(
+        proto::error_detail(&refused).unwrap().unwrap().field,
+        "FilesPutRequest.chunk"
+    );
+    let mut read = client
+        .files_read(v1::FilesReadRequest {
+            target: target(&xid, "uploads"),
+            path: "short.bin".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!read.message().await.unwrap().unwrap().found);
+
+    // A kv call on a files resource, and a resource the configuration lacks.
+    let wrong = client
+        .kv_insert(v1::KvInsertRequest {
+            target: target(&xid, "uploads"),
+            key: b"k".to_vec(),
+            value: b"v".to_vec(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(wrong.code(), Code::FailedPrecondition, "{wrong:?}");
+    assert_eq!(code_of(&wrong), ErrorCode::WrongKind);
+    let nowhere = client
+        .kv_insert(v1::KvInsertRequest {
+            target: target(&xid, "nowhere"),
+            key: b"k".to_vec(),
+            value: b"v".to_vec(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(nowhere.code(), Code::NotFound, "{nowhere:?}");
+    assert_eq!(code_of(&nowhere), ErrorCode::UnknownResource);
+
+    // The open transactions of one client are bounded.
+    let limit = begin(&mut client).await.limits.unwrap().txns_per_client_max;
+    let mut opened = 2;
+    let exhausted = loop {
+        match client
+            .begin(v1::BeginRequest {
+                header: header(),
+                timeout_ms: None,
+            })
+            .await
+        {
+            Ok(_) => opened += 1,
+            Err(status) => break status,
+        }
+        assert!(opened <= limit, "more than {limit} open transactions");
+    };
+    assert_eq!(opened, limit);
+    assert_eq!(exhausted.code(), Code::ResourceExhausted);
+    let detail = proto::error_detail(&exhausted).unwrap().unwrap();
+    assert_eq!(detail.limit, "txns_per_client_max");
+    assert_eq!(detail.limit_value, u64::from(limit));
+
+    // After all of that, the first transaction still commits.
+    kv_insert(&mut client, &xid, b"still", b"here")
+        .await
+        .unwrap();
+    let committed = commit(&mut client, &xid).await.unwrap();
+    assert!(matches!(committed.state, Some(State::Committed(_))));
+    drop(client);
+    assert!(daemon.terminate());
+}

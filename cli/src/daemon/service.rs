@@ -403,8 +403,14 @@ fn streamed<T>(
     result.map_err(|e| errors::status(xid, &e))
 }
 
+/// Whether a read failed because the file is not there: the files resource says so only in
+/// words (its own "not found", or the operating system's).
 fn not_found(e: &ConcordError) -> bool {
-    matches!(e, ConcordError::Resource(r) if r.to_string().contains(" not found"))
+    let ConcordError::Resource(r) = e else {
+        return false;
+    };
+    let text = r.to_string();
+    text.contains(" not found") || text.contains("No such file or directory")
 }
 
 #[tonic::async_trait]
@@ -770,5 +776,41 @@ impl Daemon {
         } else {
             v1::Serving::Serving
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_draining_daemon_begins_nothing_and_says_so() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = Config::embedded(dir.path());
+        let concord = Concord::open(config.clone()).await.unwrap();
+        let daemon = Daemon::new(concord, config);
+        let begin = || {
+            Request::new(v1::BeginRequest {
+                header: Some(v1::RequestHeader::current("test")),
+                timeout_ms: None,
+            })
+        };
+        assert!(daemon.begin(begin()).await.is_ok());
+        daemon.drain();
+        let refused = daemon.begin(begin()).await.unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::Unavailable);
+        let detail = proto::error_detail(&refused).unwrap().unwrap();
+        assert_eq!(detail.code, v1::ErrorCode::Draining as i32);
+        let health = daemon
+            .health(Request::new(v1::HealthRequest {
+                header: Some(v1::RequestHeader::current("test")),
+            }))
+            .await
+            .unwrap();
+        assert_eq!(health.into_inner().serving, v1::Serving::Draining as i32);
+        assert!(daemon.wait_settled(Duration::from_secs(1)).await);
+        assert!(daemon.into_concord().close(Duration::from_secs(10)).await);
     }
 }
