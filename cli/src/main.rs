@@ -191,7 +191,11 @@ enum BenchCommand {
 impl Command {
     /// The log level when `RUST_LOG` is not set.
     fn default_log_level(&self) -> LevelFilter {
-        LevelFilter::WARN
+        match self {
+            // A daemon's log is its operator's view: start, signals, stop.
+            Command::Coordinator(_) => LevelFilter::INFO,
+            _ => LevelFilter::WARN,
+        }
     }
 }
 

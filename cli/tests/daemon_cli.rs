@@ -556,6 +556,26 @@ async fn malformed_and_refused_calls_name_what_is_wrong_and_the_daemon_keeps_ser
     assert_eq!(detail.limit, "txns_per_client_max");
     assert_eq!(detail.limit_value, u64::from(limit));
 
+    // Nothing is in doubt; resolving is not served without an operator token yet.
+    let listed = client
+        .list_in_doubt(v1::ListInDoubtRequest { header: header() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(listed.transactions.is_empty(), "{listed:?}");
+    let resolve = client
+        .resolve(v1::ResolveRequest {
+            header: header(),
+            xid: xid.clone(),
+            decision: v1::Decision::Rollback as i32,
+            operator: "test".into(),
+            forget: Vec::new(),
+            reason: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(resolve.code(), Code::Unimplemented);
+
     // After all of that, the first transaction still commits.
     kv_insert(&mut client, &xid, b"still", b"here")
         .await

@@ -12,7 +12,11 @@
 //! * `FilesRead` reads the whole file through the branch (the participant has no streamed
 //!   read yet) and sends it in chunks; a file the branch does not find is told apart by the
 //!   resource's refusal text.
-//! * `EnlistPrepared`, `ListInDoubt` and `Resolve` answer UNIMPLEMENTED for now.
+//! * `EnlistPrepared` and `Resolve` answer UNIMPLEMENTED for now (`Resolve` waits for the
+//!   operator token: served without credentials, anyone reaching the port could decide).
+//! * `ListInDoubt` lists what the coordinator holds in memory (transactions past `Begin` that
+//!   are committing, rolling back or in doubt); unlike `concord txn list` it does not ask the
+//!   resources for prepared branches no decision names.
 //! * The open transactions per client are counted by peer IP address.
 //! * `Status` reports every resource healthy: the coordinator has no health probe yet.
 
@@ -709,9 +713,26 @@ impl Service for Daemon {
         request: Request<v1::ListInDoubtRequest>,
     ) -> Result<Response<v1::ListInDoubtResponse>, Status> {
         request.get_ref().check()?;
-        Err(Status::unimplemented(
-            "ListInDoubt is not served by this daemon yet: use `concord txn list` on its host",
-        ))
+        let timeout = Duration::from_millis(self.config.txn_timeout_ms);
+        let transactions = self
+            .concord
+            .coordinator()
+            .list()
+            .into_iter()
+            .filter(|t| t.state != "open")
+            .map(|t| v1::InDoubtTxn {
+                xid: xid_text(t.xid),
+                standing: if t.age >= timeout {
+                    v1::Standing::InDoubt
+                } else {
+                    v1::Standing::InFlight
+                } as i32,
+                age_ms: Some(u64::try_from(t.age.as_millis()).unwrap_or(u64::MAX)),
+                branches: t.pending().map(|(name, _, _)| name.clone()).collect(),
+                state: t.state,
+            })
+            .collect();
+        Ok(Response::new(v1::ListInDoubtResponse { transactions }))
     }
 
     async fn resolve(
