@@ -36,10 +36,16 @@ struct Daemon {
 }
 
 impl Daemon {
+    /// Starts it on the embedded defaults in `data`.
     fn start(data: &Path) -> Daemon {
+        Daemon::start_with(&["--data".as_ref(), data.as_os_str()])
+    }
+
+    /// Starts it with `args` after `coordinator --listen 127.0.0.1:0`.
+    fn start_with(args: &[&std::ffi::OsStr]) -> Daemon {
         let mut child = Command::new(env!("CARGO_BIN_EXE_concord"))
-            .args(["coordinator", "--listen", "127.0.0.1:0", "--data"])
-            .arg(data)
+            .args(["coordinator", "--listen", "127.0.0.1:0"])
+            .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -582,6 +588,57 @@ async fn malformed_and_refused_calls_name_what_is_wrong_and_the_daemon_keeps_ser
         .unwrap();
     let committed = commit(&mut client, &xid).await.unwrap();
     assert!(matches!(committed.state, Some(State::Committed(_))));
+    drop(client);
+    assert!(daemon.terminate());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_its_client_abandons_rolls_back_at_the_timeout() {
+    const TIMEOUT_MS: u64 = 500;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("concord.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "node = 1\ndata_dir = \"data\"\ntxn_timeout_ms = {TIMEOUT_MS}\n\
+             [resources.index]\nkind = \"kv\"\ndir = \"data/index\"\ncreate = true\n"
+        ),
+    )
+    .unwrap();
+    let daemon = Daemon::start_with(&["--config".as_ref(), path.as_os_str()]);
+    let mut client = daemon.client().await;
+    let begun = begin(&mut client).await;
+    assert_eq!(begun.timeout_ms, TIMEOUT_MS);
+    let abandoned = begun.xid;
+    kv_insert(&mut client, &abandoned, b"held", b"x")
+        .await
+        .unwrap();
+
+    // The client says nothing more: the reaper rolls the transaction back.
+    let deadline = Instant::now() + Duration::from_millis(TIMEOUT_MS + VISIBLE_MS_MAX);
+    let cause = loop {
+        match outcome(&mut client, &abandoned).await {
+            State::RolledBack(r) => break r.cause.unwrap(),
+            State::Open(_) => {}
+            other => panic!("{other:?}"),
+        }
+        assert!(Instant::now() < deadline, "rolled back by the timeout");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(cause.kind, v1::RollbackKind::TimedOut as i32);
+    assert!(cause.retryable);
+    let late = kv_insert(&mut client, &abandoned, b"late", b"x")
+        .await
+        .unwrap_err();
+    assert_eq!(late.code(), Code::FailedPrecondition, "{late:?}");
+    let refused = commit(&mut client, &abandoned).await.unwrap_err();
+    assert_eq!(code_of(&refused), ErrorCode::AlreadyRolledBack);
+
+    // What it held is free again, and nothing of it was written.
+    let next = begin(&mut client).await.xid;
+    assert_eq!(kv_get(&mut client, &next, b"held").await, None);
+    kv_insert(&mut client, &next, b"held", b"y").await.unwrap();
+    commit(&mut client, &next).await.unwrap();
     drop(client);
     assert!(daemon.terminate());
 }

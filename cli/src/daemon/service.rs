@@ -27,8 +27,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use adapters::Xid;
-use coordinator::Outcome;
 use coordinator::ledger::Verdict;
+use coordinator::{CoordError, Outcome};
 use participant::{
     Concord, ConcordError, Config, FilesHandle, KvHandle, MailHandle, RollbackCause, Transaction,
 };
@@ -187,10 +187,14 @@ impl Daemon {
             });
     }
 
+    /// The transactions `peer` has open (not finished, not timed out).
     fn open_of(&self, peer: Option<IpAddr>) -> usize {
+        let coordinator = self.concord.coordinator();
         self.txns()
-            .values()
-            .filter(|e| e.peer == peer && !e.is_ended())
+            .iter()
+            .filter(|(xid, e)| {
+                e.peer == peer && !e.is_ended() && coordinator.check_open(xid).is_ok()
+            })
             .count()
     }
 
@@ -235,6 +239,21 @@ impl Daemon {
         st.handles.clear();
         if let Ok(mut at) = entry.ended_at.lock() {
             *at = Some(Instant::now());
+        }
+    }
+
+    /// Records that the coordinator's reaper rolled back the open transaction `xid` at its
+    /// timeout (its client went quiet), if it did.
+    fn notice_timeout(&self, entry: &Entry, st: &mut TxnState, xid: Xid) {
+        let coordinator = self.concord.coordinator();
+        if let Err(CoordError::TimedOut { timeout_ms, .. }) = coordinator.check_open(&xid) {
+            // Told now: the coordinator's record of the timeout is no longer needed.
+            coordinator.forget(&xid);
+            Daemon::finish(
+                entry,
+                st,
+                Ended::RolledBack(RollbackCause::TimedOut { timeout_ms }),
+            );
         }
     }
 
@@ -691,13 +710,19 @@ impl Service for Daemon {
         let xid = call.xid;
         let held = self.txns().get(&xid).cloned();
         let outcome = match held {
-            Some(entry) => match &entry.state.lock().await.ended {
-                Some(ended) => txn_outcome(xid, ended),
-                None => v1::TxnOutcome::from(&XidOutcome {
-                    xid,
-                    state: XidState::Open,
-                }),
-            },
+            Some(entry) => {
+                let mut st = entry.state.lock().await;
+                if st.ended.is_none() {
+                    self.notice_timeout(&entry, &mut st, xid);
+                }
+                match &st.ended {
+                    Some(ended) => txn_outcome(xid, ended),
+                    None => v1::TxnOutcome::from(&XidOutcome {
+                        xid,
+                        state: XidState::Open,
+                    }),
+                }
+            }
             None => v1::TxnOutcome::from(&XidOutcome {
                 xid,
                 state: self.journal_outcome(xid).await?,
