@@ -89,10 +89,15 @@ impl Daemon {
     }
 
     /// Sends SIGTERM and waits for the exit; returns whether it exited 0.
-    fn terminate(mut self) -> bool {
+    fn terminate(self) -> bool {
+        self.signal("-TERM")
+    }
+
+    /// Sends `signal` (`-TERM`, `-INT`) and waits for the exit; returns whether it exited 0.
+    fn signal(mut self, signal: &str) -> bool {
         let mut child = self.child.take().unwrap();
         let killed = Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
+            .args([signal, &child.id().to_string()])
             .status()
             .unwrap();
         assert!(killed.success());
@@ -582,6 +587,21 @@ async fn malformed_and_refused_calls_name_what_is_wrong_and_the_daemon_keeps_ser
         .unwrap_err();
     assert_eq!(resolve.code(), Code::Unimplemented);
 
+    // A message over the size limit is refused by tonic's decoder before the service sees it,
+    // with OUT_OF_RANGE and no ErrorDetail (the .proto's table asks for RESOURCE_EXHAUSTED and
+    // LIMIT_EXCEEDED: that needs a layer rewriting tonic's status; not done yet). The daemon
+    // serves on.
+    let huge = client
+        .kv_insert(v1::KvInsertRequest {
+            target: target(&xid, "index"),
+            key: b"huge".to_vec(),
+            value: vec![0; 5 << 20],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(huge.code(), Code::OutOfRange, "{huge:?}");
+    assert!(huge.message().contains("too large"), "{huge:?}");
+
     // After all of that, the first transaction still commits.
     kv_insert(&mut client, &xid, b"still", b"here")
         .await
@@ -640,5 +660,5 @@ async fn a_transaction_its_client_abandons_rolls_back_at_the_timeout() {
     kv_insert(&mut client, &next, b"held", b"y").await.unwrap();
     commit(&mut client, &next).await.unwrap();
     drop(client);
-    assert!(daemon.terminate());
+    assert!(daemon.signal("-INT"), "SIGINT stops it as SIGTERM does");
 }

@@ -119,10 +119,8 @@ async fn serve(cfg: Config, listen: SocketAddr) -> anyhow::Result<()> {
         Ok(Err(e)) => tracing::warn!(error = %e, "the server task failed"),
         Err(_) => tracing::warn!("the server did not stop in time"),
     }
-    let daemon = Arc::into_inner(daemon)
-        .context("the service is still referenced after the server stopped")?;
     let closed = daemon
-        .into_concord()
+        .release()
         .close(Duration::from_millis(config::CLOSE_MS_MAX))
         .await;
     anyhow::ensure!(

@@ -147,13 +147,12 @@ impl Daemon {
         }
     }
 
-    /// Drops every transaction held (open ones roll back in the background) and returns the
-    /// embedded concord, for closing.
-    pub fn into_concord(self) -> Concord {
-        if let Ok(mut txns) = self.txns.lock() {
-            txns.clear();
-        }
-        self.concord
+    /// Drops every transaction held (open ones roll back in the background; what a stop cuts
+    /// short, the next start presumes aborted) and returns a handle on the embedded concord,
+    /// for closing.
+    pub fn release(&self) -> Concord {
+        self.txns().clear();
+        self.concord.clone()
     }
 
     fn in_flight(&self) -> InFlight<'_> {
@@ -857,6 +856,6 @@ mod tests {
             .unwrap();
         assert_eq!(health.into_inner().serving, v1::Serving::Draining as i32);
         assert!(daemon.wait_settled(Duration::from_secs(1)).await);
-        assert!(daemon.into_concord().close(Duration::from_secs(10)).await);
+        assert!(daemon.release().close(Duration::from_secs(10)).await);
     }
 }
