@@ -587,10 +587,8 @@ async fn malformed_and_refused_calls_name_what_is_wrong_and_the_daemon_keeps_ser
         .unwrap_err();
     assert_eq!(resolve.code(), Code::Unimplemented);
 
-    // A message over the size limit is refused by tonic's decoder before the service sees it,
-    // with OUT_OF_RANGE and no ErrorDetail (the .proto's table asks for RESOURCE_EXHAUSTED and
-    // LIMIT_EXCEEDED: that needs a layer rewriting tonic's status; not done yet). The daemon
-    // serves on.
+    // A message over the size limit, alone or in a stream: RESOURCE_EXHAUSTED naming the limit.
+    // The daemon serves on.
     let huge = client
         .kv_insert(v1::KvInsertRequest {
             target: target(&xid, "index"),
@@ -599,8 +597,30 @@ async fn malformed_and_refused_calls_name_what_is_wrong_and_the_daemon_keeps_ser
         })
         .await
         .unwrap_err();
-    assert_eq!(huge.code(), Code::OutOfRange, "{huge:?}");
-    assert!(huge.message().contains("too large"), "{huge:?}");
+    assert_eq!(huge.code(), Code::ResourceExhausted, "{huge:?}");
+    let detail = proto::error_detail(&huge).unwrap().unwrap();
+    assert_eq!(
+        (detail.limit.as_str(), detail.limit_value),
+        ("message_bytes_max", 4 << 20)
+    );
+    let huge_chunk = vec![
+        v1::FilesPutRequest {
+            part: Some(Part::Start(v1::FilesPutStart {
+                target: target(&xid, "uploads"),
+                path: "huge.bin".into(),
+                size_bytes: None,
+            })),
+        },
+        v1::FilesPutRequest {
+            part: Some(Part::Chunk(vec![0; 5 << 20])),
+        },
+    ];
+    let huge = client
+        .files_put(tonic::codegen::tokio_stream::iter(huge_chunk))
+        .await
+        .unwrap_err();
+    assert_eq!(huge.code(), Code::ResourceExhausted, "{huge:?}");
+    assert_eq!(code_of(&huge), ErrorCode::LimitExceeded);
 
     // After all of that, the first transaction still commits.
     kv_insert(&mut client, &xid, b"still", b"here")

@@ -19,6 +19,7 @@
 
 mod config;
 mod errors;
+mod oversize;
 mod service;
 mod stream;
 
@@ -85,7 +86,7 @@ async fn serve(cfg: Config, listen: SocketAddr) -> anyhow::Result<()> {
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let server = tonic::transport::Server::builder()
         .timeout(Duration::from_millis(config::REQUEST_TIMEOUT_MS))
-        .add_service(svc)
+        .add_service(oversize::Oversize(svc))
         .serve_with_incoming_shutdown(
             tonic::transport::server::TcpIncoming::from(listener),
             async {

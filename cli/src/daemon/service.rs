@@ -42,8 +42,8 @@ use super::config::{
     BRANCHES_PER_TXN_MAX, CHUNK_BYTES_MAX, FINISHED_KEEP_MS, STREAM_CHUNKS_BUFFERED,
     TXNS_PER_CLIENT_MAX, limits,
 };
-use super::errors;
 use super::stream::{self, ChunkReader};
+use super::{errors, oversize};
 
 /// How a transaction ended, as the daemon answers for it afterwards.
 #[derive(Clone, Debug)]
@@ -340,6 +340,9 @@ where
             let chunk = match stream.message().await {
                 Ok(Some(m)) => m.into_chunk(field),
                 Ok(None) => break,
+                Err(status) if oversize::is_oversize(&status) => {
+                    Err(oversize::status(status.message()))
+                }
                 Err(status) => Err(status),
             };
             let chunk = match chunk {
