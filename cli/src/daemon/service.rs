@@ -18,6 +18,10 @@
 //!   are committing, rolling back or in doubt); unlike `concord txn list` it does not ask the
 //!   resources for prepared branches no decision names.
 //! * The open transactions per client are counted by peer IP address.
+//! * `BeginRequest.timeout_ms` is not honoured: the coordinator has one timeout for every
+//!   transaction (`txn_timeout_ms`), which `BeginResponse.timeout_ms` returns.
+//! * A call on a transaction waits for its commit or rollback in flight (`Outcome` included):
+//!   it answers the outcome once there is one, within the call's deadline.
 //! * `Status` reports every resource healthy: the coordinator has no health probe yet.
 
 use std::collections::HashMap;
@@ -457,9 +461,9 @@ impl Service for Daemon {
                 "this client has as many open transactions as it may: commit or roll one back",
             ));
         }
-        // The coordinator's timeout holds for every transaction; a shorter one is not kept yet.
+        // The coordinator's timeout holds for every transaction (see the module's caveats).
+        let _ = begin.timeout_ms;
         let timeout_ms = self.config.txn_timeout_ms;
-        let _asked = begin.timeout_ms;
         let tx = self.concord.begin();
         let xid = tx.xid();
         let entry = Entry {
