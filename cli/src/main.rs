@@ -49,6 +49,7 @@ mod bench_mixed;
 mod bench_pg;
 mod bench_recovery;
 mod config_cmd;
+mod daemon;
 mod demo;
 mod inspect;
 mod latency;
@@ -133,6 +134,9 @@ enum Command {
     /// Check a configuration file: its fields, and whether every resource is reachable.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// Run the coordinator daemon: serve the concord.v1 gRPC service over the configuration's
+    /// journal and resources until SIGTERM or SIGINT.
+    Coordinator(daemon::DaemonArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -187,7 +191,11 @@ enum BenchCommand {
 impl Command {
     /// The log level when `RUST_LOG` is not set.
     fn default_log_level(&self) -> LevelFilter {
-        LevelFilter::WARN
+        match self {
+            // A daemon's log is its operator's view: start, signals, stop.
+            Command::Coordinator(_) => LevelFilter::INFO,
+            _ => LevelFilter::WARN,
+        }
     }
 }
 
@@ -247,6 +255,7 @@ fn run(command: Command) -> anyhow::Result<()> {
         Command::Pg(PgCommand::Install(args)) => pg::install(args),
         Command::Pg(PgCommand::Replicate(args)) => pg::replicate(args),
         Command::Config(ConfigCommand::Check(args)) => config_cmd::check(args),
+        Command::Coordinator(args) => daemon::run(args),
         Command::Demo(args) => match demo::run(args)? {
             true => Ok(()),
             false => anyhow::bail!("atomicity check failed (see the lines above)"),

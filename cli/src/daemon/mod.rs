@@ -1,0 +1,145 @@
+//! `concord coordinator`: the coordinator daemon. It opens the configuration's journal and
+//! resources exactly as embedded mode does (`participant::Concord::open`, recovery included),
+//! then serves the `concord.v1.Coordinator` gRPC service ([`service`]) so that application
+//! processes, in any language, run their transactions through it.
+//!
+//! Once the listener is bound it logs and prints `listening on ADDR` (one line on standard
+//! output), which scripts and tests wait for. SIGTERM or SIGINT drains it: `Begin` answers
+//! UNAVAILABLE, commits and rollbacks in flight get [`config::DRAIN_MS_MAX`] to finish, the
+//! server stops, the transactions still open are dropped (they roll back: nothing of them was
+//! decided) and the coordinator closes (journal synced and closed). It exits 0 when all of it
+//! happened in time.
+//!
+//! # Caveats
+//!
+//! * The listen address comes from `--listen` (the configuration's `[daemon]` table is not read
+//!   yet); plain text only, so a non-loopback address needs `--listen-any`.
+//! * No credentials are checked yet: anyone who reaches the port may call.
+//! * The limits ([`config`]) are constants, not configurable yet.
+
+mod config;
+mod errors;
+mod oversize;
+mod service;
+mod stream;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use participant::{Concord, Config};
+use proto::v1::coordinator_server::CoordinatorServer;
+
+/// Options of `concord coordinator`.
+#[derive(clap::Args, Debug)]
+pub struct DaemonArgs {
+    /// The configuration file.
+    #[arg(long, conflicts_with = "data")]
+    pub config: Option<PathBuf>,
+    /// A data directory with the embedded defaults (what `concord demo --data DIR` uses).
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// The address to serve gRPC on (port 0: any free port, printed once listening).
+    #[arg(long, default_value = config::LISTEN_DEFAULT)]
+    pub listen: SocketAddr,
+    /// Allow a non-loopback listen address (plain text, no credentials: only on a trusted
+    /// network).
+    #[arg(long)]
+    pub listen_any: bool,
+}
+
+impl DaemonArgs {
+    fn load(&self) -> anyhow::Result<Config> {
+        match (&self.config, &self.data) {
+            (Some(path), _) => Ok(Config::load(path)?),
+            (None, Some(data)) => Ok(Config::embedded(data)),
+            (None, None) => Ok(Config::load(std::path::Path::new("concord.toml"))?),
+        }
+    }
+}
+
+/// Runs the daemon until SIGTERM or SIGINT.
+pub fn run(args: DaemonArgs) -> anyhow::Result<()> {
+    let listen = config::check_listen(args.listen, args.listen_any)?;
+    let cfg = args.load()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("start the async runtime")?;
+    runtime.block_on(serve(cfg, listen))
+}
+
+async fn serve(cfg: Config, listen: SocketAddr) -> anyhow::Result<()> {
+    let concord = Concord::open(cfg.clone())
+        .await
+        .context("open the configuration's journal and resources")?;
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("listen on {listen}"))?;
+    let bound = listener.local_addr().context("the listener's address")?;
+    let daemon = Arc::new(service::Daemon::new(concord, cfg));
+    let svc = CoordinatorServer::from_arc(Arc::clone(&daemon))
+        .max_decoding_message_size(config::MESSAGE_BYTES_MAX)
+        .max_encoding_message_size(config::MESSAGE_BYTES_MAX);
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tonic::transport::Server::builder()
+        .timeout(Duration::from_millis(config::REQUEST_TIMEOUT_MS))
+        .add_service(oversize::Oversize(svc))
+        .serve_with_incoming_shutdown(
+            tonic::transport::server::TcpIncoming::from(listener),
+            async {
+                let _ = stop_rx.await;
+            },
+        );
+    let server = tokio::spawn(server);
+    tracing::info!(addr = %bound, "listening on {bound}");
+    println!("listening on {bound}");
+    use std::io::Write;
+    std::io::stdout()
+        .flush()
+        .context("write to standard output")?;
+
+    let signal = wait_for_signal().await?;
+    tracing::info!("{signal}: draining");
+    daemon.drain();
+    if !daemon
+        .wait_settled(Duration::from_millis(config::DRAIN_MS_MAX))
+        .await
+    {
+        tracing::warn!(
+            "commits still in flight after {} ms; stopping anyway (recovery finishes them)",
+            config::DRAIN_MS_MAX
+        );
+    }
+    let _ = stop_tx.send(());
+    match tokio::time::timeout(Duration::from_millis(config::DRAIN_MS_MAX), server).await {
+        Ok(Ok(Ok(()))) => {}
+        Ok(Ok(Err(e))) => tracing::warn!(error = %e, "the server stopped with an error"),
+        Ok(Err(e)) => tracing::warn!(error = %e, "the server task failed"),
+        Err(_) => tracing::warn!("the server did not stop in time"),
+    }
+    let closed = daemon
+        .release()
+        .close(Duration::from_millis(config::CLOSE_MS_MAX))
+        .await;
+    anyhow::ensure!(
+        closed,
+        "the coordinator did not close within {} ms: the next start recovers",
+        config::CLOSE_MS_MAX
+    );
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Waits for SIGTERM or SIGINT; returns its name.
+async fn wait_for_signal() -> anyhow::Result<&'static str> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("listen for SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("listen for SIGINT")?;
+    Ok(tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    })
+}

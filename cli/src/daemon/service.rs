@@ -1,0 +1,868 @@
+//! The `concord.v1.Coordinator` service over an embedded [`Concord`]: each remote transaction
+//! is a participant [`Transaction`] held in memory by xid, with the branch handles it joined.
+//!
+//! Every request goes through `proto`'s checks first (header, xid, required fields). The first
+//! commit or rollback of a transaction is remembered for [`FINISHED_KEEP_MS`], so a second
+//! commit answers the same outcome and work after commit is refused as finished; an `Outcome`
+//! for an xid no longer in memory reads the journal's ledger. A transaction a client abandons
+//! stays open in the coordinator, whose reaper rolls it back at `txn_timeout_ms`.
+//!
+//! # Caveats
+//!
+//! * `FilesRead` reads the whole file through the branch (the participant has no streamed
+//!   read yet) and sends it in chunks; a file the branch does not find is told apart by the
+//!   resource's refusal text.
+//! * `EnlistPrepared` and `Resolve` answer UNIMPLEMENTED for now (`Resolve` waits for the
+//!   operator token: served without credentials, anyone reaching the port could decide).
+//! * `ListInDoubt` lists what the coordinator holds in memory (transactions past `Begin` that
+//!   are committing, rolling back or in doubt); unlike `concord txn list` it does not ask the
+//!   resources for prepared branches no decision names.
+//! * The open transactions per client are counted by peer IP address.
+//! * `BeginRequest.timeout_ms` is not honoured: the coordinator has one timeout for every
+//!   transaction (`txn_timeout_ms`), which `BeginResponse.timeout_ms` returns.
+//! * A call on a transaction waits for its commit or rollback in flight (`Outcome` included):
+//!   it answers the outcome once there is one, within the call's deadline.
+//! * `Status` reports every resource healthy: the coordinator has no health probe yet.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use adapters::Xid;
+use coordinator::ledger::Verdict;
+use coordinator::{CoordError, Outcome};
+use participant::{
+    Concord, ConcordError, Config, FilesHandle, KvHandle, MailHandle, RollbackCause, Transaction,
+};
+use proto::convert::{BranchTarget, HeaderOnly, StreamPart, XidOutcome, XidState, xid_text};
+use proto::v1::{self, coordinator_server::Coordinator as Service};
+use tokio::sync::Notify;
+use tonic::codegen::BoxStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use super::config::{
+    BRANCHES_PER_TXN_MAX, CHUNK_BYTES_MAX, FINISHED_KEEP_MS, STREAM_CHUNKS_BUFFERED,
+    TXNS_PER_CLIENT_MAX, limits,
+};
+use super::stream::{self, ChunkReader};
+use super::{errors, oversize};
+
+/// How a transaction ended, as the daemon answers for it afterwards.
+#[derive(Clone, Debug)]
+enum Ended {
+    Committed(Option<adapters::Lsn>),
+    RolledBack(RollbackCause),
+    InDoubt {
+        error: String,
+        branch: Option<String>,
+    },
+}
+
+/// One joined branch.
+#[derive(Clone)]
+enum Handle {
+    Files(Arc<FilesHandle>),
+    Mail(Arc<MailHandle>),
+    Kv(Arc<KvHandle>),
+}
+
+impl Handle {
+    fn kind(&self) -> &'static str {
+        match self {
+            Handle::Files(_) => "files",
+            Handle::Mail(_) => "mail",
+            Handle::Kv(_) => "kv",
+        }
+    }
+}
+
+struct TxnState {
+    tx: Transaction,
+    handles: HashMap<String, Handle>,
+    ended: Option<Ended>,
+}
+
+struct Entry {
+    peer: Option<IpAddr>,
+    started: Instant,
+    ended_at: Mutex<Option<Instant>>,
+    state: tokio::sync::Mutex<TxnState>,
+}
+
+impl Entry {
+    fn is_ended(&self) -> bool {
+        self.ended_at.lock().map(|e| e.is_some()).unwrap_or(true)
+    }
+}
+
+/// The service's shared state.
+pub struct Daemon {
+    concord: Concord,
+    config: Config,
+    txns: Mutex<HashMap<Xid, Arc<Entry>>>,
+    draining: AtomicBool,
+    in_flight: AtomicUsize,
+    settled: Notify,
+}
+
+/// Counts a commit or rollback in flight while it lives.
+struct InFlight<'a>(&'a Daemon);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        if self.0.in_flight.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.0.settled.notify_waiters();
+        }
+    }
+}
+
+impl Daemon {
+    /// A service over `concord`, opened from `config`.
+    pub fn new(concord: Concord, config: Config) -> Daemon {
+        Daemon {
+            concord,
+            config,
+            txns: Mutex::new(HashMap::new()),
+            draining: AtomicBool::new(false),
+            in_flight: AtomicUsize::new(0),
+            settled: Notify::new(),
+        }
+    }
+
+    /// Stops taking new transactions (`Begin` answers UNAVAILABLE).
+    pub fn drain(&self) {
+        self.draining.store(true, Ordering::SeqCst);
+    }
+
+    /// Waits (at most `timeout`) until no commit or rollback is in flight; returns whether
+    /// none is.
+    pub async fn wait_settled(&self, timeout: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let notified = self.settled.notified();
+            if self.in_flight.load(Ordering::SeqCst) == 0 {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return self.in_flight.load(Ordering::SeqCst) == 0;
+            }
+        }
+    }
+
+    /// Drops every transaction held (open ones roll back in the background; what a stop cuts
+    /// short, the next start presumes aborted) and returns a handle on the embedded concord,
+    /// for closing.
+    pub fn release(&self) -> Concord {
+        self.txns().clear();
+        self.concord.clone()
+    }
+
+    fn in_flight(&self) -> InFlight<'_> {
+        self.in_flight.fetch_add(1, Ordering::SeqCst);
+        InFlight(self)
+    }
+
+    fn txns(&self) -> std::sync::MutexGuard<'_, HashMap<Xid, Arc<Entry>>> {
+        self.txns
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn entry(&self, xid: Xid) -> Result<Arc<Entry>, Status> {
+        self.txns()
+            .get(&xid)
+            .cloned()
+            .ok_or_else(|| errors::unknown_xid(xid))
+    }
+
+    /// Forgets finished transactions past [`FINISHED_KEEP_MS`], and open ones the coordinator
+    /// timed out long ago (their clients are gone).
+    fn prune(&self) {
+        let keep = Duration::from_millis(FINISHED_KEEP_MS);
+        let stale = Duration::from_millis(self.config.txn_timeout_ms.saturating_mul(2));
+        let coordinator = self.concord.coordinator();
+        self.txns()
+            .retain(|xid, e| match e.ended_at.lock().ok().and_then(|at| *at) {
+                Some(at) => at.elapsed() < keep,
+                None => e.started.elapsed() < stale || coordinator.check_open(xid).is_ok(),
+            });
+    }
+
+    /// The transactions `peer` has open (not finished, not timed out).
+    fn open_of(&self, peer: Option<IpAddr>) -> usize {
+        let coordinator = self.concord.coordinator();
+        self.txns()
+            .iter()
+            .filter(|(xid, e)| {
+                e.peer == peer && !e.is_ended() && coordinator.check_open(xid).is_ok()
+            })
+            .count()
+    }
+
+    /// The handle of `target`'s resource, joining it when new (`kind`: the call's kind).
+    async fn handle(&self, target: &BranchTarget, kind: &'static str) -> Result<Handle, Status> {
+        let xid = target.xid;
+        let entry = self.entry(xid)?;
+        let mut st = entry.state.lock().await;
+        let handle = match st.handles.get(&target.resource) {
+            Some(h) => h.clone(),
+            None => {
+                if st.handles.len() >= BRANCHES_PER_TXN_MAX as usize {
+                    return Err(errors::limit(
+                        "branches_per_txn_max",
+                        u64::from(BRANCHES_PER_TXN_MAX),
+                        &format!("transaction {xid} has as many branches as it may"),
+                    ));
+                }
+                let name = target.resource.as_str();
+                let joined = match kind {
+                    "files" => st.tx.files(name).await.map(|h| Handle::Files(Arc::new(h))),
+                    "mail" => st.tx.mail(name).await.map(|h| Handle::Mail(Arc::new(h))),
+                    _ => st.tx.kv(name).await.map(|h| Handle::Kv(Arc::new(h))),
+                };
+                let h = joined.map_err(|e| errors::status(xid, &e))?;
+                st.handles.insert(target.resource.clone(), h.clone());
+                h
+            }
+        };
+        if handle.kind() != kind {
+            let e = ConcordError::WrongKind {
+                name: target.resource.clone(),
+                expected: kind,
+            };
+            return Err(errors::status(xid, &e));
+        }
+        Ok(handle)
+    }
+
+    fn finish(entry: &Entry, st: &mut TxnState, ended: Ended) {
+        st.ended = Some(ended);
+        st.handles.clear();
+        if let Ok(mut at) = entry.ended_at.lock() {
+            *at = Some(Instant::now());
+        }
+    }
+
+    /// Records that the coordinator's reaper rolled back the open transaction `xid` at its
+    /// timeout (its client went quiet), if it did.
+    fn notice_timeout(&self, entry: &Entry, st: &mut TxnState, xid: Xid) {
+        let coordinator = self.concord.coordinator();
+        if let Err(CoordError::TimedOut { timeout_ms, .. }) = coordinator.check_open(&xid) {
+            // Told now: the coordinator's record of the timeout is no longer needed.
+            coordinator.forget(&xid);
+            Daemon::finish(
+                entry,
+                st,
+                Ended::RolledBack(RollbackCause::TimedOut { timeout_ms }),
+            );
+        }
+    }
+
+    /// The outcome the journal holds for `xid` (read on the blocking pool).
+    async fn journal_outcome(&self, xid: Xid) -> Result<XidState, Status> {
+        let concord = self.concord.clone();
+        let ledger = tokio::task::spawn_blocking(move || {
+            coordinator::runtime::read_ledger(concord.coordinator().journal())
+        })
+        .await
+        .map_err(|e| Status::internal(format!("read the journal: {e}")))?
+        .map_err(|e| errors::coord_status(xid, &e))?;
+        let lsn = ledger
+            .entry(&xid)
+            .and_then(|e| e.decision.as_ref())
+            .map(|d| d.lsn());
+        Ok(match ledger.verdict(&xid) {
+            Verdict::Committed | Verdict::Committing => XidState::Ended(Outcome::Committed { lsn }),
+            Verdict::Aborted => XidState::Ended(Outcome::RolledBack {
+                reason: "its one-phase commit did not happen".into(),
+                failed: None,
+            }),
+            Verdict::OnePhaseOpen => XidState::Ended(Outcome::InDoubt {
+                error: "its one-phase commit's outcome is not journaled yet".into(),
+                branch: None,
+            }),
+            Verdict::NoDecision => XidState::Unknown,
+        })
+    }
+}
+
+/// The wire outcome of a transaction that ended.
+fn txn_outcome(xid: Xid, ended: &Ended) -> v1::TxnOutcome {
+    let state = match ended {
+        Ended::Committed(lsn) => XidState::Ended(Outcome::Committed { lsn: *lsn }),
+        Ended::InDoubt { error, branch } => XidState::Ended(Outcome::InDoubt {
+            error: error.clone(),
+            branch: branch.clone(),
+        }),
+        Ended::RolledBack(cause) => {
+            return v1::TxnOutcome {
+                xid: xid_text(xid),
+                state: Some(v1::txn_outcome::State::RolledBack(v1::RolledBack {
+                    cause: Some(errors::cause(cause)),
+                })),
+            };
+        }
+    };
+    v1::TxnOutcome::from(&XidOutcome { xid, state })
+}
+
+fn peer<T>(request: &Request<T>) -> Option<IpAddr> {
+    request.remote_addr().map(|a| a.ip())
+}
+
+/// The first message of a client stream, which must be its start.
+async fn stream_start<M, S>(stream: &mut Streaming<M>, field: &'static str) -> Result<S, Status>
+where
+    StreamPart<S>: TryFrom<M, Error = proto::WireError>,
+{
+    let first = stream
+        .message()
+        .await?
+        .ok_or(proto::WireError::Missing { field })?;
+    match StreamPart::<S>::try_from(first)? {
+        StreamPart::Start(s) => Ok(s),
+        StreamPart::Chunk(_) => Err(proto::WireError::Invalid {
+            field,
+            reason: "a content chunk came before the start message: send the start first".into(),
+        }
+        .into()),
+    }
+}
+
+/// Feeds the rest of a client stream's chunks into a reader, in a task of its own; `declared`:
+/// the content size the client announced.
+fn feed<M>(mut stream: Streaming<M>, field: &'static str, declared: Option<u64>) -> ChunkReader
+where
+    M: IntoChunk + Send + 'static,
+{
+    let (feeder, reader) = stream::channel(STREAM_CHUNKS_BUFFERED);
+    tokio::spawn(async move {
+        let mut total: u64 = 0;
+        loop {
+            let chunk = match stream.message().await {
+                Ok(Some(m)) => m.into_chunk(field),
+                Ok(None) => break,
+                Err(status) if oversize::is_oversize(&status) => {
+                    Err(oversize::status(status.message()))
+                }
+                Err(status) => Err(status),
+            };
+            let chunk = match chunk {
+                Ok(c) if c.len() > CHUNK_BYTES_MAX => Err(errors::limit(
+                    "chunk_bytes_max",
+                    CHUNK_BYTES_MAX as u64,
+                    &format!("a chunk of {} bytes", c.len()),
+                )),
+                other => other,
+            };
+            match chunk {
+                Ok(c) => {
+                    total += c.len() as u64;
+                    if declared.is_some_and(|d| total > d) {
+                        return feeder.fail(size_mismatch(field, declared, total));
+                    }
+                    if !feeder.send(c).await {
+                        return;
+                    }
+                }
+                Err(status) => return feeder.fail(status),
+            }
+        }
+        if declared.is_some_and(|d| d != total) {
+            feeder.fail(size_mismatch(field, declared, total));
+        }
+    });
+    reader
+}
+
+fn size_mismatch(field: &'static str, declared: Option<u64>, total: u64) -> Status {
+    proto::WireError::Invalid {
+        field,
+        reason: format!(
+            "the content is {total} bytes or more, not the {} declared",
+            declared.unwrap_or(0)
+        ),
+    }
+    .into()
+}
+
+/// A streamed message after the start: its content chunk.
+pub trait IntoChunk {
+    /// The chunk, or the error a misplaced start is.
+    fn into_chunk(self, field: &'static str) -> Result<Vec<u8>, Status>;
+}
+
+fn second_start(field: &'static str) -> Status {
+    proto::WireError::Invalid {
+        field,
+        reason: "a second start message: only the first message may be one".into(),
+    }
+    .into()
+}
+
+impl IntoChunk for v1::FilesPutRequest {
+    fn into_chunk(self, field: &'static str) -> Result<Vec<u8>, Status> {
+        match StreamPart::try_from(self)? {
+            StreamPart::Chunk(c) => Ok(c),
+            StreamPart::Start(_) => Err(second_start(field)),
+        }
+    }
+}
+
+impl IntoChunk for v1::MailEnqueueRequest {
+    fn into_chunk(self, field: &'static str) -> Result<Vec<u8>, Status> {
+        match StreamPart::try_from(self)? {
+            StreamPart::Chunk(c) => Ok(c),
+            StreamPart::Start(_) => Err(second_start(field)),
+        }
+    }
+}
+
+/// The stream's own error when it was cut off, else the resource's.
+fn streamed<T>(
+    xid: Xid,
+    result: Result<T, ConcordError>,
+    failure: &Mutex<Option<Status>>,
+) -> Result<T, Status> {
+    if let Some(cut) = failure.lock().ok().and_then(|mut f| f.take()) {
+        return Err(cut);
+    }
+    result.map_err(|e| errors::status(xid, &e))
+}
+
+/// Whether a read failed because the file is not there: the files resource says so only in
+/// words (its own "not found", or the operating system's).
+fn not_found(e: &ConcordError) -> bool {
+    let ConcordError::Resource(r) = e else {
+        return false;
+    };
+    let text = r.to_string();
+    text.contains(" not found") || text.contains("No such file or directory")
+}
+
+#[tonic::async_trait]
+impl Service for Daemon {
+    async fn begin(
+        &self,
+        request: Request<v1::BeginRequest>,
+    ) -> Result<Response<v1::BeginResponse>, Status> {
+        let peer = peer(&request);
+        let begin = proto::convert::Begin::try_from(request.into_inner())?;
+        if self.draining.load(Ordering::SeqCst) {
+            return Err(errors::draining());
+        }
+        self.prune();
+        if self.open_of(peer) >= TXNS_PER_CLIENT_MAX as usize {
+            return Err(errors::limit(
+                "txns_per_client_max",
+                u64::from(TXNS_PER_CLIENT_MAX),
+                "this client has as many open transactions as it may: commit or roll one back",
+            ));
+        }
+        // The coordinator's timeout holds for every transaction (see the module's caveats).
+        let _ = begin.timeout_ms;
+        let timeout_ms = self.config.txn_timeout_ms;
+        let tx = self.concord.begin();
+        let xid = tx.xid();
+        let entry = Entry {
+            peer,
+            started: Instant::now(),
+            ended_at: Mutex::new(None),
+            state: tokio::sync::Mutex::new(TxnState {
+                tx,
+                handles: HashMap::new(),
+                ended: None,
+            }),
+        };
+        self.txns().insert(xid, Arc::new(entry));
+        Ok(Response::new(v1::BeginResponse {
+            xid: xid_text(xid),
+            epoch: self.config.epoch,
+            timeout_ms,
+            limits: Some(limits()),
+        }))
+    }
+
+    async fn files_put(
+        &self,
+        request: Request<Streaming<v1::FilesPutRequest>>,
+    ) -> Result<Response<v1::FilesPutResponse>, Status> {
+        let mut stream = request.into_inner();
+        let start: proto::convert::FilePut =
+            stream_start(&mut stream, "FilesPutRequest.part").await?;
+        let xid = start.target.xid;
+        let Handle::Files(files) = self.handle(&start.target, "files").await? else {
+            return Err(Status::internal("a files handle of another kind"));
+        };
+        let reader = feed(stream, "FilesPutRequest.chunk", start.size_bytes);
+        let failure = reader.failure();
+        let put = files.put(&start.path, reader).await;
+        let size_bytes = streamed(xid, put, &failure)?;
+        Ok(Response::new(v1::FilesPutResponse { size_bytes }))
+    }
+
+    async fn files_delete(
+        &self,
+        request: Request<v1::FilesDeleteRequest>,
+    ) -> Result<Response<v1::FilesDeleteResponse>, Status> {
+        let call = proto::convert::FileCall::try_from(request.into_inner())?;
+        let Handle::Files(files) = self.handle(&call.target, "files").await? else {
+            return Err(Status::internal("a files handle of another kind"));
+        };
+        files
+            .delete(&call.path)
+            .await
+            .map_err(|e| errors::status(call.target.xid, &e))?;
+        Ok(Response::new(v1::FilesDeleteResponse {}))
+    }
+
+    type FilesReadStream = BoxStream<v1::FilesReadResponse>;
+
+    async fn files_read(
+        &self,
+        request: Request<v1::FilesReadRequest>,
+    ) -> Result<Response<Self::FilesReadStream>, Status> {
+        let call = proto::convert::FileCall::try_from(request.into_inner())?;
+        let Handle::Files(files) = self.handle(&call.target, "files").await? else {
+            return Err(Status::internal("a files handle of another kind"));
+        };
+        let messages = match files.read(&call.path).await {
+            Ok(content) => {
+                let size_bytes = content.len() as u64;
+                let mut out: Vec<_> = content
+                    .chunks(CHUNK_BYTES_MAX)
+                    .map(|c| v1::FilesReadResponse {
+                        chunk: c.to_vec(),
+                        ..Default::default()
+                    })
+                    .collect();
+                if out.is_empty() {
+                    out.push(v1::FilesReadResponse::default());
+                }
+                out[0].found = true;
+                out[0].size_bytes = size_bytes;
+                out
+            }
+            Err(e) if not_found(&e) => vec![v1::FilesReadResponse::default()],
+            Err(e) => return Err(errors::status(call.target.xid, &e)),
+        };
+        let stream = tonic::codegen::tokio_stream::iter(messages.into_iter().map(Ok));
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn mail_enqueue(
+        &self,
+        request: Request<Streaming<v1::MailEnqueueRequest>>,
+    ) -> Result<Response<v1::MailEnqueueResponse>, Status> {
+        let mut stream = request.into_inner();
+        let target: BranchTarget = stream_start(&mut stream, "MailEnqueueRequest.part").await?;
+        let Handle::Mail(mail) = self.handle(&target, "mail").await? else {
+            return Err(Status::internal("a mail handle of another kind"));
+        };
+        let reader = feed(stream, "MailEnqueueRequest.chunk", None);
+        let failure = reader.failure();
+        let enqueued = mail.enqueue(reader).await;
+        let enqueued = streamed(target.xid, enqueued, &failure)?;
+        Ok(Response::new(v1::MailEnqueueResponse {
+            name: enqueued.name,
+            size_bytes: enqueued.bytes,
+        }))
+    }
+
+    async fn kv_insert(
+        &self,
+        request: Request<v1::KvInsertRequest>,
+    ) -> Result<Response<v1::KvInsertResponse>, Status> {
+        let call = proto::convert::KvCall::try_from(request.into_inner())?;
+        let Handle::Kv(kv) = self.handle(&call.target, "kv").await? else {
+            return Err(Status::internal("a kv handle of another kind"));
+        };
+        kv.insert(&call.key, call.value.as_deref().unwrap_or_default())
+            .await
+            .map_err(|e| errors::status(call.target.xid, &e))?;
+        Ok(Response::new(v1::KvInsertResponse {}))
+    }
+
+    async fn kv_remove(
+        &self,
+        request: Request<v1::KvRemoveRequest>,
+    ) -> Result<Response<v1::KvRemoveResponse>, Status> {
+        let call = proto::convert::KvCall::try_from(request.into_inner())?;
+        let Handle::Kv(kv) = self.handle(&call.target, "kv").await? else {
+            return Err(Status::internal("a kv handle of another kind"));
+        };
+        kv.remove(&call.key)
+            .await
+            .map_err(|e| errors::status(call.target.xid, &e))?;
+        Ok(Response::new(v1::KvRemoveResponse {}))
+    }
+
+    async fn kv_get(
+        &self,
+        request: Request<v1::KvGetRequest>,
+    ) -> Result<Response<v1::KvGetResponse>, Status> {
+        let call = proto::convert::KvCall::try_from(request.into_inner())?;
+        let Handle::Kv(kv) = self.handle(&call.target, "kv").await? else {
+            return Err(Status::internal("a kv handle of another kind"));
+        };
+        let value = kv
+            .get(&call.key)
+            .await
+            .map_err(|e| errors::status(call.target.xid, &e))?;
+        Ok(Response::new(v1::KvGetResponse { value }))
+    }
+
+    async fn enlist_prepared(
+        &self,
+        request: Request<v1::EnlistPreparedRequest>,
+    ) -> Result<Response<v1::EnlistPreparedResponse>, Status> {
+        proto::convert::EnlistPrepared::try_from(request.into_inner())?;
+        Err(Status::unimplemented(
+            "EnlistPrepared is not served by this daemon yet: run the PostgreSQL branch embedded",
+        ))
+    }
+
+    async fn commit(
+        &self,
+        request: Request<v1::CommitRequest>,
+    ) -> Result<Response<v1::CommitResponse>, Status> {
+        let call = proto::convert::XidCall::try_from(request.into_inner())?;
+        let xid = call.xid;
+        let entry = self.entry(xid)?;
+        let _in_flight = self.in_flight();
+        let mut st = entry.state.lock().await;
+        if let Some(Ended::RolledBack(cause)) = &st.ended {
+            let detail = v1::ErrorDetail {
+                rollback: Some(errors::cause(cause)),
+                ..errors::detail(v1::ErrorCode::AlreadyRolledBack, Some(xid))
+            };
+            return Err(proto::error_status(
+                format!(
+                    "transaction {xid} rolled back ({cause}); it cannot commit: run it again as a new transaction"
+                ),
+                &detail,
+            ));
+        }
+        let ended = match st.tx.commit().await {
+            Ok(c) => Ended::Committed(c.lsn),
+            Err(ConcordError::InDoubt { branch, cause, .. }) => Ended::InDoubt {
+                error: cause,
+                branch,
+            },
+            Err(ConcordError::RolledBack { cause, .. }) => {
+                let status = errors::status(
+                    xid,
+                    &ConcordError::RolledBack {
+                        xid,
+                        branch: None,
+                        cause: cause.clone(),
+                    },
+                );
+                Daemon::finish(&entry, &mut st, Ended::RolledBack(cause));
+                return Err(status);
+            }
+            Err(e) => return Err(errors::status(xid, &e)),
+        };
+        let outcome = txn_outcome(xid, &ended);
+        Daemon::finish(&entry, &mut st, ended);
+        Ok(Response::new(v1::CommitResponse {
+            outcome: Some(outcome),
+        }))
+    }
+
+    async fn rollback(
+        &self,
+        request: Request<v1::RollbackRequest>,
+    ) -> Result<Response<v1::RollbackResponse>, Status> {
+        let call = proto::convert::XidCall::try_from(request.into_inner())?;
+        let xid = call.xid;
+        let entry = self.entry(xid)?;
+        let _in_flight = self.in_flight();
+        let mut st = entry.state.lock().await;
+        match &st.ended {
+            Some(Ended::Committed(_)) => {
+                return Err(proto::error_status(
+                    format!("transaction {xid} committed; it cannot roll back"),
+                    &errors::detail(v1::ErrorCode::AlreadyCommitted, Some(xid)),
+                ));
+            }
+            Some(ended @ Ended::RolledBack(_)) => {
+                return Ok(Response::new(v1::RollbackResponse {
+                    outcome: Some(txn_outcome(xid, ended)),
+                }));
+            }
+            _ => {}
+        }
+        let rolled = st
+            .tx
+            .rollback()
+            .await
+            .map_err(|e| errors::status(xid, &e))?;
+        let ended = Ended::RolledBack(rolled.cause);
+        let outcome = txn_outcome(xid, &ended);
+        Daemon::finish(&entry, &mut st, ended);
+        Ok(Response::new(v1::RollbackResponse {
+            outcome: Some(outcome),
+        }))
+    }
+
+    async fn outcome(
+        &self,
+        request: Request<v1::OutcomeRequest>,
+    ) -> Result<Response<v1::OutcomeResponse>, Status> {
+        let call = proto::convert::XidCall::try_from(request.into_inner())?;
+        let xid = call.xid;
+        let held = self.txns().get(&xid).cloned();
+        let outcome = match held {
+            Some(entry) => {
+                let mut st = entry.state.lock().await;
+                if st.ended.is_none() {
+                    self.notice_timeout(&entry, &mut st, xid);
+                }
+                match &st.ended {
+                    Some(ended) => txn_outcome(xid, ended),
+                    None => v1::TxnOutcome::from(&XidOutcome {
+                        xid,
+                        state: XidState::Open,
+                    }),
+                }
+            }
+            None => v1::TxnOutcome::from(&XidOutcome {
+                xid,
+                state: self.journal_outcome(xid).await?,
+            }),
+        };
+        Ok(Response::new(v1::OutcomeResponse {
+            outcome: Some(outcome),
+        }))
+    }
+
+    async fn list_in_doubt(
+        &self,
+        request: Request<v1::ListInDoubtRequest>,
+    ) -> Result<Response<v1::ListInDoubtResponse>, Status> {
+        request.get_ref().check()?;
+        let timeout = Duration::from_millis(self.config.txn_timeout_ms);
+        let transactions = self
+            .concord
+            .coordinator()
+            .list()
+            .into_iter()
+            .filter(|t| t.state != "open")
+            .map(|t| v1::InDoubtTxn {
+                xid: xid_text(t.xid),
+                standing: if t.age >= timeout {
+                    v1::Standing::InDoubt
+                } else {
+                    v1::Standing::InFlight
+                } as i32,
+                age_ms: Some(u64::try_from(t.age.as_millis()).unwrap_or(u64::MAX)),
+                branches: t.pending().map(|(name, _, _)| name.clone()).collect(),
+                state: t.state,
+            })
+            .collect();
+        Ok(Response::new(v1::ListInDoubtResponse { transactions }))
+    }
+
+    async fn resolve(
+        &self,
+        request: Request<v1::ResolveRequest>,
+    ) -> Result<Response<v1::ResolveResponse>, Status> {
+        coordinator::resolve::ResolveRequest::try_from(request.into_inner())?;
+        Err(Status::unimplemented(
+            "Resolve is not served by this daemon yet: use `concord txn resolve` on its host",
+        ))
+    }
+
+    async fn health(
+        &self,
+        request: Request<v1::HealthRequest>,
+    ) -> Result<Response<v1::HealthResponse>, Status> {
+        request.get_ref().check()?;
+        Ok(Response::new(v1::HealthResponse {
+            serving: self.serving() as i32,
+        }))
+    }
+
+    async fn status(
+        &self,
+        request: Request<v1::StatusRequest>,
+    ) -> Result<Response<v1::StatusResponse>, Status> {
+        request.get_ref().check()?;
+        let coordinator = self.concord.coordinator();
+        let listed = coordinator.list();
+        let open_txns = listed.iter().filter(|t| t.state == "open").count() as u64;
+        let in_doubt_txns = listed.iter().filter(|t| t.state == "in doubt").count() as u64;
+        let resources = self
+            .config
+            .resources
+            .iter()
+            .map(|(name, r)| v1::ResourceHealth {
+                name: name.clone(),
+                kind: r.kind().to_string(),
+                healthy: true,
+                detail: String::new(),
+            })
+            .collect();
+        Ok(Response::new(v1::StatusResponse {
+            role: v1::Role::Primary as i32,
+            serving: self.serving() as i32,
+            node: self.config.node,
+            epoch: self.config.epoch,
+            durable_lsn: coordinator.journal().durable_lsn().0,
+            open_txns,
+            in_doubt_txns,
+            resources,
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            schema_version: proto::SCHEMA_VERSION,
+        }))
+    }
+}
+
+impl Daemon {
+    fn serving(&self) -> v1::Serving {
+        if self.draining.load(Ordering::SeqCst) {
+            v1::Serving::Draining
+        } else {
+            v1::Serving::Serving
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_draining_daemon_begins_nothing_and_says_so() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = Config::embedded(dir.path());
+        let concord = Concord::open(config.clone()).await.unwrap();
+        let daemon = Daemon::new(concord, config);
+        let begin = || {
+            Request::new(v1::BeginRequest {
+                header: Some(v1::RequestHeader::current("test")),
+                timeout_ms: None,
+            })
+        };
+        assert!(daemon.begin(begin()).await.is_ok());
+        daemon.drain();
+        let refused = daemon.begin(begin()).await.unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::Unavailable);
+        let detail = proto::error_detail(&refused).unwrap().unwrap();
+        assert_eq!(detail.code, v1::ErrorCode::Draining as i32);
+        let health = daemon
+            .health(Request::new(v1::HealthRequest {
+                header: Some(v1::RequestHeader::current("test")),
+            }))
+            .await
+            .unwrap();
+        assert_eq!(health.into_inner().serving, v1::Serving::Draining as i32);
+        assert!(daemon.wait_settled(Duration::from_secs(1)).await);
+        assert!(daemon.release().close(Duration::from_secs(10)).await);
+    }
+}
