@@ -39,6 +39,9 @@
 //! encoded [`v1::ErrorDetail`] in its binary details: [`error_status`] builds one,
 //! [`error_detail`] reads it back, [`v1::ErrorDetail::grpc_code`] is the table in code.
 //!
+//! [`client`] connects to a daemon (plain text or TLS, with a bearer token): every program
+//! that talks to one goes through it.
+//!
 //! # Caveats
 //!
 //! * The participant's `RollbackCause` has no conversion here: the remote participant will
@@ -47,6 +50,7 @@
 //! * The status, health and in-doubt list messages have no domain type yet; the daemon builds
 //!   them directly.
 
+pub mod client;
 pub mod convert;
 
 /// The generated code of package `concord.v1`: every message, enum and the `Coordinator`
