@@ -34,7 +34,7 @@ mod views;
 
 pub(crate) use driver::within_deadline;
 pub use recovery::{RecoveryReport, SEGMENT_BYTES_MAX, journal_config, open_journal, read_ledger};
-pub use views::TxnInfo;
+pub use views::{TxnCounts, TxnInfo};
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -564,6 +564,15 @@ impl Coordinator {
     /// Commits the transaction: returns once the outcome is known (the decision is durable, or
     /// the transaction rolled back). Phase 2 goes on in the background.
     pub async fn commit(&self, xid: &Xid) -> Result<Outcome, CoordError> {
+        let requested = Instant::now();
+        let answer = self.commit_timed(xid).await;
+        if answer.is_ok() {
+            crate::metrics::committed_in(requested.elapsed());
+        }
+        answer
+    }
+
+    async fn commit_timed(&self, xid: &Xid) -> Result<Outcome, CoordError> {
         let timeout = Duration::from_millis(self.inner.config.txn_timeout_ms);
         // A transaction that is not open is answered at once, not after waiting for a place.
         if !self.inner.open_shard(xid).contains_key(xid) {
