@@ -4,7 +4,8 @@
 //! processes, in any language, run their transactions through it.
 //!
 //! Once the listener is bound it logs and prints `listening on ADDR` (one line on standard
-//! output), which scripts and tests wait for. SIGTERM or SIGINT drains it: `Begin` answers
+//! output), which scripts and tests wait for; with `--metrics-listen`, a line `metrics on ADDR`
+//! comes before it ([`metrics`]: Prometheus text over HTTP). SIGTERM or SIGINT drains it: `Begin` answers
 //! UNAVAILABLE, commits and rollbacks in flight get [`config::DRAIN_MS_MAX`] to finish, the
 //! server stops, the transactions still open are dropped (they roll back: nothing of them was
 //! decided) and the coordinator closes (journal synced and closed). It exits 0 when all of it
@@ -19,6 +20,7 @@
 
 mod config;
 mod errors;
+mod metrics;
 mod oversize;
 mod service;
 mod stream;
@@ -48,6 +50,14 @@ pub struct DaemonArgs {
     /// network).
     #[arg(long)]
     pub listen_any: bool,
+    /// Serve Prometheus metrics over HTTP on this address (port 0: any free port, printed as
+    /// `metrics on ADDR`); none when not given.
+    #[arg(long)]
+    pub metrics_listen: Option<SocketAddr>,
+    /// Allow a non-loopback metrics address (no credentials, no TLS: only on a trusted
+    /// network).
+    #[arg(long)]
+    pub metrics_listen_any: bool,
 }
 
 impl DaemonArgs {
@@ -63,15 +73,25 @@ impl DaemonArgs {
 /// Runs the daemon until SIGTERM or SIGINT.
 pub fn run(args: DaemonArgs) -> anyhow::Result<()> {
     let listen = config::check_listen(args.listen, args.listen_any)?;
+    let metrics_listen = args
+        .metrics_listen
+        .map(|addr| metrics::check_metrics_listen(addr, args.metrics_listen_any))
+        .transpose()?;
     let cfg = args.load()?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("start the async runtime")?;
-    runtime.block_on(serve(cfg, listen))
+    runtime.block_on(serve(cfg, listen, metrics_listen))
 }
 
-async fn serve(cfg: Config, listen: SocketAddr) -> anyhow::Result<()> {
+async fn serve(
+    cfg: Config,
+    listen: SocketAddr,
+    metrics_listen: Option<SocketAddr>,
+) -> anyhow::Result<()> {
+    // Before the journal opens: it registers its metrics there.
+    let metrics = metrics_listen.map(metrics::start).transpose()?;
     let concord = Concord::open(cfg.clone())
         .await
         .context("open the configuration's journal and resources")?;
@@ -94,6 +114,11 @@ async fn serve(cfg: Config, listen: SocketAddr) -> anyhow::Result<()> {
             },
         );
     let server = tokio::spawn(server);
+    if let Some(endpoint) = &metrics {
+        let addr = endpoint.addr;
+        tracing::info!(%addr, "metrics on {addr}");
+        println!("metrics on {addr}");
+    }
     tracing::info!(addr = %bound, "listening on {bound}");
     println!("listening on {bound}");
     use std::io::Write;
@@ -129,6 +154,7 @@ async fn serve(cfg: Config, listen: SocketAddr) -> anyhow::Result<()> {
         "the coordinator did not close within {} ms: the next start recovers",
         config::CLOSE_MS_MAX
     );
+    drop(metrics);
     tracing::info!("stopped");
     Ok(())
 }
