@@ -77,8 +77,8 @@ use std::time::{Duration, Instant};
 
 use crate::clean::{self, CleanMark};
 use crate::config::JournalConfig;
-use crate::metrics::JournalMetrics;
 use crate::error::{JournalError, Result};
+use crate::metrics::JournalMetrics;
 use crate::reader::JournalReader;
 use crate::record::{self, Unsealed};
 use crate::scan::{self, ScanReport};

@@ -67,7 +67,11 @@ pub(crate) fn dirs_writable(name: &str, dirs: &[(&str, &Path)]) -> Result<()> {
         match fs::metadata(dir) {
             Ok(meta) if meta.is_dir() => {}
             Ok(_) => return Err(unhealthy("not a directory any more".into())),
-            Err(e) => return Err(unhealthy(format!("{e}; restore it and restart the process"))),
+            Err(e) => {
+                return Err(unhealthy(format!(
+                    "{e}; restore it and restart the process"
+                )));
+            }
         }
         access(*dir, Access::WRITE_OK | Access::EXEC_OK)
             .map_err(|e| unhealthy(format!("not writable: {e}")))?;

@@ -50,10 +50,7 @@ pub struct MetricsNotLoopback {
 }
 
 /// Checks `addr`: loopback, or any address when `any` is given.
-pub fn check_metrics_listen(
-    addr: SocketAddr,
-    any: bool,
-) -> Result<SocketAddr, MetricsNotLoopback> {
+pub fn check_metrics_listen(addr: SocketAddr, any: bool) -> Result<SocketAddr, MetricsNotLoopback> {
     if any || addr.ip().is_loopback() {
         Ok(addr)
     } else {
