@@ -4,8 +4,9 @@
 //! The journal and the coordinator record their metrics where the events happen, through the
 //! `metrics` facade ([`journal::metrics`], [`coordinator::metrics`]); the facade records
 //! nothing until a recorder is installed. `concord coordinator --metrics-listen ADDR` installs
-//! the Prometheus recorder of `metrics-exporter-prometheus` *before* it opens the journal (the
-//! journal registers its handles at open) and serves the text on `ADDR` with the exporter's
+//! the Prometheus recorder of `metrics-exporter-prometheus` and enables the coordinator's
+//! metrics ([`coordinator::metrics::enable`]) *before* it opens the journal (the journal
+//! registers its handles at open), and serves the text on `ADDR` with the exporter's
 //! own HTTP listener (any path answers; scrape `http://ADDR/metrics`). Latencies and records
 //! per sync are true Prometheus histograms, with the buckets below. Once listening, the daemon
 //! prints `metrics on ADDR`, as it prints `listening on ADDR` for gRPC.
@@ -81,6 +82,7 @@ pub fn start(addr: SocketAddr) -> anyhow::Result<MetricsEndpoint> {
         .with_context(|| format!("serve metrics on {addr}"))?;
     metrics::set_global_recorder(recorder)
         .map_err(|_| anyhow::anyhow!("a metrics recorder is already installed"))?;
+    coordinator::metrics::enable();
     describe();
     let task = tokio::spawn(async move {
         if let Err(e) = exporter.await {

@@ -512,9 +512,11 @@ pub(crate) async fn within_deadline<T>(
     (deadline, resource, action): (Duration, String, &'static str),
     call: impl Future<Output = Result<T, ResourceError>>,
 ) -> Result<T, ResourceError> {
-    let started = Instant::now();
+    let started = crate::metrics::start_timer();
     let answered = tokio::time::timeout(deadline, call).await;
-    crate::metrics::resource_call(&resource, action, started.elapsed());
+    if let Some(started) = started {
+        crate::metrics::resource_call(&resource, action, started.elapsed());
+    }
     match answered {
         Ok(result) => result,
         Err(_) => {

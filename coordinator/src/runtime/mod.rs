@@ -564,9 +564,9 @@ impl Coordinator {
     /// Commits the transaction: returns once the outcome is known (the decision is durable, or
     /// the transaction rolled back). Phase 2 goes on in the background.
     pub async fn commit(&self, xid: &Xid) -> Result<Outcome, CoordError> {
-        let requested = Instant::now();
+        let requested = crate::metrics::start_timer();
         let answer = self.commit_timed(xid).await;
-        if answer.is_ok() {
+        if let (Some(requested), Ok(_)) = (requested, &answer) {
             crate::metrics::committed_in(requested.elapsed());
         }
         answer
