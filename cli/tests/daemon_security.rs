@@ -534,3 +534,67 @@ async fn plain_text_with_tokens_counts_open_transactions_by_client_name() {
     let (clean, _, stderr) = daemon.stop();
     assert!(clean, "{stderr}");
 }
+
+/// `concord config check --json --config CONFIG`: (exit 0, the document).
+fn config_check(config: &Path) -> (bool, serde_json::Value) {
+    let child = Command::new(env!("CARGO_BIN_EXE_concord"))
+        .args(["config", "check", "--json", "--config"])
+        .arg(config)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = common::output_within(child, Duration::from_secs(30), "concord config check");
+    let text = String::from_utf8_lossy(&out.stdout);
+    for token in [CLIENT_TOKEN, OPERATOR_TOKEN] {
+        assert!(!text.contains(token), "a token in the check's output");
+    }
+    (out.status.success(), serde_json::from_str(&text).unwrap())
+}
+
+#[test]
+fn config_check_shows_the_daemon_table_and_what_keeps_it_from_serving() {
+    let site = Site::new();
+    let config = site.config(&format!(
+        "{TLS}tls_client_ca_file = \"tls/ca.crt\"\nmetrics_listen = \"127.0.0.1:9700\"\n\
+         branches_per_txn_max = 4\n{TOKENS}"
+    ));
+    let (ok, report) = config_check(&config);
+    assert!(ok, "{report}");
+    let daemon = &report["daemon"];
+    assert_eq!(daemon["transport"], "mutual tls");
+    assert_eq!(daemon["listen"], "127.0.0.1:7700");
+    assert_eq!(daemon["clients"], serde_json::json!(["shop"]));
+    assert_eq!(daemon["operator_token"], true);
+    assert_eq!(daemon["metrics_listen"], "127.0.0.1:9700");
+    assert_eq!(daemon["limits"]["branches_per_txn_max"], 4);
+    assert_eq!(daemon["limits"]["request_timeout_ms"], 30_000);
+
+    let config = site.config(&format!(
+        "listen = \"0.0.0.0:7700\"\nplaintext = true\n{TOKENS}"
+    ));
+    let (ok, report) = config_check(&config);
+    assert!(!ok);
+    let problems = report["problems"].as_array().unwrap();
+    assert_eq!(problems[0]["kind"], "daemon", "{report}");
+    assert!(
+        problems[0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("plaintext_any_address")
+    );
+
+    write(
+        site.path(),
+        "tls/broken.key",
+        "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n",
+    );
+    let config = site.config(&format!(
+        "tls_cert_file = \"tls/daemon.crt\"\ntls_key_file = \"tls/broken.key\"\n{TOKENS}"
+    ));
+    let (ok, report) = config_check(&config);
+    assert!(!ok);
+    let message = report["problems"][0]["message"].as_str().unwrap();
+    assert!(message.contains("broken.key"), "{message}");
+}

@@ -32,7 +32,7 @@ mod errors;
 mod oversize;
 mod service;
 mod stream;
-mod tls;
+pub(crate) mod tls;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

@@ -136,6 +136,12 @@ pub fn configure(server: Server, files: &TlsFiles) -> Result<Server, TlsError> {
     server.tls_config(mutual).map_err(refused(vec![ca.named()]))
 }
 
+/// Whether the daemon could serve TLS with `files` (`concord config check`): every file read
+/// and checked as at start, nothing served.
+pub fn check(files: &TlsFiles) -> Result<(), TlsError> {
+    configure(Server::builder(), files).map(drop)
+}
+
 /// An error and its causes, in one line.
 fn source_chain(e: &dyn std::error::Error) -> String {
     let mut text = e.to_string();
