@@ -22,8 +22,8 @@
 //! * The exporter's listener and its upkeep (draining histogram buckets) are tasks the exporter
 //!   spawns on the daemon's runtime; the listener's task is held here and stopped at shutdown,
 //!   the upkeep task ends with the runtime.
-//! * Without `--metrics-listen` nothing is installed and nothing is served. (The `[daemon]`
-//!   table's `metrics_listen`, once the configuration carries it, is overridden by the flag.)
+//! * Without `--metrics-listen` or the `[daemon]` table's `metrics_listen` (which the flag
+//!   overrides) nothing is installed and nothing is served.
 
 use std::net::SocketAddr;
 
