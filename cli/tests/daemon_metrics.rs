@@ -41,10 +41,20 @@ struct Daemon {
 impl Daemon {
     /// Starts it on the embedded defaults in `data`, gRPC and metrics on free loopback ports.
     fn start(data: &Path) -> Daemon {
+        let data = data.as_os_str();
+        Daemon::start_with(&[
+            "--metrics-listen".as_ref(),
+            "127.0.0.1:0".as_ref(),
+            "--data".as_ref(),
+            data,
+        ])
+    }
+
+    /// Starts it with `args` after `coordinator --listen 127.0.0.1:0`.
+    fn start_with(args: &[&std::ffi::OsStr]) -> Daemon {
         let mut child = Command::new(env!("CARGO_BIN_EXE_concord"))
             .args(["coordinator", "--listen", "127.0.0.1:0"])
-            .args(["--metrics-listen", "127.0.0.1:0", "--data"])
-            .arg(data)
+            .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -448,6 +458,51 @@ fn a_non_loopback_metrics_address_is_refused() {
         .args(["coordinator", "--listen", "127.0.0.1:0"])
         .args(["--metrics-listen", "0.0.0.0:0", "--data"])
         .arg(data.path())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = common::output_within(
+        child,
+        Duration::from_millis(START_MS_MAX),
+        "concord coordinator",
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("--metrics-listen-any"), "{stderr}");
+}
+
+/// A configuration file whose `[daemon]` table serves plain text without tokens, with `more`.
+fn config_with(dir: &Path, more: &str) -> std::path::PathBuf {
+    let data = dir.join("data");
+    let text = format!(
+        "node = 1\ndata_dir = {data:?}\n\
+         [resources.index]\nkind = \"kv\"\ndir = {index:?}\ncreate = true\n\
+         [daemon]\nplaintext = true\nunauthenticated = true\n{more}\n",
+        index = data.join("index"),
+    );
+    let path = dir.join("concord.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+#[test]
+fn the_daemon_table_names_the_metrics_address() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = config_with(dir.path(), "metrics_listen = \"127.0.0.1:0\"");
+    let daemon = Daemon::start_with(&["--config".as_ref(), config.as_os_str()]);
+    let text = daemon.scrape();
+    assert!(
+        text.contains("# TYPE concord_journal_syncs_total counter"),
+        "{text}"
+    );
+    assert!(daemon.terminate());
+
+    let config = config_with(dir.path(), "metrics_listen = \"0.0.0.0:0\"");
+    let child = Command::new(env!("CARGO_BIN_EXE_concord"))
+        .args(["coordinator", "--listen", "127.0.0.1:0", "--config"])
+        .arg(&config)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
