@@ -16,9 +16,25 @@
 //!   yet); plain text only, so a non-loopback address needs `--listen-any`.
 //! * No credentials are checked yet: anyone who reaches the port may call.
 //! * The limits ([`config`]) are constants, not configurable yet.
+//!
+//! # Hostile clients
+//!
+//! Anyone who reaches the port may send anything, so every resource a connection can hold is
+//! bounded: connections ([`config::CONNECTIONS_MAX`], each with
+//! [`config::HANDSHAKE_TIMEOUT_MS`] to send the HTTP/2 preface: [`incoming`]); streams per
+//! connection ([`config::STREAMS_PER_CONNECTION_MAX`]); a call's header list
+//! ([`config::HEADER_LIST_BYTES_MAX`]; a frame is at most HTTP/2's default 16 KiB, and a
+//! header block that never ends is refused by the HTTP/2 layer); a message
+//! ([`config::MESSAGE_BYTES_MAX`], refused from its length prefix, before anything is
+//! allocated for it); a silent connection (a PING every [`config::KEEPALIVE_INTERVAL_MS`],
+//! closed when one is not answered within [`config::KEEPALIVE_TIMEOUT_MS`]); a call
+//! ([`config::REQUEST_TIMEOUT_MS`]). `cli/tests/daemon_hostile.rs` holds the daemon to it.
+//! Not bounded yet: the bytes of the messages being received across all streams together
+//! (each stream may hold up to a message's limit while it arrives).
 
 mod config;
 mod errors;
+mod incoming;
 mod oversize;
 mod service;
 mod stream;
@@ -86,13 +102,14 @@ async fn serve(cfg: Config, listen: SocketAddr) -> anyhow::Result<()> {
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let server = tonic::transport::Server::builder()
         .timeout(Duration::from_millis(config::REQUEST_TIMEOUT_MS))
+        .max_concurrent_streams(config::STREAMS_PER_CONNECTION_MAX)
+        .http2_max_header_list_size(config::HEADER_LIST_BYTES_MAX)
+        .http2_keepalive_interval(Some(Duration::from_millis(config::KEEPALIVE_INTERVAL_MS)))
+        .http2_keepalive_timeout(Some(Duration::from_millis(config::KEEPALIVE_TIMEOUT_MS)))
         .add_service(oversize::Oversize(svc))
-        .serve_with_incoming_shutdown(
-            tonic::transport::server::TcpIncoming::from(listener),
-            async {
-                let _ = stop_rx.await;
-            },
-        );
+        .serve_with_incoming_shutdown(incoming::Incoming::new(listener), async {
+            let _ = stop_rx.await;
+        });
     let server = tokio::spawn(server);
     tracing::info!(addr = %bound, "listening on {bound}");
     println!("listening on {bound}");

@@ -319,7 +319,8 @@ where
 {
     let first = stream
         .message()
-        .await?
+        .await
+        .map_err(|status| oversize::refusal(status, message_of(field)))?
         .ok_or(proto::WireError::Missing { field })?;
     match StreamPart::<S>::try_from(first)? {
         StreamPart::Start(s) => Ok(s),
@@ -329,6 +330,11 @@ where
         }
         .into()),
     }
+}
+
+/// The message name of a `message.field` name.
+fn message_of(field: &str) -> &str {
+    field.split('.').next().unwrap_or(field)
 }
 
 /// Feeds the rest of a client stream's chunks into a reader, in a task of its own; `declared`:
@@ -344,10 +350,7 @@ where
             let chunk = match stream.message().await {
                 Ok(Some(m)) => m.into_chunk(field),
                 Ok(None) => break,
-                Err(status) if oversize::is_oversize(&status) => {
-                    Err(oversize::status(status.message()))
-                }
-                Err(status) => Err(status),
+                Err(status) => Err(oversize::refusal(status, message_of(field))),
             };
             let chunk = match chunk {
                 Ok(c) if c.len() > CHUNK_BYTES_MAX => Err(errors::limit(
