@@ -1,7 +1,7 @@
 //! The refusals tonic makes before the service sees a request, as `coordinator.proto`'s table
 //! says them, each with an `ErrorDetail`:
 //!
-//! * a message over [`MESSAGE_BYTES_MAX`] (tonic: OUT_OF_RANGE, no details): RESOURCE_EXHAUSTED
+//! * a message over `message_bytes_max` (tonic: OUT_OF_RANGE, no details): RESOURCE_EXHAUSTED
 //!   with `LIMIT_EXCEEDED`, `limit = message_bytes_max`;
 //! * a message that does not decode — bytes that are no protobuf message of the request's
 //!   type, a bad compression flag, a stream cut inside a message (tonic: INTERNAL, as if the
@@ -29,7 +29,6 @@ use tonic::codegen::http::{Request, Response};
 use tonic::codegen::{BoxFuture, Service};
 use tonic::server::NamedService;
 
-use super::config::MESSAGE_BYTES_MAX;
 use super::errors;
 use proto::v1::{ErrorCode, ErrorDetail};
 
@@ -58,9 +57,9 @@ fn is_malformed(status: &tonic::Status) -> bool {
 
 /// The daemon's status for one of tonic's refusals of a message of type `message` (the request
 /// message's name, `FilesPutRequest`); any other status as it is.
-pub fn refusal(status: tonic::Status, message: &str) -> tonic::Status {
+pub fn refusal(status: tonic::Status, message: &str, message_bytes_max: usize) -> tonic::Status {
     if is_oversize(&status) {
-        self::status(status.message())
+        self::status(status.message(), message_bytes_max)
     } else if is_malformed(&status) {
         malformed(message, status.message())
     } else {
@@ -101,18 +100,31 @@ fn request_message(path: &str) -> String {
     format!("{}Request", path.rsplit('/').next().unwrap_or_default())
 }
 
-/// The daemon's status for a message over the size limit.
-pub fn status(tonic_words: &str) -> tonic::Status {
+/// The daemon's status for a message over the size limit (`message_bytes_max`).
+pub fn status(tonic_words: &str, message_bytes_max: usize) -> tonic::Status {
     errors::limit(
         "message_bytes_max",
-        MESSAGE_BYTES_MAX as u64,
+        message_bytes_max as u64,
         &format!("a message over the size limit ({tonic_words}): send content in chunks"),
     )
 }
 
 /// The generated server, with tonic's oversize refusal rewritten.
 #[derive(Clone)]
-pub struct Oversize<S>(pub S);
+pub struct Oversize<S> {
+    inner: S,
+    message_bytes_max: usize,
+}
+
+impl<S> Oversize<S> {
+    /// `inner` (whose decoder refuses messages over `message_bytes_max`), its refusal rewritten.
+    pub fn new(inner: S, message_bytes_max: usize) -> Oversize<S> {
+        Oversize {
+            inner,
+            message_bytes_max,
+        }
+    }
+}
 
 impl<S: NamedService> NamedService for Oversize<S> {
     const NAME: &'static str = S::NAME;
@@ -128,12 +140,13 @@ where
     type Future = BoxFuture<Response<Body>, Infallible>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        self.0.poll_ready(cx)
+        self.inner.poll_ready(cx)
     }
 
     fn call(&mut self, request: Request<Body>) -> Self::Future {
         let path = request.uri().path().to_string();
-        let answer = self.0.call(request);
+        let answer = self.inner.call(request);
+        let limit = self.message_bytes_max;
         Box::pin(async move {
             let response = answer.await?;
             let Some(refused) = tonic::Status::from_header_map(response.headers()) else {
@@ -143,7 +156,8 @@ where
                 return Ok(unknown_method(&path).into_http());
             }
             if is_oversize(&refused) || is_malformed(&refused) {
-                return Ok(refusal(refused, &request_message(&path)).into_http());
+                let message = request_message(&path);
+                return Ok(refusal(refused, &message, limit).into_http());
             }
             Ok(response)
         })
