@@ -517,3 +517,14 @@ fn the_daemon_table_names_the_metrics_address() {
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("--metrics-listen-any"), "{stderr}");
 }
+
+/// A SIGTERM sent as soon as the daemon says it listens drains it (exit 0): its signal
+/// handlers are in place before it prints the line scripts wait for.
+#[test]
+fn a_sigterm_right_after_the_listening_line_drains() {
+    for _ in 0..5 {
+        let data = tempfile::tempdir().unwrap();
+        let daemon = Daemon::start(data.path());
+        assert!(daemon.terminate(), "exit 0 on an early SIGTERM");
+    }
+}

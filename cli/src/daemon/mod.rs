@@ -156,6 +156,7 @@ async fn serve(
             let _ = stop_rx.await;
         });
     let server = tokio::spawn(server);
+    let mut signals = signals()?;
     if let Some(endpoint) = &metrics {
         let addr = endpoint.addr;
         tracing::info!(%addr, "metrics on {addr}");
@@ -168,7 +169,7 @@ async fn serve(
         .flush()
         .context("write to standard output")?;
 
-    let signal = wait_for_signal().await?;
+    let signal = wait_for_signal(&mut signals).await;
     tracing::info!("{signal}: draining");
     daemon.drain();
     let drain_ms = limits.drain_timeout_ms;
@@ -227,12 +228,24 @@ fn log_serving(daemon: &adapters::config::DaemonConfig) {
 }
 
 /// Waits for SIGTERM or SIGINT; returns its name.
-async fn wait_for_signal() -> anyhow::Result<&'static str> {
+async fn wait_for_signal(signals: &mut Signals) -> &'static str {
+    tokio::select! {
+        _ = signals.term.recv() => "SIGTERM",
+        _ = signals.int.recv() => "SIGINT",
+    }
+}
+
+/// The handlers of SIGTERM and SIGINT, installed before the daemon says it listens: a signal
+/// sent as soon as the line is read drains it instead of killing it.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+fn signals() -> anyhow::Result<Signals> {
     use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).context("listen for SIGTERM")?;
-    let mut int = signal(SignalKind::interrupt()).context("listen for SIGINT")?;
-    Ok(tokio::select! {
-        _ = term.recv() => "SIGTERM",
-        _ = int.recv() => "SIGINT",
+    Ok(Signals {
+        term: signal(SignalKind::terminate()).context("listen for SIGTERM")?,
+        int: signal(SignalKind::interrupt()).context("listen for SIGINT")?,
     })
 }
