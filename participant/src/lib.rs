@@ -4,7 +4,7 @@
 //! # async fn example() -> Result<(), participant::ConcordError> {
 //! use participant::{Concord, Config};
 //! let concord = Concord::open(Config::load("concord.toml".as_ref())?).await?;
-//! let mut tx = concord.begin();
+//! let mut tx = concord.begin().await?;
 //! let uploads = tx.files("uploads").await?;
 //! uploads.put("invoices/42.pdf", &b"%PDF-1.7 ..."[..]).await?;
 //! let outbox = tx.mail("outbox").await?;
@@ -64,7 +64,7 @@
 //!
 //! /// One order: the invoice file and the index entry, both or neither.
 //! async fn place_order(concord: &Concord, order: u64) -> Result<Committed, ConcordError> {
-//!     let mut tx = concord.begin();
+//!     let mut tx = concord.begin().await?;
 //!     let uploads = tx.files("uploads").await?;
 //!     let path = format!("invoices/{order}.pdf");
 //!     uploads.put(&path, &b"%PDF-1.7 ..."[..]).await?;
@@ -196,9 +196,9 @@ impl Concord {
         &self.coordinator
     }
 
-    /// Begins a transaction.
-    pub fn begin(&self) -> Transaction {
-        Transaction::begin(self.coordinator.clone())
+    /// Begins a transaction. In remote mode this is a call to the daemon, which can fail.
+    pub async fn begin(&self) -> Result<Transaction, ConcordError> {
+        Ok(Transaction::begin(self.coordinator.clone()))
     }
 
     /// Waits (at most `timeout`) for phase 2 and recovery work in the background to finish;

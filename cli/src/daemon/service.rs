@@ -464,7 +464,11 @@ impl Service for Daemon {
         // The coordinator's timeout holds for every transaction (see the module's caveats).
         let _ = begin.timeout_ms;
         let timeout_ms = self.config.txn_timeout_ms;
-        let tx = self.concord.begin();
+        let tx = self
+            .concord
+            .begin()
+            .await
+            .map_err(|e| Status::internal(format!("begin a transaction: {e}")))?;
         let xid = tx.xid();
         let entry = Entry {
             peer,
