@@ -121,6 +121,7 @@
 
 mod error;
 mod handles;
+pub mod remote;
 mod transaction;
 
 pub use adapters::config;
@@ -138,11 +139,25 @@ pub use config::{Config, ConfigError, ResourceConfig};
 pub use coordinator::CoordError;
 pub use error::{ConcordError, RollbackCause};
 pub use handles::{FilesHandle, KvHandle, MailHandle, PostgresHandle};
-pub use transaction::{Committed, RolledBack, Transaction};
+pub use proto::client::{ClientTls, Credentials, Token};
+pub use transaction::{Committed, RolledBack, Transaction, TxnOutcome};
 
-/// An embedded concord: the coordinator, its journal and the configured resources.
+/// A concord: embedded (the coordinator, its journal and the configured resources in this
+/// process; [`Concord::open`]) or remote (a connection to a coordinator daemon;
+/// [`Concord::connect`]). Cloning is cheap and shares it.
 #[derive(Clone)]
 pub struct Concord {
+    mode: Mode,
+}
+
+#[derive(Clone)]
+enum Mode {
+    Embedded(Embedded),
+    Remote(Arc<remote::Remote>),
+}
+
+#[derive(Clone)]
+struct Embedded {
     coordinator: Coordinator,
     recovery: Arc<RecoveryReport>,
 }
@@ -176,8 +191,21 @@ impl Concord {
         let (coordinator, recovery) =
             Coordinator::open_recovered(coordinator_config, journal, ledger, resources).await?;
         Ok(Concord {
-            coordinator,
-            recovery: Arc::new(recovery),
+            mode: Mode::Embedded(Embedded {
+                coordinator,
+                recovery: Arc::new(recovery),
+            }),
+        })
+    }
+
+    /// Connects to the coordinator daemon at `url` (`http://HOST:PORT`, or `https://HOST:PORT`
+    /// with [`Credentials::with_tls`]); every call carries `credentials`' token. The same API
+    /// as embedded mode follows; see the crate docs ("Remote mode"). Must be called inside a
+    /// tokio runtime.
+    pub async fn connect(url: &str, credentials: Credentials) -> Result<Concord, ConcordError> {
+        let remote = remote::Remote::connect(url, credentials).await?;
+        Ok(Concord {
+            mode: Mode::Remote(Arc::new(remote)),
         })
     }
 
@@ -186,26 +214,86 @@ impl Concord {
         Concord::open(Config::load(path)?).await
     }
 
+    /// Whether this is a connection to a daemon ([`Concord::connect`]).
+    pub fn is_remote(&self) -> bool {
+        matches!(self.mode, Mode::Remote(_))
+    }
+
+    /// The embedded parts; panics in remote mode, where they live in the daemon.
+    #[track_caller]
+    fn embedded(&self) -> &Embedded {
+        match &self.mode {
+            Mode::Embedded(embedded) => embedded,
+            Mode::Remote(_) => {
+                panic!(
+                    "an embedded-mode call on a remote Concord: the coordinator runs in the daemon"
+                )
+            }
+        }
+    }
+
     /// What recovery found when this concord opened.
+    ///
+    /// # Panics
+    ///
+    /// In remote mode (recovery ran in the daemon); see [`Concord::is_remote`].
+    #[track_caller]
     pub fn recovery(&self) -> &RecoveryReport {
-        &self.recovery
+        &self.embedded().recovery
     }
 
     /// The coordinator (for operator views).
+    ///
+    /// # Panics
+    ///
+    /// In remote mode (the coordinator runs in the daemon); see [`Concord::is_remote`] and
+    /// [`Concord::embedded_coordinator`].
+    #[track_caller]
     pub fn coordinator(&self) -> &Coordinator {
-        &self.coordinator
+        &self.embedded().coordinator
     }
 
-    /// Begins a transaction. In remote mode this is a call to the daemon, which can fail.
+    /// The coordinator in embedded mode; `None` in remote mode.
+    pub fn embedded_coordinator(&self) -> Option<&Coordinator> {
+        match &self.mode {
+            Mode::Embedded(embedded) => Some(&embedded.coordinator),
+            Mode::Remote(_) => None,
+        }
+    }
+
+    /// Begins a transaction. In remote mode this is a call to the daemon, which can fail
+    /// ([`ConcordError::Unreachable`], [`ConcordError::Limit`], …).
     pub async fn begin(&self) -> Result<Transaction, ConcordError> {
-        Ok(Transaction::begin(self.coordinator.clone()))
+        match &self.mode {
+            Mode::Embedded(embedded) => Ok(Transaction::begin(embedded.coordinator.clone())),
+            Mode::Remote(remote) => {
+                let begun = remote.begin().await?;
+                Ok(Transaction::remote(remote::Shared::new(
+                    Arc::clone(remote),
+                    begun,
+                )))
+            }
+        }
+    }
+
+    /// What became of `xid`: for an application whose commit reported
+    /// [`ConcordError::InDoubt`], or that lost track of a transaction. Remote mode asks the
+    /// daemon; embedded mode asks this process's coordinator and its journal.
+    pub async fn outcome(&self, xid: Xid) -> Result<TxnOutcome, ConcordError> {
+        match &self.mode {
+            Mode::Embedded(embedded) => embedded_outcome(&embedded.coordinator, xid).await,
+            Mode::Remote(remote) => remote.outcome(xid).await,
+        }
     }
 
     /// Waits (at most `timeout`) for phase 2 and recovery work in the background to finish;
-    /// returns whether it did.
+    /// returns whether it did. In remote mode that work is the daemon's: `true` at once.
     #[must_use = "false means phase 2 or recovery work is still running"]
     pub async fn wait_idle(&self, timeout: Duration) -> bool {
-        self.coordinator.wait_settled(timeout).await
+        match &self.mode {
+            Mode::Embedded(embedded) => embedded.coordinator.wait_settled(timeout).await,
+            Mode::Remote(_) => true,
+        }
     }
 
     /// Stops background work (it resumes at the next open) and closes the journal: every record
@@ -214,9 +302,52 @@ impl Concord {
     /// then on). The resources (their files and locks) are let go when the last handle — this
     /// one's clones and every transaction's — is dropped. Returns whether it all happened within
     /// `timeout`.
+    ///
+    /// In remote mode it only lets go of this handle (the connection closes with its last
+    /// clone): `true`.
     pub async fn close(self, timeout: Duration) -> bool {
-        self.coordinator.shutdown(timeout).await
+        match self.mode {
+            Mode::Embedded(embedded) => embedded.coordinator.shutdown(timeout).await,
+            Mode::Remote(_) => true,
+        }
     }
+}
+
+/// What became of `xid` in an embedded coordinator: open while it holds it, otherwise what
+/// the journal's ledger says.
+async fn embedded_outcome(coordinator: &Coordinator, xid: Xid) -> Result<TxnOutcome, ConcordError> {
+    use coordinator::ledger::Verdict;
+    match coordinator.check_open(&xid) {
+        Ok(()) => return Ok(TxnOutcome::Open),
+        Err(CoordError::TimedOut { timeout_ms, .. }) => {
+            return Ok(TxnOutcome::RolledBack {
+                cause: RollbackCause::TimedOut { timeout_ms },
+            });
+        }
+        Err(_) => {}
+    }
+    let c = coordinator.clone();
+    let ledger =
+        tokio::task::spawn_blocking(move || coordinator::runtime::read_ledger(c.journal()))
+            .await
+            .map_err(|e| CoordError::Refused(format!("read the journal: {e}")))??;
+    let lsn = ledger
+        .entry(&xid)
+        .and_then(|e| e.decision.as_ref())
+        .map(|d| d.lsn());
+    Ok(match ledger.verdict(&xid) {
+        Verdict::Committed | Verdict::Committing => TxnOutcome::Committed(Committed { xid, lsn }),
+        Verdict::Aborted => TxnOutcome::RolledBack {
+            cause: RollbackCause::Coordinator {
+                reason: "its one-phase commit did not happen".into(),
+            },
+        },
+        Verdict::OnePhaseOpen => TxnOutcome::InDoubt {
+            branch: None,
+            cause: "its one-phase commit's outcome is not journaled yet".into(),
+        },
+        Verdict::NoDecision => TxnOutcome::Unknown,
+    })
 }
 
 /// An [`OpenError`](config::OpenError) as the participant has always reported it: a resource's
