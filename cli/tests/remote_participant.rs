@@ -662,3 +662,297 @@ async fn a_commit_whose_answer_is_lost_reports_the_true_outcome() {
     drop(proxy);
     assert!(daemon.terminate());
 }
+
+/// The PostgreSQL site of the tests below: a database with `items` under capture, a daemon
+/// configuration with the postgres resource `orders` and the kv resource `index`.
+struct PgSite {
+    _dir: tempfile::TempDir,
+    config: std::path::PathBuf,
+    db: String,
+    url: String,
+}
+
+/// The transaction timeout of the PostgreSQL site, and its orphan sweep interval.
+const PG_TIMEOUT_MS: u64 = 3_000;
+const PG_SWEEP_MS: u64 = 500;
+
+impl PgSite {
+    fn new(db: &str) -> PgSite {
+        let cluster = adapters::pgtest::PgCluster::shared();
+        let url = cluster.database(db).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("concord.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "node = 1\ndata_dir = \"data\"\ntxn_timeout_ms = {PG_TIMEOUT_MS}\n\
+                 orphan_sweep_ms = {PG_SWEEP_MS}\n\
+                 [resources.index]\nkind = \"kv\"\ndir = \"data/index\"\ncreate = true\n\
+                 [resources.orders]\nkind = \"postgres\"\nurl = \"{url}\"\n"
+            ),
+        )
+        .unwrap();
+        let site = PgSite {
+            _dir: dir,
+            config,
+            db: db.to_string(),
+            url,
+        };
+        site.concord(&["pg", "install", "--resource", "orders"]);
+        cluster
+            .psql(db, "CREATE TABLE items (id int PRIMARY KEY, name text)")
+            .unwrap();
+        site.concord(&["pg", "replicate", "--resource", "orders", "items"]);
+        site
+    }
+
+    fn concord(&self, args: &[&str]) {
+        let status = Command::new(env!("CARGO_BIN_EXE_concord"))
+            .args(args)
+            .arg("--config")
+            .arg(&self.config)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let mut status = status;
+        assert!(
+            wait_exit(&mut status, CHILD_MS_MAX).success(),
+            "concord {args:?}"
+        );
+    }
+
+    fn psql(&self, sql: &str) -> String {
+        adapters::pgtest::PgCluster::shared()
+            .psql(&self.db, sql)
+            .unwrap()
+            .trim()
+            .to_string()
+    }
+
+    fn rows(&self, id: i32) -> String {
+        self.psql(&format!("SELECT count(*) FROM items WHERE id = {id}"))
+    }
+
+    fn prepared(&self) -> String {
+        self.psql("SELECT count(*) FROM pg_prepared_xacts WHERE database = current_database()")
+    }
+
+    fn daemon(&self) -> Daemon {
+        Daemon::start_with(&["--config".as_ref(), self.config.as_os_str()])
+    }
+
+    async fn connect(&self, daemon: &Daemon) -> Concord {
+        let concord = daemon.connect().await;
+        attach(&concord, &self.url).await;
+        concord
+    }
+}
+
+async fn attach(concord: &Concord, url: &str) {
+    concord
+        .attach_postgres("orders", adapters::postgres::PostgresConfig::new(url, 1))
+        .await
+        .unwrap();
+}
+
+async fn wait_psql(site: &PgSite, what: &str, check: impl Fn(&PgSite) -> bool) {
+    let deadline = Instant::now() + Duration::from_millis(PG_TIMEOUT_MS + VISIBLE_MS_MAX);
+    while !check(site) {
+        assert!(Instant::now() < deadline, "{what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_postgres_branch_runs_in_the_application_and_commits_through_the_daemon() {
+    let site = PgSite::new("remote_participant_pg");
+    let daemon = site.daemon();
+    let concord = site.connect(&daemon).await;
+
+    // With a kv branch, and alone (two phases all the same).
+    let mut tx = concord.begin().await.unwrap();
+    let orders = tx.postgres("orders").await.unwrap();
+    orders
+        .execute("INSERT INTO items VALUES (1, 'one')", &[])
+        .await
+        .unwrap();
+    let row = orders
+        .query_one("SELECT name FROM items WHERE id = 1", &[])
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, String>(0), "one");
+    tx.kv("index")
+        .await
+        .unwrap()
+        .insert(b"item/1", b"one")
+        .await
+        .unwrap();
+    let committed = tx.commit().await.unwrap();
+    assert!(committed.lsn.is_some());
+    let mut lone = concord.begin().await.unwrap();
+    lone.postgres("orders")
+        .await
+        .unwrap()
+        .batch_execute("INSERT INTO items VALUES (2, 'two')")
+        .await
+        .unwrap();
+    assert!(
+        lone.commit().await.unwrap().lsn.is_some(),
+        "a lone remote branch has a decision record"
+    );
+    wait_psql(&site, "both rows committed", |s| {
+        s.rows(1) == "1" && s.rows(2) == "1"
+    })
+    .await;
+    wait_psql(&site, "nothing left prepared", |s| s.prepared() == "0").await;
+
+    // Rolled back: here, nothing was prepared.
+    let mut back = concord.begin().await.unwrap();
+    back.postgres("orders")
+        .await
+        .unwrap()
+        .execute("INSERT INTO items VALUES (3, 'three')", &[])
+        .await
+        .unwrap();
+    back.kv("index")
+        .await
+        .unwrap()
+        .insert(b"item/3", b"three")
+        .await
+        .unwrap();
+    back.rollback().await.unwrap();
+    assert_eq!(site.rows(3), "0");
+
+    // A read-only branch enlists nothing.
+    let mut reader = concord.begin().await.unwrap();
+    let count = reader
+        .postgres("orders")
+        .await
+        .unwrap()
+        .query_one("SELECT count(*) FROM items", &[])
+        .await
+        .unwrap();
+    assert_eq!(count.get::<_, i64>(0), 2);
+    reader.commit().await.unwrap();
+
+    // A failed prepare rolls the whole transaction back: a branch whose statement failed.
+    let mut broken = concord.begin().await.unwrap();
+    broken
+        .kv("index")
+        .await
+        .unwrap()
+        .insert(b"item/9", b"x")
+        .await
+        .unwrap();
+    let pg = broken.postgres("orders").await.unwrap();
+    assert!(
+        pg.execute("INSERT INTO items VALUES (1, 'dup')", &[])
+            .await
+            .is_err()
+    );
+    let failed = broken.commit().await.unwrap_err();
+    assert!(
+        matches!(&failed, ConcordError::RolledBack { branch: Some(b), .. } if b == "orders"),
+        "{failed:?}"
+    );
+    let mut check = concord.begin().await.unwrap();
+    assert_eq!(
+        check
+            .kv("index")
+            .await
+            .unwrap()
+            .get(b"item/9")
+            .await
+            .unwrap(),
+        None
+    );
+    check.rollback().await.unwrap();
+    assert_eq!(site.prepared(), "0");
+    assert!(daemon.terminate());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_application_leaves_no_postgres_branch_behind() {
+    match child_role().as_deref() {
+        Some(role @ ("pg_open" | "pg_prepared")) => return pg_worker(role).await,
+        Some(_) => return,
+        None => {}
+    }
+    let site = PgSite::new("remote_participant_pg_kill");
+    let daemon = site.daemon();
+    let url = daemon.url();
+    for (role, id) in [("pg_open", 10), ("pg_prepared", 11)] {
+        let mut worker = child(
+            role,
+            "a_killed_application_leaves_no_postgres_branch_behind",
+            &[("REMOTE_URL", url.as_str()), ("PG_URL", site.url.as_str())],
+        );
+        let lines = lines_of(worker.stdout.take().unwrap());
+        let xid = wait_line(&lines, "xid ", CHILD_MS_MAX).expect("the worker's xid");
+        worker.kill().unwrap();
+        worker.wait().unwrap();
+        let xid: participant::Xid = xid.parse().unwrap();
+        wait_psql(&site, "the killed worker's branch is gone", |s| {
+            s.prepared() == "0" && s.rows(id) == "0"
+        })
+        .await;
+        let concord = site.connect(&daemon).await;
+        let deadline = Instant::now() + Duration::from_millis(PG_TIMEOUT_MS + VISIBLE_MS_MAX);
+        while matches!(concord.outcome(xid).await.unwrap(), TxnOutcome::Open) {
+            assert!(
+                Instant::now() < deadline,
+                "{role}: rolled back at the timeout"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        // The row's lock is free: a new transaction writes it.
+        let mut next = concord.begin().await.unwrap();
+        next.postgres("orders")
+            .await
+            .unwrap()
+            .execute(&format!("INSERT INTO items VALUES ({id}, 'next')"), &[])
+            .await
+            .unwrap();
+        next.commit().await.unwrap();
+        wait_psql(&site, "the new row", |s| s.rows(id) == "1").await;
+    }
+    assert!(daemon.terminate());
+}
+
+/// A child application killed mid-transaction: `pg_open` with its branch's statement run,
+/// `pg_prepared` with its branch prepared but not enlisted yet.
+async fn pg_worker(role: &str) {
+    let id = if role == "pg_open" { 10 } else { 11 };
+    let url = std::env::var("REMOTE_URL").unwrap();
+    let pg_url = std::env::var("PG_URL").unwrap();
+    let concord = Concord::connect(&url, Credentials::none()).await.unwrap();
+    let tx = concord.begin().await.unwrap();
+    let insert = format!("INSERT INTO items VALUES ({id}, 'killed')");
+    if role == "pg_open" {
+        attach(&concord, &pg_url).await;
+        tx.postgres("orders")
+            .await
+            .unwrap()
+            .execute(&insert, &[])
+            .await
+            .unwrap();
+    } else {
+        use adapters::Resource;
+        let config = adapters::postgres::PostgresConfig::new(pg_url, 1);
+        let pg = adapters::postgres::PostgresResource::open("orders", config)
+            .await
+            .unwrap();
+        let xid = tx.xid();
+        pg.begin(&xid).await.unwrap();
+        pg.branch(&xid)
+            .unwrap()
+            .execute(&insert, &[])
+            .await
+            .unwrap();
+        assert!(pg.prepare_for_enlist(&xid).await.unwrap().is_some());
+    }
+    println!("xid {}", tx.xid());
+    tokio::time::sleep(Duration::from_millis(CHILD_MS_MAX)).await;
+}

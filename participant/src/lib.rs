@@ -214,6 +214,26 @@ impl Concord {
         Concord::open(Config::load(path)?).await
     }
 
+    /// Remote mode: opens the daemon's PostgreSQL resource `name` in this process with
+    /// `config` — the same database the daemon's resource of that name uses (the gid of a
+    /// branch, `concord:<xid>:<resource>`, carries the name). [`Transaction::postgres`] then
+    /// runs its branches here, on this process's own connections; see the crate docs ("Remote
+    /// mode"). Attaching a name again replaces the resource for later transactions. Refused in
+    /// embedded mode, which opens PostgreSQL from `concord.toml`.
+    pub async fn attach_postgres(
+        &self,
+        name: &str,
+        config: adapters::postgres::PostgresConfig,
+    ) -> Result<(), ConcordError> {
+        match &self.mode {
+            Mode::Remote(remote) => remote.attach_postgres(name, config).await,
+            Mode::Embedded(_) => Err(CoordError::Refused(format!(
+                "attach_postgres({name:?}) is for remote mode: embedded mode opens the PostgreSQL resources of concord.toml"
+            ))
+            .into()),
+        }
+    }
+
     /// Whether this is a connection to a daemon ([`Concord::connect`]).
     pub fn is_remote(&self) -> bool {
         matches!(self.mode, Mode::Remote(_))

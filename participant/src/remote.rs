@@ -29,6 +29,7 @@
 //!   timeout.
 //! * `FilesHandle::read` gathers the streamed file into memory, as embedded mode does.
 
+mod postgres;
 mod status;
 mod upload;
 
@@ -36,6 +37,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use adapters::postgres::PostgresResource;
 use adapters::{ResourceError, Xid};
 use coordinator::CoordError;
 use proto::client::{Client, Credentials};
@@ -70,6 +72,8 @@ pub(crate) struct Remote {
     credentials: Credentials,
     /// Resource name → kind, as the daemon's `Status` lists them; `None` when it would not say.
     kinds: Option<BTreeMap<String, String>>,
+    /// The daemon's PostgreSQL resources opened in this process.
+    postgres: Mutex<BTreeMap<String, Arc<PostgresResource>>>,
 }
 
 /// A transaction the daemon began.
@@ -90,6 +94,7 @@ impl Remote {
             url: url.to_string(),
             credentials,
             kinds: None,
+            postgres: Mutex::new(BTreeMap::new()),
         };
         remote.kinds = remote.resource_kinds().await?;
         Ok(remote)
@@ -242,6 +247,8 @@ pub(crate) struct Shared {
     chunk_bytes: usize,
     /// How it ended, once commit or rollback began.
     ended: Mutex<Option<&'static str>>,
+    /// Its PostgreSQL branches run here and not enlisted yet.
+    postgres: Mutex<Vec<(String, Arc<PostgresResource>)>>,
 }
 
 impl Shared {
@@ -251,6 +258,7 @@ impl Shared {
             xid: begun.xid,
             chunk_bytes: begun.chunk_bytes,
             ended: Mutex::new(None),
+            postgres: Mutex::new(Vec::new()),
         }
     }
 
@@ -291,6 +299,9 @@ impl Shared {
     /// Asks the daemon to commit; a lost answer is learnt through `Outcome` (see the module
     /// docs).
     pub(crate) async fn commit(&self) -> Result<Ended, ConcordError> {
+        if let Some(rolled_back) = self.enlist_postgres().await? {
+            return Ok(rolled_back);
+        }
         let asked = self.remote.client().commit(self.commit_request()).await;
         match asked {
             Ok(answer) => Ok(self.committed(answer.into_inner().outcome)),
@@ -379,6 +390,11 @@ impl Shared {
     /// same: without a commit request the daemon only ever rolls back (at its timeout at the
     /// latest).
     pub(crate) async fn rollback(&self, reason: &str) -> Result<Ended, ConcordError> {
+        self.roll_back_postgres().await;
+        self.rollback_in_daemon(reason).await
+    }
+
+    async fn rollback_in_daemon(&self, reason: &str) -> Result<Ended, ConcordError> {
         let asked = self
             .remote
             .client()

@@ -140,7 +140,17 @@ impl Transaction {
 
     /// The branch handle of the PostgreSQL resource `name`, joining it to the transaction: its
     /// statements run in the branch's own database transaction.
+    ///
+    /// In remote mode the branch runs in this process, on the connections of the resource
+    /// [`Concord::attach_postgres`](crate::Concord::attach_postgres) opened; it is prepared
+    /// here and enlisted in the daemon at commit.
     pub async fn postgres(&self, name: &str) -> Result<PostgresHandle, ConcordError> {
+        if let Mode::Remote(shared) = &self.mode {
+            self.check_not_ended()?;
+            let resource = shared.join_postgres(name).await?;
+            let branch = resource.branch(&self.xid)?;
+            return Ok(PostgresHandle::new(self.handle_parts(), branch, resource));
+        }
         let (branch, resource) = self
             .join_as(name, "postgres", |pg: &PostgresResource| {
                 Ok(pg.branch(&self.xid)?)
