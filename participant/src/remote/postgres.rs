@@ -35,13 +35,13 @@ impl Remote {
         name: &str,
         config: PostgresConfig,
     ) -> Result<(), ConcordError> {
-        if let Some(kind) = self.kinds.as_ref().and_then(|k| k.get(name)) {
-            if kind != "postgres" {
-                return Err(ConcordError::WrongKind {
-                    name: name.to_string(),
-                    expected: "postgres",
-                });
-            }
+        if let Some(kind) = self.kinds.as_ref().and_then(|k| k.get(name))
+            && kind != "postgres"
+        {
+            return Err(ConcordError::WrongKind {
+                name: name.to_string(),
+                expected: "postgres",
+            });
         }
         let resource = PostgresResource::open(name, config).await?;
         self.attached().insert(name.to_string(), resource);
