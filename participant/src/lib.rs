@@ -21,10 +21,11 @@
 //! ```
 //!
 //! This is the embedded mode: the coordinator runs in the application's process, on the
-//! application's tokio runtime, with its journal in the configured data directory. (Remote mode,
-//! over gRPC, comes later with the same API.) A transaction joins a resource the first time the
-//! application asks for its handle; committing runs two-phase commit over every joined resource;
-//! dropping a transaction that was neither committed nor rolled back rolls it back.
+//! application's tokio runtime, with its journal in the configured data directory. Remote mode
+//! ([`Concord::connect`], below) gives the same API over gRPC to a coordinator daemon. A
+//! transaction joins a resource the first time the application asks for its handle; committing
+//! runs two-phase commit over every joined resource; dropping a transaction that was neither
+//! committed nor rolled back rolls it back.
 //!
 //! Each kind of resource in `concord.toml` ([`config`]) has its typed branch handle:
 //! [`Transaction::files`] ([`FilesHandle`]), [`Transaction::postgres`] ([`PostgresHandle`]),
@@ -105,6 +106,55 @@
 //! [`Transaction`] and the branch handles are `#[must_use]`: a transaction that is dropped
 //! rolls back.
 //!
+//! # Remote mode
+//!
+//! Application servers are often several processes sharing one coordinator daemon per site
+//! (`concord coordinator --config concord.toml`). [`Concord::connect`] connects to it
+//! (`http://HOST:PORT`, or `https://` with [`Credentials::with_tls`]; a bearer [`Token`] in
+//! every call) and gives the same API: [`Concord::begin`], the same handles, the same
+//! [`ConcordError`] variants in the same situations (decoded from the daemon's gRPC status and
+//! its `ErrorDetail`), plus [`ConcordError::Connect`], [`ConcordError::Unreachable`],
+//! [`ConcordError::Unauthorized`] and [`ConcordError::Limit`] for what only a connection meets.
+//!
+//! ```no_run
+//! # async fn example() -> Result<(), participant::ConcordError> {
+//! use participant::{Concord, Credentials, PostgresConfig};
+//! let concord = Concord::connect("http://127.0.0.1:7700", Credentials::none()).await?;
+//! concord
+//!     .attach_postgres("orders", PostgresConfig::new("host=127.0.0.1 dbname=shop", 1))
+//!     .await?;
+//! let mut tx = concord.begin().await?;
+//! tx.postgres("orders").await?.execute("UPDATE stock SET n = n - 1 WHERE id = 7", &[]).await?;
+//! tx.kv("index").await?.insert(b"order/42", b"7").await?;
+//! tx.commit().await?;
+//! # Ok(()) }
+//! ```
+//!
+//! Who does what:
+//!
+//! * **Files, mail and kv** belong to the daemon (it opened their directories): each handle
+//!   call is a gRPC call, and the content of a put or an enqueue streams from the
+//!   application's reader in chunks of at most the daemon's `chunk_bytes_max` (a few chunks in
+//!   memory, whatever the size).
+//! * **PostgreSQL** branches run in the application, on its own connections:
+//!   [`Concord::attach_postgres`] opens the daemon's resource of that name here (the same
+//!   database). At commit each branch is prepared here (fence check at the xid's epoch,
+//!   capture, marker, `PREPARE TRANSACTION`) and enlisted in the daemon with its redo; the
+//!   daemon decides, journals and commits it by gid. A branch that fails to prepare rolls the
+//!   whole transaction back ([`RollbackCause::Branch`]). **A lone remote PostgreSQL branch takes
+//!   two phases**: it is prepared before the daemon hears of it, so the daemon journals a
+//!   decision and commits it by gid, where embedded mode would commit it in one phase.
+//! * **Outcomes** are the daemon's: a commit whose answer is lost on the way (the connection
+//!   broke, the daemon restarted) is asked again by xid (`Outcome`, a few attempts with
+//!   backoff, each on a new connection) and reported as it ended; only when that cannot be
+//!   learnt is it [`ConcordError::InDoubt`]. [`Concord::outcome`] asks later. An application
+//!   that dies mid-transaction has its branches rolled back at the daemon's transaction
+//!   timeout (a PostgreSQL branch not prepared yet dies with its connection; one prepared but
+//!   not enlisted is rolled back by the daemon's orphan sweeper).
+//!
+//! The embedded-only views ([`Concord::coordinator`], [`Concord::recovery`]) panic in remote
+//! mode; [`Concord::embedded_coordinator`] and [`Concord::is_remote`] tell first.
+//!
 //! # Examples
 //!
 //! `participant/examples/` holds one runnable program per kind of resource — `files.rs`,
@@ -118,6 +168,8 @@
 //!
 //! * Resources open one after the other, in name order; a kv resource whose sled directory an
 //!   instance dropped a moment before in this process waits for it (`open_wait_ms_max`).
+//! * Remote mode: see the caveats of [`remote`] (an xid the daemon no longer knows is reported
+//!   in doubt; a dropped transaction's rollback is a call in the background).
 
 mod error;
 mod handles;
@@ -134,6 +186,7 @@ use coordinator::{Coordinator, CoordinatorConfig, RecoveryReport, RetryPolicy};
 use journal::Epoch;
 
 pub use adapters::mail::{Enqueued, MessageBuilder};
+pub use adapters::postgres::PostgresConfig;
 pub use adapters::{ErrorClass, Lsn, ResourceError, Xid};
 pub use config::{Config, ConfigError, ResourceConfig};
 pub use coordinator::CoordError;
@@ -223,7 +276,7 @@ impl Concord {
     pub async fn attach_postgres(
         &self,
         name: &str,
-        config: adapters::postgres::PostgresConfig,
+        config: PostgresConfig,
     ) -> Result<(), ConcordError> {
         match &self.mode {
             Mode::Remote(remote) => remote.attach_postgres(name, config).await,

@@ -1,13 +1,13 @@
 //! Remote mode: the same API as embedded mode, over gRPC to a coordinator daemon
 //! (`concord coordinator`, package `concord.v1`).
 //!
-//! [`Remote`] is one connection ([`proto::client`]: plain text or TLS, a bearer token in every
+//! `Remote` is one connection ([`proto::client`]: plain text or TLS, a bearer token in every
 //! call) and the resource kinds the daemon serves (asked once with `Status`, so that asking a
 //! handle of an unknown name or of the wrong kind answers at once, as embedded mode does).
-//! [`Shared`] is one remote transaction: its xid, the daemon's chunk size, whether it ended,
-//! and the PostgreSQL branches the application runs itself. [`RemoteBranch`] is a branch on a
+//! `Shared` is one remote transaction: its xid, the daemon's chunk size, whether it ended,
+//! and the PostgreSQL branches the application runs itself. `RemoteBranch` is a branch on a
 //! daemon-owned store (files, mail, kv): each call is one gRPC call naming xid and resource;
-//! the daemon joins the resource at the first call. Content is streamed ([`upload`]).
+//! the daemon joins the resource at the first call. Content is streamed (`upload`).
 //!
 //! # Commit and a broken connection
 //!
