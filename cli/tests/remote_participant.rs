@@ -59,6 +59,7 @@ impl Daemon {
             &path,
             format!(
                 "node = 1\ndata_dir = \"data\"\ntxn_timeout_ms = {TIMEOUT_MS}\n\
+                 [daemon]\nplaintext = true\nunauthenticated = true\n\
                  [resources.uploads]\nkind = \"files\"\nroot = \"data/uploads\"\ncreate = true\n\
                  [resources.index]\nkind = \"kv\"\ndir = \"data/index\"\ncreate = true\n"
             ),
@@ -687,6 +688,7 @@ impl PgSite {
             format!(
                 "node = 1\ndata_dir = \"data\"\ntxn_timeout_ms = {PG_TIMEOUT_MS}\n\
                  orphan_sweep_ms = {PG_SWEEP_MS}\n\
+                 [daemon]\nplaintext = true\nunauthenticated = true\n\
                  [resources.index]\nkind = \"kv\"\ndir = \"data/index\"\ncreate = true\n\
                  [resources.orders]\nkind = \"postgres\"\nurl = \"{url}\"\n"
             ),
@@ -955,4 +957,42 @@ async fn pg_worker(role: &str) {
     }
     println!("xid {}", tx.xid());
     tokio::time::sleep(Duration::from_millis(CHILD_MS_MAX)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_is_sent_and_a_missing_one_is_refused() {
+    const TOKEN: &str = "remote-participant-test-token-0123456789";
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("app.token"), format!("{TOKEN}\n")).unwrap();
+    let path = dir.path().join("concord.toml");
+    std::fs::write(
+        &path,
+        "node = 1\ndata_dir = \"data\"\n\
+         [daemon]\nplaintext = true\n[daemon.clients.app]\ntoken_file = \"app.token\"\n\
+         [resources.index]\nkind = \"kv\"\ndir = \"data/index\"\ncreate = true\n",
+    )
+    .unwrap();
+    let daemon = Daemon::start_with(&["--config".as_ref(), path.as_os_str()]);
+    let refused = Concord::connect(&daemon.url(), Credentials::none())
+        .await
+        .err()
+        .unwrap();
+    assert!(
+        matches!(refused, ConcordError::Unauthorized { .. }),
+        "{refused:?}"
+    );
+    assert!(!refused.is_retryable());
+    let token = participant::Token::new(TOKEN).unwrap();
+    let concord = Concord::connect(&daemon.url(), Credentials::none().with_token(token))
+        .await
+        .unwrap();
+    let mut tx = concord.begin().await.unwrap();
+    tx.kv("index")
+        .await
+        .unwrap()
+        .insert(b"k", b"v")
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    assert!(daemon.terminate());
 }
