@@ -130,6 +130,14 @@ def _load_stubs():
     return pb2, pb2_grpc
 
 
+if __name__ == "__main__":
+    # `python concord_client.py generate DIR`: writes the stubs into DIR (for CONCORD_PY_STUBS),
+    # before anything imports them.
+    if len(sys.argv) == 3 and sys.argv[1] == "generate":
+        print(generate_stubs(sys.argv[2]))
+        sys.exit(0)
+    sys.exit("usage: python concord_client.py generate DIR")
+
 pb2, pb2_grpc = _load_stubs()
 
 #: The schema revision this client was generated from (``SchemaVersion.SCHEMA_VERSION_CURRENT``).
@@ -667,10 +675,3 @@ class Transaction:
         """What became of this transaction so far."""
         return self.client.outcome(self.xid)
 
-
-if __name__ == "__main__":
-    # `python concord_client.py generate DIR`: writes the stubs into DIR (for CONCORD_PY_STUBS).
-    if len(sys.argv) == 3 and sys.argv[1] == "generate":
-        print(generate_stubs(sys.argv[2]))
-    else:
-        sys.exit("usage: python concord_client.py generate DIR")
