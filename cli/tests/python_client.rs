@@ -4,6 +4,7 @@
 //! PostgreSQL branch prepared on its own psycopg connection, rolls one back, commits a second
 //! time and asks about an unknown xid. Then this test checks from Rust that the files, the
 //! Maildir, the PostgreSQL rows and — after SIGTERM — the sled data are exactly what committed.
+//! The README's `clients/python/example.py` runs against the same daemon too.
 //!
 //! The Python packages live in a venv under the target directory (`target/python-venv`),
 //! which `scripts/test` prepares; when it is missing or incomplete this test creates it and
@@ -383,12 +384,45 @@ fn a_python_application_commits_and_rolls_back_over_every_store() {
         "the branch's marker"
     );
 
+    // The README's example runs against the same daemon and commits its order.
+    let example = run(
+        Command::new(&python)
+            .arg(clients_python().join("example.py"))
+            .arg(format!("http://{}", daemon.addr))
+            .arg(&url)
+            .env("PYTHONPATH", clients_python())
+            .env("CONCORD_PY_STUBS", &stubs),
+        SCRIPT_MS_MAX,
+        "example.py",
+    );
+    let printed = String::from_utf8_lossy(&example.stdout);
+    assert!(
+        example.status.success(),
+        "example.py failed:\n{printed}\n{}",
+        String::from_utf8_lossy(&example.stderr)
+    );
+    assert!(
+        printed.contains(": committed (decision at lsn"),
+        "{printed}"
+    );
+    let ordered = cluster
+        .psql("python_client", "SELECT id, item FROM example_orders")
+        .unwrap();
+    assert_eq!(ordered.trim(), "1|teapot");
+    eventually(VISIBLE_MS_MAX, "the example's invoice shows", || {
+        uploads.join("example/invoice-1.txt").is_file()
+    });
+
     // sled, read once the daemon has stopped: the committed keys only.
     assert!(daemon.terminate(), "SIGTERM ends the daemon with exit 0");
     let keys = sled_data(&dir.path().join("index"));
     let expected: BTreeMap<Vec<u8>, Vec<u8>> = [
         (b"py/order/1".to_vec(), b"py/big.bin".to_vec()),
         (b"py/read-only".to_vec(), b"y".to_vec()),
+        (
+            b"example/order/1".to_vec(),
+            b"example/invoice-1.txt".to_vec(),
+        ),
     ]
     .into_iter()
     .collect();
