@@ -336,7 +336,7 @@ fn a_python_application_commits_and_rolls_back_over_every_store() {
         out.status.success(),
         "test_client.py failed:\n{stdout}\n{stderr}"
     );
-    assert!(stdout.contains("5 passed, 0 failed"), "{stdout}");
+    assert!(stdout.contains("6 passed, 0 failed"), "{stdout}");
     let result = result(&result_path);
 
     // The files resource: the committed put, byte for byte; nothing of the rollback.

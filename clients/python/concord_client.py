@@ -476,6 +476,17 @@ def parse_xid(xid: str):
     return int(m.group(1)), int(m.group(2)), int(m.group(3))
 
 
+def _roll_back_quietly(conn) -> None:
+    """Ends the failed transaction on ``conn``; a broken connection is left to its owner (the
+    server rolls an unprepared transaction back when the session ends)."""
+    import psycopg
+
+    try:
+        conn.rollback()
+    except psycopg.Error:
+        pass
+
+
 class Transaction:
     """One global transaction begun on a daemon.
 
@@ -628,6 +639,10 @@ class Transaction:
         import psycopg
         from psycopg import sql
 
+        if conn.autocommit:
+            raise ValueError(
+                "prepare_postgres needs the connection's open transaction: a connection in "
+                "autocommit has already committed its statements; open it with autocommit=False")
         gid = self.gid(resource)
         try:
             with conn.cursor() as cur:
@@ -641,12 +656,12 @@ class Transaction:
                                        "concord.prepare_branch returned no redo")
                 cur.execute(sql.SQL("PREPARE TRANSACTION {}").format(sql.Literal(gid)))
         except psycopg.Error as e:
-            conn.rollback()
+            _roll_back_quietly(conn)
             if e.sqlstate == SQLSTATE_READ_ONLY:
                 return None
             raise
         except ConcordError:
-            conn.rollback()
+            _roll_back_quietly(conn)
             raise
         self.enlist_prepared(resource, gid, redo.encode("utf-8"))
         return gid

@@ -168,6 +168,13 @@ def a_read_only_postgres_branch_is_not_enlisted(run: Run) -> None:
     with run.pg() as conn:
         conn.execute("SELECT count(*) FROM orders").fetchone()
         assert tx.prepare_postgres(conn, "orders") is None
+    with psycopg.connect(run.dsn, autocommit=True) as conn:
+        try:
+            tx.prepare_postgres(conn, "orders")
+        except ValueError as e:
+            assert "autocommit" in str(e), e
+        else:
+            raise AssertionError("a connection in autocommit was prepared")
     tx.kv_insert("index", b"py/read-only", b"y")
     assert tx.commit().committed
 
@@ -193,12 +200,35 @@ def an_unknown_xid(run: Run) -> None:
         raise AssertionError("a malformed xid was taken")
 
 
+def no_daemon_there(run: Run) -> None:
+    """Connecting where nothing listens: UNAVAILABLE, saying what to check."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    try:
+        cc.connect(f"http://127.0.0.1:{port}", connect_timeout_s=1.0)
+    except cc.ConcordError as e:
+        assert e.code == grpc.StatusCode.UNAVAILABLE, e
+        assert "concord coordinator" in e.message, e
+    else:
+        raise AssertionError("connected to nothing")
+    try:
+        cc.connect("ftp://127.0.0.1:1")
+    except ValueError as e:
+        assert "http://HOST:PORT" in str(e), e
+    else:
+        raise AssertionError("an ftp URL was taken")
+
+
 STEPS = [
     commit_over_every_store,
     a_second_commit_answers_the_same,
     a_rollback,
     a_read_only_postgres_branch_is_not_enlisted,
     an_unknown_xid,
+    no_daemon_there,
 ]
 
 
