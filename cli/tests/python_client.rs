@@ -2,8 +2,9 @@
 //! Python client (`clients/python/concord_client.py`) with `grpcio` stubs generated here from
 //! `coordinator.proto`, commits a transaction over files (a streamed 3 MiB put), mail, kv and a
 //! PostgreSQL branch prepared on its own psycopg connection, rolls one back, commits a second
-//! time and asks about an unknown xid. Then this test checks from Rust that the files, the
-//! Maildir, the PostgreSQL rows and — after SIGTERM — the sled data are exactly what committed.
+//! time, commits one whose only branch is PostgreSQL (two phases) and asks about an unknown
+//! xid. Then this test checks from Rust that the files, the Maildir, the PostgreSQL rows and —
+//! after SIGTERM — the sled data are exactly what committed.
 //! The README's `clients/python/example.py` runs against the same daemon too.
 //!
 //! The Python packages live in a venv under the target directory (`target/python-venv`),
@@ -336,7 +337,7 @@ fn a_python_application_commits_and_rolls_back_over_every_store() {
         out.status.success(),
         "test_client.py failed:\n{stdout}\n{stderr}"
     );
-    assert!(stdout.contains("6 passed, 0 failed"), "{stdout}");
+    assert!(stdout.contains("7 passed, 0 failed"), "{stdout}");
     let result = result(&result_path);
 
     // The files resource: the committed put, byte for byte; nothing of the rollback.
@@ -361,7 +362,7 @@ fn a_python_application_commits_and_rolls_back_over_every_store() {
     let rows = cluster
         .psql("python_client", "SELECT id, note FROM orders ORDER BY id")
         .unwrap();
-    assert_eq!(rows.trim(), "1|committed from Python");
+    assert_eq!(rows.trim(), "1|committed from Python\n3|alone");
     let prepared = cluster
         .psql(
             "python_client",

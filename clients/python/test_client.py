@@ -179,6 +179,18 @@ def a_read_only_postgres_branch_is_not_enlisted(run: Run) -> None:
     assert tx.commit().committed
 
 
+def a_lone_postgres_branch_takes_two_phases(run: Run) -> None:
+    """Its only branch prepared by Python: committed with a decision record (two phases)."""
+    tx = run.client.begin()
+    with run.pg() as conn:
+        conn.execute("INSERT INTO orders (id, note) VALUES (%s, %s)", (3, "alone"))
+        gid = tx.prepare_postgres(conn, "orders")
+    outcome = tx.commit()
+    assert outcome.committed and outcome.decision_lsn is not None, outcome
+    run.wait_unprepared(gid)
+    assert run.order_note(3) == "alone"
+
+
 def an_unknown_xid(run: Run) -> None:
     """NOT_FOUND with UNKNOWN_XID naming it; Outcome answers unknown."""
     try:
@@ -227,6 +239,7 @@ STEPS = [
     a_second_commit_answers_the_same,
     a_rollback,
     a_read_only_postgres_branch_is_not_enlisted,
+    a_lone_postgres_branch_takes_two_phases,
     an_unknown_xid,
     no_daemon_there,
 ]
