@@ -34,6 +34,8 @@ const PIP_MS_MAX: u64 = 600_000;
 const SCRIPT_MS_MAX: u64 = 300_000;
 /// How long phase 2 may take to show a commit in the stores.
 const VISIBLE_MS_MAX: u64 = 10_000;
+/// The bearer token of the Python client (`[daemon.clients.python]`).
+const TOKEN: &str = "python-client-token-0123456789";
 /// The size of the streamed put (the script writes the same pattern).
 const PUT_BYTES: usize = 3 << 20;
 /// The message the script enqueues, as delivered.
@@ -234,8 +236,9 @@ fn concord(args: &[&str], config: &Path) {
 }
 
 /// A database with the `concord` schema and a replicated `orders` table, and a configuration
-/// with it and a files, a mail and a kv resource under `dir`; returns the configuration's path
-/// and the database's connection string.
+/// with it and a files, a mail and a kv resource under `dir`, served in plain text to one
+/// client with [`TOKEN`]; returns the configuration's path and the database's connection
+/// string.
 fn setup(dir: &Path, cluster: &PgCluster) -> (PathBuf, String) {
     let url = cluster.database("python_client").unwrap();
     cluster
@@ -245,15 +248,20 @@ fn setup(dir: &Path, cluster: &PgCluster) -> (PathBuf, String) {
         )
         .unwrap();
     let data = dir.join("data");
+    let token_file = dir.join("python.token");
+    std::fs::write(&token_file, format!("{TOKEN}\n")).unwrap();
     let config = dir.join("concord.toml");
     std::fs::write(
         &config,
         format!(
             "node = 1\ndata_dir = {data:?}\n\n\
+             [daemon]\nplaintext = true\n\n\
+             [daemon.clients.python]\ntoken_file = {token:?}\n\n\
              [resources.uploads]\nkind = \"files\"\nroot = {uploads:?}\ncreate = true\n\n\
              [resources.mail]\nkind = \"mail\"\nmaildir = {mail:?}\ncreate = true\n\n\
              [resources.index]\nkind = \"kv\"\ndir = {index:?}\ncreate = true\n\n\
              [resources.orders]\nkind = \"postgres\"\nurl = \"{url}\"\n",
+            token = token_file,
             uploads = dir.join("uploads"),
             mail = dir.join("mail"),
             index = dir.join("index"),
@@ -326,6 +334,7 @@ fn a_python_application_commits_and_rolls_back_over_every_store() {
             .env("PYTHONPATH", clients_python())
             .env("CONCORD_PY_STUBS", &stubs)
             .env("CONCORD_URL", format!("http://{}", daemon.addr))
+            .env("CONCORD_TOKEN", TOKEN)
             .env("CONCORD_PG_DSN", &url)
             .env("CONCORD_RESULT", &result_path),
         SCRIPT_MS_MAX,
@@ -337,7 +346,7 @@ fn a_python_application_commits_and_rolls_back_over_every_store() {
         out.status.success(),
         "test_client.py failed:\n{stdout}\n{stderr}"
     );
-    assert!(stdout.contains("7 passed, 0 failed"), "{stdout}");
+    assert!(stdout.contains("8 passed, 0 failed"), "{stdout}");
     let result = result(&result_path);
 
     // The files resource: the committed put, byte for byte; nothing of the rollback.
@@ -392,7 +401,8 @@ fn a_python_application_commits_and_rolls_back_over_every_store() {
             .arg(format!("http://{}", daemon.addr))
             .arg(&url)
             .env("PYTHONPATH", clients_python())
-            .env("CONCORD_PY_STUBS", &stubs),
+            .env("CONCORD_PY_STUBS", &stubs)
+            .env("CONCORD_TOKEN", TOKEN),
         SCRIPT_MS_MAX,
         "example.py",
     );

@@ -6,10 +6,11 @@ files resource `uploads`, a mail queue `mail`, a kv store `index` and a PostgreS
 hold exactly what this script committed. It can also be run by hand against any daemon with
 those resources:
 
-    CONCORD_URL=http://127.0.0.1:7700 CONCORD_PG_DSN="host=127.0.0.1 dbname=shop" \\
+    CONCORD_URL=http://127.0.0.1:7700 CONCORD_TOKEN=… CONCORD_PG_DSN="host=127.0.0.1 dbname=shop" \\
         CONCORD_RESULT=/tmp/result.json python clients/python/test_client.py
 
-Environment: ``CONCORD_URL`` (the daemon), ``CONCORD_PG_DSN`` (a libpq connection string of
+Environment: ``CONCORD_URL`` (the daemon), ``CONCORD_TOKEN`` (a client's token),
+``CONCORD_PG_DSN`` (a libpq connection string of
 the `orders` resource's database, whose `orders(id, note)` table is replicated), and
 ``CONCORD_RESULT`` (where to write, as JSON, what committed: the Rust side checks it). Each
 step prints a line; the last line is `N passed, 0 failed`; any failure exits non-zero.
@@ -55,7 +56,9 @@ class Run:
     """The state the steps share."""
 
     def __init__(self):
-        self.client = cc.connect(os.environ["CONCORD_URL"], client_name="test_client")
+        self.url = os.environ["CONCORD_URL"]
+        self.client = cc.connect(self.url, token=os.environ["CONCORD_TOKEN"],
+                                 client_name="test_client")
         self.dsn = os.environ["CONCORD_PG_DSN"]
         self.result = {}
 
@@ -212,6 +215,19 @@ def an_unknown_xid(run: Run) -> None:
         raise AssertionError("a malformed xid was taken")
 
 
+def credentials_are_checked(run: Run) -> None:
+    """No token, or a wrong one: UNAUTHENTICATED before any work."""
+    for token in (None, "not-the-token"):
+        with cc.connect(run.url, token=token) as client:
+            try:
+                client.begin()
+            except cc.ConcordError as e:
+                assert e.code == grpc.StatusCode.UNAUTHENTICATED, e
+                assert e.error_code == "ERROR_CODE_UNAUTHENTICATED", e
+            else:
+                raise AssertionError(f"began with token {token!r}")
+
+
 def no_daemon_there(run: Run) -> None:
     """Connecting where nothing listens: UNAVAILABLE, saying what to check."""
     import socket
@@ -241,6 +257,7 @@ STEPS = [
     a_read_only_postgres_branch_is_not_enlisted,
     a_lone_postgres_branch_takes_two_phases,
     an_unknown_xid,
+    credentials_are_checked,
     no_daemon_there,
 ]
 
