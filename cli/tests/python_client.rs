@@ -5,7 +5,8 @@
 //! time, commits one whose only branch is PostgreSQL (two phases) and asks about an unknown
 //! xid. Then this test checks from Rust that the files, the Maildir, the PostgreSQL rows and —
 //! after SIGTERM — the sled data are exactly what committed.
-//! The README's `clients/python/example.py` runs against the same daemon too.
+//! The README's `clients/python/example.py` runs against the same daemon too. A second test
+//! (`clients/python/test_tls.py`) connects over mutual TLS with a token.
 //!
 //! The Python packages live in a venv under the target directory (`target/python-venv`),
 //! which `scripts/test` prepares; when it is missing or incomplete this test creates it and
@@ -20,10 +21,11 @@ use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::sync::{OnceLock, mpsc};
 use std::time::{Duration, Instant};
 
 use adapters::pgtest::PgCluster;
+use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
 
 /// How long the daemon may take to start or to stop.
 const START_MS_MAX: u64 = 30_000;
@@ -73,8 +75,13 @@ fn run(command: &mut Command, ms: u64, what: &str) -> std::process::Output {
 }
 
 /// The venv's python, with `grpcio`, `grpcio-tools` and `psycopg` importable: made and
-/// filled with pip when missing.
+/// filled with pip when missing (once, for every test of this file).
 fn python() -> PathBuf {
+    static PYTHON: OnceLock<PathBuf> = OnceLock::new();
+    PYTHON.get_or_init(venv_python).clone()
+}
+
+fn venv_python() -> PathBuf {
     let venv = venv_dir();
     let python = venv.join("bin/python");
     let ready = |python: &Path| {
@@ -438,4 +445,85 @@ fn a_python_application_commits_and_rolls_back_over_every_store() {
     .into_iter()
     .collect();
     assert_eq!(keys, expected);
+}
+
+/// A self-signed CA (its PEM) and two certificates it signed, for the daemon and for the
+/// client: (CA, daemon certificate, daemon key, client certificate, client key), all PEM.
+fn certificates() -> [String; 5] {
+    let ca_key = KeyPair::generate().unwrap();
+    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params
+        .distinguished_name
+        .push(DnType::CommonName, "python test CA");
+    let ca_pem = params.self_signed(&ca_key).unwrap().pem();
+    let issuer = Issuer::new(params, ca_key);
+    let sign = |names: &[&str]| {
+        let key = KeyPair::generate().unwrap();
+        let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+        let cert = CertificateParams::new(names)
+            .unwrap()
+            .signed_by(&key, &issuer)
+            .unwrap();
+        (cert.pem(), key.serialize_pem())
+    };
+    let (daemon_cert, daemon_key) = sign(&["127.0.0.1", "localhost"]);
+    let (client_cert, client_key) = sign(&["python-client"]);
+    [ca_pem, daemon_cert, daemon_key, client_cert, client_key]
+}
+
+#[test]
+fn a_python_application_connects_over_mutual_tls_with_a_token() {
+    let python = python();
+    let dir = tempfile::tempdir().unwrap();
+    let stubs = dir.path().join("stubs");
+    generate_stubs(&python, &stubs);
+    let names = [
+        "ca.crt",
+        "daemon.crt",
+        "daemon.key",
+        "client.crt",
+        "client.key",
+    ];
+    for (name, pem) in names.iter().zip(certificates()) {
+        std::fs::write(dir.path().join(name), pem).unwrap();
+    }
+    std::fs::write(dir.path().join("python.token"), format!("{TOKEN}\n")).unwrap();
+    let config = dir.path().join("concord.toml");
+    std::fs::write(
+        &config,
+        "node = 1\ndata_dir = \"data\"\n\n\
+         [daemon]\ntls_cert_file = \"daemon.crt\"\ntls_key_file = \"daemon.key\"\n\
+         tls_client_ca_file = \"ca.crt\"\n\n\
+         [daemon.clients.python]\ntoken_file = \"python.token\"\n\n\
+         [resources.index]\nkind = \"kv\"\ndir = \"data/index\"\ncreate = true\n",
+    )
+    .unwrap();
+    let daemon = Daemon::start(&config);
+    let out = run(
+        Command::new(&python)
+            .arg(clients_python().join("test_tls.py"))
+            .env("PYTHONPATH", clients_python())
+            .env("CONCORD_PY_STUBS", &stubs)
+            .env("CONCORD_URL", format!("https://{}", daemon.addr))
+            .env("CONCORD_TOKEN", TOKEN)
+            .env("CONCORD_CA", dir.path().join("ca.crt"))
+            .env("CONCORD_CLIENT_CERT", dir.path().join("client.crt"))
+            .env("CONCORD_CLIENT_KEY", dir.path().join("client.key")),
+        SCRIPT_MS_MAX,
+        "test_tls.py",
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "test_tls.py failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("3 passed, 0 failed"), "{stdout}");
+    assert!(daemon.terminate(), "SIGTERM ends the daemon with exit 0");
+    let keys = sled_data(&dir.path().join("data/index"));
+    assert_eq!(
+        keys.get(b"py/tls".as_slice()).map(Vec::as_slice),
+        Some(b"over TLS".as_slice())
+    );
 }
