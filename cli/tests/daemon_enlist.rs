@@ -576,6 +576,27 @@ async fn a_branch_left_prepared_after_its_timeout_is_listed_and_resolved() {
         .into_inner()
         .transactions;
     assert!(listed.iter().all(|t| t.xid != xid), "{listed:?}");
+
+    // An application that enlists after its transaction timed out is told so, and its branch
+    // is rolled back at once.
+    let app = application(&site.url).await;
+    let late = begin(&mut client, Some(OWN_TIMEOUT_MS)).await;
+    let redo = prepare(&app, &late, "INSERT INTO items VALUES (6, 'six')").await;
+    tokio::time::sleep(Duration::from_millis(OWN_TIMEOUT_MS * 2)).await;
+    let e = enlist(
+        &mut client,
+        &late.xid,
+        "orders",
+        &gid(&late.xid, "orders"),
+        &redo,
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(code_of(&e), ErrorCode::TxnFinished, "{e:?}");
+    eventually(VISIBLE_MS_MAX, "the late branch is rolled back", || {
+        site.prepared_count() == "0"
+    });
+    assert_eq!(site.psql("SELECT count(*) FROM items"), "0");
     drop(client);
     assert!(daemon.terminate());
 }

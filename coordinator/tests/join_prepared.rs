@@ -200,7 +200,8 @@ async fn a_transaction_times_out_at_its_own_timeout() {
     ));
 }
 
-/// A branch enlisted after its transaction timed out is rolled back at once.
+/// A branch enlisted after its transaction timed out is rolled back at once, even before the
+/// reaper's next round (here a second away) has marked the transaction timed out.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_branch_enlisted_after_the_timeout_is_rolled_back() {
     let dir = tempfile::tempdir().unwrap();
@@ -208,13 +209,7 @@ async fn a_branch_enlisted_after_the_timeout_is_rolled_back() {
     let c = open(dir.path(), &r, config()).await;
     let xid = c.begin_with_timeout(Duration::from_millis(20));
     r.prepared.lock().unwrap().insert(xid);
-    assert!(
-        eventually(Duration::from_secs(5), || matches!(
-            c.check_open(&xid),
-            Err(CoordError::TimedOut { .. })
-        ))
-        .await
-    );
+    tokio::time::sleep(Duration::from_millis(60)).await;
     let Err(e) = c.join_prepared(&xid, "pg").await else {
         panic!("joined after the timeout");
     };

@@ -4,7 +4,9 @@
 //! Each is a tracked task on the coordinator's runtime, woken by a timer, holding only a weak
 //! handle on the coordinator between rounds; shutdown stops it.
 //!
-//! * The **reaper** rolls back every transaction open longer than `txn_timeout_ms`.
+//! * The **reaper** rolls back every transaction open longer than its timeout (`txn_timeout_ms`,
+//!   or its own); a transaction past it is also rolled back as soon as work joins or checks it
+//!   (`reap_if_due`), so a short timeout of its own is not noticed a reaper round late.
 //! * The **orphan sweeper** finds what recovery at open cannot: a branch prepared while this
 //!   coordinator runs that no transaction of it owns — a prepare that reached the server after
 //!   its transaction had already rolled back (a client-side timeout, a broken connection), or a
@@ -147,6 +149,32 @@ impl Coordinator {
                 timed_out: true,
             };
             self.start_rollback(&xid, open, "the transaction timed out");
+        }
+    }
+
+    /// Rolls `xid` back now when it is open past its timeout and the reaper has not got to it
+    /// yet (its round comes every `txn_timeout_ms / 4`, at most a second, so a transaction's
+    /// own shorter timeout would otherwise be noticed late): what the reaper would do, for one
+    /// transaction. Called before work joins or checks the transaction.
+    pub(super) fn reap_if_due(&self, xid: &Xid) {
+        let expired = {
+            let mut open = self.inner.open_shard(xid);
+            match open.get_mut(xid) {
+                Some(o) if !o.timed_out && o.started.elapsed() > o.timeout => {
+                    o.timed_out = true;
+                    Some(Open {
+                        started: o.started,
+                        timeout: o.timeout,
+                        branches: std::mem::take(&mut o.branches),
+                        timed_out: true,
+                    })
+                }
+                _ => None,
+            }
+        };
+        if let Some(open) = expired {
+            tracing::warn!(xid = %xid, "transaction open longer than {} ms; rolling back", open.timeout.as_millis());
+            self.start_rollback(xid, open, "the transaction timed out");
         }
     }
 

@@ -538,6 +538,7 @@ impl Coordinator {
     /// Joins `resource` to the transaction (once; later calls return the same resource).
     pub async fn join(&self, xid: &Xid, resource: &str) -> Result<Arc<dyn Resource>, CoordError> {
         let configured = self.configured(resource)?;
+        self.reap_if_due(xid);
         let first = {
             let mut open = self.inner.open_shard(xid);
             let txn = self.open_txn(&mut open, xid)?;
@@ -578,6 +579,7 @@ impl Coordinator {
         resource: &str,
     ) -> Result<Arc<dyn Resource>, CoordError> {
         let configured = self.configured(resource)?;
+        self.reap_if_due(xid);
         let joined = {
             let mut open = self.inner.open_shard(xid);
             self.open_txn(&mut open, xid).and_then(|txn| {
@@ -614,6 +616,7 @@ impl Coordinator {
 
     /// Checks that the transaction is open (not timed out); for branch handles before each use.
     pub fn check_open(&self, xid: &Xid) -> Result<(), CoordError> {
+        self.reap_if_due(xid);
         let mut open = self.inner.open_shard(xid);
         self.open_txn(&mut open, xid).map(|_| ())
     }
