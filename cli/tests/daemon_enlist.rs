@@ -56,6 +56,7 @@ impl Site {
             format!(
                 "node = 1\ndata_dir = \"data\"\ntxn_timeout_ms = {TXN_TIMEOUT_MS}\n\
                  orphan_sweep_ms = 3600000\n\
+                 [daemon]\nplaintext = true\nunauthenticated = true\n\
                  [resources.uploads]\nkind = \"files\"\nroot = \"data/uploads\"\ncreate = true\n\
                  [resources.index]\nkind = \"kv\"\ndir = \"data/index\"\ncreate = true\n\
                  [resources.orders]\nkind = \"postgres\"\nurl = \"{url}\"\n{extra}"
