@@ -110,6 +110,7 @@ mod replay;
 pub mod schema;
 mod secret;
 mod session;
+mod tls;
 
 pub use admin::{check_reachable, install, prepared_in, replicate};
 pub use branch::PgBranch;
@@ -226,14 +227,15 @@ impl PostgresResource {
     /// Connects (a pool of `pool_size`), checks `max_prepared_transactions` and the schema.
     pub async fn open(name: &str, config: PostgresConfig) -> Result<Arc<PostgresResource>> {
         check_name(name)?;
-        let pg = pg_config(name, &config.url, config.connect_timeout_ms)?;
+        let (pg, tls) = pg_config(name, &config.url, config.connect_timeout_ms)?;
         let target = target_of(&pg);
-        check_server(name, &pg, &target).await?;
+        check_server(name, &pg, &tls, &target).await?;
         let sessions = Arc::new(Sessions::default());
         let manager = Manager::from_connect(
             pg,
             NoticeConnect {
                 sessions: Arc::downgrade(&sessions),
+                tls,
             },
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,

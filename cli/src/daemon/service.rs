@@ -468,13 +468,18 @@ fn peer<T>(request: &Request<T>) -> ClientKey {
 }
 
 /// The first message of a client stream, which must be its start.
-async fn stream_start<M, S>(stream: &mut Streaming<M>, field: &'static str) -> Result<S, Status>
+async fn stream_start<M, S>(
+    stream: &mut Streaming<M>,
+    field: &'static str,
+    message_bytes_max: usize,
+) -> Result<S, Status>
 where
     StreamPart<S>: TryFrom<M, Error = proto::WireError>,
 {
     let first = stream
         .message()
-        .await?
+        .await
+        .map_err(|status| oversize::refusal(status, message_of(field), message_bytes_max))?
         .ok_or(proto::WireError::Missing { field })?;
     match StreamPart::<S>::try_from(first)? {
         StreamPart::Start(s) => Ok(s),
@@ -484,6 +489,11 @@ where
         }
         .into()),
     }
+}
+
+/// The message name of a `message.field` name.
+fn message_of(field: &str) -> &str {
+    field.split('.').next().unwrap_or(field)
 }
 
 /// Feeds the rest of a client stream's chunks into a reader, in a task of its own; `declared`:
@@ -504,10 +514,11 @@ where
             let chunk = match stream.message().await {
                 Ok(Some(m)) => m.into_chunk(field),
                 Ok(None) => break,
-                Err(status) if oversize::is_oversize(&status) => {
-                    Err(oversize::status(status.message(), limits.message_bytes_max))
-                }
-                Err(status) => Err(status),
+                Err(status) => Err(oversize::refusal(
+                    status,
+                    message_of(field),
+                    limits.message_bytes_max,
+                )),
             };
             let chunk = match chunk {
                 Ok(c) if c.len() > limits.chunk_bytes_max => Err(errors::limit(
@@ -657,8 +668,12 @@ impl Service for Daemon {
         request: Request<Streaming<v1::FilesPutRequest>>,
     ) -> Result<Response<v1::FilesPutResponse>, Status> {
         let mut stream = request.into_inner();
-        let start: proto::convert::FilePut =
-            stream_start(&mut stream, "FilesPutRequest.part").await?;
+        let start: proto::convert::FilePut = stream_start(
+            &mut stream,
+            "FilesPutRequest.part",
+            self.config.daemon.limits.message_bytes_max,
+        )
+        .await?;
         let xid = start.target.xid;
         let Handle::Files(files) = self.handle(&start.target, "files").await? else {
             return Err(Status::internal("a files handle of another kind"));
@@ -729,7 +744,12 @@ impl Service for Daemon {
         request: Request<Streaming<v1::MailEnqueueRequest>>,
     ) -> Result<Response<v1::MailEnqueueResponse>, Status> {
         let mut stream = request.into_inner();
-        let target: BranchTarget = stream_start(&mut stream, "MailEnqueueRequest.part").await?;
+        let target: BranchTarget = stream_start(
+            &mut stream,
+            "MailEnqueueRequest.part",
+            self.config.daemon.limits.message_bytes_max,
+        )
+        .await?;
         let Handle::Mail(mail) = self.handle(&target, "mail").await? else {
             return Err(Status::internal("a mail handle of another kind"));
         };
