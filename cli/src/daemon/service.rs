@@ -637,7 +637,11 @@ impl Service for Daemon {
         let timeout_ms = begin.timeout_ms.map_or(self.config.txn_timeout_ms, |t| {
             t.min(self.config.txn_timeout_ms)
         });
-        let tx = self.concord.begin();
+        let tx = self
+            .concord
+            .begin()
+            .await
+            .map_err(|e| Status::internal(format!("begin a transaction: {e}")))?;
         let xid = tx.xid();
         self.concord
             .coordinator()
