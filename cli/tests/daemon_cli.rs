@@ -353,10 +353,17 @@ async fn transactions_over_the_wire_commit_roll_back_and_survive_a_restart() {
         .await
         .unwrap()
         .into_inner();
-    assert!(matches!(
-        rolled.outcome.unwrap().state,
-        Some(State::RolledBack(_))
-    ));
+    match rolled.outcome.unwrap().state {
+        Some(State::RolledBack(rolled)) => {
+            let cause = rolled.cause.unwrap();
+            assert_eq!(cause.kind, v1::RollbackKind::Requested as i32);
+            assert_eq!(
+                cause.reason, "the test says so",
+                "the client's reason is recorded"
+            );
+        }
+        other => panic!("not rolled back: {other:?}"),
+    }
     let refused = commit(&mut client, &other).await.unwrap_err();
     assert_eq!(refused.code(), Code::FailedPrecondition);
     assert_eq!(code_of(&refused), ErrorCode::AlreadyRolledBack);

@@ -240,7 +240,7 @@ impl Transaction {
     /// succeed); [`ConcordError::InDoubt`] when whether it committed is not known (do not run it
     /// again: concord finishes it). Committing again answers the same.
     pub async fn commit(&mut self) -> Result<Committed, ConcordError> {
-        match self.end(false).await? {
+        match self.end(None).await? {
             Ended::Committed(committed) => Ok(committed),
             other => Err(self.failure(other)),
         }
@@ -250,7 +250,18 @@ impl Transaction {
     /// a committed transaction answers [`ConcordError::Finished`], one in doubt
     /// [`ConcordError::InDoubt`], as its commit did.
     pub async fn rollback(&mut self) -> Result<RolledBack, ConcordError> {
-        match self.end(true).await? {
+        self.rollback_because(ROLLBACK_REASON).await
+    }
+
+    /// Rolls back as [`Transaction::rollback`] does, recording `reason` (an empty one records
+    /// the default, "rolled back by the application").
+    pub async fn rollback_because(&mut self, reason: &str) -> Result<RolledBack, ConcordError> {
+        let reason = if reason.trim().is_empty() {
+            ROLLBACK_REASON
+        } else {
+            reason
+        };
+        match self.end(Some(reason)).await? {
             Ended::RolledBack { cause, .. } => Ok(RolledBack {
                 xid: self.xid,
                 cause,
@@ -259,25 +270,25 @@ impl Transaction {
         }
     }
 
-    /// Ends the transaction (commits it, or rolls it back when `requested`), once: later calls
-    /// return how it ended. A coordinator's error that leaves no outcome is returned as it is
-    /// the first time, in words (as [`CoordError::Refused`]) later.
-    async fn end(&mut self, requested: bool) -> Result<Ended, ConcordError> {
+    /// Ends the transaction (commits it, or rolls it back for the reason given), once: later
+    /// calls return how it ended. A coordinator's error that leaves no outcome is returned as it
+    /// is the first time, in words (as [`CoordError::Refused`]) later.
+    async fn end(&mut self, rollback: Option<&str>) -> Result<Ended, ConcordError> {
+        let requested = rollback.is_some();
         if let Some(ended) = &self.ended {
             return Ok(ended.clone());
         }
         let ended = match &self.mode {
-            Mode::Embedded(coordinator) => self.end_embedded(coordinator, requested).await,
+            Mode::Embedded(coordinator) => self.end_embedded(coordinator, rollback).await,
             Mode::Remote(shared) => {
                 shared.mark_ended(if requested {
                     "rolled back"
                 } else {
                     "committed"
                 });
-                if requested {
-                    shared.rollback(ROLLBACK_REASON).await
-                } else {
-                    shared.commit().await
+                match rollback {
+                    Some(reason) => shared.rollback(reason).await,
+                    None => shared.commit().await,
                 }
             }
         };
@@ -297,12 +308,12 @@ impl Transaction {
     async fn end_embedded(
         &self,
         coordinator: &Coordinator,
-        requested: bool,
+        rollback: Option<&str>,
     ) -> Result<Ended, ConcordError> {
-        let result = if requested {
-            coordinator.rollback(&self.xid, ROLLBACK_REASON).await
-        } else {
-            coordinator.commit(&self.xid).await
+        let requested = rollback.is_some();
+        let result = match rollback {
+            Some(reason) => coordinator.rollback(&self.xid, reason).await,
+            None => coordinator.commit(&self.xid).await,
         };
         match result {
             Ok(outcome) => Ok(self.ended_by(outcome, requested)),

@@ -935,7 +935,7 @@ impl Service for Daemon {
         }
         let rolled = st
             .tx
-            .rollback()
+            .rollback_because(&call.reason)
             .await
             .map_err(|e| errors::status(xid, &e))?;
         let ended = Ended::RolledBack(rolled.cause);
