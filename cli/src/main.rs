@@ -50,11 +50,13 @@ mod bench_pg;
 mod bench_recovery;
 mod config_cmd;
 mod daemon;
+mod daemon_child;
 mod demo;
 mod inspect;
 mod latency;
 mod output;
 mod pg;
+mod remote_txn;
 mod txn;
 mod verify;
 
@@ -137,6 +139,9 @@ enum Command {
     /// Run the coordinator daemon: serve the concord.v1 gRPC service over the configuration's
     /// journal and resources until SIGTERM or SIGINT.
     Coordinator(daemon::DaemonArgs),
+    /// One client process of `concord demo --remote` (started by the demo, not by hand).
+    #[command(hide = true)]
+    DemoClient(demo::remote::ClientArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -256,6 +261,7 @@ fn run(command: Command) -> anyhow::Result<()> {
         Command::Pg(PgCommand::Replicate(args)) => pg::replicate(args),
         Command::Config(ConfigCommand::Check(args)) => config_cmd::check(args),
         Command::Coordinator(args) => daemon::run(args),
+        Command::DemoClient(args) => demo::remote::client(args),
         Command::Demo(args) => match demo::run(args)? {
             true => Ok(()),
             false => anyhow::bail!("atomicity check failed (see the lines above)"),
