@@ -30,6 +30,11 @@ impl Measured {
         self.latencies_us.extend(other.latencies_us);
     }
 
+    /// Adds the latencies of transactions measured elsewhere (microseconds).
+    pub(crate) fn extend(&mut self, latencies_us: Vec<u64>) {
+        self.latencies_us.extend(latencies_us);
+    }
+
     pub(crate) fn tx_per_s(&self) -> f64 {
         self.latencies_us.len() as f64 / self.elapsed.as_secs_f64()
     }

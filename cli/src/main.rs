@@ -48,6 +48,7 @@ mod bench_load;
 mod bench_mixed;
 mod bench_pg;
 mod bench_recovery;
+mod bench_remote;
 mod config_cmd;
 mod daemon;
 mod daemon_child;
