@@ -88,7 +88,8 @@ async fn serve(cfg: Config, listen: SocketAddr) -> anyhow::Result<()> {
         .timeout(Duration::from_millis(config::REQUEST_TIMEOUT_MS))
         .add_service(oversize::Oversize(svc))
         .serve_with_incoming_shutdown(
-            tonic::transport::server::TcpIncoming::from(listener),
+            // Without TCP_NODELAY a small answer waits for the client's delayed ACK (40 ms).
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
             async {
                 let _ = stop_rx.await;
             },
