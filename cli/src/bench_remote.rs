@@ -84,6 +84,9 @@ pub(crate) fn run(clients: &[usize], transactions: u64, json: bool) -> anyhow::R
         .build()?;
     let message: Arc<[u8]> = Arc::from(crate::bench_mixed::message()?);
     let mut rows = Vec::new();
+    // Every configuration's files are removed only at the end: ext4's inode allocator skips
+    // recently deleted inodes, which would slow whichever configuration came next.
+    let mut kept = Vec::new();
     for &n in clients {
         let temp = tempfile::Builder::new()
             .prefix("concord-bench-remote-")
@@ -93,6 +96,7 @@ pub(crate) fn run(clients: &[usize], transactions: u64, json: bool) -> anyhow::R
             println!("{}", serde_json::to_string(&row)?);
         }
         rows.push(row);
+        kept.push(temp);
     }
     if !json {
         print_table(&rows);

@@ -19,6 +19,7 @@
 
 mod config;
 mod errors;
+mod open_slots;
 mod oversize;
 mod service;
 mod stream;

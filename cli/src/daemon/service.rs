@@ -46,6 +46,7 @@ use super::config::{
     BRANCHES_PER_TXN_MAX, CHUNK_BYTES_MAX, FINISHED_KEEP_MS, STREAM_CHUNKS_BUFFERED,
     TXNS_PER_CLIENT_MAX, limits,
 };
+use super::open_slots::{OpenSlots, PrunePacer, Slot};
 use super::stream::{self, ChunkReader};
 use super::{errors, oversize};
 
@@ -88,6 +89,8 @@ struct Entry {
     peer: Option<IpAddr>,
     started: Instant,
     ended_at: Mutex<Option<Instant>>,
+    /// Its place in its peer's count of open transactions, until it finishes.
+    slot: Mutex<Option<Slot>>,
     state: tokio::sync::Mutex<TxnState>,
 }
 
@@ -102,6 +105,8 @@ pub struct Daemon {
     concord: Concord,
     config: Config,
     txns: Mutex<HashMap<Xid, Arc<Entry>>>,
+    open: OpenSlots,
+    pacer: PrunePacer,
     draining: AtomicBool,
     in_flight: AtomicUsize,
     settled: Notify,
@@ -125,6 +130,8 @@ impl Daemon {
             concord,
             config,
             txns: Mutex::new(HashMap::new()),
+            open: OpenSlots::default(),
+            pacer: PrunePacer::new(),
             draining: AtomicBool::new(false),
             in_flight: AtomicUsize::new(0),
             settled: Notify::new(),
@@ -242,6 +249,9 @@ impl Daemon {
         st.handles.clear();
         if let Ok(mut at) = entry.ended_at.lock() {
             *at = Some(Instant::now());
+        }
+        if let Ok(mut slot) = entry.slot.lock() {
+            slot.take();
         }
     }
 
@@ -453,8 +463,15 @@ impl Service for Daemon {
         if self.draining.load(Ordering::SeqCst) {
             return Err(errors::draining());
         }
-        self.prune();
-        if self.open_of(peer) >= TXNS_PER_CLIENT_MAX as usize {
+        if self.pacer.due() {
+            self.prune();
+            self.open.forget_idle();
+        }
+        // The count is an upper bound: checked exactly only at the limit.
+        let (slot, open) = self.open.take(peer);
+        if open >= TXNS_PER_CLIENT_MAX as usize
+            && self.open_of(peer) >= TXNS_PER_CLIENT_MAX as usize
+        {
             return Err(errors::limit(
                 "txns_per_client_max",
                 u64::from(TXNS_PER_CLIENT_MAX),
@@ -470,6 +487,7 @@ impl Service for Daemon {
             peer,
             started: Instant::now(),
             ended_at: Mutex::new(None),
+            slot: Mutex::new(Some(slot)),
             state: tokio::sync::Mutex::new(TxnState {
                 tx,
                 handles: HashMap::new(),
