@@ -111,6 +111,10 @@ pub struct CommitBenchArgs {
     /// With --remote: transactions per side and configuration.
     #[arg(long, default_value_t = 4000, requires = "remote")]
     pub transactions: u64,
+    /// With --remote: where the remote clients run: tasks of this process, or a few client
+    /// processes; each client has a connection of its own either way.
+    #[arg(long, value_enum, default_value_t = crate::bench_remote::Shape::Tasks, requires = "remote")]
+    pub remote_shape: crate::bench_remote::Shape,
 }
 
 #[derive(Serialize, Debug)]
@@ -208,7 +212,7 @@ fn remote(args: &CommitBenchArgs) -> anyhow::Result<()> {
     if clients.iter().any(|&c| c == 0 || c > 4096) {
         bail!("--clients must be between 1 and 4096");
     }
-    crate::bench_remote::run(&clients, args.transactions, args.json)
+    crate::bench_remote::run(&clients, args.transactions, args.remote_shape, args.json)
 }
 
 /// The files benchmark at `clients`: [`ROUNDS`] rounds of a baseline window then a

@@ -58,6 +58,74 @@ const CLIENT_NAME: &str = "concord-bench";
 /// The clients measured when `--clients` is not given.
 pub(crate) const CLIENTS_DEFAULT: [usize; 3] = [1, 8, 32];
 
+/// Where the remote clients run.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Shape {
+    /// Tasks of the benchmark process, each with a connection of its own.
+    Tasks,
+    /// Up to [`CLIENT_PROCESSES_MAX`] client processes sharing the tasks, each task with a
+    /// connection of its own.
+    Processes,
+}
+
+/// The most client processes of the `processes` shape.
+const CLIENT_PROCESSES_MAX: usize = 4;
+
+/// The remote side's clients, connected and ready.
+enum Remote {
+    /// Connections of this process.
+    Tasks(Vec<Client>),
+    /// Client processes waiting for their rounds, and a connection to ask about phase 2.
+    Processes {
+        processes: Vec<ClientProcess>,
+        probe: Client,
+    },
+}
+
+impl Remote {
+    async fn connect(url: &str, clients: usize, shape: Shape) -> anyhow::Result<Remote> {
+        let probe = proto::client::connect(url, &Credentials::none()).await?;
+        if shape == Shape::Tasks {
+            let mut connections = vec![probe];
+            for _ in 1..clients {
+                connections.push(proto::client::connect(url, &Credentials::none()).await?);
+            }
+            return Ok(Remote::Tasks(connections));
+        }
+        let count = clients.min(CLIENT_PROCESSES_MAX);
+        let mut processes = Vec::new();
+        for k in 0..count {
+            let tasks = clients / count + usize::from(k < clients % count);
+            processes.push(ClientProcess::start(url, k, tasks)?);
+        }
+        let mut ready = Vec::new();
+        for process in processes {
+            ready.push(tokio::task::spawn_blocking(move || process.ready()).await??);
+        }
+        Ok(Remote::Processes {
+            processes: ready,
+            probe,
+        })
+    }
+
+    fn probe(&self) -> &Client {
+        match self {
+            Remote::Tasks(connections) => &connections[0],
+            Remote::Processes { probe, .. } => probe,
+        }
+    }
+
+    /// Ends the client processes (their input closed) and checks they exited 0.
+    fn finish(self) -> anyhow::Result<()> {
+        if let Remote::Processes { processes, .. } = self {
+            for process in processes {
+                process.finish()?;
+            }
+        }
+        Ok(())
+    }
+}
+
 /// One row of the output.
 #[derive(Serialize, Debug)]
 struct Row {
@@ -74,7 +142,12 @@ struct Row {
 
 /// Runs `concord bench commit --remote` at each of `clients`, `transactions` per side and
 /// configuration.
-pub(crate) fn run(clients: &[usize], transactions: u64, json: bool) -> anyhow::Result<()> {
+pub(crate) fn run(
+    clients: &[usize],
+    transactions: u64,
+    shape: Shape,
+    json: bool,
+) -> anyhow::Result<()> {
     if transactions < ROUNDS {
         bail!("--transactions must be at least {ROUNDS}");
     }
@@ -91,7 +164,7 @@ pub(crate) fn run(clients: &[usize], transactions: u64, json: bool) -> anyhow::R
         let temp = tempfile::Builder::new()
             .prefix("concord-bench-remote-")
             .tempdir()?;
-        let row = runtime.block_on(configuration(temp.path(), n, transactions, &message))?;
+        let row = runtime.block_on(configuration(temp.path(), n, transactions, &message, shape))?;
         if json {
             println!("{}", serde_json::to_string(&row)?);
         }
@@ -137,25 +210,22 @@ async fn configuration(
     clients: usize,
     transactions: u64,
     message: &Arc<[u8]>,
+    shape: Shape,
 ) -> anyhow::Result<Row> {
     let concord = Concord::open(Config::embedded(&dir.join("embedded"))).await?;
     let remote_dir = dir.join("remote");
     std::fs::create_dir_all(&remote_dir)?;
     let daemon = DaemonChild::start(&[OsString::from("--data"), remote_dir.into_os_string()])?;
-    let url = daemon.url();
-    let mut connections = Vec::new();
-    for _ in 0..clients {
-        connections.push(proto::client::connect(&url, &Credentials::none()).await?);
-    }
+    let mut sides = Remote::connect(&daemon.url(), clients, shape).await?;
     let mut embedded = Measured::default();
     let mut remote = Measured::default();
     let per_round = transactions / ROUNDS;
     for round in 0..ROUNDS {
         embedded.add(embedded_round(&concord, message, round, clients, per_round).await?);
-        remote.add(remote_round(&connections, message, round, per_round).await?);
+        remote.add(remote_round(&mut sides, message, round, per_round).await?);
     }
     concord.close(Duration::from_secs(30)).await;
-    drop(connections);
+    sides.finish()?;
     let status = daemon.terminate()?;
     if !status.success() {
         bail!("the coordinator daemon exited with {status} after SIGTERM, not 0");
@@ -206,20 +276,43 @@ async fn embedded_round(
     Ok(measured)
 }
 
-/// `transactions` transactions through the daemon, one task per connection, then its phase 2.
+/// `transactions` transactions through the daemon, one task per connection (in this process,
+/// or in client processes), then its phase 2.
 async fn remote_round(
-    connections: &[Client],
+    sides: &mut Remote,
     message: &Arc<[u8]>,
     round: u64,
     transactions: u64,
 ) -> anyhow::Result<Measured> {
+    let started = Instant::now();
+    let mut measured = match sides {
+        Remote::Tasks(connections) => {
+            let prefix = format!("r{round}");
+            remote_load(connections, message, prefix, transactions).await?
+        }
+        Remote::Processes { processes, .. } => {
+            processes_round(processes, round, transactions).await?
+        }
+    };
+    wait_idle(sides.probe()).await?;
+    measured.elapsed = started.elapsed();
+    Ok(measured)
+}
+
+/// `transactions` transactions by one task per connection; names start with `prefix`.
+async fn remote_load(
+    connections: &[Client],
+    message: &Arc<[u8]>,
+    prefix: String,
+    transactions: u64,
+) -> anyhow::Result<Measured> {
     let connections: Arc<[Client]> = Arc::from(connections);
     let (c, message) = (Arc::clone(&connections), Arc::clone(message));
-    let started = Instant::now();
-    let mut measured = count_load(connections.len(), transactions, move |client, n| {
+    count_load(connections.len(), transactions, move |client, n| {
         let (connection, message) = (c[client].clone(), Arc::clone(&message));
+        let prefix = prefix.clone();
         async move {
-            let name = format!("r{round}-c{client}-{n}");
+            let name = format!("{prefix}-c{client}-{n}");
             let mut tx = RemoteTxn::begin(&connection, CLIENT_NAME).await?;
             tx.put(FILES, &name, vec![7u8; FILE_BYTES]).await?;
             tx.enqueue(EMBEDDED_MAIL, message.to_vec()).await?;
@@ -231,10 +324,7 @@ async fn remote_round(
             }
         }
     })
-    .await?;
-    wait_idle(&connections[0]).await?;
-    measured.elapsed = started.elapsed();
-    Ok(measured)
+    .await
 }
 
 /// Waits, at most [`IDLE_MS_MAX`], until the daemon lists no unfinished transaction.
@@ -290,4 +380,172 @@ where
     }
     measured.elapsed = started.elapsed();
     Ok(measured)
+}
+
+/// One round split among the client processes, in proportion to their tasks.
+async fn processes_round(
+    processes: &mut Vec<ClientProcess>,
+    round: u64,
+    transactions: u64,
+) -> anyhow::Result<Measured> {
+    let tasks: usize = processes.iter().map(|p| p.tasks).sum();
+    let mut left = transactions;
+    let mut shares = Vec::new();
+    for (k, process) in processes.iter().enumerate() {
+        let share = match k + 1 == processes.len() {
+            true => left,
+            false => transactions * process.tasks as u64 / tasks as u64,
+        };
+        left -= share;
+        shares.push(share);
+    }
+    let taken = std::mem::take(processes);
+    let mut running = Vec::new();
+    for (mut process, share) in taken.into_iter().zip(shares) {
+        process.order(round, share)?;
+        running.push(tokio::task::spawn_blocking(move || {
+            let latencies = process.answer();
+            (process, latencies)
+        }));
+    }
+    let mut measured = Measured::default();
+    for joined in running {
+        let (process, latencies) = joined.await?;
+        processes.push(process);
+        measured.extend(latencies?);
+    }
+    Ok(measured)
+}
+
+/// A `concord bench-client` child: it connects, says `ready`, then runs one round per line
+/// `ROUND TRANSACTIONS` on its input and answers each with its latencies as a JSON array.
+struct ClientProcess {
+    child: std::process::Child,
+    input: std::process::ChildStdin,
+    output: std::io::Lines<std::io::BufReader<std::process::ChildStdout>>,
+    tasks: usize,
+}
+
+impl ClientProcess {
+    fn start(url: &str, k: usize, tasks: usize) -> anyhow::Result<ClientProcess> {
+        let exe = std::env::current_exe().context("find the concord binary")?;
+        let mut child = std::process::Command::new(exe)
+            .args(["bench-client", "--url", url])
+            .args(["--client", &k.to_string(), "--tasks", &tasks.to_string()])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::inherit())
+            .spawn()
+            .with_context(|| format!("start bench client {k}"))?;
+        let input = child
+            .stdin
+            .take()
+            .context("the client's input is not piped")?;
+        let output = child
+            .stdout
+            .take()
+            .context("the client's output is not piped")?;
+        Ok(ClientProcess {
+            child,
+            input,
+            output: std::io::BufRead::lines(std::io::BufReader::new(output)),
+            tasks,
+        })
+    }
+
+    fn line(&mut self) -> anyhow::Result<String> {
+        match self.output.next() {
+            Some(line) => Ok(line?),
+            None => bail!("a bench client ended early; its error is above"),
+        }
+    }
+
+    fn ready(mut self) -> anyhow::Result<ClientProcess> {
+        let line = self.line()?;
+        if line != "ready" {
+            bail!("a bench client said {line:?}, not ready");
+        }
+        Ok(self)
+    }
+
+    fn order(&mut self, round: u64, transactions: u64) -> anyhow::Result<()> {
+        use std::io::Write;
+        writeln!(self.input, "{round} {transactions}")?;
+        Ok(self.input.flush()?)
+    }
+
+    fn answer(&mut self) -> anyhow::Result<Vec<u64>> {
+        let line = self.line()?;
+        serde_json::from_str(&line).context("read a bench client's latencies")
+    }
+
+    fn finish(self) -> anyhow::Result<()> {
+        let ClientProcess {
+            mut child, input, ..
+        } = self;
+        drop(input);
+        let deadline = Instant::now() + Duration::from_millis(IDLE_MS_MAX);
+        loop {
+            if let Some(status) = child.try_wait()? {
+                if !status.success() {
+                    bail!("a bench client exited with {status}");
+                }
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!("a bench client did not exit within {IDLE_MS_MAX} ms of its input closing");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+/// Options of the hidden `concord bench-client`: one client process of `concord bench commit
+/// --remote --remote-shape processes`.
+#[derive(clap::Args, Debug)]
+pub struct ClientArgs {
+    /// The daemon's URL.
+    #[arg(long)]
+    pub url: String,
+    /// This client's number (its names are its own).
+    #[arg(long)]
+    pub client: usize,
+    /// Concurrent transactions, each task with a connection of its own.
+    #[arg(long)]
+    pub tasks: usize,
+}
+
+/// Runs `concord bench-client`: connects, prints `ready`, then runs each round its input
+/// orders and prints the round's latencies (microseconds) as one JSON array.
+pub fn client(args: ClientArgs) -> anyhow::Result<()> {
+    if args.tasks == 0 {
+        bail!("--tasks must be above 0");
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    runtime.block_on(client_rounds(&args))
+}
+
+async fn client_rounds(args: &ClientArgs) -> anyhow::Result<()> {
+    let message: Arc<[u8]> = Arc::from(crate::bench_mixed::message()?);
+    let mut connections = Vec::new();
+    for _ in 0..args.tasks {
+        connections.push(proto::client::connect(&args.url, &Credentials::none()).await?);
+    }
+    println!("ready");
+    let mut lines = std::io::BufRead::lines(std::io::stdin().lock());
+    while let Some(line) = lines.next() {
+        let line = line?;
+        let Some((round, transactions)) = line.split_once(' ') else {
+            bail!("a round order {line:?} is not `ROUND TRANSACTIONS`");
+        };
+        let prefix = format!("r{round}-p{}", args.client);
+        let measured = remote_load(&connections, &message, prefix, transactions.parse()?).await?;
+        println!("{}", serde_json::to_string(&measured.latencies_us())?);
+    }
+    Ok(())
 }

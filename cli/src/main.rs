@@ -143,6 +143,9 @@ enum Command {
     /// One client process of `concord demo --remote` (started by the demo, not by hand).
     #[command(hide = true)]
     DemoClient(demo::remote::ClientArgs),
+    /// One client process of `concord bench commit --remote` (started by it, not by hand).
+    #[command(hide = true)]
+    BenchClient(bench_remote::ClientArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -263,6 +266,7 @@ fn run(command: Command) -> anyhow::Result<()> {
         Command::Config(ConfigCommand::Check(args)) => config_cmd::check(args),
         Command::Coordinator(args) => daemon::run(args),
         Command::DemoClient(args) => demo::remote::client(args),
+        Command::BenchClient(args) => bench_remote::client(args),
         Command::Demo(args) => match demo::run(args)? {
             true => Ok(()),
             false => anyhow::bail!("atomicity check failed (see the lines above)"),
