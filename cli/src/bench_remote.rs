@@ -78,7 +78,7 @@ enum Remote {
     /// Client processes waiting for their rounds, and a connection to ask about phase 2.
     Processes {
         processes: Vec<ClientProcess>,
-        probe: Client,
+        probe: Box<Client>,
     },
 }
 
@@ -104,7 +104,7 @@ impl Remote {
         }
         Ok(Remote::Processes {
             processes: ready,
-            probe,
+            probe: Box::new(probe),
         })
     }
 
@@ -537,8 +537,7 @@ async fn client_rounds(args: &ClientArgs) -> anyhow::Result<()> {
         connections.push(proto::client::connect(&args.url, &Credentials::none()).await?);
     }
     println!("ready");
-    let mut lines = std::io::BufRead::lines(std::io::stdin().lock());
-    while let Some(line) = lines.next() {
+    for line in std::io::BufRead::lines(std::io::stdin().lock()) {
         let line = line?;
         let Some((round, transactions)) = line.split_once(' ') else {
             bail!("a round order {line:?} is not `ROUND TRANSACTIONS`");
