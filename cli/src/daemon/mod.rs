@@ -89,8 +89,7 @@ async fn serve(cfg: Config, listen: SocketAddr) -> anyhow::Result<()> {
         .timeout(Duration::from_millis(config::REQUEST_TIMEOUT_MS))
         .add_service(oversize::Oversize(svc))
         .serve_with_incoming_shutdown(
-            // Without TCP_NODELAY a small answer waits for the client's delayed ACK (40 ms).
-            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+            incoming(listener),
             async {
                 let _ = stop_rx.await;
             },
@@ -135,6 +134,13 @@ async fn serve(cfg: Config, listen: SocketAddr) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The connections `listener` accepts, each with TCP_NODELAY: without it, a small answer
+/// written in two segments waits for the client's delayed ACK (40 ms on Linux) — a remote
+/// transaction of five calls took about 40 ms instead of 4.
+fn incoming(listener: tokio::net::TcpListener) -> tonic::transport::server::TcpIncoming {
+    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true))
+}
+
 /// Waits for SIGTERM or SIGINT; returns its name.
 async fn wait_for_signal() -> anyhow::Result<&'static str> {
     use tokio::signal::unix::{SignalKind, signal};
@@ -144,4 +150,27 @@ async fn wait_for_signal() -> anyhow::Result<&'static str> {
         _ = term.recv() => "SIGTERM",
         _ = int.recv() => "SIGINT",
     })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use tonic::codegen::tokio_stream::StreamExt;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn accepted_connections_have_tcp_nodelay() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut incoming = incoming(listener);
+        let _client = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let accepted = tokio::time::timeout(Duration::from_secs(10), incoming.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert!(accepted.nodelay().unwrap());
+    }
 }
