@@ -883,4 +883,44 @@ mod tests {
         assert!(daemon.wait_settled(Duration::from_secs(1)).await);
         assert!(daemon.release().close(Duration::from_secs(10)).await);
     }
+
+    /// The daemon holds every finished transaction for `FINISHED_KEEP_MS`; a `Begin` that
+    /// walked them all (to forget old ones, to count the client's open ones) made a run of N
+    /// transactions take time quadratic in N.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn begin_does_not_walk_every_transaction_held() {
+        const TXNS: usize = 20_000;
+        const BOUND_MS: u64 = 10_000;
+        let dir = tempfile::tempdir().unwrap();
+        let config = Config::embedded(dir.path());
+        let concord = Concord::open(config.clone()).await.unwrap();
+        let daemon = Daemon::new(concord, config);
+        let header = || Some(v1::RequestHeader::current("test"));
+        let started = Instant::now();
+        for _ in 0..TXNS {
+            let begun = daemon
+                .begin(Request::new(v1::BeginRequest {
+                    header: header(),
+                    timeout_ms: None,
+                }))
+                .await
+                .unwrap()
+                .into_inner();
+            daemon
+                .rollback(Request::new(v1::RollbackRequest {
+                    header: header(),
+                    xid: begun.xid,
+                    reason: String::new(),
+                }))
+                .await
+                .unwrap();
+        }
+        let took = started.elapsed();
+        assert_eq!(daemon.txns().len(), TXNS, "finished transactions are held");
+        assert!(
+            took < Duration::from_millis(BOUND_MS),
+            "{TXNS} begins and rollbacks took {took:?}"
+        );
+        assert!(daemon.release().close(Duration::from_secs(10)).await);
+    }
 }
