@@ -88,12 +88,9 @@ async fn serve(cfg: Config, listen: SocketAddr) -> anyhow::Result<()> {
     let server = tonic::transport::Server::builder()
         .timeout(Duration::from_millis(config::REQUEST_TIMEOUT_MS))
         .add_service(oversize::Oversize(svc))
-        .serve_with_incoming_shutdown(
-            incoming(listener),
-            async {
-                let _ = stop_rx.await;
-            },
-        );
+        .serve_with_incoming_shutdown(incoming(listener), async {
+            let _ = stop_rx.await;
+        });
     let server = tokio::spawn(server);
     tracing::info!(addr = %bound, "listening on {bound}");
     println!("listening on {bound}");

@@ -884,6 +884,44 @@ mod tests {
         assert!(daemon.release().close(Duration::from_secs(10)).await);
     }
 
+    /// The open transactions of a client are counted as they begin and end: the limit holds,
+    /// and a place is free again as soon as one of them ends.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_client_gets_its_open_transactions_and_no_more() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = Config::embedded(dir.path());
+        let concord = Concord::open(config.clone()).await.unwrap();
+        let daemon = Daemon::new(concord, config);
+        let begin = || {
+            daemon.begin(Request::new(v1::BeginRequest {
+                header: Some(v1::RequestHeader::current("test")),
+                timeout_ms: None,
+            }))
+        };
+        let mut xids = Vec::new();
+        for _ in 0..TXNS_PER_CLIENT_MAX {
+            xids.push(begin().await.unwrap().into_inner().xid);
+        }
+        let refused = begin().await.unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::ResourceExhausted);
+        let detail = proto::error_detail(&refused).unwrap().unwrap();
+        assert_eq!(detail.limit, "txns_per_client_max");
+        daemon
+            .rollback(Request::new(v1::RollbackRequest {
+                header: Some(v1::RequestHeader::current("test")),
+                xid: xids.pop().unwrap(),
+                reason: String::new(),
+            }))
+            .await
+            .unwrap();
+        assert!(
+            begin().await.is_ok(),
+            "the place of the rolled back one is free"
+        );
+        assert!(begin().await.is_err());
+        assert!(daemon.release().close(Duration::from_secs(10)).await);
+    }
+
     /// The daemon holds every finished transaction for `FINISHED_KEEP_MS`; a `Begin` that
     /// walked them all (to forget old ones, to count the client's open ones) made a run of N
     /// transactions take time quadratic in N.
