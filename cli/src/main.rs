@@ -6,7 +6,10 @@
 //! * `concord demo` runs transactions across files, a mail queue and a key-value store (and
 //!   PostgreSQL) and checks each is all-or-nothing ([`demo`]);
 //! * `concord txn list|resolve` show and resolve unfinished transactions ([`txn`]);
-//! * `concord bench commit` measures commits through the coordinator ([`bench_commit`]);
+//! * `concord demo --remote` runs it through a coordinator daemon child from client processes
+//!   ([`demo::remote`]);
+//! * `concord bench commit` measures commits through the coordinator ([`bench_commit`]), and
+//!   with `--remote` embedded against a daemon ([`bench_remote`]);
 //! * `concord bench recovery` measures the coordinator's start after a short and a long history
 //!   ([`bench_recovery`]);
 //! * `concord journal inspect DIR` prints the records of a journal directory ([`inspect`]);
