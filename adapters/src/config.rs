@@ -45,6 +45,12 @@
 //! create = true             # optional: create the directory when missing
 //! lock_wait_ms = 5000       # optional: how long a writer waits for a key another branch holds
 //! value_bytes_max = 1048576 # optional: longest value (at most 4 MiB: a branch's whole batch is)
+//!
+//! [daemon]                  # optional: how `concord coordinator` serves (see DaemonConfig)
+//! tls_cert_file = "tls/daemon.crt"
+//! tls_key_file = "tls/daemon.key"
+//! [daemon.clients.shop]     # a bearer token per client, read from its file
+//! token_file = "secrets/shop"
 //! ```
 //!
 //! The kinds are [`KINDS`]. Each kind takes only its own fields: `root` for files; `url`,
@@ -100,6 +106,13 @@ use crate::mail::{MailConfig, MailResource};
 use crate::postgres::{self, PostgresConfig, PostgresResource};
 use crate::{Resource, ResourceError};
 
+mod daemon;
+
+pub use daemon::{
+    BearerToken, DaemonConfig, DaemonLimits, LISTEN_DEFAULT, ServeRefusal, TOKEN_CHARS_MIN,
+    TlsFiles,
+};
+
 /// The name (and directory under `data_dir`) of the mail queue of [`Config::embedded`].
 pub const EMBEDDED_MAIL: &str = "mail";
 /// The name (and directory under `data_dir`) of the kv resource of [`Config::embedded`].
@@ -131,6 +144,8 @@ pub struct Config {
     pub call_timeout_ms: u64,
     /// The resources, by name.
     pub resources: BTreeMap<String, ResourceConfig>,
+    /// How `concord coordinator` serves (the `[daemon]` table: its address, TLS, tokens, limits; see [`DaemonConfig`]).
+    pub daemon: DaemonConfig,
 }
 
 /// The file as written: the resource tables are checked against their kind after parsing, so
@@ -152,6 +167,7 @@ struct ConfigToml {
     call_timeout_ms: u64,
     #[serde(default)]
     resources: BTreeMap<String, ResourceToml>,
+    daemon: Option<daemon::DaemonToml>,
 }
 
 /// A resource table as written. Flat rather than a serde-tagged enum, so that a bad value is
@@ -512,6 +528,10 @@ impl TryFrom<ConfigToml> for Config {
             let resource = table.into_config(&name)?;
             resources.insert(name, resource);
         }
+        let daemon = match raw.daemon {
+            Some(table) => table.into_config(Path::new("")).map_err(Refusal::invalid)?,
+            None => DaemonConfig::default(),
+        };
         Ok(Config {
             node: raw.node,
             data_dir: raw.data_dir,
@@ -521,6 +541,7 @@ impl TryFrom<ConfigToml> for Config {
             one_phase: raw.one_phase,
             call_timeout_ms: raw.call_timeout_ms,
             resources,
+            daemon,
         })
     }
 }
@@ -799,7 +820,13 @@ impl Config {
                 *file = base.join(&*file);
             }
         }
+        let daemon = raw.daemon.take();
         let mut config = Config::try_from(raw).map_err(err)?;
+        if let Some(table) = daemon {
+            config.daemon = table
+                .into_config(base)
+                .map_err(|e| err(Refusal::invalid(e)))?;
+        }
         config.resolve_paths(base);
         config.validate().map_err(|e| err(Refusal::invalid(e)))?;
         config.check_overlaps().map_err(|overlap| {
@@ -854,7 +881,9 @@ impl Config {
 
     /// The embedded defaults of `concord demo`: node 1, two files resources `uploads` and
     /// `thumbnails`, the mail queue `mail` (a Maildir) and the kv resource `index` (a sled
-    /// directory), each in the directory of its name under `data_dir` and created when missing.
+    /// directory), each in the directory of its name under `data_dir` and created when missing;
+    /// a daemon on them serves plain text on loopback without tokens
+    /// ([`DaemonConfig::embedded`]).
     pub fn embedded(data_dir: &Path) -> Config {
         let mut resources = BTreeMap::new();
         for name in ["uploads", "thumbnails"] {
@@ -888,6 +917,7 @@ impl Config {
             one_phase: default_one_phase(),
             call_timeout_ms: default_call_timeout_ms(),
             resources,
+            daemon: DaemonConfig::embedded(),
         }
     }
 

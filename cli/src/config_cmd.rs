@@ -12,6 +12,12 @@
 //!   created ([`ResourceConfig::check_directory`]). A Maildir without `create` must hold `tmp/`,
 //!   `new/` and `cur/`.
 //! * **the journal**: `data_dir/journal` exists and is writable, or can be created.
+//! * **the daemon** (`[daemon]`): how `concord coordinator` would serve — address, TLS or plain
+//!   text, client names (never tokens), whether an operator token is set, the metrics address
+//!   and the limits. When the file has the table, what keeps the daemon from serving is a
+//!   problem (kind `daemon`): neither TLS nor `plaintext = true`, plain text off loopback
+//!   without `plaintext_any_address`, no client token without `unauthenticated = true`, or TLS
+//!   files that cannot be read or do not belong together (read and checked as at start).
 //!
 //! The answer is a list of problems of the file and one line per resource (or one JSON document
 //! with `--json`); when anything is wrong the command fails with [`CheckFailed`], which the
@@ -28,7 +34,7 @@ use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use adapters::config::{Config, ConfigError, ConfigProblem, ResourceConfig};
+use adapters::config::{Config, ConfigError, ConfigProblem, DaemonConfig, ResourceConfig};
 use serde::Serialize;
 
 /// `concord config check` arguments.
@@ -38,7 +44,8 @@ pub struct CheckArgs {
     #[arg(long, value_name = "FILE", default_value = "concord.toml")]
     config: PathBuf,
     /// Print one JSON document: {"config", "ok", "problems": [{"kind", "message"}],
-    /// "resources": [{"name", "kind", "ok", "detail"}]}.
+    /// "resources": [{"name", "kind", "ok", "detail"}], "daemon": {"configured", "listen",
+    /// "transport", "clients", "operator_token", "unauthenticated", "metrics_listen", "limits"}}.
     #[arg(long)]
     json: bool,
 }
@@ -82,13 +89,94 @@ struct Report {
     ok: bool,
     problems: Vec<Problem>,
     resources: Vec<Reachability>,
+    /// How the daemon would serve; absent when the file did not load.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    daemon: Option<DaemonSummary>,
+}
+
+/// The `[daemon]` table as the check shows it: never a token, only whether one is set.
+#[derive(Debug, Serialize)]
+struct DaemonSummary {
+    /// Whether the file has a `[daemon]` table.
+    configured: bool,
+    listen: String,
+    /// `tls`, `mutual tls` or `plain text` (`none` when neither is configured).
+    transport: &'static str,
+    clients: Vec<String>,
+    operator_token: bool,
+    unauthenticated: bool,
+    metrics_listen: Option<String>,
+    limits: Limits,
+}
+
+/// The daemon's limits, with their units in their names.
+#[derive(Debug, Serialize)]
+struct Limits {
+    message_bytes_max: usize,
+    chunk_bytes_max: usize,
+    branches_per_txn_max: u32,
+    txns_per_client_max: u32,
+    request_timeout_ms: u64,
+    drain_timeout_ms: u64,
+}
+
+impl DaemonSummary {
+    fn of(daemon: &DaemonConfig) -> DaemonSummary {
+        let transport = match &daemon.tls {
+            Some(tls) if tls.client_ca_file.is_some() => "mutual tls",
+            Some(_) => "tls",
+            None if daemon.plaintext => "plain text",
+            None => "none",
+        };
+        let l = daemon.limits;
+        DaemonSummary {
+            configured: daemon.written,
+            listen: daemon.listen.to_string(),
+            transport,
+            clients: daemon.clients.keys().cloned().collect(),
+            operator_token: daemon.operator_token.is_some(),
+            unauthenticated: daemon.unauthenticated,
+            metrics_listen: daemon.metrics_listen.map(|a| a.to_string()),
+            limits: Limits {
+                message_bytes_max: l.message_bytes_max,
+                chunk_bytes_max: l.chunk_bytes_max,
+                branches_per_txn_max: l.branches_per_txn_max,
+                txns_per_client_max: l.txns_per_client_max,
+                request_timeout_ms: l.request_timeout_ms,
+                drain_timeout_ms: l.drain_timeout_ms,
+            },
+        }
+    }
+}
+
+/// What keeps the daemon of `daemon` from serving, when the file has a `[daemon]` table.
+fn daemon_problems(daemon: &DaemonConfig) -> Vec<Problem> {
+    if !daemon.written {
+        return Vec::new();
+    }
+    let mut problems = Vec::new();
+    if let Err(refusal) = daemon.check_serving(daemon.listen, false) {
+        problems.push(Problem {
+            kind: "daemon",
+            message: refusal.to_string(),
+        });
+    }
+    if let Some(files) = &daemon.tls
+        && let Err(e) = crate::daemon::tls::check(files)
+    {
+        problems.push(Problem {
+            kind: "daemon",
+            message: e.to_string(),
+        });
+    }
+    problems
 }
 
 /// A problem of the file itself.
 #[derive(Debug, Serialize)]
 struct Problem {
-    /// `unreadable`, `malformed`, `unknown_kind`, `invalid`, `password`, `overlap` or
-    /// `journal`.
+    /// `unreadable`, `malformed`, `unknown_kind`, `invalid`, `password`, `overlap`,
+    /// `journal` or `daemon`.
     kind: &'static str,
     message: String,
 }
@@ -142,6 +230,7 @@ fn refused(args: &CheckArgs, e: &ConfigError) -> Report {
             message: e.message.clone(),
         }],
         resources: Vec::new(),
+        daemon: None,
     }
 }
 
@@ -154,6 +243,7 @@ fn checked(args: &CheckArgs, config: &Config) -> anyhow::Result<Report> {
             message: problem.to_string(),
         });
     }
+    problems.extend(daemon_problems(&config.daemon));
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -168,6 +258,7 @@ fn checked(args: &CheckArgs, config: &Config) -> anyhow::Result<Report> {
         ok,
         problems,
         resources,
+        daemon: Some(DaemonSummary::of(&config.daemon)),
     })
 }
 
@@ -235,10 +326,43 @@ fn print_text(report: &Report) {
         let state = if r.ok { "ok" } else { "NOT REACHABLE" };
         println!("  resource {} ({}): {state}: {}", r.name, r.kind, r.detail);
     }
+    if let Some(d) = report.daemon.as_ref().filter(|d| d.configured) {
+        print_daemon(d);
+    }
     let verdict = if report.ok {
         "ok: the configuration is valid and every resource reachable"
     } else {
         "NOT OK"
     };
     println!("{verdict}");
+}
+
+/// The daemon's lines of the report.
+fn print_daemon(d: &DaemonSummary) {
+    let clients = if d.clients.is_empty() {
+        "none".to_string()
+    } else {
+        d.clients.join(", ")
+    };
+    println!(
+        "  daemon: {} on {}; client tokens: {clients}; operator token: {}; unauthenticated: {}",
+        d.transport,
+        d.listen,
+        if d.operator_token { "set" } else { "none" },
+        d.unauthenticated
+    );
+    if let Some(metrics) = &d.metrics_listen {
+        println!("  daemon metrics: {metrics}");
+    }
+    let l = &d.limits;
+    println!(
+        "  daemon limits: message_bytes_max {}, chunk_bytes_max {}, branches_per_txn_max {}, \
+         txns_per_client_max {}, request_timeout_ms {}, drain_timeout_ms {}",
+        l.message_bytes_max,
+        l.chunk_bytes_max,
+        l.branches_per_txn_max,
+        l.txns_per_client_max,
+        l.request_timeout_ms,
+        l.drain_timeout_ms
+    );
 }

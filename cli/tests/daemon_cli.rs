@@ -641,6 +641,7 @@ async fn a_transaction_its_client_abandons_rolls_back_at_the_timeout() {
         &path,
         format!(
             "node = 1\ndata_dir = \"data\"\ntxn_timeout_ms = {TIMEOUT_MS}\n\
+             [daemon]\nplaintext = true\nunauthenticated = true\n\
              [resources.index]\nkind = \"kv\"\ndir = \"data/index\"\ncreate = true\n"
         ),
     )

@@ -586,6 +586,7 @@ async fn a_full_disk_during_prepare_rolls_back_and_keeps_the_journal_sound() {
         orphan_sweep_ms: 60_000,
         one_phase: true,
         call_timeout_ms: 30_000,
+        daemon: Default::default(),
         resources: BTreeMap::from([
             ("uploads".to_string(), files_resource(uploads_root.clone())),
             (

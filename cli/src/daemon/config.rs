@@ -1,75 +1,70 @@
-//! The daemon's settings: where it listens and the limits it holds every client to.
+//! The daemon's settings: where it listens, what it serves (TLS or plain text) and the limits
+//! it holds every client to.
 //!
-//! The limits are constants for now (the configuration's `[daemon]` table belongs to the
-//! configuration crate and does not carry them yet); `Begin` returns them in its `Limits`.
-//! The listen address comes from the command line, and a non-loopback one is refused unless
-//! the operator forces it: the daemon speaks plain text, without credentials.
+//! They come from the configuration's `[daemon]` table ([`adapters::config::DaemonConfig`]);
+//! `--listen` overrides its `listen`, and `--listen-any` stands for its
+//! `plaintext_any_address`. Before anything opens, [`serving`] checks that the table can serve
+//! on that address — TLS or `plaintext = true`, plain text only on loopback unless forced,
+//! client tokens or `unauthenticated = true` — and says what to add when it cannot. The limits
+//! ([`adapters::config::DaemonLimits`]) are returned by `Begin` in its `Limits`
+//! ([`limits`]); what is not configurable stays a constant here.
 
 use std::net::SocketAddr;
 
-/// The largest message the daemon decodes (bytes).
-pub const MESSAGE_BYTES_MAX: usize = 4 << 20;
-/// The largest content chunk of a streamed call (bytes).
-pub const CHUNK_BYTES_MAX: usize = 1 << 20;
-/// The most branches one transaction may have.
-pub const BRANCHES_PER_TXN_MAX: u32 = 16;
-/// The most transactions one client (one peer IP address) may have open at once.
-pub const TXNS_PER_CLIENT_MAX: u32 = 256;
-/// The longest one call may take (milliseconds).
-pub const REQUEST_TIMEOUT_MS: u64 = 30_000;
+use adapters::config::{DaemonConfig, DaemonLimits, ServeRefusal};
+
 /// How long a finished transaction's outcome stays in memory for a second commit or `Outcome`
 /// (milliseconds); later `Outcome` reads the journal.
 pub const FINISHED_KEEP_MS: u64 = 600_000;
-/// How long SIGTERM waits for commits in flight (milliseconds).
-pub const DRAIN_MS_MAX: u64 = 10_000;
 /// How long closing the coordinator (journal synced and closed) may take (milliseconds).
 pub const CLOSE_MS_MAX: u64 = 10_000;
 /// Streamed chunks buffered between the network and a resource (messages).
 pub const STREAM_CHUNKS_BUFFERED: usize = 4;
+/// How long a TLS handshake may take before the connection is dropped (milliseconds).
+pub const TLS_HANDSHAKE_MS_MAX: u64 = 10_000;
 
-/// The default listen address.
-pub const LISTEN_DEFAULT: &str = "127.0.0.1:7700";
-
-/// A listen address the daemon refuses.
-#[derive(Debug, thiserror::Error)]
-#[error(
-    "--listen {addr} is not a loopback address: the daemon speaks plain text without credentials, so it listens on 127.0.0.0/8 or ::1 only; pass --listen-any to listen there anyway"
-)]
-pub struct NotLoopback {
-    /// The address refused.
-    pub addr: SocketAddr,
-}
-
-/// Checks `addr`: loopback, or any address when `any` is given.
-pub fn check_listen(addr: SocketAddr, any: bool) -> Result<SocketAddr, NotLoopback> {
-    if any || addr.ip().is_loopback() {
-        Ok(addr)
-    } else {
-        Err(NotLoopback { addr })
-    }
+/// The address the daemon listens on (`--listen`, else the table's `listen`), once the table
+/// can serve there (`any_address`: `--listen-any`).
+pub fn serving(
+    daemon: &DaemonConfig,
+    listen: Option<SocketAddr>,
+    any_address: bool,
+) -> Result<SocketAddr, ServeRefusal> {
+    let addr = listen.unwrap_or(daemon.listen);
+    daemon.check_serving(addr, any_address)?;
+    Ok(addr)
 }
 
 /// The limits as `Begin` returns them.
-pub fn limits() -> proto::v1::Limits {
+pub fn limits(limits: &DaemonLimits) -> proto::v1::Limits {
     proto::v1::Limits {
-        message_bytes_max: MESSAGE_BYTES_MAX as u64,
-        chunk_bytes_max: CHUNK_BYTES_MAX as u64,
-        branches_per_txn_max: BRANCHES_PER_TXN_MAX,
-        txns_per_client_max: TXNS_PER_CLIENT_MAX,
-        request_timeout_ms: REQUEST_TIMEOUT_MS,
+        message_bytes_max: limits.message_bytes_max as u64,
+        chunk_bytes_max: limits.chunk_bytes_max as u64,
+        branches_per_txn_max: limits.branches_per_txn_max,
+        txns_per_client_max: limits.txns_per_client_max,
+        request_timeout_ms: limits.request_timeout_ms,
     }
 }
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
+
     use super::*;
 
     #[test]
-    fn only_loopback_unless_forced() {
-        let local: SocketAddr = "127.0.0.1:7700".parse().unwrap();
+    fn plain_text_only_on_loopback_unless_forced() {
+        let embedded = DaemonConfig::embedded();
         let any: SocketAddr = "0.0.0.0:7700".parse().unwrap();
-        assert!(check_listen(local, false).is_ok());
-        assert!(check_listen(any, false).is_err());
-        assert!(check_listen(any, true).is_ok());
+        assert_eq!(serving(&embedded, None, false).unwrap(), embedded.listen);
+        assert!(matches!(
+            serving(&embedded, Some(any), false),
+            Err(ServeRefusal::PlaintextNotLoopback { .. })
+        ));
+        assert_eq!(serving(&embedded, Some(any), true).unwrap(), any);
+        assert_eq!(
+            serving(&DaemonConfig::default(), None, true),
+            Err(ServeRefusal::NoTransport)
+        );
     }
 }

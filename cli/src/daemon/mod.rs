@@ -3,26 +3,37 @@
 //! then serves the `concord.v1.Coordinator` gRPC service ([`service`]) so that application
 //! processes, in any language, run their transactions through it.
 //!
+//! How it serves comes from the configuration's `[daemon]` table
+//! ([`adapters::config::DaemonConfig`]; `--data DIR` takes the embedded defaults: plain text on
+//! loopback, no tokens). It serves TLS ([`tls`], mutual when `tls_client_ca_file` is set) or,
+//! when asked with `plaintext = true`, plain text — on loopback only, unless
+//! `plaintext_any_address` (or `--listen-any`) forces it; a table that chose neither, or that
+//! names no client token without `unauthenticated = true`, is refused before anything opens,
+//! saying what to add. Every call's credentials are checked before any work ([`auth`]): a
+//! client's bearer token, the operator's for the operator calls. The limits of the table
+//! ([`config`]) bound messages, chunks, branches, each client's open transactions and each
+//! call's time.
+//!
 //! Once the listener is bound it logs and prints `listening on ADDR` (one line on standard
 //! output), which scripts and tests wait for. SIGTERM or SIGINT drains it: `Begin` answers
-//! UNAVAILABLE, commits and rollbacks in flight get [`config::DRAIN_MS_MAX`] to finish, the
+//! UNAVAILABLE, commits and rollbacks in flight get `drain_timeout_ms` to finish, the
 //! server stops, the transactions still open are dropped (they roll back: nothing of them was
 //! decided) and the coordinator closes (journal synced and closed). It exits 0 when all of it
 //! happened in time.
 //!
 //! # Caveats
 //!
-//! * The listen address comes from `--listen` (the configuration's `[daemon]` table is not read
-//!   yet); plain text only, so a non-loopback address needs `--listen-any`.
-//! * No credentials are checked yet: anyone who reaches the port may call.
-//! * The limits ([`config`]) are constants, not configurable yet.
+//! * The TLS files and tokens are read once, at start: a renewed certificate or a new token
+//!   takes a restart.
 
+mod auth;
 mod config;
 mod errors;
 mod open_slots;
 mod oversize;
 mod service;
 mod stream;
+pub(crate) mod tls;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -36,17 +47,19 @@ use proto::v1::coordinator_server::CoordinatorServer;
 /// Options of `concord coordinator`.
 #[derive(clap::Args, Debug)]
 pub struct DaemonArgs {
-    /// The configuration file.
+    /// The configuration file (its `[daemon]` table says how the daemon serves).
     #[arg(long, conflicts_with = "data")]
     pub config: Option<PathBuf>,
-    /// A data directory with the embedded defaults (what `concord demo --data DIR` uses).
+    /// A data directory with the embedded defaults (what `concord demo --data DIR` uses): plain
+    /// text on loopback, no tokens.
     #[arg(long)]
     pub data: Option<PathBuf>,
-    /// The address to serve gRPC on (port 0: any free port, printed once listening).
-    #[arg(long, default_value = config::LISTEN_DEFAULT)]
-    pub listen: SocketAddr,
-    /// Allow a non-loopback listen address (plain text, no credentials: only on a trusted
-    /// network).
+    /// The address to serve gRPC on, instead of the configuration's `listen` (default
+    /// 127.0.0.1:7700; port 0: any free port, printed once listening).
+    #[arg(long)]
+    pub listen: Option<SocketAddr>,
+    /// Allow plain text on a non-loopback address (the configuration's
+    /// `plaintext_any_address`: only on a trusted network).
     #[arg(long)]
     pub listen_any: bool,
 }
@@ -63,16 +76,28 @@ impl DaemonArgs {
 
 /// Runs the daemon until SIGTERM or SIGINT.
 pub fn run(args: DaemonArgs) -> anyhow::Result<()> {
-    let listen = config::check_listen(args.listen, args.listen_any)?;
     let cfg = args.load()?;
+    let listen = config::serving(&cfg.daemon, args.listen, args.listen_any)?;
+    let mut builder = tonic::transport::Server::builder()
+        .timeout(Duration::from_millis(cfg.daemon.limits.request_timeout_ms));
+    if let Some(files) = &cfg.daemon.tls {
+        builder = tls::configure(builder, files)?;
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("start the async runtime")?;
-    runtime.block_on(serve(cfg, listen))
+    runtime.block_on(serve(cfg, listen, builder))
 }
 
-async fn serve(cfg: Config, listen: SocketAddr) -> anyhow::Result<()> {
+async fn serve(
+    cfg: Config,
+    listen: SocketAddr,
+    mut builder: tonic::transport::Server,
+) -> anyhow::Result<()> {
+    let limits = cfg.daemon.limits;
+    let keys = Arc::new(auth::Keys::new(&cfg.daemon));
+    log_serving(&cfg.daemon);
     let concord = Concord::open(cfg.clone())
         .await
         .context("open the configuration's journal and resources")?;
@@ -82,12 +107,12 @@ async fn serve(cfg: Config, listen: SocketAddr) -> anyhow::Result<()> {
     let bound = listener.local_addr().context("the listener's address")?;
     let daemon = Arc::new(service::Daemon::new(concord, cfg));
     let svc = CoordinatorServer::from_arc(Arc::clone(&daemon))
-        .max_decoding_message_size(config::MESSAGE_BYTES_MAX)
-        .max_encoding_message_size(config::MESSAGE_BYTES_MAX);
+        .max_decoding_message_size(limits.message_bytes_max)
+        .max_encoding_message_size(limits.message_bytes_max);
+    let svc = oversize::Oversize::new(svc, limits.message_bytes_max);
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tonic::transport::Server::builder()
-        .timeout(Duration::from_millis(config::REQUEST_TIMEOUT_MS))
-        .add_service(oversize::Oversize(svc))
+    let server = builder
+        .add_service(auth::Authenticate::new(svc, keys))
         .serve_with_incoming_shutdown(incoming(listener), async {
             let _ = stop_rx.await;
         });
@@ -102,17 +127,15 @@ async fn serve(cfg: Config, listen: SocketAddr) -> anyhow::Result<()> {
     let signal = wait_for_signal().await?;
     tracing::info!("{signal}: draining");
     daemon.drain();
-    if !daemon
-        .wait_settled(Duration::from_millis(config::DRAIN_MS_MAX))
-        .await
-    {
+    let drain_ms = limits.drain_timeout_ms;
+    if !daemon.wait_settled(Duration::from_millis(drain_ms)).await {
         tracing::warn!(
-            "commits still in flight after {} ms; stopping anyway (recovery finishes them)",
-            config::DRAIN_MS_MAX
+            "commits still in flight after {drain_ms} ms (drain_timeout_ms); stopping anyway \
+             (recovery finishes them)"
         );
     }
     let _ = stop_tx.send(());
-    match tokio::time::timeout(Duration::from_millis(config::DRAIN_MS_MAX), server).await {
+    match tokio::time::timeout(Duration::from_millis(drain_ms), server).await {
         Ok(Ok(Ok(()))) => {}
         Ok(Ok(Err(e))) => tracing::warn!(error = %e, "the server stopped with an error"),
         Ok(Err(e)) => tracing::warn!(error = %e, "the server task failed"),
@@ -136,6 +159,33 @@ async fn serve(cfg: Config, listen: SocketAddr) -> anyhow::Result<()> {
 /// transaction of five calls took about 40 ms instead of 4.
 fn incoming(listener: tokio::net::TcpListener) -> tonic::transport::server::TcpIncoming {
     tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true))
+}
+
+/// Says at start how the daemon serves (never a token).
+fn log_serving(daemon: &adapters::config::DaemonConfig) {
+    let transport = match &daemon.tls {
+        Some(tls) if tls.client_ca_file.is_some() => "TLS with client certificates",
+        Some(_) => "TLS",
+        None => "plain text",
+    };
+    let clients: Vec<&str> = daemon.clients.keys().map(String::as_str).collect();
+    tracing::info!(
+        transport,
+        clients = ?clients,
+        operator_token = daemon.operator_token.is_some(),
+        unauthenticated = daemon.unauthenticated,
+        "serving {transport}"
+    );
+    if daemon.unauthenticated {
+        tracing::warn!(
+            "unauthenticated = true: any caller that reaches the port may call{}",
+            if daemon.operator_token.is_none() {
+                ", operator calls included"
+            } else {
+                ""
+            }
+        );
+    }
 }
 
 /// Waits for SIGTERM or SIGINT; returns its name.

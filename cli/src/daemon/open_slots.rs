@@ -13,7 +13,7 @@
 //! once per [`PRUNE_INTERVAL_MS`] instead of at every `Begin`.
 
 use std::collections::HashMap;
-use std::net::IpAddr;
+use std::hash::Hash;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -21,10 +21,17 @@ use std::time::{Duration, Instant};
 /// How often, at most, the daemon walks its transactions to forget old ones (milliseconds).
 pub const PRUNE_INTERVAL_MS: u64 = 1_000;
 
-/// The open transactions of each peer.
-#[derive(Default)]
-pub struct OpenSlots {
-    peers: Mutex<HashMap<Option<IpAddr>, Arc<AtomicUsize>>>,
+/// The open transactions of each client (`K`: how the daemon tells clients apart).
+pub struct OpenSlots<K> {
+    peers: Mutex<HashMap<K, Arc<AtomicUsize>>>,
+}
+
+impl<K> Default for OpenSlots<K> {
+    fn default() -> Self {
+        OpenSlots {
+            peers: Mutex::new(HashMap::new()),
+        }
+    }
 }
 
 /// One open transaction's place in its peer's count, given back when dropped.
@@ -38,15 +45,15 @@ impl Drop for Slot {
     }
 }
 
-impl OpenSlots {
+impl<K: Hash + Eq + Clone> OpenSlots<K> {
     /// Counts a new open transaction of `peer`; returns its slot and the count before it.
-    pub fn take(&self, peer: Option<IpAddr>) -> (Slot, usize) {
+    pub fn take(&self, peer: &K) -> (Slot, usize) {
         let count = {
             let mut peers = self
                 .peers
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
-            Arc::clone(peers.entry(peer).or_default())
+            Arc::clone(peers.entry(peer.clone()).or_default())
         };
         let before = count.fetch_add(1, Ordering::SeqCst);
         (Slot { count }, before)
@@ -96,19 +103,19 @@ mod tests {
     #[test]
     fn slots_count_until_dropped() {
         let slots = OpenSlots::default();
-        let peer = Some(IpAddr::from([127, 0, 0, 1]));
-        let (a, before) = slots.take(peer);
+        let peer = "127.0.0.1";
+        let (a, before) = slots.take(&peer);
         assert_eq!(before, 0);
-        let (b, before) = slots.take(peer);
+        let (b, before) = slots.take(&peer);
         assert_eq!(before, 1);
-        let (_other, before) = slots.take(None);
+        let (_other, before) = slots.take(&"other");
         assert_eq!(before, 0, "each peer has its own count");
         drop(a);
-        let (_c, before) = slots.take(peer);
+        let (_c, before) = slots.take(&peer);
         assert_eq!(before, 1);
         drop(b);
         slots.forget_idle();
-        assert_eq!(slots.take(peer).1, 1, "a peer with an open slot is kept");
+        assert_eq!(slots.take(&peer).1, 1, "a peer with an open slot is kept");
     }
 
     #[test]

@@ -17,7 +17,8 @@
 //! * `ListInDoubt` lists what the coordinator holds in memory (transactions past `Begin` that
 //!   are committing, rolling back or in doubt); unlike `concord txn list` it does not ask the
 //!   resources for prepared branches no decision names.
-//! * The open transactions per client are counted by peer IP address.
+//! * The open transactions per client are counted by the client's name (its token), and by
+//!   peer IP address for calls without a token (`unauthenticated = true`).
 //! * `BeginRequest.timeout_ms` is not honoured: the coordinator has one timeout for every
 //!   transaction (`txn_timeout_ms`), which `BeginResponse.timeout_ms` returns.
 //! * A call on a transaction waits for its commit or rollback in flight (`Outcome` included):
@@ -31,6 +32,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use adapters::Xid;
+use adapters::config::DaemonLimits;
 use coordinator::ledger::Verdict;
 use coordinator::{CoordError, Outcome};
 use participant::{
@@ -42,10 +44,8 @@ use tokio::sync::Notify;
 use tonic::codegen::BoxStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use super::config::{
-    BRANCHES_PER_TXN_MAX, CHUNK_BYTES_MAX, FINISHED_KEEP_MS, STREAM_CHUNKS_BUFFERED,
-    TXNS_PER_CLIENT_MAX, limits,
-};
+use super::auth::Caller;
+use super::config::{FINISHED_KEEP_MS, STREAM_CHUNKS_BUFFERED, limits};
 use super::open_slots::{OpenSlots, PrunePacer, Slot};
 use super::stream::{self, ChunkReader};
 use super::{errors, oversize};
@@ -85,8 +85,17 @@ struct TxnState {
     ended: Option<Ended>,
 }
 
+/// Whose open transactions a transaction counts among (`txns_per_client_max`).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+enum ClientKey {
+    /// A client by the name of its token.
+    Named(Arc<str>),
+    /// A caller without a token, by peer IP address.
+    Peer(Option<IpAddr>),
+}
+
 struct Entry {
-    peer: Option<IpAddr>,
+    peer: ClientKey,
     started: Instant,
     ended_at: Mutex<Option<Instant>>,
     /// Its place in its peer's count of open transactions, until it finishes.
@@ -105,7 +114,7 @@ pub struct Daemon {
     concord: Concord,
     config: Config,
     txns: Mutex<HashMap<Xid, Arc<Entry>>>,
-    open: OpenSlots,
+    open: OpenSlots<ClientKey>,
     pacer: PrunePacer,
     draining: AtomicBool,
     in_flight: AtomicUsize,
@@ -198,12 +207,12 @@ impl Daemon {
     }
 
     /// The transactions `peer` has open (not finished, not timed out).
-    fn open_of(&self, peer: Option<IpAddr>) -> usize {
+    fn open_of(&self, peer: &ClientKey) -> usize {
         let coordinator = self.concord.coordinator();
         self.txns()
             .iter()
             .filter(|(xid, e)| {
-                e.peer == peer && !e.is_ended() && coordinator.check_open(xid).is_ok()
+                e.peer == *peer && !e.is_ended() && coordinator.check_open(xid).is_ok()
             })
             .count()
     }
@@ -216,10 +225,11 @@ impl Daemon {
         let handle = match st.handles.get(&target.resource) {
             Some(h) => h.clone(),
             None => {
-                if st.handles.len() >= BRANCHES_PER_TXN_MAX as usize {
+                let branches_max = self.config.daemon.limits.branches_per_txn_max;
+                if st.handles.len() >= branches_max as usize {
                     return Err(errors::limit(
                         "branches_per_txn_max",
-                        u64::from(BRANCHES_PER_TXN_MAX),
+                        u64::from(branches_max),
                         &format!("transaction {xid} has as many branches as it may"),
                     ));
                 }
@@ -318,8 +328,12 @@ fn txn_outcome(xid: Xid, ended: &Ended) -> v1::TxnOutcome {
     v1::TxnOutcome::from(&XidOutcome { xid, state })
 }
 
-fn peer<T>(request: &Request<T>) -> Option<IpAddr> {
-    request.remote_addr().map(|a| a.ip())
+/// Whose the call is: the client its token names, else its peer IP address.
+fn peer<T>(request: &Request<T>) -> ClientKey {
+    match request.extensions().get::<Caller>() {
+        Some(Caller::Client(name)) => ClientKey::Named(Arc::clone(name)),
+        _ => ClientKey::Peer(request.remote_addr().map(|a| a.ip())),
+    }
 }
 
 /// The first message of a client stream, which must be its start.
@@ -343,7 +357,12 @@ where
 
 /// Feeds the rest of a client stream's chunks into a reader, in a task of its own; `declared`:
 /// the content size the client announced.
-fn feed<M>(mut stream: Streaming<M>, field: &'static str, declared: Option<u64>) -> ChunkReader
+fn feed<M>(
+    mut stream: Streaming<M>,
+    field: &'static str,
+    declared: Option<u64>,
+    limits: DaemonLimits,
+) -> ChunkReader
 where
     M: IntoChunk + Send + 'static,
 {
@@ -355,14 +374,14 @@ where
                 Ok(Some(m)) => m.into_chunk(field),
                 Ok(None) => break,
                 Err(status) if oversize::is_oversize(&status) => {
-                    Err(oversize::status(status.message()))
+                    Err(oversize::status(status.message(), limits.message_bytes_max))
                 }
                 Err(status) => Err(status),
             };
             let chunk = match chunk {
-                Ok(c) if c.len() > CHUNK_BYTES_MAX => Err(errors::limit(
+                Ok(c) if c.len() > limits.chunk_bytes_max => Err(errors::limit(
                     "chunk_bytes_max",
-                    CHUNK_BYTES_MAX as u64,
+                    limits.chunk_bytes_max as u64,
                     &format!("a chunk of {} bytes", c.len()),
                 )),
                 other => other,
@@ -467,14 +486,13 @@ impl Service for Daemon {
             self.prune();
             self.open.forget_idle();
         }
+        let txns_max = self.config.daemon.limits.txns_per_client_max;
         // The count is an upper bound: checked exactly only at the limit.
-        let (slot, open) = self.open.take(peer);
-        if open >= TXNS_PER_CLIENT_MAX as usize
-            && self.open_of(peer) >= TXNS_PER_CLIENT_MAX as usize
-        {
+        let (slot, open) = self.open.take(&peer);
+        if open >= txns_max as usize && self.open_of(&peer) >= txns_max as usize {
             return Err(errors::limit(
                 "txns_per_client_max",
-                u64::from(TXNS_PER_CLIENT_MAX),
+                u64::from(txns_max),
                 "this client has as many open transactions as it may: commit or roll one back",
             ));
         }
@@ -499,7 +517,7 @@ impl Service for Daemon {
             xid: xid_text(xid),
             epoch: self.config.epoch,
             timeout_ms,
-            limits: Some(limits()),
+            limits: Some(limits(&self.config.daemon.limits)),
         }))
     }
 
@@ -514,7 +532,12 @@ impl Service for Daemon {
         let Handle::Files(files) = self.handle(&start.target, "files").await? else {
             return Err(Status::internal("a files handle of another kind"));
         };
-        let reader = feed(stream, "FilesPutRequest.chunk", start.size_bytes);
+        let reader = feed(
+            stream,
+            "FilesPutRequest.chunk",
+            start.size_bytes,
+            self.config.daemon.limits,
+        );
         let failure = reader.failure();
         let put = files.put(&start.path, reader).await;
         let size_bytes = streamed(xid, put, &failure)?;
@@ -550,7 +573,7 @@ impl Service for Daemon {
             Ok(content) => {
                 let size_bytes = content.len() as u64;
                 let mut out: Vec<_> = content
-                    .chunks(CHUNK_BYTES_MAX)
+                    .chunks(self.config.daemon.limits.chunk_bytes_max)
                     .map(|c| v1::FilesReadResponse {
                         chunk: c.to_vec(),
                         ..Default::default()
@@ -579,7 +602,12 @@ impl Service for Daemon {
         let Handle::Mail(mail) = self.handle(&target, "mail").await? else {
             return Err(Status::internal("a mail handle of another kind"));
         };
-        let reader = feed(stream, "MailEnqueueRequest.chunk", None);
+        let reader = feed(
+            stream,
+            "MailEnqueueRequest.chunk",
+            None,
+            self.config.daemon.limits,
+        );
         let failure = reader.failure();
         let enqueued = mail.enqueue(reader).await;
         let enqueued = streamed(target.xid, enqueued, &failure)?;
@@ -891,6 +919,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let config = Config::embedded(dir.path());
         let concord = Concord::open(config.clone()).await.unwrap();
+        let txns_max = config.daemon.limits.txns_per_client_max;
         let daemon = Daemon::new(concord, config);
         let begin = || {
             daemon.begin(Request::new(v1::BeginRequest {
@@ -899,7 +928,7 @@ mod tests {
             }))
         };
         let mut xids = Vec::new();
-        for _ in 0..TXNS_PER_CLIENT_MAX {
+        for _ in 0..txns_max {
             xids.push(begin().await.unwrap().into_inner().xid);
         }
         let refused = begin().await.unwrap_err();
