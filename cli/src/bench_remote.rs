@@ -24,8 +24,9 @@
 //! # Implementation caveats
 //!
 //! * Connecting (and opening the stores, starting the daemon) is not timed.
-//! * The remote clients do not use the participant library's remote mode, which does not exist
-//!   yet: the measured cost is the daemon's and the wire's, not that library's.
+//! * The remote clients do not use the participant library's remote mode, which was not on
+//!   main when this was written: the measured cost is the daemon's and the wire's, not that
+//!   library's.
 
 use std::ffi::OsString;
 use std::path::Path;

@@ -24,7 +24,8 @@
 //! * `--postgres` is refused: a remote PostgreSQL branch is prepared in the application and
 //!   enlisted with `EnlistPrepared`, which the daemon does not serve yet.
 //! * The clients speak the generated client directly ([`crate::remote_txn`]), not the
-//!   participant library's remote mode, which does not exist yet.
+//!   participant library's remote mode (`Concord::connect`), which was not on main when this
+//!   was written.
 //! * The daemon's recovery counts are not on the wire: `recovered_redriven` and
 //!   `recovered_rolled_back` are `null`.
 
