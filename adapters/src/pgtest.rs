@@ -15,6 +15,10 @@
 //! end (polling every half second) and then does the same. So a cluster never outlives the
 //! process that started it by more than a second, whether its tests pass, fail or panic.
 //!
+//! [`PgCluster::start_tls`] starts one with `ssl = on` and the certificate and key it is given
+//! (a test makes them, with rcgen), so that connections with `sslmode=require`,
+//! `verify-ca` and `verify-full` can be tested; it accepts plain-text connections too.
+//!
 //! A missing installation is an error that says how to install it ([`PgTestError::Missing`]);
 //! nothing is skipped.
 
@@ -75,11 +79,31 @@ pub struct PgCluster {
     port: u16,
     /// Run commands as `postgres` (this process is root).
     as_postgres: bool,
+    /// Started with `ssl = on` (`server.crt` and `server.key` in the data directory).
+    ssl: bool,
+}
+
+/// The server's certificate (chain) and private key, PEM, for [`PgCluster::start_tls`].
+#[derive(Clone, Debug)]
+pub struct ServerTls {
+    /// The certificate, then any intermediates (PEM).
+    pub cert_pem: String,
+    /// Its private key (PEM, unencrypted).
+    pub key_pem: String,
 }
 
 impl PgCluster {
     /// Starts a new cluster (about a second).
     pub fn start() -> Result<PgCluster, PgTestError> {
+        PgCluster::start_with(None)
+    }
+
+    /// Starts a new cluster with `ssl = on`, serving `tls`'s certificate.
+    pub fn start_tls(tls: &ServerTls) -> Result<PgCluster, PgTestError> {
+        PgCluster::start_with(Some(tls))
+    }
+
+    fn start_with(tls: Option<&ServerTls>) -> Result<PgCluster, PgTestError> {
         let bin = std::env::var_os("CONCORD_PG_BIN")
             .map(PathBuf::from)
             .unwrap_or_else(|| PathBuf::from(PG_BIN));
@@ -97,6 +121,7 @@ impl PgCluster {
             data,
             port: 0,
             as_postgres,
+            ssl: tls.is_some(),
         };
         cluster.spawn_watchdog()?;
         cluster.run(
@@ -114,6 +139,9 @@ impl PgCluster {
             ],
         )?;
         cluster.require_password()?;
+        if let Some(tls) = tls {
+            cluster.install_tls(tls)?;
+        }
         let mut last = None;
         for _ in 0..3 {
             cluster.port = free_port()?;
@@ -184,6 +212,33 @@ impl PgCluster {
         std::fs::write(&hba, format!("{line}{rules}")).map_err(io("write"))
     }
 
+    /// Writes the server's certificate and key where `ssl = on` looks (the data directory),
+    /// owned by the server's user, the key readable by it alone.
+    fn install_tls(&self, tls: &ServerTls) -> Result<(), PgTestError> {
+        use std::os::unix::fs::PermissionsExt;
+        for (file, pem, mode) in [
+            ("server.crt", &tls.cert_pem, 0o644),
+            ("server.key", &tls.key_pem, 0o600),
+        ] {
+            let path = self.data.join(file);
+            let io = |action| {
+                let path = path.clone();
+                move |source| PgTestError::Io {
+                    action,
+                    path,
+                    source,
+                }
+            };
+            std::fs::write(&path, pem).map_err(io("write"))?;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode))
+                .map_err(io("set the mode of"))?;
+            if self.as_postgres {
+                chown_to_postgres(&path)?;
+            }
+        }
+        Ok(())
+    }
+
     /// Creates a new, empty database named `name` and returns its connection string.
     pub fn database(&self, name: &str) -> Result<String, PgTestError> {
         self.psql("postgres", &format!("CREATE DATABASE \"{name}\""))?;
@@ -249,11 +304,14 @@ impl PgCluster {
     fn start_server(&self) -> Result<(), PgTestError> {
         let data = self.data.display().to_string();
         let log = self.dir.join("server.log").display().to_string();
-        let options = format!(
+        let mut options = format!(
             "-p {} -c listen_addresses=127.0.0.1 -c unix_socket_directories={} -c max_prepared_transactions={MAX_PREPARED_TRANSACTIONS} -c max_connections=300",
             self.port,
             self.dir.display()
         );
+        if self.ssl {
+            options.push_str(" -c ssl=on");
+        }
         self.run(
             "pg_ctl",
             &[

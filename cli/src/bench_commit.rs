@@ -298,7 +298,7 @@ async fn files_concord(
     load(clients, window, move |client, n| {
         let concord = c.clone();
         async move {
-            let mut tx = concord.begin();
+            let mut tx = concord.begin().await?;
             for side in ["a", "b"] {
                 let files = tx.files(side).await?;
                 files

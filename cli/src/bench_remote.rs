@@ -258,7 +258,7 @@ async fn embedded_round(
         let (concord, message) = (c.clone(), Arc::clone(&message));
         async move {
             let name = format!("r{round}-c{client}-{n}");
-            let mut tx = concord.begin();
+            let mut tx = concord.begin().await?;
             let files = tx.files(FILES).await?;
             files.put(&name, &[7u8; FILE_BYTES][..]).await?;
             let mail = tx.mail(EMBEDDED_MAIL).await?;

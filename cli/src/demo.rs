@@ -348,7 +348,7 @@ async fn one_transaction(
     fail: bool,
     postgres: bool,
 ) -> anyhow::Result<bool> {
-    let mut tx = concord.begin();
+    let mut tx = concord.begin().await?;
     if postgres {
         let orders = tx.postgres(PG_RESOURCE).await?;
         let n = i64::try_from(i)?;

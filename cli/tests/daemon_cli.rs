@@ -567,7 +567,7 @@ async fn malformed_and_refused_calls_name_what_is_wrong_and_the_daemon_keeps_ser
     assert_eq!(detail.limit, "txns_per_client_max");
     assert_eq!(detail.limit_value, u64::from(limit));
 
-    // Nothing is in doubt; resolving is not served without an operator token yet.
+    // Nothing is in doubt; an open transaction is not the operator's to resolve.
     let listed = client
         .list_in_doubt(v1::ListInDoubtRequest { header: header() })
         .await
@@ -585,7 +585,8 @@ async fn malformed_and_refused_calls_name_what_is_wrong_and_the_daemon_keeps_ser
         })
         .await
         .unwrap_err();
-    assert_eq!(resolve.code(), Code::Unimplemented);
+    assert_eq!(resolve.code(), Code::FailedPrecondition, "{resolve:?}");
+    assert_eq!(code_of(&resolve), ErrorCode::Refused);
 
     // A message over the size limit, alone or in a stream: RESOURCE_EXHAUSTED naming the limit.
     // The daemon serves on.

@@ -153,9 +153,9 @@ pub async fn prepared_in(name: &str, url: &str, node: u32) -> Result<Vec<Prepare
 /// config check`). Returns where the server is (never the password).
 pub async fn check_reachable(name: &str, url: &str, connect_timeout_ms: u64) -> Result<String> {
     check_name(name)?;
-    let pg = pg_config(name, url, connect_timeout_ms)?;
+    let (pg, tls) = pg_config(name, url, connect_timeout_ms)?;
     let target = target_of(&pg);
-    check_server(name, &pg, &target).await?;
+    check_server(name, &pg, &tls, &target).await?;
     Ok(target)
 }
 

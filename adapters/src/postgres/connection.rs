@@ -12,8 +12,9 @@
 use std::str::FromStr;
 use std::time::Duration;
 
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
 
+use super::tls::{self, PgTls};
 use super::{PostgresConfig, Result, db_error, db_text, redact_url, schema, schema_error};
 use crate::ResourceError;
 
@@ -33,9 +34,9 @@ const TCP_USER_TIMEOUT_MS: u64 = 30_000;
 
 /// Opens one connection outside a pool (for install, replicate and fence).
 pub(super) async fn connect(name: &str, url: &str) -> Result<(Client, String)> {
-    let pg = pg_config(name, url, PostgresConfig::new(url, 0).connect_timeout_ms)?;
+    let (pg, tls) = pg_config(name, url, PostgresConfig::new(url, 0).connect_timeout_ms)?;
     let target = target_of(&pg);
-    Ok((connect_to(name, &pg, &target).await?, target))
+    Ok((connect_to(name, &pg, &tls, &target).await?, target))
 }
 
 /// Connects, the whole handshake bounded by the connect timeout: tokio-postgres bounds only the
@@ -44,13 +45,14 @@ pub(super) async fn connect(name: &str, url: &str) -> Result<(Client, String)> {
 pub(super) async fn connect_to(
     name: &str,
     pg: &tokio_postgres::Config,
+    tls: &PgTls,
     target: &str,
 ) -> Result<Client> {
     let deadline = pg
         .get_connect_timeout()
         .copied()
         .unwrap_or(Duration::from_secs(10));
-    let connecting = tokio::time::timeout(deadline, pg.connect(NoTls))
+    let connecting = tokio::time::timeout(deadline, pg.connect(tls.clone()))
         .await
         .map_err(|_| ResourceError::Unavailable {
             resource: name.to_string(),
@@ -74,9 +76,10 @@ pub(super) async fn connect_to(
 pub(super) async fn check_server(
     name: &str,
     pg: &tokio_postgres::Config,
+    tls: &PgTls,
     target: &str,
 ) -> Result<()> {
-    let client = connect_to(name, pg, target).await?;
+    let client = connect_to(name, pg, tls, target).await?;
     let max: String = client
         .query_one("SHOW max_prepared_transactions", &[])
         .await
@@ -97,12 +100,25 @@ pub(super) async fn check_server(
 
 /// The connection settings of `url`, with concord's defaults for what it leaves unset: TCP
 /// keepalives ([`KEEPALIVES_IDLE_S`] and the next two), [`TCP_USER_TIMEOUT_MS`] and a connect
-/// timeout of `connect_timeout_ms`, so that a dead server or network is noticed.
+/// timeout of `connect_timeout_ms`, so that a dead server or network is noticed; and its TLS
+/// connector (`sslmode`, `sslrootcert`: [`tls`]).
 pub(super) fn pg_config(
     name: &str,
     url: &str,
     connect_timeout_ms: u64,
-) -> Result<tokio_postgres::Config> {
+) -> Result<(tokio_postgres::Config, PgTls)> {
+    let refused = |e: String| {
+        ResourceError::rejected(
+            name,
+            format!(
+                "the connection string {} is invalid: {e}; fix it in the configuration",
+                redact_url(url)
+            ),
+        )
+    };
+    let (driver_url, settings) = tls::split(url).map_err(refused)?;
+    let tls = PgTls::new(settings).map_err(|e| ResourceError::rejected(name, e))?;
+    let url = driver_url.as_str();
     let mut pg = tokio_postgres::Config::from_str(url).map_err(|e| {
         ResourceError::rejected(
             name,
@@ -131,7 +147,7 @@ pub(super) fn pg_config(
     if !url_sets(url, "connect_timeout") {
         pg.connect_timeout(Duration::from_millis(connect_timeout_ms.max(1)));
     }
-    Ok(pg)
+    Ok((pg, tls))
 }
 
 /// The parser's complaint about a connection string, without the character it quotes (which
@@ -182,7 +198,7 @@ mod tests {
 
     #[test]
     fn tcp_defaults_apply_unless_the_connection_string_sets_them() {
-        let pg = pg_config("pg", "host=h user=u dbname=d", 7_000).unwrap();
+        let (pg, _) = pg_config("pg", "host=h user=u dbname=d", 7_000).unwrap();
         assert!(pg.get_keepalives());
         assert_eq!(
             pg.get_keepalives_idle(),
@@ -200,7 +216,7 @@ mod tests {
         assert_eq!(pg.get_connect_timeout(), Some(&Duration::from_secs(7)));
 
         let set = "host=h keepalives_idle=60 keepalives_retries = 9 connect_timeout=2";
-        let pg = pg_config("pg", set, 7_000).unwrap();
+        let (pg, _) = pg_config("pg", set, 7_000).unwrap();
         assert_eq!(pg.get_keepalives_idle(), Duration::from_secs(60));
         assert_eq!(pg.get_keepalives_retries(), Some(9));
         assert_eq!(pg.get_connect_timeout(), Some(&Duration::from_secs(2)));
@@ -211,7 +227,7 @@ mod tests {
 
         // The driver reads `tcp_user_timeout` in seconds (libpq: milliseconds).
         let url = "postgresql://u@h/d?keepalives=0&tcp_user_timeout=5";
-        let pg = pg_config("pg", url, 7_000).unwrap();
+        let (pg, _) = pg_config("pg", url, 7_000).unwrap();
         assert!(!pg.get_keepalives());
         assert_eq!(pg.get_tcp_user_timeout(), Some(&Duration::from_secs(5)));
         assert_eq!(pg.get_connect_timeout(), Some(&Duration::from_secs(7)));

@@ -85,8 +85,8 @@ impl Inner {
         // A connection of its own, outside the pool: it must not hold the session lock shared.
         // Its statements wait for locks at most `wait`, and each answer at most the call
         // timeout: the whole is bounded by their sum (a half-open connection is dropped).
-        let pg = pg_config(&self.name, &self.config.url, self.config.connect_timeout_ms)?;
-        let mut client = connect_to(&self.name, &pg, &self.target).await?;
+        let (pg, tls) = pg_config(&self.name, &self.config.url, self.config.connect_timeout_ms)?;
+        let mut client = connect_to(&self.name, &pg, &tls, &self.target).await?;
         let fenced = async {
             self.end_sessions(&client, started + wait).await?;
             let left = wait.saturating_sub(started.elapsed()).as_millis().max(1);

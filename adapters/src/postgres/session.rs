@@ -48,8 +48,9 @@ use std::task::Poll;
 
 use deadpool_postgres::{ClientWrapper, Connect};
 use tokio::task::JoinHandle;
-use tokio_postgres::tls::NoTlsStream;
-use tokio_postgres::{AsyncMessage, Client, Config, Connection, Error, NoTls, Socket};
+use tokio_postgres::{AsyncMessage, Client, Config, Connection, Error, Socket};
+
+use super::tls::{PgTls, PgTlsStream};
 
 /// What [`Connect::connect`] returns.
 type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -162,6 +163,8 @@ fn key_of(client: &ClientWrapper) -> usize {
 /// Connects like the pool would, but drives the connection itself, counting capture notices.
 pub(super) struct NoticeConnect {
     pub(super) sessions: Weak<Sessions>,
+    /// TLS as the connection string says.
+    pub(super) tls: PgTls,
 }
 
 impl Connect for NoticeConnect {
@@ -171,7 +174,7 @@ impl Connect for NoticeConnect {
     ) -> BoxFuture<'_, Result<(Client, JoinHandle<()>), Error>> {
         let pg_config = pg_config.clone();
         Box::pin(async move {
-            let (client, connection) = pg_config.connect(NoTls).await?;
+            let (client, connection) = pg_config.connect(self.tls.clone()).await?;
             let session = Arc::new(Session::default());
             let _ = CREATED.try_with(|slot| *slot.borrow_mut() = Some(Arc::clone(&session)));
             let driver = drive(connection, session, self.sessions.clone());
@@ -196,7 +199,7 @@ impl Drop for Forget {
 }
 
 async fn drive(
-    mut connection: Connection<Socket, NoTlsStream>,
+    mut connection: Connection<Socket, PgTlsStream<Socket>>,
     session: Arc<Session>,
     sessions: Weak<Sessions>,
 ) {

@@ -22,6 +22,25 @@ pub const CLOSE_MS_MAX: u64 = 10_000;
 pub const STREAM_CHUNKS_BUFFERED: usize = 4;
 /// How long a TLS handshake may take before the connection is dropped (milliseconds).
 pub const TLS_HANDSHAKE_MS_MAX: u64 = 10_000;
+/// The most client connections open at once; one more is accepted and closed at once.
+pub const CONNECTIONS_MAX: usize = 512;
+/// How long a new connection has to send its first [`HANDSHAKE_BYTES`] bytes (milliseconds).
+pub const HANDSHAKE_TIMEOUT_MS: u64 = 5_000;
+/// The bytes a new connection must send within [`HANDSHAKE_TIMEOUT_MS`]: the HTTP/2 preface
+/// (or, over TLS, the start of its ClientHello).
+pub const HANDSHAKE_BYTES: usize = 24;
+/// How long the accept loop waits after an error that is not about one connection (out of file
+/// descriptors, say) before it accepts again (milliseconds).
+pub const ACCEPT_BACKOFF_MS: u64 = 100;
+/// Concurrent HTTP/2 streams (calls) per connection.
+pub const STREAMS_PER_CONNECTION_MAX: u32 = 128;
+/// The largest header list of one call (bytes, as HTTP/2 counts them).
+pub const HEADER_LIST_BYTES_MAX: u32 = 16 << 10;
+/// How long a connection may stay silent before the daemon sends it an HTTP/2 PING
+/// (milliseconds) …
+pub const KEEPALIVE_INTERVAL_MS: u64 = 10_000;
+/// … and how long the PING may stay unanswered before the connection is closed (milliseconds).
+pub const KEEPALIVE_TIMEOUT_MS: u64 = 5_000;
 
 /// The address the daemon listens on (`--listen`, else the table's `listen`), once the table
 /// can serve there (`any_address`: `--listen-any`).

@@ -1,15 +1,25 @@
-//! The status of a message over the configured `message_bytes_max`, as `coordinator.proto`'s table says it:
-//! RESOURCE_EXHAUSTED with `LIMIT_EXCEEDED`, `limit = message_bytes_max`.
+//! The refusals tonic makes before the service sees a request, as `coordinator.proto`'s table
+//! says them, each with an `ErrorDetail`:
 //!
-//! tonic's decoder refuses such a message before the service sees it, with OUT_OF_RANGE and no
-//! details. [`Oversize`] wraps the generated server and rewrites that one answer (a unary call's
-//! status travels in the response headers); [`is_oversize`] tells it apart for the chunks of a
-//! client stream, which the service reads itself.
+//! * a message over `message_bytes_max` (tonic: OUT_OF_RANGE, no details): RESOURCE_EXHAUSTED
+//!   with `LIMIT_EXCEEDED`, `limit = message_bytes_max`;
+//! * a message that does not decode — bytes that are no protobuf message of the request's
+//!   type, a bad compression flag, a stream cut inside a message (tonic: INTERNAL, as if the
+//!   daemon had failed): INVALID_ARGUMENT naming the request message;
+//! * a method the service does not have (the generated server: UNIMPLEMENTED with no message):
+//!   UNIMPLEMENTED with `INCOMPATIBLE_SCHEMA` and the method's name, the mark of a client
+//!   generated from another schema.
+//!
+//! [`Oversize`] wraps the generated server and rewrites those answers (a unary call's status
+//! travels in the response headers); [`refusal`] does the same for the messages of a client
+//! stream, which the service reads itself.
 //!
 //! # Caveats
 //!
-//! * tonic's words are the only mark of its refusal: a tonic upgrade that rewords them leaves
-//!   its OUT_OF_RANGE as it is (the daemon's tests catch that).
+//! * tonic's words are the only mark of its refusals: a tonic upgrade that rewords them leaves
+//!   its status as it is (the daemon's tests catch that).
+//! * A path outside `concord.v1.Coordinator` never reaches this wrapper: tonic's router answers
+//!   it UNIMPLEMENTED without details.
 
 use std::convert::Infallible;
 use std::task::{Context, Poll};
@@ -20,13 +30,74 @@ use tonic::codegen::{BoxFuture, Service};
 use tonic::server::NamedService;
 
 use super::errors;
+use proto::v1::{ErrorCode, ErrorDetail};
 
 /// What tonic's decoder says of a message over its limit.
 const TONIC_WORDS: &str = "decoded message length too large";
 
+/// How tonic's INTERNAL statuses about a malformed request message begin.
+const MALFORMED_WORDS: [&str; 3] = [
+    "failed to decode Protobuf message",
+    "protocol error: received message",
+    "Unexpected EOF decoding stream",
+];
+
 /// Whether `status` is tonic's refusal of a message over the size limit.
 pub fn is_oversize(status: &tonic::Status) -> bool {
     status.code() == tonic::Code::OutOfRange && status.message().contains(TONIC_WORDS)
+}
+
+/// Whether `status` is tonic's refusal of a request message that does not decode.
+fn is_malformed(status: &tonic::Status) -> bool {
+    status.code() == tonic::Code::Internal
+        && MALFORMED_WORDS
+            .iter()
+            .any(|w| status.message().starts_with(w))
+}
+
+/// The daemon's status for one of tonic's refusals of a message of type `message` (the request
+/// message's name, `FilesPutRequest`); any other status as it is.
+pub fn refusal(status: tonic::Status, message: &str, message_bytes_max: usize) -> tonic::Status {
+    if is_oversize(&status) {
+        self::status(status.message(), message_bytes_max)
+    } else if is_malformed(&status) {
+        malformed(message, status.message())
+    } else {
+        status
+    }
+}
+
+/// INVALID_ARGUMENT for a request message that does not decode.
+fn malformed(message: &str, tonic_words: &str) -> tonic::Status {
+    proto::error_status(
+        format!("a malformed {message} ({tonic_words}): send a message of concord.v1"),
+        &ErrorDetail {
+            field: message.to_string(),
+            ..errors::detail(ErrorCode::InvalidArgument, None)
+        },
+    )
+}
+
+/// UNIMPLEMENTED, with `INCOMPATIBLE_SCHEMA`, for a method the service lacks.
+fn unknown_method(path: &str) -> tonic::Status {
+    let with_detail = proto::error_status(
+        format!(
+            "{path} is no method of this daemon's concord.v1 (schema revision {}): use a client generated from its coordinator.proto",
+            proto::SCHEMA_VERSION
+        ),
+        &errors::detail(ErrorCode::IncompatibleSchema, None),
+    );
+    tonic::Status::with_details(
+        tonic::Code::Unimplemented,
+        with_detail.message(),
+        with_detail.details().to_vec().into(),
+    )
+}
+
+/// The request message's name of a call to `path` (`/concord.v1.Coordinator/FilesPut` →
+/// `FilesPutRequest`).
+fn request_message(path: &str) -> String {
+    format!("{}Request", path.rsplit('/').next().unwrap_or_default())
 }
 
 /// The daemon's status for a message over the size limit (`message_bytes_max`).
@@ -73,16 +144,22 @@ where
     }
 
     fn call(&mut self, request: Request<Body>) -> Self::Future {
+        let path = request.uri().path().to_string();
         let answer = self.inner.call(request);
         let limit = self.message_bytes_max;
         Box::pin(async move {
             let response = answer.await?;
-            match tonic::Status::from_header_map(response.headers()) {
-                Some(refused) if is_oversize(&refused) => {
-                    Ok(status(refused.message(), limit).into_http())
-                }
-                _ => Ok(response),
+            let Some(refused) = tonic::Status::from_header_map(response.headers()) else {
+                return Ok(response);
+            };
+            if refused.code() == tonic::Code::Unimplemented && refused.message().is_empty() {
+                return Ok(unknown_method(&path).into_http());
             }
+            if is_oversize(&refused) || is_malformed(&refused) {
+                let message = request_message(&path);
+                return Ok(refusal(refused, &message, limit).into_http());
+            }
+            Ok(response)
         })
     }
 }

@@ -7,25 +7,39 @@
 //! for an xid no longer in memory reads the journal's ledger. A transaction a client abandons
 //! stays open in the coordinator, whose reaper rolls it back at `txn_timeout_ms`.
 //!
+//! # PostgreSQL branches, operator calls, timeouts
+//!
+//! An application's PostgreSQL branch runs in the application, on its own connection, and is
+//! prepared there; `EnlistPrepared` checks the xid is open, the resource is a postgres one of
+//! the configuration, the gid is `concord:<xid>:<resource>` and the redo is the JSON array
+//! `concord.prepare_branch` returned, then has the resource adopt the prepared branch
+//! (`PostgresResource::adopt_prepared`: the gid must be in `pg_prepared_xacts`) and joins it
+//! (`Coordinator::join_prepared`): from there the coordinator finishes it by gid. Enlisting
+//! after the transaction timed out rolls the branch back at once; enlisting after commit or
+//! rollback began is refused, and a branch the transaction never had is rolled back then.
+//! `Resolve` is the coordinator's `resolve` (what `concord txn resolve` does). `ListInDoubt`
+//! lists what the coordinator holds in memory past `Begin` (committing, rolling back, in
+//! doubt) and, as `concord txn list` does, the prepared branches of every resource that no
+//! transaction here holds, with what the journal says of them. `BeginRequest.timeout_ms` is
+//! the transaction's own timeout, capped at `txn_timeout_ms`.
+//!
 //! # Caveats
 //!
 //! * `FilesRead` reads the whole file through the branch (the participant has no streamed
 //!   read yet) and sends it in chunks; a file the branch does not find is told apart by the
 //!   resource's refusal text.
-//! * `EnlistPrepared` and `Resolve` answer UNIMPLEMENTED for now (`Resolve` waits for the
-//!   operator token: served without credentials, anyone reaching the port could decide).
-//! * `ListInDoubt` lists what the coordinator holds in memory (transactions past `Begin` that
-//!   are committing, rolling back or in doubt); unlike `concord txn list` it does not ask the
-//!   resources for prepared branches no decision names.
+//! * `ListInDoubt` reads the whole retained journal on each call, and leaves out (with a
+//!   warning in the daemon's output) the resources that cannot list their prepared branches.
+//! * A late enlisting of an xid this daemon no longer holds in memory (past
+//!   `FINISHED_KEEP_MS`) is answered `UNKNOWN_XID`, and its branch is left to the orphan
+//!   sweeper.
 //! * The open transactions per client are counted by the client's name (its token), and by
 //!   peer IP address for calls without a token (`unauthenticated = true`).
-//! * `BeginRequest.timeout_ms` is not honoured: the coordinator has one timeout for every
-//!   transaction (`txn_timeout_ms`), which `BeginResponse.timeout_ms` returns.
 //! * A call on a transaction waits for its commit or rollback in flight (`Outcome` included):
 //!   it answers the outcome once there is one, within the call's deadline.
 //! * `Status` reports every resource healthy: the coordinator has no health probe yet.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -33,6 +47,7 @@ use std::time::{Duration, Instant};
 
 use adapters::Xid;
 use adapters::config::DaemonLimits;
+use adapters::postgres::PostgresResource;
 use coordinator::ledger::Verdict;
 use coordinator::{CoordError, Outcome};
 use participant::{
@@ -82,6 +97,9 @@ impl Handle {
 struct TxnState {
     tx: Transaction,
     handles: HashMap<String, Handle>,
+    /// The PostgreSQL branches the application prepared and enlisted (kept after the end, so
+    /// that a retried enlisting is told apart from a late one).
+    enlisted: Vec<String>,
     ended: Option<Ended>,
 }
 
@@ -101,6 +119,13 @@ struct Entry {
     /// Its place in its peer's count of open transactions, until it finishes.
     slot: Mutex<Option<Slot>>,
     state: tokio::sync::Mutex<TxnState>,
+}
+
+impl TxnState {
+    /// How many branches the transaction has: joined here, or enlisted.
+    fn branches(&self) -> usize {
+        self.handles.len() + self.enlisted.len()
+    }
 }
 
 impl Entry {
@@ -226,7 +251,7 @@ impl Daemon {
             Some(h) => h.clone(),
             None => {
                 let branches_max = self.config.daemon.limits.branches_per_txn_max;
-                if st.handles.len() >= branches_max as usize {
+                if st.branches() >= branches_max as usize {
                     return Err(errors::limit(
                         "branches_per_txn_max",
                         u64::from(branches_max),
@@ -308,6 +333,122 @@ impl Daemon {
     }
 }
 
+impl Daemon {
+    /// The configured postgres resource `name`, for enlisting a branch of `xid` in it.
+    fn enlisted_resource(&self, xid: Xid, name: &str) -> Result<&PostgresResource, Status> {
+        let coordinator = self.concord.coordinator();
+        let resource = coordinator
+            .resource(name)
+            .map_err(|e| errors::coord_status(xid, &e))?;
+        let wrong_kind = || {
+            let e = ConcordError::WrongKind {
+                name: name.to_string(),
+                expected: "postgres",
+            };
+            errors::status(xid, &e)
+        };
+        if self.config.resources.get(name).map(|r| r.kind()) != Some("postgres") {
+            return Err(wrong_kind());
+        }
+        resource
+            .as_any()
+            .downcast_ref::<PostgresResource>()
+            .ok_or_else(wrong_kind)
+    }
+
+    /// The answer to an enlisting after the transaction's commit or rollback began. A branch
+    /// the transaction never had is no part of it: it is rolled back now (else the orphan
+    /// sweeper would find its xid decided and commit it).
+    async fn late_enlisting(&self, st: &TxnState, xid: Xid, name: &str) -> Status {
+        let e = ConcordError::Finished {
+            xid,
+            state: "committed or rolled back",
+        };
+        if st.enlisted.iter().all(|n| n != name)
+            && let Ok(resource) = self.concord.coordinator().resource(name)
+            && let Err(e) = resource.rollback(&xid).await
+        {
+            tracing::warn!(%xid, resource = name, error = %e, "roll back a branch enlisted after its transaction ended");
+        }
+        errors::status(xid, &e)
+    }
+
+    /// Every configured resource's prepared branches (`recover`), by xid; a resource that
+    /// cannot answer within `call_timeout_ms` is logged and left out.
+    async fn prepared_branches(&self) -> BTreeMap<Xid, Vec<String>> {
+        let coordinator = self.concord.coordinator();
+        let deadline = Duration::from_millis(self.config.call_timeout_ms);
+        let mut out: BTreeMap<Xid, Vec<String>> = BTreeMap::new();
+        for name in self.config.resources.keys() {
+            let Ok(resource) = coordinator.resource(name) else {
+                continue;
+            };
+            match tokio::time::timeout(deadline, resource.recover()).await {
+                Ok(Ok(xids)) => {
+                    for xid in xids {
+                        out.entry(xid).or_default().push(name.clone());
+                    }
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!(resource = %name, error = %e, "ListInDoubt: list prepared branches")
+                }
+                Err(_) => {
+                    tracing::warn!(resource = %name, "ListInDoubt: list prepared branches: no answer within call_timeout_ms")
+                }
+            }
+        }
+        out
+    }
+
+    /// The journal's ledger (read on the blocking pool).
+    async fn ledger(&self) -> Result<coordinator::ledger::Ledger, Status> {
+        let concord = self.concord.clone();
+        tokio::task::spawn_blocking(move || {
+            coordinator::runtime::read_ledger(concord.coordinator().journal())
+        })
+        .await
+        .map_err(|e| Status::internal(format!("read the journal: {e}")))?
+        .map_err(|e| Status::internal(format!("read the journal: {e}")))
+    }
+}
+
+/// Checks that `gid` is the gid of `xid`'s branch in resource `name`.
+fn check_gid(xid: Xid, name: &str, gid: &str) -> Result<(), Status> {
+    let expected = format!("concord:{xid}:{name}");
+    if gid == expected {
+        return Ok(());
+    }
+    Err(proto::WireError::Invalid {
+        field: "EnlistPreparedRequest.gid",
+        reason: format!(
+            "{gid:?} is not the gid of transaction {xid}'s branch in {name}: prepare it as {expected:?}"
+        ),
+    }
+    .into())
+}
+
+/// The redo text of an enlisting: what `concord.prepare_branch` returned (empty: no row
+/// images), checked to be a JSON array of row images.
+fn redo_text(redo: &[u8]) -> Result<&str, Status> {
+    let invalid = |reason: String| -> Status {
+        proto::WireError::Invalid {
+            field: "EnlistPreparedRequest.redo",
+            reason,
+        }
+        .into()
+    };
+    if redo.is_empty() {
+        return Ok("[]");
+    }
+    let text = std::str::from_utf8(redo).map_err(|e| {
+        invalid(format!(
+            "not UTF-8 ({e}): send the text concord.prepare_branch returned"
+        ))
+    })?;
+    adapters::postgres::check_redo_text(text).map_err(invalid)?;
+    Ok(text)
+}
+
 /// The wire outcome of a transaction that ended.
 fn txn_outcome(xid: Xid, ended: &Ended) -> v1::TxnOutcome {
     let state = match ended {
@@ -337,13 +478,18 @@ fn peer<T>(request: &Request<T>) -> ClientKey {
 }
 
 /// The first message of a client stream, which must be its start.
-async fn stream_start<M, S>(stream: &mut Streaming<M>, field: &'static str) -> Result<S, Status>
+async fn stream_start<M, S>(
+    stream: &mut Streaming<M>,
+    field: &'static str,
+    message_bytes_max: usize,
+) -> Result<S, Status>
 where
     StreamPart<S>: TryFrom<M, Error = proto::WireError>,
 {
     let first = stream
         .message()
-        .await?
+        .await
+        .map_err(|status| oversize::refusal(status, message_of(field), message_bytes_max))?
         .ok_or(proto::WireError::Missing { field })?;
     match StreamPart::<S>::try_from(first)? {
         StreamPart::Start(s) => Ok(s),
@@ -353,6 +499,11 @@ where
         }
         .into()),
     }
+}
+
+/// The message name of a `message.field` name.
+fn message_of(field: &str) -> &str {
+    field.split('.').next().unwrap_or(field)
 }
 
 /// Feeds the rest of a client stream's chunks into a reader, in a task of its own; `declared`:
@@ -373,10 +524,11 @@ where
             let chunk = match stream.message().await {
                 Ok(Some(m)) => m.into_chunk(field),
                 Ok(None) => break,
-                Err(status) if oversize::is_oversize(&status) => {
-                    Err(oversize::status(status.message(), limits.message_bytes_max))
-                }
-                Err(status) => Err(status),
+                Err(status) => Err(oversize::refusal(
+                    status,
+                    message_of(field),
+                    limits.message_bytes_max,
+                )),
             };
             let chunk = match chunk {
                 Ok(c) if c.len() > limits.chunk_bytes_max => Err(errors::limit(
@@ -496,11 +648,20 @@ impl Service for Daemon {
                 "this client has as many open transactions as it may: commit or roll one back",
             ));
         }
-        // The coordinator's timeout holds for every transaction (see the module's caveats).
-        let _ = begin.timeout_ms;
-        let timeout_ms = self.config.txn_timeout_ms;
-        let tx = self.concord.begin();
+        // The client's own timeout, capped at the configured one.
+        let timeout_ms = begin.timeout_ms.map_or(self.config.txn_timeout_ms, |t| {
+            t.min(self.config.txn_timeout_ms)
+        });
+        let tx = self
+            .concord
+            .begin()
+            .await
+            .map_err(|e| Status::internal(format!("begin a transaction: {e}")))?;
         let xid = tx.xid();
+        self.concord
+            .coordinator()
+            .set_timeout(&xid, Duration::from_millis(timeout_ms))
+            .map_err(|e| errors::coord_status(xid, &e))?;
         let entry = Entry {
             peer,
             started: Instant::now(),
@@ -509,6 +670,7 @@ impl Service for Daemon {
             state: tokio::sync::Mutex::new(TxnState {
                 tx,
                 handles: HashMap::new(),
+                enlisted: Vec::new(),
                 ended: None,
             }),
         };
@@ -526,8 +688,12 @@ impl Service for Daemon {
         request: Request<Streaming<v1::FilesPutRequest>>,
     ) -> Result<Response<v1::FilesPutResponse>, Status> {
         let mut stream = request.into_inner();
-        let start: proto::convert::FilePut =
-            stream_start(&mut stream, "FilesPutRequest.part").await?;
+        let start: proto::convert::FilePut = stream_start(
+            &mut stream,
+            "FilesPutRequest.part",
+            self.config.daemon.limits.message_bytes_max,
+        )
+        .await?;
         let xid = start.target.xid;
         let Handle::Files(files) = self.handle(&start.target, "files").await? else {
             return Err(Status::internal("a files handle of another kind"));
@@ -598,7 +764,12 @@ impl Service for Daemon {
         request: Request<Streaming<v1::MailEnqueueRequest>>,
     ) -> Result<Response<v1::MailEnqueueResponse>, Status> {
         let mut stream = request.into_inner();
-        let target: BranchTarget = stream_start(&mut stream, "MailEnqueueRequest.part").await?;
+        let target: BranchTarget = stream_start(
+            &mut stream,
+            "MailEnqueueRequest.part",
+            self.config.daemon.limits.message_bytes_max,
+        )
+        .await?;
         let Handle::Mail(mail) = self.handle(&target, "mail").await? else {
             return Err(Status::internal("a mail handle of another kind"));
         };
@@ -664,10 +835,47 @@ impl Service for Daemon {
         &self,
         request: Request<v1::EnlistPreparedRequest>,
     ) -> Result<Response<v1::EnlistPreparedResponse>, Status> {
-        proto::convert::EnlistPrepared::try_from(request.into_inner())?;
-        Err(Status::unimplemented(
-            "EnlistPrepared is not served by this daemon yet: run the PostgreSQL branch embedded",
-        ))
+        let enlist = proto::convert::EnlistPrepared::try_from(request.into_inner())?;
+        let xid = enlist.target.xid;
+        let name = enlist.target.resource.as_str();
+        let entry = self.entry(xid)?;
+        let pg = self.enlisted_resource(xid, name)?;
+        check_gid(xid, name, &enlist.gid)?;
+        let redo_text = redo_text(&enlist.redo)?;
+        let mut st = entry.state.lock().await;
+        if st.ended.is_some() {
+            return Err(self.late_enlisting(&st, xid, name).await);
+        }
+        if st.enlisted.iter().any(|n| n == name) {
+            // A retried enlisting: the branch is the transaction's already.
+            return Ok(Response::new(v1::EnlistPreparedResponse {}));
+        }
+        let branches_max = self.config.daemon.limits.branches_per_txn_max;
+        if st.branches() >= branches_max as usize {
+            return Err(errors::limit(
+                "branches_per_txn_max",
+                u64::from(branches_max),
+                &format!("transaction {xid} has as many branches as it may"),
+            ));
+        }
+        let coordinator = self.concord.coordinator();
+        if let Err(e) = coordinator.check_open(&xid) {
+            if matches!(e, CoordError::TimedOut { .. }) {
+                // Rolls the branch back at once: nothing can commit it any more.
+                let _ = coordinator.join_prepared(&xid, name).await;
+                self.notice_timeout(&entry, &mut st, xid);
+            }
+            return Err(errors::coord_status(xid, &e));
+        }
+        pg.adopt_prepared(&xid, redo_text)
+            .await
+            .map_err(|e| errors::status(xid, &ConcordError::Resource(e)))?;
+        coordinator
+            .join_prepared(&xid, name)
+            .await
+            .map_err(|e| errors::coord_status(xid, &e))?;
+        st.enlisted.push(name.to_string());
+        Ok(Response::new(v1::EnlistPreparedResponse {}))
     }
 
     async fn commit(
@@ -791,11 +999,9 @@ impl Service for Daemon {
     ) -> Result<Response<v1::ListInDoubtResponse>, Status> {
         request.get_ref().check()?;
         let timeout = Duration::from_millis(self.config.txn_timeout_ms);
-        let transactions = self
-            .concord
-            .coordinator()
-            .list()
-            .into_iter()
+        let listed = self.concord.coordinator().list();
+        let mut transactions: Vec<v1::InDoubtTxn> = listed
+            .iter()
             .filter(|t| t.state != "open")
             .map(|t| v1::InDoubtTxn {
                 xid: xid_text(t.xid),
@@ -806,9 +1012,27 @@ impl Service for Daemon {
                 } as i32,
                 age_ms: Some(u64::try_from(t.age.as_millis()).unwrap_or(u64::MAX)),
                 branches: t.pending().map(|(name, _, _)| name.clone()).collect(),
-                state: t.state,
+                state: t.state.clone(),
             })
             .collect();
+        // Prepared branches that no transaction here holds (a timed-out one holds nothing: its
+        // branches were rolled back, and one prepared after that is the sweeper's or an
+        // operator's).
+        let held: HashSet<Xid> = listed
+            .iter()
+            .filter(|t| t.state != "timed out")
+            .map(|t| t.xid)
+            .collect();
+        let prepared = self.prepared_branches().await;
+        let ledger = self.ledger().await?;
+        let rows = crate::txn::prepared_rows(&ledger, prepared, |xid| held.contains(xid));
+        transactions.extend(rows.into_iter().map(|row| v1::InDoubtTxn {
+            xid: row.xid,
+            state: row.state,
+            standing: v1::Standing::Unknown as i32,
+            age_ms: row.age_ms,
+            branches: row.branches,
+        }));
         Ok(Response::new(v1::ListInDoubtResponse { transactions }))
     }
 
@@ -816,10 +1040,18 @@ impl Service for Daemon {
         &self,
         request: Request<v1::ResolveRequest>,
     ) -> Result<Response<v1::ResolveResponse>, Status> {
-        coordinator::resolve::ResolveRequest::try_from(request.into_inner())?;
-        Err(Status::unimplemented(
-            "Resolve is not served by this daemon yet: use `concord txn resolve` on its host",
-        ))
+        let request = coordinator::resolve::ResolveRequest::try_from(request.into_inner())?;
+        let xid = request.xid;
+        let report = self
+            .concord
+            .coordinator()
+            .resolve(&request)
+            .await
+            .map_err(|e| errors::coord_status(xid, &e))?;
+        // An outcome remembered from before the resolution is stale: `Outcome` reads the
+        // journal from now on.
+        self.txns().retain(|x, e| *x != xid || !e.is_ended());
+        Ok(Response::new(v1::ResolveResponse::from(&report)))
     }
 
     async fn health(
