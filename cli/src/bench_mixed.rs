@@ -62,7 +62,7 @@ pub(crate) async fn rounds(
 }
 
 /// A message of about [`FILE_BYTES`] bytes, CRLF line endings.
-fn message() -> anyhow::Result<Vec<u8>> {
+pub(crate) fn message() -> anyhow::Result<Vec<u8>> {
     let line = "The quick brown fox jumps over the lazy dog, again and again.\n";
     let body = line.repeat(FILE_BYTES / 2 / line.len());
     let built = MessageBuilder::new()

@@ -45,6 +45,7 @@ mod auth;
 mod config;
 mod errors;
 mod incoming;
+mod open_slots;
 mod oversize;
 mod service;
 mod stream;

@@ -61,6 +61,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::auth::Caller;
 use super::config::{FINISHED_KEEP_MS, STREAM_CHUNKS_BUFFERED, limits};
+use super::open_slots::{OpenSlots, PrunePacer, Slot};
 use super::stream::{self, ChunkReader};
 use super::{errors, oversize};
 
@@ -103,7 +104,7 @@ struct TxnState {
 }
 
 /// Whose open transactions a transaction counts among (`txns_per_client_max`).
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 enum ClientKey {
     /// A client by the name of its token.
     Named(Arc<str>),
@@ -115,6 +116,8 @@ struct Entry {
     peer: ClientKey,
     started: Instant,
     ended_at: Mutex<Option<Instant>>,
+    /// Its place in its peer's count of open transactions, until it finishes.
+    slot: Mutex<Option<Slot>>,
     state: tokio::sync::Mutex<TxnState>,
 }
 
@@ -136,6 +139,8 @@ pub struct Daemon {
     concord: Concord,
     config: Config,
     txns: Mutex<HashMap<Xid, Arc<Entry>>>,
+    open: OpenSlots<ClientKey>,
+    pacer: PrunePacer,
     draining: AtomicBool,
     in_flight: AtomicUsize,
     settled: Notify,
@@ -159,6 +164,8 @@ impl Daemon {
             concord,
             config,
             txns: Mutex::new(HashMap::new()),
+            open: OpenSlots::default(),
+            pacer: PrunePacer::new(),
             draining: AtomicBool::new(false),
             in_flight: AtomicUsize::new(0),
             settled: Notify::new(),
@@ -277,6 +284,9 @@ impl Daemon {
         st.handles.clear();
         if let Ok(mut at) = entry.ended_at.lock() {
             *at = Some(Instant::now());
+        }
+        if let Ok(mut slot) = entry.slot.lock() {
+            slot.take();
         }
     }
 
@@ -624,9 +634,14 @@ impl Service for Daemon {
         if self.draining.load(Ordering::SeqCst) {
             return Err(errors::draining());
         }
-        self.prune();
+        if self.pacer.due() {
+            self.prune();
+            self.open.forget_idle();
+        }
         let txns_max = self.config.daemon.limits.txns_per_client_max;
-        if self.open_of(&peer) >= txns_max as usize {
+        // The count is an upper bound: checked exactly only at the limit.
+        let (slot, open) = self.open.take(&peer);
+        if open >= txns_max as usize && self.open_of(&peer) >= txns_max as usize {
             return Err(errors::limit(
                 "txns_per_client_max",
                 u64::from(txns_max),
@@ -651,6 +666,7 @@ impl Service for Daemon {
             peer,
             started: Instant::now(),
             ended_at: Mutex::new(None),
+            slot: Mutex::new(Some(slot)),
             state: tokio::sync::Mutex::new(TxnState {
                 tx,
                 handles: HashMap::new(),
@@ -1125,6 +1141,85 @@ mod tests {
             .unwrap();
         assert_eq!(health.into_inner().serving, v1::Serving::Draining as i32);
         assert!(daemon.wait_settled(Duration::from_secs(1)).await);
+        assert!(daemon.release().close(Duration::from_secs(10)).await);
+    }
+
+    /// The open transactions of a client are counted as they begin and end: the limit holds,
+    /// and a place is free again as soon as one of them ends.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_client_gets_its_open_transactions_and_no_more() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = Config::embedded(dir.path());
+        let concord = Concord::open(config.clone()).await.unwrap();
+        let txns_max = config.daemon.limits.txns_per_client_max;
+        let daemon = Daemon::new(concord, config);
+        let begin = || {
+            daemon.begin(Request::new(v1::BeginRequest {
+                header: Some(v1::RequestHeader::current("test")),
+                timeout_ms: None,
+            }))
+        };
+        let mut xids = Vec::new();
+        for _ in 0..txns_max {
+            xids.push(begin().await.unwrap().into_inner().xid);
+        }
+        let refused = begin().await.unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::ResourceExhausted);
+        let detail = proto::error_detail(&refused).unwrap().unwrap();
+        assert_eq!(detail.limit, "txns_per_client_max");
+        daemon
+            .rollback(Request::new(v1::RollbackRequest {
+                header: Some(v1::RequestHeader::current("test")),
+                xid: xids.pop().unwrap(),
+                reason: String::new(),
+            }))
+            .await
+            .unwrap();
+        assert!(
+            begin().await.is_ok(),
+            "the place of the rolled back one is free"
+        );
+        assert!(begin().await.is_err());
+        assert!(daemon.release().close(Duration::from_secs(10)).await);
+    }
+
+    /// The daemon holds every finished transaction for `FINISHED_KEEP_MS`; a `Begin` that
+    /// walked them all (to forget old ones, to count the client's open ones) made a run of N
+    /// transactions take time quadratic in N.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn begin_does_not_walk_every_transaction_held() {
+        const TXNS: usize = 20_000;
+        const BOUND_MS: u64 = 10_000;
+        let dir = tempfile::tempdir().unwrap();
+        let config = Config::embedded(dir.path());
+        let concord = Concord::open(config.clone()).await.unwrap();
+        let daemon = Daemon::new(concord, config);
+        let header = || Some(v1::RequestHeader::current("test"));
+        let started = Instant::now();
+        for _ in 0..TXNS {
+            let begun = daemon
+                .begin(Request::new(v1::BeginRequest {
+                    header: header(),
+                    timeout_ms: None,
+                }))
+                .await
+                .unwrap()
+                .into_inner();
+            daemon
+                .rollback(Request::new(v1::RollbackRequest {
+                    header: header(),
+                    xid: begun.xid,
+                    reason: String::new(),
+                }))
+                .await
+                .unwrap();
+        }
+        let took = started.elapsed();
+        assert_eq!(daemon.txns().len(), TXNS, "finished transactions are held");
+        assert!(
+            took < Duration::from_millis(BOUND_MS),
+            "{TXNS} begins and rollbacks took {took:?}"
+        );
         assert!(daemon.release().close(Duration::from_secs(10)).await);
     }
 }
