@@ -85,6 +85,9 @@
 //!   database up and looking at it without opening the resource;
 //! * `branch` — [`PgBranch`], begin, prepare, commit and rollback by gid, recover;
 //! * `one_phase` — the one-phase path and the outcome of a commit whose answer was lost;
+//! * `remote` — a branch prepared by a remote application
+//!   ([`PostgresResource::prepare_for_enlist`]) and adopted by the coordinator daemon
+//!   ([`PostgresResource::adopt_prepared`]), which finishes it by gid;
 //! * `fence` — the session lock, the fence lock and raising the epoch;
 //! * `replay` — the redo format ([`decode_redo`]) and its replay;
 //! * `connection` — connection settings, a bounded connect, the checks before the pool opens;
@@ -102,6 +105,7 @@ mod branch;
 mod connection;
 mod fence;
 mod one_phase;
+mod remote;
 mod replay;
 pub mod schema;
 mod secret;
@@ -110,6 +114,7 @@ mod tls;
 
 pub use admin::{check_reachable, install, prepared_in, replicate};
 pub use branch::PgBranch;
+pub use remote::{ENLIST_REDO_BYTES_MAX, check_redo_text};
 pub use replay::decode_redo;
 pub use secret::{redact_url, with_password};
 

@@ -87,7 +87,12 @@ pub struct CommitBenchArgs {
     /// What every transaction writes: `files` (a file in each of two files resources), `null`
     /// (two branches that do nothing) or `files,mail,kv` (a file, a mail and a key: three
     /// branches).
-    #[arg(long, value_enum, value_delimiter = ',', required = true)]
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        required_unless_present = "remote"
+    )]
     pub resource: Vec<BenchResource>,
     /// Concurrent clients to measure, comma-separated (default: 1,8,32,128 for files and
     /// files,mail,kv; 1,32,256 for null).
@@ -99,6 +104,17 @@ pub struct CommitBenchArgs {
     /// One JSON object per configuration.
     #[arg(long)]
     pub json: bool,
+    /// Measure the files,mail,kv workload embedded and through a coordinator daemon (a child
+    /// process) in one run (default clients: 1,8,32).
+    #[arg(long)]
+    pub remote: bool,
+    /// With --remote: transactions per side and configuration.
+    #[arg(long, default_value_t = 4000, requires = "remote")]
+    pub transactions: u64,
+    /// With --remote: where the remote clients run: tasks of this process, or a few client
+    /// processes; each client has a connection of its own either way.
+    #[arg(long, value_enum, default_value_t = crate::bench_remote::Shape::Tasks, requires = "remote")]
+    pub remote_shape: crate::bench_remote::Shape,
 }
 
 #[derive(Serialize, Debug)]
@@ -115,6 +131,9 @@ struct Row {
 pub fn run(args: CommitBenchArgs) -> anyhow::Result<()> {
     if !(args.seconds > 0.0 && args.seconds <= 600.0) {
         bail!("--seconds must be above 0 and at most 600");
+    }
+    if args.remote {
+        return remote(&args);
     }
     let workload = Workload::from_resources(&args.resource)?;
     let clients = match args.clients.is_empty() {
@@ -177,6 +196,23 @@ pub fn run(args: CommitBenchArgs) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// `--remote`: the files,mail,kv workload embedded and through a daemon ([`crate::bench_remote`]).
+fn remote(args: &CommitBenchArgs) -> anyhow::Result<()> {
+    if !args.resource.is_empty()
+        && Workload::from_resources(&args.resource)? != Workload::FilesMailKv
+    {
+        bail!("--remote measures the files,mail,kv workload only");
+    }
+    let clients = match args.clients.is_empty() {
+        false => args.clients.clone(),
+        true => crate::bench_remote::CLIENTS_DEFAULT.to_vec(),
+    };
+    if clients.iter().any(|&c| c == 0 || c > 4096) {
+        bail!("--clients must be between 1 and 4096");
+    }
+    crate::bench_remote::run(&clients, args.transactions, args.remote_shape, args.json)
 }
 
 /// The files benchmark at `clients`: [`ROUNDS`] rounds of a baseline window then a
@@ -262,7 +298,7 @@ async fn files_concord(
     load(clients, window, move |client, n| {
         let concord = c.clone();
         async move {
-            let mut tx = concord.begin();
+            let mut tx = concord.begin().await?;
             for side in ["a", "b"] {
                 let files = tx.files(side).await?;
                 files

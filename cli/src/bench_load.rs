@@ -30,6 +30,16 @@ impl Measured {
         self.latencies_us.extend(other.latencies_us);
     }
 
+    /// Adds the latencies of transactions measured elsewhere (microseconds).
+    pub(crate) fn extend(&mut self, latencies_us: Vec<u64>) {
+        self.latencies_us.extend(latencies_us);
+    }
+
+    /// Every latency measured (microseconds).
+    pub(crate) fn latencies_us(&self) -> &[u64] {
+        &self.latencies_us
+    }
+
     pub(crate) fn tx_per_s(&self) -> f64 {
         self.latencies_us.len() as f64 / self.elapsed.as_secs_f64()
     }

@@ -62,7 +62,7 @@ pub(crate) async fn rounds(
 }
 
 /// A message of about [`FILE_BYTES`] bytes, CRLF line endings.
-fn message() -> anyhow::Result<Vec<u8>> {
+pub(crate) fn message() -> anyhow::Result<Vec<u8>> {
     let line = "The quick brown fox jumps over the lazy dog, again and again.\n";
     let body = line.repeat(FILE_BYTES / 2 / line.len());
     let built = MessageBuilder::new()
@@ -202,7 +202,7 @@ async fn concord_window(
         let (concord, message) = (c.clone(), Arc::clone(&message));
         async move {
             let name = format!("r{round}-c{client}-{n}");
-            let mut tx = concord.begin();
+            let mut tx = concord.begin().await?;
             let files = tx.files(FILES).await?;
             files.put(&name, &[7u8; FILE_BYTES][..]).await?;
             let mail = tx.mail(MAIL).await?;

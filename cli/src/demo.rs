@@ -36,6 +36,7 @@
 //! there either.
 
 mod check;
+pub mod remote;
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
@@ -74,6 +75,13 @@ pub struct DemoArgs {
     /// Add a PostgreSQL branch (an order row) to every transaction, in the database at this URL.
     #[arg(long)]
     pub postgres: Option<String>,
+    /// Run a coordinator daemon as a child and the transactions from separate client processes
+    /// over gRPC (`--concurrency` is shared among them).
+    #[arg(long)]
+    pub remote: bool,
+    /// With --remote: the client processes.
+    #[arg(long, default_value_t = remote::CLIENTS_DEFAULT, requires = "remote")]
+    pub clients: usize,
 }
 
 /// The demo's PostgreSQL resource and table.
@@ -95,8 +103,18 @@ struct Summary {
     /// and were checked: all of a run that finished; of a run killed midway, those up to its
     /// highest committed one — never the number a killed run had planned.
     earlier_transactions_checked: u64,
-    recovered_redriven: usize,
-    recovered_rolled_back: usize,
+    /// What the demo's recovery did (`null` with `--remote`: the daemon recovered).
+    recovered_redriven: Option<usize>,
+    recovered_rolled_back: Option<usize>,
+    /// With `--remote` only: true.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    remote: Option<bool>,
+    /// With `--remote` only: the client processes started.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    clients: Option<usize>,
+    /// With `--remote` only: the client processes that did not finish their share.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    clients_failed: Option<usize>,
 }
 
 /// The files of a transaction: (resource, file name).
@@ -121,7 +139,10 @@ pub fn run(args: DemoArgs) -> anyhow::Result<bool> {
             (temp.path().to_path_buf(), Some(temp))
         }
     };
-    let summary = runtime.block_on(demo(&args, &data))?;
+    let summary = match args.remote {
+        true => remote::run(&args, &data)?,
+        false => runtime.block_on(demo(&args, &data))?,
+    };
     if args.json {
         println!("{}", serde_json::to_string(&summary)?);
     } else {
@@ -200,12 +221,7 @@ async fn demo(args: &DemoArgs, data: &Path) -> anyhow::Result<Summary> {
         None => None,
     };
     let check = check::check(data, orders.as_ref())?;
-    for problem in check.problems.iter().take(20) {
-        eprintln!("atomicity: {problem}");
-    }
-    if check.problems.len() > 20 {
-        eprintln!("atomicity: … and {} more", check.problems.len() - 20);
-    }
+    print_problems(&check.problems);
     let latencies = Latencies::from_us(&stats.latencies_us)?;
     let mut resources: Vec<String> = ["uploads", "thumbnails", MAIL, INDEX]
         .map(String::from)
@@ -227,9 +243,22 @@ async fn demo(args: &DemoArgs, data: &Path) -> anyhow::Result<Summary> {
             .filter(|(run, _)| **run != run_id)
             .map(|(_, ran)| ran)
             .sum(),
-        recovered_redriven: recovery.redriven.len(),
-        recovered_rolled_back: recovery.rolled_back.len(),
+        recovered_redriven: Some(recovery.redriven.len()),
+        recovered_rolled_back: Some(recovery.rolled_back.len()),
+        remote: None,
+        clients: None,
+        clients_failed: None,
     })
+}
+
+/// The first problems the check found, on standard error.
+fn print_problems(problems: &[String]) {
+    for problem in problems.iter().take(20) {
+        eprintln!("atomicity: {problem}");
+    }
+    if problems.len() > 20 {
+        eprintln!("atomicity: … and {} more", problems.len() - 20);
+    }
 }
 
 /// How long the demo waits for recovery, and for phase 2 after its last transaction.
@@ -319,7 +348,7 @@ async fn one_transaction(
     fail: bool,
     postgres: bool,
 ) -> anyhow::Result<bool> {
-    let mut tx = concord.begin();
+    let mut tx = concord.begin().await?;
     if postgres {
         let orders = tx.postgres(PG_RESOURCE).await?;
         let n = i64::try_from(i)?;
@@ -466,12 +495,17 @@ fn print_summary(s: &Summary, data: &Path, kept: bool) {
     println!("tx_per_s:            {:.0}", s.tx_per_s);
     println!("p50_ms:              {:.2}", s.p50_ms);
     println!("p99_ms:              {:.2}", s.p99_ms);
-    if s.earlier_transactions_checked > 0 || s.recovered_redriven + s.recovered_rolled_back > 0 {
+    if let (Some(clients), Some(failed)) = (s.clients, s.clients_failed) {
+        println!("clients:             {clients} processes, {failed} failed");
+    }
+    let recovered = s.recovered_redriven.unwrap_or(0) + s.recovered_rolled_back.unwrap_or(0);
+    if s.earlier_transactions_checked > 0 || recovered > 0 {
         println!("earlier_checked:     {}", s.earlier_transactions_checked);
-        println!(
-            "recovered:           {} re-driven, {} rolled back",
-            s.recovered_redriven, s.recovered_rolled_back
-        );
+    }
+    if let (Some(redriven), Some(rolled_back)) = (s.recovered_redriven, s.recovered_rolled_back)
+        && recovered > 0
+    {
+        println!("recovered:           {redriven} re-driven, {rolled_back} rolled back");
     }
     if kept {
         println!("data:                {}", data.display());

@@ -6,7 +6,10 @@
 //! * `concord demo` runs transactions across files, a mail queue and a key-value store (and
 //!   PostgreSQL) and checks each is all-or-nothing ([`demo`]);
 //! * `concord txn list|resolve` show and resolve unfinished transactions ([`txn`]);
-//! * `concord bench commit` measures commits through the coordinator ([`bench_commit`]);
+//! * `concord demo --remote` runs it through a coordinator daemon child from client processes
+//!   ([`demo::remote`]);
+//! * `concord bench commit` measures commits through the coordinator ([`bench_commit`]), and
+//!   with `--remote` embedded against a daemon ([`bench_remote`]);
 //! * `concord bench recovery` measures the coordinator's start after a short and a long history
 //!   ([`bench_recovery`]);
 //! * `concord journal inspect DIR` prints the records of a journal directory ([`inspect`]);
@@ -48,13 +51,16 @@ mod bench_load;
 mod bench_mixed;
 mod bench_pg;
 mod bench_recovery;
+mod bench_remote;
 mod config_cmd;
 mod daemon;
+mod daemon_child;
 mod demo;
 mod inspect;
 mod latency;
 mod output;
 mod pg;
+mod remote_txn;
 mod status;
 mod txn;
 mod verify;
@@ -143,6 +149,12 @@ enum Command {
     /// Ask a running coordinator daemon for its role, epoch, durable LSN, open and in-doubt
     /// transactions, and each resource's health.
     Status(status::StatusArgs),
+    /// One client process of `concord demo --remote` (started by the demo, not by hand).
+    #[command(hide = true)]
+    DemoClient(demo::remote::ClientArgs),
+    /// One client process of `concord bench commit --remote` (started by it, not by hand).
+    #[command(hide = true)]
+    BenchClient(bench_remote::ClientArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -263,6 +275,8 @@ fn run(command: Command) -> anyhow::Result<()> {
         Command::Config(ConfigCommand::Check(args)) => config_cmd::check(args),
         Command::Coordinator(args) => daemon::run(args),
         Command::Status(args) => status::run(args),
+        Command::DemoClient(args) => demo::remote::client(args),
+        Command::BenchClient(args) => bench_remote::client(args),
         Command::Demo(args) => match demo::run(args)? {
             true => Ok(()),
             false => anyhow::bail!("atomicity check failed (see the lines above)"),

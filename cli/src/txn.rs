@@ -134,24 +134,24 @@ pub struct ResolveArgs {
     json: bool,
 }
 
-/// One row of `txn list`, as `--json` prints it.
+/// One row of `txn list`, as `--json` prints it (and the daemon's `ListInDoubt` answers it).
 #[derive(Serialize)]
-struct Listed {
-    xid: String,
+pub(crate) struct Listed {
+    pub(crate) xid: String,
     /// What is unfinished, in words.
-    state: String,
+    pub(crate) state: String,
     /// Whether the work may still be moving by itself (see [`Standing`]).
-    standing: Standing,
+    pub(crate) standing: Standing,
     /// Milliseconds since the decision was journaled; `None` when unknown (a prepared branch
     /// that no decision names).
-    age_ms: Option<u64>,
-    branches: Vec<String>,
+    pub(crate) age_ms: Option<u64>,
+    pub(crate) branches: Vec<String>,
 }
 
 /// In flight or in doubt, by age against the configuration's `txn_timeout_ms`.
 #[derive(Serialize, Clone, Copy, PartialEq, Eq, Debug)]
 #[serde(rename_all = "snake_case")]
-enum Standing {
+pub(crate) enum Standing {
     /// Younger than the transaction timeout: the coordinator is probably still driving it.
     InFlight,
     /// At least the transaction timeout old: stuck until a resource comes back or an operator
@@ -244,31 +244,9 @@ pub fn list(args: ListArgs) -> anyhow::Result<()> {
             "the journal names it, but the configuration has no resource of that name (add it to read its prepared branches)".to_string(),
         ));
     }
-    for (xid, resources) in prepared {
-        if open.contains_key(&xid) {
-            continue;
-        }
-        let resolution = ledger.entry(&xid).and_then(|e| e.resolution.as_ref());
-        let state = match resolution {
-            // An operator's decision that could not be carried out in this resource yet.
-            Some(r) => format!(
-                "prepared; {} resolved it {}, not yet carried out here",
-                r.operator,
-                if r.commit { "commit" } else { "rollback" }
-            ),
-            None if ledger.must_commit(&xid) => {
-                "prepared, but decided committed (heuristic hazard)".to_string()
-            }
-            None => "prepared, no decision (in doubt)".to_string(),
-        };
-        rows.push(Listed {
-            xid: xid.to_string(),
-            state,
-            standing: Standing::Unknown,
-            age_ms: None,
-            branches: resources,
-        });
-    }
+    rows.extend(prepared_rows(&ledger, prepared, |xid| {
+        open.contains_key(xid)
+    }));
     let before_cut = rows.len();
     if let Some(min_age_ms) = args.min_age {
         rows.retain(|row| row.age_ms.is_none_or(|age| age >= min_age_ms));
@@ -343,6 +321,43 @@ fn print_rows(rows: &[Listed]) {
             row.state,
             row.branches.join(",")
         );
+    }
+}
+
+/// The rows of prepared branches (`prepared`: by xid, the resources holding one) that are not
+/// `listed` already: what the journal says of each (an operator's resolution not yet carried
+/// out, a decided commit, or no decision), with an unknown age.
+pub(crate) fn prepared_rows(
+    ledger: &Ledger,
+    prepared: BTreeMap<Xid, Vec<String>>,
+    listed: impl Fn(&Xid) -> bool,
+) -> Vec<Listed> {
+    prepared
+        .into_iter()
+        .filter(|(xid, _)| !listed(xid))
+        .map(|(xid, branches)| Listed {
+            xid: xid.to_string(),
+            state: prepared_state(ledger, &xid),
+            standing: Standing::Unknown,
+            age_ms: None,
+            branches,
+        })
+        .collect()
+}
+
+/// What the journal says of a prepared branch of `xid`, in words.
+fn prepared_state(ledger: &Ledger, xid: &Xid) -> String {
+    match ledger.entry(xid).and_then(|e| e.resolution.as_ref()) {
+        // An operator's decision that could not be carried out in this resource yet.
+        Some(r) => format!(
+            "prepared; {} resolved it {}, not yet carried out here",
+            r.operator,
+            if r.commit { "commit" } else { "rollback" }
+        ),
+        None if ledger.must_commit(xid) => {
+            "prepared, but decided committed (heuristic hazard)".to_string()
+        }
+        None => "prepared, no decision (in doubt)".to_string(),
     }
 }
 

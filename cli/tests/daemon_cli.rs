@@ -353,10 +353,17 @@ async fn transactions_over_the_wire_commit_roll_back_and_survive_a_restart() {
         .await
         .unwrap()
         .into_inner();
-    assert!(matches!(
-        rolled.outcome.unwrap().state,
-        Some(State::RolledBack(_))
-    ));
+    match rolled.outcome.unwrap().state {
+        Some(State::RolledBack(rolled)) => {
+            let cause = rolled.cause.unwrap();
+            assert_eq!(cause.kind, v1::RollbackKind::Requested as i32);
+            assert_eq!(
+                cause.reason, "the test says so",
+                "the client's reason is recorded"
+            );
+        }
+        other => panic!("not rolled back: {other:?}"),
+    }
     let refused = commit(&mut client, &other).await.unwrap_err();
     assert_eq!(refused.code(), Code::FailedPrecondition);
     assert_eq!(code_of(&refused), ErrorCode::AlreadyRolledBack);
@@ -567,7 +574,7 @@ async fn malformed_and_refused_calls_name_what_is_wrong_and_the_daemon_keeps_ser
     assert_eq!(detail.limit, "txns_per_client_max");
     assert_eq!(detail.limit_value, u64::from(limit));
 
-    // Nothing is in doubt; resolving is not served without an operator token yet.
+    // Nothing is in doubt; an open transaction is not the operator's to resolve.
     let listed = client
         .list_in_doubt(v1::ListInDoubtRequest { header: header() })
         .await
@@ -585,7 +592,8 @@ async fn malformed_and_refused_calls_name_what_is_wrong_and_the_daemon_keeps_ser
         })
         .await
         .unwrap_err();
-    assert_eq!(resolve.code(), Code::Unimplemented);
+    assert_eq!(resolve.code(), Code::FailedPrecondition, "{resolve:?}");
+    assert_eq!(code_of(&resolve), ErrorCode::Refused);
 
     // A message over the size limit, alone or in a stream: RESOURCE_EXHAUSTED naming the limit.
     // The daemon serves on.

@@ -45,7 +45,7 @@ async fn run(dir: &Path, url: &str) -> Result<(), Box<dyn std::error::Error>> {
     let placed = common::retrying("place an order", || place(&concord, "book")).await?;
 
     // The same four steps, rolled back: no row, no file, no mail, no key.
-    let mut tx = concord.begin();
+    let mut tx = concord.begin().await?;
     let id = order_steps(&tx, "draft").await?;
     let rolled_back = tx.rollback().await?;
     println!(
@@ -70,7 +70,7 @@ async fn run(dir: &Path, url: &str) -> Result<(), Box<dyn std::error::Error>> {
 
 /// Places an order of `item` across the four resources and commits.
 async fn place(concord: &Concord, item: &str) -> Result<Committed, ConcordError> {
-    let mut tx = concord.begin();
+    let mut tx = concord.begin().await?;
     let id = order_steps(&tx, item).await?;
     println!("order {id}: row, invoice, mail and index entry written");
     tx.commit().await

@@ -39,7 +39,7 @@ async fn run(dir: &Path) -> Result<(), Box<dyn std::error::Error>> {
     .await?;
 
     // Rolled back: the file is staged inside the transaction and never appears.
-    let mut tx = concord.begin();
+    let mut tx = concord.begin().await?;
     let uploads = tx.files("uploads").await?;
     uploads.put("invoices/draft.txt", &b"a draft\n"[..]).await?;
     let seen = uploads.read("invoices/draft.txt").await?;
@@ -69,7 +69,7 @@ async fn run(dir: &Path) -> Result<(), Box<dyn std::error::Error>> {
 
 /// Puts each `(path, content)` in one transaction and commits.
 async fn put(concord: &Concord, files: &[(&str, &str)]) -> Result<Committed, ConcordError> {
-    let mut tx = concord.begin();
+    let mut tx = concord.begin().await?;
     let uploads = tx.files("uploads").await?;
     for (path, content) in files {
         uploads.put(path, content.as_bytes()).await?;
@@ -79,7 +79,7 @@ async fn put(concord: &Concord, files: &[(&str, &str)]) -> Result<Committed, Con
 
 /// Deletes `path` in a transaction of its own.
 async fn delete(concord: &Concord, path: &str) -> Result<Committed, ConcordError> {
-    let mut tx = concord.begin();
+    let mut tx = concord.begin().await?;
     tx.files("uploads").await?.delete(path).await?;
     tx.commit().await
 }

@@ -29,7 +29,7 @@ async fn run(dir: &Path) -> Result<(), Box<dyn std::error::Error>> {
     common::retrying("index orders 1 and 2", || index(&concord)).await?;
 
     // Rolled back: neither the remove nor the insert happens.
-    let mut tx = concord.begin();
+    let mut tx = concord.begin().await?;
     let index = tx.kv("index").await?;
     index.remove(b"order/1").await?;
     index.insert(b"order/3", b"never").await?;
@@ -39,7 +39,7 @@ async fn run(dir: &Path) -> Result<(), Box<dyn std::error::Error>> {
         rolled_back.xid, rolled_back.cause
     );
 
-    let mut reader = concord.begin();
+    let mut reader = concord.begin().await?;
     let index = reader.kv("index").await?;
     for key in ["order/1", "order/2", "order/3"] {
         let value = index.get(key.as_bytes()).await?;
@@ -57,7 +57,7 @@ async fn run(dir: &Path) -> Result<(), Box<dyn std::error::Error>> {
 
 /// Inserts two keys in one transaction and commits.
 async fn index(concord: &Concord) -> Result<Committed, ConcordError> {
-    let mut tx = concord.begin();
+    let mut tx = concord.begin().await?;
     let index = tx.kv("index").await?;
     index.insert(b"order/1", b"invoices/1.pdf").await?;
     index.insert(b"order/2", b"invoices/2.pdf").await?;

@@ -32,7 +32,7 @@ async fn run(dir: &Path) -> Result<(), Box<dyn std::error::Error>> {
     common::retrying("confirm order 1", || confirm(&concord, 1)).await?;
 
     // Rolled back: the message is staged in tmp/ and removed, never delivered.
-    let mut tx = concord.begin();
+    let mut tx = concord.begin().await?;
     let outbox = tx.mail("outbox").await?;
     let enqueued = outbox.enqueue_built(&confirmation(2)).await?;
     println!("order 2: staged as {}", enqueued.name);
@@ -65,7 +65,7 @@ fn confirmation(order: u32) -> MessageBuilder {
 
 /// Enqueues the confirmation of `order` and commits.
 async fn confirm(concord: &Concord, order: u32) -> Result<Committed, ConcordError> {
-    let mut tx = concord.begin();
+    let mut tx = concord.begin().await?;
     let outbox = tx.mail("outbox").await?;
     let enqueued = outbox.enqueue_built(&confirmation(order)).await?;
     println!("order {order}: staged as {}", enqueued.name);
@@ -76,7 +76,7 @@ async fn confirm(concord: &Concord, order: u32) -> Result<Committed, ConcordErro
 async fn raw(concord: &Concord) -> Result<Committed, ConcordError> {
     let message = b"Date: Thu, 1 Jan 2026 00:00:00 +0000\r\nFrom: shop@example.org\r\n\
         To: bob@example.org\r\nSubject: Newsletter\r\n\r\nNews.\r\n";
-    let mut tx = concord.begin();
+    let mut tx = concord.begin().await?;
     tx.mail("outbox").await?.enqueue(&message[..]).await?;
     tx.commit().await
 }

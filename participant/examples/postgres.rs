@@ -43,7 +43,7 @@ async fn run(dir: &Path, url: &str) -> Result<(), Box<dyn std::error::Error>> {
     common::retrying("insert an order", || insert(&concord, "book")).await?;
 
     // Rolled back: the row is never visible.
-    let mut tx = concord.begin();
+    let mut tx = concord.begin().await?;
     let orders = tx.postgres("orders").await?;
     orders
         .execute(
@@ -58,7 +58,7 @@ async fn run(dir: &Path, url: &str) -> Result<(), Box<dyn std::error::Error>> {
     );
 
     // A statement that fails: the transaction cannot commit, and says so.
-    let mut tx = concord.begin();
+    let mut tx = concord.begin().await?;
     let orders = tx.postgres("orders").await?;
     let duplicate = orders
         .execute(
@@ -85,7 +85,7 @@ async fn run(dir: &Path, url: &str) -> Result<(), Box<dyn std::error::Error>> {
         Err(e) => return Err(e.into()),
     }
 
-    let mut reader = concord.begin();
+    let mut reader = concord.begin().await?;
     let orders = reader.postgres("orders").await?;
     let row = orders
         .query_one(
@@ -106,7 +106,7 @@ async fn run(dir: &Path, url: &str) -> Result<(), Box<dyn std::error::Error>> {
 
 /// Inserts an order of `item` with the next id and commits.
 async fn insert(concord: &Concord, item: &str) -> Result<Committed, ConcordError> {
-    let mut tx = concord.begin();
+    let mut tx = concord.begin().await?;
     let orders = tx.postgres("orders").await?;
     let sql =
         format!("INSERT INTO {TABLE} (id, item) SELECT coalesce(max(id), 0) + 1, $1 FROM {TABLE}");

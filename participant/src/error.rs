@@ -28,7 +28,7 @@ use coordinator::CoordError;
 
 use crate::config::ConfigError;
 
-/// Errors of the participant API. More variants may come (remote mode); match with a catch-all.
+/// Errors of the participant API. More variants may come; match with a catch-all.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum ConcordError {
@@ -90,6 +90,41 @@ pub enum ConcordError {
         branch: Option<String>,
         /// What happened, and what concord does about it.
         cause: String,
+    },
+    /// Remote mode: the daemon's URL, TLS settings or credentials files cannot be used, or the
+    /// daemon could not be reached when connecting. Retryable when it could not be reached.
+    #[error(transparent)]
+    Connect(#[from] proto::client::ClientError),
+    /// Remote mode: a call got no answer from the daemon (the connection broke, was refused,
+    /// or passed its deadline; or the daemon is not the primary). A transaction whose branch
+    /// work failed this way is best run again from its first step (retryable); a commit never
+    /// reports it (it asks the daemon for the outcome instead, and reports
+    /// [`ConcordError::InDoubt`] when it cannot learn it).
+    #[error(
+        "the coordinator daemon did not answer: {message}; run the transaction again once it is reachable"
+    )]
+    Unreachable {
+        /// What the transport said.
+        message: String,
+    },
+    /// Remote mode: the daemon refused the credentials (no token, a wrong one, or one that
+    /// may not make this call). Not retryable: fix the token or certificate.
+    #[error("the coordinator daemon refused the credentials: {message}")]
+    Unauthorized {
+        /// The daemon's words.
+        message: String,
+    },
+    /// Remote mode: a limit of the daemon (message size, open transactions per client,
+    /// branches per transaction). Retryable only for `txns_per_client_max` (once other
+    /// transactions of this client end).
+    #[error("{message}")]
+    Limit {
+        /// The limit's configuration name.
+        limit: String,
+        /// Its value, in the unit its name says.
+        value: u64,
+        /// The daemon's words.
+        message: String,
     },
 }
 
@@ -159,7 +194,11 @@ impl ConcordError {
             ConcordError::RolledBack { cause, .. } => cause.is_retryable(),
             ConcordError::Resource(e) => resource_retryable(e),
             ConcordError::Coordinator(e) => coordinator_retryable(e),
+            ConcordError::Connect(e) => matches!(e, proto::client::ClientError::Connect { .. }),
+            ConcordError::Unreachable { .. } => true,
+            ConcordError::Limit { limit, .. } => limit == "txns_per_client_max",
             ConcordError::InDoubt { .. }
+            | ConcordError::Unauthorized { .. }
             | ConcordError::Config(_)
             | ConcordError::Journal(_)
             | ConcordError::WrongKind { .. }

@@ -4,7 +4,7 @@
 //! # async fn example() -> Result<(), participant::ConcordError> {
 //! use participant::{Concord, Config};
 //! let concord = Concord::open(Config::load("concord.toml".as_ref())?).await?;
-//! let mut tx = concord.begin();
+//! let mut tx = concord.begin().await?;
 //! let uploads = tx.files("uploads").await?;
 //! uploads.put("invoices/42.pdf", &b"%PDF-1.7 ..."[..]).await?;
 //! let outbox = tx.mail("outbox").await?;
@@ -21,10 +21,11 @@
 //! ```
 //!
 //! This is the embedded mode: the coordinator runs in the application's process, on the
-//! application's tokio runtime, with its journal in the configured data directory. (Remote mode,
-//! over gRPC, comes later with the same API.) A transaction joins a resource the first time the
-//! application asks for its handle; committing runs two-phase commit over every joined resource;
-//! dropping a transaction that was neither committed nor rolled back rolls it back.
+//! application's tokio runtime, with its journal in the configured data directory. Remote mode
+//! ([`Concord::connect`], below) gives the same API over gRPC to a coordinator daemon. A
+//! transaction joins a resource the first time the application asks for its handle; committing
+//! runs two-phase commit over every joined resource; dropping a transaction that was neither
+//! committed nor rolled back rolls it back.
 //!
 //! Each kind of resource in `concord.toml` ([`config`]) has its typed branch handle:
 //! [`Transaction::files`] ([`FilesHandle`]), [`Transaction::postgres`] ([`PostgresHandle`]),
@@ -64,7 +65,7 @@
 //!
 //! /// One order: the invoice file and the index entry, both or neither.
 //! async fn place_order(concord: &Concord, order: u64) -> Result<Committed, ConcordError> {
-//!     let mut tx = concord.begin();
+//!     let mut tx = concord.begin().await?;
 //!     let uploads = tx.files("uploads").await?;
 //!     let path = format!("invoices/{order}.pdf");
 //!     uploads.put(&path, &b"%PDF-1.7 ..."[..]).await?;
@@ -105,6 +106,55 @@
 //! [`Transaction`] and the branch handles are `#[must_use]`: a transaction that is dropped
 //! rolls back.
 //!
+//! # Remote mode
+//!
+//! Application servers are often several processes sharing one coordinator daemon per site
+//! (`concord coordinator --config concord.toml`). [`Concord::connect`] connects to it
+//! (`http://HOST:PORT`, or `https://` with [`Credentials::with_tls`]; a bearer [`Token`] in
+//! every call) and gives the same API: [`Concord::begin`], the same handles, the same
+//! [`ConcordError`] variants in the same situations (decoded from the daemon's gRPC status and
+//! its `ErrorDetail`), plus [`ConcordError::Connect`], [`ConcordError::Unreachable`],
+//! [`ConcordError::Unauthorized`] and [`ConcordError::Limit`] for what only a connection meets.
+//!
+//! ```no_run
+//! # async fn example() -> Result<(), participant::ConcordError> {
+//! use participant::{Concord, Credentials, PostgresConfig};
+//! let concord = Concord::connect("http://127.0.0.1:7700", Credentials::none()).await?;
+//! concord
+//!     .attach_postgres("orders", PostgresConfig::new("host=127.0.0.1 dbname=shop", 1))
+//!     .await?;
+//! let mut tx = concord.begin().await?;
+//! tx.postgres("orders").await?.execute("UPDATE stock SET n = n - 1 WHERE id = 7", &[]).await?;
+//! tx.kv("index").await?.insert(b"order/42", b"7").await?;
+//! tx.commit().await?;
+//! # Ok(()) }
+//! ```
+//!
+//! Who does what:
+//!
+//! * **Files, mail and kv** belong to the daemon (it opened their directories): each handle
+//!   call is a gRPC call, and the content of a put or an enqueue streams from the
+//!   application's reader in chunks of at most the daemon's `chunk_bytes_max` (a few chunks in
+//!   memory, whatever the size).
+//! * **PostgreSQL** branches run in the application, on its own connections:
+//!   [`Concord::attach_postgres`] opens the daemon's resource of that name here (the same
+//!   database). At commit each branch is prepared here (fence check at the xid's epoch,
+//!   capture, marker, `PREPARE TRANSACTION`) and enlisted in the daemon with its redo; the
+//!   daemon decides, journals and commits it by gid. A branch that fails to prepare rolls the
+//!   whole transaction back ([`RollbackCause::Branch`]). **A lone remote PostgreSQL branch takes
+//!   two phases**: it is prepared before the daemon hears of it, so the daemon journals a
+//!   decision and commits it by gid, where embedded mode would commit it in one phase.
+//! * **Outcomes** are the daemon's: a commit whose answer is lost on the way (the connection
+//!   broke, the daemon restarted) is asked again by xid (`Outcome`, a few attempts with
+//!   backoff, each on a new connection) and reported as it ended; only when that cannot be
+//!   learnt is it [`ConcordError::InDoubt`]. [`Concord::outcome`] asks later. An application
+//!   that dies mid-transaction has its branches rolled back at the daemon's transaction
+//!   timeout (a PostgreSQL branch not prepared yet dies with its connection; one prepared but
+//!   not enlisted is rolled back by the daemon's orphan sweeper).
+//!
+//! The embedded-only views ([`Concord::coordinator`], [`Concord::recovery`]) panic in remote
+//! mode; [`Concord::embedded_coordinator`] and [`Concord::is_remote`] tell first.
+//!
 //! # Examples
 //!
 //! `participant/examples/` holds one runnable program per kind of resource — `files.rs`,
@@ -118,9 +168,12 @@
 //!
 //! * Resources open one after the other, in name order; a kv resource whose sled directory an
 //!   instance dropped a moment before in this process waits for it (`open_wait_ms_max`).
+//! * Remote mode: see the caveats of [`remote`] (an xid the daemon no longer knows is reported
+//!   in doubt; a dropped transaction's rollback is a call in the background).
 
 mod error;
 mod handles;
+pub mod remote;
 mod transaction;
 
 pub use adapters::config;
@@ -133,16 +186,31 @@ use coordinator::{Coordinator, CoordinatorConfig, RecoveryReport, RetryPolicy};
 use journal::Epoch;
 
 pub use adapters::mail::{Enqueued, MessageBuilder};
+pub use adapters::postgres::PostgresConfig;
 pub use adapters::{ErrorClass, Lsn, ResourceError, Xid};
 pub use config::{Config, ConfigError, ResourceConfig};
 pub use coordinator::CoordError;
 pub use error::{ConcordError, RollbackCause};
 pub use handles::{FilesHandle, KvHandle, MailHandle, PostgresHandle};
-pub use transaction::{Committed, RolledBack, Transaction};
+pub use proto::client::{ClientTls, Credentials, Token};
+pub use transaction::{Committed, RolledBack, Transaction, TxnOutcome};
 
-/// An embedded concord: the coordinator, its journal and the configured resources.
+/// A concord: embedded (the coordinator, its journal and the configured resources in this
+/// process; [`Concord::open`]) or remote (a connection to a coordinator daemon;
+/// [`Concord::connect`]). Cloning is cheap and shares it.
 #[derive(Clone)]
 pub struct Concord {
+    mode: Mode,
+}
+
+#[derive(Clone)]
+enum Mode {
+    Embedded(Embedded),
+    Remote(Arc<remote::Remote>),
+}
+
+#[derive(Clone)]
+struct Embedded {
     coordinator: Coordinator,
     recovery: Arc<RecoveryReport>,
 }
@@ -176,8 +244,21 @@ impl Concord {
         let (coordinator, recovery) =
             Coordinator::open_recovered(coordinator_config, journal, ledger, resources).await?;
         Ok(Concord {
-            coordinator,
-            recovery: Arc::new(recovery),
+            mode: Mode::Embedded(Embedded {
+                coordinator,
+                recovery: Arc::new(recovery),
+            }),
+        })
+    }
+
+    /// Connects to the coordinator daemon at `url` (`http://HOST:PORT`, or `https://HOST:PORT`
+    /// with [`Credentials::with_tls`]); every call carries `credentials`' token. The same API
+    /// as embedded mode follows; see the crate docs ("Remote mode"). Must be called inside a
+    /// tokio runtime.
+    pub async fn connect(url: &str, credentials: Credentials) -> Result<Concord, ConcordError> {
+        let remote = remote::Remote::connect(url, credentials).await?;
+        Ok(Concord {
+            mode: Mode::Remote(Arc::new(remote)),
         })
     }
 
@@ -186,26 +267,106 @@ impl Concord {
         Concord::open(Config::load(path)?).await
     }
 
+    /// Remote mode: opens the daemon's PostgreSQL resource `name` in this process with
+    /// `config` — the same database the daemon's resource of that name uses (the gid of a
+    /// branch, `concord:<xid>:<resource>`, carries the name). [`Transaction::postgres`] then
+    /// runs its branches here, on this process's own connections; see the crate docs ("Remote
+    /// mode"). Attaching a name again replaces the resource for later transactions. Refused in
+    /// embedded mode, which opens PostgreSQL from `concord.toml`.
+    pub async fn attach_postgres(
+        &self,
+        name: &str,
+        config: PostgresConfig,
+    ) -> Result<(), ConcordError> {
+        match &self.mode {
+            Mode::Remote(remote) => remote.attach_postgres(name, config).await,
+            Mode::Embedded(_) => Err(CoordError::Refused(format!(
+                "attach_postgres({name:?}) is for remote mode: embedded mode opens the PostgreSQL resources of concord.toml"
+            ))
+            .into()),
+        }
+    }
+
+    /// Whether this is a connection to a daemon ([`Concord::connect`]).
+    pub fn is_remote(&self) -> bool {
+        matches!(self.mode, Mode::Remote(_))
+    }
+
+    /// The embedded parts; panics in remote mode, where they live in the daemon.
+    #[track_caller]
+    fn embedded(&self) -> &Embedded {
+        match &self.mode {
+            Mode::Embedded(embedded) => embedded,
+            Mode::Remote(_) => {
+                panic!(
+                    "an embedded-mode call on a remote Concord: the coordinator runs in the daemon"
+                )
+            }
+        }
+    }
+
     /// What recovery found when this concord opened.
+    ///
+    /// # Panics
+    ///
+    /// In remote mode (recovery ran in the daemon); see [`Concord::is_remote`].
+    #[track_caller]
     pub fn recovery(&self) -> &RecoveryReport {
-        &self.recovery
+        &self.embedded().recovery
     }
 
     /// The coordinator (for operator views).
+    ///
+    /// # Panics
+    ///
+    /// In remote mode (the coordinator runs in the daemon); see [`Concord::is_remote`] and
+    /// [`Concord::embedded_coordinator`].
+    #[track_caller]
     pub fn coordinator(&self) -> &Coordinator {
-        &self.coordinator
+        &self.embedded().coordinator
     }
 
-    /// Begins a transaction.
-    pub fn begin(&self) -> Transaction {
-        Transaction::begin(self.coordinator.clone())
+    /// The coordinator in embedded mode; `None` in remote mode.
+    pub fn embedded_coordinator(&self) -> Option<&Coordinator> {
+        match &self.mode {
+            Mode::Embedded(embedded) => Some(&embedded.coordinator),
+            Mode::Remote(_) => None,
+        }
+    }
+
+    /// Begins a transaction. In remote mode this is a call to the daemon, which can fail
+    /// ([`ConcordError::Unreachable`], [`ConcordError::Limit`], …).
+    pub async fn begin(&self) -> Result<Transaction, ConcordError> {
+        match &self.mode {
+            Mode::Embedded(embedded) => Ok(Transaction::begin(embedded.coordinator.clone())),
+            Mode::Remote(remote) => {
+                let begun = remote.begin().await?;
+                Ok(Transaction::remote(remote::Shared::new(
+                    Arc::clone(remote),
+                    begun,
+                )))
+            }
+        }
+    }
+
+    /// What became of `xid`: for an application whose commit reported
+    /// [`ConcordError::InDoubt`], or that lost track of a transaction. Remote mode asks the
+    /// daemon; embedded mode asks this process's coordinator and its journal.
+    pub async fn outcome(&self, xid: Xid) -> Result<TxnOutcome, ConcordError> {
+        match &self.mode {
+            Mode::Embedded(embedded) => embedded_outcome(&embedded.coordinator, xid).await,
+            Mode::Remote(remote) => remote.outcome(xid).await,
+        }
     }
 
     /// Waits (at most `timeout`) for phase 2 and recovery work in the background to finish;
-    /// returns whether it did.
+    /// returns whether it did. In remote mode that work is the daemon's: `true` at once.
     #[must_use = "false means phase 2 or recovery work is still running"]
     pub async fn wait_idle(&self, timeout: Duration) -> bool {
-        self.coordinator.wait_settled(timeout).await
+        match &self.mode {
+            Mode::Embedded(embedded) => embedded.coordinator.wait_settled(timeout).await,
+            Mode::Remote(_) => true,
+        }
     }
 
     /// Stops background work (it resumes at the next open) and closes the journal: every record
@@ -214,9 +375,52 @@ impl Concord {
     /// then on). The resources (their files and locks) are let go when the last handle — this
     /// one's clones and every transaction's — is dropped. Returns whether it all happened within
     /// `timeout`.
+    ///
+    /// In remote mode it only lets go of this handle (the connection closes with its last
+    /// clone): `true`.
     pub async fn close(self, timeout: Duration) -> bool {
-        self.coordinator.shutdown(timeout).await
+        match self.mode {
+            Mode::Embedded(embedded) => embedded.coordinator.shutdown(timeout).await,
+            Mode::Remote(_) => true,
+        }
     }
+}
+
+/// What became of `xid` in an embedded coordinator: open while it holds it, otherwise what
+/// the journal's ledger says.
+async fn embedded_outcome(coordinator: &Coordinator, xid: Xid) -> Result<TxnOutcome, ConcordError> {
+    use coordinator::ledger::Verdict;
+    match coordinator.check_open(&xid) {
+        Ok(()) => return Ok(TxnOutcome::Open),
+        Err(CoordError::TimedOut { timeout_ms, .. }) => {
+            return Ok(TxnOutcome::RolledBack {
+                cause: RollbackCause::TimedOut { timeout_ms },
+            });
+        }
+        Err(_) => {}
+    }
+    let c = coordinator.clone();
+    let ledger =
+        tokio::task::spawn_blocking(move || coordinator::runtime::read_ledger(c.journal()))
+            .await
+            .map_err(|e| CoordError::Refused(format!("read the journal: {e}")))??;
+    let lsn = ledger
+        .entry(&xid)
+        .and_then(|e| e.decision.as_ref())
+        .map(|d| d.lsn());
+    Ok(match ledger.verdict(&xid) {
+        Verdict::Committed | Verdict::Committing => TxnOutcome::Committed(Committed { xid, lsn }),
+        Verdict::Aborted => TxnOutcome::RolledBack {
+            cause: RollbackCause::Coordinator {
+                reason: "its one-phase commit did not happen".into(),
+            },
+        },
+        Verdict::OnePhaseOpen => TxnOutcome::InDoubt {
+            branch: None,
+            cause: "its one-phase commit's outcome is not journaled yet".into(),
+        },
+        Verdict::NoDecision => TxnOutcome::Unknown,
+    })
 }
 
 /// An [`OpenError`](config::OpenError) as the participant has always reported it: a resource's

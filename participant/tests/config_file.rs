@@ -72,7 +72,7 @@ async fn a_written_file_opens_with_paths_relative_to_it_and_commits() {
         "the journal is not under data_dir relative to the file"
     );
 
-    let mut tx = concord.begin();
+    let mut tx = concord.begin().await.unwrap();
     let uploads = tx.files("uploads").await.unwrap();
     uploads
         .put("a/b.txt", &b"through the file"[..])
@@ -192,7 +192,7 @@ async fn a_file_with_mail_and_kv_resources_opens_and_commits_across_them() {
     }
     assert!(dir.path().join("db/index/db").is_file(), "no sled database");
 
-    let mut tx = concord.begin();
+    let mut tx = concord.begin().await.unwrap();
     let uploads = tx.files("uploads").await.unwrap();
     uploads.put("invoice.pdf", &b"%PDF"[..]).await.unwrap();
     let outbox = tx.mail("outbox").await.unwrap();
@@ -214,7 +214,7 @@ async fn a_file_with_mail_and_kv_resources_opens_and_commits_across_them() {
     let delivered = dir.path().join("spool/outbox/new").join(&enqueued.name);
     assert_eq!(std::fs::read(&delivered).unwrap(), message);
 
-    let reader = concord.begin();
+    let reader = concord.begin().await.unwrap();
     let index = reader.kv("index").await.unwrap();
     assert_eq!(
         index.get(b"order/1").await.unwrap().as_deref(),

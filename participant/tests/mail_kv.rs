@@ -50,7 +50,7 @@ fn names_in(dir: &Path) -> Vec<String> {
 async fn a_transaction_across_files_mail_and_kv_commits_all_three() {
     let dir = tempfile::tempdir().unwrap();
     let concord = open(config(dir.path())).await;
-    let mut tx = concord.begin();
+    let mut tx = concord.begin().await.unwrap();
     let uploads = within("join", tx.files("uploads")).await.unwrap();
     within("put", uploads.put("invoices/42.pdf", &b"%PDF-1.7"[..]))
         .await
@@ -70,7 +70,7 @@ async fn a_transaction_across_files_mail_and_kv_commits_all_three() {
     );
     assert!(names_in(&dir.path().join("mail/new")).is_empty());
 
-    let other = concord.begin();
+    let other = concord.begin().await.unwrap();
     let other_index = within("join", other.kv("index")).await.unwrap();
     assert_eq!(
         within("get", other_index.get(b"order/42")).await.unwrap(),
@@ -94,7 +94,7 @@ async fn a_transaction_across_files_mail_and_kv_commits_all_three() {
         b"%PDF-1.7"
     );
     assert_eq!(names_in(&dir.path().join("mail/new")), [enqueued.name]);
-    let reader = concord.begin();
+    let reader = concord.begin().await.unwrap();
     let index = within("join", reader.kv("index")).await.unwrap();
     assert_eq!(
         within("get", index.get(b"order/42")).await.unwrap(),
@@ -108,7 +108,7 @@ async fn a_transaction_across_files_mail_and_kv_commits_all_three() {
 async fn a_rolled_back_transaction_leaves_no_file_mail_or_key() {
     let dir = tempfile::tempdir().unwrap();
     let concord = open(config(dir.path())).await;
-    let mut tx = concord.begin();
+    let mut tx = concord.begin().await.unwrap();
     let uploads = within("join", tx.files("uploads")).await.unwrap();
     within("put", uploads.put("a.txt", &b"a"[..]))
         .await
@@ -144,7 +144,7 @@ async fn a_rolled_back_transaction_leaves_no_file_mail_or_key() {
             "mail/{sub} is not empty"
         );
     }
-    let reader = concord.begin();
+    let reader = concord.begin().await.unwrap();
     let index = within("join", reader.kv("index")).await.unwrap();
     assert_eq!(within("get", index.get(b"k")).await.unwrap(), None);
     drop((index, reader, mail, uploads, tx));
@@ -155,7 +155,7 @@ async fn a_rolled_back_transaction_leaves_no_file_mail_or_key() {
 async fn handles_of_the_wrong_kind_or_an_unknown_name_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let concord = open(config(dir.path())).await;
-    let mut tx = concord.begin();
+    let mut tx = concord.begin().await.unwrap();
     for (error, expected) in [
         (
             within("join", tx.mail("uploads")).await.err().unwrap(),
@@ -207,7 +207,7 @@ async fn handles_of_the_wrong_kind_or_an_unknown_name_are_refused() {
 async fn bad_messages_and_values_are_refused_naming_the_resource_and_change_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let concord = open(config(dir.path())).await;
-    let mut tx = concord.begin();
+    let mut tx = concord.begin().await.unwrap();
     let mail = within("join", tx.mail("mail")).await.unwrap();
     let no_separator = b"From: a@example.org\r\nDate: Thu, 1 Jan 2026 00:00:00 +0000\r\n";
     let refused = within("enqueue", mail.enqueue(&no_separator[..]))

@@ -131,7 +131,7 @@ impl Front {
     async fn write(self, round: u64, pace: Pace, start: Arc<Barrier>) -> Written {
         match self {
             Front::Participant(concord) => {
-                let mut tx = concord.begin();
+                let mut tx = concord.begin().await.unwrap();
                 let files = within("join", tx.files(RESOURCE)).await.unwrap();
                 let xid = tx.xid();
                 let content = content_of(round, xid, pace);

@@ -278,7 +278,7 @@ async fn a_mixed_transaction_commits_both_branches_or_neither() {
     let concord = open(pg_config(dir.path(), 11, &url)).await;
     let uploads = dir.path().join("uploads");
 
-    let mut tx = concord.begin();
+    let mut tx = concord.begin().await.unwrap();
     let files = within("join uploads", tx.files("uploads")).await.unwrap();
     within("put", files.put("orders/1.txt", &b"one book"[..]))
         .await
@@ -295,7 +295,7 @@ async fn a_mixed_transaction_commits_both_branches_or_neither() {
     assert_eq!(item(cluster, "mixed", 1).as_deref(), Some("book"));
 
     // A statement that fails at once.
-    let mut tx = concord.begin();
+    let mut tx = concord.begin().await.unwrap();
     let files = within("join uploads", tx.files("uploads")).await.unwrap();
     within("put", files.put("orders/2.txt", &b"duplicate"[..]))
         .await
@@ -316,7 +316,7 @@ async fn a_mixed_transaction_commits_both_branches_or_neither() {
     assert!(reason.contains("resource orders"), "{reason}");
 
     // A statement whose failure shows at prepare (the deferred unique constraint).
-    let mut tx = concord.begin();
+    let mut tx = concord.begin().await.unwrap();
     let files = within("join uploads", tx.files("uploads")).await.unwrap();
     within("put", files.put("orders/3.txt", &b"second book"[..]))
         .await
@@ -430,7 +430,7 @@ async fn a_branch_prepared_before_a_coordinator_crash_is_rolled_back_at_open() {
     assert!(concord.wait_idle(STEP_DEADLINE).await);
     assert!(prepared_gids(cluster, "crash").is_empty());
     assert_eq!(item(cluster, "crash", 3), None);
-    let mut tx = concord.begin();
+    let mut tx = concord.begin().await.unwrap();
     // A lock left behind would fail this statement after 2 s instead of hanging.
     execute(&tx, "SET LOCAL lock_timeout = '2s'").await.unwrap();
     execute(&tx, "INSERT INTO orders VALUES (3, 'after recovery')")
@@ -468,7 +468,7 @@ async fn conflicting_writers(db: &str, node: u32, one_phase: bool) {
     config.one_phase = one_phase;
     let concord = open(config).await;
 
-    let mut setup = concord.begin();
+    let mut setup = concord.begin().await.unwrap();
     execute(&setup, "INSERT INTO orders VALUES (4, 'initial')")
         .await
         .unwrap();
@@ -477,11 +477,11 @@ async fn conflicting_writers(db: &str, node: u32, one_phase: bool) {
     // updates would not see it (and take no lock).
     assert!(concord.wait_idle(STEP_DEADLINE).await);
 
-    let mut first = concord.begin();
+    let mut first = concord.begin().await.unwrap();
     execute(&first, "UPDATE orders SET item = 'first' WHERE id = 4")
         .await
         .unwrap();
-    let second = concord.begin();
+    let second = concord.begin().await.unwrap();
     let second_xid = second.xid();
     let writer = tokio::spawn(async move {
         let mut second = second;
@@ -559,8 +559,8 @@ async fn a_serialization_failure_is_retryable_and_says_to_run_again() {
     let concord = open(pg_config(dir.path(), 15, &url)).await;
 
     let read = "SELECT item FROM orders WHERE id = 5";
-    let mut one = concord.begin();
-    let mut two = concord.begin();
+    let mut one = concord.begin().await.unwrap();
+    let mut two = concord.begin().await.unwrap();
     for tx in [&one, &two] {
         let orders = within("join", tx.postgres("orders")).await.unwrap();
         within(
@@ -598,7 +598,7 @@ async fn a_serialization_failure_is_retryable_and_says_to_run_again() {
     assert!(err.is_retryable(), "{err}");
     commit_rolled_back(&mut two).await;
 
-    let mut again = concord.begin();
+    let mut again = concord.begin().await.unwrap();
     execute(
         &again,
         "UPDATE orders SET item = 'stock 0 (again)' WHERE id = 5",
@@ -624,7 +624,7 @@ async fn a_server_restart_in_the_middle_of_a_transaction_rolls_it_back() {
     let dir = tempfile::tempdir().unwrap();
     let concord = open(pg_config(dir.path(), 1, &url)).await;
 
-    let mut tx = concord.begin();
+    let mut tx = concord.begin().await.unwrap();
     execute(&tx, "INSERT INTO orders VALUES (6, 'lost')")
         .await
         .unwrap();
@@ -648,7 +648,7 @@ async fn a_server_restart_in_the_middle_of_a_transaction_rolls_it_back() {
     assert_eq!(item(&cluster, "restart", 6), None);
     assert!(prepared_gids(&cluster, "restart").is_empty());
 
-    let mut after = concord.begin();
+    let mut after = concord.begin().await.unwrap();
     execute(&after, "INSERT INTO orders VALUES (6, 'after the restart')")
         .await
         .unwrap();
@@ -779,7 +779,7 @@ async fn crash_child_commits_one_order_in_one_phase() {
         return;
     };
     let concord = open(pg_config(Path::new(&dir), node.parse().unwrap(), &url)).await;
-    let mut tx = concord.begin();
+    let mut tx = concord.begin().await.unwrap();
     execute(&tx, "INSERT INTO orders VALUES (9, 'one phase')")
         .await
         .unwrap();
@@ -852,7 +852,7 @@ async fn a_crash_before_the_one_phase_commit_is_journaled_as_aborted() {
     assert_eq!(concord.recovery().asked, vec![xid]);
     assert!(concord.wait_idle(STEP_DEADLINE).await);
     assert_eq!(item(cluster, "one_phase_crash1", 9), None);
-    let mut tx = concord.begin();
+    let mut tx = concord.begin().await.unwrap();
     execute(&tx, "SET LOCAL lock_timeout = '2s'").await.unwrap();
     execute(&tx, "INSERT INTO orders VALUES (9, 'after recovery')")
         .await

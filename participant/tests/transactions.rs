@@ -97,7 +97,7 @@ fn staged_of(root: &Path, xid: Xid) -> Vec<PathBuf> {
 async fn a_commit_across_two_resources_makes_both_files_visible() {
     let dir = tempfile::tempdir().unwrap();
     let concord = open(config(dir.path())).await;
-    let mut tx = concord.begin();
+    let mut tx = concord.begin().await.unwrap();
     put(&tx, "uploads", "invoices/42.pdf", b"%PDF-1.7 invoice 42").await;
     put(&tx, "thumbnails", "invoices/42.png", b"PNG thumbnail 42").await;
     assert!(!dir.path().join("uploads/invoices/42.pdf").exists());
@@ -127,7 +127,7 @@ async fn a_commit_across_two_resources_makes_both_files_visible() {
 async fn committing_twice_returns_the_first_outcome() {
     let dir = tempfile::tempdir().unwrap();
     let concord = open(config(dir.path())).await;
-    let mut tx = concord.begin();
+    let mut tx = concord.begin().await.unwrap();
     put(&tx, "uploads", "once.txt", b"once").await;
     let first = commit(&mut tx).await;
     let second = commit(&mut tx).await;
@@ -159,7 +159,7 @@ async fn committing_twice_returns_the_first_outcome() {
 async fn a_branch_handle_used_after_commit_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let concord = open(config(dir.path())).await;
-    let mut tx = concord.begin();
+    let mut tx = concord.begin().await.unwrap();
     let uploads = within("join", tx.files("uploads")).await.unwrap();
     within("put", uploads.put("kept.txt", &b"kept"[..]))
         .await
@@ -228,7 +228,7 @@ async fn a_branch_handle_used_after_commit_is_refused() {
 async fn an_unknown_resource_is_named_with_the_configured_ones() {
     let dir = tempfile::tempdir().unwrap();
     let concord = open(config(dir.path())).await;
-    let mut tx = concord.begin();
+    let mut tx = concord.begin().await.unwrap();
     let error = within("join", tx.files("nope")).await.err().unwrap();
     assert!(
         matches!(
@@ -262,14 +262,14 @@ async fn dropping_an_open_transaction_rolls_it_back_and_frees_its_paths() {
     let dir = tempfile::tempdir().unwrap();
     let concord = open(config(dir.path())).await;
     let dropped = {
-        let tx = concord.begin();
+        let tx = concord.begin().await.unwrap();
         put(&tx, "uploads", "report.txt", b"draft").await;
         put(&tx, "thumbnails", "report.png", b"draft thumbnail").await;
         tx.xid()
     };
 
     // At once, without waiting for the rollback: the path must be released within the lock wait.
-    let mut later = concord.begin();
+    let mut later = concord.begin().await.unwrap();
     let uploads = within("join", later.files("uploads")).await.unwrap();
     let started = Instant::now();
     let written = within("put", uploads.put("report.txt", &b"final"[..])).await;
@@ -301,7 +301,7 @@ async fn dropping_an_open_transaction_rolls_it_back_and_frees_its_paths() {
 async fn rollback_makes_nothing_visible() {
     let dir = tempfile::tempdir().unwrap();
     let concord = open(config(dir.path())).await;
-    let mut tx = concord.begin();
+    let mut tx = concord.begin().await.unwrap();
     put(&tx, "uploads", "a/never.txt", b"never").await;
     put(&tx, "thumbnails", "a/never.png", b"never").await;
     let rolled_back = within("rollback", tx.rollback()).await.unwrap();
@@ -343,7 +343,7 @@ async fn rollback_makes_nothing_visible() {
 async fn a_failed_prepare_rolls_back_every_branch_and_names_the_resource() {
     let dir = tempfile::tempdir().unwrap();
     let concord = open(config(dir.path())).await;
-    let mut tx = concord.begin();
+    let mut tx = concord.begin().await.unwrap();
     // Large enough to be staged in a file.
     let photo = vec![0xFFu8; adapters::files::INLINE_FILE_BYTES_MAX as usize + 1];
     put(&tx, "uploads", "photo.jpg", &photo).await;
@@ -384,7 +384,7 @@ async fn a_failed_prepare_rolls_back_every_branch_and_names_the_resource() {
     assert!(prepared.is_empty(), "left prepared: {prepared:?}");
 
     // Both paths are free again.
-    let mut again = concord.begin();
+    let mut again = concord.begin().await.unwrap();
     put(&again, "uploads", "photo.jpg", b"JPEG photo, again").await;
     put(&again, "thumbnails", "photo.png", b"PNG thumbnail, again").await;
     committed_lsn(&commit(&mut again).await);
@@ -399,15 +399,15 @@ async fn a_failed_prepare_rolls_back_every_branch_and_names_the_resource() {
 async fn a_transaction_that_writes_nothing_commits_without_a_decision() {
     let dir = tempfile::tempdir().unwrap();
     let concord = open(config(dir.path())).await;
-    let mut setup = concord.begin();
+    let mut setup = concord.begin().await.unwrap();
     put(&setup, "uploads", "seen.txt", b"seen").await;
     committed_lsn(&commit(&mut setup).await);
     assert!(concord.wait_idle(STEP_DEADLINE).await);
 
-    let mut empty = concord.begin();
+    let mut empty = concord.begin().await.unwrap();
     let nothing = commit(&mut empty).await;
     assert_eq!((nothing.xid, nothing.lsn), (empty.xid(), None));
-    let mut reader = concord.begin();
+    let mut reader = concord.begin().await.unwrap();
     let uploads = within("join", reader.files("uploads")).await.unwrap();
     let read = within("read", uploads.read("seen.txt")).await.unwrap();
     assert_eq!(read, b"seen");
@@ -431,10 +431,10 @@ async fn a_writer_waiting_past_the_lock_wait_gets_a_conflict_naming_the_path_and
         }
     }
     let concord = open(config).await;
-    let mut holder = concord.begin();
+    let mut holder = concord.begin().await.unwrap();
     put(&holder, "uploads", "contended.txt", b"holder").await;
 
-    let mut waiter = concord.begin();
+    let mut waiter = concord.begin().await.unwrap();
     let uploads = within("join", waiter.files("uploads")).await.unwrap();
     let started = Instant::now();
     let error = within("put", uploads.put("contended.txt", &b"waiter"[..]))
@@ -498,10 +498,10 @@ async fn a_put_waiting_for_a_path_when_its_transaction_times_out_reports_the_tim
         }
     }
     let concord = open(config).await;
-    let waiter = concord.begin();
+    let waiter = concord.begin().await.unwrap();
     let uploads = within("join", waiter.files("uploads")).await.unwrap();
     tokio::time::sleep(Duration::from_millis(TIMEOUT_MS / 2)).await;
-    let holder = concord.begin();
+    let holder = concord.begin().await.unwrap();
     put(&holder, "uploads", "contended.txt", b"holder").await;
 
     let error = within("put", uploads.put("contended.txt", &b"waiter"[..]))
@@ -597,7 +597,7 @@ async fn a_full_disk_during_prepare_rolls_back_and_keeps_the_journal_sound() {
     };
     let concord = open(config).await;
 
-    let mut tx = concord.begin();
+    let mut tx = concord.begin().await.unwrap();
     put(&tx, "uploads", "video.bin", &vec![7u8; 256 << 10]).await;
     put(&tx, "thumbnails", "video.png", b"thumbnail").await;
     fill_up(&small.join("filler"));
@@ -618,7 +618,7 @@ async fn a_full_disk_during_prepare_rolls_back_and_keeps_the_journal_sound() {
     assert!(commits_of(&data_dir, tx.xid()).is_empty());
 
     fs::remove_file(small.join("filler")).unwrap();
-    let mut after = concord.begin();
+    let mut after = concord.begin().await.unwrap();
     put(&after, "uploads", "video.bin", b"fits now").await;
     put(&after, "thumbnails", "video.png", b"thumbnail now").await;
     let lsn = committed_lsn(&commit(&mut after).await);
@@ -643,7 +643,7 @@ async fn a_transaction_open_past_its_timeout_is_refused_at_commit() {
     let mut config = config(dir.path());
     config.txn_timeout_ms = TIMEOUT_MS;
     let concord = open(config).await;
-    let mut tx = concord.begin();
+    let mut tx = concord.begin().await.unwrap();
     let uploads = within("join", tx.files("uploads")).await.unwrap();
     within("put", uploads.put("slow.txt", &b"slow"[..]))
         .await
@@ -692,7 +692,7 @@ async fn a_transaction_open_past_its_timeout_is_refused_at_commit() {
     assert!(commits_of(dir.path(), tx.xid()).is_empty());
 
     // The timed-out branch released its path: a new transaction (well inside the timeout) writes it.
-    let mut next = concord.begin();
+    let mut next = concord.begin().await.unwrap();
     put(&next, "uploads", "slow.txt", b"quick").await;
     committed_lsn(&commit(&mut next).await);
     assert!(concord.wait_idle(STEP_DEADLINE).await);
@@ -713,7 +713,7 @@ async fn committed_files_survive_a_restart_with_nothing_to_recover() {
     let concord = open(config(dir.path())).await;
     let mut xids = Vec::new();
     for i in 0..3 {
-        let mut tx = concord.begin();
+        let mut tx = concord.begin().await.unwrap();
         put(
             &tx,
             "uploads",
@@ -731,7 +731,7 @@ async fn committed_files_survive_a_restart_with_nothing_to_recover() {
         committed_lsn(&commit(&mut tx).await);
         xids.push(tx.xid());
     }
-    let mut removal = concord.begin();
+    let mut removal = concord.begin().await.unwrap();
     let uploads = within("join", removal.files("uploads")).await.unwrap();
     within("delete", uploads.delete("doc-0.txt")).await.unwrap();
     drop(uploads);
@@ -761,7 +761,7 @@ async fn committed_files_survive_a_restart_with_nothing_to_recover() {
     }
 
     // The reopened concord commits, with an xid after every earlier one.
-    let mut tx = reopened.begin();
+    let mut tx = reopened.begin().await.unwrap();
     assert!(xids.iter().all(|x| *x < tx.xid()), "{xids:?} {}", tx.xid());
     let reader = within("join", tx.files("uploads")).await.unwrap();
     let read = within("read", reader.read("doc-1.txt")).await.unwrap();
@@ -792,10 +792,10 @@ async fn committed_files_survive_a_restart_with_nothing_to_recover() {
 async fn close_closes_the_journal_while_a_transaction_handle_lives() {
     let dir = tempfile::tempdir().unwrap();
     let concord = open(config(dir.path())).await;
-    let mut done = concord.begin();
+    let mut done = concord.begin().await.unwrap();
     put(&done, "uploads", "done.txt", b"done").await;
     committed_lsn(&commit(&mut done).await);
-    let mut live = concord.begin();
+    let mut live = concord.begin().await.unwrap();
     put(&live, "uploads", "live.txt", b"live").await;
     close(concord).await;
 

@@ -166,6 +166,9 @@ pub fn parse_enum<E: TryFrom<i32>>(field: &'static str, value: i32) -> Result<E,
 /// The longest `RequestHeader.client_name` (bytes).
 pub const CLIENT_NAME_BYTES_MAX: usize = 128;
 
+/// The longest rollback reason a client may give (bytes); it is recorded with the rollback.
+pub const REASON_BYTES_MAX: usize = 1024;
+
 /// Checks a request's header: present, with a schema revision this end serves and a client name
 /// of at most [`CLIENT_NAME_BYTES_MAX`]. Returns the client's revision.
 pub fn check_header(field: &'static str, header: Option<&RequestHeader>) -> Result<u32, WireError> {

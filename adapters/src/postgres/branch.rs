@@ -171,23 +171,27 @@ impl PostgresResource {
                 }
                 Ok(vote)
             }
-            Err(e) => {
-                // The transaction failed: end it; the branch is gone.
-                let _ = inner
-                    .timed(&conn, "roll back", conn.batch_execute("ROLLBACK"))
-                    .await;
-                drop(conn);
-                match e {
-                    ResourceError::Fenced {
-                        resource, offered, ..
-                    } => Err(ResourceError::Fenced {
-                        resource,
-                        offered,
-                        current: self.fence_epoch().await.unwrap_or(offered),
-                    }),
-                    other => Err(other),
-                }
-            }
+            Err(e) => Err(self.prepare_failed(conn, e).await),
+        }
+    }
+
+    /// A prepare failed: ends the branch's transaction (the branch is gone) and returns the
+    /// error, a fenced one with the fence epoch now in force.
+    pub(super) async fn prepare_failed(&self, conn: Object, e: ResourceError) -> ResourceError {
+        let inner = &self.inner;
+        let _ = inner
+            .timed(&conn, "roll back", conn.batch_execute("ROLLBACK"))
+            .await;
+        drop(conn);
+        match e {
+            ResourceError::Fenced {
+                resource, offered, ..
+            } => ResourceError::Fenced {
+                resource,
+                offered,
+                current: self.fence_epoch().await.unwrap_or(offered),
+            },
+            other => other,
         }
     }
 
@@ -306,6 +310,22 @@ impl Inner {
     /// (`concord.prepare_branch`, then the prepare itself, which runs only if the first
     /// succeeded).
     pub(super) async fn prepare_on(&self, conn: &ClientWrapper, xid: &Xid) -> Result<Vote> {
+        Ok(match self.prepare_text(conn, xid).await? {
+            Some(rows) => Vote::Commit {
+                redo: encode_redo_array(&rows),
+            },
+            None => Vote::ReadOnly,
+        })
+    }
+
+    /// [`Inner::prepare_on`], returning the text `concord.prepare_branch` returned (the
+    /// branch's row images, a JSON array); `None`: the branch wrote nothing, and its
+    /// transaction is ended.
+    pub(super) async fn prepare_text(
+        &self,
+        conn: &ClientWrapper,
+        xid: &Xid,
+    ) -> Result<Option<String>> {
         let gid = self.gid(xid);
         let sql = format!(
             "SELECT concord.prepare_branch({epoch}, {gid_lit}, {xid_lit}, {node});
@@ -316,18 +336,13 @@ impl Inner {
             node = xid.node,
         );
         match self.timed(conn, "prepare", conn.simple_query(&sql)).await? {
-            Ok(messages) => {
-                let rows = first_value(&messages).unwrap_or("[]");
-                Ok(Vote::Commit {
-                    redo: encode_redo_array(rows),
-                })
-            }
+            Ok(messages) => Ok(Some(first_value(&messages).unwrap_or("[]").to_string())),
             Err(e) if e.code().is_some_and(|c| c.code() == "CF002") => {
                 // Nothing written: end the transaction, nothing to commit.
                 self.timed(conn, "roll back", conn.batch_execute("ROLLBACK"))
                     .await?
                     .map_err(|e| self.statement(xid, &e))?;
-                Ok(Vote::ReadOnly)
+                Ok(None)
             }
             Err(e) if e.code().is_some_and(|c| c.code() == "CF001") => Err(ResourceError::Fenced {
                 resource: self.name.clone(),

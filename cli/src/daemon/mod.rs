@@ -48,6 +48,7 @@ mod config;
 mod errors;
 mod incoming;
 mod metrics;
+mod open_slots;
 mod oversize;
 mod service;
 mod stream;

@@ -7,20 +7,34 @@
 //! for an xid no longer in memory reads the journal's ledger. A transaction a client abandons
 //! stays open in the coordinator, whose reaper rolls it back at `txn_timeout_ms`.
 //!
+//! # PostgreSQL branches, operator calls, timeouts
+//!
+//! An application's PostgreSQL branch runs in the application, on its own connection, and is
+//! prepared there; `EnlistPrepared` checks the xid is open, the resource is a postgres one of
+//! the configuration, the gid is `concord:<xid>:<resource>` and the redo is the JSON array
+//! `concord.prepare_branch` returned, then has the resource adopt the prepared branch
+//! (`PostgresResource::adopt_prepared`: the gid must be in `pg_prepared_xacts`) and joins it
+//! (`Coordinator::join_prepared`): from there the coordinator finishes it by gid. Enlisting
+//! after the transaction timed out rolls the branch back at once; enlisting after commit or
+//! rollback began is refused, and a branch the transaction never had is rolled back then.
+//! `Resolve` is the coordinator's `resolve` (what `concord txn resolve` does). `ListInDoubt`
+//! lists what the coordinator holds in memory past `Begin` (committing, rolling back, in
+//! doubt) and, as `concord txn list` does, the prepared branches of every resource that no
+//! transaction here holds, with what the journal says of them. `BeginRequest.timeout_ms` is
+//! the transaction's own timeout, capped at `txn_timeout_ms`.
+//!
 //! # Caveats
 //!
 //! * `FilesRead` reads the whole file through the branch (the participant has no streamed
 //!   read yet) and sends it in chunks; a file the branch does not find is told apart by the
 //!   resource's refusal text.
-//! * `EnlistPrepared` and `Resolve` answer UNIMPLEMENTED for now (`Resolve` waits for the
-//!   operator token: served without credentials, anyone reaching the port could decide).
-//! * `ListInDoubt` lists what the coordinator holds in memory (transactions past `Begin` that
-//!   are committing, rolling back or in doubt); unlike `concord txn list` it does not ask the
-//!   resources for prepared branches no decision names.
+//! * `ListInDoubt` reads the whole retained journal on each call, and leaves out (with a
+//!   warning in the daemon's output) the resources that cannot list their prepared branches.
+//! * A late enlisting of an xid this daemon no longer holds in memory (past
+//!   `FINISHED_KEEP_MS`) is answered `UNKNOWN_XID`, and its branch is left to the orphan
+//!   sweeper.
 //! * The open transactions per client are counted by the client's name (its token), and by
 //!   peer IP address for calls without a token (`unauthenticated = true`).
-//! * `BeginRequest.timeout_ms` is not honoured: the coordinator has one timeout for every
-//!   transaction (`txn_timeout_ms`), which `BeginResponse.timeout_ms` returns.
 //! * A call on a transaction waits for its commit or rollback in flight (`Outcome` included):
 //!   it answers the outcome once there is one, within the call's deadline.
 //! * `Status` probes every resource when asked (`Resource::health`, each within
@@ -28,7 +42,7 @@
 //!   resource one cheap probe per call. Its `open_txns` and `in_doubt_txns` are the
 //!   coordinator's counts (`Coordinator::counts`), which include the daemon's transactions.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -36,6 +50,7 @@ use std::time::{Duration, Instant};
 
 use adapters::Xid;
 use adapters::config::DaemonLimits;
+use adapters::postgres::PostgresResource;
 use coordinator::ledger::Verdict;
 use coordinator::{CoordError, Outcome};
 use participant::{
@@ -49,6 +64,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::auth::Caller;
 use super::config::{FINISHED_KEEP_MS, HEALTH_PROBE_MS_MAX, STREAM_CHUNKS_BUFFERED, limits};
+use super::open_slots::{OpenSlots, PrunePacer, Slot};
 use super::stream::{self, ChunkReader};
 use super::{errors, oversize};
 
@@ -84,11 +100,14 @@ impl Handle {
 struct TxnState {
     tx: Transaction,
     handles: HashMap<String, Handle>,
+    /// The PostgreSQL branches the application prepared and enlisted (kept after the end, so
+    /// that a retried enlisting is told apart from a late one).
+    enlisted: Vec<String>,
     ended: Option<Ended>,
 }
 
 /// Whose open transactions a transaction counts among (`txns_per_client_max`).
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 enum ClientKey {
     /// A client by the name of its token.
     Named(Arc<str>),
@@ -100,7 +119,16 @@ struct Entry {
     peer: ClientKey,
     started: Instant,
     ended_at: Mutex<Option<Instant>>,
+    /// Its place in its peer's count of open transactions, until it finishes.
+    slot: Mutex<Option<Slot>>,
     state: tokio::sync::Mutex<TxnState>,
+}
+
+impl TxnState {
+    /// How many branches the transaction has: joined here, or enlisted.
+    fn branches(&self) -> usize {
+        self.handles.len() + self.enlisted.len()
+    }
 }
 
 impl Entry {
@@ -114,6 +142,8 @@ pub struct Daemon {
     concord: Concord,
     config: Config,
     txns: Mutex<HashMap<Xid, Arc<Entry>>>,
+    open: OpenSlots<ClientKey>,
+    pacer: PrunePacer,
     draining: AtomicBool,
     in_flight: AtomicUsize,
     settled: Notify,
@@ -137,6 +167,8 @@ impl Daemon {
             concord,
             config,
             txns: Mutex::new(HashMap::new()),
+            open: OpenSlots::default(),
+            pacer: PrunePacer::new(),
             draining: AtomicBool::new(false),
             in_flight: AtomicUsize::new(0),
             settled: Notify::new(),
@@ -222,7 +254,7 @@ impl Daemon {
             Some(h) => h.clone(),
             None => {
                 let branches_max = self.config.daemon.limits.branches_per_txn_max;
-                if st.handles.len() >= branches_max as usize {
+                if st.branches() >= branches_max as usize {
                     return Err(errors::limit(
                         "branches_per_txn_max",
                         u64::from(branches_max),
@@ -255,6 +287,9 @@ impl Daemon {
         st.handles.clear();
         if let Ok(mut at) = entry.ended_at.lock() {
             *at = Some(Instant::now());
+        }
+        if let Ok(mut slot) = entry.slot.lock() {
+            slot.take();
         }
     }
 
@@ -299,6 +334,122 @@ impl Daemon {
             Verdict::NoDecision => XidState::Unknown,
         })
     }
+}
+
+impl Daemon {
+    /// The configured postgres resource `name`, for enlisting a branch of `xid` in it.
+    fn enlisted_resource(&self, xid: Xid, name: &str) -> Result<&PostgresResource, Status> {
+        let coordinator = self.concord.coordinator();
+        let resource = coordinator
+            .resource(name)
+            .map_err(|e| errors::coord_status(xid, &e))?;
+        let wrong_kind = || {
+            let e = ConcordError::WrongKind {
+                name: name.to_string(),
+                expected: "postgres",
+            };
+            errors::status(xid, &e)
+        };
+        if self.config.resources.get(name).map(|r| r.kind()) != Some("postgres") {
+            return Err(wrong_kind());
+        }
+        resource
+            .as_any()
+            .downcast_ref::<PostgresResource>()
+            .ok_or_else(wrong_kind)
+    }
+
+    /// The answer to an enlisting after the transaction's commit or rollback began. A branch
+    /// the transaction never had is no part of it: it is rolled back now (else the orphan
+    /// sweeper would find its xid decided and commit it).
+    async fn late_enlisting(&self, st: &TxnState, xid: Xid, name: &str) -> Status {
+        let e = ConcordError::Finished {
+            xid,
+            state: "committed or rolled back",
+        };
+        if st.enlisted.iter().all(|n| n != name)
+            && let Ok(resource) = self.concord.coordinator().resource(name)
+            && let Err(e) = resource.rollback(&xid).await
+        {
+            tracing::warn!(%xid, resource = name, error = %e, "roll back a branch enlisted after its transaction ended");
+        }
+        errors::status(xid, &e)
+    }
+
+    /// Every configured resource's prepared branches (`recover`), by xid; a resource that
+    /// cannot answer within `call_timeout_ms` is logged and left out.
+    async fn prepared_branches(&self) -> BTreeMap<Xid, Vec<String>> {
+        let coordinator = self.concord.coordinator();
+        let deadline = Duration::from_millis(self.config.call_timeout_ms);
+        let mut out: BTreeMap<Xid, Vec<String>> = BTreeMap::new();
+        for name in self.config.resources.keys() {
+            let Ok(resource) = coordinator.resource(name) else {
+                continue;
+            };
+            match tokio::time::timeout(deadline, resource.recover()).await {
+                Ok(Ok(xids)) => {
+                    for xid in xids {
+                        out.entry(xid).or_default().push(name.clone());
+                    }
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!(resource = %name, error = %e, "ListInDoubt: list prepared branches")
+                }
+                Err(_) => {
+                    tracing::warn!(resource = %name, "ListInDoubt: list prepared branches: no answer within call_timeout_ms")
+                }
+            }
+        }
+        out
+    }
+
+    /// The journal's ledger (read on the blocking pool).
+    async fn ledger(&self) -> Result<coordinator::ledger::Ledger, Status> {
+        let concord = self.concord.clone();
+        tokio::task::spawn_blocking(move || {
+            coordinator::runtime::read_ledger(concord.coordinator().journal())
+        })
+        .await
+        .map_err(|e| Status::internal(format!("read the journal: {e}")))?
+        .map_err(|e| Status::internal(format!("read the journal: {e}")))
+    }
+}
+
+/// Checks that `gid` is the gid of `xid`'s branch in resource `name`.
+fn check_gid(xid: Xid, name: &str, gid: &str) -> Result<(), Status> {
+    let expected = format!("concord:{xid}:{name}");
+    if gid == expected {
+        return Ok(());
+    }
+    Err(proto::WireError::Invalid {
+        field: "EnlistPreparedRequest.gid",
+        reason: format!(
+            "{gid:?} is not the gid of transaction {xid}'s branch in {name}: prepare it as {expected:?}"
+        ),
+    }
+    .into())
+}
+
+/// The redo text of an enlisting: what `concord.prepare_branch` returned (empty: no row
+/// images), checked to be a JSON array of row images.
+fn redo_text(redo: &[u8]) -> Result<&str, Status> {
+    let invalid = |reason: String| -> Status {
+        proto::WireError::Invalid {
+            field: "EnlistPreparedRequest.redo",
+            reason,
+        }
+        .into()
+    };
+    if redo.is_empty() {
+        return Ok("[]");
+    }
+    let text = std::str::from_utf8(redo).map_err(|e| {
+        invalid(format!(
+            "not UTF-8 ({e}): send the text concord.prepare_branch returned"
+        ))
+    })?;
+    adapters::postgres::check_redo_text(text).map_err(invalid)?;
+    Ok(text)
 }
 
 /// The wire outcome of a transaction that ended.
@@ -486,27 +637,43 @@ impl Service for Daemon {
         if self.draining.load(Ordering::SeqCst) {
             return Err(errors::draining());
         }
-        self.prune();
+        if self.pacer.due() {
+            self.prune();
+            self.open.forget_idle();
+        }
         let txns_max = self.config.daemon.limits.txns_per_client_max;
-        if self.open_of(&peer) >= txns_max as usize {
+        // The count is an upper bound: checked exactly only at the limit.
+        let (slot, open) = self.open.take(&peer);
+        if open >= txns_max as usize && self.open_of(&peer) >= txns_max as usize {
             return Err(errors::limit(
                 "txns_per_client_max",
                 u64::from(txns_max),
                 "this client has as many open transactions as it may: commit or roll one back",
             ));
         }
-        // The coordinator's timeout holds for every transaction (see the module's caveats).
-        let _ = begin.timeout_ms;
-        let timeout_ms = self.config.txn_timeout_ms;
-        let tx = self.concord.begin();
+        // The client's own timeout, capped at the configured one.
+        let timeout_ms = begin.timeout_ms.map_or(self.config.txn_timeout_ms, |t| {
+            t.min(self.config.txn_timeout_ms)
+        });
+        let tx = self
+            .concord
+            .begin()
+            .await
+            .map_err(|e| Status::internal(format!("begin a transaction: {e}")))?;
         let xid = tx.xid();
+        self.concord
+            .coordinator()
+            .set_timeout(&xid, Duration::from_millis(timeout_ms))
+            .map_err(|e| errors::coord_status(xid, &e))?;
         let entry = Entry {
             peer,
             started: Instant::now(),
             ended_at: Mutex::new(None),
+            slot: Mutex::new(Some(slot)),
             state: tokio::sync::Mutex::new(TxnState {
                 tx,
                 handles: HashMap::new(),
+                enlisted: Vec::new(),
                 ended: None,
             }),
         };
@@ -671,10 +838,47 @@ impl Service for Daemon {
         &self,
         request: Request<v1::EnlistPreparedRequest>,
     ) -> Result<Response<v1::EnlistPreparedResponse>, Status> {
-        proto::convert::EnlistPrepared::try_from(request.into_inner())?;
-        Err(Status::unimplemented(
-            "EnlistPrepared is not served by this daemon yet: run the PostgreSQL branch embedded",
-        ))
+        let enlist = proto::convert::EnlistPrepared::try_from(request.into_inner())?;
+        let xid = enlist.target.xid;
+        let name = enlist.target.resource.as_str();
+        let entry = self.entry(xid)?;
+        let pg = self.enlisted_resource(xid, name)?;
+        check_gid(xid, name, &enlist.gid)?;
+        let redo_text = redo_text(&enlist.redo)?;
+        let mut st = entry.state.lock().await;
+        if st.ended.is_some() {
+            return Err(self.late_enlisting(&st, xid, name).await);
+        }
+        if st.enlisted.iter().any(|n| n == name) {
+            // A retried enlisting: the branch is the transaction's already.
+            return Ok(Response::new(v1::EnlistPreparedResponse {}));
+        }
+        let branches_max = self.config.daemon.limits.branches_per_txn_max;
+        if st.branches() >= branches_max as usize {
+            return Err(errors::limit(
+                "branches_per_txn_max",
+                u64::from(branches_max),
+                &format!("transaction {xid} has as many branches as it may"),
+            ));
+        }
+        let coordinator = self.concord.coordinator();
+        if let Err(e) = coordinator.check_open(&xid) {
+            if matches!(e, CoordError::TimedOut { .. }) {
+                // Rolls the branch back at once: nothing can commit it any more.
+                let _ = coordinator.join_prepared(&xid, name).await;
+                self.notice_timeout(&entry, &mut st, xid);
+            }
+            return Err(errors::coord_status(xid, &e));
+        }
+        pg.adopt_prepared(&xid, redo_text)
+            .await
+            .map_err(|e| errors::status(xid, &ConcordError::Resource(e)))?;
+        coordinator
+            .join_prepared(&xid, name)
+            .await
+            .map_err(|e| errors::coord_status(xid, &e))?;
+        st.enlisted.push(name.to_string());
+        Ok(Response::new(v1::EnlistPreparedResponse {}))
     }
 
     async fn commit(
@@ -750,7 +954,7 @@ impl Service for Daemon {
         }
         let rolled = st
             .tx
-            .rollback()
+            .rollback_because(&call.reason)
             .await
             .map_err(|e| errors::status(xid, &e))?;
         let ended = Ended::RolledBack(rolled.cause);
@@ -798,11 +1002,9 @@ impl Service for Daemon {
     ) -> Result<Response<v1::ListInDoubtResponse>, Status> {
         request.get_ref().check()?;
         let timeout = Duration::from_millis(self.config.txn_timeout_ms);
-        let transactions = self
-            .concord
-            .coordinator()
-            .list()
-            .into_iter()
+        let listed = self.concord.coordinator().list();
+        let mut transactions: Vec<v1::InDoubtTxn> = listed
+            .iter()
             .filter(|t| t.state != "open")
             .map(|t| v1::InDoubtTxn {
                 xid: xid_text(t.xid),
@@ -813,9 +1015,27 @@ impl Service for Daemon {
                 } as i32,
                 age_ms: Some(u64::try_from(t.age.as_millis()).unwrap_or(u64::MAX)),
                 branches: t.pending().map(|(name, _, _)| name.clone()).collect(),
-                state: t.state,
+                state: t.state.clone(),
             })
             .collect();
+        // Prepared branches that no transaction here holds (a timed-out one holds nothing: its
+        // branches were rolled back, and one prepared after that is the sweeper's or an
+        // operator's).
+        let held: HashSet<Xid> = listed
+            .iter()
+            .filter(|t| t.state != "timed out")
+            .map(|t| t.xid)
+            .collect();
+        let prepared = self.prepared_branches().await;
+        let ledger = self.ledger().await?;
+        let rows = crate::txn::prepared_rows(&ledger, prepared, |xid| held.contains(xid));
+        transactions.extend(rows.into_iter().map(|row| v1::InDoubtTxn {
+            xid: row.xid,
+            state: row.state,
+            standing: v1::Standing::Unknown as i32,
+            age_ms: row.age_ms,
+            branches: row.branches,
+        }));
         Ok(Response::new(v1::ListInDoubtResponse { transactions }))
     }
 
@@ -823,10 +1043,18 @@ impl Service for Daemon {
         &self,
         request: Request<v1::ResolveRequest>,
     ) -> Result<Response<v1::ResolveResponse>, Status> {
-        coordinator::resolve::ResolveRequest::try_from(request.into_inner())?;
-        Err(Status::unimplemented(
-            "Resolve is not served by this daemon yet: use `concord txn resolve` on its host",
-        ))
+        let request = coordinator::resolve::ResolveRequest::try_from(request.into_inner())?;
+        let xid = request.xid;
+        let report = self
+            .concord
+            .coordinator()
+            .resolve(&request)
+            .await
+            .map_err(|e| errors::coord_status(xid, &e))?;
+        // An outcome remembered from before the resolution is stale: `Outcome` reads the
+        // journal from now on.
+        self.txns().retain(|x, e| *x != xid || !e.is_ended());
+        Ok(Response::new(v1::ResolveResponse::from(&report)))
     }
 
     async fn health(
@@ -945,6 +1173,85 @@ mod tests {
             .unwrap();
         assert_eq!(health.into_inner().serving, v1::Serving::Draining as i32);
         assert!(daemon.wait_settled(Duration::from_secs(1)).await);
+        assert!(daemon.release().close(Duration::from_secs(10)).await);
+    }
+
+    /// The open transactions of a client are counted as they begin and end: the limit holds,
+    /// and a place is free again as soon as one of them ends.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_client_gets_its_open_transactions_and_no_more() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = Config::embedded(dir.path());
+        let concord = Concord::open(config.clone()).await.unwrap();
+        let txns_max = config.daemon.limits.txns_per_client_max;
+        let daemon = Daemon::new(concord, config);
+        let begin = || {
+            daemon.begin(Request::new(v1::BeginRequest {
+                header: Some(v1::RequestHeader::current("test")),
+                timeout_ms: None,
+            }))
+        };
+        let mut xids = Vec::new();
+        for _ in 0..txns_max {
+            xids.push(begin().await.unwrap().into_inner().xid);
+        }
+        let refused = begin().await.unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::ResourceExhausted);
+        let detail = proto::error_detail(&refused).unwrap().unwrap();
+        assert_eq!(detail.limit, "txns_per_client_max");
+        daemon
+            .rollback(Request::new(v1::RollbackRequest {
+                header: Some(v1::RequestHeader::current("test")),
+                xid: xids.pop().unwrap(),
+                reason: String::new(),
+            }))
+            .await
+            .unwrap();
+        assert!(
+            begin().await.is_ok(),
+            "the place of the rolled back one is free"
+        );
+        assert!(begin().await.is_err());
+        assert!(daemon.release().close(Duration::from_secs(10)).await);
+    }
+
+    /// The daemon holds every finished transaction for `FINISHED_KEEP_MS`; a `Begin` that
+    /// walked them all (to forget old ones, to count the client's open ones) made a run of N
+    /// transactions take time quadratic in N.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn begin_does_not_walk_every_transaction_held() {
+        const TXNS: usize = 20_000;
+        const BOUND_MS: u64 = 10_000;
+        let dir = tempfile::tempdir().unwrap();
+        let config = Config::embedded(dir.path());
+        let concord = Concord::open(config.clone()).await.unwrap();
+        let daemon = Daemon::new(concord, config);
+        let header = || Some(v1::RequestHeader::current("test"));
+        let started = Instant::now();
+        for _ in 0..TXNS {
+            let begun = daemon
+                .begin(Request::new(v1::BeginRequest {
+                    header: header(),
+                    timeout_ms: None,
+                }))
+                .await
+                .unwrap()
+                .into_inner();
+            daemon
+                .rollback(Request::new(v1::RollbackRequest {
+                    header: header(),
+                    xid: begun.xid,
+                    reason: String::new(),
+                }))
+                .await
+                .unwrap();
+        }
+        let took = started.elapsed();
+        assert_eq!(daemon.txns().len(), TXNS, "finished transactions are held");
+        assert!(
+            took < Duration::from_millis(BOUND_MS),
+            "{TXNS} begins and rollbacks took {took:?}"
+        );
         assert!(daemon.release().close(Duration::from_secs(10)).await);
     }
 }

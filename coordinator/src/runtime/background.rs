@@ -4,7 +4,9 @@
 //! Each is a tracked task on the coordinator's runtime, woken by a timer, holding only a weak
 //! handle on the coordinator between rounds; shutdown stops it.
 //!
-//! * The **reaper** rolls back every transaction open longer than `txn_timeout_ms`.
+//! * The **reaper** rolls back every transaction open longer than its timeout (`txn_timeout_ms`,
+//!   or its own); a transaction past it is also rolled back as soon as work joins or checks it
+//!   (`reap_if_due`), so a short timeout of its own is not noticed a reaper round late.
 //! * The **orphan sweeper** finds what recovery at open cannot: a branch prepared while this
 //!   coordinator runs that no transaction of it owns — a prepare that reached the server after
 //!   its transaction had already rolled back (a client-side timeout, a broken connection), or a
@@ -129,27 +131,53 @@ impl Coordinator {
     /// (which retries until every branch answers). The transaction stays listed as timed out,
     /// with no branches, until its caller hears of it.
     pub(super) async fn reap_timed_out(&self) {
-        let limit = Duration::from_millis(self.inner.config.txn_timeout_ms);
-        let mut expired: Vec<(Xid, Instant, Vec<BranchRef>)> = Vec::new();
+        let mut expired: Vec<(Xid, Instant, Duration, Vec<BranchRef>)> = Vec::new();
         for shard in self.inner.open.iter() {
             let mut open = lock(shard);
             expired.extend(
                 open.iter_mut()
-                    .filter(|(_, o)| !o.timed_out && o.started.elapsed() > limit)
+                    .filter(|(_, o)| !o.timed_out && o.started.elapsed() > o.timeout)
                     .map(|(xid, o)| {
                         o.timed_out = true;
-                        (*xid, o.started, std::mem::take(&mut o.branches))
+                        (*xid, o.started, o.timeout, std::mem::take(&mut o.branches))
                     }),
             );
         }
-        for (xid, started, branches) in expired {
-            tracing::warn!(xid = %xid, "transaction open longer than {} ms; rolling back", limit.as_millis());
+        for (xid, started, timeout, branches) in expired {
+            tracing::warn!(xid = %xid, "transaction open longer than {} ms; rolling back", timeout.as_millis());
             let open = Open {
                 started,
+                timeout,
                 branches,
                 timed_out: true,
             };
             self.start_rollback(&xid, open, "the transaction timed out");
+        }
+    }
+
+    /// Rolls `xid` back now when it is open past its timeout and the reaper has not got to it
+    /// yet (its round comes every `txn_timeout_ms / 4`, at most a second, so a transaction's
+    /// own shorter timeout would otherwise be noticed late): what the reaper would do, for one
+    /// transaction. Called before work joins or checks the transaction.
+    pub(super) fn reap_if_due(&self, xid: &Xid) {
+        let expired = {
+            let mut open = self.inner.open_shard(xid);
+            match open.get_mut(xid) {
+                Some(o) if !o.timed_out && o.started.elapsed() > o.timeout => {
+                    o.timed_out = true;
+                    Some(Open {
+                        started: o.started,
+                        timeout: o.timeout,
+                        branches: std::mem::take(&mut o.branches),
+                        timed_out: true,
+                    })
+                }
+                _ => None,
+            }
+        };
+        if let Some(open) = expired {
+            tracing::warn!(xid = %xid, "transaction open longer than {} ms; rolling back", open.timeout.as_millis());
+            self.start_rollback(xid, open, "the transaction timed out");
         }
     }
 
@@ -192,7 +220,14 @@ impl Coordinator {
     ///
     /// 1. A branch is prepared only by a machine in the running map: `commit` moves the
     ///    transaction from the open map to the running map under the open shard's lock, and
-    ///    prepares after that. A machine leaves the running map when it is finished (every
+    ///    prepares after that. A branch prepared in another process (a remote application's
+    ///    PostgreSQL branch) belongs to a transaction that is open here from its `begin` to its
+    ///    `commit`, and the application prepares it before it enlists it
+    ///    ([`Coordinator::join_prepared`]): while the transaction is open (not timed out), its
+    ///    branch is owned, enlisted or not. A timed-out transaction can never commit (`commit`
+    ///    refuses it, `join_prepared` rolls back what joins it late), so it owns nothing: a
+    ///    branch prepared by an application that died before enlisting is rolled back once
+    ///    its transaction has timed out. A machine leaves the running map when it is finished (every
     ///    branch acknowledged commit or rollback, so none of its branches is still prepared) or
     ///    when an operator's `resolve` cancels it.
     /// 2. A decided transaction (durable `Commit`) keeps its machine in the running map until
@@ -318,8 +353,15 @@ impl Coordinator {
             return (found, all_answered);
         }
         let running: HashSet<Xid> = self.inner.running().iter().map(|r| r.xid).collect();
+        // A timed-out transaction owns nothing: the reaper took its branches, and nothing can
+        // commit it (its entry only waits for its caller to hear of the timeout).
         found.retain(|(_, xid)| {
-            !self.inner.open_shard(xid).contains_key(xid) && !running.contains(xid)
+            let open = self
+                .inner
+                .open_shard(xid)
+                .get(xid)
+                .is_some_and(|o| !o.timed_out);
+            !open && !running.contains(xid)
         });
         (found, all_answered)
     }

@@ -48,12 +48,14 @@ use crate::retention::PinId;
 
 impl Coordinator {
     /// A new machine for `xid` with `branches`, listed as running; see [`Coordinator::register_machine`].
-    /// A lone branch of a resource that offers it commits in one phase.
+    /// A lone branch of a resource that offers it commits in one phase, unless it was prepared
+    /// elsewhere ([`Coordinator::join_prepared`]).
     pub(super) fn register(&self, xid: Xid, branches: Vec<BranchRef>, started: Instant) -> Driver {
         let policy = self.inner.config.retry;
         let machine = match branches.as_slice() {
             [only]
                 if self.inner.config.one_phase
+                    && !only.prepared_elsewhere
                     && only
                         .resource
                         .as_ref()

@@ -1,7 +1,10 @@
 //! The coordinator's runtime: it executes the engine's commands with real resources, the real
 //! journal and tokio, and feeds the results back as events.
 //!
-//! [`Coordinator`] is the façade every caller holds: `begin`, `join`, `commit`, `rollback`,
+//! [`Coordinator`] is the façade every caller holds: `begin` (with the configured timeout, or a
+//! transaction's own: [`Coordinator::begin_with_timeout`]), `join`, `join_prepared` (a branch
+//! whose work and prepare happened in another process, such as a remote application's
+//! PostgreSQL branch: never begun here, never committed in one phase), `commit`, `rollback`,
 //! `shutdown` live here, with the state they share ([`CoordinatorConfig`], the maps of open and
 //! running transactions, the tracked [`Tasks`]). The work behind it is cut along its seams:
 //!
@@ -247,6 +250,7 @@ impl Configured {
         BranchRef {
             name: Arc::clone(&self.name),
             resource: Some(Arc::clone(&self.resource)),
+            prepared_elsewhere: false,
         }
     }
 }
@@ -257,11 +261,16 @@ impl Configured {
 struct BranchRef {
     name: Arc<str>,
     resource: Option<Arc<dyn Resource>>,
+    /// Joined by [`Coordinator::join_prepared`]: its work happened, and its prepare, in another
+    /// process; it never commits in one phase.
+    prepared_elsewhere: bool,
 }
 
 /// An open transaction, before its commit starts.
 struct Open {
     started: Instant,
+    /// Rolled back when open longer than this (`txn_timeout_ms`, or its own).
+    timeout: Duration,
     /// Resources joined, in join order (the branch ids of the machine).
     branches: Vec<BranchRef>,
     timed_out: bool,
@@ -367,6 +376,7 @@ impl Inner {
             None => BranchRef {
                 name: Arc::from(name),
                 resource: None,
+                prepared_elsewhere: false,
             },
         }
     }
@@ -488,8 +498,14 @@ impl Coordinator {
             })
     }
 
-    /// Begins a transaction.
+    /// Begins a transaction, rolled back when open longer than `txn_timeout_ms`.
     pub fn begin(&self) -> Xid {
+        self.begin_with_timeout(self.default_timeout())
+    }
+
+    /// Begins a transaction rolled back when open longer than `timeout` (a remote client's
+    /// own timeout; the caller caps it).
+    pub fn begin_with_timeout(&self, timeout: Duration) -> Xid {
         let seq = self.inner.seq.fetch_add(1, Ordering::Relaxed);
         let xid = Xid {
             node: self.inner.config.node,
@@ -498,6 +514,7 @@ impl Coordinator {
         };
         let open = Open {
             started: Instant::now(),
+            timeout,
             branches: Vec::new(),
             timed_out: false,
         };
@@ -505,9 +522,23 @@ impl Coordinator {
         xid
     }
 
+    /// Sets the timeout of the open transaction `xid` (counted from its begin), for a caller
+    /// that began it through a layer that does not take one.
+    pub fn set_timeout(&self, xid: &Xid, timeout: Duration) -> Result<(), CoordError> {
+        let mut open = self.inner.open_shard(xid);
+        self.open_txn(&mut open, xid)?.timeout = timeout;
+        Ok(())
+    }
+
+    /// The configured `txn_timeout_ms`.
+    fn default_timeout(&self) -> Duration {
+        Duration::from_millis(self.inner.config.txn_timeout_ms)
+    }
+
     /// Joins `resource` to the transaction (once; later calls return the same resource).
     pub async fn join(&self, xid: &Xid, resource: &str) -> Result<Arc<dyn Resource>, CoordError> {
         let configured = self.configured(resource)?;
+        self.reap_if_due(xid);
         let first = {
             let mut open = self.inner.open_shard(xid);
             let txn = self.open_txn(&mut open, xid)?;
@@ -526,14 +557,9 @@ impl Coordinator {
         // The transaction may have timed out (and its branches been rolled back) while `begin`
         // ran: roll back the branch just begun too, so it holds nothing.
         if first && let Err(ended) = self.check_open(xid) {
-            let open = Open {
-                started: Instant::now(),
-                branches: vec![configured.branch()],
-                timed_out: true,
-            };
-            self.start_rollback(
+            self.roll_back_late_branch(
                 xid,
-                open,
+                configured.branch(),
                 "the branch began after its transaction timed out",
             );
             return Err(ended);
@@ -541,18 +567,63 @@ impl Coordinator {
         Ok(Arc::clone(&configured.resource))
     }
 
+    /// Joins to the transaction a branch of `resource` whose work and prepare happened in
+    /// another process (a remote application's PostgreSQL branch, which the resource has
+    /// adopted): the resource's `begin` is not called, and the branch never takes the one-phase
+    /// path, even alone (it is prepared already). Joining it again is a no-op; a branch of
+    /// `resource` begun here already is refused. When the transaction timed out, the branch is
+    /// rolled back at once (nothing can commit it) and the timeout is returned.
+    pub async fn join_prepared(
+        &self,
+        xid: &Xid,
+        resource: &str,
+    ) -> Result<Arc<dyn Resource>, CoordError> {
+        let configured = self.configured(resource)?;
+        self.reap_if_due(xid);
+        let joined = {
+            let mut open = self.inner.open_shard(xid);
+            self.open_txn(&mut open, xid).and_then(|txn| {
+                match txn.branches.iter().find(|b| *b.name == *resource) {
+                    Some(b) if b.prepared_elsewhere => Ok(()),
+                    Some(_) => Err(CoordError::Refused(format!(
+                        "transaction {xid} has a branch in {resource} begun by the coordinator's process; a branch prepared elsewhere cannot join it too"
+                    ))),
+                    None => {
+                        txn.branches.push(prepared_elsewhere(configured));
+                        Ok(())
+                    }
+                }
+            })
+        };
+        if let Err(e @ CoordError::TimedOut { .. }) = joined {
+            let reason = "the branch was enlisted after its transaction timed out";
+            self.roll_back_late_branch(xid, prepared_elsewhere(configured), reason);
+            return Err(e);
+        }
+        joined.map(|()| Arc::clone(&configured.resource))
+    }
+
+    /// Rolls back, in a task of its own, a branch that joined a transaction that had timed out.
+    fn roll_back_late_branch(&self, xid: &Xid, branch: BranchRef, reason: &str) {
+        let open = Open {
+            started: Instant::now(),
+            timeout: self.default_timeout(),
+            branches: vec![branch],
+            timed_out: true,
+        };
+        self.start_rollback(xid, open, reason);
+    }
+
     /// Checks that the transaction is open (not timed out); for branch handles before each use.
     pub fn check_open(&self, xid: &Xid) -> Result<(), CoordError> {
+        self.reap_if_due(xid);
         let mut open = self.inner.open_shard(xid);
         self.open_txn(&mut open, xid).map(|_| ())
     }
 
     fn open_txn<'a>(&self, open: &'a mut OpenMap, xid: &Xid) -> Result<&'a mut Open, CoordError> {
         match open.get_mut(xid) {
-            Some(txn) if txn.timed_out => Err(CoordError::TimedOut {
-                xid: *xid,
-                timeout_ms: self.inner.config.txn_timeout_ms,
-            }),
+            Some(txn) if txn.timed_out => Err(timed_out(xid, txn)),
             Some(txn) => Ok(txn),
             None => Err(CoordError::NotActive {
                 xid: *xid,
@@ -573,14 +644,13 @@ impl Coordinator {
     }
 
     async fn commit_timed(&self, xid: &Xid) -> Result<Outcome, CoordError> {
-        let timeout = Duration::from_millis(self.inner.config.txn_timeout_ms);
         // A transaction that is not open is answered at once, not after waiting for a place.
-        if !self.inner.open_shard(xid).contains_key(xid) {
+        let Some(timeout) = self.inner.open_shard(xid).get(xid).map(|o| o.timeout) else {
             return Err(CoordError::NotActive {
                 xid: *xid,
                 state: "not open".into(),
             });
-        }
+        };
         let permit = match Arc::clone(&self.inner.unfinished).try_acquire_owned() {
             Ok(permit) => permit,
             Err(_) => {
@@ -596,7 +666,7 @@ impl Coordinator {
                         let busy = CoordError::Busy {
                             xid: *xid,
                             max_unfinished: self.inner.config.max_unfinished.max(1),
-                            waited_ms: self.inner.config.txn_timeout_ms,
+                            waited_ms: u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
                         };
                         // Nothing was decided: the transaction rolls back now, rather than
                         // waiting open for the reaper (or for a caller who forgets it).
@@ -612,21 +682,14 @@ impl Coordinator {
         let mut driver = {
             let mut open = self.inner.open_shard(xid);
             match open.remove(xid) {
-                Some(o) if !o.timed_out && o.started.elapsed() > timeout => {
+                Some(o) if !o.timed_out && o.started.elapsed() > o.timeout => {
                     drop(open);
                     // Past its deadline though the reaper has not run yet: the same as timed out.
+                    let e = timed_out(xid, &o);
                     self.start_rollback(xid, o, "the transaction timed out");
-                    return Err(CoordError::TimedOut {
-                        xid: *xid,
-                        timeout_ms: self.inner.config.txn_timeout_ms,
-                    });
+                    return Err(e);
                 }
-                Some(o) if o.timed_out => {
-                    return Err(CoordError::TimedOut {
-                        xid: *xid,
-                        timeout_ms: self.inner.config.txn_timeout_ms,
-                    });
-                }
+                Some(o) if o.timed_out => return Err(timed_out(xid, &o)),
                 // Registered as running before the open entry's lock is released, so that
                 // `resolve` finds the transaction in one map or the other at every moment.
                 Some(o) => self.register(*xid, o.branches, o.started),
@@ -730,6 +793,22 @@ impl Coordinator {
     /// Drops a timed-out transaction's record once its caller has been told (commit or rollback).
     pub fn forget(&self, xid: &Xid) {
         self.inner.open_shard(xid).remove(xid);
+    }
+}
+
+/// The error of `xid`, open as `open`, past its timeout.
+fn timed_out(xid: &Xid, open: &Open) -> CoordError {
+    CoordError::TimedOut {
+        xid: *xid,
+        timeout_ms: u64::try_from(open.timeout.as_millis()).unwrap_or(u64::MAX),
+    }
+}
+
+/// The branch of `configured` joined by [`Coordinator::join_prepared`].
+fn prepared_elsewhere(configured: &Configured) -> BranchRef {
+    BranchRef {
+        prepared_elsewhere: true,
+        ..configured.branch()
     }
 }
 

@@ -244,7 +244,13 @@ impl Coordinator {
     /// the next start).
     pub async fn resolve(&self, request: &ResolveRequest) -> Result<ResolveReport, CoordError> {
         let xid = &request.xid;
-        if self.inner.open_shard(xid).contains_key(xid) || self.deciding(xid) {
+        // A timed-out transaction is no longer open: it can never commit.
+        let open = self
+            .inner
+            .open_shard(xid)
+            .get(xid)
+            .is_some_and(|o| !o.timed_out);
+        if open || self.deciding(xid) {
             return Err(CoordError::Refused(format!(
                 "transaction {xid} is still being prepared or decided by this coordinator; wait for its outcome"
             )));

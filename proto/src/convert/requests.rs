@@ -266,8 +266,19 @@ impl TryFrom<v1::RollbackRequest> for XidCall {
 
     fn try_from(r: v1::RollbackRequest) -> Result<XidCall, WireError> {
         check_header("RollbackRequest.header", r.header.as_ref())?;
+        let xid = parse_xid("RollbackRequest.xid", &r.xid)?;
+        if r.reason.len() > super::REASON_BYTES_MAX {
+            return Err(WireError::Invalid {
+                field: "RollbackRequest.reason",
+                reason: format!(
+                    "{} bytes; at most {}",
+                    r.reason.len(),
+                    super::REASON_BYTES_MAX
+                ),
+            });
+        }
         Ok(XidCall {
-            xid: parse_xid("RollbackRequest.xid", &r.xid)?,
+            xid,
             reason: r.reason,
         })
     }

@@ -845,3 +845,19 @@ proptest! {
         prop_assert_eq!(parse_xid("f", &xid_text(xid)), Ok(xid));
     }
 }
+
+#[test]
+fn a_rollback_reason_is_kept_and_bounded() {
+    let request = |reason: String| v1::RollbackRequest {
+        header: header(),
+        xid: "n1e1s1".into(),
+        reason,
+    };
+    let call = XidCall::try_from(request("changed my mind".into())).unwrap();
+    assert_eq!(call.reason, "changed my mind");
+    let long = "x".repeat(REASON_BYTES_MAX + 1);
+    match XidCall::try_from(request(long)) {
+        Err(WireError::Invalid { field, .. }) => assert_eq!(field, "RollbackRequest.reason"),
+        other => panic!("a long reason was not refused: {other:?}"),
+    }
+}

@@ -1,0 +1,158 @@
+//! A coordinator daemon run as a child process, for `concord demo --remote` and `concord bench
+//! commit --remote`: this same binary started as `concord coordinator --listen 127.0.0.1:0 …`,
+//! its address read from the `listening on ADDR` line it prints once bound, and stopped with
+//! SIGTERM, its exit status checked.
+//!
+//! The child's standard output is read by a thread of its own to the end (so the child never
+//! blocks on a full pipe); its standard error is the parent's, so its warnings reach the
+//! operator. Dropping a [`DaemonChild`] that was not stopped kills it (SIGKILL) and reaps it.
+//!
+//! # Implementation caveats
+//!
+//! * SIGTERM is sent with the `kill` utility: the workspace forbids `unsafe`, which a direct
+//!   `kill(2)` through `libc` would need.
+
+use std::ffi::OsString;
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+
+/// How long the daemon may take to start (recovery included) and print its address.
+pub(crate) const START_MS_MAX: u64 = 60_000;
+/// How long the daemon may take to exit after SIGTERM (its own drain and close bounds are
+/// 10 s each).
+pub(crate) const STOP_MS_MAX: u64 = 40_000;
+/// How often the exit is polled while waiting for it.
+const POLL_MS: u64 = 20;
+
+/// A running `concord coordinator` child.
+pub(crate) struct DaemonChild {
+    child: Option<Child>,
+    addr: String,
+}
+
+impl DaemonChild {
+    /// Starts `concord coordinator --listen 127.0.0.1:0 ARGS` (with warnings only in its log)
+    /// and waits, at most [`START_MS_MAX`], for its `listening on` line.
+    pub(crate) fn start(args: &[OsString]) -> anyhow::Result<DaemonChild> {
+        let exe = std::env::current_exe().context("find the concord binary")?;
+        let mut child = Command::new(exe)
+            .args([
+                "--log-level",
+                "warn",
+                "coordinator",
+                "--listen",
+                "127.0.0.1:0",
+            ])
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .context("start the coordinator daemon")?;
+        let lines = read_lines(&mut child)?;
+        let mut daemon = DaemonChild {
+            child: Some(child),
+            addr: String::new(),
+        };
+        daemon.addr = daemon.wait_listening(&lines)?;
+        Ok(daemon)
+    }
+
+    /// The daemon's URL (`http://127.0.0.1:PORT`).
+    pub(crate) fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    fn wait_listening(&mut self, lines: &mpsc::Receiver<String>) -> anyhow::Result<String> {
+        let deadline = Instant::now() + Duration::from_millis(START_MS_MAX);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match lines.recv_timeout(left) {
+                Ok(line) => {
+                    if let Some(addr) = line.strip_prefix("listening on ") {
+                        return Ok(addr.trim().to_string());
+                    }
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => bail!(
+                    "the coordinator daemon printed no `listening on` line within {START_MS_MAX} ms"
+                ),
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    let status = self.wait_exit(Duration::from_millis(STOP_MS_MAX))?;
+                    bail!(
+                        "the coordinator daemon exited before listening ({status}); its error is above"
+                    )
+                }
+            }
+        }
+    }
+
+    /// Sends SIGTERM and waits, at most [`STOP_MS_MAX`], for the exit; returns its status.
+    pub(crate) fn terminate(mut self) -> anyhow::Result<ExitStatus> {
+        let pid = match &self.child {
+            Some(child) => child.id(),
+            None => bail!("the coordinator daemon was already reaped"),
+        };
+        let sent = Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .context("run `kill -TERM` on the coordinator daemon")?;
+        if !sent.success() {
+            bail!("`kill -TERM {pid}` failed ({sent}): the coordinator daemon is gone");
+        }
+        self.wait_exit(Duration::from_millis(STOP_MS_MAX))
+    }
+
+    fn wait_exit(&mut self, bound: Duration) -> anyhow::Result<ExitStatus> {
+        let Some(mut child) = self.child.take() else {
+            bail!("the coordinator daemon was already reaped");
+        };
+        let deadline = Instant::now() + bound;
+        loop {
+            if let Some(status) = child
+                .try_wait()
+                .context("wait for the coordinator daemon")?
+            {
+                return Ok(status);
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!(
+                    "the coordinator daemon did not exit within {} ms; killed",
+                    bound.as_millis()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(POLL_MS));
+        }
+    }
+}
+
+impl Drop for DaemonChild {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// The child's standard output, line by line, read to its end by a thread of its own.
+fn read_lines(child: &mut Child) -> anyhow::Result<mpsc::Receiver<String>> {
+    let stdout = child
+        .stdout
+        .take()
+        .context("the daemon's standard output is not piped")?;
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { return };
+            // Nobody listens after the address: the rest is only drained.
+            let _ = tx.send(line);
+        }
+    });
+    Ok(rx)
+}
