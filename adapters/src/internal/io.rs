@@ -178,8 +178,15 @@ pub(crate) fn open_own_dir(
     }
 }
 
+/// How long a taken `LOCK` is tried again before it counts as another instance's
+/// (milliseconds).
+const LOCK_WAIT_MS_MAX: u64 = 500;
+/// The pause between tries of a taken `LOCK` (milliseconds).
+const LOCK_RETRY_MS: u64 = 10;
+
 /// Takes the private area's `LOCK` (an advisory flock), so that one instance at a time owns
-/// the `owned` directory ("root", "Maildir").
+/// the `owned` directory ("root", "Maildir"); a lock held by another instance is refused after
+/// [`LOCK_WAIT_MS_MAX`].
 pub(crate) fn lock_private(name: &str, private: &Path, owned: &str) -> Result<File> {
     let path = private.join("LOCK");
     let file = OpenOptions::new()
@@ -188,7 +195,18 @@ pub(crate) fn lock_private(name: &str, private: &Path, owned: &str) -> Result<Fi
         .truncate(false)
         .open(&path)
         .map_err(|e| ResourceError::io(name, "open", &path, &e))?;
-    match file.try_lock() {
+    // A process that forks a child holds the lock in the child too until the child's exec
+    // closes it (the descriptor is close-on-exec): a moment, during which a reopen in the parent
+    // would find it taken. So a taken lock is tried again for a short while before it counts as
+    // another instance's.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_millis(LOCK_WAIT_MS_MAX);
+    let mut taken = file.try_lock();
+    while matches!(taken, Err(fs::TryLockError::WouldBlock)) && std::time::Instant::now() < deadline
+    {
+        std::thread::sleep(std::time::Duration::from_millis(LOCK_RETRY_MS));
+        taken = file.try_lock();
+    }
+    match taken {
         Ok(()) => Ok(file),
         Err(fs::TryLockError::WouldBlock) => Err(ResourceError::rejected(
             name,
