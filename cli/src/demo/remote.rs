@@ -22,7 +22,8 @@
 //!    had in flight is rolled back by the daemon, or committed without an acknowledgement,
 //!    which the check accepts), the run is marked finished: a transaction a dead client never
 //!    started left nothing, and reads as absent.
-//! 4. The demo waits until the daemon's `ListInDoubt` is empty (phase 2 done) and, with
+//! 4. The demo waits until the daemon's `ListInDoubt` lists nothing but timed-out transactions
+//!    holding no branch (phase 2 done; a dead client's transaction stays listed so) and, with
 //!    PostgreSQL, no branch of the demo's resource is prepared in the database any more (a dead
 //!    client's enlisted branch is rolled back at the transaction timeout, one it prepared but
 //!    never enlisted by the orphan sweeper); it sends SIGTERM and requires exit 0, then runs the
@@ -80,6 +81,8 @@ const TXN_TIMEOUT_MS: u64 = 10_000;
 /// How often the daemon looks for branches prepared but never enlisted (milliseconds), with
 /// `--postgres`: one found in two sweeps in a row is rolled back.
 const ORPHAN_SWEEP_MS: u64 = 1_000;
+/// The state `ListInDoubt` gives a transaction its timeout rolled back.
+const TIMED_OUT: &str = "timed out";
 /// The environment variable that passes the PostgreSQL URL to a client process.
 const POSTGRES_ENV: &str = "CONCORD_DEMO_POSTGRES";
 /// The PostgreSQL connections of a client process beyond one per task.
@@ -353,15 +356,22 @@ async fn wait_idle(url: &str, postgres: Option<&str>) -> anyhow::Result<bool> {
             .await
             .context("ask the daemon for its unfinished transactions")?
             .into_inner();
+        // A dead client's transaction rolled back at its timeout stays listed, holding
+        // nothing, until its caller hears of it (never): not work to wait for.
+        let unfinished: Vec<v1::InDoubtTxn> = listed
+            .transactions
+            .into_iter()
+            .filter(|t| !(t.state == TIMED_OUT && t.branches.is_empty()))
+            .collect();
         let prepared = match postgres {
             Some(pg) => adapters::postgres::prepared_in(PG_RESOURCE, pg, NODE).await?,
             None => Vec::new(),
         };
-        if listed.transactions.is_empty() && prepared.is_empty() {
+        if unfinished.is_empty() && prepared.is_empty() {
             return Ok(true);
         }
         if Instant::now() > deadline {
-            for t in &listed.transactions {
+            for t in &unfinished {
                 eprintln!("pending: {} {} {:?}", t.xid, t.state, t.branches);
             }
             for branch in &prepared {
