@@ -89,6 +89,7 @@ const POSTGRES_ENV: &str = "CONCORD_DEMO_POSTGRES";
 const PG_POOL_SPARE: usize = 2;
 
 /// Options of the hidden `concord demo-client`: one client process of `concord demo --remote`.
+/// When the run has a PostgreSQL branch, the database's URL comes in [`POSTGRES_ENV`].
 #[derive(clap::Args, Debug)]
 pub struct ClientArgs {
     /// The daemon's URL.
@@ -123,15 +124,7 @@ pub(super) fn run(args: &DemoArgs, data: &Path) -> anyhow::Result<Summary> {
         bail!("--clients must be between 1 and {CLIENTS_MAX}");
     }
     std::fs::create_dir_all(data).with_context(|| format!("create {}", data.display()))?;
-    let daemon_args = match &args.postgres {
-        Some(url) => {
-            runtime()?.block_on(super::setup_postgres(url))?;
-            let config = write_config(data, url, args.concurrency)?;
-            [OsString::from("--config"), config.into_os_string()]
-        }
-        None => [OsString::from("--data"), data.as_os_str().to_owned()],
-    };
-    let daemon = DaemonChild::start(&daemon_args)?;
+    let daemon = start_daemon(args, data)?;
     let url = daemon.url();
     let run_id = super::record_run(args, data)?;
     let started = Instant::now();
@@ -148,17 +141,7 @@ pub(super) fn run(args: &DemoArgs, data: &Path) -> anyhow::Result<Summary> {
     };
     let report = check::check(data, orders.as_ref())?;
     let mut problems = report.problems;
-    if !status.success() {
-        problems.push(format!(
-            "the coordinator daemon exited with {status} after SIGTERM, not 0"
-        ));
-    }
-    if !clean {
-        problems.push(format!(
-            "the daemon still had transactions in phase 2 (or branches prepared) {} s after the last client",
-            IDLE_MS_MAX / 1000
-        ));
-    }
+    problems.extend(daemon_problems(status, clean));
     super::print_problems(&problems);
     let latencies = Latencies::from_us(&stats.latencies_us)?;
     Ok(Summary {
@@ -181,6 +164,38 @@ pub(super) fn run(args: &DemoArgs, data: &Path) -> anyhow::Result<Summary> {
         clients: Some(args.clients),
         clients_failed: Some(failed),
     })
+}
+
+/// Starts the daemon on the data directory: on the embedded defaults, or with `--postgres` on
+/// the configuration [`write_config`] writes, once the demo's schema and table are installed.
+fn start_daemon(args: &DemoArgs, data: &Path) -> anyhow::Result<DaemonChild> {
+    let daemon_args = match &args.postgres {
+        Some(url) => {
+            runtime()?.block_on(super::setup_postgres(url))?;
+            let config = write_config(data, url, args.concurrency)?;
+            [OsString::from("--config"), config.into_os_string()]
+        }
+        None => [OsString::from("--data"), data.as_os_str().to_owned()],
+    };
+    DaemonChild::start(&daemon_args)
+}
+
+/// What the daemon did wrong: its exit `status` after SIGTERM not 0, or work left when the
+/// wait for phase 2 gave up (`clean` false).
+fn daemon_problems(status: std::process::ExitStatus, clean: bool) -> Vec<String> {
+    let mut problems = Vec::new();
+    if !status.success() {
+        problems.push(format!(
+            "the coordinator daemon exited with {status} after SIGTERM, not 0"
+        ));
+    }
+    if !clean {
+        problems.push(format!(
+            "the daemon still had transactions in phase 2 (or branches prepared) {} s after the last client",
+            IDLE_MS_MAX / 1000
+        ));
+    }
+    problems
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
