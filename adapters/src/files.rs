@@ -176,7 +176,7 @@ use crate::dirsync::DirSync;
 use crate::internal::branches::Branches;
 use crate::internal::collect::Adoptions;
 use crate::internal::instance::{Instance, InstanceState, Shared};
-use crate::internal::io::{parent_of, sync_file};
+use crate::internal::io::{self, parent_of, sync_file};
 use crate::internal::lifecycle;
 use crate::internal::lifecycle::Shell;
 use crate::internal::shipping;
@@ -399,6 +399,18 @@ impl Resource for FilesResource {
 
     async fn recover(&self) -> Result<Vec<Xid>> {
         self.inner.prepared_xids()
+    }
+
+    async fn health(&self) -> Result<()> {
+        self.inner.usable_state(|_| ())?;
+        let inner = Arc::clone(&self.inner);
+        io::blocking(&self.inner.name, "health", move || {
+            io::dirs_writable(
+                &inner.name,
+                &[("root", &inner.root), ("private area", &inner.area.private)],
+            )
+        })
+        .await
     }
 
     async fn fence(&self, epoch: Epoch) -> Result<()> {

@@ -422,6 +422,16 @@ impl Resource for KvResource {
         self.inner.prepared_xids()
     }
 
+    async fn health(&self) -> Result<()> {
+        self.inner.usable_state(|_| ())?;
+        let inner = Arc::clone(&self.inner);
+        blocking(&self.inner.name, "health", move || {
+            crate::internal::io::dirs_writable(&inner.name, &[("store", &inner.dir)])?;
+            inner.store.meta().map(|_| ())
+        })
+        .await
+    }
+
     async fn fence(&self, epoch: Epoch) -> Result<()> {
         lifecycle::fence(&self.inner, epoch).await
     }

@@ -216,6 +216,17 @@ pub trait Resource: Send + Sync + 'static {
         Ok(BlobsCollected::default())
     }
 
+    /// A cheap probe of whether the resource can do its work now: `Ok` when it answers, the
+    /// reason otherwise. It changes nothing and takes no branch lock; the caller bounds it
+    /// with a deadline (a probe that does not answer in time counts as unhealthy). The files
+    /// and mail resources check that their directories are still there and writable (by
+    /// `stat` and `access`, writing nothing), kv that its store answers a read, PostgreSQL a
+    /// `SELECT 1` on a pooled connection; each fails once the instance is poisoned. The
+    /// default answers `Ok`.
+    async fn health(&self) -> Result<(), ResourceError> {
+        Ok(())
+    }
+
     /// Whether a transaction whose only branch is here may commit it in one phase
     /// ([`Resource::prepare_one_phase`], then [`Resource::commit_one_phase`]).
     fn supports_one_phase(&self) -> bool {

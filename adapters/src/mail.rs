@@ -406,6 +406,24 @@ impl Resource for MailResource {
         self.inner.prepared_xids()
     }
 
+    async fn health(&self) -> Result<()> {
+        self.inner.usable_state(|_| ())?;
+        let inner = Arc::clone(&self.inner);
+        blocking(&self.inner.name, "health", move || {
+            let area = &inner.area;
+            crate::internal::io::dirs_writable(
+                &inner.name,
+                &[
+                    ("Maildir", &inner.maildir),
+                    ("Maildir tmp/", &area.tmp),
+                    ("Maildir new/", &area.new),
+                    ("private area", &area.private),
+                ],
+            )
+        })
+        .await
+    }
+
     async fn fence(&self, epoch: Epoch) -> Result<()> {
         lifecycle::fence(&self.inner, epoch).await
     }

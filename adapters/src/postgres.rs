@@ -329,6 +329,17 @@ impl Resource for PostgresResource {
         self.recover_branches().await
     }
 
+    async fn health(&self) -> Result<()> {
+        let inner = &self.inner;
+        let conn = inner
+            .timed_in(None, "get a connection for the health probe", inner.conn())
+            .await??;
+        inner
+            .timed(&conn, "the health probe", conn.batch_execute("SELECT 1"))
+            .await?
+            .map_err(|e| inner.db("run the health probe", &e))
+    }
+
     async fn fence(&self, epoch: Epoch) -> Result<()> {
         self.inner.fence(epoch).await
     }

@@ -156,6 +156,7 @@ pub async fn run_all(subject: &dyn Subject) {
     applied_lsn_survives_restart(subject).await;
     put_blob_keeps_only_matching_content(subject).await;
     replay_on_an_empty_instance_gives_the_same_state(subject).await;
+    healthy_while_open_and_working(subject).await;
 }
 
 /// Prepare, crash, reopen: `recover` lists the branch, and commit after the restart makes the
@@ -318,6 +319,18 @@ pub async fn rollback_of_unknown_xid_succeeds(subject: &dyn Subject) {
     let r = subject.open().await;
     let xid = c.xid(&r).await;
     c.ok("rollback of an unknown xid", r.rollback(&xid).await);
+}
+
+/// A freshly opened resource answers its health probe, and still does with a branch prepared
+/// (the probe takes no branch lock).
+pub async fn healthy_while_open_and_working(subject: &dyn Subject) {
+    let c = Check("healthy_while_open_and_working");
+    let r = subject.open().await;
+    c.ok("health of a fresh instance", r.health().await);
+    let (xid, tag) = (c.xid(&r).await, next_tag());
+    c.prepare_writing(subject, &r, &xid, tag).await;
+    c.ok("health with a branch prepared", r.health().await);
+    c.ok("rollback", r.rollback(&xid).await);
 }
 
 /// Committing an xid the resource never saw is quiet — or, for a resource that can tell a

@@ -1733,3 +1733,14 @@ fn a_task_cancelled_by_a_runtime_shutting_down_does_not_poison_the_resource() {
     });
     assert_eq!(fs::read(root.join("a")).unwrap(), b"one");
 }
+
+#[tokio::test]
+async fn health_fails_once_the_root_is_gone() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    let r = open(&root);
+    r.health().await.unwrap();
+    fs::remove_dir_all(&root).unwrap();
+    let e = r.health().await.unwrap_err().to_string();
+    assert!(e.contains("root") && e.contains("No such file"), "{e}");
+}

@@ -1372,3 +1372,15 @@ async fn blob_collection_removes_only_what_nothing_needs() {
     assert_eq!(stored(&r), vec![id(1)]);
     assert_eq!(delivered(r.maildir()).len(), 3);
 }
+
+#[tokio::test]
+async fn health_fails_once_a_maildir_directory_is_gone() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = open(dir.path());
+    r.health().await.unwrap();
+    fs::remove_dir(dir.path().join("new")).unwrap();
+    let e = r.health().await.unwrap_err().to_string();
+    assert!(e.contains("new/") && e.contains("mail"), "{e}");
+    fs::create_dir(dir.path().join("new")).unwrap();
+    r.health().await.unwrap();
+}

@@ -1059,3 +1059,22 @@ async fn a_fenced_one_phase_branch_is_refused_and_rolled_back() {
         "{later}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_fails_once_the_database_is_gone() {
+    let cluster = PgCluster::shared();
+    let name = format!("health_{}", NEXT_DB.fetch_add(1, Ordering::Relaxed));
+    let url = cluster.database(&name).unwrap();
+    postgres::install("pg", &url).await.unwrap();
+    let config = PostgresConfig {
+        call_timeout_ms: 5_000,
+        ..PostgresConfig::new(&url, 1)
+    };
+    let r = PostgresResource::open("pg", config).await.unwrap();
+    r.health().await.unwrap();
+    cluster
+        .psql("postgres", &format!("DROP DATABASE {name} WITH (FORCE)"))
+        .unwrap();
+    let e = r.health().await.unwrap_err();
+    assert_eq!(e.class(), ErrorClass::Retryable, "{e}");
+}

@@ -61,6 +61,7 @@ mod latency;
 mod output;
 mod pg;
 mod remote_txn;
+mod status;
 mod txn;
 mod verify;
 
@@ -79,7 +80,8 @@ Exit codes:
   1  error: the command could not do its work (missing directory, foreign file, I/O, ...)
   2  usage error (bad arguments)
   3  the journal is corrupt (the message names the segment file and byte offset)
-  4  `txn list`: the list is partial, some resource could not be read (each is named)
+  4  `txn list`: the list is partial, some resource could not be read (each is named);
+     `status`: a resource of the daemon is unhealthy (each is named)
   5  `config check`: the configuration is invalid or a resource is not reachable
   141 standard output was closed early (`| head`): the command stops quietly";
 
@@ -87,7 +89,8 @@ Exit codes:
 const EXIT_FAILURE: u8 = 1;
 /// Exit code when the journal is corrupt.
 const EXIT_CORRUPT: u8 = 3;
-/// Exit code of a `txn list` that could not read every resource.
+/// Exit code of a `txn list` that could not read every resource, and of a `status` that found
+/// a resource unhealthy.
 const EXIT_PARTIAL: u8 = 4;
 /// Exit code of a `config check` that found the configuration unusable.
 const EXIT_CONFIG_UNUSABLE: u8 = 5;
@@ -143,6 +146,9 @@ enum Command {
     /// Run the coordinator daemon: serve the concord.v1 gRPC service over the configuration's
     /// journal and resources until SIGTERM or SIGINT.
     Coordinator(daemon::DaemonArgs),
+    /// Ask a running coordinator daemon for its role, epoch, durable LSN, open and in-doubt
+    /// transactions, and each resource's health.
+    Status(status::StatusArgs),
     /// One client process of `concord demo --remote` (started by the demo, not by hand).
     #[command(hide = true)]
     DemoClient(demo::remote::ClientArgs),
@@ -268,6 +274,7 @@ fn run(command: Command) -> anyhow::Result<()> {
         Command::Pg(PgCommand::Replicate(args)) => pg::replicate(args),
         Command::Config(ConfigCommand::Check(args)) => config_cmd::check(args),
         Command::Coordinator(args) => daemon::run(args),
+        Command::Status(args) => status::run(args),
         Command::DemoClient(args) => demo::remote::client(args),
         Command::BenchClient(args) => bench_remote::client(args),
         Command::Demo(args) => match demo::run(args)? {
@@ -363,7 +370,8 @@ fn cause_text(cause: &(dyn std::error::Error + 'static)) -> Option<String> {
 
 /// [`EXIT_CORRUPT`] when the journal is corrupt, [`EXIT_FAILURE`] otherwise.
 fn exit_code(e: &anyhow::Error) -> u8 {
-    if e.downcast_ref::<txn::Partial>().is_some() {
+    if e.downcast_ref::<txn::Partial>().is_some() || e.downcast_ref::<status::Unhealthy>().is_some()
+    {
         return EXIT_PARTIAL;
     }
     if e.downcast_ref::<config_cmd::CheckFailed>().is_some() {

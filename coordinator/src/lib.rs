@@ -39,10 +39,11 @@
 pub mod engine;
 pub mod failpoint;
 pub mod ledger;
+pub mod metrics;
 pub mod record;
 pub mod resolve;
 pub mod retention;
 pub mod runtime;
 
 pub use engine::{Outcome, RetryPolicy};
-pub use runtime::{CoordError, Coordinator, CoordinatorConfig, RecoveryReport, TxnInfo};
+pub use runtime::{CoordError, Coordinator, CoordinatorConfig, RecoveryReport, TxnCounts, TxnInfo};

@@ -61,6 +61,9 @@ pub struct JournalConfig {
     /// standby) must carry LSN `lsn + 1` and continue `chain`. Ignored when the directory already
     /// holds a journal (its segments say where it is). `None`: LSN 1 after the genesis chain.
     pub start_after: Option<StartPosition>,
+    /// The `journal` label of this journal's metrics (see [`crate::metrics`]); `None`: it
+    /// reports none.
+    pub metrics_label: Option<&'static str>,
 }
 
 /// A position in a journal's history: the LSN of a record, the chain value after it, and the
@@ -90,6 +93,7 @@ impl Default for JournalConfig {
             hold_flusher: None,
             truncate_fault_at: None,
             start_after: None,
+            metrics_label: None,
         }
     }
 }

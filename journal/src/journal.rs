@@ -78,6 +78,7 @@ use std::time::{Duration, Instant};
 use crate::clean::{self, CleanMark};
 use crate::config::JournalConfig;
 use crate::error::{JournalError, Result};
+use crate::metrics::JournalMetrics;
 use crate::reader::JournalReader;
 use crate::record::{self, Unsealed};
 use crate::scan::{self, ScanReport};
@@ -1219,6 +1220,7 @@ struct SegmentWriter {
     created_first: Option<SegmentFile>,
     /// A clean-close mark is on disk: it is removed (durably) before anything is written.
     marked_clean: bool,
+    metrics: JournalMetrics,
 }
 
 impl SegmentWriter {
@@ -1265,6 +1267,7 @@ impl SegmentWriter {
             sync_fault_at: config.sync_fault_at,
             created_first,
             marked_clean: report.clean_close.is_some(),
+            metrics: JournalMetrics::new(config.metrics_label),
         };
         // The records found may have been written and never synced by a process that died:
         // sync them before they are published as durable, and before the first new record starts
@@ -1409,7 +1412,8 @@ impl SegmentWriter {
             .last_sync_micros
             .store(micros, Ordering::Relaxed);
         let durable = self.next_lsn.prev();
-        shared.durable.store(durable.0, Ordering::SeqCst);
+        let before = shared.durable.swap(durable.0, Ordering::SeqCst);
+        self.metrics.synced(durable.0.saturating_sub(before));
         shared.watch.publish(durable);
         Ok(())
     }

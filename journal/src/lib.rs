@@ -43,6 +43,7 @@ pub mod clean;
 mod config;
 mod error;
 mod journal;
+pub mod metrics;
 mod reader;
 pub mod record;
 pub mod scan;

@@ -59,6 +59,7 @@ pub(crate) fn config() -> JournalConfig {
         segment_bytes_max: SEGMENT_BYTES_MAX,
         record_bytes_max: RECORD_BYTES_MAX,
         create_if_missing: true,
+        metrics_label: Some("branch_log"),
         ..JournalConfig::default()
     }
 }

@@ -54,6 +54,31 @@ where
     }
 }
 
+/// Checks, without writing, that each of `dirs` (`what`, path) is still a directory this
+/// process may write into: `stat`, then `access(W_OK|X_OK)` (a read-only mount fails it).
+/// Blocking: for [`Resource::health`](crate::Resource::health), on the blocking pool.
+pub(crate) fn dirs_writable(name: &str, dirs: &[(&str, &Path)]) -> Result<()> {
+    use rustix::fs::{Access, access};
+    for (what, dir) in dirs {
+        let unhealthy = |reason: String| ResourceError::Unavailable {
+            resource: name.to_string(),
+            message: format!("{what} {}: {reason}", dir.display()),
+        };
+        match fs::metadata(dir) {
+            Ok(meta) if meta.is_dir() => {}
+            Ok(_) => return Err(unhealthy("not a directory any more".into())),
+            Err(e) => {
+                return Err(unhealthy(format!(
+                    "{e}; restore it and restart the process"
+                )));
+            }
+        }
+        access(*dir, Access::WRITE_OK | Access::EXEC_OK)
+            .map_err(|e| unhealthy(format!("not writable: {e}")))?;
+    }
+    Ok(())
+}
+
 /// Reads until `buf` is full or the content ends; returns the bytes read.
 pub(crate) async fn fill(
     content: &mut (impl AsyncRead + Unpin),

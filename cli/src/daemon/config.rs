@@ -18,6 +18,9 @@ use adapters::config::{DaemonConfig, DaemonLimits, ServeRefusal};
 pub const FINISHED_KEEP_MS: u64 = 600_000;
 /// How long closing the coordinator (journal synced and closed) may take (milliseconds).
 pub const CLOSE_MS_MAX: u64 = 10_000;
+/// How long `Status` waits for a resource's health probe before it calls the resource
+/// unhealthy (milliseconds).
+pub const HEALTH_PROBE_MS_MAX: u64 = 3_000;
 /// Streamed chunks buffered between the network and a resource (messages).
 pub const STREAM_CHUNKS_BUFFERED: usize = 4;
 /// How long a TLS handshake may take before the connection is dropped (milliseconds).

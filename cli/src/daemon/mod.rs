@@ -15,7 +15,9 @@
 //! call's time.
 //!
 //! Once the listener is bound it logs and prints `listening on ADDR` (one line on standard
-//! output), which scripts and tests wait for. SIGTERM or SIGINT drains it: `Begin` answers
+//! output), which scripts and tests wait for; when metrics are served (`--metrics-listen`, or
+//! the table's `metrics_listen`), a line `metrics on ADDR` comes before it ([`metrics`]:
+//! Prometheus text over HTTP). SIGTERM or SIGINT drains it: `Begin` answers
 //! UNAVAILABLE, commits and rollbacks in flight get `drain_timeout_ms` to finish, the
 //! server stops, the transactions still open are dropped (they roll back: nothing of them was
 //! decided) and the coordinator closes (journal synced and closed). It exits 0 when all of it
@@ -45,6 +47,7 @@ mod auth;
 mod config;
 mod errors;
 mod incoming;
+mod metrics;
 mod open_slots;
 mod oversize;
 mod service;
@@ -78,6 +81,15 @@ pub struct DaemonArgs {
     /// `plaintext_any_address`: only on a trusted network).
     #[arg(long)]
     pub listen_any: bool,
+    /// Serve Prometheus metrics over HTTP on this address, instead of the configuration's
+    /// `metrics_listen` (port 0: any free port, printed as `metrics on ADDR`); none when
+    /// neither is given.
+    #[arg(long)]
+    pub metrics_listen: Option<SocketAddr>,
+    /// Allow a non-loopback metrics address (no credentials, no TLS: only on a trusted
+    /// network).
+    #[arg(long)]
+    pub metrics_listen_any: bool,
 }
 
 impl DaemonArgs {
@@ -94,6 +106,11 @@ impl DaemonArgs {
 pub fn run(args: DaemonArgs) -> anyhow::Result<()> {
     let cfg = args.load()?;
     let listen = config::serving(&cfg.daemon, args.listen, args.listen_any)?;
+    let metrics_listen = args
+        .metrics_listen
+        .or(cfg.daemon.metrics_listen)
+        .map(|addr| metrics::check_metrics_listen(addr, args.metrics_listen_any))
+        .transpose()?;
     let mut builder = tonic::transport::Server::builder()
         .timeout(Duration::from_millis(cfg.daemon.limits.request_timeout_ms))
         .max_concurrent_streams(config::STREAMS_PER_CONNECTION_MAX)
@@ -107,17 +124,20 @@ pub fn run(args: DaemonArgs) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("start the async runtime")?;
-    runtime.block_on(serve(cfg, listen, builder))
+    runtime.block_on(serve(cfg, listen, builder, metrics_listen))
 }
 
 async fn serve(
     cfg: Config,
     listen: SocketAddr,
     mut builder: tonic::transport::Server,
+    metrics_listen: Option<SocketAddr>,
 ) -> anyhow::Result<()> {
     let limits = cfg.daemon.limits;
     let keys = Arc::new(auth::Keys::new(&cfg.daemon));
     log_serving(&cfg.daemon);
+    // Before the journal opens: it registers its metrics there.
+    let metrics = metrics_listen.map(metrics::start).transpose()?;
     let concord = Concord::open(cfg.clone())
         .await
         .context("open the configuration's journal and resources")?;
@@ -137,6 +157,12 @@ async fn serve(
             let _ = stop_rx.await;
         });
     let server = tokio::spawn(server);
+    let mut signals = signals()?;
+    if let Some(endpoint) = &metrics {
+        let addr = endpoint.addr;
+        tracing::info!(%addr, "metrics on {addr}");
+        println!("metrics on {addr}");
+    }
     tracing::info!(addr = %bound, "listening on {bound}");
     println!("listening on {bound}");
     use std::io::Write;
@@ -144,7 +170,7 @@ async fn serve(
         .flush()
         .context("write to standard output")?;
 
-    let signal = wait_for_signal().await?;
+    let signal = wait_for_signal(&mut signals).await;
     tracing::info!("{signal}: draining");
     daemon.drain();
     let drain_ms = limits.drain_timeout_ms;
@@ -170,6 +196,7 @@ async fn serve(
         "the coordinator did not close within {} ms: the next start recovers",
         config::CLOSE_MS_MAX
     );
+    drop(metrics);
     tracing::info!("stopped");
     Ok(())
 }
@@ -202,12 +229,24 @@ fn log_serving(daemon: &adapters::config::DaemonConfig) {
 }
 
 /// Waits for SIGTERM or SIGINT; returns its name.
-async fn wait_for_signal() -> anyhow::Result<&'static str> {
+async fn wait_for_signal(signals: &mut Signals) -> &'static str {
+    tokio::select! {
+        _ = signals.term.recv() => "SIGTERM",
+        _ = signals.int.recv() => "SIGINT",
+    }
+}
+
+/// The handlers of SIGTERM and SIGINT, installed before the daemon says it listens: a signal
+/// sent as soon as the line is read drains it instead of killing it.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+fn signals() -> anyhow::Result<Signals> {
     use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).context("listen for SIGTERM")?;
-    let mut int = signal(SignalKind::interrupt()).context("listen for SIGINT")?;
-    Ok(tokio::select! {
-        _ = term.recv() => "SIGTERM",
-        _ = int.recv() => "SIGINT",
+    Ok(Signals {
+        term: signal(SignalKind::terminate()).context("listen for SIGTERM")?,
+        int: signal(SignalKind::interrupt()).context("listen for SIGINT")?,
     })
 }

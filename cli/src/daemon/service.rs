@@ -37,7 +37,10 @@
 //!   peer IP address for calls without a token (`unauthenticated = true`).
 //! * A call on a transaction waits for its commit or rollback in flight (`Outcome` included):
 //!   it answers the outcome once there is one, within the call's deadline.
-//! * `Status` reports every resource healthy: the coordinator has no health probe yet.
+//! * `Status` probes every resource when asked (`Resource::health`, each within
+//!   [`HEALTH_PROBE_MS_MAX`]); nothing caches the answers, so a status poller costs each
+//!   resource one cheap probe per call. Its `open_txns` and `in_doubt_txns` are the
+//!   coordinator's counts (`Coordinator::counts`), which include the daemon's transactions.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::IpAddr;
@@ -60,7 +63,7 @@ use tonic::codegen::BoxStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::auth::Caller;
-use super::config::{FINISHED_KEEP_MS, STREAM_CHUNKS_BUFFERED, limits};
+use super::config::{FINISHED_KEEP_MS, HEALTH_PROBE_MS_MAX, STREAM_CHUNKS_BUFFERED, limits};
 use super::open_slots::{OpenSlots, PrunePacer, Slot};
 use super::stream::{self, ChunkReader};
 use super::{errors, oversize};
@@ -1070,28 +1073,16 @@ impl Service for Daemon {
     ) -> Result<Response<v1::StatusResponse>, Status> {
         request.get_ref().check()?;
         let coordinator = self.concord.coordinator();
-        let listed = coordinator.list();
-        let open_txns = listed.iter().filter(|t| t.state == "open").count() as u64;
-        let in_doubt_txns = listed.iter().filter(|t| t.state == "in doubt").count() as u64;
-        let resources = self
-            .config
-            .resources
-            .iter()
-            .map(|(name, r)| v1::ResourceHealth {
-                name: name.clone(),
-                kind: r.kind().to_string(),
-                healthy: true,
-                detail: String::new(),
-            })
-            .collect();
+        let counts = coordinator.counts();
+        let resources = self.probe_resources().await;
         Ok(Response::new(v1::StatusResponse {
             role: v1::Role::Primary as i32,
             serving: self.serving() as i32,
             node: self.config.node,
             epoch: self.config.epoch,
             durable_lsn: coordinator.journal().durable_lsn().0,
-            open_txns,
-            in_doubt_txns,
+            open_txns: counts.open,
+            in_doubt_txns: counts.in_doubt,
             resources,
             version: env!("CARGO_PKG_VERSION").to_string(),
             schema_version: proto::SCHEMA_VERSION,
@@ -1100,6 +1091,47 @@ impl Service for Daemon {
 }
 
 impl Daemon {
+    /// Every configured resource's health, probed side by side, each within
+    /// [`HEALTH_PROBE_MS_MAX`]: a probe that fails or does not answer in time is unhealthy,
+    /// with the reason.
+    async fn probe_resources(&self) -> Vec<v1::ResourceHealth> {
+        let coordinator = self.concord.coordinator();
+        let deadline = Duration::from_millis(HEALTH_PROBE_MS_MAX);
+        let mut probes = tokio::task::JoinSet::new();
+        for (index, name) in self.config.resources.keys().enumerate() {
+            let resource = coordinator.resource(name).map(Arc::clone);
+            probes.spawn(async move {
+                let health = match resource {
+                    Ok(r) => match tokio::time::timeout(deadline, r.health()).await {
+                        Ok(answer) => answer.map_err(|e| e.to_string()),
+                        Err(_) => Err(format!(
+                            "the health probe did not answer within {HEALTH_PROBE_MS_MAX} ms"
+                        )),
+                    },
+                    Err(e) => Err(e.to_string()),
+                };
+                (index, health)
+            });
+        }
+        let mut results = vec![Err("the health probe failed".to_string()); probes.len()];
+        while let Some(done) = probes.join_next().await {
+            if let Ok((index, health)) = done {
+                results[index] = health;
+            }
+        }
+        self.config
+            .resources
+            .iter()
+            .zip(results)
+            .map(|((name, r), health)| v1::ResourceHealth {
+                name: name.clone(),
+                kind: r.kind().to_string(),
+                healthy: health.is_ok(),
+                detail: health.err().unwrap_or_default(),
+            })
+            .collect()
+    }
+
     fn serving(&self) -> v1::Serving {
         if self.draining.load(Ordering::SeqCst) {
             v1::Serving::Draining

@@ -118,7 +118,10 @@ impl Coordinator {
                 loop {
                     tokio::time::sleep(tick).await;
                     let Some(inner) = weak.upgrade() else { return };
-                    Coordinator { inner }.reap_timed_out().await;
+                    let coordinator = Coordinator { inner };
+                    coordinator.reap_timed_out().await;
+                    let counts = coordinator.counts();
+                    crate::metrics::sample(counts.open, counts.in_doubt);
                 }
             },
         );

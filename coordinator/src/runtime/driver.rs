@@ -288,6 +288,9 @@ impl Driver {
             Command::Rollback(b) => self.call(b, BranchCall::Rollback),
             Command::RetryAfter { branch, delay_ms } => {
                 self.log_retry(branch, delay_ms);
+                if let Some(b) = self.running.branches.get(branch) {
+                    crate::metrics::phase2_retry(&b.name);
+                }
                 self.fresh.push_back(Box::pin(async move {
                     tokio::time::sleep(Duration::from_millis(delay_ms)).await;
                     Event::RetryDue { branch }
@@ -315,7 +318,10 @@ impl Driver {
                     log_unwritten(&e, "End");
                 }
             }
-            Command::Reply(outcome) => self.outcome = Some(self.named(outcome)),
+            Command::Reply(outcome) => {
+                crate::metrics::answered(&outcome);
+                self.outcome = Some(self.named(outcome));
+            }
         }
     }
 
@@ -508,7 +514,12 @@ pub(crate) async fn within_deadline<T>(
     (deadline, resource, action): (Duration, String, &'static str),
     call: impl Future<Output = Result<T, ResourceError>>,
 ) -> Result<T, ResourceError> {
-    match tokio::time::timeout(deadline, call).await {
+    let started = crate::metrics::start_timer();
+    let answered = tokio::time::timeout(deadline, call).await;
+    if let Some(started) = started {
+        crate::metrics::resource_call(&resource, action, started.elapsed());
+    }
+    match answered {
         Ok(result) => result,
         Err(_) => {
             tracing::warn!(resource = %resource, action, deadline_ms = deadline.as_millis() as u64, "resource call past its deadline");

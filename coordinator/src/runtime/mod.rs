@@ -37,7 +37,7 @@ mod views;
 
 pub(crate) use driver::within_deadline;
 pub use recovery::{RecoveryReport, SEGMENT_BYTES_MAX, journal_config, open_journal, read_ledger};
-pub use views::TxnInfo;
+pub use views::{TxnCounts, TxnInfo};
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -635,6 +635,15 @@ impl Coordinator {
     /// Commits the transaction: returns once the outcome is known (the decision is durable, or
     /// the transaction rolled back). Phase 2 goes on in the background.
     pub async fn commit(&self, xid: &Xid) -> Result<Outcome, CoordError> {
+        let requested = crate::metrics::start_timer();
+        let answer = self.commit_timed(xid).await;
+        if let (Some(requested), Ok(_)) = (requested, &answer) {
+            crate::metrics::committed_in(requested.elapsed());
+        }
+        answer
+    }
+
+    async fn commit_timed(&self, xid: &Xid) -> Result<Outcome, CoordError> {
         // A transaction that is not open is answered at once, not after waiting for a place.
         let Some(timeout) = self.inner.open_shard(xid).get(xid).map(|o| o.timeout) else {
             return Err(CoordError::NotActive {

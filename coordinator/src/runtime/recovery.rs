@@ -300,6 +300,7 @@ pub fn journal_config() -> journal::JournalConfig {
     journal::JournalConfig {
         create_if_missing: true,
         segment_bytes_max: SEGMENT_BYTES_MAX,
+        metrics_label: Some("coordinator"),
         ..journal::JournalConfig::default()
     }
 }

@@ -94,7 +94,28 @@ impl std::fmt::Display for TxnInfo {
     }
 }
 
+/// How many transactions a coordinator holds, by standing ([`Coordinator::counts`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TxnCounts {
+    /// Begun and not yet committing or rolling back (a timed-out one waiting for its caller
+    /// to hear it does not count).
+    pub open: u64,
+    /// In doubt: waiting for a restart or an operator, or still committing or rolling back
+    /// more than the transaction timeout after it began (what `concord txn list` marks in
+    /// doubt).
+    pub in_doubt: u64,
+}
+
 impl Running {
+    /// Whether it is in doubt (see [`TxnCounts::in_doubt`]).
+    pub(super) fn is_in_doubt(&self, timeout: Duration) -> bool {
+        match lock(&self.machine).phase() {
+            Phase::InDoubt => true,
+            Phase::Finished => false,
+            _ => self.started.elapsed() >= timeout,
+        }
+    }
+
     /// Whether its machine still works towards an end: not in doubt (that waits for a restart
     /// or an operator), and not waiting only for branches whose resource the configuration
     /// lacks (they wait for a start that has it; recovery reported them).
@@ -144,6 +165,30 @@ impl Coordinator {
     /// `Display`), for a caller that gives up waiting: what each waits for, and why.
     pub fn pending_lines(&self) -> Vec<String> {
         self.list().iter().map(TxnInfo::to_string).collect()
+    }
+
+    /// How many transactions are open and how many in doubt (see [`TxnCounts`]), without
+    /// listing them.
+    pub fn counts(&self) -> TxnCounts {
+        let open = self
+            .inner
+            .open
+            .iter()
+            .map(|shard| lock(shard).values().filter(|o| !o.timed_out).count() as u64)
+            .sum();
+        let timeout = Duration::from_millis(self.inner.config.txn_timeout_ms);
+        let in_doubt = self
+            .inner
+            .running
+            .iter()
+            .map(|shard| {
+                lock(shard)
+                    .values()
+                    .filter(|r| r.is_in_doubt(timeout))
+                    .count() as u64
+            })
+            .sum();
+        TxnCounts { open, in_doubt }
     }
 
     /// Every open, committing, rolling-back or in-doubt transaction.

@@ -1,0 +1,283 @@
+//! `concord status`: asks a running coordinator daemon how it is, over gRPC (`Status`).
+//!
+//! It connects as every client does ([`proto::client::connect`]: `http://` plain text,
+//! `https://` TLS with `--tls-ca`, a client certificate with `--tls-cert`/`--tls-key`, a bearer
+//! token from `--token-file`) and prints the daemon's role and serving state, node, epoch,
+//! durable LSN, how many transactions are open and in doubt, and each resource's health from
+//! the probe the daemon ran for this call. `--json` prints one object with exactly the fields
+//! of [`StatusJson`].
+//!
+//! Exit codes: 0 when every resource is healthy; 4 ([`Unhealthy`]) when one is not (the status
+//! is printed first); 1 when the daemon cannot be reached or does not answer within
+//! [`STATUS_TIMEOUT_MS`] (the message says how to start one).
+//!
+//! # Caveats
+//!
+//! * A daemon that is draining or not serving still exits 0 when its resources are healthy:
+//!   `serving` says so, and a script that cares reads it.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use proto::client::{ClientTls, Credentials, Token};
+use proto::v1;
+use serde::Serialize;
+
+/// The daemon asked when `--url` is not given.
+pub const URL_DEFAULT: &str = "http://127.0.0.1:7700";
+/// How long the `Status` call may take once connected (milliseconds); the daemon bounds each
+/// resource's probe well within it.
+pub const STATUS_TIMEOUT_MS: u64 = 15_000;
+
+/// Options of `concord status`.
+#[derive(clap::Args, Debug)]
+pub struct StatusArgs {
+    /// The daemon: `http://HOST:PORT` (plain text) or `https://HOST:PORT` (TLS).
+    #[arg(long, default_value = URL_DEFAULT)]
+    pub url: String,
+    /// A file holding the bearer token (first line).
+    #[arg(long)]
+    pub token_file: Option<PathBuf>,
+    /// The CA certificate (PEM) that signed the daemon's certificate; for an `https` URL.
+    #[arg(long)]
+    pub tls_ca: Option<PathBuf>,
+    /// This client's certificate (PEM), for a daemon that asks for one; with --tls-key.
+    #[arg(long, requires = "tls_key", requires = "tls_ca")]
+    pub tls_cert: Option<PathBuf>,
+    /// This client's private key (PEM); with --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Print one JSON object instead of lines.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// What `--json` prints.
+#[derive(Debug, Serialize)]
+pub struct StatusJson {
+    /// `primary` or `standby`.
+    pub role: &'static str,
+    /// `serving`, `draining` or `not_serving`.
+    pub serving: &'static str,
+    /// The daemon's node id.
+    pub node: u32,
+    /// The epoch it serves in.
+    pub epoch: u64,
+    /// Its journal's durable LSN.
+    pub durable_lsn: u64,
+    /// Transactions begun and not yet committing or rolling back.
+    pub open_txns: u64,
+    /// Transactions in doubt.
+    pub in_doubt_txns: u64,
+    /// Each configured resource's health.
+    pub resources: Vec<ResourceJson>,
+    /// The daemon's version.
+    pub version: String,
+}
+
+/// One resource's health.
+#[derive(Debug, Serialize)]
+pub struct ResourceJson {
+    /// Its name in the configuration.
+    pub name: String,
+    /// Its kind (`files`, `postgres`, `mail`, `kv`).
+    pub kind: String,
+    /// Whether its probe answered.
+    pub healthy: bool,
+    /// When unhealthy, what failed; empty otherwise.
+    pub detail: String,
+}
+
+/// A resource of the daemon is unhealthy. Exit code 4.
+#[derive(Debug, thiserror::Error)]
+#[error("unhealthy: {}", .resources.join(", "))]
+pub struct Unhealthy {
+    /// The unhealthy resources, each with its reason.
+    pub resources: Vec<String>,
+}
+
+/// Runs `concord status`.
+pub fn run(args: StatusArgs) -> anyhow::Result<()> {
+    let credentials = credentials(&args)?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("start the async runtime")?;
+    let answer = runtime.block_on(ask(&args.url, &credentials))?;
+    let status = StatusJson::from(answer);
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&status)?);
+    } else {
+        print_lines(&args.url, &status);
+    }
+    let unhealthy: Vec<String> = status
+        .resources
+        .iter()
+        .filter(|r| !r.healthy)
+        .map(|r| format!("resource {} ({})", r.name, r.detail))
+        .collect();
+    if unhealthy.is_empty() {
+        Ok(())
+    } else {
+        Err(Unhealthy {
+            resources: unhealthy,
+        }
+        .into())
+    }
+}
+
+/// The token and TLS settings the options name.
+fn credentials(args: &StatusArgs) -> anyhow::Result<Credentials> {
+    let mut credentials = Credentials::none();
+    if let Some(path) = &args.token_file {
+        credentials = credentials.with_token(Token::from_file(path)?);
+    }
+    if let Some(ca) = &args.tls_ca {
+        let mut tls = ClientTls::with_ca_file(ca)?;
+        if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
+            tls = tls.identity_files(cert, key)?;
+        }
+        credentials = credentials.with_tls(tls);
+    }
+    Ok(credentials)
+}
+
+/// Connects and asks for the status.
+async fn ask(url: &str, credentials: &Credentials) -> anyhow::Result<v1::StatusResponse> {
+    let start_hint = || {
+        format!(
+            "no daemon answers at {url}; start one with `concord coordinator --config concord.toml` (or pass --url)"
+        )
+    };
+    let mut client = proto::client::connect(url, credentials)
+        .await
+        .with_context(start_hint)?;
+    let request = v1::StatusRequest {
+        header: Some(v1::RequestHeader::current("concord status")),
+    };
+    let call = client.status(request);
+    let answer = tokio::time::timeout(Duration::from_millis(STATUS_TIMEOUT_MS), call)
+        .await
+        .map_err(|_| {
+            anyhow::anyhow!(
+                "the daemon at {url} did not answer Status within {STATUS_TIMEOUT_MS} ms"
+            )
+        })?;
+    match answer {
+        Ok(response) => Ok(response.into_inner()),
+        Err(status) if status.code() == tonic::Code::Unavailable => {
+            Err(anyhow::anyhow!("{}", status.message())).with_context(start_hint)
+        }
+        Err(status) => Err(anyhow::anyhow!(
+            "the daemon at {url} refused Status: {}",
+            status.message()
+        )),
+    }
+}
+
+impl From<v1::StatusResponse> for StatusJson {
+    fn from(s: v1::StatusResponse) -> StatusJson {
+        StatusJson {
+            role: role_name(s.role),
+            serving: serving_name(s.serving),
+            node: s.node,
+            epoch: s.epoch,
+            durable_lsn: s.durable_lsn,
+            open_txns: s.open_txns,
+            in_doubt_txns: s.in_doubt_txns,
+            resources: s
+                .resources
+                .into_iter()
+                .map(|r| ResourceJson {
+                    name: r.name,
+                    kind: r.kind,
+                    healthy: r.healthy,
+                    detail: r.detail,
+                })
+                .collect(),
+            version: s.version,
+        }
+    }
+}
+
+fn role_name(role: i32) -> &'static str {
+    match v1::Role::try_from(role) {
+        Ok(v1::Role::Primary) => "primary",
+        Ok(v1::Role::Standby) => "standby",
+        _ => "unknown",
+    }
+}
+
+fn serving_name(serving: i32) -> &'static str {
+    match v1::Serving::try_from(serving) {
+        Ok(v1::Serving::Serving) => "serving",
+        Ok(v1::Serving::Draining) => "draining",
+        Ok(v1::Serving::NotServing) => "not_serving",
+        _ => "unknown",
+    }
+}
+
+fn print_lines(url: &str, s: &StatusJson) {
+    println!("concord {} at {url}: {}, {}", s.version, s.role, s.serving);
+    println!(
+        "node {}, epoch {}, durable lsn {}",
+        s.node, s.epoch, s.durable_lsn
+    );
+    println!(
+        "transactions: {} open, {} in doubt",
+        s.open_txns, s.in_doubt_txns
+    );
+    for r in &s.resources {
+        if r.healthy {
+            println!("resource {} ({}): healthy", r.name, r.kind);
+        } else {
+            println!("resource {} ({}): UNHEALTHY: {}", r.name, r.kind, r.detail);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_json_has_exactly_the_documented_fields() {
+        let answer = v1::StatusResponse {
+            role: v1::Role::Primary as i32,
+            serving: v1::Serving::Serving as i32,
+            node: 1,
+            epoch: 2,
+            durable_lsn: 3,
+            open_txns: 4,
+            in_doubt_txns: 5,
+            resources: vec![v1::ResourceHealth {
+                name: "uploads".into(),
+                kind: "files".into(),
+                healthy: false,
+                detail: "gone".into(),
+            }],
+            version: "0.1.0".into(),
+            schema_version: 1,
+        };
+        let json = serde_json::to_value(StatusJson::from(answer)).unwrap();
+        let mut keys: Vec<_> = json.as_object().unwrap().keys().cloned().collect();
+        keys.sort();
+        assert_eq!(
+            keys,
+            [
+                "durable_lsn",
+                "epoch",
+                "in_doubt_txns",
+                "node",
+                "open_txns",
+                "resources",
+                "role",
+                "serving",
+                "version"
+            ]
+        );
+        assert_eq!(json["role"], "primary");
+        assert_eq!(json["resources"][0]["healthy"], false);
+    }
+}
