@@ -47,7 +47,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{Context, bail};
 use participant::config::{EMBEDDED_KV, EMBEDDED_MAIL};
 use participant::{Concord, ConcordError, Config, MessageBuilder};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use check::{Orders, Run};
 
@@ -183,21 +183,7 @@ async fn demo(args: &DemoArgs, data: &Path) -> anyhow::Result<Summary> {
         concord.close(Duration::from_secs(10)).await;
         bail!(message);
     }
-    let run_id = SystemTime::now()
-        .duration_since(UNIX_EPOCH)?
-        .as_micros()
-        .to_string();
-    // The run is recorded before its first transaction, so a check after a kill covers it.
-    std::fs::create_dir_all(data.join("acks").join(&run_id))?;
-    std::fs::create_dir_all(data.join("runs"))?;
-    let run = Run {
-        transactions: args.transactions,
-        fail_every: args.fail_every,
-        mail: true,
-        kv: true,
-        postgres: args.postgres.is_some(),
-    };
-    std::fs::write(data.join("runs").join(&run_id), run.record())?;
+    let run_id = record_run(args, data)?;
 
     let started = Instant::now();
     let stats = match run_clients(args, &concord, data, &run_id).await {
@@ -223,14 +209,8 @@ async fn demo(args: &DemoArgs, data: &Path) -> anyhow::Result<Summary> {
     let check = check::check(data, orders.as_ref())?;
     print_problems(&check.problems);
     let latencies = Latencies::from_us(&stats.latencies_us)?;
-    let mut resources: Vec<String> = ["uploads", "thumbnails", MAIL, INDEX]
-        .map(String::from)
-        .to_vec();
-    if args.postgres.is_some() {
-        resources.push(PG_RESOURCE.to_string());
-    }
     Ok(Summary {
-        resources,
+        resources: resources(args),
         committed: stats.committed,
         rolled_back: stats.rolled_back,
         atomicity_verified: check.problems.is_empty() && clean,
@@ -249,6 +229,38 @@ async fn demo(args: &DemoArgs, data: &Path) -> anyhow::Result<Summary> {
         clients: None,
         clients_failed: None,
     })
+}
+
+/// Records a new run in `data` before its first transaction (`runs/<run>` says what it runs,
+/// `acks/<run>/` will hold its acknowledgements), so that a check after a kill covers it;
+/// returns its id.
+fn record_run(args: &DemoArgs, data: &Path) -> anyhow::Result<String> {
+    let run_id = SystemTime::now()
+        .duration_since(UNIX_EPOCH)?
+        .as_micros()
+        .to_string();
+    std::fs::create_dir_all(data.join("acks").join(&run_id))?;
+    std::fs::create_dir_all(data.join("runs"))?;
+    let run = Run {
+        transactions: args.transactions,
+        fail_every: args.fail_every,
+        mail: true,
+        kv: true,
+        postgres: args.postgres.is_some(),
+    };
+    std::fs::write(data.join("runs").join(&run_id), run.record())?;
+    Ok(run_id)
+}
+
+/// The resources every transaction of a run with `args` spans.
+fn resources(args: &DemoArgs) -> Vec<String> {
+    let mut resources: Vec<String> = ["uploads", "thumbnails", MAIL, INDEX]
+        .map(String::from)
+        .to_vec();
+    if args.postgres.is_some() {
+        resources.push(PG_RESOURCE.to_string());
+    }
+    resources
 }
 
 /// The first problems the check found, on standard error.
@@ -278,10 +290,90 @@ fn gave_up(what: &str, concord: &Concord) -> String {
     )
 }
 
+/// The counts of demo clients (a task, a client process, a whole run); a client process of
+/// the remote demo prints its own as one JSON line.
+#[derive(Serialize, Deserialize, Default, Debug)]
 struct ClientStats {
     committed: u64,
     rolled_back: u64,
     latencies_us: Vec<u64>,
+}
+
+impl ClientStats {
+    fn add(&mut self, other: ClientStats) {
+        self.committed += other.committed;
+        self.rolled_back += other.rolled_back;
+        self.latencies_us.extend(other.latencies_us);
+    }
+}
+
+/// A share of a run's transactions, and what each writes: the transactions `i = first +
+/// n·step` below `total` (the embedded demo runs all of them, `first` 0 and `step` 1; client
+/// `k` of `K` processes of the remote demo runs `first` k and `step` K). Run over any
+/// [`Concord`], embedded or connected to a daemon.
+struct Workload {
+    run_id: String,
+    /// Where an acknowledged transaction is recorded (`acks/<run>`).
+    acks: PathBuf,
+    total: u64,
+    fail_every: u64,
+    /// Whether every transaction also inserts an order row in [`PG_RESOURCE`].
+    postgres: bool,
+    first: u64,
+    step: u64,
+}
+
+impl Workload {
+    /// Runs the share in `tasks` concurrent tasks over `concord`, each taking the share's next
+    /// transaction until none is left; returns their counts added up. The first error of a task
+    /// is the result (the other tasks are stopped with it).
+    async fn run(
+        self: Arc<Self>,
+        concord: &Concord,
+        tasks: usize,
+        progress: &indicatif::ProgressBar,
+    ) -> anyhow::Result<ClientStats> {
+        let next = Arc::new(AtomicU64::new(0));
+        let mut running = tokio::task::JoinSet::new();
+        for _ in 0..tasks {
+            let (workload, concord) = (Arc::clone(&self), concord.clone());
+            let (next, progress) = (Arc::clone(&next), progress.clone());
+            running.spawn(async move { workload.task(&concord, &next, &progress).await });
+        }
+        let mut total = ClientStats::default();
+        while let Some(joined) = running.join_next().await {
+            total.add(joined??);
+        }
+        Ok(total)
+    }
+
+    async fn task(
+        &self,
+        concord: &Concord,
+        next: &AtomicU64,
+        progress: &indicatif::ProgressBar,
+    ) -> anyhow::Result<ClientStats> {
+        let mut stats = ClientStats::default();
+        while let Some(i) = self.transaction(next.fetch_add(1, Ordering::Relaxed)) {
+            let fail = self.fail_every > 0 && i % self.fail_every == self.fail_every - 1;
+            let t0 = Instant::now();
+            if one_transaction(concord, &self.run_id, i, fail, self.postgres).await? {
+                std::fs::write(self.acks.join(i.to_string()), b"")?;
+                stats.committed += 1;
+            } else {
+                stats.rolled_back += 1;
+            }
+            stats.latencies_us.push(t0.elapsed().as_micros() as u64);
+            progress.inc(1);
+        }
+        Ok(stats)
+    }
+
+    /// The share's `n`-th transaction, if it has one.
+    fn transaction(&self, n: u64) -> Option<u64> {
+        let i = n.checked_mul(self.step)?.checked_add(self.first)?;
+        (i < self.total).then_some(i)
+    }
 }
 
 async fn run_clients(
@@ -290,50 +382,17 @@ async fn run_clients(
     data: &Path,
     run_id: &str,
 ) -> anyhow::Result<ClientStats> {
-    let next = Arc::new(AtomicU64::new(0));
+    let workload = Arc::new(Workload {
+        run_id: run_id.to_string(),
+        acks: data.join("acks").join(run_id),
+        total: args.transactions,
+        fail_every: args.fail_every,
+        postgres: args.postgres.is_some(),
+        first: 0,
+        step: 1,
+    });
     let progress = progress_bar(args);
-    let mut clients = tokio::task::JoinSet::new();
-    for _ in 0..args.concurrency {
-        let (concord, next, progress) = (concord.clone(), Arc::clone(&next), progress.clone());
-        let acks = data.join("acks").join(run_id);
-        let (run_id, total, fail_every) = (run_id.to_string(), args.transactions, args.fail_every);
-        let postgres = args.postgres.is_some();
-        clients.spawn(async move {
-            let mut stats = ClientStats {
-                committed: 0,
-                rolled_back: 0,
-                latencies_us: Vec::new(),
-            };
-            loop {
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                if i >= total {
-                    return Ok::<_, anyhow::Error>(stats);
-                }
-                let fail = fail_every > 0 && i % fail_every == fail_every - 1;
-                let t0 = Instant::now();
-                let committed = one_transaction(&concord, &run_id, i, fail, postgres).await?;
-                if committed {
-                    std::fs::write(acks.join(i.to_string()), b"")?;
-                    stats.committed += 1;
-                } else {
-                    stats.rolled_back += 1;
-                }
-                stats.latencies_us.push(t0.elapsed().as_micros() as u64);
-                progress.inc(1);
-            }
-        });
-    }
-    let mut total = ClientStats {
-        committed: 0,
-        rolled_back: 0,
-        latencies_us: Vec::new(),
-    };
-    while let Some(joined) = clients.join_next().await {
-        let stats = joined??;
-        total.committed += stats.committed;
-        total.rolled_back += stats.rolled_back;
-        total.latencies_us.extend(stats.latencies_us);
-    }
+    let total = workload.run(concord, args.concurrency, &progress).await?;
     progress.finish_and_clear();
     // Every transaction of the run returned: a later check counts all of them as run.
     std::fs::write(data.join("acks").join(run_id).join(check::FINISHED), b"")?;

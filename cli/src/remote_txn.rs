@@ -1,11 +1,11 @@
 //! One transaction through a coordinator daemon, over the generated gRPC client that
-//! [`proto::client`] connects: what `concord demo --remote` and `concord bench commit --remote`
-//! run in their client processes and tasks.
+//! [`proto::client`] connects: what `concord bench commit --remote` runs in its tasks (the
+//! remote demo's clients use the participant library, `Concord::connect`).
 //!
 //! A [`RemoteTxn`] is begun with `Begin`, writes with `FilesPut` and `MailEnqueue` (each content
-//! sent as the start message and one chunk: the demo's and the benchmark's contents are far
-//! below the daemon's chunk limit) and `KvInsert`, and ends with `Commit` or `Rollback`. A
-//! commit's result is sorted as the embedded demo sorts it ([`Ended`]): committed, rolled back
+//! sent as the start message and one chunk: the benchmark's contents are far below the
+//! daemon's chunk limit) and `KvInsert`, and ends with `Commit`. A commit's result is sorted as
+//! the embedded demo sorts it ([`Ended`]): committed, rolled back
 //! (an error status whose detail is `ROLLED_BACK`) or in doubt (an OK answer that says so);
 //! anything else is an error.
 //!
@@ -13,9 +13,9 @@
 //!
 //! # Implementation caveats
 //!
-//! * A connection lost after the commit request is an error here: the participant library's
-//!   remote mode, which asks `Outcome` itself before reporting in doubt, will replace this
-//!   module.
+//! * A connection lost after the commit request is an error here (the participant library's
+//!   remote mode asks `Outcome` itself before reporting in doubt); only the benchmark uses this
+//!   module now.
 //! * A content larger than the daemon's `chunk_bytes_max` is refused by the daemon, not split.
 
 use std::time::Duration;
@@ -69,11 +69,6 @@ impl RemoteTxn {
             xid: begun.xid,
             name,
         })
-    }
-
-    /// The xid's text form.
-    pub(crate) fn xid(&self) -> &str {
-        &self.xid
     }
 
     fn target(&self, resource: &str) -> Option<v1::BranchTarget> {
@@ -148,21 +143,6 @@ impl RemoteTxn {
             Err(status) if rolled_back(&status) => Ok(Ended::RolledBack),
             Err(status) => Err(status).with_context(|| format!("commit transaction {}", self.xid)),
         }
-    }
-
-    /// Rolls back.
-    pub(crate) async fn rollback(mut self, reason: &str) -> anyhow::Result<Ended> {
-        let call = v1::RollbackRequest {
-            header: Some(RequestHeader::current(self.name)),
-            xid: self.xid.clone(),
-            reason: reason.to_string(),
-        };
-        let answer = self
-            .client
-            .rollback(request(call))
-            .await
-            .with_context(|| format!("roll back transaction {}", self.xid))?;
-        ended(answer.into_inner().outcome, &self.xid)
     }
 }
 

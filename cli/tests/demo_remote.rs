@@ -1,8 +1,11 @@
 //! `concord demo --remote` and `concord bench commit --remote`, the real binary: the demo starts
 //! a daemon child and client processes, and its JSON says the run was checked atomic; a client
 //! process killed with SIGKILL mid-run leaves every transaction whole or absent, the daemon
-//! still stops with exit 0, and the demo counts the dead client. The benchmark's JSON rows have
-//! their shape with tiny numbers.
+//! still stops with exit 0, and the demo counts the dead client. With `--postgres` (against
+//! the throwaway cluster of `adapters::pgtest`) every transaction also has an order row,
+//! prepared in a client process and finished by the daemon: the same checks hold, with a
+//! client killed mid-run too, and no branch of the demo is left in `pg_prepared_xacts`. The
+//! benchmark's JSON rows have their shape with tiny numbers.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -12,6 +15,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use adapters::pgtest::PgCluster;
 use serde_json::Value;
 
 /// How long a demo or a benchmark of the tests may take.
@@ -124,28 +128,25 @@ fn count_acks(data: &Path) -> usize {
         .sum()
 }
 
-#[test]
-fn a_client_killed_mid_run_leaves_atomicity_verified() {
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("d");
-    let child = demo(
-        &data,
-        &[
-            "--transactions",
-            "600",
-            "--concurrency",
-            "6",
-            "--clients",
-            "3",
-        ],
-    )
-    .spawn()
-    .unwrap();
+/// Runs a remote demo of 600 transactions from 3 clients on `data` (`extra`: more options),
+/// kills client 1 with SIGKILL once 30 transactions were acknowledged, and returns the demo's
+/// summary, which must say the run was checked atomic with one client failed.
+fn demo_with_a_client_killed(data: &Path, extra: &[&str]) -> Value {
+    let mut options = vec![
+        "--transactions",
+        "600",
+        "--concurrency",
+        "6",
+        "--clients",
+        "3",
+    ];
+    options.extend_from_slice(extra);
+    let child = demo(data, &options).spawn().unwrap();
     let demo_pid = child.id();
     let deadline = Instant::now() + Duration::from_millis(PROGRESS_MS_MAX);
     let victim = loop {
         let clients = children_with(demo_pid, "demo-client");
-        if clients.len() == 3 && count_acks(&data) >= 30 {
+        if clients.len() == 3 && count_acks(data) >= 30 {
             break clients[1];
         }
         assert!(
@@ -170,6 +171,91 @@ fn a_client_killed_mid_run_leaves_atomicity_verified() {
     );
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("demo client 1"), "{stderr}");
+    summary
+}
+
+#[test]
+fn a_client_killed_mid_run_leaves_atomicity_verified() {
+    let dir = tempfile::tempdir().unwrap();
+    demo_with_a_client_killed(&dir.path().join("d"), &[]);
+}
+
+/// The branches of the demo's resource still prepared in `db`.
+fn prepared_in(cluster: &PgCluster, db: &str) -> String {
+    cluster
+        .psql(
+            db,
+            "SELECT count(*) FROM pg_prepared_xacts WHERE gid LIKE 'concord:%' AND database = current_database()",
+        )
+        .unwrap()
+}
+
+#[test]
+fn a_remote_demo_with_postgres_is_atomic_and_leaves_nothing_prepared() {
+    let cluster = PgCluster::shared();
+    let db = "demo_remote_pg";
+    let url = cluster.database(db).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("d");
+    let child = demo(
+        &data,
+        &[
+            "--transactions",
+            "40",
+            "--concurrency",
+            "4",
+            "--clients",
+            "2",
+            "--fail-every",
+            "5",
+            "--postgres",
+            &url,
+        ],
+    )
+    .spawn()
+    .unwrap();
+    let output = common::output_within(child, Duration::from_millis(RUN_MS_MAX), "the demo");
+    let summary = json_of(&output);
+    assert_eq!(summary["atomicity_verified"], true, "{summary}");
+    assert_eq!(summary["remote"], true, "{summary}");
+    assert_eq!(summary["clients"], 2, "{summary}");
+    assert_eq!(summary["clients_failed"], 0, "{summary}");
+    assert_eq!(summary["committed"], 32, "{summary}");
+    assert_eq!(summary["rolled_back"], 8, "{summary}");
+    let resources = summary["resources"].as_array().unwrap();
+    assert!(resources.contains(&Value::from("orders")), "{summary}");
+    assert_eq!(
+        cluster
+            .psql(db, "SELECT count(*) FROM concord_demo_orders")
+            .unwrap(),
+        "32"
+    );
+    assert_eq!(prepared_in(cluster, db), "0");
+    // The daemon's configuration, kept in the data directory, holds the URL: its owner's only.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(data.join("concord.toml"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o077, 0, "concord.toml mode {mode:o}");
+}
+
+#[test]
+fn a_client_killed_mid_run_with_postgres_leaves_atomicity_verified() {
+    let cluster = PgCluster::shared();
+    let db = "demo_remote_pg_kill";
+    let url = cluster.database(db).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let summary = demo_with_a_client_killed(&dir.path().join("d"), &["--postgres", &url]);
+    let committed = summary["committed"].as_u64().unwrap();
+    let rows: u64 = cluster
+        .psql(db, "SELECT count(*) FROM concord_demo_orders")
+        .unwrap()
+        .parse()
+        .unwrap();
+    // Acknowledged ones all have their row; the dead client may have committed a few more.
+    assert!(rows >= committed, "{rows} rows, {summary}");
+    assert_eq!(prepared_in(cluster, db), "0");
 }
 
 #[test]

@@ -1,52 +1,60 @@
 //! `concord demo --remote`: the demo's workload run by separate client processes through a
 //! coordinator daemon over gRPC, checked by the same independent check as the embedded demo.
 //!
-//! 1. The demo starts `concord coordinator --data D` as a child ([`DaemonChild`]: plain text on
-//!    a free loopback port, its `listening on` line awaited within a bound). The daemon owns the
-//!    journal and every store of the data directory; it recovers what an earlier run left.
+//! 1. The demo starts `concord coordinator` as a child ([`DaemonChild`]: plain text on a free
+//!    loopback port, its `listening on` line awaited within a bound), on `--data D` (the
+//!    embedded defaults) or, with `--postgres URL`, on the configuration `D/concord.toml` it
+//!    writes: the same resources, the PostgreSQL resource `orders` at `URL` (its schema and
+//!    table installed first, as the embedded demo does), a `[daemon]` table serving plain text
+//!    on loopback without tokens, a transaction timeout of [`TXN_TIMEOUT_MS`] and an orphan
+//!    sweep every [`ORPHAN_SWEEP_MS`]. The daemon owns the journal and every store of the data
+//!    directory; it recovers what an earlier run left.
 //! 2. It records the run (`runs/<run>`, `acks/<run>/`) exactly as the embedded demo does, then
 //!    starts `--clients` processes of this binary, each `concord demo-client` ([`ClientArgs`]).
-//!    Client `k` of `K` runs the transactions `i` with `i % K == k`, with its share of
-//!    `--concurrency` as concurrent tasks over one connection. A transaction writes the same
-//!    three files, mail and key as the embedded demo's (its content functions are shared), one in
-//!    `--fail-every` asks for a path outside the files root and rolls back, and a committed one
-//!    is acknowledged by its client as an empty file `acks/<run>/<i>` before it is counted. Each
-//!    client prints its counts and latencies as one JSON line and exits.
+//!    A client connects with [`Concord::connect`] (and attaches the same database with
+//!    [`Concord::attach_postgres`] when the run has a PostgreSQL branch: the branch runs and is
+//!    prepared in the client, on its own connections, and is enlisted in the daemon). Client `k`
+//!    of `K` runs the transactions `i` with `i % K == k`, with its share of `--concurrency` as
+//!    concurrent tasks over one connection — the embedded demo's own workload ([`Workload`]),
+//!    so the transactions are the same. Each client prints its counts and latencies as one JSON
+//!    line and exits.
 //! 3. Once every client has exited (a client that died is counted in `clients_failed`; what it
 //!    had in flight is rolled back by the daemon, or committed without an acknowledgement,
 //!    which the check accepts), the run is marked finished: a transaction a dead client never
 //!    started left nothing, and reads as absent.
-//! 4. The demo waits until the daemon's `ListInDoubt` is empty (phase 2 done), sends SIGTERM and
-//!    requires exit 0, then runs the check on the stores and the journal the daemon closed.
+//! 4. The demo waits until the daemon's `ListInDoubt` lists nothing but timed-out transactions
+//!    holding no branch (phase 2 done; a dead client's transaction stays listed so) and, with
+//!    PostgreSQL, no branch of the demo's resource is prepared in the database any more (a dead
+//!    client's enlisted branch is rolled back at the transaction timeout, one it prepared but
+//!    never enlisted by the orphan sweeper); it sends SIGTERM and requires exit 0, then runs the
+//!    check on the stores, the journal the daemon closed and the orders table, which counts a
+//!    branch still prepared as a problem.
 //!
 //! # Implementation caveats
 //!
-//! * `--postgres` is refused: a remote PostgreSQL branch is prepared in the application and
-//!   enlisted with `EnlistPrepared`, which the daemon does not serve yet.
-//! * The clients speak the generated client directly ([`crate::remote_txn`]), not the
-//!   participant library's remote mode (`Concord::connect`), which was not on main when this
-//!   was written.
+//! * The client processes get the PostgreSQL URL in an environment variable
+//!   ([`POSTGRES_ENV`]), not on their command line (which other users can read); the daemon
+//!   reads it from `D/concord.toml`, written readable by its owner only.
 //! * The daemon's recovery counts are not on the wire: `recovered_redriven` and
 //!   `recovered_rolled_back` are `null`.
+//! * A later run on the same directory without `--postgres` serves from the embedded defaults
+//!   again (`D/concord.toml` is only read with `--postgres`, and rewritten by each such run).
 
 use std::ffi::OsString;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use proto::client::{Client, Credentials};
+use participant::{Concord, Credentials, PostgresConfig};
 use proto::v1::{self, RequestHeader};
-use serde::{Deserialize, Serialize};
 
-use super::check::{self, Run};
-use super::{DemoArgs, FILES, INDEX, MAIL, Summary, content, demo_message, key, key_value};
+use super::check;
+use super::{ClientStats, DemoArgs, INDEX, MAIL, PG_RESOURCE, Summary, Workload};
 use crate::daemon_child::DaemonChild;
 use crate::latency::Latencies;
-use crate::remote_txn::{Ended, RemoteTxn};
 
 /// The client processes `--clients` starts by default.
 pub(super) const CLIENTS_DEFAULT: usize = 4;
@@ -60,10 +68,28 @@ const IDLE_POLL_MS: u64 = 50;
 /// [`CLIENT_MS_BASE`].
 const CLIENT_MS_PER_TXN: u64 = 200;
 const CLIENT_MS_BASE: u64 = 120_000;
-/// The client name the demo's calls carry.
+/// The client name the demo's own calls carry.
 const CLIENT_NAME: &str = "concord-demo";
+/// The configuration file the demo writes into the data directory with `--postgres`.
+const CONFIG_FILE: &str = "concord.toml";
+/// The node of the daemon's configuration (that of the embedded defaults): the node of every
+/// PostgreSQL branch.
+const NODE: u32 = 1;
+/// The daemon's transaction timeout with `--postgres` (milliseconds): how long a branch a dead
+/// client prepared and enlisted stays prepared before the daemon rolls it back.
+const TXN_TIMEOUT_MS: u64 = 10_000;
+/// How often the daemon looks for branches prepared but never enlisted (milliseconds), with
+/// `--postgres`: one found in two sweeps in a row is rolled back.
+const ORPHAN_SWEEP_MS: u64 = 1_000;
+/// The state `ListInDoubt` gives a transaction its timeout rolled back.
+const TIMED_OUT: &str = "timed out";
+/// The environment variable that passes the PostgreSQL URL to a client process.
+const POSTGRES_ENV: &str = "CONCORD_DEMO_POSTGRES";
+/// The PostgreSQL connections of a client process beyond one per task.
+const PG_POOL_SPARE: usize = 2;
 
 /// Options of the hidden `concord demo-client`: one client process of `concord demo --remote`.
+/// When the run has a PostgreSQL branch, the database's URL comes in [`POSTGRES_ENV`].
 #[derive(clap::Args, Debug)]
 pub struct ClientArgs {
     /// The daemon's URL.
@@ -92,66 +118,34 @@ pub struct ClientArgs {
     pub tasks: usize,
 }
 
-/// What a client process prints: one JSON line.
-#[derive(Serialize, Deserialize, Default, Debug)]
-struct ClientStats {
-    committed: u64,
-    rolled_back: u64,
-    latencies_us: Vec<u64>,
-}
-
-impl ClientStats {
-    fn add(&mut self, other: ClientStats) {
-        self.committed += other.committed;
-        self.rolled_back += other.rolled_back;
-        self.latencies_us.extend(other.latencies_us);
-    }
-}
-
 /// Runs `concord demo --remote` on `data`.
 pub(super) fn run(args: &DemoArgs, data: &Path) -> anyhow::Result<Summary> {
-    if args.postgres.is_some() {
-        bail!(
-            "--remote with --postgres is not available yet: the daemon does not serve EnlistPrepared; run the PostgreSQL demo embedded (without --remote)"
-        );
-    }
     if args.clients == 0 || args.clients > CLIENTS_MAX {
         bail!("--clients must be between 1 and {CLIENTS_MAX}");
     }
     std::fs::create_dir_all(data).with_context(|| format!("create {}", data.display()))?;
-    let daemon = DaemonChild::start(&[OsString::from("--data"), data.as_os_str().to_owned()])?;
+    let daemon = start_daemon(args, data)?;
     let url = daemon.url();
-    let run_id = record_run(args, data)?;
+    let run_id = super::record_run(args, data)?;
     let started = Instant::now();
     let (stats, failed) = run_clients(args, data, &url, &run_id)?;
     let elapsed = started.elapsed().as_secs_f64();
     std::fs::write(data.join("acks").join(&run_id).join(check::FINISHED), b"")?;
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    let clean = runtime.block_on(wait_idle(&url))?;
-    // Its connection closed first: the daemon's graceful stop waits for open connections.
-    drop(runtime);
+    // Its own runtime, dropped with its connection: the daemon's graceful stop waits for open
+    // connections.
+    let clean = runtime()?.block_on(wait_idle(&url, args.postgres.as_deref()))?;
     let status = daemon.terminate()?;
-    let report = check::check(data, None)?;
+    let orders = match &args.postgres {
+        Some(url) => Some(runtime()?.block_on(super::read_orders(url))?),
+        None => None,
+    };
+    let report = check::check(data, orders.as_ref())?;
     let mut problems = report.problems;
-    if !status.success() {
-        problems.push(format!(
-            "the coordinator daemon exited with {status} after SIGTERM, not 0"
-        ));
-    }
-    if !clean {
-        problems.push(format!(
-            "the daemon still had transactions in phase 2 {} s after the last client",
-            IDLE_MS_MAX / 1000
-        ));
-    }
+    problems.extend(daemon_problems(status, clean));
     super::print_problems(&problems);
     let latencies = Latencies::from_us(&stats.latencies_us)?;
     Ok(Summary {
-        resources: ["uploads", "thumbnails", MAIL, INDEX]
-            .map(String::from)
-            .to_vec(),
+        resources: super::resources(args),
         committed: stats.committed,
         rolled_back: stats.rolled_back,
         atomicity_verified: problems.is_empty(),
@@ -172,23 +166,97 @@ pub(super) fn run(args: &DemoArgs, data: &Path) -> anyhow::Result<Summary> {
     })
 }
 
-/// Records the run before its first transaction, so that a check after a kill covers it.
-fn record_run(args: &DemoArgs, data: &Path) -> anyhow::Result<String> {
-    let run_id = SystemTime::now()
-        .duration_since(UNIX_EPOCH)?
-        .as_micros()
-        .to_string();
-    std::fs::create_dir_all(data.join("acks").join(&run_id))?;
-    std::fs::create_dir_all(data.join("runs"))?;
-    let run = Run {
-        transactions: args.transactions,
-        fail_every: args.fail_every,
-        mail: true,
-        kv: true,
-        postgres: false,
+/// Starts the daemon on the data directory: on the embedded defaults, or with `--postgres` on
+/// the configuration [`write_config`] writes, once the demo's schema and table are installed.
+fn start_daemon(args: &DemoArgs, data: &Path) -> anyhow::Result<DaemonChild> {
+    let daemon_args = match &args.postgres {
+        Some(url) => {
+            runtime()?.block_on(super::setup_postgres(url))?;
+            let config = write_config(data, url, args.concurrency)?;
+            [OsString::from("--config"), config.into_os_string()]
+        }
+        None => [OsString::from("--data"), data.as_os_str().to_owned()],
     };
-    std::fs::write(data.join("runs").join(&run_id), run.record())?;
-    Ok(run_id)
+    DaemonChild::start(&daemon_args)
+}
+
+/// What the daemon did wrong: its exit `status` after SIGTERM not 0, or work left when the
+/// wait for phase 2 gave up (`clean` false).
+fn daemon_problems(status: std::process::ExitStatus, clean: bool) -> Vec<String> {
+    let mut problems = Vec::new();
+    if !status.success() {
+        problems.push(format!(
+            "the coordinator daemon exited with {status} after SIGTERM, not 0"
+        ));
+    }
+    if !clean {
+        problems.push(format!(
+            "the daemon still had transactions in phase 2 (or branches prepared) {} s after the last client",
+            IDLE_MS_MAX / 1000
+        ));
+    }
+    problems
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?)
+}
+
+/// Writes `data/concord.toml` for the daemon: the embedded defaults (the same resources in the
+/// same directories), the PostgreSQL resource at `url` with connections for phase 2 of
+/// `concurrency` transactions, plain text on loopback without tokens. Readable by its owner
+/// only: `url` may hold a password.
+fn write_config(data: &Path, url: &str, concurrency: usize) -> anyhow::Result<PathBuf> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = data.join(CONFIG_FILE);
+    let text = format!(
+        "# Written by `concord demo --remote --postgres` for its coordinator daemon; rewritten by\n\
+         # each such run.\n\
+         node = {NODE}\n\
+         data_dir = \".\"\n\
+         txn_timeout_ms = {TXN_TIMEOUT_MS}\n\
+         orphan_sweep_ms = {ORPHAN_SWEEP_MS}\n\n\
+         [daemon]\n\
+         plaintext = true\n\
+         unauthenticated = true\n\n\
+         [resources.uploads]\nkind = \"files\"\nroot = \"uploads\"\ncreate = true\n\n\
+         [resources.thumbnails]\nkind = \"files\"\nroot = \"thumbnails\"\ncreate = true\n\n\
+         [resources.{MAIL}]\nkind = \"mail\"\nmaildir = \"{MAIL}\"\ncreate = true\n\n\
+         [resources.{INDEX}]\nkind = \"kv\"\ndir = \"{INDEX}\"\ncreate = true\n\n\
+         [resources.{PG_RESOURCE}]\nkind = \"postgres\"\nurl = {}\npool_size = {}\n",
+        toml_string(url),
+        concurrency + 8,
+    );
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&path)
+        .with_context(|| format!("create {}", path.display()))?;
+    file.write_all(text.as_bytes())
+        .and_then(|()| file.sync_all())
+        .with_context(|| format!("write {}", path.display()))?;
+    Ok(path)
+}
+
+/// `s` as a TOML basic string, quoted and escaped.
+fn toml_string(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if c.is_control() => out.push_str(&format!("\\u{:04X}", u32::from(c))),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
 }
 
 /// Starts the client processes and waits for each; returns their counts added up, and how
@@ -232,7 +300,8 @@ fn spawn_client(
     tasks: usize,
 ) -> anyhow::Result<Child> {
     let exe = std::env::current_exe().context("find the concord binary")?;
-    Command::new(exe)
+    let mut command = Command::new(exe);
+    command
         .arg("demo-client")
         .args(["--url", url, "--run", run_id])
         .arg("--data")
@@ -245,7 +314,12 @@ fn spawn_client(
             "--clients",
             &args.clients.to_string(),
         ])
-        .args(["--tasks", &tasks.to_string()])
+        .args(["--tasks", &tasks.to_string()]);
+    match &args.postgres {
+        Some(pg) => command.env(POSTGRES_ENV, pg),
+        None => command.env_remove(POSTGRES_ENV),
+    };
+    command
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -283,9 +357,10 @@ fn finish_client(mut child: Child, deadline: Instant) -> anyhow::Result<ClientSt
     serde_json::from_str(text.trim()).context("read its counts")
 }
 
-/// Waits, at most [`IDLE_MS_MAX`], until the daemon lists no transaction in phase 2; returns
+/// Waits, at most [`IDLE_MS_MAX`], until the daemon lists no transaction in phase 2 and, with
+/// the database at `postgres`, no branch of the demo's resource is prepared there; returns
 /// whether it got there.
-async fn wait_idle(url: &str) -> anyhow::Result<bool> {
+async fn wait_idle(url: &str, postgres: Option<&str>) -> anyhow::Result<bool> {
     let mut client = proto::client::connect(url, &Credentials::none()).await?;
     let deadline = Instant::now() + Duration::from_millis(IDLE_MS_MAX);
     loop {
@@ -296,12 +371,26 @@ async fn wait_idle(url: &str) -> anyhow::Result<bool> {
             .await
             .context("ask the daemon for its unfinished transactions")?
             .into_inner();
-        if listed.transactions.is_empty() {
+        // A dead client's transaction rolled back at its timeout stays listed, holding
+        // nothing, until its caller hears of it (never): not work to wait for.
+        let unfinished: Vec<v1::InDoubtTxn> = listed
+            .transactions
+            .into_iter()
+            .filter(|t| !(t.state == TIMED_OUT && t.branches.is_empty()))
+            .collect();
+        let prepared = match postgres {
+            Some(pg) => adapters::postgres::prepared_in(PG_RESOURCE, pg, NODE).await?,
+            None => Vec::new(),
+        };
+        if unfinished.is_empty() && prepared.is_empty() {
             return Ok(true);
         }
         if Instant::now() > deadline {
-            for t in &listed.transactions {
+            for t in &unfinished {
                 eprintln!("pending: {} {} {:?}", t.xid, t.state, t.branches);
+            }
+            for branch in &prepared {
+                eprintln!("pending: {branch:?} still prepared in {PG_RESOURCE}");
             }
             return Ok(false);
         }
@@ -323,93 +412,32 @@ pub fn client(args: ClientArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Connects to the daemon (and attaches the demo's database when the run has a PostgreSQL
+/// branch) and runs this client's share of the run's transactions.
 async fn client_tasks(args: &ClientArgs) -> anyhow::Result<ClientStats> {
-    let client = proto::client::connect(&args.url, &Credentials::none()).await?;
-    let next = Arc::new(AtomicU64::new(0));
-    let mut tasks = tokio::task::JoinSet::new();
-    for _ in 0..args.tasks {
-        let (client, next) = (client.clone(), Arc::clone(&next));
-        let mine = Mine {
-            acks: args.data.join("acks").join(&args.run),
-            run_id: args.run.clone(),
-            first: args.client,
-            step: args.clients,
-            total: args.transactions,
-            fail_every: args.fail_every,
+    let concord = Concord::connect(&args.url, Credentials::none())
+        .await
+        .context("connect to the coordinator daemon")?;
+    let postgres = std::env::var(POSTGRES_ENV).ok();
+    if let Some(url) = &postgres {
+        let config = PostgresConfig {
+            pool_size: args.tasks + PG_POOL_SPARE,
+            ..PostgresConfig::new(url.as_str(), NODE)
         };
-        tasks.spawn(async move { mine.run(&client, &next).await });
-    }
-    let mut total = ClientStats::default();
-    while let Some(joined) = tasks.join_next().await {
-        total.add(joined??);
-    }
-    Ok(total)
-}
-
-/// The transactions of one client process, shared by its tasks.
-struct Mine {
-    acks: PathBuf,
-    run_id: String,
-    first: u64,
-    step: u64,
-    total: u64,
-    fail_every: u64,
-}
-
-impl Mine {
-    async fn run(&self, client: &Client, next: &AtomicU64) -> anyhow::Result<ClientStats> {
-        let mut stats = ClientStats::default();
-        loop {
-            let n = next.fetch_add(1, Ordering::Relaxed);
-            let i = n.saturating_mul(self.step).saturating_add(self.first);
-            if i >= self.total {
-                return Ok(stats);
-            }
-            let fail = self.fail_every > 0 && i % self.fail_every == self.fail_every - 1;
-            let t0 = Instant::now();
-            let ended = one_transaction(client, &self.run_id, i, fail).await?;
-            if ended == Ended::Committed {
-                std::fs::write(self.acks.join(i.to_string()), b"")?;
-                stats.committed += 1;
-            } else {
-                stats.rolled_back += 1;
-            }
-            stats.latencies_us.push(t0.elapsed().as_micros() as u64);
-        }
-    }
-}
-
-/// Transaction `i` through the daemon (rolled back on purpose when `fail`).
-async fn one_transaction(
-    client: &Client,
-    run_id: &str,
-    i: u64,
-    fail: bool,
-) -> anyhow::Result<Ended> {
-    let mut tx = RemoteTxn::begin(client, CLIENT_NAME).await?;
-    let xid = tx.xid().to_string();
-    for (resource, name) in FILES {
-        let path = format!("tx/{run_id}/{i}/{name}");
-        tx.put(resource, &path, content(run_id, i, name))
+        concord
+            .attach_postgres(PG_RESOURCE, config)
             .await
-            .with_context(|| format!("{xid}: put {resource}/{path}"))?;
+            .context("attach the demo's PostgreSQL database")?;
     }
-    let message = demo_message(run_id, i).build()?;
-    tx.enqueue(MAIL, message)
-        .await
-        .with_context(|| format!("{xid}: enqueue in {MAIL}"))?;
-    tx.insert(INDEX, key(run_id, i).into_bytes(), key_value(run_id, i))
-        .await
-        .with_context(|| format!("{xid}: insert in {INDEX}"))?;
-    if fail {
-        let refused = tx
-            .put("uploads", "../outside-the-root", b"refused".to_vec())
-            .await;
-        if refused.is_ok() {
-            bail!("{xid}: the files resource accepted a path outside its root");
-        }
-        return tx.rollback("the demo's deliberate failure").await;
-    }
-    // Not committed (rolled back, or in doubt) counts as not committed, like a rollback.
-    tx.commit().await
+    let workload = Arc::new(Workload {
+        run_id: args.run.clone(),
+        acks: args.data.join("acks").join(&args.run),
+        total: args.transactions,
+        fail_every: args.fail_every,
+        postgres: postgres.is_some(),
+        first: args.client,
+        step: args.clients,
+    });
+    let hidden = indicatif::ProgressBar::hidden();
+    workload.run(&concord, args.tasks, &hidden).await
 }
