@@ -662,6 +662,11 @@ async fn a_transaction_its_client_abandons_rolls_back_at_the_timeout() {
     kv_insert(&mut client, &abandoned, b"held", b"x")
         .await
         .unwrap();
+    // One that nobody asks about again, as a client that died would leave it.
+    let silent = begin(&mut client).await.xid;
+    kv_insert(&mut client, &silent, b"silent", b"x")
+        .await
+        .unwrap();
 
     // The client says nothing more: the reaper rolls the transaction back.
     let deadline = Instant::now() + Duration::from_millis(TIMEOUT_MS + VISIBLE_MS_MAX);
@@ -676,6 +681,24 @@ async fn a_transaction_its_client_abandons_rolls_back_at_the_timeout() {
     };
     assert_eq!(cause.kind, v1::RollbackKind::TimedOut as i32);
     assert!(cause.retryable);
+    // Rolled back by the timeout, it is finished: not listed as unfinished work.
+    let deadline = Instant::now() + Duration::from_millis(VISIBLE_MS_MAX);
+    loop {
+        let listed = client
+            .list_in_doubt(v1::ListInDoubtRequest { header: header() })
+            .await
+            .unwrap()
+            .into_inner()
+            .transactions;
+        if !listed.iter().any(|t| t.xid == silent) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "a transaction its timeout rolled back is still listed: {listed:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let late = kv_insert(&mut client, &abandoned, b"late", b"x")
         .await
         .unwrap_err();

@@ -16,6 +16,9 @@ use adapters::config::{DaemonConfig, DaemonLimits, ServeRefusal};
 /// How long a finished transaction's outcome stays in memory for a second commit or `Outcome`
 /// (milliseconds); later `Outcome` reads the journal.
 pub const FINISHED_KEEP_MS: u64 = 600_000;
+/// How often the daemon forgets finished transactions and clients gone idle when no `Begin`
+/// does it (milliseconds).
+pub const HOUSEKEEPING_MS: u64 = 1_000;
 /// How long closing the coordinator (journal synced and closed) may take (milliseconds).
 pub const CLOSE_MS_MAX: u64 = 10_000;
 /// How long `Status` waits for a resource's health probe before it calls the resource

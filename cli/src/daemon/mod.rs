@@ -146,6 +146,16 @@ async fn serve(
         .with_context(|| format!("listen on {listen}"))?;
     let bound = listener.local_addr().context("the listener's address")?;
     let daemon = Arc::new(service::Daemon::new(concord, cfg));
+    let keeper = {
+        let daemon = Arc::clone(&daemon);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(config::HOUSEKEEPING_MS));
+            loop {
+                tick.tick().await;
+                daemon.housekeeping();
+            }
+        })
+    };
     let svc = CoordinatorServer::from_arc(Arc::clone(&daemon))
         .max_decoding_message_size(limits.message_bytes_max)
         .max_encoding_message_size(limits.message_bytes_max);
@@ -173,6 +183,7 @@ async fn serve(
     let signal = wait_for_signal(&mut signals).await;
     tracing::info!("{signal}: draining");
     daemon.drain();
+    keeper.abort();
     let drain_ms = limits.drain_timeout_ms;
     if !daemon.wait_settled(Duration::from_millis(drain_ms)).await {
         tracing::warn!(

@@ -221,6 +221,15 @@ impl Daemon {
             .ok_or_else(|| errors::unknown_xid(xid))
     }
 
+    /// What `Begin` does at most once a second, for when no `Begin` comes: forgets what
+    /// [`Daemon::prune`] forgets, and the idle clients' counts.
+    pub fn housekeeping(&self) {
+        if self.pacer.due() {
+            self.prune();
+            self.open.forget_idle();
+        }
+    }
+
     /// Forgets finished transactions past [`FINISHED_KEEP_MS`], and open ones the coordinator
     /// timed out long ago (their clients are gone).
     fn prune(&self) {
@@ -637,10 +646,7 @@ impl Service for Daemon {
         if self.draining.load(Ordering::SeqCst) {
             return Err(errors::draining());
         }
-        if self.pacer.due() {
-            self.prune();
-            self.open.forget_idle();
-        }
+        self.housekeeping();
         let txns_max = self.config.daemon.limits.txns_per_client_max;
         // The count is an upper bound: checked exactly only at the limit.
         let (slot, open) = self.open.take(&peer);
@@ -1005,7 +1011,10 @@ impl Service for Daemon {
         let listed = self.concord.coordinator().list();
         let mut transactions: Vec<v1::InDoubtTxn> = listed
             .iter()
-            .filter(|t| t.state != "open")
+            // An open transaction is in the client's hands; a timed-out one was rolled back
+            // (its rollback, while it runs, is listed as "rolling back"), and its entry only
+            // waits for a client that may never come back.
+            .filter(|t| t.state != "open" && t.state != "timed out")
             .map(|t| v1::InDoubtTxn {
                 xid: xid_text(t.xid),
                 standing: if t.age >= timeout {
