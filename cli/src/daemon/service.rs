@@ -1035,9 +1035,16 @@ impl Service for Daemon {
             .filter(|t| t.state != "timed out")
             .map(|t| t.xid)
             .collect();
-        let prepared = self.prepared_branches().await;
-        let ledger = self.ledger().await?;
-        let rows = crate::txn::prepared_rows(&ledger, prepared, |xid| held.contains(xid));
+        let mut prepared = self.prepared_branches().await;
+        prepared.retain(|xid, _| !held.contains(xid));
+        // The journal is read only for branches no transaction here holds: usually none, so
+        // that asking stays cheap however long the journal is.
+        let rows = if prepared.is_empty() {
+            Vec::new()
+        } else {
+            let ledger = self.ledger().await?;
+            crate::txn::prepared_rows(&ledger, prepared, |_| false)
+        };
         transactions.extend(rows.into_iter().map(|row| v1::InDoubtTxn {
             xid: row.xid,
             state: row.state,
