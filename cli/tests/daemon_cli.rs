@@ -9,133 +9,23 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::daemon::{
+    Daemon, INDEX, OPEN_DAEMON, code_of, eventually, header, target, write_config,
+};
 use proto::v1::coordinator_client::CoordinatorClient;
 use proto::v1::{self, ErrorCode, RequestHeader, txn_outcome::State};
 use tonic::Code;
 use tonic::transport::Channel;
 
-/// How long the daemon may take to start (recovery included) or to stop.
-const START_MS_MAX: u64 = 30_000;
-const STOP_MS_MAX: u64 = 30_000;
 /// How long phase 2 may take to show a commit in the stores.
 const VISIBLE_MS_MAX: u64 = 10_000;
 /// The size of the streamed put, and of its chunks.
 const PUT_BYTES: usize = 3 << 20;
 const CHUNK_BYTES: usize = 256 << 10;
-
-/// A running daemon: killed when dropped, unless stopped.
-struct Daemon {
-    child: Option<Child>,
-    addr: String,
-}
-
-impl Daemon {
-    /// Starts it on the embedded defaults in `data`.
-    fn start(data: &Path) -> Daemon {
-        Daemon::start_with(&["--data".as_ref(), data.as_os_str()])
-    }
-
-    /// Starts it with `args` after `coordinator --listen 127.0.0.1:0`.
-    fn start_with(args: &[&std::ffi::OsStr]) -> Daemon {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_concord"))
-            .args(["coordinator", "--listen", "127.0.0.1:0"])
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { return };
-                if tx.send(line).is_err() {
-                    return;
-                }
-            }
-        });
-        let deadline = Instant::now() + Duration::from_millis(START_MS_MAX);
-        let addr = loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match rx.recv_timeout(left) {
-                Ok(line) => {
-                    if let Some(addr) = line.strip_prefix("listening on ") {
-                        break addr.to_string();
-                    }
-                }
-                Err(e) => {
-                    let _ = child.kill();
-                    panic!("the daemon printed no listening line within {START_MS_MAX} ms: {e}");
-                }
-            }
-        };
-        Daemon {
-            child: Some(child),
-            addr,
-        }
-    }
-
-    async fn client(&self) -> CoordinatorClient<Channel> {
-        CoordinatorClient::connect(format!("http://{}", self.addr))
-            .await
-            .unwrap()
-    }
-
-    /// Sends SIGTERM and waits for the exit; returns whether it exited 0.
-    fn terminate(self) -> bool {
-        self.signal("-TERM")
-    }
-
-    /// Sends `signal` (`-TERM`, `-INT`) and waits for the exit; returns whether it exited 0.
-    fn signal(mut self, signal: &str) -> bool {
-        let mut child = self.child.take().unwrap();
-        let killed = Command::new("kill")
-            .args([signal, &child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(killed.success());
-        let deadline = Instant::now() + Duration::from_millis(STOP_MS_MAX);
-        loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                return status.success();
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!("the daemon did not exit within {STOP_MS_MAX} ms of SIGTERM");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-fn header() -> Option<RequestHeader> {
-    Some(RequestHeader::current("daemon_cli"))
-}
-
-fn target(xid: &str, resource: &str) -> Option<v1::BranchTarget> {
-    Some(v1::BranchTarget {
-        header: header(),
-        xid: xid.to_string(),
-        resource: resource.to_string(),
-    })
-}
 
 async fn begin(client: &mut CoordinatorClient<Channel>) -> v1::BeginResponse {
     client
@@ -225,25 +115,8 @@ async fn outcome(client: &mut CoordinatorClient<Channel>, xid: &str) -> State {
         .unwrap()
 }
 
-/// The error code in a status's detail.
-fn code_of(status: &tonic::Status) -> ErrorCode {
-    let detail = proto::error_detail(status)
-        .unwrap()
-        .unwrap_or_else(|| panic!("no ErrorDetail in {status:?}"));
-    ErrorCode::try_from(detail.code).unwrap()
-}
-
 fn content() -> Vec<u8> {
     (0..PUT_BYTES).map(|i| (i * 7 % 251) as u8).collect()
-}
-
-/// Waits until `check` holds, at most `ms`.
-fn eventually(ms: u64, what: &str, check: impl Fn() -> bool) {
-    let deadline = Instant::now() + Duration::from_millis(ms);
-    while !check() {
-        assert!(Instant::now() < deadline, "{what} within {ms} ms");
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 fn delivered(data: &Path) -> usize {
@@ -644,17 +517,13 @@ async fn malformed_and_refused_calls_name_what_is_wrong_and_the_daemon_keeps_ser
 async fn a_transaction_its_client_abandons_rolls_back_at_the_timeout() {
     const TIMEOUT_MS: u64 = 500;
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("concord.toml");
-    std::fs::write(
-        &path,
-        format!(
-            "node = 1\ndata_dir = \"data\"\ntxn_timeout_ms = {TIMEOUT_MS}\n\
-             [daemon]\nplaintext = true\nunauthenticated = true\n\
-             [resources.index]\nkind = \"kv\"\ndir = \"data/index\"\ncreate = true\n"
-        ),
-    )
-    .unwrap();
-    let daemon = Daemon::start_with(&["--config".as_ref(), path.as_os_str()]);
+    let path = write_config(
+        dir.path(),
+        &format!("txn_timeout_ms = {TIMEOUT_MS}\n"),
+        OPEN_DAEMON,
+        INDEX,
+    );
+    let daemon = Daemon::start_config(&path);
     let mut client = daemon.client().await;
     let begun = begin(&mut client).await;
     assert_eq!(begun.timeout_ms, TIMEOUT_MS);

@@ -1,6 +1,11 @@
-//! What the binary's tests share: running a child to its end under a deadline.
+//! What the binary's tests share: running a child to its end under a deadline, and the
+//! harness of the tests that run the daemon ([`daemon`]).
+//!
+//! Caveat: each test binary uses a part of this module, so unused items are allowed here.
 
-#![allow(clippy::expect_used)]
+#![allow(dead_code, clippy::expect_used)]
+
+pub mod daemon;
 
 use std::io::Read;
 use std::process::{Child, Output};
