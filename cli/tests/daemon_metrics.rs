@@ -9,20 +9,17 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
-use std::sync::mpsc;
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use common::daemon::{Daemon, INDEX, OPEN_DAEMON, START_MS_MAX, header, target, write_config};
+use proto::v1;
 use proto::v1::coordinator_client::CoordinatorClient;
-use proto::v1::{self, RequestHeader};
 use tonic::transport::Channel;
 
-/// How long the daemon may take to start (recovery included) or to stop.
-const START_MS_MAX: u64 = 30_000;
-const STOP_MS_MAX: u64 = 30_000;
 /// How long a metric may take to show an event: phase 2 runs after the answer, and the gauges
 /// are sampled once a second.
 const SETTLE_MS_MAX: u64 = 10_000;
@@ -31,16 +28,9 @@ const STATUS_MS_MAX: u64 = 30_000;
 /// How long one scrape may take.
 const SCRAPE_MS_MAX: u64 = 5_000;
 
-/// A running daemon: killed when dropped, unless stopped.
-struct Daemon {
-    child: Option<Child>,
-    addr: String,
-    metrics: String,
-}
-
 impl Daemon {
     /// Starts it on the embedded defaults in `data`, gRPC and metrics on free loopback ports.
-    fn start(data: &Path) -> Daemon {
+    fn start_metrics(data: &Path) -> Daemon {
         let data = data.as_os_str();
         Daemon::start_with(&[
             "--metrics-listen".as_ref(),
@@ -50,92 +40,24 @@ impl Daemon {
         ])
     }
 
-    /// Starts it with `args` after `coordinator --listen 127.0.0.1:0`.
-    fn start_with(args: &[&std::ffi::OsStr]) -> Daemon {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_concord"))
-            .args(["coordinator", "--listen", "127.0.0.1:0"])
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { return };
-                if tx.send(line).is_err() {
-                    return;
-                }
-            }
-        });
-        let deadline = Instant::now() + Duration::from_millis(START_MS_MAX);
-        let mut metrics = None;
-        let addr = loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match rx.recv_timeout(left) {
-                Ok(line) => {
-                    if let Some(addr) = line.strip_prefix("metrics on ") {
-                        metrics = Some(addr.to_string());
-                    }
-                    if let Some(addr) = line.strip_prefix("listening on ") {
-                        break addr.to_string();
-                    }
-                }
-                Err(e) => {
-                    let _ = child.kill();
-                    panic!("the daemon printed no listening line within {START_MS_MAX} ms: {e}");
-                }
-            }
-        };
-        Daemon {
-            child: Some(child),
-            addr,
-            metrics: metrics.expect("a `metrics on ADDR` line before the listening line"),
-        }
-    }
-
-    fn url(&self) -> String {
-        format!("http://{}", self.addr)
-    }
-
-    async fn client(&self) -> CoordinatorClient<Channel> {
-        CoordinatorClient::connect(self.url()).await.unwrap()
-    }
-
-    /// Sends SIGTERM and waits for the exit; returns whether it exited 0.
-    fn terminate(mut self) -> bool {
-        let mut child = self.child.take().unwrap();
-        let killed = Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(killed.success());
-        let deadline = Instant::now() + Duration::from_millis(STOP_MS_MAX);
-        loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                return status.success();
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!("the daemon did not exit within {STOP_MS_MAX} ms of SIGTERM");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+    /// The metrics address, from the `metrics on ADDR` line printed before the listening line.
+    fn metrics(&self) -> &str {
+        self.before
+            .iter()
+            .find_map(|line| line.strip_prefix("metrics on "))
+            .expect("a `metrics on ADDR` line before the listening line")
     }
 
     /// The Prometheus text, by a plain HTTP/1.1 GET.
     fn scrape(&self) -> String {
-        let mut stream = TcpStream::connect(&self.metrics).unwrap();
+        let mut stream = TcpStream::connect(self.metrics()).unwrap();
         let limit = Some(Duration::from_millis(SCRAPE_MS_MAX));
         stream.set_read_timeout(limit).unwrap();
         stream.set_write_timeout(limit).unwrap();
         write!(
             stream,
             "GET /metrics HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
-            self.metrics
+            self.metrics()
         )
         .unwrap();
         let mut response = String::new();
@@ -162,15 +84,6 @@ impl Daemon {
     }
 }
 
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
 /// The sum of the samples of metric `name` whose labels include each of `labels` (`k="v"`);
 /// 0 when there is none (a metric appears once its first event is recorded).
 fn value(text: &str, name: &str, labels: &[&str]) -> f64 {
@@ -187,18 +100,6 @@ fn value(text: &str, name: &str, labels: &[&str]) -> f64 {
                 .flatten()
         })
         .sum()
-}
-
-fn header() -> Option<RequestHeader> {
-    Some(RequestHeader::current("daemon_metrics"))
-}
-
-fn target(xid: &str, resource: &str) -> Option<v1::BranchTarget> {
-    Some(v1::BranchTarget {
-        header: header(),
-        xid: xid.to_string(),
-        resource: resource.to_string(),
-    })
 }
 
 async fn begin(client: &mut CoordinatorClient<Channel>) -> String {
@@ -292,7 +193,7 @@ fn status_json(url: &str) -> (Option<i32>, serde_json::Value) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_counters_move_by_what_was_done_and_status_tells_the_truth() {
     let data = tempfile::tempdir().unwrap();
-    let daemon = Daemon::start(data.path());
+    let daemon = Daemon::start_metrics(data.path());
     let mut client = daemon.client().await;
     let before = daemon.scrape();
     let committed = "outcome=\"committed\"";
@@ -418,7 +319,7 @@ async fn the_counters_move_by_what_was_done_and_status_tells_the_truth() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_removed_root_is_unhealthy_and_a_stopped_daemon_is_unreachable() {
     let data = tempfile::tempdir().unwrap();
-    let daemon = Daemon::start(data.path());
+    let daemon = Daemon::start_metrics(data.path());
     std::fs::remove_dir_all(data.path().join("uploads")).unwrap();
 
     let (code, json) = status_json(&daemon.url());
@@ -475,23 +376,14 @@ fn a_non_loopback_metrics_address_is_refused() {
 
 /// A configuration file whose `[daemon]` table serves plain text without tokens, with `more`.
 fn config_with(dir: &Path, more: &str) -> std::path::PathBuf {
-    let data = dir.join("data");
-    let text = format!(
-        "node = 1\ndata_dir = {data:?}\n\
-         [resources.index]\nkind = \"kv\"\ndir = {index:?}\ncreate = true\n\
-         [daemon]\nplaintext = true\nunauthenticated = true\n{more}\n",
-        index = data.join("index"),
-    );
-    let path = dir.join("concord.toml");
-    std::fs::write(&path, text).unwrap();
-    path
+    write_config(dir, "", &format!("{OPEN_DAEMON}{more}\n"), INDEX)
 }
 
 #[test]
 fn the_daemon_table_names_the_metrics_address() {
     let dir = tempfile::tempdir().unwrap();
     let config = config_with(dir.path(), "metrics_listen = \"127.0.0.1:0\"");
-    let daemon = Daemon::start_with(&["--config".as_ref(), config.as_os_str()]);
+    let daemon = Daemon::start_config(&config);
     let text = daemon.scrape();
     assert!(
         text.contains("# TYPE concord_journal_syncs_total counter"),
@@ -524,7 +416,7 @@ fn the_daemon_table_names_the_metrics_address() {
 fn a_sigterm_right_after_the_listening_line_drains() {
     for _ in 0..5 {
         let data = tempfile::tempdir().unwrap();
-        let daemon = Daemon::start(data.path());
+        let daemon = Daemon::start_metrics(data.path());
         assert!(daemon.terminate(), "exit 0 on an early SIGTERM");
     }
 }
