@@ -13,19 +13,19 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use adapters::pgtest::PgCluster;
+use common::daemon::{
+    Daemon, INDEX, OPEN_DAEMON, Stderr, UPLOADS, code_of, detail, eventually, header, target,
+    write_config,
+};
 use proto::client::{Client, Credentials};
-use proto::v1::{self, ErrorCode, RequestHeader, txn_outcome::State};
+use proto::v1::{self, ErrorCode, txn_outcome::State};
 use tonic::Code;
 
-/// How long the daemon may take to start (recovery included), to stop, or to reach a fail point.
-const START_MS_MAX: u64 = 30_000;
 /// How long phase 2 may take to show a commit in the database.
 const VISIBLE_MS_MAX: u64 = 10_000;
 /// How long one `concord pg …` command may take.
@@ -50,19 +50,14 @@ impl Site {
         let cluster = PgCluster::shared();
         let url = cluster.database(db).unwrap();
         let dir = tempfile::tempdir().unwrap();
-        let config = dir.path().join("concord.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "node = 1\ndata_dir = \"data\"\ntxn_timeout_ms = {TXN_TIMEOUT_MS}\n\
-                 orphan_sweep_ms = 3600000\n\
-                 [daemon]\nplaintext = true\nunauthenticated = true\n\
-                 [resources.uploads]\nkind = \"files\"\nroot = \"data/uploads\"\ncreate = true\n\
-                 [resources.index]\nkind = \"kv\"\ndir = \"data/index\"\ncreate = true\n\
-                 [resources.orders]\nkind = \"postgres\"\nurl = \"{url}\"\n{extra}"
+        let config = write_config(
+            dir.path(),
+            &format!("txn_timeout_ms = {TXN_TIMEOUT_MS}\norphan_sweep_ms = 3600000\n"),
+            OPEN_DAEMON,
+            &format!(
+                "{UPLOADS}{INDEX}[resources.orders]\nkind = \"postgres\"\nurl = \"{url}\"\n{extra}"
             ),
-        )
-        .unwrap();
+        );
         let site = Site {
             dir,
             config,
@@ -110,124 +105,24 @@ impl Site {
     }
 }
 
-/// A running daemon: killed when dropped.
-struct Daemon {
-    child: Option<Child>,
-    addr: String,
-    /// Its standard output and error, line by line.
-    lines: mpsc::Receiver<String>,
-}
-
-/// Sends every line of `from` to `to`, on a thread of its own.
-fn forward(from: impl std::io::Read + Send + 'static, to: mpsc::Sender<String>) {
-    std::thread::spawn(move || {
-        for line in BufReader::new(from).lines() {
-            let Ok(line) = line else { return };
-            if to.send(line).is_err() {
-                return;
-            }
-        }
-    });
-}
-
 impl Daemon {
-    /// Starts `concord coordinator --config` for `site`, with fail point `failpoint` armed.
-    fn start(site: &Site, failpoint: Option<&str>) -> Daemon {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_concord"));
-        command
-            .args(["coordinator", "--listen", "127.0.0.1:0", "--config"])
-            .arg(&site.config)
-            .current_dir(site.data())
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
+    /// Starts `concord coordinator --config` for `site`, with fail point `failpoint` armed; its
+    /// standard error is read with its standard output.
+    fn start_site(site: &Site, failpoint: Option<&str>) -> Daemon {
+        let mut command = Daemon::command(&["--config".as_ref(), site.config.as_os_str()]);
+        command.current_dir(site.data());
         if let Some(point) = failpoint {
             command.env("CONCORD_FAILPOINT", point);
         }
-        let mut child = command.spawn().unwrap();
-        let (tx, lines) = mpsc::channel();
-        forward(child.stdout.take().unwrap(), tx.clone());
-        forward(child.stderr.take().unwrap(), tx);
-        let mut daemon = Daemon {
-            child: Some(child),
-            addr: String::new(),
-            lines,
-        };
-        let line = daemon.wait_line("listening on ");
-        daemon.addr = line.trim_start_matches("listening on ").to_string();
-        daemon
-    }
-
-    /// Waits for a line that starts with `prefix`.
-    fn wait_line(&self, prefix: &str) -> String {
-        let deadline = Instant::now() + Duration::from_millis(START_MS_MAX);
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(line) if line.starts_with(prefix) => return line,
-                Ok(_) => {}
-                Err(e) => {
-                    panic!("the daemon printed no line {prefix:?} within {START_MS_MAX} ms: {e}")
-                }
-            }
-        }
-    }
-
-    async fn client(&self) -> Client {
-        proto::client::connect(&format!("http://{}", self.addr), &Credentials::none())
-            .await
-            .unwrap()
-    }
-
-    /// SIGKILL, and the wait for it.
-    fn kill(mut self) {
-        let mut child = self.child.take().unwrap();
-        child.kill().unwrap();
-        child.wait().unwrap();
-    }
-
-    /// SIGTERM; returns whether it exited 0 within the bound.
-    fn terminate(mut self) -> bool {
-        let mut child = self.child.take().unwrap();
-        let sent = Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(sent.success());
-        let deadline = Instant::now() + Duration::from_millis(START_MS_MAX);
-        loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                return status.success();
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                return false;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        Daemon::spawn(&mut command, Stderr::Lines)
     }
 }
 
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-fn header() -> Option<RequestHeader> {
-    Some(RequestHeader::current("daemon_enlist"))
-}
-
-fn target(xid: &str, resource: &str) -> Option<v1::BranchTarget> {
-    Some(v1::BranchTarget {
-        header: header(),
-        xid: xid.to_string(),
-        resource: resource.to_string(),
-    })
+/// A `proto::client` client of `daemon`, without credentials.
+async fn connect(daemon: &Daemon) -> Client {
+    daemon
+        .client_with(&daemon.url(), &Credentials::none())
+        .await
 }
 
 async fn begin(client: &mut Client, timeout_ms: Option<u64>) -> v1::BeginResponse {
@@ -316,30 +211,11 @@ async fn outcome(client: &mut Client, xid: &str) -> State {
         .unwrap()
 }
 
-fn detail(status: &tonic::Status) -> v1::ErrorDetail {
-    proto::error_detail(status)
-        .unwrap()
-        .unwrap_or_else(|| panic!("no ErrorDetail in {status:?}"))
-}
-
-fn code_of(status: &tonic::Status) -> ErrorCode {
-    ErrorCode::try_from(detail(status).code).unwrap()
-}
-
-/// Waits until `check` holds, at most `ms`.
-fn eventually(ms: u64, what: &str, check: impl Fn() -> bool) {
-    let deadline = Instant::now() + Duration::from_millis(ms);
-    while !check() {
-        assert!(Instant::now() < deadline, "{what} within {ms} ms");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_enlisted_branch_commits_or_rolls_back_by_gid() {
     let site = Site::new("enlist_commit", "");
-    let daemon = Daemon::start(&site, None);
-    let mut client = daemon.client().await;
+    let daemon = Daemon::start_site(&site, None);
+    let mut client = connect(&daemon).await;
     let app = application(&site.url).await;
 
     // Commit: the lone branch takes two phases, its decision journaled.
@@ -393,8 +269,8 @@ async fn an_enlisted_branch_commits_or_rolls_back_by_gid() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn files_kv_and_an_enlisted_branch_commit_together() {
     let site = Site::new("enlist_atomic", "");
-    let daemon = Daemon::start(&site, None);
-    let mut client = daemon.client().await;
+    let daemon = Daemon::start_site(&site, None);
+    let mut client = connect(&daemon).await;
     let app = application(&site.url).await;
     let begun = begin(&mut client, None).await;
     let xid = begun.xid.clone();
@@ -462,8 +338,8 @@ async fn files_kv_and_an_enlisted_branch_commit_together() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restart_after_the_decision_finishes_the_branch_by_gid() {
     let site = Site::new("enlist_sigkill", "");
-    let daemon = Daemon::start(&site, Some("decision_durable"));
-    let mut client = daemon.client().await;
+    let daemon = Daemon::start_site(&site, Some("decision_durable"));
+    let mut client = connect(&daemon).await;
     let app = application(&site.url).await;
     let begun = begin(&mut client, None).await;
     let xid = begun.xid.clone();
@@ -490,11 +366,11 @@ async fn a_restart_after_the_decision_finishes_the_branch_by_gid() {
     assert_eq!(site.psql("SELECT count(*) FROM items"), "0");
 
     // The restart's recovery commits the branch by its gid.
-    let daemon = Daemon::start(&site, None);
+    let daemon = Daemon::start_site(&site, None);
     eventually(VISIBLE_MS_MAX, "recovery committed the branch", || {
         site.prepared_count() == "0" && site.psql("SELECT count(*) FROM items WHERE id = 3") == "1"
     });
-    let mut client = daemon.client().await;
+    let mut client = connect(&daemon).await;
     assert!(matches!(
         outcome(&mut client, &xid).await,
         State::Committed(_)
@@ -507,8 +383,8 @@ async fn a_restart_after_the_decision_finishes_the_branch_by_gid() {
 async fn a_branch_left_prepared_after_its_timeout_is_listed_and_resolved() {
     const OWN_TIMEOUT_MS: u64 = 300;
     let site = Site::new("enlist_resolve", "");
-    let daemon = Daemon::start(&site, None);
-    let mut client = daemon.client().await;
+    let daemon = Daemon::start_site(&site, None);
+    let mut client = connect(&daemon).await;
     let app = application(&site.url).await;
 
     // The application asks for a shorter timeout, prepares, and dies before enlisting.
@@ -610,8 +486,8 @@ async fn enlisting_errors_answer_as_the_proto_table_says() {
         })
         .collect();
     let site = Site::new("enlist_errors", &files);
-    let daemon = Daemon::start(&site, None);
-    let mut client = daemon.client().await;
+    let daemon = Daemon::start_site(&site, None);
+    let mut client = connect(&daemon).await;
     let app = application(&site.url).await;
     let begun = begin(&mut client, None).await;
     let xid = begun.xid.clone();
