@@ -16,14 +16,15 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::io::{BufRead, BufReader};
+mod common;
+
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use common::daemon::{Daemon, Stderr, header, target};
 use proto::v1::coordinator_client::CoordinatorClient;
 use proto::v1::{self, ErrorCode, RequestHeader, txn_outcome::State};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -31,8 +32,6 @@ use tokio::net::TcpStream;
 use tonic::Code;
 use tonic::transport::Channel;
 
-/// How long the daemon may take to start.
-const START_MS_MAX: u64 = 30_000;
 /// The daemon's file descriptor limit in this test (systemd's default soft limit).
 const DAEMON_FDS_MAX: u32 = 1024;
 /// The daemon's peak resident memory must stay below this (bytes): far below what buffering
@@ -102,69 +101,28 @@ impl Rng {
     }
 }
 
-/// The daemon, killed when dropped.
-struct Daemon {
-    child: Child,
-    addr: String,
-}
-
 impl Daemon {
-    fn start(data: &Path) -> Daemon {
-        let mut child = Command::new("prlimit")
+    /// Starts it on the embedded defaults in `data`, under `prlimit` with [`DAEMON_FDS_MAX`]
+    /// file descriptors.
+    fn start_limited(data: &Path) -> Daemon {
+        let mut command = Command::new("prlimit");
+        command
             .arg(format!("--nofile={DAEMON_FDS_MAX}:{DAEMON_FDS_MAX}"))
             .arg("--")
             .arg(env!("CARGO_BIN_EXE_concord"))
             .args(["coordinator", "--listen", "127.0.0.1:0", "--data"])
             .arg(data)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("run prlimit (util-linux) and concord");
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { return };
-                if tx.send(line).is_err() {
-                    return;
-                }
-            }
-        });
-        let deadline = Instant::now() + Duration::from_millis(START_MS_MAX);
-        let addr = loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match rx.recv_timeout(left) {
-                Ok(line) => {
-                    if let Some(addr) = line.strip_prefix("listening on ") {
-                        break addr.to_string();
-                    }
-                }
-                Err(e) => {
-                    let _ = child.kill();
-                    panic!("the daemon printed no listening line within {START_MS_MAX} ms: {e}");
-                }
-            }
-        };
-        Daemon { child, addr }
-    }
-
-    async fn client(&self) -> CoordinatorClient<Channel> {
-        CoordinatorClient::connect(format!("http://{}", self.addr))
-            .await
-            .unwrap()
+            .stdin(Stdio::null());
+        Daemon::spawn(&mut command, Stderr::Inherit)
     }
 
     fn assert_alive(&mut self, when: &str) {
-        assert!(
-            self.child.try_wait().unwrap().is_none(),
-            "the daemon died {when}"
-        );
+        assert!(self.is_running(), "the daemon died {when}");
     }
 
     /// A `/proc/PID/status` field in bytes (`VmRSS`, `VmHWM`).
     fn memory_bytes(&self, field: &str) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
         let line = status
             .lines()
             .find(|l| l.starts_with(field))
@@ -178,27 +136,8 @@ impl Daemon {
     }
 
     fn open_fds(&self) -> usize {
-        std::fs::read_dir(format!("/proc/{}/fd", self.child.id())).map_or(0, |d| d.count())
+        std::fs::read_dir(format!("/proc/{}/fd", self.pid())).map_or(0, |d| d.count())
     }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn header() -> Option<RequestHeader> {
-    Some(RequestHeader::current("daemon_hostile"))
-}
-
-fn target(xid: &str, resource: &str) -> Option<v1::BranchTarget> {
-    Some(v1::BranchTarget {
-        header: header(),
-        xid: xid.to_string(),
-        resource: resource.to_string(),
-    })
 }
 
 fn mail_message(n: usize) -> Vec<u8> {
@@ -997,7 +936,7 @@ async fn hostile_input_leaves_the_daemon_serving_bounded_and_intact() {
     let started = Instant::now();
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path();
-    let mut daemon = Daemon::start(data);
+    let mut daemon = Daemon::start_limited(data);
     let addr = daemon.addr.clone();
     let mut client = daemon.client().await;
 
