@@ -14,20 +14,17 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex, mpsc};
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
+use std::time::Duration;
 
+use common::daemon::{
+    Daemon, INDEX, Stderr, Stopped, UPLOADS, code_of, header, target, write_config,
+};
 use proto::client::{Client, ClientTls, Credentials, Token};
-use proto::v1::{self, ErrorCode, RequestHeader};
+use proto::v1::{self, ErrorCode};
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
 use tonic::Code;
-
-/// How long the daemon may take to start or to stop.
-const START_MS_MAX: u64 = 30_000;
-const STOP_MS_MAX: u64 = 30_000;
 
 const CLIENT_TOKEN: &str = "client-token-5f2c9e81d04b7a36";
 const OPERATOR_TOKEN: &str = "operator-token-a93e07b5c1d86f24";
@@ -90,14 +87,12 @@ impl Site {
 
     /// Writes `concord.toml` with the `[daemon]` table `daemon` and returns its path.
     fn config(&self, daemon: &str) -> PathBuf {
-        let text = format!(
-            "node = 1\ndata_dir = \"data\"\n\
-             [resources.index]\nkind = \"kv\"\ndir = \"data/index\"\ncreate = true\n\
-             [resources.uploads]\nkind = \"files\"\nroot = \"data/uploads\"\ncreate = true\n\
-             [daemon]\n{daemon}\n"
-        );
-        write(self.path(), "concord.toml", &text);
-        self.path().join("concord.toml")
+        write_config(
+            self.path(),
+            "",
+            &format!("{daemon}\n"),
+            &format!("{INDEX}{UPLOADS}"),
+        )
     }
 
     fn tls(&self) -> ClientTls {
@@ -114,109 +109,22 @@ fn write(dir: &Path, name: &str, text: &str) {
 const TLS: &str = "tls_cert_file = \"tls/daemon.crt\"\ntls_key_file = \"tls/daemon.key\"\n";
 const TOKENS: &str = "operator_token_file = \"secrets/operator\"\n[daemon.clients.shop]\ntoken_file = \"secrets/shop\"\n";
 
-/// A running daemon, its output kept: killed when dropped, unless stopped.
-struct Daemon {
-    child: Option<Child>,
-    addr: String,
-    stdout: Arc<Mutex<Vec<String>>>,
-    stderr_file: PathBuf,
-}
-
 impl Daemon {
-    /// Starts `concord coordinator --config CONFIG --listen 127.0.0.1:0` at RUST_LOG=debug.
-    fn start(config: &Path) -> Daemon {
-        let stderr_file = config.with_file_name("daemon.stderr");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_concord"))
-            .args(["coordinator", "--listen", "127.0.0.1:0", "--config"])
-            .arg(config)
-            .env("RUST_LOG", "debug")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(&stderr_file).unwrap())
-            .spawn()
-            .unwrap();
-        let out = child.stdout.take().unwrap();
-        let stdout = Arc::new(Mutex::new(Vec::new()));
-        let (tx, rx) = mpsc::channel();
-        let kept = Arc::clone(&stdout);
-        std::thread::spawn(move || {
-            for line in BufReader::new(out).lines() {
-                let Ok(line) = line else { return };
-                kept.lock().unwrap().push(line.clone());
-                let _ = tx.send(line);
-            }
-        });
-        let deadline = Instant::now() + Duration::from_millis(START_MS_MAX);
-        let addr = loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match rx.recv_timeout(left) {
-                Ok(line) => {
-                    if let Some(addr) = line.strip_prefix("listening on ") {
-                        break addr.to_string();
-                    }
-                }
-                Err(e) => {
-                    let _ = child.kill();
-                    let stderr = std::fs::read_to_string(&stderr_file).unwrap_or_default();
-                    panic!("no listening line within {START_MS_MAX} ms ({e}): {stderr}");
-                }
-            }
-        };
-        Daemon {
-            child: Some(child),
-            addr,
-            stdout,
-            stderr_file,
-        }
+    /// Starts `concord coordinator --config CONFIG --listen 127.0.0.1:0` at RUST_LOG=debug, its
+    /// standard error kept in `daemon.stderr` beside the configuration.
+    fn start_debug(config: &Path) -> Daemon {
+        let mut command = Daemon::command(&["--config".as_ref(), config.as_os_str()]);
+        command.env("RUST_LOG", "debug");
+        Daemon::spawn(
+            &mut command,
+            Stderr::File(config.with_file_name("daemon.stderr")),
+        )
     }
 
-    fn url(&self, scheme: &str) -> String {
-        format!("{scheme}://{}", self.addr)
+    /// A client over TLS with `credentials`.
+    async fn tls_client(&self, credentials: &Credentials) -> Client {
+        self.client_with(&self.https_url(), credentials).await
     }
-
-    async fn client(&self, credentials: &Credentials) -> Client {
-        proto::client::connect(&self.url("https"), credentials)
-            .await
-            .unwrap()
-    }
-
-    /// SIGTERM, the exit awaited; returns (exited 0, stdout, stderr).
-    fn stop(mut self) -> (bool, String, String) {
-        let mut child = self.child.take().unwrap();
-        let killed = Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(killed.success());
-        let deadline = Instant::now() + Duration::from_millis(STOP_MS_MAX);
-        let status = loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                break status;
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!("the daemon did not exit within {STOP_MS_MAX} ms of SIGTERM");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        let stdout = self.stdout.lock().unwrap().join("\n");
-        let stderr = std::fs::read_to_string(&self.stderr_file).unwrap();
-        (status.success(), stdout, stderr)
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-fn header() -> Option<RequestHeader> {
-    Some(RequestHeader::current("daemon_security"))
 }
 
 fn client_token() -> Credentials {
@@ -237,14 +145,6 @@ async fn begin(client: &mut Client) -> Result<v1::BeginResponse, tonic::Status> 
         .map(tonic::Response::into_inner)
 }
 
-fn target(xid: &str, resource: &str) -> Option<v1::BranchTarget> {
-    Some(v1::BranchTarget {
-        header: header(),
-        xid: xid.to_string(),
-        resource: resource.to_string(),
-    })
-}
-
 async fn open_txns(client: &mut Client) -> u64 {
     client
         .status(v1::StatusRequest { header: header() })
@@ -254,13 +154,6 @@ async fn open_txns(client: &mut Client) -> u64 {
         .open_txns
 }
 
-fn code_of(status: &tonic::Status) -> ErrorCode {
-    let detail = proto::error_detail(status)
-        .unwrap()
-        .unwrap_or_else(|| panic!("no ErrorDetail in {status:?}"));
-    ErrorCode::try_from(detail.code).unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_tokens_and_limits_hold_and_no_token_is_printed() {
     let site = Site::new();
@@ -268,23 +161,23 @@ async fn tls_tokens_and_limits_hold_and_no_token_is_printed() {
         "{TLS}branches_per_txn_max = 1\ntxns_per_client_max = 2\nrequest_timeout_ms = 20000\n\
          message_bytes_max = 2097152\nchunk_bytes_max = 524288\n{TOKENS}"
     ));
-    let daemon = Daemon::start(&config);
+    let daemon = Daemon::start_debug(&config);
     let with_tls = |c: Credentials| c.with_tls(site.tls());
-    let mut shop = daemon.client(&with_tls(client_token())).await;
-    let mut operator = daemon.client(&with_tls(operator_token())).await;
+    let mut shop = daemon.tls_client(&with_tls(client_token())).await;
+    let mut operator = daemon.tls_client(&with_tls(operator_token())).await;
 
     // A plain-text client cannot talk to a TLS daemon.
-    let plain = proto::client::connect(&daemon.url("http"), &client_token()).await;
+    let plain = proto::client::connect(&daemon.url(), &client_token()).await;
     if let Ok(mut plain) = plain {
         let refused = begin(&mut plain).await.unwrap_err();
         assert_ne!(refused.code(), Code::Ok);
     }
 
     // No token, a wrong one, or one not sent as `Bearer`: refused before any work.
-    let mut anonymous = daemon.client(&with_tls(Credentials::none())).await;
+    let mut anonymous = daemon.tls_client(&with_tls(Credentials::none())).await;
     let wrong = Token::new("wrong-token-0123456789abcdef").unwrap();
     let mut stranger = daemon
-        .client(&with_tls(Credentials::none().with_token(wrong)))
+        .tls_client(&with_tls(Credentials::none().with_token(wrong)))
         .await;
     assert_eq!(open_txns(&mut operator).await, 0);
     for client in [&mut anonymous, &mut stranger] {
@@ -381,7 +274,11 @@ async fn tls_tokens_and_limits_hold_and_no_token_is_printed() {
     .unwrap();
 
     drop((shop, operator, anonymous, stranger));
-    let (clean, stdout, stderr) = daemon.stop();
+    let Stopped {
+        clean,
+        stdout,
+        stderr,
+    } = daemon.stop();
     assert!(clean, "SIGTERM stops it with exit 0: {stderr}");
     assert!(stderr.contains("DEBUG"), "debug logging was on: {stderr}");
     for token in [CLIENT_TOKEN, OPERATOR_TOKEN] {
@@ -396,8 +293,8 @@ async fn mutual_tls_needs_a_client_certificate_the_ca_signed() {
     let config = site.config(&format!(
         "{TLS}tls_client_ca_file = \"tls/ca.crt\"\n{TOKENS}"
     ));
-    let daemon = Daemon::start(&config);
-    let url = daemon.url("https");
+    let daemon = Daemon::start_debug(&config);
+    let url = daemon.https_url();
 
     // Without a client certificate: the handshake (or the first call) fails.
     let bare = client_token().with_tls(site.tls());
@@ -423,7 +320,7 @@ async fn mutual_tls_needs_a_client_certificate_the_ca_signed() {
         .await
         .unwrap();
     drop(client);
-    let (clean, _, stderr) = daemon.stop();
+    let Stopped { clean, stderr, .. } = daemon.stop();
     assert!(clean, "{stderr}");
 }
 
@@ -520,8 +417,8 @@ async fn plain_text_with_tokens_counts_open_transactions_by_client_name() {
         "plaintext = true\ntxns_per_client_max = 1\n{TOKENS}\
          [daemon.clients.other]\ntoken_file = \"secrets/other\"\n"
     ));
-    let daemon = Daemon::start(&config);
-    let url = daemon.url("http");
+    let daemon = Daemon::start_debug(&config);
+    let url = daemon.url();
     let mut shop = proto::client::connect(&url, &client_token()).await.unwrap();
     let other = Credentials::none().with_token(Token::new("other-token-7c1d2e3f4a5b6c7d").unwrap());
     let mut other = proto::client::connect(&url, &other).await.unwrap();
@@ -531,7 +428,7 @@ async fn plain_text_with_tokens_counts_open_transactions_by_client_name() {
     let refused = begin(&mut shop).await.unwrap_err();
     assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
     drop((shop, other));
-    let (clean, _, stderr) = daemon.stop();
+    let Stopped { clean, stderr, .. } = daemon.stop();
     assert!(clean, "{stderr}");
 }
 
