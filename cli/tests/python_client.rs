@@ -18,18 +18,15 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::{OnceLock, mpsc};
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
+use std::time::Duration;
 
 use adapters::pgtest::PgCluster;
+use common::daemon::{Daemon, eventually};
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
 
-/// How long the daemon may take to start or to stop.
-const START_MS_MAX: u64 = 30_000;
-const STOP_MS_MAX: u64 = 30_000;
 /// How long creating the venv and installing its packages may take.
 const PIP_MS_MAX: u64 = 600_000;
 /// How long the Python test script may run.
@@ -146,85 +143,6 @@ fn generate_stubs(python: &Path, out: &Path) {
     assert!(out.join("concord/v1/coordinator_pb2_grpc.py").is_file());
 }
 
-/// A running daemon: killed when dropped, unless stopped.
-struct Daemon {
-    child: Option<Child>,
-    addr: String,
-}
-
-impl Daemon {
-    fn start(config: &Path) -> Daemon {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_concord"))
-            .args(["coordinator", "--listen", "127.0.0.1:0", "--config"])
-            .arg(config)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { return };
-                if tx.send(line).is_err() {
-                    return;
-                }
-            }
-        });
-        let deadline = Instant::now() + Duration::from_millis(START_MS_MAX);
-        let addr = loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match rx.recv_timeout(left) {
-                Ok(line) => {
-                    if let Some(addr) = line.strip_prefix("listening on ") {
-                        break addr.to_string();
-                    }
-                }
-                Err(e) => {
-                    let _ = child.kill();
-                    panic!("the daemon printed no listening line within {START_MS_MAX} ms: {e}");
-                }
-            }
-        };
-        Daemon {
-            child: Some(child),
-            addr,
-        }
-    }
-
-    /// Sends SIGTERM and waits for the exit; returns whether it exited 0.
-    fn terminate(mut self) -> bool {
-        let mut child = self.child.take().unwrap();
-        let killed = Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(killed.success());
-        let deadline = Instant::now() + Duration::from_millis(STOP_MS_MAX);
-        loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                return status.success();
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!("the daemon did not exit within {STOP_MS_MAX} ms of SIGTERM");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
 /// Runs `concord ARGS --config CONFIG` and asserts it succeeds.
 fn concord(args: &[&str], config: &Path) {
     let out = run(
@@ -289,15 +207,6 @@ fn result(path: &Path) -> BTreeMap<String, String> {
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("{path:?} is not the result: {e}"))
 }
 
-/// Waits until `check` holds, at most `ms`.
-fn eventually(ms: u64, what: &str, check: impl Fn() -> bool) {
-    let deadline = Instant::now() + Duration::from_millis(ms);
-    while !check() {
-        assert!(Instant::now() < deadline, "{what} within {ms} ms");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 fn names_in(dir: &Path) -> Vec<String> {
     let mut names: Vec<String> = std::fs::read_dir(dir)
         .map(|d| {
@@ -332,7 +241,7 @@ fn a_python_application_commits_and_rolls_back_over_every_store() {
     generate_stubs(&python, &stubs);
     let cluster = PgCluster::shared();
     let (config, url) = setup(dir.path(), cluster);
-    let daemon = Daemon::start(&config);
+    let daemon = Daemon::start_config(&config);
 
     let result_path = dir.path().join("result.json");
     let out = run(
@@ -340,7 +249,7 @@ fn a_python_application_commits_and_rolls_back_over_every_store() {
             .arg(clients_python().join("test_client.py"))
             .env("PYTHONPATH", clients_python())
             .env("CONCORD_PY_STUBS", &stubs)
-            .env("CONCORD_URL", format!("http://{}", daemon.addr))
+            .env("CONCORD_URL", daemon.url())
             .env("CONCORD_TOKEN", TOKEN)
             .env("CONCORD_PG_DSN", &url)
             .env("CONCORD_RESULT", &result_path),
@@ -405,7 +314,7 @@ fn a_python_application_commits_and_rolls_back_over_every_store() {
     let example = run(
         Command::new(&python)
             .arg(clients_python().join("example.py"))
-            .arg(format!("http://{}", daemon.addr))
+            .arg(daemon.url())
             .arg(&url)
             .env("PYTHONPATH", clients_python())
             .env("CONCORD_PY_STUBS", &stubs)
@@ -499,13 +408,13 @@ fn a_python_application_connects_over_mutual_tls_with_a_token() {
          [resources.index]\nkind = \"kv\"\ndir = \"data/index\"\ncreate = true\n",
     )
     .unwrap();
-    let daemon = Daemon::start(&config);
+    let daemon = Daemon::start_config(&config);
     let out = run(
         Command::new(&python)
             .arg(clients_python().join("test_tls.py"))
             .env("PYTHONPATH", clients_python())
             .env("CONCORD_PY_STUBS", &stubs)
-            .env("CONCORD_URL", format!("https://{}", daemon.addr))
+            .env("CONCORD_URL", daemon.https_url())
             .env("CONCORD_TOKEN", TOKEN)
             .env("CONCORD_CA", dir.path().join("ca.crt"))
             .env("CONCORD_CLIENT_CERT", dir.path().join("client.crt"))
