@@ -11,24 +11,27 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::io::{BufRead, BufReader, Read};
+mod common;
+
+use std::io::Read;
 use std::path::Path;
 use std::pin::Pin;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::mpsc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
+
+use common::daemon::{
+    Daemon, INDEX, OPEN_DAEMON, UPLOADS, eventually_async, lines_of, rest_of_line, wait_exit,
+    write_config,
+};
 
 use participant::{
     Concord, ConcordError, CoordError, Credentials, MessageBuilder, RollbackCause, TxnOutcome,
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, ReadBuf};
 
-/// How long the daemon may take to start or stop.
-const START_MS_MAX: u64 = 30_000;
-const STOP_MS_MAX: u64 = 30_000;
 /// How long phase 2 may take to show a commit in the stores.
 const VISIBLE_MS_MAX: u64 = 10_000;
 /// The transaction timeout of the daemons that need a short one.
@@ -39,137 +42,23 @@ const BIG_PUT_PEAK_BYTES_MAX: u64 = 40 << 20;
 /// How long a child process may live.
 const CHILD_MS_MAX: u64 = 120_000;
 
-/// A running daemon: killed when dropped, unless stopped.
-struct Daemon {
-    child: Option<Child>,
-    addr: String,
-}
-
 impl Daemon {
-    /// On the embedded defaults in `data` (uploads, thumbnails, mail, index).
-    fn start(data: &Path) -> Daemon {
-        Daemon::start_with(&["--data".as_ref(), data.as_os_str()])
-    }
-
     /// On a configuration with `txn_timeout_ms` = [`TIMEOUT_MS`], a files resource `uploads`
     /// and a kv resource `index` under `dir`.
     fn start_short(dir: &Path) -> Daemon {
-        let path = dir.join("concord.toml");
-        std::fs::write(
-            &path,
-            format!(
-                "node = 1\ndata_dir = \"data\"\ntxn_timeout_ms = {TIMEOUT_MS}\n\
-                 [daemon]\nplaintext = true\nunauthenticated = true\n\
-                 [resources.uploads]\nkind = \"files\"\nroot = \"data/uploads\"\ncreate = true\n\
-                 [resources.index]\nkind = \"kv\"\ndir = \"data/index\"\ncreate = true\n"
-            ),
-        )
-        .unwrap();
-        Daemon::start_with(&["--config".as_ref(), path.as_os_str()])
-    }
-
-    fn start_with(args: &[&std::ffi::OsStr]) -> Daemon {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_concord"))
-            .args(["coordinator", "--listen", "127.0.0.1:0"])
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
-        let lines = lines_of(child.stdout.take().unwrap());
-        let addr = match wait_line(&lines, "listening on ", START_MS_MAX) {
-            Some(addr) => addr,
-            None => {
-                let _ = child.kill();
-                panic!("the daemon printed no listening line within {START_MS_MAX} ms");
-            }
-        };
-        Daemon {
-            child: Some(child),
-            addr,
-        }
-    }
-
-    fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        let path = write_config(
+            dir,
+            &format!("txn_timeout_ms = {TIMEOUT_MS}\n"),
+            OPEN_DAEMON,
+            &format!("{UPLOADS}{INDEX}"),
+        );
+        Daemon::start_config(&path)
     }
 
     async fn connect(&self) -> Concord {
         Concord::connect(&self.url(), Credentials::none())
             .await
             .unwrap()
-    }
-
-    /// SIGTERM, and whether it exited 0 in time.
-    fn terminate(mut self) -> bool {
-        let mut child = self.child.take().unwrap();
-        let killed = Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(killed.success());
-        wait_exit(&mut child, STOP_MS_MAX).success()
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-fn wait_exit(child: &mut Child, within_ms: u64) -> std::process::ExitStatus {
-    let deadline = Instant::now() + Duration::from_millis(within_ms);
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            return status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("a child did not exit within {within_ms} ms");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// The lines a child prints, read on a thread of their own.
-fn lines_of(out: impl Read + Send + 'static) -> mpsc::Receiver<String> {
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(out).lines() {
-            let Ok(line) = line else { return };
-            if tx.send(line).is_err() {
-                return;
-            }
-        }
-    });
-    rx
-}
-
-/// The rest of the first line holding `prefix` after it, within `within_ms` (a child test's
-/// line follows libtest's `test NAME ... `).
-fn wait_line(lines: &mpsc::Receiver<String>, prefix: &str, within_ms: u64) -> Option<String> {
-    let deadline = Instant::now() + Duration::from_millis(within_ms);
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let line = lines.recv_timeout(left).ok()?;
-        if let Some(at) = line.find(prefix) {
-            return Some(line[at + prefix.len()..].to_string());
-        }
-    }
-}
-
-/// Waits until `check` holds, at most `within_ms`.
-async fn eventually(within_ms: u64, what: &str, mut check: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_millis(within_ms);
-    while !check() {
-        assert!(Instant::now() < deadline, "{what} within {within_ms} ms");
-        tokio::time::sleep(Duration::from_millis(25)).await;
     }
 }
 
@@ -232,8 +121,8 @@ async fn files_mail_and_kv_commit_and_roll_back_through_connect() {
     assert!(committed.lsn.is_some());
 
     let file = data.join("uploads").join("a").join("1.txt");
-    eventually(VISIBLE_MS_MAX, "the file committed", || file.exists()).await;
-    eventually(VISIBLE_MS_MAX, "both messages delivered", || {
+    eventually_async(VISIBLE_MS_MAX, "the file committed", || file.exists()).await;
+    eventually_async(VISIBLE_MS_MAX, "both messages delivered", || {
         maildir_new(&data) == 2
     })
     .await;
@@ -415,8 +304,8 @@ async fn a_64_mib_put_streams_in_bounded_memory() {
         &[("REMOTE_URL", url.as_str())],
     );
     let lines = lines_of(putter.stdout.take().unwrap());
-    let peak = wait_line(&lines, "peak ", CHILD_MS_MAX).expect("the child reports its peak");
-    assert!(wait_exit(&mut putter, CHILD_MS_MAX).success());
+    let peak = rest_of_line(&lines, "peak ", CHILD_MS_MAX).expect("the child reports its peak");
+    assert!(wait_exit(&mut putter, CHILD_MS_MAX, "a child").success());
     let peak: u64 = peak.parse().unwrap();
     assert!(
         peak < BIG_PUT_PEAK_BYTES_MAX,
@@ -424,7 +313,7 @@ async fn a_64_mib_put_streams_in_bounded_memory() {
     );
 
     let file = data.join("uploads").join("big.bin");
-    eventually(VISIBLE_MS_MAX, "the big file committed", || {
+    eventually_async(VISIBLE_MS_MAX, "the big file committed", || {
         std::fs::metadata(&file).is_ok_and(|m| m.len() == BIG_PUT_BYTES)
     })
     .await;
@@ -480,7 +369,7 @@ async fn a_killed_application_has_its_branches_rolled_back_at_the_timeout() {
         &[("REMOTE_URL", url.as_str())],
     );
     let lines = lines_of(worker.stdout.take().unwrap());
-    let xid = wait_line(&lines, "xid ", CHILD_MS_MAX).expect("the worker's xid");
+    let xid = rest_of_line(&lines, "xid ", CHILD_MS_MAX).expect("the worker's xid");
     worker.kill().unwrap();
     worker.wait().unwrap();
     let xid: participant::Xid = xid.parse().unwrap();
@@ -511,7 +400,7 @@ async fn a_killed_application_has_its_branches_rolled_back_at_the_timeout() {
     uploads.put("held.txt", &b"mine"[..]).await.unwrap();
     next.commit().await.unwrap();
     let file = dir.path().join("data").join("uploads").join("held.txt");
-    eventually(VISIBLE_MS_MAX, "the new write committed", || {
+    eventually_async(VISIBLE_MS_MAX, "the new write committed", || {
         std::fs::read(&file).is_ok_and(|c| c == b"mine")
     })
     .await;
@@ -682,18 +571,12 @@ impl PgSite {
         let cluster = adapters::pgtest::PgCluster::shared();
         let url = cluster.database(db).unwrap();
         let dir = tempfile::tempdir().unwrap();
-        let config = dir.path().join("concord.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "node = 1\ndata_dir = \"data\"\ntxn_timeout_ms = {PG_TIMEOUT_MS}\n\
-                 orphan_sweep_ms = {PG_SWEEP_MS}\n\
-                 [daemon]\nplaintext = true\nunauthenticated = true\n\
-                 [resources.index]\nkind = \"kv\"\ndir = \"data/index\"\ncreate = true\n\
-                 [resources.orders]\nkind = \"postgres\"\nurl = \"{url}\"\n"
-            ),
-        )
-        .unwrap();
+        let config = write_config(
+            dir.path(),
+            &format!("txn_timeout_ms = {PG_TIMEOUT_MS}\norphan_sweep_ms = {PG_SWEEP_MS}\n"),
+            OPEN_DAEMON,
+            &format!("{INDEX}[resources.orders]\nkind = \"postgres\"\nurl = \"{url}\"\n"),
+        );
         let site = PgSite {
             _dir: dir,
             config,
@@ -720,7 +603,7 @@ impl PgSite {
             .unwrap();
         let mut status = status;
         assert!(
-            wait_exit(&mut status, CHILD_MS_MAX).success(),
+            wait_exit(&mut status, CHILD_MS_MAX, "a child").success(),
             "concord {args:?}"
         );
     }
@@ -742,7 +625,7 @@ impl PgSite {
     }
 
     fn daemon(&self) -> Daemon {
-        Daemon::start_with(&["--config".as_ref(), self.config.as_os_str()])
+        Daemon::start_config(&self.config)
     }
 
     async fn connect(&self, daemon: &Daemon) -> Concord {
@@ -892,7 +775,7 @@ async fn a_killed_application_leaves_no_postgres_branch_behind() {
             &[("REMOTE_URL", url.as_str()), ("PG_URL", site.url.as_str())],
         );
         let lines = lines_of(worker.stdout.take().unwrap());
-        let xid = wait_line(&lines, "xid ", CHILD_MS_MAX).expect("the worker's xid");
+        let xid = rest_of_line(&lines, "xid ", CHILD_MS_MAX).expect("the worker's xid");
         worker.kill().unwrap();
         worker.wait().unwrap();
         let xid: participant::Xid = xid.parse().unwrap();
@@ -964,15 +847,13 @@ async fn a_token_is_sent_and_a_missing_one_is_refused() {
     const TOKEN: &str = "remote-participant-test-token-0123456789";
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("app.token"), format!("{TOKEN}\n")).unwrap();
-    let path = dir.path().join("concord.toml");
-    std::fs::write(
-        &path,
-        "node = 1\ndata_dir = \"data\"\n\
-         [daemon]\nplaintext = true\n[daemon.clients.app]\ntoken_file = \"app.token\"\n\
-         [resources.index]\nkind = \"kv\"\ndir = \"data/index\"\ncreate = true\n",
-    )
-    .unwrap();
-    let daemon = Daemon::start_with(&["--config".as_ref(), path.as_os_str()]);
+    let path = write_config(
+        dir.path(),
+        "",
+        "plaintext = true\n[daemon.clients.app]\ntoken_file = \"app.token\"\n",
+        INDEX,
+    );
+    let daemon = Daemon::start_config(&path);
     let refused = Concord::connect(&daemon.url(), Credentials::none())
         .await
         .err()
