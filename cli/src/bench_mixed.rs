@@ -202,16 +202,32 @@ async fn concord_window(
         let (concord, message) = (c.clone(), Arc::clone(&message));
         async move {
             let name = format!("r{round}-c{client}-{n}");
-            let mut tx = concord.begin().await?;
-            let files = tx.files(FILES).await?;
-            files.put(&name, &[7u8; FILE_BYTES][..]).await?;
-            let mail = tx.mail(MAIL).await?;
-            mail.enqueue(&message[..]).await?;
-            let index = tx.kv(INDEX).await?;
-            index.insert(name.as_bytes(), &[7u8; FILE_BYTES]).await?;
-            tx.commit().await?;
-            Ok(())
+            files_mail_kv(&concord, [FILES, MAIL, INDEX], &name, &message).await
         }
     })
     .await
+}
+
+/// One transaction of the files,mail,kv workload: a [`FILE_BYTES`] file `name` in the files
+/// resource, `message` in the mail queue and the key `name` with a [`FILE_BYTES`] value in the
+/// kv resource (`stores`: their names, in that order).
+pub(crate) async fn files_mail_kv(
+    concord: &Concord,
+    stores: [&str; 3],
+    name: &str,
+    message: &[u8],
+) -> anyhow::Result<()> {
+    let [files, mail, kv] = stores;
+    let mut tx = concord.begin().await?;
+    tx.files(files)
+        .await?
+        .put(name, &[7u8; FILE_BYTES][..])
+        .await?;
+    tx.mail(mail).await?.enqueue(message).await?;
+    tx.kv(kv)
+        .await?
+        .insert(name.as_bytes(), &[7u8; FILE_BYTES])
+        .await?;
+    tx.commit().await?;
+    Ok(())
 }

@@ -258,15 +258,13 @@ async fn embedded_round(
         let (concord, message) = (c.clone(), Arc::clone(&message));
         async move {
             let name = format!("r{round}-c{client}-{n}");
-            let mut tx = concord.begin().await?;
-            let files = tx.files(FILES).await?;
-            files.put(&name, &[7u8; FILE_BYTES][..]).await?;
-            let mail = tx.mail(EMBEDDED_MAIL).await?;
-            mail.enqueue(&message[..]).await?;
-            let index = tx.kv(EMBEDDED_KV).await?;
-            index.insert(name.as_bytes(), &[7u8; FILE_BYTES]).await?;
-            tx.commit().await?;
-            Ok(())
+            crate::bench_mixed::files_mail_kv(
+                &concord,
+                [FILES, EMBEDDED_MAIL, EMBEDDED_KV],
+                &name,
+                &message,
+            )
+            .await
         }
     })
     .await?;
