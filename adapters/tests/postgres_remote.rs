@@ -200,3 +200,28 @@ async fn a_fenced_epoch_is_refused_at_prepare() {
     assert_eq!(prepared_count(&db), "0");
     assert_eq!(count(&db, "SELECT count(*) FROM effects"), "0");
 }
+
+/// Enlisting again with the same redo is a retry and answers the same; with another redo it
+/// is refused, and the first redo stays the vote.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enlisting_again_needs_the_same_redo() {
+    let (url, db) = database("remote_twice").await;
+    let app = open(&url).await;
+    let daemon = open(&url).await;
+    let x = xid(1);
+    let redo_text = prepared_by_application(&app, &x, 7).await;
+    daemon.adopt_prepared(&x, &redo_text).await.unwrap();
+    daemon.adopt_prepared(&x, &redo_text).await.unwrap();
+    let refused = daemon.adopt_prepared(&x, "[]").await.unwrap_err();
+    assert!(
+        matches!(refused, ResourceError::Rejected { .. }),
+        "{refused}"
+    );
+    assert!(refused.to_string().contains("other redo"), "{refused}");
+    let Vote::Commit { redo } = daemon.prepare(&x).await.unwrap() else {
+        panic!("an adopted branch votes commit");
+    };
+    assert_eq!(postgres::decode_redo(&redo).unwrap().len(), 1);
+    daemon.commit(&x).await.unwrap();
+    assert_eq!(prepared_count(&db), "0");
+}

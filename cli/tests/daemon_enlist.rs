@@ -227,10 +227,15 @@ async fn an_enlisted_branch_commits_or_rolls_back_by_gid() {
     enlist(&mut client, &xid, "orders", &gid(&xid, "orders"), &redo)
         .await
         .unwrap();
-    // A retried enlisting is answered the same.
+    // A retried enlisting is answered the same; one with other redo is refused.
     enlist(&mut client, &xid, "orders", &gid(&xid, "orders"), &redo)
         .await
         .unwrap();
+    let other = enlist(&mut client, &xid, "orders", &gid(&xid, "orders"), "[]")
+        .await
+        .unwrap_err();
+    assert_eq!(other.code(), Code::FailedPrecondition, "{other:?}");
+    assert!(other.message().contains("other redo"), "{other:?}");
     let committed = commit(&mut client, &xid).await.unwrap();
     let Some(State::Committed(c)) = committed.state else {
         panic!("{committed:?}");

@@ -113,8 +113,18 @@ impl PostgresResource {
             )));
         }
         lock(&inner.read_only).retain(|x| x != xid);
-        lock(&inner.votes).insert(*xid, redo);
-        Ok(())
+        let mut votes = lock(&inner.votes);
+        match votes.get(xid) {
+            // A retried enlisting: the same answer.
+            Some(held) if *held == redo => Ok(()),
+            Some(_) => Err(inner.rejected(format!(
+                "branch {xid} was enlisted before with other redo: the first enlisting holds; the application must not prepare one branch twice"
+            ))),
+            None => {
+                votes.insert(*xid, redo);
+                Ok(())
+            }
+        }
     }
 
     /// Whether `gid` is prepared in this resource's database.

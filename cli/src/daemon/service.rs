@@ -856,7 +856,11 @@ impl Service for Daemon {
             return Err(self.late_enlisting(&st, xid, name).await);
         }
         if st.enlisted.iter().any(|n| n == name) {
-            // A retried enlisting: the branch is the transaction's already.
+            // A retried enlisting: the branch is the transaction's already, if the redo is the
+            // same (the resource refuses another).
+            pg.adopt_prepared(&xid, redo_text)
+                .await
+                .map_err(|e| errors::status(xid, &ConcordError::Resource(e)))?;
             return Ok(Response::new(v1::EnlistPreparedResponse {}));
         }
         let branches_max = self.config.daemon.limits.branches_per_txn_max;
