@@ -225,3 +225,32 @@ async fn enlisting_again_needs_the_same_redo() {
     daemon.commit(&x).await.unwrap();
     assert_eq!(prepared_count(&db), "0");
 }
+
+/// The embedded prepare of a branch whose session a fence ended says the branch is fenced, as
+/// the enlisting prepare does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_embedded_prepare_after_a_fence_says_fenced() {
+    let (url, db) = database("embedded_fenced").await;
+    let app = open(&url).await;
+    let x = xid(1);
+    app.begin(&x).await.unwrap();
+    app.branch(&x)
+        .unwrap()
+        .execute("INSERT INTO effects VALUES (5, 'old')", &[])
+        .await
+        .unwrap();
+    open(&url).await.fence(Epoch(5)).await.unwrap();
+    let refused = app.prepare(&x).await.unwrap_err();
+    assert!(
+        matches!(
+            refused,
+            ResourceError::Fenced {
+                current: Epoch(5),
+                ..
+            }
+        ),
+        "{refused}"
+    );
+    assert_eq!(prepared_count(&db), "0");
+    assert_eq!(count(&db, "SELECT count(*) FROM effects"), "0");
+}

@@ -148,6 +148,9 @@ impl PostgresResource {
         let BranchConn { conn, begun, .. } = branch;
         let result = if nested {
             Err(inner.began_inside_another(xid))
+        } else if begun && conn.is_closed() {
+            // A fence ends the sessions of older epochs: say so rather than "connection closed".
+            Err(self.closed_before_prepare(xid).await)
         } else if begun {
             inner.prepare_on(&conn, xid).await
         } else {
@@ -171,14 +174,22 @@ impl PostgresResource {
                 }
                 Ok(vote)
             }
-            Err(e) => Err(self.prepare_failed(conn, e).await),
+            Err(e) => Err(self.prepare_failed(xid, conn, e).await),
         }
     }
 
-    /// A prepare failed: ends the branch's transaction (the branch is gone) and returns the
-    /// error, a fenced one with the fence epoch now in force.
-    pub(super) async fn prepare_failed(&self, conn: Object, e: ResourceError) -> ResourceError {
+    /// A prepare of `xid` failed: ends the branch's transaction (the branch is gone) and
+    /// returns the error, a fenced one with the fence epoch now in force. A connection the
+    /// server closed under the prepare, with a fence above the branch's epoch, was closed by
+    /// that fence: fenced too.
+    pub(super) async fn prepare_failed(
+        &self,
+        xid: &Xid,
+        conn: Object,
+        e: ResourceError,
+    ) -> ResourceError {
         let inner = &self.inner;
+        let closed = conn.is_closed();
         let _ = inner
             .timed(&conn, "roll back", conn.batch_execute("ROLLBACK"))
             .await;
@@ -190,6 +201,14 @@ impl PostgresResource {
                 resource,
                 offered,
                 current: self.fence_epoch().await.unwrap_or(offered),
+            },
+            other if closed => match self.fence_epoch().await {
+                Ok(fence) if fence > xid.epoch => ResourceError::Fenced {
+                    resource: inner.name.clone(),
+                    offered: xid.epoch,
+                    current: fence,
+                },
+                _ => other,
             },
             other => other,
         }

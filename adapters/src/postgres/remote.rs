@@ -70,14 +70,14 @@ impl PostgresResource {
         inner.slots().remove(xid);
         match result {
             Ok(text) => Ok(text),
-            Err(e) => Err(self.prepare_failed(conn, e).await),
+            Err(e) => Err(self.prepare_failed(xid, conn, e).await),
         }
     }
 
     /// The error of a branch whose connection the server closed before its prepare: a fence
     /// does that to the sessions of older epochs (then the branch is fenced); otherwise the
     /// server restarted or dropped it, and the branch's work is lost.
-    async fn closed_before_prepare(&self, xid: &Xid) -> ResourceError {
+    pub(super) async fn closed_before_prepare(&self, xid: &Xid) -> ResourceError {
         let inner = &self.inner;
         let fence = self.fence_epoch().await.unwrap_or(Epoch(0));
         if fence > xid.epoch {
