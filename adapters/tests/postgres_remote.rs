@@ -173,9 +173,11 @@ async fn a_branch_that_wrote_nothing_has_nothing_to_enlist() {
     assert_eq!(prepared_count(&db), "0");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_fenced_epoch_is_refused_at_prepare() {
-    let (url, db) = database("remote_fenced").await;
+/// A branch open at an epoch that a fence then ends: its prepare (`enlisting`: the one for
+/// enlisting, else the embedded one) answers `Fenced` with the fence epoch, and nothing of it
+/// stays.
+async fn fenced_while_open(prefix: &str, enlisting: bool) {
+    let (url, db) = database(prefix).await;
     let app = open(&url).await;
     let x = xid(1);
     app.begin(&x).await.unwrap();
@@ -186,7 +188,11 @@ async fn a_fenced_epoch_is_refused_at_prepare() {
         .unwrap();
     // The daemon of a promoted site fences while the application's branch is open.
     open(&url).await.fence(Epoch(5)).await.unwrap();
-    let refused = app.prepare_for_enlist(&x).await.unwrap_err();
+    let refused = if enlisting {
+        app.prepare_for_enlist(&x).await.unwrap_err()
+    } else {
+        app.prepare(&x).await.unwrap_err()
+    };
     assert!(
         matches!(
             refused,
@@ -199,6 +205,17 @@ async fn a_fenced_epoch_is_refused_at_prepare() {
     );
     assert_eq!(prepared_count(&db), "0");
     assert_eq!(count(&db, "SELECT count(*) FROM effects"), "0");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fenced_epoch_is_refused_at_prepare() {
+    fenced_while_open("remote_fenced", true).await;
+}
+
+/// The embedded prepare says fenced too, as the enlisting prepare does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_embedded_prepare_after_a_fence_says_fenced() {
+    fenced_while_open("embedded_fenced", false).await;
 }
 
 /// Enlisting again with the same redo is a retry and answers the same; with another redo it
@@ -224,33 +241,4 @@ async fn enlisting_again_needs_the_same_redo() {
     assert_eq!(postgres::decode_redo(&redo).unwrap().len(), 1);
     daemon.commit(&x).await.unwrap();
     assert_eq!(prepared_count(&db), "0");
-}
-
-/// The embedded prepare of a branch whose session a fence ended says the branch is fenced, as
-/// the enlisting prepare does.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_embedded_prepare_after_a_fence_says_fenced() {
-    let (url, db) = database("embedded_fenced").await;
-    let app = open(&url).await;
-    let x = xid(1);
-    app.begin(&x).await.unwrap();
-    app.branch(&x)
-        .unwrap()
-        .execute("INSERT INTO effects VALUES (5, 'old')", &[])
-        .await
-        .unwrap();
-    open(&url).await.fence(Epoch(5)).await.unwrap();
-    let refused = app.prepare(&x).await.unwrap_err();
-    assert!(
-        matches!(
-            refused,
-            ResourceError::Fenced {
-                current: Epoch(5),
-                ..
-            }
-        ),
-        "{refused}"
-    );
-    assert_eq!(prepared_count(&db), "0");
-    assert_eq!(count(&db, "SELECT count(*) FROM effects"), "0");
 }
