@@ -188,6 +188,7 @@ use crate::{
 mod apply;
 mod checkpoint;
 mod confine;
+mod inventory;
 mod locks;
 mod log;
 mod open;
@@ -423,6 +424,16 @@ impl Resource for FilesResource {
 
     async fn replay(&self, redo: &[u8], lsn: Lsn) -> Result<()> {
         lifecycle::replay(&self.inner, redo, lsn).await
+    }
+
+    async fn replay_batch(&self, batch: &[(Lsn, Vec<u8>)]) -> Result<()> {
+        lifecycle::replay_batch(&self.inner, batch).await
+    }
+
+    async fn inventory(&self) -> Result<Vec<crate::InventoryEntry>> {
+        self.inner.usable_state(|_| ())?;
+        let inner = Arc::clone(&self.inner);
+        crate::internal::io::blocking(&self.inner.name, TASK, move || inner.inventory()).await
     }
 
     async fn applied_lsn(&self) -> Result<Lsn> {

@@ -436,6 +436,16 @@ impl Resource for MailResource {
         lifecycle::replay(&self.inner, redo, lsn).await
     }
 
+    async fn replay_batch(&self, batch: &[(Lsn, Vec<u8>)]) -> Result<()> {
+        lifecycle::replay_batch(&self.inner, batch).await
+    }
+
+    async fn inventory(&self) -> Result<Vec<crate::InventoryEntry>> {
+        self.inner.usable_state(|_| ())?;
+        let inner = Arc::clone(&self.inner);
+        crate::internal::io::blocking(&self.inner.name, TASK, move || inner.inventory()).await
+    }
+
     async fn applied_lsn(&self) -> Result<Lsn> {
         Instance::applied_lsn(&*self.inner)
     }
