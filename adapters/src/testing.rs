@@ -34,9 +34,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use crate::{
-    BlobId, Epoch, ErrorClass, InventoryEntry, Lsn, Resource, ResourceError, Vote, Xid,
-};
+use crate::{BlobId, Epoch, ErrorClass, InventoryEntry, Lsn, Resource, ResourceError, Vote, Xid};
 
 /// What the suite needs to know about a resource under test.
 #[async_trait::async_trait]
