@@ -417,10 +417,12 @@ impl Inner {
                 })
             }
             RedoEntry::Delete { path } => {
-                let target = self.confine(path, Use::Write)?;
-                if fs::symlink_metadata(&target).is_ok_and(|meta| meta.is_dir()) {
+                // Looked at before confinement, which refuses a directory; reading its
+                // metadata changes nothing, wherever it leads.
+                if fs::symlink_metadata(self.root.join(path)).is_ok_and(|meta| meta.is_dir()) {
                     return Ok(());
                 }
+                let target = self.confine(path, Use::Write)?;
                 self.remove_target(&target, touched)
             }
         }
