@@ -38,7 +38,11 @@
 //!   the fenced instance refuses to resolve the prepared branches it began below the new epoch;
 //!   an instance opened afterwards (their new owner) resolves them. [`Resource::replay`] applies a batch and stores its LSN as the **applied LSN**
 //!   in one transaction on the data and meta trees; a batch at or below the applied LSN changes
-//!   nothing.
+//!   nothing. [`Resource::replay_batch`] does the same for several redos at once: the writes
+//!   of every redo above the applied LSN, in LSN order, and the last LSN, in one transaction
+//!   and one sync.
+//! * **Inventory.** [`Resource::inventory`] lists every key of the data tree in lower-case hex
+//!   (which keeps sled's byte order) with the blake3 hash of its value.
 //!
 //! [`KvResource`] is the resource ([`KvResource::open`], [`KvConfig`]); a [`KvBranch`] is an
 //! application's handle on one branch; [`KvWrite`] with [`encode_batch`] and [`decode_batch`] is
