@@ -141,18 +141,6 @@ pub trait RetainedBlobs: Send + Sync {
     async fn retained_blobs(&self) -> Result<std::collections::HashSet<BlobId>, ResourceError>;
 }
 
-/// The most entries a resource's inventory holds ([`Resource::inventory`]).
-pub const INVENTORY_ENTRIES_MAX: usize = 10_000_000;
-
-/// One key of a resource's inventory and the blake3 hash of its content.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub struct InventoryEntry {
-    /// The key (a relative path, a message name, a key in hex, a table and primary key).
-    pub key: String,
-    /// blake3 of the content.
-    pub digest: [u8; 32],
-}
-
 /// A blocking reader of a blob's content ([`Resource::open_blob`], [`Resource::put_blob`]):
 /// read it on the blocking pool.
 pub type BlobContent = Box<dyn Read + Send + 'static>;
@@ -220,18 +208,6 @@ pub trait Resource: Send + Sync + 'static {
     /// Applies `redo` (as returned by prepare on the primary) together with `lsn`, atomically.
     /// A redo whose `lsn` is at or below [`Resource::applied_lsn`] changes nothing.
     async fn replay(&self, redo: &[u8], lsn: Lsn) -> Result<(), ResourceError>;
-
-    /// Applies `batch` — `(lsn, redo)` with strictly increasing LSNs — in order: every redo
-    /// whose LSN is above [`Resource::applied_lsn`], and stores the batch's last LSN as the
-    /// applied LSN, atomically with the data (after a crash, either the applied LSN is below
-    /// the batch and replaying it again is exact, or every effect is there). The default
-    /// replays each redo in turn.
-    async fn replay_batch(&self, batch: &[(Lsn, Vec<u8>)]) -> Result<(), ResourceError> {
-        for (lsn, redo) in batch {
-            self.replay(redo, *lsn).await?;
-        }
-        Ok(())
-    }
 
     /// The LSN of the last redo applied by [`Resource::replay`] (`Lsn::ZERO` when none).
     async fn applied_lsn(&self) -> Result<Lsn, ResourceError>;
@@ -311,16 +287,6 @@ pub trait Resource: Send + Sync + 'static {
     ) -> Result<BlobsCollected, ResourceError> {
         let _ = retained;
         Ok(BlobsCollected::default())
-    }
-
-    /// The resource's content as keys and content hashes, sorted by key, each key once: what
-    /// `concord compare` checks two sites with. At most [`INVENTORY_ENTRIES_MAX`] entries. The
-    /// default refuses: no inventory.
-    async fn inventory(&self) -> Result<Vec<InventoryEntry>, ResourceError> {
-        Err(ResourceError::rejected(
-            self.name(),
-            "this resource keeps no inventory",
-        ))
     }
 
     /// A cheap probe of whether the resource can do its work now: `Ok` when it answers, the
