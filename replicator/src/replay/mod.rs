@@ -176,6 +176,8 @@ impl Replay {
                 }
                 _ = more, if caught_up && machine.queued_bytes() < READ_AHEAD_BYTES_MAX => {}
                 _ = tokio::time::sleep(Duration::from_millis(100)), if caught_up => {}
+                // More records are durable: read them at once.
+                _ = tokio::task::yield_now(), if !caught_up => {}
                 _ = stop.changed() => {}
             }
         }
@@ -234,14 +236,15 @@ impl Replay {
                 return Done::Batch(batch.resource, Err(e));
             };
             let deadline = Duration::from_millis(BATCH_TIMEOUT_MS);
-            let result =
-                match tokio::time::timeout(deadline, resource.replay_batch(&batch.entries)).await {
-                    Ok(result) => result,
-                    Err(_) => Err(ResourceError::Unavailable {
-                        resource: batch.resource.clone(),
-                        message: format!("replay of a batch took longer than {BATCH_TIMEOUT_MS} ms"),
-                    }),
-                };
+            let result = match tokio::time::timeout(deadline, resource.replay_batch(&batch.entries))
+                .await
+            {
+                Ok(result) => result,
+                Err(_) => Err(ResourceError::Unavailable {
+                    resource: batch.resource.clone(),
+                    message: format!("replay of a batch took longer than {BATCH_TIMEOUT_MS} ms"),
+                }),
+            };
             Done::Batch(batch.resource, result)
         })
     }
@@ -290,7 +293,9 @@ impl Replay {
         }
         let dir = self.state_dir.clone();
         let journal = Arc::clone(&self.journal);
-        let keep_from = ledger.pinned_from().map_or(floor.next(), |p| p.min(floor.next()));
+        let keep_from = ledger
+            .pinned_from()
+            .map_or(floor.next(), |p| p.min(floor.next()));
         tokio::task::spawn_blocking(move || {
             write_floor(&dir, floor)?;
             journal.remove_segments_below(keep_from)?;
