@@ -225,14 +225,14 @@ pub struct Standby {
     /// The replay's view.
     pub replay: SharedView,
     stop: watch::Sender<bool>,
-    receiving: JoinHandle<Result<(), ReplicationError>>,
+    receiving: Option<JoinHandle<Result<(), ReplicationError>>>,
     replaying: Option<JoinHandle<Result<(), ReplicationError>>>,
 }
 
 /// How a standby's tasks ended.
 pub struct Ended {
-    /// The receiver's result.
-    pub receiver: Result<(), ReplicationError>,
+    /// The receiver's result (`None` when [`Standby::receiver_ended`] took it).
+    pub receiver: Option<Result<(), ReplicationError>>,
     /// The replay's result (`None` when it did not run).
     pub replay: Option<Result<(), ReplicationError>>,
 }
@@ -284,7 +284,7 @@ impl Standby {
             receive,
             replay: replay_view,
             stop,
-            receiving,
+            receiving: Some(receiving),
             replaying,
         }
     }
@@ -317,19 +317,17 @@ impl Standby {
 
     /// Waits until the receiver's task ends by itself (a fatal error).
     pub async fn receiver_ended(&mut self) -> Result<(), ReplicationError> {
-        within("the receiver's end", &mut self.receiving)
-            .await
-            .unwrap()
+        let task = self.receiving.take().unwrap();
+        within("the receiver's end", task).await.unwrap()
     }
 
     /// Stops the receiver and the replay, closes the journal and drops the resources (so that
     /// the directory can be opened again).
     pub async fn stop(self) -> Ended {
         self.stop.send_replace(true);
-        let receiver = if self.receiving.is_finished() {
-            self.receiving.await.unwrap()
-        } else {
-            within("stop the receiver", self.receiving).await.unwrap()
+        let receiver = match self.receiving {
+            Some(task) => Some(within("stop the receiver", task).await.unwrap()),
+            None => None,
         };
         let replay = match self.replaying {
             Some(task) => Some(within("stop the replay", task).await.unwrap()),
