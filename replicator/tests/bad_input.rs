@@ -288,6 +288,7 @@ impl FakePrimary {
 impl v1::replication_server::Replication for FakePrimary {
     type ShipStream = ReceiverStream<Result<v1::PrimaryMessage, Status>>;
     type InventoryStream = ReceiverStream<Result<v1::InventoryChunk, Status>>;
+    type ReadEntryStream = ReceiverStream<Result<v1::EntryChunk, Status>>;
 
     async fn ship(
         &self,
@@ -325,6 +326,20 @@ impl v1::replication_server::Replication for FakePrimary {
         &self,
         _: Request<v1::StatusRequest>,
     ) -> Result<Response<v1::StatusResponse>, Status> {
+        Err(Status::unimplemented("a fake primary"))
+    }
+
+    async fn reseed_start(
+        &self,
+        _: Request<v1::ReseedRequest>,
+    ) -> Result<Response<v1::ReseedPosition>, Status> {
+        Err(Status::unimplemented("a fake primary"))
+    }
+
+    async fn read_entry(
+        &self,
+        _: Request<v1::ReadEntryRequest>,
+    ) -> Result<Response<Self::ReadEntryStream>, Status> {
         Err(Status::unimplemented("a fake primary"))
     }
 }
