@@ -379,16 +379,20 @@ async fn damaged(damage: Damage, expected: &str, durable: Lsn) {
     };
     let server = Server::start(fake).await;
     let standby = Standby::start(&standby_dir, &server.url, false).await;
+    // Each new session clears `last_error` once welcomed, until its damaged frame: poll for
+    // a moment between the two, after a few sessions.
     wait_until(
-        "the standby connects again after the damaged session",
+        "the standby fails the damaged session and connects again",
         STEP_DEADLINE,
-        || hellos.lock().unwrap().len() >= 3,
-        || standby.describe(),
+        || {
+            let error = standby.received().last_error.unwrap_or_default();
+            hellos.lock().unwrap().len() >= 3 && error.contains(expected)
+        },
+        || format!("{damage:?}: expected {expected:?}; {}", standby.describe()),
     )
     .await;
     let view = standby.received();
     let error = view.last_error.clone().unwrap_or_default();
-    assert!(error.contains(expected), "{damage:?}: {error}");
     assert_eq!(view.refused, None, "retried, not refused: {error}");
     assert_eq!(
         standby.journal.durable_lsn(),
