@@ -259,7 +259,7 @@ pub(super) fn write_config(data: &Path, url: &str, concurrency: usize) -> anyhow
     use std::os::unix::fs::OpenOptionsExt;
     let path = data.join(CONFIG_FILE);
     let text = format!(
-        "# Written by `concord demo --remote --postgres` for its coordinator daemon; rewritten by\n\
+        "# Written by `concord demo --postgres` (--remote or --standby) for a site; rewritten by\n\
          # each such run.\n\
          node = {NODE}\n\
          data_dir = \".\"\n\
