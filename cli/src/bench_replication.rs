@@ -49,7 +49,7 @@ use serde::Serialize;
 use crate::bench_load::Measured;
 use crate::bench_remote::{remote_load, remote_one, wait_idle};
 use crate::daemon_child::DaemonChild;
-use crate::demo::standby::{LagSampler, percentile, status};
+use crate::demo::standby::{LagSample, LagSampler, percentile, status};
 
 /// How long a standby may take to connect and catch up before a window (milliseconds).
 const CATCH_UP_MS_MAX: u64 = 60_000;
@@ -260,7 +260,7 @@ impl Bench<'_> {
         drop(connections);
         stop(standby)?;
         stop(daemon)?;
-        let lags = samples.iter().map(|s| s.seconds * 1000.0).collect();
+        let lags = samples.iter().map(LagSample::ms).collect();
         Ok((transactions as f64 / elapsed, lags))
     }
 

@@ -133,7 +133,7 @@ pub(super) fn run(args: &DemoArgs, data: &Path) -> anyhow::Result<Summary> {
         primary_status,
         problems,
     )?;
-    let lags: Vec<f64> = samples.iter().map(|s| s.seconds * 1000.0).collect();
+    let lags: Vec<f64> = samples.iter().map(LagSample::ms).collect();
     summary.sites_equal = Some(online_equal && stopped.equal);
     summary.lag_p50_ms = Some(percentile(&lags, 0.50));
     summary.lag_p99_ms = Some(percentile(&lags, 0.99));
@@ -187,6 +187,13 @@ pub(crate) struct LagSample {
     pub(crate) seconds: f64,
     /// Records the replay is behind the primary's durable LSN (as last heard).
     pub(crate) records: u64,
+}
+
+impl LagSample {
+    /// The lag in time in milliseconds, to the microsecond.
+    pub(crate) fn ms(&self) -> f64 {
+        (self.seconds * 1e6).round() / 1e3
+    }
 }
 
 /// Asks a standby for its status every [`LAG_SAMPLE_MS`] on a thread of its own, until
