@@ -42,6 +42,9 @@ use replicator::standby::{Receiver, SharedReceiveView, Upstream};
 
 use crate::daemon;
 
+/// How often the standby's metrics are brought up to date (milliseconds).
+const METRICS_MS: u64 = 1_000;
+
 /// Options of `concord standby`.
 #[derive(clap::Args, Debug)]
 pub struct StandbyArgs {
@@ -61,6 +64,11 @@ pub struct StandbyArgs {
     /// Serve Prometheus metrics over HTTP on this address (loopback).
     #[arg(long)]
     pub metrics_listen: Option<SocketAddr>,
+    /// Re-seed first: copy the primary's resources key by key and restart this standby's
+    /// journal at the primary's current position (the standby must be stopped; what it held
+    /// is replaced), then follow it as usual.
+    #[arg(long)]
+    pub reseed: bool,
     /// Receive and journal, but do not replay (benchmarks).
     #[arg(long, hide = true)]
     pub no_replay: bool,
@@ -94,7 +102,44 @@ pub fn run(args: StandbyArgs) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("start the async runtime")?;
-    runtime.block_on(serve(cfg, standby, !args.no_replay))
+    runtime.block_on(async {
+        if args.reseed {
+            reseed(&cfg, &standby).await?;
+        } else if replicator::reseed::interrupted(&cfg.data_dir) {
+            anyhow::bail!(
+                "a re-seed of {} was interrupted, so its resources may be half copied: run `concord standby --reseed` again",
+                cfg.data_dir.display()
+            );
+        }
+        serve(cfg, standby, !args.no_replay).await
+    })
+}
+
+/// Re-seeds the standby from its primary ([`replicator::reseed`]) and prints what it copied.
+async fn reseed(cfg: &Config, standby: &StandbyConfig) -> anyhow::Result<()> {
+    let upstream = Upstream {
+        url: standby.primary.clone(),
+        credentials: credentials(standby)?,
+        name: standby.name.clone(),
+    };
+    let resources = adapters::config::open_all(cfg)
+        .await
+        .context("open the standby's resources")?;
+    let report = replicator::reseed::reseed(&upstream, &resources, &cfg.data_dir)
+        .await
+        .context("re-seed the standby")?;
+    for r in &report.resources {
+        println!(
+            "re-seeded {}: {} keys, {} copied ({} bytes), {} removed",
+            r.name, r.keys, r.copied, r.bytes, r.removed
+        );
+    }
+    println!(
+        "re-seeded from {} at lsn {} (cluster {})",
+        standby.primary, report.lsn, report.cluster_id
+    );
+    drop(resources);
+    Ok(())
 }
 
 fn load(args: &StandbyArgs) -> anyhow::Result<(Config, StandbyConfig)> {
@@ -179,7 +224,7 @@ async fn serve(cfg: Config, standby: StandbyConfig, replaying: bool) -> anyhow::
         Arc::clone(&replay_view),
     );
     let receive_view = receiver.view();
-    let status = Arc::new(Standing {
+    let status: Arc<Standing> = Arc::new(Standing {
         cfg: cfg.clone(),
         resources: resources.clone(),
         receive: receive_view,
@@ -188,8 +233,12 @@ async fn serve(cfg: Config, standby: StandbyConfig, replaying: bool) -> anyhow::
     });
     let inventories =
         replicator::inventory::Inventories::of_journal(resources, Arc::clone(&journal));
-    let service = ReplicationServer::new(ReplicationService::new(None, inventories, status))
-        .max_encoding_message_size(64 << 20);
+    let service = ReplicationServer::new(ReplicationService::new(
+        None,
+        inventories,
+        Arc::clone(&status) as Arc<dyn StatusSource>,
+    ))
+    .max_encoding_message_size(64 << 20);
     let listener = tokio::net::TcpListener::bind(standby.listen)
         .await
         .with_context(|| format!("listen on {}", standby.listen))?;
@@ -214,6 +263,16 @@ async fn serve(cfg: Config, standby: StandbyConfig, replaying: bool) -> anyhow::
             }
         })
     };
+    let publisher = {
+        let status = Arc::clone(&status);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(METRICS_MS));
+            loop {
+                tick.tick().await;
+                replicator::status::standby_status(&status.receive, &status.replay);
+            }
+        })
+    };
     let mut signals = daemon::signals()?;
     if let Some(endpoint) = &metrics {
         println!("metrics on {}", endpoint.addr);
@@ -234,6 +293,7 @@ async fn serve(cfg: Config, standby: StandbyConfig, replaying: bool) -> anyhow::
         ended = &mut replaying_task => Some(format!("replay stopped: {}", ended_reason(ended))),
     };
     let _ = stop_tx.send(true);
+    publisher.abort();
     let deadline = Duration::from_secs(30);
     let _ = tokio::time::timeout(deadline, async {
         let _ = (&mut receiving).await;
