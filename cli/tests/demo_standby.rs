@@ -3,7 +3,8 @@
 //! sites equal, and carries the lag's percentiles. Afterwards `concord compare --data D` finds
 //! the stopped sites equal (exit 0), and a second run on the same directory (both sites resume)
 //! still does. With `--postgres` each site has a throwaway PostgreSQL cluster of its own and the
-//! orders table is compared too.
+//! orders table is compared too. `concord bench replication --json` prints its ratios with tiny
+//! numbers.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -130,4 +131,38 @@ fn a_url_with_standby_postgres_is_refused() {
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("takes no URL"), "{stderr}");
+}
+
+#[test]
+fn the_replication_bench_prints_its_ratios() {
+    let dir = tempfile::tempdir().unwrap();
+    let child = concord()
+        .args(["bench", "replication", "--json", "--transactions", "40"])
+        .args(["--clients", "4", "--lag-seconds", "1", "--dir"])
+        .arg(dir.path())
+        .spawn()
+        .unwrap();
+    let output = common::output_within(child, Duration::from_millis(RUN_MS_MAX), "the bench");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "exit {}\nstdout: {stdout}\nstderr: {}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let r: Value = serde_json::from_str(stdout.trim()).unwrap();
+    for field in [
+        "none_tps",
+        "async_tps",
+        "sync_tps",
+        "replay_tps",
+        "async_vs_none",
+        "sync_vs_none",
+        "replay_vs_primary",
+    ] {
+        assert!(r[field].as_f64().unwrap() > 0.0, "{field}: {r}");
+    }
+    assert_eq!(r["replay_transactions"], 80, "{r}");
+    assert!(r["lag_samples"].as_u64().unwrap() > 0, "{r}");
+    assert!(r["lag_p99_ms"].as_f64().unwrap() >= r["lag_p50_ms"].as_f64().unwrap());
 }
