@@ -31,7 +31,7 @@ use super::locks::ancestors;
 use super::staging::{Change, Staged, create_written};
 use super::{CHUNK_BYTES, Inner, RedoEntry, decode_redo};
 use crate::internal::instance::Instance;
-use crate::internal::io::{copy_blob_synced, parent_of, sync_file};
+use crate::internal::io::{copy_blob_synced, parent_of, sync_files};
 use crate::{ResourceError, Xid};
 
 type Result<T, E = ResourceError> = std::result::Result<T, E>;
@@ -389,9 +389,7 @@ impl Inner {
                 self.replay_entry(entry, &mut touched, &mut written)?;
             }
         }
-        for (file, path) in &written {
-            sync_file(&self.name, file, path)?;
-        }
+        sync_files(&self.name, &written)?;
         for dir in &touched {
             self.dirs.sync(dir)?;
         }

@@ -15,16 +15,16 @@
 //! * A message that is neither in `tmp/` nor delivered (removed by a reader or by hand) is not
 //!   delivered again; the commit logs a warning and goes on.
 
-use std::fs::{self, OpenOptions};
+use std::fs::{self, File, OpenOptions};
 use std::io;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use journal::{BlobId, Lsn};
 
-use super::enqueue::overwrite_synced;
+use super::enqueue::overwrite_unsynced;
 use super::{CHUNK_BYTES, Inner, RedoEntry, list_names, name};
 use crate::internal::instance::Instance;
-use crate::internal::io::{copy_blob_synced, remove_file_if_exists};
+use crate::internal::io::{copy_blob_synced, remove_file_if_exists, sync_files};
 use crate::{ResourceError, Xid};
 
 type Result<T, E = ResourceError> = std::result::Result<T, E>;
@@ -81,9 +81,11 @@ impl Inner {
         Ok(())
     }
 
-    /// Replay of a batch: delivers every message of its redos, in order, that is not in `new/`
-    /// or `cur/` yet (written to `tmp/` and synced, then renamed into `new/`), syncs `new/`
-    /// once, then stores the batch's last LSN as applied, once (see "Crashes").
+    /// Replay of a batch: every message of its redos that is not in `new/` or `cur/` yet is
+    /// written to `tmp/`; those files are synced together ([`sync_files`]: concurrent syncs
+    /// share the file system's journal commits); then each is renamed into `new/`, in order;
+    /// `new/` is synced once; then the batch's last LSN is stored as applied, once (see
+    /// "Crashes"). A message copied from the blob store is synced as it is copied.
     pub(super) fn replay_messages(&self, batch: &[(Lsn, Vec<RedoEntry>)]) -> Result<()> {
         let Some(&(last, _)) = batch.last() else {
             return Ok(());
@@ -92,40 +94,64 @@ impl Inner {
         let entries = batch
             .iter()
             .flat_map(|(lsn, entries)| entries.iter().map(move |entry| (*lsn, entry)));
+        let mut staged = Vec::new();
+        let mut written = Vec::new();
         for (n, (lsn, entry)) in entries.enumerate() {
             if n == 1 && self.shell.pauses.replay_fails_here() {
                 return Err(self.unavailable(format!(
                     "replay of lsn {lsn} stopped by its fail point after the batch's first message"
                 )));
             }
-            self.replay_message(entry, &mut cur)?;
+            if let Some(path) = self.stage_replayed(entry, &mut cur, &mut written)? {
+                staged.push((entry.name(), path));
+            }
         }
+        let synced = sync_files(&self.name, &written);
+        drop(written);
+        let delivered = synced.and_then(|()| {
+            staged.iter().try_for_each(|(name, path)| {
+                fs::rename(path, self.area.new.join(name)).map_err(|e| {
+                    ResourceError::io(&self.name, "rename replayed message from", path, &e)
+                })
+            })
+        });
+        if delivered.is_err() {
+            for (_, path) in &staged {
+                let _ = fs::remove_file(path);
+            }
+        }
+        delivered?;
         self.dirs.sync(&self.area.new)?;
         self.write_state("applied lsn", &self.area.applied_lsn, last.0)
     }
 
-    /// Delivers one replayed message unless it is delivered already; `new/` is not synced.
-    fn replay_message(&self, entry: &RedoEntry, cur: &mut Option<Vec<String>>) -> Result<()> {
+    /// Writes one replayed message to `tmp/` unless it is delivered already, returning its
+    /// path there; inline content is not synced yet (its file goes into `written`).
+    fn stage_replayed(
+        &self,
+        entry: &RedoEntry,
+        cur: &mut Option<Vec<String>>,
+        written: &mut Vec<(File, PathBuf)>,
+    ) -> Result<Option<PathBuf>> {
         let name = entry.name();
         if self.delivered(name, cur)? {
-            return Ok(());
+            return Ok(None);
         }
         let staged = self.area.tmp.join(name);
-        let written = match entry {
+        let result = match entry {
             RedoEntry::Inline { content, .. } => {
-                overwrite_synced(&self.name, "replayed message", &staged, content)
+                overwrite_unsynced(&self.name, "replayed message", &staged, content)
+                    .map(|file| written.push((file, staged.clone())))
             }
             RedoEntry::Blob { id, bytes, .. } => self.copy_blob(name, id, *bytes, &staged),
         };
-        let delivered = written.and_then(|()| {
-            fs::rename(&staged, self.area.new.join(name)).map_err(|e| {
-                ResourceError::io(&self.name, "rename replayed message from", &staged, &e)
-            })
-        });
-        if delivered.is_err() {
-            let _ = fs::remove_file(&staged);
+        match result {
+            Ok(()) => Ok(Some(staged)),
+            Err(e) => {
+                let _ = fs::remove_file(&staged);
+                Err(e)
+            }
         }
-        delivered
     }
 
     /// Every message in `new/` and `cur/` with the blake3 hash of its content, keyed by its

@@ -334,6 +334,25 @@ pub(super) fn create_new(name: &str, what: &str, path: &Path) -> Result<File> {
 }
 
 /// Writes `content` to `path`, created or truncated (a file an earlier attempt left there is
+/// written again), without syncing it: the caller syncs it (with others) before it counts.
+pub(super) fn overwrite_unsynced(
+    name: &str,
+    what: &str,
+    path: &Path,
+    content: &[u8],
+) -> Result<File> {
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(path)
+        .map_err(|e| ResourceError::io(name, &format!("create {what} file"), path, &e))?;
+    file.write_all(content)
+        .map_err(|e| ResourceError::io(name, &format!("write {what} to"), path, &e))?;
+    Ok(file)
+}
+
+/// Writes `content` to `path`, created or truncated (a file an earlier attempt left there is
 /// written again), and syncs it. The files resource's `create_synced` differs: it refuses an
 /// existing file.
 pub(super) fn overwrite_synced(name: &str, what: &str, path: &Path, content: &[u8]) -> Result<()> {
