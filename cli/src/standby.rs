@@ -196,7 +196,7 @@ async fn serve(cfg: Config, standby: StandbyConfig, replaying: bool) -> anyhow::
         inventories,
         Arc::clone(&status) as Arc<dyn StatusSource>,
     ))
-        .max_encoding_message_size(64 << 20);
+    .max_encoding_message_size(64 << 20);
     let listener = tokio::net::TcpListener::bind(standby.listen)
         .await
         .with_context(|| format!("listen on {}", standby.listen))?;

@@ -1,0 +1,138 @@
+//! Re-seeding a files resource, key by key (`Resource::read_entry`, `write_entry`,
+//! `remove_entry`, `set_applied_lsn`; the shared shells are `internal::reseed`).
+//!
+//! A key is the inventory's: a file's path relative to the root. It is checked lexically as a
+//! branch's path is (`confine::check_path`: relative, no `.` or `..`, not in `.concord`) and
+//! then on disk more strictly than a branch's: **no component may be a symlink**, not even one
+//! that stays inside the root, because the inventory does not follow symlinks and a copy
+//! through one would land under another key. Every refusal is a `Rejected` naming the path.
+//!
+//! * **Read** opens the file and hands it out as the reader (one file descriptor, read as it is
+//!   consumed: a file of any size costs nothing more).
+//! * **Write** streams the content through one buffer into a new temp file of the private area,
+//!   syncs it, creates the missing parent directories, renames it into place and syncs every
+//!   directory it changed (through the instance's directory-sync coalescer): durable when it
+//!   returns. A crash before the rename leaves a temp file, which `open` clears.
+//! * **Remove** unlinks the file, then removes each parent directory left empty (up to the
+//!   root), so that a later write may put a file where such a directory was, and syncs the
+//!   directories it changed.
+//! * Before a write or a remove, a checkpoint covers every commit of this instance's branch
+//!   log, as before a replay: a commit applied again at open must not undo the copy.
+//!
+//! # Implementation caveats
+//!
+//! * A key whose path is a directory here (the primary has a file there) is refused until the
+//!   files under it are removed: remove the keys the primary lacks first.
+//! * The content written is checked against `file_bytes_max`, not against a hash: the caller
+//!   compares the inventory afterwards.
+
+use std::collections::BTreeSet;
+use std::fs::{self, File};
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use super::Inner;
+use super::confine::{Use, check_path, refused};
+use crate::internal::io::parent_of;
+use crate::internal::reseed::{Reseed, stream_to_synced};
+use crate::{BlobContent, Lsn, ResourceError};
+
+type Result<T, E = ResourceError> = std::result::Result<T, E>;
+
+impl Reseed for Inner {
+    fn read_key(&self, key: &str) -> Result<Option<BlobContent>> {
+        let target = self.reseed_target(key)?;
+        match File::open(&target) {
+            Ok(file) => Ok(Some(Box::new(file))),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(ResourceError::io(&self.name, "open", &target, &e)),
+        }
+    }
+
+    fn write_key(&self, key: &str, content: BlobContent) -> Result<()> {
+        let target = self.reseed_target(key)?;
+        let mut touched = BTreeSet::new();
+        self.make_parents(key, &mut touched)?;
+        let tmp = self.tmp_file();
+        let bytes_max = self.config.file_bytes_max;
+        drop(stream_to_synced(&self.name, key, content, &tmp, bytes_max)?);
+        fs::rename(&tmp, &target).map_err(|e| {
+            let _ = fs::remove_file(&tmp);
+            ResourceError::io(&self.name, "rename the re-seeded content to", &target, &e)
+        })?;
+        touched.insert(parent_of(&target));
+        self.sync_dirs(&touched)
+    }
+
+    fn remove_key(&self, key: &str) -> Result<()> {
+        let target = self.reseed_target(key)?;
+        let mut touched = BTreeSet::new();
+        self.remove_target(&target, &mut touched)?;
+        self.prune_empty_parents(key, &mut touched)?;
+        self.sync_dirs(&touched)
+    }
+
+    fn store_applied_lsn(&self, lsn: Lsn) -> Result<()> {
+        self.write_state("applied lsn", &self.area.applied_lsn, lsn.0)
+    }
+
+    async fn before_change(self: &Arc<Self>) -> Result<()> {
+        self.checkpoint_commits().await
+    }
+}
+
+impl Inner {
+    /// The file of key `key`: lexically valid, no symlink on the way, not a directory.
+    fn reseed_target(&self, key: &str) -> Result<PathBuf> {
+        check_path(&self.name, key)?;
+        let mut current = self.root.clone();
+        for component in key.split('/') {
+            current.push(component);
+            match fs::symlink_metadata(&current) {
+                Ok(meta) if meta.file_type().is_symlink() => {
+                    let prefix = current.strip_prefix(&self.root).unwrap_or(&current);
+                    let reason = format!(
+                        "{} is a symlink; re-seeding does not go through symlinks",
+                        prefix.display()
+                    );
+                    return Err(refused(&self.name, key, &reason));
+                }
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => break,
+                Err(e) => return Err(ResourceError::io(&self.name, "inspect", &current, &e)),
+            }
+        }
+        self.confine(key, Use::Write)
+    }
+
+    /// Removes the parent directories of `key` that are empty, deepest first, up to the root;
+    /// `touched` then holds the directories to sync (none that was removed).
+    fn prune_empty_parents(&self, key: &str, touched: &mut BTreeSet<PathBuf>) -> Result<()> {
+        let mut dir = parent_of(&self.root.join(key));
+        while dir != self.root && dir.starts_with(&self.root) {
+            match fs::remove_dir(&dir) {
+                Ok(()) => {}
+                Err(e) if is_not_empty_or_gone(&e) => break,
+                Err(e) => return Err(ResourceError::io(&self.name, "remove directory", &dir, &e)),
+            }
+            touched.remove(&dir);
+            dir = parent_of(&dir);
+            touched.insert(dir.clone());
+        }
+        Ok(())
+    }
+
+    fn sync_dirs(&self, dirs: &BTreeSet<PathBuf>) -> Result<()> {
+        dirs.iter()
+            .try_for_each(|dir: &PathBuf| self.dirs.sync(Path::new(dir)))
+    }
+}
+
+/// A directory that still holds something, or is already gone, is left as it is.
+fn is_not_empty_or_gone(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::DirectoryNotEmpty | io::ErrorKind::NotFound
+    )
+}
