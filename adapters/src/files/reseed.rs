@@ -87,15 +87,20 @@ impl Inner {
     fn reseed_target(&self, key: &str) -> Result<PathBuf> {
         check_path(&self.name, key)?;
         let mut current = self.root.clone();
-        for component in key.split('/') {
+        let components: Vec<&str> = key.split('/').collect();
+        for (i, component) in components.iter().enumerate() {
             current.push(component);
+            let prefix = || components[..=i].join("/");
             match fs::symlink_metadata(&current) {
                 Ok(meta) if meta.file_type().is_symlink() => {
-                    let prefix = current.strip_prefix(&self.root).unwrap_or(&current);
                     let reason = format!(
                         "{} is a symlink; re-seeding does not go through symlinks",
-                        prefix.display()
+                        prefix()
                     );
+                    return Err(refused(&self.name, key, &reason));
+                }
+                Ok(meta) if i + 1 < components.len() && !meta.is_dir() => {
+                    let reason = format!("{} is not a directory", prefix());
                     return Err(refused(&self.name, key, &reason));
                 }
                 Ok(_) => {}
