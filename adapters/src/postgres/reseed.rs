@@ -41,11 +41,12 @@ use crate::{BlobContent, Lsn, ResourceError};
 /// Longest row text [`Resource::write_entry`](crate::Resource::write_entry) accepts, in bytes.
 pub const ROW_TEXT_BYTES_MAX: u64 = 256 << 20;
 
-/// A parsed key: the table as `concord.replicated` names it, its key columns, the key.
+/// A parsed key: the table as `concord.replicated` names it, its key columns, and the key's
+/// JSON text (sent to the server as text: parsed here, a `numeric` would pass through `f64`).
 struct RowKey {
     table: String,
     columns: Vec<String>,
-    pk: Value,
+    pk: String,
 }
 
 impl PostgresResource {
@@ -73,19 +74,17 @@ impl PostgresResource {
         self.no_prepared_branches().await?;
         let inner = &self.inner;
         let text = inner.read_content(key, content).await?;
-        let row: Value = serde_json::from_str(&text)
-            .ok()
-            .filter(Value::is_object)
-            .ok_or_else(|| {
-                inner.rejected(format!(
-                    "entry {key:?}: the content is not a row as a JSON object"
-                ))
-            })?;
+        let is_object = serde_json::from_str::<Value>(&text).is_ok_and(|row| row.is_object());
+        if !is_object {
+            return Err(inner.rejected(format!(
+                "entry {key:?}: the content is not a row as a JSON object"
+            )));
+        }
         let mut conn = inner.conn().await?;
         let tx = inner.begin_apply(&mut conn, key).await?;
         let row_key = inner.parse_key(&tx, key).await?;
-        inner.check_row_key(key, &row_key, &row)?;
-        inner.apply(&tx, key, &row_key, "U", &row).await?;
+        inner.check_row_key(&tx, key, &row_key, &text).await?;
+        inner.apply(&tx, key, &row_key, "U", Some(&text)).await?;
         let stored = inner.row_text(&tx, &row_key).await?;
         if stored.as_deref() != Some(text.as_str()) {
             return Err(inner.rejected(format!(
@@ -105,7 +104,7 @@ impl PostgresResource {
         let mut conn = inner.conn().await?;
         let tx = inner.begin_apply(&mut conn, key).await?;
         let row_key = inner.parse_key(&tx, key).await?;
-        inner.apply(&tx, key, &row_key, "D", &Value::Null).await?;
+        inner.apply(&tx, key, &row_key, "D", None).await?;
         tx.commit()
             .await
             .map_err(|e| inner.db(&format!("commit the removal of entry {key:?}"), &e))
@@ -186,9 +185,10 @@ impl Inner {
             .filter(|(table, _)| key.starts_with(&format!("{table}/")))
             .max_by_key(|(table, _)| table.len())
             .ok_or_else(|| refused("it does not start with a replicated table and `/` (keys are <schema>.<table>/<primary key as JSON>)"))?;
-        let pk: Value = serde_json::from_str(&key[table.len() + 1..])
-            .map_err(|_| refused("its primary key is not JSON"))?;
-        let object = pk
+        let pk = key[table.len() + 1..].to_string();
+        let parsed: Value =
+            serde_json::from_str(&pk).map_err(|_| refused("its primary key is not JSON"))?;
+        let object = parsed
             .as_object()
             .ok_or_else(|| refused("its primary key is not a JSON object"))?;
         if !same_columns(object, &columns) {
@@ -199,16 +199,27 @@ impl Inner {
         Ok(RowKey { table, columns, pk })
     }
 
-    /// Refuses a row whose key columns do not hold the key's values.
-    fn check_row_key(&self, key: &str, row_key: &RowKey, row: &Value) -> Result<()> {
-        match row_key
-            .columns
-            .iter()
-            .find(|c| row.get(c.as_str()) != row_key.pk.get(c.as_str()))
-        {
+    /// Refuses a row whose key columns do not hold the key's values (compared as `jsonb`).
+    async fn check_row_key(
+        &self,
+        tx: &deadpool_postgres::Transaction<'_>,
+        key: &str,
+        row_key: &RowKey,
+        row: &str,
+    ) -> Result<()> {
+        let differing = tx
+            .query_opt(
+                "SELECT c FROM unnest($1::text[]) AS c
+                 WHERE ($2::text::jsonb -> c) IS DISTINCT FROM ($3::text::jsonb -> c) LIMIT 1",
+                &[&row_key.columns, &row_key.pk, &row],
+            )
+            .await
+            .map_err(|e| self.db(&format!("check the key of entry {key:?}"), &e))?;
+        match differing {
             None => Ok(()),
             Some(column) => Err(self.rejected(format!(
-                "entry {key:?}: the row's column {column} does not hold the key's value"
+                "entry {key:?}: the row's column {} does not hold the key's value",
+                column.get::<_, String>(0)
             ))),
         }
     }
@@ -224,7 +235,7 @@ impl Inner {
         let select: String = tx
             .query_one(
                 "SELECT format('SELECT to_jsonb(t)::text FROM %s AS t WHERE %s', to_regclass($1)::text,
-                               (SELECT string_agg(format('t.%I = (jsonb_populate_record(NULL::%s, $1)).%I', c, to_regclass($1)::text, c), ' AND ')
+                               (SELECT string_agg(format('t.%I = (jsonb_populate_record(NULL::%s, $1::text::jsonb)).%I', c, to_regclass($1)::text, c), ' AND ')
                                   FROM unnest($2::text[]) AS c))",
                 &[&row_key.table, &row_key.columns],
             )
@@ -242,10 +253,10 @@ impl Inner {
         key: &str,
         row_key: &RowKey,
         op: &str,
-        row: &Value,
+        row: Option<&str>,
     ) -> Result<()> {
-        let apply = "SELECT concord.apply_row($1, $2::text::\"char\", $3::jsonb, $4::jsonb)";
-        let row = (!row.is_null()).then_some(row);
+        let apply =
+            "SELECT concord.apply_row($1, $2::text::\"char\", $3::text::jsonb, $4::text::jsonb)";
         match tx
             .execute(apply, &[&row_key.table, &op, &row_key.pk, &row])
             .await
