@@ -1,6 +1,6 @@
 //! Re-seeding a files resource key by key: keys that lead out of the root (`..`, absolute, the
 //! private area, symlinks) are refused and write nothing; a removal clears the directories it
-//! leaves empty, so a file can take the place of a directory; and a 64 MiB file is copied from
+//! leaves empty; a write removes a file or directory standing in its way; and a 64 MiB file is copied from
 //! one instance to another through `read_entry` and `write_entry` in bounded memory (the peak
 //! resident set, `VmHWM`, of this process — alone in this test binary's memory test — grows
 //! by far less than the file).
@@ -89,22 +89,43 @@ async fn keys_through_a_symlink_are_refused() {
 }
 
 #[tokio::test]
-async fn a_file_takes_the_place_of_a_removed_directory() {
+async fn a_removal_clears_emptied_directories() {
     let dir = tempfile::tempdir().unwrap();
     let r = open(&dir.path().join("root"));
     r.write_entry("x/y/z", content(b"deep")).await.unwrap();
     r.write_entry("x/keep", content(b"kept")).await.unwrap();
-    rejected(r.write_entry("x", content(b"file")).await);
-    r.remove_entry("x/keep").await.unwrap();
     r.remove_entry("x/y/z").await.unwrap();
-    assert!(!r.root().join("x").exists(), "emptied directories stay");
+    assert!(!r.root().join("x/y").exists(), "an emptied directory stays");
+    assert!(r.root().join("x/keep").exists());
+    r.remove_entry("x/keep").await.unwrap();
+    assert!(!r.root().join("x").exists(), "an emptied directory stays");
+    r.remove_entry("x/keep").await.unwrap();
+    assert!(r.inventory().await.unwrap().is_empty());
+}
+
+/// Writes in any order against removals: what stands in a write's way (a file where the key
+/// needs a directory, a directory where the key is a file) is not a key of the source.
+#[tokio::test]
+async fn a_write_removes_what_stands_in_its_way() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = open(&dir.path().join("root"));
+    r.write_entry("x/y/z", content(b"deep")).await.unwrap();
+    r.write_entry("x/keep", content(b"kept")).await.unwrap();
+    assert!(
+        r.read_entry("x").await.unwrap().is_none(),
+        "a directory is no key"
+    );
     r.write_entry("x", content(b"file")).await.unwrap();
-    let mut read = String::new();
-    std::io::Read::read_to_string(&mut r.read_entry("x").await.unwrap().unwrap(), &mut read)
-        .unwrap();
-    assert_eq!(read, "file");
-    rejected(r.read_entry("x/keep").await.map(drop));
-    assert!(r.read_entry("gone").await.unwrap().is_none());
+    assert_eq!(read(&r, "x").await, "file");
+    assert!(r.read_entry("x/keep").await.unwrap().is_none());
+    r.remove_entry("x/keep").await.unwrap();
+    assert_eq!(
+        read(&r, "x").await,
+        "file",
+        "removing an absent key below a file removed the file"
+    );
+    r.write_entry("x/new/leaf", content(b"leaf")).await.unwrap();
+    assert_eq!(read(&r, "x/new/leaf").await, "leaf");
     let keys: Vec<String> = r
         .inventory()
         .await
@@ -112,7 +133,14 @@ async fn a_file_takes_the_place_of_a_removed_directory() {
         .into_iter()
         .map(|e| e.key)
         .collect();
-    assert_eq!(keys, ["x"]);
+    assert_eq!(keys, ["x/new/leaf"]);
+}
+
+async fn read(r: &FilesResource, key: &str) -> String {
+    let mut out = String::new();
+    std::io::Read::read_to_string(&mut r.read_entry(key).await.unwrap().unwrap(), &mut out)
+        .unwrap();
+    out
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -9,7 +9,12 @@
 //!
 //! * **Read** opens the file and hands it out as the reader (one file descriptor, read as it is
 //!   consumed: a file of any size costs nothing more).
-//! * **Write** streams the content through one buffer into a new temp file of the private area,
+//! * **Read** and **remove** find a key absent when a prefix of it is a file or its path is a
+//!   directory (neither is a key).
+//! * **Write** first removes what stands in the way: a file where the key needs a directory,
+//!   or a directory (and everything under it) where the key is a file. Neither can be a key of
+//!   the source, which holds this key, so the re-seed removes them anyway; doing it here lets
+//!   the caller write and remove keys in any order. Then it streams the content through one buffer into a new temp file of the private area,
 //!   syncs it, creates the missing parent directories, renames it into place and syncs every
 //!   directory it changed (through the instance's directory-sync coalescer): durable when it
 //!   returns. A crash before the rename leaves a temp file, which `open` clears.
@@ -21,8 +26,8 @@
 //!
 //! # Implementation caveats
 //!
-//! * A key whose path is a directory here (the primary has a file there) is refused until the
-//!   files under it are removed: remove the keys the primary lacks first.
+//! * A directory removed from a write's way is not synced inside (it is gone); a crash can
+//!   bring part of it back, which a re-seed run again removes.
 //! * The content written is checked against `file_bytes_max`, not against a hash: the caller
 //!   compares the inventory afterwards.
 
@@ -42,7 +47,9 @@ type Result<T, E = ResourceError> = std::result::Result<T, E>;
 
 impl Reseed for Inner {
     fn read_key(&self, key: &str) -> Result<Option<BlobContent>> {
-        let target = self.reseed_target(key)?;
+        let Spot::Clear(target) = self.locate(key)? else {
+            return Ok(None);
+        };
         match File::open(&target) {
             Ok(file) => Ok(Some(Box::new(file))),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
@@ -51,8 +58,9 @@ impl Reseed for Inner {
     }
 
     fn write_key(&self, key: &str, content: BlobContent) -> Result<()> {
-        let target = self.reseed_target(key)?;
         let mut touched = BTreeSet::new();
+        self.clear_the_way(key, &mut touched)?;
+        let target = self.confine(key, Use::Write)?;
         self.make_parents(key, &mut touched)?;
         let tmp = self.tmp_file();
         let bytes_max = self.config.file_bytes_max;
@@ -66,7 +74,9 @@ impl Reseed for Inner {
     }
 
     fn remove_key(&self, key: &str) -> Result<()> {
-        let target = self.reseed_target(key)?;
+        let Spot::Clear(target) = self.locate(key)? else {
+            return Ok(());
+        };
         let mut touched = BTreeSet::new();
         self.remove_target(&target, &mut touched)?;
         self.prune_empty_parents(key, &mut touched)?;
@@ -82,44 +92,80 @@ impl Reseed for Inner {
     }
 }
 
+/// Where a key stands on disk.
+enum Spot {
+    /// Every existing prefix is a directory, and the key is a file or absent: its path.
+    Clear(PathBuf),
+    /// A prefix of the key is a file (at this path): the key is absent.
+    FileAbove(PathBuf),
+    /// The key's path is a directory (this one): the key is absent.
+    DirectoryAt(PathBuf),
+}
+
 impl Inner {
-    /// The file of key `key`: lexically valid, no symlink on the way, not a directory.
-    fn reseed_target(&self, key: &str) -> Result<PathBuf> {
+    /// Where key `key` stands: checked lexically, and refused when a component is a symlink.
+    fn locate(&self, key: &str) -> Result<Spot> {
         check_path(&self.name, key)?;
         let mut current = self.root.clone();
         let components: Vec<&str> = key.split('/').collect();
         for (i, component) in components.iter().enumerate() {
             current.push(component);
-            let prefix = || components[..=i].join("/");
+            let last = i + 1 == components.len();
             match fs::symlink_metadata(&current) {
                 Ok(meta) if meta.file_type().is_symlink() => {
                     let reason = format!(
                         "{} is a symlink; re-seeding does not go through symlinks",
-                        prefix()
+                        components[..=i].join("/")
                     );
                     return Err(refused(&self.name, key, &reason));
                 }
-                Ok(meta) if i + 1 < components.len() && !meta.is_dir() => {
-                    let reason = format!("{} is not a directory", prefix());
-                    return Err(refused(&self.name, key, &reason));
-                }
+                Ok(meta) if !last && !meta.is_dir() => return Ok(Spot::FileAbove(current)),
+                Ok(meta) if last && meta.is_dir() => return Ok(Spot::DirectoryAt(current)),
                 Ok(_) => {}
                 Err(e) if e.kind() == io::ErrorKind::NotFound => break,
                 Err(e) => return Err(ResourceError::io(&self.name, "inspect", &current, &e)),
             }
         }
-        self.confine(key, Use::Write)
+        Ok(Spot::Clear(self.root.join(key)))
     }
 
-    /// Removes the parent directories of `key` that are empty, deepest first, up to the root;
-    /// `touched` then holds the directories to sync (none that was removed).
+    /// Removes what stands in the way of a write of `key`: a file where the key needs a
+    /// directory, or a directory (with everything under it) where the key is a file. Neither
+    /// can be a key of the source, which holds `key` (a path is not a file and a directory at
+    /// once), so a re-seed removes them in any case; doing it here lets the caller write and
+    /// remove keys in any order.
+    fn clear_the_way(&self, key: &str, touched: &mut BTreeSet<PathBuf>) -> Result<()> {
+        match self.locate(key)? {
+            Spot::Clear(_) => return Ok(()),
+            Spot::FileAbove(file) => fs::remove_file(&file)
+                .map_err(|e| ResourceError::io(&self.name, "remove", &file, &e))?,
+            Spot::DirectoryAt(dir) => fs::remove_dir_all(&dir)
+                .map_err(|e| ResourceError::io(&self.name, "remove directory", &dir, &e))?,
+        }
+        match self.locate(key)? {
+            Spot::Clear(target) => {
+                touched.insert(parent_of(&target));
+                Ok(())
+            }
+            _ => Err(refused(&self.name, key, "what stood in the way came back")),
+        }
+    }
+
+    /// Removes the parent directories of `key` that are empty or gone, deepest first, up to the
+    /// first that holds something (or the root); `touched` then holds the directories to sync
+    /// (none that was removed).
     fn prune_empty_parents(&self, key: &str, touched: &mut BTreeSet<PathBuf>) -> Result<()> {
         let mut dir = parent_of(&self.root.join(key));
         while dir != self.root && dir.starts_with(&self.root) {
             match fs::remove_dir(&dir) {
+                // Gone already: as if removed now (an earlier removal that crashed before its
+                // directory sync, or the key was absent).
                 Ok(()) => {}
-                Err(e) if is_not_empty_or_gone(&e) => break,
-                Err(e) => return Err(ResourceError::io(&self.name, "remove directory", &dir, &e)),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) if e.kind() == io::ErrorKind::DirectoryNotEmpty => break,
+                Err(e) => {
+                    return Err(ResourceError::io(&self.name, "remove directory", &dir, &e));
+                }
             }
             touched.remove(&dir);
             dir = parent_of(&dir);
@@ -132,12 +178,4 @@ impl Inner {
         dirs.iter()
             .try_for_each(|dir: &PathBuf| self.dirs.sync(Path::new(dir)))
     }
-}
-
-/// A directory that still holds something, or is already gone, is left as it is.
-fn is_not_empty_or_gone(e: &io::Error) -> bool {
-    matches!(
-        e.kind(),
-        io::ErrorKind::DirectoryNotEmpty | io::ErrorKind::NotFound
-    )
 }
