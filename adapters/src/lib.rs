@@ -46,8 +46,7 @@
 //! **Re-seeding.** A standby that fell behind the primary's retention bound is re-seeded: each
 //! of its resources gets a copy of the primary's content, key by key through the inventory
 //! keys (`read_entry` on the primary, `write_entry` here for every key whose digest differs,
-//! `remove_entry` for every key the primary lacks — removals first, so that a file can take the
-//! place of a directory that held only removed files), and its applied LSN is set to a
+//! `remove_entry` for every key the primary lacks, in any order), and its applied LSN is set to a
 //! position P of the primary's journal; replay from P + 1 then makes the copy exact. The copy
 //! may be fuzzy: every transaction decided before P had finished phase 2 before the copy
 //! started, and every redo after P sets final values by key again, in order. The four calls
