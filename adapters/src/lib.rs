@@ -49,8 +49,10 @@
 //! `remove_entry` for every key the primary lacks, in any order), and its applied LSN is set to a
 //! position P of the primary's journal; replay from P + 1 then makes the copy exact. The copy
 //! may be fuzzy: every transaction decided before P had finished phase 2 before the copy
-//! started, and every redo after P sets final values by key again, in order. The four calls
-//! are refused while the resource holds prepared branches (a standby has none). The files,
+//! started, and every redo after P sets final values by key again, in order. The three changes
+//! (`write_entry`, `remove_entry`, `set_applied_lsn`) are refused while the resource holds
+//! prepared branches (a standby has none); `read_entry` is not, as it runs on the primary, which
+//! has prepared branches whenever transactions are in flight, and reads committed content. The files,
 //! mail, kv and PostgreSQL resources implement them; the defaults refuse ("this resource
 //! cannot be re-seeded").
 //!
@@ -267,8 +269,9 @@ pub trait Resource: Send + Sync + 'static {
     /// The content under the inventory key `key` ([`Resource::inventory`]), streamed (read it
     /// on the blocking pool: the reader blocks), or `None` when the key is absent. Its blake3
     /// hash is the inventory's digest for the key (as the content is when read). A malformed
-    /// key, or one leading out of the resource, is refused; so is the call while the resource
-    /// holds prepared branches. The default refuses: this resource cannot be re-seeded.
+    /// key, or one leading out of the resource, is refused. Not refused while branches are
+    /// prepared: a re-seed reads the primary, whose prepared branches have changed nothing it
+    /// reads yet. The default refuses: this resource cannot be re-seeded.
     async fn read_entry(&self, key: &str) -> Result<Option<BlobContent>, ResourceError> {
         Err(cannot_reseed(self.name(), key))
     }

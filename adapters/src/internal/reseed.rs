@@ -6,9 +6,11 @@
 //! to the position P replay restarts after. Each resource says how a key is read, written and
 //! removed ([`Reseed`]); the shells here make every call the same around that:
 //!
-//! * the instance must be usable (not poisoned) and hold **no prepared branch**: a standby
-//!   has none, and a branch prepared here would be resolved against content the copy
-//!   replaced (the refusal says to resolve it first);
+//! * the instance must be usable (not poisoned), and for a change (write, remove, applied LSN)
+//!   hold **no prepared branch**: a standby has none, and a branch prepared here would be
+//!   resolved against content the copy replaced (the refusal says to resolve it first). A read
+//!   is not refused: it runs on the primary, which has prepared branches whenever
+//!   transactions are in flight, and a prepared branch has changed nothing a read sees;
 //! * a change (write, remove, applied LSN) holds the replay lock (the shell's `replaying`), so
 //!   it never interleaves with a replay batch, and runs the resource's work on the blocking
 //!   pool; a fatal failure poisons the instance, as for every other call;
@@ -75,7 +77,7 @@ pub(crate) async fn read_entry<I: Reseed>(
     inner: &Arc<I>,
     key: &str,
 ) -> Result<Option<BlobContent>> {
-    check_no_prepared(&**inner)?;
+    inner.usable_state(|_| ())?;
     let (worker, key) = (Arc::clone(inner), key.to_string());
     let read = blocking(inner.name(), I::TASK, move || worker.read_key(&key)).await;
     inner.check(read)

@@ -18,7 +18,9 @@
 //!   is refused. It commits with `synchronous_commit = on`: durable when it returns.
 //! * **Remove** deletes the row by its key (`concord.apply_row` with op `D`), the same way.
 //! * **The applied LSN** is set in `concord.applied` (also lower than it was).
-//! * Each call first makes sure no branch of this resource is prepared (`pg_prepared_xacts`).
+//! * Each change (write, remove, applied LSN) first makes sure no branch of this resource is
+//!   prepared (`pg_prepared_xacts`); a read does not (it runs on the primary, and reads
+//!   committed rows).
 //!
 //! # Implementation caveats
 //!
@@ -52,7 +54,6 @@ struct RowKey {
 impl PostgresResource {
     /// `Resource::read_entry`.
     pub(super) async fn read_row_entry(&self, key: &str) -> Result<Option<BlobContent>> {
-        self.no_prepared_branches().await?;
         let inner = &self.inner;
         let mut conn = inner.conn().await?;
         let read = |e| inner.db(&format!("read entry {key:?}"), &e);
