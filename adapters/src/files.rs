@@ -50,6 +50,10 @@
 //! * **Inventory.** [`Resource::inventory`] lists every file of the tree outside the private
 //!   area by relative path, with the blake3 hash of its content, read through one bounded buffer
 //!   (the `inventory` module).
+//! * **Re-seeding.** [`Resource::read_entry`], [`Resource::write_entry`] and
+//!   [`Resource::remove_entry`] read, set and remove one file by its inventory key, streamed and
+//!   durably; no component of the key may be a symlink. [`Resource::set_applied_lsn`] sets the
+//!   applied LSN a re-seeded standby replays after (the `reseed` module).
 //!
 //! [`FilesResource`] is the resource ([`FilesResource::open`], [`FilesConfig`]); a
 //! [`FilesBranch`] is an application's handle on one branch; [`RedoEntry`] with [`encode_redo`]
@@ -96,6 +100,7 @@
 //! * `confine` — the lexical and on-disk checks that keep every path inside the root.
 //! * `apply` — commit, the commits applied again at open, and replay (a batch at a time).
 //! * `inventory` — the files of the tree with their content's hash.
+//! * `reseed` — a re-seed's reads, writes and removals by inventory key.
 //! * `checkpoint` — the branch log's checkpoints and trims, and blob collection.
 //! * `log` — the branch log's records.
 //! * `steps` — the files resource's hooks of the branch lifecycle every resource shares
@@ -192,6 +197,7 @@ use crate::internal::instance::{Instance, InstanceState, Shared};
 use crate::internal::io::{self, parent_of, sync_file};
 use crate::internal::lifecycle;
 use crate::internal::lifecycle::Shell;
+use crate::internal::reseed as internal_reseed;
 use crate::internal::shipping;
 use crate::internal::state_file::encode_state;
 use crate::{
@@ -206,6 +212,7 @@ mod locks;
 mod log;
 mod open;
 mod redo;
+mod reseed;
 mod staging;
 mod steps;
 
@@ -451,6 +458,22 @@ impl Resource for FilesResource {
 
     async fn applied_lsn(&self) -> Result<Lsn> {
         Instance::applied_lsn(&*self.inner)
+    }
+
+    async fn read_entry(&self, key: &str) -> Result<Option<BlobContent>> {
+        internal_reseed::read_entry(&self.inner, key).await
+    }
+
+    async fn write_entry(&self, key: &str, content: BlobContent) -> Result<()> {
+        internal_reseed::write_entry(&self.inner, key, content).await
+    }
+
+    async fn remove_entry(&self, key: &str) -> Result<()> {
+        internal_reseed::remove_entry(&self.inner, key).await
+    }
+
+    async fn set_applied_lsn(&self, lsn: Lsn) -> Result<()> {
+        internal_reseed::set_applied_lsn(&self.inner, lsn).await
     }
 
     fn redo_blobs(&self, redo: &[u8]) -> Result<Vec<BlobId>> {

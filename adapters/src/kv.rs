@@ -43,6 +43,10 @@
 //!   and one sync.
 //! * **Inventory.** [`Resource::inventory`] lists every key of the data tree in lower-case hex
 //!   (which keeps sled's byte order) with the blake3 hash of its value.
+//! * **Re-seeding.** [`Resource::read_entry`], [`Resource::write_entry`] and
+//!   [`Resource::remove_entry`] read, set and remove one key by its inventory key (hex), each
+//!   change one sled write and a sync; [`Resource::set_applied_lsn`] sets the applied LSN in the
+//!   meta tree (the `reseed` submodule).
 //!
 //! [`KvResource`] is the resource ([`KvResource::open`], [`KvConfig`]); a [`KvBranch`] is an
 //! application's handle on one branch; [`KvWrite`] with [`encode_batch`] and [`decode_batch`] is
@@ -155,9 +159,11 @@ use crate::internal::io::blocking;
 use crate::internal::lifecycle;
 use crate::internal::lifecycle::Shell;
 use crate::internal::locks::wait_for_lock;
-use crate::{Epoch, Lsn, Resource, ResourceError, Vote, Xid};
+use crate::internal::reseed as internal_reseed;
+use crate::{BlobContent, Epoch, Lsn, Resource, ResourceError, Vote, Xid};
 
 mod batch;
+mod reseed;
 mod steps;
 mod store;
 
@@ -468,6 +474,22 @@ impl Resource for KvResource {
 
     async fn applied_lsn(&self) -> Result<Lsn> {
         Instance::applied_lsn(&*self.inner)
+    }
+
+    async fn read_entry(&self, key: &str) -> Result<Option<BlobContent>> {
+        internal_reseed::read_entry(&self.inner, key).await
+    }
+
+    async fn write_entry(&self, key: &str, content: BlobContent) -> Result<()> {
+        internal_reseed::write_entry(&self.inner, key, content).await
+    }
+
+    async fn remove_entry(&self, key: &str) -> Result<()> {
+        internal_reseed::remove_entry(&self.inner, key).await
+    }
+
+    async fn set_applied_lsn(&self, lsn: Lsn) -> Result<()> {
+        internal_reseed::set_applied_lsn(&self.inner, lsn).await
     }
 }
 

@@ -21,7 +21,11 @@
 //!   [`Resource::replay_batch`] applies consecutive redos as one resource transaction, exactly
 //!   once across a crash;
 //! * [`Resource::inventory`] lists what the resource holds, key by key with a content hash
-//!   ([`InventoryEntry`]), so that two sites can be compared.
+//!   ([`InventoryEntry`]), so that two sites can be compared;
+//! * [`Resource::read_entry`], [`Resource::write_entry`] and [`Resource::remove_entry`] read,
+//!   set and remove the content under one inventory key, streamed, and
+//!   [`Resource::set_applied_lsn`] sets the applied LSN: together they **re-seed** a standby
+//!   (see below).
 //!
 //! A resource may also offer **one-phase commit** for a transaction whose only branch it holds
 //! ([`Resource::supports_one_phase`]): [`Resource::prepare_one_phase`] ends the branch's work —
@@ -38,6 +42,19 @@
 //! [`Resource::put_blob`] puts one into another instance's store, streamed and checked against
 //! its id. A resource whose redo carries everything (PostgreSQL's row images, kv batches) keeps
 //! the defaults: no blobs, and a blob store that refuses.
+//!
+//! **Re-seeding.** A standby that fell behind the primary's retention bound is re-seeded: each
+//! of its resources gets a copy of the primary's content, key by key through the inventory
+//! keys (`read_entry` on the primary, `write_entry` here for every key whose digest differs,
+//! `remove_entry` for every key the primary lacks, in any order), and its applied LSN is set to a
+//! position P of the primary's journal; replay from P + 1 then makes the copy exact. The copy
+//! may be fuzzy: every transaction decided before P had finished phase 2 before the copy
+//! started, and every redo after P sets final values by key again, in order. The three changes
+//! (`write_entry`, `remove_entry`, `set_applied_lsn`) are refused while the resource holds
+//! prepared branches (a standby has none); `read_entry` is not, as it runs on the primary, which
+//! has prepared branches whenever transactions are in flight, and reads committed content. The files,
+//! mail, kv and PostgreSQL resources implement them; the defaults refuse ("this resource
+//! cannot be re-seeded").
 //!
 //! **Fences and owners.** Commit and rollback carry no epoch, so the contract says who owns a
 //! branch by how the caller reaches it. After [`Resource::fence`]`(E)` returns: a prepare that
@@ -119,6 +136,14 @@ pub(crate) fn check_inventory_size(resource: &str, count: usize) -> Result<(), R
         ));
     }
     Ok(())
+}
+
+/// The refusal of a re-seeding call by a resource that does not implement it.
+fn cannot_reseed(resource: &str, key: &str) -> ResourceError {
+    ResourceError::rejected(
+        resource,
+        format!("entry {key:?}: this resource cannot be re-seeded"),
+    )
 }
 
 /// What a blob collection did ([`Resource::collect_blobs`]).
@@ -241,6 +266,45 @@ pub trait Resource: Send + Sync + 'static {
         ))
     }
 
+    /// The content under the inventory key `key` ([`Resource::inventory`]), streamed (read it
+    /// on the blocking pool: the reader blocks), or `None` when the key is absent. Its blake3
+    /// hash is the inventory's digest for the key (as the content is when read). A malformed
+    /// key, or one leading out of the resource, is refused. Not refused while branches are
+    /// prepared: a re-seed reads the primary, whose prepared branches have changed nothing it
+    /// reads yet. The default refuses: this resource cannot be re-seeded.
+    async fn read_entry(&self, key: &str) -> Result<Option<BlobContent>, ResourceError> {
+        Err(cannot_reseed(self.name(), key))
+    }
+
+    /// Sets the inventory key `key` to `content` (streamed, through a bounded buffer; read on
+    /// the blocking pool), durably when it returns, for a re-seed (see the crate docs): the
+    /// resource's inventory then shows `key` with the blake3 hash of `content`. The change is
+    /// not captured for replication (PostgreSQL: applied with `concord.replaying` on). A
+    /// malformed key, or one leading out of the resource (files: `..`, absolute, through a
+    /// symlink), is refused; so is the call while the resource holds prepared branches. The
+    /// default refuses: this resource cannot be re-seeded.
+    async fn write_entry(&self, key: &str, content: BlobContent) -> Result<(), ResourceError> {
+        drop(content);
+        Err(cannot_reseed(self.name(), key))
+    }
+
+    /// Removes the inventory key `key`, durably when it returns; an absent key is fine. Refused
+    /// as [`Resource::write_entry`] is. The default refuses: this resource cannot be re-seeded.
+    async fn remove_entry(&self, key: &str) -> Result<(), ResourceError> {
+        Err(cannot_reseed(self.name(), key))
+    }
+
+    /// Stores `lsn` as the applied LSN ([`Resource::applied_lsn`]), durably — also when it is
+    /// lower than the current one: a re-seed restarts replay after `lsn`. Refused while the
+    /// resource holds prepared branches. The default refuses: this resource cannot be
+    /// re-seeded.
+    async fn set_applied_lsn(&self, lsn: Lsn) -> Result<(), ResourceError> {
+        Err(ResourceError::rejected(
+            self.name(),
+            format!("applied lsn {lsn}: this resource cannot be re-seeded"),
+        ))
+    }
+
     /// The blobs `redo` (as returned by prepare) names by content hash, each once: a standby
     /// must hold them before it replays the redo, so replication ships them first
     /// ([`Resource::open_blob`] here, [`Resource::put_blob`] there). A malformed redo is
@@ -287,45 +351,6 @@ pub trait Resource: Send + Sync + 'static {
     ) -> Result<BlobsCollected, ResourceError> {
         let _ = retained;
         Ok(BlobsCollected::default())
-    }
-
-    /// Re-seeding: the content under inventory key `key`, streamed; `None` when absent. The
-    /// default refuses: this resource cannot be re-seeded.
-    async fn read_entry(&self, key: &str) -> Result<Option<BlobContent>, ResourceError> {
-        let _ = key;
-        Err(ResourceError::rejected(
-            self.name(),
-            "this resource cannot be re-seeded",
-        ))
-    }
-
-    /// Re-seeding: sets inventory key `key` to `content` (durable when it returns). The
-    /// default refuses.
-    async fn write_entry(&self, key: &str, content: BlobContent) -> Result<(), ResourceError> {
-        let _ = (key, content);
-        Err(ResourceError::rejected(
-            self.name(),
-            "this resource cannot be re-seeded",
-        ))
-    }
-
-    /// Re-seeding: removes inventory key `key` (absent: fine). The default refuses.
-    async fn remove_entry(&self, key: &str) -> Result<(), ResourceError> {
-        let _ = key;
-        Err(ResourceError::rejected(
-            self.name(),
-            "this resource cannot be re-seeded",
-        ))
-    }
-
-    /// Re-seeding: stores `lsn` as the applied LSN, also below the current one. The default
-    /// refuses.
-    async fn set_applied_lsn(&self, lsn: Lsn) -> Result<(), ResourceError> {
-        let _ = lsn;
-        Err(ResourceError::rejected(
-            self.name(),
-            "this resource cannot be re-seeded",
-        ))
     }
 
     /// A cheap probe of whether the resource can do its work now: `Ok` when it answers, the

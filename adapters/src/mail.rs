@@ -46,6 +46,10 @@
 //! * **Inventory.** [`Resource::inventory`] lists every message in `new/` and `cur/` by its
 //!   name (without the directory and without a reader's `:2,…` info) with the blake3 hash of
 //!   its content.
+//! * **Re-seeding.** [`Resource::read_entry`], [`Resource::write_entry`] and
+//!   [`Resource::remove_entry`] read, deliver and remove one message by its inventory key,
+//!   streamed and durably; [`Resource::set_applied_lsn`] sets the applied LSN a re-seeded
+//!   standby replays after (the `reseed` module).
 //!
 //! [`MailResource`] is the resource ([`MailResource::open`], [`MailConfig`]); a [`MailBranch`]
 //! is an application's handle on one branch; [`RedoEntry`] with [`encode_redo`] and
@@ -53,7 +57,7 @@
 //! fence and replay run the branch lifecycle the resources share (`internal::lifecycle`); the
 //! `steps` module holds the mail resource's own part of each. The rest is cut along its seams:
 //! `open` (the Maildir, the private area, the prepared branches), `enqueue` (messages into a
-//! branch, and prepare), `deliver` (commit, rollback and replay), `message` (the check and the
+//! branch, and prepare), `deliver` (commit, rollback and replay), `reseed` (a re-seed's entries), `message` (the check and the
 //! builder), `name`, `redo` and `log`.
 //!
 //! # On disk
@@ -154,6 +158,7 @@ use crate::internal::instance::{Instance, InstanceState, Shared, lock};
 use crate::internal::io::{blocking, log_error};
 use crate::internal::lifecycle;
 use crate::internal::lifecycle::Shell;
+use crate::internal::reseed as internal_reseed;
 use crate::internal::shipping;
 use crate::internal::state_file::encode_state;
 use crate::{
@@ -167,6 +172,7 @@ mod message;
 mod name;
 mod open;
 mod redo;
+mod reseed;
 mod steps;
 
 pub use message::{
@@ -456,6 +462,22 @@ impl Resource for MailResource {
 
     async fn applied_lsn(&self) -> Result<Lsn> {
         Instance::applied_lsn(&*self.inner)
+    }
+
+    async fn read_entry(&self, key: &str) -> Result<Option<BlobContent>> {
+        internal_reseed::read_entry(&self.inner, key).await
+    }
+
+    async fn write_entry(&self, key: &str, content: BlobContent) -> Result<()> {
+        internal_reseed::write_entry(&self.inner, key, content).await
+    }
+
+    async fn remove_entry(&self, key: &str) -> Result<()> {
+        internal_reseed::remove_entry(&self.inner, key).await
+    }
+
+    async fn set_applied_lsn(&self, lsn: Lsn) -> Result<()> {
+        internal_reseed::set_applied_lsn(&self.inner, lsn).await
     }
 
     fn redo_blobs(&self, redo: &[u8]) -> Result<Vec<BlobId>> {

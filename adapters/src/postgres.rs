@@ -49,6 +49,9 @@
 //! * **Replay** applies a redo's row images by primary key (`concord.apply_row`) in one
 //!   transaction, with `concord.replaying` on (the capture trigger stays quiet), together with
 //!   the LSN in `concord.applied`; an LSN at or below the applied one changes nothing.
+//! * **Re-seeding** reads, writes and removes one row by its inventory key
+//!   (`<table>/<primary key>`, content the row's canonical JSON), writing through the path
+//!   replay uses with `concord.replaying` on, and sets the applied LSN (the `reseed` module).
 //!
 //! The redo (version 1) is JSON: `{"v":1,"rows":[[table, op, pk, row], …]}` (one-phase redo
 //! adds `"txid"` and `"pid"`, which replay ignores), where `table` is the quoted
@@ -90,6 +93,7 @@
 //!   ([`PostgresResource::adopt_prepared`]), which finishes it by gid;
 //! * `fence` — the session lock, the fence lock and raising the epoch;
 //! * `replay` — the redo format ([`decode_redo`]) and its replay;
+//! * `reseed` — a re-seed's rows by inventory key, and the applied LSN it sets;
 //! * `connection` — connection settings, a bounded connect, the checks before the pool opens;
 //! * `secret` — connection strings without their password ([`redact_url`]);
 //! * `session` — the pool's sessions and the notices they hear; [`schema`] — the `concord`
@@ -109,6 +113,7 @@ mod inventory;
 mod one_phase;
 mod remote;
 mod replay;
+mod reseed;
 pub mod schema;
 mod secret;
 mod session;
@@ -118,6 +123,7 @@ pub use admin::{check_reachable, install, prepared_in, replicate};
 pub use branch::PgBranch;
 pub use remote::{ENLIST_REDO_BYTES_MAX, check_redo_text};
 pub use replay::decode_redo;
+pub use reseed::ROW_TEXT_BYTES_MAX;
 pub use secret::{redact_url, with_password};
 
 use branch::Slot;
@@ -136,7 +142,7 @@ use deadpool_postgres::{
 use tokio_postgres::SimpleQueryMessage;
 use tokio_postgres::error::SqlState;
 
-use crate::{Epoch, Lsn, OnePhaseOutcome, Resource, ResourceError, Vote, Xid};
+use crate::{BlobContent, Epoch, Lsn, OnePhaseOutcome, Resource, ResourceError, Vote, Xid};
 use session::{NoticeConnect, Session, Sessions};
 
 type Result<T, E = ResourceError> = std::result::Result<T, E>;
@@ -380,6 +386,22 @@ impl Resource for PostgresResource {
 
     async fn applied_lsn(&self) -> Result<Lsn> {
         self.read_applied_lsn().await
+    }
+
+    async fn read_entry(&self, key: &str) -> Result<Option<BlobContent>> {
+        self.read_row_entry(key).await
+    }
+
+    async fn write_entry(&self, key: &str, content: BlobContent) -> Result<()> {
+        self.write_row_entry(key, content).await
+    }
+
+    async fn remove_entry(&self, key: &str) -> Result<()> {
+        self.remove_row_entry(key).await
+    }
+
+    async fn set_applied_lsn(&self, lsn: Lsn) -> Result<()> {
+        self.store_applied_lsn(lsn).await
     }
 }
 

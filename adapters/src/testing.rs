@@ -50,7 +50,7 @@ pub trait Subject: Send + Sync {
     /// standby storage.
     async fn open_standby(&self) -> Arc<dyn Resource>;
 
-    /// Opens replica `n` (1, 2, …; the suite uses 1 to 7): one more instance of the same kind with storage of its own,
+    /// Opens replica `n` (1, 2, …; the suite uses 1 to 9): one more instance of the same kind with storage of its own,
     /// distinct from the primary's, the standby's and every other replica's, and empty the first
     /// time; called again (after the previous instance of it was dropped), it reopens the same
     /// storage.
@@ -159,6 +159,8 @@ pub async fn run_all(subject: &dyn Subject) {
     replay_batch_applies_once(subject).await;
     replay_batch_interrupted_resumes_exactly_once(subject).await;
     inventory_equal_after_replay(subject).await;
+    reseed_copies_an_instance_key_by_key(subject).await;
+    reseed_refuses_bad_keys_and_prepared_branches(subject).await;
     healthy_while_open_and_working(subject).await;
 }
 
@@ -888,6 +890,147 @@ pub async fn inventory_equal_after_replay(subject: &dyn Subject) {
     );
 }
 
+/// A re-seed, as a standby that fell behind gets it: writes committed on instance A (an empty
+/// replica playing the primary); instance B (another, with a key of its own that A lacks) gets
+/// A's content key by key — `remove_entry` of every key A lacks first, then `write_entry` of
+/// every key of A with A's `read_entry` content, whose blake3 is A's inventory digest — and
+/// then B's inventory equals A's. `set_applied_lsn(P)` sets the applied LSN, also below the
+/// current one, durably (after a reopen too); replaying A's later redo on B after P gives A's
+/// state again. A resource without an inventory passes if it refuses the four calls.
+pub async fn reseed_copies_an_instance_key_by_key(subject: &dyn Subject) {
+    let c = Check("reseed_copies_an_instance_key_by_key");
+    let a = subject.open_replica(8).await;
+    if !c.keeps_inventory(&a).await {
+        return;
+    }
+    for _ in 0..3 {
+        c.committed_redo(subject, &a, next_tag()).await;
+    }
+    let b = subject.open_replica(9).await;
+    let only_on_b = next_tag();
+    c.committed_redo(subject, &b, only_on_b).await;
+    let on_a = c.ok("inventory of A", a.inventory().await);
+    let on_b = c.ok("inventory of B", b.inventory().await);
+    let removed = c.remove_missing(&b, &on_a, &on_b).await;
+    c.ensure(!removed.is_empty(), "B had no key that A lacks");
+    for entry in &on_a {
+        c.copy_entry(&a, &b, entry).await;
+    }
+    let copied = c.ok("inventory of B", b.inventory().await);
+    c.ensure(
+        copied == on_a,
+        format!(
+            "after the re-seed the inventories differ in {:?}",
+            differing(&on_a, &copied)
+        ),
+    );
+    c.ensure(
+        !subject.visible(&b, only_on_b).await,
+        format!("effect {only_on_b}, removed by the re-seed, is still visible"),
+    );
+    for key in &removed {
+        let read = c.ok("read_entry of a removed key", b.read_entry(key).await);
+        c.ensure(
+            read.is_none(),
+            format!("key {key:?} is still there after remove_entry"),
+        );
+        c.ok("remove_entry of an absent key", b.remove_entry(key).await);
+    }
+
+    let p = Lsn(40);
+    c.ok("set_applied_lsn", b.set_applied_lsn(Lsn(p.0 + 10)).await);
+    c.ok("set_applied_lsn lower", b.set_applied_lsn(p).await);
+    c.ensure_applied(&b, p).await;
+    drop(b);
+    let b = subject.open_replica(9).await;
+    c.ensure_applied(&b, p).await;
+
+    let later = next_tag();
+    let redo = c.committed_redo(subject, &a, later).await;
+    c.ship(&a, &b, &redo).await;
+    c.ok(
+        "replay_batch after P",
+        b.replay_batch(&[(p.next(), redo)]).await,
+    );
+    c.ensure_applied(&b, p.next()).await;
+    c.ensure(
+        subject.visible(&b, later).await,
+        format!("effect {later}, replayed after the re-seed, is not visible"),
+    );
+    let on_a = c.ok("inventory of A", a.inventory().await);
+    let on_b = c.ok("inventory of B", b.inventory().await);
+    c.ensure(
+        on_a == on_b,
+        format!(
+            "after replay from P + 1 the inventories differ in {:?}",
+            differing(&on_a, &on_b)
+        ),
+    );
+}
+
+/// The re-seeding calls refuse (class Rejected, nothing changed) a key that is malformed or
+/// leads out of the resource (`../escape`, `/absolute`: malformed for every resource), and the
+/// three changes refuse while a branch is prepared, once it is resolved they work again; a read
+/// works while a branch is prepared (a re-seed reads the primary, which has such branches).
+pub async fn reseed_refuses_bad_keys_and_prepared_branches(subject: &dyn Subject) {
+    let c = Check("reseed_refuses_bad_keys_and_prepared_branches");
+    let r = subject.open_replica(9).await;
+    if !c.keeps_inventory(&r).await {
+        return;
+    }
+    for key in ["../escape", "/absolute"] {
+        c.ensure_rejected(
+            &format!("write_entry {key:?}"),
+            r.write_entry(key, content(b"x")).await,
+        );
+        c.ensure_rejected(
+            &format!("read_entry {key:?}"),
+            r.read_entry(key).await.map(drop),
+        );
+        c.ensure_rejected(&format!("remove_entry {key:?}"), r.remove_entry(key).await);
+    }
+    c.committed_redo(subject, &r, next_tag()).await;
+    let entries = c.ok("inventory", r.inventory().await);
+    let Some(entry) = entries.first() else {
+        c.fail("the inventory is empty after a commit")
+    };
+    let applied = c.ok("applied_lsn", r.applied_lsn().await);
+    let key = entry.key.as_str();
+    let bytes = c.read_all(c.entry_content(&r, key).await).await;
+    let bytes = c.ok("read the entry", bytes);
+    let xid = c.xid(&r).await;
+    c.prepare_writing(subject, &r, &xid, next_tag()).await;
+    c.ensure_rejected(
+        "write_entry while prepared",
+        r.write_entry(key, content(&bytes)).await,
+    );
+    let read = c.read_all(c.entry_content(&r, key).await).await;
+    c.ensure(
+        c.ok("read_entry while prepared", read) == bytes,
+        "read_entry while a branch is prepared (as on a primary) gave other content",
+    );
+    c.ensure_rejected("remove_entry while prepared", r.remove_entry(key).await);
+    c.ensure_rejected(
+        "set_applied_lsn while prepared",
+        r.set_applied_lsn(applied.next()).await,
+    );
+    c.ensure_applied(&r, applied).await;
+    c.ok("rollback", r.rollback(&xid).await);
+    c.ok(
+        "write_entry once resolved",
+        r.write_entry(key, content(&bytes)).await,
+    );
+    c.ensure(
+        c.ok("inventory", r.inventory().await) == entries,
+        "writing an entry with its own content changed the inventory",
+    );
+}
+
+/// `bytes` as the content of a write.
+fn content(bytes: &[u8]) -> crate::BlobContent {
+    Box::new(std::io::Cursor::new(bytes.to_vec()))
+}
+
 /// The inventory of `r`, or `None` when it keeps none.
 async fn inventory_of(r: &Arc<dyn Resource>) -> Option<Vec<InventoryEntry>> {
     r.inventory().await.ok()
@@ -1159,6 +1302,68 @@ impl Check {
             Err(e) => self.fail(format!("{step} failed with {e:?}, not a refusal")),
             Ok(()) => self.fail(format!("{step} was not refused")),
         }
+    }
+
+    /// Whether `r` keeps an inventory; one that does not must refuse the re-seeding calls.
+    async fn keeps_inventory(&self, r: &Arc<dyn Resource>) -> bool {
+        match r.inventory().await {
+            Ok(_) => true,
+            Err(e) if e.class() == ErrorClass::Rejected => {
+                self.ensure_rejected("read_entry", r.read_entry("k").await.map(drop));
+                self.ensure_rejected("write_entry", r.write_entry("k", content(b"x")).await);
+                self.ensure_rejected("remove_entry", r.remove_entry("k").await);
+                self.ensure_rejected("set_applied_lsn", r.set_applied_lsn(Lsn(1)).await);
+                false
+            }
+            Err(e) => self.fail(format!("inventory: {e}")),
+        }
+    }
+
+    /// Removes from `b` every key of `on_b` that `on_a` lacks; the keys removed.
+    async fn remove_missing(
+        &self,
+        b: &Arc<dyn Resource>,
+        on_a: &[InventoryEntry],
+        on_b: &[InventoryEntry],
+    ) -> Vec<String> {
+        let mut removed = Vec::new();
+        for entry in on_b {
+            if on_a.binary_search_by(|e| e.key.cmp(&entry.key)).is_err() {
+                self.ok("remove_entry", b.remove_entry(&entry.key).await);
+                removed.push(entry.key.clone());
+            }
+        }
+        removed
+    }
+
+    /// The content of `key` on `r`, which must be there.
+    async fn entry_content(&self, r: &Arc<dyn Resource>, key: &str) -> crate::BlobContent {
+        match self.ok("read_entry", r.read_entry(key).await) {
+            Some(content) => content,
+            None => self.fail(format!(
+                "read_entry of {key:?}, listed by the inventory, found nothing"
+            )),
+        }
+    }
+
+    /// Copies `entry` from `a` to `b`, checking that what `a` reads hashes to its digest.
+    async fn copy_entry(
+        &self,
+        a: &Arc<dyn Resource>,
+        b: &Arc<dyn Resource>,
+        entry: &InventoryEntry,
+    ) {
+        let bytes = self.read_all(self.entry_content(a, &entry.key).await).await;
+        let bytes = self.ok("read the entry", bytes);
+        self.ensure(
+            *blake3::hash(&bytes).as_bytes() == entry.digest,
+            format!(
+                "the content read_entry gives for {:?} does not hash to its inventory digest",
+                entry.key
+            ),
+        );
+        let streamed = self.entry_content(a, &entry.key).await;
+        self.ok("write_entry", b.write_entry(&entry.key, streamed).await);
     }
 
     /// Inventory entries are sorted by key, each key once.

@@ -1384,3 +1384,42 @@ async fn health_fails_once_a_maildir_directory_is_gone() {
     fs::create_dir(dir.path().join("new")).unwrap();
     r.health().await.unwrap();
 }
+
+/// Re-seeding by message name: a message a reader moved to `cur/` (with its flags) is read
+/// there and delivered into `new/` on the other site, where a stale entry of the same name in
+/// `cur/` goes; the inventories are then equal. A key that is not a message name is refused.
+#[tokio::test]
+async fn reseed_copies_messages_seen_by_a_reader() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (open(&dir.path().join("a")), open(&dir.path().join("b")));
+    let (_, names, _) = commit_messages(&a, &[&message("seen"), &message("unseen")]).await;
+    let seen = &names[0];
+    fs::rename(
+        a.maildir().join("new").join(seen),
+        a.maildir().join("cur").join(format!("{seen}:2,S")),
+    )
+    .unwrap();
+    fs::write(
+        b.maildir().join("cur").join(format!("{seen}:2,RS")),
+        b"stale",
+    )
+    .unwrap();
+    let on_a = a.inventory().await.unwrap();
+    assert_eq!(on_a.len(), 2);
+    for entry in &on_a {
+        let content = a.read_entry(&entry.key).await.unwrap().unwrap();
+        b.write_entry(&entry.key, content).await.unwrap();
+    }
+    assert_eq!(b.inventory().await.unwrap(), on_a);
+    assert!(b.maildir().join("new").join(seen).exists());
+    assert_eq!(fs::read_dir(b.maildir().join("cur")).unwrap().count(), 0);
+    b.remove_entry(seen).await.unwrap();
+    assert!(b.read_entry(seen).await.unwrap().is_none());
+    assert_eq!(b.inventory().await.unwrap().len(), 1);
+    for bad in ["a/b", ".hidden", "x:2,S", ""] {
+        rejected(
+            b.write_entry(bad, Box::new(io::Cursor::new(b"x".to_vec())))
+                .await,
+        );
+    }
+}

@@ -288,3 +288,37 @@ async fn rows_replayed_in_a_batch_give_the_primary_s_inventory_defaults_and_sequ
     standby.replay_batch(&batch).await.unwrap();
     assert_eq!(standby.inventory().await.unwrap(), on_primary);
 }
+
+const AMOUNTS: &str = "CREATE TABLE amounts (
+    id integer PRIMARY KEY,
+    value numeric NOT NULL,
+    small double precision NOT NULL)";
+
+/// A `numeric` holds more digits than an `f64`: replay hands the row images to the server as
+/// the redo's text, so the standby's row is the primary's, digit for digit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_keeps_every_digit_of_a_numeric() {
+    let (primary_url, primary_db) = database("digits_primary", AMOUNTS, &["amounts"]).await;
+    let (standby_url, standby_db) = database("digits_standby", AMOUNTS, &["amounts"]).await;
+    let primary = open(&primary_url).await;
+    let redo = committed_redo(
+        &primary,
+        "INSERT INTO amounts VALUES
+            (1, 123456789012345678901234567890.50, 0.1),
+            (2, 12.50, 1e-300),
+            (3, -0.000000000000000000000000000001, 123456789.123456789)",
+    )
+    .await;
+    let standby = open(&standby_url).await;
+    standby.replay(&redo, Lsn(1)).await.unwrap();
+    let cluster = PgCluster::shared();
+    let rows = "SELECT id, value::text, small::text FROM amounts ORDER BY id";
+    assert_eq!(
+        cluster.psql(&standby_db, rows).unwrap(),
+        cluster.psql(&primary_db, rows).unwrap()
+    );
+    assert_eq!(
+        standby.inventory().await.unwrap(),
+        primary.inventory().await.unwrap()
+    );
+}

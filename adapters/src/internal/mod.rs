@@ -23,6 +23,8 @@
 //!   resolution record.
 //! * [`pauses`] — pauses a test arms inside an operation, to run a race deterministically.
 //! * [`shipping`] — blobs shipped from one instance's store into another's.
+//! * [`reseed`] — re-seeding a standby key by key: the shells of `read_entry`, `write_entry`,
+//!   `remove_entry` and `set_applied_lsn`, with the per-resource hooks of [`reseed::Reseed`].
 //! * [`reader`] — the bounds-checked reader of the byte encodings (redo, batch).
 //!
 //! # Implementation caveats
@@ -39,5 +41,6 @@ pub(crate) mod lifecycle;
 pub(crate) mod locks;
 pub(crate) mod pauses;
 pub(crate) mod reader;
+pub(crate) mod reseed;
 pub(crate) mod shipping;
 pub(crate) mod state_file;

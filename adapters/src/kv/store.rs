@@ -294,6 +294,24 @@ impl Store {
         Ok(applied)
     }
 
+    /// Sets `key` of the data tree to `value` (`None`: removes it) for a re-seed, and syncs.
+    pub(super) fn set_entry(&self, key: &[u8], value: Option<&[u8]>) -> Result<()> {
+        match value {
+            Some(value) => self.data.insert(key, value).map(drop),
+            None => self.data.remove(key).map(drop),
+        }
+        .map_err(|e| self.error("re-seed an entry of", e))?;
+        self.sync()
+    }
+
+    /// Stores `lsn` as the applied LSN (also below the current one: a re-seed), and syncs.
+    pub(super) fn set_applied(&self, lsn: Lsn) -> Result<()> {
+        self.meta
+            .insert(APPLIED_KEY, &encode_meta(lsn.0)[..])
+            .map_err(|e| self.error("store the applied lsn in", e))?;
+        self.sync()
+    }
+
     /// Every key of the data tree with the blake3 hash of its value, in key order (sled's
     /// iterator reads one page at a time); refused beyond `INVENTORY_ENTRIES_MAX`.
     pub(super) fn inventory(&self) -> Result<Vec<(Vec<u8>, [u8; 32])>> {

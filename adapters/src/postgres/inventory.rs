@@ -23,6 +23,11 @@
 use super::{Inner, Result};
 use crate::{InventoryEntry, check_inventory_size};
 
+/// The session settings under which a row's `to_jsonb` text is canonical (the same on both
+/// sites), set for the transaction that reads it (the inventory's, a re-seed's).
+pub(super) const CANONICAL_SETTINGS: &str = "SET LOCAL TimeZone = 'UTC'; SET LOCAL IntervalStyle = 'postgres'; \
+     SET LOCAL extra_float_digits = 1; SET LOCAL bytea_output = 'hex'";
+
 /// Rows fetched from the cursor at a time.
 const FETCH_ROWS: i64 = 5000;
 
@@ -37,12 +42,9 @@ impl Inner {
             .start()
             .await
             .map_err(|e| self.db("begin the inventory", &e))?;
-        tx.batch_execute(
-            "SET LOCAL TimeZone = 'UTC'; SET LOCAL IntervalStyle = 'postgres';
-             SET LOCAL extra_float_digits = 1; SET LOCAL bytea_output = 'hex'",
-        )
-        .await
-        .map_err(|e| self.db("begin the inventory", &e))?;
+        tx.batch_execute(CANONICAL_SETTINGS)
+            .await
+            .map_err(|e| self.db("begin the inventory", &e))?;
         let tables = tx
             .query(
                 "SELECT tbl, pk_cols FROM concord.replicated

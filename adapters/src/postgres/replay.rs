@@ -4,7 +4,9 @@
 //! (one-phase redo adds `"txid"` and `"pid"`, which replay ignores). Replay applies the row
 //! images by primary key (`concord.apply_row`) in one transaction with `concord.replaying` on,
 //! together with the LSN in `concord.applied`; an LSN at or below the applied one changes
-//! nothing, so replaying twice is a no-op.
+//! nothing, so replaying twice is a no-op. The redos go to the server as their text and are
+//! parsed there: parsed here, a `numeric` or `double precision` would pass through `f64` and
+//! lose digits.
 //!
 //! # Implementation caveats
 //!
@@ -89,17 +91,19 @@ impl Inner {
             .iter()
             .filter(|(lsn, _)| i64::try_from(lsn.0).is_ok_and(|l| l > applied))
             .collect();
-        let images: Vec<serde_json::Value> = pending
-            .iter()
-            .flat_map(|(_, rows)| rows.iter().map(row_json))
-            .collect();
-        // The set-returning function yields the images in array order, and each is applied as
-        // it is produced: journal order.
+        // The redos go to the server as their text, parsed there: parsed here, a `numeric` or a
+        // `double precision` would pass through `f64` and lose digits. The images are gathered
+        // into one array in journal order (redo by redo, row by row), and the set-returning
+        // function yields them in array order, each applied as it is produced.
+        let texts = pending_texts(batch, applied);
         let apply = "SELECT concord.apply_row(r ->> 0, (r ->> 1)::\"char\", r -> 2, r -> 3)
-                     FROM jsonb_array_elements($1::jsonb) AS r";
-        let images = serde_json::Value::Array(images);
+                     FROM jsonb_array_elements((
+                         SELECT coalesce(jsonb_agg(i.image ORDER BY d.n, i.m), '[]')
+                         FROM unnest($1::text[]) WITH ORDINALITY AS d(redo, n),
+                              jsonb_array_elements(d.redo::jsonb -> 'rows') WITH ORDINALITY AS i(image, m)
+                     )) AS r";
         let applied_rows = self
-            .timed_in(session, "replay the rows", tx.execute(apply, &[&images]))
+            .timed_in(session, "replay the rows", tx.execute(apply, &[&texts]))
             .await?;
         if let Err(e) = applied_rows {
             drop(tx);
@@ -148,10 +152,13 @@ fn lsn_value(inner: &Inner, lsn: Lsn) -> Result<i64> {
     i64::try_from(lsn.0).map_err(|_| inner.rejected(format!("lsn {lsn} is out of range")))
 }
 
-/// A row image as the JSON array `[table, op, pk, row]` that `concord.apply_row` takes.
-fn row_json(row: &RowImage) -> serde_json::Value {
-    let (table, op, pk, image) = row;
-    serde_json::json!([table, op, pk, image])
+/// The text of each redo of `batch` above `applied`, in order (each decoded already, so UTF-8).
+fn pending_texts(batch: &[(Lsn, Vec<u8>)], applied: i64) -> Vec<&str> {
+    batch
+        .iter()
+        .filter(|(lsn, _)| i64::try_from(lsn.0).is_ok_and(|l| l > applied))
+        .filter_map(|(_, redo)| std::str::from_utf8(redo).ok())
+        .collect()
 }
 
 /// Encodes captured rows, given as the JSON text of an array of `[table, op, pk, row]`, as a
