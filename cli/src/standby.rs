@@ -284,20 +284,32 @@ async fn serve(cfg: Config, standby: StandbyConfig, replaying: bool) -> anyhow::
         .flush()
         .context("write to standard output")?;
 
+    let mut received = false;
+    let mut replayed = false;
     let failure = tokio::select! {
         signal = daemon::wait_for_signal(&mut signals) => {
             tracing::info!("{signal}: stopping");
             None
         }
-        ended = &mut receiving => Some(format!("the receiver stopped: {}", ended_reason(ended))),
-        ended = &mut replaying_task => Some(format!("replay stopped: {}", ended_reason(ended))),
+        ended = &mut receiving => {
+            received = true;
+            Some(format!("the receiver stopped: {}", ended_reason(ended)))
+        }
+        ended = &mut replaying_task => {
+            replayed = true;
+            Some(format!("replay stopped: {}", ended_reason(ended)))
+        }
     };
     let _ = stop_tx.send(true);
     publisher.abort();
     let deadline = Duration::from_secs(30);
     let _ = tokio::time::timeout(deadline, async {
-        let _ = (&mut receiving).await;
-        let _ = (&mut replaying_task).await;
+        if !received {
+            let _ = (&mut receiving).await;
+        }
+        if !replayed {
+            let _ = (&mut replaying_task).await;
+        }
     })
     .await;
     let _ = tokio::time::timeout(Duration::from_secs(5), server).await;

@@ -579,6 +579,11 @@ fn last_position(journal: &Journal) -> Result<(Epoch, Lsn, Option<ChainHash>), R
     if durable == Lsn(0) {
         return Ok((Epoch(0), durable, Some(ChainHash::GENESIS)));
     }
+    if durable < journal.oldest_lsn() {
+        // A re-seeded journal with no record yet: it continues the primary's history after
+        // `durable`, and its first record's chain value is checked as it is appended.
+        return Ok((Epoch(0), durable, None));
+    }
     match journal.read_from(durable)?.next() {
         Some(record) => {
             let record = record?;
