@@ -816,6 +816,23 @@ impl Journal {
         JournalReader::new(segments, from, upto, self.shared.config.record_bytes_max)
     }
 
+    /// Extends `reader` (made by [`Journal::read_from`] on this journal) to the durable LSN
+    /// now: the records made durable since it was made, or since the last call, are yielded
+    /// next, without reading again what it read — what a follower of the journal (a primary's
+    /// shipping, a standby's replay) uses instead of a new reader each time, which would read
+    /// its segment again from the start to check the chain.
+    pub fn follow(&self, reader: &mut JournalReader) {
+        // The durable LSN first, as in `read_from`.
+        let upto = self.durable_lsn();
+        let segments = self
+            .shared
+            .segments
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        reader.extend(segments, upto);
+    }
+
     /// Asks for the next record to start a new segment if the one being written then holds at
     /// least `min_bytes` (headers included; at least one record). A checkpoint that can only
     /// remove whole segments uses it, so that the records it no longer needs do not stay in

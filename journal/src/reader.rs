@@ -24,6 +24,8 @@ pub struct JournalReader {
     expect: Option<(Lsn, ChainHash)>,
     record_bytes_max: u64,
     failed: bool,
+    /// The first LSN of the segment opened last (to find the next one in a refreshed list).
+    opened: Option<Lsn>,
 }
 
 impl JournalReader {
@@ -52,7 +54,22 @@ impl JournalReader {
             expect: None,
             record_bytes_max,
             failed: false,
+            opened: None,
         })
+    }
+
+    /// Goes on to `upto` (at least the current end) over `segments`, a newer list of the
+    /// journal's segments: the records made durable since are yielded next, and nothing is
+    /// read again ([`crate::Journal::follow`]).
+    pub(crate) fn extend(&mut self, segments: Vec<SegmentFile>, upto: Lsn) {
+        self.next_segment = match self.opened {
+            Some(first) => segments.partition_point(|s| s.first_lsn <= first),
+            None => segments
+                .partition_point(|s| s.first_lsn <= self.from)
+                .saturating_sub(1),
+        };
+        self.segments = segments;
+        self.upto = self.upto.max(upto);
     }
 
     /// The last LSN this reader will yield.
@@ -65,6 +82,7 @@ impl JournalReader {
             return Ok(false);
         };
         self.next_segment += 1;
+        self.opened = Some(seg.first_lsn);
         let (reader, header) =
             SegmentReader::open(&seg.path, self.record_bytes_max).map_err(|e| match e {
                 JournalError::Io { source, .. }

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use adapters::{BlobId, Resource};
 use coordinator::record::{self, CoordRecord};
-use journal::{Journal, Lsn, Record};
+use journal::{JournalReader, Lsn, Record};
 use proto::v1;
 use tokio::sync::mpsc;
 use tonic::{Status, Streaming};
@@ -189,6 +189,9 @@ impl Shipper {
         let mut next = start.from;
         let mut resume = start.resume;
         let mut sent_blobs = HashSet::new();
+        // One reader follows the journal: a new one would read its segment again from the
+        // start to check the chain.
+        let mut reader = journal.read_from(next)?;
         loop {
             if next > journal.durable_lsn() {
                 let waited = tokio::time::timeout(
@@ -211,7 +214,9 @@ impl Shipper {
                 }
                 continue;
             }
-            let records = read_batch(journal, next).await?;
+            journal.follow(&mut reader);
+            let (records, back) = read_batch(reader).await?;
+            reader = back;
             let mut batch = Vec::new();
             let mut bytes = 0;
             for record in records {
@@ -302,13 +307,15 @@ fn take_resume(resume: &mut Option<v1::BlobResume>, resource: &str, id: &BlobId)
     }
 }
 
-/// Reads the next records from `from` on (bounded in count and bytes), on the blocking pool.
-async fn read_batch(journal: &Journal, from: Lsn) -> Result<Vec<Record>, ReplicationError> {
-    let reader = journal.read_from(from)?;
+/// Reads the next records of `reader` (bounded in count and bytes), on the blocking pool, and
+/// hands the reader back.
+async fn read_batch(
+    mut reader: JournalReader,
+) -> Result<(Vec<Record>, JournalReader), ReplicationError> {
     tokio::task::spawn_blocking(move || {
         let mut out = Vec::new();
         let mut bytes = 0;
-        for record in reader {
+        for record in reader.by_ref() {
             let record = record?;
             bytes += record.payload.len();
             out.push(record);
@@ -316,7 +323,7 @@ async fn read_batch(journal: &Journal, from: Lsn) -> Result<Vec<Record>, Replica
                 break;
             }
         }
-        Ok::<_, ReplicationError>(out)
+        Ok::<_, ReplicationError>((out, reader))
     })
     .await
     .map_err(|e| ReplicationError::Protocol(format!("the journal reader failed: {e}")))?

@@ -42,7 +42,7 @@ use coordinator::record::CoordRecord;
 use coordinator::retention::JournalBlobs;
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
-use journal::{Journal, Lsn};
+use journal::{Journal, JournalReader, Lsn};
 use tokio::sync::watch;
 
 use crate::error::ReplicationError;
@@ -144,13 +144,16 @@ impl Replay {
         let mut last_checkpoint = Instant::now();
         let mut last_collect = Instant::now();
         let mut written_floor = floor;
+        let mut follower = None;
         loop {
             if *stop.borrow() {
                 break;
             }
             let read_more = machine.queued_bytes() < READ_AHEAD_BYTES_MAX
                 && self.journal.durable_lsn() > machine.scanned();
-            if read_more && let Err(e) = self.read(&mut machine, &mut ledger).await {
+            if read_more
+                && let Err(e) = self.read(&mut machine, &mut ledger, &mut follower).await
+            {
                 self.stop_all(&e);
                 return Err(e);
             }
@@ -202,19 +205,27 @@ impl Replay {
         &self,
         machine: &mut ReplayMachine,
         ledger: &mut Ledger,
+        follower: &mut Option<JournalReader>,
     ) -> Result<(), ReplicationError> {
-        let journal = Arc::clone(&self.journal);
-        let from = machine.scanned().next();
-        let records = tokio::task::spawn_blocking(move || {
-            let reader = journal.read_from(from)?;
+        // One reader follows the journal (a new one would read its segment again from the
+        // start to check the chain).
+        let mut reader = match follower.take() {
+            Some(mut reader) => {
+                self.journal.follow(&mut reader);
+                reader
+            }
+            None => self.journal.read_from(machine.scanned().next())?,
+        };
+        let (records, reader) = tokio::task::spawn_blocking(move || {
             let mut out = Vec::new();
-            for record in reader.take(READ_RECORDS_MAX) {
+            for record in reader.by_ref().take(READ_RECORDS_MAX) {
                 out.push(record?);
             }
-            Ok::<_, journal::JournalError>(out)
+            Ok::<_, journal::JournalError>((out, reader))
         })
         .await
         .map_err(|e| ReplicationError::Protocol(format!("the journal reader failed: {e}")))??;
+        *follower = Some(reader);
         for record in records {
             let lsn = record.lsn;
             let decoded = CoordRecord::decode(record.kind, &record.payload).map_err(|e| {
