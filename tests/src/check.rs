@@ -1,0 +1,257 @@
+//! The checker: are both sites equal, resource by resource and key by key?
+//!
+//! [`wait_caught_up`] first waits (with a deadline) until the standby's `concord status --json`
+//! shows `replication.replayed_lsn` at or above the primary's `replication.durable_lsn`. Then,
+//! after both processes are stopped, [`Snapshot::take`] reads each site's stores offline, the
+//! way the contract's `Resource::inventory` keys them, and [`Snapshot::differences`] lists
+//! every difference as `resource key: what`:
+//! * `uploads` — every file under the root but concord's private area (`.concord`), by its
+//!   `/`-separated relative path, digest blake3 of the bytes;
+//! * `mail` — every message file of `new/` and `cur/`, by its file name, blake3 of the bytes
+//!   (a message delivered twice under two names shows as a count difference too);
+//! * `index` — every key of the sled directory's data tree (`adapters::kv::DATA_TREE`), in
+//!   lower-case hex, blake3 of the value;
+//! * `orders` — every row of `public.orders`, keyed `public.orders/<id>`, blake3 of the row as
+//!   PostgreSQL's `row_to_json` text.
+//!
+//! [`compare_command`] runs `concord compare` on both configurations too, when the binary has
+//! the command (it says so on standard error when it does not).
+//!
+//! Implementation caveats: the snapshot reads the stores directly rather than through
+//! `Resource::inventory`, so that it does not trust the code under test to list its own data;
+//! a half-written file shows as a digest difference.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use crate::process::{self, POLL_MS};
+use crate::site::Site;
+use crate::workload::Acked;
+
+/// How long a standby may take to replay what the primary has durable.
+pub const CATCH_UP_MS_MAX: u64 = 60_000;
+
+/// Every key of every resource of one site, with its digest.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    /// Resource name → key → digest.
+    pub resources: BTreeMap<String, BTreeMap<String, [u8; 32]>>,
+}
+
+impl Snapshot {
+    /// Reads the stopped `site`'s stores.
+    pub fn take(site: &Site) -> Snapshot {
+        let data = site.data_dir();
+        let mut resources = BTreeMap::new();
+        resources.insert("uploads".to_string(), files(&data.join("uploads")));
+        resources.insert("mail".to_string(), mail(&data.join("mail")));
+        resources.insert("index".to_string(), kv(&data.join("index")));
+        if site.pg().is_some() {
+            let rows = site
+                .orders_rows()
+                .into_iter()
+                .map(|(id, row)| (format!("public.orders/{id}"), digest(row.as_bytes())))
+                .collect();
+            resources.insert("orders".to_string(), rows);
+        }
+        Snapshot { resources }
+    }
+
+    /// Every difference between this (the primary) and `standby`, by resource and key.
+    pub fn differences(&self, standby: &Snapshot) -> Vec<String> {
+        let mut found = Vec::new();
+        let empty = BTreeMap::new();
+        for (name, primary) in &self.resources {
+            let other = standby.resources.get(name).unwrap_or(&empty);
+            for (key, d) in primary {
+                match other.get(key) {
+                    None => found.push(format!("{name} {key}: only on the primary")),
+                    Some(o) if o != d => found.push(format!("{name} {key}: contents differ")),
+                    Some(_) => {}
+                }
+            }
+            for key in other.keys().filter(|k| !primary.contains_key(*k)) {
+                found.push(format!("{name} {key}: only on the standby"));
+            }
+        }
+        found
+    }
+
+    /// The number of keys of `resource`.
+    pub fn count(&self, resource: &str) -> usize {
+        self.resources.get(resource).map_or(0, BTreeMap::len)
+    }
+
+    /// Whether `resource` has `key` with `digest`.
+    pub fn has(&self, resource: &str, key: &str, digest: Option<[u8; 32]>) -> bool {
+        let found = self.resources.get(resource).and_then(|keys| keys.get(key));
+        match (found, digest) {
+            (Some(found), Some(digest)) => *found == digest,
+            (found, None) => found.is_some(),
+            (None, Some(_)) => false,
+        }
+    }
+
+    /// What of `acked` is missing here (after a sync-mode failover, the standby must hold all).
+    pub fn missing(&self, acked: &Acked) -> Vec<String> {
+        let mut missing = Vec::new();
+        let key = hex(&acked.key);
+        let checks = [
+            ("uploads", acked.file.clone(), Some(acked.file_digest)),
+            ("mail", acked.mail.clone(), None),
+            ("index", key, Some(digest(&acked.value))),
+        ];
+        for (resource, key, digest) in checks {
+            if !self.has(resource, &key, digest) {
+                missing.push(format!("{} ({}): {resource} {key}", acked.xid, acked.i));
+            }
+        }
+        if let Some(id) = acked.order_id
+            && !self.has("orders", &format!("public.orders/{id}"), None)
+        {
+            missing.push(format!("{} ({}): orders row {id}", acked.xid, acked.i));
+        }
+        missing
+    }
+}
+
+/// Panics with every difference unless the stopped sites are equal; returns both snapshots.
+pub fn assert_sites_equal(primary: &Site, standby: &Site) -> (Snapshot, Snapshot) {
+    let (p, s) = (Snapshot::take(primary), Snapshot::take(standby));
+    let found = p.differences(&s);
+    let shown: Vec<&String> = found.iter().take(40).collect();
+    assert!(
+        found.is_empty(),
+        "the sites differ in {} keys (first 40): {shown:#?}",
+        found.len()
+    );
+    (p, s)
+}
+
+/// blake3 of `bytes`.
+pub fn digest(bytes: &[u8]) -> [u8; 32] {
+    *blake3::hash(bytes).as_bytes()
+}
+
+/// Lower-case hex of `bytes`.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn files(root: &Path) -> BTreeMap<String, [u8; 32]> {
+    let mut found = BTreeMap::new();
+    walk(root, "", &mut found);
+    found
+}
+
+fn walk(dir: &Path, prefix: &str, found: &mut BTreeMap<String, [u8; 32]>) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries {
+        let entry = entry.unwrap_or_else(|e| panic!("list {}: {e}", dir.display()));
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if prefix.is_empty() && name == ".concord" {
+            continue;
+        }
+        let key = format!("{prefix}{name}");
+        let path = entry.path();
+        if path.is_dir() {
+            walk(&path, &format!("{key}/"), found);
+        } else {
+            found.insert(key, file_digest(&path));
+        }
+    }
+}
+
+fn file_digest(path: &Path) -> [u8; 32] {
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
+    digest(&bytes)
+}
+
+fn mail(maildir: &Path) -> BTreeMap<String, [u8; 32]> {
+    let mut found = BTreeMap::new();
+    for sub in ["new", "cur"] {
+        let dir = maildir.join(sub);
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries {
+            let entry = entry.unwrap_or_else(|e| panic!("list {}: {e}", dir.display()));
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let twice = found.insert(name.clone(), file_digest(&entry.path()));
+            assert!(twice.is_none(), "mail {name} is in both new/ and cur/");
+        }
+    }
+    found
+}
+
+fn kv(dir: &Path) -> BTreeMap<String, [u8; 32]> {
+    if !dir.exists() {
+        return BTreeMap::new();
+    }
+    let db = sled::open(dir).unwrap_or_else(|e| panic!("open sled {}: {e}", dir.display()));
+    let data = db
+        .open_tree(adapters::kv::DATA_TREE)
+        .unwrap_or_else(|e| panic!("open the data tree of {}: {e}", dir.display()));
+    data.iter()
+        .map(|item| {
+            let (key, value) = item.unwrap_or_else(|e| panic!("read sled {}: {e}", dir.display()));
+            (hex(&key), digest(&value))
+        })
+        .collect()
+}
+
+/// `replication.<field>` of a status, as a number.
+pub fn replication_lsn(status: &serde_json::Value, field: &str) -> Option<u64> {
+    status.get("replication")?.get(field)?.as_u64()
+}
+
+/// `replication.connected` of a status.
+pub fn connected(status: &serde_json::Value) -> Option<bool> {
+    status.get("replication")?.get("connected")?.as_bool()
+}
+
+/// Waits until the standby's `replayed_lsn` reaches the primary's `durable_lsn`, at most
+/// [`CATCH_UP_MS_MAX`]; panics with both statuses otherwise.
+pub fn wait_caught_up(primary: &Site, standby: &Site) {
+    let mut last = (None, None);
+    let caught_up = process::wait_until(CATCH_UP_MS_MAX, || {
+        let (p, s) = (primary.status(), standby.status());
+        let durable = p.as_ref().and_then(|p| replication_lsn(p, "durable_lsn"));
+        let replayed = s.as_ref().and_then(|s| replication_lsn(s, "replayed_lsn"));
+        last = (p, s);
+        std::thread::sleep(std::time::Duration::from_millis(POLL_MS * 5));
+        matches!((durable, replayed), (Some(d), Some(r)) if r >= d)
+    });
+    assert!(
+        caught_up,
+        "the standby did not replay up to the primary's durable LSN within {CATCH_UP_MS_MAX} ms: primary {:?}, standby {:?}; standby stderr: {}",
+        last.0,
+        last.1,
+        standby.process().stderr_tail()
+    );
+}
+
+/// Runs `concord compare --primary-config A --standby-config B --json` while both run;
+/// asserts exit 0. Says on standard error, and returns false, when the binary has no such
+/// command yet.
+pub fn compare_command(primary: &Site, standby: &Site) -> bool {
+    let (code, _, _) = process::run_concord(&["compare", "--help"], 30_000);
+    if code != Some(0) {
+        eprintln!("concord compare is not in this binary: the offline snapshot check alone runs");
+        return false;
+    }
+    let (a, b) = (primary.config_path(), standby.config_path());
+    let args = [
+        "compare",
+        "--primary-config",
+        a.to_str().expect("utf-8 path"),
+        "--standby-config",
+        b.to_str().expect("utf-8 path"),
+        "--json",
+    ];
+    let (code, stdout, stderr) = process::run_concord(&args, 120_000);
+    assert_eq!(code, Some(0), "concord compare: {stdout}{stderr}");
+    true
+}
