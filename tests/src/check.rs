@@ -57,6 +57,17 @@ impl Snapshot {
         Snapshot { resources }
     }
 
+    /// Every file under `dir` by relative path, as one resource named after the directory
+    /// (a journal's segments, to see that a refusal changed nothing).
+    pub fn take_dir(dir: &Path) -> Snapshot {
+        let name = dir
+            .file_name()
+            .map_or_else(String::new, |n| n.to_string_lossy().into_owned());
+        let mut resources = BTreeMap::new();
+        resources.insert(name, files(dir));
+        Snapshot { resources }
+    }
+
     /// Every difference between this (the primary) and `standby`, by resource and key.
     pub fn differences(&self, standby: &Snapshot) -> Vec<String> {
         let mut found = Vec::new();
