@@ -12,8 +12,9 @@
 //!   only the endpoints' keepalives can detect.
 //!
 //! [`FaultProxy::restore`] opens the link again. [`FaultProxy::forwarded_bytes`] counts the
-//! bytes forwarded from the target to the clients, so a test can cut while a large blob is in
-//! flight.
+//! bytes forwarded from the target to the clients, and [`FaultProxy::cut_after`] arms a cut at
+//! a byte count, taken by the forwarding task itself the moment it is reached: so a test cuts
+//! while a large blob is in flight, not after it went through.
 //!
 //! The proxy runs on a tokio runtime of its own, on a thread it owns: [`Drop`] cuts every
 //! connection, stops the accept loop and joins the thread.
@@ -49,9 +50,36 @@ pub enum Link {
 /// A running fault proxy; see the module docs.
 pub struct FaultProxy {
     addr: SocketAddr,
-    link: watch::Sender<Link>,
-    forwarded_bytes: Arc<AtomicU64>,
+    shared: Arc<Shared>,
     thread: Option<JoinHandle<()>>,
+}
+
+/// What the proxy's handle and its tasks share.
+struct Shared {
+    link: watch::Sender<Link>,
+    /// Bytes forwarded from the target to clients.
+    forwarded_bytes: AtomicU64,
+    /// The count of forwarded bytes at which the downstream task cuts the link (`u64::MAX`:
+    /// none armed).
+    cut_at_bytes: AtomicU64,
+}
+
+impl Shared {
+    /// How many of `n` bytes may go before an armed cut.
+    fn allowed(&self, n: usize) -> usize {
+        let cut_at = self.cut_at_bytes.load(Ordering::Relaxed);
+        let left = cut_at.saturating_sub(self.forwarded_bytes.load(Ordering::Relaxed));
+        n.min(usize::try_from(left).unwrap_or(usize::MAX))
+    }
+
+    /// Counts `n` forwarded bytes; takes an armed cut whose count is reached.
+    fn forwarded(&self, n: usize) {
+        let total = self.forwarded_bytes.fetch_add(n as u64, Ordering::Relaxed) + n as u64;
+        if total >= self.cut_at_bytes.load(Ordering::Relaxed) {
+            self.cut_at_bytes.store(u64::MAX, Ordering::Relaxed);
+            self.link.send_replace(Link::Cut);
+        }
+    }
 }
 
 impl FaultProxy {
@@ -68,8 +96,12 @@ impl FaultProxy {
             .expect("make the proxy's listener non-blocking");
         let addr = std_listener.local_addr().expect("the proxy's address");
         let (link, watching) = watch::channel(Link::Open);
-        let forwarded_bytes = Arc::new(AtomicU64::new(0));
-        let counter = forwarded_bytes.clone();
+        let shared = Arc::new(Shared {
+            link,
+            forwarded_bytes: AtomicU64::new(0),
+            cut_at_bytes: AtomicU64::new(u64::MAX),
+        });
+        let counter = shared.clone();
         let thread = std::thread::spawn(move || {
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
@@ -83,8 +115,7 @@ impl FaultProxy {
         });
         FaultProxy {
             addr,
-            link,
-            forwarded_bytes,
+            shared,
             thread: Some(thread),
         }
     }
@@ -101,28 +132,39 @@ impl FaultProxy {
 
     /// Closes every connection and refuses new ones.
     pub fn cut(&self) {
-        self.link.send_replace(Link::Cut);
+        self.shared.link.send_replace(Link::Cut);
+    }
+
+    /// Arms a cut taken once `bytes` more bytes have gone from the target to the clients.
+    pub fn cut_after(&self, bytes: u64) {
+        let at = self.forwarded_bytes().saturating_add(bytes);
+        self.shared.cut_at_bytes.store(at, Ordering::Relaxed);
+    }
+
+    /// The current state of the link.
+    pub fn link(&self) -> Link {
+        *self.shared.link.borrow()
     }
 
     /// Keeps connections open but forwards nothing.
     pub fn blackhole(&self) {
-        self.link.send_replace(Link::Blackhole);
+        self.shared.link.send_replace(Link::Blackhole);
     }
 
     /// Lets bytes flow again.
     pub fn restore(&self) {
-        self.link.send_replace(Link::Open);
+        self.shared.link.send_replace(Link::Open);
     }
 
     /// Bytes forwarded from the target to clients so far.
     pub fn forwarded_bytes(&self) -> u64 {
-        self.forwarded_bytes.load(Ordering::Relaxed)
+        self.shared.forwarded_bytes.load(Ordering::Relaxed)
     }
 }
 
 impl Drop for FaultProxy {
     fn drop(&mut self) {
-        self.link.send_replace(Link::Shutdown);
+        self.shared.link.send_replace(Link::Shutdown);
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
@@ -135,7 +177,7 @@ async fn accept_loop(
     listener: TcpListener,
     target: SocketAddr,
     mut link: watch::Receiver<Link>,
-    counter: Arc<AtomicU64>,
+    counter: Arc<Shared>,
 ) {
     let mut connections = tokio::task::JoinSet::new();
     loop {
@@ -164,7 +206,7 @@ async fn serve(
     client: TcpStream,
     target: SocketAddr,
     link: watch::Receiver<Link>,
-    counter: Arc<AtomicU64>,
+    counter: Arc<Shared>,
 ) {
     let Ok(server) = TcpStream::connect(target).await else {
         return;
@@ -173,9 +215,8 @@ async fn serve(
     let _ = server.set_nodelay(true);
     let (client_read, client_write) = client.into_split();
     let (server_read, server_write) = server.into_split();
-    let no_count = Arc::new(AtomicU64::new(0));
-    let up = pump(client_read, server_write, link.clone(), no_count);
-    let down = pump(server_read, client_write, link, counter);
+    let up = pump(client_read, server_write, link.clone(), None);
+    let down = pump(server_read, client_write, link, Some(counter));
     // Either direction ending (a close, an error, a cut) ends both: the sockets drop here.
     tokio::select! {
         _ = up => {}
@@ -183,13 +224,13 @@ async fn serve(
     }
 }
 
-/// Copies `from` to `to` while the link is open; holds while it is blackholed; returns when it
+/// Copies `from` to `to` (counting into `counter`, downstream) while the link is open; holds while it is blackholed; returns when it
 /// is cut, or at the end of `from`, or on an error.
 async fn pump(
     mut from: tokio::net::tcp::OwnedReadHalf,
     mut to: tokio::net::tcp::OwnedWriteHalf,
     mut link: watch::Receiver<Link>,
-    counter: Arc<AtomicU64>,
+    counter: Option<Arc<Shared>>,
 ) {
     let mut buf = vec![0u8; CHUNK_BYTES_MAX];
     loop {
@@ -208,10 +249,14 @@ async fn pump(
         if !wait_open(&mut link).await {
             return;
         }
+        // An armed cut is taken mid-chunk, at its exact byte.
+        let n = counter.as_ref().map_or(n, |c| c.allowed(n));
         if to.write_all(&buf[..n]).await.is_err() {
             return;
         }
-        counter.fetch_add(n as u64, Ordering::Relaxed);
+        if let Some(counter) = &counter {
+            counter.forwarded(n);
+        }
     }
 }
 

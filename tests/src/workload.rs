@@ -30,6 +30,8 @@ pub const LARGE_FILE_BYTES: usize = 1024 * 1024;
 pub const ORDER_IDS: u64 = 64;
 /// The pause after a failed transaction or connection.
 pub const RETRY_PAUSE_MS: u64 = 50;
+/// How often a held task looks whether it may go on.
+const HOLD_POLL_MS: u64 = 10;
 /// How long the workload waits for its first connection.
 const CONNECT_MS_MAX: u64 = 10_000;
 
@@ -93,6 +95,7 @@ pub struct Report {
 /// A running workload; see the module docs.
 pub struct Workload {
     stop: Arc<AtomicBool>,
+    hold: Arc<AtomicBool>,
     committed: Arc<AtomicU64>,
     thread: Option<JoinHandle<Report>>,
 }
@@ -101,18 +104,24 @@ impl Workload {
     /// Starts `spec.tasks` tasks against the primary.
     pub fn start(spec: WorkloadSpec) -> Workload {
         let stop = Arc::new(AtomicBool::new(false));
+        let hold = Arc::new(AtomicBool::new(false));
         let committed = Arc::new(AtomicU64::new(0));
-        let (stop_flag, count) = (stop.clone(), committed.clone());
+        let flags = Flags {
+            stop: stop.clone(),
+            hold: hold.clone(),
+        };
+        let count = committed.clone();
         let thread = std::thread::spawn(move || {
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
                 .enable_all()
                 .build()
                 .expect("build the workload's runtime");
-            runtime.block_on(run(spec, stop_flag, count))
+            runtime.block_on(run(spec, flags, count))
         });
         Workload {
             stop,
+            hold,
             committed,
             thread: Some(thread),
         }
@@ -131,6 +140,16 @@ impl Workload {
             "the workload reached {} of {n} commits in {ms} ms",
             self.committed()
         );
+    }
+
+    /// Holds the tasks after the transaction each is in, until [`Workload::release`].
+    pub fn hold(&self) {
+        self.hold.store(true, Ordering::Relaxed);
+    }
+
+    /// Lets held tasks go on.
+    pub fn release(&self) {
+        self.hold.store(false, Ordering::Relaxed);
     }
 
     /// Ends the tasks (each finishes the transaction it is in) and returns what they saw.
@@ -170,13 +189,30 @@ pub fn content_of(seed: u64, len: usize) -> Vec<u8> {
     content
 }
 
-async fn run(spec: WorkloadSpec, stop: Arc<AtomicBool>, committed: Arc<AtomicU64>) -> Report {
+/// The flags a test sets and every task follows.
+#[derive(Clone)]
+struct Flags {
+    stop: Arc<AtomicBool>,
+    hold: Arc<AtomicBool>,
+}
+
+impl Flags {
+    /// Waits while held; true when the task is to stop.
+    async fn stopped(&self) -> bool {
+        while self.hold.load(Ordering::Relaxed) && !self.stop.load(Ordering::Relaxed) {
+            tokio::time::sleep(Duration::from_millis(HOLD_POLL_MS)).await;
+        }
+        self.stop.load(Ordering::Relaxed)
+    }
+}
+
+async fn run(spec: WorkloadSpec, flags: Flags, committed: Arc<AtomicU64>) -> Report {
     let concord = connect(&spec).await;
     let mut tasks = tokio::task::JoinSet::new();
     for task in 0..spec.tasks {
         let (concord, spec) = (concord.clone(), spec.clone());
-        let (stop, committed) = (stop.clone(), committed.clone());
-        tasks.spawn(async move { run_task(task, concord, spec, stop, committed).await });
+        let (flags, committed) = (flags.clone(), committed.clone());
+        tasks.spawn(async move { run_task(task, concord, spec, flags, committed).await });
     }
     let mut report = Report::default();
     while let Some(done) = tasks.join_next().await {
@@ -216,12 +252,12 @@ async fn run_task(
     task: u64,
     concord: Concord,
     spec: WorkloadSpec,
-    stop: Arc<AtomicBool>,
+    flags: Flags,
     committed: Arc<AtomicU64>,
 ) -> Report {
     let mut report = Report::default();
     let mut i = task;
-    while !stop.load(Ordering::Relaxed) {
+    while !flags.stopped().await {
         match transaction(&concord, i, spec.pg_url.is_some()).await {
             Ok(acked) => {
                 report.acked.push(acked);

@@ -10,7 +10,7 @@ use std::net::{TcpListener, TcpStream};
 use std::time::Duration;
 
 use concord_tests::check::Snapshot;
-use concord_tests::proxy::FaultProxy;
+use concord_tests::proxy::{FaultProxy, Link};
 use concord_tests::site::{Mode, Site};
 use concord_tests::workload::{Workload, WorkloadSpec};
 
@@ -96,6 +96,14 @@ fn proxy_forwards_cuts_blackholes_and_restores() {
         Some(&b"five"[..])
     );
     assert!(proxy.forwarded_bytes() >= 12);
+
+    proxy.cut_after(10);
+    assert_eq!(
+        round_trip(&mut again, &[7u8; 32]),
+        None,
+        "an armed cut is taken"
+    );
+    assert_eq!(proxy.link(), Link::Cut);
 }
 
 #[test]

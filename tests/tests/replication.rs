@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use concord_tests::check::{self, Snapshot};
 use concord_tests::process::wait_until;
-use concord_tests::proxy::FaultProxy;
+use concord_tests::proxy::{FaultProxy, Link};
 use concord_tests::site::{Mode, Site};
 use concord_tests::workload::{self, Acked, Report, Workload, WorkloadSpec};
 use concord_tests::{Rng, seed};
@@ -129,7 +129,7 @@ fn link_cut_and_restored() {
         sleep_ms(rng.range(0, 500));
         proxy.restore();
     }
-    cut_while_blob_in_flight(&primary, &standby, &proxy, rng.next_u64());
+    cut_while_blob_in_flight(&primary, &standby, &proxy, &workload, rng.next_u64());
     eprintln!("blackhole the link until the standby sees it gone");
     proxy.blackhole();
     let seen = wait_until(DISCONNECT_SEEN_MS_MAX, || is_disconnected(&standby));
@@ -160,20 +160,37 @@ fn cut_and_see_disconnected(proxy: &FaultProxy, standby: &Site) {
     );
 }
 
-/// Commits an 8 MiB file and cuts the link once its blob has started through the proxy.
-fn cut_while_blob_in_flight(primary: &Site, standby: &Site, proxy: &FaultProxy, seed: u64) {
+/// Holds the workload until the standby has everything, then commits an 8 MiB file with a cut
+/// armed 2 MiB into what the proxy forwards next: into the file's blob.
+fn cut_while_blob_in_flight(
+    primary: &Site,
+    standby: &Site,
+    proxy: &FaultProxy,
+    workload: &Workload,
+    seed: u64,
+) {
     const BIG_BYTES: usize = 8 * 1024 * 1024 + 17;
+    const CUT_AFTER_BYTES: u64 = 2 * 1024 * 1024;
+    workload.hold();
+    check::wait_caught_up(primary, standby);
+    proxy.cut_after(CUT_AFTER_BYTES);
     let url = primary.url();
-    let before = proxy.forwarded_bytes();
     let commit =
         std::thread::spawn(move || workload::commit_file(&url, "big/eight", seed, BIG_BYTES));
-    let started = wait_until(PHASE_MS_MAX, || {
-        proxy.forwarded_bytes() > before + 1024 * 1024
-    });
-    assert!(started, "the big blob did not start through the proxy");
-    eprintln!("cut the link with the 8 MiB blob in flight");
-    cut_and_see_disconnected(proxy, standby);
+    let cut = wait_until(PHASE_MS_MAX, || proxy.link() == Link::Cut);
+    assert!(
+        cut,
+        "the 8 MiB blob did not reach {CUT_AFTER_BYTES} bytes through the proxy"
+    );
+    eprintln!("the link is cut with the 8 MiB blob in flight");
+    let seen = wait_until(DISCONNECT_SEEN_MS_MAX, || is_disconnected(standby));
+    assert!(
+        seen,
+        "the standby still says connected after the cut: {:?}",
+        standby.status()
+    );
     proxy.restore();
+    workload.release();
     let xid = commit.join().expect("the commit thread");
     assert!(xid.is_ok(), "the 8 MiB commit failed: {xid:?}");
 }
