@@ -30,6 +30,8 @@ pub const LARGE_FILE_BYTES: usize = 1024 * 1024;
 pub const ORDER_IDS: u64 = 64;
 /// The pause after a failed transaction or connection.
 pub const RETRY_PAUSE_MS: u64 = 50;
+/// How long the tasks may take to end after [`Workload::stop`] (each finishes its transaction).
+pub const STOP_MS_MAX: u64 = 60_000;
 /// How often a held task looks whether it may go on.
 const HOLD_POLL_MS: u64 = 10;
 /// How long the workload waits for its first connection.
@@ -153,9 +155,13 @@ impl Workload {
     }
 
     /// Ends the tasks (each finishes the transaction it is in) and returns what they saw.
+    /// Panics when they have not ended within [`STOP_MS_MAX`] (a call that never returns).
     pub fn stop(mut self) -> Report {
         self.stop.store(true, Ordering::Relaxed);
+        self.hold.store(false, Ordering::Relaxed);
         let thread = self.thread.take().expect("running");
+        let ended = crate::process::wait_until(STOP_MS_MAX, || thread.is_finished());
+        assert!(ended, "the workload's tasks did not end within {STOP_MS_MAX} ms of the stop");
         thread.join().expect("the workload thread panicked")
     }
 }
