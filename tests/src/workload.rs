@@ -169,8 +169,12 @@ impl Workload {
 impl Drop for Workload {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
+        self.hold.store(false, Ordering::Relaxed);
         if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
+            // A test failing already does not also hang on a call that never returns.
+            if crate::process::wait_until(STOP_MS_MAX, || thread.is_finished()) {
+                let _ = thread.join();
+            }
         }
     }
 }
