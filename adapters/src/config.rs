@@ -107,6 +107,11 @@ use crate::postgres::{self, PostgresConfig, PostgresResource};
 use crate::{Resource, ResourceError};
 
 mod daemon;
+mod replication;
+
+pub use replication::{
+    ReplicationConfig, ReplicationMode, STANDBY_LISTEN_DEFAULT, StandbyConfig, SyncFallback,
+};
 
 pub use daemon::{
     BearerToken, DaemonConfig, DaemonLimits, LISTEN_DEFAULT, ServeRefusal, TOKEN_CHARS_MIN,
@@ -146,6 +151,12 @@ pub struct Config {
     pub resources: BTreeMap<String, ResourceConfig>,
     /// How `concord coordinator` serves (the `[daemon]` table: its address, TLS, tokens, limits; see [`DaemonConfig`]).
     pub daemon: DaemonConfig,
+    /// How a primary ships its journal to standbys (the `[replication]` table; see
+    /// [`ReplicationConfig`]).
+    pub replication: ReplicationConfig,
+    /// Which primary a standby follows (the `[standby]` table; `None` without one, which
+    /// `concord standby --config` refuses).
+    pub standby: Option<StandbyConfig>,
 }
 
 /// The file as written: the resource tables are checked against their kind after parsing, so
@@ -168,6 +179,8 @@ struct ConfigToml {
     #[serde(default)]
     resources: BTreeMap<String, ResourceToml>,
     daemon: Option<daemon::DaemonToml>,
+    replication: Option<replication::ReplicationToml>,
+    standby: Option<replication::StandbyToml>,
 }
 
 /// A resource table as written. Flat rather than a serde-tagged enum, so that a bad value is
@@ -532,6 +545,15 @@ impl TryFrom<ConfigToml> for Config {
             Some(table) => table.into_config(Path::new("")).map_err(Refusal::invalid)?,
             None => DaemonConfig::default(),
         };
+        let replication = match raw.replication {
+            Some(table) => table.into_config().map_err(Refusal::invalid)?,
+            None => ReplicationConfig::default(),
+        };
+        let standby = raw
+            .standby
+            .map(|table| table.into_config(Path::new("")))
+            .transpose()
+            .map_err(Refusal::invalid)?;
         Ok(Config {
             node: raw.node,
             data_dir: raw.data_dir,
@@ -542,6 +564,8 @@ impl TryFrom<ConfigToml> for Config {
             call_timeout_ms: raw.call_timeout_ms,
             resources,
             daemon,
+            replication,
+            standby,
         })
     }
 }
@@ -821,11 +845,19 @@ impl Config {
             }
         }
         let daemon = raw.daemon.take();
+        let standby = raw.standby.take();
         let mut config = Config::try_from(raw).map_err(err)?;
         if let Some(table) = daemon {
             config.daemon = table
                 .into_config(base)
                 .map_err(|e| err(Refusal::invalid(e)))?;
+        }
+        if let Some(table) = standby {
+            config.standby = Some(
+                table
+                    .into_config(base)
+                    .map_err(|e| err(Refusal::invalid(e)))?,
+            );
         }
         config.resolve_paths(base);
         config.validate().map_err(|e| err(Refusal::invalid(e)))?;
@@ -918,6 +950,8 @@ impl Config {
             call_timeout_ms: default_call_timeout_ms(),
             resources,
             daemon: DaemonConfig::embedded(),
+            replication: ReplicationConfig::default(),
+            standby: None,
         }
     }
 

@@ -44,8 +44,12 @@
 //!   prepares, commits and rollbacks in flight, and then the fenced instance refuses to resolve
 //!   the prepared branches it began below the new epoch; an instance opened afterwards (their
 //!   new owner) resolves them (`internal::branches`, "Fences and owners"). [`Resource::replay`]
-//!   applies a redo (inline content, or content from this resource's blob store) together with
-//!   its LSN, syncing every file it writes.
+//!   and [`Resource::replay_batch`] apply redos (inline content, or content from this
+//!   resource's blob store) together with the last LSN, syncing every file they write once per
+//!   batch.
+//! * **Inventory.** [`Resource::inventory`] lists every file of the tree outside the private
+//!   area by relative path, with the blake3 hash of its content, read through one bounded buffer
+//!   (the `inventory` module).
 //!
 //! [`FilesResource`] is the resource ([`FilesResource::open`], [`FilesConfig`]); a
 //! [`FilesBranch`] is an application's handle on one branch; [`RedoEntry`] with [`encode_redo`]
@@ -90,7 +94,8 @@
 //! * `staging` — puts, deletes and reads of a branch, and what prepare makes of them.
 //! * `locks` — the path locks and intents, taken at the first write, released at resolution.
 //! * `confine` — the lexical and on-disk checks that keep every path inside the root.
-//! * `apply` — commit, the commits applied again at open, and replay.
+//! * `apply` — commit, the commits applied again at open, and replay (a batch at a time).
+//! * `inventory` — the files of the tree with their content's hash.
 //! * `checkpoint` — the branch log's checkpoints and trims, and blob collection.
 //! * `log` — the branch log's records.
 //! * `steps` — the files resource's hooks of the branch lifecycle every resource shares
@@ -118,12 +123,20 @@
 //!   `PREPARED` after the resolution (it took the lock afterwards), and the log is durable in
 //!   order, so a resolution is lost only together with every later write of its paths. Its
 //!   branch comes back prepared and is resolved again the same way.
-//! * **During replay**: `applied_lsn` is written only after every file of the redo is in place
-//!   and synced with its directory. A crash before that leaves `applied_lsn` at the previous LSN,
-//!   so the replayer sends the same redo again, and applying it again is harmless: every entry
-//!   sets its path to a fixed final state (this content, or absent) whatever the path held
-//!   before, the entries of one redo touch distinct paths, and no later redo was applied in
-//!   between (replay is sequential and in LSN order). A crash after it makes the same LSN a no-op.
+//! * **During replay**: a replay applies a **batch** of consecutive redos (a single replay is
+//!   a batch of one): the entries of all its redos in LSN order, then one sync of the files
+//!   written and of the directories touched, then `applied_lsn` written once, as the batch's
+//!   last LSN. A crash before that write leaves `applied_lsn` below the batch (at the LSN
+//!   before it), so the replayer sends the same batch again, and applying it again gives the
+//!   same tree, whatever part of it the crash left: every entry sets its path to a fixed final
+//!   state (this content, or absent) whatever the path held before, so a later put over an
+//!   earlier one, or a delete of something already deleted, ends the same; an entry that a
+//!   later entry of the batch decides (the same path, an ancestor of it, or a path below it)
+//!   is left out (`apply::replayed`), so the batch never tries to put a file where a later redo
+//!   made a directory — except a delete superseded only from below (the file became a
+//!   directory), which is applied and finds either the file (removed) or the directory (left).
+//!   No later batch was applied in between (replay is sequential, in LSN order, one batch at a
+//!   time). A crash after the write makes the same batch a no-op.
 //!
 //! # Implementation caveats
 //!
@@ -188,6 +201,7 @@ use crate::{
 mod apply;
 mod checkpoint;
 mod confine;
+mod inventory;
 mod locks;
 mod log;
 mod open;
@@ -423,6 +437,16 @@ impl Resource for FilesResource {
 
     async fn replay(&self, redo: &[u8], lsn: Lsn) -> Result<()> {
         lifecycle::replay(&self.inner, redo, lsn).await
+    }
+
+    async fn replay_batch(&self, batch: &[(Lsn, Vec<u8>)]) -> Result<()> {
+        lifecycle::replay_batch(&self.inner, batch).await
+    }
+
+    async fn inventory(&self) -> Result<Vec<crate::InventoryEntry>> {
+        self.inner.usable_state(|_| ())?;
+        let inner = Arc::clone(&self.inner);
+        crate::internal::io::blocking(&self.inner.name, TASK, move || inner.inventory()).await
     }
 
     async fn applied_lsn(&self) -> Result<Lsn> {

@@ -38,7 +38,11 @@
 //!   the fenced instance refuses to resolve the prepared branches it began below the new epoch;
 //!   an instance opened afterwards (their new owner) resolves them. [`Resource::replay`] applies a batch and stores its LSN as the **applied LSN**
 //!   in one transaction on the data and meta trees; a batch at or below the applied LSN changes
-//!   nothing.
+//!   nothing. [`Resource::replay_batch`] does the same for several redos at once: the writes
+//!   of every redo above the applied LSN, in LSN order, and the last LSN, in one transaction
+//!   and one sync.
+//! * **Inventory.** [`Resource::inventory`] lists every key of the data tree in lower-case hex
+//!   (which keeps sled's byte order) with the blake3 hash of its value.
 //!
 //! [`KvResource`] is the resource ([`KvResource::open`], [`KvConfig`]); a [`KvBranch`] is an
 //! application's handle on one branch; [`KvWrite`] with [`encode_batch`] and [`decode_batch`] is
@@ -99,9 +103,9 @@
 //!   taken again at open.
 //! * **After commit's sync**: the entry is gone and the writes are there; a repeated commit finds
 //!   no entry and succeeds.
-//! * **During replay**: the writes and the applied LSN are one transaction: either both are
-//!   there after the restart (the same LSN is then a no-op) or neither (the replayer sends it
-//!   again).
+//! * **During replay**: the writes of a whole batch of redos and the batch's last LSN as the
+//!   applied LSN are one transaction, synced once: either all of it is there after the restart
+//!   (the same batch is then a no-op) or none of it (the replayer sends it again).
 //!
 //! # Limits
 //!
@@ -444,9 +448,37 @@ impl Resource for KvResource {
         lifecycle::replay(&self.inner, redo, lsn).await
     }
 
+    async fn replay_batch(&self, batch: &[(Lsn, Vec<u8>)]) -> Result<()> {
+        lifecycle::replay_batch(&self.inner, batch).await
+    }
+
+    /// Every key of the data tree in lower-case hex, with the blake3 hash of its value.
+    async fn inventory(&self) -> Result<Vec<crate::InventoryEntry>> {
+        self.inner.usable_state(|_| ())?;
+        let inner = Arc::clone(&self.inner);
+        let entries = blocking(&self.inner.name, TASK, move || inner.store.inventory()).await?;
+        Ok(entries
+            .into_iter()
+            .map(|(key, digest)| crate::InventoryEntry {
+                key: hex(&key),
+                digest,
+            })
+            .collect())
+    }
+
     async fn applied_lsn(&self) -> Result<Lsn> {
         Instance::applied_lsn(&*self.inner)
     }
+}
+
+/// `bytes` in lower-case hex: a key of the inventory (sled keys are bytes; hex keeps their order).
+fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write;
+    let mut out = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        let _ = write!(out, "{b:02x}");
+    }
+    out
 }
 
 impl Branch {

@@ -17,7 +17,11 @@
 //! * [`Resource::fence`] raises the resource's epoch: any later branch of a lower epoch is refused,
 //!   and once it returns no operation of a lower epoch changes the resource (see below);
 //! * [`Resource::replay`] applies a redo on a standby together with its LSN, atomically, and
-//!   [`Resource::applied_lsn`] reports the last one, so replaying the same LSN twice is a no-op.
+//!   [`Resource::applied_lsn`] reports the last one, so replaying the same LSN twice is a no-op;
+//!   [`Resource::replay_batch`] applies consecutive redos as one resource transaction, exactly
+//!   once across a crash;
+//! * [`Resource::inventory`] lists what the resource holds, key by key with a content hash
+//!   ([`InventoryEntry`]), so that two sites can be compared.
 //!
 //! A resource may also offer **one-phase commit** for a transaction whose only branch it holds
 //! ([`Resource::supports_one_phase`]): [`Resource::prepare_one_phase`] ends the branch's work —
@@ -76,6 +80,46 @@ pub use xid::Xid;
 
 use std::any::Any;
 use std::io::Read;
+
+/// Most entries [`Resource::inventory`] returns; a resource holding more refuses.
+pub const INVENTORY_ENTRIES_MAX: usize = 10_000_000;
+
+/// One key of a resource's [`Resource::inventory`].
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct InventoryEntry {
+    /// The key: a file's relative path, a message's file name, a kv key in lower-case hex, or
+    /// `<schema>.<table>/<primary key as canonical JSON>`.
+    pub key: String,
+    /// The blake3 hash of the content under the key.
+    pub digest: [u8; 32],
+}
+
+/// Refuses a batch whose LSNs are not strictly increasing ([`Resource::replay_batch`]).
+pub fn check_batch_lsns(resource: &str, batch: &[(Lsn, Vec<u8>)]) -> Result<(), ResourceError> {
+    match batch.windows(2).find(|pair| pair[0].0 >= pair[1].0) {
+        None => Ok(()),
+        Some(pair) => Err(ResourceError::rejected(
+            resource,
+            format!(
+                "a replay batch must have strictly increasing LSNs: lsn {} is followed by lsn {}; nothing was applied",
+                pair[0].0, pair[1].0
+            ),
+        )),
+    }
+}
+
+/// Refuses an inventory of more than [`INVENTORY_ENTRIES_MAX`] entries, once it reached `count`.
+pub(crate) fn check_inventory_size(resource: &str, count: usize) -> Result<(), ResourceError> {
+    if count > INVENTORY_ENTRIES_MAX {
+        return Err(ResourceError::rejected(
+            resource,
+            format!(
+                "the inventory is over INVENTORY_ENTRIES_MAX = {INVENTORY_ENTRIES_MAX} entries; compare this resource by other means (e.g. split it)"
+            ),
+        ));
+    }
+    Ok(())
+}
 
 /// What a blob collection did ([`Resource::collect_blobs`]).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -167,6 +211,35 @@ pub trait Resource: Send + Sync + 'static {
 
     /// The LSN of the last redo applied by [`Resource::replay`] (`Lsn::ZERO` when none).
     async fn applied_lsn(&self) -> Result<Lsn, ResourceError>;
+
+    /// Applies, in order, every redo of `batch` whose LSN is above [`Resource::applied_lsn`],
+    /// and stores the batch's last LSN as the applied LSN, atomically with the data: after a
+    /// crash at any moment either the applied LSN is below the batch (and replaying it again
+    /// gives the same state as replaying it once) or it is the last LSN and every effect is
+    /// there. LSNs must be strictly increasing (otherwise the batch is refused and nothing is
+    /// applied); redos at or below the applied LSN change nothing. The default calls
+    /// [`Resource::replay`] for each redo, which keeps each one atomic but not the batch:
+    /// the applied LSN may stop inside it, which replaying the batch again also handles.
+    async fn replay_batch(&self, batch: &[(Lsn, Vec<u8>)]) -> Result<(), ResourceError> {
+        check_batch_lsns(self.name(), batch)?;
+        for (lsn, redo) in batch {
+            self.replay(redo, *lsn).await?;
+        }
+        Ok(())
+    }
+
+    /// What the resource holds, key by key, to compare two sites: entries sorted by key, each
+    /// key once, each with the blake3 hash of its content (the keys of each resource are in
+    /// its module docs). At most [`INVENTORY_ENTRIES_MAX`] entries; a resource holding more
+    /// refuses. Content is read as it is now: to compare two sites as of one LSN, take it while
+    /// neither changes (a standby between two replays). The default refuses: this resource keeps
+    /// no inventory.
+    async fn inventory(&self) -> Result<Vec<InventoryEntry>, ResourceError> {
+        Err(ResourceError::rejected(
+            self.name(),
+            "this resource keeps no inventory",
+        ))
+    }
 
     /// The blobs `redo` (as returned by prepare) names by content hash, each once: a standby
     /// must hold them before it replays the redo, so replication ships them first

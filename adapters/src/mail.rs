@@ -39,9 +39,13 @@
 //!   instance refuses to resolve the prepared branches it began below the new epoch; an instance
 //!   opened afterwards (their new owner) resolves them (`internal::branches`, "Fences and
 //!   owners").
-//!   [`Resource::replay`] delivers a redo's messages (inline content, or copied from this
-//!   resource's blob store, checked against the blob's hash) under their names, skipping any
-//!   already in `new/` or `cur/`, then stores its LSN.
+//!   [`Resource::replay`] and [`Resource::replay_batch`] deliver the messages of one redo or a
+//!   batch of them (inline content, or copied from this resource's blob store, checked against
+//!   the blob's hash) under their names, skipping any already in `new/` or `cur/`, then sync
+//!   `new/` and store the last LSN, once per batch.
+//! * **Inventory.** [`Resource::inventory`] lists every message in `new/` and `cur/` by its
+//!   name (without the directory and without a reader's `:2,…` info) with the blake3 hash of
+//!   its content.
 //!
 //! [`MailResource`] is the resource ([`MailResource::open`], [`MailConfig`]); a [`MailBranch`]
 //! is an application's handle on one branch; [`RedoEntry`] with [`encode_redo`] and
@@ -93,11 +97,15 @@
 //!   removed at the next open.
 //! * **During rollback**: unlinking is repeated; a file that comes back in `tmp/` is removed at
 //!   open, as its branch is no longer prepared.
-//! * **During replay**: `applied_lsn` is written only after every message of the redo is in
-//!   `new/` and `new/` is synced. A crash before that leaves `applied_lsn` at the previous LSN,
-//!   so the replayer sends the same redo again; the names are the same, each message already in
-//!   `new/` or `cur/` is skipped, and only the missing ones are delivered: exactly once. A crash
-//!   after it makes the same LSN a no-op.
+//! * **During replay**: a replay applies a **batch** of consecutive redos (a single replay is
+//!   a batch of one): every message of its redos in LSN order, each written to `tmp/` and
+//!   synced before its rename into `new/`, then one sync of `new/`, then `applied_lsn` written
+//!   once, as the batch's last LSN. A crash before that write leaves `applied_lsn` below the
+//!   batch, so the replayer sends the same batch again; the names are the same (made from the
+//!   xid and the position, never from the time of delivery), each message already in `new/`
+//!   or `cur/` is skipped, and only the missing ones are delivered: exactly once. (A message's
+//!   content is synced before its rename, so a message found in `new/` after a power failure is
+//!   whole.) A crash after the write makes the same batch a no-op.
 //!
 //! # Implementation caveats
 //!
@@ -434,6 +442,16 @@ impl Resource for MailResource {
 
     async fn replay(&self, redo: &[u8], lsn: Lsn) -> Result<()> {
         lifecycle::replay(&self.inner, redo, lsn).await
+    }
+
+    async fn replay_batch(&self, batch: &[(Lsn, Vec<u8>)]) -> Result<()> {
+        lifecycle::replay_batch(&self.inner, batch).await
+    }
+
+    async fn inventory(&self) -> Result<Vec<crate::InventoryEntry>> {
+        self.inner.usable_state(|_| ())?;
+        let inner = Arc::clone(&self.inner);
+        crate::internal::io::blocking(&self.inner.name, TASK, move || inner.inventory()).await
     }
 
     async fn applied_lsn(&self) -> Result<Lsn> {

@@ -102,8 +102,10 @@
 
 mod admin;
 mod branch;
+mod checks;
 mod connection;
 mod fence;
+mod inventory;
 mod one_phase;
 mod remote;
 mod replay;
@@ -349,7 +351,15 @@ impl Resource for PostgresResource {
     }
 
     async fn replay(&self, redo: &[u8], lsn: Lsn) -> Result<()> {
-        self.inner.replay(redo, lsn).await
+        self.inner.replay_batch(&[(lsn, redo.to_vec())]).await
+    }
+
+    async fn replay_batch(&self, batch: &[(Lsn, Vec<u8>)]) -> Result<()> {
+        self.inner.replay_batch(batch).await
+    }
+
+    async fn inventory(&self) -> Result<Vec<crate::InventoryEntry>> {
+        self.inner.inventory().await
     }
 
     fn supports_one_phase(&self) -> bool {

@@ -34,7 +34,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use crate::{BlobId, Epoch, ErrorClass, Lsn, Resource, ResourceError, Vote, Xid};
+use crate::{BlobId, Epoch, ErrorClass, InventoryEntry, Lsn, Resource, ResourceError, Vote, Xid};
 
 /// What the suite needs to know about a resource under test.
 #[async_trait::async_trait]
@@ -50,7 +50,7 @@ pub trait Subject: Send + Sync {
     /// standby storage.
     async fn open_standby(&self) -> Arc<dyn Resource>;
 
-    /// Opens replica `n` (1, 2, 3): one more instance of the same kind with storage of its own,
+    /// Opens replica `n` (1, 2, …; the suite uses 1 to 7): one more instance of the same kind with storage of its own,
     /// distinct from the primary's, the standby's and every other replica's, and empty the first
     /// time; called again (after the previous instance of it was dropped), it reopens the same
     /// storage.
@@ -156,6 +156,9 @@ pub async fn run_all(subject: &dyn Subject) {
     applied_lsn_survives_restart(subject).await;
     put_blob_keeps_only_matching_content(subject).await;
     replay_on_an_empty_instance_gives_the_same_state(subject).await;
+    replay_batch_applies_once(subject).await;
+    replay_batch_interrupted_resumes_exactly_once(subject).await;
+    inventory_equal_after_replay(subject).await;
     healthy_while_open_and_working(subject).await;
 }
 
@@ -734,6 +737,175 @@ pub async fn replay_on_an_empty_instance_gives_the_same_state(subject: &dyn Subj
     .await;
 }
 
+/// A batch, then the same batch again, then an overlapping batch: each redo takes effect
+/// once, a redo at or below the applied LSN (another redo offered again at an applied LSN)
+/// takes none, the applied LSN is each batch's last, and a batch whose LSNs do not increase is
+/// refused whole. Where the resource keeps an inventory, the repeated batch leaves it as it was.
+pub async fn replay_batch_applies_once(subject: &dyn Subject) {
+    let c = Check("replay_batch_applies_once");
+    let r = subject.open().await;
+    let tags = [next_tag(), next_tag(), next_tag(), next_tag()];
+    let mut redos = Vec::new();
+    for tag in tags {
+        redos.push(c.committed_redo(subject, &r, tag).await);
+    }
+    let standby = subject.open_replica(4).await;
+    for redo in &redos {
+        c.ship(&r, &standby, redo).await;
+    }
+    let base = c.ok("applied_lsn", standby.applied_lsn().await);
+    let at = |n: u64| Lsn(base.0 + n);
+    let first = vec![(at(1), redos[0].clone()), (at(2), redos[1].clone())];
+    c.ok("replay_batch", standby.replay_batch(&first).await);
+    c.ensure_applied(&standby, at(2)).await;
+    let before = inventory_of(&standby).await;
+    c.ok("replay_batch again", standby.replay_batch(&first).await);
+    c.ensure_applied(&standby, at(2)).await;
+    c.ensure(
+        inventory_of(&standby).await == before,
+        "the same batch replayed again changed the inventory",
+    );
+    let backwards = vec![(at(4), redos[2].clone()), (at(3), redos[2].clone())];
+    c.ensure_rejected(
+        "a batch whose LSNs go down",
+        standby.replay_batch(&backwards).await,
+    );
+    c.ensure_applied(&standby, at(2)).await;
+    let overlapping = vec![(at(2), redos[3].clone()), (at(3), redos[2].clone())];
+    c.ok(
+        "replay_batch overlapping",
+        standby.replay_batch(&overlapping).await,
+    );
+    c.ensure_applied(&standby, at(3)).await;
+    c.ensure_effects(
+        subject,
+        &standby,
+        "after the overlapping batch",
+        &tags[..3],
+        tags[3],
+    )
+    .await;
+}
+
+/// A batch stopped by the fail point ([`Subject::fail_next_replay`]) leaves the applied LSN
+/// where it was, also after a restart; the same batch replayed again then gives every effect,
+/// once.
+pub async fn replay_batch_interrupted_resumes_exactly_once(subject: &dyn Subject) {
+    let c = Check("replay_batch_interrupted_resumes_exactly_once");
+    let r = subject.open().await;
+    let tags = [next_tag(), next_tag(), next_tag()];
+    let mut redos = Vec::new();
+    for tag in tags {
+        redos.push(c.committed_redo(subject, &r, tag).await);
+    }
+    let not_replayed = next_tag();
+    c.committed_redo(subject, &r, not_replayed).await;
+    let standby = subject.open_replica(5).await;
+    for redo in &redos {
+        c.ship(&r, &standby, redo).await;
+    }
+    let base = c.ok("applied_lsn", standby.applied_lsn().await);
+    let batch: Vec<(Lsn, Vec<u8>)> = redos
+        .iter()
+        .enumerate()
+        .map(|(i, redo)| (Lsn(base.0 + 1 + i as u64), redo.clone()))
+        .collect();
+    subject.fail_next_replay(&standby).await;
+    if standby.replay_batch(&batch).await.is_ok() {
+        c.fail("a replay batch went through its fail point");
+    }
+    c.ensure_applied(&standby, base).await;
+    drop(standby);
+    let standby = subject.open_replica(5).await;
+    c.ensure_applied(&standby, base).await;
+    c.ok("replay_batch again", standby.replay_batch(&batch).await);
+    c.ensure_applied(&standby, Lsn(base.0 + 3)).await;
+    let after = inventory_of(&standby).await;
+    c.ok("replay_batch once more", standby.replay_batch(&batch).await);
+    c.ensure(
+        inventory_of(&standby).await == after,
+        "the batch replayed once more changed the inventory",
+    );
+    c.ensure_effects(
+        subject,
+        &standby,
+        "stopped half-way, reopened, replayed again",
+        &tags,
+        not_replayed,
+    )
+    .await;
+}
+
+/// Writes committed on one instance (an empty replica playing the primary) and replayed in
+/// batches on another empty one give equal inventories; one more write on the primary only
+/// makes them differ in exactly the keys that write changed. A resource without an inventory
+/// (it refuses, `Rejected`) passes.
+pub async fn inventory_equal_after_replay(subject: &dyn Subject) {
+    let c = Check("inventory_equal_after_replay");
+    let primary = subject.open_replica(6).await;
+    match primary.inventory().await {
+        Err(e) if e.class() == ErrorClass::Rejected => return,
+        other => drop(c.ok("inventory", other)),
+    }
+    let mut redos = Vec::new();
+    for _ in 0..5 {
+        redos.push(c.committed_redo(subject, &primary, next_tag()).await);
+    }
+    let standby = subject.open_replica(7).await;
+    let base = c.ok("applied_lsn", standby.applied_lsn().await);
+    let mut lsn = base;
+    for chunk in redos.chunks(2) {
+        let mut batch = Vec::new();
+        for redo in chunk {
+            c.ship(&primary, &standby, redo).await;
+            lsn = lsn.next();
+            batch.push((lsn, redo.clone()));
+        }
+        c.ok("replay_batch", standby.replay_batch(&batch).await);
+    }
+    c.ensure_applied(&standby, lsn).await;
+    let on_primary = c.ok("inventory of the primary", primary.inventory().await);
+    let on_standby = c.ok("inventory of the standby", standby.inventory().await);
+    c.ensure(!on_primary.is_empty(), "the primary's inventory is empty");
+    c.ensure_sorted(&on_primary);
+    c.ensure(
+        on_primary == on_standby,
+        format!(
+            "inventories differ after replay in {:?}",
+            differing(&on_primary, &on_standby)
+        ),
+    );
+    c.committed_redo(subject, &primary, next_tag()).await;
+    let later = c.ok("inventory of the primary", primary.inventory().await);
+    let written = differing(&on_primary, &later);
+    c.ensure(!written.is_empty(), "one more write changed no key");
+    c.ensure(
+        differing(&later, &on_standby) == written,
+        format!(
+            "after one more write on the primary only, the sites differ in {:?}, not in the keys it wrote {written:?}",
+            differing(&later, &on_standby)
+        ),
+    );
+}
+
+/// The inventory of `r`, or `None` when it keeps none.
+async fn inventory_of(r: &Arc<dyn Resource>) -> Option<Vec<InventoryEntry>> {
+    r.inventory().await.ok()
+}
+
+/// The keys whose entries differ between `a` and `b` (present in one only, or another digest).
+fn differing(a: &[InventoryEntry], b: &[InventoryEntry]) -> Vec<String> {
+    let index = |entries: &[InventoryEntry]| -> std::collections::BTreeMap<String, [u8; 32]> {
+        entries.iter().map(|e| (e.key.clone(), e.digest)).collect()
+    };
+    let (a, b) = (index(a), index(b));
+    let mut keys: Vec<String> = a.keys().chain(b.keys()).cloned().collect();
+    keys.sort();
+    keys.dedup();
+    keys.retain(|k| a.get(k) != b.get(k));
+    keys
+}
+
 /// The node of every xid the suite makes.
 const XID_NODE: u32 = 9;
 
@@ -976,6 +1148,27 @@ impl Check {
         match joined {
             Ok(result) => result,
             Err(e) => self.fail(format!("{step} panicked: {e}")),
+        }
+    }
+
+    /// `result` must be a refusal (class Rejected).
+    #[track_caller]
+    fn ensure_rejected(&self, step: &str, result: Result<(), ResourceError>) {
+        match result {
+            Err(e) if e.class() == ErrorClass::Rejected => {}
+            Err(e) => self.fail(format!("{step} failed with {e:?}, not a refusal")),
+            Ok(()) => self.fail(format!("{step} was not refused")),
+        }
+    }
+
+    /// Inventory entries are sorted by key, each key once.
+    #[track_caller]
+    fn ensure_sorted(&self, entries: &[InventoryEntry]) {
+        if let Some(pair) = entries.windows(2).find(|p| p[0].key >= p[1].key) {
+            self.fail(format!(
+                "inventory not sorted by key, each once: {:?} before {:?}",
+                pair[0].key, pair[1].key
+            ));
         }
     }
 

@@ -184,3 +184,107 @@ async fn a_row_image_whose_columns_differ_from_the_standby_table_stops_replay() 
         "0"
     );
 }
+
+/// Replays `redo` at LSN 1 into a new database made with `ddl` (nothing under capture) and
+/// returns the error; nothing of it is applied.
+async fn replay_refused(prefix: &str, ddl: &str, redo: &[u8]) -> String {
+    let (url, _) = database(prefix, ddl, &[]).await;
+    let standby = open(&url).await;
+    let stopped = standby.replay(redo, Lsn(1)).await.unwrap_err();
+    assert_eq!(stopped.class(), ErrorClass::Rejected, "{stopped}");
+    assert_eq!(standby.applied_lsn().await.unwrap(), Lsn(0), "{stopped}");
+    stopped.to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_table_that_is_missing_has_no_key_or_another_type_stops_replay_clearly() {
+    let effects = "CREATE TABLE effects (tag integer PRIMARY KEY, note text NOT NULL)";
+    let (primary_url, _) = database("shape_primary", effects, &["effects"]).await;
+    let primary = open(&primary_url).await;
+    let redo = committed_redo(&primary, "INSERT INTO effects VALUES (1, 'one')").await;
+
+    let missing = replay_refused("shape_missing", "CREATE TABLE other (id int)", &redo).await;
+    for part in [
+        "pg",
+        "lsn 1",
+        "public.effects",
+        "does not exist",
+        "concord pg replicate",
+    ] {
+        assert!(missing.contains(part), "{part:?} not in: {missing}");
+    }
+    let keyless = "CREATE TABLE effects (tag integer NOT NULL, note text NOT NULL)";
+    let keyless = replay_refused("shape_keyless", keyless, &redo).await;
+    for part in [
+        "lsn 1",
+        "public.effects",
+        "no primary key",
+        "ADD PRIMARY KEY",
+    ] {
+        assert!(keyless.contains(part), "{part:?} not in: {keyless}");
+    }
+    let typed = "CREATE TABLE effects (tag integer PRIMARY KEY, note integer NOT NULL)";
+    let typed = replay_refused("shape_typed", typed, &redo).await;
+    for part in [
+        "lsn 1",
+        "public.effects",
+        "\"note\"",
+        "integer",
+        "ALTER COLUMN",
+    ] {
+        assert!(typed.contains(part), "{part:?} not in: {typed}");
+    }
+}
+
+const STAMPED: &str = "CREATE TABLE stamped (
+    id bigserial PRIMARY KEY,
+    at timestamptz NOT NULL DEFAULT now(),
+    ratio double precision NOT NULL DEFAULT random(),
+    span interval NOT NULL DEFAULT interval '1 day 2 hours',
+    tags text[] NOT NULL DEFAULT '{a,b}',
+    doubled bigint GENERATED ALWAYS AS (id * 2) STORED,
+    note text)";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_replayed_in_a_batch_give_the_primary_s_inventory_defaults_and_sequences_included() {
+    let (primary_url, _) = database("inv_primary", STAMPED, &["stamped"]).await;
+    let (standby_url, standby_db) = database("inv_standby", STAMPED, &["stamped"]).await;
+    let primary = open(&primary_url).await;
+    let mut batch = Vec::new();
+    for (n, sql) in [
+        "INSERT INTO stamped (note) VALUES ('a'), ('b')",
+        "UPDATE stamped SET note = 'b2' WHERE note = 'b'",
+        "INSERT INTO stamped (note) VALUES ('c'); DELETE FROM stamped WHERE note = 'a'",
+        "UPDATE stamped SET note = 'c2' WHERE note = 'c'",
+    ]
+    .iter()
+    .enumerate()
+    {
+        batch.push((Lsn(n as u64 + 1), committed_redo(&primary, sql).await));
+    }
+    let standby = open(&standby_url).await;
+    // The standby's own session runs in another time zone: the inventory does not depend on it.
+    PgCluster::shared()
+        .psql(
+            &standby_db,
+            &format!("ALTER DATABASE {standby_db} SET TimeZone = 'Asia/Tokyo'"),
+        )
+        .unwrap();
+    let standby = {
+        drop(standby);
+        open(&standby_url).await
+    };
+    standby.replay_batch(&batch).await.unwrap();
+    assert_eq!(standby.applied_lsn().await.unwrap(), Lsn(4));
+    let on_primary = primary.inventory().await.unwrap();
+    let on_standby = standby.inventory().await.unwrap();
+    assert_eq!(on_primary.len(), 2, "{on_primary:?}");
+    assert!(
+        on_primary[0].key.starts_with("public.stamped/{\"id\": 2}"),
+        "{on_primary:?}"
+    );
+    assert_eq!(on_primary, on_standby);
+    // Replayed again, nothing changes.
+    standby.replay_batch(&batch).await.unwrap();
+    assert_eq!(standby.inventory().await.unwrap(), on_primary);
+}

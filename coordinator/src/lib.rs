@@ -46,4 +46,6 @@ pub mod retention;
 pub mod runtime;
 
 pub use engine::{Outcome, RetryPolicy};
-pub use runtime::{CoordError, Coordinator, CoordinatorConfig, RecoveryReport, TxnCounts, TxnInfo};
+pub use runtime::{
+    CommitGate, CoordError, Coordinator, CoordinatorConfig, RecoveryReport, TxnCounts, TxnInfo,
+};

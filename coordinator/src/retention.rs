@@ -206,6 +206,18 @@ impl JournalBlobs {
     pub(crate) fn new(journal: Arc<dyn JournalSource>, resource: Arc<dyn Resource>) -> Self {
         JournalBlobs { journal, resource }
     }
+
+    /// The blobs `journal`'s retained records name for `resource` (a standby's journal: its
+    /// unreplayed records keep their blobs).
+    pub fn of(journal: Arc<Journal>, resource: Arc<dyn Resource>) -> Self {
+        JournalBlobs { journal, resource }
+    }
+}
+
+impl JournalSource for Journal {
+    fn journal(&self) -> &Journal {
+        self
+    }
 }
 
 #[async_trait::async_trait]

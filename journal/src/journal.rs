@@ -841,6 +841,26 @@ impl Journal {
         segments.first().map(|s| s.first_lsn).unwrap_or(Lsn(1))
     }
 
+    /// The bytes of the segment files that hold records from `lsn` on (the segment holding
+    /// `lsn` counts whole): what keeping every record from `lsn` costs on disk. A segment
+    /// whose size cannot be read counts as empty.
+    pub fn retained_bytes_from(&self, lsn: Lsn) -> u64 {
+        let segments = self
+            .shared
+            .segments
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        let first = segments
+            .windows(2)
+            .take_while(|pair| pair[1].first_lsn <= lsn)
+            .count();
+        segments[first.min(segments.len())..]
+            .iter()
+            .map(|s| std::fs::metadata(&s.path).map_or(0, |m| m.len()))
+            .sum()
+    }
+
     /// Deletes every whole segment whose records all have LSNs below `lsn` (a checkpoint). The
     /// segment being written is never deleted. Returns how many segments were deleted.
     pub fn remove_segments_below(&self, lsn: Lsn) -> Result<usize> {

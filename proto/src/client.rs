@@ -36,6 +36,10 @@ pub const KEEPALIVE_INTERVAL_MS: u64 = 10_000;
 /// A generated client whose every call carries the credentials' token.
 pub type Client = CoordinatorClient<InterceptedService<Channel, Auth>>;
 
+/// A client of a daemon's `Replication` service (journal shipping, inventories).
+pub type ReplicationClient =
+    crate::v1::replication_client::ReplicationClient<InterceptedService<Channel, Auth>>;
+
 /// Why a connection could not be set up.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -348,6 +352,23 @@ pub async fn connect(url: &str, credentials: &Credentials) -> Result<Client, Cli
         source: e,
     })?;
     Ok(client(channel, auth))
+}
+
+/// Connects to the `Replication` service of the daemon at `url`, like [`connect`].
+pub async fn connect_replication(
+    url: &str,
+    credentials: &Credentials,
+) -> Result<ReplicationClient, ClientError> {
+    let (endpoint, auth) = endpoint(url, credentials)?;
+    let channel = endpoint.connect().await.map_err(|e| ClientError::Connect {
+        url: url.to_string(),
+        source: e,
+    })?;
+    Ok(
+        crate::v1::replication_client::ReplicationClient::with_interceptor(channel, auth)
+            .max_decoding_message_size(CLIENT_MESSAGE_BYTES_MAX)
+            .max_encoding_message_size(CLIENT_MESSAGE_BYTES_MAX),
+    )
 }
 
 /// A client of the daemon at `url` that connects at its first call (and again after the

@@ -42,25 +42,57 @@ type Result<T, E = ResourceError> = std::result::Result<T, E>;
 /// order, gives the same tree as applying all of them did — and never tries to put a file where
 /// a later commit made a directory, which would fail.
 pub(super) fn not_superseded(entries: &[(Xid, RedoEntry)]) -> Vec<bool> {
+    let paths: Vec<&str> = entries.iter().map(|(_, entry)| entry.path()).collect();
+    later_entries(&paths)
+        .into_iter()
+        .map(|later| !later.at_or_above && !later.below)
+        .collect()
+}
+
+/// Which of `entries` (a replay batch, in LSN order) replay applies: those [`not_superseded`]
+/// keeps, and also a delete superseded only by a later entry *below* its path (the path became
+/// a directory): applied before that entry, it removes the file that stood in the way, and run
+/// again after the directory was made it finds a directory and leaves it (see
+/// [`Inner::replay_files`]). So the batch applies from any state a crash inside an earlier
+/// attempt of it left.
+pub(super) fn replayed(entries: &[&RedoEntry]) -> Vec<bool> {
+    let paths: Vec<&str> = entries.iter().map(|entry| entry.path()).collect();
+    later_entries(&paths)
+        .into_iter()
+        .zip(entries)
+        .map(|(later, entry)| {
+            !later.at_or_above && (!later.below || matches!(entry, RedoEntry::Delete { .. }))
+        })
+        .collect()
+}
+
+/// Whether a later entry touches an entry's path or an ancestor of it, and whether one touches
+/// a path below it.
+struct Later {
+    at_or_above: bool,
+    below: bool,
+}
+
+fn later_entries(paths: &[&str]) -> Vec<Later> {
     // The last position of an entry on each path, and of any entry on a path below each path.
     let mut last_at: HashMap<&str, usize> = HashMap::new();
     let mut last_below: HashMap<&str, usize> = HashMap::new();
-    for (i, (_, entry)) in entries.iter().enumerate() {
-        let path = entry.path();
+    for (i, path) in paths.iter().enumerate() {
         last_at.insert(path, i);
         for ancestor in ancestors(path) {
             last_below.insert(ancestor, i);
         }
     }
-    entries
+    paths
         .iter()
         .enumerate()
-        .map(|(i, (_, entry))| {
-            let path = entry.path();
+        .map(|(i, path)| {
             let later = |at: Option<&usize>| at.is_some_and(|&j| j > i);
-            !(later(last_at.get(path))
-                || later(last_below.get(path))
-                || ancestors(path).any(|a| later(last_at.get(a))))
+            Later {
+                at_or_above: later(last_at.get(path))
+                    || ancestors(path).any(|a| later(last_at.get(a))),
+                below: later(last_below.get(path)),
+            }
         })
         .collect()
 }
@@ -331,33 +363,30 @@ impl Inner {
         }
     }
 
-    /// Replay: put every entry in place (inline content from the redo, the rest from the blob
-    /// store), sync the files written and the directories touched, then store `lsn` as applied
-    /// (see "Crashes" in the module docs).
-    pub(super) fn replay_files(&self, entries: &[RedoEntry], lsn: Lsn) -> Result<()> {
+    /// Replay of a batch: puts the entries of its redos in place in order (inline content from
+    /// the redo, the rest from the blob store), leaving out those a later entry of the batch
+    /// decides ([`replayed`]); then syncs the files written and the directories touched, once
+    /// for the batch, and only then stores the batch's last LSN as applied (see "Crashes" in
+    /// the module docs).
+    pub(super) fn replay_files(&self, batch: &[(Lsn, Vec<RedoEntry>)]) -> Result<()> {
+        let Some(&(last, _)) = batch.last() else {
+            return Ok(());
+        };
+        let entries: Vec<(Lsn, &RedoEntry)> = batch
+            .iter()
+            .flat_map(|(lsn, entries)| entries.iter().map(move |entry| (*lsn, entry)))
+            .collect();
+        let live = replayed(&entries.iter().map(|(_, e)| *e).collect::<Vec<_>>());
         let mut touched = BTreeSet::new();
         let mut written = Vec::new();
-        for (n, entry) in entries.iter().enumerate() {
+        for (n, ((lsn, entry), live)) in entries.iter().zip(live).enumerate() {
             if n == 1 && self.shell.pauses.replay_fails_here() {
                 return Err(self.unavailable(format!(
-                    "replay of lsn {lsn} stopped by its fail point after its first entry"
+                    "replay of lsn {lsn} stopped by its fail point after the batch's first entry"
                 )));
             }
-            check_path(&self.name, entry.path())?;
-            match entry {
-                RedoEntry::Put { path, id, bytes } => {
-                    self.replay_put(path, id, *bytes, &mut touched)?
-                }
-                RedoEntry::PutInline { path, content } => {
-                    self.put_in_place(path, None, &mut touched, |target| {
-                        written.push(self.put_content(path, target, content)?);
-                        Ok(())
-                    })?
-                }
-                RedoEntry::Delete { path } => {
-                    let target = self.confine(path, Use::Write)?;
-                    self.remove_target(&target, &mut touched)?;
-                }
+            if live {
+                self.replay_entry(entry, &mut touched, &mut written)?;
             }
         }
         for (file, path) in &written {
@@ -366,7 +395,37 @@ impl Inner {
         for dir in &touched {
             self.dirs.sync(dir)?;
         }
-        self.write_state("applied lsn", &self.area.applied_lsn, lsn.0)
+        self.write_state("applied lsn", &self.area.applied_lsn, last.0)
+    }
+
+    /// Puts one replayed entry in place (not synced: the files written go into `written`, the
+    /// directories changed into `touched`). A delete that finds a directory leaves it: a later
+    /// entry of the batch made it, in an earlier attempt of the same batch.
+    fn replay_entry(
+        &self,
+        entry: &RedoEntry,
+        touched: &mut BTreeSet<PathBuf>,
+        written: &mut Vec<(File, PathBuf)>,
+    ) -> Result<()> {
+        check_path(&self.name, entry.path())?;
+        match entry {
+            RedoEntry::Put { path, id, bytes } => self.replay_put(path, id, *bytes, touched),
+            RedoEntry::PutInline { path, content } => {
+                self.put_in_place(path, None, touched, |target| {
+                    written.push(self.put_content(path, target, content)?);
+                    Ok(())
+                })
+            }
+            RedoEntry::Delete { path } => {
+                // Looked at before confinement, which refuses a directory; reading its
+                // metadata changes nothing, wherever it leads.
+                if fs::symlink_metadata(self.root.join(path)).is_ok_and(|meta| meta.is_dir()) {
+                    return Ok(());
+                }
+                let target = self.confine(path, Use::Write)?;
+                self.remove_target(&target, touched)
+            }
+        }
     }
 
     pub(super) fn replay_put(

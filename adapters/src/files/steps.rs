@@ -163,9 +163,9 @@ impl Lifecycle for Inner {
 
     /// A commit the log would apply again at open must not undo what the replay writes after
     /// it: a checkpoint covers it first.
-    async fn replay_work(self: &Arc<Self>, entries: Vec<RedoEntry>, lsn: Lsn) -> Result<()> {
+    async fn replay_work(self: &Arc<Self>, batch: Vec<(Lsn, Vec<RedoEntry>)>) -> Result<()> {
         self.checkpoint_commits().await?;
         let worker = self.clone();
-        blocking(&self.name, TASK, move || worker.replay_files(&entries, lsn)).await
+        blocking(&self.name, TASK, move || worker.replay_files(&batch)).await
     }
 }

@@ -97,6 +97,38 @@ pub(crate) async fn fill(
 }
 
 /// The directory `path` is in (`.` for a bare name).
+/// The blake3 hash of the regular file at `path`, read through one bounded buffer (never whole
+/// into memory); `None` when there is no regular file there (gone meanwhile, or a directory,
+/// symlink or other special file).
+pub(crate) fn hash_file(name: &str, path: &Path) -> Result<Option<[u8; 32]>> {
+    let file = match fs::symlink_metadata(path) {
+        Ok(meta) if meta.is_file() => fs::File::open(path),
+        Ok(_) => return Ok(None),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(ResourceError::io(name, "inspect", path, &e)),
+    };
+    let mut file = match file {
+        Ok(file) => file,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(ResourceError::io(name, "open", path, &e)),
+    };
+    let mut hasher = blake3::Hasher::new();
+    let mut buf = vec![0u8; HASH_CHUNK_BYTES];
+    loop {
+        match std::io::Read::read(&mut file, &mut buf) {
+            Ok(0) => return Ok(Some(*hasher.finalize().as_bytes())),
+            Ok(n) => {
+                hasher.update(&buf[..n]);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(ResourceError::io(name, "read", path, &e)),
+        }
+    }
+}
+
+/// Size of the one buffer [`hash_file`] reads through.
+const HASH_CHUNK_BYTES: usize = 256 << 10;
+
 pub(crate) fn parent_of(path: &Path) -> PathBuf {
     path.parent()
         .map_or_else(|| PathBuf::from("."), Path::to_path_buf)

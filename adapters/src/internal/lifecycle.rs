@@ -25,10 +25,11 @@
 //!   a checkpoint, a trim).
 //! * **fence** holds the fence gate exclusively, stores the epoch durably
 //!   ([`Lifecycle::store_fence`]) and raises it in memory (see [`Gate`]).
-//! * **replay** runs one at a time ([`Lifecycle::replaying`]); a redo at or below the applied
-//!   LSN changes nothing; a malformed one is refused; the resource applies it
-//!   ([`Lifecycle::replay_work`], which stores the LSN durably with it) and the applied LSN
-//!   follows in memory.
+//! * **replay** runs one batch at a time (the shell's `replaying` lock); a single replay is a
+//!   batch of one. Redos at or below the applied LSN are left out; a malformed one refuses the
+//!   batch before anything is applied; the resource applies the rest
+//!   ([`Lifecycle::replay_work`], which stores the batch's last LSN durably with them) and the
+//!   applied LSN follows in memory.
 //!
 //! `recover`, `fence_epoch` and `applied_lsn` are [`Instance`]'s own answers.
 //!
@@ -132,11 +133,12 @@ pub(crate) trait Lifecycle: Instance + Send + Sync + Sized + 'static {
 
     /// Decodes a redo for replay; a malformed one is described in the error.
     fn decode_redo(redo: &[u8]) -> Result<Self::Redo, String>;
-    /// Applies a redo with its LSN, durably; no state lock held.
+    /// Applies the redos of a batch (LSNs strictly increasing, every one above the applied
+    /// LSN, at least one) in order, and stores the last LSN as applied, durably and all or
+    /// nothing as seen after a crash (see each resource's "Crashes"); no state lock held.
     fn replay_work(
         self: &Arc<Self>,
-        redo: Self::Redo,
-        lsn: Lsn,
+        batch: Vec<(Lsn, Self::Redo)>,
     ) -> impl Future<Output = Result<()>> + Send;
 }
 
@@ -266,18 +268,33 @@ pub(crate) async fn fence<I: Lifecycle>(inner: &Arc<I>, epoch: Epoch) -> Result<
     Ok(())
 }
 
-/// `Resource::replay`.
+/// `Resource::replay`: a batch of one.
 pub(crate) async fn replay<I: Lifecycle>(inner: &Arc<I>, redo: &[u8], lsn: Lsn) -> Result<()> {
+    replay_batch(inner, &[(lsn, redo.to_vec())]).await
+}
+
+/// `Resource::replay_batch`: the redos above the applied LSN, decoded (a malformed one refuses
+/// the whole batch before anything is applied), applied together with the last LSN.
+pub(crate) async fn replay_batch<I: Lifecycle>(
+    inner: &Arc<I>,
+    batch: &[(Lsn, Vec<u8>)],
+) -> Result<()> {
+    crate::check_batch_lsns(inner.name(), batch)?;
     let _replaying = inner.shell().replaying.lock().await;
-    if lsn <= inner.applied_lsn()? {
-        return Ok(());
+    let applied = inner.applied_lsn()?;
+    let mut pending = Vec::new();
+    for (lsn, redo) in batch.iter().filter(|(lsn, _)| *lsn > applied) {
+        let redo = I::decode_redo(redo)
+            .map_err(|e| inner.rejected(format!("replay of lsn {lsn}: malformed redo: {e}")))?;
+        pending.push((*lsn, redo));
     }
-    let redo = I::decode_redo(redo)
-        .map_err(|e| inner.rejected(format!("replay of lsn {lsn}: malformed redo: {e}")))?;
-    let applied = inner.replay_work(redo, lsn).await;
+    let Some(&(last, _)) = pending.last() else {
+        return Ok(());
+    };
+    let applied = inner.replay_work(pending).await;
     inner.check(applied)?;
     let mut st = inner.state();
     let shared = st.shared_mut();
-    shared.applied_lsn = shared.applied_lsn.max(lsn);
+    shared.applied_lsn = shared.applied_lsn.max(last);
     Ok(())
 }

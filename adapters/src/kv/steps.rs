@@ -9,8 +9,8 @@
 //!
 //! # Implementation caveats
 //!
-//! * The replay's fail point stops it before its transaction: a replay is one sled
-//!   transaction, so nothing of it can be half applied.
+//! * The replay's fail point stops it before its transaction: a replay (a whole batch) is one
+//!   sled transaction with one sync, so nothing of it can be half applied.
 
 use std::sync::Arc;
 
@@ -135,14 +135,15 @@ impl Lifecycle for Inner {
         decode_batch(redo)
     }
 
-    async fn replay_work(self: &Arc<Self>, writes: Vec<KvWrite>, lsn: Lsn) -> Result<()> {
+    async fn replay_work(self: &Arc<Self>, batch: Vec<(Lsn, Vec<KvWrite>)>) -> Result<()> {
         if self.shell.pauses.replay_fails_here() {
+            let first = batch.first().map_or(Lsn::ZERO, |(lsn, _)| *lsn);
             return Err(self.unavailable(format!(
-                "replay of lsn {lsn} stopped by its fail point before its transaction"
+                "replay of the batch from lsn {first} stopped by its fail point before its transaction"
             )));
         }
         let worker = self.clone();
-        blocking(&self.name, TASK, move || worker.store.replay(&writes, lsn))
+        blocking(&self.name, TASK, move || worker.store.replay(&batch))
             .await
             .map(drop)
     }

@@ -263,29 +263,47 @@ impl Store {
         Ok(fence)
     }
 
-    /// Applies `writes` and stores `lsn` as the applied LSN in one transaction, unless the
-    /// stored applied LSN is at or above it; syncs. `false` when it changed nothing.
-    pub(super) fn replay(&self, writes: &[KvWrite], lsn: Lsn) -> Result<bool> {
+    /// Applies the writes of every redo of `batch` above the stored applied LSN, in order, and
+    /// stores the batch's last LSN as the applied LSN, in one transaction; syncs once. `false`
+    /// when it changed nothing (the whole batch was at or below the applied LSN).
+    pub(super) fn replay(&self, batch: &[(Lsn, Vec<KvWrite>)]) -> Result<bool> {
+        let Some(&(last, _)) = batch.last() else {
+            return Ok(false);
+        };
         let applied = (&self.data, &self.meta).transaction(|(data, meta)| {
             let applied = meta.get(APPLIED_KEY)?;
             let applied = decode_meta(APPLIED_KEY, applied.as_deref()).map_err(abort_damaged)?;
-            if lsn.0 <= applied {
+            if last.0 <= applied {
                 return Ok(false);
             }
-            for write in writes {
-                match write {
-                    KvWrite::Insert { key, value } => {
-                        data.insert(key.as_slice(), value.as_slice())?
-                    }
-                    KvWrite::Remove { key } => data.remove(key.as_slice())?,
-                };
+            for (_, writes) in batch.iter().filter(|(lsn, _)| lsn.0 > applied) {
+                for write in writes {
+                    match write {
+                        KvWrite::Insert { key, value } => {
+                            data.insert(key.as_slice(), value.as_slice())?
+                        }
+                        KvWrite::Remove { key } => data.remove(key.as_slice())?,
+                    };
+                }
             }
-            meta.insert(APPLIED_KEY, &encode_meta(lsn.0)[..])?;
+            meta.insert(APPLIED_KEY, &encode_meta(last.0)[..])?;
             Ok(true)
         });
         let applied = applied.map_err(|e| self.transaction_error("replay a batch into", e))?;
         self.sync()?;
         Ok(applied)
+    }
+
+    /// Every key of the data tree with the blake3 hash of its value, in key order (sled's
+    /// iterator reads one page at a time); refused beyond `INVENTORY_ENTRIES_MAX`.
+    pub(super) fn inventory(&self) -> Result<Vec<(Vec<u8>, [u8; 32])>> {
+        let mut out = Vec::new();
+        for item in self.data.iter() {
+            let (key, value) = item.map_err(|e| self.error("read the data tree of", e))?;
+            out.push((key.to_vec(), *blake3::hash(&value).as_bytes()));
+            crate::check_inventory_size(&self.name, out.len())?;
+        }
+        Ok(out)
     }
 
     /// Makes everything written so far durable, sharing the sync with concurrent callers (see

@@ -81,39 +81,76 @@ impl Inner {
         Ok(())
     }
 
-    /// Replay: delivers every message not in `new/` or `cur/` yet (written to `tmp/` and synced,
-    /// then renamed into `new/`), syncs `new/`, then stores `lsn` as applied (see "Crashes").
-    pub(super) fn replay_messages(&self, entries: &[RedoEntry], lsn: Lsn) -> Result<()> {
+    /// Replay of a batch: delivers every message of its redos, in order, that is not in `new/`
+    /// or `cur/` yet (written to `tmp/` and synced, then renamed into `new/`), syncs `new/`
+    /// once, then stores the batch's last LSN as applied, once (see "Crashes").
+    pub(super) fn replay_messages(&self, batch: &[(Lsn, Vec<RedoEntry>)]) -> Result<()> {
+        let Some(&(last, _)) = batch.last() else {
+            return Ok(());
+        };
         let mut cur = None;
-        for (n, entry) in entries.iter().enumerate() {
+        let entries = batch
+            .iter()
+            .flat_map(|(lsn, entries)| entries.iter().map(move |entry| (*lsn, entry)));
+        for (n, (lsn, entry)) in entries.enumerate() {
             if n == 1 && self.shell.pauses.replay_fails_here() {
                 return Err(self.unavailable(format!(
-                    "replay of lsn {lsn} stopped by its fail point after its first message"
+                    "replay of lsn {lsn} stopped by its fail point after the batch's first message"
                 )));
             }
-            let name = entry.name();
-            if self.delivered(name, &mut cur)? {
-                continue;
-            }
-            let staged = self.area.tmp.join(name);
-            let written = match entry {
-                RedoEntry::Inline { content, .. } => {
-                    overwrite_synced(&self.name, "replayed message", &staged, content)
-                }
-                RedoEntry::Blob { id, bytes, .. } => self.copy_blob(name, id, *bytes, &staged),
-            };
-            let delivered = written.and_then(|()| {
-                fs::rename(&staged, self.area.new.join(name)).map_err(|e| {
-                    ResourceError::io(&self.name, "rename replayed message from", &staged, &e)
-                })
-            });
-            if delivered.is_err() {
-                let _ = fs::remove_file(&staged);
-            }
-            delivered?;
+            self.replay_message(entry, &mut cur)?;
         }
         self.dirs.sync(&self.area.new)?;
-        self.write_state("applied lsn", &self.area.applied_lsn, lsn.0)
+        self.write_state("applied lsn", &self.area.applied_lsn, last.0)
+    }
+
+    /// Delivers one replayed message unless it is delivered already; `new/` is not synced.
+    fn replay_message(&self, entry: &RedoEntry, cur: &mut Option<Vec<String>>) -> Result<()> {
+        let name = entry.name();
+        if self.delivered(name, cur)? {
+            return Ok(());
+        }
+        let staged = self.area.tmp.join(name);
+        let written = match entry {
+            RedoEntry::Inline { content, .. } => {
+                overwrite_synced(&self.name, "replayed message", &staged, content)
+            }
+            RedoEntry::Blob { id, bytes, .. } => self.copy_blob(name, id, *bytes, &staged),
+        };
+        let delivered = written.and_then(|()| {
+            fs::rename(&staged, self.area.new.join(name)).map_err(|e| {
+                ResourceError::io(&self.name, "rename replayed message from", &staged, &e)
+            })
+        });
+        if delivered.is_err() {
+            let _ = fs::remove_file(&staged);
+        }
+        delivered
+    }
+
+    /// Every message in `new/` and `cur/` with the blake3 hash of its content, keyed by its
+    /// file name without the directory and without the info a reader appends in `cur/`
+    /// (`:2,S`), so a message a reader has seen on one site matches the same message unseen on
+    /// the other; each file read through one bounded buffer.
+    pub(super) fn inventory(&self) -> Result<Vec<crate::InventoryEntry>> {
+        let mut out = Vec::new();
+        for dir in [&self.area.new, &self.area.cur] {
+            for name in list_names(&self.name, dir)? {
+                let path = dir.join(&name);
+                let Some(digest) = crate::internal::io::hash_file(&self.name, &path)? else {
+                    continue;
+                };
+                let key = name.split_once(':').map_or(name.as_str(), |(key, _)| key);
+                out.push(crate::InventoryEntry {
+                    key: key.to_string(),
+                    digest,
+                });
+                crate::check_inventory_size(&self.name, out.len())?;
+            }
+        }
+        out.sort();
+        out.dedup_by(|a, b| a.key == b.key);
+        Ok(out)
     }
 
     /// Copies blob `id` (of `bytes` bytes, the message `name`) to the new file `dest`, synced;

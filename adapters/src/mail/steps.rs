@@ -160,11 +160,8 @@ impl Lifecycle for Inner {
         decode_redo(redo)
     }
 
-    async fn replay_work(self: &Arc<Self>, entries: Vec<RedoEntry>, lsn: Lsn) -> Result<()> {
+    async fn replay_work(self: &Arc<Self>, batch: Vec<(Lsn, Vec<RedoEntry>)>) -> Result<()> {
         let worker = self.clone();
-        blocking(&self.name, TASK, move || {
-            worker.replay_messages(&entries, lsn)
-        })
-        .await
+        blocking(&self.name, TASK, move || worker.replay_messages(&batch)).await
     }
 }

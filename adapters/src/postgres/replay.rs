@@ -12,7 +12,7 @@
 //!   against the table.
 
 use super::{Inner, PostgresResource, Result, db_text};
-use crate::Lsn;
+use crate::{Lsn, ResourceError};
 
 /// The redo version written and read here.
 pub(super) const REDO_VERSION: u64 = 1;
@@ -40,11 +40,23 @@ impl PostgresResource {
 }
 
 impl Inner {
-    pub(super) async fn replay(&self, redo: &[u8], lsn: Lsn) -> Result<()> {
-        let rows = decode_redo(redo)
-            .map_err(|e| self.rejected(format!("replay of lsn {lsn}: malformed redo: {e}")))?;
-        let lsn_value = i64::try_from(lsn.0)
-            .map_err(|_| self.rejected(format!("lsn {lsn} is out of range")))?;
+    /// `Resource::replay_batch` (a single replay is a batch of one): one transaction with
+    /// `concord.replaying` on; the applied LSN is locked and read once, the row images of every
+    /// redo above it are applied in order in one statement, the last LSN is stored once. A
+    /// failure rolls everything back; a failure to apply a row is diagnosed against the table
+    /// (`check_rows`) so that the error names the LSN, the table and the column.
+    pub(super) async fn replay_batch(&self, batch: &[(Lsn, Vec<u8>)]) -> Result<()> {
+        crate::check_batch_lsns(&self.name, batch)?;
+        let Some(&(last, _)) = batch.last() else {
+            return Ok(());
+        };
+        let mut decoded = Vec::with_capacity(batch.len());
+        for (lsn, redo) in batch {
+            let rows = decode_redo(redo)
+                .map_err(|e| self.rejected(format!("replay of lsn {lsn}: malformed redo: {e}")))?;
+            decoded.push((*lsn, rows));
+        }
+        let last_value = lsn_value(self, last)?;
         let mut conn = self.conn().await?;
         let session = self.sessions.of(&conn);
         let session = session.as_deref();
@@ -56,12 +68,11 @@ impl Inner {
         self.timed_in(session, "begin the replay", tx.batch_execute(begin))
             .await?
             .map_err(|e| self.db("begin the replay", &e))?;
-        let applied =
-            "INSERT INTO concord.applied VALUES ($1, 0) ON CONFLICT (resource) DO NOTHING";
-        self.timed_in(session, "replay", tx.execute(applied, &[&self.name]))
-            .await?
-            .map_err(|e| self.db("replay", &e))?;
-        let read = "SELECT lsn FROM concord.applied WHERE resource = $1 FOR UPDATE";
+        // Creates the row if need be and locks it, in one round trip: concurrent replays of
+        // this resource wait here, so the check and the apply are one step.
+        let read = "INSERT INTO concord.applied VALUES ($1, 0)
+                    ON CONFLICT (resource) DO UPDATE SET lsn = concord.applied.lsn
+                    RETURNING lsn";
         let applied: i64 = self
             .timed_in(
                 session,
@@ -71,29 +82,34 @@ impl Inner {
             .await?
             .map_err(|e| self.db("read the applied lsn", &e))?
             .get(0);
-        if applied >= lsn_value {
+        if applied >= last_value {
             return Ok(());
         }
-        for (table, op, pk, row) in &rows {
-            let apply = "SELECT concord.apply_row($1, $2::text::\"char\", $3, $4)";
-            self.timed_in(
-                session,
-                "replay a row",
-                tx.execute(apply, &[table, op, pk, row]),
-            )
-            .await?
-            .map_err(|e| {
-                self.rejected(format!(
-                    "replay of lsn {lsn}: applying a row of {table} failed: {}",
-                    db_text(&e)
-                ))
-            })?;
+        let pending: Vec<&(Lsn, Vec<RowImage>)> = decoded
+            .iter()
+            .filter(|(lsn, _)| i64::try_from(lsn.0).is_ok_and(|l| l > applied))
+            .collect();
+        let images: Vec<serde_json::Value> = pending
+            .iter()
+            .flat_map(|(_, rows)| rows.iter().map(row_json))
+            .collect();
+        // The set-returning function yields the images in array order, and each is applied as
+        // it is produced: journal order.
+        let apply = "SELECT concord.apply_row(r ->> 0, (r ->> 1)::\"char\", r -> 2, r -> 3)
+                     FROM jsonb_array_elements($1::jsonb) AS r";
+        let images = serde_json::Value::Array(images);
+        let applied_rows = self
+            .timed_in(session, "replay the rows", tx.execute(apply, &[&images]))
+            .await?;
+        if let Err(e) = applied_rows {
+            drop(tx);
+            return Err(self.replay_failed(&mut conn, &pending, &e).await);
         }
         let store = "UPDATE concord.applied SET lsn = $2 WHERE resource = $1";
         self.timed_in(
             session,
             "store the applied lsn",
-            tx.execute(store, &[&self.name, &lsn_value]),
+            tx.execute(store, &[&self.name, &last_value]),
         )
         .await?
         .map_err(|e| self.db("store the applied lsn", &e))?;
@@ -101,6 +117,41 @@ impl Inner {
             .await?
             .map_err(|e| self.db("commit the replay", &e))
     }
+
+    /// The error of a batch whose rows failed to apply with `e`: what [`Inner::check_rows`]
+    /// finds wrong with the standby's tables, or else the database's own message, naming the
+    /// LSNs of the batch.
+    async fn replay_failed(
+        &self,
+        conn: &mut deadpool_postgres::Object,
+        pending: &[&(Lsn, Vec<RowImage>)],
+        e: &tokio_postgres::Error,
+    ) -> ResourceError {
+        if e.as_db_error().is_none() {
+            return self.db("replay the rows", e);
+        }
+        match self.check_rows(conn, pending).await {
+            Ok(Some(problem)) => self.rejected(problem),
+            Ok(None) | Err(_) => {
+                let (first, last) = (pending[0].0, pending[pending.len() - 1].0);
+                self.rejected(format!(
+                    "replay of lsn {first} to {last}: applying the rows failed: {}",
+                    db_text(e)
+                ))
+            }
+        }
+    }
+}
+
+/// `lsn` as PostgreSQL's bigint.
+fn lsn_value(inner: &Inner, lsn: Lsn) -> Result<i64> {
+    i64::try_from(lsn.0).map_err(|_| inner.rejected(format!("lsn {lsn} is out of range")))
+}
+
+/// A row image as the JSON array `[table, op, pk, row]` that `concord.apply_row` takes.
+fn row_json(row: &RowImage) -> serde_json::Value {
+    let (table, op, pk, image) = row;
+    serde_json::json!([table, op, pk, image])
 }
 
 /// Encodes captured rows, given as the JSON text of an array of `[table, op, pk, row]`, as a
@@ -110,7 +161,7 @@ pub(super) fn encode_redo_array(rows: &str) -> Vec<u8> {
 }
 
 /// One row image of a redo: table, op, primary key, row.
-type RowImage = (String, String, serde_json::Value, serde_json::Value);
+pub(super) type RowImage = (String, String, serde_json::Value, serde_json::Value);
 
 /// Decodes a redo; a malformed one is described in the error.
 pub fn decode_redo(redo: &[u8]) -> Result<Vec<RowImage>, String> {

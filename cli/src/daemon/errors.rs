@@ -104,6 +104,7 @@ pub fn coord_status(xid: Xid, e: &CoordError) -> tonic::Status {
         },
         CoordError::Resource(r) => ErrorDetail::resource(Some(xid), r),
         CoordError::ShuttingDown => detail(ErrorCode::Draining, Some(xid)),
+        CoordError::NotConfirmed { .. } => detail(ErrorCode::NotConfirmed, Some(xid)),
         CoordError::Journal(_) | CoordError::Record { .. } => detail(ErrorCode::Journal, Some(xid)),
         _ => detail(ErrorCode::Refused, Some(xid)),
     };

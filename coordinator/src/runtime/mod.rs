@@ -175,6 +175,26 @@ pub enum CoordError {
         "coordinator shut down before the outcome was known; recovery at the next start decides it"
     )]
     ShuttingDown,
+    /// Sync replication: the transaction is committed here (its decision is durable in this
+    /// journal, and phase 2 goes on), but no standby confirmed that it journaled it within the
+    /// configured wait. A failover now may lose it; `concord status` shows the standby's state.
+    #[error(
+        "transaction {xid} is committed on this primary, but no standby confirmed it: {reason}"
+    )]
+    NotConfirmed {
+        /// The transaction, committed here.
+        xid: Xid,
+        /// Why no standby confirmed it.
+        reason: String,
+    },
+}
+
+/// What a commit waits for once its decision is durable and before it is answered: sync
+/// replication's standby acknowledgement ([`Coordinator::set_commit_gate`]).
+#[async_trait::async_trait]
+pub trait CommitGate: Send + Sync + 'static {
+    /// Returns once the journal up to `lsn` is confirmed (by a standby), or why it is not.
+    async fn confirm(&self, lsn: Lsn) -> Result<(), String>;
 }
 
 /// Tracks the tasks the coordinator spawned and the callers driving a machine, so that shutdown
@@ -328,6 +348,8 @@ struct Inner {
     unanswered: Mutex<HashSet<String>>,
     /// The durable LSN at open: a shutdown writes its `Checkpoint` only after new records.
     opened_at: Lsn,
+    /// What a commit waits for before it is answered (sync replication).
+    gate: std::sync::OnceLock<Arc<dyn CommitGate>>,
 }
 
 impl Inner {
@@ -453,6 +475,7 @@ impl Coordinator {
             startup_pin: Mutex::new(None),
             unanswered: Mutex::new(HashSet::new()),
             opened_at: journal_durable,
+            gate: std::sync::OnceLock::new(),
         });
         let coordinator = Coordinator { inner };
         let report = coordinator.recover(&ledger).await;
@@ -460,6 +483,17 @@ impl Coordinator {
         coordinator.start_sweeper();
         coordinator.start_checkpointer();
         Ok((coordinator, report))
+    }
+
+    /// Makes every commit wait for `gate` before it is answered (sync replication); set once,
+    /// before the coordinator serves. A second gate is refused (returned).
+    pub fn set_commit_gate(&self, gate: Arc<dyn CommitGate>) -> Result<(), Arc<dyn CommitGate>> {
+        self.inner.gate.set(gate)
+    }
+
+    /// The epoch this coordinator serves in.
+    pub fn epoch(&self) -> journal::Epoch {
+        self.inner.config.epoch
     }
 
     /// What bounds the removal of journal segments: a standby holds its retention floor here.
@@ -636,7 +670,17 @@ impl Coordinator {
     /// the transaction rolled back). Phase 2 goes on in the background.
     pub async fn commit(&self, xid: &Xid) -> Result<Outcome, CoordError> {
         let requested = crate::metrics::start_timer();
-        let answer = self.commit_timed(xid).await;
+        let mut answer = self.commit_timed(xid).await;
+        if let (Some(gate), Ok(Outcome::Committed { lsn: Some(_) })) =
+            (self.inner.gate.get(), &answer)
+        {
+            // The durable LSN, not the decision's: a one-phase commit is answered after its
+            // `End`, which a standby needs before it can replay the transaction.
+            let upto = self.inner.journal.durable_lsn();
+            if let Err(reason) = gate.confirm(upto).await {
+                answer = Err(CoordError::NotConfirmed { xid: *xid, reason });
+            }
+        }
         if let (Some(requested), Ok(_)) = (requested, &answer) {
             crate::metrics::committed_in(requested.elapsed());
         }

@@ -93,6 +93,11 @@ fn from_detail(
             message,
         },
         (ErrorCode::Draining, _) => CoordError::ShuttingDown.into(),
+        (ErrorCode::NotConfirmed, Some(xid)) => CoordError::NotConfirmed {
+            xid,
+            reason: message,
+        }
+        .into(),
         (ErrorCode::NotPrimary, _) => ConcordError::Unreachable { message },
         (ErrorCode::RolledBack | ErrorCode::AlreadyRolledBack, Some(xid)) => {
             ConcordError::RolledBack {

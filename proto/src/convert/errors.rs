@@ -237,6 +237,7 @@ impl ErrorDetail {
             },
             ErrorCode::Draining | ErrorCode::NotPrimary => Code::Unavailable,
             ErrorCode::Journal => Code::Internal,
+            ErrorCode::NotConfirmed => Code::FailedPrecondition,
         }
     }
 }

@@ -1,0 +1,81 @@
+//! Inventories: a resource's content as sorted keys and content hashes, served to
+//! `concord compare` ([`Inventories::stream`]), with the LSNs that say as of when.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use adapters::Resource;
+use journal::{Journal, Lsn};
+use proto::v1;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::Status;
+
+/// Items per inventory message.
+pub const ITEMS_PER_CHUNK: usize = 4096;
+
+/// A node's resources and journal, for inventories.
+#[derive(Clone)]
+pub struct Inventories {
+    resources: BTreeMap<String, Arc<dyn Resource>>,
+    journal: Arc<Journal>,
+}
+
+impl Inventories {
+    /// Inventories of `resources`, with `journal`'s durable LSN.
+    pub fn new(resources: Vec<Arc<dyn Resource>>, journal: Arc<Journal>) -> Self {
+        Inventories {
+            resources: resources
+                .into_iter()
+                .map(|r| (r.name().to_string(), r))
+                .collect(),
+            journal,
+        }
+    }
+
+    /// The inventory of `name` as a stream of chunks (sorted by key).
+    pub async fn stream(
+        &self,
+        name: &str,
+    ) -> Result<ReceiverStream<Result<v1::InventoryChunk, Status>>, Status> {
+        let resource = self.resources.get(name).ok_or_else(|| {
+            Status::not_found(format!(
+                "no resource {name:?}; configured: {}",
+                self.resources.keys().cloned().collect::<Vec<_>>().join(", ")
+            ))
+        })?;
+        let durable = self.journal.durable_lsn();
+        let applied = resource.applied_lsn().await.unwrap_or(Lsn(0));
+        let entries = resource
+            .inventory()
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))?;
+        let (tx, rx) = mpsc::channel(4);
+        tokio::spawn(async move {
+            let mut chunks = entries.chunks(ITEMS_PER_CHUNK).peekable();
+            if chunks.peek().is_none() {
+                let _ = tx.send(Ok(chunk(&[], applied, durable))).await;
+            }
+            for part in chunks {
+                if tx.send(Ok(chunk(part, applied, durable))).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(ReceiverStream::new(rx))
+    }
+}
+
+fn chunk(items: &[adapters::InventoryEntry], applied: Lsn, durable: Lsn) -> v1::InventoryChunk {
+    v1::InventoryChunk {
+        items: items
+            .iter()
+            .map(|e| v1::InventoryItem {
+                key: e.key.clone(),
+                digest: e.digest.to_vec(),
+            })
+            .collect(),
+        applied_lsn: applied.0,
+        durable_lsn: durable.0,
+    }
+}

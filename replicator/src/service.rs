@@ -1,0 +1,75 @@
+//! The `concord.v1.Replication` gRPC service: `Ship` on a primary (a standby answers that it
+//! is a standby), `Inventory` on both.
+
+use std::sync::Arc;
+
+use proto::v1;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::inventory::Inventories;
+use crate::primary::Shipper;
+use crate::primary::ship::SEND_QUEUE;
+
+/// The service: a primary's shipper (none on a standby) and the node's resources.
+pub struct ReplicationService {
+    shipper: Option<Arc<Shipper>>,
+    inventories: Inventories,
+}
+
+impl ReplicationService {
+    /// The service of a primary (`shipper`) or a standby (`None`).
+    pub fn new(shipper: Option<Arc<Shipper>>, inventories: Inventories) -> Self {
+        ReplicationService {
+            shipper,
+            inventories,
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl v1::replication_server::Replication for ReplicationService {
+    type ShipStream = ReceiverStream<Result<v1::PrimaryMessage, Status>>;
+    type InventoryStream = ReceiverStream<Result<v1::InventoryChunk, Status>>;
+
+    async fn ship(
+        &self,
+        request: Request<Streaming<v1::StandbyMessage>>,
+    ) -> Result<Response<Self::ShipStream>, Status> {
+        let Some(shipper) = self.shipper.clone() else {
+            return Err(Status::failed_precondition(
+                "this node is a standby: point [standby] primary at the primary",
+            ));
+        };
+        let mut inbound = request.into_inner();
+        let start = shipper.accept(&mut inbound).await?;
+        let (tx, rx) = mpsc::channel(SEND_QUEUE);
+        let welcome = v1::Welcome {
+            cluster_id: shipper.cluster_id().to_string(),
+            epoch: shipper.coordinator().epoch().0,
+            durable_lsn: shipper.coordinator().journal().durable_lsn().0,
+            journal_format: journal::segment::FORMAT_VERSION,
+            oldest_lsn: shipper.coordinator().journal().oldest_lsn().0,
+            mode: shipper.config().mode.as_str().into(),
+        };
+        let body = v1::primary_message::Body::Welcome(welcome);
+        tx.send(Ok(v1::PrimaryMessage { body: Some(body) }))
+            .await
+            .map_err(|_| Status::cancelled("the standby went away"))?;
+        // The stream's task ends with the stream: when the standby goes away (its sends fail
+        // and its acknowledgements end) or the shipper stops.
+        tokio::spawn(shipper.serve(start, inbound, tx));
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn inventory(
+        &self,
+        request: Request<v1::InventoryRequest>,
+    ) -> Result<Response<Self::InventoryStream>, Status> {
+        let request = request.into_inner();
+        proto::convert::check_header("InventoryRequest.header", request.header.as_ref())?;
+        let rx = self.inventories.stream(&request.resource).await?;
+        Ok(Response::new(rx))
+    }
+}
