@@ -41,7 +41,11 @@ impl Inventories {
         let resource = self.resources.get(name).ok_or_else(|| {
             Status::not_found(format!(
                 "no resource {name:?}; configured: {}",
-                self.resources.keys().cloned().collect::<Vec<_>>().join(", ")
+                self.resources
+                    .keys()
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(", ")
             ))
         })?;
         let durable = self.journal.durable_lsn();

@@ -18,8 +18,14 @@ use crate::standby::{SharedReceiveView, now_ms};
 
 /// The status of a standby whose receiver reports to `receive` and whose replay to `replay`.
 pub fn standby_status(receive: &SharedReceiveView, replay: &SharedView) -> v1::ReplicationStatus {
-    let r = receive.lock().unwrap_or_else(PoisonError::into_inner).clone();
-    let p = replay.lock().unwrap_or_else(PoisonError::into_inner).clone();
+    let r = receive
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .clone();
+    let p = replay
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .clone();
     let now = now_ms();
     let age = |at_ms: Option<u64>| at_ms.map_or(0.0, |at| now.saturating_sub(at) as f64 / 1000.0);
     let head = r.primary_durable_lsn.max(r.durable_lsn);

@@ -40,8 +40,12 @@ pub fn from_shipped(
     };
     let code = u8::try_from(shipped.kind_code)
         .map_err(|_| bad(format!("kind code {} is out of range", shipped.kind_code)))?;
-    let version = u8::try_from(shipped.kind_version)
-        .map_err(|_| bad(format!("kind version {} is out of range", shipped.kind_version)))?;
+    let version = u8::try_from(shipped.kind_version).map_err(|_| {
+        bad(format!(
+            "kind version {} is out of range",
+            shipped.kind_version
+        ))
+    })?;
     let chain: [u8; 32] = shipped.chain.as_slice().try_into().map_err(|_| {
         bad(format!(
             "its chain value has {} bytes, not 32",

@@ -14,6 +14,10 @@
 //! * `orders` — every row of `public.orders`, keyed `public.orders/<id>`, blake3 of the row as
 //!   PostgreSQL's `row_to_json` text.
 //!
+//! [`inventory_differences`] compares the same stopped sites through the contract instead:
+//! each site's resources opened from its `concord.toml` (`adapters::config::Config::load` and
+//! `open_all`) and their `Resource::inventory()` compared key by key.
+//!
 //! [`compare_command`] runs `concord compare` on both configurations too, when the binary has
 //! the command (it says so on standard error when it does not).
 //!
@@ -126,10 +130,17 @@ impl Snapshot {
     }
 }
 
-/// Panics with every difference unless the stopped sites are equal; returns both snapshots.
+/// Panics with every difference unless the stopped sites are equal, read directly
+/// ([`Snapshot`]) and through `Resource::inventory` ([`inventory_differences`]); returns the
+/// direct snapshots.
 pub fn assert_sites_equal(primary: &Site, standby: &Site) -> (Snapshot, Snapshot) {
     let (p, s) = (Snapshot::take(primary), Snapshot::take(standby));
-    let found = p.differences(&s);
+    let mut found = p.differences(&s);
+    found.extend(
+        inventory_differences(primary, standby)
+            .into_iter()
+            .map(|d| format!("inventory: {d}")),
+    );
     let shown: Vec<&String> = found.iter().take(40).collect();
     assert!(
         found.is_empty(),
@@ -137,6 +148,42 @@ pub fn assert_sites_equal(primary: &Site, standby: &Site) -> (Snapshot, Snapshot
         found.len()
     );
     (p, s)
+}
+
+/// The inventories of every resource of a stopped site, by resource name.
+pub fn inventories(site: &Site) -> BTreeMap<String, BTreeMap<String, [u8; 32]>> {
+    let config = adapters::config::Config::load(&site.config_path())
+        .unwrap_or_else(|e| panic!("load {}'s configuration: {e}", site.name));
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("build a runtime");
+    runtime.block_on(async {
+        let resources = adapters::config::open_all(&config)
+            .await
+            .unwrap_or_else(|e| panic!("open {}'s resources: {e}", site.name));
+        let mut all = BTreeMap::new();
+        for resource in resources {
+            let entries = resource
+                .inventory()
+                .await
+                .unwrap_or_else(|e| panic!("{}: inventory of {}: {e}", site.name, resource.name()));
+            let keys = entries.into_iter().map(|e| (e.key, e.digest)).collect();
+            all.insert(resource.name().to_string(), keys);
+        }
+        all
+    })
+}
+
+/// Every difference between the stopped sites' inventories, by resource and key.
+pub fn inventory_differences(primary: &Site, standby: &Site) -> Vec<String> {
+    let p = Snapshot {
+        resources: inventories(primary),
+    };
+    let s = Snapshot {
+        resources: inventories(standby),
+    };
+    p.differences(&s)
 }
 
 /// blake3 of `bytes`.

@@ -161,7 +161,10 @@ impl Workload {
         self.hold.store(false, Ordering::Relaxed);
         let thread = self.thread.take().expect("running");
         let ended = crate::process::wait_until(STOP_MS_MAX, || thread.is_finished());
-        assert!(ended, "the workload's tasks did not end within {STOP_MS_MAX} ms of the stop");
+        assert!(
+            ended,
+            "the workload's tasks did not end within {STOP_MS_MAX} ms of the stop"
+        );
         thread.join().expect("the workload thread panicked")
     }
 }

@@ -1,7 +1,7 @@
 //! The harness checked on its own, without a standby: the fault proxy's cut, blackhole and
 //! restore on a loopback echo server; a primary daemon with PostgreSQL under the workload,
 //! killed and restarted, whose stores hold every acknowledged transaction by the checker's
-//! snapshot.
+//! snapshot, which agrees with the resources' own inventories.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -9,7 +9,7 @@ use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::time::Duration;
 
-use concord_tests::check::Snapshot;
+use concord_tests::check::{self, Snapshot};
 use concord_tests::proxy::{FaultProxy, Link};
 use concord_tests::site::{Mode, Site};
 use concord_tests::workload::{Workload, WorkloadSpec};
@@ -128,6 +128,15 @@ fn workload_through_a_primary_killed_and_restarted() {
     assert!(snapshot.count("mail") >= acked.len());
     assert!(snapshot.count("orders") > 0);
     assert!(snapshot.differences(&Snapshot::take(&primary)).is_empty());
+    let inventories = check::inventories(&primary);
+    for resource in ["uploads", "mail", "index"] {
+        assert_eq!(
+            inventories.get(resource),
+            snapshot.resources.get(resource),
+            "{resource}: the inventory and the direct reading differ"
+        );
+    }
+    assert_eq!(inventories["orders"].len(), snapshot.count("orders"));
     eprintln!(
         "{} acknowledged, {} failed around the kill",
         acked.len(),

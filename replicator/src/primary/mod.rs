@@ -84,7 +84,11 @@ pub struct Shipper {
 
 impl Shipper {
     /// A shipper for `coordinator`'s journal, in cluster `cluster_id`.
-    pub fn new(coordinator: Coordinator, cluster_id: String, config: ReplicationConfig) -> Arc<Self> {
+    pub fn new(
+        coordinator: Coordinator,
+        cluster_id: String,
+        config: ReplicationConfig,
+    ) -> Arc<Self> {
         let shipper = Arc::new(Shipper {
             coordinator,
             cluster_id,
@@ -187,7 +191,10 @@ impl Shipper {
         });
         let durable_here = self.coordinator.journal().durable_lsn();
         if durable >= durable_here && self.fallen_back.swap(false, Ordering::AcqRel) {
-            tracing::info!(standby = name, "a standby caught up: commits wait for it again (sync)");
+            tracing::info!(
+                standby = name,
+                "a standby caught up: commits wait for it again (sync)"
+            );
             self.publish_sync_state();
         }
     }
@@ -235,8 +242,8 @@ impl Shipper {
     }
 
     fn publish_sync_state(&self) {
-        let sync = self.config.mode == ReplicationMode::Sync
-            && !self.fallen_back.load(Ordering::Acquire);
+        let sync =
+            self.config.mode == ReplicationMode::Sync && !self.fallen_back.load(Ordering::Acquire);
         metrics::gauge!(crate::metrics::SYNC).set(if sync { 1.0 } else { 0.0 });
     }
 
@@ -278,7 +285,10 @@ impl Shipper {
             shipped_lsn: standbys.iter().map(|s| s.shipped_lsn).max().unwrap_or(0),
             acknowledged_lsn: lowest(|s| s.acknowledged_lsn),
             replayed_lsn: lowest(|s| s.replayed_lsn),
-            lag: standbys.iter().filter_map(|s| s.lag).max_by_key(|l| l.records),
+            lag: standbys
+                .iter()
+                .filter_map(|s| s.lag)
+                .max_by_key(|l| l.records),
             resources: Vec::new(),
             oldest_unreplayed: None,
             standbys,
@@ -295,7 +305,11 @@ impl Shipper {
             metrics::gauge!(crate::metrics::REPLAYED_LSN, &labels).set(s.replayed.0 as f64);
             metrics::gauge!(crate::metrics::LAG_RECORDS, &labels)
                 .set(durable.0.saturating_sub(s.acknowledged.0) as f64);
-            metrics::gauge!(crate::metrics::CONNECTED, &labels).set(if s.connected { 1.0 } else { 0.0 });
+            metrics::gauge!(crate::metrics::CONNECTED, &labels).set(if s.connected {
+                1.0
+            } else {
+                0.0
+            });
         }
         self.publish_sync_state();
     }
@@ -333,13 +347,19 @@ impl coordinator::CommitGate for SyncGate {
         let why = format!(
             "no standby acknowledged lsn {lsn} within {} ms (sync_wait_ms_max); connected standbys: {}",
             shipper.config.sync_wait_ms_max,
-            if connected.is_empty() { "none".to_string() } else { connected.join(", ") }
+            if connected.is_empty() {
+                "none".to_string()
+            } else {
+                connected.join(", ")
+            }
         );
         match shipper.config.sync_fallback {
             SyncFallback::Fail => Err(why),
             SyncFallback::Async => {
                 if !shipper.fallen_back.swap(true, Ordering::AcqRel) {
-                    tracing::warn!("{why}: commits no longer wait for a standby (sync_fallback = \"async\") until one catches up");
+                    tracing::warn!(
+                        "{why}: commits no longer wait for a standby (sync_fallback = \"async\") until one catches up"
+                    );
                     shipper.publish_sync_state();
                 }
                 Ok(())

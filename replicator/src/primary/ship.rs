@@ -51,12 +51,10 @@ impl Shipper {
         &self,
         inbound: &mut Streaming<v1::StandbyMessage>,
     ) -> Result<Start, Status> {
-        let first = tokio::time::timeout(
-            Duration::from_millis(HELLO_TIMEOUT_MS),
-            inbound.message(),
-        )
-        .await
-        .map_err(|_| Status::deadline_exceeded("no Hello within 10 s"))??;
+        let first =
+            tokio::time::timeout(Duration::from_millis(HELLO_TIMEOUT_MS), inbound.message())
+                .await
+                .map_err(|_| Status::deadline_exceeded("no Hello within 10 s"))??;
         let hello = match first.and_then(|m| m.body) {
             Some(v1::standby_message::Body::Hello(hello)) => hello,
             _ => return Err(Status::invalid_argument("the first message must be Hello")),
@@ -179,7 +177,11 @@ impl Shipper {
 
     /// Reads the journal from `start.from` and sends blobs and records; ends when the standby
     /// goes away or the journal closes.
-    async fn send_loop(self: Arc<Self>, start: Start, tx: Outbound) -> Result<(), ReplicationError> {
+    async fn send_loop(
+        self: Arc<Self>,
+        start: Start,
+        tx: Outbound,
+    ) -> Result<(), ReplicationError> {
         let journal = self.coordinator().journal();
         let mut next = start.from;
         let mut resume = start.resume;
@@ -251,7 +253,10 @@ impl Shipper {
     }
 
     /// The blobs a decision record's redo names, with their resources.
-    fn blobs_of(&self, record: &Record) -> Result<Vec<(Arc<dyn Resource>, BlobId)>, ReplicationError> {
+    fn blobs_of(
+        &self,
+        record: &Record,
+    ) -> Result<Vec<(Arc<dyn Resource>, BlobId)>, ReplicationError> {
         if record.kind != record::COMMIT && record.kind != record::ONE_PHASE {
             return Ok(Vec::new());
         }
@@ -333,10 +338,13 @@ async fn send_blob(
     lsn: Lsn,
 ) -> Result<(), ReplicationError> {
     let name = resource.name().to_string();
-    let mut reader = resource.open_blob(&id).await.map_err(|e| ReplicationError::Malformed {
-        lsn,
-        what: format!("blob {id} of {name}, named by this record, cannot be read here: {e}"),
-    })?;
+    let mut reader = resource
+        .open_blob(&id)
+        .await
+        .map_err(|e| ReplicationError::Malformed {
+            lsn,
+            what: format!("blob {id} of {name}, named by this record, cannot be read here: {e}"),
+        })?;
     let (chunks_tx, mut chunks) = mpsc::channel::<std::io::Result<Vec<u8>>>(2);
     let reading = tokio::task::spawn_blocking(move || {
         if offset > 0 {

@@ -216,10 +216,12 @@ impl ReplayMachine {
     }
 
     fn queue(&mut self, lsn: Lsn, resource: &str) -> Result<&mut Queue, UnknownResource> {
-        self.queues.get_mut(resource).ok_or_else(|| UnknownResource {
-            lsn,
-            resource: resource.to_string(),
-        })
+        self.queues
+            .get_mut(resource)
+            .ok_or_else(|| UnknownResource {
+                lsn,
+                resource: resource.to_string(),
+            })
     }
 
     fn commit(
@@ -453,7 +455,11 @@ impl ReplayMachine {
             let mut last = q.applied;
             let mut bytes = 0;
             for entry in &q.entries {
-                assert!(entry.lsn() > last, "{name}: queue out of order at {}", entry.lsn());
+                assert!(
+                    entry.lsn() > last,
+                    "{name}: queue out of order at {}",
+                    entry.lsn()
+                );
                 last = entry.lsn();
                 bytes += entry.bytes();
             }
@@ -492,8 +498,7 @@ mod tests {
     }
 
     fn feed(m: &mut ReplayMachine, lsn: u64, record: CoordRecord) {
-        m.record(Lsn(lsn), record)
-            .unwrap_or_else(|e| panic!("{e}"));
+        m.record(Lsn(lsn), record).unwrap_or_else(|e| panic!("{e}"));
     }
 
     fn lsns(batch: &Batch) -> Vec<u64> {
@@ -509,7 +514,10 @@ mod tests {
         assert_eq!(batches.len(), 2);
         assert_eq!(lsns(&batches[0]), vec![1]);
         assert_eq!(lsns(&batches[1]), vec![1, 2]);
-        assert!(m.next_batches().is_empty(), "one batch in flight per resource");
+        assert!(
+            m.next_batches().is_empty(),
+            "one batch in flight per resource"
+        );
         assert_eq!(m.replayed_lsn(), Lsn(0));
         m.applied("kv");
         assert_eq!(m.replayed_lsn(), Lsn(0), "txn 1 still waits for files");
@@ -533,7 +541,11 @@ mod tests {
         );
         feed(&mut m, 2, commit(2, &[("orders", "later"), ("kv", "k")]));
         let batches = m.next_batches();
-        assert_eq!(batches.len(), 1, "only kv: orders waits behind the one-phase");
+        assert_eq!(
+            batches.len(),
+            1,
+            "only kv: orders waits behind the one-phase"
+        );
         assert_eq!(batches[0].resource, "kv");
         feed(&mut m, 3, CoordRecord::End { xid: xid(1) });
         let batches = m.next_batches();

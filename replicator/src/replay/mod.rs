@@ -234,14 +234,15 @@ impl Replay {
                 return Done::Batch(batch.resource, Err(e));
             };
             let deadline = Duration::from_millis(BATCH_TIMEOUT_MS);
-            let result =
-                match tokio::time::timeout(deadline, resource.replay_batch(&batch.entries)).await {
-                    Ok(result) => result,
-                    Err(_) => Err(ResourceError::Unavailable {
-                        resource: batch.resource.clone(),
-                        message: format!("replay of a batch took longer than {BATCH_TIMEOUT_MS} ms"),
-                    }),
-                };
+            let result = match tokio::time::timeout(deadline, resource.replay_batch(&batch.entries))
+                .await
+            {
+                Ok(result) => result,
+                Err(_) => Err(ResourceError::Unavailable {
+                    resource: batch.resource.clone(),
+                    message: format!("replay of a batch took longer than {BATCH_TIMEOUT_MS} ms"),
+                }),
+            };
             Done::Batch(batch.resource, result)
         })
     }
@@ -290,7 +291,9 @@ impl Replay {
         }
         let dir = self.state_dir.clone();
         let journal = Arc::clone(&self.journal);
-        let keep_from = ledger.pinned_from().map_or(floor.next(), |p| p.min(floor.next()));
+        let keep_from = ledger
+            .pinned_from()
+            .map_or(floor.next(), |p| p.min(floor.next()));
         tokio::task::spawn_blocking(move || {
             write_floor(&dir, floor)?;
             journal.remove_segments_below(keep_from)?;

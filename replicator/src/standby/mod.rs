@@ -231,8 +231,16 @@ impl Receiver {
             .into_inner();
         let welcome = match next(&mut inbound).await? {
             Some(v1::primary_message::Body::Welcome(w)) => w,
-            Some(_) => return Err(ReplicationError::Protocol("the first message is not Welcome".into())),
-            None => return Err(ReplicationError::Transport("the primary closed the stream".into())),
+            Some(_) => {
+                return Err(ReplicationError::Protocol(
+                    "the first message is not Welcome".into(),
+                ));
+            }
+            None => {
+                return Err(ReplicationError::Transport(
+                    "the primary closed the stream".into(),
+                ));
+            }
         };
         self.welcome(&welcome)?;
         tracing::info!(primary = %self.upstream.url, from = from.0, "following the primary from lsn {from}");
@@ -257,7 +265,11 @@ impl Receiver {
             };
             self.update(|v| v.last_heard_ms = now_ms());
             match body {
-                None => return Err(ReplicationError::Transport("the primary closed the stream".into())),
+                None => {
+                    return Err(ReplicationError::Transport(
+                        "the primary closed the stream".into(),
+                    ));
+                }
                 Some(v1::primary_message::Body::Blob(chunk)) => {
                     self.blob_chunk(&mut partial, chunk).await?;
                 }
@@ -266,7 +278,10 @@ impl Receiver {
                     self.acknowledge(&acks);
                 }
                 Some(v1::primary_message::Body::Progress(p)) => {
-                    self.update(|v| v.primary_durable_lsn = v.primary_durable_lsn.max(Lsn(p.primary_durable_lsn)));
+                    self.update(|v| {
+                        v.primary_durable_lsn =
+                            v.primary_durable_lsn.max(Lsn(p.primary_durable_lsn))
+                    });
                     self.acknowledge(&acks);
                 }
                 Some(v1::primary_message::Body::Welcome(_)) => {
@@ -281,7 +296,9 @@ impl Receiver {
         let journal = Arc::clone(&self.journal);
         let (epoch, durable, chain) = tokio::task::spawn_blocking(move || last_position(&journal))
             .await
-            .map_err(|e| ReplicationError::Protocol(format!("reading the journal's end failed: {e}")))??;
+            .map_err(|e| {
+                ReplicationError::Protocol(format!("reading the journal's end failed: {e}"))
+            })??;
         let resume = self.partial_blob().await?;
         Ok(v1::Hello {
             header: Some(v1::RequestHeader {
@@ -468,7 +485,9 @@ impl Receiver {
         if offset > 0 {
             tracing::info!(resource, blob = %id, offset, "resuming an interrupted blob at byte {offset}");
         }
-        file.flush().await.map_err(state("flush a partial blob", &path))?;
+        file.flush()
+            .await
+            .map_err(state("flush a partial blob", &path))?;
         Ok(Partial {
             resource: resource.to_string(),
             id,
@@ -485,12 +504,19 @@ impl Receiver {
             let path = path.to_path_buf();
             move |source| ReplicationError::State { what, path, source }
         };
-        p.file.flush().await.map_err(state("flush a partial blob", &p.path))?;
+        p.file
+            .flush()
+            .await
+            .map_err(state("flush a partial blob", &p.path))?;
         drop(p.file);
         let Some(resource) = self.resources.get(&p.resource) else {
-            return Err(ReplicationError::Protocol(format!("unknown resource {}", p.resource)));
+            return Err(ReplicationError::Protocol(format!(
+                "unknown resource {}",
+                p.resource
+            )));
         };
-        let content = std::fs::File::open(&p.path).map_err(state("open a partial blob", &p.path))?;
+        let content =
+            std::fs::File::open(&p.path).map_err(state("open a partial blob", &p.path))?;
         let put = resource.put_blob(&p.id, Box::new(content)).await;
         let _ = tokio::fs::remove_file(&p.path).await;
         put.map_err(|e| match e {
@@ -575,7 +601,9 @@ async fn next(
     match inbound.message().await {
         Ok(Some(m)) => match m.body {
             Some(body) => Ok(Some(body)),
-            None => Err(ReplicationError::Protocol("a message without a body".into())),
+            None => Err(ReplicationError::Protocol(
+                "a message without a body".into(),
+            )),
         },
         Ok(None) => Ok(None),
         Err(status) => Err(ReplicationError::from_status(&status)),
