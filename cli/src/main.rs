@@ -61,6 +61,7 @@ mod latency;
 mod output;
 mod pg;
 mod remote_txn;
+mod standby;
 mod status;
 mod txn;
 mod verify;
@@ -146,6 +147,9 @@ enum Command {
     /// Run the coordinator daemon: serve the concord.v1 gRPC service over the configuration's
     /// journal and resources until SIGTERM or SIGINT.
     Coordinator(daemon::DaemonArgs),
+    /// Run a standby: follow a primary daemon's journal into this site's own journal and
+    /// replay its committed transactions into this site's resources, until SIGTERM or SIGINT.
+    Standby(standby::StandbyArgs),
     /// Ask a running coordinator daemon for its role, epoch, durable LSN, open and in-doubt
     /// transactions, and each resource's health.
     Status(status::StatusArgs),
@@ -211,7 +215,7 @@ impl Command {
     fn default_log_level(&self) -> LevelFilter {
         match self {
             // A daemon's log is its operator's view: start, signals, stop.
-            Command::Coordinator(_) => LevelFilter::INFO,
+            Command::Coordinator(_) | Command::Standby(_) => LevelFilter::INFO,
             _ => LevelFilter::WARN,
         }
     }
@@ -274,6 +278,7 @@ fn run(command: Command) -> anyhow::Result<()> {
         Command::Pg(PgCommand::Replicate(args)) => pg::replicate(args),
         Command::Config(ConfigCommand::Check(args)) => config_cmd::check(args),
         Command::Coordinator(args) => daemon::run(args),
+        Command::Standby(args) => standby::run(args),
         Command::Status(args) => status::run(args),
         Command::DemoClient(args) => demo::remote::client(args),
         Command::BenchClient(args) => bench_remote::client(args),

@@ -74,6 +74,146 @@ pub struct StatusJson {
     pub resources: Vec<ResourceJson>,
     /// The daemon's version.
     pub version: String,
+    /// Journal shipping and replay as this node sees it (`null` when the node reports none).
+    pub replication: Option<ReplicationJson>,
+}
+
+/// Replication as one node sees it (`docs/operations.md`, "Replication status").
+#[derive(Debug, Serialize)]
+pub struct ReplicationJson {
+    /// `async` or `sync` (a primary's mode; empty on a standby).
+    pub mode: String,
+    /// `sync`, `async`, `fallback-async` or `waiting` (a primary; empty on a standby).
+    pub sync_state: String,
+    /// A standby: the primary it follows.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub primary: Option<String>,
+    /// A standby: whether its stream is up; a primary: whether any standby's is.
+    pub connected: bool,
+    /// This node's journal's durable LSN.
+    pub durable_lsn: u64,
+    /// The highest LSN sent (a primary) or received (a standby).
+    pub shipped_lsn: u64,
+    /// The standby's acknowledged durable LSN (a primary: the lowest over its standbys).
+    pub acknowledged_lsn: u64,
+    /// Every committed transaction up to it is applied to every resource of the standby.
+    pub replayed_lsn: u64,
+    /// How far the standby is behind.
+    pub lag: LagJson,
+    /// A standby: per resource.
+    pub resources: Vec<ResourceLagJson>,
+    /// A standby: the oldest committed transaction not yet replayed.
+    pub oldest_unreplayed: Option<UnreplayedJson>,
+    /// A primary: its standbys.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub standbys: Option<Vec<StandbyJson>>,
+}
+
+/// A lag in records, bytes, global transactions and seconds.
+#[derive(Debug, Default, Serialize)]
+pub struct LagJson {
+    /// Records.
+    pub records: u64,
+    /// Bytes.
+    pub bytes: u64,
+    /// Global transactions.
+    pub transactions: u64,
+    /// Seconds.
+    pub seconds: f64,
+}
+
+/// One resource's replay on a standby.
+#[derive(Debug, Serialize)]
+pub struct ResourceLagJson {
+    /// The resource.
+    pub name: String,
+    /// Its applied LSN.
+    pub applied_lsn: u64,
+    /// Its lag.
+    pub lag: LagJson,
+}
+
+/// A committed transaction not yet replayed.
+#[derive(Debug, Serialize)]
+pub struct UnreplayedJson {
+    /// Its xid.
+    pub xid: String,
+    /// Its decision's LSN.
+    pub lsn: u64,
+    /// How long ago it was decided (milliseconds).
+    pub age_ms: u64,
+}
+
+/// One standby as its primary sees it.
+#[derive(Debug, Serialize)]
+pub struct StandbyJson {
+    /// Its name.
+    pub name: String,
+    /// Whether its stream is up.
+    pub connected: bool,
+    /// The highest LSN sent to it.
+    pub shipped_lsn: u64,
+    /// Its acknowledged durable LSN.
+    pub acknowledged_lsn: u64,
+    /// Its replayed LSN.
+    pub replayed_lsn: u64,
+    /// How far it is behind.
+    pub lag: LagJson,
+}
+
+impl From<Option<v1::Lag>> for LagJson {
+    fn from(lag: Option<v1::Lag>) -> LagJson {
+        lag.map_or_else(LagJson::default, |l| LagJson {
+            records: l.records,
+            bytes: l.bytes,
+            transactions: l.transactions,
+            seconds: l.seconds,
+        })
+    }
+}
+
+impl ReplicationJson {
+    fn new(r: v1::ReplicationStatus, role: &str) -> ReplicationJson {
+        let standby = role == "standby";
+        ReplicationJson {
+            mode: r.mode,
+            sync_state: r.sync_state,
+            primary: standby.then_some(r.primary),
+            connected: r.connected,
+            durable_lsn: r.durable_lsn,
+            shipped_lsn: r.shipped_lsn,
+            acknowledged_lsn: r.acknowledged_lsn,
+            replayed_lsn: r.replayed_lsn,
+            lag: r.lag.into(),
+            resources: r
+                .resources
+                .into_iter()
+                .map(|x| ResourceLagJson {
+                    name: x.name,
+                    applied_lsn: x.applied_lsn,
+                    lag: x.lag.into(),
+                })
+                .collect(),
+            oldest_unreplayed: r.oldest_unreplayed.map(|u| UnreplayedJson {
+                xid: u.xid,
+                lsn: u.lsn,
+                age_ms: u.age_ms,
+            }),
+            standbys: (!standby).then(|| {
+                r.standbys
+                    .into_iter()
+                    .map(|s| StandbyJson {
+                        name: s.name,
+                        connected: s.connected,
+                        shipped_lsn: s.shipped_lsn,
+                        acknowledged_lsn: s.acknowledged_lsn,
+                        replayed_lsn: s.replayed_lsn,
+                        lag: s.lag.into(),
+                    })
+                    .collect()
+            }),
+        }
+    }
 }
 
 /// One resource's health.
@@ -156,14 +296,23 @@ async fn ask(url: &str, credentials: &Credentials) -> anyhow::Result<v1::StatusR
     let request = v1::StatusRequest {
         header: Some(v1::RequestHeader::current("concord status")),
     };
-    let call = client.status(request);
-    let answer = tokio::time::timeout(Duration::from_millis(STATUS_TIMEOUT_MS), call)
+    let call = client.status(request.clone());
+    let timeout = Duration::from_millis(STATUS_TIMEOUT_MS);
+    let late = || {
+        anyhow::anyhow!("the daemon at {url} did not answer Status within {STATUS_TIMEOUT_MS} ms")
+    };
+    let mut answer = tokio::time::timeout(timeout, call)
         .await
-        .map_err(|_| {
-            anyhow::anyhow!(
-                "the daemon at {url} did not answer Status within {STATUS_TIMEOUT_MS} ms"
-            )
-        })?;
+        .map_err(|_| late())?;
+    if matches!(&answer, Err(status) if status.code() == tonic::Code::Unimplemented) {
+        // A standby serves no Coordinator service: its status comes from Replication.
+        let mut replication = proto::client::connect_replication(url, credentials)
+            .await
+            .with_context(start_hint)?;
+        answer = tokio::time::timeout(timeout, replication.status(request))
+            .await
+            .map_err(|_| late())?;
+    }
     match answer {
         Ok(response) => Ok(response.into_inner()),
         Err(status) if status.code() == tonic::Code::Unavailable => {
@@ -178,8 +327,10 @@ async fn ask(url: &str, credentials: &Credentials) -> anyhow::Result<v1::StatusR
 
 impl From<v1::StatusResponse> for StatusJson {
     fn from(s: v1::StatusResponse) -> StatusJson {
+        let role = role_name(s.role);
         StatusJson {
-            role: role_name(s.role),
+            replication: s.replication.map(|r| ReplicationJson::new(r, role)),
+            role,
             serving: serving_name(s.serving),
             node: s.node,
             epoch: s.epoch,
@@ -235,6 +386,66 @@ fn print_lines(url: &str, s: &StatusJson) {
             println!("resource {} ({}): UNHEALTHY: {}", r.name, r.kind, r.detail);
         }
     }
+    if let Some(r) = &s.replication {
+        print_replication(r);
+    }
+}
+
+fn print_replication(r: &ReplicationJson) {
+    let lag = |l: &LagJson| {
+        format!(
+            "{} records, {} bytes, {} transactions, {:.3} s",
+            l.records, l.bytes, l.transactions, l.seconds
+        )
+    };
+    match (&r.primary, &r.standbys) {
+        (Some(primary), _) => {
+            let link = if r.connected {
+                "connected"
+            } else {
+                "NOT CONNECTED"
+            };
+            println!("standby of {primary} ({link})");
+            println!(
+                "received lsn {}, replayed lsn {}; lag {}",
+                r.shipped_lsn,
+                r.replayed_lsn,
+                lag(&r.lag)
+            );
+            for x in &r.resources {
+                println!(
+                    "  {}: applied lsn {}; lag {}",
+                    x.name,
+                    x.applied_lsn,
+                    lag(&x.lag)
+                );
+            }
+            if let Some(o) = &r.oldest_unreplayed {
+                println!(
+                    "oldest unreplayed: {} at lsn {} ({} ms ago)",
+                    o.xid, o.lsn, o.age_ms
+                );
+            }
+        }
+        (None, standbys) => {
+            println!("replication: {} ({})", r.mode, r.sync_state);
+            for s in standbys.iter().flatten() {
+                let link = if s.connected {
+                    "connected"
+                } else {
+                    "disconnected"
+                };
+                println!(
+                    "  standby {} ({link}): shipped lsn {}, acknowledged lsn {}, replayed lsn {}; lag {}",
+                    s.name,
+                    s.shipped_lsn,
+                    s.acknowledged_lsn,
+                    s.replayed_lsn,
+                    lag(&s.lag)
+                );
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -259,6 +470,7 @@ mod tests {
             }],
             version: "0.1.0".into(),
             schema_version: 1,
+            replication: None,
         };
         let json = serde_json::to_value(StatusJson::from(answer)).unwrap();
         let mut keys: Vec<_> = json.as_object().unwrap().keys().cloned().collect();
@@ -271,6 +483,7 @@ mod tests {
                 "in_doubt_txns",
                 "node",
                 "open_txns",
+                "replication",
                 "resources",
                 "role",
                 "serving",

@@ -587,6 +587,8 @@ async fn a_full_disk_during_prepare_rolls_back_and_keeps_the_journal_sound() {
         one_phase: true,
         call_timeout_ms: 30_000,
         daemon: Default::default(),
+        replication: Default::default(),
+        standby: None,
         resources: BTreeMap::from([
             ("uploads".to_string(), files_resource(uploads_root.clone())),
             (

@@ -14,23 +14,31 @@ use tonic::Status;
 /// Items per inventory message.
 pub const ITEMS_PER_CHUNK: usize = 4096;
 
-/// A node's resources and journal, for inventories.
+/// Reads a node's durable LSN.
+pub type DurableLsn = Arc<dyn Fn() -> Lsn + Send + Sync>;
+
+/// A node's resources and its durable LSN, for inventories.
 #[derive(Clone)]
 pub struct Inventories {
     resources: BTreeMap<String, Arc<dyn Resource>>,
-    journal: Arc<Journal>,
+    durable: DurableLsn,
 }
 
 impl Inventories {
-    /// Inventories of `resources`, with `journal`'s durable LSN.
-    pub fn new(resources: Vec<Arc<dyn Resource>>, journal: Arc<Journal>) -> Self {
+    /// Inventories of `resources`, with the durable LSN `durable` reads.
+    pub fn new(resources: Vec<Arc<dyn Resource>>, durable: DurableLsn) -> Self {
         Inventories {
             resources: resources
                 .into_iter()
                 .map(|r| (r.name().to_string(), r))
                 .collect(),
-            journal,
+            durable,
         }
+    }
+
+    /// Inventories of `resources` with `journal`'s durable LSN.
+    pub fn of_journal(resources: Vec<Arc<dyn Resource>>, journal: Arc<Journal>) -> Self {
+        Inventories::new(resources, Arc::new(move || journal.durable_lsn()))
     }
 
     /// The inventory of `name` as a stream of chunks (sorted by key).
@@ -48,7 +56,7 @@ impl Inventories {
                     .join(", ")
             ))
         })?;
-        let durable = self.journal.durable_lsn();
+        let durable = (self.durable)();
         let applied = resource.applied_lsn().await.unwrap_or(Lsn(0));
         let entries = resource
             .inventory()

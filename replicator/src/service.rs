@@ -12,18 +12,31 @@ use crate::inventory::Inventories;
 use crate::primary::Shipper;
 use crate::primary::ship::SEND_QUEUE;
 
-/// The service: a primary's shipper (none on a standby) and the node's resources.
+/// Where the service's `Status` answer comes from (the daemon's or the standby's status).
+#[tonic::async_trait]
+pub trait StatusSource: Send + Sync + 'static {
+    /// The node's status.
+    async fn status(&self) -> Result<v1::StatusResponse, Status>;
+}
+
+/// The service: a primary's shipper (none on a standby), the node's resources and status.
 pub struct ReplicationService {
     shipper: Option<Arc<Shipper>>,
     inventories: Inventories,
+    status: Arc<dyn StatusSource>,
 }
 
 impl ReplicationService {
     /// The service of a primary (`shipper`) or a standby (`None`).
-    pub fn new(shipper: Option<Arc<Shipper>>, inventories: Inventories) -> Self {
+    pub fn new(
+        shipper: Option<Arc<Shipper>>,
+        inventories: Inventories,
+        status: Arc<dyn StatusSource>,
+    ) -> Self {
         ReplicationService {
             shipper,
             inventories,
+            status,
         }
     }
 }
@@ -71,5 +84,13 @@ impl v1::replication_server::Replication for ReplicationService {
         proto::convert::check_header("InventoryRequest.header", request.header.as_ref())?;
         let rx = self.inventories.stream(&request.resource).await?;
         Ok(Response::new(rx))
+    }
+
+    async fn status(
+        &self,
+        request: Request<v1::StatusRequest>,
+    ) -> Result<Response<v1::StatusResponse>, Status> {
+        proto::convert::check_header("StatusRequest.header", request.get_ref().header.as_ref())?;
+        Ok(Response::new(self.status.status().await?))
     }
 }

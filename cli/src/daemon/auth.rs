@@ -41,6 +41,8 @@ use tonic::server::NamedService;
 
 /// The gRPC service's path prefix.
 const SERVICE_PREFIX: &str = "/concord.v1.Coordinator/";
+/// The replication service's path prefix: every call of it needs the operator token.
+const REPLICATION_PREFIX: &str = "/concord.v1.Replication/";
 /// The calls that need the operator token.
 const OPERATOR_METHODS: [&str; 4] = ["ListInDoubt", "Resolve", "Promote", "Demote"];
 
@@ -71,6 +73,10 @@ pub enum Method {
 impl Method {
     /// What the call of gRPC path `path` needs.
     pub fn of(path: &str) -> Method {
+        if path.starts_with(REPLICATION_PREFIX) {
+            // Journal shipping and inventories read everything the node holds.
+            return Method::Operator;
+        }
         let name = path.strip_prefix(SERVICE_PREFIX).unwrap_or(path);
         match name {
             "Health" => Method::Open,

@@ -43,11 +43,11 @@
 //! messages being received across all streams together (each stream may hold up to a
 //! message's limit while it arrives).
 
-mod auth;
+pub(crate) mod auth;
 mod config;
 mod errors;
 mod incoming;
-mod metrics;
+pub(crate) mod metrics;
 mod open_slots;
 mod oversize;
 mod service;
@@ -62,6 +62,13 @@ use std::time::Duration;
 use anyhow::Context;
 use participant::{Concord, Config};
 use proto::v1::coordinator_server::CoordinatorServer;
+use proto::v1::replication_server::ReplicationServer;
+use replicator::primary::Shipper;
+use replicator::service::ReplicationService;
+
+/// The largest message of the replication service (a batch of records, a blob chunk; a single
+/// record is at most the journal's `record_bytes_max`, 8 MiB).
+const REPLICATION_MESSAGE_BYTES_MAX: usize = 64 << 20;
 
 /// Options of `concord coordinator`.
 #[derive(clap::Args, Debug)]
@@ -145,14 +152,42 @@ async fn serve(
         .await
         .with_context(|| format!("listen on {listen}"))?;
     let bound = listener.local_addr().context("the listener's address")?;
-    let daemon = Arc::new(service::Daemon::new(concord, cfg));
+    let coordinator = concord.coordinator().clone();
+    let cluster_id = replicator::cluster::primary_cluster_id(&cfg.data_dir)
+        .context("read or create the cluster id")?;
+    let shipper = Shipper::new(coordinator.clone(), cluster_id, cfg.replication.clone());
+    if let Some(gate) = shipper.gate() {
+        let _ = coordinator.set_commit_gate(gate);
+    }
+    log_replication(&cfg.replication);
+    let resources: Vec<_> = cfg
+        .resources
+        .keys()
+        .filter_map(|name| coordinator.resource(name).ok().map(Arc::clone))
+        .collect();
+    let durable = {
+        let coordinator = coordinator.clone();
+        Arc::new(move || coordinator.journal().durable_lsn())
+    };
+    let inventories = replicator::inventory::Inventories::new(resources, durable);
+    let daemon = Arc::new(service::Daemon::new(concord, cfg, Arc::clone(&shipper)));
+    let replication = ReplicationServer::new(ReplicationService::new(
+        Some(Arc::clone(&shipper)),
+        inventories,
+        Arc::new(service::DaemonStatus(Arc::clone(&daemon))),
+    ))
+    .max_decoding_message_size(REPLICATION_MESSAGE_BYTES_MAX)
+    .max_encoding_message_size(REPLICATION_MESSAGE_BYTES_MAX);
     let keeper = {
         let daemon = Arc::clone(&daemon);
+        let shipper = Arc::clone(&shipper);
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_millis(config::HOUSEKEEPING_MS));
             loop {
                 tick.tick().await;
                 daemon.housekeeping();
+                shipper.hold_floor();
+                shipper.publish_metrics();
             }
         })
     };
@@ -162,7 +197,8 @@ async fn serve(
     let svc = oversize::Oversize::new(svc, limits.message_bytes_max);
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let server = builder
-        .add_service(auth::Authenticate::new(svc, keys))
+        .add_service(auth::Authenticate::new(svc, Arc::clone(&keys)))
+        .add_service(auth::Authenticate::new(replication, keys))
         .serve_with_incoming_shutdown(incoming::Incoming::new(listener), async {
             let _ = stop_rx.await;
         });
@@ -183,6 +219,7 @@ async fn serve(
     let signal = wait_for_signal(&mut signals).await;
     tracing::info!("{signal}: draining");
     daemon.drain();
+    shipper.stop();
     keeper.abort();
     let drain_ms = limits.drain_timeout_ms;
     if !daemon.wait_settled(Duration::from_millis(drain_ms)).await {
@@ -240,7 +277,7 @@ fn log_serving(daemon: &adapters::config::DaemonConfig) {
 }
 
 /// Waits for SIGTERM or SIGINT; returns its name.
-async fn wait_for_signal(signals: &mut Signals) -> &'static str {
+pub(crate) async fn wait_for_signal(signals: &mut Signals) -> &'static str {
     tokio::select! {
         _ = signals.term.recv() => "SIGTERM",
         _ = signals.int.recv() => "SIGINT",
@@ -249,15 +286,33 @@ async fn wait_for_signal(signals: &mut Signals) -> &'static str {
 
 /// The handlers of SIGTERM and SIGINT, installed before the daemon says it listens: a signal
 /// sent as soon as the line is read drains it instead of killing it.
-struct Signals {
+pub(crate) struct Signals {
     term: tokio::signal::unix::Signal,
     int: tokio::signal::unix::Signal,
 }
 
-fn signals() -> anyhow::Result<Signals> {
+pub(crate) fn signals() -> anyhow::Result<Signals> {
     use tokio::signal::unix::{SignalKind, signal};
     Ok(Signals {
         term: signal(SignalKind::terminate()).context("listen for SIGTERM")?,
         int: signal(SignalKind::interrupt()).context("listen for SIGINT")?,
     })
+}
+
+/// Logs how commits relate to standbys.
+fn log_replication(cfg: &adapters::config::ReplicationConfig) {
+    use adapters::config::{ReplicationMode, SyncFallback};
+    match (cfg.mode, cfg.sync_fallback) {
+        (ReplicationMode::Async, _) => {
+            tracing::info!("replication: async (commits never wait for a standby)")
+        }
+        (ReplicationMode::Sync, SyncFallback::Fail) => tracing::info!(
+            "replication: sync (a commit waits up to {} ms for a standby, then fails as not confirmed)",
+            cfg.sync_wait_ms_max
+        ),
+        (ReplicationMode::Sync, SyncFallback::Async) => tracing::info!(
+            "replication: sync (a commit waits up to {} ms for a standby, then commits stop waiting until one catches up)",
+            cfg.sync_wait_ms_max
+        ),
+    }
 }

@@ -141,6 +141,7 @@ impl Entry {
 pub struct Daemon {
     concord: Concord,
     config: Config,
+    shipper: Arc<replicator::primary::Shipper>,
     txns: Mutex<HashMap<Xid, Arc<Entry>>>,
     open: OpenSlots<ClientKey>,
     pacer: PrunePacer,
@@ -162,10 +163,15 @@ impl Drop for InFlight<'_> {
 
 impl Daemon {
     /// A service over `concord`, opened from `config`.
-    pub fn new(concord: Concord, config: Config) -> Daemon {
+    pub fn new(
+        concord: Concord,
+        config: Config,
+        shipper: Arc<replicator::primary::Shipper>,
+    ) -> Daemon {
         Daemon {
             concord,
             config,
+            shipper,
             txns: Mutex::new(HashMap::new()),
             open: OpenSlots::default(),
             pacer: PrunePacer::new(),
@@ -1092,10 +1098,17 @@ impl Service for Daemon {
         request: Request<v1::StatusRequest>,
     ) -> Result<Response<v1::StatusResponse>, Status> {
         request.get_ref().check()?;
+        Ok(Response::new(self.status_response().await))
+    }
+}
+
+impl Daemon {
+    /// The daemon's status (`Status`, and the replication service's).
+    pub async fn status_response(&self) -> v1::StatusResponse {
         let coordinator = self.concord.coordinator();
         let counts = coordinator.counts();
         let resources = self.probe_resources().await;
-        Ok(Response::new(v1::StatusResponse {
+        v1::StatusResponse {
             role: v1::Role::Primary as i32,
             serving: self.serving() as i32,
             node: self.config.node,
@@ -1106,11 +1119,10 @@ impl Service for Daemon {
             resources,
             version: env!("CARGO_PKG_VERSION").to_string(),
             schema_version: proto::SCHEMA_VERSION,
-        }))
+            replication: Some(self.shipper.status()),
+        }
     }
-}
 
-impl Daemon {
     /// Every configured resource's health, probed side by side, each within
     /// [`HEALTH_PROBE_MS_MAX`]: a probe that fails or does not answer in time is unhealthy,
     /// with the reason.
@@ -1161,18 +1173,37 @@ impl Daemon {
     }
 }
 
+/// The daemon's status, for the replication service's `Status`.
+pub struct DaemonStatus(pub Arc<Daemon>);
+
+#[tonic::async_trait]
+impl replicator::service::StatusSource for DaemonStatus {
+    async fn status(&self) -> Result<v1::StatusResponse, Status> {
+        Ok(self.0.status_response().await)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
 
     use super::*;
 
+    fn daemon_of(concord: Concord, config: Config) -> Daemon {
+        let shipper = replicator::primary::Shipper::new(
+            concord.coordinator().clone(),
+            "0".repeat(32),
+            config.replication.clone(),
+        );
+        Daemon::new(concord, config, shipper)
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_draining_daemon_begins_nothing_and_says_so() {
         let dir = tempfile::tempdir().unwrap();
         let config = Config::embedded(dir.path());
         let concord = Concord::open(config.clone()).await.unwrap();
-        let daemon = Daemon::new(concord, config);
+        let daemon = daemon_of(concord, config);
         let begin = || {
             Request::new(v1::BeginRequest {
                 header: Some(v1::RequestHeader::current("test")),
@@ -1204,7 +1235,7 @@ mod tests {
         let config = Config::embedded(dir.path());
         let concord = Concord::open(config.clone()).await.unwrap();
         let txns_max = config.daemon.limits.txns_per_client_max;
-        let daemon = Daemon::new(concord, config);
+        let daemon = daemon_of(concord, config);
         let begin = || {
             daemon.begin(Request::new(v1::BeginRequest {
                 header: Some(v1::RequestHeader::current("test")),
@@ -1245,7 +1276,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let config = Config::embedded(dir.path());
         let concord = Concord::open(config.clone()).await.unwrap();
-        let daemon = Daemon::new(concord, config);
+        let daemon = daemon_of(concord, config);
         let header = || Some(v1::RequestHeader::current("test"));
         let started = Instant::now();
         for _ in 0..TXNS {

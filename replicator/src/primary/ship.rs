@@ -32,6 +32,9 @@ pub const BLOB_CHUNK_BYTES: usize = 1 << 20;
 /// Blob ids remembered as sent in one stream (a blob named twice is sent once).
 const SENT_BLOBS_MAX: usize = 4096;
 
+/// A blob and the resource whose store holds it.
+type NamedBlob = (Arc<dyn Resource>, BlobId);
+
 /// The messages of one stream.
 pub type Outbound = mpsc::Sender<Result<v1::PrimaryMessage, Status>>;
 
@@ -253,10 +256,7 @@ impl Shipper {
     }
 
     /// The blobs a decision record's redo names, with their resources.
-    fn blobs_of(
-        &self,
-        record: &Record,
-    ) -> Result<Vec<(Arc<dyn Resource>, BlobId)>, ReplicationError> {
+    fn blobs_of(&self, record: &Record) -> Result<Vec<NamedBlob>, ReplicationError> {
         if record.kind != record::COMMIT && record.kind != record::ONE_PHASE {
             return Ok(Vec::new());
         }

@@ -176,6 +176,8 @@ impl Replay {
                 }
                 _ = more, if caught_up && machine.queued_bytes() < READ_AHEAD_BYTES_MAX => {}
                 _ = tokio::time::sleep(Duration::from_millis(100)), if caught_up => {}
+                // More records are durable: read them at once.
+                _ = tokio::task::yield_now(), if !caught_up => {}
                 _ = stop.changed() => {}
             }
         }
