@@ -276,20 +276,23 @@ fn standby_refuses_another_cluster() {
     check::wait_caught_up(&a, &standby);
     standby.stop();
     let journal_before = Snapshot::take_dir(&standby.data_dir().join("journal"));
+    let cluster_file = standby.data_dir().join("cluster_id");
+    let cluster_before = std::fs::read(&cluster_file).unwrap();
     let stores_before = Snapshot::take(&standby);
 
-    standby.launch_standby(&b.url());
-    let said = refusal(&mut standby);
     let ids = cluster_ids(&a, &b);
-    for id in &ids {
-        assert!(
-            said.contains(id.as_str()),
-            "the refusal does not name cluster {id}: {said}"
-        );
-    }
+    assert_ne!(ids[0], ids[1], "two primaries, two clusters");
+    standby.launch_standby(&b.url());
+    let said = refusal(&mut standby, &ids);
+    eprintln!("the standby refused: {}", said.trim());
     let journal_after = Snapshot::take_dir(&standby.data_dir().join("journal"));
     let changed = journal_before.differences(&journal_after);
     assert!(changed.is_empty(), "the journal changed: {changed:?}");
+    assert_eq!(
+        std::fs::read(&cluster_file).unwrap(),
+        cluster_before,
+        "the cluster id changed"
+    );
     let stores_changed = stores_before.differences(&Snapshot::take(&standby));
     assert!(
         stores_changed.is_empty(),
@@ -318,39 +321,49 @@ fn commit_some(site: &Site, first: u64) {
     }
 }
 
-/// What the standby pointed at another cluster says: it exits non-zero, or stays up refusing;
-/// its standard error and status must say why. Kills it if it is still running.
-fn refusal(standby: &mut Site) -> String {
-    let exited = standby.process_mut().wait_exit(REFUSAL_MS_MAX);
-    let stderr = standby.process().stderr_text();
-    let stdout = standby.process().stdout_text();
-    match exited {
+/// What the standby pointed at another cluster says: it exits non-zero, or stays up refusing
+/// and says why on its standard error (which must name `ids`). Kills it if it is still running.
+fn refusal(standby: &mut Site, ids: &[String]) -> String {
+    let said_all = |standby: &mut Site| {
+        let stderr = standby.process().stderr_text();
+        ids.iter().all(|id| stderr.contains(id.as_str()))
+    };
+    let _ = wait_until(REFUSAL_MS_MAX, || {
+        standby.process_mut().exited().is_some() || said_all(standby)
+    });
+    let said = format!(
+        "{}\n{}",
+        standby.process().stdout_text(),
+        standby.process().stderr_text()
+    );
+    match standby.process_mut().exited() {
         Some(status) => {
             assert!(
                 !status.success(),
-                "the standby exited 0 on another cluster: {stderr}"
+                "the standby exited 0 on another cluster: {said}"
             );
             standby.take_process();
         }
         None => standby.kill(),
     }
-    let said = format!("{stdout}\n{stderr}");
-    assert!(
-        said.to_lowercase().contains("cluster"),
-        "the refusal does not speak of the cluster: {said}"
-    );
+    for id in ids {
+        assert!(
+            said.contains(id.as_str()),
+            "the refusal does not name cluster {id}: {said}"
+        );
+    }
     said
 }
 
-/// The cluster ids of `a` and `b` as their statuses show them (`cluster_id` or
-/// `cluster`), when they do.
+/// The cluster ids of `a` and `b`: each primary's `data_dir/cluster_id` file.
 fn cluster_ids(a: &Site, b: &Site) -> Vec<String> {
     [a, b]
         .iter()
-        .filter_map(|site| {
-            let status = site.status()?;
-            let id = status.get("cluster_id").or_else(|| status.get("cluster"))?;
-            Some(id.as_str().map_or_else(|| id.to_string(), str::to_string))
+        .map(|site| {
+            let path = site.data_dir().join("cluster_id");
+            let id = std::fs::read_to_string(&path)
+                .unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
+            id.trim().to_string()
         })
         .collect()
 }
