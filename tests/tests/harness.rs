@@ -137,6 +137,12 @@ fn workload_through_a_primary_killed_and_restarted() {
         );
     }
     assert_eq!(inventories["orders"].len(), snapshot.count("orders"));
+
+    let tampered = primary.data_dir().join("uploads").join(&acked[0].file);
+    std::fs::write(&tampered, b"half").unwrap();
+    let found = snapshot.differences(&Snapshot::take(&primary));
+    let expected = format!("uploads {}: contents differ", acked[0].file);
+    assert_eq!(found, vec![expected], "the checker sees a changed file");
     eprintln!(
         "{} acknowledged, {} failed around the kill",
         acked.len(),

@@ -229,12 +229,18 @@ fn sync_mode_loses_no_acknowledged_commit() {
     standby.start_standby(&primary.url());
     let workload = Workload::start(WorkloadSpec::against(&primary, TASKS));
     commits_more(&workload, PHASE_COMMITS);
+    let status = primary.status().expect("the primary's status");
+    assert_eq!(status["role"], "primary", "{status}");
+    assert_eq!(status["replication"]["mode"], "sync", "{status}");
+    assert_eq!(status["replication"]["sync_state"], "sync", "{status}");
     sleep_ms(rng.range(0, 1_000));
     eprintln!("SIGKILL the primary at {} commits", workload.committed());
     primary.kill();
     let report = workload.stop();
     assert!(!report.acked.is_empty(), "{:?}", report.failures);
     wait_replayed_own_journal(&standby);
+    let status = standby.status().expect("the standby's status");
+    assert_eq!(status["role"], "standby", "{status}");
     standby.stop();
     let snapshot = Snapshot::take(&standby);
     assert_all_there(&snapshot, &report.acked);
