@@ -52,6 +52,7 @@ mod bench_mixed;
 mod bench_pg;
 mod bench_recovery;
 mod bench_remote;
+mod compare;
 mod config_cmd;
 mod daemon;
 mod daemon_child;
@@ -84,6 +85,7 @@ Exit codes:
   4  `txn list`: the list is partial, some resource could not be read (each is named);
      `status`: a resource of the daemon is unhealthy (each is named)
   5  `config check`: the configuration is invalid or a resource is not reachable
+  6  `compare`: the standby's resources differ from the primary's (each difference is named)
   141 standard output was closed early (`| head`): the command stops quietly";
 
 /// Exit code of a failure other than corruption.
@@ -95,6 +97,8 @@ const EXIT_CORRUPT: u8 = 3;
 const EXIT_PARTIAL: u8 = 4;
 /// Exit code of a `config check` that found the configuration unusable.
 const EXIT_CONFIG_UNUSABLE: u8 = 5;
+/// Exit code of a `compare` that found the sites different.
+const EXIT_DIFFERENT: u8 = 6;
 /// Exit code when standard output was closed by the reader (as a process killed by `SIGPIPE`
 /// reports to a shell).
 const EXIT_CLOSED_STDOUT: u8 = 141;
@@ -150,6 +154,9 @@ enum Command {
     /// Run a standby: follow a primary daemon's journal into this site's own journal and
     /// replay its committed transactions into this site's resources, until SIGTERM or SIGINT.
     Standby(standby::StandbyArgs),
+    /// Check that a standby's resources equal its primary's, key by key (rows, files by
+    /// blake3, mails, keys); exit 6 when they differ.
+    Compare(compare::CompareArgs),
     /// Ask a running coordinator daemon for its role, epoch, durable LSN, open and in-doubt
     /// transactions, and each resource's health.
     Status(status::StatusArgs),
@@ -279,6 +286,7 @@ fn run(command: Command) -> anyhow::Result<()> {
         Command::Config(ConfigCommand::Check(args)) => config_cmd::check(args),
         Command::Coordinator(args) => daemon::run(args),
         Command::Standby(args) => standby::run(args),
+        Command::Compare(args) => compare::run(args),
         Command::Status(args) => status::run(args),
         Command::DemoClient(args) => demo::remote::client(args),
         Command::BenchClient(args) => bench_remote::client(args),
@@ -381,6 +389,9 @@ fn exit_code(e: &anyhow::Error) -> u8 {
     }
     if e.downcast_ref::<config_cmd::CheckFailed>().is_some() {
         return EXIT_CONFIG_UNUSABLE;
+    }
+    if e.downcast_ref::<compare::Different>().is_some() {
+        return EXIT_DIFFERENT;
     }
     let corrupt = e
         .chain()

@@ -42,6 +42,9 @@ use replicator::standby::{Receiver, SharedReceiveView, Upstream};
 
 use crate::daemon;
 
+/// How often the standby's metrics are brought up to date (milliseconds).
+const METRICS_MS: u64 = 1_000;
+
 /// Options of `concord standby`.
 #[derive(clap::Args, Debug)]
 pub struct StandbyArgs {
@@ -179,7 +182,7 @@ async fn serve(cfg: Config, standby: StandbyConfig, replaying: bool) -> anyhow::
         Arc::clone(&replay_view),
     );
     let receive_view = receiver.view();
-    let status = Arc::new(Standing {
+    let status: Arc<Standing> = Arc::new(Standing {
         cfg: cfg.clone(),
         resources: resources.clone(),
         receive: receive_view,
@@ -188,7 +191,11 @@ async fn serve(cfg: Config, standby: StandbyConfig, replaying: bool) -> anyhow::
     });
     let inventories =
         replicator::inventory::Inventories::of_journal(resources, Arc::clone(&journal));
-    let service = ReplicationServer::new(ReplicationService::new(None, inventories, status))
+    let service = ReplicationServer::new(ReplicationService::new(
+        None,
+        inventories,
+        Arc::clone(&status) as Arc<dyn StatusSource>,
+    ))
         .max_encoding_message_size(64 << 20);
     let listener = tokio::net::TcpListener::bind(standby.listen)
         .await
@@ -214,6 +221,16 @@ async fn serve(cfg: Config, standby: StandbyConfig, replaying: bool) -> anyhow::
             }
         })
     };
+    let publisher = {
+        let status = Arc::clone(&status);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(METRICS_MS));
+            loop {
+                tick.tick().await;
+                replicator::status::standby_status(&status.receive, &status.replay);
+            }
+        })
+    };
     let mut signals = daemon::signals()?;
     if let Some(endpoint) = &metrics {
         println!("metrics on {}", endpoint.addr);
@@ -234,6 +251,7 @@ async fn serve(cfg: Config, standby: StandbyConfig, replaying: bool) -> anyhow::
         ended = &mut replaying_task => Some(format!("replay stopped: {}", ended_reason(ended))),
     };
     let _ = stop_tx.send(true);
+    publisher.abort();
     let deadline = Duration::from_secs(30);
     let _ = tokio::time::timeout(deadline, async {
         let _ = (&mut receiving).await;

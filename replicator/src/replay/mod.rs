@@ -4,10 +4,12 @@
 //! It reads the standby's journal from its restart point on (records as they become durable:
 //! the receiver appends them), feeds the machine, and runs each batch the machine hands out
 //! through [`adapters::Resource::replay_batch`], one task per resource at a time, so resources
-//! apply in parallel. A resource that answers "unavailable" gets its batch again after a
-//! backoff; one that refuses (a malformed redo, a table that does not match its row image) stops
-//! replay of that resource only, with the reason in the logs (ERROR) and in the status, until a
-//! restart after the cause is fixed.
+//! apply in parallel. A resource that answers "unavailable" (or "in doubt") gets its batch
+//! again after a backoff; one that refuses (a malformed redo, a table that does not match its
+//! row image) stops replay of that resource only, with the reason in the logs (ERROR) and in
+//! the status, until a restart after the cause is fixed; one that is unusable until a restart
+//! (a failed sync) stops replay altogether, and the standby process exits so that its restart
+//! recovers.
 //!
 //! **Exactly once.** Each resource stores its applied LSN atomically with the data of each
 //! batch, and the machine skips what a resource already applied; so replay killed at any
@@ -170,8 +172,11 @@ impl Replay {
             let more = self.journal.wait_durable(machine.scanned().next());
             tokio::select! {
                 done = running.next(), if !running.is_empty() => {
-                    if let Some(done) = done {
-                        self.finished(done, &mut machine, &mut backoff, &mut running);
+                    if let Some(done) = done
+                        && let Some(fatal) = self.finished(done, &mut machine, &mut backoff, &mut running)
+                    {
+                        self.stop_all(&fatal);
+                        return Err(fatal);
                     }
                 }
                 _ = more, if caught_up && machine.queued_bytes() < READ_AHEAD_BYTES_MAX => {}
@@ -249,19 +254,26 @@ impl Replay {
         })
     }
 
+    /// Feeds a finished batch (or retry delay) to the machine; returns the error that stops
+    /// the process (a resource that is unusable until a restart).
     fn finished(
         &self,
         done: Done,
         machine: &mut ReplayMachine,
         backoff: &mut BTreeMap<String, u64>,
         running: &mut FuturesUnordered<futures_util::future::BoxFuture<'static, Done>>,
-    ) {
+    ) -> Option<ReplicationError> {
         match done {
             Done::Batch(name, Ok(())) => {
                 backoff.remove(&name);
                 machine.applied(&name);
             }
-            Done::Batch(name, Err(e)) if e.class() == ErrorClass::Retryable => {
+            Done::Batch(_, Err(e)) if e.class() == ErrorClass::Fatal => {
+                return Some(ReplicationError::Resource(e));
+            }
+            Done::Batch(name, Err(e))
+                if matches!(e.class(), ErrorClass::Retryable | ErrorClass::InDoubt) =>
+            {
                 let delay = backoff
                     .get(&name)
                     .map_or(RETRY_BACKOFF_MS.0, |d| (d * 2).min(RETRY_BACKOFF_MS.1));
@@ -278,6 +290,7 @@ impl Replay {
             }
             Done::RetryDue(name) => machine.failed(&name, None),
         }
+        None
     }
 
     /// Writes the restart point and trims the journal below it.

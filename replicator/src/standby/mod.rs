@@ -78,6 +78,8 @@ pub struct ReceiveView {
     pub durable_lsn: Lsn,
     /// Bytes of records received since start (for the status's byte lag).
     pub received_bytes: u64,
+    /// Bytes of blob chunks received since start (a resumed blob counts from where it resumed).
+    pub blob_bytes_received: u64,
     /// Why the last session ended, if it failed.
     pub last_error: Option<String>,
     /// The refusal code, when the primary refused this standby.
@@ -427,6 +429,8 @@ impl Receiver {
                 source,
             })?;
         p.offset += chunk.data.len() as u64;
+        let received = chunk.data.len() as u64;
+        self.update(|v| v.blob_bytes_received += received);
         if chunk.last {
             let done = partial.take();
             if let Some(p) = done {
