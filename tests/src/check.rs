@@ -18,8 +18,8 @@
 //! each site's resources opened from its `concord.toml` (`adapters::config::Config::load` and
 //! `open_all`) and their `Resource::inventory()` compared key by key.
 //!
-//! [`compare_command`] runs `concord compare` on both configurations too, when the binary has
-//! the command (it says so on standard error when it does not).
+//! [`compare_online`] runs `concord compare` on both running nodes, and [`compare_offline`] on
+//! both stopped sites' configurations: the product's own check, beside the test's.
 //!
 //! Implementation caveats: the snapshot reads the stores directly rather than through
 //! `Resource::inventory`, so that it does not trust the code under test to list its own data;
@@ -34,6 +34,9 @@ use crate::workload::Acked;
 
 /// How long a standby may take to replay what the primary has durable.
 pub const CATCH_UP_MS_MAX: u64 = 60_000;
+
+/// How long a `concord compare` run may take.
+pub const COMPARE_MS_MAX: u64 = 120_000;
 
 /// Every key of every resource of one site, with its digest.
 #[derive(Debug, Default)]
@@ -291,15 +294,17 @@ pub fn wait_caught_up(primary: &Site, standby: &Site) {
     );
 }
 
-/// Runs `concord compare --primary-config A --standby-config B --json` while both run;
-/// asserts exit 0. Says on standard error, and returns false, when the binary has no such
-/// command yet.
-pub fn compare_command(primary: &Site, standby: &Site) -> bool {
-    let (code, _, _) = process::run_concord(&["compare", "--help"], 30_000);
-    if code != Some(0) {
-        eprintln!("concord compare is not in this binary: the offline snapshot check alone runs");
-        return false;
-    }
+/// `concord compare --primary URL --standby URL --json` while both run (online, in rounds);
+/// asserts exit 0.
+pub fn compare_online(primary: &Site, standby: &Site) {
+    let (p, s) = (primary.url(), standby.url());
+    let args = ["compare", "--primary", &p, "--standby", &s, "--json"];
+    run_compare(&args);
+}
+
+/// `concord compare --primary-config A --standby-config B --json` on the stopped sites;
+/// asserts exit 0.
+pub fn compare_offline(primary: &Site, standby: &Site) {
     let (a, b) = (primary.config_path(), standby.config_path());
     let args = [
         "compare",
@@ -309,7 +314,10 @@ pub fn compare_command(primary: &Site, standby: &Site) -> bool {
         b.to_str().expect("utf-8 path"),
         "--json",
     ];
-    let (code, stdout, stderr) = process::run_concord(&args, 120_000);
-    assert_eq!(code, Some(0), "concord compare: {stdout}{stderr}");
-    true
+    run_compare(&args);
+}
+
+fn run_compare(args: &[&str]) {
+    let (code, stdout, stderr) = process::run_concord(args, COMPARE_MS_MAX);
+    assert_eq!(code, Some(0), "concord {args:?}: {stdout}{stderr}");
 }

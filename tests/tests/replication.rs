@@ -51,8 +51,8 @@ fn sites(root: &Path, mode: Mode) -> (Site, Site) {
     (primary, standby)
 }
 
-/// Waits for the standby to catch up, runs `concord compare` when it exists, stops both and
-/// compares their stores; also checks every acknowledged transaction is on the standby.
+/// Waits for the standby to catch up, runs `concord compare` online, stops both, runs it
+/// offline, and compares their stores; also checks every acknowledged transaction is on the standby.
 fn finish(primary: &mut Site, standby: &mut Site, report: &Report) -> (Snapshot, Snapshot) {
     assert!(
         !report.acked.is_empty(),
@@ -60,9 +60,10 @@ fn finish(primary: &mut Site, standby: &mut Site, report: &Report) -> (Snapshot,
         report.failures
     );
     check::wait_caught_up(primary, standby);
-    check::compare_command(primary, standby);
+    check::compare_online(primary, standby);
     standby.stop();
     primary.stop();
+    check::compare_offline(primary, standby);
     let (p, s) = check::assert_sites_equal(primary, standby);
     assert_all_there(&s, &report.acked);
     eprintln!(
