@@ -162,7 +162,9 @@ fn cut_and_see_disconnected(proxy: &FaultProxy, standby: &Site) {
 }
 
 /// Holds the workload until the standby has everything, then commits an 8 MiB file with a cut
-/// armed 2 MiB into what the proxy forwards next: into the file's blob.
+/// armed 2 MiB into what the proxy forwards next: into the file's blob. Once restored and
+/// caught up, the standby must have resumed the blob past its first byte (its log line
+/// "resuming an interrupted blob at byte N"), not started it over.
 fn cut_while_blob_in_flight(
     primary: &Site,
     standby: &Site,
@@ -191,9 +193,29 @@ fn cut_while_blob_in_flight(
         standby.status()
     );
     proxy.restore();
-    workload.release();
     let xid = commit.join().expect("the commit thread");
     assert!(xid.is_ok(), "the 8 MiB commit failed: {xid:?}");
+    check::wait_caught_up(primary, standby);
+    let offset = resumed_blob_offset(standby);
+    assert!(
+        offset.is_some_and(|at| at > 0),
+        "the standby did not resume the interrupted blob past its start ({offset:?}): {}",
+        standby.process().stderr_tail()
+    );
+    eprintln!("the standby resumed the 8 MiB blob at byte {offset:?}");
+    workload.release();
+}
+
+/// The offset of the standby's last "resuming an interrupted blob at byte N" line.
+fn resumed_blob_offset(standby: &Site) -> Option<u64> {
+    const LINE: &str = "resuming an interrupted blob at byte ";
+    let stderr = standby.process().stderr_text();
+    let at = stderr.rfind(LINE)? + LINE.len();
+    let digits: String = stderr[at..]
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect();
+    digits.parse().ok()
 }
 
 #[test]
