@@ -19,6 +19,11 @@
 //! * [`workload`] — the concurrent committing tasks and what they saw acknowledged;
 //! * [`check`] — the offline per-key comparison and the catch-up wait.
 //!
+//! Running them: `cargo build -p concord-cli && cargo test -p concord-tests --test replication`.
+//! The tests run the binary that is there (`$CONCORD_BIN`, else `target/debug/concord`):
+//! `cargo test -p concord-tests` alone does not rebuild it, the workspace's `cargo test` does
+//! (the cli crate's integration tests need it).
+//!
 //! Implementation caveats: the harness panics with a message rather than returning errors —
 //! it is test code, and a panic is a failed test with its reason; random choices take a seed
 //! the test prints ([`seed`]).
