@@ -289,6 +289,45 @@ pub trait Resource: Send + Sync + 'static {
         Ok(BlobsCollected::default())
     }
 
+    /// Re-seeding: the content under inventory key `key`, streamed; `None` when absent. The
+    /// default refuses: this resource cannot be re-seeded.
+    async fn read_entry(&self, key: &str) -> Result<Option<BlobContent>, ResourceError> {
+        let _ = key;
+        Err(ResourceError::rejected(
+            self.name(),
+            "this resource cannot be re-seeded",
+        ))
+    }
+
+    /// Re-seeding: sets inventory key `key` to `content` (durable when it returns). The
+    /// default refuses.
+    async fn write_entry(&self, key: &str, content: BlobContent) -> Result<(), ResourceError> {
+        let _ = (key, content);
+        Err(ResourceError::rejected(
+            self.name(),
+            "this resource cannot be re-seeded",
+        ))
+    }
+
+    /// Re-seeding: removes inventory key `key` (absent: fine). The default refuses.
+    async fn remove_entry(&self, key: &str) -> Result<(), ResourceError> {
+        let _ = key;
+        Err(ResourceError::rejected(
+            self.name(),
+            "this resource cannot be re-seeded",
+        ))
+    }
+
+    /// Re-seeding: stores `lsn` as the applied LSN, also below the current one. The default
+    /// refuses.
+    async fn set_applied_lsn(&self, lsn: Lsn) -> Result<(), ResourceError> {
+        let _ = lsn;
+        Err(ResourceError::rejected(
+            self.name(),
+            "this resource cannot be re-seeded",
+        ))
+    }
+
     /// A cheap probe of whether the resource can do its work now: `Ok` when it answers, the
     /// reason otherwise. It changes nothing and takes no branch lock; the caller bounds it
     /// with a deadline (a probe that does not answer in time counts as unhealthy). The files

@@ -64,6 +64,11 @@ pub struct StandbyArgs {
     /// Serve Prometheus metrics over HTTP on this address (loopback).
     #[arg(long)]
     pub metrics_listen: Option<SocketAddr>,
+    /// Re-seed first: copy the primary's resources key by key and restart this standby's
+    /// journal at the primary's current position (the standby must be stopped; what it held
+    /// is replaced), then follow it as usual.
+    #[arg(long)]
+    pub reseed: bool,
     /// Receive and journal, but do not replay (benchmarks).
     #[arg(long, hide = true)]
     pub no_replay: bool,
@@ -97,7 +102,44 @@ pub fn run(args: StandbyArgs) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("start the async runtime")?;
-    runtime.block_on(serve(cfg, standby, !args.no_replay))
+    runtime.block_on(async {
+        if args.reseed {
+            reseed(&cfg, &standby).await?;
+        } else if replicator::reseed::interrupted(&cfg.data_dir) {
+            anyhow::bail!(
+                "a re-seed of {} was interrupted, so its resources may be half copied: run `concord standby --reseed` again",
+                cfg.data_dir.display()
+            );
+        }
+        serve(cfg, standby, !args.no_replay).await
+    })
+}
+
+/// Re-seeds the standby from its primary ([`replicator::reseed`]) and prints what it copied.
+async fn reseed(cfg: &Config, standby: &StandbyConfig) -> anyhow::Result<()> {
+    let upstream = Upstream {
+        url: standby.primary.clone(),
+        credentials: credentials(standby)?,
+        name: standby.name.clone(),
+    };
+    let resources = adapters::config::open_all(cfg)
+        .await
+        .context("open the standby's resources")?;
+    let report = replicator::reseed::reseed(&upstream, &resources, &cfg.data_dir)
+        .await
+        .context("re-seed the standby")?;
+    for r in &report.resources {
+        println!(
+            "re-seeded {}: {} keys, {} copied ({} bytes), {} removed",
+            r.name, r.keys, r.copied, r.bytes, r.removed
+        );
+    }
+    println!(
+        "re-seeded from {} at lsn {} (cluster {})",
+        standby.primary, report.lsn, report.cluster_id
+    );
+    drop(resources);
+    Ok(())
 }
 
 fn load(args: &StandbyArgs) -> anyhow::Result<(Config, StandbyConfig)> {
@@ -196,7 +238,7 @@ async fn serve(cfg: Config, standby: StandbyConfig, replaying: bool) -> anyhow::
         inventories,
         Arc::clone(&status) as Arc<dyn StatusSource>,
     ))
-        .max_encoding_message_size(64 << 20);
+    .max_encoding_message_size(64 << 20);
     let listener = tokio::net::TcpListener::bind(standby.listen)
         .await
         .with_context(|| format!("listen on {}", standby.listen))?;

@@ -76,7 +76,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::clean::{self, CleanMark};
-use crate::config::JournalConfig;
+use crate::config::{JournalConfig, StartPosition};
 use crate::error::{JournalError, Result};
 use crate::metrics::JournalMetrics;
 use crate::reader::JournalReader;
@@ -839,6 +839,47 @@ impl Journal {
             .read()
             .unwrap_or_else(PoisonError::into_inner);
         segments.first().map(|s| s.first_lsn).unwrap_or(Lsn(1))
+    }
+
+    /// The position just before `lsn` — the LSN before it, the chain value after that record
+    /// and its epoch — from which a new journal can continue this one's history at `lsn`
+    /// ([`JournalConfig::start_after`], a re-seeded standby). Read from the record before `lsn`
+    /// when it is retained, or from the header of the segment that starts at `lsn`; otherwise
+    /// [`JournalError::LsnNotRetained`].
+    pub fn position_before(&self, lsn: Lsn) -> Result<StartPosition> {
+        let prev = lsn.prev();
+        let oldest = self.oldest_lsn();
+        let retained = prev >= oldest && prev > Lsn(0);
+        if retained && let Some(record) = self.read_from(prev)?.next() {
+            let record = record?;
+            return Ok(StartPosition {
+                lsn: record.lsn,
+                chain: record.chain,
+                epoch: record.epoch,
+            });
+        }
+        let starting = self
+            .shared
+            .segments
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .find(|s| s.first_lsn == lsn)
+            .map(|s| s.path.clone());
+        match starting {
+            Some(path) => {
+                let header = segment::SegmentHeader::read(&path)?;
+                Ok(StartPosition {
+                    lsn: prev,
+                    chain: header.prev_chain,
+                    epoch: header.epoch,
+                })
+            }
+            None => Err(JournalError::LsnNotRetained {
+                requested: prev,
+                oldest,
+            }),
+        }
     }
 
     /// The bytes of the segment files that hold records from `lsn` on (the segment holding

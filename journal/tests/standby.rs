@@ -281,3 +281,54 @@ fn wait_durable_reports_the_poisoning() {
         Err(JournalError::Poisoned { .. })
     ));
 }
+
+/// `position_before` gives the position a re-seeded standby continues from: from the record
+/// before when it is retained, from a segment's header at a segment's start, and a refusal
+/// below the retained records. A journal started there takes the next record verbatim.
+#[test]
+fn position_before_continues_the_history_from_a_record_or_a_segment_header() {
+    let dir = tempfile::tempdir().unwrap();
+    let small = JournalConfig {
+        segment_bytes_max: 4096,
+        record_bytes_max: 1024,
+        queue_bytes_max: 4096,
+        ..config()
+    };
+    let journal = Journal::open(dir.path(), small.clone()).unwrap();
+    for i in 1..=60u64 {
+        let epoch = Epoch(if i <= 30 { 1 } else { 2 });
+        let payload = vec![i as u8; 200];
+        journal
+            .append(epoch, KIND, &payload)
+            .unwrap()
+            .wait()
+            .unwrap();
+    }
+    let records = read_all(&journal);
+    let at = journal.position_before(Lsn(41)).unwrap();
+    assert_eq!(at.lsn, Lsn(40));
+    assert_eq!(at.chain, records[39].chain);
+    assert_eq!(at.epoch, Epoch(2));
+    journal.remove_segments_below(Lsn(45)).unwrap();
+    let oldest = journal.oldest_lsn();
+    assert!(oldest > Lsn(1) && oldest <= Lsn(45), "oldest {oldest}");
+    let at = journal.position_before(oldest).unwrap();
+    assert_eq!(at.lsn, oldest.prev());
+    assert_eq!(at.chain, records[(oldest.0 - 2) as usize].chain);
+    assert!(matches!(
+        journal.position_before(Lsn(1)),
+        Err(JournalError::LsnNotRetained { .. })
+    ));
+    let seeded = tempfile::tempdir().unwrap();
+    let standby = Journal::open(
+        seeded.path(),
+        JournalConfig {
+            start_after: Some(at),
+            ..small
+        },
+    )
+    .unwrap();
+    let next = &records[(oldest.0 - 1) as usize];
+    standby.append_verbatim(next).unwrap().wait().unwrap();
+    assert_eq!(standby.durable_lsn(), oldest);
+}

@@ -32,15 +32,15 @@
 //!   to do, and the standby's journal and resources unchanged.
 //!
 //! The parts: [`wire`] (records on the wire), [`cluster`] (the cluster id), [`primary`],
-//! [`standby`], [`replay`] (with the pure [`replay::machine`]), [`status`] and [`metrics`],
-//! [`inventory`] (for `concord compare`).
+//! [`standby`], [`replay`] (with the pure [`replay::machine`]), [`reseed`], [`status`] and
+//! [`metrics`], [`inventory`] (for `concord compare` and re-seeding).
 //!
 //! # Implementation caveats
 //!
 //! * An embedded coordinator (the participant library) does not serve the stream: a primary is
 //!   a coordinator daemon.
-//! * Re-seeding a standby whose primary no longer holds what it needs is an operator's task:
-//!   the standby says so and keeps refusing; `docs/operations.md` gives the steps.
+//! * Re-seeding ([`reseed`]) is an operator's decision: a standby whose primary no longer holds
+//!   what it needs says so and keeps refusing until `concord standby --reseed` is run.
 
 pub mod cluster;
 pub mod error;
@@ -48,6 +48,7 @@ pub mod inventory;
 pub mod metrics;
 pub mod primary;
 pub mod replay;
+pub mod reseed;
 pub mod service;
 pub mod standby;
 pub mod status;

@@ -45,6 +45,7 @@ impl ReplicationService {
 impl v1::replication_server::Replication for ReplicationService {
     type ShipStream = ReceiverStream<Result<v1::PrimaryMessage, Status>>;
     type InventoryStream = ReceiverStream<Result<v1::InventoryChunk, Status>>;
+    type ReadEntryStream = ReceiverStream<Result<v1::EntryChunk, Status>>;
 
     async fn ship(
         &self,
@@ -83,6 +84,45 @@ impl v1::replication_server::Replication for ReplicationService {
         let request = request.into_inner();
         proto::convert::check_header("InventoryRequest.header", request.header.as_ref())?;
         let rx = self.inventories.stream(&request.resource).await?;
+        Ok(Response::new(rx))
+    }
+
+    async fn reseed_start(
+        &self,
+        request: Request<v1::ReseedRequest>,
+    ) -> Result<Response<v1::ReseedPosition>, Status> {
+        let request = request.into_inner();
+        proto::convert::check_header("ReseedRequest.header", request.header.as_ref())?;
+        let Some(shipper) = &self.shipper else {
+            return Err(Status::failed_precondition(
+                "this node is a standby: re-seed from the primary",
+            ));
+        };
+        let name = if request.name.is_empty() {
+            "standby"
+        } else {
+            &request.name
+        };
+        let position = shipper.reseed_position(name).map_err(|e| e.to_status())?;
+        Ok(Response::new(v1::ReseedPosition {
+            cluster_id: shipper.cluster_id().to_string(),
+            lsn: position.lsn.0,
+            chain: position.chain.0.to_vec(),
+            epoch: position.epoch.0,
+            journal_format: journal::segment::FORMAT_VERSION,
+        }))
+    }
+
+    async fn read_entry(
+        &self,
+        request: Request<v1::ReadEntryRequest>,
+    ) -> Result<Response<Self::ReadEntryStream>, Status> {
+        let request = request.into_inner();
+        proto::convert::check_header("ReadEntryRequest.header", request.header.as_ref())?;
+        let rx = self
+            .inventories
+            .entry(&request.resource, &request.key)
+            .await?;
         Ok(Response::new(rx))
     }
 

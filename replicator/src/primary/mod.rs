@@ -45,6 +45,7 @@ use journal::Lsn;
 use proto::v1;
 use tokio::sync::watch;
 
+use crate::error::ReplicationError;
 use crate::standby::now_ms;
 
 /// How often a standby that caught up hears from the primary (milliseconds).
@@ -224,6 +225,36 @@ impl Shipper {
             .min();
         drop(standbys);
         self.coordinator.retention().hold_floor(floor);
+    }
+
+    /// Where a re-seeded standby named `name` starts: the position before the lowest LSN the
+    /// coordinator still needs (so every transaction decided before it has finished phase 2,
+    /// and its effects are in the resources the standby copies next). Holds the retention floor
+    /// there for that standby from now on.
+    pub fn reseed_position(&self, name: &str) -> Result<journal::StartPosition, ReplicationError> {
+        let journal = self.coordinator.journal();
+        let keep_from = self
+            .coordinator
+            .retention()
+            .keep_from(journal.durable_lsn())
+            .max(journal.oldest_lsn());
+        let position = journal.position_before(keep_from)?;
+        {
+            let mut standbys = self.standbys();
+            let s = standbys.entry(name.to_string()).or_default();
+            s.held = true;
+            s.acknowledged = position.lsn;
+            s.shipped = position.lsn;
+            s.acknowledged_at_ms = now_ms();
+        }
+        self.hold_floor();
+        tracing::info!(
+            standby = name,
+            lsn = position.lsn.0,
+            "re-seeding standby {name} from lsn {}",
+            position.lsn
+        );
+        Ok(position)
     }
 
     /// Every standby, by name.
