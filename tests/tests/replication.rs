@@ -29,6 +29,9 @@ const TASKS: u64 = 4;
 const DISCONNECT_SEEN_MS_MAX: u64 = 30_000;
 /// How long a refusing standby has to exit or say why.
 const REFUSAL_MS_MAX: u64 = 20_000;
+/// How long the link to the sync standby is partitioned before the primary is killed: well
+/// under the primary's `sync_wait_ms_max` (5000 by default), so no commit falls back to async.
+const SYNC_PARTITION_MS: u64 = 300;
 /// Commits the workload must reach in each phase, and the time it has for them.
 const PHASE_COMMITS: u64 = 30;
 const PHASE_MS_MAX: u64 = 60_000;
@@ -249,7 +252,8 @@ fn sync_mode_loses_no_acknowledged_commit() {
     let mut rng = Rng::new(seed("sync_mode_loses_no_acknowledged_commit"));
     let root = tempfile::tempdir().unwrap();
     let (mut primary, mut standby) = sites(root.path(), Mode::Sync);
-    standby.start_standby(&primary.url());
+    let proxy = FaultProxy::start(primary.addr());
+    standby.start_standby(&proxy.url());
     let workload = Workload::start(WorkloadSpec::against(&primary, TASKS));
     commits_more(&workload, PHASE_COMMITS);
     let status = primary.status().expect("the primary's status");
@@ -257,8 +261,13 @@ fn sync_mode_loses_no_acknowledged_commit() {
     assert_eq!(status["replication"]["mode"], "sync", "{status}");
     assert_eq!(status["replication"]["sync_state"], "sync", "{status}");
     sleep_ms(rng.range(0, 1_000));
+    // The link partitioned first, then cut: what the primary sends meanwhile never reaches
+    // the standby, so an async primary would have acknowledged commits only it has.
+    proxy.blackhole();
+    sleep_ms(SYNC_PARTITION_MS);
     eprintln!("SIGKILL the primary at {} commits", workload.committed());
     primary.kill();
+    proxy.cut();
     let report = workload.stop();
     assert!(!report.acked.is_empty(), "{:?}", report.failures);
     wait_replayed_own_journal(&standby);
