@@ -109,6 +109,8 @@ pub struct Receiver {
     record_bytes_max: u64,
     view: SharedReceiveView,
     replay: SharedView,
+    /// The partial blob the current session's `Hello` named for resumption.
+    resuming: Mutex<Option<PathBuf>>,
 }
 
 /// A blob being received.
@@ -147,6 +149,7 @@ impl Receiver {
             data_dir: data_dir.to_path_buf(),
             view: Arc::new(Mutex::new(view)),
             replay,
+            resuming: Mutex::new(None),
         }
     }
 
@@ -302,6 +305,9 @@ impl Receiver {
                 ReplicationError::Protocol(format!("reading the journal's end failed: {e}"))
             })??;
         let resume = self.partial_blob().await?;
+        *self.resuming.lock().unwrap_or_else(PoisonError::into_inner) = resume.as_ref().map(|r| {
+            partial_dir(&self.data_dir).join(format!("{}.{}", r.resource, hex::encode(&r.id)))
+        });
         Ok(v1::Hello {
             header: Some(v1::RequestHeader {
                 schema_version: proto::SCHEMA_VERSION,
@@ -463,7 +469,14 @@ impl Receiver {
             .await
             .map_err(state("create the partial blob directory", &dir))?;
         if offset == 0 {
-            clear_partials(&dir).await;
+            // A new transfer: partial blobs of earlier transfers go, except the one this
+            // session's Hello asked the primary to resume (it may come after this blob).
+            let keep = self
+                .resuming
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clone();
+            clear_partials(&dir, keep.as_deref()).await;
         }
         let mut file = tokio::fs::OpenOptions::new()
             .create(true)
@@ -579,11 +592,13 @@ fn partial_dir(data_dir: &Path) -> PathBuf {
     data_dir.join("replication").join("partial")
 }
 
-/// Removes every partial blob (a new transfer starts).
-async fn clear_partials(dir: &Path) {
+/// Removes every partial blob but `keep`.
+async fn clear_partials(dir: &Path, keep: Option<&Path>) {
     if let Ok(mut entries) = tokio::fs::read_dir(dir).await {
         while let Ok(Some(entry)) = entries.next_entry().await {
-            let _ = tokio::fs::remove_file(entry.path()).await;
+            if Some(entry.path().as_path()) != keep {
+                let _ = tokio::fs::remove_file(entry.path()).await;
+            }
         }
     }
 }
