@@ -299,7 +299,7 @@ async fn remote_round(
 }
 
 /// `transactions` transactions by one task per connection; names start with `prefix`.
-async fn remote_load(
+pub(crate) async fn remote_load(
     connections: &[Client],
     message: &Arc<[u8]>,
     prefix: String,
@@ -310,24 +310,31 @@ async fn remote_load(
     count_load(connections.len(), transactions, move |client, n| {
         let (connection, message) = (c[client].clone(), Arc::clone(&message));
         let prefix = prefix.clone();
-        async move {
-            let name = format!("{prefix}-c{client}-{n}");
-            let mut tx = RemoteTxn::begin(&connection, CLIENT_NAME).await?;
-            tx.put(FILES, &name, vec![7u8; FILE_BYTES]).await?;
-            tx.enqueue(EMBEDDED_MAIL, message.to_vec()).await?;
-            tx.insert(EMBEDDED_KV, name.into_bytes(), vec![7u8; FILE_BYTES])
-                .await?;
-            match tx.commit().await? {
-                Ended::Committed => Ok(()),
-                other => bail!("a benchmark transaction did not commit: {other:?}"),
-            }
-        }
+        async move { remote_one(&connection, &message, format!("{prefix}-c{client}-{n}")).await }
     })
     .await
 }
 
+/// One transaction of the workload through the daemon on `connection`: the file and the key
+/// `name`, and `message`.
+pub(crate) async fn remote_one(
+    connection: &Client,
+    message: &[u8],
+    name: String,
+) -> anyhow::Result<()> {
+    let mut tx = RemoteTxn::begin(connection, CLIENT_NAME).await?;
+    tx.put(FILES, &name, vec![7u8; FILE_BYTES]).await?;
+    tx.enqueue(EMBEDDED_MAIL, message.to_vec()).await?;
+    tx.insert(EMBEDDED_KV, name.into_bytes(), vec![7u8; FILE_BYTES])
+        .await?;
+    match tx.commit().await? {
+        Ended::Committed => Ok(()),
+        other => bail!("a benchmark transaction did not commit: {other:?}"),
+    }
+}
+
 /// Waits, at most [`IDLE_MS_MAX`], until the daemon lists no unfinished transaction.
-async fn wait_idle(client: &Client) -> anyhow::Result<()> {
+pub(crate) async fn wait_idle(client: &Client) -> anyhow::Result<()> {
     let mut client = client.clone();
     let deadline = Instant::now() + Duration::from_millis(IDLE_MS_MAX);
     loop {

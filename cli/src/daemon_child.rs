@@ -1,7 +1,9 @@
 //! A coordinator daemon run as a child process, for `concord demo --remote` and `concord bench
 //! commit --remote`: this same binary started as `concord coordinator --listen 127.0.0.1:0 …`,
 //! its address read from the `listening on ADDR` line it prints once bound, and stopped with
-//! SIGTERM, its exit status checked.
+//! SIGTERM, its exit status checked. A standby (`concord standby --listen 127.0.0.1:0 …`, for
+//! `concord demo --standby` and `concord bench replication`) is run the same way
+//! ([`DaemonChild::start_standby`]).
 //!
 //! The child's standard output is read by a thread of its own to the end (so the child never
 //! blocks on a full pipe); its standard error is the parent's, so its warnings reach the
@@ -32,31 +34,42 @@ const POLL_MS: u64 = 20;
 pub(crate) struct DaemonChild {
     child: Option<Child>,
     addr: String,
+    /// What it is, in messages: "coordinator daemon" or "standby".
+    what: &'static str,
 }
 
 impl DaemonChild {
     /// Starts `concord coordinator --listen 127.0.0.1:0 ARGS` (with warnings only in its log)
     /// and waits, at most [`START_MS_MAX`], for its `listening on` line.
     pub(crate) fn start(args: &[OsString]) -> anyhow::Result<DaemonChild> {
+        DaemonChild::start_as("coordinator", "coordinator daemon", args)
+    }
+
+    /// Starts `concord standby --listen 127.0.0.1:0 ARGS` (with warnings only in its log) and
+    /// waits, at most [`START_MS_MAX`], for its `listening on` line.
+    pub(crate) fn start_standby(args: &[OsString]) -> anyhow::Result<DaemonChild> {
+        DaemonChild::start_as("standby", "standby", args)
+    }
+
+    fn start_as(
+        command: &str,
+        what: &'static str,
+        args: &[OsString],
+    ) -> anyhow::Result<DaemonChild> {
         let exe = std::env::current_exe().context("find the concord binary")?;
         let mut child = Command::new(exe)
-            .args([
-                "--log-level",
-                "warn",
-                "coordinator",
-                "--listen",
-                "127.0.0.1:0",
-            ])
+            .args(["--log-level", "warn", command, "--listen", "127.0.0.1:0"])
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
-            .context("start the coordinator daemon")?;
+            .with_context(|| format!("start the {what}"))?;
         let lines = read_lines(&mut child)?;
         let mut daemon = DaemonChild {
             child: Some(child),
             addr: String::new(),
+            what,
         };
         daemon.addr = daemon.wait_listening(&lines)?;
         Ok(daemon)
@@ -78,12 +91,14 @@ impl DaemonChild {
                     }
                 }
                 Err(mpsc::RecvTimeoutError::Timeout) => bail!(
-                    "the coordinator daemon printed no `listening on` line within {START_MS_MAX} ms"
+                    "the {} printed no `listening on` line within {START_MS_MAX} ms",
+                    self.what
                 ),
                 Err(mpsc::RecvTimeoutError::Disconnected) => {
                     let status = self.wait_exit(Duration::from_millis(STOP_MS_MAX))?;
                     bail!(
-                        "the coordinator daemon exited before listening ({status}); its error is above"
+                        "the {} exited before listening ({status}); its error is above",
+                        self.what
                     )
                 }
             }
@@ -92,29 +107,31 @@ impl DaemonChild {
 
     /// Sends SIGTERM and waits, at most [`STOP_MS_MAX`], for the exit; returns its status.
     pub(crate) fn terminate(mut self) -> anyhow::Result<ExitStatus> {
+        let what = self.what;
         let pid = match &self.child {
             Some(child) => child.id(),
-            None => bail!("the coordinator daemon was already reaped"),
+            None => bail!("the {what} was already reaped"),
         };
         let sent = Command::new("kill")
             .args(["-TERM", &pid.to_string()])
             .status()
-            .context("run `kill -TERM` on the coordinator daemon")?;
+            .with_context(|| format!("run `kill -TERM` on the {what}"))?;
         if !sent.success() {
-            bail!("`kill -TERM {pid}` failed ({sent}): the coordinator daemon is gone");
+            bail!("`kill -TERM {pid}` failed ({sent}): the {what} is gone");
         }
         self.wait_exit(Duration::from_millis(STOP_MS_MAX))
     }
 
     fn wait_exit(&mut self, bound: Duration) -> anyhow::Result<ExitStatus> {
+        let what = self.what;
         let Some(mut child) = self.child.take() else {
-            bail!("the coordinator daemon was already reaped");
+            bail!("the {what} was already reaped");
         };
         let deadline = Instant::now() + bound;
         loop {
             if let Some(status) = child
                 .try_wait()
-                .context("wait for the coordinator daemon")?
+                .with_context(|| format!("wait for the {what}"))?
             {
                 return Ok(status);
             }
@@ -122,7 +139,7 @@ impl DaemonChild {
                 let _ = child.kill();
                 let _ = child.wait();
                 bail!(
-                    "the coordinator daemon did not exit within {} ms; killed",
+                    "the {what} did not exit within {} ms; killed",
                     bound.as_millis()
                 );
             }

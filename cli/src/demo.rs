@@ -37,6 +37,7 @@
 
 mod check;
 pub mod remote;
+pub(crate) mod standby;
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
@@ -72,16 +73,22 @@ pub struct DemoArgs {
     /// Print the summary as one JSON object.
     #[arg(long)]
     pub json: bool,
-    /// Add a PostgreSQL branch (an order row) to every transaction, in the database at this URL.
-    #[arg(long)]
+    /// Add a PostgreSQL branch (an order row) to every transaction, in the database at this URL
+    /// (with --standby: no URL; each site gets a throwaway PostgreSQL cluster of its own).
+    #[arg(long, num_args = 0..=1, default_missing_value = "", value_name = "URL")]
     pub postgres: Option<String>,
     /// Run a coordinator daemon as a child and the transactions from separate client processes
     /// over gRPC (`--concurrency` is shared among them).
     #[arg(long)]
     pub remote: bool,
-    /// With --remote: the client processes.
-    #[arg(long, default_value_t = remote::CLIENTS_DEFAULT, requires = "remote")]
+    /// With --remote or --standby: the client processes.
+    #[arg(long, default_value_t = remote::CLIENTS_DEFAULT)]
     pub clients: usize,
+    /// Run a primary daemon in DATA/primary and a standby following it in DATA/standby, the
+    /// transactions through the primary as with --remote; print the standby's lag, wait for its
+    /// replay, and compare both sites.
+    #[arg(long, conflicts_with = "remote")]
+    pub standby: bool,
 }
 
 /// The demo's PostgreSQL resource and table.
@@ -89,7 +96,7 @@ const PG_RESOURCE: &str = "orders";
 const PG_TABLE: &str = "concord_demo_orders";
 
 /// The summary `--json` prints.
-#[derive(Serialize, Debug)]
+#[derive(Serialize, Debug, Default)]
 struct Summary {
     /// The resources every transaction of this run spans.
     resources: Vec<String>,
@@ -115,6 +122,21 @@ struct Summary {
     /// With `--remote` only: the client processes that did not finish their share.
     #[serde(skip_serializing_if = "Option::is_none")]
     clients_failed: Option<usize>,
+    /// With `--standby` only: whether the standby's resources equal the primary's, compared
+    /// while both ran (once the standby replayed up to the primary's durable LSN) and again
+    /// once both stopped.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    sites_equal: Option<bool>,
+    /// With `--standby` only: the median of the standby's lag (the age of its oldest
+    /// transaction not yet replayed) sampled during the run, in milliseconds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    lag_p50_ms: Option<f64>,
+    /// With `--standby` only: the 99th percentile of the same samples.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    lag_p99_ms: Option<f64>,
+    /// With `--standby` only: the most records the standby's replay was behind in a sample.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    lag_records_max: Option<u64>,
 }
 
 /// The files of a transaction: (resource, file name).
@@ -139,9 +161,18 @@ pub fn run(args: DemoArgs) -> anyhow::Result<bool> {
             (temp.path().to_path_buf(), Some(temp))
         }
     };
-    let summary = match args.remote {
-        true => remote::run(&args, &data)?,
-        false => runtime.block_on(demo(&args, &data))?,
+    if args.postgres.as_deref() == Some("") && !args.standby {
+        bail!(
+            "--postgres needs the database's URL (only with --standby does the demo start its own)"
+        );
+    }
+    if args.clients != remote::CLIENTS_DEFAULT && !(args.remote || args.standby) {
+        bail!("--clients goes with --remote or --standby");
+    }
+    let summary = match (args.remote, args.standby) {
+        (_, true) => standby::run(&args, &data)?,
+        (true, false) => remote::run(&args, &data)?,
+        (false, false) => runtime.block_on(demo(&args, &data))?,
     };
     if args.json {
         println!("{}", serde_json::to_string(&summary)?);
@@ -228,6 +259,7 @@ async fn demo(args: &DemoArgs, data: &Path) -> anyhow::Result<Summary> {
         remote: None,
         clients: None,
         clients_failed: None,
+        ..Summary::default()
     })
 }
 
@@ -556,6 +588,11 @@ fn print_summary(s: &Summary, data: &Path, kept: bool) {
     println!("p99_ms:              {:.2}", s.p99_ms);
     if let (Some(clients), Some(failed)) = (s.clients, s.clients_failed) {
         println!("clients:             {clients} processes, {failed} failed");
+    }
+    if let (Some(equal), Some(p50), Some(p99)) = (s.sites_equal, s.lag_p50_ms, s.lag_p99_ms) {
+        println!("sites_equal:         {equal}");
+        println!("lag_p50_ms:          {p50:.1}");
+        println!("lag_p99_ms:          {p99:.1}");
     }
     let recovered = s.recovered_redriven.unwrap_or(0) + s.recovered_rolled_back.unwrap_or(0);
     if s.earlier_transactions_checked > 0 || recovered > 0 {

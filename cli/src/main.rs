@@ -10,6 +10,9 @@
 //!   ([`demo::remote`]);
 //! * `concord bench commit` measures commits through the coordinator ([`bench_commit`]), and
 //!   with `--remote` embedded against a daemon ([`bench_remote`]);
+//! * `concord demo --standby` runs it through a primary daemon that a standby follows, and
+//!   compares both sites ([`demo::standby`]); `concord bench replication` measures what a
+//!   standby costs the primary, its replay and its lag ([`bench_replication`]);
 //! * `concord bench recovery` measures the coordinator's start after a short and a long history
 //!   ([`bench_recovery`]);
 //! * `concord journal inspect DIR` prints the records of a journal directory ([`inspect`]);
@@ -52,6 +55,7 @@ mod bench_mixed;
 mod bench_pg;
 mod bench_recovery;
 mod bench_remote;
+mod bench_replication;
 mod compare;
 mod config_cmd;
 mod daemon;
@@ -215,6 +219,9 @@ enum BenchCommand {
     /// Benchmark the coordinator's start after a short and a long history (open_ratio) and on
     /// a journal whose records are all retained.
     Recovery(bench_recovery::RecoveryBenchArgs),
+    /// Benchmark a primary daemon without a standby, with an async and a sync standby, a
+    /// standby's replay of a backlog, and its lag at half the primary's maximum load.
+    Replication(bench_replication::ReplicationBenchArgs),
 }
 
 impl Command {
@@ -279,6 +286,7 @@ fn run(command: Command) -> anyhow::Result<()> {
         Command::Bench(BenchCommand::Commit(args)) => bench_commit::run(args),
         Command::Bench(BenchCommand::Postgres(args)) => bench_pg::run(args),
         Command::Bench(BenchCommand::Recovery(args)) => bench_recovery::run(args),
+        Command::Bench(BenchCommand::Replication(args)) => bench_replication::run(args),
         Command::Txn(TxnCommand::List(args)) => txn::list(args),
         Command::Txn(TxnCommand::Resolve(args)) => txn::resolve(args),
         Command::Pg(PgCommand::Install(args)) => pg::install(args),

@@ -282,12 +282,19 @@ async fn the_counters_move_by_what_was_done_and_status_tells_the_truth() {
         "in_doubt_txns",
         "node",
         "open_txns",
+        "replication",
         "resources",
         "role",
         "serving",
         "version",
     ];
     assert_eq!(keys, expected);
+    assert_eq!(json["replication"]["mode"], "async", "{json}");
+    assert_eq!(
+        json["replication"]["standbys"],
+        serde_json::json!([]),
+        "{json}"
+    );
     assert_eq!(json["role"], "primary");
     assert_eq!(json["serving"], "serving");
     assert_eq!(json["open_txns"], 1, "{json}");

@@ -120,36 +120,81 @@ pub struct ClientArgs {
 
 /// Runs `concord demo --remote` on `data`.
 pub(super) fn run(args: &DemoArgs, data: &Path) -> anyhow::Result<Summary> {
+    check_clients(args)?;
+    std::fs::create_dir_all(data).with_context(|| format!("create {}", data.display()))?;
+    let daemon = start_daemon(args, data)?;
+    let driven = drive(args, data, &daemon.url())?;
+    let status = daemon.terminate()?;
+    conclude(args, data, driven, status, Vec::new())
+}
+
+/// Refuses a `--clients` out of range.
+pub(super) fn check_clients(args: &DemoArgs) -> anyhow::Result<()> {
     if args.clients == 0 || args.clients > CLIENTS_MAX {
         bail!("--clients must be between 1 and {CLIENTS_MAX}");
     }
-    std::fs::create_dir_all(data).with_context(|| format!("create {}", data.display()))?;
-    let daemon = start_daemon(args, data)?;
-    let url = daemon.url();
+    Ok(())
+}
+
+/// What a run through the daemon did, for [`conclude`].
+pub(super) struct Driven {
+    run_id: String,
+    stats: ClientStats,
+    /// Client processes that did not finish their share.
+    failed: usize,
+    /// Seconds from the first client's start to the last one's exit.
+    elapsed_s: f64,
+    /// Whether the daemon's phase 2 (and PostgreSQL's prepared branches) finished in time.
+    clean: bool,
+}
+
+/// Records a run in `data` and runs its transactions from the client processes through the
+/// daemon at `url`, then waits for the daemon's phase 2 (steps 2 to 4 of the module docs, up
+/// to the stop).
+pub(super) fn drive(args: &DemoArgs, data: &Path, url: &str) -> anyhow::Result<Driven> {
     let run_id = super::record_run(args, data)?;
     let started = Instant::now();
-    let (stats, failed) = run_clients(args, data, &url, &run_id)?;
-    let elapsed = started.elapsed().as_secs_f64();
+    let (stats, failed) = run_clients(args, data, url, &run_id)?;
+    let elapsed_s = started.elapsed().as_secs_f64();
     std::fs::write(data.join("acks").join(&run_id).join(check::FINISHED), b"")?;
     // Its own runtime, dropped with its connection: the daemon's graceful stop waits for open
     // connections.
-    let clean = runtime()?.block_on(wait_idle(&url, args.postgres.as_deref()))?;
-    let status = daemon.terminate()?;
+    let clean = runtime()?.block_on(wait_idle(url, args.postgres.as_deref()))?;
+    Ok(Driven {
+        run_id,
+        stats,
+        failed,
+        elapsed_s,
+        clean,
+    })
+}
+
+/// Checks the stores of `data` after the daemon stopped with `status`, and sums up the run;
+/// `problems` are more the caller found (each makes the check fail).
+pub(super) fn conclude(
+    args: &DemoArgs,
+    data: &Path,
+    driven: Driven,
+    status: std::process::ExitStatus,
+    more: Vec<String>,
+) -> anyhow::Result<Summary> {
     let orders = match &args.postgres {
         Some(url) => Some(runtime()?.block_on(super::read_orders(url))?),
         None => None,
     };
     let report = check::check(data, orders.as_ref())?;
     let mut problems = report.problems;
-    problems.extend(daemon_problems(status, clean));
+    problems.extend(daemon_problems(status, driven.clean));
+    problems.extend(more);
     super::print_problems(&problems);
-    let latencies = Latencies::from_us(&stats.latencies_us)?;
+    let latencies = Latencies::from_us(&driven.stats.latencies_us)?;
+    let run_id = driven.run_id;
     Ok(Summary {
         resources: super::resources(args),
-        committed: stats.committed,
-        rolled_back: stats.rolled_back,
+        committed: driven.stats.committed,
+        rolled_back: driven.stats.rolled_back,
         atomicity_verified: problems.is_empty(),
-        tx_per_s: args.transactions as f64 / elapsed,
+        tx_per_s: args.transactions as f64 / driven.elapsed_s,
         p50_ms: latencies.percentile_ms(0.50),
         p99_ms: latencies.percentile_ms(0.99),
         earlier_transactions_checked: report
@@ -162,13 +207,14 @@ pub(super) fn run(args: &DemoArgs, data: &Path) -> anyhow::Result<Summary> {
         recovered_rolled_back: None,
         remote: Some(true),
         clients: Some(args.clients),
-        clients_failed: Some(failed),
+        clients_failed: Some(driven.failed),
+        ..Summary::default()
     })
 }
 
 /// Starts the daemon on the data directory: on the embedded defaults, or with `--postgres` on
 /// the configuration [`write_config`] writes, once the demo's schema and table are installed.
-fn start_daemon(args: &DemoArgs, data: &Path) -> anyhow::Result<DaemonChild> {
+pub(super) fn start_daemon(args: &DemoArgs, data: &Path) -> anyhow::Result<DaemonChild> {
     let daemon_args = match &args.postgres {
         Some(url) => {
             runtime()?.block_on(super::setup_postgres(url))?;
@@ -198,7 +244,7 @@ fn daemon_problems(status: std::process::ExitStatus, clean: bool) -> Vec<String>
     problems
 }
 
-fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+pub(super) fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?)
@@ -208,12 +254,12 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 /// same directories), the PostgreSQL resource at `url` with connections for phase 2 of
 /// `concurrency` transactions, plain text on loopback without tokens. Readable by its owner
 /// only: `url` may hold a password.
-fn write_config(data: &Path, url: &str, concurrency: usize) -> anyhow::Result<PathBuf> {
+pub(super) fn write_config(data: &Path, url: &str, concurrency: usize) -> anyhow::Result<PathBuf> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let path = data.join(CONFIG_FILE);
     let text = format!(
-        "# Written by `concord demo --remote --postgres` for its coordinator daemon; rewritten by\n\
+        "# Written by `concord demo --postgres` (--remote or --standby) for a site; rewritten by\n\
          # each such run.\n\
          node = {NODE}\n\
          data_dir = \".\"\n\
