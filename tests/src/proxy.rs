@@ -251,11 +251,13 @@ async fn pump(
         }
         // An armed cut is taken mid-chunk, at its exact byte.
         let n = counter.as_ref().map_or(n, |c| c.allowed(n));
-        if to.write_all(&buf[..n]).await.is_err() {
-            return;
-        }
+        // Counted before the write, so that a client that got the bytes sees them counted;
+        // a cut this takes still lets this chunk through, and ends the loop next time round.
         if let Some(counter) = &counter {
             counter.forwarded(n);
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            return;
         }
     }
 }
