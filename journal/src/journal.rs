@@ -820,7 +820,9 @@ impl Journal {
     /// now: the records made durable since it was made, or since the last call, are yielded
     /// next, without reading again what it read — what a follower of the journal (a primary's
     /// shipping, a standby's replay) uses instead of a new reader each time, which would read
-    /// its segment again from the start to check the chain.
+    /// its segment again from the start to check the chain. The records it has not read yet
+    /// must stay retained (a shipper's and a replay's retention floors hold them); a reader
+    /// that finds them removed fails as it would at a hole in the journal.
     pub fn follow(&self, reader: &mut JournalReader) {
         // The durable LSN first, as in `read_from`.
         let upto = self.durable_lsn();

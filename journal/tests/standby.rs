@@ -332,3 +332,53 @@ fn position_before_continues_the_history_from_a_record_or_a_segment_header() {
     standby.append_verbatim(next).unwrap().wait().unwrap();
     assert_eq!(standby.durable_lsn(), oldest);
 }
+
+/// A reader that follows the journal yields the records made durable since, across a new
+/// segment and past segments removed below it, each once and in order.
+#[test]
+fn a_reader_follows_the_journal_across_segments_and_checkpoints() {
+    let dir = tempfile::tempdir().unwrap();
+    let small = JournalConfig {
+        segment_bytes_max: 4096,
+        record_bytes_max: 1024,
+        queue_bytes_max: 4096,
+        ..config()
+    };
+    let journal = Journal::open(dir.path(), small).unwrap();
+    let append = |i: u64| {
+        journal
+            .append(
+                Epoch(1),
+                KIND,
+                format!("record {i:04} {}", "x".repeat(150)).as_bytes(),
+            )
+            .unwrap()
+            .wait()
+            .unwrap()
+    };
+    for i in 1..=5 {
+        append(i);
+    }
+    let mut reader = journal.read_from(Lsn(3)).unwrap();
+    let mut seen: Vec<u64> = reader.by_ref().map(|r| r.unwrap().lsn.0).collect();
+    assert_eq!(seen, [3, 4, 5]);
+    for i in 6..=45 {
+        append(i);
+    }
+    journal.follow(&mut reader);
+    seen.extend(reader.by_ref().map(|r| r.unwrap().lsn.0));
+    // Segments wholly below what the reader has read go; it goes on in the one it is in.
+    journal.remove_segments_below(Lsn(40)).unwrap();
+    assert!(journal.oldest_lsn() > Lsn(3));
+    for i in 46..=80 {
+        append(i);
+    }
+    journal.follow(&mut reader);
+    seen.extend(reader.by_ref().map(|r| r.unwrap().lsn.0));
+    journal.follow(&mut reader);
+    assert!(reader.next().is_none(), "nothing new: nothing yielded");
+    append(81);
+    journal.follow(&mut reader);
+    seen.extend(reader.by_ref().map(|r| r.unwrap().lsn.0));
+    assert_eq!(seen, (3..=81).collect::<Vec<_>>());
+}

@@ -145,15 +145,14 @@ impl Replay {
         let mut last_collect = Instant::now();
         let mut written_floor = floor;
         let mut follower = None;
+        let mut collector: Option<tokio::task::JoinHandle<()>> = None;
         loop {
             if *stop.borrow() {
                 break;
             }
             let read_more = machine.queued_bytes() < READ_AHEAD_BYTES_MAX
                 && self.journal.durable_lsn() > machine.scanned();
-            if read_more
-                && let Err(e) = self.read(&mut machine, &mut ledger, &mut follower).await
-            {
+            if read_more && let Err(e) = self.read(&mut machine, &mut ledger, &mut follower).await {
                 self.stop_all(&e);
                 return Err(e);
             }
@@ -167,9 +166,15 @@ impl Replay {
                     .checkpoint(&machine, &mut ledger, written_floor)
                     .await?;
             }
-            if last_collect.elapsed() >= Duration::from_millis(BLOB_COLLECT_MS) {
+            let collecting = collector.as_ref().is_some_and(|c| !c.is_finished());
+            if !collecting && last_collect.elapsed() >= Duration::from_millis(BLOB_COLLECT_MS) {
+                // In a task of its own: it reads the retained journal, which must not hold up
+                // replay.
                 last_collect = Instant::now();
-                self.collect_blobs().await;
+                collector = Some(tokio::spawn(collect_blobs(
+                    Arc::clone(&self.journal),
+                    self.resources.values().cloned().collect(),
+                )));
             }
             let caught_up = !read_more || machine.queued_bytes() >= READ_AHEAD_BYTES_MAX;
             let more = self.journal.wait_durable(machine.scanned().next());
@@ -188,6 +193,10 @@ impl Replay {
                 _ = tokio::task::yield_now(), if !caught_up => {}
                 _ = stop.changed() => {}
             }
+        }
+        if let Some(collector) = collector {
+            collector.abort();
+            let _ = collector.await;
         }
         // Let what is in flight finish: it is exact either way, but finishing is tidier.
         while let Some(done) = running.next().await {
@@ -323,21 +332,15 @@ impl Replay {
         tokio::task::spawn_blocking(move || {
             write_floor(&dir, floor)?;
             journal.remove_segments_below(keep_from)?;
+            // As the coordinator's checkpoint does: finished records do not wait in a filling
+            // segment.
+            journal.request_roll(coordinator::retention::ROLL_BYTES_MIN);
             Ok::<_, ReplicationError>(())
         })
         .await
         .map_err(|e| ReplicationError::Protocol(format!("the checkpoint task failed: {e}")))??;
         ledger.trim_below(self.journal.oldest_lsn());
         Ok(floor)
-    }
-
-    async fn collect_blobs(&self) {
-        for (name, resource) in &self.resources {
-            let retained = JournalBlobs::of(Arc::clone(&self.journal), Arc::clone(resource));
-            if let Err(e) = resource.collect_blobs(&retained).await {
-                tracing::warn!(resource = %name, error = %e, "blob collection failed");
-            }
-        }
     }
 
     fn publish(&self, machine: &ReplayMachine) {
@@ -396,4 +399,14 @@ pub fn write_floor(dir: &Path, lsn: Lsn) -> Result<(), ReplicationError> {
     file.sync_all().map_err(state("sync"))?;
     std::fs::rename(&tmp, &path).map_err(state("rename into place"))?;
     Ok(())
+}
+
+/// Asks every resource to remove the blobs no retained record of `journal` names.
+async fn collect_blobs(journal: Arc<Journal>, resources: Vec<Arc<dyn Resource>>) {
+    for resource in resources {
+        let retained = JournalBlobs::of(Arc::clone(&journal), Arc::clone(&resource));
+        if let Err(e) = resource.collect_blobs(&retained).await {
+            tracing::warn!(resource = %resource.name(), error = %e, "blob collection failed");
+        }
+    }
 }
