@@ -7,8 +7,13 @@
 //! This machine hosts both sites, so the throughput windows pause the standby's replay (in
 //! production its disk and CPU are another machine's), and its replay is measured alone:
 //!
+//! Every throughput window first runs a quarter of its transactions unmeasured (a warm-up:
+//! connections, caches, the stores' first files).
+//!
 //! 1. `none_tps`: a primary daemon with no standby ever connected (its own directory), the
-//!    workload's maximum rate over `--transactions` transactions, phase 2 included.
+//!    workload's maximum rate over `--transactions` transactions, phase 2 included — measured
+//!    before windows 2 and 3 and again after them, and the two together give the rate, so that
+//!    the machine's drift over the run favours neither side.
 //! 2. `async_tps`: a second primary (async, the default) with a standby that receives and
 //!    journals but does not replay (`concord standby --no-replay`), connected and caught up
 //!    before the window starts.
@@ -16,7 +21,8 @@
 //!    `concord.toml` written next to its data), the same standby restarted, again without
 //!    replay.
 //! 4. `replay_tps`: both stopped, the standby restarted with replay on and no primary; the
-//!    backlog it journaled (every transaction of windows 2 and 3) over the time from its
+//!    backlog it journaled (every transaction of windows 2 and 3, warm-ups included) over the
+//!    time from its
 //!    `listening on` line until its status says it replayed up to its own durable LSN.
 //! 5. `lag_p50_ms`/`lag_p99_ms`: a fresh primary and a replaying async standby together, the
 //!    clients paced to half of `none_tps` for `--lag-seconds`, the standby's
@@ -149,9 +155,13 @@ struct Bench<'a> {
 
 impl Bench<'_> {
     async fn all(&self) -> anyhow::Result<ReplicationBench> {
-        let none = self.none().await?;
+        // The primary without a standby is measured before and after the windows with one, so
+        // that the machine's drift over the run does not favour either side.
+        let mut none = self.none("none-1").await?;
         let (async_window, sync_window) = self.with_standby().await?;
-        let backlog = 2 * self.args.transactions;
+        none.add(self.none("none-2").await?);
+        // The async and sync windows, each with its warm-up.
+        let backlog = 2 * (self.args.transactions + (self.args.transactions / 4).max(1));
         let replay_seconds = self.replay().await?;
         let none_tps = none.tx_per_s();
         let target = none_tps / 2.0;
@@ -182,10 +192,10 @@ impl Bench<'_> {
         })
     }
 
-    /// Window 1: a primary with no standby.
-    async fn none(&self) -> anyhow::Result<Measured> {
+    /// Window 1 (and again after windows 2 and 3): a primary with no standby.
+    async fn none(&self, prefix: &str) -> anyhow::Result<Measured> {
         let daemon = start_primary(&self.dir.join("none"), false)?;
-        let measured = self.window(&daemon.url(), "none").await?;
+        let measured = self.window(&daemon.url(), prefix).await?;
         stop(daemon)?;
         Ok(measured)
     }
@@ -264,9 +274,20 @@ impl Bench<'_> {
         Ok((transactions as f64 / elapsed, lags))
     }
 
-    /// One throughput window against the daemon at `url`, phase 2 included.
+    /// One throughput window against the daemon at `url`, phase 2 included, after a warm-up
+    /// of a quarter as many transactions that is not measured (connections, caches, the
+    /// stores' first files).
     async fn window(&self, url: &str, prefix: &str) -> anyhow::Result<Measured> {
         let connections = self.connect(url).await?;
+        let warm_up = (self.args.transactions / 4).max(1);
+        remote_load(
+            &connections,
+            &self.message,
+            format!("{prefix}-warm"),
+            warm_up,
+        )
+        .await?;
+        wait_idle(&connections[0]).await?;
         let started = Instant::now();
         let mut measured = remote_load(
             &connections,
