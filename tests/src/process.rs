@@ -64,8 +64,14 @@ impl Process {
     /// Runs `concord ARGS` with standard error appended to `stderr_path` and waits for its
     /// listening line; panics (with its standard error) when none comes in time.
     pub fn spawn(name: &str, args: &[&str], stderr_path: &Path) -> Process {
+        Process::spawn_within(name, args, stderr_path, START_MS_MAX)
+    }
+
+    /// [`Process::spawn`] with `start_ms` for its listening line (a standby that re-seeds
+    /// first).
+    pub fn spawn_within(name: &str, args: &[&str], stderr_path: &Path, start_ms: u64) -> Process {
         let mut process = Process::launch(name, args, stderr_path);
-        match process.wait_listening() {
+        match process.wait_listening(start_ms) {
             Ok(addr) => process.addr = addr,
             Err(why) => {
                 process.kill_now();
@@ -103,8 +109,8 @@ impl Process {
         }
     }
 
-    fn wait_listening(&mut self) -> Result<String, String> {
-        let deadline = Instant::now() + Duration::from_millis(START_MS_MAX);
+    fn wait_listening(&mut self, start_ms: u64) -> Result<String, String> {
+        let deadline = Instant::now() + Duration::from_millis(start_ms);
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match self.lines.recv_timeout(left) {
@@ -113,7 +119,7 @@ impl Process {
                         return Ok(addr.trim().to_string());
                     }
                 }
-                Err(e) => return Err(format!("no listening line within {START_MS_MAX} ms ({e})")),
+                Err(e) => return Err(format!("no listening line within {start_ms} ms ({e})")),
             }
         }
     }

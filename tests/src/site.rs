@@ -228,6 +228,16 @@ impl Site {
         self.process = Some(Process::spawn(&self.name, &args, &self.stderr_path()));
     }
 
+    /// Starts the standby following `primary_url` with `extra` flags (`--reseed`), giving it
+    /// `start_ms` to say it listens.
+    pub fn start_standby_with(&mut self, primary_url: &str, extra: &[&str], start_ms: u64) {
+        let mut args = self.standby_args(primary_url);
+        args.extend(extra.iter().map(|a| a.to_string()));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let process = Process::spawn_within(&self.name, &args, &self.stderr_path(), start_ms);
+        self.process = Some(process);
+    }
+
     /// Starts the standby following `primary_url` without waiting for its listening line
     /// (a standby expected to refuse).
     pub fn launch_standby(&mut self, primary_url: &str) {
