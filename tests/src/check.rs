@@ -321,3 +321,23 @@ fn run_compare(args: &[&str]) {
     let (code, stdout, stderr) = process::run_concord(args, COMPARE_MS_MAX);
     assert_eq!(code, Some(0), "concord {args:?}: {stdout}{stderr}");
 }
+
+/// Where the standby resumed an interrupted blob last (its INFO line "resuming an interrupted
+/// blob at byte N"), if it did.
+pub fn resumed_blob_offset(standby: &Site) -> Option<u64> {
+    const LINE: &str = "resuming an interrupted blob at byte ";
+    let stderr = standby.process().stderr_text();
+    let at = stderr.rfind(LINE)? + LINE.len();
+    let digits: String = stderr[at..]
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect();
+    digits.parse().ok()
+}
+
+/// Whether the standby's status says its link to the primary is down.
+pub fn is_disconnected(standby: &Site) -> bool {
+    standby
+        .status()
+        .is_some_and(|s| connected(&s) == Some(false))
+}

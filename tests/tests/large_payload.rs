@@ -40,23 +40,6 @@ fn peak_bytes(pid: u32) -> u64 {
     kib * 1024
 }
 
-fn resumed_at(standby: &Site) -> Option<u64> {
-    const LINE: &str = "resuming an interrupted blob at byte ";
-    let stderr = standby.process().stderr_text();
-    let at = stderr.rfind(LINE)? + LINE.len();
-    let digits: String = stderr[at..]
-        .chars()
-        .take_while(char::is_ascii_digit)
-        .collect();
-    digits.parse().ok()
-}
-
-fn disconnected(standby: &Site) -> bool {
-    standby
-        .status()
-        .is_some_and(|s| check::connected(&s) == Some(false))
-}
-
 #[test]
 fn a_1_gib_file_reaches_the_standby_through_a_cut_in_bounded_memory() {
     let root = tempfile::tempdir().unwrap();
@@ -74,7 +57,7 @@ fn a_1_gib_file_reaches_the_standby_through_a_cut_in_bounded_memory() {
         cut,
         "the blob did not reach {CUT_AFTER_BYTES} bytes through the proxy"
     );
-    let seen = wait_until(DISCONNECT_SEEN_MS_MAX, || disconnected(&standby));
+    let seen = wait_until(DISCONNECT_SEEN_MS_MAX, || check::is_disconnected(&standby));
     assert!(
         seen,
         "the standby did not see the cut: {:?}",
@@ -84,7 +67,7 @@ fn a_1_gib_file_reaches_the_standby_through_a_cut_in_bounded_memory() {
     let xid = commit.join().expect("the commit thread");
     assert!(xid.is_ok(), "the 1 GiB commit failed: {xid:?}");
     check::wait_caught_up(&primary, &standby);
-    let offset = resumed_at(&standby);
+    let offset = check::resumed_blob_offset(&standby);
     assert!(
         offset.is_some_and(|at| at > 0),
         "the standby did not resume the blob past its start ({offset:?}): {}",

@@ -13,7 +13,7 @@ use std::path::Path;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use concord_tests::check::{self, Snapshot};
+use concord_tests::check::{self, Snapshot, is_disconnected, resumed_blob_offset};
 use concord_tests::process::wait_until;
 use concord_tests::proxy::{FaultProxy, Link};
 use concord_tests::site::{Mode, Site};
@@ -148,12 +148,6 @@ fn link_cut_and_restored() {
     finish(&mut primary, &mut standby, &report);
 }
 
-fn is_disconnected(standby: &Site) -> bool {
-    standby
-        .status()
-        .is_some_and(|s| check::connected(&s) == Some(false))
-}
-
 fn cut_and_see_disconnected(proxy: &FaultProxy, standby: &Site) {
     proxy.cut();
     let seen = wait_until(DISCONNECT_SEEN_MS_MAX, || is_disconnected(standby));
@@ -210,17 +204,6 @@ fn cut_while_blob_in_flight(
 }
 
 /// The offset of the standby's last "resuming an interrupted blob at byte N" line.
-fn resumed_blob_offset(standby: &Site) -> Option<u64> {
-    const LINE: &str = "resuming an interrupted blob at byte ";
-    let stderr = standby.process().stderr_text();
-    let at = stderr.rfind(LINE)? + LINE.len();
-    let digits: String = stderr[at..]
-        .chars()
-        .take_while(char::is_ascii_digit)
-        .collect();
-    digits.parse().ok()
-}
-
 #[test]
 fn replay_killed_at_random_points() {
     let _serial = serial();
