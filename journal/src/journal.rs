@@ -807,13 +807,21 @@ impl Journal {
         // The durable LSN first: a segment joins the list before any record in it is synced, so
         // a list taken afterwards holds every record up to that LSN.
         let upto = self.durable_lsn();
-        let segments = self
-            .shared
+        JournalReader::new(
+            self.segment_list(),
+            from,
+            upto,
+            self.shared.config.record_bytes_max,
+        )
+    }
+
+    /// The retained segments now.
+    fn segment_list(&self) -> Vec<SegmentFile> {
+        self.shared
             .segments
             .read()
             .unwrap_or_else(PoisonError::into_inner)
-            .clone();
-        JournalReader::new(segments, from, upto, self.shared.config.record_bytes_max)
+            .clone()
     }
 
     /// Extends `reader` (made by [`Journal::read_from`] on this journal) to the durable LSN
@@ -826,13 +834,7 @@ impl Journal {
     pub fn follow(&self, reader: &mut JournalReader) {
         // The durable LSN first, as in `read_from`.
         let upto = self.durable_lsn();
-        let segments = self
-            .shared
-            .segments
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone();
-        reader.extend(segments, upto);
+        reader.extend(self.segment_list(), upto);
     }
 
     /// Asks for the next record to start a new segment if the one being written then holds at
@@ -905,12 +907,7 @@ impl Journal {
     /// `lsn` counts whole): what keeping every record from `lsn` costs on disk. A segment
     /// whose size cannot be read counts as empty.
     pub fn retained_bytes_from(&self, lsn: Lsn) -> u64 {
-        let segments = self
-            .shared
-            .segments
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone();
+        let segments = self.segment_list();
         let first = segments
             .windows(2)
             .take_while(|pair| pair[1].first_lsn <= lsn)

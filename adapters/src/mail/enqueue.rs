@@ -356,13 +356,6 @@ pub(super) fn overwrite_unsynced(
 /// written again), and syncs it. The files resource's `create_synced` differs: it refuses an
 /// existing file.
 pub(super) fn overwrite_synced(name: &str, what: &str, path: &Path, content: &[u8]) -> Result<()> {
-    let mut file = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(path)
-        .map_err(|e| ResourceError::io(name, &format!("create {what} file"), path, &e))?;
-    file.write_all(content)
-        .map_err(|e| ResourceError::io(name, &format!("write {what} to"), path, &e))?;
+    let file = overwrite_unsynced(name, what, path, content)?;
     sync_file(name, &file, path)
 }
