@@ -223,6 +223,7 @@ async fn serve(cfg: Config, standby: StandbyConfig, replaying: bool) -> anyhow::
         &cfg.data_dir,
         Arc::clone(&replay_view),
     );
+    let replay = replay.keep_pending(receiver.pending_blobs());
     let receive_view = receiver.view();
     let status: Arc<Standing> = Arc::new(Standing {
         cfg: cfg.clone(),

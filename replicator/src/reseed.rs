@@ -75,6 +75,22 @@ pub fn interrupted(data_dir: &Path) -> bool {
     marker(data_dir).exists()
 }
 
+/// Writes the marker and makes it durable (file and directory) before anything is copied: a
+/// power loss must not keep copied keys and lose the marker.
+fn write_marker(data_dir: &Path) -> Result<(), ReplicationError> {
+    use std::io::Write;
+    let path = marker(data_dir);
+    let mut file =
+        std::fs::File::create(&path).map_err(state("create the re-seed marker", &path))?;
+    file.write_all(b"a re-seed is in progress\n")
+        .and_then(|()| file.sync_all())
+        .map_err(state("write the re-seed marker", &path))?;
+    let dir = data_dir.join("replication");
+    std::fs::File::open(&dir)
+        .and_then(|d| d.sync_all())
+        .map_err(state("sync the directory of", &dir))
+}
+
 fn marker(data_dir: &Path) -> PathBuf {
     data_dir.join("replication").join(MARKER_FILE)
 }
@@ -98,9 +114,7 @@ pub async fn reseed(
     tokio::fs::create_dir_all(&dir)
         .await
         .map_err(state("create", &dir))?;
-    tokio::fs::write(marker(data_dir), b"a re-seed is in progress\n")
-        .await
-        .map_err(state("write the re-seed marker", &marker(data_dir)))?;
+    write_marker(data_dir)?;
     let mut client = proto::client::connect_replication(&upstream.url, &upstream.credentials)
         .await
         .map_err(|e| ReplicationError::Transport(e.to_string()))?;

@@ -525,3 +525,89 @@ async fn a_full_disk_stops_the_standby_and_it_resumes_once_there_is_room() {
     primary.stop().await;
     drop(tmpfs);
 }
+
+/// A standby that acknowledges an LSN it was never sent (a bug, or a hostile peer) confirms
+/// nothing beyond what was shipped to it: the primary's view and the retention floor stay
+/// within what it sent, and no sync commit is confirmed by it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_acknowledgement_beyond_what_was_shipped_counts_only_up_to_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let primary = Primary::start(dir.path(), ReplicationConfig::default()).await;
+    commit_work(&primary.concord, 0, 3).await;
+    primary.settle().await;
+    let durable = primary.durable();
+    let mut client = within(
+        "connect",
+        proto::client::connect_replication(&primary.url(), &Credentials::none()),
+    )
+    .await
+    .unwrap();
+    let (tx, rx) = mpsc::channel(4);
+    let hello = hello("", Lsn(0), ChainHash::GENESIS);
+    let body = v1::standby_message::Body::Hello(hello);
+    tx.send(v1::StandbyMessage { body: Some(body) })
+        .await
+        .unwrap();
+    let mut inbound = within("ship", client.ship(ReceiverStream::new(rx)))
+        .await
+        .unwrap()
+        .into_inner();
+    let first = within("the welcome", inbound.message()).await.unwrap();
+    assert!(matches!(
+        first.and_then(|m| m.body),
+        Some(v1::primary_message::Body::Welcome(_))
+    ));
+    let ack = v1::Ack {
+        durable_lsn: u64::MAX,
+        replayed_lsn: u64::MAX,
+    };
+    let body = v1::standby_message::Body::Ack(ack);
+    tx.send(v1::StandbyMessage { body: Some(body) })
+        .await
+        .unwrap();
+    let states = || format!("{:?}", primary.shipper.standby_states());
+    wait_until(
+        "the probe to be sent every record",
+        Duration::from_secs(10),
+        || {
+            primary
+                .shipper
+                .standby_states()
+                .get("probe")
+                .is_some_and(|s| s.shipped >= durable)
+        },
+        states,
+    )
+    .await;
+    let ack = v1::Ack {
+        durable_lsn: u64::MAX,
+        replayed_lsn: u64::MAX,
+    };
+    let body = v1::standby_message::Body::Ack(ack);
+    tx.send(v1::StandbyMessage { body: Some(body) })
+        .await
+        .unwrap();
+    wait_until(
+        "the acknowledgement to count",
+        Duration::from_secs(10),
+        || {
+            primary
+                .shipper
+                .standby_states()
+                .get("probe")
+                .is_some_and(|s| s.acknowledged > Lsn(0))
+        },
+        states,
+    )
+    .await;
+    let state = primary.shipper.standby_states()["probe"].clone();
+    assert!(state.acknowledged <= state.shipped, "{state:?}");
+    assert!(state.replayed <= state.acknowledged, "{state:?}");
+    let floor = primary.concord.coordinator().retention().floor();
+    assert!(
+        floor.is_some_and(|f| f.0 <= state.shipped.0 + 1),
+        "floor {floor:?}, {state:?}"
+    );
+    drop(tx);
+    primary.stop().await;
+}

@@ -35,7 +35,7 @@
 pub mod ship;
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -68,6 +68,8 @@ pub struct StandbyState {
     pub unacknowledged_bytes: u64,
     /// When it last acknowledged (milliseconds since the Unix epoch).
     pub acknowledged_at_ms: u64,
+    /// The stream serving it now (a reconnection supersedes the stream before it).
+    pub stream: u64,
 }
 
 /// The primary's replication state; see the module docs.
@@ -79,6 +81,9 @@ pub struct Shipper {
     /// The highest LSN any standby acknowledged (what sync commits wait for).
     acknowledged: watch::Sender<Lsn>,
     fallen_back: AtomicBool,
+    /// The durable LSN when commits stopped waiting: a standby that acknowledges it brings
+    /// sync back (the durable LSN of the moment would always be ahead under steady load).
+    fallback_target: AtomicU64,
     waiting: AtomicUsize,
     stop: watch::Sender<bool>,
 }
@@ -97,6 +102,7 @@ impl Shipper {
             standbys: Mutex::new(BTreeMap::new()),
             acknowledged: watch::Sender::new(Lsn(0)),
             fallen_back: AtomicBool::new(false),
+            fallback_target: AtomicU64::new(0),
             waiting: AtomicUsize::new(0),
             stop: watch::Sender::new(false),
         });
@@ -141,8 +147,9 @@ impl Shipper {
         self.standbys.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// A standby connected, wanting records from `from`.
-    pub(crate) fn connected(&self, name: &str, from: Lsn) {
+    /// A standby connected, wanting records from `from`: it counts for the retention floor
+    /// from now on. Returns the stream's number: a later stream of the same name supersedes it.
+    pub(crate) fn connected(&self, name: &str, from: Lsn) -> u64 {
         let mut standbys = self.standbys();
         let s = standbys.entry(name.to_string()).or_default();
         s.connected = true;
@@ -150,13 +157,17 @@ impl Shipper {
         s.acknowledged = s.acknowledged.max(from.prev());
         s.shipped = from.prev();
         s.acknowledged_at_ms = now_ms();
-        drop(standbys);
-        self.hold_floor();
+        s.stream += 1;
+        let stream = s.stream;
+        self.hold_floor_locked(&mut standbys);
+        stream
     }
 
-    /// A standby's stream ended.
-    pub(crate) fn disconnected(&self, name: &str) {
-        if let Some(s) = self.standbys().get_mut(name) {
+    /// Stream `stream` of a standby ended (a later stream of the same name is left alone).
+    pub(crate) fn disconnected(&self, name: &str, stream: u64) {
+        if let Some(s) = self.standbys().get_mut(name)
+            && s.stream == stream
+        {
             s.connected = false;
             s.unacknowledged_bytes = 0;
         }
@@ -171,30 +182,36 @@ impl Shipper {
         }
     }
 
-    /// A standby acknowledged.
+    /// A standby acknowledged. An acknowledgement beyond what was shipped to it (a standby
+    /// with a bug, or a hostile one) counts only up to what was shipped.
     pub(crate) fn acknowledged(&self, name: &str, durable: Lsn, replayed: Lsn) {
-        {
+        let durable = {
             let mut standbys = self.standbys();
             let Some(s) = standbys.get_mut(name) else {
                 return;
             };
+            let durable = durable.min(s.shipped);
             if durable >= s.shipped {
                 s.unacknowledged_bytes = 0;
             }
             s.acknowledged = s.acknowledged.max(durable);
-            s.replayed = s.replayed.max(replayed);
+            s.replayed = s.replayed.max(replayed.min(durable));
             s.acknowledged_at_ms = now_ms();
-        }
+            durable
+        };
         self.acknowledged.send_if_modified(|a| {
             let moved = durable > *a;
             *a = (*a).max(durable);
             moved
         });
-        let durable_here = self.coordinator.journal().durable_lsn();
-        if durable >= durable_here && self.fallen_back.swap(false, Ordering::AcqRel) {
+        let target = Lsn(self.fallback_target.load(Ordering::Acquire));
+        if self.fallen_back.load(Ordering::Acquire)
+            && durable >= target
+            && self.fallen_back.swap(false, Ordering::AcqRel)
+        {
             tracing::info!(
                 standby = name,
-                "a standby caught up: commits wait for it again (sync)"
+                "a standby caught up with lsn {target}: commits wait for it again (sync)"
             );
             self.publish_sync_state();
         }
@@ -203,8 +220,14 @@ impl Shipper {
     /// Holds the retention floor at the lowest acknowledged LSN of the standbys held, and lets
     /// a standby go when holding it would exceed `retention_bytes_max`.
     pub fn hold_floor(&self) {
-        let journal = self.coordinator.journal();
         let mut standbys = self.standbys();
+        self.hold_floor_locked(&mut standbys);
+    }
+
+    /// [`Shipper::hold_floor`] under the standbys' lock, which is held until the floor is
+    /// stored: two callers cannot store their floors in the other order.
+    fn hold_floor_locked(&self, standbys: &mut BTreeMap<String, StandbyState>) {
+        let journal = self.coordinator.journal();
         for (name, s) in standbys.iter_mut().filter(|(_, s)| s.held) {
             let bytes = journal.retained_bytes_from(s.acknowledged.next());
             if bytes > self.config.retention_bytes_max {
@@ -223,7 +246,6 @@ impl Shipper {
             .filter(|s| s.held)
             .map(|s| s.acknowledged.next())
             .min();
-        drop(standbys);
         self.coordinator.retention().hold_floor(floor);
     }
 
@@ -246,8 +268,8 @@ impl Shipper {
             s.acknowledged = position.lsn;
             s.shipped = position.lsn;
             s.acknowledged_at_ms = now_ms();
+            self.hold_floor_locked(&mut standbys);
         }
-        self.hold_floor();
         tracing::info!(
             standby = name,
             lsn = position.lsn.0,
@@ -362,10 +384,10 @@ impl coordinator::CommitGate for SyncGate {
         if *acknowledged.borrow() >= lsn {
             return Ok(());
         }
-        shipper.waiting.fetch_add(1, Ordering::AcqRel);
+        let waiting = Waiting::new(&shipper.waiting);
         let wait = Duration::from_millis(shipper.config.sync_wait_ms_max);
         let confirmed = tokio::time::timeout(wait, acknowledged.wait_for(|a| *a >= lsn)).await;
-        shipper.waiting.fetch_sub(1, Ordering::AcqRel);
+        drop(waiting);
         if matches!(confirmed, Ok(Ok(_))) {
             return Ok(());
         }
@@ -387,6 +409,8 @@ impl coordinator::CommitGate for SyncGate {
         match shipper.config.sync_fallback {
             SyncFallback::Fail => Err(why),
             SyncFallback::Async => {
+                let here = shipper.coordinator.journal().durable_lsn();
+                shipper.fallback_target.store(here.0, Ordering::Release);
                 if !shipper.fallen_back.swap(true, Ordering::AcqRel) {
                     tracing::warn!(
                         "{why}: commits no longer wait for a standby (sync_fallback = \"async\") until one catches up"
@@ -396,5 +420,21 @@ impl coordinator::CommitGate for SyncGate {
                 Ok(())
             }
         }
+    }
+}
+
+/// Counts a commit waiting for a standby while it lives (a cancelled commit stops counting).
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl<'a> Waiting<'a> {
+    fn new(count: &'a AtomicUsize) -> Self {
+        count.fetch_add(1, Ordering::AcqRel);
+        Waiting(count)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }

@@ -50,6 +50,8 @@ pub struct Start {
     pub from: Lsn,
     /// An interrupted blob to resume.
     pub resume: Option<v1::BlobResume>,
+    /// The stream's number ([`Shipper::connected`]).
+    pub stream: u64,
 }
 
 impl Shipper {
@@ -67,18 +69,24 @@ impl Shipper {
             _ => return Err(Status::invalid_argument("the first message must be Hello")),
         };
         proto::convert::check_header("Hello.header", hello.header.as_ref())?;
+        let name: String = if hello.name.is_empty() {
+            "standby".into()
+        } else {
+            hello.name.chars().take(128).collect()
+        };
+        // Counted for the retention floor before the oldest retained LSN is checked, so that
+        // no checkpoint removes, in between, the records it is about to be sent.
+        let stream = self.connected(&name, Lsn(hello.durable_lsn).next());
         let from = self.check(&hello).map_err(|e| {
+            self.disconnected(&name, stream);
             tracing::warn!(standby = %hello.name, error = %e, "refused a standby");
             e.to_status()
         })?;
         Ok(Start {
-            name: if hello.name.is_empty() {
-                "standby".into()
-            } else {
-                hello.name.chars().take(128).collect()
-            },
+            name,
             from,
             resume: hello.resume,
+            stream,
         })
     }
 
@@ -153,7 +161,7 @@ impl Shipper {
     ) {
         let name = start.name.clone();
         tracing::info!(standby = %name, from = start.from.0, "standby {name} connected; shipping from lsn {}", start.from);
-        self.connected(&name, start.from);
+        let stream = start.stream;
         let mut stop = self.stopping();
         let sender = Arc::clone(&self).send_loop(start, outbound.clone());
         tokio::pin!(sender);
@@ -171,7 +179,7 @@ impl Shipper {
                 _ = stop.changed() => break None,
             }
         };
-        self.disconnected(&name);
+        self.disconnected(&name, stream);
         self.hold_floor();
         match ended {
             Some(why) => {

@@ -46,6 +46,7 @@ use journal::{Journal, JournalReader, Lsn};
 use tokio::sync::watch;
 
 use crate::error::ReplicationError;
+use crate::standby::PendingBlobs;
 use machine::{Batch, BatchLimits, ReplayMachine, ResourceBacklog};
 
 /// Most redo bytes waiting in the queues before replay stops reading ahead.
@@ -56,9 +57,10 @@ pub const READ_RECORDS_MAX: usize = 4096;
 pub const CHECKPOINT_MS: u64 = 1_000;
 /// How often each resource collects the blobs no retained record names (milliseconds).
 pub const BLOB_COLLECT_MS: u64 = 10_000;
-/// Deadline of one batch (milliseconds): past it, the batch counts as unavailable and is
-/// applied again (exact: the resource's applied LSN says what it holds).
-pub const BATCH_TIMEOUT_MS: u64 = 120_000;
+/// Deadline of one batch (milliseconds): past it, the resource counts as stuck and the standby
+/// stops (its restart replays from the resource's applied LSN). The batch is never handed out
+/// again while its first attempt may still be running.
+pub const BATCH_TIMEOUT_MS: u64 = 600_000;
 /// First and last backoff after a resource was unavailable (milliseconds).
 pub const RETRY_BACKOFF_MS: (u64, u64) = (50, 5_000);
 /// The restart point's file, under `data_dir/replication/`.
@@ -93,6 +95,7 @@ pub struct Replay {
     state_dir: PathBuf,
     view: SharedView,
     limits: BatchLimits,
+    pending: PendingBlobs,
 }
 
 /// What finished: a batch (resource, result) or a retry delay.
@@ -118,7 +121,15 @@ impl Replay {
             state_dir: state_dir.to_path_buf(),
             view: SharedView::default(),
             limits: BatchLimits::default(),
+            pending: PendingBlobs::default(),
         }
+    }
+
+    /// Blob collection keeps the blobs in `pending` too: those the receiver put for records
+    /// not yet durable ([`crate::standby::Receiver::pending_blobs`]).
+    pub fn keep_pending(mut self, pending: PendingBlobs) -> Replay {
+        self.pending = pending;
+        self
     }
 
     /// The status readers' view.
@@ -174,6 +185,7 @@ impl Replay {
                 collector = Some(tokio::spawn(collect_blobs(
                     Arc::clone(&self.journal),
                     self.resources.values().cloned().collect(),
+                    Arc::clone(&self.pending),
                 )));
             }
             let caught_up = !read_more || machine.queued_bytes() >= READ_AHEAD_BYTES_MAX;
@@ -265,9 +277,14 @@ impl Replay {
                 .await
             {
                 Ok(result) => result,
-                Err(_) => Err(ResourceError::Unavailable {
+                // The batch's work may go on in the resource (on the blocking pool): it must
+                // not be handed out again beside it, so the standby stops, and its restart
+                // replays from the resource's applied LSN.
+                Err(_) => Err(ResourceError::Fatal {
                     resource: batch.resource.clone(),
-                    message: format!("replay of a batch took longer than {BATCH_TIMEOUT_MS} ms"),
+                    message: format!(
+                        "replay of a batch took longer than {BATCH_TIMEOUT_MS} ms: the resource is stuck"
+                    ),
                 }),
             };
             Done::Batch(batch.resource, result)
@@ -313,25 +330,28 @@ impl Replay {
         None
     }
 
-    /// Writes the restart point and trims the journal below it.
+    /// Writes the restart point and trims the journal below it. The restart point is the
+    /// replayed LSN, or the record before the first record of a transaction the primary has
+    /// not finished when that is lower, so that a restart rebuilds the ledger with those
+    /// transactions and keeps their records (a promoted standby needs them).
     async fn checkpoint(
         &self,
         machine: &ReplayMachine,
         ledger: &mut Ledger,
         written: Lsn,
     ) -> Result<Lsn, ReplicationError> {
-        let floor = machine.replayed_lsn();
-        if floor == written {
+        let replayed = machine.replayed_lsn();
+        let start = ledger
+            .pinned_from()
+            .map_or(replayed, |p| p.prev().min(replayed));
+        if start == written {
             return Ok(written);
         }
         let dir = self.state_dir.clone();
         let journal = Arc::clone(&self.journal);
-        let keep_from = ledger
-            .pinned_from()
-            .map_or(floor.next(), |p| p.min(floor.next()));
         tokio::task::spawn_blocking(move || {
-            write_floor(&dir, floor)?;
-            journal.remove_segments_below(keep_from)?;
+            write_floor(&dir, start)?;
+            journal.remove_segments_below(start.next())?;
             // As the coordinator's checkpoint does: finished records do not wait in a filling
             // segment.
             journal.request_roll(coordinator::retention::ROLL_BYTES_MIN);
@@ -340,7 +360,7 @@ impl Replay {
         .await
         .map_err(|e| ReplicationError::Protocol(format!("the checkpoint task failed: {e}")))??;
         ledger.trim_below(self.journal.oldest_lsn());
-        Ok(floor)
+        Ok(start)
     }
 
     fn publish(&self, machine: &ReplayMachine) {
@@ -401,12 +421,57 @@ pub fn write_floor(dir: &Path, lsn: Lsn) -> Result<(), ReplicationError> {
     Ok(())
 }
 
-/// Asks every resource to remove the blobs no retained record of `journal` names.
-async fn collect_blobs(journal: Arc<Journal>, resources: Vec<Arc<dyn Resource>>) {
+/// Asks every resource to remove the blobs that no retained record of `journal` names and
+/// that the receiver has not put for a record still on its way (`pending`).
+async fn collect_blobs(
+    journal: Arc<Journal>,
+    resources: Vec<Arc<dyn Resource>>,
+    pending: PendingBlobs,
+) {
     for resource in resources {
-        let retained = JournalBlobs::of(Arc::clone(&journal), Arc::clone(&resource));
+        let retained = StandbyBlobs {
+            journal: JournalBlobs::of(Arc::clone(&journal), Arc::clone(&resource)),
+            resource: resource.name().to_string(),
+            pending: Arc::clone(&pending),
+        };
         if let Err(e) = resource.collect_blobs(&retained).await {
             tracing::warn!(resource = %resource.name(), error = %e, "blob collection failed");
         }
+    }
+}
+
+/// The blobs a standby's resource must keep: those its retained journal names, and those the
+/// receiver put for records not yet durable (read before and after the journal's, so a blob
+/// whose record became durable meanwhile is in one set or the other).
+struct StandbyBlobs {
+    journal: JournalBlobs,
+    resource: String,
+    pending: PendingBlobs,
+}
+
+#[async_trait::async_trait]
+impl adapters::RetainedBlobs for StandbyBlobs {
+    async fn retained_blobs(
+        &self,
+    ) -> Result<std::collections::HashSet<adapters::BlobId>, ResourceError> {
+        let pending: Vec<adapters::BlobId> = self
+            .pending
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .filter(|(resource, _)| *resource == self.resource)
+            .map(|(_, id)| *id)
+            .collect();
+        let mut retained = self.journal.retained_blobs().await?;
+        retained.extend(pending);
+        retained.extend(
+            self.pending
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .iter()
+                .filter(|(resource, _)| *resource == self.resource)
+                .map(|(_, id)| *id),
+        );
+        Ok(retained)
     }
 }

@@ -89,6 +89,10 @@ pub struct ReceiveView {
 /// Shared with status readers.
 pub type SharedReceiveView = Arc<Mutex<ReceiveView>>;
 
+/// Blobs put into a resource's store for records not yet durable in the standby's journal,
+/// as `(resource, id)`: blob collection must keep them ([`crate::replay::Replay::keep_pending`]).
+pub type PendingBlobs = Arc<Mutex<std::collections::HashSet<(String, BlobId)>>>;
+
 /// How to reach the primary.
 #[derive(Clone, Debug)]
 pub struct Upstream {
@@ -111,6 +115,8 @@ pub struct Receiver {
     replay: SharedView,
     /// The partial blob the current session's `Hello` named for resumption.
     resuming: Mutex<Option<PathBuf>>,
+    /// Blobs put whose records are not durable yet.
+    pending: PendingBlobs,
 }
 
 /// A blob being received.
@@ -150,12 +156,18 @@ impl Receiver {
             view: Arc::new(Mutex::new(view)),
             replay,
             resuming: Mutex::new(None),
+            pending: PendingBlobs::default(),
         }
     }
 
     /// The status readers' view.
     pub fn view(&self) -> SharedReceiveView {
         Arc::clone(&self.view)
+    }
+
+    /// The blobs put for records not yet durable (for blob collection).
+    pub fn pending_blobs(&self) -> PendingBlobs {
+        Arc::clone(&self.pending)
     }
 
     /// Follows the primary until `stop` turns true; an error only when the process must stop
@@ -381,6 +393,12 @@ impl Receiver {
         }
         if let Some((_, appending)) = last {
             let durable = appending.await?;
+            // The blobs come before the records that name them: every blob put so far is
+            // named by a durable record now.
+            self.pending
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clear();
             self.update(|v| {
                 v.durable_lsn = durable;
                 v.received_bytes += bytes;
@@ -534,6 +552,10 @@ impl Receiver {
         };
         let content =
             std::fs::File::open(&p.path).map_err(state("open a partial blob", &p.path))?;
+        self.pending
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert((p.resource.clone(), p.id));
         let put = resource.put_blob(&p.id, Box::new(content)).await;
         let _ = tokio::fs::remove_file(&p.path).await;
         put.map_err(|e| match e {
