@@ -50,7 +50,7 @@ pub struct Start {
     pub from: Lsn,
     /// An interrupted blob to resume.
     pub resume: Option<v1::BlobResume>,
-    /// The stream's number ([`Shipper::connected`]).
+    /// The stream's number: a later stream of the same standby supersedes it.
     pub stream: u64,
 }
 
