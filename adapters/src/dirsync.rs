@@ -95,6 +95,44 @@ impl DirSync {
         self.sync_with(dir, fsync_dir)
     }
 
+    /// Syncs every directory of `dirs`, several at a time (at most
+    /// [`crate::internal::io::SYNC_THREADS_MAX`] threads), like
+    /// [`crate::internal::io::sync_files`]: concurrent syncs share the file system's journal
+    /// commits. The first failure is returned once every thread has finished.
+    pub(crate) fn sync_all<'a>(
+        &self,
+        dirs: impl IntoIterator<Item = &'a PathBuf>,
+    ) -> Result<(), ResourceError> {
+        let dirs: Vec<&PathBuf> = dirs.into_iter().collect();
+        if dirs.len() <= 1 {
+            return dirs.into_iter().try_for_each(|dir| self.sync(dir));
+        }
+        let threads = dirs.len().min(crate::internal::io::SYNC_THREADS_MAX);
+        std::thread::scope(|scope| {
+            let workers: Vec<_> = (0..threads)
+                .map(|k| {
+                    let dirs = &dirs;
+                    scope.spawn(move || {
+                        dirs.iter()
+                            .skip(k)
+                            .step_by(threads)
+                            .try_for_each(|dir| self.sync(dir))
+                    })
+                })
+                .collect();
+            let mut first = Ok(());
+            for worker in workers {
+                let result = worker
+                    .join()
+                    .unwrap_or_else(|_| Err(self.fatal("a directory sync thread panicked".into())));
+                if first.is_ok() {
+                    first = result;
+                }
+            }
+            first
+        })
+    }
+
     /// [`DirSync::sync`] with `fsync` as the real sync (tests count and fail it).
     pub(crate) fn sync_with(
         &self,

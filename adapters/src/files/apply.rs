@@ -390,9 +390,7 @@ impl Inner {
             }
         }
         sync_files(&self.name, &written)?;
-        for dir in &touched {
-            self.dirs.sync(dir)?;
-        }
+        self.dirs.sync_all(&touched)?;
         self.write_state("applied lsn", &self.area.applied_lsn, last.0)
     }
 
