@@ -1385,3 +1385,63 @@ impl Check {
         );
     }
 }
+
+/// A small tmpfs mounted at a directory for the life of the guard: how the full-disk tests get
+/// a file system that fills up (mounting needs root; without it the test panics saying so).
+pub struct Tmpfs {
+    dir: std::path::PathBuf,
+}
+
+impl Tmpfs {
+    /// Mounts a tmpfs of `size` (as `mount -o size=` takes it: `1m`, `8m`) at `dir`, created
+    /// when missing.
+    pub fn mount(dir: &std::path::Path, size: &str) -> Tmpfs {
+        std::fs::create_dir_all(dir)
+            .unwrap_or_else(|e| panic!("create the mount point {}: {e}", dir.display()));
+        let out = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir)
+            .output();
+        match out {
+            Ok(out) if out.status.success() => Tmpfs {
+                dir: dir.to_path_buf(),
+            },
+            other => panic!(
+                "this test needs root to mount a small tmpfs (mount -t tmpfs -o size={size} tmpfs {}); \
+                 run it as root: {other:?}",
+                dir.display()
+            ),
+        }
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let unmounted = std::process::Command::new("umount")
+            .arg(&self.dir)
+            .status()
+            .is_ok_and(|s| s.success());
+        if !unmounted {
+            // Still busy (a failing test's leftovers): detach it lazily.
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(&self.dir)
+                .status();
+        }
+    }
+}
+
+/// Writes `path` until its file system is full.
+pub fn fill_up(path: &std::path::Path) {
+    use std::io::Write;
+    let mut file =
+        std::fs::File::create(path).unwrap_or_else(|e| panic!("create {}: {e}", path.display()));
+    let block = [0xAAu8; 4096];
+    loop {
+        match file.write_all(&block) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::StorageFull => return,
+            Err(e) => panic!("fill {}: {e}", path.display()),
+        }
+    }
+}

@@ -10,10 +10,9 @@
 
 mod common;
 
+use adapters::testing::{Tmpfs, fill_up};
 use std::fs;
-use std::io::{self, Write};
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 
 use adapters::kv::{KvConfig, KvResource};
 use adapters::{Resource, ResourceError, Vote};
@@ -30,49 +29,6 @@ fn config() -> KvConfig {
         create_if_missing: true,
         cache_bytes: 4 << 20,
         ..KvConfig::default()
-    }
-}
-
-/// A tmpfs mounted on a directory for the life of the guard.
-struct Tmpfs {
-    dir: PathBuf,
-}
-
-impl Tmpfs {
-    fn mount(dir: &Path, size: &str) -> Tmpfs {
-        let status = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(dir)
-            .status();
-        match status {
-            Ok(s) if s.success() => Tmpfs {
-                dir: dir.to_path_buf(),
-            },
-            other => panic!(
-                "this test needs root to mount a small tmpfs (mount -t tmpfs -o size={size} tmpfs {}); \
-                 run it as root: {other:?}",
-                dir.display()
-            ),
-        }
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg(&self.dir).status();
-    }
-}
-
-/// Writes `path` until the file system is full.
-fn fill_up(path: &Path) {
-    let mut file = fs::File::create(path).unwrap();
-    let block = [0xAAu8; 4096];
-    loop {
-        match file.write_all(&block) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::StorageFull => return,
-            Err(e) => panic!("fill {}: {e}", path.display()),
-        }
     }
 }
 

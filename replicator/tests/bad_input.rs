@@ -9,10 +9,9 @@
 
 mod common;
 
+use adapters::testing::{Tmpfs, fill_up};
 use std::fs;
-use std::io::{self, Write as _};
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -437,56 +436,6 @@ async fn a_blob_whose_bytes_do_not_match_its_id_is_refused_and_nothing_is_kept()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gap_in_lsns_is_refused_and_nothing_of_it_is_kept() {
     damaged(Damage::Gap, "lsn 3", Lsn(1)).await;
-}
-
-/// A small tmpfs mounted at a directory (needs root), unmounted when dropped.
-struct Tmpfs {
-    dir: PathBuf,
-}
-
-impl Tmpfs {
-    fn mount(dir: &Path, size: &str) -> Tmpfs {
-        fs::create_dir_all(dir).unwrap();
-        let out = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(dir)
-            .output();
-        match out {
-            Ok(out) if out.status.success() => Tmpfs {
-                dir: dir.to_path_buf(),
-            },
-            other => panic!(
-                "this test needs root to mount a small tmpfs (mount -t tmpfs -o size={size} tmpfs {}); \
-                 run it as root: {other:?}",
-                dir.display()
-            ),
-        }
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let unmounted = Command::new("umount")
-            .arg(&self.dir)
-            .status()
-            .is_ok_and(|s| s.success());
-        if !unmounted {
-            let _ = Command::new("umount").arg("-l").arg(&self.dir).status();
-        }
-    }
-}
-
-/// Writes `path` until the file system is full.
-fn fill_up(path: &Path) {
-    let mut file = fs::File::create(path).unwrap();
-    let block = [0xAAu8; 4096];
-    loop {
-        match file.write_all(&block) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::StorageFull => return,
-            Err(e) => panic!("fill {}: {e}", path.display()),
-        }
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -238,7 +238,7 @@ impl Shipper {
             let mut bytes = 0;
             for record in records {
                 for (resource, id) in self.blobs_of(&record)? {
-                    if !sent_blobs.insert((resource.resource_name(), id)) {
+                    if !sent_blobs.insert((resource.name().to_string(), id)) {
                         continue;
                     }
                     if sent_blobs.len() > SENT_BLOBS_MAX {
@@ -309,16 +309,6 @@ impl Shipper {
             }
         }
         Ok(blobs)
-    }
-}
-
-trait ResourceName {
-    fn resource_name(&self) -> String;
-}
-
-impl ResourceName for Arc<dyn Resource> {
-    fn resource_name(&self) -> String {
-        self.name().to_string()
     }
 }
 

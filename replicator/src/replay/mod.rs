@@ -441,8 +441,9 @@ async fn collect_blobs(
 }
 
 /// The blobs a standby's resource must keep: those its retained journal names, and those the
-/// receiver put for records not yet durable (read before and after the journal's, so a blob
-/// whose record became durable meanwhile is in one set or the other).
+/// receiver put for records not yet durable. Those are read before the journal: a blob whose
+/// record becomes durable in between is still in the first set, and one whose record was
+/// durable before is named by the journal.
 struct StandbyBlobs {
     journal: JournalBlobs,
     resource: String,
@@ -464,14 +465,6 @@ impl adapters::RetainedBlobs for StandbyBlobs {
             .collect();
         let mut retained = self.journal.retained_blobs().await?;
         retained.extend(pending);
-        retained.extend(
-            self.pending
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .iter()
-                .filter(|(resource, _)| *resource == self.resource)
-                .map(|(_, id)| *id),
-        );
         Ok(retained)
     }
 }
