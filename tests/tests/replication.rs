@@ -242,7 +242,10 @@ fn sync_mode_loses_no_acknowledged_commit() {
     let status = primary.status().expect("the primary's status");
     assert_eq!(status["role"], "primary", "{status}");
     assert_eq!(status["replication"]["mode"], "sync", "{status}");
-    assert_eq!(status["replication"]["sync_state"], "sync", "{status}");
+    // "waiting" is sync with a commit waiting for the standby at that moment; either way the
+    // primary has not fallen back to async.
+    let state = status["replication"]["sync_state"].as_str();
+    assert!(matches!(state, Some("sync" | "waiting")), "{status}");
     sleep_ms(rng.range(0, 1_000));
     // The link partitioned first, then cut: what the primary sends meanwhile never reaches
     // the standby, so an async primary would have acknowledged commits only it has.
