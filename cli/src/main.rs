@@ -63,6 +63,7 @@ mod daemon_child;
 mod demo;
 mod inspect;
 mod latency;
+mod node;
 mod output;
 mod pg;
 mod remote_txn;

@@ -32,18 +32,13 @@ use std::time::Duration;
 
 use adapters::config::{Config, StandbyConfig};
 use anyhow::Context;
-use journal::Journal;
 use proto::client::{ClientTls, Credentials, Token};
-use proto::v1;
 use proto::v1::replication_server::ReplicationServer;
-use replicator::replay::{Replay, SharedView};
 use replicator::service::{ReplicationService, StatusSource};
-use replicator::standby::{Receiver, SharedReceiveView, Upstream};
+use replicator::standby::Upstream;
 
 use crate::daemon;
-
-/// How often the standby's metrics are brought up to date (milliseconds).
-const METRICS_MS: u64 = 1_000;
+use crate::node::follow::Following;
 
 /// Options of `concord standby`.
 #[derive(clap::Args, Debug)]
@@ -102,6 +97,24 @@ pub fn run(args: StandbyArgs) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("start the async runtime")?;
+    if cfg.failover.is_some() && !args.reseed {
+        // A failover node: one address for everything, the [daemon] table's.
+        let listen = daemon::config::serving(&cfg.daemon, args.listen, false)
+            .map_err(anyhow::Error::from)?;
+        let builder = daemon::server_builder(&cfg.daemon)?;
+        anyhow::ensure!(
+            !replicator::reseed::interrupted(&cfg.data_dir),
+            "a re-seed of {} was interrupted, so its resources may be half copied: run `concord standby --reseed` again",
+            cfg.data_dir.display()
+        );
+        return runtime.block_on(crate::node::run(
+            cfg,
+            crate::node::StartAs::Standby,
+            listen,
+            builder,
+            standby.metrics_listen,
+        ));
+    }
     runtime.block_on(async {
         if args.reseed {
             reseed(&cfg, &standby).await?;
@@ -163,7 +176,7 @@ fn load(args: &StandbyArgs) -> anyhow::Result<(Config, StandbyConfig)> {
     }
 }
 
-fn credentials(standby: &StandbyConfig) -> anyhow::Result<Credentials> {
+pub(crate) fn credentials(standby: &StandbyConfig) -> anyhow::Result<Credentials> {
     let mut credentials = Credentials::none();
     if let Some(token) = &standby.token {
         credentials = credentials.with_token(Token::new(token.expose())?);
@@ -192,52 +205,19 @@ async fn serve(cfg: Config, standby: StandbyConfig, replaying: bool) -> anyhow::
     let resources = adapters::config::open_all(&cfg)
         .await
         .context("open the standby's resources")?;
-    let journal_dir = cfg.data_dir.join("journal");
-    let journal = {
-        let dir = journal_dir.clone();
-        let config = journal::JournalConfig {
-            metrics_label: Some("standby"),
-            ..coordinator::runtime::journal_config()
-        };
-        tokio::task::spawn_blocking(move || Journal::open(&dir, config))
-            .await
-            .context("open the journal")?
-            .with_context(|| format!("open the standby's journal in {}", journal_dir.display()))?
-    };
-    let journal = Arc::new(journal);
-    let replay = Replay::new(
-        Arc::clone(&journal),
-        resources.clone(),
-        &cfg.data_dir.join("replication"),
-    );
-    let replay_view = replay.view();
     let upstream = Upstream {
         url: standby.primary.clone(),
         credentials,
         name: standby.name.clone(),
     };
-    let receiver = Receiver::new(
-        Arc::clone(&journal),
-        resources.clone(),
-        upstream,
-        &cfg.data_dir,
-        Arc::clone(&replay_view),
-    );
-    let replay = replay.keep_pending(receiver.pending_blobs());
-    let receive_view = receiver.view();
-    let status: Arc<Standing> = Arc::new(Standing {
-        cfg: cfg.clone(),
-        resources: resources.clone(),
-        receive: receive_view,
-        replay: Arc::clone(&replay_view),
-        journal: Arc::clone(&journal),
-    });
+    let mut following =
+        Following::start(&cfg, resources.clone(), Some(upstream), replaying).await?;
     let inventories =
-        replicator::inventory::Inventories::of_journal(resources, Arc::clone(&journal));
+        replicator::inventory::Inventories::of_journal(resources, Arc::clone(&following.journal));
     let service = ReplicationServer::new(ReplicationService::new(
         None,
         inventories,
-        Arc::clone(&status) as Arc<dyn StatusSource>,
+        Arc::clone(&following.status) as Arc<dyn StatusSource>,
     ))
     .max_encoding_message_size(64 << 20);
     let listener = tokio::net::TcpListener::bind(standby.listen)
@@ -247,33 +227,14 @@ async fn serve(cfg: Config, standby: StandbyConfig, replaying: bool) -> anyhow::
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let server = tonic::transport::Server::builder()
         .add_service(service)
-        .serve_with_incoming_shutdown(tokio_stream_incoming(listener), wait_stop(stop_rx.clone()));
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            async move {
+                let mut stop = stop_rx;
+                let _ = stop.wait_for(|s| *s).await;
+            },
+        );
     let server = tokio::spawn(server);
-    let mut receiving = {
-        let stop = stop_rx.clone();
-        tokio::spawn(async move { receiver.run(stop).await })
-    };
-    let mut replaying_task = {
-        let stop = stop_rx.clone();
-        tokio::spawn(async move {
-            if replaying {
-                replay.run(stop).await
-            } else {
-                wait_stop(stop).await;
-                Ok(())
-            }
-        })
-    };
-    let publisher = {
-        let status = Arc::clone(&status);
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_millis(METRICS_MS));
-            loop {
-                tick.tick().await;
-                replicator::status::standby_status(&status.receive, &status.replay);
-            }
-        })
-    };
     let mut signals = daemon::signals()?;
     if let Some(endpoint) = &metrics {
         println!("metrics on {}", endpoint.addr);
@@ -285,117 +246,20 @@ async fn serve(cfg: Config, standby: StandbyConfig, replaying: bool) -> anyhow::
         .flush()
         .context("write to standard output")?;
 
-    let mut received = false;
-    let mut replayed = false;
     let failure = tokio::select! {
         signal = daemon::wait_for_signal(&mut signals) => {
             tracing::info!("{signal}: stopping");
             None
         }
-        ended = &mut receiving => {
-            received = true;
-            Some(format!("the receiver stopped: {}", ended_reason(ended)))
-        }
-        ended = &mut replaying_task => {
-            replayed = true;
-            Some(format!("replay stopped: {}", ended_reason(ended)))
-        }
+        why = following.ended() => Some(why),
     };
     let _ = stop_tx.send(true);
-    publisher.abort();
-    let deadline = Duration::from_secs(30);
-    let _ = tokio::time::timeout(deadline, async {
-        if !received {
-            let _ = (&mut receiving).await;
-        }
-        if !replayed {
-            let _ = (&mut replaying_task).await;
-        }
-    })
-    .await;
+    let journal = following.stop().await;
     let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
     let closed = tokio::task::spawn_blocking(move || journal.close()).await;
     match (failure, closed) {
         (Some(why), _) => anyhow::bail!("{why}; a restart recovers once the cause is fixed"),
         (None, Ok(Err(e))) => Err(anyhow::anyhow!("close the journal: {e}")),
         _ => Ok(()),
-    }
-}
-
-fn ended_reason(
-    ended: Result<Result<(), replicator::ReplicationError>, tokio::task::JoinError>,
-) -> String {
-    match ended {
-        Ok(Ok(())) => "it ended".into(),
-        Ok(Err(e)) => e.to_string(),
-        Err(e) => format!("its task failed: {e}"),
-    }
-}
-
-async fn wait_stop(mut stop: tokio::sync::watch::Receiver<bool>) {
-    let _ = stop.wait_for(|s| *s).await;
-}
-
-fn tokio_stream_incoming(
-    listener: tokio::net::TcpListener,
-) -> tokio_stream::wrappers::TcpListenerStream {
-    tokio_stream::wrappers::TcpListenerStream::new(listener)
-}
-
-/// What the standby's `Status` reports.
-struct Standing {
-    cfg: Config,
-    resources: Vec<Arc<dyn adapters::Resource>>,
-    receive: SharedReceiveView,
-    replay: SharedView,
-    journal: Arc<Journal>,
-}
-
-#[tonic::async_trait]
-impl StatusSource for Standing {
-    async fn status(&self) -> Result<v1::StatusResponse, tonic::Status> {
-        let mut resources = Vec::new();
-        for r in &self.resources {
-            let probe = tokio::time::timeout(Duration::from_millis(2_000), r.health()).await;
-            let (healthy, detail) = match probe {
-                Ok(Ok(())) => (true, String::new()),
-                Ok(Err(e)) => (false, e.to_string()),
-                Err(_) => (
-                    false,
-                    "the health probe did not answer within 2000 ms".into(),
-                ),
-            };
-            let kind = self
-                .cfg
-                .resources
-                .get(r.name())
-                .map_or("", |c| c.kind())
-                .to_string();
-            resources.push(v1::ResourceHealth {
-                name: r.name().to_string(),
-                kind,
-                healthy,
-                detail,
-            });
-        }
-        let replication = replicator::status::standby_status(&self.receive, &self.replay);
-        let epoch = self
-            .receive
-            .lock()
-            .map(|v| v.primary_epoch.0)
-            .unwrap_or(self.cfg.epoch);
-        Ok(v1::StatusResponse {
-            role: v1::Role::Standby as i32,
-            serving: v1::Serving::NotServing as i32,
-            node: self.cfg.node,
-            epoch,
-            durable_lsn: self.journal.durable_lsn().0,
-            open_txns: 0,
-            in_doubt_txns: 0,
-            resources,
-            version: env!("CARGO_PKG_VERSION").to_string(),
-            schema_version: proto::SCHEMA_VERSION,
-            replication: Some(replication),
-        })
     }
 }

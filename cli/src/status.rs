@@ -470,6 +470,7 @@ mod tests {
             }],
             version: "0.1.0".into(),
             schema_version: 1,
+            failover: None,
             replication: None,
         };
         let json = serde_json::to_value(StatusJson::from(answer)).unwrap();

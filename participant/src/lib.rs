@@ -231,9 +231,22 @@ impl Concord {
         .await
         .map_err(|e| CoordError::Refused(format!("open journal: {e}")))??;
         let resources = config::open_all(&config).await.map_err(opening_failed)?;
+        Concord::open_with(&config, Epoch(config.epoch), journal, ledger, resources).await
+    }
+
+    /// Opens a coordinator at `epoch` over a journal already opened (with the ledger its
+    /// opening pass read) and resources already opened, and recovers: what a failover node
+    /// does when it becomes the primary, keeping the resources it replayed into.
+    pub async fn open_with(
+        config: &Config,
+        epoch: Epoch,
+        journal: journal::Journal,
+        ledger: coordinator::ledger::Ledger,
+        resources: Vec<std::sync::Arc<dyn adapters::Resource>>,
+    ) -> Result<Concord, ConcordError> {
         let coordinator_config = CoordinatorConfig {
             node: config.node,
-            epoch: Epoch(config.epoch),
+            epoch,
             txn_timeout_ms: config.txn_timeout_ms,
             retry: RetryPolicy::default(),
             orphan_sweep_ms: config.orphan_sweep_ms,
@@ -381,6 +394,15 @@ impl Concord {
     pub async fn close(self, timeout: Duration) -> bool {
         match self.mode {
             Mode::Embedded(embedded) => embedded.coordinator.shutdown(timeout).await,
+            Mode::Remote(_) => true,
+        }
+    }
+
+    /// Closes like [`Concord::close`], without the shutdown's `Checkpoint` record (see
+    /// `Coordinator::shutdown_handed_over`): a primary handing over to its standby.
+    pub async fn close_handed_over(self, timeout: Duration) -> bool {
+        match self.mode {
+            Mode::Embedded(embedded) => embedded.coordinator.shutdown_handed_over(timeout).await,
             Mode::Remote(_) => true,
         }
     }

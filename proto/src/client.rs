@@ -40,6 +40,10 @@ pub type Client = CoordinatorClient<InterceptedService<Channel, Auth>>;
 pub type ReplicationClient =
     crate::v1::replication_client::ReplicationClient<InterceptedService<Channel, Auth>>;
 
+/// A client of a node's `Failover` service (promote, demote, switchover, state).
+pub type FailoverClient =
+    crate::v1::failover_client::FailoverClient<InterceptedService<Channel, Auth>>;
+
 /// Why a connection could not be set up.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -352,6 +356,19 @@ pub async fn connect(url: &str, credentials: &Credentials) -> Result<Client, Cli
         source: e,
     })?;
     Ok(client(channel, auth))
+}
+
+/// Connects to the `Failover` service of the node at `url`, like [`connect`].
+pub async fn connect_failover(
+    url: &str,
+    credentials: &Credentials,
+) -> Result<FailoverClient, ClientError> {
+    let (endpoint, auth) = endpoint(url, credentials)?;
+    let channel = endpoint.connect().await.map_err(|e| ClientError::Connect {
+        url: url.to_string(),
+        source: e,
+    })?;
+    Ok(crate::v1::failover_client::FailoverClient::with_interceptor(channel, auth))
 }
 
 /// Connects to the `Replication` service of the daemon at `url`, like [`connect`].

@@ -12,10 +12,10 @@
 //! quorum_endpoints = ["http://127.0.0.1:7900"]
 //! quorum_cluster = "concord"          # the cluster's name in the quorum store
 //! automatic = false                   # true: the standby promotes itself
-//! deadtime_ms = 800                   # silence on every path this long: the peer is dead
+//! deadtime_ms = 600                   # silence on every path this long: the peer is dead
 //! sicktime_ms = 2000                  # failed probes this long: the node is sick
-//! lease_ttl_ms = 1500                 # the primary's lease in the quorum store
-//! lease_margin_ms = 300               # stop committing this long before the lease ends
+//! lease_ttl_ms = 1000                 # the primary's lease in the quorum store
+//! lease_margin_ms = 200               # stop committing this long before the lease ends
 //! fence_agent = "/usr/sbin/fence_ipmilan"   # optional STONITH agent (stdin protocol)
 //! fence_plug = "node-a"               # what the agent switches off (the peer)
 //! lag_guard_records = 10000           # a standby further behind does not promote (without --force)
@@ -147,14 +147,14 @@ impl FailoverConfig {
             quorum_endpoints: vec![witness.into()],
             quorum_cluster: "concord".into(),
             quorum_token: None,
-            quorum_call_timeout_ms: 500,
+            quorum_call_timeout_ms: 300,
             automatic: true,
             heartbeat_ms: 100,
-            deadtime_ms: 800,
+            deadtime_ms: 600,
             sicktime_ms: 2_000,
-            lease_ttl_ms: 1_500,
-            lease_margin_ms: 300,
-            confirm_ms: 1_500,
+            lease_ttl_ms: 1_000,
+            lease_margin_ms: 200,
+            confirm_ms: 600,
             holdoff_ms: 60_000,
             standby_delay_ms: 100,
             lag_guard_records: 10_000,
@@ -389,13 +389,16 @@ mod tests {
         assert_eq!(cfg.key_file, Path::new("/etc/concord/hb.key"));
         assert_eq!(cfg.quorum, QuorumKind::Witness);
         assert!(!cfg.automatic);
-        assert_eq!(cfg.lease_ttl_ms, 1_500);
+        assert_eq!(cfg.lease_ttl_ms, 1_000);
     }
 
     #[test]
     fn unsafe_timings_and_bad_values_are_refused() {
         for (extra, says) in [
-            ("lease_ttl_ms = 1000\nlease_margin_ms = 600", "lease_margin_ms"),
+            (
+                "lease_ttl_ms = 1000\nlease_margin_ms = 600",
+                "lease_margin_ms",
+            ),
             ("heartbeat_ms = 500\ndeadtime_ms = 600", "deadtime_ms"),
             ("quorum = \"zookeeper\"", "quorum"),
             ("fence_agent = \"/usr/sbin/fence_dummy\"", "fence_plug"),

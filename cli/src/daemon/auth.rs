@@ -43,6 +43,8 @@ use tonic::server::NamedService;
 const SERVICE_PREFIX: &str = "/concord.v1.Coordinator/";
 /// The replication service's path prefix: every call of it needs the operator token.
 const REPLICATION_PREFIX: &str = "/concord.v1.Replication/";
+/// The gRPC path prefix of the failover service.
+const FAILOVER_PREFIX: &str = "/concord.v1.Failover/";
 /// The calls that need the operator token.
 const OPERATOR_METHODS: [&str; 4] = ["ListInDoubt", "Resolve", "Promote", "Demote"];
 
@@ -73,6 +75,14 @@ pub enum Method {
 impl Method {
     /// What the call of gRPC path `path` needs.
     pub fn of(path: &str) -> Method {
+        if let Some(name) = path.strip_prefix(FAILOVER_PREFIX) {
+            // Promote, demote and switchover change who serves; the state is for anyone.
+            return if name == "State" {
+                Method::Either
+            } else {
+                Method::Operator
+            };
+        }
         if path.starts_with(REPLICATION_PREFIX) {
             // Journal shipping and inventories read everything the node holds.
             return Method::Operator;

@@ -44,13 +44,13 @@
 //! message's limit while it arrives).
 
 pub(crate) mod auth;
-mod config;
+pub(crate) mod config;
 mod errors;
-mod incoming;
+pub(crate) mod incoming;
 pub(crate) mod metrics;
 mod open_slots;
-mod oversize;
-mod service;
+pub(crate) mod oversize;
+pub(crate) mod service;
 mod stream;
 pub(crate) mod tls;
 
@@ -118,20 +118,37 @@ pub fn run(args: DaemonArgs) -> anyhow::Result<()> {
         .or(cfg.daemon.metrics_listen)
         .map(|addr| metrics::check_metrics_listen(addr, args.metrics_listen_any))
         .transpose()?;
-    let mut builder = tonic::transport::Server::builder()
-        .timeout(Duration::from_millis(cfg.daemon.limits.request_timeout_ms))
-        .max_concurrent_streams(config::STREAMS_PER_CONNECTION_MAX)
-        .http2_max_header_list_size(config::HEADER_LIST_BYTES_MAX)
-        .http2_keepalive_interval(Some(Duration::from_millis(config::KEEPALIVE_INTERVAL_MS)))
-        .http2_keepalive_timeout(Some(Duration::from_millis(config::KEEPALIVE_TIMEOUT_MS)));
-    if let Some(files) = &cfg.daemon.tls {
-        builder = tls::configure(builder, files)?;
-    }
+    let builder = server_builder(&cfg.daemon)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("start the async runtime")?;
+    if cfg.failover.is_some() {
+        return runtime.block_on(crate::node::run(
+            cfg,
+            crate::node::StartAs::Primary,
+            listen,
+            builder,
+            metrics_listen,
+        ));
+    }
     runtime.block_on(serve(cfg, listen, builder, metrics_listen))
+}
+
+/// The server builder with the `[daemon]` table's limits and TLS.
+pub(crate) fn server_builder(
+    daemon: &adapters::config::DaemonConfig,
+) -> anyhow::Result<tonic::transport::Server> {
+    let mut builder = tonic::transport::Server::builder()
+        .timeout(Duration::from_millis(daemon.limits.request_timeout_ms))
+        .max_concurrent_streams(config::STREAMS_PER_CONNECTION_MAX)
+        .http2_max_header_list_size(config::HEADER_LIST_BYTES_MAX)
+        .http2_keepalive_interval(Some(Duration::from_millis(config::KEEPALIVE_INTERVAL_MS)))
+        .http2_keepalive_timeout(Some(Duration::from_millis(config::KEEPALIVE_TIMEOUT_MS)));
+    if let Some(files) = &daemon.tls {
+        builder = tls::configure(builder, files)?;
+    }
+    Ok(builder)
 }
 
 async fn serve(

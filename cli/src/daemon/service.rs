@@ -148,7 +148,12 @@ pub struct Daemon {
     draining: AtomicBool,
     in_flight: AtomicUsize,
     settled: Notify,
+    /// On a failover node: its failover state, for `Status`.
+    failover: std::sync::OnceLock<FailoverStateFn>,
 }
+
+/// How a failover node reports its failover state.
+pub type FailoverStateFn = Arc<dyn Fn() -> v1::FailoverState + Send + Sync>;
 
 /// Counts a commit or rollback in flight while it lives.
 struct InFlight<'a>(&'a Daemon);
@@ -178,12 +183,28 @@ impl Daemon {
             draining: AtomicBool::new(false),
             in_flight: AtomicUsize::new(0),
             settled: Notify::new(),
+            failover: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Makes `Status` report the failover state `state` gives.
+    pub fn report_failover(&self, state: FailoverStateFn) {
+        let _ = self.failover.set(state);
+    }
+
+    /// The embedded concord it serves.
+    pub fn concord(&self) -> &Concord {
+        &self.concord
     }
 
     /// Stops taking new transactions (`Begin` answers UNAVAILABLE).
     pub fn drain(&self) {
         self.draining.store(true, Ordering::SeqCst);
+    }
+
+    /// Takes new transactions again after [`Daemon::drain`] (a refused handover).
+    pub fn undrain(&self) {
+        self.draining.store(false, Ordering::SeqCst);
     }
 
     /// Waits (at most `timeout`) until no commit or rollback is in flight; returns whether
@@ -1112,7 +1133,7 @@ impl Daemon {
             role: v1::Role::Primary as i32,
             serving: self.serving() as i32,
             node: self.config.node,
-            epoch: self.config.epoch,
+            epoch: coordinator.epoch().0,
             durable_lsn: coordinator.journal().durable_lsn().0,
             open_txns: counts.open,
             in_doubt_txns: counts.in_doubt,
@@ -1120,6 +1141,7 @@ impl Daemon {
             version: env!("CARGO_PKG_VERSION").to_string(),
             schema_version: proto::SCHEMA_VERSION,
             replication: Some(self.shipper.status()),
+            failover: self.failover.get().map(|state| state()),
         }
     }
 

@@ -805,6 +805,18 @@ impl Coordinator {
     /// handle is dropped. Returns whether all of it happened within `timeout`; if not, the
     /// journal goes on closing in the background.
     pub async fn shutdown(self, timeout: Duration) -> bool {
+        self.shutdown_with(timeout, true).await
+    }
+
+    /// Shuts down like [`Coordinator::shutdown`] but appends no `Checkpoint` record: for a
+    /// primary handing over to its standby, whose journal must stay a prefix of the new
+    /// primary's (the standby acknowledged every record up to here; a record after it would
+    /// make the two histories differ). Segments nothing needs are still removed.
+    pub async fn shutdown_handed_over(self, timeout: Duration) -> bool {
+        self.shutdown_with(timeout, false).await
+    }
+
+    async fn shutdown_with(self, timeout: Duration, checkpoint: bool) -> bool {
         let deadline = tokio::time::Instant::now() + timeout;
         let _ = self.inner.stop.send(true);
         self.inner.stopping.store(true, Ordering::SeqCst);
@@ -815,7 +827,12 @@ impl Coordinator {
         // Closing joins the journal's flusher, which writes and syncs: not on a runtime thread.
         let inner = Arc::clone(&self.inner);
         let closing = tokio::task::spawn_blocking(move || {
-            if let Err(e) = inner.last_checkpoint() {
+            let checkpointed = if checkpoint {
+                inner.last_checkpoint()
+            } else {
+                inner.retention.checkpoint(&inner.journal)
+            };
+            if let Err(e) = checkpointed {
                 tracing::warn!(error = %e, "checkpoint the journal at shutdown");
             }
             inner.journal.close()

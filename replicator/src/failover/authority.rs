@@ -11,7 +11,7 @@
 //! never comes back: the node must become a standby of the new primary.
 
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 /// Why this node may not decide now.
@@ -42,12 +42,11 @@ impl std::fmt::Display for NoAuthority {
 /// heartbeats and status.
 pub struct Authority {
     epoch: u64,
-    anchor: Instant,
-    margin_ms: u64,
-    /// Milliseconds since `anchor` until which the lease runs (0: none yet).
-    lease_until_ms: AtomicU64,
-    /// Milliseconds since `anchor` until which every standby promised not to promote.
-    confirmed_until_ms: AtomicU64,
+    margin: Duration,
+    /// Until when the lease runs (none yet: `None`).
+    lease_until: Mutex<Option<Instant>>,
+    /// Until when every standby promised not to promote.
+    confirmed_until: Mutex<Option<Instant>>,
     stopped: Mutex<Option<String>>,
     lost: Mutex<Option<String>>,
     sick: Mutex<Option<String>>,
@@ -59,10 +58,9 @@ impl Authority {
     pub fn new(epoch: u64, margin_ms: u64) -> Authority {
         Authority {
             epoch,
-            anchor: Instant::now(),
-            margin_ms,
-            lease_until_ms: AtomicU64::new(0),
-            confirmed_until_ms: AtomicU64::new(0),
+            margin: Duration::from_millis(margin_ms),
+            lease_until: Mutex::new(None),
+            confirmed_until: Mutex::new(None),
             stopped: Mutex::new(None),
             lost: Mutex::new(None),
             sick: Mutex::new(None),
@@ -75,18 +73,28 @@ impl Authority {
         self.epoch
     }
 
-    fn ms(&self, at: Instant) -> u64 {
-        u64::try_from(at.saturating_duration_since(self.anchor).as_millis()).unwrap_or(u64::MAX)
+    /// Moves `slot` to `until` when that is later.
+    fn extend(slot: &Mutex<Option<Instant>>, until: Instant) {
+        if let Ok(mut slot) = slot.lock()
+            && slot.is_none_or(|current| current < until)
+        {
+            *slot = Some(until);
+        }
     }
 
-    fn now_ms(&self) -> u64 {
-        self.ms(Instant::now())
+    /// How much of `slot` is left after the margin.
+    fn left(&self, slot: &Mutex<Option<Instant>>) -> Duration {
+        let until = slot.lock().ok().and_then(|s| *s);
+        until
+            .and_then(|u| u.checked_sub(self.margin))
+            .map_or(Duration::ZERO, |u| {
+                u.saturating_duration_since(Instant::now())
+            })
     }
 
     /// A lease of `ttl_ms` was granted for a request sent at `sent`.
     pub fn lease_granted(&self, sent: Instant, ttl_ms: u64) {
-        let until = self.ms(sent).saturating_add(ttl_ms);
-        self.lease_until_ms.fetch_max(until, Ordering::AcqRel);
+        Self::extend(&self.lease_until, sent + Duration::from_millis(ttl_ms));
         self.quorum_reachable.store(true, Ordering::Release);
     }
 
@@ -102,14 +110,20 @@ impl Authority {
 
     /// Every standby promised not to promote until `until` (counted from this node's sending).
     pub fn confirmed_until(&self, until: Instant) {
-        self.confirmed_until_ms
-            .fetch_max(self.ms(until), Ordering::AcqRel);
+        Self::extend(&self.confirmed_until, until);
     }
 
     /// Stops new decisions for good (a role change); `why` is what callers hear.
     pub fn stop(&self, why: impl Into<String>) {
         if let Ok(mut stopped) = self.stopped.lock() {
             stopped.get_or_insert(why.into());
+        }
+    }
+
+    /// Lets decisions go on after a [`Authority::stop`] whose change was refused.
+    pub fn resume(&self) {
+        if let Ok(mut stopped) = self.stopped.lock() {
+            *stopped = None;
         }
     }
 
@@ -139,20 +153,12 @@ impl Authority {
 
     /// How much longer the lease runs (after the margin).
     pub fn lease_remaining(&self) -> Duration {
-        let until = self
-            .lease_until_ms
-            .load(Ordering::Acquire)
-            .saturating_sub(self.margin_ms);
-        Duration::from_millis(until.saturating_sub(self.now_ms()))
+        self.left(&self.lease_until)
     }
 
     /// How much longer the confirmations run (after the margin).
     pub fn confirmed_remaining(&self) -> Duration {
-        let until = self
-            .confirmed_until_ms
-            .load(Ordering::Acquire)
-            .saturating_sub(self.margin_ms);
-        Duration::from_millis(until.saturating_sub(self.now_ms()))
+        self.left(&self.confirmed_until)
     }
 
     /// Whether this node may decide now, and why not.
@@ -172,7 +178,8 @@ impl Authority {
             return Err(NoAuthority::Expired(format!(
                 "the lease at epoch {} ran out (less the {} ms margin) and no standby confirms \
                  this primary: it stopped committing until it renews its lease",
-                self.epoch, self.margin_ms
+                self.epoch,
+                self.margin.as_millis()
             )));
         }
         Ok(())

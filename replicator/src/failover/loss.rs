@@ -75,7 +75,12 @@ impl DecisionCounter {
 
     /// Follows `journal` from its oldest record until `stop`; a blocking loop for
     /// `spawn_blocking` (the journal is synchronous). Returns when the journal closes or fails.
-    pub fn follow(&self, journal: Arc<Journal>, stop: Arc<std::sync::atomic::AtomicBool>) {
+    pub fn follow(
+        &self,
+        coordinator: coordinator::Coordinator,
+        stop: Arc<std::sync::atomic::AtomicBool>,
+    ) {
+        let journal = coordinator.journal();
         let from = journal.oldest_lsn();
         let Ok(mut reader) = journal.read_from(from) else {
             return;
@@ -114,10 +119,9 @@ impl Anchors {
     /// one means the primary restarted: the older reports are dropped.
     pub fn report(&self, progress: Progress) {
         if let Ok(mut reports) = self.reports.lock() {
-            if reports
-                .back()
-                .is_some_and(|(last, _)| last.lsn > progress.lsn || last.committed > progress.committed)
-            {
+            if reports.back().is_some_and(|(last, _)| {
+                last.lsn > progress.lsn || last.committed > progress.committed
+            }) {
                 reports.clear();
             }
             if reports.back().is_some_and(|(last, _)| *last == progress) {
@@ -145,7 +149,11 @@ impl Anchors {
 }
 
 /// Counts `journal`'s records after `anchor` up to `upto` onto it.
-pub fn count_from(journal: &Journal, anchor: Progress, upto: Lsn) -> Result<Progress, journal::JournalError> {
+pub fn count_from(
+    journal: &Journal,
+    anchor: Progress,
+    upto: Lsn,
+) -> Result<Progress, journal::JournalError> {
     let mut progress = anchor;
     if upto <= anchor.lsn {
         return Ok(progress);

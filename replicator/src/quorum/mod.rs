@@ -97,3 +97,35 @@ pub trait QuorumStore: Send + Sync + 'static {
     /// Releases.
     async fn release(&self, me: &Holder, epoch: u64) -> Result<(), QuorumError>;
 }
+
+/// Which store.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum QuorumKind {
+    /// Witness.
+    Witness,
+    /// etcd.
+    Etcd,
+}
+
+/// How to reach the store.
+#[derive(Clone, Debug)]
+pub struct QuorumConfig {
+    /// Which.
+    pub kind: QuorumKind,
+    /// Where.
+    pub endpoints: Vec<String>,
+    /// Cluster name.
+    pub cluster: String,
+    /// Token.
+    pub token: Option<String>,
+    /// Deadline.
+    pub call_timeout_ms: u64,
+}
+
+/// Opens the store.
+pub fn open(cfg: &QuorumConfig) -> Result<std::sync::Arc<dyn QuorumStore>, QuorumError> {
+    Err(QuorumError::Protocol {
+        store: format!("{:?}", cfg.endpoints),
+        detail: "not built yet".into(),
+    })
+}

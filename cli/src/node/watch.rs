@@ -1,0 +1,410 @@
+//! What a node senses (its own health, its peer over the heartbeats) and the loops that act
+//! on it.
+//!
+//! * **authority** — on the primary, every 50 ms: a verdict sick for `sicktime` stops it
+//!   committing (and renewing); the standby's confirmation extends its authority; a lost epoch
+//!   turns it into a standby of the winner.
+//! * **standby** — the primary's reports are kept (what a promotion would lose); a journal
+//!   that went past the primary's is reported as stuck; with `automatic = true` the standby
+//!   promotes itself when the primary is dead (silent on every path for `deadtime`), sick
+//!   (failed probes for `sicktime`) or handed over, and the quorum store shows its lease has
+//!   run out — never while the store shows the lease renewed (a partition between the two
+//!   nodes), never when this node cannot reach the store or is sick itself, and at most once
+//!   per `holdoff_ms`.
+
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use adapters::Resource;
+use adapters::config::{Config, FailoverConfig};
+use replicator::failover::loss::Progress;
+use tokio::task::JoinHandle;
+
+use super::promote::{self, Ask};
+use super::{Node, Role};
+
+/// How often the primary's authority is brought up to date.
+const AUTHORITY_MS: u64 = 50;
+
+/// This node's own verdict.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Verdict {
+    pub healthy: bool,
+    pub failures: Vec<String>,
+    /// How long it has been sick without a break.
+    pub sick_for: Option<Duration>,
+}
+
+/// The peer as the heartbeats show it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum PeerKind {
+    /// Not heard since this node started.
+    Unknown,
+    /// Heard on at least one path.
+    Alive,
+    /// Reports failed probes, for this long.
+    Sick(u64),
+    /// Silent on every path, for this long.
+    Dead(u64),
+}
+
+impl std::fmt::Display for PeerKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PeerKind::Unknown => f.write_str("unknown"),
+            PeerKind::Alive => f.write_str("alive"),
+            PeerKind::Sick(ms) => write!(f, "sick for {ms} ms"),
+            PeerKind::Dead(ms) => write!(f, "dead (silent for {ms} ms)"),
+        }
+    }
+}
+
+/// The peer.
+#[derive(Clone, Debug)]
+pub(crate) struct Peer {
+    pub state: PeerKind,
+    pub paths_down: Vec<String>,
+    /// The role it last reported.
+    pub role: String,
+    /// Its last report of its journal.
+    pub progress: Option<Progress>,
+}
+
+/// The health monitor and the heartbeats of a node.
+pub(crate) struct Senses {
+    inner: SensesImpl,
+}
+
+impl Senses {
+    /// Starts the health monitor and the heartbeats.
+    pub fn start(
+        cfg: &Config,
+        fo: &FailoverConfig,
+        resources: &[Arc<dyn Resource>],
+    ) -> anyhow::Result<Senses> {
+        Ok(Senses {
+            inner: SensesImpl::start(cfg, fo, resources)?,
+        })
+    }
+
+    /// Makes the heartbeats report `node`.
+    pub fn attach(&self, node: &Arc<Node>) {
+        self.inner.attach(Arc::downgrade(node));
+    }
+
+    /// This node's verdict.
+    pub fn verdict(&self) -> Verdict {
+        self.inner.verdict()
+    }
+
+    /// The peer.
+    pub fn peer(&self) -> Peer {
+        self.inner.peer()
+    }
+
+    /// Until when the standby promised not to promote (counted from this node's sending).
+    pub fn confirmed_until(&self) -> Option<Instant> {
+        self.inner.confirmed_until()
+    }
+
+    /// The heartbeats' gRPC service, to serve next to the others.
+    pub fn heartbeat_service(&self) -> Option<HeartbeatService> {
+        self.inner.heartbeat_service()
+    }
+
+    /// Stops both.
+    pub fn stop(&self) {
+        self.inner.stop();
+    }
+}
+
+/// Starts the node's loops.
+pub(crate) fn spawn_loops(node: &Arc<Node>) -> Vec<JoinHandle<()>> {
+    vec![
+        tokio::spawn(authority_loop(Arc::downgrade(node))),
+        tokio::spawn(standby_loop(Arc::downgrade(node))),
+    ]
+}
+
+/// On the primary: sickness, confirmations, a lost epoch.
+async fn authority_loop(node: Weak<Node>) {
+    let mut tick = tokio::time::interval(Duration::from_millis(AUTHORITY_MS));
+    loop {
+        tick.tick().await;
+        let Some(node) = node.upgrade() else { return };
+        let view = node.view();
+        let Some(authority) = view.authority else {
+            continue;
+        };
+        let verdict = node.senses.verdict();
+        let sick = verdict
+            .sick_for
+            .filter(|d| d.as_millis() as u64 >= node.fo.sicktime_ms)
+            .map(|d| format!("{} for {} ms", verdict.failures.join("; "), d.as_millis()));
+        if sick.is_some() != authority.sick().is_some() {
+            match &sick {
+                Some(why) => tracing::warn!(
+                    "sick: {why}; this primary stops committing and stops renewing its lease"
+                ),
+                None => tracing::info!("healthy again; this primary renews its lease"),
+            }
+        }
+        authority.set_sick(sick);
+        if let Some(until) = node.senses.confirmed_until() {
+            authority.confirmed_until(until);
+        }
+        if let Some(why) = authority.lost() {
+            lost_epoch(&node, &why).await;
+        }
+    }
+}
+
+/// The primary lost its epoch: it follows the winner.
+async fn lost_epoch(node: &Arc<Node>, why: &str) {
+    let Ok(_change) = node.begin_change("a demotion after a lost epoch") else {
+        return;
+    };
+    let mut role = node.role.lock().await;
+    if !matches!(&*role, Role::Primary(_)) {
+        return;
+    }
+    let Role::Primary(serving) = std::mem::replace(&mut *role, Role::Vacant) else {
+        return;
+    };
+    node.coordinator_slot.set(None);
+    node.replication_slot.set(None);
+    node.set_view(|v| {
+        v.role = "demoting";
+        v.authority = None;
+        v.last_change = format!("demoted: {why}");
+    });
+    let durable = serving.journal().durable_lsn();
+    if let Err(e) = serving.stop_with(why, true).await {
+        tracing::error!(error = %format!("{e:#}"), "closing the coordinator after a lost epoch");
+    }
+    if let Err(e) = replicator::replay::write_floor(&node.cfg.data_dir.join("replication"), durable)
+    {
+        tracing::warn!(error = %e, "could not write the replay restart point");
+    }
+    let (url, epoch) = loop {
+        match node.store.state().await {
+            Ok(state) => match state.holder {
+                Some(holder) if holder.node != node.me.node => break (holder.address, state.epoch),
+                _ => break (node.fo.peer.clone(), state.epoch),
+            },
+            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    };
+    match node.start_following(&url, epoch).await {
+        Ok(following) => *role = Role::Standby(following),
+        Err(e) => {
+            tracing::error!(error = %format!("{e:#}"), "could not follow {url}");
+            node.set_view(|v| v.stuck = Some(format!("could not follow {url}: {e:#}")));
+        }
+    }
+}
+
+/// On a standby: the primary's reports, a stuck journal, automatic failover.
+async fn standby_loop(node: Weak<Node>) {
+    let period = match node.upgrade() {
+        Some(node) => Duration::from_millis(node.fo.heartbeat_ms),
+        None => return,
+    };
+    let mut tick = tokio::time::interval(period);
+    let mut lease_seen: Option<(Instant, u64)> = None;
+    let mut said: Option<String> = None;
+    loop {
+        tick.tick().await;
+        let Some(node) = node.upgrade() else { return };
+        let view = node.view();
+        if view.role != "standby" {
+            lease_seen = None;
+            continue;
+        }
+        let peer = node.senses.peer();
+        if let Some(progress) = peer.progress
+            && peer.role == "primary"
+        {
+            node.anchors.report(progress);
+        }
+        note_stuck(&node).await;
+        if !node.fo.automatic || node.view().stuck.is_some() {
+            continue;
+        }
+        let Some(reason) = failover_reason(&node, &peer) else {
+            lease_seen = None;
+            said = None;
+            continue;
+        };
+        let blocked = blocked(&node, &mut lease_seen).await;
+        if let Some(why) = blocked {
+            if said.as_deref() != Some(why.as_str()) {
+                tracing::warn!("{reason}, but no failover: {why}");
+                said = Some(why);
+            }
+            continue;
+        }
+        tokio::time::sleep(Duration::from_millis(node.fo.standby_delay_ms)).await;
+        if failover_reason(&node, &node.senses.peer()).is_none() {
+            continue;
+        }
+        tracing::warn!("{reason}: this standby promotes itself");
+        let reply = promote::promote(&node, Ask::automatic(&reason)).await;
+        if let Ok(mut last) = node.last_auto.lock() {
+            *last = Some(Instant::now());
+        }
+        tracing::warn!(
+            outcome = reply.outcome,
+            epoch = reply.epoch,
+            "automatic promotion: {} {}",
+            reply.reason,
+            reply.what_to_do
+        );
+    }
+}
+
+/// Why the primary should be replaced, if it should.
+fn failover_reason(node: &Node, peer: &Peer) -> Option<String> {
+    let deadtime = node.fo.deadtime_ms;
+    match &peer.state {
+        PeerKind::Dead(ms) if *ms >= deadtime => Some(format!(
+            "the primary has been silent on every path for {ms} ms (deadtime {deadtime} ms)"
+        )),
+        PeerKind::Sick(ms) if *ms >= node.fo.sicktime_ms => Some(format!(
+            "the primary has reported failed probes for {ms} ms (sicktime {} ms)",
+            node.fo.sicktime_ms
+        )),
+        PeerKind::Unknown
+            if node.started.elapsed().as_millis() as u64 >= deadtime + node.fo.confirm_ms =>
+        {
+            Some(format!(
+                "the primary has not been heard since this node started ({} ms ago)",
+                node.started.elapsed().as_millis()
+            ))
+        }
+        PeerKind::Alive if peer.role == "standby" || peer.role == "demoted" => Some(format!(
+            "the peer reports itself {}: there is no primary",
+            peer.role
+        )),
+        _ => None,
+    }
+}
+
+/// What stops an automatic promotion now, if anything.
+async fn blocked(node: &Node, lease_seen: &mut Option<(Instant, u64)>) -> Option<String> {
+    if let Some(last) = node.last_auto.lock().ok().and_then(|l| *l)
+        && (last.elapsed().as_millis() as u64) < node.fo.holdoff_ms
+    {
+        return Some(format!(
+            "this node changed role {} ms ago (holdoff_ms {})",
+            last.elapsed().as_millis(),
+            node.fo.holdoff_ms
+        ));
+    }
+    let verdict = node.senses.verdict();
+    if !verdict.healthy {
+        return Some(format!(
+            "this standby is not healthy itself ({})",
+            verdict.failures.join("; ")
+        ));
+    }
+    let timeout = Duration::from_millis(node.fo.quorum_call_timeout_ms);
+    let state = match tokio::time::timeout(timeout, node.store.state()).await {
+        Ok(Ok(state)) => state,
+        Ok(Err(e)) => return Some(format!("this node cannot reach the quorum store ({e})")),
+        Err(_) => return Some("this node cannot reach the quorum store (no answer)".into()),
+    };
+    if let (Some(remaining), Some(holder)) = (state.lease_remaining_ms, &state.holder)
+        && holder.node != node.me.node
+    {
+        let now = Instant::now();
+        let ends = now + Duration::from_millis(remaining);
+        let renewed = lease_seen.is_some_and(|(seen_at, seen)| {
+            ends > seen_at + Duration::from_millis(seen) + Duration::from_millis(20)
+        });
+        *lease_seen = Some((now, remaining));
+        return Some(if renewed {
+            format!(
+                "{} renews its lease in the quorum store: it is alive, the path between the nodes is down",
+                holder.node
+            )
+        } else {
+            format!("{}'s lease runs {remaining} ms more", holder.node)
+        });
+    }
+    None
+}
+
+/// Notes when the receiver was refused for good (another history).
+async fn note_stuck(node: &Node) {
+    let role = node.role.lock().await;
+    let Role::Standby(following) = &*role else {
+        return;
+    };
+    let refused = following
+        .status
+        .receive
+        .lock()
+        .ok()
+        .and_then(|v| v.refused.map(|code| (code, v.last_error.clone())));
+    let stuck = match refused {
+        Some((code @ ("diverged" | "reseed_required" | "cluster_mismatch"), why)) => Some(format!(
+            "the primary refuses this node ({code}: {}): it must be re-seeded — stop it and run `concord standby --reseed`",
+            why.unwrap_or_default()
+        )),
+        _ => None,
+    };
+    node.set_view(|v| v.stuck = stuck);
+}
+
+/// The heartbeats' gRPC service as served.
+pub(crate) type HeartbeatService = tonic::service::Routes;
+
+/// Placeholder until the heartbeats and the health monitor are wired in.
+struct SensesImpl {
+    node: Mutex<Option<Weak<Node>>>,
+}
+
+impl SensesImpl {
+    fn start(
+        _cfg: &Config,
+        _fo: &FailoverConfig,
+        _resources: &[Arc<dyn Resource>],
+    ) -> anyhow::Result<SensesImpl> {
+        Ok(SensesImpl {
+            node: Mutex::new(None),
+        })
+    }
+
+    fn attach(&self, node: Weak<Node>) {
+        if let Ok(mut n) = self.node.lock() {
+            *n = Some(node);
+        }
+    }
+
+    fn verdict(&self) -> Verdict {
+        Verdict {
+            healthy: true,
+            ..Verdict::default()
+        }
+    }
+
+    fn peer(&self) -> Peer {
+        Peer {
+            state: PeerKind::Unknown,
+            paths_down: Vec::new(),
+            role: String::new(),
+            progress: None,
+        }
+    }
+
+    fn confirmed_until(&self) -> Option<Instant> {
+        None
+    }
+
+    fn heartbeat_service(&self) -> Option<HeartbeatService> {
+        None
+    }
+
+    fn stop(&self) {}
+}
