@@ -98,7 +98,9 @@ fn from_detail(
             reason: message,
         }
         .into(),
-        (ErrorCode::NotPrimary, _) => ConcordError::Unreachable { message },
+        (ErrorCode::NotPrimary | ErrorCode::NotPrimaryUnavailable, _) => {
+            ConcordError::Unreachable { message }
+        }
         (ErrorCode::RolledBack | ErrorCode::AlreadyRolledBack, Some(xid)) => {
             ConcordError::RolledBack {
                 xid,
