@@ -190,9 +190,10 @@ pub use adapters::postgres::PostgresConfig;
 pub use adapters::{ErrorClass, Lsn, ResourceError, Xid};
 pub use config::{Config, ConfigError, ResourceConfig};
 pub use coordinator::CoordError;
-pub use error::{ConcordError, RollbackCause};
+pub use error::{ConcordError, NodeTried, RollbackCause};
 pub use handles::{FilesHandle, KvHandle, MailHandle, PostgresHandle};
 pub use proto::client::{ClientTls, Credentials, Token};
+pub use remote::follow::FAILOVER_WAIT_MS_DEFAULT;
 pub use transaction::{Committed, RolledBack, Transaction, TxnOutcome};
 
 /// A concord: embedded (the coordinator, its journal and the configured resources in this
@@ -257,6 +258,33 @@ impl Concord {
     /// tokio runtime.
     pub async fn connect(url: &str, credentials: Credentials) -> Result<Concord, ConcordError> {
         let remote = remote::Remote::connect(url, credentials).await?;
+        Ok(Concord {
+            mode: Mode::Remote(Arc::new(remote)),
+        })
+    }
+
+    /// Connects to the primary among the coordinator daemons at `urls` (the nodes of one
+    /// failover cluster, same URL forms and `credentials` as [`Concord::connect`]), and keeps
+    /// following it: [`Concord::begin`] and [`Concord::outcome`] go to the node that is primary
+    /// now, found again after a failover — a node that answers "not the primary" is left for
+    /// the one it names, a node that does not answer for the next URL — for at most
+    /// [`FAILOVER_WAIT_MS_DEFAULT`] per call before [`ConcordError::NoPrimary`]. See the crate
+    /// docs ("Following the primary").
+    pub async fn connect_any(
+        urls: &[&str],
+        credentials: Credentials,
+    ) -> Result<Concord, ConcordError> {
+        Concord::connect_any_within(urls, credentials, FAILOVER_WAIT_MS_DEFAULT).await
+    }
+
+    /// [`Concord::connect_any`], looking for the primary for at most `failover_wait_ms` per
+    /// call (connecting included).
+    pub async fn connect_any_within(
+        urls: &[&str],
+        credentials: Credentials,
+        failover_wait_ms: u64,
+    ) -> Result<Concord, ConcordError> {
+        let remote = remote::Remote::connect_any(urls, credentials, failover_wait_ms).await?;
         Ok(Concord {
             mode: Mode::Remote(Arc::new(remote)),
         })
@@ -340,10 +368,11 @@ impl Concord {
         match &self.mode {
             Mode::Embedded(embedded) => Ok(Transaction::begin(embedded.coordinator.clone())),
             Mode::Remote(remote) => {
-                let begun = remote.begin().await?;
+                let (begun, node) = remote.begin().await?;
                 Ok(Transaction::remote(remote::Shared::new(
                     Arc::clone(remote),
                     begun,
+                    node,
                 )))
             }
         }

@@ -182,7 +182,7 @@ impl From<&RollbackCause> for v1::RollbackCause {
                 wire.branch_error = Some(error.as_ref().into());
             }
             RollbackCause::Busy { .. } => wire.kind = RollbackKind::Busy as i32,
-            RollbackCause::Coordinator { .. } => {}
+            RollbackCause::Coordinator { .. } | RollbackCause::NodeLost { .. } => {}
         }
         wire
     }
