@@ -152,6 +152,20 @@
 //!   timeout (a PostgreSQL branch not prepared yet dies with its connection; one prepared but
 //!   not enlisted is rolled back by the daemon's orphan sweeper).
 //!
+//! # Following the primary
+//!
+//! With failover a site has two daemons, one of them primary. [`Concord::connect_any`] takes
+//! every node's URL and follows the primary: [`Concord::begin`] and [`Concord::outcome`] go to
+//! the node that is primary now; a node that answers "not the primary" is left for the one it
+//! names, one that does not answer for the next URL, with a backoff (50 ms doubling to 500 ms),
+//! for at most `failover_wait_ms` ([`FAILOVER_WAIT_MS_DEFAULT`], or
+//! [`Concord::connect_any_within`]) before [`ConcordError::NoPrimary`] names every URL tried.
+//! A transaction stays on the node it began on; cut off by a failover before its commit request
+//! reached that node it is [`ConcordError::RolledBack`] with [`RollbackCause::NodeLost`]
+//! (retryable), after it and with no answer it is learnt through `Outcome` (the new primary
+//! answers from its journal) or reported [`ConcordError::InDoubt`] with its xid, for
+//! [`Concord::outcome`] later. `docs/failover.md` ("Clients follow the primary") has the table.
+//!
 //! The embedded-only views ([`Concord::coordinator`], [`Concord::recovery`]) panic in remote
 //! mode; [`Concord::embedded_coordinator`] and [`Concord::is_remote`] tell first.
 //!

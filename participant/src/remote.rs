@@ -19,6 +19,15 @@
 //! never arrived: it is sent again. Only when nothing can be learnt is the transaction
 //! reported [`ConcordError::InDoubt`], with its xid, for [`crate::Concord::outcome`] later.
 //!
+//! # Several nodes
+//!
+//! A connection to several nodes (`Concord::connect_any`) follows the primary for `Begin` and
+//! `Outcome` ([`follow`]). A transaction's calls stay on the node it began on (`Shared` keeps
+//! it): a commit that node answers "not the primary", or that could not even open a connection
+//! to it, never reached a coordinator, so the transaction rolled back
+//! ([`RollbackCause::NodeLost`]); a commit sent without an answer asks `Outcome` of that node
+//! and, when it cannot be reached, of the primary.
+//!
 //! # Caveats
 //!
 //! * An xid the daemon does not know (`unknown`: it restarted and journaled no decision for
@@ -70,7 +79,7 @@ fn header() -> Option<RequestHeader> {
 /// A connection to a daemon, or to the primary among several ([`follow`]).
 pub(crate) struct Remote {
     nodes: Nodes,
-    /// Whether the calls that start work follow the primary ([`Remote::connect_any`]); a
+    /// Whether the calls that start work follow the primary (`Concord::connect_any`); a
     /// connection to one daemon ([`Remote::connect`]) stays on it.
     follows: bool,
     /// The node taken as primary now.

@@ -11,7 +11,7 @@
 //! its last answer.
 //!
 //! The calls of a transaction that began do not follow: its xid lives on the node that began
-//! it, so they stay there ([`Node`], pinned in the transaction), and what a failover does to it
+//! it, so they stay there (`Node`, pinned in the transaction), and what a failover does to it
 //! is reported by the commit (see [`super`]).
 //!
 //! # Caveats
