@@ -107,6 +107,19 @@ pub enum ConcordError {
         /// What the transport said.
         message: String,
     },
+    /// Remote mode with several nodes ([`crate::Concord::connect_any`]): no node answered as
+    /// the primary within `failover_wait_ms` (each was down, unreachable, or not the primary
+    /// and named none that was). Retryable, later: a failover may still be under way.
+    #[error(
+        "no coordinator daemon answered as the primary within {waited_ms} ms ({}); is a failover under way, or are they all down?",
+        tried_list(.tried)
+    )]
+    NoPrimary {
+        /// How long the search went on (milliseconds).
+        waited_ms: u64,
+        /// Every URL tried, with its last answer.
+        tried: Vec<NodeTried>,
+    },
     /// Remote mode: the daemon refused the credentials (no token, a wrong one, or one that
     /// may not make this call). Not retryable: fix the token or certificate.
     #[error("the coordinator daemon refused the credentials: {message}")]
@@ -126,6 +139,30 @@ pub enum ConcordError {
         /// The daemon's words.
         message: String,
     },
+}
+
+/// One node tried in the search for the primary, and what it answered last
+/// (see [`ConcordError::NoPrimary`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodeTried {
+    /// Its URL.
+    pub url: String,
+    /// Its last answer: not the primary (and whom it named), or no answer (and why).
+    pub answer: String,
+    /// How many times it was tried.
+    pub attempts: u32,
+}
+
+/// `URL: ANSWER (N tries); …`.
+fn tried_list(tried: &[NodeTried]) -> String {
+    if tried.is_empty() {
+        return "no node could be tried".to_string();
+    }
+    tried
+        .iter()
+        .map(|t| format!("{}: {} ({} tries)", t.url, t.answer, t.attempts))
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 /// Why a transaction rolled back (see [`ConcordError::RolledBack`]).
@@ -161,6 +198,20 @@ pub enum RollbackCause {
         /// The coordinator's words.
         reason: String,
     },
+    /// Remote mode: the node the transaction began on stopped being the primary, or could
+    /// not be reached, before the commit request reached it. Nothing was decided, and a
+    /// coordinator without a decision only ever rolls back (that node at its timeout or its
+    /// restart, a promoted standby when it takes over), so nothing of it happened. Retryable:
+    /// run it again, on the primary [`crate::Concord::begin`] finds.
+    #[error(
+        "its node {node} was lost before the commit request reached it ({reason}); nothing was decided, so nothing of it happened: run it again"
+    )]
+    NodeLost {
+        /// The URL of the node the transaction began on.
+        node: String,
+        /// What that node answered, or why it did not.
+        reason: String,
+    },
     /// The coordinator rolled it back for the reason given, without a branch's error: the
     /// journal refusing the decision, say.
     #[error("{reason}")]
@@ -174,7 +225,9 @@ impl RollbackCause {
     /// Whether running the transaction again can succeed; see [`ConcordError::is_retryable`].
     pub fn is_retryable(&self) -> bool {
         match self {
-            RollbackCause::TimedOut { .. } | RollbackCause::Busy { .. } => true,
+            RollbackCause::TimedOut { .. }
+            | RollbackCause::Busy { .. }
+            | RollbackCause::NodeLost { .. } => true,
             RollbackCause::Branch { error, .. } => resource_retryable(error),
             RollbackCause::Requested { .. } | RollbackCause::Coordinator { .. } => false,
         }
@@ -195,7 +248,7 @@ impl ConcordError {
             ConcordError::Resource(e) => resource_retryable(e),
             ConcordError::Coordinator(e) => coordinator_retryable(e),
             ConcordError::Connect(e) => matches!(e, proto::client::ClientError::Connect { .. }),
-            ConcordError::Unreachable { .. } => true,
+            ConcordError::Unreachable { .. } | ConcordError::NoPrimary { .. } => true,
             ConcordError::Limit { limit, .. } => limit == "txns_per_client_max",
             ConcordError::InDoubt { .. }
             | ConcordError::Unauthorized { .. }

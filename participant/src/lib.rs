@@ -152,6 +152,20 @@
 //!   timeout (a PostgreSQL branch not prepared yet dies with its connection; one prepared but
 //!   not enlisted is rolled back by the daemon's orphan sweeper).
 //!
+//! # Following the primary
+//!
+//! With failover a site has two daemons, one of them primary. [`Concord::connect_any`] takes
+//! every node's URL and follows the primary: [`Concord::begin`] and [`Concord::outcome`] go to
+//! the node that is primary now; a node that answers "not the primary" is left for the one it
+//! names, one that does not answer for the next URL, with a backoff (50 ms doubling to 500 ms),
+//! for at most `failover_wait_ms` ([`FAILOVER_WAIT_MS_DEFAULT`], or
+//! [`Concord::connect_any_within`]) before [`ConcordError::NoPrimary`] names every URL tried.
+//! A transaction stays on the node it began on; cut off by a failover before its commit request
+//! reached that node it is [`ConcordError::RolledBack`] with [`RollbackCause::NodeLost`]
+//! (retryable), after it and with no answer it is learnt through `Outcome` (the new primary
+//! answers from its journal) or reported [`ConcordError::InDoubt`] with its xid, for
+//! [`Concord::outcome`] later. `docs/failover.md` ("Clients follow the primary") has the table.
+//!
 //! The embedded-only views ([`Concord::coordinator`], [`Concord::recovery`]) panic in remote
 //! mode; [`Concord::embedded_coordinator`] and [`Concord::is_remote`] tell first.
 //!
@@ -190,9 +204,10 @@ pub use adapters::postgres::PostgresConfig;
 pub use adapters::{ErrorClass, Lsn, ResourceError, Xid};
 pub use config::{Config, ConfigError, ResourceConfig};
 pub use coordinator::CoordError;
-pub use error::{ConcordError, RollbackCause};
+pub use error::{ConcordError, NodeTried, RollbackCause};
 pub use handles::{FilesHandle, KvHandle, MailHandle, PostgresHandle};
 pub use proto::client::{ClientTls, Credentials, Token};
+pub use remote::follow::FAILOVER_WAIT_MS_DEFAULT;
 pub use transaction::{Committed, RolledBack, Transaction, TxnOutcome};
 
 /// A concord: embedded (the coordinator, its journal and the configured resources in this
@@ -270,6 +285,33 @@ impl Concord {
     /// tokio runtime.
     pub async fn connect(url: &str, credentials: Credentials) -> Result<Concord, ConcordError> {
         let remote = remote::Remote::connect(url, credentials).await?;
+        Ok(Concord {
+            mode: Mode::Remote(Arc::new(remote)),
+        })
+    }
+
+    /// Connects to the primary among the coordinator daemons at `urls` (the nodes of one
+    /// failover cluster, same URL forms and `credentials` as [`Concord::connect`]), and keeps
+    /// following it: [`Concord::begin`] and [`Concord::outcome`] go to the node that is primary
+    /// now, found again after a failover — a node that answers "not the primary" is left for
+    /// the one it names, a node that does not answer for the next URL — for at most
+    /// [`FAILOVER_WAIT_MS_DEFAULT`] per call before [`ConcordError::NoPrimary`]. See the crate
+    /// docs ("Following the primary").
+    pub async fn connect_any(
+        urls: &[&str],
+        credentials: Credentials,
+    ) -> Result<Concord, ConcordError> {
+        Concord::connect_any_within(urls, credentials, FAILOVER_WAIT_MS_DEFAULT).await
+    }
+
+    /// [`Concord::connect_any`], looking for the primary for at most `failover_wait_ms` per
+    /// call (connecting included).
+    pub async fn connect_any_within(
+        urls: &[&str],
+        credentials: Credentials,
+        failover_wait_ms: u64,
+    ) -> Result<Concord, ConcordError> {
+        let remote = remote::Remote::connect_any(urls, credentials, failover_wait_ms).await?;
         Ok(Concord {
             mode: Mode::Remote(Arc::new(remote)),
         })
@@ -353,10 +395,11 @@ impl Concord {
         match &self.mode {
             Mode::Embedded(embedded) => Ok(Transaction::begin(embedded.coordinator.clone())),
             Mode::Remote(remote) => {
-                let begun = remote.begin().await?;
+                let (begun, node) = remote.begin().await?;
                 Ok(Transaction::remote(remote::Shared::new(
                     Arc::clone(remote),
                     begun,
+                    node,
                 )))
             }
         }

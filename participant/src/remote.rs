@@ -19,6 +19,15 @@
 //! never arrived: it is sent again. Only when nothing can be learnt is the transaction
 //! reported [`ConcordError::InDoubt`], with its xid, for [`crate::Concord::outcome`] later.
 //!
+//! # Several nodes
+//!
+//! A connection to several nodes (`Concord::connect_any`) follows the primary for `Begin` and
+//! `Outcome` ([`follow`]). A transaction's calls stay on the node it began on (`Shared` keeps
+//! it): a commit that node answers "not the primary", or that could not even open a connection
+//! to it, never reached a coordinator, so the transaction rolled back
+//! ([`RollbackCause::NodeLost`]); a commit sent without an answer asks `Outcome` of that node
+//! and, when it cannot be reached, of the primary.
+//!
 //! # Caveats
 //!
 //! * An xid the daemon does not know (`unknown`: it restarted and journaled no decision for
@@ -29,6 +38,7 @@
 //!   timeout.
 //! * `FilesHandle::read` gathers the streamed file into memory, as embedded mode does.
 
+pub mod follow;
 mod postgres;
 mod status;
 mod upload;
@@ -48,6 +58,7 @@ use crate::TxnOutcome;
 use crate::error::{ConcordError, RollbackCause};
 use crate::transaction::{Committed, Ended};
 
+use follow::{Node, Nodes, Refusal, Search};
 pub(crate) use status::is_transport;
 
 /// How many times a commit whose answer was lost asks the daemon for the outcome.
@@ -65,11 +76,14 @@ fn header() -> Option<RequestHeader> {
     Some(RequestHeader::current(CLIENT_NAME))
 }
 
-/// A connection to a daemon.
+/// A connection to a daemon, or to the primary among several ([`follow`]).
 pub(crate) struct Remote {
-    client: Client,
-    url: String,
-    credentials: Credentials,
+    nodes: Nodes,
+    /// Whether the calls that start work follow the primary (`Concord::connect_any`); a
+    /// connection to one daemon ([`Remote::connect`]) stays on it.
+    follows: bool,
+    /// The node taken as primary now.
+    current: Mutex<Node>,
     /// Resource name → kind, as the daemon's `Status` lists them; `None` when it would not say.
     kinds: Option<BTreeMap<String, String>>,
     /// The daemon's PostgreSQL resources opened in this process.
@@ -88,42 +102,77 @@ impl Remote {
         url: &str,
         credentials: Credentials,
     ) -> Result<Remote, ConcordError> {
-        let client = proto::client::connect(url, &credentials).await?;
-        let mut remote = Remote {
-            client,
+        let node = Node {
             url: url.to_string(),
-            credentials,
-            kinds: None,
-            postgres: Mutex::new(BTreeMap::new()),
+            client: proto::client::connect(url, &credentials).await?,
         };
-        remote.kinds = remote.resource_kinds().await?;
-        Ok(remote)
+        let kinds = resource_kinds(node.client.clone()).await?;
+        Ok(Remote::new(
+            Nodes::one(url, credentials),
+            false,
+            node,
+            kinds,
+        ))
     }
 
-    async fn resource_kinds(&self) -> Result<Option<BTreeMap<String, String>>, ConcordError> {
-        let asked = self
-            .client()
-            .status(v1::StatusRequest { header: header() })
-            .await;
-        match asked {
-            Ok(status) => Ok(Some(
-                status
-                    .into_inner()
-                    .resources
-                    .into_iter()
-                    .map(|r| (r.name, r.kind))
-                    .collect(),
-            )),
-            Err(s) if s.code() == tonic::Code::Unauthenticated => {
-                Err(status::error(None, None, &s))
+    /// Connects to the first of `urls` that answers as the primary, following the primary each
+    /// names, for at most `failover_wait_ms` (see [`follow`]).
+    pub(crate) async fn connect_any(
+        urls: &[&str],
+        credentials: Credentials,
+        failover_wait_ms: u64,
+    ) -> Result<Remote, ConcordError> {
+        let Some(first) = urls.first() else {
+            return Err(proto::client::ClientError::Url {
+                url: String::new(),
+                reason: "no daemon URL was given".to_string(),
             }
-            // Not told (an operator-only status, say): the daemon answers at the first call.
-            Err(_) => Ok(None),
+            .into());
+        };
+        // Every URL is checked before any is tried: a typo is not a node that is down.
+        for url in urls {
+            proto::client::connect_lazy(url, &credentials)?;
+        }
+        let nodes = Nodes {
+            urls: urls.iter().map(|u| u.to_string()).collect(),
+            credentials,
+            failover_wait_ms,
+        };
+        let mut search = Search::new(failover_wait_ms);
+        let (node, status) = nodes.find(first.to_string(), &mut search).await?;
+        let kinds = status.map(|s| s.resources.into_iter().map(|r| (r.name, r.kind)).collect());
+        Ok(Remote::new(nodes, true, node, kinds))
+    }
+
+    fn new(
+        nodes: Nodes,
+        follows: bool,
+        node: Node,
+        kinds: Option<BTreeMap<String, String>>,
+    ) -> Remote {
+        Remote {
+            nodes,
+            follows,
+            current: Mutex::new(node),
+            kinds,
+            postgres: Mutex::new(BTreeMap::new()),
         }
     }
 
-    pub(crate) fn client(&self) -> Client {
-        self.client.clone()
+    /// The node taken as primary now.
+    fn current(&self) -> Node {
+        self.current
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    fn set_current(&self, node: Node) {
+        tracing::info!(url = %node.url, "following the primary");
+        *self
+            .current
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = node;
     }
 
     /// Checks that the daemon serves `name` as a resource of kind `expected`, when it said.
@@ -154,44 +203,115 @@ impl Remote {
         })
     }
 
-    /// Begins a transaction.
-    pub(crate) async fn begin(&self) -> Result<Begun, ConcordError> {
-        let begun = self
-            .client()
-            .begin(v1::BeginRequest {
-                header: header(),
-                timeout_ms: None,
+    /// Runs `call` on the primary: on the node taken as primary, and when it is not the
+    /// primary or does not answer, on the one the search finds ([`follow`]). A connection to
+    /// one daemon makes the call once. Returns the answer and the node that gave it.
+    async fn on_primary<T, F, Fut>(
+        &self,
+        xid: Option<Xid>,
+        call: F,
+    ) -> Result<(T, Node), ConcordError>
+    where
+        F: Fn(Client) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        let mut node = self.current();
+        if !self.follows {
+            let answer = call(node.client.clone())
+                .await
+                .map_err(|s| status::error(xid, None, &s))?;
+            return Ok((answer.into_inner(), node));
+        }
+        let mut search = Search::new(self.nodes.failover_wait_ms);
+        loop {
+            match follow::bounded(&search, call(node.client.clone())).await {
+                Ok(answer) => return Ok((answer, node)),
+                Err(s) => {
+                    let Some(refusal) = Refusal::of(&s) else {
+                        return Err(status::error(xid, None, &s));
+                    };
+                    node = self.nodes.find_after(&node, &refusal, &mut search).await?;
+                    self.set_current(node.clone());
+                }
+            }
+        }
+    }
+
+    /// Begins a transaction on the primary; returns it and the node it lives on.
+    pub(crate) async fn begin(&self) -> Result<(Begun, Node), ConcordError> {
+        let request = v1::BeginRequest {
+            header: header(),
+            timeout_ms: None,
+        };
+        let (begun, node) = self
+            .on_primary(None, |mut client| {
+                let request = request.clone();
+                async move { client.begin(request).await }
             })
-            .await
-            .map_err(|s| status::error(None, None, &s))?
-            .into_inner();
+            .await?;
         let xid = parse_xid("BeginResponse.xid", &begun.xid)
             .map_err(|e| CoordError::Refused(format!("the daemon's Begin answer: {e}")))?;
         let limit = begun
             .limits
             .map_or(CHUNK_BYTES_MAX as u64, |l| l.chunk_bytes_max.max(1));
-        Ok(Begun {
+        let begun = Begun {
             xid,
             chunk_bytes: usize::try_from(limit)
                 .unwrap_or(CHUNK_BYTES_MAX)
                 .min(CHUNK_BYTES_MAX),
-        })
+        };
+        Ok((begun, node))
     }
 
-    /// What became of `xid`, asked once on this connection.
+    /// What became of `xid`, asked once of the primary (found again when it moved).
     pub(crate) async fn outcome(&self, xid: Xid) -> Result<TxnOutcome, ConcordError> {
-        outcome_on(self.client(), xid).await
+        Ok(self.outcome_on_primary(xid).await?.0)
     }
 
-    /// A new connection (the old one may be the broken one), bounded.
-    async fn reconnect(&self) -> Result<Client, ConcordError> {
-        let connecting = proto::client::connect(&self.url, &self.credentials);
-        match tokio::time::timeout(Duration::from_millis(OUTCOME_CALL_MS), connecting).await {
-            Ok(connected) => Ok(connected?),
-            Err(_) => Err(ConcordError::Unreachable {
-                message: format!("no connection to {} within {OUTCOME_CALL_MS} ms", self.url),
-            }),
-        }
+    /// What the primary says of `xid`, and which node it is.
+    async fn outcome_on_primary(&self, xid: Xid) -> Result<(TxnOutcome, Node), ConcordError> {
+        let request = v1::OutcomeRequest {
+            header: header(),
+            xid: xid_text(xid),
+        };
+        let (answer, node) = self
+            .on_primary(Some(xid), |mut client| {
+                let request = request.clone();
+                async move {
+                    match tokio::time::timeout(
+                        Duration::from_millis(OUTCOME_CALL_MS),
+                        client.outcome(request),
+                    )
+                    .await
+                    {
+                        Ok(answer) => answer,
+                        Err(_) => Err(tonic::Status::deadline_exceeded(format!(
+                            "Outcome got no answer within {OUTCOME_CALL_MS} ms"
+                        ))),
+                    }
+                }
+            })
+            .await?;
+        Ok((txn_outcome(xid, answer.outcome), node))
+    }
+}
+
+/// The resources a daemon serves, as its `Status` lists them; `None` when it would not say.
+async fn resource_kinds(
+    mut client: Client,
+) -> Result<Option<BTreeMap<String, String>>, ConcordError> {
+    match client.status(v1::StatusRequest { header: header() }).await {
+        Ok(status) => Ok(Some(
+            status
+                .into_inner()
+                .resources
+                .into_iter()
+                .map(|r| (r.name, r.kind))
+                .collect(),
+        )),
+        Err(s) if s.code() == tonic::Code::Unauthenticated => Err(status::error(None, None, &s)),
+        // Not told (an operator-only status, say): the daemon answers at the first call.
+        Err(_) => Ok(None),
     }
 }
 
@@ -243,6 +363,8 @@ fn txn_outcome(xid: Xid, outcome: Option<v1::TxnOutcome>) -> TxnOutcome {
 /// One remote transaction, shared by the transaction and its handles.
 pub(crate) struct Shared {
     pub remote: Arc<Remote>,
+    /// The node the transaction began on: its calls all go there.
+    node: Node,
     pub xid: Xid,
     chunk_bytes: usize,
     /// How it ended, once commit or rollback began.
@@ -252,9 +374,10 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
-    pub(crate) fn new(remote: Arc<Remote>, begun: Begun) -> Shared {
+    pub(crate) fn new(remote: Arc<Remote>, begun: Begun, node: Node) -> Shared {
         Shared {
             remote,
+            node,
             xid: begun.xid,
             chunk_bytes: begun.chunk_bytes,
             ended: Mutex::new(None),
@@ -292,8 +415,54 @@ impl Shared {
         })
     }
 
+    /// A client of the node the transaction began on.
+    pub(crate) fn client(&self) -> Client {
+        self.node.client.clone()
+    }
+
+    /// A new connection to the transaction's node (the old one may be the broken one),
+    /// bounded.
+    async fn reconnect(&self) -> Result<Client, ConcordError> {
+        let url = &self.node.url;
+        let connecting = proto::client::connect(url, &self.remote.nodes.credentials);
+        match tokio::time::timeout(Duration::from_millis(OUTCOME_CALL_MS), connecting).await {
+            Ok(connected) => Ok(connected?),
+            Err(_) => Err(ConcordError::Unreachable {
+                message: format!("no connection to {url} within {OUTCOME_CALL_MS} ms"),
+            }),
+        }
+    }
+
+    /// A branch call's failure: a node that is no longer the primary has cut the transaction
+    /// off (it rolls back); anything else as the daemon said.
     fn error(&self, kind: &'static str, status: &tonic::Status) -> ConcordError {
+        if proto::primary_hint(status).is_some() {
+            let (branch, cause) = self.cut_off(status);
+            return ConcordError::RolledBack {
+                xid: self.xid,
+                branch,
+                cause,
+            };
+        }
         status::error(Some(self.xid), Some(kind), status)
+    }
+
+    /// How a transaction ends whose node stopped being the primary, or could not be reached,
+    /// before its commit request reached it: no decision was made, so it rolled back.
+    fn cut_off(&self, status: &tonic::Status) -> (Option<String>, RollbackCause) {
+        (
+            None,
+            RollbackCause::NodeLost {
+                node: self.node.url.clone(),
+                reason: format!("{:?}: {}", status.code(), status.message()),
+            },
+        )
+    }
+
+    fn cut_off_ended(&self, status: &tonic::Status) -> Ended {
+        let (branch, cause) = self.cut_off(status);
+        tracing::info!(xid = %self.xid, "rolled back, its node cut off before the commit: {cause}");
+        Ended::RolledBack { branch, cause }
     }
 
     /// Asks the daemon to commit; a lost answer is learnt through `Outcome` (see the module
@@ -302,9 +471,12 @@ impl Shared {
         if let Some(rolled_back) = self.enlist_postgres().await? {
             return Ok(rolled_back);
         }
-        let asked = self.remote.client().commit(self.commit_request()).await;
+        let asked = self.client().commit(self.commit_request()).await;
         match asked {
             Ok(answer) => Ok(self.committed(answer.into_inner().outcome)),
+            Err(s) if proto::primary_hint(&s).is_some() || never_sent(&s) => {
+                Ok(self.cut_off_ended(&s))
+            }
             Err(s) if is_transport(&s) => Ok(self.learn_outcome(&s).await),
             Err(s) => self.commit_refused(&s),
         }
@@ -322,6 +494,9 @@ impl Shared {
     }
 
     fn commit_refused(&self, s: &tonic::Status) -> Result<Ended, ConcordError> {
+        if proto::primary_hint(s).is_some() {
+            return Ok(self.cut_off_ended(s));
+        }
         match status::error(Some(self.xid), None, s) {
             ConcordError::RolledBack { branch, cause, .. } => {
                 Ok(Ended::RolledBack { branch, cause })
@@ -360,10 +535,30 @@ impl Shared {
         }
     }
 
-    /// Asks `Outcome` on a new connection; sends the commit again when it never arrived.
-    /// `None`: the daemon knows nothing of the xid.
+    /// Asks `Outcome` on a new connection to the transaction's node, and when that node cannot
+    /// be reached, of the primary (when following one); `None`: nothing is known of the xid.
     async fn ask_again(&self) -> Result<Option<Ended>, ConcordError> {
-        let client = self.remote.reconnect().await?;
+        match self.reconnect().await {
+            Ok(client) => self.ask_node(client).await,
+            Err(e) if self.remote.follows => self.ask_primary().await.map_err(|_| e),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// What the primary, found again, knows of the xid: it holds the decision when one was
+    /// made and replicated. An xid it does not know, or holds open, is not known here.
+    async fn ask_primary(&self) -> Result<Option<Ended>, ConcordError> {
+        let (outcome, node) = self.remote.outcome_on_primary(self.xid).await?;
+        tracing::debug!(xid = %self.xid, url = %node.url, "the primary says {outcome:?}");
+        Ok(match outcome {
+            TxnOutcome::Open | TxnOutcome::Unknown => None,
+            known => Some(ended_by(known)),
+        })
+    }
+
+    /// Asks `Outcome` of the transaction's node on `client`; sends the commit again when it
+    /// never arrived. `None`: the daemon knows nothing of the xid.
+    async fn ask_node(&self, client: Client) -> Result<Option<Ended>, ConcordError> {
         match outcome_on(client.clone(), self.xid).await? {
             TxnOutcome::Unknown => Ok(None),
             TxnOutcome::Open => {
@@ -396,7 +591,6 @@ impl Shared {
 
     async fn rollback_in_daemon(&self, reason: &str) -> Result<Ended, ConcordError> {
         let asked = self
-            .remote
             .client()
             .rollback(v1::RollbackRequest {
                 header: header(),
@@ -406,15 +600,17 @@ impl Shared {
             .await;
         match asked {
             Ok(answer) => Ok(ended_by(txn_outcome(self.xid, answer.into_inner().outcome))),
-            Err(s) if is_transport(&s) => Ok(Ended::RolledBack {
-                branch: None,
-                cause: RollbackCause::Requested {
-                    reason: format!(
-                        "{reason} (the daemon did not answer: {}; it rolls the transaction back at its timeout)",
-                        s.message()
-                    ),
-                },
-            }),
+            Err(s) if is_transport(&s) || proto::primary_hint(&s).is_some() => {
+                Ok(Ended::RolledBack {
+                    branch: None,
+                    cause: RollbackCause::Requested {
+                        reason: format!(
+                            "{reason} (the daemon did not answer: {}; it rolls the transaction back at its timeout)",
+                            s.message()
+                        ),
+                    },
+                })
+            }
             Err(s) => match status::error(Some(self.xid), None, &s) {
                 ConcordError::Finished {
                     state: "committed", ..
@@ -444,6 +640,19 @@ impl Shared {
             let _ = self.rollback("dropped by the application").await;
         }));
     }
+}
+
+/// Whether a failed call never left this process: the connection to the node could not be
+/// opened, so the node never saw the request. tonic keeps only the connector's words
+/// (`tcp connect error`, `Connection refused`), so they are what is checked; a status that
+/// does not match is treated as sent (the careful side: the outcome is asked for).
+fn never_sent(status: &tonic::Status) -> bool {
+    let message = status.message().to_ascii_lowercase();
+    status.code() == tonic::Code::Unavailable
+        && proto::error_detail(status).ok().flatten().is_none()
+        && (message.contains("tcp connect error")
+            || message.contains("error trying to connect")
+            || message.contains("connection refused"))
 }
 
 /// How a known outcome ends the transaction.
@@ -513,7 +722,7 @@ impl RemoteBranch {
         let chunk = |c| v1::FilesPutRequest {
             part: Some(v1::files_put_request::Part::Chunk(c)),
         };
-        let mut client = self.shared.remote.client();
+        let mut client = self.shared.client();
         let put = upload::stream(start, content, self.shared.chunk_bytes, chunk, |s| {
             client.files_put(s)
         })
@@ -529,7 +738,6 @@ impl RemoteBranch {
             path: path.to_string(),
         };
         self.shared
-            .remote
             .client()
             .files_delete(request)
             .await
@@ -545,7 +753,6 @@ impl RemoteBranch {
         };
         let mut stream = self
             .shared
-            .remote
             .client()
             .files_read(request)
             .await
@@ -580,7 +787,7 @@ impl RemoteBranch {
         let chunk = |c| v1::MailEnqueueRequest {
             part: Some(v1::mail_enqueue_request::Part::Chunk(c)),
         };
-        let mut client = self.shared.remote.client();
+        let mut client = self.shared.client();
         let enqueued = upload::stream(start, message, self.shared.chunk_bytes, chunk, |s| {
             client.mail_enqueue(s)
         })
@@ -600,7 +807,6 @@ impl RemoteBranch {
             value: value.to_vec(),
         };
         self.shared
-            .remote
             .client()
             .kv_insert(request)
             .await
@@ -615,7 +821,6 @@ impl RemoteBranch {
             key: key.to_vec(),
         };
         self.shared
-            .remote
             .client()
             .kv_remove(request)
             .await
@@ -631,7 +836,6 @@ impl RemoteBranch {
         };
         let got = self
             .shared
-            .remote
             .client()
             .kv_get(request)
             .await

@@ -39,6 +39,9 @@
 //! encoded [`v1::ErrorDetail`] in its binary details: [`error_status`] builds one,
 //! [`error_detail`] reads it back, [`v1::ErrorDetail::grpc_code`] is the table in code.
 //!
+//! A node that is not the primary answers [`not_primary`] (the primary's URL in the metadata
+//! `concord-primary`); a client reads it back with [`primary_hint`] (see [`primary`]).
+//!
 //! [`client`] connects to a daemon (plain text or TLS, with a bearer token): every program
 //! that talks to one goes through it.
 //!
@@ -52,6 +55,7 @@
 
 pub mod client;
 pub mod convert;
+pub mod primary;
 
 /// The generated code of package `concord.v1`: every message, enum and the `Coordinator`
 /// service's client (`coordinator_client`) and server (`coordinator_server`). See
@@ -69,6 +73,7 @@ pub mod v1 {
 }
 
 pub use convert::WireError;
+pub use primary::{NotPrimary, not_primary, primary_hint};
 
 /// The revision of `concord.v1` this crate was generated from, sent in every
 /// `RequestHeader.schema_version`.

@@ -121,8 +121,7 @@ impl Shared {
             gid: resource.gid(&self.xid),
             redo: redo.into_bytes(),
         };
-        self.remote
-            .client()
+        self.client()
             .enlist_prepared(request)
             .await
             .map_err(|s| self.error("postgres", &s))?;

@@ -98,7 +98,9 @@ fn from_detail(
             reason: message,
         }
         .into(),
-        (ErrorCode::NotPrimary, _) => ConcordError::Unreachable { message },
+        (ErrorCode::NotPrimary | ErrorCode::NotPrimaryUnavailable, _) => {
+            ConcordError::Unreachable { message }
+        }
         (ErrorCode::RolledBack | ErrorCode::AlreadyRolledBack, Some(xid)) => {
             ConcordError::RolledBack {
                 xid,
@@ -180,7 +182,7 @@ impl From<&RollbackCause> for v1::RollbackCause {
                 wire.branch_error = Some(error.as_ref().into());
             }
             RollbackCause::Busy { .. } => wire.kind = RollbackKind::Busy as i32,
-            RollbackCause::Coordinator { .. } => {}
+            RollbackCause::Coordinator { .. } | RollbackCause::NodeLost { .. } => {}
         }
         wire
     }

@@ -235,7 +235,8 @@ impl ErrorDetail {
                 ErrorClass::Rejected => Code::FailedPrecondition,
                 _ => Code::Internal,
             },
-            ErrorCode::Draining | ErrorCode::NotPrimary => Code::Unavailable,
+            ErrorCode::Draining | ErrorCode::NotPrimaryUnavailable => Code::Unavailable,
+            ErrorCode::NotPrimary => Code::FailedPrecondition,
             ErrorCode::Journal => Code::Internal,
             ErrorCode::NotConfirmed => Code::FailedPrecondition,
         }

@@ -222,7 +222,7 @@ fn status_codes_follow_the_documented_table() {
     assert_eq!(code(ErrorCode::RolledBack, true), Code::Aborted);
     assert_eq!(code(ErrorCode::RolledBack, false), Code::FailedPrecondition);
     assert_eq!(code(ErrorCode::Draining, false), Code::Unavailable);
-    assert_eq!(code(ErrorCode::NotPrimary, false), Code::Unavailable);
+    assert_eq!(code(ErrorCode::NotPrimary, false), Code::FailedPrecondition);
     assert_eq!(code(ErrorCode::Journal, false), Code::Internal);
     assert_eq!(
         code(ErrorCode::IncompatibleSchema, false),
