@@ -44,6 +44,7 @@
 
 pub mod cluster;
 pub mod error;
+pub mod heartbeat;
 pub mod inventory;
 pub mod metrics;
 pub mod primary;
