@@ -27,9 +27,9 @@ pub const KEY_FILE_BYTES_MIN: usize = 16;
 /// The context string of the key derivation (changing it changes every key).
 const KEY_CONTEXT: &str = "concord heartbeat v1";
 /// At most this many failure lines travel in one beat.
-const FAILURES_MAX: usize = 8;
+pub const FAILURES_MAX: usize = 8;
 /// A failure line is cut to this length (bytes).
-const FAILURE_BYTES_MAX: usize = 160;
+pub const FAILURE_BYTES_MAX: usize = 160;
 
 /// Why a received datagram or message was dropped (the `reason` label of
 /// `concord_heartbeat_dropped_total`).
