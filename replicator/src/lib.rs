@@ -44,10 +44,12 @@
 
 pub mod cluster;
 pub mod error;
+pub mod failover;
 pub mod heartbeat;
 pub mod inventory;
 pub mod metrics;
 pub mod primary;
+pub mod quorum;
 pub mod replay;
 pub mod reseed;
 pub mod service;
