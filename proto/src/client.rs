@@ -283,8 +283,9 @@ impl fmt::Debug for Auth {
     }
 }
 
-/// The endpoint of `url` with `credentials`' TLS, and the interceptor with its token.
-fn endpoint(url: &str, credentials: &Credentials) -> Result<(Endpoint, Auth), ClientError> {
+/// The endpoint of `url` with `credentials`' TLS, and the interceptor with its token (for a
+/// client that sets its own timeouts, such as the heartbeat stream's).
+pub fn endpoint(url: &str, credentials: &Credentials) -> Result<(Endpoint, Auth), ClientError> {
     let bad = |reason: String| ClientError::Url {
         url: url.to_string(),
         reason,

@@ -46,6 +46,7 @@ pub mod cluster;
 pub mod error;
 pub mod failover;
 pub mod fence;
+pub mod heartbeat;
 pub mod inventory;
 pub mod metrics;
 pub mod primary;
