@@ -44,9 +44,11 @@
 
 pub mod cluster;
 pub mod error;
+pub mod failover;
 pub mod inventory;
 pub mod metrics;
 pub mod primary;
+pub mod quorum;
 pub mod replay;
 pub mod reseed;
 pub mod service;
