@@ -17,7 +17,11 @@
 //! * [`site`] — a site's configuration, PostgreSQL setup and process;
 //! * [`proxy`] — the fault proxy (tokio, loopback only);
 //! * [`workload`] — the concurrent committing tasks and what they saw acknowledged;
-//! * [`check`] — the offline per-key comparison and the catch-up wait.
+//! * [`check`] — the offline per-key comparison and the catch-up wait;
+//! * [`netns`] — the failover lab: network namespaces joined by a router, partitions with
+//!   nftables, processes and threads inside a namespace;
+//! * [`etcd`] and [`witness`] — the two quorum stores as processes, stopped and started again;
+//! * [`stress`] — CPU and disk saturation with stress-ng.
 //!
 //! Running them: `cargo build -p concord-cli && cargo test -p concord-tests --test replication`.
 //! The tests run the binary that is there (`$CONCORD_BIN`, else `target/debug/concord`):
@@ -31,9 +35,13 @@
 #![allow(clippy::expect_used)]
 
 pub mod check;
+pub mod etcd;
+pub mod netns;
 pub mod process;
 pub mod proxy;
 pub mod site;
+pub mod stress;
+pub mod witness;
 pub mod workload;
 
 /// A seed for a test's random choices: `$CONCORD_TEST_SEED`, else from the clock; printed, so

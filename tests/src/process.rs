@@ -71,31 +71,34 @@ impl Process {
     /// first).
     pub fn spawn_within(name: &str, args: &[&str], stderr_path: &Path, start_ms: u64) -> Process {
         let mut process = Process::launch(name, args, stderr_path);
-        match process.wait_listening(start_ms) {
-            Ok(addr) => process.addr = addr,
-            Err(why) => {
-                process.kill_now();
-                panic!("{name}: {why}; stderr: {}", process.stderr_text());
-            }
-        }
+        process.expect_listening(start_ms);
         process
     }
 
     /// Runs `concord ARGS` without waiting for anything (a process expected to refuse).
     pub fn launch(name: &str, args: &[&str], stderr_path: &Path) -> Process {
+        let mut command = Command::new(concord_bin());
+        command
+            .args(args)
+            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_default());
+        Process::launch_command(name, command, stderr_path)
+    }
+
+    /// Runs `command` (any program: a witness, etcd, stress-ng, or `ip netns exec …`) with
+    /// standard input closed, standard output read line by line and standard error appended to
+    /// `stderr_path`, without waiting for anything.
+    pub fn launch_command(name: &str, mut command: Command, stderr_path: &Path) -> Process {
         let stderr = OpenOptions::new()
             .create(true)
             .append(true)
             .open(stderr_path)
             .unwrap_or_else(|e| panic!("open {}: {e}", stderr_path.display()));
-        let mut child = Command::new(concord_bin())
-            .args(args)
-            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_default())
+        let mut child = command
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(stderr)
             .spawn()
-            .unwrap_or_else(|e| panic!("start concord {args:?}: {e}"));
+            .unwrap_or_else(|e| panic!("start {name} ({command:?}): {e}"));
         let stdout = Arc::new(Mutex::new(Vec::new()));
         let out = child.stdout.take().expect("stdout is piped");
         let lines = forward(out, stdout.clone());
@@ -106,6 +109,45 @@ impl Process {
             stdout,
             lines,
             stderr_path: stderr_path.to_path_buf(),
+        }
+    }
+
+    /// [`Process::launch_command`], then waits `start_ms` for its `listening on ADDR` line
+    /// (kept in [`Process::addr`]); panics with its standard error when none comes in time.
+    pub fn spawn_command(
+        name: &str,
+        command: Command,
+        stderr_path: &Path,
+        start_ms: u64,
+    ) -> Process {
+        let mut process = Process::launch_command(name, command, stderr_path);
+        process.expect_listening(start_ms);
+        process
+    }
+
+    /// Waits `start_ms` for the `listening on ADDR` line and keeps ADDR in [`Process::addr`];
+    /// kills the process and panics with its standard error when none comes in time.
+    pub fn expect_listening(&mut self, start_ms: u64) {
+        match self.wait_listening(start_ms) {
+            Ok(addr) => self.addr = addr,
+            Err(why) => {
+                self.kill_now();
+                panic!("{}: {why}; stderr: {}", self.name, self.stderr_tail());
+            }
+        }
+    }
+
+    /// Waits at most `ms` for a line of standard output (printed from now on) that `wanted`
+    /// accepts, and returns it; `None` when none came in time or the output ended.
+    pub fn wait_line(&mut self, ms: u64, mut wanted: impl FnMut(&str) -> bool) -> Option<String> {
+        let deadline = Instant::now() + Duration::from_millis(ms);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) if wanted(&line) => return Some(line),
+                Ok(_) => {}
+                Err(_) => return None,
+            }
         }
     }
 
@@ -226,6 +268,7 @@ impl Drop for Process {
             // A paused process must not stay frozen behind the test.
             let _ = Command::new("kill")
                 .args(["-CONT", &child.id().to_string()])
+                .stderr(Stdio::null())
                 .status();
         }
         self.kill_now();
