@@ -44,6 +44,8 @@
 
 pub mod cluster;
 pub mod error;
+pub mod fence;
+pub mod health;
 pub mod inventory;
 pub mod metrics;
 pub mod primary;
