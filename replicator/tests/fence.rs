@@ -2,6 +2,8 @@
 //! type keeps the machine's power state in a file the test points at a temp dir, and against
 //! small scripts that fail or hang.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};

@@ -2,6 +2,8 @@
 //! root), real resources' canaries, a watchdog device given as a regular file, and a small
 //! test resource whose canary can fail or hang.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::any::Any;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
