@@ -19,9 +19,11 @@ const PET_BYTE: u8 = b'.';
 /// The byte written before closing to disarm it ("magic close").
 const MAGIC_CLOSE_BYTE: u8 = b'V';
 
-/// An open watchdog device; see the [module documentation](self). Dropping it without
-/// [`Watchdog::disarm`] leaves the device armed: it resets the machine when its timeout runs
-/// out, which is what a crash should do.
+/// An open watchdog device (Linux watchdog API): any byte written pets it, `V` written before
+/// closing disarms it ("magic close"). Opened for writing without creating it, in append mode
+/// (a regular file or FIFO given instead, as in tests, records each pet as one byte).
+/// Dropping it without [`Watchdog::disarm`] leaves the device armed: it resets the machine
+/// when its timeout runs out, which is what a crash should do.
 #[derive(Debug)]
 pub struct Watchdog {
     path: PathBuf,
