@@ -207,6 +207,21 @@ mod tests {
         }
     }
 
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_blocked_runtime_fails_the_scheduling_probe() {
+        let probe = tokio::spawn(timer_lag(50));
+        tokio::task::yield_now().await; // the probe's timer is armed
+        std::thread::sleep(Duration::from_millis(200)); // the only thread, blocked
+        let detail = probe.await.expect("probe task").expect_err("200 ms late");
+        assert!(detail.contains("ms late"), "{detail}");
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn an_idle_runtime_passes_the_scheduling_and_fork_probes() {
+        assert_eq!(timer_lag(5000).await, Ok(()));
+        assert_eq!(spawn_true().await, Ok(()));
+    }
+
     #[test]
     fn journal_probe_leaves_nothing_behind() {
         let dir = tempfile::tempdir().expect("temp dir");
