@@ -34,7 +34,8 @@ const STDERR_DRAIN_MS: u64 = 200;
 /// The exit status of `status` for a machine that is off (fence-agents' convention).
 const STATUS_OFF_EXIT_CODE: i32 = 2;
 
-/// A fence agent and how to call it (the `[failover.fence]` table).
+/// A fence agent and how to call it (`fence_agent`, `fence_args`, `fence_timeout_ms` of the
+/// `[failover]` table).
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct FenceAgent {
     /// The agent program (`/usr/sbin/fence_ipmilan`).
@@ -62,7 +63,7 @@ pub enum FenceError {
     /// A plug, key or value cannot be sent (a line break, an `=` in a key, an empty key). Fix
     /// the configuration.
     #[error(
-        "fence agent {program}: argument {what} cannot be sent: {reason}; fix the [failover.fence] configuration"
+        "fence agent {program}: argument {what} cannot be sent: {reason}; fix fence_plug or fence_args in the [failover] table"
     )]
     BadArgument {
         /// The agent program.

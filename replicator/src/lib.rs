@@ -44,11 +44,13 @@
 
 pub mod cluster;
 pub mod error;
+pub mod failover;
 pub mod fence;
 pub mod health;
 pub mod inventory;
 pub mod metrics;
 pub mod primary;
+pub mod quorum;
 pub mod replay;
 pub mod reseed;
 pub mod service;

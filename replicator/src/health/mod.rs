@@ -50,7 +50,7 @@ pub use watchdog::Watchdog;
 
 use serde::{Deserialize, Serialize};
 
-/// How often and how strictly the node checks itself (the `[failover.health]` table).
+/// How often and how strictly the node checks itself (from the `[failover]` table).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct HealthConfig {
