@@ -429,7 +429,8 @@ impl Resource for FilesResource {
             io::dirs_writable(
                 &inner.name,
                 &[("root", &inner.root), ("private area", &inner.area.private)],
-            )
+            )?;
+            io::canary_file(&inner.name, &inner.tmp_file())
         })
         .await
     }

@@ -437,7 +437,8 @@ impl Resource for KvResource {
         let inner = Arc::clone(&self.inner);
         blocking(&self.inner.name, "health", move || {
             crate::internal::io::dirs_writable(&inner.name, &[("store", &inner.dir)])?;
-            inner.store.meta().map(|_| ())
+            inner.store.meta()?;
+            inner.store.canary()
         })
         .await
     }

@@ -353,13 +353,16 @@ pub trait Resource: Send + Sync + 'static {
         Ok(BlobsCollected::default())
     }
 
-    /// A cheap probe of whether the resource can do its work now: `Ok` when it answers, the
-    /// reason otherwise. It changes nothing and takes no branch lock; the caller bounds it
-    /// with a deadline (a probe that does not answer in time counts as unhealthy). The files
-    /// and mail resources check that their directories are still there and writable (by
-    /// `stat` and `access`, writing nothing), kv that its store answers a read, PostgreSQL a
-    /// `SELECT 1` on a pooled connection; each fails once the instance is poisoned. The
-    /// default answers `Ok`.
+    /// A cheap canary of whether the resource can do its work now, exercising the work path a
+    /// commit takes: `Ok` when it answers, the reason otherwise. It changes no data and takes
+    /// no branch lock; the caller bounds it with a deadline (a probe that does not answer in
+    /// time counts as unhealthy). The files and mail resources check that their directories
+    /// are still there and writable, then create a file in their private area's temp
+    /// directory (`.concord/tmp/`, cleared at open), write 4 KiB, sync and remove it — new
+    /// blocks, so a full file system fails it; kv reads its meta tree, writes a private key
+    /// there, syncs the store (sled's flush and `fdatasync`) and removes the key; PostgreSQL
+    /// reads the fence epoch on a pooled connection within `call_timeout_ms` (and so learns a
+    /// raised fence). Each fails once the instance is poisoned. The default answers `Ok`.
     async fn health(&self) -> Result<(), ResourceError> {
         Ok(())
     }

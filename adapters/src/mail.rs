@@ -433,7 +433,8 @@ impl Resource for MailResource {
                     ("Maildir new/", &area.new),
                     ("private area", &area.private),
                 ],
-            )
+            )?;
+            crate::internal::io::canary_file(&inner.name, &inner.scratch_file())
         })
         .await
     }

@@ -132,7 +132,7 @@ use fence::hold_session_lock;
 
 use std::any::Any;
 use std::collections::HashMap;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
@@ -342,10 +342,21 @@ impl Resource for PostgresResource {
         let conn = inner
             .timed_in(None, "get a connection for the health probe", inner.conn())
             .await??;
-        inner
-            .timed(&conn, "the health probe", conn.batch_execute("SELECT 1"))
+        let row = inner
+            .timed(
+                &conn,
+                "the health probe",
+                conn.query_one("SELECT epoch FROM concord.fence WHERE id = 1", &[]),
+            )
             .await?
-            .map_err(|e| inner.db("run the health probe", &e))
+            .map_err(|e| inner.db("run the health probe (read the fence epoch)", &e))?;
+        let epoch: i64 = row
+            .try_get(0)
+            .map_err(|e| inner.db("read the fence epoch in the health probe", &e))?;
+        inner
+            .fence_seen
+            .fetch_max(u64::try_from(epoch).unwrap_or(0), Ordering::AcqRel);
+        Ok(())
     }
 
     async fn fence(&self, epoch: Epoch) -> Result<()> {

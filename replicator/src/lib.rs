@@ -47,6 +47,7 @@ pub mod error;
 pub mod failover;
 pub mod fence;
 pub mod heartbeat;
+pub mod health;
 pub mod inventory;
 pub mod metrics;
 pub mod primary;

@@ -79,6 +79,34 @@ pub(crate) fn dirs_writable(name: &str, dirs: &[(&str, &Path)]) -> Result<()> {
     Ok(())
 }
 
+/// The bytes a canary file holds: one page, so the file system must find a new block.
+pub(crate) const CANARY_BYTES: usize = 4096;
+
+/// The work-path canary of a resource's health probe: creates `path` (a fresh name in the
+/// private area's temp directory, which open clears), writes [`CANARY_BYTES`], syncs and
+/// removes it. A failure is `Unavailable`, not fatal: the resource's own files are untouched.
+pub(crate) fn canary_file(name: &str, path: &Path) -> Result<()> {
+    let unhealthy = |what: &str, e: io::Error| ResourceError::Unavailable {
+        resource: name.to_string(),
+        message: format!("health canary: {what} {}: {e}", path.display()),
+    };
+    let written = (|| {
+        let mut file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(path)
+            .map_err(|e| unhealthy("create", e))?;
+        file.write_all(&[0x5A; CANARY_BYTES])
+            .map_err(|e| unhealthy("write", e))?;
+        file.sync_data().map_err(|e| unhealthy("sync", e))
+    })();
+    let removed = fs::remove_file(path).or_else(|e| match e.kind() {
+        io::ErrorKind::NotFound => Ok(()),
+        _ => Err(unhealthy("remove", e)),
+    });
+    written.and(removed)
+}
+
 /// Reads until `buf` is full or the content ends; returns the bytes read.
 pub(crate) async fn fill(
     content: &mut (impl AsyncRead + Unpin),

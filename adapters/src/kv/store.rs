@@ -46,6 +46,8 @@ type Result<T, E = ResourceError> = std::result::Result<T, E>;
 const FENCE_KEY: &[u8] = b"fence";
 /// The meta tree's key of the applied LSN.
 const APPLIED_KEY: &[u8] = b"applied_lsn";
+/// The meta tree key the health canary writes and removes again.
+const HEALTH_KEY: &[u8] = b"health_canary";
 /// Version byte of a meta value (a version byte, then a u64 LE).
 const META_VERSION: u8 = 1;
 /// How often `open` tries the sled directory's lock again while it waits for it.
@@ -310,6 +312,23 @@ impl Store {
             .insert(APPLIED_KEY, &encode_meta(lsn.0)[..])
             .map_err(|e| self.error("store the applied lsn in", e))?;
         self.sync()
+    }
+
+    /// The health canary: writes [`HEALTH_KEY`] of the meta tree (never read by anything
+    /// else, and not in the inventory, which lists the data tree), syncs, and removes it (the
+    /// removal becomes durable with the next sync). A failed sync is fatal, as every sync.
+    pub(super) fn canary(&self) -> Result<()> {
+        let stamp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        self.meta
+            .insert(HEALTH_KEY, &stamp.to_le_bytes()[..])
+            .map_err(|e| self.error("write the health canary in", e))?;
+        self.sync()?;
+        self.meta
+            .remove(HEALTH_KEY)
+            .map_err(|e| self.error("remove the health canary from", e))?;
+        Ok(())
     }
 
     /// Every key of the data tree with the blake3 hash of its value, in key order (sled's
@@ -736,5 +755,21 @@ mod tests {
         assert_eq!(store.syncs().done - before, 1, "one sync covers all eight");
         store.sync().unwrap();
         assert_eq!(store.syncs().done - before, 2, "a later caller syncs again");
+    }
+
+    /// The health canary goes through sled and a real sync, and leaves no key behind.
+    #[test]
+    fn the_health_canary_writes_syncs_and_leaves_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = KvConfig {
+            create_if_missing: true,
+            ..KvConfig::default()
+        };
+        let store = Store::open("kv", &dir.path().join("sled"), &config).unwrap();
+        let before = store.syncs().done;
+        store.canary().unwrap();
+        assert_eq!(store.syncs().done - before, 1, "one sync");
+        assert_eq!(store.meta.get(HEALTH_KEY).unwrap(), None);
+        assert!(store.inventory().unwrap().is_empty());
     }
 }
