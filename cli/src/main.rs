@@ -67,6 +67,7 @@ mod node;
 mod output;
 mod pg;
 mod remote_txn;
+mod role;
 mod standby;
 mod status;
 mod txn;
@@ -91,6 +92,9 @@ Exit codes:
      `status`: a resource of the daemon is unhealthy (each is named)
   5  `config check`: the configuration is invalid or a resource is not reachable
   6  `compare`: the standby's resources differ from the primary's (each difference is named)
+  7  `promote`, `demote`, `switchover`: refused, a step could not be proven safe (nothing
+     changed after it; the reason and what to do are printed)
+  8  `promote`, `demote`, `switchover`: a step failed half way (run it again: it resumes)
   141 standard output was closed early (`| head`): the command stops quietly";
 
 /// Exit code of a failure other than corruption.
@@ -104,6 +108,10 @@ const EXIT_PARTIAL: u8 = 4;
 const EXIT_CONFIG_UNUSABLE: u8 = 5;
 /// Exit code of a `compare` that found the sites different.
 const EXIT_DIFFERENT: u8 = 6;
+/// Exit code of a role change a node refused (a step could not be proven safe).
+const EXIT_REFUSED: u8 = 7;
+/// Exit code of a role change that failed half way (a re-run resumes).
+const EXIT_HALF_DONE: u8 = 8;
 /// Exit code when standard output was closed by the reader (as a process killed by `SIGPIPE`
 /// reports to a shell).
 const EXIT_CLOSED_STDOUT: u8 = 141;
@@ -165,6 +173,15 @@ enum Command {
     /// Ask a running coordinator daemon for its role, epoch, durable LSN, open and in-doubt
     /// transactions, and each resource's health.
     Status(status::StatusArgs),
+    /// Make a standby node the primary: win the next epoch, fence the old primary, finish
+    /// replay, resolve what is in doubt, serve (each step journaled; a re-run resumes).
+    Promote(role::PromoteArgs),
+    /// Make the primary node hand over: stop new work, drain, ship the tail, wait for the
+    /// standby's acknowledgement, give up the lease, follow.
+    Demote(role::NodeArgs),
+    /// A planned handover from the primary node to its standby; prints the window with no
+    /// primary.
+    Switchover(role::NodeArgs),
     /// One client process of `concord demo --remote` (started by the demo, not by hand).
     #[command(hide = true)]
     DemoClient(demo::remote::ClientArgs),
@@ -297,6 +314,9 @@ fn run(command: Command) -> anyhow::Result<()> {
         Command::Standby(args) => standby::run(args),
         Command::Compare(args) => compare::run(args),
         Command::Status(args) => status::run(args),
+        Command::Promote(args) => role::promote(args),
+        Command::Demote(args) => role::demote(args),
+        Command::Switchover(args) => role::switchover(args),
         Command::DemoClient(args) => demo::remote::client(args),
         Command::BenchClient(args) => bench_remote::client(args),
         Command::Demo(args) => match demo::run(args)? {
@@ -401,6 +421,12 @@ fn exit_code(e: &anyhow::Error) -> u8 {
     }
     if e.downcast_ref::<compare::Different>().is_some() {
         return EXIT_DIFFERENT;
+    }
+    if e.downcast_ref::<role::Refused>().is_some() {
+        return EXIT_REFUSED;
+    }
+    if e.downcast_ref::<role::Failed>().is_some() {
+        return EXIT_HALF_DONE;
     }
     let corrupt = e
         .chain()

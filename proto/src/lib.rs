@@ -55,8 +55,8 @@
 
 pub mod client;
 pub mod convert;
-pub mod primary;
 pub mod heartbeat;
+pub mod primary;
 
 /// The generated code of package `concord.v1`: every message, enum and the `Coordinator`
 /// service's client (`coordinator_client`) and server (`coordinator_server`). See

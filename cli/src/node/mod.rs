@@ -41,7 +41,6 @@ use std::time::{Duration, Instant};
 use adapters::Resource;
 use adapters::config::{Config, FailoverConfig};
 use anyhow::Context;
-use journal::Lsn;
 use proto::client::{Credentials, Token};
 use proto::v1;
 use proto::v1::coordinator_server::CoordinatorServer;
@@ -410,6 +409,7 @@ pub(crate) async fn run(
             refuse_replication,
         ))
         .add_service(failover)
+        .add_optional_service(node.senses.heartbeat_service())
         .serve_with_incoming_shutdown(crate::daemon::incoming::Incoming::new(listener), async {
             let _ = stop_rx.await;
         });

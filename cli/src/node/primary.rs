@@ -30,8 +30,8 @@ pub(crate) struct Serving {
     pub shipper: Arc<Shipper>,
     pub authority: Arc<Authority>,
     keeper_stop: watch::Sender<bool>,
-    /// Ends when the lease keeper stops (asked, or the epoch was lost).
-    pub keeper: Option<JoinHandle<LeaseEnd>>,
+    /// The lease keeper (it stops when asked, or when the epoch is lost).
+    _keeper: JoinHandle<LeaseEnd>,
     housekeeping: JoinHandle<()>,
     counter_stop: Arc<AtomicBool>,
 }
@@ -190,7 +190,7 @@ impl Node {
             shipper,
             authority,
             keeper_stop,
-            keeper: Some(keeper),
+            _keeper: keeper,
             housekeeping,
             counter_stop,
         })

@@ -17,7 +17,12 @@ use std::time::{Duration, Instant};
 
 use adapters::Resource;
 use adapters::config::{Config, FailoverConfig};
+use anyhow::Context;
 use replicator::failover::loss::Progress;
+use replicator::health::{HealthConfig, HealthMonitor, Watchdog};
+use replicator::heartbeat::{
+    Beat, BeatSource, HeartbeatConfig, HeartbeatKey, Heartbeats, PeerState, Role as HbRole,
+};
 use tokio::task::JoinHandle;
 
 use super::promote::{self, Ask};
@@ -68,6 +73,8 @@ pub(crate) struct Peer {
     pub role: String,
     /// Its last report of its journal.
     pub progress: Option<Progress>,
+    /// Its last beat is recent (two heartbeats) and reports it healthy.
+    pub fresh_and_healthy: bool,
 }
 
 /// The health monitor and the heartbeats of a node.
@@ -358,53 +365,218 @@ async fn note_stuck(node: &Node) {
 }
 
 /// The heartbeats' gRPC service as served.
-pub(crate) type HeartbeatService = tonic::service::Routes;
+pub(crate) type HeartbeatService =
+    proto::v1::heartbeat_server::HeartbeatServer<replicator::heartbeat::HeartbeatService>;
 
-/// Placeholder until the heartbeats and the health monitor are wired in.
+/// The heartbeats and the health monitor.
 struct SensesImpl {
-    node: Mutex<Option<Weak<Node>>>,
+    heartbeats: Arc<Heartbeats>,
+    health: Arc<HealthMonitor>,
+    node: Arc<Mutex<Option<Weak<Node>>>>,
+    heartbeat_ms: u64,
 }
 
 impl SensesImpl {
     fn start(
-        _cfg: &Config,
-        _fo: &FailoverConfig,
-        _resources: &[Arc<dyn Resource>],
+        cfg: &Config,
+        fo: &FailoverConfig,
+        resources: &[Arc<dyn Resource>],
     ) -> anyhow::Result<SensesImpl> {
+        let key = HeartbeatKey::from_file(&fo.key_file)
+            .with_context(|| format!("[failover] key_file {}", fo.key_file.display()))?;
+        let watchdog = fo
+            .watchdog
+            .as_ref()
+            .map(|path| Watchdog::open(path))
+            .transpose()
+            .context("[failover] watchdog")?;
+        let journal_dir = cfg.data_dir.join("journal");
+        std::fs::create_dir_all(&journal_dir)
+            .with_context(|| format!("create {}", journal_dir.display()))?;
+        let health = HealthMonitor::start(
+            HealthConfig {
+                probe_interval_ms: fo.probe_interval_ms,
+                probe_deadline_ms: fo.probe_deadline_ms,
+                memory_min_bytes: fo.memory_min_bytes,
+                ..HealthConfig::default()
+            },
+            resources.to_vec(),
+            journal_dir,
+            watchdog,
+        );
+        let node: Arc<Mutex<Option<Weak<Node>>>> = Arc::new(Mutex::new(None));
+        let source: BeatSource = {
+            let node = Arc::clone(&node);
+            Arc::new(move || {
+                let node = node
+                    .lock()
+                    .ok()
+                    .and_then(|n| n.as_ref().and_then(Weak::upgrade));
+                match node {
+                    Some(node) => beat_of(&node),
+                    None => Beat::default(),
+                }
+            })
+        };
+        let heartbeats = Heartbeats::start(
+            HeartbeatConfig {
+                cluster_id: fo.quorum_cluster.clone(),
+                node: fo.name.clone(),
+                udp_listen: fo.udp_listen,
+                peer_udp: Some(fo.peer_udp),
+                peer_url: Some(fo.peer.clone()),
+                interval_ms: fo.heartbeat_ms,
+                deadtime_ms: fo.deadtime_ms,
+                sicktime_ms: fo.sicktime_ms,
+            },
+            key,
+            source,
+        )
+        .context("start the heartbeats")?;
         Ok(SensesImpl {
-            node: Mutex::new(None),
+            heartbeats,
+            health,
+            node,
+            heartbeat_ms: fo.heartbeat_ms,
         })
     }
 
     fn attach(&self, node: Weak<Node>) {
+        if let Some(n) = node.upgrade() {
+            self.heartbeats.set_credentials(n.peer_credentials.clone());
+        }
         if let Ok(mut n) = self.node.lock() {
             *n = Some(node);
         }
     }
 
     fn verdict(&self) -> Verdict {
+        let verdict = self.health.verdict();
         Verdict {
-            healthy: true,
-            ..Verdict::default()
+            healthy: verdict.healthy,
+            failures: verdict
+                .failures
+                .iter()
+                .map(|f| format!("{}: {}", f.probe, f.detail))
+                .collect(),
+            sick_for: self.health.sick_for(),
         }
     }
 
     fn peer(&self) -> Peer {
+        let view = self.heartbeats.peer();
+        let (state, paths_down) = match &view.state {
+            PeerState::Unknown => (PeerKind::Unknown, Vec::new()),
+            PeerState::Alive { paths_down } => (
+                PeerKind::Alive,
+                paths_down
+                    .iter()
+                    .map(|p| format!("{p:?}").to_lowercase())
+                    .collect(),
+            ),
+            PeerState::Sick { for_ms } => (PeerKind::Sick(*for_ms), Vec::new()),
+            PeerState::Dead { silent_ms } => (
+                PeerKind::Dead(*silent_ms),
+                vec!["udp".to_string(), "grpc".to_string()],
+            ),
+        };
+        let fresh = [view.udp_ms_ago, view.grpc_ms_ago]
+            .into_iter()
+            .flatten()
+            .min()
+            .is_some_and(|ms| ms <= 2 * self.heartbeat_ms);
+        let (role, progress, healthy) = match &view.last {
+            Some(beat) => (
+                match beat.role {
+                    HbRole::Primary => "primary",
+                    HbRole::Standby => "standby",
+                    HbRole::Demoted => "demoted",
+                }
+                .to_string(),
+                Some(Progress {
+                    lsn: journal::Lsn(beat.durable_lsn),
+                    committed: beat.committed_txns,
+                    bytes: beat.durable_bytes,
+                }),
+                beat.healthy,
+            ),
+            None => (String::new(), None, false),
+        };
         Peer {
-            state: PeerKind::Unknown,
-            paths_down: Vec::new(),
-            role: String::new(),
-            progress: None,
+            state,
+            paths_down,
+            role,
+            progress,
+            fresh_and_healthy: fresh && healthy,
         }
     }
 
     fn confirmed_until(&self) -> Option<Instant> {
-        None
+        self.heartbeats.confirmed_until()
     }
 
     fn heartbeat_service(&self) -> Option<HeartbeatService> {
-        None
+        Some(self.heartbeats.service())
     }
 
-    fn stop(&self) {}
+    fn stop(&self) {
+        self.health.stop();
+        let heartbeats = Arc::clone(&self.heartbeats);
+        tokio::spawn(async move { heartbeats.stop().await });
+    }
+}
+
+/// This node's beat.
+fn beat_of(node: &Node) -> Beat {
+    let view = node.view();
+    let verdict = node.senses.verdict();
+    let role = match (view.role, &view.stuck) {
+        (_, Some(_)) => HbRole::Demoted,
+        ("primary", _) => HbRole::Primary,
+        ("standby" | "promoting" | "starting", _) => HbRole::Standby,
+        _ => HbRole::Demoted,
+    };
+    let progress = match role {
+        HbRole::Primary => node
+            .counter
+            .lock()
+            .ok()
+            .and_then(|c| c.as_ref().map(|c| c.progress()))
+            .unwrap_or_default(),
+        _ => Progress::default(),
+    };
+    // A standby confirms a healthy primary it hears: it promises not to promote for
+    // `confirm_ms` from now (later than the primary's sending of the beat it answers).
+    let confirm_ms = if view.role == "standby" && view.stuck.is_none() {
+        let peer = node.senses.peer();
+        if peer.state == PeerKind::Alive && peer.role == "primary" && peer.fresh_and_healthy {
+            if let Ok(mut promised) = node.promised_until.lock() {
+                let until = Instant::now() + Duration::from_millis(node.fo.confirm_ms);
+                if promised.is_none_or(|p| p < until) {
+                    *promised = Some(until);
+                }
+            }
+            node.fo.confirm_ms
+        } else {
+            0
+        }
+    } else {
+        0
+    };
+    Beat {
+        address: node.fo.address.clone(),
+        role,
+        epoch: view.epoch,
+        durable_lsn: progress.lsn.0,
+        committed_txns: progress.committed,
+        durable_bytes: progress.bytes,
+        healthy: verdict.healthy,
+        failures: verdict.failures,
+        lease_remaining_ms: view
+            .authority
+            .as_ref()
+            .map(|a| a.lease_remaining().as_millis() as u64),
+        confirm_ms,
+        ..Beat::default()
+    }
 }

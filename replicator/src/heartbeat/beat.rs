@@ -48,6 +48,8 @@ pub struct Beat {
     pub confirm_ms: u64,
     /// The sender's wall clock when it built the beat (ms since the Unix epoch; display only).
     pub sent_unix_ms: u64,
+    /// The journal bytes up to `durable_lsn`, counted like `committed_txns`.
+    pub durable_bytes: u64,
 }
 
 /// A beat whose role is not one this version knows (or is unset).
@@ -91,6 +93,7 @@ impl From<Beat> for v1::Beat {
             echo_seq: b.echo_seq,
             confirm_ms: b.confirm_ms,
             sent_unix_ms: b.sent_unix_ms,
+            durable_bytes: b.durable_bytes,
         }
     }
 }
@@ -114,6 +117,7 @@ impl TryFrom<v1::Beat> for Beat {
             echo_seq: b.echo_seq,
             confirm_ms: b.confirm_ms,
             sent_unix_ms: b.sent_unix_ms,
+            durable_bytes: b.durable_bytes,
         })
     }
 }
@@ -139,6 +143,7 @@ mod tests {
             echo_seq: 8,
             confirm_ms: 1500,
             sent_unix_ms: 1_700_000_000_000,
+            durable_bytes: 4096,
         };
         let wire = v1::Beat::from(beat.clone());
         assert_eq!(Beat::try_from(wire).unwrap(), beat);
