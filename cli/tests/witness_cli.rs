@@ -2,6 +2,8 @@
 //! a restart on the same data directory (the register kept, the holder's lease honoured), the
 //! token file, the loopback rule and a damaged state file.
 
+#![allow(clippy::expect_used)]
+
 mod common;
 
 use std::ffi::OsStr;

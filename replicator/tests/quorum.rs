@@ -6,6 +6,8 @@
 //! The witness-only scenarios (restart, a damaged state file, the token) and the etcd-only
 //! ones (stopped, paused) follow the shared ones.
 
+#![allow(clippy::expect_used)]
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

@@ -909,6 +909,7 @@ impl QuorumStore for WitnessClient {
 }
 
 #[cfg(test)]
+#[allow(clippy::expect_used)]
 mod tests {
     use std::time::Duration;
 
