@@ -107,7 +107,10 @@ use crate::postgres::{self, PostgresConfig, PostgresResource};
 use crate::{Resource, ResourceError};
 
 mod daemon;
+mod failover;
 mod replication;
+
+pub use failover::{FailoverConfig, QuorumKind};
 
 pub use replication::{
     ReplicationConfig, ReplicationMode, STANDBY_LISTEN_DEFAULT, StandbyConfig, SyncFallback,
@@ -157,6 +160,8 @@ pub struct Config {
     /// Which primary a standby follows (the `[standby]` table; `None` without one, which
     /// `concord standby --config` refuses).
     pub standby: Option<StandbyConfig>,
+    /// How this node takes part in failover (the `[failover]` table; `None`: it does not).
+    pub failover: Option<FailoverConfig>,
 }
 
 /// The file as written: the resource tables are checked against their kind after parsing, so
@@ -181,6 +186,7 @@ struct ConfigToml {
     daemon: Option<daemon::DaemonToml>,
     replication: Option<replication::ReplicationToml>,
     standby: Option<replication::StandbyToml>,
+    failover: Option<failover::FailoverToml>,
 }
 
 /// A resource table as written. Flat rather than a serde-tagged enum, so that a bad value is
@@ -554,6 +560,11 @@ impl TryFrom<ConfigToml> for Config {
             .map(|table| table.into_config(Path::new("")))
             .transpose()
             .map_err(Refusal::invalid)?;
+        let failover = raw
+            .failover
+            .map(|table| table.into_config(Path::new(""), raw.node))
+            .transpose()
+            .map_err(Refusal::invalid)?;
         Ok(Config {
             node: raw.node,
             data_dir: raw.data_dir,
@@ -566,6 +577,7 @@ impl TryFrom<ConfigToml> for Config {
             daemon,
             replication,
             standby,
+            failover,
         })
     }
 }
@@ -846,6 +858,7 @@ impl Config {
         }
         let daemon = raw.daemon.take();
         let standby = raw.standby.take();
+        let failover = raw.failover.take();
         let mut config = Config::try_from(raw).map_err(err)?;
         if let Some(table) = daemon {
             config.daemon = table
@@ -856,6 +869,14 @@ impl Config {
             config.standby = Some(
                 table
                     .into_config(base)
+                    .map_err(|e| err(Refusal::invalid(e)))?,
+            );
+        }
+        if let Some(table) = failover {
+            let node = config.node;
+            config.failover = Some(
+                table
+                    .into_config(base, node)
                     .map_err(|e| err(Refusal::invalid(e)))?,
             );
         }
@@ -952,6 +973,7 @@ impl Config {
             daemon: DaemonConfig::embedded(),
             replication: ReplicationConfig::default(),
             standby: None,
+            failover: None,
         }
     }
 

@@ -310,7 +310,7 @@ impl Ledger {
                 });
                 None
             }
-            CoordRecord::Checkpoint { .. } => None,
+            CoordRecord::Checkpoint { .. } | CoordRecord::Role { .. } => None,
         }
     }
 

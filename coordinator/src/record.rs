@@ -9,6 +9,7 @@
 //! | 5 | `Abort { xid, reason }` | the branch of a `OnePhase` record did not commit (durable before the caller hears it) |
 //! | 6 | `Forget { xid, resource, operator, reason, at_ms }` | an operator ended a branch whose resource is lost for good (a heuristic hazard: its outcome there is unknown) |
 //! | 7 | `Checkpoint { at_ms }` | a shutdown's last record, written after asking the journal for a new segment, so that the checkpoint can remove every finished record before it; about no transaction |
+//! | 8 | `Role { at_ms, op, step, epoch, detail }` | a step of a promote, demote or switchover done (see `replicator::failover`), so that a re-run resumes it or reports it done; about no transaction |
 //!
 //! Presumed abort: a transaction with no `Commit` record never committed, so nothing is journaled
 //! for rollbacks. A `OnePhase` record is the exception: its outcome is the resource's, so it is
@@ -38,6 +39,8 @@ pub const ABORT: RecordKind = RecordKind::new(5, 1);
 pub const FORGET: RecordKind = RecordKind::new(6, 1);
 /// Kind of the checkpoint marker a shutdown writes last.
 pub const CHECKPOINT: RecordKind = RecordKind::new(7, 1);
+/// Kind of a role change's step record.
+pub const ROLE: RecordKind = RecordKind::new(8, 1);
 
 /// A coordinator record.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -108,6 +111,20 @@ pub enum CoordRecord {
         /// When, in milliseconds since the Unix epoch (for operators).
         at_ms: u64,
     },
+    /// A step of a role change (promote, demote, switchover) is done. About no transaction;
+    /// the ledger passes over it, and so does a standby's replay.
+    Role {
+        /// When, in milliseconds since the Unix epoch (for operators).
+        at_ms: u64,
+        /// Which change: its name and identity, e.g. `promote 7f3a…`.
+        op: String,
+        /// The step done.
+        step: String,
+        /// The epoch the change is for.
+        epoch: u64,
+        /// What was done, for operators.
+        detail: String,
+    },
 }
 
 /// Why a payload could not be decoded.
@@ -147,6 +164,7 @@ impl CoordRecord {
             CoordRecord::Abort { .. } => ABORT,
             CoordRecord::Forget { .. } => FORGET,
             CoordRecord::Checkpoint { .. } => CHECKPOINT,
+            CoordRecord::Role { .. } => ROLE,
         }
     }
 
@@ -159,7 +177,7 @@ impl CoordRecord {
             | CoordRecord::OnePhase { xid, .. }
             | CoordRecord::Abort { xid, .. }
             | CoordRecord::Forget { xid, .. } => Some(*xid),
-            CoordRecord::Checkpoint { .. } => None,
+            CoordRecord::Checkpoint { .. } | CoordRecord::Role { .. } => None,
         }
     }
 
@@ -224,6 +242,21 @@ impl CoordRecord {
                 out
             }
             CoordRecord::Checkpoint { at_ms } => at_ms.to_le_bytes().to_vec(),
+            CoordRecord::Role {
+                at_ms,
+                op,
+                step,
+                epoch,
+                detail,
+            } => {
+                let mut out = Vec::with_capacity(16 + 12 + op.len() + step.len() + detail.len());
+                out.extend_from_slice(&at_ms.to_le_bytes());
+                put_bytes(&mut out, op.as_bytes());
+                put_bytes(&mut out, step.as_bytes());
+                out.extend_from_slice(&epoch.to_le_bytes());
+                put_bytes(&mut out, detail.as_bytes());
+                out
+            }
         }
     }
 
@@ -237,6 +270,7 @@ impl CoordRecord {
             5 => "Abort",
             6 => "Forget",
             7 => "Checkpoint",
+            8 => "Role",
             other => return Err(RecordError::UnknownKind(other)),
         };
         if kind.version != 1 {
@@ -253,6 +287,23 @@ impl CoordRecord {
             let at_ms = u64::from_le_bytes(r.array::<8>()?);
             return match r.bytes.len() {
                 0 => Ok(CoordRecord::Checkpoint { at_ms }),
+                n => Err(r.malformed(format!("{n} bytes left over"))),
+            };
+        }
+        if kind.code == 8 {
+            let at_ms = u64::from_le_bytes(r.array::<8>()?);
+            let op = r.string()?;
+            let step = r.string()?;
+            let epoch = u64::from_le_bytes(r.array::<8>()?);
+            let detail = r.string()?;
+            return match r.bytes.len() {
+                0 => Ok(CoordRecord::Role {
+                    at_ms,
+                    op,
+                    step,
+                    epoch,
+                    detail,
+                }),
                 n => Err(r.malformed(format!("{n} bytes left over"))),
             };
         }
@@ -482,6 +533,13 @@ mod tests {
                 at_ms: 21,
             },
             CoordRecord::Checkpoint { at_ms: 22 },
+            CoordRecord::Role {
+                at_ms: 23,
+                op: "promote 1f".into(),
+                step: "epoch".into(),
+                epoch: 4,
+                detail: "won epoch 4".into(),
+            },
         ];
         for record in records {
             let payload = record.encode();

@@ -45,6 +45,7 @@
 
 pub mod cluster;
 pub mod error;
+pub mod failover;
 pub mod inventory;
 pub mod metrics;
 pub mod primary;

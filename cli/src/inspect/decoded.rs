@@ -132,6 +132,18 @@ pub fn decode(kind: RecordKind, payload: &[u8], with_redo: bool) -> Result<Decod
             at_ms: Some(at_ms),
             ..named("checkpoint")
         },
+        CoordRecord::Role {
+            at_ms,
+            op,
+            step,
+            epoch,
+            detail,
+        } => Decoded {
+            at_ms: Some(at_ms),
+            operator: Some(op),
+            reason: Some(format!("{step} at epoch {epoch}: {detail}")),
+            ..named("role")
+        },
     })
 }
 

@@ -465,6 +465,14 @@ impl Driver {
 
     /// Queues the `OnePhase` record; its durability is reported like a decision's.
     pub(super) fn append_one_phase(&mut self, branch: BranchId, redo: &[u8]) {
+        if let Some(gate) = self.inner.gate.get()
+            && let Err(reason) = gate.may_decide()
+        {
+            self.ready.push_back(Event::DecisionRefused {
+                error: format!("this node may not decide: {reason}"),
+            });
+            return;
+        }
         let name = self.running.branches.get(branch).map_or("", |r| &*r.name);
         let payload = record::encode_one_phase(&self.running.text, now_ms(), name, redo);
         let epoch = self.inner.config.epoch;
@@ -485,6 +493,14 @@ impl Driver {
     }
 
     pub(super) fn append_decision(&mut self, writers: &[(BranchId, Vec<u8>)]) {
+        if let Some(gate) = self.inner.gate.get()
+            && let Err(reason) = gate.may_decide()
+        {
+            self.ready.push_back(Event::DecisionRefused {
+                error: format!("this node may not decide: {reason}"),
+            });
+            return;
+        }
         let branches = &self.running.branches;
         let payload = record::encode_commit(
             &self.running.text,

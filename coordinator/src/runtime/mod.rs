@@ -195,6 +195,13 @@ pub enum CoordError {
 pub trait CommitGate: Send + Sync + 'static {
     /// Returns once the journal up to `lsn` is confirmed (by a standby), or why it is not.
     async fn confirm(&self, lsn: Lsn) -> Result<(), String>;
+
+    /// Whether this node may record a decision now: checked just before a `Commit` or
+    /// `OnePhase` record is appended. An error (why not) rolls the transaction back instead —
+    /// a primary whose lease ran out, or that is sick, decides nothing. Default: always.
+    fn may_decide(&self) -> Result<(), String> {
+        Ok(())
+    }
 }
 
 /// Tracks the tasks the coordinator spawned and the callers driving a machine, so that shutdown

@@ -82,7 +82,7 @@ pub struct Grant {
 }
 
 /// Why a call to the quorum store did not do what was asked, sorted by what the caller does.
-#[derive(thiserror::Error, Debug)]
+#[derive(thiserror::Error, Debug, Clone)]
 pub enum QuorumError {
     /// The store did not answer within the deadline, or the connection failed. Transient, and
     /// never a sign that the lease was lost: keep counting down the lease you hold, and retry.
