@@ -396,6 +396,7 @@ impl StatusSource for Standing {
             version: env!("CARGO_PKG_VERSION").to_string(),
             schema_version: proto::SCHEMA_VERSION,
             replication: Some(replication),
+            failover: None,
         })
     }
 }

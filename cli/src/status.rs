@@ -471,6 +471,7 @@ mod tests {
             version: "0.1.0".into(),
             schema_version: 1,
             replication: None,
+            failover: None,
         };
         let json = serde_json::to_value(StatusJson::from(answer)).unwrap();
         let mut keys: Vec<_> = json.as_object().unwrap().keys().cloned().collect();

@@ -395,7 +395,10 @@ mod tests {
     #[test]
     fn unsafe_timings_and_bad_values_are_refused() {
         for (extra, says) in [
-            ("lease_ttl_ms = 1000\nlease_margin_ms = 600", "lease_margin_ms"),
+            (
+                "lease_ttl_ms = 1000\nlease_margin_ms = 600",
+                "lease_margin_ms",
+            ),
             ("heartbeat_ms = 500\ndeadtime_ms = 600", "deadtime_ms"),
             ("quorum = \"zookeeper\"", "quorum"),
             ("fence_agent = \"/usr/sbin/fence_dummy\"", "fence_plug"),

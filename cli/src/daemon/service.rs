@@ -1120,6 +1120,7 @@ impl Daemon {
             version: env!("CARGO_PKG_VERSION").to_string(),
             schema_version: proto::SCHEMA_VERSION,
             replication: Some(self.shipper.status()),
+            failover: None,
         }
     }
 

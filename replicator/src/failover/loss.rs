@@ -114,10 +114,9 @@ impl Anchors {
     /// one means the primary restarted: the older reports are dropped.
     pub fn report(&self, progress: Progress) {
         if let Ok(mut reports) = self.reports.lock() {
-            if reports
-                .back()
-                .is_some_and(|(last, _)| last.lsn > progress.lsn || last.committed > progress.committed)
-            {
+            if reports.back().is_some_and(|(last, _)| {
+                last.lsn > progress.lsn || last.committed > progress.committed
+            }) {
                 reports.clear();
             }
             if reports.back().is_some_and(|(last, _)| *last == progress) {
@@ -145,7 +144,11 @@ impl Anchors {
 }
 
 /// Counts `journal`'s records after `anchor` up to `upto` onto it.
-pub fn count_from(journal: &Journal, anchor: Progress, upto: Lsn) -> Result<Progress, journal::JournalError> {
+pub fn count_from(
+    journal: &Journal,
+    anchor: Progress,
+    upto: Lsn,
+) -> Result<Progress, journal::JournalError> {
     let mut progress = anchor;
     if upto <= anchor.lsn {
         return Ok(progress);

@@ -55,9 +55,9 @@ impl CommitGate for AuthorityGate {
         if let Some(inner) = &self.inner {
             inner.confirm(lsn).await?;
         }
-        self.authority.check().map_err(|why| {
-            format!("this node lost its authority before answering: {why}")
-        })
+        self.authority
+            .check()
+            .map_err(|why| format!("this node lost its authority before answering: {why}"))
     }
 
     fn may_decide(&self) -> Result<(), String> {
@@ -127,10 +127,7 @@ impl LeaseKeeper {
                         }
                     }
                     Err(QuorumError::EpochMoved { epoch: now, holder })
-                    | Err(QuorumError::NotHolder {
-                        epoch: now,
-                        holder,
-                    }) => {
+                    | Err(QuorumError::NotHolder { epoch: now, holder }) => {
                         let who = holder.as_ref().map_or("another node".to_string(), |h| {
                             format!("{} ({})", h.node, h.address)
                         });
