@@ -199,6 +199,33 @@ fn call_timeout_ms_default() -> u64 {
     CALL_TIMEOUT_MS_DEFAULT
 }
 
+impl QuorumConfig {
+    /// The quorum store the `[failover]` table names (`quorum`, `quorum_endpoints`,
+    /// `quorum_cluster`, `quorum_token`, `quorum_call_timeout_ms`).
+    pub fn from_failover(table: &adapters::config::FailoverConfig) -> QuorumConfig {
+        QuorumConfig {
+            kind: match table.quorum {
+                adapters::config::QuorumKind::Witness => QuorumKind::Witness,
+                adapters::config::QuorumKind::Etcd => QuorumKind::Etcd,
+            },
+            endpoints: table.quorum_endpoints.clone(),
+            cluster: table.quorum_cluster.clone(),
+            token: table.quorum_token.as_ref().map(|t| t.expose().to_owned()),
+            call_timeout_ms: table.quorum_call_timeout_ms,
+        }
+    }
+}
+
+impl Holder {
+    /// This node as the `[failover]` table names it (`name`, `address`).
+    pub fn from_failover(table: &adapters::config::FailoverConfig) -> Holder {
+        Holder {
+            node: table.name.clone(),
+            address: table.address.clone(),
+        }
+    }
+}
+
 /// Opens the store `cfg` names. Connects lazily: an unreachable store is no error here, only
 /// at the first call; a malformed configuration is [`QuorumError::Protocol`].
 pub fn open(cfg: &QuorumConfig) -> Result<Arc<dyn QuorumStore>, QuorumError> {
