@@ -589,6 +589,7 @@ async fn a_full_disk_during_prepare_rolls_back_and_keeps_the_journal_sound() {
         daemon: Default::default(),
         replication: Default::default(),
         standby: None,
+        failover: None,
         resources: BTreeMap::from([
             ("uploads".to_string(), files_resource(uploads_root.clone())),
             (

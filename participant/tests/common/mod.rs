@@ -118,7 +118,7 @@ pub fn record_kinds(data_dir: &Path) -> Vec<(&'static str, Xid)> {
             CoordRecord::Abort { .. } => "Abort",
             CoordRecord::Resolve { .. } => "Resolve",
             CoordRecord::Forget { .. } => "Forget",
-            CoordRecord::Checkpoint { .. } => return,
+            CoordRecord::Checkpoint { .. } | CoordRecord::Role { .. } => return,
         };
         if let Some(xid) = decoded.xid() {
             kinds.push((kind, xid));
