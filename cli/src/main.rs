@@ -21,7 +21,9 @@
 //! * `concord bench journal` measures the journal ([`mod@bench`]);
 //! * `concord pg install|replicate` set up the database of a postgres resource ([`pg`]);
 //! * `concord config check` says whether a configuration is valid and every resource reachable,
-//!   changing nothing ([`config_cmd`]).
+//!   changing nothing ([`config_cmd`]);
+//! * `concord witness` serves the built-in quorum store: the cluster's epoch and the primary's
+//!   lease ([`witness`]).
 //!
 //! Both journal tools are read-only: they use [`journal::scan::scan_dir`], which takes no lock and
 //! changes nothing, so they are safe to run beside a live coordinator (they may then see a tail that
@@ -72,6 +74,7 @@ mod standby;
 mod status;
 mod txn;
 mod verify;
+mod witness;
 
 use std::process::ExitCode;
 
@@ -182,6 +185,9 @@ enum Command {
     /// A planned handover from the primary node to its standby; prints the window with no
     /// primary.
     Switchover(role::NodeArgs),
+    /// Run the witness: the built-in quorum store holding each cluster's epoch and its
+    /// primary's lease, until SIGTERM or SIGINT.
+    Witness(witness::WitnessArgs),
     /// One client process of `concord demo --remote` (started by the demo, not by hand).
     #[command(hide = true)]
     DemoClient(demo::remote::ClientArgs),
@@ -247,7 +253,9 @@ impl Command {
     fn default_log_level(&self) -> LevelFilter {
         match self {
             // A daemon's log is its operator's view: start, signals, stop.
-            Command::Coordinator(_) | Command::Standby(_) => LevelFilter::INFO,
+            Command::Coordinator(_) | Command::Standby(_) | Command::Witness(_) => {
+                LevelFilter::INFO
+            }
             _ => LevelFilter::WARN,
         }
     }
@@ -317,6 +325,7 @@ fn run(command: Command) -> anyhow::Result<()> {
         Command::Promote(args) => role::promote(args),
         Command::Demote(args) => role::demote(args),
         Command::Switchover(args) => role::switchover(args),
+        Command::Witness(args) => witness::run(args),
         Command::DemoClient(args) => demo::remote::client(args),
         Command::BenchClient(args) => bench_remote::client(args),
         Command::Demo(args) => match demo::run(args)? {

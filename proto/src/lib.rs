@@ -73,6 +73,29 @@ pub mod v1 {
     tonic::include_proto!("concord.v1");
 }
 
+/// The generated client of the vendored subset of etcd's v3 API (`proto/etcd/api/`): the `KV`
+/// and `Lease` services of package `etcdserverpb` and the `KeyValue` of `mvccpb`, wire
+/// compatible with a real etcd. Compiled with `protox`, so the build needs no `protoc`; used
+/// by the etcd quorum store of the replicator.
+#[allow(
+    missing_docs,
+    clippy::all,
+    clippy::pedantic,
+    clippy::unwrap_used,
+    clippy::expect_used,
+    rustdoc::all
+)]
+pub mod etcd {
+    /// Package `mvccpb`: the stored key-value pair.
+    pub mod mvccpb {
+        tonic::include_proto!("mvccpb");
+    }
+    /// Package `etcdserverpb`: the `KV` and `Lease` services.
+    pub mod etcdserverpb {
+        tonic::include_proto!("etcdserverpb");
+    }
+}
+
 pub use convert::WireError;
 pub use primary::{NotPrimary, not_primary, primary_hint};
 

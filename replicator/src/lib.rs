@@ -33,7 +33,8 @@
 //!
 //! The parts: [`wire`] (records on the wire), [`cluster`] (the cluster id), [`primary`],
 //! [`standby`], [`replay`] (with the pure [`replay::machine`]), [`reseed`], [`status`] and
-//! [`metrics`], [`inventory`] (for `concord compare` and re-seeding).
+//! [`metrics`], [`inventory`] (for `concord compare` and re-seeding); [`quorum`], the store of
+//! the cluster's epoch and the primary's lease (the witness and etcd).
 //!
 //! # Implementation caveats
 //!

@@ -345,16 +345,13 @@ pub(crate) async fn run(
     let metrics = metrics_listen
         .map(crate::daemon::metrics::start)
         .transpose()?;
-    let store = replicator::quorum::open(&quorum_config(&fo))
+    let store = replicator::quorum::open(&replicator::quorum::QuorumConfig::from_failover(&fo))
         .with_context(|| format!("open the quorum store ({})", fo.quorum.as_str()))?;
     let resources = adapters::config::open_all(&cfg)
         .await
         .context("open the configuration's resources")?;
     let keys = Arc::new(auth::Keys::new(&cfg.daemon));
-    let me = Holder {
-        node: fo.name.clone(),
-        address: fo.address.clone(),
-    };
+    let me = Holder::from_failover(&fo);
     let node = Arc::new(Node {
         peer_credentials: peer_credentials(&cfg)?,
         senses: watch::Senses::start(&cfg, &fo, &resources)?,
@@ -447,20 +444,6 @@ pub(crate) async fn run(
     node.senses.stop();
     drop(metrics);
     closed
-}
-
-/// The quorum store's configuration from the table.
-pub(crate) fn quorum_config(fo: &FailoverConfig) -> replicator::quorum::QuorumConfig {
-    replicator::quorum::QuorumConfig {
-        kind: match fo.quorum {
-            adapters::config::QuorumKind::Witness => replicator::quorum::QuorumKind::Witness,
-            adapters::config::QuorumKind::Etcd => replicator::quorum::QuorumKind::Etcd,
-        },
-        endpoints: fo.quorum_endpoints.clone(),
-        cluster: fo.quorum_cluster.clone(),
-        token: fo.quorum_token.as_ref().map(|t| t.expose().to_string()),
-        call_timeout_ms: fo.quorum_call_timeout_ms,
-    }
 }
 
 /// Finds the node's role in the quorum store and takes it.
