@@ -162,6 +162,11 @@ fn load(args: &StandbyArgs) -> anyhow::Result<(Config, StandbyConfig)> {
             let standby = match (&cfg.standby, &args.primary) {
                 (Some(table), _) => table.clone(),
                 (None, Some(primary)) => StandbyConfig::following(primary),
+                // A failover node follows whoever the quorum store names; the peer first.
+                (None, None) if cfg.failover.is_some() => {
+                    let peer = cfg.failover.as_ref().map_or("", |f| f.peer.as_str());
+                    StandbyConfig::following(peer)
+                }
                 (None, None) => anyhow::bail!(
                     "{}: no [standby] table: add one with `primary = \"http://HOST:PORT\"` (the primary daemon), or pass --primary",
                     path.display()

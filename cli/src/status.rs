@@ -53,6 +53,54 @@ pub struct StatusArgs {
     pub json: bool,
 }
 
+/// The failover state in `--json` (see `concord.v1.FailoverState`).
+#[derive(Debug, Serialize)]
+pub struct FailoverJson {
+    pub node: String,
+    pub address: String,
+    pub role: String,
+    pub epoch: u64,
+    pub primary: String,
+    pub may_commit: bool,
+    pub why_not: String,
+    pub lease_remaining_ms: u64,
+    pub confirmed_remaining_ms: u64,
+    pub quorum: String,
+    pub quorum_reachable: bool,
+    pub healthy: bool,
+    pub failures: Vec<String>,
+    pub peer: String,
+    pub peer_state: String,
+    pub paths_down: Vec<String>,
+    pub automatic: bool,
+    pub last_change: String,
+}
+
+impl From<v1::FailoverState> for FailoverJson {
+    fn from(f: v1::FailoverState) -> FailoverJson {
+        FailoverJson {
+            node: f.node,
+            address: f.address,
+            role: f.role,
+            epoch: f.epoch,
+            primary: f.primary,
+            may_commit: f.may_commit,
+            why_not: f.why_not,
+            lease_remaining_ms: f.lease_remaining_ms,
+            confirmed_remaining_ms: f.confirmed_remaining_ms,
+            quorum: f.quorum,
+            quorum_reachable: f.quorum_reachable,
+            healthy: f.healthy,
+            failures: f.failures,
+            peer: f.peer,
+            peer_state: f.peer_state,
+            paths_down: f.paths_down,
+            automatic: f.automatic,
+            last_change: f.last_change,
+        }
+    }
+}
+
 /// What `--json` prints.
 #[derive(Debug, Serialize)]
 pub struct StatusJson {
@@ -76,6 +124,9 @@ pub struct StatusJson {
     pub version: String,
     /// Journal shipping and replay as this node sees it (`null` when the node reports none).
     pub replication: Option<ReplicationJson>,
+    /// Failover as the node sees it (a node with a `[failover]` table).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub failover: Option<FailoverJson>,
 }
 
 /// Replication as one node sees it (`docs/operations.md`, "Replication status").
@@ -304,8 +355,11 @@ async fn ask(url: &str, credentials: &Credentials) -> anyhow::Result<v1::StatusR
     let mut answer = tokio::time::timeout(timeout, call)
         .await
         .map_err(|_| late())?;
-    if matches!(&answer, Err(status) if status.code() == tonic::Code::Unimplemented) {
-        // A standby serves no Coordinator service: its status comes from Replication.
+    if matches!(&answer, Err(status) if status.code() == tonic::Code::Unimplemented
+        || proto::primary_hint(status).is_some())
+    {
+        // A standby serves no Coordinator service (a failover node refuses it, naming the
+        // primary): its status comes from Replication.
         let mut replication = proto::client::connect_replication(url, credentials)
             .await
             .with_context(start_hint)?;
@@ -330,6 +384,7 @@ impl From<v1::StatusResponse> for StatusJson {
         let role = role_name(s.role);
         StatusJson {
             replication: s.replication.map(|r| ReplicationJson::new(r, role)),
+            failover: s.failover.map(FailoverJson::from),
             role,
             serving: serving_name(s.serving),
             node: s.node,
@@ -388,6 +443,63 @@ fn print_lines(url: &str, s: &StatusJson) {
     }
     if let Some(r) = &s.replication {
         print_replication(r);
+    }
+    if let Some(f) = &s.failover {
+        print_failover(f);
+    }
+}
+
+fn print_failover(f: &FailoverJson) {
+    println!(
+        "failover: node {} ({}) is {} at epoch {}; primary {}",
+        f.node,
+        f.address,
+        f.role,
+        f.epoch,
+        if f.primary.is_empty() {
+            "not known"
+        } else {
+            &f.primary
+        }
+    );
+    if f.role == "primary" {
+        if f.may_commit {
+            println!(
+                "  may commit: lease {} ms, standby confirmation {} ms",
+                f.lease_remaining_ms, f.confirmed_remaining_ms
+            );
+        } else {
+            println!("  MAY NOT COMMIT: {}", f.why_not);
+        }
+    } else if !f.why_not.is_empty() && f.role == "demoted" {
+        println!("  {}", f.why_not);
+    }
+    println!(
+        "  quorum store {}: {}",
+        f.quorum,
+        if f.quorum_reachable {
+            "reachable"
+        } else {
+            "NOT REACHABLE"
+        }
+    );
+    if f.healthy {
+        println!("  health: healthy");
+    } else {
+        println!("  health: SICK: {}", f.failures.join("; "));
+    }
+    let down = if f.paths_down.is_empty() {
+        String::new()
+    } else {
+        format!(" (paths down: {})", f.paths_down.join(", "))
+    };
+    println!("  peer {}: {}{down}", f.peer, f.peer_state);
+    println!(
+        "  automatic failover: {}",
+        if f.automatic { "on" } else { "off" }
+    );
+    if !f.last_change.is_empty() {
+        println!("  last change: {}", f.last_change);
     }
 }
 

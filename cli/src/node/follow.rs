@@ -199,6 +199,8 @@ impl Following {
             let _ = tokio::time::timeout(Duration::from_secs(30), task).await;
         }
         self.publisher.abort();
+        // Awaited so that its handle on the status (and the journal) is gone.
+        let _ = (&mut self.publisher).await;
         self.journal
     }
 }

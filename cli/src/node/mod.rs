@@ -294,7 +294,7 @@ impl Node {
         let primary = view
             .primary
             .filter(|p| *p != self.fo.address || view.role == "primary");
-        not_primary_status(primary.as_deref())
+        proto::not_primary(primary.as_deref())
     }
 }
 
@@ -524,19 +524,4 @@ impl Node {
             Role::Vacant => Ok(()),
         }
     }
-}
-
-/// The refusal of a node that is not the primary.
-fn not_primary_status(primary: Option<&str>) -> tonic::Status {
-    let message = match primary {
-        Some(url) => format!("this node is not the primary; the primary is {url}"),
-        None => "this node is not the primary; the primary is not known yet".to_string(),
-    };
-    let mut status = tonic::Status::failed_precondition(message);
-    if let Some(url) = primary
-        && let Ok(value) = url.parse()
-    {
-        status.metadata_mut().insert("concord-primary", value);
-    }
-    status
 }

@@ -459,6 +459,8 @@ async fn run_steps(
                 return reply;
             }
         };
+    // The lease is renewed from now on: the steps below may take longer than it lasts.
+    let _renewing = Renewing::start(node, &authority);
     if !history.done("promote", epoch, "epoch")
         && let Err(e) =
             append_role(&journal, epoch, op, "epoch", &format!("won epoch {epoch}")).await
@@ -587,13 +589,11 @@ async fn run_steps(
     node.replication_slot.set(None);
     drop(journal);
     let journal = following.stop().await;
-    let closed = match Arc::try_unwrap(journal) {
-        Ok(journal) => tokio::task::spawn_blocking(move || journal.close())
-            .await
-            .map_err(|e| e.to_string())
-            .and_then(|r| r.map_err(|e| e.to_string())),
-        Err(_) => Err("the standby's journal is still in use".to_string()),
-    };
+    // Closing lets the directory go (a reader still holding the handle reads nothing more).
+    let closed = tokio::task::spawn_blocking(move || journal.close())
+        .await
+        .map_err(|e| e.to_string())
+        .and_then(|r| r.map_err(|e| e.to_string()));
     if let Err(e) = closed {
         return report.fail(
             "replay",
@@ -720,12 +720,10 @@ async fn restore_standby(
 ) {
     let journal = following.stop().await;
     node.replication_slot.set(None);
-    let closed = match Arc::try_unwrap(journal) {
-        Ok(journal) => tokio::task::spawn_blocking(move || journal.close())
-            .await
-            .is_ok(),
-        Err(_) => false,
-    };
+    let closed = matches!(
+        tokio::task::spawn_blocking(move || journal.close()).await,
+        Ok(Ok(()))
+    );
     if !closed {
         tracing::warn!("the standby's journal did not close cleanly");
     }
@@ -1021,11 +1019,11 @@ async fn serve_directly(
     let journal_epoch = last_epoch(&journal);
     if ask.why == Why::Resume {
         let state = node.store.state().await.ok();
+        // Served this epoch before, unless a promotion to it began and never served.
         let served_here = state.as_ref().is_some_and(|s| {
             s.epoch == journal_epoch
-                && history.last().is_none_or(|last| {
-                    last.epoch < s.epoch || last.step == "serve" || !last.op.starts_with("promote")
-                })
+                && (!history.done("promote", s.epoch, "epoch")
+                    || history.done("promote", s.epoch, "serve"))
         });
         if !served_here {
             let _ = tokio::task::spawn_blocking(move || journal.close()).await;
@@ -1059,6 +1057,18 @@ async fn serve_directly(
             ));
         }
     };
+    if ask.why == Why::First
+        && let Err(e) = append_role(
+            serving.journal(),
+            epoch,
+            op,
+            "serve",
+            "serving as the primary",
+        )
+        .await
+    {
+        tracing::warn!(error = %e, "could not journal the serve step");
+    }
     *role = Role::Primary(serving);
     report.step(
         "serve",
@@ -1073,6 +1083,30 @@ async fn serve_directly(
         primary: node.fo.address.clone(),
         ..report.reply(v1::ChangeOutcome::Done)
     }))
+}
+
+/// Renews the lease of a promotion until the coordinator's own keeper takes over (dropped).
+struct Renewing(tokio::sync::watch::Sender<bool>);
+
+impl Renewing {
+    fn start(node: &Node, authority: &Arc<Authority>) -> Renewing {
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let keeper = replicator::failover::LeaseKeeper {
+            store: Arc::clone(&node.store),
+            me: node.me.clone(),
+            authority: Arc::clone(authority),
+            ttl_ms: node.fo.lease_ttl_ms,
+            call_timeout_ms: node.fo.quorum_call_timeout_ms,
+        };
+        tokio::spawn(keeper.run(stopped));
+        Renewing(stop)
+    }
+}
+
+impl Drop for Renewing {
+    fn drop(&mut self) {
+        self.0.send_replace(true);
+    }
 }
 
 fn holder_name(holder: Option<&Holder>) -> String {

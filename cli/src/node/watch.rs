@@ -532,8 +532,9 @@ fn beat_of(node: &Node) -> Beat {
     let verdict = node.senses.verdict();
     let role = match (view.role, &view.stuck) {
         (_, Some(_)) => HbRole::Demoted,
-        ("primary", _) => HbRole::Primary,
-        ("standby" | "promoting" | "starting", _) => HbRole::Standby,
+        // A promoting node holds the epoch: its peer must not take it for a missing primary.
+        ("primary" | "promoting", _) => HbRole::Primary,
+        ("standby" | "starting", _) => HbRole::Standby,
         _ => HbRole::Demoted,
     };
     let progress = match role {
