@@ -2,7 +2,8 @@
 //! primary is killed, and during a planned switchover — and whether a saturated but healthy
 //! primary is ever replaced. Every trial runs a pair and the witness of `concord demo
 //! --failover` ([`Pair`]: default timings, sync replication) on loopback, with one client of
-//! this process committing a small transaction (a file and a key) in a loop, connected to both
+//! this process committing small transactions (a file and a key) in a loop, four at a time
+//! ([`LOAD_TASKS`]), connected to both
 //! nodes ([`participant::Concord::connect_any`]).
 //!
 //! One unmeasured trial of each kind comes first (the first processes of a run pay for cold
@@ -38,6 +39,9 @@ use crate::daemon_child::DaemonChild;
 use crate::demo::failover::{Pair, state, wait_for};
 use crate::demo::standby::percentile;
 
+/// The load's concurrent transactions (an application has several requests in flight: one
+/// whose commit the kill cut off waits for its outcome, the others go on).
+const LOAD_TASKS: u64 = 4;
 /// How long a trial waits for commits to flow, and for the first commit after a kill.
 const FLOW_MS_MAX: u64 = 30_000;
 
@@ -102,16 +106,24 @@ impl Load {
                     let concord =
                         Concord::connect_any_within(&urls, Credentials::none(), FLOW_MS_MAX)
                             .await?;
-                    let mut i = 0u64;
-                    while !stop.load(Ordering::Acquire) {
-                        let began = Instant::now();
-                        if one(&concord, i).await.is_ok()
-                            && let Ok(mut acks) = acks.lock()
-                        {
-                            acks.push((began, Instant::now()));
-                        }
-                        i += 1;
+                    let mut tasks = tokio::task::JoinSet::new();
+                    for task in 0..LOAD_TASKS {
+                        let (concord, stop, acks) =
+                            (concord.clone(), Arc::clone(&stop), Arc::clone(&acks));
+                        tasks.spawn(async move {
+                            let mut i = task;
+                            while !stop.load(Ordering::Acquire) {
+                                let began = Instant::now();
+                                if one(&concord, i).await.is_ok()
+                                    && let Ok(mut acks) = acks.lock()
+                                {
+                                    acks.push((began, Instant::now()));
+                                }
+                                i += LOAD_TASKS;
+                            }
+                        });
                     }
+                    while tasks.join_next().await.is_some() {}
                     Ok(())
                 })
             })
@@ -301,7 +313,16 @@ fn switchovers(dir: &Path, count: usize, quiet: bool) -> anyhow::Result<Vec<f64>
         }
         windows.push(reply.window_ms as f64);
         if !quiet {
-            eprintln!("switchover {n}: {} ms without a primary", reply.window_ms);
+            let steps: Vec<String> = reply
+                .steps
+                .iter()
+                .map(|s| format!("{} {} ms", s.step, s.ms))
+                .collect();
+            eprintln!(
+                "switchover {n}: {} ms without a primary ({})",
+                reply.window_ms,
+                steps.join(", ")
+            );
         }
         // The old primary follows the new one and catches up before the next handover.
         wait_for(to, FLOW_MS_MAX, |s| {
