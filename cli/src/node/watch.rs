@@ -140,6 +140,7 @@ async fn authority_loop(node: Weak<Node>) {
         tick.tick().await;
         let Some(node) = node.upgrade() else { return };
         let view = node.view();
+        publish_metrics(&view);
         let Some(authority) = view.authority else {
             continue;
         };
@@ -164,6 +165,20 @@ async fn authority_loop(node: Weak<Node>) {
             lost_epoch(&node, &why).await;
         }
     }
+}
+
+/// The failover gauges: `concord_failover_primary` (1 on the primary), `concord_failover_epoch`,
+/// `concord_failover_may_commit` (the primary's authority), `concord_failover_lease_remaining_ms`.
+fn publish_metrics(view: &super::View) {
+    let may_commit = view.authority.as_ref().is_some_and(|a| a.check().is_ok());
+    let lease = view
+        .authority
+        .as_ref()
+        .map_or(0, |a| a.lease_remaining().as_millis() as u64);
+    metrics::gauge!("concord_failover_primary").set(f64::from(u8::from(view.role == "primary")));
+    metrics::gauge!("concord_failover_epoch").set(view.epoch as f64);
+    metrics::gauge!("concord_failover_may_commit").set(f64::from(u8::from(may_commit)));
+    metrics::gauge!("concord_failover_lease_remaining_ms").set(lease as f64);
 }
 
 /// The primary lost its epoch: it follows the winner.
