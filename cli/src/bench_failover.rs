@@ -2,8 +2,10 @@
 //! primary is killed, and during a planned switchover — and whether a saturated but healthy
 //! primary is ever replaced. Every trial runs a pair and the witness of `concord demo
 //! --failover` ([`Pair`]: default timings, sync replication) on loopback, with one client of
-//! this process committing small transactions (a file and a key) in a loop, four at a time
-//! ([`LOAD_TASKS`]), connected to both
+//! this process starting a small transaction (a file and a key) every [`LOAD_EVERY_MS`] while
+//! fewer than [`LOAD_IN_FLIGHT_MAX`] are in flight — an open loop, as requests reach an
+//! application, so that a transaction the kill cut off (its client waits for its outcome)
+//! holds up no later one — connected to both
 //! nodes ([`participant::Concord::connect_any`]).
 //!
 //! One unmeasured trial of each kind comes first (the first processes of a run pay for cold
@@ -39,9 +41,10 @@ use crate::daemon_child::DaemonChild;
 use crate::demo::failover::{Pair, state, wait_for};
 use crate::demo::standby::percentile;
 
-/// The load's concurrent transactions (an application has several requests in flight: one
-/// whose commit the kill cut off waits for its outcome, the others go on).
-const LOAD_TASKS: u64 = 4;
+/// The load starts a transaction this often (milliseconds) …
+const LOAD_EVERY_MS: u64 = 5;
+/// … while fewer than this many are in flight.
+const LOAD_IN_FLIGHT_MAX: usize = 16;
 /// How long a trial waits for commits to flow, and for the first commit after a kill.
 const FLOW_MS_MAX: u64 = 30_000;
 
@@ -106,22 +109,31 @@ impl Load {
                     let concord =
                         Concord::connect_any_within(&urls, Credentials::none(), FLOW_MS_MAX)
                             .await?;
+                    // An open loop, as requests reach an application: a transaction starts
+                    // every LOAD_EVERY_MS while fewer than LOAD_IN_FLIGHT_MAX are in flight, so
+                    // one whose commit the kill cut off (it waits for its outcome) holds up
+                    // no later one.
+                    let permits = Arc::new(tokio::sync::Semaphore::new(LOAD_IN_FLIGHT_MAX));
                     let mut tasks = tokio::task::JoinSet::new();
-                    for task in 0..LOAD_TASKS {
-                        let (concord, stop, acks) =
-                            (concord.clone(), Arc::clone(&stop), Arc::clone(&acks));
+                    let mut i = 0u64;
+                    let mut tick = tokio::time::interval(Duration::from_millis(LOAD_EVERY_MS));
+                    while !stop.load(Ordering::Acquire) {
+                        tick.tick().await;
+                        let Ok(permit) = Arc::clone(&permits).try_acquire_owned() else {
+                            continue;
+                        };
+                        let (concord, acks) = (concord.clone(), Arc::clone(&acks));
                         tasks.spawn(async move {
-                            let mut i = task;
-                            while !stop.load(Ordering::Acquire) {
-                                let began = Instant::now();
-                                if one(&concord, i).await.is_ok()
-                                    && let Ok(mut acks) = acks.lock()
-                                {
-                                    acks.push((began, Instant::now()));
-                                }
-                                i += LOAD_TASKS;
+                            let began = Instant::now();
+                            if one(&concord, i).await.is_ok()
+                                && let Ok(mut acks) = acks.lock()
+                            {
+                                acks.push((began, Instant::now()));
                             }
+                            drop(permit);
                         });
+                        i += 1;
+                        while tasks.try_join_next().is_some() {}
                     }
                     while tasks.join_next().await.is_some() {}
                     Ok(())
