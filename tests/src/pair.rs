@@ -267,10 +267,12 @@ impl Remote {
         run(command, ms)
     }
 
-    /// `concord status --url URL --json`; `None` when it does not answer.
+    /// `concord status --url URL --json` (exit 0, or 4 with an unhealthy resource); `None`
+    /// when it does not answer.
     pub fn status(&self) -> Option<serde_json::Value> {
         let (code, out, _) = self.concord(&["status", "--url", &self.url, "--json"], 10_000);
-        if code != Some(0) {
+        // 4: a resource is unhealthy; the status is printed all the same.
+        if !matches!(code, Some(0 | 4)) {
             return None;
         }
         serde_json::from_str(&out).ok()
@@ -289,7 +291,8 @@ impl Remote {
     }
 }
 
-/// Runs `command` to its end, at most `ms`; its exit code and outputs.
+/// Runs `command` to its end, at most `ms`; its exit code and outputs (no code, and the
+/// reason as standard error, when it was killed at the deadline: a paused node never answers).
 fn run(mut command: Command, ms: u64) -> (Option<i32>, String, String) {
     let out = command
         .stdin(Stdio::null())
@@ -313,7 +316,11 @@ fn run(mut command: Command, ms: u64) -> (Option<i32>, String, String) {
             let _ = Command::new("kill")
                 .args(["-KILL", &pid.to_string()])
                 .status();
-            panic!("{command:?} did not end within {ms} ms")
+            (
+                None,
+                String::new(),
+                format!("{command:?} did not end within {ms} ms"),
+            )
         }
     }
 }
@@ -485,8 +492,12 @@ impl Pair {
         let mut text = String::new();
         for node in [&self.a, &self.b] {
             let status = if node.running() {
-                node.failover()
-                    .map_or_else(|| "no answer".into(), |v| v.to_string())
+                let (code, out, err) =
+                    node.concord(&["status", "--url", &node.url, "--json"], 10_000);
+                match serde_json::from_str::<serde_json::Value>(&out) {
+                    Ok(v) if matches!(code, Some(0 | 4)) => v["failover"].to_string(),
+                    _ => format!("status exit {code:?}: {}{}", out.trim(), err.trim()),
+                }
             } else {
                 "not running".into()
             };
