@@ -14,8 +14,8 @@
 //! loopback ports.
 //!
 //! [`FoWorkload`] runs tasks over one `Concord::connect_any(&[a, b])` (on a thread inside `c`
-//! in a lab), each transaction putting `uploads/f<i>` and inserting the kv key `f<i>`, and
-//! keeps what was acknowledged. [`assert_all_on`] reads a stopped node's files root and sled
+//! in a lab), each transaction putting `uploads/f<i>` and inserting the kv key `f<i>` within
+//! [`TXN_MS_MAX`], and keeps what was acknowledged. [`assert_all_on`] reads a stopped node's files root and sled
 //! directory offline and panics with every acknowledged commit that is missing.
 //!
 //! Every wait has a deadline; a wait that fails panics with both nodes' failover status and the
@@ -50,6 +50,10 @@ pub const CLIENT_FAILOVER_WAIT_MS: u64 = 10_000;
 const LAB_GRPC_PORT: u16 = 7700;
 /// The heartbeat port of a node inside a lab.
 const LAB_UDP_PORT: u16 = 7800;
+/// How long one transaction of the workload may take: a node that stops answering (paused,
+/// cut off) holds a call for ever otherwise, and an application bounds its calls too. A
+/// transaction past it is not acknowledged.
+pub const TXN_MS_MAX: u64 = 5_000;
 /// How long the workload's tasks may take to end after a stop.
 const WORKLOAD_STOP_MS_MAX: u64 = 60_000;
 
@@ -710,7 +714,15 @@ async fn run_workload(
         set.spawn(async move {
             let mut i = task;
             while !stop.load(Ordering::Relaxed) {
-                match fo_transaction(&concord, i).await {
+                let bounded = tokio::time::timeout(
+                    Duration::from_millis(TXN_MS_MAX),
+                    fo_transaction(&concord, i),
+                );
+                let done = match bounded.await {
+                    Ok(done) => done.map_err(|e| e.to_string()),
+                    Err(_) => Err(format!("no answer within {TXN_MS_MAX} ms")),
+                };
+                match done {
                     Ok(acked) => {
                         report.lock().expect("report lock").acked.push(acked);
                         committed.fetch_add(1, Ordering::Relaxed);

@@ -149,11 +149,8 @@ fn a_paused_primary_resumes_as_a_node_that_commits_nothing() {
         "the promoted primary",
         is_committing_primary,
     );
-    assert!(
-        workload.wait_more(10, PROGRESS_MS_MAX),
-        "the clients did not continue on b\n{}",
-        pair.describe()
-    );
+    // Held longer than the lease, and than the promotion.
+    std::thread::sleep(Duration::from_millis(2_000));
     pair.a.resume();
     // At once, and until it follows: the old primary never says it may commit.
     let f = pair.wait_failover("a", 10_000, "answering after SIGCONT", |_| true);
@@ -169,6 +166,11 @@ fn a_paused_primary_resumes_as_a_node_that_commits_nothing() {
     pair.wait_failover("a", 20_000, "following b", |f| {
         f["role"] == "standby" || f["role"] == "demoted"
     });
+    assert!(
+        workload.wait_more(10, PROGRESS_MS_MAX),
+        "the clients did not continue on b\n{}",
+        pair.describe()
+    );
     hold_for(3_000, "one primary", || match pair.committing_primaries() {
         1 => Ok(()),
         n => Err(format!("{n} nodes may commit\n{}", pair.describe())),
