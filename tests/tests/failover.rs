@@ -81,6 +81,13 @@ async fn one_commit(concord: &Concord) -> Result<String, String> {
         .map_err(|e| e.to_string())
 }
 
+/// `concord promote` on `node`, and how long it took.
+fn timed_promote(node: &concord_tests::pair::Remote) -> ((Option<i32>, String, String), Duration) {
+    let started = Instant::now();
+    let answer = node.role_command("promote", &[]);
+    (answer, started.elapsed())
+}
+
 /// Runs `body` against each store as its own test.
 macro_rules! both_stores {
     ($name:ident, $body:ident) => {
@@ -223,9 +230,8 @@ both_stores!(
 );
 
 // 4. The primary isolated from the store and the standby.
-#[test]
-fn an_isolated_primary_stops_committing_before_the_standby_promotes() {
-    let pair = Pair::start(PairSpec::in_lab(StoreKind::Witness));
+fn isolated(store: StoreKind) {
+    let pair = Pair::start(PairSpec::in_lab(store));
     let lab = pair.lab.as_ref().expect("a lab");
     let workload = pair.workload(2);
     assert!(
@@ -266,6 +272,10 @@ fn an_isolated_primary_stops_committing_before_the_standby_promotes() {
     );
     drop(workload.stop());
 }
+both_stores!(
+    an_isolated_primary_stops_committing_before_the_standby_promotes,
+    isolated
+);
 
 // 5. The primary's journal on a full file system.
 #[test]
@@ -305,10 +315,11 @@ fn concurrent_promotes(store: StoreKind) {
     assert_eq!(code, Some(0), "demote a: {out}{err}");
     let (a, b) = (pair.a.remote(), pair.b.remote());
     let (ra, rb) = std::thread::scope(|s| {
-        let ta = s.spawn(|| a.role_command("promote", &[]));
-        let tb = s.spawn(|| b.role_command("promote", &[]));
+        let ta = s.spawn(|| timed_promote(&a));
+        let tb = s.spawn(|| timed_promote(&b));
         (ta.join().expect("promote a"), tb.join().expect("promote b"))
     });
+    let ((ra, a_took), (rb, b_took)) = (ra, rb);
     let codes = [ra.0, rb.0];
     let winners = codes.iter().filter(|c| **c == Some(0)).count();
     assert_eq!(
@@ -324,16 +335,71 @@ fn concurrent_promotes(store: StoreKind) {
         Some(7),
         "the losing promote is refused (exit 7): {loser:?}"
     );
-    let text = format!("{}{}", loser.1, loser.2);
-    let url = &pair.node(winner).url;
+    let loser_took = if ra.0 == Some(0) { b_took } else { a_took };
     assert!(
-        text.contains(url.as_str()) || text.contains("running") || text.contains(winner),
+        loser_took < Duration::from_secs(5),
+        "the losing promote took {} ms",
+        loser_took.as_millis()
+    );
+    let text = format!("{}{}", loser.1, loser.2);
+    eprintln!("the winner is {winner}; the loser printed: {text}");
+    let url = &pair.node(winner).url;
+    let names_winner = text.contains(url.as_str()) || text.contains(&format!("to {winner} ("));
+    assert!(
+        names_winner || text.contains("running"),
         "the refusal names neither the winner nor the running change: {text}"
     );
     pair.wait_failover(winner, 10_000, "the primary", is_committing_primary);
     assert_eq!(pair.committing_primaries(), 1, "{}", pair.describe());
 }
 both_stores!(two_promotes_at_once_have_one_winner, concurrent_promotes);
+
+// 6b. The same node asked to promote twice at once: one does it, the other is refused at once,
+// naming the change that runs.
+fn concurrent_promotes_on_one_node(store: StoreKind) {
+    let mut spec = PairSpec::loopback(store);
+    spec.automatic = false;
+    let pair = Pair::start(spec);
+    let (code, out, err) = pair.a.role_command("demote", &[]);
+    assert_eq!(code, Some(0), "demote a: {out}{err}");
+    let b = pair.b.remote();
+    let (first, second) = std::thread::scope(|s| {
+        let one = s.spawn(|| timed_promote(&b));
+        let two = s.spawn(|| timed_promote(&b));
+        (one.join().expect("promote"), two.join().expect("promote"))
+    });
+    let answers = [&first, &second];
+    let done = answers.iter().filter(|(r, _)| r.0 == Some(0)).count();
+    let refused: Vec<_> = answers.iter().filter(|(r, _)| r.0 == Some(7)).collect();
+    eprintln!("first: {first:?}\nsecond: {second:?}");
+    // Both may also succeed when the second came after the first had finished ("already done").
+    if done == 2 {
+        let already = answers.iter().any(|(r, _)| r.1.contains("already done"));
+        assert!(
+            already,
+            "two promotes both did the work: {first:?} {second:?}"
+        );
+    } else {
+        assert_eq!((done, refused.len()), (1, 1), "{first:?} {second:?}");
+        let ((code, out, err), took) = refused[0];
+        assert!(
+            *took < Duration::from_secs(5),
+            "the refused promote took {} ms",
+            took.as_millis()
+        );
+        let text = format!("{out}{err}");
+        assert!(
+            text.contains("already running"),
+            "the refusal (exit {code:?}) does not name the running promotion: {text}"
+        );
+    }
+    pair.wait_failover("b", 10_000, "the primary", is_committing_primary);
+    assert_eq!(pair.committing_primaries(), 1, "{}", pair.describe());
+}
+both_stores!(
+    two_promotes_of_one_node_at_once_run_once,
+    concurrent_promotes_on_one_node
+);
 
 // 7. Re-runs are "already done"; a dry run says what it would lose.
 #[test]
@@ -391,9 +457,20 @@ fn the_store_down_for_30_s_is_no_failover_and_commits_go_on() {
     let down = Instant::now();
     let mut last_count = workload.committed();
     let mut stalled_since = Instant::now();
+    let mut confirmed_seen = false;
     hold_for(30_000, "the store down", || {
         if pair.b.failover().is_some_and(|f| f["role"] == "primary") {
             return Err(format!("b promoted\n{}", pair.describe()));
+        }
+        // Past the lease, the primary commits on the standby's confirmations alone.
+        if down.elapsed() > Duration::from_secs(3)
+            && let Some(f) = pair.a.failover()
+        {
+            let confirmed = f["confirmed_remaining_ms"].as_u64().unwrap_or(0) > 0;
+            confirmed_seen |= is_committing_primary(&f)
+                && f["quorum_reachable"] == false
+                && f["lease_remaining_ms"] == 0
+                && confirmed;
         }
         if pair.committing_primaries() > 1 {
             return Err(format!("two primaries\n{}", pair.describe()));
@@ -411,6 +488,11 @@ fn the_store_down_for_30_s_is_no_failover_and_commits_go_on() {
         }
         Ok(())
     });
+    assert!(
+        confirmed_seen,
+        "the primary was never seen committing on the standby's confirmation alone\n{}",
+        pair.describe()
+    );
     pair.quorum.start();
     pair.wait_failover("a", 15_000, "renewing its lease again", |f| {
         f["quorum_reachable"] == true && f["lease_remaining_ms"].as_u64().unwrap_or(0) > 0
