@@ -79,7 +79,8 @@ pub enum LeaseEnd {
     },
 }
 
-/// Renews a primary's lease every quarter of its length, while the node is healthy.
+/// Renews a primary's lease every quarter of its length, while the node is healthy; while it is
+/// sick, reads the store instead, so that a lost epoch is noticed and given up all the same.
 pub struct LeaseKeeper {
     /// The quorum store.
     pub store: Arc<dyn QuorumStore>,
