@@ -56,9 +56,21 @@ impl DaemonChild {
         what: &'static str,
         args: &[OsString],
     ) -> anyhow::Result<DaemonChild> {
+        let mut full = vec![OsString::from("--listen"), OsString::from("127.0.0.1:0")];
+        full.extend_from_slice(args);
+        DaemonChild::start_exact(command, what, &full)
+    }
+
+    /// Starts `concord COMMAND ARGS` as is (a failover node, whose address its configuration
+    /// names; the witness) and waits for its `listening on` line.
+    pub(crate) fn start_exact(
+        command: &str,
+        what: &'static str,
+        args: &[OsString],
+    ) -> anyhow::Result<DaemonChild> {
         let exe = std::env::current_exe().context("find the concord binary")?;
         let mut child = Command::new(exe)
-            .args(["--log-level", "warn", command, "--listen", "127.0.0.1:0"])
+            .args(["--log-level", "warn", command])
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -73,6 +85,33 @@ impl DaemonChild {
         };
         daemon.addr = daemon.wait_listening(&lines)?;
         Ok(daemon)
+    }
+
+    /// Sends `signal` (`KILL`, `STOP`, `CONT`, …) to the process.
+    pub(crate) fn signal(&self, signal: &str) -> anyhow::Result<()> {
+        let Some(child) = &self.child else {
+            bail!("the {} was already reaped", self.what);
+        };
+        let sent = Command::new("kill")
+            .args([format!("-{signal}"), child.id().to_string()])
+            .status()
+            .with_context(|| format!("run `kill -{signal}` on the {}", self.what))?;
+        if !sent.success() {
+            bail!(
+                "`kill -{signal}` failed ({sent}): the {} is gone",
+                self.what
+            );
+        }
+        Ok(())
+    }
+
+    /// Kills the process (SIGKILL) and reaps it.
+    pub(crate) fn kill(mut self) -> anyhow::Result<()> {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            child.wait().context("reap the killed process")?;
+        }
+        Ok(())
     }
 
     /// The daemon's URL (`http://127.0.0.1:PORT`).

@@ -36,6 +36,7 @@
 //! there either.
 
 mod check;
+pub(crate) mod failover;
 pub mod remote;
 pub(crate) mod standby;
 
@@ -89,6 +90,15 @@ pub struct DemoArgs {
     /// replay, and compare both sites.
     #[arg(long, conflicts_with = "remote")]
     pub standby: bool,
+    /// Run a failover pair (a primary node, a standby node, the built-in witness) on
+    /// DATA/{a,b,witness}, the transactions through it as with --remote; kill the primary
+    /// midway (SIGKILL) and let the standby take over; check the new primary's site.
+    #[arg(long, conflicts_with_all = ["remote", "standby"])]
+    pub failover: bool,
+    /// With --failover: pause the primary (SIGSTOP: sick, not dead) instead of killing it, and
+    /// resume it once the standby took over; it must step down.
+    #[arg(long, requires = "failover")]
+    pub pause: bool,
 }
 
 /// The demo's PostgreSQL resource and table.
@@ -137,6 +147,24 @@ struct Summary {
     /// With `--standby` only: the most records the standby's replay was behind in a sample.
     #[serde(skip_serializing_if = "Option::is_none")]
     lag_records_max: Option<u64>,
+    /// With `--failover` only: true.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    failover: Option<bool>,
+    /// With `--failover` only: from the kill of the primary to the first transaction
+    /// acknowledged by the new primary, in milliseconds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    failover_ms: Option<f64>,
+    /// With `--failover` only: acknowledged transactions missing on the new primary.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    acked_lost: Option<u64>,
+    /// With `--failover` only: whether the old primary decided anything after the standby won
+    /// its epoch (or, with `--pause`, still served once resumed).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    split_brain: Option<bool>,
+    /// With `--failover` only: transactions the failover cut off (an error, not an outcome:
+    /// rolled back, or committed without an acknowledgement; the check accepts both).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cut_off: Option<u64>,
 }
 
 /// The files of a transaction: (resource, file name).
@@ -166,10 +194,11 @@ pub fn run(args: DemoArgs) -> anyhow::Result<bool> {
             "--postgres needs the database's URL (only with --standby does the demo start its own)"
         );
     }
-    if args.clients != remote::CLIENTS_DEFAULT && !(args.remote || args.standby) {
-        bail!("--clients goes with --remote or --standby");
+    if args.clients != remote::CLIENTS_DEFAULT && !(args.remote || args.standby || args.failover) {
+        bail!("--clients goes with --remote, --standby or --failover");
     }
     let summary = match (args.remote, args.standby) {
+        _ if args.failover => failover::run(&args, &data)?,
         (_, true) => standby::run(&args, &data)?,
         (true, false) => remote::run(&args, &data)?,
         (false, false) => runtime.block_on(demo(&args, &data))?,
@@ -329,6 +358,9 @@ struct ClientStats {
     committed: u64,
     rolled_back: u64,
     latencies_us: Vec<u64>,
+    /// Transactions a failover cut off (an error instead of an outcome; `--failover` only).
+    #[serde(default)]
+    cut_off: u64,
 }
 
 impl ClientStats {
@@ -336,6 +368,7 @@ impl ClientStats {
         self.committed += other.committed;
         self.rolled_back += other.rolled_back;
         self.latencies_us.extend(other.latencies_us);
+        self.cut_off += other.cut_off;
     }
 }
 
@@ -353,6 +386,9 @@ struct Workload {
     postgres: bool,
     first: u64,
     step: u64,
+    /// Whether a transaction that fails with an error (cut off by a failover: its node died
+    /// or stepped down) is counted and the next one run, rather than ending the share.
+    tolerate_cut_off: bool,
 }
 
 impl Workload {
@@ -389,11 +425,19 @@ impl Workload {
         while let Some(i) = self.transaction(next.fetch_add(1, Ordering::Relaxed)) {
             let fail = self.fail_every > 0 && i % self.fail_every == self.fail_every - 1;
             let t0 = Instant::now();
-            if one_transaction(concord, &self.run_id, i, fail, self.postgres).await? {
-                std::fs::write(self.acks.join(i.to_string()), b"")?;
-                stats.committed += 1;
-            } else {
-                stats.rolled_back += 1;
+            match one_transaction(concord, &self.run_id, i, fail, self.postgres).await {
+                Ok(true) => {
+                    std::fs::write(self.acks.join(i.to_string()), b"")?;
+                    stats.committed += 1;
+                }
+                Ok(false) => stats.rolled_back += 1,
+                Err(e) if self.tolerate_cut_off => {
+                    if stats.cut_off == 0 {
+                        eprintln!("transaction {i} cut off: {e:#}");
+                    }
+                    stats.cut_off += 1;
+                }
+                Err(e) => return Err(e),
             }
             stats.latencies_us.push(t0.elapsed().as_micros() as u64);
             progress.inc(1);
@@ -422,6 +466,7 @@ async fn run_clients(
         postgres: args.postgres.is_some(),
         first: 0,
         step: 1,
+        tolerate_cut_off: false,
     });
     let progress = progress_bar(args);
     let total = workload.run(concord, args.concurrency, &progress).await?;

@@ -52,6 +52,7 @@
 
 mod bench;
 mod bench_commit;
+mod bench_failover;
 mod bench_load;
 mod bench_mixed;
 mod bench_pg;
@@ -246,6 +247,9 @@ enum BenchCommand {
     /// Benchmark a primary daemon without a standby, with an async and a sync standby, a
     /// standby's replay of a backlog, and its lag at half the primary's maximum load.
     Replication(bench_replication::ReplicationBenchArgs),
+    /// Benchmark a failover pair: kill -> first commit on the new primary (against a restart
+    /// in place), planned switchovers, and no failover under CPU and disk saturation.
+    Failover(bench_failover::FailoverBenchArgs),
 }
 
 impl Command {
@@ -313,6 +317,7 @@ fn run(command: Command) -> anyhow::Result<()> {
         Command::Bench(BenchCommand::Postgres(args)) => bench_pg::run(args),
         Command::Bench(BenchCommand::Recovery(args)) => bench_recovery::run(args),
         Command::Bench(BenchCommand::Replication(args)) => bench_replication::run(args),
+        Command::Bench(BenchCommand::Failover(args)) => bench_failover::run(args),
         Command::Txn(TxnCommand::List(args)) => txn::list(args),
         Command::Txn(TxnCommand::Resolve(args)) => txn::resolve(args),
         Command::Pg(PgCommand::Install(args)) => pg::install(args),

@@ -63,6 +63,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 PROTO_ROOT_DEFAULT = os.path.normpath(os.path.join(HERE, "..", "..", "proto"))
 #: The schema file, relative to the proto root.
 PROTO_FILE = "concord/v1/coordinator.proto"
+#: The schema files it imports (generated next to it, so that its module imports them).
+PROTO_IMPORTS = ("concord/v1/failover.proto",)
 #: A content chunk when the daemon's limit is not known yet (bytes).
 CHUNK_BYTES_DEFAULT = 256 << 10
 #: The deadline of one call when the caller gives none (seconds).
@@ -84,7 +86,8 @@ SQLSTATE_READ_ONLY = "CF002"
 def generate_stubs(out_dir: str, proto_root: str = PROTO_ROOT_DEFAULT) -> str:
     """Generates the Python stubs of the schema into ``out_dir`` (created when missing).
 
-    Writes ``concord/v1/coordinator_pb2.py`` and ``coordinator_pb2_grpc.py`` under it; put
+    Writes ``concord/v1/coordinator_pb2.py`` and ``coordinator_pb2_grpc.py`` (and the
+    modules of the files it imports) under it; put
     ``out_dir`` on ``sys.path`` (or in ``CONCORD_PY_STUBS``) to import them. Returns
     ``out_dir``. Raises ``RuntimeError`` naming the fix when ``grpcio-tools`` is missing or
     the schema does not compile.
@@ -109,7 +112,7 @@ def generate_stubs(out_dir: str, proto_root: str = PROTO_ROOT_DEFAULT) -> str:
         f"--python_out={out_dir}",
         f"--grpc_python_out={out_dir}",
         proto,
-    ]
+    ] + [os.path.join(proto_root, name) for name in PROTO_IMPORTS]
     if protoc.main(args) != 0:
         raise RuntimeError(f"protoc failed on {proto}: see its messages above")
     return out_dir

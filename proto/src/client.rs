@@ -30,8 +30,12 @@ use crate::v1::coordinator_client::CoordinatorClient;
 pub const CLIENT_MESSAGE_BYTES_MAX: usize = 64 << 20;
 /// How long opening the connection may take (milliseconds).
 pub const CONNECT_TIMEOUT_MS: u64 = 10_000;
-/// The interval of HTTP/2 keepalive pings, so that a dead daemon is noticed (milliseconds).
-pub const KEEPALIVE_INTERVAL_MS: u64 = 10_000;
+/// The interval of HTTP/2 keepalive pings, so that a dead daemon — or one paused, whose
+/// kernel still holds the connection open — is noticed (milliseconds) …
+pub const KEEPALIVE_INTERVAL_MS: u64 = 1_000;
+/// … and how long a ping may go unanswered before the connection is closed (milliseconds):
+/// the calls on it fail, and a client of a failover pair looks for the primary.
+pub const KEEPALIVE_TIMEOUT_MS: u64 = 1_000;
 
 /// A generated client whose every call carries the credentials' token.
 pub type Client = CoordinatorClient<InterceptedService<Channel, Auth>>;
@@ -303,6 +307,7 @@ pub fn endpoint(url: &str, credentials: &Credentials) -> Result<(Endpoint, Auth)
     let mut endpoint = Endpoint::from(uri)
         .connect_timeout(Duration::from_millis(CONNECT_TIMEOUT_MS))
         .http2_keep_alive_interval(Duration::from_millis(KEEPALIVE_INTERVAL_MS))
+        .keep_alive_timeout(Duration::from_millis(KEEPALIVE_TIMEOUT_MS))
         .keep_alive_while_idle(true)
         .tcp_nodelay(true);
     match (tls, &credentials.tls) {

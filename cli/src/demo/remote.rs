@@ -56,6 +56,8 @@ use super::{ClientStats, DemoArgs, INDEX, MAIL, PG_RESOURCE, Summary, Workload};
 use crate::daemon_child::DaemonChild;
 use crate::latency::Latencies;
 
+/// How long a client of a failover pair looks for the primary before it gives up.
+const FAILOVER_WAIT_MS: u64 = 10_000;
 /// The client processes `--clients` starts by default.
 pub(super) const CLIENTS_DEFAULT: usize = 4;
 /// The most client processes.
@@ -92,9 +94,13 @@ const PG_POOL_SPARE: usize = 2;
 /// When the run has a PostgreSQL branch, the database's URL comes in [`POSTGRES_ENV`].
 #[derive(clap::Args, Debug)]
 pub struct ClientArgs {
-    /// The daemon's URL.
+    /// The daemon's URL; more than one: the nodes of a failover pair, the client follows the
+    /// primary among them.
+    #[arg(long = "url", required = true)]
+    pub urls: Vec<String>,
+    /// Count a transaction that ends in an error (cut off by a failover) and go on.
     #[arg(long)]
-    pub url: String,
+    pub tolerate_failover: bool,
     /// The demo's data directory (for the acknowledgements).
     #[arg(long)]
     pub data: PathBuf,
@@ -154,7 +160,7 @@ pub(super) struct Driven {
 pub(super) fn drive(args: &DemoArgs, data: &Path, url: &str) -> anyhow::Result<Driven> {
     let run_id = super::record_run(args, data)?;
     let started = Instant::now();
-    let (stats, failed) = run_clients(args, data, url, &run_id)?;
+    let (stats, failed) = run_clients(args, data, &[url], &run_id, false)?;
     let elapsed_s = started.elapsed().as_secs_f64();
     std::fs::write(data.join("acks").join(&run_id).join(check::FINISHED), b"")?;
     // Its own runtime, dropped with its connection: the daemon's graceful stop waits for open
@@ -307,17 +313,26 @@ fn toml_string(s: &str) -> String {
 
 /// Starts the client processes and waits for each; returns their counts added up, and how
 /// many did not exit 0 with their counts.
-fn run_clients(
+pub(super) fn run_clients(
     args: &DemoArgs,
     data: &Path,
-    url: &str,
+    urls: &[&str],
     run_id: &str,
+    tolerate_failover: bool,
 ) -> anyhow::Result<(ClientStats, usize)> {
     let clients = args.clients;
     let tasks = args.concurrency.div_ceil(clients).max(1);
     let mut children = Vec::new();
     for k in 0..clients {
-        children.push(spawn_client(args, data, url, run_id, k, tasks)?);
+        children.push(spawn_client(
+            args,
+            data,
+            urls,
+            run_id,
+            k,
+            tasks,
+            tolerate_failover,
+        )?);
     }
     let bound = Duration::from_millis(
         CLIENT_MS_BASE + CLIENT_MS_PER_TXN * args.transactions.div_ceil(clients as u64),
@@ -340,16 +355,23 @@ fn run_clients(
 fn spawn_client(
     args: &DemoArgs,
     data: &Path,
-    url: &str,
+    urls: &[&str],
     run_id: &str,
     k: usize,
     tasks: usize,
+    tolerate_failover: bool,
 ) -> anyhow::Result<Child> {
     let exe = std::env::current_exe().context("find the concord binary")?;
     let mut command = Command::new(exe);
+    command.arg("demo-client");
+    for url in urls {
+        command.args(["--url", url]);
+    }
+    if tolerate_failover {
+        command.arg("--tolerate-failover");
+    }
     command
-        .arg("demo-client")
-        .args(["--url", url, "--run", run_id])
+        .args(["--run", run_id])
         .arg("--data")
         .arg(data)
         .args(["--transactions", &args.transactions.to_string()])
@@ -406,7 +428,7 @@ fn finish_client(mut child: Child, deadline: Instant) -> anyhow::Result<ClientSt
 /// Waits, at most [`IDLE_MS_MAX`], until the daemon lists no transaction in phase 2 and, with
 /// the database at `postgres`, no branch of the demo's resource is prepared there; returns
 /// whether it got there.
-async fn wait_idle(url: &str, postgres: Option<&str>) -> anyhow::Result<bool> {
+pub(super) async fn wait_idle(url: &str, postgres: Option<&str>) -> anyhow::Result<bool> {
     let mut client = proto::client::connect(url, &Credentials::none()).await?;
     let deadline = Instant::now() + Duration::from_millis(IDLE_MS_MAX);
     loop {
@@ -461,9 +483,14 @@ pub fn client(args: ClientArgs) -> anyhow::Result<()> {
 /// Connects to the daemon (and attaches the demo's database when the run has a PostgreSQL
 /// branch) and runs this client's share of the run's transactions.
 async fn client_tasks(args: &ClientArgs) -> anyhow::Result<ClientStats> {
-    let concord = Concord::connect(&args.url, Credentials::none())
-        .await
-        .context("connect to the coordinator daemon")?;
+    let concord = match args.urls.as_slice() {
+        [url] => Concord::connect(url, Credentials::none()).await,
+        urls => {
+            let urls: Vec<&str> = urls.iter().map(String::as_str).collect();
+            Concord::connect_any_within(&urls, Credentials::none(), FAILOVER_WAIT_MS).await
+        }
+    }
+    .context("connect to the coordinator daemon")?;
     let postgres = std::env::var(POSTGRES_ENV).ok();
     if let Some(url) = &postgres {
         let config = PostgresConfig {
@@ -483,6 +510,7 @@ async fn client_tasks(args: &ClientArgs) -> anyhow::Result<ClientStats> {
         postgres: postgres.is_some(),
         first: args.client,
         step: args.clients,
+        tolerate_cut_off: args.tolerate_failover,
     });
     let hidden = indicatif::ProgressBar::hidden();
     workload.run(&concord, args.tasks, &hidden).await

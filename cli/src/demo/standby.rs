@@ -143,7 +143,7 @@ pub(super) fn run(args: &DemoArgs, data: &Path) -> anyhow::Result<Summary> {
 }
 
 /// The options of the run, field by field (clap's arguments are not `Clone`).
-fn copy_args(args: &DemoArgs) -> DemoArgs {
+pub(super) fn copy_args(args: &DemoArgs) -> DemoArgs {
     DemoArgs {
         data: args.data.clone(),
         transactions: args.transactions,
@@ -154,6 +154,8 @@ fn copy_args(args: &DemoArgs) -> DemoArgs {
         remote: args.remote,
         clients: args.clients,
         standby: args.standby,
+        failover: args.failover,
+        pause: args.pause,
     }
 }
 

@@ -110,6 +110,13 @@ impl Node {
             cluster_id,
             self.cfg.replication.clone(),
         );
+        let peer = self.senses.peer();
+        if peer.state != super::watch::PeerKind::Alive {
+            shipper.fall_back_now(&format!(
+                "this node serves and its peer {} is {}",
+                self.fo.peer, peer.state
+            ));
+        }
         let sync = shipper.gate().map(|g| g as Arc<dyn CommitGate>);
         let gate = Arc::new(AuthorityGate::new(Arc::clone(&authority), sync));
         let _ = coordinator.set_commit_gate(gate);

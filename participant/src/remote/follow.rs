@@ -40,6 +40,9 @@ pub const FAILOVER_WAIT_MS_DEFAULT: u64 = 5_000;
 pub const FOLLOW_BACKOFF_FIRST_MS: u64 = 50;
 /// The longest wait between two rounds of the search (milliseconds).
 pub const FOLLOW_BACKOFF_MAX_MS: u64 = 500;
+/// The longest one node's `Status` may take during a search: a node that does not answer by
+/// then (paused, its kernel still accepting connections) is passed over for the next.
+pub const PROBE_MS_MAX: u64 = 1_000;
 
 /// One node: its URL and a client of it (connecting at its first call).
 #[derive(Clone)]
@@ -224,6 +227,7 @@ impl Nodes {
         };
         let mut client = node.client.clone();
         let asked = client.status(v1::StatusRequest { header: header() });
+        let left = left.min(Duration::from_millis(PROBE_MS_MAX));
         let answer = match tokio::time::timeout(left, asked).await {
             Ok(answer) => answer,
             Err(_) => {

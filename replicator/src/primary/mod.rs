@@ -120,6 +120,26 @@ impl Shipper {
         })
     }
 
+    /// With `sync_fallback = "async"`: commits stop waiting for a standby now, until one
+    /// acknowledges the durable LSN of this moment — for a primary that knows it has no
+    /// standby (it just took over from a dead one). Returns whether it fell back.
+    pub fn fall_back_now(&self, why: &str) -> bool {
+        if self.config.mode != ReplicationMode::Sync
+            || self.config.sync_fallback != SyncFallback::Async
+        {
+            return false;
+        }
+        let here = self.coordinator.journal().durable_lsn();
+        self.fallback_target.store(here.0, Ordering::Release);
+        if !self.fallen_back.swap(true, Ordering::AcqRel) {
+            tracing::warn!(
+                "{why}: commits do not wait for a standby (sync_fallback = \"async\") until one acknowledges lsn {here}"
+            );
+            self.publish_sync_state();
+        }
+        true
+    }
+
     /// Ends every stream (the daemon is stopping).
     pub fn stop(&self) {
         self.stop.send_replace(true);
