@@ -156,8 +156,12 @@ fn a_paused_primary_resumes_as_a_node_that_commits_nothing() {
         "the promoted primary",
         is_committing_primary,
     );
-    // Held longer than the lease, and than the promotion.
-    std::thread::sleep(Duration::from_millis(2_000));
+    // While a is still frozen, the clients find b.
+    assert!(
+        workload.wait_more(10, PROGRESS_MS_MAX),
+        "the clients did not continue on b while a was paused\n{}",
+        pair.describe()
+    );
     pair.a.resume();
     // At once, and until it follows: the old primary never says it may commit.
     let f = pair.wait_failover("a", 10_000, "answering after SIGCONT", |_| true);
