@@ -2,7 +2,10 @@
 //! primary is killed, and during a planned switchover — and whether a saturated but healthy
 //! primary is ever replaced. Every trial runs a pair and the witness of `concord demo
 //! --failover` ([`Pair`]: default timings, sync replication) on loopback, with one client of
-//! this process committing a small transaction (a file and a key) in a loop, connected to both
+//! this process starting a small transaction (a file and a key) every [`LOAD_EVERY_MS`] while
+//! fewer than [`LOAD_IN_FLIGHT_MAX`] are in flight — an open loop, as requests reach an
+//! application, so that a transaction the kill cut off (its client waits for its outcome)
+//! holds up no later one — connected to both
 //! nodes ([`participant::Concord::connect_any`]).
 //!
 //! One unmeasured trial of each kind comes first (the first processes of a run pay for cold
@@ -38,6 +41,10 @@ use crate::daemon_child::DaemonChild;
 use crate::demo::failover::{Pair, state, wait_for};
 use crate::demo::standby::percentile;
 
+/// The load starts a transaction this often (milliseconds) …
+const LOAD_EVERY_MS: u64 = 5;
+/// … while fewer than this many are in flight.
+const LOAD_IN_FLIGHT_MAX: usize = 16;
 /// How long a trial waits for commits to flow, and for the first commit after a kill.
 const FLOW_MS_MAX: u64 = 30_000;
 
@@ -102,16 +109,33 @@ impl Load {
                     let concord =
                         Concord::connect_any_within(&urls, Credentials::none(), FLOW_MS_MAX)
                             .await?;
+                    // An open loop, as requests reach an application: a transaction starts
+                    // every LOAD_EVERY_MS while fewer than LOAD_IN_FLIGHT_MAX are in flight, so
+                    // one whose commit the kill cut off (it waits for its outcome) holds up
+                    // no later one.
+                    let permits = Arc::new(tokio::sync::Semaphore::new(LOAD_IN_FLIGHT_MAX));
+                    let mut tasks = tokio::task::JoinSet::new();
                     let mut i = 0u64;
+                    let mut tick = tokio::time::interval(Duration::from_millis(LOAD_EVERY_MS));
                     while !stop.load(Ordering::Acquire) {
-                        let began = Instant::now();
-                        if one(&concord, i).await.is_ok()
-                            && let Ok(mut acks) = acks.lock()
-                        {
-                            acks.push((began, Instant::now()));
-                        }
+                        tick.tick().await;
+                        let Ok(permit) = Arc::clone(&permits).try_acquire_owned() else {
+                            continue;
+                        };
+                        let (concord, acks) = (concord.clone(), Arc::clone(&acks));
+                        tasks.spawn(async move {
+                            let began = Instant::now();
+                            if one(&concord, i).await.is_ok()
+                                && let Ok(mut acks) = acks.lock()
+                            {
+                                acks.push((began, Instant::now()));
+                            }
+                            drop(permit);
+                        });
                         i += 1;
+                        while tasks.try_join_next().is_some() {}
                     }
+                    while tasks.join_next().await.is_some() {}
                     Ok(())
                 })
             })
@@ -301,7 +325,16 @@ fn switchovers(dir: &Path, count: usize, quiet: bool) -> anyhow::Result<Vec<f64>
         }
         windows.push(reply.window_ms as f64);
         if !quiet {
-            eprintln!("switchover {n}: {} ms without a primary", reply.window_ms);
+            let steps: Vec<String> = reply
+                .steps
+                .iter()
+                .map(|s| format!("{} {} ms", s.step, s.ms))
+                .collect();
+            eprintln!(
+                "switchover {n}: {} ms without a primary ({})",
+                reply.window_ms,
+                steps.join(", ")
+            );
         }
         // The old primary follows the new one and catches up before the next handover.
         wait_for(to, FLOW_MS_MAX, |s| {
@@ -362,7 +395,7 @@ fn stress(dir: &Path, seconds: u64) -> anyhow::Result<u64> {
         .filter_map(Result::ok)
         .map(|s| s.epoch)
         .max()
-        .unwrap_or(before);
+        .context("neither node answered after the stress window: the count would mean nothing")?;
     load.stop()?;
     drop(pair);
     Ok(after.saturating_sub(before))

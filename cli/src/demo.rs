@@ -634,6 +634,12 @@ fn print_summary(s: &Summary, data: &Path, kept: bool) {
     if let (Some(clients), Some(failed)) = (s.clients, s.clients_failed) {
         println!("clients:             {clients} processes, {failed} failed");
     }
+    if let (Some(ms), Some(lost), Some(split)) = (s.failover_ms, s.acked_lost, s.split_brain) {
+        println!("failover_ms:         {ms:.0}");
+        println!("acked_lost:          {lost}");
+        println!("split_brain:         {split}");
+        println!("cut_off:             {}", s.cut_off.unwrap_or(0));
+    }
     if let (Some(equal), Some(p50), Some(p99)) = (s.sites_equal, s.lag_p50_ms, s.lag_p99_ms) {
         println!("sites_equal:         {equal}");
         println!("lag_p50_ms:          {p50:.1}");

@@ -19,6 +19,7 @@
 //! fence_agent = "/usr/sbin/fence_ipmilan"   # optional STONITH agent (stdin protocol)
 //! fence_plug = "node-a"               # what the agent switches off (the peer)
 //! lag_guard_records = 10000           # a standby further behind does not promote (without --force)
+//! rejoin = "reseed"                   # an old primary that went further re-seeds ("manual": waits)
 //! ```
 //!
 //! The idea: the table is what both nodes must agree on. Each node names itself and its peer;
@@ -113,6 +114,10 @@ pub struct FailoverConfig {
     pub fence_args: BTreeMap<String, String>,
     /// Deadline of the fence agent.
     pub fence_timeout_ms: u64,
+    /// Whether a node whose journal went past the primary's (an old primary) re-seeds itself
+    /// from the primary to rejoin (`rejoin = "reseed"`, the default; it reports what it
+    /// discards), or waits for an operator (`"manual"`).
+    pub rejoin_reseed: bool,
     /// A watchdog device petted while healthy.
     pub watchdog: Option<PathBuf>,
     /// How often the health probes run.
@@ -162,6 +167,7 @@ impl FailoverConfig {
             fence_plug: None,
             fence_args: BTreeMap::new(),
             fence_timeout_ms: 5_000,
+            rejoin_reseed: true,
             watchdog: None,
             probe_interval_ms: 200,
             probe_deadline_ms: 1_000,
@@ -200,6 +206,7 @@ pub(super) struct FailoverToml {
     #[serde(default)]
     fence_args: BTreeMap<String, String>,
     fence_timeout_ms: Option<u64>,
+    rejoin: Option<String>,
     watchdog: Option<PathBuf>,
     probe_interval_ms: Option<u64>,
     probe_deadline_ms: Option<u64>,
@@ -352,6 +359,15 @@ impl FailoverToml {
                 self.fence_timeout_ms.unwrap_or(d.fence_timeout_ms),
                 100..=600_000,
             )?,
+            rejoin_reseed: match self.rejoin.as_deref() {
+                None | Some("reseed") => true,
+                Some("manual") => false,
+                Some(other) => {
+                    return Err(format!(
+                        "[failover]: field `rejoin` is {other:?}; write \"reseed\" or \"manual\""
+                    ));
+                }
+            },
             watchdog: self.watchdog,
             probe_interval_ms: within(
                 "probe_interval_ms",

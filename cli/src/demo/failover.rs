@@ -157,7 +157,9 @@ impl Pair {
         for dir in [&wdir, &adir, &bdir] {
             std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
         }
-        if adir.join("journal").exists() || wdir.join("witness.state").exists() {
+        if adir.join("journal").exists()
+            || wdir.join(replicator::quorum::witness::STATE_FILE).exists()
+        {
             bail!(
                 "{} holds an earlier failover pair: the demo needs a new (or empty) --data directory",
                 data.display()

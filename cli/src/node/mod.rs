@@ -484,13 +484,26 @@ async fn startup(node: &Arc<Node>, start_as: StartAs) -> anyhow::Result<()> {
         }
         (None, StartAs::Primary) => {
             let reply = promote::promote(node, promote::Ask::first()).await;
-            anyhow::ensure!(
-                reply.outcome == v1::ChangeOutcome::Done as i32,
-                "could not take the first epoch: {} {}",
-                reply.reason,
-                reply.what_to_do
-            );
-            Ok(())
+            if reply.outcome == v1::ChangeOutcome::Done as i32 {
+                return Ok(());
+            }
+            // Another node took the first epoch at the same moment: follow it.
+            let state = node.store.state().await.ok();
+            match state
+                .as_ref()
+                .and_then(|s| s.holder.as_ref().map(|h| (h, s.epoch)))
+            {
+                Some((holder, epoch)) if holder.node != node.me.node => {
+                    let following = node.start_following(&holder.address, epoch).await?;
+                    *node.role.lock().await = Role::Standby(following);
+                    Ok(())
+                }
+                _ => anyhow::bail!(
+                    "could not take the first epoch: {} {}",
+                    reply.reason,
+                    reply.what_to_do
+                ),
+            }
         }
         (None, StartAs::Standby) => {
             let peer = node.fo.peer.clone();

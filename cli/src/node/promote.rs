@@ -338,7 +338,9 @@ async fn guards(
             "let it catch up, or promote with --force and lose what it lacks",
         ));
     }
-    // Its own promise binds even with --force: the primary may rely on it.
+    // Its own promise binds even with --force: the primary may rely on it. No new promise
+    // from here (a promoting node confirms nothing), then the last one runs out.
+    node.set_view(|v| v.role = "promoting");
     let promised = node.promised_until.lock().ok().and_then(|p| *p);
     if let Some(until) = promised
         && until > Instant::now()
@@ -1017,7 +1019,7 @@ async fn serve_directly(
     };
     let history = RoleHistory::read(&journal).unwrap_or_default();
     let journal_epoch = last_epoch(&journal);
-    if ask.why == Why::Resume {
+    if ask.why != Why::First {
         let state = node.store.state().await.ok();
         // Served this epoch before, unless a promotion to it began and never served.
         let served_here = state.as_ref().is_some_and(|s| {

@@ -140,6 +140,7 @@ async fn authority_loop(node: Weak<Node>) {
         tick.tick().await;
         let Some(node) = node.upgrade() else { return };
         let view = node.view();
+        publish_metrics(&view);
         let Some(authority) = view.authority else {
             continue;
         };
@@ -164,6 +165,20 @@ async fn authority_loop(node: Weak<Node>) {
             lost_epoch(&node, &why).await;
         }
     }
+}
+
+/// The failover gauges: `concord_failover_primary` (1 on the primary), `concord_failover_epoch`,
+/// `concord_failover_may_commit` (the primary's authority), `concord_failover_lease_remaining_ms`.
+fn publish_metrics(view: &super::View) {
+    let may_commit = view.authority.as_ref().is_some_and(|a| a.check().is_ok());
+    let lease = view
+        .authority
+        .as_ref()
+        .map_or(0, |a| a.lease_remaining().as_millis() as u64);
+    metrics::gauge!("concord_failover_primary").set(f64::from(u8::from(view.role == "primary")));
+    metrics::gauge!("concord_failover_epoch").set(view.epoch as f64);
+    metrics::gauge!("concord_failover_may_commit").set(f64::from(u8::from(may_commit)));
+    metrics::gauge!("concord_failover_lease_remaining_ms").set(lease as f64);
 }
 
 /// The primary lost its epoch: it follows the winner.
@@ -234,7 +249,9 @@ async fn standby_loop(node: Weak<Node>) {
         {
             node.anchors.report(progress);
         }
-        note_stuck(&node).await;
+        if note_stuck(&node).await && node.fo.rejoin_reseed {
+            rejoin(&node).await;
+        }
         if !node.fo.automatic || node.view().stuck.is_some() {
             continue;
         }
@@ -256,10 +273,9 @@ async fn standby_loop(node: Weak<Node>) {
             continue;
         }
         tracing::warn!("{reason}: this standby promotes itself");
+        // A promotion that is done notes the time itself (the holdoff); a refused one does
+        // not, so the next attempt is not held off.
         let reply = promote::promote(&node, Ask::automatic(&reason)).await;
-        if let Ok(mut last) = node.last_auto.lock() {
-            *last = Some(Instant::now());
-        }
         tracing::warn!(
             outcome = reply.outcome,
             epoch = reply.epoch,
@@ -342,11 +358,11 @@ async fn blocked(node: &Node, lease_seen: &mut Option<(Instant, u64)>) -> Option
     None
 }
 
-/// Notes when the receiver was refused for good (another history).
-async fn note_stuck(node: &Node) {
+/// Notes when the receiver was refused for good (another history); returns whether it was.
+async fn note_stuck(node: &Node) -> bool {
     let role = node.role.lock().await;
     let Role::Standby(following) = &*role else {
-        return;
+        return false;
     };
     let refused = following
         .status
@@ -361,7 +377,123 @@ async fn note_stuck(node: &Node) {
         )),
         _ => None,
     };
+    let is_stuck = stuck.is_some();
     node.set_view(|v| v.stuck = stuck);
+    is_stuck
+}
+
+/// A node whose journal went past the primary's (an old primary that decided what its
+/// standby never received) rejoins: it reports the transactions after the last common record
+/// as lost — in its log and in `data_dir/failover/lost-<unix ms>.txt`, each with the
+/// resources it touched — then re-seeds its resources and journal from the primary
+/// ([`replicator::reseed`]) and follows it.
+async fn rejoin(node: &Arc<Node>) {
+    let Ok(_change) = node.begin_change("a re-seed to rejoin the primary") else {
+        return;
+    };
+    let mut role = node.role.lock().await;
+    let Role::Standby(following) = std::mem::replace(&mut *role, Role::Vacant) else {
+        return;
+    };
+    let view = node.view();
+    let primary = view.primary.clone().unwrap_or_else(|| node.fo.peer.clone());
+    let diverged_at = following
+        .status
+        .receive
+        .lock()
+        .ok()
+        .and_then(|v| v.last_error.clone())
+        .and_then(|why| lsn_after(&why, "at lsn "));
+    node.replication_slot.set(None);
+    node.set_view(|v| v.role = "rejoining");
+    let journal = following.stop().await;
+    if let Some(lsn) = diverged_at {
+        report_lost(node, &journal, lsn);
+    }
+    let closed = tokio::task::spawn_blocking(move || journal.close()).await;
+    if !matches!(closed, Ok(Ok(()))) {
+        tracing::warn!("the journal did not close cleanly before the re-seed");
+    }
+    tracing::warn!("this node's journal went past the primary's: re-seeding it from {primary}");
+    let reseeded = replicator::reseed::reseed(
+        &node.upstream(&primary),
+        &node.resources,
+        &node.cfg.data_dir,
+    )
+    .await;
+    match reseeded {
+        Ok(report) => tracing::warn!(
+            lsn = report.lsn.0,
+            "re-seeded from {primary} at lsn {}; following it",
+            report.lsn
+        ),
+        Err(e) => {
+            tracing::error!(error = %e, "re-seeding from {primary} failed; trying again later")
+        }
+    }
+    let epoch = view.epoch;
+    match node.start_following(&primary, epoch).await {
+        Ok(following) => *role = Role::Standby(following),
+        Err(e) => {
+            tracing::error!(error = %format!("{e:#}"), "could not follow {primary}");
+            node.set_view(|v| v.stuck = Some(format!("could not follow {primary}: {e:#}")));
+        }
+    }
+    node.set_view(|v| v.last_change = format!("rejoined {primary} by re-seeding"));
+}
+
+/// The number after `marker` in `text`.
+fn lsn_after(text: &str, marker: &str) -> Option<u64> {
+    let at = text.find(marker)? + marker.len();
+    let digits: String = text[at..]
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect();
+    digits.parse().ok()
+}
+
+/// Logs and writes down the decisions of `journal` after `lsn`: what a re-seed discards.
+fn report_lost(node: &Node, journal: &journal::Journal, lsn: u64) {
+    use coordinator::record::CoordRecord;
+    let mut lines = Vec::new();
+    if let Ok(reader) = journal.read_from(journal::Lsn(lsn + 1)) {
+        for record in reader.flatten() {
+            match CoordRecord::decode(record.kind, &record.payload) {
+                Ok(CoordRecord::Commit { xid, branches, .. }) => {
+                    let touched: Vec<&str> = branches.iter().map(|(r, _)| r.as_str()).collect();
+                    lines.push(format!(
+                        "lsn {} {xid}: committed here, in {}",
+                        record.lsn,
+                        touched.join(", ")
+                    ));
+                }
+                Ok(CoordRecord::OnePhase { xid, resource, .. }) => {
+                    lines.push(format!(
+                        "lsn {} {xid}: one-phase commit here, in {resource}",
+                        record.lsn
+                    ));
+                }
+                _ => {}
+            }
+        }
+    }
+    for line in &lines {
+        tracing::warn!("lost by the re-seed (not on the primary): {line}");
+    }
+    let dir = node.cfg.data_dir.join("failover");
+    let file = dir.join(format!(
+        "lost-{}.txt",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis())
+    ));
+    let text = format!(
+        "# transactions this node decided after lsn {lsn}, the last record it shares with the primary;\n# a re-seed from the primary discards them\n{}\n",
+        lines.join("\n")
+    );
+    if let Err(e) = std::fs::create_dir_all(&dir).and_then(|()| std::fs::write(&file, text)) {
+        tracing::warn!(error = %e, "could not write {}", file.display());
+    }
 }
 
 /// The heartbeats' gRPC service as served.

@@ -49,7 +49,7 @@ use crate::replay::SharedView;
 use crate::{cluster, wire};
 
 /// First and last delay before connecting again after a break (milliseconds).
-pub const RECONNECT_BACKOFF_MS: (u64, u64) = (100, 5_000);
+pub const RECONNECT_BACKOFF_MS: (u64, u64) = (100, 1_000);
 /// Delay before asking again after a refusal only a person can end (milliseconds).
 pub const REFUSED_RETRY_MS: u64 = 5_000;
 /// How long the primary may stay silent before the link counts as broken (milliseconds): it
