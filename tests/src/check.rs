@@ -199,7 +199,8 @@ pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-fn files(root: &Path) -> BTreeMap<String, [u8; 32]> {
+/// Every file under `root` but `.concord`, by `/`-separated relative path, with its digest.
+pub fn files(root: &Path) -> BTreeMap<String, [u8; 32]> {
     let mut found = BTreeMap::new();
     walk(root, "", &mut found);
     found
@@ -247,7 +248,8 @@ fn mail(maildir: &Path) -> BTreeMap<String, [u8; 32]> {
     found
 }
 
-fn kv(dir: &Path) -> BTreeMap<String, [u8; 32]> {
+/// Every key of the sled directory's data tree, in lower-case hex, with its value's digest.
+pub fn kv(dir: &Path) -> BTreeMap<String, [u8; 32]> {
     if !dir.exists() {
         return BTreeMap::new();
     }

@@ -21,7 +21,9 @@
 //! * [`netns`] — the failover lab: network namespaces joined by a router, partitions with
 //!   nftables, processes and threads inside a namespace;
 //! * [`etcd`] and [`witness`] — the two quorum stores as processes, stopped and started again;
-//! * [`stress`] — CPU and disk saturation with stress-ng.
+//! * [`stress`] — CPU and disk saturation with stress-ng;
+//! * [`pair`] — a failover pair (two nodes with `[failover]`, the witness or etcd, a workload
+//!   that follows the primary, the check that every acknowledged commit survived).
 //!
 //! Running them: `cargo build -p concord-cli && cargo test -p concord-tests --test replication`.
 //! The tests run the binary that is there (`$CONCORD_BIN`, else `target/debug/concord`):
@@ -37,6 +39,7 @@
 pub mod check;
 pub mod etcd;
 pub mod netns;
+pub mod pair;
 pub mod process;
 pub mod proxy;
 pub mod site;

@@ -91,6 +91,10 @@ impl Witness {
             .arg(&self.data)
             .args(["--listen", &self.listen])
             .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_default());
+        if self.netns.is_some() {
+            // A lab address is not loopback: the witness refuses it without this.
+            command.arg("--listen-any");
+        }
         if let Some(token_file) = &self.token_file {
             command.arg("--token-file").arg(token_file);
         }

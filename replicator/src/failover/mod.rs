@@ -79,7 +79,8 @@ pub enum LeaseEnd {
     },
 }
 
-/// Renews a primary's lease every quarter of its length, while the node is healthy.
+/// Renews a primary's lease every quarter of its length, while the node is healthy; while it is
+/// sick, reads the store instead, so that a lost epoch is noticed and given up all the same.
 pub struct LeaseKeeper {
     /// The quorum store.
     pub store: Arc<dyn QuorumStore>,
@@ -103,7 +104,14 @@ impl LeaseKeeper {
             if *stop.borrow() {
                 return LeaseEnd::Stopped;
             }
-            if self.authority.sick().is_none() {
+            if self.authority.sick().is_some() {
+                // A sick node does not renew, but it still reads the store: once a standby has
+                // taken the epoch, it must learn it and follow instead of staying a primary
+                // that refuses every commit.
+                if let Some(end) = self.epoch_moved(epoch).await {
+                    return end;
+                }
+            } else {
                 let sent = Instant::now();
                 let call = self.store.renew(&self.me, epoch, self.ttl_ms);
                 let answer =
@@ -161,6 +169,39 @@ impl LeaseKeeper {
                 _ = stop.changed() => {}
             }
         }
+    }
+}
+
+impl LeaseKeeper {
+    /// Whether the store has moved past `epoch` (read with `state`, not renewing): then the
+    /// authority is lost, as when a renew is refused. An unreachable store says nothing.
+    async fn epoch_moved(&self, epoch: u64) -> Option<LeaseEnd> {
+        let call = self.store.state();
+        let timeout = Duration::from_millis(self.call_timeout_ms);
+        let state = tokio::time::timeout(timeout, call).await.ok()?.ok()?;
+        let other = state
+            .holder
+            .as_ref()
+            .is_some_and(|h| h.node != self.me.node);
+        if state.epoch == epoch && !other {
+            return None;
+        }
+        let who = state
+            .holder
+            .as_ref()
+            .map_or("another node".to_string(), |h| {
+                format!("{} ({})", h.node, h.address)
+            });
+        let why = format!(
+            "epoch {epoch} is over: the quorum store gives epoch {} to {who}",
+            state.epoch
+        );
+        tracing::warn!("{why}; this sick node stops being the primary");
+        self.authority.lose(why);
+        Some(LeaseEnd::Lost {
+            epoch: state.epoch,
+            holder: state.holder,
+        })
     }
 }
 
@@ -268,4 +309,108 @@ fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use std::sync::Mutex;
+
+    use super::*;
+    use crate::quorum::ClusterState;
+
+    /// A store in memory: one epoch and holder; a renew succeeds for the holder at its epoch.
+    struct MemoryStore(Mutex<(u64, Holder)>);
+
+    #[async_trait::async_trait]
+    impl QuorumStore for MemoryStore {
+        fn describe(&self) -> String {
+            "memory".into()
+        }
+
+        async fn state(&self) -> Result<ClusterState, QuorumError> {
+            let (epoch, holder) = self.0.lock().unwrap().clone();
+            Ok(ClusterState {
+                epoch,
+                holder: Some(holder),
+                lease_remaining_ms: None,
+            })
+        }
+
+        async fn claim(
+            &self,
+            _: &Holder,
+            _: u64,
+            _: u64,
+            _: u64,
+            _: bool,
+        ) -> Result<crate::quorum::Grant, QuorumError> {
+            unreachable!("the lease keeper never claims")
+        }
+
+        async fn renew(
+            &self,
+            me: &Holder,
+            epoch: u64,
+            ttl_ms: u64,
+        ) -> Result<crate::quorum::Grant, QuorumError> {
+            let (now, holder) = self.0.lock().unwrap().clone();
+            if now != epoch {
+                return Err(QuorumError::EpochMoved {
+                    epoch: now,
+                    holder: Some(holder),
+                });
+            }
+            if holder.node != me.node {
+                return Err(QuorumError::NotHolder {
+                    epoch: now,
+                    holder: Some(holder),
+                });
+            }
+            Ok(crate::quorum::Grant { epoch, ttl_ms })
+        }
+
+        async fn release(&self, _: &Holder, _: u64) -> Result<(), QuorumError> {
+            Ok(())
+        }
+    }
+
+    fn holder(node: &str) -> Holder {
+        Holder {
+            node: node.into(),
+            address: format!("http://{node}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_sick_primary_that_stopped_renewing_still_learns_its_epoch_is_over() {
+        let store = Arc::new(MemoryStore(Mutex::new((1, holder("a")))));
+        let authority = Arc::new(Authority::new(1, 50));
+        let keeper = LeaseKeeper {
+            store: store.clone(),
+            me: holder("a"),
+            authority: authority.clone(),
+            ttl_ms: 400,
+            call_timeout_ms: 100,
+        };
+        let (_stop, stop_rx) = watch::channel(false);
+        let run = tokio::spawn(keeper.run(stop_rx));
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        assert!(authority.check().is_ok(), "the lease was renewed");
+        authority.set_sick(Some("journal: no space left".into()));
+        *store.0.lock().unwrap() = (2, holder("b"));
+        let end = tokio::time::timeout(Duration::from_secs(2), run)
+            .await
+            .expect("the keeper noticed the lost epoch within 2 s")
+            .unwrap();
+        assert_eq!(
+            end,
+            LeaseEnd::Lost {
+                epoch: 2,
+                holder: Some(holder("b"))
+            }
+        );
+        assert!(authority.lost().is_some_and(|why| why.contains("epoch 2")));
+    }
 }
