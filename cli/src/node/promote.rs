@@ -783,11 +783,11 @@ async fn win_epoch(
         .holder
         .as_ref()
         .is_some_and(|h| h.node == node.me.node);
-    if mine
-        && (state.epoch > journal_epoch
-            || history.done("promote", state.epoch, "epoch")
-            || ask.why == Why::Resume)
-    {
+    // A promotion of this node to the stored epoch began and did not finish: resume it. (A
+    // node that served that epoch and handed over claims a new one like any other.)
+    let interrupted = history.done("promote", state.epoch, "epoch")
+        && !history.done("promote", state.epoch, "serve");
+    if mine && (state.epoch > journal_epoch || interrupted || ask.why == Why::Resume) {
         // Won by an earlier run (or this node served this epoch before a restart).
         let sent = Instant::now();
         let grant = match tokio::time::timeout(
