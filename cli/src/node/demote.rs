@@ -41,13 +41,7 @@ pub(crate) async fn demote(
     };
     let _change = match node.begin_change(what) {
         Ok(guard) => guard,
-        Err(running) => {
-            return report.refuse(
-                "start",
-                running,
-                "wait for it to finish (concord status shows the role), then run the command again",
-            );
-        }
+        Err(running) => return report.busy(running),
     };
     let mut role = node.role.lock().await;
     let Role::Primary(serving) = &*role else {

@@ -146,6 +146,15 @@ impl Report {
         }
     }
 
+    /// The refusal of a change asked while another one runs (`running` names it).
+    pub fn busy(&mut self, running: String) -> v1::RoleChangeReply {
+        self.refuse(
+            "start",
+            running,
+            "wait for it to finish (concord status shows the role), then run the command again",
+        )
+    }
+
     /// A failure: `reason` and what to do.
     pub fn fail(
         &mut self,
@@ -182,13 +191,7 @@ pub(crate) async fn promote(node: &Arc<Node>, ask: Ask) -> v1::RoleChangeReply {
     let mut report = Report::new();
     let _change = match node.begin_change("a promotion") {
         Ok(guard) => guard,
-        Err(running) => {
-            return report.refuse(
-                "start",
-                running,
-                "wait for it to finish (concord status shows the role), then run the command again",
-            );
-        }
+        Err(running) => return report.busy(running),
     };
     let mut role = node.role.lock().await;
     promote_in(node, ask, &mut role, report).await
@@ -677,26 +680,7 @@ async fn run_steps(
             );
         }
     };
-    if let Err(e) = append_role(
-        serving.journal(),
-        epoch,
-        op,
-        "serve",
-        "serving as the primary",
-    )
-    .await
-    {
-        tracing::warn!(error = %e, "could not journal the serve step");
-    }
-    *role = Role::Primary(serving);
-    report.step(
-        "serve",
-        "done",
-        format!(
-            "serving as the primary at epoch {epoch} on {}",
-            node.fo.address
-        ),
-    );
+    serve(node, role, serving, epoch, op, true, report).await;
     if let Ok(mut last) = node.last_auto.lock() {
         *last = Some(Instant::now());
     }
@@ -1059,7 +1043,34 @@ async fn serve_directly(
             ));
         }
     };
-    if ask.why == Why::First
+    serve(
+        node,
+        role,
+        serving,
+        epoch,
+        op,
+        ask.why == Why::First,
+        report,
+    )
+    .await;
+    Ok(Some(v1::RoleChangeReply {
+        epoch,
+        primary: node.fo.address.clone(),
+        ..report.reply(v1::ChangeOutcome::Done)
+    }))
+}
+
+/// The last step: the node serves as the primary (the step journaled when `journal`).
+async fn serve(
+    node: &Node,
+    role: &mut Role,
+    serving: super::primary::Serving,
+    epoch: u64,
+    op: &str,
+    journal: bool,
+    report: &mut Report,
+) {
+    if journal
         && let Err(e) = append_role(
             serving.journal(),
             epoch,
@@ -1080,11 +1091,6 @@ async fn serve_directly(
             node.fo.address
         ),
     );
-    Ok(Some(v1::RoleChangeReply {
-        epoch,
-        primary: node.fo.address.clone(),
-        ..report.reply(v1::ChangeOutcome::Done)
-    }))
 }
 
 /// Renews the lease of a promotion until the coordinator's own keeper takes over (dropped).
