@@ -293,10 +293,12 @@ pub(super) fn run(args: &DemoArgs, data: &Path) -> anyhow::Result<Summary> {
     }
     let signal = if args.pause { "STOP" } else { "KILL" };
     let killed_at = Instant::now();
-    let killed_ms = unix_ms();
     if let Some(a) = &pair.a {
         a.signal(signal)?;
     }
+    // Read once the signal was sent (`kill` returned): a decision the old primary built while
+    // the signal was on its way is not one made next to the new primary.
+    let killed_ms = unix_ms();
     if !args.json {
         eprintln!(
             "killed the primary (SIG{signal}) after {} acknowledged transactions",
