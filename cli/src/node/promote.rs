@@ -344,12 +344,17 @@ async fn guards(
     // Its own promise binds even with --force: the primary may rely on it. No new promise
     // from here (a promoting node confirms nothing), then the last one runs out.
     node.set_view(|v| v.role = "promoting");
-    let promised = node.promised_until.lock().ok().and_then(|p| *p);
-    if let Some(until) = promised
-        && until > Instant::now()
-        && ask.handover_epoch == 0
-    {
-        let wait = until - Instant::now();
+    // A promise made before this process started is forgotten: it is taken as running until
+    // `confirm_ms` after the start.
+    let since_start = node.started + Duration::from_millis(node.fo.confirm_ms);
+    let promised = node
+        .promised_until
+        .lock()
+        .ok()
+        .and_then(|p| *p)
+        .map_or(since_start, |p| p.max(since_start));
+    if promised > Instant::now() && ask.handover_epoch == 0 {
+        let wait = promised - Instant::now();
         tokio::time::sleep(wait).await;
         report.step(
             "guards",
