@@ -137,21 +137,11 @@ impl Report {
         reason: impl Into<String>,
         what_to_do: impl Into<String>,
     ) -> v1::RoleChangeReply {
-        let reason = reason.into();
-        self.step(step, "refused", reason.clone());
-        v1::RoleChangeReply {
-            reason,
-            what_to_do: what_to_do.into(),
-            ..self.reply(v1::ChangeOutcome::Refused)
-        }
-    }
-
-    /// The refusal of a change asked while another one runs (`running` names it).
-    pub fn busy(&mut self, running: String) -> v1::RoleChangeReply {
-        self.refuse(
-            "start",
-            running,
-            "wait for it to finish (concord status shows the role), then run the command again",
+        self.stop_at(
+            step,
+            v1::ChangeOutcome::Refused,
+            reason.into(),
+            what_to_do.into(),
         )
     }
 
@@ -162,13 +152,42 @@ impl Report {
         reason: impl Into<String>,
         what_to_do: impl Into<String>,
     ) -> v1::RoleChangeReply {
-        let reason = reason.into();
-        self.step(step, "failed", reason.clone());
+        self.stop_at(
+            step,
+            v1::ChangeOutcome::Failed,
+            reason.into(),
+            what_to_do.into(),
+        )
+    }
+
+    /// The change stops at `step` (refused or failed), with why and what to do.
+    fn stop_at(
+        &mut self,
+        step: &str,
+        outcome: v1::ChangeOutcome,
+        reason: String,
+        what_to_do: String,
+    ) -> v1::RoleChangeReply {
+        let word = if outcome == v1::ChangeOutcome::Refused {
+            "refused"
+        } else {
+            "failed"
+        };
+        self.step(step, word, reason.clone());
         v1::RoleChangeReply {
             reason,
-            what_to_do: what_to_do.into(),
-            ..self.reply(v1::ChangeOutcome::Failed)
+            what_to_do,
+            ..self.reply(outcome)
         }
+    }
+
+    /// The refusal of a change asked while another one runs (`running` names it).
+    pub fn busy(&mut self, running: String) -> v1::RoleChangeReply {
+        self.refuse(
+            "start",
+            running,
+            "wait for it to finish (concord status shows the role), then run the command again",
+        )
     }
 }
 
